@@ -1,0 +1,205 @@
+"""The jit-compiled federated round and evaluation, vmapped and sharded over clients.
+
+One pure function, `round_step`, does a whole round for every sampled client:
+gather the clients' persistent local leaves, vmap `client.local_update` (a `lax.scan`
+over local steps) over the clients axis, processed `clients_per_chunk` at a time
+(`lax.map` over chunks, vmap inside) with the clients axis sharded over a `Mesh` axis
+named `clients`, then aggregate, apply the server optimizer and scatter local leaves back.
+The backbone is an argument closed over by the vmapped function: one copy for all clients.
+Block shapes are fixed, so the round compiles once for a whole run.
+
+Server state (a pytree, checkpointed whole):
+  round       int32 scalar, rounds done
+  rng         uint32 [2], the server's PRNG key
+  global      trainable pytree {"lora": ..., "head": ...}
+  server_opt  optax state of the server optimizer (FedOpt) over `global`
+  clients     {leaf name: [num_clients, ...]} the leaves each client keeps locally
+  agg         the aggregator's state
+  base_delta  {path: [d_in, d_out]} full-rank residuals merged into frozen weights ({} if unused)
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from hyperlora_jax import client as client_lib
+from hyperlora_jax import params as params_lib
+from hyperlora_jax.methods import Method
+
+CLIENTS_AXIS = "clients"
+
+
+def make_mesh(num_devices: int = 0) -> Mesh:
+  """A 1-D mesh over the first `num_devices` devices (0: all), axis named `clients`."""
+  devices = jax.devices()
+  num_devices = num_devices or len(devices)
+  if num_devices > len(devices):
+    raise ValueError(f"mesh.num_devices={num_devices} but only {len(devices)} devices exist")
+  return Mesh(np.array(devices[:num_devices]), (CLIENTS_AXIS,),
+              axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def clients_sharding(mesh: Mesh) -> NamedSharding:
+  """Shards a leading clients axis over every device of the mesh."""
+  return NamedSharding(mesh, P(CLIENTS_AXIS))
+
+
+def _constrain_clients(tree: Any, mesh: Mesh | None, axis: int = 0) -> Any:
+  if mesh is None or mesh.size == 1:
+    return tree
+  spec = P(*([None] * axis + [CLIENTS_AXIS]))
+  return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, spec))
+
+
+def map_clients(fn: Callable, xs: Any, clients_per_chunk: int, mesh: Mesh | None) -> Any:
+  """vmap `fn` over the leading clients axis of `xs`, `clients_per_chunk` clients at a time.
+
+  Client c = j * num_chunks + i is computed in chunk i at position j, so with the clients
+  axis sharded contiguously over D devices (and D dividing clients_per_chunk) every device
+  works on its own clients in every chunk, with no data movement.
+
+  Args:
+    fn: per-client function on one client's slice of `xs`.
+    xs: pytree of [C, ...] arrays.
+    clients_per_chunk: clients vmapped together (0 or >= C: all at once); must divide C.
+  Returns:
+    pytree of [C, ...] outputs.
+  """
+  num = jax.tree.leaves(xs)[0].shape[0]
+  vmapped = lambda chunk: _constrain_clients(jax.vmap(fn)(_constrain_clients(chunk, mesh)), mesh)
+  if not clients_per_chunk or clients_per_chunk >= num:
+    return vmapped(xs)
+  if num % clients_per_chunk:
+    raise ValueError(f"fed.clients_per_chunk={clients_per_chunk} must divide the padded cohort "
+                     f"of {num} clients")
+  num_chunks = num // clients_per_chunk
+  to_chunks = lambda x: x.reshape((clients_per_chunk, num_chunks) + x.shape[1:]).swapaxes(0, 1)
+  from_chunks = lambda y: y.swapaxes(0, 1).reshape((num,) + y.shape[2:])
+  ys = jax.lax.map(vmapped, jax.tree.map(to_chunks, xs))
+  return jax.tree.map(from_chunks, ys)
+
+
+def init_server_state(rng: jax.Array, method: Method, global_trainable: Any, num_clients: int,
+                      server_optimizer: optax.GradientTransformation,
+                      targets: dict[str, tuple[int, int]]) -> dict:
+  """The round-0 server state (see module docstring). Every client's local leaves start
+  from `global_trainable`."""
+  local_mask = params_lib.regex_mask(global_trainable, method.local_regex)
+  clients = params_lib.select(params_lib.broadcast_clients(global_trainable, num_clients), local_mask)
+  base_delta = ({path: jnp.zeros(shape, jnp.float32) for path, shape in targets.items()}
+                if method.uses_base_delta else {})
+  return {
+      "round": jnp.zeros((), jnp.int32),
+      "rng": jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng,
+      "global": global_trainable,
+      "server_opt": server_optimizer.init(global_trainable),
+      "clients": jax.tree.map(jnp.asarray, clients),
+      "agg": method.aggregator.init(global_trainable),
+      "base_delta": base_delta,
+  }
+
+
+def make_round_step(adapted: client_lib.AdaptedModel, method: Method,
+                    client_optimizer: optax.GradientTransformation,
+                    server_optimizer: optax.GradientTransformation, *, num_clients: int,
+                    clients_per_chunk: int = 0, mesh: Mesh | None = None) -> Callable:
+  """Builds the pure `round_step(state, backbone, block, client_ids, weights)`.
+
+  Args of `round_step`:
+    state: server state (module docstring).
+    backbone: frozen Flax variables of the model.
+    block: {"image": [C, S, B, H, W, 3] uint8, "label": [C, S, B] int32, "mask": [C, S, B]}.
+    client_ids: [C] int32 sampled client ids, -1 for padding clients.
+    weights: [C] float32 aggregation weights p_k (0 for padding).
+  Returns:
+    (new state, {"train_loss", "nonfinite_clients", "participants"}).
+  """
+  def round_step(state, backbone, block, client_ids, weights):
+    global_trainable = state["global"]
+    local_mask = params_lib.regex_mask(global_trainable, method.local_regex)
+    frozen_mask = params_lib.regex_mask(global_trainable, method.frozen_regex)
+    update_mask = jax.tree.map(lambda f: jnp.float32(0.0 if f else 1.0), frozen_mask)
+    valid = client_ids >= 0
+    gather_ids = jnp.where(valid, client_ids, 0)
+    local = jax.tree.map(lambda x: x[gather_ids], state["clients"])
+
+    def one_client(inputs):
+      client_local, client_block = inputs
+      start = params_lib.combine(global_trainable, client_local)
+      trained, metrics = client_lib.local_update(adapted, client_optimizer, backbone,
+                                                 state["base_delta"], start, update_mask, client_block)
+      finite = params_lib.is_finite(trained) & jnp.isfinite(metrics["loss"])
+      trained = jax.tree.map(lambda t, s: jnp.where(finite, t, s), trained, start)
+      return trained, metrics, finite
+
+    trained, metrics, finite = map_clients(one_client, (local, block), clients_per_chunk, mesh)
+    weights = jnp.where(valid & finite, weights, 0.0)
+    total = jnp.sum(weights)
+    weights = weights / jnp.maximum(total, 1e-12)
+    aggregated, base_delta_increment, agg_state = method.aggregator.aggregate(
+        state["agg"], global_trainable, trained, weights)
+    # Nothing usable came back (every client non-finite): keep the global model.
+    aggregated = jax.tree.map(lambda a, g: jnp.where(total > 0, a, g), aggregated, global_trainable)
+    pseudo_gradient = jax.tree.map(lambda g, a: g - a, global_trainable, aggregated)
+    updates, server_opt = server_optimizer.update(pseudo_gradient, state["server_opt"], global_trainable)
+    new_global = optax.apply_updates(global_trainable, updates)
+    new_global = jax.tree.map(lambda n, g, m: g if m else n, new_global, global_trainable, local_mask)
+    scatter_ids = jnp.where(valid, client_ids, num_clients)  # Out of range: dropped.
+    clients = jax.tree.map(lambda store, t: store.at[scatter_ids].set(t, mode="drop"),
+                           state["clients"], params_lib.select(trained, local_mask))
+    base_delta = jax.tree.map(lambda d, inc: d + jnp.where(total > 0, inc, 0.0),
+                              state["base_delta"], base_delta_increment) if base_delta_increment else state["base_delta"]
+    rng, _ = jax.random.split(state["rng"])
+    new_state = {"round": state["round"] + 1, "rng": rng, "global": new_global,
+                 "server_opt": server_opt, "clients": clients, "agg": agg_state,
+                 "base_delta": base_delta}
+    example_weights = metrics["examples"] * valid
+    train_loss = jnp.sum(metrics["loss"] * example_weights) / jnp.maximum(jnp.sum(example_weights), 1.0)
+    return new_state, {"train_loss": train_loss,
+                       "nonfinite_clients": jnp.sum(valid & ~finite),
+                       "participants": jnp.sum(valid & finite)}
+
+  return round_step
+
+
+def make_evaluate(adapted: client_lib.AdaptedModel, method: Method, *, eval_batch: int = 256,
+                  clients_per_chunk: int = 0) -> Callable:
+  """Builds the pure `evaluate(state, backbone, global_test, client_test)`.
+
+  Args of `evaluate`:
+    global_test: {"image": [M, H, W, 3], "label": [M], "mask": [M]}, M a multiple of eval_batch
+      (the union of the clients' test splits).
+    client_test: {"image": [N, n_max, H, W, 3], "label": [N, n_max], "mask": [N, n_max]}.
+  Returns:
+    {"global_accuracy": scalar (NaN without a global model),
+     "client_accuracy": [N] accuracy of each client's own model on its own test split}.
+  """
+  def accuracy_on(trainable, backbone, base_delta, data):
+    logits = adapted.logits(backbone, trainable, data["image"], base_delta)
+    return client_lib.masked_correct(logits, data["label"], data["mask"]), jnp.sum(data["mask"])
+
+  def evaluate(state, backbone, global_test, client_test):
+    batches = jax.tree.map(lambda x: x.reshape((-1, eval_batch) + x.shape[1:]), global_test)
+    correct, count = jax.lax.map(
+        lambda b: accuracy_on(state["global"], backbone, state["base_delta"], b), batches)
+    global_accuracy = jnp.sum(correct) / jnp.maximum(jnp.sum(count), 1.0)
+    if not method.has_global_model:
+      global_accuracy = jnp.full((), jnp.nan)
+
+    def one_client(inputs):
+      client_local, data = inputs
+      trainable = params_lib.combine(state["global"], client_local)
+      c, n = accuracy_on(trainable, backbone, state["base_delta"], data)
+      return c / jnp.maximum(n, 1.0)
+
+    client_accuracy = jax.lax.map(one_client, (state["clients"], client_test),
+                                  batch_size=clients_per_chunk or None)
+    return {"global_accuracy": global_accuracy, "client_accuracy": client_accuracy}
+
+  return evaluate

@@ -1,0 +1,139 @@
+"""Pretrains the frozen foundation backbone on the embedded source distribution, cached with orbax.
+
+The federated clients never see the pretraining data: `digits_domains`' `pretrain` split
+holds other handwritten digits, rendered only in the `source` domain. The cache key hashes
+everything that determines the weights (architecture, data, schedule, seed), so every
+federated run with the same backbone config reuses one file; a cache that cannot be read is
+reported, never silently replaced.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from hyperlora_jax import models
+from hyperlora_jax.data.loader import ImageDataset, load_image_dataset
+
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "hyperlora_jax", "backbones")
+PRETRAIN_SEED = 0
+
+
+def _key_fields(config: ml_collections.ConfigDict) -> dict:
+  return {"model": config.model.to_dict(), "data_name": config.pretrain.data_name,
+          "split": config.pretrain.split, "image_size": config.data.image_size,
+          "steps": config.pretrain.steps, "batch_size": config.pretrain.batch_size,
+          "learning_rate": config.pretrain.learning_rate, "seed": PRETRAIN_SEED}
+
+
+def cache_path(config: ml_collections.ConfigDict) -> str:
+  digest = hashlib.sha1(json.dumps(_key_fields(config), sort_keys=True).encode()).hexdigest()[:12]
+  return os.path.join(config.pretrain.cache_dir or DEFAULT_CACHE_DIR, f"{config.model.name}-{digest}")
+
+
+def pretrain(model, data: ImageDataset, *, steps: int, batch_size: int, learning_rate: float,
+             seed: int = PRETRAIN_SEED, log: Callable[[str], None] = print) -> tuple[Any, dict]:
+  """Supervised full training of `model` on `data` (90% train, 10% held out).
+
+  Returns:
+    (variables, {"holdout_accuracy", "seconds"}).
+  """
+  rng = np.random.default_rng(seed)
+  order = rng.permutation(len(data))
+  n_hold = max(1, len(data) // 10)
+  hold, train = data.subset(order[:n_hold]), data.subset(order[n_hold:])
+  variables = model.init(jax.random.key(seed), models.preprocess_images(train.images[:1]))
+  schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, steps // 20), max(steps, 1))
+  optimizer = optax.adamw(schedule, weight_decay=1e-4)
+
+  @jax.jit
+  def step(variables, opt_state, images, labels):
+    def loss_fn(v):
+      logits = model.apply(v, models.preprocess_images(images))
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(variables)
+    updates, opt_state = optimizer.update(grads, opt_state, variables)
+    return optax.apply_updates(variables, updates), opt_state, loss
+
+  @jax.jit
+  def correct(variables, images, labels):
+    return jnp.sum(jnp.argmax(model.apply(variables, models.preprocess_images(images)), -1) == labels)
+
+  start = time.time()
+  opt_state = optimizer.init(variables)
+  for i in range(steps):
+    batch = rng.choice(len(train), size=batch_size, replace=False)
+    variables, opt_state, loss = step(variables, opt_state, train.images[batch], train.labels[batch])
+    if (i + 1) % max(1, steps // 5) == 0:
+      log(f"  pretrain step {i + 1}/{steps}: loss {float(loss):.3f}")
+  hits = sum(int(correct(variables, hold.images[i:i + 512], hold.labels[i:i + 512]))
+             for i in range(0, len(hold), 512))
+  return variables, {"holdout_accuracy": hits / len(hold), "seconds": time.time() - start}
+
+
+def _abstract_backbone(config, num_classes: int) -> Any:
+  model = models.build_model(config.model.name, num_classes, **_arch(config))
+  shape = (1, config.data.image_size, config.data.image_size, 3)
+  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape, jnp.float32))
+
+
+def _arch(config) -> dict:
+  return {k: v for k, v in config.model.to_dict().items() if k != "name"}
+
+
+def load_or_pretrain(config: ml_collections.ConfigDict,
+                     log: Callable[[str], None] = print) -> tuple[Any, dict]:
+  """The frozen backbone variables (without the pretraining head) and its info.
+
+  Pretrains and caches on first use; later calls restore the cache.
+  Raises:
+    RuntimeError: the cache exists but cannot be restored (it is left in place).
+  """
+  path = cache_path(config)
+  info_path = os.path.join(path, "info.json")
+  if os.path.exists(info_path):
+    with open(info_path) as f:
+      info = json.load(f)
+    abstract = _abstract_backbone(config, info["num_classes"])
+    try:
+      variables = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, "variables")), abstract)
+    except Exception as e:  # Orbax raises several types for unreadable files.
+      raise RuntimeError(f"backbone cache {path} is corrupt or incompatible ({type(e).__name__}: "
+                         f"{e}). Remove that directory to pretrain again.") from e
+    log(f"backbone: restored from {path} (pretrain holdout accuracy {info['holdout_accuracy']:.3f})")
+  else:
+    if os.path.exists(path):
+      raise RuntimeError(f"backbone cache {path} exists but has no info.json: an interrupted or "
+                         f"corrupt cache. Remove that directory to pretrain again.")
+    data = load_image_dataset(config.pretrain.data_name, config.pretrain.split,
+                              config.data.data_dir or None, config.data.image_size)
+    model = models.build_model(config.model.name, data.num_classes, **_arch(config))
+    log(f"backbone: pretraining {config.model.name} on {config.pretrain.data_name}:"
+        f"{config.pretrain.split} ({len(data)} images, {config.pretrain.steps} steps)")
+    variables, info = pretrain(model, data, steps=config.pretrain.steps,
+                               batch_size=config.pretrain.batch_size,
+                               learning_rate=config.pretrain.learning_rate, log=log)
+    info["num_classes"] = data.num_classes
+    tmp = path + f".tmp{os.getpid()}"
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(os.path.abspath(tmp), "variables"), variables)
+    checkpointer.wait_until_finished()
+    with open(os.path.join(tmp, "info.json"), "w") as f:
+      json.dump(info, f)
+    try:
+      os.rename(tmp, path)  # Atomic: a concurrent run either sees the whole cache or none.
+    except OSError:
+      pass  # Another process cached the same backbone first; ours is identical.
+    log(f"backbone: pretrained in {info['seconds']:.0f}s, holdout accuracy "
+        f"{info['holdout_accuracy']:.3f}; cached at {path}")
+  params = {k: v for k, v in variables["params"].items() if k != "head"}
+  return {"params": params}, info

@@ -1,0 +1,85 @@
+"""Run outputs: metrics.jsonl, the convergence plot, the one-screen summary."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "convergence.png"
+
+
+def _clean(value):
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def append_metrics(workdir: str, record: dict) -> dict:
+  """Appends one round's record (non-finite values become null) and returns it as written."""
+  record = {k: _clean(v) for k, v in record.items()}
+  with open(os.path.join(workdir, METRICS_FILE), "a") as f:
+    f.write(json.dumps(record) + "\n")
+  return record
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(workdir: str, last_round: int) -> None:
+  """Drops records of rounds after `last_round` (written after the checkpoint a run resumes from)."""
+  kept = [r for r in read_metrics(workdir) if r["round"] <= last_round]
+  with open(os.path.join(workdir, METRICS_FILE), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in kept)
+
+
+def plot_convergence(records: list[dict], path: str, title: str) -> None:
+  """Accuracy vs round and vs cumulative bytes, and train loss, as one PNG."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  evals = [r for r in records if r.get("personalized_accuracy_mean") is not None]
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  rounds = [r["round"] for r in evals]
+  for key, label in (("global_accuracy", "global"), ("personalized_accuracy_mean", "personalized (mean)"),
+                     ("personalized_accuracy_worst", "personalized (worst client)")):
+    ys = [r.get(key) for r in evals]
+    if any(y is not None for y in ys):
+      axes[0].plot(rounds, [math.nan if y is None else y for y in ys], label=label)
+      axes[1].plot([r["cum_bytes"] / 1e6 for r in evals], [math.nan if y is None else y for y in ys],
+                   label=label)
+  axes[0].set(xlabel="round", ylabel="test accuracy", title=title)
+  axes[1].set(xlabel="MB communicated (up + down)", ylabel="test accuracy")
+  axes[2].plot([r["round"] for r in records], [r["train_loss"] for r in records])
+  axes[2].set(xlabel="round", ylabel="train loss")
+  for ax in axes[:2]:
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def summary(records: list[dict], title: str) -> str:
+  """A one-screen text summary of a run's metrics."""
+  evals = [r for r in records if r.get("personalized_accuracy_mean") is not None]
+  if not evals:
+    return f"{title}: no evaluation yet"
+  last = evals[-1]
+  fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
+  best_global = max((r["global_accuracy"] for r in evals if r.get("global_accuracy") is not None), default=None)
+  lines = [
+      f"== {title}: {last['round']} rounds ==",
+      f"  global accuracy        {fmt(last.get('global_accuracy'))} (best {fmt(best_global)})",
+      f"  personalized accuracy  mean {fmt(last['personalized_accuracy_mean'])}, "
+      f"worst client {fmt(last['personalized_accuracy_worst'])}",
+      f"  train loss             {last['train_loss']:.3f}",
+      f"  communicated           up {last['cum_bytes_up'] / 1e6:.2f} MB, "
+      f"down {last['cum_bytes_down'] / 1e6:.2f} MB",
+  ]
+  return "\n".join(lines)

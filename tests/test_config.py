@@ -1,0 +1,63 @@
+"""Every invalid config field fails before compiling, with a message naming the field."""
+import pytest
+
+from configs import default
+from hyperlora_jax import methods
+from hyperlora_jax.config_validation import ConfigError, validate_config
+from hyperlora_jax.train import build_experiment
+
+INVALID = [
+    ("method", "fedavgx", "method"),
+    ("data.partition", "random", "data.partition"),
+    ("data.num_clients", 0, "data.num_clients"),
+    ("data.dirichlet_alpha", 0.0, "data.dirichlet_alpha"),
+    ("data.image_size", 18, "model.patch_size"),
+    ("data.name", "", "data.name"),
+    ("fed.clients_per_round", 50, "fed.clients_per_round"),
+    ("fed.local_steps", 0, "fed.local_steps"),
+    ("fed.batch_size", -1, "fed.batch_size"),
+    ("fed.head_policy", "private", "fed.head_policy"),
+    ("fed.clients_per_chunk", -2, "fed.clients_per_chunk"),
+    ("model.name", "resnet", "model.name"),
+    ("model.num_heads", 3, "model.num_heads"),
+    ("model.mlp_ratio", 0.0, "model.mlp_ratio"),
+    ("lora.rank", 0, "lora.rank"),
+    ("lora.alpha", -1.0, "lora.alpha"),
+    ("lora.target_regex", "(unclosed", "lora.target_regex"),
+    ("client_optimizer.name", "lion", "client_optimizer.name"),
+    ("client_optimizer.learning_rate", 0.0, "client_optimizer.learning_rate"),
+    ("server_optimizer.momentum", 1.5, "server_optimizer.momentum"),
+    ("eval_every", 0, "eval_every"),
+    ("checkpoint_every", 0, "checkpoint_every"),
+    ("pretrain.steps", -1, "pretrain.steps"),
+]
+
+
+def _set(config, field, value):
+  *parents, leaf = field.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+
+
+def test_default_and_smoke_configs_are_valid():
+  for arg in (None, "smoke", "method=local_only,seed=3"):
+    validate_config(default.get_config(arg), methods.METHODS)
+
+
+@pytest.mark.parametrize("field,value,named", INVALID, ids=[f for f, _, _ in INVALID])
+def test_invalid_field_is_named(field, value, named):
+  config = default.get_config("smoke")
+  _set(config, field, value)
+  with pytest.raises(ConfigError, match=rf"^{named.replace('.', '[.]')}:"):
+    validate_config(config, methods.METHODS)
+
+
+def test_build_experiment_validates_before_loading_anything(tmp_path):
+  config = default.get_config("smoke")
+  config.data.data_dir = str(tmp_path / "never_created")
+  config.lora.rank = 0
+  with pytest.raises(ConfigError, match="lora.rank"):
+    build_experiment(config)
+  assert not (tmp_path / "never_created").exists()

@@ -1,0 +1,132 @@
+"""Offline TFDS data, partitions and padded blocks."""
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from hyperlora_jax.data import blocks, partition, render
+from hyperlora_jax.data.digits_domains import split_base_indices
+from hyperlora_jax.data.loader import load_image_dataset
+
+
+def _pool(n=600, classes=10, domains=6, seed=0):
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, classes, n), rng.integers(0, domains, n)
+
+
+def test_embedded_dataset_builds_offline_and_is_deterministic(cache_dirs):
+  train = load_image_dataset("digits_domains/res16", "train", cache_dirs["data_dir"])
+  test = load_image_dataset("digits_domains/res16", "test", cache_dirs["data_dir"])
+  pre = load_image_dataset("digits_domains/res16", "pretrain", cache_dirs["data_dir"])
+  assert (len(pre), len(train), len(test)) == (3234, 6036, 1512)
+  assert train.images.shape[1:] == (16, 16, 3) and train.images.dtype == np.uint8
+  assert train.num_classes == 10 and set(np.unique(train.labels)) == set(range(10))
+  fed_ids = {render.ALL_DOMAINS.index(d) for d in render.FEDERATED_DOMAINS}
+  assert set(np.unique(train.domains)) == fed_ids == set(np.unique(test.domains))
+  assert set(np.unique(pre.domains)) == {render.ALL_DOMAINS.index("source")}
+  rng = np.random.default_rng(7)
+  again = render.render_digit(np.eye(8) * 16, "colour", 16, np.random.default_rng(7))
+  np.testing.assert_array_equal(render.render_digit(np.eye(8) * 16, "colour", 16, rng), again)
+
+
+def test_pretraining_digits_are_disjoint_from_client_digits():
+  parts = split_base_indices(1797)
+  assert not set(parts["pretrain"]) & set(parts["train"])
+  assert not set(parts["pretrain"]) & set(parts["test"])
+  assert not set(parts["train"]) & set(parts["test"])
+  assert sum(len(p) for p in parts.values()) == 1797
+
+
+def test_loader_reads_a_prepared_tfds_dataset_by_name():
+  """`cifar100` (as a user would have it prepared) through the same loader, via TFDS mock data."""
+  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+    data = load_image_dataset("cifar100", "train", "/nonexistent", image_size=16)
+  assert data.images.shape == (12, 16, 16, 3) and data.num_classes == 100
+  assert data.domain_names == ("cifar100",) and np.all(data.domains == 0)
+
+
+def test_unprepared_dataset_fails_with_instructions(tmp_path):
+  with pytest.raises(FileNotFoundError, match="data.name.*file_format=array_record"):
+    load_image_dataset("cifar100", "train", str(tmp_path))
+
+
+@pytest.mark.parametrize("kind,kwargs,num_clients", [
+    ("dirichlet_label_skew", {"alpha": 0.5, "min_size": 5}, 10),
+    ("k_classes_per_client", {"classes_per_client": 2}, 10),
+    ("one_domain_per_client", {}, 6),
+    ("domain_dirichlet", {"alpha": 0.5, "min_size": 2}, 12),
+])
+def test_partitions_cover_every_example_exactly_once(kind, kwargs, num_clients):
+  train_labels, train_domains = _pool(seed=1)
+  test_labels, test_domains = _pool(n=200, seed=2)
+  train, test = partition.partition_train_test(kind, train_labels, train_domains, test_labels,
+                                               test_domains, num_clients, seed=3, **kwargs)
+  for parts, n in ((train, 600), (test, 200)):
+    assert len(parts) == num_clients
+    everything = np.concatenate(parts)
+    assert len(everything) == n and set(everything.tolist()) == set(range(n))
+  again, _ = partition.partition_train_test(kind, train_labels, train_domains, test_labels,
+                                            test_domains, num_clients, seed=3, **kwargs)
+  assert all(np.array_equal(a, b) for a, b in zip(train, again))
+
+
+def _mean_label_entropy(parts, labels, classes=10):
+  ent = []
+  for p in parts:
+    h = np.bincount(labels[p], minlength=classes) / max(len(p), 1)
+    ent.append(-np.sum(h[h > 0] * np.log(h[h > 0])))
+  return float(np.mean(ent))
+
+
+def test_dirichlet_skew_follows_alpha_and_min_size():
+  labels, domains = _pool(n=3000)
+  entropy = {}
+  for alpha in (0.1, 1.0, 100.0):
+    train, _ = partition.partition_train_test("dirichlet_label_skew", labels, domains, labels[:10],
+                                              domains[:10], 10, seed=0, alpha=alpha, min_size=20)
+    assert min(len(p) for p in train) >= 20
+    entropy[alpha] = _mean_label_entropy(train, labels)
+  assert entropy[0.1] < entropy[1.0] < entropy[100.0]
+  assert entropy[100.0] > 0.95 * np.log(10)  # Nearly IID.
+
+
+def test_test_split_follows_the_clients_train_distribution():
+  labels, domains = _pool(n=6000)
+  test_labels, test_domains = _pool(n=6000, seed=5)
+  train, test = partition.partition_train_test("dirichlet_label_skew", labels, domains, test_labels,
+                                               test_domains, 5, seed=1, alpha=0.3, min_size=10)
+  for tr, te in zip(train, test):
+    h_tr = np.bincount(labels[tr], minlength=10) / len(tr)
+    h_te = np.bincount(test_labels[te], minlength=10) / len(te)
+    assert np.abs(h_tr - h_te).sum() < 0.15
+
+
+def test_k_classes_and_one_domain_partitions_hold_what_they_say():
+  labels, domains = _pool(n=2000)
+  train, _ = partition.partition_train_test("k_classes_per_client", labels, domains, labels, domains,
+                                            5, seed=0, classes_per_client=2)
+  assert all(len(np.unique(labels[p])) == 2 for p in train)
+  train, _ = partition.partition_train_test("one_domain_per_client", labels, domains, labels, domains,
+                                            6, seed=0)
+  assert [set(np.unique(domains[p])) for p in train] == [{d} for d in range(6)]
+
+
+def test_partition_errors_name_the_field():
+  labels, domains = _pool()
+  with pytest.raises(ValueError, match="data.num_clients"):
+    partition.partition_train_test("one_domain_per_client", labels, domains, labels, domains, 4, seed=0)
+  with pytest.raises(ValueError, match="data.min_client_size"):
+    partition.partition_train_test("dirichlet_label_skew", labels, domains, labels, domains, 50,
+                                   seed=0, alpha=0.05, min_size=50)
+
+
+def test_blocks_have_fixed_shape_masks_and_padding():
+  parts = [np.arange(0, 100), np.arange(100, 103), np.zeros(0, np.int64)]
+  ids = blocks.pad_client_ids(np.array([0, 1, 2]), 4)
+  np.testing.assert_array_equal(ids, [0, 1, 2, blocks.PAD_CLIENT])
+  idx, mask = blocks.train_block_indices(parts, ids, steps=3, batch=8, rng=np.random.default_rng(0))
+  assert idx.shape == mask.shape == (4, 3, 8)
+  assert mask[0].all() and set(idx[0].ravel()) <= set(range(100))
+  assert (mask[1].sum(-1) == 3).all() and set(idx[1][mask[1] > 0]) == {100, 101, 102}
+  assert not mask[2].any() and not mask[3].any()
+  first_epoch = idx[0].ravel()[:24]
+  assert len(set(first_epoch.tolist())) == 24  # No repeats within an epoch.

@@ -1,0 +1,109 @@
+"""The jit-compiled round: one trace per run, non-finite clients, chunking, resume."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from hyperlora_jax import engine, params
+from hyperlora_jax.train import build_experiment, round_inputs, train_and_evaluate
+
+
+def _records_without_time(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_smoke_run_traces_the_round_once_and_writes_outputs(smoke_config, tmp_path):
+  smoke_config.fed.num_rounds = 4
+  result = train_and_evaluate(smoke_config, str(tmp_path), progress=False)
+  assert result["round_traces"] == 1
+  records = _records_without_time(tmp_path)
+  assert [r["round"] for r in records] == [1, 2, 3, 4]
+  for r in records:
+    assert 0.0 <= r["global_accuracy"] <= 1.0
+    assert r["personalized_accuracy_worst"] <= r["personalized_accuracy_mean"]
+    assert r["bytes_up"] > 0 and r["bytes_up"] == r["bytes_down"]
+  assert records[-1]["cum_bytes_up"] == sum(r["bytes_up"] for r in records)
+  assert os.path.getsize(tmp_path / "convergence.png") > 1000
+  assert "global accuracy" in result["summary"]
+
+
+def test_local_only_sends_nothing_and_has_no_global_model(smoke_config, tmp_path):
+  smoke_config.method = "local_only"
+  result = train_and_evaluate(smoke_config, str(tmp_path), progress=False)
+  last = result["records"][-1]
+  assert last["cum_bytes"] == 0 and last["global_accuracy"] is None
+  assert 0.0 <= last["personalized_accuracy_mean"] <= 1.0
+
+
+def test_kill_and_resume_gives_identical_metrics(smoke_config, tmp_path):
+  smoke_config.fed.num_rounds, smoke_config.checkpoint_every = 6, 2
+  train_and_evaluate(smoke_config, str(tmp_path / "straight"), progress=False)
+  killed = str(tmp_path / "killed")
+  train_and_evaluate(smoke_config, killed, stop_after_round=5, progress=False)
+  assert len(_records_without_time(killed)) == 5  # Round 5 ran, but only round 4 was saved.
+  result = train_and_evaluate(smoke_config, killed, progress=False)
+  assert result["round_traces"] == 1
+  assert _records_without_time(killed) == _records_without_time(tmp_path / "straight")
+
+
+def test_resume_refuses_a_different_config(smoke_config, tmp_path):
+  train_and_evaluate(smoke_config, str(tmp_path), stop_after_round=1, progress=False)
+  smoke_config.lora.rank = 2
+  with pytest.raises(ValueError, match="lora.rank"):
+    train_and_evaluate(smoke_config, str(tmp_path), progress=False)
+
+
+def test_corrupt_checkpoint_is_reported_not_replaced(smoke_config, tmp_path):
+  smoke_config.checkpoint_every = 1
+  train_and_evaluate(smoke_config, str(tmp_path), stop_after_round=2, progress=False)
+  step_dir = tmp_path / "checkpoints" / "2"
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      if not name.startswith("_"):
+        with open(os.path.join(root, name), "wb") as f:
+          f.write(b"garbage")
+  with pytest.raises(RuntimeError, match="corrupt"):
+    train_and_evaluate(smoke_config, str(tmp_path), progress=False)
+  assert step_dir.exists()
+
+
+def _one_round(exp, round_step, block_transform=lambda b: b):
+  state = engine.init_server_state(jax.random.key(0), exp.method, exp.initial_trainable,
+                                   exp.data.num_clients, exp.server_optimizer, exp.targets)
+  block, ids, weights = round_inputs(exp, 0)
+  return jax.jit(round_step)(state, exp.backbone, block_transform(block), ids, weights)
+
+
+def test_nonfinite_client_updates_are_left_out(smoke_config):
+  exp = build_experiment(smoke_config, log=lambda _: None)
+  exp.client_optimizer = optax.sgd(1e30)  # Every update overflows to inf/NaN.
+  step = engine.make_round_step(exp.adapted, exp.method, exp.client_optimizer, exp.server_optimizer,
+                                num_clients=exp.data.num_clients)
+  state, metrics = _one_round(exp, step)
+  assert int(metrics["nonfinite_clients"]) == smoke_config.fed.clients_per_round
+  assert int(metrics["participants"]) == 0
+  assert bool(params.is_finite(state["global"]))
+  jax.tree.map(np.testing.assert_array_equal, state["global"], exp.initial_trainable)
+
+
+def test_chunked_clients_equal_one_vmap(smoke_config):
+  exp = build_experiment(smoke_config, log=lambda _: None)
+  results = []
+  for chunk in (0, 2):
+    step = engine.make_round_step(exp.adapted, exp.method, exp.client_optimizer, exp.server_optimizer,
+                                  num_clients=exp.data.num_clients, clients_per_chunk=chunk)
+    results.append(_one_round(exp, step)[0]["global"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), *results)
+
+
+def test_map_clients_keeps_client_order():
+  xs = {"v": jnp.arange(12.0).reshape(6, 2)}
+  out = engine.map_clients(lambda x: x["v"] * 10 + 1, xs, clients_per_chunk=3, mesh=None)
+  np.testing.assert_array_equal(out, xs["v"] * 10 + 1)
+  with pytest.raises(ValueError, match="fed.clients_per_chunk"):
+    engine.map_clients(lambda x: x["v"], xs, clients_per_chunk=4, mesh=None)

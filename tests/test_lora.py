@@ -1,0 +1,119 @@
+"""LoRA on Flax models: identity at b=0, factored == merged, kernel layout, targeting."""
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hyperlora_jax import lora
+from hyperlora_jax.models import ViT
+
+
+class TwoLayer(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(7, name="out")(nn.relu(nn.Dense(6, name="hidden")(x)))
+
+
+def _vit_and_params():
+  model = ViT(num_classes=5, patch_size=4, width=16, depth=2, num_heads=2)
+  x = jax.random.normal(jax.random.key(0), (3, 8, 8, 3))
+  return model, model.init(jax.random.key(1), x), x
+
+
+def _nonzero_lora(targets, rank, seed=2):
+  factors = lora.init_lora(jax.random.key(seed), targets, rank)
+  return jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(seed + 1), x.shape), factors)
+
+
+def test_default_targets_are_attention_query_and_value():
+  model, params, x = _vit_and_params()
+  targets = lora.find_targets(model, params, x)
+  assert sorted(targets) == [f"encoder/block_{i}/attn/{n}" for i in range(2) for n in ("query", "value")]
+  assert all(shape == (16, 16) for shape in targets.values())
+
+
+def test_lora_with_zero_b_equals_base_model_exactly():
+  model, params, x = _vit_and_params()
+  factors = lora.init_lora(jax.random.key(3), lora.find_targets(model, params, x), rank=4)
+  assert all(float(jnp.abs(f["a"]).max()) > 0 for f in factors.values())
+  np.testing.assert_array_equal(lora.apply(model, params, factors, x, scale=2.0, return_features=True),
+                                model.apply(params, x, return_features=True))
+
+
+def test_factored_equals_merged_within_1e5():
+  model, params, x = _vit_and_params()
+  factors = _nonzero_lora(lora.find_targets(model, params, x, target_regex=r".*attn/.*|.*mlp/fc1"), 3)
+  factored = lora.apply(model, params, factors, x, scale=1.5, return_features=True)
+  merged = model.apply(lora.merge(params, factors, 1.5), x, return_features=True)
+  base = model.apply(params, x, return_features=True)
+  assert float(jnp.abs(factored - base).max()) > 1e-3  # LoRA changed the output.
+  np.testing.assert_allclose(factored, merged, atol=1e-5)
+
+
+def test_flax_kernel_layout_is_d_in_by_d_out():
+  """a: [d_in, r], b: [r, d_out]; the update enters as x @ (s a b), not its transpose."""
+  model = TwoLayer()
+  x = jax.random.normal(jax.random.key(0), (4, 5))
+  params = model.init(jax.random.key(1), x)
+  targets = lora.find_targets(model, params, x, target_regex="hidden|out")
+  assert targets == {"hidden": (5, 6), "out": (6, 7)}
+  factors = _nonzero_lora(targets, rank=2)
+  chex.assert_shape(factors["hidden"]["a"], (5, 2))
+  chex.assert_shape(factors["hidden"]["b"], (2, 6))
+  chex.assert_shape(lora.product(factors["out"]), params["params"]["out"]["kernel"].shape)
+  s = 0.5
+  w1, w2 = params["params"]["hidden"], params["params"]["out"]
+  h = nn.relu(x @ (w1["kernel"] + s * lora.product(factors["hidden"])) + w1["bias"])
+  expected = h @ (w2["kernel"] + s * lora.product(factors["out"])) + w2["bias"]
+  np.testing.assert_allclose(lora.apply(model, params, factors, x, scale=s), expected, atol=1e-5)
+
+
+def test_transposed_update_on_square_layer_is_detected():
+  """On a square layer a transposed update runs without error; the layout test must see it."""
+  model = nn.Dense(6, name="sq")
+  x = jax.random.normal(jax.random.key(0), (4, 6))
+  params = model.init(jax.random.key(1), x)
+  factors = _nonzero_lora({"": (6, 6)}, rank=2)
+  delta = lora.product(factors[""])
+  correct = x @ (params["params"]["kernel"] + delta) + params["params"]["bias"]
+  transposed = x @ (params["params"]["kernel"] + delta.T) + params["params"]["bias"]
+  got = lora.apply(model, params, factors, x, scale=1.0)
+  np.testing.assert_allclose(got, correct, atol=1e-5)
+  assert float(jnp.abs(got - transposed).max()) > 1e-3
+
+
+def test_base_delta_adds_full_rank_kernel_update():
+  model = TwoLayer()
+  x = jax.random.normal(jax.random.key(0), (4, 5))
+  params = model.init(jax.random.key(1), x)
+  delta = {"hidden": jax.random.normal(jax.random.key(5), (5, 6))}
+  shifted = jax.tree.map(lambda v: v, params)
+  shifted["params"]["hidden"]["kernel"] = params["params"]["hidden"]["kernel"] + delta["hidden"]
+  np.testing.assert_allclose(lora.apply(model, params, {}, x, scale=1.0, base_delta=delta),
+                             model.apply(shifted, x), atol=1e-5)
+
+
+def test_unmatched_regex_and_unknown_paths_fail_clearly():
+  model = TwoLayer()
+  x = jnp.ones((1, 5))
+  params = model.init(jax.random.key(1), x)
+  with pytest.raises(ValueError, match="matches no nn.Dense"):
+    lora.find_targets(model, params, x, target_regex="nothing_here")
+  bogus = {"not/a/layer": {"a": jnp.ones((5, 1)), "b": jnp.ones((1, 6))}}
+  with pytest.raises(ValueError, match="not/a/layer"):
+    lora.apply(model, params, bogus, x, scale=1.0)
+
+
+def test_per_client_gradients_under_vmap():
+  """Each client's LoRA gets its own gradient when vmapped with a shared backbone."""
+  model, params, x = _vit_and_params()
+  targets = lora.find_targets(model, params, x)
+  clients = jax.tree.map(lambda *f: jnp.stack(f), *[_nonzero_lora(targets, 2, seed=s) for s in (10, 20)])
+  loss = lambda f: jnp.sum(lora.apply(model, params, f, x, scale=1.0, return_features=True) ** 2)
+  batched = jax.vmap(jax.grad(loss))(clients)
+  first = jax.grad(loss)(jax.tree.map(lambda v: v[0], clients))
+  chex.assert_trees_all_close(jax.tree.map(lambda v: v[0], batched), first, atol=1e-5)
+  assert not np.allclose(batched["encoder/block_0/attn/query"]["a"][0],
+                         batched["encoder/block_0/attn/query"]["a"][1])
