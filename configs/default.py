@@ -82,6 +82,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.server_optimizer.learning_rate = 1.0
   config.server_optimizer.momentum = 0.0
 
+  config.lora_fair = ml_collections.ConfigDict()  # Used by method=lora_fair.
+  config.lora_fair.lam = 0.01
+  config.lora_fair.steps = 20
+  config.lora_fair.learning_rate = 1e-3
+
   config.eval_every = 1
   config.eval_batch = 256
   config.checkpoint_every = 5

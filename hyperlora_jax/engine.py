@@ -105,6 +105,14 @@ def init_server_state(rng: jax.Array, method: Method, global_trainable: Any, num
   }
 
 
+def round_update_mask(method: Method, trainable: Any, round_index: jax.Array) -> Any:
+  """Float scalar per leaf: 0 where `method.frozen_regexes[round % len]` freezes it, else 1."""
+  phases = [params_lib.regex_mask(trainable, r) for r in method.frozen_regexes]
+  phase = round_index % len(phases)
+  return jax.tree.map(lambda *frozen: jnp.array([0.0 if f else 1.0 for f in frozen], jnp.float32)[phase],
+                      *phases)
+
+
 def make_round_step(adapted: client_lib.AdaptedModel, method: Method,
                     client_optimizer: optax.GradientTransformation,
                     server_optimizer: optax.GradientTransformation, *, num_clients: int,
@@ -123,8 +131,7 @@ def make_round_step(adapted: client_lib.AdaptedModel, method: Method,
   def round_step(state, backbone, block, client_ids, weights):
     global_trainable = state["global"]
     local_mask = params_lib.regex_mask(global_trainable, method.local_regex)
-    frozen_mask = params_lib.regex_mask(global_trainable, method.frozen_regex)
-    update_mask = jax.tree.map(lambda f: jnp.float32(0.0 if f else 1.0), frozen_mask)
+    update_mask = round_update_mask(method, global_trainable, state["round"])
     valid = client_ids >= 0
     gather_ids = jnp.where(valid, client_ids, 0)
     local = jax.tree.map(lambda x: x[gather_ids], state["clients"])
@@ -149,7 +156,9 @@ def make_round_step(adapted: client_lib.AdaptedModel, method: Method,
     pseudo_gradient = jax.tree.map(lambda g, a: g - a, global_trainable, aggregated)
     updates, server_opt = server_optimizer.update(pseudo_gradient, state["server_opt"], global_trainable)
     new_global = optax.apply_updates(global_trainable, updates)
-    new_global = jax.tree.map(lambda n, g, m: g if m else n, new_global, global_trainable, local_mask)
+    # Local leaves are not the server's, and frozen leaves were not sent: both stay as they were.
+    new_global = jax.tree.map(lambda n, g, m, u: g if m else jnp.where(u > 0, n, g),
+                              new_global, global_trainable, local_mask, update_mask)
     scatter_ids = jnp.where(valid, client_ids, num_clients)  # Out of range: dropped.
     clients = jax.tree.map(lambda store, t: store.at[scatter_ids].set(t, mode="drop"),
                            state["clients"], params_lib.select(trained, local_mask))

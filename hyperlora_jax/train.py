@@ -69,6 +69,10 @@ def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], Non
     raise ConfigError(f"fed.clients_per_chunk: {config.fed.clients_per_chunk} must be a multiple of "
                       f"the {mesh.size} devices of the clients mesh axis")
   method = methods.build_method(config)
+  server = config.server_optimizer
+  if method.plain_server and (server.name, server.learning_rate, server.momentum) != ("sgd", 1.0, 0.0):
+    raise ConfigError(f"server_optimizer: method {config.method!r} is exact only with a plain server "
+                      f"step (name='sgd', learning_rate=1.0, momentum=0.0), got {server.to_dict()}")
   data = build_federated_data(config)
   backbone, _ = pretrain.load_or_pretrain(config, log)
   arch = {k: v for k, v in config.model.to_dict().items() if k != "name"}
@@ -107,13 +111,20 @@ def round_inputs(exp: Experiment, round_index: int) -> tuple[dict, np.ndarray, n
   return blocks.gather_block(data.train_pool, indices, mask), ids.astype(np.int32), sizes / sizes.sum()
 
 
-def communication_per_client(exp: Experiment) -> tuple[int, int]:
-  """(bytes up, bytes down) per participating client per round: every shared leaf each way,
-  plus the full-rank residual down where the method merges one into the frozen weights."""
-  shared = jax.tree.map(lambda m: not m, params_lib.regex_mask(exp.initial_trainable, exp.method.local_regex))
-  up = params_lib.num_bytes(exp.initial_trainable, shared)
-  down = up + (sum(4 * a * b for a, b in exp.targets.values()) if exp.method.uses_base_delta else 0)
-  return up, down
+def communication_bytes(exp: Experiment, round_index: int, participants: int) -> tuple[int, int]:
+  """(bytes up, bytes down) of one round, summed over its participants.
+
+  Each participant sends up, and receives down, every leaf that is shared and trained this
+  round (frozen leaves are known to both sides: FFA-LoRA's A, RoLoRA's idle factor); down adds
+  what the method sends besides (FedEx-LoRA's full-rank residual, FLoRA's stacked factors).
+  """
+  method, trainable = exp.method, exp.initial_trainable
+  local = params_lib.regex_mask(trainable, method.local_regex)
+  frozen = params_lib.regex_mask(trainable, method.frozen_regexes[round_index % len(method.frozen_regexes)])
+  sent = jax.tree.map(lambda l, f: not l and not f, local, frozen)
+  per_client = params_lib.num_bytes(trainable, sent)
+  extra = method.extra_down_bytes(exp.targets, exp.config.lora.rank, participants)
+  return participants * per_client, participants * (per_client + extra)
 
 
 def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -200,7 +211,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   evaluate = jax.jit(engine.make_evaluate(exp.adapted, exp.method, eval_batch=config.eval_batch))
   global_test = jax.device_put(exp.data.global_test, replicated)
   client_test = jax.device_put(exp.data.client_test, replicated)
-  up, down = communication_per_client(exp)
   records = reporting.read_metrics(workdir)
   cum_up = records[-1]["cum_bytes_up"] if records else 0
   cum_down = records[-1]["cum_bytes_down"] if records else 0
@@ -211,11 +221,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     block, ids, weights = round_inputs(exp, r)
     block, ids, weights = jax.device_put((block, ids, weights), per_client)
     state, round_metrics = round_fn(state, backbone, block, ids, weights)
-    sent = int(np.sum(np.asarray(ids) >= 0))
-    cum_up, cum_down = cum_up + sent * up, cum_down + sent * down
+    up, down = communication_bytes(exp, r, int(np.sum(np.asarray(ids) >= 0)))
+    cum_up, cum_down = cum_up + up, cum_down + down
     record = {"round": r + 1, "train_loss": float(round_metrics["train_loss"]),
               "nonfinite_clients": int(round_metrics["nonfinite_clients"]),
-              "bytes_up": sent * up, "bytes_down": sent * down, "cum_bytes_up": cum_up,
+              "bytes_up": up, "bytes_down": down, "cum_bytes_up": cum_up,
               "cum_bytes_down": cum_down, "cum_bytes": cum_up + cum_down}
     if (r + 1) % config.eval_every == 0 or r + 1 == config.fed.num_rounds:
       ev = evaluate(state, backbone, global_test, client_test)
