@@ -1,0 +1,66 @@
+"""Turns a runs directory into a Markdown table (mean ± std over seeds).
+
+  python -m experiments.report runs/compare [--out runs/compare/report.md]
+
+A run is any directory holding `metrics.jsonl` and `config.json`; runs are grouped by method.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+
+from hyperlora_jax import reporting
+
+
+def find_runs(runs_dir: str) -> list[str]:
+  return sorted(root for root, _, files in os.walk(runs_dir)
+                if reporting.METRICS_FILE in files and "config.json" in files)
+
+
+def final_metrics(workdir: str) -> dict | None:
+  records = [r for r in reporting.read_metrics(workdir) if r.get("personalized_accuracy_mean") is not None]
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = json.load(f)
+  if not records or records[-1]["round"] < config["fed"]["num_rounds"]:
+    return None  # Unfinished.
+  last = records[-1]
+  return {"method": config["method"], "seed": config["seed"], "rounds": last["round"],
+          "global": last.get("global_accuracy"), "pers_mean": last["personalized_accuracy_mean"],
+          "pers_worst": last["personalized_accuracy_worst"], "mb": last["cum_bytes"] / 1e6}
+
+
+def _mean_std(values: list) -> str:
+  values = [v for v in values if v is not None]
+  if not values:
+    return "n/a"
+  return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+  methods = sorted({r["method"] for r in rows}, key=lambda m: [r["method"] for r in rows].index(m))
+  lines = ["| method | seeds | global acc. % | personalized mean % | personalized worst % | MB up+down |",
+           "|---|---|---|---|---|---|"]
+  for m in methods:
+    group = [r for r in rows if r["method"] == m]
+    lines.append(f"| {m} | {len(group)} | {_mean_std([r['global'] for r in group])} | "
+                 f"{_mean_std([r['pers_mean'] for r in group])} | {_mean_std([r['pers_worst'] for r in group])} | "
+                 f"{np.mean([r['mb'] for r in group]):.2f} |")
+  return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) < 2:
+    raise SystemExit("usage: python -m experiments.report RUNS_DIR [--out FILE]")
+  rows = [m for m in map(final_metrics, find_runs(argv[1])) if m is not None]
+  table = markdown_table(rows)
+  print(table)
+  if "--out" in argv:
+    with open(argv[argv.index("--out") + 1], "w") as f:
+      f.write(table + "\n")
+
+
+if __name__ == "__main__":
+  main(sys.argv)
