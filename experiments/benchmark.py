@@ -51,11 +51,11 @@ def main(argv):
   arch = {k: v for k, v in config.model.to_dict().items() if k != "name"}
   model = models.build_model(config.model.name, 10, **arch)
   size = config.data.image_size
-  variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
+  example = jnp.zeros((1, size, size, 3), jnp.uint8)
+  variables = model.init(jax.random.key(0), models.preprocess_images(example))
   backbone = {"params": {k: v for k, v in variables["params"].items() if k != "head"}}
-  targets = lora.find_targets(model, variables, jnp.zeros((1, size, size, 3)),
-                              target_regex=config.lora.target_regex)
-  trainable = initial_trainable(model, backbone, targets, config.lora.rank, 10, jax.random.key(1))
+  trainable, _ = initial_trainable(model, backbone, example, config.lora.target_regex, config.lora.rank,
+                                   jax.random.key(1))
   adapted = client_lib.AdaptedModel(model, lora.lora_scale(config.lora.alpha, config.lora.rank))
   optimizer = build_optimizer(config.client_optimizer)
   ones = jax.tree.map(lambda _: jnp.float32(1.0), trainable)

@@ -53,12 +53,22 @@ class Experiment:
   mesh: Any
 
 
-def initial_trainable(model, backbone: Any, targets: dict, rank: int, num_classes: int,
-                      rng: jax.Array) -> dict:
-  """{"lora": fresh LoRA (b = 0), "head": zero head for `num_classes`}."""
-  width = next(iter(jax.tree.leaves(backbone["params"]["encoder"]["norm"])))
-  head = {"kernel": jnp.zeros((width.shape[0], num_classes)), "bias": jnp.zeros((num_classes,))}
-  return {"lora": lora.init_lora(rng, targets, rank), "head": head}
+def initial_trainable(model, backbone: Any, example_images: jax.Array, target_regex: str, rank: int,
+                      rng: jax.Array) -> tuple[dict, dict]:
+  """The round-0 trainable pytree and the LoRA targets.
+
+  Args:
+    example_images: [1, H, W, 3] uint8, for shapes only.
+  Returns:
+    ({"lora": fresh LoRA (b = 0), "head": zero head shaped like the model's}, targets
+     {path: (d_in, d_out)}).
+  """
+  inputs = models.preprocess_images(example_images)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), inputs)
+  head = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract["params"]["head"])
+  targets = lora.find_targets(model, {"params": {**backbone["params"], "head": head}}, inputs,
+                              target_regex=target_regex)
+  return {"lora": lora.init_lora(rng, targets, rank), "head": head}, targets
 
 
 def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> Experiment:
@@ -79,14 +89,9 @@ def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], Non
   model = models.build_model(config.model.name, data.num_classes, **arch)
   adapted = client_lib.AdaptedModel(model, lora.lora_scale(config.lora.alpha, config.lora.rank,
                                                            config.lora.rslora))
-  rng = jax.random.key(config.seed)
-  probe = data.global_test["image"][:1]
-  head_probe = initial_trainable(model, backbone, {}, config.lora.rank, data.num_classes, rng)["head"]
-  full = {"params": {**backbone["params"], "head": head_probe}}
-  targets = lora.find_targets(model, full, models.preprocess_images(probe),
-                              target_regex=config.lora.target_regex)
-  trainable = initial_trainable(model, backbone, targets, config.lora.rank, data.num_classes,
-                                jax.random.fold_in(rng, 1))
+  trainable, targets = initial_trainable(model, backbone, data.global_test["image"][:1],
+                                         config.lora.target_regex, config.lora.rank,
+                                         jax.random.fold_in(jax.random.key(config.seed), 1))
   return Experiment(config, data, adapted, method, backbone, targets, trainable,
                     build_optimizer(config.client_optimizer), build_optimizer(config.server_optimizer),
                     mesh)
