@@ -99,7 +99,7 @@ def apply(model: nn.Module, params: Any, lora: LoraParams, *args, scale: float,
       kernels (FedEx-LoRA, FLoRA): y += x @ delta.
   """
   base_delta = base_delta or {}
-  unknown = (set(lora) | set(base_delta)) - set()
+  unknown = set(lora) | set(base_delta)  # Paths not yet seen among the Dense calls.
 
   def add_lora(next_fun, call_args, call_kwargs, context):
     out = next_fun(*call_args, **call_kwargs)

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
@@ -138,10 +139,10 @@ def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
-    flat = lambda d, pre="": {k2: v2 for k, v in d.items() for k2, v2 in
-                              (flat(v, f"{pre}{k}.").items() if isinstance(v, dict) else {f"{pre}{k}": v}.items())}
-    changed = sorted(k for k in set(flat(saved)) | set(flat(current))
-                     if flat(saved).get(k) != flat(current).get(k) and k not in RESUMABLE_FIELDS)
+    saved_flat = traverse_util.flatten_dict(saved, sep=".")
+    current_flat = traverse_util.flatten_dict(current, sep=".")
+    changed = sorted(k for k in set(saved_flat) | set(current_flat)
+                     if saved_flat.get(k) != current_flat.get(k) and k not in RESUMABLE_FIELDS)
     if changed:
       raise ConfigError(f"workdir {workdir} holds a run with a different config (fields: "
                         f"{', '.join(changed)}); use a new workdir or the same config")
