@@ -12,7 +12,7 @@ $(VENV)/.installed: setup.py
 install: $(VENV)/.installed
 
 run: $(VENV)/.installed
-	$(PY) -m experiments.main --config configs/default.py --workdir runs/default
+	$(PY) -m experiments.main --config configs/default.py --methods hyperlora,fedit --workdir runs/default
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

@@ -40,6 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.dirichlet_alpha = 0.5
   config.data.classes_per_client = 2
   config.data.min_client_size = 10
+  config.data.heldout_clients = 0             # New clients never trained on, evaluated at the end.
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "vit"
@@ -62,6 +63,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.lora.rank = 4
   config.lora.alpha = 8.0
   config.lora.rslora = False
+  config.lora.client_ranks = ()               # Heterogeneous ranks, cyclic over clients, e.g. (2, 4);
+                                              # each <= lora.rank (= r_max). () = all at lora.rank.
 
   config.fed = ml_collections.ConfigDict()
   config.fed.num_rounds = int(args.get("rounds", 30))
@@ -71,6 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.fed.clients_per_chunk = 0            # 0 = all sampled clients in one vmap.
   config.fed.head_policy = "shared"           # 'shared' (aggregated like LoRA) or 'local'.
   config.fed.num_devices = 0                  # Devices of the clients mesh axis; 0 = all.
+  config.fed.new_client_steps = 2             # Local steps a held-out new client may take.
 
   config.client_optimizer = ml_collections.ConfigDict()
   config.client_optimizer.name = "adam"
@@ -86,6 +90,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.lora_fair.lam = 0.01
   config.lora_fair.steps = 20
   config.lora_fair.learning_rate = 1e-3
+
+  config.generator = ml_collections.ConfigDict()  # Used by method=pfedhn (and hyperlora).
+  config.generator.hidden = 64
+  config.generator.layer_embed_dim = 16
+  config.generator.client_embed_dim = 16      # Learned client embeddings (pFedHN's v_k).
+  config.generator.loss = "vjp"               # 'vjp' (pFedHN rule) or 'product_distill'.
+  config.generator.server_steps = 5           # Server steps per round (product_distill).
+  config.generator.optimizer = ml_collections.ConfigDict(
+      {"name": "adam", "learning_rate": 1e-3, "momentum": 0.0})
+
+  config.hyperlora = ml_collections.ConfigDict()  # Used by method=hyperlora; every part ablatable.
+  config.hyperlora.signature = "label+features"  # '+'-joined: label, features, embedding.
+  config.hyperlora.signature_noise_std = 0.0     # Gaussian noise on the signatures sent (privacy).
+  config.hyperlora.covariance_rank = 8           # q of the feature-covariance summary QᵀΣQ.
+  config.hyperlora.generator = True              # False: clients start from the global adapter.
+  config.hyperlora.synthesizer = "learned"       # 'learned' (S_ψ) or 'uniform' (exact avg + rank-r SVD).
+  config.hyperlora.synthesizer_hidden = 32
+  config.hyperlora.corrector = "learned"         # 'learned' (C_ω), 'fair' (LoRA-FAIR ΔB fit), 'none'.
+  config.hyperlora.meta_optimizer = ml_collections.ConfigDict(
+      {"name": "adam", "learning_rate": 1e-3, "momentum": 0.0})
 
   config.eval_every = 1
   config.eval_batch = 256

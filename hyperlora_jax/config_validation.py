@@ -9,9 +9,12 @@ import re
 import ml_collections
 
 from hyperlora_jax.data.partition import ALLOWED_PARTITIONS
+from hyperlora_jax.aggregators.synthesis import CORRECTORS
+from hyperlora_jax.generator import GENERATOR_LOSSES
+from hyperlora_jax.signatures import parse_kinds
 from hyperlora_jax.models import ALLOWED_MODELS
+from hyperlora_jax.optimizers import ALLOWED_OPTIMIZERS
 
-ALLOWED_OPTIMIZERS = ("sgd", "adam", "adamw")
 ALLOWED_HEAD_POLICIES = ("shared", "local")
 
 
@@ -48,7 +51,8 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods) -> None:
                 "model.depth", "model.num_heads", "lora.rank", "pretrain.batch_size",
                 "eval_batch", "eval_every", "checkpoint_every"):
     _positive_int(config, field)
-  for field in ("data.min_client_size", "fed.clients_per_chunk", "fed.num_devices", "pretrain.steps"):
+  for field in ("data.min_client_size", "data.heldout_clients", "fed.new_client_steps",
+                "fed.clients_per_chunk", "fed.num_devices", "pretrain.steps"):
     _positive_int(config, field, minimum=0)
   _require(data.dirichlet_alpha > 0, "data.dirichlet_alpha", f"must be > 0, got {data.dirichlet_alpha}")
   _require(fed.clients_per_round <= data.num_clients, "fed.clients_per_round",
@@ -68,10 +72,38 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods) -> None:
   except re.error as e:
     raise ConfigError(f"lora.target_regex: not a valid regex ({e})") from None
   _require(config.lora.alpha > 0, "lora.alpha", f"must be > 0, got {config.lora.alpha}")
-  for name in ("client_optimizer", "server_optimizer"):
-    _one_of(config[name].name, ALLOWED_OPTIMIZERS, f"{name}.name")
-    _require(config[name].learning_rate > 0, f"{name}.learning_rate",
-             f"must be > 0, got {config[name].learning_rate}")
-    _require(0 <= config[name].momentum < 1, f"{name}.momentum",
-             f"must be in [0, 1), got {config[name].momentum}")
+  ranks = config.lora.client_ranks
+  _require(all(isinstance(r, int) and 1 <= r <= config.lora.rank for r in ranks),
+           "lora.client_ranks", f"each rank must be an integer in [1, lora.rank={config.lora.rank}], "
+           f"got {tuple(ranks)}")
+  optimizers = ["client_optimizer", "server_optimizer"]
+  if "generator" in config:
+    gen = config.generator
+    _one_of(gen.loss, GENERATOR_LOSSES, "generator.loss")
+    for field in ("generator.hidden", "generator.layer_embed_dim", "generator.server_steps"):
+      _positive_int(config, field)
+    _positive_int(config, "generator.client_embed_dim", minimum=0)
+    optimizers.append("generator.optimizer")
+  if "hyperlora" in config:
+    hl = config.hyperlora
+    try:
+      kinds = parse_kinds(hl.signature)
+    except ValueError as e:
+      raise ConfigError(f"hyperlora.signature: {e}") from None
+    _require(not hl.generator or bool(kinds), "hyperlora.signature",
+             "the generator needs a conditioning: name at least one of label, features, embedding "
+             "(or set hyperlora.generator=False)")
+    _one_of(hl.synthesizer, ("learned", "uniform"), "hyperlora.synthesizer")
+    _one_of(hl.corrector, CORRECTORS, "hyperlora.corrector")
+    _require(hl.signature_noise_std >= 0, "hyperlora.signature_noise_std", "must be >= 0")
+    _positive_int(config, "hyperlora.covariance_rank")
+    _positive_int(config, "hyperlora.synthesizer_hidden")
+    optimizers.append("hyperlora.meta_optimizer")
+  for name in optimizers:
+    block = config
+    for part in name.split("."):
+      block = block[part]
+    _one_of(block.name, ALLOWED_OPTIMIZERS, f"{name}.name")
+    _require(block.learning_rate > 0, f"{name}.learning_rate", f"must be > 0, got {block.learning_rate}")
+    _require(0 <= block.momentum < 1, f"{name}.momentum", f"must be in [0, 1), got {block.momentum}")
   _require(config.pretrain.learning_rate > 0, "pretrain.learning_rate", "must be > 0")

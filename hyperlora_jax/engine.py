@@ -16,6 +16,13 @@ Server state (a pytree, checkpointed whole):
   clients     {leaf name: [num_clients, ...]} the leaves each client keeps locally
   agg         the aggregator's state
   base_delta  {path: [d_in, d_out]} full-rank residuals merged into frozen weights ({} if unused)
+  gen         the generator's state ({"params", "opt"}; {} without a generator)
+  signatures  [num_clients, D] client distribution signatures (only when D > 0)
+
+Per-client starts. Client k starts a round from its local leaves combined with `global`,
+plus the generator's offset `G_φ(c_k)` where the method has one, truncated to the client's
+rank r_k (heterogeneous ranks: factors are stored at r_max and components beyond r_k are
+zero and never updated).
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hyperlora_jax import client as client_lib
 from hyperlora_jax import params as params_lib
+from hyperlora_jax.generator import NEW_CLIENT, Generator, truncate_lora
 from hyperlora_jax.methods import Method
 
 CLIENTS_AXIS = "clients"
@@ -87,22 +95,73 @@ def map_clients(fn: Callable, xs: Any, clients_per_chunk: int, mesh: Mesh | None
 
 def init_server_state(rng: jax.Array, method: Method, global_trainable: Any, num_clients: int,
                       server_optimizer: optax.GradientTransformation,
-                      targets: dict[str, tuple[int, int]]) -> dict:
+                      targets: dict[str, tuple[int, int]], generator: Generator | None = None,
+                      signatures: jax.Array | None = None) -> dict:
   """The round-0 server state (see module docstring). Every client's local leaves start
-  from `global_trainable`."""
+  from `global_trainable`.
+
+  Args:
+    signatures: [num_clients, D] client signatures (None or D = 0: none).
+  """
   local_mask = params_lib.regex_mask(global_trainable, method.local_regex)
   clients = params_lib.select(params_lib.broadcast_clients(global_trainable, num_clients), local_mask)
   base_delta = ({path: jnp.zeros(shape, jnp.float32) for path, shape in targets.items()}
                 if method.uses_base_delta else {})
-  return {
+  rng = rng if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else jax.random.key_data(rng)
+  state = {
       "round": jnp.zeros((), jnp.int32),
-      "rng": jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng,
+      "rng": rng,
       "global": global_trainable,
       "server_opt": server_optimizer.init(global_trainable),
       "clients": jax.tree.map(jnp.asarray, clients),
-      "agg": method.aggregator.init(global_trainable),
+      "agg": (method.aggregator.init(jax.random.fold_in(jax.random.wrap_key_data(rng), 8), global_trainable,
+                                     0 if signatures is None else signatures.shape[-1])
+              if method.meta_objective else method.aggregator.init(global_trainable)),
       "base_delta": base_delta,
+      "gen": generator.init(jax.random.fold_in(jax.random.wrap_key_data(rng), 7)) if generator else {},
   }
+  if signatures is not None and signatures.shape[-1]:
+    state["signatures"] = jnp.asarray(signatures, jnp.float32)
+  return state
+
+
+def client_signatures(state: dict, client_ids: jax.Array) -> jax.Array:
+  """[C, D] signatures of `client_ids` ([C, 0] when the run has none)."""
+  if "signatures" not in state:
+    return jnp.zeros((client_ids.shape[0], 0), jnp.float32)
+  return state["signatures"][client_ids]
+
+
+def rank_masks(client_ranks: np.ndarray | None, num_clients: int, max_rank: int) -> jax.Array:
+  """[num_clients, r_max] float {0, 1}: 1 for the components a client's rank r_k has."""
+  ranks = np.full(num_clients, max_rank) if client_ranks is None else np.asarray(client_ranks)
+  return jnp.asarray(np.arange(max_rank)[None, :] < ranks[:, None], jnp.float32)
+
+
+def _lora_rank(trainable: Any) -> int:
+  return next(iter(trainable["lora"].values()))["a"].shape[-1]
+
+
+def client_start(global_trainable: Any, client_local: dict, offset: Any, rank_mask: jax.Array) -> Any:
+  """One client's starting trainable: global ⊕ its local leaves, + generator offset, truncated.
+
+  Args:
+    client_local: {leaf name: leaf} the client keeps.
+    offset: lora tree added to the factors (None: no generator).
+    rank_mask: [r_max] float {0, 1}.
+  """
+  start = params_lib.combine(global_trainable, client_local)
+  lora = start["lora"]
+  if offset is not None:
+    lora = jax.tree.map(jnp.add, lora, offset)
+  return {**start, "lora": truncate_lora(lora, rank_mask)}
+
+
+def _rank_update_mask(update_mask: Any, rank_mask: jax.Array) -> Any:
+  """The round's per-leaf update mask times the client's rank mask on the LoRA factors."""
+  lora = {path: {"a": m["a"] * rank_mask[None, :], "b": m["b"] * rank_mask[:, None]}
+          for path, m in update_mask["lora"].items()}
+  return {**update_mask, "lora": lora}
 
 
 def round_update_mask(method: Method, trainable: Any, round_index: jax.Array) -> Any:
@@ -116,8 +175,14 @@ def round_update_mask(method: Method, trainable: Any, round_index: jax.Array) ->
 def make_round_step(adapted: client_lib.AdaptedModel, method: Method,
                     client_optimizer: optax.GradientTransformation,
                     server_optimizer: optax.GradientTransformation, *, num_clients: int,
-                    clients_per_chunk: int = 0, mesh: Mesh | None = None) -> Callable:
+                    clients_per_chunk: int = 0, mesh: Mesh | None = None,
+                    generator: Generator | None = None,
+                    client_ranks: np.ndarray | None = None) -> Callable:
   """Builds the pure `round_step(state, backbone, block, client_ids, weights)`.
+
+  Args (of the builder):
+    generator: the method's generator component (pFedHN, HyperLoRA), or None.
+    client_ranks: [num_clients] LoRA rank of each client (None: all at `lora.rank`).
 
   Args of `round_step`:
     state: server state (module docstring).
@@ -135,22 +200,46 @@ def make_round_step(adapted: client_lib.AdaptedModel, method: Method,
     valid = client_ids >= 0
     gather_ids = jnp.where(valid, client_ids, 0)
     local = jax.tree.map(lambda x: x[gather_ids], state["clients"])
+    masks = rank_masks(client_ranks, num_clients, _lora_rank(global_trainable))[gather_ids]
+    signatures = client_signatures(state, gather_ids)
+    offsets = generator.generate(state["gen"], signatures, gather_ids) if generator else None
+    if method.meta_objective:  # The last step of each client's block is held out for S_ψ, C_ω.
+      heldout = jax.tree.map(lambda x: x[:, -1], block)
+      block = jax.tree.map(lambda x: x[:, :-1], block)
 
     def one_client(inputs):
-      client_local, client_block = inputs
-      start = params_lib.combine(global_trainable, client_local)
-      trained, metrics = client_lib.local_update(adapted, client_optimizer, backbone,
-                                                 state["base_delta"], start, update_mask, client_block)
+      client_local, client_block, offset, rank_mask = inputs
+      start = client_start(global_trainable, client_local, offset, rank_mask)
+      trained, metrics = client_lib.local_update(
+          adapted, client_optimizer, backbone, state["base_delta"], start,
+          _rank_update_mask(update_mask, rank_mask), client_block)
       finite = params_lib.is_finite(trained) & jnp.isfinite(metrics["loss"])
       trained = jax.tree.map(lambda t, s: jnp.where(finite, t, s), trained, start)
       return trained, metrics, finite
 
-    trained, metrics, finite = map_clients(one_client, (local, block), clients_per_chunk, mesh)
+    trained, metrics, finite = map_clients(one_client, (local, block, offsets, masks),
+                                           clients_per_chunk, mesh)
     weights = jnp.where(valid & finite, weights, 0.0)
     total = jnp.sum(weights)
     weights = weights / jnp.maximum(total, 1e-12)
-    aggregated, base_delta_increment, agg_state = method.aggregator.aggregate(
-        state["agg"], global_trainable, trained, weights)
+    if method.meta_objective:
+      def meta_loss(candidate):
+        """Σ_k p_k loss of client k's next-round start from `candidate` on its held-out batch."""
+        def one_heldout(inputs):
+          client_local, batch, offset, rank_mask = inputs
+          trainable = client_start(candidate, client_local, offset, rank_mask)
+          logits = adapted.logits(backbone, trainable, batch["image"], state["base_delta"])
+          return client_lib.masked_cross_entropy(logits, batch["label"], batch["mask"])
+        trained_local = params_lib.select(trained, local_mask)
+        losses = map_clients(one_heldout, (trained_local, heldout, jax.lax.stop_gradient(offsets), masks),
+                             clients_per_chunk, mesh)
+        return jnp.sum(weights * losses)
+      context = {"signatures": signatures, "client_loss": metrics["loss"], "meta_loss": meta_loss}
+      aggregated, base_delta_increment, agg_state = method.aggregator.aggregate(
+          state["agg"], global_trainable, trained, weights, context)
+    else:
+      aggregated, base_delta_increment, agg_state = method.aggregator.aggregate(
+          state["agg"], global_trainable, trained, weights)
     # Nothing usable came back (every client non-finite): keep the global model.
     aggregated = jax.tree.map(lambda a, g: jnp.where(total > 0, a, g), aggregated, global_trainable)
     pseudo_gradient = jax.tree.map(lambda g, a: g - a, global_trainable, aggregated)
@@ -159,6 +248,10 @@ def make_round_step(adapted: client_lib.AdaptedModel, method: Method,
     # Local leaves are not the server's, and frozen leaves were not sent: both stay as they were.
     new_global = jax.tree.map(lambda n, g, m, u: g if m else jnp.where(u > 0, n, g),
                               new_global, global_trainable, local_mask, update_mask)
+    gen_state = state["gen"]
+    if generator:  # G_φ learns where each client ends up relative to the new global factors.
+      gen_state = generator.update(gen_state, signatures, gather_ids, new_global["lora"],
+                                   trained["lora"], weights, masks)
     scatter_ids = jnp.where(valid, client_ids, num_clients)  # Out of range: dropped.
     clients = jax.tree.map(lambda store, t: store.at[scatter_ids].set(t, mode="drop"),
                            state["clients"], params_lib.select(trained, local_mask))
@@ -167,19 +260,41 @@ def make_round_step(adapted: client_lib.AdaptedModel, method: Method,
     rng, _ = jax.random.split(state["rng"])
     new_state = {"round": state["round"] + 1, "rng": rng, "global": new_global,
                  "server_opt": server_opt, "clients": clients, "agg": agg_state,
-                 "base_delta": base_delta}
+                 "base_delta": base_delta, "gen": gen_state}
+    if "signatures" in state:
+      new_state["signatures"] = state["signatures"]
     example_weights = metrics["examples"] * valid
     train_loss = jnp.sum(metrics["loss"] * example_weights) / jnp.maximum(jnp.sum(example_weights), 1.0)
-    return new_state, {"train_loss": train_loss,
-                       "nonfinite_clients": jnp.sum(valid & ~finite),
-                       "participants": jnp.sum(valid & finite)}
+    round_metrics = {"train_loss": train_loss, "nonfinite_clients": jnp.sum(valid & ~finite),
+                     "participants": jnp.sum(valid & finite)}
+    if method.meta_objective:
+      round_metrics["meta_loss"] = agg_state["meta_loss"]
+    return new_state, round_metrics
 
   return round_step
 
 
+def global_model(state: dict, generator: Generator | None) -> Any:
+  """The model evaluated as *global*: the server's adapter, plus (for generator methods) the
+  generator's offset for the average client (mean signature, mean client embedding)."""
+  if generator is None:
+    return state["global"]
+  if "signatures" in state:
+    signature = jnp.mean(state["signatures"], axis=0, keepdims=True)
+  else:
+    signature = jnp.zeros((1, 0), jnp.float32)
+  offset = jax.tree.map(lambda x: x[0], generator.generate(state["gen"], signature,
+                                                          jnp.full((1,), NEW_CLIENT, jnp.int32)))
+  return {**state["global"], "lora": jax.tree.map(jnp.add, state["global"]["lora"], offset)}
+
+
 def make_evaluate(adapted: client_lib.AdaptedModel, method: Method, *, eval_batch: int = 256,
-                  clients_per_chunk: int = 0) -> Callable:
+                  clients_per_chunk: int = 0, generator: Generator | None = None,
+                  client_ranks: np.ndarray | None = None) -> Callable:
   """Builds the pure `evaluate(state, backbone, global_test, client_test)`.
+
+  Each client's model is what it would start the next round from (`client_start`): its local
+  leaves, the generator's offset for it, truncated to its rank; no local steps.
 
   Args of `evaluate`:
     global_test: {"image": [M, H, W, 3], "label": [M], "mask": [M]}, M a multiple of eval_batch
@@ -195,20 +310,74 @@ def make_evaluate(adapted: client_lib.AdaptedModel, method: Method, *, eval_batc
 
   def evaluate(state, backbone, global_test, client_test):
     batches = jax.tree.map(lambda x: x.reshape((-1, eval_batch) + x.shape[1:]), global_test)
+    shared = global_model(state, generator)
     correct, count = jax.lax.map(
-        lambda b: accuracy_on(state["global"], backbone, state["base_delta"], b), batches)
+        lambda b: accuracy_on(shared, backbone, state["base_delta"], b), batches)
     global_accuracy = jnp.sum(correct) / jnp.maximum(jnp.sum(count), 1.0)
     if not method.has_global_model:
       global_accuracy = jnp.full((), jnp.nan)
 
+    num_clients = client_test["label"].shape[0]
+    ids = jnp.arange(num_clients)
+    masks = rank_masks(client_ranks, num_clients, _lora_rank(state["global"]))
+    offsets = (generator.generate(state["gen"], client_signatures(state, ids), ids)
+               if generator else None)
+
     def one_client(inputs):
-      client_local, data = inputs
-      trainable = params_lib.combine(state["global"], client_local)
+      client_local, data, offset, rank_mask = inputs
+      trainable = client_start(state["global"], client_local, offset, rank_mask)
       c, n = accuracy_on(trainable, backbone, state["base_delta"], data)
       return c / jnp.maximum(n, 1.0)
 
-    client_accuracy = jax.lax.map(one_client, (state["clients"], client_test),
+    client_accuracy = jax.lax.map(one_client, (state["clients"], client_test, offsets, masks),
                                   batch_size=clients_per_chunk or None)
     return {"global_accuracy": global_accuracy, "client_accuracy": client_accuracy}
 
   return evaluate
+
+
+def make_new_client_evaluate(adapted: client_lib.AdaptedModel, method: Method,
+                             client_optimizer: optax.GradientTransformation,
+                             generator: Generator | None = None) -> Callable:
+  """Builds the pure `evaluate_new(state, backbone, train_block, test_block, signatures)`.
+
+  Amortization for clients never seen in training. Each new client (index `NEW_CLIENT`:
+  mean embedding, its own signature) is evaluated on its test split from:
+    "global"              the global model, zero local steps (its local leaves, if the
+                          method has any, start from the global ones);
+    "generated"           global + G_φ(s_new), zero local steps (generator methods only);
+    "<start>_finetuned"   either start after the local steps of `train_block`.
+  Args of `evaluate_new`:
+    train_block: {"image": [H, S, B, ...], "label", "mask"}: the steps a new client may take.
+    test_block: {"image": [H, n, ...], "label", "mask"}; signatures: [H, D].
+  Returns:
+    {name: [H] accuracy} for the names above.
+  """
+  def evaluate_new(state, backbone, train_block, test_block, signatures):
+    num_new = test_block["label"].shape[0]
+    update_mask = round_update_mask(method, state["global"], jnp.int32(0))
+    full_rank = jnp.ones((_lora_rank(state["global"]),), jnp.float32)
+    generated = (generator.generate(state["gen"], signatures, jnp.full((num_new,), NEW_CLIENT, jnp.int32))
+                 if generator else jnp.zeros((num_new,)))
+
+    def accuracy(trainable, data):
+      logits = adapted.logits(backbone, trainable, data["image"], state["base_delta"])
+      return client_lib.masked_correct(logits, data["label"], data["mask"]) / jnp.maximum(
+          jnp.sum(data["mask"]), 1.0)
+
+    def one_client(inputs):
+      train, test, offset = inputs
+      out = {}
+      for name, start_offset in (("global", None), ("generated", offset)):
+        if name == "generated" and generator is None:
+          continue
+        start = client_start(state["global"], {}, start_offset, full_rank)
+        out[name] = accuracy(start, test)
+        tuned, _ = client_lib.local_update(adapted, client_optimizer, backbone, state["base_delta"],
+                                           start, update_mask, train)
+        out[f"{name}_finetuned"] = accuracy(tuned, test)
+      return out
+
+    return jax.lax.map(one_client, (train_block, test_block, generated))
+
+  return evaluate_new

@@ -18,6 +18,8 @@ class FederatedData:
     global_test: union of the clients' test splits, padded to a multiple of eval_batch:
       {"image": [M, H, W, 3], "label": [M], "mask": [M]}.
     client_test: {"image": [N, n_max, H, W, 3], "label": [N, n_max], "mask": [N, n_max]}.
+    new_train_parts, new_test_parts: held-out new clients (`data.heldout_clients`), drawn by
+      the same partition but never sampled in training; [] if none.
   """
   train_pool: ImageDataset
   test_pool: ImageDataset
@@ -25,6 +27,8 @@ class FederatedData:
   test_parts: list
   global_test: dict
   client_test: dict
+  new_train_parts: list = dataclasses.field(default_factory=list)
+  new_test_parts: list = dataclasses.field(default_factory=list)
 
   @property
   def num_clients(self) -> int:
@@ -44,16 +48,19 @@ def _pad_to_multiple(block: dict, multiple: int) -> dict:
 
 
 def build_federated_data(config: ml_collections.ConfigDict) -> FederatedData:
-  """Loads the pools and partitions them over `data.num_clients` clients (seeded by `seed`)."""
+  """Loads the pools and partitions them over `data.num_clients` + `data.heldout_clients`
+  clients (seeded by `seed`); the last `heldout_clients` are the new clients."""
   data = config.data
   train = load_image_dataset(data.name, data.train_split, data.data_dir or None, data.image_size)
   test = load_image_dataset(data.name, data.test_split, data.data_dir or None, data.image_size)
   train_parts, test_parts = partition.partition_train_test(
-      data.partition, train.labels, train.domains, test.labels, test.domains, data.num_clients,
-      seed=config.seed, alpha=data.dirichlet_alpha, classes_per_client=data.classes_per_client,
-      min_size=data.min_client_size)
+      data.partition, train.labels, train.domains, test.labels, test.domains,
+      data.num_clients + data.heldout_clients, seed=config.seed, alpha=data.dirichlet_alpha,
+      classes_per_client=data.classes_per_client, min_size=data.min_client_size)
+  new_train, new_test = train_parts[data.num_clients:], test_parts[data.num_clients:]
+  train_parts, test_parts = train_parts[:data.num_clients], test_parts[:data.num_clients]
   union = np.concatenate(test_parts)
   global_test = _pad_to_multiple(
       blocks.gather_block(test, union, np.ones(len(union), np.float32)), config.eval_batch)
   return FederatedData(train, test, train_parts, test_parts, global_test,
-                       blocks.padded_eval_block(test, test_parts))
+                       blocks.padded_eval_block(test, test_parts), new_train, new_test)

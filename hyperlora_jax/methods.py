@@ -13,7 +13,10 @@ from typing import Callable
 import ml_collections
 
 from hyperlora_jax import aggregators, lora
+from hyperlora_jax import generator as generator_lib
+from hyperlora_jax import signatures as signatures_lib
 from hyperlora_jax.aggregators import Aggregator
+from hyperlora_jax.optimizers import build_optimizer
 
 HEAD_REGEX = r"head/.*"
 A_REGEX = r"lora/.*/a"
@@ -36,8 +39,16 @@ class Method:
       weights (FedEx-LoRA, FLoRA); the server state then holds them.
     plain_server: the aggregate is exact only with a plain server step (sgd, lr 1, no
       momentum); other server optimizers are refused.
-    extra_down_bytes: (targets {path: (d_in, d_out)}, rank, participants) -> bytes sent
-      down to each client on top of the shared leaves (FedEx's residual, FLoRA's stacks).
+    extra_down_bytes: (targets {path: (d_in, d_out)}, participant ranks [r_k]) -> bytes
+      sent down to all participants together on top of the shared leaves (FedEx's residual,
+      FLoRA's stacks).
+    heterogeneous_ranks: clients may have different LoRA ranks (`lora.client_ranks`).
+    pooled_data: centralized reference: one learner on the union of the clients' data.
+    make_generator: (targets, num_clients, signature_dim) -> `Generator` for methods whose
+      clients start from generated factors (pFedHN, HyperLoRA); None otherwise.
+    signature_kinds: client signatures the method needs (`hyperlora_jax.signatures`).
+    meta_objective: the aggregator is a `LearnedAggregator` trained on held-out batches (one
+      extra batch per client and round); it is called with a context.
   """
   name: str
   aggregator: Aggregator
@@ -46,7 +57,12 @@ class Method:
   has_global_model: bool = True
   uses_base_delta: bool = False
   plain_server: bool = False
-  extra_down_bytes: Callable[[dict, int, int], int] = lambda targets, rank, participants: 0
+  extra_down_bytes: Callable[[dict, list], int] = lambda targets, ranks: 0
+  heterogeneous_ranks: bool = False
+  pooled_data: bool = False
+  make_generator: Callable[[dict, int, int], generator_lib.Generator] | None = None
+  signature_kinds: tuple[str, ...] = ()
+  meta_objective: bool = False
 
 
 def _join(*regexes: str) -> str:
@@ -61,14 +77,31 @@ def _scale(config) -> float:
   return lora.lora_scale(config.lora.alpha, config.lora.rank, config.lora.rslora)
 
 
-def _residual_bytes(targets, rank, participants) -> int:
-  return sum(4 * d_in * d_out for d_in, d_out in targets.values())
+def _residual_bytes(targets, ranks) -> int:
+  return len(ranks) * sum(4 * d_in * d_out for d_in, d_out in targets.values())
 
 
-def _stacked_bytes(targets, rank, participants) -> int:
-  # Every participant's (A_k, B_k) goes to every client, minus the client's own shared leaves
-  # already counted; the fresh LoRA of the next round comes from a shared seed.
-  return max(participants - 1, 0) * sum(4 * rank * (d_in + d_out) for d_in, d_out in targets.values())
+def _stacked_bytes(targets, ranks) -> int:
+  # Every participant's (A_k, B_k) goes to every other participant (its own shared leaves are
+  # already counted); the fresh LoRA of the next round comes from a shared seed.
+  per_rank = sum(4 * (d_in + d_out) for d_in, d_out in targets.values())
+  return (len(ranks) - 1) * sum(ranks) * per_rank if ranks else 0
+
+
+def generator_factory(config, *, client_embeddings: bool):
+  """(targets, num_clients, signature_dim) -> `Generator` from the `generator` config block."""
+  gen = config.generator
+
+  def make(targets, num_clients, signature_dim):
+    module = generator_lib.LoraGenerator(
+        targets=tuple((path, d_in, d_out) for path, (d_in, d_out) in targets.items()),
+        rank=config.lora.rank, num_clients=num_clients,
+        client_embed_dim=gen.client_embed_dim if client_embeddings else 0,
+        hidden=gen.hidden, layer_embed_dim=gen.layer_embed_dim)
+    return generator_lib.make_generator(module, loss=gen.loss, optimizer=build_optimizer(gen.optimizer),
+                                        scale=_scale(config), server_steps=gen.server_steps,
+                                        signature_dim=signature_dim)
+  return make
 
 
 def fedit(config) -> Method:
@@ -79,7 +112,8 @@ def fedit(config) -> Method:
 def local_only(config) -> Method:
   """Local-only: every client trains alone; nothing is sent (a lower reference)."""
   del config
-  return Method("local_only", aggregators.identity(), local_regex=".*", has_global_model=False)
+  return Method("local_only", aggregators.identity(), local_regex=".*", has_global_model=False,
+                heterogeneous_ranks=True)
 
 
 def ffa_lora(config) -> Method:
@@ -111,13 +145,61 @@ def fedex_lora(config) -> Method:
 def flora(config) -> Method:
   """FLoRA (Wang et al., NeurIPS 2024): stacked factors merged into W0, fresh LoRA each round."""
   return Method("flora", aggregators.flora(_scale(config)), local_regex=_local_head(config),
-                uses_base_delta=True, plain_server=True, extra_down_bytes=_stacked_bytes)
+                uses_base_delta=True, plain_server=True, extra_down_bytes=_stacked_bytes,
+                heterogeneous_ranks=True)
 
 
 def flexlora(config) -> Method:
-  """FlexLoRA (Bai et al., NeurIPS 2024): truncated SVD of the weighted product average."""
+  """FlexLoRA (Bai et al., NeurIPS 2024): truncated SVD of the weighted product average to
+  r_max; a client of rank r_k keeps the first r_k components, the best rank-r_k approximation."""
   return Method("flexlora", aggregators.flexlora(_scale(config)), local_regex=_local_head(config),
-                plain_server=True)
+                plain_server=True, heterogeneous_ranks=True)
+
+
+def hetlora(config) -> Method:
+  """HetLoRA (Cho et al., EMNLP 2024): zero-padded factors averaged with norm weights,
+  truncated to each client's rank."""
+  return Method("hetlora", aggregators.hetlora(), local_regex=_local_head(config),
+                plain_server=True, heterogeneous_ranks=True)
+
+
+def pfedhn(config) -> Method:
+  """pFedHN (Shamsian et al., ICML 2021) for LoRA: a server hypernetwork maps a learned client
+  embedding v_k to the client's LoRA factors θ_k = θ_0 + h(v_k; φ); after K local steps the
+  server applies φ ← φ − η (∂θ_k/∂φ)^T (θ_k − θ̃_k) (and the same for v_k). The head follows
+  `fed.head_policy`; the generated factors are sent down and the trained ones up."""
+  return Method("pfedhn", aggregators.head_only(), local_regex=_local_head(config),
+                plain_server=True, heterogeneous_ranks=True,
+                make_generator=generator_factory(config, client_embeddings=True))
+
+
+def hyperlora(config) -> Method:
+  """HyperLoRA (Gupta, Shanker, Sethi, FL@FM-IJCAI'26): generator G_φ (signature -> LoRA
+  offset from the global factors), product-space synthesizer S_ψ and residual corrector C_ω
+  trained by a held-out meta-objective. Every component can be switched off (`hyperlora`
+  config block); see `aggregators.synthesis` and `generator`."""
+  hl = config.hyperlora
+  kinds = signatures_lib.parse_kinds(hl.signature)
+  synthesis = aggregators.SynthesisConfig(
+      scale=_scale(config), rank=config.lora.rank, corrector=hl.corrector,
+      learned_weights=hl.synthesizer == "learned", fair_lam=config.lora_fair.lam,
+      fair_steps=config.lora_fair.steps, fair_learning_rate=config.lora_fair.learning_rate)
+  learned = hl.synthesizer == "learned" or hl.corrector == "learned"
+  return Method(
+      "hyperlora",
+      aggregators.hyperlora_synthesizer(synthesis, build_optimizer(hl.meta_optimizer),
+                                        hidden=hl.synthesizer_hidden, meta_learning=learned),
+      local_regex=_local_head(config), plain_server=True, heterogeneous_ranks=True,
+      make_generator=(generator_factory(config, client_embeddings="embedding" in kinds)
+                      if hl.generator else None),
+      signature_kinds=kinds, meta_objective=True)
+
+
+def centralized(config) -> Method:
+  """Centralized reference: one learner on the pooled data of all clients, with the compute
+  of a federated round per round (clients_per_round x local_steps steps); nothing is sent."""
+  del config
+  return Method("centralized", aggregators.fedit(), pooled_data=True)
 
 
 def lora_fair(config) -> Method:
@@ -137,6 +219,10 @@ METHODS: dict[str, Callable[[ml_collections.ConfigDict], Method]] = {
     "flora": flora,
     "flexlora": flexlora,
     "lora_fair": lora_fair,
+    "hetlora": hetlora,
+    "pfedhn": pfedhn,
+    "centralized": centralized,
+    "hyperlora": hyperlora,
 }
 
 

@@ -83,3 +83,30 @@ def summary(records: list[dict], title: str) -> str:
       f"down {last['cum_bytes_down'] / 1e6:.2f} MB",
   ]
   return "\n".join(lines)
+
+
+def rounds_to_reach(records: list[dict], target: float, key: str = "global_accuracy") -> int | None:
+  """The first round whose `key` is >= target (None if never)."""
+  for r in records:
+    if r.get(key) is not None and r[key] >= target:
+      return r["round"]
+  return None
+
+
+def side_by_side(runs: dict[str, list[dict]], reference: str | None = None) -> str:
+  """A text table of several methods' final metrics on one config, plus the rounds each needs
+  to reach the final global accuracy of `reference` (default: the first method)."""
+  fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
+  base = runs.get(reference) or next(iter(runs.values()))
+  target = base[-1].get("global_accuracy") if base else None
+  header = f"{'method':<12} {'global':>8} {'pers. mean':>11} {'pers. worst':>12} {'MB up+down':>11}"
+  header += f"  rounds to {fmt(target)} global" if target is not None else ""
+  lines = ["== side by side (final round) ==", header]
+  for method, records in runs.items():
+    last = records[-1]
+    line = (f"{method:<12} {fmt(last.get('global_accuracy')):>8} {fmt(last['personalized_accuracy_mean']):>11} "
+            f"{fmt(last['personalized_accuracy_worst']):>12} {last['cum_bytes'] / 1e6:>11.2f}")
+    if target is not None:
+      line += f"  {rounds_to_reach(records, target) or 'not reached'}"
+    lines.append(line)
+  return "\n".join(lines)

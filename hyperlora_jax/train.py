@@ -20,23 +20,16 @@ from tqdm.auto import tqdm
 
 from hyperlora_jax import client as client_lib
 from hyperlora_jax import engine, lora, methods, models, pretrain, reporting
+from hyperlora_jax import signatures as signatures_lib
 from hyperlora_jax import params as params_lib
 from hyperlora_jax.config_validation import ConfigError, validate_config
 from hyperlora_jax.data import blocks
 from hyperlora_jax.federated_data import FederatedData, build_federated_data
+from hyperlora_jax.optimizers import build_optimizer
 
 CONFIG_FILE = "config.json"
 # Fields a resumed run may change (they do not alter the rounds already done).
 RESUMABLE_FIELDS = ("fed.num_rounds", "eval_every", "checkpoint_every")
-
-
-def build_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """sgd (with optional momentum), adam or adamw from an optimizer config block."""
-  if cfg.name == "sgd":
-    return optax.sgd(cfg.learning_rate, momentum=cfg.momentum or None)
-  if cfg.name == "adam":
-    return optax.adam(cfg.learning_rate)
-  return optax.adamw(cfg.learning_rate)
 
 
 @dataclasses.dataclass
@@ -52,6 +45,10 @@ class Experiment:
   client_optimizer: optax.GradientTransformation
   server_optimizer: optax.GradientTransformation
   mesh: Any
+  client_ranks: np.ndarray            # [num_clients] LoRA rank of each client.
+  generator: Any = None               # The method's `Generator`, or None.
+  signatures: np.ndarray | None = None  # [num_clients, D] client signatures, or None.
+  new_signatures: np.ndarray | None = None  # [heldout_clients, D] new clients' signatures.
 
 
 def initial_trainable(model, backbone: Any, example_images: jax.Array, target_regex: str, rank: int,
@@ -80,10 +77,7 @@ def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], Non
     raise ConfigError(f"fed.clients_per_chunk: {config.fed.clients_per_chunk} must be a multiple of "
                       f"the {mesh.size} devices of the clients mesh axis")
   method = methods.build_method(config)
-  server = config.server_optimizer
-  if method.plain_server and (server.name, server.learning_rate, server.momentum) != ("sgd", 1.0, 0.0):
-    raise ConfigError(f"server_optimizer: method {config.method!r} is exact only with a plain server "
-                      f"step (name='sgd', learning_rate=1.0, momentum=0.0), got {server.to_dict()}")
+  _check_method_fits(config, method)
   data = build_federated_data(config)
   backbone, _ = pretrain.load_or_pretrain(config, log)
   arch = {k: v for k, v in config.model.to_dict().items() if k != "name"}
@@ -93,44 +87,123 @@ def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], Non
   trainable, targets = initial_trainable(model, backbone, data.global_test["image"][:1],
                                          config.lora.target_regex, config.lora.rank,
                                          jax.random.fold_in(jax.random.key(config.seed), 1))
+  client_signatures = new_signatures = None
+  if method.signature_kinds:
+    hl = config.hyperlora
+    every_client = blocks.padded_eval_block(data.train_pool, data.train_parts + data.new_train_parts)
+    every_signature = signatures_lib.compute_signatures(
+        model, backbone, every_client, method.signature_kinds, data.num_classes,
+        covariance_rank=hl.covariance_rank, noise_std=hl.signature_noise_std, seed=config.seed)
+    client_signatures = every_signature[:data.num_clients]
+    new_signatures = every_signature[data.num_clients:]
+  signature_dim = 0 if client_signatures is None else client_signatures.shape[-1]
+  generator = (method.make_generator(targets, data.num_clients, signature_dim)
+               if method.make_generator else None)
   return Experiment(config, data, adapted, method, backbone, targets, trainable,
                     build_optimizer(config.client_optimizer), build_optimizer(config.server_optimizer),
-                    mesh)
+                    mesh, client_ranks(config, data.num_clients), generator, client_signatures,
+                    new_signatures)
+
+
+def client_ranks(config: ml_collections.ConfigDict, num_clients: int) -> np.ndarray:
+  """[num_clients] ranks: `lora.client_ranks` assigned cyclically (client k gets entry
+  k mod len), or `lora.rank` for every client when it is empty."""
+  ranks = tuple(config.lora.client_ranks) or (config.lora.rank,)
+  return np.array([ranks[k % len(ranks)] for k in range(num_clients)], np.int32)
+
+
+def _check_method_fits(config: ml_collections.ConfigDict, method: methods.Method) -> None:
+  server = config.server_optimizer
+  if method.plain_server and (server.name, server.learning_rate, server.momentum) != ("sgd", 1.0, 0.0):
+    raise ConfigError(f"server_optimizer: method {config.method!r} is exact only with a plain server "
+                      f"step (name='sgd', learning_rate=1.0, momentum=0.0), got {server.to_dict()}")
+  ranks = set(config.lora.client_ranks) or {config.lora.rank}
+  if ranks != {config.lora.rank} and not method.heterogeneous_ranks:
+    allowed = sorted(name for name, build in methods.METHODS.items()
+                     if build(config).heterogeneous_ranks)
+    raise ConfigError(f"lora.client_ranks: method {config.method!r} does not define aggregation "
+                      f"for heterogeneous ranks {tuple(config.lora.client_ranks)}; methods that do: "
+                      f"{', '.join(allowed)}")
 
 
 def round_inputs(exp: Experiment, round_index: int) -> tuple[dict, np.ndarray, np.ndarray]:
   """The sampled clients' padded block, ids and weights for one round.
 
-  Depends only on (seed, round): the sampler position is the round index.
+  Depends only on (seed, round): the sampler position is the round index. A pooled-data
+  method (centralized) gets one learner, id 0, reading the union of the clients' data for
+  clients_per_round x local_steps steps: the compute of a federated round. A method with a
+  meta-objective gets one more step per client, held out of the local steps.
   Returns:
     block {"image": [C, S, B, H, W, 3], "label", "mask"}, client_ids [C] (-1 = padding),
     weights [C] = n_k / Σ n_j over the sampled clients.
   """
   config, data = exp.config, exp.data
   rng = np.random.default_rng([config.seed, 1, round_index])
-  ids = blocks.sample_clients(data.num_clients, config.fed.clients_per_round, rng)
+  steps, parts = config.fed.local_steps + int(exp.method.meta_objective), data.train_parts
+  if exp.method.pooled_data:
+    ids = np.zeros(1, np.int64)
+    steps *= config.fed.clients_per_round
+    parts = [np.concatenate(data.train_parts)]
+  else:
+    ids = blocks.sample_clients(data.num_clients, config.fed.clients_per_round, rng)
   multiple = config.fed.clients_per_chunk or exp.mesh.size
   ids = blocks.pad_client_ids(ids, math.lcm(multiple, exp.mesh.size))
-  indices, mask = blocks.train_block_indices(data.train_parts, ids, config.fed.local_steps,
-                                             config.fed.batch_size, rng)
+  indices, mask = blocks.train_block_indices(parts, ids, steps, config.fed.batch_size, rng)
   sizes = np.where(ids >= 0, data.train_sizes()[np.maximum(ids, 0)], 0).astype(np.float32)
   return blocks.gather_block(data.train_pool, indices, mask), ids.astype(np.int32), sizes / sizes.sum()
 
 
-def communication_bytes(exp: Experiment, round_index: int, participants: int) -> tuple[int, int]:
+def communication_bytes(exp: Experiment, round_index: int, client_ids: np.ndarray) -> tuple[int, int]:
   """(bytes up, bytes down) of one round, summed over its participants.
 
   Each participant sends up, and receives down, every leaf that is shared and trained this
-  round (frozen leaves are known to both sides: FFA-LoRA's A, RoLoRA's idle factor); down adds
-  what the method sends besides (FedEx-LoRA's full-rank residual, FLoRA's stacked factors).
+  round (frozen leaves are known to both sides: FFA-LoRA's A, RoLoRA's idle factor; generated
+  factors count like shared ones); a client of rank r_k sends r_k of the r_max components.
+  Down adds what the method sends besides (FedEx-LoRA's full-rank residual, FLoRA's stacked
+  factors). A pooled-data learner communicates nothing. With a meta-objective (HyperLoRA) each
+  participant also receives the candidate global leaves and returns their gradient on its
+  held-out batch; signatures go up once, in round 0.
+  Args:
+    client_ids: [C] the round's ids, -1 for padding.
   """
   method, trainable = exp.method, exp.initial_trainable
+  if method.pooled_data:
+    return 0, 0
+  ranks = [int(exp.client_ranks[c]) for c in client_ids if c >= 0]
   local = params_lib.regex_mask(trainable, method.local_regex)
   frozen = params_lib.regex_mask(trainable, method.frozen_regexes[round_index % len(method.frozen_regexes)])
   sent = jax.tree.map(lambda l, f: not l and not f, local, frozen)
-  per_client = params_lib.num_bytes(trainable, sent)
-  extra = method.extra_down_bytes(exp.targets, exp.config.lora.rank, participants)
-  return participants * per_client, participants * (per_client + extra)
+  is_lora = params_lib.regex_mask(trainable, r"lora/.*")
+  lora_bytes = params_lib.num_bytes(trainable, jax.tree.map(lambda s, l: s and l, sent, is_lora))
+  other_bytes = params_lib.num_bytes(trainable, jax.tree.map(lambda s, l: s and not l, sent, is_lora))
+  up = sum(other_bytes + lora_bytes * r // exp.config.lora.rank for r in ranks)
+  down = up + method.extra_down_bytes(exp.targets, ranks)
+  if method.meta_objective:
+    meta = len(ranks) * (other_bytes + lora_bytes)
+    up, down = up + meta, down + meta
+  if round_index == 0 and exp.signatures is not None:
+    up += exp.signatures.size * 4
+  return up, down
+
+
+def evaluate_new_clients(exp: Experiment, state: Any, backbone: Any) -> dict[str, float]:
+  """Mean accuracy of the held-out new clients from each start (`engine.make_new_client_evaluate`),
+  as record entries `new_client_<start>`; {} without held-out clients."""
+  data, config = exp.data, exp.config
+  if not data.new_train_parts:
+    return {}
+  ids = np.arange(len(data.new_train_parts))
+  rng = np.random.default_rng([config.seed, 2])
+  indices, mask = blocks.train_block_indices(data.new_train_parts, ids, config.fed.new_client_steps,
+                                             config.fed.batch_size, rng)
+  train_block = blocks.gather_block(data.train_pool, indices, mask)
+  test_block = blocks.padded_eval_block(data.test_pool, data.new_test_parts)
+  signatures = (exp.new_signatures if exp.new_signatures is not None
+                else np.zeros((len(ids), 0), np.float32))
+  evaluate_new = jax.jit(engine.make_new_client_evaluate(exp.adapted, exp.method, exp.client_optimizer,
+                                                         exp.generator))
+  accuracies = evaluate_new(state, backbone, train_block, test_block, signatures)
+  return {f"new_client_{name}": float(np.mean(acc)) for name, acc in accuracies.items()}
 
 
 def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -194,7 +267,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   replicated = NamedSharding(exp.mesh, P())
   per_client = NamedSharding(exp.mesh, P(engine.CLIENTS_AXIS))
   state = engine.init_server_state(jax.random.key(config.seed), exp.method, exp.initial_trainable,
-                                   exp.data.num_clients, exp.server_optimizer, exp.targets)
+                                   exp.data.num_clients, exp.server_optimizer, exp.targets,
+                                   exp.generator, exp.signatures)
   state = jax.device_put(state, replicated)
   backbone = jax.device_put(exp.backbone, replicated)
   manager = _checkpoint_manager(workdir)
@@ -207,14 +281,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   round_step = engine.make_round_step(exp.adapted, exp.method, exp.client_optimizer,
                                       exp.server_optimizer, num_clients=exp.data.num_clients,
                                       clients_per_chunk=config.fed.clients_per_chunk,
-                                      mesh=exp.mesh if exp.mesh.size > 1 else None)
+                                      mesh=exp.mesh if exp.mesh.size > 1 else None,
+                                      generator=exp.generator, client_ranks=exp.client_ranks)
 
   def traced_round(*args):
     traces.append(1)
     return round_step(*args)
 
   round_fn = jax.jit(traced_round, donate_argnums=(0,))
-  evaluate = jax.jit(engine.make_evaluate(exp.adapted, exp.method, eval_batch=config.eval_batch))
+  evaluate = jax.jit(engine.make_evaluate(exp.adapted, exp.method, eval_batch=config.eval_batch,
+                                          generator=exp.generator, client_ranks=exp.client_ranks))
   global_test = jax.device_put(exp.data.global_test, replicated)
   client_test = jax.device_put(exp.data.client_test, replicated)
   records = reporting.read_metrics(workdir)
@@ -227,9 +303,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     block, ids, weights = round_inputs(exp, r)
     block, ids, weights = jax.device_put((block, ids, weights), per_client)
     state, round_metrics = round_fn(state, backbone, block, ids, weights)
-    up, down = communication_bytes(exp, r, int(np.sum(np.asarray(ids) >= 0)))
+    up, down = communication_bytes(exp, r, np.asarray(ids))
     cum_up, cum_down = cum_up + up, cum_down + down
     record = {"round": r + 1, "train_loss": float(round_metrics["train_loss"]),
+              **({"meta_loss": float(round_metrics["meta_loss"])} if "meta_loss" in round_metrics else {}),
               "nonfinite_clients": int(round_metrics["nonfinite_clients"]),
               "bytes_up": up, "bytes_down": down, "cum_bytes_up": cum_up,
               "cum_bytes_down": cum_down, "cum_bytes": cum_up + cum_down}
@@ -242,6 +319,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     personalized_accuracy_worst=float(acc[has_test].min()))
       bar.set_postfix(acc=f"{record['global_accuracy']:.3f}",
                       pers=f"{record['personalized_accuracy_mean']:.3f}")
+    if r + 1 == config.fed.num_rounds:
+      record.update(evaluate_new_clients(exp, state, backbone))
     if record["nonfinite_clients"]:
       log(f"round {r + 1}: {record['nonfinite_clients']} client update(s) were non-finite and "
           f"were left out of the aggregate")

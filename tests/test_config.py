@@ -61,3 +61,17 @@ def test_build_experiment_validates_before_loading_anything(tmp_path):
   with pytest.raises(ConfigError, match="lora.rank"):
     build_experiment(config)
   assert not (tmp_path / "never_created").exists()
+
+
+def test_hyperlora_ablation_configs_switch_components_off():
+  from configs import hyperlora
+  for name, fields in hyperlora.ABLATIONS.items():
+    config = hyperlora.get_config(f"smoke,seed=2,ablation={name}")
+    assert config.method == "hyperlora" and config.seed == 2 and config.fed.num_rounds == 3
+    for field, value in fields.items():
+      assert config.hyperlora[field] == value
+  assert hyperlora.get_config("ablation=distill_generator").generator.loss == "product_distill"
+  both = hyperlora.get_config("ablation=no_generator+no_corrector").hyperlora
+  assert (both.generator, both.corrector) == (False, "none")
+  with pytest.raises(ValueError, match="ablation"):
+    hyperlora.get_config("ablation=no_such_thing")

@@ -1,4 +1,5 @@
-"""8 forced CPU devices give the same run as 1 (in a subprocess: XLA_FLAGS precede jax)."""
+"""8 forced CPU devices give the same run as 1, for FedIT and HyperLoRA (in a subprocess:
+XLA_FLAGS precede jax)."""
 import json
 import os
 import subprocess
@@ -14,13 +15,14 @@ SCRIPT = textwrap.dedent("""
     from configs import default
     from hyperlora_jax.train import train_and_evaluate
     out = {}
-    for devices, chunk in ((1, 0), (8, 0), (8, 8)):
-      config = default.get_config("smoke")
+    for method, devices, chunk in (("fedit", 1, 0), ("fedit", 8, 0), ("fedit", 8, 8),
+                                   ("hyperlora", 1, 0), ("hyperlora", 8, 8)):
+      config = default.get_config(f"smoke,method={method}")
       config.data.data_dir, config.pretrain.cache_dir = sys.argv[1], sys.argv[2]
       config.fed.num_devices, config.fed.clients_per_chunk = devices, chunk
-      result = train_and_evaluate(config, f"{sys.argv[3]}/d{devices}c{chunk}", progress=False,
+      result = train_and_evaluate(config, f"{sys.argv[3]}/{method}d{devices}c{chunk}", progress=False,
                                   log=lambda _: None)
-      out[f"{devices}/{chunk}"] = result["records"]
+      out[f"{method}/{devices}/{chunk}"] = result["records"]
     print("RESULT" + json.dumps(out))
 """)
 
@@ -33,9 +35,14 @@ def test_eight_devices_match_one(cache_dirs, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
   runs = json.loads(line[len("RESULT"):])
-  one = runs["1/0"]
-  for key in ("8/0", "8/8"):
-    assert len(runs[key]) == len(one)
-    for a, b in zip(one, runs[key]):
-      for field in ("train_loss", "global_accuracy", "personalized_accuracy_mean"):
-        assert abs(a[field] - b[field]) < 1e-5, (key, field, a[field], b[field])
+  # HyperLoRA has SVDs and a meta-gradient whose reductions are ordered differently on 8
+  # devices: float noise of ~1e-6 that can flip the argmax of a borderline test example, so
+  # its accuracies may differ by a few examples (1 of 1,512 = 6.6e-4), its loss by float noise.
+  exact = {"train_loss": 1e-5, "global_accuracy": 1e-5, "personalized_accuracy_mean": 1e-5}
+  noisy = {"train_loss": 1e-4, "global_accuracy": 3e-3, "personalized_accuracy_mean": 3e-3}
+  for one, key, tols in (("fedit/1/0", "fedit/8/0", exact), ("fedit/1/0", "fedit/8/8", exact),
+                         ("hyperlora/1/0", "hyperlora/8/8", noisy)):
+    assert len(runs[key]) == len(runs[one])
+    for a, b in zip(runs[one], runs[key]):
+      for field, tol in tols.items():
+        assert abs(a[field] - b[field]) < tol, (key, field, a[field], b[field])

@@ -1,4 +1,4 @@
-"""Averaging aggregators: FedIT and the identity (local-only)."""
+"""Averaging aggregators: FedIT, head-only (pFedHN) and the identity (local-only)."""
 from __future__ import annotations
 
 from hyperlora_jax.aggregators.base import Aggregator, no_state, weighted_mean
@@ -22,4 +22,15 @@ def identity() -> Aggregator:
   def aggregate(state, global_trainable, client_trainables, weights):
     del client_trainables, weights
     return global_trainable, {}, state
+  return Aggregator(init=no_state, aggregate=aggregate)
+
+
+def head_only() -> Aggregator:
+  """Averages every leaf but the LoRA factors, which the server keeps as they are.
+
+  For methods whose clients' factors come from a generator (pFedHN): the generator, not
+  the aggregate, carries what clients learn; the kept factors are the generator's base.
+  """
+  def aggregate(state, global_trainable, client_trainables, weights):
+    return {**weighted_mean(client_trainables, weights), "lora": global_trainable["lora"]}, {}, state
   return Aggregator(init=no_state, aggregate=aggregate)

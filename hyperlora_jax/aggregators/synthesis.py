@@ -1,0 +1,223 @@
+"""HyperLoRA's server: the product-space synthesizer S_ψ and the residual corrector C_ω.
+
+For every targeted layer l (kernel layout, see `hyperlora_jax.lora`):
+
+  1. Synthesis. Each participant k returns factors (a_k, b_k). S_ψ scores every
+     (client, layer) pair from the client's signature and update statistics (log ‖s a_k b_k‖_F,
+     cosine of s a_k b_k with the data-weighted mean product, the client's train loss) and a
+     learned layer embedding; weights are  w_{k,l} = softmax_k(log p_k + score_{k,l})  over
+     the participants. The update is built in product space, P_l = Σ_k w_{k,l} s a_k b_k:
+     no factor cross-terms.
+  2. Re-factorization to rank r. a = U_r R, b = Rᵀ U_rᵀ P_l / s, with U_r the top-r left
+     singular vectors of P_l and R the orthogonal r x r rotation that best aligns a with the
+     previous global a (Procrustes). s a b = U_r U_rᵀ P_l is the best rank-r approximation
+     (Eckart-Young), and the alignment keeps the factors' gauge continuous from round to
+     round, which the generator's per-client offsets rely on. In the meta-gradient the basis
+     U_r R is held fixed (a straight-through projection; SVD gradients are undefined at
+     repeated singular values, as at round 0).
+  3. Correction, `corrector`:
+       "none"    nothing;
+       "fair"    LoRA-FAIR's ΔB fit of (a, b) toward P_l (cosine objective, λ, steps);
+       "learned" C_ω: error feedback of the truncation residual. The server keeps
+                 E_l = T_l − s a b, the part of the last target the rank-r factors missed, and
+                 the next round re-factorizes T_l = P_l + g_l E_l with a gate g_l ∈ (0, 1)
+                 from a small MLP over the layer embedding and (‖E_l‖/‖P_l‖, client
+                 dispersion). E is server-side only: nothing full-rank is sent.
+
+  With zero-initialized output layers (the default), S_ψ's weights are exactly p_k: the
+  uniform limit is the exact weighted product average followed by the best rank-r
+  approximation (FlexLoRA's update, in an aligned gauge).
+
+How ψ and ω learn (the meta-objective). No raw data reaches the server. Each participant
+holds out one batch of its stream from its local steps; after aggregation the server sends
+the candidate global adapter, each participant evaluates its loss on the held-out batch with
+the model it would start from next round (candidate ⊕ its local leaves ⊕ G_φ(s_k)) and
+returns the gradient with respect to the candidate's shared leaves (counted in bytes). The
+server chains it through the synthesis (autodiff of this pure function) and takes one optax
+step on (ψ, ω): meta-loss = Σ_k p_k CE_k(held-out batch | aggregate_{ψ,ω}(clients)).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from hyperlora_jax.aggregators.base import weighted_mean
+from hyperlora_jax.aggregators.fair import fit_delta_b
+
+CORRECTORS = ("none", "fair", "learned")
+Tree = Any
+
+
+class SynthesizerScores(nn.Module):
+  """S_ψ: per-(client, layer) features [C, L, F] -> scores [C, L] (zero at init)."""
+  num_layers: int
+  hidden: int = 32
+  layer_embed_dim: int = 8
+
+  @nn.compact
+  def __call__(self, features: jax.Array) -> jax.Array:
+    clients = features.shape[0]
+    layer_embedding = self.param("layer_embedding", nn.initializers.normal(1.0),
+                                 (self.num_layers, self.layer_embed_dim))
+    x = jnp.concatenate([features, jnp.broadcast_to(layer_embedding, (clients,) + layer_embedding.shape)], -1)
+    x = nn.gelu(nn.Dense(self.hidden)(x))
+    return nn.Dense(1, kernel_init=nn.initializers.zeros)(x)[..., 0]
+
+
+class ResidualGate(nn.Module):
+  """C_ω: per-layer statistics [L, F] -> error-feedback gates g_l ∈ (0, 1) (0.5 at init)."""
+  num_layers: int
+  hidden: int = 16
+
+  @nn.compact
+  def __call__(self, stats: jax.Array) -> jax.Array:
+    embedding = self.param("layer_embedding", nn.initializers.normal(1.0), (self.num_layers, 4))
+    x = nn.gelu(nn.Dense(self.hidden)(jnp.concatenate([stats, embedding], -1)))
+    return jax.nn.sigmoid(nn.Dense(1, kernel_init=nn.initializers.zeros)(x)[..., 0])
+
+
+def product_gram(a: jax.Array, b: jax.Array) -> jax.Array:
+  """G_kj = ⟨a_k b_k, a_j b_j⟩_F without forming products. a [C, d_in, r], b [C, r, d_out] -> [C, C]."""
+  return jnp.einsum("kir,jis,kro,jso->kj", a, a, b, b)
+
+
+def client_layer_features(a: jax.Array, b: jax.Array, weights: jax.Array, scale: float) -> jax.Array:
+  """[C, 2]: log ‖s a_k b_k‖_F and the cosine of a_k b_k with Σ_j p_j a_j b_j."""
+  gram = product_gram(a, b)
+  norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 1e-20))
+  mean_norm = jnp.sqrt(jnp.maximum(weights @ gram @ weights, 1e-20))
+  cosine = (gram @ weights) / (norms * mean_norm)
+  return jnp.stack([jnp.log(scale * norms), cosine], -1)
+
+
+def synthesis_weights(scores: jax.Array, weights: jax.Array) -> jax.Array:
+  """w_{k,l} = softmax_k(log p_k + score_{k,l}) over clients with p_k > 0 (all 0 if none).
+  [C, L] -> [C, L]."""
+  present = weights[:, None] > 0
+  logits = jnp.where(present, jnp.log(jnp.maximum(weights, 1e-30))[:, None] + scores, -1e30)
+  return jnp.where(present, jax.nn.softmax(logits, axis=0), 0.0)
+
+
+def refactorize(target: jax.Array, rank: int, scale: float, previous_a: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(a, b) with s a b = U_r U_rᵀ target (the best rank-r approximation), a = U_r R aligned.
+
+  target [d_in, d_out]; previous_a [d_in, r]. The basis U_r R is computed from a stopped
+  gradient, so derivatives flow linearly through `target` (straight-through projection).
+  """
+  u, _, _ = jnp.linalg.svd(jax.lax.stop_gradient(target), full_matrices=False)
+  u_r = u[:, :rank]
+  left, _, right = jnp.linalg.svd(u_r.T @ jax.lax.stop_gradient(previous_a))
+  a = u_r @ (left @ right)                       # Procrustes: argmin_R ‖U_r R − a_prev‖_F.
+  return a, a.T @ target / scale
+
+
+class SynthesisConfig(NamedTuple):
+  scale: float
+  rank: int
+  corrector: str = "none"
+  learned_weights: bool = True
+  fair_lam: float = 0.01
+  fair_steps: int = 20
+  fair_learning_rate: float = 1e-3
+
+
+def synthesize(params: Tree, modules: tuple[SynthesizerScores, ResidualGate], cfg: SynthesisConfig,
+               global_trainable: Tree, client_trainables: Tree, weights: jax.Array,
+               signatures: jax.Array, client_loss: jax.Array, residual: dict) -> tuple[Tree, dict]:
+  """The new global trainable and the new residual memory (a pure function of ψ, ω).
+
+  Args:
+    params: {"synth": ψ, "corr": ω}.
+    client_trainables: [C, ...] returned trainables; weights [C] (sum 1, 0 = absent);
+    signatures [C, D]; client_loss [C]; residual {path: [d_in, d_out]} (E of the last round).
+  """
+  scores_module, gate_module = modules
+  paths = list(client_trainables["lora"])
+  layer_features = jnp.stack([client_layer_features(client_trainables["lora"][p]["a"],
+                                                    client_trainables["lora"][p]["b"], weights, cfg.scale)
+                              for p in paths], axis=1)                              # [C, L, 2]
+  per_client = jnp.concatenate([signatures, client_loss[:, None]], -1)              # [C, D + 1]
+  features = jnp.concatenate([layer_features, jnp.broadcast_to(
+      per_client[:, None], (per_client.shape[0], len(paths), per_client.shape[1]))], -1)
+  scores = scores_module.apply(params["synth"], features) if cfg.learned_weights else jnp.zeros(
+      features.shape[:2])
+  synth_weights = synthesis_weights(scores, weights)                                # [C, L]
+
+  new_global = weighted_mean(client_trainables, weights)
+  new_residual = {}
+  products = [jnp.einsum("c,cir,cro->io", synth_weights[:, i], client_trainables["lora"][p]["a"],
+                         client_trainables["lora"][p]["b"]) * cfg.scale for i, p in enumerate(paths)]
+  if cfg.corrector == "learned":
+    stats = jnp.stack([jnp.stack([jnp.linalg.norm(residual[p]) / (jnp.linalg.norm(products[i]) + 1e-12),
+                                  jnp.std(layer_features[:, i, 1])]) for i, p in enumerate(paths)])
+    gates = gate_module.apply(params["corr"], jax.lax.stop_gradient(stats))
+  for i, path in enumerate(paths):
+    target = products[i]
+    if cfg.corrector == "learned":
+      target = target + gates[i] * residual[path]
+    a, b = refactorize(target, cfg.rank, cfg.scale, global_trainable["lora"][path]["a"])
+    if cfg.corrector == "fair":
+      b = b + fit_delta_b(a, b, target / cfg.scale, lam=cfg.fair_lam, steps=cfg.fair_steps,
+                          learning_rate=cfg.fair_learning_rate)
+    if cfg.corrector == "learned":
+      new_residual[path] = jax.lax.stop_gradient(target - cfg.scale * a @ b)
+    new_global["lora"][path] = {"a": a, "b": b}
+  return new_global, new_residual
+
+
+class LearnedAggregator(NamedTuple):
+  """A server aggregator with learned parameters, trained by a meta-objective.
+
+    state = init(rng, global_trainable, signature_dim)
+    new_global, base_delta, state = aggregate(state, global_trainable, client_trainables,
+                                              weights, context)
+  `context` = {"signatures": [C, D], "client_loss": [C],
+               "meta_loss": candidate global trainable -> scalar}.
+  """
+  init: Callable[..., Tree]
+  aggregate: Callable[..., tuple[Tree, dict, Tree]]
+
+
+def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransformation,
+                          *, hidden: int = 32, meta_learning: bool = True) -> LearnedAggregator:
+  """S_ψ and C_ω as a `LearnedAggregator` (module docstring). `meta_learning=False` keeps
+  ψ, ω at their initial values (the uniform limit). The layers are read from the global
+  trainable, so the aggregator is built from the config alone."""
+  def init(rng, global_trainable, signature_dim):
+    targets = {path: (f["a"].shape[0], f["b"].shape[1]) for path, f in global_trainable["lora"].items()}
+    modules = (SynthesizerScores(num_layers=len(targets), hidden=hidden), ResidualGate(num_layers=len(targets)))
+    k1, k2 = jax.random.split(rng)
+    params = {"synth": modules[0].init(k1, jnp.zeros((1, len(targets), 3 + signature_dim))),
+              "corr": modules[1].init(k2, jnp.zeros((len(targets), 2)))}
+    residual = ({path: jnp.zeros(shape, jnp.float32) for path, shape in targets.items()}
+                if cfg.corrector == "learned" else {})
+    return {"params": params, "opt": optimizer.init(params), "residual": residual,
+            "meta_loss": jnp.zeros((), jnp.float32)}
+
+  def aggregate(state, global_trainable, client_trainables, weights, context):
+    paths = list(global_trainable["lora"])
+    modules = (SynthesizerScores(num_layers=len(paths), hidden=hidden), ResidualGate(num_layers=len(paths)))
+
+    def objective(params):
+      new_global, residual = synthesize(params, modules, cfg, global_trainable, client_trainables, weights,
+                                        context["signatures"], context["client_loss"], state["residual"])
+      return context["meta_loss"](new_global), (new_global, residual)
+
+    if meta_learning:
+      (meta_loss, (new_global, residual)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+      updates, opt_state = optimizer.update(grads, state["opt"], state["params"])
+      params = optax.apply_updates(state["params"], updates)
+      # No participant (or a non-finite meta-gradient): ψ, ω and their optimizer stay put.
+      ok = (jnp.sum(weights) > 0) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+      params, opt_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), (params, opt_state),
+                                       (state["params"], state["opt"]))
+    else:
+      meta_loss, (new_global, residual) = objective(state["params"])
+      params, opt_state = state["params"], state["opt"]
+    return new_global, {}, {"params": params, "opt": opt_state, "residual": residual,
+                            "meta_loss": meta_loss}
+  return LearnedAggregator(init=init, aggregate=aggregate)

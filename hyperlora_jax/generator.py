@@ -1,0 +1,158 @@
+"""Hypernetwork generators of LoRA factors (pFedHN, and HyperLoRA's `G_φ`).
+
+`LoraGenerator` maps a client's conditioning (its distribution signature and/or a learned
+client embedding) to an *offset* for the LoRA factors of every targeted layer. A client
+starts a round from `base + G_φ(c_k)`, where `base` is the server's global adapter
+(HyperLoRA) or the fixed round-0 adapter (pFedHN). The output layers are zero-initialised,
+so at round 0 every client starts from `base`.
+
+Weights are shared across layers: a trunk MLP embeds the conditioning once, and one output
+MLP per distinct kernel shape `(d_in, d_out)` reads `[trunk; layer embedding]`, so the
+generator's size grows with the number of distinct shapes, not with depth.
+
+The server trains φ from what clients return (pure functions, `make_generator`):
+  * "vjp" (pFedHN, Shamsian et al., ICML 2021): φ ← φ − η Σ_k p_k (∂θ_k/∂φ)^T (θ_k − θ̃_k),
+    with θ_k = base + G_φ(c_k) the factors sent and θ̃_k those returned; computed with
+    `jax.vjp`, then applied through an optax optimizer.
+  * "product_distill": `server_steps` optax steps on
+    ½ Σ_k p_k Σ_layers ‖s (a_k b_k)(φ) − s ã_k b̃_k‖², the distance in product space, which
+    does not depend on the factors' gauge (a M, M⁻¹ b give the same product).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+Tree = Any
+GENERATOR_LOSSES = ("vjp", "product_distill")
+NEW_CLIENT = -1  # Client index of a client with no learned embedding: gets the mean one.
+
+
+class LoraGenerator(nn.Module):
+  """(signature [D], client index) -> {path: {"a": [d_in, r], "b": [r, d_out]}} offsets.
+
+  Attributes:
+    targets: ((path, d_in, d_out), ...) in a fixed order.
+    rank: LoRA rank r (r_max with heterogeneous ranks).
+    num_clients, client_embed_dim: learned client embeddings [N, E] (E = 0: none). Index
+      `NEW_CLIENT` reads the mean embedding.
+    hidden: width of the trunk and of the per-shape output MLPs.
+    layer_embed_dim: size of the learned per-layer embedding.
+  """
+  targets: Sequence[tuple[str, int, int]]
+  rank: int
+  num_clients: int = 0
+  client_embed_dim: int = 0
+  hidden: int = 64
+  layer_embed_dim: int = 16
+
+  @nn.compact
+  def __call__(self, signature: jax.Array, client_index: jax.Array) -> dict:
+    parts = [signature] if signature.shape[-1] else []
+    if self.client_embed_dim:
+      table = self.param("client_embedding", nn.initializers.normal(1.0),
+                         (self.num_clients, self.client_embed_dim))
+      own = table[jnp.maximum(client_index, 0)]
+      parts.append(jnp.where(client_index >= 0, own, jnp.mean(table, axis=0)))
+    if not parts:
+      raise ValueError("LoraGenerator needs a signature or client embeddings (both are empty)")
+    trunk = nn.gelu(nn.Dense(self.hidden, name="trunk_in")(jnp.concatenate(parts)))
+    trunk = nn.gelu(nn.Dense(self.hidden, name="trunk_out")(trunk))
+    layer_embedding = self.param("layer_embedding", nn.initializers.normal(1.0),
+                                 (len(self.targets), self.layer_embed_dim))
+    mixers, outputs, factors = {}, {}, {}
+    for i, (path, d_in, d_out) in enumerate(self.targets):
+      shape = (d_in, d_out)
+      if shape not in mixers:
+        mixers[shape] = nn.Dense(self.hidden, name=f"mix_{d_in}x{d_out}")
+        outputs[shape] = nn.Dense(self.rank * (d_in + d_out), kernel_init=nn.initializers.zeros,
+                                  name=f"out_{d_in}x{d_out}")
+      hidden = nn.gelu(mixers[shape](jnp.concatenate([trunk, layer_embedding[i]])))
+      flat = outputs[shape](hidden)
+      factors[path] = {"a": flat[:d_in * self.rank].reshape(d_in, self.rank),
+                       "b": flat[d_in * self.rank:].reshape(self.rank, d_out)}
+    return factors
+
+
+class Generator(NamedTuple):
+  """Pure functions of a generator component (no data, no I/O).
+
+    state = init(rng)
+    offsets = generate(state, signatures [C, D], client_ids [C])      -> lora tree [C, ...]
+    state = update(state, signatures, client_ids, base_lora, trained_lora [C, ...],
+                   weights [C], rank_masks [C, r])
+  """
+  init: Callable[[jax.Array], Tree]
+  generate: Callable[[Tree, jax.Array, jax.Array], Tree]
+  update: Callable[..., Tree]
+
+
+def truncate_lora(lora: Tree, rank_mask: jax.Array) -> Tree:
+  """Zeroes the factor components a client of a lower rank does not have.
+
+  lora: {path: {"a": [..., d_in, r], "b": [..., r, d_out]}}; rank_mask: [..., r] in {0, 1}.
+  """
+  return {path: {"a": f["a"] * rank_mask[..., None, :], "b": f["b"] * rank_mask[..., :, None]}
+          for path, f in lora.items()}
+
+
+def make_generator(module: LoraGenerator, *, loss: str, optimizer: optax.GradientTransformation,
+                   scale: float, server_steps: int = 1, signature_dim: int = 0) -> Generator:
+  """The `Generator` for `module`, trained by `loss` ("vjp" or "product_distill")."""
+  if loss not in GENERATOR_LOSSES:
+    raise ValueError(f"generator loss {loss!r}; allowed: {GENERATOR_LOSSES}")
+
+  def init(rng):
+    params = module.init(rng, jnp.zeros((signature_dim,)), jnp.zeros((), jnp.int32))
+    return {"params": params, "opt": optimizer.init(params)}
+
+  def generate_with(params, signatures, client_ids):
+    return jax.vmap(lambda s, i: module.apply(params, s, i))(signatures, client_ids)
+
+  def generate(state, signatures, client_ids):
+    return generate_with(state["params"], signatures, client_ids)
+
+  def sent_factors(params, signatures, client_ids, base_lora, rank_masks):
+    offsets = generate_with(params, signatures, client_ids)
+    return truncate_lora(jax.tree.map(lambda o, b: o + b, offsets, base_lora), rank_masks)
+
+  def vjp_gradient(params, signatures, client_ids, base_lora, trained_lora, weights, rank_masks):
+    """Σ_k p_k (∂θ_k/∂φ)^T (θ_k − θ̃_k) in one VJP of φ -> [p_k θ_k]_k."""
+    def weighted_sent(p):
+      sent = sent_factors(p, signatures, client_ids, base_lora, rank_masks)
+      return jax.tree.map(lambda x: x * weights.reshape((-1,) + (1,) * (x.ndim - 1)), sent)
+    sent = sent_factors(params, signatures, client_ids, base_lora, rank_masks)
+    _, vjp = jax.vjp(weighted_sent, params)
+    (grad,) = vjp(jax.tree.map(jnp.subtract, sent, trained_lora))
+    return grad
+
+  def distill_loss(params, signatures, client_ids, base_lora, trained_lora, weights, rank_masks):
+    sent = sent_factors(params, signatures, client_ids, base_lora, rank_masks)
+    total = 0.0
+    for path, f in sent.items():
+      diff = scale * (f["a"] @ f["b"] - trained_lora[path]["a"] @ trained_lora[path]["b"])
+      total = total + 0.5 * jnp.sum(weights * jnp.sum(diff ** 2, axis=(1, 2)))
+    return total
+
+  def update(state, signatures, client_ids, base_lora, trained_lora, weights, rank_masks):
+    trained_lora = jax.lax.stop_gradient(trained_lora)
+    args = (signatures, client_ids, base_lora, trained_lora, weights, rank_masks)
+
+    def step(carry, _):
+      params, opt_state = carry
+      if loss == "vjp":
+        grad = vjp_gradient(params, *args)
+      else:
+        grad = jax.grad(distill_loss)(params, *args)
+      updates, opt_state = optimizer.update(grad, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state), None
+
+    steps = 1 if loss == "vjp" else server_steps
+    (params, opt_state), _ = jax.lax.scan(step, (state["params"], state["opt"]), None, length=steps)
+    return {"params": params, "opt": opt_state}
+
+  return Generator(init=init, generate=generate, update=update)

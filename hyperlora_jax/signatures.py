@@ -1,0 +1,111 @@
+"""Client distribution signatures: what the HyperLoRA generator and synthesizer condition on.
+
+A client computes its signature once, locally, from its training data and the frozen
+backbone, and sends it up once (counted in bytes up of round 1). Kinds, combinable with '+':
+  "label"     the normalized label histogram, times the number of classes (mean entry 1) [K]
+  "features"  statistics of frozen-backbone features f(x) [d]: their mean [d] and a
+              low-rank summary of their covariance, Qᵀ Σ Q for a fixed random orthonormal
+              Q [d, q] shared by all clients (upper triangle, q(q+1)/2 numbers); unlike
+              principal directions it has no sign ambiguity.
+The learned per-client embedding (pFedHN-style) is the generator's, not a signature
+(`hyperlora.signature` may name "embedding" to turn it on). Optional Gaussian noise of
+standard deviation `noise_std` is added to the signature a client sends (privacy).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hyperlora_jax.models import preprocess_images
+
+SIGNATURE_KINDS = ("label", "features", "embedding")
+
+
+def parse_kinds(spec: str) -> tuple[str, ...]:
+  """'label+features' -> ('label', 'features'); raises ValueError on an unknown kind."""
+  kinds = tuple(k for k in spec.split("+") if k)
+  unknown = [k for k in kinds if k not in SIGNATURE_KINDS]
+  if unknown:
+    raise ValueError(f"unknown signature kind(s) {unknown}; allowed: {'+'.join(SIGNATURE_KINDS)}")
+  return kinds
+
+
+def label_histogram(labels: jax.Array, mask: jax.Array, num_classes: int) -> jax.Array:
+  """labels, mask: [n] -> [K] histogram of the unmasked labels, normalized to mean 1."""
+  counts = jnp.zeros(num_classes).at[labels].add(mask)
+  return num_classes * counts / jnp.maximum(jnp.sum(counts), 1.0)
+
+
+def feature_statistics(features: jax.Array, mask: jax.Array, basis: jax.Array) -> jax.Array:
+  """features [n, d], mask [n], basis Q [d, q] -> [d + q(q+1)/2]: mean, then triu(Qᵀ Σ Q)."""
+  count = jnp.maximum(jnp.sum(mask), 1.0)
+  mean = jnp.sum(features * mask[:, None], axis=0) / count
+  projected = (features - mean) @ basis                       # [n, q]
+  covariance = (projected * mask[:, None]).T @ projected / count
+  rows, cols = np.triu_indices(basis.shape[1])
+  return jnp.concatenate([mean, covariance[rows, cols]])
+
+
+def random_basis(dim: int, rank: int, seed: int = 0) -> jax.Array:
+  """A fixed [dim, rank] orthonormal basis (QR of a seeded Gaussian), the same on all clients."""
+  gaussian = jax.random.normal(jax.random.key(seed), (dim, rank))
+  return jnp.linalg.qr(gaussian)[0]
+
+
+def signature_dim(kinds: tuple[str, ...], num_classes: int, feature_dim: int, covariance_rank: int) -> int:
+  """Length D of a signature of `kinds` (the embedding adds nothing here)."""
+  dim = num_classes if "label" in kinds else 0
+  if "features" in kinds:
+    dim += feature_dim + covariance_rank * (covariance_rank + 1) // 2
+  return dim
+
+
+def make_signature_fn(featurize: Callable[[jax.Array], jax.Array], kinds: tuple[str, ...],
+                      num_classes: int, basis: jax.Array | None, noise_std: float = 0.0,
+                      batch_size: int = 256) -> Callable[[dict, jax.Array], jax.Array]:
+  """Builds the pure `signatures(client_data, rng) -> [N, D]` for all clients at once.
+
+  Args:
+    featurize: images [b, H, W, 3] uint8 -> frozen-backbone features [b, d].
+    basis: Q [d, q] for the covariance summary (needed with "features").
+  `client_data` is {"image": [N, n, H, W, 3], "label": [N, n], "mask": [N, n]} (padded);
+  clients are processed with `lax.map` and each client's examples in chunks of `batch_size`.
+  """
+  def one_client(args):
+    data, key = args
+    parts = []
+    if "label" in kinds:
+      parts.append(label_histogram(data["label"], data["mask"], num_classes))
+    if "features" in kinds:
+      n = data["label"].shape[0]
+      pad = (-n) % batch_size
+      images = jnp.pad(data["image"], ((0, pad),) + ((0, 0),) * 3)
+      features = jax.lax.map(featurize, images.reshape((-1, batch_size) + images.shape[1:]))
+      features = features.reshape(-1, features.shape[-1])[:n]
+      parts.append(feature_statistics(features, data["mask"], basis))
+    signature = jnp.concatenate(parts) if parts else jnp.zeros((0,))
+    return signature + noise_std * jax.random.normal(key, signature.shape)
+
+  def signatures(client_data: dict, rng: jax.Array) -> jax.Array:
+    keys = jax.random.split(rng, client_data["label"].shape[0])
+    return jax.lax.map(one_client, (client_data, keys))
+  return signatures
+
+
+def compute_signatures(model: Any, backbone: Any, client_data: dict, kinds: tuple[str, ...],
+                       num_classes: int, *, covariance_rank: int = 8, noise_std: float = 0.0,
+                       seed: int = 0) -> np.ndarray:
+  """[N, D] signatures of every client (host array) with the frozen `model` (ViT-like:
+  `apply(variables, images, return_features=True)`)."""
+  if not {"label", "features"} & set(kinds):
+    return np.zeros((client_data["label"].shape[0], 0), np.float32)
+  featurize = lambda images: model.apply(backbone, preprocess_images(images), return_features=True)
+  basis = None
+  if "features" in kinds:
+    feature_dim = jax.eval_shape(featurize, client_data["image"][0, :1]).shape[-1]
+    basis = random_basis(feature_dim, min(covariance_rank, feature_dim), seed)
+  fn = jax.jit(make_signature_fn(featurize, kinds, num_classes, basis, noise_std))
+  return np.asarray(fn(client_data, jax.random.key(seed)))

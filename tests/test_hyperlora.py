@@ -1,0 +1,191 @@
+"""HyperLoRA: signatures, synthesizer S_ψ (uniform limit, gauge), corrector C_ω, meta-objective,
+new clients, and whole runs (one trace, exact resume)."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from hyperlora_jax import signatures
+from hyperlora_jax.aggregators.synthesis import (SynthesisConfig, hyperlora_synthesizer, product_gram,
+                                                  refactorize)
+from hyperlora_jax.config_validation import ConfigError
+from hyperlora_jax.train import build_experiment, train_and_evaluate
+
+C, D_IN, D_OUT, R, SCALE, SIG = 4, 7, 6, 2, 2.0, 3
+WEIGHTS = jnp.array([0.4, 0.3, 0.2, 0.1])
+
+
+def _clients(seed=0):
+  k = jax.random.split(jax.random.key(seed), 3)
+  return {"lora": {"l1": {"a": jax.random.normal(k[0], (C, D_IN, R)), "b": jax.random.normal(k[1], (C, R, D_OUT))},
+                   "l2": {"a": jax.random.normal(k[2], (C, D_IN, R)), "b": jax.random.normal(k[0], (C, R, D_OUT))}},
+          "head": {"kernel": jax.random.normal(k[1], (C, 3, 2))}}
+
+
+def _global():
+  return jax.tree.map(lambda x: x[0], _clients(5))
+
+
+def _init(cfg, seed=0):
+  agg = hyperlora_synthesizer(cfg, optax.adam(1e-2))
+  return agg, agg.init(jax.random.key(seed), _global(), SIG)
+
+
+def _best_rank_r(matrix, rank):
+  u, s, vt = np.linalg.svd(np.asarray(matrix), full_matrices=False)
+  return (u[:, :rank] * s[:rank]) @ vt[:rank]
+
+
+def test_uniform_limit_is_the_exact_weighted_product_average_then_best_rank_r():
+  cfg = SynthesisConfig(scale=SCALE, rank=R, corrector="none")
+  clients = _clients()
+  for learned in (True, False):  # S_ψ at its zero-initialized output, and S_ψ switched off.
+    cfg = cfg._replace(learned_weights=learned)
+    agg, state = _init(cfg)
+    context = {"signatures": jnp.ones((C, SIG)), "client_loss": jnp.ones(C), "meta_loss": lambda g: 0.0}
+    new, _, _ = agg.aggregate(state, _global(), clients, WEIGHTS, context)
+    for path, f in clients["lora"].items():
+      exact = SCALE * np.einsum("c,cir,cro->io", WEIGHTS, f["a"], f["b"])
+      np.testing.assert_allclose(SCALE * new["lora"][path]["a"] @ new["lora"][path]["b"],
+                                 _best_rank_r(exact, R), atol=1e-4)
+    np.testing.assert_allclose(new["head"]["kernel"], np.einsum("c,cij->ij", WEIGHTS, clients["head"]["kernel"]),
+                               rtol=1e-5)
+
+
+def test_refactorization_keeps_the_previous_gauge():
+  target = jax.random.normal(jax.random.key(1), (D_IN, R)) @ jax.random.normal(jax.random.key(2), (R, D_OUT))
+  u = np.linalg.svd(np.asarray(target), full_matrices=False)[0][:, :R]
+  rotation = np.linalg.qr(np.random.default_rng(0).normal(size=(R, R)))[0]
+  previous = u @ rotation
+  a, b = refactorize(target, R, SCALE, jnp.asarray(previous))
+  np.testing.assert_allclose(a, previous, atol=1e-4)           # Same basis, same rotation.
+  np.testing.assert_allclose(SCALE * a @ b, target, atol=1e-4)  # And the same product.
+
+
+def test_product_gram_matches_explicit_products():
+  f = _clients()["lora"]["l1"]
+  products = np.einsum("cir,cro->cio", f["a"], f["b"])
+  np.testing.assert_allclose(product_gram(f["a"], f["b"]), np.einsum("kio,jio->kj", products, products),
+                             rtol=1e-4)
+
+
+def test_learned_corrector_feeds_back_the_truncation_residual():
+  cfg = SynthesisConfig(scale=SCALE, rank=R, corrector="learned")
+  agg, state = _init(cfg)
+  context = {"signatures": jnp.zeros((C, SIG)), "client_loss": jnp.ones(C), "meta_loss": lambda g: 0.0}
+  clients = _clients()
+  new, _, state1 = agg.aggregate(state, _global(), clients, WEIGHTS, context)
+  f = clients["lora"]["l1"]
+  exact = SCALE * np.einsum("c,cir,cro->io", WEIGHTS, f["a"], f["b"])
+  residual = exact - SCALE * np.asarray(new["lora"]["l1"]["a"] @ new["lora"]["l1"]["b"])
+  np.testing.assert_allclose(state1["residual"]["l1"], residual, atol=1e-4)
+  assert np.linalg.norm(residual) > 0.1  # Four rank-2 clients: rank 2 cannot hold it all.
+  # Next round, with the same clients, the gate (0.5 at init) adds half the residual back.
+  new2, _, _ = agg.aggregate(state1, new, clients, WEIGHTS, context)
+  np.testing.assert_allclose(SCALE * new2["lora"]["l1"]["a"] @ new2["lora"]["l1"]["b"],
+                             _best_rank_r(exact + 0.5 * residual, R), atol=1e-4)
+
+
+def test_meta_objective_trains_the_synthesizer_through_the_aggregation():
+  cfg = SynthesisConfig(scale=SCALE, rank=R, corrector="learned")
+  agg, state = _init(cfg)
+  clients = _clients()
+  target = jax.random.normal(jax.random.key(3), (D_IN, D_OUT))
+  meta_loss = lambda g: sum(jnp.sum((SCALE * f["a"] @ f["b"] - target) ** 2) for f in g["lora"].values())
+  context = {"signatures": jax.random.normal(jax.random.key(4), (C, SIG)), "client_loss": jnp.ones(C),
+             "meta_loss": meta_loss}
+  losses = []
+  for _ in range(30):
+    _, _, new_state = agg.aggregate(state, _global(), clients, WEIGHTS, context)
+    losses.append(float(new_state["meta_loss"]))
+    state = {**new_state, "residual": state["residual"]}  # Same round replayed: only ψ, ω learn.
+  assert losses[-1] < losses[0] - 1e-3
+  assert not np.allclose(jax.tree.leaves(state["params"]["synth"])[-1], 0.0)
+
+
+def test_no_participant_leaves_the_learned_parameters_untouched():
+  cfg = SynthesisConfig(scale=SCALE, rank=R, corrector="learned")
+  agg, state = _init(cfg)
+  context = {"signatures": jnp.zeros((C, SIG)), "client_loss": jnp.ones(C),
+             "meta_loss": lambda g: sum(jnp.sum(x) for x in jax.tree.leaves(g))}
+  _, _, new_state = agg.aggregate(state, _global(), _clients(), jnp.zeros(C), context)
+  jax.tree.map(np.testing.assert_array_equal, new_state["params"], state["params"])
+
+
+def test_label_histogram_and_feature_statistics():
+  hist = signatures.label_histogram(jnp.array([0, 2, 2, 1, 2]), jnp.array([1, 1, 1, 0, 1.0]), 4)
+  np.testing.assert_allclose(hist, 4 * np.array([1, 0, 3, 0]) / 4)
+  feats = np.random.default_rng(0).normal(size=(9, 5)).astype(np.float32)
+  mask = np.array([1] * 7 + [0, 0], np.float32)
+  basis = signatures.random_basis(5, 3)
+  stats = signatures.feature_statistics(jnp.asarray(feats), jnp.asarray(mask), basis)
+  kept = feats[:7]
+  cov = np.cov(kept.T, bias=True)
+  proj = np.asarray(basis).T @ cov @ np.asarray(basis)
+  np.testing.assert_allclose(stats[:5], kept.mean(0), atol=1e-5)
+  np.testing.assert_allclose(stats[5:], proj[np.triu_indices(3)], atol=1e-5)
+  assert stats.shape == (signatures.signature_dim(("features",), 10, 5, 3),)
+
+
+def test_signature_kinds_are_validated_by_field(smoke_config):
+  smoke_config.method = "hyperlora"
+  smoke_config.hyperlora.signature = "label+colour"
+  with pytest.raises(ConfigError, match=r"hyperlora\.signature: .*colour"):
+    build_experiment(smoke_config, log=lambda _: None)
+  smoke_config.hyperlora.signature = ""
+  with pytest.raises(ConfigError, match=r"hyperlora\.signature: the generator needs"):
+    build_experiment(smoke_config, log=lambda _: None)
+  smoke_config.hyperlora.signature, smoke_config.hyperlora.corrector = "label", "svd"
+  with pytest.raises(ConfigError, match=r"hyperlora\.corrector"):
+    build_experiment(smoke_config, log=lambda _: None)
+
+
+def test_signatures_for_every_client_with_noise(smoke_config):
+  smoke_config.method = "hyperlora"
+  exp = build_experiment(smoke_config, log=lambda _: None)
+  width = smoke_config.model.width
+  dim = signatures.signature_dim(("label", "features"), exp.data.num_classes, width, 8)
+  assert exp.signatures.shape == (exp.data.num_clients, dim) and np.all(np.isfinite(exp.signatures))
+  hist = exp.signatures[:, :exp.data.num_classes]
+  np.testing.assert_allclose(hist.mean(1), 1.0, rtol=1e-5)
+  smoke_config.hyperlora.signature_noise_std = 0.5
+  noisy = build_experiment(smoke_config, log=lambda _: None).signatures
+  assert 0.3 < np.std(noisy - exp.signatures) < 0.7
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_hyperlora_run_traces_once_resumes_exactly_and_evaluates_new_clients(smoke_config, tmp_path):
+  smoke_config.method = "hyperlora"
+  smoke_config.data.heldout_clients = 2
+  smoke_config.fed.num_rounds, smoke_config.checkpoint_every = 4, 2
+  straight = train_and_evaluate(smoke_config, str(tmp_path / "straight"), progress=False, log=lambda _: None)
+  assert straight["round_traces"] == 1
+  last = straight["records"][-1]
+  for key in ("new_client_global", "new_client_generated", "new_client_global_finetuned",
+              "new_client_generated_finetuned"):
+    assert 0.0 <= last[key] <= 1.0
+  assert all(np.isfinite(r["meta_loss"]) for r in straight["records"])
+  killed = str(tmp_path / "killed")
+  train_and_evaluate(smoke_config, killed, stop_after_round=3, progress=False, log=lambda _: None)
+  train_and_evaluate(smoke_config, killed, progress=False, log=lambda _: None)
+  assert _records(killed) == _records(tmp_path / "straight")
+
+
+@pytest.mark.parametrize("overrides", [
+    {"generator": False, "synthesizer": "uniform", "corrector": "none"},
+    {"corrector": "fair", "signature": "embedding"},
+])
+def test_ablations_run(smoke_config, tmp_path, overrides):
+  smoke_config.method, smoke_config.fed.num_rounds = "hyperlora", 2
+  for key, value in overrides.items():
+    smoke_config.hyperlora[key] = value
+  result = train_and_evaluate(smoke_config, str(tmp_path), progress=False, log=lambda _: None)
+  assert result["round_traces"] == 1 and 0.0 <= result["records"][-1]["global_accuracy"] <= 1.0
