@@ -22,11 +22,8 @@ ABLATIONS = {
 
 
 def get_config(arg: str | None = None):
-  args = default.parse_arg(arg)
-  ablation = args.pop("ablation", "")
-  rest = ",".join(k if v is True else f"{k}={v}" for k, v in args.items())
-  config = default.get_config(",".join(filter(None, ["method=hyperlora", rest])))
-  for name in filter(None, str(ablation).split("+")):
+  config = default.get_config(",".join(filter(None, ["method=hyperlora", arg])))  # Ignores `ablation`.
+  for name in filter(None, str(default.parse_arg(arg).get("ablation", "")).split("+")):
     if name not in ABLATIONS:
       raise ValueError(f"ablation={name!r}; allowed: {', '.join(ABLATIONS)}")
     for field, value in ABLATIONS[name].items():

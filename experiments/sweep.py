@@ -36,14 +36,19 @@ def parse_override(text: str) -> tuple[str, object]:
 def make_config(method: str, seed: int, overrides: list[str], variant: str = ""):
   config = default.get_config(",".join(filter(None, [f"method={method},seed={seed}", variant])))
   for field, value in map(parse_override, overrides):
-    *parents, leaf = field.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    if leaf not in node:
-      raise ValueError(f"--set {field}: no such config field")
-    node[leaf] = value
+    set_field(config, field, value)
   return config
+
+
+def set_field(config, field: str, value) -> None:
+  """config['a']['b'] = value for field 'a.b'; raises ValueError for a field that does not exist."""
+  *parents, leaf = field.split(".")
+  node = config
+  for p in parents:
+    node = node[p]
+  if leaf not in node:
+    raise ValueError(f"--set {field}: no such config field")
+  node[leaf] = value
 
 
 def is_finished(workdir: str, num_rounds: int) -> bool:

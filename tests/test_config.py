@@ -2,6 +2,7 @@
 import pytest
 
 from configs import default
+from experiments import sweep
 from hyperlora_jax import methods
 from hyperlora_jax.config_validation import ConfigError, validate_config
 from hyperlora_jax.train import build_experiment
@@ -33,23 +34,20 @@ INVALID = [
 ]
 
 
-def _set(config, field, value):
-  *parents, leaf = field.split(".")
-  node = config
-  for p in parents:
-    node = node[p]
-  node[leaf] = value
-
-
-def test_default_and_smoke_configs_are_valid():
+def test_default_smoke_and_every_method_config_are_valid():
+  import importlib
   for arg in (None, "smoke", "method=local_only,seed=3"):
-    validate_config(default.get_config(arg), methods.METHODS)
+    assert validate_config(default.get_config(arg), methods.METHODS) is None
+  for name in methods.METHODS:  # configs/<method>.py exists for every method and selects it.
+    config = importlib.import_module(f"configs.{name}").get_config("seed=4")
+    assert (config.method, config.seed) == (name, 4)
+    assert validate_config(config, methods.METHODS) is None
 
 
 @pytest.mark.parametrize("field,value,named", INVALID, ids=[f for f, _, _ in INVALID])
 def test_invalid_field_is_named(field, value, named):
   config = default.get_config("smoke")
-  _set(config, field, value)
+  sweep.set_field(config, field, value)
   with pytest.raises(ConfigError, match=rf"^{named.replace('.', '[.]')}:"):
     validate_config(config, methods.METHODS)
 

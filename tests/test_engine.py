@@ -1,5 +1,4 @@
 """The jit-compiled round: one trace per run, non-finite clients, chunking, resume."""
-import json
 import os
 
 import jax
@@ -8,20 +7,15 @@ import numpy as np
 import optax
 import pytest
 
-from hyperlora_jax import engine, params
+from hyperlora_jax import engine, params, reporting
 from hyperlora_jax.train import build_experiment, round_inputs, train_and_evaluate
-
-
-def _records_without_time(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
 
 
 def test_smoke_run_traces_the_round_once_and_writes_outputs(smoke_config, tmp_path):
   smoke_config.fed.num_rounds = 4
   result = train_and_evaluate(smoke_config, str(tmp_path), progress=False)
   assert result["round_traces"] == 1
-  records = _records_without_time(tmp_path)
+  records = reporting.read_metrics(str(tmp_path))
   assert [r["round"] for r in records] == [1, 2, 3, 4]
   for r in records:
     assert 0.0 <= r["global_accuracy"] <= 1.0
@@ -45,10 +39,10 @@ def test_kill_and_resume_gives_identical_metrics(smoke_config, tmp_path):
   train_and_evaluate(smoke_config, str(tmp_path / "straight"), progress=False)
   killed = str(tmp_path / "killed")
   train_and_evaluate(smoke_config, killed, stop_after_round=5, progress=False)
-  assert len(_records_without_time(killed)) == 5  # Round 5 ran, but only round 4 was saved.
+  assert len(reporting.read_metrics(str(killed))) == 5  # Round 5 ran, but only round 4 was saved.
   result = train_and_evaluate(smoke_config, killed, progress=False)
   assert result["round_traces"] == 1
-  assert _records_without_time(killed) == _records_without_time(tmp_path / "straight")
+  assert reporting.read_metrics(str(killed)) == reporting.read_metrics(str(tmp_path / "straight"))
 
 
 def test_resume_refuses_a_different_config(smoke_config, tmp_path):

@@ -1,7 +1,5 @@
 """HyperLoRA: signatures, synthesizer S_ψ (uniform limit, gauge), corrector C_ω, meta-objective,
 new clients, and whole runs (one trace, exact resume)."""
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from hyperlora_jax import signatures
+from hyperlora_jax import reporting, signatures
 from hyperlora_jax.aggregators.synthesis import (SynthesisConfig, hyperlora_synthesizer, product_gram,
                                                   refactorize)
 from hyperlora_jax.config_validation import ConfigError
@@ -157,11 +155,6 @@ def test_signatures_for_every_client_with_noise(smoke_config):
   assert 0.3 < np.std(noisy - exp.signatures) < 0.7
 
 
-def _records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
 def test_hyperlora_run_traces_once_resumes_exactly_and_evaluates_new_clients(smoke_config, tmp_path):
   smoke_config.method = "hyperlora"
   smoke_config.data.heldout_clients = 2
@@ -176,7 +169,7 @@ def test_hyperlora_run_traces_once_resumes_exactly_and_evaluates_new_clients(smo
   killed = str(tmp_path / "killed")
   train_and_evaluate(smoke_config, killed, stop_after_round=3, progress=False, log=lambda _: None)
   train_and_evaluate(smoke_config, killed, progress=False, log=lambda _: None)
-  assert _records(killed) == _records(tmp_path / "straight")
+  assert reporting.read_metrics(str(killed)) == reporting.read_metrics(str(tmp_path / "straight"))
 
 
 @pytest.mark.parametrize("overrides", [

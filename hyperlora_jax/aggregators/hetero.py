@@ -38,8 +38,6 @@ def hetlora() -> Aggregator:
     del global_trainable
     new_global = weighted_mean(client_trainables, weights)
     for path, f in client_trainables["lora"].items():
-      w = norm_weights(product_norms(f["a"], f["b"]), weights)
-      new_global["lora"][path] = {"a": jnp.tensordot(w, f["a"], axes=1),
-                                  "b": jnp.tensordot(w, f["b"], axes=1)}
+      new_global["lora"][path] = weighted_mean(f, norm_weights(product_norms(f["a"], f["b"]), weights))
     return new_global, {}, state
   return Aggregator(init=no_state, aggregate=aggregate)

@@ -47,6 +47,7 @@ import optax
 
 from hyperlora_jax.aggregators.base import weighted_mean
 from hyperlora_jax.aggregators.fair import fit_delta_b
+from hyperlora_jax.aggregators.products import weighted_product
 
 CORRECTORS = ("none", "fair", "learned")
 Tree = Any
@@ -149,8 +150,8 @@ def synthesize(params: Tree, modules: tuple[SynthesizerScores, ResidualGate], cf
 
   new_global = weighted_mean(client_trainables, weights)
   new_residual = {}
-  products = [jnp.einsum("c,cir,cro->io", synth_weights[:, i], client_trainables["lora"][p]["a"],
-                         client_trainables["lora"][p]["b"]) * cfg.scale for i, p in enumerate(paths)]
+  products = [cfg.scale * weighted_product(client_trainables["lora"][p]["a"], client_trainables["lora"][p]["b"],
+                                           synth_weights[:, i]) for i, p in enumerate(paths)]
   if cfg.corrector == "learned":
     stats = jnp.stack([jnp.stack([jnp.linalg.norm(residual[p]) / (jnp.linalg.norm(products[i]) + 1e-12),
                                   jnp.std(layer_features[:, i, 1])]) for i, p in enumerate(paths)])
@@ -187,9 +188,13 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
   """S_ψ and C_ω as a `LearnedAggregator` (module docstring). `meta_learning=False` keeps
   ψ, ω at their initial values (the uniform limit). The layers are read from the global
   trainable, so the aggregator is built from the config alone."""
+  def modules_for(global_trainable):
+    num_layers = len(global_trainable["lora"])
+    return SynthesizerScores(num_layers=num_layers, hidden=hidden), ResidualGate(num_layers=num_layers)
+
   def init(rng, global_trainable, signature_dim):
     targets = {path: (f["a"].shape[0], f["b"].shape[1]) for path, f in global_trainable["lora"].items()}
-    modules = (SynthesizerScores(num_layers=len(targets), hidden=hidden), ResidualGate(num_layers=len(targets)))
+    modules = modules_for(global_trainable)
     k1, k2 = jax.random.split(rng)
     params = {"synth": modules[0].init(k1, jnp.zeros((1, len(targets), 3 + signature_dim))),
               "corr": modules[1].init(k2, jnp.zeros((len(targets), 2)))}
@@ -199,8 +204,7 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
             "meta_loss": jnp.zeros((), jnp.float32)}
 
   def aggregate(state, global_trainable, client_trainables, weights, context):
-    paths = list(global_trainable["lora"])
-    modules = (SynthesizerScores(num_layers=len(paths), hidden=hidden), ResidualGate(num_layers=len(paths)))
+    modules = modules_for(global_trainable)
 
     def objective(params):
       new_global, residual = synthesize(params, modules, cfg, global_trainable, client_trainables, weights,
