@@ -26,6 +26,7 @@ def parse_arg(arg: str | None) -> dict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = parse_arg(arg)
   config = ml_collections.ConfigDict()
+  config.benchmark = "default"                # Name the report groups runs by.
   config.method = args.get("method", "fedit")
   config.seed = int(args.get("seed", 0))
 
@@ -57,6 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.pretrain.batch_size = 128
   config.pretrain.learning_rate = 1e-3
   config.pretrain.cache_dir = ""              # '' = ~/.cache/hyperlora_jax/backbones
+  config.pretrain.npz_path = ""               # A real .npz checkpoint (ViT, Mixer) instead of pretraining.
 
   config.lora = ml_collections.ConfigDict()
   config.lora.target_regex = r".*attn/(query|value)"

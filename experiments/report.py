@@ -1,18 +1,22 @@
-"""Turns a runs directory into Markdown tables (mean ± std over seeds).
+"""Turns a runs directory into Markdown tables (mean ± std over seeds) and convergence plots.
 
-  python -m experiments.report runs/compare [--out runs/compare/report.md] [--reference fedit]
+  python -m experiments.report runs/bench [--out runs/bench/report.md] [--reference fedit] \
+      [--target 0.5] [--plots runs/bench/plots]
 
-A run is any directory holding `metrics.jsonl` and `config.json`; runs are grouped by method.
-"Rounds to ref." is, per run, the first round whose global accuracy reaches the final global
-accuracy of the reference method's run with the same seed (same partition and backbone);
-"n/k" counts the seeds that reached it.
-Runs with held-out new clients get a second table.
+A run is any directory holding `metrics.jsonl` and `config.json`; runs are grouped by
+benchmark (`config.benchmark`), then by method. Per benchmark, one table: final global
+accuracy, personalized mean and worst-client accuracy, MB communicated (up + down), rounds to
+the reference method's final global accuracy of the same seed ("n/k": seeds that reached it),
+and, with --target, rounds to that absolute global accuracy; runs with held-out new clients
+get a second table. Plots (one PNG per benchmark, default RUNS_DIR/plots): global and
+personalized accuracy vs round and vs MB, mean over seeds with a ±1 std band.
+Unfinished runs are left out.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
@@ -31,7 +35,8 @@ def final_metrics(workdir: str) -> dict | None:
   if not records or records[-1]["round"] < config["fed"]["num_rounds"]:
     return None  # Unfinished.
   last = records[-1]
-  return {"method": config["method"], "seed": config["seed"], "rounds": last["round"],
+  return {"benchmark": config.get("benchmark", "default"), "method": config["method"],
+          "seed": config["seed"], "rounds": last["round"],
           "global": last.get("global_accuracy"), "pers_mean": last["personalized_accuracy_mean"],
           "pers_worst": last["personalized_accuracy_worst"], "mb": last["cum_bytes"] / 1e6,
           "records": records, **{k: v for k, v in last.items() if k.startswith("new_client_")}}
@@ -44,27 +49,41 @@ def _mean_std(values: list) -> str:
   return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
 
 
-def _rounds_to(group: list[dict], targets: dict[int, float]) -> str:
-  paired = [r for r in group if r["seed"] in targets]
-  if not paired:
+def _rounds_summary(reached: list[int | None]) -> str:
+  if not reached:
     return "n/a"
-  reached = [reporting.rounds_to_reach(r["records"], targets[r["seed"]]) for r in paired]
   hit = [n for n in reached if n is not None]
   if not hit:
-    return f"not reached (0/{len(paired)})"
-  return f"{np.mean(hit):.1f} ± {np.std(hit):.1f} ({len(hit)}/{len(paired)})"
+    return f"not reached (0/{len(reached)})"
+  return f"{np.mean(hit):.1f} ± {np.std(hit):.1f} ({len(hit)}/{len(reached)})"
 
 
-def markdown_table(rows: list[dict], reference: str | None = None) -> str:
-  methods = sorted({r["method"] for r in rows}, key=lambda m: [r["method"] for r in rows].index(m))
+def _rounds_to(group: list[dict], targets: dict[int, float]) -> str:
+  paired = [r for r in group if r["seed"] in targets]
+  return _rounds_summary([reporting.rounds_to_reach(r["records"], targets[r["seed"]]) for r in paired])
+
+
+def _ordered_methods(rows: list[dict]) -> list[str]:
+  order = [r["method"] for r in rows]
+  return sorted(set(order), key=order.index)
+
+
+def markdown_table(rows: list[dict], reference: str | None = None, target: float | None = None) -> str:
+  """The table of one benchmark's runs (see the module docstring)."""
+  methods = _ordered_methods(rows)
   targets = {r["seed"]: r["global"] for r in rows if r["method"] == reference and r["global"] is not None}
+  target_col = f" rounds to {100 * target:.0f}% global |" if target is not None else ""
   lines = ["| method | seeds | global acc. % | personalized mean % | personalized worst % | MB up+down | "
-           f"rounds to {reference or 'ref.'}'s final global |", "|---|---|---|---|---|---|---|"]
+           f"rounds to {reference or 'ref.'}'s final global |" + target_col,
+           "|---|---|---|---|---|---|---|" + ("---|" if target is not None else "")]
   for m in methods:
     group = [r for r in rows if r["method"] == m]
-    lines.append(f"| {m} | {len(group)} | {_mean_std([r['global'] for r in group])} | "
-                 f"{_mean_std([r['pers_mean'] for r in group])} | {_mean_std([r['pers_worst'] for r in group])} | "
-                 f"{np.mean([r['mb'] for r in group]):.2f} | {_rounds_to(group, targets)} |")
+    line = (f"| {m} | {len(group)} | {_mean_std([r['global'] for r in group])} | "
+            f"{_mean_std([r['pers_mean'] for r in group])} | {_mean_std([r['pers_worst'] for r in group])} | "
+            f"{np.mean([r['mb'] for r in group]):.2f} | {_rounds_to(group, targets)} |")
+    if target is not None:
+      line += f" {_rounds_summary([reporting.rounds_to_reach(r['records'], target) for r in group])} |"
+    lines.append(line)
   new_keys = sorted({k for r in rows for k in r if k.startswith("new_client_")})
   if new_keys:
     lines += ["", "New (held-out) clients, mean accuracy % over them:", "",
@@ -76,17 +95,87 @@ def markdown_table(rows: list[dict], reference: str | None = None) -> str:
   return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) < 2:
-    raise SystemExit("usage: python -m experiments.report RUNS_DIR [--out FILE] [--reference METHOD]")
-  rows = [m for m in map(final_metrics, find_runs(argv[1])) if m is not None]
-  reference = argv[argv.index("--reference") + 1] if "--reference" in argv else "fedit"
-  table = markdown_table(rows, reference)
-  print(table)
-  if "--out" in argv:
-    with open(argv[argv.index("--out") + 1], "w") as f:
-      f.write(table + "\n")
+def mean_curve(group: list[dict], key: str, x_key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+  """(x, mean, std) of `key` over a method's seeds, on the rounds all of them evaluated; x is
+  the round or the seeds' mean of `x_key` there. None if no run has `key`."""
+  per_run = [{r["round"]: r for r in run["records"] if r.get(key) is not None} for run in group]
+  rounds = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
+  if not rounds:
+    return None
+  ys = np.array([[p[t][key] for t in rounds] for p in per_run])
+  xs = np.array([[p[t][x_key] if x_key != "round" else t for t in rounds] for p in per_run], float)
+  return xs.mean(0), ys.mean(0), ys.std(0)
+
+
+def plot_benchmark(rows: list[dict], path: str, title: str) -> None:
+  """Global and personalized accuracy vs round and vs MB, one line per method (mean ± std)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(2, 2, figsize=(12, 8), squeeze=False)
+  panels = [("global_accuracy", "global accuracy"), ("personalized_accuracy_mean", "personalized accuracy (mean)")]
+  cmap = plt.get_cmap("tab20")
+  for color, method in enumerate(_ordered_methods(rows)):
+    group = [r for r in rows if r["method"] == method]
+    for row, (key, label) in enumerate(panels):
+      for col, x_key in enumerate(("round", "cum_bytes")):
+        curve = mean_curve(group, key, x_key)
+        if curve is None:
+          continue
+        x, mean, std = curve
+        x = x / 1e6 if x_key == "cum_bytes" else x
+        ax = axes[row][col]
+        ax.plot(x, mean, color=cmap(color % 20), label=f"{method} ({len(group)})")
+        ax.fill_between(x, mean - std, mean + std, color=cmap(color % 20), alpha=0.15, linewidth=0)
+        ax.set(xlabel="round" if x_key == "round" else "MB communicated (up + down)", ylabel=label)
+        if x_key == "cum_bytes" and np.all(x > 0):
+          ax.set_xscale("log")
+  axes[0][0].set_title(title)
+  handles, labels = axes[1][0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="center right", fontsize=8)
+  fig.tight_layout(rect=(0, 0, 0.85, 1))
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def build_report(runs_dir: str, reference: str = "fedit", target: float | None = None,
+                 plots_dir: str | None = None, links_from: str | None = None) -> str:
+  """The Markdown report of every finished run under `runs_dir`; writes the plots, linked
+  relative to the directory `links_from` (default `runs_dir`), where the report will live."""
+  rows = [m for m in map(final_metrics, find_runs(runs_dir)) if m is not None]
+  benchmarks = sorted({r["benchmark"] for r in rows})
+  plots_dir = plots_dir or os.path.join(runs_dir, "plots")
+  sections = []
+  for benchmark in benchmarks:
+    group = [r for r in rows if r["benchmark"] == benchmark]
+    sections.append(f"## {benchmark}\n\n{markdown_table(group, reference, target)}")
+    os.makedirs(plots_dir, exist_ok=True)
+    png = os.path.join(plots_dir, benchmark.replace("/", "__") + ".png")
+    plot_benchmark(group, png, benchmark)
+    sections[-1] += f"\n\n![{benchmark}]({os.path.relpath(png, links_from or runs_dir)})"
+  if not sections:
+    return f"No finished runs under {runs_dir}."
+  return "\n\n".join(sections)
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("runs_dir")
+  parser.add_argument("--out", help="Markdown file to write (default: print only).")
+  parser.add_argument("--reference", default="fedit", help="Method whose final global accuracy is the target.")
+  parser.add_argument("--target", type=float, help="An absolute global-accuracy target in [0, 1].")
+  parser.add_argument("--plots", help="Directory for the PNGs (default RUNS_DIR/plots).")
+  args = parser.parse_args(argv)
+  if args.target is not None and not 0 < args.target <= 1:
+    raise SystemExit(f"--target {args.target}: must be in (0, 1]")
+  links_from = os.path.dirname(os.path.abspath(args.out)) if args.out else None
+  text = build_report(args.runs_dir, args.reference, args.target, args.plots, links_from)
+  print(text)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(text + "\n")
 
 
 if __name__ == "__main__":
-  main(sys.argv)
+  main()

@@ -1,27 +1,56 @@
-"""Runs methods x seeds (x overrides), each in its own workdir; resumable.
+"""Runs benchmarks x methods x seeds x override grids, each run in its own workdir.
 
-  python -m experiments.sweep --methods fedit,flexlora --seeds 0,1,2 --runs_dir runs/compare \
-      --set fed.num_rounds=15
+  python -m experiments.sweep --runs_dir runs/bench --jobs 2 \
+      --configs configs/domainnet_like.py:clients_per_domain=1 --configs configs/label_skew.py:alpha=0.1 \
+      --methods fedit,flexlora,hyperlora --seeds 0,1,2 --grid lora.rank=4,8 --set fed.num_rounds=15
 
-Finished runs are skipped, interrupted ones resume from their last checkpoint. Runs go one
-after another in this process (the backbone is pretrained once and cached).
+Workdirs are RUNS_DIR/<config.benchmark>/<method>[/<grid values>]/seed<k>. Finished runs are
+skipped, interrupted ones resume from their last checkpoint, so rerunning the same command
+finishes a sweep. Backbones and datasets are prepared once, in this process, before any run
+starts; `--jobs N` then runs N runs at once, each in its own process. RUNS_DIR/index.json lists
+every run of the sweep (config, method, seed, overrides, workdir, status, seconds, final
+metrics, error), rewritten after each run. A failed run is recorded and the sweep goes on; the
+command exits non-zero if any run failed.
 """
 from __future__ import annotations
 
 import ast
+import concurrent.futures
+import dataclasses
+import importlib.util
+import itertools
+import json
+import multiprocessing
 import os
+import time
+import traceback
 
 from absl import app, flags, logging
 
-from configs import default
 from hyperlora_jax import reporting
-from hyperlora_jax.train import train_and_evaluate
 
+_CONFIGS = flags.DEFINE_multi_string("configs", ["configs/default.py"],
+                                     "Benchmark config files with their arg, e.g. configs/label_skew.py:alpha=0.1 "
+                                     "(repeatable).")
 _METHODS = flags.DEFINE_list("methods", ["fedit"], "Methods to run.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds to run.")
 _RUNS_DIR = flags.DEFINE_string("runs_dir", "runs/sweep", "Parent of the runs' workdirs.")
-_VARIANT = flags.DEFINE_string("variant", "", "Extra configs/default.py variant, e.g. 'smoke'.")
-_SET = flags.DEFINE_multi_string("set", [], "Config override FIELD=VALUE (repeatable).")
+_VARIANT = flags.DEFINE_string("variant", "", "Extra variant appended to every config's arg, e.g. 'smoke'.")
+_SET = flags.DEFINE_multi_string("set", [], "Config override FIELD=VALUE for every run (repeatable).")
+_GRID = flags.DEFINE_multi_string("grid", [], "A swept override FIELD=V1,V2,... (repeatable; product).")
+_JOBS = flags.DEFINE_integer("jobs", 1, "Runs at once (separate processes).")
+
+INDEX_FILE = "index.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """One run of a sweep. `config_spec` is 'path/to/config.py[:arg]'."""
+  config_spec: str
+  method: str
+  seed: int
+  overrides: tuple[str, ...] = ()
+  grid: tuple[str, ...] = ()        # The swept overrides of this run (also in `overrides`).
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -33,22 +62,60 @@ def parse_override(text: str) -> tuple[str, object]:
     return field, value
 
 
-def make_config(method: str, seed: int, overrides: list[str], variant: str = ""):
-  config = default.get_config(",".join(filter(None, [f"method={method},seed={seed}", variant])))
-  for field, value in map(parse_override, overrides):
-    set_field(config, field, value)
-  return config
-
-
 def set_field(config, field: str, value) -> None:
   """config['a']['b'] = value for field 'a.b'; raises ValueError for a field that does not exist."""
   *parents, leaf = field.split(".")
   node = config
   for p in parents:
+    if p not in node:
+      raise ValueError(f"--set {field}: no such config field")
     node = node[p]
   if leaf not in node:
     raise ValueError(f"--set {field}: no such config field")
   node[leaf] = value
+
+
+def load_config_file(config_spec: str):
+  """`get_config(arg)` of 'path/to/file.py[:arg]' (the config_flags convention)."""
+  path, _, arg = config_spec.partition(":")
+  if not os.path.isfile(path):
+    raise ValueError(f"--configs {config_spec}: no such config file {path!r}")
+  module_spec = importlib.util.spec_from_file_location(f"_sweep_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def make_config(spec: RunSpec, variant: str = ""):
+  """The run's ConfigDict: the config file with `method`, `seed` and `variant` in its arg,
+  then the overrides."""
+  path, _, arg = spec.config_spec.partition(":")
+  extra = ",".join(filter(None, [arg, f"method={spec.method},seed={spec.seed}", variant]))
+  config = load_config_file(f"{path}:{extra}")
+  for field, value in map(parse_override, spec.overrides):
+    set_field(config, field, value)
+  return config
+
+
+def expand(config_specs: list[str], methods: list[str], seeds: list[int], fixed: list[str],
+           grid: list[str]) -> list[RunSpec]:
+  """Every (config, grid point, method, seed), in that nesting order."""
+  axes = []
+  for entry in grid:
+    field, _, values = entry.partition("=")
+    if not values:
+      raise ValueError(f"--grid {entry}: expected FIELD=V1,V2,...")
+    axes.append([f"{field}={v}" for v in values.split(",")])
+  points = list(itertools.product(*axes)) if axes else [()]
+  return [RunSpec(c, m, s, tuple(fixed) + point, point)
+          for c in config_specs for point in points for m in methods for s in seeds]
+
+
+def workdir_of(runs_dir: str, benchmark: str, spec: RunSpec) -> str:
+  parts = [runs_dir, benchmark, spec.method]
+  if spec.grid:
+    parts.append(",".join(p.replace("/", "_") for p in spec.grid))
+  return os.path.join(*parts, f"seed{spec.seed}")
 
 
 def is_finished(workdir: str, num_rounds: int) -> bool:
@@ -56,18 +123,104 @@ def is_finished(workdir: str, num_rounds: int) -> bool:
   return bool(records) and records[-1]["round"] >= num_rounds
 
 
+def run_one(spec: RunSpec, workdir: str, variant: str) -> dict:
+  """Runs (or resumes) one run; returns its index entry. Never raises."""
+  from hyperlora_jax.train import train_and_evaluate  # In the worker process.
+  logging.set_verbosity(logging.WARNING)
+  start = time.time()
+  try:
+    config = make_config(spec, variant)
+    result = train_and_evaluate(config, workdir, progress=False, log=lambda _: None)
+    last = [r for r in result["records"] if r.get("personalized_accuracy_mean") is not None][-1]
+    final = {k: v for k, v in last.items() if k.endswith("accuracy") or "accuracy_" in k
+             or k.startswith("new_client_") or k in ("round", "cum_bytes")}
+    return {"status": "finished", "seconds": round(time.time() - start, 1), "final": final,
+            "summary": result["summary"]}
+  except Exception as e:  # Recorded in the index; the sweep goes on.
+    return {"status": "failed", "seconds": round(time.time() - start, 1),
+            "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+
+
+def prepare_shared_inputs(configs: list, log=print) -> None:
+  """Builds every dataset and backbone the runs need, once, before runs start in parallel.
+  A failure here is only logged: the runs that need that input fail and are recorded."""
+  from hyperlora_jax import pretrain
+  from hyperlora_jax.data.loader import load_image_dataset
+  done = set()
+  for config in configs:
+    data_key = (config.data.name, config.data.data_dir, config.data.image_size)
+    backbone_key = config.pretrain.npz_path or pretrain.cache_path(config)
+    try:
+      if data_key not in done:
+        done.add(data_key)
+        for split in (config.data.train_split, config.data.test_split):
+          load_image_dataset(config.data.name, split, config.data.data_dir or None, config.data.image_size)
+      if backbone_key not in done:
+        done.add(backbone_key)
+        pretrain.load_or_pretrain(config, log=log)
+    except Exception as e:  # The affected runs report it themselves.
+      log(f"sweep: preparing inputs for {config.benchmark} failed ({type(e).__name__}: {e})")
+
+
+def write_index(runs_dir: str, entries: list[dict]) -> None:
+  tmp = os.path.join(runs_dir, INDEX_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump({"runs": entries}, f, indent=1)
+  os.replace(tmp, os.path.join(runs_dir, INDEX_FILE))
+
+
+def run_sweep(specs: list[RunSpec], runs_dir: str, jobs: int = 1, variant: str = "",
+              log=print) -> list[dict]:
+  """Runs every spec (skipping finished ones), `jobs` at a time; returns the index entries."""
+  from hyperlora_jax.config_validation import validate_config
+  from hyperlora_jax import methods
+  os.makedirs(runs_dir, exist_ok=True)
+  configs = [make_config(s, variant) for s in specs]
+  for config in configs:  # Every config error surfaces before anything runs.
+    validate_config(config, methods.METHODS)
+  entries = []
+  for spec, config in zip(specs, configs):
+    workdir = workdir_of(runs_dir, config.benchmark, spec)
+    entries.append({"config": spec.config_spec, "benchmark": config.benchmark, "method": spec.method,
+                    "seed": spec.seed, "overrides": list(spec.overrides), "workdir": workdir,
+                    "status": "finished" if is_finished(workdir, config.fed.num_rounds) else "pending"})
+  todo = [i for i, e in enumerate(entries) if e["status"] == "pending"]
+  log(f"sweep: {len(entries)} runs, {len(entries) - len(todo)} already finished, {len(todo)} to run "
+      f"({jobs} at a time)")
+  write_index(runs_dir, entries)
+  prepare_shared_inputs([configs[i] for i in todo], log)
+
+  def record(i: int, outcome: dict) -> None:
+    entries[i].update(outcome)
+    entries[i].pop("traceback", None) if outcome["status"] == "finished" else None
+    write_index(runs_dir, entries)
+    tag = "done" if outcome["status"] == "finished" else "FAILED"
+    log(f"[{tag}] {entries[i]['workdir']} in {outcome['seconds']:.0f}s"
+        + (f": {outcome['error']}" if outcome["status"] == "failed" else ""))
+
+  if jobs <= 1:
+    for i in todo:
+      record(i, run_one(specs[i], entries[i]["workdir"], variant))
+  else:
+    context = multiprocessing.get_context("spawn")  # A fresh JAX runtime per worker.
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+      futures = {pool.submit(run_one, specs[i], entries[i]["workdir"], variant): i for i in todo}
+      for future in concurrent.futures.as_completed(futures):
+        record(futures[future], future.result())
+  return entries
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  for method in _METHODS.value:
-    for seed in map(int, _SEEDS.value):
-      config = make_config(method, seed, _SET.value, _VARIANT.value)
-      workdir = os.path.join(_RUNS_DIR.value, method, f"seed{seed}")
-      if is_finished(workdir, config.fed.num_rounds):
-        print(f"[skip] {workdir} is finished")
-        continue
-      result = train_and_evaluate(config, workdir, progress=False, log=lambda _: None)
-      print(f"[done] {workdir} in {result['seconds']:.0f}s\n{result['summary']}", flush=True)
+  specs = expand(_CONFIGS.value, _METHODS.value, [int(s) for s in _SEEDS.value], _SET.value, _GRID.value)
+  start = time.time()
+  entries = run_sweep(specs, _RUNS_DIR.value, _JOBS.value, _VARIANT.value)
+  failed = [e for e in entries if e["status"] == "failed"]
+  print(f"sweep: {len(entries) - len(failed)}/{len(entries)} runs finished in {time.time() - start:.0f}s; "
+        f"index {os.path.join(_RUNS_DIR.value, INDEX_FILE)}")
+  if failed:
+    raise SystemExit(f"{len(failed)} run(s) failed; see their 'error' in the index")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Every error names the field and what is allowed.
 """
 from __future__ import annotations
 
+import os
 import re
 
 import ml_collections
@@ -12,7 +13,7 @@ from hyperlora_jax.data.partition import ALLOWED_PARTITIONS
 from hyperlora_jax.aggregators.synthesis import CORRECTORS
 from hyperlora_jax.generator import GENERATOR_LOSSES
 from hyperlora_jax.signatures import parse_kinds
-from hyperlora_jax.models import ALLOWED_MODELS
+from hyperlora_jax.models import ALLOWED_MODELS, arch_fields
 from hyperlora_jax.optimizers import ALLOWED_OPTIMIZERS
 
 ALLOWED_HEAD_POLICIES = ("shared", "local")
@@ -39,6 +40,38 @@ def _one_of(value, allowed, field: str) -> None:
   _require(value in allowed, field, f"got {value!r}; allowed: {', '.join(map(str, allowed))}")
 
 
+def _validate_model(config: ml_collections.ConfigDict) -> None:
+  """model.name is known, model.<field> are its architecture fields, sizes fit together."""
+  model = config.model
+  _one_of(model.name, ALLOWED_MODELS, "model.name")
+  allowed = arch_fields(model.name)
+  for field in model:
+    _require(field == "name" or field in allowed, f"model.{field}",
+             f"not a field of model {model.name!r}; its fields: {', '.join(allowed)}")
+  for field, default in allowed.items():
+    if isinstance(default, int) and field in model:
+      _positive_int(config, f"model.{field}")
+  arch = {**allowed, **{k: v for k, v in model.items() if k != "name"}}
+  _require(config.data.image_size % arch["patch_size"] == 0, "model.patch_size",
+           f"{arch['patch_size']} must divide data.image_size={config.data.image_size}")
+  for width, heads in (("width", "num_heads"), ("text_width", "text_heads")):
+    if heads in arch:
+      _require(arch[width] % arch[heads] == 0, f"model.{heads}",
+               f"{arch[heads]} must divide model.{width}={arch[width]}")
+  if "mlp_ratio" in arch:
+    _require(arch["mlp_ratio"] > 0, "model.mlp_ratio", "must be > 0")
+  if "prompt_template" in arch:
+    _require("{}" in arch["prompt_template"], "model.prompt_template",
+             f"must contain '{{}}' for the class name, got {arch['prompt_template']!r}")
+  npz = config.pretrain.get("npz_path", "")
+  _require(bool(npz) or bool(config.pretrain.data_name), "pretrain.npz_path",
+           "this config has no pretraining data (pretrain.data_name=''): give a real checkpoint, "
+           "e.g. `:npz=/path/ViT-B_16.npz` (see the config's docstring)")
+  if npz:
+    _one_of(model.name, ("vit", "mixer"), "pretrain.npz_path (model.name)")
+    _require(os.path.isfile(npz), "pretrain.npz_path", f"no such file: {npz!r}")
+
+
 def validate_config(config: ml_collections.ConfigDict, allowed_methods) -> None:
   """Raises `ConfigError` naming the first invalid field."""
   _one_of(config.method, sorted(allowed_methods), "method")
@@ -47,8 +80,7 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods) -> None:
   _require(bool(data.name), "data.name", "must name a TFDS dataset, e.g. 'digits_domains/res16'")
   _one_of(data.partition, ALLOWED_PARTITIONS, "data.partition")
   for field in ("data.num_clients", "data.image_size", "fed.num_rounds", "fed.clients_per_round",
-                "fed.local_steps", "fed.batch_size", "model.patch_size", "model.width",
-                "model.depth", "model.num_heads", "lora.rank", "pretrain.batch_size",
+                "fed.local_steps", "fed.batch_size", "lora.rank", "pretrain.batch_size",
                 "eval_batch", "eval_every", "checkpoint_every"):
     _positive_int(config, field)
   for field in ("data.min_client_size", "data.heldout_clients", "fed.new_client_steps",
@@ -57,12 +89,7 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods) -> None:
   _require(data.dirichlet_alpha > 0, "data.dirichlet_alpha", f"must be > 0, got {data.dirichlet_alpha}")
   _require(fed.clients_per_round <= data.num_clients, "fed.clients_per_round",
            f"{fed.clients_per_round} exceeds data.num_clients={data.num_clients}")
-  _require(data.image_size % config.model.patch_size == 0, "model.patch_size",
-           f"{config.model.patch_size} must divide data.image_size={data.image_size}")
-  _require(config.model.width % config.model.num_heads == 0, "model.num_heads",
-           f"{config.model.num_heads} must divide model.width={config.model.width}")
-  _one_of(config.model.name, ALLOWED_MODELS, "model.name")
-  _require(config.model.mlp_ratio > 0, "model.mlp_ratio", "must be > 0")
+  _validate_model(config)
   _one_of(fed.head_policy, ALLOWED_HEAD_POLICIES, "fed.head_policy")
   if fed.clients_per_chunk and fed.num_devices:
     _require(fed.clients_per_chunk % fed.num_devices == 0, "fed.clients_per_chunk",

@@ -1,10 +1,14 @@
-"""Pretrains the frozen foundation backbone on the embedded source distribution, cached with orbax.
+"""The frozen foundation backbone: pretrained on the embedded source distribution and cached
+with orbax, or loaded from a real `.npz` checkpoint (`pretrain.npz_path`, ViT and Mixer).
 
 The federated clients never see the pretraining data: `digits_domains`' `pretrain` split
-holds other handwritten digits, rendered only in the `source` domain. The cache key hashes
-everything that determines the weights (architecture, data, schedule, seed), so every
-federated run with the same backbone config reuses one file; a cache that cannot be read is
-reported, never silently replaced.
+holds other handwritten digits, rendered only in the `source` domain. Classifiers (ViT,
+Mixer) are pretrained with cross-entropy; the CLIP dual encoder contrastively on captions
+(`CAPTION_TEMPLATES` filled with the class name), never with the zero-shot prompt template it
+is evaluated with. The cache key hashes everything that determines the weights
+(architecture, data, objective, schedule, seed), so every federated run with the same
+backbone config reuses one file; a cache that cannot be read is reported, never silently
+replaced.
 """
 from __future__ import annotations
 
@@ -23,16 +27,55 @@ import orbax.checkpoint as ocp
 
 from hyperlora_jax import models
 from hyperlora_jax.data.loader import ImageDataset, load_image_dataset
+from hyperlora_jax.models import clip as clip_lib
+from hyperlora_jax.models import load as load_lib
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "hyperlora_jax", "backbones")
 PRETRAIN_SEED = 0
+# Captions of the contrastive (CLIP) pretraining; the zero-shot prompt template is not one of them.
+CAPTION_TEMPLATES = ("a picture of the number {}", "a drawing of a {}", "the handwritten digit {}",
+                     "an image showing {}", "{}", "a grey {} on a dark background")
 
 
 def _key_fields(config: ml_collections.ConfigDict) -> dict:
-  return {"model": config.model.to_dict(), "data_name": config.pretrain.data_name,
-          "split": config.pretrain.split, "image_size": config.data.image_size,
-          "steps": config.pretrain.steps, "batch_size": config.pretrain.batch_size,
-          "learning_rate": config.pretrain.learning_rate, "seed": PRETRAIN_SEED}
+  fields = {"model": config.model.to_dict(), "data_name": config.pretrain.data_name,
+            "split": config.pretrain.split, "image_size": config.data.image_size,
+            "steps": config.pretrain.steps, "batch_size": config.pretrain.batch_size,
+            "learning_rate": config.pretrain.learning_rate, "seed": PRETRAIN_SEED}
+  if not models.has_head(config.model.name):
+    fields["captions"] = CAPTION_TEMPLATES
+  return fields
+
+
+def supervised_loss(model) -> Callable:
+  """(variables, images, labels, captions) -> mean cross-entropy of the classifier."""
+  def loss(variables, images, labels, captions):
+    del captions
+    logits = model.apply(variables, models.preprocess_images(images))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  return loss
+
+
+def contrastive_loss(model) -> Callable:
+  """(variables, images [B,...], labels [B], captions [B, L]) -> symmetric CLIP loss.
+
+  Captions of the same class are positives of each other: the targets of image i are
+  uniform over the captions j with label_j = label_i (and likewise for each caption), so
+  the many same-class pairs of a 10-class batch are not pushed apart.
+  """
+  def loss(variables, images, labels, captions):
+    logits = model.apply(variables, models.preprocess_images(images), captions)  # [B, B]
+    same = (labels[:, None] == labels[None, :]).astype(logits.dtype)
+    targets = same / same.sum(axis=1, keepdims=True)
+    return 0.5 * (optax.softmax_cross_entropy(logits, targets).mean()
+                  + optax.softmax_cross_entropy(logits.T, targets).mean())
+  return loss
+
+
+def caption_tokens(model, class_names: tuple[str, ...]) -> np.ndarray:
+  """[len(CAPTION_TEMPLATES), K, max_len] tokens of every (template, class) caption."""
+  return np.stack([clip_lib.tokenize(clip_lib.class_prompts(class_names, t), model.vocab_size,
+                                     model.max_len) for t in CAPTION_TEMPLATES])
 
 
 def cache_path(config: ml_collections.ConfigDict) -> str:
@@ -42,11 +85,15 @@ def cache_path(config: ml_collections.ConfigDict) -> str:
 
 def pretrain(model, data: ImageDataset, *, steps: int, batch_size: int, learning_rate: float,
              seed: int = PRETRAIN_SEED, log: Callable[[str], None] = print) -> tuple[Any, dict]:
-  """Supervised full training of `model` on `data` (90% train, 10% held out).
+  """Full training of `model` on `data` (90% train, 10% held out): cross-entropy for a
+  classifier, the contrastive caption loss for CLIP.
 
   Returns:
-    (variables, {"holdout_accuracy", "seconds"}).
+    (variables, {"holdout_accuracy" (zero-shot for CLIP), "seconds"}).
   """
+  is_clip = isinstance(model, clip_lib.CLIP)
+  loss_fn = contrastive_loss(model) if is_clip else supervised_loss(model)
+  captions = caption_tokens(model, model.class_names) if is_clip else np.zeros((1, 1, 1), np.int32)
   rng = np.random.default_rng(seed)
   order = rng.permutation(len(data))
   n_hold = max(1, len(data) // 10)
@@ -56,11 +103,8 @@ def pretrain(model, data: ImageDataset, *, steps: int, batch_size: int, learning
   optimizer = optax.adamw(schedule, weight_decay=1e-4)
 
   @jax.jit
-  def step(variables, opt_state, images, labels):
-    def loss_fn(v):
-      logits = model.apply(v, models.preprocess_images(images))
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(variables)
+  def step(variables, opt_state, images, labels, batch_captions):
+    loss, grads = jax.value_and_grad(loss_fn)(variables, images, labels, batch_captions)
     updates, opt_state = optimizer.update(grads, opt_state, variables)
     return optax.apply_updates(variables, updates), opt_state, loss
 
@@ -72,7 +116,9 @@ def pretrain(model, data: ImageDataset, *, steps: int, batch_size: int, learning
   opt_state = optimizer.init(variables)
   for i in range(steps):
     batch = rng.choice(len(train), size=batch_size, replace=False)
-    variables, opt_state, loss = step(variables, opt_state, train.images[batch], train.labels[batch])
+    labels = train.labels[batch]
+    batch_captions = captions[rng.integers(len(captions), size=batch_size), labels % captions.shape[1]]
+    variables, opt_state, loss = step(variables, opt_state, train.images[batch], labels, batch_captions)
     if (i + 1) % max(1, steps // 5) == 0:
       log(f"  pretrain step {i + 1}/{steps}: loss {float(loss):.3f}")
   hits = sum(int(correct(variables, hold.images[i:i + 512], hold.labels[i:i + 512]))
@@ -90,14 +136,30 @@ def _arch(config) -> dict:
   return {k: v for k, v in config.model.to_dict().items() if k != "name"}
 
 
+def load_npz_backbone(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> tuple[Any, dict]:
+  """The backbone from the real checkpoint `pretrain.npz_path` (head dropped).
+
+  Raises:
+    models.load.CheckpointError: unreadable, or not shaped like `config.model`.
+  """
+  path = config.pretrain.npz_path
+  abstract = _abstract_backbone(config, 1)["params"]
+  params = load_lib.from_npz(config.model.name, load_lib.read_npz(path), abstract)
+  log(f"backbone: loaded {config.model.name} from {path}")
+  return {"params": params}, {"source": path}
+
+
 def load_or_pretrain(config: ml_collections.ConfigDict,
                      log: Callable[[str], None] = print) -> tuple[Any, dict]:
   """The frozen backbone variables (without the pretraining head) and its info.
 
-  Pretrains and caches on first use; later calls restore the cache.
+  Loads `pretrain.npz_path` when set; otherwise pretrains and caches on first use, and
+  later calls restore the cache.
   Raises:
     RuntimeError: the cache exists but cannot be restored (it is left in place).
   """
+  if config.pretrain.get("npz_path"):
+    return load_npz_backbone(config, log)
   path = cache_path(config)
   info_path = os.path.join(path, "info.json")
   if os.path.exists(info_path):
@@ -116,7 +178,7 @@ def load_or_pretrain(config: ml_collections.ConfigDict,
                          f"corrupt cache. Remove that directory to pretrain again.")
     data = load_image_dataset(config.pretrain.data_name, config.pretrain.split,
                               config.data.data_dir or None, config.data.image_size)
-    model = models.build_model(config.model.name, data.num_classes, **_arch(config))
+    model = models.build_model(config.model.name, data.num_classes, data.class_names, **_arch(config))
     log(f"backbone: pretraining {config.model.name} on {config.pretrain.data_name}:"
         f"{config.pretrain.split} ({len(data)} images, {config.pretrain.steps} steps)")
     variables, info = pretrain(model, data, steps=config.pretrain.steps,

@@ -58,14 +58,14 @@ def initial_trainable(model, backbone: Any, example_images: jax.Array, target_re
   Args:
     example_images: [1, H, W, 3] uint8, for shapes only.
   Returns:
-    ({"lora": fresh LoRA (b = 0), "head": zero head shaped like the model's}, targets
-     {path: (d_in, d_out)}).
+    ({"lora": fresh LoRA (b = 0), "head": zero head shaped like the model's ({} for a model
+     without one, e.g. CLIP)}, targets {path: (d_in, d_out)}).
   """
   inputs = models.preprocess_images(example_images)
   abstract = jax.eval_shape(model.init, jax.random.key(0), inputs)
-  head = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract["params"]["head"])
-  targets = lora.find_targets(model, {"params": {**backbone["params"], "head": head}}, inputs,
-                              target_regex=target_regex)
+  head = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract["params"].get("head", {}))
+  params = {**backbone["params"], **({"head": head} if head else {})}
+  targets = lora.find_targets(model, {"params": params}, inputs, target_regex=target_regex)
   return {"lora": lora.init_lora(rng, targets, rank), "head": head}, targets
 
 
@@ -81,9 +81,10 @@ def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], Non
   data = build_federated_data(config)
   backbone, _ = pretrain.load_or_pretrain(config, log)
   arch = {k: v for k, v in config.model.to_dict().items() if k != "name"}
-  model = models.build_model(config.model.name, data.num_classes, **arch)
+  model = models.build_model(config.model.name, data.num_classes, data.train_pool.class_names, **arch)
   adapted = client_lib.AdaptedModel(model, lora.lora_scale(config.lora.alpha, config.lora.rank,
-                                                           config.lora.rslora))
+                                                           config.lora.rslora),
+                                    "head" if models.has_head(config.model.name) else None)
   trainable, targets = initial_trainable(model, backbone, data.global_test["image"][:1],
                                          config.lora.target_regex, config.lora.rank,
                                          jax.random.fold_in(jax.random.key(config.seed), 1))

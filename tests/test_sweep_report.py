@@ -1,16 +1,17 @@
-"""Sweep config building and the report's mean ± std table."""
+"""Sweeps (expansion, workdirs, parallel runs, skip/resume, index) and the report (tables, plots)."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 from experiments import report, sweep
 
 
-def _fake_run(path, method, seed, global_acc, rounds=3, new_client=None):
+def _fake_run(path, method, seed, global_acc, rounds=3, new_client=None, benchmark="default"):
   os.makedirs(path)
   with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump({"method": method, "seed": seed, "fed": {"num_rounds": rounds}}, f)
+    json.dump({"benchmark": benchmark, "method": method, "seed": seed, "fed": {"num_rounds": rounds}}, f)
   with open(os.path.join(path, "metrics.jsonl"), "w") as f:
     for r in range(1, rounds + 1):
       record = {"round": r, "global_accuracy": global_acc * r / rounds, "personalized_accuracy_mean": 0.5,
@@ -29,19 +30,70 @@ def test_report_aggregates_seeds(tmp_path):
   with open(tmp_path / "unfinished" / "x" / "config.json", "w") as f:
     json.dump({"method": "flexlora", "seed": 0, "fed": {"num_rounds": 10}}, f)
   rows = [m for m in map(report.final_metrics, report.find_runs(str(tmp_path))) if m]
-  table = report.markdown_table(rows, reference="fedit")
+  table = report.markdown_table(rows, reference="fedit", target=0.5)
   # Reference: fedit's final global accuracy with the same seed (seed 0: 40%). Curves are
   # acc * round / 3, so flora (90% at round 3) passes 40% at round 2.
-  assert "| rounds to fedit's final global |" in table
-  assert "| fedit | 2 | 50.0 ± 10.0 | 50.0 ± 0.0 | 25.0 ± 0.0 | 6.00 | 3.0 ± 0.0 (2/2) |" in table
-  assert "| flora | 1 | 90.0 ± 0.0 | 50.0 ± 0.0 | 25.0 ± 0.0 | 6.00 | 2.0 ± 0.0 (1/1) |" in table
+  assert "| rounds to fedit's final global | rounds to 50% global |" in table
+  # Absolute target 50%: fedit seed 0 (40%) never, seed 1 (60%) at round 3; flora at round 2.
+  assert "| fedit | 2 | 50.0 ± 10.0 | 50.0 ± 0.0 | 25.0 ± 0.0 | 6.00 | 3.0 ± 0.0 (2/2) | 3.0 ± 0.0 (1/2) |" in table
+  assert "| flora | 1 | 90.0 ± 0.0 | 50.0 ± 0.0 | 25.0 ± 0.0 | 6.00 | 2.0 ± 0.0 (1/1) | 2.0 ± 0.0 (1/1) |" in table
   assert "| fedit | 30.0 ± 10.0 |" in table and "| flora | n/a |" in table  # New clients.
   assert "flexlora" not in table  # Unfinished runs are left out.
 
 
-def test_sweep_overrides_are_typed_and_checked():
-  config = sweep.make_config("flexlora", 2, ["fed.num_rounds=7", "data.partition=k_classes_per_client"], "smoke")
-  assert (config.method, config.seed, config.fed.num_rounds) == ("flexlora", 2, 7)
-  assert config.data.partition == "k_classes_per_client" and config.model.width == 16
+def test_report_groups_benchmarks_and_plots_mean_curves(tmp_path):
+  runs = tmp_path / "runs"
+  for seed, acc in ((0, 0.3), (1, 0.6)):
+    _fake_run(runs / "a" / "fedit" / f"seed{seed}", "fedit", seed, acc, benchmark="bench_a")
+  _fake_run(runs / "b" / "fedit" / "seed0", "fedit", 0, 0.9, benchmark="bench_b/x")
+  rows = [m for m in map(report.final_metrics, report.find_runs(str(runs))) if m]
+  x, mean, std = report.mean_curve([r for r in rows if r["benchmark"] == "bench_a"], "global_accuracy", "round")
+  np.testing.assert_allclose(x, [1, 2, 3])
+  np.testing.assert_allclose(mean, [0.15, 0.3, 0.45])
+  np.testing.assert_allclose(std, [0.05, 0.1, 0.15])
+  out = tmp_path / "report.md"
+  report.main([str(runs), "--out", str(out)])
+  text = out.read_text()
+  assert text.index("## bench_a") < text.index("## bench_b/x")
+  assert "| fedit | 2 | 45.0 ± 15.0 |" in text and "| fedit | 1 | 90.0 ± 0.0 |" in text
+  for png in ("bench_a.png", "bench_b__x.png"):
+    path = runs / "plots" / png
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    assert f"](runs/plots/{png})" in text  # Linked relative to the report file.
+
+
+def test_sweep_expands_configs_grid_methods_and_seeds():
+  specs = sweep.expand(["configs/label_skew.py:alpha=0.1", "configs/default.py"], ["fedit", "flora"], [0, 1],
+                       ["fed.num_rounds=7"], ["lora.rank=2,8"])
+  assert len(specs) == 2 * 2 * 2 * 2
+  spec = specs[0]
+  assert spec == sweep.RunSpec("configs/label_skew.py:alpha=0.1", "fedit", 0,
+                               ("fed.num_rounds=7", "lora.rank=2"), ("lora.rank=2",))
+  config = sweep.make_config(spec, "smoke")
+  assert (config.method, config.seed, config.fed.num_rounds, config.lora.rank) == ("fedit", 0, 7, 2)
+  assert config.benchmark == "label_skew_100/alpha0.1" and config.model.width == 16
+  assert sweep.workdir_of("runs", config.benchmark, spec) == "runs/label_skew_100/alpha0.1/fedit/lora.rank=2/seed0"
   with pytest.raises(ValueError, match="fed.no_such_field"):
-    sweep.make_config("fedit", 0, ["fed.no_such_field=1"])
+    sweep.make_config(sweep.RunSpec("configs/default.py", "fedit", 0, ("fed.no_such_field=1",)))
+  with pytest.raises(ValueError, match="no such config file"):
+    sweep.make_config(sweep.RunSpec("configs/nope.py", "fedit", 0))
+
+
+def test_parallel_sweep_runs_records_skips_and_reports_failures(tmp_path, cache_dirs):
+  fixed = (f"data.data_dir={cache_dirs['data_dir']}", f"pretrain.cache_dir={cache_dirs['cache_dir']}",
+           "fed.num_rounds=2")
+  specs = sweep.expand(["configs/default.py"], ["fedit", "flexlora"], [0], list(fixed), [])
+  broken = sweep.RunSpec("configs/default.py", "fedit", 1, fixed + ("data.name=no_such_dataset",))
+  runs = str(tmp_path / "runs")
+  lines = []
+  entries = sweep.run_sweep(specs + [broken], runs, jobs=2, variant="smoke", log=lines.append)
+  index = json.loads((tmp_path / "runs" / "index.json").read_text())["runs"]
+  assert [e["status"] for e in index] == ["finished", "finished", "failed"] == [e["status"] for e in entries]
+  assert index[0]["workdir"] == os.path.join(runs, "default", "fedit", "seed0")
+  assert index[0]["final"]["round"] == 2 and 0 <= index[0]["final"]["global_accuracy"] <= 1
+  assert "no_such_dataset" in index[2]["error"]
+  assert any(l.startswith("[FAILED]") for l in lines)
+  lines.clear()
+  again = sweep.run_sweep(specs, runs, jobs=2, variant="smoke", log=lines.append)
+  assert [e["status"] for e in again] == ["finished", "finished"]
+  assert lines == ["sweep: 2 runs, 2 already finished, 0 to run (2 at a time)"]

@@ -11,7 +11,7 @@ once, so no handwritten digit appears in two splits:
 
 Sizes at any resolution: pretrain 3,234, train 6,036, test 1,512 examples; 10 classes
 (chance accuracy 10%). Features: `image` uint8 [res, res, 3] (a `Tensor`, so neither
-encoding nor reading needs TensorFlow), `label` (0-9), `domain` (index into
+encoding nor reading needs TensorFlow), `label` (0-9, named zero ... nine), `domain` (index into
 `render.ALL_DOMAINS`). Stored as array_record; read with `as_data_source`.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ _SEED = 0
 _PRETRAIN_FRACTION = 0.30
 _TEST_FRACTION_OF_FEDERATED = 0.20
 _PRETRAIN_RENDERINGS = 6
+CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 def split_base_indices(num_base: int) -> dict[str, np.ndarray]:
@@ -48,7 +49,8 @@ class DigitsDomainsConfig(tfds.core.BuilderConfig):
 class DigitsDomains(tfds.core.GeneratorBasedBuilder):
   """Scikit-learn digits rendered in a pretraining domain and six federated domains."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "Class names (zero ... nine) for text prompts."}
   BUILDER_CONFIGS = [
       DigitsDomainsConfig(name=f"res{r}", resolution=r, description=f"{r}x{r} RGB")
       for r in (16, 24, 32)
@@ -62,7 +64,7 @@ class DigitsDomains(tfds.core.GeneratorBasedBuilder):
         description=__doc__,
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Tensor(shape=(res, res, 3), dtype=np.uint8),
-            "label": tfds.features.ClassLabel(num_classes=10),
+            "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
             "domain": tfds.features.ClassLabel(names=list(render.ALL_DOMAINS)),
         }),
         supervised_keys=("image", "label"),

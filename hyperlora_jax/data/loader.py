@@ -30,12 +30,14 @@ class ImageDataset:
     domains: [N] int32 domain ids.
     num_classes: number of classes.
     domain_names: name of each domain id.
+    class_names: name of each class id (for text prompts).
   """
   images: np.ndarray
   labels: np.ndarray
   domains: np.ndarray
   num_classes: int
   domain_names: tuple[str, ...]
+  class_names: tuple[str, ...] = ()
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -109,6 +111,7 @@ def load_image_dataset(name: str, split: str, data_dir: str | None = None,
     if num_classes not in (None, source_classes):
       raise ValueError(f"data.name: {source!r} has {source_classes} classes, the others {num_classes}")
     num_classes = source_classes
+    class_names = tuple(features["label"].names)
     records = _read_all(_data_source(builder, source, split, data_dir))
     images = np.stack([_to_rgb(np.asarray(r["image"]), image_size) for r in records])
     labels = np.array([r["label"] for r in records], np.int32)
@@ -122,4 +125,5 @@ def load_image_dataset(name: str, split: str, data_dir: str | None = None,
   return ImageDataset(images=np.concatenate([p[0] for p in parts]),
                       labels=np.concatenate([p[1] for p in parts]),
                       domains=np.concatenate([p[2] for p in parts]),
-                      num_classes=int(num_classes), domain_names=tuple(domain_names))
+                      num_classes=int(num_classes), domain_names=tuple(domain_names),
+                      class_names=class_names)

@@ -9,6 +9,9 @@ every example of either pool goes to exactly one client. Partitions depend only 
 Families (say which one a run uses):
   dirichlet_label_skew     per class over clients, p_c ~ Dir(alpha 1_N), redrawn until every
                            client has >= min_size train examples (NIID-Bench)
+  client_dirichlet         per client q_k ~ Dir(alpha 1_C) over classes (Hsu et al., 2019), each
+                           class rationed to its clients in proportion to q_k[c]: equal-sized
+                           clients in expectation, feasible for 100+ clients at alpha = 0.1
   k_classes_per_client     k classes per client, shares ~ U[0.4, 0.6] (pFedHN)
   one_domain_per_client    feature shift: client d holds domain d
   domain_dirichlet         feature + label shift: each domain split over its clients by
@@ -21,8 +24,8 @@ from typing import Callable
 import numpy as np
 
 Shares = dict  # group key -> [num_clients] float array summing to 1.
-ALLOWED_PARTITIONS = ("dirichlet_label_skew", "k_classes_per_client", "one_domain_per_client",
-                      "domain_dirichlet")
+ALLOWED_PARTITIONS = ("dirichlet_label_skew", "client_dirichlet", "k_classes_per_client",
+                      "one_domain_per_client", "domain_dirichlet")
 
 
 def _cuts(share: np.ndarray, group_size: int) -> np.ndarray:
@@ -64,6 +67,21 @@ def dirichlet_label_skew_shares(labels: np.ndarray, num_clients: int, alpha: flo
   classes = np.unique(labels)
   for _ in range(max_tries):
     shares = {int(c): rng.dirichlet(alpha * np.ones(num_clients)) for c in classes}
+    sizes = sum(_piece_sizes(shares[int(c)], int(np.sum(labels == c))) for c in classes)
+    if sizes.min() >= min_size:
+      return shares
+  raise ValueError(f"data.min_client_size={min_size} unreachable with {num_clients} clients, "
+                   f"alpha={alpha}, {len(labels)} examples after {max_tries} draws")
+
+
+def client_dirichlet_shares(labels: np.ndarray, num_clients: int, alpha: float,
+                            rng: np.random.Generator, min_size: int = 10, max_tries: int = 1000) -> Shares:
+  """q_k ~ Dir(alpha 1_C) per client; class c goes to client k in proportion q_k[c] / Σ_j q_j[c].
+  Redrawn until each client gets >= min_size examples."""
+  classes = np.unique(labels)
+  for _ in range(max_tries):
+    q = rng.dirichlet(alpha * np.ones(len(classes)), size=num_clients)  # [N, C]
+    shares = {int(c): q[:, i] / q[:, i].sum() for i, c in enumerate(classes)}
     sizes = sum(_piece_sizes(shares[int(c)], int(np.sum(labels == c))) for c in classes)
     if sizes.min() >= min_size:
       return shares
@@ -120,7 +138,7 @@ def domain_dirichlet_shares(labels: np.ndarray, domains: np.ndarray, clients_per
 
 def partition_keys(kind: str, labels: np.ndarray, domains: np.ndarray) -> np.ndarray:
   """[N] group key of each example for a partition family."""
-  if kind in ("dirichlet_label_skew", "k_classes_per_client"):
+  if kind in ("dirichlet_label_skew", "client_dirichlet", "k_classes_per_client"):
     return labels.astype(np.int64)
   if kind == "one_domain_per_client":
     return domains.astype(np.int64)
@@ -135,6 +153,8 @@ def make_shares(kind: str, labels: np.ndarray, domains: np.ndarray, num_clients:
   """Draws the shares of a partition family from the train pool's labels and domains."""
   if kind == "dirichlet_label_skew":
     return dirichlet_label_skew_shares(labels, num_clients, alpha, rng, min_size)
+  if kind == "client_dirichlet":
+    return client_dirichlet_shares(labels, num_clients, alpha, rng, min_size)
   if kind == "k_classes_per_client":
     return k_classes_per_client_shares(labels, num_clients, classes_per_client, rng)
   if kind == "one_domain_per_client":

@@ -1,14 +1,41 @@
 """Flax backbones. They know nothing of federation or LoRA."""
+from __future__ import annotations
+
+import dataclasses
+
+from hyperlora_jax.models.clip import CLIP
+from hyperlora_jax.models.mixer import Mixer
 from hyperlora_jax.models.vit import ViT
 
-ALLOWED_MODELS = ("vit",)
+MODELS = {"vit": ViT, "mixer": Mixer, "clip": CLIP}
+ALLOWED_MODELS = tuple(MODELS)
+# Attributes a config does not set: they come from the data.
+_DATA_FIELDS = ("num_classes", "class_names", "parent", "name")
 
 
-def build_model(name: str, num_classes: int, **kwargs):
-  """Builds a backbone by name (`vit`) with its architecture keyword arguments."""
-  if name == "vit":
-    return ViT(num_classes=num_classes, **kwargs)
-  raise ValueError(f"model.name={name!r}; allowed: {ALLOWED_MODELS}")
+def arch_fields(name: str) -> dict[str, object]:
+  """{field: default} of the architecture attributes `model.<field>` may set for a model."""
+  return {f.name: f.default for f in dataclasses.fields(MODELS[name])
+          if f.name not in _DATA_FIELDS and f.init}
+
+
+def build_model(name: str, num_classes: int, class_names: tuple[str, ...] | None = None, **arch):
+  """Builds a backbone by name with its architecture keyword arguments.
+
+  Args:
+    class_names: used by models that classify from text (`clip`); default 'class 0', ...
+  """
+  if name not in MODELS:
+    raise ValueError(f"model.name={name!r}; allowed: {ALLOWED_MODELS}")
+  if name == "clip":
+    names = tuple(class_names) if class_names else tuple(f"class {i}" for i in range(num_classes))
+    return CLIP(num_classes=num_classes, class_names=names, **arch)
+  return MODELS[name](num_classes=num_classes, **arch)
+
+
+def has_head(name: str) -> bool:
+  """Whether the model ends in a trainable `head` classifier (CLIP classifies from text)."""
+  return name != "clip"
 
 
 def preprocess_images(images):
