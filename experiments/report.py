@@ -21,6 +21,7 @@ import os
 import numpy as np
 
 from hyperlora_jax import reporting
+from hyperlora_jax.methods import METHODS
 
 
 def find_runs(runs_dir: str) -> list[str]:
@@ -64,8 +65,10 @@ def _rounds_to(group: list[dict], targets: dict[int, float]) -> str:
 
 
 def _ordered_methods(rows: list[dict]) -> list[str]:
-  order = [r["method"] for r in rows]
-  return sorted(set(order), key=order.index)
+  """The methods present, in `methods.METHODS` order (unknown names last, alphabetically)."""
+  known = list(METHODS)
+  return sorted({r["method"] for r in rows},
+                key=lambda m: (known.index(m), "") if m in known else (len(known), m))
 
 
 def markdown_table(rows: list[dict], reference: str | None = None, target: float | None = None) -> str:

@@ -58,6 +58,8 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     if heads in arch:
       _require(arch[width] % arch[heads] == 0, f"model.{heads}",
                f"{arch[heads]} must divide model.{width}={arch[width]}")
+  if "vocab_size" in model:  # Ids 0 and 1 are reserved (padding, start).
+    _positive_int(config, "model.vocab_size", minimum=3)
   if "mlp_ratio" in arch:
     _require(arch["mlp_ratio"] > 0, "model.mlp_ratio", "must be > 0")
   if "prompt_template" in arch:

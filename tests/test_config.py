@@ -73,3 +73,28 @@ def test_hyperlora_ablation_configs_switch_components_off():
   assert (both.generator, both.corrector) == (False, "none")
   with pytest.raises(ValueError, match="ablation"):
     hyperlora.get_config("ablation=no_such_thing")
+
+
+@pytest.mark.parametrize("config_arg,field,value,named", [
+    ("smoke,model=mixer", "model.tokens_mlp_dim", 0, "model.tokens_mlp_dim"),
+    ("smoke,model=mixer", "model.patch_size", 3, "model.patch_size"),
+    ("smoke", "model.text_heads", 3, "model.text_heads"),
+    ("smoke", "model.prompt_template", "a photo of a digit", "model.prompt_template"),
+    ("smoke", "model.vocab_size", 2, "model.vocab_size"),
+    ("smoke", "pretrain.npz_path", "/no/such/file.npz", "pretrain.npz_path"),
+])
+def test_invalid_backbone_field_is_named(config_arg, field, value, named):
+  from configs import domainnet_like, vision_language
+  module = domainnet_like if "mixer" in config_arg else vision_language
+  config = module.get_config(config_arg)
+  sweep.set_field(config, field, value)
+  with pytest.raises(ConfigError, match=rf"^{named.replace('.', '[.]')}"):
+    validate_config(config, methods.METHODS)
+
+
+def test_a_field_of_another_backbone_is_named():
+  from configs import domainnet_like
+  config = domainnet_like.get_config("model=mixer")
+  config.model.num_heads = 4  # A ViT field.
+  with pytest.raises(ConfigError, match=r"^model[.]num_heads: not a field of model 'mixer'; its fields: patch_size"):
+    validate_config(config, methods.METHODS)
