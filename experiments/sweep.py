@@ -9,7 +9,7 @@ skipped, interrupted ones resume from their last checkpoint, so rerunning the sa
 finishes a sweep. Backbones and datasets are prepared once, in this process, before any run
 starts; `--jobs N` then runs N runs at once, each in its own process. RUNS_DIR/index.json lists
 every run of the sweep (config, method, seed, overrides, workdir, status, seconds, final
-metrics, error), rewritten after each run. A failed run is recorded and the sweep goes on; the
+metrics, error), rewritten after each run; earlier sweeps' runs into the same RUNS_DIR stay in it. A failed run is recorded and the sweep goes on; the
 command exits non-zero if any run failed.
 """
 from __future__ import annotations
@@ -123,6 +123,13 @@ def is_finished(workdir: str, num_rounds: int) -> bool:
   return bool(records) and records[-1]["round"] >= num_rounds
 
 
+def final_metrics(records: list[dict]) -> dict:
+  """The accuracies, new-client accuracies, round and total bytes of the last evaluated round."""
+  last = [r for r in records if r.get("personalized_accuracy_mean") is not None][-1]
+  return {k: v for k, v in last.items() if "accuracy" in k or k.startswith("new_client_")
+          or k in ("round", "cum_bytes")}
+
+
 def run_one(spec: RunSpec, workdir: str, variant: str) -> dict:
   """Runs (or resumes) one run; returns its index entry. Never raises."""
   from hyperlora_jax.train import train_and_evaluate  # In the worker process.
@@ -131,11 +138,8 @@ def run_one(spec: RunSpec, workdir: str, variant: str) -> dict:
   try:
     config = make_config(spec, variant)
     result = train_and_evaluate(config, workdir, progress=False, log=lambda _: None)
-    last = [r for r in result["records"] if r.get("personalized_accuracy_mean") is not None][-1]
-    final = {k: v for k, v in last.items() if k.endswith("accuracy") or "accuracy_" in k
-             or k.startswith("new_client_") or k in ("round", "cum_bytes")}
-    return {"status": "finished", "seconds": round(time.time() - start, 1), "final": final,
-            "summary": result["summary"]}
+    return {"status": "finished", "seconds": round(time.time() - start, 1),
+            "final": final_metrics(result["records"]), "summary": result["summary"]}
   except Exception as e:  # Recorded in the index; the sweep goes on.
     return {"status": "failed", "seconds": round(time.time() - start, 1),
             "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
@@ -162,10 +166,22 @@ def prepare_shared_inputs(configs: list, log=print) -> None:
       log(f"sweep: preparing inputs for {config.benchmark} failed ({type(e).__name__}: {e})")
 
 
-def write_index(runs_dir: str, entries: list[dict]) -> None:
+def read_index(runs_dir: str) -> list[dict]:
+  path = os.path.join(runs_dir, INDEX_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return json.load(f)["runs"]
+
+
+def write_index(runs_dir: str, entries: list[dict], earlier: list[dict] = ()) -> None:
+  """Writes `entries` after the `earlier` entries of other workdirs (earlier sweeps into the
+  same RUNS_DIR), atomically."""
+  mine = {e["workdir"] for e in entries}
+  runs = [e for e in earlier if e["workdir"] not in mine] + entries
   tmp = os.path.join(runs_dir, INDEX_FILE + ".tmp")
   with open(tmp, "w") as f:
-    json.dump({"runs": entries}, f, indent=1)
+    json.dump({"runs": runs}, f, indent=1)
   os.replace(tmp, os.path.join(runs_dir, INDEX_FILE))
 
 
@@ -178,22 +194,31 @@ def run_sweep(specs: list[RunSpec], runs_dir: str, jobs: int = 1, variant: str =
   configs = [make_config(s, variant) for s in specs]
   for config in configs:  # Every config error surfaces before anything runs.
     validate_config(config, methods.METHODS)
+  earlier = read_index(runs_dir)
+  previous = {e["workdir"]: e for e in earlier}
   entries = []
   for spec, config in zip(specs, configs):
     workdir = workdir_of(runs_dir, config.benchmark, spec)
-    entries.append({"config": spec.config_spec, "benchmark": config.benchmark, "method": spec.method,
-                    "seed": spec.seed, "overrides": list(spec.overrides), "workdir": workdir,
-                    "status": "finished" if is_finished(workdir, config.fed.num_rounds) else "pending"})
+    entry = {"config": spec.config_spec, "benchmark": config.benchmark, "method": spec.method,
+             "seed": spec.seed, "overrides": list(spec.overrides), "workdir": workdir, "status": "pending"}
+    if is_finished(workdir, config.fed.num_rounds):  # Keep what the sweep that ran it recorded.
+      entry = {**previous.get(workdir, {}), **entry, "status": "finished"}
+      entry.pop("error", None)
+      entry.pop("traceback", None)
+      entry.setdefault("final", final_metrics(reporting.read_metrics(workdir)))
+    entries.append(entry)
   todo = [i for i, e in enumerate(entries) if e["status"] == "pending"]
   log(f"sweep: {len(entries)} runs, {len(entries) - len(todo)} already finished, {len(todo)} to run "
       f"({jobs} at a time)")
-  write_index(runs_dir, entries)
+  write_index(runs_dir, entries, earlier)
   prepare_shared_inputs([configs[i] for i in todo], log)
 
   def record(i: int, outcome: dict) -> None:
     entries[i].update(outcome)
-    entries[i].pop("traceback", None) if outcome["status"] == "finished" else None
-    write_index(runs_dir, entries)
+    if outcome["status"] == "finished":
+      entries[i].pop("traceback", None)
+      entries[i].pop("error", None)
+    write_index(runs_dir, entries, earlier)
     tag = "done" if outcome["status"] == "finished" else "FAILED"
     log(f"[{tag}] {entries[i]['workdir']} in {outcome['seconds']:.0f}s"
         + (f": {outcome['error']}" if outcome["status"] == "failed" else ""))

@@ -96,4 +96,8 @@ def test_parallel_sweep_runs_records_skips_and_reports_failures(tmp_path, cache_
   lines.clear()
   again = sweep.run_sweep(specs, runs, jobs=2, variant="smoke", log=lines.append)
   assert [e["status"] for e in again] == ["finished", "finished"]
+  assert again[0]["final"] == index[0]["final"] and again[0]["seconds"] == index[0]["seconds"]
   assert lines == ["sweep: 2 runs, 2 already finished, 0 to run (2 at a time)"]
+  # One index for the runs dir: the failed run of the first sweep is still listed.
+  merged = json.loads((tmp_path / "runs" / "index.json").read_text())["runs"]
+  assert sorted(e["status"] for e in merged) == ["failed", "finished", "finished"]
