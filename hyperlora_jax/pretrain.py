@@ -93,7 +93,8 @@ def pretrain(model, data: ImageDataset, *, steps: int, batch_size: int, learning
   """
   is_clip = isinstance(model, clip_lib.CLIP)
   loss_fn = contrastive_loss(model) if is_clip else supervised_loss(model)
-  captions = caption_tokens(model, model.class_names) if is_clip else np.zeros((1, 1, 1), np.int32)
+  captions = caption_tokens(model, model.class_names) if is_clip else None
+  no_captions = np.zeros((batch_size, 1), np.int32)
   rng = np.random.default_rng(seed)
   order = rng.permutation(len(data))
   n_hold = max(1, len(data) // 10)
@@ -117,7 +118,9 @@ def pretrain(model, data: ImageDataset, *, steps: int, batch_size: int, learning
   for i in range(steps):
     batch = rng.choice(len(train), size=batch_size, replace=False)
     labels = train.labels[batch]
-    batch_captions = captions[rng.integers(len(captions), size=batch_size), labels % captions.shape[1]]
+    # Only CLIP draws caption templates, so a classifier's batch stream is that of plain supervised training.
+    batch_captions = (captions[rng.integers(len(captions), size=batch_size), labels] if is_clip
+                      else no_captions)
     variables, opt_state, loss = step(variables, opt_state, train.images[batch], labels, batch_captions)
     if (i + 1) % max(1, steps // 5) == 0:
       log(f"  pretrain step {i + 1}/{steps}: loss {float(loss):.3f}")
