@@ -50,11 +50,8 @@ def _vit_source_name(name: str, flat: dict) -> str | None:
   """The checkpoint name holding our ViT parameter `name` (None if absent)."""
   m = re.fullmatch(r"encoder/block_(\d+)/(norm1|norm2|attn|mlp/fc1|mlp/fc2)(/.*)", name)
   if m:
-    block, part, rest = m.groups()
-    if part == "attn":  # rest = /query/kernel etc.
-      candidates = [f"Transformer/encoderblock_{block}/{c}{rest}" for c in _VIT_BLOCK_NAMES["attn"]]
-    else:
-      candidates = [f"Transformer/encoderblock_{block}/{c}{rest}" for c in _VIT_BLOCK_NAMES[part]]
+    block, part, rest = m.groups()  # rest: '/scale', '/query/kernel', ...
+    candidates = [f"Transformer/encoderblock_{block}/{c}{rest}" for c in _VIT_BLOCK_NAMES[part]]
   elif name.startswith("encoder/norm/"):
     candidates = ["Transformer/encoder_norm/" + name.split("/")[-1]]
   elif name == "pos_embedding":
