@@ -26,6 +26,14 @@ LORA_TARGETS = {
 }
 
 
+def use_embedded_model(config: ml_collections.ConfigDict, args: dict, benchmark: str) -> None:
+  """The `model=vit|mixer|clip` of a config's args (default vit) as its backbone, and the
+  benchmark name (with '/<model>' for a non-default backbone)."""
+  model = args.get("model", "vit")
+  config.benchmark = benchmark if model == "vit" else f"{benchmark}/{model}"
+  set_model(config, EMBEDDED_MODELS[model], smoke=bool(args.get("smoke")))
+
+
 def set_model(config: ml_collections.ConfigDict, fields: dict, smoke: bool = False) -> None:
   """Replaces `config.model` with `fields` (smoke: tiny sizes) and sets the LoRA targets."""
   fields = dict(fields)

@@ -20,9 +20,7 @@ def get_config(arg: str | None = None):
   args = default.parse_arg(arg)
   config = default.get_config(arg)
   per_domain = int(args.get("clients_per_domain", 5))
-  model = args.get("model", "vit")
-  config.benchmark = f"domainnet_like/{per_domain}_per_domain" + ("" if model == "vit" else f"/{model}")
-  benchmarks.set_model(config, benchmarks.EMBEDDED_MODELS[model], smoke=bool(args.get("smoke")))
+  benchmarks.use_embedded_model(config, args, f"domainnet_like/{per_domain}_per_domain")
   config.data.dirichlet_alpha = float(args.get("alpha", 0.5))
   if per_domain == 1:
     config.data.partition, config.data.num_clients = "one_domain_per_client", 6

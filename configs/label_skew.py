@@ -17,9 +17,7 @@ def get_config(arg: str | None = None):
   args = default.parse_arg(arg)
   config = default.get_config(arg)
   alpha = float(args.get("alpha", 0.5))
-  model = args.get("model", "vit")
-  config.benchmark = f"label_skew_100/alpha{alpha:g}" + ("" if model == "vit" else f"/{model}")
-  benchmarks.set_model(config, benchmarks.EMBEDDED_MODELS[model], smoke=bool(args.get("smoke")))
+  benchmarks.use_embedded_model(config, args, f"label_skew_100/alpha{alpha:g}")
   config.data.partition = "client_dirichlet"
   config.data.dirichlet_alpha = alpha
   config.data.num_clients, config.fed.clients_per_round = 100, 10

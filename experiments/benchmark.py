@@ -48,8 +48,7 @@ def _best_time(fn, repeats: int) -> float:
 def main(argv):
   del argv
   config = default.get_config()
-  arch = {k: v for k, v in config.model.to_dict().items() if k != "name"}
-  model = models.build_model(config.model.name, 10, **arch)
+  model = models.model_from_config(config.model, 10)
   size = config.data.image_size
   example = jnp.zeros((1, size, size, 3), jnp.uint8)
   variables = model.init(jax.random.key(0), models.preprocess_images(example))

@@ -149,17 +149,16 @@ def prepare_shared_inputs(configs: list, log=print) -> None:
   """Builds every dataset and backbone the runs need, once, before runs start in parallel.
   A failure here is only logged: the runs that need that input fail and are recorded."""
   from hyperlora_jax import pretrain
-  from hyperlora_jax.data.loader import load_image_dataset
+  from hyperlora_jax.data.loader import prepare_dataset
   done = set()
   for config in configs:
-    data_key = (config.data.name, config.data.data_dir, config.data.image_size)
-    backbone_key = config.pretrain.npz_path or pretrain.cache_path(config)
+    data_key = (config.data.name, config.data.data_dir)
+    backbone_key = None if config.pretrain.npz_path else pretrain.cache_path(config)  # A .npz needs nothing.
     try:
       if data_key not in done:
         done.add(data_key)
-        for split in (config.data.train_split, config.data.test_split):
-          load_image_dataset(config.data.name, split, config.data.data_dir or None, config.data.image_size)
-      if backbone_key not in done:
+        prepare_dataset(config.data.name, config.data.data_dir or None)
+      if backbone_key and backbone_key not in done:
         done.add(backbone_key)
         pretrain.load_or_pretrain(config, log=log)
     except Exception as e:  # The affected runs report it themselves.

@@ -130,13 +130,9 @@ def pretrain(model, data: ImageDataset, *, steps: int, batch_size: int, learning
 
 
 def _abstract_backbone(config, num_classes: int) -> Any:
-  model = models.build_model(config.model.name, num_classes, **_arch(config))
+  model = models.model_from_config(config.model, num_classes)
   shape = (1, config.data.image_size, config.data.image_size, 3)
   return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape, jnp.float32))
-
-
-def _arch(config) -> dict:
-  return {k: v for k, v in config.model.to_dict().items() if k != "name"}
 
 
 def load_npz_backbone(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> tuple[Any, dict]:
@@ -181,7 +177,7 @@ def load_or_pretrain(config: ml_collections.ConfigDict,
                          f"corrupt cache. Remove that directory to pretrain again.")
     data = load_image_dataset(config.pretrain.data_name, config.pretrain.split,
                               config.data.data_dir or None, config.data.image_size)
-    model = models.build_model(config.model.name, data.num_classes, data.class_names, **_arch(config))
+    model = models.model_from_config(config.model, data.num_classes, data.class_names)
     log(f"backbone: pretraining {config.model.name} on {config.pretrain.data_name}:"
         f"{config.pretrain.split} ({len(data)} images, {config.pretrain.steps} steps)")
     variables, info = pretrain(model, data, steps=config.pretrain.steps,

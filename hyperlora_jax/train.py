@@ -80,14 +80,13 @@ def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], Non
   _check_method_fits(config, method)
   data = build_federated_data(config)
   backbone, _ = pretrain.load_or_pretrain(config, log)
-  arch = {k: v for k, v in config.model.to_dict().items() if k != "name"}
-  model = models.build_model(config.model.name, data.num_classes, data.train_pool.class_names, **arch)
-  adapted = client_lib.AdaptedModel(model, lora.lora_scale(config.lora.alpha, config.lora.rank,
-                                                           config.lora.rslora),
-                                    "head" if models.has_head(config.model.name) else None)
+  model = models.model_from_config(config.model, data.num_classes, data.train_pool.class_names)
   trainable, targets = initial_trainable(model, backbone, data.global_test["image"][:1],
                                          config.lora.target_regex, config.lora.rank,
                                          jax.random.fold_in(jax.random.key(config.seed), 1))
+  adapted = client_lib.AdaptedModel(model, lora.lora_scale(config.lora.alpha, config.lora.rank,
+                                                           config.lora.rslora),
+                                    "head" if trainable["head"] else None)  # CLIP has no head.
   client_signatures = new_signatures = None
   if method.signature_kinds:
     hl = config.hyperlora

@@ -57,6 +57,13 @@ def _builder(name: str, data_dir: str):
   return tfds.builder(name, data_dir=data_dir)
 
 
+def prepare_dataset(name: str, data_dir: str | None = None) -> None:
+  """Generates the embedded dataset(s) in `name` if not yet there (real datasets must already
+  be prepared); e.g. once before several processes read it."""
+  for source in name.split("+"):
+    _builder(source, data_dir or DEFAULT_DATA_DIR)
+
+
 def _data_source(builder, name: str, split: str, data_dir: str):
   """Random-access records of a prepared split (array_record), with a clear error otherwise."""
   try:

@@ -33,6 +33,12 @@ def build_model(name: str, num_classes: int, class_names: tuple[str, ...] | None
   return MODELS[name](num_classes=num_classes, **arch)
 
 
+def model_from_config(model_config, num_classes: int, class_names: tuple[str, ...] | None = None):
+  """`build_model` from a config's `model` block (`name` plus architecture fields)."""
+  arch = {k: v for k, v in model_config.items() if k != "name"}
+  return build_model(model_config.name, num_classes, class_names, **arch)
+
+
 def has_head(name: str) -> bool:
   """Whether the model ends in a trainable `head` classifier (CLIP classifies from text)."""
   return name != "clip"
