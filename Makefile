@@ -15,9 +15,15 @@ run: $(VENV)/.installed
 	$(PY) -m experiments.main --config configs/default.py --methods hyperlora,fedit --workdir runs/default
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
-bench: $(VENV)/.installed
-	$(PY) -m experiments.benchmark --out benchmarks/round_speed.json
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
-.PHONY: install run test bench
+BENCH_OUT ?= benchmarks/round_speed.json
+BENCH_FLAGS ?=
+bench: $(VENV)/.installed
+	$(PY) -m experiments.benchmark --out $(BENCH_OUT) $(BENCH_FLAGS)
+
+.PHONY: install run test lint bench

@@ -23,9 +23,11 @@ import numpy as np
 from absl import app, flags
 
 from configs import default
-from hyperlora_jax import client as client_lib
-from hyperlora_jax import engine, lora, models, params
-from hyperlora_jax.train import build_optimizer, initial_trainable
+from hyperlora_jax import lora, models, primitives
+from hyperlora_jax.client import local_update
+from hyperlora_jax.optimizers import build_optimizer
+from hyperlora_jax.tasks.image_classification import ImageClassification, frozen_tree
+from hyperlora_jax.train import initial_trainable
 
 _CLIENTS = flags.DEFINE_string("clients", "16,64,256", "Comma-separated cohort sizes C.")
 _STEPS = flags.DEFINE_integer("local_steps", 10, "Local steps per client.")
@@ -55,15 +57,16 @@ def main(argv):
   backbone = {"params": {k: v for k, v in variables["params"].items() if k != "head"}}
   trainable, _ = initial_trainable(model, backbone, example, config.lora.target_regex, config.lora.rank,
                                    jax.random.key(1))
-  adapted = client_lib.AdaptedModel(model, lora.lora_scale(config.lora.alpha, config.lora.rank))
-  optimizer = build_optimizer(config.client_optimizer)
+  task = ImageClassification(model, lora.lora_scale(config.lora.alpha, config.lora.rank))
+  client_update = local_update(task.loss_fn, build_optimizer(config.client_optimizer))
+  frozen = frozen_tree(backbone)
   ones = jax.tree.map(lambda _: jnp.float32(1.0), trainable)
 
   def one_client(start, block):
-    return client_lib.local_update(adapted, optimizer, backbone, {}, start, ones, block)[0]
+    return client_update(start, frozen, block, jax.random.key(0), ones)[0]
 
   single = jax.jit(one_client)
-  vmapped = jax.jit(lambda starts, block: engine.map_clients(
+  vmapped = jax.jit(lambda starts, block: primitives.map_clients(
       lambda xs: one_client(*xs), (starts, block), _CHUNK.value, None))
   results = []
   for num in (int(c) for c in _CLIENTS.value.split(",")):
@@ -72,7 +75,7 @@ def main(argv):
     block = {"image": jnp.asarray(rng.integers(0, 256, shape + (size, size, 3), dtype=np.uint8)),
              "label": jnp.asarray(rng.integers(0, 10, shape, dtype=np.int32)),
              "mask": jnp.ones(shape, jnp.float32)}
-    starts = params.broadcast_clients(trainable, num)
+    starts = primitives.broadcast(trainable, num)
     client_blocks = [jax.tree.map(lambda x, i=i: x[i], block) for i in range(num)]
     t_vmap = _best_time(lambda: vmapped(starts, block), _REPEATS.value)
     t_loop = _best_time(lambda: [single(trainable, b) for b in client_blocks], _REPEATS.value)
@@ -86,7 +89,7 @@ def main(argv):
           flush=True)
   report = {"device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
             "backend": jax.default_backend(), "jax": jax.__version__, "machine": platform.machine(),
-            "model": arch, "lora_rank": config.lora.rank, "local_steps": _STEPS.value,
+            "model": config.model.to_dict(), "lora_rank": config.lora.rank, "local_steps": _STEPS.value,
             "batch_size": _BATCH.value, "clients_per_chunk": _CHUNK.value, "results": results}
   if _OUT.value:
     with open(_OUT.value, "w") as f:

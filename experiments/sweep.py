@@ -192,7 +192,7 @@ def run_sweep(specs: list[RunSpec], runs_dir: str, jobs: int = 1, variant: str =
   os.makedirs(runs_dir, exist_ok=True)
   configs = [make_config(s, variant) for s in specs]
   for config in configs:  # Every config error surfaces before anything runs.
-    validate_config(config, methods.METHODS)
+    validate_config(config, methods.METHODS, methods.METHOD_BLOCKS)
   earlier = read_index(runs_dir)
   previous = {e["workdir"]: e for e in earlier}
   entries = []

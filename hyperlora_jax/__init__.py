@@ -1,8 +1,27 @@
 """hyperlora_jax: federated LoRA fine-tuning of foundation models in JAX/Flax.
 
-Layout: `models/` (Flax backbones), `lora.py` (LoRA on any Flax model), `data/` (offline
-TFDS data, partitions, padded blocks), `client.py` (one client's local steps),
-`aggregators/` (pure server rules), `methods.py` (compositions), `engine.py` (the
-jit-compiled vmapped round), `train.py` (the run loop).
+The library (pure functions; no configs, no I/O but `peft`):
+  lora         LoRA on any Flax Linen model (Dense, DenseGeneral, Conv, Embed, Einsum) and on
+               NNX models (Linear, Embed): find targets, init, apply factored, merge, truncate
+  client       `local_update(loss_fn, optimizer)`: one client's local steps for any loss
+               `loss_fn(trainable, frozen, batch, rng) -> (loss, aux)`
+  primitives   broadcast / map_clients (chunked, sharded) / weighted_mean on a clients axis
+  aggregators  one contract, `Aggregator(init, aggregate, capabilities)`, for every method;
+               the per-layer combinator and `partition`
+  federated    `FederatedRound`: the jit-compiled round built from those pieces, with plug-ins
+  hyper        HyperLoRA: signatures, the generator (a plug-in), the synthesizer (an aggregator)
+  peft         adapters to and from Hugging Face PEFT's safetensors layout
+  tasks        tasks built on the library (image classification)
+
+Above it (configs, data, model zoo, runs): `models/`, `data/`, `methods.py`, `train.py`,
+and `experiments/`.
 """
-__version__ = "0.1.0"
+from hyperlora_jax import aggregators, hyper, lora, peft, primitives
+from hyperlora_jax.client import ClientUpdate, local_update, masked_mean
+from hyperlora_jax.federated import NEW_CLIENT, FederatedRound, Plugin, RoundOutcome, communication_bytes
+from hyperlora_jax.primitives import broadcast, make_mesh, map_clients, weighted_mean
+
+__version__ = "0.2.0"
+__all__ = ["NEW_CLIENT", "ClientUpdate", "FederatedRound", "Plugin", "RoundOutcome", "aggregators",
+           "broadcast", "communication_bytes", "hyper", "local_update", "lora", "make_mesh", "map_clients",
+           "masked_mean", "peft", "primitives", "weighted_mean"]

@@ -1,80 +1,85 @@
-"""One client's local LoRA update: a `lax.scan` over its padded batches.
+"""One client's local update for any model and loss: a `lax.scan` over its batches.
 
-The engine vmaps `local_update` over the clients axis; the backbone and the base deltas are
-closed over unbatched (one copy for all clients).
+A loss function is `loss_fn(trainable, frozen, batch, rng) -> (loss, aux)`:
+  trainable  the pytree the client trains (a LoRA adapter, a head, ...);
+  frozen     what it does not (the backbone's variables, and anything else the task needs);
+  batch      one step's pytree of arrays, e.g. {"x": [B, ...], "y": [B]}; an optional
+             "mask" [B] (1 = real example, 0 = padding) is the loss's to honour, and is used
+             here to count examples and skip empty steps;
+  rng        a PRNG key for this step (dropout, noise), distinct per client and step.
+Classification, regression and next-token losses all fit (`masked_mean` helps with masks).
+
+`local_update(loss_fn, optimizer)` returns a `ClientUpdate`, a pure function the round vmaps
+over clients: the frozen tree enters unbatched (one copy for all clients).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from hyperlora_jax import lora as lora_lib
-from hyperlora_jax.models import preprocess_images
+Tree = Any
+LossFn = Callable[[Tree, Tree, Tree, jax.Array], tuple[jax.Array, Any]]
+
+
+def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Mean of `values` [B] over unmasked entries (0 if none); plain mean when mask is None."""
+  if mask is None:
+    return jnp.mean(values)
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def example_count(batch: Tree) -> jax.Array:
+  """Real examples in one step's batch: Σ mask if the batch has a "mask", else its size."""
+  if isinstance(batch, dict) and "mask" in batch:
+    return jnp.sum(batch["mask"])
+  return jnp.asarray(jax.tree.leaves(batch)[0].shape[0], jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
-class AdaptedModel:
-  """A frozen Flax backbone run with a trainable `{"lora": ..., "head": ...}` pytree.
+class ClientUpdate:
+  """`update(start, frozen, batches, rng, update_mask=None) -> (trained, metrics)`.
 
-  Attributes:
-    model: the Flax module (knows nothing of LoRA).
-    scale: LoRA scale s = alpha / r.
-    head_name: top-level param collection entry replaced by `trainable["head"]` (None: no
-      trainable head).
-  """
-  model: nn.Module
-  scale: float
-  head_name: str | None = "head"
-
-  def logits(self, backbone: Any, trainable: Any, images: jax.Array,
-             base_delta: Any = None) -> jax.Array:
-    """images: [B, H, W, 3] uint8 -> logits [B, num_classes]."""
-    params = backbone
-    if self.head_name is not None:
-      params = {**backbone, "params": {**backbone["params"], self.head_name: trainable["head"]}}
-    return lora_lib.apply(self.model, params, trainable["lora"], preprocess_images(images),
-                          scale=self.scale, base_delta=base_delta)
-
-
-def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
-  """Mean cross-entropy over unmasked examples (0 if none). logits [B, K], labels/mask [B]."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
-def masked_correct(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
-  """Number of correct unmasked predictions (scalar float)."""
-  return jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
-
-
-def local_update(adapted: AdaptedModel, optimizer: optax.GradientTransformation, backbone: Any,
-                 base_delta: Any, start: Any, update_mask: Any, block: dict[str, jax.Array]):
-  """Runs one client's local steps from `start` with a fresh optimizer state.
-
+  Runs one client's local steps from `start` with a fresh optimizer state.
   Args:
     start: the client's initial trainable pytree.
+    frozen: the frozen pytree, passed to `loss_fn` as is.
+    batches: pytree with a leading [S] steps axis (S local steps).
+    rng: PRNG key; step s gets `fold_in(rng, s)`.
     update_mask: pytree like `start` of float scalars; 0 freezes a leaf (FFA-LoRA's A,
-      RoLoRA's alternation) by zeroing its updates.
-    block: {"image": [S, B, H, W, 3] uint8, "label": [S, B], "mask": [S, B]}.
+      RoLoRA's alternation, components beyond a client's rank) by zeroing its updates.
   Returns:
-    (trained pytree like `start`, {"loss": mean train loss over unmasked steps,
-     "examples": number of unmasked examples seen}).
+    (trained pytree like `start`, {"loss": mean loss over steps with examples,
+     "examples": examples seen, "aux": `loss_fn`'s aux of the last step}).
   """
-  def step(carry, batch):
-    params, opt_state = carry
-    loss_fn = lambda p: masked_cross_entropy(
-        adapted.logits(backbone, p, batch["image"], base_delta), batch["label"], batch["mask"])
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    updates = jax.tree.map(lambda u, m: u * m, updates, update_mask)
-    return (optax.apply_updates(params, updates), opt_state), (loss, jnp.sum(batch["mask"]))
+  loss_fn: LossFn
+  optimizer: optax.GradientTransformation
 
-  (trained, _), (losses, counts) = jax.lax.scan(step, (start, optimizer.init(start)), block)
-  active = (counts > 0).astype(losses.dtype)
-  mean_loss = jnp.sum(losses * active) / jnp.maximum(jnp.sum(active), 1.0)
-  return trained, {"loss": mean_loss, "examples": jnp.sum(counts)}
+  def __call__(self, start: Tree, frozen: Tree, batches: Tree, rng: jax.Array,
+               update_mask: Tree | None = None) -> tuple[Tree, dict]:
+    num_steps = jax.tree.leaves(batches)[0].shape[0]
+
+    def step(carry, inputs):
+      params, opt_state = carry
+      batch, key = inputs
+      (loss, aux), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(params, frozen, batch, key)
+      updates, opt_state = self.optimizer.update(grads, opt_state, params)
+      if update_mask is not None:
+        updates = jax.tree.map(lambda u, m: u * m, updates, update_mask)
+      return (optax.apply_updates(params, updates), opt_state), (loss, example_count(batch), aux)
+
+    keys = jax.vmap(lambda s: jax.random.fold_in(rng, s))(jnp.arange(num_steps))
+    (trained, _), (losses, counts, aux) = jax.lax.scan(
+        step, (start, self.optimizer.init(start)), (batches, keys))
+    active = (counts > 0).astype(losses.dtype)
+    mean_loss = jnp.sum(losses * active) / jnp.maximum(jnp.sum(active), 1.0)
+    return trained, {"loss": mean_loss, "examples": jnp.sum(counts),
+                     "aux": jax.tree.map(lambda x: x[-1], aux)}
+
+
+def local_update(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> ClientUpdate:
+  """A client update of `loss_fn` steps with `optimizer` (see `ClientUpdate`)."""
+  return ClientUpdate(loss_fn, optimizer)

@@ -4,15 +4,16 @@ Every error names the field and what is allowed.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 
 import ml_collections
 
 from hyperlora_jax.data.partition import ALLOWED_PARTITIONS
-from hyperlora_jax.aggregators.synthesis import CORRECTORS
-from hyperlora_jax.generator import GENERATOR_LOSSES
-from hyperlora_jax.signatures import parse_kinds
+from hyperlora_jax.hyper.generator import GENERATOR_LOSSES
+from hyperlora_jax.hyper.signatures import parse_kinds
+from hyperlora_jax.hyper.synthesis import CORRECTORS
 from hyperlora_jax.models import ALLOWED_MODELS, arch_fields
 from hyperlora_jax.optimizers import ALLOWED_OPTIMIZERS
 
@@ -74,8 +75,21 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     _require(os.path.isfile(npz), "pretrain.npz_path", f"no such file: {npz!r}")
 
 
-def validate_config(config: ml_collections.ConfigDict, allowed_methods) -> None:
-  """Raises `ConfigError` naming the first invalid field."""
+def unused_blocks(config: ml_collections.ConfigDict, method_blocks: dict) -> set[str]:
+  """Method-specific blocks present in `config` that its method does not read."""
+  every = {block for blocks in method_blocks.values() for block in blocks}
+  return {b for b in every if b in config} - set(method_blocks.get(config.method, ()))
+
+
+def used_config(config: ml_collections.ConfigDict, method_blocks: dict) -> dict:
+  """The config as a JSON-able dict without the blocks of other methods (what a run depends on)."""
+  unused = unused_blocks(config, method_blocks)
+  return {k: v for k, v in json.loads(config.to_json()).items() if k not in unused}
+
+
+def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_blocks: dict | None = None) -> None:
+  """Raises `ConfigError` naming the first invalid field. Blocks of other methods than
+  `config.method` (`method_blocks`: {method: blocks it reads}) are not checked."""
   _one_of(config.method, sorted(allowed_methods), "method")
   _require(isinstance(config.seed, int), "seed", f"must be an integer, got {config.seed!r}")
   data, fed = config.data, config.fed
@@ -106,14 +120,15 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods) -> None:
            "lora.client_ranks", f"each rank must be an integer in [1, lora.rank={config.lora.rank}], "
            f"got {tuple(ranks)}")
   optimizers = ["client_optimizer", "server_optimizer"]
-  if "generator" in config:
+  unused = unused_blocks(config, method_blocks) if method_blocks else set()
+  if "generator" in config and "generator" not in unused:
     gen = config.generator
     _one_of(gen.loss, GENERATOR_LOSSES, "generator.loss")
     for field in ("generator.hidden", "generator.layer_embed_dim", "generator.server_steps"):
       _positive_int(config, field)
     _positive_int(config, "generator.client_embed_dim", minimum=0)
     optimizers.append("generator.optimizer")
-  if "hyperlora" in config:
+  if "hyperlora" in config and "hyperlora" not in unused:
     hl = config.hyperlora
     try:
       kinds = parse_kinds(hl.signature)

@@ -7,23 +7,50 @@ factors are stored in the same orientation:
 so `y = x @ W + s * (x @ a) @ b`, the kernel-layout update is `ΔW = s * a @ b` [d_in, d_out],
 and the paper's `B A` [d_out, d_in] is its transpose. Aggregators work on `a @ b`.
 
+Supported layers (`SUPPORTED_LAYERS`), each with its factor layout. ΔW is always
+`s * a @ b` reshaped (row-major) to the layer's parameter shape:
+  nn.Dense         kernel [d_in, d_out]              a [d_in, r], b [r, d_out]; factored.
+  nn.DenseGeneral  kernel [*in_axes, *features]      a [prod(in_axes), r], b [r, prod(features)];
+                   factored (the contracted input axes are flattened in the order of `axis`),
+                   so `nn.MultiHeadDotProductAttention`'s query/key/value ([d, heads, head_dim])
+                   and out ([heads, head_dim, d]) take LoRA.
+  nn.Conv          kernel [*window, c_in, c_out]     a [prod(window) c_in, r], b [r, c_out];
+                   factored as PEFT does: a rank-r convolution with the layer's window,
+                   strides and padding, then a 1x1 map b.
+  nn.Embed         embedding [vocab, d]              a [vocab, r], b [r, d]; y += s a[ids] b.
+  nn.Einsum        kernel [d_0, d_1, ...]            a [d_0, r], b [r, prod(d_1, ...)];
+                   applied as einsum(x, s a b) with the layer's own equation (one kernel-sized
+                   ΔW per call: no factored form exists for an arbitrary equation).
+
 LoRA parameters are a separate pytree, `{module_path: {"a": ..., "b": ...}}`, never merged
-into the frozen backbone during training: `apply` intercepts the targeted `nn.Dense` calls
-(`flax.linen.intercept_methods`) and adds the factored update, so the backbone enters a
-vmapped client function unbatched and is never copied per client.
+into the frozen backbone during training: `apply` intercepts the targeted layer calls
+(`flax.linen.intercept_methods`) and adds the update, so the backbone enters a vmapped client
+function unbatched and is never copied per client.
+
+Flax NNX models (`find_targets_nnx`, `apply_nnx`): `nnx.Linear` and `nnx.Embed` with the
+same layouts, also factored: a merged copy of the model has each targeted layer wrapped to add
+`s (x @ a) @ b` to its output (NNX has no method interception; qwix's LoRA, the alternative,
+stores the factors inside the model as `nnx.LoRAParam`s, while the round needs them as a
+separate pytree it can vmap, aggregate and send).
+
+A *LoRA layer* is any dict with exactly the keys {"a", "b"}; the helpers below (`layers`,
+`map_layers`, `truncate`) find them anywhere in a larger pytree (e.g. `{"lora": ..., "head": ...}`).
 """
 from __future__ import annotations
 
 import math
 import re
+import threading
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 LoraParams = dict  # {path: {"a": [d_in, r], "b": [r, d_out]}}
 DEFAULT_TARGET_REGEX = r".*attn/(query|value)"
+SUPPORTED_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Embed, nn.Einsum)
 
 
 def module_path(module: nn.Module) -> str:
@@ -36,16 +63,90 @@ def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
   return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
+_INSIDE_LORA = threading.local()  # Set while a LoRA update runs its own Flax layer (Conv's down map).
+
+
+def _is_target_call(context) -> bool:
+  return (isinstance(context.module, SUPPORTED_LAYERS) and context.method_name == "__call__"
+          and not getattr(_INSIDE_LORA, "active", False))
+
+
+def _contracted_axes(module: nn.DenseGeneral, ndim: int) -> tuple[int, ...]:
+  axes = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
+  if getattr(module, "batch_dims", ()):
+    raise ValueError(f"LoRA on nn.DenseGeneral with batch_dims is not supported ({module_path(module)})")
+  return tuple(a % ndim for a in axes)
+
+
+def _param_shape(module: nn.Module, x: jax.Array) -> tuple[int, ...]:
+  """Shape of the layer's weight (kernel or embedding table) for input `x`."""
+  if isinstance(module, nn.Dense):
+    return (x.shape[-1], module.features)
+  if isinstance(module, nn.DenseGeneral):
+    features = module.features if isinstance(module.features, (tuple, list)) else (module.features,)
+    return tuple(x.shape[a] for a in _contracted_axes(module, x.ndim)) + tuple(features)
+  if isinstance(module, nn.Conv):
+    window = tuple(module.kernel_size) if not isinstance(module.kernel_size, int) else (module.kernel_size,)
+    return window + (x.shape[-1] // module.feature_group_count, module.features)
+  if isinstance(module, nn.Embed):
+    return (module.num_embeddings, module.features)
+  return tuple(module.shape)  # nn.Einsum
+
+
+def matrix_shape(module: nn.Module, param_shape: tuple[int, ...]) -> tuple[int, int]:
+  """(d_in, d_out) of the layer's weight seen as a matrix (see the module docstring)."""
+  if isinstance(module, nn.DenseGeneral):
+    features = module.features if isinstance(module.features, (tuple, list)) else (module.features,)
+    d_out = int(np.prod(features))
+    return int(np.prod(param_shape)) // d_out, d_out
+  if isinstance(module, nn.Conv):
+    return int(np.prod(param_shape[:-1])), param_shape[-1]
+  return param_shape[0], int(np.prod(param_shape[1:]))
+
+
+def _lora_delta_output(module: nn.Module, x: jax.Array, a: jax.Array, b: jax.Array,
+                       out: jax.Array, scale: float) -> jax.Array:
+  """The layer's LoRA contribution for input `x` (shape and dtype of `out`)."""
+  if isinstance(module, nn.Dense):
+    return scale * ((x @ a) @ b).astype(out.dtype)
+  if isinstance(module, nn.DenseGeneral):
+    axes = _contracted_axes(module, x.ndim)
+    kept = [i for i in range(x.ndim) if i not in axes]
+    flat = jnp.transpose(x, kept + list(axes)).reshape([x.shape[i] for i in kept] + [-1])
+    return (scale * ((flat @ a) @ b)).reshape(out.shape).astype(out.dtype)
+  if isinstance(module, nn.Conv):
+    window = _param_shape(module, x)[:-1]
+    down = module.clone(parent=None, features=a.shape[-1], use_bias=False, feature_group_count=1)
+    _INSIDE_LORA.active = True
+    try:
+      hidden = down.apply({"params": {"kernel": a.reshape(window + (a.shape[-1],))}}, x)
+    finally:
+      _INSIDE_LORA.active = False
+    return scale * (hidden @ b).astype(out.dtype)
+  if isinstance(module, nn.Embed):
+    return scale * (jnp.take(a, x, axis=0) @ b).astype(out.dtype)
+  delta = (scale * (a @ b)).reshape(module.shape)  # nn.Einsum
+  return jnp.einsum(module.einsum_str, x, delta).astype(out.dtype)
+
+
+def _base_delta_output(module: nn.Module, x: jax.Array, delta: jax.Array, out: jax.Array) -> jax.Array:
+  """The output of a full-rank increment `delta` [d_in, d_out] of the layer's weight."""
+  if isinstance(module, nn.Dense):
+    return (x @ delta).astype(out.dtype)
+  eye = jnp.eye(delta.shape[1], dtype=delta.dtype)
+  return _lora_delta_output(module, x, delta, eye, out, 1.0)
+
+
 def find_targets(model: nn.Module, params: Any, *example_args, target_regex: str = DEFAULT_TARGET_REGEX,
                  **example_kwargs) -> dict[str, tuple[int, int]]:
-  """Targeted `nn.Dense` layers and their kernel shapes, found by tracing one call.
+  """Targeted layers (`SUPPORTED_LAYERS`) and their matrix shapes, found by tracing one call.
 
   Args:
     model, params: the Flax model and its variables.
     example_args/kwargs: an example call (only shapes matter; nothing is computed).
-    target_regex: `re.fullmatch`ed against each Dense module's path.
+    target_regex: `re.fullmatch`ed against each supported layer's module path.
   Returns:
-    {path: (d_in, d_out)} in call order.
+    {path: (d_in, d_out)} in call order (the layout of each layer type: module docstring).
   Raises:
     ValueError: if nothing matches.
   """
@@ -53,17 +154,17 @@ def find_targets(model: nn.Module, params: Any, *example_args, target_regex: str
   found: dict[str, tuple[int, int]] = {}
 
   def record(next_fun, args, kwargs, context):
-    module = context.module
-    if isinstance(module, nn.Dense) and context.method_name == "__call__":
-      path = module_path(module)
+    if _is_target_call(context):
+      path = module_path(context.module)
       if pattern.fullmatch(path):
-        found[path] = (args[0].shape[-1], module.features)
+        found[path] = matrix_shape(context.module, _param_shape(context.module, args[0]))
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
     jax.eval_shape(lambda p: model.apply(p, *example_args, **example_kwargs), params)
   if not found:
-    raise ValueError(f"lora.target_regex={target_regex!r} matches no nn.Dense module of "
+    kinds = ", ".join(f"nn.{t.__name__}" for t in SUPPORTED_LAYERS)
+    raise ValueError(f"lora.target_regex={target_regex!r} matches no {kinds} layer of "
                      f"{type(model).__name__}")
   return found
 
@@ -89,46 +190,204 @@ def product(factors: Mapping[str, jax.Array]) -> jax.Array:
 
 
 def apply(model: nn.Module, params: Any, lora: LoraParams, *args, scale: float,
-          base_delta: Mapping[str, jax.Array] | None = None, **kwargs):
-  """`model.apply(params, *args, **kwargs)` with y = x @ W + s (x @ a) @ b on targeted layers.
+          base_delta: Mapping[str, jax.Array] | None = None, method: Any = None, **kwargs):
+  """`model.apply(params, *args, **kwargs)` with the LoRA update added on targeted layers.
 
   Args:
-    lora: {path: {"a": [d_in, r], "b": [r, d_out]}}.
+    lora: {path: {"a": [d_in, r], "b": [r, d_out]}} (layouts: module docstring).
     scale: s = alpha / r.
     base_delta: optional {path: [d_in, d_out]} full-rank server residuals added to the frozen
-      kernels (FedEx-LoRA, FLoRA): y += x @ delta.
+      weights (FedEx-LoRA, FLoRA): y += x @ delta.
+    method: passed to `model.apply` (e.g. `"encode"`).
   """
   base_delta = base_delta or {}
-  unknown = set(lora) | set(base_delta)  # Paths not yet seen among the Dense calls.
+  unknown = set(lora) | set(base_delta)  # Paths not yet seen among the layer calls.
 
   def add_lora(next_fun, call_args, call_kwargs, context):
     out = next_fun(*call_args, **call_kwargs)
-    module = context.module
-    if not (isinstance(module, nn.Dense) and context.method_name == "__call__"):
+    if not _is_target_call(context):
       return out
+    module = context.module
     path = module_path(module)
     x = call_args[0]
     if path in lora:
       unknown.discard(path)
-      out = out + scale * ((x @ lora[path]["a"]) @ lora[path]["b"]).astype(out.dtype)
+      out = out + _lora_delta_output(module, x, lora[path]["a"], lora[path]["b"], out, scale)
     if path in base_delta:
       unknown.discard(path)
-      out = out + (x @ base_delta[path]).astype(out.dtype)
+      out = out + _base_delta_output(module, x, base_delta[path], out)
     return out
 
   with nn.intercept_methods(add_lora):
-    result = model.apply(params, *args, **kwargs)
+    result = model.apply(params, *args, method=method, **kwargs)
   if unknown:
-    raise ValueError(f"LoRA paths not found among the model's nn.Dense calls: {sorted(unknown)}")
+    raise ValueError(f"LoRA paths not found among the model's layer calls: {sorted(unknown)}")
   return result
 
 
 def merge(params: Any, lora: LoraParams, scale: float) -> Any:
-  """Backbone variables with W <- W + s a@b merged into each targeted kernel (for export/tests)."""
+  """Backbone variables with W <- W + s a@b merged into each targeted layer's weight (the
+  `kernel`, or an `nn.Embed`'s `embedding`), reshaped to its shape: for export and tests."""
   merged = jax.tree.map(lambda x: x, params)  # Shallow structural copy.
   for path, factors in lora.items():
     node = merged["params"]
     for name in path.split("/"):
       node = node[name]
-    node["kernel"] = node["kernel"] + scale * product(factors)
+    key = "kernel" if "kernel" in node else "embedding"
+    node[key] = node[key] + (scale * product(factors)).reshape(node[key].shape)
   return merged
+
+
+# ---------------------------------------------------------------- LoRA layers inside any pytree
+
+def is_layer(node: Any) -> bool:
+  """A LoRA layer: a dict with exactly the keys {"a", "b"}."""
+  return isinstance(node, Mapping) and set(node) == {"a", "b"}
+
+
+def layers(tree: Any) -> dict[str, dict]:
+  """{layer name: {"a", "b"}} for every LoRA layer in a nested-dict `tree` (the name is the
+  layer's own key, e.g. its module path; leading clients axes are kept)."""
+  found = {}
+
+  def visit(node):
+    for key, child in node.items():
+      if is_layer(child):
+        if key in found:
+          raise ValueError(f"two LoRA layers are named {key!r} in the tree")
+        found[key] = child
+      elif isinstance(child, Mapping):
+        visit(child)
+  if is_layer(tree):
+    raise ValueError("`layers` needs a tree of layers ({name: {'a', 'b'}}), got one layer")
+  visit(tree)
+  return found
+
+
+def map_layers(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+  """`tree` with every LoRA layer replaced by `fn(layer, *matching nodes of rest)`; other
+  leaves are left as they are (`rest` must have `tree`'s structure down to the layers)."""
+  return jax.tree.map(lambda node, *others: fn(node, *others) if is_layer(node) else node,
+                      tree, *rest, is_leaf=is_layer)
+
+
+def add_to_layers(tree: Any, offsets: Mapping[str, dict]) -> Any:
+  """`tree` with `offsets[name]` ({"a", "b"}) added to each LoRA layer named in `offsets`."""
+  def add(node):
+    for key, child in node.items():
+      if is_layer(child) and key in offsets:
+        node[key] = jax.tree.map(jnp.add, child, offsets[key])
+      elif isinstance(child, Mapping) and not is_layer(child):
+        node[key] = add(dict(child))
+    return node
+  return add(dict(tree))
+
+
+def rank_of(tree: Any) -> int:
+  """The LoRA rank r (r_max with heterogeneous ranks) of the first layer of `tree`."""
+  return next(iter(layers(tree).values()))["a"].shape[-1]
+
+
+def rank_masks(client_ranks: Any, num_clients: int, max_rank: int) -> jax.Array:
+  """[num_clients, r_max] float {0, 1}: 1 for the components a client's rank r_k has
+  (`client_ranks` [num_clients]; None: every client at r_max)."""
+  ranks = np.full(num_clients, max_rank) if client_ranks is None else np.asarray(client_ranks)
+  return jnp.asarray(np.arange(max_rank)[None, :] < ranks[:, None], jnp.float32)
+
+
+def truncate(tree: Any, rank_mask: jax.Array) -> Any:
+  """Zeroes the factor components a client of a lower rank does not have, in every LoRA
+  layer of `tree`: a [..., d_in, r] * mask[..., None, :], b [..., r, d_out] * mask[..., :, None].
+
+  rank_mask: [..., r] in {0, 1} (leading axes broadcast with the factors').
+  """
+  return map_layers(lambda f: {"a": f["a"] * rank_mask[..., None, :], "b": f["b"] * rank_mask[..., :, None]},
+                    tree)
+
+
+def zero_deltas(tree: Any) -> Any:
+  """`tree` with every LoRA layer replaced by zeros [d_in, d_out] and other leaves dropped:
+  the shape of a full-rank base delta for the layers (FedEx-LoRA, FLoRA)."""
+  return {name: jnp.zeros((f["a"].shape[-2], f["b"].shape[-1]), jnp.float32)
+          for name, f in layers(tree).items()}
+
+
+# ---------------------------------------------------------------- Flax NNX models
+
+def _nnx():
+  from flax import nnx  # Imported on use: Linen users never need it.
+  return nnx
+
+
+def _nnx_path(path: tuple) -> str:
+  return "/".join(str(p) for p in path)
+
+
+def find_targets_nnx(model: Any, target_regex: str = DEFAULT_TARGET_REGEX) -> dict[str, tuple[int, int]]:
+  """Targeted `nnx.Linear` and `nnx.Embed` layers of an NNX model and their matrix shapes.
+
+  Layouts as for Linen: `nnx.Linear` kernel [d_in, d_out] (a [d_in, r], b [r, d_out]);
+  `nnx.Embed` embedding [vocab, d] (a [vocab, r], b [r, d]).
+  Returns:
+    {path: (d_in, d_out)}, the path '/'-joining attribute names and list indices
+    (e.g. 'blocks/1/query').
+  Raises:
+    ValueError: if nothing matches.
+  """
+  nnx = _nnx()
+  pattern = re.compile(target_regex)
+  found = {}
+  for path, module in nnx.iter_modules(model):
+    name = _nnx_path(path)
+    if isinstance(module, nnx.Linear) and pattern.fullmatch(name):
+      found[name] = tuple(module.kernel.value.shape)
+    elif isinstance(module, nnx.Embed) and pattern.fullmatch(name):
+      found[name] = tuple(module.embedding.value.shape)
+  if not found:
+    raise ValueError(f"lora.target_regex={target_regex!r} matches no nnx.Linear or nnx.Embed layer "
+                     f"of {type(model).__name__}")
+  return dict(sorted(found.items()))
+
+
+def _nnx_lora_layer(base: Any, a: jax.Array, b: jax.Array, scale: float) -> Any:
+  """`base` (an nnx.Linear or nnx.Embed) with the factored LoRA update added to its output."""
+  nnx = _nnx()
+
+  class LoraLayer(nnx.Module):
+    def __init__(self):
+      self.base, self.a, self.b = base, a, b
+
+    def __call__(self, x):
+      out = self.base(x)
+      if isinstance(self.base, nnx.Embed):
+        return out + scale * (jnp.take(self.a, x, axis=0) @ self.b).astype(out.dtype)
+      return out + scale * ((x @ self.a) @ self.b).astype(out.dtype)
+  return LoraLayer()
+
+
+def apply_nnx(graphdef: Any, state: Any, lora: LoraParams, *args, scale: float, **kwargs):
+  """Calls the NNX model `nnx.merge(graphdef, state)` with LoRA on the layers in `lora`.
+
+  Pure and factored like `apply`: a merged copy of the model has each targeted layer wrapped
+  so that it returns `base(x) + s (x @ a) @ b`; the frozen `state` is never modified or
+  copied per client (under vmap it enters unbatched).
+  Args:
+    graphdef, state: `nnx.split(model)`.
+    lora: {path: {"a", "b"}} with paths from `find_targets_nnx`.
+  """
+  nnx = _nnx()
+  model = nnx.merge(graphdef, state)
+  for path, factors in lora.items():
+    *parents, last = [int(p) if p.isdigit() else p for p in path.split("/")]
+    node = model
+    for part in parents:
+      node = node[part] if isinstance(part, int) else getattr(node, part)
+    base = node[last] if isinstance(last, int) else getattr(node, last, None)
+    if not isinstance(base, (nnx.Linear, nnx.Embed)):
+      raise ValueError(f"LoRA path {path!r} is not an nnx.Linear or nnx.Embed of the model")
+    wrapped = _nnx_lora_layer(base, factors["a"], factors["b"], scale)
+    if isinstance(last, int):
+      node[last] = wrapped
+    else:
+      setattr(node, last, wrapped)
+  return model(*args, **kwargs)

@@ -1,9 +1,13 @@
-"""A federated method = an aggregator + which leaves stay local + which leaves are frozen.
+"""A federated method = an aggregator + which leaves stay local + which are frozen (+ plug-ins).
 
-Methods are compositions, not subclasses: each factory below returns a `Method` built from
-the pure aggregators in `hyperlora_jax.aggregators`. The head policy (shared or local) is
-the same config field for every method (`fed.head_policy`), so comparisons are fair.
-Leaf names look like `lora/<module path>/a`, `lora/<module path>/b`, `head/kernel`.
+This is the experiments' layer: each factory reads a run config (`ml_collections`) and
+returns a `Method` composed from the library's pure pieces (`hyperlora_jax.aggregators`,
+`hyperlora_jax.hyper`); what an aggregator can do (exact only with a plain server step,
+heterogeneous ranks, extra bytes) is declared on the aggregator itself. The head policy
+(shared or local) is the same config field for every method (`fed.head_policy`), so
+comparisons are fair. Leaf names look like `lora/<module path>/a`, `lora/<module path>/b`,
+`head/kernel`. Method-specific config blocks (`lora_fair`, `generator`, `hyperlora`) belong
+to the methods that read them (`METHOD_BLOCKS`).
 """
 from __future__ import annotations
 
@@ -13,9 +17,10 @@ from typing import Callable
 import ml_collections
 
 from hyperlora_jax import aggregators, lora
-from hyperlora_jax import generator as generator_lib
-from hyperlora_jax import signatures as signatures_lib
 from hyperlora_jax.aggregators import Aggregator
+from hyperlora_jax.hyper import generator as generator_lib
+from hyperlora_jax.hyper import signatures as signatures_lib
+from hyperlora_jax.hyper.synthesis import SynthesisConfig, hyperlora_synthesizer
 from hyperlora_jax.optimizers import build_optimizer
 
 HEAD_REGEX = r"head/.*"
@@ -29,40 +34,25 @@ class Method:
 
   Attributes:
     name: the config's `method`.
-    aggregator: the server's pure (init, aggregate) pair for the shared leaves.
+    aggregator: the server rule, with its declared capabilities.
     local_regex: leaves kept per client across rounds, never sent (fullmatch on leaf names).
     frozen_regexes: leaves clients do not update; round r uses entry r % len (RoLoRA
       alternates), and frozen shared leaves are not sent up.
     has_global_model: False where no global model exists (local-only): its global
       accuracy is reported as NaN.
-    uses_base_delta: the aggregator returns full-rank residuals merged into the frozen
-      weights (FedEx-LoRA, FLoRA); the server state then holds them.
-    plain_server: the aggregate is exact only with a plain server step (sgd, lr 1, no
-      momentum); other server optimizers are refused.
-    extra_down_bytes: (targets {path: (d_in, d_out)}, participant ranks [r_k]) -> bytes
-      sent down to all participants together on top of the shared leaves (FedEx's residual,
-      FLoRA's stacks).
-    heterogeneous_ranks: clients may have different LoRA ranks (`lora.client_ranks`).
     pooled_data: centralized reference: one learner on the union of the clients' data.
     make_generator: (targets, num_clients, signature_dim) -> `Generator` for methods whose
-      clients start from generated factors (pFedHN, HyperLoRA); None otherwise.
-    signature_kinds: client signatures the method needs (`hyperlora_jax.signatures`).
-    meta_objective: the aggregator is a `LearnedAggregator` trained on held-out batches (one
-      extra batch per client and round); it is called with a context.
+      clients start from generated factors (pFedHN, HyperLoRA; a round plug-in); None otherwise.
+    signature_kinds: client signatures the method needs (`hyperlora_jax.hyper.signatures`).
   """
   name: str
   aggregator: Aggregator
   local_regex: str = ""
   frozen_regexes: tuple[str, ...] = ("",)
   has_global_model: bool = True
-  uses_base_delta: bool = False
-  plain_server: bool = False
-  extra_down_bytes: Callable[[dict, list], int] = lambda targets, ranks: 0
-  heterogeneous_ranks: bool = False
   pooled_data: bool = False
   make_generator: Callable[[dict, int, int], generator_lib.Generator] | None = None
   signature_kinds: tuple[str, ...] = ()
-  meta_objective: bool = False
 
 
 def _join(*regexes: str) -> str:
@@ -77,24 +67,13 @@ def _scale(config) -> float:
   return lora.lora_scale(config.lora.alpha, config.lora.rank, config.lora.rslora)
 
 
-def _residual_bytes(targets, ranks) -> int:
-  return len(ranks) * sum(4 * d_in * d_out for d_in, d_out in targets.values())
-
-
-def _stacked_bytes(targets, ranks) -> int:
-  # Every participant's (A_k, B_k) goes to every other participant (its own shared leaves are
-  # already counted); the fresh LoRA of the next round comes from a shared seed.
-  per_rank = sum(4 * (d_in + d_out) for d_in, d_out in targets.values())
-  return (len(ranks) - 1) * sum(ranks) * per_rank if ranks else 0
-
-
 def generator_factory(config, *, client_embeddings: bool):
   """(targets, num_clients, signature_dim) -> `Generator` from the `generator` config block."""
   gen = config.generator
 
   def make(targets, num_clients, signature_dim):
     module = generator_lib.LoraGenerator(
-        targets=tuple((path, d_in, d_out) for path, (d_in, d_out) in targets.items()),
+        targets=generator_lib.target_triples(targets),
         rank=config.lora.rank, num_clients=num_clients,
         client_embed_dim=gen.client_embed_dim if client_embeddings else 0,
         hidden=gen.hidden, layer_embed_dim=gen.layer_embed_dim)
@@ -112,8 +91,7 @@ def fedit(config) -> Method:
 def local_only(config) -> Method:
   """Local-only: every client trains alone; nothing is sent (a lower reference)."""
   del config
-  return Method("local_only", aggregators.identity(), local_regex=".*", has_global_model=False,
-                heterogeneous_ranks=True)
+  return Method("local_only", aggregators.identity(), local_regex=".*", has_global_model=False)
 
 
 def ffa_lora(config) -> Method:
@@ -138,29 +116,24 @@ def rolora(config) -> Method:
 
 def fedex_lora(config) -> Method:
   """FedEx-LoRA (Singhal et al., ACL 2025): FedIT plus the full-rank residual merged into W0."""
-  return Method("fedex_lora", aggregators.fedex_lora(_scale(config)), local_regex=_local_head(config),
-                uses_base_delta=True, plain_server=True, extra_down_bytes=_residual_bytes)
+  return Method("fedex_lora", aggregators.fedex_lora(_scale(config)), local_regex=_local_head(config))
 
 
 def flora(config) -> Method:
   """FLoRA (Wang et al., NeurIPS 2024): stacked factors merged into W0, fresh LoRA each round."""
-  return Method("flora", aggregators.flora(_scale(config)), local_regex=_local_head(config),
-                uses_base_delta=True, plain_server=True, extra_down_bytes=_stacked_bytes,
-                heterogeneous_ranks=True)
+  return Method("flora", aggregators.flora(_scale(config)), local_regex=_local_head(config))
 
 
 def flexlora(config) -> Method:
   """FlexLoRA (Bai et al., NeurIPS 2024): truncated SVD of the weighted product average to
   r_max; a client of rank r_k keeps the first r_k components, the best rank-r_k approximation."""
-  return Method("flexlora", aggregators.flexlora(_scale(config)), local_regex=_local_head(config),
-                plain_server=True, heterogeneous_ranks=True)
+  return Method("flexlora", aggregators.flexlora(_scale(config)), local_regex=_local_head(config))
 
 
 def hetlora(config) -> Method:
   """HetLoRA (Cho et al., EMNLP 2024): zero-padded factors averaged with norm weights,
   truncated to each client's rank."""
-  return Method("hetlora", aggregators.hetlora(), local_regex=_local_head(config),
-                plain_server=True, heterogeneous_ranks=True)
+  return Method("hetlora", aggregators.hetlora(), local_regex=_local_head(config))
 
 
 def pfedhn(config) -> Method:
@@ -169,7 +142,6 @@ def pfedhn(config) -> Method:
   server applies φ ← φ − η (∂θ_k/∂φ)^T (θ_k − θ̃_k) (and the same for v_k). The head follows
   `fed.head_policy`; the generated factors are sent down and the trained ones up."""
   return Method("pfedhn", aggregators.head_only(), local_regex=_local_head(config),
-                plain_server=True, heterogeneous_ranks=True,
                 make_generator=generator_factory(config, client_embeddings=True))
 
 
@@ -180,19 +152,19 @@ def hyperlora(config) -> Method:
   config block); see `aggregators.synthesis` and `generator`."""
   hl = config.hyperlora
   kinds = signatures_lib.parse_kinds(hl.signature)
-  synthesis = aggregators.SynthesisConfig(
+  synthesis = SynthesisConfig(
       scale=_scale(config), rank=config.lora.rank, corrector=hl.corrector,
       learned_weights=hl.synthesizer == "learned", fair_lam=config.lora_fair.lam,
       fair_steps=config.lora_fair.steps, fair_learning_rate=config.lora_fair.learning_rate)
   learned = hl.synthesizer == "learned" or hl.corrector == "learned"
   return Method(
       "hyperlora",
-      aggregators.hyperlora_synthesizer(synthesis, build_optimizer(hl.meta_optimizer),
-                                        hidden=hl.synthesizer_hidden, meta_learning=learned),
-      local_regex=_local_head(config), plain_server=True, heterogeneous_ranks=True,
+      hyperlora_synthesizer(synthesis, build_optimizer(hl.meta_optimizer),
+                            hidden=hl.synthesizer_hidden, meta_learning=learned),
+      local_regex=_local_head(config),
       make_generator=(generator_factory(config, client_embeddings="embedding" in kinds)
                       if hl.generator else None),
-      signature_kinds=kinds, meta_objective=True)
+      signature_kinds=kinds)
 
 
 def centralized(config) -> Method:
@@ -204,9 +176,9 @@ def centralized(config) -> Method:
 
 def lora_fair(config) -> Method:
   """LoRA-FAIR (Bian et al., ICCV 2025): FedIT with a server-fitted correction ΔB of B̄."""
-  fair = config.get("lora_fair", ml_collections.ConfigDict({"lam": 0.01, "steps": 20, "learning_rate": 1e-3}))
+  fair = config.lora_fair
   return Method("lora_fair", aggregators.lora_fair(fair.lam, fair.steps, fair.learning_rate),
-                local_regex=_local_head(config), plain_server=True)
+                local_regex=_local_head(config))
 
 
 METHODS: dict[str, Callable[[ml_collections.ConfigDict], Method]] = {
@@ -223,6 +195,15 @@ METHODS: dict[str, Callable[[ml_collections.ConfigDict], Method]] = {
     "pfedhn": pfedhn,
     "centralized": centralized,
     "hyperlora": hyperlora,
+}
+
+
+# The config blocks each method reads besides the common ones; other methods' blocks are
+# neither validated nor saved with a run (so their defaults can change without touching it).
+METHOD_BLOCKS: dict[str, tuple[str, ...]] = {
+    "lora_fair": ("lora_fair",),
+    "pfedhn": ("generator",),
+    "hyperlora": ("hyperlora", "generator", "lora_fair"),
 }
 
 

@@ -1,4 +1,4 @@
-"""Pure helpers on the trainable pytree `{"lora": {path: {"a", "b"}}, "head": {...}}`.
+"""Pure helpers on nested-dict pytrees, e.g. `{"lora": {path: {"a", "b"}}, "head": {...}}`.
 
 A *leaf name* is the '/'-joined key path of a leaf, e.g.
 `lora/encoder/block_0/attn/query/a` or `head/kernel`; methods select leaves (local, frozen)
@@ -45,14 +45,3 @@ def num_bytes(tree: Tree, mask: Tree | None = None) -> int:
   leaves = jax.tree.leaves(tree)
   keep = jax.tree.leaves(mask) if mask is not None else [True] * len(leaves)
   return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x, k in zip(leaves, keep) if k))
-
-
-def broadcast_clients(tree: Tree, num_clients: int) -> Tree:
-  """[...] -> [num_clients, ...] for every leaf."""
-  return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients,) + x.shape), tree)
-
-
-def is_finite(tree: Tree) -> jax.Array:
-  """Scalar bool: every entry of every leaf is finite."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)

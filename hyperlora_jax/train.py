@@ -18,14 +18,17 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from hyperlora_jax import client as client_lib
-from hyperlora_jax import engine, lora, methods, models, pretrain, reporting
-from hyperlora_jax import signatures as signatures_lib
-from hyperlora_jax import params as params_lib
-from hyperlora_jax.config_validation import ConfigError, validate_config
+from hyperlora_jax import lora, methods, models, pretrain, reporting
+from hyperlora_jax import federated
+from hyperlora_jax.client import ClientUpdate, local_update
+from hyperlora_jax.config_validation import ConfigError, used_config, validate_config
 from hyperlora_jax.data import blocks
 from hyperlora_jax.federated_data import FederatedData, build_federated_data
+from hyperlora_jax.hyper import signatures as signatures_lib
+from hyperlora_jax.hyper.plugins import generator_plugin
 from hyperlora_jax.optimizers import build_optimizer
+from hyperlora_jax.primitives import CLIENTS_AXIS, make_mesh
+from hyperlora_jax.tasks import image_classification as task_lib
 
 CONFIG_FILE = "config.json"
 # Fields a resumed run may change (they do not alter the rounds already done).
@@ -37,16 +40,15 @@ class Experiment:
   """Everything a run needs, built once from the config."""
   config: ml_collections.ConfigDict
   data: FederatedData
-  adapted: client_lib.AdaptedModel
+  task: task_lib.ImageClassification
   method: methods.Method
   backbone: Any
   targets: dict
   initial_trainable: Any
-  client_optimizer: optax.GradientTransformation
-  server_optimizer: optax.GradientTransformation
+  client_update: ClientUpdate
+  fed_round: federated.FederatedRound
   mesh: Any
   client_ranks: np.ndarray            # [num_clients] LoRA rank of each client.
-  generator: Any = None               # The method's `Generator`, or None.
   signatures: np.ndarray | None = None  # [num_clients, D] client signatures, or None.
   new_signatures: np.ndarray | None = None  # [heldout_clients, D] new clients' signatures.
 
@@ -70,23 +72,24 @@ def initial_trainable(model, backbone: Any, example_images: jax.Array, target_re
 
 
 def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> Experiment:
-  """Validates the config, loads data and backbone, builds the method (no compilation yet)."""
-  validate_config(config, methods.METHODS)
-  mesh = engine.make_mesh(config.fed.num_devices)
+  """Validates the config, loads data and backbone, builds the round (no compilation yet)."""
+  validate_config(config, methods.METHODS, methods.METHOD_BLOCKS)
+  mesh = make_mesh(config.fed.num_devices)
   if config.fed.clients_per_chunk and config.fed.clients_per_chunk % mesh.size:
     raise ConfigError(f"fed.clients_per_chunk: {config.fed.clients_per_chunk} must be a multiple of "
                       f"the {mesh.size} devices of the clients mesh axis")
   method = methods.build_method(config)
-  _check_method_fits(config, method)
+  server_optimizer = build_optimizer(config.server_optimizer)
+  _check_method_fits(config, method, server_optimizer)
   data = build_federated_data(config)
   backbone, _ = pretrain.load_or_pretrain(config, log)
   model = models.model_from_config(config.model, data.num_classes, data.train_pool.class_names)
   trainable, targets = initial_trainable(model, backbone, data.global_test["image"][:1],
                                          config.lora.target_regex, config.lora.rank,
                                          jax.random.fold_in(jax.random.key(config.seed), 1))
-  adapted = client_lib.AdaptedModel(model, lora.lora_scale(config.lora.alpha, config.lora.rank,
-                                                           config.lora.rslora),
-                                    "head" if trainable["head"] else None)  # CLIP has no head.
+  task = task_lib.ImageClassification(model, lora.lora_scale(config.lora.alpha, config.lora.rank,
+                                                             config.lora.rslora),
+                                      "head" if trainable["head"] else None)  # CLIP has no head.
   client_signatures = new_signatures = None
   if method.signature_kinds:
     hl = config.hyperlora
@@ -97,12 +100,17 @@ def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], Non
     client_signatures = every_signature[:data.num_clients]
     new_signatures = every_signature[data.num_clients:]
   signature_dim = 0 if client_signatures is None else client_signatures.shape[-1]
-  generator = (method.make_generator(targets, data.num_clients, signature_dim)
-               if method.make_generator else None)
-  return Experiment(config, data, adapted, method, backbone, targets, trainable,
-                    build_optimizer(config.client_optimizer), build_optimizer(config.server_optimizer),
-                    mesh, client_ranks(config, data.num_clients), generator, client_signatures,
-                    new_signatures)
+  plugins = ((generator_plugin(method.make_generator(targets, data.num_clients, signature_dim)),)
+             if method.make_generator else ())
+  ranks = client_ranks(config, data.num_clients)
+  client_update = local_update(task.loss_fn, build_optimizer(config.client_optimizer))
+  fed_round = federated.FederatedRound(
+      client_update, method.aggregator, data.num_clients, server_optimizer=server_optimizer,
+      local_leaves=method.local_regex, frozen_leaves=method.frozen_regexes, client_ranks=ranks,
+      clients_per_chunk=config.fed.clients_per_chunk, mesh=mesh if mesh.size > 1 else None,
+      plugins=plugins, apply_base_delta=task_lib.apply_base_delta)
+  return Experiment(config, data, task, method, backbone, targets, trainable, client_update, fed_round,
+                    mesh, ranks, client_signatures, new_signatures)
 
 
 def client_ranks(config: ml_collections.ConfigDict, num_clients: int) -> np.ndarray:
@@ -112,15 +120,18 @@ def client_ranks(config: ml_collections.ConfigDict, num_clients: int) -> np.ndar
   return np.array([ranks[k % len(ranks)] for k in range(num_clients)], np.int32)
 
 
-def _check_method_fits(config: ml_collections.ConfigDict, method: methods.Method) -> None:
+def _check_method_fits(config: ml_collections.ConfigDict, method: methods.Method,
+                       server_optimizer: optax.GradientTransformation) -> None:
+  """The aggregator's declared capabilities against the config, before anything is loaded."""
+  caps = method.aggregator.capabilities
   server = config.server_optimizer
-  if method.plain_server and (server.name, server.learning_rate, server.momentum) != ("sgd", 1.0, 0.0):
+  if caps.plain_server_step and not federated.is_plain_step(server_optimizer):
     raise ConfigError(f"server_optimizer: method {config.method!r} is exact only with a plain server "
                       f"step (name='sgd', learning_rate=1.0, momentum=0.0), got {server.to_dict()}")
   ranks = set(config.lora.client_ranks) or {config.lora.rank}
-  if ranks != {config.lora.rank} and not method.heterogeneous_ranks:
+  if ranks != {config.lora.rank} and not caps.heterogeneous_ranks:
     allowed = sorted(name for name, build in methods.METHODS.items()
-                     if build(config).heterogeneous_ranks)
+                     if build(config).aggregator.capabilities.heterogeneous_ranks)
     raise ConfigError(f"lora.client_ranks: method {config.method!r} does not define aggregation "
                       f"for heterogeneous ranks {tuple(config.lora.client_ranks)}; methods that do: "
                       f"{', '.join(allowed)}")
@@ -139,7 +150,8 @@ def round_inputs(exp: Experiment, round_index: int) -> tuple[dict, np.ndarray, n
   """
   config, data = exp.config, exp.data
   rng = np.random.default_rng([config.seed, 1, round_index])
-  steps, parts = config.fed.local_steps + int(exp.method.meta_objective), data.train_parts
+  steps = config.fed.local_steps + exp.fed_round.aggregator.capabilities.heldout_steps
+  parts = data.train_parts
   if exp.method.pooled_data:
     ids = np.zeros(1, np.int64)
     steps *= config.fed.clients_per_round
@@ -154,40 +166,22 @@ def round_inputs(exp: Experiment, round_index: int) -> tuple[dict, np.ndarray, n
 
 
 def communication_bytes(exp: Experiment, round_index: int, client_ids: np.ndarray) -> tuple[int, int]:
-  """(bytes up, bytes down) of one round, summed over its participants.
-
-  Each participant sends up, and receives down, every leaf that is shared and trained this
-  round (frozen leaves are known to both sides: FFA-LoRA's A, RoLoRA's idle factor; generated
-  factors count like shared ones); a client of rank r_k sends r_k of the r_max components.
-  Down adds what the method sends besides (FedEx-LoRA's full-rank residual, FLoRA's stacked
-  factors). A pooled-data learner communicates nothing. With a meta-objective (HyperLoRA) each
-  participant also receives the candidate global leaves and returns their gradient on its
-  held-out batch; signatures go up once, in round 0.
+  """(bytes up, bytes down) of one round, summed over its participants
+  (`round.communication_bytes`); signatures go up once, in round 0; a pooled-data learner
+  communicates nothing.
   Args:
     client_ids: [C] the round's ids, -1 for padding.
   """
-  method, trainable = exp.method, exp.initial_trainable
-  if method.pooled_data:
+  if exp.method.pooled_data:
     return 0, 0
   ranks = [int(exp.client_ranks[c]) for c in client_ids if c >= 0]
-  local = params_lib.regex_mask(trainable, method.local_regex)
-  frozen = params_lib.regex_mask(trainable, method.frozen_regexes[round_index % len(method.frozen_regexes)])
-  sent = jax.tree.map(lambda l, f: not l and not f, local, frozen)
-  is_lora = params_lib.regex_mask(trainable, r"lora/.*")
-  lora_bytes = params_lib.num_bytes(trainable, jax.tree.map(lambda s, l: s and l, sent, is_lora))
-  other_bytes = params_lib.num_bytes(trainable, jax.tree.map(lambda s, l: s and not l, sent, is_lora))
-  up = sum(other_bytes + lora_bytes * r // exp.config.lora.rank for r in ranks)
-  down = up + method.extra_down_bytes(exp.targets, ranks)
-  if method.meta_objective:
-    meta = len(ranks) * (other_bytes + lora_bytes)
-    up, down = up + meta, down + meta
-  if round_index == 0 and exp.signatures is not None:
-    up += exp.signatures.size * 4
-  return up, down
+  signature_bytes = exp.signatures.size * 4 if round_index == 0 and exp.signatures is not None else 0
+  return federated.communication_bytes(exp.fed_round, exp.initial_trainable, round_index, ranks,
+                                       signature_bytes)
 
 
-def evaluate_new_clients(exp: Experiment, state: Any, backbone: Any) -> dict[str, float]:
-  """Mean accuracy of the held-out new clients from each start (`engine.make_new_client_evaluate`),
+def evaluate_new_clients(exp: Experiment, state: Any, frozen: Any) -> dict[str, float]:
+  """Mean accuracy of the held-out new clients from each start (`make_new_client_evaluate`),
   as record entries `new_client_<start>`; {} without held-out clients."""
   data, config = exp.data, exp.config
   if not data.new_train_parts:
@@ -200,15 +194,14 @@ def evaluate_new_clients(exp: Experiment, state: Any, backbone: Any) -> dict[str
   test_block = blocks.padded_eval_block(data.test_pool, data.new_test_parts)
   signatures = (exp.new_signatures if exp.new_signatures is not None
                 else np.zeros((len(ids), 0), np.float32))
-  evaluate_new = jax.jit(engine.make_new_client_evaluate(exp.adapted, exp.method, exp.client_optimizer,
-                                                         exp.generator))
-  accuracies = evaluate_new(state, backbone, train_block, test_block, signatures)
+  evaluate_new = jax.jit(task_lib.make_new_client_evaluate(exp.task, exp.fed_round, exp.client_update))
+  accuracies = evaluate_new(state, frozen, train_block, test_block, signatures)
   return {f"new_client_{name}": float(np.mean(acc)) for name, acc in accuracies.items()}
 
 
 def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
   path = os.path.join(workdir, CONFIG_FILE)
-  current = json.loads(config.to_json())
+  current = used_config(config, methods.METHOD_BLOCKS)
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
@@ -265,12 +258,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   os.makedirs(workdir, exist_ok=True)
   _check_resumable(workdir, config)
   replicated = NamedSharding(exp.mesh, P())
-  per_client = NamedSharding(exp.mesh, P(engine.CLIENTS_AXIS))
-  state = engine.init_server_state(jax.random.key(config.seed), exp.method, exp.initial_trainable,
-                                   exp.data.num_clients, exp.server_optimizer, exp.targets,
-                                   exp.generator, exp.signatures)
+  per_client = NamedSharding(exp.mesh, P(CLIENTS_AXIS))
+  state = exp.fed_round.init(jax.random.key(config.seed), exp.initial_trainable, exp.signatures)
   state = jax.device_put(state, replicated)
-  backbone = jax.device_put(exp.backbone, replicated)
+  frozen = jax.device_put(task_lib.frozen_tree(exp.backbone), replicated)
   manager = _checkpoint_manager(workdir)
   state, done = restore_state(manager, state)
   reporting.truncate_metrics(workdir, done)
@@ -278,19 +269,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     log(f"resumed from round {done} in {workdir}")
 
   traces = []
-  round_step = engine.make_round_step(exp.adapted, exp.method, exp.client_optimizer,
-                                      exp.server_optimizer, num_clients=exp.data.num_clients,
-                                      clients_per_chunk=config.fed.clients_per_chunk,
-                                      mesh=exp.mesh if exp.mesh.size > 1 else None,
-                                      generator=exp.generator, client_ranks=exp.client_ranks)
 
   def traced_round(*args):
     traces.append(1)
-    return round_step(*args)
+    return exp.fed_round.step(*args)
 
   round_fn = jax.jit(traced_round, donate_argnums=(0,))
-  evaluate = jax.jit(engine.make_evaluate(exp.adapted, exp.method, eval_batch=config.eval_batch,
-                                          generator=exp.generator, client_ranks=exp.client_ranks))
+  evaluate = jax.jit(task_lib.make_evaluate(exp.task, dataclasses.replace(exp.fed_round, clients_per_chunk=0),
+                                            eval_batch=config.eval_batch,
+                                            has_global_model=exp.method.has_global_model))
   global_test = jax.device_put(exp.data.global_test, replicated)
   client_test = jax.device_put(exp.data.client_test, replicated)
   records = reporting.read_metrics(workdir)
@@ -302,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   for r in bar:
     block, ids, weights = round_inputs(exp, r)
     block, ids, weights = jax.device_put((block, ids, weights), per_client)
-    state, round_metrics = round_fn(state, backbone, block, ids, weights)
+    state, round_metrics = round_fn(state, frozen, block, ids, weights)
     up, down = communication_bytes(exp, r, np.asarray(ids))
     cum_up, cum_down = cum_up + up, cum_down + down
     record = {"round": r + 1, "train_loss": float(round_metrics["train_loss"]),
@@ -311,7 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
               "bytes_up": up, "bytes_down": down, "cum_bytes_up": cum_up,
               "cum_bytes_down": cum_down, "cum_bytes": cum_up + cum_down}
     if (r + 1) % config.eval_every == 0 or r + 1 == config.fed.num_rounds:
-      ev = evaluate(state, backbone, global_test, client_test)
+      ev = evaluate(state, frozen, global_test, client_test)
       acc = np.asarray(ev["client_accuracy"])
       has_test = np.array([len(p) > 0 for p in exp.data.test_parts])
       record.update(global_accuracy=float(ev["global_accuracy"]),
@@ -320,7 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       bar.set_postfix(acc=f"{record['global_accuracy']:.3f}",
                       pers=f"{record['personalized_accuracy_mean']:.3f}")
     if r + 1 == config.fed.num_rounds:
-      record.update(evaluate_new_clients(exp, state, backbone))
+      record.update(evaluate_new_clients(exp, state, frozen))
     if record["nonfinite_clients"]:
       log(f"round {r + 1}: {record['nonfinite_clients']} client update(s) were non-finite and "
           f"were left out of the aggregate")

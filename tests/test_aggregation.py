@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hyperlora_jax import aggregators, params
+from hyperlora_jax import aggregators, params, primitives
 
 
 def _trainable(seed):
@@ -38,7 +38,7 @@ def test_fedit_product_of_averages_is_biased():
 
 def test_identity_keeps_global():
   c0 = _trainable(0)
-  clients = params.broadcast_clients(_trainable(1), 3)
+  clients = primitives.broadcast(_trainable(1), 3)
   g, _, _ = aggregators.identity().aggregate({}, c0, clients, jnp.ones(3) / 3)
   jax.tree.map(np.testing.assert_array_equal, g, c0)
 

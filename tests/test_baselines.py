@@ -4,7 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hyperlora_jax import aggregators, engine, methods
+from hyperlora_jax import aggregators, methods
+from hyperlora_jax.federated import round_update_mask
+from hyperlora_jax.tasks.image_classification import frozen_tree
 from hyperlora_jax.aggregators.exact import stack_factors
 from hyperlora_jax.aggregators.fair import fair_objective, fit_delta_b
 from hyperlora_jax.aggregators.products import weighted_product
@@ -100,8 +102,8 @@ def test_lora_fair_lowers_its_objective():
 def test_rolora_alternates_the_trained_factor():
   method = methods.rolora(type("C", (), {"fed": type("F", (), {"head_policy": "shared"})})())
   t = jax.tree.map(lambda x: x[0], _clients())
-  even = engine.round_update_mask(method, t, jnp.int32(0))
-  odd = engine.round_update_mask(method, t, jnp.int32(1))
+  even = round_update_mask(method.frozen_regexes, t, jnp.int32(0))
+  odd = round_update_mask(method.frozen_regexes, t, jnp.int32(1))
   assert (float(even["lora"]["l"]["a"]), float(even["lora"]["l"]["b"])) == (0.0, 1.0)
   assert (float(odd["lora"]["l"]["a"]), float(odd["lora"]["l"]["b"])) == (1.0, 0.0)
   assert float(even["head"]["kernel"]) == float(odd["head"]["kernel"]) == 1.0
@@ -122,14 +124,12 @@ def test_every_baseline_runs_end_to_end(smoke_config, tmp_path, name):
 def test_rolora_round_leaves_the_frozen_factor_unchanged(smoke_config):
   smoke_config.method = "rolora"
   exp = build_experiment(smoke_config, log=lambda _: None)
-  step = jax.jit(engine.make_round_step(exp.adapted, exp.method, exp.client_optimizer,
-                                        exp.server_optimizer, num_clients=exp.data.num_clients))
-  state = engine.init_server_state(jax.random.key(0), exp.method, exp.initial_trainable,
-                                   exp.data.num_clients, exp.server_optimizer, exp.targets)
+  step = jax.jit(exp.fed_round.step)
+  state = exp.fed_round.init(jax.random.key(0), exp.initial_trainable)
   for r in range(2):
     before = state["global"]["lora"]
     block, ids, weights = round_inputs(exp, r)
-    state, _ = step(state, exp.backbone, block, ids, weights)
+    state, _ = step(state, frozen_tree(exp.backbone), block, ids, weights)
     frozen, trained = ("a", "b") if r == 0 else ("b", "a")
     for path in before:
       np.testing.assert_array_equal(state["global"]["lora"][path][frozen], before[path][frozen])

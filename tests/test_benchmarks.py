@@ -88,7 +88,7 @@ def test_real_dataset_configs_run_on_tfds_mock_data(module, num_classes, num_dom
 def test_vision_language_adapts_both_towers_and_classifies_zero_shot(method, tmp_path, cache_dirs):
   config = _hermetic(vision_language.get_config(f"smoke,method={method},rounds=2"), cache_dirs)
   exp = build_experiment(config, log=lambda _: None)
-  assert exp.initial_trainable["head"] == {} and exp.adapted.head_name is None
+  assert exp.initial_trainable["head"] == {} and exp.task.head_name is None
   assert {p.split("/")[0] for p in exp.targets} == {"image_tower", "text_tower"}
   result = train_and_evaluate(config, str(tmp_path), **QUIET)
   last = result["records"][-1]

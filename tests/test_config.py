@@ -35,13 +35,30 @@ INVALID = [
 
 
 def test_default_smoke_and_every_method_config_are_valid():
-  import importlib
   for arg in (None, "smoke", "method=local_only,seed=3"):
     assert validate_config(default.get_config(arg), methods.METHODS) is None
-  for name in methods.METHODS:  # configs/<method>.py exists for every method and selects it.
-    config = importlib.import_module(f"configs.{name}").get_config("seed=4")
+  for name in methods.METHODS:  # `configs/default.py:method=X` selects every method.
+    config = default.get_config(f"method={name},seed=4")
     assert (config.method, config.seed) == (name, 4)
-    assert validate_config(config, methods.METHODS) is None
+    assert validate_config(config, methods.METHODS, methods.METHOD_BLOCKS) is None
+
+
+def test_other_methods_blocks_are_not_validated_or_saved_with_a_run(smoke_config, tmp_path):
+  """A FedIT run neither checks nor records `hyperlora.*`, so a changed HyperLoRA default
+  cannot stop it from resuming; a HyperLoRA run checks and records it."""
+  from hyperlora_jax.config_validation import used_config
+  from hyperlora_jax.train import train_and_evaluate
+  smoke_config.hyperlora.corrector = "no_such_corrector"
+  assert validate_config(smoke_config, methods.METHODS, methods.METHOD_BLOCKS) is None
+  assert {"hyperlora", "generator", "lora_fair"}.isdisjoint(used_config(smoke_config, methods.METHOD_BLOCKS))
+  smoke_config.hyperlora.corrector = "learned"
+  train_and_evaluate(smoke_config, str(tmp_path), stop_after_round=1, progress=False)
+  smoke_config.hyperlora.synthesizer_hidden = 7  # Unrelated to FedIT: the workdir still resumes.
+  smoke_config.fed.num_rounds = 2
+  assert [r["round"] for r in train_and_evaluate(smoke_config, str(tmp_path), progress=False)["records"]] == [1, 2]
+  smoke_config.method, smoke_config.hyperlora.corrector = "hyperlora", "no_such_corrector"
+  with pytest.raises(ConfigError, match="^hyperlora[.]corrector"):
+    validate_config(smoke_config, methods.METHODS, methods.METHOD_BLOCKS)
 
 
 @pytest.mark.parametrize("field,value,named", INVALID, ids=[f for f, _, _ in INVALID])

@@ -1,4 +1,5 @@
 """The jit-compiled round: one trace per run, non-finite clients, chunking, resume."""
+import dataclasses
 import os
 
 import jax
@@ -7,7 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from hyperlora_jax import engine, params, reporting
+from hyperlora_jax import primitives, reporting
+from hyperlora_jax.client import local_update
+from hyperlora_jax.tasks.image_classification import frozen_tree
 from hyperlora_jax.train import build_experiment, round_inputs, train_and_evaluate
 
 
@@ -66,38 +69,32 @@ def test_corrupt_checkpoint_is_reported_not_replaced(smoke_config, tmp_path):
   assert step_dir.exists()
 
 
-def _one_round(exp, round_step, block_transform=lambda b: b):
-  state = engine.init_server_state(jax.random.key(0), exp.method, exp.initial_trainable,
-                                   exp.data.num_clients, exp.server_optimizer, exp.targets)
+def _one_round(exp, fed_round):
+  state = fed_round.init(jax.random.key(0), exp.initial_trainable)
   block, ids, weights = round_inputs(exp, 0)
-  return jax.jit(round_step)(state, exp.backbone, block_transform(block), ids, weights)
+  return jax.jit(fed_round.step)(state, frozen_tree(exp.backbone), block, ids, weights)
 
 
 def test_nonfinite_client_updates_are_left_out(smoke_config):
   exp = build_experiment(smoke_config, log=lambda _: None)
-  exp.client_optimizer = optax.sgd(1e30)  # Every update overflows to inf/NaN.
-  step = engine.make_round_step(exp.adapted, exp.method, exp.client_optimizer, exp.server_optimizer,
-                                num_clients=exp.data.num_clients)
-  state, metrics = _one_round(exp, step)
+  overflowing = local_update(exp.task.loss_fn, optax.sgd(1e30))  # Every update overflows to inf/NaN.
+  state, metrics = _one_round(exp, dataclasses.replace(exp.fed_round, client_update=overflowing))
   assert int(metrics["nonfinite_clients"]) == smoke_config.fed.clients_per_round
   assert int(metrics["participants"]) == 0
-  assert bool(params.is_finite(state["global"]))
+  assert bool(primitives.is_finite(state["global"]))
   jax.tree.map(np.testing.assert_array_equal, state["global"], exp.initial_trainable)
 
 
 def test_chunked_clients_equal_one_vmap(smoke_config):
   exp = build_experiment(smoke_config, log=lambda _: None)
-  results = []
-  for chunk in (0, 2):
-    step = engine.make_round_step(exp.adapted, exp.method, exp.client_optimizer, exp.server_optimizer,
-                                  num_clients=exp.data.num_clients, clients_per_chunk=chunk)
-    results.append(_one_round(exp, step)[0]["global"])
+  results = [_one_round(exp, dataclasses.replace(exp.fed_round, clients_per_chunk=chunk))[0]["global"]
+             for chunk in (0, 2)]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), *results)
 
 
 def test_map_clients_keeps_client_order():
   xs = {"v": jnp.arange(12.0).reshape(6, 2)}
-  out = engine.map_clients(lambda x: x["v"] * 10 + 1, xs, clients_per_chunk=3, mesh=None)
+  out = primitives.map_clients(lambda x: x["v"] * 10 + 1, xs, clients_per_chunk=3, mesh=None)
   np.testing.assert_array_equal(out, xs["v"] * 10 + 1)
-  with pytest.raises(ValueError, match="fed.clients_per_chunk"):
-    engine.map_clients(lambda x: x["v"], xs, clients_per_chunk=4, mesh=None)
+  with pytest.raises(ValueError, match="clients_per_chunk"):
+    primitives.map_clients(lambda x: x["v"], xs, clients_per_chunk=4, mesh=None)

@@ -5,8 +5,8 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from hyperlora_jax import engine
-from hyperlora_jax.generator import NEW_CLIENT, LoraGenerator, make_generator
+from hyperlora_jax import lora
+from hyperlora_jax.hyper.generator import NEW_CLIENT, LoraGenerator, make_generator
 
 TARGETS = (("enc/q", 6, 5), ("enc/v", 6, 5), ("mlp", 5, 7))
 RANK, CLIENTS, SIG = 2, 3, 4
@@ -57,7 +57,7 @@ def _case(loss="vjp", learning_rate=0.1, server_steps=1):
   sent = jax.tree.map(lambda o, b: o + b, offsets, base)
   trained = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(k[1], x.shape), sent)
   weights = jnp.array([0.5, 0.3, 0.2])
-  masks = engine.rank_masks(None, CLIENTS, RANK)
+  masks = lora.rank_masks(None, CLIENTS, RANK)
   return module, gen, state, signatures, ids, base, trained, weights, masks
 
 

@@ -7,8 +7,10 @@ import numpy as np
 import optax
 import pytest
 
-from hyperlora_jax import reporting, signatures
-from hyperlora_jax.aggregators.synthesis import (SynthesisConfig, hyperlora_synthesizer, product_gram,
+from hyperlora_jax import reporting
+from hyperlora_jax.aggregators import AggregationContext
+from hyperlora_jax.hyper import signatures
+from hyperlora_jax.hyper.synthesis import (SynthesisConfig, hyperlora_synthesizer, product_gram,
                                                   refactorize)
 from hyperlora_jax.config_validation import ConfigError
 from hyperlora_jax.train import build_experiment, train_and_evaluate
@@ -30,7 +32,7 @@ def _global():
 
 def _init(cfg, seed=0):
   agg = hyperlora_synthesizer(cfg, optax.adam(1e-2))
-  return agg, agg.init(jax.random.key(seed), _global(), SIG)
+  return agg, agg.init(_global(), jax.random.key(seed), SIG)
 
 
 def _best_rank_r(matrix, rank):
@@ -44,7 +46,7 @@ def test_uniform_limit_is_the_exact_weighted_product_average_then_best_rank_r():
   for learned in (True, False):  # S_ψ at its zero-initialized output, and S_ψ switched off.
     cfg = cfg._replace(learned_weights=learned)
     agg, state = _init(cfg)
-    context = {"signatures": jnp.ones((C, SIG)), "client_loss": jnp.ones(C), "meta_loss": lambda g: 0.0}
+    context = AggregationContext(jnp.ones((C, SIG)), jnp.ones(C), lambda g: 0.0)
     new, _, _ = agg.aggregate(state, _global(), clients, WEIGHTS, context)
     for path, f in clients["lora"].items():
       exact = SCALE * np.einsum("c,cir,cro->io", WEIGHTS, f["a"], f["b"])
@@ -74,7 +76,7 @@ def test_product_gram_matches_explicit_products():
 def test_learned_corrector_feeds_back_the_truncation_residual():
   cfg = SynthesisConfig(scale=SCALE, rank=R, corrector="learned")
   agg, state = _init(cfg)
-  context = {"signatures": jnp.zeros((C, SIG)), "client_loss": jnp.ones(C), "meta_loss": lambda g: 0.0}
+  context = AggregationContext(jnp.zeros((C, SIG)), jnp.ones(C), lambda g: 0.0)
   clients = _clients()
   new, _, state1 = agg.aggregate(state, _global(), clients, WEIGHTS, context)
   f = clients["lora"]["l1"]
@@ -94,8 +96,7 @@ def test_meta_objective_trains_the_synthesizer_through_the_aggregation():
   clients = _clients()
   target = jax.random.normal(jax.random.key(3), (D_IN, D_OUT))
   meta_loss = lambda g: sum(jnp.sum((SCALE * f["a"] @ f["b"] - target) ** 2) for f in g["lora"].values())
-  context = {"signatures": jax.random.normal(jax.random.key(4), (C, SIG)), "client_loss": jnp.ones(C),
-             "meta_loss": meta_loss}
+  context = AggregationContext(jax.random.normal(jax.random.key(4), (C, SIG)), jnp.ones(C), meta_loss)
   losses = []
   for _ in range(30):
     _, _, new_state = agg.aggregate(state, _global(), clients, WEIGHTS, context)
@@ -108,8 +109,8 @@ def test_meta_objective_trains_the_synthesizer_through_the_aggregation():
 def test_no_participant_leaves_the_learned_parameters_untouched():
   cfg = SynthesisConfig(scale=SCALE, rank=R, corrector="learned")
   agg, state = _init(cfg)
-  context = {"signatures": jnp.zeros((C, SIG)), "client_loss": jnp.ones(C),
-             "meta_loss": lambda g: sum(jnp.sum(x) for x in jax.tree.leaves(g))}
+  context = AggregationContext(jnp.zeros((C, SIG)), jnp.ones(C),
+                               lambda g: sum(jnp.sum(x) for x in jax.tree.leaves(g)))
   _, _, new_state = agg.aggregate(state, _global(), _clients(), jnp.zeros(C), context)
   jax.tree.map(np.testing.assert_array_equal, new_state["params"], state["params"])
 

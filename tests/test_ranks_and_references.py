@@ -4,10 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hyperlora_jax import aggregators, engine
+from hyperlora_jax import aggregators, lora
 from hyperlora_jax.aggregators.hetero import norm_weights, product_norms
 from hyperlora_jax.config_validation import ConfigError
-from hyperlora_jax.generator import truncate_lora
+from hyperlora_jax.tasks.image_classification import frozen_tree
 from hyperlora_jax.train import build_experiment, communication_bytes, round_inputs
 
 RANKS = (1, 2, 4)
@@ -18,17 +18,17 @@ WEIGHTS = jnp.array([0.5, 0.3, 0.2])
 def _padded_clients(seed=0):
   """Three clients of ranks 1, 2, 4 stored zero-padded to r_max = 4."""
   k = jax.random.split(jax.random.key(seed), 3)
-  lora = {"l": {"a": jax.random.normal(k[0], (3, D_IN, R_MAX)), "b": jax.random.normal(k[1], (3, R_MAX, D_OUT))}}
-  masks = engine.rank_masks(np.array(RANKS), 3, R_MAX)
-  return {"lora": truncate_lora(lora, masks), "head": {"kernel": jax.random.normal(k[2], (3, 4, 3))}}
+  factors = {"l": {"a": jax.random.normal(k[0], (3, D_IN, R_MAX)), "b": jax.random.normal(k[1], (3, R_MAX, D_OUT))}}
+  masks = lora.rank_masks(np.array(RANKS), 3, R_MAX)
+  return {"lora": lora.truncate(factors, masks), "head": {"kernel": jax.random.normal(k[2], (3, 4, 3))}}
 
 
 def test_rank_masks_and_truncation_zero_the_components_a_client_lacks():
-  masks = engine.rank_masks(np.array(RANKS), 3, R_MAX)
+  masks = lora.rank_masks(np.array(RANKS), 3, R_MAX)
   np.testing.assert_array_equal(masks, [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
-  lora = _padded_clients()["lora"]["l"]
-  assert float(jnp.abs(lora["a"][0, :, 1:]).max()) == 0.0 and float(jnp.abs(lora["b"][1, 2:]).max()) == 0.0
-  assert float(jnp.abs(lora["a"][2, :, 3]).max()) > 0.0
+  factors = _padded_clients()["lora"]["l"]
+  assert float(jnp.abs(factors["a"][0, :, 1:]).max()) == 0.0 and float(jnp.abs(factors["b"][1, 2:]).max()) == 0.0
+  assert float(jnp.abs(factors["a"][2, :, 3]).max()) > 0.0
 
 
 def test_hetlora_weights_by_product_norm_and_averages_padded_factors():
@@ -60,8 +60,8 @@ def test_flora_with_mixed_ranks_merges_the_exact_update():
 def test_flexlora_truncated_to_a_client_rank_is_its_best_rank_approximation(client_rank):
   clients = _padded_clients()
   g, _, _ = aggregators.flexlora(SCALE).aggregate({}, jax.tree.map(lambda x: x[2], clients), clients, WEIGHTS)
-  mask = engine.rank_masks(np.array([client_rank]), 1, R_MAX)[0]
-  own = truncate_lora(g["lora"], mask)["l"]
+  mask = lora.rank_masks(np.array([client_rank]), 1, R_MAX)[0]
+  own = lora.truncate(g["lora"], mask)["l"]
   a, b = clients["lora"]["l"]["a"], clients["lora"]["l"]["b"]
   target = SCALE * np.einsum("c,cir,cro->io", WEIGHTS, a, b)
   u, s, vt = np.linalg.svd(target, full_matrices=False)
@@ -72,12 +72,10 @@ def test_flexlora_truncated_to_a_client_rank_is_its_best_rank_approximation(clie
 def test_heterogeneous_ranks_in_a_real_round_never_touch_missing_components(smoke_config):
   smoke_config.method, smoke_config.lora.client_ranks = "hetlora", (1, 3)
   exp = build_experiment(smoke_config, log=lambda _: None)
-  step = jax.jit(engine.make_round_step(exp.adapted, exp.method, exp.client_optimizer, exp.server_optimizer,
-                                        num_clients=exp.data.num_clients, client_ranks=exp.client_ranks))
-  state = engine.init_server_state(jax.random.key(0), exp.method, exp.initial_trainable,
-                                   exp.data.num_clients, exp.server_optimizer, exp.targets)
+  step = jax.jit(exp.fed_round.step)
+  state = exp.fed_round.init(jax.random.key(0), exp.initial_trainable)
   block, ids, weights = round_inputs(exp, 0)
-  state, metrics = step(state, exp.backbone, block, ids, weights)
+  state, metrics = step(state, frozen_tree(exp.backbone), block, ids, weights)
   assert int(metrics["participants"]) == int((ids >= 0).sum())
   b = next(iter(state["global"]["lora"].values()))["b"]
   assert float(jnp.abs(b[3]).max()) == 0.0  # No client has rank 4: the 4th component stays zero.

@@ -1,11 +1,13 @@
 """Exact aggregators: the server reproduces Σ_k p_k s B_k A_k without factor cross-terms."""
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from hyperlora_jax import lora as lora_lib
-from hyperlora_jax.aggregators.base import Aggregator, no_state, weighted_mean
+from hyperlora_jax.aggregators.base import Aggregator, Capabilities, aggregate_layers, layerwise, weighted_mean
 from hyperlora_jax.aggregators.products import weighted_product
 
 
@@ -23,6 +25,18 @@ def stack_factors(a_list: list[jax.Array], b_list: list[jax.Array],
   return a_s, jnp.concatenate(b_list, axis=0)
 
 
+def residual_bytes(layer_shapes, ranks) -> int:
+  """FedEx-LoRA: a float32 [d_in, d_out] residual per layer to every participant."""
+  return len(ranks) * sum(4 * d_in * d_out for d_in, d_out in layer_shapes.values())
+
+
+def stacked_bytes(layer_shapes, ranks) -> int:
+  """FLoRA: every participant's (A_k, B_k) goes to every other participant (its own shared
+  leaves are already counted); the fresh LoRA of the next round comes from a shared seed."""
+  per_rank = sum(4 * (d_in + d_out) for d_in, d_out in layer_shapes.values())
+  return (len(ranks) - 1) * sum(ranks) * per_rank if ranks else 0
+
+
 def fedex_lora(scale: float) -> Aggregator:
   """FedEx-LoRA (Singhal et al., ACL 2025).
 
@@ -31,14 +45,11 @@ def fedex_lora(scale: float) -> Aggregator:
   exactly. The residual is full rank and is sent down every round (counted in bytes down).
   Kernel layout: residual = s (Σ p_k a_k b_k − ā b̄) [d_in, d_out].
   """
-  def aggregate(state, global_trainable, client_trainables, weights):
-    del global_trainable
-    mean = weighted_mean(client_trainables, weights)
-    residual = {
-        path: scale * (weighted_product(f["a"], f["b"], weights) - mean["lora"][path]["a"] @ mean["lora"][path]["b"])
-        for path, f in client_trainables["lora"].items()}
-    return mean, residual, state
-  return Aggregator(init=no_state, aggregate=aggregate)
+  def rule(layer, global_layer, weights):
+    mean = weighted_mean(layer, weights)
+    return mean, scale * (weighted_product(layer["a"], layer["b"], weights) - mean["a"] @ mean["b"])
+  return layerwise("fedex_lora", rule, plain_server_step=True, base_delta=True,
+                   extra_bytes_down=residual_bytes)
 
 
 def flora(scale: float) -> Aggregator:
@@ -46,21 +57,29 @@ def flora(scale: float) -> Aggregator:
 
   B_s = [B_1 … B_K], A_s = [p_1 A_1; …; p_K A_K] gives B_s A_s = Σ_k p_k B_k A_k for any ranks;
   the server merges s B_s A_s into the frozen weights and every client starts the next round
-  from a fresh LoRA (A random, B = 0). Stacking is exactly the weighted product sum, computed
-  here directly; the stacked factors are what crosses the wire (counted in bytes down).
-  State: the PRNG key for the fresh A.
+  from a fresh LoRA (A ~ U(±1/√d_in), B = 0, as `lora.init_lora`). Stacking is exactly the
+  weighted product sum, computed here directly; the stacked factors are what crosses the wire
+  (counted in bytes down). State: the PRNG key for the fresh A.
   """
-  def init(global_trainable):
-    del global_trainable
+  def init(global_params, rng=None, signature_dim=0):
+    del global_params, rng, signature_dim
     return {"rng": jax.random.key_data(jax.random.key(0))}
 
-  def aggregate(state, global_trainable, client_trainables, weights):
-    merged = {path: scale * weighted_product(f["a"], f["b"], weights)
-              for path, f in client_trainables["lora"].items()}
+  def rule(layer, global_layer, weights, key):
+    d_in, rank = global_layer["a"].shape
+    bound = 1.0 / math.sqrt(d_in)
+    fresh = {"a": jax.random.uniform(key, (d_in, rank), jnp.float32, -bound, bound),
+             "b": jnp.zeros_like(global_layer["b"])}
+    return fresh, scale * weighted_product(layer["a"], layer["b"], weights)
+
+  def aggregate(state, global_params, client_params, weights, context=None):
+    del context
     rng, sub = jax.random.split(jax.random.wrap_key_data(state["rng"]))
-    targets = {path: (f["a"].shape[0], f["b"].shape[1]) for path, f in global_trainable["lora"].items()}
-    rank = next(iter(global_trainable["lora"].values()))["a"].shape[1]
-    fresh = lora_lib.init_lora(sub, targets, rank)
-    new_global = {**weighted_mean(client_trainables, weights), "lora": fresh}
-    return new_global, merged, {"rng": jax.random.key_data(rng)}
-  return Aggregator(init=init, aggregate=aggregate)
+    names = list(lora_lib.layers(global_params))
+    keys = dict(zip(names, jax.random.split(sub, len(names))))
+    new_params, merged = aggregate_layers(rule, global_params, client_params, weights, key=keys)
+    return new_params, merged, {"rng": jax.random.key_data(rng)}
+
+  return Aggregator(init, aggregate, Capabilities(
+      name="flora", plain_server_step=True, heterogeneous_ranks=True, base_delta=True,
+      extra_bytes_down=stacked_bytes))

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hyperlora_jax.aggregators.base import Aggregator, no_state, weighted_mean
+from hyperlora_jax.aggregators.base import Aggregator, layerwise, weighted_mean
 from hyperlora_jax.aggregators.products import weighted_product
 
 
@@ -39,13 +39,9 @@ def lora_fair(lam: float = 0.01, steps: int = 20, learning_rate: float = 1e-3) -
   ΔB* = argmin −cos(Σ p_k B_k A_k, (B̄ + ΔB) Ā) + λ ‖ΔB‖ (λ = 0.01, a few server steps);
   clients get (Ā, B̄ + ΔB*). Only B is corrected, so the broadcast stays rank r.
   """
-  def aggregate(state, global_trainable, client_trainables, weights):
-    del global_trainable
-    new_global = weighted_mean(client_trainables, weights)
-    for path, f in client_trainables["lora"].items():
-      a_bar, b_bar = new_global["lora"][path]["a"], new_global["lora"][path]["b"]
-      delta = fit_delta_b(a_bar, b_bar, weighted_product(f["a"], f["b"], weights), lam=lam,
-                          steps=steps, learning_rate=learning_rate)
-      new_global["lora"][path] = {"a": a_bar, "b": b_bar + delta}
-    return new_global, {}, state
-  return Aggregator(init=no_state, aggregate=aggregate)
+  def rule(layer, global_layer, weights):
+    mean = weighted_mean(layer, weights)
+    delta = fit_delta_b(mean["a"], mean["b"], weighted_product(layer["a"], layer["b"], weights), lam=lam,
+                        steps=steps, learning_rate=learning_rate)
+    return {"a": mean["a"], "b": mean["b"] + delta}
+  return layerwise("lora_fair", rule, plain_server_step=True)

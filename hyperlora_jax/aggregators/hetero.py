@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from hyperlora_jax.aggregators.base import Aggregator, no_state, weighted_mean
+from hyperlora_jax.aggregators.base import Aggregator, layerwise, weighted_mean
 
 
 def product_norms(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
@@ -28,16 +28,12 @@ def hetlora() -> Aggregator:
   """HetLoRA (Cho et al., EMNLP 2024), sparsity-weighted aggregation.
 
   Clients of rank r_k hold factors zero-padded to r_max (components beyond r_k are zero,
-  see `engine.client_start`). Per layer, the server weights client k by
+  see `lora.truncate`). Per layer, the server weights client k by
   w_k = ‖B_kA_k‖_F / Σ_j ‖B_jA_j‖_F and averages the padded factors, A ← Σ w_k A_k,
   B ← Σ w_k B_k; each client truncates the result to its own rank at the start of the next
   round. The head (shared policy) is averaged with the data weights p_k. HetLoRA's optional
   local rank self-pruning is not implemented.
   """
-  def aggregate(state, global_trainable, client_trainables, weights):
-    del global_trainable
-    new_global = weighted_mean(client_trainables, weights)
-    for path, f in client_trainables["lora"].items():
-      new_global["lora"][path] = weighted_mean(f, norm_weights(product_norms(f["a"], f["b"]), weights))
-    return new_global, {}, state
-  return Aggregator(init=no_state, aggregate=aggregate)
+  def rule(layer, global_layer, weights):
+    return weighted_mean(layer, norm_weights(product_norms(layer["a"], layer["b"]), weights))
+  return layerwise("hetlora", rule, plain_server_step=True, heterogeneous_ranks=True)

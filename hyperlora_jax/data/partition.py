@@ -19,7 +19,6 @@ Families (say which one a run uses):
 """
 from __future__ import annotations
 
-from typing import Callable
 
 import numpy as np
 

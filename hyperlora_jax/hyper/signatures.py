@@ -19,8 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hyperlora_jax.models import preprocess_images
-
 SIGNATURE_KINDS = ("label", "features", "embedding")
 
 
@@ -102,6 +100,7 @@ def compute_signatures(model: Any, backbone: Any, client_data: dict, kinds: tupl
   `apply(variables, images, return_features=True)`)."""
   if not {"label", "features"} & set(kinds):
     return np.zeros((client_data["label"].shape[0], 0), np.float32)
+  from hyperlora_jax.models import preprocess_images  # The model zoo's input convention.
   featurize = lambda images: model.apply(backbone, preprocess_images(images), return_features=True)
   basis = None
   if "features" in kinds:

@@ -20,12 +20,14 @@ The server trains φ from what clients return (pure functions, `make_generator`)
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+from hyperlora_jax import lora as lora_lib
 
 Tree = Any
 GENERATOR_LOSSES = ("vjp", "product_distill")
@@ -36,14 +38,15 @@ class LoraGenerator(nn.Module):
   """(signature [D], client index) -> {path: {"a": [d_in, r], "b": [r, d_out]}} offsets.
 
   Attributes:
-    targets: ((path, d_in, d_out), ...) in a fixed order.
+    targets: the layers, {path: (d_in, d_out)} as `lora.find_targets` returns them (or
+      `aggregators.layer_shapes(adapter)`), or ((path, d_in, d_out), ...); order is kept.
     rank: LoRA rank r (r_max with heterogeneous ranks).
     num_clients, client_embed_dim: learned client embeddings [N, E] (E = 0: none). Index
       `NEW_CLIENT` reads the mean embedding.
     hidden: width of the trunk and of the per-shape output MLPs.
     layer_embed_dim: size of the learned per-layer embedding.
   """
-  targets: Sequence[tuple[str, int, int]]
+  targets: Any  # {path: (d_in, d_out)} or ((path, d_in, d_out), ...)
   rank: int
   num_clients: int = 0
   client_embed_dim: int = 0
@@ -65,7 +68,7 @@ class LoraGenerator(nn.Module):
     layer_embedding = self.param("layer_embedding", nn.initializers.normal(1.0),
                                  (len(self.targets), self.layer_embed_dim))
     mixers, outputs, factors = {}, {}, {}
-    for i, (path, d_in, d_out) in enumerate(self.targets):
+    for i, (path, d_in, d_out) in enumerate(target_triples(self.targets)):
       shape = (d_in, d_out)
       if shape not in mixers:
         mixers[shape] = nn.Dense(self.hidden, name=f"mix_{d_in}x{d_out}")
@@ -76,6 +79,13 @@ class LoraGenerator(nn.Module):
       factors[path] = {"a": flat[:d_in * self.rank].reshape(d_in, self.rank),
                        "b": flat[d_in * self.rank:].reshape(self.rank, d_out)}
     return factors
+
+
+def target_triples(targets) -> tuple[tuple[str, int, int], ...]:
+  """{path: (d_in, d_out)} or ((path, d_in, d_out), ...) -> ((path, d_in, d_out), ...)."""
+  if isinstance(targets, dict) or hasattr(targets, "items"):
+    return tuple((path, d_in, d_out) for path, (d_in, d_out) in targets.items())
+  return tuple(tuple(t) for t in targets)
 
 
 class Generator(NamedTuple):
@@ -89,15 +99,6 @@ class Generator(NamedTuple):
   init: Callable[[jax.Array], Tree]
   generate: Callable[[Tree, jax.Array, jax.Array], Tree]
   update: Callable[..., Tree]
-
-
-def truncate_lora(lora: Tree, rank_mask: jax.Array) -> Tree:
-  """Zeroes the factor components a client of a lower rank does not have.
-
-  lora: {path: {"a": [..., d_in, r], "b": [..., r, d_out]}}; rank_mask: [..., r] in {0, 1}.
-  """
-  return {path: {"a": f["a"] * rank_mask[..., None, :], "b": f["b"] * rank_mask[..., :, None]}
-          for path, f in lora.items()}
 
 
 def make_generator(module: LoraGenerator, *, loss: str, optimizer: optax.GradientTransformation,
@@ -118,7 +119,7 @@ def make_generator(module: LoraGenerator, *, loss: str, optimizer: optax.Gradien
 
   def sent_factors(params, signatures, client_ids, base_lora, rank_masks):
     offsets = generate_with(params, signatures, client_ids)
-    return truncate_lora(jax.tree.map(lambda o, b: o + b, offsets, base_lora), rank_masks)
+    return lora_lib.truncate(jax.tree.map(lambda o, b: o + b, offsets, base_lora), rank_masks)
 
   def vjp_gradient(params, signatures, client_ids, base_lora, trained_lora, weights, rank_masks):
     """Σ_k p_k (∂θ_k/∂φ)^T (θ_k − θ̃_k) in one VJP of φ -> [p_k θ_k]_k."""

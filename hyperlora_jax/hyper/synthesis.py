@@ -38,14 +38,15 @@ step on (ψ, ω): meta-loss = Σ_k p_k CE_k(held-out batch | aggregate_{ψ,ω}(c
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from hyperlora_jax.aggregators.base import weighted_mean
+from hyperlora_jax import lora as lora_lib
+from hyperlora_jax.aggregators.base import Aggregator, AggregationContext, Capabilities, aggregate_layers
 from hyperlora_jax.aggregators.fair import fit_delta_b
 from hyperlora_jax.aggregators.products import weighted_product
 
@@ -127,19 +128,21 @@ class SynthesisConfig(NamedTuple):
 
 
 def synthesize(params: Tree, modules: tuple[SynthesizerScores, ResidualGate], cfg: SynthesisConfig,
-               global_trainable: Tree, client_trainables: Tree, weights: jax.Array,
+               global_params: Tree, client_params: Tree, weights: jax.Array,
                signatures: jax.Array, client_loss: jax.Array, residual: dict) -> tuple[Tree, dict]:
-  """The new global trainable and the new residual memory (a pure function of ψ, ω).
+  """The new global params and the new residual memory (a pure function of ψ, ω).
 
   Args:
     params: {"synth": ψ, "corr": ω}.
-    client_trainables: [C, ...] returned trainables; weights [C] (sum 1, 0 = absent);
-    signatures [C, D]; client_loss [C]; residual {path: [d_in, d_out]} (E of the last round).
+    global_params: any tree with LoRA layers (`lora.layers`); other leaves are averaged.
+    client_params: [C, ...] returned params; weights [C] (sum 1, 0 = absent);
+    signatures [C, D]; client_loss [C]; residual {layer: [d_in, d_out]} (E of the last round).
   """
   scores_module, gate_module = modules
-  paths = list(client_trainables["lora"])
-  layer_features = jnp.stack([client_layer_features(client_trainables["lora"][p]["a"],
-                                                    client_trainables["lora"][p]["b"], weights, cfg.scale)
+  client_layers = lora_lib.layers(client_params)
+  paths = list(client_layers)
+  layer_features = jnp.stack([client_layer_features(client_layers[p]["a"], client_layers[p]["b"],
+                                                    weights, cfg.scale)
                               for p in paths], axis=1)                              # [C, L, 2]
   per_client = jnp.concatenate([signatures, client_loss[:, None]], -1)              # [C, D + 1]
   features = jnp.concatenate([layer_features, jnp.broadcast_to(
@@ -148,53 +151,45 @@ def synthesize(params: Tree, modules: tuple[SynthesizerScores, ResidualGate], cf
       features.shape[:2])
   synth_weights = synthesis_weights(scores, weights)                                # [C, L]
 
-  new_global = weighted_mean(client_trainables, weights)
-  new_residual = {}
-  products = [cfg.scale * weighted_product(client_trainables["lora"][p]["a"], client_trainables["lora"][p]["b"],
-                                           synth_weights[:, i]) for i, p in enumerate(paths)]
+  products = {p: cfg.scale * weighted_product(client_layers[p]["a"], client_layers[p]["b"],
+                                              synth_weights[:, i]) for i, p in enumerate(paths)}
+  targets = products
   if cfg.corrector == "learned":
-    stats = jnp.stack([jnp.stack([jnp.linalg.norm(residual[p]) / (jnp.linalg.norm(products[i]) + 1e-12),
+    stats = jnp.stack([jnp.stack([jnp.linalg.norm(residual[p]) / (jnp.linalg.norm(products[p]) + 1e-12),
                                   jnp.std(layer_features[:, i, 1])]) for i, p in enumerate(paths)])
     gates = gate_module.apply(params["corr"], jax.lax.stop_gradient(stats))
-  for i, path in enumerate(paths):
-    target = products[i]
-    if cfg.corrector == "learned":
-      target = target + gates[i] * residual[path]
-    a, b = refactorize(target, cfg.rank, cfg.scale, global_trainable["lora"][path]["a"])
+    targets = {p: products[p] + gates[i] * residual[p] for i, p in enumerate(paths)}
+
+  def refactorized(layer, global_layer, weights, target):
+    del layer, weights
+    a, b = refactorize(target, cfg.rank, cfg.scale, global_layer["a"])
     if cfg.corrector == "fair":
       b = b + fit_delta_b(a, b, target / cfg.scale, lam=cfg.fair_lam, steps=cfg.fair_steps,
                           learning_rate=cfg.fair_learning_rate)
-    if cfg.corrector == "learned":
-      new_residual[path] = jax.lax.stop_gradient(target - cfg.scale * a @ b)
-    new_global["lora"][path] = {"a": a, "b": b}
-  return new_global, new_residual
+    return {"a": a, "b": b}, jax.lax.stop_gradient(target - cfg.scale * a @ b)
 
-
-class LearnedAggregator(NamedTuple):
-  """A server aggregator with learned parameters, trained by a meta-objective.
-
-    state = init(rng, global_trainable, signature_dim)
-    new_global, base_delta, state = aggregate(state, global_trainable, client_trainables,
-                                              weights, context)
-  `context` = {"signatures": [C, D], "client_loss": [C],
-               "meta_loss": candidate global trainable -> scalar}.
-  """
-  init: Callable[..., Tree]
-  aggregate: Callable[..., tuple[Tree, dict, Tree]]
+  new_global, missed = aggregate_layers(refactorized, global_params, client_params, weights, target=targets)
+  return new_global, (missed if cfg.corrector == "learned" else {})
 
 
 def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransformation,
-                          *, hidden: int = 32, meta_learning: bool = True) -> LearnedAggregator:
-  """S_ψ and C_ω as a `LearnedAggregator` (module docstring). `meta_learning=False` keeps
-  ψ, ω at their initial values (the uniform limit). The layers are read from the global
-  trainable, so the aggregator is built from the config alone."""
-  def modules_for(global_trainable):
-    num_layers = len(global_trainable["lora"])
+                          *, hidden: int = 32, meta_learning: bool = True) -> Aggregator:
+  """S_ψ and C_ω as a meta-learned `Aggregator` (module docstring).
+
+  It owns one held-out step of each client's block (`heldout_steps=1`) and reads the
+  context's `signatures`, `client_loss` and `heldout_loss`. `meta_learning=False` keeps ψ, ω
+  at their initial values (the uniform limit). The layers are read from the global params.
+  State: {"params": {"synth", "corr"}, "opt", "residual": {layer: [d_in, d_out]}, "meta_loss"}.
+  """
+  def modules_for(global_params):
+    num_layers = len(lora_lib.layers(global_params))
     return SynthesizerScores(num_layers=num_layers, hidden=hidden), ResidualGate(num_layers=num_layers)
 
-  def init(rng, global_trainable, signature_dim):
-    targets = {path: (f["a"].shape[0], f["b"].shape[1]) for path, f in global_trainable["lora"].items()}
-    modules = modules_for(global_trainable)
+  def init(global_params, rng=None, signature_dim=0):
+    if rng is None:
+      raise ValueError("the HyperLoRA synthesizer's init needs an rng (its ψ, ω are random)")
+    targets = {path: (f["a"].shape[0], f["b"].shape[1]) for path, f in lora_lib.layers(global_params).items()}
+    modules = modules_for(global_params)
     k1, k2 = jax.random.split(rng)
     params = {"synth": modules[0].init(k1, jnp.zeros((1, len(targets), 3 + signature_dim))),
               "corr": modules[1].init(k2, jnp.zeros((len(targets), 2)))}
@@ -203,13 +198,16 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
     return {"params": params, "opt": optimizer.init(params), "residual": residual,
             "meta_loss": jnp.zeros((), jnp.float32)}
 
-  def aggregate(state, global_trainable, client_trainables, weights, context):
-    modules = modules_for(global_trainable)
+  def aggregate(state, global_params, client_params, weights, context: AggregationContext):
+    modules = modules_for(global_params)
+    signatures = context.signatures
+    if signatures is None:
+      signatures = jnp.zeros((weights.shape[0], 0), jnp.float32)
 
     def objective(params):
-      new_global, residual = synthesize(params, modules, cfg, global_trainable, client_trainables, weights,
-                                        context["signatures"], context["client_loss"], state["residual"])
-      return context["meta_loss"](new_global), (new_global, residual)
+      new_global, residual = synthesize(params, modules, cfg, global_params, client_params, weights,
+                                        signatures, context.client_loss, state["residual"])
+      return context.heldout_loss(new_global), (new_global, residual)
 
     if meta_learning:
       (meta_loss, (new_global, residual)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
@@ -224,4 +222,7 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
       params, opt_state = state["params"], state["opt"]
     return new_global, {}, {"params": params, "opt": opt_state, "residual": residual,
                             "meta_loss": meta_loss}
-  return LearnedAggregator(init=init, aggregate=aggregate)
+
+  return Aggregator(init, aggregate, Capabilities(
+      name="hyperlora_synthesizer", plain_server_step=True, heterogeneous_ranks=True, heldout_steps=1,
+      metrics=("meta_loss",)))

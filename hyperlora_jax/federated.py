@@ -1,0 +1,381 @@
+"""The federated round: one jit-compilable pure function for every sampled client.
+
+    fed_round = FederatedRound(client_update, aggregator, num_clients=N, ...)
+    state = fed_round.init(rng, params)
+    state, metrics = jax.jit(fed_round.step)(state, frozen, batches, client_ids, weights)
+
+A round gathers the sampled clients' persistent local leaves, builds each client's start
+(global ⊕ its local leaves, + every plug-in's offset, truncated to its rank), runs the client
+update for all clients with `primitives.map_clients` (vmap of a `lax.scan`, chunked, sharded),
+leaves non-finite clients out, aggregates, applies the server optimizer (FedOpt) to the
+pseudo-gradient, runs the plug-ins' post-aggregation hooks and scatters local leaves back.
+It knows nothing of models, tasks or methods: those are the loss, the aggregator and the
+plug-ins. Block shapes are fixed, so it compiles once per run.
+
+Server state (a pytree, checkpointed whole):
+  round       int32 scalar, rounds done
+  rng         uint32 [2], the server's PRNG key data
+  global      the global params (any nested-dict tree holding LoRA layers)
+  server_opt  optax state of the server optimizer over `global`
+  clients     {leaf name: [N, ...]} the leaves each client keeps locally
+  agg         the aggregator's state
+  base_delta  {layer: [d_in, d_out]} full-rank residuals merged into frozen weights ({} if unused)
+  plugins     {plug-in name: its state}
+  signatures  [N, D] per-client signatures (only when D > 0)
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from hyperlora_jax import lora as lora_lib
+from hyperlora_jax import params as params_lib
+from hyperlora_jax import primitives
+from hyperlora_jax.aggregators.base import AggregationContext, Aggregator, layer_shapes
+from hyperlora_jax.client import ClientUpdate
+
+Tree = Any
+NEW_CLIENT = -1  # Client id of a client with no learned state (the global model, new clients).
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundOutcome:
+  """What post-aggregation hooks see. Shapes: C sampled clients (padding included).
+
+  Attributes:
+    new_global: the global params after the server step.
+    client_params: [C, ...] each client's trained params (its start if non-finite).
+    weights: [C] aggregation weights (sum 1; 0 for padding and non-finite clients).
+    client_ids: [C] ids (padding clients read as client 0, with weight 0).
+    signatures: [C, D] their signatures (D = 0: none).
+    rank_masks: [C, r_max] {0, 1}.
+  """
+  new_global: Tree
+  client_params: Tree
+  weights: jax.Array
+  client_ids: jax.Array
+  signatures: jax.Array
+  rank_masks: jax.Array
+
+
+class Plugin(NamedTuple):
+  """A server component with state and two hooks (HyperLoRA's generator is one).
+
+  Attributes:
+    name: key of its state in `state["plugins"]`.
+    init: rng -> state.
+    client_offsets: (state, signatures [C, D], client_ids [C]) -> offsets {layer: {"a", "b"}}
+      with a leading [C] axis, added to each client's starting LoRA layers (client id
+      `NEW_CLIENT`: a client with no learned state).
+    after_aggregation: (state, RoundOutcome) -> state.
+  """
+  name: str
+  init: Callable[[jax.Array], Tree]
+  client_offsets: Callable[[Tree, jax.Array, jax.Array], dict]
+  after_aggregation: Callable[[Tree, RoundOutcome], Tree]
+
+
+def is_plain_step(optimizer: optax.GradientTransformation) -> bool:
+  """Whether `optimizer` applies an update as is (u = -g, every step): SGD, lr 1, no momentum."""
+  params = {"x": jnp.arange(3.0)}
+  state = optimizer.init(params)
+  for g in (jnp.array([1.0, -2.0, 0.5]), jnp.array([-3.0, 0.25, 2.0])):
+    updates, state = optimizer.update({"x": g}, state, params)
+    if not np.allclose(np.asarray(updates["x"]), -np.asarray(g), rtol=0, atol=1e-7):
+      return False
+  return True
+
+
+def round_update_mask(frozen_leaves: Sequence[str], params: Tree, round_index: jax.Array) -> Tree:
+  """Float scalar per leaf: 0 where `frozen_leaves[round % len]` (a regex on leaf names)
+  freezes it this round, else 1."""
+  phases = [params_lib.regex_mask(params, r) for r in frozen_leaves]
+  phase = round_index % len(phases)
+  return jax.tree.map(lambda *frozen: jnp.array([0.0 if f else 1.0 for f in frozen], jnp.float32)[phase],
+                      *phases)
+
+
+def rank_update_mask(update_mask: Tree, rank_mask: jax.Array) -> Tree:
+  """The round's per-leaf update mask times the client's rank mask on the LoRA layers."""
+  return lora_lib.map_layers(lambda m: {"a": m["a"] * rank_mask[None, :], "b": m["b"] * rank_mask[:, None]},
+                             update_mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedRound:
+  """A federated round over N registered clients (see the module docstring).
+
+  Attributes:
+    client_update: `client.local_update(loss_fn, optimizer)`.
+    aggregator: the server rule (`hyperlora_jax.aggregators`); its capabilities are checked
+      here, when the round is built.
+    num_clients: N, clients with persistent state (local leaves, signatures).
+    server_optimizer: FedOpt's optimizer on the pseudo-gradient (global − aggregate);
+      sgd(1.0) is plain aggregation.
+    local_leaves: regex on leaf names ('/'-joined key paths, e.g. `lora/enc/query/b`): leaves
+      each client keeps across rounds and never sends.
+    frozen_leaves: regexes of leaves clients do not update; round r uses entry r % len
+      (RoLoRA alternates); frozen shared leaves are not sent up.
+    client_ranks: [N] LoRA rank of each client (None: all at the adapter's rank r_max).
+    clients_per_chunk: clients vmapped together (0: all sampled clients at once).
+    mesh: shard the clients axis over this mesh's `clients` axis (None: one device).
+    plugins: server components with client-start and post-aggregation hooks.
+    apply_base_delta: (frozen, base_delta {layer: [d_in, d_out]}) -> the frozen tree the
+      loss sees; required by aggregators that return a base delta (FedEx-LoRA, FLoRA).
+  """
+  client_update: ClientUpdate
+  aggregator: Aggregator
+  num_clients: int
+  server_optimizer: optax.GradientTransformation = optax.sgd(1.0)
+  local_leaves: str = ""
+  frozen_leaves: tuple[str, ...] = ("",)
+  client_ranks: Any = None
+  clients_per_chunk: int = 0
+  mesh: Mesh | None = None
+  plugins: tuple[Plugin, ...] = ()
+  apply_base_delta: Callable[[Tree, dict], Tree] | None = None
+
+  def __post_init__(self):
+    for problem in capability_problems(self.aggregator, self.server_optimizer, self.client_ranks):
+      raise ValueError(problem)
+    caps = self.aggregator.capabilities
+    if caps.base_delta and self.apply_base_delta is None:
+      raise ValueError(f"aggregator {caps.name!r} merges a full-rank base delta into the frozen "
+                       f"weights: give FederatedRound(apply_base_delta=...)")
+    try:
+      re.compile(self.local_leaves)
+      [re.compile(r) for r in self.frozen_leaves]
+    except re.error as e:
+      raise ValueError(f"local_leaves / frozen_leaves: not a valid regex ({e})") from None
+
+  # ---------------------------------------------------------------- state
+
+  def init(self, rng: jax.Array, params: Tree, signatures: jax.Array | None = None) -> dict:
+    """The round-0 server state; every client's local leaves start from `params`.
+
+    Args:
+      params: the initial global params (with LoRA layers).
+      signatures: [N, D] per-client signatures (None or D = 0: none).
+    """
+    local_mask = params_lib.regex_mask(params, self.local_leaves)
+    clients = params_lib.select(primitives.broadcast(params, self.num_clients), local_mask)
+    key = rng if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(rng)
+    signature_dim = 0 if signatures is None else signatures.shape[-1]
+    state = {
+        "round": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(key),
+        "global": params,
+        "server_opt": self.server_optimizer.init(params),
+        "clients": jax.tree.map(jnp.asarray, clients),
+        "agg": self.aggregator.init(params, jax.random.fold_in(key, 8), signature_dim),
+        "base_delta": lora_lib.zero_deltas(params) if self.aggregator.capabilities.base_delta else {},
+        "plugins": {p.name: p.init(jax.random.fold_in(key, 7)) for p in self.plugins},
+    }
+    if signature_dim:
+      state["signatures"] = jnp.asarray(signatures, jnp.float32)
+    return state
+
+  # ---------------------------------------------------------------- client starts
+
+  def signatures_of(self, state: dict, client_ids: jax.Array) -> jax.Array:
+    """[C, D] signatures of `client_ids` ([C, 0] when the run has none)."""
+    if "signatures" not in state:
+      return jnp.zeros((client_ids.shape[0], 0), jnp.float32)
+    return state["signatures"][client_ids]
+
+  def rank_masks(self, params: Tree) -> jax.Array:
+    """[N, r_max] {0, 1} rank mask of every registered client."""
+    return lora_lib.rank_masks(self.client_ranks, self.num_clients, lora_lib.rank_of(params))
+
+  def offsets(self, state: dict, signatures: jax.Array, client_ids: jax.Array) -> dict | None:
+    """The plug-ins' summed client-start offsets {layer: {"a", "b"}} [C, ...] (None: no plug-in)."""
+    total = None
+    for plugin in self.plugins:
+      offset = plugin.client_offsets(state["plugins"][plugin.name], signatures, client_ids)
+      total = offset if total is None else jax.tree.map(jnp.add, total, offset)
+    return total
+
+  @staticmethod
+  def client_start(global_params: Tree, client_local: dict, offset: dict | None,
+                   rank_mask: jax.Array) -> Tree:
+    """One client's start: global ⊕ its local leaves, + offsets, truncated to its rank.
+
+    Args:
+      client_local: {leaf name: leaf} the client keeps.
+      offset: {layer: {"a", "b"}} added to the LoRA layers (None: nothing).
+      rank_mask: [r_max] float {0, 1}.
+    """
+    start = params_lib.combine(global_params, client_local)
+    if offset is not None:
+      start = lora_lib.add_to_layers(start, offset)
+    return lora_lib.truncate(start, rank_mask)
+
+  def client_inputs(self, state: dict, client_ids: jax.Array) -> tuple[dict, dict | None, jax.Array]:
+    """(local leaves [C, ...], offsets [C, ...] or None, rank masks [C, r]) for `client_ids`
+    (valid ids in [0, N)); with `client_start` they give each client's model."""
+    local = primitives.gather_clients(state["clients"], client_ids)
+    offsets = self.offsets(state, self.signatures_of(state, client_ids), client_ids) if self.plugins else None
+    return local, offsets, self.rank_masks(state["global"])[client_ids]
+
+  def global_params(self, state: dict) -> Tree:
+    """The model evaluated as *global*: the server's params plus the plug-ins' offsets for a
+    client with no learned state and the mean signature (generator methods)."""
+    if not self.plugins:
+      return state["global"]
+    if "signatures" in state:
+      signature = jnp.mean(state["signatures"], axis=0, keepdims=True)
+    else:
+      signature = jnp.zeros((1, 0), jnp.float32)
+    offset = jax.tree.map(lambda x: x[0], self.offsets(state, signature, jnp.full((1,), NEW_CLIENT, jnp.int32)))
+    return lora_lib.add_to_layers(state["global"], offset)
+
+  # ---------------------------------------------------------------- the round
+
+  def step(self, state: dict, frozen: Tree, batches: Tree, client_ids: jax.Array,
+           weights: jax.Array) -> tuple[dict, dict]:
+    """One round (pure; jit it).
+
+    Args:
+      state: server state (module docstring).
+      frozen: the frozen tree the loss reads (e.g. the backbone's variables).
+      batches: pytree with leaves [C, S + h, ...]: each sampled client's S local steps, plus
+        the aggregator's h = `capabilities.heldout_steps` held-out steps at the end.
+      client_ids: [C] int32 sampled client ids, -1 for padding clients.
+      weights: [C] float32 aggregation weights p_k (0 for padding).
+    Returns:
+      (new state, {"train_loss", "nonfinite_clients", "participants"} plus the aggregator's
+       declared metrics).
+    """
+    caps = self.aggregator.capabilities
+    global_params = state["global"]
+    local_mask = params_lib.regex_mask(global_params, self.local_leaves)
+    update_mask = round_update_mask(self.frozen_leaves, global_params, state["round"])
+    valid = client_ids >= 0
+    gather_ids = jnp.where(valid, client_ids, 0)
+    local = primitives.gather_clients(state["clients"], gather_ids)
+    masks = self.rank_masks(global_params)[gather_ids]
+    signatures = self.signatures_of(state, gather_ids)
+    offsets = self.offsets(state, signatures, gather_ids) if self.plugins else None
+    frozen = self.apply_base_delta(frozen, state["base_delta"]) if caps.base_delta else frozen
+    round_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["round"])
+    keys = jax.vmap(lambda i: jax.random.key_data(jax.random.fold_in(round_key, i)))(client_ids)
+    if caps.heldout_steps:  # The aggregator's held-out steps, never trained on.
+      heldout = jax.tree.map(lambda x: x[:, -caps.heldout_steps:], batches)
+      batches = jax.tree.map(lambda x: x[:, :-caps.heldout_steps], batches)
+    train_steps = jax.tree.leaves(batches)[0].shape[1]
+
+    def one_client(inputs):
+      client_local, client_batches, offset, rank_mask, key = inputs
+      start = self.client_start(global_params, client_local, offset, rank_mask)
+      trained, metrics = self.client_update(start, frozen, client_batches, jax.random.wrap_key_data(key),
+                                            rank_update_mask(update_mask, rank_mask))
+      finite = primitives.is_finite(trained) & jnp.isfinite(metrics["loss"])
+      trained = jax.tree.map(lambda t, s: jnp.where(finite, t, s), trained, start)
+      return trained, metrics, finite
+
+    trained, metrics, finite = primitives.map_clients(
+        one_client, (local, batches, offsets, masks, keys), self.clients_per_chunk, self.mesh)
+    weights = jnp.where(valid & finite, weights, 0.0)
+    total = jnp.sum(weights)
+    weights = weights / jnp.maximum(total, 1e-12)
+
+    heldout_loss = None
+    if caps.heldout_steps:
+      trained_local = params_lib.select(trained, local_mask)
+
+      def heldout_loss(candidate):
+        """Σ_k p_k loss of client k's next-round start from `candidate` on its held-out steps."""
+        def one_heldout(inputs):
+          client_local, client_batches, offset, rank_mask, key = inputs
+          start = self.client_start(candidate, client_local, offset, rank_mask)
+          key = jax.random.wrap_key_data(key)
+          losses = [self.client_update.loss_fn(start, frozen, jax.tree.map(lambda x: x[j], client_batches),
+                                               jax.random.fold_in(key, train_steps + j))[0]
+                    for j in range(caps.heldout_steps)]
+          return sum(losses) / caps.heldout_steps
+        losses = primitives.map_clients(
+            one_heldout, (trained_local, heldout, jax.lax.stop_gradient(offsets), masks, keys),
+            self.clients_per_chunk, self.mesh)
+        return jnp.sum(weights * losses)
+
+    context = AggregationContext(signatures=signatures, client_loss=metrics["loss"], heldout_loss=heldout_loss)
+    aggregated, base_delta_increment, agg_state = self.aggregator.aggregate(
+        state["agg"], global_params, trained, weights, context)
+    # Nothing usable came back (every client non-finite): keep the global model.
+    aggregated = jax.tree.map(lambda a, g: jnp.where(total > 0, a, g), aggregated, global_params)
+    pseudo_gradient = jax.tree.map(lambda g, a: g - a, global_params, aggregated)
+    updates, server_opt = self.server_optimizer.update(pseudo_gradient, state["server_opt"], global_params)
+    new_global = optax.apply_updates(global_params, updates)
+    # Local leaves are not the server's, and frozen leaves were not sent: both stay as they were.
+    new_global = jax.tree.map(lambda n, g, m, u: g if m else jnp.where(u > 0, n, g),
+                              new_global, global_params, local_mask, update_mask)
+    outcome = RoundOutcome(new_global, trained, weights, gather_ids, signatures, masks)
+    plugin_states = {p.name: p.after_aggregation(state["plugins"][p.name], outcome) for p in self.plugins}
+    scatter_ids = jnp.where(valid, client_ids, self.num_clients)  # Out of range: dropped.
+    clients = primitives.scatter_clients(state["clients"], scatter_ids, params_lib.select(trained, local_mask))
+    base_delta = (jax.tree.map(lambda d, inc: d + jnp.where(total > 0, inc, 0.0),
+                               state["base_delta"], base_delta_increment)
+                  if base_delta_increment else state["base_delta"])
+    rng, _ = jax.random.split(state["rng"])
+    new_state = {"round": state["round"] + 1, "rng": rng, "global": new_global,
+                 "server_opt": server_opt, "clients": clients, "agg": agg_state,
+                 "base_delta": base_delta, "plugins": plugin_states}
+    if "signatures" in state:
+      new_state["signatures"] = state["signatures"]
+    example_weights = metrics["examples"] * valid
+    train_loss = jnp.sum(metrics["loss"] * example_weights) / jnp.maximum(jnp.sum(example_weights), 1.0)
+    round_metrics = {"train_loss": train_loss, "nonfinite_clients": jnp.sum(valid & ~finite),
+                     "participants": jnp.sum(valid & finite)}
+    round_metrics.update({name: agg_state[name] for name in caps.metrics})
+    return new_state, round_metrics
+
+
+def capability_problems(aggregator: Aggregator, server_optimizer: optax.GradientTransformation,
+                        client_ranks: Any) -> list[str]:
+  """What in (server optimizer, client ranks) the aggregator's capabilities refuse ([] = fits)."""
+  caps, problems = aggregator.capabilities, []
+  if caps.plain_server_step and not is_plain_step(server_optimizer):
+    problems.append(f"server_optimizer: aggregator {caps.name!r} is exact only with a plain server step "
+                    f"(sgd, learning rate 1, no momentum)")
+  if client_ranks is not None and len(set(np.asarray(client_ranks).tolist())) > 1 and not caps.heterogeneous_ranks:
+    problems.append(f"client_ranks: aggregator {caps.name!r} does not define aggregation for heterogeneous "
+                    f"ranks {sorted(set(np.asarray(client_ranks).tolist()))}")
+  return problems
+
+
+def communication_bytes(fed_round: FederatedRound, params: Tree, round_index: int,
+                        participant_ranks: Sequence[int], signature_bytes: int = 0) -> tuple[int, int]:
+  """(bytes up, bytes down) of one round, summed over its participants.
+
+  Each participant sends up, and receives down, every leaf that is shared and trained this
+  round (frozen leaves are known to both sides: FFA-LoRA's A, RoLoRA's idle factor; generated
+  factors count like shared ones); a client of rank r_k sends r_k of the r_max components of
+  the LoRA layers. Down adds what the aggregator sends besides (FedEx-LoRA's residual, FLoRA's
+  stacks) and up what it asks besides. With held-out steps (a meta-learned aggregator) each
+  participant also receives the candidate global leaves and returns their gradient.
+  `signature_bytes` (signatures sent once) are added to bytes up.
+  """
+  caps = fed_round.aggregator.capabilities
+  ranks = [int(r) for r in participant_ranks]
+  max_rank = lora_lib.rank_of(params)
+  local = params_lib.regex_mask(params, fed_round.local_leaves)
+  frozen = params_lib.regex_mask(params, fed_round.frozen_leaves[round_index % len(fed_round.frozen_leaves)])
+  sent = jax.tree.map(lambda l, f: not l and not f, local, frozen)
+  in_layer = lora_lib.map_layers(lambda f: {"a": True, "b": True}, jax.tree.map(lambda _: False, params))
+  layer_bytes = params_lib.num_bytes(params, jax.tree.map(lambda s, l: s and l, sent, in_layer))
+  other_bytes = params_lib.num_bytes(params, jax.tree.map(lambda s, l: s and not l, sent, in_layer))
+  up = sum(other_bytes + layer_bytes * r // max_rank for r in ranks)
+  shapes = layer_shapes(params)
+  down = up + caps.extra_bytes_down(shapes, ranks)
+  up += caps.extra_bytes_up(shapes, ranks)
+  if caps.heldout_steps:
+    meta = len(ranks) * (other_bytes + layer_bytes)
+    up, down = up + meta, down + meta
+  return up + signature_bytes, down

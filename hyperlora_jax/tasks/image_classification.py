@@ -1,0 +1,158 @@
+"""Image classification on a frozen Flax backbone: one task built on the library.
+
+The trainable pytree is `{"lora": adapter, "head": head params ({} for a model without a
+head, e.g. CLIP)}`; the frozen pytree is `{"variables": backbone variables, "base_delta":
+{layer: [d_in, d_out]}}`; a batch is `{"image": [B, H, W, 3] uint8, "label": [B] int32,
+"mask": [B] float}`. The round sees none of this: it gets `loss_fn` and `apply_base_delta`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from hyperlora_jax import lora as lora_lib
+from hyperlora_jax.client import ClientUpdate, masked_mean
+from hyperlora_jax.models import preprocess_images
+from hyperlora_jax.federated import NEW_CLIENT, FederatedRound, round_update_mask
+
+
+def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean cross-entropy over unmasked examples (0 if none). logits [B, K], labels/mask [B]."""
+  return masked_mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels), mask)
+
+
+def masked_correct(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+  """Number of correct unmasked predictions (scalar float)."""
+  return jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
+
+
+def frozen_tree(backbone: Any, base_delta: dict | None = None) -> dict:
+  """The task's frozen pytree: {"variables": backbone, "base_delta": ...}."""
+  return {"variables": backbone, "base_delta": base_delta or {}}
+
+
+def apply_base_delta(frozen: dict, base_delta: dict) -> dict:
+  """The round's `apply_base_delta`: the server's full-rank residuals, applied factored."""
+  return {**frozen, "base_delta": base_delta}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageClassification:
+  """A frozen Flax backbone classifying images with a trainable `{"lora", "head"}` pytree.
+
+  Attributes:
+    model: the Flax module (knows nothing of LoRA).
+    scale: LoRA scale s = alpha / r.
+    head_name: top-level param entry replaced by `trainable["head"]` (None: no trainable head).
+  """
+  model: nn.Module
+  scale: float
+  head_name: str | None = "head"
+
+  def logits(self, frozen: dict, trainable: Any, images: jax.Array) -> jax.Array:
+    """images: [B, H, W, 3] uint8 -> logits [B, num_classes]."""
+    params = frozen["variables"]
+    if self.head_name is not None:
+      params = {**params, "params": {**params["params"], self.head_name: trainable["head"]}}
+    return lora_lib.apply(self.model, params, trainable["lora"], preprocess_images(images),
+                          scale=self.scale, base_delta=frozen["base_delta"])
+
+  def loss_fn(self, trainable: Any, frozen: dict, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+    """Masked cross-entropy of one batch (the library's loss contract; rng unused)."""
+    del rng
+    logits = self.logits(frozen, trainable, batch["image"])
+    return masked_cross_entropy(logits, batch["label"], batch["mask"]), {}
+
+  def accuracy(self, frozen: dict, trainable: Any, data: dict) -> tuple[jax.Array, jax.Array]:
+    """(correct, count) over the unmasked examples of `data` {"image", "label", "mask"}."""
+    logits = self.logits(frozen, trainable, data["image"])
+    return masked_correct(logits, data["label"], data["mask"]), jnp.sum(data["mask"])
+
+
+def make_evaluate(task: ImageClassification, fed_round: FederatedRound, *, eval_batch: int = 256,
+                  has_global_model: bool = True) -> Callable:
+  """Builds the pure `evaluate(state, frozen, global_test, client_test)`.
+
+  Each client's model is what it would start the next round from (`FederatedRound.client_start`:
+  its local leaves, the plug-ins' offsets for it, truncated to its rank); no local steps.
+  Args of `evaluate`:
+    global_test: {"image": [M, H, W, 3], "label": [M], "mask": [M]}, M a multiple of eval_batch
+      (the union of the clients' test splits).
+    client_test: {"image": [N, n_max, H, W, 3], "label": [N, n_max], "mask": [N, n_max]}.
+  Returns:
+    {"global_accuracy": scalar (NaN without a global model),
+     "client_accuracy": [N] accuracy of each client's own model on its own test split}.
+  """
+  def evaluate(state, frozen, global_test, client_test):
+    frozen = apply_base_delta(frozen, state["base_delta"])
+    batches = jax.tree.map(lambda x: x.reshape((-1, eval_batch) + x.shape[1:]), global_test)
+    shared = fed_round.global_params(state)
+    correct, count = jax.lax.map(lambda b: task.accuracy(frozen, shared, b), batches)
+    global_accuracy = jnp.sum(correct) / jnp.maximum(jnp.sum(count), 1.0)
+    if not has_global_model:
+      global_accuracy = jnp.full((), jnp.nan)
+
+    ids = jnp.arange(client_test["label"].shape[0])
+    local, offsets, masks = fed_round.client_inputs(state, ids)
+
+    def one_client(inputs):
+      client_local, data, offset, rank_mask = inputs
+      trainable = fed_round.client_start(state["global"], client_local, offset, rank_mask)
+      c, n = task.accuracy(frozen, trainable, data)
+      return c / jnp.maximum(n, 1.0)
+
+    client_accuracy = jax.lax.map(one_client, (local, client_test, offsets, masks),
+                                  batch_size=fed_round.clients_per_chunk or None)
+    return {"global_accuracy": global_accuracy, "client_accuracy": client_accuracy}
+
+  return evaluate
+
+
+def make_new_client_evaluate(task: ImageClassification, fed_round: FederatedRound,
+                             client_update: ClientUpdate) -> Callable:
+  """Builds the pure `evaluate_new(state, frozen, train_block, test_block, signatures)`.
+
+  Amortization for clients never seen in training. Each new client (id `NEW_CLIENT`: mean
+  embedding, its own signature) is evaluated on its test split from:
+    "global"              the global model, zero local steps (its local leaves, if the
+                          method has any, start from the global ones);
+    "generated"           global + the plug-ins' offsets, zero local steps (with plug-ins);
+    "<start>_finetuned"   either start after the local steps of `train_block`.
+  Args of `evaluate_new`:
+    train_block: {"image": [H, S, B, ...], "label", "mask"}: the steps a new client may take.
+    test_block: {"image": [H, n, ...], "label", "mask"}; signatures: [H, D].
+  Returns:
+    {name: [H] accuracy} for the names above.
+  """
+  def evaluate_new(state, frozen, train_block, test_block, signatures):
+    frozen = apply_base_delta(frozen, state["base_delta"])
+    num_new = test_block["label"].shape[0]
+    update_mask = round_update_mask(fed_round.frozen_leaves, state["global"], jnp.int32(0))
+    full_rank = jnp.ones((lora_lib.rank_of(state["global"]),), jnp.float32)
+    generated = (fed_round.offsets(state, signatures, jnp.full((num_new,), NEW_CLIENT, jnp.int32))
+                 if fed_round.plugins else jnp.zeros((num_new,)))
+
+    def accuracy(trainable, data):
+      correct, count = task.accuracy(frozen, trainable, data)
+      return correct / jnp.maximum(count, 1.0)
+
+    def one_client(inputs):
+      train, test, offset = inputs
+      out = {}
+      for name, start_offset in (("global", None), ("generated", offset)):
+        if name == "generated" and not fed_round.plugins:
+          continue
+        start = fed_round.client_start(state["global"], {}, start_offset, full_rank)
+        out[name] = accuracy(start, test)
+        tuned, _ = client_update(start, frozen, train, jax.random.key(0), update_mask)
+        out[f"{name}_finetuned"] = accuracy(tuned, test)
+      return out
+
+    return jax.lax.map(one_client, (train_block, test_block, generated))
+
+  return evaluate_new

@@ -1,0 +1,22 @@
+"""`make bench` runs end to end (at a tiny size) and writes its JSON."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_make_bench_writes_its_results(tmp_path):
+  out = tmp_path / "round_speed.json"
+  flags = "--clients 2,4 --local_steps 2 --batch_size 4 --repeats 1"
+  result = subprocess.run(["make", "-s", "bench", f"BENCH_OUT={out}", f"BENCH_FLAGS={flags}", f"PY={sys.executable}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+  report = json.loads(out.read_text())
+  assert [row["clients"] for row in report["results"]] == [2, 4]
+  for row in report["results"]:
+    assert row["client_steps"] == 2 * row["clients"]
+    assert abs(row["speedup_vmapped_over_loop"] - row["loop_s"] / row["vmapped_s"]) < 1e-9
+  assert report["model"]["name"] == "vit" and report["local_steps"] == 2
+  assert "ratio" in result.stdout
