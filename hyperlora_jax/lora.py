@@ -27,8 +27,8 @@ into the frozen backbone during training: `apply` intercepts the targeted layer 
 (`flax.linen.intercept_methods`) and adds the update, so the backbone enters a vmapped client
 function unbatched and is never copied per client.
 
-Flax NNX models (`find_targets_nnx`, `apply_nnx`): `nnx.Linear` and `nnx.Embed` with the
-same layouts, also factored: a merged copy of the model has each targeted layer wrapped to add
+Flax NNX models (`find_targets_nnx`, `apply_nnx`): `nnx.Linear`, `nnx.LinearGeneral` (so
+`nnx.MultiHeadAttention`) and `nnx.Embed` with the same layouts, also factored: a merged copy of the model has each targeted layer wrapped to add
 `s (x @ a) @ b` to its output (NNX has no method interception; qwix's LoRA, the alternative,
 stores the factors inside the model as `nnx.LoRAParam`s, while the round needs them as a
 separate pytree it can vmap, aggregate and send).
@@ -323,11 +323,28 @@ def _nnx_path(path: tuple) -> str:
   return "/".join(str(p) for p in path)
 
 
+def _nnx_kinds():
+  nnx = _nnx()
+  return (nnx.Linear, nnx.LinearGeneral, nnx.Embed)
+
+
+def _nnx_matrix_shape(module: Any) -> tuple[int, int]:
+  nnx = _nnx()
+  if isinstance(module, nnx.Embed):
+    return tuple(module.embedding[...].shape)
+  if isinstance(module, nnx.LinearGeneral):
+    if module.batch_axis:
+      raise ValueError("LoRA on nnx.LinearGeneral with batch_axis is not supported")
+    return int(np.prod(module.in_features)), int(np.prod(module.out_features))
+  return tuple(module.kernel[...].shape)
+
+
 def find_targets_nnx(model: Any, target_regex: str = DEFAULT_TARGET_REGEX) -> dict[str, tuple[int, int]]:
-  """Targeted `nnx.Linear` and `nnx.Embed` layers of an NNX model and their matrix shapes.
+  """Targeted `nnx.Linear`, `nnx.LinearGeneral` and `nnx.Embed` layers of an NNX model.
 
   Layouts as for Linen: `nnx.Linear` kernel [d_in, d_out] (a [d_in, r], b [r, d_out]);
-  `nnx.Embed` embedding [vocab, d] (a [vocab, r], b [r, d]).
+  `nnx.LinearGeneral` (so `nnx.MultiHeadAttention`) as `nn.DenseGeneral`, contracted input
+  axes and output features flattened; `nnx.Embed` embedding [vocab, d] (a [vocab, r], b [r, d]).
   Returns:
     {path: (d_in, d_out)}, the path '/'-joining attribute names and list indices
     (e.g. 'blocks/1/query').
@@ -336,31 +353,31 @@ def find_targets_nnx(model: Any, target_regex: str = DEFAULT_TARGET_REGEX) -> di
   """
   nnx = _nnx()
   pattern = re.compile(target_regex)
-  found = {}
-  for path, module in nnx.iter_modules(model):
-    name = _nnx_path(path)
-    if isinstance(module, nnx.Linear) and pattern.fullmatch(name):
-      found[name] = tuple(module.kernel.value.shape)
-    elif isinstance(module, nnx.Embed) and pattern.fullmatch(name):
-      found[name] = tuple(module.embedding.value.shape)
+  found = {_nnx_path(path): _nnx_matrix_shape(module) for path, module in nnx.iter_modules(model)
+           if isinstance(module, _nnx_kinds()) and path and pattern.fullmatch(_nnx_path(path))}
   if not found:
-    raise ValueError(f"lora.target_regex={target_regex!r} matches no nnx.Linear or nnx.Embed layer "
-                     f"of {type(model).__name__}")
+    raise ValueError(f"lora.target_regex={target_regex!r} matches no nnx.Linear, nnx.LinearGeneral or "
+                     f"nnx.Embed layer of {type(model).__name__}")
   return dict(sorted(found.items()))
 
 
 def _nnx_lora_layer(base: Any, a: jax.Array, b: jax.Array, scale: float) -> Any:
-  """`base` (an nnx.Linear or nnx.Embed) with the factored LoRA update added to its output."""
+  """`base` (an nnx.Linear, LinearGeneral or Embed) with the factored LoRA update added to its output."""
   nnx = _nnx()
 
   class LoraLayer(nnx.Module):
     def __init__(self):
       self.base, self.a, self.b = base, a, b
 
-    def __call__(self, x):
-      out = self.base(x)
+    def __call__(self, x, *args, **kwargs):
+      out = self.base(x, *args, **kwargs)
       if isinstance(self.base, nnx.Embed):
         return out + scale * (jnp.take(self.a, x, axis=0) @ self.b).astype(out.dtype)
+      if isinstance(self.base, nnx.LinearGeneral):
+        axes = tuple(a % x.ndim for a in self.base.axis)
+        kept = [i for i in range(x.ndim) if i not in axes]
+        flat = jnp.transpose(x, kept + list(axes)).reshape([x.shape[i] for i in kept] + [-1])
+        return out + (scale * ((flat @ self.a) @ self.b)).reshape(out.shape).astype(out.dtype)
       return out + scale * ((x @ self.a) @ self.b).astype(out.dtype)
   return LoraLayer()
 
@@ -383,8 +400,8 @@ def apply_nnx(graphdef: Any, state: Any, lora: LoraParams, *args, scale: float, 
     for part in parents:
       node = node[part] if isinstance(part, int) else getattr(node, part)
     base = node[last] if isinstance(last, int) else getattr(node, last, None)
-    if not isinstance(base, (nnx.Linear, nnx.Embed)):
-      raise ValueError(f"LoRA path {path!r} is not an nnx.Linear or nnx.Embed of the model")
+    if not isinstance(base, _nnx_kinds()):
+      raise ValueError(f"LoRA path {path!r} is not an nnx.Linear, LinearGeneral or Embed of the model")
     wrapped = _nnx_lora_layer(base, factors["a"], factors["b"], scale)
     if isinstance(last, int):
       node[last] = wrapped

@@ -275,8 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return exp.fed_round.step(*args)
 
   round_fn = jax.jit(traced_round, donate_argnums=(0,))
-  evaluate = jax.jit(task_lib.make_evaluate(exp.task, dataclasses.replace(exp.fed_round, clients_per_chunk=0),
-                                            eval_batch=config.eval_batch,
+  evaluate = jax.jit(task_lib.make_evaluate(exp.task, exp.fed_round, eval_batch=config.eval_batch,
                                             has_global_model=exp.method.has_global_model))
   global_test = jax.device_put(exp.data.global_test, replicated)
   client_test = jax.device_put(exp.data.client_test, replicated)

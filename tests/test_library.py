@@ -95,6 +95,25 @@ def test_nnx_linear_and_embed_factored_equal_merged_and_vmap_over_clients():
   assert not np.allclose(grads["embed"]["b"][0], grads["embed"]["b"][2])
 
 
+def test_nnx_multi_head_attention_takes_lora_on_its_linear_general_layers():
+  from flax import nnx
+  attention = nnx.MultiHeadAttention(num_heads=2, in_features=6, qkv_features=8, decode=False, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(attention)
+  targets = lora.find_targets_nnx(attention, target_regex="query|value|out")
+  assert targets == {"out": (8, 6), "query": (6, 8), "value": (6, 8)}
+  adapter = _perturbed(targets, rank=2)
+  x = jax.random.normal(jax.random.key(5), (2, 3, 6))
+  got = lora.apply_nnx(graphdef, state, adapter, x, scale=1.5)
+  pure = nnx.to_pure_dict(state)
+  for path, f in adapter.items():
+    kernel = pure[path]["kernel"]
+    pure[path]["kernel"] = kernel + (1.5 * f["a"] @ f["b"]).reshape(kernel.shape)
+  nnx.replace_by_pure_dict(state, pure)
+  merged = nnx.merge(graphdef, state)(x)
+  assert float(jnp.abs(got - nnx.merge(*nnx.split(attention))(x)).max()) > 1e-3
+  np.testing.assert_allclose(got, merged, atol=1e-5)
+
+
 def test_map_clients_is_differentiable_and_chunking_does_not_change_gradients():
   xs = jax.random.normal(jax.random.key(0), (6, 3))
 

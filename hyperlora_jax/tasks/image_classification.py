@@ -75,11 +75,12 @@ class ImageClassification:
 
 
 def make_evaluate(task: ImageClassification, fed_round: FederatedRound, *, eval_batch: int = 256,
-                  has_global_model: bool = True) -> Callable:
+                  clients_per_chunk: int = 0, has_global_model: bool = True) -> Callable:
   """Builds the pure `evaluate(state, frozen, global_test, client_test)`.
 
   Each client's model is what it would start the next round from (`FederatedRound.client_start`:
   its local leaves, the plug-ins' offsets for it, truncated to its rank); no local steps.
+  Clients are evaluated `clients_per_chunk` at a time (0: one after another).
   Args of `evaluate`:
     global_test: {"image": [M, H, W, 3], "label": [M], "mask": [M]}, M a multiple of eval_batch
       (the union of the clients' test splits).
@@ -107,7 +108,7 @@ def make_evaluate(task: ImageClassification, fed_round: FederatedRound, *, eval_
       return c / jnp.maximum(n, 1.0)
 
     client_accuracy = jax.lax.map(one_client, (local, client_test, offsets, masks),
-                                  batch_size=fed_round.clients_per_chunk or None)
+                                  batch_size=clients_per_chunk or None)
     return {"global_accuracy": global_accuracy, "client_accuracy": client_accuracy}
 
   return evaluate
