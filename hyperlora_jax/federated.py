@@ -143,8 +143,8 @@ class FederatedRound:
   apply_base_delta: Callable[[Tree, dict], Tree] | None = None
 
   def __post_init__(self):
-    for problem in capability_problems(self.aggregator, self.server_optimizer, self.client_ranks):
-      raise ValueError(problem)
+    for argument, problem in capability_problems(self.aggregator, self.server_optimizer, self.client_ranks):
+      raise ValueError(f"{argument}: {problem}")
     caps = self.aggregator.capabilities
     if caps.base_delta and self.apply_base_delta is None:
       raise ValueError(f"aggregator {caps.name!r} merges a full-rank base delta into the frozen "
@@ -338,15 +338,17 @@ class FederatedRound:
 
 
 def capability_problems(aggregator: Aggregator, server_optimizer: optax.GradientTransformation,
-                        client_ranks: Any) -> list[str]:
-  """What in (server optimizer, client ranks) the aggregator's capabilities refuse ([] = fits)."""
+                        client_ranks: Any) -> list[tuple[str, str]]:
+  """What in (server optimizer, client ranks) the aggregator's capabilities refuse, as
+  (argument, message) pairs ([] = it fits)."""
   caps, problems = aggregator.capabilities, []
   if caps.plain_server_step and not is_plain_step(server_optimizer):
-    problems.append(f"server_optimizer: aggregator {caps.name!r} is exact only with a plain server step "
-                    f"(sgd, learning rate 1, no momentum)")
-  if client_ranks is not None and len(set(np.asarray(client_ranks).tolist())) > 1 and not caps.heterogeneous_ranks:
-    problems.append(f"client_ranks: aggregator {caps.name!r} does not define aggregation for heterogeneous "
-                    f"ranks {sorted(set(np.asarray(client_ranks).tolist()))}")
+    problems.append(("server_optimizer", f"aggregator {caps.name!r} is exact only with a plain server "
+                                         f"step (sgd, learning rate 1, no momentum)"))
+  distinct = sorted(set(np.asarray(client_ranks).tolist())) if client_ranks is not None else []
+  if len(distinct) > 1 and not caps.heterogeneous_ranks:
+    problems.append(("client_ranks", f"aggregator {caps.name!r} does not define aggregation for "
+                                     f"heterogeneous ranks {distinct}"))
   return problems
 
 

@@ -122,14 +122,15 @@ def client_ranks(config: ml_collections.ConfigDict, num_clients: int) -> np.ndar
 
 def _check_method_fits(config: ml_collections.ConfigDict, method: methods.Method,
                        server_optimizer: optax.GradientTransformation) -> None:
-  """The aggregator's declared capabilities against the config, before anything is loaded."""
-  caps = method.aggregator.capabilities
-  server = config.server_optimizer
-  if caps.plain_server_step and not federated.is_plain_step(server_optimizer):
-    raise ConfigError(f"server_optimizer: method {config.method!r} is exact only with a plain server "
-                      f"step (name='sgd', learning_rate=1.0, momentum=0.0), got {server.to_dict()}")
-  ranks = set(config.lora.client_ranks) or {config.lora.rank}
-  if ranks != {config.lora.rank} and not caps.heterogeneous_ranks:
+  """`federated.capability_problems` against the config, before anything is loaded, as errors
+  naming the config field."""
+  # A rank below lora.rank (r_max, the stored size) counts as heterogeneous here, as before.
+  ranks = tuple(config.lora.client_ranks) + (config.lora.rank,) if config.lora.client_ranks else None
+  for argument, _ in federated.capability_problems(method.aggregator, server_optimizer, ranks):
+    if argument == "server_optimizer":
+      raise ConfigError(f"server_optimizer: method {config.method!r} is exact only with a plain server "
+                        f"step (name='sgd', learning_rate=1.0, momentum=0.0), got "
+                        f"{config.server_optimizer.to_dict()}")
     allowed = sorted(name for name, build in methods.METHODS.items()
                      if build(config).aggregator.capabilities.heterogeneous_ranks)
     raise ConfigError(f"lora.client_ranks: method {config.method!r} does not define aggregation "
