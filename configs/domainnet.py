@@ -28,6 +28,7 @@ def real_dataset_config(args: dict, arg: str | None):
                        smoke=smoke)
   config.data.data_dir = args.get("data_dir", "")
   config.data.image_size = 32 if smoke else 224
+  config.data.stream = True                   # Images read on demand: host memory stays bounded.
   config.pretrain.npz_path = args.get("npz", "")
   config.pretrain.data_name = ""              # No pretraining: the backbone comes from `npz`.
   if not smoke:

@@ -102,6 +102,8 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
   for field in ("data.min_client_size", "data.heldout_clients", "fed.new_client_steps",
                 "fed.clients_per_chunk", "fed.num_devices", "pretrain.steps"):
     _positive_int(config, field, minimum=0)
+  _require(isinstance(data.stream, bool), "data.stream", f"must be True or False, got {data.stream!r}")
+  _positive_int(config, "data.stream_chunk_examples")
   _require(data.dirichlet_alpha > 0, "data.dirichlet_alpha", f"must be > 0, got {data.dirichlet_alpha}")
   _require(fed.clients_per_round <= data.num_clients, "fed.clients_per_round",
            f"{fed.clients_per_round} exceeds data.num_clients={data.num_clients}")

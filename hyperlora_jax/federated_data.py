@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterator
 
 import ml_collections
 import numpy as np
@@ -13,22 +14,22 @@ from hyperlora_jax.data.loader import ImageDataset, load_image_dataset
 @dataclasses.dataclass(frozen=True)
 class FederatedData:
   """Attributes:
-    train_pool, test_pool: every client's examples, pooled.
+    train_pool, test_pool: every client's examples, pooled (images in memory or streamed).
     train_parts, test_parts: per-client index arrays into the pools.
-    global_test: union of the clients' test splits, padded to a multiple of eval_batch:
-      {"image": [M, H, W, 3], "label": [M], "mask": [M]}.
-    client_test: {"image": [N, n_max, H, W, 3], "label": [N, n_max], "mask": [N, n_max]}.
     new_train_parts, new_test_parts: held-out new clients (`data.heldout_clients`), drawn by
       the same partition but never sampled in training; [] if none.
+    eval_batch: evaluation batch; global test blocks are padded to a multiple of it.
+    chunk_examples: examples per evaluation / signature block (0: one block for everything);
+      with streamed images this bounds host memory.
   """
   train_pool: ImageDataset
   test_pool: ImageDataset
   train_parts: list
   test_parts: list
-  global_test: dict
-  client_test: dict
   new_train_parts: list = dataclasses.field(default_factory=list)
   new_test_parts: list = dataclasses.field(default_factory=list)
+  eval_batch: int = 256
+  chunk_examples: int = 0
 
   @property
   def num_clients(self) -> int:
@@ -41,26 +42,56 @@ class FederatedData:
   def train_sizes(self) -> np.ndarray:
     return np.array([len(p) for p in self.train_parts])
 
+  def global_test_blocks(self) -> Iterator[dict]:
+    """The union of the clients' test splits in blocks {"image": [M, H, W, 3], "label": [M],
+    "mask": [M]}, M a fixed multiple of `eval_batch` (padding masked): one block unless
+    `chunk_examples` is set."""
+    union = np.concatenate(self.test_parts)
+    size = _round_up(min(self.chunk_examples, len(union)) if self.chunk_examples else len(union),
+                     self.eval_batch)
+    for start in range(0, max(len(union), 1), size):
+      part = union[start:start + size]
+      indices = np.zeros(size, np.int64)
+      indices[:len(part)] = part
+      mask = (np.arange(size) < len(part)).astype(np.float32)
+      yield blocks.gather_block(self.test_pool, indices, mask)
 
-def _pad_to_multiple(block: dict, multiple: int) -> dict:
-  pad = (-len(block["label"])) % multiple
-  return {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in block.items()}
+  def client_test_blocks(self, parts: list | None = None) -> Iterator[tuple[np.ndarray, dict]]:
+    """(client ids [c], {"image": [c, n_max, H, W, 3], "label", "mask"}) over the clients'
+    test splits (or `parts`), c fixed; the last block is padded with empty clients (id 0,
+    mask 0) whose results the caller drops."""
+    parts = self.test_parts if parts is None else parts
+    yield from client_blocks(self.test_pool, parts, self.chunk_examples)
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return max(multiple, -(-n // multiple) * multiple)
+
+
+def client_blocks(pool: ImageDataset, parts: list, chunk_examples: int = 0) -> Iterator[tuple[np.ndarray, dict]]:
+  """Every client's whole split in blocks of c clients padded to the largest split (see
+  `FederatedData.client_test_blocks`); c = all clients when `chunk_examples` is 0, else about
+  `chunk_examples / n_max`."""
+  n_max = max(1, max(len(p) for p in parts))
+  per_block = len(parts) if not chunk_examples else max(1, min(len(parts), chunk_examples // n_max))
+  for start in range(0, len(parts), per_block):
+    ids = np.arange(start, start + per_block)
+    chunk = [parts[i] if i < len(parts) else np.zeros(0, np.int64) for i in ids]
+    yield np.where(ids < len(parts), ids, 0), blocks.padded_eval_block(pool, chunk, n_max)
 
 
 def build_federated_data(config: ml_collections.ConfigDict) -> FederatedData:
-  """Loads the pools and partitions them over `data.num_clients` + `data.heldout_clients`
-  clients (seeded by `seed`); the last `heldout_clients` are the new clients."""
+  """Loads the pools (streamed with `data.stream`) and partitions them over `data.num_clients`
+  + `data.heldout_clients` clients (seeded by `seed`); the last `heldout_clients` are the new
+  clients. Partitions read only labels and domains."""
   data = config.data
-  train = load_image_dataset(data.name, data.train_split, data.data_dir or None, data.image_size)
-  test = load_image_dataset(data.name, data.test_split, data.data_dir or None, data.image_size)
+  train = load_image_dataset(data.name, data.train_split, data.data_dir or None, data.image_size, data.stream)
+  test = load_image_dataset(data.name, data.test_split, data.data_dir or None, data.image_size, data.stream)
   train_parts, test_parts = partition.partition_train_test(
       data.partition, train.labels, train.domains, test.labels, test.domains,
       data.num_clients + data.heldout_clients, seed=config.seed, alpha=data.dirichlet_alpha,
       classes_per_client=data.classes_per_client, min_size=data.min_client_size)
   new_train, new_test = train_parts[data.num_clients:], test_parts[data.num_clients:]
   train_parts, test_parts = train_parts[:data.num_clients], test_parts[:data.num_clients]
-  union = np.concatenate(test_parts)
-  global_test = _pad_to_multiple(
-      blocks.gather_block(test, union, np.ones(len(union), np.float32)), config.eval_batch)
-  return FederatedData(train, test, train_parts, test_parts, global_test,
-                       blocks.padded_eval_block(test, test_parts), new_train, new_test)
+  return FederatedData(train, test, train_parts, test_parts, new_train, new_test, config.eval_batch,
+                       data.stream_chunk_examples if data.stream else 0)

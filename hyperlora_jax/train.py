@@ -1,6 +1,7 @@
 """`train_and_evaluate(config, workdir)`: rounds, evaluation, metrics, checkpoints, resume."""
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -23,7 +24,7 @@ from hyperlora_jax import federated
 from hyperlora_jax.client import ClientUpdate, local_update
 from hyperlora_jax.config_validation import ConfigError, used_config, validate_config
 from hyperlora_jax.data import blocks
-from hyperlora_jax.federated_data import FederatedData, build_federated_data
+from hyperlora_jax.federated_data import FederatedData, build_federated_data, client_blocks
 from hyperlora_jax.hyper import signatures as signatures_lib
 from hyperlora_jax.hyper.plugins import generator_plugin
 from hyperlora_jax.optimizers import build_optimizer
@@ -84,7 +85,7 @@ def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], Non
   data = build_federated_data(config)
   backbone, _ = pretrain.load_or_pretrain(config, log)
   model = models.model_from_config(config.model, data.num_classes, data.train_pool.class_names)
-  trainable, targets = initial_trainable(model, backbone, data.global_test["image"][:1],
+  trainable, targets = initial_trainable(model, backbone, data.train_pool.images[:1],
                                          config.lora.target_regex, config.lora.rank,
                                          jax.random.fold_in(jax.random.key(config.seed), 1))
   task = task_lib.ImageClassification(model, lora.lora_scale(config.lora.alpha, config.lora.rank,
@@ -93,10 +94,14 @@ def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], Non
   client_signatures = new_signatures = None
   if method.signature_kinds:
     hl = config.hyperlora
-    every_client = blocks.padded_eval_block(data.train_pool, data.train_parts + data.new_train_parts)
-    every_signature = signatures_lib.compute_signatures(
-        model, backbone, every_client, method.signature_kinds, data.num_classes,
-        covariance_rank=hl.covariance_rank, noise_std=hl.signature_noise_std, seed=config.seed)
+    every_part = data.train_parts + data.new_train_parts
+    keys = jax.random.split(jax.random.key(config.seed), len(every_part))  # One noise key per client.
+    every_signature = np.concatenate([
+        signatures_lib.compute_signatures(
+            model, backbone, block, method.signature_kinds, data.num_classes,
+            covariance_rank=hl.covariance_rank, noise_std=hl.signature_noise_std, seed=config.seed,
+            client_keys=keys[ids])
+        for ids, block in client_blocks(data.train_pool, every_part, data.chunk_examples)])[:len(every_part)]
     client_signatures = every_signature[:data.num_clients]
     new_signatures = every_signature[data.num_clients:]
   signature_dim = 0 if client_signatures is None else client_signatures.shape[-1]
@@ -242,6 +247,33 @@ def restore_state(manager: ocp.CheckpointManager, state: Any) -> tuple[Any, int]
   return restored, step
 
 
+def _evaluator(exp: Experiment, sharding: Any) -> Callable[[Any, Any], tuple[float, np.ndarray]]:
+  """`evaluate(state, frozen) -> (global accuracy (NaN without a global model), [N] client
+  accuracies)`, looping over the data's evaluation blocks: held on the device once when the
+  images are in memory, read again at each evaluation when they are streamed."""
+  evaluation = task_lib.make_evaluate(exp.task, exp.fed_round, eval_batch=exp.config.eval_batch)
+  global_counts, client_accuracy = jax.jit(evaluation.global_counts), jax.jit(evaluation.client_accuracy)
+  data = exp.data
+
+  def blocks_on_device():
+    return ([jax.device_put(b, sharding) for b in data.global_test_blocks()],
+            [jax.device_put(b, sharding) for b in data.client_test_blocks()])
+  cached = None if exp.config.data.stream else blocks_on_device()
+
+  def evaluate(state, frozen):
+    global_blocks, client_blocks = cached or blocks_on_device()
+    correct = count = np.float32(0.0)
+    for block in global_blocks:  # Integer counts: exact in float32, as on the device.
+      c, n = global_counts(state, frozen, block)
+      correct, count = correct + np.float32(c), count + np.float32(n)
+    global_accuracy = float(correct / max(count, np.float32(1.0)))
+    accuracies = np.concatenate([np.asarray(client_accuracy(state, frozen, ids, block))
+                                 for ids, block in client_blocks])[:data.num_clients]
+    return (global_accuracy if exp.method.has_global_model else math.nan), accuracies
+
+  return evaluate
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after_round: int | None = None, log: Callable[[str], None] = print,
                        progress: bool = True) -> dict:
@@ -276,18 +308,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return exp.fed_round.step(*args)
 
   round_fn = jax.jit(traced_round, donate_argnums=(0,))
-  evaluate = jax.jit(task_lib.make_evaluate(exp.task, exp.fed_round, eval_batch=config.eval_batch,
-                                            has_global_model=exp.method.has_global_model))
-  global_test = jax.device_put(exp.data.global_test, replicated)
-  client_test = jax.device_put(exp.data.client_test, replicated)
+  evaluate = _evaluator(exp, replicated)
   records = reporting.read_metrics(workdir)
   cum_up = records[-1]["cum_bytes_up"] if records else 0
   cum_down = records[-1]["cum_bytes_down"] if records else 0
   last_round = config.fed.num_rounds if stop_after_round is None else min(stop_after_round, config.fed.num_rounds)
   bar = tqdm(range(done, last_round), initial=done, total=config.fed.num_rounds,
              desc=config.method, disable=not progress, leave=False)
+  prefetch = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # Round r+1's block while r runs.
+  upcoming = prefetch.submit(round_inputs, exp, done) if done < last_round else None
   for r in bar:
-    block, ids, weights = round_inputs(exp, r)
+    block, ids, weights = upcoming.result()
+    upcoming = prefetch.submit(round_inputs, exp, r + 1) if r + 1 < last_round else None
     block, ids, weights = jax.device_put((block, ids, weights), per_client)
     state, round_metrics = round_fn(state, frozen, block, ids, weights)
     up, down = communication_bytes(exp, r, np.asarray(ids))
@@ -298,10 +330,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
               "bytes_up": up, "bytes_down": down, "cum_bytes_up": cum_up,
               "cum_bytes_down": cum_down, "cum_bytes": cum_up + cum_down}
     if (r + 1) % config.eval_every == 0 or r + 1 == config.fed.num_rounds:
-      ev = evaluate(state, frozen, global_test, client_test)
-      acc = np.asarray(ev["client_accuracy"])
+      global_accuracy, acc = evaluate(state, frozen)
       has_test = np.array([len(p) > 0 for p in exp.data.test_parts])
-      record.update(global_accuracy=float(ev["global_accuracy"]),
+      record.update(global_accuracy=global_accuracy,
                     personalized_accuracy_mean=float(acc[has_test].mean()),
                     personalized_accuracy_worst=float(acc[has_test].min()))
       bar.set_postfix(acc=f"{record['global_accuracy']:.3f}",
@@ -315,6 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if (r + 1) % config.checkpoint_every == 0 or r + 1 == config.fed.num_rounds:
       manager.save(r + 1, args=ocp.args.StandardSave(state))
   bar.close()
+  prefetch.shutdown()
   manager.wait_until_finished()
   manager.close()
   title = f"{config.method} on {config.data.name} ({config.data.partition})"

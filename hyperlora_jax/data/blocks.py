@@ -65,9 +65,9 @@ def gather_block(pool: ImageDataset, indices: np.ndarray, mask: np.ndarray) -> d
   return {"image": pool.images[indices], "label": pool.labels[indices], "mask": mask}
 
 
-def padded_eval_block(pool: ImageDataset, parts: list[np.ndarray]) -> dict[str, np.ndarray]:
-  """Every client's whole split, padded to the largest: [N, max_n, ...] plus a mask."""
-  max_n = max(1, max(len(p) for p in parts))
+def padded_eval_block(pool: ImageDataset, parts: list[np.ndarray], max_n: int | None = None) -> dict[str, np.ndarray]:
+  """Every client's whole split, padded to the largest (or to `max_n`): [N, max_n, ...] plus a mask."""
+  max_n = max_n or max(1, max(len(p) for p in parts))
   indices = np.zeros((len(parts), max_n), np.int64)
   mask = np.zeros((len(parts), max_n), np.float32)
   for c, p in enumerate(parts):

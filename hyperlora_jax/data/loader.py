@@ -1,4 +1,9 @@
-"""Loads a TFDS image dataset into memory as NumPy arrays, without TensorFlow or a network.
+"""Loads a TFDS image dataset, without TensorFlow or a network: into memory, or streamed.
+
+In memory (`stream=False`), a split's images are one [N, H, W, 3] uint8 array. Streamed
+(`stream=True`), they are a `RecordImages`: random access into the prepared array_record
+files, `images[indices]` reading and decoding just those records, so host memory holds the
+labels and domains (the index) and whatever blocks are being built, not the split.
 
 `name` is a TFDS name (`digits_domains/res16`, `cifar100`, `domainnet/real`, ...) or several
 joined by `+` (`domainnet/real+domainnet/sketch`), each then becoming one domain. The
@@ -20,12 +25,55 @@ EMBEDDED_NAME = "digits_domains"
 DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "hyperlora_jax", "tensorflow_datasets")
 
 
+class RecordImages:
+  """The images of one or more prepared splits, read on demand (array-like, uint8).
+
+  `images[indices]` for an int array of any shape returns [*indices.shape, S, S, 3] uint8,
+  reading each distinct record once (TFDS array_record random access) and resizing to S.
+  Nothing but the data sources' file handles is held.
+  """
+
+  def __init__(self, sources: list, image_size: int):
+    self._sources = sources
+    self._offsets = np.cumsum([0] + [len(s) for s in sources])
+    self.image_size = image_size
+    self.records_read = 0  # Records decoded so far (for tests and benchmarks).
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return (int(self._offsets[-1]), self.image_size, self.image_size, 3)
+
+  dtype = np.dtype(np.uint8)
+  ndim = 4
+
+  def __len__(self) -> int:
+    return int(self._offsets[-1])
+
+  def __getitem__(self, indices) -> np.ndarray:
+    if isinstance(indices, slice):
+      indices = np.arange(len(self))[indices]
+    indices = np.asarray(indices)
+    unique, inverse = np.unique(indices.reshape(-1), return_inverse=True)
+    if unique.size and (unique[0] < 0 or unique[-1] >= len(self)):
+      raise IndexError(f"image index out of range [0, {len(self)})")
+    out = np.empty((len(unique), self.image_size, self.image_size, 3), np.uint8)
+    which = np.searchsorted(self._offsets, unique, side="right") - 1
+    for s, source in enumerate(self._sources):
+      positions = np.nonzero(which == s)[0]
+      if positions.size:
+        records = _read(source, (unique[positions] - self._offsets[s]).tolist())
+        for position, record in zip(positions, records):
+          out[position] = _to_rgb(np.asarray(record["image"]), self.image_size)
+    self.records_read += len(unique)
+    return out[inverse].reshape(indices.shape + out.shape[1:])
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageDataset:
-  """A split held in memory.
+  """A split: labels and domains in memory, images in memory or streamed.
 
   Attributes:
-    images: [N, H, W, 3] uint8.
+    images: [N, H, W, 3] uint8: an array, or a `RecordImages` read on demand.
     labels: [N] int32 class ids.
     domains: [N] int32 domain ids.
     num_classes: number of classes.
@@ -43,6 +91,7 @@ class ImageDataset:
     return len(self.labels)
 
   def subset(self, indices: np.ndarray) -> "ImageDataset":
+    """The examples `indices`, their images read into memory."""
     return dataclasses.replace(self, images=self.images[indices], labels=self.labels[indices],
                                domains=self.domains[indices])
 
@@ -64,10 +113,10 @@ def prepare_dataset(name: str, data_dir: str | None = None) -> None:
     _builder(source, data_dir or DEFAULT_DATA_DIR)
 
 
-def _data_source(builder, name: str, split: str, data_dir: str):
+def _data_source(builder, name: str, split: str, data_dir: str, decoders=None):
   """Random-access records of a prepared split (array_record), with a clear error otherwise."""
   try:
-    return builder.as_data_source(split=split)
+    return builder.as_data_source(split=split, decoders=decoders)
   except (NotImplementedError, FileNotFoundError, AssertionError, ValueError) as e:
     raise FileNotFoundError(
         f"data.name: TFDS dataset {name!r} split {split!r} is not prepared as array_record in "
@@ -88,21 +137,49 @@ def _to_rgb(image: np.ndarray, image_size: int | None) -> np.ndarray:
   return image
 
 
+def _read(source, keys: list[int]) -> list[dict]:
+  """Records `keys` of a data source, in one batched random-access read where it has one."""
+  try:
+    return list(source.__getitems__(keys))
+  except TypeError:  # TFDS mock data sources take no batched read.
+    return [source[k] for k in keys]
+
+
 def _read_all(source) -> list[dict]:
   """Every record of a TFDS data source."""
   return [source[i] for i in range(len(source))]
 
 
+def _index_pass(builder, name: str, split: str, data_dir: str, keys: tuple[str, ...],
+                batch: int = 1024) -> dict[str, np.ndarray]:
+  """{key: [N] int32} for `keys` (label, domain) of every record, holding no image: image
+  decoding is skipped where the data source allows it (real array_record files) and each
+  batch of records is dropped once read."""
+  try:
+    source = _data_source(builder, name, split, data_dir, decoders={"image": tfds.decode.SkipDecoding()})
+    if len(source):
+      source[0]
+  except (ImportError, RuntimeError):  # E.g. TFDS mock data, which re-encodes through TensorFlow.
+    source = _data_source(builder, name, split, data_dir)
+  columns = {key: [] for key in keys}
+  for start in range(0, len(source), batch):
+    for record in _read(source, list(range(start, min(start + batch, len(source))))):
+      for key in keys:
+        columns[key].append(record[key])
+  return {key: np.asarray(values, np.int32) for key, values in columns.items()}
+
+
 def load_image_dataset(name: str, split: str, data_dir: str | None = None,
-                       image_size: int | None = None) -> ImageDataset:
-  """Reads a whole split into memory.
+                       image_size: int | None = None, stream: bool = False) -> ImageDataset:
+  """Reads a split's labels and domains, and its images into memory or as a stream.
 
   Args:
     name: TFDS name, or several joined by `+` (each one domain).
     split: TFDS split, e.g. `train`, `test`, `pretrain`, `train[:10%]`.
     data_dir: TFDS data directory (default: `~/.cache/hyperlora_jax/tensorflow_datasets`).
     image_size: resize every image to [image_size, image_size] (None keeps stored sizes,
-      which must then agree).
+      which must then agree; a stream takes the first image's size).
+    stream: images as a `RecordImages` read on demand (the index pass skips image decoding).
   Returns:
     The split as an `ImageDataset`.
   """
@@ -119,17 +196,28 @@ def load_image_dataset(name: str, split: str, data_dir: str | None = None,
       raise ValueError(f"data.name: {source!r} has {source_classes} classes, the others {num_classes}")
     num_classes = source_classes
     class_names = tuple(features["label"].names)
-    records = _read_all(_data_source(builder, source, split, data_dir))
-    images = np.stack([_to_rgb(np.asarray(r["image"]), image_size) for r in records])
-    labels = np.array([r["label"] for r in records], np.int32)
-    if "domain" in features and len(names) == 1:
-      domains = np.array([r["domain"] for r in records], np.int32)
+    own_domains = "domain" in features and len(names) == 1
+    if stream:
+      columns = _index_pass(builder, source, split, data_dir, ("label", "domain") if own_domains else ("label",))
+      images = _data_source(builder, source, split, data_dir)
+      if image_size is None and len(images):
+        image_size = _to_rgb(np.asarray(images[0]["image"]), None).shape[0]
+    else:
+      records = _read_all(_data_source(builder, source, split, data_dir))
+      images = np.stack([_to_rgb(np.asarray(r["image"]), image_size) for r in records])
+      columns = {key: np.array([r[key] for r in records], np.int32)
+                 for key in (("label", "domain") if own_domains else ("label",))}
+    labels = columns["label"]
+    if own_domains:
+      domains = columns["domain"]
       domain_names = list(features["domain"].names)
     else:
       domains = np.full(len(labels), source_index, np.int32)
       domain_names.append(source)
     parts.append((images, labels, domains))
-  return ImageDataset(images=np.concatenate([p[0] for p in parts]),
+  images = (RecordImages([p[0] for p in parts], image_size) if stream
+            else np.concatenate([p[0] for p in parts]))
+  return ImageDataset(images=images,
                       labels=np.concatenate([p[1] for p in parts]),
                       domains=np.concatenate([p[2] for p in parts]),
                       num_classes=int(num_classes), domain_names=tuple(domain_names),

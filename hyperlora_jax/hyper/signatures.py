@@ -88,16 +88,20 @@ def make_signature_fn(featurize: Callable[[jax.Array], jax.Array], kinds: tuple[
     return signature + noise_std * jax.random.normal(key, signature.shape)
 
   def signatures(client_data: dict, rng: jax.Array) -> jax.Array:
-    keys = jax.random.split(rng, client_data["label"].shape[0])
+    """rng: one key (split over the clients) or [N] keys, one per client."""
+    keys = rng if rng.shape else jax.random.split(rng, client_data["label"].shape[0])
     return jax.lax.map(one_client, (client_data, keys))
   return signatures
 
 
 def compute_signatures(model: Any, backbone: Any, client_data: dict, kinds: tuple[str, ...],
                        num_classes: int, *, covariance_rank: int = 8, noise_std: float = 0.0,
-                       seed: int = 0) -> np.ndarray:
+                       seed: int = 0, client_keys: jax.Array | None = None) -> np.ndarray:
   """[N, D] signatures of every client (host array) with the frozen `model` (ViT-like:
-  `apply(variables, images, return_features=True)`)."""
+  `apply(variables, images, return_features=True)`).
+
+  client_keys: [N] noise keys, one per client (default: `key(seed)` split over the N clients),
+  so clients computed in blocks get the keys they would get all at once."""
   if not {"label", "features"} & set(kinds):
     return np.zeros((client_data["label"].shape[0], 0), np.float32)
   from hyperlora_jax.models import preprocess_images  # The model zoo's input convention.
@@ -107,4 +111,4 @@ def compute_signatures(model: Any, backbone: Any, client_data: dict, kinds: tupl
     feature_dim = jax.eval_shape(featurize, client_data["image"][0, :1]).shape[-1]
     basis = random_basis(feature_dim, min(covariance_rank, feature_dim), seed)
   fn = jax.jit(make_signature_fn(featurize, kinds, num_classes, basis, noise_std))
-  return np.asarray(fn(client_data, jax.random.key(seed)))
+  return np.asarray(fn(client_data, jax.random.key(seed) if client_keys is None else client_keys))

@@ -8,7 +8,7 @@ head, e.g. CLIP)}`; the frozen pytree is `{"variables": backbone variables, "bas
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -74,32 +74,35 @@ class ImageClassification:
     return masked_correct(logits, data["label"], data["mask"]), jnp.sum(data["mask"])
 
 
-def make_evaluate(task: ImageClassification, fed_round: FederatedRound, *, eval_batch: int = 256,
-                  clients_per_chunk: int = 0, has_global_model: bool = True) -> Callable:
-  """Builds the pure `evaluate(state, frozen, global_test, client_test)`.
+class Evaluation(NamedTuple):
+  """Pure evaluation functions over blocks (jit each; the caller loops over blocks).
 
-  Each client's model is what it would start the next round from (`FederatedRound.client_start`:
-  its local leaves, the plug-ins' offsets for it, truncated to its rank); no local steps.
-  Clients are evaluated `clients_per_chunk` at a time (0: one after another).
-  Args of `evaluate`:
-    global_test: {"image": [M, H, W, 3], "label": [M], "mask": [M]}, M a multiple of eval_batch
-      (the union of the clients' test splits).
-    client_test: {"image": [N, n_max, H, W, 3], "label": [N, n_max], "mask": [N, n_max]}.
-  Returns:
-    {"global_accuracy": scalar (NaN without a global model),
-     "client_accuracy": [N] accuracy of each client's own model on its own test split}.
+    global_counts(state, frozen, block) -> (correct, count)   scalars, the global model on a
+        global test block {"image": [M, H, W, 3], "label": [M], "mask": [M]}, M a multiple
+        of eval_batch
+    client_accuracy(state, frozen, client_ids, block) -> [c]  each client's own model on its
+        own test split, block {"image": [c, n_max, H, W, 3], "label", "mask"}, ids [c]
   """
-  def evaluate(state, frozen, global_test, client_test):
+  global_counts: Callable
+  client_accuracy: Callable
+
+
+def make_evaluate(task: ImageClassification, fed_round: FederatedRound, *, eval_batch: int = 256,
+                  clients_per_chunk: int = 0) -> Evaluation:
+  """The `Evaluation` of a run. Each client's model is what it would start the next round
+  from (`FederatedRound.client_start`: its local leaves, the plug-ins' offsets for it,
+  truncated to its rank); no local steps. Clients are evaluated `clients_per_chunk` at a time
+  (0: one after another)."""
+  def global_counts(state, frozen, block):
     frozen = apply_base_delta(frozen, state["base_delta"])
-    batches = jax.tree.map(lambda x: x.reshape((-1, eval_batch) + x.shape[1:]), global_test)
+    batches = jax.tree.map(lambda x: x.reshape((-1, eval_batch) + x.shape[1:]), block)
     shared = fed_round.global_params(state)
     correct, count = jax.lax.map(lambda b: task.accuracy(frozen, shared, b), batches)
-    global_accuracy = jnp.sum(correct) / jnp.maximum(jnp.sum(count), 1.0)
-    if not has_global_model:
-      global_accuracy = jnp.full((), jnp.nan)
+    return jnp.sum(correct), jnp.sum(count)
 
-    ids = jnp.arange(client_test["label"].shape[0])
-    local, offsets, masks = fed_round.client_inputs(state, ids)
+  def client_accuracy(state, frozen, client_ids, block):
+    frozen = apply_base_delta(frozen, state["base_delta"])
+    local, offsets, masks = fed_round.client_inputs(state, client_ids)
 
     def one_client(inputs):
       client_local, data, offset, rank_mask = inputs
@@ -107,11 +110,9 @@ def make_evaluate(task: ImageClassification, fed_round: FederatedRound, *, eval_
       c, n = task.accuracy(frozen, trainable, data)
       return c / jnp.maximum(n, 1.0)
 
-    client_accuracy = jax.lax.map(one_client, (local, client_test, offsets, masks),
-                                  batch_size=clients_per_chunk or None)
-    return {"global_accuracy": global_accuracy, "client_accuracy": client_accuracy}
+    return jax.lax.map(one_client, (local, block, offsets, masks), batch_size=clients_per_chunk or None)
 
-  return evaluate
+  return Evaluation(global_counts, client_accuracy)
 
 
 def make_new_client_evaluate(task: ImageClassification, fed_round: FederatedRound,

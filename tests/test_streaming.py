@@ -1,0 +1,53 @@
+"""Streamed images (`data.stream`): random access into the prepared files, the same numbers as
+images in memory, and reads bounded by what a round needs."""
+import numpy as np
+import pytest
+
+from hyperlora_jax.data import blocks
+from hyperlora_jax.data.loader import RecordImages, load_image_dataset
+from hyperlora_jax.train import build_experiment, round_inputs, train_and_evaluate
+
+QUIET = {"progress": False, "log": lambda _: None}
+
+
+def test_record_images_read_exactly_the_requested_images_once_each(smoke_config):
+  data_dir, name = smoke_config.data.data_dir, smoke_config.data.name
+  in_memory = load_image_dataset(name, "test", data_dir, 16)
+  streamed = load_image_dataset(name, "test", data_dir, 16, stream=True)
+  assert isinstance(streamed.images, RecordImages) and streamed.images.shape == in_memory.images.shape
+  np.testing.assert_array_equal(streamed.labels, in_memory.labels)
+  np.testing.assert_array_equal(streamed.domains, in_memory.domains)
+  indices = np.random.default_rng(0).integers(0, len(in_memory), (2, 3, 4))
+  indices[1, 2, 3] = indices[0, 0, 0]  # A repeated index is read once.
+  np.testing.assert_array_equal(streamed.images[indices], in_memory.images[indices])
+  assert streamed.images.records_read == len(np.unique(indices))
+  np.testing.assert_array_equal(streamed.images[:2], in_memory.images[:2])
+  with pytest.raises(IndexError):
+    streamed.images[np.array([len(in_memory)])]
+
+
+def test_streamed_run_in_small_blocks_gives_the_in_memory_metrics(smoke_config, tmp_path):
+  """Evaluation and signatures (HyperLoRA's) in several blocks of 64 examples, new clients,
+  rounds prefetched: the same metrics, record for record, as everything in memory."""
+  smoke_config.method, smoke_config.fed.num_rounds = "hyperlora", 2
+  smoke_config.data.heldout_clients = 1
+  in_memory = train_and_evaluate(smoke_config, str(tmp_path / "memory"), **QUIET)["records"]
+  smoke_config.data.stream, smoke_config.data.stream_chunk_examples = True, 64
+  streamed = train_and_evaluate(smoke_config, str(tmp_path / "stream"), **QUIET)["records"]
+  assert streamed == in_memory
+  assert "new_client_global" in streamed[-1]
+
+
+def test_a_streamed_round_reads_only_its_clients_examples(smoke_config):
+  smoke_config.data.stream, smoke_config.data.stream_chunk_examples = True, 64
+  exp = build_experiment(smoke_config, log=lambda _: None)
+  pool = exp.data.train_pool
+  assert isinstance(pool.images, RecordImages)
+  before = pool.images.records_read
+  block, ids, _ = round_inputs(exp, 0)
+  rng = np.random.default_rng([smoke_config.seed, 1, 0])
+  ids_again = blocks.sample_clients(exp.data.num_clients, smoke_config.fed.clients_per_round, rng)
+  needed = np.concatenate([exp.data.train_parts[c] for c in ids_again])
+  read = pool.images.records_read - before
+  assert 0 < read <= len(needed) < len(pool)
+  assert block["image"].shape[:3] == (len(ids), smoke_config.fed.local_steps, smoke_config.fed.batch_size)
