@@ -1,15 +1,19 @@
-"""Times one round of local LoRA training for C clients, two ways, side by side.
+"""Times one round of local LoRA training for C clients, several ways, side by side.
 
-  vmapped: the engine's jit-compiled round body (vmap over clients of a lax.scan over
-           local steps, `clients_per_chunk` at a time), as `train.py` runs it;
+  vmapped (chunk k): the library's client update mapped over clients with
+           `primitives.map_clients` (vmap over clients of a lax.scan over local steps, k
+           clients per chunk; k = 0: all at once), as the round runs it;
   loop:    a Python loop over clients of a jit-compiled single-client update, as fedjax
            and most federated-LoRA repositories run clients.
 
-Both run the same model (the default config's ViT), LoRA, optimizer and data shapes, on
-random weights and random uint8 images (speed does not depend on their values). Prints
-client-steps per second and the vmapped/loop ratio for each C, and writes them as JSON.
+All run the same model (the default config's ViT, or `--width/--depth/--image_size`), LoRA,
+optimizer and data shapes, on random weights and random uint8 images (speed does not depend on
+their values), in one process, each after a warm-up, best of `--repeats`. Also reported: the
+FLOPs of one client update from XLA's cost analysis, the achieved FLOP/s of each way, and the
+device's measured float32 matmul peak (best of several `jnp.dot`s), so that achieved / peak is
+the model FLOP utilization. Prints client-steps per second and ratios, and writes JSON.
 
-  python -m experiments.benchmark --clients 16,64,256 --out benchmarks/round_speed.json
+  python -m experiments.benchmark --clients 16,64,256 --chunks 0,16 --out benchmarks/round_speed.json
 """
 from __future__ import annotations
 
@@ -32,7 +36,10 @@ from hyperlora_jax.train import initial_trainable
 _CLIENTS = flags.DEFINE_string("clients", "16,64,256", "Comma-separated cohort sizes C.")
 _STEPS = flags.DEFINE_integer("local_steps", 10, "Local steps per client.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Local batch size.")
-_CHUNK = flags.DEFINE_integer("clients_per_chunk", 0, "Vmapped clients per chunk (0 = all).")
+_CHUNKS = flags.DEFINE_string("chunks", "0,16", "Comma-separated clients_per_chunk values (0 = all at once).")
+_WIDTH = flags.DEFINE_integer("width", 0, "ViT width (0: the default config's).")
+_DEPTH = flags.DEFINE_integer("depth", 0, "ViT depth (0: the default config's).")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "Image size (0: the default config's).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (the best is reported).")
 _OUT = flags.DEFINE_string("out", "", "JSON file for the results.")
 
@@ -47,9 +54,28 @@ def _best_time(fn, repeats: int) -> float:
   return min(times)
 
 
+def matmul_peak_flops(size: int = 1024, repeats: int = 5) -> float:
+  """The device's float32 matmul FLOP/s: best of `repeats` jitted [size, size] @ [size, size]."""
+  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+  dot = jax.jit(lambda x: x @ x)
+  return 2 * size ** 3 / _best_time(lambda: dot(a), repeats)
+
+
+def update_flops(compiled_fn, *args) -> float:
+  """FLOPs of one call of a jitted function, from XLA's cost analysis (0 if it reports none)."""
+  cost = compiled_fn.lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", 0.0))
+
+
 def main(argv):
   del argv
   config = default.get_config()
+  for field, flag in (("width", _WIDTH), ("depth", _DEPTH)):
+    if flag.value:
+      config.model[field] = flag.value
+  if _IMAGE_SIZE.value:
+    config.data.image_size = _IMAGE_SIZE.value
   model = models.model_from_config(config.model, 10)
   size = config.data.image_size
   example = jnp.zeros((1, size, size, 3), jnp.uint8)
@@ -66,8 +92,11 @@ def main(argv):
     return client_update(start, frozen, block, jax.random.key(0), ones)[0]
 
   single = jax.jit(one_client)
-  vmapped = jax.jit(lambda starts, block: primitives.map_clients(
-      lambda xs: one_client(*xs), (starts, block), _CHUNK.value, None))
+  chunks = [int(c) for c in _CHUNKS.value.split(",")]
+  vmapped = {chunk: jax.jit(lambda starts, block, chunk=chunk: primitives.map_clients(
+      lambda xs: one_client(*xs), (starts, block), chunk, None)) for chunk in chunks}
+  peak = matmul_peak_flops()
+  print(f"float32 matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
   results = []
   for num in (int(c) for c in _CLIENTS.value.split(",")):
     rng = np.random.default_rng(num)
@@ -77,20 +106,26 @@ def main(argv):
              "mask": jnp.ones(shape, jnp.float32)}
     starts = primitives.broadcast(trainable, num)
     client_blocks = [jax.tree.map(lambda x, i=i: x[i], block) for i in range(num)]
-    t_vmap = _best_time(lambda: vmapped(starts, block), _REPEATS.value)
+    flops = num * update_flops(single, trainable, client_blocks[0])
     t_loop = _best_time(lambda: [single(trainable, b) for b in client_blocks], _REPEATS.value)
     steps = num * _STEPS.value
-    row = {"clients": num, "client_steps": steps, "vmapped_s": t_vmap, "loop_s": t_loop,
-           "vmapped_client_steps_per_s": steps / t_vmap, "loop_client_steps_per_s": steps / t_loop,
-           "speedup_vmapped_over_loop": t_loop / t_vmap}
+    row = {"clients": num, "client_steps": steps, "round_flops": flops, "loop_s": t_loop,
+           "loop_client_steps_per_s": steps / t_loop, "loop_mfu": flops / t_loop / peak, "vmapped": []}
+    line = f"C={num:5d}: loop {steps / t_loop:8.1f} client-steps/s (MFU {row['loop_mfu']:.0%})"
+    for chunk in chunks:
+      if chunk and num % chunk:
+        continue
+      t_vmap = _best_time(lambda: vmapped[chunk](starts, block), _REPEATS.value)
+      row["vmapped"].append({"clients_per_chunk": chunk, "seconds": t_vmap, "client_steps_per_s": steps / t_vmap,
+                             "mfu": flops / t_vmap / peak, "speedup_over_loop": t_loop / t_vmap})
+      line += f"; chunk {chunk or 'all'}: {steps / t_vmap:8.1f} (MFU {flops / t_vmap / peak:.0%}, ratio {t_loop / t_vmap:.2f}x)"
     results.append(row)
-    print(f"C={num:4d}: vmapped {row['vmapped_client_steps_per_s']:8.1f} client-steps/s, "
-          f"loop {row['loop_client_steps_per_s']:8.1f} client-steps/s, ratio {row['speedup_vmapped_over_loop']:.2f}x",
-          flush=True)
+    print(line, flush=True)
   report = {"device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
             "backend": jax.default_backend(), "jax": jax.__version__, "machine": platform.machine(),
             "model": config.model.to_dict(), "lora_rank": config.lora.rank, "local_steps": _STEPS.value,
-            "batch_size": _BATCH.value, "clients_per_chunk": _CHUNK.value, "results": results}
+            "image_size": size, "batch_size": _BATCH.value, "chunks": chunks,
+            "matmul_peak_flops": peak, "results": results}
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       json.dump(report, f, indent=2)

@@ -8,26 +8,39 @@
 With --methods, each method runs on the same config (same data, partition, backbone, seed) in
 WORKDIR/<method>, then a side-by-side table is printed. Rerunning with the same workdir resumes
 from the last checkpoint.
+
+Several processes (hosts) run one experiment together: start the same command in each, with
+--coordinator HOST:PORT (process 0's), --num_processes N and --process_id i, or --distributed_auto
+on TPU pods and Slurm. The clients axis spans every process's devices; process 0 writes the files.
+
+  python -m experiments.main --config configs/default.py:smoke --workdir /tmp/mp \
+      --coordinator 127.0.0.1:29500 --num_processes 2 --process_id 0   # and 1, in another shell
 """
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from hyperlora_jax import reporting
+from hyperlora_jax import distributed, reporting
 from hyperlora_jax.train import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Run config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.", required=True)
 _METHODS = flags.DEFINE_list("methods", [], "Methods to compare on the config (default: its `method`).")
+_COORDINATOR = flags.DEFINE_string("coordinator", "", "Multi-process: process 0's HOST:PORT.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Multi-process: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-process: this process's index.")
+_AUTO = flags.DEFINE_bool("distributed_auto", False, "Multi-process: detect the cluster (TPU, Slurm).")
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file at INFO.
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _AUTO.value)
+  say = print if distributed.is_main_process() else (lambda *_: None)
   if not _METHODS.value:
     result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    print(result["summary"])
-    print(f"  wall time              {result['seconds']:.0f}s; metrics in {_WORKDIR.value}/metrics.jsonl")
+    say(result["summary"])
+    say(f"  wall time              {result['seconds']:.0f}s; metrics in {_WORKDIR.value}/metrics.jsonl")
     return
   finals = {}
   for method in _METHODS.value:
@@ -36,10 +49,10 @@ def main(argv):
     config.method = method
     workdir = f"{_WORKDIR.value}/{method}"
     result = train_and_evaluate(config, workdir)
-    print(result["summary"])
-    print(f"  wall time              {result['seconds']:.0f}s; metrics in {workdir}/metrics.jsonl\n")
+    say(result["summary"])
+    say(f"  wall time              {result['seconds']:.0f}s; metrics in {workdir}/metrics.jsonl\n")
     finals[method] = result["records"]
-  print(reporting.side_by_side(finals, reference="fedit"))
+  say(reporting.side_by_side(finals, reference="fedit"))
 
 
 if __name__ == "__main__":

@@ -132,7 +132,9 @@ def pretrain(model, data: ImageDataset, *, steps: int, batch_size: int, learning
 def _abstract_backbone(config, num_classes: int) -> Any:
   model = models.model_from_config(config.model, num_classes)
   shape = (1, config.data.image_size, config.data.image_size, 3)
-  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape, jnp.float32))
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # This process's own device.
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=local),
+                      jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape, jnp.float32)))
 
 
 def load_npz_backbone(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> tuple[Any, dict]:
@@ -146,6 +148,14 @@ def load_npz_backbone(config: ml_collections.ConfigDict, log: Callable[[str], No
   params = load_lib.from_npz(config.model.name, load_lib.read_npz(path), abstract)
   log(f"backbone: loaded {config.model.name} from {path}")
   return {"params": params}, {"source": path}
+
+
+def _local_checkpointer() -> ocp.StandardCheckpointer:
+  """A checkpointer for this process alone: the backbone cache is a local file, read (and, in a
+  multi-process run, written by the main process) without synchronizing with other processes."""
+  me = jax.process_index()
+  return ocp.StandardCheckpointer(
+      multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
 
 
 def load_or_pretrain(config: ml_collections.ConfigDict,
@@ -166,7 +176,7 @@ def load_or_pretrain(config: ml_collections.ConfigDict,
       info = json.load(f)
     abstract = _abstract_backbone(config, info["num_classes"])
     try:
-      variables = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(path, "variables")), abstract)
+      variables = _local_checkpointer().restore(os.path.abspath(os.path.join(path, "variables")), abstract)
     except Exception as e:  # Orbax raises several types for unreadable files.
       raise RuntimeError(f"backbone cache {path} is corrupt or incompatible ({type(e).__name__}: "
                          f"{e}). Remove that directory to pretrain again.") from e
@@ -185,7 +195,7 @@ def load_or_pretrain(config: ml_collections.ConfigDict,
                                learning_rate=config.pretrain.learning_rate, log=log)
     info["num_classes"] = data.num_classes
     tmp = path + f".tmp{os.getpid()}"
-    checkpointer = ocp.StandardCheckpointer()
+    checkpointer = _local_checkpointer()
     checkpointer.save(os.path.join(os.path.abspath(tmp), "variables"), variables)
     checkpointer.wait_until_finished()
     with open(os.path.join(tmp, "info.json"), "w") as f:

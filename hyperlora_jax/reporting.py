@@ -15,9 +15,14 @@ def _clean(value):
   return value
 
 
+def clean_record(record: dict) -> dict:
+  """The record as `append_metrics` writes it (non-finite values become null)."""
+  return {k: _clean(v) for k, v in record.items()}
+
+
 def append_metrics(workdir: str, record: dict) -> dict:
   """Appends one round's record (non-finite values become null) and returns it as written."""
-  record = {k: _clean(v) for k, v in record.items()}
+  record = clean_record(record)
   with open(os.path.join(workdir, METRICS_FILE), "a") as f:
     f.write(json.dumps(record) + "\n")
   return record

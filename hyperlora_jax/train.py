@@ -19,11 +19,12 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from hyperlora_jax import lora, methods, models, pretrain, reporting
+from hyperlora_jax import distributed, lora, methods, models, pretrain, reporting
 from hyperlora_jax import federated
 from hyperlora_jax.client import ClientUpdate, local_update
 from hyperlora_jax.config_validation import ConfigError, used_config, validate_config
 from hyperlora_jax.data import blocks
+from hyperlora_jax.data.loader import prepare_dataset
 from hyperlora_jax.federated_data import FederatedData, build_federated_data, client_blocks
 from hyperlora_jax.hyper import signatures as signatures_lib
 from hyperlora_jax.hyper.plugins import generator_plugin
@@ -143,7 +144,7 @@ def _check_method_fits(config: ml_collections.ConfigDict, method: methods.Method
                       f"{', '.join(allowed)}")
 
 
-def round_inputs(exp: Experiment, round_index: int) -> tuple[dict, np.ndarray, np.ndarray]:
+def round_inputs(exp: Experiment, round_index: int, gather: bool = True) -> tuple[dict, np.ndarray, np.ndarray]:
   """The sampled clients' padded block, ids and weights for one round.
 
   Depends only on (seed, round): the sampler position is the round index. A pooled-data
@@ -151,8 +152,9 @@ def round_inputs(exp: Experiment, round_index: int) -> tuple[dict, np.ndarray, n
   clients_per_round x local_steps steps: the compute of a federated round. A method with a
   meta-objective gets one more step per client, held out of the local steps.
   Returns:
-    block {"image": [C, S, B, H, W, 3], "label", "mask"}, client_ids [C] (-1 = padding),
-    weights [C] = n_k / Σ n_j over the sampled clients.
+    block {"image": [C, S, B, H, W, 3], "label", "mask"} ({"indices": [C, S, B] into the train
+    pool, "mask"} with gather=False), client_ids [C] (-1 = padding), weights [C] = n_k / Σ n_j
+    over the sampled clients.
   """
   config, data = exp.config, exp.data
   rng = np.random.default_rng([config.seed, 1, round_index])
@@ -168,7 +170,29 @@ def round_inputs(exp: Experiment, round_index: int) -> tuple[dict, np.ndarray, n
   ids = blocks.pad_client_ids(ids, math.lcm(multiple, exp.mesh.size))
   indices, mask = blocks.train_block_indices(parts, ids, steps, config.fed.batch_size, rng)
   sizes = np.where(ids >= 0, data.train_sizes()[np.maximum(ids, 0)], 0).astype(np.float32)
+  if not gather:
+    return {"indices": indices, "mask": mask}, ids.astype(np.int32), sizes / sizes.sum()
   return blocks.gather_block(data.train_pool, indices, mask), ids.astype(np.int32), sizes / sizes.sum()
+
+
+def round_on_mesh(exp: Experiment, round_index: int, sharding: NamedSharding) -> tuple[Any, np.ndarray]:
+  """((block, ids, weights) as global arrays sharded over the clients axis, host ids).
+
+  With several processes, each gathers only the images of the clients its devices hold
+  (`jax.make_array_from_callback`); labels, masks, ids and weights are small and built whole.
+  """
+  if jax.process_count() == 1:
+    block, ids, weights = round_inputs(exp, round_index)
+    return jax.device_put((block, ids, weights), sharding), ids
+  where, ids, weights = round_inputs(exp, round_index, gather=False)
+  indices, mask = where["indices"], where["mask"]
+  pool = exp.data.train_pool
+  shape = indices.shape + tuple(pool.images.shape[1:])
+  local = {index[0].indices(len(ids)): pool.images[indices[index[0]]]      # Only this process's rows.
+           for index in sharding.addressable_devices_indices_map(shape).values()}
+  images = jax.make_array_from_callback(shape, sharding, lambda index: local[index[0].indices(len(ids))])
+  rest = jax.device_put(({"label": pool.labels[indices], "mask": mask}, ids, weights), sharding)
+  return ({"image": images, **rest[0]}, rest[1], rest[2]), ids
 
 
 def communication_bytes(exp: Experiment, round_index: int, client_ids: np.ndarray) -> tuple[int, int]:
@@ -201,11 +225,14 @@ def evaluate_new_clients(exp: Experiment, state: Any, frozen: Any) -> dict[str, 
   signatures = (exp.new_signatures if exp.new_signatures is not None
                 else np.zeros((len(ids), 0), np.float32))
   evaluate_new = jax.jit(task_lib.make_new_client_evaluate(exp.task, exp.fed_round, exp.client_update))
-  accuracies = evaluate_new(state, frozen, train_block, test_block, signatures)
-  return {f"new_client_{name}": float(np.mean(acc)) for name, acc in accuracies.items()}
+  inputs = jax.device_put((train_block, test_block, signatures), NamedSharding(exp.mesh, P()))
+  accuracies = evaluate_new(state, frozen, *inputs)
+  return {f"new_client_{name}": float(np.mean(distributed.to_host(acc))) for name, acc in accuracies.items()}
 
 
 def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Refuses a workdir holding another config (every process checks), then the main process
+  records this one."""
   path = os.path.join(workdir, CONFIG_FILE)
   current = used_config(config, methods.METHOD_BLOCKS)
   if os.path.exists(path):
@@ -218,8 +245,10 @@ def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
     if changed:
       raise ConfigError(f"workdir {workdir} holds a run with a different config (fields: "
                         f"{', '.join(changed)}); use a new workdir or the same config")
-  with open(path, "w") as f:
-    json.dump(current, f, indent=2)
+  distributed.barrier("config checked")
+  if distributed.is_main_process():
+    with open(path, "w") as f:
+      json.dump(current, f, indent=2)
 
 
 def _checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
@@ -267,7 +296,7 @@ def _evaluator(exp: Experiment, sharding: Any) -> Callable[[Any, Any], tuple[flo
       c, n = global_counts(state, frozen, block)
       correct, count = correct + np.float32(c), count + np.float32(n)
     global_accuracy = float(correct / max(count, np.float32(1.0)))
-    accuracies = np.concatenate([np.asarray(client_accuracy(state, frozen, ids, block))
+    accuracies = np.concatenate([distributed.to_host(client_accuracy(state, frozen, ids, block))
                                  for ids, block in client_blocks])[:data.num_clients]
     return (global_accuracy if exp.method.has_global_model else math.nan), accuracies
 
@@ -287,17 +316,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
      function was traced (1 for a whole run), "seconds": wall time of this call}.
   """
   start_time = time.time()
-  exp = build_experiment(config, log)
+  main_process = distributed.is_main_process()
+  if jax.process_count() > 1:  # Data and backbone are prepared once, by the main process.
+    if main_process:
+      prepare_dataset(config.data.name, config.data.data_dir or None)
+      if not config.pretrain.get("npz_path"):
+        prepare_dataset(config.pretrain.data_name, config.data.data_dir or None)
+        pretrain.load_or_pretrain(config, log)
+    distributed.barrier("data and backbone prepared")
+  exp = build_experiment(config, log if main_process else (lambda _: None))
   os.makedirs(workdir, exist_ok=True)
   _check_resumable(workdir, config)
   replicated = NamedSharding(exp.mesh, P())
   per_client = NamedSharding(exp.mesh, P(CLIENTS_AXIS))
   state = exp.fed_round.init(jax.random.key(config.seed), exp.initial_trainable, exp.signatures)
-  state = jax.device_put(state, replicated)
-  frozen = jax.device_put(task_lib.frozen_tree(exp.backbone), replicated)
+  # Host copies go to the global mesh (identical on every process); one process: no copy.
+  to_mesh = (lambda t: t) if jax.process_count() == 1 else (lambda t: jax.tree.map(np.asarray, t))
+  state = jax.device_put(to_mesh(state), replicated)
+  frozen = jax.device_put(to_mesh(task_lib.frozen_tree(exp.backbone)), replicated)
   manager = _checkpoint_manager(workdir)
   state, done = restore_state(manager, state)
-  reporting.truncate_metrics(workdir, done)
+  if main_process:
+    reporting.truncate_metrics(workdir, done)
+  distributed.barrier("metrics truncated")
   if done:
     log(f"resumed from round {done} in {workdir}")
 
@@ -314,15 +355,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   cum_down = records[-1]["cum_bytes_down"] if records else 0
   last_round = config.fed.num_rounds if stop_after_round is None else min(stop_after_round, config.fed.num_rounds)
   bar = tqdm(range(done, last_round), initial=done, total=config.fed.num_rounds,
-             desc=config.method, disable=not progress, leave=False)
+             desc=config.method, disable=not (progress and main_process), leave=False)
   prefetch = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # Round r+1's block while r runs.
-  upcoming = prefetch.submit(round_inputs, exp, done) if done < last_round else None
+  upcoming = prefetch.submit(round_on_mesh, exp, done, per_client) if done < last_round else None
   for r in bar:
-    block, ids, weights = upcoming.result()
-    upcoming = prefetch.submit(round_inputs, exp, r + 1) if r + 1 < last_round else None
-    block, ids, weights = jax.device_put((block, ids, weights), per_client)
+    (block, ids, weights), host_ids = upcoming.result()
+    upcoming = prefetch.submit(round_on_mesh, exp, r + 1, per_client) if r + 1 < last_round else None
     state, round_metrics = round_fn(state, frozen, block, ids, weights)
-    up, down = communication_bytes(exp, r, np.asarray(ids))
+    up, down = communication_bytes(exp, r, host_ids)
     cum_up, cum_down = cum_up + up, cum_down + down
     record = {"round": r + 1, "train_loss": float(round_metrics["train_loss"]),
               **({"meta_loss": float(round_metrics["meta_loss"])} if "meta_loss" in round_metrics else {}),
@@ -339,10 +379,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                       pers=f"{record['personalized_accuracy_mean']:.3f}")
     if r + 1 == config.fed.num_rounds:
       record.update(evaluate_new_clients(exp, state, frozen))
-    if record["nonfinite_clients"]:
+    if record["nonfinite_clients"] and main_process:
       log(f"round {r + 1}: {record['nonfinite_clients']} client update(s) were non-finite and "
           f"were left out of the aggregate")
-    records.append(reporting.append_metrics(workdir, record))
+    records.append(reporting.append_metrics(workdir, record) if main_process else reporting.clean_record(record))
     if (r + 1) % config.checkpoint_every == 0 or r + 1 == config.fed.num_rounds:
       manager.save(r + 1, args=ocp.args.StandardSave(state))
   bar.close()
@@ -351,7 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   manager.close()
   title = f"{config.method} on {config.data.name} ({config.data.partition})"
   text = reporting.summary(records, title)
-  if records and records[-1]["round"] == config.fed.num_rounds:
+  if main_process and records and records[-1]["round"] == config.fed.num_rounds:
     reporting.plot_convergence(records, os.path.join(workdir, reporting.PLOT_FILE), title)
   return {"records": records, "summary": text, "round_traces": len(traces),
           "seconds": time.time() - start_time}

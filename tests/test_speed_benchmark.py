@@ -9,14 +9,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_make_bench_writes_its_results(tmp_path):
   out = tmp_path / "round_speed.json"
-  flags = "--clients 2,4 --local_steps 2 --batch_size 4 --repeats 1"
+  flags = "--clients 2,4 --chunks 0,2 --local_steps 2 --batch_size 4 --repeats 1"
   result = subprocess.run(["make", "-s", "bench", f"BENCH_OUT={out}", f"BENCH_FLAGS={flags}", f"PY={sys.executable}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
   report = json.loads(out.read_text())
   assert [row["clients"] for row in report["results"]] == [2, 4]
+  assert report["matmul_peak_flops"] > 1e8
   for row in report["results"]:
-    assert row["client_steps"] == 2 * row["clients"]
-    assert abs(row["speedup_vmapped_over_loop"] - row["loop_s"] / row["vmapped_s"]) < 1e-9
+    assert row["client_steps"] == 2 * row["clients"] and row["round_flops"] > 0
+    assert [v["clients_per_chunk"] for v in row["vmapped"]] == [0, 2]
+    for v in row["vmapped"]:
+      assert abs(v["speedup_over_loop"] - row["loop_s"] / v["seconds"]) < 1e-9
+      assert abs(v["mfu"] - row["round_flops"] / v["seconds"] / report["matmul_peak_flops"]) < 1e-9
+  # FLOPs scale with the cohort: the same client update, twice the clients.
+  assert report["results"][1]["round_flops"] == 2 * report["results"][0]["round_flops"]
   assert report["model"]["name"] == "vit" and report["local_steps"] == 2
-  assert "ratio" in result.stdout
+  assert "ratio" in result.stdout and "matmul peak" in result.stdout

@@ -1,0 +1,64 @@
+"""Two processes on localhost (gloo collectives) run one experiment: the same metrics as one
+process with two devices, files written once, and a resume across processes."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _command(cache_dirs, workdir, rounds, extra=()):
+  return [sys.executable, "-m", "experiments.main", "--config", "configs/default.py:smoke",
+          f"--workdir={workdir}", f"--config.data.data_dir={cache_dirs['data_dir']}",
+          f"--config.pretrain.cache_dir={cache_dirs['cache_dir']}", f"--config.fed.num_rounds={rounds}",
+          "--config.checkpoint_every=2", *extra]
+
+
+def _env(devices):
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def _run_two_processes(cache_dirs, workdir, rounds):
+  port = _free_port()
+  procs = [subprocess.Popen(_command(cache_dirs, workdir, rounds, (f"--coordinator=127.0.0.1:{port}",
+                                                                   "--num_processes=2", f"--process_id={i}")),
+                            cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-4000:]
+  return outputs
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_two_processes_match_one_process_with_two_devices_and_resume(cache_dirs, tmp_path):
+  single = tmp_path / "single"
+  out = subprocess.run(_command(cache_dirs, single, 3), cwd=ROOT, env=_env(2), capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+  multi = tmp_path / "multi"
+  first = _run_two_processes(cache_dirs, multi, 2)
+  assert "global accuracy" in first[0] and "global accuracy" not in first[1]  # Process 0 reports.
+  assert len(_metrics(multi)) == 2                                             # Written once.
+  second = _run_two_processes(cache_dirs, multi, 3)                            # Resumes from round 2.
+  assert "resumed from round 2" in second[0]
+  expected, got = _metrics(single), _metrics(multi)
+  assert [r["round"] for r in got] == [1, 2, 3]
+  for want, have in zip(expected, got):
+    assert set(want) == set(have)
+    for key, value in want.items():
+      np.testing.assert_allclose(have[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
