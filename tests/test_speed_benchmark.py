@@ -22,7 +22,7 @@ def test_make_bench_writes_its_results(tmp_path):
     for v in row["vmapped"]:
       assert abs(v["speedup_over_loop"] - row["loop_s"] / v["seconds"]) < 1e-9
       assert abs(v["mfu"] - row["round_flops"] / v["seconds"] / report["matmul_peak_flops"]) < 1e-9
-  # FLOPs scale with the cohort: the same client update, twice the clients.
+  # FLOPs scale with the cohort and the steps: the same client step, twice the clients.
   assert report["results"][1]["round_flops"] == 2 * report["results"][0]["round_flops"]
   assert report["model"]["name"] == "vit" and report["local_steps"] == 2
   assert "ratio" in result.stdout and "matmul peak" in result.stdout
