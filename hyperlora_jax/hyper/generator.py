@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import optax
 
 from hyperlora_jax import lora as lora_lib
+from hyperlora_jax.federated import NEW_CLIENT as NEW_CLIENT  # No learned embedding: the mean one.
 
 Tree = Any
 GENERATOR_LOSSES = ("vjp", "product_distill")
-NEW_CLIENT = -1  # Client index of a client with no learned embedding: gets the mean one.
 
 
 class LoraGenerator(nn.Module):
