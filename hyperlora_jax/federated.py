@@ -217,12 +217,13 @@ class FederatedRound:
       start = lora_lib.add_to_layers(start, offset)
     return lora_lib.truncate(start, rank_mask)
 
-  def client_inputs(self, state: dict, client_ids: jax.Array) -> tuple[dict, dict | None, jax.Array]:
-    """(local leaves [C, ...], offsets [C, ...] or None, rank masks [C, r]) for `client_ids`
-    (valid ids in [0, N)); with `client_start` they give each client's model."""
+  def client_inputs(self, state: dict, client_ids: jax.Array) -> tuple[dict, jax.Array, dict | None, jax.Array]:
+    """(local leaves [C, ...], signatures [C, D], offsets [C, ...] or None, rank masks [C, r])
+    for `client_ids` (valid ids in [0, N)); with `client_start` they give each client's model."""
     local = primitives.gather_clients(state["clients"], client_ids)
-    offsets = self.offsets(state, self.signatures_of(state, client_ids), client_ids) if self.plugins else None
-    return local, offsets, self.rank_masks(state["global"])[client_ids]
+    signatures = self.signatures_of(state, client_ids)
+    offsets = self.offsets(state, signatures, client_ids) if self.plugins else None
+    return local, signatures, offsets, self.rank_masks(state["global"])[client_ids]
 
   def global_params(self, state: dict) -> Tree:
     """The model evaluated as *global*: the server's params plus the plug-ins' offsets for a
@@ -259,10 +260,7 @@ class FederatedRound:
     update_mask = round_update_mask(self.frozen_leaves, global_params, state["round"])
     valid = client_ids >= 0
     gather_ids = jnp.where(valid, client_ids, 0)
-    local = primitives.gather_clients(state["clients"], gather_ids)
-    masks = self.rank_masks(global_params)[gather_ids]
-    signatures = self.signatures_of(state, gather_ids)
-    offsets = self.offsets(state, signatures, gather_ids) if self.plugins else None
+    local, signatures, offsets, masks = self.client_inputs(state, gather_ids)
     frozen = self.apply_base_delta(frozen, state["base_delta"]) if caps.base_delta else frozen
     round_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["round"])
     keys = jax.vmap(lambda i: jax.random.key_data(jax.random.fold_in(round_key, i)))(client_ids)

@@ -30,8 +30,8 @@ function unbatched and is never copied per client.
 Flax NNX models (`find_targets_nnx`, `apply_nnx`): `nnx.Linear`, `nnx.LinearGeneral` (so
 `nnx.MultiHeadAttention`) and `nnx.Embed` with the same layouts, also factored: a merged copy of the model has each targeted layer wrapped to add
 `s (x @ a) @ b` to its output (NNX has no method interception; qwix's LoRA, the alternative,
-stores the factors inside the model as `nnx.LoRAParam`s, while the round needs them as a
-separate pytree it can vmap, aggregate and send).
+adds the factors to the model's own parameters, while the round needs them as a separate
+pytree it can vmap, aggregate and send).
 
 A *LoRA layer* is any dict with exactly the keys {"a", "b"}; the helpers below (`layers`,
 `map_layers`, `truncate`) find them anywhere in a larger pytree (e.g. `{"lora": ..., "head": ...}`).
@@ -71,11 +71,20 @@ def _is_target_call(context) -> bool:
           and not getattr(_INSIDE_LORA, "active", False))
 
 
+def _as_tuple(value) -> tuple:
+  return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
 def _contracted_axes(module: nn.DenseGeneral, ndim: int) -> tuple[int, ...]:
-  axes = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
   if getattr(module, "batch_dims", ()):
     raise ValueError(f"LoRA on nn.DenseGeneral with batch_dims is not supported ({module_path(module)})")
-  return tuple(a % ndim for a in axes)
+  return tuple(a % ndim for a in _as_tuple(module.axis))
+
+
+def _flatten_contracted(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """x with the contracted `axes` moved last (in that order) and flattened: [..., prod(axes)]."""
+  kept = [i for i in range(x.ndim) if i not in axes]
+  return jnp.transpose(x, kept + list(axes)).reshape([x.shape[i] for i in kept] + [-1])
 
 
 def _param_shape(module: nn.Module, x: jax.Array) -> tuple[int, ...]:
@@ -83,10 +92,9 @@ def _param_shape(module: nn.Module, x: jax.Array) -> tuple[int, ...]:
   if isinstance(module, nn.Dense):
     return (x.shape[-1], module.features)
   if isinstance(module, nn.DenseGeneral):
-    features = module.features if isinstance(module.features, (tuple, list)) else (module.features,)
-    return tuple(x.shape[a] for a in _contracted_axes(module, x.ndim)) + tuple(features)
+    return tuple(x.shape[a] for a in _contracted_axes(module, x.ndim)) + _as_tuple(module.features)
   if isinstance(module, nn.Conv):
-    window = tuple(module.kernel_size) if not isinstance(module.kernel_size, int) else (module.kernel_size,)
+    window = _as_tuple(module.kernel_size)
     return window + (x.shape[-1] // module.feature_group_count, module.features)
   if isinstance(module, nn.Embed):
     return (module.num_embeddings, module.features)
@@ -96,8 +104,7 @@ def _param_shape(module: nn.Module, x: jax.Array) -> tuple[int, ...]:
 def matrix_shape(module: nn.Module, param_shape: tuple[int, ...]) -> tuple[int, int]:
   """(d_in, d_out) of the layer's weight seen as a matrix (see the module docstring)."""
   if isinstance(module, nn.DenseGeneral):
-    features = module.features if isinstance(module.features, (tuple, list)) else (module.features,)
-    d_out = int(np.prod(features))
+    d_out = int(np.prod(_as_tuple(module.features)))
     return int(np.prod(param_shape)) // d_out, d_out
   if isinstance(module, nn.Conv):
     return int(np.prod(param_shape[:-1])), param_shape[-1]
@@ -110,9 +117,7 @@ def _lora_delta_output(module: nn.Module, x: jax.Array, a: jax.Array, b: jax.Arr
   if isinstance(module, nn.Dense):
     return scale * ((x @ a) @ b).astype(out.dtype)
   if isinstance(module, nn.DenseGeneral):
-    axes = _contracted_axes(module, x.ndim)
-    kept = [i for i in range(x.ndim) if i not in axes]
-    flat = jnp.transpose(x, kept + list(axes)).reshape([x.shape[i] for i in kept] + [-1])
+    flat = _flatten_contracted(x, _contracted_axes(module, x.ndim))
     return (scale * ((flat @ a) @ b)).reshape(out.shape).astype(out.dtype)
   if isinstance(module, nn.Conv):
     window = _param_shape(module, x)[:-1]
@@ -374,9 +379,7 @@ def _nnx_lora_layer(base: Any, a: jax.Array, b: jax.Array, scale: float) -> Any:
       if isinstance(self.base, nnx.Embed):
         return out + scale * (jnp.take(self.a, x, axis=0) @ self.b).astype(out.dtype)
       if isinstance(self.base, nnx.LinearGeneral):
-        axes = tuple(a % x.ndim for a in self.base.axis)
-        kept = [i for i in range(x.ndim) if i not in axes]
-        flat = jnp.transpose(x, kept + list(axes)).reshape([x.shape[i] for i in kept] + [-1])
+        flat = _flatten_contracted(x, tuple(a % x.ndim for a in _as_tuple(self.base.axis)))
         return out + (scale * ((flat @ self.a) @ self.b)).reshape(out.shape).astype(out.dtype)
       return out + scale * ((x @ self.a) @ self.b).astype(out.dtype)
   return LoraLayer()

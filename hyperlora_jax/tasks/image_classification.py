@@ -73,6 +73,11 @@ class ImageClassification:
     logits = self.logits(frozen, trainable, data["image"])
     return masked_correct(logits, data["label"], data["mask"]), jnp.sum(data["mask"])
 
+  def accuracy_rate(self, frozen: dict, trainable: Any, data: dict) -> jax.Array:
+    """Fraction of the unmasked examples of `data` classified correctly (0 if none)."""
+    correct, count = self.accuracy(frozen, trainable, data)
+    return correct / jnp.maximum(count, 1.0)
+
 
 class Evaluation(NamedTuple):
   """Pure evaluation functions over blocks (jit each; the caller loops over blocks).
@@ -102,13 +107,12 @@ def make_evaluate(task: ImageClassification, fed_round: FederatedRound, *, eval_
 
   def client_accuracy(state, frozen, client_ids, block):
     frozen = apply_base_delta(frozen, state["base_delta"])
-    local, offsets, masks = fed_round.client_inputs(state, client_ids)
+    local, _, offsets, masks = fed_round.client_inputs(state, client_ids)
 
     def one_client(inputs):
       client_local, data, offset, rank_mask = inputs
       trainable = fed_round.client_start(state["global"], client_local, offset, rank_mask)
-      c, n = task.accuracy(frozen, trainable, data)
-      return c / jnp.maximum(n, 1.0)
+      return task.accuracy_rate(frozen, trainable, data)
 
     return jax.lax.map(one_client, (local, block, offsets, masks), batch_size=clients_per_chunk or None)
 
@@ -139,10 +143,6 @@ def make_new_client_evaluate(task: ImageClassification, fed_round: FederatedRoun
     generated = (fed_round.offsets(state, signatures, jnp.full((num_new,), NEW_CLIENT, jnp.int32))
                  if fed_round.plugins else jnp.zeros((num_new,)))
 
-    def accuracy(trainable, data):
-      correct, count = task.accuracy(frozen, trainable, data)
-      return correct / jnp.maximum(count, 1.0)
-
     def one_client(inputs):
       train, test, offset = inputs
       out = {}
@@ -150,9 +150,9 @@ def make_new_client_evaluate(task: ImageClassification, fed_round: FederatedRoun
         if name == "generated" and not fed_round.plugins:
           continue
         start = fed_round.client_start(state["global"], {}, start_offset, full_rank)
-        out[name] = accuracy(start, test)
+        out[name] = task.accuracy_rate(frozen, start, test)
         tuned, _ = client_update(start, frozen, train, jax.random.key(0), update_mask)
-        out[f"{name}_finetuned"] = accuracy(tuned, test)
+        out[f"{name}_finetuned"] = task.accuracy_rate(frozen, tuned, test)
       return out
 
     return jax.lax.map(one_client, (train_block, test_block, generated))
