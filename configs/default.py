@@ -44,7 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.heldout_clients = 0             # New clients never trained on, evaluated at the end.
   config.data.stream = False                  # Read images on demand from the prepared files
                                               # (host memory: the index and a few blocks).
-  config.data.stream_chunk_examples = 4096    # With stream: examples per evaluation/signature block.
+  config.data.stream_chunk_examples = 4096    # Examples per evaluation/signature block (bounds device
+                                              # memory; with stream, host memory too).
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "vit"
@@ -53,6 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.depth = 4
   config.model.num_heads = 4
   config.model.mlp_ratio = 2.0
+  config.model.remat = False                  # Recompute encoder blocks in the backward pass.
 
   config.pretrain = ml_collections.ConfigDict()
   config.pretrain.data_name = "digits_domains/res16"
@@ -76,7 +78,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.fed.clients_per_round = 10
   config.fed.local_steps = 10
   config.fed.batch_size = 32
-  config.fed.clients_per_chunk = 0            # 0 = all sampled clients in one vmap.
+  config.fed.clients_per_chunk = -1           # Clients vmapped together. -1: measured at start-up
+                                              # for this backend and model (cached with the
+                                              # backbone, recorded in the workdir); 0: all at once.
   config.fed.head_policy = "shared"           # 'shared' (aggregated like LoRA) or 'local'.
   config.fed.num_devices = 0                  # Devices of the clients mesh axis; 0 = all.
   config.fed.new_client_steps = 2             # Local steps a held-out new client may take.
@@ -116,6 +120,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.hyperlora.meta_optimizer = ml_collections.ConfigDict(
       {"name": "adam", "learning_rate": 1e-3, "momentum": 0.0})
 
+  config.compute = ml_collections.ConfigDict()
+  config.compute.backbone_dtype = "auto"      # 'float32', 'bfloat16' or 'auto' (bf16 on GPU/TPU,
+                                              # float32 on CPU): the frozen backbone's compute.
+
   config.eval_every = 1
   config.eval_batch = 256
   config.checkpoint_every = 5
@@ -128,4 +136,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.fed.clients_per_round, config.fed.local_steps, config.fed.batch_size = 4, 2, 8
     config.eval_batch = 128
     config.checkpoint_every = 2
+    config.fed.clients_per_chunk = 0          # Tests compare runs bit for bit: no measured choice.
   return config

@@ -26,17 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from configs import default
-from hyperlora_jax import lora, models, primitives
-from hyperlora_jax.client import local_update
-from hyperlora_jax.optimizers import build_optimizer
-from hyperlora_jax.tasks.image_classification import ImageClassification, frozen_tree
-from hyperlora_jax.train import initial_trainable
+from experiments.bench_model import client_update_fn
+from hyperlora_jax import autotune, primitives
 
 _CLIENTS = flags.DEFINE_string("clients", "16,64,256", "Comma-separated cohort sizes C.")
 _STEPS = flags.DEFINE_integer("local_steps", 10, "Local steps per client.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Local batch size.")
-_CHUNKS = flags.DEFINE_string("chunks", "0,16", "Comma-separated clients_per_chunk values (0 = all at once).")
+_CHUNKS = flags.DEFINE_string("chunks", "0,16,auto", "Comma-separated clients_per_chunk values (0 = all at "
+                              "once; auto = what fed.clients_per_chunk=-1 measures and picks).")
 _WIDTH = flags.DEFINE_integer("width", 0, "ViT width (0: the default config's).")
 _DEPTH = flags.DEFINE_integer("depth", 0, "ViT depth (0: the default config's).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "Image size (0: the default config's).")
@@ -71,31 +68,13 @@ def update_flops(compiled_fn, *args) -> float:
 
 def main(argv):
   del argv
-  config = default.get_config()
-  for field, flag in (("width", _WIDTH), ("depth", _DEPTH)):
-    if flag.value:
-      config.model[field] = flag.value
-  if _IMAGE_SIZE.value:
-    config.data.image_size = _IMAGE_SIZE.value
-  model = models.model_from_config(config.model, 10)
+  one_client, trainable, config = client_update_fn(_WIDTH.value, _DEPTH.value, _IMAGE_SIZE.value)
   size = config.data.image_size
-  example = jnp.zeros((1, size, size, 3), jnp.uint8)
-  variables = model.init(jax.random.key(0), models.preprocess_images(example))
-  backbone = {"params": {k: v for k, v in variables["params"].items() if k != "head"}}
-  trainable, _ = initial_trainable(model, backbone, example, config.lora.target_regex, config.lora.rank,
-                                   jax.random.key(1))
-  task = ImageClassification(model, lora.lora_scale(config.lora.alpha, config.lora.rank))
-  client_update = local_update(task.loss_fn, build_optimizer(config.client_optimizer))
-  frozen = frozen_tree(backbone)
-  ones = jax.tree.map(lambda _: jnp.float32(1.0), trainable)
-
-  def one_client(start, block):
-    return client_update(start, frozen, block, jax.random.key(0), ones)[0]
-
   single = jax.jit(one_client)
-  chunks = [int(c) for c in _CHUNKS.value.split(",")]
-  vmapped = {chunk: jax.jit(lambda starts, block, chunk=chunk: primitives.map_clients(
-      lambda xs: one_client(*xs), (starts, block), chunk, None)) for chunk in chunks}
+  chunks = [autotune.AUTO if c.strip() == "auto" else int(c) for c in _CHUNKS.value.split(",")]
+  vmap_chunks = lambda chunk: jax.jit(lambda starts, block: primitives.map_clients(
+      lambda xs: one_client(*xs), (starts, block), chunk, None))
+  vmapped = {chunk: vmap_chunks(chunk) for chunk in chunks if chunk != autotune.AUTO}
   peak = matmul_peak_flops()
   print(f"float32 matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
   results = []
@@ -115,12 +94,18 @@ def main(argv):
            "loop_client_steps_per_s": steps / t_loop, "loop_mfu": flops / t_loop / peak, "vmapped": []}
     line = f"C={num:5d}: loop {steps / t_loop:8.1f} client-steps/s (MFU {row['loop_mfu']:.0%})"
     for chunk in chunks:
-      if chunk and num % chunk:
+      label = chunk or "all"
+      if chunk == autotune.AUTO:  # What fed.clients_per_chunk=-1 picks for this C, then timed again.
+        chunk = autotune.measure_clients_per_chunk(lambda xs: one_client(*xs), (starts, block)).clients_per_chunk
+        label = f"auto={chunk}"
+        vmapped.setdefault(chunk, vmap_chunks(chunk))
+      if chunk > 0 and num % chunk:
         continue
       t_vmap = _best_time(lambda: vmapped[chunk](starts, block), _REPEATS.value)
-      row["vmapped"].append({"clients_per_chunk": chunk, "seconds": t_vmap, "client_steps_per_s": steps / t_vmap,
-                             "mfu": flops / t_vmap / peak, "speedup_over_loop": t_loop / t_vmap})
-      line += f"; chunk {chunk or 'all'}: {steps / t_vmap:8.1f} (MFU {flops / t_vmap / peak:.0%}, ratio {t_loop / t_vmap:.2f}x)"
+      row["vmapped"].append({"clients_per_chunk": chunk, "label": str(label), "seconds": t_vmap,
+                             "client_steps_per_s": steps / t_vmap, "mfu": flops / t_vmap / peak,
+                             "speedup_over_loop": t_loop / t_vmap})
+      line += f"; chunk {label}: {steps / t_vmap:8.1f} (MFU {flops / t_vmap / peak:.0%}, ratio {t_loop / t_vmap:.2f}x)"
     results.append(row)
     print(line, flush=True)
   report = {"device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),

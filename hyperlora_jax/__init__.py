@@ -6,9 +6,11 @@ The library (pure functions; no configs, no I/O but `peft`):
   client       `local_update(loss_fn, optimizer)`: one client's local steps for any loss
                `loss_fn(trainable, frozen, batch, rng) -> (loss, aux)`
   primitives   broadcast / map_clients (chunked, sharded) / weighted_mean on a clients axis
+  autotune     measure the fastest `clients_per_chunk` on this machine; cache the choice
   aggregators  one contract, `Aggregator(init, aggregate, capabilities)`, for every method;
                the per-layer combinator and `partition`
-  federated    `FederatedRound`: the jit-compiled round built from those pieces, with plug-ins
+  federated    `FederatedRound`: the jit-compiled round built from those pieces, with plug-ins;
+               `state_shardings`: its per-client store sharded over a `clients` mesh axis
   hyper        HyperLoRA: signatures, the generator (a plug-in), the synthesizer (an aggregator)
   peft         adapters to and from Hugging Face PEFT's safetensors layout
   tasks        tasks built on the library (image classification)
@@ -16,12 +18,14 @@ The library (pure functions; no configs, no I/O but `peft`):
 Above it (configs, data, model zoo, runs): `models/`, `data/`, `methods.py`, `train.py`,
 and `experiments/`.
 """
-from hyperlora_jax import aggregators, hyper, lora, peft, primitives
+from hyperlora_jax import aggregators, autotune, federated, hyper, lora, peft, primitives
 from hyperlora_jax.client import ClientUpdate, local_update, masked_mean
-from hyperlora_jax.federated import NEW_CLIENT, FederatedRound, Plugin, RoundOutcome, communication_bytes
+from hyperlora_jax.federated import (NEW_CLIENT, FederatedRound, Plugin, RoundOutcome, communication_bytes,
+                                     state_shardings)
 from hyperlora_jax.primitives import broadcast, make_mesh, map_clients, weighted_mean
 
 __version__ = "0.2.0"
 __all__ = ["NEW_CLIENT", "ClientUpdate", "FederatedRound", "Plugin", "RoundOutcome", "aggregators",
-           "broadcast", "communication_bytes", "hyper", "local_update", "lora", "make_mesh", "map_clients",
-           "masked_mean", "peft", "primitives", "weighted_mean"]
+           "autotune", "broadcast", "communication_bytes", "federated", "hyper", "local_update", "lora",
+           "make_mesh", "map_clients", "masked_mean", "peft", "primitives", "state_shardings",
+           "weighted_mean"]

@@ -18,6 +18,7 @@ from hyperlora_jax.models import ALLOWED_MODELS, arch_fields
 from hyperlora_jax.optimizers import ALLOWED_OPTIMIZERS
 
 ALLOWED_HEAD_POLICIES = ("shared", "local")
+ALLOWED_BACKBONE_DTYPES = ("float32", "bfloat16", "auto")
 
 
 class ConfigError(ValueError):
@@ -50,7 +51,9 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     _require(field == "name" or field in allowed, f"model.{field}",
              f"not a field of model {model.name!r}; its fields: {', '.join(allowed)}")
   for field, default in allowed.items():
-    if isinstance(default, int) and field in model:
+    if isinstance(default, bool) and field in model:
+      _require(isinstance(model[field], bool), f"model.{field}", f"must be True or False, got {model[field]!r}")
+    elif isinstance(default, int) and field in model:
       _positive_int(config, f"model.{field}")
   arch = {**allowed, **{k: v for k, v in model.items() if k != "name"}}
   _require(config.data.image_size % arch["patch_size"] == 0, "model.patch_size",
@@ -100,8 +103,10 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
                 "eval_batch", "eval_every", "checkpoint_every"):
     _positive_int(config, field)
   for field in ("data.min_client_size", "data.heldout_clients", "fed.new_client_steps",
-                "fed.clients_per_chunk", "fed.num_devices", "pretrain.steps"):
+                "fed.num_devices", "pretrain.steps"):
     _positive_int(config, field, minimum=0)
+  _positive_int(config, "fed.clients_per_chunk", minimum=-1)  # -1: measured (autotune.AUTO).
+  _one_of(config.compute.backbone_dtype, ALLOWED_BACKBONE_DTYPES, "compute.backbone_dtype")
   _require(isinstance(data.stream, bool), "data.stream", f"must be True or False, got {data.stream!r}")
   _positive_int(config, "data.stream_chunk_examples")
   _require(data.dirichlet_alpha > 0, "data.dirichlet_alpha", f"must be > 0, got {data.dirichlet_alpha}")
@@ -109,7 +114,7 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
            f"{fed.clients_per_round} exceeds data.num_clients={data.num_clients}")
   _validate_model(config)
   _one_of(fed.head_policy, ALLOWED_HEAD_POLICIES, "fed.head_policy")
-  if fed.clients_per_chunk and fed.num_devices:
+  if fed.clients_per_chunk > 0 and fed.num_devices:
     _require(fed.clients_per_chunk % fed.num_devices == 0, "fed.clients_per_chunk",
              f"{fed.clients_per_chunk} must be a multiple of fed.num_devices={fed.num_devices}")
   try:

@@ -17,11 +17,15 @@ Server state (a pytree, checkpointed whole):
   rng         uint32 [2], the server's PRNG key data
   global      the global params (any nested-dict tree holding LoRA layers)
   server_opt  optax state of the server optimizer over `global`
-  clients     {leaf name: [N, ...]} the leaves each client keeps locally
+  clients     {leaf name: [N', ...]} the leaves each client keeps locally
   agg         the aggregator's state
   base_delta  {layer: [d_in, d_out]} full-rank residuals merged into frozen weights ({} if unused)
   plugins     {plug-in name: its state}
-  signatures  [N, D] per-client signatures (only when D > 0)
+  signatures  [N', D] per-client signatures (only when D > 0)
+
+The per-client store has N' = `store_rows` rows: N rounded up to a multiple of the mesh's
+devices (rows past N are never read), so that `state_shardings` can shard it over the
+`clients` mesh axis: each device then holds the state of N'/D clients, not of all N.
 """
 from __future__ import annotations
 
@@ -33,11 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hyperlora_jax import lora as lora_lib
 from hyperlora_jax import params as params_lib
 from hyperlora_jax import primitives
+from hyperlora_jax.primitives import CLIENTS_AXIS
 from hyperlora_jax.aggregators.base import AggregationContext, Aggregator, layer_shapes
 from hyperlora_jax.client import ClientUpdate
 
@@ -157,6 +162,12 @@ class FederatedRound:
 
   # ---------------------------------------------------------------- state
 
+  @property
+  def store_rows(self) -> int:
+    """N': rows of the per-client store, N rounded up to a multiple of the mesh's devices."""
+    devices = self.mesh.size if self.mesh is not None else 1
+    return -(-self.num_clients // devices) * devices
+
   def init(self, rng: jax.Array, params: Tree, signatures: jax.Array | None = None) -> dict:
     """The round-0 server state; every client's local leaves start from `params`.
 
@@ -165,13 +176,13 @@ class FederatedRound:
       signatures: [N, D] per-client signatures (None or D = 0: none).
     """
     local_mask = params_lib.regex_mask(params, self.local_leaves)
-    clients = params_lib.select(primitives.broadcast(params, self.num_clients), local_mask)
+    clients = params_lib.select(primitives.broadcast(params, self.store_rows), local_mask)
     key = rng if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(rng)
     signature_dim = 0 if signatures is None else signatures.shape[-1]
     state = {
         "round": jnp.zeros((), jnp.int32),
         "rng": jax.random.key_data(key),
-        "global": params,
+        "global": jax.tree.map(jnp.array, params),  # A copy: donating the state keeps `params`.
         "server_opt": self.server_optimizer.init(params),
         "clients": jax.tree.map(jnp.asarray, clients),
         "agg": self.aggregator.init(params, jax.random.fold_in(key, 8), signature_dim),
@@ -179,7 +190,8 @@ class FederatedRound:
         "plugins": {p.name: p.init(jax.random.fold_in(key, 7)) for p in self.plugins},
     }
     if signature_dim:
-      state["signatures"] = jnp.asarray(signatures, jnp.float32)
+      padding = ((0, self.store_rows - self.num_clients), (0, 0))
+      state["signatures"] = jnp.pad(jnp.asarray(signatures, jnp.float32), padding)
     return state
 
   # ---------------------------------------------------------------- client starts
@@ -231,7 +243,7 @@ class FederatedRound:
     if not self.plugins:
       return state["global"]
     if "signatures" in state:
-      signature = jnp.mean(state["signatures"], axis=0, keepdims=True)
+      signature = jnp.mean(state["signatures"][:self.num_clients], axis=0, keepdims=True)
     else:
       signature = jnp.zeros((1, 0), jnp.float32)
     offset = jax.tree.map(lambda x: x[0], self.offsets(state, signature, jnp.full((1,), NEW_CLIENT, jnp.int32)))
@@ -316,8 +328,9 @@ class FederatedRound:
                               new_global, global_params, local_mask, update_mask)
     outcome = RoundOutcome(new_global, trained, weights, gather_ids, signatures, masks)
     plugin_states = {p.name: p.after_aggregation(state["plugins"][p.name], outcome) for p in self.plugins}
-    scatter_ids = jnp.where(valid, client_ids, self.num_clients)  # Out of range: dropped.
+    scatter_ids = jnp.where(valid, client_ids, self.store_rows)  # Out of range: dropped.
     clients = primitives.scatter_clients(state["clients"], scatter_ids, params_lib.select(trained, local_mask))
+    clients = primitives.constrain_clients(clients, self.mesh)  # The store stays sharded.
     base_delta = (jax.tree.map(lambda d, inc: d + jnp.where(total > 0, inc, 0.0),
                                state["base_delta"], base_delta_increment)
                   if base_delta_increment else state["base_delta"])
@@ -333,6 +346,15 @@ class FederatedRound:
                      "participants": jnp.sum(valid & finite)}
     round_metrics.update({name: agg_state[name] for name in caps.metrics})
     return new_state, round_metrics
+
+
+def state_shardings(state: dict, mesh: Mesh) -> dict:
+  """Shardings for a `FederatedRound` state on `mesh`: the per-client store (`clients`,
+  `signatures`, [N', ...] leaves) split over the `clients` axis, everything else replicated.
+  Use with `jax.device_put(state, state_shardings(state, mesh))`."""
+  replicated, per_client = NamedSharding(mesh, P()), NamedSharding(mesh, P(CLIENTS_AXIS))
+  return {key: jax.tree.map(lambda _, k=key: per_client if k in ("clients", "signatures") else replicated, value)
+          for key, value in state.items()}
 
 
 def capability_problems(aggregator: Aggregator, server_optimizer: optax.GradientTransformation,

@@ -20,7 +20,7 @@ class FederatedData:
       the same partition but never sampled in training; [] if none.
     eval_batch: evaluation batch; global test blocks are padded to a multiple of it.
     chunk_examples: examples per evaluation / signature block (0: one block for everything);
-      with streamed images this bounds host memory.
+      this bounds the device memory of an evaluation, and with streamed images host memory.
   """
   train_pool: ImageDataset
   test_pool: ImageDataset
@@ -56,24 +56,26 @@ class FederatedData:
       mask = (np.arange(size) < len(part)).astype(np.float32)
       yield blocks.gather_block(self.test_pool, indices, mask)
 
-  def client_test_blocks(self, parts: list | None = None) -> Iterator[tuple[np.ndarray, dict]]:
+  def client_test_blocks(self, parts: list | None = None, multiple: int = 1) -> Iterator[tuple[np.ndarray, dict]]:
     """(client ids [c], {"image": [c, n_max, H, W, 3], "label", "mask"}) over the clients'
-    test splits (or `parts`), c fixed; the last block is padded with empty clients (id 0,
-    mask 0) whose results the caller drops."""
+    test splits (or `parts`), c fixed and a multiple of `multiple`; the last block is padded
+    with empty clients (id 0, mask 0) whose results the caller drops."""
     parts = self.test_parts if parts is None else parts
-    yield from client_blocks(self.test_pool, parts, self.chunk_examples)
+    yield from client_blocks(self.test_pool, parts, self.chunk_examples, multiple)
 
 
 def _round_up(n: int, multiple: int) -> int:
   return max(multiple, -(-n // multiple) * multiple)
 
 
-def client_blocks(pool: ImageDataset, parts: list, chunk_examples: int = 0) -> Iterator[tuple[np.ndarray, dict]]:
+def client_blocks(pool: ImageDataset, parts: list, chunk_examples: int = 0,
+                  multiple: int = 1) -> Iterator[tuple[np.ndarray, dict]]:
   """Every client's whole split in blocks of c clients padded to the largest split (see
   `FederatedData.client_test_blocks`); c = all clients when `chunk_examples` is 0, else about
-  `chunk_examples / n_max`."""
+  `chunk_examples / n_max`, rounded up to a multiple of `multiple` (e.g. the devices)."""
   n_max = max(1, max(len(p) for p in parts))
   per_block = len(parts) if not chunk_examples else max(1, min(len(parts), chunk_examples // n_max))
+  per_block = _round_up(per_block, multiple)
   for start in range(0, len(parts), per_block):
     ids = np.arange(start, start + per_block)
     chunk = [parts[i] if i < len(parts) else np.zeros(0, np.int64) for i in ids]
@@ -94,4 +96,4 @@ def build_federated_data(config: ml_collections.ConfigDict) -> FederatedData:
   new_train, new_test = train_parts[data.num_clients:], test_parts[data.num_clients:]
   train_parts, test_parts = train_parts[:data.num_clients], test_parts[:data.num_clients]
   return FederatedData(train, test, train_parts, test_parts, new_train, new_test, config.eval_batch,
-                       data.stream_chunk_examples if data.stream else 0)
+                       data.stream_chunk_examples)

@@ -38,7 +38,8 @@ CAPTION_TEMPLATES = ("a picture of the number {}", "a drawing of a {}", "the han
 
 
 def _key_fields(config: ml_collections.ConfigDict) -> dict:
-  fields = {"model": config.model.to_dict(), "data_name": config.pretrain.data_name,
+  model = {k: v for k, v in config.model.to_dict().items() if k != "remat"}  # Compute only.
+  fields = {"model": model, "data_name": config.pretrain.data_name,
             "split": config.pretrain.split, "image_size": config.data.image_size,
             "steps": config.pretrain.steps, "batch_size": config.pretrain.batch_size,
             "learning_rate": config.pretrain.learning_rate, "seed": PRETRAIN_SEED}

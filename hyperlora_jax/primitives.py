@@ -60,9 +60,11 @@ def broadcast(tree: Tree, num_clients: int) -> Tree:
 def map_clients(fn: Callable, xs: Tree, clients_per_chunk: int = 0, mesh: Mesh | None = None) -> Tree:
   """vmap `fn` over the leading clients axis of `xs`, `clients_per_chunk` clients at a time.
 
-  Client c = j * num_chunks + i is computed in chunk i at position j, so with the clients
-  axis sharded contiguously over D devices (and D dividing clients_per_chunk) every device
-  works on its own clients in every chunk, with no data movement.
+  On a mesh, client c = j * num_chunks + i is computed in chunk i at position j, so with the
+  clients axis sharded contiguously over D devices (and D dividing clients_per_chunk) every
+  device works on its own clients in every chunk, with no data movement. Without one, chunk i
+  is clients [i k, (i + 1) k): a free reshape, where the interleaved order would copy the
+  inputs (a round's images) once more. Each client's result is the same either way.
 
   Args:
     fn: per-client function on one client's slice of `xs`.
@@ -80,8 +82,12 @@ def map_clients(fn: Callable, xs: Tree, clients_per_chunk: int = 0, mesh: Mesh |
     raise ValueError(f"clients_per_chunk={clients_per_chunk} must divide the padded cohort "
                      f"of {num} clients")
   num_chunks = num // clients_per_chunk
-  to_chunks = lambda x: x.reshape((clients_per_chunk, num_chunks) + x.shape[1:]).swapaxes(0, 1)
-  from_chunks = lambda y: y.swapaxes(0, 1).reshape((num,) + y.shape[2:])
+  if mesh is None or mesh.size == 1:
+    to_chunks = lambda x: x.reshape((num_chunks, clients_per_chunk) + x.shape[1:])
+    from_chunks = lambda y: y.reshape((num,) + y.shape[2:])
+  else:
+    to_chunks = lambda x: x.reshape((clients_per_chunk, num_chunks) + x.shape[1:]).swapaxes(0, 1)
+    from_chunks = lambda y: y.swapaxes(0, 1).reshape((num,) + y.shape[2:])
   ys = jax.lax.map(vmapped, jax.tree.map(to_chunks, xs))
   return jax.tree.map(from_chunks, ys)
 

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import importlib.metadata
 import json
 import math
 import os
+import platform
 import time
 from typing import Any, Callable
 
@@ -16,10 +18,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import traverse_util
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from hyperlora_jax import distributed, lora, methods, models, pretrain, reporting
+from hyperlora_jax import autotune, distributed, lora, methods, models, pretrain, primitives, reporting
 from hyperlora_jax import federated
 from hyperlora_jax.client import ClientUpdate, local_update
 from hyperlora_jax.config_validation import ConfigError, used_config, validate_config
@@ -33,6 +36,7 @@ from hyperlora_jax.primitives import CLIENTS_AXIS, make_mesh
 from hyperlora_jax.tasks import image_classification as task_lib
 
 CONFIG_FILE = "config.json"
+ENVIRONMENT_FILE = "environment.json"  # Versions, backend and machine-chosen values (`environment`).
 # Fields a resumed run may change (they do not alter the rounds already done).
 RESUMABLE_FIELDS = ("fed.num_rounds", "eval_every", "checkpoint_every")
 
@@ -77,9 +81,12 @@ def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], Non
   """Validates the config, loads data and backbone, builds the round (no compilation yet)."""
   validate_config(config, methods.METHODS, methods.METHOD_BLOCKS)
   mesh = make_mesh(config.fed.num_devices)
-  if config.fed.clients_per_chunk and config.fed.clients_per_chunk % mesh.size:
+  if config.fed.clients_per_chunk > 0 and config.fed.clients_per_chunk % mesh.size:
     raise ConfigError(f"fed.clients_per_chunk: {config.fed.clients_per_chunk} must be a multiple of "
                       f"the {mesh.size} devices of the clients mesh axis")
+  if config.eval_batch % mesh.size:
+    raise ConfigError(f"eval_batch: {config.eval_batch} must be a multiple of the {mesh.size} devices "
+                      f"of the clients mesh axis (test examples are sharded over them)")
   method = methods.build_method(config)
   server_optimizer = build_optimizer(config.server_optimizer)
   _check_method_fits(config, method, server_optimizer)
@@ -91,7 +98,8 @@ def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], Non
                                          jax.random.fold_in(jax.random.key(config.seed), 1))
   task = task_lib.ImageClassification(model, lora.lora_scale(config.lora.alpha, config.lora.rank,
                                                              config.lora.rslora),
-                                      "head" if trainable["head"] else None)  # CLIP has no head.
+                                      "head" if trainable["head"] else None,  # CLIP has no head.
+                                      task_lib.backbone_dtype(config.compute.backbone_dtype))
   client_signatures = new_signatures = None
   if method.signature_kinds:
     hl = config.hyperlora
@@ -110,13 +118,63 @@ def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], Non
              if method.make_generator else ())
   ranks = client_ranks(config, data.num_clients)
   client_update = local_update(task.loss_fn, build_optimizer(config.client_optimizer))
+  chunk = config.fed.clients_per_chunk
+  if chunk == autotune.AUTO:
+    chunk = auto_clients_per_chunk(config, task, backbone, trainable, client_update, mesh,
+                                   method.pooled_data, log)
   fed_round = federated.FederatedRound(
       client_update, method.aggregator, data.num_clients, server_optimizer=server_optimizer,
       local_leaves=method.local_regex, frozen_leaves=method.frozen_regexes, client_ranks=ranks,
-      clients_per_chunk=config.fed.clients_per_chunk, mesh=mesh if mesh.size > 1 else None,
+      clients_per_chunk=chunk, mesh=mesh if mesh.size > 1 else None,
       plugins=plugins, apply_base_delta=task_lib.apply_base_delta)
   return Experiment(config, data, task, method, backbone, targets, trainable, client_update, fed_round,
                     mesh, ranks, client_signatures, new_signatures)
+
+
+def auto_clients_per_chunk(config: ml_collections.ConfigDict, task: task_lib.ImageClassification,
+                           backbone: Any, trainable: Any, client_update: ClientUpdate, mesh: Any,
+                           pooled_data: bool, log: Callable[[str], None]) -> int:
+  """`fed.clients_per_chunk=-1`: the fastest chunk for this backend, model and round shape.
+
+  Measured once (`autotune.measure_clients_per_chunk` on one device's share of a round: the
+  client update on random images) and cached next to the backbones, keyed by everything the
+  timing depends on. With several processes the main process decides and tells the others.
+  A pooled-data learner (one client) has nothing to chunk: 0.
+  """
+  per_device = 1 if pooled_data else -(-config.fed.clients_per_round // mesh.size)  # Padded cohort / D.
+  if per_device == 1:
+    return 0
+  fields = {"backend": jax.default_backend(), "device": jax.local_devices()[0].device_kind,
+            "cpus": os.cpu_count(), "jax": jax.__version__, "model": config.model.to_dict(),
+            "image_size": config.data.image_size, "lora": [config.lora.target_regex, config.lora.rank],
+            "clients_per_device": per_device, "local_steps": config.fed.local_steps,
+            "batch_size": config.fed.batch_size, "client_optimizer": config.client_optimizer.to_dict(),
+            "backbone_dtype": str(jnp.dtype(task.compute_dtype))}
+  path = os.path.join(config.pretrain.cache_dir or pretrain.DEFAULT_CACHE_DIR, "clients_per_chunk.json")
+
+  def measure() -> autotune.ChunkChoice:
+    log(f"fed.clients_per_chunk=-1: timing chunk sizes for {per_device} clients per device "
+        f"(once per backend, model and round shape; cached in {path})")
+    size = config.data.image_size
+    shape = (per_device, config.fed.local_steps, config.fed.batch_size)
+    rng = np.random.default_rng(0)
+    block = {"image": rng.integers(0, 256, shape + (size, size, 3), dtype=np.uint8),
+             "label": np.zeros(shape, np.int32), "mask": np.ones(shape, np.float32)}
+    frozen = task_lib.frozen_tree(backbone, dtype=task.compute_dtype)
+    every_leaf = jax.tree.map(lambda _: jnp.float32(1.0), trainable)
+    one_client = lambda xs: client_update(xs[0], frozen, xs[1], jax.random.key(0), every_leaf)[0]
+    return autotune.measure_clients_per_chunk(one_client, (primitives.broadcast(trainable, per_device), block))
+
+  chunk = 0
+  if distributed.is_main_process():
+    choice = autotune.cached_choice(path, fields, measure)
+    times = ", ".join(f"{k}: {s * 1e3:.0f} ms" for k, s in sorted(choice.seconds.items()))
+    log(f"fed.clients_per_chunk: {choice.clients_per_chunk * mesh.size} "
+        f"({'cached' if choice.cached else 'measured'}; per device {times})")
+    chunk = choice.clients_per_chunk * mesh.size
+  if jax.process_count() > 1:
+    chunk = int(multihost_utils.broadcast_one_to_all(np.int32(chunk)))
+  return chunk
 
 
 def client_ranks(config: ml_collections.ConfigDict, num_clients: int) -> np.ndarray:
@@ -166,7 +224,7 @@ def round_inputs(exp: Experiment, round_index: int, gather: bool = True) -> tupl
     parts = [np.concatenate(data.train_parts)]
   else:
     ids = blocks.sample_clients(data.num_clients, config.fed.clients_per_round, rng)
-  multiple = config.fed.clients_per_chunk or exp.mesh.size
+  multiple = exp.fed_round.clients_per_chunk or exp.mesh.size
   ids = blocks.pad_client_ids(ids, math.lcm(multiple, exp.mesh.size))
   indices, mask = blocks.train_block_indices(parts, ids, steps, config.fed.batch_size, rng)
   sizes = np.where(ids >= 0, data.train_sizes()[np.maximum(ids, 0)], 0).astype(np.float32)
@@ -251,6 +309,41 @@ def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
       json.dump(current, f, indent=2)
 
 
+def environment(exp: Experiment) -> dict:
+  """What a run's numbers depend on besides its config: versions, backend, devices, and the
+  values the config left to the machine (the measured `clients_per_chunk`, the backbone dtype)."""
+  versions = {name: importlib.metadata.version(name)
+              for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")}
+  return {"python": platform.python_version(), **versions, "backend": jax.default_backend(),
+          "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
+          "processes": jax.process_count(), "cpu": _cpu_name(), "cpus": os.cpu_count(),
+          "clients_per_chunk": exp.fed_round.clients_per_chunk,
+          "backbone_dtype": str(jnp.dtype(exp.task.compute_dtype))}
+
+
+def _cpu_name() -> str:
+  """The CPU's model name (Linux), else the machine type."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    return names[0] if names else platform.machine()
+  except OSError:
+    return platform.machine()
+
+
+def _read_environment(workdir: str) -> dict:
+  path = os.path.join(workdir, ENVIRONMENT_FILE)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_environment(workdir: str, exp: Experiment) -> None:
+  with open(os.path.join(workdir, ENVIRONMENT_FILE), "w") as f:
+    json.dump(environment(exp), f, indent=2)
+
+
 def _checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
                                options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
@@ -276,17 +369,22 @@ def restore_state(manager: ocp.CheckpointManager, state: Any) -> tuple[Any, int]
   return restored, step
 
 
-def _evaluator(exp: Experiment, sharding: Any) -> Callable[[Any, Any], tuple[float, np.ndarray]]:
+def _evaluator(exp: Experiment) -> Callable[[Any, Any], tuple[float, np.ndarray]]:
   """`evaluate(state, frozen) -> (global accuracy (NaN without a global model), [N] client
-  accuracies)`, looping over the data's evaluation blocks: held on the device once when the
-  images are in memory, read again at each evaluation when they are streamed."""
-  evaluation = task_lib.make_evaluate(exp.task, exp.fed_round, eval_batch=exp.config.eval_batch)
+  accuracies)`, looping over the data's evaluation blocks, sharded over the clients mesh axis
+  (examples of the global test blocks, clients of the client blocks): held on the devices
+  once when the images are in memory, read again at each evaluation when they are streamed."""
+  chunk = exp.fed_round.clients_per_chunk
+  evaluation = task_lib.make_evaluate(exp.task, exp.fed_round, eval_batch=exp.config.eval_batch,
+                                      clients_per_chunk=chunk)
   global_counts, client_accuracy = jax.jit(evaluation.global_counts), jax.jit(evaluation.client_accuracy)
   data = exp.data
+  sharded = NamedSharding(exp.mesh, P(CLIENTS_AXIS))
+  multiple = math.lcm(chunk or 1, exp.mesh.size)
 
   def blocks_on_device():
-    return ([jax.device_put(b, sharding) for b in data.global_test_blocks()],
-            [jax.device_put(b, sharding) for b in data.client_test_blocks()])
+    return ([jax.device_put(b, sharded) for b in data.global_test_blocks()],
+            [jax.device_put(b, sharded) for b in data.client_test_blocks(multiple=multiple)])
   cached = None if exp.config.data.stream else blocks_on_device()
 
   def evaluate(state, frozen):
@@ -324,16 +422,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         prepare_dataset(config.pretrain.data_name, config.data.data_dir or None)
         pretrain.load_or_pretrain(config, log)
     distributed.barrier("data and backbone prepared")
-  exp = build_experiment(config, log if main_process else (lambda _: None))
+  recorded = _read_environment(workdir)
+  build_config = config
+  if config.fed.clients_per_chunk == autotune.AUTO and "clients_per_chunk" in recorded:
+    build_config = ml_collections.ConfigDict(config.to_dict())  # A resumed run keeps its chunk.
+    build_config.fed.clients_per_chunk = recorded["clients_per_chunk"]
+  exp = build_experiment(build_config, log if main_process else (lambda _: None))
   os.makedirs(workdir, exist_ok=True)
   _check_resumable(workdir, config)
+  if main_process:
+    _write_environment(workdir, exp)
   replicated = NamedSharding(exp.mesh, P())
   per_client = NamedSharding(exp.mesh, P(CLIENTS_AXIS))
   state = exp.fed_round.init(jax.random.key(config.seed), exp.initial_trainable, exp.signatures)
   # Host copies go to the global mesh (identical on every process); one process: no copy.
   to_mesh = (lambda t: t) if jax.process_count() == 1 else (lambda t: jax.tree.map(np.asarray, t))
-  state = jax.device_put(to_mesh(state), replicated)
-  frozen = jax.device_put(to_mesh(task_lib.frozen_tree(exp.backbone)), replicated)
+  state = jax.device_put(to_mesh(state), federated.state_shardings(state, exp.mesh))
+  frozen = jax.device_put(to_mesh(task_lib.frozen_tree(exp.backbone, dtype=exp.task.compute_dtype)), replicated)
   manager = _checkpoint_manager(workdir)
   state, done = restore_state(manager, state)
   if main_process:
@@ -349,7 +454,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return exp.fed_round.step(*args)
 
   round_fn = jax.jit(traced_round, donate_argnums=(0,))
-  evaluate = _evaluator(exp, replicated)
+  evaluate = _evaluator(exp)
   records = reporting.read_metrics(workdir)
   cum_up = records[-1]["cum_bytes_up"] if records else 0
   cum_down = records[-1]["cum_bytes_down"] if records else 0

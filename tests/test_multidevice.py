@@ -47,3 +47,62 @@ def test_eight_devices_match_one(cache_dirs, tmp_path):
     for a, b in zip(runs[one], runs[key]):
       for field, tol in tols.items():
         assert abs(a[field] - b[field]) < tol, (key, field, a[field], b[field])
+
+
+STORE_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np, optax, flax.linen as nn
+    import hyperlora_jax as hl
+    from hyperlora_jax import aggregators, federated, lora, primitives
+    assert len(jax.devices()) == 8
+    N, C, D = 10_003, 16, 3                  # N not a multiple of 8: the store is padded to 10,008.
+
+    class OneLayer(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        return nn.Dense(3, name="out")(x)
+
+    model = OneLayer()
+    frozen = model.init(jax.random.key(0), jnp.ones((2, 5)))
+    adapter = {"out": {"a": 0.1 * jnp.ones((5, 2)), "b": jnp.zeros((2, 3))}}
+    loss_fn = lambda t, f, batch, rng: (jnp.mean((lora.apply(model, f, t, batch["x"], scale=1.0)
+                                                  - batch["y"]) ** 2), {})
+    def make(mesh, chunk):            # FedSA: B stays with each client.
+      return federated.FederatedRound(hl.local_update(loss_fn, optax.sgd(0.1)), aggregators.fedit(), N,
+                                      local_leaves=r"out/b", clients_per_chunk=chunk, mesh=mesh)
+    signatures = jax.random.normal(jax.random.key(5), (N, D))
+    ids = jnp.array([0, 7, 9_999, 10_002, 5, 1_250, 1_251, 3, 8, 42, 77, 4_000, 6_000, 8_000, -1, -1])
+    weights = jnp.where(ids >= 0, 1.0 / 14, 0.0)
+    xs = jax.random.normal(jax.random.key(1), (C, 2, 4, 5))
+    batches = {"x": xs, "y": jnp.tanh(xs[..., :3] * jnp.arange(1, C + 1)[:, None, None, None])}
+    single = make(None, 0)
+    ref_state = single.init(jax.random.key(2), adapter, signatures)
+    ref_state, _ = jax.jit(single.step)(ref_state, frozen, batches, ids, weights)
+    mesh = primitives.make_mesh(8)
+    sharded = make(mesh, 8)
+    state = sharded.init(jax.random.key(2), adapter, signatures)
+    state = jax.device_put(state, federated.state_shardings(state, mesh))
+    state, _ = jax.jit(sharded.step, donate_argnums=(0,))(state, frozen, batches, ids, weights)
+    store = state["clients"]["out/b"]
+    assert store.shape == (10_008, 2, 3), store.shape
+    assert {s.data.shape for s in store.addressable_shards} == {(1_251, 2, 3)}, "store not sharded"
+    assert {s.data.shape for s in state["signatures"].addressable_shards} == {(1_251, D)}
+    np.testing.assert_allclose(np.asarray(store)[:N], np.asarray(ref_state["clients"]["out/b"]), atol=1e-6)
+    np.testing.assert_allclose(state["global"]["out"]["a"], ref_state["global"]["out"]["a"], atol=1e-6)
+    trained = np.asarray(ids[ids >= 0])
+    untouched = np.setdiff1d(np.arange(N), trained)
+    assert np.all(np.abs(np.asarray(store)[trained]).sum((1, 2)) > 0)      # Sampled clients moved b.
+    assert np.all(np.asarray(store)[untouched] == 0)                       # Nobody else's row changed.
+    np.testing.assert_array_equal(np.asarray(state["signatures"])[:N], signatures)
+    print("STORE OK")
+""")
+
+
+def test_ten_thousand_clients_store_is_sharded_and_matches_one_device():
+  """Per-client state (FedSA's B, signatures) of 10,003 registered clients lives sharded, 1,251
+  rows per device of 8; a round on it equals the unsharded round, touches only the sampled
+  clients' rows (ids near the end and across shard boundaries included) and ignores padding."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+  proc = subprocess.run([sys.executable, "-c", STORE_SCRIPT], env=env, cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0 and "STORE OK" in proc.stdout, proc.stderr[-3000:]

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hyperlora_jax import autotune as hl_autotune
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -28,7 +30,7 @@ def _run(marker: str) -> dict:
 def test_every_example_block_is_tested():
   with open(os.path.join(ROOT, "README.md")) as f:
     markers = set(re.findall(r"<!-- example:([\w-]+) -->", f.read()))
-  tested = {"text-classifier", "regression", "aggregators", "generator", "attention", "nnx", "peft"}
+  tested = {"text-classifier", "regression", "scale", "aggregators", "generator", "attention", "nnx", "peft"}
   assert markers == tested
 
 
@@ -50,6 +52,20 @@ def test_regression_with_float_targets_trains():
   losses = ns["losses"]
   assert losses[-1] < 0.5 * losses[0]
   assert ns["batches"]["y"].dtype == np.float32 or ns["batches"]["y"].dtype == np.float64
+
+
+def test_scale_example_keeps_each_sampled_clients_b_in_its_own_row():
+  ns = _run("scale")
+  assert ns["choice"].clients_per_chunk in hl_autotune.chunk_candidates(32)
+  assert sorted(ns["choice"].seconds) == hl_autotune.chunk_candidates(32)
+  store = np.asarray(ns["state"]["clients"]["hidden/b"])
+  assert store.shape == (10_000, 2, 32)                       # [N, r, d_out]: not transposed.
+  ids = np.asarray(ns["ids"])
+  moved = np.abs(store).sum((1, 2)) > 0                        # B starts at 0: only trained rows move.
+  assert moved[ids].all() and moved.sum() == 32
+  assert int(ns["metrics"]["participants"]) == 32
+  # The shared A is the mean of the 32 clients' trained A (FedIT on the non-local leaves).
+  assert not np.allclose(ns["state"]["global"]["hidden"]["a"], ns["adapter"]["hidden"]["a"])
 
 
 def _best_rank_r(matrix, rank):

@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_make_bench_writes_its_results(tmp_path):
   out = tmp_path / "round_speed.json"
-  flags = "--clients 2,4 --chunks 0,2 --local_steps 2 --batch_size 4 --repeats 1"
+  flags = "--clients 2,4 --chunks 0,2,auto --local_steps 2 --batch_size 4 --repeats 1"
   result = subprocess.run(["make", "-s", "bench", f"BENCH_OUT={out}", f"BENCH_FLAGS={flags}", f"PY={sys.executable}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
@@ -18,7 +18,10 @@ def test_make_bench_writes_its_results(tmp_path):
   assert report["matmul_peak_flops"] > 1e8
   for row in report["results"]:
     assert row["client_steps"] == 2 * row["clients"] and row["round_flops"] > 0
-    assert [v["clients_per_chunk"] for v in row["vmapped"]] == [0, 2]
+    assert [v["clients_per_chunk"] for v in row["vmapped"]][:2] == [0, 2]
+    auto = row["vmapped"][2]  # The measured pick is one of the divisor candidates of C.
+    assert auto["label"] == f"auto={auto['clients_per_chunk']}" and auto["clients_per_chunk"] in (1, 2, 4)
+    assert row["clients"] % auto["clients_per_chunk"] == 0
     for v in row["vmapped"]:
       assert abs(v["speedup_over_loop"] - row["loop_s"] / v["seconds"]) < 1e-9
       assert abs(v["mfu"] - row["round_flops"] / v["seconds"] / report["matmul_peak_flops"]) < 1e-9

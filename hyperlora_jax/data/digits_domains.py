@@ -9,7 +9,8 @@ once, so no handwritten digit appears in two splits:
   train     56% of the base digits x the 6 federated domains (the clients' training pool)
   test      14% of the base digits x the 6 federated domains (the clients' test pool)
 
-Sizes at any resolution: pretrain 3,234, train 6,036, test 1,512 examples; 10 classes
+Sizes at any resolution: pretrain 3,234, train 6,036, test 1,512 examples (`res16x10`: train
+and test 10x, each digit rendered 10 times per domain); 10 classes
 (chance accuracy 10%). Features: `image` uint8 [res, res, 3] (a `Tensor`, so neither
 encoding nor reading needs TensorFlow), `label` (0-9, named zero ... nine), `domain` (index into
 `render.ALL_DOMAINS`). Stored as array_record; read with `as_data_source`.
@@ -41,9 +42,10 @@ def split_base_indices(num_base: int) -> dict[str, np.ndarray]:
 class DigitsDomainsConfig(tfds.core.BuilderConfig):
   """A resolution of `digits_domains`."""
 
-  def __init__(self, *, resolution: int, **kwargs):
+  def __init__(self, *, resolution: int, renderings: int = 1, **kwargs):
     super().__init__(**kwargs)
     self.resolution = resolution
+    self.renderings = renderings  # Jittered renderings per (digit, domain) in train and test.
 
 
 class DigitsDomains(tfds.core.GeneratorBasedBuilder):
@@ -54,7 +56,9 @@ class DigitsDomains(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = [
       DigitsDomainsConfig(name=f"res{r}", resolution=r, description=f"{r}x{r} RGB")
       for r in (16, 24, 32)
-  ]
+  ] + [DigitsDomainsConfig(name="res16x10", resolution=16, renderings=10,
+                           description="16x16 RGB, 10 renderings per digit and domain: 10x the train "
+                                       "and test examples (for memory benchmarks)")]
   DEFAULT_CONFIG_NAME = "res16"
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -85,7 +89,8 @@ class DigitsDomains(tfds.core.GeneratorBasedBuilder):
     if split == "pretrain":
       jobs = [(i, render.SOURCE_DOMAIN, k) for i in base for k in range(_PRETRAIN_RENDERINGS)]
     else:
-      jobs = [(i, d, 0) for i in base for d in render.FEDERATED_DOMAINS]
+      jobs = [(i, d, k) for i in base for d in render.FEDERATED_DOMAINS
+              for k in range(self.builder_config.renderings)]
     for i, domain, k in jobs:
       image = render.render_digit(digits.images[i], domain, res, rng)
       yield f"{i}_{domain}_{k}", {"image": image, "label": int(digits.target[i]), "domain": domain}

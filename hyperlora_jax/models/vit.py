@@ -55,14 +55,18 @@ class EncoderBlock(nn.Module):
 
 
 class Encoder(nn.Module):
+  """`depth` encoder blocks; `remat`: recompute each block's activations in the backward
+  pass instead of storing them (less memory, about one more forward pass of compute)."""
   depth: int
   num_heads: int
   mlp_ratio: float
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
     for i in range(self.depth):
-      x = EncoderBlock(self.num_heads, self.mlp_ratio, name=f"block_{i}")(x)
+      x = block(self.num_heads, self.mlp_ratio, name=f"block_{i}")(x)
     return nn.LayerNorm(name="norm")(x)
 
 
@@ -76,6 +80,7 @@ class ViT(nn.Module):
     depth: number of encoder blocks (12 for ViT-B).
     num_heads: attention heads (12 for ViT-B).
     mlp_ratio: MLP hidden width / D (4 for ViT-B).
+    remat: rematerialize each encoder block in the backward pass (same weights and outputs).
   """
   num_classes: int
   patch_size: int = 4
@@ -83,6 +88,7 @@ class ViT(nn.Module):
   depth: int = 4
   num_heads: int = 4
   mlp_ratio: float = 2.0
+  remat: bool = False
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, return_features: bool = False) -> jnp.ndarray:
@@ -94,7 +100,7 @@ class ViT(nn.Module):
     cls = self.param("cls", nn.initializers.zeros, (1, 1, d), x.dtype)
     x = jnp.concatenate([jnp.tile(cls, (batch, 1, 1)), x], axis=1)
     x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1, h * w + 1, d), x.dtype)
-    features = Encoder(self.depth, self.num_heads, self.mlp_ratio, name="encoder")(x)[:, 0]
+    features = Encoder(self.depth, self.num_heads, self.mlp_ratio, self.remat, name="encoder")(x)[:, 0]
     if return_features:
       return features
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="head")(features)

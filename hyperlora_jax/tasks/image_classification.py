@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from hyperlora_jax import lora as lora_lib
+from hyperlora_jax import primitives
 from hyperlora_jax.client import ClientUpdate, masked_mean
 from hyperlora_jax.models import preprocess_images
 from hyperlora_jax.federated import NEW_CLIENT, FederatedRound, round_update_mask
@@ -31,9 +32,21 @@ def masked_correct(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax
   return jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
 
 
-def frozen_tree(backbone: Any, base_delta: dict | None = None) -> dict:
-  """The task's frozen pytree: {"variables": backbone, "base_delta": ...}."""
+def frozen_tree(backbone: Any, base_delta: dict | None = None, dtype: Any = None) -> dict:
+  """The task's frozen pytree: {"variables": backbone, "base_delta": ...}, the backbone's
+  floating-point weights cast to `dtype` (None: as they are), e.g. bfloat16 to run the
+  frozen backbone in bf16 (with `ImageClassification(compute_dtype=jnp.bfloat16)`)."""
+  if dtype is not None:
+    cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    backbone = jax.tree.map(cast, backbone)
   return {"variables": backbone, "base_delta": base_delta or {}}
+
+
+def backbone_dtype(name: str, backend: str | None = None) -> Any:
+  """'float32' | 'bfloat16' | 'auto' (bfloat16 on GPU and TPU, float32 on CPU) -> a dtype."""
+  if name == "auto":
+    name = "bfloat16" if (backend or jax.default_backend()) in ("gpu", "tpu", "cuda", "rocm") else "float32"
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
 def apply_base_delta(frozen: dict, base_delta: dict) -> dict:
@@ -49,18 +62,24 @@ class ImageClassification:
     model: the Flax module (knows nothing of LoRA).
     scale: LoRA scale s = alpha / r.
     head_name: top-level param entry replaced by `trainable["head"]` (None: no trainable head).
+    compute_dtype: dtype the images enter the backbone in; with the frozen weights cast to it
+      (`frozen_tree(..., dtype=)`) the backbone computes in it. LoRA factors, the head, the
+      logits' loss and every gradient stay float32.
   """
   model: nn.Module
   scale: float
   head_name: str | None = "head"
+  compute_dtype: Any = jnp.float32
 
   def logits(self, frozen: dict, trainable: Any, images: jax.Array) -> jax.Array:
     """images: [B, H, W, 3] uint8 -> logits [B, num_classes]."""
     params = frozen["variables"]
     if self.head_name is not None:
       params = {**params, "params": {**params["params"], self.head_name: trainable["head"]}}
-    return lora_lib.apply(self.model, params, trainable["lora"], preprocess_images(images),
-                          scale=self.scale, base_delta=frozen["base_delta"])
+    logits = lora_lib.apply(self.model, params, trainable["lora"],
+                            preprocess_images(images).astype(self.compute_dtype),
+                            scale=self.scale, base_delta=frozen["base_delta"])
+    return logits.astype(jnp.float32)
 
   def loss_fn(self, trainable: Any, frozen: dict, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
     """Masked cross-entropy of one batch (the library's loss contract; rng unused)."""
@@ -96,11 +115,14 @@ def make_evaluate(task: ImageClassification, fed_round: FederatedRound, *, eval_
                   clients_per_chunk: int = 0) -> Evaluation:
   """The `Evaluation` of a run. Each client's model is what it would start the next round
   from (`FederatedRound.client_start`: its local leaves, the plug-ins' offsets for it,
-  truncated to its rank); no local steps. Clients are evaluated `clients_per_chunk` at a time
-  (0: one after another)."""
+  truncated to its rank); no local steps. Clients are evaluated like they train:
+  `primitives.map_clients`, `clients_per_chunk` at a time (0: the whole block at once),
+  sharded over the round's mesh."""
   def global_counts(state, frozen, block):
     frozen = apply_base_delta(frozen, state["base_delta"])
-    batches = jax.tree.map(lambda x: x.reshape((-1, eval_batch) + x.shape[1:]), block)
+    # Batch j holds examples j, j + nb, j + 2 nb, ...: with the examples sharded contiguously
+    # over the devices, every device evaluates its share of every batch (counts need no order).
+    batches = jax.tree.map(lambda x: x.reshape((eval_batch, -1) + x.shape[1:]).swapaxes(0, 1), block)
     shared = fed_round.global_params(state)
     correct, count = jax.lax.map(lambda b: task.accuracy(frozen, shared, b), batches)
     return jnp.sum(correct), jnp.sum(count)
@@ -114,7 +136,8 @@ def make_evaluate(task: ImageClassification, fed_round: FederatedRound, *, eval_
       trainable = fed_round.client_start(state["global"], client_local, offset, rank_mask)
       return task.accuracy_rate(frozen, trainable, data)
 
-    return jax.lax.map(one_client, (local, block, offsets, masks), batch_size=clients_per_chunk or None)
+    return primitives.map_clients(one_client, (local, block, offsets, masks), clients_per_chunk,
+                                  fed_round.mesh)
 
   return Evaluation(global_counts, client_accuracy)
 

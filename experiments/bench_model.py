@@ -1,0 +1,38 @@
+"""The client update the benchmarks time: the default config's model on random weights."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from configs import default
+from hyperlora_jax import lora, models
+from hyperlora_jax.client import local_update
+from hyperlora_jax.optimizers import build_optimizer
+from hyperlora_jax.tasks.image_classification import ImageClassification, frozen_tree
+from hyperlora_jax.train import initial_trainable
+
+
+def client_update_fn(width: int = 0, depth: int = 0, image_size: int = 0):
+  """(one_client(start, block) -> trained, round-0 trainable, config) for the default config's
+  model (or one with the given width/depth/image size; 0: the default's), random weights."""
+  config = default.get_config()
+  for field, value in (("width", width), ("depth", depth)):
+    if value:
+      config.model[field] = value
+  if image_size:
+    config.data.image_size = image_size
+  model = models.model_from_config(config.model, 10)
+  size = config.data.image_size
+  example = jnp.zeros((1, size, size, 3), jnp.uint8)
+  variables = model.init(jax.random.key(0), models.preprocess_images(example))
+  backbone = {"params": {k: v for k, v in variables["params"].items() if k != "head"}}
+  trainable, _ = initial_trainable(model, backbone, example, config.lora.target_regex, config.lora.rank,
+                                   jax.random.key(1))
+  task = ImageClassification(model, lora.lora_scale(config.lora.alpha, config.lora.rank))
+  client_update = local_update(task.loss_fn, build_optimizer(config.client_optimizer))
+  frozen = frozen_tree(backbone)
+  ones = jax.tree.map(lambda _: jnp.float32(1.0), trainable)
+
+  def one_client(start, block):
+    return client_update(start, frozen, block, jax.random.key(0), ones)[0]
+  return one_client, trainable, config
