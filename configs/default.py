@@ -46,6 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                               # (host memory: the index and a few blocks).
   config.data.stream_chunk_examples = 4096    # Examples per evaluation/signature block (bounds device
                                               # memory; with stream, host memory too).
+  config.data.feed = "round"                  # 'round': a round's images are gathered before it
+                                              # runs; 'chunk': read chunk by chunk inside it (memory
+                                              # flat in clients per round; one device).
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "vit"

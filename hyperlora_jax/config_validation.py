@@ -19,6 +19,7 @@ from hyperlora_jax.optimizers import ALLOWED_OPTIMIZERS
 
 ALLOWED_HEAD_POLICIES = ("shared", "local")
 ALLOWED_BACKBONE_DTYPES = ("float32", "bfloat16", "auto")
+ALLOWED_FEEDS = ("round", "chunk")
 
 
 class ConfigError(ValueError):
@@ -109,6 +110,7 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
   _one_of(config.compute.backbone_dtype, ALLOWED_BACKBONE_DTYPES, "compute.backbone_dtype")
   _require(isinstance(data.stream, bool), "data.stream", f"must be True or False, got {data.stream!r}")
   _positive_int(config, "data.stream_chunk_examples")
+  _one_of(data.feed, ALLOWED_FEEDS, "data.feed")
   _require(data.dirichlet_alpha > 0, "data.dirichlet_alpha", f"must be > 0, got {data.dirichlet_alpha}")
   _require(fed.clients_per_round <= data.num_clients, "fed.clients_per_round",
            f"{fed.clients_per_round} exceeds data.num_clients={data.num_clients}")

@@ -132,6 +132,10 @@ class FederatedRound:
     clients_per_chunk: clients vmapped together (0: all sampled clients at once).
     mesh: shard the clients axis over this mesh's `clients` axis (None: one device).
     plugins: server components with client-start and post-aggregation hooks.
+    load_batches: maps one chunk of the `batches` given to `step` ([k, S + h, ...] leaves) to
+      the batches the loss reads, inside the chunk loop (e.g. `primitives.host_loader` turning
+      example indices into images): `step` then takes light batches and only one chunk of
+      the full ones exists at a time. None: `batches` are the full batches.
     apply_base_delta: (frozen, base_delta {layer: [d_in, d_out]}) -> the frozen tree the
       loss sees; required by aggregators that return a base delta (FedEx-LoRA, FLoRA).
   """
@@ -146,6 +150,7 @@ class FederatedRound:
   mesh: Mesh | None = None
   plugins: tuple[Plugin, ...] = ()
   apply_base_delta: Callable[[Tree, dict], Tree] | None = None
+  load_batches: Callable[[Tree], Tree] | None = None
 
   def __post_init__(self):
     for argument, problem in capability_problems(self.aggregator, self.server_optimizer, self.client_ranks):
@@ -249,6 +254,13 @@ class FederatedRound:
     offset = jax.tree.map(lambda x: x[0], self.offsets(state, signature, jnp.full((1,), NEW_CLIENT, jnp.int32)))
     return lora_lib.add_to_layers(state["global"], offset)
 
+  def _chunk_loader(self) -> Callable | None:
+    """`map_clients`' load_chunk for the round's (local, batches, ...) inputs: `load_batches`
+    on the batches (second entry) only."""
+    if self.load_batches is None:
+      return None
+    return lambda inputs: (inputs[0], self.load_batches(inputs[1]), *inputs[2:])
+
   # ---------------------------------------------------------------- the round
 
   def step(self, state: dict, frozen: Tree, batches: Tree, client_ids: jax.Array,
@@ -259,7 +271,8 @@ class FederatedRound:
       state: server state (module docstring).
       frozen: the frozen tree the loss reads (e.g. the backbone's variables).
       batches: pytree with leaves [C, S + h, ...]: each sampled client's S local steps, plus
-        the aggregator's h = `capabilities.heldout_steps` held-out steps at the end.
+        the aggregator's h = `capabilities.heldout_steps` held-out steps at the end (light
+        batches with `load_batches`).
       client_ids: [C] int32 sampled client ids, -1 for padding clients.
       weights: [C] float32 aggregation weights p_k (0 for padding).
     Returns:
@@ -291,7 +304,8 @@ class FederatedRound:
       return trained, metrics, finite
 
     trained, metrics, finite = primitives.map_clients(
-        one_client, (local, batches, offsets, masks, keys), self.clients_per_chunk, self.mesh)
+        one_client, (local, batches, offsets, masks, keys), self.clients_per_chunk, self.mesh,
+        self._chunk_loader())
     weights = jnp.where(valid & finite, weights, 0.0)
     total = jnp.sum(weights)
     weights = weights / jnp.maximum(total, 1e-12)
@@ -312,7 +326,7 @@ class FederatedRound:
           return sum(losses) / caps.heldout_steps
         losses = primitives.map_clients(
             one_heldout, (trained_local, heldout, jax.lax.stop_gradient(offsets), masks, keys),
-            self.clients_per_chunk, self.mesh)
+            self.clients_per_chunk, self.mesh, self._chunk_loader())
         return jnp.sum(weights * losses)
 
     context = AggregationContext(signatures=signatures, client_loss=metrics["loss"], heldout_loss=heldout_loss)

@@ -58,10 +58,11 @@ class FederatedData:
 
   def client_test_blocks(self, parts: list | None = None, multiple: int = 1) -> Iterator[tuple[np.ndarray, dict]]:
     """(client ids [c], {"image": [c, n_max, H, W, 3], "label", "mask"}) over the clients'
-    test splits (or `parts`), c fixed and a multiple of `multiple`; the last block is padded
-    with empty clients (id 0, mask 0) whose results the caller drops."""
+    test splits (or `parts`), c fixed and a multiple of `multiple`, n_max a multiple of
+    `eval_batch` when above it (so a client's split is evaluated in batches); the last block is
+    padded with empty clients (id 0, mask 0) whose results the caller drops."""
     parts = self.test_parts if parts is None else parts
-    yield from client_blocks(self.test_pool, parts, self.chunk_examples, multiple)
+    yield from client_blocks(self.test_pool, parts, self.chunk_examples, multiple, self.eval_batch)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -69,11 +70,14 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def client_blocks(pool: ImageDataset, parts: list, chunk_examples: int = 0,
-                  multiple: int = 1) -> Iterator[tuple[np.ndarray, dict]]:
-  """Every client's whole split in blocks of c clients padded to the largest split (see
+                  multiple: int = 1, batch: int = 0) -> Iterator[tuple[np.ndarray, dict]]:
+  """Every client's whole split in blocks of c clients padded to the largest split n_max (see
   `FederatedData.client_test_blocks`); c = all clients when `chunk_examples` is 0, else about
-  `chunk_examples / n_max`, rounded up to a multiple of `multiple` (e.g. the devices)."""
+  `chunk_examples / n_max`, rounded up to a multiple of `multiple` (e.g. the devices). With
+  `batch`, an n_max above it is rounded up to a multiple of it."""
   n_max = max(1, max(len(p) for p in parts))
+  if batch and n_max > batch:
+    n_max = _round_up(n_max, batch)
   per_block = len(parts) if not chunk_examples else max(1, min(len(parts), chunk_examples // n_max))
   per_block = _round_up(per_block, multiple)
   for start in range(0, len(parts), per_block):

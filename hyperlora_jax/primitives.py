@@ -6,6 +6,7 @@ and the clients, and every one of them is a pure, differentiable JAX function:
 
   broadcast(tree, C)                      server [...] -> clients [C, ...]
   map_clients(fn, xs, clients_per_chunk, mesh)  clients -> clients, `fn` on each client
+                                          (`host_loader`: each chunk's inputs read on the host)
   weighted_mean(tree, weights)            clients [C, ...] x [C] -> server [...]
 
 `map_clients` is where memory and devices are decided: clients are vmapped
@@ -57,7 +58,8 @@ def broadcast(tree: Tree, num_clients: int) -> Tree:
   return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients,) + jnp.shape(x)), tree)
 
 
-def map_clients(fn: Callable, xs: Tree, clients_per_chunk: int = 0, mesh: Mesh | None = None) -> Tree:
+def map_clients(fn: Callable, xs: Tree, clients_per_chunk: int = 0, mesh: Mesh | None = None,
+                load_chunk: Callable[[Tree], Tree] | None = None) -> Tree:
   """vmap `fn` over the leading clients axis of `xs`, `clients_per_chunk` clients at a time.
 
   On a mesh, client c = j * num_chunks + i is computed in chunk i at position j, so with the
@@ -71,11 +73,15 @@ def map_clients(fn: Callable, xs: Tree, clients_per_chunk: int = 0, mesh: Mesh |
     xs: pytree of [C, ...] arrays.
     clients_per_chunk: clients vmapped together (0 or >= C: all at once); must divide C.
     mesh: shard the clients axis over this mesh's `clients` axis (None: no constraint).
+    load_chunk: applied to each chunk of `xs` ([k, ...] leaves) before `fn` is vmapped over
+      it, e.g. `host_loader`, which reads the chunk's data on the host: then only one chunk
+      of the inputs is ever materialized, not the whole cohort's.
   Returns:
     pytree of [C, ...] outputs.
   """
   num = jax.tree.leaves(xs)[0].shape[0]
-  vmapped = lambda chunk: constrain_clients(jax.vmap(fn)(constrain_clients(chunk, mesh)), mesh)
+  load_chunk = load_chunk or (lambda chunk: chunk)
+  vmapped = lambda chunk: constrain_clients(jax.vmap(fn)(constrain_clients(load_chunk(chunk), mesh)), mesh)
   if not clients_per_chunk or clients_per_chunk >= num:
     return vmapped(xs)
   if num % clients_per_chunk:
@@ -90,6 +96,22 @@ def map_clients(fn: Callable, xs: Tree, clients_per_chunk: int = 0, mesh: Mesh |
     from_chunks = lambda y: y.swapaxes(0, 1).reshape((num,) + y.shape[2:])
   ys = jax.lax.map(vmapped, jax.tree.map(to_chunks, xs))
   return jax.tree.map(from_chunks, ys)
+
+
+def host_loader(load: Callable[[Tree], Tree], output_shapes: Callable[[Tree], Tree]) -> Callable[[Tree], Tree]:
+  """A traceable `load_chunk` for `map_clients` that runs `load` on the host.
+
+  Args:
+    load: NumPy function from a chunk of light inputs (e.g. example indices, [k, ...] leaves)
+      to the chunk's full inputs (e.g. the images), called once per chunk inside the jitted
+      computation (`jax.pure_callback`).
+    output_shapes: light `jax.ShapeDtypeStruct`s -> the full inputs' ShapeDtypeStructs.
+  Single device only: the callback sees the chunk whole.
+  """
+  def load_chunk(light: Tree) -> Tree:
+    shapes = output_shapes(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), light))
+    return jax.pure_callback(load, shapes, light)
+  return load_chunk
 
 
 def weighted_mean(tree: Tree, weights: jax.Array) -> Tree:

@@ -84,6 +84,10 @@ def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], Non
   if config.fed.clients_per_chunk > 0 and config.fed.clients_per_chunk % mesh.size:
     raise ConfigError(f"fed.clients_per_chunk: {config.fed.clients_per_chunk} must be a multiple of "
                       f"the {mesh.size} devices of the clients mesh axis")
+  if config.data.feed == "chunk" and (mesh.size > 1 or jax.process_count() > 1):
+    raise ConfigError(f"data.feed: 'chunk' reads each chunk's images on the host of a single "
+                      f"device; this run has {mesh.size} devices in {jax.process_count()} "
+                      f"process(es): use data.feed='round'")
   if config.eval_batch % mesh.size:
     raise ConfigError(f"eval_batch: {config.eval_batch} must be a multiple of the {mesh.size} devices "
                       f"of the clients mesh axis (test examples are sharded over them)")
@@ -126,9 +130,21 @@ def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], Non
       client_update, method.aggregator, data.num_clients, server_optimizer=server_optimizer,
       local_leaves=method.local_regex, frozen_leaves=method.frozen_regexes, client_ranks=ranks,
       clients_per_chunk=chunk, mesh=mesh if mesh.size > 1 else None,
-      plugins=plugins, apply_base_delta=task_lib.apply_base_delta)
+      plugins=plugins, apply_base_delta=task_lib.apply_base_delta,
+      load_batches=chunk_image_loader(data.train_pool) if config.data.feed == "chunk" else None)
   return Experiment(config, data, task, method, backbone, targets, trainable, client_update, fed_round,
                     mesh, ranks, client_signatures, new_signatures)
+
+
+def chunk_image_loader(pool: Any) -> Callable[[dict], dict]:
+  """`FederatedRound.load_batches` for `data.feed='chunk'`: a chunk's light batches
+  {"indices": [k, S, B] into `pool`, "label", "mask"} -> {"image": [k, S, B, H, W, 3] uint8,
+  "label", "mask"}, the images read on the host (from memory or the record files) inside the
+  round's chunk loop, so a round never holds more than one chunk of images."""
+  image_shape = tuple(pool.images.shape[1:])
+  read = primitives.host_loader(lambda indices: np.asarray(pool.images[np.asarray(indices)], np.uint8),
+                                lambda spec: jax.ShapeDtypeStruct(spec.shape + image_shape, jnp.uint8))
+  return lambda light: {"image": read(light["indices"]), "label": light["label"], "mask": light["mask"]}
 
 
 def auto_clients_per_chunk(config: ml_collections.ConfigDict, task: task_lib.ImageClassification,
@@ -239,6 +255,11 @@ def round_on_mesh(exp: Experiment, round_index: int, sharding: NamedSharding) ->
   With several processes, each gathers only the images of the clients its devices hold
   (`jax.make_array_from_callback`); labels, masks, ids and weights are small and built whole.
   """
+  if exp.config.data.feed == "chunk":  # Light batches: the round reads images chunk by chunk.
+    where, ids, weights = round_inputs(exp, round_index, gather=False)
+    light = {"indices": where["indices"].astype(np.int32),
+             "label": exp.data.train_pool.labels[where["indices"]], "mask": where["mask"]}
+    return jax.device_put((light, ids, weights), sharding), ids
   if jax.process_count() == 1:
     block, ids, weights = round_inputs(exp, round_index)
     return jax.device_put((block, ids, weights), sharding), ids

@@ -20,6 +20,7 @@ INVALID = [
     ("fed.head_policy", "private", "fed.head_policy"),
     ("fed.clients_per_chunk", -2, "fed.clients_per_chunk"),
     ("compute.backbone_dtype", "fp8", "compute.backbone_dtype"),
+    ("data.feed", "disk", "data.feed"),
     ("model.name", "resnet", "model.name"),
     ("model.num_heads", 3, "model.num_heads"),
     ("model.mlp_ratio", 0.0, "model.mlp_ratio"),

@@ -98,3 +98,24 @@ def test_map_clients_keeps_client_order():
   np.testing.assert_array_equal(out, xs["v"] * 10 + 1)
   with pytest.raises(ValueError, match="clients_per_chunk"):
     primitives.map_clients(lambda x: x["v"], xs, clients_per_chunk=4, mesh=None)
+
+
+def test_client_evaluation_in_eval_batches_and_chunks_counts_like_a_hand_count(smoke_config):
+  """Each client's accuracy from the round's evaluation (its split in batches of 16 examples,
+  clients 2 at a time) equals a hand count of argmax(logits) == label over its whole split at
+  once, with its own model (here: global ⊕ nothing, FedIT)."""
+  from hyperlora_jax.tasks.image_classification import make_evaluate
+  exp = build_experiment(smoke_config, log=lambda _: None)
+  state = exp.fed_round.init(jax.random.key(0), exp.initial_trainable)
+  state, _ = jax.jit(exp.fed_round.step)(state, frozen_tree(exp.backbone), *round_inputs(exp, 0))
+  data = dataclasses.replace(exp.data, eval_batch=16)
+  ids, block = next(data.client_test_blocks(multiple=2))
+  n_max = max(len(p) for p in exp.data.test_parts)
+  assert block["label"].shape[1] == -(-n_max // 16) * 16 > 16       # Padded to whole batches.
+  evaluation = make_evaluate(exp.task, dataclasses.replace(exp.fed_round, clients_per_chunk=2), eval_batch=16)
+  got = np.asarray(jax.jit(evaluation.client_accuracy)(state, frozen_tree(exp.backbone), ids, block))
+  for c in range(len(exp.data.test_parts)):
+    logits = exp.task.logits(frozen_tree(exp.backbone), state["global"], block["image"][c])
+    mask = block["mask"][c] > 0
+    expected = np.mean(np.asarray(jnp.argmax(logits, -1))[mask] == block["label"][c][mask])
+    assert abs(got[c] - expected) < 1e-6, (c, got[c], expected)

@@ -51,3 +51,15 @@ def test_a_streamed_round_reads_only_its_clients_examples(smoke_config):
   read = pool.images.records_read - before
   assert 0 < read <= len(needed) < len(pool)
   assert block["image"].shape[:3] == (len(ids), smoke_config.fed.local_steps, smoke_config.fed.batch_size)
+
+
+def test_chunk_feed_reads_images_inside_the_round_and_gives_the_same_metrics(smoke_config, tmp_path):
+  """data.feed='chunk': the round gets example indices and reads each chunk's images on the host
+  inside its chunk loop (HyperLoRA: the held-out meta-step too); records equal feed='round'."""
+  smoke_config.method, smoke_config.fed.num_rounds, smoke_config.fed.clients_per_chunk = "hyperlora", 2, 2
+  by_round = train_and_evaluate(smoke_config, str(tmp_path / "round"), **QUIET)["records"]
+  smoke_config.data.feed = "chunk"
+  exp = build_experiment(smoke_config, log=lambda _: None)
+  light = exp.fed_round.load_batches is not None
+  by_chunk = train_and_evaluate(smoke_config, str(tmp_path / "chunk"), **QUIET)["records"]
+  assert light and by_chunk == by_round

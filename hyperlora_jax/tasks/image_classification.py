@@ -105,7 +105,8 @@ class Evaluation(NamedTuple):
         global test block {"image": [M, H, W, 3], "label": [M], "mask": [M]}, M a multiple
         of eval_batch
     client_accuracy(state, frozen, client_ids, block) -> [c]  each client's own model on its
-        own test split, block {"image": [c, n_max, H, W, 3], "label", "mask"}, ids [c]
+        own test split, block {"image": [c, n_max, H, W, 3], "label", "mask"}, ids [c]; n_max
+        at most eval_batch or a multiple of it (evaluated eval_batch examples at a time)
   """
   global_counts: Callable
   client_accuracy: Callable
@@ -127,6 +128,18 @@ def make_evaluate(task: ImageClassification, fed_round: FederatedRound, *, eval_
     correct, count = jax.lax.map(lambda b: task.accuracy(frozen, shared, b), batches)
     return jnp.sum(correct), jnp.sum(count)
 
+  def split_accuracy(frozen, trainable, data):
+    """Accuracy on one client's split [n, ...], `eval_batch` examples at a time."""
+    n = data["label"].shape[0]
+    if n <= eval_batch:
+      return task.accuracy_rate(frozen, trainable, data)
+    if n % eval_batch:
+      raise ValueError(f"a client's test split of {n} examples must be padded to a multiple of "
+                       f"eval_batch={eval_batch} (FederatedData.client_test_blocks does)")
+    batches = jax.tree.map(lambda x: x.reshape((-1, eval_batch) + x.shape[1:]), data)
+    correct, count = jax.lax.map(lambda b: task.accuracy(frozen, trainable, b), batches)
+    return jnp.sum(correct) / jnp.maximum(jnp.sum(count), 1.0)
+
   def client_accuracy(state, frozen, client_ids, block):
     frozen = apply_base_delta(frozen, state["base_delta"])
     local, _, offsets, masks = fed_round.client_inputs(state, client_ids)
@@ -134,7 +147,7 @@ def make_evaluate(task: ImageClassification, fed_round: FederatedRound, *, eval_
     def one_client(inputs):
       client_local, data, offset, rank_mask = inputs
       trainable = fed_round.client_start(state["global"], client_local, offset, rank_mask)
-      return task.accuracy_rate(frozen, trainable, data)
+      return split_accuracy(frozen, trainable, data)
 
     return primitives.map_clients(one_client, (local, block, offsets, masks), clients_per_chunk,
                                   fed_round.mesh)
