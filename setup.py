@@ -12,5 +12,6 @@ setup(
         "ml-collections>=1.1", "absl-py", "numpy>=2", "scipy", "scikit-learn>=1.5",
         "matplotlib", "pillow", "tqdm", "safetensors>=0.4",
     ],
-    extras_require={"test": ["pytest>=8", "chex>=0.1.90", "ruff>=0.6"]},
+    extras_require={"test": ["pytest>=8", "chex>=0.1.90", "ruff>=0.6"],
+                    "bench": ["torch>=2.4"]},  # Optional PyTorch rows of `make bench`.
 )

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments import torch_baselines
 from experiments.bench_model import client_update_fn
 from hyperlora_jax import autotune, primitives
 
@@ -39,6 +40,8 @@ _DEPTH = flags.DEFINE_integer("depth", 0, "ViT depth (0: the default config's)."
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "Image size (0: the default config's).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (the best is reported).")
 _OUT = flags.DEFINE_string("out", "", "JSON file for the results.")
+_TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch per-client loop and torch.func.vmap "
+                           "round (16 clients per chunk) when torch is installed (the `bench` extra).")
 
 
 def _best_time(fn, repeats: int) -> float:
@@ -75,6 +78,10 @@ def main(argv):
   vmap_chunks = lambda chunk: jax.jit(lambda starts, block: primitives.map_clients(
       lambda xs: one_client(*xs), (starts, block), chunk, None))
   vmapped = {chunk: vmap_chunks(chunk) for chunk in chunks if chunk != autotune.AUTO}
+  available, torch_reason = torch_baselines.available()
+  if not available and _TORCH.value:
+    print(f"PyTorch rows skipped: {torch_reason}", flush=True)
+  torch_reason = torch_reason if _TORCH.value else "--notorch"
   peak = matmul_peak_flops()
   print(f"float32 matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
   results = []
@@ -106,6 +113,25 @@ def main(argv):
                              "client_steps_per_s": steps / t_vmap, "mfu": flops / t_vmap / peak,
                              "speedup_over_loop": t_loop / t_vmap})
       line += f"; chunk {label}: {steps / t_vmap:8.1f} (MFU {flops / t_vmap / peak:.0%}, ratio {t_loop / t_vmap:.2f}x)"
+    if torch_reason:
+      row["torch"] = {"skipped": torch_reason}
+    elif _TORCH.value:
+      images, labels = np.asarray(block["image"]), np.asarray(block["label"])
+      arch = {"width": config.model.width, "depth": config.model.depth, "heads": config.model.num_heads,
+              "patch": config.model.patch_size, "mlp_ratio": config.model.mlp_ratio, "rank": config.lora.rank,
+              "scale": config.lora.alpha / config.lora.rank,
+              "learning_rate": config.client_optimizer.learning_rate, "repeats": _REPEATS.value}
+      torch_row = {}
+      for way in ("loop", "vmap"):
+        seconds = torch_baselines.time_round(images, labels, way=way, chunk=16, **arch)
+        torch_row[way] = {"seconds": seconds, "client_steps_per_s": steps / seconds}
+        line += f"; torch {way}: {steps / seconds:8.1f}"
+      best_jax = min([t_loop] + [v["seconds"] for v in row["vmapped"]])
+      for way in ("loop", "vmap"):
+        torch_row[way]["best_jax_speedup"] = torch_row[way]["seconds"] / best_jax
+      line += (f" (best JAX {torch_row['loop']['best_jax_speedup']:.2f}x the torch loop, "
+               f"{torch_row['vmap']['best_jax_speedup']:.2f}x torch vmap)")
+      row["torch"] = torch_row
     results.append(row)
     print(line, flush=True)
   report = {"device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),

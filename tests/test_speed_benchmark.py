@@ -4,6 +4,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
+from experiments import torch_baselines
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -29,3 +34,28 @@ def test_make_bench_writes_its_results(tmp_path):
   assert report["results"][1]["round_flops"] == 2 * report["results"][0]["round_flops"]
   assert report["model"]["name"] == "vit" and report["local_steps"] == 2
   assert "ratio" in result.stdout and "matmul peak" in result.stdout
+  available, reason = torch_baselines.available()
+  for row in report["results"]:                        # PyTorch rows: timed, or skipped saying why.
+    if available:
+      assert row["torch"]["loop"]["client_steps_per_s"] > 0 and row["torch"]["vmap"]["seconds"] > 0
+    else:
+      assert row["torch"] == {"skipped": reason} and "pip install -e .[bench]" in reason
+
+
+def test_torch_baseline_model_has_the_jax_models_parameter_counts():
+  """The PyTorch rows time the same model: as many frozen and trainable numbers as the JAX ViT."""
+  torch = pytest.importorskip("torch")
+  import jax
+  from experiments.bench_model import client_update_fn
+  _, trainable, config = client_update_fn()
+  m = config.model
+  frozen = torch_baselines._frozen(torch, m.width, m.depth, m.patch_size, config.data.image_size, m.mlp_ratio)
+  mine = torch_baselines._trainable(torch, m.width, m.depth, config.lora.rank, 10)
+  from hyperlora_jax import models
+  model = models.model_from_config(m, 10)
+  shape = (1, config.data.image_size, config.data.image_size, 3)
+  params = jax.eval_shape(model.init, jax.random.key(0), jax.numpy.zeros(shape))["params"]
+  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  backbone = count({k: v for k, v in params.items() if k != "head"})
+  assert sum(t.numel() for t in frozen.values()) == backbone
+  assert sum(t.numel() for t in mine.values()) == count(trainable)
