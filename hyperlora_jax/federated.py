@@ -354,8 +354,11 @@ class FederatedRound:
                  "base_delta": base_delta, "plugins": plugin_states}
     if "signatures" in state:
       new_state["signatures"] = state["signatures"]
-    example_weights = metrics["examples"] * valid
-    train_loss = jnp.sum(metrics["loss"] * example_weights) / jnp.maximum(jnp.sum(example_weights), 1.0)
+    example_weights = metrics["examples"] * (valid & finite)  # Non-finite clients' losses left out.
+    client_losses = jnp.where(valid & finite, metrics["loss"], 0.0)
+    seen = jnp.sum(example_weights)
+    train_loss = jnp.where(seen > 0, jnp.sum(client_losses * example_weights) / jnp.maximum(seen, 1.0),
+                           jnp.nan)  # No finite client saw an example: no loss to report, not 0.
     round_metrics = {"train_loss": train_loss, "nonfinite_clients": jnp.sum(valid & ~finite),
                      "participants": jnp.sum(valid & finite)}
     round_metrics.update({name: agg_state[name] for name in caps.metrics})

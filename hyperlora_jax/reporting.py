@@ -29,11 +29,30 @@ def append_metrics(workdir: str, record: dict) -> dict:
 
 
 def read_metrics(workdir: str) -> list[dict]:
+  """The records of `workdir/metrics.jsonl` ([] if none).
+
+  A last line cut short (no newline: a run killed while appending it) is dropped: it is a
+  round after the last checkpoint, which resuming truncates anyway.
+
+  Raises:
+    ValueError: any other line is not a JSON record (naming the file and the line).
+  """
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = f.readlines()
+  records = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if number == len(lines) and not line.endswith("\n"):
+        break  # Torn last write.
+      raise ValueError(f"{path} line {number} is not a JSON record ({e}); fix or remove that line") from None
+  return records
 
 
 def truncate_metrics(workdir: str, last_round: int) -> None:
@@ -83,7 +102,7 @@ def summary(records: list[dict], title: str) -> str:
       f"  global accuracy        {fmt(last.get('global_accuracy'))} (best {fmt(best_global)})",
       f"  personalized accuracy  mean {fmt(last['personalized_accuracy_mean'])}, "
       f"worst client {fmt(last['personalized_accuracy_worst'])}",
-      f"  train loss             {last['train_loss']:.3f}",
+      f"  train loss             {'n/a' if last.get('train_loss') is None else format(last['train_loss'], '.3f')}",
       f"  communicated           up {last['cum_bytes_up'] / 1e6:.2f} MB, "
       f"down {last['cum_bytes_down'] / 1e6:.2f} MB",
   ]

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import fcntl
 import importlib.metadata
 import json
 import math
@@ -36,6 +38,7 @@ from hyperlora_jax.primitives import CLIENTS_AXIS, make_mesh
 from hyperlora_jax.tasks import image_classification as task_lib
 
 CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"
 ENVIRONMENT_FILE = "environment.json"  # Versions, backend and machine-chosen values (`environment`).
 # Fields a resumed run may change (they do not alter the rounds already done).
 RESUMABLE_FIELDS = ("fed.num_rounds", "eval_every", "checkpoint_every")
@@ -314,6 +317,10 @@ def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
   records this one."""
   path = os.path.join(workdir, CONFIG_FILE)
   current = used_config(config, methods.METHOD_BLOCKS)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if not os.path.exists(path) and os.path.isdir(checkpoints) and os.listdir(checkpoints):
+    raise ConfigError(f"workdir {workdir} has checkpoints but no {CONFIG_FILE}, so its config cannot "
+                      f"be checked against this one; restore the file or use a new workdir")
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
@@ -422,10 +429,37 @@ def _evaluator(exp: Experiment) -> Callable[[Any, Any], tuple[float, np.ndarray]
   return evaluate
 
 
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds `workdir/.lock` (an exclusive `flock`, released when the run ends or its process
+  dies, kill -9 included) so that two runs never write one workdir.
+
+  Raises:
+    RuntimeError: another process (or another run in this one) holds it.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, LOCK_FILE), "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      raise RuntimeError(f"workdir {workdir} is in use by another run (pid {f.read().strip() or '?'}); "
+                         f"wait for it or use another workdir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after_round: int | None = None, log: Callable[[str], None] = print,
                        progress: bool = True) -> dict:
-  """Runs (or resumes) a federated LoRA experiment in `workdir`.
+  """Runs (or resumes) a federated LoRA experiment in `workdir` (locked while it runs; with
+  several processes the main one holds the lock).
 
   Args:
     stop_after_round: stop (without checkpointing) after this many rounds, as a killed run
@@ -434,6 +468,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     {"records": metrics.jsonl records, "summary": str, "round_traces": times the round
      function was traced (1 for a whole run), "seconds": wall time of this call}.
   """
+  lock = workdir_lock(workdir) if distributed.is_main_process() else contextlib.nullcontext()
+  with lock:
+    return _train_and_evaluate(config, workdir, stop_after_round=stop_after_round, log=log,
+                               progress=progress)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop_after_round: int | None,
+                        log: Callable[[str], None], progress: bool) -> dict:
   start_time = time.time()
   main_process = distributed.is_main_process()
   if jax.process_count() > 1:  # Data and backbone are prepared once, by the main process.
@@ -462,6 +504,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   frozen = jax.device_put(to_mesh(task_lib.frozen_tree(exp.backbone, dtype=exp.task.compute_dtype)), replicated)
   manager = _checkpoint_manager(workdir)
   state, done = restore_state(manager, state)
+  recorded_rounds = [r.get("round") for r in reporting.read_metrics(workdir) if r.get("round", 0) <= done]
+  if recorded_rounds != list(range(1, done + 1)):  # Cumulative counters continue from round `done`.
+    manager.close()
+    raise RuntimeError(f"{workdir}/{reporting.METRICS_FILE} holds {len(recorded_rounds)} of the {done} "
+                       f"rounds the checkpoint has done; restore the file or use a new workdir "
+                       f"(nothing was changed)")
   if main_process:
     reporting.truncate_metrics(workdir, done)
   distributed.barrier("metrics truncated")

@@ -119,3 +119,42 @@ def test_client_evaluation_in_eval_batches_and_chunks_counts_like_a_hand_count(s
     mask = block["mask"][c] > 0
     expected = np.mean(np.asarray(jnp.argmax(logits, -1))[mask] == block["label"][c][mask])
     assert abs(got[c] - expected) < 1e-6, (c, got[c], expected)
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_a_corrupt_one_is_named(tmp_path):
+  """A run killed while appending leaves a last line without newline: resume drops it. A broken
+  line anywhere else is an error naming the file and line, not a bare JSONDecodeError."""
+  path = tmp_path / reporting.METRICS_FILE
+  path.write_text('{"round": 1}\n{"round": 2}\n{"round": 3, "train_lo')
+  assert reporting.read_metrics(str(tmp_path)) == [{"round": 1}, {"round": 2}]
+  reporting.truncate_metrics(str(tmp_path), 2)
+  assert path.read_text() == '{"round": 1}\n{"round": 2}\n'
+  path.write_text('{"round": 1}\n{"rou\n{"round": 3}\n')
+  with pytest.raises(ValueError, match=r"metrics.jsonl line 2"):
+    reporting.read_metrics(str(tmp_path))
+
+
+def test_resume_refuses_missing_metrics_or_config_instead_of_restarting_counters(smoke_config, tmp_path):
+  """Deleted metrics.jsonl: resuming would restart cum_bytes from 0 with rounds missing. Deleted
+  config.json: the different-config guard would be off. Both are refused, files untouched."""
+  train_and_evaluate(smoke_config, str(tmp_path), stop_after_round=2, progress=False)
+  metrics = tmp_path / reporting.METRICS_FILE
+  saved = metrics.read_text()
+  metrics.unlink()
+  with pytest.raises(RuntimeError, match="holds 0 of the 2 rounds"):
+    train_and_evaluate(smoke_config, str(tmp_path), progress=False)
+  metrics.write_text(saved)
+  (tmp_path / "config.json").unlink()
+  with pytest.raises(Exception, match="no config.json"):
+    train_and_evaluate(smoke_config, str(tmp_path), progress=False)
+  assert (tmp_path / "checkpoints" / "2").exists()
+
+
+def test_a_workdir_in_use_is_refused(smoke_config, tmp_path):
+  from hyperlora_jax.train import workdir_lock
+  with workdir_lock(str(tmp_path)):
+    with pytest.raises(RuntimeError, match=f"in use by another run \\(pid {os.getpid()}\\)"):
+      train_and_evaluate(smoke_config, str(tmp_path), progress=False)
+    assert not (tmp_path / reporting.METRICS_FILE).exists()
+  smoke_config.fed.num_rounds = 1
+  assert len(train_and_evaluate(smoke_config, str(tmp_path), progress=False)["records"]) == 1  # Released.

@@ -253,3 +253,31 @@ def test_importing_the_library_pulls_no_configs_or_model_zoo():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_nonfinite_clients_loss_is_left_out_of_the_reported_train_loss():
+  """One client's data makes its loss NaN: it is counted as non-finite, left out of the
+  aggregate, and the round's train_loss is the other client's (not NaN)."""
+  fed, frozen, adapter, loss_fn = _toy_round()
+  state = fed.init(jax.random.key(1), adapter)
+  y = jnp.zeros((2, 1, 2, 3)).at[1].set(jnp.nan)
+  batches = {"x": jnp.ones((2, 1, 2, 5)), "y": y}
+  new_state, metrics = fed.step(state, frozen, batches, jnp.array([0, 1]), jnp.array([0.5, 0.5]))
+  assert int(metrics["nonfinite_clients"]) == 1 and int(metrics["participants"]) == 1
+  expected = loss_fn(adapter, frozen, jax.tree.map(lambda v: v[0, 0], batches), None)[0]
+  np.testing.assert_allclose(metrics["train_loss"], expected, rtol=1e-6)
+  assert bool(primitives.is_finite(new_state["global"]))
+
+
+def test_a_round_with_no_finite_client_reports_no_loss_and_the_summary_says_so():
+  from hyperlora_jax import reporting
+  fed, frozen, adapter, _ = _toy_round()
+  state = fed.init(jax.random.key(1), adapter)
+  batches = {"x": jnp.ones((2, 1, 2, 5)), "y": jnp.full((2, 1, 2, 3), jnp.nan)}
+  _, metrics = fed.step(state, frozen, batches, jnp.array([0, 1]), jnp.array([0.5, 0.5]))
+  assert int(metrics["participants"]) == 0 and np.isnan(float(metrics["train_loss"]))
+  record = reporting.clean_record({"round": 1, "train_loss": float(metrics["train_loss"]), "cum_bytes_up": 0,
+                                   "cum_bytes_down": 0, "global_accuracy": 0.1,
+                                   "personalized_accuracy_mean": 0.1, "personalized_accuracy_worst": 0.1})
+  assert record["train_loss"] is None
+  assert "train loss             n/a" in reporting.summary([record], "run")
