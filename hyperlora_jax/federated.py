@@ -42,7 +42,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from hyperlora_jax import lora as lora_lib
 from hyperlora_jax import params as params_lib
 from hyperlora_jax import primitives
-from hyperlora_jax.primitives import CLIENTS_AXIS
 from hyperlora_jax.aggregators.base import AggregationContext, Aggregator, layer_shapes
 from hyperlora_jax.client import ClientUpdate
 
@@ -369,7 +368,7 @@ def state_shardings(state: dict, mesh: Mesh) -> dict:
   """Shardings for a `FederatedRound` state on `mesh`: the per-client store (`clients`,
   `signatures`, [N', ...] leaves) split over the `clients` axis, everything else replicated.
   Use with `jax.device_put(state, state_shardings(state, mesh))`."""
-  replicated, per_client = NamedSharding(mesh, P()), NamedSharding(mesh, P(CLIENTS_AXIS))
+  replicated, per_client = NamedSharding(mesh, P()), primitives.clients_sharding(mesh)
   return {key: jax.tree.map(lambda _, k=key: per_client if k in ("clients", "signatures") else replicated, value)
           for key, value in state.items()}
 

@@ -50,7 +50,7 @@ def constrain_clients(tree: Tree, mesh: Mesh | None) -> Tree:
   """`tree` ([C, ...] leaves) constrained to be sharded over the mesh's clients axis."""
   if mesh is None or mesh.size == 1:
     return tree
-  return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, P(CLIENTS_AXIS)))
+  return jax.lax.with_sharding_constraint(tree, clients_sharding(mesh))
 
 
 def broadcast(tree: Tree, num_clients: int) -> Tree:

@@ -34,7 +34,7 @@ from hyperlora_jax.federated_data import FederatedData, build_federated_data, cl
 from hyperlora_jax.hyper import signatures as signatures_lib
 from hyperlora_jax.hyper.plugins import generator_plugin
 from hyperlora_jax.optimizers import build_optimizer
-from hyperlora_jax.primitives import CLIENTS_AXIS, make_mesh
+from hyperlora_jax.primitives import make_mesh
 from hyperlora_jax.tasks import image_classification as task_lib
 
 CONFIG_FILE = "config.json"
@@ -230,8 +230,8 @@ def round_inputs(exp: Experiment, round_index: int, gather: bool = True) -> tupl
   meta-objective gets one more step per client, held out of the local steps.
   Returns:
     block {"image": [C, S, B, H, W, 3], "label", "mask"} ({"indices": [C, S, B] into the train
-    pool, "mask"} with gather=False), client_ids [C] (-1 = padding), weights [C] = n_k / Σ n_j
-    over the sampled clients.
+    pool, "label", "mask"} with gather=False), client_ids [C] (-1 = padding), weights [C] =
+    n_k / Σ n_j over the sampled clients.
   """
   config, data = exp.config, exp.data
   rng = np.random.default_rng([config.seed, 1, round_index])
@@ -248,7 +248,8 @@ def round_inputs(exp: Experiment, round_index: int, gather: bool = True) -> tupl
   indices, mask = blocks.train_block_indices(parts, ids, steps, config.fed.batch_size, rng)
   sizes = np.where(ids >= 0, data.train_sizes()[np.maximum(ids, 0)], 0).astype(np.float32)
   if not gather:
-    return {"indices": indices, "mask": mask}, ids.astype(np.int32), sizes / sizes.sum()
+    light = {"indices": indices, "label": data.train_pool.labels[indices], "mask": mask}
+    return light, ids.astype(np.int32), sizes / sizes.sum()
   return blocks.gather_block(data.train_pool, indices, mask), ids.astype(np.int32), sizes / sizes.sum()
 
 
@@ -259,21 +260,20 @@ def round_on_mesh(exp: Experiment, round_index: int, sharding: NamedSharding) ->
   (`jax.make_array_from_callback`); labels, masks, ids and weights are small and built whole.
   """
   if exp.config.data.feed == "chunk":  # Light batches: the round reads images chunk by chunk.
-    where, ids, weights = round_inputs(exp, round_index, gather=False)
-    light = {"indices": where["indices"].astype(np.int32),
-             "label": exp.data.train_pool.labels[where["indices"]], "mask": where["mask"]}
+    light, ids, weights = round_inputs(exp, round_index, gather=False)
+    light["indices"] = light["indices"].astype(np.int32)
     return jax.device_put((light, ids, weights), sharding), ids
   if jax.process_count() == 1:
     block, ids, weights = round_inputs(exp, round_index)
     return jax.device_put((block, ids, weights), sharding), ids
-  where, ids, weights = round_inputs(exp, round_index, gather=False)
-  indices, mask = where["indices"], where["mask"]
+  light, ids, weights = round_inputs(exp, round_index, gather=False)
+  indices = light.pop("indices")
   pool = exp.data.train_pool
   shape = indices.shape + tuple(pool.images.shape[1:])
   local = {index[0].indices(len(ids)): pool.images[indices[index[0]]]      # Only this process's rows.
            for index in sharding.addressable_devices_indices_map(shape).values()}
   images = jax.make_array_from_callback(shape, sharding, lambda index: local[index[0].indices(len(ids))])
-  rest = jax.device_put(({"label": pool.labels[indices], "mask": mask}, ids, weights), sharding)
+  rest = jax.device_put((light, ids, weights), sharding)
   return ({"image": images, **rest[0]}, rest[1], rest[2]), ids
 
 
@@ -407,7 +407,7 @@ def _evaluator(exp: Experiment) -> Callable[[Any, Any], tuple[float, np.ndarray]
                                       clients_per_chunk=chunk)
   global_counts, client_accuracy = jax.jit(evaluation.global_counts), jax.jit(evaluation.client_accuracy)
   data = exp.data
-  sharded = NamedSharding(exp.mesh, P(CLIENTS_AXIS))
+  sharded = primitives.clients_sharding(exp.mesh)
   multiple = math.lcm(chunk or 1, exp.mesh.size)
 
   def blocks_on_device():
@@ -449,10 +449,7 @@ def workdir_lock(workdir: str):
     f.truncate()
     f.write(str(os.getpid()))
     f.flush()
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
+    yield  # Closing the file releases the lock.
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -496,7 +493,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop
   if main_process:
     _write_environment(workdir, exp)
   replicated = NamedSharding(exp.mesh, P())
-  per_client = NamedSharding(exp.mesh, P(CLIENTS_AXIS))
+  per_client = primitives.clients_sharding(exp.mesh)
   state = exp.fed_round.init(jax.random.key(config.seed), exp.initial_trainable, exp.signatures)
   # Host copies go to the global mesh (identical on every process); one process: no copy.
   to_mesh = (lambda t: t) if jax.process_count() == 1 else (lambda t: jax.tree.map(np.asarray, t))
@@ -504,10 +501,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop
   frozen = jax.device_put(to_mesh(task_lib.frozen_tree(exp.backbone, dtype=exp.task.compute_dtype)), replicated)
   manager = _checkpoint_manager(workdir)
   state, done = restore_state(manager, state)
-  recorded_rounds = [r.get("round") for r in reporting.read_metrics(workdir) if r.get("round", 0) <= done]
-  if recorded_rounds != list(range(1, done + 1)):  # Cumulative counters continue from round `done`.
+  records = [r for r in reporting.read_metrics(workdir) if r.get("round", 0) <= done]
+  if [r.get("round") for r in records] != list(range(1, done + 1)):  # Counters continue from `done`.
     manager.close()
-    raise RuntimeError(f"{workdir}/{reporting.METRICS_FILE} holds {len(recorded_rounds)} of the {done} "
+    raise RuntimeError(f"{workdir}/{reporting.METRICS_FILE} holds {len(records)} of the {done} "
                        f"rounds the checkpoint has done; restore the file or use a new workdir "
                        f"(nothing was changed)")
   if main_process:
@@ -524,7 +521,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop
 
   round_fn = jax.jit(traced_round, donate_argnums=(0,))
   evaluate = _evaluator(exp)
-  records = reporting.read_metrics(workdir)
   cum_up = records[-1]["cum_bytes_up"] if records else 0
   cum_down = records[-1]["cum_bytes_down"] if records else 0
   last_round = config.fed.num_rounds if stop_after_round is None else min(stop_after_round, config.fed.num_rounds)
