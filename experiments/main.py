@@ -16,6 +16,8 @@ on TPU pods and Slurm. The clients axis spans every process's devices; process 0
   python -m experiments.main --config configs/default.py:smoke --workdir /tmp/mp \
       --coordinator 127.0.0.1:29500 --num_processes 2 --process_id 0   # and 1, in another shell
 """
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -32,8 +34,13 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-process: this process
 _AUTO = flags.DEFINE_bool("distributed_auto", False, "Multi-process: detect the cluster (TPU, Slurm).")
 
 
+_MAIN_STARTED = False
+
+
 def main(argv):
   del argv
+  global _MAIN_STARTED
+  _MAIN_STARTED = True
   logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every file at INFO.
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _AUTO.value)
   say = print if distributed.is_main_process() else (lambda *_: None)
@@ -55,5 +62,19 @@ def main(argv):
   say(reporting.side_by_side(finals, reference="fedit"))
 
 
+def run() -> None:
+  """`app.run(main)`, with an override of a field the config does not have reported by name:
+  ml_collections raises a bare AttributeError/KeyError for it while the flags are parsed,
+  before `main` starts."""
+  try:
+    app.run(main)
+  except (AttributeError, KeyError) as e:
+    if _MAIN_STARTED:
+      raise
+    overrides = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.")]
+    raise SystemExit(f"config: no field {str(e).strip(chr(34))} in the config (overrides given: "
+                     f"{', '.join(overrides) or 'none'}); see the config file for its fields") from None
+
+
 if __name__ == "__main__":
-  app.run(main)
+  run()

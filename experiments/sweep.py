@@ -9,8 +9,10 @@ skipped, interrupted ones resume from their last checkpoint, so rerunning the sa
 finishes a sweep. Backbones and datasets are prepared once, in this process, before any run
 starts; `--jobs N` then runs N runs at once, each in its own process. RUNS_DIR/index.json lists
 every run of the sweep (config, method, seed, overrides, workdir, status, seconds, final
-metrics, error), rewritten after each run; earlier sweeps' runs into the same RUNS_DIR stay in it. A failed run is recorded and the sweep goes on; the
-command exits non-zero if any run failed.
+metrics, error), rewritten after each run; earlier sweeps' runs into the same RUNS_DIR stay in it.
+A failed run is recorded and the sweep goes on; the command exits non-zero if any run failed.
+Workers die with the sweep (`kill -9` of it included), and each workdir is locked while a run
+uses it, so a restarted sweep never runs beside leftovers of the killed one.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import itertools
 import json
 import multiprocessing
 import os
+import signal
+import threading
 import time
 import traceback
 
@@ -112,10 +116,33 @@ def expand(config_specs: list[str], methods: list[str], seeds: list[int], fixed:
 
 
 def workdir_of(runs_dir: str, benchmark: str, spec: RunSpec) -> str:
+  """RUNS_DIR/<benchmark>/<method>[/<grid values>]/seed<k>; refuses a benchmark name that
+  would leave RUNS_DIR (absolute, or with '..')."""
+  if os.path.isabs(benchmark) or ".." in benchmark.replace("\\", "/").split("/") or not benchmark.strip("/"):
+    raise ValueError(f"benchmark: {benchmark!r} must be a relative name inside --runs_dir "
+                     f"(no absolute path, no '..')")
   parts = [runs_dir, benchmark, spec.method]
   if spec.grid:
     parts.append(",".join(p.replace("/", "_") for p in spec.grid))
   return os.path.join(*parts, f"seed{spec.seed}")
+
+
+def die_with_parent(parent_pid: int) -> None:
+  """Worker initializer: the worker exits as soon as the sweep process that started it is
+  gone, `kill -9` included, so that no orphan keeps running (or takes queued runs) beside a
+  restarted sweep. Linux: the kernel's parent-death signal; everywhere: a watchdog thread."""
+  try:
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass
+  def watch():
+    while os.getppid() == parent_pid:
+      time.sleep(0.5)
+    os._exit(1)
+  if os.getppid() != parent_pid:  # The parent died before this ran.
+    os._exit(1)
+  threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 def is_finished(workdir: str, num_rounds: int) -> bool:
@@ -227,7 +254,8 @@ def run_sweep(specs: list[RunSpec], runs_dir: str, jobs: int = 1, variant: str =
       record(i, run_one(specs[i], entries[i]["workdir"], variant))
   else:
     context = multiprocessing.get_context("spawn")  # A fresh JAX runtime per worker.
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=die_with_parent,
+                                                initargs=(os.getpid(),)) as pool:
       futures = {pool.submit(run_one, specs[i], entries[i]["workdir"], variant): i for i in todo}
       for future in concurrent.futures.as_completed(futures):
         record(futures[future], future.result())

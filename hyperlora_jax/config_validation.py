@@ -5,6 +5,7 @@ Every error names the field and what is allowed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
@@ -66,7 +67,8 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
   if "vocab_size" in model:  # Ids 0 and 1 are reserved (padding, start).
     _positive_int(config, "model.vocab_size", minimum=3)
   if "mlp_ratio" in arch:
-    _require(arch["mlp_ratio"] > 0, "model.mlp_ratio", "must be > 0")
+    _require(arch["mlp_ratio"] > 0 and int(arch["width"] * arch["mlp_ratio"]) >= 1, "model.mlp_ratio",
+             f"must give an MLP of at least one unit (model.width x mlp_ratio >= 1), got {arch['mlp_ratio']}")
   if "prompt_template" in arch:
     _require("{}" in arch["prompt_template"], "model.prompt_template",
              f"must contain '{{}}' for the class name, got {arch['prompt_template']!r}")
@@ -77,6 +79,26 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
   if npz:
     _one_of(model.name, ("vit", "mixer"), "pretrain.npz_path (model.name)")
     _require(os.path.isfile(npz), "pretrain.npz_path", f"no such file: {npz!r}")
+
+
+def _finite_numbers(node, prefix: str = "") -> None:
+  """Every float anywhere in the config is finite (inf learning rates, alphas, noise...)."""
+  for key, value in node.items():
+    field = f"{prefix}{key}"
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      _finite_numbers(value, f"{field}.")
+    elif isinstance(value, float):
+      _require(math.isfinite(value), field, f"must be finite, got {value}")
+    elif isinstance(value, (tuple, list)):
+      _require(all(math.isfinite(v) for v in value if isinstance(v, float)), field,
+               f"must be finite, got {tuple(value)}")
+
+
+def _relative_name(value: str, field: str) -> None:
+  """A name used as a directory below another (the benchmark below a sweep's runs dir)."""
+  parts = str(value).replace("\\", "/").split("/")
+  _require(bool(str(value).strip("/")) and not os.path.isabs(value) and ".." not in parts, field,
+           f"must be a relative name (no absolute path, no '..'), got {value!r}")
 
 
 def unused_blocks(config: ml_collections.ConfigDict, method_blocks: dict) -> set[str]:
@@ -95,7 +117,9 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
   """Raises `ConfigError` naming the first invalid field. Blocks of other methods than
   `config.method` (`method_blocks`: {method: blocks it reads}) are not checked."""
   _one_of(config.method, sorted(allowed_methods), "method")
-  _require(isinstance(config.seed, int), "seed", f"must be an integer, got {config.seed!r}")
+  _positive_int(config, "seed", minimum=0)
+  _finite_numbers(config)
+  _relative_name(config.get("benchmark", "default"), "benchmark")
   data, fed = config.data, config.fed
   _require(bool(data.name), "data.name", "must name a TFDS dataset, e.g. 'digits_domains/res16'")
   _one_of(data.partition, ALLOWED_PARTITIONS, "data.partition")
@@ -103,9 +127,11 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
                 "fed.local_steps", "fed.batch_size", "lora.rank", "pretrain.batch_size",
                 "eval_batch", "eval_every", "checkpoint_every"):
     _positive_int(config, field)
-  for field in ("data.min_client_size", "data.heldout_clients", "fed.new_client_steps",
-                "fed.num_devices", "pretrain.steps"):
+  for field in ("data.heldout_clients", "fed.new_client_steps", "fed.num_devices"):
     _positive_int(config, field, minimum=0)
+  _positive_int(config, "data.min_client_size")  # 0 lets a client without examples in (weight 0/0).
+  if not config.pretrain.get("npz_path"):
+    _positive_int(config, "pretrain.steps")
   _positive_int(config, "fed.clients_per_chunk", minimum=-1)  # -1: measured (autotune.AUTO).
   _one_of(config.compute.backbone_dtype, ALLOWED_BACKBONE_DTYPES, "compute.backbone_dtype")
   _require(isinstance(data.stream, bool), "data.stream", f"must be True or False, got {data.stream!r}")
@@ -135,8 +161,15 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
     _one_of(gen.loss, GENERATOR_LOSSES, "generator.loss")
     for field in ("generator.hidden", "generator.layer_embed_dim", "generator.server_steps"):
       _positive_int(config, field)
-    _positive_int(config, "generator.client_embed_dim", minimum=0)
+    embeddings = config.method == "pfedhn" or (
+        "hyperlora" in config and "embedding" in str(config.hyperlora.signature).split("+"))
+    _positive_int(config, "generator.client_embed_dim", minimum=1 if embeddings else 0)
     optimizers.append("generator.optimizer")
+  if "lora_fair" in config and "lora_fair" not in unused:
+    fair = config.lora_fair
+    _positive_int(config, "lora_fair.steps")  # 0 steps would run FedIT under LoRA-FAIR's name.
+    _require(fair.learning_rate > 0, "lora_fair.learning_rate", f"must be > 0, got {fair.learning_rate}")
+    _require(fair.lam >= 0, "lora_fair.lam", f"must be >= 0, got {fair.lam}")
   if "hyperlora" in config and "hyperlora" not in unused:
     hl = config.hyperlora
     try:

@@ -60,6 +60,8 @@ class RoundOutcome:
     client_ids: [C] ids (padding clients read as client 0, with weight 0).
     signatures: [C, D] their signatures (D = 0: none).
     rank_masks: [C, r_max] {0, 1}.
+    previous_global: the global params the round started from.
+    client_starts: [C, ...] where each client started (`FederatedRound.client_start`).
   """
   new_global: Tree
   client_params: Tree
@@ -67,6 +69,8 @@ class RoundOutcome:
   client_ids: jax.Array
   signatures: jax.Array
   rank_masks: jax.Array
+  previous_global: Tree = None
+  client_starts: Tree = None
 
 
 class Plugin(NamedTuple):
@@ -137,6 +141,11 @@ class FederatedRound:
       the full ones exists at a time. None: `batches` are the full batches.
     apply_base_delta: (frozen, base_delta {layer: [d_in, d_out]}) -> the frozen tree the
       loss sees; required by aggregators that return a base delta (FedEx-LoRA, FLoRA).
+    max_server_value: server outputs are checked inside the step: an aggregate (with its
+      base delta and aggregator state), a server step (new global params and optimizer
+      state) or a plug-in's new state that is non-finite, or a global param entry larger
+      than this in magnitude (None: no bound), is rejected; that part keeps its previous
+      state and the round reports it (`rejected_*` metrics).
   """
   client_update: ClientUpdate
   aggregator: Aggregator
@@ -150,6 +159,7 @@ class FederatedRound:
   plugins: tuple[Plugin, ...] = ()
   apply_base_delta: Callable[[Tree, dict], Tree] | None = None
   load_batches: Callable[[Tree], Tree] | None = None
+  max_server_value: float | None = 1e6
 
   def __post_init__(self):
     for argument, problem in capability_problems(self.aggregator, self.server_optimizer, self.client_ranks):
@@ -275,8 +285,8 @@ class FederatedRound:
       client_ids: [C] int32 sampled client ids, -1 for padding clients.
       weights: [C] float32 aggregation weights p_k (0 for padding).
     Returns:
-      (new state, {"train_loss", "nonfinite_clients", "participants"} plus the aggregator's
-       declared metrics).
+      (new state, {"train_loss", "nonfinite_clients", "participants", "rejected_aggregate",
+       "rejected_server_step", "rejected_plugins"} plus the aggregator's declared metrics).
     """
     caps = self.aggregator.capabilities
     global_params = state["global"]
@@ -300,9 +310,9 @@ class FederatedRound:
                                             rank_update_mask(update_mask, rank_mask))
       finite = primitives.is_finite(trained) & jnp.isfinite(metrics["loss"])
       trained = jax.tree.map(lambda t, s: jnp.where(finite, t, s), trained, start)
-      return trained, metrics, finite
+      return trained, metrics, finite, start
 
-    trained, metrics, finite = primitives.map_clients(
+    trained, metrics, finite, starts = primitives.map_clients(
         one_client, (local, batches, offsets, masks, keys), self.clients_per_chunk, self.mesh,
         self._chunk_loader())
     weights = jnp.where(valid & finite, weights, 0.0)
@@ -328,19 +338,38 @@ class FederatedRound:
             self.clients_per_chunk, self.mesh, self._chunk_loader())
         return jnp.sum(weights * losses)
 
-    context = AggregationContext(signatures=signatures, client_loss=metrics["loss"], heldout_loss=heldout_loss)
+    context = AggregationContext(signatures=signatures, client_loss=metrics["loss"], heldout_loss=heldout_loss,
+                                 client_starts=starts)
     aggregated, base_delta_increment, agg_state = self.aggregator.aggregate(
         state["agg"], global_params, trained, weights, context)
-    # Nothing usable came back (every client non-finite): keep the global model.
-    aggregated = jax.tree.map(lambda a, g: jnp.where(total > 0, a, g), aggregated, global_params)
+    # Server-side safety: each part (aggregate, server step, every plug-in) whose output is
+    # non-finite or beyond `max_server_value` is rejected and keeps its previous state.
+    # Nothing usable came back (every client non-finite): keep the global model, silently.
+    participants = total > 0
+    aggregate_ok = (primitives.is_sound(aggregated, self.max_server_value)
+                    & primitives.is_finite((base_delta_increment, _without(agg_state, caps.metrics))))
+    use_aggregate = participants & aggregate_ok
+    aggregated = primitives.keep_if(use_aggregate, aggregated, global_params)
+    base_delta_increment = jax.tree.map(lambda inc: jnp.where(use_aggregate, inc, 0.0), base_delta_increment)
+    agg_state = _with_metrics(primitives.keep_if(aggregate_ok, _without(agg_state, caps.metrics),
+                                                 _without(state["agg"], caps.metrics)),
+                              agg_state, caps.metrics)  # This round's metrics, even if rejected.
     pseudo_gradient = jax.tree.map(lambda g, a: g - a, global_params, aggregated)
     updates, server_opt = self.server_optimizer.update(pseudo_gradient, state["server_opt"], global_params)
     new_global = optax.apply_updates(global_params, updates)
+    step_ok = primitives.is_sound(new_global, self.max_server_value) & primitives.is_finite(server_opt)
+    new_global, server_opt = primitives.keep_if(step_ok, (new_global, server_opt),
+                                                (global_params, state["server_opt"]))
     # Local leaves are not the server's, and frozen leaves were not sent: both stay as they were.
     new_global = jax.tree.map(lambda n, g, m, u: g if m else jnp.where(u > 0, n, g),
                               new_global, global_params, local_mask, update_mask)
-    outcome = RoundOutcome(new_global, trained, weights, gather_ids, signatures, masks)
-    plugin_states = {p.name: p.after_aggregation(state["plugins"][p.name], outcome) for p in self.plugins}
+    outcome = RoundOutcome(new_global, trained, weights, gather_ids, signatures, masks, global_params, starts)
+    plugin_states, plugins_rejected = {}, jnp.zeros((), jnp.int32)
+    for plugin in self.plugins:
+      old, new = state["plugins"][plugin.name], plugin.after_aggregation(state["plugins"][plugin.name], outcome)
+      plugin_ok = primitives.is_finite(new)
+      plugin_states[plugin.name] = primitives.keep_if(plugin_ok, new, old)
+      plugins_rejected += (~plugin_ok).astype(jnp.int32)
     scatter_ids = jnp.where(valid, client_ids, self.store_rows)  # Out of range: dropped.
     clients = primitives.scatter_clients(state["clients"], scatter_ids, params_lib.select(trained, local_mask))
     clients = primitives.constrain_clients(clients, self.mesh)  # The store stays sharded.
@@ -359,9 +388,22 @@ class FederatedRound:
     train_loss = jnp.where(seen > 0, jnp.sum(client_losses * example_weights) / jnp.maximum(seen, 1.0),
                            jnp.nan)  # No finite client saw an example: no loss to report, not 0.
     round_metrics = {"train_loss": train_loss, "nonfinite_clients": jnp.sum(valid & ~finite),
-                     "participants": jnp.sum(valid & finite)}
+                     "participants": jnp.sum(valid & finite),
+                     "rejected_aggregate": (participants & ~aggregate_ok).astype(jnp.int32),
+                     "rejected_server_step": (~step_ok).astype(jnp.int32),
+                     "rejected_plugins": plugins_rejected}
     round_metrics.update({name: agg_state[name] for name in caps.metrics})
     return new_state, round_metrics
+
+
+def _without(tree: Tree, keys: Sequence[str]) -> Tree:
+  """An aggregator state without its metric entries `keys` (a dict when there are any)."""
+  return {k: v for k, v in tree.items() if k not in keys} if keys else tree
+
+
+def _with_metrics(tree: Tree, source: Tree, keys: Sequence[str]) -> Tree:
+  """`tree` with the metric entries `keys` of `source` put back."""
+  return {**tree, **{k: source[k] for k in keys}} if keys else tree
 
 
 def state_shardings(state: dict, mesh: Mesh) -> dict:

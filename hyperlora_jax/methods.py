@@ -43,6 +43,7 @@ class Method:
     pooled_data: centralized reference: one learner on the union of the clients' data.
     make_generator: (targets, num_clients, signature_dim) -> `Generator` for methods whose
       clients start from generated factors (pFedHN, HyperLoRA; a round plug-in); None otherwise.
+    generator_target: what the generator learns (`hyper.plugins.GENERATOR_TARGETS`).
     signature_kinds: client signatures the method needs (`hyperlora_jax.hyper.signatures`).
   """
   name: str
@@ -52,6 +53,7 @@ class Method:
   has_global_model: bool = True
   pooled_data: bool = False
   make_generator: Callable[[dict, int, int], generator_lib.Generator] | None = None
+  generator_target: str = "from_global"
   signature_kinds: tuple[str, ...] = ()
 
 
@@ -164,6 +166,7 @@ def hyperlora(config) -> Method:
       local_regex=_local_head(config),
       make_generator=(generator_factory(config, client_embeddings="embedding" in kinds)
                       if hl.generator else None),
+      generator_target="deviation",  # The global carries the mean change; G_φ the personal part.
       signature_kinds=kinds)
 
 

@@ -195,6 +195,12 @@ def load_or_pretrain(config: ml_collections.ConfigDict,
                                batch_size=config.pretrain.batch_size,
                                learning_rate=config.pretrain.learning_rate, log=log)
     info["num_classes"] = data.num_classes
+    bad = [jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_leaves_with_path(variables)
+           if not np.all(np.isfinite(np.asarray(v)))]
+    if bad:  # A diverged backbone is never cached (nor used).
+      raise FloatingPointError(f"pretraining diverged: {len(bad)} non-finite variable(s), e.g. {bad[0]}; "
+                               f"nothing was cached. Lower pretrain.learning_rate "
+                               f"(={config.pretrain.learning_rate}).")
     tmp = path + f".tmp{os.getpid()}"
     checkpointer = _local_checkpointer()
     checkpointer.save(os.path.join(os.path.abspath(tmp), "variables"), variables)

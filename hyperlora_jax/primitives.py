@@ -136,3 +136,18 @@ def is_finite(tree: Tree) -> jax.Array:
   """Scalar bool: every entry of every leaf is finite."""
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def is_sound(tree: Tree, limit: float | None) -> jax.Array:
+  """Scalar bool: every entry of every floating leaf is finite and (limit not None) at most
+  `limit` in magnitude."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  if limit is None:
+    return is_finite(leaves)
+  checks = [jnp.all(jnp.abs(x) <= limit) for x in leaves]  # False for NaN too.
+  return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+
+
+def keep_if(ok: jax.Array, new: Tree, old: Tree) -> Tree:
+  """`new` where the scalar `ok`, else `old` (same structure)."""
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)

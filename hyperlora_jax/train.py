@@ -80,10 +80,79 @@ def initial_trainable(model, backbone: Any, example_images: jax.Array, target_re
   return {"lora": lora.init_lora(rng, targets, rank), "head": head}, targets
 
 
+def _number(value: Any) -> int | float:
+  """A scalar metric as a Python int (integer dtypes) or float."""
+  value = np.asarray(value)
+  return int(value) if np.issubdtype(value.dtype, np.integer) else float(value)
+
+
+# Round metrics counting server parts rejected as non-finite or exploding (`FederatedRound.step`).
+REJECTION_METRICS = ("rejected_aggregate", "rejected_server_step", "rejected_plugins")
+
+
+def _writable_dir(path: str) -> bool:
+  """Whether `path` is (now created) a directory this process can write a file in."""
+  import tempfile
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+      return True
+  except OSError:
+    return False
+
+
+def preflight(config: ml_collections.ConfigDict) -> None:
+  """The checks that need dataset metadata or the model's shapes, before any example or weight
+  is read (embedded datasets are generated first). Raises `ConfigError` naming the field."""
+  from hyperlora_jax.data import loader
+  data_dir = config.data.data_dir or None
+
+  def examples(name, split, name_field, split_field):
+    try:
+      return loader.split_examples(name, split, data_dir)
+    except ValueError as e:
+      field = split_field if "has no split" in str(e) else name_field
+      raise ConfigError(f"{field}: {e}") from None
+
+  train_examples = examples(config.data.name, config.data.train_split, "data.name", "data.train_split")
+  examples(config.data.name, config.data.test_split, "data.name", "data.test_split")
+  clients = config.data.num_clients + config.data.heldout_clients
+  if clients * config.data.min_client_size > train_examples:
+    raise ConfigError(f"data.num_clients: {config.data.num_clients} clients (+ {config.data.heldout_clients} "
+                      f"held out) of at least data.min_client_size={config.data.min_client_size} examples "
+                      f"need more than the {train_examples} examples of {config.data.name!r} "
+                      f"{config.data.train_split!r}")
+  if not config.pretrain.get("npz_path"):
+    pretrain_examples = examples(config.pretrain.data_name, config.pretrain.split, "pretrain.data_name",
+                                 "pretrain.split")
+    if config.pretrain.batch_size > pretrain_examples:
+      raise ConfigError(f"pretrain.batch_size: {config.pretrain.batch_size} exceeds the {pretrain_examples} "
+                        f"examples of {config.pretrain.data_name!r} {config.pretrain.split!r}")
+  if not _writable_dir(os.path.dirname(pretrain.cache_path(config))):
+    raise ConfigError(f"pretrain.cache_dir: cannot write to {os.path.dirname(pretrain.cache_path(config))!r}")
+  names = loader.label_names(config.data.name, data_dir)
+  model = models.model_from_config(config.model, len(names), names)
+  images = jnp.zeros((1, config.data.image_size, config.data.image_size, 3), jnp.uint8)
+  inputs = models.preprocess_images(images)
+  try:
+    targets = lora.find_targets(model, jax.eval_shape(model.init, jax.random.key(0), inputs), inputs,
+                                target_regex=config.lora.target_regex)
+  except ValueError as e:
+    raise ConfigError(f"lora.target_regex: {e}") from None
+  narrow = {path: shape for path, shape in targets.items() if min(shape) < config.lora.rank}
+  if narrow:
+    raise ConfigError(f"lora.rank: {config.lora.rank} exceeds the smaller side of targeted layer(s) "
+                      f"{', '.join(f'{p} {d_in}x{d_out}' for p, (d_in, d_out) in narrow.items())}")
+
+
 def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> Experiment:
   """Validates the config, loads data and backbone, builds the round (no compilation yet)."""
   validate_config(config, methods.METHODS, methods.METHOD_BLOCKS)
-  mesh = make_mesh(config.fed.num_devices)
+  preflight(config)
+  try:
+    mesh = make_mesh(config.fed.num_devices)
+  except ValueError as e:
+    raise ConfigError(f"fed.num_devices: {e}") from None
   if config.fed.clients_per_chunk > 0 and config.fed.clients_per_chunk % mesh.size:
     raise ConfigError(f"fed.clients_per_chunk: {config.fed.clients_per_chunk} must be a multiple of "
                       f"the {mesh.size} devices of the clients mesh axis")
@@ -121,7 +190,8 @@ def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], Non
     client_signatures = every_signature[:data.num_clients]
     new_signatures = every_signature[data.num_clients:]
   signature_dim = 0 if client_signatures is None else client_signatures.shape[-1]
-  plugins = ((generator_plugin(method.make_generator(targets, data.num_clients, signature_dim)),)
+  plugins = ((generator_plugin(method.make_generator(targets, data.num_clients, signature_dim),
+                               target=method.generator_target),)
              if method.make_generator else ())
   ranks = client_ranks(config, data.num_clients)
   client_update = local_update(task.loss_fn, build_optimizer(config.client_optimizer))
@@ -520,6 +590,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop
     return exp.fed_round.step(*args)
 
   round_fn = jax.jit(traced_round, donate_argnums=(0,))
+  aggregator_metrics = exp.fed_round.aggregator.capabilities.metrics
+  global_is_finite = jax.jit(lambda state: primitives.is_finite(exp.fed_round.global_params(state)))
   evaluate = _evaluator(exp)
   cum_up = records[-1]["cum_bytes_up"] if records else 0
   cum_down = records[-1]["cum_bytes_down"] if records else 0
@@ -535,10 +607,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop
     up, down = communication_bytes(exp, r, host_ids)
     cum_up, cum_down = cum_up + up, cum_down + down
     record = {"round": r + 1, "train_loss": float(round_metrics["train_loss"]),
-              **({"meta_loss": float(round_metrics["meta_loss"])} if "meta_loss" in round_metrics else {}),
+              **{name: _number(round_metrics[name]) for name in aggregator_metrics},
               "nonfinite_clients": int(round_metrics["nonfinite_clients"]),
+              **{key: int(round_metrics[key]) for key in REJECTION_METRICS},
               "bytes_up": up, "bytes_down": down, "cum_bytes_up": cum_up,
               "cum_bytes_down": cum_down, "cum_bytes": cum_up + cum_down}
+    if not bool(global_is_finite(state)):  # Not evaluated, not saved, not recorded.
+      manager.wait_until_finished()
+      last_saved = manager.latest_step()
+      manager.close()
+      raise FloatingPointError(
+          f"round {r + 1}: the global model is non-finite, so it is not evaluated and the run stops "
+          f"(rejected this round: {', '.join(f'{k}={record[k]}' for k in REJECTION_METRICS)}); "
+          + (f"the last checkpoint is step {last_saved} in {workdir}" if last_saved is not None
+             else f"no checkpoint was saved in {workdir}"))
     if (r + 1) % config.eval_every == 0 or r + 1 == config.fed.num_rounds:
       global_accuracy, acc = evaluate(state, frozen)
       has_test = np.array([len(p) > 0 for p in exp.data.test_parts])
@@ -549,6 +631,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop
                       pers=f"{record['personalized_accuracy_mean']:.3f}")
     if r + 1 == config.fed.num_rounds:
       record.update(evaluate_new_clients(exp, state, frozen))
+    rejected = [key for key in REJECTION_METRICS if record[key]]
+    if rejected and main_process:
+      log(f"round {r + 1}: the server rejected a non-finite or exploding {', '.join(rejected)} "
+          f"and kept the previous state for it")
     if record["nonfinite_clients"] and main_process:
       log(f"round {r + 1}: {record['nonfinite_clients']} client update(s) were non-finite and "
           f"were left out of the aggregate")

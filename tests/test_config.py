@@ -33,6 +33,40 @@ INVALID = [
     ("eval_every", 0, "eval_every"),
     ("checkpoint_every", 0, "checkpoint_every"),
     ("pretrain.steps", -1, "pretrain.steps"),
+    # The hostile user's fuzzing (issue 12): each once ended in a deep traceback or was accepted.
+    ("seed", -1, "seed"),
+    ("pretrain.steps", 0, "pretrain.steps"),
+    ("model.mlp_ratio", 1e-9, "model.mlp_ratio"),
+    ("client_optimizer.learning_rate", float("inf"), "client_optimizer.learning_rate"),
+    ("pretrain.learning_rate", float("inf"), "pretrain.learning_rate"),
+    ("lora.alpha", float("inf"), "lora.alpha"),
+    ("data.dirichlet_alpha", float("nan"), "data.dirichlet_alpha"),
+    ("data.min_client_size", 0, "data.min_client_size"),
+    ("benchmark", "../outside", "benchmark"),
+    ("benchmark", "/abs/path", "benchmark"),
+]
+
+# Fields of method blocks: (method, field, value, named).
+INVALID_FOR_METHOD = [
+    ("lora_fair", "lora_fair.steps", 0, "lora_fair.steps"),  # Was FedIT under LoRA-FAIR's name.
+    ("lora_fair", "lora_fair.learning_rate", -1.0, "lora_fair.learning_rate"),  # Was gradient ascent.
+    ("lora_fair", "lora_fair.lam", -0.5, "lora_fair.lam"),
+    ("pfedhn", "generator.client_embed_dim", 0, "generator.client_embed_dim"),
+    ("hyperlora", "hyperlora.signature_noise_std", float("inf"), "hyperlora.signature_noise_std"),
+    ("hyperlora", "generator.optimizer.learning_rate", float("inf"), "generator.optimizer.learning_rate"),
+]
+
+# Checks that need dataset metadata or model shapes, made before any example or weight is read.
+INVALID_BEFORE_LOADING = [
+    ("data.name", "no_such_dataset", "data.name"),
+    ("data.train_split", "no_such_split", "data.train_split"),
+    ("data.test_split", "no_such_split", "data.test_split"),
+    ("pretrain.split", "no_such_split", "pretrain.split"),
+    ("pretrain.batch_size", 10**7, "pretrain.batch_size"),
+    ("data.num_clients", 100000, "data.num_clients"),
+    ("fed.num_devices", 64, "fed.num_devices"),
+    ("pretrain.cache_dir", "/proc/no_such/cache", "pretrain.cache_dir"),
+    ("lora.rank", 64, "lora.rank"),  # The smoke model's attention is 16 wide.
 ]
 
 
@@ -69,6 +103,32 @@ def test_invalid_field_is_named(field, value, named):
   sweep.set_field(config, field, value)
   with pytest.raises(ConfigError, match=rf"^{named.replace('.', '[.]')}:"):
     validate_config(config, methods.METHODS)
+
+
+@pytest.mark.parametrize("method,field,value,named", INVALID_FOR_METHOD, ids=[f for _, f, _, _ in INVALID_FOR_METHOD])
+def test_invalid_method_block_field_is_named(method, field, value, named):
+  config = default.get_config(f"smoke,method={method}")
+  sweep.set_field(config, field, value)
+  with pytest.raises(ConfigError, match=rf"^{named.replace('.', '[.]')}:"):
+    validate_config(config, methods.METHODS, methods.METHOD_BLOCKS)
+
+
+@pytest.mark.parametrize("field,value,named", INVALID_BEFORE_LOADING, ids=[f for f, _, _ in INVALID_BEFORE_LOADING])
+def test_invalid_field_needing_metadata_is_named_before_anything_is_read(field, value, named, cache_dirs,
+                                                                         tmp_path):
+  """From dataset metadata and abstract model shapes: no image is read and nothing is
+  pretrained (the backbone cache stays empty), so the error comes in seconds."""
+  import os
+  import time
+  config = default.get_config("smoke")
+  config.data.data_dir = cache_dirs["data_dir"]
+  config.pretrain.cache_dir = str(tmp_path / "backbones")
+  sweep.set_field(config, field, value)
+  start = time.time()
+  with pytest.raises(ConfigError, match=rf"^{named.replace('.', '[.]')}:"):
+    build_experiment(config, log=lambda _: None)
+  assert time.time() - start < 60
+  assert not os.path.exists(tmp_path / "backbones") or not os.listdir(tmp_path / "backbones")
 
 
 def test_build_experiment_validates_before_loading_anything(tmp_path):

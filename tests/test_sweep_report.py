@@ -101,3 +101,69 @@ def test_parallel_sweep_runs_records_skips_and_reports_failures(tmp_path, cache_
   # One index for the runs dir: the failed run of the first sweep is still listed.
   merged = json.loads((tmp_path / "runs" / "index.json").read_text())["runs"]
   assert sorted(e["status"] for e in merged) == ["failed", "finished", "finished"]
+
+
+def test_a_benchmark_name_cannot_leave_the_runs_dir():
+  spec = sweep.RunSpec("configs/default.py", "fedit", 0)
+  for name in ("../x", "/abs/x", "a/../../x", ""):
+    with pytest.raises(ValueError, match="benchmark"):
+      sweep.workdir_of("runs", name, spec)
+  assert sweep.workdir_of("runs", "label_skew/alpha0.1", spec) == "runs/label_skew/alpha0.1/fedit/seed0"
+
+
+def _spawned_workers(pid: int) -> list[int]:
+  """Pids of the multiprocessing workers `pid` spawned (Linux /proc)."""
+  children = []
+  for task in os.listdir(f"/proc/{pid}/task"):
+    with open(f"/proc/{pid}/task/{task}/children") as f:
+      children += [int(c) for c in f.read().split()]
+  workers = []
+  for child in children:
+    try:
+      with open(f"/proc/{child}/cmdline", "rb") as f:
+        if b"spawn_main" in f.read():
+          workers.append(child)
+    except FileNotFoundError:
+      pass
+  return workers
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      return "\nState:\tZ" not in f.read()  # A zombie has exited.
+  except FileNotFoundError:
+    return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads worker pids from Linux /proc")
+def test_sweep_workers_die_when_the_sweep_is_killed(tmp_path, cache_dirs):
+  """kill -9 of a sweep used to leave its workers running (and taking queued runs)."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  command = [sys.executable, "-m", "experiments.sweep", f"--runs_dir={tmp_path}", "--jobs=2", "--seeds=0",
+             "--methods=fedit,flexlora,ffa_lora", "--variant=smoke,rounds=100000",
+             f"--set=data.data_dir={cache_dirs['data_dir']}", f"--set=pretrain.cache_dir={cache_dirs['cache_dir']}"]
+  sweep_process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  try:
+    deadline = time.time() + 240
+    workers = []
+    while len(workers) < 2 and time.time() < deadline and sweep_process.poll() is None:
+      time.sleep(1)
+      workers = _spawned_workers(sweep_process.pid)
+    assert len(workers) == 2, "the sweep never started its two workers"
+    time.sleep(3)  # Inside their runs.
+    assert all(_alive(w) for w in workers)
+    sweep_process.send_signal(signal.SIGKILL)
+    sweep_process.wait()
+    deadline = time.time() + 20
+    while any(_alive(w) for w in workers) and time.time() < deadline:
+      time.sleep(0.2)
+    assert not any(_alive(w) for w in workers), "a worker outlived its sweep"
+  finally:
+    sweep_process.kill()
+    for pid in _spawned_workers(sweep_process.pid) if _alive(sweep_process.pid) else []:
+      os.kill(pid, signal.SIGKILL)

@@ -77,10 +77,14 @@ class AggregationContext:
     client_loss: [C] each client's mean local train loss.
     heldout_loss: candidate new global params -> Σ_k p_k loss of client k's next-round start
       on its held-out batch (only for aggregators with `heldout_steps`).
+    client_starts: [C, ...] the params each client started its local steps from (the global
+      params ⊕ its local leaves, + plug-in offsets, truncated to its rank); shaped like
+      `client_params`. Rules that aggregate the clients' *changes* read it.
   """
   signatures: jax.Array | None = None
   client_loss: jax.Array | None = None
   heldout_loss: Callable[[Tree], jax.Array] | None = None
+  client_starts: Tree | None = None
 
 
 class Aggregator(NamedTuple):

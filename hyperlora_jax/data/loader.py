@@ -106,6 +106,37 @@ def _builder(name: str, data_dir: str):
   return tfds.builder(name, data_dir=data_dir)
 
 
+def split_examples(name: str, split: str, data_dir: str | None = None) -> int:
+  """Examples in `split` of `name` ('+'-joined names: the sum), read from the prepared
+  metadata only (embedded datasets are generated first).
+
+  Raises:
+    ValueError: the dataset is unknown or not prepared in `data_dir`, or has no such split;
+      the message names the dataset, the split and the data_dir, not the config field.
+  """
+  data_dir = data_dir or DEFAULT_DATA_DIR
+  total = 0
+  for source in name.split("+"):
+    try:
+      builder = _builder(source, data_dir)
+      splits = builder.info.splits
+    except Exception as e:  # TFDS raises several kinds for an unknown or unprepared dataset.
+      raise ValueError(f"no TFDS dataset {source!r} is prepared in data_dir={data_dir!r} and it is not "
+                       f"embedded ({EMBEDDED_NAME}/...): {type(e).__name__}") from None
+    try:
+      total += splits[split].num_examples
+    except (KeyError, ValueError) as e:
+      raise ValueError(f"dataset {source!r} has no split {split!r} (its splits: {', '.join(splits)}): "
+                       f"{e}") from None
+  return total
+
+
+def label_names(name: str, data_dir: str | None = None) -> tuple[str, ...]:
+  """The class names of `name` (the first of '+'-joined names), from its metadata."""
+  builder = _builder(name.split("+")[0], data_dir or DEFAULT_DATA_DIR)
+  return tuple(builder.info.features["label"].names)
+
+
 def prepare_dataset(name: str, data_dir: str | None = None) -> None:
   """Generates the embedded dataset(s) in `name` if not yet there (real datasets must already
   be prepared); e.g. once before several processes read it."""
@@ -113,10 +144,58 @@ def prepare_dataset(name: str, data_dir: str | None = None) -> None:
     _builder(source, data_dir or DEFAULT_DATA_DIR)
 
 
+class CorruptDataError(OSError):
+  """A prepared dataset file cannot be read (corrupt or truncated array_record)."""
+
+
+def _corrupt(e: Exception) -> bool:
+  """Whether `e` is array_record/Riegeli reporting a damaged file."""
+  return isinstance(e, RuntimeError) and any(w in str(e) for w in ("Riegeli", "Corrupted", "array_record"))
+
+
+class _NamedSource:
+  """A TFDS data source whose file errors name the dataset, split and files."""
+
+  def __init__(self, source, builder, name: str, split: str):
+    self._source, self._where = source, (builder, name, split)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def _error(self, e: Exception) -> CorruptDataError:
+    builder, name, split = self._where
+    return CorruptDataError(
+        f"data: dataset {name!r} split {split!r} has a corrupt or truncated file in {builder.data_dir} "
+        f"({builder.info.name}-{split.split('[')[0]}.array_record-*): {e}. Prepare it again (an embedded "
+        f"dataset: delete that directory and rerun).")
+
+  def __getitem__(self, key):
+    try:
+      return self._source[key]
+    except RuntimeError as e:
+      if _corrupt(e):
+        raise self._error(e) from e
+      raise
+
+  def __getitems__(self, keys):
+    if not hasattr(self._source, "__getitems__"):
+      raise TypeError("no batched read")  # `_read` falls back to one record at a time.
+    try:
+      return self._source.__getitems__(keys)
+    except RuntimeError as e:
+      if _corrupt(e):
+        raise self._error(e) from e
+      raise
+
+
 def _data_source(builder, name: str, split: str, data_dir: str, decoders=None):
   """Random-access records of a prepared split (array_record), with a clear error otherwise."""
   try:
-    return builder.as_data_source(split=split, decoders=decoders)
+    return _NamedSource(builder.as_data_source(split=split, decoders=decoders), builder, name, split)
+  except RuntimeError as e:
+    if _corrupt(e):
+      raise _NamedSource(None, builder, name, split)._error(e) from e
+    raise
   except (NotImplementedError, FileNotFoundError, AssertionError, ValueError) as e:
     raise FileNotFoundError(
         f"data.name: TFDS dataset {name!r} split {split!r} is not prepared as array_record in "

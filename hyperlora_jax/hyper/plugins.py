@@ -1,22 +1,57 @@
 """HyperLoRA's generator as a round plug-in (also pFedHN's hypernetwork).
 
-`generator_plugin(generator)` gives the round two hooks and a state:
+`generator_plugin(generator, target=...)` gives the round two hooks and a state:
   client start        offsets G_φ(s_k) added to each client's starting LoRA layers;
-  after aggregation   G_φ learns where each client ended relative to the new global factors
-                      (`Generator.update`: the pFedHN VJP rule or product distillation).
+  after aggregation   G_φ learns a target offset for each client (`Generator.update`: the
+                      pFedHN VJP rule or product distillation), one of
+    "from_global"  where the client ended relative to the new global factors, θ̃_k − θ_new
+                   (pFedHN: the global LoRA never moves, so this is the offset plus the
+                   client's whole local change);
+    "deviation"    the offset plus the client's change minus the cohort's mean change,
+                   o_k + Δ_k − Σ_j p_j Δ_j, with Δ_k = θ̃_k − θ⁰_k measured from its start
+                   (HyperLoRA: the global already carries the mean change, so G_φ learns
+                   only what is personal). The weighted mean target is the mean offset, so
+                   G_φ does not drift with the shared update, and the targets live in the
+                   gauge the clients trained in, not in the new global's re-factorized one.
 """
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+
 from hyperlora_jax import lora as lora_lib
-from hyperlora_jax.hyper.generator import Generator
 from hyperlora_jax.federated import Plugin, RoundOutcome
+from hyperlora_jax.hyper.generator import Generator
+
+GENERATOR_TARGETS = ("from_global", "deviation")
 
 
-def generator_plugin(generator: Generator, name: str = "generator") -> Plugin:
-  """The round plug-in of a `Generator` (state: {"params", "opt"})."""
+def deviation_targets(trained: dict, starts: dict, weights: jax.Array) -> dict:
+  """θ̃_k − Σ_j p_j (θ̃_j − θ⁰_j): each client's factors less the cohort's mean change.
+
+  trained, starts: LoRA layers {path: {"a", "b"}} with a leading [C] axis; weights [C]
+  (sum 1, 0 = absent). With base = the starts' global factors, the generator's residual
+  (base + offset_k) − target_k is −(Δ_k − Δ̄): zero on average over the cohort.
+  """
+  def less_mean_change(t, s):
+    mean_change = jnp.einsum("c,c...->...", weights, t - s)
+    return t - mean_change[None]
+  return jax.tree.map(less_mean_change, trained, starts)
+
+
+def generator_plugin(generator: Generator, name: str = "generator", target: str = "from_global") -> Plugin:
+  """The round plug-in of a `Generator` (state: {"params", "opt"}); `target` as above."""
+  if target not in GENERATOR_TARGETS:
+    raise ValueError(f"generator target {target!r}; allowed: {GENERATOR_TARGETS}")
+
   def after_aggregation(state, outcome: RoundOutcome):
-    return generator.update(state, outcome.signatures, outcome.client_ids,
-                            lora_lib.layers(outcome.new_global), lora_lib.layers(outcome.client_params),
+    trained = lora_lib.layers(outcome.client_params)
+    if target == "deviation":
+      base = lora_lib.layers(outcome.previous_global)
+      trained = deviation_targets(trained, lora_lib.layers(outcome.client_starts), outcome.weights)
+    else:
+      base = lora_lib.layers(outcome.new_global)
+    return generator.update(state, outcome.signatures, outcome.client_ids, base, trained,
                             outcome.weights, outcome.rank_masks)
   return Plugin(name=name, init=generator.init, client_offsets=generator.generate,
                 after_aggregation=after_aggregation)

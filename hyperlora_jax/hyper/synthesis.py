@@ -2,12 +2,20 @@
 
 For every targeted layer l (kernel layout, see `hyperlora_jax.lora`):
 
-  1. Synthesis. Each participant k returns factors (a_k, b_k). S_ψ scores every
-     (client, layer) pair from the client's signature and update statistics (log ‖s a_k b_k‖_F,
-     cosine of s a_k b_k with the data-weighted mean product, the client's train loss) and a
-     learned layer embedding; weights are  w_{k,l} = softmax_k(log p_k + score_{k,l})  over
-     the participants. The update is built in product space, P_l = Σ_k w_{k,l} s a_k b_k:
-     no factor cross-terms.
+  1. Synthesis. Each participant k returns factors (a_k, b_k), trained from its start
+     (a⁰_k, b⁰_k) (the global factors + the generator's offset for k). Its update in product
+     space is ΔP_k = s a_k b_k − s a⁰_k b⁰_k. S_ψ scores every (client, layer) pair from the
+     client's signature and update statistics (log ‖ΔP_k‖_F, cosine of ΔP_k with the
+     data-weighted mean update, the client's train loss) and a learned layer embedding;
+     weights are  w_{k,l} = softmax_k(log p_k + score_{k,l})  over the participants. The new
+     product is built in product space, P_l = s a b + Σ_k w_{k,l} ΔP_k (a, b: the global
+     factors): no factor cross-terms. Without offsets (and every client at full rank) every
+     start is the global, and P_l = Σ_k w_{k,l} s a_k b_k, the weighted product average.
+     With offsets, aggregating changes keeps each client's offset out of the global: were
+     the products themselves averaged, the global would absorb the mean offset every round
+     and clients would start from it plus the offset again. That feedback (the offset's
+     a-part times the global b, re-added each round) made the global b grow geometrically,
+     until the run went non-finite after about 580 smoke rounds.
   2. Re-factorization to rank r. a = U_r R, b = Rᵀ U_rᵀ P_l / s, with U_r the top-r left
      singular vectors of P_l and R the orthogonal r x r rotation that best aligns a with the
      previous global a (Procrustes). s a b = U_r U_rᵀ P_l is the best rank-r approximation
@@ -88,7 +96,8 @@ def product_gram(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def client_layer_features(a: jax.Array, b: jax.Array, weights: jax.Array, scale: float) -> jax.Array:
-  """[C, 2]: log ‖s a_k b_k‖_F and the cosine of a_k b_k with Σ_j p_j a_j b_j."""
+  """[C, 2]: log ‖s a_k b_k‖_F and the cosine of a_k b_k with Σ_j p_j a_j b_j (applied to the
+  update factors: log ‖ΔP_k‖_F and the cosine of ΔP_k with the mean update)."""
   gram = product_gram(a, b)
   norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 1e-20))
   mean_norm = jnp.sqrt(jnp.maximum(weights @ gram @ weights, 1e-20))
@@ -127,9 +136,19 @@ class SynthesisConfig(NamedTuple):
   fair_learning_rate: float = 1e-3
 
 
+def update_factors(trained: dict, start: dict) -> tuple[jax.Array, jax.Array]:
+  """Factors of the product update a b − a⁰ b⁰ as one rank-2r product, per client.
+
+  trained, start: {"a": [C, d_in, r], "b": [C, r, d_out]} -> ([C, d_in, 2r], [C, 2r, d_out]).
+  """
+  return (jnp.concatenate([trained["a"], start["a"]], axis=-1),
+          jnp.concatenate([trained["b"], -start["b"]], axis=-2))
+
+
 def synthesize(params: Tree, modules: tuple[SynthesizerScores, ResidualGate], cfg: SynthesisConfig,
                global_params: Tree, client_params: Tree, weights: jax.Array,
-               signatures: jax.Array, client_loss: jax.Array, residual: dict) -> tuple[Tree, dict]:
+               signatures: jax.Array, client_loss: jax.Array, residual: dict,
+               client_starts: Tree | None = None) -> tuple[Tree, dict]:
   """The new global params and the new residual memory (a pure function of ψ, ω).
 
   Args:
@@ -137,12 +156,18 @@ def synthesize(params: Tree, modules: tuple[SynthesizerScores, ResidualGate], cf
     global_params: any tree with LoRA layers (`lora.layers`); other leaves are averaged.
     client_params: [C, ...] returned params; weights [C] (sum 1, 0 = absent);
     signatures [C, D]; client_loss [C]; residual {layer: [d_in, d_out]} (E of the last round).
+    client_starts: [C, ...] where each client started (None: the global params).
   """
   scores_module, gate_module = modules
   client_layers = lora_lib.layers(client_params)
+  global_layers = lora_lib.layers(global_params)
   paths = list(client_layers)
-  layer_features = jnp.stack([client_layer_features(client_layers[p]["a"], client_layers[p]["b"],
-                                                    weights, cfg.scale)
+  clients = weights.shape[0]
+  start_layers = (lora_lib.layers(client_starts) if client_starts is not None else
+                  {p: jax.tree.map(lambda x: jnp.broadcast_to(x, (clients,) + x.shape), global_layers[p])
+                   for p in paths})
+  updates = {p: update_factors(client_layers[p], start_layers[p]) for p in paths}
+  layer_features = jnp.stack([client_layer_features(*updates[p], weights, cfg.scale)
                               for p in paths], axis=1)                              # [C, L, 2]
   per_client = jnp.concatenate([signatures, client_loss[:, None]], -1)              # [C, D + 1]
   features = jnp.concatenate([layer_features, jnp.broadcast_to(
@@ -151,8 +176,9 @@ def synthesize(params: Tree, modules: tuple[SynthesizerScores, ResidualGate], cf
       features.shape[:2])
   synth_weights = synthesis_weights(scores, weights)                                # [C, L]
 
-  products = {p: cfg.scale * weighted_product(client_layers[p]["a"], client_layers[p]["b"],
-                                              synth_weights[:, i]) for i, p in enumerate(paths)}
+  products = {p: cfg.scale * (global_layers[p]["a"] @ global_layers[p]["b"]
+                              + weighted_product(*updates[p], synth_weights[:, i]))
+              for i, p in enumerate(paths)}
   targets = products
   if cfg.corrector == "learned":
     stats = jnp.stack([jnp.stack([jnp.linalg.norm(residual[p]) / (jnp.linalg.norm(products[p]) + 1e-12),
@@ -179,7 +205,9 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
   It owns one held-out step of each client's block (`heldout_steps=1`) and reads the
   context's `signatures`, `client_loss` and `heldout_loss`. `meta_learning=False` keeps ψ, ω
   at their initial values (the uniform limit). The layers are read from the global params.
-  State: {"params": {"synth", "corr"}, "opt", "residual": {layer: [d_in, d_out]}, "meta_loss"}.
+  State: {"params": {"synth", "corr"}, "opt", "residual": {layer: [d_in, d_out]}, "meta_loss",
+  "meta_step_skipped"} (1 when a round's meta-loss or meta-gradient was non-finite: ψ, ω and
+  their optimizer then stay put).
   """
   def modules_for(global_params):
     num_layers = len(lora_lib.layers(global_params))
@@ -196,7 +224,7 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
     residual = ({path: jnp.zeros(shape, jnp.float32) for path, shape in targets.items()}
                 if cfg.corrector == "learned" else {})
     return {"params": params, "opt": optimizer.init(params), "residual": residual,
-            "meta_loss": jnp.zeros((), jnp.float32)}
+            "meta_loss": jnp.zeros((), jnp.float32), "meta_step_skipped": jnp.zeros((), jnp.int32)}
 
   def aggregate(state, global_params, client_params, weights, context: AggregationContext):
     modules = modules_for(global_params)
@@ -206,7 +234,8 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
 
     def objective(params):
       new_global, residual = synthesize(params, modules, cfg, global_params, client_params, weights,
-                                        signatures, context.client_loss, state["residual"])
+                                        signatures, context.client_loss, state["residual"],
+                                        context.client_starts)
       return context.heldout_loss(new_global), (new_global, residual)
 
     if meta_learning:
@@ -214,15 +243,18 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
       updates, opt_state = optimizer.update(grads, state["opt"], state["params"])
       params = optax.apply_updates(state["params"], updates)
       # No participant (or a non-finite meta-gradient): ψ, ω and their optimizer stay put.
-      ok = (jnp.sum(weights) > 0) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+      participants = jnp.sum(weights) > 0
+      sound = jnp.isfinite(meta_loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+      ok = participants & sound
       params, opt_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), (params, opt_state),
                                        (state["params"], state["opt"]))
+      skipped = (participants & ~sound).astype(jnp.int32)
     else:
       meta_loss, (new_global, residual) = objective(state["params"])
-      params, opt_state = state["params"], state["opt"]
+      params, opt_state, skipped = state["params"], state["opt"], jnp.zeros((), jnp.int32)
     return new_global, {}, {"params": params, "opt": opt_state, "residual": residual,
-                            "meta_loss": meta_loss}
+                            "meta_loss": meta_loss, "meta_step_skipped": skipped}
 
   return Aggregator(init, aggregate, Capabilities(
       name="hyperlora_synthesizer", plain_server_step=True, heterogeneous_ranks=True, heldout_steps=1,
-      metrics=("meta_loss",)))
+      metrics=("meta_loss", "meta_step_skipped")))
