@@ -49,6 +49,25 @@ def test_unprepared_dataset_fails_with_instructions(tmp_path):
     load_image_dataset("cifar100", "train", str(tmp_path))
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_corrupt_array_record_shard_is_named(cache_dirs, tmp_path, stream):
+  """A damaged shard once gave a raw Riegeli error naming neither dataset nor file."""
+  import glob
+  import shutil
+  from hyperlora_jax.data.loader import CorruptDataError
+  load_image_dataset("digits_domains/res16", "test", cache_dirs["data_dir"])  # Prepared once.
+  data_dir = str(tmp_path / "tfds")
+  shutil.copytree(cache_dirs["data_dir"], data_dir)
+  (shard,) = glob.glob(f"{data_dir}/digits_domains/res16/*/digits_domains-test.array_record-*")
+  data = bytearray(open(shard, "rb").read())
+  for i in range(1000, len(data) - 1000, 997):
+    data[i] ^= 0xFF
+  open(shard, "wb").write(bytes(data))
+  with pytest.raises(CorruptDataError, match="'digits_domains/res16' split 'test'.*digits_domains-test.array_record"):
+    images = load_image_dataset("digits_domains/res16", "test", data_dir, stream=stream).images
+    images[np.arange(len(images))]  # A stream reads here.
+
+
 @pytest.mark.parametrize("kind,kwargs,num_clients", [
     ("dirichlet_label_skew", {"alpha": 0.5, "min_size": 5}, 10),
     ("k_classes_per_client", {"classes_per_client": 2}, 10),

@@ -226,3 +226,15 @@ def test_a_run_counts_rejections_and_stops_on_a_nonfinite_global_model(smoke_con
   with pytest.raises(FloatingPointError, match="round 2: the global model is non-finite.*no checkpoint"):
     train_and_evaluate(smoke_config, str(tmp_path / "unguarded"), progress=False, log=lambda _: None)
   assert [r["round"] for r in reporting.read_metrics(str(tmp_path / "unguarded"))] == [1]  # 2 not recorded.
+
+
+def test_a_diverged_pretraining_is_reported_and_not_cached(smoke_config, tmp_path):
+  """A pretraining learning rate that blows up once cached a NaN backbone and reported
+  "holdout accuracy 0.062"; validation now refuses inf, and a finite but absurd one is caught."""
+  import os
+  from hyperlora_jax import pretrain
+  smoke_config.pretrain.learning_rate = 1e30
+  smoke_config.pretrain.cache_dir = str(tmp_path / "backbones")
+  with pytest.raises(FloatingPointError, match="pretraining diverged.*pretrain.learning_rate"):
+    pretrain.load_or_pretrain(smoke_config, log=lambda _: None)
+  assert not os.path.exists(tmp_path / "backbones") or not os.listdir(tmp_path / "backbones")
