@@ -123,6 +123,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.hyperlora.meta_optimizer = ml_collections.ConfigDict(
       {"name": "adam", "learning_rate": 1e-3, "momentum": 0.0})
 
+  config.faults = ml_collections.ConfigDict()    # Injected client faults (hyperlora_jax.faults), each a
+  config.faults.dropout = 0.0                     # fraction of a round's participants: update lost,
+  config.faults.straggler = 0.0                   # only straggler_steps of the local steps done,
+  config.faults.straggler_steps = 0.5
+  config.faults.nonfinite = 0.0                   # NaN/Inf sent,
+  config.faults.byzantine = 0.0                   # a malicious update sent (sign_flip, scale, random).
+  config.faults.byzantine_kind = "sign_flip"
+  config.faults.byzantine_scale = 1.0
+
+  config.robust = ml_collections.ConfigDict()     # Robust aggregation (aggregators.robust).
+  config.robust.rule = "mean"                     # 'mean' (the method's own), 'median', 'trimmed_mean',
+                                                  # 'geometric_median'.
+  config.robust.space = "factors"                 # 'factors' (fedit, ffa_lora, fedsa_lora, rolora) or
+                                                  # 'products' (flexlora: the statistic of s a_k b_k).
+  config.robust.trim = 0.1                        # trimmed_mean: fraction cut at each end.
+  config.robust.clip_norm = 0.0                   # > 0: clip each client's update to this L2 norm.
+
+  config.dp = ml_collections.ConfigDict()         # Client-level DP (DP-FedAvg) for fedit, ffa_lora,
+  config.dp.noise_multiplier = 0.0                # fedsa_lora, rolora; 0 = off. Noise std is
+  config.dp.clip_norm = 1.0                       # noise_multiplier x clip_norm / participants.
+  config.dp.delta = 1e-5                          # ε is reported at this δ, every round.
+
   config.compute = ml_collections.ConfigDict()
   config.compute.backbone_dtype = "auto"      # 'float32', 'bfloat16' or 'auto' (bf16 on GPU/TPU,
                                               # float32 on CPU): the frozen backbone's compute.

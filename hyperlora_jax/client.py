@@ -41,7 +41,7 @@ def example_count(batch: Tree) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class ClientUpdate:
-  """`update(start, frozen, batches, rng, update_mask=None) -> (trained, metrics)`.
+  """`update(start, frozen, batches, rng, update_mask=None, steps_done=None) -> (trained, metrics)`.
 
   Runs one client's local steps from `start` with a fresh optimizer state.
   Args:
@@ -51,6 +51,8 @@ class ClientUpdate:
     rng: PRNG key; step s gets `fold_in(rng, s)`.
     update_mask: pytree like `start` of float scalars; 0 freezes a leaf (FFA-LoRA's A,
       RoLoRA's alternation, components beyond a client's rank) by zeroing its updates.
+    steps_done: int scalar, the steps this client completes (a straggler); later steps
+      change nothing and count no loss or examples (None: all S).
   Returns:
     (trained pytree like `start`, {"loss": mean loss over steps with examples,
      "examples": examples seen, "aux": `loss_fn`'s aux of the last step}).
@@ -59,21 +61,28 @@ class ClientUpdate:
   optimizer: optax.GradientTransformation
 
   def __call__(self, start: Tree, frozen: Tree, batches: Tree, rng: jax.Array,
-               update_mask: Tree | None = None) -> tuple[Tree, dict]:
+               update_mask: Tree | None = None, steps_done: jax.Array | None = None) -> tuple[Tree, dict]:
     num_steps = jax.tree.leaves(batches)[0].shape[0]
 
     def step(carry, inputs):
       params, opt_state = carry
-      batch, key = inputs
+      batch, key, index = inputs
       (loss, aux), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(params, frozen, batch, key)
-      updates, opt_state = self.optimizer.update(grads, opt_state, params)
+      updates, new_opt_state = self.optimizer.update(grads, opt_state, params)
       if update_mask is not None:
         updates = jax.tree.map(lambda u, m: u * m, updates, update_mask)
-      return (optax.apply_updates(params, updates), opt_state), (loss, example_count(batch), aux)
+      new_params = optax.apply_updates(params, updates)
+      count = example_count(batch)
+      if steps_done is not None:  # A straggler stops after `steps_done` steps.
+        done = index < steps_done
+        new_params, new_opt_state = jax.tree.map(lambda n, o: jnp.where(done, n, o), (new_params, new_opt_state),
+                                                 (params, opt_state))
+        count = jnp.where(done, count, 0.0)
+      return (new_params, new_opt_state), (loss, count, aux)
 
     keys = jax.vmap(lambda s: jax.random.fold_in(rng, s))(jnp.arange(num_steps))
     (trained, _), (losses, counts, aux) = jax.lax.scan(
-        step, (start, self.optimizer.init(start)), (batches, keys))
+        step, (start, self.optimizer.init(start)), (batches, keys, jnp.arange(num_steps)))
     active = (counts > 0).astype(losses.dtype)
     mean_loss = jnp.sum(losses * active) / jnp.maximum(jnp.sum(active), 1.0)
     return trained, {"loss": mean_loss, "examples": jnp.sum(counts),

@@ -193,3 +193,19 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
     _require(block.learning_rate > 0, f"{name}.learning_rate", f"must be > 0, got {block.learning_rate}")
     _require(0 <= block.momentum < 1, f"{name}.momentum", f"must be in [0, 1), got {block.momentum}")
   _require(config.pretrain.learning_rate > 0, "pretrain.learning_rate", "must be > 0")
+  if "faults" in config:
+    from hyperlora_jax.faults import Faults
+    try:
+      Faults(**config.faults.to_dict())
+    except (ValueError, TypeError) as e:
+      raise ConfigError(str(e) if str(e).startswith("faults") else f"faults: {e}") from None
+  if "robust" in config:
+    from hyperlora_jax.aggregators.robust import ROBUST_RULES
+    _one_of(config.robust.rule, ("mean",) + ROBUST_RULES, "robust.rule")
+    _one_of(config.robust.space, ("factors", "products"), "robust.space")
+    _require(0 <= config.robust.trim < 0.5, "robust.trim", f"must be in [0, 0.5), got {config.robust.trim}")
+    _require(config.robust.clip_norm >= 0, "robust.clip_norm", f"must be >= 0, got {config.robust.clip_norm}")
+  if "dp" in config:
+    _require(config.dp.noise_multiplier >= 0, "dp.noise_multiplier", f"must be >= 0, got {config.dp.noise_multiplier}")
+    _require(config.dp.clip_norm > 0, "dp.clip_norm", f"must be > 0, got {config.dp.clip_norm}")
+    _require(0 < config.dp.delta < 1, "dp.delta", f"must be in (0, 1), got {config.dp.delta}")

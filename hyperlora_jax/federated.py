@@ -39,6 +39,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from hyperlora_jax import faults as faults_lib
 from hyperlora_jax import lora as lora_lib
 from hyperlora_jax import params as params_lib
 from hyperlora_jax import primitives
@@ -47,6 +48,7 @@ from hyperlora_jax.client import ClientUpdate
 
 Tree = Any
 NEW_CLIENT = -1  # Client id of a client with no learned state (the global model, new clients).
+FAULT_STREAM = 1 << 30  # fold_in index of the round key that draws injected faults.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +148,8 @@ class FederatedRound:
       state) or a plug-in's new state that is non-finite, or a global param entry larger
       than this in magnitude (None: no bound), is rejected; that part keeps its previous
       state and the round reports it (`rejected_*` metrics).
+    faults: injected client faults (`hyperlora_jax.faults`; None: none); their per-round
+      counts are reported as `faults_<kind>` metrics.
   """
   client_update: ClientUpdate
   aggregator: Aggregator
@@ -160,6 +164,7 @@ class FederatedRound:
   apply_base_delta: Callable[[Tree, dict], Tree] | None = None
   load_batches: Callable[[Tree], Tree] | None = None
   max_server_value: float | None = 1e6
+  faults: faults_lib.Faults | None = None
 
   def __post_init__(self):
     for argument, problem in capability_problems(self.aggregator, self.server_optimizer, self.client_ranks):
@@ -302,19 +307,33 @@ class FederatedRound:
       heldout = jax.tree.map(lambda x: x[:, -caps.heldout_steps:], batches)
       batches = jax.tree.map(lambda x: x[:, :-caps.heldout_steps], batches)
     train_steps = jax.tree.leaves(batches)[0].shape[1]
+    faulty = self.faults is not None and self.faults.active
+    fault_inputs = ()
+    if faulty:  # Injected faults (a simulation knob): drawn per round from the round's key.
+      fault_masks = faults_lib.draw(self.faults, jax.random.fold_in(round_key, FAULT_STREAM), valid)
+      fault_inputs = (faults_lib.steps_done(self.faults, fault_masks["straggler"], train_steps),
+                      fault_masks["nonfinite"], fault_masks["byzantine"])
 
     def one_client(inputs):
-      client_local, client_batches, offset, rank_mask, key = inputs
+      client_local, client_batches, offset, rank_mask, key, *fault = inputs
       start = self.client_start(global_params, client_local, offset, rank_mask)
       trained, metrics = self.client_update(start, frozen, client_batches, jax.random.wrap_key_data(key),
-                                            rank_update_mask(update_mask, rank_mask))
+                                            rank_update_mask(update_mask, rank_mask),
+                                            *(fault[:1] if fault else ()))
+      if fault:  # What a faulty client sends instead of `trained`.
+        one = lambda t: jax.tree.map(lambda x: x[None], t)
+        flags = {"nonfinite": fault[1][None], "byzantine": fault[2][None]}
+        trained = jax.tree.map(lambda x: x[0], faults_lib.corrupt(
+            self.faults, one(trained), one(start), flags, jax.random.fold_in(jax.random.wrap_key_data(key), 1)))
       finite = primitives.is_finite(trained) & jnp.isfinite(metrics["loss"])
       trained = jax.tree.map(lambda t, s: jnp.where(finite, t, s), trained, start)
       return trained, metrics, finite, start
 
     trained, metrics, finite, starts = primitives.map_clients(
-        one_client, (local, batches, offsets, masks, keys), self.clients_per_chunk, self.mesh,
+        one_client, (local, batches, offsets, masks, keys, *fault_inputs), self.clients_per_chunk, self.mesh,
         self._chunk_loader())
+    if faulty:  # A dropped client trained, but its update never arrived.
+      weights = jnp.where(fault_masks["dropout"], 0.0, weights)
     weights = jnp.where(valid & finite, weights, 0.0)
     total = jnp.sum(weights)
     weights = weights / jnp.maximum(total, 1e-12)
@@ -382,17 +401,20 @@ class FederatedRound:
                  "base_delta": base_delta, "plugins": plugin_states}
     if "signatures" in state:
       new_state["signatures"] = state["signatures"]
-    example_weights = metrics["examples"] * (valid & finite)  # Non-finite clients' losses left out.
-    client_losses = jnp.where(valid & finite, metrics["loss"], 0.0)
+    received = weights > 0  # Valid, finite and not dropped: what reached the server.
+    example_weights = metrics["examples"] * received  # Non-finite clients' losses left out.
+    client_losses = jnp.where(received, metrics["loss"], 0.0)
     seen = jnp.sum(example_weights)
     train_loss = jnp.where(seen > 0, jnp.sum(client_losses * example_weights) / jnp.maximum(seen, 1.0),
                            jnp.nan)  # No finite client saw an example: no loss to report, not 0.
     round_metrics = {"train_loss": train_loss, "nonfinite_clients": jnp.sum(valid & ~finite),
-                     "participants": jnp.sum(valid & finite),
+                     "participants": jnp.sum(received),
                      "rejected_aggregate": (participants & ~aggregate_ok).astype(jnp.int32),
                      "rejected_server_step": (~step_ok).astype(jnp.int32),
                      "rejected_plugins": plugins_rejected}
     round_metrics.update({name: agg_state[name] for name in caps.metrics})
+    if faulty:
+      round_metrics.update(faults_lib.fault_metrics(fault_masks))
     return new_state, round_metrics
 
 

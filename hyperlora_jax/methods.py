@@ -210,7 +210,36 @@ METHOD_BLOCKS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Methods whose server rule is the plain average (robust factor rules and DP-FedAvg replace it).
+AVERAGING_METHODS = ("fedit", "ffa_lora", "fedsa_lora", "rolora")
+
+
+def with_server_options(method: Method, config: ml_collections.ConfigDict) -> Method:
+  """`method` with the config's robust rule, update clipping or DP-FedAvg in place of its
+  aggregator (`robust`, `dp` blocks); raises ConfigError where a method does not take them."""
+  from hyperlora_jax.config_validation import ConfigError
+  robust, dp = config.get("robust"), config.get("dp")
+  aggregator = method.aggregator
+  if robust is not None and robust.rule != "mean":
+    if robust.space == "factors" and method.name in AVERAGING_METHODS:
+      aggregator = aggregators.robust_factors(robust.rule, robust.trim)
+    elif robust.space == "products" and method.name == "flexlora":
+      aggregator = aggregators.robust_products(robust.rule, _scale(config), robust.trim)
+    else:
+      raise ConfigError(f"robust.rule: {robust.rule!r} in {robust.space} space replaces the average of "
+                        f"{', '.join(AVERAGING_METHODS) if robust.space == 'factors' else 'flexlora'}, "
+                        f"not method {method.name!r}")
+  if dp is not None and dp.noise_multiplier > 0:
+    if method.name not in AVERAGING_METHODS or aggregator is not method.aggregator:
+      raise ConfigError(f"dp.noise_multiplier: DP-FedAvg replaces the plain average of "
+                        f"{', '.join(AVERAGING_METHODS)} (with robust.rule='mean'), not method {method.name!r}")
+    aggregator = aggregators.dp_fedavg(dp.clip_norm, dp.noise_multiplier)
+  elif robust is not None and robust.clip_norm > 0:
+    aggregator = aggregators.clip_updates(aggregator, robust.clip_norm)
+  return dataclasses.replace(method, aggregator=aggregator)
+
+
 def build_method(config: ml_collections.ConfigDict) -> Method:
   if config.method not in METHODS:
     raise ValueError(f"method={config.method!r}; allowed: {sorted(METHODS)}")
-  return METHODS[config.method](config)
+  return with_server_options(METHODS[config.method](config), config)

@@ -24,7 +24,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from hyperlora_jax import autotune, distributed, lora, methods, models, pretrain, primitives, reporting
+from hyperlora_jax import autotune, distributed, lora, methods, models, pretrain, primitives, privacy, reporting
+from hyperlora_jax import faults as faults_lib
 from hyperlora_jax import federated
 from hyperlora_jax.client import ClientUpdate, local_update
 from hyperlora_jax.config_validation import ConfigError, used_config, validate_config
@@ -84,6 +85,12 @@ def _number(value: Any) -> int | float:
   """A scalar metric as a Python int (integer dtypes) or float."""
   value = np.asarray(value)
   return int(value) if np.issubdtype(value.dtype, np.integer) else float(value)
+
+
+def privacy_spent(config: ml_collections.ConfigDict, rounds: int) -> float:
+  """ε (at `dp.delta`) of a DP-FedAvg run after `rounds` rounds (`hyperlora_jax.privacy`)."""
+  return privacy.epsilon(rounds, config.dp.noise_multiplier, config.fed.clients_per_round,
+                         config.data.num_clients, config.dp.delta)
 
 
 # Round metrics counting server parts rejected as non-finite or exploding (`FederatedRound.step`).
@@ -204,6 +211,7 @@ def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], Non
       local_leaves=method.local_regex, frozen_leaves=method.frozen_regexes, client_ranks=ranks,
       clients_per_chunk=chunk, mesh=mesh if mesh.size > 1 else None,
       plugins=plugins, apply_base_delta=task_lib.apply_base_delta,
+      faults=faults_lib.Faults(**config.faults.to_dict()) if "faults" in config else None,
       load_batches=chunk_image_loader(data.train_pool) if config.data.feed == "chunk" else None)
   return Experiment(config, data, task, method, backbone, targets, trainable, client_update, fed_round,
                     mesh, ranks, client_signatures, new_signatures)
@@ -591,6 +599,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop
 
   round_fn = jax.jit(traced_round, donate_argnums=(0,))
   aggregator_metrics = exp.fed_round.aggregator.capabilities.metrics
+  dp_on = "dp" in config and config.dp.noise_multiplier > 0
   global_is_finite = jax.jit(lambda state: primitives.is_finite(exp.fed_round.global_params(state)))
   evaluate = _evaluator(exp)
   cum_up = records[-1]["cum_bytes_up"] if records else 0
@@ -610,6 +619,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop
               **{name: _number(round_metrics[name]) for name in aggregator_metrics},
               "nonfinite_clients": int(round_metrics["nonfinite_clients"]),
               **{key: int(round_metrics[key]) for key in REJECTION_METRICS},
+              **{key: int(value) for key, value in round_metrics.items() if key.startswith("faults_")},
+              **({"dp_epsilon": privacy_spent(config, r + 1)} if dp_on else {}),
               "bytes_up": up, "bytes_down": down, "cum_bytes_up": cum_up,
               "cum_bytes_down": cum_down, "cum_bytes": cum_up + cum_down}
     if not bool(global_is_finite(state)):  # Not evaluated, not saved, not recorded.
