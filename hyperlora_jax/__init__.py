@@ -8,9 +8,12 @@ The library (pure functions; no configs, no I/O but `peft`):
   primitives   broadcast / map_clients (chunked, sharded) / weighted_mean on a clients axis
   autotune     measure the fastest `clients_per_chunk` on this machine; cache the choice
   aggregators  one contract, `Aggregator(init, aggregate, capabilities)`, for every method;
-               the per-layer combinator and `partition`
-  federated    `FederatedRound`: the jit-compiled round built from those pieces, with plug-ins;
-               `state_shardings`: its per-client store sharded over a `clients` mesh axis
+               the per-layer combinator and `partition`; robust rules, clipping, DP-FedAvg
+  federated    `FederatedRound`: the jit-compiled round built from those pieces, with plug-ins
+               and server-side guards; `state_shardings`: its per-client store sharded over a
+               `clients` mesh axis
+  faults       injected client faults (dropout, stragglers, NaN/Inf, Byzantine) for a round
+  privacy      ε of DP-FedAvg (and signatures) with `dp_accounting`
   hyper        HyperLoRA: signatures, the generator (a plug-in), the synthesizer (an aggregator)
   peft         adapters to and from Hugging Face PEFT's safetensors layout
   tasks        tasks built on the library (image classification)
@@ -18,7 +21,7 @@ The library (pure functions; no configs, no I/O but `peft`):
 Above it (configs, data, model zoo, runs): `models/`, `data/`, `methods.py`, `train.py`,
 and `experiments/`.
 """
-from hyperlora_jax import aggregators, autotune, federated, hyper, lora, peft, primitives
+from hyperlora_jax import aggregators, autotune, faults, federated, hyper, lora, peft, primitives, privacy
 from hyperlora_jax.client import ClientUpdate, local_update, masked_mean
 from hyperlora_jax.federated import (NEW_CLIENT, FederatedRound, Plugin, RoundOutcome, communication_bytes,
                                      state_shardings)
@@ -26,6 +29,6 @@ from hyperlora_jax.primitives import broadcast, make_mesh, map_clients, weighted
 
 __version__ = "0.2.0"
 __all__ = ["NEW_CLIENT", "ClientUpdate", "FederatedRound", "Plugin", "RoundOutcome", "aggregators",
-           "autotune", "broadcast", "communication_bytes", "federated", "hyper", "local_update", "lora",
-           "make_mesh", "map_clients", "masked_mean", "peft", "primitives", "state_shardings",
+           "autotune", "broadcast", "communication_bytes", "faults", "federated", "hyper", "local_update",
+           "lora", "make_mesh", "map_clients", "masked_mean", "peft", "primitives", "privacy", "state_shardings",
            "weighted_mean"]

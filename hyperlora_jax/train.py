@@ -124,7 +124,7 @@ def preflight(config: ml_collections.ConfigDict) -> None:
   train_examples = examples(config.data.name, config.data.train_split, "data.name", "data.train_split")
   examples(config.data.name, config.data.test_split, "data.name", "data.test_split")
   clients = config.data.num_clients + config.data.heldout_clients
-  if clients * config.data.min_client_size > train_examples:
+  if train_examples is not None and clients * config.data.min_client_size > train_examples:
     raise ConfigError(f"data.num_clients: {config.data.num_clients} clients (+ {config.data.heldout_clients} "
                       f"held out) of at least data.min_client_size={config.data.min_client_size} examples "
                       f"need more than the {train_examples} examples of {config.data.name!r} "
@@ -132,7 +132,7 @@ def preflight(config: ml_collections.ConfigDict) -> None:
   if not config.pretrain.get("npz_path"):
     pretrain_examples = examples(config.pretrain.data_name, config.pretrain.split, "pretrain.data_name",
                                  "pretrain.split")
-    if config.pretrain.batch_size > pretrain_examples:
+    if pretrain_examples is not None and config.pretrain.batch_size > pretrain_examples:
       raise ConfigError(f"pretrain.batch_size: {config.pretrain.batch_size} exceeds the {pretrain_examples} "
                         f"examples of {config.pretrain.data_name!r} {config.pretrain.split!r}")
   if not _writable_dir(os.path.dirname(pretrain.cache_path(config))):

@@ -158,3 +158,13 @@ def test_a_workdir_in_use_is_refused(smoke_config, tmp_path):
     assert not (tmp_path / reporting.METRICS_FILE).exists()
   smoke_config.fed.num_rounds = 1
   assert len(train_and_evaluate(smoke_config, str(tmp_path), progress=False)["records"]) == 1  # Released.
+
+
+def test_smoke_runs_learn_above_chance(smoke_config, tmp_path):
+  """The smoke backbone is pretrained to about 69% on its grey digits, so a smoke run learns:
+  tests that rely on learning (not only on running) have something to measure. Chance is 10%."""
+  smoke_config.fed.num_rounds = 5
+  result = train_and_evaluate(smoke_config, str(tmp_path), progress=False, log=lambda _: None)
+  first, last = result["records"][0], result["records"][-1]
+  assert last["global_accuracy"] > 0.14 and last["global_accuracy"] > first["global_accuracy"]
+  assert last["train_loss"] < first["train_loss"]

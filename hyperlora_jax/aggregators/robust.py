@@ -21,6 +21,7 @@ noise_multiplier · clip_norm / n on every coordinate of the average.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -76,7 +77,7 @@ def _flat(tree: Tree) -> tuple[jax.Array, Any]:
   """[C, ...] leaves -> ([C, n] one vector per client, unflatten: [n] -> tree)."""
   leaves, treedef = jax.tree.flatten(tree)
   shapes = [leaf.shape[1:] for leaf in leaves]
-  sizes = [int(jnp.prod(jnp.array(s))) if s else 1 for s in shapes]
+  sizes = [math.prod(s) for s in shapes]
   stacked = jnp.concatenate([leaf.reshape(leaf.shape[0], -1) for leaf in leaves], axis=1)
 
   def unflatten(vector):

@@ -106,9 +106,10 @@ def _builder(name: str, data_dir: str):
   return tfds.builder(name, data_dir=data_dir)
 
 
-def split_examples(name: str, split: str, data_dir: str | None = None) -> int:
+def split_examples(name: str, split: str, data_dir: str | None = None) -> int | None:
   """Examples in `split` of `name` ('+'-joined names: the sum), read from the prepared
-  metadata only (embedded datasets are generated first).
+  metadata only (embedded datasets are generated first); None when the metadata lists no
+  splits at all (TFDS mock data), so that reading the data decides.
 
   Raises:
     ValueError: the dataset is unknown or not prepared in `data_dir`, or has no such split;
@@ -123,6 +124,8 @@ def split_examples(name: str, split: str, data_dir: str | None = None) -> int:
     except Exception as e:  # TFDS raises several kinds for an unknown or unprepared dataset.
       raise ValueError(f"no TFDS dataset {source!r} is prepared in data_dir={data_dir!r} and it is not "
                        f"embedded ({EMBEDDED_NAME}/...): {type(e).__name__}") from None
+    if not splits:
+      return None
     try:
       total += splits[split].num_examples
     except (KeyError, ValueError) as e:
