@@ -25,10 +25,13 @@ COUNTERS = ("faults_byzantine", "faults_nonfinite", "faults_dropout", "faults_st
             "rejected_aggregate", "rejected_server_step", "rejected_plugins", "meta_step_skipped")
 
 
-# Fields that change nothing unless another field is set: (field, the field that activates it, its inert value).
-INERT_UNLESS = {"faults.byzantine_scale": ("faults.byzantine", 0.0), "faults.byzantine_kind": ("faults.byzantine", 0.0),
-                "faults.straggler_steps": ("faults.straggler", 0.0), "robust.trim": ("robust.rule", "mean"),
-                "dp.clip_norm": ("dp.noise_multiplier", 0.0), "dp.delta": ("dp.noise_multiplier", 0.0)}
+# Fields that change nothing unless another field has a value: {field: (that field, is it active?)}.
+ACTIVE_WHEN = {"faults.byzantine_scale": ("faults.byzantine", lambda v: v > 0),
+               "faults.byzantine_kind": ("faults.byzantine", lambda v: v > 0),
+               "faults.straggler_steps": ("faults.straggler", lambda v: v > 0),
+               "robust.trim": ("robust.rule", lambda v: v == "trimmed_mean"),
+               "dp.clip_norm": ("dp.noise_multiplier", lambda v: v > 0),
+               "dp.delta": ("dp.noise_multiplier", lambda v: v > 0)}
 
 
 def _setting(config: dict, defaults: dict) -> str:
@@ -38,7 +41,7 @@ def _setting(config: dict, defaults: dict) -> str:
   flat_defaults = {f"{block}.{key}": value for block in BLOCKS for key, value in defaults.get(block, {}).items()}
   changed = [f"{field}={value}" for field, value in sorted(flat.items())
              if flat_defaults.get(field) != value
-             and not (field in INERT_UNLESS and flat.get(INERT_UNLESS[field][0]) == INERT_UNLESS[field][1])]
+             and (field not in ACTIVE_WHEN or ACTIVE_WHEN[field][1](flat.get(ACTIVE_WHEN[field][0])))]
   return ", ".join(changed) or "no faults"
 
 

@@ -178,15 +178,17 @@ def test_reliability_table_groups_by_active_fault_settings_and_sums_what_was_det
     os.makedirs(path)
     config = {"method": "fedit", "seed": seed, "fed": {"num_rounds": 2},
               "faults": {"byzantine": 0.1, "byzantine_scale": 10.0, "dropout": 0.0},
-              "robust": {"rule": "median", "trim": 0.3}, "dp": {"noise_multiplier": 0.0}}
+              "robust": {"rule": "trimmed_mean", "trim": 0.3}, "dp": {"noise_multiplier": 0.0}}
     (path / "config.json").write_text(json.dumps(config))
     rows = [{"round": r, "faults_byzantine": 1, "nonfinite_clients": r - 1, "global_accuracy": acc,
              "personalized_accuracy_mean": 0.5} for r in (1, 2)]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   summaries = [reliability_table.summarize_run(str(tmp_path / f"byz{s}"), defaults) for s in (0, 1)]
-  assert summaries[0]["setting"] == ("faults.byzantine=0.1, faults.byzantine_scale=10.0, robust.rule=median, "
+  assert summaries[0]["setting"] == ("faults.byzantine=0.1, faults.byzantine_scale=10.0, robust.rule=trimmed_mean, "
                                      "robust.trim=0.3")
+  config = {"faults": {"byzantine": 0.0, "byzantine_scale": 10.0}, "robust": {"rule": "median", "trim": 0.3}}
+  assert reliability_table._setting(config, defaults) == "robust.rule=median"  # Inert fields left out.
   assert summaries[0]["faults_byzantine"] == 2 and summaries[0]["nonfinite_clients"] == 1
   table = reliability_table.markdown_table(summaries)
-  assert ("| faults.byzantine=0.1, faults.byzantine_scale=10.0, robust.rule=median, robust.trim=0.3 | fedit | 2 | "
+  assert ("| faults.byzantine=0.1, faults.byzantine_scale=10.0, robust.rule=trimmed_mean, robust.trim=0.3 | fedit | 2 | "
           "32.0 ± 2.0 | 50.0 ± 0.0 | byzantine 2 | nonfinite_clients 1 | – |") in table

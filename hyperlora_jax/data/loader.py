@@ -153,7 +153,8 @@ class CorruptDataError(OSError):
 
 def _corrupt(e: Exception) -> bool:
   """Whether `e` is array_record/Riegeli reporting a damaged file."""
-  return isinstance(e, RuntimeError) and any(w in str(e) for w in ("Riegeli", "Corrupted", "array_record"))
+  return (isinstance(e, RuntimeError) and not isinstance(e, NotImplementedError)
+          and any(w in str(e) for w in ("Riegeli", "Corrupted")))
 
 
 class _NamedSource:
@@ -195,16 +196,16 @@ def _data_source(builder, name: str, split: str, data_dir: str, decoders=None):
   """Random-access records of a prepared split (array_record), with a clear error otherwise."""
   try:
     return _NamedSource(builder.as_data_source(split=split, decoders=decoders), builder, name, split)
-  except RuntimeError as e:
-    if _corrupt(e):
-      raise _NamedSource(None, builder, name, split)._error(e) from e
-    raise
   except (NotImplementedError, FileNotFoundError, AssertionError, ValueError) as e:
     raise FileNotFoundError(
         f"data.name: TFDS dataset {name!r} split {split!r} is not prepared as array_record in "
         f"data_dir={data_dir!r} ({type(e).__name__}). Nothing can be downloaded at run time: "
         f"prepare it on a machine with a network with `tfds build {name} "
         f"--file_format=array_record --data_dir=DIR` and pass that DIR as data.data_dir.") from e
+  except RuntimeError as e:
+    if _corrupt(e):
+      raise _NamedSource(None, builder, name, split)._error(e) from e
+    raise
 
 
 def _to_rgb(image: np.ndarray, image_size: int | None) -> np.ndarray:
