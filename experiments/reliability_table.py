@@ -17,7 +17,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from experiments.report import find_runs
+from experiments.report import emit, find_runs
 from hyperlora_jax import reporting
 
 BLOCKS = ("faults", "robust", "dp")
@@ -90,11 +90,7 @@ def main(argv: list[str] | None = None) -> None:
   from configs import default
   defaults = json.loads(default.get_config().to_json())
   rows = [row for row in (summarize_run(w, defaults) for w in find_runs(args.runs_dir)) if row]
-  table = markdown_table(rows)
-  print(table)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(table + "\n")
+  emit(markdown_table(rows), args.out)
 
 
 if __name__ == "__main__":

@@ -173,10 +173,14 @@ def main(argv: list[str] | None = None) -> None:
   if args.target is not None and not 0 < args.target <= 1:
     raise SystemExit(f"--target {args.target}: must be in (0, 1]")
   links_from = os.path.dirname(os.path.abspath(args.out)) if args.out else None
-  text = build_report(args.runs_dir, args.reference, args.target, args.plots, links_from)
+  emit(build_report(args.runs_dir, args.reference, args.target, args.plots, links_from), args.out)
+
+
+def emit(text: str, out: str | None) -> None:
+  """Prints `text`, and writes it to `out` when given."""
   print(text)
-  if args.out:
-    with open(args.out, "w") as f:
+  if out:
+    with open(out, "w") as f:
       f.write(text + "\n")
 
 
