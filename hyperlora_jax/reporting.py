@@ -37,7 +37,11 @@ def read_metrics(workdir: str) -> list[dict]:
   Raises:
     ValueError: any other line is not a JSON record (naming the file and the line).
   """
-  path = os.path.join(workdir, METRICS_FILE)
+  return read_records(os.path.join(workdir, METRICS_FILE))
+
+
+def read_records(path: str) -> list[dict]:
+  """The JSON-lines records of `path` ([] if it does not exist), as `read_metrics`."""
   if not os.path.exists(path):
     return []
   with open(path) as f:
@@ -53,6 +57,14 @@ def read_metrics(workdir: str) -> list[dict]:
         break  # Torn last write.
       raise ValueError(f"{path} line {number} is not a JSON record ({e}); fix or remove that line") from None
   return records
+
+
+def write_records(path: str, records: list[dict]) -> None:
+  """Writes JSON-lines `records` to `path` atomically (a temporary file, then a rename)."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+  os.replace(tmp, path)
 
 
 def truncate_metrics(workdir: str, last_round: int) -> None:

@@ -455,6 +455,22 @@ def _checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
                                options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 
 
+def metrics_snapshot_path(workdir: str, step: int) -> str:
+  """The copy of rounds 1..step of metrics.jsonl kept with checkpoint `step`."""
+  return os.path.join(workdir, "checkpoints", f"metrics-{step}.jsonl")
+
+
+def save_metrics_snapshot(workdir: str, step: int, records: list[dict], manager: ocp.CheckpointManager) -> None:
+  """Keeps rounds 1..step of the metrics beside checkpoint `step`, so that a lost or damaged
+  metrics.jsonl can be rebuilt on resume; drops the copies of checkpoints orbax has removed."""
+  reporting.write_records(metrics_snapshot_path(workdir, step), [r for r in records if r["round"] <= step])
+  kept = set(manager.all_steps()) | {step}
+  directory = os.path.join(workdir, "checkpoints")
+  for name in os.listdir(directory):
+    if name.startswith("metrics-") and name.endswith(".jsonl") and int(name[8:-6]) not in kept:
+      os.remove(os.path.join(directory, name))
+
+
 def restore_state(manager: ocp.CheckpointManager, state: Any) -> tuple[Any, int]:
   """(state, rounds done) from the latest checkpoint, or (state, 0) if there is none.
 
@@ -580,13 +596,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop
   manager = _checkpoint_manager(workdir)
   state, done = restore_state(manager, state)
   records = [r for r in reporting.read_metrics(workdir) if r.get("round", 0) <= done]
+  rebuilt = False
   if [r.get("round") for r in records] != list(range(1, done + 1)):  # Counters continue from `done`.
-    manager.close()
-    raise RuntimeError(f"{workdir}/{reporting.METRICS_FILE} holds {len(records)} of the {done} "
-                       f"rounds the checkpoint has done; restore the file or use a new workdir "
-                       f"(nothing was changed)")
+    records = reporting.read_records(metrics_snapshot_path(workdir, done))  # The checkpoint's copy.
+    if [r.get("round") for r in records] != list(range(1, done + 1)):
+      manager.close()
+      raise RuntimeError(f"{workdir}/{reporting.METRICS_FILE} lacks rounds of the {done} the checkpoint "
+                         f"has done, and the checkpoint holds no copy of them; restore the file or use "
+                         f"a new workdir (nothing was changed)")
+    rebuilt = True
   if main_process:
-    reporting.truncate_metrics(workdir, done)
+    if rebuilt:
+      reporting.write_records(os.path.join(workdir, reporting.METRICS_FILE), records)
+      log(f"{workdir}/{reporting.METRICS_FILE} lacked checkpointed rounds: rebuilt rounds 1-{done} "
+          f"from the checkpoint's copy")
+    else:
+      reporting.truncate_metrics(workdir, done)
   distributed.barrier("metrics truncated")
   if done:
     log(f"resumed from round {done} in {workdir}")
@@ -652,6 +677,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop
     records.append(reporting.append_metrics(workdir, record) if main_process else reporting.clean_record(record))
     if (r + 1) % config.checkpoint_every == 0 or r + 1 == config.fed.num_rounds:
       manager.save(r + 1, args=ocp.args.StandardSave(state))
+      if main_process:
+        save_metrics_snapshot(workdir, r + 1, records, manager)
   bar.close()
   prefetch.shutdown()
   manager.wait_until_finished()

@@ -134,20 +134,34 @@ def test_a_torn_last_metrics_line_is_dropped_and_a_corrupt_one_is_named(tmp_path
     reporting.read_metrics(str(tmp_path))
 
 
-def test_resume_refuses_missing_metrics_or_config_instead_of_restarting_counters(smoke_config, tmp_path):
-  """Deleted metrics.jsonl: resuming would restart cum_bytes from 0 with rounds missing. Deleted
-  config.json: the different-config guard would be off. Both are refused, files untouched."""
-  train_and_evaluate(smoke_config, str(tmp_path), stop_after_round=2, progress=False)
-  metrics = tmp_path / reporting.METRICS_FILE
+def test_lost_metrics_are_rebuilt_from_the_checkpoint_and_a_lost_config_is_refused(smoke_config, tmp_path):
+  """Deleted metrics.jsonl: it used to resume with rounds missing and cum_bytes restarted from 0.
+  Now the copy kept with the checkpoint rebuilds it, and the finished run's metrics equal an
+  unbroken run's; without that copy it is refused. Deleted config.json: the different-config
+  guard would be off, so that is refused, files untouched."""
+  smoke_config.fed.num_rounds = 4
+  train_and_evaluate(smoke_config, str(tmp_path / "straight"), progress=False)
+  work = tmp_path / "broken"
+  train_and_evaluate(smoke_config, str(work), stop_after_round=3, progress=False)  # Checkpoint at 2.
+  assert sorted(p.name for p in (work / "checkpoints").glob("metrics-*.jsonl")) == ["metrics-2.jsonl"]
+  metrics = work / reporting.METRICS_FILE
   saved = metrics.read_text()
   metrics.unlink()
-  with pytest.raises(RuntimeError, match="holds 0 of the 2 rounds"):
-    train_and_evaluate(smoke_config, str(tmp_path), progress=False)
+  train_and_evaluate(smoke_config, str(work), progress=False)
+  assert reporting.read_metrics(str(work)) == reporting.read_metrics(str(tmp_path / "straight"))
+  assert sorted(p.name for p in (work / "checkpoints").glob("metrics-*.jsonl")) == ["metrics-2.jsonl",
+                                                                                  "metrics-4.jsonl"]
+  work2 = tmp_path / "no_copy"
+  train_and_evaluate(smoke_config, str(work2), stop_after_round=2, progress=False)
+  (work2 / reporting.METRICS_FILE).unlink()
+  (work2 / "checkpoints" / "metrics-2.jsonl").unlink()
+  with pytest.raises(RuntimeError, match="lacks rounds of the 2 .* holds no copy"):
+    train_and_evaluate(smoke_config, str(work2), progress=False)
   metrics.write_text(saved)
-  (tmp_path / "config.json").unlink()
+  (work / "config.json").unlink()
   with pytest.raises(Exception, match="no config.json"):
-    train_and_evaluate(smoke_config, str(tmp_path), progress=False)
-  assert (tmp_path / "checkpoints" / "2").exists()
+    train_and_evaluate(smoke_config, str(work), progress=False)
+  assert (work / "checkpoints" / "4").exists()
 
 
 def test_a_workdir_in_use_is_refused(smoke_config, tmp_path):
