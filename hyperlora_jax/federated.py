@@ -7,8 +7,11 @@
 A round gathers the sampled clients' persistent local leaves, builds each client's start
 (global ⊕ its local leaves, + every plug-in's offset, truncated to its rank), runs the client
 update for all clients with `primitives.map_clients` (vmap of a `lax.scan`, chunked, sharded),
-leaves non-finite clients out, aggregates, applies the server optimizer (FedOpt) to the
+injects the configured faults (`faults`), leaves non-finite clients out, aggregates (the
+aggregator sees each client's start too), applies the server optimizer (FedOpt) to the
 pseudo-gradient, runs the plug-ins' post-aggregation hooks and scatters local leaves back.
+Each server part (aggregate, server step, every plug-in) whose output is non-finite or blows
+up is rejected and keeps its previous state (`max_server_value`; `rejected_*` metrics).
 It knows nothing of models, tasks or methods: those are the loss, the aggregator and the
 plug-ins. Block shapes are fixed, so it compiles once per run.
 
