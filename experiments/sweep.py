@@ -216,6 +216,7 @@ def run_sweep(specs: list[RunSpec], runs_dir: str, jobs: int = 1, variant: str =
   """Runs every spec (skipping finished ones), `jobs` at a time; returns the index entries."""
   from hyperlora_jax.config_validation import validate_config
   from hyperlora_jax import methods
+  from hyperlora_jax.train import config_differences
   os.makedirs(runs_dir, exist_ok=True)
   configs = [make_config(s, variant) for s in specs]
   for config in configs:  # Every config error surfaces before anything runs.
@@ -227,15 +228,23 @@ def run_sweep(specs: list[RunSpec], runs_dir: str, jobs: int = 1, variant: str =
     workdir = workdir_of(runs_dir, config.benchmark, spec)
     entry = {"config": spec.config_spec, "benchmark": config.benchmark, "method": spec.method,
              "seed": spec.seed, "overrides": list(spec.overrides), "workdir": workdir, "status": "pending"}
-    if is_finished(workdir, config.fed.num_rounds):  # Keep what the sweep that ran it recorded.
+    changed = config_differences(workdir, config)
+    if changed:  # Neither finished nor resumable: the workdir holds another config's run.
+      entry.update(status="failed", seconds=0.0,
+                   error=f"ConfigError: {workdir} holds a run of a different config (fields: "
+                         f"{', '.join(changed)}); it was left untouched. Fixed --set overrides are not "
+                         f"part of a workdir's path: use another --runs_dir or put the field in --grid")
+    elif is_finished(workdir, config.fed.num_rounds):  # Keep what the sweep that ran it recorded.
       entry = {**previous.get(workdir, {}), **entry, "status": "finished"}
       entry.pop("error", None)
       entry.pop("traceback", None)
       entry.setdefault("final", final_metrics(reporting.read_metrics(workdir)))
     entries.append(entry)
   todo = [i for i, e in enumerate(entries) if e["status"] == "pending"]
-  log(f"sweep: {len(entries)} runs, {len(entries) - len(todo)} already finished, {len(todo)} to run "
-      f"({jobs} at a time)")
+  conflicts = [e for e in entries if e["status"] == "failed"]
+  log(f"sweep: {len(entries)} runs, {len(entries) - len(todo) - len(conflicts)} already finished, "
+      f"{len(todo)} to run ({jobs} at a time)"
+      + (f"; {len(conflicts)} refused: their workdirs hold another config's run" if conflicts else ""))
   write_index(runs_dir, entries, earlier)
   prepare_shared_inputs([configs[i] for i in todo], log)
 

@@ -390,6 +390,20 @@ def evaluate_new_clients(exp: Experiment, state: Any, frozen: Any) -> dict[str, 
   return {f"new_client_{name}": float(np.mean(distributed.to_host(acc))) for name, acc in accuracies.items()}
 
 
+def config_differences(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
+  """The fields (dotted) in which `config` differs from the one recorded in `workdir` ([] when
+  they agree or none is recorded), besides those a run may change on resume."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    saved = json.load(f)
+  saved_flat = traverse_util.flatten_dict(saved, sep=".")
+  current_flat = traverse_util.flatten_dict(used_config(config, methods.METHOD_BLOCKS), sep=".")
+  return sorted(k for k in set(saved_flat) | set(current_flat)
+                if saved_flat.get(k) != current_flat.get(k) and k not in RESUMABLE_FIELDS)
+
+
 def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Refuses a workdir holding another config (every process checks), then the main process
   records this one."""
@@ -399,16 +413,10 @@ def _check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
   if not os.path.exists(path) and os.path.isdir(checkpoints) and os.listdir(checkpoints):
     raise ConfigError(f"workdir {workdir} has checkpoints but no {CONFIG_FILE}, so its config cannot "
                       f"be checked against this one; restore the file or use a new workdir")
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    saved_flat = traverse_util.flatten_dict(saved, sep=".")
-    current_flat = traverse_util.flatten_dict(current, sep=".")
-    changed = sorted(k for k in set(saved_flat) | set(current_flat)
-                     if saved_flat.get(k) != current_flat.get(k) and k not in RESUMABLE_FIELDS)
-    if changed:
-      raise ConfigError(f"workdir {workdir} holds a run with a different config (fields: "
-                        f"{', '.join(changed)}); use a new workdir or the same config")
+  changed = config_differences(workdir, config)
+  if changed:
+    raise ConfigError(f"workdir {workdir} holds a run with a different config (fields: "
+                      f"{', '.join(changed)}); use a new workdir or the same config")
   distributed.barrier("config checked")
   if distributed.is_main_process():
     with open(path, "w") as f:

@@ -192,3 +192,19 @@ def test_reliability_table_groups_by_active_fault_settings_and_sums_what_was_det
   table = reliability_table.markdown_table(summaries)
   assert ("| faults.byzantine=0.1, faults.byzantine_scale=10.0, robust.rule=trimmed_mean, robust.trim=0.3 | fedit | 2 | "
           "32.0 ± 2.0 | 50.0 ± 0.0 | byzantine 2 | nonfinite_clients 1 | – |") in table
+
+
+def test_a_workdir_holding_another_configs_run_is_refused_not_counted_as_finished(tmp_path, cache_dirs):
+  """Fixed --set overrides are not in a workdir's path: a sweep with a different --set used to
+  count the other config's finished run as its own (and index its metrics under the new one)."""
+  fixed = (f"data.data_dir={cache_dirs['data_dir']}", f"pretrain.cache_dir={cache_dirs['cache_dir']}",
+           "fed.num_rounds=1")
+  runs, lines = str(tmp_path / "runs"), []
+  specs = sweep.expand(["configs/default.py"], ["fedit"], [0], list(fixed), [])
+  assert [e["status"] for e in sweep.run_sweep(specs, runs, variant="smoke", log=lines.append)] == ["finished"]
+  other = sweep.expand(["configs/default.py"], ["fedit"], [0], list(fixed) + ["robust.clip_norm=1.0"], [])
+  entries = sweep.run_sweep(other, runs, variant="smoke", log=lines.append)
+  assert entries[0]["status"] == "failed" and "robust.clip_norm" in entries[0]["error"]
+  assert lines[-1].endswith("1 refused: their workdirs hold another config's run")
+  assert json.loads((tmp_path / "runs" / "default" / "fedit" / "seed0" / "config.json").read_text())[
+      "robust"]["clip_norm"] == 0.0  # Untouched.
