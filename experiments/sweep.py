@@ -118,9 +118,8 @@ def expand(config_specs: list[str], methods: list[str], seeds: list[int], fixed:
 def workdir_of(runs_dir: str, benchmark: str, spec: RunSpec) -> str:
   """RUNS_DIR/<benchmark>/<method>[/<grid values>]/seed<k>; refuses a benchmark name that
   would leave RUNS_DIR (absolute, or with '..')."""
-  if os.path.isabs(benchmark) or ".." in benchmark.replace("\\", "/").split("/") or not benchmark.strip("/"):
-    raise ValueError(f"benchmark: {benchmark!r} must be a relative name inside --runs_dir "
-                     f"(no absolute path, no '..')")
+  from hyperlora_jax.config_validation import check_relative_name
+  check_relative_name(benchmark, "benchmark")  # ConfigError (a ValueError) naming the field.
   parts = [runs_dir, benchmark, spec.method]
   if spec.grid:
     parts.append(",".join(p.replace("/", "_") for p in spec.grid))

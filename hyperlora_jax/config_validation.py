@@ -94,7 +94,7 @@ def _finite_numbers(node, prefix: str = "") -> None:
                f"must be finite, got {tuple(value)}")
 
 
-def _relative_name(value: str, field: str) -> None:
+def check_relative_name(value: str, field: str) -> None:
   """A name used as a directory below another (the benchmark below a sweep's runs dir)."""
   parts = str(value).replace("\\", "/").split("/")
   _require(bool(str(value).strip("/")) and not os.path.isabs(value) and ".." not in parts, field,
@@ -119,7 +119,7 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
   _one_of(config.method, sorted(allowed_methods), "method")
   _positive_int(config, "seed", minimum=0)
   _finite_numbers(config)
-  _relative_name(config.get("benchmark", "default"), "benchmark")
+  check_relative_name(config.get("benchmark", "default"), "benchmark")
   data, fed = config.data, config.fed
   _require(bool(data.name), "data.name", "must name a TFDS dataset, e.g. 'digits_domains/res16'")
   _one_of(data.partition, ALLOWED_PARTITIONS, "data.partition")

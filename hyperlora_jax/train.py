@@ -135,8 +135,9 @@ def preflight(config: ml_collections.ConfigDict) -> None:
     if pretrain_examples is not None and config.pretrain.batch_size > pretrain_examples:
       raise ConfigError(f"pretrain.batch_size: {config.pretrain.batch_size} exceeds the {pretrain_examples} "
                         f"examples of {config.pretrain.data_name!r} {config.pretrain.split!r}")
-  if not _writable_dir(os.path.dirname(pretrain.cache_path(config))):
-    raise ConfigError(f"pretrain.cache_dir: cannot write to {os.path.dirname(pretrain.cache_path(config))!r}")
+  cache_dir = os.path.dirname(pretrain.cache_path(config))
+  if not _writable_dir(cache_dir):
+    raise ConfigError(f"pretrain.cache_dir: cannot write to {cache_dir!r}")
   names = loader.label_names(config.data.name, data_dir)
   model = models.model_from_config(config.model, len(names), names)
   images = jnp.zeros((1, config.data.image_size, config.data.image_size, 3), jnp.uint8)

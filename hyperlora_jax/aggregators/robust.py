@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from hyperlora_jax import lora as lora_lib
-from hyperlora_jax.aggregators.base import AggregationContext, Aggregator, Capabilities, aggregate_layers
+from hyperlora_jax.aggregators.base import AggregationContext, Aggregator, Capabilities, aggregate_layers, no_state
 from hyperlora_jax.aggregators.products import best_rank_r
 from hyperlora_jax.primitives import weighted_mean
 
@@ -107,7 +107,7 @@ def robust_factors(rule: str, trim: float = 0.1) -> Aggregator:
   def aggregate(state, global_params, client_params, weights, context=None):
     del global_params, context
     return _robust_tree(rule, client_params, weights, trim), {}, state
-  return Aggregator(lambda g, rng=None, signature_dim=0: {}, aggregate,
+  return Aggregator(no_state, aggregate,
                     Capabilities(name=f"robust_factors[{rule}]", heterogeneous_ranks=False))
 
 
@@ -130,7 +130,7 @@ def robust_products(rule: str, scale: float, trim: float = 0.1) -> Aggregator:
     new_params, _ = aggregate_layers(rule_fn, global_params, client_params, weights)
     robust_rest = _robust_tree(rule, _without_layers(client_params), weights, trim)
     return _merge_rest(new_params, robust_rest), {}, state
-  return Aggregator(lambda g, rng=None, signature_dim=0: {}, aggregate,
+  return Aggregator(no_state, aggregate,
                     Capabilities(name=f"robust_products[{rule}]", plain_server_step=True))
 
 

@@ -173,23 +173,22 @@ class _NamedSource:
         f"({builder.info.name}-{split.split('[')[0]}.array_record-*): {e}. Prepare it again (an embedded "
         f"dataset: delete that directory and rerun).")
 
-  def __getitem__(self, key):
+  def _named(self, read, key):
+    """`read(key)`, with a damaged file's error naming the dataset."""
     try:
-      return self._source[key]
+      return read(key)
     except RuntimeError as e:
       if _corrupt(e):
         raise self._error(e) from e
       raise
 
+  def __getitem__(self, key):
+    return self._named(self._source.__getitem__, key)
+
   def __getitems__(self, keys):
     if not hasattr(self._source, "__getitems__"):
       raise TypeError("no batched read")  # `_read` falls back to one record at a time.
-    try:
-      return self._source.__getitems__(keys)
-    except RuntimeError as e:
-      if _corrupt(e):
-        raise self._error(e) from e
-      raise
+    return self._named(self._source.__getitems__, keys)
 
 
 def _data_source(builder, name: str, split: str, data_dir: str, decoders=None):
