@@ -14,6 +14,10 @@ install: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(PY) -m experiments.main --config configs/default.py --methods hyperlora,fedit --workdir runs/default
 
+# After `make run`: its results against the README's table, within stated tolerances.
+check-run: $(VENV)/.installed
+	$(PY) -m experiments.check_readme --workdir runs/default
+
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
@@ -26,4 +30,4 @@ BENCH_FLAGS ?=
 bench: $(VENV)/.installed
 	$(PY) -m experiments.benchmark --out $(BENCH_OUT) $(BENCH_FLAGS)
 
-.PHONY: install run test lint bench
+.PHONY: install run check-run test lint bench

@@ -42,6 +42,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.classes_per_client = 2
   config.data.min_client_size = 10
   config.data.heldout_clients = 0             # New clients never trained on, evaluated at the end.
+  config.data.max_client_examples = 0         # > 0: each client keeps a random subset of at most this
+                                              # many training examples (data-scarce regimes); its
+                                              # test split is unchanged. 0: all.
   config.data.stream = False                  # Read images on demand from the prepared files
                                               # (host memory: the index and a few blocks).
   config.data.stream_chunk_examples = 4096    # Examples per evaluation/signature block (bounds device

@@ -142,6 +142,74 @@ def plot_benchmark(rows: list[dict], path: str, title: str) -> None:
   plt.close(fig)
 
 
+DIAGNOSTIC_PANELS = (("aggregation_bias", "aggregation bias ‖B̄Ā − ΣpBA‖/‖ΣpBA‖"),
+                     ("client_drift", "client drift (update spread / mean)"),
+                     ("init_lag", "init. lag (first − last step loss)"),
+                     ("generator_offset_norm", "generator offset norm Σp‖o‖"),
+                     ("synth_weight_kl", "synthesizer KL(w ‖ p)"),
+                     ("corrector_gate", "corrector gate (mean)"))
+
+
+def diagnostics_table(rows: list[dict]) -> str | None:
+  """Markdown: each method's diagnostics averaged over its rounds (mean ± std over seeds), or
+  None when no run reports any (runs made before diagnostics existed)."""
+  keys = [k for k, _ in DIAGNOSTIC_PANELS if any(_round_mean(r, k) is not None for r in rows)]
+  if not keys:
+    return None
+  lines = ["| method | " + " | ".join(f"{k} (mean over rounds)" for k in keys) + " |",
+           "|---|" + "---|" * len(keys)]
+  for method in _ordered_methods(rows):
+    group = [r for r in rows if r["method"] == method]
+    cells = []
+    for key in keys:
+      values = [v for v in (_round_mean(r, key) for r in group) if v is not None]
+      cells.append(f"{np.mean(values):.3g} ± {np.std(values):.2g}" if values else "–")
+    lines.append(f"| {method} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def _round_mean(run: dict, key: str) -> float | None:
+  values = [r[key] for r in run["records"] if isinstance(r.get(key), (int, float))]
+  return float(np.mean(values)) if values else None
+
+
+def plot_diagnostics(rows: list[dict], path: str, title: str) -> bool:
+  """The round's diagnostics vs round, one line per method (mean ± std over seeds), one panel
+  per diagnostic any run reports. Returns False (and writes nothing) when none does."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  panels = [(k, label) for k, label in DIAGNOSTIC_PANELS
+            if any(r.get(k) is not None for run in rows for r in run["records"])]
+  if not panels:
+    return False
+  cols = 3
+  fig, axes = plt.subplots((len(panels) + cols - 1) // cols, cols, figsize=(14, 3.6 * ((len(panels) + 2) // 3)),
+                           squeeze=False)
+  cmap = plt.get_cmap("tab20")
+  for color, method in enumerate(_ordered_methods(rows)):
+    group = [r for r in rows if r["method"] == method]
+    for i, (key, label) in enumerate(panels):
+      curve = mean_curve(group, key, "round")
+      if curve is None:
+        continue
+      x, mean, std = curve
+      ax = axes[i // cols][i % cols]
+      ax.plot(x, mean, color=cmap(color % 20), label=method)
+      ax.fill_between(x, mean - std, mean + std, color=cmap(color % 20), alpha=0.15, linewidth=0)
+      ax.set(xlabel="round", title=label)
+  for j in range(len(panels), axes.size):
+    axes[j // cols][j % cols].axis("off")
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="center right", fontsize=8)
+  fig.suptitle(title)
+  fig.tight_layout(rect=(0, 0, 0.87, 0.97))
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return True
+
+
 def build_report(runs_dir: str, reference: str = "fedit", target: float | None = None,
                  plots_dir: str | None = None, links_from: str | None = None) -> str:
   """The Markdown report of every finished run under `runs_dir`; writes the plots, linked
@@ -157,6 +225,11 @@ def build_report(runs_dir: str, reference: str = "fedit", target: float | None =
     png = os.path.join(plots_dir, benchmark.replace("/", "__") + ".png")
     plot_benchmark(group, png, benchmark)
     sections[-1] += f"\n\n![{benchmark}]({os.path.relpath(png, links_from or runs_dir)})"
+    table = diagnostics_table(group)
+    png = os.path.join(plots_dir, benchmark.replace("/", "__") + "__diagnostics.png")
+    if table and plot_diagnostics(group, png, f"{benchmark}: diagnostics"):
+      sections[-1] += (f"\n\nDiagnostics (`hyperlora_jax/diagnostics.py`):\n\n{table}\n\n"
+                       f"![{benchmark} diagnostics]({os.path.relpath(png, links_from or runs_dir)})")
   if not sections:
     return f"No finished runs under {runs_dir}."
   return "\n\n".join(sections)

@@ -55,7 +55,9 @@ class ClientUpdate:
       change nothing and count no loss or examples (None: all S).
   Returns:
     (trained pytree like `start`, {"loss": mean loss over steps with examples,
-     "examples": examples seen, "aux": `loss_fn`'s aux of the last step}).
+     "examples": examples seen, "first_loss" / "last_loss": the loss of the first / last
+     step with examples (before its update; the same step when none has any), "aux":
+     `loss_fn`'s aux of the last step}).
   """
   loss_fn: LossFn
   optimizer: optax.GradientTransformation
@@ -85,7 +87,9 @@ class ClientUpdate:
         step, (start, self.optimizer.init(start)), (batches, keys, jnp.arange(num_steps)))
     active = (counts > 0).astype(losses.dtype)
     mean_loss = jnp.sum(losses * active) / jnp.maximum(jnp.sum(active), 1.0)
+    first, last = jnp.argmax(active), num_steps - 1 - jnp.argmax(active[::-1])  # Steps with examples.
     return trained, {"loss": mean_loss, "examples": jnp.sum(counts),
+                     "first_loss": losses[first], "last_loss": losses[last],
                      "aux": jax.tree.map(lambda x: x[-1], aux)}
 
 

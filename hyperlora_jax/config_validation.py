@@ -127,7 +127,7 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
                 "fed.local_steps", "fed.batch_size", "lora.rank", "pretrain.batch_size",
                 "eval_batch", "eval_every", "checkpoint_every"):
     _positive_int(config, field)
-  for field in ("data.heldout_clients", "fed.new_client_steps", "fed.num_devices"):
+  for field in ("data.heldout_clients", "data.max_client_examples", "fed.new_client_steps", "fed.num_devices"):
     _positive_int(config, field, minimum=0)
   _positive_int(config, "data.min_client_size")  # 0 lets a client without examples in (weight 0/0).
   if not config.pretrain.get("npz_path"):

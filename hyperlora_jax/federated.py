@@ -42,6 +42,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from hyperlora_jax import diagnostics as diagnostics_lib
 from hyperlora_jax import faults as faults_lib
 from hyperlora_jax import lora as lora_lib
 from hyperlora_jax import params as params_lib
@@ -294,7 +295,9 @@ class FederatedRound:
       weights: [C] float32 aggregation weights p_k (0 for padding).
     Returns:
       (new state, {"train_loss", "nonfinite_clients", "participants", "rejected_aggregate",
-       "rejected_server_step", "rejected_plugins"} plus the aggregator's declared metrics).
+       "rejected_server_step", "rejected_plugins"} plus the aggregator's declared metrics and
+       the round's diagnostics, `diagnostics.round_diagnostics`: aggregation bias per layer,
+       client drift, first/last local-step loss, generator offset norm).
     """
     caps = self.aggregator.capabilities
     global_params = state["global"]
@@ -416,6 +419,7 @@ class FederatedRound:
                      "rejected_server_step": (~step_ok).astype(jnp.int32),
                      "rejected_plugins": plugins_rejected}
     round_metrics.update({name: agg_state[name] for name in caps.metrics})
+    round_metrics.update(diagnostics_lib.round_diagnostics(trained, starts, weights, metrics, offsets))
     if faulty:
       round_metrics.update(faults_lib.fault_metrics(fault_masks))
     return new_state, round_metrics

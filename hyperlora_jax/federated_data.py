@@ -97,6 +97,7 @@ def build_federated_data(config: ml_collections.ConfigDict) -> FederatedData:
       data.partition, train.labels, train.domains, test.labels, test.domains,
       data.num_clients + data.heldout_clients, seed=config.seed, alpha=data.dirichlet_alpha,
       classes_per_client=data.classes_per_client, min_size=data.min_client_size)
+  train_parts = partition.cap_examples(train_parts, data.get("max_client_examples", 0), config.seed)
   new_train, new_test = train_parts[data.num_clients:], test_parts[data.num_clients:]
   train_parts, test_parts = train_parts[:data.num_clients], test_parts[:data.num_clients]
   return FederatedData(train, test, train_parts, test_parts, new_train, new_test, config.eval_batch,

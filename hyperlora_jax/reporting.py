@@ -10,6 +10,8 @@ PLOT_FILE = "convergence.png"
 
 
 def _clean(value):
+  if isinstance(value, dict):
+    return {k: _clean(v) for k, v in value.items()}
   if isinstance(value, float) and not math.isfinite(value):
     return None
   return value

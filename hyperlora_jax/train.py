@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from hyperlora_jax import autotune, distributed, lora, methods, models, pretrain, primitives, privacy, reporting
+from hyperlora_jax import autotune, diagnostics, distributed, lora, methods, models, pretrain, primitives, privacy, reporting
 from hyperlora_jax import faults as faults_lib
 from hyperlora_jax import federated
 from hyperlora_jax.client import ClientUpdate, local_update
@@ -43,6 +43,9 @@ LOCK_FILE = ".lock"
 ENVIRONMENT_FILE = "environment.json"  # Versions, backend and machine-chosen values (`environment`).
 # Fields a resumed run may change (they do not alter the rounds already done).
 RESUMABLE_FIELDS = ("fed.num_rounds", "eval_every", "checkpoint_every")
+# Fields added after runs were recorded without them, with the value that means "as before":
+# a recorded run lacking one is the same config when this run has that value.
+ADDED_FIELDS = {"data.max_client_examples": 0}
 
 
 @dataclasses.dataclass
@@ -79,6 +82,23 @@ def initial_trainable(model, backbone: Any, example_images: jax.Array, target_re
   params = {**backbone["params"], **({"head": head} if head else {})}
   targets = lora.find_targets(model, {"params": params}, inputs, target_regex=target_regex)
   return {"lora": lora.init_lora(rng, targets, rank), "head": head}, targets
+
+
+@dataclasses.dataclass(frozen=True)
+class _PendingRound:
+  """A dispatched round whose host work (`finish` in `_train_and_evaluate`) is still to do.
+
+  index: the round (0-based); metrics: its device metrics; client_ids: [C] host ids (-1 =
+  padding); global_finite: device bool, the new global model is finite; collect_evaluation:
+  waits for the dispatched evaluation (None: not an evaluation round); new_clients: the
+  held-out new clients' accuracies (last round only, else empty).
+  """
+  index: int
+  metrics: dict
+  client_ids: np.ndarray
+  global_finite: Any
+  collect_evaluation: Callable[[], tuple[float, np.ndarray]] | None
+  new_clients: dict
 
 
 def _number(value: Any) -> int | float:
@@ -401,6 +421,9 @@ def config_differences(workdir: str, config: ml_collections.ConfigDict) -> list[
     saved = json.load(f)
   saved_flat = traverse_util.flatten_dict(saved, sep=".")
   current_flat = traverse_util.flatten_dict(used_config(config, methods.METHOD_BLOCKS), sep=".")
+  for field, as_before in ADDED_FIELDS.items():
+    if field not in saved_flat and current_flat.get(field) == as_before:
+      saved_flat[field] = as_before
   return sorted(k for k in set(saved_flat) | set(current_flat)
                 if saved_flat.get(k) != current_flat.get(k) and k not in RESUMABLE_FIELDS)
 
@@ -500,11 +523,14 @@ def restore_state(manager: ocp.CheckpointManager, state: Any) -> tuple[Any, int]
   return restored, step
 
 
-def _evaluator(exp: Experiment) -> Callable[[Any, Any], tuple[float, np.ndarray]]:
-  """`evaluate(state, frozen) -> (global accuracy (NaN without a global model), [N] client
-  accuracies)`, looping over the data's evaluation blocks, sharded over the clients mesh axis
-  (examples of the global test blocks, clients of the client blocks): held on the devices
-  once when the images are in memory, read again at each evaluation when they are streamed."""
+def _evaluator(exp: Experiment) -> Callable[[Any, Any], Callable[[], tuple[float, np.ndarray]]]:
+  """`evaluate(state, frozen)` dispatches the evaluation of `state` and returns `collect()`,
+  which waits for it and gives (global accuracy (NaN without a global model), [N] client
+  accuracies). In between, the state may be donated to the next round: the evaluation was
+  enqueued first and reads it first. It loops over the data's evaluation blocks, sharded over
+  the clients mesh axis (examples of the global test blocks, clients of the client blocks):
+  held on the devices once when the images are in memory, read again at each evaluation when
+  they are streamed."""
   chunk = exp.fed_round.clients_per_chunk
   evaluation = task_lib.make_evaluate(exp.task, exp.fed_round, eval_batch=exp.config.eval_batch,
                                       clients_per_chunk=chunk)
@@ -520,14 +546,18 @@ def _evaluator(exp: Experiment) -> Callable[[Any, Any], tuple[float, np.ndarray]
 
   def evaluate(state, frozen):
     global_blocks, client_blocks = cached or blocks_on_device()
-    correct = count = np.float32(0.0)
-    for block in global_blocks:  # Integer counts: exact in float32, as on the device.
-      c, n = global_counts(state, frozen, block)
-      correct, count = correct + np.float32(c), count + np.float32(n)
-    global_accuracy = float(correct / max(count, np.float32(1.0)))
-    accuracies = np.concatenate([distributed.to_host(client_accuracy(state, frozen, ids, block))
-                                 for ids, block in client_blocks])[:data.num_clients]
-    return (global_accuracy if exp.method.has_global_model else math.nan), accuracies
+    counts = [global_counts(state, frozen, block) for block in global_blocks]
+    per_client = [client_accuracy(state, frozen, ids, block) for ids, block in client_blocks]
+
+    def collect():
+      correct = count = np.float32(0.0)
+      for c, n in counts:  # Integer counts: exact in float32, as on the device.
+        correct, count = correct + np.float32(c), count + np.float32(n)
+      global_accuracy = float(correct / max(count, np.float32(1.0)))
+      accuracies = np.concatenate([distributed.to_host(a) for a in per_client])[:data.num_clients]
+      return (global_accuracy if exp.method.has_global_model else math.nan), accuracies
+
+    return collect
 
   return evaluate
 
@@ -643,21 +673,26 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop
              desc=config.method, disable=not (progress and main_process), leave=False)
   prefetch = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # Round r+1's block while r runs.
   upcoming = prefetch.submit(round_on_mesh, exp, done, per_client) if done < last_round else None
-  for r in bar:
-    (block, ids, weights), host_ids = upcoming.result()
-    upcoming = prefetch.submit(round_on_mesh, exp, r + 1, per_client) if r + 1 < last_round else None
-    state, round_metrics = round_fn(state, frozen, block, ids, weights)
-    up, down = communication_bytes(exp, r, host_ids)
+  has_test = np.array([len(p) > 0 for p in exp.data.test_parts])
+
+  def finish(pending: _PendingRound) -> None:
+    """Round `pending.index`'s host work: metrics to host, the finiteness check, evaluation
+    results, logs and the metrics line. Runs while the next round computes."""
+    nonlocal cum_up, cum_down
+    r, round_metrics = pending.index, pending.metrics
+    up, down = communication_bytes(exp, r, pending.client_ids)
     cum_up, cum_down = cum_up + up, cum_down + down
     record = {"round": r + 1, "train_loss": float(round_metrics["train_loss"]),
               **{name: _number(round_metrics[name]) for name in aggregator_metrics},
               "nonfinite_clients": int(round_metrics["nonfinite_clients"]),
               **{key: int(round_metrics[key]) for key in REJECTION_METRICS},
               **{key: int(value) for key, value in round_metrics.items() if key.startswith("faults_")},
+              **{key: jax.tree.map(float, round_metrics[key]) for key in diagnostics.METRICS
+                 if key in round_metrics},
               **({"dp_epsilon": privacy_spent(config, r + 1)} if dp_on else {}),
               "bytes_up": up, "bytes_down": down, "cum_bytes_up": cum_up,
               "cum_bytes_down": cum_down, "cum_bytes": cum_up + cum_down}
-    if not bool(global_is_finite(state)):  # Not evaluated, not saved, not recorded.
+    if not bool(pending.global_finite):  # Not recorded, not saved; its evaluation is discarded.
       manager.wait_until_finished()
       last_saved = manager.latest_step()
       manager.close()
@@ -666,16 +701,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop
           f"(rejected this round: {', '.join(f'{k}={record[k]}' for k in REJECTION_METRICS)}); "
           + (f"the last checkpoint is step {last_saved} in {workdir}" if last_saved is not None
              else f"no checkpoint was saved in {workdir}"))
-    if (r + 1) % config.eval_every == 0 or r + 1 == config.fed.num_rounds:
-      global_accuracy, acc = evaluate(state, frozen)
-      has_test = np.array([len(p) > 0 for p in exp.data.test_parts])
+    if pending.collect_evaluation is not None:
+      global_accuracy, acc = pending.collect_evaluation()
       record.update(global_accuracy=global_accuracy,
                     personalized_accuracy_mean=float(acc[has_test].mean()),
                     personalized_accuracy_worst=float(acc[has_test].min()))
       bar.set_postfix(acc=f"{record['global_accuracy']:.3f}",
                       pers=f"{record['personalized_accuracy_mean']:.3f}")
-    if r + 1 == config.fed.num_rounds:
-      record.update(evaluate_new_clients(exp, state, frozen))
+    record.update(pending.new_clients)
     rejected = [key for key in REJECTION_METRICS if record[key]]
     if rejected and main_process:
       log(f"round {r + 1}: the server rejected a non-finite or exploding {', '.join(rejected)} "
@@ -684,7 +717,26 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop
       log(f"round {r + 1}: {record['nonfinite_clients']} client update(s) were non-finite and "
           f"were left out of the aggregate")
     records.append(reporting.append_metrics(workdir, record) if main_process else reporting.clean_record(record))
-    if (r + 1) % config.checkpoint_every == 0 or r + 1 == config.fed.num_rounds:
+
+  pending = None
+  for r in bar:
+    (block, ids, weights), host_ids = upcoming.result()
+    upcoming = prefetch.submit(round_on_mesh, exp, r + 1, per_client) if r + 1 < last_round else None
+    state, round_metrics = round_fn(state, frozen, block, ids, weights)  # Dispatched, not waited for.
+    if pending is not None:
+      finish(pending)  # Round r-1's host work while round r computes.
+    evaluating = (r + 1) % config.eval_every == 0 or r + 1 == config.fed.num_rounds
+    # The evaluation is enqueued before round r+1, which donates this state, so it reads it first.
+    # A non-finite global is found in `finish` and never recorded or saved.
+    pending = _PendingRound(
+        index=r, metrics=round_metrics, client_ids=host_ids, global_finite=global_is_finite(state),
+        collect_evaluation=evaluate(state, frozen) if evaluating else None,
+        new_clients=evaluate_new_clients(exp, state, frozen) if r + 1 == config.fed.num_rounds else {})
+    saving = (r + 1) % config.checkpoint_every == 0 or r + 1 == config.fed.num_rounds
+    if saving or r + 1 == last_round:  # A saved state is checked first; the last round ends here.
+      finish(pending)
+      pending = None
+    if saving:
       manager.save(r + 1, args=ocp.args.StandardSave(state))
       if main_process:
         save_metrics_snapshot(workdir, r + 1, records, manager)

@@ -177,3 +177,17 @@ def test_a_field_of_another_backbone_is_named():
   config.model.num_heads = 4  # A ViT field.
   with pytest.raises(ConfigError, match=r"^model[.]num_heads: not a field of model 'mixer'; its fields: patch_size"):
     validate_config(config, methods.METHODS)
+
+
+def test_a_run_recorded_before_a_field_existed_resumes_when_the_field_means_as_before(smoke_config, tmp_path):
+  import json
+
+  from hyperlora_jax.config_validation import used_config
+  from hyperlora_jax.train import CONFIG_FILE, config_differences
+  recorded = used_config(smoke_config, methods.METHOD_BLOCKS)
+  del recorded["data"]["max_client_examples"]  # As written before the field was added.
+  with open(tmp_path / CONFIG_FILE, "w") as f:
+    json.dump(recorded, f)
+  assert config_differences(str(tmp_path), smoke_config) == []
+  smoke_config.data.max_client_examples = 8  # Not what the recorded run did.
+  assert config_differences(str(tmp_path), smoke_config) == ["data.max_client_examples"]

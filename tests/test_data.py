@@ -149,3 +149,26 @@ def test_blocks_have_fixed_shape_masks_and_padding():
   assert not mask[2].any() and not mask[3].any()
   first_epoch = idx[0].ravel()[:24]
   assert len(set(first_epoch.tolist())) == 24  # No repeats within an epoch.
+
+
+def test_capping_examples_keeps_a_seeded_subset_of_each_client():
+  parts = [np.arange(100), np.arange(100, 105), np.zeros(0, np.int64)]
+  capped = partition.cap_examples(parts, 8, seed=0)
+  assert [len(p) for p in capped] == [8, 5, 0]
+  assert set(capped[0]) <= set(parts[0]) and np.all(np.diff(capped[0]) > 0)   # A subset, in order.
+  np.testing.assert_array_equal(capped[1], parts[1])                        # Fewer than the cap: kept.
+  np.testing.assert_array_equal(partition.cap_examples(parts, 8, seed=0)[0], capped[0])
+  assert not np.array_equal(partition.cap_examples(parts, 8, seed=1)[0], capped[0])
+  assert partition.cap_examples(parts, 0, seed=0) is parts
+
+
+def test_a_data_scarce_config_caps_training_examples_but_not_test_splits(smoke_config):
+  from hyperlora_jax.federated_data import build_federated_data
+  full = build_federated_data(smoke_config)
+  smoke_config.data.max_client_examples = 8
+  scarce = build_federated_data(smoke_config)
+  assert max(full.train_sizes()) > 8 and max(scarce.train_sizes()) == 8
+  for whole, part in zip(full.train_parts, scarce.train_parts):
+    assert set(part) <= set(whole) and len(part) == min(8, len(whole))
+  for whole, part in zip(full.test_parts, scarce.test_parts):
+    np.testing.assert_array_equal(whole, part)

@@ -136,3 +136,35 @@ def test_peft_export_round_trips_and_gives_the_merged_delta(tmp_path):
   np.testing.assert_allclose((scale * lora_b @ lora_a).T, delta_w, atol=1e-6)
   with pytest.raises(ValueError, match="lora_A or lora_B"):
     hl.peft.from_peft_tensors({"base_model.model.proj.lora_A.weight": lora_a})
+
+
+def _fake_run(workdir, global_accuracy, mean, worst, cum_bytes):
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    f.write(json.dumps({"round": 29, "personalized_accuracy_mean": 0.0, "cum_bytes": 0}) + "\n")
+    f.write(json.dumps({"round": 30, "global_accuracy": global_accuracy, "personalized_accuracy_mean": mean,
+                        "personalized_accuracy_worst": worst, "cum_bytes": cum_bytes}) + "\n")
+
+
+def test_readme_check_reads_the_readmes_table_and_applies_its_tolerances(tmp_path):
+  from experiments import check_readme
+  with open(os.path.join(ROOT, "README.md")) as f:
+    table = check_readme.readme_table(f.read())
+  assert set(table) == {"hyperlora", "fedit"}  # What `make run` runs; the check must find both rows.
+  fedit = table["fedit"]
+  assert 0 < fedit["pers_worst"] <= fedit["pers_mean"] <= 100 and fedit["mb"] > 1
+  for method, row in table.items():  # Within tolerance: 3 points off on accuracy, 7 on the worst client.
+    _fake_run(str(tmp_path / "ok" / method), (row["global"] + 3) / 100, (row["pers_mean"] - 3) / 100,
+              (row["pers_worst"] + 7) / 100, row["mb"] * 1e6)
+  readme = os.path.join(ROOT, "README.md")
+  assert check_readme.main(["--workdir", str(tmp_path / "ok"), "--readme", readme]) == 0
+  for method, row in table.items():  # One field beyond tolerance each: global +5, MB off by 0.02.
+    _fake_run(str(tmp_path / "bad" / method), (row["global"] + 5) / 100, row["pers_mean"] / 100,
+              row["pers_worst"] / 100, (row["mb"] + (0.02 if method == "fedit" else 0)) * 1e6)
+  problems = check_readme.compare(table, {m: check_readme.run_row(str(tmp_path / "bad" / m)) for m in table},
+                                  4.0, 8.0)
+  assert sorted(problems) == sorted([f"{m} global: README {row['global']:.1f}%, run {row['global'] + 5:.1f}% "
+                                     f"(|difference| 5.0 > 4.0)" for m, row in table.items()]
+                                    + [f"fedit MB: README {fedit['mb']:.2f}, run {fedit['mb'] + 0.02:.2f} "
+                                       "(bytes are exact counts)"])
+  assert check_readme.main(["--workdir", str(tmp_path / "bad"), "--readme", readme]) == 1

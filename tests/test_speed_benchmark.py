@@ -59,3 +59,27 @@ def test_torch_baseline_model_has_the_jax_models_parameter_counts():
   backbone = count({k: v for k, v in params.items() if k != "head"})
   assert sum(t.numel() for t in frozen.values()) == backbone
   assert sum(t.numel() for t in mine.values()) == count(trainable)
+
+
+def test_profile_reads_the_traced_operations_and_their_kinds_from_the_hlo(tmp_path):
+  import jax
+  import jax.numpy as jnp
+
+  from experiments import profile_round
+  fn = jax.jit(lambda x, w: jnp.sum(jnp.tanh(x @ w), axis=0))
+  x, w = jnp.ones((256, 96)), jnp.ones((96, 80))
+  compiled = fn.lower(x, w).compile()
+  jax.block_until_ready(compiled(x, w))
+  with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+    jax.block_until_ready(compiled(x, w))
+  events = profile_round.read_operation_events(str(tmp_path))
+  fused = profile_round.fused_opcodes(compiled.as_text())
+  kinds = {profile_round.operation_kind(name, fused) for name, _ in events}
+  assert events and all(seconds >= 0 for _, seconds in events)
+  assert "matmul" in kinds  # The dot ran, whether as `dot.N` or inside a YNNPACK fusion.
+  summary = profile_round.summarize(events, top=3, fused=fused)
+  assert summary["operations_run"] == len(events)
+  np.testing.assert_allclose(sum(summary["seconds_by_kind"].values()), sum(s for _, s in events) / 1e6)
+  assert profile_round.operation_kind("transpose_copy_fusion.4") == "copy/transpose"
+  assert profile_round.operation_kind("ynn_fusion.7", {"ynn_fusion.7": {"dot", "add"}}) == "matmul"
+  assert profile_round.base_name("fusion.12.3") == "fusion"

@@ -208,3 +208,50 @@ def test_a_workdir_holding_another_configs_run_is_refused_not_counted_as_finishe
   assert lines[-1].endswith("1 refused: their workdirs hold another config's run")
   assert json.loads((tmp_path / "runs" / "default" / "fedit" / "seed0" / "config.json").read_text())[
       "robust"]["clip_norm"] == 0.0  # Untouched.
+
+
+def _diagnosed_run(path, method, seed, bias):
+  _fake_run(path, method, seed, 0.5)
+  lines = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
+  with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+    for record in lines:
+      record.update(aggregation_bias=bias * record["round"], aggregation_bias_per_layer={"q": bias},
+                    client_drift=1.0, init_lag=0.1)
+      f.write(json.dumps(record) + "\n")
+
+
+def test_report_tabulates_and_plots_the_diagnostics_when_runs_have_them(tmp_path):
+  runs = tmp_path / "runs"
+  _diagnosed_run(runs / "fedit" / "seed0", "fedit", 0, 0.2)
+  _diagnosed_run(runs / "fedit" / "seed1", "fedit", 1, 0.4)
+  _fake_run(runs / "flora" / "seed0", "flora", 0, 0.5)  # Recorded before diagnostics existed.
+  text = report.build_report(str(runs))
+  # Bias = b × round over rounds 1-3: mean 2b per seed, so 0.4 and 0.8 → 0.6 ± 0.2.
+  assert "| fedit | 0.6 ± 0.2 | 1 ± 0 | 0.1 ± 0 |" in text
+  assert "| flora | – | – | – |" in text
+  png = runs / "plots" / "default__diagnostics.png"
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "default__diagnostics.png)" in text
+  assert "diagnostics" not in report.build_report(str(runs / "flora"))  # None recorded: no section.
+
+
+def test_data_scarcity_table_finds_where_federated_methods_overtake_local_only(tmp_path):
+  from experiments import data_scarcity
+  pers = {"local_only": {8: 0.30, 64: 0.70, 0: 0.80}, "fedit": {8: 0.50, 64: 0.60, 0: 0.65}}
+  for method, curve in pers.items():
+    for cap, acc in curve.items():
+      for seed, shift in ((0, -0.01), (1, 0.01)):
+        path = tmp_path / method / f"cap{cap}" / f"seed{seed}"
+        _fake_run(path, method, seed, 0.4)
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "data": {"max_client_examples": cap}}))
+        lines = [json.loads(line) for line in open(path / "metrics.jsonl")]
+        lines[-1]["personalized_accuracy_mean"] = acc + shift
+        (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+  out = tmp_path / "scarcity.md"
+  data_scarcity.main([str(tmp_path), "--out", str(out)])
+  text = out.read_text()
+  assert "| method | 8 | 64 | all |" in text
+  assert "| fedit | 50.0 ± 1.0 | 60.0 ± 1.0 | 65.0 ± 1.0 |" in text
+  assert "| local_only | 30.0 ± 1.0 | 70.0 ± 1.0 | 80.0 ± 1.0 |" in text
+  assert "- fedit: above at 8; local-only ahead at 64, all" in text
+  assert (tmp_path / "scarcity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

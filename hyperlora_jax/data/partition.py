@@ -167,6 +167,16 @@ def make_shares(kind: str, labels: np.ndarray, domains: np.ndarray, num_clients:
   raise ValueError(f"data.partition={kind!r}; allowed: {ALLOWED_PARTITIONS}")
 
 
+def cap_examples(parts: list[np.ndarray], max_examples: int, seed: int) -> list[np.ndarray]:
+  """Each client's indices, a seeded random subset of at most `max_examples` of them (0: all),
+  kept in index order. Label and domain proportions are kept in expectation."""
+  if not max_examples:
+    return parts
+  rng = np.random.default_rng([seed, 7])
+  return [np.sort(rng.choice(part, max_examples, replace=False)) if len(part) > max_examples else part
+          for part in parts]
+
+
 def partition_train_test(kind: str, train_labels: np.ndarray, train_domains: np.ndarray,
                          test_labels: np.ndarray, test_domains: np.ndarray, num_clients: int,
                          seed: int, **kwargs) -> tuple[list[np.ndarray], list[np.ndarray]]:

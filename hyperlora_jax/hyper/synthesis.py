@@ -148,8 +148,10 @@ def update_factors(trained: dict, start: dict) -> tuple[jax.Array, jax.Array]:
 def synthesize(params: Tree, modules: tuple[SynthesizerScores, ResidualGate], cfg: SynthesisConfig,
                global_params: Tree, client_params: Tree, weights: jax.Array,
                signatures: jax.Array, client_loss: jax.Array, residual: dict,
-               client_starts: Tree | None = None) -> tuple[Tree, dict]:
-  """The new global params and the new residual memory (a pure function of ψ, ω).
+               client_starts: Tree | None = None) -> tuple[Tree, dict, dict]:
+  """The new global params, the new residual memory and what was used to build them (a pure
+  function of ψ, ω): {"weights": [C, L] synthesis weights w_{k,l}, "gates": [L] corrector
+  gates (learned corrector only)}.
 
   Args:
     params: {"synth": ψ, "corr": ω}.
@@ -179,12 +181,13 @@ def synthesize(params: Tree, modules: tuple[SynthesizerScores, ResidualGate], cf
   products = {p: cfg.scale * (global_layers[p]["a"] @ global_layers[p]["b"]
                               + weighted_product(*updates[p], synth_weights[:, i]))
               for i, p in enumerate(paths)}
-  targets = products
+  targets, used = products, {"weights": synth_weights}
   if cfg.corrector == "learned":
     stats = jnp.stack([jnp.stack([jnp.linalg.norm(residual[p]) / (jnp.linalg.norm(products[p]) + 1e-12),
                                   jnp.std(layer_features[:, i, 1])]) for i, p in enumerate(paths)])
     gates = gate_module.apply(params["corr"], jax.lax.stop_gradient(stats))
     targets = {p: products[p] + gates[i] * residual[p] for i, p in enumerate(paths)}
+    used["gates"] = gates
 
   def refactorized(layer, global_layer, weights, target):
     del layer, weights
@@ -195,7 +198,30 @@ def synthesize(params: Tree, modules: tuple[SynthesizerScores, ResidualGate], cf
     return {"a": a, "b": b}, jax.lax.stop_gradient(target - cfg.scale * a @ b)
 
   new_global, missed = aggregate_layers(refactorized, global_params, client_params, weights, target=targets)
-  return new_global, (missed if cfg.corrector == "learned" else {})
+  return new_global, (missed if cfg.corrector == "learned" else {}), used
+
+
+def weight_entropy(synth_weights: jax.Array) -> jax.Array:
+  """Mean over layers of the entropy (nats) of each layer's weights over clients. [C, L] -> []."""
+  logs = jnp.log(jnp.where(synth_weights > 0, synth_weights, 1.0))
+  return jnp.mean(-jnp.sum(synth_weights * logs, axis=0))
+
+
+def weight_divergence(synth_weights: jax.Array, weights: jax.Array) -> jax.Array:
+  """Mean over layers of KL(w_{·,l} ‖ p): how far S_ψ moved from the FedAvg weights p
+  (0 = the uniform limit). synth_weights [C, L], weights [C] -> []."""
+  present = synth_weights > 0
+  ratio = jnp.where(present, synth_weights / jnp.maximum(weights[:, None], 1e-30), 1.0)
+  return jnp.mean(jnp.sum(jnp.where(present, synth_weights * jnp.log(ratio), 0.0), axis=0))
+
+
+def _synthesis_metrics(used: dict, weights: jax.Array) -> dict:
+  """The aggregator's diagnostics from `synthesize`'s third output."""
+  metrics = {"synth_weight_entropy": weight_entropy(used["weights"]),
+             "synth_weight_kl": weight_divergence(used["weights"], weights)}
+  if "gates" in used:
+    metrics["corrector_gate"] = jnp.mean(used["gates"])
+  return metrics
 
 
 def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransformation,
@@ -207,8 +233,13 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
   at their initial values (the uniform limit). The layers are read from the global params.
   State: {"params": {"synth", "corr"}, "opt", "residual": {layer: [d_in, d_out]}, "meta_loss",
   "meta_step_skipped"} (1 when a round's meta-loss or meta-gradient was non-finite: ψ, ω and
-  their optimizer then stay put).
+  their optimizer then stay put), plus the round's diagnostics "synth_weight_entropy",
+  "synth_weight_kl" (`weight_entropy`, `weight_divergence`) and, with the learned corrector,
+  "corrector_gate" (the mean gate g_l over layers).
   """
+  diagnostic_metrics = ("synth_weight_entropy", "synth_weight_kl") + (
+      ("corrector_gate",) if cfg.corrector == "learned" else ())
+
   def modules_for(global_params):
     num_layers = len(lora_lib.layers(global_params))
     return SynthesizerScores(num_layers=num_layers, hidden=hidden), ResidualGate(num_layers=num_layers)
@@ -224,7 +255,8 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
     residual = ({path: jnp.zeros(shape, jnp.float32) for path, shape in targets.items()}
                 if cfg.corrector == "learned" else {})
     return {"params": params, "opt": optimizer.init(params), "residual": residual,
-            "meta_loss": jnp.zeros((), jnp.float32), "meta_step_skipped": jnp.zeros((), jnp.int32)}
+            "meta_loss": jnp.zeros((), jnp.float32), "meta_step_skipped": jnp.zeros((), jnp.int32),
+            **{name: jnp.zeros((), jnp.float32) for name in diagnostic_metrics}}
 
   def aggregate(state, global_params, client_params, weights, context: AggregationContext):
     modules = modules_for(global_params)
@@ -233,13 +265,14 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
       signatures = jnp.zeros((weights.shape[0], 0), jnp.float32)
 
     def objective(params):
-      new_global, residual = synthesize(params, modules, cfg, global_params, client_params, weights,
-                                        signatures, context.client_loss, state["residual"],
-                                        context.client_starts)
-      return context.heldout_loss(new_global), (new_global, residual)
+      new_global, residual, used = synthesize(params, modules, cfg, global_params, client_params, weights,
+                                              signatures, context.client_loss, state["residual"],
+                                              context.client_starts)
+      return context.heldout_loss(new_global), (new_global, residual, _synthesis_metrics(used, weights))
 
     if meta_learning:
-      (meta_loss, (new_global, residual)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+      (meta_loss, (new_global, residual, diagnostics)), grads = jax.value_and_grad(
+          objective, has_aux=True)(state["params"])
       updates, opt_state = optimizer.update(grads, state["opt"], state["params"])
       params = optax.apply_updates(state["params"], updates)
       # No participant (or a non-finite meta-gradient): ψ, ω and their optimizer stay put.
@@ -250,11 +283,12 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
                                        (state["params"], state["opt"]))
       skipped = (participants & ~sound).astype(jnp.int32)
     else:
-      meta_loss, (new_global, residual) = objective(state["params"])
+      meta_loss, (new_global, residual, diagnostics) = objective(state["params"])
       params, opt_state, skipped = state["params"], state["opt"], jnp.zeros((), jnp.int32)
     return new_global, {}, {"params": params, "opt": opt_state, "residual": residual,
-                            "meta_loss": meta_loss, "meta_step_skipped": skipped}
+                            "meta_loss": meta_loss, "meta_step_skipped": skipped,
+                            **jax.lax.stop_gradient(diagnostics)}
 
   return Aggregator(init, aggregate, Capabilities(
       name="hyperlora_synthesizer", plain_server_step=True, heterogeneous_ranks=True, heldout_steps=1,
-      metrics=("meta_loss", "meta_step_skipped")))
+      metrics=("meta_loss", "meta_step_skipped") + diagnostic_metrics))
