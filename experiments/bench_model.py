@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from configs import default
 from hyperlora_jax import lora, models
@@ -36,3 +37,13 @@ def client_update_fn(width: int = 0, depth: int = 0, image_size: int = 0):
   def one_client(start, block):
     return client_update(start, frozen, block, jax.random.key(0), ones)[0]
   return one_client, trainable, config
+
+
+def random_block(num_clients: int, steps: int, batch_size: int, image_size: int) -> dict:
+  """A round's block of random uint8 images and labels (seeded by the cohort size):
+  {"image": [C, S, B, H, W, 3], "label": [C, S, B], "mask": ones [C, S, B]}."""
+  rng = np.random.default_rng(num_clients)
+  shape = (num_clients, steps, batch_size)
+  return {"image": jnp.asarray(rng.integers(0, 256, shape + (image_size, image_size, 3), dtype=np.uint8)),
+          "label": jnp.asarray(rng.integers(0, 10, shape, dtype=np.int32)),
+          "mask": jnp.ones(shape, jnp.float32)}

@@ -27,7 +27,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import torch_baselines
-from experiments.bench_model import client_update_fn
+from experiments.bench_model import client_update_fn, random_block
 from hyperlora_jax import autotune, primitives
 
 _CLIENTS = flags.DEFINE_string("clients", "16,64,256", "Comma-separated cohort sizes C.")
@@ -86,11 +86,7 @@ def main(argv):
   print(f"float32 matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
   results = []
   for num in (int(c) for c in _CLIENTS.value.split(",")):
-    rng = np.random.default_rng(num)
-    shape = (num, _STEPS.value, _BATCH.value)
-    block = {"image": jnp.asarray(rng.integers(0, 256, shape + (size, size, 3), dtype=np.uint8)),
-             "label": jnp.asarray(rng.integers(0, 10, shape, dtype=np.int32)),
-             "mask": jnp.ones(shape, jnp.float32)}
+    block = random_block(num, _STEPS.value, _BATCH.value, size)
     starts = primitives.broadcast(trainable, num)
     client_blocks = [jax.tree.map(lambda x, i=i: x[i], block) for i in range(num)]
     # XLA's cost analysis counts a loop body once: cost one step, times the steps.

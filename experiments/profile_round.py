@@ -23,11 +23,9 @@ import re
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
-from experiments.bench_model import client_update_fn
+from experiments.bench_model import client_update_fn, random_block
 from hyperlora_jax import primitives
 
 _CLIENTS = flags.DEFINE_integer("clients", 256, "Clients in the round, C.")
@@ -136,11 +134,7 @@ def main(argv):
   del argv
   one_client, trainable, config = client_update_fn(_WIDTH.value, _DEPTH.value, _IMAGE_SIZE.value)
   size, num = config.data.image_size, _CLIENTS.value
-  rng = np.random.default_rng(num)
-  shape = (num, _STEPS.value, _BATCH.value)
-  block = {"image": jnp.asarray(rng.integers(0, 256, shape + (size, size, 3), dtype=np.uint8)),
-           "label": jnp.asarray(rng.integers(0, 10, shape, dtype=np.int32)),
-           "mask": jnp.ones(shape, jnp.float32)}
+  block = random_block(num, _STEPS.value, _BATCH.value, size)
   starts = primitives.broadcast(trainable, num)
   report = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
             "jax": jax.__version__, "clients": num, "local_steps": _STEPS.value,

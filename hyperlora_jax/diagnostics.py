@@ -51,26 +51,31 @@ def aggregation_bias(client_params: Tree, weights: jax.Array) -> dict[str, jax.A
           for path, layer in lora_lib.layers(client_params).items()}
 
 
-def _flat_clients(tree: Tree) -> jax.Array:
-  """[C, P]: every [C, ...] leaf of `tree` flattened per client and concatenated."""
-  leaves = jax.tree.leaves(tree)
-  return jnp.concatenate([x.reshape(x.shape[0], -1).astype(jnp.float32) for x in leaves], axis=1)
+def _weighted_sum(weights: jax.Array, per_client: jax.Array) -> jax.Array:
+  """Σ_k p_k x_k over the leading axis, as a reduction: XLA fuses the producer of
+  `per_client` into it, so no [C, ...] temporary is made (a dot would need one)."""
+  return jnp.sum(weights.reshape((-1,) + (1,) * (per_client.ndim - 1)) * per_client, axis=0)
 
 
 def client_drift(trained: Tree, starts: Tree, weights: jax.Array) -> jax.Array:
-  """sqrt(Σ_k p_k ‖Δ_k − Δ̄‖²) / ‖Δ̄‖ with Δ_k = trained_k − starts_k (a scalar).
+  """sqrt(Σ_k p_k ‖Δ_k − Δ̄‖²) / ‖Δ̄‖ with Δ_k = trained_k − starts_k (a scalar), over all
+  leaves together.
 
   trained, starts: [C, ...] trees; weights [C] summing to 1 (0 = not counted).
   """
-  updates = _flat_clients(trained) - _flat_clients(starts)                     # [C, P]
-  mean_update = weights @ updates                                              # [P]
-  spread = weights @ jnp.sum(jnp.square(updates - mean_update), axis=1)
-  return jnp.sqrt(spread) / jnp.maximum(jnp.linalg.norm(mean_update), _TINY)
+  deltas = jax.tree.leaves(jax.tree.map(lambda t, s: t.astype(jnp.float32) - s.astype(jnp.float32),
+                                        trained, starts))
+  means = [_weighted_sum(weights, d) for d in deltas]                          # Δ̄, leaf by leaf.
+  spread = sum(_weighted_sum(weights, jnp.square(d - m)).sum() for d, m in zip(deltas, means))
+  mean_norm = jnp.sqrt(sum(jnp.sum(jnp.square(m)) for m in means))
+  return jnp.sqrt(spread) / jnp.maximum(mean_norm, _TINY)
 
 
 def offset_norm(offsets: Tree, weights: jax.Array) -> jax.Array:
   """Σ_k p_k ‖o_k‖_F over all leaves of the [C, ...] offsets (a scalar)."""
-  return weights @ jnp.linalg.norm(_flat_clients(offsets), axis=1)
+  squares = sum(jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1)
+                for x in jax.tree.leaves(offsets))                            # [C]
+  return weights @ jnp.sqrt(squares)
 
 
 def round_diagnostics(trained: Tree, starts: Tree, weights: jax.Array, client_metrics: dict,

@@ -419,7 +419,10 @@ class FederatedRound:
                      "rejected_server_step": (~step_ok).astype(jnp.int32),
                      "rejected_plugins": plugins_rejected}
     round_metrics.update({name: agg_state[name] for name in caps.metrics})
-    round_metrics.update(diagnostics_lib.round_diagnostics(trained, starts, weights, metrics, offsets))
+    # The starts again, from the round's inputs rather than the mapped output: the diagnostics'
+    # weighted sums then fuse with them, and methods that never read `starts` never store them.
+    starts_again = jax.vmap(lambda *inputs: self.client_start(global_params, *inputs))(local, offsets, masks)
+    round_metrics.update(diagnostics_lib.round_diagnostics(trained, starts_again, weights, metrics, offsets))
     if faulty:
       round_metrics.update(faults_lib.fault_metrics(fault_masks))
     return new_state, round_metrics
