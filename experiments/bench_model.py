@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import default
+from configs import benchmarks, default
 from hyperlora_jax import lora, models
 from hyperlora_jax.client import local_update
 from hyperlora_jax.optimizers import build_optimizer
@@ -13,10 +13,14 @@ from hyperlora_jax.tasks.image_classification import ImageClassification, frozen
 from hyperlora_jax.train import initial_trainable
 
 
-def client_update_fn(width: int = 0, depth: int = 0, image_size: int = 0):
+def client_update_fn(width: int = 0, depth: int = 0, image_size: int = 0, base_model: bool = False):
   """(one_client(start, block) -> trained, round-0 trainable, config) for the default config's
-  model (or one with the given width/depth/image size; 0: the default's), random weights."""
+  model (or one with the given width/depth/image size; 0: the default's), random weights.
+  base_model: ViT-B/16 at 224 px with LoRA r = 16 instead (`configs/domainnet.py`'s backbone)."""
   config = default.get_config()
+  if base_model:
+    benchmarks.set_model(config, benchmarks.BASE_MODELS["vit"])
+    config.data.image_size, config.lora.rank, config.lora.alpha = 224, 16, 32.0
   for field, value in (("width", width), ("depth", depth)):
     if value:
       config.model[field] = value

@@ -38,6 +38,8 @@ _CHUNKS = flags.DEFINE_string("chunks", "0,16,auto", "Comma-separated clients_pe
 _WIDTH = flags.DEFINE_integer("width", 0, "ViT width (0: the default config's).")
 _DEPTH = flags.DEFINE_integer("depth", 0, "ViT depth (0: the default config's).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "Image size (0: the default config's).")
+_BASE_MODEL = flags.DEFINE_bool("base_model", False, "ViT-B/16 at 224 px, LoRA r=16 (configs/domainnet.py's "
+                                "backbone) instead of the default model; for accelerators.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (the best is reported).")
 _OUT = flags.DEFINE_string("out", "", "JSON file for the results.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch per-client loop and torch.func.vmap "
@@ -71,7 +73,7 @@ def update_flops(compiled_fn, *args) -> float:
 
 def main(argv):
   del argv
-  one_client, trainable, config = client_update_fn(_WIDTH.value, _DEPTH.value, _IMAGE_SIZE.value)
+  one_client, trainable, config = client_update_fn(_WIDTH.value, _DEPTH.value, _IMAGE_SIZE.value, _BASE_MODEL.value)
   size = config.data.image_size
   single = jax.jit(one_client)
   chunks = [autotune.AUTO if c.strip() == "auto" else int(c) for c in _CHUNKS.value.split(",")]

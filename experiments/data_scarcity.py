@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from experiments.report import emit, final_metrics, find_runs
+from experiments.report import round_mean, emit, final_metrics, find_runs
 
 REFERENCE = "local_only"
 
@@ -88,7 +88,35 @@ def markdown(rows: list[dict]) -> str:
   if REFERENCE in pers:
     lines += ["", f"Personalized accuracy against {REFERENCE}:", ""]
     lines += [f"- {m}: {crossing(pers[m], pers[REFERENCE])}" for m in methods if m != REFERENCE]
+  lines += diagnostics_lines(rows, methods, caps)
   return "\n".join(lines)
+
+
+DIAGNOSTICS = ("aggregation_bias", "client_drift", "init_lag")
+
+
+def diagnostics_lines(rows: list[dict], methods: list[str], caps: list[int]) -> list[str]:
+  """A table of each method's round diagnostics (mean over rounds; mean ± std over seeds) per
+  cap, for the runs that recorded them ([] if none did)."""
+  cells = {}
+  for method in methods:
+    for cap in caps:
+      group = [r for r in rows if r["method"] == method and r["cap"] == cap]
+      for key in DIAGNOSTICS:
+        values = [v for v in (round_mean(r, key) for r in group) if v is not None]
+        if values:
+          cells[(method, cap, key)] = f"{np.mean(values):.3g} ± {np.std(values):.2g}"
+  if not cells:
+    return []
+  label = lambda c: "all" if c == 0 else str(c)
+  lines = ["", "Round diagnostics (mean over rounds; mean ± std over seeds):", "",
+           "| method | cap | " + " | ".join(DIAGNOSTICS) + " |", "|---|---|" + "---|" * len(DIAGNOSTICS)]
+  for method in methods:
+    for cap in caps:
+      if any((method, cap, k) in cells for k in DIAGNOSTICS):
+        lines.append(f"| {method} | {label(cap)} | "
+                     + " | ".join(cells.get((method, cap, k), "–") for k in DIAGNOSTICS) + " |")
+  return lines
 
 
 def plot(rows: list[dict], path: str) -> None:

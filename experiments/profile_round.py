@@ -35,6 +35,8 @@ _BATCH = flags.DEFINE_integer("batch_size", 32, "Local batch size.")
 _WIDTH = flags.DEFINE_integer("width", 0, "ViT width (0: the default config's).")
 _DEPTH = flags.DEFINE_integer("depth", 0, "ViT depth (0: the default config's).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "Image size (0: the default config's).")
+_BASE_MODEL = flags.DEFINE_bool("base_model", False, "ViT-B/16 at 224 px, LoRA r=16 (configs/domainnet.py's "
+                                "backbone) instead of the default model; for accelerators.")
 _TRACE_DIR = flags.DEFINE_string("trace_dir", "/tmp/hyperlora_profile", "Where the raw traces go.")
 _TOP = flags.DEFINE_integer("top", 8, "Operations listed per chunk size.")
 _OUT = flags.DEFINE_string("out", "", "JSON file for the summary.")
@@ -132,7 +134,7 @@ def hlo_summary(compiled) -> dict:
 
 def main(argv):
   del argv
-  one_client, trainable, config = client_update_fn(_WIDTH.value, _DEPTH.value, _IMAGE_SIZE.value)
+  one_client, trainable, config = client_update_fn(_WIDTH.value, _DEPTH.value, _IMAGE_SIZE.value, _BASE_MODEL.value)
   size, num = config.data.image_size, _CLIENTS.value
   block = random_block(num, _STEPS.value, _BATCH.value, size)
   starts = primitives.broadcast(trainable, num)

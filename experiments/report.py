@@ -153,7 +153,7 @@ DIAGNOSTIC_PANELS = (("aggregation_bias", "aggregation bias ‖B̄Ā − ΣpBA�
 def diagnostics_table(rows: list[dict]) -> str | None:
   """Markdown: each method's diagnostics averaged over its rounds (mean ± std over seeds), or
   None when no run reports any (runs made before diagnostics existed)."""
-  keys = [k for k, _ in DIAGNOSTIC_PANELS if any(_round_mean(r, k) is not None for r in rows)]
+  keys = [k for k, _ in DIAGNOSTIC_PANELS if any(round_mean(r, k) is not None for r in rows)]
   if not keys:
     return None
   lines = ["| method | " + " | ".join(f"{k} (mean over rounds)" for k in keys) + " |",
@@ -162,13 +162,14 @@ def diagnostics_table(rows: list[dict]) -> str | None:
     group = [r for r in rows if r["method"] == method]
     cells = []
     for key in keys:
-      values = [v for v in (_round_mean(r, key) for r in group) if v is not None]
+      values = [v for v in (round_mean(r, key) for r in group) if v is not None]
       cells.append(f"{np.mean(values):.3g} ± {np.std(values):.2g}" if values else "–")
     lines.append(f"| {method} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
-def _round_mean(run: dict, key: str) -> float | None:
+def round_mean(run: dict, key: str) -> float | None:
+  """The mean over a run's evaluated rounds of a numeric metric `key` (None if none has it)."""
   values = [r[key] for r in run["records"] if isinstance(r.get(key), (int, float))]
   return float(np.mean(values)) if values else None
 

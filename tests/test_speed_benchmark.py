@@ -83,3 +83,12 @@ def test_profile_reads_the_traced_operations_and_their_kinds_from_the_hlo(tmp_pa
   assert profile_round.operation_kind("transpose_copy_fusion.4") == "copy/transpose"
   assert profile_round.operation_kind("ynn_fusion.7", {"ynn_fusion.7": {"dot", "add"}}) == "matmul"
   assert profile_round.base_name("fusion.12.3") == "fusion"
+
+
+def test_the_base_model_benchmark_times_vit_b16_at_224_px():
+  from experiments.bench_model import client_update_fn
+  _, trainable, config = client_update_fn(base_model=True)
+  assert (config.model.width, config.model.depth, config.model.patch_size, config.data.image_size) == (768, 12, 16, 224)
+  query = trainable["lora"]["encoder/block_0/attn/query"]
+  assert query["a"].shape == (768, 16) and query["b"].shape == (16, 768)  # r = 16 on 768 -> 12 x 64.
+  assert len(trainable["lora"]) == 24 and trainable["head"]["kernel"].shape == (768, 10)

@@ -246,6 +246,7 @@ def test_data_scarcity_table_finds_where_federated_methods_overtake_local_only(t
         (path / "config.json").write_text(json.dumps({**config, "data": {"max_client_examples": cap}}))
         lines = [json.loads(line) for line in open(path / "metrics.jsonl")]
         lines[-1]["personalized_accuracy_mean"] = acc + shift
+        lines[-1]["init_lag"] = 0.5 + shift
         (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
   out = tmp_path / "scarcity.md"
   data_scarcity.main([str(tmp_path), "--out", str(out)])
@@ -254,4 +255,5 @@ def test_data_scarcity_table_finds_where_federated_methods_overtake_local_only(t
   assert "| fedit | 50.0 ± 1.0 | 60.0 ± 1.0 | 65.0 ± 1.0 |" in text
   assert "| local_only | 30.0 ± 1.0 | 70.0 ± 1.0 | 80.0 ± 1.0 |" in text
   assert "- fedit: above at 8; local-only ahead at 64, all" in text
+  assert "| fedit | 8 | – | – | 0.5 ± 0.01 |" in text  # Diagnostics: only init_lag was recorded.
   assert (tmp_path / "scarcity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -212,7 +212,8 @@ def weight_divergence(synth_weights: jax.Array, weights: jax.Array) -> jax.Array
   (0 = the uniform limit). synth_weights [C, L], weights [C] -> []."""
   present = synth_weights > 0
   ratio = jnp.where(present, synth_weights / jnp.maximum(weights[:, None], 1e-30), 1.0)
-  return jnp.mean(jnp.sum(jnp.where(present, synth_weights * jnp.log(ratio), 0.0), axis=0))
+  kl = jnp.sum(jnp.where(present, synth_weights * jnp.log(ratio), 0.0), axis=0)
+  return jnp.mean(jnp.maximum(kl, 0.0))  # ≥ 0; rounding can give -1e-9 when w = p.
 
 
 def _synthesis_metrics(used: dict, weights: jax.Array) -> dict:
