@@ -33,7 +33,7 @@ from hyperlora_jax.data import blocks
 from hyperlora_jax.data.loader import prepare_dataset
 from hyperlora_jax.federated_data import FederatedData, build_federated_data, client_blocks
 from hyperlora_jax.hyper import signatures as signatures_lib
-from hyperlora_jax.hyper.plugins import generator_plugin
+from hyperlora_jax.hyper.plugins import clip_plugin_updates, generator_plugin
 from hyperlora_jax.optimizers import build_optimizer
 from hyperlora_jax.primitives import make_mesh
 from hyperlora_jax.tasks import image_classification as task_lib
@@ -221,6 +221,9 @@ def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], Non
   plugins = ((generator_plugin(method.make_generator(targets, data.num_clients, signature_dim),
                                target=method.generator_target),)
              if method.make_generator else ())
+  clip_norm = config.robust.clip_norm if "robust" in config else 0.0
+  if clip_norm > 0:  # The generator learns from clipped updates too, as the aggregate does.
+    plugins = tuple(clip_plugin_updates(p, clip_norm) for p in plugins)
   ranks = client_ranks(config, data.num_clients)
   client_update = local_update(task.loss_fn, build_optimizer(config.client_optimizer))
   chunk = config.fed.clients_per_chunk

@@ -194,3 +194,18 @@ def test_robust_and_dp_config_options_reach_the_round(smoke_config, tmp_path):
               for r in (1, 2)]
   assert [r["dp_epsilon"] for r in records] == pytest.approx(expected)
   assert [r["faults_byzantine"] for r in records] == [1, 1]
+
+
+def test_a_clipped_plugin_learns_from_updates_clipped_from_each_clients_start():
+  from hyperlora_jax.federated import Plugin, RoundOutcome
+  from hyperlora_jax.hyper.plugins import clip_plugin_updates
+  seen = []
+  plugin = Plugin("probe", init=lambda rng: {}, client_offsets=None,
+                  after_aggregation=lambda state, outcome: seen.append(outcome.client_params) or state)
+  starts = {"w": jnp.array([[1.0, 1.0], [0.0, 0.0]])}
+  trained = {"w": jnp.array([[7.0, 9.0], [0.3, -0.4]])}  # Updates of norm 10 (6, 8) and 0.5.
+  outcome = RoundOutcome(new_global={"w": jnp.zeros(2)}, client_params=trained, weights=jnp.array([0.5, 0.5]),
+                         client_ids=jnp.array([0, 1]), signatures=jnp.zeros((2, 0)), rank_masks=jnp.ones((2, 1)),
+                         client_starts=starts)
+  clip_plugin_updates(plugin, 1.0).after_aggregation({}, outcome)
+  np.testing.assert_allclose(seen[0]["w"], [[1.6, 1.8], [0.3, -0.4]], rtol=1e-6)  # (6, 8)/10 from (1, 1).

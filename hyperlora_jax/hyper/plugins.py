@@ -1,6 +1,7 @@
 """HyperLoRA's generator as a round plug-in (also pFedHN's hypernetwork).
 
-`generator_plugin(generator, target=...)` gives the round two hooks and a state:
+`generator_plugin(generator, target=...)` gives the round two hooks and a state
+(`clip_plugin_updates` bounds what one client's update can teach it):
   client start        offsets G_φ(s_k) added to each client's starting LoRA layers;
   after aggregation   G_φ learns a target offset for each client (`Generator.update`: the
                       pFedHN VJP rule or product distillation), one of
@@ -16,10 +17,13 @@
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from hyperlora_jax import lora as lora_lib
+from hyperlora_jax.aggregators.robust import clip_to_norm
 from hyperlora_jax.federated import Plugin, RoundOutcome
 from hyperlora_jax.hyper.generator import Generator
 
@@ -55,3 +59,13 @@ def generator_plugin(generator: Generator, name: str = "generator", target: str 
                             outcome.weights, outcome.rank_masks)
   return Plugin(name=name, init=generator.init, client_offsets=generator.generate,
                 after_aggregation=after_aggregation)
+
+
+def clip_plugin_updates(plugin: Plugin, max_norm: float) -> Plugin:
+  """`plugin` learning from client updates clipped to L2 norm `max_norm` from each client's
+  start (`robust.clip_norm`), as `aggregators.clip_updates` does for the aggregate: one client
+  (a Byzantine one) then moves the generator's targets by a bounded amount."""
+  def after_aggregation(state, outcome: RoundOutcome):
+    clipped, _ = clip_to_norm(outcome.client_params, outcome.client_starts, max_norm)
+    return plugin.after_aggregation(state, dataclasses.replace(outcome, client_params=clipped))
+  return plugin._replace(after_aggregation=after_aggregation)
