@@ -125,6 +125,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.hyperlora.corrector = "learned"         # 'learned' (C_ω), 'fair' (LoRA-FAIR ΔB fit), 'none'.
   config.hyperlora.meta_optimizer = ml_collections.ConfigDict(
       {"name": "adam", "learning_rate": 1e-3, "momentum": 0.0})
+  config.hyperlora.meta_steps = 1                # Steps on (ψ, ω) per round, on its meta-objective.
 
   config.faults = ml_collections.ConfigDict()    # Injected client faults (hyperlora_jax.faults), each a
   config.faults.dropout = 0.0                     # fraction of a round's participants: update lost,

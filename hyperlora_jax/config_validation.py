@@ -184,6 +184,7 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
     _require(hl.signature_noise_std >= 0, "hyperlora.signature_noise_std", "must be >= 0")
     _positive_int(config, "hyperlora.covariance_rank")
     _positive_int(config, "hyperlora.synthesizer_hidden")
+    _positive_int(config, "hyperlora.meta_steps")
     optimizers.append("hyperlora.meta_optimizer")
   for name in optimizers:
     block = config

@@ -162,7 +162,8 @@ def hyperlora(config) -> Method:
   return Method(
       "hyperlora",
       hyperlora_synthesizer(synthesis, build_optimizer(hl.meta_optimizer),
-                            hidden=hl.synthesizer_hidden, meta_learning=learned),
+                            hidden=hl.synthesizer_hidden, meta_learning=learned,
+                            meta_steps=hl.get("meta_steps", 1)),
       local_regex=_local_head(config),
       make_generator=(generator_factory(config, client_embeddings="embedding" in kinds)
                       if hl.generator else None),

@@ -45,7 +45,7 @@ ENVIRONMENT_FILE = "environment.json"  # Versions, backend and machine-chosen va
 RESUMABLE_FIELDS = ("fed.num_rounds", "eval_every", "checkpoint_every")
 # Fields added after runs were recorded without them, with the value that means "as before":
 # a recorded run lacking one is the same config when this run has that value.
-ADDED_FIELDS = {"data.max_client_examples": 0}
+ADDED_FIELDS = {"data.max_client_examples": 0, "hyperlora.meta_steps": 1}
 
 
 @dataclasses.dataclass

@@ -106,6 +106,29 @@ def test_meta_objective_trains_the_synthesizer_through_the_aggregation():
   assert not np.allclose(jax.tree.leaves(state["params"]["synth"])[-1], 0.0)
 
 
+def test_several_meta_steps_a_round_equal_as_many_replays_of_one():
+  cfg = SynthesisConfig(scale=SCALE, rank=R, corrector="learned")
+  clients = _clients()
+  target = jax.random.normal(jax.random.key(3), (D_IN, D_OUT))
+  meta_loss = lambda g: sum(jnp.sum((SCALE * f["a"] @ f["b"] - target) ** 2) for f in g["lora"].values())
+  context = AggregationContext(jax.random.normal(jax.random.key(4), (C, SIG)), jnp.ones(C), meta_loss)
+  # SGD, not Adam: Adam would turn float noise in a near-zero gradient into a full step.
+  one = hyperlora_synthesizer(cfg, optax.sgd(1e-3))
+  three = hyperlora_synthesizer(cfg, optax.sgd(1e-3), meta_steps=3)
+  state = one.init(_global(), jax.random.key(0), SIG)
+  replayed = state
+  for _ in range(3):  # The same round three times, one step each: only ψ, ω move.
+    new_global, _, after = one.aggregate(replayed, _global(), clients, WEIGHTS, context)
+    replayed = {**after, "residual": state["residual"]}
+  got_global, _, got = three.aggregate(state, _global(), clients, WEIGHTS, context)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-6), got["params"],
+               replayed["params"])
+  assert not np.allclose(jax.tree.leaves(got["params"]["synth"])[-1], jax.tree.leaves(state["params"]["synth"])[-1])
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-5), got_global, new_global)
+  np.testing.assert_allclose(float(got["meta_loss"]), float(after["meta_loss"]), rtol=1e-4)
+  assert int(got["meta_step_skipped"]) == 0
+
+
 def test_no_participant_leaves_the_learned_parameters_untouched():
   cfg = SynthesisConfig(scale=SCALE, rank=R, corrector="learned")
   agg, state = _init(cfg)

@@ -226,12 +226,14 @@ def _synthesis_metrics(used: dict, weights: jax.Array) -> dict:
 
 
 def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransformation,
-                          *, hidden: int = 32, meta_learning: bool = True) -> Aggregator:
+                          *, hidden: int = 32, meta_learning: bool = True, meta_steps: int = 1) -> Aggregator:
   """S_ψ and C_ω as a meta-learned `Aggregator` (module docstring).
 
   It owns one held-out step of each client's block (`heldout_steps=1`) and reads the
   context's `signatures`, `client_loss` and `heldout_loss`. `meta_learning=False` keeps ψ, ω
-  at their initial values (the uniform limit). The layers are read from the global params.
+  at their initial values (the uniform limit). `meta_steps` optimizer steps on (ψ, ω) per round,
+  all on this round's meta-objective; the aggregate is the one of the last (ψ, ω) evaluated,
+  so 1 step aggregates with the round's starting (ψ, ω) and then updates them. The layers are read from the global params.
   State: {"params": {"synth", "corr"}, "opt", "residual": {layer: [d_in, d_out]}, "meta_loss",
   "meta_step_skipped"} (1 when a round's meta-loss or meta-gradient was non-finite: ψ, ω and
   their optimizer then stay put), plus the round's diagnostics "synth_weight_entropy",
@@ -272,17 +274,32 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
       return context.heldout_loss(new_global), (new_global, residual, _synthesis_metrics(used, weights))
 
     if meta_learning:
-      (meta_loss, (new_global, residual, diagnostics)), grads = jax.value_and_grad(
-          objective, has_aux=True)(state["params"])
-      updates, opt_state = optimizer.update(grads, state["opt"], state["params"])
-      params = optax.apply_updates(state["params"], updates)
-      # No participant (or a non-finite meta-gradient): ψ, ω and their optimizer stay put.
       participants = jnp.sum(weights) > 0
-      sound = jnp.isfinite(meta_loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-      ok = participants & sound
-      params, opt_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), (params, opt_state),
-                                       (state["params"], state["opt"]))
-      skipped = (participants & ~sound).astype(jnp.int32)
+
+      def meta_step(params, opt_state):
+        """One step on (ψ, ω); (its loss, aggregate, residual, diagnostics, skipped) too."""
+        (meta_loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # No participant (or a non-finite meta-gradient): ψ, ω and their optimizer stay put.
+        sound = jnp.isfinite(meta_loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g))
+                                                             for g in jax.tree.leaves(grads)]))
+        ok = participants & sound
+        new_params, new_opt_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), (new_params, new_opt_state),
+                                                 (params, opt_state))
+        return new_params, new_opt_state, (meta_loss, aux, (participants & ~sound).astype(jnp.int32))
+
+      params, opt_state, (meta_loss, (new_global, residual, diagnostics), skipped) = meta_step(
+          state["params"], state["opt"])
+      if meta_steps > 1:  # The rest in a scan: one compiled step, whatever their number.
+        def more(carry, _):
+          params, opt_state, skipped = carry
+          params, opt_state, (loss, aux, step_skipped) = meta_step(params, opt_state)
+          return (params, opt_state, skipped + step_skipped), (loss, aux)
+        (params, opt_state, skipped), (losses, auxes) = jax.lax.scan(
+            more, (params, opt_state, skipped), None, length=meta_steps - 1)
+        meta_loss = losses[-1]
+        new_global, residual, diagnostics = jax.tree.map(lambda x: x[-1], auxes)
     else:
       meta_loss, (new_global, residual, diagnostics) = objective(state["params"])
       params, opt_state, skipped = state["params"], state["opt"], jnp.zeros((), jnp.int32)
