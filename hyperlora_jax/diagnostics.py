@@ -5,6 +5,9 @@ round (`FederatedRound.step`) and written to `metrics.jsonl` with the round's me
                        the factors separately: ‖B̄Ā − Σ_k p_k B_k A_k‖_F / ‖Σ_k p_k B_k A_k‖_F,
                        Ā = Σ_k p_k A_k, B̄ = Σ_k p_k B_k, over the factors the clients returned
                        (0 when every client's A is the same, as in FFA-LoRA, or C = 1).
+                       Computed for every method: for one that does not average the factors
+                       (FedEx-LoRA, FLoRA, FlexLoRA, HyperLoRA's synthesizer, local-only) it is
+                       the error a factor average of the same updates would have made.
   client_drift         how far the clients' updates Δ_k = trained_k − start_k spread around
                        their weighted mean Δ̄: sqrt(Σ_k p_k ‖Δ_k − Δ̄‖²) / ‖Δ̄‖, over every
                        trainable leaf (0: all clients moved alike).
