@@ -158,6 +158,12 @@ def test_readme_check_reads_the_readmes_table_and_applies_its_tolerances(tmp_pat
               (row["pers_worst"] + 7) / 100, row["mb"] * 1e6)
   readme = os.path.join(ROOT, "README.md")
   assert check_readme.main(["--workdir", str(tmp_path / "ok"), "--readme", readme]) == 0
+  for method, row in table.items():  # The printed table itself (run figures rounded as printed): tolerance 0.
+    _fake_run(str(tmp_path / "same" / method), (row["global"] + 0.04) / 100, row["pers_mean"] / 100,
+              (row["pers_worst"] - 0.04) / 100, row["mb"] * 1e6 + 4000)
+  zero = ["--tolerance", "0", "--worst_tolerance", "0"]
+  assert check_readme.main(["--workdir", str(tmp_path / "same"), "--readme", readme] + zero) == 0
+  assert check_readme.main(["--workdir", str(tmp_path / "ok"), "--readme", readme] + zero) == 1
   for method, row in table.items():  # One field beyond tolerance each: global +5, MB off by 0.02.
     _fake_run(str(tmp_path / "bad" / method), (row["global"] + 5) / 100, row["pers_mean"] / 100,
               row["pers_worst"] / 100, (row["mb"] + (0.02 if method == "fedit" else 0)) * 1e6)
