@@ -12,6 +12,8 @@ The library (pure functions; no configs, no I/O but `peft`):
   federated    `FederatedRound`: the jit-compiled round built from those pieces, with plug-ins
                and server-side guards; `state_shardings`: its per-client store sharded over a
                `clients` mesh axis
+  diagnostics  per-round diagnostics the round reports: aggregation bias per layer, client
+               drift, first/last local-step loss, generator offset norm
   faults       injected client faults (dropout, stragglers, NaN/Inf, Byzantine) for a round
   privacy      ε of DP-FedAvg (and signatures) with `dp_accounting`
   hyper        HyperLoRA: signatures, the generator (a plug-in), the synthesizer (an aggregator)
@@ -21,7 +23,8 @@ The library (pure functions; no configs, no I/O but `peft`):
 Above it (configs, data, model zoo, runs): `models/`, `data/`, `methods.py`, `train.py`,
 and `experiments/`.
 """
-from hyperlora_jax import aggregators, autotune, faults, federated, hyper, lora, peft, primitives, privacy
+from hyperlora_jax import (aggregators, autotune, diagnostics, faults, federated, hyper, lora, peft, primitives,
+                           privacy)
 from hyperlora_jax.client import ClientUpdate, local_update, masked_mean
 from hyperlora_jax.federated import (NEW_CLIENT, FederatedRound, Plugin, RoundOutcome, communication_bytes,
                                      state_shardings)
@@ -29,6 +32,6 @@ from hyperlora_jax.primitives import broadcast, make_mesh, map_clients, weighted
 
 __version__ = "0.2.0"
 __all__ = ["NEW_CLIENT", "ClientUpdate", "FederatedRound", "Plugin", "RoundOutcome", "aggregators",
-           "autotune", "broadcast", "communication_bytes", "faults", "federated", "hyper", "local_update",
+           "autotune", "broadcast", "communication_bytes", "diagnostics", "faults", "federated", "hyper", "local_update",
            "lora", "make_mesh", "map_clients", "masked_mean", "peft", "primitives", "privacy", "state_shardings",
            "weighted_mean"]

@@ -45,6 +45,9 @@ def test_text_classifier_round_learns_and_keeps_the_adapter_layout():
   product = new["classify"]["a"] @ new["classify"]["b"]
   assert 0 < np.linalg.matrix_rank(np.asarray(product), tol=1e-6) <= 4
   assert int(ns["metrics"]["participants"]) == 4
+  # The clients moved A differently, so a factor average would be biased on every layer.
+  assert set(ns["bias"]) == {"attn/query", "attn/value", "classify"} and all(0 < b < 10 for b in ns["bias"].values())
+  assert np.isfinite(ns["lag"])
 
 
 def test_regression_with_float_targets_trains():
