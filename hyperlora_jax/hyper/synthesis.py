@@ -233,10 +233,11 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
   context's `signatures`, `client_loss` and `heldout_loss`. `meta_learning=False` keeps ψ, ω
   at their initial values (the uniform limit). `meta_steps` optimizer steps on (ψ, ω) per round,
   all on this round's meta-objective; the aggregate is the one of the last (ψ, ω) evaluated,
-  so 1 step aggregates with the round's starting (ψ, ω) and then updates them. The layers are read from the global params.
+  so 1 step aggregates with the round's starting (ψ, ω) and then updates them. The layers are
+  read from the global params.
   State: {"params": {"synth", "corr"}, "opt", "residual": {layer: [d_in, d_out]}, "meta_loss",
-  "meta_step_skipped"} (1 when a round's meta-loss or meta-gradient was non-finite: ψ, ω and
-  their optimizer then stay put), plus the round's diagnostics "synth_weight_entropy",
+  "meta_step_skipped"} (the round's meta-steps whose loss or gradient was non-finite: ψ, ω and
+  their optimizer then stay put for that step), plus the round's diagnostics "synth_weight_entropy",
   "synth_weight_kl" (`weight_entropy`, `weight_divergence`) and, with the learned corrector,
   "corrector_gate" (the mean gate g_l over layers).
   """
