@@ -44,8 +44,16 @@ ENVIRONMENT_FILE = "environment.json"  # Versions, backend and machine-chosen va
 # Fields a resumed run may change (they do not alter the rounds already done).
 RESUMABLE_FIELDS = ("fed.num_rounds", "eval_every", "checkpoint_every")
 # Fields added after runs were recorded without them, with the value that means "as before":
-# a recorded run lacking one is the same config when this run has that value.
-ADDED_FIELDS = {"data.max_client_examples": 0, "hyperlora.meta_steps": 1}
+# a recorded run lacking one is the same config when this run has that value (so a workdir
+# made by an older version resumes, or reprints, instead of being refused).
+ADDED_FIELDS = {
+    "data.max_client_examples": 0, "hyperlora.meta_steps": 1,
+    # The faults, robust and dp blocks (all off).
+    "faults.dropout": 0.0, "faults.straggler": 0.0, "faults.straggler_steps": 0.5, "faults.nonfinite": 0.0,
+    "faults.byzantine": 0.0, "faults.byzantine_kind": "sign_flip", "faults.byzantine_scale": 1.0,
+    "robust.rule": "mean", "robust.space": "factors", "robust.trim": 0.1, "robust.clip_norm": 0.0,
+    "dp.noise_multiplier": 0.0, "dp.clip_norm": 1.0, "dp.delta": 1e-5,
+}
 
 
 @dataclasses.dataclass
@@ -519,11 +527,35 @@ def restore_state(manager: ocp.CheckpointManager, state: Any) -> tuple[Any, int]
   try:
     restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as e:  # Orbax raises several types for unreadable files.
-    manager.close()
-    raise RuntimeError(f"checkpoint {manager.directory}/{step} is corrupt or incompatible "
-                       f"({type(e).__name__}: {e}); it was left untouched. Move it away to "
-                       f"resume from an earlier one, or use a new workdir.") from e
+    restored = _restore_older(manager, step, state)
+    if restored is None:
+      manager.close()
+      raise RuntimeError(f"checkpoint {manager.directory}/{step} is corrupt or incompatible "
+                         f"({type(e).__name__}: {e}); it was left untouched. Move it away to "
+                         f"resume from an earlier one, or use a new workdir.") from e
   return restored, step
+
+
+# Aggregator-state entries added after checkpoints were written without them (per-round
+# metrics of HyperLoRA's synthesizer, 2026-11-26): such a checkpoint restores with these
+# entries at their initial values.
+ADDED_AGGREGATOR_ENTRIES = ("synth_weight_entropy", "synth_weight_kl", "corrector_gate")
+
+
+def _restore_older(manager: ocp.CheckpointManager, step: int, state: Any) -> Any | None:
+  """`state` restored from a checkpoint written before `ADDED_AGGREGATOR_ENTRIES` existed (they
+  keep `state`'s values), or None when the state has none of them or that fails too."""
+  agg = state.get("agg")
+  added = [k for k in ADDED_AGGREGATOR_ENTRIES if isinstance(agg, dict) and k in agg]
+  if not added:
+    return None
+  older = {**state, "agg": {k: v for k, v in agg.items() if k not in added}}
+  try:
+    restored = manager.restore(step, args=ocp.args.StandardRestore(
+        jax.tree.map(ocp.utils.to_shape_dtype_struct, older)))
+  except Exception:  # Not an older checkpoint either: the caller reports the first error.
+    return None
+  return {**restored, "agg": {**restored["agg"], **{k: agg[k] for k in added}}}
 
 
 def _evaluator(exp: Experiment) -> Callable[[Any, Any], Callable[[], tuple[float, np.ndarray]]]:

@@ -185,9 +185,34 @@ def test_a_run_recorded_before_a_field_existed_resumes_when_the_field_means_as_b
   from hyperlora_jax.config_validation import used_config
   from hyperlora_jax.train import CONFIG_FILE, config_differences
   recorded = used_config(smoke_config, methods.METHOD_BLOCKS)
-  del recorded["data"]["max_client_examples"]  # As written before the field was added.
+  del recorded["data"]["max_client_examples"]  # As written before the field was added,
+  for block in ("faults", "robust", "dp"):        # and before these blocks were (`make run`'s old workdirs).
+    del recorded[block]
   with open(tmp_path / CONFIG_FILE, "w") as f:
     json.dump(recorded, f)
   assert config_differences(str(tmp_path), smoke_config) == []
   smoke_config.data.max_client_examples = 8  # Not what the recorded run did.
   assert config_differences(str(tmp_path), smoke_config) == ["data.max_client_examples"]
+
+
+def test_a_checkpoint_written_before_the_synthesizer_metrics_restores_with_them_at_init(tmp_path):
+  import jax.numpy as jnp
+  import numpy as np
+  import orbax.checkpoint as ocp
+
+  from hyperlora_jax.train import _checkpoint_manager, restore_state
+  old = {"round": jnp.int32(7), "agg": {"meta_loss": jnp.float32(0.5), "residual": {"l": jnp.ones((2, 3))}}}
+  manager = _checkpoint_manager(str(tmp_path / "old"))
+  manager.save(7, args=ocp.args.StandardSave(old))
+  manager.wait_until_finished()
+  fresh = {"round": jnp.int32(0), "agg": {"meta_loss": jnp.float32(0.0), "residual": {"l": jnp.zeros((2, 3))},
+                                          "synth_weight_kl": jnp.float32(0.0), "corrector_gate": jnp.float32(0.5)}}
+  restored, step = restore_state(manager, fresh)
+  manager.close()
+  assert step == 7 and int(restored["round"]) == 7 and float(restored["agg"]["meta_loss"]) == 0.5
+  np.testing.assert_array_equal(restored["agg"]["residual"]["l"], np.ones((2, 3)))
+  assert float(restored["agg"]["corrector_gate"]) == 0.5 and float(restored["agg"]["synth_weight_kl"]) == 0.0
+  # Any other mismatch is still reported, not papered over.
+  wrong = {**fresh, "agg": {**fresh["agg"], "residual": {"l": jnp.zeros((3, 3))}}}
+  with pytest.raises(RuntimeError, match="corrupt or incompatible"):
+    restore_state(_checkpoint_manager(str(tmp_path / "old")), wrong)
