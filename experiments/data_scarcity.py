@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from experiments.report import round_mean, emit, final_metrics, find_runs
+from experiments.report import diagnostic_cell, emit, final_metrics, find_runs
 
 REFERENCE = "local_only"
 
@@ -103,9 +103,9 @@ def diagnostics_lines(rows: list[dict], methods: list[str], caps: list[int]) -> 
     for cap in caps:
       group = [r for r in rows if r["method"] == method and r["cap"] == cap]
       for key in DIAGNOSTICS:
-        values = [v for v in (round_mean(r, key) for r in group) if v is not None]
-        if values:
-          cells[(method, cap, key)] = f"{np.mean(values):.3g} ± {np.std(values):.2g}"
+        cell = diagnostic_cell(group, key)
+        if cell:
+          cells[(method, cap, key)] = cell
   if not cells:
     return []
   label = lambda c: "all" if c == 0 else str(c)

@@ -160,11 +160,7 @@ def diagnostics_table(rows: list[dict]) -> str | None:
            "|---|" + "---|" * len(keys)]
   for method in _ordered_methods(rows):
     group = [r for r in rows if r["method"] == method]
-    cells = []
-    for key in keys:
-      values = [v for v in (round_mean(r, key) for r in group) if v is not None]
-      cells.append(f"{np.mean(values):.3g} ± {np.std(values):.2g}" if values else "–")
-    lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines.append(f"| {method} | " + " | ".join(diagnostic_cell(group, key) or "–" for key in keys) + " |")
   return "\n".join(lines)
 
 
@@ -172,6 +168,12 @@ def round_mean(run: dict, key: str) -> float | None:
   """The mean over a run's evaluated rounds of a numeric metric `key` (None if none has it)."""
   values = [r[key] for r in run["records"] if isinstance(r.get(key), (int, float))]
   return float(np.mean(values)) if values else None
+
+
+def diagnostic_cell(group: list[dict], key: str) -> str | None:
+  """"mean ± std" over the runs of `group` of their `round_mean` of `key` (None if none has it)."""
+  values = [v for v in (round_mean(r, key) for r in group) if v is not None]
+  return f"{np.mean(values):.3g} ± {np.std(values):.2g}" if values else None
 
 
 def plot_diagnostics(rows: list[dict], path: str, title: str) -> bool:

@@ -33,6 +33,7 @@ from hyperlora_jax.data import blocks
 from hyperlora_jax.data.loader import prepare_dataset
 from hyperlora_jax.federated_data import FederatedData, build_federated_data, client_blocks
 from hyperlora_jax.hyper import signatures as signatures_lib
+from hyperlora_jax.hyper import synthesis
 from hyperlora_jax.hyper.plugins import clip_plugin_updates, generator_plugin
 from hyperlora_jax.optimizers import build_optimizer
 from hyperlora_jax.primitives import make_mesh
@@ -539,7 +540,7 @@ def restore_state(manager: ocp.CheckpointManager, state: Any) -> tuple[Any, int]
 # Aggregator-state entries added after checkpoints were written without them (per-round
 # metrics of HyperLoRA's synthesizer, 2026-11-26): such a checkpoint restores with these
 # entries at their initial values.
-ADDED_AGGREGATOR_ENTRIES = ("synth_weight_entropy", "synth_weight_kl", "corrector_gate")
+ADDED_AGGREGATOR_ENTRIES = synthesis.DIAGNOSTIC_METRICS
 
 
 def _restore_older(manager: ocp.CheckpointManager, step: int, state: Any) -> Any | None:

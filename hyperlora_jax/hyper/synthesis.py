@@ -201,6 +201,11 @@ def synthesize(params: Tree, modules: tuple[SynthesizerScores, ResidualGate], cf
   return new_global, (missed if cfg.corrector == "learned" else {}), used
 
 
+# The synthesizer's per-round diagnostics, kept in its state (the last one only with the learned
+# corrector): `weight_entropy`, `weight_divergence`, the mean gate.
+DIAGNOSTIC_METRICS = ("synth_weight_entropy", "synth_weight_kl", "corrector_gate")
+
+
 def weight_entropy(synth_weights: jax.Array) -> jax.Array:
   """Mean over layers of the entropy (nats) of each layer's weights over clients. [C, L] -> []."""
   logs = jnp.log(jnp.where(synth_weights > 0, synth_weights, 1.0))
@@ -241,8 +246,7 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
   "synth_weight_kl" (`weight_entropy`, `weight_divergence`) and, with the learned corrector,
   "corrector_gate" (the mean gate g_l over layers).
   """
-  diagnostic_metrics = ("synth_weight_entropy", "synth_weight_kl") + (
-      ("corrector_gate",) if cfg.corrector == "learned" else ())
+  diagnostic_metrics = DIAGNOSTIC_METRICS if cfg.corrector == "learned" else DIAGNOSTIC_METRICS[:2]
 
   def modules_for(global_params):
     num_layers = len(lora_lib.layers(global_params))
