@@ -145,9 +145,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.robust.clip_norm = 0.0                   # > 0: clip each client's update to this L2 norm.
 
   config.dp = ml_collections.ConfigDict()         # Client-level DP (DP-FedAvg) for fedit, ffa_lora,
-  config.dp.noise_multiplier = 0.0                # fedsa_lora, rolora; 0 = off. Noise std is
-  config.dp.clip_norm = 1.0                       # noise_multiplier x clip_norm / participants.
+  config.dp.noise_multiplier = 0.0                # fedsa_lora, rolora and hyperlora; 0 = off. Noise std
+  config.dp.clip_norm = 1.0                       # is noise_multiplier x clip_norm / participants.
   config.dp.delta = 1e-5                          # ε is reported at this δ, every round.
+  config.dp.generator_clip_norm = 1.0             # HyperLoRA: clip of each client's G_φ gradient.
+  config.dp.signature_clip_norm = 1.0             # HyperLoRA: signatures clipped to this norm, with
+  config.dp.signature_noise_multiplier = 0.0      # noise std this x signature_clip_norm (> 0 needed).
 
   config.compute = ml_collections.ConfigDict()
   config.compute.backbone_dtype = "auto"      # 'float32', 'bfloat16' or 'auto' (bf16 on GPU/TPU,

@@ -18,6 +18,7 @@ ABLATIONS = {
     "noisy_signature": {"signature_noise_std": 0.5},
     "distill_generator": {},                           # G_φ by product-space distillation (below).
     "nothing_learned": {"generator": False, "synthesizer": "uniform", "corrector": "none"},
+    "private": {"synthesizer": "uniform", "corrector": "none"},  # What dp.noise_multiplier > 0 allows.
 }
 
 

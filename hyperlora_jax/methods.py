@@ -45,6 +45,10 @@ class Method:
       clients start from generated factors (pFedHN, HyperLoRA; a round plug-in); None otherwise.
     generator_target: what the generator learns (`hyper.plugins.GENERATOR_TARGETS`).
     signature_kinds: client signatures the method needs (`hyperlora_jax.hyper.signatures`).
+    generator_privacy: (clip_norm, noise_multiplier) of the generator plug-in's private
+      mean-change release (`hyper.plugins.generator_plugin`); None without DP.
+    releases_per_round: private releases a round makes under client-level DP (the
+      accountant's m, `hyperlora_jax.privacy`).
   """
   name: str
   aggregator: Aggregator
@@ -55,6 +59,8 @@ class Method:
   make_generator: Callable[[dict, int, int], generator_lib.Generator] | None = None
   generator_target: str = "from_global"
   signature_kinds: tuple[str, ...] = ()
+  generator_privacy: tuple[float, float] | None = None
+  releases_per_round: int = 1
 
 
 def _join(*regexes: str) -> str:
@@ -69,9 +75,16 @@ def _scale(config) -> float:
   return lora.lora_scale(config.lora.alpha, config.lora.rank, config.lora.rslora)
 
 
-def generator_factory(config, *, client_embeddings: bool):
-  """(targets, num_clients, signature_dim) -> `Generator` from the `generator` config block."""
+def dp_on(config) -> bool:
+  """Whether a run config asks for client-level DP (`dp.noise_multiplier` > 0)."""
+  return "dp" in config and config.dp.noise_multiplier > 0
+
+
+def generator_factory(config, *, client_embeddings: bool, private: bool = False):
+  """(targets, num_clients, signature_dim) -> `Generator` from the `generator` config block
+  (with DP-SGD steps, clip `dp.generator_clip_norm`, when `private`)."""
   gen = config.generator
+  privacy = (config.dp.generator_clip_norm, config.dp.noise_multiplier) if private else None
 
   def make(targets, num_clients, signature_dim):
     module = generator_lib.LoraGenerator(
@@ -81,7 +94,7 @@ def generator_factory(config, *, client_embeddings: bool):
         hidden=gen.hidden, layer_embed_dim=gen.layer_embed_dim)
     return generator_lib.make_generator(module, loss=gen.loss, optimizer=build_optimizer(gen.optimizer),
                                         scale=_scale(config), server_steps=gen.server_steps,
-                                        signature_dim=signature_dim)
+                                        signature_dim=signature_dim, privacy=privacy)
   return make
 
 
@@ -151,7 +164,13 @@ def hyperlora(config) -> Method:
   """HyperLoRA (Gupta, Shanker, Sethi, FL@FM-IJCAI'26): generator G_φ (signature -> LoRA
   offset from the global factors), product-space synthesizer S_ψ and residual corrector C_ω
   trained by a held-out meta-objective. Every component can be switched off (`hyperlora`
-  config block); see `aggregators.synthesis` and `generator`."""
+  config block); see `aggregators.synthesis` and `generator`.
+
+  Under client-level DP (`dp.noise_multiplier` > 0) a round makes 1 + (1 + generator steps)
+  private releases (`hyperlora_jax.privacy`): the product-space update (clip `dp.clip_norm`),
+  and with the generator the cohort's mean factor change (clip `dp.clip_norm`) and each
+  DP-SGD step of G_φ (clip `dp.generator_clip_norm`). S_ψ and C_ω are not meta-learned then."""
+  from hyperlora_jax.config_validation import ConfigError
   hl = config.hyperlora
   kinds = signatures_lib.parse_kinds(hl.signature)
   synthesis = SynthesisConfig(
@@ -159,16 +178,31 @@ def hyperlora(config) -> Method:
       learned_weights=hl.synthesizer == "learned", fair_lam=config.lora_fair.lam,
       fair_steps=config.lora_fair.steps, fair_learning_rate=config.lora_fair.learning_rate)
   learned = hl.synthesizer == "learned" or hl.corrector == "learned"
+  private = dp_on(config)
+  if private and learned:
+    field = "hyperlora.synthesizer" if hl.synthesizer == "learned" else "hyperlora.corrector"
+    raise ConfigError(f"{field}: under dp.noise_multiplier > 0, HyperLoRA cannot meta-learn S_ψ or C_ω "
+                      f"(they learn from per-client held-out gradients outside the privacy accountant); "
+                      f"set hyperlora.synthesizer='uniform' and hyperlora.corrector='none' or 'fair' "
+                      f"(configs/hyperlora.py:ablation=private)")
+  if private and "embedding" in kinds:
+    raise ConfigError("hyperlora.signature: under dp.noise_multiplier > 0 the learned per-client embedding "
+                      "is refused: it is learned from one client's updates alone, which no noise at the "
+                      "server hides")
+  steps = (1 if config.generator.loss == "vjp" else config.generator.server_steps) if hl.generator else 0
   return Method(
       "hyperlora",
       hyperlora_synthesizer(synthesis, build_optimizer(hl.meta_optimizer),
                             hidden=hl.synthesizer_hidden, meta_learning=learned,
-                            meta_steps=hl.get("meta_steps", 1)),
+                            meta_steps=hl.get("meta_steps", 1),
+                            privacy=(config.dp.clip_norm, config.dp.noise_multiplier) if private else None),
       local_regex=_local_head(config),
-      make_generator=(generator_factory(config, client_embeddings="embedding" in kinds)
+      make_generator=(generator_factory(config, client_embeddings="embedding" in kinds, private=private)
                       if hl.generator else None),
       generator_target="deviation",  # The global carries the mean change; G_φ the personal part.
-      signature_kinds=kinds)
+      signature_kinds=kinds,
+      generator_privacy=(config.dp.clip_norm, config.dp.noise_multiplier) if private and hl.generator else None,
+      releases_per_round=1 + (1 + steps if steps else 0))
 
 
 def centralized(config) -> Method:
@@ -231,10 +265,14 @@ def with_server_options(method: Method, config: ml_collections.ConfigDict) -> Me
                         f"{', '.join(AVERAGING_METHODS) if robust.space == 'factors' else 'flexlora'}, "
                         f"not method {method.name!r}")
   if dp is not None and dp.noise_multiplier > 0:
-    if method.name not in AVERAGING_METHODS or aggregator is not method.aggregator:
+    if method.name == "hyperlora" and aggregator is method.aggregator:
+      pass  # Built private (`hyperlora`).
+    elif method.name not in AVERAGING_METHODS or aggregator is not method.aggregator:
       raise ConfigError(f"dp.noise_multiplier: DP-FedAvg replaces the plain average of "
-                        f"{', '.join(AVERAGING_METHODS)} (with robust.rule='mean'), not method {method.name!r}")
-    aggregator = aggregators.dp_fedavg(dp.clip_norm, dp.noise_multiplier)
+                        f"{', '.join(AVERAGING_METHODS)} (with robust.rule='mean'), and HyperLoRA has its "
+                        f"own private rounds; not method {method.name!r}")
+    else:
+      aggregator = aggregators.dp_fedavg(dp.clip_norm, dp.noise_multiplier)
   elif robust is not None and robust.clip_norm > 0:
     aggregator = aggregators.clip_updates(aggregator, robust.clip_norm)
   return dataclasses.replace(method, aggregator=aggregator)

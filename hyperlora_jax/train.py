@@ -54,6 +54,7 @@ ADDED_FIELDS = {
     "faults.byzantine": 0.0, "faults.byzantine_kind": "sign_flip", "faults.byzantine_scale": 1.0,
     "robust.rule": "mean", "robust.space": "factors", "robust.trim": 0.1, "robust.clip_norm": 0.0,
     "dp.noise_multiplier": 0.0, "dp.clip_norm": 1.0, "dp.delta": 1e-5,
+    "dp.generator_clip_norm": 1.0, "dp.signature_clip_norm": 1.0, "dp.signature_noise_multiplier": 0.0,
 }
 
 
@@ -116,10 +117,15 @@ def _number(value: Any) -> int | float:
   return int(value) if np.issubdtype(value.dtype, np.integer) else float(value)
 
 
-def privacy_spent(config: ml_collections.ConfigDict, rounds: int) -> float:
-  """ε (at `dp.delta`) of a DP-FedAvg run after `rounds` rounds (`hyperlora_jax.privacy`)."""
+def privacy_spent(config: ml_collections.ConfigDict, rounds: int, method: methods.Method | None = None) -> float:
+  """ε (at `dp.delta`) of a private run after `rounds` rounds (`hyperlora_jax.privacy`): the
+  method's releases per round, and its signatures (sent once) where it sends any."""
+  method = method or methods.build_method(config)
+  signature_noise = (config.dp.signature_noise_multiplier
+                     if set(method.signature_kinds) & {"label", "features"} else None)
   return privacy.epsilon(rounds, config.dp.noise_multiplier, config.fed.clients_per_round,
-                         config.data.num_clients, config.dp.delta)
+                         config.data.num_clients, config.dp.delta, signature_noise_multiplier=signature_noise,
+                         releases_per_round=method.releases_per_round)
 
 
 # Round metrics counting server parts rejected as non-finite or exploding (`FederatedRound.step`).
@@ -218,17 +224,21 @@ def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], Non
     hl = config.hyperlora
     every_part = data.train_parts + data.new_train_parts
     keys = jax.random.split(jax.random.key(config.seed), len(every_part))  # One noise key per client.
+    noise_std, clip = hl.signature_noise_std, None
+    if methods.dp_on(config):  # Clipped and noised (`hyperlora_jax.privacy`); validation checked the fields.
+      clip = config.dp.signature_clip_norm
+      noise_std = config.dp.signature_noise_multiplier * clip
     every_signature = np.concatenate([
         signatures_lib.compute_signatures(
             model, backbone, block, method.signature_kinds, data.num_classes,
-            covariance_rank=hl.covariance_rank, noise_std=hl.signature_noise_std, seed=config.seed,
-            client_keys=keys[ids])
+            covariance_rank=hl.covariance_rank, noise_std=noise_std, seed=config.seed,
+            client_keys=keys[ids], clip_norm=clip)
         for ids, block in client_blocks(data.train_pool, every_part, data.chunk_examples)])[:len(every_part)]
     client_signatures = every_signature[:data.num_clients]
     new_signatures = every_signature[data.num_clients:]
   signature_dim = 0 if client_signatures is None else client_signatures.shape[-1]
   plugins = ((generator_plugin(method.make_generator(targets, data.num_clients, signature_dim),
-                               target=method.generator_target),)
+                               target=method.generator_target, privacy=method.generator_privacy),)
              if method.make_generator else ())
   clip_norm = config.robust.clip_norm if "robust" in config else 0.0
   if clip_norm > 0:  # The generator learns from clipped updates too, as the aggregate does.
@@ -699,7 +709,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop
 
   round_fn = jax.jit(traced_round, donate_argnums=(0,))
   aggregator_metrics = exp.fed_round.aggregator.capabilities.metrics
-  dp_on = "dp" in config and config.dp.noise_multiplier > 0
+  private = methods.dp_on(config)
   global_is_finite = jax.jit(lambda state: primitives.is_finite(exp.fed_round.global_params(state)))
   evaluate = _evaluator(exp)
   cum_up = records[-1]["cum_bytes_up"] if records else 0
@@ -725,7 +735,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop
               **{key: int(value) for key, value in round_metrics.items() if key.startswith("faults_")},
               **{key: jax.tree.map(float, round_metrics[key]) for key in diagnostics.METRICS
                  if key in round_metrics},
-              **({"dp_epsilon": privacy_spent(config, r + 1)} if dp_on else {}),
+              **({"dp_epsilon": privacy_spent(config, r + 1, exp.method)} if private else {}),
               "bytes_up": up, "bytes_down": down, "cum_bytes_up": cum_up,
               "cum_bytes_down": cum_down, "cum_bytes": cum_up + cum_down}
     if not bool(pending.global_finite):  # Not recorded, not saved; its evaluation is discarded.

@@ -31,6 +31,7 @@ from hyperlora_jax import lora as lora_lib
 from hyperlora_jax.aggregators.base import AggregationContext, Aggregator, Capabilities, aggregate_layers, no_state
 from hyperlora_jax.aggregators.products import best_rank_r
 from hyperlora_jax.primitives import weighted_mean
+from hyperlora_jax.privacy import add_gaussian_noise
 
 Tree = Any
 ROBUST_RULES = ("median", "trimmed_mean", "geometric_median")
@@ -128,25 +129,25 @@ def robust_products(rule: str, scale: float, trim: float = 0.1) -> Aggregator:
   def aggregate(state, global_params, client_params, weights, context=None):
     del context
     new_params, _ = aggregate_layers(rule_fn, global_params, client_params, weights)
-    robust_rest = _robust_tree(rule, _without_layers(client_params), weights, trim)
-    return _merge_rest(new_params, robust_rest), {}, state
+    robust_rest = _robust_tree(rule, without_layers(client_params), weights, trim)
+    return merge_rest(new_params, robust_rest), {}, state
   return Aggregator(no_state, aggregate,
                     Capabilities(name=f"robust_products[{rule}]", plain_server_step=True))
 
 
-def _without_layers(tree: Tree) -> Tree:
+def without_layers(tree: Tree) -> Tree:
   """`tree` without its LoRA layers (nested dicts; {} where nothing remains)."""
   if lora_lib.is_layer(tree):
     return {}
   if isinstance(tree, dict):
-    return {k: _without_layers(v) for k, v in tree.items()}
+    return {k: without_layers(v) for k, v in tree.items()}
   return tree
 
 
-def _merge_rest(tree: Tree, rest: Tree) -> Tree:
-  """`tree` with the non-layer leaves of `rest` (`_without_layers`-shaped) put in."""
+def merge_rest(tree: Tree, rest: Tree) -> Tree:
+  """`tree` with the non-layer leaves of `rest` (`without_layers`-shaped) put in."""
   if isinstance(rest, dict) and isinstance(tree, dict) and not lora_lib.is_layer(tree):
-    return {k: (_merge_rest(v, rest[k]) if k in rest else v) for k, v in tree.items()}
+    return {k: (merge_rest(v, rest[k]) if k in rest else v) for k, v in tree.items()}
   return tree if isinstance(rest, dict) else rest
 
 
@@ -191,10 +192,7 @@ def dp_fedavg(clip_norm: float, noise_multiplier: float) -> Aggregator:
     clipped, _ = clip_to_norm(client_params, _starts(global_params, client_params, context), clip_norm)
     mean = weighted_mean(clipped, present / count)  # Uniform: one client moves it by <= clip/n.
     key, noise_key = jax.random.split(jax.random.wrap_key_data(state["rng"]))
-    leaves, treedef = jax.tree.flatten(mean)
-    keys = jax.random.split(noise_key, len(leaves))
-    std = noise_multiplier * clip_norm / count
-    noisy = [x + std * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-    return jax.tree.unflatten(treedef, noisy), {}, {"rng": jax.random.key_data(key)}
+    noisy = add_gaussian_noise(mean, noise_multiplier * clip_norm / count, noise_key)
+    return noisy, {}, {"rng": jax.random.key_data(key)}
 
   return Aggregator(init, aggregate, Capabilities(name=f"dp_fedavg[{clip_norm}, {noise_multiplier}]"))

@@ -17,6 +17,10 @@ The server trains φ from what clients return (pure functions, `make_generator`)
   * "product_distill": `server_steps` optax steps on
     ½ Σ_k p_k Σ_layers ‖s (a_k b_k)(φ) − s ã_k b̃_k‖², the distance in product space, which
     does not depend on the factors' gauge (a M, M⁻¹ b give the same product).
+With `privacy=(C_g, σ)` (client-level DP, `hyperlora_jax.privacy`) each step's gradient is
+DP-SGD's: every participant's own gradient g_k (its term, weight 1) clipped to norm C_g, the
+uniform mean over the n participants, plus N(0, (σ C_g / n)²) noise on every coordinate; the
+state then carries the noise key ("rng").
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from hyperlora_jax import lora as lora_lib
+from hyperlora_jax import privacy as privacy_lib
 from hyperlora_jax.federated import NEW_CLIENT as NEW_CLIENT  # No learned embedding: the mean one.
 
 Tree = Any
@@ -95,6 +100,9 @@ class Generator(NamedTuple):
     offsets = generate(state, signatures [C, D], client_ids [C])      -> lora tree [C, ...]
     state = update(state, signatures, client_ids, base_lora, trained_lora [C, ...],
                    weights [C], rank_masks [C, r])
+
+  `base_lora` is the factors the offsets are added to: one adapter {path: {"a", "b"}} for all
+  clients (no leading axis).
   """
   init: Callable[[jax.Array], Tree]
   generate: Callable[[Tree, jax.Array, jax.Array], Tree]
@@ -102,14 +110,19 @@ class Generator(NamedTuple):
 
 
 def make_generator(module: LoraGenerator, *, loss: str, optimizer: optax.GradientTransformation,
-                   scale: float, server_steps: int = 1, signature_dim: int = 0) -> Generator:
-  """The `Generator` for `module`, trained by `loss` ("vjp" or "product_distill")."""
+                   scale: float, server_steps: int = 1, signature_dim: int = 0,
+                   privacy: tuple[float, float] | None = None) -> Generator:
+  """The `Generator` for `module`, trained by `loss` ("vjp" or "product_distill"), with
+  DP-SGD steps when `privacy=(clip_norm, noise_multiplier)` (module docstring)."""
   if loss not in GENERATOR_LOSSES:
     raise ValueError(f"generator loss {loss!r}; allowed: {GENERATOR_LOSSES}")
 
   def init(rng):
     params = module.init(rng, jnp.zeros((signature_dim,)), jnp.zeros((), jnp.int32))
-    return {"params": params, "opt": optimizer.init(params)}
+    state = {"params": params, "opt": optimizer.init(params)}
+    if privacy is not None:
+      state["rng"] = jax.random.key_data(jax.random.fold_in(rng, 13))
+    return state
 
   def generate_with(params, signatures, client_ids):
     return jax.vmap(lambda s, i: module.apply(params, s, i))(signatures, client_ids)
@@ -139,21 +152,37 @@ def make_generator(module: LoraGenerator, *, loss: str, optimizer: optax.Gradien
       total = total + 0.5 * jnp.sum(weights * jnp.sum(diff ** 2, axis=(1, 2)))
     return total
 
+  def gradient(params, signatures, client_ids, base_lora, trained_lora, weights, rank_masks):
+    """The step's gradient: Σ_k p_k g_k (`loss`'s rule)."""
+    args = (signatures, client_ids, base_lora, trained_lora, weights, rank_masks)
+    return vjp_gradient(params, *args) if loss == "vjp" else jax.grad(distill_loss)(params, *args)
+
+  def client_gradients(params, signatures, client_ids, base_lora, trained_lora, rank_masks):
+    """[C, ...] each client's own gradient g_k (its term of `gradient`, weight 1)."""
+    def one(signature, client_id, trained, rank_mask):
+      return gradient(params, signature[None], client_id[None], base_lora,
+                      jax.tree.map(lambda x: x[None], trained), jnp.ones((1,)), rank_mask[None])
+    return jax.vmap(one)(signatures, client_ids, trained_lora, rank_masks)
+
   def update(state, signatures, client_ids, base_lora, trained_lora, weights, rank_masks):
     trained_lora = jax.lax.stop_gradient(trained_lora)
-    args = (signatures, client_ids, base_lora, trained_lora, weights, rank_masks)
+    key = jax.random.wrap_key_data(state["rng"]) if privacy is not None else None
 
-    def step(carry, _):
+    def step(carry, index):
       params, opt_state = carry
-      if loss == "vjp":
-        grad = vjp_gradient(params, *args)
+      if privacy is None:
+        grad = gradient(params, signatures, client_ids, base_lora, trained_lora, weights, rank_masks)
       else:
-        grad = jax.grad(distill_loss)(params, *args)
+        grads = client_gradients(params, signatures, client_ids, base_lora, trained_lora, rank_masks)
+        grad = privacy_lib.private_mean(grads, weights, *privacy, jax.random.fold_in(key, index))
       updates, opt_state = optimizer.update(grad, opt_state, params)
       return (optax.apply_updates(params, updates), opt_state), None
 
     steps = 1 if loss == "vjp" else server_steps
-    (params, opt_state), _ = jax.lax.scan(step, (state["params"], state["opt"]), None, length=steps)
-    return {"params": params, "opt": opt_state}
+    (params, opt_state), _ = jax.lax.scan(step, (state["params"], state["opt"]), jnp.arange(steps))
+    new_state = {"params": params, "opt": opt_state}
+    if privacy is not None:
+      new_state["rng"] = jax.random.key_data(jax.random.fold_in(key, steps))
+    return new_state
 
   return Generator(init=init, generate=generate, update=update)

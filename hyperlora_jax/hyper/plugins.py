@@ -14,6 +14,10 @@
                    only what is personal). The weighted mean target is the mean offset, so
                    G_φ does not drift with the shared update, and the targets live in the
                    gauge the clients trained in, not in the new global's re-factorized one.
+Under client-level DP (`privacy=(C, σ)`), the cohort's mean change in "deviation" is itself a
+release (`privacy.private_mean` of the changes clipped to C, noise σ C / n): it enters every
+client's target, so without noise one client would move all the targets. The generator's own
+gradient is private through `make_generator(privacy=...)`.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from hyperlora_jax import lora as lora_lib
+from hyperlora_jax import privacy as privacy_lib
 from hyperlora_jax.aggregators.robust import clip_to_norm
 from hyperlora_jax.federated import Plugin, RoundOutcome
 from hyperlora_jax.hyper.generator import Generator
@@ -30,21 +35,24 @@ from hyperlora_jax.hyper.generator import Generator
 GENERATOR_TARGETS = ("from_global", "deviation")
 
 
-def deviation_targets(trained: dict, starts: dict, weights: jax.Array) -> dict:
+def deviation_targets(trained: dict, starts: dict, weights: jax.Array, mean_change: dict | None = None) -> dict:
   """θ̃_k − Σ_j p_j (θ̃_j − θ⁰_j): each client's factors less the cohort's mean change.
 
   trained, starts: LoRA layers {path: {"a", "b"}} with a leading [C] axis; weights [C]
-  (sum 1, 0 = absent). With base = the starts' global factors, the generator's residual
-  (base + offset_k) − target_k is −(Δ_k − Δ̄): zero on average over the cohort.
+  (sum 1, 0 = absent); mean_change: the mean change to use instead (shaped like one client's
+  layers; the private release under DP). With base = the starts' global factors, the
+  generator's residual (base + offset_k) − target_k is −(Δ_k − Δ̄): zero on average over the cohort.
   """
-  def less_mean_change(t, s):
-    mean_change = jnp.einsum("c,c...->...", weights, t - s)
-    return t - mean_change[None]
-  return jax.tree.map(less_mean_change, trained, starts)
+  if mean_change is None:
+    mean_change = jax.tree.map(lambda t, s: jnp.einsum("c,c...->...", weights, t - s), trained, starts)
+  return jax.tree.map(lambda t, m: t - m[None], trained, mean_change)
 
 
-def generator_plugin(generator: Generator, name: str = "generator", target: str = "from_global") -> Plugin:
-  """The round plug-in of a `Generator` (state: {"params", "opt"}); `target` as above."""
+def generator_plugin(generator: Generator, name: str = "generator", target: str = "from_global",
+                     privacy: tuple[float, float] | None = None) -> Plugin:
+  """The round plug-in of a `Generator` (state: the generator's); `target` as above.
+  `privacy=(clip_norm, noise_multiplier)` releases "deviation"'s mean change privately (the
+  generator must then be private too: its state's "rng" also draws this noise)."""
   if target not in GENERATOR_TARGETS:
     raise ValueError(f"generator target {target!r}; allowed: {GENERATOR_TARGETS}")
 
@@ -52,7 +60,14 @@ def generator_plugin(generator: Generator, name: str = "generator", target: str 
     trained = lora_lib.layers(outcome.client_params)
     if target == "deviation":
       base = lora_lib.layers(outcome.previous_global)
-      trained = deviation_targets(trained, lora_lib.layers(outcome.client_starts), outcome.weights)
+      starts = lora_lib.layers(outcome.client_starts)
+      mean_change = None
+      if privacy is not None:
+        key, mean_key = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+        state = {**state, "rng": jax.random.key_data(key)}
+        mean_change = privacy_lib.private_mean(jax.tree.map(jnp.subtract, trained, starts), outcome.weights,
+                                               *privacy, mean_key)
+      trained = deviation_targets(trained, starts, outcome.weights, mean_change)
     else:
       base = lora_lib.layers(outcome.new_global)
     return generator.update(state, outcome.signatures, outcome.client_ids, base, trained,

@@ -8,8 +8,9 @@ backbone, and sends it up once (counted in bytes up of round 1). Kinds, combinab
               Q [d, q] shared by all clients (upper triangle, q(q+1)/2 numbers); unlike
               principal directions it has no sign ambiguity.
 The learned per-client embedding (pFedHN-style) is the generator's, not a signature
-(`hyperlora.signature` may name "embedding" to turn it on). Optional Gaussian noise of
-standard deviation `noise_std` is added to the signature a client sends (privacy).
+(`hyperlora.signature` may name "embedding" to turn it on). For privacy a client may clip its
+signature to L2 norm `clip_norm` and add Gaussian noise of standard deviation `noise_std`
+(client-level DP: `noise_std` = σ_s · `clip_norm`, `hyperlora_jax.privacy`).
 """
 from __future__ import annotations
 
@@ -63,12 +64,13 @@ def signature_dim(kinds: tuple[str, ...], num_classes: int, feature_dim: int, co
 
 def make_signature_fn(featurize: Callable[[jax.Array], jax.Array], kinds: tuple[str, ...],
                       num_classes: int, basis: jax.Array | None, noise_std: float = 0.0,
-                      batch_size: int = 256) -> Callable[[dict, jax.Array], jax.Array]:
+                      batch_size: int = 256, clip_norm: float | None = None) -> Callable[[dict, jax.Array], jax.Array]:
   """Builds the pure `signatures(client_data, rng) -> [N, D]` for all clients at once.
 
   Args:
     featurize: images [b, H, W, 3] uint8 -> frozen-backbone features [b, d].
     basis: Q [d, q] for the covariance summary (needed with "features").
+    clip_norm: each signature is scaled to L2 norm at most this before the noise (None: not).
   `client_data` is {"image": [N, n, H, W, 3], "label": [N, n], "mask": [N, n]} (padded);
   clients are processed with `lax.map` and each client's examples in chunks of `batch_size`.
   """
@@ -85,6 +87,8 @@ def make_signature_fn(featurize: Callable[[jax.Array], jax.Array], kinds: tuple[
       features = features.reshape(-1, features.shape[-1])[:n]
       parts.append(feature_statistics(features, data["mask"], basis))
     signature = jnp.concatenate(parts) if parts else jnp.zeros((0,))
+    if clip_norm is not None:
+      signature = signature * jnp.minimum(1.0, clip_norm / jnp.maximum(jnp.linalg.norm(signature), 1e-12))
     return signature + noise_std * jax.random.normal(key, signature.shape)
 
   def signatures(client_data: dict, rng: jax.Array) -> jax.Array:
@@ -96,7 +100,8 @@ def make_signature_fn(featurize: Callable[[jax.Array], jax.Array], kinds: tuple[
 
 def compute_signatures(model: Any, backbone: Any, client_data: dict, kinds: tuple[str, ...],
                        num_classes: int, *, covariance_rank: int = 8, noise_std: float = 0.0,
-                       seed: int = 0, client_keys: jax.Array | None = None) -> np.ndarray:
+                       seed: int = 0, client_keys: jax.Array | None = None,
+                       clip_norm: float | None = None) -> np.ndarray:
   """[N, D] signatures of every client (host array) with the frozen `model` (ViT-like:
   `apply(variables, images, return_features=True)`).
 
@@ -110,5 +115,5 @@ def compute_signatures(model: Any, backbone: Any, client_data: dict, kinds: tupl
   if "features" in kinds:
     feature_dim = jax.eval_shape(featurize, client_data["image"][0, :1]).shape[-1]
     basis = random_basis(feature_dim, min(covariance_rank, feature_dim), seed)
-  fn = jax.jit(make_signature_fn(featurize, kinds, num_classes, basis, noise_std))
+  fn = jax.jit(make_signature_fn(featurize, kinds, num_classes, basis, noise_std, clip_norm=clip_norm))
   return np.asarray(fn(client_data, jax.random.key(seed) if client_keys is None else client_keys))

@@ -54,9 +54,11 @@ import jax.numpy as jnp
 import optax
 
 from hyperlora_jax import lora as lora_lib
+from hyperlora_jax import privacy as privacy_lib
 from hyperlora_jax.aggregators.base import Aggregator, AggregationContext, Capabilities, aggregate_layers
 from hyperlora_jax.aggregators.fair import fit_delta_b
 from hyperlora_jax.aggregators.products import weighted_product
+from hyperlora_jax.aggregators.robust import merge_rest, without_layers
 
 CORRECTORS = ("none", "fair", "learned")
 Tree = Any
@@ -126,6 +128,37 @@ def refactorize(target: jax.Array, rank: int, scale: float, previous_a: jax.Arra
   return a, a.T @ target / scale
 
 
+class PrivateRelease(NamedTuple):
+  """Client-level DP for the synthesis (`hyperlora_jax.privacy`): each participant's update,
+  its product changes ΔP_k of every layer together with its changes of every other leaf, is
+  clipped to L2 norm `clip_norm`; participants weigh the same (1/n); N(0, (σ C / n)²) noise,
+  σ = `noise_multiplier`, is added to every coordinate of the mean change (the products
+  [d_in, d_out] and the other leaves). `key` draws the noise."""
+  clip_norm: float
+  noise_multiplier: float
+  key: jax.Array
+
+
+def private_update(updates: dict, rest_updates: Tree, weights: jax.Array, scale: float,
+                   release: PrivateRelease) -> tuple[dict, Tree, jax.Array]:
+  """The noisy uniform mean of the clipped updates (`PrivateRelease`).
+
+  updates: {layer: (a [C, d_in, 2r], b [C, 2r, d_out])} with s a_k b_k = ΔP_k (`update_factors`);
+  rest_updates: the other leaves' changes [C, ...]; weights [C] (0 = absent).
+  Returns ({layer: [d_in, d_out] mean ΔP + noise}, the other leaves' mean change + noise,
+  the clipped weights [C] used: Σ_k w_k ΔP_k is the mean of the clipped ΔP_k).
+  """
+  squares = privacy_lib.squared_norms(rest_updates) + sum(
+      scale ** 2 * jnp.diagonal(product_gram(*u)) for u in updates.values())
+  mean_weights, count = privacy_lib.clipped_mean_weights(squares, weights, release.clip_norm)
+  std = release.noise_multiplier * release.clip_norm / count
+  product_key, rest_key = jax.random.split(release.key)
+  mean_products = {p: scale * weighted_product(*u, mean_weights) for p, u in updates.items()}
+  mean_rest = jax.tree.map(lambda x: jnp.tensordot(mean_weights, x, axes=1), rest_updates)
+  return (privacy_lib.add_gaussian_noise(mean_products, std, product_key),
+          privacy_lib.add_gaussian_noise(mean_rest, std, rest_key), mean_weights)
+
+
 class SynthesisConfig(NamedTuple):
   scale: float
   rank: int
@@ -148,7 +181,8 @@ def update_factors(trained: dict, start: dict) -> tuple[jax.Array, jax.Array]:
 def synthesize(params: Tree, modules: tuple[SynthesizerScores, ResidualGate], cfg: SynthesisConfig,
                global_params: Tree, client_params: Tree, weights: jax.Array,
                signatures: jax.Array, client_loss: jax.Array, residual: dict,
-               client_starts: Tree | None = None) -> tuple[Tree, dict, dict]:
+               client_starts: Tree | None = None,
+               release: PrivateRelease | None = None) -> tuple[Tree, dict, dict]:
   """The new global params, the new residual memory and what was used to build them (a pure
   function of ψ, ω): {"weights": [C, L] synthesis weights w_{k,l}, "gates": [L] corrector
   gates (learned corrector only)}.
@@ -159,6 +193,9 @@ def synthesize(params: Tree, modules: tuple[SynthesizerScores, ResidualGate], cf
     client_params: [C, ...] returned params; weights [C] (sum 1, 0 = absent);
     signatures [C, D]; client_loss [C]; residual {layer: [d_in, d_out]} (E of the last round).
     client_starts: [C, ...] where each client started (None: the global params).
+    release: client-level DP (`PrivateRelease`): the new product is s a b + the noisy mean of
+      the clipped ΔP_k, the other leaves the global's plus their noisy mean change; S_ψ's
+      scores and the clients' dispersion (a C_ω statistic) are not read.
   """
   scores_module, gate_module = modules
   client_layers = lora_lib.layers(client_params)
@@ -169,22 +206,35 @@ def synthesize(params: Tree, modules: tuple[SynthesizerScores, ResidualGate], cf
                   {p: jax.tree.map(lambda x: jnp.broadcast_to(x, (clients,) + x.shape), global_layers[p])
                    for p in paths})
   updates = {p: update_factors(client_layers[p], start_layers[p]) for p in paths}
-  layer_features = jnp.stack([client_layer_features(*updates[p], weights, cfg.scale)
-                              for p in paths], axis=1)                              # [C, L, 2]
-  per_client = jnp.concatenate([signatures, client_loss[:, None]], -1)              # [C, D + 1]
-  features = jnp.concatenate([layer_features, jnp.broadcast_to(
-      per_client[:, None], (per_client.shape[0], len(paths), per_client.shape[1]))], -1)
-  scores = scores_module.apply(params["synth"], features) if cfg.learned_weights else jnp.zeros(
-      features.shape[:2])
-  synth_weights = synthesis_weights(scores, weights)                                # [C, L]
-
-  products = {p: cfg.scale * (global_layers[p]["a"] @ global_layers[p]["b"]
-                              + weighted_product(*updates[p], synth_weights[:, i]))
-              for i, p in enumerate(paths)}
+  private_rest = None
+  if release is None:
+    layer_features = jnp.stack([client_layer_features(*updates[p], weights, cfg.scale)
+                                for p in paths], axis=1)                            # [C, L, 2]
+    per_client = jnp.concatenate([signatures, client_loss[:, None]], -1)            # [C, D + 1]
+    features = jnp.concatenate([layer_features, jnp.broadcast_to(
+        per_client[:, None], (per_client.shape[0], len(paths), per_client.shape[1]))], -1)
+    scores = scores_module.apply(params["synth"], features) if cfg.learned_weights else jnp.zeros(
+        features.shape[:2])
+    synth_weights = synthesis_weights(scores, weights)                              # [C, L]
+    products = {p: cfg.scale * (global_layers[p]["a"] @ global_layers[p]["b"]
+                                + weighted_product(*updates[p], synth_weights[:, i]))
+                for i, p in enumerate(paths)}
+    dispersion = [jnp.std(layer_features[:, i, 1]) for i in range(len(paths))]
+  else:
+    starts = (client_starts if client_starts is not None else
+              jax.tree.map(lambda x: jnp.broadcast_to(x, (clients,) + x.shape), global_params))
+    rest_updates = jax.tree.map(jnp.subtract, without_layers(client_params), without_layers(starts))
+    mean_changes, mean_rest, _ = private_update(updates, rest_updates, weights, cfg.scale, release)
+    products = {p: cfg.scale * global_layers[p]["a"] @ global_layers[p]["b"] + mean_changes[p] for p in paths}
+    private_rest = jax.tree.map(jnp.add, without_layers(global_params), mean_rest)
+    present = (weights > 0).astype(jnp.float32)
+    synth_weights = jnp.broadcast_to((present / jnp.maximum(jnp.sum(present), 1.0))[:, None],
+                                     (clients, len(paths)))                         # Uniform.
+    dispersion = [jnp.zeros(())] * len(paths)                                       # Not read.
   targets, used = products, {"weights": synth_weights}
   if cfg.corrector == "learned":
     stats = jnp.stack([jnp.stack([jnp.linalg.norm(residual[p]) / (jnp.linalg.norm(products[p]) + 1e-12),
-                                  jnp.std(layer_features[:, i, 1])]) for i, p in enumerate(paths)])
+                                  dispersion[i]]) for i, p in enumerate(paths)])
     gates = gate_module.apply(params["corr"], jax.lax.stop_gradient(stats))
     targets = {p: products[p] + gates[i] * residual[p] for i, p in enumerate(paths)}
     used["gates"] = gates
@@ -198,6 +248,8 @@ def synthesize(params: Tree, modules: tuple[SynthesizerScores, ResidualGate], cf
     return {"a": a, "b": b}, jax.lax.stop_gradient(target - cfg.scale * a @ b)
 
   new_global, missed = aggregate_layers(refactorized, global_params, client_params, weights, target=targets)
+  if private_rest is not None:
+    new_global = merge_rest(new_global, private_rest)
   return new_global, (missed if cfg.corrector == "learned" else {}), used
 
 
@@ -231,7 +283,8 @@ def _synthesis_metrics(used: dict, weights: jax.Array) -> dict:
 
 
 def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransformation,
-                          *, hidden: int = 32, meta_learning: bool = True, meta_steps: int = 1) -> Aggregator:
+                          *, hidden: int = 32, meta_learning: bool = True, meta_steps: int = 1,
+                          privacy: tuple[float, float] | None = None) -> Aggregator:
   """S_ψ and C_ω as a meta-learned `Aggregator` (module docstring).
 
   It owns one held-out step of each client's block (`heldout_steps=1`) and reads the
@@ -245,8 +298,17 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
   their optimizer then stay put for that step), plus the round's diagnostics "synth_weight_entropy",
   "synth_weight_kl" (`weight_entropy`, `weight_divergence`) and, with the learned corrector,
   "corrector_gate" (the mean gate g_l over layers).
+
+  `privacy=(clip_norm, noise_multiplier)`: client-level DP (`PrivateRelease`, one release a
+  round). It needs the uniform synthesizer and no meta-learning (ψ, ω would learn from
+  per-client held-out gradients outside the accountant), holds out no steps and reports no
+  meta-loss; the state adds "rng", the noise key's data.
   """
   diagnostic_metrics = DIAGNOSTIC_METRICS if cfg.corrector == "learned" else DIAGNOSTIC_METRICS[:2]
+  if privacy is not None and (meta_learning or cfg.learned_weights):
+    raise ValueError("a private HyperLoRA synthesizer needs learned_weights=False and meta_learning=False: "
+                     "S_ψ and C_ω would learn from per-client held-out gradients that the privacy "
+                     "accountant does not cover")
 
   def modules_for(global_params):
     num_layers = len(lora_lib.layers(global_params))
@@ -262,9 +324,20 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
               "corr": modules[1].init(k2, jnp.zeros((len(targets), 2)))}
     residual = ({path: jnp.zeros(shape, jnp.float32) for path, shape in targets.items()}
                 if cfg.corrector == "learned" else {})
-    return {"params": params, "opt": optimizer.init(params), "residual": residual,
-            "meta_loss": jnp.zeros((), jnp.float32), "meta_step_skipped": jnp.zeros((), jnp.int32),
-            **{name: jnp.zeros((), jnp.float32) for name in diagnostic_metrics}}
+    state = {"params": params, "opt": optimizer.init(params), "residual": residual,
+             **{name: jnp.zeros((), jnp.float32) for name in diagnostic_metrics}}
+    if privacy is None:
+      return {**state, "meta_loss": jnp.zeros((), jnp.float32), "meta_step_skipped": jnp.zeros((), jnp.int32)}
+    return {**state, "rng": jax.random.key_data(jax.random.fold_in(rng, 11))}
+
+  def private_aggregate(state, global_params, client_params, weights, context: AggregationContext):
+    key, noise_key = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+    new_global, residual, used = synthesize(
+        state["params"], modules_for(global_params), cfg, global_params, client_params, weights,
+        jnp.zeros((weights.shape[0], 0)), jnp.zeros(weights.shape), state["residual"],
+        context.client_starts if context is not None else None, PrivateRelease(*privacy, noise_key))
+    return new_global, {}, {**state, "residual": residual, "rng": jax.random.key_data(key),
+                            **jax.lax.stop_gradient(_synthesis_metrics(used, weights))}
 
   def aggregate(state, global_params, client_params, weights, context: AggregationContext):
     modules = modules_for(global_params)
@@ -312,6 +385,10 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
                             "meta_loss": meta_loss, "meta_step_skipped": skipped,
                             **jax.lax.stop_gradient(diagnostics)}
 
+  if privacy is not None:
+    return Aggregator(init, private_aggregate, Capabilities(
+        name=f"hyperlora_synthesizer[dp {privacy[0]}, {privacy[1]}]", plain_server_step=True,
+        heterogeneous_ranks=True, metrics=diagnostic_metrics))
   return Aggregator(init, aggregate, Capabilities(
       name="hyperlora_synthesizer", plain_server_step=True, heterogeneous_ranks=True, heldout_steps=1,
       metrics=("meta_loss", "meta_step_skipped") + diagnostic_metrics))
