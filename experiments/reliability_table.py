@@ -3,10 +3,11 @@
   python -m experiments.reliability_table runs/reliability [--out runs/reliability/table.md]
 
 A run is any finished workdir (`metrics.jsonl` + `config.json`); runs are grouped by method and
-by what they change from the defaults in the `faults`, `robust` and `dp` blocks. Per group, over
-seeds: final global and personalized accuracy (mean ± std), and what the rounds detected or
-injected, summed over all rounds and averaged over seeds: faults injected per kind, non-finite
-client updates left out, server parts rejected; for DP runs the final ε.
+by what they change from the defaults in the `faults`, `robust`, `dp` (and HyperLoRA's
+`hyperlora`) blocks. Per group, over seeds: final global and personalized accuracy (mean ±
+std), and what the rounds detected or injected, summed over all rounds and averaged over seeds:
+faults injected per kind, non-finite client updates left out, server parts rejected; for DP
+runs the final ε.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import numpy as np
 from experiments.report import emit, find_runs
 from hyperlora_jax import reporting
 
-BLOCKS = ("faults", "robust", "dp")
+BLOCKS = ("faults", "robust", "dp", "hyperlora")  # hyperlora: saved only with that method's runs.
 COUNTERS = ("faults_byzantine", "faults_nonfinite", "faults_dropout", "faults_straggler", "nonfinite_clients",
             "rejected_aggregate", "rejected_server_step", "rejected_plugins", "meta_step_skipped")
 
@@ -30,8 +31,9 @@ ACTIVE_WHEN = {"faults.byzantine_scale": ("faults.byzantine", lambda v: v > 0),
                "faults.byzantine_kind": ("faults.byzantine", lambda v: v > 0),
                "faults.straggler_steps": ("faults.straggler", lambda v: v > 0),
                "robust.trim": ("robust.rule", lambda v: v == "trimmed_mean"),
-               "dp.clip_norm": ("dp.noise_multiplier", lambda v: v > 0),
-               "dp.delta": ("dp.noise_multiplier", lambda v: v > 0)}
+               **{f"dp.{field}": ("dp.noise_multiplier", lambda v: v > 0)
+                  for field in ("clip_norm", "delta", "generator_clip_norm", "signature_clip_norm",
+                                "signature_noise_multiplier")}}
 
 
 def _setting(config: dict, defaults: dict) -> str:

@@ -15,7 +15,7 @@ The library (pure functions; no configs, no I/O but `peft`):
   diagnostics  per-round diagnostics the round reports: aggregation bias per layer, client
                drift, first/last local-step loss, generator offset norm
   faults       injected client faults (dropout, stragglers, NaN/Inf, Byzantine) for a round
-  privacy      ε of DP-FedAvg (and signatures) with `dp_accounting`
+  privacy      client-level DP: the Gaussian release of clipped updates, ε with `dp_accounting`
   hyper        HyperLoRA: signatures, the generator (a plug-in), the synthesizer (an aggregator)
   peft         adapters to and from Hugging Face PEFT's safetensors layout
   tasks        tasks built on the library (image classification)

@@ -19,6 +19,10 @@ one Gaussian mechanism with multiplier (Σ z_i⁻²)^(-1/2) (Gaussian DP compose
 is what subsampling amplifies (Zhu, Dong, Wang, AISTATS 2022): the round is one sampled Gaussian
 event with multiplier σ/√m.
 
+The uniform mean divides by n, the participants with weight > 0. The accounting takes n as
+fixed by the sampler: a client whose update is non-finite (left out by the round) or dropped
+(`faults.dropout`) changes n, which this bound does not cover.
+
 Signatures (HyperLoRA's data statistics) are sent once, clipped to norm C_s with noise std
 σ_s·C_s: one more Gaussian mechanism (multiplier σ_s/2), composed with the rounds. Without
 noise they are not private (ε = ∞).

@@ -188,6 +188,10 @@ def test_reliability_table_groups_by_active_fault_settings_and_sums_what_was_det
                                      "robust.trim=0.3")
   config = {"faults": {"byzantine": 0.0, "byzantine_scale": 10.0}, "robust": {"rule": "median", "trim": 0.3}}
   assert reliability_table._setting(config, defaults) == "robust.rule=median"  # Inert fields left out.
+  private = {"dp": {"noise_multiplier": 0.0, "signature_noise_multiplier": 2.0},
+             "hyperlora": {"synthesizer": "uniform", "generator": True}}
+  hyperlora_defaults = {**defaults, "hyperlora": {"synthesizer": "learned", "generator": True}}
+  assert reliability_table._setting(private, hyperlora_defaults) == "hyperlora.synthesizer=uniform"
   assert summaries[0]["faults_byzantine"] == 2 and summaries[0]["nonfinite_clients"] == 1
   table = reliability_table.markdown_table(summaries)
   assert ("| faults.byzantine=0.1, faults.byzantine_scale=10.0, robust.rule=trimmed_mean, robust.trim=0.3 | fedit | 2 | "
