@@ -120,6 +120,8 @@ def summary(records: list[dict], title: str) -> str:
       f"  communicated           up {last['cum_bytes_up'] / 1e6:.2f} MB, "
       f"down {last['cum_bytes_down'] / 1e6:.2f} MB",
   ]
+  if records[-1].get("dp_epsilon") is not None:
+    lines.append(f"  privacy spent          ε = {records[-1]['dp_epsilon']:.1f} (client-level, at the config's dp.delta)")
   return "\n".join(lines)
 
 

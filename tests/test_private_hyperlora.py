@@ -239,6 +239,7 @@ def test_a_private_hyperlora_run_reports_the_composed_epsilon_and_stores_clipped
   assert [r["dp_epsilon"] for r in records] == pytest.approx(expected)
   assert all(math.isfinite(r["global_accuracy"]) for r in records if "global_accuracy" in r)
   assert "meta_loss" not in records[-1]
+  assert f"privacy spent          ε = {expected[-1]:.1f}" in reporting.summary(records, "run")
   config.dp.signature_noise_multiplier = 1e-6  # Noise too small to hide the clipping.
   exp = build_experiment(config, log=lambda _: None)
   norms = np.linalg.norm(exp.signatures, axis=-1)

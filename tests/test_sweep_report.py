@@ -261,3 +261,23 @@ def test_data_scarcity_table_finds_where_federated_methods_overtake_local_only(t
   assert "- fedit: above at 8; local-only ahead at 64, all" in text
   assert "| fedit | 8 | – | – | 0.5 ± 0.01 |" in text  # Diagnostics: only init_lag was recorded.
   assert (tmp_path / "scarcity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bias_settings_groups_by_grid_values_and_sorts_by_mean_bias(tmp_path):
+  from experiments import bias_settings
+  entries = []
+  for setting, biases, seed in (("lora.rank=16", (0.3, 0.1), 0), ("lora.rank=16", (0.5, 0.3), 1),
+                                ("lora.rank=2", (0.02, 0.02), 0)):
+    workdir = tmp_path / "default" / "fedit" / setting / f"seed{seed}"
+    os.makedirs(workdir)
+    rows = [{"round": r + 1, "aggregation_bias": b, "client_drift": 2.0} for r, b in enumerate(biases)]
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    entries.append({"workdir": str(workdir), "method": "fedit", "status": "finished",
+                    "final": {"global_accuracy": 0.25 + 0.1 * seed, "personalized_accuracy_mean": 0.5}})
+  entries.append({"workdir": str(tmp_path / "x"), "method": "fedit", "status": "failed"})
+  assert bias_settings.setting_of(str(tmp_path / "default" / "fedit" / "seed0"), "fedit") == "default"
+  table = bias_settings.bias_table([r for r in map(bias_settings.run_row, entries) if r])
+  lines = table.splitlines()
+  # Mean over rounds then over seeds: (0.2 + 0.4) / 2 = 0.3 ± 0.1; round 1: 0.4 ± 0.1; last: 0.2 ± 0.1.
+  assert lines[2] == "| lora.rank=16 | fedit | 2 | 0.3 ± 0.1 | 0.4 ± 0.1 | 0.2 ± 0.1 | 2 ± 0 | 30 ± 5 | 50 ± 0 |"
+  assert lines[3].startswith("| lora.rank=2 | fedit | 1 | 0.02 ± 0 |")

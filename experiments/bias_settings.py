@@ -1,0 +1,83 @@
+"""Where FedIT's aggregation bias is large: the round diagnostics of a sweep, by setting.
+
+  python -m experiments.sweep --configs configs/default.py --seeds 0 --methods fedit \
+      --set fed.num_rounds=10 --set eval_every=10 --runs_dir runs/bias --grid lora.rank=2,4,16
+  python -m experiments.bias_settings runs/bias --out runs/bias/bias.md
+
+Reads RUNS_DIR/index.json (written by `experiments.sweep`). A run's setting is its grid values,
+the workdir's path between the method and the seed ("default" when none). Per setting and
+method, over seeds (mean ± std): the aggregation bias ‖B̄Ā − Σp_kB_kA_k‖_F / ‖Σp_kB_kA_k‖_F
+averaged over every round, in round 1 and in the last round; the client drift averaged over
+every round; the final global and mean personalized accuracy. Rows are sorted by the mean bias.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+
+import numpy as np
+
+from experiments.report import emit
+from hyperlora_jax import reporting
+
+COLUMNS = ("bias (all rounds)", "bias round 1", "bias last round", "client drift", "global %", "pers. %")
+
+
+def setting_of(workdir: str, method: str) -> str:
+  """The grid values in a sweep workdir's path, '/'-joined ('default' when there are none)."""
+  parts = os.path.normpath(workdir).split(os.sep)
+  between = parts[parts.index(method) + 1:-1] if method in parts else []
+  return "/".join(between) or "default"
+
+
+def run_row(entry: dict) -> dict | None:
+  """One finished run of the index: its setting, method and per-run numbers (None: unfinished
+  or without the diagnostics)."""
+  if entry.get("status") != "finished" or not os.path.exists(entry["workdir"]):
+    return None
+  records = reporting.read_metrics(entry["workdir"])
+  bias = [r["aggregation_bias"] for r in records if isinstance(r.get("aggregation_bias"), (int, float))]
+  if not bias:
+    return None
+  drift = [r["client_drift"] for r in records if isinstance(r.get("client_drift"), (int, float))]
+  final = entry.get("final") or {}
+  return {"setting": setting_of(entry["workdir"], entry["method"]), "method": entry["method"],
+          "values": (float(np.mean(bias)), bias[0], bias[-1], float(np.mean(drift)) if drift else None,
+                     final.get("global_accuracy"), final.get("personalized_accuracy_mean"))}
+
+
+def _cell(values: list, percent: bool) -> str:
+  values = [v for v in values if v is not None]
+  if not values:
+    return "–"
+  scale = 100.0 if percent else 1.0
+  return f"{scale * np.mean(values):.3g} ± {scale * np.std(values):.2g}"
+
+
+def bias_table(rows: list[dict]) -> str:
+  """Markdown: one line per (setting, method), sorted by the mean bias (largest first)."""
+  groups = collections.defaultdict(list)
+  for row in rows:
+    groups[(row["setting"], row["method"])].append(row["values"])
+  lines = ["| setting | method | seeds | " + " | ".join(COLUMNS) + " |", "|---|---|---|" + "---|" * len(COLUMNS)]
+  for (setting, method), values in sorted(groups.items(), key=lambda kv: -np.mean([v[0] for v in kv[1]])):
+    cells = [_cell([v[i] for v in values], percent=i >= 4) for i in range(len(COLUMNS))]
+    lines.append(f"| {setting} | {method} | {len(values)} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("runs_dir")
+  parser.add_argument("--out", default=None, help="Also write the table here.")
+  args = parser.parse_args(argv)
+  with open(os.path.join(args.runs_dir, "index.json")) as f:
+    entries = json.load(f)["runs"]
+  rows = [row for row in map(run_row, entries) if row is not None]
+  emit(bias_table(rows), args.out)
+
+
+if __name__ == "__main__":
+  main()
