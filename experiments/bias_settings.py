@@ -9,6 +9,8 @@ the workdir's path between the method and the seed ("default" when none). Per se
 method, over seeds (mean ± std): the aggregation bias ‖B̄Ā − Σp_kB_kA_k‖_F / ‖Σp_kB_kA_k‖_F
 averaged over every round, in round 1 and in the last round; the client drift averaged over
 every round; the final global and mean personalized accuracy. Rows are sorted by the mean bias.
+`--diagnostics a,b` adds columns: each metric's mean over every round (e.g. HyperLoRA's
+`synth_weight_kl,corrector_gate,meta_loss` for a sweep over its meta-learning knobs).
 """
 from __future__ import annotations
 
@@ -32,20 +34,25 @@ def setting_of(workdir: str, method: str) -> str:
   return "/".join(between) or "default"
 
 
-def run_row(entry: dict) -> dict | None:
-  """One finished run of the index: its setting, method and per-run numbers (None: unfinished
-  or without the diagnostics)."""
+def _round_mean(records: list[dict], key: str) -> float | None:
+  values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
+  return float(np.mean(values)) if values else None
+
+
+def run_row(entry: dict, extra: tuple[str, ...] = ()) -> dict | None:
+  """One finished run of the index: its setting, method and per-run numbers (`COLUMNS`, then
+  the round means of `extra`; None: unfinished or without the diagnostics)."""
   if entry.get("status") != "finished" or not os.path.exists(entry["workdir"]):
     return None
   records = reporting.read_metrics(entry["workdir"])
   bias = [r["aggregation_bias"] for r in records if isinstance(r.get("aggregation_bias"), (int, float))]
   if not bias:
     return None
-  drift = [r["client_drift"] for r in records if isinstance(r.get("client_drift"), (int, float))]
   final = entry.get("final") or {}
   return {"setting": setting_of(entry["workdir"], entry["method"]), "method": entry["method"],
-          "values": (float(np.mean(bias)), bias[0], bias[-1], float(np.mean(drift)) if drift else None,
-                     final.get("global_accuracy"), final.get("personalized_accuracy_mean"))}
+          "values": (float(np.mean(bias)), bias[0], bias[-1], _round_mean(records, "client_drift"),
+                     final.get("global_accuracy"), final.get("personalized_accuracy_mean"))
+          + tuple(_round_mean(records, key) for key in extra)}
 
 
 def _cell(values: list, percent: bool) -> str:
@@ -56,14 +63,15 @@ def _cell(values: list, percent: bool) -> str:
   return f"{scale * np.mean(values):.3g} ± {scale * np.std(values):.2g}"
 
 
-def bias_table(rows: list[dict]) -> str:
+def bias_table(rows: list[dict], extra: tuple[str, ...] = ()) -> str:
   """Markdown: one line per (setting, method), sorted by the mean bias (largest first)."""
   groups = collections.defaultdict(list)
   for row in rows:
     groups[(row["setting"], row["method"])].append(row["values"])
-  lines = ["| setting | method | seeds | " + " | ".join(COLUMNS) + " |", "|---|---|---|" + "---|" * len(COLUMNS)]
+  columns = COLUMNS + extra
+  lines = ["| setting | method | seeds | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
   for (setting, method), values in sorted(groups.items(), key=lambda kv: -np.mean([v[0] for v in kv[1]])):
-    cells = [_cell([v[i] for v in values], percent=i >= 4) for i in range(len(COLUMNS))]
+    cells = [_cell([v[i] for v in values], percent=i in (4, 5)) for i in range(len(columns))]
     lines.append(f"| {setting} | {method} | {len(values)} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -72,11 +80,13 @@ def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("runs_dir")
   parser.add_argument("--out", default=None, help="Also write the table here.")
+  parser.add_argument("--diagnostics", default="", help="Comma-separated metrics to add (round means).")
   args = parser.parse_args(argv)
   with open(os.path.join(args.runs_dir, "index.json")) as f:
     entries = json.load(f)["runs"]
-  rows = [row for row in map(run_row, entries) if row is not None]
-  emit(bias_table(rows), args.out)
+  extra = tuple(filter(None, args.diagnostics.split(",")))
+  rows = [row for row in (run_row(entry, extra) for entry in entries) if row is not None]
+  emit(bias_table(rows, extra), args.out)
 
 
 if __name__ == "__main__":

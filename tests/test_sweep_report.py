@@ -281,3 +281,6 @@ def test_bias_settings_groups_by_grid_values_and_sorts_by_mean_bias(tmp_path):
   # Mean over rounds then over seeds: (0.2 + 0.4) / 2 = 0.3 ± 0.1; round 1: 0.4 ± 0.1; last: 0.2 ± 0.1.
   assert lines[2] == "| lora.rank=16 | fedit | 2 | 0.3 ± 0.1 | 0.4 ± 0.1 | 0.2 ± 0.1 | 2 ± 0 | 30 ± 5 | 50 ± 0 |"
   assert lines[3].startswith("| lora.rank=2 | fedit | 1 | 0.02 ± 0 |")
+  extra = bias_settings.bias_table([bias_settings.run_row(e, ("client_drift", "missing")) for e in entries[:1]],
+                                   ("client_drift", "missing"))
+  assert extra.splitlines()[2].endswith("| 2 ± 0 | – |")  # An added round mean, and one no run has.
