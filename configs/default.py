@@ -45,6 +45,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.max_client_examples = 0         # > 0: each client keeps a random subset of at most this
                                               # many training examples (data-scarce regimes); its
                                               # test split is unchanged. 0: all.
+  config.data.validation_fraction = 0.0       # > 0: this fraction of each client's training examples
+                                              # is held out and every evaluation reads it instead of
+                                              # the test split (hyperparameter tuning). 0: off.
   config.data.stream = False                  # Read images on demand from the prepared files
                                               # (host memory: the index and a few blocks).
   config.data.stream_chunk_examples = 4096    # Examples per evaluation/signature block (bounds device

@@ -130,6 +130,8 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
   for field in ("data.heldout_clients", "data.max_client_examples", "fed.new_client_steps", "fed.num_devices"):
     _positive_int(config, field, minimum=0)
   _positive_int(config, "data.min_client_size")  # 0 lets a client without examples in (weight 0/0).
+  fraction = data.get("validation_fraction", 0.0)
+  _require(0 <= fraction < 1, "data.validation_fraction", f"must be in [0, 1), got {fraction}")
   if not config.pretrain.get("npz_path"):
     _positive_int(config, "pretrain.steps")
   _positive_int(config, "fed.clients_per_chunk", minimum=-1)  # -1: measured (autotune.AUTO).

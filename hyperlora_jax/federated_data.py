@@ -89,7 +89,9 @@ def client_blocks(pool: ImageDataset, parts: list, chunk_examples: int = 0,
 def build_federated_data(config: ml_collections.ConfigDict) -> FederatedData:
   """Loads the pools (streamed with `data.stream`) and partitions them over `data.num_clients`
   + `data.heldout_clients` clients (seeded by `seed`); the last `heldout_clients` are the new
-  clients. Partitions read only labels and domains."""
+  clients. Partitions read only labels and domains. With `data.validation_fraction` > 0 every
+  evaluation reads a validation split carved from each client's training examples
+  (`partition.split_validation`) instead of its test split, which is then never read."""
   data = config.data
   train = load_image_dataset(data.name, data.train_split, data.data_dir or None, data.image_size, data.stream)
   test = load_image_dataset(data.name, data.test_split, data.data_dir or None, data.image_size, data.stream)
@@ -98,6 +100,9 @@ def build_federated_data(config: ml_collections.ConfigDict) -> FederatedData:
       data.num_clients + data.heldout_clients, seed=config.seed, alpha=data.dirichlet_alpha,
       classes_per_client=data.classes_per_client, min_size=data.min_client_size)
   train_parts = partition.cap_examples(train_parts, data.get("max_client_examples", 0), config.seed)
+  if data.get("validation_fraction", 0.0):  # Tuning: evaluate on held-out training data only.
+    train_parts, test_parts = partition.split_validation(train_parts, data.validation_fraction, config.seed)
+    test = train
   new_train, new_test = train_parts[data.num_clients:], test_parts[data.num_clients:]
   train_parts, test_parts = train_parts[:data.num_clients], test_parts[:data.num_clients]
   return FederatedData(train, test, train_parts, test_parts, new_train, new_test, config.eval_batch,

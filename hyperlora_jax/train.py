@@ -48,7 +48,7 @@ RESUMABLE_FIELDS = ("fed.num_rounds", "eval_every", "checkpoint_every")
 # a recorded run lacking one is the same config when this run has that value (so a workdir
 # made by an older version resumes, or reprints, instead of being refused).
 ADDED_FIELDS = {
-    "data.max_client_examples": 0, "hyperlora.meta_steps": 1,
+    "data.max_client_examples": 0, "data.validation_fraction": 0.0, "hyperlora.meta_steps": 1,
     # The faults, robust and dp blocks (all off).
     "faults.dropout": 0.0, "faults.straggler": 0.0, "faults.straggler_steps": 0.5, "faults.nonfinite": 0.0,
     "faults.byzantine": 0.0, "faults.byzantine_kind": "sign_flip", "faults.byzantine_scale": 1.0,
@@ -210,6 +210,9 @@ def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], Non
   server_optimizer = build_optimizer(config.server_optimizer)
   _check_method_fits(config, method, server_optimizer)
   data = build_federated_data(config)
+  if config.data.get("validation_fraction", 0.0):
+    log(f"evaluating on a validation split: {config.data.validation_fraction:g} of each client's training "
+        f"examples, held out (the test split is not read)")
   backbone, _ = pretrain.load_or_pretrain(config, log)
   model = models.model_from_config(config.model, data.num_classes, data.train_pool.class_names)
   trainable, targets = initial_trainable(model, backbone, data.train_pool.images[:1],

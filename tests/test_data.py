@@ -172,3 +172,19 @@ def test_a_data_scarce_config_caps_training_examples_but_not_test_splits(smoke_c
     assert set(part) <= set(whole) and len(part) == min(8, len(whole))
   for whole, part in zip(full.test_parts, scarce.test_parts):
     np.testing.assert_array_equal(whole, part)
+
+
+def test_a_validation_split_is_carved_from_training_examples_and_replaces_the_test_split(smoke_config):
+  from hyperlora_jax.federated_data import build_federated_data
+  full = build_federated_data(smoke_config)
+  smoke_config.data.validation_fraction = 0.25
+  tuning = build_federated_data(smoke_config)
+  assert tuning.test_pool is tuning.train_pool  # Evaluations read training examples only.
+  for whole, train, held in zip(full.train_parts, tuning.train_parts, tuning.test_parts):
+    assert len(held) == max(int(0.25 * len(whole)), 1)
+    assert not set(train) & set(held)
+    np.testing.assert_array_equal(np.sort(np.concatenate([train, held])), np.sort(whole))
+  assert [len(p) for p in partition.split_validation([np.arange(1), np.arange(2)], 0.1, 0)[1]] == [0, 1]
+  unsplit = [np.arange(5)]
+  train, held = partition.split_validation(unsplit, 0.0, 0)
+  assert train is unsplit and len(held[0]) == 0  # Off: nothing held out.

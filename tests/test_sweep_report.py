@@ -284,3 +284,57 @@ def test_bias_settings_groups_by_grid_values_and_sorts_by_mean_bias(tmp_path):
   extra = bias_settings.bias_table([bias_settings.run_row(e, ("client_drift", "missing")) for e in entries[:1]],
                                    ("client_drift", "missing"))
   assert extra.splitlines()[2].endswith("| 2 ± 0 | – |")  # An added round mean, and one no run has.
+
+
+def test_claims_table_counts_rounds_to_target_and_gains_by_hand():
+  from experiments import claims
+
+  def run(method, seed, curve, pers, **extra):
+    records = [{"round": 5 * (i + 1), "global_accuracy": g, "personalized_accuracy_mean": p}
+               for i, (g, p) in enumerate(zip(curve, pers))]
+    return {"benchmark": "b", "method": method, "seed": seed, "rounds": records[-1]["round"],
+            "global": curve[-1], "pers_mean": pers[-1], "records": records, **extra}
+  rows = [run("hyperlora", 0, [0.2, 0.31, 0.32], [0.3, 0.4, 0.50], new_client_generated=0.4, new_client_global=0.3),
+          run("hyperlora", 1, [0.31, 0.32, 0.33], [0.3, 0.4, 0.48], new_client_generated=0.41, new_client_global=0.3),
+          run("fedit", 0, [0.1, 0.2, 0.31], [0.1, 0.2, 0.30]),
+          run("fedit", 1, [0.1, 0.31, 0.32], [0.1, 0.2, 0.32]),
+          run("centralized", 0, [0.3, 0.4, 0.40], [0.3, 0.4, 0.4]),
+          run("local_only", 0, [0.0, 0.0, 0.0], [0.4, 0.45, 0.49])]
+  table = claims.claims_table(rows, "hyperlora", "fedit", [0.3], [0.9], 0.3).splitlines()
+  # Rounds to 30% global: hyperlora 10 and 5 (7.5), fedit 15 and 10 (12.5): speed-up 1 − 7.5/12.5 = 40%.
+  assert ("| 30% faster convergence (global) | b | hyperlora vs fedit, rounds to 30% global, 15 rounds | "
+          "7.5 ± 2.5 vs 12.5 ± 2.5 rounds (speed-up 40%) | confirmed |") in table
+  # 90% of centralized (0.36): nobody's global curve gets there.
+  assert any("rounds to 90% of centralized (36.0%)" in line and line.endswith("| not reached |") for line in table)
+  # Personalized 49 ± 1 vs FedIT 31 ± 1: +18 points (+58%), above the pooled std.
+  assert ("| personalization gain (up to 20%) | b | hyperlora vs fedit, final personalized mean | "
+          "49.0 ± 1.0 vs 31.0 ± 1.0: +18.0 points (+58%) | confirmed |") in table
+  assert any("hyperlora vs local_only" in line and "+0.0 points" in line and line.endswith("not confirmed |")
+             for line in table)
+  assert any("generated start vs global" in line and "+10.5 points" in line for line in table)
+  assert table[-1].endswith("| – | not measured |")
+
+
+def test_tuning_picks_each_methods_best_validation_setting_and_tabulates_the_test_runs():
+  from experiments import tune
+  lr = "client_optimizer.learning_rate"
+
+  def entry(method, overrides, pers, status="finished", glob=0.3):
+    return {"method": method, "overrides": ["data.validation_fraction=0.2", *overrides], "status": status,
+            "final": {"personalized_accuracy_mean": pers, "global_accuracy": glob}}
+  validation = [entry("fedit", [f"{lr}=1e-3"], 0.30), entry("fedit", [f"{lr}=1e-2"], 0.36),
+                entry("fedit", [f"{lr}=3e-2"], 0.90, status="failed"),  # Not finished: not a candidate.
+                entry("hyperlora", [f"{lr}=3e-3", "generator.optimizer.learning_rate=1e-3"], 0.40),
+                entry("hyperlora", [f"{lr}=3e-3", "generator.optimizer.learning_rate=1e-2"], 0.44)]
+  scores = {m: tune.validation_scores(validation, m, "personalized_accuracy_mean") for m in ("fedit", "hyperlora")}
+  assert scores["fedit"] == {(f"{lr}=1e-3",): [0.30], (f"{lr}=1e-2",): [0.36]}
+  picks = {m: tune.pick(s) for m, s in scores.items()}
+  assert picks == {"fedit": (f"{lr}=1e-2",),
+                   "hyperlora": (f"{lr}=3e-3", "generator.optimizer.learning_rate=1e-2")}
+  test = [entry("fedit", [f"{lr}=1e-2"], 0.35, glob=g) for g in (0.30, 0.34)]
+  table = tune.tuning_table(scores, picks, test, "personalized_accuracy_mean")
+  assert f"| fedit | {lr}=1e-2: 36.0 ± 0.0; {lr}=1e-3: 30.0 ± 0.0 | {lr}=1e-2 | 32.0 ± 2.0 | " \
+         "35.0 ± 0.0 | 2 |" in table
+  assert table.splitlines()[-1].endswith("| – | – | 0 |")  # HyperLoRA's test runs are not in yet.
+  with pytest.raises(ValueError, match="no finished"):
+    tune.pick({})

@@ -177,6 +177,23 @@ def cap_examples(parts: list[np.ndarray], max_examples: int, seed: int) -> list[
           for part in parts]
 
 
+def split_validation(parts: list[np.ndarray], fraction: float, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """(train, validation): each client's indices split at random (seeded), ⌊fraction · n⌋ of
+  them, but at least one while at least one stays for training, held out for validation;
+  both kept in index order. fraction 0: (parts, empty parts)."""
+  if not fraction:
+    return parts, [part[:0] for part in parts]
+  rng = np.random.default_rng([seed, 11])
+  train, validation = [], []
+  for part in parts:
+    held = min(max(int(fraction * len(part)), 1), len(part) - 1) if len(part) > 1 else 0
+    chosen = np.zeros(len(part), bool)
+    chosen[rng.choice(len(part), held, replace=False)] = True
+    train.append(part[~chosen])
+    validation.append(part[chosen])
+  return train, validation
+
+
 def partition_train_test(kind: str, train_labels: np.ndarray, train_domains: np.ndarray,
                          test_labels: np.ndarray, test_domains: np.ndarray, num_clients: int,
                          seed: int, **kwargs) -> tuple[list[np.ndarray], list[np.ndarray]]:
