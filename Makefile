@@ -18,9 +18,15 @@ run: $(VENV)/.installed
 check-run: $(VENV)/.installed
 	$(PY) -m experiments.check_readme --workdir runs/default
 
+# Lint, then every test but the few marked slow (multi-process end-to-end runs).
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow tests
+
+test-all: test test-slow
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
@@ -30,4 +36,4 @@ BENCH_FLAGS ?=
 bench: $(VENV)/.installed
 	$(PY) -m experiments.benchmark --out $(BENCH_OUT) $(BENCH_FLAGS)
 
-.PHONY: install run check-run test lint bench
+.PHONY: install run check-run test test-slow test-all lint bench

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from flax import traverse_util
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +47,7 @@ def _metrics(workdir):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_two_devices_and_resume(cache_dirs, tmp_path):
   single = tmp_path / "single"
   out = subprocess.run(_command(cache_dirs, single, 3), cwd=ROOT, env=_env(2), capture_output=True, text=True,
