@@ -115,6 +115,7 @@ def plot_benchmark(rows: list[dict], path: str, title: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
 
   fig, axes = plt.subplots(2, 2, figsize=(12, 8), squeeze=False)
   panels = [("global_accuracy", "global accuracy"), ("personalized_accuracy_mean", "personalized accuracy (mean)")]
@@ -134,6 +135,7 @@ def plot_benchmark(rows: list[dict], path: str, title: str) -> None:
         ax.set(xlabel="round" if x_key == "round" else "MB communicated (up + down)", ylabel=label)
         if x_key == "cum_bytes" and np.all(x > 0):
           ax.set_xscale("log")
+          ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # Decades only: minor labels overlap.
   axes[0][0].set_title(title)
   handles, labels = axes[1][0].get_legend_handles_labels()
   fig.legend(handles, labels, loc="center right", fontsize=8)
