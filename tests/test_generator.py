@@ -2,11 +2,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.flatten_util import ravel_pytree
 
 from hyperlora_jax import lora
-from hyperlora_jax.hyper.generator import NEW_CLIENT, LoraGenerator, make_generator
+from hyperlora_jax.hyper.generator import NEW_CLIENT, LoraGenerator
+from tests.generator_case import generator_case
 
 TARGETS = (("enc/q", 6, 5), ("enc/v", 6, 5), ("mlp", 5, 7))
 RANK, CLIENTS, SIG = 2, 3, 4
@@ -44,18 +44,8 @@ def test_new_client_gets_the_mean_embedding():
 
 def _case(loss="vjp", learning_rate=0.1, server_steps=1):
   module = _module()
-  gen = make_generator(module, loss=loss, optimizer=optax.sgd(learning_rate), scale=2.0,
-                       server_steps=server_steps, signature_dim=SIG)
-  state = gen.init(jax.random.key(0))
-  state["params"] = jax.tree.map(lambda x: x + 0.05 * jnp.cos(jnp.arange(x.size).reshape(x.shape)),
-                                 state["params"])
-  k = jax.random.split(jax.random.key(1), 3)
-  signatures = jax.random.normal(k[0], (CLIENTS, SIG))
-  ids = jnp.arange(CLIENTS)
-  base = {p: {"a": jnp.full((i, RANK), 0.1), "b": jnp.zeros((RANK, o))} for p, i, o in TARGETS}
-  offsets = gen.generate(state, signatures, ids)
-  sent = jax.tree.map(lambda o, b: o + b, offsets, base)
-  trained = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(k[1], x.shape), sent)
+  gen, state, signatures, ids, base, trained = generator_case(module, CLIENTS, RANK, SIG, loss=loss,
+                                                              learning_rate=learning_rate, server_steps=server_steps)
   weights = jnp.array([0.5, 0.3, 0.2])
   masks = lora.rank_masks(None, CLIENTS, RANK)
   return module, gen, state, signatures, ids, base, trained, weights, masks

@@ -14,6 +14,7 @@ from hyperlora_jax import lora, privacy
 from hyperlora_jax.aggregators import AggregationContext
 from hyperlora_jax.hyper.generator import LoraGenerator, make_generator
 from hyperlora_jax.hyper.synthesis import PrivateRelease, SynthesisConfig, hyperlora_synthesizer, private_update
+from tests.generator_case import generator_case
 
 C, D_IN, D_OUT, R, SCALE = 4, 5, 7, 2, 2.0
 WEIGHTS = jnp.array([0.5, 0.3, 0.2, 0.0])  # Data weights (ignored under DP); client 3 is absent.
@@ -106,18 +107,7 @@ SIG = 4
 
 def _generator_case(privacy_args):
   module = LoraGenerator(targets=TARGETS, rank=R, hidden=8, layer_embed_dim=4)
-  gen = make_generator(module, loss="vjp", optimizer=optax.sgd(0.1), scale=SCALE, signature_dim=SIG,
-                       privacy=privacy_args)
-  state = gen.init(jax.random.key(0))
-  state["params"] = jax.tree.map(lambda x: x + 0.05 * jnp.cos(jnp.arange(x.size).reshape(x.shape)),
-                                 state["params"])
-  k = jax.random.split(jax.random.key(1), 2)
-  signatures = jax.random.normal(k[0], (C, SIG))
-  ids = jnp.arange(C)
-  base = {p: {"a": jnp.full((i, R), 0.1), "b": jnp.zeros((R, o))} for p, i, o in TARGETS}
-  sent = jax.tree.map(lambda o, b: o + b, gen.generate(state, signatures, ids), base)
-  trained = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(k[1], x.shape), sent)
-  return module, gen, state, signatures, ids, base, trained
+  return (module, *generator_case(module, C, R, SIG, privacy=privacy_args))
 
 
 def test_private_generator_step_is_sgd_on_the_mean_of_clipped_per_client_jacobian_products():
