@@ -84,7 +84,7 @@ def test_real_dataset_configs_run_on_tfds_mock_data(module, num_classes, num_dom
   assert last["round"] == 2 and 0.0 <= last["global_accuracy"] <= 1.0 and last["cum_bytes"] > 0
 
 
-@pytest.mark.parametrize("method", ["fedit", "hyperlora"])
+@pytest.mark.parametrize("method", [pytest.param("fedit", marks=pytest.mark.slow), "hyperlora"])
 def test_vision_language_adapts_both_towers_and_classifies_zero_shot(method, tmp_path, cache_dirs):
   config = _hermetic(vision_language.get_config(f"smoke,method={method},rounds=2"), cache_dirs)
   exp = build_experiment(config, log=lambda _: None)
@@ -96,6 +96,7 @@ def test_vision_language_adapts_both_towers_and_classifies_zero_shot(method, tmp
   assert 0.0 <= last["global_accuracy"] <= 1.0
 
 
+@pytest.mark.slow
 def test_mixer_backbone_runs_the_domainnet_like_benchmark(tmp_path, cache_dirs):
   config = _hermetic(domainnet_like.get_config("smoke,model=mixer,clients_per_domain=1,method=fedit,rounds=2"),
                      cache_dirs)

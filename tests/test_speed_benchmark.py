@@ -12,6 +12,7 @@ from experiments import torch_baselines
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_make_bench_writes_its_results(tmp_path):
   out = tmp_path / "round_speed.json"
   flags = "--clients 2,4 --chunks 0,2,auto --local_steps 2 --batch_size 4 --repeats 1"

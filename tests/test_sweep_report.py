@@ -137,7 +137,6 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads worker pids from Linux /proc")
-@pytest.mark.slow
 def test_sweep_workers_die_when_the_sweep_is_killed(tmp_path, cache_dirs):
   """kill -9 of a sweep used to leave its workers running (and taking queued runs)."""
   import signal
