@@ -156,6 +156,8 @@ def test_private_deviation_targets_use_the_clipped_uniform_mean_change():
                          client_starts=start)
   plugin.after_aggregation(plugin.init(jax.random.key(0)), outcome)
   targets = seen[0][3]
+  with pytest.raises(ValueError, match="private generator"):  # A plug-in's noise needs the generator's key.
+    plugin.after_aggregation({"params": {}, "opt": {}}, outcome)
   change = {k: np.asarray(trained["l1"][k] - start["l1"][k]) for k in ("a", "b")}
   norms = np.sqrt(sum((v ** 2).reshape(C, -1).sum(1) for v in change.values()))
   factor = np.minimum(1.0, 0.5 / norms) * [1, 1, 1, 0] / 3

@@ -57,6 +57,9 @@ def generator_plugin(generator: Generator, name: str = "generator", target: str 
     raise ValueError(f"generator target {target!r}; allowed: {GENERATOR_TARGETS}")
 
   def after_aggregation(state, outcome: RoundOutcome):
+    if privacy is not None and "rng" not in state:
+      raise ValueError("a private generator plug-in needs a private generator "
+                       "(make_generator(..., privacy=...)), whose state carries the noise key")
     trained = lora_lib.layers(outcome.client_params)
     if target == "deviation":
       base = lora_lib.layers(outcome.previous_global)
