@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from experiments.report import emit
+from experiments.report import emit, round_mean
 from hyperlora_jax import reporting
 
 COLUMNS = ("bias (all rounds)", "bias round 1", "bias last round", "client drift", "global %", "pers. %")
@@ -34,11 +34,6 @@ def setting_of(workdir: str, method: str) -> str:
   return "/".join(between) or "default"
 
 
-def _round_mean(records: list[dict], key: str) -> float | None:
-  values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
-  return float(np.mean(values)) if values else None
-
-
 def run_row(entry: dict, extra: tuple[str, ...] = ()) -> dict | None:
   """One finished run of the index: its setting, method and per-run numbers (`COLUMNS`, then
   the round means of `extra`; None: unfinished or without the diagnostics)."""
@@ -49,10 +44,11 @@ def run_row(entry: dict, extra: tuple[str, ...] = ()) -> dict | None:
   if not bias:
     return None
   final = entry.get("final") or {}
+  run = {"records": records}
   return {"setting": setting_of(entry["workdir"], entry["method"]), "method": entry["method"],
-          "values": (float(np.mean(bias)), bias[0], bias[-1], _round_mean(records, "client_drift"),
+          "values": (float(np.mean(bias)), bias[0], bias[-1], round_mean(run, "client_drift"),
                      final.get("global_accuracy"), final.get("personalized_accuracy_mean"))
-          + tuple(_round_mean(records, key) for key in extra)}
+          + tuple(round_mean(run, key) for key in extra)}
 
 
 def _cell(values: list, percent: bool) -> str:

@@ -13,7 +13,7 @@ import ml_collections
 
 from hyperlora_jax.data.partition import ALLOWED_PARTITIONS
 from hyperlora_jax.hyper.generator import GENERATOR_LOSSES
-from hyperlora_jax.hyper.signatures import parse_kinds
+from hyperlora_jax.hyper.signatures import parse_kinds, statistic_kinds
 from hyperlora_jax.hyper.synthesis import CORRECTORS
 from hyperlora_jax.models import ALLOWED_MODELS, arch_fields
 from hyperlora_jax.optimizers import ALLOWED_OPTIMIZERS
@@ -212,14 +212,15 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
     _require(config.dp.noise_multiplier >= 0, "dp.noise_multiplier", f"must be >= 0, got {config.dp.noise_multiplier}")
     _require(config.dp.clip_norm > 0, "dp.clip_norm", f"must be > 0, got {config.dp.clip_norm}")
     _require(0 < config.dp.delta < 1, "dp.delta", f"must be in (0, 1), got {config.dp.delta}")
-    for field in ("dp.generator_clip_norm", "dp.signature_clip_norm"):
-      _require(config.dp.get(field[3:], 1.0) > 0, field, f"must be > 0, got {config.dp.get(field[3:])}")
+    for name in ("generator_clip_norm", "signature_clip_norm"):
+      value = config.dp.get(name, 1.0)
+      _require(value > 0, f"dp.{name}", f"must be > 0, got {value}")
     signature_noise = config.dp.get("signature_noise_multiplier", 0.0)
     _require(signature_noise >= 0, "dp.signature_noise_multiplier", f"must be >= 0, got {signature_noise}")
     if config.method == "hyperlora" and config.dp.noise_multiplier > 0:
-      kinds = set(str(config.hyperlora.signature).split("+")) & {"label", "features"}
-      _require(not kinds or signature_noise > 0, "dp.signature_noise_multiplier",
-               f"must be > 0 under dp.noise_multiplier > 0: HyperLoRA's signatures ({'+'.join(sorted(kinds))}) "
+      sent = statistic_kinds(parse_kinds(config.hyperlora.signature))
+      _require(not sent or signature_noise > 0, "dp.signature_noise_multiplier",
+               f"must be > 0 under dp.noise_multiplier > 0: HyperLoRA's signatures ({'+'.join(sorted(sent))}) "
                f"are data statistics sent to the server, and without noise ε = ∞")
       _require(config.hyperlora.signature_noise_std == 0, "hyperlora.signature_noise_std",
                "must be 0 under dp.noise_multiplier > 0 (the signatures' noise is then "

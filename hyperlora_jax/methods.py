@@ -190,18 +190,19 @@ def hyperlora(config) -> Method:
                       "is refused: it is learned from one client's updates alone, which no noise at the "
                       "server hides")
   steps = (1 if config.generator.loss == "vjp" else config.generator.server_steps) if hl.generator else 0
+  update_release = (config.dp.clip_norm, config.dp.noise_multiplier) if private else None
   return Method(
       "hyperlora",
       hyperlora_synthesizer(synthesis, build_optimizer(hl.meta_optimizer),
                             hidden=hl.synthesizer_hidden, meta_learning=learned,
                             meta_steps=hl.get("meta_steps", 1),
-                            privacy=(config.dp.clip_norm, config.dp.noise_multiplier) if private else None),
+                            privacy=update_release),
       local_regex=_local_head(config),
       make_generator=(generator_factory(config, client_embeddings="embedding" in kinds, private=private)
                       if hl.generator else None),
       generator_target="deviation",  # The global carries the mean change; G_φ the personal part.
       signature_kinds=kinds,
-      generator_privacy=(config.dp.clip_norm, config.dp.noise_multiplier) if private and hl.generator else None,
+      generator_privacy=update_release if hl.generator else None,
       releases_per_round=1 + (1 + steps if steps else 0))
 
 

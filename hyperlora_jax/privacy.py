@@ -38,13 +38,17 @@ import jax.numpy as jnp
 Tree = Any
 
 
+def clip_factors(norms: jax.Array, clip_norm: float) -> jax.Array:
+  """min(1, C/‖x‖): what scales a vector of norm ‖x‖ into the ball of radius C. [...] -> [...]."""
+  return jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-12))
+
+
 def clipped_mean_weights(squared_norms: jax.Array, weights: jax.Array, clip_norm: float) -> tuple[jax.Array, jax.Array]:
   """Weights w_k = [p_k > 0] · min(1, C/‖x_k‖) / n: Σ_k w_k x_k is the uniform mean over the n
   participants of the x_k clipped to norm C. squared_norms, weights [C] -> (w [C], n [])."""
   present = (weights > 0).astype(jnp.float32)
   count = jnp.maximum(jnp.sum(present), 1.0)
-  factor = jnp.minimum(1.0, clip_norm / jnp.maximum(jnp.sqrt(squared_norms), 1e-12))
-  return present * factor / count, count
+  return present * clip_factors(jnp.sqrt(squared_norms), clip_norm) / count, count
 
 
 def squared_norms(tree: Tree) -> jax.Array:

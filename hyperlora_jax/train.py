@@ -122,7 +122,7 @@ def privacy_spent(config: ml_collections.ConfigDict, rounds: int, method: method
   method's releases per round, and its signatures (sent once) where it sends any."""
   method = method or methods.build_method(config)
   signature_noise = (config.dp.signature_noise_multiplier
-                     if set(method.signature_kinds) & {"label", "features"} else None)
+                     if signatures_lib.statistic_kinds(method.signature_kinds) else None)
   return privacy.epsilon(rounds, config.dp.noise_multiplier, config.fed.clients_per_round,
                          config.data.num_clients, config.dp.delta, signature_noise_multiplier=signature_noise,
                          releases_per_round=method.releases_per_round)

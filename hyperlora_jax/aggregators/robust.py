@@ -31,7 +31,7 @@ from hyperlora_jax import lora as lora_lib
 from hyperlora_jax.aggregators.base import AggregationContext, Aggregator, Capabilities, aggregate_layers, no_state
 from hyperlora_jax.aggregators.products import best_rank_r
 from hyperlora_jax.primitives import weighted_mean
-from hyperlora_jax.privacy import add_gaussian_noise
+from hyperlora_jax.privacy import add_gaussian_noise, clip_factors, squared_norms
 
 Tree = Any
 ROBUST_RULES = ("median", "trimmed_mean", "geometric_median")
@@ -155,9 +155,8 @@ def clip_to_norm(client_params: Tree, starts: Tree, max_norm: float) -> tuple[Tr
   """Each client's params moved so that ‖θ_k − θ⁰_k‖₂ (all leaves) <= max_norm.
   Returns (clipped [C, ...], the update norms before clipping [C])."""
   updates = jax.tree.map(jnp.subtract, client_params, starts)
-  squares = [jnp.sum(jnp.square(u).reshape(u.shape[0], -1), axis=1) for u in jax.tree.leaves(updates)]
-  norms = jnp.sqrt(sum(squares))
-  factor = jnp.minimum(1.0, max_norm / jnp.maximum(norms, 1e-12))
+  norms = jnp.sqrt(squared_norms(updates))
+  factor = clip_factors(norms, max_norm)
   clipped = jax.tree.map(lambda s, u: s + u * factor.reshape((-1,) + (1,) * (u.ndim - 1)), starts, updates)
   return clipped, norms
 

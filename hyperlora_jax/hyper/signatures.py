@@ -20,7 +20,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hyperlora_jax.privacy import clip_factors
+
 SIGNATURE_KINDS = ("label", "features", "embedding")
+STATISTIC_KINDS = ("label", "features")  # Computed from the client's data and sent (privacy).
+
+
+def statistic_kinds(kinds: tuple[str, ...]) -> tuple[str, ...]:
+  """The kinds among `kinds` that are data statistics a client sends (not the embedding)."""
+  return tuple(k for k in kinds if k in STATISTIC_KINDS)
 
 
 def parse_kinds(spec: str) -> tuple[str, ...]:
@@ -88,7 +96,7 @@ def make_signature_fn(featurize: Callable[[jax.Array], jax.Array], kinds: tuple[
       parts.append(feature_statistics(features, data["mask"], basis))
     signature = jnp.concatenate(parts) if parts else jnp.zeros((0,))
     if clip_norm is not None:
-      signature = signature * jnp.minimum(1.0, clip_norm / jnp.maximum(jnp.linalg.norm(signature), 1e-12))
+      signature = signature * clip_factors(jnp.linalg.norm(signature), clip_norm)
     return signature + noise_std * jax.random.normal(key, signature.shape)
 
   def signatures(client_data: dict, rng: jax.Array) -> jax.Array:
@@ -107,7 +115,7 @@ def compute_signatures(model: Any, backbone: Any, client_data: dict, kinds: tupl
 
   client_keys: [N] noise keys, one per client (default: `key(seed)` split over the N clients),
   so clients computed in blocks get the keys they would get all at once."""
-  if not {"label", "features"} & set(kinds):
+  if not statistic_kinds(kinds):
     return np.zeros((client_data["label"].shape[0], 0), np.float32)
   from hyperlora_jax.models import preprocess_images  # The model zoo's input convention.
   featurize = lambda images: model.apply(backbone, preprocess_images(images), return_features=True)
