@@ -19,13 +19,28 @@ against FedIT (`--reference`), mean ± std over seeds:
     positive and larger than the two groups' pooled std.
   * new clients (runs with held-out clients): the generated start (zero local steps) against
     the global model, same rule.
-Robustness to distribution shift needs runs at several shift severities; it is listed as not
-measured unless a `--shift` sweep's benchmarks are given (not built yet).
+  * the plateau criterion (`--plateau_window W`, `--plateau_tolerance T`): each run's change of
+    global and mean personalized accuracy over its last W rounds (final value minus the value
+    evaluated W rounds before the end); a method has plateaued on a benchmark when the mean
+    change over seeds is below T (default 1 point; a fall counts as flat). A separate table.
+  * robustness to distribution shift (`--shift SHIFT_RUNS_DIR --shift_field FIELD`): a sweep
+    over one config field that sets the shift's severity (e.g. `data.dirichlet_alpha`, more severe
+    when lower: `--severe_when lower`). Per severity, the method's final accuracy against the
+    reference's; then each one's drop from the mildest to the most severe setting (mean over seeds
+    at the one minus mean at the other). Confirmed when the reference's drop exceeds the method's
+    by more than the pooled std of the four groups (method and reference, mildest and most severe).
+    Without `--shift` the row says "not measured".
+
+  python -m experiments.sweep --runs_dir runs/shift --jobs 2 --methods fedit,hyperlora --seeds 0,1,2 \
+      --grid data.dirichlet_alpha=1.0,0.5,0.1
+  python -m experiments.claims runs/converge --shift runs/shift --shift_field data.dirichlet_alpha
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import json
+import os
 
 import numpy as np
 
@@ -60,6 +75,11 @@ def _summary(rounds: list[int | None]) -> str:
   return text if len(hit) == len(rounds) else f"{text} ({len(hit)}/{len(rounds)})"
 
 
+def _points(change: float) -> str:
+  """A change in accuracy as signed points, "+0.0" for none (never "-0.0")."""
+  return f"{round(100 * change, 1) + 0.0:+.1f}"
+
+
 def gain_claim(mine: list[float], theirs: list[float]) -> tuple[str, str]:
   """(measured, verdict) for "`mine` is above `theirs`": the gain in points and relative %;
   confirmed when it is positive and larger than the pooled std of the two groups."""
@@ -72,9 +92,88 @@ def gain_claim(mine: list[float], theirs: list[float]) -> tuple[str, str]:
   return measured, "confirmed" if gain > pooled and gain > 0 else "not confirmed"
 
 
+def config_value(config: dict, field: str):
+  """`config`'s value at a dotted `field`, e.g. "data.dirichlet_alpha"."""
+  for part in field.split("."):
+    config = config[part]
+  return config
+
+
+def shift_rows(runs_dir: str, field: str) -> list[dict]:
+  """`report.final_metrics` rows of RUNS_DIR's finished runs, each with its "severity": the
+  value of `field` in the run's config.json."""
+  rows = []
+  for workdir in find_runs(runs_dir):
+    row = final_metrics(workdir)
+    if row is not None:
+      with open(os.path.join(workdir, "config.json")) as f:
+        row["severity"] = config_value(json.load(f), field)
+      rows.append(row)
+  return rows
+
+
+def shift_claim(rows: list[dict], method: str, reference: str, field: str, severe_when_lower: bool) -> list[str]:
+  """Markdown lines for "the method is more robust to shift than the reference", from `shift_rows`
+  (one benchmark): per severity (mildest first) and per accuracy (global, personalized mean),
+  the method against the reference, then the verdict on their drops (module docstring)."""
+  lines = []
+  levels = sorted({r["severity"] for r in rows}, reverse=severe_when_lower)
+  benchmark = ", ".join(sorted({r["benchmark"] for r in rows}))
+  for key, label in (("global", "global"), ("pers_mean", "personalized mean")):
+    def values(name, level):
+      return [r[key] for r in rows if r["method"] == name and r["severity"] == level and r[key] is not None]
+    for level in levels:
+      measured, _ = gain_claim(values(method, level), values(reference, level))
+      lines.append(f"| robustness to shift ({label}) | {benchmark} | {field}={level}: {method} vs {reference}, "
+                   f"final {label} | {measured} | – |")
+    mild, severe = levels[0], levels[-1]
+    groups = [values(name, level) for name in (method, reference) for level in (mild, severe)]
+    if len(levels) < 2 or not all(groups):
+      lines.append(f"| robustness to shift ({label}) | {benchmark} | drop | n/a | not measured |")
+      continue
+    mine, theirs = (np.mean(groups[0]) - np.mean(groups[1]), np.mean(groups[2]) - np.mean(groups[3]))
+    pooled = float(np.sqrt(np.mean([np.var(g) for g in groups])))
+    verdict = "confirmed" if theirs - mine > pooled else "not confirmed"
+    lines.append(f"| robustness to shift ({label}) | {benchmark} | drop from {field}={mild} to {severe} | "
+                 f"{method} {_points(-mine)} vs {reference} {_points(-theirs)} points (pooled std "
+                 f"{100 * pooled:.1f}) | {verdict} |")
+  return lines
+
+
+def accuracy_change(records: list[dict], key: str, window: int) -> float | None:
+  """`key` at the last evaluated round minus `key` at the last evaluated round ≤ (last − window);
+  None where either is missing."""
+  evaluated = [r for r in records if r.get(key) is not None]
+  if not evaluated:
+    return None
+  last = evaluated[-1]
+  before = [r for r in evaluated if r["round"] <= last["round"] - window]
+  return last[key] - before[-1][key] if before else None
+
+
+def plateau_table(rows: list[dict], window: int, tolerance: float) -> str:
+  """Markdown: per benchmark and method, the change over the last `window` rounds (mean ± std
+  over seeds, points) of global and personalized mean accuracy, and whether both are below
+  `tolerance` (a fraction, 0.01 = 1 point)."""
+  lines = [f"| benchmark | method | global change, last {window} rounds | personalized change | plateaued "
+           f"(< {100 * tolerance:g} point) |", "|---|---|---|---|---|"]
+  groups = collections.defaultdict(list)
+  for row in rows:
+    groups[(row["benchmark"], row["method"])].append(row)
+  for (benchmark, method), group in sorted(groups.items()):
+    cells, flat = [], True
+    for key in ("global_accuracy", "personalized_accuracy_mean"):
+      changes = [c for c in (accuracy_change(r["records"], key, window) for r in group) if c is not None]
+      cells.append(f"{_points(np.mean(changes))} ± {100 * np.std(changes):.1f}" if changes else "–")
+      flat = flat and (not changes or np.mean(changes) < tolerance)
+    lines.append(f"| {benchmark} | {method} | {cells[0]} | {cells[1]} | {'yes' if flat else 'no'} |")
+  return "\n".join(lines)
+
+
 def claims_table(rows: list[dict], method: str, reference: str, targets: list[float],
-                 centralized_fractions: list[float], claimed_speedup: float) -> str:
-  """Markdown: one line per (claim, benchmark, setting)."""
+                 centralized_fractions: list[float], claimed_speedup: float, shift_lines: list[str] | None = None) -> str:
+  """Markdown: one line per (claim, benchmark, setting); `shift_lines` (from `shift_claim`) replace
+  each benchmark's "robustness to shift: not measured" line by one block at the end."""
   lines = ["| claim | benchmark | setting | measured (mean ± std over seeds) | verdict |", "|---|---|---|---|---|"]
   benchmarks = collections.defaultdict(list)
   for row in rows:
@@ -106,9 +205,10 @@ def claims_table(rows: list[dict], method: str, reference: str, targets: list[fl
     measured, verdict = gain_claim(generated, global_start)
     lines.append(f"| new clients served by the generator | {benchmark} | {method}: generated start vs global, "
                  f"0 local steps | {measured} | {verdict} |")
-    lines.append(f"| robustness to distribution shift | {benchmark} | needs runs at several shift "
-                 f"severities | – | not measured |")
-  return "\n".join(lines)
+    if shift_lines is None:
+      lines.append(f"| robustness to distribution shift | {benchmark} | needs runs at several shift "
+                   f"severities (`--shift`) | – | not measured |")
+  return "\n".join(lines + (shift_lines or []))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -119,12 +219,22 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--targets", default="0.3", help="Comma-separated absolute accuracy targets.")
   parser.add_argument("--centralized_fractions", default="0.9", help="Targets as fractions of centralized.")
   parser.add_argument("--claimed_speedup", type=float, default=0.3)
+  parser.add_argument("--shift", default=None, help="A sweep over --shift_field's severities.")
+  parser.add_argument("--shift_field", default="data.dirichlet_alpha")
+  parser.add_argument("--severe_when", choices=("lower", "higher"), default="lower")
+  parser.add_argument("--plateau_window", type=int, default=20)
+  parser.add_argument("--plateau_tolerance", type=float, default=0.01)
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   rows = [row for row in map(final_metrics, find_runs(args.runs_dir)) if row is not None]
   floats = lambda text: [float(v) for v in text.split(",") if v]
+  shift_lines = None
+  if args.shift:
+    shift_lines = shift_claim(shift_rows(args.shift, args.shift_field), args.method, args.reference,
+                              args.shift_field, args.severe_when == "lower")
   emit(claims_table(rows, args.method, args.reference, floats(args.targets), floats(args.centralized_fractions),
-                    args.claimed_speedup), args.out)
+                    args.claimed_speedup, shift_lines)
+       + "\n\nPlateau criterion:\n\n" + plateau_table(rows, args.plateau_window, args.plateau_tolerance), args.out)
 
 
 if __name__ == "__main__":

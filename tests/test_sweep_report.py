@@ -316,6 +316,61 @@ def test_claims_table_counts_rounds_to_target_and_gains_by_hand():
   assert table[-1].endswith("| – | not measured |")
 
 
+def test_shift_claim_compares_drops_from_mildest_to_most_severe_by_hand(tmp_path):
+  from experiments import claims
+  # (method, alpha, seed, global, personalized): HyperLoRA's global drops 5 points from α = 1 to
+  # α = 0.1, FedIT's 20; personalized, HyperLoRA drops 30 and FedIT 0.
+  runs = [("hyperlora", 1.0, 0, 0.5, 0.6), ("hyperlora", 1.0, 1, 0.6, 0.7),
+          ("hyperlora", 0.1, 0, 0.45, 0.3), ("hyperlora", 0.1, 1, 0.55, 0.4),
+          ("hyperlora", 0.5, 0, 0.9, 0.9),
+          ("fedit", 1.0, 0, 0.5, 0.5), ("fedit", 1.0, 1, 0.6, 0.6),
+          ("fedit", 0.1, 0, 0.3, 0.5), ("fedit", 0.1, 1, 0.4, 0.6)]
+  for method, alpha, seed, glob, pers in runs:
+    workdir = tmp_path / f"{method}_{alpha}_{seed}"
+    os.makedirs(workdir)
+    config = {"benchmark": "default", "method": method, "seed": seed, "fed": {"num_rounds": 5},
+              "data": {"dirichlet_alpha": alpha}}
+    (workdir / "config.json").write_text(json.dumps(config))
+    record = {"round": 5, "global_accuracy": glob, "personalized_accuracy_mean": pers,
+              "personalized_accuracy_worst": pers, "cum_bytes": 0}
+    (workdir / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+  os.makedirs(tmp_path / "unfinished")
+  (tmp_path / "unfinished" / "config.json").write_text(json.dumps({**config, "fed": {"num_rounds": 9}}))
+  (tmp_path / "unfinished" / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+  rows = claims.shift_rows(str(tmp_path), "data.dirichlet_alpha")
+  assert len(rows) == len(runs) and {r["severity"] for r in rows} == {1.0, 0.5, 0.1}
+  lines = claims.shift_claim(rows, "hyperlora", "fedit", "data.dirichlet_alpha", severe_when_lower=True)
+  assert [line.split(" | ")[2].split(":")[0] for line in lines[:3]] == [
+      "data.dirichlet_alpha=1.0", "data.dirichlet_alpha=0.5", "data.dirichlet_alpha=0.1"]
+  assert "50.0 ± 5.0 vs 35.0 ± 5.0: +15.0 points" in lines[2]
+  assert "n/a" in lines[1]  # No FedIT run at α = 0.5.
+  assert lines[3] == ("| robustness to shift (global) | default | drop from data.dirichlet_alpha=1.0 to 0.1 | "
+                      "hyperlora -5.0 vs fedit -20.0 points (pooled std 5.0) | confirmed |")
+  assert lines[7].endswith("hyperlora -30.0 vs fedit +0.0 points (pooled std 5.0) | not confirmed |")
+  table = claims.claims_table(rows, "hyperlora", "fedit", [0.3], [], 0.3, lines)
+  assert "not measured |" not in table.splitlines()[-1] and table.endswith(lines[-1])
+
+
+def test_plateau_table_takes_the_change_over_the_last_window_by_hand():
+  from experiments import claims
+  records = lambda glob, pers: [{"round": 5 * (i + 1), "global_accuracy": g, "personalized_accuracy_mean": p}
+                                for i, (g, p) in enumerate(zip(glob, pers))]
+  # Window 10 at rounds 5..20: the change is the value at 20 minus the value at 10.
+  assert claims.accuracy_change(records([0.1, 0.2, 0.3, 0.5], [0, 0, 0, 0]), "global_accuracy", 10) == 0.5 - 0.2
+  assert claims.accuracy_change(records([0.1], [0.1]), "global_accuracy", 10) is None  # Too short.
+  rows = [{"benchmark": "b", "method": "fedit", "records": records([0.1, 0.2, 0.3, 0.26], [0.1, 0.2, 0.3, 0.3])},
+          {"benchmark": "b", "method": "fedit", "records": records([0.1, 0.2, 0.3, 0.28], [0.1, 0.2, 0.3, 0.3])},
+          {"benchmark": "b", "method": "local_only",
+           "records": [{"round": r["round"], "personalized_accuracy_mean": r["personalized_accuracy_mean"]}
+                       for r in records([0, 0, 0, 0], [0.1, 0.2, 0.3, 0.5])]}]
+  lines = claims.plateau_table(rows, 10, 0.01).splitlines()
+  # FedIT: global +6 and +8 (+7.0 ± 1.0), personalized +10 on both: not flat. Local-only: +30.
+  assert lines[2] == "| b | fedit | +7.0 ± 1.0 | +10.0 ± 0.0 | no |"
+  assert lines[3] == "| b | local_only | – | +30.0 ± 0.0 | no |"
+  flat = [{**rows[0], "records": records([0.3, 0.3, 0.305, 0.3], [0.3, 0.3, 0.3, 0.2])}]
+  assert claims.plateau_table(flat, 10, 0.01).splitlines()[2] == "| b | fedit | +0.0 ± 0.0 | -10.0 ± 0.0 | yes |"
+
+
 def test_tuning_picks_each_methods_best_validation_setting_and_tabulates_the_test_runs():
   from experiments import tune
   lr = "client_optimizer.learning_rate"
