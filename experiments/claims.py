@@ -18,7 +18,8 @@ against FedIT (`--reference`), mean ± std over seeds:
     the reference and against local-only (points and relative %). Confirmed when the gain is
     positive and larger than the two groups' pooled std.
   * new clients (runs with held-out clients): the generated start (zero local steps) against
-    the global model, same rule.
+    the method's own global model, and against the reference's global model, both without local
+    steps and both fine-tuned by the same local steps; same rule.
   * the plateau criterion (`--plateau_window W`, `--plateau_tolerance T`): each run's change of
     global and mean personalized accuracy over its last W rounds (final value minus the value
     evaluated W rounds before the end); a method has plateaued on a benchmark when the mean
@@ -205,6 +206,14 @@ def claims_table(rows: list[dict], method: str, reference: str, targets: list[fl
     measured, verdict = gain_claim(generated, global_start)
     lines.append(f"| new clients served by the generator | {benchmark} | {method}: generated start vs global, "
                  f"0 local steps | {measured} | {verdict} |")
+    for mine_key, theirs_key, setting in (
+        ("new_client_generated", "new_client_global", "0 local steps"),
+        ("new_client_generated_finetuned", "new_client_global_finetuned", "both fine-tuned by the same local steps")):
+      if generated:
+        measured, verdict = gain_claim([r[mine_key] for r in mine if r.get(mine_key) is not None],
+                                       [r[theirs_key] for r in theirs if r.get(theirs_key) is not None])
+        lines.append(f"| new clients served by the generator | {benchmark} | {method}'s generated start vs "
+                     f"{reference}'s global, {setting} | {measured} | {verdict} |")
     if shift_lines is None:
       lines.append(f"| robustness to distribution shift | {benchmark} | needs runs at several shift "
                    f"severities (`--shift`) | – | not measured |")

@@ -294,10 +294,12 @@ def test_claims_table_counts_rounds_to_target_and_gains_by_hand():
                for i, (g, p) in enumerate(zip(curve, pers))]
     return {"benchmark": "b", "method": method, "seed": seed, "rounds": records[-1]["round"],
             "global": curve[-1], "pers_mean": pers[-1], "records": records, **extra}
-  rows = [run("hyperlora", 0, [0.2, 0.31, 0.32], [0.3, 0.4, 0.50], new_client_generated=0.4, new_client_global=0.3),
-          run("hyperlora", 1, [0.31, 0.32, 0.33], [0.3, 0.4, 0.48], new_client_generated=0.41, new_client_global=0.3),
-          run("fedit", 0, [0.1, 0.2, 0.31], [0.1, 0.2, 0.30]),
-          run("fedit", 1, [0.1, 0.31, 0.32], [0.1, 0.2, 0.32]),
+  rows = [run("hyperlora", 0, [0.2, 0.31, 0.32], [0.3, 0.4, 0.50], new_client_generated=0.4, new_client_global=0.3,
+              new_client_generated_finetuned=0.5),
+          run("hyperlora", 1, [0.31, 0.32, 0.33], [0.3, 0.4, 0.48], new_client_generated=0.41, new_client_global=0.3,
+              new_client_generated_finetuned=0.5),
+          run("fedit", 0, [0.1, 0.2, 0.31], [0.1, 0.2, 0.30], new_client_global=0.2, new_client_global_finetuned=0.6),
+          run("fedit", 1, [0.1, 0.31, 0.32], [0.1, 0.2, 0.32], new_client_global=0.3, new_client_global_finetuned=0.6),
           run("centralized", 0, [0.3, 0.4, 0.40], [0.3, 0.4, 0.4]),
           run("local_only", 0, [0.0, 0.0, 0.0], [0.4, 0.45, 0.49])]
   table = claims.claims_table(rows, "hyperlora", "fedit", [0.3], [0.9], 0.3).splitlines()
@@ -313,6 +315,11 @@ def test_claims_table_counts_rounds_to_target_and_gains_by_hand():
   assert any("hyperlora vs local_only" in line and "+0.0 points" in line and line.endswith("not confirmed |")
              for line in table)
   assert any("generated start vs global" in line and "+10.5 points" in line for line in table)
+  # Against FedIT's global: 40.5 ± 0.5 vs 25 ± 5 at 0 steps (+15.5), 50 vs 60 fine-tuned (−10).
+  assert ("| new clients served by the generator | b | hyperlora's generated start vs fedit's global, 0 local steps | "
+          "40.5 ± 0.5 vs 25.0 ± 5.0: +15.5 points (+62%) | confirmed |") in table
+  assert any("both fine-tuned" in line and "-10.0 points" in line and line.endswith("| not confirmed |")
+             for line in table)
   assert table[-1].endswith("| – | not measured |")
 
 
