@@ -310,6 +310,35 @@ def truncate(tree: Any, rank_mask: jax.Array) -> Any:
                     tree)
 
 
+def stacked_products(layer: Mapping[str, jax.Array], weights: jax.Array) -> dict:
+  """One LoRA layer of rank C·r whose product is the weighted mean of C clients' products.
+
+  layer: {"a": [C, d_in, r], "b": [C, r, d_out]}; weights: [C]. Returns {"a": [d_in, C·r],
+  "b": [C·r, d_out]} with a @ b = Σ_k weights[k] a_k @ b_k exactly (the factors of every client
+  side by side, each b_k scaled by its weight). LoRA's forward pass, (x @ a) @ b, takes any rank.
+  """
+  a, b = layer["a"], layer["b"]
+  clients, d_in, rank = a.shape
+  return {"a": jnp.moveaxis(a, 0, 1).reshape(d_in, clients * rank),
+          "b": (weights[:, None, None] * b).reshape(clients * rank, b.shape[-1])}
+
+
+def product_mean(stacked: Any, weights: jax.Array) -> Any:
+  """The weighted mean of C models in product space: every LoRA layer by `stacked_products`
+  (rank C·r), every other leaf by its weighted mean (a leaf is linear in itself).
+
+  stacked: a trainable tree with a leading [C] axis on every leaf; weights: [C] (sum 1)."""
+  return jax.tree.map(lambda node: (stacked_products(node, weights) if is_layer(node)
+                                    else jnp.einsum("c,c...->...", weights, node)),
+                      stacked, is_leaf=is_layer)
+
+
+def factor_mean(stacked: Any, weights: jax.Array) -> Any:
+  """The weighted mean of C models leaf by leaf, factors included (FedAvg of A and B: its
+  product Σp_kB_k Σp_kA_k is biased against `product_mean`'s). stacked: [C, ...]; weights: [C]."""
+  return jax.tree.map(lambda x: jnp.einsum("c,c...->...", weights, x), stacked)
+
+
 def zero_deltas(tree: Any) -> Any:
   """`tree` with every LoRA layer replaced by zeros [d_in, d_out] and other leaves dropped:
   the shape of a full-rank base delta for the layers (FedEx-LoRA, FLoRA)."""

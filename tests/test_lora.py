@@ -117,3 +117,34 @@ def test_per_client_gradients_under_vmap():
   chex.assert_trees_all_close(jax.tree.map(lambda v: v[0], batched), first, atol=1e-5)
   assert not np.allclose(batched["encoder/block_0/attn/query"]["a"][0],
                          batched["encoder/block_0/attn/query"]["a"][1])
+
+
+def test_product_mean_is_the_weighted_mean_of_products_and_runs_at_rank_c_times_r():
+  """Three clients of a 6 -> 7 layer (non-square, rank 2): the stacked rank-6 layer's product
+  is Σ p_k a_k b_k, which the factor mean's (Σ p a)(Σ p b) is not; a non-LoRA leaf is averaged;
+  and a model run with the stacked layer equals the model merged with the mean kernel."""
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=(3, 6, 2)), rng.normal(size=(3, 2, 7))
+  head = rng.normal(size=(3, 7))
+  p = np.array([0.5, 0.3, 0.2])
+  stacked = {"hidden": {"a": jnp.asarray(a), "b": jnp.asarray(b)}, "head": jnp.asarray(head)}
+  mean = lora.product_mean(stacked, jnp.asarray(p))
+  assert mean["hidden"]["a"].shape == (6, 6) and mean["hidden"]["b"].shape == (6, 7)
+  expected = sum(p[k] * a[k] @ b[k] for k in range(3))
+  np.testing.assert_allclose(mean["hidden"]["a"] @ mean["hidden"]["b"], expected, rtol=1e-5)
+  np.testing.assert_allclose(mean["head"], p @ head, rtol=1e-6)
+  factor = lora.factor_mean(stacked, jnp.asarray(p))
+  biased = np.einsum("k,kij->ij", p, a) @ np.einsum("k,kij->ij", p, b)
+  np.testing.assert_allclose(factor["hidden"]["a"] @ factor["hidden"]["b"], biased, rtol=1e-5)
+  assert np.abs(biased - expected).max() > 0.1  # The two means differ on these clients.
+  # The forward pass at rank 6 on the 6 -> 7 output layer equals the merged mean kernel's.
+  model = TwoLayer()
+  x = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
+  params = model.init(jax.random.key(0), x)
+  as_layers = lambda layer: {"out": {k: jnp.asarray(v, jnp.float32) for k, v in layer.items()}}
+  merged = lora.merge(params, as_layers(mean["hidden"]), 1.0)
+  per_client = [lora.merge(params, as_layers({"a": a[k], "b": b[k]}), 1.0) for k in range(3)]
+  np.testing.assert_allclose(merged["params"]["out"]["kernel"],
+                             sum(p[k] * per_client[k]["params"]["out"]["kernel"] for k in range(3)), atol=1e-6)
+  out = lora.apply(model, params, as_layers(mean["hidden"]), x, scale=1.0)
+  np.testing.assert_allclose(out, model.apply(merged, x), atol=1e-5)
