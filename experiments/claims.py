@@ -127,7 +127,7 @@ def shift_claim(rows: list[dict], method: str, reference: str, field: str, sever
       measured, _ = gain_claim(values(method, level), values(reference, level))
       lines.append(f"| robustness to shift ({label}) | {benchmark} | {field}={level}: {method} vs {reference}, "
                    f"final {label} | {measured} | – |")
-    mild, severe = levels[0], levels[-1]
+    mild, severe = (levels[0], levels[-1]) if levels else (None, None)
     groups = [values(name, level) for name in (method, reference) for level in (mild, severe)]
     if len(levels) < 2 or not all(groups):
       lines.append(f"| robustness to shift ({label}) | {benchmark} | drop | n/a | not measured |")

@@ -354,6 +354,7 @@ def test_shift_claim_compares_drops_from_mildest_to_most_severe_by_hand(tmp_path
   assert lines[3] == ("| robustness to shift (global) | default | drop from data.dirichlet_alpha=1.0 to 0.1 | "
                       "hyperlora -5.0 vs fedit -20.0 points (pooled std 5.0) | confirmed |")
   assert lines[7].endswith("hyperlora -30.0 vs fedit +0.0 points (pooled std 5.0) | not confirmed |")
+  assert claims.shift_claim([], "hyperlora", "fedit", "data.dirichlet_alpha", True)[0].endswith("| not measured |")
   table = claims.claims_table(rows, "hyperlora", "fedit", [0.3], [], 0.3, lines)
   assert "not measured |" not in table.splitlines()[-1] and table.endswith(lines[-1])
 
