@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
-import os
 
 import numpy as np
 
@@ -102,15 +100,9 @@ def config_value(config: dict, field: str):
 
 def shift_rows(runs_dir: str, field: str) -> list[dict]:
   """`report.final_metrics` rows of RUNS_DIR's finished runs, each with its "severity": the
-  value of `field` in the run's config.json."""
-  rows = []
-  for workdir in find_runs(runs_dir):
-    row = final_metrics(workdir)
-    if row is not None:
-      with open(os.path.join(workdir, "config.json")) as f:
-        row["severity"] = config_value(json.load(f), field)
-      rows.append(row)
-  return rows
+  value of `field` in the run's config."""
+  rows = [row for row in map(final_metrics, find_runs(runs_dir)) if row is not None]
+  return [{**row, "severity": config_value(row["config"], field)} for row in rows]
 
 
 def shift_claim(rows: list[dict], method: str, reference: str, field: str, severe_when_lower: bool) -> list[str]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 
 import numpy as np
@@ -31,11 +30,9 @@ def scarcity_rows(runs_dir: str) -> list[dict]:
   rows = []
   for workdir in find_runs(runs_dir):
     row = final_metrics(workdir)
-    if row is None:
-      continue
-    with open(os.path.join(workdir, "config.json")) as f:
-      row["cap"] = json.load(f)["data"].get("max_client_examples", 0)
-    rows.append(row)
+    if row is not None:
+      row["cap"] = row["config"]["data"].get("max_client_examples", 0)
+      rows.append(row)
   return rows
 
 

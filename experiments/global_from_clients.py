@@ -37,13 +37,8 @@ from experiments.sweep import RunSpec, make_config
 
 def global_test_accuracy(exp, frozen, trainable) -> float:
   """Accuracy of one model (`trainable`) on the union of the clients' test splits."""
-  eval_batch = exp.config.eval_batch
-
-  @jax.jit
-  def counts(trainable, block):
-    batches = jax.tree.map(lambda x: x.reshape((eval_batch, -1) + x.shape[1:]).swapaxes(0, 1), block)
-    correct, count = jax.lax.map(lambda b: exp.task.accuracy(frozen, trainable, b), batches)
-    return jnp.sum(correct), jnp.sum(count)
+  from hyperlora_jax.tasks.image_classification import block_counts
+  counts = jax.jit(lambda trainable, block: block_counts(exp.task, frozen, trainable, block, exp.config.eval_batch))
   totals = np.array([np.asarray(counts(trainable, block), np.float64) for block in exp.data.global_test_blocks()])
   return float(totals[:, 0].sum() / max(totals[:, 1].sum(), 1.0))
 
@@ -60,7 +55,7 @@ def client_starts(exp, state) -> tuple[dict, jax.Array]:
 
 def evaluate_run(config, workdir: str) -> dict[str, float]:
   """{"run", "factor mean", "product mean": global test accuracy} of `workdir`'s last checkpoint."""
-  from hyperlora_jax import lora, train
+  from hyperlora_jax import lora, primitives, train
   from hyperlora_jax.tasks.image_classification import apply_base_delta, frozen_tree
   exp = train.build_experiment(config, log=lambda _: None)
   state = exp.fed_round.init(jax.random.key(config.seed), exp.initial_trainable, exp.signatures)
@@ -72,7 +67,7 @@ def evaluate_run(config, workdir: str) -> dict[str, float]:
   frozen = apply_base_delta(frozen_tree(exp.backbone, dtype=exp.task.compute_dtype), state["base_delta"])
   starts, weights = client_starts(exp, state)
   return {"run": global_test_accuracy(exp, frozen, exp.fed_round.global_params(state)),
-          "factor mean": global_test_accuracy(exp, frozen, lora.factor_mean(starts, weights)),
+          "factor mean": global_test_accuracy(exp, frozen, primitives.weighted_mean(starts, weights)),
           "product mean": global_test_accuracy(exp, frozen, lora.product_mean(starts, weights))}
 
 

@@ -40,7 +40,8 @@ def final_metrics(workdir: str) -> dict | None:
           "seed": config["seed"], "rounds": last["round"],
           "global": last.get("global_accuracy"), "pers_mean": last["personalized_accuracy_mean"],
           "pers_worst": last["personalized_accuracy_worst"], "mb": last["cum_bytes"] / 1e6,
-          "records": records, **{k: v for k, v in last.items() if k.startswith("new_client_")}}
+          "records": records, "config": config,
+          **{k: v for k, v in last.items() if k.startswith("new_client_")}}
 
 
 def _mean_std(values: list) -> str:

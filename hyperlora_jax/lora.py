@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hyperlora_jax.primitives import weighted_mean
+
 LoraParams = dict  # {path: {"a": [d_in, r], "b": [r, d_out]}}
 DEFAULT_TARGET_REGEX = r".*attn/(query|value)"
 SUPPORTED_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Embed, nn.Einsum)
@@ -325,18 +327,13 @@ def stacked_products(layer: Mapping[str, jax.Array], weights: jax.Array) -> dict
 
 def product_mean(stacked: Any, weights: jax.Array) -> Any:
   """The weighted mean of C models in product space: every LoRA layer by `stacked_products`
-  (rank C·r), every other leaf by its weighted mean (a leaf is linear in itself).
+  (rank C·r), every other leaf by its weighted mean (a leaf is linear in itself). The mean leaf
+  by leaf, factors included, is `primitives.weighted_mean` (FedAvg of A and B, whose product
+  Σp_kB_k Σp_kA_k is biased against this one's).
 
   stacked: a trainable tree with a leading [C] axis on every leaf; weights: [C] (sum 1)."""
-  return jax.tree.map(lambda node: (stacked_products(node, weights) if is_layer(node)
-                                    else jnp.einsum("c,c...->...", weights, node)),
+  return jax.tree.map(lambda node: stacked_products(node, weights) if is_layer(node) else weighted_mean(node, weights),
                       stacked, is_leaf=is_layer)
-
-
-def factor_mean(stacked: Any, weights: jax.Array) -> Any:
-  """The weighted mean of C models leaf by leaf, factors included (FedAvg of A and B: its
-  product Σp_kB_k Σp_kA_k is biased against `product_mean`'s). stacked: [C, ...]; weights: [C]."""
-  return jax.tree.map(lambda x: jnp.einsum("c,c...->...", weights, x), stacked)
 
 
 def zero_deltas(tree: Any) -> Any:

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hyperlora_jax import lora
+from hyperlora_jax import lora, primitives
 from hyperlora_jax.models import ViT
 
 
@@ -133,7 +133,7 @@ def test_product_mean_is_the_weighted_mean_of_products_and_runs_at_rank_c_times_
   expected = sum(p[k] * a[k] @ b[k] for k in range(3))
   np.testing.assert_allclose(mean["hidden"]["a"] @ mean["hidden"]["b"], expected, rtol=1e-5)
   np.testing.assert_allclose(mean["head"], p @ head, rtol=1e-6)
-  factor = lora.factor_mean(stacked, jnp.asarray(p))
+  factor = primitives.weighted_mean(stacked, jnp.asarray(p))
   biased = np.einsum("k,kij->ij", p, a) @ np.einsum("k,kij->ij", p, b)
   np.testing.assert_allclose(factor["hidden"]["a"] @ factor["hidden"]["b"], biased, rtol=1e-5)
   assert np.abs(biased - expected).max() > 0.1  # The two means differ on these clients.

@@ -112,6 +112,17 @@ class Evaluation(NamedTuple):
   client_accuracy: Callable
 
 
+def block_counts(task: ImageClassification, frozen: dict, trainable: Any, block: dict,
+                 eval_batch: int) -> tuple[jax.Array, jax.Array]:
+  """(correct, count) of one model on a global test block {"image": [M, H, W, 3], "label": [M],
+  "mask": [M]}, M a multiple of `eval_batch`, evaluated `eval_batch` examples at a time."""
+  # Batch j holds examples j, j + nb, j + 2 nb, ...: with the examples sharded contiguously
+  # over the devices, every device evaluates its share of every batch (counts need no order).
+  batches = jax.tree.map(lambda x: x.reshape((eval_batch, -1) + x.shape[1:]).swapaxes(0, 1), block)
+  correct, count = jax.lax.map(lambda b: task.accuracy(frozen, trainable, b), batches)
+  return jnp.sum(correct), jnp.sum(count)
+
+
 def make_evaluate(task: ImageClassification, fed_round: FederatedRound, *, eval_batch: int = 256,
                   clients_per_chunk: int = 0) -> Evaluation:
   """The `Evaluation` of a run. Each client's model is what it would start the next round
@@ -121,12 +132,7 @@ def make_evaluate(task: ImageClassification, fed_round: FederatedRound, *, eval_
   sharded over the round's mesh."""
   def global_counts(state, frozen, block):
     frozen = apply_base_delta(frozen, state["base_delta"])
-    # Batch j holds examples j, j + nb, j + 2 nb, ...: with the examples sharded contiguously
-    # over the devices, every device evaluates its share of every batch (counts need no order).
-    batches = jax.tree.map(lambda x: x.reshape((eval_batch, -1) + x.shape[1:]).swapaxes(0, 1), block)
-    shared = fed_round.global_params(state)
-    correct, count = jax.lax.map(lambda b: task.accuracy(frozen, shared, b), batches)
-    return jnp.sum(correct), jnp.sum(count)
+    return block_counts(task, frozen, fed_round.global_params(state), block, eval_batch)
 
   def split_accuracy(frozen, trainable, data):
     """Accuracy on one client's split [n, ...], `eval_batch` examples at a time."""
