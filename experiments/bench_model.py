@@ -9,13 +9,15 @@ from configs import benchmarks, default
 from hyperlora_jax import lora, models
 from hyperlora_jax.client import local_update
 from hyperlora_jax.optimizers import build_optimizer
-from hyperlora_jax.tasks.image_classification import ImageClassification, frozen_tree
+from hyperlora_jax.tasks.image_classification import ImageClassification, backbone_dtype, frozen_tree
 from hyperlora_jax.train import initial_trainable
 
 
 def client_update_fn(width: int = 0, depth: int = 0, image_size: int = 0, base_model: bool = False):
   """(one_client(start, block) -> trained, round-0 trainable, config) for the default config's
   model (or one with the given width/depth/image size; 0: the default's), random weights.
+  The frozen backbone runs in `config.compute.backbone_dtype` ('auto': bfloat16 on GPU/TPU,
+  float32 on CPU), as in training.
   base_model: ViT-B/16 at 224 px with LoRA r = 16 instead (`configs/domainnet.py`'s backbone)."""
   config = default.get_config()
   if base_model:
@@ -33,9 +35,10 @@ def client_update_fn(width: int = 0, depth: int = 0, image_size: int = 0, base_m
   backbone = {"params": {k: v for k, v in variables["params"].items() if k != "head"}}
   trainable, _ = initial_trainable(model, backbone, example, config.lora.target_regex, config.lora.rank,
                                    jax.random.key(1))
-  task = ImageClassification(model, lora.lora_scale(config.lora.alpha, config.lora.rank))
+  dtype = backbone_dtype(config.compute.backbone_dtype)  # 'auto': bfloat16 on GPU/TPU, float32 on CPU.
+  task = ImageClassification(model, lora.lora_scale(config.lora.alpha, config.lora.rank), compute_dtype=dtype)
   client_update = local_update(task.loss_fn, build_optimizer(config.client_optimizer))
-  frozen = frozen_tree(backbone)
+  frozen = frozen_tree(backbone, dtype=dtype)
   ones = jax.tree.map(lambda _: jnp.float32(1.0), trainable)
 
   def one_client(start, block):

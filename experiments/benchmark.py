@@ -29,6 +29,7 @@ from absl import app, flags
 from experiments import torch_baselines
 from experiments.bench_model import client_update_fn, random_block
 from hyperlora_jax import autotune, primitives
+from hyperlora_jax.tasks.image_classification import backbone_dtype
 
 _CLIENTS = flags.DEFINE_string("clients", "16,64,256", "Comma-separated cohort sizes C.")
 _STEPS = flags.DEFINE_integer("local_steps", 10, "Local steps per client.")
@@ -56,9 +57,11 @@ def _best_time(fn, repeats: int) -> float:
   return min(times)
 
 
-def matmul_peak_flops(size: int = 1024, repeats: int = 5) -> float:
-  """The device's float32 matmul FLOP/s: best of `repeats` jitted [size, size] @ [size, size]."""
-  a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+def matmul_peak_flops(size: int = 0, repeats: int = 5, dtype=jnp.float32) -> float:
+  """The device's matmul FLOP/s in `dtype`: best of `repeats` jitted [size, size] @ [size, size]
+  (size 0: 1024 on a CPU, 8192 on an accelerator, which a small product leaves mostly idle)."""
+  size = size or (1024 if jax.default_backend() == "cpu" else 8192)
+  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
   dot = jax.jit(lambda x: x @ x)
   return 2 * size ** 3 / _best_time(lambda: dot(a), repeats)
 
@@ -84,8 +87,9 @@ def main(argv):
   if not available and _TORCH.value:
     print(f"PyTorch rows skipped: {torch_reason}", flush=True)
   torch_reason = torch_reason if _TORCH.value else "--notorch"
-  peak = matmul_peak_flops()
-  print(f"float32 matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
+  compute_dtype = backbone_dtype(config.compute.backbone_dtype)  # The backbone's matmuls run in it.
+  peak = matmul_peak_flops(dtype=compute_dtype)
+  print(f"{jnp.dtype(compute_dtype).name} matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
   results = []
   for num in (int(c) for c in _CLIENTS.value.split(",")):
     block = random_block(num, _STEPS.value, _BATCH.value, size)
@@ -101,12 +105,20 @@ def main(argv):
     for chunk in chunks:
       label = chunk or "all"
       if chunk == autotune.AUTO:  # What fed.clients_per_chunk=-1 picks for this C, then timed again.
-        chunk = autotune.measure_clients_per_chunk(lambda xs: one_client(*xs), (starts, block)).clients_per_chunk
-        label = f"auto={chunk}"
+        choice = autotune.measure_clients_per_chunk(lambda xs: one_client(*xs), (starts, block))
+        chunk, label = choice.clients_per_chunk, f"auto={choice.clients_per_chunk}"
+        row["auto_out_of_memory"] = list(choice.out_of_memory)
         vmapped.setdefault(chunk, vmap_chunks(chunk))
       if chunk > 0 and num % chunk:
         continue
-      t_vmap = _best_time(lambda: vmapped[chunk](starts, block), _REPEATS.value)
+      try:
+        t_vmap = _best_time(lambda: vmapped[chunk](starts, block), _REPEATS.value)
+      except jax.errors.JaxRuntimeError as error:
+        if not autotune.is_out_of_memory(error):
+          raise
+        row["vmapped"].append({"clients_per_chunk": chunk, "label": str(label), "out_of_memory": True})
+        line += f"; chunk {label}: out of memory"
+        continue
       row["vmapped"].append({"clients_per_chunk": chunk, "label": str(label), "seconds": t_vmap,
                              "client_steps_per_s": steps / t_vmap, "mfu": flops / t_vmap / peak,
                              "speedup_over_loop": t_loop / t_vmap})
@@ -124,18 +136,19 @@ def main(argv):
         seconds = torch_baselines.time_round(images, labels, way=way, chunk=16, **arch)
         torch_row[way] = {"seconds": seconds, "client_steps_per_s": steps / seconds}
         line += f"; torch {way}: {steps / seconds:8.1f}"
-      best_jax = min([t_loop] + [v["seconds"] for v in row["vmapped"]])
+      best_jax = min([t_loop] + [v["seconds"] for v in row["vmapped"] if "seconds" in v])
       for way in ("loop", "vmap"):
         torch_row[way]["best_jax_speedup"] = torch_row[way]["seconds"] / best_jax
       line += (f" (best JAX {torch_row['loop']['best_jax_speedup']:.2f}x the torch loop, "
                f"{torch_row['vmap']['best_jax_speedup']:.2f}x torch vmap)")
-      row["torch"] = torch_row
+      row["torch"] = {**torch_row, "device": torch_baselines.device_name()}
     results.append(row)
     print(line, flush=True)
   report = {"device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
             "backend": jax.default_backend(), "jax": jax.__version__, "machine": platform.machine(),
             "model": config.model.to_dict(), "lora_rank": config.lora.rank, "local_steps": _STEPS.value,
             "image_size": size, "batch_size": _BATCH.value, "chunks": chunks,
+            "backbone_dtype": config.compute.backbone_dtype + " -> " + jnp.dtype(compute_dtype).name,
             "matmul_peak_flops": peak, "results": results}
   if _OUT.value:
     with open(_OUT.value, "w") as f:

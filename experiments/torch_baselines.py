@@ -5,8 +5,9 @@ Optional (`pip install -e .[bench]`); `available()` says whether torch imports, 
 The model mirrors the JAX benchmark's ViT (patch conv, class token, position table, pre-LN
 blocks with separate query/key/value/out projections, GELU MLP, final LayerNorm, head), with
 LoRA (rank r, scale s) on the attention's query and value and a trainable head; the backbone is
-frozen. Weights are random: speed does not depend on them. Two ways to run C clients x S local
-Adam steps:
+frozen. Weights are random: speed does not depend on them. It runs on CUDA when torch sees a
+GPU (float32 with TF32 matmuls, as JAX's default precision runs float32 there), else on the CPU
+with all its threads. Two ways to run C clients x S local Adam steps:
 
   loop:  for each client, fresh LoRA + head tensors and `torch.optim.Adam`, S forward/backward/
          step iterations (what PEFT-based federated repositories do per client);
@@ -27,6 +28,12 @@ def available() -> tuple[bool, str]:
   except ImportError as e:
     return False, f"torch is not installed ({e}); install the optional extra: pip install -e .[bench]"
   return True, ""
+
+
+def device_name() -> str:
+  """Where `time_round` runs: 'cuda' when torch sees a GPU, else 'cpu'."""
+  import torch
+  return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _frozen(torch, width: int, depth: int, patch: int, image_size: int, mlp_ratio: float, seed: int = 0) -> dict:
@@ -91,11 +98,16 @@ def time_round(images, labels, *, width: int, depth: int, heads: int, patch: int
   """
   import torch
   from torch.func import grad, vmap
-  torch.set_num_threads(os.cpu_count() or 1)
+  device = device_name()
+  if device == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+  else:
+    torch.set_num_threads(os.cpu_count() or 1)
   num, steps = images.shape[:2]
-  frozen = _frozen(torch, width, depth, patch, images.shape[3], mlp_ratio)
-  init = _trainable(torch, width, depth, rank, 10)
-  images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels).long()
+  to_device = lambda tree: {k: v.to(device) for k, v in tree.items()}
+  frozen = to_device(_frozen(torch, width, depth, patch, images.shape[3], mlp_ratio))
+  init = to_device(_trainable(torch, width, depth, rank, 10))
+  images_t, labels_t = torch.from_numpy(images).to(device), torch.from_numpy(labels).long().to(device)
   kw = {"depth": depth, "heads": heads, "patch": patch, "scale": scale}
   loss = lambda t, x, y: torch.nn.functional.cross_entropy(_forward(torch, frozen, t, x, **kw), y)
 
@@ -126,7 +138,12 @@ def time_round(images, labels, *, width: int, depth: int, heads: int, patch: int
           denom = (v2[k] / (1 - b2 ** t)).sqrt_().add_(eps)
           trainable[k] = trainable[k] - learning_rate * (m[k] / (1 - b1 ** t)) / denom
 
-  run = {"loop": loop, "vmap": vmapped}[way]
+  way_fn = {"loop": loop, "vmap": vmapped}[way]
+
+  def run():
+    way_fn()
+    if device == "cuda":
+      torch.cuda.synchronize()  # Kernels run asynchronously: wait for the last one.
   run()  # Warm-up.
   best = float("inf")
   for _ in range(repeats):

@@ -40,10 +40,18 @@ class ChunkChoice:
     clients_per_chunk: the fastest candidate (clients vmapped together).
     seconds: {candidate: best wall time of one map over the sample clients}.
     cached: whether it came from the cache rather than a measurement.
+    out_of_memory: the candidate that ran out of device memory, if one did (the larger ones
+      were then not tried); () if none.
   """
   clients_per_chunk: int
   seconds: dict
   cached: bool = False
+  out_of_memory: tuple = ()
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+  """Whether `error` is XLA running out of device memory (status RESOURCE_EXHAUSTED)."""
+  return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
 
 
 def chunk_candidates(num_clients: int, targets: Sequence[int] = (1, 4, 16, 64)) -> list[int]:
@@ -57,7 +65,9 @@ def chunk_candidates(num_clients: int, targets: Sequence[int] = (1, 4, 16, 64)) 
 
 def measure_clients_per_chunk(fn: Callable, xs: Any, candidates: Sequence[int] | None = None,
                               repeats: int = 2, clock: Callable[[], float] = time.perf_counter) -> ChunkChoice:
-  """Times `primitives.map_clients(fn, xs, k)` for each candidate k on the default device.
+  """Times `primitives.map_clients(fn, xs, k)` for each candidate k on the default device,
+  smallest first. A candidate that runs out of device memory (a large model on an accelerator:
+  the whole cohort's activations at once) ends the search: it and the larger ones are skipped.
 
   Args:
     fn: the per-client function (as for `map_clients`), e.g. one client's local update.
@@ -66,21 +76,29 @@ def measure_clients_per_chunk(fn: Callable, xs: Any, candidates: Sequence[int] |
     candidates: chunk sizes dividing c (default `chunk_candidates(c)`).
     repeats: timed calls per candidate after a compiling warm-up; the best counts.
   Returns:
-    the fastest candidate and every candidate's time.
+    the fastest candidate and every measured candidate's time.
+  Raises:
+    the out-of-memory error when even the smallest candidate runs out of memory.
   """
   num = jax.tree.leaves(xs)[0].shape[0]
-  candidates = list(candidates or chunk_candidates(num))
-  seconds = {}
+  candidates = sorted(candidates or chunk_candidates(num))
+  seconds, out_of_memory = {}, ()
   for k in candidates:
     mapped = jax.jit(lambda inputs, k=k: primitives.map_clients(fn, inputs, k))
-    jax.block_until_ready(mapped(xs))  # Compile and warm up.
+    try:
+      jax.block_until_ready(mapped(xs))  # Compile and warm up.
+    except jax.errors.JaxRuntimeError as error:
+      if not (is_out_of_memory(error) and seconds):
+        raise
+      out_of_memory = (k,)
+      break
     best = float("inf")
     for _ in range(repeats):
       start = clock()
       jax.block_until_ready(mapped(xs))
       best = min(best, clock() - start)
     seconds[k] = best
-  return ChunkChoice(min(seconds, key=seconds.get), seconds)
+  return ChunkChoice(min(seconds, key=seconds.get), seconds, out_of_memory=out_of_memory)
 
 
 def cache_key(fields: dict) -> str:
@@ -105,9 +123,10 @@ def cached_choice(path: str, fields: dict, measure: Callable[[], ChunkChoice]) -
       raise ValueError(f"chunk-size cache {path} is unreadable ({e}); delete it to measure again") from None
     if entry is not None:
       return ChunkChoice(int(entry["clients_per_chunk"]), {int(k): v for k, v in entry["seconds"].items()},
-                         cached=True)
+                         cached=True, out_of_memory=tuple(entry.get("out_of_memory", ())))
   choice = measure()
   entries[key] = {"clients_per_chunk": choice.clients_per_chunk, "seconds": choice.seconds,
+                  "out_of_memory": list(choice.out_of_memory),
                   "fields": fields, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(path)), delete=False) as f:

@@ -31,10 +31,41 @@ def test_measure_times_every_candidate_and_picks_the_fastest():
   assert not choice.cached
 
 
+def test_measure_stops_at_the_first_candidate_out_of_memory_and_keeps_other_errors(monkeypatch):
+  fn = lambda x: jnp.sin(x) @ jnp.ones((8, 8))
+  xs = jnp.ones((12, 4, 8))
+  tried, real_map = [], autotune.primitives.map_clients
+
+  def map_clients_limited(f, inputs, k, error=None):  # As if chunks above 1 client did not fit.
+    tried.append(k)
+    if k > 1:
+      raise jax.errors.JaxRuntimeError(error or "RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+    return real_map(f, inputs, k)
+  monkeypatch.setattr(autotune.primitives, "map_clients", map_clients_limited)
+  choice = autotune.measure_clients_per_chunk(fn, xs, candidates=[12, 4, 1], repeats=1)
+  assert (choice.clients_per_chunk, sorted(choice.seconds), choice.out_of_memory) == (1, [1], (4,))
+  assert tried == [1, 4]                        # Traced smallest first; 12 never tried once 4 ran out.
+  monkeypatch.setattr(autotune.primitives, "map_clients",
+                      lambda f, inputs, k: map_clients_limited(f, inputs, k, "INTERNAL: a compiler bug"))
+  with pytest.raises(jax.errors.JaxRuntimeError, match="compiler bug"):  # Not memory: not swallowed.
+    autotune.measure_clients_per_chunk(fn, xs, candidates=[1, 4], repeats=1)
+  monkeypatch.setattr(autotune.primitives, "map_clients", lambda f, inputs, k: map_clients_limited(f, inputs, 2))
+  with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):  # Nothing fits: said so.
+    autotune.measure_clients_per_chunk(fn, xs, candidates=[1, 4], repeats=1)
+
+
 def test_cached_choice_measures_once_per_key_and_reports_an_unreadable_cache(tmp_path):
   path = str(tmp_path / "sub" / "chunks.json")
   calls = []
   measure = lambda k: (lambda: calls.append(k) or autotune.ChunkChoice(k, {k: 0.5, 1: 0.9}))
+  first = autotune.cached_choice(path, {"model": "a"}, measure(4))
+  assert first.out_of_memory == () and autotune.cached_choice(path, {"model": "a"}, measure(4)).out_of_memory == ()
+  calls.clear()
+  first = autotune.cached_choice(path, {"model": "c"}, lambda: calls.append(4) or autotune.ChunkChoice(
+      4, {4: 0.5, 1: 0.9}, out_of_memory=(16,)))
+  assert autotune.cached_choice(path, {"model": "c"}, measure(8)).out_of_memory == (16,)  # Kept in the cache.
+  os.remove(path)
+  calls.clear()
   first = autotune.cached_choice(path, {"model": "a"}, measure(4))
   again = autotune.cached_choice(path, {"model": "a"}, measure(8))    # Cached: not measured.
   other = autotune.cached_choice(path, {"model": "b"}, measure(2))    # Another key: measured.
