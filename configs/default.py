@@ -116,7 +116,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.generator.loss = "vjp"               # 'vjp' (pFedHN rule) or 'product_distill'.
   config.generator.server_steps = 5           # Server steps per round (product_distill).
   config.generator.optimizer = ml_collections.ConfigDict(
-      {"name": "adam", "learning_rate": 1e-3, "momentum": 0.0})
+      {"name": "adam", "learning_rate": 1e-3, "momentum": 0.0,
+       # 'cosine': decay to final_fraction × learning_rate over decay_steps generator steps (one
+       # a round with loss='vjp'), e.g. fast early, slow at convergence (RESULTS.md).
+       "schedule": "constant", "decay_steps": 100, "final_fraction": 0.1})
 
   config.hyperlora = ml_collections.ConfigDict()  # Used by method=hyperlora; every part ablatable.
   config.hyperlora.signature = "label+features"  # '+'-joined: label, features, embedding.

@@ -57,13 +57,7 @@ def evaluate_run(config, workdir: str) -> dict[str, float]:
   """{"run", "factor mean", "product mean": global test accuracy} of `workdir`'s last checkpoint."""
   from hyperlora_jax import lora, primitives, train
   from hyperlora_jax.tasks.image_classification import apply_base_delta, frozen_tree
-  exp = train.build_experiment(config, log=lambda _: None)
-  state = exp.fed_round.init(jax.random.key(config.seed), exp.initial_trainable, exp.signatures)
-  manager = train._checkpoint_manager(workdir)
-  state, done = train.restore_state(manager, state)
-  manager.close()
-  if done < config.fed.num_rounds:
-    raise ValueError(f"{workdir}: checkpoint at round {done} of {config.fed.num_rounds}")
+  exp, state, _ = train.restore_run(config, workdir)
   frozen = apply_base_delta(frozen_tree(exp.backbone, dtype=exp.task.compute_dtype), state["base_delta"])
   starts, weights = client_starts(exp, state)
   return {"run": global_test_accuracy(exp, frozen, exp.fed_round.global_params(state)),

@@ -25,7 +25,9 @@ from hyperlora_jax.methods import METHODS
 
 
 def find_runs(runs_dir: str) -> list[str]:
-  return sorted(root for root, _, files in os.walk(runs_dir)
+  """Every run directory under `runs_dir`, symbolic links followed (a directory of links can
+  gather runs of several sweeps into one report)."""
+  return sorted(root for root, _, files in os.walk(runs_dir, followlinks=True)
                 if reporting.METRICS_FILE in files and "config.json" in files)
 
 

@@ -16,7 +16,7 @@ from hyperlora_jax.hyper.generator import GENERATOR_LOSSES
 from hyperlora_jax.hyper.signatures import parse_kinds, statistic_kinds
 from hyperlora_jax.hyper.synthesis import CORRECTORS
 from hyperlora_jax.models import ALLOWED_MODELS, arch_fields
-from hyperlora_jax.optimizers import ALLOWED_OPTIMIZERS
+from hyperlora_jax.optimizers import ALLOWED_OPTIMIZERS, ALLOWED_SCHEDULES
 
 ALLOWED_HEAD_POLICIES = ("shared", "local")
 ALLOWED_BACKBONE_DTYPES = ("float32", "bfloat16", "auto")
@@ -195,6 +195,12 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
     _one_of(block.name, ALLOWED_OPTIMIZERS, f"{name}.name")
     _require(block.learning_rate > 0, f"{name}.learning_rate", f"must be > 0, got {block.learning_rate}")
     _require(0 <= block.momentum < 1, f"{name}.momentum", f"must be in [0, 1), got {block.momentum}")
+    if "schedule" in block:
+      _one_of(block.schedule, ALLOWED_SCHEDULES, f"{name}.schedule")
+      if block.schedule != "constant":
+        _positive_int(config, f"{name}.decay_steps")
+        _require(0 <= block.final_fraction <= 1, f"{name}.final_fraction",
+                 f"must be in [0, 1], got {block.final_fraction}")
   _require(config.pretrain.learning_rate > 0, "pretrain.learning_rate", "must be > 0")
   if "faults" in config:
     from hyperlora_jax.faults import Faults

@@ -55,6 +55,9 @@ ADDED_FIELDS = {
     "robust.rule": "mean", "robust.space": "factors", "robust.trim": 0.1, "robust.clip_norm": 0.0,
     "dp.noise_multiplier": 0.0, "dp.clip_norm": 1.0, "dp.delta": 1e-5,
     "dp.generator_clip_norm": 1.0, "dp.signature_clip_norm": 1.0, "dp.signature_noise_multiplier": 0.0,
+    # The generator's learning-rate schedule (constant before 2026-11-26).
+    "generator.optimizer.schedule": "constant", "generator.optimizer.decay_steps": 100,
+    "generator.optimizer.final_fraction": 0.1,
 }
 
 
@@ -548,6 +551,30 @@ def restore_state(manager: ocp.CheckpointManager, state: Any) -> tuple[Any, int]
                          f"({type(e).__name__}: {e}); it was left untouched. Move it away to "
                          f"resume from an earlier one, or use a new workdir.") from e
   return restored, step
+
+
+def restore_run(config: ml_collections.ConfigDict, workdir: str, *, finished: bool = True,
+                log: Callable[[str], None] = lambda _: None) -> tuple[Experiment, Any, int]:
+  """A run's experiment and its state at its latest checkpoint, to evaluate or inspect it.
+
+  Args:
+    config: the run's config, e.g. `report.final_metrics(workdir)["config"]`.
+    workdir: the run's directory.
+    finished: require the checkpoint to be the run's last round (`config.fed.num_rounds`).
+  Returns:
+    (experiment as `build_experiment` makes it, restored state, rounds done).
+  Raises:
+    ValueError: `finished` and the run has no checkpoint of its last round.
+    RuntimeError: the checkpoint is corrupt (it is left in place).
+  """
+  exp = build_experiment(config, log=log)
+  state = exp.fed_round.init(jax.random.key(config.seed), exp.initial_trainable, exp.signatures)
+  manager = _checkpoint_manager(workdir)
+  state, done = restore_state(manager, state)  # On a corrupt checkpoint it closes the manager and raises.
+  manager.close()
+  if finished and done < config.fed.num_rounds:
+    raise ValueError(f"{workdir}: its latest checkpoint is of round {done} of {config.fed.num_rounds}")
+  return exp, state, done
 
 
 # Aggregator-state entries added after checkpoints were written without them (per-round

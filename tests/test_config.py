@@ -70,6 +70,20 @@ INVALID_BEFORE_LOADING = [
 ]
 
 
+@pytest.mark.parametrize("changes,named", [
+    ({"schedule": "linear"}, "generator.optimizer.schedule"),
+    ({"schedule": "cosine", "decay_steps": 0}, "generator.optimizer.decay_steps"),
+    ({"schedule": "cosine", "final_fraction": 1.5}, "generator.optimizer.final_fraction"),
+])
+def test_the_generator_learning_rate_schedule_is_checked_field_by_field(changes, named):
+  config = default.get_config("method=hyperlora")
+  config.generator.optimizer.update(changes)
+  with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+    validate_config(config, methods.METHODS)
+  config.generator.optimizer.schedule = "constant"  # Unused fields of a constant rate are not checked.
+  assert validate_config(config, methods.METHODS) is None
+
+
 def test_default_smoke_and_every_method_config_are_valid():
   for arg in (None, "smoke", "method=local_only,seed=3"):
     assert validate_config(default.get_config(arg), methods.METHODS) is None
@@ -193,6 +207,15 @@ def test_a_run_recorded_before_a_field_existed_resumes_when_the_field_means_as_b
   assert config_differences(str(tmp_path), smoke_config) == []
   smoke_config.data.max_client_examples = 8  # Not what the recorded run did.
   assert config_differences(str(tmp_path), smoke_config) == ["data.max_client_examples"]
+  smoke_config.data.max_client_examples, smoke_config.method = 0, "hyperlora"  # Before the schedule:
+  recorded = used_config(smoke_config, methods.METHOD_BLOCKS)
+  for field in ("schedule", "decay_steps", "final_fraction"):
+    del recorded["generator"]["optimizer"][field]
+  with open(tmp_path / CONFIG_FILE, "w") as f:
+    json.dump(recorded, f)
+  assert config_differences(str(tmp_path), smoke_config) == []
+  smoke_config.generator.optimizer.schedule = "cosine"
+  assert config_differences(str(tmp_path), smoke_config) == ["generator.optimizer.schedule"]
 
 
 def test_a_checkpoint_written_before_the_synthesizer_metrics_restores_with_them_at_init(tmp_path):

@@ -10,8 +10,8 @@ import pytest
 
 from hyperlora_jax import primitives, reporting
 from hyperlora_jax.client import local_update
-from hyperlora_jax.tasks.image_classification import frozen_tree
-from hyperlora_jax.train import build_experiment, round_inputs, train_and_evaluate
+from hyperlora_jax.tasks.image_classification import apply_base_delta, frozen_tree
+from hyperlora_jax.train import build_experiment, restore_run, round_inputs, train_and_evaluate
 
 
 def test_smoke_run_traces_the_round_once_and_writes_outputs(smoke_config, tmp_path):
@@ -43,9 +43,19 @@ def test_kill_and_resume_gives_identical_metrics(smoke_config, tmp_path):
   killed = str(tmp_path / "killed")
   train_and_evaluate(smoke_config, killed, stop_after_round=5, progress=False)
   assert len(reporting.read_metrics(str(killed))) == 5  # Round 5 ran, but only round 4 was saved.
+  with pytest.raises(ValueError, match="round 4 of 6"):  # Not finished: said so.
+    restore_run(smoke_config, killed)
+  assert restore_run(smoke_config, killed, finished=False)[2] == 4
   result = train_and_evaluate(smoke_config, killed, progress=False)
   assert result["round_traces"] == 1
   assert reporting.read_metrics(str(killed)) == reporting.read_metrics(str(tmp_path / "straight"))
+  # The finished run's state, restored, gives the global accuracy its last round logged.
+  from experiments.global_from_clients import global_test_accuracy
+  exp, state, done = restore_run(smoke_config, killed)
+  frozen = apply_base_delta(frozen_tree(exp.backbone, dtype=exp.task.compute_dtype), state["base_delta"])
+  assert done == 6 and int(state["round"]) == 6
+  np.testing.assert_allclose(global_test_accuracy(exp, frozen, exp.fed_round.global_params(state)),
+                             result["records"][-1]["global_accuracy"], atol=1e-6)
 
 
 def test_resume_refuses_a_different_config(smoke_config, tmp_path):

@@ -39,6 +39,11 @@ def test_report_aggregates_seeds(tmp_path):
   assert "| flora | 1 | 90.0 ± 0.0 | 50.0 ± 0.0 | 25.0 ± 0.0 | 6.00 | 2.0 ± 0.0 (1/1) | 2.0 ± 0.0 (1/1) |" in table
   assert "| fedit | 30.0 ± 10.0 |" in table and "| flora | n/a |" in table  # New clients.
   assert "flexlora" not in table  # Unfinished runs are left out.
+  gathered = tmp_path.parent / (tmp_path.name + "_gathered")  # A directory of links to runs.
+  os.makedirs(gathered / "fedit")
+  os.symlink(tmp_path / "fedit" / "seed1", gathered / "fedit" / "seed1")
+  os.symlink(tmp_path / "flora", gathered / "flora")
+  assert report.find_runs(str(gathered)) == [str(gathered / "fedit" / "seed1"), str(gathered / "flora" / "seed0")]
 
 
 def test_report_groups_benchmarks_and_plots_mean_curves(tmp_path):
