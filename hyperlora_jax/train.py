@@ -558,7 +558,7 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str, *, finished: bo
   """A run's experiment and its state at its latest checkpoint, to evaluate or inspect it.
 
   Args:
-    config: the run's config, e.g. `report.final_metrics(workdir)["config"]`.
+    config: the ConfigDict the run was started with (its `config.json` holds the fields used).
     workdir: the run's directory.
     finished: require the checkpoint to be the run's last round (`config.fed.num_rounds`).
   Returns:
