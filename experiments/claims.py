@@ -43,7 +43,7 @@ import collections
 
 import numpy as np
 
-from experiments.report import emit, final_metrics, find_runs
+from experiments.report import emit, finished_runs
 from hyperlora_jax import reporting
 
 
@@ -101,8 +101,7 @@ def config_value(config: dict, field: str):
 def shift_rows(runs_dir: str, field: str) -> list[dict]:
   """`report.final_metrics` rows of RUNS_DIR's finished runs, each with its "severity": the
   value of `field` in the run's config."""
-  rows = [row for row in map(final_metrics, find_runs(runs_dir)) if row is not None]
-  return [{**row, "severity": config_value(row["config"], field)} for row in rows]
+  return [{**row, "severity": config_value(row["config"], field)} for row in finished_runs(runs_dir)]
 
 
 def shift_claim(rows: list[dict], method: str, reference: str, field: str, severe_when_lower: bool) -> list[str]:
@@ -227,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--plateau_tolerance", type=float, default=0.01)
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
-  rows = [row for row in map(final_metrics, find_runs(args.runs_dir)) if row is not None]
+  rows = finished_runs(args.runs_dir)
   floats = lambda text: [float(v) for v in text.split(",") if v]
   shift_lines = None
   if args.shift:

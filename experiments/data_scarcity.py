@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from experiments.report import diagnostic_cell, emit, final_metrics, find_runs
+from experiments.report import diagnostic_cell, emit, finished_runs
 
 REFERENCE = "local_only"
 
@@ -27,13 +27,7 @@ REFERENCE = "local_only"
 def scarcity_rows(runs_dir: str) -> list[dict]:
   """One row per finished run: `report.final_metrics` plus "cap" (data.max_client_examples;
   0 = all; runs recorded before the field existed count as 0)."""
-  rows = []
-  for workdir in find_runs(runs_dir):
-    row = final_metrics(workdir)
-    if row is not None:
-      row["cap"] = row["config"]["data"].get("max_client_examples", 0)
-      rows.append(row)
-  return rows
+  return [{**row, "cap": row["config"]["data"].get("max_client_examples", 0)} for row in finished_runs(runs_dir)]
 
 
 def grouped(rows: list[dict], key: str) -> dict[str, dict[int, tuple[float, float, int]]]:

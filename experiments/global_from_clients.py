@@ -27,6 +27,7 @@ import argparse
 import collections
 import json
 import os
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,12 +36,16 @@ import numpy as np
 from experiments.sweep import RunSpec, make_config
 
 
-def global_test_accuracy(exp, frozen, trainable) -> float:
-  """Accuracy of one model (`trainable`) on the union of the clients' test splits."""
+def global_test_accuracy(exp, frozen) -> Callable[[Any], float]:
+  """A function: one model (`trainable`) -> its accuracy on the union of the clients' test
+  splits. Compiled once per model shape, so models of the same shape share the compilation."""
   from hyperlora_jax.tasks.image_classification import block_counts
   counts = jax.jit(lambda trainable, block: block_counts(exp.task, frozen, trainable, block, exp.config.eval_batch))
-  totals = np.array([np.asarray(counts(trainable, block), np.float64) for block in exp.data.global_test_blocks()])
-  return float(totals[:, 0].sum() / max(totals[:, 1].sum(), 1.0))
+
+  def accuracy(trainable) -> float:
+    totals = np.array([np.asarray(counts(trainable, block), np.float64) for block in exp.data.global_test_blocks()])
+    return float(totals[:, 0].sum() / max(totals[:, 1].sum(), 1.0))
+  return accuracy
 
 
 def client_starts(exp, state) -> tuple[dict, jax.Array]:
@@ -60,9 +65,10 @@ def evaluate_run(config, workdir: str) -> dict[str, float]:
   exp, state, _ = train.restore_run(config, workdir)
   frozen = apply_base_delta(frozen_tree(exp.backbone, dtype=exp.task.compute_dtype), state["base_delta"])
   starts, weights = client_starts(exp, state)
-  return {"run": global_test_accuracy(exp, frozen, exp.fed_round.global_params(state)),
-          "factor mean": global_test_accuracy(exp, frozen, primitives.weighted_mean(starts, weights)),
-          "product mean": global_test_accuracy(exp, frozen, lora.product_mean(starts, weights))}
+  accuracy = global_test_accuracy(exp, frozen)
+  return {"run": accuracy(exp.fed_round.global_params(state)),
+          "factor mean": accuracy(primitives.weighted_mean(starts, weights)),
+          "product mean": accuracy(lora.product_mean(starts, weights))}
 
 
 def main(argv: list[str] | None = None) -> None:

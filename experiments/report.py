@@ -46,6 +46,11 @@ def final_metrics(workdir: str) -> dict | None:
           **{k: v for k, v in last.items() if k.startswith("new_client_")}}
 
 
+def finished_runs(runs_dir: str) -> list[dict]:
+  """`final_metrics` of every finished run under `runs_dir` (unfinished runs left out)."""
+  return [row for row in map(final_metrics, find_runs(runs_dir)) if row is not None]
+
+
 def _mean_std(values: list) -> str:
   values = [v for v in values if v is not None]
   if not values:
@@ -222,7 +227,7 @@ def build_report(runs_dir: str, reference: str = "fedit", target: float | None =
                  plots_dir: str | None = None, links_from: str | None = None) -> str:
   """The Markdown report of every finished run under `runs_dir`; writes the plots, linked
   relative to the directory `links_from` (default `runs_dir`), where the report will live."""
-  rows = [m for m in map(final_metrics, find_runs(runs_dir)) if m is not None]
+  rows = finished_runs(runs_dir)
   benchmarks = sorted({r["benchmark"] for r in rows})
   plots_dir = plots_dir or os.path.join(runs_dir, "plots")
   sections = []

@@ -54,7 +54,7 @@ def test_kill_and_resume_gives_identical_metrics(smoke_config, tmp_path):
   exp, state, done = restore_run(smoke_config, killed)
   frozen = apply_base_delta(frozen_tree(exp.backbone, dtype=exp.task.compute_dtype), state["base_delta"])
   assert done == 6 and int(state["round"]) == 6
-  np.testing.assert_allclose(global_test_accuracy(exp, frozen, exp.fed_round.global_params(state)),
+  np.testing.assert_allclose(global_test_accuracy(exp, frozen)(exp.fed_round.global_params(state)),
                              result["records"][-1]["global_accuracy"], atol=1e-6)
 
 

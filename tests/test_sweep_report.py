@@ -29,7 +29,7 @@ def test_report_aggregates_seeds(tmp_path):
   _fake_run(tmp_path / "unfinished" / "x", "flexlora", 0, 0.9, rounds=3)
   with open(tmp_path / "unfinished" / "x" / "config.json", "w") as f:
     json.dump({"method": "flexlora", "seed": 0, "fed": {"num_rounds": 10}}, f)
-  rows = [m for m in map(report.final_metrics, report.find_runs(str(tmp_path))) if m]
+  rows = report.finished_runs(str(tmp_path))
   table = report.markdown_table(rows, reference="fedit", target=0.5)
   # Reference: fedit's final global accuracy with the same seed (seed 0: 40%). Curves are
   # acc * round / 3, so flora (90% at round 3) passes 40% at round 2.
@@ -51,7 +51,7 @@ def test_report_groups_benchmarks_and_plots_mean_curves(tmp_path):
   for seed, acc in ((0, 0.3), (1, 0.6)):
     _fake_run(runs / "a" / "fedit" / f"seed{seed}", "fedit", seed, acc, benchmark="bench_a")
   _fake_run(runs / "b" / "fedit" / "seed0", "fedit", 0, 0.9, benchmark="bench_b/x")
-  rows = [m for m in map(report.final_metrics, report.find_runs(str(runs))) if m]
+  rows = report.finished_runs(str(runs))
   x, mean, std = report.mean_curve([r for r in rows if r["benchmark"] == "bench_a"], "global_accuracy", "round")
   np.testing.assert_allclose(x, [1, 2, 3])
   np.testing.assert_allclose(mean, [0.15, 0.3, 0.45])
