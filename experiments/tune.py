@@ -12,16 +12,26 @@
 Writes RUNS_DIR/tuning.md: per method, every setting's validation score, the pick, and the
 pick's test accuracies (mean ± std over seeds). Rerunning resumes: finished runs are skipped
 (`experiments.sweep`). `--set` and `--configs` apply to every run of both phases.
+
+`--grid METHOD:FIELD=V1,V2` (repeatable) replaces METHOD's grid in `GRIDS` by the given axes,
+e.g. to tune the client lr at a knob fixed by earlier tuning:
+
+  python -m experiments.tune --methods fedit,hyperlora \
+      --grid fedit:client_optimizer.learning_rate=1e-3,3e-3,1e-2 \
+      --grid hyperlora:client_optimizer.learning_rate=1e-3,3e-3,1e-2 \
+      --grid hyperlora:generator.optimizer.learning_rate=1e-4
+
+`--reuse DIR` (repeatable): a test run whose config equals that of a run already finished under
+DIR (for a pick that is a method's default, say) is linked to it instead of run again.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
+from absl import logging
 
 from experiments.report import emit
 
@@ -49,9 +59,11 @@ def setting_of(entry: dict, fields: tuple[str, ...]) -> tuple[str, ...]:
   return tuple(o for o in entry["overrides"] if o.split("=", 1)[0] in fields)
 
 
-def validation_scores(entries: list[dict], method: str, metric: str) -> dict[tuple[str, ...], list[float]]:
-  """{setting: [final `metric` of each finished tuning seed]} for `method`."""
-  fields = grid_fields(GRIDS[method])
+def validation_scores(entries: list[dict], method: str, metric: str,
+                      grid: tuple[str, ...] | None = None) -> dict[tuple[str, ...], list[float]]:
+  """{setting: [final `metric` of each finished tuning seed]} for `method`, whose grid is `grid`
+  (default: `GRIDS[method]`)."""
+  fields = grid_fields(GRIDS[method] if grid is None else grid)
   scores: dict[tuple[str, ...], list[float]] = {}
   for entry in entries:
     final = entry.get("final") or {}
@@ -88,12 +100,50 @@ def tuning_table(validation: dict[str, dict], picks: dict[str, tuple[str, ...]],
   return "\n".join(lines)
 
 
-def _sweep(runs_dir: str, method: str, seeds: str, configs: list[str], sets: list[str], grids: tuple[str, ...],
-           jobs: int) -> None:
-  command = [sys.executable, "-m", "experiments.sweep", "--runs_dir", runs_dir, "--methods", method,
-             "--seeds", seeds, "--jobs", str(jobs)]
-  command += [f"--configs={c}" for c in configs] + [f"--set={s}" for s in sets] + [f"--grid={g}" for g in grids]
-  subprocess.run(command, check=True)
+def grids_with_overrides(specs: list[str]) -> dict[str, tuple[str, ...]]:
+  """`GRIDS` with each method named in `specs` ('METHOD:FIELD=V1,V2,...') given exactly the
+  axes named for it, in order."""
+  replaced: dict[str, list[str]] = {}
+  for spec in specs:
+    method, sep, axis = spec.partition(":")
+    if not sep or "=" not in axis or not axis.split("=", 1)[1]:
+      raise ValueError(f"--grid {spec}: expected METHOD:FIELD=V1,V2,...")
+    replaced.setdefault(method, []).append(axis)
+  return {**GRIDS, **{method: tuple(axes) for method, axes in replaced.items()}}
+
+
+def link_finished_twins(specs: list, runs_dir: str, reuse_dirs: list[str], log=print) -> int:
+  """For each sweep `RunSpec` whose workdir under `runs_dir` does not exist yet, links it to a
+  finished run under one of `reuse_dirs` with the same config (`train.config_differences` finds
+  none, and it has reached the spec's `fed.num_rounds`). Returns how many were linked."""
+  from experiments import sweep
+  from experiments.report import find_runs
+  from hyperlora_jax.train import config_differences
+  candidates = [w for d in reuse_dirs for w in find_runs(d)]
+  linked = 0
+  for spec in specs:
+    config = sweep.make_config(spec)
+    workdir = sweep.workdir_of(runs_dir, config.benchmark, spec)
+    if os.path.lexists(workdir):
+      continue
+    twin = next((c for c in candidates if sweep.is_finished(c, config.fed.num_rounds)
+                 and not config_differences(c, config)), None)
+    if twin is not None:
+      os.makedirs(os.path.dirname(workdir), exist_ok=True)
+      os.symlink(os.path.abspath(twin), workdir)
+      log(f"tune: {workdir} -> {twin} (same config, finished)")
+      linked += 1
+  return linked
+
+
+def _sweep(runs_dir: str, specs: list, jobs: int) -> None:
+  """Every method's runs in one sweep, so `jobs` stay busy until the last run (one sweep per
+  method would leave workers idle at each method's end)."""
+  from experiments import sweep
+  entries = sweep.run_sweep(specs, runs_dir, jobs)
+  failed = [e for e in entries if e["status"] == "failed"]
+  if failed:
+    raise SystemExit(f"{len(failed)} run(s) failed; see their 'error' in {runs_dir}/{sweep.INDEX_FILE}")
 
 
 def _entries(runs_dir: str) -> list[dict]:
@@ -115,21 +165,34 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--validation_fraction", type=float, default=0.2)
   parser.add_argument("--metric", default=METRICS[0], choices=METRICS)
   parser.add_argument("--jobs", type=int, default=2)
+  parser.add_argument("--grid", action="append", default=[],
+                      help="METHOD:FIELD=V1,V2,... replaces METHOD's grid by these axes (repeatable).")
+  parser.add_argument("--reuse", action="append", default=[],
+                      help="A runs dir whose finished runs stand in for test runs of the same config (repeatable).")
   args = parser.parse_args(argv)
+  logging.set_verbosity(logging.WARNING)  # As experiments.sweep: the runs' own logs stay quiet.
   configs = args.configs or ["configs/default.py"]
   methods = [m for m in args.methods.split(",") if m]
-  unknown = [m for m in methods if m not in GRIDS]
+  try:
+    grids = grids_with_overrides(args.grid)
+  except ValueError as error:
+    parser.error(str(error))
+  unknown = [m for m in methods if m not in grids]
   if unknown:
-    parser.error(f"no tuning grid for {unknown}; grids exist for {sorted(GRIDS)}")
+    parser.error(f"no tuning grid for {unknown}; grids exist for {sorted(grids)}")
+  from experiments.sweep import expand
   validation_dir, test_dir = os.path.join(args.runs_dir, "validation"), os.path.join(args.runs_dir, "test")
-  for method in methods:
-    _sweep(validation_dir, method, args.tune_seeds, configs,
-           args.set + [f"data.validation_fraction={args.validation_fraction}"], GRIDS[method], args.jobs)
+  tune_seeds, seeds = ([int(s) for s in text.split(",")] for text in (args.tune_seeds, args.seeds))
+  holdout = args.set + [f"data.validation_fraction={args.validation_fraction}"]
+  _sweep(validation_dir, [spec for m in methods for spec in expand(configs, [m], tune_seeds, holdout, list(grids[m]))],
+         args.jobs)
   entries = _entries(validation_dir)
-  validation = {m: validation_scores(entries, m, args.metric) for m in methods}
+  validation = {m: validation_scores(entries, m, args.metric, grids[m]) for m in methods}
   picks = {m: pick(scores) for m, scores in validation.items()}
-  for method in methods:
-    _sweep(test_dir, method, args.seeds, configs, args.set + list(picks[method]), (), args.jobs)
+  test_specs = [spec for m in methods for spec in expand(configs, [m], seeds, args.set + list(picks[m]), [])]
+  if args.reuse:
+    link_finished_twins(test_specs, test_dir, args.reuse)
+  _sweep(test_dir, test_specs, args.jobs)
   emit(tuning_table(validation, picks, _entries(test_dir), args.metric), os.path.join(args.runs_dir, "tuning.md"))
 
 

@@ -599,14 +599,18 @@ def _restore_older(manager: ocp.CheckpointManager, step: int, state: Any) -> Any
   return {**restored, "agg": {**restored["agg"], **{k: agg[k] for k in added}}}
 
 
-def _evaluator(exp: Experiment) -> Callable[[Any, Any], Callable[[], tuple[float, np.ndarray]]]:
-  """`evaluate(state, frozen)` dispatches the evaluation of `state` and returns `collect()`,
-  which waits for it and gives (global accuracy (NaN without a global model), [N] client
-  accuracies). In between, the state may be donated to the next round: the evaluation was
-  enqueued first and reads it first. It loops over the data's evaluation blocks, sharded over
-  the clients mesh axis (examples of the global test blocks, clients of the client blocks):
-  held on the devices once when the images are in memory, read again at each evaluation when
-  they are streamed."""
+def run_evaluator(exp: Experiment) -> Callable[..., Callable[[], tuple[float, np.ndarray]]]:
+  """The run's evaluation: `evaluate(state, frozen, transform_images=None)` dispatches the
+  evaluation of `state` and returns `collect()`, which waits for it and gives (global accuracy
+  (NaN without a global model), [N] client accuracies). In between, the state may be donated
+  to the next round: the evaluation was enqueued first and reads it first. It loops over the
+  data's evaluation blocks, sharded over the clients mesh axis (examples of the global test
+  blocks, clients of the client blocks): held on the devices once when the images are in
+  memory, read again at each evaluation when they are streamed.
+
+  `transform_images`: images [..., H, W, 3] uint8 -> the same shape and dtype, applied to
+  every test block before it is evaluated (a test-time shift, `data.corruptions`); the blocks
+  are then read again, and the compiled evaluation is reused."""
   chunk = exp.fed_round.clients_per_chunk
   evaluation = task_lib.make_evaluate(exp.task, exp.fed_round, eval_batch=exp.config.eval_batch,
                                       clients_per_chunk=chunk)
@@ -615,13 +619,18 @@ def _evaluator(exp: Experiment) -> Callable[[Any, Any], Callable[[], tuple[float
   sharded = primitives.clients_sharding(exp.mesh)
   multiple = math.lcm(chunk or 1, exp.mesh.size)
 
-  def blocks_on_device():
-    return ([jax.device_put(b, sharded) for b in data.global_test_blocks()],
-            [jax.device_put(b, sharded) for b in data.client_test_blocks(multiple=multiple)])
+  def blocks_on_device(transform_images=None):
+    def shifted(block):
+      return block if transform_images is None else {**block, "image": transform_images(block["image"])}
+    return ([jax.device_put(shifted(b), sharded) for b in data.global_test_blocks()],
+            [jax.device_put((ids, shifted(b)), sharded) for ids, b in data.client_test_blocks(multiple=multiple)])
   cached = None if exp.config.data.stream else blocks_on_device()
 
-  def evaluate(state, frozen):
-    global_blocks, client_blocks = cached or blocks_on_device()
+  def evaluate(state, frozen, transform_images=None):
+    if transform_images is not None:
+      global_blocks, client_blocks = blocks_on_device(transform_images)
+    else:
+      global_blocks, client_blocks = cached or blocks_on_device()
     counts = [global_counts(state, frozen, block) for block in global_blocks]
     per_client = [client_accuracy(state, frozen, ids, block) for ids, block in client_blocks]
 
@@ -741,7 +750,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop
   aggregator_metrics = exp.fed_round.aggregator.capabilities.metrics
   private = methods.dp_on(config)
   global_is_finite = jax.jit(lambda state: primitives.is_finite(exp.fed_round.global_params(state)))
-  evaluate = _evaluator(exp)
+  evaluate = run_evaluator(exp)
   cum_up = records[-1]["cum_bytes_up"] if records else 0
   cum_down = records[-1]["cum_bytes_down"] if records else 0
   last_round = config.fed.num_rounds if stop_after_round is None else min(stop_after_round, config.fed.num_rounds)

@@ -188,3 +188,35 @@ def test_a_validation_split_is_carved_from_training_examples_and_replaces_the_te
   unsplit = [np.arange(5)]
   train, held = partition.split_validation(unsplit, 0.0, 0)
   assert train is unsplit and len(held[0]) == 0  # Off: nothing held out.
+
+
+def test_corruptions_by_hand_and_by_their_formulas():
+  from hyperlora_jax.data import corruptions
+  # Two images of different means, non-square (3 x 5): contrast uses each image's own mean.
+  images = np.zeros((2, 3, 5, 3), np.uint8)
+  images[0, :, :2] = 255          # Image 0: 6 of 15 pixels white, mean 102.
+  images[1] = 200                 # Image 1: flat, unchanged by any contrast.
+  out = corruptions.corrupt(images, "contrast", 2)  # Factor 0.5.
+  assert out.dtype == np.uint8 and out.shape == images.shape
+  assert out[0, 0, 0, 0] == round((255 - 102) * 0.5 + 102) == 178  # 178.5 rounds to even: 178.
+  assert out[0, 0, 4, 0] == 51 and (out[1] == 200).all()
+  np.testing.assert_array_equal(corruptions.corrupt(images, "gaussian_noise", 0), images)
+  # Noise on mid-grey (no clipping): zero mean, std σ·255 (severity 3: σ = 0.18).
+  grey = np.full((64, 16, 24, 3), 128, np.uint8)
+  noisy = corruptions.corrupt(grey, "gaussian_noise", 3, seed=1).astype(np.float64) - 128
+  assert abs(noisy.mean()) < 0.5 and abs(noisy.std() - 0.18 * 255) < 0.5
+  np.testing.assert_array_equal(corruptions.corrupt(grey, "gaussian_noise", 3, seed=1),
+                                corruptions.corrupt(grey, "gaussian_noise", 3, seed=1))
+  assert (corruptions.corrupt(grey, "gaussian_noise", 3, seed=2) != corruptions.corrupt(grey, "gaussian_noise", 3,
+                                                                                        seed=1)).any()
+  # Severity grows the shift: the mean distance to the clean images rises level by level.
+  distances = [np.abs(corruptions.corrupt(images, kind, s).astype(float) - images).mean()
+               for kind in ("contrast",) for s in range(6)]
+  assert distances == sorted(distances) and distances[0] == 0
+  for bad, message in (({"kind": "blur", "severity": 1}, "corruption kind"),
+                       ({"kind": "contrast", "severity": 6}, "severity 6"),
+                       ({"kind": "contrast", "severity": -1}, "severity -1")):
+    with pytest.raises(ValueError, match=message):
+      corruptions.corrupt(images, **bad)
+  with pytest.raises(ValueError, match="dtype float32"):
+    corruptions.corrupt(images.astype(np.float32), "contrast", 1)

@@ -192,3 +192,32 @@ def test_smoke_runs_learn_above_chance(smoke_config, tmp_path):
   first, last = result["records"][0], result["records"][-1]
   assert last["global_accuracy"] > 0.14 and last["global_accuracy"] > first["global_accuracy"]
   assert last["train_loss"] < first["train_loss"]
+
+
+def test_shifted_evaluation_reaches_every_test_block_and_severity_zero_is_the_runs_own(smoke_config, tmp_path):
+  """`run_evaluator`'s `transform_images` and `experiments.shift_severity` on a finished run."""
+  from experiments import shift_severity
+  from hyperlora_jax.train import run_evaluator
+  smoke_config.fed.num_rounds = 2
+  last = train_and_evaluate(smoke_config, str(tmp_path), progress=False)["records"][-1]
+  config = shift_severity.recorded_config(str(tmp_path))  # Rebuilt from config.json; checked equal.
+  assert (config.method, config.fed.num_rounds, config.model.width) == ("fedit", 2, smoke_config.model.width)
+  exp, state, _ = restore_run(config, str(tmp_path))
+  frozen = frozen_tree(exp.backbone, dtype=exp.task.compute_dtype)
+  evaluate = run_evaluator(exp)
+  seen = []
+
+  def blank(images):  # Every image black: a model then predicts one class for all of them.
+    seen.append(images.shape)
+    return np.zeros_like(images)
+
+  global_blank, clients_blank = evaluate(state, frozen, blank)()
+  assert sorted(len(s) for s in seen) == [4, 5]  # The global block [M, H, W, 3] and the clients' [c, n, H, W, 3].
+  test_labels = [exp.data.test_pool.labels[p] for p in exp.data.test_parts]
+  assert global_blank <= np.bincount(np.concatenate(test_labels)).max() / sum(map(len, test_labels)) + 1e-6
+  for accuracy, labels in zip(clients_blank, test_labels):  # At most each client's majority share.
+    assert accuracy <= np.bincount(labels).max() / len(labels) + 1e-6
+  measured = shift_severity.severity_accuracies(config, str(tmp_path), ("contrast",))
+  assert sorted(measured) == [("contrast", s) for s in range(6)]
+  assert measured[("contrast", 0)] == (last["global_accuracy"], last["personalized_accuracy_mean"])
+  assert evaluate(state, frozen)()[0] == last["global_accuracy"]  # The clean blocks stay cached.

@@ -407,3 +407,55 @@ def test_tuning_picks_each_methods_best_validation_setting_and_tabulates_the_tes
   assert table.splitlines()[-1].endswith("| – | – | 0 |")  # HyperLoRA's test runs are not in yet.
   with pytest.raises(ValueError, match="no finished"):
     tune.pick({})
+
+
+def test_tune_grid_flag_replaces_only_the_named_methods_grids():
+  from experiments import tune
+  grids = tune.grids_with_overrides(["hyperlora:client_optimizer.learning_rate=1e-3,3e-3",
+                                     "hyperlora:generator.optimizer.learning_rate=1e-4"])
+  assert grids["hyperlora"] == ("client_optimizer.learning_rate=1e-3,3e-3", "generator.optimizer.learning_rate=1e-4")
+  assert grids["fedit"] == tune.GRIDS["fedit"] and grids["pfedhn"] == tune.GRIDS["pfedhn"]
+  for bad in ("client_optimizer.learning_rate=1e-3", "fedit:client_optimizer.learning_rate", "fedit:lr="):
+    with pytest.raises(ValueError, match="expected METHOD:FIELD=V1,V2"):
+      tune.grids_with_overrides([bad])
+  # Scores are keyed by the replaced grid's fields: a fixed knob stays part of the setting.
+  entries = [{"method": "hyperlora", "status": "finished", "final": {"personalized_accuracy_mean": 0.5},
+              "overrides": ["data.validation_fraction=0.2", "client_optimizer.learning_rate=1e-3",
+                            "generator.optimizer.learning_rate=1e-4"]}]
+  assert tune.validation_scores(entries, "hyperlora", "personalized_accuracy_mean", grids["hyperlora"]) == {
+      ("client_optimizer.learning_rate=1e-3", "generator.optimizer.learning_rate=1e-4"): [0.5]}
+
+
+def test_tune_links_a_test_run_to_a_finished_run_of_the_same_config_and_nothing_else(tmp_path):
+  """`--reuse`: only a finished run whose recorded config equals the spec's stands in for it."""
+  from experiments import tune
+  from hyperlora_jax import methods
+  from hyperlora_jax.config_validation import used_config
+
+  def recorded_run(path, spec, rounds):
+    config = sweep.make_config(spec)
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(used_config(config, methods.METHOD_BLOCKS)))
+    (path / "metrics.jsonl").write_text("".join(json.dumps({"round": r, "personalized_accuracy_mean": 0.5,
+                                                           "personalized_accuracy_worst": 0.4, "global_accuracy": 0.3,
+                                                           "cum_bytes": 1.0}) + "\n" for r in range(1, rounds + 1)))
+
+  fixed = ["fed.num_rounds=4"]
+  default_lr, = sweep.expand(["configs/default.py"], ["fedit"], [0], fixed + ["client_optimizer.learning_rate=3e-3"], [])
+  other_lr, = sweep.expand(["configs/default.py"], ["fedit"], [1], fixed + ["client_optimizer.learning_rate=1e-2"], [])
+  unfinished, = sweep.expand(["configs/default.py"], ["fedit"], [2], fixed + ["client_optimizer.learning_rate=3e-3"], [])
+  old = tmp_path / "old"
+  recorded_run(old / "a" / "seed0", sweep.RunSpec("configs/default.py", "fedit", 0, tuple(fixed)), rounds=4)
+  recorded_run(old / "b" / "seed1", sweep.RunSpec("configs/default.py", "fedit", 1, tuple(fixed)), rounds=4)
+  recorded_run(old / "c" / "seed2", sweep.RunSpec("configs/default.py", "fedit", 2, tuple(fixed)), rounds=3)
+  test_dir = str(tmp_path / "test")
+  lines = []
+  assert tune.link_finished_twins([default_lr, other_lr, unfinished], test_dir, [str(old)], log=lines.append) == 1
+  linked = tmp_path / "test" / "default" / "fedit" / "seed0"
+  assert linked.is_symlink() and os.path.realpath(linked) == str(old / "a" / "seed0")
+  assert not (tmp_path / "test" / "default" / "fedit" / "seed1").exists()  # lr 1e-2 was never run.
+  assert not (tmp_path / "test" / "default" / "fedit" / "seed2").exists()  # Its twin stopped at round 3.
+  assert tune.link_finished_twins([default_lr], test_dir, [str(old)], log=lines.append) == 0  # Already there.
+  # The sweep counts the linked run as finished without running it.
+  entry, = sweep.run_sweep([default_lr], test_dir, log=lines.append)
+  assert entry["status"] == "finished" and entry["final"]["round"] == 4

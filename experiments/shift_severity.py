@@ -1,0 +1,149 @@
+"""Robustness to test-time feature shift, by severity: finished runs on corrupted test images.
+
+  python -m experiments.shift_severity runs/claims_slowgen --benchmark default \\
+      --methods fedit,hyperlora,local_only --out runs/shift_severity_default.md
+
+Every finished run under RUNS_DIR (links followed; its config rebuilt from its `config.json`)
+is restored at its last checkpoint, with no training, and evaluated as the run evaluates
+(`train.run_evaluator`): its global model on the union of the clients' test splits, and each
+client's personalized model on its own split. The test images are first corrupted by each of
+`--kinds` (`hyperlora_jax.data.corruptions`: Gaussian noise, contrast) at severity 0 to 5;
+the same corrupted images for every model. "kept" is the accuracy at the most severe level as
+a share of the clean one, which does not penalize a model for starting higher. Severity 0 is the run's own last evaluation: its
+difference from `metrics.jsonl`'s last record is printed, and is 0 on the machine that ran it.
+
+Prints per (benchmark, kind) a table of accuracy % by severity (mean ± std over seeds) and the
+claim lines of `experiments.claims.shift_claim` ("--method is more robust than --reference":
+confirmed when the reference's drop from severity 0 to 5 exceeds the method's by more than
+their pooled std), for the global model and for the personalized models' mean.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from experiments.claims import shift_claim
+from experiments.report import emit, final_metrics, find_runs
+from experiments.sweep import set_field
+from hyperlora_jax.data import corruptions
+
+
+def recorded_config(workdir: str) -> ml_collections.ConfigDict:
+  """The ConfigDict of the run in `workdir`: `configs/default.py`'s fields overwritten by every
+  field its `config.json` records.
+
+  Raises:
+    ValueError: the rebuilt config still differs from the recorded one (a field the default
+      config lacks, say), naming the fields.
+  """
+  from configs import default
+  from hyperlora_jax.train import CONFIG_FILE, config_differences
+  with open(os.path.join(workdir, CONFIG_FILE)) as f:
+    recorded = traverse_util.flatten_dict(json.load(f), sep=".")
+  config = default.get_config()
+  for field, value in recorded.items():
+    set_field(config, field, tuple(value) if isinstance(value, list) else value)
+  changed = config_differences(workdir, config)
+  if changed:
+    raise ValueError(f"{workdir}: its config could not be rebuilt from {CONFIG_FILE} (fields: {', '.join(changed)})")
+  return config
+
+
+def severity_accuracies(config: ml_collections.ConfigDict, workdir: str, kinds: tuple[str, ...],
+                        seed: int = 0) -> dict[tuple[str, int], tuple[float, float]]:
+  """{(kind, severity): (global accuracy (NaN without a global model), personalized mean
+  accuracy over the clients with test examples)} of `workdir`'s last checkpoint, severities
+  0..`corruptions.SEVERITY_LEVELS` of each kind (severity 0 is evaluated once, under every kind)."""
+  import jax
+
+  from hyperlora_jax import train
+  from hyperlora_jax.tasks.image_classification import frozen_tree
+  exp, state, _ = train.restore_run(config, workdir)
+  frozen = frozen_tree(exp.backbone, dtype=exp.task.compute_dtype)
+  evaluate = train.run_evaluator(exp)
+  has_test = np.array([len(p) > 0 for p in exp.data.test_parts])
+
+  def accuracies(transform):
+    global_accuracy, per_client = evaluate(state, frozen, transform)()
+    return global_accuracy, float(per_client[has_test].mean())
+
+  clean = accuracies(None)
+  out = {}
+  for kind in kinds:
+    out[(kind, 0)] = clean
+    for severity in range(1, corruptions.SEVERITY_LEVELS + 1):
+      out[(kind, severity)] = accuracies(
+          lambda images, kind=kind, severity=severity: corruptions.corrupt(images, kind, severity, seed))
+  jax.clear_caches()  # The next run compiles its own evaluation; free this one's.
+  return out
+
+
+def severity_table(rows: list[dict], kind: str) -> str:
+  """Markdown: method × severity, global and personalized mean accuracy % (mean ± std over
+  the runs), from rows {"method", "kind", "severity", "global", "pers_mean"}."""
+  levels = sorted({r["severity"] for r in rows if r["kind"] == kind})
+  lines = [f"| method | accuracy | {' | '.join(f'severity {s}' for s in levels)} | drop 0 → {levels[-1]} | "
+           f"kept at {levels[-1]} |", "|---|---|" + "---|" * (len(levels) + 2)]
+  for method in sorted({r["method"] for r in rows}):
+    for key, label in (("global", "global"), ("pers_mean", "personalized mean")):
+      by_level = [[r[key] for r in rows if r["method"] == method and r["kind"] == kind and r["severity"] == s
+                   and not np.isnan(r[key])] for s in levels]
+      if not all(by_level):
+        continue
+      cells = [f"{100 * np.mean(v):.1f} ± {100 * np.std(v):.1f}" for v in by_level]
+      clean, severe = np.mean(by_level[0]), np.mean(by_level[-1])
+      lines.append(f"| {method} | {label} | {' | '.join(cells)} | {100 * (clean - severe):.1f} | "
+                   f"{100 * severe / clean:.0f}% |")
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("runs_dir")
+  parser.add_argument("--benchmark", default=None, help="Only runs of this config.benchmark.")
+  parser.add_argument("--methods", default="fedit,hyperlora,local_only")
+  parser.add_argument("--kinds", default=",".join(corruptions.KINDS))
+  parser.add_argument("--method", default="hyperlora", help="The claim's method.")
+  parser.add_argument("--reference", default="fedit", help="The claim's reference.")
+  parser.add_argument("--out", default=None, help="Also write the markdown here.")
+  args = parser.parse_args(argv)
+  methods, kinds = args.methods.split(","), tuple(args.kinds.split(","))
+  rows, checks = [], []
+  for workdir in find_runs(args.runs_dir):
+    final = final_metrics(workdir)
+    if final is None or final["method"] not in methods or (args.benchmark and final["benchmark"] != args.benchmark):
+      continue
+    measured = severity_accuracies(recorded_config(workdir), workdir, kinds)
+    clean_global, clean_pers = measured[(kinds[0], 0)]
+    checks.append(f"| {workdir} | {100 * (clean_global - (final['global'] or np.nan)):+.2f} | "
+                  f"{100 * (clean_pers - final['pers_mean']):+.2f} |")
+    print(checks[-1], flush=True)
+    rows += [{"benchmark": final["benchmark"], "method": final["method"], "seed": final["seed"], "kind": kind,
+              "severity": severity, "global": g, "pers_mean": p} for (kind, severity), (g, p) in measured.items()]
+  if not rows:
+    raise SystemExit(f"no finished run of {methods} under {args.runs_dir}")
+  sections = ["Severity 0 against the run's last logged evaluation (points; global, personalized mean):\n\n"
+              "| workdir | global | personalized |\n|---|---|---|\n" + "\n".join(checks)]
+  by_group = collections.defaultdict(list)
+  for row in rows:
+    by_group[(row["benchmark"], row["kind"])].append(row)
+  for (benchmark, kind), group in sorted(by_group.items()):
+    most_severe = f"severity={max(r['severity'] for r in group)}:"
+    claim = [line for line in shift_claim(group, args.method, args.reference, f"{kind} severity", False)
+             if most_severe in line or "| drop" in line]  # The tables above hold the other levels.
+    sections.append(f"## {benchmark}: {kind}\n\n{severity_table(group, kind)}\n\n"
+                    "| claim | setting | measured | verdict |\n|---|---|---|---|\n" + "\n".join(claim))
+  emit("\n\n".join(sections), args.out)
+  if args.out:
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
