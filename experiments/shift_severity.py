@@ -12,7 +12,8 @@ the same corrupted images for every model. "kept" is the accuracy at the most se
 a share of the clean one, which does not penalize a model for starting higher. Severity 0 is the run's own last evaluation: its
 difference from `metrics.jsonl`'s last record is printed, and is 0 on the machine that ran it.
 
-Prints per (benchmark, kind) a table of accuracy % by severity (mean ± std over seeds) and the
+With `--out F.md`, each run's accuracies are kept in F.json as they are measured, and a
+later call evaluates only the runs not in it yet. Prints per (benchmark, kind) a table of accuracy % by severity (mean ± std over seeds) and the
 claim lines of `experiments.claims.shift_claim` ("--method is more robust than --reference":
 confirmed when the reference's drop from severity 0 to 5 exceeds the method's by more than
 their pooled std), for the global model and for the personalized models' mean.
@@ -36,7 +37,8 @@ from hyperlora_jax.data import corruptions
 
 def recorded_config(workdir: str) -> ml_collections.ConfigDict:
   """The ConfigDict of the run in `workdir`: `configs/default.py`'s fields overwritten by every
-  field its `config.json` records.
+  field its `config.json` records, and its model block as recorded (a benchmark config replaces
+  the model block whole: `configs/benchmarks.set_model`).
 
   Raises:
     ValueError: the rebuilt config still differs from the recorded one (a field the default
@@ -45,9 +47,10 @@ def recorded_config(workdir: str) -> ml_collections.ConfigDict:
   from configs import default
   from hyperlora_jax.train import CONFIG_FILE, config_differences
   with open(os.path.join(workdir, CONFIG_FILE)) as f:
-    recorded = traverse_util.flatten_dict(json.load(f), sep=".")
+    recorded = json.load(f)
   config = default.get_config()
-  for field, value in recorded.items():
+  config.model = ml_collections.ConfigDict(recorded.pop("model"))
+  for field, value in traverse_util.flatten_dict(recorded, sep=".").items():
     set_field(config, field, tuple(value) if isinstance(value, list) else value)
   changed = config_differences(workdir, config)
   if changed:
@@ -114,18 +117,26 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--out", default=None, help="Also write the markdown here.")
   args = parser.parse_args(argv)
   methods, kinds = args.methods.split(","), tuple(args.kinds.split(","))
+  rows_file = os.path.splitext(args.out)[0] + ".json" if args.out else None
+  done = _read_rows(rows_file)  # Runs evaluated by an earlier, interrupted call are not redone.
   rows, checks = [], []
   for workdir in find_runs(args.runs_dir):
     final = final_metrics(workdir)
     if final is None or final["method"] not in methods or (args.benchmark and final["benchmark"] != args.benchmark):
       continue
-    measured = severity_accuracies(recorded_config(workdir), workdir, kinds)
-    clean_global, clean_pers = measured[(kinds[0], 0)]
-    checks.append(f"| {workdir} | {100 * (clean_global - (final['global'] or np.nan)):+.2f} | "
-                  f"{100 * (clean_pers - final['pers_mean']):+.2f} |")
+    mine = [r for r in done if r["workdir"] == workdir and r["kind"] in kinds]
+    if len(mine) < len(kinds) * (corruptions.SEVERITY_LEVELS + 1):
+      measured = severity_accuracies(recorded_config(workdir), workdir, kinds)
+      mine = [{"workdir": workdir, "benchmark": final["benchmark"], "method": final["method"], "seed": final["seed"],
+               "kind": kind, "severity": severity, "global": g, "pers_mean": p}
+              for (kind, severity), (g, p) in measured.items()]
+      done += mine
+      _write_rows(rows_file, done)
+    rows += mine
+    clean = next(r for r in mine if r["severity"] == 0)
+    checks.append(f"| {workdir} | {100 * (clean['global'] - (final['global'] or np.nan)):+.2f} | "
+                  f"{100 * (clean['pers_mean'] - final['pers_mean']):+.2f} |")
     print(checks[-1], flush=True)
-    rows += [{"benchmark": final["benchmark"], "method": final["method"], "seed": final["seed"], "kind": kind,
-              "severity": severity, "global": g, "pers_mean": p} for (kind, severity), (g, p) in measured.items()]
   if not rows:
     raise SystemExit(f"no finished run of {methods} under {args.runs_dir}")
   sections = ["Severity 0 against the run's last logged evaluation (points; global, personalized mean):\n\n"
@@ -140,9 +151,21 @@ def main(argv: list[str] | None = None) -> None:
     sections.append(f"## {benchmark}: {kind}\n\n{severity_table(group, kind)}\n\n"
                     "| claim | setting | measured | verdict |\n|---|---|---|---|\n" + "\n".join(claim))
   emit("\n\n".join(sections), args.out)
-  if args.out:
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+
+
+def _read_rows(path: str | None) -> list[dict]:
+  if not path or not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_rows(path: str | None, rows: list[dict]) -> None:
+  """Atomically, so an interrupted call leaves the last complete file."""
+  if path:
+    with open(path + ".tmp", "w") as f:
       json.dump(rows, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The jit-compiled round: one trace per run, non-finite clients, chunking, resume."""
 import dataclasses
+import json
 import os
 
 import jax
@@ -194,15 +195,17 @@ def test_smoke_runs_learn_above_chance(smoke_config, tmp_path):
   assert last["train_loss"] < first["train_loss"]
 
 
-def test_shifted_evaluation_reaches_every_test_block_and_severity_zero_is_the_runs_own(smoke_config, tmp_path):
+def test_shifted_evaluation_reaches_every_test_block_and_severity_zero_is_the_runs_own(smoke_config, tmp_path,
+                                                                                      monkeypatch):
   """`run_evaluator`'s `transform_images` and `experiments.shift_severity` on a finished run."""
   from experiments import shift_severity
   from hyperlora_jax.train import run_evaluator
   smoke_config.fed.num_rounds = 2
-  last = train_and_evaluate(smoke_config, str(tmp_path), progress=False)["records"][-1]
-  config = shift_severity.recorded_config(str(tmp_path))  # Rebuilt from config.json; checked equal.
+  run = tmp_path / "runs" / "fedit"
+  last = train_and_evaluate(smoke_config, str(run), progress=False)["records"][-1]
+  config = shift_severity.recorded_config(str(run))  # Rebuilt from config.json; checked equal.
   assert (config.method, config.fed.num_rounds, config.model.width) == ("fedit", 2, smoke_config.model.width)
-  exp, state, _ = restore_run(config, str(tmp_path))
+  exp, state, _ = restore_run(config, str(run))
   frozen = frozen_tree(exp.backbone, dtype=exp.task.compute_dtype)
   evaluate = run_evaluator(exp)
   seen = []
@@ -217,7 +220,16 @@ def test_shifted_evaluation_reaches_every_test_block_and_severity_zero_is_the_ru
   assert global_blank <= np.bincount(np.concatenate(test_labels)).max() / sum(map(len, test_labels)) + 1e-6
   for accuracy, labels in zip(clients_blank, test_labels):  # At most each client's majority share.
     assert accuracy <= np.bincount(labels).max() / len(labels) + 1e-6
-  measured = shift_severity.severity_accuracies(config, str(tmp_path), ("contrast",))
-  assert sorted(measured) == [("contrast", s) for s in range(6)]
-  assert measured[("contrast", 0)] == (last["global_accuracy"], last["personalized_accuracy_mean"])
   assert evaluate(state, frozen)()[0] == last["global_accuracy"]  # The clean blocks stay cached.
+  out = tmp_path / "shift.md"
+  argv = [str(tmp_path / "runs"), "--methods", "fedit", "--kinds", "contrast", "--out", str(out)]
+  shift_severity.main(argv)
+  rows = json.loads((tmp_path / "shift.json").read_text())
+  assert sorted(r["severity"] for r in rows) == list(range(6))
+  clean, = [r for r in rows if r["severity"] == 0]
+  assert (clean["global"], clean["pers_mean"]) == (last["global_accuracy"], last["personalized_accuracy_mean"])
+  assert f"| {run} | +0.00 | +0.00 |" in out.read_text()
+  report = out.read_text()
+  monkeypatch.setattr(shift_severity, "severity_accuracies", lambda *_: pytest.fail("evaluated again"))
+  shift_severity.main(argv)  # Every run is in shift.json already: nothing is evaluated again.
+  assert out.read_text() == report
