@@ -7,16 +7,17 @@ Every finished run under RUNS_DIR (links followed; its config rebuilt from its `
 is restored at its last checkpoint, with no training, and evaluated as the run evaluates
 (`train.run_evaluator`): its global model on the union of the clients' test splits, and each
 client's personalized model on its own split. The test images are first corrupted by each of
-`--kinds` (`hyperlora_jax.data.corruptions`: Gaussian noise, contrast) at severity 0 to 5;
-the same corrupted images for every model. "kept" is the accuracy at the most severe level as
-a share of the clean one, which does not penalize a model for starting higher. Severity 0 is the run's own last evaluation: its
+`--kinds` (`hyperlora_jax.data.corruptions`: Gaussian noise, contrast) at severity 0 to 5; the
+same corrupted images for every model. Severity 0 is the run's own last evaluation: its
 difference from `metrics.jsonl`'s last record is printed, and is 0 on the machine that ran it.
 
-With `--out F.md`, each run's accuracies are kept in F.json as they are measured, and a
-later call evaluates only the runs not in it yet. Prints per (benchmark, kind) a table of accuracy % by severity (mean ± std over seeds) and the
-claim lines of `experiments.claims.shift_claim` ("--method is more robust than --reference":
-confirmed when the reference's drop from severity 0 to 5 exceeds the method's by more than
-their pooled std), for the global model and for the personalized models' mean.
+Prints per (benchmark, kind) a table of accuracy % by severity (mean ± std over seeds), with
+the drop from severity 0 to 5 and what is kept (the accuracy at 5 as a share of the clean one,
+which does not penalize a model for starting higher), then the claim lines of
+`experiments.claims.shift_claim` ("--method is more robust than --reference": confirmed when
+the reference's drop exceeds the method's by more than their pooled std), for the global model
+and for the personalized models' mean. With `--out F.md`, each run's accuracies are kept in
+F.json as they are measured, and a later call evaluates only the runs not in it yet.
 """
 from __future__ import annotations
 
