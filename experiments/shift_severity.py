@@ -26,14 +26,18 @@ import collections
 import json
 import os
 
+import jax
 import ml_collections
 import numpy as np
 from flax import traverse_util
 
+from configs import default
 from experiments.claims import shift_claim
 from experiments.report import emit, final_metrics, find_runs
 from experiments.sweep import set_field
+from hyperlora_jax import train
 from hyperlora_jax.data import corruptions
+from hyperlora_jax.tasks.image_classification import frozen_tree
 
 
 def recorded_config(workdir: str) -> ml_collections.ConfigDict:
@@ -45,17 +49,16 @@ def recorded_config(workdir: str) -> ml_collections.ConfigDict:
     ValueError: the rebuilt config still differs from the recorded one (a field the default
       config lacks, say), naming the fields.
   """
-  from configs import default
-  from hyperlora_jax.train import CONFIG_FILE, config_differences
-  with open(os.path.join(workdir, CONFIG_FILE)) as f:
+  with open(os.path.join(workdir, train.CONFIG_FILE)) as f:
     recorded = json.load(f)
   config = default.get_config()
   config.model = ml_collections.ConfigDict(recorded.pop("model"))
   for field, value in traverse_util.flatten_dict(recorded, sep=".").items():
     set_field(config, field, tuple(value) if isinstance(value, list) else value)
-  changed = config_differences(workdir, config)
+  changed = train.config_differences(workdir, config)
   if changed:
-    raise ValueError(f"{workdir}: its config could not be rebuilt from {CONFIG_FILE} (fields: {', '.join(changed)})")
+    raise ValueError(f"{workdir}: its config could not be rebuilt from {train.CONFIG_FILE} "
+                     f"(fields: {', '.join(changed)})")
   return config
 
 
@@ -64,14 +67,10 @@ def severity_accuracies(config: ml_collections.ConfigDict, workdir: str, kinds: 
   """{(kind, severity): (global accuracy (NaN without a global model), personalized mean
   accuracy over the clients with test examples)} of `workdir`'s last checkpoint, severities
   0..`corruptions.SEVERITY_LEVELS` of each kind (severity 0 is evaluated once, under every kind)."""
-  import jax
-
-  from hyperlora_jax import train
-  from hyperlora_jax.tasks.image_classification import frozen_tree
   exp, state, _ = train.restore_run(config, workdir)
   frozen = frozen_tree(exp.backbone, dtype=exp.task.compute_dtype)
   evaluate = train.run_evaluator(exp)
-  has_test = np.array([len(p) > 0 for p in exp.data.test_parts])
+  has_test = exp.data.has_test_examples()
 
   def accuracies(transform):
     global_accuracy, per_client = evaluate(state, frozen, transform)()

@@ -270,6 +270,14 @@ def run_sweep(specs: list[RunSpec], runs_dir: str, jobs: int = 1, variant: str =
   return entries
 
 
+def raise_if_failed(entries: list[dict], runs_dir: str) -> None:
+  """SystemExit naming how many of the sweep's runs failed, if any did (their errors are in the
+  index)."""
+  failed = [e for e in entries if e["status"] == "failed"]
+  if failed:
+    raise SystemExit(f"{len(failed)} run(s) failed; see their 'error' in {os.path.join(runs_dir, INDEX_FILE)}")
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -279,8 +287,7 @@ def main(argv):
   failed = [e for e in entries if e["status"] == "failed"]
   print(f"sweep: {len(entries) - len(failed)}/{len(entries)} runs finished in {time.time() - start:.0f}s; "
         f"index {os.path.join(_RUNS_DIR.value, INDEX_FILE)}")
-  if failed:
-    raise SystemExit(f"{len(failed)} run(s) failed; see their 'error' in the index")
+  raise_if_failed(entries, _RUNS_DIR.value)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,10 @@ import os
 import numpy as np
 from absl import logging
 
-from experiments.report import emit
+from experiments import sweep
+from experiments.report import emit, find_runs
+from hyperlora_jax import reporting
+from hyperlora_jax.train import config_differences
 
 LEARNING_RATES = "client_optimizer.learning_rate=1e-3,3e-3,1e-2,3e-2"
 # Four settings per method: the client learning rate, or two of its values × the method's knob.
@@ -116,17 +119,17 @@ def link_finished_twins(specs: list, runs_dir: str, reuse_dirs: list[str], log=p
   """For each sweep `RunSpec` whose workdir under `runs_dir` does not exist yet, links it to a
   finished run under one of `reuse_dirs` with the same config (`train.config_differences` finds
   none, and it has reached the spec's `fed.num_rounds`). Returns how many were linked."""
-  from experiments import sweep
-  from experiments.report import find_runs
-  from hyperlora_jax.train import config_differences
-  candidates = [w for d in reuse_dirs for w in find_runs(d)]
+  rounds_done = {}  # Each candidate's metrics are read once, not once per spec.
+  for workdir in (w for d in reuse_dirs for w in find_runs(d)):
+    records = reporting.read_metrics(workdir)
+    rounds_done[workdir] = records[-1]["round"] if records else 0
   linked = 0
   for spec in specs:
     config = sweep.make_config(spec)
     workdir = sweep.workdir_of(runs_dir, config.benchmark, spec)
     if os.path.lexists(workdir):
       continue
-    twin = next((c for c in candidates if sweep.is_finished(c, config.fed.num_rounds)
+    twin = next((c for c, done in rounds_done.items() if done >= config.fed.num_rounds
                  and not config_differences(c, config)), None)
     if twin is not None:
       os.makedirs(os.path.dirname(workdir), exist_ok=True)
@@ -139,11 +142,7 @@ def link_finished_twins(specs: list, runs_dir: str, reuse_dirs: list[str], log=p
 def _sweep(runs_dir: str, specs: list, jobs: int) -> None:
   """Every method's runs in one sweep, so `jobs` stay busy until the last run (one sweep per
   method would leave workers idle at each method's end)."""
-  from experiments import sweep
-  entries = sweep.run_sweep(specs, runs_dir, jobs)
-  failed = [e for e in entries if e["status"] == "failed"]
-  if failed:
-    raise SystemExit(f"{len(failed)} run(s) failed; see their 'error' in {runs_dir}/{sweep.INDEX_FILE}")
+  sweep.raise_if_failed(sweep.run_sweep(specs, runs_dir, jobs), runs_dir)
 
 
 def _entries(runs_dir: str) -> list[dict]:
@@ -180,16 +179,15 @@ def main(argv: list[str] | None = None) -> None:
   unknown = [m for m in methods if m not in grids]
   if unknown:
     parser.error(f"no tuning grid for {unknown}; grids exist for {sorted(grids)}")
-  from experiments.sweep import expand
   validation_dir, test_dir = os.path.join(args.runs_dir, "validation"), os.path.join(args.runs_dir, "test")
   tune_seeds, seeds = ([int(s) for s in text.split(",")] for text in (args.tune_seeds, args.seeds))
   holdout = args.set + [f"data.validation_fraction={args.validation_fraction}"]
-  _sweep(validation_dir, [spec for m in methods for spec in expand(configs, [m], tune_seeds, holdout, list(grids[m]))],
+  _sweep(validation_dir, [spec for m in methods for spec in sweep.expand(configs, [m], tune_seeds, holdout, list(grids[m]))],
          args.jobs)
   entries = _entries(validation_dir)
   validation = {m: validation_scores(entries, m, args.metric, grids[m]) for m in methods}
   picks = {m: pick(scores) for m, scores in validation.items()}
-  test_specs = [spec for m in methods for spec in expand(configs, [m], seeds, args.set + list(picks[m]), [])]
+  test_specs = [spec for m in methods for spec in sweep.expand(configs, [m], seeds, args.set + list(picks[m]), [])]
   if args.reuse:
     link_finished_twins(test_specs, test_dir, args.reuse)
   _sweep(test_dir, test_specs, args.jobs)

@@ -42,6 +42,11 @@ class FederatedData:
   def train_sizes(self) -> np.ndarray:
     return np.array([len(p) for p in self.train_parts])
 
+  def has_test_examples(self) -> np.ndarray:
+    """[N] bool: the clients whose test split is not empty (the personalized accuracies are
+    their mean and minimum)."""
+    return np.array([len(p) > 0 for p in self.test_parts])
+
   def global_test_blocks(self) -> Iterator[dict]:
     """The union of the clients' test splits in blocks {"image": [M, H, W, 3], "label": [M],
     "mask": [M]}, M a fixed multiple of `eval_batch` (padding masked): one block unless

@@ -627,10 +627,8 @@ def run_evaluator(exp: Experiment) -> Callable[..., Callable[[], tuple[float, np
   cached = None if exp.config.data.stream else blocks_on_device()
 
   def evaluate(state, frozen, transform_images=None):
-    if transform_images is not None:
-      global_blocks, client_blocks = blocks_on_device(transform_images)
-    else:
-      global_blocks, client_blocks = cached or blocks_on_device()
+    shifted_or_streamed = transform_images is not None or cached is None
+    global_blocks, client_blocks = blocks_on_device(transform_images) if shifted_or_streamed else cached
     counts = [global_counts(state, frozen, block) for block in global_blocks]
     per_client = [client_accuracy(state, frozen, ids, block) for ids, block in client_blocks]
 
@@ -758,7 +756,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, stop
              desc=config.method, disable=not (progress and main_process), leave=False)
   prefetch = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # Round r+1's block while r runs.
   upcoming = prefetch.submit(round_on_mesh, exp, done, per_client) if done < last_round else None
-  has_test = np.array([len(p) > 0 for p in exp.data.test_parts])
+  has_test = exp.data.has_test_examples()
 
   def finish(pending: _PendingRound) -> None:
     """Round `pending.index`'s host work: metrics to host, the finiteness check, evaluation
