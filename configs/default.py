@@ -11,7 +11,11 @@ label skew (α=0.5); 10 clients per round, 10 local Adam steps of batch 32, 30 r
 Variants (comma-separated in the `:arg`): `smoke` (tiny model and data, a few rounds: for
 tests), `key=value` for `method`, `seed`, `rounds`.
 """
+import dataclasses
+
 import ml_collections
+
+from hyperlora_jax import faults
 
 
 def parse_arg(arg: str | None) -> dict:
@@ -133,14 +137,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       {"name": "adam", "learning_rate": 1e-3, "momentum": 0.0})
   config.hyperlora.meta_steps = 1                # Steps on (ψ, ω) per round, on its meta-objective.
 
-  config.faults = ml_collections.ConfigDict()    # Injected client faults (hyperlora_jax.faults), each a
-  config.faults.dropout = 0.0                     # fraction of a round's participants: update lost,
-  config.faults.straggler = 0.0                   # only straggler_steps of the local steps done,
-  config.faults.straggler_steps = 0.5
-  config.faults.nonfinite = 0.0                   # NaN/Inf sent,
-  config.faults.byzantine = 0.0                   # a malicious update sent (sign_flip, scale, random).
-  config.faults.byzantine_kind = "sign_flip"
-  config.faults.byzantine_scale = 1.0
+  # Injected client faults: each a fraction of a round's participants (dropout: update lost;
+  # straggler: only straggler_steps of the local steps done; nonfinite: NaN/Inf sent; byzantine:
+  # a malicious update sent, byzantine_kind sign_flip / scale / random). The dataclass
+  # `hyperlora_jax.faults.Faults` holds the defaults (all off); the run builds it from this block.
+  config.faults = ml_collections.ConfigDict(dataclasses.asdict(faults.Faults()))
 
   config.robust = ml_collections.ConfigDict()     # Robust aggregation (aggregators.robust).
   config.robust.rule = "mean"                     # 'mean' (the method's own), 'median', 'trimmed_mean',

@@ -8,9 +8,9 @@ import numpy as np
 from configs import benchmarks, default
 from hyperlora_jax import lora, models
 from hyperlora_jax.client import local_update
-from hyperlora_jax.optimizers import build_optimizer
+from experiments.runner.optimizers import build_optimizer
 from hyperlora_jax.tasks.image_classification import ImageClassification, backbone_dtype, frozen_tree
-from hyperlora_jax.train import initial_trainable
+from experiments.runner.experiment import initial_trainable
 
 
 def client_update_fn(width: int = 0, depth: int = 0, image_size: int = 0, base_model: bool = False):
@@ -36,7 +36,8 @@ def client_update_fn(width: int = 0, depth: int = 0, image_size: int = 0, base_m
   trainable, _ = initial_trainable(model, backbone, example, config.lora.target_regex, config.lora.rank,
                                    jax.random.key(1))
   dtype = backbone_dtype(config.compute.backbone_dtype)  # 'auto': bfloat16 on GPU/TPU, float32 on CPU.
-  task = ImageClassification(model, lora.lora_scale(config.lora.alpha, config.lora.rank), compute_dtype=dtype)
+  task = ImageClassification(model, lora.lora_scale(config.lora.alpha, config.lora.rank),
+                              models.preprocess_images, compute_dtype=dtype)
   client_update = local_update(task.loss_fn, build_optimizer(config.client_optimizer))
   frozen = frozen_tree(backbone, dtype=dtype)
   ones = jax.tree.map(lambda _: jnp.float32(1.0), trainable)

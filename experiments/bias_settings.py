@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from experiments.report import emit, round_mean
-from hyperlora_jax import reporting
+from experiments.runner import reporting
 
 COLUMNS = ("bias (all rounds)", "bias round 1", "bias last round", "client drift", "global %", "pers. %")
 

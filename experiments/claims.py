@@ -44,7 +44,7 @@ import collections
 import numpy as np
 
 from experiments.report import emit, finished_runs
-from hyperlora_jax import reporting
+from experiments.runner import reporting
 
 
 def _mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:

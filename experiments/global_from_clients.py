@@ -52,17 +52,17 @@ def client_starts(exp, state) -> tuple[dict, jax.Array]:
   """(every training client's start [N, ...], weights [N] ∝ its training examples)."""
   fed_round = exp.fed_round
   ids = jnp.arange(exp.data.num_clients, dtype=jnp.int32)
-  local, _, offsets, masks = fed_round.client_inputs(state, ids)
-  starts = jax.vmap(lambda l, o, m: fed_round.client_start(state["global"], l, o, m))(local, offsets, masks)
+  starts = fed_round.client_params(state, ids)
   sizes = np.asarray(exp.data.train_sizes(), np.float32)
   return starts, jnp.asarray(sizes / sizes.sum())
 
 
 def evaluate_run(config, workdir: str) -> dict[str, float]:
   """{"run", "factor mean", "product mean": global test accuracy} of `workdir`'s last checkpoint."""
-  from hyperlora_jax import lora, primitives, train
+  from hyperlora_jax import lora, primitives
+  from experiments.runner import workdir as workdir_lib
   from hyperlora_jax.tasks.image_classification import apply_base_delta, frozen_tree
-  exp, state, _ = train.restore_run(config, workdir)
+  exp, state, _ = workdir_lib.restore_run(config, workdir)
   frozen = apply_base_delta(frozen_tree(exp.backbone, dtype=exp.task.compute_dtype), state["base_delta"])
   starts, weights = client_starts(exp, state)
   accuracy = global_test_accuracy(exp, frozen)

@@ -38,7 +38,7 @@ def majority_label_accuracy(train_labels: np.ndarray, test_labels: np.ndarray, t
 def prior_accuracy(config_spec: str, seed: int, overrides: tuple[str, ...] = ()) -> tuple[float, float | None]:
   """(training clients' mean, new clients' mean or None) of `majority_label_accuracy` for a
   config file spec (path[:arg]) with FIELD=VALUE `overrides` at `seed`."""
-  from hyperlora_jax.federated_data import build_federated_data
+  from experiments.runner.federated_data import build_federated_data
   config = load_config_file(config_spec)
   config.seed = seed
   for override in overrides:

@@ -21,8 +21,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from hyperlora_jax import distributed, reporting
-from hyperlora_jax.train import train_and_evaluate
+from hyperlora_jax import distributed
+from experiments.runner import reporting
+from experiments.runner.train import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Run config file.",
                                           lock_config=True)

@@ -77,7 +77,7 @@ def _round_child(num_clients: int, chunk: int, feed: str) -> dict:
 
 def _dataset_child(name: str, stream: bool, rounds: int) -> dict:
   from configs import default
-  from hyperlora_jax.train import train_and_evaluate
+  from experiments.runner.train import train_and_evaluate
   config = default.get_config(f"rounds={rounds}")
   config.data.name, config.data.stream = name, stream
   config.fed.clients_per_chunk = 0
@@ -117,7 +117,7 @@ def main(argv):
       print(f"C={row['clients']:5d} chunk {row['chunk']} feed {feed:5s}: peak RSS {row['peak_rss_mb']:7.0f} MB "
             f"(the round's images {row['image_mb']:6.0f} MB), {row['seconds']:.1f} s", flush=True)
   if _DATASETS.value:
-    from hyperlora_jax.data.loader import prepare_dataset  # Prepared here, outside the measurements.
+    from experiments.runner.data.loader import prepare_dataset  # Prepared here, outside the measurements.
     for name in _DATASETS.value.split(","):
       prepare_dataset(name)
       for stream in (True, False):

@@ -19,7 +19,7 @@ from collections import defaultdict
 import numpy as np
 
 from experiments.report import emit, find_runs
-from hyperlora_jax import reporting
+from experiments.runner import reporting
 
 BLOCKS = ("faults", "robust", "dp", "hyperlora")  # hyperlora: saved only with that method's runs.
 COUNTERS = ("faults_byzantine", "faults_nonfinite", "faults_dropout", "faults_straggler", "nonfinite_clients",

@@ -20,8 +20,8 @@ import os
 
 import numpy as np
 
-from hyperlora_jax import reporting
-from hyperlora_jax.methods import METHODS
+from experiments.runner import reporting
+from experiments.runner.methods import METHODS
 
 
 def find_runs(runs_dir: str) -> list[str]:

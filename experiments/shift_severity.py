@@ -5,9 +5,9 @@
 
 Every finished run under RUNS_DIR (links followed; its config rebuilt from its `config.json`)
 is restored at its last checkpoint, with no training, and evaluated as the run evaluates
-(`train.run_evaluator`): its global model on the union of the clients' test splits, and each
+(`evaluation.run_evaluator`): its global model on the union of the clients' test splits, and each
 client's personalized model on its own split. The test images are first corrupted by each of
-`--kinds` (`hyperlora_jax.data.corruptions`: Gaussian noise, contrast) at severity 0 to 5; the
+`--kinds` (`experiments.runner.data.corruptions`: Gaussian noise, contrast) at severity 0 to 5; the
 same corrupted images for every model. Severity 0 is the run's own last evaluation: its
 difference from `metrics.jsonl`'s last record is printed, and is 0 on the machine that ran it.
 
@@ -35,8 +35,9 @@ from configs import default
 from experiments.claims import shift_claim
 from experiments.report import emit, final_metrics, find_runs
 from experiments.sweep import set_field
-from hyperlora_jax import train
-from hyperlora_jax.data import corruptions
+from experiments.runner import workdir as workdir_lib
+from experiments.runner.evaluation import run_evaluator
+from experiments.runner.data import corruptions
 from hyperlora_jax.tasks.image_classification import frozen_tree
 
 
@@ -49,15 +50,15 @@ def recorded_config(workdir: str) -> ml_collections.ConfigDict:
     ValueError: the rebuilt config still differs from the recorded one (a field the default
       config lacks, say), naming the fields.
   """
-  with open(os.path.join(workdir, train.CONFIG_FILE)) as f:
+  with open(os.path.join(workdir, workdir_lib.CONFIG_FILE)) as f:
     recorded = json.load(f)
   config = default.get_config()
   config.model = ml_collections.ConfigDict(recorded.pop("model"))
   for field, value in traverse_util.flatten_dict(recorded, sep=".").items():
     set_field(config, field, tuple(value) if isinstance(value, list) else value)
-  changed = train.config_differences(workdir, config)
+  changed = workdir_lib.config_differences(workdir, config)
   if changed:
-    raise ValueError(f"{workdir}: its config could not be rebuilt from {train.CONFIG_FILE} "
+    raise ValueError(f"{workdir}: its config could not be rebuilt from {workdir_lib.CONFIG_FILE} "
                      f"(fields: {', '.join(changed)})")
   return config
 
@@ -67,9 +68,9 @@ def severity_accuracies(config: ml_collections.ConfigDict, workdir: str, kinds: 
   """{(kind, severity): (global accuracy (NaN without a global model), personalized mean
   accuracy over the clients with test examples)} of `workdir`'s last checkpoint, severities
   0..`corruptions.SEVERITY_LEVELS` of each kind (severity 0 is evaluated once, under every kind)."""
-  exp, state, _ = train.restore_run(config, workdir)
+  exp, state, _ = workdir_lib.restore_run(config, workdir)
   frozen = frozen_tree(exp.backbone, dtype=exp.task.compute_dtype)
-  evaluate = train.run_evaluator(exp)
+  evaluate = run_evaluator(exp)
   has_test = exp.data.has_test_examples()
 
   def accuracies(transform):

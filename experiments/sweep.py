@@ -31,7 +31,7 @@ import traceback
 
 from absl import app, flags, logging
 
-from hyperlora_jax import reporting
+from experiments.runner import reporting
 
 _CONFIGS = flags.DEFINE_multi_string("configs", ["configs/default.py"],
                                      "Benchmark config files with their arg, e.g. configs/label_skew.py:alpha=0.1 "
@@ -118,7 +118,7 @@ def expand(config_specs: list[str], methods: list[str], seeds: list[int], fixed:
 def workdir_of(runs_dir: str, benchmark: str, spec: RunSpec) -> str:
   """RUNS_DIR/<benchmark>/<method>[/<grid values>]/seed<k>; refuses a benchmark name that
   would leave RUNS_DIR (absolute, or with '..')."""
-  from hyperlora_jax.config_validation import check_relative_name
+  from experiments.runner.config_validation import check_relative_name
   check_relative_name(benchmark, "benchmark")  # ConfigError (a ValueError) naming the field.
   parts = [runs_dir, benchmark, spec.method]
   if spec.grid:
@@ -158,7 +158,7 @@ def final_metrics(records: list[dict]) -> dict:
 
 def run_one(spec: RunSpec, workdir: str, variant: str) -> dict:
   """Runs (or resumes) one run; returns its index entry. Never raises."""
-  from hyperlora_jax.train import train_and_evaluate  # In the worker process.
+  from experiments.runner.train import train_and_evaluate  # In the worker process.
   logging.set_verbosity(logging.WARNING)
   start = time.time()
   try:
@@ -174,8 +174,8 @@ def run_one(spec: RunSpec, workdir: str, variant: str) -> dict:
 def prepare_shared_inputs(configs: list, log=print) -> None:
   """Builds every dataset and backbone the runs need, once, before runs start in parallel.
   A failure here is only logged: the runs that need that input fail and are recorded."""
-  from hyperlora_jax import pretrain
-  from hyperlora_jax.data.loader import prepare_dataset
+  from experiments.runner import pretrain
+  from experiments.runner.data.loader import prepare_dataset
   done = set()
   for config in configs:
     data_key = (config.data.name, config.data.data_dir)
@@ -213,9 +213,9 @@ def write_index(runs_dir: str, entries: list[dict], earlier: list[dict] = ()) ->
 def run_sweep(specs: list[RunSpec], runs_dir: str, jobs: int = 1, variant: str = "",
               log=print) -> list[dict]:
   """Runs every spec (skipping finished ones), `jobs` at a time; returns the index entries."""
-  from hyperlora_jax.config_validation import validate_config
-  from hyperlora_jax import methods
-  from hyperlora_jax.train import config_differences
+  from experiments.runner.config_validation import validate_config
+  from experiments.runner import methods
+  from experiments.runner.workdir import config_differences
   os.makedirs(runs_dir, exist_ok=True)
   configs = [make_config(s, variant) for s in specs]
   for config in configs:  # Every config error surfaces before anything runs.

@@ -35,8 +35,8 @@ from absl import logging
 
 from experiments import sweep
 from experiments.report import emit, find_runs
-from hyperlora_jax import reporting
-from hyperlora_jax.train import config_differences
+from experiments.runner import reporting
+from experiments.runner.workdir import config_differences
 
 LEARNING_RATES = "client_optimizer.learning_rate=1e-3,3e-3,1e-2,3e-2"
 # Four settings per method: the client learning rate, or two of its values × the method's knob.
@@ -117,7 +117,7 @@ def grids_with_overrides(specs: list[str]) -> dict[str, tuple[str, ...]]:
 
 def link_finished_twins(specs: list, runs_dir: str, reuse_dirs: list[str], log=print) -> int:
   """For each sweep `RunSpec` whose workdir under `runs_dir` does not exist yet, links it to a
-  finished run under one of `reuse_dirs` with the same config (`train.config_differences` finds
+  finished run under one of `reuse_dirs` with the same config (`workdir.config_differences` finds
   none, and it has reached the spec's `fed.num_rounds`). Returns how many were linked."""
   rounds_done = {}  # Each candidate's metrics are read once, not once per spec.
   for workdir in (w for d in reuse_dirs for w in find_runs(d)):

@@ -1,37 +1,44 @@
 """hyperlora_jax: federated LoRA fine-tuning of foundation models in JAX/Flax.
 
-The library (pure functions; no configs, no I/O but `peft`):
+The library: pure functions on pytrees. It imports no configs, no datasets and nothing of the
+experiment runner (`experiments/runner/`, its one user here). Its only files are documented
+I/O: `peft` (PEFT adapters), `autotune.cached_choice` (a JSON cache of the measured chunk size)
+and `models.load` (`.npz` checkpoints).
+
   lora         LoRA on any Flax Linen model (Dense, DenseGeneral, Conv, Embed, Einsum) and on
-               NNX models (Linear, Embed): find targets, init, apply factored, merge, truncate
+               NNX models (Linear, LinearGeneral, Conv, Einsum, Embed): find targets, init,
+               apply factored, merge, truncate
   client       `local_update(loss_fn, optimizer)`: one client's local steps for any loss
                `loss_fn(trainable, frozen, batch, rng) -> (loss, aux)`
   primitives   broadcast / map_clients (chunked, sharded) / weighted_mean on a clients axis
+  params       leaf-name masks on pytrees ('/'-joined key paths): select, combine, regex_mask
   autotune     measure the fastest `clients_per_chunk` on this machine; cache the choice
   aggregators  one contract, `Aggregator(init, aggregate, capabilities)`, for every method;
                the per-layer combinator and `partition`; robust rules, clipping, DP-FedAvg
-  federated    `FederatedRound`: the jit-compiled round built from those pieces, with plug-ins
-               and server-side guards; `state_shardings`: its per-client store sharded over a
-               `clients` mesh axis
+  federated    `FederatedRound`: the jit-compiled round built from those pieces, with plug-ins,
+               server-side guards and input contracts; `ServerState`, its typed state;
+               `state_shardings`: its per-client store sharded over a `clients` mesh axis
   diagnostics  per-round diagnostics the round reports: aggregation bias per layer, client
                drift, first/last local-step loss, generator offset norm
   faults       injected client faults (dropout, stragglers, NaN/Inf, Byzantine) for a round
   privacy      client-level DP: the Gaussian release of clipped updates, ε with `dp_accounting`
   hyper        HyperLoRA: signatures, the generator (a plug-in), the synthesizer (an aggregator)
   peft         adapters to and from Hugging Face PEFT's safetensors layout
+  distributed  several processes: initialize (flags or auto), main process, barrier, to_host
   tasks        tasks built on the library (image classification)
-
-Above it (configs, data, model zoo, runs): `models/`, `data/`, `methods.py`, `train.py`,
-and `experiments/`.
+  models       Flax backbones (ViT, MLP-Mixer, a CLIP-style dual encoder) and their checkpoint
+               loader; they know nothing of federation or LoRA, and the modules above do not
+               import them
 """
 from hyperlora_jax import (aggregators, autotune, diagnostics, faults, federated, hyper, lora, peft, primitives,
                            privacy)
 from hyperlora_jax.client import ClientUpdate, local_update, masked_mean
-from hyperlora_jax.federated import (NEW_CLIENT, FederatedRound, Plugin, RoundOutcome, communication_bytes,
-                                     state_shardings)
+from hyperlora_jax.federated import (NEW_CLIENT, FederatedRound, Plugin, RoundOutcome, ServerState,
+                                     communication_bytes, state_shardings)
 from hyperlora_jax.primitives import broadcast, make_mesh, map_clients, weighted_mean
 
 __version__ = "0.2.0"
-__all__ = ["NEW_CLIENT", "ClientUpdate", "FederatedRound", "Plugin", "RoundOutcome", "aggregators",
+__all__ = ["NEW_CLIENT", "ClientUpdate", "FederatedRound", "Plugin", "RoundOutcome", "ServerState", "aggregators",
            "autotune", "broadcast", "communication_bytes", "diagnostics", "faults", "federated", "hyper", "local_update",
            "lora", "make_mesh", "map_clients", "masked_mean", "peft", "primitives", "privacy", "state_shardings",
            "weighted_mean"]

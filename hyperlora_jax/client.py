@@ -44,10 +44,17 @@ class ClientUpdate:
   """`update(start, frozen, batches, rng, update_mask=None, steps_done=None) -> (trained, metrics)`.
 
   Runs one client's local steps from `start` with a fresh optimizer state.
+  Attributes:
+    loss_fn: `loss_fn(trainable, frozen, batch, rng) -> (scalar loss, aux)` (module docstring);
+      checked when traced.
+    optimizer: the client's optax optimizer.
+    steps: S, the local steps a call expects (None: as many as `batches` has); a batch with
+      another number of steps is refused, which catches batches given without the steps axis.
   Args:
     start: the client's initial trainable pytree.
     frozen: the frozen pytree, passed to `loss_fn` as is.
-    batches: pytree with a leading [S] steps axis (S local steps).
+    batches: pytree with a leading [S] steps axis (S local steps), then each step's batch
+      (e.g. {"x": [S, B, ...], "y": [S, B], "mask": [S, B]}).
     rng: PRNG key; step s gets `fold_in(rng, s)`.
     update_mask: pytree like `start` of float scalars; 0 freezes a leaf (FFA-LoRA's A,
       RoLoRA's alternation, components beyond a client's rank) by zeroing its updates.
@@ -61,10 +68,15 @@ class ClientUpdate:
   """
   loss_fn: LossFn
   optimizer: optax.GradientTransformation
+  steps: int | None = None
 
   def __call__(self, start: Tree, frozen: Tree, batches: Tree, rng: jax.Array,
                update_mask: Tree | None = None, steps_done: jax.Array | None = None) -> tuple[Tree, dict]:
     num_steps = jax.tree.leaves(batches)[0].shape[0]
+    if self.steps is not None and num_steps != self.steps:
+      raise ValueError(f"local_update(steps={self.steps}): batches have {num_steps} steps on their leading "
+                       f"axis; one client's batches are [S, B, ...] (the round's [C, S, B, ...])")
+    check_loss_contract(self.loss_fn, start, frozen, jax.tree.map(lambda x: x[0], batches), rng)
 
     def step(carry, inputs):
       params, opt_state = carry
@@ -93,6 +105,21 @@ class ClientUpdate:
                      "aux": jax.tree.map(lambda x: x[-1], aux)}
 
 
-def local_update(loss_fn: LossFn, optimizer: optax.GradientTransformation) -> ClientUpdate:
-  """A client update of `loss_fn` steps with `optimizer` (see `ClientUpdate`)."""
-  return ClientUpdate(loss_fn, optimizer)
+def local_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, steps: int | None = None) -> ClientUpdate:
+  """A client update of `loss_fn` steps with `optimizer`, `steps` of them if given (see `ClientUpdate`)."""
+  return ClientUpdate(loss_fn, optimizer, steps)
+
+
+def check_loss_contract(loss_fn: LossFn, trainable: Tree, frozen: Tree, batch: Tree, rng: jax.Array) -> None:
+  """Raises TypeError unless `loss_fn(trainable, frozen, batch, rng)` returns (scalar loss, aux);
+  traced abstractly (no computation)."""
+  abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
+  out = jax.eval_shape(loss_fn, abstract(trainable), abstract(frozen), abstract(batch), abstract(rng))
+  if not (isinstance(out, tuple) and len(out) == 2):
+    raise TypeError(f"loss_fn must return (loss, aux): a scalar loss and any aux pytree ({{}} for none), "
+                    f"the contract loss_fn(trainable, frozen, batch, rng) -> (loss, aux); it returned "
+                    f"{jax.tree.map(lambda s: f'{s.dtype}{list(s.shape)}', out)}")
+  loss = out[0]
+  if not isinstance(loss, jax.ShapeDtypeStruct) or loss.shape != () or not jnp.issubdtype(loss.dtype, jnp.floating):
+    raise TypeError(f"loss_fn must return (loss, aux) with a float scalar loss (the mean over the batch's "
+                    f"examples); its loss is {jax.tree.map(lambda s: f'{s.dtype}{list(s.shape)}', loss)}")

@@ -16,7 +16,7 @@ All shapes are per round: C sampled clients (padding included), leaves [C, ...].
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +101,28 @@ def corrupt(faults: Faults, trained: Tree, starts: Tree, masks: dict[str, jax.Ar
     bad = jnp.where(expand(nan_or_inf), jnp.inf, jnp.nan).astype(leaf.dtype)
     out.append(jnp.where(expand(masks["nonfinite"]), bad, leaf))
   return jax.tree.unflatten(treedef, out)
+
+
+def client_inputs(faults: Faults, masks: dict[str, jax.Array], num_steps: int) -> tuple[jax.Array, ...]:
+  """The per-client fault inputs `with_faults` reads, appended to the round's client inputs:
+  ([C] steps done, [C] non-finite, [C] Byzantine)."""
+  return steps_done(faults, masks["straggler"], num_steps), masks["nonfinite"], masks["byzantine"]
+
+
+def with_faults(train_client: Callable, faults: Faults) -> Callable:
+  """`train_client` ((inputs, steps_done) -> (trained, metrics, start)) with one client's
+  injected faults, read from the last three entries of its inputs (`client_inputs`): a straggler
+  stops after its steps; a non-finite or Byzantine client sends `corrupt`'s update instead of
+  what it trained (drawn from its key, inputs[4], folded with 1)."""
+  def faulty(inputs):
+    steps, nonfinite, byzantine = inputs[-3:]
+    trained, metrics, start = train_client(inputs[:-3], steps)
+    one = lambda tree: jax.tree.map(lambda x: x[None], tree)
+    key = jax.random.fold_in(jax.random.wrap_key_data(inputs[4]), 1)
+    sent = corrupt(faults, one(trained), one(start), {"nonfinite": nonfinite[None], "byzantine": byzantine[None]},
+                   key)
+    return jax.tree.map(lambda x: x[0], sent), metrics, start
+  return faulty
 
 
 def fault_metrics(masks: dict[str, jax.Array]) -> dict[str, jax.Array]:

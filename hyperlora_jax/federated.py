@@ -15,16 +15,16 @@ up is rejected and keeps its previous state (`max_server_value`; `rejected_*` me
 It knows nothing of models, tasks or methods: those are the loss, the aggregator and the
 plug-ins. Block shapes are fixed, so it compiles once per run.
 
-Server state (a pytree, checkpointed whole):
-  round       int32 scalar, rounds done
-  rng         uint32 [2], the server's PRNG key data
-  global      the global params (any nested-dict tree holding LoRA layers)
-  server_opt  optax state of the server optimizer over `global`
-  clients     {leaf name: [N', ...]} the leaves each client keeps locally
-  agg         the aggregator's state
-  base_delta  {layer: [d_in, d_out]} full-rank residuals merged into frozen weights ({} if unused)
-  plugins     {plug-in name: its state}
-  signatures  [N', D] per-client signatures (only when D > 0)
+Server state, a `ServerState` (a pytree, checkpointed whole as `ServerState.as_dict()`):
+  round          int32 scalar, rounds done
+  rng            uint32 [2], the server's PRNG key data
+  global_params  the global params (any nested-dict tree holding LoRA layers); "global" in the dict
+  server_opt     optax state of the server optimizer over `global_params`
+  clients        {leaf name: [N', ...]} the leaves each client keeps locally
+  agg            the aggregator's state
+  base_delta     {layer: [d_in, d_out]} full-rank residuals merged into frozen weights ({} if unused)
+  plugins        {plug-in name: its state}
+  signatures     [N', D] per-client signatures (None when D = 0)
 
 The per-client store has N' = `store_rows` rows: N rounded up to a multiple of the mesh's
 devices (rows past N are never read), so that `state_shardings` can shard it over the
@@ -33,6 +33,7 @@ devices (rows past N are never read), so that `state_shardings` can shard it ove
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -53,6 +54,55 @@ from hyperlora_jax.client import ClientUpdate
 Tree = Any
 NEW_CLIENT = -1  # Client id of a client with no learned state (the global model, new clients).
 FAULT_STREAM = 1 << 30  # fold_in index of the round key that draws injected faults.
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["round", "rng", "global_params", "server_opt", "clients", "agg", "base_delta",
+                                "plugins", "signatures"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class ServerState:
+  """The server state of a `FederatedRound` (module docstring), typed like optax's states.
+
+  `state["global"]`, `state["clients"]`, ... and `"signatures" in state` read it as the dict
+  it is checkpointed as (`as_dict`: the layout of every checkpoint, old ones included), so a
+  checkpoint is restored with `ServerState.from_dict`.
+  """
+  round: jax.Array
+  rng: jax.Array
+  global_params: Tree
+  server_opt: Tree
+  clients: dict
+  agg: Tree
+  base_delta: dict
+  plugins: dict
+  signatures: jax.Array | None = None
+
+  _DICT_KEYS = {"global": "global_params"}
+
+  def as_dict(self) -> dict:
+    """{"round", "rng", "global", "server_opt", "clients", "agg", "base_delta", "plugins"
+    (, "signatures" when there are any)}: the checkpoint layout."""
+    fields = {"global" if f.name == "global_params" else f.name: getattr(self, f.name)
+              for f in dataclasses.fields(self)}
+    if self.signatures is None:
+      del fields["signatures"]
+    return fields
+
+  @classmethod
+  def from_dict(cls, tree: dict) -> "ServerState":
+    """The state of a dict in `as_dict`'s layout (e.g. a restored checkpoint)."""
+    return cls(**{cls._DICT_KEYS.get(key, key): value for key, value in tree.items()})
+
+  def replace(self, **changes) -> "ServerState":
+    return dataclasses.replace(self, **changes)
+
+  def __getitem__(self, key: str) -> Any:
+    if key == "signatures" and self.signatures is None:
+      raise KeyError("signatures: this round's clients have none")
+    return getattr(self, self._DICT_KEYS.get(key, key))
+
+  def __contains__(self, key: str) -> bool:
+    return key in self.as_dict()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,17 +133,20 @@ class Plugin(NamedTuple):
   """A server component with state and two hooks (HyperLoRA's generator is one).
 
   Attributes:
-    name: key of its state in `state["plugins"]`.
+    name: key of its state in `state.plugins`.
     init: rng -> state.
     client_offsets: (state, signatures [C, D], client_ids [C]) -> offsets {layer: {"a", "b"}}
       with a leading [C] axis, added to each client's starting LoRA layers (client id
       `NEW_CLIENT`: a client with no learned state).
     after_aggregation: (state, RoundOutcome) -> state.
+    signature_dim: D of the signatures [C, D] its hooks read (None: not declared, unchecked);
+      `FederatedRound.init` checks the signatures it is given against it.
   """
   name: str
   init: Callable[[jax.Array], Tree]
   client_offsets: Callable[[Tree, jax.Array, jax.Array], dict]
   after_aggregation: Callable[[Tree, RoundOutcome], Tree]
+  signature_dim: int | None = None
 
 
 def is_plain_step(optimizer: optax.GradientTransformation) -> bool:
@@ -191,49 +244,50 @@ class FederatedRound:
     devices = self.mesh.size if self.mesh is not None else 1
     return -(-self.num_clients // devices) * devices
 
-  def init(self, rng: jax.Array, params: Tree, signatures: jax.Array | None = None) -> dict:
+  def init(self, rng: jax.Array, params: Tree, signatures: jax.Array | None = None) -> ServerState:
     """The round-0 server state; every client's local leaves start from `params`.
 
     Args:
       params: the initial global params (with LoRA layers).
-      signatures: [N, D] per-client signatures (None or D = 0: none).
+      signatures: [N, D] per-client signatures (None or D = 0: none); D must be what each
+        plug-in declares (`Plugin.signature_dim`, e.g. `make_generator(signature_dim=D)`).
+    Raises:
+      ValueError: signatures not [N, D], or D not the plug-ins' declared width.
     """
+    self.check_signatures(signatures)
     local_mask = params_lib.regex_mask(params, self.local_leaves)
     clients = params_lib.select(primitives.broadcast(params, self.store_rows), local_mask)
     key = rng if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(rng)
     signature_dim = 0 if signatures is None else signatures.shape[-1]
-    state = {
-        "round": jnp.zeros((), jnp.int32),
-        "rng": jax.random.key_data(key),
-        "global": jax.tree.map(jnp.array, params),  # A copy: donating the state keeps `params`.
-        "server_opt": self.server_optimizer.init(params),
-        "clients": jax.tree.map(jnp.asarray, clients),
-        "agg": self.aggregator.init(params, jax.random.fold_in(key, 8), signature_dim),
-        "base_delta": lora_lib.zero_deltas(params) if self.aggregator.capabilities.base_delta else {},
-        "plugins": {p.name: p.init(jax.random.fold_in(key, 7)) for p in self.plugins},
-    }
-    if signature_dim:
-      padding = ((0, self.store_rows - self.num_clients), (0, 0))
-      state["signatures"] = jnp.pad(jnp.asarray(signatures, jnp.float32), padding)
-    return state
+    padding = ((0, self.store_rows - self.num_clients), (0, 0))
+    return ServerState(
+        round=jnp.zeros((), jnp.int32),
+        rng=jax.random.key_data(key),
+        global_params=jax.tree.map(jnp.array, params),  # A copy: donating the state keeps `params`.
+        server_opt=self.server_optimizer.init(params),
+        clients=jax.tree.map(jnp.asarray, clients),
+        agg=self.aggregator.init(params, jax.random.fold_in(key, 8), signature_dim),
+        base_delta=lora_lib.zero_deltas(params) if self.aggregator.capabilities.base_delta else {},
+        plugins={p.name: p.init(jax.random.fold_in(key, 7)) for p in self.plugins},
+        signatures=jnp.pad(jnp.asarray(signatures, jnp.float32), padding) if signature_dim else None)
 
   # ---------------------------------------------------------------- client starts
 
-  def signatures_of(self, state: dict, client_ids: jax.Array) -> jax.Array:
+  def signatures_of(self, state: ServerState, client_ids: jax.Array) -> jax.Array:
     """[C, D] signatures of `client_ids` ([C, 0] when the run has none)."""
-    if "signatures" not in state:
+    if state.signatures is None:
       return jnp.zeros((client_ids.shape[0], 0), jnp.float32)
-    return state["signatures"][client_ids]
+    return state.signatures[client_ids]
 
   def rank_masks(self, params: Tree) -> jax.Array:
     """[N, r_max] {0, 1} rank mask of every registered client."""
     return lora_lib.rank_masks(self.client_ranks, self.num_clients, lora_lib.rank_of(params))
 
-  def offsets(self, state: dict, signatures: jax.Array, client_ids: jax.Array) -> dict | None:
+  def offsets(self, state: ServerState, signatures: jax.Array, client_ids: jax.Array) -> dict | None:
     """The plug-ins' summed client-start offsets {layer: {"a", "b"}} [C, ...] (None: no plug-in)."""
     total = None
     for plugin in self.plugins:
-      offset = plugin.client_offsets(state["plugins"][plugin.name], signatures, client_ids)
+      offset = plugin.client_offsets(state.plugins[plugin.name], signatures, client_ids)
       total = offset if total is None else jax.tree.map(jnp.add, total, offset)
     return total
 
@@ -252,25 +306,34 @@ class FederatedRound:
       start = lora_lib.add_to_layers(start, offset)
     return lora_lib.truncate(start, rank_mask)
 
-  def client_inputs(self, state: dict, client_ids: jax.Array) -> tuple[dict, jax.Array, dict | None, jax.Array]:
+  def client_inputs(self, state: ServerState, client_ids: jax.Array) -> tuple[dict, jax.Array, dict | None, jax.Array]:
     """(local leaves [C, ...], signatures [C, D], offsets [C, ...] or None, rank masks [C, r])
     for `client_ids` (valid ids in [0, N)); with `client_start` they give each client's model."""
-    local = primitives.gather_clients(state["clients"], client_ids)
+    local = primitives.gather_clients(state.clients, client_ids)
     signatures = self.signatures_of(state, client_ids)
     offsets = self.offsets(state, signatures, client_ids) if self.plugins else None
-    return local, signatures, offsets, self.rank_masks(state["global"])[client_ids]
+    return local, signatures, offsets, self.rank_masks(state.global_params)[client_ids]
 
-  def global_params(self, state: dict) -> Tree:
+  def client_params(self, state: ServerState, client_ids: jax.Array) -> Tree:
+    """[C, ...] the personalized params of `client_ids` ([C] ids in [0, N)): global ⊕ each
+    client's local leaves, + the plug-ins' offsets for it, truncated to its rank. This is the
+    model a client starts its next round from, and the one personalized evaluation scores.
+    For many clients, map `client_start` over `client_inputs` in chunks instead
+    (`primitives.map_clients`): this materializes all C copies."""
+    local, _, offsets, masks = self.client_inputs(state, client_ids)
+    return jax.vmap(lambda l, o, m: self.client_start(state.global_params, l, o, m))(local, offsets, masks)
+
+  def global_params(self, state: ServerState) -> Tree:
     """The model evaluated as *global*: the server's params plus the plug-ins' offsets for a
     client with no learned state and the mean signature (generator methods)."""
     if not self.plugins:
-      return state["global"]
-    if "signatures" in state:
-      signature = jnp.mean(state["signatures"][:self.num_clients], axis=0, keepdims=True)
+      return state.global_params
+    if state.signatures is not None:
+      signature = jnp.mean(state.signatures[:self.num_clients], axis=0, keepdims=True)
     else:
       signature = jnp.zeros((1, 0), jnp.float32)
     offset = jax.tree.map(lambda x: x[0], self.offsets(state, signature, jnp.full((1,), NEW_CLIENT, jnp.int32)))
-    return lora_lib.add_to_layers(state["global"], offset)
+    return lora_lib.add_to_layers(state.global_params, offset)
 
   def _chunk_loader(self) -> Callable | None:
     """`map_clients`' load_chunk for the round's (local, batches, ...) inputs: `load_batches`
@@ -281,140 +344,94 @@ class FederatedRound:
 
   # ---------------------------------------------------------------- the round
 
-  def step(self, state: dict, frozen: Tree, batches: Tree, client_ids: jax.Array,
+  def step(self, state: ServerState, frozen: Tree, batches: Tree, client_ids: jax.Array,
            weights: jax.Array) -> tuple[dict, dict]:
-    """One round (pure; jit it).
+    """One round (pure; jit it). Its inputs are checked when it is traced (`check_step_inputs`).
 
     Args:
       state: server state (module docstring).
       frozen: the frozen tree the loss reads (e.g. the backbone's variables).
-      batches: pytree with leaves [C, S + h, ...]: each sampled client's S local steps, plus
-        the aggregator's h = `capabilities.heldout_steps` held-out steps at the end (light
-        batches with `load_batches`).
-      client_ids: [C] int32 sampled client ids, -1 for padding clients.
-      weights: [C] float32 aggregation weights p_k (0 for padding).
+      batches: pytree with leaves [C, S + h, B, ...]: each sampled client's S local steps of B
+        examples, plus the aggregator's h = `capabilities.heldout_steps` held-out steps at the
+        end (light batches with `load_batches`).
+      client_ids: [C] int32 sampled client ids in [0, N), -1 for padding clients. An id >= N
+        (caught when the ids are concrete; under jit it cannot be) is left out like padding and
+        counted in the `invalid_client_ids` metric.
+      weights: [C] float32 relative aggregation weights w_k >= 0 (e.g. example counts; 0 for
+        padding). The round aggregates with p_k = w_k / Σ_j w_j over the clients whose update
+        reached the server (valid, finite, not dropped), so the aggregate is a weighted mean
+        whatever the weights sum to. `weighted_mean` itself does not normalize.
     Returns:
-      (new state, {"train_loss", "nonfinite_clients", "participants", "rejected_aggregate",
-       "rejected_server_step", "rejected_plugins"} plus the aggregator's declared metrics and
-       the round's diagnostics, `diagnostics.round_diagnostics`: aggregation bias per layer,
-       client drift, first/last local-step loss, generator offset norm).
+      (new state, {"train_loss", "nonfinite_clients", "participants", "invalid_client_ids",
+       "rejected_aggregate", "rejected_server_step", "rejected_plugins"} plus the aggregator's
+       declared metrics and the round's diagnostics, `diagnostics.round_diagnostics`:
+       aggregation bias per layer, client drift, first/last local-step loss, generator offset
+       norm; `faults_<kind>` counts with injected faults).
     """
+    self.check_step_inputs(state, batches, client_ids, weights)
     caps = self.aggregator.capabilities
-    global_params = state["global"]
+    global_params = state.global_params
     local_mask = params_lib.regex_mask(global_params, self.local_leaves)
-    update_mask = round_update_mask(self.frozen_leaves, global_params, state["round"])
-    valid = client_ids >= 0
+    update_mask = round_update_mask(self.frozen_leaves, global_params, state.round)
+    valid = (client_ids >= 0) & (client_ids < self.num_clients)
     gather_ids = jnp.where(valid, client_ids, 0)
     local, signatures, offsets, masks = self.client_inputs(state, gather_ids)
-    frozen = self.apply_base_delta(frozen, state["base_delta"]) if caps.base_delta else frozen
-    round_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["round"])
+    frozen = self.apply_base_delta(frozen, state.base_delta) if caps.base_delta else frozen
+    round_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.round)
     keys = jax.vmap(lambda i: jax.random.key_data(jax.random.fold_in(round_key, i)))(client_ids)
-    if caps.heldout_steps:  # The aggregator's held-out steps, never trained on.
-      heldout = jax.tree.map(lambda x: x[:, -caps.heldout_steps:], batches)
-      batches = jax.tree.map(lambda x: x[:, :-caps.heldout_steps], batches)
-    train_steps = jax.tree.leaves(batches)[0].shape[1]
-    faulty = self.faults is not None and self.faults.active
-    fault_inputs = ()
-    if faulty:  # Injected faults (a simulation knob): drawn per round from the round's key.
+    batches, heldout = split_heldout(batches, caps.heldout_steps)  # Held-out steps: never trained on.
+
+    # 1. Local training of every sampled client, with injected faults (a simulation knob) and
+    #    non-finite updates replaced by the client's start.
+    train = self._client_trainer(global_params, frozen, update_mask)
+    fault_inputs, fault_masks = (), None
+    if self.faults is not None and self.faults.active:
       fault_masks = faults_lib.draw(self.faults, jax.random.fold_in(round_key, FAULT_STREAM), valid)
-      fault_inputs = (faults_lib.steps_done(self.faults, fault_masks["straggler"], train_steps),
-                      fault_masks["nonfinite"], fault_masks["byzantine"])
-
-    def one_client(inputs):
-      client_local, client_batches, offset, rank_mask, key, *fault = inputs
-      start = self.client_start(global_params, client_local, offset, rank_mask)
-      trained, metrics = self.client_update(start, frozen, client_batches, jax.random.wrap_key_data(key),
-                                            rank_update_mask(update_mask, rank_mask),
-                                            *(fault[:1] if fault else ()))
-      if fault:  # What a faulty client sends instead of `trained`.
-        one = lambda t: jax.tree.map(lambda x: x[None], t)
-        flags = {"nonfinite": fault[1][None], "byzantine": fault[2][None]}
-        trained = jax.tree.map(lambda x: x[0], faults_lib.corrupt(
-            self.faults, one(trained), one(start), flags, jax.random.fold_in(jax.random.wrap_key_data(key), 1)))
-      finite = primitives.is_finite(trained) & jnp.isfinite(metrics["loss"])
-      trained = jax.tree.map(lambda t, s: jnp.where(finite, t, s), trained, start)
-      return trained, metrics, finite, start
-
+      fault_inputs = faults_lib.client_inputs(self.faults, fault_masks, jax.tree.leaves(batches)[0].shape[1])
+      train = faults_lib.with_faults(train, self.faults)
     trained, metrics, finite, starts = primitives.map_clients(
-        one_client, (local, batches, offsets, masks, keys, *fault_inputs), self.clients_per_chunk, self.mesh,
-        self._chunk_loader())
-    if faulty:  # A dropped client trained, but its update never arrived.
+        leave_out_nonfinite(train), (local, batches, offsets, masks, keys, *fault_inputs),
+        self.clients_per_chunk, self.mesh, self._chunk_loader())
+
+    # 2. What reached the server: valid, finite and not dropped; p_k normalized over those.
+    if fault_masks is not None:  # A dropped client trained, but its update never arrived.
       weights = jnp.where(fault_masks["dropout"], 0.0, weights)
     weights = jnp.where(valid & finite, weights, 0.0)
     total = jnp.sum(weights)
     weights = weights / jnp.maximum(total, 1e-12)
+    participants = total > 0  # Nothing usable came back (every client non-finite): keep the global model.
 
-    heldout_loss = None
-    if caps.heldout_steps:
-      trained_local = params_lib.select(trained, local_mask)
-
-      def heldout_loss(candidate):
-        """Σ_k p_k loss of client k's next-round start from `candidate` on its held-out steps."""
-        def one_heldout(inputs):
-          client_local, client_batches, offset, rank_mask, key = inputs
-          start = self.client_start(candidate, client_local, offset, rank_mask)
-          key = jax.random.wrap_key_data(key)
-          losses = [self.client_update.loss_fn(start, frozen, jax.tree.map(lambda x: x[j], client_batches),
-                                               jax.random.fold_in(key, train_steps + j))[0]
-                    for j in range(caps.heldout_steps)]
-          return sum(losses) / caps.heldout_steps
-        losses = primitives.map_clients(
-            one_heldout, (trained_local, heldout, jax.lax.stop_gradient(offsets), masks, keys),
-            self.clients_per_chunk, self.mesh, self._chunk_loader())
-        return jnp.sum(weights * losses)
-
-    context = AggregationContext(signatures=signatures, client_loss=metrics["loss"], heldout_loss=heldout_loss,
-                                 client_starts=starts)
-    aggregated, base_delta_increment, agg_state = self.aggregator.aggregate(
-        state["agg"], global_params, trained, weights, context)
-    # Server-side safety: each part (aggregate, server step, every plug-in) whose output is
-    # non-finite or beyond `max_server_value` is rejected and keeps its previous state.
-    # Nothing usable came back (every client non-finite): keep the global model, silently.
-    participants = total > 0
-    aggregate_ok = (primitives.is_sound(aggregated, self.max_server_value)
-                    & primitives.is_finite((base_delta_increment, _without(agg_state, caps.metrics))))
-    use_aggregate = participants & aggregate_ok
-    aggregated = primitives.keep_if(use_aggregate, aggregated, global_params)
-    base_delta_increment = jax.tree.map(lambda inc: jnp.where(use_aggregate, inc, 0.0), base_delta_increment)
-    agg_state = _with_metrics(primitives.keep_if(aggregate_ok, _without(agg_state, caps.metrics),
-                                                 _without(state["agg"], caps.metrics)),
-                              agg_state, caps.metrics)  # This round's metrics, even if rejected.
-    pseudo_gradient = jax.tree.map(lambda g, a: g - a, global_params, aggregated)
-    updates, server_opt = self.server_optimizer.update(pseudo_gradient, state["server_opt"], global_params)
-    new_global = optax.apply_updates(global_params, updates)
-    step_ok = primitives.is_sound(new_global, self.max_server_value) & primitives.is_finite(server_opt)
-    new_global, server_opt = primitives.keep_if(step_ok, (new_global, server_opt),
-                                                (global_params, state["server_opt"]))
+    # 3. Aggregation, 4. the server step, 5. the plug-ins: each kept only if sound.
+    context = AggregationContext(
+        signatures=signatures, client_loss=metrics["loss"], client_starts=starts,
+        heldout_loss=(self._heldout_loss(trained, local_mask, heldout, offsets, masks, keys, frozen, weights,
+                                         train_steps=jax.tree.leaves(batches)[0].shape[1])
+                      if caps.heldout_steps else None))
+    aggregated, base_delta_increment, agg_state, aggregate_ok = self._aggregate_if_sound(
+        state, trained, weights, context, participants)
+    new_global, server_opt, step_ok = self._server_step_if_sound(state, aggregated)
     # Local leaves are not the server's, and frozen leaves were not sent: both stay as they were.
     new_global = jax.tree.map(lambda n, g, m, u: g if m else jnp.where(u > 0, n, g),
                               new_global, global_params, local_mask, update_mask)
     outcome = RoundOutcome(new_global, trained, weights, gather_ids, signatures, masks, global_params, starts)
-    plugin_states, plugins_rejected = {}, jnp.zeros((), jnp.int32)
-    for plugin in self.plugins:
-      old, new = state["plugins"][plugin.name], plugin.after_aggregation(state["plugins"][plugin.name], outcome)
-      plugin_ok = primitives.is_finite(new)
-      plugin_states[plugin.name] = primitives.keep_if(plugin_ok, new, old)
-      plugins_rejected += (~plugin_ok).astype(jnp.int32)
+    plugin_states, plugins_rejected = self._plugins_if_finite(state, outcome)
+
+    # 6. Write-back: the clients' local leaves to the store (padding and invalid ids dropped).
     scatter_ids = jnp.where(valid, client_ids, self.store_rows)  # Out of range: dropped.
-    clients = primitives.scatter_clients(state["clients"], scatter_ids, params_lib.select(trained, local_mask))
+    clients = primitives.scatter_clients(state.clients, scatter_ids, params_lib.select(trained, local_mask))
     clients = primitives.constrain_clients(clients, self.mesh)  # The store stays sharded.
     base_delta = (jax.tree.map(lambda d, inc: d + jnp.where(total > 0, inc, 0.0),
-                               state["base_delta"], base_delta_increment)
-                  if base_delta_increment else state["base_delta"])
-    rng, _ = jax.random.split(state["rng"])
-    new_state = {"round": state["round"] + 1, "rng": rng, "global": new_global,
-                 "server_opt": server_opt, "clients": clients, "agg": agg_state,
-                 "base_delta": base_delta, "plugins": plugin_states}
-    if "signatures" in state:
-      new_state["signatures"] = state["signatures"]
-    received = weights > 0  # Valid, finite and not dropped: what reached the server.
-    example_weights = metrics["examples"] * received  # Non-finite clients' losses left out.
-    client_losses = jnp.where(received, metrics["loss"], 0.0)
-    seen = jnp.sum(example_weights)
-    train_loss = jnp.where(seen > 0, jnp.sum(client_losses * example_weights) / jnp.maximum(seen, 1.0),
-                           jnp.nan)  # No finite client saw an example: no loss to report, not 0.
-    round_metrics = {"train_loss": train_loss, "nonfinite_clients": jnp.sum(valid & ~finite),
-                     "participants": jnp.sum(received),
+                               state.base_delta, base_delta_increment)
+                  if base_delta_increment else state.base_delta)
+    rng, _ = jax.random.split(state.rng)
+    new_state = state.replace(round=state.round + 1, rng=rng, global_params=new_global, server_opt=server_opt,
+                              clients=clients, agg=agg_state, base_delta=base_delta, plugins=plugin_states)
+
+    # 7. Metrics.
+    received = weights > 0
+    round_metrics = {**train_loss_metrics(metrics, received),
+                     "nonfinite_clients": jnp.sum(valid & ~finite), "participants": jnp.sum(received),
+                     "invalid_client_ids": jnp.sum(client_ids >= self.num_clients).astype(jnp.int32),
                      "rejected_aggregate": (participants & ~aggregate_ok).astype(jnp.int32),
                      "rejected_server_step": (~step_ok).astype(jnp.int32),
                      "rejected_plugins": plugins_rejected}
@@ -423,9 +440,178 @@ class FederatedRound:
     # weighted sums then fuse with them, and methods that never read `starts` never store them.
     starts_again = jax.vmap(lambda *inputs: self.client_start(global_params, *inputs))(local, offsets, masks)
     round_metrics.update(diagnostics_lib.round_diagnostics(trained, starts_again, weights, metrics, offsets))
-    if faulty:
+    if fault_masks is not None:
       round_metrics.update(faults_lib.fault_metrics(fault_masks))
     return new_state, round_metrics
+
+  # ---------------------------------------------------------------- the round's phases
+
+  def _client_trainer(self, global_params: Tree, frozen: Tree, update_mask: Tree) -> Callable:
+    """One client's training: (inputs (local, batches, offset, rank_mask, key, ...), steps_done
+    or None) -> (trained, metrics, start), from its start (`client_start`)."""
+    def train(inputs, steps_done=None):
+      client_local, client_batches, offset, rank_mask, key = inputs[:5]
+      start = self.client_start(global_params, client_local, offset, rank_mask)
+      trained, metrics = self.client_update(start, frozen, client_batches, jax.random.wrap_key_data(key),
+                                            rank_update_mask(update_mask, rank_mask),
+                                            *(() if steps_done is None else (steps_done,)))
+      return trained, metrics, start
+    return train
+
+  def _heldout_loss(self, trained: Tree, local_mask: Tree, heldout: Tree, offsets: Any, masks: jax.Array,
+                    keys: jax.Array, frozen: Tree, weights: jax.Array, *, train_steps: int
+                    ) -> Callable[[Tree], jax.Array]:
+    """The meta-objective of an aggregator with held-out steps: candidate global params ->
+    Σ_k p_k loss of client k's next-round start from them on its held-out steps (step j's key
+    folds in S + j, after the S training steps' keys)."""
+    heldout_steps = self.aggregator.capabilities.heldout_steps
+    trained_local = params_lib.select(trained, local_mask)
+
+    def heldout_loss(candidate):
+      def one_heldout(inputs):
+        client_local, client_batches, offset, rank_mask, key = inputs
+        start = self.client_start(candidate, client_local, offset, rank_mask)
+        key = jax.random.wrap_key_data(key)
+        losses = [self.client_update.loss_fn(start, frozen, jax.tree.map(lambda x: x[j], client_batches),
+                                             jax.random.fold_in(key, train_steps + j))[0]
+                  for j in range(heldout_steps)]
+        return sum(losses) / heldout_steps
+      losses = primitives.map_clients(
+          one_heldout, (trained_local, heldout, jax.lax.stop_gradient(offsets), masks, keys),
+          self.clients_per_chunk, self.mesh, self._chunk_loader())
+      return jnp.sum(weights * losses)
+    return heldout_loss
+
+  def _aggregate_if_sound(self, state: ServerState, trained: Tree, weights: jax.Array, context: AggregationContext,
+                          participants: jax.Array) -> tuple[Tree, Tree, Tree, jax.Array]:
+    """(aggregate, base-delta increment, aggregator state, ok): the aggregator's output, or the
+    previous global params, a zero increment and the previous state where it is non-finite or
+    beyond `max_server_value` (its declared metrics are this round's either way)."""
+    metric_names = self.aggregator.capabilities.metrics
+    global_params = state.global_params
+    aggregated, increment, agg_state = self.aggregator.aggregate(state.agg, global_params, trained, weights,
+                                                                 context)
+    ok = (primitives.is_sound(aggregated, self.max_server_value)
+          & primitives.is_finite((increment, _without(agg_state, metric_names))))
+    use = participants & ok
+    aggregated = primitives.keep_if(use, aggregated, global_params)
+    increment = jax.tree.map(lambda inc: jnp.where(use, inc, 0.0), increment)
+    agg_state = _with_metrics(primitives.keep_if(ok, _without(agg_state, metric_names),
+                                                 _without(state.agg, metric_names)),
+                              agg_state, metric_names)  # This round's metrics, even if rejected.
+    return aggregated, increment, agg_state, ok
+
+  def _server_step_if_sound(self, state: ServerState, aggregated: Tree) -> tuple[Tree, Tree, jax.Array]:
+    """(new global params, server optimizer state, ok): FedOpt's step on the pseudo-gradient
+    global − aggregate, or the previous ones where it is non-finite or too large."""
+    global_params = state.global_params
+    pseudo_gradient = jax.tree.map(lambda g, a: g - a, global_params, aggregated)
+    updates, server_opt = self.server_optimizer.update(pseudo_gradient, state.server_opt, global_params)
+    new_global = optax.apply_updates(global_params, updates)
+    ok = primitives.is_sound(new_global, self.max_server_value) & primitives.is_finite(server_opt)
+    new_global, server_opt = primitives.keep_if(ok, (new_global, server_opt), (global_params, state.server_opt))
+    return new_global, server_opt, ok
+
+  def _plugins_if_finite(self, state: ServerState, outcome: RoundOutcome) -> tuple[dict, jax.Array]:
+    """({name: new state}, int32 count rejected): each plug-in's post-aggregation hook, its
+    previous state kept where the new one is non-finite."""
+    plugin_states, rejected = {}, jnp.zeros((), jnp.int32)
+    for plugin in self.plugins:
+      old, new = state.plugins[plugin.name], plugin.after_aggregation(state.plugins[plugin.name], outcome)
+      ok = primitives.is_finite(new)
+      plugin_states[plugin.name] = primitives.keep_if(ok, new, old)
+      rejected += (~ok).astype(jnp.int32)
+    return plugin_states, rejected
+
+  # ---------------------------------------------------------------- contracts
+
+  def check_signatures(self, signatures: Any) -> None:
+    """`init`'s signatures against the round: [N, D] with N = num_clients and D the width each
+    plug-in declares (no signatures: D = 0). Raises ValueError in those terms."""
+    shape = (self.num_clients, 0) if signatures is None else tuple(jnp.shape(signatures))
+    if len(shape) != 2 or shape[0] != self.num_clients:
+      raise ValueError(f"FederatedRound.init: signatures must be [N, D] with N = num_clients = "
+                       f"{self.num_clients} (one row per registered client), got shape {shape}")
+    for plugin in self.plugins:
+      if plugin.signature_dim is not None and plugin.signature_dim != shape[1]:
+        raise ValueError(f"FederatedRound.init: plug-in {plugin.name!r} reads signatures of width "
+                         f"{plugin.signature_dim} (make_generator(signature_dim=...)), but the signatures "
+                         f"given are [N, D] = {list(shape)}")
+
+  def check_step_inputs(self, state: ServerState, batches: Tree, client_ids: Any, weights: Any) -> None:
+    """`step`'s inputs against its contract, from their shapes (so at trace time, under jit),
+    and the ids' values where they are concrete. Raises ValueError saying what was expected."""
+    client_ids, weights = jnp.asarray(client_ids), jnp.asarray(weights)
+    if client_ids.ndim != 1:
+      raise ValueError(f"FederatedRound.step: client_ids must be [C] (one id per sampled client), got shape "
+                       f"{tuple(client_ids.shape)}")
+    num = client_ids.shape[0]
+    if weights.shape != (num,):
+      raise ValueError(f"FederatedRound.step: weights must be [C] = [{num}] like client_ids, got shape "
+                       f"{tuple(weights.shape)}")
+    leaves = jax.tree_util.tree_leaves_with_path(batches)
+    if not leaves:
+      raise ValueError("FederatedRound.step: batches has no arrays")
+    heldout = self.aggregator.capabilities.heldout_steps
+    layout = (f"batches' leaves are [C, S + h, B, ...]: C = {num} sampled clients (client_ids), S local "
+              f"steps, h = {heldout} held-out steps of aggregator {self.aggregator.capabilities.name!r}, "
+              f"B examples a step")
+    for path, leaf in leaves:
+      shape = tuple(jnp.shape(leaf))
+      if len(shape) < 3 or shape[0] != num:
+        hint = (" (did you leave out the steps axis?)" if len(shape) == 2 and shape[0] == num else "")
+        raise ValueError(f"FederatedRound.step: batches{jax.tree_util.keystr(path)} has shape {shape}; "
+                         f"{layout}{hint}")
+    steps = {tuple(jnp.shape(leaf))[1] for _, leaf in leaves}
+    batch_sizes = {tuple(jnp.shape(leaf))[2] for _, leaf in leaves}
+    if len(steps) > 1 or len(batch_sizes) > 1:
+      shapes = {jax.tree_util.keystr(path): tuple(jnp.shape(leaf)) for path, leaf in leaves}
+      raise ValueError(f"FederatedRound.step: batches' leaves disagree on the steps or batch axis {shapes}; "
+                       f"{layout}")
+    (total_steps,) = steps
+    expected = getattr(self.client_update, "steps", None)
+    if expected is not None and total_steps != expected + heldout:
+      raise ValueError(f"FederatedRound.step: batches have {total_steps} steps, expected S + h = {expected} + "
+                       f"{heldout} (local_update(steps={expected}) and the held-out steps of aggregator "
+                       f"{self.aggregator.capabilities.name!r})")
+    if total_steps <= heldout:
+      raise ValueError(f"FederatedRound.step: batches have {total_steps} steps but aggregator "
+                       f"{self.aggregator.capabilities.name!r} holds out the last {heldout}: give S + {heldout} "
+                       f"steps (S >= 1 local steps, then the held-out ones)")
+    if not isinstance(client_ids, jax.core.Tracer):
+      ids = np.asarray(client_ids)
+      bad = sorted(set(ids[(ids >= self.num_clients) | (ids < NEW_CLIENT)].tolist()))
+      if bad:
+        raise ValueError(f"FederatedRound.step: client ids {bad} are outside [0, num_clients={self.num_clients}) "
+                         f"(-1 marks a padding client)")
+
+def split_heldout(batches: Tree, heldout_steps: int) -> tuple[Tree, Tree | None]:
+  """([C, S, ...] training steps, [C, h, ...] held-out steps or None) of [C, S + h, ...] batches."""
+  if not heldout_steps:
+    return batches, None
+  return (jax.tree.map(lambda x: x[:, :-heldout_steps], batches),
+          jax.tree.map(lambda x: x[:, -heldout_steps:], batches))
+
+
+def leave_out_nonfinite(train_client: Callable) -> Callable:
+  """`train_client` (inputs -> (trained, metrics, start)) guarded: a client whose trained params
+  or loss are non-finite returns its start instead. -> (trained, metrics, finite, start)."""
+  def guarded(inputs):
+    trained, metrics, start = train_client(inputs)
+    finite = primitives.is_finite(trained) & jnp.isfinite(metrics["loss"])
+    trained = jax.tree.map(lambda t, s: jnp.where(finite, t, s), trained, start)
+    return trained, metrics, finite, start
+  return guarded
+
+
+def train_loss_metrics(metrics: dict, received: jax.Array) -> dict:
+  """{"train_loss"}: the example-weighted mean local loss of the clients whose update reached
+  the server (non-finite clients' losses left out); NaN when none saw an example (not 0)."""
+  example_weights = metrics["examples"] * received
+  client_losses = jnp.where(received, metrics["loss"], 0.0)
+  seen = jnp.sum(example_weights)
+  return {"train_loss": jnp.where(seen > 0, jnp.sum(client_losses * example_weights) / jnp.maximum(seen, 1.0),
+                                  jnp.nan)}
 
 
 def _without(tree: Tree, keys: Sequence[str]) -> Tree:
@@ -438,13 +624,14 @@ def _with_metrics(tree: Tree, source: Tree, keys: Sequence[str]) -> Tree:
   return {**tree, **{k: source[k] for k in keys}} if keys else tree
 
 
-def state_shardings(state: dict, mesh: Mesh) -> dict:
+def state_shardings(state: ServerState, mesh: Mesh) -> ServerState:
   """Shardings for a `FederatedRound` state on `mesh`: the per-client store (`clients`,
   `signatures`, [N', ...] leaves) split over the `clients` axis, everything else replicated.
   Use with `jax.device_put(state, state_shardings(state, mesh))`."""
   replicated, per_client = NamedSharding(mesh, P()), primitives.clients_sharding(mesh)
-  return {key: jax.tree.map(lambda _, k=key: per_client if k in ("clients", "signatures") else replicated, value)
-          for key, value in state.items()}
+  return ServerState.from_dict({
+      key: jax.tree.map(lambda _, k=key: per_client if k in ("clients", "signatures") else replicated, value)
+      for key, value in state.as_dict().items()})
 
 
 def capability_problems(aggregator: Aggregator, server_optimizer: optax.GradientTransformation,

@@ -17,7 +17,9 @@ Supported layers (`SUPPORTED_LAYERS`), each with its factor layout. ΔW is alway
   nn.Conv          kernel [*window, c_in, c_out]     a [prod(window) c_in, r], b [r, c_out];
                    factored as PEFT does: a rank-r convolution with the layer's window,
                    strides and padding, then a 1x1 map b.
-  nn.Embed         embedding [vocab, d]              a [vocab, r], b [r, d]; y += s a[ids] b.
+  nn.Embed         embedding [vocab, d]              a [vocab, r], b [r, d]; y += s a[ids] b, and
+                   its `attend(q)` (a tied LM head, q @ embeddingᵀ) gets y += s (q bᵀ) aᵀ, so
+                   `apply` and `merge` (E + s a b) agree for tied embeddings too.
   nn.Einsum        kernel [d_0, d_1, ...]            a [d_0, r], b [r, prod(d_1, ...)];
                    applied as einsum(x, s a b) with the layer's own equation (one kernel-sized
                    ΔW per call: no factored form exists for an arbitrary equation).
@@ -28,10 +30,14 @@ into the frozen backbone during training: `apply` intercepts the targeted layer 
 function unbatched and is never copied per client.
 
 Flax NNX models (`find_targets_nnx`, `apply_nnx`): `nnx.Linear`, `nnx.LinearGeneral` (so
-`nnx.MultiHeadAttention`) and `nnx.Embed` with the same layouts, also factored: a merged copy of the model has each targeted layer wrapped to add
-`s (x @ a) @ b` to its output (NNX has no method interception; qwix's LoRA, the alternative,
+`nnx.MultiHeadAttention`), `nnx.Conv`, `nnx.Einsum` and `nnx.Embed` with the same layouts as their
+Linen counterparts: a merged copy of the model has each targeted layer wrapped to add its LoRA
+update to its output (factored, `s (x @ a) @ b`, for all but Einsum) (NNX has no method interception; qwix's LoRA, the alternative,
 adds the factors to the model's own parameters, while the round needs them as a separate
 pytree it can vmap, aggregate and send).
+
+A target regex that matches a layer of another type (one holding parameters itself, e.g.
+`nn.LayerNorm`, `nn.ConvTranspose`) is refused, naming it, rather than skipped.
 
 A *LoRA layer* is any dict with exactly the keys {"a", "b"}; the helpers below (`layers`,
 `map_layers`, `truncate`) find them anywhere in a larger pytree (e.g. `{"lora": ..., "head": ...}`).
@@ -71,6 +77,17 @@ _INSIDE_LORA = threading.local()  # Set while a LoRA update runs its own Flax la
 def _is_target_call(context) -> bool:
   return (isinstance(context.module, SUPPORTED_LAYERS) and context.method_name == "__call__"
           and not getattr(_INSIDE_LORA, "active", False))
+
+
+def _is_tied_head_call(context) -> bool:
+  """An `nn.Embed`'s `attend` (its table reused as an output layer, e.g. a tied LM head)."""
+  return isinstance(context.module, nn.Embed) and context.method_name == "attend"
+
+
+def _owns_params(module: nn.Module) -> bool:
+  """Whether a bound Linen module holds parameter arrays itself (a layer, not a container)."""
+  params = module.variables.get("params", {})
+  return any(not isinstance(value, Mapping) for value in params.values())
 
 
 def _as_tuple(value) -> tuple:
@@ -159,18 +176,26 @@ def find_targets(model: nn.Module, params: Any, *example_args, target_regex: str
   """
   pattern = re.compile(target_regex)
   found: dict[str, tuple[int, int]] = {}
+  unsupported: dict[str, str] = {}
 
   def record(next_fun, args, kwargs, context):
+    path = module_path(context.module)
     if _is_target_call(context):
-      path = module_path(context.module)
       if pattern.fullmatch(path):
         found[path] = matrix_shape(context.module, _param_shape(context.module, args[0]))
+    elif (context.method_name == "__call__" and not isinstance(context.module, SUPPORTED_LAYERS)
+          and path and pattern.fullmatch(path) and _owns_params(context.module)):
+      unsupported[path] = type(context.module).__name__
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
     jax.eval_shape(lambda p: model.apply(p, *example_args, **example_kwargs), params)
+  kinds = ", ".join(f"nn.{t.__name__}" for t in SUPPORTED_LAYERS)
+  if unsupported:
+    raise ValueError(f"lora.target_regex={target_regex!r} matches layer(s) LoRA does not support: "
+                     f"{', '.join(f'{p!r} (nn.{k})' for p, k in unsupported.items())}; supported: {kinds}. "
+                     f"Narrow the regex to the layers to adapt")
   if not found:
-    kinds = ", ".join(f"nn.{t.__name__}" for t in SUPPORTED_LAYERS)
     raise ValueError(f"lora.target_regex={target_regex!r} matches no {kinds} layer of "
                      f"{type(model).__name__}")
   return found
@@ -212,6 +237,8 @@ def apply(model: nn.Module, params: Any, lora: LoraParams, *args, scale: float,
 
   def add_lora(next_fun, call_args, call_kwargs, context):
     out = next_fun(*call_args, **call_kwargs)
+    if _is_tied_head_call(context):
+      return out + _tied_head_output(module_path(context.module), call_args[0], out)
     if not _is_target_call(context):
       return out
     module = context.module
@@ -224,6 +251,16 @@ def apply(model: nn.Module, params: Any, lora: LoraParams, *args, scale: float,
       unknown.discard(path)
       out = out + _base_delta_output(module, x, base_delta[path], out)
     return out
+
+  def _tied_head_output(path, query, out):
+    """attend(q) = q @ Eᵀ of an adapted table E + s a b (+ delta): s (q bᵀ) aᵀ (+ q deltaᵀ)."""
+    extra = jnp.zeros_like(out)
+    if path in lora:
+      a, b = lora[path]["a"], lora[path]["b"]
+      extra = extra + scale * ((query @ b.T) @ a.T).astype(out.dtype)
+    if path in base_delta:
+      extra = extra + (query @ base_delta[path].T).astype(out.dtype)
+    return extra
 
   with nn.intercept_methods(add_lora):
     result = model.apply(params, *args, method=method, **kwargs)
@@ -356,13 +393,31 @@ def _nnx_path(path: tuple) -> str:
 
 def _nnx_kinds():
   nnx = _nnx()
-  return (nnx.Linear, nnx.LinearGeneral, nnx.Embed)
+  return (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum, nnx.Embed)
+
+
+def _nnx_kind_names() -> str:
+  return ", ".join(f"nnx.{k.__name__}" for k in _nnx_kinds())
+
+
+def _nnx_owns_params(module: Any) -> bool:
+  """Whether an NNX module holds `nnx.Param`s as its own attributes (a layer, not a container)."""
+  nnx = _nnx()
+  return any(isinstance(value, nnx.Param) for value in vars(module).values())
 
 
 def _nnx_matrix_shape(module: Any) -> tuple[int, int]:
   nnx = _nnx()
   if isinstance(module, nnx.Embed):
     return tuple(module.embedding[...].shape)
+  if isinstance(module, nnx.Conv):
+    if module.feature_group_count != 1 or module.mask is not None:
+      raise ValueError("LoRA on nnx.Conv with feature_group_count > 1 or a mask is not supported")
+    kernel = module.kernel[...].shape  # [*window, c_in, c_out]
+    return int(np.prod(kernel[:-1])), kernel[-1]
+  if isinstance(module, nnx.Einsum):
+    kernel = module.kernel[...].shape
+    return kernel[0], int(np.prod(kernel[1:]))
   if isinstance(module, nnx.LinearGeneral):
     if module.batch_axis:
       raise ValueError("LoRA on nnx.LinearGeneral with batch_axis is not supported")
@@ -371,29 +426,40 @@ def _nnx_matrix_shape(module: Any) -> tuple[int, int]:
 
 
 def find_targets_nnx(model: Any, target_regex: str = DEFAULT_TARGET_REGEX) -> dict[str, tuple[int, int]]:
-  """Targeted `nnx.Linear`, `nnx.LinearGeneral` and `nnx.Embed` layers of an NNX model.
+  """Targeted `nnx.Linear`, `nnx.LinearGeneral`, `nnx.Conv`, `nnx.Einsum` and `nnx.Embed` layers.
 
   Layouts as for Linen: `nnx.Linear` kernel [d_in, d_out] (a [d_in, r], b [r, d_out]);
   `nnx.LinearGeneral` (so `nnx.MultiHeadAttention`) as `nn.DenseGeneral`, contracted input
-  axes and output features flattened; `nnx.Embed` embedding [vocab, d] (a [vocab, r], b [r, d]).
+  axes and output features flattened; `nnx.Conv` kernel [*window, c_in, c_out] (a
+  [prod(window) c_in, r], b [r, c_out]; a rank-r convolution then a 1x1 map); `nnx.Einsum`
+  kernel [d_0, d_1, ...] (a [d_0, r], b [r, prod(d_1, ...)]); `nnx.Embed` embedding
+  [vocab, d] (a [vocab, r], b [r, d]).
   Returns:
     {path: (d_in, d_out)}, the path '/'-joining attribute names and list indices
     (e.g. 'blocks/1/query').
   Raises:
-    ValueError: if nothing matches.
+    ValueError: nothing matches, or a matched layer holding parameters is of another type.
   """
   nnx = _nnx()
   pattern = re.compile(target_regex)
-  found = {_nnx_path(path): _nnx_matrix_shape(module) for path, module in nnx.iter_modules(model)
-           if isinstance(module, _nnx_kinds()) and path and pattern.fullmatch(_nnx_path(path))}
+  matched = [(_nnx_path(path), module) for path, module in nnx.iter_modules(model)
+             if path and pattern.fullmatch(_nnx_path(path))]
+  unsupported = {path: type(module).__name__ for path, module in matched
+                 if not isinstance(module, _nnx_kinds()) and _nnx_owns_params(module)}
+  if unsupported:
+    raise ValueError(f"lora.target_regex={target_regex!r} matches layer(s) LoRA does not support: "
+                     f"{', '.join(f'{p!r} ({k})' for p, k in unsupported.items())}; supported: "
+                     f"{_nnx_kind_names()}. Narrow the regex to the layers to adapt")
+  found = {path: _nnx_matrix_shape(module) for path, module in matched if isinstance(module, _nnx_kinds())}
   if not found:
-    raise ValueError(f"lora.target_regex={target_regex!r} matches no nnx.Linear, nnx.LinearGeneral or "
-                     f"nnx.Embed layer of {type(model).__name__}")
+    raise ValueError(f"lora.target_regex={target_regex!r} matches no {_nnx_kind_names()} layer of "
+                     f"{type(model).__name__}")
   return dict(sorted(found.items()))
 
 
 def _nnx_lora_layer(base: Any, a: jax.Array, b: jax.Array, scale: float) -> Any:
-  """`base` (an nnx.Linear, LinearGeneral or Embed) with the factored LoRA update added to its output."""
+  """`base` (an nnx.Linear, LinearGeneral, Conv, Einsum or Embed) with its LoRA update added to
+  its output (factored, but for Einsum: one kernel-sized ΔW, as for `nn.Einsum`)."""
   nnx = _nnx()
 
   class LoraLayer(nnx.Module):
@@ -402,6 +468,18 @@ def _nnx_lora_layer(base: Any, a: jax.Array, b: jax.Array, scale: float) -> Any:
 
     def __call__(self, x, *args, **kwargs):
       out = self.base(x, *args, **kwargs)
+      if isinstance(self.base, nnx.Conv):
+        window = tuple(self.base.kernel_size)
+        down = nnx.Conv(self.base.in_features, self.a.shape[-1], window, self.base.strides,
+                        padding=self.base.padding, input_dilation=self.base.input_dilation,
+                        kernel_dilation=self.base.kernel_dilation, use_bias=False,
+                        kernel_init=nnx.initializers.zeros, rngs=nnx.Rngs(0))
+        down.kernel = nnx.Param(self.a.reshape(window + (self.base.in_features, self.a.shape[-1])))
+        return out + scale * (down(x) @ self.b).astype(out.dtype)
+      if isinstance(self.base, nnx.Einsum):
+        equation = kwargs.get("einsum_str") or (args[0] if args else None) or self.base.einsum_str
+        delta = (scale * (self.a @ self.b)).reshape(self.base.kernel[...].shape)
+        return out + jnp.einsum(equation.replace(" ", ""), x, delta).astype(out.dtype)
       if isinstance(self.base, nnx.Embed):
         return out + scale * (jnp.take(self.a, x, axis=0) @ self.b).astype(out.dtype)
       if isinstance(self.base, nnx.LinearGeneral):
@@ -409,6 +487,16 @@ def _nnx_lora_layer(base: Any, a: jax.Array, b: jax.Array, scale: float) -> Any:
         return out + (scale * ((flat @ self.a) @ self.b)).reshape(out.shape).astype(out.dtype)
       return out + scale * ((x @ self.a) @ self.b).astype(out.dtype)
   return LoraLayer()
+
+
+def _nnx_child(node: Any, parts: list) -> Any:
+  """The node at `parts` (attribute names and list indices) below `node`, or None."""
+  for part in parts:
+    try:
+      node = node[part] if isinstance(part, int) else getattr(node, part)
+    except (AttributeError, IndexError, KeyError, TypeError):
+      return None
+  return node
 
 
 def apply_nnx(graphdef: Any, state: Any, lora: LoraParams, *args, scale: float, **kwargs):
@@ -425,12 +513,14 @@ def apply_nnx(graphdef: Any, state: Any, lora: LoraParams, *args, scale: float, 
   model = nnx.merge(graphdef, state)
   for path, factors in lora.items():
     *parents, last = [int(p) if p.isdigit() else p for p in path.split("/")]
-    node = model
-    for part in parents:
-      node = node[part] if isinstance(part, int) else getattr(node, part)
-    base = node[last] if isinstance(last, int) else getattr(node, last, None)
+    node = _nnx_child(model, parents)
+    base = None if node is None else _nnx_child(node, [last])
+    if base is None or not isinstance(base, nnx.Module):
+      raise ValueError(f"LoRA path {path!r}: the model has no layer there (a typo? the paths of "
+                       f"find_targets_nnx '/'-join attribute names and list indices)")
     if not isinstance(base, _nnx_kinds()):
-      raise ValueError(f"LoRA path {path!r} is not an nnx.Linear, LinearGeneral or Embed of the model")
+      raise ValueError(f"LoRA path {path!r} is of type {type(base).__name__}, which LoRA does not support; "
+                       f"supported: {_nnx_kind_names()}")
     wrapped = _nnx_lora_layer(base, factors["a"], factors["b"], scale)
     if isinstance(last, int):
       node[last] = wrapped

@@ -11,7 +11,9 @@ import pytest
 from configs import default
 from hyperlora_jax import autotune, models
 from hyperlora_jax.tasks.image_classification import ImageClassification, backbone_dtype, frozen_tree
-from hyperlora_jax.train import ENVIRONMENT_FILE, initial_trainable, train_and_evaluate
+from experiments.runner.workdir import ENVIRONMENT_FILE
+from experiments.runner.experiment import initial_trainable
+from experiments.runner.train import train_and_evaluate
 
 
 def test_chunk_candidates_are_divisors_near_the_targets():
@@ -119,8 +121,8 @@ def _small_vit(**arch):
 
 def test_bf16_backbone_computes_in_bf16_and_stays_close_to_float32():
   model, backbone, trainable, images = _small_vit()
-  full = ImageClassification(model, 2.0)
-  half = ImageClassification(model, 2.0, compute_dtype=jnp.bfloat16)
+  full = ImageClassification(model, 2.0, models.preprocess_images)
+  half = ImageClassification(model, 2.0, models.preprocess_images, compute_dtype=jnp.bfloat16)
   frozen32, frozen16 = frozen_tree(backbone), frozen_tree(backbone, dtype=jnp.bfloat16)
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(frozen16["variables"]))
   logits32 = jax.jit(full.logits)(frozen32, trainable, images)
@@ -140,7 +142,7 @@ def test_rematerialized_vit_gives_the_same_loss_and_lora_gradients():
   remat_model, *_ = _small_vit(remat=True)
   batch = {"image": images, "label": jnp.array([1, 2, 3]), "mask": jnp.ones(3)}
   frozen = frozen_tree(backbone)
-  grad = lambda m: jax.jit(jax.value_and_grad(lambda t: ImageClassification(m, 2.0).loss_fn(t, frozen, batch, None)[0]))
+  grad = lambda m: jax.jit(jax.value_and_grad(lambda t: ImageClassification(m, 2.0, models.preprocess_images).loss_fn(t, frozen, batch, None)[0]))
   loss, grads = grad(model)(trainable)
   remat_loss, remat_grads = grad(remat_model)(trainable)
   np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)

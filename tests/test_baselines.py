@@ -4,13 +4,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hyperlora_jax import aggregators, methods
+from hyperlora_jax import aggregators
+from experiments.runner import methods
 from hyperlora_jax.federated import round_update_mask
 from hyperlora_jax.tasks.image_classification import frozen_tree
 from hyperlora_jax.aggregators.exact import stack_factors
 from hyperlora_jax.aggregators.fair import fair_objective, fit_delta_b
 from hyperlora_jax.aggregators.products import weighted_product
-from hyperlora_jax.train import build_experiment, round_inputs, train_and_evaluate
+from experiments.runner.experiment import build_experiment
+from experiments.runner.feeding import round_inputs
+from experiments.runner.train import train_and_evaluate
 
 D_IN, D_OUT, RANK, CLIENTS, SCALE = 6, 5, 2, 3, 2.0
 WEIGHTS = jnp.array([0.5, 0.3, 0.2])
@@ -137,7 +140,7 @@ def test_rolora_round_leaves_the_frozen_factor_unchanged(smoke_config):
 
 
 def test_communication_accounting(smoke_config):
-  from hyperlora_jax.train import communication_bytes
+  from experiments.runner.records import communication_bytes
   sizes = {}
   for name in ("fedit", "ffa_lora", "fedex_lora", "flora", "local_only", "rolora"):
     smoke_config.method = name
@@ -157,7 +160,7 @@ RANK_SMOKE = 4
 
 
 def test_exact_methods_refuse_a_momentum_server(smoke_config):
-  from hyperlora_jax.config_validation import ConfigError
+  from experiments.runner.config_validation import ConfigError
   smoke_config.method = "fedex_lora"
   smoke_config.server_optimizer.momentum = 0.9
   with pytest.raises(ConfigError, match="server_optimizer"):

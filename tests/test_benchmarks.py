@@ -6,12 +6,14 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import cifar100, domainnet, domainnet_like, label_skew, vision_language
-from hyperlora_jax import methods, models
-from hyperlora_jax.config_validation import ConfigError, validate_config
-from hyperlora_jax.data import partition
-from hyperlora_jax.data.loader import load_image_dataset
+from hyperlora_jax import models
+from experiments.runner import methods
+from experiments.runner.config_validation import ConfigError, validate_config
+from experiments.runner.data import partition
+from experiments.runner.data.loader import load_image_dataset
 from hyperlora_jax.models import load
-from hyperlora_jax.train import build_experiment, train_and_evaluate
+from experiments.runner.experiment import build_experiment
+from experiments.runner.train import train_and_evaluate
 
 QUIET = {"progress": False, "log": lambda _: None}
 

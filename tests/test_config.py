@@ -3,9 +3,9 @@ import pytest
 
 from configs import default
 from experiments import sweep
-from hyperlora_jax import methods
-from hyperlora_jax.config_validation import ConfigError, validate_config
-from hyperlora_jax.train import build_experiment
+from experiments.runner import methods
+from experiments.runner.config_validation import ConfigError, validate_config
+from experiments.runner.experiment import build_experiment
 
 INVALID = [
     ("method", "fedavgx", "method"),
@@ -96,8 +96,8 @@ def test_default_smoke_and_every_method_config_are_valid():
 def test_other_methods_blocks_are_not_validated_or_saved_with_a_run(smoke_config, tmp_path):
   """A FedIT run neither checks nor records `hyperlora.*`, so a changed HyperLoRA default
   cannot stop it from resuming; a HyperLoRA run checks and records it."""
-  from hyperlora_jax.config_validation import used_config
-  from hyperlora_jax.train import train_and_evaluate
+  from experiments.runner.config_validation import used_config
+  from experiments.runner.train import train_and_evaluate
   smoke_config.hyperlora.corrector = "no_such_corrector"
   assert validate_config(smoke_config, methods.METHODS, methods.METHOD_BLOCKS) is None
   assert {"hyperlora", "generator", "lora_fair"}.isdisjoint(used_config(smoke_config, methods.METHOD_BLOCKS))
@@ -196,8 +196,8 @@ def test_a_field_of_another_backbone_is_named():
 def test_a_run_recorded_before_a_field_existed_resumes_when_the_field_means_as_before(smoke_config, tmp_path):
   import json
 
-  from hyperlora_jax.config_validation import used_config
-  from hyperlora_jax.train import CONFIG_FILE, config_differences
+  from experiments.runner.config_validation import used_config
+  from experiments.runner.workdir import CONFIG_FILE, config_differences
   recorded = used_config(smoke_config, methods.METHOD_BLOCKS)
   del recorded["data"]["max_client_examples"]  # As written before the field was added,
   for block in ("faults", "robust", "dp"):        # and before these blocks were (`make run`'s old workdirs).
@@ -223,7 +223,7 @@ def test_a_checkpoint_written_before_the_synthesizer_metrics_restores_with_them_
   import numpy as np
   import orbax.checkpoint as ocp
 
-  from hyperlora_jax.train import _checkpoint_manager, restore_state
+  from experiments.runner.workdir import checkpoint_manager as _checkpoint_manager, restore_state
   old = {"round": jnp.int32(7), "agg": {"meta_loss": jnp.float32(0.5), "residual": {"l": jnp.ones((2, 3))}}}
   manager = _checkpoint_manager(str(tmp_path / "old"))
   manager.save(7, args=ocp.args.StandardSave(old))

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from hyperlora_jax.data import blocks, partition, render
-from hyperlora_jax.data.digits_domains import split_base_indices
-from hyperlora_jax.data.loader import load_image_dataset
+from experiments.runner.data import blocks, partition, render
+from experiments.runner.data.digits_domains import split_base_indices
+from experiments.runner.data.loader import load_image_dataset
 
 
 def _pool(n=600, classes=10, domains=6, seed=0):
@@ -54,7 +54,7 @@ def test_a_corrupt_array_record_shard_is_named(cache_dirs, tmp_path, stream):
   """A damaged shard once gave a raw Riegeli error naming neither dataset nor file."""
   import glob
   import shutil
-  from hyperlora_jax.data.loader import CorruptDataError
+  from experiments.runner.data.loader import CorruptDataError
   load_image_dataset("digits_domains/res16", "test", cache_dirs["data_dir"])  # Prepared once.
   data_dir = str(tmp_path / "tfds")
   shutil.copytree(cache_dirs["data_dir"], data_dir)
@@ -163,7 +163,7 @@ def test_capping_examples_keeps_a_seeded_subset_of_each_client():
 
 
 def test_a_data_scarce_config_caps_training_examples_but_not_test_splits(smoke_config):
-  from hyperlora_jax.federated_data import build_federated_data
+  from experiments.runner.federated_data import build_federated_data
   full = build_federated_data(smoke_config)
   smoke_config.data.max_client_examples = 8
   scarce = build_federated_data(smoke_config)
@@ -175,7 +175,7 @@ def test_a_data_scarce_config_caps_training_examples_but_not_test_splits(smoke_c
 
 
 def test_a_validation_split_is_carved_from_training_examples_and_replaces_the_test_split(smoke_config):
-  from hyperlora_jax.federated_data import build_federated_data
+  from experiments.runner.federated_data import build_federated_data
   full = build_federated_data(smoke_config)
   smoke_config.data.validation_fraction = 0.25
   tuning = build_federated_data(smoke_config)
@@ -191,7 +191,7 @@ def test_a_validation_split_is_carved_from_training_examples_and_replaces_the_te
 
 
 def test_corruptions_by_hand_and_by_their_formulas():
-  from hyperlora_jax.data import corruptions
+  from experiments.runner.data import corruptions
   # Two images of different means, non-square (3 x 5): contrast uses each image's own mean.
   images = np.zeros((2, 3, 5, 3), np.uint8)
   images[0, :, :2] = 255          # Image 0: 6 of 15 pixels white, mean 102.

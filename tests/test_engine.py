@@ -9,10 +9,14 @@ import numpy as np
 import optax
 import pytest
 
-from hyperlora_jax import primitives, reporting
+from hyperlora_jax import primitives
+from experiments.runner import reporting
 from hyperlora_jax.client import local_update
 from hyperlora_jax.tasks.image_classification import apply_base_delta, frozen_tree
-from hyperlora_jax.train import build_experiment, restore_run, round_inputs, train_and_evaluate
+from experiments.runner.experiment import build_experiment
+from experiments.runner.workdir import restore_run
+from experiments.runner.feeding import round_inputs
+from experiments.runner.train import train_and_evaluate
 
 
 def test_smoke_run_traces_the_round_once_and_writes_outputs(smoke_config, tmp_path):
@@ -176,7 +180,7 @@ def test_lost_metrics_are_rebuilt_from_the_checkpoint_and_a_lost_config_is_refus
 
 
 def test_a_workdir_in_use_is_refused(smoke_config, tmp_path):
-  from hyperlora_jax.train import workdir_lock
+  from experiments.runner.workdir import workdir_lock
   with workdir_lock(str(tmp_path)):
     with pytest.raises(RuntimeError, match=f"in use by another run \\(pid {os.getpid()}\\)"):
       train_and_evaluate(smoke_config, str(tmp_path), progress=False)
@@ -199,7 +203,7 @@ def test_shifted_evaluation_reaches_every_test_block_and_severity_zero_is_the_ru
                                                                                       monkeypatch):
   """`run_evaluator`'s `transform_images` and `experiments.shift_severity` on a finished run."""
   from experiments import shift_severity
-  from hyperlora_jax.train import run_evaluator
+  from experiments.runner.evaluation import run_evaluator
   smoke_config.fed.num_rounds = 2
   run = tmp_path / "runs" / "fedit"
   last = train_and_evaluate(smoke_config, str(run), progress=False)["records"][-1]

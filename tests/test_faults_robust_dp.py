@@ -176,9 +176,10 @@ def test_privacy_epsilon_from_the_accountant_behaves_and_bounds_the_classic_rdp_
 
 
 def test_robust_and_dp_config_options_reach_the_round(smoke_config, tmp_path):
-  from hyperlora_jax import reporting
-  from hyperlora_jax.config_validation import ConfigError
-  from hyperlora_jax.train import build_experiment, train_and_evaluate
+  from experiments.runner import reporting
+  from experiments.runner.config_validation import ConfigError
+  from experiments.runner.experiment import build_experiment
+  from experiments.runner.train import train_and_evaluate
   smoke_config.robust.rule = "geometric_median"
   assert build_experiment(smoke_config, log=lambda _: None).fed_round.aggregator.capabilities.name == \
       "robust_factors[geometric_median]"

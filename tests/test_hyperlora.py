@@ -7,13 +7,14 @@ import numpy as np
 import optax
 import pytest
 
-from hyperlora_jax import reporting
+from experiments.runner import reporting
 from hyperlora_jax.aggregators import AggregationContext
 from hyperlora_jax.hyper import signatures
 from hyperlora_jax.hyper.synthesis import (SynthesisConfig, hyperlora_synthesizer, product_gram,
                                                   refactorize)
-from hyperlora_jax.config_validation import ConfigError
-from hyperlora_jax.train import build_experiment, train_and_evaluate
+from experiments.runner.config_validation import ConfigError
+from experiments.runner.experiment import build_experiment
+from experiments.runner.train import train_and_evaluate
 
 C, D_IN, D_OUT, R, SCALE, SIG = 4, 7, 6, 2, 2.0, 3
 WEIGHTS = jnp.array([0.4, 0.3, 0.2, 0.1])

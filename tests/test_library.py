@@ -248,7 +248,7 @@ def test_importing_the_library_pulls_no_configs_or_model_zoo():
   import subprocess
   import sys
   code = ("import sys, hyperlora_jax; "
-          "print(sorted(m for m in ('ml_collections', 'hyperlora_jax.models', 'hyperlora_jax.train', "
+          "print(sorted(m for m in ('ml_collections', 'hyperlora_jax.models', 'experiments.runner.train', "
           "'tensorflow_datasets') if m in sys.modules))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -270,7 +270,7 @@ def test_a_nonfinite_clients_loss_is_left_out_of_the_reported_train_loss():
 
 
 def test_a_round_with_no_finite_client_reports_no_loss_and_the_summary_says_so():
-  from hyperlora_jax import reporting
+  from experiments.runner import reporting
   fed, frozen, adapter, _ = _toy_round()
   state = fed.init(jax.random.key(1), adapter)
   batches = {"x": jnp.ones((2, 1, 2, 5)), "y": jnp.full((2, 1, 2, 3), jnp.nan)}
@@ -281,3 +281,32 @@ def test_a_round_with_no_finite_client_reports_no_loss_and_the_summary_says_so()
                                    "personalized_accuracy_mean": 0.1, "personalized_accuracy_worst": 0.1})
   assert record["train_loss"] is None
   assert "train loss             n/a" in reporting.summary([record], "run")
+
+
+def test_the_typed_server_state_reads_and_checkpoints_as_the_dict_it_was(tmp_path):
+  """`ServerState` keeps the dict layout of every checkpoint written before it (the keys
+  below), so those restore into it; `state["global"]` reads as before."""
+  import orbax.checkpoint as ocp
+
+  from experiments.runner.workdir import checkpoint_manager, restore_state, save_state
+  fed, frozen, adapter, _ = _toy_round(local_leaves=r"out/b")
+  batches = {"x": jnp.ones((2, 2, 2, 5)), "y": jnp.ones((2, 2, 2, 3))}
+  state, _ = jax.jit(fed.step)(fed.init(jax.random.key(1), adapter), frozen, batches, jnp.array([0, 3]),
+                               jnp.full(2, 0.5))
+  layout = state.as_dict()
+  assert set(layout) == {"round", "rng", "global", "server_opt", "clients", "agg", "base_delta", "plugins"}
+  assert state["global"] is state.global_params and "signatures" not in state and "clients" in state
+  old = checkpoint_manager(str(tmp_path / "dict"))  # As the runner saved before the typed state.
+  old.save(1, args=ocp.args.StandardSave(layout))
+  old.wait_until_finished()
+  fresh = fed.init(jax.random.key(9), adapter)
+  restored, step = restore_state(old, fresh)
+  old.close()
+  assert step == 1 and isinstance(restored, federated.ServerState)
+  jax.tree.map(np.testing.assert_array_equal, restored, state)
+  new = checkpoint_manager(str(tmp_path / "typed"))
+  save_state(new, 1, state)
+  new.wait_until_finished()
+  again, _ = restore_state(new, fresh)
+  new.close()
+  jax.tree.map(np.testing.assert_array_equal, again, state)

@@ -148,3 +148,105 @@ def test_product_mean_is_the_weighted_mean_of_products_and_runs_at_rank_c_times_
                              sum(p[k] * per_client[k]["params"]["out"]["kernel"] for k in range(3)), atol=1e-6)
   out = lora.apply(model, params, as_layers(mean["hidden"]), x, scale=1.0)
   np.testing.assert_allclose(out, model.apply(merged, x), atol=1e-5)
+
+
+class TiedLM(nn.Module):
+  """tokens [B, T] -> logits [B, T, vocab] through the embedding table reused as the LM head."""
+  @nn.compact
+  def __call__(self, tokens):
+    embed = nn.Embed(11, 6, name="embed")
+    return embed.attend(nn.Dense(6, name="mid")(embed(tokens)))
+
+
+def test_a_tied_embedding_is_adapted_in_its_lookup_and_its_head_as_merge_does():
+  """Before, `apply` adapted only the lookup while `merge` changed the whole table (max
+  |factored - merged| was ~50): the head `attend` now gets s (q bᵀ) aᵀ, on a 11 x 6 table, and a
+  base delta d gives q dᵀ there too."""
+  model, tokens = TiedLM(), (jnp.arange(10) % 11).reshape(2, 5)
+  variables = model.init(jax.random.key(0), tokens)
+  targets = lora.find_targets(model, variables, tokens, target_regex="embed|mid")
+  assert targets == {"embed": (11, 6), "mid": (6, 6)}
+  adapter = _nonzero_lora(targets, 2)
+  adapter = jax.tree.map(lambda x: x + 0.3, adapter)
+  factored = lora.apply(model, variables, adapter, tokens, scale=1.5)
+  merged = model.apply(lora.merge(variables, adapter, 1.5), tokens)
+  np.testing.assert_allclose(factored, merged, atol=1e-5)
+  lookup_only = model.apply(lora.merge(variables, {"mid": adapter["mid"]}, 1.5), tokens)
+  assert float(jnp.abs(factored - lookup_only).max()) > 0.1  # The table's update matters.
+  delta = {"embed": jax.random.normal(jax.random.key(5), (11, 6))}
+  with_delta = lora.apply(model, variables, {}, tokens, scale=1.0, base_delta=delta)
+  table = variables["params"]["embed"]["embedding"] + delta["embed"]
+  by_hand = model.apply({"params": {**variables["params"], "embed": {"embedding": table}}}, tokens)
+  np.testing.assert_allclose(with_delta, by_hand, atol=1e-5)
+
+
+def test_a_regex_matching_an_unsupported_layer_names_it_instead_of_skipping_it():
+  class Normed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3, name="proj")(nn.LayerNorm(name="norm")(x))
+  model, x = Normed(), jnp.ones((1, 4))
+  variables = model.init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match=r"does not support: 'norm' \(nn.LayerNorm\)"):
+    lora.find_targets(model, variables, x, target_regex="proj|norm")
+  assert lora.find_targets(model, variables, x, target_regex="proj") == {"proj": (4, 3)}
+
+
+class NNXConvEinsum:
+  """An NNX model with a strided Conv [3, 3, 3, 5] and an Einsum kernel [5, 2, 4]: x [B, 8, 8, 3]
+  -> [B, 16, 2, 4]."""
+
+  @staticmethod
+  def build():
+    from flax import nnx
+
+    class Model(nnx.Module):
+      def __init__(self, rngs):
+        self.conv = nnx.Conv(3, 5, (3, 3), strides=2, padding="SAME", rngs=rngs)
+        self.ein = nnx.Einsum("btd,dhk->bthk", (5, 2, 4), rngs=rngs)
+        self.norm = nnx.LayerNorm(5, rngs=rngs)
+
+      def __call__(self, x):
+        h = self.conv(x)
+        return self.ein(h.reshape(h.shape[0], -1, 5))
+    return Model(nnx.Rngs(0))
+
+
+def test_nnx_conv_and_einsum_take_lora_factored_equal_to_merged():
+  from flax import nnx
+  model = NNXConvEinsum.build()
+  graphdef, state = nnx.split(model)
+  targets = lora.find_targets_nnx(model, target_regex="conv|ein")
+  assert targets == {"conv": (3 * 3 * 3, 5), "ein": (5, 2 * 4)}
+  adapter = jax.tree.map(lambda p: p + 0.2, lora.init_lora(jax.random.key(1), targets, 2))
+  x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
+  factored = jax.jit(lambda ad: lora.apply_nnx(graphdef, state, ad, x, scale=2.0))(adapter)
+  base_output = nnx.merge(graphdef, state)(x)
+  merged = nnx.merge(graphdef, jax.tree.map(jnp.array, state))  # A copy: merging shares variables.
+  for name in ("conv", "ein"):
+    layer = getattr(merged, name)
+    layer.kernel[...] = layer.kernel[...] + (2.0 * adapter[name]["a"] @ adapter[name]["b"]).reshape(
+        layer.kernel[...].shape)
+  np.testing.assert_allclose(factored, merged(x), atol=1e-5)
+  # Per-client (vmapped) adapters: each client's output is its own adapter's.
+  stacked = jax.tree.map(lambda p: jnp.stack([p, 0 * p]), adapter)
+  both = jax.vmap(lambda ad: lora.apply_nnx(graphdef, state, ad, x, scale=2.0))(stacked)
+  np.testing.assert_allclose(both[0], factored, atol=1e-5)
+  np.testing.assert_allclose(both[1], base_output, atol=1e-5)
+  assert float(jnp.abs(factored - base_output).max()) > 0.1
+
+
+def test_nnx_a_regex_over_an_unsupported_layer_and_a_mistyped_path_say_which():
+  from flax import nnx
+  model = NNXConvEinsum.build()
+  graphdef, state = nnx.split(model)
+  with pytest.raises(ValueError, match=r"does not support: 'norm' \(LayerNorm\)"):
+    lora.find_targets_nnx(model, target_regex="conv|norm")
+  factors = {"a": jnp.zeros((27, 2)), "b": jnp.zeros((2, 5))}
+  x = jnp.ones((1, 8, 8, 3))
+  with pytest.raises(ValueError, match="no layer there"):
+    lora.apply_nnx(graphdef, state, {"cnv": factors}, x, scale=1.0)
+  with pytest.raises(ValueError, match="no layer there"):
+    lora.apply_nnx(graphdef, state, {"blocks/0/conv": factors}, x, scale=1.0)
+  with pytest.raises(ValueError, match="of type LayerNorm, which LoRA does not support"):
+    lora.apply_nnx(graphdef, state, {"norm": factors}, x, scale=1.0)

@@ -12,7 +12,8 @@ import optax
 import pytest
 
 import hyperlora_jax as hl
-from hyperlora_jax import aggregators, federated, lora, methods
+from hyperlora_jax import aggregators, federated, lora
+from experiments.runner import methods
 from hyperlora_jax.aggregators.fair import fair_objective, fit_delta_b
 from tests.test_library import OneLayer
 
@@ -213,11 +214,11 @@ EXPECTED_BYTES = {  # method: ((up, down) in round 0, (up, down) in round 1)
 
 
 def test_every_methods_bytes_match_a_hand_count(smoke_config):
-  from hyperlora_jax import train
+  from experiments.runner import experiment, records
   assert set(EXPECTED_BYTES) == set(methods.METHODS)
   ids = np.array([0, 1, 2, 3])
   for method, expected in EXPECTED_BYTES.items():
     smoke_config.method = method
-    exp = train.build_experiment(smoke_config, log=lambda _: None)
-    got = (train.communication_bytes(exp, 0, ids), train.communication_bytes(exp, 1, ids))
+    exp = experiment.build_experiment(smoke_config, log=lambda _: None)
+    got = (records.communication_bytes(exp, 0, ids), records.communication_bytes(exp, 1, ids))
     assert got == expected, method

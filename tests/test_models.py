@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from configs import benchmarks
-from hyperlora_jax import lora, models, pretrain
+from hyperlora_jax import lora, models
+from experiments.runner import pretrain
 from hyperlora_jax.models import CLIP, Mixer, ViT, clip as clip_lib, load
 
 

@@ -13,7 +13,7 @@ SCRIPT = textwrap.dedent("""
     import jax
     assert len(jax.devices()) == 8, jax.devices()
     from configs import default
-    from hyperlora_jax.train import train_and_evaluate
+    from experiments.runner.train import train_and_evaluate
     out = {}
     for method, devices, chunk in (("fedit", 1, 0), ("fedit", 8, 0), ("fedit", 8, 8),
                                    ("hyperlora", 1, 0), ("hyperlora", 8, 8)):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from hyperlora_jax.optimizers import build_optimizer
+from experiments.runner.optimizers import build_optimizer
 
 
 def _sgd_steps(cfg: ml_collections.ConfigDict, steps: int) -> list[float]:

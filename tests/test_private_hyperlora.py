@@ -210,8 +210,8 @@ def _private_config(smoke_config):
     ("method", "pfedhn", "dp.noise_multiplier"),
 ])
 def test_private_hyperlora_config_errors_name_the_field(smoke_config, field, value, named):
-  from hyperlora_jax.config_validation import ConfigError
-  from hyperlora_jax.train import build_experiment
+  from experiments.runner.config_validation import ConfigError
+  from experiments.runner.experiment import build_experiment
   config = _private_config(smoke_config)
   block, name = field.split(".") if "." in field else (None, field)
   (config[block] if block else config)[name] = value
@@ -220,8 +220,9 @@ def test_private_hyperlora_config_errors_name_the_field(smoke_config, field, val
 
 
 def test_a_private_hyperlora_run_reports_the_composed_epsilon_and_stores_clipped_signatures(smoke_config, tmp_path):
-  from hyperlora_jax import reporting
-  from hyperlora_jax.train import build_experiment, train_and_evaluate
+  from experiments.runner import reporting
+  from experiments.runner.experiment import build_experiment
+  from experiments.runner.train import train_and_evaluate
   config = _private_config(smoke_config)
   config.fed.num_rounds, config.dp.signature_clip_norm = 2, 0.5
   train_and_evaluate(config, str(tmp_path), progress=False, log=lambda _: None)

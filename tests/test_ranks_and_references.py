@@ -6,9 +6,11 @@ import pytest
 
 from hyperlora_jax import aggregators, lora
 from hyperlora_jax.aggregators.hetero import norm_weights, product_norms
-from hyperlora_jax.config_validation import ConfigError
+from experiments.runner.config_validation import ConfigError
 from hyperlora_jax.tasks.image_classification import frozen_tree
-from hyperlora_jax.train import build_experiment, communication_bytes, round_inputs
+from experiments.runner.experiment import build_experiment
+from experiments.runner.records import communication_bytes
+from experiments.runner.feeding import round_inputs
 
 RANKS = (1, 2, 4)
 R_MAX, D_IN, D_OUT, SCALE = 4, 6, 5, 2.0

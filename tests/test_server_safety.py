@@ -214,8 +214,8 @@ def test_a_run_counts_rejections_and_stops_on_a_nonfinite_global_model(smoke_con
   """A server step that overflows (FedOpt, lr 1e38 with momentum): the guard rejects it every
   round and metrics.jsonl counts it; with the guards switched off, the global model turns
   non-finite and the run stops naming the round, instead of reporting an accuracy for it."""
-  from hyperlora_jax import reporting
-  from hyperlora_jax.train import train_and_evaluate
+  from experiments.runner import reporting
+  from experiments.runner.train import train_and_evaluate
   smoke_config.server_optimizer.learning_rate, smoke_config.server_optimizer.momentum = 1e38, 0.9
   smoke_config.fed.num_rounds = 2
   train_and_evaluate(smoke_config, str(tmp_path / "guarded"), progress=False, log=lambda _: None)
@@ -232,7 +232,7 @@ def test_a_diverged_pretraining_is_reported_and_not_cached(smoke_config, tmp_pat
   """A pretraining learning rate that blows up once cached a NaN backbone and reported
   "holdout accuracy 0.062"; validation now refuses inf, and a finite but absurd one is caught."""
   import os
-  from hyperlora_jax import pretrain
+  from experiments.runner import pretrain
   smoke_config.pretrain.learning_rate = 1e30
   smoke_config.pretrain.cache_dir = str(tmp_path / "backbones")
   with pytest.raises(FloatingPointError, match="pretraining diverged.*pretrain.learning_rate"):

@@ -3,9 +3,11 @@ images in memory, and reads bounded by what a round needs."""
 import numpy as np
 import pytest
 
-from hyperlora_jax.data import blocks
-from hyperlora_jax.data.loader import RecordImages, load_image_dataset
-from hyperlora_jax.train import build_experiment, round_inputs, train_and_evaluate
+from experiments.runner.data import blocks
+from experiments.runner.data.loader import RecordImages, load_image_dataset
+from experiments.runner.experiment import build_experiment
+from experiments.runner.feeding import round_inputs
+from experiments.runner.train import train_and_evaluate
 
 QUIET = {"progress": False, "log": lambda _: None}
 

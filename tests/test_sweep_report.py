@@ -429,8 +429,8 @@ def test_tune_grid_flag_replaces_only_the_named_methods_grids():
 def test_tune_links_a_test_run_to_a_finished_run_of_the_same_config_and_nothing_else(tmp_path):
   """`--reuse`: only a finished run whose recorded config equals the spec's stands in for it."""
   from experiments import tune
-  from hyperlora_jax import methods
-  from hyperlora_jax.config_validation import used_config
+  from experiments.runner import methods
+  from experiments.runner.config_validation import used_config
 
   def recorded_run(path, spec, rounds):
     config = sweep.make_config(spec)

@@ -107,15 +107,26 @@ class Generator(NamedTuple):
   init: Callable[[jax.Array], Tree]
   generate: Callable[[Tree, jax.Array, jax.Array], Tree]
   update: Callable[..., Tree]
+  signature_dim: int | None = None  # D of the signatures it reads (None: not declared).
 
 
 def make_generator(module: LoraGenerator, *, loss: str, optimizer: optax.GradientTransformation,
-                   scale: float, server_steps: int = 1, signature_dim: int = 0,
+                   scale: float | None = None, server_steps: int = 1, signature_dim: int = 0,
                    privacy: tuple[float, float] | None = None) -> Generator:
   """The `Generator` for `module`, trained by `loss` ("vjp" or "product_distill"), with
-  DP-SGD steps when `privacy=(clip_norm, noise_multiplier)` (module docstring)."""
+  DP-SGD steps when `privacy=(clip_norm, noise_multiplier)` (module docstring).
+
+  Args:
+    scale: the LoRA scale s of the products that "product_distill" fits (s a b); "vjp" works on
+      the factors and does not read it.
+    signature_dim: D, the width of the signatures [C, D] it is given (0: none; then the
+      module needs client embeddings).
+  """
   if loss not in GENERATOR_LOSSES:
     raise ValueError(f"generator loss {loss!r}; allowed: {GENERATOR_LOSSES}")
+  if loss == "product_distill" and scale is None:
+    raise ValueError("make_generator(loss='product_distill') fits the products s a b: give scale=s "
+                     "(hl.lora.lora_scale(alpha, rank))")
 
   def init(rng):
     params = module.init(rng, jnp.zeros((signature_dim,)), jnp.zeros((), jnp.int32))
@@ -185,4 +196,4 @@ def make_generator(module: LoraGenerator, *, loss: str, optimizer: optax.Gradien
       new_state["rng"] = jax.random.key_data(jax.random.fold_in(key, steps))
     return new_state
 
-  return Generator(init=init, generate=generate, update=update)
+  return Generator(init=init, generate=generate, update=update, signature_dim=signature_dim)

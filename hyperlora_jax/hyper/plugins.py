@@ -76,7 +76,7 @@ def generator_plugin(generator: Generator, name: str = "generator", target: str 
     return generator.update(state, outcome.signatures, outcome.client_ids, base, trained,
                             outcome.weights, outcome.rank_masks)
   return Plugin(name=name, init=generator.init, client_offsets=generator.generate,
-                after_aggregation=after_aggregation)
+                after_aggregation=after_aggregation, signature_dim=generator.signature_dim)
 
 
 def clip_plugin_updates(plugin: Plugin, max_norm: float) -> Plugin:

@@ -107,18 +107,19 @@ def make_signature_fn(featurize: Callable[[jax.Array], jax.Array], kinds: tuple[
 
 
 def compute_signatures(model: Any, backbone: Any, client_data: dict, kinds: tuple[str, ...],
-                       num_classes: int, *, covariance_rank: int = 8, noise_std: float = 0.0,
+                       num_classes: int, *, preprocess: Callable[[jax.Array], jax.Array], covariance_rank: int = 8, noise_std: float = 0.0,
                        seed: int = 0, client_keys: jax.Array | None = None,
                        clip_norm: float | None = None) -> np.ndarray:
   """[N, D] signatures of every client (host array) with the frozen `model` (ViT-like:
   `apply(variables, images, return_features=True)`).
 
+  preprocess: images [..., H, W, 3] uint8 -> the model's inputs (its own input convention).
+
   client_keys: [N] noise keys, one per client (default: `key(seed)` split over the N clients),
   so clients computed in blocks get the keys they would get all at once."""
   if not statistic_kinds(kinds):
     return np.zeros((client_data["label"].shape[0], 0), np.float32)
-  from hyperlora_jax.models import preprocess_images  # The model zoo's input convention.
-  featurize = lambda images: model.apply(backbone, preprocess_images(images), return_features=True)
+  featurize = lambda images: model.apply(backbone, preprocess(images), return_features=True)
   basis = None
   if "features" in kinds:
     feature_dim = jax.eval_shape(featurize, client_data["image"][0, :1]).shape[-1]

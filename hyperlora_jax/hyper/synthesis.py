@@ -13,9 +13,9 @@ For every targeted layer l (kernel layout, see `hyperlora_jax.lora`):
      start is the global, and P_l = Σ_k w_{k,l} s a_k b_k, the weighted product average.
      With offsets, aggregating changes keeps each client's offset out of the global: were
      the products themselves averaged, the global would absorb the mean offset every round
-     and clients would start from it plus the offset again. That feedback (the offset's
-     a-part times the global b, re-added each round) made the global b grow geometrically,
-     until the run went non-finite after about 580 smoke rounds.
+     and clients would start from it plus the offset again: that feedback (the offset's
+     a-part times the global b, re-added each round) grows the global b geometrically
+     (RELIABILITY.md tells the history).
   2. Re-factorization to rank r. a = U_r R, b = Rᵀ U_rᵀ P_l / s, with U_r the top-r left
      singular vectors of P_l and R the orthogonal r x r rotation that best aligns a with the
      previous global a (Procrustes). s a b = U_r U_rᵀ P_l is the best rank-r approximation

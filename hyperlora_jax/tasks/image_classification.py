@@ -18,7 +18,6 @@ import optax
 from hyperlora_jax import lora as lora_lib
 from hyperlora_jax import primitives
 from hyperlora_jax.client import ClientUpdate, masked_mean
-from hyperlora_jax.models import preprocess_images
 from hyperlora_jax.federated import NEW_CLIENT, FederatedRound, round_update_mask
 
 
@@ -61,6 +60,8 @@ class ImageClassification:
   Attributes:
     model: the Flax module (knows nothing of LoRA).
     scale: LoRA scale s = alpha / r.
+    preprocess: images [B, H, W, 3] uint8 -> the model's float inputs (the backbone's own input
+      convention, e.g. `hyperlora_jax.models.preprocess_images`: [-1, 1]).
     head_name: top-level param entry replaced by `trainable["head"]` (None: no trainable head).
     compute_dtype: dtype the images enter the backbone in; with the frozen weights cast to it
       (`frozen_tree(..., dtype=)`) the backbone computes in it. LoRA factors, the head, the
@@ -68,6 +69,7 @@ class ImageClassification:
   """
   model: nn.Module
   scale: float
+  preprocess: Callable[[jax.Array], jax.Array]
   head_name: str | None = "head"
   compute_dtype: Any = jnp.float32
 
@@ -77,7 +79,7 @@ class ImageClassification:
     if self.head_name is not None:
       params = {**params, "params": {**params["params"], self.head_name: trainable["head"]}}
     logits = lora_lib.apply(self.model, params, trainable["lora"],
-                            preprocess_images(images).astype(self.compute_dtype),
+                            self.preprocess(images).astype(self.compute_dtype),
                             scale=self.scale, base_delta=frozen["base_delta"])
     return logits.astype(jnp.float32)
 
@@ -131,7 +133,7 @@ def make_evaluate(task: ImageClassification, fed_round: FederatedRound, *, eval_
   `primitives.map_clients`, `clients_per_chunk` at a time (0: the whole block at once),
   sharded over the round's mesh."""
   def global_counts(state, frozen, block):
-    frozen = apply_base_delta(frozen, state["base_delta"])
+    frozen = apply_base_delta(frozen, state.base_delta)
     return block_counts(task, frozen, fed_round.global_params(state), block, eval_batch)
 
   def split_accuracy(frozen, trainable, data):
@@ -147,12 +149,12 @@ def make_evaluate(task: ImageClassification, fed_round: FederatedRound, *, eval_
     return jnp.sum(correct) / jnp.maximum(jnp.sum(count), 1.0)
 
   def client_accuracy(state, frozen, client_ids, block):
-    frozen = apply_base_delta(frozen, state["base_delta"])
+    frozen = apply_base_delta(frozen, state.base_delta)
     local, _, offsets, masks = fed_round.client_inputs(state, client_ids)
 
     def one_client(inputs):
       client_local, data, offset, rank_mask = inputs
-      trainable = fed_round.client_start(state["global"], client_local, offset, rank_mask)
+      trainable = fed_round.client_start(state.global_params, client_local, offset, rank_mask)
       return split_accuracy(frozen, trainable, data)
 
     return primitives.map_clients(one_client, (local, block, offsets, masks), clients_per_chunk,
@@ -178,10 +180,10 @@ def make_new_client_evaluate(task: ImageClassification, fed_round: FederatedRoun
     {name: [H] accuracy} for the names above.
   """
   def evaluate_new(state, frozen, train_block, test_block, signatures):
-    frozen = apply_base_delta(frozen, state["base_delta"])
+    frozen = apply_base_delta(frozen, state.base_delta)
     num_new = test_block["label"].shape[0]
-    update_mask = round_update_mask(fed_round.frozen_leaves, state["global"], jnp.int32(0))
-    full_rank = jnp.ones((lora_lib.rank_of(state["global"]),), jnp.float32)
+    update_mask = round_update_mask(fed_round.frozen_leaves, state.global_params, jnp.int32(0))
+    full_rank = jnp.ones((lora_lib.rank_of(state.global_params),), jnp.float32)
     generated = (fed_round.offsets(state, signatures, jnp.full((num_new,), NEW_CLIENT, jnp.int32))
                  if fed_round.plugins else jnp.zeros((num_new,)))
 
@@ -191,7 +193,7 @@ def make_new_client_evaluate(task: ImageClassification, fed_round: FederatedRoun
       for name, start_offset in (("global", None), ("generated", offset)):
         if name == "generated" and not fed_round.plugins:
           continue
-        start = fed_round.client_start(state["global"], {}, start_offset, full_rank)
+        start = fed_round.client_start(state.global_params, {}, start_offset, full_rank)
         out[name] = task.accuracy_rate(frozen, start, test)
         tuned, _ = client_update(start, frozen, train, jax.random.key(0), update_mask)
         out[f"{name}_finetuned"] = task.accuracy_rate(frozen, tuned, test)

@@ -19,7 +19,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from hyperlora_jax.data import digits_domains
+from experiments.runner.data import digits_domains
 
 EMBEDDED_NAME = "digits_domains"
 DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "hyperlora_jax", "tensorflow_datasets")

@@ -7,8 +7,8 @@ from typing import Iterator
 import ml_collections
 import numpy as np
 
-from hyperlora_jax.data import blocks, partition
-from hyperlora_jax.data.loader import ImageDataset, load_image_dataset
+from experiments.runner.data import blocks, partition
+from experiments.runner.data.loader import ImageDataset, load_image_dataset
 
 
 @dataclasses.dataclass(frozen=True)

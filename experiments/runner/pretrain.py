@@ -26,7 +26,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from hyperlora_jax import models
-from hyperlora_jax.data.loader import ImageDataset, load_image_dataset
+from experiments.runner.data.loader import ImageDataset, load_image_dataset
 from hyperlora_jax.models import clip as clip_lib
 from hyperlora_jax.models import load as load_lib
 

@@ -21,7 +21,7 @@ from hyperlora_jax.aggregators import Aggregator
 from hyperlora_jax.hyper import generator as generator_lib
 from hyperlora_jax.hyper import signatures as signatures_lib
 from hyperlora_jax.hyper.synthesis import SynthesisConfig, hyperlora_synthesizer
-from hyperlora_jax.optimizers import build_optimizer
+from experiments.runner.optimizers import build_optimizer
 
 HEAD_REGEX = r"head/.*"
 A_REGEX = r"lora/.*/a"
@@ -49,6 +49,13 @@ class Method:
       mean-change release (`hyper.plugins.generator_plugin`); None without DP.
     releases_per_round: private releases a round makes under client-level DP (the
       accountant's m, `hyperlora_jax.privacy`).
+    plain_average: the space in which the server rule is a plain weighted average that a robust
+      rule (`robust.space`) or DP-FedAvg may replace: "factors" (A and B apart), "products"
+      (B A); "" where it is not one.
+    private_rounds: the method builds its own private rounds under client-level DP (HyperLoRA)
+      instead of taking DP-FedAvg.
+    client_embeddings: the generator learns a per-client embedding (`generator.client_embed_dim`
+      must be >= 1).
   """
   name: str
   aggregator: Aggregator
@@ -61,6 +68,9 @@ class Method:
   signature_kinds: tuple[str, ...] = ()
   generator_privacy: tuple[float, float] | None = None
   releases_per_round: int = 1
+  plain_average: str = ""
+  private_rounds: bool = False
+  client_embeddings: bool = False
 
 
 def _join(*regexes: str) -> str:
@@ -100,7 +110,7 @@ def generator_factory(config, *, client_embeddings: bool, private: bool = False)
 
 def fedit(config) -> Method:
   """FedIT: average A and B (and a shared head)."""
-  return Method("fedit", aggregators.fedit(), local_regex=_local_head(config))
+  return Method("fedit", aggregators.fedit(), local_regex=_local_head(config), plain_average="factors")
 
 
 def local_only(config) -> Method:
@@ -113,20 +123,21 @@ def ffa_lora(config) -> Method:
   """FFA-LoRA (Sun et al., ICLR 2024): A frozen at the shared random init, only B (init 0)
   trained and averaged, which is exact (B̄A = Σ p_k B_k A); half the uplink."""
   return Method("ffa_lora", aggregators.fedit(), local_regex=_local_head(config),
-                frozen_regexes=(A_REGEX,))
+                frozen_regexes=(A_REGEX,), plain_average="factors")
 
 
 def fedsa_lora(config) -> Method:
   """FedSA-LoRA (Guo et al., ICLR 2025): A and B trained, only A aggregated; B stays on the
   client, whose model is W0 + s B_k Ā."""
-  return Method("fedsa_lora", aggregators.fedit(), local_regex=_join(B_REGEX, _local_head(config)))
+  return Method("fedsa_lora", aggregators.fedit(), local_regex=_join(B_REGEX, _local_head(config)),
+                plain_average="factors")
 
 
 def rolora(config) -> Method:
   """RoLoRA (Chen et al., NeurIPS 2025): alternate rounds. Even rounds freeze A and train and
   average B; odd rounds freeze B and train and average A. Each round's average is exact."""
   return Method("rolora", aggregators.fedit(), local_regex=_local_head(config),
-                frozen_regexes=(A_REGEX, B_REGEX))
+                frozen_regexes=(A_REGEX, B_REGEX), plain_average="factors")
 
 
 def fedex_lora(config) -> Method:
@@ -142,7 +153,8 @@ def flora(config) -> Method:
 def flexlora(config) -> Method:
   """FlexLoRA (Bai et al., NeurIPS 2024): truncated SVD of the weighted product average to
   r_max; a client of rank r_k keeps the first r_k components, the best rank-r_k approximation."""
-  return Method("flexlora", aggregators.flexlora(_scale(config)), local_regex=_local_head(config))
+  return Method("flexlora", aggregators.flexlora(_scale(config)), local_regex=_local_head(config),
+                plain_average="products")
 
 
 def hetlora(config) -> Method:
@@ -157,7 +169,7 @@ def pfedhn(config) -> Method:
   server applies φ ← φ − η (∂θ_k/∂φ)^T (θ_k − θ̃_k) (and the same for v_k). The head follows
   `fed.head_policy`; the generated factors are sent down and the trained ones up."""
   return Method("pfedhn", aggregators.head_only(), local_regex=_local_head(config),
-                make_generator=generator_factory(config, client_embeddings=True))
+                make_generator=generator_factory(config, client_embeddings=True), client_embeddings=True)
 
 
 def hyperlora(config) -> Method:
@@ -170,7 +182,7 @@ def hyperlora(config) -> Method:
   private releases (`hyperlora_jax.privacy`): the product-space update (clip `dp.clip_norm`),
   and with the generator the cohort's mean factor change (clip `dp.clip_norm`) and each
   DP-SGD step of G_φ (clip `dp.generator_clip_norm`). S_ψ and C_ω are not meta-learned then."""
-  from hyperlora_jax.config_validation import ConfigError
+  from experiments.runner.config_validation import ConfigError
   hl = config.hyperlora
   kinds = signatures_lib.parse_kinds(hl.signature)
   synthesis = SynthesisConfig(
@@ -203,7 +215,8 @@ def hyperlora(config) -> Method:
       generator_target="deviation",  # The global carries the mean change; G_φ the personal part.
       signature_kinds=kinds,
       generator_privacy=update_release if hl.generator else None,
-      releases_per_round=1 + (1 + steps if steps else 0))
+      releases_per_round=1 + (1 + steps if steps else 0),
+      private_rounds=True, client_embeddings=bool(hl.generator) and "embedding" in kinds)
 
 
 def centralized(config) -> Method:
@@ -246,31 +259,40 @@ METHOD_BLOCKS: dict[str, tuple[str, ...]] = {
 }
 
 
-# Methods whose server rule is the plain average (robust factor rules and DP-FedAvg replace it).
-AVERAGING_METHODS = ("fedit", "ffa_lora", "fedsa_lora", "rolora")
+def methods_with(config: ml_collections.ConfigDict, capability: Callable[[Method], bool]) -> list[str]:
+  """The names of the methods that, built from `config`, have `capability` (for messages)."""
+  from experiments.runner.config_validation import ConfigError
+  names = []
+  for name, build in METHODS.items():
+    try:
+      if capability(build(config)):
+        names.append(name)
+    except ConfigError:  # A method this config cannot build has no capability here.
+      pass
+  return names
 
 
 def with_server_options(method: Method, config: ml_collections.ConfigDict) -> Method:
   """`method` with the config's robust rule, update clipping or DP-FedAvg in place of its
-  aggregator (`robust`, `dp` blocks); raises ConfigError where a method does not take them."""
-  from hyperlora_jax.config_validation import ConfigError
+  aggregator (`robust`, `dp` blocks), where its capabilities take them (`plain_average`,
+  `private_rounds`); raises ConfigError where they do not."""
+  from experiments.runner.config_validation import ConfigError
   robust, dp = config.get("robust"), config.get("dp")
   aggregator = method.aggregator
   if robust is not None and robust.rule != "mean":
-    if robust.space == "factors" and method.name in AVERAGING_METHODS:
-      aggregator = aggregators.robust_factors(robust.rule, robust.trim)
-    elif robust.space == "products" and method.name == "flexlora":
-      aggregator = aggregators.robust_products(robust.rule, _scale(config), robust.trim)
-    else:
+    if method.plain_average != robust.space:
+      takers = methods_with(config, lambda m: m.plain_average == robust.space)
       raise ConfigError(f"robust.rule: {robust.rule!r} in {robust.space} space replaces the average of "
-                        f"{', '.join(AVERAGING_METHODS) if robust.space == 'factors' else 'flexlora'}, "
-                        f"not method {method.name!r}")
+                        f"{', '.join(takers)}, not method {method.name!r}")
+    aggregator = (aggregators.robust_factors(robust.rule, robust.trim) if robust.space == "factors"
+                  else aggregators.robust_products(robust.rule, _scale(config), robust.trim))
   if dp is not None and dp.noise_multiplier > 0:
-    if method.name == "hyperlora" and aggregator is method.aggregator:
-      pass  # Built private (`hyperlora`).
-    elif method.name not in AVERAGING_METHODS or aggregator is not method.aggregator:
+    if method.private_rounds and aggregator is method.aggregator:
+      pass  # Built private (e.g. `hyperlora`).
+    elif method.plain_average != "factors" or aggregator is not method.aggregator:
+      takers = methods_with(config, lambda m: m.plain_average == "factors")
       raise ConfigError(f"dp.noise_multiplier: DP-FedAvg replaces the plain average of "
-                        f"{', '.join(AVERAGING_METHODS)} (with robust.rule='mean'), and HyperLoRA has its "
+                        f"{', '.join(takers)} (with robust.rule='mean'), and HyperLoRA has its "
                         f"own private rounds; not method {method.name!r}")
     else:
       aggregator = aggregators.dp_fedavg(dp.clip_norm, dp.noise_multiplier)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hyperlora_jax.data.loader import ImageDataset
+from experiments.runner.data.loader import ImageDataset
 
 PAD_CLIENT = -1
 

@@ -1,6 +1,11 @@
-"""Validates a run's ConfigDict before anything is loaded or compiled.
+"""Every check of a run's config, in one place, before anything is loaded or compiled.
 
-Every error names the field and what is allowed.
+  validate_config      the fields alone (types, ranges, allowed values, combinations)
+  preflight            against dataset metadata and the model's shapes (no example or weight read)
+  check_mesh_fits      against the devices of the clients mesh axis (returns the mesh)
+  check_method_fits    the method's aggregator capabilities against the server optimizer and ranks
+
+Every error is a `ConfigError` naming the field and what is allowed.
 """
 from __future__ import annotations
 
@@ -9,14 +14,20 @@ import math
 import os
 import re
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 
-from hyperlora_jax.data.partition import ALLOWED_PARTITIONS
+from experiments.runner import methods, pretrain
+from experiments.runner.data import loader
+from experiments.runner.data.partition import ALLOWED_PARTITIONS
+from experiments.runner.optimizers import ALLOWED_OPTIMIZERS, ALLOWED_SCHEDULES
+from hyperlora_jax import federated, lora, models
 from hyperlora_jax.hyper.generator import GENERATOR_LOSSES
 from hyperlora_jax.hyper.signatures import parse_kinds, statistic_kinds
 from hyperlora_jax.hyper.synthesis import CORRECTORS
 from hyperlora_jax.models import ALLOWED_MODELS, arch_fields
-from hyperlora_jax.optimizers import ALLOWED_OPTIMIZERS, ALLOWED_SCHEDULES
+from hyperlora_jax.primitives import make_mesh
 
 ALLOWED_HEAD_POLICIES = ("shared", "local")
 ALLOWED_BACKBONE_DTYPES = ("float32", "bfloat16", "auto")
@@ -114,7 +125,8 @@ def used_config(config: ml_collections.ConfigDict, method_blocks: dict) -> dict:
 
 
 def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_blocks: dict | None = None) -> None:
-  """Raises `ConfigError` naming the first invalid field. Blocks of other methods than
+  """Raises `ConfigError` naming the first invalid field. `allowed_methods`: {name: factory
+  config -> `methods.Method`} (their capabilities decide method-specific checks). Blocks of other methods than
   `config.method` (`method_blocks`: {method: blocks it reads}) are not checked."""
   _one_of(config.method, sorted(allowed_methods), "method")
   _positive_int(config, "seed", minimum=0)
@@ -163,9 +175,6 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
     _one_of(gen.loss, GENERATOR_LOSSES, "generator.loss")
     for field in ("generator.hidden", "generator.layer_embed_dim", "generator.server_steps"):
       _positive_int(config, field)
-    embeddings = config.method == "pfedhn" or (
-        "hyperlora" in config and "embedding" in str(config.hyperlora.signature).split("+"))
-    _positive_int(config, "generator.client_embed_dim", minimum=1 if embeddings else 0)
     optimizers.append("generator.optimizer")
   if "lora_fair" in config and "lora_fair" not in unused:
     fair = config.lora_fair
@@ -188,6 +197,9 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
     _positive_int(config, "hyperlora.synthesizer_hidden")
     _positive_int(config, "hyperlora.meta_steps")
     optimizers.append("hyperlora.meta_optimizer")
+  if "generator" in config and "generator" not in unused:  # After the blocks the method reads.
+    embeddings = allowed_methods[config.method](config).client_embeddings
+    _positive_int(config, "generator.client_embed_dim", minimum=1 if embeddings else 0)
   for name in optimizers:
     block = config
     for part in name.split("."):
@@ -223,11 +235,107 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
       _require(value > 0, f"dp.{name}", f"must be > 0, got {value}")
     signature_noise = config.dp.get("signature_noise_multiplier", 0.0)
     _require(signature_noise >= 0, "dp.signature_noise_multiplier", f"must be >= 0, got {signature_noise}")
-    if config.method == "hyperlora" and config.dp.noise_multiplier > 0:
-      sent = statistic_kinds(parse_kinds(config.hyperlora.signature))
+    if config.dp.noise_multiplier > 0 and allowed_methods[config.method](config).private_rounds:
+      sent = statistic_kinds(allowed_methods[config.method](config).signature_kinds)
       _require(not sent or signature_noise > 0, "dp.signature_noise_multiplier",
                f"must be > 0 under dp.noise_multiplier > 0: HyperLoRA's signatures ({'+'.join(sorted(sent))}) "
                f"are data statistics sent to the server, and without noise ε = ∞")
       _require(config.hyperlora.signature_noise_std == 0, "hyperlora.signature_noise_std",
                "must be 0 under dp.noise_multiplier > 0 (the signatures' noise is then "
                "dp.signature_noise_multiplier x dp.signature_clip_norm)")
+
+
+def _writable_dir(path: str) -> bool:
+  """Whether `path` is (now created) a directory this process can write a file in."""
+  import tempfile
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+      return True
+  except OSError:
+    return False
+
+
+
+def preflight(config: ml_collections.ConfigDict) -> None:
+  """The checks that need dataset metadata or the model's shapes, before any example or weight
+  is read (embedded datasets are generated first). Raises `ConfigError` naming the field."""
+  data_dir = config.data.data_dir or None
+
+  def examples(name, split, name_field, split_field):
+    try:
+      return loader.split_examples(name, split, data_dir)
+    except ValueError as e:
+      field = split_field if "has no split" in str(e) else name_field
+      raise ConfigError(f"{field}: {e}") from None
+
+  train_examples = examples(config.data.name, config.data.train_split, "data.name", "data.train_split")
+  examples(config.data.name, config.data.test_split, "data.name", "data.test_split")
+  clients = config.data.num_clients + config.data.heldout_clients
+  if train_examples is not None and clients * config.data.min_client_size > train_examples:
+    raise ConfigError(f"data.num_clients: {config.data.num_clients} clients (+ {config.data.heldout_clients} "
+                      f"held out) of at least data.min_client_size={config.data.min_client_size} examples "
+                      f"need more than the {train_examples} examples of {config.data.name!r} "
+                      f"{config.data.train_split!r}")
+  if not config.pretrain.get("npz_path"):
+    pretrain_examples = examples(config.pretrain.data_name, config.pretrain.split, "pretrain.data_name",
+                                 "pretrain.split")
+    if pretrain_examples is not None and config.pretrain.batch_size > pretrain_examples:
+      raise ConfigError(f"pretrain.batch_size: {config.pretrain.batch_size} exceeds the {pretrain_examples} "
+                        f"examples of {config.pretrain.data_name!r} {config.pretrain.split!r}")
+  cache_dir = os.path.dirname(pretrain.cache_path(config))
+  if not _writable_dir(cache_dir):
+    raise ConfigError(f"pretrain.cache_dir: cannot write to {cache_dir!r}")
+  names = loader.label_names(config.data.name, data_dir)
+  model = models.model_from_config(config.model, len(names), names)
+  images = jnp.zeros((1, config.data.image_size, config.data.image_size, 3), jnp.uint8)
+  inputs = models.preprocess_images(images)
+  try:
+    targets = lora.find_targets(model, jax.eval_shape(model.init, jax.random.key(0), inputs), inputs,
+                                target_regex=config.lora.target_regex)
+  except ValueError as e:
+    raise ConfigError(f"lora.target_regex: {e}") from None
+  narrow = {path: shape for path, shape in targets.items() if min(shape) < config.lora.rank}
+  if narrow:
+    raise ConfigError(f"lora.rank: {config.lora.rank} exceeds the smaller side of targeted layer(s) "
+                      f"{', '.join(f'{p} {d_in}x{d_out}' for p, (d_in, d_out) in narrow.items())}")
+
+
+
+def check_mesh_fits(config: ml_collections.ConfigDict):
+  """The clients mesh of `fed.num_devices`, after checking the fields that must divide by (or
+  fit) its devices: `fed.clients_per_chunk`, `data.feed`, `eval_batch`."""
+  try:
+    mesh = make_mesh(config.fed.num_devices)
+  except ValueError as e:
+    raise ConfigError(f"fed.num_devices: {e}") from None
+  if config.fed.clients_per_chunk > 0 and config.fed.clients_per_chunk % mesh.size:
+    raise ConfigError(f"fed.clients_per_chunk: {config.fed.clients_per_chunk} must be a multiple of "
+                      f"the {mesh.size} devices of the clients mesh axis")
+  if config.data.feed == "chunk" and (mesh.size > 1 or jax.process_count() > 1):
+    raise ConfigError(f"data.feed: 'chunk' reads each chunk's images on the host of a single "
+                      f"device; this run has {mesh.size} devices in {jax.process_count()} "
+                      f"process(es): use data.feed='round'")
+  if config.eval_batch % mesh.size:
+    raise ConfigError(f"eval_batch: {config.eval_batch} must be a multiple of the {mesh.size} devices "
+                      f"of the clients mesh axis (test examples are sharded over them)")
+  return mesh
+
+
+def check_method_fits(config: ml_collections.ConfigDict, method,
+                       server_optimizer) -> None:
+  """`federated.capability_problems` against the config, before anything is loaded, as errors
+  naming the config field."""
+  # A rank below lora.rank (r_max, the stored size) counts as heterogeneous here, as before.
+  ranks = tuple(config.lora.client_ranks) + (config.lora.rank,) if config.lora.client_ranks else None
+  for argument, _ in federated.capability_problems(method.aggregator, server_optimizer, ranks):
+    if argument == "server_optimizer":
+      raise ConfigError(f"server_optimizer: method {config.method!r} is exact only with a plain server "
+                        f"step (name='sgd', learning_rate=1.0, momentum=0.0), got "
+                        f"{config.server_optimizer.to_dict()}")
+    allowed = sorted(name for name, build in methods.METHODS.items()
+                     if build(config).aggregator.capabilities.heterogeneous_ranks)
+    raise ConfigError(f"lora.client_ranks: method {config.method!r} does not define aggregation "
+                      f"for heterogeneous ranks {tuple(config.lora.client_ranks)}; methods that do: "
+                      f"{', '.join(allowed)}")
+

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
-from hyperlora_jax.data import render
+from experiments.runner.data import render
 
 _SEED = 0
 _PRETRAIN_FRACTION = 0.30

@@ -1,0 +1,62 @@
+"""`fed.clients_per_chunk=-1`: the chunk size measured for this machine (`hyperlora_jax.autotune`)."""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from experiments.runner import pretrain
+from hyperlora_jax import autotune, distributed, primitives
+from hyperlora_jax.client import ClientUpdate
+from hyperlora_jax.tasks import image_classification as task_lib
+
+
+def auto_clients_per_chunk(config: ml_collections.ConfigDict, task: task_lib.ImageClassification,
+                           backbone: Any, trainable: Any, client_update: ClientUpdate, mesh: Any,
+                           pooled_data: bool, log: Callable[[str], None]) -> int:
+  """`fed.clients_per_chunk=-1`: the fastest chunk for this backend, model and round shape.
+
+  Measured once (`autotune.measure_clients_per_chunk` on one device's share of a round: the
+  client update on random images) and cached next to the backbones, keyed by everything the
+  timing depends on. With several processes the main process decides and tells the others.
+  A pooled-data learner (one client) has nothing to chunk: 0.
+  """
+  per_device = 1 if pooled_data else -(-config.fed.clients_per_round // mesh.size)  # Padded cohort / D.
+  if per_device == 1:
+    return 0
+  fields = {"backend": jax.default_backend(), "device": jax.local_devices()[0].device_kind,
+            "cpus": os.cpu_count(), "jax": jax.__version__, "model": config.model.to_dict(),
+            "image_size": config.data.image_size, "lora": [config.lora.target_regex, config.lora.rank],
+            "clients_per_device": per_device, "local_steps": config.fed.local_steps,
+            "batch_size": config.fed.batch_size, "client_optimizer": config.client_optimizer.to_dict(),
+            "backbone_dtype": str(jnp.dtype(task.compute_dtype))}
+  path = os.path.join(config.pretrain.cache_dir or pretrain.DEFAULT_CACHE_DIR, "clients_per_chunk.json")
+
+  def measure() -> autotune.ChunkChoice:
+    log(f"fed.clients_per_chunk=-1: timing chunk sizes for {per_device} clients per device "
+        f"(once per backend, model and round shape; cached in {path})")
+    size = config.data.image_size
+    shape = (per_device, config.fed.local_steps, config.fed.batch_size)
+    rng = np.random.default_rng(0)
+    block = {"image": rng.integers(0, 256, shape + (size, size, 3), dtype=np.uint8),
+             "label": np.zeros(shape, np.int32), "mask": np.ones(shape, np.float32)}
+    frozen = task_lib.frozen_tree(backbone, dtype=task.compute_dtype)
+    every_leaf = jax.tree.map(lambda _: jnp.float32(1.0), trainable)
+    one_client = lambda xs: client_update(xs[0], frozen, xs[1], jax.random.key(0), every_leaf)[0]
+    return autotune.measure_clients_per_chunk(one_client, (primitives.broadcast(trainable, per_device), block))
+
+  chunk = 0
+  if distributed.is_main_process():
+    choice = autotune.cached_choice(path, fields, measure)
+    times = ", ".join(f"{k}: {s * 1e3:.0f} ms" for k, s in sorted(choice.seconds.items()))
+    log(f"fed.clients_per_chunk: {choice.clients_per_chunk * mesh.size} "
+        f"({'cached' if choice.cached else 'measured'}; per device {times})")
+    chunk = choice.clients_per_chunk * mesh.size
+  if jax.process_count() > 1:
+    chunk = int(multihost_utils.broadcast_one_to_all(np.int32(chunk)))
+  return chunk

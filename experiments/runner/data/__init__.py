@@ -1,0 +1,1 @@
+"""Data pipelines of the experiments: the embedded dataset, TFDS loading, partitions, client blocks."""

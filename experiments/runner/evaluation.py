@@ -1,0 +1,82 @@
+"""A run's evaluation: global and personalized accuracy over the test blocks, and new clients."""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from experiments.runner.data import blocks
+from hyperlora_jax import distributed, primitives
+from hyperlora_jax.tasks import image_classification as task_lib
+
+if TYPE_CHECKING:
+  from experiments.runner.experiment import Experiment
+
+
+def run_evaluator(exp: Experiment) -> Callable[..., Callable[[], tuple[float, np.ndarray]]]:
+  """The run's evaluation: `evaluate(state, frozen, transform_images=None)` dispatches the
+  evaluation of `state` and returns `collect()`, which waits for it and gives (global accuracy
+  (NaN without a global model), [N] client accuracies). In between, the state may be donated
+  to the next round: the evaluation was enqueued first and reads it first. It loops over the
+  data's evaluation blocks, sharded over the clients mesh axis (examples of the global test
+  blocks, clients of the client blocks): held on the devices once when the images are in
+  memory, read again at each evaluation when they are streamed.
+
+  `transform_images`: images [..., H, W, 3] uint8 -> the same shape and dtype, applied to
+  every test block before it is evaluated (a test-time shift, `data.corruptions`); the blocks
+  are then read again, and the compiled evaluation is reused."""
+  chunk = exp.fed_round.clients_per_chunk
+  evaluation = task_lib.make_evaluate(exp.task, exp.fed_round, eval_batch=exp.config.eval_batch,
+                                      clients_per_chunk=chunk)
+  global_counts, client_accuracy = jax.jit(evaluation.global_counts), jax.jit(evaluation.client_accuracy)
+  data = exp.data
+  sharded = primitives.clients_sharding(exp.mesh)
+  multiple = math.lcm(chunk or 1, exp.mesh.size)
+
+  def blocks_on_device(transform_images=None):
+    def shifted(block):
+      return block if transform_images is None else {**block, "image": transform_images(block["image"])}
+    return ([jax.device_put(shifted(b), sharded) for b in data.global_test_blocks()],
+            [jax.device_put((ids, shifted(b)), sharded) for ids, b in data.client_test_blocks(multiple=multiple)])
+  cached = None if exp.config.data.stream else blocks_on_device()
+
+  def evaluate(state, frozen, transform_images=None):
+    shifted_or_streamed = transform_images is not None or cached is None
+    global_blocks, client_blocks = blocks_on_device(transform_images) if shifted_or_streamed else cached
+    counts = [global_counts(state, frozen, block) for block in global_blocks]
+    per_client = [client_accuracy(state, frozen, ids, block) for ids, block in client_blocks]
+
+    def collect():
+      correct = count = np.float32(0.0)
+      for c, n in counts:  # Integer counts: exact in float32, as on the device.
+        correct, count = correct + np.float32(c), count + np.float32(n)
+      global_accuracy = float(correct / max(count, np.float32(1.0)))
+      accuracies = np.concatenate([distributed.to_host(a) for a in per_client])[:data.num_clients]
+      return (global_accuracy if exp.method.has_global_model else math.nan), accuracies
+
+    return collect
+
+  return evaluate
+
+
+def evaluate_new_clients(exp: Experiment, state: Any, frozen: Any) -> dict[str, float]:
+  """Mean accuracy of the held-out new clients from each start (`make_new_client_evaluate`),
+  as record entries `new_client_<start>`; {} without held-out clients."""
+  data, config = exp.data, exp.config
+  if not data.new_train_parts:
+    return {}
+  ids = np.arange(len(data.new_train_parts))
+  rng = np.random.default_rng([config.seed, 2])
+  indices, mask = blocks.train_block_indices(data.new_train_parts, ids, config.fed.new_client_steps,
+                                             config.fed.batch_size, rng)
+  train_block = blocks.gather_block(data.train_pool, indices, mask)
+  test_block = blocks.padded_eval_block(data.test_pool, data.new_test_parts)
+  signatures = (exp.new_signatures if exp.new_signatures is not None
+                else np.zeros((len(ids), 0), np.float32))
+  evaluate_new = jax.jit(task_lib.make_new_client_evaluate(exp.task, exp.fed_round, exp.client_update))
+  inputs = jax.device_put((train_block, test_block, signatures), NamedSharding(exp.mesh, P()))
+  accuracies = evaluate_new(state, frozen, *inputs)
+  return {f"new_client_{name}": float(np.mean(distributed.to_host(acc))) for name, acc in accuracies.items()}
