@@ -15,6 +15,7 @@ import dataclasses
 
 import ml_collections
 
+from experiments.runner import config_blocks
 from hyperlora_jax import faults
 
 
@@ -143,21 +144,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # `hyperlora_jax.faults.Faults` holds the defaults (all off); the run builds it from this block.
   config.faults = ml_collections.ConfigDict(dataclasses.asdict(faults.Faults()))
 
-  config.robust = ml_collections.ConfigDict()     # Robust aggregation (aggregators.robust).
-  config.robust.rule = "mean"                     # 'mean' (the method's own), 'median', 'trimmed_mean',
-                                                  # 'geometric_median'.
-  config.robust.space = "factors"                 # 'factors' (fedit, ffa_lora, fedsa_lora, rolora) or
-                                                  # 'products' (flexlora: the statistic of s a_k b_k).
-  config.robust.trim = 0.1                        # trimmed_mean: fraction cut at each end.
-  config.robust.clip_norm = 0.0                   # > 0: clip each client's update to this L2 norm.
-
-  config.dp = ml_collections.ConfigDict()         # Client-level DP (DP-FedAvg) for fedit, ffa_lora,
-  config.dp.noise_multiplier = 0.0                # fedsa_lora, rolora and hyperlora; 0 = off. Noise std
-  config.dp.clip_norm = 1.0                       # is noise_multiplier x clip_norm / participants.
-  config.dp.delta = 1e-5                          # ε is reported at this δ, every round.
-  config.dp.generator_clip_norm = 1.0             # HyperLoRA: clip of each client's G_φ gradient.
-  config.dp.signature_clip_norm = 1.0             # HyperLoRA: signatures clipped to this norm, with
-  config.dp.signature_noise_multiplier = 0.0      # noise std this x signature_clip_norm (> 0 needed).
+  # Robust aggregation and client-level DP: the fields and their defaults are the dataclasses
+  # `experiments.runner.config_blocks.Robust` and `.DP` (all off).
+  config.robust = ml_collections.ConfigDict(dataclasses.asdict(config_blocks.Robust()))
+  config.dp = ml_collections.ConfigDict(dataclasses.asdict(config_blocks.DP()))
 
   config.compute = ml_collections.ConfigDict()
   config.compute.backbone_dtype = "auto"      # 'float32', 'bfloat16' or 'auto' (bf16 on GPU/TPU,

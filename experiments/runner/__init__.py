@@ -6,6 +6,7 @@ It reads configs (`ml_collections`), datasets and files; the library imports non
   methods            a method from a config: an aggregator, which leaves stay local or frozen,
                      a generator plug-in, signatures; METHOD_BLOCKS: the config blocks it reads
   optimizers         optax optimizers from config blocks
+  config_blocks      the robust and dp blocks as dataclasses, their defaults' one source
   data/              the embedded dataset (render, digits_domains: an offline TFDS builder),
                      loader (any prepared TFDS dataset), partition, blocks (padded client
                      blocks), corruptions (test-time feature shift)

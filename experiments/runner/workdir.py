@@ -25,7 +25,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from experiments.runner import methods, reporting
+from experiments.runner import config_blocks, methods, reporting
 from experiments.runner.config_validation import ConfigError, used_config
 from experiments.runner.experiment import Experiment, build_experiment
 from hyperlora_jax import distributed, federated
@@ -44,10 +44,8 @@ RESUMABLE_FIELDS = ("fed.num_rounds", "eval_every", "checkpoint_every")
 ADDED_FIELDS = {
     "data.max_client_examples": 0, "data.validation_fraction": 0.0, "hyperlora.meta_steps": 1,
     **{f"faults.{name}": value for name, value in dataclasses.asdict(Faults()).items()},  # All off.
-    # The robust and dp blocks (all off).
-    "robust.rule": "mean", "robust.space": "factors", "robust.trim": 0.1, "robust.clip_norm": 0.0,
-    "dp.noise_multiplier": 0.0, "dp.clip_norm": 1.0, "dp.delta": 1e-5,
-    "dp.generator_clip_norm": 1.0, "dp.signature_clip_norm": 1.0, "dp.signature_noise_multiplier": 0.0,
+    **{f"robust.{name}": value for name, value in dataclasses.asdict(config_blocks.Robust()).items()},
+    **{f"dp.{name}": value for name, value in dataclasses.asdict(config_blocks.DP()).items()},
     # The generator's learning-rate schedule (constant before it existed).
     "generator.optimizer.schedule": "constant", "generator.optimizer.decay_steps": 100,
     "generator.optimizer.final_fraction": 0.1,
