@@ -321,7 +321,11 @@ class FederatedRound:
     For many clients, map `client_start` over `client_inputs` in chunks instead
     (`primitives.map_clients`): this materializes all C copies."""
     local, _, offsets, masks = self.client_inputs(state, client_ids)
-    return jax.vmap(lambda l, o, m: self.client_start(state.global_params, l, o, m))(local, offsets, masks)
+    return self.client_starts(state.global_params, local, offsets, masks)
+
+  def client_starts(self, global_params: Tree, local: dict, offsets: dict | None, rank_masks: jax.Array) -> Tree:
+    """[C, ...] `client_start` of each client from `client_inputs`' (local, offsets, rank masks)."""
+    return jax.vmap(lambda l, o, m: self.client_start(global_params, l, o, m))(local, offsets, rank_masks)
 
   def global_params(self, state: ServerState) -> Tree:
     """The model evaluated as *global*: the server's params plus the plug-ins' offsets for a
@@ -345,7 +349,7 @@ class FederatedRound:
   # ---------------------------------------------------------------- the round
 
   def step(self, state: ServerState, frozen: Tree, batches: Tree, client_ids: jax.Array,
-           weights: jax.Array) -> tuple[dict, dict]:
+           weights: jax.Array) -> tuple[ServerState, dict]:
     """One round (pure; jit it). Its inputs are checked when it is traced (`check_step_inputs`).
 
     Args:
@@ -368,7 +372,7 @@ class FederatedRound:
        aggregation bias per layer, client drift, first/last local-step loss, generator offset
        norm; `faults_<kind>` counts with injected faults).
     """
-    self.check_step_inputs(state, batches, client_ids, weights)
+    self.check_step_inputs(batches, client_ids, weights)
     caps = self.aggregator.capabilities
     global_params = state.global_params
     local_mask = params_lib.regex_mask(global_params, self.local_leaves)
@@ -380,6 +384,7 @@ class FederatedRound:
     round_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.round)
     keys = jax.vmap(lambda i: jax.random.key_data(jax.random.fold_in(round_key, i)))(client_ids)
     batches, heldout = split_heldout(batches, caps.heldout_steps)  # Held-out steps: never trained on.
+    train_steps = jax.tree.leaves(batches)[0].shape[1]
 
     # 1. Local training of every sampled client, with injected faults (a simulation knob) and
     #    non-finite updates replaced by the client's start.
@@ -387,7 +392,7 @@ class FederatedRound:
     fault_inputs, fault_masks = (), None
     if self.faults is not None and self.faults.active:
       fault_masks = faults_lib.draw(self.faults, jax.random.fold_in(round_key, FAULT_STREAM), valid)
-      fault_inputs = faults_lib.client_inputs(self.faults, fault_masks, jax.tree.leaves(batches)[0].shape[1])
+      fault_inputs = faults_lib.client_inputs(self.faults, fault_masks, train_steps)
       train = faults_lib.with_faults(train, self.faults)
     trained, metrics, finite, starts = primitives.map_clients(
         leave_out_nonfinite(train), (local, batches, offsets, masks, keys, *fault_inputs),
@@ -405,7 +410,7 @@ class FederatedRound:
     context = AggregationContext(
         signatures=signatures, client_loss=metrics["loss"], client_starts=starts,
         heldout_loss=(self._heldout_loss(trained, local_mask, heldout, offsets, masks, keys, frozen, weights,
-                                         train_steps=jax.tree.leaves(batches)[0].shape[1])
+                                         train_steps=train_steps)
                       if caps.heldout_steps else None))
     aggregated, base_delta_increment, agg_state, aggregate_ok = self._aggregate_if_sound(
         state, trained, weights, context, participants)
@@ -438,7 +443,7 @@ class FederatedRound:
     round_metrics.update({name: agg_state[name] for name in caps.metrics})
     # The starts again, from the round's inputs rather than the mapped output: the diagnostics'
     # weighted sums then fuse with them, and methods that never read `starts` never store them.
-    starts_again = jax.vmap(lambda *inputs: self.client_start(global_params, *inputs))(local, offsets, masks)
+    starts_again = self.client_starts(global_params, local, offsets, masks)
     round_metrics.update(diagnostics_lib.round_diagnostics(trained, starts_again, weights, metrics, offsets))
     if fault_masks is not None:
       round_metrics.update(faults_lib.fault_metrics(fault_masks))
@@ -538,7 +543,7 @@ class FederatedRound:
                          f"{plugin.signature_dim} (make_generator(signature_dim=...)), but the signatures "
                          f"given are [N, D] = {list(shape)}")
 
-  def check_step_inputs(self, state: ServerState, batches: Tree, client_ids: Any, weights: Any) -> None:
+  def check_step_inputs(self, batches: Tree, client_ids: Any, weights: Any) -> None:
     """`step`'s inputs against its contract, from their shapes (so at trace time, under jit),
     and the ids' values where they are concrete. Raises ValueError saying what was expected."""
     client_ids, weights = jnp.asarray(client_ids), jnp.asarray(weights)

@@ -235,8 +235,9 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
       _require(value > 0, f"dp.{name}", f"must be > 0, got {value}")
     signature_noise = config.dp.get("signature_noise_multiplier", 0.0)
     _require(signature_noise >= 0, "dp.signature_noise_multiplier", f"must be >= 0, got {signature_noise}")
-    if config.dp.noise_multiplier > 0 and allowed_methods[config.method](config).private_rounds:
-      sent = statistic_kinds(allowed_methods[config.method](config).signature_kinds)
+    method = allowed_methods[config.method](config) if config.dp.noise_multiplier > 0 else None
+    if method is not None and method.private_rounds:
+      sent = statistic_kinds(method.signature_kinds)
       _require(not sent or signature_noise > 0, "dp.signature_noise_multiplier",
                f"must be > 0 under dp.noise_multiplier > 0: HyperLoRA's signatures ({'+'.join(sorted(sent))}) "
                f"are data statistics sent to the server, and without noise ε = ∞")
