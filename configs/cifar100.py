@@ -1,15 +1,15 @@
 """CIFAR-100 through TFDS: 100 classes, label skew over 100 clients (10 per round,
 Dirichlet α), 32x32 images resized to 224x224 for a ViT-B/16 (or Mixer-B/16) loaded from a
-real `.npz` checkpoint, LoRA r=16 on query/value.
+real checkpoint (a Hugging Face ViT directory or an `.npz`), LoRA r=16 on query/value.
 
 Nothing is downloaded at run time: prepare it once, on a machine with a network,
   tfds build cifar100 --file_format=array_record --data_dir DIR
 and fetch a checkpoint (see configs/domainnet.py).
 
   python -m experiments.main --workdir runs/cifar100 \
-      --config configs/cifar100.py:npz=/ckpt/B_16.npz,data_dir=DIR,alpha=0.1,method=flexlora
+      --config configs/cifar100.py:checkpoint=/ckpt/vit-b16,data_dir=DIR,alpha=0.1,method=flexlora
 
-Args: npz (required), data_dir, alpha (default 0.5), heldout (new clients, default 0), model
+Args: checkpoint or npz (one of them required), data_dir, alpha (default 0.5), heldout (new clients, default 0), model
 (vit | mixer), plus method, seed, rounds, smoke (tiny model, 32x32, for TFDS mock-data tests).
 """
 from configs import default

@@ -11,7 +11,6 @@ label skew (α=0.5); 10 clients per round, 10 local Adam steps of batch 32, 30 r
 Variants (comma-separated in the `:arg`): `smoke` (tiny model and data, a few rounds: for
 tests), `key=value` for `method`, `seed`, `rounds`.
 """
-import dataclasses
 
 import ml_collections
 
@@ -78,6 +77,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.pretrain.learning_rate = 1e-3
   config.pretrain.cache_dir = ""              # '' = ~/.cache/hyperlora_jax/backbones
   config.pretrain.npz_path = ""               # A real .npz checkpoint (ViT, Mixer) instead of pretraining.
+  config.pretrain.checkpoint = ""             # A Hugging Face ViT directory (config.json + safetensors)
+                                              # instead; its config.json sets model.*.
 
   config.lora = ml_collections.ConfigDict()
   config.lora.target_regex = r".*attn/(query|value)"
@@ -109,45 +110,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.server_optimizer.learning_rate = 1.0
   config.server_optimizer.momentum = 0.0
 
-  config.lora_fair = ml_collections.ConfigDict()  # Used by method=lora_fair.
-  config.lora_fair.lam = 0.01
-  config.lora_fair.steps = 20
-  config.lora_fair.learning_rate = 1e-3
-
-  config.generator = ml_collections.ConfigDict()  # Used by method=pfedhn (and hyperlora).
-  config.generator.hidden = 64
-  config.generator.layer_embed_dim = 16
-  config.generator.client_embed_dim = 16      # Learned client embeddings (pFedHN's v_k).
-  config.generator.loss = "vjp"               # 'vjp' (pFedHN rule) or 'product_distill'.
-  config.generator.server_steps = 5           # Server steps per round (product_distill).
-  config.generator.optimizer = ml_collections.ConfigDict(
-      {"name": "adam", "learning_rate": 1e-3, "momentum": 0.0,
-       # 'cosine': decay to final_fraction × learning_rate over decay_steps generator steps (one
-       # a round with loss='vjp'), e.g. fast early, slow at convergence (RESULTS.md).
-       "schedule": "constant", "decay_steps": 100, "final_fraction": 0.1})
-
-  config.hyperlora = ml_collections.ConfigDict()  # Used by method=hyperlora; every part ablatable.
-  config.hyperlora.signature = "label+features"  # '+'-joined: label, features, embedding.
-  config.hyperlora.signature_noise_std = 0.0     # Gaussian noise on the signatures sent (privacy).
-  config.hyperlora.covariance_rank = 8           # q of the feature-covariance summary QᵀΣQ.
-  config.hyperlora.generator = True              # False: clients start from the global adapter.
-  config.hyperlora.synthesizer = "learned"       # 'learned' (S_ψ) or 'uniform' (exact avg + rank-r SVD).
-  config.hyperlora.synthesizer_hidden = 32
-  config.hyperlora.corrector = "learned"         # 'learned' (C_ω), 'fair' (LoRA-FAIR ΔB fit), 'none'.
-  config.hyperlora.meta_optimizer = ml_collections.ConfigDict(
-      {"name": "adam", "learning_rate": 1e-3, "momentum": 0.0})
-  config.hyperlora.meta_steps = 1                # Steps on (ψ, ω) per round, on its meta-objective.
+  # Method-specific blocks (each checked and saved only for the methods that read it,
+  # `methods.METHOD_BLOCKS`): their fields, defaults and meanings are the dataclasses of
+  # `experiments.runner.config_blocks`.
+  config.lora_fair = config_blocks.as_config(config_blocks.LoraFair())    # method=lora_fair.
+  config.generator = config_blocks.as_config(config_blocks.Generator())   # pfedhn and hyperlora.
+  config.hyperlora = config_blocks.as_config(config_blocks.HyperLoRA())   # Every part ablatable.
 
   # Injected client faults: each a fraction of a round's participants (dropout: update lost;
   # straggler: only straggler_steps of the local steps done; nonfinite: NaN/Inf sent; byzantine:
   # a malicious update sent, byzantine_kind sign_flip / scale / random). The dataclass
   # `hyperlora_jax.faults.Faults` holds the defaults (all off); the run builds it from this block.
-  config.faults = ml_collections.ConfigDict(dataclasses.asdict(faults.Faults()))
+  config.faults = config_blocks.as_config(faults.Faults())
 
   # Robust aggregation and client-level DP: the fields and their defaults are the dataclasses
   # `experiments.runner.config_blocks.Robust` and `.DP` (all off).
-  config.robust = ml_collections.ConfigDict(dataclasses.asdict(config_blocks.Robust()))
-  config.dp = ml_collections.ConfigDict(dataclasses.asdict(config_blocks.DP()))
+  config.robust = config_blocks.as_config(config_blocks.Robust())
+  config.dp = config_blocks.as_config(config_blocks.DP())
 
   config.compute = ml_collections.ConfigDict()
   config.compute.backbone_dtype = "auto"      # 'float32', 'bfloat16' or 'auto' (bf16 on GPU/TPU,

@@ -1,16 +1,20 @@
 """DomainNet (Peng et al., 2019) through TFDS: 345 classes in six domains (clipart, infograph,
 painting, quickdraw, real, sketch), 224x224, a ViT-B/16 (or Mixer-B/16) loaded from a real
-`.npz` checkpoint, LoRA r=16 on query/value; the LoRA-FAIR / HyperLoRA protocol.
+checkpoint (a Hugging Face directory or an `.npz`), LoRA r=16 on query/value; the LoRA-FAIR /
+HyperLoRA protocol.
 
 Nothing is downloaded at run time: prepare the six configs once, on a machine with a network,
   tfds build domainnet --config real --file_format=array_record --data_dir DIR   (x6 domains)
-and fetch a checkpoint, e.g. gs://vit_models/augreg/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz
+and fetch a checkpoint: a Hugging Face ViT directory (`huggingface-cli download
+google/vit-base-patch16-224-in21k --local-dir /ckpt/vit-b16`: config.json + model.safetensors;
+the architecture is read from it), or an `.npz`, e.g.
+gs://vit_models/augreg/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz
 (`vision_transformer` or `big_vision` layout; `model=mixer`: gs://mixer_models/imagenet21k/Mixer-B_16.npz).
 
   python -m experiments.main --workdir runs/domainnet \
-      --config configs/domainnet.py:npz=/ckpt/B_16.npz,data_dir=DIR,method=hyperlora,clients_per_domain=5
+      --config configs/domainnet.py:checkpoint=/ckpt/vit-b16,data_dir=DIR,method=hyperlora,clients_per_domain=5
 
-Args: npz (required), data_dir, clients_per_domain (1: feature shift, one client per domain;
+Args: checkpoint or npz (one of them required), data_dir, clients_per_domain (1: feature shift, one client per domain;
 5: feature + label shift, Dirichlet α), alpha, model (vit | mixer), plus method, seed,
 rounds, smoke (tiny model and 32x32 images, for tests with TFDS mock data).
 """
@@ -20,7 +24,8 @@ DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
 
 
 def real_dataset_config(args: dict, arg: str | None):
-  """configs/default.py adapted to a prepared TFDS dataset and an `.npz` backbone."""
+  """configs/default.py adapted to a prepared TFDS dataset and a real backbone (`checkpoint`: a
+  Hugging Face directory; `npz`: an `.npz` file)."""
   config = default.get_config(arg)
   smoke = bool(args.get("smoke"))
   model = args.get("model", "vit")
@@ -30,7 +35,8 @@ def real_dataset_config(args: dict, arg: str | None):
   config.data.image_size = 32 if smoke else 224
   config.data.stream = True                   # Images read on demand: host memory stays bounded.
   config.pretrain.npz_path = args.get("npz", "")
-  config.pretrain.data_name = ""              # No pretraining: the backbone comes from `npz`.
+  config.pretrain.checkpoint = args.get("checkpoint", "")
+  config.pretrain.data_name = ""              # No pretraining: the backbone comes from the checkpoint.
   if not smoke:
     config.lora.rank, config.lora.alpha = 16, 32.0
     config.fed.num_rounds = int(args.get("rounds", 50))

@@ -179,7 +179,7 @@ def prepare_shared_inputs(configs: list, log=print) -> None:
   done = set()
   for config in configs:
     data_key = (config.data.name, config.data.data_dir)
-    backbone_key = None if config.pretrain.npz_path else pretrain.cache_path(config)  # A .npz needs nothing.
+    backbone_key = None if pretrain.real_checkpoint(config) else pretrain.cache_path(config)  # Nothing to make.
     try:
       if data_key not in done:
         done.add(data_key)

@@ -3,7 +3,7 @@
 The library: pure functions on pytrees. It imports no configs, no datasets and nothing of the
 experiment runner (`experiments/runner/`, its one user here). Its only files are documented
 I/O: `peft` (PEFT adapters), `autotune.cached_choice` (a JSON cache of the measured chunk size)
-and `models.load` (`.npz` checkpoints).
+and `models.load` / `models.hf` (`.npz` checkpoints, Hugging Face checkpoint directories).
 
   lora         LoRA on any Flax Linen model (Dense, DenseGeneral, Conv, Embed, Einsum) and on
                NNX models (Linear, LinearGeneral, Conv, Einsum, Embed): find targets, init,
@@ -21,17 +21,18 @@ and `models.load` (`.npz` checkpoints).
   diagnostics  per-round diagnostics the round reports: aggregation bias per layer, client
                drift, first/last local-step loss, generator offset norm
   faults       injected client faults (dropout, stragglers, NaN/Inf, Byzantine) for a round
+  states       typed states (like optax's) checkpointed as the plain dicts they replaced
   privacy      client-level DP: the Gaussian release of clipped updates, ε with `dp_accounting`
   hyper        HyperLoRA: signatures, the generator (a plug-in), the synthesizer (an aggregator)
   peft         adapters to and from Hugging Face PEFT's safetensors layout
   distributed  several processes: initialize (flags or auto), main process, barrier, to_host
   tasks        tasks built on the library (image classification)
   models       Flax backbones (ViT, MLP-Mixer, a CLIP-style dual encoder) and their checkpoint
-               loader; they know nothing of federation or LoRA, and the modules above do not
+               loaders (.npz; Hugging Face ViT safetensors); they know nothing of federation or LoRA, and the modules above do not
                import them
 """
 from hyperlora_jax import (aggregators, autotune, diagnostics, faults, federated, hyper, lora, peft, primitives,
-                           privacy)
+                           privacy, states)
 from hyperlora_jax.client import ClientUpdate, local_update, masked_mean
 from hyperlora_jax.federated import (NEW_CLIENT, FederatedRound, Plugin, RoundOutcome, ServerState,
                                      communication_bytes, state_shardings)
@@ -41,4 +42,4 @@ __version__ = "0.2.0"
 __all__ = ["NEW_CLIENT", "ClientUpdate", "FederatedRound", "Plugin", "RoundOutcome", "ServerState", "aggregators",
            "autotune", "broadcast", "communication_bytes", "diagnostics", "faults", "federated", "hyper", "local_update",
            "lora", "make_mesh", "map_clients", "masked_mean", "peft", "primitives", "privacy", "state_shardings",
-           "weighted_mean"]
+           "states", "weighted_mean"]

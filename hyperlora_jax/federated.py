@@ -33,7 +33,6 @@ devices (rows past N are never read), so that `state_shardings` can shard it ove
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -48,6 +47,7 @@ from hyperlora_jax import faults as faults_lib
 from hyperlora_jax import lora as lora_lib
 from hyperlora_jax import params as params_lib
 from hyperlora_jax import primitives
+from hyperlora_jax import states
 from hyperlora_jax.aggregators.base import AggregationContext, Aggregator, layer_shapes
 from hyperlora_jax.client import ClientUpdate
 
@@ -56,16 +56,15 @@ NEW_CLIENT = -1  # Client id of a client with no learned state (the global model
 FAULT_STREAM = 1 << 30  # fold_in index of the round key that draws injected faults.
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["round", "rng", "global_params", "server_opt", "clients", "agg", "base_delta",
-                                "plugins", "signatures"], meta_fields=[])
+@states.typed_state
 @dataclasses.dataclass(frozen=True)
-class ServerState:
+class ServerState(states.TypedState):
   """The server state of a `FederatedRound` (module docstring), typed like optax's states.
 
   `state["global"]`, `state["clients"]`, ... and `"signatures" in state` read it as the dict
-  it is checkpointed as (`as_dict`: the layout of every checkpoint, old ones included), so a
-  checkpoint is restored with `ServerState.from_dict`.
+  it is checkpointed as (`as_dict`: the layout of every checkpoint, old ones included, nested
+  typed states such as the aggregator's as dicts too); `states.like(state, tree)` restores a
+  checkpoint's dict into a state shaped like `state`.
   """
   round: jax.Array
   rng: jax.Array
@@ -77,32 +76,13 @@ class ServerState:
   plugins: dict
   signatures: jax.Array | None = None
 
-  _DICT_KEYS = {"global": "global_params"}
-
-  def as_dict(self) -> dict:
-    """{"round", "rng", "global", "server_opt", "clients", "agg", "base_delta", "plugins"
-    (, "signatures" when there are any)}: the checkpoint layout."""
-    fields = {"global" if f.name == "global_params" else f.name: getattr(self, f.name)
-              for f in dataclasses.fields(self)}
-    if self.signatures is None:
-      del fields["signatures"]
-    return fields
+  DICT_KEYS = {"global_params": "global"}
 
   @classmethod
   def from_dict(cls, tree: dict) -> "ServerState":
-    """The state of a dict in `as_dict`'s layout (e.g. a restored checkpoint)."""
-    return cls(**{cls._DICT_KEYS.get(key, key): value for key, value in tree.items()})
-
-  def replace(self, **changes) -> "ServerState":
-    return dataclasses.replace(self, **changes)
-
-  def __getitem__(self, key: str) -> Any:
-    if key == "signatures" and self.signatures is None:
-      raise KeyError("signatures: this round's clients have none")
-    return getattr(self, self._DICT_KEYS.get(key, key))
-
-  def __contains__(self, key: str) -> bool:
-    return key in self.as_dict()
+    """The state of a dict in `as_dict`'s layout, its parts as given (`states.like` rebuilds
+    the typed parts too)."""
+    return cls(**{"global_params" if key == "global" else key: value for key, value in tree.items()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -497,12 +477,12 @@ class FederatedRound:
     aggregated, increment, agg_state = self.aggregator.aggregate(state.agg, global_params, trained, weights,
                                                                  context)
     ok = (primitives.is_sound(aggregated, self.max_server_value)
-          & primitives.is_finite((increment, _without(agg_state, metric_names))))
+          & primitives.is_finite((increment, states.without(agg_state, metric_names))))
     use = participants & ok
     aggregated = primitives.keep_if(use, aggregated, global_params)
     increment = jax.tree.map(lambda inc: jnp.where(use, inc, 0.0), increment)
-    agg_state = _with_metrics(primitives.keep_if(ok, _without(agg_state, metric_names),
-                                                 _without(state.agg, metric_names)),
+    agg_state = states.with_entries(primitives.keep_if(ok, states.without(agg_state, metric_names),
+                                                 states.without(state.agg, metric_names)),
                               agg_state, metric_names)  # This round's metrics, even if rejected.
     return aggregated, increment, agg_state, ok
 
@@ -619,24 +599,15 @@ def train_loss_metrics(metrics: dict, received: jax.Array) -> dict:
                                   jnp.nan)}
 
 
-def _without(tree: Tree, keys: Sequence[str]) -> Tree:
-  """An aggregator state without its metric entries `keys` (a dict when there are any)."""
-  return {k: v for k, v in tree.items() if k not in keys} if keys else tree
-
-
-def _with_metrics(tree: Tree, source: Tree, keys: Sequence[str]) -> Tree:
-  """`tree` with the metric entries `keys` of `source` put back."""
-  return {**tree, **{k: source[k] for k in keys}} if keys else tree
-
-
 def state_shardings(state: ServerState, mesh: Mesh) -> ServerState:
   """Shardings for a `FederatedRound` state on `mesh`: the per-client store (`clients`,
   `signatures`, [N', ...] leaves) split over the `clients` axis, everything else replicated.
   Use with `jax.device_put(state, state_shardings(state, mesh))`."""
   replicated, per_client = NamedSharding(mesh, P()), primitives.clients_sharding(mesh)
-  return ServerState.from_dict({
-      key: jax.tree.map(lambda _, k=key: per_client if k in ("clients", "signatures") else replicated, value)
-      for key, value in state.as_dict().items()})
+  return state.replace(**{
+      field.name: jax.tree.map(lambda _, k=field.name: per_client if k in ("clients", "signatures") else replicated,
+                               getattr(state, field.name))
+      for field in dataclasses.fields(state)})
 
 
 def capability_problems(aggregator: Aggregator, server_optimizer: optax.GradientTransformation,

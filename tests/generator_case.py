@@ -13,8 +13,8 @@ def generator_case(module, clients: int, rank: int, signature_dim: int, *, loss:
   gen = make_generator(module, loss=loss, optimizer=optax.sgd(learning_rate), scale=2.0,
                        server_steps=server_steps, signature_dim=signature_dim, privacy=privacy)
   state = gen.init(jax.random.key(0))
-  state["params"] = jax.tree.map(lambda x: x + 0.05 * jnp.cos(jnp.arange(x.size).reshape(x.shape)),
-                                 state["params"])
+  state = state.replace(params=jax.tree.map(lambda x: x + 0.05 * jnp.cos(jnp.arange(x.size).reshape(x.shape)),
+                                            state.params))
   k = jax.random.split(jax.random.key(1), 3)
   signatures = jax.random.normal(k[0], (clients, signature_dim))
   ids = jnp.arange(clients)

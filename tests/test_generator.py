@@ -72,7 +72,7 @@ def test_product_distillation_moves_generated_products_toward_the_clients():
   module, gen, state, signatures, ids, base, trained, weights, masks = _case("product_distill", 0.05, 50)
 
   def gap(params):
-    sent = jax.tree.map(lambda o, b: o + b, gen.generate({"params": params}, signatures, ids), base)
+    sent = jax.tree.map(lambda o, b: o + b, gen.generate(state.replace(params=params), signatures, ids), base)
     return sum(float(jnp.sum(weights[:, None, None] * (f["a"] @ f["b"] - trained[p]["a"] @ trained[p]["b"]) ** 2))
                for p, f in sent.items())
   new = gen.update(state, signatures, ids, base, trained, weights, masks)

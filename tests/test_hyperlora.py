@@ -102,7 +102,7 @@ def test_meta_objective_trains_the_synthesizer_through_the_aggregation():
   for _ in range(30):
     _, _, new_state = agg.aggregate(state, _global(), clients, WEIGHTS, context)
     losses.append(float(new_state["meta_loss"]))
-    state = {**new_state, "residual": state["residual"]}  # Same round replayed: only ψ, ω learn.
+    state = new_state.replace(residual=state.residual)  # Same round replayed: only ψ, ω learn.
   assert losses[-1] < losses[0] - 1e-3
   assert not np.allclose(jax.tree.leaves(state["params"]["synth"])[-1], 0.0)
 
@@ -120,7 +120,7 @@ def test_several_meta_steps_a_round_equal_as_many_replays_of_one():
   replayed = state
   for _ in range(3):  # The same round three times, one step each: only ψ, ω move.
     new_global, _, after = one.aggregate(replayed, _global(), clients, WEIGHTS, context)
-    replayed = {**after, "residual": state["residual"]}
+    replayed = after.replace(residual=state.residual)
   got_global, _, got = three.aggregate(state, _global(), clients, WEIGHTS, context)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-6), got["params"],
                replayed["params"])
@@ -207,3 +207,42 @@ def test_ablations_run(smoke_config, tmp_path, overrides):
     smoke_config.hyperlora[key] = value
   result = train_and_evaluate(smoke_config, str(tmp_path), progress=False, log=lambda _: None)
   assert result["round_traces"] == 1 and 0.0 <= result["records"][-1]["global_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_typed_synthesizer_and_generator_states_checkpoint_in_the_dict_layout_of_old_runs(tmp_path, private):
+  """`SynthesizerState` / `GeneratorState` are written as the dicts they replaced (the keys
+  below, absent entries left out), and such a dict checkpoint restores into them (a run
+  checkpointed before the states were typed resumes)."""
+  import orbax.checkpoint as ocp
+
+  from experiments.runner.workdir import checkpoint_manager, restore_state
+  from hyperlora_jax import states
+  from hyperlora_jax.hyper.generator import GeneratorState, LoraGenerator, make_generator
+  from hyperlora_jax.hyper.synthesis import SynthesizerState
+  privacy = (1.0, 0.5) if private else None
+  cfg = SynthesisConfig(scale=SCALE, rank=R, corrector="none" if private else "learned", learned_weights=not private)
+  agg = hyperlora_synthesizer(cfg, optax.adam(1e-2), meta_learning=not private, privacy=privacy)
+  generator = make_generator(LoraGenerator(targets={"l1": (D_IN, D_OUT)}, rank=R, hidden=8), loss="vjp",
+                             optimizer=optax.adam(1e-2), signature_dim=SIG, privacy=privacy)
+  synth_state = agg.init(_global(), jax.random.key(0), SIG)
+  context = AggregationContext(jnp.ones((C, SIG)), jnp.ones(C), lambda g: 0.0)
+  _, _, synth_state = agg.aggregate(synth_state, _global(), _clients(), WEIGHTS, context)
+  state = {"agg": synth_state, "plugins": {"generator": generator.init(jax.random.key(1))}}
+  assert isinstance(synth_state, SynthesizerState) and isinstance(state["plugins"]["generator"], GeneratorState)
+  layout = states.as_tree(state)
+  expected_agg = ({"params", "opt", "residual", "synth_weight_entropy", "synth_weight_kl", "rng"} if private else
+                  {"params", "opt", "residual", "meta_loss", "meta_step_skipped", "synth_weight_entropy",
+                   "synth_weight_kl", "corrector_gate"})
+  assert set(layout["agg"]) == expected_agg and type(layout["agg"]) is dict
+  assert set(layout["plugins"]["generator"]) == ({"params", "opt", "rng"} if private else {"params", "opt"})
+  assert ("rng" in synth_state) == private and ("meta_loss" in synth_state) == (not private)
+  old = checkpoint_manager(str(tmp_path / "dict"))
+  old.save(3, args=ocp.args.StandardSave(layout))
+  old.wait_until_finished()
+  fresh = {"agg": agg.init(_global(), jax.random.key(7), SIG), "plugins": {"generator": generator.init(jax.random.key(8))}}
+  restored, step = restore_state(old, fresh)
+  old.close()
+  assert step == 3 and isinstance(restored["agg"], SynthesizerState)
+  assert isinstance(restored["plugins"]["generator"], GeneratorState)
+  jax.tree.map(np.testing.assert_array_equal, restored, state)

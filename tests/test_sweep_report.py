@@ -459,3 +459,64 @@ def test_tune_links_a_test_run_to_a_finished_run_of_the_same_config_and_nothing_
   # The sweep counts the linked run as finished without running it.
   entry, = sweep.run_sweep([default_lr], test_dir, log=lines.append)
   assert entry["status"] == "finished" and entry["final"]["round"] == 4
+
+
+def _final_run(path, method, seed, glob, pers, mb, benchmark="default", rounds=2):
+  """A finished run whose last record has these accuracies (round 1 at half of them)."""
+  os.makedirs(path)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump({"benchmark": benchmark, "method": method, "seed": seed, "fed": {"num_rounds": rounds}}, f)
+  with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+    for r in range(1, rounds + 1):
+      f.write(json.dumps({"round": r, "global_accuracy": None if glob is None else glob * r / rounds,
+                          "personalized_accuracy_mean": pers * r / rounds, "personalized_accuracy_worst": 0.1,
+                          "cum_bytes": mb * 1e6 * r / rounds}) + "\n")
+
+
+def test_results_page_tabulates_every_method_and_variant_by_hand_and_tests_the_variants_claims(tmp_path):
+  from experiments import results_page
+  runs, slow = tmp_path / "converge", tmp_path / "slow"
+  for seed, (g, p) in enumerate([(0.40, 0.42), (0.50, 0.46)]):
+    _final_run(runs / "fedit" / f"s{seed}", "fedit", seed, g, p, 3.0)
+    _final_run(runs / "hyperlora" / f"s{seed}", "hyperlora", seed, 0.30, 0.50 + 0.1 * seed, 6.0)
+    _final_run(slow / "hyperlora" / f"s{seed}", "hyperlora", seed, 0.45, 0.70 + 0.1 * seed, 6.0)
+    _final_run(runs / "local_only" / f"s{seed}", "local_only", seed, None, 0.60, 0.0)
+    _final_run(runs / "centralized" / f"s{seed}", "centralized", seed, 0.90, 0.90, 0.0)
+  _final_run(runs / "fedit" / "other", "fedit", 0, 0.1, 0.1, 3.0, benchmark="label_skew/alpha0.1")
+  page = results_page.build_page(str(runs), [("HyperLoRA", str(slow))],
+                                 {"hyperlora": "HyperLoRA, default generator"}, claims_row="HyperLoRA",
+                                 targets=(0.4,))
+  default = page[page.index("### default"):page.index("### label_skew")]
+  lines = [line for line in default.splitlines() if line.startswith("| ") and "---" not in line][1:]
+  # METHODS order (fedit, local_only, centralized, hyperlora), the variant just before its method;
+  # FedIT: global 40, 50 -> 45.0 ± 5.0; personalized 42, 46 -> 44.0 ± 2.0. Best federated personalized:
+  # the variant (70, 80 -> 75.0 ± 5.0), bold; centralized (90) is a reference and never bold.
+  assert lines == ["| FedIT | 2 | 45.0 ± 5.0 | 44.0 ± 2.0 | 3.00 |",
+                   "| local-only | 2 | – | 60.0 ± 0.0 | 0.00 |",
+                   "| centralized (reference) | 2 | 90.0 ± 0.0 | 90.0 ± 0.0 | 0.00 |",
+                   "| HyperLoRA | 2 | 45.0 ± 0.0 | **75.0 ± 5.0** | 6.00 |",
+                   "| HyperLoRA, default generator | 2 | 30.0 ± 0.0 | 55.0 ± 5.0 | 6.00 |"]
+  assert "### label_skew/alpha0.1 (2 rounds)" in page and "| FedIT | 1 | 10.0 | **10.0** | 3.00 |" in page
+  claims_part = page[page.index("### The paper's claims"):]
+  # Claims read the variant's runs: personalized 75 vs FedIT's 44 -> +70%; vs local-only 60 -> +25%.
+  assert "| personalization gain (up to 20%) | default | hyperlora vs fedit, final personalized mean | " \
+         "75.0 ± 5.0 vs 44.0 ± 2.0: +31.0 points (+70%) | confirmed |" in claims_part
+  assert "hyperlora vs local_only, final personalized mean | 75.0 ± 5.0 vs 60.0 ± 0.0: +15.0 points (+25%) | " \
+         "confirmed |" in claims_part
+  with pytest.raises(ValueError, match="no such row"):
+    results_page.build_page(str(runs), claims_row="HyperLoRA, slow")
+
+
+def test_results_page_majority_label_reads_the_runs_own_data(smoke_config):
+  """The majority-label row rebuilt from a run's recorded config is label_prior's on that config."""
+  from experiments import label_prior, results_page
+  smoke_config.data.dirichlet_alpha = 0.1
+  expected = np.nanmean(label_prior.majority_label_accuracy(*_labels_and_parts(smoke_config)))
+  assert results_page.majority_label_accuracy(json.loads(smoke_config.to_json())) == pytest.approx(expected)
+  assert 0.2 < expected < 1.0  # Strong label skew: far above chance (1/10).
+
+
+def _labels_and_parts(config):
+  from experiments.runner.federated_data import build_federated_data
+  data = build_federated_data(config)
+  return data.train_pool.labels, data.test_pool.labels, data.train_parts, data.test_parts

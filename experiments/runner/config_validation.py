@@ -26,7 +26,9 @@ from hyperlora_jax import federated, lora, models
 from hyperlora_jax.hyper.generator import GENERATOR_LOSSES
 from hyperlora_jax.hyper.signatures import parse_kinds, statistic_kinds
 from hyperlora_jax.hyper.synthesis import CORRECTORS
-from hyperlora_jax.models import ALLOWED_MODELS, arch_fields
+from hyperlora_jax.models import ALLOWED_MODELS, arch_fields, hf
+from hyperlora_jax.models.load import CheckpointError
+from hyperlora_jax.models.vit import GELUS
 from hyperlora_jax.primitives import make_mesh
 
 ALLOWED_HEAD_POLICIES = ("shared", "local")
@@ -67,8 +69,12 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     if isinstance(default, bool) and field in model:
       _require(isinstance(model[field], bool), f"model.{field}", f"must be True or False, got {model[field]!r}")
     elif isinstance(default, int) and field in model:
-      _positive_int(config, f"model.{field}")
+      _positive_int(config, f"model.{field}", minimum=0 if field == "mlp_dim" else 1)  # mlp_dim 0: by mlp_ratio.
   arch = {**allowed, **{k: v for k, v in model.items() if k != "name"}}
+  if "gelu" in arch:
+    _one_of(arch["gelu"], GELUS, "model.gelu")
+  if "layer_norm_eps" in arch:
+    _require(arch["layer_norm_eps"] > 0, "model.layer_norm_eps", f"must be > 0, got {arch['layer_norm_eps']}")
   _require(config.data.image_size % arch["patch_size"] == 0, "model.patch_size",
            f"{arch['patch_size']} must divide data.image_size={config.data.image_size}")
   for width, heads in (("width", "num_heads"), ("text_width", "text_heads")):
@@ -83,13 +89,42 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
   if "prompt_template" in arch:
     _require("{}" in arch["prompt_template"], "model.prompt_template",
              f"must contain '{{}}' for the class name, got {arch['prompt_template']!r}")
-  npz = config.pretrain.get("npz_path", "")
-  _require(bool(npz) or bool(config.pretrain.data_name), "pretrain.npz_path",
+  npz, checkpoint = config.pretrain.get("npz_path", ""), config.pretrain.get("checkpoint", "")
+  _require(bool(npz) or bool(checkpoint) or bool(config.pretrain.data_name), "pretrain.npz_path",
            "this config has no pretraining data (pretrain.data_name=''): give a real checkpoint, "
-           "e.g. `:npz=/path/ViT-B_16.npz` (see the config's docstring)")
+           "e.g. `:npz=/path/ViT-B_16.npz` or `:checkpoint=/path/vit-base-patch16-224` (see the config's docstring)")
+  if checkpoint:
+    _require(not npz, "pretrain.checkpoint", "give pretrain.checkpoint or pretrain.npz_path, not both")
+    _require(os.path.isdir(checkpoint), "pretrain.checkpoint", f"no such directory: {checkpoint!r}")
+    try:
+      hf_config = hf.read_config(checkpoint)
+      checkpoint_arch = hf.vit_arch(hf_config)
+    except CheckpointError as e:
+      raise ConfigError(f"pretrain.checkpoint: {e}") from None
+    _require(model.name == "vit" and all(arch.get(k) == v for k, v in checkpoint_arch.items()), "model",
+             f"must be the checkpoint's architecture (vit, {checkpoint_arch}); the runner sets it "
+             f"(pretrain.with_checkpoint_architecture)")
+    size = hf_config.get("image_size")
+    _require(size == config.data.image_size, "data.image_size",
+             f"must be the checkpoint's image_size={size} (its position embeddings are for that many patches)")
+    _check_image_processor(checkpoint)
   if npz:
     _one_of(model.name, ("vit", "mixer"), "pretrain.npz_path (model.name)")
     _require(os.path.isfile(npz), "pretrain.npz_path", f"no such file: {npz!r}")
+
+
+def _check_image_processor(checkpoint: str) -> None:
+  """The checkpoint's preprocessor_config.json (if any) normalizes as the runner does: to [-1, 1]
+  (mean = std = 0.5, `models.preprocess_images`), as every google ViT on Hugging Face does."""
+  path = os.path.join(checkpoint, "preprocessor_config.json")
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    processor = json.load(f)
+  for key in ("image_mean", "image_std"):
+    value = processor.get(key, [0.5] * 3)
+    _require(all(abs(v - 0.5) < 1e-6 for v in value), "pretrain.checkpoint",
+             f"{path}: {key}={value}; the runner scales images to [-1, 1] (mean = std = 0.5) only")
 
 
 def _finite_numbers(node, prefix: str = "") -> None:
@@ -144,7 +179,7 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
   _positive_int(config, "data.min_client_size")  # 0 lets a client without examples in (weight 0/0).
   fraction = data.get("validation_fraction", 0.0)
   _require(0 <= fraction < 1, "data.validation_fraction", f"must be in [0, 1), got {fraction}")
-  if not config.pretrain.get("npz_path"):
+  if not pretrain.real_checkpoint(config):
     _positive_int(config, "pretrain.steps")
   _positive_int(config, "fed.clients_per_chunk", minimum=-1)  # -1: measured (autotune.AUTO).
   _one_of(config.compute.backbone_dtype, ALLOWED_BACKBONE_DTYPES, "compute.backbone_dtype")
@@ -197,6 +232,16 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
     _positive_int(config, "hyperlora.synthesizer_hidden")
     _positive_int(config, "hyperlora.meta_steps")
     optimizers.append("hyperlora.meta_optimizer")
+    if config.get("dp") is not None and config.dp.noise_multiplier > 0:
+      for field, value in (("hyperlora.synthesizer", hl.synthesizer), ("hyperlora.corrector", hl.corrector)):
+        _require(value != "learned", field,
+                 "under dp.noise_multiplier > 0, HyperLoRA cannot meta-learn S_ψ or C_ω (they learn from "
+                 "per-client held-out gradients outside the privacy accountant); set "
+                 "hyperlora.synthesizer='uniform' and hyperlora.corrector='none' or 'fair' "
+                 "(configs/hyperlora.py:ablation=private)")
+      _require("embedding" not in kinds, "hyperlora.signature",
+               "under dp.noise_multiplier > 0 the learned per-client embedding is refused: it is learned "
+               "from one client's updates alone, which no noise at the server hides")
   if "generator" in config and "generator" not in unused:  # After the blocks the method reads.
     embeddings = allowed_methods[config.method](config).client_embeddings
     _positive_int(config, "generator.client_embed_dim", minimum=1 if embeddings else 0)
@@ -235,8 +280,9 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
       _require(value > 0, f"dp.{name}", f"must be > 0, got {value}")
     signature_noise = config.dp.get("signature_noise_multiplier", 0.0)
     _require(signature_noise >= 0, "dp.signature_noise_multiplier", f"must be >= 0, got {signature_noise}")
-    method = allowed_methods[config.method](config) if config.dp.noise_multiplier > 0 else None
-    if method is not None and method.private_rounds:
+  method = allowed_methods[config.method](config)
+  if "dp" in config and config.dp.noise_multiplier > 0:
+    if method.private_rounds:
       sent = statistic_kinds(method.signature_kinds)
       _require(not sent or signature_noise > 0, "dp.signature_noise_multiplier",
                f"must be > 0 under dp.noise_multiplier > 0: HyperLoRA's signatures ({'+'.join(sorted(sent))}) "
@@ -244,6 +290,37 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
       _require(config.hyperlora.signature_noise_std == 0, "hyperlora.signature_noise_std",
                "must be 0 under dp.noise_multiplier > 0 (the signatures' noise is then "
                "dp.signature_noise_multiplier x dp.signature_clip_norm)")
+  check_server_options(config, method, allowed_methods)
+
+
+def check_server_options(config: ml_collections.ConfigDict, method, allowed_methods) -> None:
+  """Raises `ConfigError` where the `robust` or `dp` block asks for what `method` cannot take:
+  a robust rule replaces a plain average in its space (`Method.plain_average`), DP-FedAvg the
+  plain average of factors; HyperLoRA has its own private rounds (`Method.private_rounds`)."""
+  robust, dp = config.get("robust"), config.get("dp")
+  robust_rule = robust is not None and robust.rule != "mean"
+  if robust_rule and method.plain_average != robust.space:
+    takers = _methods_with(config, allowed_methods, lambda m: m.plain_average == robust.space)
+    raise ConfigError(f"robust.rule: {robust.rule!r} in {robust.space} space replaces the average of "
+                      f"{', '.join(takers)}, not method {method.name!r}")
+  if dp is not None and dp.noise_multiplier > 0 and not (method.private_rounds and not robust_rule):
+    if method.plain_average != "factors" or robust_rule:
+      takers = _methods_with(config, allowed_methods, lambda m: m.plain_average == "factors")
+      raise ConfigError(f"dp.noise_multiplier: DP-FedAvg replaces the plain average of "
+                        f"{', '.join(takers)} (with robust.rule='mean'), and HyperLoRA has its "
+                        f"own private rounds; not method {method.name!r}")
+
+
+def _methods_with(config, allowed_methods, capability) -> list[str]:
+  """The names of the methods that, built from `config`, have `capability` (for messages)."""
+  names = []
+  for name, build in allowed_methods.items():
+    try:
+      if capability(build(config)):
+        names.append(name)
+    except (ConfigError, ValueError):  # A method this config cannot build has no capability here.
+      pass
+  return names
 
 
 def _writable_dir(path: str) -> bool:
@@ -278,7 +355,7 @@ def preflight(config: ml_collections.ConfigDict) -> None:
                       f"held out) of at least data.min_client_size={config.data.min_client_size} examples "
                       f"need more than the {train_examples} examples of {config.data.name!r} "
                       f"{config.data.train_split!r}")
-  if not config.pretrain.get("npz_path"):
+  if not pretrain.real_checkpoint(config):
     pretrain_examples = examples(config.pretrain.data_name, config.pretrain.split, "pretrain.data_name",
                                  "pretrain.split")
     if pretrain_examples is not None and config.pretrain.batch_size > pretrain_examples:

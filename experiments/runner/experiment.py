@@ -63,8 +63,10 @@ def initial_trainable(model, backbone: Any, example_images: jax.Array, target_re
 def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> Experiment:
   """Validates the config, loads data and backbone, builds the round (no compilation yet).
 
-  Every config check runs first (`config_validation`), before any example or weight is read.
+  Every config check runs first (`config_validation`), before any example or weight is read
+  (a Hugging Face checkpoint's config.json first sets `model.*`).
   """
+  config = pretrain.with_checkpoint_architecture(config, log)
   validate_config(config, methods.METHODS, methods.METHOD_BLOCKS)
   preflight(config)
   mesh = check_mesh_fits(config)

@@ -182,7 +182,6 @@ def hyperlora(config) -> Method:
   private releases (`hyperlora_jax.privacy`): the product-space update (clip `dp.clip_norm`),
   and with the generator the cohort's mean factor change (clip `dp.clip_norm`) and each
   DP-SGD step of G_φ (clip `dp.generator_clip_norm`). S_ψ and C_ω are not meta-learned then."""
-  from experiments.runner.config_validation import ConfigError
   hl = config.hyperlora
   kinds = signatures_lib.parse_kinds(hl.signature)
   synthesis = SynthesisConfig(
@@ -190,17 +189,7 @@ def hyperlora(config) -> Method:
       learned_weights=hl.synthesizer == "learned", fair_lam=config.lora_fair.lam,
       fair_steps=config.lora_fair.steps, fair_learning_rate=config.lora_fair.learning_rate)
   learned = hl.synthesizer == "learned" or hl.corrector == "learned"
-  private = dp_on(config)
-  if private and learned:
-    field = "hyperlora.synthesizer" if hl.synthesizer == "learned" else "hyperlora.corrector"
-    raise ConfigError(f"{field}: under dp.noise_multiplier > 0, HyperLoRA cannot meta-learn S_ψ or C_ω "
-                      f"(they learn from per-client held-out gradients outside the privacy accountant); "
-                      f"set hyperlora.synthesizer='uniform' and hyperlora.corrector='none' or 'fair' "
-                      f"(configs/hyperlora.py:ablation=private)")
-  if private and "embedding" in kinds:
-    raise ConfigError("hyperlora.signature: under dp.noise_multiplier > 0 the learned per-client embedding "
-                      "is refused: it is learned from one client's updates alone, which no noise at the "
-                      "server hides")
+  private = dp_on(config)  # `config_validation` refuses learned parts and embeddings under DP.
   steps = (1 if config.generator.loss == "vjp" else config.generator.server_steps) if hl.generator else 0
   update_release = (config.dp.clip_norm, config.dp.noise_multiplier) if private else None
   return Method(
@@ -259,42 +248,19 @@ METHOD_BLOCKS: dict[str, tuple[str, ...]] = {
 }
 
 
-def methods_with(config: ml_collections.ConfigDict, capability: Callable[[Method], bool]) -> list[str]:
-  """The names of the methods that, built from `config`, have `capability` (for messages)."""
-  from experiments.runner.config_validation import ConfigError
-  names = []
-  for name, build in METHODS.items():
-    try:
-      if capability(build(config)):
-        names.append(name)
-    except ConfigError:  # A method this config cannot build has no capability here.
-      pass
-  return names
-
-
 def with_server_options(method: Method, config: ml_collections.ConfigDict) -> Method:
   """`method` with the config's robust rule, update clipping or DP-FedAvg in place of its
   aggregator (`robust`, `dp` blocks), where its capabilities take them (`plain_average`,
-  `private_rounds`); raises ConfigError where they do not."""
-  from experiments.runner.config_validation import ConfigError
+  `private_rounds`); raises ConfigError where they do not (`config_validation.check_server_options`)."""
+  from experiments.runner.config_validation import check_server_options
+  check_server_options(config, method, METHODS)
   robust, dp = config.get("robust"), config.get("dp")
   aggregator = method.aggregator
   if robust is not None and robust.rule != "mean":
-    if method.plain_average != robust.space:
-      takers = methods_with(config, lambda m: m.plain_average == robust.space)
-      raise ConfigError(f"robust.rule: {robust.rule!r} in {robust.space} space replaces the average of "
-                        f"{', '.join(takers)}, not method {method.name!r}")
     aggregator = (aggregators.robust_factors(robust.rule, robust.trim) if robust.space == "factors"
                   else aggregators.robust_products(robust.rule, _scale(config), robust.trim))
   if dp is not None and dp.noise_multiplier > 0:
-    if method.private_rounds and aggregator is method.aggregator:
-      pass  # Built private (e.g. `hyperlora`).
-    elif method.plain_average != "factors" or aggregator is not method.aggregator:
-      takers = methods_with(config, lambda m: m.plain_average == "factors")
-      raise ConfigError(f"dp.noise_multiplier: DP-FedAvg replaces the plain average of "
-                        f"{', '.join(takers)} (with robust.rule='mean'), and HyperLoRA has its "
-                        f"own private rounds; not method {method.name!r}")
-    else:
+    if not method.private_rounds:  # HyperLoRA is built private.
       aggregator = aggregators.dp_fedavg(dp.clip_norm, dp.noise_multiplier)
   elif robust is not None and robust.clip_norm > 0:
     aggregator = aggregators.clip_updates(aggregator, robust.clip_norm)

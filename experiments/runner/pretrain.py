@@ -1,5 +1,7 @@
 """The frozen foundation backbone: pretrained on the embedded source distribution and cached
-with orbax, or loaded from a real `.npz` checkpoint (`pretrain.npz_path`, ViT and Mixer).
+with orbax, or loaded from a real checkpoint: a Hugging Face ViT directory
+(`pretrain.checkpoint`, its config.json giving `model.*`) or a `.npz` file (`pretrain.npz_path`,
+ViT and Mixer).
 
 The federated clients never see the pretraining data: `digits_domains`' `pretrain` split
 holds other handwritten digits, rendered only in the `source` domain. Classifiers (ViT,
@@ -28,6 +30,7 @@ import orbax.checkpoint as ocp
 from hyperlora_jax import models
 from experiments.runner.data.loader import ImageDataset, load_image_dataset
 from hyperlora_jax.models import clip as clip_lib
+from hyperlora_jax.models import hf as hf_lib
 from hyperlora_jax.models import load as load_lib
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "hyperlora_jax", "backbones")
@@ -138,6 +141,50 @@ def _abstract_backbone(config, num_classes: int) -> Any:
                       jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape, jnp.float32)))
 
 
+def real_checkpoint(config: ml_collections.ConfigDict) -> str:
+  """The real checkpoint a run loads instead of pretraining ('' for none): `pretrain.checkpoint`
+  (a Hugging Face directory) or `pretrain.npz_path` (a `.npz` file)."""
+  return config.pretrain.get("checkpoint", "") or config.pretrain.get("npz_path", "")
+
+
+def with_checkpoint_architecture(config: ml_collections.ConfigDict,
+                                 log: Callable[[str], None] = print) -> ml_collections.ConfigDict:
+  """`config` with `model.*` set from the Hugging Face checkpoint `pretrain.checkpoint`'s own
+  config.json (sizes, GELU variant, LayerNorm eps), each changed field logged; `config` itself
+  when there is none.
+
+  Raises:
+    models.load.CheckpointError: the directory holds no supported checkpoint.
+  """
+  directory = config.pretrain.get("checkpoint", "")
+  if not directory:
+    return config
+  arch = hf_lib.vit_arch(hf_lib.read_config(directory))
+  changed = {k: v for k, v in arch.items() if config.model.get(k) != v}
+  if not changed and config.model.name == "vit":
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.name = "vit"
+  for field, value in arch.items():
+    config.model[field] = value
+  log(f"model: the architecture of {directory}: " + ", ".join(f"model.{k}={v!r}" for k, v in changed.items()))
+  return config
+
+
+def load_hf_backbone(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> tuple[Any, dict]:
+  """The backbone from the Hugging Face checkpoint directory `pretrain.checkpoint` (its
+  classifier and pooler, which the run does not use, are named in the log).
+
+  Raises:
+    models.load.CheckpointError: unreadable, or not shaped like `config.model`.
+  """
+  directory = config.pretrain.checkpoint
+  tensors, origin = hf_lib.read_tensors(directory)
+  params, dropped = hf_lib.vit_params(tensors, _abstract_backbone(config, 1)["params"], origin)
+  log(f"backbone: loaded the Hugging Face ViT {directory}" + (f" (not loaded: {', '.join(dropped)})" if dropped else ""))
+  return {"params": params}, {"source": directory}
+
+
 def load_npz_backbone(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> tuple[Any, dict]:
   """The backbone from the real checkpoint `pretrain.npz_path` (head dropped).
 
@@ -168,6 +215,8 @@ def load_or_pretrain(config: ml_collections.ConfigDict,
   Raises:
     RuntimeError: the cache exists but cannot be restored (it is left in place).
   """
+  if config.pretrain.get("checkpoint"):
+    return load_hf_backbone(config, log)
   if config.pretrain.get("npz_path"):
     return load_npz_backbone(config, log)
   path = cache_path(config)

@@ -81,6 +81,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_round: i
   start_time = time.time()
   main_process = distributed.is_main_process()
   # 1. prepare
+  config = pretrain.with_checkpoint_architecture(config, log if main_process else (lambda _: None))
   prepare_once(config, log)
   # 2. build
   exp = build_experiment(config_for_resume(config, workdir), log if main_process else (lambda _: None))
@@ -156,7 +157,7 @@ def prepare_once(config: ml_collections.ConfigDict, log: Callable[[str], None]) 
     return
   if distributed.is_main_process():
     prepare_dataset(config.data.name, config.data.data_dir or None)
-    if not config.pretrain.get("npz_path"):
+    if not pretrain.real_checkpoint(config):
       prepare_dataset(config.pretrain.data_name, config.data.data_dir or None)
       pretrain.load_or_pretrain(config, log)
   distributed.barrier("data and backbone prepared")

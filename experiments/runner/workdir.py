@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import importlib.metadata
 import json
@@ -28,7 +27,7 @@ from flax import traverse_util
 from experiments.runner import config_blocks, methods, reporting
 from experiments.runner.config_validation import ConfigError, used_config
 from experiments.runner.experiment import Experiment, build_experiment
-from hyperlora_jax import distributed, federated
+from hyperlora_jax import distributed, states
 from hyperlora_jax.faults import Faults
 from hyperlora_jax.hyper import synthesis
 
@@ -42,13 +41,14 @@ RESUMABLE_FIELDS = ("fed.num_rounds", "eval_every", "checkpoint_every")
 # made by an older version resumes, or reprints, instead of being refused). Blocks that are
 # dataclasses contribute their defaults, their one source.
 ADDED_FIELDS = {
-    "data.max_client_examples": 0, "data.validation_fraction": 0.0, "hyperlora.meta_steps": 1,
-    **{f"faults.{name}": value for name, value in dataclasses.asdict(Faults()).items()},  # All off.
-    **{f"robust.{name}": value for name, value in dataclasses.asdict(config_blocks.Robust()).items()},
-    **{f"dp.{name}": value for name, value in dataclasses.asdict(config_blocks.DP()).items()},
+    "data.max_client_examples": 0, "data.validation_fraction": 0.0, "pretrain.checkpoint": "",
+    "hyperlora.meta_steps": config_blocks.HyperLoRA().meta_steps,
+    **config_blocks.dotted_defaults("faults", Faults()),  # All off.
+    **config_blocks.dotted_defaults("robust", config_blocks.Robust()),
+    **config_blocks.dotted_defaults("dp", config_blocks.DP()),
     # The generator's learning-rate schedule (constant before it existed).
-    "generator.optimizer.schedule": "constant", "generator.optimizer.decay_steps": 100,
-    "generator.optimizer.final_fraction": 0.1,
+    **{field: value for field, value in config_blocks.dotted_defaults("generator", config_blocks.Generator()).items()
+       if field.rsplit(".", 1)[1] in ("schedule", "decay_steps", "final_fraction")},
 }
 
 
@@ -170,11 +170,7 @@ def save_metrics_snapshot(workdir: str, step: int, records: list[dict], manager:
 def save_state(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
   """Checkpoint `step` of a round's state, in its dict layout (`ServerState.as_dict`), the
   layout every checkpoint of this project has."""
-  manager.save(step, args=ocp.args.StandardSave(_as_tree(state)))
-
-
-def _as_tree(state: Any) -> Any:
-  return state.as_dict() if isinstance(state, federated.ServerState) else state
+  manager.save(step, args=ocp.args.StandardSave(states.as_tree(state)))
 
 
 def restore_state(manager: ocp.CheckpointManager, state: Any) -> tuple[Any, int]:
@@ -187,7 +183,7 @@ def restore_state(manager: ocp.CheckpointManager, state: Any) -> tuple[Any, int]
   step = manager.latest_step()
   if step is None:
     return state, 0
-  typed, state = isinstance(state, federated.ServerState), _as_tree(state)
+  template, state = state, states.as_tree(state)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   try:
     restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
@@ -198,7 +194,7 @@ def restore_state(manager: ocp.CheckpointManager, state: Any) -> tuple[Any, int]
       raise RuntimeError(f"checkpoint {manager.directory}/{step} is corrupt or incompatible "
                          f"({type(e).__name__}: {e}); it was left untouched. Move it away to "
                          f"resume from an earlier one, or use a new workdir.") from e
-  return (federated.ServerState.from_dict(restored) if typed else restored), step
+  return states.like(template, restored), step
 
 
 # Aggregator-state entries added after checkpoints were written without them (per-round

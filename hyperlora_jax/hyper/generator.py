@@ -24,6 +24,7 @@ state then carries the noise key ("rng").
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
@@ -33,6 +34,7 @@ import optax
 
 from hyperlora_jax import lora as lora_lib
 from hyperlora_jax import privacy as privacy_lib
+from hyperlora_jax import states
 from hyperlora_jax.federated import NEW_CLIENT as NEW_CLIENT  # No learned embedding: the mean one.
 
 Tree = Any
@@ -110,6 +112,21 @@ class Generator(NamedTuple):
   signature_dim: int | None = None  # D of the signatures it reads (None: not declared).
 
 
+@states.typed_state
+@dataclasses.dataclass(frozen=True)
+class GeneratorState(states.TypedState):
+  """A `Generator`'s state (checkpointed as the dict of its entries that are not None).
+
+  Attributes:
+    params: the module's params φ.
+    opt: their optimizer's state.
+    rng: uint32 [2] the DP-SGD noise key's data (None without privacy).
+  """
+  params: Tree
+  opt: Tree
+  rng: jax.Array | None = None
+
+
 def make_generator(module: LoraGenerator, *, loss: str, optimizer: optax.GradientTransformation,
                    scale: float | None = None, server_steps: int = 1, signature_dim: int = 0,
                    privacy: tuple[float, float] | None = None) -> Generator:
@@ -130,16 +147,14 @@ def make_generator(module: LoraGenerator, *, loss: str, optimizer: optax.Gradien
 
   def init(rng):
     params = module.init(rng, jnp.zeros((signature_dim,)), jnp.zeros((), jnp.int32))
-    state = {"params": params, "opt": optimizer.init(params)}
-    if privacy is not None:
-      state["rng"] = jax.random.key_data(jax.random.fold_in(rng, 13))
-    return state
+    rng = jax.random.key_data(jax.random.fold_in(rng, 13)) if privacy is not None else None
+    return GeneratorState(params=params, opt=optimizer.init(params), rng=rng)
 
   def generate_with(params, signatures, client_ids):
     return jax.vmap(lambda s, i: module.apply(params, s, i))(signatures, client_ids)
 
   def generate(state, signatures, client_ids):
-    return generate_with(state["params"], signatures, client_ids)
+    return generate_with(state.params, signatures, client_ids)
 
   def sent_factors(params, signatures, client_ids, base_lora, rank_masks):
     offsets = generate_with(params, signatures, client_ids)
@@ -177,7 +192,7 @@ def make_generator(module: LoraGenerator, *, loss: str, optimizer: optax.Gradien
 
   def update(state, signatures, client_ids, base_lora, trained_lora, weights, rank_masks):
     trained_lora = jax.lax.stop_gradient(trained_lora)
-    key = jax.random.wrap_key_data(state["rng"]) if privacy is not None else None
+    key = jax.random.wrap_key_data(state.rng) if privacy is not None else None
 
     def step(carry, index):
       params, opt_state = carry
@@ -190,10 +205,8 @@ def make_generator(module: LoraGenerator, *, loss: str, optimizer: optax.Gradien
       return (optax.apply_updates(params, updates), opt_state), None
 
     steps = 1 if loss == "vjp" else server_steps
-    (params, opt_state), _ = jax.lax.scan(step, (state["params"], state["opt"]), jnp.arange(steps))
-    new_state = {"params": params, "opt": opt_state}
-    if privacy is not None:
-      new_state["rng"] = jax.random.key_data(jax.random.fold_in(key, steps))
-    return new_state
+    (params, opt_state), _ = jax.lax.scan(step, (state.params, state.opt), jnp.arange(steps))
+    rng = jax.random.key_data(jax.random.fold_in(key, steps)) if privacy is not None else None
+    return GeneratorState(params=params, opt=opt_state, rng=rng)
 
   return Generator(init=init, generate=generate, update=update, signature_dim=signature_dim)

@@ -57,7 +57,7 @@ def generator_plugin(generator: Generator, name: str = "generator", target: str 
     raise ValueError(f"generator target {target!r}; allowed: {GENERATOR_TARGETS}")
 
   def after_aggregation(state, outcome: RoundOutcome):
-    if privacy is not None and "rng" not in state:
+    if privacy is not None and getattr(state, "rng", None) is None:
       raise ValueError("a private generator plug-in needs a private generator "
                        "(make_generator(..., privacy=...)), whose state carries the noise key")
     trained = lora_lib.layers(outcome.client_params)
@@ -66,8 +66,8 @@ def generator_plugin(generator: Generator, name: str = "generator", target: str 
       starts = lora_lib.layers(outcome.client_starts)
       mean_change = None
       if privacy is not None:
-        key, mean_key = jax.random.split(jax.random.wrap_key_data(state["rng"]))
-        state = {**state, "rng": jax.random.key_data(key)}
+        key, mean_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+        state = state.replace(rng=jax.random.key_data(key))
         mean_change = privacy_lib.private_mean(jax.tree.map(jnp.subtract, trained, starts), outcome.weights,
                                                *privacy, mean_key)
       trained = deviation_targets(trained, starts, outcome.weights, mean_change)

@@ -46,6 +46,7 @@ step on (ψ, ω): meta-loss = Σ_k p_k CE_k(held-out batch | aggregate_{ψ,ω}(c
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -55,6 +56,7 @@ import optax
 
 from hyperlora_jax import lora as lora_lib
 from hyperlora_jax import privacy as privacy_lib
+from hyperlora_jax import states
 from hyperlora_jax.aggregators.base import Aggregator, AggregationContext, Capabilities, aggregate_layers
 from hyperlora_jax.aggregators.fair import fit_delta_b
 from hyperlora_jax.aggregators.products import weighted_product
@@ -282,6 +284,34 @@ def _synthesis_metrics(used: dict, weights: jax.Array) -> dict:
   return metrics
 
 
+@states.typed_state
+@dataclasses.dataclass(frozen=True)
+class SynthesizerState(states.TypedState):
+  """The state of `hyperlora_synthesizer` (checkpointed as the dict of its entries that are not None).
+
+  Attributes:
+    params: {"synth": S_ψ's params, "corr": C_ω's}.
+    opt: their optimizer's state.
+    residual: {layer: [d_in, d_out]} the learned corrector's running residual ({} without it).
+    meta_loss: f32 [] the round's held-out meta-objective (None under DP).
+    meta_step_skipped: int32 [] the round's meta-steps whose loss or gradient was non-finite
+      (ψ, ω and their optimizer then stayed put; None under DP).
+    synth_weight_entropy, synth_weight_kl: f32 [] the round's diagnostics (`weight_entropy`,
+      `weight_divergence`).
+    corrector_gate: f32 [] the mean gate g_l over layers (None without the learned corrector).
+    rng: uint32 [2] the noise key's data (None without DP).
+  """
+  params: Tree
+  opt: Tree
+  residual: dict
+  meta_loss: jax.Array | None = None
+  meta_step_skipped: jax.Array | None = None
+  synth_weight_entropy: jax.Array | None = None
+  synth_weight_kl: jax.Array | None = None
+  corrector_gate: jax.Array | None = None
+  rng: jax.Array | None = None
+
+
 def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransformation,
                           *, hidden: int = 32, meta_learning: bool = True, meta_steps: int = 1,
                           privacy: tuple[float, float] | None = None) -> Aggregator:
@@ -293,16 +323,14 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
   all on this round's meta-objective; the aggregate is the one of the last (ψ, ω) evaluated,
   so 1 step aggregates with the round's starting (ψ, ω) and then updates them. The layers are
   read from the global params.
-  State: {"params": {"synth", "corr"}, "opt", "residual": {layer: [d_in, d_out]}, "meta_loss",
-  "meta_step_skipped"} (the round's meta-steps whose loss or gradient was non-finite: ψ, ω and
-  their optimizer then stay put for that step), plus the round's diagnostics "synth_weight_entropy",
-  "synth_weight_kl" (`weight_entropy`, `weight_divergence`) and, with the learned corrector,
-  "corrector_gate" (the mean gate g_l over layers).
+  State: a `SynthesizerState`; its metrics are "meta_loss", "meta_step_skipped" and the
+  diagnostics "synth_weight_entropy", "synth_weight_kl" and, with the learned corrector,
+  "corrector_gate".
 
   `privacy=(clip_norm, noise_multiplier)`: client-level DP (`PrivateRelease`, one release a
   round). It needs the uniform synthesizer and no meta-learning (ψ, ω would learn from
   per-client held-out gradients outside the accountant), holds out no steps and reports no
-  meta-loss; the state adds "rng", the noise key's data.
+  meta-loss; the state adds `rng`, the noise key's data.
   """
   diagnostic_metrics = DIAGNOSTIC_METRICS if cfg.corrector == "learned" else DIAGNOSTIC_METRICS[:2]
   if privacy is not None and (meta_learning or cfg.learned_weights):
@@ -324,20 +352,20 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
               "corr": modules[1].init(k2, jnp.zeros((len(targets), 2)))}
     residual = ({path: jnp.zeros(shape, jnp.float32) for path, shape in targets.items()}
                 if cfg.corrector == "learned" else {})
-    state = {"params": params, "opt": optimizer.init(params), "residual": residual,
-             **{name: jnp.zeros((), jnp.float32) for name in diagnostic_metrics}}
+    state = SynthesizerState(params=params, opt=optimizer.init(params), residual=residual,
+                             **{name: jnp.zeros((), jnp.float32) for name in diagnostic_metrics})
     if privacy is None:
-      return {**state, "meta_loss": jnp.zeros((), jnp.float32), "meta_step_skipped": jnp.zeros((), jnp.int32)}
-    return {**state, "rng": jax.random.key_data(jax.random.fold_in(rng, 11))}
+      return state.replace(meta_loss=jnp.zeros((), jnp.float32), meta_step_skipped=jnp.zeros((), jnp.int32))
+    return state.replace(rng=jax.random.key_data(jax.random.fold_in(rng, 11)))
 
   def private_aggregate(state, global_params, client_params, weights, context: AggregationContext):
-    key, noise_key = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+    key, noise_key = jax.random.split(jax.random.wrap_key_data(state.rng))
     new_global, residual, used = synthesize(
-        state["params"], modules_for(global_params), cfg, global_params, client_params, weights,
-        jnp.zeros((weights.shape[0], 0)), jnp.zeros(weights.shape), state["residual"],
+        state.params, modules_for(global_params), cfg, global_params, client_params, weights,
+        jnp.zeros((weights.shape[0], 0)), jnp.zeros(weights.shape), state.residual,
         context.client_starts if context is not None else None, PrivateRelease(*privacy, noise_key))
-    return new_global, {}, {**state, "residual": residual, "rng": jax.random.key_data(key),
-                            **jax.lax.stop_gradient(_synthesis_metrics(used, weights))}
+    return new_global, {}, state.replace(residual=residual, rng=jax.random.key_data(key),
+                                         **jax.lax.stop_gradient(_synthesis_metrics(used, weights)))
 
   def aggregate(state, global_params, client_params, weights, context: AggregationContext):
     modules = modules_for(global_params)
@@ -347,7 +375,7 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
 
     def objective(params):
       new_global, residual, used = synthesize(params, modules, cfg, global_params, client_params, weights,
-                                              signatures, context.client_loss, state["residual"],
+                                              signatures, context.client_loss, state.residual,
                                               context.client_starts)
       return context.heldout_loss(new_global), (new_global, residual, _synthesis_metrics(used, weights))
 
@@ -368,7 +396,7 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
         return new_params, new_opt_state, (meta_loss, aux, (participants & ~sound).astype(jnp.int32))
 
       params, opt_state, (meta_loss, (new_global, residual, diagnostics), skipped) = meta_step(
-          state["params"], state["opt"])
+          state.params, state.opt)
       if meta_steps > 1:  # The rest in a scan: one compiled step, whatever their number.
         def more(carry, _):
           params, opt_state, skipped = carry
@@ -379,11 +407,10 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
         meta_loss = losses[-1]
         new_global, residual, diagnostics = jax.tree.map(lambda x: x[-1], auxes)
     else:
-      meta_loss, (new_global, residual, diagnostics) = objective(state["params"])
-      params, opt_state, skipped = state["params"], state["opt"], jnp.zeros((), jnp.int32)
-    return new_global, {}, {"params": params, "opt": opt_state, "residual": residual,
-                            "meta_loss": meta_loss, "meta_step_skipped": skipped,
-                            **jax.lax.stop_gradient(diagnostics)}
+      meta_loss, (new_global, residual, diagnostics) = objective(state.params)
+      params, opt_state, skipped = state.params, state.opt, jnp.zeros((), jnp.int32)
+    return new_global, {}, SynthesizerState(params=params, opt=opt_state, residual=residual, meta_loss=meta_loss,
+                                            meta_step_skipped=skipped, **jax.lax.stop_gradient(diagnostics))
 
   if privacy is not None:
     return Aggregator(init, private_aggregate, Capabilities(

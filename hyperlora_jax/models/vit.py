@@ -1,5 +1,9 @@
 """A Vision Transformer in Flax Linen, from a tiny CPU size up to ViT-B/16.
 
+The defaults are the project's own small ViT (tanh GELU, LayerNorm eps 1e-6, as flax's and
+`google-research/vision_transformer`'s); a checkpoint's own config sets `gelu`, `layer_norm_eps`
+and `mlp_dim` to its architecture (Hugging Face ViT: exact GELU, eps 1e-12; `models.load`).
+
 Module paths (what LoRA's `target_regex` matches):
   embedding                               patch projection (Conv)
   encoder/block_{i}/attn/{query,key,value,out}   attention projections (nn.Dense)
@@ -11,6 +15,21 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+
+GELUS = ("tanh", "exact", "quick")
+
+
+def gelu(x: jnp.ndarray, variant: str) -> jnp.ndarray:
+  """GELU: "tanh" (the tanh approximation, flax's default and HF's gelu_new), "exact" (erf,
+  PyTorch's and HF's "gelu") or "quick" (x σ(1.702 x), OpenAI CLIP's quick_gelu)."""
+  if variant == "tanh":
+    return nn.gelu(x, approximate=True)
+  if variant == "exact":
+    return nn.gelu(x, approximate=False)
+  if variant == "quick":
+    return x * nn.sigmoid(1.702 * x)
+  raise ValueError(f"gelu variant {variant!r}; allowed: {GELUS}")
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -35,39 +54,47 @@ class MultiHeadSelfAttention(nn.Module):
 
 class MlpBlock(nn.Module):
   hidden: int
+  gelu: str = "tanh"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """x: [..., D] -> [..., D]."""
-    return nn.Dense(x.shape[-1], name="fc2")(nn.gelu(nn.Dense(self.hidden, name="fc1")(x)))
+    return nn.Dense(x.shape[-1], name="fc2")(gelu(nn.Dense(self.hidden, name="fc1")(x), self.gelu))
 
 
 class EncoderBlock(nn.Module):
   num_heads: int
   mlp_ratio: float
+  mlp_dim: int = 0
+  gelu: str = "tanh"
+  layer_norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """Pre-LN transformer block, x: [B, T, D] -> [B, T, D]."""
-    x = x + MultiHeadSelfAttention(self.num_heads, name="attn")(nn.LayerNorm(name="norm1")(x))
-    hidden = int(self.mlp_ratio * x.shape[-1])
-    return x + MlpBlock(hidden, name="mlp")(nn.LayerNorm(name="norm2")(x))
+    norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, name=name)
+    x = x + MultiHeadSelfAttention(self.num_heads, name="attn")(norm("norm1")(x))
+    hidden = self.mlp_dim or int(self.mlp_ratio * x.shape[-1])
+    return x + MlpBlock(hidden, self.gelu, name="mlp")(norm("norm2")(x))
 
 
 class Encoder(nn.Module):
-  """`depth` encoder blocks; `remat`: recompute each block's activations in the backward
-  pass instead of storing them (less memory, about one more forward pass of compute)."""
+  """`depth` encoder blocks and a final LayerNorm; `remat`: recompute each block's activations
+  in the backward pass instead of storing them (less memory, about one more forward pass)."""
   depth: int
   num_heads: int
   mlp_ratio: float
   remat: bool = False
+  mlp_dim: int = 0
+  gelu: str = "tanh"
+  layer_norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
     for i in range(self.depth):
-      x = block(self.num_heads, self.mlp_ratio, name=f"block_{i}")(x)
-    return nn.LayerNorm(name="norm")(x)
+      x = block(self.num_heads, self.mlp_ratio, self.mlp_dim, self.gelu, self.layer_norm_eps, name=f"block_{i}")(x)
+    return nn.LayerNorm(epsilon=self.layer_norm_eps, name="norm")(x)
 
 
 class ViT(nn.Module):
@@ -81,6 +108,9 @@ class ViT(nn.Module):
     num_heads: attention heads (12 for ViT-B).
     mlp_ratio: MLP hidden width / D (4 for ViT-B).
     remat: rematerialize each encoder block in the backward pass (same weights and outputs).
+    mlp_dim: the MLP hidden width (0: int(mlp_ratio x width)); checkpoints give it exactly.
+    gelu: "tanh", "exact" or "quick" (`gelu`).
+    layer_norm_eps: every LayerNorm's epsilon.
   """
   num_classes: int
   patch_size: int = 4
@@ -89,10 +119,16 @@ class ViT(nn.Module):
   num_heads: int = 4
   mlp_ratio: float = 2.0
   remat: bool = False
+  mlp_dim: int = 0
+  gelu: str = "tanh"
+  layer_norm_eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, images: jnp.ndarray, return_features: bool = False) -> jnp.ndarray:
-    """images: [B, H, W, 3] float -> logits [B, num_classes] (or features [B, D])."""
+  def __call__(self, images: jnp.ndarray, return_features: bool = False,
+               return_hidden: bool = False) -> jnp.ndarray:
+    """images: [B, H, W, 3] float -> logits [B, num_classes]; `return_features`: the class
+    token's final state [B, D] instead; `return_hidden`: every token's [B, 1 + N, D]
+    (Hugging Face's `last_hidden_state`)."""
     p = self.patch_size
     x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", name="embedding")(images)
     batch, h, w, d = x.shape
@@ -100,7 +136,11 @@ class ViT(nn.Module):
     cls = self.param("cls", nn.initializers.zeros, (1, 1, d), x.dtype)
     x = jnp.concatenate([jnp.tile(cls, (batch, 1, 1)), x], axis=1)
     x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1, h * w + 1, d), x.dtype)
-    features = Encoder(self.depth, self.num_heads, self.mlp_ratio, self.remat, name="encoder")(x)[:, 0]
+    hidden = Encoder(self.depth, self.num_heads, self.mlp_ratio, self.remat, self.mlp_dim, self.gelu,
+                     self.layer_norm_eps, name="encoder")(x)
+    if return_hidden:
+      return hidden
+    features = hidden[:, 0]
     if return_features:
       return features
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="head")(features)

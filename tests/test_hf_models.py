@@ -1,0 +1,195 @@
+"""Hugging Face ViT checkpoints against the reference implementation (transformers), and PEFT
+adapters against `peft`, through golden fixtures (tests/fixtures/make_reference_fixtures.py
+wrote them with torch; versions in tests/fixtures/versions.json). No PyTorch here."""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from hyperlora_jax import lora, peft
+from hyperlora_jax.models import hf
+from hyperlora_jax.models.load import CheckpointError
+from hyperlora_jax.models.vit import ViT
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+TOLERANCE = 1e-5  # Relative to the largest absolute value, as the issue asks.
+
+
+def _outputs():
+  with np.load(os.path.join(FIXTURES, "hf_vit_outputs.npz")) as f:
+    return dict(f)
+
+
+def _relative_error(got, want):
+  return float(np.max(np.abs(np.asarray(got) - want)) / np.max(np.abs(want)))
+
+
+def _load(name, **overrides):
+  arch, tensors = hf.read_checkpoint(os.path.join(FIXTURES, name))
+  model = ViT(num_classes=3, **{**arch, **overrides})
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  params, dropped = hf.vit_params(tensors, abstract)
+  params["head"] = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), abstract["head"])
+  return model, {"params": params}, dropped
+
+
+def test_the_architecture_comes_from_the_checkpoints_config():
+  arch, tensors = hf.read_checkpoint(os.path.join(FIXTURES, "hf_vit"))
+  # config.json: hidden 32, 2 layers, 4 heads, intermediate 37 (not a multiple of 32), exact GELU.
+  assert arch == {"patch_size": 4, "width": 32, "depth": 2, "num_heads": 4, "mlp_dim": 37, "gelu": "exact",
+                  "layer_norm_eps": 1e-12}
+  assert len(tensors) == 40  # 2 x 16 per block + cls, positions, patch conv (2), final norm (2), pooler (2).
+
+
+@pytest.mark.parametrize("name, reference", [("hf_vit", "vit_last_hidden_state"),
+                                             ("hf_vit_sharded", "classifier_last_hidden_state")])
+def test_a_hugging_face_vit_computes_the_references_hidden_states(name, reference):
+  """ViTModel (one file) and ViTForImageClassification (sharded over 4+ files, 'vit.' names):
+  every token's final state agrees with transformers' to 1e-5."""
+  model, variables, dropped = _load(name)
+  outputs = _outputs()
+  hidden = model.apply(variables, jnp.asarray(outputs["pixel_values"]), return_hidden=True)
+  assert hidden.shape == outputs[reference].shape == (2, 17, 32)
+  assert _relative_error(hidden, outputs[reference]) <= TOLERANCE
+  expected_dropped = (["pooler.dense.bias", "pooler.dense.weight"] if name == "hf_vit"
+                      else ["classifier.bias", "classifier.weight"])
+  assert dropped == expected_dropped  # Named, not loaded: the run trains its own head.
+  features = model.apply(variables, jnp.asarray(outputs["pixel_values"]), return_features=True)
+  np.testing.assert_allclose(features, outputs[reference][:, 0], atol=TOLERANCE * np.abs(outputs[reference]).max())
+
+
+def test_the_reference_check_can_fail_tanh_gelu_is_a_different_function():
+  """What the fixtures catch: the project's earlier ViT (tanh GELU) on the same weights."""
+  model, variables, _ = _load("hf_vit", gelu="tanh")
+  outputs = _outputs()
+  hidden = model.apply(variables, jnp.asarray(outputs["pixel_values"]), return_hidden=True)
+  assert _relative_error(hidden, outputs["vit_last_hidden_state"]) > 5 * TOLERANCE  # 9e-5 here.
+
+
+def test_sharded_checkpoints_are_read_from_every_shard_named_by_the_index():
+  tensors, origin = hf.read_tensors(os.path.join(FIXTURES, "hf_vit_sharded"))
+  with open(os.path.join(FIXTURES, "hf_vit_sharded", hf.INDEX_FILE)) as f:
+    weight_map = json.load(f)["weight_map"]
+  assert origin == weight_map and len(set(origin.values())) >= 2
+
+
+def _copy(name, tmp_path):
+  target = tmp_path / name
+  shutil.copytree(os.path.join(FIXTURES, name), target)
+  return target
+
+
+def test_bad_checkpoints_are_refused_naming_the_tensor_and_its_file(tmp_path):
+  sharded = _copy("hf_vit_sharded", tmp_path)
+  tensors, origin = hf.read_tensors(str(sharded))
+  name = "vit.encoder.layer.1.intermediate.dense.weight"
+  shard = sharded / origin[name]
+  content = load_file(str(shard))
+  content[name] = content[name][:, :5]  # Misshapen.
+  save_file(content, str(shard))
+  tensors, origin = hf.read_tensors(str(sharded))
+  model = ViT(num_classes=3, **hf.vit_arch(hf.read_config(str(sharded))))
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  with pytest.raises(CheckpointError, match=rf"{name} \({origin[name]}\): shape \(37, 5\).*\(32, 37\)"):
+    hf.vit_params(tensors, abstract, origin)
+  del tensors["vit.layernorm.weight"]
+  tensors["vit.encoder.layer.2.output.dense.bias"] = np.zeros(32, np.float32)
+  with pytest.raises(CheckpointError, match=r"missing vit.layernorm.weight .*unexpected tensors.*layer.2.output"):
+    hf.vit_params(tensors, abstract, origin)
+
+
+def test_what_is_not_a_supported_checkpoint_says_what_is(tmp_path):
+  plain = _copy("hf_vit", tmp_path)
+  with pytest.raises(CheckpointError, match="no config.json"):
+    hf.read_checkpoint(str(tmp_path))
+  os.rename(plain / hf.WEIGHTS_FILE, plain / "pytorch_model.bin")
+  with pytest.raises(CheckpointError, match="neither model.safetensors.*safe_serialization"):
+    hf.read_checkpoint(str(plain))
+  (plain / hf.WEIGHTS_FILE).write_bytes(b"damaged")
+  with pytest.raises(CheckpointError, match="model.safetensors: cannot read as safetensors"):
+    hf.read_checkpoint(str(plain))
+  with pytest.raises(CheckpointError, match="model_type 'clip' is not supported.*vit"):
+    hf.vit_arch({"model_type": "clip"})
+  with pytest.raises(CheckpointError, match="hidden_act='relu'"):
+    hf.vit_arch({**hf.read_config(str(plain)), "hidden_act": "relu"})
+
+
+def test_an_exported_adapter_attaches_to_the_reference_and_loads_back():
+  """The fixture adapter was written by `peft.save_peft` with transformers 5's module names;
+  `peft.PeftModel.from_pretrained` attached it (the script fails on missing keys) and its
+  output is the reference here: the project's adapted model must give it."""
+  directory = os.path.join(FIXTURES, "hf_vit_adapter")
+  adapter, config = peft.load_peft(directory)
+  model, variables, _ = _load("hf_vit")
+  outputs = _outputs()
+  with np.load(os.path.join(FIXTURES, "hf_vit_adapter.npz")) as f:
+    reference = f["adapted_last_hidden_state"]
+  adapted = lora.apply(model, variables, adapter, jnp.asarray(outputs["pixel_values"]),
+                       scale=peft.scale_from_config(config), return_hidden=True)
+  assert _relative_error(adapted, reference) <= TOLERANCE
+  assert _relative_error(reference, outputs["vit_last_hidden_state"]) > 0.1  # The adapter does something.
+  assert set(adapter) == {f"encoder/block_{i}/{m}" for i in range(2) for m in ("attn/query", "attn/value", "mlp/fc1")}
+  # Only LoraConfig's fields, and exact module names (nothing else named `query` gets hooked).
+  assert set(config) <= {"peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "lora_dropout", "bias",
+                         "fan_in_fan_out", "inference_mode", "task_type", "base_model_name_or_path"}
+  assert "layers.1.mlp.fc1" in config["target_modules"] and "layers.0.attention.q_proj" in config["target_modules"]
+
+
+def test_an_adapter_trained_elsewhere_loads_by_the_models_module_names(tmp_path):
+  """Without the project's paths file (a PEFT adapter from a torch run), the model's adaptable
+  paths and the naming map the module names back; a module the model lacks is refused."""
+  directory = _copy("hf_vit_adapter", tmp_path)
+  os.remove(directory / peft.PATHS_FILE)
+  expected, _ = peft.load_peft(os.path.join(FIXTURES, "hf_vit_adapter"))
+  model, variables, _ = _load("hf_vit")
+  paths = lora.find_targets(model, variables, jnp.zeros((1, 16, 16, 3)),
+                            target_regex=r"encoder/block_\d+/(attn|mlp)/\w+")
+  loaded, _ = peft.load_peft(str(directory), paths=list(paths), module_name=hf.vit_module_namer())
+  assert set(loaded) == set(expected)
+  for path in expected:
+    np.testing.assert_array_equal(loaded[path]["a"], expected[path]["a"])
+  with pytest.raises(ValueError, match="none of the model's adapted layers"):
+    peft.load_peft(str(directory), paths=list(paths), module_name=hf.vit_module_namer(transformers_version=4))
+
+
+def test_module_names_follow_the_transformers_version():
+  assert hf.vit_module_name("encoder/block_3/attn/query", transformers_version=4) == \
+      "encoder.layer.3.attention.attention.query"
+  assert hf.vit_module_name("encoder/block_3/mlp/fc2", "vit.", transformers_version=5) == "vit.layers.3.mlp.fc2"
+  assert hf.vit_module_name("encoder/block_3/mlp/fc2", transformers_version=4) == "encoder.layer.3.output.dense"
+  assert hf.vit_module_name("head") is None
+  with pytest.raises(ValueError, match="transformers_version=3"):
+    hf.vit_module_namer(transformers_version=3)
+
+
+def test_the_cli_runs_fedit_and_hyperlora_on_a_hugging_face_checkpoint(cache_dirs, tmp_path):
+  """`pretrain.checkpoint=DIR`: the architecture comes from DIR's config.json (the smoke config's
+  16-wide ViT becomes the checkpoint's 32-wide one), the weights are the checkpoint's (nothing
+  pretrained), and both methods train and evaluate."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = tmp_path / "runs"
+  command = [sys.executable, "-m", "experiments.main", "--config", "configs/default.py:smoke", "--methods",
+             "fedit,hyperlora", f"--workdir={workdir}", f"--config.data.data_dir={cache_dirs['data_dir']}",
+             f"--config.pretrain.cache_dir={tmp_path / 'no_cache'}", "--config.fed.num_rounds=2",
+             f"--config.pretrain.checkpoint={os.path.join(FIXTURES, 'hf_vit')}"]
+  result = subprocess.run(command, cwd=root, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                          text=True, timeout=900)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  output = result.stdout + result.stderr
+  assert "model.width=32" in output and "model.gelu='exact'" in output
+  assert "not loaded: pooler.dense.bias, pooler.dense.weight" in output
+  assert not os.listdir(tmp_path / "no_cache")  # Nothing was pretrained (preflight made the directory).
+  for method in ("fedit", "hyperlora"):
+    with open(workdir / method / "config.json") as f:
+      recorded = json.load(f)
+    assert recorded["model"]["width"] == 32 and recorded["pretrain"]["checkpoint"].endswith("hf_vit")
+    with open(workdir / method / "metrics.jsonl") as f:
+      records = [json.loads(line) for line in f]
+    assert records[-1]["round"] == 2 and 0.0 < records[-1]["personalized_accuracy_mean"] <= 1.0
