@@ -17,6 +17,13 @@ BASE_MODELS = {
     "vit": {"name": "vit", "patch_size": 16, "width": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0},
     "mixer": {"name": "mixer", "patch_size": 16, "width": 768, "depth": 12, "tokens_mlp_dim": 384,
               "channels_mlp_dim": 3072},
+    # OpenAI CLIP ViT-B/32 (openai/clip-vit-base-patch32's config.json), for the benchmarks; a
+    # real CLIP run reads its architecture from the checkpoint (`pretrain.checkpoint`).
+    "clip": {"name": "clip", "prompt_template": "a photo of a {}.", "patch_size": 32, "width": 768, "depth": 12,
+             "num_heads": 12, "mlp_dim": 3072, "text_width": 512, "text_depth": 12, "text_heads": 8,
+             "text_mlp_dim": 2048, "vocab_size": 49408, "max_len": 77, "embed_dim": 512, "gelu": "quick",
+             "layer_norm_eps": 1e-5, "image_pre_norm": True, "patch_bias": False, "text_causal": True,
+             "text_pooling": "eot", "eot_id": -1},
 }
 # LoRA targets per backbone family (r=4 on the attention query/value or the Mixer MLPs).
 LORA_TARGETS = {

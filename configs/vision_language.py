@@ -9,7 +9,19 @@ captions). Data and partition as configs/domainnet_like.py (six domains, chance 
 
 Args: clients_per_domain (1 | 5, default 5), alpha, plus configs/default.py's method, seed,
 rounds, smoke. 15 rounds of 10 local steps (batch 32).
+
+A real CLIP instead: `checkpoint=DIR`, a Hugging Face `CLIPModel` directory (config.json,
+safetensors, tokenizer.json or vocab.json + merges.txt, preprocessor_config.json; e.g.
+`huggingface-cli download openai/clip-vit-base-patch32 --local-dir /ckpt/clip-b32`). Its
+config.json gives the architecture, its tokenizer the zero-shot prompts, its image processor
+the normalization; images are resized to its image_size:
+
+  python -m experiments.main --config configs/vision_language.py:checkpoint=/ckpt/clip-b32,method=hyperlora \
+      --workdir runs/vl_clip
 """
+import json
+import os
+
 from configs import benchmarks, default, domainnet_like
 
 
@@ -18,4 +30,9 @@ def get_config(arg: str | None = None):
   config = domainnet_like.get_config(arg)
   config.benchmark = config.benchmark.replace("domainnet_like", "vision_language")
   benchmarks.set_model(config, benchmarks.EMBEDDED_MODELS["clip"], smoke=bool(args.get("smoke")))
+  if args.get("checkpoint"):
+    config.pretrain.checkpoint = args["checkpoint"]
+    config.pretrain.data_name = ""          # No pretraining: the checkpoint is the backbone.
+    with open(os.path.join(args["checkpoint"], "config.json")) as f:
+      config.data.image_size = int(json.load(f).get("vision_config", {}).get("image_size", 224))
   return config

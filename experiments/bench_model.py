@@ -13,15 +13,18 @@ from hyperlora_jax.tasks.image_classification import ImageClassification, backbo
 from experiments.runner.experiment import initial_trainable
 
 
-def client_update_fn(width: int = 0, depth: int = 0, image_size: int = 0, base_model: bool = False):
+def client_update_fn(width: int = 0, depth: int = 0, image_size: int = 0, base_model: bool = False,
+                     base_clip: bool = False):
   """(one_client(start, block) -> trained, round-0 trainable, config) for the default config's
   model (or one with the given width/depth/image size; 0: the default's), random weights.
   The frozen backbone runs in `config.compute.backbone_dtype` ('auto': bfloat16 on GPU/TPU,
   float32 on CPU), as in training.
-  base_model: ViT-B/16 at 224 px with LoRA r = 16 instead (`configs/domainnet.py`'s backbone)."""
+  base_model: ViT-B/16 at 224 px with LoRA r = 16 instead (`configs/domainnet.py`'s backbone).
+  base_clip: OpenAI CLIP ViT-B/32 at 224 px (both towers; LoRA r = 16 on both towers' query and
+    value; zero-shot over 10 class prompts of 77 tokens, the text tower run every step)."""
   config = default.get_config()
-  if base_model:
-    benchmarks.set_model(config, benchmarks.BASE_MODELS["vit"])
+  if base_model or base_clip:
+    benchmarks.set_model(config, benchmarks.BASE_MODELS["clip" if base_clip else "vit"])
     config.data.image_size, config.lora.rank, config.lora.alpha = 224, 16, 32.0
   for field, value in (("width", width), ("depth", depth)):
     if value:

@@ -41,6 +41,8 @@ _DEPTH = flags.DEFINE_integer("depth", 0, "ViT depth (0: the default config's)."
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "Image size (0: the default config's).")
 _BASE_MODEL = flags.DEFINE_bool("base_model", False, "ViT-B/16 at 224 px, LoRA r=16 (configs/domainnet.py's "
                                 "backbone) instead of the default model; for accelerators.")
+_BASE_CLIP = flags.DEFINE_bool("base_clip", False, "OpenAI CLIP ViT-B/32 at 224 px (both towers, LoRA r=16 on "
+                               "their query/value) instead of the default model; no PyTorch rows.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (the best is reported).")
 _OUT = flags.DEFINE_string("out", "", "JSON file for the results.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch per-client loop and torch.func.vmap "
@@ -76,7 +78,8 @@ def update_flops(compiled_fn, *args) -> float:
 
 def main(argv):
   del argv
-  one_client, trainable, config = client_update_fn(_WIDTH.value, _DEPTH.value, _IMAGE_SIZE.value, _BASE_MODEL.value)
+  one_client, trainable, config = client_update_fn(_WIDTH.value, _DEPTH.value, _IMAGE_SIZE.value, _BASE_MODEL.value,
+                                                   _BASE_CLIP.value)
   size = config.data.image_size
   single = jax.jit(one_client)
   chunks = [autotune.AUTO if c.strip() == "auto" else int(c) for c in _CHUNKS.value.split(",")]
@@ -87,6 +90,8 @@ def main(argv):
   if not available and _TORCH.value:
     print(f"PyTorch rows skipped: {torch_reason}", flush=True)
   torch_reason = torch_reason if _TORCH.value else "--notorch"
+  if _BASE_CLIP.value:  # torch_baselines mirrors the ViT classifier only.
+    available, torch_reason = False, "--base_clip (the PyTorch baseline is a ViT classifier)"
   compute_dtype = backbone_dtype(config.compute.backbone_dtype)  # The backbone's matmuls run in it.
   peak = matmul_peak_flops(dtype=compute_dtype)
   print(f"{jnp.dtype(compute_dtype).name} matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)

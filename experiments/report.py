@@ -95,15 +95,25 @@ def markdown_table(rows: list[dict], reference: str | None = None, target: float
     if target is not None:
       line += f" {_rounds_summary([reporting.rounds_to_reach(r['records'], target) for r in group])} |"
     lines.append(line)
+  groups = [(m, [r for r in rows if r["method"] == m]) for m in methods]
+  return "\n".join(lines + new_client_lines(groups, "New (held-out) clients, mean accuracy % over them:",
+                                            _mean_std))
+
+
+def new_client_lines(groups: list[tuple[str, list[dict]]], title: str, cell, skip_empty: bool = False) -> list[str]:
+  """The held-out new clients' table ([] when no run has them): one line per (name, rows) of
+  `groups`, one column per `new_client_*` metric, `cell(values)` in each (`skip_empty`: leave
+  out names whose runs have none)."""
+  rows = [r for _, group in groups for r in group]
   new_keys = sorted({k for r in rows for k in r if k.startswith("new_client_")})
-  if new_keys:
-    lines += ["", "New (held-out) clients, mean accuracy % over them:", "",
-              "| method | " + " | ".join(k[len("new_client_"):] for k in new_keys) + " |",
-              "|---|" + "---|" * len(new_keys)]
-    for m in methods:
-      group = [r for r in rows if r["method"] == m]
-      lines.append(f"| {m} | " + " | ".join(_mean_std([r.get(k) for r in group]) for k in new_keys) + " |")
-  return "\n".join(lines)
+  if not new_keys:
+    return []
+  lines = ["", title, "", "| method | " + " | ".join(k[len("new_client_"):] for k in new_keys) + " |",
+           "|---|" + "---|" * len(new_keys)]
+  for name, group in groups:
+    if not skip_empty or any(k in r for r in group for k in new_keys):
+      lines.append(f"| {name} | " + " | ".join(cell([r.get(k) for r in group]) for k in new_keys) + " |")
+  return lines
 
 
 def mean_curve(group: list[dict], key: str, x_key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:

@@ -97,14 +97,9 @@ def benchmark_table(rows: list[dict], majority: list[float] | None = None) -> st
                  f"{personalized} | {np.mean([r['mb'] for r in group]):.2f} |")
   if majority:
     lines.append(f"| {MAJORITY_LABEL} | {len(majority)} | – | {_pct(majority)} | – |")
-  new_keys = sorted({k for r in rows for k in r if k.startswith("new_client_")})
-  if new_keys:
-    lines += ["", "New clients (held out of training), mean accuracy % over them:", "",
-              "| method | " + " | ".join(k[len("new_client_"):] for k in new_keys) + " |",
-              "|---|" + "---|" * len(new_keys)]
-    for label in labels:
-      if any(k in r for r in groups[label] for k in new_keys):
-        lines.append(f"| {label} | " + " | ".join(_pct([r.get(k) for r in groups[label]]) for k in new_keys) + " |")
+  lines += report.new_client_lines([(label, groups[label]) for label in labels],
+                                   "New clients (held out of training), mean accuracy % over them:", _pct,
+                                   skip_empty=True)
   return "\n".join(lines)
 
 

@@ -27,9 +27,9 @@ and `models.load` / `models.hf` (`.npz` checkpoints, Hugging Face checkpoint dir
   peft         adapters to and from Hugging Face PEFT's safetensors layout
   distributed  several processes: initialize (flags or auto), main process, barrier, to_host
   tasks        tasks built on the library (image classification)
-  models       Flax backbones (ViT, MLP-Mixer, a CLIP-style dual encoder) and their checkpoint
-               loaders (.npz; Hugging Face ViT safetensors); they know nothing of federation or LoRA, and the modules above do not
-               import them
+  models       Flax backbones (ViT, MLP-Mixer, a CLIP dual encoder) and their checkpoint loaders
+               (.npz; Hugging Face ViT and CLIP with its tokenizer); they know nothing of
+               federation or LoRA, and the modules above do not import them
 """
 from hyperlora_jax import (aggregators, autotune, diagnostics, faults, federated, hyper, lora, peft, primitives,
                            privacy, states)

@@ -30,7 +30,7 @@ def _relative_error(got, want):
 
 
 def _load(name, **overrides):
-  arch, tensors = hf.read_checkpoint(os.path.join(FIXTURES, name))
+  _, arch, tensors, _ = hf.read_checkpoint(os.path.join(FIXTURES, name))
   model = ViT(num_classes=3, **{**arch, **overrides})
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
   params, dropped = hf.vit_params(tensors, abstract)
@@ -39,7 +39,8 @@ def _load(name, **overrides):
 
 
 def test_the_architecture_comes_from_the_checkpoints_config():
-  arch, tensors = hf.read_checkpoint(os.path.join(FIXTURES, "hf_vit"))
+  name, arch, tensors, _ = hf.read_checkpoint(os.path.join(FIXTURES, "hf_vit"))
+  assert name == "vit"
   # config.json: hidden 32, 2 layers, 4 heads, intermediate 37 (not a multiple of 32), exact GELU.
   assert arch == {"patch_size": 4, "width": 32, "depth": 2, "num_heads": 4, "mlp_dim": 37, "gelu": "exact",
                   "layer_norm_eps": 1e-12}
@@ -113,8 +114,8 @@ def test_what_is_not_a_supported_checkpoint_says_what_is(tmp_path):
   (plain / hf.WEIGHTS_FILE).write_bytes(b"damaged")
   with pytest.raises(CheckpointError, match="model.safetensors: cannot read as safetensors"):
     hf.read_checkpoint(str(plain))
-  with pytest.raises(CheckpointError, match="model_type 'clip' is not supported.*vit"):
-    hf.vit_arch({"model_type": "clip"})
+  with pytest.raises(CheckpointError, match="model_type 'bert' is not supported here; supported: vit .*clip"):
+    hf.architecture({"model_type": "bert"})
   with pytest.raises(CheckpointError, match="hidden_act='relu'"):
     hf.vit_arch({**hf.read_config(str(plain)), "hidden_act": "relu"})
 
@@ -167,22 +168,28 @@ def test_module_names_follow_the_transformers_version():
     hf.vit_module_namer(transformers_version=3)
 
 
+def _run_cli(cache_dirs, workdir, cache_dir, fixture: str, *flags) -> str:
+  """`experiments.main` on the smoke config with `pretrain.checkpoint` = the fixture, FedIT and
+  HyperLoRA for 2 rounds, in a subprocess; its output (it must succeed)."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  command = [sys.executable, "-m", "experiments.main", "--config", "configs/default.py:smoke", "--methods",
+             "fedit,hyperlora", f"--workdir={workdir}", f"--config.data.data_dir={cache_dirs['data_dir']}",
+             f"--config.pretrain.cache_dir={cache_dir}", "--config.fed.num_rounds=2",
+             f"--config.pretrain.checkpoint={os.path.join(FIXTURES, fixture)}", *flags]
+  result = subprocess.run(command, cwd=root, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                          text=True, timeout=900)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  return result.stdout + result.stderr
+
+
 def test_the_cli_runs_fedit_and_hyperlora_on_a_hugging_face_checkpoint(cache_dirs, tmp_path):
   """`pretrain.checkpoint=DIR`: the architecture comes from DIR's config.json (the smoke config's
   16-wide ViT becomes the checkpoint's 32-wide one), the weights are the checkpoint's (nothing
   pretrained), and both methods train and evaluate."""
-  import subprocess
-  import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   workdir = tmp_path / "runs"
-  command = [sys.executable, "-m", "experiments.main", "--config", "configs/default.py:smoke", "--methods",
-             "fedit,hyperlora", f"--workdir={workdir}", f"--config.data.data_dir={cache_dirs['data_dir']}",
-             f"--config.pretrain.cache_dir={tmp_path / 'no_cache'}", "--config.fed.num_rounds=2",
-             f"--config.pretrain.checkpoint={os.path.join(FIXTURES, 'hf_vit')}"]
-  result = subprocess.run(command, cwd=root, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
-                          text=True, timeout=900)
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-  output = result.stdout + result.stderr
+  output = _run_cli(cache_dirs, workdir, tmp_path / "no_cache", "hf_vit")
   assert "model.width=32" in output and "model.gelu='exact'" in output
   assert "not loaded: pooler.dense.bias, pooler.dense.weight" in output
   assert not os.listdir(tmp_path / "no_cache")  # Nothing was pretrained (preflight made the directory).
@@ -193,3 +200,153 @@ def test_the_cli_runs_fedit_and_hyperlora_on_a_hugging_face_checkpoint(cache_dir
     with open(workdir / method / "metrics.jsonl") as f:
       records = [json.loads(line) for line in f]
     assert records[-1]["round"] == 2 and 0.0 < records[-1]["personalized_accuracy_mean"] <= 1.0
+
+
+def _reference_script():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("make_reference_fixtures",
+                                                os.path.join(FIXTURES, "make_reference_fixtures.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)  # Imports no torch at the top level.
+  return module
+
+
+def _clip_outputs():
+  with np.load(os.path.join(FIXTURES, "hf_clip_outputs.npz")) as f:
+    return dict(f)
+
+
+def _load_clip(**overrides):
+  from hyperlora_jax.models import build_model
+  outputs = _clip_outputs()
+  name, arch, tensors, origin = hf.read_checkpoint(os.path.join(FIXTURES, "hf_clip"))
+  prompt_ids = tuple(map(tuple, outputs["input_ids"].tolist()))
+  model = build_model(name, len(prompt_ids), **{**arch, **overrides}, prompt_ids=prompt_ids)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  params, dropped = hf.load_params(name, tensors, abstract, origin)
+  return model, {"params": params}, dropped, outputs
+
+
+def test_a_hugging_face_clip_computes_the_references_embeddings_and_zero_shot_logits():
+  name, arch, _, _ = hf.read_checkpoint(os.path.join(FIXTURES, "hf_clip"))
+  assert name == "clip" and arch["gelu"] == "quick" and arch["layer_norm_eps"] == 1e-5
+  assert arch["text_causal"] and arch["text_pooling"] == "eot" and arch["image_pre_norm"] and not arch["patch_bias"]
+  assert (arch["width"], arch["text_width"], arch["mlp_dim"], arch["text_mlp_dim"]) == (24, 32, 40, 37)
+  model, variables, dropped, outputs = _load_clip()
+  assert dropped == []
+  x = jnp.asarray(outputs["pixel_values"])
+  tokens = jnp.asarray(outputs["input_ids"])
+  checks = {
+      "logits_per_image": model.apply(variables, x),
+      "image_embeds": model.apply(variables, x, method="encode_image"),
+      "text_embeds": model.apply(variables, tokens, method="encode_text"),
+      "image_pooled": model.apply(variables, x, return_features=True, method=lambda m, x, **k: m.image_tower(x, **k)),
+      "text_pooled": model.apply(variables, tokens, method=lambda m, t: m.text_tower(t)),
+      "text_last_hidden_state": model.apply(variables, tokens, method=lambda m, t: m.text_tower(t, return_hidden=True)),
+  }
+  for key, got in checks.items():
+    assert got.shape == outputs[key].shape, key
+    assert _relative_error(got, outputs[key]) <= TOLERANCE, key
+
+
+@pytest.mark.parametrize("change", [{"text_causal": False}, {"text_pooling": "mean"}, {"gelu": "tanh"}])
+def test_the_clip_check_can_fail_each_architecture_difference_is_another_function(change):
+  """The project's earlier CLIP-style choices (bidirectional text, mean pooling, tanh GELU) on
+  the same weights miss the reference: the fixture check catches each."""
+  model, variables, _, outputs = _load_clip(**change)
+  logits = model.apply(variables, jnp.asarray(outputs["pixel_values"]))
+  assert _relative_error(logits, outputs["logits_per_image"]) > 5 * TOLERANCE
+
+
+def test_the_clip_tokenizer_gives_the_references_ids_from_tokenizer_json_or_vocab_and_merges(tmp_path):
+  """Punctuation, digits, accents, CJK, an emoji, tabs and newlines, and a text past the
+  context (truncated, end-of-text kept), each against transformers' CLIPTokenizer; the same
+  from OpenAI's vocab.json + merges.txt (written here from tokenizer.json's model)."""
+  texts = _reference_script().TOKENIZER_TEXTS
+  expected = _clip_outputs()["tokenizer_ids"]
+  ids = hf.Tokenizer.from_directory(os.path.join(FIXTURES, "hf_clip"))(texts, expected.shape[1])
+  np.testing.assert_array_equal(ids, expected)
+  assert ids[-1, -1] == ids[0, np.argmax(ids[0] == ids[0, -1])]  # The long text ends in end-of-text.
+  with open(os.path.join(FIXTURES, "hf_clip", "tokenizer.json")) as f:
+    bpe = json.load(f)["model"]
+  (tmp_path / "vocab.json").write_text(json.dumps(bpe["vocab"]))
+  merges = [m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]]
+  (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+  from_files = hf.Tokenizer.from_directory(str(tmp_path))(texts, expected.shape[1])
+  np.testing.assert_array_equal(from_files, expected)
+
+
+def test_images_are_normalized_by_the_checkpoints_image_processor():
+  """OpenAI's mean and std from preprocessor_config.json, as CLIPImageProcessor applies them."""
+  import ml_collections
+
+  from experiments.runner import pretrain
+  outputs = _clip_outputs()
+  config = ml_collections.ConfigDict({"pretrain": {"checkpoint": os.path.join(FIXTURES, "hf_clip")}})
+  got = pretrain.image_preprocess(config)(jnp.asarray(outputs["images"]))
+  np.testing.assert_allclose(got, outputs["pixel_values"], atol=1e-5)
+  config.pretrain.checkpoint = os.path.join(FIXTURES, "hf_vit")  # No processor file: [-1, 1].
+  np.testing.assert_allclose(pretrain.image_preprocess(config)(jnp.asarray(outputs["images"])),
+                             outputs["images"] / 127.5 - 1.0, atol=1e-6)
+
+
+def test_an_exported_clip_adapter_attaches_to_the_reference_on_both_towers():
+  adapter, config = peft.load_peft(os.path.join(FIXTURES, "hf_clip_adapter"))
+  model, variables, _, outputs = _load_clip()
+  with np.load(os.path.join(FIXTURES, "hf_clip_adapter.npz")) as f:
+    reference = f["logits_per_image"]
+  adapted = lora.apply(model, variables, adapter, jnp.asarray(outputs["pixel_values"]),
+                       scale=peft.scale_from_config(config))
+  assert _relative_error(adapted, reference) <= TOLERANCE
+  assert _relative_error(reference, outputs["logits_per_image"]) > 0.1
+  assert {"vision_model.encoder.layers.1.self_attn.v_proj", "text_model.encoder.layers.0.mlp.fc1"} <= \
+      set(config["target_modules"])
+
+
+def test_the_cli_runs_fedit_and_hyperlora_on_a_hugging_face_clip(cache_dirs, tmp_path):
+  """A ViT config given a CLIP checkpoint becomes the checkpoint's CLIP: zero-shot prompts by
+  its tokenizer, images by its processor, LoRA on both towers."""
+  workdir = tmp_path / "runs"
+  output = _run_cli(cache_dirs, workdir, tmp_path / "no_cache", "hf_clip",
+                    "--config.lora.target_regex=(image|text)_tower/encoder/block_\\d+/attn/(query|value)")
+  assert "model.name='clip'" in output
+  for method in ("fedit", "hyperlora"):
+    with open(workdir / method / "config.json") as f:
+      assert json.load(f)["model"]["text_pooling"] == "eot"
+    with open(workdir / method / "metrics.jsonl") as f:
+      records = [json.loads(line) for line in f]
+    assert records[-1]["round"] == 2 and 0.0 < records[-1]["personalized_accuracy_mean"] <= 1.0
+
+
+def test_an_adapter_peft_itself_wrote_loads_as_the_projects_with_the_same_outputs():
+  """`peft.get_peft_model(...).save_pretrained` (transformers 5 names as target_modules' last
+  components, peft's own config fields): read by the model's paths and naming, applied here, it
+  gives the reference's adapted output."""
+  directory = os.path.join(FIXTURES, "hf_vit_peft_adapter")
+  model, variables, _ = _load("hf_vit")
+  paths = lora.find_targets(model, variables, jnp.zeros((1, 16, 16, 3)),
+                            target_regex=r"encoder/block_\d+/(attn/\w+|mlp/fc\d)")
+  adapter, config = peft.load_peft(directory, paths=list(paths), module_name=hf.module_namer("vit"))
+  assert set(adapter) == {f"encoder/block_{i}/{m}" for i in range(2) for m in ("attn/query", "attn/value", "mlp/fc1")}
+  outputs = _outputs()
+  with np.load(os.path.join(FIXTURES, "hf_vit_peft_adapter.npz")) as f:
+    reference = f["adapted_last_hidden_state"]
+  adapted = lora.apply(model, variables, adapter, jnp.asarray(outputs["pixel_values"]),
+                       scale=peft.scale_from_config(config), return_hidden=True)
+  assert _relative_error(adapted, reference) <= TOLERANCE
+  assert _relative_error(reference, outputs["vit_last_hidden_state"]) > 0.1
+
+
+def test_a_checkpoint_saved_in_bfloat16_loads_as_float32(tmp_path):
+  """Many checkpoints are saved in bf16 or fp16: their tensors load (as float32) with bf16's precision."""
+  import ml_dtypes
+  directory = _copy("hf_vit", tmp_path)
+  tensors = load_file(str(directory / hf.WEIGHTS_FILE))
+  save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}, str(directory / hf.WEIGHTS_FILE))
+  _, arch, half, origin = hf.read_checkpoint(str(directory))
+  model = ViT(num_classes=3, **arch)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  params, _ = hf.vit_params(half, abstract, origin)
+  query = params["encoder"]["block_0"]["attn"]["query"]["kernel"]
+  assert query.dtype == np.float32
+  np.testing.assert_allclose(query, tensors["encoder.layer.0.attention.attention.query.weight"].T, rtol=1e-2, atol=1e-3)

@@ -129,22 +129,7 @@ def test_vit_npz_round_trip_gives_the_same_model(tmp_path):
 def test_big_vision_vit_layout_loads_with_a_patch_only_position_table():
   model, x = _vit(), _images()
   abstract = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
-  rng = np.random.default_rng(0)
-  r = lambda *s: rng.normal(size=s).astype(np.float32)
-  flat = {"embedding/kernel": r(4, 4, 3, 16), "embedding/bias": r(16), "cls": r(1, 1, 16),
-          "pos_embedding": r(1, 4, 16), "Transformer/encoder_norm/scale": r(16),
-          "Transformer/encoder_norm/bias": r(16), "head/kernel": r(16, 1000), "head/bias": r(1000)}
-  for i in range(2):
-    pre = f"Transformer/encoderblock_{i}/"
-    for ln in ("LayerNorm_0", "LayerNorm_1"):
-      flat[pre + ln + "/scale"], flat[pre + ln + "/bias"] = r(16), r(16)
-    for proj in ("query", "key", "value"):
-      flat[pre + f"MultiHeadDotProductAttention_0/{proj}/kernel"] = r(16, 2, 8)
-      flat[pre + f"MultiHeadDotProductAttention_0/{proj}/bias"] = r(2, 8)
-    flat[pre + "MultiHeadDotProductAttention_0/out/kernel"] = r(2, 8, 16)
-    flat[pre + "MultiHeadDotProductAttention_0/out/bias"] = r(16)
-    flat[pre + "MlpBlock_0/Dense_0/kernel"], flat[pre + "MlpBlock_0/Dense_0/bias"] = r(16, 32), r(32)
-    flat[pre + "MlpBlock_0/Dense_1/kernel"], flat[pre + "MlpBlock_0/Dense_1/bias"] = r(32, 16), r(16)
+  flat = _big_vision_arrays("tok")
   loaded = load.from_npz("vit", flat, abstract)
   np.testing.assert_array_equal(loaded["pos_embedding"][0, 0], 0.0)  # The class token has no position.
   np.testing.assert_array_equal(loaded["pos_embedding"][:, 1:], flat["pos_embedding"])
@@ -195,3 +180,93 @@ def test_load_or_pretrain_uses_the_npz_checkpoint(smoke_config, tmp_path):
   backbone, info = pretrain.load_or_pretrain(smoke_config, log=lambda _: None)
   assert info == {"source": path} and not os.path.exists(tmp_path / "cache")  # Nothing pretrained.
   chex.assert_trees_all_close(backbone["params"], {k: v for k, v in params.items() if k != "head"})
+
+
+def _big_vision_arrays(pool: str, seed: int = 0) -> dict:
+  """A 2-block, 16-wide, 2-head ViT in big_vision's layout for `pool` ("tok": a class token
+  without a position; "gap": no class token; "map": a MAPHead), with a pre-logits layer and a
+  head (both not loaded)."""
+  rng = np.random.default_rng(seed)
+  r = lambda *s: (0.5 * rng.normal(size=s)).astype(np.float32)
+  flat = {"embedding/kernel": r(4, 4, 3, 16), "embedding/bias": r(16), "pos_embedding": r(1, 4, 16),
+          "Transformer/encoder_norm/scale": 1 + r(16), "Transformer/encoder_norm/bias": r(16),
+          "pre_logits/kernel": r(16, 16), "pre_logits/bias": r(16), "head/kernel": r(16, 7), "head/bias": r(7)}
+  blocks = [f"Transformer/encoderblock_{i}/" for i in range(2)]
+  prefixes = blocks + (["MAPHead_0/"] if pool == "map" else [])
+  for pre in prefixes:
+    norms = ("LayerNorm_0",) if pre == "MAPHead_0/" else ("LayerNorm_0", "LayerNorm_1")
+    for ln in norms:
+      flat[pre + ln + "/scale"], flat[pre + ln + "/bias"] = 1 + r(16), r(16)
+    for proj in ("query", "key", "value"):
+      flat[pre + f"MultiHeadDotProductAttention_0/{proj}/kernel"] = r(16, 2, 8)
+      flat[pre + f"MultiHeadDotProductAttention_0/{proj}/bias"] = r(2, 8)
+    flat[pre + "MultiHeadDotProductAttention_0/out/kernel"] = r(2, 8, 16)
+    flat[pre + "MultiHeadDotProductAttention_0/out/bias"] = r(16)
+    flat[pre + "MlpBlock_0/Dense_0/kernel"], flat[pre + "MlpBlock_0/Dense_0/bias"] = r(16, 32), r(32)
+    flat[pre + "MlpBlock_0/Dense_1/kernel"], flat[pre + "MlpBlock_0/Dense_1/bias"] = r(32, 16), r(16)
+  if pool == "map":
+    flat["MAPHead_0/probe"] = r(1, 1, 16)
+  if pool == "tok":
+    flat["cls"] = r(1, 1, 16)
+  return flat
+
+
+def _layer_norm(x, scale, bias, eps=1e-6):
+  mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def _gelu_tanh(x):
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _map_head_by_hand(flat: dict, tokens: np.ndarray) -> np.ndarray:
+  """big_vision's MAPHead in NumPy on the per-head arrays as stored: [B, T, D] -> [B, D]."""
+  a = "MAPHead_0/MultiHeadDotProductAttention_0/"
+  probe = np.broadcast_to(flat["MAPHead_0/probe"], (tokens.shape[0], 1, 16))
+  q = np.einsum("bqd,dhk->bqhk", probe, flat[a + "query/kernel"]) + flat[a + "query/bias"]
+  k = np.einsum("btd,dhk->bthk", tokens, flat[a + "key/kernel"]) + flat[a + "key/bias"]
+  v = np.einsum("btd,dhk->bthk", tokens, flat[a + "value/kernel"]) + flat[a + "value/bias"]
+  logits = np.einsum("bqhk,bthk->bhqt", q, k) / np.sqrt(8)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  attended = np.einsum("bhqt,bthk->bqhk", weights, v)
+  y = np.einsum("bqhk,hkd->bqd", attended, flat[a + "out/kernel"]) + flat[a + "out/bias"]
+  m = "MAPHead_0/MlpBlock_0/"
+  hidden = _gelu_tanh(_layer_norm(y, flat["MAPHead_0/LayerNorm_0/scale"], flat["MAPHead_0/LayerNorm_0/bias"])
+                      @ flat[m + "Dense_0/kernel"] + flat[m + "Dense_0/bias"])
+  return (y + hidden @ flat[m + "Dense_1/kernel"] + flat[m + "Dense_1/bias"])[:, 0]
+
+
+@pytest.mark.parametrize("pool", ["gap", "map"])
+def test_big_vision_gap_and_map_checkpoints_pool_as_big_vision_does(pool):
+  """No class token; the patch-only positions used as they are; the feature is the mean of the
+  tokens' final states (gap) or a MAPHead computed by hand from the per-head arrays (map)."""
+  flat = _big_vision_arrays(pool)
+  assert load.npz_pool(flat) == pool and load.dropped_arrays(flat) == ["head/bias", "head/kernel",
+                                                                       "pre_logits/bias", "pre_logits/kernel"]
+  model, x = ViT(num_classes=5, patch_size=4, width=16, depth=2, num_heads=2, mlp_ratio=2.0, pool=pool), _images()
+  params = load.from_npz("vit", flat, jax.eval_shape(model.init, jax.random.key(0), x)["params"])
+  assert "cls" not in params and params["pos_embedding"].shape == (1, 4, 16)
+  variables = {"params": {**params, "head": {"kernel": np.zeros((16, 5), np.float32), "bias": np.zeros(5, np.float32)}}}
+  hidden = np.asarray(model.apply(variables, x, return_hidden=True))
+  features = np.asarray(model.apply(variables, x, return_features=True))
+  expected = hidden.mean(axis=1) if pool == "gap" else _map_head_by_hand(flat, hidden)
+  np.testing.assert_allclose(features, expected, rtol=2e-4, atol=2e-5)
+  again = load.from_npz("vit", load.to_npz_arrays("vit", params, num_heads=2),
+                        jax.eval_shape(model.init, jax.random.key(0), x)["params"])
+  chex.assert_trees_all_close(again, params)  # The exporter writes big_vision's layout back.
+
+
+def test_a_pooling_mismatch_names_the_checkpoints_pooling_and_the_runner_sets_it(smoke_config, tmp_path):
+  flat = _big_vision_arrays("map")
+  model, x = _vit(), _images()
+  with pytest.raises(load.CheckpointError, match=r"missing cls.*pooling is 'map'.*set model.pool='map'"):
+    load.from_npz("vit", flat, jax.eval_shape(model.init, jax.random.key(0), x)["params"])
+  path = str(tmp_path / "map.npz")
+  np.savez(path, **flat)
+  smoke_config.pretrain.npz_path = path
+  logs = []
+  config = pretrain.with_checkpoint_architecture(smoke_config, logs.append)
+  assert config.model.pool == "map" and "model.pool='map'" in logs[0]
+  assert "pool" not in smoke_config.model  # The caller's config is not changed.

@@ -31,7 +31,7 @@ def test_every_example_block_is_tested():
   with open(os.path.join(ROOT, "README.md")) as f:
     markers = set(re.findall(r"<!-- example:([\w-]+) -->", f.read()))
   tested = {"text-classifier", "regression", "scale", "aggregators", "generator", "attention", "nnx", "peft",
-            "hyperlora"}
+            "hyperlora", "huggingface"}
   assert markers == tested
 
 
@@ -209,3 +209,19 @@ def test_readme_check_reads_the_readmes_table_and_applies_its_tolerances(tmp_pat
               "fedit": {**fed, "pers_mean": fed["pers_mean"] + 3.9}}
   problems = check_readme.compare(table, measured, 10.0)
   assert problems == [p for p in problems if p.startswith("ranking")] and len(problems) == 1, problems
+
+
+def test_huggingface_example_loads_the_checkpoint_and_exports_names_peft_attaches():
+  """Run from the repository root (the README's paths); the export names are transformers 5's."""
+  cwd = os.getcwd()
+  os.chdir(ROOT)
+  try:
+    ns = _run("huggingface")
+  finally:
+    os.chdir(cwd)
+  assert ns["name"] == "vit" and ns["arch"]["gelu"] == "exact" and ns["dropped"] == ["pooler.dense.bias",
+                                                                                       "pooler.dense.weight"]
+  assert ns["hidden"].shape == (2, 17, 32)
+  with open(os.path.join(ns["directory"], "adapter_config.json")) as f:
+    config = json.load(f)
+  assert sorted(config["target_modules"]) == sorted(f"layers.{i}.attention.{p}_proj" for i in range(2) for p in "qv")

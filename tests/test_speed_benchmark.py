@@ -93,3 +93,16 @@ def test_the_base_model_benchmark_times_vit_b16_at_224_px():
   query = trainable["lora"]["encoder/block_0/attn/query"]
   assert query["a"].shape == (768, 16) and query["b"].shape == (16, 768)  # r = 16 on 768 -> 12 x 64.
   assert len(trainable["lora"]) == 24 and trainable["head"]["kernel"].shape == (768, 10)
+
+
+def test_the_base_clip_benchmark_times_openai_clip_b32_with_lora_on_both_towers():
+  from experiments.bench_model import client_update_fn
+  _, trainable, config = client_update_fn(base_clip=True)
+  model = config.model
+  assert (model.name, model.width, model.patch_size, model.text_width, model.max_len, config.data.image_size) == \
+      ("clip", 768, 32, 512, 77, 224)
+  assert model.gelu == "quick" and model.text_causal and model.text_pooling == "eot" and not model.patch_bias
+  text_query = trainable["lora"]["text_tower/encoder/block_11/attn/query"]
+  assert text_query["a"].shape == (512, 16) and trainable["lora"]["image_tower/encoder/block_0/attn/value"]["b"].shape \
+      == (16, 768)
+  assert len(trainable["lora"]) == 48 and trainable["head"] == {}  # 12 + 12 blocks x (query, value); no head.

@@ -27,8 +27,9 @@ from hyperlora_jax.hyper.generator import GENERATOR_LOSSES
 from hyperlora_jax.hyper.signatures import parse_kinds, statistic_kinds
 from hyperlora_jax.hyper.synthesis import CORRECTORS
 from hyperlora_jax.models import ALLOWED_MODELS, arch_fields, hf
+from hyperlora_jax.models.clip import TEXT_POOLINGS
 from hyperlora_jax.models.load import CheckpointError
-from hyperlora_jax.models.vit import GELUS
+from hyperlora_jax.models.vit import GELUS, POOLS
 from hyperlora_jax.primitives import make_mesh
 
 ALLOWED_HEAD_POLICIES = ("shared", "local")
@@ -69,10 +70,15 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     if isinstance(default, bool) and field in model:
       _require(isinstance(model[field], bool), f"model.{field}", f"must be True or False, got {model[field]!r}")
     elif isinstance(default, int) and field in model:
-      _positive_int(config, f"model.{field}", minimum=0 if field == "mlp_dim" else 1)  # mlp_dim 0: by mlp_ratio.
+      # mlp_dim 0: by mlp_ratio; eot_id -1: the largest id.
+      _positive_int(config, f"model.{field}", minimum={"mlp_dim": 0, "text_mlp_dim": 0, "eot_id": -1}.get(field, 1))
   arch = {**allowed, **{k: v for k, v in model.items() if k != "name"}}
   if "gelu" in arch:
     _one_of(arch["gelu"], GELUS, "model.gelu")
+  if "pool" in arch:
+    _one_of(arch["pool"], POOLS, "model.pool")
+  if "text_pooling" in arch:
+    _one_of(arch["text_pooling"], TEXT_POOLINGS, "model.text_pooling")
   if "layer_norm_eps" in arch:
     _require(arch["layer_norm_eps"] > 0, "model.layer_norm_eps", f"must be > 0, got {arch['layer_norm_eps']}")
   _require(config.data.image_size % arch["patch_size"] == 0, "model.patch_size",
@@ -98,33 +104,21 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     _require(os.path.isdir(checkpoint), "pretrain.checkpoint", f"no such directory: {checkpoint!r}")
     try:
       hf_config = hf.read_config(checkpoint)
-      checkpoint_arch = hf.vit_arch(hf_config)
+      name, checkpoint_arch = hf.architecture(hf_config)
+      hf.image_normalization(checkpoint)
+      if name == "clip":
+        hf.Tokenizer.from_directory(checkpoint)
     except CheckpointError as e:
       raise ConfigError(f"pretrain.checkpoint: {e}") from None
-    _require(model.name == "vit" and all(arch.get(k) == v for k, v in checkpoint_arch.items()), "model",
-             f"must be the checkpoint's architecture (vit, {checkpoint_arch}); the runner sets it "
+    _require(model.name == name and all(arch.get(k) == v for k, v in checkpoint_arch.items()), "model",
+             f"must be the checkpoint's architecture ({name}, {checkpoint_arch}); the runner sets it "
              f"(pretrain.with_checkpoint_architecture)")
-    size = hf_config.get("image_size")
+    size = hf.image_size(hf_config)
     _require(size == config.data.image_size, "data.image_size",
              f"must be the checkpoint's image_size={size} (its position embeddings are for that many patches)")
-    _check_image_processor(checkpoint)
   if npz:
     _one_of(model.name, ("vit", "mixer"), "pretrain.npz_path (model.name)")
     _require(os.path.isfile(npz), "pretrain.npz_path", f"no such file: {npz!r}")
-
-
-def _check_image_processor(checkpoint: str) -> None:
-  """The checkpoint's preprocessor_config.json (if any) normalizes as the runner does: to [-1, 1]
-  (mean = std = 0.5, `models.preprocess_images`), as every google ViT on Hugging Face does."""
-  path = os.path.join(checkpoint, "preprocessor_config.json")
-  if not os.path.isfile(path):
-    return
-  with open(path) as f:
-    processor = json.load(f)
-  for key in ("image_mean", "image_std"):
-    value = processor.get(key, [0.5] * 3)
-    _require(all(abs(v - 0.5) < 1e-6 for v in value), "pretrain.checkpoint",
-             f"{path}: {key}={value}; the runner scales images to [-1, 1] (mean = std = 0.5) only")
 
 
 def _finite_numbers(node, prefix: str = "") -> None:

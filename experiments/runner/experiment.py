@@ -78,16 +78,17 @@ def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], Non
     log(f"evaluating on a validation split: {config.data.validation_fraction:g} of each client's training "
         f"examples, held out (the test split is not read)")
   backbone, _ = pretrain.load_or_pretrain(config, log)
-  model = models.model_from_config(config.model, data.num_classes, data.train_pool.class_names)
+  model = build_model(config, data.num_classes, data.train_pool.class_names)
+  preprocess = pretrain.image_preprocess(config)
   trainable, targets = initial_trainable(model, backbone, data.train_pool.images[:1],
                                          config.lora.target_regex, config.lora.rank,
                                          jax.random.fold_in(jax.random.key(config.seed), 1))
   task = task_lib.ImageClassification(model, lora.lora_scale(config.lora.alpha, config.lora.rank,
                                                              config.lora.rslora),
-                                      models.preprocess_images,
+                                      preprocess,
                                       "head" if trainable["head"] else None,  # CLIP has no head.
                                       task_lib.backbone_dtype(config.compute.backbone_dtype))
-  client_signatures, new_signatures = (every_client_signature(config, method, data, model, backbone)
+  client_signatures, new_signatures = (every_client_signature(config, method, data, model, backbone, preprocess)
                                        if method.signature_kinds else (None, None))
   signature_dim = 0 if client_signatures is None else client_signatures.shape[-1]
   ranks = client_ranks(config, data.num_clients)
@@ -108,8 +109,18 @@ def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], Non
                     mesh, ranks, client_signatures, new_signatures)
 
 
+def build_model(config: ml_collections.ConfigDict, num_classes: int, class_names) -> Any:
+  """The config's model; a CLIP checkpoint's class prompts tokenized by its own tokenizer."""
+  prompt_ids = pretrain.checkpoint_prompt_ids(config, class_names)
+  if prompt_ids is None:
+    return models.model_from_config(config.model, num_classes, class_names)
+  arch = {k: v for k, v in config.model.items() if k not in ("name", "prompt_ids")}
+  return models.build_model(config.model.name, num_classes, class_names, **arch, prompt_ids=prompt_ids)
+
+
 def every_client_signature(config: ml_collections.ConfigDict, method: methods.Method, data: FederatedData,
-                           model: Any, backbone: Any) -> tuple[np.ndarray, np.ndarray]:
+                           model: Any, backbone: Any,
+                           preprocess: Callable = models.preprocess_images) -> tuple[np.ndarray, np.ndarray]:
   """([num_clients, D], [heldout_clients, D]) signatures of the training and the held-out new
   clients (`hyper.signatures`), computed block by block with one noise key per client;
   clipped and noised under DP (`hyperlora_jax.privacy`; validation checked the fields)."""
@@ -123,7 +134,7 @@ def every_client_signature(config: ml_collections.ConfigDict, method: methods.Me
   every_signature = np.concatenate([
       signatures_lib.compute_signatures(
           model, backbone, block, method.signature_kinds, data.num_classes,
-          preprocess=models.preprocess_images, covariance_rank=hl.covariance_rank, noise_std=noise_std,
+          preprocess=preprocess, covariance_rank=hl.covariance_rank, noise_std=noise_std,
           seed=config.seed, client_keys=keys[ids], clip_norm=clip)
       for ids, block in client_blocks(data.train_pool, every_part, data.chunk_examples)])[:len(every_part)]
   return every_signature[:data.num_clients], every_signature[data.num_clients:]

@@ -150,39 +150,79 @@ def real_checkpoint(config: ml_collections.ConfigDict) -> str:
 def with_checkpoint_architecture(config: ml_collections.ConfigDict,
                                  log: Callable[[str], None] = print) -> ml_collections.ConfigDict:
   """`config` with `model.*` set from the Hugging Face checkpoint `pretrain.checkpoint`'s own
-  config.json (sizes, GELU variant, LayerNorm eps), each changed field logged; `config` itself
-  when there is none.
+  config.json (the model, its sizes, GELU variant, LayerNorm eps, ...; fields of another model
+  dropped, the rest kept, e.g. a CLIP's `prompt_template`), each change logged; `config`
+  itself when there is none.
 
   Raises:
     models.load.CheckpointError: the directory holds no supported checkpoint.
   """
   directory = config.pretrain.get("checkpoint", "")
   if not directory:
+    return _with_npz_pool(config, log)
+  name, arch = hf_lib.architecture(hf_lib.read_config(directory))
+  kept = {k: v for k, v in config.model.items() if k != "name" and k in models.arch_fields(name) and k not in arch}
+  model = {"name": name, **kept, **arch}
+  if model == config.model.to_dict():
     return config
-  arch = hf_lib.vit_arch(hf_lib.read_config(directory))
-  changed = {k: v for k, v in arch.items() if config.model.get(k) != v}
-  if not changed and config.model.name == "vit":
-    return config
+  changed = {k: v for k, v in model.items() if config.model.get(k) != v}
   config = ml_collections.ConfigDict(config.to_dict())
-  config.model.name = "vit"
-  for field, value in arch.items():
-    config.model[field] = value
+  config.model = ml_collections.ConfigDict(model)
   log(f"model: the architecture of {directory}: " + ", ".join(f"model.{k}={v!r}" for k, v in changed.items()))
   return config
 
 
+def _with_npz_pool(config: ml_collections.ConfigDict, log: Callable[[str], None]) -> ml_collections.ConfigDict:
+  """`config` with a ViT's `model.pool` set to its `.npz` checkpoint's (big_vision gap / map)."""
+  path = config.pretrain.get("npz_path", "")
+  if not path or config.model.name != "vit" or not os.path.isfile(path):
+    return config
+  pool = load_lib.npz_pool(load_lib.npz_names(path))
+  if config.model.get("pool", "tok") == pool:
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.pool = pool
+  log(f"model: the pooling of {path}: model.pool={pool!r}")
+  return config
+
+
 def load_hf_backbone(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> tuple[Any, dict]:
-  """The backbone from the Hugging Face checkpoint directory `pretrain.checkpoint` (its
-  classifier and pooler, which the run does not use, are named in the log).
+  """The backbone from the Hugging Face checkpoint directory `pretrain.checkpoint` (tensors
+  the run does not use, e.g. a ViT's classifier and pooler, are named in the log).
 
   Raises:
     models.load.CheckpointError: unreadable, or not shaped like `config.model`.
   """
   directory = config.pretrain.checkpoint
   tensors, origin = hf_lib.read_tensors(directory)
-  params, dropped = hf_lib.vit_params(tensors, _abstract_backbone(config, 1)["params"], origin)
-  log(f"backbone: loaded the Hugging Face ViT {directory}" + (f" (not loaded: {', '.join(dropped)})" if dropped else ""))
+  params, dropped = hf_lib.load_params(config.model.name, tensors, _abstract_backbone(config, 1)["params"], origin)
+  log(f"backbone: loaded the Hugging Face {config.model.name} {directory}"
+      + (f" (not loaded: {', '.join(dropped)})" if dropped else ""))
   return {"params": params}, {"source": directory}
+
+
+def image_preprocess(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
+  """uint8 images [..., H, W, 3] -> the model's inputs: normalized by the checkpoint's
+  preprocessor_config.json (image_mean, image_std) when `pretrain.checkpoint` has one, else
+  `models.preprocess_images` ([-1, 1], the project's backbones and the google ViTs)."""
+  mean_std = hf_lib.image_normalization(config.pretrain.get("checkpoint", ""))
+  if mean_std is None:
+    return models.preprocess_images
+  mean, std = (np.asarray(v, np.float32) for v in mean_std)
+
+  def preprocess(images):
+    return (images.astype("float32") / 255.0 - mean) / std
+  return preprocess
+
+
+def checkpoint_prompt_ids(config: ml_collections.ConfigDict, class_names) -> tuple[tuple[int, ...], ...] | None:
+  """A CLIP checkpoint's class prompts (`model.prompt_template` filled with each class name),
+  tokenized by its own tokenizer to `model.max_len` ids; None for other models."""
+  if not config.pretrain.get("checkpoint", "") or config.model.name != "clip":
+    return None
+  tokenizer = hf_lib.Tokenizer.from_directory(config.pretrain.checkpoint)
+  prompts = clip_lib.class_prompts(class_names, config.model.get("prompt_template", "a photo of a {}."))
+  return tuple(tuple(int(i) for i in row) for row in tokenizer(prompts, config.model.max_len))
 
 
 def load_npz_backbone(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> tuple[Any, dict]:
@@ -193,8 +233,10 @@ def load_npz_backbone(config: ml_collections.ConfigDict, log: Callable[[str], No
   """
   path = config.pretrain.npz_path
   abstract = _abstract_backbone(config, 1)["params"]
-  params = load_lib.from_npz(config.model.name, load_lib.read_npz(path), abstract)
-  log(f"backbone: loaded {config.model.name} from {path}")
+  flat = load_lib.read_npz(path)
+  params = load_lib.from_npz(config.model.name, flat, abstract)
+  dropped = load_lib.dropped_arrays(flat)
+  log(f"backbone: loaded {config.model.name} from {path}" + (f" (not loaded: {', '.join(dropped)})" if dropped else ""))
   return {"params": params}, {"source": path}
 
 

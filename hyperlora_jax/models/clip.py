@@ -13,6 +13,12 @@ LoRA on both towers: `lora.target_regex = r"(image|text)_tower/encoder/block_\\d
 Text goes through `tokenize`: lower-cased words, each hashed (CRC-32) to one of
 `vocab_size - 2` ids, so any class name tokenizes without a vocabulary file; 0 pads and 1
 starts every sequence. Padding is excluded from the text tower's mean pooling.
+
+The defaults are the project's own small CLIP-style model. Its fields also give OpenAI CLIP's
+architecture, as a Hugging Face `CLIPModel` checkpoint defines it (`models.hf` sets them): a
+causal text tower pooled at the end-of-text token (`text_causal`, `text_pooling="eot"`), a
+LayerNorm before the image encoder (`image_pre_norm`), no patch-projection bias, quick GELU,
+LayerNorm eps 1e-5, and class prompts tokenized by the checkpoint's BPE (`prompt_ids`).
 The model knows nothing of federation or LoRA.
 """
 from __future__ import annotations
@@ -45,21 +51,40 @@ def class_prompts(class_names: Sequence[str], template: str) -> list[str]:
   return [template.format(name.replace("_", " ")) for name in class_names]
 
 
+TEXT_POOLINGS = ("mean", "eot")
+
+
 class TextTower(nn.Module):
-  """Transformer over hashed word ids; mean of the non-padding token states."""
+  """Transformer over token ids, pooled by `pooling`: "mean" of the non-padding token states, or
+  "eot": the state at the end-of-text token (the first `eot_id`; `eot_id` < 0: the largest id,
+  where OpenAI's vocabulary puts end-of-text). `causal`: each token sees only those before it."""
   vocab_size: int
   max_len: int
   width: int
   depth: int
   num_heads: int
   mlp_ratio: float
+  mlp_dim: int = 0
+  gelu: str = "tanh"
+  layer_norm_eps: float = 1e-6
+  causal: bool = False
+  pooling: str = "mean"
+  eot_id: int = -1
 
   @nn.compact
-  def __call__(self, tokens: jnp.ndarray) -> jnp.ndarray:
-    """tokens: [T, L] int -> features [T, width]."""
+  def __call__(self, tokens: jnp.ndarray, return_hidden: bool = False) -> jnp.ndarray:
+    """tokens: [T, L] int -> features [T, width] (`return_hidden`: every token's [T, L, width])."""
     x = nn.Embed(self.vocab_size, self.width, name="token_embedding")(tokens)
-    x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1, self.max_len, self.width))
-    x = Encoder(self.depth, self.num_heads, self.mlp_ratio, name="encoder")(x)
+    x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1, self.max_len, self.width))[:, :x.shape[1]]
+    x = Encoder(self.depth, self.num_heads, self.mlp_ratio, mlp_dim=self.mlp_dim, gelu=self.gelu,
+                layer_norm_eps=self.layer_norm_eps, causal=self.causal, name="encoder")(x)
+    if return_hidden:
+      return x
+    if self.pooling == "eot":
+      position = jnp.argmax(tokens == self.eot_id if self.eot_id >= 0 else tokens, axis=-1)
+      return jnp.take_along_axis(x, position[:, None, None], axis=1)[:, 0]
+    if self.pooling != "mean":
+      raise ValueError(f"text pooling {self.pooling!r}; allowed: {TEXT_POOLINGS}")
     mask = (tokens != PAD_ID).astype(x.dtype)[..., None]
     return jnp.sum(x * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
 
@@ -74,6 +99,13 @@ class CLIP(nn.Module):
     patch_size, width, depth, num_heads, mlp_ratio: the image tower (a `ViT`).
     text_width, text_depth, text_heads, vocab_size, max_len: the text tower.
     embed_dim: the shared embedding width.
+    mlp_dim, text_mlp_dim: each tower's MLP width (0: by mlp_ratio).
+    gelu, layer_norm_eps: both towers' GELU variant ("tanh", "exact", "quick") and LayerNorm eps.
+    image_pre_norm: a LayerNorm on the image tokens before the encoder; patch_bias: the patch
+      projection's bias.
+    text_causal, text_pooling, eot_id: the text tower's causal mask and pooling (`TextTower`).
+    prompt_ids: the class prompts' token ids, one tuple of `max_len` ids per class (a real
+      tokenizer's, `models.hf.Tokenizer`); () tokenizes them by hashing (`tokenize`).
   """
   num_classes: int
   class_names: tuple[str, ...] = ()
@@ -89,18 +121,36 @@ class CLIP(nn.Module):
   vocab_size: int = 1024
   max_len: int = 12
   embed_dim: int = 64
+  mlp_dim: int = 0
+  text_mlp_dim: int = 0
+  gelu: str = "tanh"
+  layer_norm_eps: float = 1e-6
+  image_pre_norm: bool = False
+  patch_bias: bool = True
+  text_causal: bool = False
+  text_pooling: str = "mean"
+  eot_id: int = -1
+  prompt_ids: tuple[tuple[int, ...], ...] = ()
 
   def setup(self):
     self.image_tower = ViT(num_classes=1, patch_size=self.patch_size, width=self.width,
-                           depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio)
+                           depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                           mlp_dim=self.mlp_dim, gelu=self.gelu, layer_norm_eps=self.layer_norm_eps,
+                           pre_norm=self.image_pre_norm, patch_bias=self.patch_bias)
     self.image_projection = nn.Dense(self.embed_dim, use_bias=False)
     self.text_tower = TextTower(self.vocab_size, self.max_len, self.text_width, self.text_depth,
-                                self.text_heads, self.mlp_ratio)
+                                self.text_heads, self.mlp_ratio, self.text_mlp_dim, self.gelu,
+                                self.layer_norm_eps, self.text_causal, self.text_pooling, self.eot_id)
     self.text_projection = nn.Dense(self.embed_dim, use_bias=False)
     self.logit_scale = self.param("logit_scale", nn.initializers.constant(np.log(1 / 0.07)), ())
 
   def prompt_tokens(self) -> np.ndarray:
     """[num_classes, max_len] tokens of the class prompts (a trace-time constant)."""
+    if self.prompt_ids:
+      if len(self.prompt_ids) != self.num_classes:
+        raise ValueError(f"CLIP needs one prompt per class: got {len(self.prompt_ids)} prompt_ids for "
+                         f"{self.num_classes} classes")
+      return np.asarray(self.prompt_ids, np.int32)
     if len(self.class_names) != self.num_classes:
       raise ValueError(f"CLIP needs one class name per class: got {len(self.class_names)} names for "
                        f"{self.num_classes} classes")

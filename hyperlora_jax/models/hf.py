@@ -1,21 +1,25 @@
 """Hugging Face checkpoints (a `save_pretrained` directory) into the project's models, no PyTorch.
 
-    arch, tensors = hf.read_checkpoint(directory)        # config.json + (sharded) safetensors
-    model = ViT(num_classes=10, **arch)                  # the checkpoint's own architecture
-    params, dropped = hf.vit_params(tensors, abstract)   # Flax layout; dropped: unused tensor names
-    save_peft(directory, adapter, alpha=8.0, module_name=hf.vit_module_namer())  # attaches in transformers 5
+    name, arch, tensors, origin = hf.read_checkpoint(directory)  # config.json + (sharded) safetensors
+    model = models.build_model(name, num_classes, **arch)        # the checkpoint's own architecture
+    params, dropped = hf.load_params(name, tensors, abstract)    # Flax layout; dropped: unused tensors
+    save_peft(directory, adapter, alpha=8.0, module_name=hf.module_namer(name))  # attaches in transformers 5
+    ids = hf.Tokenizer.from_directory(directory)(texts, max_len)  # CLIP's BPE, from tokenizer.json
 
-Supported: `ViTModel` and `ViTForImageClassification` (model_type "vit"), in
-`model.safetensors` or sharded as `model.safetensors.index.json`. Checkpoints name tensors by
-transformers 4.x's modules (5.x writes those names too, and renames its modules on load);
-adapters attach by the live module names, so `vit_module_namer` takes the major version
-(checked against transformers 4.57 and 5.24 by tests/fixtures/make_reference_fixtures.py).
-Layout changes: the patch conv
-[D, 3, p, p] -> [p, p, 3, D], every Linear [out, in] -> kernel [in, out]; `layernorm_before` /
-`layernorm_after` -> `norm1` / `norm2`. The architecture (sizes, GELU variant, LayerNorm eps)
-comes from config.json. `pooler` (ViTModel's tanh Dense, which ViTForImageClassification does not
-use) and `classifier` are not loaded: a federated run trains its own head on the class token's
-final state, as ViTForImageClassification does; they are returned as `dropped`, by name.
+Supported (`SUPPORTED`): `ViTModel` and `ViTForImageClassification` (model_type "vit") as
+`models.vit.ViT`, and `CLIPModel` (model_type "clip": both towers, projections, logit scale)
+as `models.clip.CLIP`, in `model.safetensors` or sharded as `model.safetensors.index.json`.
+The architecture (sizes, GELU variant, LayerNorm eps; for CLIP the causal text tower pooled at
+end-of-text, the LayerNorm before the image encoder, no patch bias) comes from config.json.
+
+ViT checkpoints name tensors by transformers 4.x's modules (5.x writes those names too, and
+renames its modules on load); adapters attach by the live module names, so `module_namer`
+takes the major version (checked against transformers 4.57 and 5.24 by
+tests/fixtures/make_reference_fixtures.py). CLIP's names are the same in both. Layout changes:
+patch convs [D, 3, p, p] -> [p, p, 3, D], every Linear [out, in] -> kernel [in, out].
+ViTModel's `pooler` (a tanh Dense ViTForImageClassification does not use) and `classifier` are
+not loaded: a federated run trains its own head on the class token's final state, as
+ViTForImageClassification does; they are returned as `dropped`, by name.
 """
 from __future__ import annotations
 
@@ -32,12 +36,24 @@ from hyperlora_jax.models.load import CheckpointError
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-SUPPORTED = ("vit (ViTModel, ViTForImageClassification)",)
+SUPPORTED = ("vit (ViTModel, ViTForImageClassification)", "clip (CLIPModel)")
+TOKENIZER_FILE = "tokenizer.json"
 # Hugging Face hidden_act -> `models.vit.gelu` variant.
 GELU_OF_HIDDEN_ACT = {"gelu": "exact", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh",
                       "quick_gelu": "quick"}
-# Prefixes of tensors a federated run does not load (see the module docstring).
-DROPPED = ("pooler.", "classifier.")
+# Prefixes of tensors a federated run does not load (see the module docstring; position_ids:
+# a buffer older checkpoints saved).
+DROPPED = {"vit": ("pooler.", "classifier."),
+           "clip": ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")}
+# transformers' defaults, for fields a config.json leaves out.
+_VIT_DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+                 "hidden_act": "gelu", "layer_norm_eps": 1e-12, "image_size": 224, "patch_size": 16}
+_CLIP_TEXT_DEFAULTS = {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
+                       "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+                       "layer_norm_eps": 1e-5, "eos_token_id": 2}
+_CLIP_VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                         "num_attention_heads": 12, "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu",
+                         "layer_norm_eps": 1e-5}
 
 
 def read_config(directory: str) -> dict:
@@ -82,27 +98,70 @@ def read_tensors(directory: str) -> tuple[dict[str, np.ndarray], dict[str, str]]
   return tensors, origin
 
 
+def _gelu(act: str) -> str:
+  if act not in GELU_OF_HIDDEN_ACT:
+    raise CheckpointError(f"config.json hidden_act={act!r}; supported: {sorted(GELU_OF_HIDDEN_ACT)}")
+  return GELU_OF_HIDDEN_ACT[act]
+
+
 def vit_arch(config: dict) -> dict[str, Any]:
   """`models.vit.ViT` fields of a Hugging Face ViT config.json (raises for what it cannot run)."""
   if config.get("model_type") != "vit":
-    raise CheckpointError(f"model_type {config.get('model_type')!r} is not supported here; supported: "
-                          f"{', '.join(SUPPORTED)}")
-  act = config.get("hidden_act", "gelu")
-  if act not in GELU_OF_HIDDEN_ACT:
-    raise CheckpointError(f"config.json hidden_act={act!r}; supported: {sorted(GELU_OF_HIDDEN_ACT)}")
+    raise CheckpointError(f"model_type {config.get('model_type')!r} is not a ViT; supported: {', '.join(SUPPORTED)}")
+  config = {**_VIT_DEFAULTS, **config}
   if config.get("num_channels", 3) != 3 or not config.get("qkv_bias", True):
     raise CheckpointError("config.json: only 3-channel ViTs with qkv_bias=True are supported")
   return {"patch_size": int(config["patch_size"]), "width": int(config["hidden_size"]),
           "depth": int(config["num_hidden_layers"]), "num_heads": int(config["num_attention_heads"]),
-          "mlp_dim": int(config["intermediate_size"]), "gelu": GELU_OF_HIDDEN_ACT[act],
-          "layer_norm_eps": float(config.get("layer_norm_eps", 1e-12))}
+          "mlp_dim": int(config["intermediate_size"]), "gelu": _gelu(config["hidden_act"]),
+          "layer_norm_eps": float(config["layer_norm_eps"])}
 
 
-def read_checkpoint(directory: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """(the model's architecture fields, {tensor name: array}) of a checkpoint directory."""
-  arch = vit_arch(read_config(directory))
-  tensors, _ = read_tensors(directory)
-  return arch, tensors
+def clip_arch(config: dict) -> dict[str, Any]:
+  """`models.clip.CLIP` fields of a Hugging Face CLIPModel config.json."""
+  if config.get("model_type") != "clip":
+    raise CheckpointError(f"model_type {config.get('model_type')!r} is not a CLIP; supported: {', '.join(SUPPORTED)}")
+  text = {**_CLIP_TEXT_DEFAULTS, **config.get("text_config", {})}
+  vision = {**_CLIP_VISION_DEFAULTS, **config.get("vision_config", {})}
+  if text["hidden_act"] != vision["hidden_act"] or text["layer_norm_eps"] != vision["layer_norm_eps"]:
+    raise CheckpointError("config.json: the towers' hidden_act and layer_norm_eps differ; supported: equal ones")
+  eos = int(text["eos_token_id"])
+  return {"patch_size": int(vision["patch_size"]), "width": int(vision["hidden_size"]),
+          "depth": int(vision["num_hidden_layers"]), "num_heads": int(vision["num_attention_heads"]),
+          "mlp_dim": int(vision["intermediate_size"]), "text_width": int(text["hidden_size"]),
+          "text_depth": int(text["num_hidden_layers"]), "text_heads": int(text["num_attention_heads"]),
+          "text_mlp_dim": int(text["intermediate_size"]), "vocab_size": int(text["vocab_size"]),
+          "max_len": int(text["max_position_embeddings"]), "embed_dim": int(config.get("projection_dim", 512)),
+          "gelu": _gelu(vision["hidden_act"]), "layer_norm_eps": float(vision["layer_norm_eps"]),
+          "image_pre_norm": True, "patch_bias": False, "text_causal": True, "text_pooling": "eot",
+          # transformers: eos_token_id 2 (configs before 4.31) means "the largest id", OpenAI's end of text.
+          "eot_id": -1 if eos == 2 else eos}
+
+
+ARCHITECTURES = {"vit": vit_arch, "clip": clip_arch}
+
+
+def image_size(config: dict) -> int:
+  """The image side the checkpoint's position embeddings are for."""
+  if config.get("model_type") == "clip":
+    return int({**_CLIP_VISION_DEFAULTS, **config.get("vision_config", {})}["image_size"])
+  return int({**_VIT_DEFAULTS, **config}["image_size"])
+
+
+def architecture(config: dict) -> tuple[str, dict[str, Any]]:
+  """(model name, its architecture fields) of a config.json."""
+  model_type = config.get("model_type")
+  if model_type not in ARCHITECTURES:
+    raise CheckpointError(f"model_type {model_type!r} is not supported here; supported: {', '.join(SUPPORTED)}")
+  return model_type, ARCHITECTURES[model_type](config)
+
+
+def read_checkpoint(directory: str) -> tuple[str, dict[str, Any], dict[str, np.ndarray], dict[str, str]]:
+  """(model name, its architecture fields, {tensor name: array}, {tensor name: its file}) of a
+  checkpoint directory."""
+  name, arch = architecture(read_config(directory))
+  tensors, origin = read_tensors(directory)
+  return name, arch, tensors, origin
 
 
 def _prefix(tensors: dict) -> str:
@@ -152,27 +211,108 @@ def _tensor_names_version(tensors: dict, prefix: str) -> int:
   return 5 if any(k.startswith(f"{prefix}layers.") for k in tensors) else 4
 
 
-def _hf_source(name: str, prefix: str, version: int) -> tuple[str, str]:
-  """(HF tensor name, conversion) of our flat param `name` ('/'-joined)."""
+def _leaf_source(hf_module: str, module: str, leaf: str, conv_modules=("embedding",)) -> tuple[str, str]:
+  """(HF tensor, conversion) of our `module`'s param `leaf`, the module named `hf_module`."""
+  if leaf == "kernel":
+    return f"{hf_module}.weight", "conv" if module.rsplit("/", 1)[-1] in conv_modules else "linear"
+  if leaf == "embedding":
+    return f"{hf_module}.weight", "same"
+  return f"{hf_module}.{'weight' if leaf == 'scale' else 'bias'}", "same"
+
+
+def _vit_source(name: str, prefix: str, version: int) -> tuple[str, str]:
+  """(HF tensor name, conversion) of our ViT's flat param `name` ('/'-joined)."""
   if name == "cls":
     return f"{prefix}embeddings.cls_token", "same"
   if name == "pos_embedding":
     return f"{prefix}embeddings.position_embeddings", "same"
   module, leaf = name.rsplit("/", 1)
   hf = vit_module_name(module, prefix, version)
-  if hf is None:
-    return name, "same"
-  if leaf == "kernel":
-    return f"{hf}.weight", "conv" if module == "embedding" else "linear"
-  return f"{hf}.{'weight' if leaf == 'scale' else 'bias'}", "same"
+  return (name, "same") if hf is None else _leaf_source(hf, module, leaf)
 
 
-def _convert(array: np.ndarray, conversion: str) -> np.ndarray:
+_CLIP_BLOCK = {"attn/query": "self_attn.q_proj", "attn/key": "self_attn.k_proj", "attn/value": "self_attn.v_proj",
+               "attn/out": "self_attn.out_proj", "mlp/fc1": "mlp.fc1", "mlp/fc2": "mlp.fc2",
+               "norm1": "layer_norm1", "norm2": "layer_norm2"}
+_CLIP_MODULES = {"image_tower/embedding": "vision_model.embeddings.patch_embedding",
+                 "image_tower/pre_norm": "vision_model.pre_layrnorm",
+                 "image_tower/encoder/norm": "vision_model.post_layernorm",
+                 "text_tower/token_embedding": "text_model.embeddings.token_embedding",
+                 "text_tower/encoder/norm": "text_model.final_layer_norm",
+                 "image_projection": "visual_projection", "text_projection": "text_projection"}
+_CLIP_PARAMS = {"image_tower/cls": "vision_model.embeddings.class_embedding",
+                "image_tower/pos_embedding": "vision_model.embeddings.position_embedding.weight",
+                "text_tower/pos_embedding": "text_model.embeddings.position_embedding.weight",
+                "logit_scale": "logit_scale"}
+
+
+def clip_module_name(path: str) -> str | None:
+  """The Hugging Face module name of our CLIP module `path` ("text_tower/encoder/block_0/attn/query"
+  -> "text_model.encoder.layers.0.self_attn.q_proj"; the same in transformers 4 and 5), None
+  for a path with no counterpart."""
+  m = re.fullmatch(r"(image|text)_tower/encoder/block_(\d+)/(attn/\w+|mlp/fc[12]|norm[12])", path)
+  if m and m.group(3) in _CLIP_BLOCK:
+    tower = "vision_model" if m.group(1) == "image" else "text_model"
+    return f"{tower}.encoder.layers.{m.group(2)}.{_CLIP_BLOCK[m.group(3)]}"
+  return _CLIP_MODULES.get(path)
+
+
+def _clip_source(name: str) -> tuple[str, str]:
+  if name in _CLIP_PARAMS:
+    return _CLIP_PARAMS[name], "reshape"
+  module, leaf = name.rsplit("/", 1)
+  hf = clip_module_name(module)
+  return (name, "same") if hf is None else _leaf_source(hf, module, leaf)
+
+
+def module_namer(model_name: str, *, prefix: str = "", transformers_version: int = 5) -> Callable[[str], str | None]:
+  """Flax path -> Hugging Face module name for `model_name` ("vit": `vit_module_name` with these
+  arguments; "clip": `clip_module_name`): the `module_name` of `peft.save_peft` / `load_peft`."""
+  if model_name == "clip":
+    return clip_module_name
+  if model_name == "vit":
+    return vit_module_namer(prefix, transformers_version)
+  raise ValueError(f"model {model_name!r}: Hugging Face module names are known for 'vit' and 'clip'")
+
+
+def _convert(array: np.ndarray, conversion: str, shape: tuple) -> np.ndarray:
   if conversion == "linear":
     return array.T
   if conversion == "conv":
     return array.transpose(2, 3, 1, 0)  # [D, C, p, p] -> [p, p, C, D]
+  if conversion == "reshape" and array.size == int(np.prod(shape)):
+    return array.reshape(shape)  # A position table [T, D] -> [1, T, D]; a class embedding [D] -> [1, 1, D].
   return array
+
+
+def _load(tensors: dict, abstract_params: Any, source: Callable[[str], tuple[str, str]], dropped_prefixes,
+          what: str, origin: dict | None) -> tuple[dict, list[str]]:
+  """Params shaped like `abstract_params` (its `head` left out) from `tensors` by `source`
+  (our flat name -> (tensor name, conversion)); (params, names of tensors not loaded)."""
+  where = lambda key: f" ({origin[key]})" if origin and key in origin else ""
+  wanted = {k: v for k, v in traverse_util.flatten_dict(abstract_params, sep="/").items()
+            if not k.startswith("head/")}
+  out, used, problems = {}, set(), []
+  for name, spec in wanted.items():
+    key, conversion = source(name)
+    if key not in tensors:
+      problems.append(f"missing {key} (for {name})")
+      continue
+    array = _convert(np.asarray(tensors[key]), conversion, tuple(spec.shape))
+    if tuple(array.shape) != tuple(spec.shape):
+      problems.append(f"{key}{where(key)}: shape {tuple(tensors[key].shape)}, the model expects "
+                      f"{tuple(spec.shape)} as {name}")
+      continue
+    out[name] = np.asarray(array, np.float32)
+    used.add(key)
+  dropped = sorted(k for k in tensors if k not in used and any(k.startswith(p) for p in dropped_prefixes))
+  unexpected = sorted(k for k in tensors if k not in used and k not in dropped)
+  if unexpected:
+    problems.append("unexpected tensors (a different architecture?): "
+                    + ", ".join(f"{k}{where(k)}" for k in unexpected[:8]) + (" ..." if len(unexpected) > 8 else ""))
+  if problems:
+    raise CheckpointError(f"the Hugging Face {what} checkpoint does not fit the model: " + "; ".join(problems))
+  return traverse_util.unflatten_dict(out, sep="/"), dropped
 
 
 def vit_params(tensors: dict[str, np.ndarray], abstract_params: Any,
@@ -186,28 +326,106 @@ def vit_params(tensors: dict[str, np.ndarray], abstract_params: Any,
   """
   prefix = _prefix(tensors)
   version = _tensor_names_version(tensors, prefix)
-  where = lambda key: f" ({origin[key]})" if origin and key in origin else ""
-  wanted = {k: v for k, v in traverse_util.flatten_dict(abstract_params, sep="/").items()
-            if not k.startswith("head/")}
-  out, used, problems = {}, set(), []
-  for name, spec in wanted.items():
-    source, conversion = _hf_source(name, prefix, version)
-    if source not in tensors:
-      problems.append(f"missing {source} (for {name})")
-      continue
-    array = _convert(np.asarray(tensors[source]), conversion)
-    if tuple(array.shape) != tuple(spec.shape):
-      problems.append(f"{source}{where(source)}: shape {tuple(tensors[source].shape)}, the model expects "
-                      f"{tuple(spec.shape)} as {name}")
-      continue
-    out[name] = np.asarray(array, np.float32)
-    used.add(source)
-  dropped = sorted(k for k in tensors
-                   if k not in used and (k.startswith(DROPPED) or k.removeprefix(prefix).startswith(DROPPED)))
-  unexpected = sorted(k for k in tensors if k not in used and k not in dropped)
-  if unexpected:
-    problems.append("unexpected tensors (a different architecture?): "
-                    + ", ".join(f"{k}{where(k)}" for k in unexpected[:8]) + (" ..." if len(unexpected) > 8 else ""))
-  if problems:
-    raise CheckpointError("the Hugging Face ViT checkpoint does not fit the model: " + "; ".join(problems))
-  return traverse_util.unflatten_dict(out, sep="/"), dropped
+  dropped = DROPPED["vit"] + tuple(prefix + p for p in DROPPED["vit"])
+  return _load(tensors, abstract_params, lambda name: _vit_source(name, prefix, version), dropped, "ViT", origin)
+
+
+def clip_params(tensors: dict[str, np.ndarray], abstract_params: Any,
+                origin: dict[str, str] | None = None) -> tuple[dict, list[str]]:
+  """HF CLIPModel tensors -> (params shaped like `abstract_params`, float32 NumPy; the names
+  of the tensors not loaded). Raises CheckpointError as `vit_params`."""
+  return _load(tensors, abstract_params, _clip_source, DROPPED["clip"], "CLIP", origin)
+
+
+def load_params(model_name: str, tensors: dict[str, np.ndarray], abstract_params: Any,
+                origin: dict[str, str] | None = None) -> tuple[dict, list[str]]:
+  """`vit_params` or `clip_params`, by `model_name` (`read_checkpoint`'s)."""
+  if model_name not in ARCHITECTURES:
+    raise CheckpointError(f"model {model_name!r}: Hugging Face loading supports {', '.join(SUPPORTED)}")
+  return (vit_params if model_name == "vit" else clip_params)(tensors, abstract_params, origin)
+
+
+def image_normalization(directory: str) -> tuple[list[float], list[float]] | None:
+  """(image_mean, image_std) of a checkpoint's preprocessor_config.json (None without one)."""
+  path = os.path.join(directory, "preprocessor_config.json") if directory else ""
+  if not path or not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    processor = json.load(f)
+  mean, std = processor.get("image_mean", [0.5] * 3), processor.get("image_std", [0.5] * 3)
+  if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+    raise CheckpointError(f"{path}: image_mean {mean} and image_std {std} must be 3 values, std > 0")
+  return [float(v) for v in mean], [float(v) for v in std]
+
+
+def clip_bpe_tokenizer(vocab_file: str, merges_file: str):
+  """A `tokenizers.Tokenizer` of OpenAI CLIP's BPE from its vocab.json and merges.txt, the
+  pipeline transformers' CLIPTokenizerFast builds from them: NFC, whitespace runs to one space,
+  lower case; split into letters / digits / punctuation runs; byte-level symbols, '</w>' at word
+  ends; <|startoftext|> ... <|endoftext|> around each text."""
+  from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+  with open(vocab_file, encoding="utf-8") as f:
+    vocab = json.load(f)
+  with open(merges_file, encoding="utf-8") as f:
+    merges = [tuple(line.split()) for line in f.read().split("\n")
+              if line and not line.startswith("#version") and len(line.split()) == 2]
+  tokenizer = Tokenizer(models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                                   fuse_unk=False, unk_token="<|endoftext|>"))
+  tokenizer.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                               normalizers.Lowercase()])
+  tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
+                           behavior="removed", invert=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False)])
+  tokenizer.decoder = decoders.ByteLevel()
+  tokenizer.post_processor = processors.RobertaProcessing(  # (sep, cls): positional in every version.
+      ("<|endoftext|>", vocab["<|endoftext|>"]), ("<|startoftext|>", vocab["<|startoftext|>"]),
+      trim_offsets=False, add_prefix_space=False)
+  return tokenizer
+
+
+class Tokenizer:
+  """A checkpoint's tokenizer (its `tokenizer.json`, read by the `tokenizers` library, no
+  transformers): `tokenizer(texts, max_len)` -> int32 [len(texts), max_len], with the special
+  tokens its post-processor adds (CLIP: start and end of text), truncated to `max_len` (the
+  end-of-text kept) and padded with `pad_id`.
+  """
+
+  def __init__(self, tokenizer, pad_id: int):
+    self._tokenizer = tokenizer
+    self.pad_id = pad_id
+
+  @classmethod
+  def from_directory(cls, directory: str, pad_token: str | None = None) -> "Tokenizer":
+    """The tokenizer of `directory`; pads with `pad_token`, else tokenizer_config.json's
+    `pad_token`, else the end-of-text token (OpenAI CLIP's padding)."""
+    import tokenizers
+    path = os.path.join(directory, TOKENIZER_FILE)
+    if os.path.isfile(path):
+      try:
+        tokenizer = tokenizers.Tokenizer.from_file(path)
+      except Exception as e:  # The tokenizers library raises a bare Exception for unreadable files.
+        raise CheckpointError(f"{path}: not a tokenizer.json the tokenizers library reads ({e})") from e
+    elif all(os.path.isfile(os.path.join(directory, f)) for f in ("vocab.json", "merges.txt")):
+      tokenizer = clip_bpe_tokenizer(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"))
+    else:
+      raise CheckpointError(f"{directory}: no {TOKENIZER_FILE}, nor CLIP's vocab.json and merges.txt")
+    config_path = os.path.join(directory, "tokenizer_config.json")
+    if pad_token is None and os.path.isfile(config_path):
+      with open(config_path) as f:
+        pad_token = json.load(f).get("pad_token")
+      if isinstance(pad_token, dict):  # Older files: {"content": "<|endoftext|>", ...}.
+        pad_token = pad_token.get("content")
+    pad_token = pad_token or "<|endoftext|>"
+    pad_id = tokenizer.token_to_id(pad_token)
+    if pad_id is None:
+      raise CheckpointError(f"{path}: no pad token {pad_token!r} in the vocabulary")
+    return cls(tokenizer, pad_id)
+
+  def __call__(self, texts, max_len: int) -> np.ndarray:
+    self._tokenizer.enable_truncation(max_len)
+    self._tokenizer.no_padding()
+    out = np.full((len(texts), max_len), self.pad_id, np.int32)
+    for i, encoding in enumerate(self._tokenizer.encode_batch(list(texts))):
+      out[i, :len(encoding.ids)] = encoding.ids
+    return out

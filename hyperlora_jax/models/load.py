@@ -9,9 +9,12 @@ Formats (flat arrays keyed by '/'-joined parameter paths, as `np.savez` writes t
                       `MlpBlock_0`, `LayerNorm_0/1`, `pos_embedding` over the patches only (the
                       class token gets no position, so its row is 0 here, which is equivalent).
 Mixer checkpoints of both repositories already use the names of `models.mixer`.
-The classifier (`head`) and `pre_logits` of a checkpoint are dropped: federated runs train
-their own head. Every array is checked against the model's shapes; a missing, extra or
-misshapen array is reported by name.
+big_vision's pooling (`pool_type`) is the ViT's `pool`: "tok" (a `cls` token), "gap" (no class
+token; the mean of the patch tokens) or "map" (`MAPHead_0/...`, the attention-pooling head,
+loaded as `map_head`); `npz_pool` reads it from the array names.
+The classifier (`head`) and `pre_logits` of a checkpoint are not loaded: federated runs train
+their own head (`dropped_arrays` names them). Every array is checked against the model's
+shapes; a missing, extra or misshapen array is reported by name.
 """
 from __future__ import annotations
 
@@ -33,6 +36,12 @@ _VIT_BLOCK_NAMES = {
 }
 
 
+_MAP_HEAD_NAMES = {  # Our map_head path -> big_vision's MAPHead_0 path.
+    "probe": "probe", "norm": "LayerNorm_0", "mlp/fc1": "MlpBlock_0/Dense_0", "mlp/fc2": "MlpBlock_0/Dense_1",
+    **{proj: f"MultiHeadDotProductAttention_0/{proj}" for proj in ("query", "key", "value", "out")},
+}
+
+
 class CheckpointError(ValueError):
   """A checkpoint that does not fit the model."""
 
@@ -46,10 +55,34 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
     raise CheckpointError(f"pretrain.npz_path: cannot read {path!r} as .npz ({e})") from e
 
 
+def npz_pool(names) -> str:
+  """The ViT pooling of a checkpoint with these array names: "map" (a MAPHead), "tok" (a class
+  token) or "gap" (neither)."""
+  names = set(names)
+  return "map" if "MAPHead_0/probe" in names else "tok" if "cls" in names else "gap"
+
+
+def npz_names(path: str) -> list[str]:
+  """The array names of an `.npz` checkpoint (no array is read)."""
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      return list(f.files)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"pretrain.npz_path: cannot read {path!r} as .npz ({e})") from e
+
+
+def dropped_arrays(flat: dict) -> list[str]:
+  """The names of the checkpoint arrays `from_npz` does not load (classifier, pre-logits)."""
+  return sorted(k for k in flat if k.startswith(DROPPED_PREFIXES))
+
+
 def _vit_source_name(name: str, flat: dict) -> str | None:
   """The checkpoint name holding our ViT parameter `name` (None if absent)."""
   m = re.fullmatch(r"encoder/block_(\d+)/(norm1|norm2|attn|mlp/fc1|mlp/fc2)(/.*)", name)
-  if m:
+  head = re.fullmatch(r"map_head/(probe|norm|mlp/fc[12]|query|key|value|out)(/.*)?", name)
+  if head:
+    candidates = [f"MAPHead_0/{_MAP_HEAD_NAMES[head.group(1)]}{head.group(2) or ''}"]
+  elif m:
     block, part, rest = m.groups()  # rest: '/scale', '/query/kernel', ...
     candidates = [f"Transformer/encoderblock_{block}/{c}{rest}" for c in _VIT_BLOCK_NAMES[part]]
   elif name.startswith("encoder/norm/"):
@@ -66,7 +99,8 @@ def _vit_convert(name: str, array: np.ndarray, shape: tuple) -> np.ndarray:
   [D, D] (out: [H, hd, D] -> [D, D]); a patch-only position table gets a zero class-token row."""
   if name == "pos_embedding" and array.ndim == 3 and array.shape[1] + 1 == shape[1]:
     return np.concatenate([np.zeros_like(array[:, :1]), array], axis=1)
-  if "/attn/" in name and array.size == int(np.prod(shape)):
+  per_head = "/attn/" in name or re.match(r"map_head/(query|key|value|out)/", name)
+  if per_head and array.size == int(np.prod(shape)):
     return array.reshape(shape)
   return array
 
@@ -104,6 +138,12 @@ def from_npz(model_name: str, flat: dict[str, np.ndarray], abstract_params: Any)
   if unused:
     problems.append(f"unused arrays (a different architecture?): {', '.join(unused[:8])}"
                     + (" ..." if len(unused) > 8 else ""))
+  if model_name == "vit":
+    pool = npz_pool(flat)
+    model_pool = "map" if any(k.startswith("map_head/") for k in wanted) else "tok" if "cls" in wanted else "gap"
+    if pool != model_pool:
+      problems.append(f"the checkpoint's pooling is {pool!r} (big_vision pool_type), the model's {model_pool!r}: "
+                      f"set model.pool={pool!r}")
   if problems:
     raise CheckpointError(f"pretrain.npz_path: the checkpoint does not fit model.name={model_name!r} "
                           f"with this config: " + "; ".join(problems))
@@ -120,7 +160,15 @@ def to_npz_arrays(model_name: str, params: Any, num_heads: int = 1) -> dict[str,
   out = {}
   for name, array in flat.items():
     m = re.fullmatch(r"encoder/block_(\d+)/(norm1|norm2|attn|mlp/fc1|mlp/fc2)(/.*)", name)
-    if m:
+    head = re.fullmatch(r"map_head/(probe|norm|mlp/fc[12]|query|key|value|out)(/.*)?", name)
+    if head:
+      part, rest = head.group(1), head.group(2) or ""
+      if part in ("query", "key", "value"):
+        array = array.reshape(array.shape[:-1] + (num_heads, array.shape[-1] // num_heads))
+      elif part == "out" and rest == "/kernel":
+        array = array.reshape((num_heads, array.shape[0] // num_heads, array.shape[1]))
+      out[f"MAPHead_0/{_MAP_HEAD_NAMES[part]}{rest}"] = array
+    elif m:
       block, part, rest = m.groups()
       if part == "attn":
         proj, leaf = rest.strip("/").split("/")
