@@ -120,20 +120,26 @@ def test_what_is_not_a_supported_checkpoint_says_what_is(tmp_path):
     hf.vit_arch({**hf.read_config(str(plain)), "hidden_act": "relu"})
 
 
+def _assert_adapted_vit_matches(adapter, config, reference_file):
+  """The fixture ViT with `adapter` gives the reference's adapted last hidden state (to 1e-5),
+  which differs from the plain one (the adapter does something)."""
+  model, variables, _ = _load("hf_vit")
+  outputs = _outputs()
+  with np.load(os.path.join(FIXTURES, reference_file)) as f:
+    reference = f["adapted_last_hidden_state"]
+  adapted = lora.apply(model, variables, adapter, jnp.asarray(outputs["pixel_values"]),
+                       scale=peft.scale_from_config(config), return_hidden=True)
+  assert _relative_error(adapted, reference) <= TOLERANCE
+  assert _relative_error(reference, outputs["vit_last_hidden_state"]) > 0.1
+
+
 def test_an_exported_adapter_attaches_to_the_reference_and_loads_back():
   """The fixture adapter was written by `peft.save_peft` with transformers 5's module names;
   `peft.PeftModel.from_pretrained` attached it (the script fails on missing keys) and its
   output is the reference here: the project's adapted model must give it."""
   directory = os.path.join(FIXTURES, "hf_vit_adapter")
   adapter, config = peft.load_peft(directory)
-  model, variables, _ = _load("hf_vit")
-  outputs = _outputs()
-  with np.load(os.path.join(FIXTURES, "hf_vit_adapter.npz")) as f:
-    reference = f["adapted_last_hidden_state"]
-  adapted = lora.apply(model, variables, adapter, jnp.asarray(outputs["pixel_values"]),
-                       scale=peft.scale_from_config(config), return_hidden=True)
-  assert _relative_error(adapted, reference) <= TOLERANCE
-  assert _relative_error(reference, outputs["vit_last_hidden_state"]) > 0.1  # The adapter does something.
+  _assert_adapted_vit_matches(adapter, config, "hf_vit_adapter.npz")
   assert set(adapter) == {f"encoder/block_{i}/{m}" for i in range(2) for m in ("attn/query", "attn/value", "mlp/fc1")}
   # Only LoraConfig's fields, and exact module names (nothing else named `query` gets hooked).
   assert set(config) <= {"peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "lora_dropout", "bias",
@@ -328,13 +334,7 @@ def test_an_adapter_peft_itself_wrote_loads_as_the_projects_with_the_same_output
                             target_regex=r"encoder/block_\d+/(attn/\w+|mlp/fc\d)")
   adapter, config = peft.load_peft(directory, paths=list(paths), module_name=hf.module_namer("vit"))
   assert set(adapter) == {f"encoder/block_{i}/{m}" for i in range(2) for m in ("attn/query", "attn/value", "mlp/fc1")}
-  outputs = _outputs()
-  with np.load(os.path.join(FIXTURES, "hf_vit_peft_adapter.npz")) as f:
-    reference = f["adapted_last_hidden_state"]
-  adapted = lora.apply(model, variables, adapter, jnp.asarray(outputs["pixel_values"]),
-                       scale=peft.scale_from_config(config), return_hidden=True)
-  assert _relative_error(adapted, reference) <= TOLERANCE
-  assert _relative_error(reference, outputs["vit_last_hidden_state"]) > 0.1
+  _assert_adapted_vit_matches(adapter, config, "hf_vit_peft_adapter.npz")
 
 
 def test_a_checkpoint_saved_in_bfloat16_loads_as_float32(tmp_path):
