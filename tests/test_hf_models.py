@@ -350,3 +350,10 @@ def test_a_checkpoint_saved_in_bfloat16_loads_as_float32(tmp_path):
   query = params["encoder"]["block_0"]["attn"]["query"]["kernel"]
   assert query.dtype == np.float32
   np.testing.assert_allclose(query, tensors["encoder.layer.0.attention.attention.query.weight"].T, rtol=1e-2, atol=1e-3)
+
+
+def test_a_checkpoint_directory_that_is_not_one_is_refused_naming_the_field(smoke_config, tmp_path):
+  from experiments.runner import pretrain
+  smoke_config.pretrain.checkpoint = str(tmp_path)
+  with pytest.raises(CheckpointError, match="pretrain.checkpoint: .*no config.json.*supported: vit"):
+    pretrain.with_checkpoint_architecture(smoke_config)

@@ -160,7 +160,10 @@ def with_checkpoint_architecture(config: ml_collections.ConfigDict,
   directory = config.pretrain.get("checkpoint", "")
   if not directory:
     return _with_npz_pool(config, log)
-  name, arch = hf_lib.architecture(hf_lib.read_config(directory))
+  try:
+    name, arch = hf_lib.architecture(hf_lib.read_config(directory))
+  except load_lib.CheckpointError as e:  # Before validation, which would name the field too.
+    raise load_lib.CheckpointError(f"pretrain.checkpoint: {e}") from None
   kept = {k: v for k, v in config.model.items() if k != "name" and k in models.arch_fields(name) and k not in arch}
   model = {"name": name, **kept, **arch}
   if model == config.model.to_dict():
