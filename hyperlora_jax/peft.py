@@ -109,7 +109,7 @@ def save_peft(directory: str, adapter: Mapping[str, Mapping[str, Any]], *, alpha
     raise ValueError(f"PEFT's config holds one rank; the adapter has ranks {sorted(ranks)}")
   names = module_names(adapter, module_name)
   os.makedirs(directory, exist_ok=True)
-  save_file(to_peft_tensors(adapter, module_name), os.path.join(directory, ADAPTER_WEIGHTS))
+  save_file(to_peft_tensors(adapter, names.get), os.path.join(directory, ADAPTER_WEIGHTS))  # Named once.
   config = {"peft_type": "LORA", "r": ranks.pop(), "lora_alpha": alpha, "use_rslora": rslora,
             "target_modules": sorted(names.values()), "lora_dropout": 0.0,
             "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "task_type": None,
