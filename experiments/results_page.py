@@ -49,13 +49,14 @@ def _pct(values: list) -> str:
 
 def labelled_rows(runs_dir: str, variants: list[tuple[str, str]], renames: dict[str, str]) -> list[dict]:
   """`report.finished_runs` of `runs_dir` and of each variant's directory, each row with its
-  "label" (variant label, or the method's `renames` / display name) and "order" (its place)."""
+  "label" (variant label, or the method's `renames` / display name), "order" (its place) and
+  "variant" (whether it is a variant's)."""
   rows = []
   known = list(METHODS)
   for row in report.finished_runs(runs_dir):
     method = row["method"]
     rows.append({**row, "label": renames.get(method, DISPLAY_NAMES.get(method, method)),
-                 "order": (known.index(method) if method in known else len(known), 1)})
+                 "order": (known.index(method) if method in known else len(known), 1), "variant": False})
   for index, (label, directory) in enumerate(variants):
     found = report.finished_runs(directory)
     if not found:
@@ -63,7 +64,7 @@ def labelled_rows(runs_dir: str, variants: list[tuple[str, str]], renames: dict[
     for row in found:
       method = row["method"]
       rows.append({**row, "label": label,
-                   "order": (known.index(method) if method in known else len(known), 0, index)})
+                   "order": (known.index(method) if method in known else len(known), 0, index), "variant": True})
   return rows
 
 
@@ -110,8 +111,7 @@ def claims_rows(rows: list[dict], claims_row: str) -> list[dict]:
   if not chosen:
     raise ValueError(f"--claims_row {claims_row!r}: no such row (labels: {sorted({r['label'] for r in rows})})")
   methods = {r["method"] for r in chosen}
-  variants = {r["label"] for r in rows if r["order"][1:2] == (0,)}
-  own = [r for r in rows if r["label"] not in variants and r["method"] not in methods]
+  own = [r for r in rows if not r["variant"] and r["method"] not in methods]
   return own + chosen
 
 
