@@ -88,6 +88,53 @@ def test_flexlora_is_the_best_rank_r_approximation_not_transposed():
                              rtol=1e-4)
 
 
+def _assert_balanced_split(a, b, target, scale):
+  """a [d_in, r], b [r, d_out] are U_r √(Σ_r/s) and √(Σ_r/s) V_r^T of target = U Σ V^T, up to
+  each component's sign: aᵀa = b bᵀ = diag(Σ_r/s), and s a b is the best rank-r approximation.
+  Unbalanced factors (a = U_r Σ_r/s, b = V_r^T) have the same product but fail the first check."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  rank = a.shape[1]
+  u, sigma, vt = np.linalg.svd(np.asarray(target, np.float64), full_matrices=False)
+  # Distinct singular values (U_r and V_r are then unique up to sign) and Σ_r/s far from 1
+  # (where √ would change nothing): otherwise the check could not see a wrong split.
+  assert np.all(-np.diff(sigma[:rank + 1]) > 1e-2 * sigma[0]) and np.all(np.abs(sigma[:rank] / scale - 1) > 0.1)
+  np.testing.assert_allclose(a.T @ a, np.diag(sigma[:rank] / scale), atol=1e-4 * sigma[0])
+  np.testing.assert_allclose(b @ b.T, np.diag(sigma[:rank] / scale), atol=1e-4 * sigma[0])
+  signs = np.sign(np.sum(a * u[:, :rank], axis=0))  # The SVD's sign per component.
+  np.testing.assert_allclose(a * signs, u[:, :rank] * np.sqrt(sigma[:rank] / scale), atol=1e-4)
+  np.testing.assert_allclose(b * signs[:, None], np.sqrt(sigma[:rank] / scale)[:, None] * vt[:rank], atol=1e-4)
+  np.testing.assert_allclose(scale * a @ b, (u[:, :rank] * sigma[:rank]) @ vt[:rank], atol=1e-4 * sigma[0])
+
+
+def test_flexlora_splits_the_singular_values_evenly_between_a_and_b():
+  """FlexLoRA hands clients a = U_r √(Σ_r/s), b = √(Σ_r/s) V_r^T (Bai et al.'s √Σ on each
+  side). The product alone cannot tell a split without the square root, but the clients'
+  next round starts from these factors, so every round after the first would differ."""
+  clients = _clients()
+  g, _, _ = aggregators.flexlora(SCALE).aggregate({}, _global(), clients, WEIGHTS)
+  _assert_balanced_split(g["lora"]["l"]["a"], g["lora"]["l"]["b"], _exact_update(clients), SCALE)
+
+
+def test_robust_products_split_their_statistic_evenly_between_a_and_b():
+  """`robust.rule` in product space re-factorizes its statistic as FlexLoRA does."""
+  clients = _clients()
+  g, _, _ = aggregators.robust_products("median", SCALE).aggregate({}, _global(), clients, WEIGHTS)
+  products = SCALE * np.einsum("cir,cro->cio", clients["lora"]["l"]["a"], clients["lora"]["l"]["b"])
+  _assert_balanced_split(g["lora"]["l"]["a"], g["lora"]["l"]["b"], np.median(products, axis=0), SCALE)
+
+
+def test_a_flexlora_round_starts_the_next_one_from_balanced_factors():
+  """A real round (5 -> 3 layer, rank 2): the new global factors, which the clients of the
+  next round start from, are the balanced split of Σ_k p_k s a_k b_k of the trained clients."""
+  from tests.test_method_formulas import IDS, WEIGHTS as ROUND_WEIGHTS, _round
+  scale = 1.0  # `_round`'s loss applies LoRA with s = 1.
+  fed, frozen, adapter, batches, seen = _round(aggregators.flexlora(scale))
+  new, _ = fed.step(fed.init(jax.random.key(1), adapter), frozen, batches, IDS, jnp.asarray(ROUND_WEIGHTS))
+  trained = seen[-1].client_params["lora"]["out"]
+  target = scale * np.einsum("c,cir,cro->io", ROUND_WEIGHTS, trained["a"], trained["b"])
+  _assert_balanced_split(new["global"]["lora"]["out"]["a"], new["global"]["lora"]["out"]["b"], target, scale)
+
+
 def test_lora_fair_lowers_its_objective():
   clients = _clients()
   mean = jax.tree.map(lambda x: jnp.tensordot(WEIGHTS, x, axes=1), clients)

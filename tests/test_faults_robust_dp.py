@@ -210,3 +210,103 @@ def test_a_clipped_plugin_learns_from_updates_clipped_from_each_clients_start():
                          client_starts=starts)
   clip_plugin_updates(plugin, 1.0).after_aggregation({}, outcome)
   np.testing.assert_allclose(seen[0]["w"], [[1.6, 1.8], [0.3, -0.4]], rtol=1e-6)  # (6, 8)/10 from (1, 1).
+
+
+# ------------------------------------------------------------------ clipping from each client's start
+# Where clients start from different points, an update is θ_k − θ⁰_k from *its* start, not from
+# the global model: FedSA-LoRA keeps each client's B (and a local head its head), pFedHN and
+# HyperLoRA add a generated offset. Clipping ‖θ_k − global‖ instead bounds the wrong vector and,
+# under DP-FedAvg, is the wrong sensitivity. These tests compare real rounds with
+# `robust.clip_norm` (clip_updates) and `dp.noise_multiplier` (DP-FedAvg, noise 0 so the mean is
+# visible) against the clipped means computed here from starts built independently of the round.
+
+CLIP = 0.05
+STORED_B = np.asarray(0.5 * jax.random.normal(jax.random.key(21), (4, R, D_OUT)), np.float32)
+OFFSETS = {"a": np.asarray(0.4 * jax.random.normal(jax.random.key(22), (4, D_IN, R)), np.float32),
+           "b": np.asarray(0.4 * jax.random.normal(jax.random.key(23), (4, R, D_OUT)), np.float32)}
+
+
+def _round_from_own_starts(aggregator, start):
+  """A round on `_round`'s one-layer model (5 -> 3, rank 2) whose clients start apart:
+  start="local_b" keeps B on the clients (FedSA-LoRA), with a different stored B per client;
+  start="offsets" adds a per-client offset to both factors (a generator plug-in, as pFedHN).
+  Returns (new state, the trained client params [C, ...], each client's start [C, ...] as
+  built here, the round's global params before the step, whether B is local)."""
+  from hyperlora_jax.federated import FederatedRound, Plugin
+  from tests.test_method_formulas import C, IDS, WEIGHTS, _round
+  fed, frozen, adapter, batches, _ = _round(aggregators.fedit())  # Its model, loss, batches.
+  seen = []
+  ids = np.asarray(IDS)
+  offsets = (lambda state, sig, client_ids: {"out": {k: jnp.asarray(v)[client_ids] for k, v in OFFSETS.items()}})
+  probe = Plugin("probe", init=lambda rng: {}, after_aggregation=lambda state, outcome: seen.append(outcome) or state,
+                 client_offsets=offsets if start == "offsets" else
+                 (lambda state, sig, client_ids: {"out": {"a": jnp.zeros((client_ids.shape[0], D_IN, R)),
+                                                          "b": jnp.zeros((client_ids.shape[0], R, D_OUT))}}))
+  fed = FederatedRound(fed.client_update, aggregator, num_clients=4, plugins=(probe,),
+                       local_leaves=r"lora/.*/b" if start == "local_b" else "")
+  state = fed.init(jax.random.key(1), adapter)
+  if start == "local_b":
+    state = state.replace(clients={"lora/out/b": jnp.asarray(STORED_B)})
+  new, _ = fed.step(state, frozen, batches, IDS, jnp.asarray(WEIGHTS))
+  g = jax.tree.map(np.asarray, adapter)
+  starts = {"lora": {"out": {"a": np.stack([g["lora"]["out"]["a"]] * C), "b": np.stack([g["lora"]["out"]["b"]] * C)}},
+            "head": {"w": np.stack([g["head"]["w"]] * C)}}
+  if start == "local_b":
+    starts["lora"]["out"]["b"] = STORED_B[ids]
+  else:
+    starts["lora"]["out"] = {k: starts["lora"]["out"][k] + OFFSETS[k][ids] for k in ("a", "b")}
+  trained = jax.tree.map(np.asarray, seen[-1].client_params)
+  return new, trained, starts, g, start == "local_b"
+
+
+def _clipped_oracle(trained, starts, max_norm):
+  """starts_k + min(1, c/‖u_k‖) u_k with u_k = trained_k − starts_k over all leaves; and ‖u_k‖."""
+  updates = jax.tree.map(np.subtract, trained, starts)
+  norms = np.sqrt(sum(np.sum(u.reshape(u.shape[0], -1).astype(np.float64) ** 2, axis=1)
+                      for u in jax.tree.leaves(updates)))
+  factor = np.minimum(1.0, max_norm / norms)
+  return jax.tree.map(lambda s, u: s + u * factor.reshape((-1,) + (1,) * (u.ndim - 1)), starts, updates), norms
+
+
+@pytest.mark.parametrize("start", ["local_b", "offsets"])
+@pytest.mark.parametrize("rule", ["clip_updates", "dp_fedavg"])
+def test_updates_are_clipped_from_each_clients_own_start(rule, start):
+  """Real settings: `robust.clip_norm` or DP-FedAvg with FedSA-LoRA (or a local head), and
+  clipping with a generator method. The mutant that clips θ_k − global misses by > 10%."""
+  from tests.test_method_formulas import C, WEIGHTS
+  aggregator = (aggregators.clip_updates(aggregators.fedit(), CLIP) if rule == "clip_updates"
+                else aggregators.dp_fedavg(clip_norm=CLIP, noise_multiplier=0.0))
+  new, trained, starts, global_params, b_is_local = _round_from_own_starts(aggregator, start)
+  weights = WEIGHTS if rule == "clip_updates" else np.full(C, 1.0 / C, np.float32)  # DP-FedAvg: uniform.
+  clipped, norms = _clipped_oracle(trained, starts, CLIP)
+  assert norms.min() > 2 * CLIP  # Every client's update is really clipped.
+  expected = jax.tree.map(lambda x: np.einsum("c,c...->...", weights, x), clipped)
+  if b_is_local:  # B never leaves the clients: the server's B stays.
+    expected["lora"]["out"]["b"] = global_params["lora"]["out"]["b"]
+  for got, want in zip(jax.tree.leaves(new["global"]), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  # The check can fail: the same clipping measured from the global model lands elsewhere.
+  from_global, _ = _clipped_oracle(trained, jax.tree.map(lambda x: np.broadcast_to(x, (C,) + x.shape),
+                                                         global_params), CLIP)
+  wrong = np.einsum("c,cir->ir", weights, from_global["lora"]["out"]["a"]) - global_params["lora"]["out"]["a"]
+  right = expected["lora"]["out"]["a"] - global_params["lora"]["out"]["a"]
+  assert np.linalg.norm(wrong - right) > 0.1 * np.linalg.norm(right)
+
+
+def test_clip_updates_and_dp_fedavg_read_the_starts_from_the_context():
+  """The aggregators alone: given `AggregationContext.client_starts`, the clipped (weighted /
+  uniform) mean is from those starts; without one, from the global params."""
+  from hyperlora_jax.aggregators.base import AggregationContext
+  rng = np.random.default_rng(5)
+  global_params = {"w": rng.normal(size=(4, 3)).astype(np.float32)}
+  starts = {"w": global_params["w"] + rng.normal(size=(3, 4, 3)).astype(np.float32)}
+  trained = {"w": starts["w"] + rng.normal(size=(3, 4, 3)).astype(np.float32)}
+  weights = np.array([0.6, 0.4, 0.0], np.float32)  # Client 2 is absent.
+  for aggregator, mean_weights in ((aggregators.clip_updates(aggregators.fedit(), 0.5), weights),
+                                   (aggregators.dp_fedavg(0.5, 0.0), np.array([0.5, 0.5, 0.0], np.float32))):
+    state = aggregator.init(global_params, jax.random.key(0))
+    for context, from_ in ((AggregationContext(client_starts=starts), starts),
+                           (None, {"w": np.broadcast_to(global_params["w"], (3, 4, 3))})):
+      got, _, _ = aggregator.aggregate(state, global_params, trained, jnp.asarray(weights), context)
+      clipped, _ = _clipped_oracle(trained, from_, 0.5)
+      np.testing.assert_allclose(got["w"], np.einsum("c,cij->ij", mean_weights, clipped["w"]), rtol=1e-5, atol=1e-6)
