@@ -164,6 +164,9 @@ def with_checkpoint_architecture(config: ml_collections.ConfigDict,
     name, arch = hf_lib.architecture(hf_lib.read_config(directory))
   except load_lib.CheckpointError as e:  # Before validation, which would name the field too.
     raise load_lib.CheckpointError(f"pretrain.checkpoint: {e}") from None
+  if name not in models.MODELS:
+    raise load_lib.CheckpointError(f"pretrain.checkpoint: {directory} holds a decoder language model ({name}); "
+                                   f"image runs take vit or clip checkpoints")
   kept = {k: v for k, v in config.model.items() if k != "name" and k in models.arch_fields(name) and k not in arch}
   model = {"name": name, **kept, **arch}
   if model == config.model.to_dict():

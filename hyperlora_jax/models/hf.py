@@ -6,9 +6,13 @@
     save_peft(directory, adapter, alpha=8.0, module_name=hf.module_namer(name))  # attaches in transformers 5
     ids = hf.Tokenizer.from_directory(directory)(texts, max_len)  # CLIP's BPE, from tokenizer.json
 
+    model, variables, dropped = hf.load_causal_lm(directory)   # a Llama / Mistral / Qwen2 decoder
+
 Supported (`SUPPORTED`): `ViTModel` and `ViTForImageClassification` (model_type "vit") as
-`models.vit.ViT`, and `CLIPModel` (model_type "clip": both towers, projections, logit scale)
-as `models.clip.CLIP`, in `model.safetensors` or sharded as `model.safetensors.index.json`.
+`models.vit.ViT`, `CLIPModel` (model_type "clip": both towers, projections, logit scale)
+as `models.clip.CLIP`, and Llama-family decoders (model_type "llama", "mistral", "qwen2";
+*ForCausalLM or the bare model) as `models.llama.DecoderLM` (module names as transformers',
+`decoder_module_name`), in `model.safetensors` or sharded as `model.safetensors.index.json`.
 The architecture (sizes, GELU variant, LayerNorm eps; for CLIP the causal text tower pooled at
 end-of-text, the LayerNorm before the image encoder, no patch bias) comes from config.json.
 
@@ -36,7 +40,8 @@ from hyperlora_jax.models.load import CheckpointError
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-SUPPORTED = ("vit (ViTModel, ViTForImageClassification)", "clip (CLIPModel)")
+SUPPORTED = ("vit (ViTModel, ViTForImageClassification)", "clip (CLIPModel)",
+             "llama, mistral, qwen2 (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM; or their bare models)")
 TOKENIZER_FILE = "tokenizer.json"
 # Hugging Face hidden_act -> `models.vit.gelu` variant.
 GELU_OF_HIDDEN_ACT = {"gelu": "exact", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh",
@@ -138,7 +143,74 @@ def clip_arch(config: dict) -> dict[str, Any]:
           "eot_id": -1 if eos == 2 else eos}
 
 
-ARCHITECTURES = {"vit": vit_arch, "clip": clip_arch}
+# transformers' defaults per decoder family, for fields a config.json leaves out.
+_DECODER_DEFAULTS = {
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu",
+              "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False},
+    "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+                "hidden_act": "silu", "tie_word_embeddings": False, "sliding_window": 4096},
+    "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu",
+              "tie_word_embeddings": False, "use_sliding_window": False},
+}
+DECODER_TYPES = tuple(_DECODER_DEFAULTS)
+
+
+def _rope(config: dict) -> tuple[float, tuple]:
+  """(rope_theta, rope_scaling pairs) of a config: transformers 5's `rope_parameters`, or 4.x's
+  `rope_theta` and `rope_scaling`."""
+  parameters = dict(config.get("rope_parameters") or {})
+  if not parameters:
+    parameters = {**(config.get("rope_scaling") or {}), "rope_theta": config["rope_theta"]}
+  theta = float(parameters.pop("rope_theta", config.get("rope_theta", 10000.0)))
+  kind = parameters.get("rope_type", parameters.get("type", "default"))
+  from hyperlora_jax.models.llama import ROPE_TYPES
+  if kind not in ROPE_TYPES:
+    raise CheckpointError(f"config.json rope type {kind!r}; supported: {ROPE_TYPES}")
+  if kind == "default":
+    return theta, ()
+  keep = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                            "original_max_position_embeddings")}[kind]
+  missing = [k for k in keep if k not in parameters]
+  if missing:
+    raise CheckpointError(f"config.json rope scaling {kind!r} lacks {missing}")
+  return theta, (("rope_type", kind),) + tuple(sorted((k, float(parameters[k])) for k in keep))
+
+
+def decoder_arch(config: dict) -> dict[str, Any]:
+  """`models.llama.DecoderLM` fields of a Llama / Mistral / Qwen2 config.json (raises for what
+  it cannot run: another activation, partial rotary, Qwen2's per-layer sliding window)."""
+  model_type = config.get("model_type")
+  if model_type not in _DECODER_DEFAULTS:
+    raise CheckpointError(f"model_type {model_type!r} is not a Llama-family decoder; supported: {', '.join(SUPPORTED)}")
+  config = {**_DECODER_DEFAULTS[model_type], **{k: v for k, v in config.items() if v is not None}}
+  if config["hidden_act"] != "silu":
+    raise CheckpointError(f"config.json hidden_act={config['hidden_act']!r}; supported: 'silu' (SwiGLU)")
+  if config.get("partial_rotary_factor", 1.0) != 1.0:
+    raise CheckpointError("config.json partial_rotary_factor != 1 is not supported")
+  heads = int(config["num_attention_heads"])
+  theta, scaling = _rope(config)
+  window = None
+  if model_type == "mistral":
+    window = config.get("sliding_window")
+  elif model_type == "qwen2" and config.get("use_sliding_window"):
+    raise CheckpointError("config.json use_sliding_window=True (Qwen2's per-layer window) is not supported")
+  qkv_bias = bool(config.get("attention_bias", False)) or model_type == "qwen2"
+  return {"vocab_size": int(config["vocab_size"]), "width": int(config["hidden_size"]),
+          "depth": int(config["num_hidden_layers"]), "num_heads": heads,
+          "num_kv_heads": int(config.get("num_key_value_heads", heads)),
+          "head_dim": int(config.get("head_dim") or int(config["hidden_size"]) // heads),
+          "mlp_dim": int(config["intermediate_size"]), "rms_norm_eps": float(config["rms_norm_eps"]),
+          "rope_theta": theta, "rope_scaling": scaling, "tie_embeddings": bool(config["tie_word_embeddings"]),
+          "qkv_bias": qkv_bias, "out_bias": bool(config.get("attention_bias", False)),
+          "mlp_bias": bool(config.get("mlp_bias", False)), "sliding_window": None if window is None else int(window)}
+
+
+ARCHITECTURES = {"vit": vit_arch, "clip": clip_arch, **{t: decoder_arch for t in DECODER_TYPES}}
+# model_type -> the project's model name (`read_checkpoint`'s first value).
+MODEL_NAMES = {"vit": "vit", "clip": "clip", **{t: "llama" for t in DECODER_TYPES}}
 
 
 def image_size(config: dict) -> int:
@@ -153,7 +225,7 @@ def architecture(config: dict) -> tuple[str, dict[str, Any]]:
   model_type = config.get("model_type")
   if model_type not in ARCHITECTURES:
     raise CheckpointError(f"model_type {model_type!r} is not supported here; supported: {', '.join(SUPPORTED)}")
-  return model_type, ARCHITECTURES[model_type](config)
+  return MODEL_NAMES[model_type], ARCHITECTURES[model_type](config)
 
 
 def read_checkpoint(directory: str) -> tuple[str, dict[str, Any], dict[str, np.ndarray], dict[str, str]]:
@@ -265,14 +337,51 @@ def _clip_source(name: str) -> tuple[str, str]:
   return (name, "same") if hf is None else _leaf_source(hf, module, leaf)
 
 
+_DECODER_BLOCK = {"attn/query": "self_attn.q_proj", "attn/key": "self_attn.k_proj", "attn/value": "self_attn.v_proj",
+                  "attn/out": "self_attn.o_proj", "mlp/gate": "mlp.gate_proj", "mlp/up": "mlp.up_proj",
+                  "mlp/down": "mlp.down_proj", "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+# Buffers older checkpoints saved, and heads a tied model does not use.
+_DECODER_DROPPED = ("rotary_emb.inv_freq",)
+
+
+def decoder_module_name(path: str, prefix: str = "model.") -> str | None:
+  """The Hugging Face module name of our `DecoderLM` module `path` ("block_0/attn/query" ->
+  "model.layers.0.self_attn.q_proj"; "lm_head" -> "lm_head"; the same in transformers 4 and 5),
+  `prefix` "model." for *ForCausalLM, "" for the bare model; None for a path with no counterpart."""
+  m = re.fullmatch(r"block_(\d+)/(attn/\w+|mlp/\w+|attn_norm|mlp_norm)", path)
+  if m and m.group(2) in _DECODER_BLOCK:
+    return f"{prefix}layers.{m.group(1)}.{_DECODER_BLOCK[m.group(2)]}"
+  return {"embed": f"{prefix}embed_tokens", "norm": f"{prefix}norm", "lm_head": "lm_head"}.get(path)
+
+
+def _decoder_source(name: str, prefix: str) -> tuple[str, str]:
+  module, leaf = name.rsplit("/", 1)
+  hf = decoder_module_name(module, prefix)
+  return (name, "same") if hf is None else _leaf_source(hf, module, leaf)
+
+
+def decoder_params(tensors: dict[str, np.ndarray], abstract_params: Any,
+                   origin: dict[str, str] | None = None) -> tuple[dict, list[str]]:
+  """HF Llama / Mistral / Qwen2 tensors -> (params shaped like `abstract_params`, float32 NumPy;
+  the names of the tensors not loaded: rotary buffers, and `lm_head.weight` of a tied model that
+  saved it). Raises CheckpointError as `vit_params`."""
+  prefix = "model." if any(k.startswith("model.") for k in tensors) else ""
+  tied = "lm_head" not in abstract_params
+  dropped = tuple(k for k in tensors if k.endswith(_DECODER_DROPPED) or (tied and k == "lm_head.weight"))
+  return _load(tensors, abstract_params, lambda name: _decoder_source(name, prefix), dropped, "decoder", origin)
+
+
 def module_namer(model_name: str, *, prefix: str = "", transformers_version: int = 5) -> Callable[[str], str | None]:
   """Flax path -> Hugging Face module name for `model_name` ("vit": `vit_module_name` with these
-  arguments; "clip": `clip_module_name`): the `module_name` of `peft.save_peft` / `load_peft`."""
+  arguments; "clip": `clip_module_name`; "llama": `decoder_module_name`, prefix "model." unless
+  given): the `module_name` of `peft.save_peft` / `load_peft`."""
   if model_name == "clip":
     return clip_module_name
+  if model_name == "llama":
+    return lambda path: decoder_module_name(path, prefix or "model.")
   if model_name == "vit":
     return vit_module_namer(prefix, transformers_version)
-  raise ValueError(f"model {model_name!r}: Hugging Face module names are known for 'vit' and 'clip'")
+  raise ValueError(f"model {model_name!r}: Hugging Face module names are known for 'vit', 'clip' and 'llama'")
 
 
 def _convert(array: np.ndarray, conversion: str, shape: tuple) -> np.ndarray:
@@ -339,10 +448,32 @@ def clip_params(tensors: dict[str, np.ndarray], abstract_params: Any,
 
 def load_params(model_name: str, tensors: dict[str, np.ndarray], abstract_params: Any,
                 origin: dict[str, str] | None = None) -> tuple[dict, list[str]]:
-  """`vit_params` or `clip_params`, by `model_name` (`read_checkpoint`'s)."""
-  if model_name not in ARCHITECTURES:
+  """`vit_params`, `clip_params` or `decoder_params`, by `model_name` (`read_checkpoint`'s)."""
+  loaders = {"vit": vit_params, "clip": clip_params, "llama": decoder_params}
+  if model_name not in loaders:
     raise CheckpointError(f"model {model_name!r}: Hugging Face loading supports {', '.join(SUPPORTED)}")
-  return (vit_params if model_name == "vit" else clip_params)(tensors, abstract_params, origin)
+  return loaders[model_name](tensors, abstract_params, origin)
+
+
+def load_causal_lm(directory: str, dtype: Any = None, **overrides) -> tuple[Any, dict, list[str]]:
+  """(`models.llama.DecoderLM` of the checkpoint's architecture, its variables {"params": ...},
+  the names of tensors not loaded) from a Llama / Mistral / Qwen2 checkpoint directory.
+
+  dtype: the weights' and activations' dtype (None: float32; e.g. jnp.bfloat16 on accelerators,
+  RMSNorm and softmax still in float32). overrides: `DecoderLM` fields to set (e.g. remat=True).
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from hyperlora_jax.models.llama import DecoderLM
+  name, arch, tensors, origin = read_checkpoint(directory)
+  if name != "llama":
+    raise CheckpointError(f"{directory}: a {name} checkpoint, not a decoder language model")
+  model = DecoderLM(**{**arch, **overrides, **({"dtype": dtype} if dtype is not None else {})})
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+  params, dropped = decoder_params(tensors, abstract, origin)
+  cast = jnp.float32 if dtype is None else dtype
+  return model, {"params": jax.tree.map(lambda x: jnp.asarray(x, cast), params)}, dropped
 
 
 def image_normalization(directory: str) -> tuple[list[float], list[float]] | None:
@@ -384,21 +515,64 @@ def clip_bpe_tokenizer(vocab_file: str, merges_file: str):
   return tokenizer
 
 
+def _special_token(value) -> str | None:
+  """A tokenizer_config.json special token: a string, or {"content": ...} in older files."""
+  return value.get("content") if isinstance(value, dict) else value
+
+
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = False,
+                         **special_tokens) -> str:
+  """A checkpoint's Jinja chat template rendered as transformers' `apply_chat_template` renders
+  it (a sandbox with trim_blocks, lstrip_blocks and loop controls; `raise_exception`,
+  `strftime_now` and a `tojson` filter; `bos_token`, `eos_token`, ... as variables)."""
+  import datetime
+
+  import jinja2
+  from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+  def raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+  env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+      x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+  env.globals["raise_exception"] = raise_exception
+  env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+  return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                          **special_tokens)
+
+
 class Tokenizer:
   """A checkpoint's tokenizer (its `tokenizer.json`, read by the `tokenizers` library, no
   transformers): `tokenizer(texts, max_len)` -> int32 [len(texts), max_len], with the special
-  tokens its post-processor adds (CLIP: start and end of text), truncated to `max_len` (the
-  end-of-text kept) and padded with `pad_id`.
+  tokens its post-processor adds (CLIP: start and end of text; Llama 3: begin of text),
+  truncated to `max_len` (the special tokens kept) and padded with `pad_id`.
+
+  `encode` / `decode` work on one text; `bos_id` / `eos_id` are tokenizer_config.json's tokens
+  (None where it names none); `apply_chat_template` renders the checkpoint's chat template
+  (chat_template.jinja, or tokenizer_config.json's `chat_template`).
   """
 
-  def __init__(self, tokenizer, pad_id: int):
+  def __init__(self, tokenizer, pad_id: int, special_tokens: dict | None = None, chat_template: str | None = None):
     self._tokenizer = tokenizer
     self.pad_id = pad_id
+    self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v}  # {"bos_token": "<s>", ...}
+    self.chat_template = chat_template
+    self.bos_id = self._id(self.special_tokens.get("bos_token"))
+    self.eos_id = self._id(self.special_tokens.get("eos_token"))
+
+  def _id(self, token: str | None) -> int | None:
+    return None if token is None else self._tokenizer.token_to_id(token)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
   @classmethod
   def from_directory(cls, directory: str, pad_token: str | None = None) -> "Tokenizer":
     """The tokenizer of `directory`; pads with `pad_token`, else tokenizer_config.json's
-    `pad_token`, else the end-of-text token (OpenAI CLIP's padding)."""
+    `pad_token`, else its `eos_token` (Llama checkpoints name no pad token), else the
+    end-of-text token (OpenAI CLIP's padding)."""
     import tokenizers
     path = os.path.join(directory, TOKENIZER_FILE)
     if os.path.isfile(path):
@@ -411,16 +585,23 @@ class Tokenizer:
     else:
       raise CheckpointError(f"{directory}: no {TOKENIZER_FILE}, nor CLIP's vocab.json and merges.txt")
     config_path = os.path.join(directory, "tokenizer_config.json")
-    if pad_token is None and os.path.isfile(config_path):
+    config = {}
+    if os.path.isfile(config_path):
       with open(config_path) as f:
-        pad_token = json.load(f).get("pad_token")
-      if isinstance(pad_token, dict):  # Older files: {"content": "<|endoftext|>", ...}.
-        pad_token = pad_token.get("content")
-    pad_token = pad_token or "<|endoftext|>"
+        config = json.load(f)
+    special = {k: _special_token(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    pad_token = pad_token or special["pad_token"] or special["eos_token"] or "<|endoftext|>"
     pad_id = tokenizer.token_to_id(pad_token)
     if pad_id is None:
       raise CheckpointError(f"{path}: no pad token {pad_token!r} in the vocabulary")
-    return cls(tokenizer, pad_id)
+    template_path = os.path.join(directory, "chat_template.jinja")  # transformers 5 writes it apart.
+    template = config.get("chat_template")
+    if os.path.isfile(template_path):
+      with open(template_path, encoding="utf-8") as f:
+        template = f.read()
+    if isinstance(template, list):  # Named templates: [{"name": "default", "template": ...}, ...].
+      template = {t["name"]: t["template"] for t in template}.get("default")
+    return cls(tokenizer, pad_id, special, template)
 
   def __call__(self, texts, max_len: int) -> np.ndarray:
     self._tokenizer.enable_truncation(max_len)
@@ -429,3 +610,21 @@ class Tokenizer:
     for i, encoding in enumerate(self._tokenizer.encode_batch(list(texts))):
       out[i, :len(encoding.ids)] = encoding.ids
     return out
+
+  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    """The ids of one text, untruncated (with the post-processor's special tokens unless
+    `add_special_tokens=False`)."""
+    self._tokenizer.no_truncation()
+    return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+  def decode(self, ids, skip_special_tokens: bool = True) -> str:
+    return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+  def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The chat template's text for `messages` [{"role", "content"}, ...] (transformers'
+    `apply_chat_template(..., tokenize=False)`); tokenize it with `encode(text, False)`, as the
+    template writes its own begin-of-text."""
+    if self.chat_template is None:
+      raise ValueError("this tokenizer has no chat template (chat_template.jinja or tokenizer_config.json's "
+                       "chat_template); use a prompt template instead (hyperlora_jax.text)")
+    return render_chat_template(self.chat_template, messages, add_generation_prompt, **self.special_tokens)

@@ -1,0 +1,304 @@
+"""A Llama-family decoder language model in Flax Linen (Llama 2/3, Mistral, Qwen2/2.5, TinyLlama).
+
+The architecture as those checkpoints define it (and transformers' `LlamaForCausalLM`,
+`MistralForCausalLM`, `Qwen2ForCausalLM` compute it): token embedding; `depth` pre-norm blocks of
+RMSNorm -> grouped-query self-attention with rotary position embeddings -> residual, RMSNorm ->
+SwiGLU MLP (down(silu(gate(x)) * up(x))) -> residual; a final RMSNorm; an LM head, or the
+embedding table itself when tied. Attention biases on query/key/value (Qwen2: `qkv_bias`) and on
+every projection (Llama's `attention_bias`), a sliding window (Mistral) and rotary scaling
+("linear", "llama3") are options; `models.hf.read_checkpoint` sets them from config.json.
+
+Module paths (what LoRA's `target_regex` matches; the default `.*attn/(query|value)` adapts q and
+v, FedIT's choice):
+  embed                                           token embedding (nn.Embed; the tied LM head)
+  block_{i}/attn/{query,key,value,out}            attention projections (nn.Dense)
+  block_{i}/mlp/{gate,up,down}                    SwiGLU MLP (nn.Dense)
+  block_{i}/{attn_norm,mlp_norm}, norm            RMSNorms
+  lm_head                                         untied LM head (nn.Dense, no bias)
+
+Shapes: B sequences of T tokens; `input_ids` int [B, T]; `attention_mask` [B, T] (1 = a real
+token, 0 = padding; padded keys are never attended); logits float32 [B, T, vocab]. Positions
+default to each sequence's count of real tokens before it (0, 1, ... after any left padding),
+as transformers' `generate` computes them. The model knows nothing of federation or LoRA.
+
+`generate` is greedy decoding with a key/value cache: one prefill of the (left-padded) prompts,
+then one token per step inside `jax.lax.scan`, so a whole generation is one compiled function.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ROPE_TYPES = ("default", "linear", "llama3")
+Cache = dict  # {"k": [depth, B, S, kv_heads, head_dim], "v": same, "mask": [B, S], "index": int32 []}
+
+
+class RMSNorm(nn.Module):
+  """x / sqrt(mean(x²) + eps) * scale, computed in float32 (transformers' LlamaRMSNorm)."""
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """x: [..., D] -> [..., D], in x's dtype."""
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    h = x.astype(jnp.float32)
+    h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+    return (scale.astype(x.dtype) * h.astype(x.dtype))
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: tuple = ()) -> jnp.ndarray:
+  """The rotary inverse frequencies [head_dim // 2]: theta^(-2i/head_dim), scaled by `scaling`
+  ((key, value) pairs of config.json's rope_scaling): "linear" divides every frequency by
+  `factor`; "llama3" divides the low frequencies by `factor`, keeps the high ones and blends
+  between (Llama 3.1's `_compute_llama3_parameters`)."""
+  inv = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  options = dict(scaling)
+  kind = options.get("rope_type", options.get("type", "default"))
+  if kind not in ROPE_TYPES:
+    raise ValueError(f"rope_scaling type {kind!r}; supported: {ROPE_TYPES}")
+  if kind == "linear":
+    return inv / options["factor"]
+  if kind == "llama3":
+    factor, low, high = options["factor"], options["low_freq_factor"], options["high_freq_factor"]
+    old_context = options["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv
+    scaled = jnp.where(wavelength > old_context / low, inv / factor, inv)
+    smooth = (old_context / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelength >= old_context / high) & (wavelength <= old_context / low)
+    return jnp.where(medium, blended, scaled)
+  return inv
+
+
+def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: jnp.ndarray) -> jnp.ndarray:
+  """Rotates x [B, T, heads, head_dim] by positions [B, T] with the half-split layout of
+  transformers' `rotate_half` (dimension i pairs with i + head_dim/2), in float32."""
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, head_dim/2]
+  cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]
+  sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :]
+  h = x.astype(jnp.float32)
+  half = h.shape[-1] // 2
+  rotated = jnp.concatenate([-h[..., half:], h[..., :half]], axis=-1)
+  return (h * cos + rotated * sin).astype(x.dtype)
+
+
+def attention_mask_for(query_slots: jnp.ndarray, key_slots: jnp.ndarray, key_mask: jnp.ndarray,
+                       sliding_window: int | None) -> jnp.ndarray:
+  """bool [B, 1, Tq, S]: query slot i sees key slot j iff j <= i, the key is a real token and
+  (with a sliding window w) i - j < w. query_slots [Tq], key_slots [S], key_mask [B, S]."""
+  allowed = key_slots[None, :] <= query_slots[:, None]
+  if sliding_window:
+    allowed &= query_slots[:, None] - key_slots[None, :] < sliding_window
+  return allowed[None, None] & key_mask[:, None, None, :].astype(bool)
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention: `num_heads` query heads share `num_kv_heads` key/value heads."""
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  qkv_bias: bool = False
+  out_bias: bool = False
+  sliding_window: int | None = None
+
+  @nn.compact
+  def __call__(self, x, positions, inv_freq, query_slots, key_mask, cache=None):
+    """x [B, T, D], positions [B, T]; query_slots [T] (the tokens' slots in the key sequence);
+    key_mask [B, S]; cache: this layer's (k, v) [B, S, kv_heads, head_dim] or None (S = T).
+    -> ([B, T, D], the updated (k, v) or None)."""
+    batch, tokens, width = x.shape
+    dense = lambda features, bias, name: nn.Dense(features, use_bias=bias, name=name)
+    q = dense(self.num_heads * self.head_dim, self.qkv_bias, "query")(x)
+    k = dense(self.num_kv_heads * self.head_dim, self.qkv_bias, "key")(x)
+    v = dense(self.num_kv_heads * self.head_dim, self.qkv_bias, "value")(x)
+    q = apply_rope(q.reshape(batch, tokens, self.num_heads, self.head_dim), positions, inv_freq)
+    k = apply_rope(k.reshape(batch, tokens, self.num_kv_heads, self.head_dim), positions, inv_freq)
+    v = v.reshape(batch, tokens, self.num_kv_heads, self.head_dim)
+    if cache is not None:  # Write this call's keys and values at their slots.
+      k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), query_slots[0], axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), query_slots[0], axis=1)
+    key_slots = jnp.arange(k.shape[1])
+    mask = attention_mask_for(query_slots, key_slots, key_mask, self.sliding_window)
+    groups = self.num_heads // self.num_kv_heads
+    q = q.reshape(batch, tokens, self.num_kv_heads, groups, self.head_dim)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32) / math.sqrt(self.head_dim)
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
+    attended = jnp.einsum("bkgts,bskd->btkgd", weights, v.astype(x.dtype))
+    out = dense(width, self.out_bias, "out")(attended.reshape(batch, tokens, self.num_heads * self.head_dim))
+    return out, (None if cache is None else (k, v))
+
+
+class SwiGLU(nn.Module):
+  hidden: int
+  bias: bool = False
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """x: [..., D] -> down(silu(gate(x)) * up(x)): [..., D]."""
+    gate = nn.Dense(self.hidden, use_bias=self.bias, name="gate")(x)
+    up = nn.Dense(self.hidden, use_bias=self.bias, name="up")(x)
+    return nn.Dense(x.shape[-1], use_bias=self.bias, name="down")(nn.silu(gate) * up)
+
+
+class DecoderBlock(nn.Module):
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rms_norm_eps: float
+  qkv_bias: bool = False
+  out_bias: bool = False
+  mlp_bias: bool = False
+  sliding_window: int | None = None
+
+  @nn.compact
+  def __call__(self, x, positions, inv_freq, query_slots, key_mask, cache=None):
+    """x [B, T, D] -> ([B, T, D], updated cache or None); arguments as `Attention`'s."""
+    attended, cache = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.qkv_bias, self.out_bias,
+                                self.sliding_window, name="attn")(
+        RMSNorm(self.rms_norm_eps, name="attn_norm")(x), positions, inv_freq, query_slots, key_mask, cache)
+    x = x + attended
+    x = x + SwiGLU(self.mlp_dim, self.mlp_bias, name="mlp")(RMSNorm(self.rms_norm_eps, name="mlp_norm")(x))
+    return x, cache
+
+
+class DecoderLM(nn.Module):
+  """A Llama-family causal language model.
+
+  Attributes:
+    vocab_size: the token table's rows.
+    width: the hidden size D (4096 for Llama-2-7B).
+    depth: decoder blocks.
+    num_heads: query heads.
+    num_kv_heads: key/value heads (grouped-query attention; 0: num_heads).
+    head_dim: per-head width (0: width // num_heads).
+    mlp_dim: the SwiGLU hidden width.
+    rms_norm_eps: every RMSNorm's epsilon.
+    rope_theta: the rotary base.
+    rope_scaling: config.json's rope_scaling as sorted (key, value) pairs; () for none.
+    tie_embeddings: the LM head is the embedding table (logits = h @ embedᵀ).
+    qkv_bias: biases on query/key/value (Qwen2).
+    out_bias: a bias on the attention output (Llama's attention_bias sets both).
+    mlp_bias: biases in the MLP (Llama's mlp_bias).
+    sliding_window: each token attends to at most this many tokens (itself included; Mistral);
+      None: all before it.
+    remat: recompute each block's activations in the backward pass (less memory).
+    dtype: the activations' dtype (e.g. bfloat16 with bfloat16 weights); logits are float32.
+  """
+  vocab_size: int = 256
+  width: int = 64
+  depth: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 0
+  head_dim: int = 0
+  mlp_dim: int = 172
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_scaling: tuple = ()
+  tie_embeddings: bool = False
+  qkv_bias: bool = False
+  out_bias: bool = False
+  mlp_bias: bool = False
+  sliding_window: int | None = None
+  remat: bool = False
+  dtype: Any = jnp.float32
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def head_width(self) -> int:
+    return self.head_dim or self.width // self.num_heads
+
+  def init_cache(self, batch: int, length: int, dtype: Any = None) -> Cache:
+    """An empty cache for `batch` sequences of up to `length` tokens (prompt + generated)."""
+    shape = (self.depth, batch, length, self.kv_heads, self.head_width)
+    return {"k": jnp.zeros(shape, dtype or self.dtype), "v": jnp.zeros(shape, dtype or self.dtype),
+            "mask": jnp.zeros((batch, length), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+
+  @nn.compact
+  def __call__(self, input_ids: jnp.ndarray, attention_mask: jnp.ndarray | None = None,
+               positions: jnp.ndarray | None = None, cache: Cache | None = None,
+               return_hidden: bool = False):
+    """input_ids int [B, T] -> logits float32 [B, T, vocab] (`return_hidden`: the final
+    RMSNorm's output [B, T, D] instead).
+
+    attention_mask [B, T]: 1 for real tokens (default all). positions [B, T]: default the count
+    of real tokens before each one (with a cache: continuing from the cached ones). With `cache`
+    (`init_cache`), the tokens go at slots cache["index"]... and attend to every cached real
+    token; returns (logits, the updated cache).
+    """
+    if self.num_heads % self.kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.kv_heads}")
+    batch, tokens = input_ids.shape
+    mask = jnp.ones((batch, tokens), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+    if cache is None:
+      query_slots, key_mask, offset = jnp.arange(tokens), mask, 0
+    else:
+      query_slots = cache["index"] + jnp.arange(tokens)
+      key_mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], mask, cache["index"], axis=1)
+      offset = jnp.sum(cache["mask"], axis=1, keepdims=True)
+    if positions is None:
+      positions = offset + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    embed = nn.Embed(self.vocab_size, self.width, name="embed")
+    x = embed(input_ids).astype(self.dtype)
+    inv_freq = rope_frequencies(self.head_width, self.rope_theta, self.rope_scaling)
+    block = nn.remat(DecoderBlock) if self.remat else DecoderBlock
+    new_k, new_v = [], []
+    for i in range(self.depth):
+      layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
+      x, layer_cache = block(self.num_heads, self.kv_heads, self.head_width, self.mlp_dim, self.rms_norm_eps,
+                             self.qkv_bias, self.out_bias, self.mlp_bias, self.sliding_window,
+                             name=f"block_{i}")(x, positions, inv_freq, query_slots, key_mask, layer_cache)
+      if layer_cache is not None:
+        new_k.append(layer_cache[0])
+        new_v.append(layer_cache[1])
+    hidden = RMSNorm(self.rms_norm_eps, name="norm")(x)
+    if return_hidden:
+      out = hidden
+    elif self.tie_embeddings:
+      out = embed.attend(hidden.astype(jnp.float32)).astype(jnp.float32)
+    else:
+      out = nn.Dense(self.vocab_size, use_bias=False, name="lm_head")(hidden).astype(jnp.float32)
+    if cache is None:
+      return out
+    return out, {"k": jnp.stack(new_k), "v": jnp.stack(new_v), "mask": key_mask, "index": cache["index"] + tokens}
+
+
+def generate(apply_fn: Callable[..., Any], model: DecoderLM, prompt_ids: jnp.ndarray, prompt_mask: jnp.ndarray,
+             max_new_tokens: int, eos_id: int | None = None, pad_id: int = 0) -> jnp.ndarray:
+  """Greedy decoding with a key/value cache.
+
+  Args:
+    apply_fn: (input_ids, attention_mask, cache) -> (logits, cache): the model applied to its
+      variables, e.g. `lambda *a: model.apply(variables, *a)` or, with a LoRA adapter,
+      `lambda *a: lora.apply(model, variables, adapter, *a, scale=s)`.
+    prompt_ids: int [B, P], left-padded (each prompt's tokens at the end).
+    prompt_mask: [B, P], 1 for the prompts' tokens.
+    max_new_tokens: N, the tokens generated per prompt.
+    eos_id: after a sequence emits it, the rest of its tokens are `pad_id`.
+
+  Returns:
+    int32 [B, N]: the generated tokens (as transformers' `generate(do_sample=False)`).
+  """
+  batch, length = prompt_ids.shape
+  cache = model.init_cache(batch, length + max_new_tokens)
+  logits, cache = apply_fn(prompt_ids, prompt_mask, cache)
+  first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+
+  def step(carry, _):
+    token, done, cache = carry
+    logits, cache = apply_fn(token[:, None], jnp.ones((batch, 1), jnp.int32), cache)
+    emitted = jnp.where(done, pad_id, token)
+    done = done | (token == eos_id) if eos_id is not None else done
+    return (jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), done, cache), emitted
+
+  (last, done, _), tokens = jax.lax.scan(step, (first, jnp.zeros((batch,), bool), cache), None,
+                                         length=max_new_tokens - 1)
+  return jnp.concatenate([tokens, jnp.where(done, pad_id, last)[None]], axis=0).T
