@@ -19,6 +19,7 @@ from hyperlora_jax import lora as lora_lib
 from hyperlora_jax import primitives
 from hyperlora_jax.client import ClientUpdate, masked_mean
 from hyperlora_jax.federated import NEW_CLIENT, FederatedRound, round_update_mask
+from hyperlora_jax.tasks.common import apply_base_delta, backbone_dtype, frozen_tree  # noqa: F401 (their home was here)
 
 
 def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
@@ -29,28 +30,6 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) 
 def masked_correct(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
   """Number of correct unmasked predictions (scalar float)."""
   return jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
-
-
-def frozen_tree(backbone: Any, base_delta: dict | None = None, dtype: Any = None) -> dict:
-  """The task's frozen pytree: {"variables": backbone, "base_delta": ...}, the backbone's
-  floating-point weights cast to `dtype` (None: as they are), e.g. bfloat16 to run the
-  frozen backbone in bf16 (with `ImageClassification(compute_dtype=jnp.bfloat16)`)."""
-  if dtype is not None:
-    cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-    backbone = jax.tree.map(cast, backbone)
-  return {"variables": backbone, "base_delta": base_delta or {}}
-
-
-def backbone_dtype(name: str, backend: str | None = None) -> Any:
-  """'float32' | 'bfloat16' | 'auto' (bfloat16 on GPU and TPU, float32 on CPU) -> a dtype."""
-  if name == "auto":
-    name = "bfloat16" if (backend or jax.default_backend()) in ("gpu", "tpu", "cuda", "rocm") else "float32"
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-
-
-def apply_base_delta(frozen: dict, base_delta: dict) -> dict:
-  """The round's `apply_base_delta`: the server's full-rank residuals, applied factored."""
-  return {**frozen, "base_delta": base_delta}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,99 @@
+"""Instruction tuning of a frozen decoder language model: one task built on the library.
+
+The trainable pytree is `{"lora": adapter}`; the frozen pytree is `{"variables": backbone
+variables, "base_delta": {layer: [d_in, d_out]}}` (`tasks.common.frozen_tree`, as the image
+task's, so every method runs unchanged); a batch is `hyperlora_jax.text`'s arrays
+`{"input_ids": [B, T] int32, "attention_mask": [B, T], "loss_mask": [B, T]}`: position t's
+logits predict token t + 1, counted where `loss_mask[t + 1]` is 1 (the response tokens).
+
+The loss is the mean negative log-likelihood over a batch's response tokens (a batch with
+none gives 0). Metrics: next-token accuracy and perplexity exp(Σ nll / Σ tokens) over the
+response tokens of a split; `token_counts` gives the sums so splits of any size add up.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from hyperlora_jax import lora as lora_lib
+
+
+class TokenCounts(NamedTuple):
+  """Sums over the counted (response) tokens: negative log-likelihood, correct argmax
+  predictions, tokens. Scalars float32, or [c] per client."""
+  nll: jax.Array
+  correct: jax.Array
+  tokens: jax.Array
+
+
+def next_token_targets(batch: dict) -> tuple[jax.Array, jax.Array]:
+  """(targets [B, T-1], weights [B, T-1] float32): token t+1 and whether it is counted."""
+  return batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].astype(jnp.float32)
+
+
+def perplexity(counts: TokenCounts) -> jax.Array:
+  """exp(Σ nll / Σ tokens) (1 where no token is counted)."""
+  return jnp.exp(counts.nll / jnp.maximum(counts.tokens, 1.0))
+
+
+def token_accuracy(counts: TokenCounts) -> jax.Array:
+  return counts.correct / jnp.maximum(counts.tokens, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalLM:
+  """A frozen Flax decoder (e.g. `models.llama.DecoderLM`) with a trainable `{"lora"}` pytree.
+
+  Attributes:
+    model: the Flax module: (input_ids [B, T], attention_mask [B, T]) -> logits [B, T, V].
+    scale: LoRA scale s = alpha / r.
+  """
+  model: nn.Module
+  scale: float
+
+  def logits(self, frozen: dict, trainable: Any, batch: dict) -> jax.Array:
+    """[B, T, V] float32 logits of `batch`'s sequences."""
+    out = lora_lib.apply(self.model, frozen["variables"], trainable["lora"], batch["input_ids"],
+                         batch["attention_mask"], scale=self.scale, base_delta=frozen["base_delta"])
+    return out.astype(jnp.float32)
+
+  def token_counts(self, frozen: dict, trainable: Any, batch: dict) -> TokenCounts:
+    """`TokenCounts` of one batch's response tokens."""
+    logits = self.logits(frozen, trainable, batch)[:, :-1]
+    targets, weights = next_token_targets(batch)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    return TokenCounts(jnp.sum(nll * weights), jnp.sum(correct * weights), jnp.sum(weights))
+
+  def loss_fn(self, trainable: Any, frozen: dict, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+    """Mean nll over the batch's response tokens (the library's loss contract; rng unused)."""
+    del rng
+    counts = self.token_counts(frozen, trainable, batch)
+    return counts.nll / jnp.maximum(counts.tokens, 1.0), {}
+
+  def accuracy(self, frozen: dict, trainable: Any, data: dict) -> tuple[jax.Array, jax.Array]:
+    """(correct, counted tokens) over `data`: the image task's contract, so its evaluation
+    (`image_classification.make_evaluate`) reports next-token accuracy."""
+    counts = self.token_counts(frozen, trainable, data)
+    return counts.correct, counts.tokens
+
+  def accuracy_rate(self, frozen: dict, trainable: Any, data: dict) -> jax.Array:
+    correct, count = self.accuracy(frozen, trainable, data)
+    return correct / jnp.maximum(count, 1.0)
+
+
+def split_counts(task: CausalLM, frozen: dict, trainable: Any, data: dict, batch_size: int) -> TokenCounts:
+  """`TokenCounts` of a split {"input_ids": [N, T], ...}, N a multiple of `batch_size`,
+  `batch_size` sequences at a time."""
+  n = data["input_ids"].shape[0]
+  if n % batch_size:
+    raise ValueError(f"a split of {n} sequences must be padded to a multiple of batch_size={batch_size} "
+                     f"(padding rows have loss_mask 0)")
+  batches = jax.tree.map(lambda x: x.reshape((-1, batch_size) + x.shape[1:]), data)
+  counts = jax.lax.map(lambda b: task.token_counts(frozen, trainable, b), batches)
+  return TokenCounts(*(jnp.sum(c) for c in counts))

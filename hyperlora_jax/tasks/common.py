@@ -1,0 +1,29 @@
+"""What every task shares: the frozen pytree and its dtype, and the server's full-rank residuals."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def frozen_tree(backbone: Any, base_delta: dict | None = None, dtype: Any = None) -> dict:
+  """The task's frozen pytree: {"variables": backbone, "base_delta": ...}, the backbone's
+  floating-point weights cast to `dtype` (None: as they are), e.g. bfloat16 to run the
+  frozen backbone in bf16 (with `ImageClassification(compute_dtype=jnp.bfloat16)`)."""
+  if dtype is not None:
+    cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    backbone = jax.tree.map(cast, backbone)
+  return {"variables": backbone, "base_delta": base_delta or {}}
+
+
+def backbone_dtype(name: str, backend: str | None = None) -> Any:
+  """'float32' | 'bfloat16' | 'auto' (bfloat16 on GPU and TPU, float32 on CPU) -> a dtype."""
+  if name == "auto":
+    name = "bfloat16" if (backend or jax.default_backend()) in ("gpu", "tpu", "cuda", "rocm") else "float32"
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def apply_base_delta(frozen: dict, base_delta: dict) -> dict:
+  """The round's `apply_base_delta`: the server's full-rank residuals, applied factored."""
+  return {**frozen, "base_delta": base_delta}

@@ -1,0 +1,125 @@
+"""Instruction examples as fixed-shape token arrays with the loss on the response only.
+
+    prompt, response = text.prompt_and_response(record, layout="dolly")   # Alpaca's template
+    example = text.encode_instruction(tokenizer, prompt, response, max_len=256)
+    batch = text.encode_instructions(tokenizer, records, max_len=256, layout="alpaca")
+
+A record is a dict in one of the `LAYOUTS` (Alpaca: instruction / input / output; Dolly-15k:
+instruction / context / response / category). `prompt_and_response` writes it with the Alpaca
+template (`ALPACA`, the one FedIT / Shepherd and OpenFedLLM use for both datasets) or, with
+`chat=True` in `encode_instructions`, the tokenizer's own chat template.
+
+An encoded example is three int32 arrays of length `max_len` (T):
+  input_ids       prompt tokens (begin-of-text first, as the tokenizer adds it), response
+                  tokens, end-of-text, then padding (`tokenizer.pad_id`)
+  attention_mask  1 on the real tokens
+  loss_mask       1 on the tokens the loss predicts: the response and its end-of-text
+Sequences longer than T are cut at T (the response's end goes first; an example whose prompt
+fills T has no loss tokens: `encode_instructions` reports how many). Fixed shapes mean one
+compile per run (`tasks.causal_lm` reads these arrays).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTemplate:
+  """A prompt with `{instruction}` (and `{input}` when the record has one)."""
+  with_input: str
+  without_input: str
+
+  def format(self, instruction: str, context: str = "") -> str:
+    if context:
+      return self.with_input.format(instruction=instruction, input=context)
+    return self.without_input.format(instruction=instruction)
+
+
+ALPACA = PromptTemplate(
+    with_input=("Below is an instruction that describes a task, paired with an input that provides further context. "
+                "Write a response that appropriately completes the request.\n\n"
+                "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"),
+    without_input=("Below is an instruction that describes a task. "
+                   "Write a response that appropriately completes the request.\n\n"
+                   "### Instruction:\n{instruction}\n\n### Response:\n"))
+# Field names per dataset layout: instruction, context (optional), response, and the field
+# clients are usually partitioned by.
+LAYOUTS = {"alpaca": {"instruction": "instruction", "input": "input", "response": "output", "group": None},
+           "dolly": {"instruction": "instruction", "input": "context", "response": "response", "group": "category"}}
+
+
+def _fields(layout: str) -> dict:
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout={layout!r}; known: {sorted(LAYOUTS)}")
+  return LAYOUTS[layout]
+
+
+def check_record(record: Mapping[str, Any], layout: str, where: str = "record") -> None:
+  """Raises ValueError naming the missing or non-text field of a record."""
+  fields = _fields(layout)
+  for role in ("instruction", "response"):
+    value = record.get(fields[role])
+    if not isinstance(value, str):
+      raise ValueError(f"{where}: the {layout} layout needs a text field {fields[role]!r} ({role}); "
+                       f"got fields {sorted(record)}")
+
+
+def prompt_and_response(record: Mapping[str, Any], layout: str = "alpaca",
+                        template: PromptTemplate = ALPACA) -> tuple[str, str]:
+  """(prompt text, response text) of one record in `layout`, with `template`."""
+  fields = _fields(layout)
+  check_record(record, layout)
+  context = record.get(fields["input"]) or ""
+  return template.format(record[fields["instruction"]], context), record[fields["response"]]
+
+
+def chat_prompt(tokenizer, record: Mapping[str, Any], layout: str = "alpaca") -> tuple[str, str]:
+  """(prompt, response) of one record with the tokenizer's chat template: one user turn
+  (instruction, then the context after a blank line) and the generation prompt."""
+  fields = _fields(layout)
+  check_record(record, layout)
+  context = record.get(fields["input"]) or ""
+  user = record[fields["instruction"]] + (f"\n\n{context}" if context else "")
+  return tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True), \
+      record[fields["response"]]
+
+
+def encode_instruction(tokenizer, prompt: str, response: str, max_len: int,
+                       prompt_has_special_tokens: bool = False) -> dict[str, np.ndarray]:
+  """One example as {"input_ids", "attention_mask", "loss_mask"} int32 [max_len] (module
+  docstring). `tokenizer`: `models.hf.Tokenizer`; the prompt gets its special tokens
+  (begin-of-text) unless it already has them (`prompt_has_special_tokens`, a chat template's)."""
+  if tokenizer.eos_id is None:
+    raise ValueError("the tokenizer names no eos_token (tokenizer_config.json), so a response cannot end")
+  prompt_ids = tokenizer.encode(prompt, add_special_tokens=not prompt_has_special_tokens)
+  response_ids = tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_id]
+  ids = (prompt_ids + response_ids)[:max_len]
+  real = len(ids)
+  out = {"input_ids": np.full(max_len, tokenizer.pad_id, np.int32), "attention_mask": np.zeros(max_len, np.int32),
+         "loss_mask": np.zeros(max_len, np.int32)}
+  out["input_ids"][:real] = ids
+  out["attention_mask"][:real] = 1
+  out["loss_mask"][len(prompt_ids):real] = 1
+  return out
+
+
+def encode_instructions(tokenizer, records: Iterable[Mapping[str, Any]], max_len: int, layout: str = "alpaca",
+                        chat: bool = False, template: PromptTemplate = ALPACA) -> dict[str, np.ndarray]:
+  """Every record encoded: {"input_ids", "attention_mask", "loss_mask"} int32 [N, max_len];
+  "mask" [N] float32, 1 for an example with loss tokens (`client.example_count` counts it);
+  "truncated" [N] bool (the sequence was cut); "no_loss" [N] bool (its prompt filled max_len)."""
+  rows = []
+  for record in records:
+    prompt, response = chat_prompt(tokenizer, record, layout) if chat else prompt_and_response(record, layout, template)
+    rows.append(encode_instruction(tokenizer, prompt, response, max_len, prompt_has_special_tokens=chat))
+  if not rows:
+    raise ValueError("no records to encode")
+  out = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  full = out["attention_mask"][:, -1] == 1
+  out["truncated"] = full & (out["input_ids"][:, -1] != tokenizer.eos_id)
+  out["no_loss"] = out["loss_mask"].sum(axis=1) == 0
+  out["mask"] = (~out["no_loss"]).astype(np.float32)  # The round counts these examples.
+  return out
