@@ -35,6 +35,12 @@ from hyperlora_jax.primitives import make_mesh
 ALLOWED_HEAD_POLICIES = ("shared", "local")
 ALLOWED_BACKBONE_DTYPES = ("float32", "bfloat16", "auto")
 ALLOWED_FEEDS = ("round", "chunk")
+TASKS = ("image_classification", "instruction_tuning")
+
+
+def is_text(config: ml_collections.ConfigDict) -> bool:
+  """Whether the config is a text run (`task='instruction_tuning'`; image runs name no task)."""
+  return config.get("task", "image_classification") == "instruction_tuning"
 
 
 class ConfigError(ValueError):
@@ -121,6 +127,55 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     _require(os.path.isfile(npz), "pretrain.npz_path", f"no such file: {npz!r}")
 
 
+def _validate_text(config: ml_collections.ConfigDict) -> None:
+  """The data, model and pretrain fields of a text run (`configs/instruction_tuning.py`)."""
+  from experiments.runner import pretrain_text
+  from experiments.runner.data import instructions
+  from hyperlora_jax import text
+  data = config.data
+  _one_of(data.layout, sorted(text.LAYOUTS), "data.layout")
+  _require(data.name == instructions.EMBEDDED_TEXT or data.name.endswith(instructions.FORMATS), "data.name",
+           f"must be {instructions.EMBEDDED_TEXT!r} or a {' / '.join(instructions.FORMATS)} file, got {data.name!r}")
+  _require(data.name == instructions.EMBEDDED_TEXT or os.path.isfile(data.name), "data.name",
+           f"no such file: {data.name!r}")
+  _require(0 <= data.test_fraction < 1, "data.test_fraction", f"must be in [0, 1), got {data.test_fraction}")
+  _positive_int(config, "data.max_len", minimum=2)
+  _require(isinstance(data.chat_template, bool), "data.chat_template", f"must be True or False, got {data.chat_template!r}")
+  _require(data.feed == "round" and not data.stream, "data.feed",
+           "text runs hold their token arrays in memory and feed whole rounds (data.feed='round', data.stream=False)")
+  _require(jax.process_count() == 1, "task", "text runs run in one process (its devices form the clients mesh)")
+  _require(config.fed.clients_per_chunk >= 0, "fed.clients_per_chunk",
+           "must be >= 0 for text runs (the measured choice, -1, times image blocks)")
+  _one_of(config.model.name, ("llama",), "model.name")
+  for field in config.model:
+    _require(field == "name" or field in pretrain_text.ARCH_FIELDS + ("rope_scaling", "sliding_window"),
+             f"model.{field}", f"not a field of the decoder; its fields: {', '.join(pretrain_text.ARCH_FIELDS)}")
+  checkpoint = config.pretrain.get("checkpoint", "")
+  if checkpoint:
+    _require(os.path.isdir(checkpoint), "pretrain.checkpoint", f"no such directory: {checkpoint!r}")
+    try:
+      name, _ = hf.architecture(hf.read_config(checkpoint))
+      _require(name == "llama", "pretrain.checkpoint", f"a {name} checkpoint; text runs take Llama-family decoders")
+      tokenizer = hf.Tokenizer.from_directory(checkpoint)
+    except CheckpointError as e:
+      raise ConfigError(f"pretrain.checkpoint: {e}") from None
+    _require(tokenizer.eos_id is not None, "pretrain.checkpoint",
+             "its tokenizer_config.json names no eos_token, so responses cannot end")
+    _require(not data.chat_template or tokenizer.chat_template is not None, "data.chat_template",
+             f"{checkpoint} has no chat template (chat_template.jinja or tokenizer_config.json's)")
+  else:
+    _require(not data.chat_template, "data.chat_template", "the embedded tokenizer has no chat template")
+    for field in ("model.width", "model.depth", "model.num_heads", "model.mlp_dim", "pretrain.steps",
+                  "pretrain.sequence_length"):
+      _positive_int(config, field)
+    _positive_int(config, "pretrain.vocab_size", minimum=300)  # 256 bytes + specials + merges.
+    kv = config.model.get("num_kv_heads", 0) or config.model.num_heads
+    _require(config.model.num_heads % kv == 0, "model.num_kv_heads",
+             f"{kv} must divide model.num_heads={config.model.num_heads}")
+    _require(config.model.width % config.model.num_heads == 0 and (config.model.width // config.model.num_heads) % 2 == 0,
+             "model.num_heads", f"must divide model.width={config.model.width} into heads of even width (rotary)")
+
+
 def _finite_numbers(node, prefix: str = "") -> None:
   """Every float anywhere in the config is finite (inf learning rates, alphas, noise...)."""
   for key, value in node.items():
@@ -161,19 +216,21 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
   _positive_int(config, "seed", minimum=0)
   _finite_numbers(config)
   check_relative_name(config.get("benchmark", "default"), "benchmark")
+  _one_of(config.get("task", "image_classification"), TASKS, "task")
   data, fed = config.data, config.fed
-  _require(bool(data.name), "data.name", "must name a TFDS dataset, e.g. 'digits_domains/res16'")
+  _require(bool(data.name), "data.name", "must name a dataset, e.g. 'digits_domains/res16'"
+           + (" or 'stdlib_docs' or a .jsonl / .json / .parquet file" if is_text(config) else ""))
   _one_of(data.partition, ALLOWED_PARTITIONS, "data.partition")
-  for field in ("data.num_clients", "data.image_size", "fed.num_rounds", "fed.clients_per_round",
+  for field in ("data.num_clients", "fed.num_rounds", "fed.clients_per_round",
                 "fed.local_steps", "fed.batch_size", "lora.rank", "pretrain.batch_size",
-                "eval_batch", "eval_every", "checkpoint_every"):
+                "eval_batch", "eval_every", "checkpoint_every") + (() if is_text(config) else ("data.image_size",)):
     _positive_int(config, field)
   for field in ("data.heldout_clients", "data.max_client_examples", "fed.new_client_steps", "fed.num_devices"):
     _positive_int(config, field, minimum=0)
   _positive_int(config, "data.min_client_size")  # 0 lets a client without examples in (weight 0/0).
   fraction = data.get("validation_fraction", 0.0)
   _require(0 <= fraction < 1, "data.validation_fraction", f"must be in [0, 1), got {fraction}")
-  if not pretrain.real_checkpoint(config):
+  if not pretrain.real_checkpoint(config) and not is_text(config):
     _positive_int(config, "pretrain.steps")
   _positive_int(config, "fed.clients_per_chunk", minimum=-1)  # -1: measured (autotune.AUTO).
   _one_of(config.compute.backbone_dtype, ALLOWED_BACKBONE_DTYPES, "compute.backbone_dtype")
@@ -183,7 +240,10 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
   _require(data.dirichlet_alpha > 0, "data.dirichlet_alpha", f"must be > 0, got {data.dirichlet_alpha}")
   _require(fed.clients_per_round <= data.num_clients, "fed.clients_per_round",
            f"{fed.clients_per_round} exceeds data.num_clients={data.num_clients}")
-  _validate_model(config)
+  if is_text(config):
+    _validate_text(config)
+  else:
+    _validate_model(config)
   _one_of(fed.head_policy, ALLOWED_HEAD_POLICIES, "fed.head_policy")
   if fed.clients_per_chunk > 0 and fed.num_devices:
     _require(fed.clients_per_chunk % fed.num_devices == 0, "fed.clients_per_chunk",
@@ -332,6 +392,8 @@ def _writable_dir(path: str) -> bool:
 def preflight(config: ml_collections.ConfigDict) -> None:
   """The checks that need dataset metadata or the model's shapes, before any example or weight
   is read (embedded datasets are generated first). Raises `ConfigError` naming the field."""
+  if is_text(config):
+    return _preflight_text(config)
   data_dir = config.data.data_dir or None
 
   def examples(name, split, name_field, split_field):
@@ -367,11 +429,36 @@ def preflight(config: ml_collections.ConfigDict) -> None:
                                 target_regex=config.lora.target_regex)
   except ValueError as e:
     raise ConfigError(f"lora.target_regex: {e}") from None
+  _check_rank_fits(config, targets)
+
+
+
+def _preflight_text(config: ml_collections.ConfigDict) -> None:
+  """A text run's LoRA targets and rank against the decoder's shapes, and the cache."""
+  from experiments.runner import pretrain_text
+  if config.pretrain.get("checkpoint", ""):
+    name, arch = hf.architecture(hf.read_config(config.pretrain.checkpoint))
+    from hyperlora_jax.models.llama import DecoderLM
+    model = DecoderLM(**arch)
+  else:
+    cache_dir = os.path.dirname(pretrain_text.cache_path(config))
+    if not _writable_dir(cache_dir):
+      raise ConfigError(f"pretrain.cache_dir: cannot write to {cache_dir!r}")
+    model = pretrain_text.decoder_from_config(config.model, config.pretrain.vocab_size)
+  ids = jnp.zeros((1, 4), jnp.int32)
+  try:
+    targets = lora.find_targets(model, jax.eval_shape(model.init, jax.random.key(0), ids), ids,
+                                target_regex=config.lora.target_regex)
+  except ValueError as e:
+    raise ConfigError(f"lora.target_regex: {e}") from None
+  _check_rank_fits(config, targets)
+
+
+def _check_rank_fits(config: ml_collections.ConfigDict, targets: dict) -> None:
   narrow = {path: shape for path, shape in targets.items() if min(shape) < config.lora.rank}
   if narrow:
     raise ConfigError(f"lora.rank: {config.lora.rank} exceeds the smaller side of targeted layer(s) "
                       f"{', '.join(f'{p} {d_in}x{d_out}' for p, (d_in, d_out) in narrow.items())}")
-
 
 
 def check_mesh_fits(config: ml_collections.ConfigDict):

@@ -28,9 +28,37 @@ def run_evaluator(exp: Experiment) -> Callable[..., Callable[[], tuple[float, np
   `transform_images`: images [..., H, W, 3] uint8 -> the same shape and dtype, applied to
   every test block before it is evaluated (a test-time shift, `data.corruptions`); the blocks
   are then read again, and the compiled evaluation is reused."""
+  return _evaluator(exp, None)
+
+
+def run_perplexity_evaluator(exp: Experiment) -> Callable[..., Callable[[], dict]] | None:
+  """For a text task (one with `nll_counts`): `evaluate(state, frozen)` -> `collect()` ->
+  {"global_perplexity", "personalized_perplexity_mean", "personalized_perplexity_worst" (the
+  largest)} over the response tokens, dispatched like `run_evaluator`'s; None for other tasks."""
+  if not hasattr(exp.task, "nll_counts"):
+    return None
+  mean_nll = _evaluator(exp, exp.task.nll_counts)
+  has_test = exp.data.has_test_examples()
+
+  def evaluate(state, frozen):
+    collect_nll = mean_nll(state, frozen)
+
+    def collect():
+      global_nll, client_nll = collect_nll()
+      perplexity = np.exp(client_nll[has_test])
+      return {"global_perplexity": float(np.exp(global_nll)) if not math.isnan(global_nll) else math.nan,
+              "personalized_perplexity_mean": float(perplexity.mean()),
+              "personalized_perplexity_worst": float(perplexity.max())}
+
+    return collect
+
+  return evaluate
+
+
+def _evaluator(exp: Experiment, counts: Callable | None) -> Callable[..., Callable[[], tuple[float, np.ndarray]]]:
   chunk = exp.fed_round.clients_per_chunk
   evaluation = task_lib.make_evaluate(exp.task, exp.fed_round, eval_batch=exp.config.eval_batch,
-                                      clients_per_chunk=chunk)
+                                      clients_per_chunk=chunk, counts=counts)
   global_counts, client_accuracy = jax.jit(evaluation.global_counts), jax.jit(evaluation.client_accuracy)
   data = exp.data
   sharded = primitives.clients_sharding(exp.mesh)

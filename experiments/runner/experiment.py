@@ -12,7 +12,8 @@ import numpy as np
 
 from experiments.runner import methods, pretrain
 from experiments.runner.chunking import auto_clients_per_chunk
-from experiments.runner.config_validation import check_mesh_fits, check_method_fits, preflight, validate_config
+from experiments.runner.config_validation import (check_mesh_fits, check_method_fits, is_text, preflight,
+                                                  validate_config)
 from experiments.runner.federated_data import FederatedData, build_federated_data, client_blocks
 from experiments.runner.feeding import chunk_image_loader
 from experiments.runner.optimizers import build_optimizer
@@ -29,7 +30,7 @@ class Experiment:
   """Everything a run needs, built once from the config."""
   config: ml_collections.ConfigDict
   data: FederatedData
-  task: task_lib.ImageClassification
+  task: Any                           # tasks.image_classification.ImageClassification or tasks.causal_lm.CausalLM.
   method: methods.Method
   backbone: Any
   targets: dict
@@ -67,6 +68,9 @@ def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], Non
   (a Hugging Face checkpoint's config.json first sets `model.*`).
   """
   config = pretrain.with_checkpoint_architecture(config, log)
+  if is_text(config):
+    from experiments.runner.text_experiment import build_text_experiment
+    return build_text_experiment(config, log)
   validate_config(config, methods.METHODS, methods.METHOD_BLOCKS)
   preflight(config)
   mesh = check_mesh_fits(config)

@@ -100,6 +100,13 @@ def build_federated_data(config: ml_collections.ConfigDict) -> FederatedData:
   data = config.data
   train = load_image_dataset(data.name, data.train_split, data.data_dir or None, data.image_size, data.stream)
   test = load_image_dataset(data.name, data.test_split, data.data_dir or None, data.image_size, data.stream)
+  return partitioned(config, train, test)
+
+
+def partitioned(config: ml_collections.ConfigDict, train, test) -> FederatedData:
+  """The `FederatedData` of pools `train` and `test` (images, or `instructions.TextDataset`s
+  whose records' groups are their labels and domains) by the config's partition."""
+  data = config.data
   train_parts, test_parts = partition.partition_train_test(
       data.partition, train.labels, train.domains, test.labels, test.domains,
       data.num_clients + data.heldout_clients, seed=config.seed, alpha=data.dirichlet_alpha,

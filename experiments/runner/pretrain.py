@@ -157,6 +157,12 @@ def with_checkpoint_architecture(config: ml_collections.ConfigDict,
   Raises:
     models.load.CheckpointError: the directory holds no supported checkpoint.
   """
+  if config.get("task", "image_classification") == "instruction_tuning":
+    from experiments.runner.text_experiment import with_checkpoint_architecture as text_architecture
+    try:
+      return text_architecture(config, log)
+    except load_lib.CheckpointError as e:
+      raise load_lib.CheckpointError(f"pretrain.checkpoint: {e}") from None
   directory = config.pretrain.get("checkpoint", "")
   if not directory:
     return _with_npz_pool(config, log)

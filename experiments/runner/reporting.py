@@ -120,6 +120,11 @@ def summary(records: list[dict], title: str) -> str:
       f"  communicated           up {last['cum_bytes_up'] / 1e6:.2f} MB, "
       f"down {last['cum_bytes_down'] / 1e6:.2f} MB",
   ]
+  if last.get("personalized_perplexity_mean") is not None:  # Text runs (next-token accuracy above).
+    glob = last.get("global_perplexity")
+    lines.insert(3, f"  perplexity             global {'n/a' if glob is None else format(glob, '.1f')}, "
+                    f"personalized mean {last['personalized_perplexity_mean']:.1f}, "
+                    f"worst client {last['personalized_perplexity_worst']:.1f}")
   if records[-1].get("dp_epsilon") is not None:
     lines.append(f"  privacy spent          ε = {records[-1]['dp_epsilon']:.1f} (client-level, at the config's dp.delta)")
   return "\n".join(lines)

@@ -70,17 +70,22 @@ def signature_dim(kinds: tuple[str, ...], num_classes: int, feature_dim: int, co
   return dim
 
 
-def make_signature_fn(featurize: Callable[[jax.Array], jax.Array], kinds: tuple[str, ...],
+def make_signature_fn(featurize: Callable[..., jax.Array], kinds: tuple[str, ...],
                       num_classes: int, basis: jax.Array | None, noise_std: float = 0.0,
-                      batch_size: int = 256, clip_norm: float | None = None) -> Callable[[dict, jax.Array], jax.Array]:
+                      batch_size: int = 256, clip_norm: float | None = None,
+                      example_keys: tuple[str, ...] = ("image",)) -> Callable[[dict, jax.Array], jax.Array]:
   """Builds the pure `signatures(client_data, rng) -> [N, D]` for all clients at once.
 
   Args:
-    featurize: images [b, H, W, 3] uint8 -> frozen-backbone features [b, d].
+    featurize: the examples' arrays named by `example_keys`, each [b, ...] -> frozen-backbone
+      features [b, d]: images [b, H, W, 3] uint8 by default; e.g. (input_ids [b, T],
+      attention_mask [b, T]) for text (`tasks.causal_lm.mean_hidden_state`).
     basis: Q [d, q] for the covariance summary (needed with "features").
     clip_norm: each signature is scaled to L2 norm at most this before the noise (None: not).
-  `client_data` is {"image": [N, n, H, W, 3], "label": [N, n], "mask": [N, n]} (padded);
-  clients are processed with `lax.map` and each client's examples in chunks of `batch_size`.
+  `client_data` is {"image": [N, n, H, W, 3] (or the `example_keys` arrays [N, n, ...]),
+  "label": [N, n], "mask": [N, n]} (padded); "label" is the class (for text: the record's
+  group) the "label" kind counts. Clients are processed with `lax.map` and each client's
+  examples in chunks of `batch_size`.
   """
   def one_client(args):
     data, key = args
@@ -90,8 +95,9 @@ def make_signature_fn(featurize: Callable[[jax.Array], jax.Array], kinds: tuple[
     if "features" in kinds:
       n = data["label"].shape[0]
       pad = (-n) % batch_size
-      images = jnp.pad(data["image"], ((0, pad),) + ((0, 0),) * 3)
-      features = jax.lax.map(featurize, images.reshape((-1, batch_size) + images.shape[1:]))
+      arrays = tuple(jnp.pad(data[k], ((0, pad),) + ((0, 0),) * (data[k].ndim - 1)) for k in example_keys)
+      features = jax.lax.map(lambda xs: featurize(*xs),
+                             tuple(a.reshape((-1, batch_size) + a.shape[1:]) for a in arrays))
       features = features.reshape(-1, features.shape[-1])[:n]
       parts.append(feature_statistics(features, data["mask"], basis))
     signature = jnp.concatenate(parts) if parts else jnp.zeros((0,))
@@ -107,22 +113,28 @@ def make_signature_fn(featurize: Callable[[jax.Array], jax.Array], kinds: tuple[
 
 
 def compute_signatures(model: Any, backbone: Any, client_data: dict, kinds: tuple[str, ...],
-                       num_classes: int, *, preprocess: Callable[[jax.Array], jax.Array], covariance_rank: int = 8, noise_std: float = 0.0,
+                       num_classes: int, *, preprocess: Callable[[jax.Array], jax.Array] | None = None,
+                       covariance_rank: int = 8, noise_std: float = 0.0,
                        seed: int = 0, client_keys: jax.Array | None = None,
-                       clip_norm: float | None = None) -> np.ndarray:
+                       clip_norm: float | None = None, featurize: Callable[..., jax.Array] | None = None,
+                       example_keys: tuple[str, ...] = ("image",)) -> np.ndarray:
   """[N, D] signatures of every client (host array) with the frozen `model` (ViT-like:
   `apply(variables, images, return_features=True)`).
 
   preprocess: images [..., H, W, 3] uint8 -> the model's inputs (its own input convention).
+  featurize, example_keys: instead of the ViT-like default, features of other examples (see
+  `make_signature_fn`), e.g. a decoder's mean hidden state of `("input_ids", "attention_mask")`.
 
   client_keys: [N] noise keys, one per client (default: `key(seed)` split over the N clients),
   so clients computed in blocks get the keys they would get all at once."""
   if not statistic_kinds(kinds):
     return np.zeros((client_data["label"].shape[0], 0), np.float32)
-  featurize = lambda images: model.apply(backbone, preprocess(images), return_features=True)
+  if featurize is None:
+    featurize = lambda images: model.apply(backbone, preprocess(images), return_features=True)
   basis = None
   if "features" in kinds:
-    feature_dim = jax.eval_shape(featurize, client_data["image"][0, :1]).shape[-1]
+    feature_dim = jax.eval_shape(featurize, *(client_data[k][0, :1] for k in example_keys)).shape[-1]
     basis = random_basis(feature_dim, min(covariance_rank, feature_dim), seed)
-  fn = jax.jit(make_signature_fn(featurize, kinds, num_classes, basis, noise_std, clip_norm=clip_norm))
+  fn = jax.jit(make_signature_fn(featurize, kinds, num_classes, basis, noise_std, clip_norm=clip_norm,
+                                 example_keys=example_keys))
   return np.asarray(fn(client_data, jax.random.key(seed) if client_keys is None else client_keys))

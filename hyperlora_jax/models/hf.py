@@ -628,3 +628,45 @@ class Tokenizer:
       raise ValueError("this tokenizer has no chat template (chat_template.jinja or tokenizer_config.json's "
                        "chat_template); use a prompt template instead (hyperlora_jax.text)")
     return render_chat_template(self.chat_template, messages, add_generation_prompt, **self.special_tokens)
+
+
+def decoder_config(model: Any) -> dict[str, Any]:
+  """A transformers config.json for a `DecoderLM` (model_type "llama"; "qwen2" for biases on
+  q/k/v only; "mistral" with a sliding window), readable back by `decoder_arch`."""
+  if model.sliding_window and (model.qkv_bias or model.out_bias or model.mlp_bias):
+    raise ValueError("a sliding window with biases has no transformers family (Mistral has no biases)")
+  model_type = "mistral" if model.sliding_window else ("qwen2" if model.qkv_bias and not model.out_bias else "llama")
+  if model_type == "llama" and model.qkv_bias != model.out_bias:
+    raise ValueError("Llama's attention_bias sets q/k/v and o biases together")
+  scaling = dict(model.rope_scaling) if model.rope_scaling else None
+  family = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[model_type]
+  config = {"model_type": model_type, "architectures": [f"{family}ForCausalLM"],
+            "vocab_size": model.vocab_size, "hidden_size": model.width, "intermediate_size": model.mlp_dim,
+            "num_hidden_layers": model.depth, "num_attention_heads": model.num_heads,
+            "num_key_value_heads": model.kv_heads, "head_dim": model.head_width, "hidden_act": "silu",
+            "rms_norm_eps": model.rms_norm_eps, "rope_theta": model.rope_theta, "rope_scaling": scaling,
+            "tie_word_embeddings": model.tie_embeddings, "max_position_embeddings": 4096,
+            "torch_dtype": "float32"}
+  if model_type == "llama":
+    config.update(attention_bias=model.qkv_bias, mlp_bias=model.mlp_bias)
+  if model_type == "mistral":
+    config["sliding_window"] = model.sliding_window
+  return config
+
+
+def save_causal_lm(directory: str, model: Any, variables: dict) -> None:
+  """Writes a `DecoderLM` as a Hugging Face checkpoint: config.json (`decoder_config`) and
+  model.safetensors with transformers' tensor names and layouts (LlamaForCausalLM's, the
+  inverse of `decoder_params`), float32. The directory then loads with `load_causal_lm` and
+  with transformers' `AutoModelForCausalLM.from_pretrained`."""
+  from safetensors.numpy import save_file
+  os.makedirs(directory, exist_ok=True)
+  flat = traverse_util.flatten_dict(variables["params"], sep="/")
+  tensors = {}
+  for name, value in flat.items():
+    key, conversion = _decoder_source(name, "model.")
+    array = np.asarray(value, np.float32)
+    tensors[key] = np.ascontiguousarray(array.T if conversion == "linear" else array)
+  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+    json.dump(decoder_config(model), f, indent=2)
+  save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})

@@ -52,9 +52,12 @@ class CausalLM:
   Attributes:
     model: the Flax module: (input_ids [B, T], attention_mask [B, T]) -> logits [B, T, V].
     scale: LoRA scale s = alpha / r.
+    compute_dtype: the dtype the frozen weights are cast to (give the model the same `dtype`
+      for its activations); LoRA factors, the loss and every gradient stay float32.
   """
   model: nn.Module
   scale: float
+  compute_dtype: Any = jnp.float32  # The frozen weights' dtype (`tasks.common.frozen_tree`).
 
   def logits(self, frozen: dict, trainable: Any, batch: dict) -> jax.Array:
     """[B, T, V] float32 logits of `batch`'s sequences."""
@@ -82,9 +85,23 @@ class CausalLM:
     counts = self.token_counts(frozen, trainable, data)
     return counts.correct, counts.tokens
 
+  def nll_counts(self, frozen: dict, trainable: Any, data: dict) -> tuple[jax.Array, jax.Array]:
+    """(Σ nll, counted tokens) over `data`: `image_classification.make_evaluate(counts=...)`
+    then gives mean nlls, whose exp is the perplexity."""
+    counts = self.token_counts(frozen, trainable, data)
+    return counts.nll, counts.tokens
+
   def accuracy_rate(self, frozen: dict, trainable: Any, data: dict) -> jax.Array:
     correct, count = self.accuracy(frozen, trainable, data)
     return correct / jnp.maximum(count, 1.0)
+
+
+def mean_hidden_state(model: nn.Module, variables: Any, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+  """[B, D] float32: the frozen decoder's final hidden states averaged over each sequence's real
+  tokens: a text client's features for HyperLoRA's signatures (`hyper.signatures`)."""
+  hidden = model.apply(variables, input_ids, attention_mask, return_hidden=True).astype(jnp.float32)
+  mask = attention_mask.astype(jnp.float32)[..., None]
+  return jnp.sum(hidden * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
 
 
 def split_counts(task: CausalLM, frozen: dict, trainable: Any, data: dict, batch_size: int) -> TokenCounts:

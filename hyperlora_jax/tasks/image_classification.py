@@ -94,37 +94,46 @@ class Evaluation(NamedTuple):
 
 
 def block_counts(task: ImageClassification, frozen: dict, trainable: Any, block: dict,
-                 eval_batch: int) -> tuple[jax.Array, jax.Array]:
+                 eval_batch: int, counts: Callable | None = None) -> tuple[jax.Array, jax.Array]:
   """(correct, count) of one model on a global test block {"image": [M, H, W, 3], "label": [M],
-  "mask": [M]}, M a multiple of `eval_batch`, evaluated `eval_batch` examples at a time."""
+  "mask": [M]}, M a multiple of `eval_batch`, evaluated `eval_batch` examples at a time
+  (`counts`: another (frozen, trainable, batch) -> (hits, count) than `task.accuracy`)."""
+  counts = counts or task.accuracy
   # Batch j holds examples j, j + nb, j + 2 nb, ...: with the examples sharded contiguously
   # over the devices, every device evaluates its share of every batch (counts need no order).
   batches = jax.tree.map(lambda x: x.reshape((eval_batch, -1) + x.shape[1:]).swapaxes(0, 1), block)
-  correct, count = jax.lax.map(lambda b: task.accuracy(frozen, trainable, b), batches)
+  correct, count = jax.lax.map(lambda b: counts(frozen, trainable, b), batches)
   return jnp.sum(correct), jnp.sum(count)
 
 
 def make_evaluate(task: ImageClassification, fed_round: FederatedRound, *, eval_batch: int = 256,
-                  clients_per_chunk: int = 0) -> Evaluation:
+                  clients_per_chunk: int = 0, counts: Callable | None = None) -> Evaluation:
   """The `Evaluation` of a run. Each client's model is what it would start the next round
   from (`FederatedRound.client_start`: its local leaves, the plug-ins' offsets for it,
   truncated to its rank); no local steps. Clients are evaluated like they train:
   `primitives.map_clients`, `clients_per_chunk` at a time (0: the whole block at once),
-  sharded over the round's mesh."""
+  sharded over the round's mesh.
+
+  counts: (frozen, trainable, batch) -> (hits, count) summed over a split, the "accuracy"
+  being hits / count (default `task.accuracy`; e.g. `CausalLM.nll_counts` for the mean nll
+  behind a perplexity). Any task with `accuracy` works (`tasks.causal_lm.CausalLM` too)."""
+  counts = counts or task.accuracy
+
   def global_counts(state, frozen, block):
     frozen = apply_base_delta(frozen, state.base_delta)
-    return block_counts(task, frozen, fed_round.global_params(state), block, eval_batch)
+    return block_counts(task, frozen, fed_round.global_params(state), block, eval_batch, counts)
 
   def split_accuracy(frozen, trainable, data):
-    """Accuracy on one client's split [n, ...], `eval_batch` examples at a time."""
-    n = data["label"].shape[0]
+    """hits / count on one client's split [n, ...], `eval_batch` examples at a time."""
+    n = data["mask"].shape[0]
     if n <= eval_batch:
-      return task.accuracy_rate(frozen, trainable, data)
+      hits, count = counts(frozen, trainable, data)
+      return hits / jnp.maximum(count, 1.0)
     if n % eval_batch:
       raise ValueError(f"a client's test split of {n} examples must be padded to a multiple of "
                        f"eval_batch={eval_batch} (FederatedData.client_test_blocks does)")
     batches = jax.tree.map(lambda x: x.reshape((-1, eval_batch) + x.shape[1:]), data)
-    correct, count = jax.lax.map(lambda b: task.accuracy(frozen, trainable, b), batches)
+    correct, count = jax.lax.map(lambda b: counts(frozen, trainable, b), batches)
     return jnp.sum(correct) / jnp.maximum(jnp.sum(count), 1.0)
 
   def client_accuracy(state, frozen, client_ids, block):

@@ -61,7 +61,10 @@ def train_block_indices(parts: list[np.ndarray], client_ids: np.ndarray, steps: 
 
 
 def gather_block(pool: ImageDataset, indices: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-  """{'image': [..., H, W, 3] uint8, 'label': [...] int32, 'mask': [...] float32} for an index block."""
+  """{'image': [..., H, W, 3] uint8, 'label': [...] int32, 'mask': [...] float32} for an index block
+  (a pool with its own `gather`, e.g. `instructions.TextDataset`, builds its own block)."""
+  if hasattr(pool, "gather"):
+    return pool.gather(indices, mask)
   return {"image": pool.images[indices], "label": pool.labels[indices], "mask": mask}
 
 

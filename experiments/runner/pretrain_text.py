@@ -1,0 +1,166 @@
+"""The frozen decoder of a text run: a Hugging Face checkpoint (`pretrain.checkpoint`: config.json
++ safetensors + tokenizer.json), or the embedded one, pretrained here and cached.
+
+The embedded decoder is a small Llama-architecture model (`model.*`) with a byte-level BPE
+tokenizer of `pretrain.vocab_size` tokens, both trained on the Python Language Reference's text
+(`stdlib_docs.pretraining_text`), which the federated clients never see: their records are the
+standard library's docstrings. It is written as a Hugging Face checkpoint directory
+(`hf.save_causal_lm`, the tokenizer's files beside it), so it loads like a downloaded one and its
+exported adapters attach to it with `peft`. The cache key hashes everything that determines
+it; a cache that cannot be read is reported, never replaced.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from experiments.runner.data import stdlib_docs
+from hyperlora_jax.models import hf
+from hyperlora_jax.models.llama import DecoderLM
+
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "hyperlora_jax", "backbones")
+SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>")
+PRETRAIN_SEED = 0
+# DecoderLM fields a text config's `model` block may set (the rest keep their defaults).
+ARCH_FIELDS = ("vocab_size", "width", "depth", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "rms_norm_eps",
+               "rope_theta", "tie_embeddings", "qkv_bias", "out_bias", "mlp_bias", "remat")
+
+
+def decoder_from_config(model_config: ml_collections.ConfigDict, vocab_size: int | None = None) -> DecoderLM:
+  """A `DecoderLM` of the config's `model` block (name 'llama'); `vocab_size` from the tokenizer."""
+  arch = {k: v for k, v in model_config.items() if k in ARCH_FIELDS}
+  if "rope_scaling" in model_config:
+    arch["rope_scaling"] = tuple(tuple(p) for p in model_config.rope_scaling)
+  if model_config.get("sliding_window"):
+    arch["sliding_window"] = int(model_config.sliding_window)
+  if vocab_size is not None:
+    arch["vocab_size"] = vocab_size
+  return DecoderLM(**arch)
+
+
+def _key_fields(config: ml_collections.ConfigDict) -> dict:
+  model = {k: v for k, v in config.model.to_dict().items() if k not in ("remat", "name", "vocab_size")}
+  return {"model": model, "text": "pydoc_data.topics", "vocab_size": config.pretrain.vocab_size,
+          "steps": config.pretrain.steps, "batch_size": config.pretrain.batch_size,
+          "learning_rate": config.pretrain.learning_rate, "sequence_length": config.pretrain.sequence_length,
+          "seed": PRETRAIN_SEED}
+
+
+def cache_path(config: ml_collections.ConfigDict) -> str:
+  digest = hashlib.sha1(json.dumps(_key_fields(config), sort_keys=True).encode()).hexdigest()[:12]
+  return os.path.join(config.pretrain.cache_dir or DEFAULT_CACHE_DIR, f"decoder-{digest}")
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, directory: str) -> hf.Tokenizer:
+  """A byte-level BPE (Llama 3's kind) trained on `texts`, begin-of-text added in front, written
+  as tokenizer.json + tokenizer_config.json; deterministic for the same texts."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+  tokenizer = Tokenizer(models.BPE())
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tokenizer.train_from_iterator(texts, trainer)
+  bos = SPECIAL_TOKENS[0]
+  tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, tokenizer.token_to_id(bos))])
+  os.makedirs(directory, exist_ok=True)
+  tokenizer.save(os.path.join(directory, hf.TOKENIZER_FILE))
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump({"bos_token": SPECIAL_TOKENS[0], "eos_token": SPECIAL_TOKENS[1], "pad_token": SPECIAL_TOKENS[2],
+               "tokenizer_class": "PreTrainedTokenizerFast", "padding_side": "right"}, f, indent=2)
+  return hf.Tokenizer.from_directory(directory)
+
+
+def packed_sequences(tokenizer: hf.Tokenizer, texts: list[str], length: int) -> np.ndarray:
+  """[M, length] int32: every text's ids (with begin-of-text) and end-of-text, concatenated and cut."""
+  stream = np.concatenate([np.asarray(tokenizer.encode(t) + [tokenizer.eos_id], np.int32) for t in texts])
+  count = len(stream) // length
+  return stream[:count * length].reshape(count, length)
+
+
+def pretrain_decoder(model: DecoderLM, sequences: np.ndarray, *, steps: int, batch_size: int,
+                     learning_rate: float, seed: int = PRETRAIN_SEED,
+                     log: Callable[[str], None] = print) -> tuple[dict, dict]:
+  """Next-token training of `model` on packed `sequences` [M, T] (95% train, 5% held out).
+
+  Returns:
+    (variables, {"holdout_perplexity", "seconds"}).
+  """
+  rng = np.random.default_rng(seed)
+  order = rng.permutation(len(sequences))
+  n_hold = max(1, len(sequences) // 20)
+  hold, train = sequences[order[:n_hold]], sequences[order[n_hold:]]
+  variables = model.init(jax.random.key(seed), jnp.asarray(train[:1]))
+  schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, steps // 20), max(steps, 1))
+  optimizer = optax.adamw(schedule, weight_decay=1e-4)
+
+  def loss_fn(variables, ids):
+    logits = model.apply(variables, ids)[:, :-1]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+  @jax.jit
+  def step(variables, opt_state, ids):
+    loss, grads = jax.value_and_grad(loss_fn)(variables, ids)
+    updates, opt_state = optimizer.update(grads, opt_state, variables)
+    return optax.apply_updates(variables, updates), opt_state, loss
+
+  start = time.time()
+  opt_state = optimizer.init(variables)
+  for i in range(steps):
+    ids = jnp.asarray(train[rng.choice(len(train), size=min(batch_size, len(train)), replace=False)])
+    variables, opt_state, loss = step(variables, opt_state, ids)
+    if (i + 1) % max(1, steps // 5) == 0:
+      log(f"  pretrain step {i + 1}/{steps}: loss {float(loss):.3f}")
+  held_out = float(jnp.mean(jnp.stack([jax.jit(loss_fn)(variables, jnp.asarray(hold[i:i + 64]))
+                                       for i in range(0, len(hold), 64)])))
+  return variables, {"holdout_perplexity": float(np.exp(held_out)), "seconds": time.time() - start}
+
+
+def load_or_pretrain_decoder(config: ml_collections.ConfigDict,
+                             log: Callable[[str], None] = print) -> tuple[DecoderLM, dict, hf.Tokenizer, str]:
+  """(model, variables, tokenizer, checkpoint directory) of the run's frozen decoder: the
+  `pretrain.checkpoint` directory's, or the embedded one (built and cached on first use).
+
+  Raises:
+    models.load.CheckpointError: the checkpoint or the cached directory cannot be read.
+  """
+  directory = config.pretrain.get("checkpoint", "")
+  if not directory:
+    directory = cache_path(config)
+    if not os.path.isfile(os.path.join(directory, hf.WEIGHTS_FILE)):
+      _build_embedded(config, directory, log)
+    else:
+      log(f"backbone: restored from {directory}")
+  model, variables, dropped = hf.load_causal_lm(directory, remat=bool(config.model.get("remat", False)))
+  if dropped:
+    log(f"backbone: not loaded (not used): {', '.join(dropped)}")
+  return model, variables, hf.Tokenizer.from_directory(directory), directory
+
+
+def _build_embedded(config: ml_collections.ConfigDict, directory: str, log: Callable[[str], None]) -> None:
+  p = config.pretrain
+  texts = stdlib_docs.pretraining_text()
+  partial = directory + ".partial"
+  tokenizer = train_tokenizer(texts, p.vocab_size, partial)
+  model = decoder_from_config(config.model, tokenizer.vocab_size)
+  sequences = packed_sequences(tokenizer, texts, p.sequence_length)
+  log(f"backbone: pretraining a {model.depth}-block decoder (width {model.width}, vocab {tokenizer.vocab_size}) "
+      f"on {len(sequences)} sequences of the Python Language Reference for {p.steps} steps")
+  variables, stats = pretrain_decoder(model, sequences, steps=p.steps, batch_size=p.batch_size,
+                                      learning_rate=p.learning_rate, log=log)
+  hf.save_causal_lm(partial, model, variables)
+  with open(os.path.join(partial, "pretraining.json"), "w") as f:
+    json.dump({**_key_fields(config), **stats}, f, indent=2)
+  os.replace(partial, directory)  # Whole or not at all.
+  log(f"backbone: held-out perplexity {stats['holdout_perplexity']:.1f} after {stats['seconds']:.0f} s; "
+      f"cached in {directory}")

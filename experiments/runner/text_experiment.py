@@ -1,0 +1,119 @@
+"""`build_text_experiment(config)`: a text run's `Experiment` (configs/instruction_tuning.py).
+
+The same round, methods, checkpoints, records and report as an image run; what differs is built
+here: the frozen decoder and its tokenizer (`pretrain_text`), the instruction records tokenized
+into `instructions.TextDataset` pools partitioned by their groups, the `tasks.causal_lm` task
+(next-token loss on response tokens; accuracy = next-token accuracy), and HyperLoRA's text
+signatures: the group histogram ("label") and statistics of the frozen decoder's mean hidden
+state per record ("features"), clipped and noised as image signatures are under DP.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from experiments.runner import methods, pretrain_text
+from experiments.runner.config_validation import (ConfigError, check_mesh_fits, check_method_fits, preflight,
+                                                  validate_config)
+from experiments.runner.data import instructions
+from experiments.runner.federated_data import FederatedData, client_blocks, partitioned
+from experiments.runner.optimizers import build_optimizer
+from hyperlora_jax import federated, lora
+from hyperlora_jax import faults as faults_lib
+from hyperlora_jax.client import local_update
+from hyperlora_jax.hyper import signatures as signatures_lib
+from hyperlora_jax.tasks import causal_lm
+from hyperlora_jax.tasks.common import apply_base_delta, backbone_dtype
+
+
+def build_text_federated_data(config: ml_collections.ConfigDict, tokenizer, log: Callable[[str], None]) -> FederatedData:
+  """The records of `data.name` tokenized, split per group into train / test, partitioned."""
+  train, test = instructions.load_text_datasets(config.data, tokenizer, config.seed)
+  lost = train.no_loss + test.no_loss
+  if lost > (len(train) + len(test)) / 2:
+    raise ConfigError(f"data.max_len: {lost} of {len(train) + len(test)} records keep no response token "
+                      f"within data.max_len={config.data.max_len} tokens (their prompts fill it); raise it")
+  log(f"data: {len(train)} train / {len(test)} test records of {config.data.name!r} in {train.num_classes} "
+      f"group(s) by {config.data.group_field or '(none)'!r}; {train.truncated + test.truncated} cut to "
+      f"data.max_len={config.data.max_len} tokens ({train.no_loss + test.no_loss} with no response token left)")
+  return partitioned(config, train, test)
+
+
+def text_signatures(config: ml_collections.ConfigDict, method: methods.Method, data: FederatedData, model: Any,
+                    backbone: Any) -> tuple[np.ndarray, np.ndarray]:
+  """([num_clients, D], [heldout_clients, D]) signatures of the text clients (as
+  `experiment.every_client_signature`, with the decoder's mean hidden state as features)."""
+  hl = config.hyperlora
+  every_part = data.train_parts + data.new_train_parts
+  keys = jax.random.split(jax.random.key(config.seed), len(every_part))
+  noise_std, clip = hl.signature_noise_std, None
+  if methods.dp_on(config):
+    clip = config.dp.signature_clip_norm
+    noise_std = config.dp.signature_noise_multiplier * clip
+  featurize = lambda ids, mask: causal_lm.mean_hidden_state(model, backbone, ids, mask)
+  every_signature = np.concatenate([
+      signatures_lib.compute_signatures(
+          model, backbone, block, method.signature_kinds, data.num_classes, featurize=featurize,
+          example_keys=("input_ids", "attention_mask"), covariance_rank=hl.covariance_rank, noise_std=noise_std,
+          seed=config.seed, client_keys=keys[ids], clip_norm=clip)
+      for ids, block in client_blocks(data.train_pool, every_part, data.chunk_examples)])[:len(every_part)]
+  return every_signature[:data.num_clients], every_signature[data.num_clients:]
+
+
+def build_text_experiment(config: ml_collections.ConfigDict, log: Callable[[str], None] = print):
+  """Validates the config, loads the decoder and the records, builds the round (no compilation)."""
+  from experiments.runner.experiment import Experiment, client_ranks, round_plugins
+  validate_config(config, methods.METHODS, methods.METHOD_BLOCKS)
+  preflight(config)
+  mesh = check_mesh_fits(config)
+  method = methods.build_method(config)
+  server_optimizer = build_optimizer(config.server_optimizer)
+  check_method_fits(config, method, server_optimizer)
+  model, backbone, tokenizer, _ = pretrain_text.load_or_pretrain_decoder(config, log)
+  compute_dtype = backbone_dtype(config.compute.backbone_dtype)
+  model = model.clone(dtype=compute_dtype)
+  data = build_text_federated_data(config, tokenizer, log)
+  example = {k: jnp.asarray(v[:1]) for k, v in data.train_pool.tokens.items()}
+  targets = lora.find_targets(model, backbone, example["input_ids"], example["attention_mask"],
+                              target_regex=config.lora.target_regex)
+  trainable = {"lora": lora.init_lora(jax.random.fold_in(jax.random.key(config.seed), 1), targets, config.lora.rank),
+               "head": {}}
+  task = causal_lm.CausalLM(model, lora.lora_scale(config.lora.alpha, config.lora.rank, config.lora.rslora),
+                            compute_dtype)
+  client_signatures, new_signatures = (text_signatures(config, method, data, model, backbone)
+                                       if method.signature_kinds else (None, None))
+  signature_dim = 0 if client_signatures is None else client_signatures.shape[-1]
+  ranks = client_ranks(config, data.num_clients)
+  client_update = local_update(task.loss_fn, build_optimizer(config.client_optimizer))
+  fed_round = federated.FederatedRound(
+      client_update, method.aggregator, data.num_clients, server_optimizer=server_optimizer,
+      local_leaves=method.local_regex, frozen_leaves=method.frozen_regexes, client_ranks=ranks,
+      clients_per_chunk=config.fed.clients_per_chunk, mesh=mesh if mesh.size > 1 else None,
+      plugins=round_plugins(config, method, targets, data.num_clients, signature_dim),
+      apply_base_delta=apply_base_delta,
+      faults=faults_lib.Faults(**config.faults.to_dict()) if "faults" in config else None)
+  return Experiment(config, data, task, method, backbone, targets, trainable, client_update, fed_round,
+                    mesh, ranks, client_signatures, new_signatures)
+
+
+def with_checkpoint_architecture(config: ml_collections.ConfigDict,
+                                 log: Callable[[str], None] = print) -> ml_collections.ConfigDict:
+  """A text config with `model.*` set from `pretrain.checkpoint`'s config.json (logged)."""
+  from hyperlora_jax.models import hf
+  directory = config.pretrain.get("checkpoint", "")
+  if not directory:
+    return config
+  name, arch = hf.architecture(hf.read_config(directory))
+  if name != "llama":
+    raise hf.CheckpointError(f"{directory} holds a {name} checkpoint; text runs take Llama-family decoders")
+  model = {"name": name, "remat": bool(config.model.get("remat", False)), **arch}
+  if model == config.model.to_dict():
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model = ml_collections.ConfigDict(model)
+  log(f"model: the architecture of {directory}: " + ", ".join(f"model.{k}={v!r}" for k, v in arch.items()))
+  return config

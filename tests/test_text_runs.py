@@ -1,0 +1,93 @@
+"""Text runs end to end (configs/instruction_tuning.py): the fixture Llama checkpoint on a Dolly
+file the test writes, the embedded decoder on the embedded records, resume, every method."""
+import json
+import os
+
+import pytest
+
+from configs import instruction_tuning
+from experiments.runner import methods, reporting
+from experiments.runner.config_validation import ConfigError
+from experiments.runner.train import train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LLAMA = os.path.join(ROOT, "tests", "fixtures", "hf_llama")
+CATEGORIES = ("brainstorming", "open_qa", "classification")
+
+
+def _dolly_file(path):
+  """24 short Dolly records, 8 per category, distinct."""
+  with open(path, "w") as f:
+    for i in range(8):
+      for c, category in enumerate(CATEGORIES):
+        f.write(json.dumps({"instruction": f"Give {i} {category}.", "context": "" if c else f"{i} apples",
+                            "response": f"{category} {i}.", "category": category}) + "\n")
+  return str(path)
+
+
+def _config(tmp_path, cache_dirs, method="fedit", rounds=3):
+  config = instruction_tuning.get_config(f"smoke,method={method},rounds={rounds},checkpoint={LLAMA},"
+                                         f"data={_dolly_file(tmp_path / 'dolly.jsonl')}")
+  config.pretrain.cache_dir = cache_dirs["cache_dir"]
+  config.data.num_clients, config.fed.clients_per_round = 3, 3
+  config.data.max_len = 160  # The fixture's tokenizer was trained on 9 sentences: long ids.
+  return config
+
+
+def test_a_checkpoint_and_a_dolly_file_train_resume_and_report(tmp_path, cache_dirs):
+  """One trace per run; next-token accuracies in [0, 1]; killed after round 3 of 4 (saved at 2)
+  and resumed, the records are those of the straight run."""
+  config = _config(tmp_path, cache_dirs, rounds=4)
+  straight = train_and_evaluate(config, str(tmp_path / "straight"), progress=False)
+  assert straight["round_traces"] == 1
+  records = straight["records"]
+  assert [r["round"] for r in records] == [1, 2, 3, 4]
+  assert all(0 <= r["global_accuracy"] <= 1 and r["personalized_accuracy_worst"] <= r["personalized_accuracy_mean"]
+             for r in records)
+  assert records[-1]["train_loss"] < records[0]["train_loss"]
+  assert all(1 < r["global_perplexity"] and r["personalized_perplexity_mean"] <= r["personalized_perplexity_worst"]
+             for r in records)
+  assert records[-1]["global_perplexity"] < records[0]["global_perplexity"]
+  assert "perplexity             global" in straight["summary"]
+  killed = str(tmp_path / "killed")
+  train_and_evaluate(config, killed, stop_after_round=3, progress=False)
+  train_and_evaluate(config, killed, progress=False)
+  assert reporting.read_metrics(killed) == reporting.read_metrics(str(tmp_path / "straight"))
+  config.data.max_len = 64
+  with pytest.raises(ConfigError, match="data.max_len: 24 of 24 records keep no response token"):
+    train_and_evaluate(config, str(tmp_path / "short"), progress=False)
+  recorded = json.load(open(tmp_path / "straight" / "config.json"))
+  assert recorded["model"]["num_kv_heads"] == 2 and recorded["model"]["vocab_size"] == 360  # From config.json.
+
+
+# Local leaves (FedSA-LoRA) and a server residual on the frozen weights (FLoRA) in every CI run;
+# the others (about 15-60 s each on 2 cores) with the slow tests.
+IN_CI = ("fedsa_lora", "flora")
+
+
+@pytest.mark.parametrize("method", [m if m in IN_CI else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in sorted(methods.METHODS)])
+def test_every_method_runs_on_text(method, tmp_path, cache_dirs):
+  config = _config(tmp_path, cache_dirs, method=method, rounds=1)
+  result = train_and_evaluate(config, str(tmp_path / method), progress=False)
+  record = result["records"][-1]
+  assert result["round_traces"] == 1 and 0 <= record["personalized_accuracy_mean"] <= 1
+
+
+def test_the_embedded_decoder_is_pretrained_cached_and_tuned_by_hyperlora(tmp_path, cache_dirs):
+  """The smoke variant with no checkpoint: a tokenizer and decoder trained on the Language
+  Reference (cached as a Hugging Face directory), HyperLoRA's text signatures, one round on the
+  docstring records in 13 categories."""
+  from experiments.runner import pretrain_text
+  from hyperlora_jax.models import hf
+  config = instruction_tuning.get_config("smoke,method=hyperlora,rounds=1")
+  config.pretrain.cache_dir = cache_dirs["cache_dir"]
+  config.pretrain.steps = 10
+  logs = []
+  result = train_and_evaluate(config, str(tmp_path / "run"), progress=False, log=logs.append)
+  assert any("records of 'stdlib_docs' in 13 group(s)" in line for line in logs)
+  assert result["round_traces"] == 1 and result["records"][-1]["bytes_up"] > 0
+  directory = pretrain_text.cache_path(config)
+  model, _, tokenizer, _ = pretrain_text.load_or_pretrain_decoder(config, logs.append)
+  assert logs[-1] == f"backbone: restored from {directory}"
+  assert hf.read_checkpoint(directory)[0] == "llama" and tokenizer.vocab_size == model.vocab_size == 2048
