@@ -10,7 +10,7 @@ setup(
         "jax>=0.10", "flax>=0.12", "optax>=0.2.8", "orbax-checkpoint>=0.12",
         "tensorflow-datasets>=4.9.10", "array-record>=0.8", "importlib_resources", "etils",
         "ml-collections>=1.1", "absl-py", "numpy>=2", "scipy", "scikit-learn>=1.5",
-        "matplotlib", "pillow", "tqdm", "safetensors>=0.4", "tokenizers>=0.20", "jinja2>=3.1", "dp-accounting>=0.4",
+        "matplotlib", "pillow", "tqdm", "safetensors>=0.4", "tokenizers>=0.20", "jinja2>=3.1", "pyarrow", "dp-accounting>=0.4",
     ],
     extras_require={"test": ["pytest>=8", "chex>=0.1.90", "ruff>=0.6"],
                     "bench": ["torch>=2.4"]},  # Optional PyTorch rows of `make bench`.

@@ -266,3 +266,18 @@ def test_an_image_run_given_a_decoder_checkpoint_says_what_it_is():
   config.pretrain.checkpoint = os.path.join(FIXTURES, "hf_llama")
   with pytest.raises(CheckpointError, match="pretrain.checkpoint: .*hf_llama holds a decoder language model"):
     pretrain.with_checkpoint_architecture(config, log=lambda _: None)
+
+
+@pytest.mark.parametrize("name", ["hf_llama", "hf_qwen2", "hf_mistral"])
+def test_a_saved_decoder_is_the_checkpoint_it_was_loaded_from(name, tmp_path):
+  """`hf.save_causal_lm` inverts the loader: every tensor of the transformers checkpoint comes
+  back under its name, bit for bit, and config.json gives the same architecture (the fixture
+  script also loads such a directory with transformers and compares logits)."""
+  model, variables, _ = hf.load_causal_lm(os.path.join(FIXTURES, name))
+  hf.save_causal_lm(str(tmp_path / "out"), model, variables)
+  original, _ = hf.read_tensors(os.path.join(FIXTURES, name))
+  saved = load_file(str(tmp_path / "out" / "model.safetensors"))
+  assert set(saved) == set(original)
+  for key, value in original.items():
+    np.testing.assert_array_equal(saved[key], value)
+  assert hf.read_checkpoint(str(tmp_path / "out"))[:2] == hf.read_checkpoint(os.path.join(FIXTURES, name))[:2]
