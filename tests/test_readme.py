@@ -31,7 +31,7 @@ def test_every_example_block_is_tested():
   with open(os.path.join(ROOT, "README.md")) as f:
     markers = set(re.findall(r"<!-- example:([\w-]+) -->", f.read()))
   tested = {"text-classifier", "regression", "scale", "aggregators", "generator", "attention", "nnx", "peft",
-            "hyperlora", "huggingface"}
+            "hyperlora", "huggingface", "decoder"}
   assert markers == tested
 
 
@@ -225,3 +225,26 @@ def test_huggingface_example_loads_the_checkpoint_and_exports_names_peft_attache
   with open(os.path.join(ns["directory"], "adapter_config.json")) as f:
     config = json.load(f)
   assert sorted(config["target_modules"]) == sorted(f"layers.{i}.attention.{p}_proj" for i in range(2) for p in "qv")
+
+
+def test_decoder_example_tunes_generates_and_exports_reference_names():
+  """The fixture Llama: the round lowers the loss on the two records, the cached generation is
+  a full recompute's greedy tokens, the adapter names are LlamaForCausalLM's."""
+  import json as json_lib
+  cwd = os.getcwd()
+  os.chdir(ROOT)
+  try:
+    ns = _run("decoder")
+  finally:
+    os.chdir(cwd)
+  task, frozen, batch = ns["task"], ns["frozen_tree"](ns["variables"]), ns["batch"]
+  assert task.loss_fn({"lora": ns["tuned"]}, frozen, batch, None)[0] < task.loss_fn(ns["adapter"], frozen, batch, None)[0]
+  tokens = list(np.asarray(ns["tokens"][0]))
+  model, variables, tuned, sequence = ns["model"], ns["variables"], ns["tuned"], list(ns["prompt"])
+  for t in tokens[:2]:  # No cache: the whole sequence each time.
+    logits = ns["hl"].lora.apply(model, variables, tuned, jnp.asarray([sequence]), scale=task.scale)
+    assert int(jnp.argmax(logits[0, -1])) == t
+    sequence.append(t)
+  assert isinstance(ns["answer"], str) and len(tokens) == 4
+  with open(os.path.join(ns["adapter_dir"], "adapter_config.json")) as f:
+    assert "model.layers.1.self_attn.v_proj" in json_lib.load(f)["target_modules"]
