@@ -176,8 +176,19 @@ def prepare_shared_inputs(configs: list, log=print) -> None:
   A failure here is only logged: the runs that need that input fail and are recorded."""
   from experiments.runner import pretrain
   from experiments.runner.data.loader import prepare_dataset
+  from experiments.runner import pretrain_text
+  from experiments.runner.config_validation import is_text
   done = set()
   for config in configs:
+    if is_text(config):  # The records are read by each run; the embedded decoder is built once.
+      key = config.pretrain.get("checkpoint", "") or pretrain_text.cache_path(config)
+      try:
+        if key not in done and not config.pretrain.get("checkpoint", ""):
+          done.add(key)
+          pretrain_text.load_or_pretrain_decoder(config, log=log)
+      except Exception as e:  # The affected runs report it themselves.
+        log(f"sweep: preparing the decoder for {config.benchmark} failed ({type(e).__name__}: {e})")
+      continue
     data_key = (config.data.name, config.data.data_dir)
     backbone_key = None if pretrain.real_checkpoint(config) else pretrain.cache_path(config)  # Nothing to make.
     try:

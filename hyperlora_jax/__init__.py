@@ -26,10 +26,13 @@ and `models.load` / `models.hf` (`.npz` checkpoints, Hugging Face checkpoint dir
   hyper        HyperLoRA: signatures, the generator (a plug-in), the synthesizer (an aggregator)
   peft         adapters to and from Hugging Face PEFT's safetensors layout
   distributed  several processes: initialize (flags or auto), main process, barrier, to_host
-  tasks        tasks built on the library (image classification)
-  models       Flax backbones (ViT, MLP-Mixer, a CLIP dual encoder) and their checkpoint loaders
-               (.npz; Hugging Face ViT and CLIP with its tokenizer); they know nothing of
-               federation or LoRA, and the modules above do not import them
+  text         instruction records as fixed-shape ids, the loss on the response only
+  tasks        tasks built on the library (image classification; instruction tuning of a
+               causal LM: next-token loss, accuracy, perplexity)
+  models       Flax backbones (ViT, MLP-Mixer, a CLIP dual encoder, a Llama-family decoder with
+               cached generation) and their checkpoint loaders (.npz; Hugging Face ViT, CLIP and
+               Llama / Mistral / Qwen2 in and out, their tokenizers and chat templates); they know
+               nothing of federation or LoRA, and the modules above do not import them
 """
 from hyperlora_jax import (aggregators, autotune, diagnostics, faults, federated, hyper, lora, peft, primitives,
                            privacy, states)

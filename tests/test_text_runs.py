@@ -91,3 +91,16 @@ def test_the_embedded_decoder_is_pretrained_cached_and_tuned_by_hyperlora(tmp_pa
   model, _, tokenizer, _ = pretrain_text.load_or_pretrain_decoder(config, logs.append)
   assert logs[-1] == f"backbone: restored from {directory}"
   assert hf.read_checkpoint(directory)[0] == "llama" and tokenizer.vocab_size == model.vocab_size == 2048
+
+
+def test_a_sweep_prepares_the_embedded_decoder_once(tmp_path, cache_dirs):
+  """`sweep.prepare_shared_inputs` on text configs: the decoder of each distinct cache key is
+  built once before the runs start, and nothing fails."""
+  from experiments import sweep
+  config = instruction_tuning.get_config("smoke,method=fedit")
+  config.pretrain.cache_dir = cache_dirs["cache_dir"]
+  config.pretrain.steps = 10
+  logs = []
+  sweep.prepare_shared_inputs([config, config], log=logs.append)
+  assert not any("failed" in line for line in logs)
+  assert len([line for line in logs if line.startswith(("backbone: pretraining", "backbone: restored"))]) == 1
