@@ -423,13 +423,7 @@ def preflight(config: ml_collections.ConfigDict) -> None:
   names = loader.label_names(config.data.name, data_dir)
   model = models.model_from_config(config.model, len(names), names)
   images = jnp.zeros((1, config.data.image_size, config.data.image_size, 3), jnp.uint8)
-  inputs = models.preprocess_images(images)
-  try:
-    targets = lora.find_targets(model, jax.eval_shape(model.init, jax.random.key(0), inputs), inputs,
-                                target_regex=config.lora.target_regex)
-  except ValueError as e:
-    raise ConfigError(f"lora.target_regex: {e}") from None
-  _check_rank_fits(config, targets)
+  _check_lora_fits(config, model, models.preprocess_images(images))
 
 
 
@@ -445,16 +439,17 @@ def _preflight_text(config: ml_collections.ConfigDict) -> None:
     if not _writable_dir(cache_dir):
       raise ConfigError(f"pretrain.cache_dir: cannot write to {cache_dir!r}")
     model = pretrain_text.decoder_from_config(config.model, config.pretrain.vocab_size)
-  ids = jnp.zeros((1, 4), jnp.int32)
+  _check_lora_fits(config, model, jnp.zeros((1, 4), jnp.int32))
+
+
+def _check_lora_fits(config: ml_collections.ConfigDict, model, example) -> None:
+  """`lora.target_regex` matches layers LoRA supports on `model` (abstract shapes only, from
+  `example` inputs), and `lora.rank` fits each of them."""
   try:
-    targets = lora.find_targets(model, jax.eval_shape(model.init, jax.random.key(0), ids), ids,
+    targets = lora.find_targets(model, jax.eval_shape(model.init, jax.random.key(0), example), example,
                                 target_regex=config.lora.target_regex)
   except ValueError as e:
     raise ConfigError(f"lora.target_regex: {e}") from None
-  _check_rank_fits(config, targets)
-
-
-def _check_rank_fits(config: ml_collections.ConfigDict, targets: dict) -> None:
   narrow = {path: shape for path, shape in targets.items() if min(shape) < config.lora.rank}
   if narrow:
     raise ConfigError(f"lora.rank: {config.lora.rank} exceeds the smaller side of targeted layer(s) "

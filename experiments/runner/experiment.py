@@ -71,12 +71,7 @@ def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], Non
   if is_text(config):
     from experiments.runner.text_experiment import build_text_experiment
     return build_text_experiment(config, log)
-  validate_config(config, methods.METHODS, methods.METHOD_BLOCKS)
-  preflight(config)
-  mesh = check_mesh_fits(config)
-  method = methods.build_method(config)
-  server_optimizer = build_optimizer(config.server_optimizer)
-  check_method_fits(config, method, server_optimizer)
+  mesh, method, server_optimizer = checked_method(config)
   data = build_federated_data(config)
   if config.data.get("validation_fraction", 0.0):
     log(f"evaluating on a validation split: {config.data.validation_fraction:g} of each client's training "
@@ -111,6 +106,17 @@ def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], Non
       load_batches=chunk_image_loader(data.train_pool) if config.data.feed == "chunk" else None)
   return Experiment(config, data, task, method, backbone, targets, trainable, client_update, fed_round,
                     mesh, ranks, client_signatures, new_signatures)
+
+
+def checked_method(config: ml_collections.ConfigDict) -> tuple[Any, methods.Method, Any]:
+  """(clients mesh, method, server optimizer) after every config check (`config_validation`)."""
+  validate_config(config, methods.METHODS, methods.METHOD_BLOCKS)
+  preflight(config)
+  mesh = check_mesh_fits(config)
+  method = methods.build_method(config)
+  server_optimizer = build_optimizer(config.server_optimizer)
+  check_method_fits(config, method, server_optimizer)
+  return mesh, method, server_optimizer
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int, class_names) -> Any:

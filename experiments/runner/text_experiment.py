@@ -17,8 +17,7 @@ import ml_collections
 import numpy as np
 
 from experiments.runner import methods, pretrain_text
-from experiments.runner.config_validation import (ConfigError, check_mesh_fits, check_method_fits, preflight,
-                                                  validate_config)
+from experiments.runner.config_validation import ConfigError
 from experiments.runner.data import instructions
 from experiments.runner.federated_data import FederatedData, client_blocks, partitioned
 from experiments.runner.optimizers import build_optimizer
@@ -66,13 +65,8 @@ def text_signatures(config: ml_collections.ConfigDict, method: methods.Method, d
 
 def build_text_experiment(config: ml_collections.ConfigDict, log: Callable[[str], None] = print):
   """Validates the config, loads the decoder and the records, builds the round (no compilation)."""
-  from experiments.runner.experiment import Experiment, client_ranks, round_plugins
-  validate_config(config, methods.METHODS, methods.METHOD_BLOCKS)
-  preflight(config)
-  mesh = check_mesh_fits(config)
-  method = methods.build_method(config)
-  server_optimizer = build_optimizer(config.server_optimizer)
-  check_method_fits(config, method, server_optimizer)
+  from experiments.runner.experiment import Experiment, checked_method, client_ranks, round_plugins
+  mesh, method, server_optimizer = checked_method(config)
   model, backbone, tokenizer, _ = pretrain_text.load_or_pretrain_decoder(config, log)
   compute_dtype = backbone_dtype(config.compute.backbone_dtype)
   model = model.clone(dtype=compute_dtype)
