@@ -21,7 +21,7 @@ check-run: $(VENV)/.installed
 # Lint, then every test but the few marked slow (multi-process end-to-end runs).
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -m "not slow" --durations=15 tests
+	$(PY) -m pytest -q -n auto -m "not slow" --durations=15 tests
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow tests
