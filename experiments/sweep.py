@@ -181,11 +181,12 @@ def prepare_shared_inputs(configs: list, log=print) -> None:
   done = set()
   for config in configs:
     if is_text(config):  # The records are read by each run; the embedded decoder is built once.
-      key = config.pretrain.get("checkpoint", "") or pretrain_text.cache_path(config)
+      key = pretrain_text.cache_path(config)
+      if config.pretrain.get("checkpoint", "") or key in done:
+        continue
+      done.add(key)
       try:
-        if key not in done and not config.pretrain.get("checkpoint", ""):
-          done.add(key)
-          pretrain_text.load_or_pretrain_decoder(config, log=log)
+        pretrain_text.load_or_pretrain_decoder(config, log=log)
       except Exception as e:  # The affected runs report it themselves.
         log(f"sweep: preparing the decoder for {config.benchmark} failed ({type(e).__name__}: {e})")
       continue

@@ -111,6 +111,8 @@ def test_a_text_config_names_the_field_it_cannot_take(change, message):
 
 
 def test_the_text_config_is_valid_for_every_method():
+  """Every method's text config passes validation (a refusal raises) and builds that method."""
   for method in methods.METHODS:
     config = instruction_tuning.get_config(f"smoke,method={method}")
     validate_config(config, methods.METHODS, methods.METHOD_BLOCKS)
+    assert methods.build_method(config).name == method and config.task == "instruction_tuning"

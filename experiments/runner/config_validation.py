@@ -148,8 +148,8 @@ def _validate_text(config: ml_collections.ConfigDict) -> None:
            "must be >= 0 for text runs (the measured choice, -1, times image blocks)")
   _one_of(config.model.name, ("llama",), "model.name")
   for field in config.model:
-    _require(field == "name" or field in pretrain_text.ARCH_FIELDS + ("rope_scaling", "sliding_window"),
-             f"model.{field}", f"not a field of the decoder; its fields: {', '.join(pretrain_text.ARCH_FIELDS)}")
+    _require(field == "name" or field in pretrain_text.MODEL_FIELDS,
+             f"model.{field}", f"not a field of the decoder; its fields: {', '.join(pretrain_text.MODEL_FIELDS)}")
   checkpoint = config.pretrain.get("checkpoint", "")
   if checkpoint:
     _require(os.path.isdir(checkpoint), "pretrain.checkpoint", f"no such directory: {checkpoint!r}")

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
   from experiments.runner.experiment import Experiment
 
 
-def run_evaluator(exp: Experiment) -> Callable[..., Callable[[], tuple[float, np.ndarray]]]:
+def run_evaluator(exp: Experiment, with_extras: bool = False) -> Callable[..., Callable[[], tuple]]:
   """The run's evaluation: `evaluate(state, frozen, transform_images=None)` dispatches the
   evaluation of `state` and returns `collect()`, which waits for it and gives (global accuracy
   (NaN without a global model), [N] client accuracies). In between, the state may be donated
@@ -27,35 +27,39 @@ def run_evaluator(exp: Experiment) -> Callable[..., Callable[[], tuple[float, np
 
   `transform_images`: images [..., H, W, 3] uint8 -> the same shape and dtype, applied to
   every test block before it is evaluated (a test-time shift, `data.corruptions`); the blocks
-  are then read again, and the compiled evaluation is reused."""
-  return _evaluator(exp, None)
+  are then read again, and the compiled evaluation is reused.
 
-
-def run_perplexity_evaluator(exp: Experiment) -> Callable[..., Callable[[], dict]] | None:
-  """For a text task (one with `nll_counts`): `evaluate(state, frozen)` -> `collect()` ->
-  {"global_perplexity", "personalized_perplexity_mean", "personalized_perplexity_worst" (the
-  largest)} over the response tokens, dispatched like `run_evaluator`'s; None for other tasks."""
-  if not hasattr(exp.task, "nll_counts"):
-    return None
-  mean_nll = _evaluator(exp, exp.task.nll_counts)
+  A text task (one with `accuracy_and_nll`) evaluates next-token accuracy and the response
+  tokens' mean nll in the same pass; with `with_extras`, `collect()` gives a third item, a
+  text task's perplexities {"global_perplexity", "personalized_perplexity_mean",
+  "personalized_perplexity_worst" (the largest)} ({} for other tasks)."""
+  text = hasattr(exp.task, "accuracy_and_nll")
+  rates = _evaluator(exp, exp.task.accuracy_and_nll if text else None)
   has_test = exp.data.has_test_examples()
 
-  def evaluate(state, frozen):
-    collect_nll = mean_nll(state, frozen)
+  def evaluate(state, frozen, transform_images=None):
+    collect_rates = rates(state, frozen, transform_images)
 
     def collect():
-      global_nll, client_nll = collect_nll()
-      perplexity = np.exp(client_nll[has_test])
-      return {"global_perplexity": float(np.exp(global_nll)) if not math.isnan(global_nll) else math.nan,
-              "personalized_perplexity_mean": float(perplexity.mean()),
-              "personalized_perplexity_worst": float(perplexity.max())}
+      global_rates, client_rates = collect_rates()
+      if not text:
+        return (float(global_rates), client_rates) + (({},) if with_extras else ())
+      (global_accuracy, global_nll), (accuracies, nll) = global_rates, client_rates.T
+      perplexity = np.exp(nll[has_test])
+      extras = {"global_perplexity": float(np.exp(global_nll)),
+                "personalized_perplexity_mean": float(perplexity.mean()),
+                "personalized_perplexity_worst": float(perplexity.max())}
+      return (float(global_accuracy), accuracies) + ((extras,) if with_extras else ())
 
     return collect
 
   return evaluate
 
 
-def _evaluator(exp: Experiment, counts: Callable | None) -> Callable[..., Callable[[], tuple[float, np.ndarray]]]:
+def _evaluator(exp: Experiment, counts: Callable | None) -> Callable[..., Callable[[], tuple[np.ndarray, np.ndarray]]]:
+  """`evaluate(state, frozen, transform_images)` -> `collect()` -> (global hits / count: a scalar,
+  or [m] when `counts` gives m hits per count (NaN without a global model); [N] or [N, m] per
+  client), `counts` as `make_evaluate`'s."""
   chunk = exp.fed_round.clients_per_chunk
   evaluation = task_lib.make_evaluate(exp.task, exp.fed_round, eval_batch=exp.config.eval_batch,
                                       clients_per_chunk=chunk, counts=counts)
@@ -80,10 +84,10 @@ def _evaluator(exp: Experiment, counts: Callable | None) -> Callable[..., Callab
     def collect():
       correct = count = np.float32(0.0)
       for c, n in counts:  # Integer counts: exact in float32, as on the device.
-        correct, count = correct + np.float32(c), count + np.float32(n)
-      global_accuracy = float(correct / max(count, np.float32(1.0)))
+        correct, count = correct + np.asarray(c, np.float32), count + np.float32(n)
+      rates = correct / max(count, np.float32(1.0))
       accuracies = np.concatenate([distributed.to_host(a) for a in per_client])[:data.num_clients]
-      return (global_accuracy if exp.method.has_global_model else math.nan), accuracies
+      return (rates if exp.method.has_global_model else np.full_like(rates, np.nan)), accuracies
 
     return collect
 

@@ -129,11 +129,13 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, class_names
 
 
 def every_client_signature(config: ml_collections.ConfigDict, method: methods.Method, data: FederatedData,
-                           model: Any, backbone: Any,
-                           preprocess: Callable = models.preprocess_images) -> tuple[np.ndarray, np.ndarray]:
+                           model: Any, backbone: Any, preprocess: Callable = models.preprocess_images,
+                           **featurizer) -> tuple[np.ndarray, np.ndarray]:
   """([num_clients, D], [heldout_clients, D]) signatures of the training and the held-out new
   clients (`hyper.signatures`), computed block by block with one noise key per client;
-  clipped and noised under DP (`hyperlora_jax.privacy`; validation checked the fields)."""
+  clipped and noised under DP (`hyperlora_jax.privacy`; validation checked the fields).
+  `featurizer`: `compute_signatures`' `featurize` and `example_keys`, for other examples than
+  images (text runs)."""
   hl = config.hyperlora
   every_part = data.train_parts + data.new_train_parts
   keys = jax.random.split(jax.random.key(config.seed), len(every_part))  # One noise key per client.
@@ -145,7 +147,7 @@ def every_client_signature(config: ml_collections.ConfigDict, method: methods.Me
       signatures_lib.compute_signatures(
           model, backbone, block, method.signature_kinds, data.num_classes,
           preprocess=preprocess, covariance_rank=hl.covariance_rank, noise_std=noise_std,
-          seed=config.seed, client_keys=keys[ids], clip_norm=clip)
+          seed=config.seed, client_keys=keys[ids], clip_norm=clip, **featurizer)
       for ids, block in client_blocks(data.train_pool, every_part, data.chunk_examples)])[:len(every_part)]
   return every_signature[:data.num_clients], every_signature[data.num_clients:]
 

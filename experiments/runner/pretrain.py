@@ -157,7 +157,8 @@ def with_checkpoint_architecture(config: ml_collections.ConfigDict,
   Raises:
     models.load.CheckpointError: the directory holds no supported checkpoint.
   """
-  if config.get("task", "image_classification") == "instruction_tuning":
+  from experiments.runner.config_validation import is_text  # It imports this module.
+  if is_text(config):
     from experiments.runner.text_experiment import with_checkpoint_architecture as text_architecture
     try:
       return text_architecture(config, log)

@@ -33,6 +33,7 @@ PRETRAIN_SEED = 0
 # DecoderLM fields a text config's `model` block may set (the rest keep their defaults).
 ARCH_FIELDS = ("vocab_size", "width", "depth", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "rms_norm_eps",
                "rope_theta", "tie_embeddings", "qkv_bias", "out_bias", "mlp_bias", "remat")
+MODEL_FIELDS = ARCH_FIELDS + ("rope_scaling", "sliding_window")  # The last two converted by `decoder_from_config`.
 
 
 def decoder_from_config(model_config: ml_collections.ConfigDict, vocab_size: int | None = None) -> DecoderLM:

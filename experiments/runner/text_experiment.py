@@ -4,27 +4,26 @@ The same round, methods, checkpoints, records and report as an image run; what d
 here: the frozen decoder and its tokenizer (`pretrain_text`), the instruction records tokenized
 into `instructions.TextDataset` pools partitioned by their groups, the `tasks.causal_lm` task
 (next-token loss on response tokens; accuracy = next-token accuracy), and HyperLoRA's text
-signatures: the group histogram ("label") and statistics of the frozen decoder's mean hidden
-state per record ("features"), clipped and noised as image signatures are under DP.
+signatures (`experiment.every_client_signature` with the decoder's featurizer): the group
+histogram ("label") and statistics of the frozen decoder's mean hidden state per record
+("features"), clipped and noised as image signatures are under DP.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from experiments.runner import methods, pretrain_text
+from experiments.runner import pretrain_text
 from experiments.runner.config_validation import ConfigError
 from experiments.runner.data import instructions
-from experiments.runner.federated_data import FederatedData, client_blocks, partitioned
+from experiments.runner.federated_data import FederatedData, partitioned
 from experiments.runner.optimizers import build_optimizer
 from hyperlora_jax import federated, lora
 from hyperlora_jax import faults as faults_lib
 from hyperlora_jax.client import local_update
-from hyperlora_jax.hyper import signatures as signatures_lib
 from hyperlora_jax.tasks import causal_lm
 from hyperlora_jax.tasks.common import apply_base_delta, backbone_dtype
 
@@ -38,34 +37,14 @@ def build_text_federated_data(config: ml_collections.ConfigDict, tokenizer, log:
                       f"within data.max_len={config.data.max_len} tokens (their prompts fill it); raise it")
   log(f"data: {len(train)} train / {len(test)} test records of {config.data.name!r} in {train.num_classes} "
       f"group(s) by {config.data.group_field or '(none)'!r}; {train.truncated + test.truncated} cut to "
-      f"data.max_len={config.data.max_len} tokens ({train.no_loss + test.no_loss} with no response token left)")
+      f"data.max_len={config.data.max_len} tokens ({lost} with no response token left)")
   return partitioned(config, train, test)
-
-
-def text_signatures(config: ml_collections.ConfigDict, method: methods.Method, data: FederatedData, model: Any,
-                    backbone: Any) -> tuple[np.ndarray, np.ndarray]:
-  """([num_clients, D], [heldout_clients, D]) signatures of the text clients (as
-  `experiment.every_client_signature`, with the decoder's mean hidden state as features)."""
-  hl = config.hyperlora
-  every_part = data.train_parts + data.new_train_parts
-  keys = jax.random.split(jax.random.key(config.seed), len(every_part))
-  noise_std, clip = hl.signature_noise_std, None
-  if methods.dp_on(config):
-    clip = config.dp.signature_clip_norm
-    noise_std = config.dp.signature_noise_multiplier * clip
-  featurize = lambda ids, mask: causal_lm.mean_hidden_state(model, backbone, ids, mask)
-  every_signature = np.concatenate([
-      signatures_lib.compute_signatures(
-          model, backbone, block, method.signature_kinds, data.num_classes, featurize=featurize,
-          example_keys=("input_ids", "attention_mask"), covariance_rank=hl.covariance_rank, noise_std=noise_std,
-          seed=config.seed, client_keys=keys[ids], clip_norm=clip)
-      for ids, block in client_blocks(data.train_pool, every_part, data.chunk_examples)])[:len(every_part)]
-  return every_signature[:data.num_clients], every_signature[data.num_clients:]
 
 
 def build_text_experiment(config: ml_collections.ConfigDict, log: Callable[[str], None] = print):
   """Validates the config, loads the decoder and the records, builds the round (no compilation)."""
-  from experiments.runner.experiment import Experiment, checked_method, client_ranks, round_plugins
+  from experiments.runner.experiment import (Experiment, checked_method, client_ranks, every_client_signature,
+                                             round_plugins)
   mesh, method, server_optimizer = checked_method(config)
   model, backbone, tokenizer, _ = pretrain_text.load_or_pretrain_decoder(config, log)
   compute_dtype = backbone_dtype(config.compute.backbone_dtype)
@@ -78,8 +57,10 @@ def build_text_experiment(config: ml_collections.ConfigDict, log: Callable[[str]
                "head": {}}
   task = causal_lm.CausalLM(model, lora.lora_scale(config.lora.alpha, config.lora.rank, config.lora.rslora),
                             compute_dtype)
-  client_signatures, new_signatures = (text_signatures(config, method, data, model, backbone)
-                                       if method.signature_kinds else (None, None))
+  client_signatures, new_signatures = (
+      every_client_signature(config, method, data, model, backbone, example_keys=("input_ids", "attention_mask"),
+                             featurize=lambda ids, mask: causal_lm.mean_hidden_state(model, backbone, ids, mask))
+      if method.signature_kinds else (None, None))
   signature_dim = 0 if client_signatures is None else client_signatures.shape[-1]
   ranks = client_ranks(config, data.num_clients)
   client_update = local_update(task.loss_fn, build_optimizer(config.client_optimizer))

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from experiments.runner import methods, pretrain, records as records_lib, reporting
 from experiments.runner import workdir as workdir_lib
 from experiments.runner.data.loader import prepare_dataset
-from experiments.runner.evaluation import evaluate_new_clients, run_evaluator, run_perplexity_evaluator
+from experiments.runner.evaluation import evaluate_new_clients, run_evaluator
 from experiments.runner.experiment import Experiment, build_experiment
 from experiments.runner.feeding import round_on_mesh
 from hyperlora_jax import autotune, diagnostics, distributed, federated, primitives
@@ -48,16 +48,14 @@ class PendingRound:
   index: the round (0-based); metrics: its device metrics; client_ids: [C] host ids (-1 =
   padding); global_finite: device bool, the new global model is finite; collect_evaluation:
   waits for the dispatched evaluation (None: not an evaluation round); new_clients: the
-  held-out new clients' accuracies (last round only, else empty); collect_perplexity: a text
-  run's perplexities (`evaluation.run_perplexity_evaluator`), on evaluation rounds.
+  held-out new clients' accuracies (last round only, else empty).
   """
   index: int
   metrics: dict
   client_ids: np.ndarray
   global_finite: Any
-  collect_evaluation: Callable[[], tuple[float, np.ndarray]] | None
+  collect_evaluation: Callable[[], tuple[float, np.ndarray, dict]] | None
   new_clients: dict
-  collect_perplexity: Callable[[], dict] | None = None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -109,7 +107,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_round: i
 
   round_fn = jax.jit(traced_round, donate_argnums=(0,))
   global_is_finite = jax.jit(lambda state: primitives.is_finite(exp.fed_round.global_params(state)))
-  evaluate, perplexity = run_evaluator(exp), run_perplexity_evaluator(exp)
+  evaluate = run_evaluator(exp, with_extras=True)
   per_client = primitives.clients_sharding(exp.mesh)
   last_round = config.fed.num_rounds if stop_after_round is None else min(stop_after_round, config.fed.num_rounds)
   bar = tqdm(range(done, last_round), initial=done, total=config.fed.num_rounds,
@@ -130,7 +128,6 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_round: i
     pending = PendingRound(
         index=r, metrics=round_metrics, client_ids=host_ids, global_finite=global_is_finite(state),
         collect_evaluation=evaluate(state, frozen) if evaluating else None,
-        collect_perplexity=perplexity(state, frozen) if evaluating and perplexity else None,
         new_clients=evaluate_new_clients(exp, state, frozen) if r + 1 == config.fed.num_rounds else {})
     saving = (r + 1) % config.checkpoint_every == 0 or r + 1 == config.fed.num_rounds
     if saving or r + 1 == last_round:  # A saved state is checked first; the last round ends here.
@@ -259,13 +256,12 @@ def finish_round(exp: Experiment, workdir: str, pending: PendingRound, records: 
            else f"no checkpoint was saved in {workdir}"))
   if pending.collect_evaluation is not None:
     has_test = exp.data.has_test_examples()
-    global_accuracy, acc = pending.collect_evaluation()
+    global_accuracy, acc, extras = pending.collect_evaluation()  # extras: a text run's perplexities.
     record.update(global_accuracy=global_accuracy,
                   personalized_accuracy_mean=float(acc[has_test].mean()),
                   personalized_accuracy_worst=float(acc[has_test].min()))
+    record.update(extras)
     bar.set_postfix(acc=f"{record['global_accuracy']:.3f}", pers=f"{record['personalized_accuracy_mean']:.3f}")
-  if pending.collect_perplexity is not None:
-    record.update(pending.collect_perplexity())
   record.update(pending.new_clients)
   main_process = distributed.is_main_process()
   rejected = [key for key in records_lib.REJECTION_METRICS if record[key]]

@@ -340,7 +340,7 @@ def _clip_source(name: str) -> tuple[str, str]:
 _DECODER_BLOCK = {"attn/query": "self_attn.q_proj", "attn/key": "self_attn.k_proj", "attn/value": "self_attn.v_proj",
                   "attn/out": "self_attn.o_proj", "mlp/gate": "mlp.gate_proj", "mlp/up": "mlp.up_proj",
                   "mlp/down": "mlp.down_proj", "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
-# Buffers older checkpoints saved, and heads a tied model does not use.
+# Buffers older checkpoints saved (a tied model's saved lm_head is dropped too: `decoder_params`).
 _DECODER_DROPPED = ("rotary_emb.inv_freq",)
 
 

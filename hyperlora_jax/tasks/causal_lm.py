@@ -85,11 +85,12 @@ class CausalLM:
     counts = self.token_counts(frozen, trainable, data)
     return counts.correct, counts.tokens
 
-  def nll_counts(self, frozen: dict, trainable: Any, data: dict) -> tuple[jax.Array, jax.Array]:
-    """(Σ nll, counted tokens) over `data`: `image_classification.make_evaluate(counts=...)`
-    then gives mean nlls, whose exp is the perplexity."""
+  def accuracy_and_nll(self, frozen: dict, trainable: Any, data: dict) -> tuple[jax.Array, jax.Array]:
+    """([correct tokens, Σ nll], counted tokens) over `data`, one forward pass:
+    `image_classification.make_evaluate(counts=...)` then gives [next-token accuracy, mean nll]
+    (exp: the perplexity)."""
     counts = self.token_counts(frozen, trainable, data)
-    return counts.nll, counts.tokens
+    return jnp.stack([counts.correct, counts.nll]), counts.tokens
 
   def accuracy_rate(self, frozen: dict, trainable: Any, data: dict) -> jax.Array:
     correct, count = self.accuracy(frozen, trainable, data)

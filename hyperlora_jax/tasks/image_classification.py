@@ -97,13 +97,14 @@ def block_counts(task: ImageClassification, frozen: dict, trainable: Any, block:
                  eval_batch: int, counts: Callable | None = None) -> tuple[jax.Array, jax.Array]:
   """(correct, count) of one model on a global test block {"image": [M, H, W, 3], "label": [M],
   "mask": [M]}, M a multiple of `eval_batch`, evaluated `eval_batch` examples at a time
-  (`counts`: another (frozen, trainable, batch) -> (hits, count) than `task.accuracy`)."""
+  (`counts`: another (frozen, trainable, batch) -> (hits, count) than `task.accuracy`; hits may
+  be [m], several sums over one count)."""
   counts = counts or task.accuracy
   # Batch j holds examples j, j + nb, j + 2 nb, ...: with the examples sharded contiguously
   # over the devices, every device evaluates its share of every batch (counts need no order).
   batches = jax.tree.map(lambda x: x.reshape((eval_batch, -1) + x.shape[1:]).swapaxes(0, 1), block)
   correct, count = jax.lax.map(lambda b: counts(frozen, trainable, b), batches)
-  return jnp.sum(correct), jnp.sum(count)
+  return jnp.sum(correct, axis=0), jnp.sum(count)
 
 
 def make_evaluate(task: ImageClassification, fed_round: FederatedRound, *, eval_batch: int = 256,
@@ -115,8 +116,9 @@ def make_evaluate(task: ImageClassification, fed_round: FederatedRound, *, eval_
   sharded over the round's mesh.
 
   counts: (frozen, trainable, batch) -> (hits, count) summed over a split, the "accuracy"
-  being hits / count (default `task.accuracy`; e.g. `CausalLM.nll_counts` for the mean nll
-  behind a perplexity). Any task with `accuracy` works (`tasks.causal_lm.CausalLM` too)."""
+  being hits / count (default `task.accuracy`); hits may be [m] sums over one count, e.g.
+  `CausalLM.accuracy_and_nll`'s (correct tokens, their nll), and the accuracies are then [m]
+  (per client [c, m]). Any task with `accuracy` works (`tasks.causal_lm.CausalLM` too)."""
   counts = counts or task.accuracy
 
   def global_counts(state, frozen, block):
@@ -134,7 +136,7 @@ def make_evaluate(task: ImageClassification, fed_round: FederatedRound, *, eval_
                        f"eval_batch={eval_batch} (FederatedData.client_test_blocks does)")
     batches = jax.tree.map(lambda x: x.reshape((-1, eval_batch) + x.shape[1:]), data)
     correct, count = jax.lax.map(lambda b: counts(frozen, trainable, b), batches)
-    return jnp.sum(correct) / jnp.maximum(jnp.sum(count), 1.0)
+    return jnp.sum(correct, axis=0) / jnp.maximum(jnp.sum(count), 1.0)
 
   def client_accuracy(state, frozen, client_ids, block):
     frozen = apply_base_delta(frozen, state.base_delta)
