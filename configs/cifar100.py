@@ -10,7 +10,8 @@ and fetch a checkpoint (see configs/domainnet.py).
       --config configs/cifar100.py:checkpoint=/ckpt/vit-b16,data_dir=DIR,alpha=0.1,method=flexlora
 
 Args: checkpoint or npz (one of them required), data_dir, alpha (default 0.5), heldout (new clients, default 0), model
-(vit | mixer), plus method, seed, rounds, smoke (tiny model, 32x32, for TFDS mock-data tests).
+(vit | mixer), image_size (default 224: see configs/domainnet.py), plus method, seed, rounds, smoke (tiny model,
+32x32, for TFDS mock-data tests).
 """
 from configs import default
 from configs.domainnet import real_dataset_config

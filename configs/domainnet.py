@@ -15,8 +15,9 @@ gs://vit_models/augreg/B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0
       --config configs/domainnet.py:checkpoint=/ckpt/vit-b16,data_dir=DIR,method=hyperlora,clients_per_domain=5
 
 Args: checkpoint or npz (one of them required), data_dir, clients_per_domain (1: feature shift, one client per domain;
-5: feature + label shift, Dirichlet α), alpha, model (vit | mixer), plus method, seed,
-rounds, smoke (tiny model and 32x32 images, for tests with TFDS mock data).
+5: feature + label shift, Dirichlet α), alpha, model (vit | mixer), image_size (default 224; another size
+resizes a Hugging Face checkpoint's position embeddings bicubically, as transformers' interpolate_pos_encoding),
+plus method, seed, rounds, smoke (tiny model and 32x32 images, for tests with TFDS mock data).
 """
 from configs import benchmarks, default
 
@@ -32,7 +33,7 @@ def real_dataset_config(args: dict, arg: str | None):
   benchmarks.set_model(config, (benchmarks.EMBEDDED_MODELS if smoke else benchmarks.BASE_MODELS)[model],
                        smoke=smoke)
   config.data.data_dir = args.get("data_dir", "")
-  config.data.image_size = 32 if smoke else 224
+  config.data.image_size = int(args.get("image_size", 32 if smoke else 224))
   config.data.stream = True                   # Images read on demand: host memory stays bounded.
   config.pretrain.npz_path = args.get("npz", "")
   config.pretrain.checkpoint = args.get("checkpoint", "")

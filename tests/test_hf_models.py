@@ -43,7 +43,7 @@ def test_the_architecture_comes_from_the_checkpoints_config():
   assert name == "vit"
   # config.json: hidden 32, 2 layers, 4 heads, intermediate 37 (not a multiple of 32), exact GELU.
   assert arch == {"patch_size": 4, "width": 32, "depth": 2, "num_heads": 4, "mlp_dim": 37, "gelu": "exact",
-                  "layer_norm_eps": 1e-12}
+                  "layer_norm_eps": 1e-12, "qkv_bias": True}
   assert len(tensors) == 40  # 2 x 16 per block + cls, positions, patch conv (2), final norm (2), pooler (2).
 
 
@@ -357,3 +357,103 @@ def test_a_checkpoint_directory_that_is_not_one_is_refused_naming_the_field(smok
   smoke_config.pretrain.checkpoint = str(tmp_path)
   with pytest.raises(CheckpointError, match="pretrain.checkpoint: .*no config.json.*supported: vit"):
     pretrain.with_checkpoint_architecture(smoke_config)
+
+
+def _variant_outputs():
+  with np.load(os.path.join(FIXTURES, "hf_vit_variants_outputs.npz")) as f:
+    return dict(f)
+
+
+def _load_at(name, size, **overrides):
+  """(ViT, variables) from fixture `name`, the model built for `size` px images."""
+  _, arch, tensors, _ = hf.read_checkpoint(os.path.join(FIXTURES, name))
+  model = ViT(num_classes=3, **{**arch, **overrides})
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))["params"]
+  params, _ = hf.vit_params(tensors, abstract)
+  params["head"] = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), abstract["head"])
+  return model, {"params": params}
+
+
+def test_a_vit_without_query_key_value_biases_computes_the_references_hidden_states():
+  """ViTConfig(qkv_bias=False): the three projections have no bias param (a model with them
+  would find no tensor to load) and every token's state agrees with transformers'."""
+  _, arch, tensors, _ = hf.read_checkpoint(os.path.join(FIXTURES, "hf_vit_nobias"))
+  assert arch["qkv_bias"] is False and not any(k.endswith("query.bias") for k in tensors)
+  model, variables = _load_at("hf_vit_nobias", 16)
+  attn = variables["params"]["encoder"]["block_0"]["attn"]
+  assert set(attn["query"]) == {"kernel"} and set(attn["out"]) == {"kernel", "bias"}
+  outputs = _variant_outputs()
+  hidden = model.apply(variables, jnp.asarray(outputs["nobias_pixel_values"]), return_hidden=True)
+  assert _relative_error(hidden, outputs["nobias_last_hidden_state"]) <= TOLERANCE
+  with pytest.raises(CheckpointError, match="missing .*attention.query.bias"):
+    _load_at("hf_vit_nobias", 16, qkv_bias=True)
+
+
+@pytest.mark.parametrize("size", [24, 8])
+def test_a_vit_built_for_another_image_size_matches_interpolate_pos_encoding(size):
+  """The checkpoint's 4x4 position grid (16 px, patch 4) resized to 6x6 (24 px) and 2x2
+  (8 px) as transformers' `interpolate_pos_encoding=True` does: every token's state agrees."""
+  model, variables = _load_at("hf_vit_nobias", size)
+  outputs = _variant_outputs()
+  assert variables["params"]["pos_embedding"].shape == (1, 1 + (size // 4) ** 2, 32)
+  hidden = model.apply(variables, jnp.asarray(outputs[f"resized_pixel_values_{size}"]), return_hidden=True)
+  assert _relative_error(hidden, outputs[f"nobias_last_hidden_state_{size}"]) <= TOLERANCE
+
+
+def test_the_resize_check_can_fail_jax_bicubic_is_another_kernel():
+  """What the fixture catches: jax.image.resize's bicubic (Keys a = -0.5, not PyTorch's -0.75)
+  on the same position grid moves the states by more than the tolerance."""
+  model, variables = _load_at("hf_vit_nobias", 24)
+  _, _, tensors, _ = hf.read_checkpoint(os.path.join(FIXTURES, "hf_vit_nobias"))
+  table = tensors["embeddings.position_embeddings"][0]  # [1 + 16, D].
+  grid = jax.image.resize(table[1:].reshape(4, 4, -1), (6, 6, table.shape[-1]), "bicubic")
+  variables["params"]["pos_embedding"] = jnp.concatenate([table[:1], grid.reshape(36, -1)])[None]
+  outputs = _variant_outputs()
+  hidden = model.apply(variables, jnp.asarray(outputs["resized_pixel_values_24"]), return_hidden=True)
+  assert _relative_error(hidden, outputs["nobias_last_hidden_state_24"]) > 5 * TOLERANCE
+
+
+def test_the_bicubic_weights_are_keys_kernel_with_pytorchs_a_and_clamped_borders():
+  """Hand count at 4 -> 2 (x = 0.5 and 2.5, t = 0.5): taps (-1, 0, 1, 2) weigh (-3/32, 19/32,
+  19/32, -3/32); tap -1 clamps onto 0 and tap 4 onto 3. Same size is the identity; every row
+  sums to 1."""
+  np.testing.assert_allclose(hf._bicubic_matrix(4, 2), [[0.5, 19 / 32, -3 / 32, 0], [0, -3 / 32, 19 / 32, 0.5]])
+  np.testing.assert_array_equal(hf._bicubic_matrix(5, 5), np.eye(5))
+  np.testing.assert_allclose(hf._bicubic_matrix(4, 7).sum(1), 1.0)
+  table = np.arange(2 * (1 + 9), dtype=np.float32).reshape(1, 10, 2)
+  resized = hf.resize_position_table(table, 1 + 16)
+  assert resized.shape == (1, 17, 2) and resized.dtype == np.float32
+  np.testing.assert_array_equal(resized[0, 0], table[0, 0])  # The class token's row is kept.
+  with pytest.raises(CheckpointError, match="must be square"):
+    hf.resize_position_table(table, 1 + 12)
+
+
+def test_a_clip_image_tower_built_for_another_image_size_matches_interpolate_pos_encoding():
+  from hyperlora_jax.models import build_model
+  outputs, clip_outputs = _variant_outputs(), _clip_outputs()
+  name, arch, tensors, _ = hf.read_checkpoint(os.path.join(FIXTURES, "hf_clip"))
+  prompt_ids = tuple(map(tuple, clip_outputs["input_ids"].tolist()))
+  model = build_model(name, len(prompt_ids), **arch, prompt_ids=prompt_ids)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 24, 24, 3)))["params"]
+  params, _ = hf.load_params(name, tensors, abstract)
+  x = jnp.asarray(outputs["clip_pixel_values_24"])
+  pooled = model.apply({"params": params}, x, return_features=True, method=lambda m, x, **k: m.image_tower(x, **k))
+  assert _relative_error(pooled, outputs["clip_image_pooled_24"]) <= TOLERANCE
+  embeds = model.apply({"params": params}, pooled, method=lambda m, x: m.image_projection(x))
+  assert _relative_error(embeds, outputs["clip_image_embeds_24"]) <= TOLERANCE
+
+
+def test_the_runner_loads_a_checkpoint_at_another_image_size_and_says_so(smoke_config, tmp_path):
+  from experiments.runner import config_validation, methods, pretrain
+  smoke_config.pretrain.checkpoint = os.path.join(FIXTURES, "hf_vit_nobias")
+  smoke_config.data.image_size = 24
+  config = pretrain.with_checkpoint_architecture(smoke_config, log=lambda _: None)
+  assert config.model.qkv_bias is False
+  config_validation.validate_config(config, methods.METHODS)  # 24 px on a 16 px checkpoint: allowed, patch 4 divides it.
+  logs = []
+  backbone, _ = pretrain.load_hf_backbone(config, logs.append)
+  assert backbone["params"]["pos_embedding"].shape == (1, 37, 32)
+  assert any("position embeddings resized from 16 px to data.image_size=24 px" in line for line in logs)
+  config.data.image_size = 26
+  with pytest.raises(config_validation.ConfigError, match="model.patch_size"):
+    config_validation.validate_config(config, methods.METHODS)

@@ -119,9 +119,6 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     _require(model.name == name and all(arch.get(k) == v for k, v in checkpoint_arch.items()), "model",
              f"must be the checkpoint's architecture ({name}, {checkpoint_arch}); the runner sets it "
              f"(pretrain.with_checkpoint_architecture)")
-    size = hf.image_size(hf_config)
-    _require(size == config.data.image_size, "data.image_size",
-             f"must be the checkpoint's image_size={size} (its position embeddings are for that many patches)")
   if npz:
     _one_of(model.name, ("vit", "mixer"), "pretrain.npz_path (model.name)")
     _require(os.path.isfile(npz), "pretrain.npz_path", f"no such file: {npz!r}")

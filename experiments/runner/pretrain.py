@@ -211,6 +211,10 @@ def load_hf_backbone(config: ml_collections.ConfigDict, log: Callable[[str], Non
   params, dropped = hf_lib.load_params(config.model.name, tensors, _abstract_backbone(config, 1)["params"], origin)
   log(f"backbone: loaded the Hugging Face {config.model.name} {directory}"
       + (f" (not loaded: {', '.join(dropped)})" if dropped else ""))
+  size = hf_lib.image_size(hf_lib.read_config(directory))
+  if size != config.data.image_size:
+    log(f"backbone: position embeddings resized from {size} px to data.image_size={config.data.image_size} px "
+        f"(bicubic, as transformers' interpolate_pos_encoding)")
   return {"params": params}, {"source": directory}
 
 

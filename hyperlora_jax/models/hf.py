@@ -114,12 +114,12 @@ def vit_arch(config: dict) -> dict[str, Any]:
   if config.get("model_type") != "vit":
     raise CheckpointError(f"model_type {config.get('model_type')!r} is not a ViT; supported: {', '.join(SUPPORTED)}")
   config = {**_VIT_DEFAULTS, **config}
-  if config.get("num_channels", 3) != 3 or not config.get("qkv_bias", True):
-    raise CheckpointError("config.json: only 3-channel ViTs with qkv_bias=True are supported")
+  if config.get("num_channels", 3) != 3:
+    raise CheckpointError(f"config.json num_channels={config['num_channels']}: only 3-channel (RGB) ViTs are supported")
   return {"patch_size": int(config["patch_size"]), "width": int(config["hidden_size"]),
           "depth": int(config["num_hidden_layers"]), "num_heads": int(config["num_attention_heads"]),
           "mlp_dim": int(config["intermediate_size"]), "gelu": _gelu(config["hidden_act"]),
-          "layer_norm_eps": float(config["layer_norm_eps"])}
+          "layer_norm_eps": float(config["layer_norm_eps"]), "qkv_bias": bool(config.get("qkv_bias", True))}
 
 
 def clip_arch(config: dict) -> dict[str, Any]:
@@ -384,6 +384,51 @@ def module_namer(model_name: str, *, prefix: str = "", transformers_version: int
   raise ValueError(f"model {model_name!r}: Hugging Face module names are known for 'vit', 'clip' and 'llama'")
 
 
+def _bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
+  """[size_out, size_in] weights of PyTorch's 1-D bicubic resize (`F.interpolate(mode="bicubic",
+  align_corners=False)` to a given size: Keys' kernel with A = -0.75, source x = (i + 0.5) *
+  size_in / size_out - 0.5, out-of-range taps clamped to the border, no antialiasing)."""
+  a = -0.75
+  near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # |x| <= 1.
+  far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # 1 < |x| < 2.
+  weights = np.zeros((size_out, size_in))
+  for i in range(size_out):
+    x = (i + 0.5) * size_in / size_out - 0.5
+    left = int(np.floor(x))
+    t = x - left
+    for offset, w in zip((-1, 0, 1, 2), (far(t + 1), near(t), near(1 - t), far(2 - t))):
+      weights[i, min(max(left + offset, 0), size_in - 1)] += w
+  return weights
+
+
+def resize_position_table(table: np.ndarray, tokens: int, prefix_tokens: int = 1) -> np.ndarray:
+  """A ViT position table for another image size, as transformers' `interpolate_pos_encoding`
+  (ViT, CLIP) computes it: the first `prefix_tokens` rows (the class token's) kept, the square
+  grid of patch rows resized bicubically (`_bicubic_matrix`) to a square grid of `tokens -
+  prefix_tokens` rows.
+
+  Args:
+    table: [1, P + g*g, D] or [P + g*g, D]. tokens: P + G*G, the new length.
+  Returns:
+    The table with `tokens` rows, its leading axes as given, table's dtype.
+  """
+  rows = table.reshape(-1, table.shape[-1]).astype(np.float64)
+  old, new = len(rows) - prefix_tokens, tokens - prefix_tokens
+  side_old, side_new = int(round(old ** 0.5)), int(round(new ** 0.5))
+  if side_old ** 2 != old or side_new ** 2 != new:
+    raise CheckpointError(f"position table of {len(rows)} rows -> {tokens}: the patch grids ({old} -> {new} "
+                          f"rows after {prefix_tokens} class rows) must be square")
+  resize = _bicubic_matrix(side_old, side_new)
+  grid = rows[prefix_tokens:].reshape(side_old, side_old, -1)
+  grid = np.einsum("ij,jkd,lk->ild", resize, grid, resize).reshape(new, -1)
+  out = np.concatenate([rows[:prefix_tokens], grid])
+  return out.reshape(table.shape[:-2] + out.shape).astype(table.dtype)
+
+
+# Position tables `_load` resizes to the model's image size (`resize_position_table`), by our param name.
+_POSITION_TABLES = ("pos_embedding", "image_tower/pos_embedding")
+
+
 def _convert(array: np.ndarray, conversion: str, shape: tuple) -> np.ndarray:
   if conversion == "linear":
     return array.T
@@ -408,6 +453,8 @@ def _load(tensors: dict, abstract_params: Any, source: Callable[[str], tuple[str
       problems.append(f"missing {key} (for {name})")
       continue
     array = _convert(np.asarray(tensors[key]), conversion, tuple(spec.shape))
+    if name in _POSITION_TABLES and array.shape[-2] != spec.shape[-2] and array.shape[-1] == spec.shape[-1]:
+      array = resize_position_table(array, spec.shape[-2]).reshape(spec.shape)  # Built for another image size.
     if tuple(array.shape) != tuple(spec.shape):
       problems.append(f"{key}{where(key)}: shape {tuple(tensors[key].shape)}, the model expects "
                       f"{tuple(spec.shape)} as {name}")

@@ -36,9 +36,11 @@ def gelu(x: jnp.ndarray, variant: str) -> jnp.ndarray:
 
 class MultiHeadSelfAttention(nn.Module):
   """Self-attention with separate `nn.Dense` query/key/value/out projections; `causal`: each
-  token attends to itself and the tokens before it (a text tower's mask)."""
+  token attends to itself and the tokens before it (a text tower's mask); `qkv_bias`: the
+  query/key/value projections have biases (Hugging Face ViT's `qkv_bias`; `out` always has one)."""
   num_heads: int
   causal: bool = False
+  qkv_bias: bool = True
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -48,9 +50,9 @@ class MultiHeadSelfAttention(nn.Module):
       raise ValueError(f"model.width={width} must be divisible by model.num_heads={self.num_heads}")
     head_dim = width // self.num_heads
     split = lambda t: t.reshape(batch, tokens, self.num_heads, head_dim)
-    q = split(nn.Dense(width, name="query")(x))
-    k = split(nn.Dense(width, name="key")(x))
-    v = split(nn.Dense(width, name="value")(x))
+    q = split(nn.Dense(width, use_bias=self.qkv_bias, name="query")(x))
+    k = split(nn.Dense(width, use_bias=self.qkv_bias, name="key")(x))
+    v = split(nn.Dense(width, use_bias=self.qkv_bias, name="value")(x))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(x.dtype)
     if self.causal:
       logits = jnp.where(jnp.tril(jnp.ones((tokens, tokens), bool)), logits, jnp.finfo(logits.dtype).min)
@@ -101,12 +103,13 @@ class EncoderBlock(nn.Module):
   gelu: str = "tanh"
   layer_norm_eps: float = 1e-6
   causal: bool = False
+  qkv_bias: bool = True
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """Pre-LN transformer block, x: [B, T, D] -> [B, T, D]."""
     norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, name=name)
-    x = x + MultiHeadSelfAttention(self.num_heads, self.causal, name="attn")(norm("norm1")(x))
+    x = x + MultiHeadSelfAttention(self.num_heads, self.causal, self.qkv_bias, name="attn")(norm("norm1")(x))
     hidden = self.mlp_dim or int(self.mlp_ratio * x.shape[-1])
     return x + MlpBlock(hidden, self.gelu, name="mlp")(norm("norm2")(x))
 
@@ -122,13 +125,14 @@ class Encoder(nn.Module):
   gelu: str = "tanh"
   layer_norm_eps: float = 1e-6
   causal: bool = False
+  qkv_bias: bool = True
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
     for i in range(self.depth):
       x = block(self.num_heads, self.mlp_ratio, self.mlp_dim, self.gelu, self.layer_norm_eps, self.causal,
-                name=f"block_{i}")(x)
+                self.qkv_bias, name=f"block_{i}")(x)
     return nn.LayerNorm(epsilon=self.layer_norm_eps, name="norm")(x)
 
 
@@ -152,6 +156,8 @@ class ViT(nn.Module):
     pool: the image feature: "tok" (a class token's final state), "gap" (the mean of the
       patch tokens' final states; no class token) or "map" (`MAPHead` on them, module
       "map_head"; no class token): big_vision's pool_type.
+    qkv_bias: the attention's query/key/value projections have biases (Hugging Face ViT's
+      `qkv_bias`; False drops those three bias params).
   """
   num_classes: int
   patch_size: int = 4
@@ -166,6 +172,7 @@ class ViT(nn.Module):
   pre_norm: bool = False
   patch_bias: bool = True
   pool: str = "tok"
+  qkv_bias: bool = True
 
   @nn.compact
   def __call__(self, images: jnp.ndarray, return_features: bool = False,
@@ -187,7 +194,7 @@ class ViT(nn.Module):
     if self.pre_norm:
       x = nn.LayerNorm(epsilon=self.layer_norm_eps, name="pre_norm")(x)
     hidden = Encoder(self.depth, self.num_heads, self.mlp_ratio, self.remat, self.mlp_dim, self.gelu,
-                     self.layer_norm_eps, name="encoder")(x)
+                     self.layer_norm_eps, qkv_bias=self.qkv_bias, name="encoder")(x)
     if return_hidden:
       return hidden
     if self.pool == "tok":
