@@ -6,6 +6,10 @@
   loop:    a Python loop over clients of a jit-compiled single-client update, as fedjax
            and most federated-LoRA repositories run clients.
 
+Beside them, when the `bench` extra is installed, PyTorch on the same device: `torch_baselines`
+(a hand-written ViT; loop and torch.func.vmap) and `peft_baselines` (transformers' own ViT or
+CLIP with `peft` LoRA: the per-client loop PEFT-based repositories run, and torch.func.vmap).
+
 All run the same model (the default config's ViT, or `--width/--depth/--image_size`), LoRA,
 optimizer and data shapes, on random weights and random uint8 images (speed does not depend on
 their values), in one process, each after a warm-up, best of `--repeats`. Also reported: the
@@ -26,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments import torch_baselines
+from experiments import peft_baselines, torch_baselines
 from experiments.bench_model import client_update_fn, random_block
 from hyperlora_jax import autotune, primitives
 from hyperlora_jax.tasks.image_classification import backbone_dtype
@@ -47,6 +51,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (the best is re
 _OUT = flags.DEFINE_string("out", "", "JSON file for the results.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch per-client loop and torch.func.vmap "
                            "round (16 clients per chunk) when torch is installed (the `bench` extra).")
+_PEFT = flags.DEFINE_bool("peft", True, "Also time transformers + peft (loop and torch.func.vmap, 16 clients "
+                          "per chunk) when they are installed (the `bench` extra).")
 
 
 def _best_time(fn, repeats: int) -> float:
@@ -76,6 +82,27 @@ def update_flops(compiled_fn, *args) -> float:
   return float((cost or {}).get("flops", 0.0))
 
 
+def _baseline_row(time_way, steps: int, best_jax: float, label: str) -> tuple[dict, str]:
+  """({way: seconds, client-steps/s, best JAX speedup} plus the device, the printed text) of a
+  PyTorch baseline's "loop" and "vmap" ways, `time_way(way)` -> seconds."""
+  row, text = {}, ""
+  for way in ("loop", "vmap"):
+    seconds = time_way(way)
+    row[way] = {"seconds": seconds, "client_steps_per_s": steps / seconds, "best_jax_speedup": seconds / best_jax}
+    text += f"; {label} {way}: {steps / seconds:8.1f}"
+  text += (f" (best JAX {row['loop']['best_jax_speedup']:.2f}x the {label} loop, "
+           f"{row['vmap']['best_jax_speedup']:.2f}x {label} vmap)")
+  return {**row, "device": torch_baselines.device_name()}, text
+
+
+def _prompt_ids(model_config) -> np.ndarray:
+  """Random class prompts for the PyTorch CLIP: int [10, max_len], end of text (the largest id)
+  last (speed does not depend on the ids)."""
+  ids = np.random.default_rng(0).integers(1, model_config.vocab_size - 2, (10, model_config.max_len))
+  ids[:, -1] = model_config.vocab_size - 1
+  return ids
+
+
 def main(argv):
   del argv
   one_client, trainable, config = client_update_fn(_WIDTH.value, _DEPTH.value, _IMAGE_SIZE.value, _BASE_MODEL.value,
@@ -86,12 +113,16 @@ def main(argv):
   vmap_chunks = lambda chunk: jax.jit(lambda starts, block: primitives.map_clients(
       lambda xs: one_client(*xs), (starts, block), chunk, None))
   vmapped = {chunk: vmap_chunks(chunk) for chunk in chunks if chunk != autotune.AUTO}
-  available, torch_reason = torch_baselines.available()
-  if not available and _TORCH.value:
+  torch_ok, torch_reason = torch_baselines.available()
+  if not torch_ok and _TORCH.value:
     print(f"PyTorch rows skipped: {torch_reason}", flush=True)
   torch_reason = torch_reason if _TORCH.value else "--notorch"
-  if _BASE_CLIP.value:  # torch_baselines mirrors the ViT classifier only.
-    available, torch_reason = False, "--base_clip (the PyTorch baseline is a ViT classifier)"
+  if _BASE_CLIP.value and not torch_reason:  # torch_baselines mirrors the ViT classifier only.
+    torch_reason = "--base_clip (the hand-written PyTorch baseline is a ViT classifier; see the peft rows)"
+  peft_ok, peft_reason = peft_baselines.available()
+  if not peft_ok and _PEFT.value:
+    print(f"transformers + peft rows skipped: {peft_reason}", flush=True)
+  peft_reason = peft_reason if _PEFT.value else "--nopeft"
   compute_dtype = backbone_dtype(config.compute.backbone_dtype)  # The backbone's matmuls run in it.
   peak = matmul_peak_flops(dtype=compute_dtype)
   print(f"{jnp.dtype(compute_dtype).name} matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
@@ -128,25 +159,28 @@ def main(argv):
                              "client_steps_per_s": steps / t_vmap, "mfu": flops / t_vmap / peak,
                              "speedup_over_loop": t_loop / t_vmap})
       line += f"; chunk {label}: {steps / t_vmap:8.1f} (MFU {flops / t_vmap / peak:.0%}, ratio {t_loop / t_vmap:.2f}x)"
+    images, labels = np.asarray(block["image"]), np.asarray(block["label"])
+    best_jax = min([t_loop] + [v["seconds"] for v in row["vmapped"] if "seconds" in v])
     if torch_reason:
       row["torch"] = {"skipped": torch_reason}
-    elif _TORCH.value:
-      images, labels = np.asarray(block["image"]), np.asarray(block["label"])
+    else:
       arch = {"width": config.model.width, "depth": config.model.depth, "heads": config.model.num_heads,
               "patch": config.model.patch_size, "mlp_ratio": config.model.mlp_ratio, "rank": config.lora.rank,
               "scale": config.lora.alpha / config.lora.rank,
               "learning_rate": config.client_optimizer.learning_rate, "repeats": _REPEATS.value}
-      torch_row = {}
-      for way in ("loop", "vmap"):
-        seconds = torch_baselines.time_round(images, labels, way=way, chunk=16, **arch)
-        torch_row[way] = {"seconds": seconds, "client_steps_per_s": steps / seconds}
-        line += f"; torch {way}: {steps / seconds:8.1f}"
-      best_jax = min([t_loop] + [v["seconds"] for v in row["vmapped"] if "seconds" in v])
-      for way in ("loop", "vmap"):
-        torch_row[way]["best_jax_speedup"] = torch_row[way]["seconds"] / best_jax
-      line += (f" (best JAX {torch_row['loop']['best_jax_speedup']:.2f}x the torch loop, "
-               f"{torch_row['vmap']['best_jax_speedup']:.2f}x torch vmap)")
-      row["torch"] = {**torch_row, "device": torch_baselines.device_name()}
+      row["torch"], text = _baseline_row(lambda way: torch_baselines.time_round(images, labels, way=way, chunk=16,
+                                                                                **arch), steps, best_jax, "torch")
+      line += text
+    if peft_reason:
+      row["peft"] = {"skipped": peft_reason}
+    else:
+      model_fields = {k: v for k, v in config.model.to_dict().items() if k != "name"}
+      prompts = _prompt_ids(config.model) if _BASE_CLIP.value else None
+      row["peft"], text = _baseline_row(lambda way: peft_baselines.time_round(
+          images, labels, model_name=config.model.name, arch=model_fields, rank=config.lora.rank,
+          alpha=config.lora.alpha, learning_rate=config.client_optimizer.learning_rate, way=way, chunk=16,
+          prompt_ids=prompts, repeats=_REPEATS.value), steps, best_jax, "peft")
+      line += text
     results.append(row)
     print(line, flush=True)
   report = {"device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),

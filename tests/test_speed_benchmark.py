@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import torch_baselines
+from experiments import peft_baselines, torch_baselines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,6 +41,12 @@ def test_make_bench_writes_its_results(tmp_path):
       assert row["torch"]["loop"]["client_steps_per_s"] > 0 and row["torch"]["vmap"]["seconds"] > 0
     else:
       assert row["torch"] == {"skipped": reason} and "pip install -e .[bench]" in reason
+  available, reason = peft_baselines.available()
+  for row in report["results"]:                        # transformers + peft rows: the same.
+    if available:
+      assert row["peft"]["loop"]["client_steps_per_s"] > 0 and row["peft"]["vmap"]["seconds"] > 0
+    else:
+      assert row["peft"] == {"skipped": reason} and "pip install -e .[bench]" in reason
 
 
 def test_torch_baseline_model_has_the_jax_models_parameter_counts():
@@ -106,3 +112,24 @@ def test_the_base_clip_benchmark_times_openai_clip_b32_with_lora_on_both_towers(
   assert text_query["a"].shape == (512, 16) and trainable["lora"]["image_tower/encoder/block_0/attn/value"]["b"].shape \
       == (16, 768)
   assert len(trainable["lora"]) == 48 and trainable["head"] == {}  # 12 + 12 blocks x (query, value); no head.
+
+
+@pytest.mark.parametrize("base_clip", [False, True])
+def test_the_peft_baseline_is_the_jax_models_architecture_with_as_many_trainable_numbers(base_clip):
+  """transformers' ViT (the default config's) and CLIP ViT-B/32 under peft: as many frozen numbers
+  as the JAX backbone and as many trainable as its LoRA (+ head), so both sides time one model."""
+  pytest.importorskip("peft")
+  import jax
+  from experiments.bench_model import client_update_fn
+  from hyperlora_jax import models
+  _, trainable, config = client_update_fn(base_clip=base_clip)
+  fields = {k: v for k, v in config.model.to_dict().items() if k != "name"}
+  build = peft_baselines.build_clip if base_clip else peft_baselines.build_vit
+  model = build(fields, config.data.image_size, config.lora.rank, config.lora.alpha)
+  model_jax = models.model_from_config(config.model, 10)
+  shape = (1, config.data.image_size, config.data.image_size, 3)
+  params = jax.eval_shape(model_jax.init, jax.random.key(0), jax.numpy.zeros(shape))["params"]
+  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  frozen = sum(p.numel() for n, p in model.named_parameters() if not p.requires_grad and "original_module" not in n)
+  assert frozen == count({k: v for k, v in params.items() if k != "head"})
+  assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count(trainable)

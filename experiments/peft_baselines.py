@@ -1,0 +1,179 @@
+"""Hugging Face + PEFT baselines for the speed benchmark: the round as a `transformers` + `peft`
+user writes it.
+
+Optional (`pip install -e .[bench]`: torch, transformers, peft); `available()` says whether they
+import, and why not. Unlike `torch_baselines` (a hand-written ViT), the model here is the
+reference implementation itself: `transformers.ViTForImageClassification` or `CLIPModel` built
+from a config of the benchmark's architecture (random weights: speed does not depend on them;
+transformers' default attention, SDPA), wrapped by `peft.get_peft_model` with LoRA (rank r,
+`lora_alpha`) on the attention's query and value (both towers of a CLIP) and, for the ViT, the
+classifier trained too (`modules_to_save`). It runs on CUDA when torch sees a GPU (float32 with
+TF32 matmuls), else on the CPU with all its threads. Two ways to run C clients x S Adam steps:
+
+  loop: for each client, the adapter reset to the round's start (`set_peft_model_state_dict`), a
+        fresh `torch.optim.Adam`, S forward/backward/step iterations: what PEFT-based federated
+        repositories (e.g. FedIT's, FLoRA's) do per client;
+  vmap: clients in chunks; per chunk, `torch.func.vmap(torch.func.grad(loss))` over the chunk's
+        stacked trainable tensors through `torch.func.functional_call` of the PEFT model (eager
+        attention: torch.func has no batching rule for SDPA's CPU kernels), and a functional
+        Adam on them.
+
+A CLIP classifies by its logits against C_text class prompts ([C_text, L] token ids), the text
+tower run every step, as the JAX benchmark's CLIP does.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+
+def available() -> tuple[bool, str]:
+  """(whether torch, transformers and peft import, why not)."""
+  try:
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+  except ImportError as e:
+    return False, f"{e.name} is not installed; install the optional extra: pip install -e .[bench]"
+  return True, ""
+
+
+def _device(torch) -> str:
+  return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _targets(model, short: tuple[str, ...], long: tuple[str, ...]) -> list[str]:
+  """The query/value module names of this transformers version: 5.x's ViT has q_proj/v_proj
+  where 4.x has query/value (CLIP has q_proj/v_proj in both)."""
+  names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+  return list(short) if set(short) <= names else list(long)
+
+
+def build_vit(arch: dict, image_size: int, rank: int, alpha: float, attention: str = "sdpa", classes: int = 10):
+  """A PEFT-wrapped `ViTForImageClassification` of `arch` (the JAX benchmark's model fields:
+  patch_size, width, depth, num_heads, mlp_ratio or mlp_dim); `attention`: transformers'
+  attention implementation ("sdpa", its default, or "eager")."""
+  import peft
+  import transformers
+  config = transformers.ViTConfig(
+      hidden_size=arch["width"], num_hidden_layers=arch["depth"], num_attention_heads=arch["num_heads"],
+      intermediate_size=arch.get("mlp_dim") or int(arch["mlp_ratio"] * arch["width"]), image_size=image_size,
+      patch_size=arch["patch_size"], num_labels=classes, hidden_act="gelu")
+  config._attn_implementation = attention
+  model = transformers.ViTForImageClassification(config)
+  lora = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, modules_to_save=["classifier"],
+                         target_modules=_targets(model, ("q_proj", "v_proj"), ("query", "value")))
+  return peft.get_peft_model(model, lora).eval()
+
+
+def build_clip(arch: dict, image_size: int, rank: int, alpha: float, attention: str = "sdpa"):
+  """A PEFT-wrapped `CLIPModel` of `arch` (the JAX benchmark's CLIP fields; the end of text is
+  the largest id); `attention` as `build_vit`'s."""
+  import peft
+  import transformers
+  text = transformers.CLIPTextConfig(
+      hidden_size=arch["text_width"], num_hidden_layers=arch["text_depth"], num_attention_heads=arch["text_heads"],
+      intermediate_size=arch.get("text_mlp_dim") or int(arch.get("mlp_ratio", 4.0) * arch["text_width"]),
+      vocab_size=arch["vocab_size"], max_position_embeddings=arch["max_len"], hidden_act="quick_gelu",
+      bos_token_id=arch["vocab_size"] - 2, eos_token_id=arch["vocab_size"] - 1, pad_token_id=0)
+  vision = transformers.CLIPVisionConfig(
+      hidden_size=arch["width"], num_hidden_layers=arch["depth"], num_attention_heads=arch["num_heads"],
+      intermediate_size=arch.get("mlp_dim") or int(arch.get("mlp_ratio", 4.0) * arch["width"]),
+      image_size=image_size, patch_size=arch["patch_size"], hidden_act="quick_gelu")
+  config = transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                   projection_dim=arch["embed_dim"])
+  config._attn_implementation = attention
+  for tower in (config.text_config, config.vision_config):
+    tower._attn_implementation = attention
+  lora = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+  return peft.get_peft_model(transformers.CLIPModel(config), lora).eval()
+
+
+def time_round(images: np.ndarray, labels: np.ndarray, *, model_name: str, arch: dict, rank: int, alpha: float,
+               learning_rate: float, way: str, chunk: int = 16, prompt_ids: np.ndarray | None = None,
+               repeats: int = 2) -> float:
+  """Best wall time of one round: C clients x S Adam steps ("loop" or "vmap" in chunks).
+
+  Args:
+    images: uint8 NumPy [C, S, B, H, W, 3]; labels: int [C, S, B].
+    model_name: "vit" or "clip" (then `prompt_ids`: int [C_text, L], the class prompts).
+  """
+  import peft
+  import torch
+  from torch.func import functional_call, grad, vmap
+  device = _device(torch)
+  if device == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+  else:
+    torch.set_num_threads(os.cpu_count() or 1)
+  torch.manual_seed(0)
+  size = images.shape[3]
+  build = build_clip if model_name == "clip" else build_vit
+  # vmap: eager attention, which torch.func batches (it runs SDPA's CPU kernels one client at a time).
+  model = build(arch, size, rank, alpha, "eager" if way == "vmap" else "sdpa").to(device)
+  num, steps = images.shape[:2]
+  pixels = torch.from_numpy(images).to(device)
+  labels_t = torch.from_numpy(labels).long().to(device)
+  texts = None if prompt_ids is None else torch.from_numpy(np.asarray(prompt_ids)).long().to(device)
+  to_input = lambda x: x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # uint8 NHWC -> NCHW in [-1, 1].
+
+  def logits(module, x):
+    if model_name == "clip":
+      return module(input_ids=texts, pixel_values=to_input(x)).logits_per_image
+    return module(pixel_values=to_input(x)).logits
+
+  start_state = {k: v.clone() for k, v in peft.get_peft_model_state_dict(model).items()}
+
+  def loop():
+    for c in range(num):
+      peft.set_peft_model_state_dict(model, start_state)
+      trainable = [p for p in model.parameters() if p.requires_grad]
+      optimizer = torch.optim.Adam(trainable, lr=learning_rate)
+      for s in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(logits(model, pixels[c, s]), labels_t[c, s]).backward()
+        optimizer.step()
+
+  names = [n for n, p in model.named_parameters() if p.requires_grad]
+  frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+  init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+  def client_loss(trainable, xs, ys):
+    call = lambda **kwargs: functional_call(model, {**frozen, **trainable}, (), kwargs)
+    out = (call(input_ids=texts, pixel_values=to_input(xs))["logits_per_image"] if model_name == "clip"
+           else call(pixel_values=to_input(xs))["logits"])
+    return torch.nn.functional.cross_entropy(out, ys)
+
+  per_client_grad = vmap(grad(client_loss), in_dims=(0, 0, 0))  # Over clients; each grad over its batch.
+
+  def vmapped():
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    for first in range(0, num, chunk):
+      n = min(chunk, num - first)
+      trainable = {k: v.expand(n, *v.shape).clone() for k, v in init.items()}
+      m = {k: torch.zeros_like(v) for k, v in trainable.items()}
+      v2 = {k: torch.zeros_like(v) for k, v in trainable.items()}
+      for s in range(steps):
+        grads = per_client_grad(trainable, pixels[first:first + n, s], labels_t[first:first + n, s])
+        t = s + 1
+        for k in names:
+          m[k].mul_(b1).add_(grads[k], alpha=1 - b1)
+          v2[k].mul_(b2).addcmul_(grads[k], grads[k], value=1 - b2)
+          denom = (v2[k] / (1 - b2 ** t)).sqrt_().add_(eps)
+          trainable[k] = trainable[k] - learning_rate * (m[k] / (1 - b1 ** t)) / denom
+
+  way_fn = {"loop": loop, "vmap": vmapped}[way]
+
+  def run():
+    way_fn()
+    if device == "cuda":
+      torch.cuda.synchronize()  # Kernels run asynchronously: wait for the last one.
+  run()  # Warm-up.
+  best = float("inf")
+  for _ in range(repeats):
+    first = time.perf_counter()
+    run()
+    best = min(best, time.perf_counter() - first)
+  return best
