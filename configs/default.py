@@ -97,7 +97,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                               # for this backend and model (cached with the
                                               # backbone, recorded in the workdir); 0: all at once.
   config.fed.head_policy = "shared"           # 'shared' (aggregated like LoRA) or 'local'.
-  config.fed.num_devices = 0                  # Devices of the clients mesh axis; 0 = all.
+  config.fed.num_devices = 0                  # Devices of the mesh; 0 = all.
+  config.fed.model_parallel = 1               # M > 1: a (num_devices / M) x M mesh, clients over
+                                              # the first axis, the frozen backbone split over the
+                                              # second (a backbone larger than one device).
   config.fed.new_client_steps = 2             # Local steps a held-out new client may take.
 
   config.client_optimizer = ml_collections.ConfigDict()

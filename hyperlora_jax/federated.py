@@ -221,7 +221,7 @@ class FederatedRound:
   @property
   def store_rows(self) -> int:
     """N': rows of the per-client store, N rounded up to a multiple of the mesh's devices."""
-    devices = self.mesh.size if self.mesh is not None else 1
+    devices = primitives.clients_axis_size(self.mesh)
     return -(-self.num_clients // devices) * devices
 
   def init(self, rng: jax.Array, params: Tree, signatures: jax.Array | None = None) -> ServerState:

@@ -28,22 +28,61 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 CLIENTS_AXIS = "clients"
+MODEL_AXIS = "model"
 Tree = Any
 
 
-def make_mesh(num_devices: int = 0) -> Mesh:
-  """A 1-D mesh over the first `num_devices` devices (0: all), axis named `clients`."""
+def make_mesh(num_devices: int = 0, model_parallel: int = 1) -> Mesh:
+  """A mesh over the first `num_devices` devices (0: all): 1-D, axis `clients`, or with
+  `model_parallel` = M > 1 a 2-D [num_devices / M, M] mesh with axes (`clients`, `model`):
+  clients spread over the first, the frozen backbone (`shard_frozen`) over the second."""
   devices = jax.devices()
   num_devices = num_devices or len(devices)
   if num_devices > len(devices):
     raise ValueError(f"mesh.num_devices={num_devices} but only {len(devices)} devices exist")
-  return Mesh(np.array(devices[:num_devices]), (CLIENTS_AXIS,),
-              axis_types=(jax.sharding.AxisType.Auto,))
+  if model_parallel < 1 or num_devices % model_parallel:
+    raise ValueError(f"model_parallel={model_parallel} must be >= 1 and divide the {num_devices} devices")
+  if model_parallel == 1:
+    return Mesh(np.array(devices[:num_devices]), (CLIENTS_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+  grid = np.array(devices[:num_devices]).reshape(num_devices // model_parallel, model_parallel)
+  return Mesh(grid, (CLIENTS_AXIS, MODEL_AXIS), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def clients_axis_size(mesh: Mesh | None) -> int:
+  """Devices along the mesh's `clients` axis (1 without a mesh): how many ways a cohort splits."""
+  return 1 if mesh is None else mesh.shape[CLIENTS_AXIS]
+
+
+def model_axis_size(mesh: Mesh | None) -> int:
+  """Devices along the mesh's `model` axis (1 without one)."""
+  return 1 if mesh is None or MODEL_AXIS not in mesh.shape else mesh.shape[MODEL_AXIS]
 
 
 def clients_sharding(mesh: Mesh) -> NamedSharding:
-  """Shards a leading clients axis over every device of the mesh."""
+  """Shards a leading clients axis over the mesh's `clients` axis (replicated over `model`)."""
   return NamedSharding(mesh, P(CLIENTS_AXIS))
+
+
+def frozen_spec(shape: tuple[int, ...], model_devices: int) -> P:
+  """The PartitionSpec of a frozen weight of `shape` on a `model` axis of `model_devices`: its
+  largest dimension that `model_devices` divides is split over `model` (the last such on ties),
+  the rest replicated; a weight with no such dimension is replicated."""
+  candidates = [i for i, d in enumerate(shape) if d % model_devices == 0 and d >= model_devices]
+  if model_devices == 1 or not candidates:
+    return P()
+  axis = max(candidates, key=lambda i: (shape[i], i))
+  return P(*[MODEL_AXIS if i == axis else None for i in range(len(shape))])
+
+
+def shard_frozen(tree: Tree, mesh: Mesh | None) -> Tree:
+  """The frozen backbone placed on `mesh`: each weight split over the `model` axis
+  (`frozen_spec`) and replicated over `clients`, so every client of every device uses the one
+  copy and a device holds about 1/M of it; XLA inserts the gathers the matmuls need. Without a
+  `model` axis: `tree` unchanged."""
+  if model_axis_size(mesh) == 1:
+    return tree
+  place = lambda x: jax.device_put(x, NamedSharding(mesh, frozen_spec(np.shape(x), model_axis_size(mesh))))
+  return jax.tree.map(place, tree)
 
 
 def constrain_clients(tree: Tree, mesh: Mesh | None) -> Tree:
@@ -88,7 +127,7 @@ def map_clients(fn: Callable, xs: Tree, clients_per_chunk: int = 0, mesh: Mesh |
     raise ValueError(f"clients_per_chunk={clients_per_chunk} must divide the padded cohort "
                      f"of {num} clients")
   num_chunks = num // clients_per_chunk
-  if mesh is None or mesh.size == 1:
+  if clients_axis_size(mesh) == 1:
     to_chunks = lambda x: x.reshape((num_chunks, clients_per_chunk) + x.shape[1:])
     from_chunks = lambda y: y.reshape((num,) + y.shape[2:])
   else:

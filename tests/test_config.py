@@ -19,6 +19,7 @@ INVALID = [
     ("fed.batch_size", -1, "fed.batch_size"),
     ("fed.head_policy", "private", "fed.head_policy"),
     ("fed.clients_per_chunk", -2, "fed.clients_per_chunk"),
+    ("fed.model_parallel", 0, "fed.model_parallel"),
     ("compute.backbone_dtype", "fp8", "compute.backbone_dtype"),
     ("data.feed", "disk", "data.feed"),
     ("model.name", "resnet", "model.name"),
@@ -65,6 +66,7 @@ INVALID_BEFORE_LOADING = [
     ("pretrain.batch_size", 10**7, "pretrain.batch_size"),
     ("data.num_clients", 100000, "data.num_clients"),
     ("fed.num_devices", 64, "fed.num_devices"),
+    ("fed.model_parallel", 2, "fed.model_parallel"),  # A model axis of 2 on this 1-device machine.
     ("pretrain.cache_dir", "/proc/no_such/cache", "pretrain.cache_dir"),
     ("lora.rank", 64, "lora.rank"),  # The smoke model's attention is 16 wide.
 ]

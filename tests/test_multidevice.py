@@ -2,6 +2,7 @@
 XLA_FLAGS precede jax)."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -106,3 +107,53 @@ def test_ten_thousand_clients_store_is_sharded_and_matches_one_device():
   proc = subprocess.run([sys.executable, "-c", STORE_SCRIPT], env=env, cwd=ROOT, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0 and "STORE OK" in proc.stdout, proc.stderr[-3000:]
+
+
+MODEL_AXIS_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    assert len(jax.devices()) == 8, jax.devices()
+    from hyperlora_jax import primitives
+    mesh = primitives.make_mesh(8, model_parallel=4)
+    assert dict(mesh.shape) == {"clients": 2, "model": 4}
+    tree = {"kernel": np.arange(32 * 40, dtype=np.float32).reshape(32, 40), "odd": np.ones((3, 5)), "s": np.ones(())}
+    placed = primitives.shard_frozen(tree, mesh)
+    assert {s.data.shape for s in placed["kernel"].addressable_shards} == {(32, 10)}  # Largest axis over model.
+    assert {s.data.shape for s in placed["odd"].addressable_shards} == {(3, 5)}       # No axis divides: replicated.
+    np.testing.assert_array_equal(np.asarray(placed["kernel"]), tree["kernel"])
+    sys.path.insert(0, sys.argv[3])
+    from test_text_runs import _config
+    from experiments.runner.train import train_and_evaluate
+    import pathlib
+    out = {}
+    for devices, model_parallel in ((1, 1), (8, 4)):
+      logs = []
+      config = _config(pathlib.Path(sys.argv[2]), {"cache_dir": sys.argv[1]}, method="fedit", rounds=2)
+      # 3 clients (one per category), all sampled: padded to 4 on the 2 devices of the clients axis.
+      config.fed.num_devices, config.fed.model_parallel = devices, model_parallel
+      result = train_and_evaluate(config, f"{sys.argv[2]}/d{devices}m{model_parallel}", progress=False, log=logs.append)
+      out[f"{devices}x{model_parallel}"] = {"records": result["records"], "log": logs}
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_a_decoder_split_over_a_model_axis_of_a_2x4_mesh_matches_one_device(cache_dirs, tmp_path):
+  """fed.model_parallel=4 on 8 devices: a 2 (clients) x 4 (model) mesh. Every weight of the
+  fixture Llama is split 4 ways (a device holds a quarter of the backbone, each client of each
+  device uses that one copy), and a FedIT text run's records equal the one-device run's."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+  proc = subprocess.run([sys.executable, "-c", MODEL_AXIS_SCRIPT, cache_dirs["cache_dir"], str(tmp_path),
+                         os.path.join(ROOT, "tests")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  runs = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))[len("RESULT"):])
+  split = [line for line in runs["8x4"]["log"] if "model mesh axis" in line]
+  assert split and "split over the 4 devices of the model mesh axis: 21 of 21 weights" in split[0], split
+  per_device, total = map(float, re.search(r"([\d.]+) MiB per device of ([\d.]+) MiB", split[0]).groups())
+  assert abs(per_device - total / 4) <= 0.002, split[0]  # A replicated backbone would hold all of it.
+  assert not any("model mesh axis" in line for line in runs["1x1"]["log"])
+  one, sharded = runs["1x1"]["records"], runs["8x4"]["records"]
+  assert len(one) == len(sharded) == 2
+  for a, b in zip(one, sharded):
+    for field in ("train_loss", "global_perplexity", "global_accuracy", "personalized_accuracy_mean"):
+      assert abs(a[field] - b[field]) <= 1e-4 * max(1.0, abs(a[field])), (field, a[field], b[field])

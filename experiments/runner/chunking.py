@@ -26,7 +26,7 @@ def auto_clients_per_chunk(config: ml_collections.ConfigDict, task: task_lib.Ima
   timing depends on. With several processes the main process decides and tells the others.
   A pooled-data learner (one client) has nothing to chunk: 0.
   """
-  per_device = 1 if pooled_data else -(-config.fed.clients_per_round // mesh.size)  # Padded cohort / D.
+  per_device = 1 if pooled_data else -(-config.fed.clients_per_round // primitives.clients_axis_size(mesh))  # Padded cohort / D.
   if per_device == 1:
     return 0
   fields = {"backend": jax.default_backend(), "device": jax.local_devices()[0].device_kind,
@@ -54,9 +54,9 @@ def auto_clients_per_chunk(config: ml_collections.ConfigDict, task: task_lib.Ima
   if distributed.is_main_process():
     choice = autotune.cached_choice(path, fields, measure)
     times = ", ".join(f"{k}: {s * 1e3:.0f} ms" for k, s in sorted(choice.seconds.items()))
-    log(f"fed.clients_per_chunk: {choice.clients_per_chunk * mesh.size} "
+    log(f"fed.clients_per_chunk: {choice.clients_per_chunk * primitives.clients_axis_size(mesh)} "
         f"({'cached' if choice.cached else 'measured'}; per device {times})")
-    chunk = choice.clients_per_chunk * mesh.size
+    chunk = choice.clients_per_chunk * primitives.clients_axis_size(mesh)
   if jax.process_count() > 1:
     chunk = int(multihost_utils.broadcast_one_to_all(np.int32(chunk)))
   return chunk

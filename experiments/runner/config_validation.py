@@ -30,7 +30,7 @@ from hyperlora_jax.models import ALLOWED_MODELS, arch_fields, hf
 from hyperlora_jax.models.clip import TEXT_POOLINGS
 from hyperlora_jax.models.load import CheckpointError
 from hyperlora_jax.models.vit import GELUS, POOLS
-from hyperlora_jax.primitives import make_mesh
+from hyperlora_jax.primitives import clients_axis_size, make_mesh
 
 ALLOWED_HEAD_POLICIES = ("shared", "local")
 ALLOWED_BACKBONE_DTYPES = ("float32", "bfloat16", "auto")
@@ -242,9 +242,15 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
   else:
     _validate_model(config)
   _one_of(fed.head_policy, ALLOWED_HEAD_POLICIES, "fed.head_policy")
-  if fed.clients_per_chunk > 0 and fed.num_devices:
-    _require(fed.clients_per_chunk % fed.num_devices == 0, "fed.clients_per_chunk",
-             f"{fed.clients_per_chunk} must be a multiple of fed.num_devices={fed.num_devices}")
+  if "model_parallel" in fed:
+    _positive_int(config, "fed.model_parallel")
+    _require(not fed.num_devices or fed.num_devices % fed.model_parallel == 0, "fed.model_parallel",
+             f"{fed.model_parallel} must divide fed.num_devices={fed.num_devices}")
+  clients_devices = fed.num_devices // fed.get("model_parallel", 1)
+  if fed.clients_per_chunk > 0 and clients_devices:
+    _require(fed.clients_per_chunk % clients_devices == 0, "fed.clients_per_chunk",
+             f"{fed.clients_per_chunk} must be a multiple of the {clients_devices} devices of the clients "
+             f"mesh axis (fed.num_devices={fed.num_devices} / fed.model_parallel={fed.get('model_parallel', 1)})")
   try:
     re.compile(config.lora.target_regex)
   except re.error as e:
@@ -454,21 +460,24 @@ def _check_lora_fits(config: ml_collections.ConfigDict, model, example) -> None:
 
 
 def check_mesh_fits(config: ml_collections.ConfigDict):
-  """The clients mesh of `fed.num_devices`, after checking the fields that must divide by (or
-  fit) its devices: `fed.clients_per_chunk`, `data.feed`, `eval_batch`."""
+  """The mesh of `fed.num_devices` (clients) x `fed.model_parallel` (model), after checking the
+  fields that must divide by (or fit) its devices: `fed.clients_per_chunk`, `data.feed`,
+  `eval_batch`."""
   try:
-    mesh = make_mesh(config.fed.num_devices)
+    mesh = make_mesh(config.fed.num_devices, config.fed.get("model_parallel", 1))
   except ValueError as e:
-    raise ConfigError(f"fed.num_devices: {e}") from None
-  if config.fed.clients_per_chunk > 0 and config.fed.clients_per_chunk % mesh.size:
+    field = "fed.model_parallel" if "model_parallel" in str(e) else "fed.num_devices"
+    raise ConfigError(f"{field}: {e}") from None
+  clients = clients_axis_size(mesh)
+  if config.fed.clients_per_chunk > 0 and config.fed.clients_per_chunk % clients:
     raise ConfigError(f"fed.clients_per_chunk: {config.fed.clients_per_chunk} must be a multiple of "
-                      f"the {mesh.size} devices of the clients mesh axis")
+                      f"the {clients} devices of the clients mesh axis")
   if config.data.feed == "chunk" and (mesh.size > 1 or jax.process_count() > 1):
     raise ConfigError(f"data.feed: 'chunk' reads each chunk's images on the host of a single "
                       f"device; this run has {mesh.size} devices in {jax.process_count()} "
                       f"process(es): use data.feed='round'")
-  if config.eval_batch % mesh.size:
-    raise ConfigError(f"eval_batch: {config.eval_batch} must be a multiple of the {mesh.size} devices "
+  if config.eval_batch % clients:
+    raise ConfigError(f"eval_batch: {config.eval_batch} must be a multiple of the {clients} devices "
                       f"of the clients mesh axis (test examples are sharded over them)")
   return mesh
 

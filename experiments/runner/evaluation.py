@@ -66,7 +66,7 @@ def _evaluator(exp: Experiment, counts: Callable | None) -> Callable[..., Callab
   global_counts, client_accuracy = jax.jit(evaluation.global_counts), jax.jit(evaluation.client_accuracy)
   data = exp.data
   sharded = primitives.clients_sharding(exp.mesh)
-  multiple = math.lcm(chunk or 1, exp.mesh.size)
+  multiple = math.lcm(chunk or 1, primitives.clients_axis_size(exp.mesh))
 
   def blocks_on_device(transform_images=None):
     def shifted(block):

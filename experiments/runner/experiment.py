@@ -17,7 +17,7 @@ from experiments.runner.config_validation import (check_mesh_fits, check_method_
 from experiments.runner.federated_data import FederatedData, build_federated_data, client_blocks
 from experiments.runner.feeding import chunk_image_loader
 from experiments.runner.optimizers import build_optimizer
-from hyperlora_jax import autotune, federated, lora, models
+from hyperlora_jax import autotune, federated, lora, models, primitives
 from hyperlora_jax import faults as faults_lib
 from hyperlora_jax.client import ClientUpdate, local_update
 from hyperlora_jax.hyper import signatures as signatures_lib
@@ -41,6 +41,21 @@ class Experiment:
   client_ranks: np.ndarray            # [num_clients] LoRA rank of each client.
   signatures: np.ndarray | None = None  # [num_clients, D] client signatures, or None.
   new_signatures: np.ndarray | None = None  # [heldout_clients, D] new clients' signatures.
+
+
+def sharded_backbone(backbone: Any, mesh: Any, log: Callable[[str], None]) -> Any:
+  """`backbone` split over the mesh's `model` axis (`primitives.shard_frozen`; logged), or as
+  it is on a mesh without one."""
+  if primitives.model_axis_size(mesh) == 1:
+    return backbone
+  backbone = primitives.shard_frozen(backbone, mesh)
+  leaves = jax.tree.leaves(backbone)
+  split = sum(1 for x in leaves if len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated)
+  total = sum(x.nbytes for x in leaves)
+  per_device = sum(x.addressable_shards[0].data.nbytes for x in leaves)
+  log(f"backbone: split over the {primitives.model_axis_size(mesh)} devices of the model mesh axis: {split} of "
+      f"{len(leaves)} weights, {per_device / 2**20:.3f} MiB per device of {total / 2**20:.3f} MiB")
+  return backbone
 
 
 def initial_trainable(model, backbone: Any, example_images: jax.Array, target_regex: str, rank: int,
@@ -77,6 +92,7 @@ def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], Non
     log(f"evaluating on a validation split: {config.data.validation_fraction:g} of each client's training "
         f"examples, held out (the test split is not read)")
   backbone, _ = pretrain.load_or_pretrain(config, log)
+  backbone = sharded_backbone(backbone, mesh, log)
   model = build_model(config, data.num_classes, data.train_pool.class_names)
   preprocess = pretrain.image_preprocess(config)
   trainable, targets = initial_trainable(model, backbone, data.train_pool.images[:1],

@@ -53,8 +53,9 @@ def round_inputs(exp: Experiment, round_index: int, gather: bool = True) -> tupl
     parts = [np.concatenate(data.train_parts)]
   else:
     ids = blocks.sample_clients(data.num_clients, config.fed.clients_per_round, rng)
-  multiple = exp.fed_round.clients_per_chunk or exp.mesh.size
-  ids = blocks.pad_client_ids(ids, math.lcm(multiple, exp.mesh.size))
+  devices = primitives.clients_axis_size(exp.mesh)
+  multiple = exp.fed_round.clients_per_chunk or devices
+  ids = blocks.pad_client_ids(ids, math.lcm(multiple, devices))
   indices, mask = blocks.train_block_indices(parts, ids, steps, config.fed.batch_size, rng)
   sizes = np.where(ids >= 0, data.train_sizes()[np.maximum(ids, 0)], 0).astype(np.float32)
   if not gather:

@@ -44,9 +44,10 @@ def build_text_federated_data(config: ml_collections.ConfigDict, tokenizer, log:
 def build_text_experiment(config: ml_collections.ConfigDict, log: Callable[[str], None] = print):
   """Validates the config, loads the decoder and the records, builds the round (no compilation)."""
   from experiments.runner.experiment import (Experiment, checked_method, client_ranks, every_client_signature,
-                                             round_plugins)
+                                             round_plugins, sharded_backbone)
   mesh, method, server_optimizer = checked_method(config)
   model, backbone, tokenizer, _ = pretrain_text.load_or_pretrain_decoder(config, log)
+  backbone = sharded_backbone(backbone, mesh, log)
   compute_dtype = backbone_dtype(config.compute.backbone_dtype)
   model = model.clone(dtype=compute_dtype)
   data = build_text_federated_data(config, tokenizer, log)
