@@ -24,9 +24,10 @@ tower run every step, as the JAX benchmark's CLIP does.
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
+
+from experiments import torch_baselines
 
 
 def available() -> tuple[bool, str]:
@@ -136,7 +137,6 @@ def time_round(images: np.ndarray, labels: np.ndarray, *, model_name: str, arch:
         torch.nn.functional.cross_entropy(logits(model, pixels[c, s]), labels_t[c, s]).backward()
         optimizer.step()
 
-  names = [n for n, p in model.named_parameters() if p.requires_grad]
   frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
   init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -148,32 +148,6 @@ def time_round(images: np.ndarray, labels: np.ndarray, *, model_name: str, arch:
 
   per_client_grad = vmap(grad(client_loss), in_dims=(0, 0, 0))  # Over clients; each grad over its batch.
 
-  def vmapped():
-    b1, b2, eps = 0.9, 0.999, 1e-8
-    for first in range(0, num, chunk):
-      n = min(chunk, num - first)
-      trainable = {k: v.expand(n, *v.shape).clone() for k, v in init.items()}
-      m = {k: torch.zeros_like(v) for k, v in trainable.items()}
-      v2 = {k: torch.zeros_like(v) for k, v in trainable.items()}
-      for s in range(steps):
-        grads = per_client_grad(trainable, pixels[first:first + n, s], labels_t[first:first + n, s])
-        t = s + 1
-        for k in names:
-          m[k].mul_(b1).add_(grads[k], alpha=1 - b1)
-          v2[k].mul_(b2).addcmul_(grads[k], grads[k], value=1 - b2)
-          denom = (v2[k] / (1 - b2 ** t)).sqrt_().add_(eps)
-          trainable[k] = trainable[k] - learning_rate * (m[k] / (1 - b1 ** t)) / denom
-
-  way_fn = {"loop": loop, "vmap": vmapped}[way]
-
-  def run():
-    way_fn()
-    if device == "cuda":
-      torch.cuda.synchronize()  # Kernels run asynchronously: wait for the last one.
-  run()  # Warm-up.
-  best = float("inf")
-  for _ in range(repeats):
-    first = time.perf_counter()
-    run()
-    best = min(best, time.perf_counter() - first)
-  return best
+  vmapped = lambda: torch_baselines.vmapped_adam(torch, per_client_grad, init, pixels, labels_t, chunk,
+                                                 learning_rate)
+  return torch_baselines.best_time(torch, {"loop": loop, "vmap": vmapped}[way], repeats)

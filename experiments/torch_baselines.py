@@ -122,27 +122,40 @@ def time_round(images, labels, *, width: int, depth: int, heads: int, patch: int
 
   per_client_grad = vmap(grad(loss), in_dims=(0, 0, 0))
 
-  def vmapped():
-    b1, b2, eps = 0.9, 0.999, 1e-8
-    for start in range(0, num, chunk):
-      size = min(chunk, num - start)
-      trainable = {k: v.expand(size, *v.shape).clone() for k, v in init.items()}
-      m = {k: torch.zeros_like(v) for k, v in trainable.items()}
-      v2 = {k: torch.zeros_like(v) for k, v in trainable.items()}
-      for s in range(steps):
-        grads = per_client_grad(trainable, images_t[start:start + size, s], labels_t[start:start + size, s])
-        t = s + 1
-        for k in trainable:
-          m[k].mul_(b1).add_(grads[k], alpha=1 - b1)
-          v2[k].mul_(b2).addcmul_(grads[k], grads[k], value=1 - b2)
-          denom = (v2[k] / (1 - b2 ** t)).sqrt_().add_(eps)
-          trainable[k] = trainable[k] - learning_rate * (m[k] / (1 - b1 ** t)) / denom
+  vmapped = lambda: vmapped_adam(torch, per_client_grad, init, images_t, labels_t, chunk, learning_rate)
 
   way_fn = {"loop": loop, "vmap": vmapped}[way]
 
+  return best_time(torch, way_fn, repeats)
+
+
+def vmapped_adam(torch, per_client_grad, init: dict, inputs, labels, chunk: int, learning_rate: float) -> None:
+  """C clients x S Adam steps in chunks of `chunk` clients: per chunk, `init` stacked per
+  client and `per_client_grad(stacked, inputs [k, ...], labels [k, ...])` (a torch.func.vmap of
+  grad) followed by a functional Adam on the stacked tensors. inputs, labels: [C, S, ...]."""
+  b1, b2, eps = 0.9, 0.999, 1e-8
+  num, steps = inputs.shape[:2]
+  for start in range(0, num, chunk):
+    size = min(chunk, num - start)
+    trainable = {k: v.expand(size, *v.shape).clone() for k, v in init.items()}
+    m = {k: torch.zeros_like(v) for k, v in trainable.items()}
+    v2 = {k: torch.zeros_like(v) for k, v in trainable.items()}
+    for s in range(steps):
+      grads = per_client_grad(trainable, inputs[start:start + size, s], labels[start:start + size, s])
+      t = s + 1
+      for k in init:
+        m[k].mul_(b1).add_(grads[k], alpha=1 - b1)
+        v2[k].mul_(b2).addcmul_(grads[k], grads[k], value=1 - b2)
+        denom = (v2[k] / (1 - b2 ** t)).sqrt_().add_(eps)
+        trainable[k] = trainable[k] - learning_rate * (m[k] / (1 - b1 ** t)) / denom
+
+
+def best_time(torch, way_fn, repeats: int) -> float:
+  """Best wall time of `way_fn()` over `repeats` runs after a warm-up, waiting for CUDA's
+  asynchronous kernels to finish."""
   def run():
     way_fn()
-    if device == "cuda":
+    if torch.cuda.is_available():
       torch.cuda.synchronize()  # Kernels run asynchronously: wait for the last one.
   run()  # Warm-up.
   best = float("inf")
@@ -151,4 +164,3 @@ def time_round(images, labels, *, width: int, depth: int, heads: int, patch: int
     run()
     best = min(best, time.perf_counter() - start)
   return best
-
