@@ -31,9 +31,14 @@ test-all: test test-slow
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
+# A round of the default image model, then of the embedded-size Llama decoder (text), each way
+# side by side (BENCHMARKS.md).
 BENCH_OUT ?= benchmarks/round_speed.json
 BENCH_FLAGS ?=
+TEXT_BENCH_OUT ?= benchmarks/text_round_speed.json
+TEXT_BENCH_FLAGS ?=
 bench: $(VENV)/.installed
 	$(PY) -m experiments.benchmark --out $(BENCH_OUT) $(BENCH_FLAGS)
+	$(PY) -m experiments.text_benchmark --out $(TEXT_BENCH_OUT) $(TEXT_BENCH_FLAGS)
 
 .PHONY: install run check-run test test-slow test-all lint bench

@@ -30,15 +30,21 @@ step() {  # step SECONDS NAME ARGS...: one benchmark under a time limit; its sta
 } 2>&1 | tee -a "$log"
 
 # Under 10 minutes of device time in all (the device budget of a lent machine), most important
-# first: the real-size models against transformers + peft (issue 24's targets: ViT-B/16 at 224 px,
-# 64+ clients, >= 40% MFU against the bf16 peak, >= 20x the PEFT loop), then the default model.
+# first. Issue 25's decoders against transformers + peft (targets: >= 10x the PEFT per-client
+# loop at 16 clients per round on the ~1B config, >= 40% MFU against the bf16 peak; memory
+# growing with the clients per chunk, not the backbone per client): SmolLM-135M's and
+# TinyLlama-1.1B's architectures on random weights, 512-token sequences, 4 a step, 2 steps.
+# Then issue 24's real-size vision models (ViT-B/16 at 224 px, CLIP B/32) and the default model.
 # A step stopped at its limit still leaves the cohorts it printed in gpu.log. The 2026-11-26 H100
 # run's steps (C = 1,024, ViT-Ti, the profile) took 18 minutes and are in that log and BENCHMARKS.md.
-step 240 round_speed_vit_b16_gpu -m experiments.benchmark --base_model --clients 16,64 --chunks 16,auto \
+text="--seq_len 512 --batch_size 4 --local_steps 2 --repeats 1"
+step 130 text_round_speed_smollm_135m_gpu -m experiments.text_benchmark --model smollm_135m --clients 8,16,64 \
+  --chunks 8,16 $text --out "$out/text_round_speed_smollm_135m_gpu.json"
+step 170 text_round_speed_tinyllama_1b_gpu -m experiments.text_benchmark --model tinyllama_1b --remat \
+  --clients 8,16,64 --chunks 8,16 $text --out "$out/text_round_speed_tinyllama_1b_gpu.json"
+step 120 round_speed_vit_b16_gpu -m experiments.benchmark --base_model --clients 16,64 --chunks 16 \
   --local_steps 2 --repeats 1 --out "$out/round_speed_vit_b16_gpu.json"
-step 120 round_speed_vit_b16_c256_gpu -m experiments.benchmark --base_model --clients 256 --chunks 16,auto \
-  --local_steps 2 --repeats 1 --notorch --nopeft --out "$out/round_speed_vit_b16_c256_gpu.json"
-step 150 round_speed_clip_b32_gpu -m experiments.benchmark --base_clip --clients 16,64 --chunks 16,auto \
+step 80 round_speed_clip_b32_gpu -m experiments.benchmark --base_clip --clients 16,64 --chunks 16 \
   --local_steps 2 --repeats 1 --out "$out/round_speed_clip_b32_gpu.json"
-step 60 round_speed_gpu -m experiments.benchmark --clients 16,64 --chunks 0,auto --repeats 1 --nopeft \
+step 40 round_speed_gpu -m experiments.benchmark --clients 16,64 --chunks 0,auto --repeats 1 --nopeft \
   --out "$out/round_speed_gpu.json"

@@ -58,3 +58,56 @@ def random_block(num_clients: int, steps: int, batch_size: int, image_size: int)
   return {"image": jnp.asarray(rng.integers(0, 256, shape + (image_size, image_size, 3), dtype=np.uint8)),
           "label": jnp.asarray(rng.integers(0, 10, shape, dtype=np.int32)),
           "mask": jnp.ones(shape, jnp.float32)}
+
+
+# Llama-family decoders for the text benchmark (`experiments.text_benchmark`): the embedded
+# default's size (configs/instruction_tuning.py), and two published checkpoints' architectures
+# (random weights; their config.json values): HuggingFaceTB/SmolLM-135M and TinyLlama-1.1B.
+DECODERS = {
+    "tiny": {"vocab_size": 2048, "width": 64, "depth": 2, "num_heads": 4, "num_kv_heads": 2, "mlp_dim": 172},
+    "smollm_135m": {"vocab_size": 49152, "width": 576, "depth": 30, "num_heads": 9, "num_kv_heads": 3,
+                    "mlp_dim": 1536, "rms_norm_eps": 1e-5, "tie_embeddings": True},
+    "tinyllama_1b": {"vocab_size": 32000, "width": 2048, "depth": 22, "num_heads": 32, "num_kv_heads": 4,
+                     "mlp_dim": 5632, "rms_norm_eps": 1e-5},
+}
+
+
+def text_client_update_fn(size: str = "tiny", remat: bool = False):
+  """(one_client(frozen, start, block) -> trained, frozen, round-0 trainable, DecoderLM, config)
+  for the `DECODERS[size]` architecture on random weights, with configs/instruction_tuning.py's
+  LoRA (r = 4, α = 8 on attention query/value) and client optimizer (Adam); the frozen decoder
+  (an argument, so that a jitted round does not embed it) in `config.compute.backbone_dtype`
+  ('auto': bfloat16 on GPU/TPU, float32 on CPU), as in training. A block is
+  `random_text_block`'s."""
+  from configs import instruction_tuning
+  from hyperlora_jax.models.llama import DecoderLM
+  from hyperlora_jax.tasks.causal_lm import CausalLM
+  config = instruction_tuning.get_config()
+  dtype = backbone_dtype(config.compute.backbone_dtype)
+  model = DecoderLM(**DECODERS[size], remat=remat, dtype=dtype)
+  example = jnp.zeros((1, 8), jnp.int32)
+  init = jax.jit(lambda key: frozen_tree(model.init(key, example), dtype=dtype))  # Cast on the device.
+  frozen = init(jax.random.key(0))
+  targets = lora.find_targets(model, frozen["variables"], example, jnp.ones_like(example),
+                              target_regex=config.lora.target_regex)
+  trainable = {"lora": lora.init_lora(jax.random.key(1), targets, config.lora.rank), "head": {}}
+  task = CausalLM(model, lora.lora_scale(config.lora.alpha, config.lora.rank), dtype)
+  client_update = local_update(task.loss_fn, build_optimizer(config.client_optimizer))
+  ones = jax.tree.map(lambda _: jnp.float32(1.0), trainable)
+
+  def one_client(frozen, start, block):
+    return client_update(start, frozen, block, jax.random.key(0), ones)[0]
+  return one_client, frozen, trainable, model, config
+
+
+def random_text_block(num_clients: int, steps: int, batch_size: int, seq_len: int, vocab_size: int) -> dict:
+  """A round's block of random full-length token sequences (seeded by the cohort size), the loss
+  on the second half of each (the "response"): {"input_ids": int32 [C, S, B, T],
+  "attention_mask": ones [C, S, B, T], "loss_mask": [C, S, B, T] (0 on the first T // 2
+  tokens, 1 after), "mask": ones [C, S, B]}."""
+  rng = np.random.default_rng(num_clients)
+  shape = (num_clients, steps, batch_size)
+  loss_mask = np.broadcast_to((np.arange(seq_len) >= seq_len // 2).astype(np.int32), shape + (seq_len,))
+  return {"input_ids": jnp.asarray(rng.integers(0, vocab_size, shape + (seq_len,), dtype=np.int32)),
+          "attention_mask": jnp.ones(shape + (seq_len,), jnp.int32), "loss_mask": jnp.asarray(loss_mask),
+          "mask": jnp.ones(shape, jnp.float32)}

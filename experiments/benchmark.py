@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +31,7 @@ from absl import app, flags
 
 from experiments import peft_baselines, torch_baselines
 from experiments.bench_model import client_update_fn, random_block
+from experiments.bench_timing import best_time, matmul_peak_flops, update_flops
 from hyperlora_jax import autotune, primitives
 from hyperlora_jax.tasks.image_classification import backbone_dtype
 
@@ -53,33 +53,6 @@ _TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch per-client loop
                            "round (16 clients per chunk) when torch is installed (the `bench` extra).")
 _PEFT = flags.DEFINE_bool("peft", True, "Also time transformers + peft (loop and torch.func.vmap, 16 clients "
                           "per chunk) when they are installed (the `bench` extra).")
-
-
-def _best_time(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())  # Compile and warm up.
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return min(times)
-
-
-def matmul_peak_flops(size: int = 0, repeats: int = 5, dtype=jnp.float32) -> float:
-  """The device's matmul FLOP/s in `dtype`: best of `repeats` jitted [size, size] @ [size, size]
-  (size 0: 1024 on a CPU, 8192 on an accelerator, which a small product leaves mostly idle)."""
-  size = size or (1024 if jax.default_backend() == "cpu" else 8192)
-  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
-  dot = jax.jit(lambda x: x @ x)
-  return 2 * size ** 3 / _best_time(lambda: dot(a), repeats)
-
-
-def update_flops(compiled_fn, *args) -> float:
-  """FLOPs of one call of a jitted function, from XLA's cost analysis (0 if it reports none).
-  A `lax.scan` body is counted once, whatever its length."""
-  cost = compiled_fn.lower(*args).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float((cost or {}).get("flops", 0.0))
 
 
 def _baseline_row(time_way, steps: int, best_jax: float, label: str) -> tuple[dict, str]:
@@ -133,7 +106,7 @@ def main(argv):
     client_blocks = [jax.tree.map(lambda x, i=i: x[i], block) for i in range(num)]
     # XLA's cost analysis counts a loop body once: cost one step, times the steps.
     flops = num * _STEPS.value * update_flops(single, trainable, jax.tree.map(lambda x: x[:1], client_blocks[0]))
-    t_loop = _best_time(lambda: [single(trainable, b) for b in client_blocks], _REPEATS.value)
+    t_loop = best_time(lambda: [single(trainable, b) for b in client_blocks], _REPEATS.value)
     steps = num * _STEPS.value
     row = {"clients": num, "client_steps": steps, "round_flops": flops, "loop_s": t_loop,
            "loop_client_steps_per_s": steps / t_loop, "loop_mfu": flops / t_loop / peak, "vmapped": []}
@@ -148,7 +121,7 @@ def main(argv):
       if chunk > 0 and num % chunk:
         continue
       try:
-        t_vmap = _best_time(lambda: vmapped[chunk](starts, block), _REPEATS.value)
+        t_vmap = best_time(lambda: vmapped[chunk](starts, block), _REPEATS.value)
       except jax.errors.JaxRuntimeError as error:
         if not autotune.is_out_of_memory(error):
           raise

@@ -151,3 +151,85 @@ def time_round(images: np.ndarray, labels: np.ndarray, *, model_name: str, arch:
   vmapped = lambda: torch_baselines.vmapped_adam(torch, per_client_grad, init, pixels, labels_t, chunk,
                                                  learning_rate)
   return torch_baselines.best_time(torch, {"loop": loop, "vmap": vmapped}[way], repeats)
+
+
+def build_llama(config_json: dict, rank: int, alpha: float, attention: str = "sdpa", dtype=None):
+  """A PEFT-wrapped `LlamaForCausalLM` (or Qwen2 / Mistral, by `config_json["model_type"]`) of a
+  transformers config.json (`hf.decoder_config` of the JAX benchmark's `DecoderLM`), random
+  weights in `dtype` (None: float32), LoRA (rank r, `lora_alpha`; float32 factors) on the
+  attention's q_proj and v_proj; `attention` as `build_vit`'s."""
+  import peft
+  import transformers
+  fields = {k: v for k, v in config_json.items() if k not in ("architectures", "torch_dtype")}
+  config = transformers.AutoConfig.for_model(**fields)
+  config._attn_implementation = attention
+  model = transformers.AutoModelForCausalLM.from_config(config)
+  if dtype is not None:
+    model = model.to(dtype)
+  lora = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                         task_type="CAUSAL_LM")
+  return peft.get_peft_model(model, lora).eval()
+
+
+def time_text_round(input_ids: np.ndarray, loss_mask: np.ndarray, *, config_json: dict, rank: int, alpha: float,
+                    learning_rate: float, way: str = "loop", chunk: int = 16, repeats: int = 2) -> tuple[float, int]:
+  """Best wall time of one instruction-tuning round: C clients x S Adam steps of a decoder
+  ("loop": the per-client loop PEFT-based federated LLM repositories run, OpenFedLLM's and
+  FlowerTune's; "vmap": torch.func.vmap in chunks), the loss transformers' own: `labels` the
+  token ids with -100 where `loss_mask` is 0, mean over the counted next tokens. On CUDA the
+  frozen weights are bfloat16 and the step runs under `torch.autocast(bfloat16)` (LoRA factors
+  and Adam float32), as `Trainer(bf16=True)` on a bfloat16 checkpoint; on the CPU float32.
+
+  Args:
+    input_ids: int NumPy [C, S, B, T] (full-length sequences, no padding); loss_mask: [C, S, B, T].
+  Returns:
+    (seconds, the peak CUDA memory allocated in bytes during the timed rounds; 0 on the CPU).
+  """
+  import contextlib
+
+  import peft
+  import torch
+  from torch.func import functional_call, grad, vmap
+  device = _device(torch)
+  if device == "cpu":
+    torch.set_num_threads(os.cpu_count() or 1)
+  torch.manual_seed(0)
+  dtype = torch.bfloat16 if device == "cuda" else None
+  autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda"
+              else contextlib.nullcontext)
+  model = build_llama(config_json, rank, alpha, "eager" if way == "vmap" else "sdpa", dtype).to(device)
+  num, steps = input_ids.shape[:2]
+  ids = torch.from_numpy(np.asarray(input_ids)).long().to(device)
+  labels = torch.where(torch.from_numpy(np.asarray(loss_mask)).to(device) > 0, ids, -100)
+  start_state = {k: v.clone() for k, v in peft.get_peft_model_state_dict(model).items()}
+
+  def loop():
+    for c in range(num):
+      peft.set_peft_model_state_dict(model, start_state)
+      trainable = [p for p in model.parameters() if p.requires_grad]
+      optimizer = torch.optim.Adam(trainable, lr=learning_rate)
+      for s in range(steps):
+        optimizer.zero_grad()
+        with autocast():
+          loss = model(input_ids=ids[c, s], labels=labels[c, s]).loss
+        loss.backward()
+        optimizer.step()
+
+  frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+  init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+  def client_loss(trainable, xs, ys):
+    with autocast():
+      logits = functional_call(model, {**frozen, **trainable}, (), {"input_ids": xs})["logits"][:, :-1]
+    targets = ys[:, 1:]
+    weights = (targets >= 0).float()  # ignore_index=-100 written out: vmap has no rule for it.
+    nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.clamp(min=0).flatten(),
+                                            reduction="none")
+    return (nll * weights.flatten()).sum() / weights.sum().clamp(min=1.0)
+
+  per_client_grad = vmap(grad(client_loss), in_dims=(0, 0, 0))
+  vmapped = lambda: torch_baselines.vmapped_adam(torch, per_client_grad, init, ids, labels, chunk, learning_rate)
+  if device == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+  seconds = torch_baselines.best_time(torch, {"loop": loop, "vmap": vmapped}[way], repeats)
+  return seconds, (torch.cuda.max_memory_allocated() if device == "cuda" else 0)

@@ -259,6 +259,40 @@ def test_padding_and_remat_leave_the_real_tokens_unchanged():
                              rtol=1e-5, atol=1e-6)
 
 
+def _plain_attention(q, k, v, allowed):
+  """Grouped-query attention written out per query head, for autodiff to differentiate:
+  q [B, T, H, hd], k, v [B, S, K, hd], allowed bool [B, T, S] -> [B, T, H, hd]."""
+  groups = q.shape[2] // k.shape[2]
+  heads = []
+  for h in range(q.shape[2]):
+    logits = jnp.einsum("btd,bsd->bts", q[:, :, h], k[:, :, h // groups]) / np.sqrt(q.shape[-1])
+    weights = jax.nn.softmax(jnp.where(allowed, logits, -jnp.inf), axis=-1)
+    heads.append(jnp.einsum("bts,bsd->btd", weights, v[:, :, h // groups]))
+  return jnp.stack(heads, axis=2)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_the_attention_backward_is_the_derivative_of_plain_attention(window):
+  """`llama.attend`'s hand-written backward against autodiff of attention written per head
+  (6 query heads over 2 key/value heads, T = 5 queries over S = 7 keys as with a cache,
+  head width 4 != either, right padding, a sliding window): a wrong transpose, group, scale
+  or softmax derivative shows."""
+  from hyperlora_jax.models.llama import attend, attention_mask_for
+  keys = jax.random.split(jax.random.key(3), 4)
+  q = jax.random.normal(keys[0], (2, 5, 6, 4))
+  k, v = (jax.random.normal(key, (2, 7, 2, 4)) for key in keys[1:3])
+  key_mask = jnp.asarray([[1] * 7, [1] * 5 + [0] * 2])
+  allowed = attention_mask_for(jnp.arange(2, 7), jnp.arange(7), key_mask, window)  # [B, 1, T, S]
+  bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
+  probe = jax.random.normal(keys[3], (2, 5, 6, 4))
+  ours = lambda q, k, v: jnp.sum(attend(q, k, v, bias) * probe)
+  plain = lambda q, k, v: jnp.sum(_plain_attention(q, k, v, allowed[:, 0]) * probe)
+  np.testing.assert_allclose(ours(q, k, v), plain(q, k, v), rtol=1e-5)
+  for got, want in zip(jax.grad(ours, argnums=(0, 1, 2))(q, k, v), jax.grad(plain, argnums=(0, 1, 2))(q, k, v)):
+    assert float(jnp.max(jnp.abs(want))) > 1e-2  # Every input matters.
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_an_image_run_given_a_decoder_checkpoint_says_what_it_is():
   from configs import default
   from experiments.runner import pretrain

@@ -16,7 +16,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_make_bench_writes_its_results(tmp_path):
   out = tmp_path / "round_speed.json"
   flags = "--clients 2,4 --chunks 0,2,auto --local_steps 2 --batch_size 4 --repeats 1"
-  result = subprocess.run(["make", "-s", "bench", f"BENCH_OUT={out}", f"BENCH_FLAGS={flags}", f"PY={sys.executable}"],
+  text_out = tmp_path / "text_round_speed.json"
+  text_flags = "--clients 2 --chunks 0 --local_steps 2 --batch_size 2 --seq_len 16 --repeats 1"
+  result = subprocess.run(["make", "-s", "bench", f"BENCH_OUT={out}", f"BENCH_FLAGS={flags}", f"TEXT_BENCH_OUT={text_out}",
+                           f"TEXT_BENCH_FLAGS={text_flags}", f"PY={sys.executable}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
   report = json.loads(out.read_text())
@@ -47,6 +50,82 @@ def test_make_bench_writes_its_results(tmp_path):
       assert row["peft"]["loop"]["client_steps_per_s"] > 0 and row["peft"]["vmap"]["seconds"] > 0
     else:
       assert row["peft"] == {"skipped": reason} and "pip install -e .[bench]" in reason
+  text = json.loads(text_out.read_text())  # The text round, after the image one.
+  assert [row["clients"] for row in text["results"]] == [2] and text["model"] == "tiny"
+  if available:
+    assert text["results"][0]["peft"]["loop"]["tokens_per_s"] > 0
+  else:
+    assert text["results"][0]["peft"] == {"skipped": reason}
+
+
+def test_the_text_benchmark_counts_tokens_flops_and_memory_by_their_formulas(tmp_path):
+  """The text round's report: tokens = C x S x B x T, tokens/s and MFU from the measured
+  seconds, FLOPs proportional to the cohort; and the device memory XLA plans for all C = 4
+  clients at once exceeds one client's by less than the 3 extra copies of the frozen decoder a
+  round that copied the backbone per client would hold (the frozen tree is one argument)."""
+  out = tmp_path / "text.json"
+  result = subprocess.run([sys.executable, "-m", "experiments.text_benchmark", "--clients", "2,4", "--chunks", "0,2",
+                           "--local_steps", "2", "--batch_size", "2", "--seq_len", "16", "--repeats", "1", "--nopeft",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+  report = json.loads(out.read_text())
+  assert report["architecture"]["model_type"] == "llama" and report["backbone_dtype"] == "float32"
+  for row in report["results"]:
+    assert row["tokens"] == row["clients"] * 2 * 2 * 16 and row["peft"] == {"skipped": "--nopeft"}
+    for way in [row["loop"]] + row["vmapped"]:
+      assert abs(way["tokens_per_s"] - row["tokens"] / way["seconds"]) < 1e-6 * way["tokens_per_s"]
+      assert abs(way["mfu"] - row["round_flops"] / way["seconds"] / report["matmul_peak_flops"]) < 1e-9
+    assert [v["label"] for v in row["vmapped"]] == ["all", "2"]
+  small, large = report["results"]
+  assert large["round_flops"] == 2 * small["round_flops"] > 0
+  backbone_bytes = 4 * report["frozen_parameters"]
+  one_client, every_client = large["loop"]["planned_memory_gb"], large["vmapped"][0]["planned_memory_gb"]
+  assert one_client * 1e9 > backbone_bytes  # The frozen decoder is counted, once.
+  assert 0 < (every_client - one_client) * 1e9 < 3 * backbone_bytes
+  assert "tokens/s" in result.stdout
+
+
+def test_the_peft_text_baseline_is_the_jax_decoders_loss_on_the_same_weights(tmp_path):
+  """The PEFT rows time the same computation: the JAX decoder's weights written as a Hugging
+  Face checkpoint (`hf.save_causal_lm`) and read by transformers under `peft` give the JAX
+  task's loss on the response tokens at round 0 (LoRA B = 0), its gradient with respect to
+  every LoRA B, and as many LoRA numbers."""
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("peft")
+  import jax
+  import peft
+  import transformers
+
+  from experiments.bench_model import random_text_block, text_client_update_fn
+  from hyperlora_jax.models import hf
+  from hyperlora_jax.tasks.causal_lm import CausalLM
+  _, frozen, trainable, model, config = text_client_update_fn("tiny")
+  hf.save_causal_lm(str(tmp_path), model, frozen["variables"])
+  reference = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), torch_dtype=torch.float32)
+  lora_config = peft.LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha, target_modules=["q_proj", "v_proj"])
+  wrapped = peft.get_peft_model(reference, lora_config).eval()
+  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  assert sum(p.numel() for p in wrapped.parameters() if p.requires_grad) == count(trainable)
+  torch_name = lambda path, factor: (f"base_model.model.model.layers.{int(path.split('/')[0].split('_')[1])}.self_attn."
+                                     f"{ {'query': 'q_proj', 'value': 'v_proj'}[path.split('/')[-1]] }.lora_{factor}"
+                                     f".default.weight")
+  parameters = dict(wrapped.named_parameters())
+  with torch.no_grad():  # The JAX adapter's A (B is 0 in both): a [d_in, r] is lora_A [r, d_in].
+    for path, factors in trainable["lora"].items():
+      parameters[torch_name(path, "A")].copy_(torch.from_numpy(np.asarray(factors["a"]).T.copy()))
+  block = jax.tree.map(lambda x: x[0, 0], random_text_block(1, 1, 2, 24, model.vocab_size))
+  ids = torch.from_numpy(np.asarray(block["input_ids"])).long()
+  labels = torch.where(torch.from_numpy(np.asarray(block["loss_mask"])) > 0, ids, -100)
+  loss = wrapped(input_ids=ids, labels=labels).loss
+  loss.backward()
+  task = CausalLM(model, config.lora.alpha / config.lora.rank)
+  (got, _), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(trainable, frozen, block, jax.random.key(0))
+  np.testing.assert_allclose(float(got), float(loss), rtol=1e-5)
+  # And its gradient (through the hand-written attention and nll backward) is transformers'.
+  for path, factors in grads["lora"].items():
+    want = parameters[torch_name(path, "B")].grad.numpy().T
+    assert np.max(np.abs(want)) > 1e-6
+    np.testing.assert_allclose(factors["b"], want, rtol=1e-4, atol=1e-4 * np.max(np.abs(want)))
 
 
 def test_torch_baseline_model_has_the_jax_models_parameter_counts():
@@ -133,3 +212,39 @@ def test_the_peft_baseline_is_the_jax_models_architecture_with_as_many_trainable
   frozen = sum(p.numel() for n, p in model.named_parameters() if not p.requires_grad and "original_module" not in n)
   assert frozen == count({k: v for k, v in params.items() if k != "head"})
   assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count(trainable)
+
+
+def _gpu_script_steps() -> list[tuple[int, str, list[str]]]:
+  """(time limit, module, flags) of each `step` in benchmarks/gpu.sh, its variables filled in."""
+  import re
+  import shlex
+  with open(os.path.join(ROOT, "benchmarks", "gpu.sh")) as f:
+    script = f.read().replace("\\\n", " ")
+  variables = dict(re.findall(r'^(\w+)="([^"]*)"$', script, flags=re.M))
+  steps = []
+  for line in re.findall(r"^step (.*)$", script, flags=re.M):
+    for name, value in variables.items():
+      line = line.replace(f"${name}", value)
+    limit, _, dash_m, module, *flags = shlex.split(line.replace('"$out/', '"/tmp/'))
+    assert dash_m == "-m"
+    steps.append((int(limit), module, flags))
+  return steps
+
+
+def test_the_gpu_script_fits_its_device_budget_and_every_flag_parses():
+  """benchmarks/gpu.sh runs on a lent accelerator, where a mistyped flag or model name costs
+  device minutes: its steps' limits add up to under 10 minutes, and every step's flags parse
+  with the module's own absl definitions (names, enum values, types)."""
+  steps = _gpu_script_steps()
+  assert {module for _, module, _ in steps} == {"experiments.benchmark", "experiments.text_benchmark"}
+  assert sum(limit for limit, _, _ in steps) < 600
+  assert any("tinyllama_1b" in flags for _, _, flags in steps)
+  parse = ("import importlib, sys; from absl import flags; importlib.import_module(sys.argv[1]); "
+           "flags.FLAGS(['bench'] + sys.argv[2:]); print('parsed')")
+  for _, module, flags in steps:
+    result = subprocess.run([sys.executable, "-c", parse, module, *flags], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.stdout.strip().endswith("parsed"), (module, flags, result.stderr[-2000:])
+  bad = subprocess.run([sys.executable, "-c", parse, "experiments.text_benchmark", "--model", "llama_7b"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert bad.returncode != 0 and "llama_7b" in bad.stderr  # The check can fail.

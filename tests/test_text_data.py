@@ -95,7 +95,6 @@ def test_the_embedded_records_are_real_docstrings_by_category():
     ({"data.name": "/no/such.jsonl"}, "data.name: no such file"),
     ({"data.name": "train.csv"}, "data.name: must be 'stdlib_docs' or a .jsonl / .json / .parquet file"),
     ({"data.test_fraction": 1.0}, "data.test_fraction: must be in"),
-    ({"fed.clients_per_chunk": -1}, "fed.clients_per_chunk: must be >= 0 for text runs"),
     ({"data.chat_template": True}, "data.chat_template: the embedded tokenizer has no chat template"),
     ({"model.gelu": "tanh"}, "model.gelu: not a field of the decoder"),
     ({"model.num_kv_heads": 3}, "model.num_kv_heads: 3 must divide model.num_heads=2"),

@@ -8,6 +8,7 @@ import pytest
 from configs import instruction_tuning
 from experiments.runner import methods, reporting
 from experiments.runner.config_validation import ConfigError
+from experiments.runner.experiment import build_experiment
 from experiments.runner.train import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,6 +59,28 @@ def test_a_checkpoint_and_a_dolly_file_train_resume_and_report(tmp_path, cache_d
     train_and_evaluate(config, str(tmp_path / "short"), progress=False)
   recorded = json.load(open(tmp_path / "straight" / "config.json"))
   assert recorded["model"]["num_kv_heads"] == 2 and recorded["model"]["vocab_size"] == 360  # From config.json.
+
+
+def test_the_measured_chunk_size_times_token_blocks_of_the_runs_shape(tmp_path, cache_dirs):
+  """fed.clients_per_chunk=-1 on a text run: chunk sizes timed on random token blocks of the
+  run's shape ([c, S, B, data.max_len], the decoder's vocabulary), the pick one that divides
+  the 3 clients, cached under the sequence length (not an image size) and reused; the round
+  then runs with it."""
+  config = _config(tmp_path, cache_dirs, rounds=1)
+  config.fed.clients_per_chunk = -1
+  lines = []
+  exp = build_experiment(config, lines.append)
+  assert exp.fed_round.clients_per_chunk in (1, 3)
+  assert any(line.startswith("fed.clients_per_chunk: ") and "(measured;" in line for line in lines), lines
+  with open(os.path.join(cache_dirs["cache_dir"], "clients_per_chunk.json")) as f:
+    (entry,) = [e for e in json.load(f).values() if "max_len" in e["fields"]]
+  assert entry["fields"]["max_len"] == 160 and "image_size" not in entry["fields"]
+  assert sorted(entry["seconds"]) == ["1", "3"]
+  lines.clear()
+  build_experiment(config, lines.append)
+  assert any("(cached;" in line for line in lines)
+  result = train_and_evaluate(config, str(tmp_path / "run"), progress=False)
+  assert 0 <= result["records"][-1]["global_accuracy"] <= 1
 
 
 # Local leaves (FedSA-LoRA) and a server residual on the frozen weights (FLoRA) in every CI run;

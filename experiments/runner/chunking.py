@@ -11,18 +11,38 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from experiments.runner import pretrain
+from experiments.runner.config_validation import is_text
 from hyperlora_jax import autotune, distributed, primitives
 from hyperlora_jax.client import ClientUpdate
-from hyperlora_jax.tasks import image_classification as task_lib
+from hyperlora_jax.tasks.common import frozen_tree
 
 
-def auto_clients_per_chunk(config: ml_collections.ConfigDict, task: task_lib.ImageClassification,
+def sample_block(config: ml_collections.ConfigDict, task: Any, clients: int) -> dict:
+  """A round's block for `clients` clients to time chunk sizes on (speed does not depend on
+  the values): random uint8 images {"image": [c, S, B, H, W, 3], "label", "mask"}, or for a
+  text run random full-length token sequences {"input_ids": [c, S, B, T], "attention_mask",
+  "loss_mask" (the second half of each), "mask"}, T = data.max_len."""
+  shape = (clients, config.fed.local_steps, config.fed.batch_size)
+  rng = np.random.default_rng(0)
+  if is_text(config):
+    length = config.data.max_len
+    tokens = shape + (length,)
+    return {"input_ids": rng.integers(0, task.model.vocab_size, tokens, dtype=np.int32),
+            "attention_mask": np.ones(tokens, np.int32),
+            "loss_mask": np.broadcast_to((np.arange(length) >= length // 2).astype(np.int32), tokens).copy(),
+            "mask": np.ones(shape, np.float32)}
+  size = config.data.image_size
+  return {"image": rng.integers(0, 256, shape + (size, size, 3), dtype=np.uint8),
+          "label": np.zeros(shape, np.int32), "mask": np.ones(shape, np.float32)}
+
+
+def auto_clients_per_chunk(config: ml_collections.ConfigDict, task: Any,
                            backbone: Any, trainable: Any, client_update: ClientUpdate, mesh: Any,
                            pooled_data: bool, log: Callable[[str], None]) -> int:
   """`fed.clients_per_chunk=-1`: the fastest chunk for this backend, model and round shape.
 
   Measured once (`autotune.measure_clients_per_chunk` on one device's share of a round: the
-  client update on random images) and cached next to the backbones, keyed by everything the
+  client update on a random `sample_block`) and cached next to the backbones, keyed by everything the
   timing depends on. With several processes the main process decides and tells the others.
   A pooled-data learner (one client) has nothing to chunk: 0.
   """
@@ -31,7 +51,8 @@ def auto_clients_per_chunk(config: ml_collections.ConfigDict, task: task_lib.Ima
     return 0
   fields = {"backend": jax.default_backend(), "device": jax.local_devices()[0].device_kind,
             "cpus": os.cpu_count(), "jax": jax.__version__, "model": config.model.to_dict(),
-            "image_size": config.data.image_size, "lora": [config.lora.target_regex, config.lora.rank],
+            "lora": [config.lora.target_regex, config.lora.rank],
+            **({"max_len": config.data.max_len} if is_text(config) else {"image_size": config.data.image_size}),
             "clients_per_device": per_device, "local_steps": config.fed.local_steps,
             "batch_size": config.fed.batch_size, "client_optimizer": config.client_optimizer.to_dict(),
             "backbone_dtype": str(jnp.dtype(task.compute_dtype))}
@@ -40,12 +61,8 @@ def auto_clients_per_chunk(config: ml_collections.ConfigDict, task: task_lib.Ima
   def measure() -> autotune.ChunkChoice:
     log(f"fed.clients_per_chunk=-1: timing chunk sizes for {per_device} clients per device "
         f"(once per backend, model and round shape; cached in {path})")
-    size = config.data.image_size
-    shape = (per_device, config.fed.local_steps, config.fed.batch_size)
-    rng = np.random.default_rng(0)
-    block = {"image": rng.integers(0, 256, shape + (size, size, 3), dtype=np.uint8),
-             "label": np.zeros(shape, np.int32), "mask": np.ones(shape, np.float32)}
-    frozen = task_lib.frozen_tree(backbone, dtype=task.compute_dtype)
+    block = sample_block(config, task, per_device)
+    frozen = frozen_tree(backbone, dtype=task.compute_dtype)
     every_leaf = jax.tree.map(lambda _: jnp.float32(1.0), trainable)
     one_client = lambda xs: client_update(xs[0], frozen, xs[1], jax.random.key(0), every_leaf)[0]
     return autotune.measure_clients_per_chunk(one_client, (primitives.broadcast(trainable, per_device), block))

@@ -141,8 +141,6 @@ def _validate_text(config: ml_collections.ConfigDict) -> None:
   _require(data.feed == "round" and not data.stream, "data.feed",
            "text runs hold their token arrays in memory and feed whole rounds (data.feed='round', data.stream=False)")
   _require(jax.process_count() == 1, "task", "text runs run in one process (its devices form the clients mesh)")
-  _require(config.fed.clients_per_chunk >= 0, "fed.clients_per_chunk",
-           "must be >= 0 for text runs (the measured choice, -1, times image blocks)")
   _one_of(config.model.name, ("llama",), "model.name")
   for field in config.model:
     _require(field == "name" or field in pretrain_text.MODEL_FIELDS,

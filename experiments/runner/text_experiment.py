@@ -17,11 +17,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from experiments.runner import pretrain_text
+from experiments.runner.chunking import auto_clients_per_chunk
 from experiments.runner.config_validation import ConfigError
 from experiments.runner.data import instructions
 from experiments.runner.federated_data import FederatedData, partitioned
 from experiments.runner.optimizers import build_optimizer
-from hyperlora_jax import federated, lora
+from hyperlora_jax import autotune, federated, lora
 from hyperlora_jax import faults as faults_lib
 from hyperlora_jax.client import local_update
 from hyperlora_jax.tasks import causal_lm
@@ -65,10 +66,13 @@ def build_text_experiment(config: ml_collections.ConfigDict, log: Callable[[str]
   signature_dim = 0 if client_signatures is None else client_signatures.shape[-1]
   ranks = client_ranks(config, data.num_clients)
   client_update = local_update(task.loss_fn, build_optimizer(config.client_optimizer))
+  chunk = config.fed.clients_per_chunk
+  if chunk == autotune.AUTO:
+    chunk = auto_clients_per_chunk(config, task, backbone, trainable, client_update, mesh, method.pooled_data, log)
   fed_round = federated.FederatedRound(
       client_update, method.aggregator, data.num_clients, server_optimizer=server_optimizer,
       local_leaves=method.local_regex, frozen_leaves=method.frozen_regexes, client_ranks=ranks,
-      clients_per_chunk=config.fed.clients_per_chunk, mesh=mesh if mesh.size > 1 else None,
+      clients_per_chunk=chunk, mesh=mesh if mesh.size > 1 else None,
       plugins=round_plugins(config, method, targets, data.num_clients, signature_dim),
       apply_base_delta=apply_base_delta,
       faults=faults_lib.Faults(**config.faults.to_dict()) if "faults" in config else None)
