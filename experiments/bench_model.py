@@ -10,6 +10,7 @@ from hyperlora_jax import lora, models
 from hyperlora_jax.client import local_update
 from experiments.runner.optimizers import build_optimizer
 from hyperlora_jax.tasks.image_classification import ImageClassification, backbone_dtype, frozen_tree
+from experiments.runner.chunking import random_token_block
 from experiments.runner.experiment import initial_trainable
 
 
@@ -101,13 +102,8 @@ def text_client_update_fn(size: str = "tiny", remat: bool = False):
 
 
 def random_text_block(num_clients: int, steps: int, batch_size: int, seq_len: int, vocab_size: int) -> dict:
-  """A round's block of random full-length token sequences (seeded by the cohort size), the loss
-  on the second half of each (the "response"): {"input_ids": int32 [C, S, B, T],
-  "attention_mask": ones [C, S, B, T], "loss_mask": [C, S, B, T] (0 on the first T // 2
-  tokens, 1 after), "mask": ones [C, S, B]}."""
-  rng = np.random.default_rng(num_clients)
-  shape = (num_clients, steps, batch_size)
-  loss_mask = np.broadcast_to((np.arange(seq_len) >= seq_len // 2).astype(np.int32), shape + (seq_len,))
-  return {"input_ids": jnp.asarray(rng.integers(0, vocab_size, shape + (seq_len,), dtype=np.int32)),
-          "attention_mask": jnp.ones(shape + (seq_len,), jnp.int32), "loss_mask": jnp.asarray(loss_mask),
-          "mask": jnp.ones(shape, jnp.float32)}
+  """A round's block of random full-length token sequences, seeded by the cohort size, on the
+  device: `chunking.random_token_block`'s {"input_ids": int32 [C, S, B, T], "attention_mask",
+  "loss_mask" (the second half of each sequence), "mask": [C, S, B]}."""
+  block = random_token_block(num_clients, steps, batch_size, seq_len, vocab_size, seed=num_clients)
+  return jax.tree.map(jnp.asarray, block)

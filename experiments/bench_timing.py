@@ -7,6 +7,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from hyperlora_jax import autotune
+
 
 def best_time(fn, repeats: int) -> float:
   """Best wall time of `fn()` over `repeats` calls after a compiling warm-up call."""
@@ -17,6 +19,17 @@ def best_time(fn, repeats: int) -> float:
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
   return min(times)
+
+
+def best_time_or_out_of_memory(fn, repeats: int) -> float | None:
+  """`best_time(fn, repeats)`, or None when the device runs out of memory (a large chunk of
+  clients on an accelerator); any other error is raised."""
+  try:
+    return best_time(fn, repeats)
+  except jax.errors.JaxRuntimeError as error:
+    if not autotune.is_out_of_memory(error):
+      raise
+    return None
 
 
 def matmul_peak_flops(size: int = 0, repeats: int = 5, dtype=jnp.float32) -> float:

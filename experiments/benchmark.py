@@ -31,7 +31,7 @@ from absl import app, flags
 
 from experiments import peft_baselines, torch_baselines
 from experiments.bench_model import client_update_fn, random_block
-from experiments.bench_timing import best_time, matmul_peak_flops, update_flops
+from experiments.bench_timing import best_time, best_time_or_out_of_memory, matmul_peak_flops, update_flops
 from hyperlora_jax import autotune, primitives
 from hyperlora_jax.tasks.image_classification import backbone_dtype
 
@@ -120,11 +120,8 @@ def main(argv):
         vmapped.setdefault(chunk, vmap_chunks(chunk))
       if chunk > 0 and num % chunk:
         continue
-      try:
-        t_vmap = best_time(lambda: vmapped[chunk](starts, block), _REPEATS.value)
-      except jax.errors.JaxRuntimeError as error:
-        if not autotune.is_out_of_memory(error):
-          raise
+      t_vmap = best_time_or_out_of_memory(lambda: vmapped[chunk](starts, block), _REPEATS.value)
+      if t_vmap is None:
         row["vmapped"].append({"clients_per_chunk": chunk, "label": str(label), "out_of_memory": True})
         line += f"; chunk {label}: out of memory"
         continue

@@ -52,6 +52,23 @@ def _targets(model, short: tuple[str, ...], long: tuple[str, ...]) -> list[str]:
   return list(short) if set(short) <= names else list(long)
 
 
+def per_client_loop(torch, peft, model, num: int, steps: int, learning_rate: float, step_loss):
+  """The round as PEFT-based federated repositories run it: `loop()` runs, for each of `num`
+  clients, the adapter reset to the round's start (`set_peft_model_state_dict`), a fresh
+  `torch.optim.Adam` and `steps` zero_grad / `step_loss(client, step).backward()` / step."""
+  start_state = {k: v.clone() for k, v in peft.get_peft_model_state_dict(model).items()}
+
+  def loop():
+    for c in range(num):
+      peft.set_peft_model_state_dict(model, start_state)
+      optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
+      for s in range(steps):
+        optimizer.zero_grad()
+        step_loss(c, s).backward()
+        optimizer.step()
+  return loop
+
+
 def build_vit(arch: dict, image_size: int, rank: int, alpha: float, attention: str = "sdpa", classes: int = 10):
   """A PEFT-wrapped `ViTForImageClassification` of `arch` (the JAX benchmark's model fields:
   patch_size, width, depth, num_heads, mlp_ratio or mlp_dim); `attention`: transformers'
@@ -125,17 +142,8 @@ def time_round(images: np.ndarray, labels: np.ndarray, *, model_name: str, arch:
       return module(input_ids=texts, pixel_values=to_input(x)).logits_per_image
     return module(pixel_values=to_input(x)).logits
 
-  start_state = {k: v.clone() for k, v in peft.get_peft_model_state_dict(model).items()}
-
-  def loop():
-    for c in range(num):
-      peft.set_peft_model_state_dict(model, start_state)
-      trainable = [p for p in model.parameters() if p.requires_grad]
-      optimizer = torch.optim.Adam(trainable, lr=learning_rate)
-      for s in range(steps):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(logits(model, pixels[c, s]), labels_t[c, s]).backward()
-        optimizer.step()
+  loop = per_client_loop(torch, peft, model, num, steps, learning_rate,
+                         lambda c, s: torch.nn.functional.cross_entropy(logits(model, pixels[c, s]), labels_t[c, s]))
 
   frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
   init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -201,19 +209,12 @@ def time_text_round(input_ids: np.ndarray, loss_mask: np.ndarray, *, config_json
   num, steps = input_ids.shape[:2]
   ids = torch.from_numpy(np.asarray(input_ids)).long().to(device)
   labels = torch.where(torch.from_numpy(np.asarray(loss_mask)).to(device) > 0, ids, -100)
-  start_state = {k: v.clone() for k, v in peft.get_peft_model_state_dict(model).items()}
 
-  def loop():
-    for c in range(num):
-      peft.set_peft_model_state_dict(model, start_state)
-      trainable = [p for p in model.parameters() if p.requires_grad]
-      optimizer = torch.optim.Adam(trainable, lr=learning_rate)
-      for s in range(steps):
-        optimizer.zero_grad()
-        with autocast():
-          loss = model(input_ids=ids[c, s], labels=labels[c, s]).loss
-        loss.backward()
-        optimizer.step()
+  def step_loss(c, s):
+    with autocast():
+      return model(input_ids=ids[c, s], labels=labels[c, s]).loss
+
+  loop = per_client_loop(torch, peft, model, num, steps, learning_rate, step_loss)
 
   frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
   init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

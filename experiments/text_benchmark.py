@@ -36,7 +36,7 @@ from absl import app, flags
 
 from experiments import peft_baselines, torch_baselines
 from experiments.bench_model import DECODERS, random_text_block, text_client_update_fn
-from experiments.bench_timing import best_time, matmul_peak_flops, planned_memory_bytes, update_flops
+from experiments.bench_timing import best_time, best_time_or_out_of_memory, matmul_peak_flops, planned_memory_bytes, update_flops
 from hyperlora_jax import autotune, primitives
 from hyperlora_jax.models import hf
 
@@ -74,11 +74,12 @@ def main(argv):
   vmap_chunk = lambda chunk: jax.jit(lambda frozen, starts, block: primitives.map_clients(
       lambda xs: one_client(frozen, *xs), (starts, block), chunk, None))
   vmapped = {chunk: vmap_chunk(chunk) for chunk in chunks if chunk != autotune.AUTO}
-  peft_ok, peft_reason = peft_baselines.available()
+  _, peft_reason = peft_baselines.available()
   peft_reason = "--nopeft" if not _PEFT.value else peft_reason
   if peft_reason and _PEFT.value:
     print(f"transformers + peft rows skipped: {peft_reason}", flush=True)
   compute_dtype = model.dtype
+  config_json = hf.decoder_config(model)  # The same architecture for transformers.
   peak = matmul_peak_flops(dtype=compute_dtype)
   backbone_params = parameter_count(frozen["variables"])
   print(f"{_MODEL.value}: {backbone_params / 1e6:.1f}M frozen parameters ({jnp.dtype(compute_dtype).name}), "
@@ -107,11 +108,8 @@ def main(argv):
         vmapped.setdefault(chunk, vmap_chunk(chunk))
       if chunk > 0 and num % chunk:
         continue
-      try:
-        seconds = best_time(lambda: vmapped[chunk](frozen, starts, block), _REPEATS.value)
-      except jax.errors.JaxRuntimeError as error:
-        if not autotune.is_out_of_memory(error):
-          raise
+      seconds = best_time_or_out_of_memory(lambda: vmapped[chunk](frozen, starts, block), _REPEATS.value)
+      if seconds is None:
         row["vmapped"].append({"clients_per_chunk": chunk, "label": str(label), "out_of_memory": True})
         line += f"; chunk {label}: out of memory"
         continue
@@ -130,7 +128,7 @@ def main(argv):
       ids, loss_mask = np.asarray(block["input_ids"]), np.asarray(block["loss_mask"])
       for way in ("loop", "vmap") if _PEFT_VMAP.value else ("loop",):
         seconds, peak_bytes = peft_baselines.time_text_round(
-            ids, loss_mask, config_json=hf.decoder_config(model), rank=config.lora.rank, alpha=config.lora.alpha,
+            ids, loss_mask, config_json=config_json, rank=config.lora.rank, alpha=config.lora.alpha,
             learning_rate=config.client_optimizer.learning_rate, way=way, chunk=16, repeats=_REPEATS.value)
         row["peft"][way] = {"seconds": seconds, "tokens_per_s": tokens / seconds,
                             "best_jax_speedup": seconds / best_jax,
@@ -139,7 +137,7 @@ def main(argv):
     results.append(row)
     print(line, flush=True)
   report = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(), "jax": jax.__version__,
-            "machine": platform.machine(), "model": _MODEL.value, "architecture": hf.decoder_config(model),
+            "machine": platform.machine(), "model": _MODEL.value, "architecture": config_json,
             "frozen_parameters": backbone_params, "lora_parameters": parameter_count(trainable),
             "lora_rank": config.lora.rank, "lora_targets": config.lora.target_regex, "remat": _REMAT.value,
             "local_steps": steps, "batch_size": batch, "seq_len": seq_len, "chunks": [str(c) for c in chunks],

@@ -17,21 +17,30 @@ from hyperlora_jax.client import ClientUpdate
 from hyperlora_jax.tasks.common import frozen_tree
 
 
+def random_token_block(clients: int, steps: int, batch_size: int, seq_len: int, vocab_size: int,
+                       seed: int = 0) -> dict:
+  """Random full-length token sequences for timing a text round (speed does not depend on the
+  values), the loss on the second half of each (the "response"): NumPy {"input_ids": int32
+  [C, S, B, T], "attention_mask": ones [C, S, B, T], "loss_mask": [C, S, B, T] (0 on the first
+  T // 2 tokens, 1 after), "mask": ones [C, S, B]}."""
+  shape = (clients, steps, batch_size)
+  tokens = shape + (seq_len,)
+  rng = np.random.default_rng(seed)
+  return {"input_ids": rng.integers(0, vocab_size, tokens, dtype=np.int32),
+          "attention_mask": np.ones(tokens, np.int32),
+          "loss_mask": np.broadcast_to((np.arange(seq_len) >= seq_len // 2).astype(np.int32), tokens).copy(),
+          "mask": np.ones(shape, np.float32)}
+
+
 def sample_block(config: ml_collections.ConfigDict, task: Any, clients: int) -> dict:
   """A round's block for `clients` clients to time chunk sizes on (speed does not depend on
   the values): random uint8 images {"image": [c, S, B, H, W, 3], "label", "mask"}, or for a
-  text run random full-length token sequences {"input_ids": [c, S, B, T], "attention_mask",
-  "loss_mask" (the second half of each), "mask"}, T = data.max_len."""
+  text run `random_token_block`'s sequences of data.max_len tokens."""
   shape = (clients, config.fed.local_steps, config.fed.batch_size)
-  rng = np.random.default_rng(0)
   if is_text(config):
-    length = config.data.max_len
-    tokens = shape + (length,)
-    return {"input_ids": rng.integers(0, task.model.vocab_size, tokens, dtype=np.int32),
-            "attention_mask": np.ones(tokens, np.int32),
-            "loss_mask": np.broadcast_to((np.arange(length) >= length // 2).astype(np.int32), tokens).copy(),
-            "mask": np.ones(shape, np.float32)}
+    return random_token_block(*shape, config.data.max_len, task.model.vocab_size)
   size = config.data.image_size
+  rng = np.random.default_rng(0)
   return {"image": rng.integers(0, 256, shape + (size, size, 3), dtype=np.uint8),
           "label": np.zeros(shape, np.int32), "mask": np.ones(shape, np.float32)}
 

@@ -123,7 +123,7 @@ def _attention_weights(q, k, bias):
 @jax.custom_vjp
 def _attention_core(q, k, v, bias):
   """softmax(q kᵀ / sqrt(hd) + bias) v: [B, H, T, hd] of q [B, H, T, hd], k, v [B, H, S, hd]."""
-  return _attention_weights(q, k, bias).astype(v.dtype) @ v
+  return _attention_forward(q, k, v, bias)[0]
 
 
 def _attention_forward(q, k, v, bias):
