@@ -11,14 +11,21 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `configs/` and `experiments/` are plain directories.
 
-# A persistent compilation cache for the session: the many end-to-end tests compile the same
-# smoke-config rounds again and again (straight, killed, resumed runs); compiled once, each is
-# loaded from disk after that (one resume test: 80 s -> 52 s on 2 cores). The executable is the
+# A persistent compilation cache shared by the whole test session: the many end-to-end tests
+# compile the same smoke-config rounds again and again (straight, killed, resumed runs), in both
+# pytest-xdist workers and in the subprocesses some tests start; compiled once, each is loaded
+# from disk after that (one resume test: 80 s -> 52 s on 2 cores). The first pytest process (the
+# xdist controller) makes the directory and names it in the environment, which its workers and
+# the tests' subprocesses inherit. No size limit: a limit makes JAX lock the directory and scan
+# every entry at each write (thousands here: slower than compiling); an entry read while another
+# process writes it fails to decompress, and JAX then warns and compiles. The executable is the
 # same, so results are too. HYPERLORA_TEST_COMPILE_CACHE=0 turns it off.
 if os.environ.get("HYPERLORA_TEST_COMPILE_CACHE", "1") != "0":
-  _COMPILE_CACHE = tempfile.mkdtemp(prefix="hyperlora_test_jit_")
-  atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
-  jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="hyperlora_test_jit_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+  os.environ.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
