@@ -19,6 +19,8 @@ Args (comma-separated in the `:arg`), plus configs/default.py's method, seed, ro
   checkpoint=DIR     a Hugging Face Llama / Mistral / Qwen2 directory (config.json, safetensors,
                      tokenizer.json) instead of the embedded decoder; its config.json sets model.*
   chat               prompts with the checkpoint's chat template instead of Alpaca's
+  stream             token rows read from the tokenized files when a block needs them, not held in
+                     memory (the records are tokenized once, into data.data_dir, either way)
 
   python -m experiments.main --config configs/instruction_tuning.py:data=/data/databricks-dolly-15k.jsonl,checkpoint=/ckpt/TinyLlama-1.1B,method=hyperlora \
       --workdir runs/dolly_tinyllama
@@ -36,6 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   config.data.name = args.get("data", "stdlib_docs")  # The embedded records, or a file.
+  config.data.data_dir = ""                   # Tokenized records kept here; '' = ~/.cache/hyperlora_jax/tokenized
   config.data.layout = args.get("layout", "dolly")
   config.data.group_field = "category" if config.data.layout == "dolly" else ""
   config.data.test_fraction = 0.2             # Of each category's records, held out for test.
@@ -51,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.heldout_clients = 0
   config.data.max_client_examples = 0
   config.data.validation_fraction = 0.0
-  config.data.stream = False
+  config.data.stream = bool(args.get("stream", False))  # Token rows read from the tokenized files as needed.
   config.data.stream_chunk_examples = 4096
   config.data.feed = "round"
 

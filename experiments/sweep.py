@@ -176,19 +176,21 @@ def prepare_shared_inputs(configs: list, log=print) -> None:
   A failure here is only logged: the runs that need that input fail and are recorded."""
   from experiments.runner import pretrain
   from experiments.runner.data.loader import prepare_dataset
-  from experiments.runner import pretrain_text
+  from experiments.runner import pretrain_text, text_experiment
   from experiments.runner.config_validation import is_text
   done = set()
   for config in configs:
-    if is_text(config):  # The records are read by each run; the embedded decoder is built once.
-      key = pretrain_text.cache_path(config)
-      if config.pretrain.get("checkpoint", "") or key in done:
+    if is_text(config):  # The embedded decoder is built and the records tokenized once.
+      data = config.data
+      key = (config.pretrain.get("checkpoint", "") or pretrain_text.cache_path(config), data.name, data.max_len,
+             data.layout, data.chat_template, data.group_field, data.get("data_dir", ""))
+      if key in done:
         continue
       done.add(key)
       try:
-        pretrain_text.load_or_pretrain_decoder(config, log=log)
+        text_experiment.prepare_text_inputs(config, log=log)
       except Exception as e:  # The affected runs report it themselves.
-        log(f"sweep: preparing the decoder for {config.benchmark} failed ({type(e).__name__}: {e})")
+        log(f"sweep: preparing the decoder and records for {config.benchmark} failed ({type(e).__name__}: {e})")
       continue
     data_key = (config.data.name, config.data.data_dir)
     backbone_key = None if pretrain.real_checkpoint(config) else pretrain.cache_path(config)  # Nothing to make.

@@ -206,6 +206,34 @@ def test_a_transformers_4_config_gives_the_same_architecture():
   assert hf.architecture(old) == hf.architecture(hf.read_config(os.path.join(FIXTURES, "hf_llama")))
 
 
+@pytest.mark.parametrize("name, same_as", [("hf_llama_v4", "hf_llama"), ("hf_qwen2_v4", "hf_qwen2")])
+def test_checkpoints_transformers_4_wrote_load_with_its_logits(name, same_as):
+  """Checkpoints saved by transformers 4.57 (`--parts decoders_v4`; versions.json's
+  "decoders_v4"): config.json in 4.x's layout (rope_theta and rope_scaling at the top level, no
+  rope_parameters; Qwen2's use_sliding_window and max_window_layers) gives the architecture 5.x's
+  config of the same model gives, also with the window Qwen2.5's hub configs state beside
+  use_sliding_window=false (not applied), and the logits transformers 4 computed."""
+  with np.load(os.path.join(FIXTURES, "hf_decoder_v4_outputs.npz")) as f:
+    outputs = dict(f)
+  config = hf.read_config(os.path.join(FIXTURES, name))
+  assert "rope_parameters" not in config and "rope_theta" in config and config["transformers_version"].startswith("4.")
+  expected = hf.architecture(hf.read_config(os.path.join(FIXTURES, same_as)))
+  assert hf.architecture(config) == expected
+  if config["model_type"] == "qwen2":
+    assert config["use_sliding_window"] is False and hf.architecture({**config, "sliding_window": 131072}) == expected
+  got, want = _forward(name, outputs)
+  assert _relative_error(got, want) <= TOLERANCE
+
+
+def test_a_transformers_4_llama_generates_the_tokens_transformers_4_generates():
+  with np.load(os.path.join(FIXTURES, "hf_decoder_v4_outputs.npz")) as f:
+    outputs = dict(f)
+  model, variables, _ = hf.load_causal_lm(os.path.join(FIXTURES, "hf_llama_v4"))
+  tokens = generate(lambda *a: model.apply(variables, *a[:2], cache=a[2]), model, jnp.asarray(outputs["prompt_ids"]),
+                    jnp.asarray(outputs["prompt_mask"]), max_new_tokens=outputs["generated"].shape[1])
+  np.testing.assert_array_equal(tokens, outputs["generated"])
+
+
 @pytest.mark.parametrize("change, message", [
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope type 'yarn'"),
@@ -315,3 +343,6 @@ def test_a_saved_decoder_is_the_checkpoint_it_was_loaded_from(name, tmp_path):
   for key, value in original.items():
     np.testing.assert_array_equal(saved[key], value)
   assert hf.read_checkpoint(str(tmp_path / "out"))[:2] == hf.read_checkpoint(os.path.join(FIXTURES, name))[:2]
+  scaling = hf.read_config(str(tmp_path / "out"))["rope_scaling"] or {}
+  if "original_max_position_embeddings" in scaling:  # transformers 4 refuses 16.0 there.
+    assert isinstance(scaling["original_max_position_embeddings"], int)

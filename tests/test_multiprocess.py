@@ -30,16 +30,26 @@ def _env(devices):
   return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
 
-def _run_two_processes(cache_dirs, workdir, rounds):
+def _run_two_processes(cache_dirs, workdir, rounds, command=_command):
   port = _free_port()
-  procs = [subprocess.Popen(_command(cache_dirs, workdir, rounds, (f"--coordinator=127.0.0.1:{port}",
-                                                                   "--num_processes=2", f"--process_id={i}")),
+  procs = [subprocess.Popen(command(cache_dirs, workdir, rounds, (f"--coordinator=127.0.0.1:{port}",
+                                                                  "--num_processes=2", f"--process_id={i}")),
                             cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-4000:]
   return outputs
+
+
+def _assert_same_records(expected, got):
+  """Nested records (per-layer diagnostics) compared leaf by leaf."""
+  assert [r["round"] for r in got] == [r["round"] for r in expected]
+  for want, have in zip(expected, got):
+    want, have = traverse_util.flatten_dict(want, sep="/"), traverse_util.flatten_dict(have, sep="/")
+    assert set(want) == set(have)
+    for key, value in want.items():
+      np.testing.assert_allclose(have[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 def _metrics(workdir):
@@ -61,8 +71,34 @@ def test_two_processes_match_one_process_with_two_devices_and_resume(cache_dirs,
   assert "resumed from round 2" in second[0]
   expected, got = _metrics(single), _metrics(multi)
   assert [r["round"] for r in got] == [1, 2, 3]
-  for want, have in zip(expected, got):  # Nested records (per-layer diagnostics) compared leaf by leaf.
-    want, have = traverse_util.flatten_dict(want, sep="/"), traverse_util.flatten_dict(have, sep="/")
-    assert set(want) == set(have)
-    for key, value in want.items():
-      np.testing.assert_allclose(have[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+  _assert_same_records(expected, got)
+
+
+@pytest.mark.slow
+def test_a_streamed_text_run_in_two_processes_matches_one_process_with_two_devices(cache_dirs, tmp_path):
+  """A FedIT text run (the fixture Llama, a Dolly file, 3 clients padded to 4 over the clients
+  axis) in two processes of one device each, the token rows streamed and each process reading
+  only its clients': the records of one process with two devices holding them in memory.
+  Process 0 tokenizes the records (before the others read them) and reports."""
+  from test_text_runs import LLAMA, _dolly_file
+  dolly = _dolly_file(tmp_path / "dolly.jsonl")
+
+  def command(cache_dirs, workdir, rounds, extra=()):
+    return [sys.executable, "-m", "experiments.main", "--config",
+            f"configs/instruction_tuning.py:smoke,method=fedit,checkpoint={LLAMA},data={dolly}",
+            f"--workdir={workdir}", f"--config.data.data_dir={tmp_path / 'tokenized'}",
+            f"--config.pretrain.cache_dir={cache_dirs['cache_dir']}", f"--config.fed.num_rounds={rounds}",
+            "--config.data.num_clients=3", "--config.fed.clients_per_round=3", "--config.data.max_len=160", *extra]
+
+  multi = tmp_path / "multi"
+  outputs = _run_two_processes(cache_dirs, multi, 2, lambda *a: command(*a) + ["--config.data.stream=True"])
+  assert "global accuracy" in outputs[0] and "global accuracy" not in outputs[1]
+  assert "data: tokenized 24 records" in outputs[0] and "(streamed)" in outputs[0]
+  assert len(os.listdir(tmp_path / "tokenized")) == 1  # No partial directory is left.
+  single = tmp_path / "single"
+  out = subprocess.run(command(cache_dirs, single, 2), cwd=ROOT, env=_env(2), capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+  expected = _metrics(single)
+  assert [r["round"] for r in expected] == [1, 2] and "global_perplexity" in expected[-1]
+  _assert_same_records(expected, _metrics(multi))

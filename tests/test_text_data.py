@@ -2,6 +2,8 @@
 embedded records, and the text config's checks."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from configs import instruction_tuning
 from experiments.runner import methods
 from experiments.runner.config_validation import ConfigError, validate_config
 from experiments.runner.data import instructions, stdlib_docs
+from hyperlora_jax import text
 from hyperlora_jax.models import hf
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -67,14 +70,100 @@ def test_groups_and_the_per_group_split_by_hand():
   assert not (instructions.split_train_test(groups, 0.2, seed=1)[1] == test).all()
 
 
-def test_padding_entries_of_a_block_count_no_loss():
+def _data_config(name, tmp_path, **fields):
+  config = instruction_tuning.get_config(f"data={name}").data
+  config.data_dir, config.max_len = str(tmp_path / "tokenized"), 96
+  config.update(fields)
+  return config
+
+
+def test_padding_entries_of_a_block_count_no_loss(tmp_path):
   tokenizer = hf.Tokenizer.from_directory(os.path.join(FIXTURES, "hf_llama"))
-  groups, names = instructions.group_ids(DOLLY, "category")
-  pool = instructions.tokenized_dataset(DOLLY, np.arange(4), groups, names, tokenizer, 96, "dolly", False)
+  config = _data_config(write_dolly_jsonl(tmp_path / "dolly.jsonl"), tmp_path)
+  pool = instructions.prepare_tokenized(config, tokenizer, log=lambda _: None).split(np.arange(4), stream=False)
   block = pool.gather(np.array([[1, 0], [3, 0]]), np.array([[1.0, 1.0], [1.0, 0.0]], np.float32))
   assert block["input_ids"].shape == (2, 2, 96) and block["label"].tolist() == [[2, 0], [1, 0]]
   assert block["loss_mask"][1, 1].sum() == 0 and block["loss_mask"][0, 1].sum() > 0  # Same record, masked.
   np.testing.assert_array_equal(block["input_ids"][1, 1], pool.tokens["input_ids"][0])
+
+
+def test_records_are_tokenized_once_in_chunks_into_files_that_read_back_exactly(tmp_path, monkeypatch):
+  """Tokenized 3 records at a time (chunks that do not divide the 10 records), the files hold
+  what `text.encode_instructions` gives for all records at once, in file order, with each
+  record's group, truncation and no-loss flag; a second run reads them (nothing tokenized);
+  a changed file is tokenized again into another directory."""
+  monkeypatch.setattr(instructions, "CHUNK_RECORDS", 3)
+  tokenizer = hf.Tokenizer.from_directory(os.path.join(FIXTURES, "hf_llama"))
+  records = DOLLY * 2 + [{**DOLLY[0], "response": "long " * 60}, {**DOLLY[1], "context": "wide " * 90}]
+  config = _data_config(write_dolly_jsonl(tmp_path / "dolly.jsonl", records), tmp_path, max_len=160)
+  lines = []
+  tokenized = instructions.prepare_tokenized(config, tokenizer, log=lines.append)
+  assert len(lines) == 1 and lines[0].startswith("data: tokenized 10 records")
+  expected = text.encode_instructions(tokenizer, records, 160, "dolly")
+  for key in instructions.TOKEN_KEYS:
+    assert isinstance(tokenized.tokens[key], np.memmap) and tokenized.tokens[key].dtype == np.int32
+    np.testing.assert_array_equal(tokenized.tokens[key], expected[key], err_msg=key)
+  assert tokenized.group_names == ("brainstorming", "classification", "open_qa")
+  assert tokenized.groups.tolist() == [0, 2, 2, 1] * 2 + [0, 2]
+  assert tokenized.truncated.tolist() == [False] * 8 + [True, True]
+  assert tokenized.no_loss.tolist() == [False] * 9 + [True]  # Its context fills the 160 tokens.
+  again = instructions.prepare_tokenized(config, tokenizer, log=lines.append)
+  assert len(lines) == 1 and again.directory == tokenized.directory
+  write_dolly_jsonl(tmp_path / "dolly.jsonl", records[:5])
+  changed = instructions.prepare_tokenized(config, tokenizer, log=lines.append)
+  assert changed.directory != tokenized.directory and len(changed.groups) == 5
+  assert instructions.prepare_tokenized(_data_config(config.name, tmp_path, max_len=64), tokenizer,
+                                        log=lines.append).tokens["input_ids"].shape == (5, 64)
+
+
+def test_a_streamed_split_reads_only_the_rows_a_block_needs_and_equals_the_split_in_memory(tmp_path):
+  tokenizer = hf.Tokenizer.from_directory(os.path.join(FIXTURES, "hf_llama"))
+  config = _data_config(write_dolly_jsonl(tmp_path / "dolly.jsonl", copies=3), tmp_path)
+  tokenized = instructions.prepare_tokenized(config, tokenizer, log=lambda _: None)
+  rows = np.array([11, 2, 7, 5, 0])
+  in_memory, streamed = tokenized.split(rows, stream=False), tokenized.split(rows, stream=True)
+  assert isinstance(streamed.tokens["input_ids"], instructions.TokenRows)
+  assert streamed.tokens["input_ids"].shape == in_memory.tokens["input_ids"].shape == (5, 96)
+  assert (streamed.truncated, streamed.no_loss) == (in_memory.truncated, in_memory.no_loss)
+  np.testing.assert_array_equal(streamed.labels, tokenized.groups[rows])
+  indices, mask = np.array([[4, 1], [3, 3]]), np.array([[1.0, 1.0], [1.0, 0.0]], np.float32)
+  want, got = in_memory.gather(indices, mask), streamed.gather(indices, mask)
+  assert set(got) == set(want)
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  np.testing.assert_array_equal(got["input_ids"][1, 0], tokenized.tokens["input_ids"][5])  # Row 3 of the split.
+  assert streamed.tokens["input_ids"].rows_read == 4  # Only the block's rows.
+  np.testing.assert_array_equal(streamed.tokens["attention_mask"][:2], tokenized.tokens["attention_mask"][[11, 2]])
+  with pytest.raises(IndexError, match="out of range"):
+    streamed.tokens["input_ids"][np.array([5])]
+
+
+def test_a_cut_tokenized_file_is_reported_and_kept(tmp_path):
+  tokenizer = hf.Tokenizer.from_directory(os.path.join(FIXTURES, "hf_llama"))
+  config = _data_config(write_dolly_jsonl(tmp_path / "dolly.jsonl"), tmp_path)
+  directory = instructions.prepare_tokenized(config, tokenizer, log=lambda _: None).directory
+  path = os.path.join(directory, "loss_mask.bin")
+  with open(path, "r+b") as f:
+    f.truncate(100)
+  with pytest.raises(instructions.TokenizedCacheError, match=r"loss_mask.bin holds 100 bytes, 1536 expected "
+                                                              r"\(4 records x 96 tokens\).*delete the directory"):
+    instructions.prepare_tokenized(config, tokenizer, log=lambda _: None)
+  assert os.path.getsize(path) == 100  # Reported, not replaced.
+  os.remove(os.path.join(directory, "groups.npy"))
+  with pytest.raises(instructions.TokenizedCacheError, match="cannot read its index"):
+    instructions.open_tokenized(directory)
+
+
+def test_a_record_without_the_layouts_fields_is_named_before_anything_is_written(tmp_path):
+  tokenizer = hf.Tokenizer.from_directory(os.path.join(FIXTURES, "hf_llama"))
+  config = _data_config(write_dolly_jsonl(tmp_path / "dolly.jsonl", DOLLY + [{"instruction": "x", "category": "a"}]),
+                        tmp_path)
+  with pytest.raises(ValueError, match="record 5: the dolly layout needs a text field 'response'"):
+    instructions.prepare_tokenized(config, tokenizer, log=lambda _: None)
+  config = _data_config(write_dolly_jsonl(tmp_path / "empty.jsonl", []), tmp_path)
+  with pytest.raises(ValueError, match="no records"):
+    instructions.prepare_tokenized(config, tokenizer, log=lambda _: None)
+  assert not os.listdir(tmp_path / "tokenized")  # No directory, partial or whole, is left.
 
 
 def test_the_embedded_records_are_real_docstrings_by_category():
@@ -87,6 +176,12 @@ def test_the_embedded_records_are_real_docstrings_by_category():
   assert len({r["response"] for r in records}) == len(records)  # No duplicates.
   assert not any(stdlib_docs.SIGNATURE_LINE.match(r["response"]) for r in records)
   assert stdlib_docs.instruction_records() == records  # Deterministic.
+  copytree = next(r for r in records if r["context"].startswith("shutil.copytree("))
+  assert "copy_function=<function copy2>," in copytree["context"]  # No memory address in a default value.
+  script = "import json; from experiments.runner.data import stdlib_docs; print(json.dumps(stdlib_docs.instruction_records()))"
+  other_process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert json.loads(other_process.stdout) == records  # The same in every process (and hash seed).
   assert sum(map(len, stdlib_docs.pretraining_text())) > 300_000
 
 

@@ -30,6 +30,7 @@ def _config(tmp_path, cache_dirs, method="fedit", rounds=3):
   config = instruction_tuning.get_config(f"smoke,method={method},rounds={rounds},checkpoint={LLAMA},"
                                          f"data={_dolly_file(tmp_path / 'dolly.jsonl')}")
   config.pretrain.cache_dir = cache_dirs["cache_dir"]
+  config.data.data_dir = cache_dirs.get("data_dir") or os.path.join(cache_dirs["cache_dir"], "tokenized")
   config.data.num_clients, config.fed.clients_per_round = 3, 3
   config.data.max_len = 160  # The fixture's tokenizer was trained on 9 sentences: long ids.
   return config
@@ -37,7 +38,8 @@ def _config(tmp_path, cache_dirs, method="fedit", rounds=3):
 
 def test_a_checkpoint_and_a_dolly_file_train_resume_and_report(tmp_path, cache_dirs):
   """One trace per run; next-token accuracies in [0, 1]; killed after round 3 of 4 (saved at 2)
-  and resumed, the records are those of the straight run."""
+  and resumed, with the token rows streamed from the tokenized files, the records are those of
+  the straight run's, which held them in memory."""
   config = _config(tmp_path, cache_dirs, rounds=4)
   straight = train_and_evaluate(config, str(tmp_path / "straight"), progress=False)
   assert straight["round_traces"] == 1
@@ -50,10 +52,14 @@ def test_a_checkpoint_and_a_dolly_file_train_resume_and_report(tmp_path, cache_d
              for r in records)
   assert records[-1]["global_perplexity"] < records[0]["global_perplexity"]
   assert "perplexity             global" in straight["summary"]
-  killed = str(tmp_path / "killed")
-  train_and_evaluate(config, killed, stop_after_round=3, progress=False)
+  killed, logs = str(tmp_path / "killed"), []
+  config.data.stream = True
+  train_and_evaluate(config, killed, stop_after_round=3, progress=False, log=logs.append)
   train_and_evaluate(config, killed, progress=False)
   assert reporting.read_metrics(killed) == reporting.read_metrics(str(tmp_path / "straight"))
+  assert any(line.startswith("data: 18 train / 6 test records of") and "(streamed)" in line for line in logs), logs
+  assert not any(line.startswith("data: tokenized") for line in logs)  # The straight run's files are read.
+  config.data.stream = False
   config.data.max_len = 64
   with pytest.raises(ConfigError, match="data.max_len: 24 of 24 records keep no response token"):
     train_and_evaluate(config, str(tmp_path / "short"), progress=False)
@@ -104,7 +110,7 @@ def test_the_embedded_decoder_is_pretrained_cached_and_tuned_by_hyperlora(tmp_pa
   from experiments.runner import pretrain_text
   from hyperlora_jax.models import hf
   config = instruction_tuning.get_config("smoke,method=hyperlora,rounds=1")
-  config.pretrain.cache_dir = cache_dirs["cache_dir"]
+  config.pretrain.cache_dir, config.data.data_dir = cache_dirs["cache_dir"], cache_dirs["data_dir"]
   config.pretrain.steps = 10
   logs = []
   result = train_and_evaluate(config, str(tmp_path / "run"), progress=False, log=logs.append)
@@ -116,14 +122,43 @@ def test_the_embedded_decoder_is_pretrained_cached_and_tuned_by_hyperlora(tmp_pa
   assert hf.read_checkpoint(directory)[0] == "llama" and tokenizer.vocab_size == model.vocab_size == 2048
 
 
-def test_a_sweep_prepares_the_embedded_decoder_once(tmp_path, cache_dirs):
+def test_a_sweep_prepares_the_embedded_decoder_and_the_tokenized_records_once(tmp_path, cache_dirs):
   """`sweep.prepare_shared_inputs` on text configs: the decoder of each distinct cache key is
-  built once before the runs start, and nothing fails."""
+  built, and the records tokenized, once before the runs start, and nothing fails."""
   from experiments import sweep
   config = instruction_tuning.get_config("smoke,method=fedit")
-  config.pretrain.cache_dir = cache_dirs["cache_dir"]
+  config.pretrain.cache_dir, config.data.data_dir = cache_dirs["cache_dir"], str(tmp_path / "tokenized")
   config.pretrain.steps = 10
+  other_seed = instruction_tuning.get_config("smoke,method=hyperlora,seed=1")
+  other_seed.pretrain, other_seed.data = config.pretrain, config.data
   logs = []
-  sweep.prepare_shared_inputs([config, config], log=logs.append)
+  sweep.prepare_shared_inputs([config, other_seed], log=logs.append)
   assert not any("failed" in line for line in logs)
   assert len([line for line in logs if line.startswith(("backbone: pretraining", "backbone: restored"))]) == 1
+  assert len([line for line in logs if line.startswith("data: tokenized")]) == 1
+  assert len(os.listdir(tmp_path / "tokenized")) == 1
+
+
+def test_a_private_hyperlora_text_run_clips_and_noises_its_signatures_and_reports_epsilon(tmp_path, cache_dirs):
+  """DP on a text run (issue 25, item 4): the per-round ε composes the round's Gaussian releases
+  as for images; the text signatures (group histogram and frozen-decoder features) are clipped
+  to dp.signature_clip_norm and noised with std multiplier x clip norm."""
+  import numpy as np
+  from hyperlora_jax import privacy
+  config = _config(tmp_path, cache_dirs, method="hyperlora", rounds=2)
+  config.hyperlora.synthesizer, config.hyperlora.corrector = "uniform", "none"
+  config.dp.noise_multiplier, config.dp.signature_noise_multiplier = 1.0, 4.0
+  config.dp.signature_clip_norm = 0.5
+  records = train_and_evaluate(config, str(tmp_path / "run"), progress=False, log=lambda _: None)["records"]
+  expected = [privacy.epsilon(r, 1.0, config.fed.clients_per_round, config.data.num_clients, config.dp.delta,
+                              signature_noise_multiplier=4.0, releases_per_round=3) for r in (1, 2)]
+  assert [r["dp_epsilon"] for r in records] == pytest.approx(expected)
+  assert all(np.isfinite(r["global_perplexity"]) for r in records)
+  noisy = build_experiment(config, lambda _: None).signatures
+  config.dp.signature_noise_multiplier = 1e-6  # Noise too small to hide the clipping.
+  clipped = build_experiment(config, lambda _: None).signatures
+  norms = np.linalg.norm(clipped, axis=-1)
+  assert noisy.shape == clipped.shape and clipped.shape[0] == 3 and clipped.shape[1] > 13
+  np.testing.assert_allclose(norms, 0.5, atol=1e-3)  # Every raw signature is longer than 0.5.
+  noise = noisy - clipped
+  assert 0.6 * 2.0 < noise.std() < 1.4 * 2.0  # 4.0 x 0.5 per coordinate.

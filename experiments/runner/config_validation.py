@@ -138,9 +138,10 @@ def _validate_text(config: ml_collections.ConfigDict) -> None:
   _require(0 <= data.test_fraction < 1, "data.test_fraction", f"must be in [0, 1), got {data.test_fraction}")
   _positive_int(config, "data.max_len", minimum=2)
   _require(isinstance(data.chat_template, bool), "data.chat_template", f"must be True or False, got {data.chat_template!r}")
-  _require(data.feed == "round" and not data.stream, "data.feed",
-           "text runs hold their token arrays in memory and feed whole rounds (data.feed='round', data.stream=False)")
-  _require(jax.process_count() == 1, "task", "text runs run in one process (its devices form the clients mesh)")
+  _require(data.feed == "round", "data.feed",
+           f"text runs feed whole rounds (data.feed='round'; 'chunk' reads images), got {data.feed!r}")
+  _require(isinstance(data.stream, bool), "data.stream", f"must be True or False, got {data.stream!r}")
+  _require(isinstance(data.get("data_dir", ""), str), "data.data_dir", f"must be a path, got {data.get('data_dir')!r}")
   _one_of(config.model.name, ("llama",), "model.name")
   for field in config.model:
     _require(field == "name" or field in pretrain_text.MODEL_FIELDS,

@@ -67,8 +67,9 @@ def round_inputs(exp: Experiment, round_index: int, gather: bool = True) -> tupl
 def round_on_mesh(exp: Experiment, round_index: int, sharding: NamedSharding) -> tuple[Any, np.ndarray]:
   """((block, ids, weights) as global arrays sharded over the clients axis, host ids).
 
-  With several processes, each gathers only the images of the clients its devices hold
-  (`jax.make_array_from_callback`); labels, masks, ids and weights are small and built whole.
+  With several processes, each gathers only the examples (images, or a text run's token rows)
+  of the clients its devices hold (`jax.make_array_from_callback`); ids and weights are small
+  and built whole.
   """
   if exp.config.data.feed == "chunk":  # Light batches: the round reads images chunk by chunk.
     light, ids, weights = round_inputs(exp, round_index, gather=False)
@@ -78,11 +79,13 @@ def round_on_mesh(exp: Experiment, round_index: int, sharding: NamedSharding) ->
     block, ids, weights = round_inputs(exp, round_index)
     return jax.device_put((block, ids, weights), sharding), ids
   light, ids, weights = round_inputs(exp, round_index, gather=False)
-  indices = light.pop("indices")
-  pool = exp.data.train_pool
-  shape = indices.shape + tuple(pool.images.shape[1:])
-  local = {index[0].indices(len(ids)): pool.images[indices[index[0]]]      # Only this process's rows.
-           for index in sharding.addressable_devices_indices_map(shape).values()}
-  images = jax.make_array_from_callback(shape, sharding, lambda index: local[index[0].indices(len(ids))])
-  rest = jax.device_put((light, ids, weights), sharding)
-  return ({"image": images, **rest[0]}, rest[1], rest[2]), ids
+  indices, mask = light["indices"], light["mask"]
+  rows_of = lambda index: index[0].indices(len(ids))  # A device's slice of the clients axis.
+  local = {rows_of(index): blocks.gather_block(exp.data.train_pool, indices[index[0]], mask[index[0]])
+           for index in sharding.addressable_devices_indices_map(indices.shape).values()}
+  example = next(iter(local.values()))
+  block = {key: jax.make_array_from_callback((len(ids),) + leaf.shape[1:], sharding,
+                                             lambda index, key=key: local[rows_of(index)][key])
+           for key, leaf in example.items()}
+  ids_and_weights = jax.device_put((ids, weights), sharding)
+  return (block,) + ids_and_weights, ids

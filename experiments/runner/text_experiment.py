@@ -29,14 +29,24 @@ from hyperlora_jax.tasks import causal_lm
 from hyperlora_jax.tasks.common import apply_base_delta, backbone_dtype
 
 
+def prepare_text_inputs(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> None:
+  """Makes what a text run reads from disk: the embedded decoder (pretrained and cached, unless
+  `pretrain.checkpoint` names one) and `data.name` tokenized by its tokenizer
+  (`instructions.prepare_tokenized`). For the main process of a multi-process run, and sweeps."""
+  _, _, tokenizer, _ = pretrain_text.load_or_pretrain_decoder(config, log)
+  instructions.prepare_tokenized(config.data, tokenizer, log)
+
+
 def build_text_federated_data(config: ml_collections.ConfigDict, tokenizer, log: Callable[[str], None]) -> FederatedData:
-  """The records of `data.name` tokenized, split per group into train / test, partitioned."""
-  train, test = instructions.load_text_datasets(config.data, tokenizer, config.seed)
+  """The records of `data.name` tokenized (once, kept in `data.data_dir`), split per group into
+  train / test, in memory or streamed (`data.stream`), partitioned."""
+  train, test = instructions.load_text_datasets(config.data, tokenizer, config.seed, log)
   lost = train.no_loss + test.no_loss
   if lost > (len(train) + len(test)) / 2:
     raise ConfigError(f"data.max_len: {lost} of {len(train) + len(test)} records keep no response token "
                       f"within data.max_len={config.data.max_len} tokens (their prompts fill it); raise it")
-  log(f"data: {len(train)} train / {len(test)} test records of {config.data.name!r} in {train.num_classes} "
+  log(f"data: {len(train)} train / {len(test)} test records of {config.data.name!r}"
+      f"{' (streamed)' if config.data.stream else ''} in {train.num_classes} "
       f"group(s) by {config.data.group_field or '(none)'!r}; {train.truncated + test.truncated} cut to "
       f"data.max_len={config.data.max_len} tokens ({lost} with no response token left)")
   return partitioned(config, train, test)

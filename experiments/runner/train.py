@@ -32,11 +32,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from experiments.runner import methods, pretrain, records as records_lib, reporting
+from experiments.runner.config_validation import is_text
 from experiments.runner import workdir as workdir_lib
 from experiments.runner.data.loader import prepare_dataset
 from experiments.runner.evaluation import evaluate_new_clients, run_evaluator
 from experiments.runner.experiment import Experiment, build_experiment
 from experiments.runner.feeding import round_on_mesh
+from experiments.runner.text_experiment import prepare_text_inputs
 from hyperlora_jax import autotune, diagnostics, distributed, federated, primitives
 from hyperlora_jax.tasks import image_classification as task_lib
 
@@ -152,10 +154,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_round: i
 
 def prepare_once(config: ml_collections.ConfigDict, log: Callable[[str], None]) -> None:
   """With several processes, the main one prepares the dataset and the backbone (the others
-  wait), so that they are not all written at once; one process: nothing (it builds them)."""
+  wait), so that they are not all written at once (a text run: the decoder and the tokenized
+  records); one process: nothing (it builds them)."""
   if jax.process_count() == 1:
     return
-  if distributed.is_main_process():
+  if distributed.is_main_process() and is_text(config):
+    prepare_text_inputs(config, log)
+  elif distributed.is_main_process():
     prepare_dataset(config.data.name, config.data.data_dir or None)
     if not pretrain.real_checkpoint(config):
       prepare_dataset(config.pretrain.data_name, config.data.data_dir or None)

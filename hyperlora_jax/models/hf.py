@@ -27,6 +27,7 @@ ViTForImageClassification does; they are returned as `dropped`, by name.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -667,6 +668,16 @@ class Tokenizer:
   def decode(self, ids, skip_special_tokens: bool = True) -> str:
     return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+  def fingerprint(self) -> str:
+    """A hash of everything that decides this tokenizer's ids and texts: its tokenizer.json
+    (vocabulary, merges, normalizer, pre- and post-processor), pad id, special tokens and chat
+    template (a cache of tokenized data is keyed by it)."""
+    state = json.loads(self._tokenizer.to_str())
+    state.pop("truncation", None), state.pop("padding", None)  # Set per call (`__call__`, `encode`).
+    parts = [json.dumps(state, sort_keys=True), str(self.pad_id), json.dumps(self.special_tokens, sort_keys=True),
+             self.chat_template or ""]
+    return hashlib.sha1("\0".join(parts).encode()).hexdigest()
+
   def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
     """The chat template's text for `messages` [{"role", "content"}, ...] (transformers'
     `apply_chat_template(..., tokenize=False)`); tokenize it with `encode(text, False)`, as the
@@ -686,6 +697,8 @@ def decoder_config(model: Any) -> dict[str, Any]:
   if model_type == "llama" and model.qkv_bias != model.out_bias:
     raise ValueError("Llama's attention_bias sets q/k/v and o biases together")
   scaling = dict(model.rope_scaling) if model.rope_scaling else None
+  if scaling and "original_max_position_embeddings" in scaling:  # An integer: transformers 4 refuses 16.0.
+    scaling["original_max_position_embeddings"] = int(scaling["original_max_position_embeddings"])
   family = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[model_type]
   config = {"model_type": model_type, "architectures": [f"{family}ForCausalLM"],
             "vocab_size": model.vocab_size, "hidden_size": model.width, "intermediate_size": model.mlp_dim,

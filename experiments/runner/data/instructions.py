@@ -1,23 +1,36 @@
-"""Instruction datasets from local files (JSONL, JSON, parquet) or the embedded one, tokenized.
+"""Instruction datasets from local files (JSONL, JSON, parquet) or the embedded one, tokenized once
+and kept on disk, read into memory or streamed.
 
 `data.name` is `stdlib_docs` (the embedded records, `stdlib_docs.py`) or a path:
   *.jsonl    one JSON object per line (databricks-dolly-15k.jsonl)
   *.json     a JSON list of objects (Stanford Alpaca's alpaca_data.json)
   *.parquet  a table with one row per record (the Hugging Face hub's conversions)
 in the Dolly layout (instruction / context / response / category) or the Alpaca layout
-(instruction / input / output), `data.layout`. Records are split into train and test per group
-(`data.test_fraction`, seeded) and tokenized once into fixed-shape arrays
-(`hyperlora_jax.text`); a `TextDataset` then plays the part an image pool plays: clients are
-index arrays into it, partitioned by its `labels` = the group of each record (the value of
-`data.group_field`, e.g. Dolly's category, as FedIT does), and `gather` builds the round's
-blocks.
+(instruction / input / output), `data.layout`.
+
+As an image dataset is prepared once into array_record files, a records source is tokenized
+once (`prepare_tokenized`: one pass, `CHUNK_RECORDS` records at a time, so host memory does not
+grow with the file) into fixed-shape int32 arrays on disk (`hyperlora_jax.text`'s
+input_ids / attention_mask / loss_mask, [N, T] each), under `data.data_dir` (default
+`DEFAULT_DATA_DIR`) in a directory keyed by the source file (path, size, modification time),
+the tokenizer, `data.max_len`, the layout, the chat template and `data.group_field`; a second run
+reuses it. Records are split into train and test per group (`data.test_fraction`, seeded); a
+`TextDataset` then plays the part an image pool plays: clients are index arrays into it,
+partitioned by its `labels` = the group of each record (the value of `data.group_field`, e.g.
+Dolly's category, as FedIT does), and `gather` builds the round's blocks. In memory
+(`data.stream=False`) a split's tokens are arrays; streamed (`data.stream=True`) they are
+`TokenRows`, read from the memory-mapped files row by row when a block needs them, so host
+memory holds the groups (the index) and the blocks being built, not the dataset.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import os
-from typing import Any
+import shutil
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -27,10 +40,20 @@ from hyperlora_jax import text
 EMBEDDED_TEXT = "stdlib_docs"
 TOKEN_KEYS = ("input_ids", "attention_mask", "loss_mask")
 FORMATS = (".jsonl", ".json", ".parquet")
+DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "hyperlora_jax", "tokenized")
+CHUNK_RECORDS = 1024  # Records tokenized (and held) at a time while a source is prepared.
+TOKENIZED_FORMAT = 1  # Bumped when the files a prepared directory holds change.
+TOKEN_DTYPE = np.dtype(np.int32)
 
 
-def read_records(path: str) -> list[dict[str, Any]]:
-  """The records of a .jsonl, .json (a list) or .parquet file.
+class TokenizedCacheError(ValueError):
+  """A prepared directory that cannot be read as written (reported; never replaced)."""
+
+
+def iter_records(path: str) -> Iterator[dict[str, Any]]:
+  """The records of a .jsonl, .json (a list) or .parquet file, one at a time: a .jsonl line by
+  line and a .parquet batch by batch (pyarrow), so neither is held whole; a .json list is one
+  JSON value and is parsed whole.
 
   Raises:
     ValueError: another extension, or a line / file that is not JSON objects (named by line).
@@ -39,15 +62,7 @@ def read_records(path: str) -> list[dict[str, Any]]:
     raise FileNotFoundError(f"no such file: {path!r}")
   extension = os.path.splitext(path)[1]
   if extension == ".jsonl":
-    records = []
-    with open(path, encoding="utf-8") as f:
-      for number, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{number}: not a JSON object ({e.msg})") from None
+    records = _jsonl_records(path)
   elif extension == ".json":
     with open(path, encoding="utf-8") as f:
       records = json.load(f)
@@ -55,31 +70,60 @@ def read_records(path: str) -> list[dict[str, Any]]:
       raise ValueError(f"{path}: a .json file must hold a list of records (Alpaca's layout), got {type(records).__name__}")
   elif extension == ".parquet":
     import pyarrow.parquet as pq
-    records = pq.read_table(path).to_pylist()
+    records = (record for batch in pq.ParquetFile(path).iter_batches(batch_size=CHUNK_RECORDS)
+               for record in batch.to_pylist())
   else:
     raise ValueError(f"{path}: unknown format {extension!r}; supported: {', '.join(FORMATS)}")
   for number, record in enumerate(records, 1):
     if not isinstance(record, dict):
       raise ValueError(f"{path}: record {number} is a {type(record).__name__}, not an object")
-  return records
+    yield record
 
 
-def load_records(name: str) -> list[dict[str, Any]]:
-  """The embedded records (`name` = 'stdlib_docs') or a file's."""
-  return stdlib_docs.instruction_records() if name == EMBEDDED_TEXT else read_records(name)
+def _jsonl_records(path: str) -> Iterator[Any]:
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        yield json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{number}: not a JSON object ({e.msg})") from None
+
+
+def read_records(path: str) -> list[dict[str, Any]]:
+  """Every record of a file (`iter_records`), as a list."""
+  return list(iter_records(path))
+
+
+def load_records(name: str) -> Iterable[dict[str, Any]]:
+  """The embedded records (`name` = 'stdlib_docs', a list) or a file's (`iter_records`)."""
+  return stdlib_docs.instruction_records() if name == EMBEDDED_TEXT else iter_records(name)
+
+
+def group_value(record: dict, field: str | None, number: int) -> str:
+  """The group of record `number` (1-based, for the message): its `field`'s value as text;
+  'all' without a field.
+
+  Raises:
+    ValueError: the record has no such field (named, with the fields it has)."""
+  if not field:
+    return "all"
+  if field not in record:
+    raise ValueError(f"data.group_field={field!r}: record {number} has no such field (fields: {sorted(record)})")
+  return str(record[field])
+
+
+def group_ids_of(values: list[str]) -> tuple[np.ndarray, tuple[str, ...]]:
+  """([N] int32 index of each value among the sorted distinct values, those values)."""
+  names = tuple(sorted(set(values)))
+  index = {name: i for i, name in enumerate(names)}
+  return np.array([index[v] for v in values], np.int32), names
 
 
 def group_ids(records: list[dict], field: str | None) -> tuple[np.ndarray, tuple[str, ...]]:
   """([N] int32 group of each record, the sorted group names); one group 'all' without a field."""
-  if not field:
-    return np.zeros(len(records), np.int32), ("all",)
-  missing = [i for i, r in enumerate(records) if field not in r]
-  if missing:
-    raise ValueError(f"data.group_field={field!r}: record {missing[0] + 1} has no such field "
-                     f"(fields: {sorted(records[missing[0]])})")
-  names = tuple(sorted({str(r[field]) for r in records}))
-  index = {name: i for i, name in enumerate(names)}
-  return np.array([index[str(r[field])] for r in records], np.int32), names
+  return group_ids_of([group_value(r, field, number) for number, r in enumerate(records, 1)])
 
 
 def split_train_test(groups: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,12 +141,44 @@ def split_train_test(groups: np.ndarray, test_fraction: float, seed: int) -> tup
   return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
+class TokenRows:
+  """Rows `rows` of a token array kept on disk ([N, T] int32, memory-mapped), read on demand
+  (array-like): `x[indices]` for an int array of any shape (or a slice) gives
+  [*indices.shape, T] int32, reading just those rows. The streamed counterpart of a split's
+  in-memory token array (`loader.RecordImages` is the images')."""
+
+  def __init__(self, array: np.ndarray, rows: np.ndarray):
+    self._array = array
+    self._rows = np.asarray(rows)
+    self.rows_read = 0  # Rows read so far (for tests).
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (len(self._rows), self._array.shape[1])
+
+  dtype = TOKEN_DTYPE
+  ndim = 2
+
+  def __len__(self) -> int:
+    return len(self._rows)
+
+  def __getitem__(self, indices) -> np.ndarray:
+    if isinstance(indices, slice):
+      indices = np.arange(len(self))[indices]
+    indices = np.asarray(indices)
+    if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+      raise IndexError(f"token row index out of range [0, {len(self)})")
+    self.rows_read += indices.size
+    return np.asarray(self._array[self._rows[indices]])
+
+
 @dataclasses.dataclass(frozen=True)
 class TextDataset:
   """A split's tokenized records (the text counterpart of `loader.ImageDataset`).
 
   Attributes:
-    tokens: {"input_ids", "attention_mask", "loss_mask"} int32 [N, T] (`text.encode_instructions`).
+    tokens: {"input_ids", "attention_mask", "loss_mask"} int32 [N, T] (`text.encode_instructions`):
+      arrays in memory, or `TokenRows` read from disk (streamed).
     labels: [N] int32 group of each record (partitions read it as a class).
     domains: [N] int32, the same groups (so `one_domain_per_client` gives a client per group).
     num_classes: the number of groups; class_names, domain_names: their names.
@@ -132,24 +208,164 @@ class TextDataset:
     return {**block, "label": self.labels[indices], "mask": np.asarray(mask, np.float32)}
 
 
-def tokenized_dataset(records: list[dict], indices: np.ndarray, groups: np.ndarray, names: tuple[str, ...],
-                      tokenizer, max_len: int, layout: str, chat: bool) -> TextDataset:
-  """The records at `indices` as a `TextDataset`."""
-  for i in indices[:1000]:  # The layout's fields, named, before anything is tokenized.
-    text.check_record(records[i], layout, where=f"record {i + 1}")
-  encoded = text.encode_instructions(tokenizer, [records[i] for i in indices], max_len, layout, chat=chat)
-  return TextDataset({k: encoded[k] for k in TOKEN_KEYS}, groups[indices], groups[indices], len(names), names, names,
-                     int(encoded["truncated"].sum()), int(encoded["no_loss"].sum()))
+@dataclasses.dataclass(frozen=True)
+class TokenizedRecords:
+  """A records source tokenized once, on disk (`prepare_tokenized`).
+
+  Attributes:
+    directory: where its files are.
+    tokens: {"input_ids", "attention_mask", "loss_mask"} [N, T] int32, memory-mapped read-only,
+      in the order of the source's records.
+    groups: [N] int32 group of each record; group_names: the sorted group names.
+    truncated, no_loss: [N] bool, the record was cut to T / kept no response token.
+  """
+  directory: str
+  tokens: dict[str, np.ndarray]
+  groups: np.ndarray
+  group_names: tuple[str, ...]
+  truncated: np.ndarray
+  no_loss: np.ndarray
+
+  def split(self, indices: np.ndarray, stream: bool) -> TextDataset:
+    """The records `indices` [n] as a `TextDataset`: their tokens read into memory, or
+    `TokenRows` of the files (`stream`)."""
+    tokens = {k: TokenRows(self.tokens[k], indices) if stream else np.asarray(self.tokens[k][indices])
+              for k in TOKEN_KEYS}
+    groups = self.groups[indices]
+    return TextDataset(tokens, groups, groups, len(self.group_names), self.group_names, self.group_names,
+                       int(self.truncated[indices].sum()), int(self.no_loss[indices].sum()))
 
 
-def load_text_datasets(data_config, tokenizer, seed: int) -> tuple[TextDataset, TextDataset]:
-  """(train, test) `TextDataset`s of `data.name` per the config's `data` block (layout,
-  group_field, test_fraction, max_len, chat_template)."""
-  records = load_records(data_config.name)
-  if not records:
+def source_fingerprint(name: str) -> dict[str, Any]:
+  """What identifies a records source: the embedded records' content hash, or a file's absolute
+  path, size and modification time (a changed file is tokenized again)."""
+  if name == EMBEDDED_TEXT:
+    content = json.dumps(stdlib_docs.instruction_records(), sort_keys=True).encode()
+    return {"embedded": EMBEDDED_TEXT, "sha1": hashlib.sha1(content).hexdigest()}
+  stat = os.stat(name)
+  return {"path": os.path.abspath(name), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def tokenized_directory(data_config, tokenizer) -> tuple[str, dict[str, Any]]:
+  """(the directory `data.name` tokenized by `tokenizer` is kept in, the fields its name hashes)."""
+  fields = {"format": TOKENIZED_FORMAT, "source": source_fingerprint(data_config.name),
+            "tokenizer": tokenizer.fingerprint(), "max_len": int(data_config.max_len), "layout": data_config.layout,
+            "chat_template": bool(data_config.chat_template), "group_field": data_config.group_field or ""}
+  digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+  stem = os.path.splitext(os.path.basename(data_config.name))[0]
+  return os.path.join(data_config.get("data_dir", "") or DEFAULT_DATA_DIR, f"{stem}-{digest}"), fields
+
+
+def prepare_tokenized(data_config, tokenizer, log: Callable[[str], None] = print) -> TokenizedRecords:
+  """`data.name` tokenized (`data.max_len`, `data.layout`, `data.chat_template`) with its groups
+  (`data.group_field`): read from its prepared directory, or prepared there first, one pass
+  over the records `CHUNK_RECORDS` at a time. Safe to call from several processes at once
+  (each writes its own partial directory; the first to finish is kept).
+
+  Raises:
+    ValueError: a record lacks a field of the layout or the group field (named), or there are
+      no records.
+    TokenizedCacheError: the prepared directory is not what was written (nothing is replaced).
+  """
+  directory, fields = tokenized_directory(data_config, tokenizer)
+  if not os.path.isdir(directory):
+    count = _write_tokenized(load_records(data_config.name), directory, fields, tokenizer, data_config)
+    log(f"data: tokenized {count} records of {data_config.name!r} into {directory}")
+  return open_tokenized(directory)
+
+
+def _write_tokenized(records: Iterable[dict], directory: str, fields: dict, tokenizer, data_config) -> int:
+  """Tokenizes `records` into `directory` via a partial directory of this process (removed if
+  anything fails); their count."""
+  partial = f"{directory}.partial-{os.getpid()}"
+  shutil.rmtree(partial, ignore_errors=True)
+  os.makedirs(partial)
+  try:
+    count = _write_files(records, partial, fields, tokenizer, data_config)
+  except BaseException:
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
+  try:
+    os.replace(partial, directory)  # Whole or not at all.
+  except OSError:  # Another process finished first: its directory is kept.
+    shutil.rmtree(partial, ignore_errors=True)
+    if not os.path.isdir(directory):
+      raise
+  return count
+
+
+def _write_files(records: Iterable[dict], partial: str, fields: dict, tokenizer, data_config) -> int:
+  """The token files (`CHUNK_RECORDS` records encoded at a time), groups, flags and index of
+  `records` in `partial`; their count."""
+  group_values, truncated, no_loss, chunk = [], [], [], []
+  with contextlib.ExitStack() as stack:
+    files = {k: stack.enter_context(open(os.path.join(partial, f"{k}.bin"), "wb")) for k in TOKEN_KEYS}
+
+    def flush():
+      encoded = text.encode_instructions(tokenizer, chunk, data_config.max_len, data_config.layout,
+                                         chat=data_config.chat_template)
+      for k in TOKEN_KEYS:
+        files[k].write(np.ascontiguousarray(encoded[k], TOKEN_DTYPE).tobytes())
+      truncated.append(encoded["truncated"])
+      no_loss.append(encoded["no_loss"])
+      chunk.clear()
+
+    for number, record in enumerate(records, 1):
+      text.check_record(record, data_config.layout, where=f"data.name={data_config.name!r}: record {number}")
+      group_values.append(group_value(record, data_config.group_field, number))
+      chunk.append(record)
+      if len(chunk) == CHUNK_RECORDS:
+        flush()
+    if chunk:
+      flush()
+  if not group_values:
     raise ValueError(f"data.name={data_config.name!r}: no records")
-  groups, names = group_ids(records, data_config.group_field)
-  train, test = split_train_test(groups, data_config.test_fraction, seed)
-  build = lambda idx: tokenized_dataset(records, idx, groups, names, tokenizer, data_config.max_len,
-                                        data_config.layout, data_config.chat_template)
-  return build(train), build(test)
+  groups, names = group_ids_of(group_values)
+  np.save(os.path.join(partial, "groups.npy"), groups)
+  np.save(os.path.join(partial, "truncated.npy"), np.concatenate(truncated))
+  np.save(os.path.join(partial, "no_loss.npy"), np.concatenate(no_loss))
+  with open(os.path.join(partial, "tokenized.json"), "w") as f:
+    json.dump({"num_records": len(groups), "max_len": int(data_config.max_len), "dtype": TOKEN_DTYPE.name,
+               "group_names": names, **fields}, f, indent=2)
+  return len(groups)
+
+
+def open_tokenized(directory: str) -> TokenizedRecords:
+  """The `TokenizedRecords` of a prepared directory, its token files memory-mapped read-only.
+
+  Raises:
+    TokenizedCacheError: a file is missing or of another size than its record count says
+      (named; delete the directory to tokenize again).
+  """
+  def corrupt(what: str) -> TokenizedCacheError:
+    return TokenizedCacheError(f"{directory}: {what}; it is not what was written (delete the directory to "
+                               f"tokenize the records again)")
+  try:
+    with open(os.path.join(directory, "tokenized.json")) as f:
+      meta = json.load(f)
+    n, t = int(meta["num_records"]), int(meta["max_len"])
+    groups, truncated, no_loss = (np.load(os.path.join(directory, f"{k}.npy"))
+                                  for k in ("groups", "truncated", "no_loss"))
+  except (OSError, ValueError, KeyError) as e:
+    raise corrupt(f"cannot read its index ({type(e).__name__}: {e})") from None
+  if not len(groups) == len(truncated) == len(no_loss) == n:
+    raise corrupt(f"its index holds {len(groups)} groups for {n} records")
+  tokens = {}
+  for k in TOKEN_KEYS:
+    path = os.path.join(directory, f"{k}.bin")
+    expected = n * t * TOKEN_DTYPE.itemsize
+    size = os.path.getsize(path) if os.path.isfile(path) else None
+    if size != expected:
+      raise corrupt(f"{k}.bin holds {size} bytes, {expected} expected ({n} records x {t} tokens)")
+    tokens[k] = np.memmap(path, TOKEN_DTYPE, mode="r", shape=(n, t))
+  return TokenizedRecords(directory, tokens, groups, tuple(meta["group_names"]), truncated, no_loss)
+
+
+def load_text_datasets(data_config, tokenizer, seed: int,
+                       log: Callable[[str], None] = print) -> tuple[TextDataset, TextDataset]:
+  """(train, test) `TextDataset`s of `data.name` per the config's `data` block (layout,
+  group_field, test_fraction, max_len, chat_template, data_dir, stream): tokenized once
+  (`prepare_tokenized`), split per group, in memory or streamed."""
+  records = prepare_tokenized(data_config, tokenizer, log)
+  train, test = split_train_test(records.groups, data_config.test_fraction, seed)
+  return records.split(train, data_config.stream), records.split(test, data_config.stream)

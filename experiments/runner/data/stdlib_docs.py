@@ -33,6 +33,7 @@ PHRASINGS = ("What does `{name}` do?", "Explain what the Python function {name} 
              "Describe `{name}` in one or two sentences.", "In Python, what is {name} for?")
 MAX_RESPONSE_CHARS = 240
 SIGNATURE_LINE = re.compile(r"^[\w.]+\(.*\)(\s*->.*)?$")
+MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
 
 
 def _summary(doc: str) -> str:
@@ -65,8 +66,11 @@ def _members(source: str) -> list[tuple[str, object]]:
 
 
 def _signature(name: str, member: object) -> str:
+  """`name(parameters)`, default values that are objects written without their memory address
+  (`copy_function=<function copy2>`, not `<function copy2 at 0x7f...>`, which differs from one
+  process to the next: the records, their tokens and every text run's numbers would too)."""
   try:
-    return f"{name}{inspect.signature(member)}"
+    return MEMORY_ADDRESS.sub(">", f"{name}{inspect.signature(member)}")
   except (TypeError, ValueError):  # Some builtins have none.
     return ""
 
