@@ -24,7 +24,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q -n auto -m "not slow" --durations=15 tests
 
 test-slow: $(VENV)/.installed
-	$(PY) -m pytest -q -m slow tests
+	$(PY) -m pytest -q -n auto -m slow --durations=15 tests
 
 test-all: test test-slow
 

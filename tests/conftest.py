@@ -11,6 +11,17 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `configs/` and `experiments/` are plain directories.
 
+# Tests compile with XLA's CPU backend at LLVM optimization level 0: compiling is most of a
+# test's time (a smoke HyperLoRA run: 25 -> 19 s; the suite on 2 cores: 808 -> 602 s), and the
+# tests check what a computation gives, not how fast. Floats may round differently from a run
+# at the default level, so tests compare runs of the session with each other or against
+# references within tolerances, never against numbers a run at another level wrote.
+# HYPERLORA_TEST_XLA_O0=0 keeps XLA's default level. Set before the backend starts; the tests'
+# subprocesses inherit it (`tests/cpu_devices.py` keeps it beside the device count).
+if os.environ.get("HYPERLORA_TEST_XLA_O0", "1") != "0" and "xla_backend_optimization_level" not in os.environ.get(
+    "XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
+
 # A persistent compilation cache shared by the whole test session: the many end-to-end tests
 # compile the same smoke-config rounds again and again (straight, killed, resumed runs), in both
 # pytest-xdist workers and in the subprocesses some tests start; compiled once, each is loaded

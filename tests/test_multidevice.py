@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+from tests.cpu_devices import cpu_devices_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = textwrap.dedent("""
@@ -29,8 +31,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_eight_devices_match_one(cache_dirs, tmp_path):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+  env = cpu_devices_env(8, PYTHONPATH=ROOT)
   proc = subprocess.run([sys.executable, "-c", SCRIPT, cache_dirs["data_dir"], cache_dirs["cache_dir"],
                          str(tmp_path)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -102,8 +103,7 @@ def test_ten_thousand_clients_store_is_sharded_and_matches_one_device():
   """Per-client state (FedSA's B, signatures) of 10,003 registered clients lives sharded, 1,251
   rows per device of 8; a round on it equals the unsharded round, touches only the sampled
   clients' rows (ids near the end and across shard boundaries included) and ignores padding."""
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+  env = cpu_devices_env(8, PYTHONPATH=ROOT)
   proc = subprocess.run([sys.executable, "-c", STORE_SCRIPT], env=env, cwd=ROOT, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0 and "STORE OK" in proc.stdout, proc.stderr[-3000:]
@@ -141,8 +141,7 @@ def test_a_decoder_split_over_a_model_axis_of_a_2x4_mesh_matches_one_device(cach
   """fed.model_parallel=4 on 8 devices: a 2 (clients) x 4 (model) mesh. Every weight of the
   fixture Llama is split 4 ways (a device holds a quarter of the backbone, each client of each
   device uses that one copy), and a FedIT text run's records equal the one-device run's."""
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+  env = cpu_devices_env(8, PYTHONPATH=ROOT)
   proc = subprocess.run([sys.executable, "-c", MODEL_AXIS_SCRIPT, cache_dirs["cache_dir"], str(tmp_path),
                          os.path.join(ROOT, "tests")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from tests.cpu_devices import cpu_devices_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -27,7 +29,7 @@ def _command(cache_dirs, workdir, rounds, extra=()):
 
 
 def _env(devices):
-  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  return cpu_devices_env(devices)
 
 
 def _run_two_processes(cache_dirs, workdir, rounds, command=_command):
