@@ -1,11 +1,14 @@
 """Timing and cost helpers the speed benchmarks share (`benchmark`, `text_benchmark`): best-of
-wall time, the device's measured matmul peak, XLA's FLOPs and planned memory of a jitted call."""
+wall time (of one way, or of several ways interleaved), the device's measured matmul peak,
+XLA's FLOPs and planned memory of a jitted call."""
 from __future__ import annotations
 
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hyperlora_jax import autotune
 
@@ -30,6 +33,36 @@ def best_time_or_out_of_memory(fn, repeats: int) -> float | None:
     if not autotune.is_out_of_memory(error):
       raise
     return None
+
+
+def interleaved_times(ways: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float] | None]:
+  """Wall times of each `ways[name]()` in `repeats` rounds in which every way runs once, in turn,
+  after one warm-up (compiling) call each: {name: [seconds per round]}. Each way must wait for
+  its own work (`jax.block_until_ready`, CUDA's synchronize). On a machine whose speed drifts
+  while it is measured, every way meets the same drift: compare ways by their best times, or by
+  the median of their per-round ratios (`paired_ratio`), whose two times were taken moments
+  apart. None for a way whose warm-up ran out of device memory (any other error is raised)."""
+  times: dict[str, list[float] | None] = {}
+  for name, way in ways.items():
+    try:
+      way()
+      times[name] = []
+    except jax.errors.JaxRuntimeError as error:
+      if not autotune.is_out_of_memory(error):
+        raise
+      times[name] = None
+  for _ in range(repeats):
+    for name, way in ways.items():
+      if times[name] is not None:
+        start = time.perf_counter()
+        way()
+        times[name].append(time.perf_counter() - start)
+  return times
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+  """The median over rounds of numerator[r] / denominator[r] (`interleaved_times`' lists)."""
+  return float(np.median(np.asarray(numerator) / np.asarray(denominator)))
 
 
 def matmul_peak_flops(size: int = 0, repeats: int = 5, dtype=jnp.float32) -> float:

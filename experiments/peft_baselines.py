@@ -24,6 +24,7 @@ tower run every step, as the JAX benchmark's CLIP does.
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import numpy as np
 
@@ -179,19 +180,21 @@ def build_llama(config_json: dict, rank: int, alpha: float, attention: str = "sd
   return peft.get_peft_model(model, lora).eval()
 
 
-def time_text_round(input_ids: np.ndarray, loss_mask: np.ndarray, *, config_json: dict, rank: int, alpha: float,
-                    learning_rate: float, way: str = "loop", chunk: int = 16, repeats: int = 2) -> tuple[float, int]:
-  """Best wall time of one instruction-tuning round: C clients x S Adam steps of a decoder
+def text_round(input_ids: np.ndarray, loss_mask: np.ndarray, *, config_json: dict, rank: int, alpha: float,
+               learning_rate: float, way: str = "loop", chunk: int = 16) -> tuple[Callable[[], None], Callable[[], int]]:
+  """(`run()`, `peak_bytes()`): one instruction-tuning round, C clients x S Adam steps of a decoder
   ("loop": the per-client loop PEFT-based federated LLM repositories run, OpenFedLLM's and
   FlowerTune's; "vmap": torch.func.vmap in chunks), the loss transformers' own: `labels` the
   token ids with -100 where `loss_mask` is 0, mean over the counted next tokens. On CUDA the
   frozen weights are bfloat16 and the step runs under `torch.autocast(bfloat16)` (LoRA factors
   and Adam float32), as `Trainer(bf16=True)` on a bfloat16 checkpoint; on the CPU float32.
 
+  `run` waits for CUDA's kernels; time it with `bench_timing.interleaved_times` beside the JAX
+  ways. `peak_bytes()`: the most CUDA memory torch allocated during any one `run()` so far (0 on
+  the CPU).
+
   Args:
     input_ids: int NumPy [C, S, B, T] (full-length sequences, no padding); loss_mask: [C, S, B, T].
-  Returns:
-    (seconds, the peak CUDA memory allocated in bytes during the timed rounds; 0 on the CPU).
   """
   import contextlib
 
@@ -230,7 +233,14 @@ def time_text_round(input_ids: np.ndarray, loss_mask: np.ndarray, *, config_json
 
   per_client_grad = vmap(grad(client_loss), in_dims=(0, 0, 0))
   vmapped = lambda: torch_baselines.vmapped_adam(torch, per_client_grad, init, ids, labels, chunk, learning_rate)
-  if device == "cuda":
-    torch.cuda.reset_peak_memory_stats()
-  seconds = torch_baselines.best_time(torch, {"loop": loop, "vmap": vmapped}[way], repeats)
-  return seconds, (torch.cuda.max_memory_allocated() if device == "cuda" else 0)
+  way_fn = {"loop": loop, "vmap": vmapped}[way]
+  peak = [0]
+
+  def run():
+    if device == "cuda":
+      torch.cuda.reset_peak_memory_stats()
+    way_fn()
+    if device == "cuda":
+      torch.cuda.synchronize()  # Kernels run asynchronously: wait for the last one.
+      peak[0] = max(peak[0], torch.cuda.max_memory_allocated())
+  return run, lambda: peak[0]

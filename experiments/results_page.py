@@ -10,7 +10,8 @@ display name or its `--rename`), and each `--variant LABEL=DIR` (the finished ru
 e.g. a method at another setting) just before the row of its method. Columns: the final global
 accuracy (the union of the clients' test splits), the personalized accuracy (each client's own
 model on its own test split, mean over clients), both mean ± std over the seeds, the seeds and
-the MB sent up + down. The best personalized mean of the federated rows is bold. With
+the MB sent up + down (a text benchmark: and the perplexities, `benchmark_table`). The best
+personalized mean of the federated rows is bold. With
 `--majority_label`, a reference row predicts each client's most frequent training label
 (`experiments.label_prior`), on each seed of the benchmark's runs (their data, rebuilt from
 their `config.json`). A second table gives the held-out new clients where runs have them.
@@ -79,25 +80,50 @@ def majority_label_accuracy(config: dict) -> float:
                                      data.test_parts)))
 
 
+def _mean_std(values: list) -> str:
+  """'mean ± std' of the values that are not None, to the unit ('–' for none)."""
+  values = [v for v in values if v is not None]
+  if not values:
+    return "–"
+  return f"{np.mean(values):.0f}" if len(values) == 1 else f"{np.mean(values):.0f} ± {np.std(values):.0f}"
+
+
+def _perplexity(row: dict) -> float:
+  """A text run's last personalized perplexity (mean over clients); inf for an image run."""
+  return row["records"][-1].get("personalized_perplexity_mean", float("inf"))
+
+
 def benchmark_table(rows: list[dict], majority: list[float] | None = None) -> str:
-  """Markdown: one line per label of one benchmark's `rows` (module docstring)."""
+  """Markdown: one line per label of one benchmark's `rows` (module docstring); a text
+  benchmark's table adds the last global and personalized (mean over clients) perplexities,
+  mean ± std over the seeds, the lowest personalized one of the federated rows in bold."""
   groups = collections.defaultdict(list)
   for row in rows:
     groups[row["label"]].append(row)
   labels = sorted(groups, key=lambda label: min(r["order"] for r in groups[label]))
   federated = [label for label in labels if groups[label][0]["method"] not in REFERENCE_METHODS]
   best = max(federated, key=lambda label: np.mean([r["pers_mean"] for r in groups[label]]), default=None)
-  lines = ["| method | seeds | global % | personalized % | MB up+down |", "|---|---|---|---|---|"]
+  text = any("global_perplexity" in r["records"][-1] for r in rows)  # A text benchmark: perplexities too.
+  least = min(federated, key=lambda label: np.mean([_perplexity(r) for r in groups[label]]), default=None)
+  lines = ["| method | seeds | global % | personalized % |" + (" global perplexity | personalized perplexity |"
+                                                               if text else "") + " MB up+down |",
+           "|---|---|---|---|" + ("---|---|" if text else "") + "---|"]
   for label in labels:
     group = groups[label]
     has_global = any(r["global"] is not None for r in group)
     personalized = _pct([r["pers_mean"] for r in group])
     if label == best:
       personalized = f"**{personalized}**"
+    perplexities = ""
+    if text:
+      personal = _mean_std([_perplexity(r) for r in group])
+      perplexities = (f" {_mean_std([r['records'][-1].get('global_perplexity') for r in group]) if has_global else '–'}"
+                      f" | {f'**{personal}**' if label == least else personal} |")
     lines.append(f"| {label} | {len(group)} | {_pct([r['global'] for r in group]) if has_global else '–'} | "
-                 f"{personalized} | {np.mean([r['mb'] for r in group]):.2f} |")
+                 f"{personalized} |{perplexities} {np.mean([r['mb'] for r in group]):.2f} |")
   if majority:
-    lines.append(f"| {MAJORITY_LABEL} | {len(majority)} | – | {_pct(majority)} | – |")
+    lines.append(f"| {MAJORITY_LABEL} | {len(majority)} | – | {_pct(majority)} |" + (" – | – |" if text else "")
+                 + " – |")
   lines += report.new_client_lines([(label, groups[label]) for label in labels],
                                    "New clients (held out of training), mean accuracy % over them:", _pct,
                                    skip_empty=True)

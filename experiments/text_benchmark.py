@@ -9,12 +9,16 @@
            Mistral) under `peft` LoRA, the per-client loop OpenFedLLM, FlowerTune and the
            other PEFT-based federated LLM repositories run (adapter reset, fresh Adam, S steps
            per client), and `--peft_vmap` torch.func.vmap over clients
-           (`peft_baselines.time_text_round`).
+           (`peft_baselines.text_round`).
 
 All run the same architecture (`--model`: `bench_model.DECODERS`, the embedded default's
 size or SmolLM-135M's or TinyLlama-1.1B's config on random weights), LoRA, optimizer and
 token shapes (random full-length sequences of `--seq_len` tokens, the loss on their second
-half), in one process, each after a warm-up, best of `--repeats`. Reported per cohort size:
+half), in one process, each after a warm-up, best of `--repeats` rounds in which every way
+runs once in turn (`bench_timing.interleaved_times`: a drift of the machine's speed meets
+every way alike); the PEFT rows' speed-up is given both as the ratio of best times and as the
+median over rounds of the ratio of the two times taken moments apart (`paired_speedup`).
+Reported per cohort size:
 tokens per second (C x S x B x T tokens of the round over its wall time), the FLOPs of one
 client step from XLA's cost analysis and each way's model FLOP utilization against the
 device's measured matmul peak in the backbone's dtype (bfloat16 on accelerators), and the
@@ -36,7 +40,7 @@ from absl import app, flags
 
 from experiments import peft_baselines, torch_baselines
 from experiments.bench_model import DECODERS, random_text_block, text_client_update_fn
-from experiments.bench_timing import best_time, best_time_or_out_of_memory, matmul_peak_flops, planned_memory_bytes, update_flops
+from experiments.bench_timing import interleaved_times, matmul_peak_flops, paired_ratio, planned_memory_bytes, update_flops
 from hyperlora_jax import autotune, primitives
 from hyperlora_jax.models import hf
 
@@ -93,13 +97,12 @@ def main(argv):
     one_step = jax.tree.map(lambda x: x[0, :1], block)
     flops = num * steps * update_flops(single, frozen, trainable, one_step)  # A scan body counts once.
     row = {"clients": num, "tokens": tokens, "round_flops": flops, "vmapped": []}
-    line = f"C={num:4d}:"
+    ways, memory = {}, {}  # Every way of this cohort, timed interleaved.
     if _LOOP.value:
       client_blocks = [jax.tree.map(lambda x, i=i: x[i], block) for i in range(num)]
-      seconds = best_time(lambda: [single(frozen, trainable, b) for b in client_blocks], _REPEATS.value)
-      row["loop"] = _way(seconds, tokens, flops, peak, planned_memory_bytes(single, frozen, trainable, client_blocks[0]))
-      line += (f" loop {tokens / seconds:9.0f} tokens/s (MFU {row['loop']['mfu']:.0%}, "
-               f"{row['loop'].get('planned_memory_gb', 0):.2f} GB)")
+      ways["loop"] = lambda: jax.block_until_ready([single(frozen, trainable, b) for b in client_blocks])
+      memory["loop"] = planned_memory_bytes(single, frozen, trainable, client_blocks[0])
+    labels = {}
     for chunk in chunks:
       label = chunk or "all"
       if chunk == autotune.AUTO:
@@ -108,16 +111,35 @@ def main(argv):
         vmapped.setdefault(chunk, vmap_chunk(chunk))
       if chunk > 0 and num % chunk:
         continue
-      seconds = best_time_or_out_of_memory(lambda: vmapped[chunk](frozen, starts, block), _REPEATS.value)
-      if seconds is None:
-        row["vmapped"].append({"clients_per_chunk": chunk, "label": str(label), "out_of_memory": True})
+      labels[f"chunk {label}"] = chunk
+      ways[f"chunk {label}"] = lambda chunk=chunk: jax.block_until_ready(vmapped[chunk](frozen, starts, block))
+    peft_ways = ("loop", "vmap") if _PEFT_VMAP.value else ("loop",)
+    peak_bytes = {}  # The PEFT ways' peak CUDA memory, read after they are timed.
+    if not peft_reason:
+      ids, loss_mask = np.asarray(block["input_ids"]), np.asarray(block["loss_mask"])
+      for way in peft_ways:
+        ways[f"peft {way}"], peak_bytes[way] = peft_baselines.text_round(
+            ids, loss_mask, config_json=config_json, rank=config.lora.rank, alpha=config.lora.alpha,
+            learning_rate=config.client_optimizer.learning_rate, way=way, chunk=16)
+    times = interleaved_times(ways, _REPEATS.value)
+    seconds = {name: None if t is None else min(t) for name, t in times.items()}
+    line = f"C={num:4d}:"
+    if _LOOP.value:
+      row["loop"] = _way(seconds["loop"], tokens, flops, peak, memory["loop"])
+      line += (f" loop {row['loop']['tokens_per_s']:9.0f} tokens/s (MFU {row['loop']['mfu']:.0%}, "
+               f"{row['loop'].get('planned_memory_gb', 0):.2f} GB)")
+    for name, chunk in labels.items():
+      label = name.split(" ", 1)[1]
+      if seconds[name] is None:
+        row["vmapped"].append({"clients_per_chunk": chunk, "label": label, "out_of_memory": True})
         line += f"; chunk {label}: out of memory"
         continue
-      way = _way(seconds, tokens, flops, peak, planned_memory_bytes(vmapped[chunk], frozen, starts, block))
-      row["vmapped"].append({"clients_per_chunk": chunk, "label": str(label), **way})
+      way = _way(seconds[name], tokens, flops, peak, planned_memory_bytes(vmapped[chunk], frozen, starts, block))
+      row["vmapped"].append({"clients_per_chunk": chunk, "label": label, **way})
       line += f"; chunk {label}: {way['tokens_per_s']:9.0f} (MFU {way['mfu']:.0%}, {way.get('planned_memory_gb', 0):.2f} GB)"
-    loop_seconds = [row["loop"]["seconds"]] if "loop" in row else []
-    best_jax = min(loop_seconds + [v["seconds"] for v in row["vmapped"] if "seconds" in v])
+    jax_ways = [name for name in ways if not name.startswith("peft") and seconds[name] is not None]
+    best_name = min(jax_ways, key=seconds.get)
+    best_jax = seconds[best_name]
     if "loop" in row:
       row["best_jax_over_loop"] = row["loop"]["seconds"] / best_jax
       line += f" (best {row['best_jax_over_loop']:.2f}x the jitted loop)"
@@ -125,15 +147,14 @@ def main(argv):
       row["peft"] = {"skipped": peft_reason}
     else:
       row["peft"] = {"device": torch_baselines.device_name()}
-      ids, loss_mask = np.asarray(block["input_ids"]), np.asarray(block["loss_mask"])
-      for way in ("loop", "vmap") if _PEFT_VMAP.value else ("loop",):
-        seconds, peak_bytes = peft_baselines.time_text_round(
-            ids, loss_mask, config_json=config_json, rank=config.lora.rank, alpha=config.lora.alpha,
-            learning_rate=config.client_optimizer.learning_rate, way=way, chunk=16, repeats=_REPEATS.value)
-        row["peft"][way] = {"seconds": seconds, "tokens_per_s": tokens / seconds,
-                            "best_jax_speedup": seconds / best_jax,
-                            **({"peak_memory_gb": peak_bytes / 1e9} if peak_bytes else {})}
-        line += f"; peft {way} {tokens / seconds:9.0f} (best JAX {seconds / best_jax:.2f}x)"
+      for way in peft_ways:
+        way_seconds = seconds[f"peft {way}"]
+        paired = paired_ratio(times[f"peft {way}"], times[best_name])
+        row["peft"][way] = {"seconds": way_seconds, "tokens_per_s": tokens / way_seconds,
+                            "best_jax_speedup": way_seconds / best_jax, "paired_speedup": paired,
+                            **({"peak_memory_gb": peak_bytes[way]() / 1e9} if peak_bytes[way]() else {})}
+        line += (f"; peft {way} {tokens / way_seconds:9.0f} (best JAX {way_seconds / best_jax:.2f}x; "
+                 f"median paired {paired:.2f}x)")
     results.append(row)
     print(line, flush=True)
   report = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(), "jax": jax.__version__,

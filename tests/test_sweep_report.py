@@ -461,16 +461,19 @@ def test_tune_links_a_test_run_to_a_finished_run_of_the_same_config_and_nothing_
   assert entry["status"] == "finished" and entry["final"]["round"] == 4
 
 
-def _final_run(path, method, seed, glob, pers, mb, benchmark="default", rounds=2):
-  """A finished run whose last record has these accuracies (round 1 at half of them)."""
+def _final_run(path, method, seed, glob, pers, mb, benchmark="default", rounds=2, perplexity=None):
+  """A finished run whose last record has these accuracies (round 1 at half of them); a text
+  run's with `perplexity` = (global, personalized mean) (round 1 at twice them)."""
   os.makedirs(path)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump({"benchmark": benchmark, "method": method, "seed": seed, "fed": {"num_rounds": rounds}}, f)
   with open(os.path.join(path, "metrics.jsonl"), "w") as f:
     for r in range(1, rounds + 1):
+      text = {} if perplexity is None else {"global_perplexity": perplexity[0] * rounds / r,
+                                            "personalized_perplexity_mean": perplexity[1] * rounds / r}
       f.write(json.dumps({"round": r, "global_accuracy": None if glob is None else glob * r / rounds,
                           "personalized_accuracy_mean": pers * r / rounds, "personalized_accuracy_worst": 0.1,
-                          "cum_bytes": mb * 1e6 * r / rounds}) + "\n")
+                          "cum_bytes": mb * 1e6 * r / rounds, **text}) + "\n")
 
 
 def test_results_page_tabulates_every_method_and_variant_by_hand_and_tests_the_variants_claims(tmp_path):
@@ -505,6 +508,29 @@ def test_results_page_tabulates_every_method_and_variant_by_hand_and_tests_the_v
          "confirmed |" in claims_part
   with pytest.raises(ValueError, match="no such row"):
     results_page.build_page(str(runs), claims_row="HyperLoRA, slow")
+
+
+def test_results_page_adds_a_text_benchmarks_last_perplexities_by_hand(tmp_path):
+  """A text benchmark's table has the last round's global and personalized perplexities, mean ±
+  std over seeds, the lowest personalized one of the federated rows bold; local-only has no
+  global model; an image benchmark's table beside it has no perplexity columns."""
+  from experiments import results_page
+  runs = tmp_path / "runs"
+  for seed, (fedit, local) in enumerate([((300, 360), 250), ((280, 340), 270)]):
+    _final_run(runs / "fedit" / f"s{seed}", "fedit", seed, 0.15, 0.14, 1.7, "instruction_tuning", perplexity=fedit)
+    _final_run(runs / "local_only" / f"s{seed}", "local_only", seed, None, 0.2, 0.0, "instruction_tuning",
+               perplexity=(1e9, local))
+  _final_run(runs / "fedit" / "image", "fedit", 0, 0.4, 0.4, 3.0)
+  page = results_page.build_page(str(runs))
+  text = page[page.index("### instruction_tuning"):]
+  lines = [line for line in text.splitlines() if line.startswith("| ")]
+  # FedIT's last records: global 300, 280 -> 290 ± 10; personalized 360, 340 -> 350 ± 10;
+  # local-only's 250, 270 -> 260 ± 10, the lowest: bold (as its 20% accuracy, the best).
+  assert lines == ["| method | seeds | global % | personalized % | global perplexity | personalized perplexity "
+                   "| MB up+down |",
+                   "| FedIT | 2 | 15.0 ± 0.0 | 14.0 ± 0.0 | 290 ± 10 | 350 ± 10 | 1.70 |",
+                   "| local-only | 2 | – | **20.0 ± 0.0** | – | **260 ± 10** | 0.00 |"]
+  assert "| method | seeds | global % | personalized % | MB up+down |" in page[:page.index("### instruction_tuning")]
 
 
 def test_results_page_majority_label_reads_the_runs_own_data(smoke_config):
