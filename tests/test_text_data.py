@@ -38,28 +38,29 @@ def test_each_file_format_gives_the_same_records(tmp_path):
   (tmp_path / "dolly.json").write_text(json.dumps(DOLLY))
   pq.write_table(pa.Table.from_pylist(DOLLY), str(tmp_path / "dolly.parquet"))
   for path in (jsonl, tmp_path / "dolly.json", tmp_path / "dolly.parquet"):
-    assert instructions.read_records(str(path)) == DOLLY
+    assert list(instructions.iter_records(str(path))) == DOLLY
 
 
 def test_a_bad_file_is_named_with_what_is_wrong(tmp_path):
   bad = tmp_path / "bad.jsonl"
   bad.write_text(json.dumps(DOLLY[0]) + "\n{not json\n")
   with pytest.raises(ValueError, match="bad.jsonl:2: not a JSON object"):
-    instructions.read_records(str(bad))
+    list(instructions.iter_records(str(bad)))
   (tmp_path / "dict.json").write_text(json.dumps({"instruction": "x"}))
   with pytest.raises(ValueError, match="must hold a list of records"):
-    instructions.read_records(str(tmp_path / "dict.json"))
+    list(instructions.iter_records(str(tmp_path / "dict.json")))
   (tmp_path / "data.csv").write_text("a,b\n")
   with pytest.raises(ValueError, match="unknown format '.csv'; supported: .jsonl, .json, .parquet"):
-    instructions.read_records(str(tmp_path / "data.csv"))
+    list(instructions.iter_records(str(tmp_path / "data.csv")))
   with pytest.raises(ValueError, match="data.group_field='category': record 1 has no such field"):
-    instructions.group_ids([{"instruction": "x"}], "category")
+    instructions.group_value({"instruction": "x"}, "category", 1)
 
 
 def test_groups_and_the_per_group_split_by_hand():
   """Sorted group names; each group of n records keeps round(f n) (at least 1 of 2+) for test."""
   records = [{"category": c} for c in ["b"] * 10 + ["a"] * 5 + ["c"]]
-  groups, names = instructions.group_ids(records, "category")
+  groups, names = instructions.group_ids_of([instructions.group_value(r, "category", n)
+                                             for n, r in enumerate(records, 1)])
   assert names == ("a", "b", "c") and (groups[:10] == 1).all() and groups[-1] == 2
   train, test = instructions.split_train_test(groups, 0.2, seed=0)
   assert sorted(np.bincount(groups[test], minlength=3).tolist()) == [0, 1, 2]  # c (1 record) keeps it for train.

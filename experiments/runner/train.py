@@ -158,13 +158,14 @@ def prepare_once(config: ml_collections.ConfigDict, log: Callable[[str], None]) 
   records); one process: nothing (it builds them)."""
   if jax.process_count() == 1:
     return
-  if distributed.is_main_process() and is_text(config):
-    prepare_text_inputs(config, log)
-  elif distributed.is_main_process():
-    prepare_dataset(config.data.name, config.data.data_dir or None)
-    if not pretrain.real_checkpoint(config):
-      prepare_dataset(config.pretrain.data_name, config.data.data_dir or None)
-      pretrain.load_or_pretrain(config, log)
+  if distributed.is_main_process():
+    if is_text(config):
+      prepare_text_inputs(config, log)
+    else:
+      prepare_dataset(config.data.name, config.data.data_dir or None)
+      if not pretrain.real_checkpoint(config):
+        prepare_dataset(config.pretrain.data_name, config.data.data_dir or None)
+        pretrain.load_or_pretrain(config, log)
   distributed.barrier("data and backbone prepared")
 
 

@@ -91,11 +91,6 @@ def _jsonl_records(path: str) -> Iterator[Any]:
         raise ValueError(f"{path}:{number}: not a JSON object ({e.msg})") from None
 
 
-def read_records(path: str) -> list[dict[str, Any]]:
-  """Every record of a file (`iter_records`), as a list."""
-  return list(iter_records(path))
-
-
 def load_records(name: str) -> Iterable[dict[str, Any]]:
   """The embedded records (`name` = 'stdlib_docs', a list) or a file's (`iter_records`)."""
   return stdlib_docs.instruction_records() if name == EMBEDDED_TEXT else iter_records(name)
@@ -119,11 +114,6 @@ def group_ids_of(values: list[str]) -> tuple[np.ndarray, tuple[str, ...]]:
   names = tuple(sorted(set(values)))
   index = {name: i for i, name in enumerate(names)}
   return np.array([index[v] for v in values], np.int32), names
-
-
-def group_ids(records: list[dict], field: str | None) -> tuple[np.ndarray, tuple[str, ...]]:
-  """([N] int32 group of each record, the sorted group names); one group 'all' without a field."""
-  return group_ids_of([group_value(r, field, number) for number, r in enumerate(records, 1)])
 
 
 def split_train_test(groups: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
