@@ -218,6 +218,15 @@ def test_a_run_recorded_before_a_field_existed_resumes_when_the_field_means_as_b
   assert config_differences(str(tmp_path), smoke_config) == []
   smoke_config.generator.optimizer.schedule = "cosine"
   assert config_differences(str(tmp_path), smoke_config) == ["generator.optimizer.schedule"]
+  from configs import instruction_tuning
+  text = instruction_tuning.get_config("smoke")  # A text run recorded before data.data_dir.
+  recorded = used_config(text, methods.METHOD_BLOCKS)
+  del recorded["data"]["data_dir"]
+  with open(tmp_path / CONFIG_FILE, "w") as f:
+    json.dump(recorded, f)
+  assert config_differences(str(tmp_path), text) == []
+  text.data.data_dir = "/elsewhere"
+  assert config_differences(str(tmp_path), text) == ["data.data_dir"]
 
 
 def test_a_checkpoint_written_before_the_synthesizer_metrics_restores_with_them_at_init(tmp_path):

@@ -42,7 +42,7 @@ RESUMABLE_FIELDS = ("fed.num_rounds", "eval_every", "checkpoint_every")
 # dataclasses contribute their defaults, their one source.
 ADDED_FIELDS = {
     "data.max_client_examples": 0, "data.validation_fraction": 0.0, "pretrain.checkpoint": "",
-    "fed.model_parallel": 1,
+    "fed.model_parallel": 1, "data.data_dir": "",  # A text run's tokenized records (2026-12-06).
     "hyperlora.meta_steps": config_blocks.HyperLoRA().meta_steps,
     **config_blocks.dotted_defaults("faults", Faults()),  # All off.
     **config_blocks.dotted_defaults("robust", config_blocks.Robust()),
