@@ -127,6 +127,19 @@ def pretrain_decoder(model: DecoderLM, sequences: np.ndarray, *, steps: int, bat
   return variables, {"holdout_perplexity": float(np.exp(held_out)), "seconds": time.time() - start}
 
 
+def decoder_directory(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> str:
+  """The Hugging Face directory of the run's frozen decoder: `pretrain.checkpoint`, or the
+  embedded decoder's cache (built on first use); its weights are not read here."""
+  directory = config.pretrain.get("checkpoint", "")
+  if not directory:
+    directory = cache_path(config)
+    if not os.path.isfile(os.path.join(directory, hf.WEIGHTS_FILE)):
+      _build_embedded(config, directory, log)
+    else:
+      log(f"backbone: restored from {directory}")
+  return directory
+
+
 def load_or_pretrain_decoder(config: ml_collections.ConfigDict,
                              log: Callable[[str], None] = print) -> tuple[DecoderLM, dict, hf.Tokenizer, str]:
   """(model, variables, tokenizer, checkpoint directory) of the run's frozen decoder: the
@@ -135,13 +148,7 @@ def load_or_pretrain_decoder(config: ml_collections.ConfigDict,
   Raises:
     models.load.CheckpointError: the checkpoint or the cached directory cannot be read.
   """
-  directory = config.pretrain.get("checkpoint", "")
-  if not directory:
-    directory = cache_path(config)
-    if not os.path.isfile(os.path.join(directory, hf.WEIGHTS_FILE)):
-      _build_embedded(config, directory, log)
-    else:
-      log(f"backbone: restored from {directory}")
+  directory = decoder_directory(config, log)
   model, variables, dropped = hf.load_causal_lm(directory, remat=bool(config.model.get("remat", False)))
   if dropped:
     log(f"backbone: not loaded (not used): {', '.join(dropped)}")

@@ -25,6 +25,7 @@ from experiments.runner.optimizers import build_optimizer
 from hyperlora_jax import autotune, federated, lora
 from hyperlora_jax import faults as faults_lib
 from hyperlora_jax.client import local_update
+from hyperlora_jax.models import hf
 from hyperlora_jax.tasks import causal_lm
 from hyperlora_jax.tasks.common import apply_base_delta, backbone_dtype
 
@@ -32,8 +33,9 @@ from hyperlora_jax.tasks.common import apply_base_delta, backbone_dtype
 def prepare_text_inputs(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> None:
   """Makes what a text run reads from disk: the embedded decoder (pretrained and cached, unless
   `pretrain.checkpoint` names one) and `data.name` tokenized by its tokenizer
-  (`instructions.prepare_tokenized`). For the main process of a multi-process run, and sweeps."""
-  _, _, tokenizer, _ = pretrain_text.load_or_pretrain_decoder(config, log)
+  (`instructions.prepare_tokenized`). For the main process of a multi-process run, and sweeps;
+  the decoder's weights are read by the runs, not here."""
+  tokenizer = hf.Tokenizer.from_directory(pretrain_text.decoder_directory(config, log))
   instructions.prepare_tokenized(config.data, tokenizer, log)
 
 
