@@ -5,7 +5,7 @@ A loss function is `loss_fn(trainable, frozen, batch, rng) -> (loss, aux)`:
   frozen     what it does not (the backbone's variables, and anything else the task needs);
   batch      one step's pytree of arrays, e.g. {"x": [B, ...], "y": [B]}; an optional
              "mask" [B] (1 = real example, 0 = padding) is the loss's to honour, and is used
-             here to count examples and skip empty steps;
+             here to count examples and to skip empty steps (no optimizer update at all);
   rng        a PRNG key for this step (dropout, noise), distinct per client and step.
 Classification, regression and next-token losses all fit (`masked_mean` helps with masks).
 
@@ -59,7 +59,8 @@ class ClientUpdate:
     update_mask: pytree like `start` of float scalars; 0 freezes a leaf (FFA-LoRA's A,
       RoLoRA's alternation, components beyond a client's rank) by zeroing its updates.
     steps_done: int scalar, the steps this client completes (a straggler); later steps
-      change nothing and count no loss or examples (None: all S).
+      change nothing and count no loss or examples (None: all S). A step whose batch has no
+      example (all-zero "mask": a small client's padding) is skipped the same way.
   Returns:
     (trained pytree like `start`, {"loss": mean loss over steps with examples,
      "examples": examples seen, "first_loss" / "last_loss": the loss of the first / last
@@ -87,12 +88,15 @@ class ClientUpdate:
         updates = jax.tree.map(lambda u, m: u * m, updates, update_mask)
       new_params = optax.apply_updates(params, updates)
       count = example_count(batch)
-      if steps_done is not None:  # A straggler stops after `steps_done` steps.
-        done = index < steps_done
-        new_params, new_opt_state = jax.tree.map(lambda n, o: jnp.where(done, n, o), (new_params, new_opt_state),
-                                                 (params, opt_state))
-        count = jnp.where(done, count, 0.0)
-      return (new_params, new_opt_state), (loss, count, aux)
+      # A step runs only with examples (padding steps of a small client are skipped: with
+      # momentum, Adam or weight decay a zero gradient still moves the parameters) and before
+      # a straggler's `steps_done`; a skipped step leaves parameters and optimizer state as they were.
+      runs = count > 0
+      if steps_done is not None:
+        runs &= index < steps_done
+      new_params, new_opt_state = jax.tree.map(lambda n, o: jnp.where(runs, n, o), (new_params, new_opt_state),
+                                               (params, opt_state))
+      return (new_params, new_opt_state), (loss, jnp.where(runs, count, 0.0), aux)
 
     keys = jax.vmap(lambda s: jax.random.fold_in(rng, s))(jnp.arange(num_steps))
     (trained, _), (losses, counts, aux) = jax.lax.scan(
