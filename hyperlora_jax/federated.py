@@ -232,9 +232,11 @@ class FederatedRound:
       signatures: [N, D] per-client signatures (None or D = 0: none); D must be what each
         plug-in declares (`Plugin.signature_dim`, e.g. `make_generator(signature_dim=D)`).
     Raises:
-      ValueError: signatures not [N, D], or D not the plug-ins' declared width.
+      ValueError: signatures not [N, D], or D not the plug-ins' declared width; LoRA layers of
+        rank 0, or client ranks outside [1, r].
     """
     self.check_signatures(signatures)
+    self.check_ranks(params)
     local_mask = params_lib.regex_mask(params, self.local_leaves)
     clients = params_lib.select(primitives.broadcast(params, self.store_rows), local_mask)
     key = rng if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(rng)
@@ -338,16 +340,19 @@ class FederatedRound:
       batches: pytree with leaves [C, S + h, B, ...]: each sampled client's S local steps of B
         examples, plus the aggregator's h = `capabilities.heldout_steps` held-out steps at the
         end (light batches with `load_batches`).
-      client_ids: [C] int32 sampled client ids in [0, N), -1 for padding clients. An id >= N
-        (caught when the ids are concrete; under jit it cannot be) is left out like padding and
-        counted in the `invalid_client_ids` metric.
+      client_ids: [C] int32 distinct sampled client ids in [0, N), -1 for padding clients. An
+        id >= N, or an id given a second time (its later copies), is refused when the ids are
+        concrete; under jit it cannot be, and it is left out like padding and counted in the
+        `invalid_client_ids` metric.
       weights: [C] float32 relative aggregation weights w_k >= 0 (e.g. example counts; 0 for
-        padding). The round aggregates with p_k = w_k / Σ_j w_j over the clients whose update
-        reached the server (valid, finite, not dropped), so the aggregate is a weighted mean
-        whatever the weights sum to. `weighted_mean` itself does not normalize.
+        padding), not all zero. The round aggregates with p_k = w_k / Σ_j w_j over the clients
+        whose update reached the server (valid, finite, not dropped), so the aggregate is a
+        weighted mean whatever the weights sum to. A negative or non-finite weight is refused
+        when concrete; under jit its client is left out and counted in `invalid_weights`.
+        `weighted_mean` itself does not normalize.
     Returns:
       (new state, {"train_loss", "nonfinite_clients", "participants", "invalid_client_ids",
-       "rejected_aggregate", "rejected_server_step", "rejected_plugins"} plus the aggregator's
+       "invalid_weights", "rejected_aggregate", "rejected_server_step", "rejected_plugins"} plus the aggregator's
        declared metrics and the round's diagnostics, `diagnostics.round_diagnostics`:
        aggregation bias per layer, client drift, first/last local-step loss, generator offset
        norm; `faults_<kind>` counts with injected faults).
@@ -357,7 +362,11 @@ class FederatedRound:
     global_params = state.global_params
     local_mask = params_lib.regex_mask(global_params, self.local_leaves)
     update_mask = round_update_mask(self.frozen_leaves, global_params, state.round)
-    valid = (client_ids >= 0) & (client_ids < self.num_clients)
+    in_range = (client_ids >= 0) & (client_ids < self.num_clients)
+    repeated = in_range & repeated_ids(client_ids)
+    good_weight = jnp.isfinite(weights) & (weights >= 0)
+    valid = in_range & ~repeated & good_weight
+    weights = jnp.where(good_weight, weights, 0.0)
     gather_ids = jnp.where(valid, client_ids, 0)
     local, signatures, offsets, masks = self.client_inputs(state, gather_ids)
     frozen = self.apply_base_delta(frozen, state.base_delta) if caps.base_delta else frozen
@@ -416,7 +425,9 @@ class FederatedRound:
     received = weights > 0
     round_metrics = {**train_loss_metrics(metrics, received),
                      "nonfinite_clients": jnp.sum(valid & ~finite), "participants": jnp.sum(received),
-                     "invalid_client_ids": jnp.sum(client_ids >= self.num_clients).astype(jnp.int32),
+                     "invalid_client_ids": (jnp.sum(client_ids >= self.num_clients)
+                                            + jnp.sum(repeated)).astype(jnp.int32),
+                     "invalid_weights": jnp.sum(~good_weight & (client_ids >= 0)).astype(jnp.int32),
                      "rejected_aggregate": (participants & ~aggregate_ok).astype(jnp.int32),
                      "rejected_server_step": (~step_ok).astype(jnp.int32),
                      "rejected_plugins": plugins_rejected}
@@ -523,6 +534,18 @@ class FederatedRound:
                          f"{plugin.signature_dim} (make_generator(signature_dim=...)), but the signatures "
                          f"given are [N, D] = {list(shape)}")
 
+  def check_ranks(self, params: Tree) -> None:
+    """Every LoRA layer of `params` has a rank >= 1, and `client_ranks` are in [1, r_max]
+    (Raises ValueError naming the layer or the ranks)."""
+    found = lora_lib.layers(params)
+    for name, layer in found.items():
+      lora_lib.check_rank(int(jnp.shape(layer["a"])[-1]), f"FederatedRound.init: the rank of LoRA layer {name!r}")
+    if self.client_ranks is not None and found:
+      max_rank, ranks = lora_lib.rank_of(params), np.asarray(self.client_ranks)
+      if ranks.shape != (self.num_clients,) or np.any(ranks < 1) or np.any(ranks > max_rank):
+        raise ValueError(f"FederatedRound: client_ranks must be [num_clients] = [{self.num_clients}] ranks in "
+                         f"[1, r_max = {max_rank}] (the adapter's rank), got {ranks.tolist()}")
+
   def check_step_inputs(self, batches: Tree, client_ids: Any, weights: Any) -> None:
     """`step`'s inputs against its contract, from their shapes (so at trace time, under jit),
     and the ids' values where they are concrete. Raises ValueError saying what was expected."""
@@ -569,6 +592,26 @@ class FederatedRound:
       if bad:
         raise ValueError(f"FederatedRound.step: client ids {bad} are outside [0, num_clients={self.num_clients}) "
                          f"(-1 marks a padding client)")
+      real, counts = np.unique(ids[ids >= 0], return_counts=True)
+      if np.any(counts > 1):
+        raise ValueError(f"FederatedRound.step: client ids {real[counts > 1].tolist()} are sampled more than once; "
+                         f"a client trains at most once a round (its local leaves and state are one row)")
+    if not isinstance(weights, jax.core.Tracer):
+      values = np.asarray(weights, np.float64)
+      wrong = ~np.isfinite(values) | (values < 0)
+      if np.any(wrong):
+        raise ValueError(f"FederatedRound.step: weights must be finite and >= 0 (relative aggregation weights, 0 "
+                         f"for padding); entries {np.flatnonzero(wrong).tolist()} are {values[wrong].tolist()}")
+      if not np.any(values > 0):
+        raise ValueError("FederatedRound.step: weights are all zero, so no client's update can be aggregated; "
+                         "give each sampled client a positive weight (e.g. its example count)")
+
+def repeated_ids(client_ids: jax.Array) -> jax.Array:
+  """[C] bool: True where the id already occurred earlier in `client_ids` [C] (later copies)."""
+  same = client_ids[:, None] == client_ids[None, :]
+  earlier = jnp.tril(jnp.ones(same.shape, bool), k=-1)
+  return jnp.any(same & earlier, axis=1)
+
 
 def split_heldout(batches: Tree, heldout_steps: int) -> tuple[Tree, Tree | None]:
   """([C, S, ...] training steps, [C, h, ...] held-out steps or None) of [C, S + h, ...] batches."""

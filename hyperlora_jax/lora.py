@@ -67,8 +67,15 @@ def module_path(module: nn.Module) -> str:
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
-  """s = alpha / r (rsLoRA: alpha / sqrt(r))."""
+  """s = alpha / r (rsLoRA: alpha / sqrt(r)). Raises ValueError for a rank below 1."""
+  check_rank(rank)
   return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def check_rank(rank: Any, what: str = "LoRA rank") -> None:
+  """Raises ValueError unless `rank` is an integer >= 1 (a rank-0 adapter adapts nothing)."""
+  if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+    raise ValueError(f"{what} must be an integer >= 1, got {rank!r} (a rank-0 adapter would change nothing)")
 
 
 _INSIDE_LORA = threading.local()  # Set while a LoRA update runs its own Flax layer (Conv's down map).
@@ -207,7 +214,10 @@ def init_lora(rng: jax.Array, targets: Mapping[str, tuple[int, int]], rank: int,
 
   Returns:
     {path: {"a": [d_in, rank], "b": [rank, d_out]}}.
+  Raises:
+    ValueError: a rank below 1.
   """
+  check_rank(rank)
   lora = {}
   for key, (path, (d_in, d_out)) in zip(jax.random.split(rng, len(targets)), targets.items()):
     bound = 1.0 / math.sqrt(d_in)

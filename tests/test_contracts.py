@@ -102,6 +102,56 @@ def test_weights_are_relative_the_round_normalizes_them_and_weighted_mean_does_n
   np.testing.assert_allclose(hl.weighted_mean(x, jnp.array([3.0, 1.0])), [6.0, 10.0])  # Σ w_k x_k as given.
 
 
+def test_negative_nonfinite_or_all_zero_weights_are_refused_when_concrete_and_left_out_under_jit():
+  """A negative weight used to enter the aggregate ((t0 + t1 + t2 - t3) / 2 while `participants`
+  said 3); all-zero weights gave a NaN loss and kept the global model, refusing nothing."""
+  fed, frozen, adapter = setup()
+  state = fed.init(jax.random.key(1), adapter)
+  data, ids = batches(4, 2), np.arange(4, dtype=np.int32)
+  with pytest.raises(ValueError, match=r"finite and >= 0.*entries \[3\] are \[-1.0\]"):
+    fed.step(state, frozen, data, ids, np.array([1.0, 1.0, 1.0, -1.0], np.float32))
+  with pytest.raises(ValueError, match=r"entries \[1\] are \[nan\]"):
+    fed.step(state, frozen, data, ids, np.array([1.0, np.nan, 1.0, 1.0], np.float32))
+  with pytest.raises(ValueError, match=r"weights are all zero"):
+    fed.step(state, frozen, data, ids, np.zeros(4, np.float32))
+  step = jax.jit(fed.step)
+  got, metrics = step(state, frozen, data, jnp.arange(4), jnp.array([1.0, 1.0, 1.0, -1.0]))
+  without, _ = step(state, frozen, data, jnp.array([0, 1, 2, -1]), jnp.array([1.0, 1.0, 1.0, 0.0]))
+  assert int(metrics["invalid_weights"]) == 1 and int(metrics["participants"]) == 3
+  np.testing.assert_allclose(got["global"]["out"]["a"], without["global"]["out"]["a"], rtol=1e-6)
+  np.testing.assert_array_equal(got["clients"]["out/b"][3], state["clients"]["out/b"][3])  # Left out: not stored.
+
+
+def test_a_client_sampled_twice_is_refused_when_concrete_and_its_second_copy_left_out_under_jit():
+  """Both copies used to be aggregated (the client counted twice) and the last one stored."""
+  fed, frozen, adapter = setup()
+  state = fed.init(jax.random.key(1), adapter)
+  data, weights = batches(3, 2), jnp.full(3, 1 / 3)
+  with pytest.raises(ValueError, match=r"client ids \[2\] are sampled more than once"):
+    fed.step(state, frozen, data, np.array([2, 0, 2], np.int32), weights)
+  step = jax.jit(fed.step)
+  got, metrics = step(state, frozen, data, jnp.array([2, 0, 2]), weights)
+  once, _ = step(state, frozen, data, jnp.array([2, 0, -1]), weights)
+  assert int(metrics["invalid_client_ids"]) == 1 and int(metrics["participants"]) == 2
+  jax.tree.map(np.testing.assert_array_equal, got, once)  # Client 2's first copy trains; its row holds that.
+
+
+def test_rank_zero_adapters_and_client_ranks_outside_the_adapters_are_refused():
+  """A rank-0 adapter used to be a silent no-op, and lora_scale(8, 0) a bare ZeroDivisionError."""
+  with pytest.raises(ValueError, match=r"LoRA rank must be an integer >= 1, got 0"):
+    lora.lora_scale(8.0, 0)
+  with pytest.raises(ValueError, match=r"LoRA rank must be an integer >= 1, got 0"):
+    lora.init_lora(jax.random.key(0), {"out": (5, 3)}, rank=0)
+  fed, frozen, _ = setup()
+  with pytest.raises(ValueError, match=r"rank of LoRA layer 'out' must be an integer >= 1, got 0"):
+    fed.init(jax.random.key(1), {"out": {"a": jnp.zeros((5, 0)), "b": jnp.zeros((0, 3))}})
+  model = Linear()
+  hetero = hl.FederatedRound(hl.local_update(mse(model), optax.sgd(0.1)), aggregators.hetlora(), num_clients=4,
+                             client_ranks=np.array([1, 2, 3, 2]))
+  with pytest.raises(ValueError, match=r"client_ranks must be \[num_clients\] = \[4\] ranks in \[1, r_max = 2\]"):
+    hetero.init(jax.random.key(1), lora.init_lora(jax.random.key(0), {"out": (5, 3)}, rank=2))
+
+
 def test_a_loss_returning_a_scalar_names_the_loss_contract():
   """Used to be JAX's 'expected function with aux output to return a two-element tuple ...'."""
   model = Linear()
