@@ -160,6 +160,16 @@ def _lora_delta_output(module: nn.Module, x: jax.Array, a: jax.Array, b: jax.Arr
   return jnp.einsum(module.einsum_str, x, delta).astype(out.dtype)
 
 
+def check_factor_shapes(path: str, shape: tuple[int, int], factors: Mapping[str, Any]) -> None:
+  """Raises ValueError, naming the layer, unless a [d_in, r] and b [r, d_out] fit the layer's
+  matrix `shape` (d_in, d_out) (an adapter of another model would fail deep inside a matmul)."""
+  a, b = np.shape(factors["a"]), np.shape(factors["b"])
+  d_in, d_out = shape
+  if len(a) != 2 or len(b) != 2 or a[0] != d_in or b[1] != d_out or a[1] != b[0]:
+    raise ValueError(f"LoRA layer {path!r}: factors a {list(a)} and b {list(b)} do not fit the layer's "
+                     f"[d_in, d_out] = [{d_in}, {d_out}] (a [d_in, r], b [r, d_out]): an adapter of another model?")
+
+
 def _base_delta_output(module: nn.Module, x: jax.Array, delta: jax.Array, out: jax.Array) -> jax.Array:
   """The output of a full-rank increment `delta` [d_in, d_out] of the layer's weight."""
   if isinstance(module, nn.Dense):
@@ -256,6 +266,7 @@ def apply(model: nn.Module, params: Any, lora: LoraParams, *args, scale: float,
     x = call_args[0]
     if path in lora:
       unknown.discard(path)
+      check_factor_shapes(path, matrix_shape(module, _param_shape(module, x)), lora[path])
       out = out + _lora_delta_output(module, x, lora[path]["a"], lora[path]["b"], out, scale)
     if path in base_delta:
       unknown.discard(path)
@@ -531,6 +542,7 @@ def apply_nnx(graphdef: Any, state: Any, lora: LoraParams, *args, scale: float, 
     if not isinstance(base, _nnx_kinds()):
       raise ValueError(f"LoRA path {path!r} is of type {type(base).__name__}, which LoRA does not support; "
                        f"supported: {_nnx_kind_names()}")
+    check_factor_shapes(path, _nnx_matrix_shape(base), factors)
     wrapped = _nnx_lora_layer(base, factors["a"], factors["b"], scale)
     if isinstance(last, int):
       node[last] = wrapped

@@ -6,9 +6,11 @@
     save_peft(directory, adapter, alpha=8.0, module_name=models.hf.vit_module_name)
     adapter, config = load_peft(directory, paths=list(adapter), module_name=models.hf.vit_module_name)
 
-Layout (PEFT's `LoraModel` for a linear layer; our kernel-layout factors transposed):
-  base_model.model.<module name>.lora_A.weight  [r, d_in]   = aᵀ
-  base_model.model.<module name>.lora_B.weight  [d_out, r]  = bᵀ
+Layout (PEFT's `LoraModel`; our kernel-layout factors transposed):
+  base_model.model.<module name>.lora_A.weight    [r, d_in]   = aᵀ     (a linear layer)
+  base_model.model.<module name>.lora_B.weight    [d_out, r]  = bᵀ
+  base_model.model.<module name>.lora_embedding_A [r, vocab]  = aᵀ     (an embedding table,
+  base_model.model.<module name>.lora_embedding_B [d, r]      = bᵀ      `embeddings=` below)
 so PEFT's `ΔW = (lora_alpha / r) · lora_B @ lora_A` [d_out, d_in] is `(s a b)ᵀ`, the transpose
 of the Flax-kernel update `lora.merge` adds. For layers other than `nn.Dense`, d_in and d_out
 are the flattened sizes of `hyperlora_jax.lora`'s layouts (e.g. a Conv's window × c_in).
@@ -16,12 +18,21 @@ The module name is `module_name(path)` (default: the Flax path with '.' for '/')
 adapter_config.json's `target_modules` are those exact names, so no other module with the same
 last name is hooked; it holds only fields of peft's `LoraConfig`. The Flax paths are kept in a
 file of their own (`hyperlora_jax_adapter.json`), which `load_peft` reads when present.
+
+Per-layer ranks and alphas. PEFT's `rank_pattern` / `alpha_pattern` give some modules another
+r or lora_alpha (the first key `k` with `re.match(rf"(.*\.)?({k})$", module)`, as peft does).
+`load_peft` returns one adapter for one scale, `scale_from_config(config)`: each layer's b is
+multiplied by its own scale over that one (`layer_scales`), so `lora.apply(..., scale=s)` gives
+PEFT's output on every layer. `save_peft` writes layers of different ranks with a
+`rank_pattern`. Config fields that change the computation in ways this layout cannot hold
+(DoRA, LoRA biases, modules_to_save, trainable tokens, ...) are refused by name.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Mapping
+import re
+from typing import Any, Callable, Collection, Mapping
 
 import numpy as np
 
@@ -53,67 +64,187 @@ def module_names(paths, module_name: ModuleName | None = None) -> dict[str, str]
   return names
 
 
-def to_peft_tensors(adapter: Mapping[str, Mapping[str, Any]],
-                    module_name: ModuleName | None = None) -> dict[str, np.ndarray]:
-  """{path: {"a": [d_in, r], "b": [r, d_out]}} -> {PEFT name: array} (see the module docstring)."""
+LINEAR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+EMBEDDING_SUFFIXES = (".lora_embedding_A", ".lora_embedding_B")
+# LoraConfig fields whose non-default values change what the adapter computes beyond
+# (lora_alpha / r) · B A per module: an adapter using one is refused, not loaded as plain LoRA.
+UNSUPPORTED_FIELDS = ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices", "target_parameters",
+                      "layer_replication", "alora_invocation_tokens", "use_qalora", "use_bdlora", "velora_config",
+                      "monteclora_config", "arrow_config", "kasa_config")
+
+
+def to_peft_tensors(adapter: Mapping[str, Mapping[str, Any]], module_name: ModuleName | None = None,
+                    embeddings: Collection[str] = ()) -> dict[str, np.ndarray]:
+  """{path: {"a": [d_in, r], "b": [r, d_out]}} -> {PEFT name: array} (see the module docstring);
+  the layers whose paths are in `embeddings` (embedding tables) get PEFT's embedding names."""
   tensors = {}
   for path, name in module_names(adapter, module_name).items():
     factors = adapter[path]
-    tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(factors["a"], np.float32).T)
-    tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(factors["b"], np.float32).T)
+    suffix_a, suffix_b = EMBEDDING_SUFFIXES if path in embeddings else LINEAR_SUFFIXES
+    tensors[f"{PREFIX}{name}{suffix_a}"] = np.ascontiguousarray(np.asarray(factors["a"], np.float32).T)
+    tensors[f"{PREFIX}{name}{suffix_b}"] = np.ascontiguousarray(np.asarray(factors["b"], np.float32).T)
   return tensors
+
+
+def _factor_of(name: str) -> tuple[str, str] | None:
+  """(module name, "a" | "b") of a PEFT LoRA tensor name, or None."""
+  for suffix_a, suffix_b in (LINEAR_SUFFIXES, EMBEDDING_SUFFIXES):
+    for suffix, key in ((suffix_a, "a"), (suffix_b, "b")):
+      if name.startswith(PREFIX) and name.endswith(suffix):
+        return name[len(PREFIX):-len(suffix)], key
+  return None
 
 
 def from_peft_tensors(tensors: Mapping[str, np.ndarray],
                       module_paths: Mapping[str, str] | None = None) -> dict[str, dict[str, np.ndarray]]:
   """The inverse of `to_peft_tensors`: {path: {"a", "b"}}, each module name mapped to its path by
   `module_paths` ({name: path}; default '.' -> '/'). Raises ValueError on a name outside the
-  layout, a module `module_paths` does not know, or a layer missing one of its factors."""
+  layout (naming what it is when peft wrote it: DoRA's magnitude, a LoRA bias, a module saved
+  whole), a module `module_paths` does not know, or a layer missing one of its factors."""
   adapter: dict[str, dict[str, np.ndarray]] = {}
   for name, value in tensors.items():
-    for suffix, key in ((".lora_A.weight", "a"), (".lora_B.weight", "b")):
-      if name.startswith(PREFIX) and name.endswith(suffix):
-        module = name[len(PREFIX):-len(suffix)]
-        if module_paths is None:
-          path = module.replace(".", "/")
-        elif module in module_paths:
-          path = module_paths[module]
-        else:
-          raise ValueError(f"{name!r}: module {module!r} is none of the model's adapted layers "
-                           f"({', '.join(sorted(module_paths)[:6])}{' ...' if len(module_paths) > 6 else ''})")
-        adapter.setdefault(path, {})[key] = np.asarray(value).T
-        break
+    found = _factor_of(name)
+    if found is None:
+      raise ValueError(f"{name!r} is not a PEFT LoRA tensor ('{PREFIX}<module>.lora_A|lora_B.weight' or "
+                       f"'.lora_embedding_A|B'){_what_peft_tensor(name)}")
+    module, key = found
+    if module_paths is None:
+      path = module.replace(".", "/")
+    elif module in module_paths:
+      path = module_paths[module]
     else:
-      raise ValueError(f"{name!r} is not a PEFT LoRA tensor ('{PREFIX}<module>.lora_A|lora_B.weight')")
+      raise ValueError(f"{name!r}: module {module!r} is none of the model's adapted layers "
+                       f"({', '.join(sorted(module_paths)[:6])}{' ...' if len(module_paths) > 6 else ''})")
+    adapter.setdefault(path, {})[key] = np.asarray(value).T
   incomplete = sorted(p for p, f in adapter.items() if set(f) != {"a", "b"})
   if incomplete:
     raise ValueError(f"layers missing lora_A or lora_B: {incomplete}")
+  mismatched = {p: (f["a"].shape, f["b"].shape) for p, f in adapter.items() if f["a"].shape[1] != f["b"].shape[0]}
+  if mismatched:
+    raise ValueError(f"layers whose lora_A and lora_B ranks differ (a [d_in, r], b [r, d_out]): {mismatched}")
   return adapter
+
+
+def _what_peft_tensor(name: str) -> str:
+  for marker, meaning in ((".lora_magnitude_vector", "DoRA's magnitude (use_dora), which this loader does not apply"),
+                          (".lora_B.bias", "a LoRA bias (lora_bias), which this loader does not apply"),
+                          (".modules_to_save.", "a module saved whole (modules_to_save)"),
+                          (".trainable_tokens_", "trainable tokens (trainable_token_indices)")):
+    if marker in name:
+      return f": it is {meaning}"
+  return ""
+
+
+def without_tied_heads(tensors: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> dict:
+  """`tensors` without the factors of heads tied to an adapted embedding table (with peft's
+  `ensure_weight_tying`, a tied head's lora_A / lora_B are the table's lora_embedding_B / A,
+  transposed), which `lora.apply` adapts through the table itself (`embed.attend`)."""
+  tensors = dict(tensors)
+  if not config.get("ensure_weight_tying"):
+    return tensors
+  embeddings = {}
+  for name in tensors:
+    found = _factor_of(name)
+    if found and name.endswith(EMBEDDING_SUFFIXES[0]):
+      embeddings[found[0]] = (tensors[name], tensors.get(f"{PREFIX}{found[0]}{EMBEDDING_SUFFIXES[1]}"))
+  for name in [n for n in tensors if n.endswith(LINEAR_SUFFIXES[0])]:
+    head = name[len(PREFIX):-len(LINEAR_SUFFIXES[0])]
+    lora_a, lora_b = tensors[name], tensors.get(f"{PREFIX}{head}{LINEAR_SUFFIXES[1]}")
+    for table, (table_a, table_b) in embeddings.items():
+      if (table_b is not None and lora_b is not None and lora_a.shape == table_b.T.shape
+          and lora_b.shape == table_a.T.shape and np.array_equal(lora_a, table_b.T) and np.array_equal(lora_b, table_a.T)):
+        del tensors[name], tensors[f"{PREFIX}{head}{LINEAR_SUFFIXES[1]}"]
+        break
+  return tensors
+
+
+def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+  """peft's per-module lookup in a `rank_pattern` / `alpha_pattern`: the value of the first key
+  `k` (in the dict's order) with `re.match(rf"(.*\.)?({k})$", module)`, else `default`."""
+  for key, value in patterns.items():
+    if re.match(rf"(.*\.)?({key})$", module):
+      return value
+  return default
+
+
+def layer_scales(config: Mapping[str, Any], modules: Mapping[str, str]) -> dict[str, float]:
+  """{path: s_l}: each module's own LoRA scale, lora_alpha_l / r_l (rsLoRA: / sqrt(r_l)), with
+  r_l and lora_alpha_l from `rank_pattern` / `alpha_pattern` (`pattern_value`) or the config's
+  r and lora_alpha. `modules`: {path: PEFT module name}."""
+  scales = {}
+  for path, module in modules.items():
+    rank = pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+    alpha = pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+    scales[path] = _scale(alpha, rank, config.get("use_rslora", False))
+  return scales
+
+
+def check_config(config: Mapping[str, Any], where: str) -> None:
+  """Raises ValueError if `config` (an adapter_config.json dict) is not a LoRA adapter this
+  layout can hold (see `UNSUPPORTED_FIELDS`, and `bias` other than "none")."""
+  if config.get("peft_type") != "LORA":
+    raise ValueError(f"{where}: peft_type is {config.get('peft_type')!r}, not 'LORA'")
+  used = [f"{field}={config[field]!r}" for field in UNSUPPORTED_FIELDS if config.get(field)]
+  if config.get("bias", "none") != "none":
+    used.append(f"bias={config['bias']!r}")
+  if used:
+    raise ValueError(f"{where}: {', '.join(used)}: this adapter computes more than (lora_alpha / r) · B A per "
+                     f"module, which this loader cannot apply; only plain LoRA adapters load")
+  for field in ("r", "lora_alpha"):
+    if not isinstance(config.get(field), (int, float)) or isinstance(config.get(field), bool) or config[field] <= 0:
+      raise ValueError(f"{where}: {field} must be a positive number, got {config.get(field)!r}")
 
 
 def save_peft(directory: str, adapter: Mapping[str, Mapping[str, Any]], *, alpha: float,
               rslora: bool = False, base_model_name_or_path: str = "",
-              module_name: ModuleName | None = None) -> None:
+              module_name: ModuleName | None = None, embeddings: Collection[str] = (),
+              tied_heads: Mapping[str, str] | None = None, task_type: str | None = None) -> None:
   """Writes `adapter` as `adapter_model.safetensors` and `adapter_config.json` in `directory`
   (and its Flax paths in `hyperlora_jax_adapter.json`).
 
   Args:
-    adapter: {path: {"a": [d_in, r], "b": [r, d_out]}}, one rank r for every layer.
-    alpha: LoRA alpha (scale s = alpha / r, or alpha / sqrt(r) with rslora).
+    adapter: {path: {"a": [d_in, r_l], "b": [r_l, d_out]}}, applied with one scale s (as
+      `lora.apply` does); layers whose rank is not the most common one, r, are written with
+      a `rank_pattern` and an `alpha_pattern` (one exact module name each) that keep s.
+    alpha: LoRA alpha: s = alpha / r (alpha / sqrt(r) with rslora).
     module_name: Flax path -> the module's name in the reference model (e.g.
       `models.hf.vit_module_name` for a Hugging Face ViT); default: the path with '.'.
+    embeddings: paths of embedding tables (`nn.Embed`, `nnx.Embed`), written as PEFT's
+      `lora_embedding_A/B` (a linear layer's names would leave PEFT's embedding adapter empty).
+    tied_heads: {embedding path: the reference model's name of the output head that reuses
+      its table} (e.g. {"embed": "lm_head"} for a decoder with `tie_word_embeddings`):
+      `lora.apply` adapts a tied head (`embed.attend`) with the table's factors, which PEFT
+      does with `ensure_weight_tying`, written here with the head's factors as peft saves them.
+    task_type: PEFT's task type (e.g. "CAUSAL_LM"), None for a bare model.
   """
   from safetensors.numpy import save_file
-  ranks = {np.shape(f["a"])[-1] for f in adapter.values()}
-  if len(ranks) != 1:
-    raise ValueError(f"PEFT's config holds one rank; the adapter has ranks {sorted(ranks)}")
   names = module_names(adapter, module_name)
+  tied_heads = dict(tied_heads or {})
+  unknown = sorted(set(embeddings) - set(adapter)) + sorted(set(tied_heads) - set(embeddings))
+  if unknown:
+    raise ValueError(f"save_peft: {unknown} are not embedding layers of the adapter (embeddings={list(embeddings)})")
+  ranks = {path: int(np.shape(f["a"])[-1]) for path, f in adapter.items()}
+  for path, rank in ranks.items():
+    if rank < 1:
+      raise ValueError(f"save_peft: layer {path!r} has rank {rank}; PEFT's ranks are >= 1")
+  values = list(ranks.values())
+  rank = max(set(values), key=values.count)
+  scale = _scale(alpha, rank, rslora)  # The one scale `lora.apply` used on every layer.
+  rank_pattern = {re.escape(names[path]): r for path, r in ranks.items() if r != rank}
+  alpha_pattern = {re.escape(names[path]): scale * (np.sqrt(r) if rslora else r)
+                   for path, r in ranks.items() if r != rank}
+  tensors = to_peft_tensors(adapter, names.get, embeddings)
+  for path, head in tied_heads.items():  # peft's tied head: lora_A = the table's B, lora_B = its A.
+    suffix_a, suffix_b = LINEAR_SUFFIXES
+    tensors[f"{PREFIX}{head}{suffix_a}"] = tensors[f"{PREFIX}{names[path]}{EMBEDDING_SUFFIXES[1]}"].T.copy()
+    tensors[f"{PREFIX}{head}{suffix_b}"] = tensors[f"{PREFIX}{names[path]}{EMBEDDING_SUFFIXES[0]}"].T.copy()
   os.makedirs(directory, exist_ok=True)
-  save_file(to_peft_tensors(adapter, names.get), os.path.join(directory, ADAPTER_WEIGHTS))  # Named once.
-  config = {"peft_type": "LORA", "r": ranks.pop(), "lora_alpha": alpha, "use_rslora": rslora,
-            "target_modules": sorted(names.values()), "lora_dropout": 0.0,
-            "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "task_type": None,
-            "base_model_name_or_path": base_model_name_or_path}
+  save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS))
+  config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "use_rslora": rslora,
+            "target_modules": sorted(names.values()), "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+            "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+            "ensure_weight_tying": bool(tied_heads)}
   with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
     json.dump(config, f, indent=2)
   with open(os.path.join(directory, PATHS_FILE), "w") as f:
@@ -126,17 +257,22 @@ def load_peft(directory: str, *, paths=None,
 
   The module names map back to Flax paths by `paths` + `module_name` (the model's adaptable
   paths and their naming, as given to `save_peft`: what an adapter trained elsewhere needs),
-  else by the directory's `hyperlora_jax_adapter.json`, else by '.' -> '/'.
+  else by the directory's `hyperlora_jax_adapter.json`, else by '.' -> '/'. With `paths` a
+  mapping {path: (d_in, d_out)} (what `lora.find_targets` returns), every factor's shape is
+  checked against its layer. Layers with their own rank or alpha (`rank_pattern`,
+  `alpha_pattern`) have b rescaled so that one scale, `scale_from_config(config)`, is right
+  for all (module docstring).
 
   Raises:
-    FileNotFoundError: a file is missing; ValueError: the files do not hold a LoRA adapter, or
-      one for modules that `paths` do not name.
+    FileNotFoundError: a file is missing; ValueError: the files do not hold a plain LoRA
+      adapter (naming the config field or tensor), one for modules that `paths` do not name,
+      factors whose shape is not their layer's or whose rank is not the config's.
   """
   from safetensors.numpy import load_file
-  with open(os.path.join(directory, ADAPTER_CONFIG)) as f:
+  config_file = os.path.join(directory, ADAPTER_CONFIG)
+  with open(config_file) as f:
     config = json.load(f)
-  if config.get("peft_type") != "LORA":
-    raise ValueError(f"{directory}/{ADAPTER_CONFIG}: peft_type is {config.get('peft_type')!r}, not 'LORA'")
+  check_config(config, config_file)
   module_paths, order = None, None
   if paths is not None:
     module_paths = {name: path for path, name in module_names(paths, module_name).items()}
@@ -147,13 +283,52 @@ def load_peft(directory: str, *, paths=None,
     order = list(module_paths.values())
   elif config.get("hyperlora_jax_module_paths"):  # Written before the paths had their own file.
     order = list(config["hyperlora_jax_module_paths"])
-  adapter = from_peft_tensors(load_file(os.path.join(directory, ADAPTER_WEIGHTS)), module_paths)
+  weights_file = os.path.join(directory, ADAPTER_WEIGHTS)
+  tensors = without_tied_heads(load_file(weights_file), config)
+  adapter = from_peft_tensors(tensors, module_paths)
+  modules = ({path: name for name, path in module_paths.items()} if module_paths is not None
+             else {path: path.replace("/", ".") for path in adapter})
+  _check_factor_shapes(adapter, config, modules, paths if isinstance(paths, Mapping) else None, weights_file)
+  adapter = _to_one_scale(adapter, config, modules)
   if order is None:
     return adapter, config
   return {p: adapter[p] for p in order if p in adapter}, config
 
 
+def _check_factor_shapes(adapter: dict, config: Mapping[str, Any], modules: Mapping[str, str],
+                         shapes: Mapping[str, Any] | None, where: str) -> None:
+  """Each layer's rank is the config's (`rank_pattern` included) and, with `shapes` {path:
+  (d_in, d_out)}, its a [d_in, r] and b [r, d_out] fit its layer; raises ValueError naming it."""
+  for path, factors in adapter.items():
+    module = modules.get(path, path)
+    rank = pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+    got = (tuple(factors["a"].shape), tuple(factors["b"].shape))
+    if got[0][1] != rank:
+      raise ValueError(f"{where}: module {module!r} has rank {got[0][1]} (lora_A {got[0][::-1]}), but "
+                       f"adapter_config.json gives it r={rank} (r / rank_pattern)")
+    if shapes is not None and path in shapes:
+      d_in, d_out = (int(d) for d in shapes[path])
+      if got[0][0] != d_in or got[1][1] != d_out:
+        raise ValueError(f"{where}: module {module!r} is [d_in, d_out] = [{got[0][0]}, {got[1][1]}] in the "
+                         f"adapter (lora_A {got[0][::-1]}, lora_B {got[1][::-1]}), but the model's layer "
+                         f"{path!r} is [{d_in}, {d_out}]: an adapter of another model")
+
+
+def _to_one_scale(adapter: dict, config: Mapping[str, Any], modules: Mapping[str, str]) -> dict:
+  """Every layer's b times s_l / s (s = `scale_from_config`), so one scale serves all."""
+  scale = scale_from_config(config)
+  scales = layer_scales(config, {path: modules.get(path, path) for path in adapter})
+  return {path: {"a": f["a"], "b": f["b"] if scales[path] == scale else
+                 (f["b"] * (scales[path] / scale)).astype(f["b"].dtype)}
+          for path, f in adapter.items()}
+
+
 def scale_from_config(config: Mapping[str, Any]) -> float:
-  """s = lora_alpha / r (rsLoRA: lora_alpha / sqrt(r)) from an adapter_config.json dict."""
-  rank = config["r"]
-  return config["lora_alpha"] / (np.sqrt(rank) if config.get("use_rslora") else rank)
+  """s = lora_alpha / r (rsLoRA: lora_alpha / sqrt(r)) from an adapter_config.json dict: the
+  scale of every layer of an adapter `load_peft` returns."""
+  return _scale(config["lora_alpha"], config["r"], config.get("use_rslora", False))
+
+
+def _scale(alpha: float, rank: int, rslora: bool) -> float:
+  """alpha / r, or alpha / sqrt(r) for rsLoRA (`lora.lora_scale`, without importing it)."""
+  return alpha / (np.sqrt(rank) if rslora else rank)

@@ -9,6 +9,11 @@ instruction / context / response / category). `prompt_and_response` writes it wi
 template (`ALPACA`, the one FedIT / Shepherd and OpenFedLLM use for both datasets) or, with
 `chat=True` in `encode_instructions`, the tokenizer's own chat template.
 
+The prompt and the response are tokenized as one text, as Alpaca and OpenFedLLM train: a
+tokenizer that marks a word start (SentencePiece's '▁', Llama 2 / TinyLlama) would otherwise
+start every response with a token it never sees in the joined text. The loss starts at the
+first token that covers response characters (`Tokenizer.encode_with_offsets`).
+
 An encoded example is three int32 arrays of length `max_len` (T):
   input_ids       prompt tokens (begin-of-text first, as the tokenizer adds it), response
                   tokens, end-of-text, then padding (`tokenizer.pad_id`)
@@ -90,19 +95,21 @@ def chat_prompt(tokenizer, record: Mapping[str, Any], layout: str = "alpaca") ->
 def encode_instruction(tokenizer, prompt: str, response: str, max_len: int,
                        prompt_has_special_tokens: bool = False) -> dict[str, np.ndarray]:
   """One example as {"input_ids", "attention_mask", "loss_mask"} int32 [max_len] (module
-  docstring). `tokenizer`: `models.hf.Tokenizer`; the prompt gets its special tokens
-  (begin-of-text) unless it already has them (`prompt_has_special_tokens`, a chat template's)."""
+  docstring): `prompt + response` tokenized whole, then end-of-text; the loss on the tokens from
+  the first one that covers a response character. `tokenizer`: `models.hf.Tokenizer`; the text
+  gets its special tokens (begin-of-text) unless the prompt already has them
+  (`prompt_has_special_tokens`, a chat template's)."""
   if tokenizer.eos_id is None:
     raise ValueError("the tokenizer names no eos_token (tokenizer_config.json), so a response cannot end")
-  prompt_ids = tokenizer.encode(prompt, add_special_tokens=not prompt_has_special_tokens)
-  response_ids = tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_id]
-  ids = (prompt_ids + response_ids)[:max_len]
+  ids, offsets = tokenizer.encode_with_offsets(prompt + response, add_special_tokens=not prompt_has_special_tokens)
+  prompt_tokens = next((i for i, (_, end) in enumerate(offsets) if end > len(prompt)), len(ids))
+  ids = (ids + [tokenizer.eos_id])[:max_len]
   real = len(ids)
   out = {"input_ids": np.full(max_len, tokenizer.pad_id, np.int32), "attention_mask": np.zeros(max_len, np.int32),
          "loss_mask": np.zeros(max_len, np.int32)}
   out["input_ids"][:real] = ids
   out["attention_mask"][:real] = 1
-  out["loss_mask"][len(prompt_ids):real] = 1
+  out["loss_mask"][prompt_tokens:real] = 1
   return out
 
 

@@ -186,6 +186,9 @@ def decoder_arch(config: dict) -> dict[str, Any]:
   model_type = config.get("model_type")
   if model_type not in _DECODER_DEFAULTS:
     raise CheckpointError(f"model_type {model_type!r} is not a Llama-family decoder; supported: {', '.join(SUPPORTED)}")
+  # A field left out takes transformers' default; a field given as null keeps its meaning
+  # where null means something: Mistral v0.2/v0.3's `sliding_window: null` is full attention.
+  explicit_null = {k for k, v in config.items() if v is None}
   config = {**_DECODER_DEFAULTS[model_type], **{k: v for k, v in config.items() if v is not None}}
   if config["hidden_act"] != "silu":
     raise CheckpointError(f"config.json hidden_act={config['hidden_act']!r}; supported: 'silu' (SwiGLU)")
@@ -194,7 +197,7 @@ def decoder_arch(config: dict) -> dict[str, Any]:
   heads = int(config["num_attention_heads"])
   theta, scaling = _rope(config)
   window = None
-  if model_type == "mistral":
+  if model_type == "mistral" and "sliding_window" not in explicit_null:
     window = config.get("sliding_window")
   elif model_type == "qwen2" and config.get("use_sliding_window"):
     raise CheckpointError("config.json use_sliding_window=True (Qwen2's per-layer window) is not supported")
@@ -664,6 +667,13 @@ class Tokenizer:
     `add_special_tokens=False`)."""
     self._tokenizer.no_truncation()
     return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+  def encode_with_offsets(self, text: str, add_special_tokens: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+    """(ids, offsets) of one text, untruncated: offsets[i] = (start, end) is the character span
+    of `text` token i covers ((0, 0) for a special token the post-processor added)."""
+    self._tokenizer.no_truncation()
+    encoding = self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    return encoding.ids, [tuple(span) for span in encoding.offsets]
 
   def decode(self, ids, skip_special_tokens: bool = True) -> str:
     return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

@@ -42,7 +42,7 @@ TOKEN_KEYS = ("input_ids", "attention_mask", "loss_mask")
 FORMATS = (".jsonl", ".json", ".parquet")
 DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "hyperlora_jax", "tokenized")
 CHUNK_RECORDS = 1024  # Records tokenized (and held) at a time while a source is prepared.
-TOKENIZED_FORMAT = 1  # Bumped when the files a prepared directory holds change.
+TOKENIZED_FORMAT = 2  # Bumped when the files a prepared directory hold change (2: prompt and response tokenized whole).
 TOKEN_DTYPE = np.dtype(np.int32)
 
 
