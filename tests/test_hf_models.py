@@ -254,6 +254,21 @@ def test_a_hugging_face_clip_computes_the_references_embeddings_and_zero_shot_lo
     assert _relative_error(got, outputs[key]) <= TOLERANCE, key
 
 
+def test_a_clip_logit_scale_above_ln_100_is_applied_as_transformers_does():
+  """transformers' CLIPModel multiplies by exp(logit_scale) unclamped; a checkpoint with
+  logit_scale 5.0 (> ln 100) used to give logits 0.33 relative off (clamped at 100). The
+  fixture's reference is at 2.9, and logits are linear in exp(logit_scale)."""
+  model, variables, _, outputs = _load_clip()
+  assert float(variables["params"]["logit_scale"]) == pytest.approx(2.9)
+  hot = {"params": {**variables["params"], "logit_scale": jnp.float32(5.0)}}
+  logits = model.apply(hot, jnp.asarray(outputs["pixel_values"]))
+  want = outputs["logits_per_image"] * np.exp(5.0 - 2.9)
+  assert _relative_error(logits, want) <= TOLERANCE
+  from hyperlora_jax.models import clip
+  clamped = clip.clamp_logit_scale(hot)  # Training's rule (pretraining applies it after each step).
+  assert float(clamped["params"]["logit_scale"]) == pytest.approx(np.log(100.0))
+
+
 @pytest.mark.parametrize("change", [{"text_causal": False}, {"text_pooling": "mean"}, {"gelu": "tanh"}])
 def test_the_clip_check_can_fail_each_architecture_difference_is_another_function(change):
   """The project's earlier CLIP-style choices (bidirectional text, mean pooling, tanh GELU) on

@@ -175,4 +175,15 @@ class CLIP(nn.Module):
     image = self.encode_image(images)
     if return_features:
       return image
-    return jnp.exp(jnp.minimum(self.logit_scale, np.log(100.0))) * image @ text.T
+    return jnp.exp(self.logit_scale) * image @ text.T  # As transformers' CLIPModel: no clamp at inference.
+
+
+MAX_LOGIT_SCALE = float(np.log(100.0))
+
+
+def clamp_logit_scale(variables: dict) -> dict:
+  """`variables` with the `logit_scale` parameter clipped to [0, ln 100]: CLIP's training rule
+  (OpenAI's and open_clip's, after each optimizer step); the forward pass applies the value as is."""
+  params = dict(variables["params"])
+  params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE)
+  return {**variables, "params": params}
