@@ -32,6 +32,7 @@ import traceback
 from absl import app, flags, logging
 
 from experiments.runner import reporting
+from hyperlora_jax import files
 
 _CONFIGS = flags.DEFINE_multi_string("configs", ["configs/default.py"],
                                      "Benchmark config files with their arg, e.g. configs/label_skew.py:alpha=0.1 "
@@ -213,15 +214,16 @@ def read_index(runs_dir: str) -> list[dict]:
     return json.load(f)["runs"]
 
 
-def write_index(runs_dir: str, entries: list[dict], earlier: list[dict] = ()) -> None:
-  """Writes `entries` after the `earlier` entries of other workdirs (earlier sweeps into the
-  same RUNS_DIR), atomically."""
-  mine = {e["workdir"] for e in entries}
-  runs = [e for e in earlier if e["workdir"] not in mine] + entries
-  tmp = os.path.join(runs_dir, INDEX_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump({"runs": runs}, f, indent=1)
-  os.replace(tmp, os.path.join(runs_dir, INDEX_FILE))
+def write_index(runs_dir: str, entries: list[dict]) -> None:
+  """Merges `entries` into the index: under an exclusive lock, the index as it is on disk now
+  (other sweeps into the same RUNS_DIR may be writing theirs at the same time) with each of
+  `entries` in place of the entry of its workdir (or appended), written atomically."""
+  path = os.path.join(runs_dir, INDEX_FILE)
+  with files.exclusive_lock(path):
+    mine = {e["workdir"]: e for e in entries}
+    current = read_index(runs_dir)
+    runs = [mine.pop(e["workdir"], e) for e in current] + [e for e in entries if e["workdir"] in mine]
+    files.atomic_write_json(path, {"runs": runs}, indent=1)
 
 
 def run_sweep(specs: list[RunSpec], runs_dir: str, jobs: int = 1, variant: str = "",
@@ -234,8 +236,7 @@ def run_sweep(specs: list[RunSpec], runs_dir: str, jobs: int = 1, variant: str =
   configs = [make_config(s, variant) for s in specs]
   for config in configs:  # Every config error surfaces before anything runs.
     validate_config(config, methods.METHODS, methods.METHOD_BLOCKS)
-  earlier = read_index(runs_dir)
-  previous = {e["workdir"]: e for e in earlier}
+  previous = {e["workdir"]: e for e in read_index(runs_dir)}
   entries = []
   for spec, config in zip(specs, configs):
     workdir = workdir_of(runs_dir, config.benchmark, spec)
@@ -258,7 +259,7 @@ def run_sweep(specs: list[RunSpec], runs_dir: str, jobs: int = 1, variant: str =
   log(f"sweep: {len(entries)} runs, {len(entries) - len(todo) - len(conflicts)} already finished, "
       f"{len(todo)} to run ({jobs} at a time)"
       + (f"; {len(conflicts)} refused: their workdirs hold another config's run" if conflicts else ""))
-  write_index(runs_dir, entries, earlier)
+  write_index(runs_dir, entries)
   prepare_shared_inputs([configs[i] for i in todo], log)
 
   def record(i: int, outcome: dict) -> None:
@@ -266,7 +267,7 @@ def run_sweep(specs: list[RunSpec], runs_dir: str, jobs: int = 1, variant: str =
     if outcome["status"] == "finished":
       entries[i].pop("traceback", None)
       entries[i].pop("error", None)
-    write_index(runs_dir, entries, earlier)
+    write_index(runs_dir, entries)
     tag = "done" if outcome["status"] == "finished" else "FAILED"
     log(f"[{tag}] {entries[i]['workdir']} in {outcome['seconds']:.0f}s"
         + (f": {outcome['error']}" if outcome["status"] == "failed" else ""))

@@ -2,8 +2,9 @@
 
 The library: pure functions on pytrees. It imports no configs, no datasets and nothing of the
 experiment runner (`experiments/runner/`, its one user here). Its only files are documented
-I/O: `peft` (PEFT adapters), `autotune.cached_choice` (a JSON cache of the measured chunk size)
-and `models.load` / `models.hf` (`.npz` checkpoints, Hugging Face checkpoint directories).
+I/O: `peft` (PEFT adapters), `autotune.cached_choice` (a JSON cache of the measured chunk size),
+`models.load` / `models.hf` (`.npz` checkpoints, Hugging Face checkpoint directories) and
+`files` (atomic writes, checksum manifests and locks, for what those and the runner write).
 
   lora         LoRA on any Flax Linen model (Dense, DenseGeneral, Conv, Embed, Einsum) and on
                NNX models (Linear, LinearGeneral, Conv, Einsum, Embed): find targets, init,
@@ -13,6 +14,8 @@ and `models.load` / `models.hf` (`.npz` checkpoints, Hugging Face checkpoint dir
   primitives   broadcast / map_clients (chunked, sharded) / weighted_mean on a clients axis
   params       leaf-name masks on pytrees ('/'-joined key paths): select, combine, regex_mask
   autotune     measure the fastest `clients_per_chunk` on this machine; cache the choice
+  files        atomic writes (write, fsync, rename), sha256 manifests written last and verified
+               on read, partial directories of a build, an exclusive lock
   aggregators  one contract, `Aggregator(init, aggregate, capabilities)`, for every method;
                the per-layer combinator and `partition`; robust rules, clipping, DP-FedAvg
   federated    `FederatedRound`: the jit-compiled round built from those pieces, with plug-ins,
@@ -34,8 +37,8 @@ and `models.load` / `models.hf` (`.npz` checkpoints, Hugging Face checkpoint dir
                Llama / Mistral / Qwen2 in and out, their tokenizers and chat templates); they know
                nothing of federation or LoRA, and the modules above do not import them
 """
-from hyperlora_jax import (aggregators, autotune, diagnostics, faults, federated, hyper, lora, peft, primitives,
-                           privacy, states)
+from hyperlora_jax import (aggregators, autotune, diagnostics, faults, federated, files, hyper, lora, peft,
+                           primitives, privacy, states)
 from hyperlora_jax.client import ClientUpdate, local_update, masked_mean
 from hyperlora_jax.federated import (NEW_CLIENT, FederatedRound, Plugin, RoundOutcome, ServerState,
                                      communication_bytes, state_shardings)
@@ -43,6 +46,7 @@ from hyperlora_jax.primitives import broadcast, make_mesh, map_clients, weighted
 
 __version__ = "0.2.0"
 __all__ = ["NEW_CLIENT", "ClientUpdate", "FederatedRound", "Plugin", "RoundOutcome", "ServerState", "aggregators",
-           "autotune", "broadcast", "communication_bytes", "diagnostics", "faults", "federated", "hyper", "local_update",
+           "autotune", "broadcast", "communication_bytes", "diagnostics", "faults", "federated", "files", "hyper",
+           "local_update",
            "lora", "make_mesh", "map_clients", "masked_mean", "peft", "primitives", "privacy", "state_shardings",
            "states", "weighted_mean"]

@@ -23,13 +23,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import time
 from typing import Any, Callable, Sequence
 
 import jax
 
-from hyperlora_jax import primitives
+from hyperlora_jax import files, primitives
 
 AUTO = -1  # `clients_per_chunk` value meaning "measure it" (configs: fed.clients_per_chunk=-1).
 
@@ -108,28 +107,64 @@ def cache_key(fields: dict) -> str:
 
 def cached_choice(path: str, fields: dict, measure: Callable[[], ChunkChoice]) -> ChunkChoice:
   """The choice cached in the JSON file `path` under `fields`' key, else `measure()`, which
-  is then written there (atomically, next to the entries of other keys).
+  is then written there (atomically, next to the entries of other keys, under a lock so that
+  concurrent runs add theirs). The file holds {"entries": {key: entry}, "sha256": the entries'
+  digest}; the digest and every entry read are checked.
 
   Raises:
-    ValueError: `path` exists but is not a readable cache (it is left untouched).
+    ValueError: `path` exists but is not a readable cache, its digest does not match, or the
+      entry read is malformed (named; the file is left untouched: delete it to measure again).
   """
-  key, entries = cache_key(fields), {}
-  if os.path.exists(path):
-    try:
-      with open(path) as f:
-        entries = json.load(f)
-      entry = entries.get(key)
-    except (OSError, ValueError, AttributeError) as e:
-      raise ValueError(f"chunk-size cache {path} is unreadable ({e}); delete it to measure again") from None
-    if entry is not None:
-      return ChunkChoice(int(entry["clients_per_chunk"]), {int(k): v for k, v in entry["seconds"].items()},
-                         cached=True, out_of_memory=tuple(entry.get("out_of_memory", ())))
+  key = cache_key(fields)
+  entry = _read_entries(path).get(key)
+  if entry is not None:
+    return _choice_of(entry, path, key)
   choice = measure()
-  entries[key] = {"clients_per_chunk": choice.clients_per_chunk, "seconds": choice.seconds,
-                  "out_of_memory": list(choice.out_of_memory),
-                  "fields": fields, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(path)), delete=False) as f:
-    json.dump(entries, f, indent=1, default=str)
-  os.replace(f.name, path)
+  with files.exclusive_lock(path):  # Re-read: another run may have added its entry meanwhile.
+    entries = _read_entries(path)
+    entries[key] = {"clients_per_chunk": choice.clients_per_chunk, "seconds": choice.seconds,
+                    "out_of_memory": list(choice.out_of_memory),
+                    "fields": fields, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    entries = json.loads(json.dumps(entries, default=str))  # As it reads back.
+    files.atomic_write_json(path, {"entries": entries, "sha256": _digest(entries)}, indent=1)
   return choice
+
+
+def _digest(entries: dict) -> str:
+  return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+
+
+def _read_entries(path: str) -> dict:
+  """The entries of the chunk-size cache `path` ({} if it does not exist), its digest checked.
+  A file of an earlier version (the entries alone, no digest) is read as is."""
+  if not os.path.exists(path):
+    return {}
+  problem = None
+  try:
+    with open(path) as f:
+      content = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    content, problem = None, f"unreadable ({type(e).__name__}: {e})"
+  if problem is None and not isinstance(content, dict):
+    problem = f"holds a JSON {type(content).__name__}, not an object"
+  if problem is None and "sha256" in content:
+    entries = content.get("entries")
+    if not isinstance(entries, dict) or content["sha256"] != _digest(entries):
+      problem = "its entries do not match their sha256 (changed since they were written)"
+    content = entries
+  if problem:
+    raise ValueError(f"chunk-size cache {path}: {problem}; delete it to measure again")
+  return content
+
+
+def _choice_of(entry: Any, path: str, key: str) -> ChunkChoice:
+  """The `ChunkChoice` of one cache entry, or ValueError naming the file and key."""
+  try:
+    chunk = entry["clients_per_chunk"]
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+      raise ValueError(f"clients_per_chunk={chunk!r} is not a positive integer")
+    seconds = {int(k): float(v) for k, v in entry["seconds"].items()}
+    return ChunkChoice(chunk, seconds, cached=True, out_of_memory=tuple(int(c) for c in entry.get("out_of_memory", ())))
+  except (KeyError, TypeError, ValueError, AttributeError) as e:
+    raise ValueError(f"chunk-size cache {path}: entry {key!r} is malformed ({type(e).__name__}: {e}); delete the "
+                     f"file (or that entry) to measure again") from None

@@ -73,12 +73,32 @@ def test_cached_choice_measures_once_per_key_and_reports_an_unreadable_cache(tmp
   other = autotune.cached_choice(path, {"model": "b"}, measure(2))    # Another key: measured.
   assert (first.clients_per_chunk, again.clients_per_chunk, other.clients_per_chunk) == (4, 4, 2)
   assert calls == [4, 2] and again.cached and not first.cached and again.seconds == {4: 0.5, 1: 0.9}
-  assert len(json.load(open(path))) == 2                                # Both keys kept.
+  assert len(json.load(open(path))["entries"]) == 2                     # Both keys kept.
   with open(path, "w") as f:
     f.write("{torn")
   with pytest.raises(ValueError, match="unreadable"):
     autotune.cached_choice(path, {"model": "a"}, measure(4))
   assert open(path).read() == "{torn"                                   # Left for the user.
+
+
+def test_a_changed_or_malformed_chunk_cache_entry_is_named_and_left(tmp_path):
+  """An edited entry used to be read as given (or fail with a bare KeyError / TypeError)."""
+  path = str(tmp_path / "chunks.json")
+  autotune.cached_choice(path, {"model": "a"}, lambda: autotune.ChunkChoice(4, {4: 0.5, 1: 0.9}))
+  content = json.load(open(path))
+  (key,) = content["entries"]
+  content["entries"][key]["clients_per_chunk"] = 64                     # Changed behind the digest.
+  with open(path, "w") as f:
+    json.dump(content, f)
+  with pytest.raises(ValueError, match="do not match their sha256"):
+    autotune.cached_choice(path, {"model": "a"}, lambda: autotune.ChunkChoice(2, {2: 0.1}))
+  with open(path, "w") as f:                                            # An earlier version's layout, one bad entry.
+    json.dump({key: {"clients_per_chunk": "abc", "seconds": {}}}, f)
+  with pytest.raises(ValueError, match=rf"entry '{key}' is malformed.*clients_per_chunk='abc'"):
+    autotune.cached_choice(path, {"model": "a"}, lambda: autotune.ChunkChoice(2, {2: 0.1}))
+  with open(path, "w") as f:
+    json.dump({key: {"clients_per_chunk": 3, "seconds": {"3": 0.2}}}, f)
+  assert autotune.cached_choice(path, {"model": "a"}, lambda: None).clients_per_chunk == 3  # Read as is.
 
 
 def test_auto_chunk_is_measured_cached_recorded_and_kept_on_resume(cache_dirs, tmp_path):

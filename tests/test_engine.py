@@ -84,6 +84,27 @@ def test_corrupt_checkpoint_is_reported_not_replaced(smoke_config, tmp_path):
   assert step_dir.exists()
 
 
+def test_an_unreadable_config_json_is_named_not_a_bare_json_error(smoke_config, tmp_path):
+  """config.json used to be rewritten in place at every start; an empty one stopped a resume with
+  a bare JSONDecodeError. It is written atomically now, and an unreadable one is named."""
+  train_and_evaluate(smoke_config, str(tmp_path), stop_after_round=1, progress=False)
+  assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]  # Written whole, renamed.
+  (tmp_path / "config.json").write_text("")
+  with pytest.raises(ValueError, match=r"config.json is not readable JSON.*restore the file or use a new workdir"):
+    train_and_evaluate(smoke_config, str(tmp_path), progress=False)
+
+
+def test_a_run_whose_every_client_is_non_finite_stops_after_three_rounds(smoke_config, tmp_path):
+  """A NaN backbone or a diverging learning rate used to run every round to the end with every
+  client left out (global accuracy frozen, exit 0)."""
+  smoke_config.client_optimizer.name, smoke_config.client_optimizer.learning_rate = "sgd", 1e30
+  smoke_config.fed.num_rounds = 6
+  with pytest.raises(FloatingPointError, match=r"rounds 1-3: every client's update was non-finite.*"
+                                               r"client_optimizer.learning_rate=1e\+30"):
+    train_and_evaluate(smoke_config, str(tmp_path), progress=False)
+  assert len(reporting.read_metrics(str(tmp_path))) == 3
+
+
 def _one_round(exp, fed_round):
   state = fed_round.init(jax.random.key(0), exp.initial_trainable)
   block, ids, weights = round_inputs(exp, 0)

@@ -13,8 +13,9 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LIBRARY = ROOT / "hyperlora_jax"
 # The library's documented I/O (hyperlora_jax/__init__.py): PEFT adapters, the chunk-size cache,
-# checkpoints of the model zoo (.npz, Hugging Face directories).
-DOCUMENTED_IO = {"peft.py", "autotune.py", "models/load.py", "models/hf.py"}
+# checkpoints of the model zoo (.npz, Hugging Face directories), and `files` (atomic writes,
+# manifests and locks, for the files the others and the runner write).
+DOCUMENTED_IO = {"peft.py", "autotune.py", "models/load.py", "models/hf.py", "files.py"}
 FILE_CALLS = {"open", "load", "save", "savez", "save_file", "load_file", "safe_open", "dump"}
 
 

@@ -108,6 +108,19 @@ def test_parallel_sweep_runs_records_skips_and_reports_failures(tmp_path, cache_
   assert sorted(e["status"] for e in merged) == ["failed", "finished", "finished"]
 
 
+def test_two_sweeps_writing_one_index_keep_each_others_entries(tmp_path):
+  """Each sweep used to write its own entries after the index it read at its start: a finished
+  run of one sweep was shown 'pending' once the other wrote."""
+  runs_dir = str(tmp_path)
+  a = {"workdir": "a", "status": "pending"}
+  b = {"workdir": "b", "status": "pending"}
+  sweep.write_index(runs_dir, [a])
+  sweep.write_index(runs_dir, [b])          # Sweep B started after A's first write.
+  sweep.write_index(runs_dir, [{**a, "status": "finished"}])
+  sweep.write_index(runs_dir, [{**b, "status": "failed"}])
+  assert sweep.read_index(runs_dir) == [{"workdir": "a", "status": "finished"}, {"workdir": "b", "status": "failed"}]
+
+
 def test_a_benchmark_name_cannot_leave_the_runs_dir():
   spec = sweep.RunSpec("configs/default.py", "fedit", 0)
   for name in ("../x", "/abs/x", "a/../../x", ""):

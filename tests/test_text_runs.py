@@ -79,7 +79,7 @@ def test_the_measured_chunk_size_times_token_blocks_of_the_runs_shape(tmp_path, 
   assert exp.fed_round.clients_per_chunk in (1, 3)
   assert any(line.startswith("fed.clients_per_chunk: ") and "(measured;" in line for line in lines), lines
   with open(os.path.join(cache_dirs["cache_dir"], "clients_per_chunk.json")) as f:
-    (entry,) = [e for e in json.load(f).values() if "max_len" in e["fields"]]
+    (entry,) = [e for e in json.load(f)["entries"].values() if "max_len" in e["fields"]]
   assert entry["fields"]["max_len"] == 160 and "image_size" not in entry["fields"]
   assert sorted(entry["seconds"]) == ["1", "3"]
   lines.clear()

@@ -9,14 +9,17 @@ Mixer) are pretrained with cross-entropy; the CLIP dual encoder contrastively on
 (`CAPTION_TEMPLATES` filled with the class name), never with the zero-shot prompt template it
 is evaluated with. The cache key hashes everything that determines the weights
 (architecture, data, objective, schedule, seed), so every federated run with the same
-backbone config reuses one file; a cache that cannot be read is reported, never silently
-replaced.
+backbone config reuses one file. A cache is built under a temporary name, a manifest of its
+files' sha256 written last (`hyperlora_jax.files`), then renamed into place; each restore
+verifies it, and a cache that does not match or cannot be read is reported by name, never
+silently replaced.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import time
 from typing import Any, Callable
 
@@ -27,7 +30,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from hyperlora_jax import models
+from hyperlora_jax import files, models
 from experiments.runner.data.loader import ImageDataset, load_image_dataset
 from hyperlora_jax.models import clip as clip_lib
 from hyperlora_jax.models import hf as hf_lib
@@ -35,6 +38,7 @@ from hyperlora_jax.models import load as load_lib
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "hyperlora_jax", "backbones")
 PRETRAIN_SEED = 0
+CACHE_FORMAT = 2  # In the key: 2 has a manifest of checksums (caches without one are not read).
 # Captions of the contrastive (CLIP) pretraining; the zero-shot prompt template is not one of them.
 CAPTION_TEMPLATES = ("a picture of the number {}", "a drawing of a {}", "the handwritten digit {}",
                      "an image showing {}", "{}", "a grey {} on a dark background")
@@ -45,7 +49,7 @@ def _key_fields(config: ml_collections.ConfigDict) -> dict:
   fields = {"model": model, "data_name": config.pretrain.data_name,
             "split": config.pretrain.split, "image_size": config.data.image_size,
             "steps": config.pretrain.steps, "batch_size": config.pretrain.batch_size,
-            "learning_rate": config.pretrain.learning_rate, "seed": PRETRAIN_SEED}
+            "learning_rate": config.pretrain.learning_rate, "seed": PRETRAIN_SEED, "cache_format": CACHE_FORMAT}
   if not models.has_head(config.model.name):
     fields["captions"] = CAPTION_TEMPLATES
   return fields
@@ -111,7 +115,8 @@ def pretrain(model, data: ImageDataset, *, steps: int, batch_size: int, learning
   def step(variables, opt_state, images, labels, batch_captions):
     loss, grads = jax.value_and_grad(loss_fn)(variables, images, labels, batch_captions)
     updates, opt_state = optimizer.update(grads, opt_state, variables)
-    return optax.apply_updates(variables, updates), opt_state, loss
+    variables = optax.apply_updates(variables, updates)
+    return (clip_lib.clamp_logit_scale(variables) if is_clip else variables), opt_state, loss
 
   @jax.jit
   def correct(variables, images, labels):
@@ -270,9 +275,10 @@ def load_or_pretrain(config: ml_collections.ConfigDict,
   """The frozen backbone variables (without the pretraining head) and its info.
 
   Loads `pretrain.npz_path` when set; otherwise pretrains and caches on first use, and
-  later calls restore the cache.
+  later calls restore the cache after verifying its manifest.
   Raises:
-    RuntimeError: the cache exists but cannot be restored (it is left in place).
+    RuntimeError: the cache exists but is not what was written or cannot be restored (it is
+      left in place).
   """
   if config.pretrain.get("checkpoint"):
     return load_hf_backbone(config, log)
@@ -280,7 +286,12 @@ def load_or_pretrain(config: ml_collections.ConfigDict,
     return load_npz_backbone(config, log)
   path = cache_path(config)
   info_path = os.path.join(path, "info.json")
-  if os.path.exists(info_path):
+  if os.path.exists(path):
+    try:
+      files.verify_manifest(path)
+    except files.IntegrityError as e:
+      raise RuntimeError(f"backbone cache {path} is not what was written ({e}); it was left in place. Remove "
+                         f"that directory to pretrain again.") from None
     with open(info_path) as f:
       info = json.load(f)
     abstract = _abstract_backbone(config, info["num_classes"])
@@ -291,9 +302,6 @@ def load_or_pretrain(config: ml_collections.ConfigDict,
                          f"{e}). Remove that directory to pretrain again.") from e
     log(f"backbone: restored from {path} (pretrain holdout accuracy {info['holdout_accuracy']:.3f})")
   else:
-    if os.path.exists(path):
-      raise RuntimeError(f"backbone cache {path} exists but has no info.json: an interrupted or "
-                         f"corrupt cache. Remove that directory to pretrain again.")
     data = load_image_dataset(config.pretrain.data_name, config.pretrain.split,
                               config.data.data_dir or None, config.data.image_size)
     model = models.model_from_config(config.model, data.num_classes, data.class_names)
@@ -309,16 +317,18 @@ def load_or_pretrain(config: ml_collections.ConfigDict,
       raise FloatingPointError(f"pretraining diverged: {len(bad)} non-finite variable(s), e.g. {bad[0]}; "
                                f"nothing was cached. Lower pretrain.learning_rate "
                                f"(={config.pretrain.learning_rate}).")
-    tmp = path + f".tmp{os.getpid()}"
+    files.remove_stale_partials(path)  # Of killed runs.
+    tmp = files.partial_path(path)
     checkpointer = _local_checkpointer()
     checkpointer.save(os.path.join(os.path.abspath(tmp), "variables"), variables)
     checkpointer.wait_until_finished()
     with open(os.path.join(tmp, "info.json"), "w") as f:
       json.dump(info, f)
+    files.write_manifest(tmp)  # Last: a directory with a manifest is complete.
     try:
       os.rename(tmp, path)  # Atomic: a concurrent run either sees the whole cache or none.
-    except OSError:
-      pass  # Another process cached the same backbone first; ours is identical.
+    except OSError:  # Another process cached the same backbone first; ours is identical.
+      shutil.rmtree(tmp, ignore_errors=True)
     log(f"backbone: pretrained in {info['seconds']:.0f}s, holdout accuracy "
         f"{info['holdout_accuracy']:.3f}; cached at {path}")
   params = {k: v for k, v in variables["params"].items() if k != "head"}

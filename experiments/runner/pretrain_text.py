@@ -7,13 +7,17 @@ tokenizer of `pretrain.vocab_size` tokens, both trained on the Python Language R
 standard library's docstrings. It is written as a Hugging Face checkpoint directory
 (`hf.save_causal_lm`, the tokenizer's files beside it), so it loads like a downloaded one and its
 exported adapters attach to it with `peft`. The cache key hashes everything that determines
-it; a cache that cannot be read is reported, never replaced.
+it. A cache is built in a directory of its own process, a manifest of its files' sha256 written
+last (`hyperlora_jax.files`), then renamed into place (several runs may build it at once: the
+first rename wins, the others drop theirs); it is verified whenever it is used, and one that
+does not match is reported by name, never replaced.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import time
 from typing import Callable
 
@@ -24,12 +28,14 @@ import numpy as np
 import optax
 
 from experiments.runner.data import stdlib_docs
+from hyperlora_jax import files
 from hyperlora_jax.models import hf
 from hyperlora_jax.models.llama import DecoderLM
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "hyperlora_jax", "backbones")
 SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>")
 PRETRAIN_SEED = 0
+CACHE_FORMAT = 2  # In the key: 2 has a manifest of checksums (caches without one are not read).
 # DecoderLM fields a text config's `model` block may set (the rest keep their defaults).
 ARCH_FIELDS = ("vocab_size", "width", "depth", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "rms_norm_eps",
                "rope_theta", "tie_embeddings", "qkv_bias", "out_bias", "mlp_bias", "remat")
@@ -53,7 +59,7 @@ def _key_fields(config: ml_collections.ConfigDict) -> dict:
   return {"model": model, "text": "pydoc_data.topics", "vocab_size": config.pretrain.vocab_size,
           "steps": config.pretrain.steps, "batch_size": config.pretrain.batch_size,
           "learning_rate": config.pretrain.learning_rate, "sequence_length": config.pretrain.sequence_length,
-          "seed": PRETRAIN_SEED}
+          "seed": PRETRAIN_SEED, "cache_format": CACHE_FORMAT}
 
 
 def cache_path(config: ml_collections.ConfigDict) -> str:
@@ -129,13 +135,22 @@ def pretrain_decoder(model: DecoderLM, sequences: np.ndarray, *, steps: int, bat
 
 def decoder_directory(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> str:
   """The Hugging Face directory of the run's frozen decoder: `pretrain.checkpoint`, or the
-  embedded decoder's cache (built on first use); its weights are not read here."""
+  embedded decoder's cache (built on first use, verified against its manifest on every use).
+
+  Raises:
+    models.load.CheckpointError: the cache is not what was written (left in place).
+  """
   directory = config.pretrain.get("checkpoint", "")
   if not directory:
     directory = cache_path(config)
-    if not os.path.isfile(os.path.join(directory, hf.WEIGHTS_FILE)):
+    if not os.path.isdir(directory):
       _build_embedded(config, directory, log)
     else:
+      try:
+        files.verify_manifest(directory)
+      except files.IntegrityError as e:
+        raise hf.CheckpointError(f"the embedded decoder's cache {directory} is not what was written ({e}); it was "
+                                 f"left in place. Remove that directory to pretrain again.") from None
       log(f"backbone: restored from {directory}")
   return directory
 
@@ -156,9 +171,32 @@ def load_or_pretrain_decoder(config: ml_collections.ConfigDict,
 
 
 def _build_embedded(config: ml_collections.ConfigDict, directory: str, log: Callable[[str], None]) -> None:
-  p = config.pretrain
   texts = stdlib_docs.pretraining_text()
-  partial = directory + ".partial"
+  files.remove_stale_partials(directory)  # Of killed runs.
+  partial = files.partial_path(directory)  # This process's own: concurrent builds do not meet.
+  shutil.rmtree(partial, ignore_errors=True)
+  try:
+    stats = _write_embedded(config, partial, texts, log)
+  except BaseException:
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
+  try:
+    os.replace(partial, directory)  # Whole or not at all.
+  except OSError:  # Another run built the same decoder first (seeded: the same files); its directory is kept.
+    shutil.rmtree(partial, ignore_errors=True)
+    if not os.path.isdir(directory):
+      raise
+    log(f"backbone: another run cached the same decoder in {directory} first; using it")
+    return
+  log(f"backbone: held-out perplexity {stats['holdout_perplexity']:.1f} after {stats['seconds']:.0f} s; "
+      f"cached in {directory}")
+
+
+def _write_embedded(config: ml_collections.ConfigDict, partial: str, texts: list[str],
+                    log: Callable[[str], None]) -> dict:
+  """The embedded decoder pretrained and written into `partial`, its manifest last; its
+  pretraining statistics."""
+  p = config.pretrain
   tokenizer = train_tokenizer(texts, p.vocab_size, partial)
   model = decoder_from_config(config.model, tokenizer.vocab_size)
   sequences = packed_sequences(tokenizer, texts, p.sequence_length)
@@ -169,6 +207,5 @@ def _build_embedded(config: ml_collections.ConfigDict, directory: str, log: Call
   hf.save_causal_lm(partial, model, variables)
   with open(os.path.join(partial, "pretraining.json"), "w") as f:
     json.dump({**_key_fields(config), **stats}, f, indent=2)
-  os.replace(partial, directory)  # Whole or not at all.
-  log(f"backbone: held-out perplexity {stats['holdout_perplexity']:.1f} after {stats['seconds']:.0f} s; "
-      f"cached in {directory}")
+  files.write_manifest(partial)  # Last: a directory with a manifest is complete.
+  return stats

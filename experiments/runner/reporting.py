@@ -5,6 +5,8 @@ import json
 import math
 import os
 
+from hyperlora_jax import files
+
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "convergence.png"
 
@@ -62,18 +64,13 @@ def read_records(path: str) -> list[dict]:
 
 
 def write_records(path: str, records: list[dict]) -> None:
-  """Writes JSON-lines `records` to `path` atomically (a temporary file, then a rename)."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in records)
-  os.replace(tmp, path)
+  """Writes JSON-lines `records` to `path` atomically (`files.atomic_write`: fsynced, renamed)."""
+  files.atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def truncate_metrics(workdir: str, last_round: int) -> None:
   """Drops records of rounds after `last_round` (written after the checkpoint a run resumes from)."""
-  kept = [r for r in read_metrics(workdir) if r["round"] <= last_round]
-  with open(os.path.join(workdir, METRICS_FILE), "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in kept)
+  write_records(os.path.join(workdir, METRICS_FILE), [r for r in read_metrics(workdir) if r["round"] <= last_round])
 
 
 def plot_convergence(records: list[dict], path: str, title: str) -> None:

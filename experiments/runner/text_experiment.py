@@ -39,10 +39,13 @@ def prepare_text_inputs(config: ml_collections.ConfigDict, log: Callable[[str], 
   instructions.prepare_tokenized(config.data, tokenizer, log)
 
 
-def build_text_federated_data(config: ml_collections.ConfigDict, tokenizer, log: Callable[[str], None]) -> FederatedData:
+def build_text_federated_data(config: ml_collections.ConfigDict, tokenizer, log: Callable[[str], None],
+                              model_vocab_size: int | None = None) -> FederatedData:
   """The records of `data.name` tokenized (once, kept in `data.data_dir`), split per group into
-  train / test, in memory or streamed (`data.stream`), partitioned."""
-  train, test = instructions.load_text_datasets(config.data, tokenizer, config.seed, log)
+  train / test, in memory or streamed (`data.stream`), partitioned; every id checked against
+  the tokenizer's vocabulary and the model's embedding rows (`model_vocab_size`)."""
+  vocab = min(tokenizer.vocab_size, model_vocab_size or tokenizer.vocab_size)
+  train, test = instructions.load_text_datasets(config.data, tokenizer, config.seed, log, vocab)
   lost = train.no_loss + test.no_loss
   if lost > (len(train) + len(test)) / 2:
     raise ConfigError(f"data.max_len: {lost} of {len(train) + len(test)} records keep no response token "
@@ -63,7 +66,7 @@ def build_text_experiment(config: ml_collections.ConfigDict, log: Callable[[str]
   backbone = sharded_backbone(backbone, mesh, log)
   compute_dtype = backbone_dtype(config.compute.backbone_dtype)
   model = model.clone(dtype=compute_dtype)
-  data = build_text_federated_data(config, tokenizer, log)
+  data = build_text_federated_data(config, tokenizer, log, model.vocab_size)
   example = {k: jnp.asarray(v[:1]) for k, v in data.train_pool.tokens.items()}
   targets = lora.find_targets(model, backbone, example["input_ids"], example["attention_mask"],
                               target_regex=config.lora.target_regex)

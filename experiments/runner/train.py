@@ -278,3 +278,29 @@ def finish_round(exp: Experiment, workdir: str, pending: PendingRound, records: 
     log(f"round {record['round']}: {record['nonfinite_clients']} client update(s) were non-finite and "
         f"were left out of the aggregate")
   records.append(reporting.append_metrics(workdir, record) if main_process else reporting.clean_record(record))
+  check_progress(exp, records, pending.client_ids, workdir, manager)
+
+
+STALLED_ROUNDS = 3  # Rounds in a row with every client update non-finite before a run stops.
+
+
+def check_progress(exp: Experiment, records: list[dict], client_ids: Any, workdir: str,
+                   manager: ocp.CheckpointManager) -> None:
+  """Raises FloatingPointError when every sampled client's update was non-finite in each of the
+  last `STALLED_ROUNDS` rounds (and no fault injects them): nothing reaches the server, so the
+  run would go on learning nothing (a non-finite frozen backbone or data, or a learning rate
+  that diverges at once)."""
+  faults = exp.config.get("faults")
+  if faults is not None and faults.get("nonfinite", 0.0) > 0:
+    return
+  sampled = int(np.sum(np.asarray(client_ids) >= 0))
+  recent = records[-STALLED_ROUNDS:]
+  if sampled and len(recent) == STALLED_ROUNDS and all(r["nonfinite_clients"] >= sampled for r in recent):
+    manager.wait_until_finished()
+    last_saved = manager.latest_step()
+    manager.close()
+    raise FloatingPointError(
+        f"rounds {recent[0]['round']}-{recent[-1]['round']}: every client's update was non-finite, so nothing "
+        f"reached the server and the run stops; the frozen backbone or the data may hold NaN/Inf, or "
+        f"client_optimizer.learning_rate={exp.config.client_optimizer.learning_rate} diverges at once"
+        + (f" (the last checkpoint is step {last_saved} in {workdir})" if last_saved is not None else ""))

@@ -27,7 +27,7 @@ from flax import traverse_util
 from experiments.runner import config_blocks, methods, reporting
 from experiments.runner.config_validation import ConfigError, used_config
 from experiments.runner.experiment import Experiment, build_experiment
-from hyperlora_jax import distributed, states
+from hyperlora_jax import distributed, files, states
 from hyperlora_jax.faults import Faults
 from hyperlora_jax.hyper import synthesis
 
@@ -82,8 +82,14 @@ def config_differences(workdir: str, config: ml_collections.ConfigDict) -> list[
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    saved = json.load(f)
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ConfigError(f"{path} is not readable JSON ({type(e).__name__}: {e}), so this workdir's config cannot be "
+                      f"checked; restore the file or use a new workdir") from None
+  if not isinstance(saved, dict):
+    raise ConfigError(f"{path} holds a JSON {type(saved).__name__}, not a config; restore it or use a new workdir")
   saved_flat = traverse_util.flatten_dict(saved, sep=".")
   current_flat = traverse_util.flatten_dict(used_config(config, methods.METHOD_BLOCKS), sep=".")
   for field, as_before in ADDED_FIELDS.items():
@@ -108,8 +114,7 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
                       f"{', '.join(changed)}); use a new workdir or the same config")
   distributed.barrier("config checked")
   if distributed.is_main_process():
-    with open(path, "w") as f:
-      json.dump(current, f, indent=2)
+    files.atomic_write_json(path, current, indent=2)  # Never a torn file: a resume reads it.
 
 
 def environment(exp: Experiment) -> dict:
@@ -138,13 +143,15 @@ def read_environment(workdir: str) -> dict:
   path = os.path.join(workdir, ENVIRONMENT_FILE)
   if not os.path.exists(path):
     return {}
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path} is not readable JSON ({type(e).__name__}: {e})") from None
 
 
 def write_environment(workdir: str, exp: Experiment) -> None:
-  with open(os.path.join(workdir, ENVIRONMENT_FILE), "w") as f:
-    json.dump(environment(exp), f, indent=2)
+  files.atomic_write_json(os.path.join(workdir, ENVIRONMENT_FILE), environment(exp), indent=2)
 
 
 def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:

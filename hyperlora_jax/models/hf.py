@@ -36,7 +36,7 @@ from typing import Any, Callable
 import numpy as np
 from flax import traverse_util
 
-from hyperlora_jax.models.load import CheckpointError
+from hyperlora_jax.models.load import CheckpointError, check_finite
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -68,8 +68,14 @@ def read_config(directory: str) -> dict:
   if not os.path.isfile(path):
     raise CheckpointError(f"{directory}: no {CONFIG_FILE}, so not a Hugging Face checkpoint directory "
                           f"(supported: {', '.join(SUPPORTED)}; or an .npz file)")
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      config = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{path}: not a readable JSON file ({type(e).__name__}: {e})") from None
+  if not isinstance(config, dict):
+    raise CheckpointError(f"{path}: holds a JSON {type(config).__name__}, not an object of fields")
+  return config
 
 
 def read_tensors(directory: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -97,6 +103,7 @@ def read_tensors(directory: str) -> tuple[dict[str, np.ndarray], dict[str, str]]
     for key, value in shard.items():
       if weight_map is not None and weight_map.get(key) != name:
         raise CheckpointError(f"{path}: holds {key!r}, which {INDEX_FILE} places in {weight_map.get(key)!r}")
+      check_finite(value, f"{path}: tensor {key!r}")
       tensors[key], origin[key] = value, name
   missing = sorted(set(weight_map or ()) - set(tensors))
   if missing:

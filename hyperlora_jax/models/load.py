@@ -46,13 +46,27 @@ class CheckpointError(ValueError):
   """A checkpoint that does not fit the model."""
 
 
+def check_finite(array: np.ndarray, what: str) -> None:
+  """Raises CheckpointError naming `what` if a float `array` holds NaN or Inf (a frozen weight
+  that is not finite makes every client's update non-finite, every round)."""
+  array = np.asarray(array)
+  if array.dtype.kind == "f" or "float" in array.dtype.name:  # bfloat16 (ml_dtypes) included.
+    bad = ~np.isfinite(array.astype(np.float32, copy=False))
+    if bad.any():
+      raise CheckpointError(f"{what} holds {int(bad.sum())} non-finite value(s) of {array.size}; a frozen weight "
+                            f"must be finite")
+
+
 def read_npz(path: str) -> dict[str, np.ndarray]:
-  """{'/'-joined name: array} of an `.npz` checkpoint."""
+  """{'/'-joined name: array} of an `.npz` checkpoint (every array finite)."""
   try:
     with np.load(path, allow_pickle=False) as f:
-      return {k: np.asarray(f[k]) for k in f.files}
+      arrays = {k: np.asarray(f[k]) for k in f.files}
   except (OSError, ValueError) as e:
     raise CheckpointError(f"pretrain.npz_path: cannot read {path!r} as .npz ({e})") from e
+  for name, array in arrays.items():
+    check_finite(array, f"{path}: array {name!r}")
+  return arrays
 
 
 def npz_pool(names) -> str:

@@ -35,14 +35,16 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from experiments.runner.data import stdlib_docs
-from hyperlora_jax import text
+from hyperlora_jax import files, text
 
 EMBEDDED_TEXT = "stdlib_docs"
 TOKEN_KEYS = ("input_ids", "attention_mask", "loss_mask")
 FORMATS = (".jsonl", ".json", ".parquet")
 DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "hyperlora_jax", "tokenized")
 CHUNK_RECORDS = 1024  # Records tokenized (and held) at a time while a source is prepared.
-TOKENIZED_FORMAT = 2  # Bumped when the files a prepared directory hold change (2: prompt and response tokenized whole).
+# Bumped when the files a prepared directory hold change (2: prompt and response tokenized
+# whole, and a manifest of every file's sha256 written last).
+TOKENIZED_FORMAT = 2
 TOKEN_DTYPE = np.dtype(np.int32)
 
 
@@ -246,7 +248,8 @@ def tokenized_directory(data_config, tokenizer) -> tuple[str, dict[str, Any]]:
   return os.path.join(data_config.get("data_dir", "") or DEFAULT_DATA_DIR, f"{stem}-{digest}"), fields
 
 
-def prepare_tokenized(data_config, tokenizer, log: Callable[[str], None] = print) -> TokenizedRecords:
+def prepare_tokenized(data_config, tokenizer, log: Callable[[str], None] = print,
+                      vocab_size: int | None = None) -> TokenizedRecords:
   """`data.name` tokenized (`data.max_len`, `data.layout`, `data.chat_template`) with its groups
   (`data.group_field`): read from its prepared directory, or prepared there first, one pass
   over the records `CHUNK_RECORDS` at a time. Safe to call from several processes at once
@@ -255,19 +258,22 @@ def prepare_tokenized(data_config, tokenizer, log: Callable[[str], None] = print
   Raises:
     ValueError: a record lacks a field of the layout or the group field (named), or there are
       no records.
-    TokenizedCacheError: the prepared directory is not what was written (nothing is replaced).
+    TokenizedCacheError: the prepared directory is not what was written, or holds ids outside
+      `vocab_size` (default: the tokenizer's; a model's embedding rows may be fewer) (nothing
+      is replaced).
   """
   directory, fields = tokenized_directory(data_config, tokenizer)
   if not os.path.isdir(directory):
     count = _write_tokenized(load_records(data_config.name), directory, fields, tokenizer, data_config)
     log(f"data: tokenized {count} records of {data_config.name!r} into {directory}")
-  return open_tokenized(directory)
+  return open_tokenized(directory, tokenizer.vocab_size if vocab_size is None else vocab_size)
 
 
 def _write_tokenized(records: Iterable[dict], directory: str, fields: dict, tokenizer, data_config) -> int:
   """Tokenizes `records` into `directory` via a partial directory of this process (removed if
   anything fails); their count."""
-  partial = f"{directory}.partial-{os.getpid()}"
+  files.remove_stale_partials(directory)  # Of killed runs.
+  partial = files.partial_path(directory)
   shutil.rmtree(partial, ignore_errors=True)
   os.makedirs(partial)
   try:
@@ -289,13 +295,13 @@ def _write_files(records: Iterable[dict], partial: str, fields: dict, tokenizer,
   `records` in `partial`; their count."""
   group_values, truncated, no_loss, chunk = [], [], [], []
   with contextlib.ExitStack() as stack:
-    files = {k: stack.enter_context(open(os.path.join(partial, f"{k}.bin"), "wb")) for k in TOKEN_KEYS}
+    outputs = {k: stack.enter_context(open(os.path.join(partial, f"{k}.bin"), "wb")) for k in TOKEN_KEYS}
 
     def flush():
       encoded = text.encode_instructions(tokenizer, chunk, data_config.max_len, data_config.layout,
                                          chat=data_config.chat_template)
       for k in TOKEN_KEYS:
-        files[k].write(np.ascontiguousarray(encoded[k], TOKEN_DTYPE).tobytes())
+        outputs[k].write(np.ascontiguousarray(encoded[k], TOKEN_DTYPE).tobytes())
       truncated.append(encoded["truncated"])
       no_loss.append(encoded["no_loss"])
       chunk.clear()
@@ -317,15 +323,18 @@ def _write_files(records: Iterable[dict], partial: str, fields: dict, tokenizer,
   with open(os.path.join(partial, "tokenized.json"), "w") as f:
     json.dump({"num_records": len(groups), "max_len": int(data_config.max_len), "dtype": TOKEN_DTYPE.name,
                "group_names": names, **fields}, f, indent=2)
+  files.write_manifest(partial)  # Last: a directory with a manifest is complete.
   return len(groups)
 
 
-def open_tokenized(directory: str) -> TokenizedRecords:
-  """The `TokenizedRecords` of a prepared directory, its token files memory-mapped read-only.
+def open_tokenized(directory: str, vocab_size: int | None = None) -> TokenizedRecords:
+  """The `TokenizedRecords` of a prepared directory, its token files memory-mapped read-only,
+  after checking every file against the manifest written last (`files.verify_manifest`) and,
+  with `vocab_size`, that every id is below it and every mask 0 or 1.
 
   Raises:
-    TokenizedCacheError: a file is missing or of another size than its record count says
-      (named; delete the directory to tokenize again).
+    TokenizedCacheError: a file is missing, of another size than its record count says, or not
+      the bytes written, or the ids do not fit (named; delete the directory to tokenize again).
   """
   def corrupt(what: str) -> TokenizedCacheError:
     return TokenizedCacheError(f"{directory}: {what}; it is not what was written (delete the directory to "
@@ -348,14 +357,38 @@ def open_tokenized(directory: str) -> TokenizedRecords:
     if size != expected:
       raise corrupt(f"{k}.bin holds {size} bytes, {expected} expected ({n} records x {t} tokens)")
     tokens[k] = np.memmap(path, TOKEN_DTYPE, mode="r", shape=(n, t))
+  try:
+    files.verify_manifest(directory)
+  except files.IntegrityError as e:
+    raise corrupt(str(e)) from None
+  if vocab_size is not None:
+    problem = _token_range_problem(tokens, vocab_size)
+    if problem:
+      raise TokenizedCacheError(f"{directory}: {problem}")
   return TokenizedRecords(directory, tokens, groups, tuple(meta["group_names"]), truncated, no_loss)
 
 
-def load_text_datasets(data_config, tokenizer, seed: int,
-                       log: Callable[[str], None] = print) -> tuple[TextDataset, TextDataset]:
+def _token_range_problem(tokens: dict[str, np.ndarray], vocab_size: int) -> str | None:
+  """What is out of range in the token files (ids outside [0, vocab_size), masks not 0/1), or None."""
+  rows = tokens["input_ids"].shape[0]
+  for start in range(0, rows, CHUNK_RECORDS):
+    ids = np.asarray(tokens["input_ids"][start:start + CHUNK_RECORDS])
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+      return (f"input_ids.bin holds ids in [{ids.min()}, {ids.max()}] (records {start}..), outside the "
+              f"{vocab_size} ids the model embeds (the tokenizer's vocabulary, or the model's embedding rows if "
+              f"fewer): a tokenizer of another model?")
+    for k in ("attention_mask", "loss_mask"):
+      values = np.asarray(tokens[k][start:start + CHUNK_RECORDS])
+      if values.size and (values.min() < 0 or values.max() > 1):
+        return f"{k}.bin holds values other than 0 and 1 (records {start}..)"
+  return None
+
+
+def load_text_datasets(data_config, tokenizer, seed: int, log: Callable[[str], None] = print,
+                       vocab_size: int | None = None) -> tuple[TextDataset, TextDataset]:
   """(train, test) `TextDataset`s of `data.name` per the config's `data` block (layout,
   group_field, test_fraction, max_len, chat_template, data_dir, stream): tokenized once
   (`prepare_tokenized`), split per group, in memory or streamed."""
-  records = prepare_tokenized(data_config, tokenizer, log)
+  records = prepare_tokenized(data_config, tokenizer, log, vocab_size)
   train, test = split_train_test(records.groups, data_config.test_fraction, seed)
   return records.split(train, data_config.stream), records.split(test, data_config.stream)

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from experiments.runner.data import digits_domains
+from hyperlora_jax import files
 
 EMBEDDED_NAME = "digits_domains"
 DEFAULT_DATA_DIR = os.path.join(os.path.expanduser("~"), ".cache", "hyperlora_jax", "tensorflow_datasets")
@@ -99,11 +101,29 @@ class ImageDataset:
 def _builder(name: str, data_dir: str):
   if name.split("/")[0] == EMBEDDED_NAME:
     config = name.split("/")[1] if "/" in name else None
-    builder = digits_domains.DigitsDomains(config=config, data_dir=data_dir, file_format="array_record")
+    make = lambda: digits_domains.DigitsDomains(config=config, data_dir=data_dir, file_format="array_record")
+    builder = make()
     if not builder.is_prepared():
-      builder.download_and_prepare()
+      # One process generates it at a time (the others then find it prepared); TFDS writes into an
+      # `incomplete.*` directory renamed when done, so one left beside it is a killed generation's.
+      with files.exclusive_lock(os.path.join(data_dir, f".prepare-{name.replace('/', '-')}")):
+        builder = make()
+        if not builder.is_prepared():
+          _remove_incomplete_generations(builder.data_dir)
+          builder.download_and_prepare()
     return builder
   return tfds.builder(name, data_dir=data_dir)
+
+
+def _remove_incomplete_generations(version_dir: str) -> None:
+  """Removes TFDS's `incomplete.XXXXXX_<version>` directories beside `version_dir`: left by a
+  generation that was killed (called under the preparation lock, so none is in progress)."""
+  parent, version = os.path.split(os.fspath(version_dir).rstrip("/"))
+  if not os.path.isdir(parent):
+    return
+  for entry in os.listdir(parent):
+    if entry.startswith(tfds.core.constants.INCOMPLETE_PREFIX) and entry.endswith(f"_{version}"):
+      shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
 def split_examples(name: str, split: str, data_dir: str | None = None) -> int | None:
