@@ -473,7 +473,7 @@ class FederatedRound:
                   for j in range(heldout_steps)]
         return sum(losses) / heldout_steps
       losses = primitives.map_clients(
-          one_heldout, (trained_local, heldout, jax.lax.stop_gradient(offsets), masks, keys),
+          one_heldout, (trained_local, heldout, offsets, masks, keys),
           self.clients_per_chunk, self.mesh, self._chunk_loader())
       return jnp.sum(weights * losses)
     return heldout_loss

@@ -233,7 +233,12 @@ def test_a_private_hyperlora_run_reports_the_composed_epsilon_and_stores_clipped
   assert all(math.isfinite(r["global_accuracy"]) for r in records if "global_accuracy" in r)
   assert "meta_loss" not in records[-1]
   assert f"privacy spent          ε = {expected[-1]:.1f}" in reporting.summary(records, "run")
+  noisy = build_experiment(config, log=lambda _: None).signatures
   config.dp.signature_noise_multiplier = 1e-6  # Noise too small to hide the clipping.
-  exp = build_experiment(config, log=lambda _: None)
-  norms = np.linalg.norm(exp.signatures, axis=-1)
+  clipped = build_experiment(config, log=lambda _: None).signatures
+  norms = np.linalg.norm(clipped, axis=-1)
   assert norms.max() == pytest.approx(0.5, abs=1e-3)
+  # The noise comes after the clipping, at σ_s x C = 4.0 x 0.5 per coordinate (the same keys):
+  # noised first and clipped after, a one-class client's class would be read off its signature.
+  noise = noisy - clipped
+  assert 0.6 * 2.0 < noise.std() < 1.4 * 2.0

@@ -67,6 +67,42 @@ def test_a_checkpoint_and_a_dolly_file_train_resume_and_report(tmp_path, cache_d
   assert recorded["model"]["num_kv_heads"] == 2 and recorded["model"]["vocab_size"] == 360  # From config.json.
 
 
+def test_the_runs_perplexity_counts_only_the_response_tokens_of_real_records(tmp_path, cache_dirs):
+  """The runner's evaluation pads test blocks (rows and positions); counted, a padded batch's
+  perplexity was 386 instead of 1.41. Against NumPy on each real test record, unpadded: the
+  frozen model's log-softmax at every position whose next token is a response token."""
+  import numpy as np
+  from experiments.runner.evaluation import run_evaluator
+  from experiments.runner.train import state_on_mesh
+  from hyperlora_jax.models import hf
+  config = _config(tmp_path, cache_dirs, rounds=1)
+  config.eval_batch = 4  # Test blocks padded to a multiple of 4 rows.
+  exp = build_experiment(config, lambda _: None)
+  state, frozen = state_on_mesh(exp)
+  global_accuracy, accuracies, extras = run_evaluator(exp, with_extras=True)(state, frozen)()
+  model, variables, _ = hf.load_causal_lm(LLAMA)  # b = 0 at init: the adapted model is the frozen one.
+  pool, nll, hits, tokens, per_client = exp.data.test_pool, 0.0, 0, 0, []
+  for part in exp.data.test_parts:
+    client = [0.0, 0]
+    for row in part:
+      real = int(pool.tokens["attention_mask"][row].sum())
+      ids = np.asarray(pool.tokens["input_ids"][row][:real])
+      logits = np.asarray(model.apply(variables, ids[None], np.ones((1, real), np.int32))[0], np.float64)
+      log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
+          logits.max(-1, keepdims=True)
+      predicted = np.flatnonzero(np.asarray(pool.tokens["loss_mask"][row][1:real])) # Position t predicts t + 1.
+      nll -= log_probs[predicted, ids[predicted + 1]].sum()
+      client[0] -= log_probs[predicted, ids[predicted + 1]].sum()
+      client[1] += len(predicted)
+      hits += int(np.sum(np.argmax(logits[predicted], -1) == ids[predicted + 1]))
+      tokens += len(predicted)
+    per_client.append(np.exp(client[0] / client[1]))
+  assert sum(len(p) for p in exp.data.test_parts) % config.eval_batch  # The blocks do get padding rows.
+  np.testing.assert_allclose(extras["global_perplexity"], np.exp(nll / tokens), rtol=2e-4)
+  np.testing.assert_allclose(global_accuracy, hits / tokens, atol=1e-6)
+  np.testing.assert_allclose(extras["personalized_perplexity_mean"], np.mean(per_client), rtol=2e-4)
+
+
 def test_the_measured_chunk_size_times_token_blocks_of_the_runs_shape(tmp_path, cache_dirs):
   """fed.clients_per_chunk=-1 on a text run: chunk sizes timed on random token blocks of the
   run's shape ([c, S, B, data.max_len], the decoder's vocabulary), the pick one that divides

@@ -12,6 +12,7 @@ to the methods that read them (`METHOD_BLOCKS`).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Callable
 
 import ml_collections
@@ -20,7 +21,7 @@ from hyperlora_jax import aggregators, lora
 from hyperlora_jax.aggregators import Aggregator
 from hyperlora_jax.hyper import generator as generator_lib
 from hyperlora_jax.hyper import signatures as signatures_lib
-from hyperlora_jax.hyper.synthesis import SynthesisConfig, hyperlora_synthesizer
+from hyperlora_jax.hyper.synthesis import CrossRoundDerivativeWarning, SynthesisConfig, hyperlora_synthesizer
 from experiments.runner.optimizers import build_optimizer
 
 HEAD_REGEX = r"head/.*"
@@ -192,12 +193,14 @@ def hyperlora(config) -> Method:
   private = dp_on(config)  # `config_validation` refuses learned parts and embeddings under DP.
   steps = (1 if config.generator.loss == "vjp" else config.generator.server_steps) if hl.generator else 0
   update_release = (config.dp.clip_norm, config.dp.noise_multiplier) if private else None
+  with warnings.catch_warnings():  # The runner never differentiates through rounds.
+    warnings.simplefilter("ignore", CrossRoundDerivativeWarning)
+    synthesizer = hyperlora_synthesizer(synthesis, build_optimizer(hl.meta_optimizer), hidden=hl.synthesizer_hidden,
+                                        meta_learning=learned, meta_steps=hl.get("meta_steps", 1),
+                                        privacy=update_release)
   return Method(
       "hyperlora",
-      hyperlora_synthesizer(synthesis, build_optimizer(hl.meta_optimizer),
-                            hidden=hl.synthesizer_hidden, meta_learning=learned,
-                            meta_steps=hl.get("meta_steps", 1),
-                            privacy=update_release),
+      synthesizer,
       local_regex=_local_head(config),
       make_generator=(generator_factory(config, client_embeddings="embedding" in kinds, private=private)
                       if hl.generator else None),

@@ -11,7 +11,9 @@
 from hyperlora_jax.hyper.generator import NEW_CLIENT, Generator, LoraGenerator, make_generator
 from hyperlora_jax.hyper.plugins import generator_plugin
 from hyperlora_jax.hyper.signatures import compute_signatures, make_signature_fn
-from hyperlora_jax.hyper.synthesis import SynthesisConfig, hyperlora_synthesizer, synthesize
+from hyperlora_jax.hyper.synthesis import (CrossRoundDerivativeWarning, SynthesisConfig, aligned_basis,
+                                           hyperlora_synthesizer, synthesize)
 
-__all__ = ["NEW_CLIENT", "Generator", "LoraGenerator", "SynthesisConfig", "compute_signatures",
+__all__ = ["NEW_CLIENT", "CrossRoundDerivativeWarning", "Generator", "LoraGenerator", "SynthesisConfig",
+           "aligned_basis", "compute_signatures",
            "generator_plugin", "hyperlora_synthesizer", "make_generator", "make_signature_fn", "synthesize"]

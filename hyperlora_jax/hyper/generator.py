@@ -191,7 +191,6 @@ def make_generator(module: LoraGenerator, *, loss: str, optimizer: optax.Gradien
     return jax.vmap(one)(signatures, client_ids, trained_lora, rank_masks)
 
   def update(state, signatures, client_ids, base_lora, trained_lora, weights, rank_masks):
-    trained_lora = jax.lax.stop_gradient(trained_lora)
     key = jax.random.wrap_key_data(state.rng) if privacy is not None else None
 
     def step(carry, index):

@@ -20,9 +20,10 @@ For every targeted layer l (kernel layout, see `hyperlora_jax.lora`):
      singular vectors of P_l and R the orthogonal r x r rotation that best aligns a with the
      previous global a (Procrustes). s a b = U_r U_rᵀ P_l is the best rank-r approximation
      (Eckart-Young), and the alignment keeps the factors' gauge continuous from round to
-     round, which the generator's per-client offsets rely on. In the meta-gradient the basis
-     U_r R is held fixed (a straight-through projection; SVD gradients are undefined at
-     repeated singular values, as at round 0).
+     round, which the generator's per-client offsets rely on. The meta-gradient is the exact
+     derivative of this map (`aligned_basis`: a = P a_prev (a_prevᵀ P a_prev)^(-1/2) with P
+     = U_r U_rᵀ, whose derivative needs only σ_r > σ_{r+1}; where the top r singular values
+     are not separated, as when the target has rank < r, that term is taken as zero).
   3. Correction, `corrector`:
        "none"    nothing;
        "fair"    LoRA-FAIR's ΔB fit of (a, b) toward P_l (cosine objective, λ, steps);
@@ -47,6 +48,8 @@ step on (ψ, ω): meta-loss = Σ_k p_k CE_k(held-out batch | aggregate_{ψ,ω}(c
 from __future__ import annotations
 
 import dataclasses
+import functools
+import warnings
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -118,16 +121,69 @@ def synthesis_weights(scores: jax.Array, weights: jax.Array) -> jax.Array:
 
 
 def refactorize(target: jax.Array, rank: int, scale: float, previous_a: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(a, b) with s a b = U_r U_rᵀ target (the best rank-r approximation), a = U_r R aligned.
+  """(a, b) with s a b = U_r U_rᵀ target (the best rank-r approximation), a = U_r R aligned
+  with `previous_a` (`aligned_basis`), b = aᵀ target / s. Differentiable in both inputs, with
+  the exact derivative (`aligned_basis`).
 
-  target [d_in, d_out]; previous_a [d_in, r]. The basis U_r R is computed from a stopped
-  gradient, so derivatives flow linearly through `target` (straight-through projection).
+  target [d_in, d_out]; previous_a [d_in, r] -> a [d_in, r], b [r, d_out].
   """
-  u, _, _ = jnp.linalg.svd(jax.lax.stop_gradient(target), full_matrices=False)
-  u_r = u[:, :rank]
-  left, _, right = jnp.linalg.svd(u_r.T @ jax.lax.stop_gradient(previous_a))
-  a = u_r @ (left @ right)                       # Procrustes: argmin_R ‖U_r R − a_prev‖_F.
+  a = aligned_basis(target, previous_a, rank)
   return a, a.T @ target / scale
+
+
+def _safe_divide(numerator: jax.Array, denominator: jax.Array, tolerance: jax.Array) -> jax.Array:
+  """numerator / denominator, 0 where |denominator| <= tolerance."""
+  ok = jnp.abs(denominator) > tolerance
+  return jnp.where(ok, numerator / jnp.where(ok, denominator, 1.0), 0.0)
+
+
+def _aligned_basis_parts(target: jax.Array, previous_a: jax.Array, rank: int):
+  u, s, vt = jnp.linalg.svd(target, full_matrices=False)
+  u_r = u[:, :rank]
+  left, s_c, right = jnp.linalg.svd(u_r.T @ previous_a)
+  return u_r @ (left @ right), (u, s, vt.T, s_c, right)  # Procrustes: argmin_R ‖U_r R − a_prev‖_F.
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def aligned_basis(target: jax.Array, previous_a: jax.Array, rank: int) -> jax.Array:
+  """a = U_r R [d_in, r]: the top-r left singular vectors U_r of `target` [d_in, d_out],
+  rotated by the orthogonal R that best aligns them with `previous_a` [d_in, r] (Procrustes).
+
+  Gauge-free, a = P a_prev (a_prevᵀ P a_prev)^(-1/2) with the projector P = U_r U_rᵀ, so it
+  is a function of the top-r subspace alone. Its JVP is exact: P's derivative (first-order
+  perturbation of the top-r eigenspace of T Tᵀ, in factored form, no [d_in, d_in] matrix) needs
+  σ_r > σ_{r+1}; the polar factor's needs only a_prevᵀ P a_prev invertible (sums σ_i + σ_j,
+  never differences). Terms whose denominators vanish (a target of rank < r) are taken as zero,
+  so the derivative stays finite.
+  """
+  return _aligned_basis_parts(target, previous_a, rank)[0]
+
+
+@aligned_basis.defjvp
+def _aligned_basis_jvp(rank, primals, tangents):
+  target, previous_a = primals
+  d_target, d_previous = tangents
+  a, (u, s, v, s_c, right) = _aligned_basis_parts(target, previous_a, rank)
+  tolerance = 10 * jnp.finfo(target.dtype).eps * jnp.maximum(s[0], jnp.finfo(target.dtype).tiny)
+  u_r, u_out, v_r, v_out, s_r, s_out = u[:, :rank], u[:, rank:], v[:, :rank], v[:, rank:], s[:rank], s[rank:]
+  # dP a_prev: kept x discarded directions of the SVD's range, then the null space of Tᵀ (Q).
+  coupling = (u_r.T @ d_target @ v_out) * s_out[None, :] + s_r[:, None] * (u_out.T @ d_target @ v_r).T
+  mix = _safe_divide(coupling, s_r[:, None] ** 2 - s_out[None, :] ** 2, tolerance * s[0])   # [r, k - r]
+  inverse_s_r = _safe_divide(jnp.ones_like(s_r), s_r, tolerance)
+  outside = lambda x: x - u @ (u.T @ x)                                                   # Q x
+  kept = u_r.T @ previous_a                                                               # [r, r]
+  d_y = (u_r @ (mix @ (u_out.T @ previous_a)) + u_out @ (mix.T @ kept)
+         + outside(d_target @ (v_r @ (inverse_s_r[:, None] * kept)))
+         + u_r @ (inverse_s_r[:, None] * (v_r.T @ (d_target.T @ outside(previous_a))))
+         + u_r @ (u_r.T @ d_previous))                                                    # d(P a_prev)
+  # The polar factor a = y (yᵀy)^(-1/2) of y = P a_prev = (U_r L) diag(s_c) R: with H = Rᵀ S R,
+  # da = (I - a aᵀ) dy H⁻¹ + a Ω, Ω skew, Ω H + H Ω = aᵀ dy - dyᵀ a.
+  z = right.T
+  k = a.T @ d_y
+  tolerance_c = 10 * jnp.finfo(target.dtype).eps * jnp.maximum(s_c[0], jnp.finfo(target.dtype).tiny)
+  omega = z @ _safe_divide(z.T @ (k - k.T) @ z, s_c[:, None] + s_c[None, :], tolerance_c) @ z.T
+  h_inverse = z @ (_safe_divide(jnp.ones_like(s_c), s_c, tolerance_c)[:, None] * z.T)
+  return a, (d_y - a @ (a.T @ d_y)) @ h_inverse + a @ omega
 
 
 class PrivateRelease(NamedTuple):
@@ -237,7 +293,7 @@ def synthesize(params: Tree, modules: tuple[SynthesizerScores, ResidualGate], cf
   if cfg.corrector == "learned":
     stats = jnp.stack([jnp.stack([jnp.linalg.norm(residual[p]) / (jnp.linalg.norm(products[p]) + 1e-12),
                                   dispersion[i]]) for i, p in enumerate(paths)])
-    gates = gate_module.apply(params["corr"], jax.lax.stop_gradient(stats))
+    gates = gate_module.apply(params["corr"], stats)
     targets = {p: products[p] + gates[i] * residual[p] for i, p in enumerate(paths)}
     used["gates"] = gates
 
@@ -247,7 +303,7 @@ def synthesize(params: Tree, modules: tuple[SynthesizerScores, ResidualGate], cf
     if cfg.corrector == "fair":
       b = b + fit_delta_b(a, b, target / cfg.scale, lam=cfg.fair_lam, steps=cfg.fair_steps,
                           learning_rate=cfg.fair_learning_rate)
-    return {"a": a, "b": b}, jax.lax.stop_gradient(target - cfg.scale * a @ b)
+    return {"a": a, "b": b}, target - cfg.scale * a @ b
 
   new_global, missed = aggregate_layers(refactorized, global_params, client_params, weights, target=targets)
   if private_rest is not None:
@@ -312,6 +368,24 @@ class SynthesizerState(states.TypedState):
   rng: jax.Array | None = None
 
 
+class CrossRoundDerivativeWarning(UserWarning):
+  """The synthesizer's meta-optimizer has a non-finite derivative at a zero gradient, so a
+  derivative taken through several rounds (through ψ's update) would be NaN."""
+
+
+def update_derivative_is_finite(optimizer: optax.GradientTransformation) -> bool:
+  """Whether `optimizer.update`'s derivative is finite at a zero gradient, after one step (a
+  zero second moment: `optax.adam` with eps_root=0 has sqrt's infinite derivative there)."""
+  params = {"w": jnp.zeros(3)}
+
+  def second_update(g):
+    state = optimizer.init(params)
+    _, state = optimizer.update({"w": jnp.zeros(3)}, state, params)
+    updates, _ = optimizer.update({"w": g}, state, params)
+    return jnp.sum(updates["w"])
+  return bool(jnp.all(jnp.isfinite(jax.grad(second_update)(jnp.zeros(3)))))
+
+
 def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransformation,
                           *, hidden: int = 32, meta_learning: bool = True, meta_steps: int = 1,
                           privacy: tuple[float, float] | None = None) -> Aggregator:
@@ -331,7 +405,18 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
   round). It needs the uniform synthesizer and no meta-learning (ψ, ω would learn from
   per-client held-out gradients outside the accountant), holds out no steps and reports no
   meta-loss; the state adds `rng`, the noise key's data.
+
+  The aggregate is differentiable (the re-factorization's exact derivative, `aligned_basis`).
+  A derivative through several rounds also differentiates ψ's update, `optimizer.update`:
+  `optax.adam` needs eps_root > 0 for it (e.g. `optax.adam(1e-3, eps_root=1e-16)`), else a
+  zero meta-gradient entry makes it NaN; an optimizer with that defect draws a
+  `CrossRoundDerivativeWarning` here (meta-learning alone never differentiates it).
   """
+  if meta_learning and not update_derivative_is_finite(optimizer):
+    warnings.warn("hyperlora_synthesizer: the meta-optimizer's update has a non-finite derivative at a zero "
+                  "gradient (optax.adam with eps_root=0), so a derivative taken through several rounds would be "
+                  "NaN; give it eps_root > 0 (optax.adam(lr, eps_root=1e-16)) if you differentiate through rounds",
+                  CrossRoundDerivativeWarning, stacklevel=2)
   diagnostic_metrics = DIAGNOSTIC_METRICS if cfg.corrector == "learned" else DIAGNOSTIC_METRICS[:2]
   if privacy is not None and (meta_learning or cfg.learned_weights):
     raise ValueError("a private HyperLoRA synthesizer needs learned_weights=False and meta_learning=False: "
