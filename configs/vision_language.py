@@ -19,10 +19,8 @@ the normalization; images are resized to its image_size:
   python -m experiments.main --config configs/vision_language.py:checkpoint=/ckpt/clip-b32,method=hyperlora \
       --workdir runs/vl_clip
 """
-import json
-import os
-
 from configs import benchmarks, default, domainnet_like
+from hyperlora_jax.models import hf
 
 
 def get_config(arg: str | None = None):
@@ -33,6 +31,5 @@ def get_config(arg: str | None = None):
   if args.get("checkpoint"):
     config.pretrain.checkpoint = args["checkpoint"]
     config.pretrain.data_name = ""          # No pretraining: the checkpoint is the backbone.
-    with open(os.path.join(args["checkpoint"], "config.json")) as f:
-      config.data.image_size = int(json.load(f).get("vision_config", {}).get("image_size", 224))
+    config.data.image_size = hf.image_size(hf.read_config(args["checkpoint"]))
   return config

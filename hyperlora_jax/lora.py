@@ -49,6 +49,7 @@ import re
 import threading
 from typing import Any, Callable, Mapping
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -292,15 +293,17 @@ def apply(model: nn.Module, params: Any, lora: LoraParams, *args, scale: float,
 
 def merge(params: Any, lora: LoraParams, scale: float) -> Any:
   """Backbone variables with W <- W + s a@b merged into each targeted layer's weight (the
-  `kernel`, or an `nn.Embed`'s `embedding`), reshaped to its shape: for export and tests."""
-  merged = jax.tree.map(lambda x: x, params)  # Shallow structural copy.
+  `kernel`, or an `nn.Embed`'s `embedding`), reshaped to its shape: for export and tests.
+  A `FrozenDict` gives a `FrozenDict`."""
+  frozen = isinstance(params, flax.core.FrozenDict)
+  merged = flax.core.unfreeze(params) if frozen else jax.tree.map(lambda x: x, params)  # A structural copy.
   for path, factors in lora.items():
     node = merged["params"]
     for name in path.split("/"):
       node = node[name]
     key = "kernel" if "kernel" in node else "embedding"
     node[key] = node[key] + (scale * product(factors)).reshape(node[key].shape)
-  return merged
+  return flax.core.freeze(merged) if frozen else merged
 
 
 # ---------------------------------------------------------------- LoRA layers inside any pytree
@@ -507,6 +510,13 @@ def _nnx_lora_layer(base: Any, a: jax.Array, b: jax.Array, scale: float) -> Any:
         flat = _flatten_contracted(x, tuple(a % x.ndim for a in _as_tuple(self.base.axis)))
         return out + (scale * ((flat @ self.a) @ self.b)).reshape(out.shape).astype(out.dtype)
       return out + scale * ((x @ self.a) @ self.b).astype(out.dtype)
+
+    def attend(self, query, *args, **kwargs):
+      """An adapted `nnx.Embed`'s tied head: q @ (E + s a b)ᵀ = base.attend(q) + s (q bᵀ) aᵀ."""
+      if not isinstance(self.base, nnx.Embed):
+        raise AttributeError(f"{type(self.base).__name__} has no attend (only nnx.Embed does)")
+      out = self.base.attend(query, *args, **kwargs)
+      return out + scale * ((query @ self.b.T) @ self.a.T).astype(out.dtype)
   return LoraLayer()
 
 
@@ -520,18 +530,31 @@ def _nnx_child(node: Any, parts: list) -> Any:
   return node
 
 
-def apply_nnx(graphdef: Any, state: Any, lora: LoraParams, *args, scale: float, **kwargs):
+def apply_nnx(graphdef: Any, state: Any, lora: LoraParams, *args, scale: float, rngs: jax.Array | None = None,
+              **kwargs):
   """Calls the NNX model `nnx.merge(graphdef, state)` with LoRA on the layers in `lora`.
 
   Pure and factored like `apply`: a merged copy of the model has each targeted layer wrapped
-  so that it returns `base(x) + s (x @ a) @ b`; the frozen `state` is never modified or
-  copied per client (under vmap it enters unbatched).
+  so that it returns `base(x) + s (x @ a) @ b` (an adapted `nnx.Embed`'s `attend`, a tied
+  head, too); the frozen `state` is never modified or copied per client (under vmap it enters
+  unbatched).
   Args:
     graphdef, state: `nnx.split(model)`.
     lora: {path: {"a", "b"}} with paths from `find_targets_nnx`.
+    rngs: a PRNG key that reseeds the model's random streams (`nnx.Dropout(rngs=...)`'s),
+      required when it has any: pass the loss's `rng`, so that each client and step draws its
+      own masks (the streams in `state` would give every call the same ones).
+  Raises:
+    ValueError: a path that is not a supported layer; a model with random streams and no `rngs`.
   """
   nnx = _nnx()
-  model = nnx.merge(graphdef, state)
+  model = nnx.merge(graphdef, state, copy=True)  # Its own Variables, at this trace level: a stream may advance.
+  streams = sorted({node.tag for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)})
+  if streams:
+    if rngs is None:
+      raise ValueError(f"apply_nnx: the model draws random numbers (streams {streams}, e.g. nnx.Dropout); pass "
+                       f"rngs=<key> (the loss's rng), or every client and step would reuse the same draws")
+    nnx.reseed(model, **{tag: jax.random.fold_in(rngs, i) for i, tag in enumerate(streams)})
   for path, factors in lora.items():
     *parents, last = [int(p) if p.isdigit() else p for p in path.split("/")]
     node = _nnx_child(model, parents)

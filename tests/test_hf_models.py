@@ -164,6 +164,24 @@ def test_an_adapter_trained_elsewhere_loads_by_the_models_module_names(tmp_path)
     peft.load_peft(str(directory), paths=list(paths), module_name=hf.vit_module_namer(transformers_version=4))
 
 
+def test_a_list_valued_image_size_loads_and_a_non_square_one_is_named(tmp_path):
+  """transformers accepts image_size / patch_size as [n, n]; the CLI used to crash on it."""
+  from configs import vision_language
+  directory = _copy("hf_vit", tmp_path)
+  config = json.loads((directory / "config.json").read_text())
+  (directory / "config.json").write_text(json.dumps({**config, "image_size": [16, 16], "patch_size": [4, 4]}))
+  assert hf.image_size(hf.read_config(str(directory))) == 16
+  assert hf.vit_arch(hf.read_config(str(directory)))["patch_size"] == 4
+  (directory / "config.json").write_text(json.dumps({**config, "image_size": [16, 24]}))
+  with pytest.raises(hf.CheckpointError, match=r"image_size=\[16, 24\]: only square sizes"):
+    hf.image_size(hf.read_config(str(directory)))
+  clip = _copy("hf_clip", tmp_path)
+  config = json.loads((clip / "config.json").read_text())
+  config["vision_config"]["image_size"] = [16, 16]
+  (clip / "config.json").write_text(json.dumps(config))
+  assert vision_language.get_config(f"checkpoint={clip}").data.image_size == 16
+
+
 def test_module_names_follow_the_transformers_version():
   assert hf.vit_module_name("encoder/block_3/attn/query", transformers_version=4) == \
       "encoder.layer.3.attention.attention.query"

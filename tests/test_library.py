@@ -95,6 +95,64 @@ def test_nnx_linear_and_embed_factored_equal_merged_and_vmap_over_clients():
   assert not np.allclose(grads["embed"]["b"][0], grads["embed"]["b"][2])
 
 
+def test_an_nnx_model_with_dropout_trains_in_the_round_with_its_own_draws_per_client_and_step():
+  """`nnx.Dropout(rngs=rngs)`, the usual NNX idiom, used to crash the round ("Cannot mutate
+  RngCount from a different trace level"); its draws come from the loss's rng now."""
+  from flax import nnx
+
+  class Net(nnx.Module):  # x [B, 8] -> [B, 3]
+    def __init__(self, rngs):
+      self.hidden = nnx.Linear(8, 16, rngs=rngs)
+      self.drop = nnx.Dropout(0.5, rngs=rngs)
+      self.out = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(self.drop(nnx.relu(self.hidden(x))))
+
+  graphdef, state = nnx.split(Net(nnx.Rngs(0, dropout=1)))
+  adapter = lora.init_lora(jax.random.key(1), {"hidden": (8, 16), "out": (16, 3)}, rank=2)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 8)), jnp.float32)
+  call = lambda key: lora.apply_nnx(graphdef, state, adapter, x, scale=1.0, rngs=key)
+  np.testing.assert_array_equal(call(jax.random.key(3)), call(jax.random.key(3)))
+  assert not np.allclose(call(jax.random.key(3)), call(jax.random.key(4)))  # Another step: other masks.
+  with pytest.raises(ValueError, match=r"streams \['dropout'\].*pass rngs="):
+    lora.apply_nnx(graphdef, state, adapter, x, scale=1.0)
+
+  def loss_fn(trainable, frozen, batch, rng):
+    y = lora.apply_nnx(graphdef, frozen, trainable, batch["x"], scale=1.0, rngs=rng)
+    return jnp.mean((y - batch["y"]) ** 2), {}
+  fed = hl.FederatedRound(hl.local_update(loss_fn, optax.sgd(0.1)), aggregators.fedit(), num_clients=4)
+  xs = np.random.default_rng(1).normal(size=(4, 2, 5, 8)).astype(np.float32)
+  new_state, metrics = jax.jit(fed.step)(fed.init(jax.random.key(2), adapter), state, {"x": xs, "y": xs[..., :3]},
+                                         jnp.arange(4), jnp.full(4, 0.25))
+  assert np.isfinite(float(metrics["train_loss"])) and int(metrics["participants"]) == 4
+
+
+def test_an_nnx_tied_head_is_adapted_as_its_merged_table():
+  """`embed.attend` (a tied LM head) on an adapted nnx.Embed used to raise AttributeError."""
+  from flax import nnx
+
+  class Tied(nnx.Module):  # ids [B, T] -> logits [B, T, 11]
+    def __init__(self, rngs):
+      self.embed = nnx.Embed(11, 6, rngs=rngs)
+      self.mix = nnx.Linear(6, 6, rngs=rngs)
+
+    def __call__(self, ids):
+      return self.embed.attend(self.mix(self.embed(ids)))
+
+  model = Tied(nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  adapter = _perturbed(lora.find_targets_nnx(model, target_regex="embed"), rank=2)
+  ids = jnp.array([[0, 4, 10, 3]])
+  got = lora.apply_nnx(graphdef, state, adapter, ids, scale=2.0)
+  pure = nnx.to_pure_dict(state)
+  pure["embed"]["embedding"] = pure["embed"]["embedding"] + 2.0 * adapter["embed"]["a"] @ adapter["embed"]["b"]
+  merged = nnx.split(Tied(nnx.Rngs(0)))[1]
+  nnx.replace_by_pure_dict(merged, pure)
+  np.testing.assert_allclose(got, nnx.merge(graphdef, merged)(ids), atol=1e-5)
+  assert not np.allclose(got, model(ids), atol=1e-3)
+
+
 def test_nnx_multi_head_attention_takes_lora_on_its_linear_general_layers():
   from flax import nnx
   attention = nnx.MultiHeadAttention(num_heads=2, in_features=6, qkv_features=8, decode=False, rngs=nnx.Rngs(0))

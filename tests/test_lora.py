@@ -52,6 +52,17 @@ def test_factored_equals_merged_within_1e5():
   np.testing.assert_allclose(factored, merged, atol=1e-5)
 
 
+def test_merge_takes_frozen_variables_and_returns_them_frozen():
+  """`lora.merge` on a FrozenDict (what older Flax code and checkpoints hold) used to raise
+  'FrozenDict is immutable'."""
+  import flax
+  model, params, x = _vit_and_params()
+  factors = _nonzero_lora(lora.find_targets(model, params, x, target_regex=r".*attn/query"), 2)
+  merged = lora.merge(flax.core.freeze(params), factors, 1.5)
+  assert isinstance(merged, flax.core.FrozenDict)
+  jax.tree.map(np.testing.assert_array_equal, flax.core.unfreeze(merged), lora.merge(params, factors, 1.5))
+
+
 def test_flax_kernel_layout_is_d_in_by_d_out():
   """a: [d_in, r], b: [r, d_out]; the update enters as x @ (s a b), not its transpose."""
   model = TwoLayer()

@@ -124,7 +124,7 @@ def vit_arch(config: dict) -> dict[str, Any]:
   config = {**_VIT_DEFAULTS, **config}
   if config.get("num_channels", 3) != 3:
     raise CheckpointError(f"config.json num_channels={config['num_channels']}: only 3-channel (RGB) ViTs are supported")
-  return {"patch_size": int(config["patch_size"]), "width": int(config["hidden_size"]),
+  return {"patch_size": square_size(config["patch_size"], "patch_size"), "width": int(config["hidden_size"]),
           "depth": int(config["num_hidden_layers"]), "num_heads": int(config["num_attention_heads"]),
           "mlp_dim": int(config["intermediate_size"]), "gelu": _gelu(config["hidden_act"]),
           "layer_norm_eps": float(config["layer_norm_eps"]), "qkv_bias": bool(config.get("qkv_bias", True))}
@@ -139,7 +139,8 @@ def clip_arch(config: dict) -> dict[str, Any]:
   if text["hidden_act"] != vision["hidden_act"] or text["layer_norm_eps"] != vision["layer_norm_eps"]:
     raise CheckpointError("config.json: the towers' hidden_act and layer_norm_eps differ; supported: equal ones")
   eos = int(text["eos_token_id"])
-  return {"patch_size": int(vision["patch_size"]), "width": int(vision["hidden_size"]),
+  return {"patch_size": square_size(vision["patch_size"], "vision_config.patch_size"),
+          "width": int(vision["hidden_size"]),
           "depth": int(vision["num_hidden_layers"]), "num_heads": int(vision["num_attention_heads"]),
           "mlp_dim": int(vision["intermediate_size"]), "text_width": int(text["hidden_size"]),
           "text_depth": int(text["num_hidden_layers"]), "text_heads": int(text["num_attention_heads"]),
@@ -224,11 +225,25 @@ ARCHITECTURES = {"vit": vit_arch, "clip": clip_arch, **{t: decoder_arch for t in
 MODEL_NAMES = {"vit": "vit", "clip": "clip", **{t: "llama" for t in DECODER_TYPES}}
 
 
+def square_size(value: Any, field: str) -> int:
+  """A config.json size as one integer: `224`, or `[224, 224]` (transformers accepts a pair);
+  raises CheckpointError naming the field for a non-square pair or another value."""
+  if isinstance(value, (list, tuple)):
+    if len(value) != 2 or value[0] != value[1]:
+      raise CheckpointError(f"config.json {field}={list(value)}: only square sizes (one integer or [n, n]) are "
+                            f"supported")
+    value = value[0]
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+    raise CheckpointError(f"config.json {field}={value!r}: a positive integer (or [n, n]) is expected")
+  return int(value)
+
+
 def image_size(config: dict) -> int:
   """The image side the checkpoint's position embeddings are for."""
   if config.get("model_type") == "clip":
-    return int({**_CLIP_VISION_DEFAULTS, **config.get("vision_config", {})}["image_size"])
-  return int({**_VIT_DEFAULTS, **config}["image_size"])
+    return square_size({**_CLIP_VISION_DEFAULTS, **config.get("vision_config", {})}["image_size"],
+                       "vision_config.image_size")
+  return square_size({**_VIT_DEFAULTS, **config}["image_size"], "image_size")
 
 
 def architecture(config: dict) -> tuple[str, dict[str, Any]]:
