@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from experiments.runner import methods, pretrain
+from experiments.runner import memory, methods, pretrain
 from experiments.runner.data import loader
 from experiments.runner.data.partition import ALLOWED_PARTITIONS
 from experiments.runner.optimizers import ALLOWED_OPTIMIZERS, ALLOWED_SCHEDULES
@@ -430,7 +430,8 @@ def preflight(config: ml_collections.ConfigDict) -> None:
 
 
 def _preflight_text(config: ml_collections.ConfigDict) -> None:
-  """A text run's LoRA targets and rank against the decoder's shapes, and the cache."""
+  """A text run's LoRA targets and rank against the decoder's shapes, the cache, and whether a
+  local step (and, for the embedded decoder, a pretraining step) can fit in memory at all."""
   from experiments.runner import pretrain_text
   if config.pretrain.get("checkpoint", ""):
     name, arch = hf.architecture(hf.read_config(config.pretrain.checkpoint))
@@ -441,7 +442,30 @@ def _preflight_text(config: ml_collections.ConfigDict) -> None:
     if not _writable_dir(cache_dir):
       raise ConfigError(f"pretrain.cache_dir: cannot write to {cache_dir!r}")
     model = pretrain_text.decoder_from_config(config.model, config.pretrain.vocab_size)
+    if not os.path.isdir(pretrain_text.cache_path(config)):  # It would be pretrained first.
+      _check_decoder_step_fits(model, config.pretrain.batch_size, config.pretrain.sequence_length, 1,
+                               "pretrain.sequence_length", "pretrain.batch_size", "a pretraining step")
+  chunk = config.fed.clients_per_chunk
+  clients = 1 if chunk < 0 else (chunk or config.fed.clients_per_round)  # -1: measured, from 1 up.
+  _check_decoder_step_fits(model, config.fed.batch_size, config.data.max_len, clients, "data.max_len",
+                           "fed.batch_size", f"a local step of {clients} client(s) at once" + (
+                               " (fed.clients_per_chunk)" if clients > 1 else ""))
   _check_lora_fits(config, model, jnp.zeros((1, 4), jnp.int32))
+
+
+def _check_decoder_step_fits(model, batch: int, length: int, clients: int, length_field: str, batch_field: str,
+                             what: str) -> None:
+  """Raises ConfigError naming the length and batch fields when `clients` x one decoder
+  training step of [batch, length] tokens (`memory.decoder_step_bytes`) exceeds the device."""
+  needed = clients * memory.decoder_step_bytes(batch, length, model.vocab_size, model.width, model.depth,
+                                               model.num_heads)
+  available = memory.device_memory_bytes()
+  if memory.too_large(needed, available):
+    field = length_field if length >= batch else batch_field  # The one far from the usual.
+    raise ConfigError(f"{field}: {what} of {batch_field}={batch} sequences of {length_field}={length} "
+                      f"tokens needs {memory.describe(needed, available)} (logits {batch}x{length}x"
+                      f"{model.vocab_size}, attention {batch}x{model.num_heads}x{length}²); lower {length_field} "
+                      f"or {batch_field}")
 
 
 def _check_lora_fits(config: ml_collections.ConfigDict, model, example) -> None:

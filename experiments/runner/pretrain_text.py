@@ -133,9 +133,12 @@ def pretrain_decoder(model: DecoderLM, sequences: np.ndarray, *, steps: int, bat
   return variables, {"holdout_perplexity": float(np.exp(held_out)), "seconds": time.time() - start}
 
 
-def decoder_directory(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> str:
+def decoder_directory(config: ml_collections.ConfigDict, log: Callable[[str], None] = print,
+                      check_tokenizer: Callable[[hf.Tokenizer], None] | None = None) -> str:
   """The Hugging Face directory of the run's frozen decoder: `pretrain.checkpoint`, or the
   embedded decoder's cache (built on first use, verified against its manifest on every use).
+  `check_tokenizer` sees the embedded tokenizer as soon as it is trained, before the decoder's
+  pretraining (a run that cannot use it is refused in seconds, not after the pretraining).
 
   Raises:
     models.load.CheckpointError: the cache is not what was written (left in place).
@@ -144,7 +147,7 @@ def decoder_directory(config: ml_collections.ConfigDict, log: Callable[[str], No
   if not directory:
     directory = cache_path(config)
     if not os.path.isdir(directory):
-      _build_embedded(config, directory, log)
+      _build_embedded(config, directory, log, check_tokenizer)
     else:
       try:
         files.verify_manifest(directory)
@@ -155,28 +158,31 @@ def decoder_directory(config: ml_collections.ConfigDict, log: Callable[[str], No
   return directory
 
 
-def load_or_pretrain_decoder(config: ml_collections.ConfigDict,
-                             log: Callable[[str], None] = print) -> tuple[DecoderLM, dict, hf.Tokenizer, str]:
+def load_or_pretrain_decoder(config: ml_collections.ConfigDict, log: Callable[[str], None] = print,
+                             check_tokenizer: Callable[[hf.Tokenizer], None] | None = None
+                             ) -> tuple[DecoderLM, dict, hf.Tokenizer, str]:
   """(model, variables, tokenizer, checkpoint directory) of the run's frozen decoder: the
-  `pretrain.checkpoint` directory's, or the embedded one (built and cached on first use).
+  `pretrain.checkpoint` directory's, or the embedded one (built and cached on first use;
+  `check_tokenizer` as for `decoder_directory`).
 
   Raises:
     models.load.CheckpointError: the checkpoint or the cached directory cannot be read.
   """
-  directory = decoder_directory(config, log)
+  directory = decoder_directory(config, log, check_tokenizer)
   model, variables, dropped = hf.load_causal_lm(directory, remat=bool(config.model.get("remat", False)))
   if dropped:
     log(f"backbone: not loaded (not used): {', '.join(dropped)}")
   return model, variables, hf.Tokenizer.from_directory(directory), directory
 
 
-def _build_embedded(config: ml_collections.ConfigDict, directory: str, log: Callable[[str], None]) -> None:
+def _build_embedded(config: ml_collections.ConfigDict, directory: str, log: Callable[[str], None],
+                    check_tokenizer: Callable[[hf.Tokenizer], None] | None = None) -> None:
   texts = stdlib_docs.pretraining_text()
   files.remove_stale_partials(directory)  # Of killed runs.
   partial = files.partial_path(directory)  # This process's own: concurrent builds do not meet.
   shutil.rmtree(partial, ignore_errors=True)
   try:
-    stats = _write_embedded(config, partial, texts, log)
+    stats = _write_embedded(config, partial, texts, log, check_tokenizer)
   except BaseException:
     shutil.rmtree(partial, ignore_errors=True)
     raise
@@ -193,11 +199,13 @@ def _build_embedded(config: ml_collections.ConfigDict, directory: str, log: Call
 
 
 def _write_embedded(config: ml_collections.ConfigDict, partial: str, texts: list[str],
-                    log: Callable[[str], None]) -> dict:
+                    log: Callable[[str], None], check_tokenizer: Callable[[hf.Tokenizer], None] | None) -> dict:
   """The embedded decoder pretrained and written into `partial`, its manifest last; its
   pretraining statistics."""
   p = config.pretrain
   tokenizer = train_tokenizer(texts, p.vocab_size, partial)
+  if check_tokenizer is not None:
+    check_tokenizer(tokenizer)
   model = decoder_from_config(config.model, tokenizer.vocab_size)
   sequences = packed_sequences(tokenizer, texts, p.sequence_length)
   log(f"backbone: pretraining a {model.depth}-block decoder (width {model.width}, vocab {tokenizer.vocab_size}) "

@@ -35,8 +35,27 @@ def prepare_text_inputs(config: ml_collections.ConfigDict, log: Callable[[str], 
   `pretrain.checkpoint` names one) and `data.name` tokenized by its tokenizer
   (`instructions.prepare_tokenized`). For the main process of a multi-process run, and sweeps;
   the decoder's weights are read by the runs, not here."""
-  tokenizer = hf.Tokenizer.from_directory(pretrain_text.decoder_directory(config, log))
-  instructions.prepare_tokenized(config.data, tokenizer, log)
+  check = lambda tokenizer: check_records_fit(config, tokenizer, log)
+  tokenizer = hf.Tokenizer.from_directory(pretrain_text.decoder_directory(config, log, check))
+  check(tokenizer)
+
+
+def check_records_fit(config: ml_collections.ConfigDict, tokenizer, log: Callable[[str], None] = print) -> None:
+  """`data.name` tokenized by `tokenizer` (once, cached) keeps a response token within
+  `data.max_len` in at least half its records; else ConfigError naming data.max_len. Run as
+  soon as the tokenizer exists: for the embedded decoder, before its pretraining."""
+  refuse_lost_records(config, instructions.prepare_tokenized(config.data, tokenizer, log))
+
+
+def refuse_lost_records(config: ml_collections.ConfigDict, records: instructions.TokenizedRecords) -> None:
+  """ConfigError naming data.max_len when more than half of `records` keep no response token."""
+  lost, total = int(records.no_loss.sum()), len(records.no_loss)
+  if lost > total / 2:
+    raise ConfigError(f"data.max_len: {lost} of {total} records keep no response token within "
+                      f"data.max_len={config.data.max_len} tokens (their prompts fill it); raise it"
+                      + ("" if config.pretrain.get("checkpoint") else
+                         f" (or pretrain.vocab_size={config.pretrain.vocab_size}: a larger vocabulary "
+                         f"takes fewer tokens)"))
 
 
 def build_text_federated_data(config: ml_collections.ConfigDict, tokenizer, log: Callable[[str], None],
@@ -45,11 +64,10 @@ def build_text_federated_data(config: ml_collections.ConfigDict, tokenizer, log:
   train / test, in memory or streamed (`data.stream`), partitioned; every id checked against
   the tokenizer's vocabulary and the model's embedding rows (`model_vocab_size`)."""
   vocab = min(tokenizer.vocab_size, model_vocab_size or tokenizer.vocab_size)
-  train, test = instructions.load_text_datasets(config.data, tokenizer, config.seed, log, vocab)
+  records = instructions.prepare_tokenized(config.data, tokenizer, log, vocab)
+  refuse_lost_records(config, records)
+  train, test = instructions.split_records(records, config.data, config.seed)
   lost = train.no_loss + test.no_loss
-  if lost > (len(train) + len(test)) / 2:
-    raise ConfigError(f"data.max_len: {lost} of {len(train) + len(test)} records keep no response token "
-                      f"within data.max_len={config.data.max_len} tokens (their prompts fill it); raise it")
   log(f"data: {len(train)} train / {len(test)} test records of {config.data.name!r}"
       f"{' (streamed)' if config.data.stream else ''} in {train.num_classes} "
       f"group(s) by {config.data.group_field or '(none)'!r}; {train.truncated + test.truncated} cut to "
@@ -62,7 +80,8 @@ def build_text_experiment(config: ml_collections.ConfigDict, log: Callable[[str]
   from experiments.runner.experiment import (Experiment, checked_method, client_ranks, every_client_signature,
                                              round_plugins, sharded_backbone)
   mesh, method, server_optimizer = checked_method(config)
-  model, backbone, tokenizer, _ = pretrain_text.load_or_pretrain_decoder(config, log)
+  model, backbone, tokenizer, _ = pretrain_text.load_or_pretrain_decoder(
+      config, log, check_tokenizer=lambda tokenizer: check_records_fit(config, tokenizer, log))
   backbone = sharded_backbone(backbone, mesh, log)
   compute_dtype = backbone_dtype(config.compute.backbone_dtype)
   model = model.clone(dtype=compute_dtype)

@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from experiments.runner import methods, pretrain, records as records_lib, reporting
+from experiments.runner import memory, methods, pretrain, records as records_lib, reporting
 from experiments.runner.config_validation import is_text
 from experiments.runner import workdir as workdir_lib
 from experiments.runner.data.loader import prepare_dataset
@@ -118,10 +118,19 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_round: i
   upcoming = prefetch.submit(round_on_mesh, exp, done, per_client) if done < last_round else None
   finish = lambda pending: finish_round(exp, workdir, pending, records, manager, bar, log)
   pending = None
+  compiled = None
   for r in bar:
     (block, ids, weights), host_ids = upcoming.result()
     upcoming = prefetch.submit(round_on_mesh, exp, r + 1, per_client) if r + 1 < last_round else None
-    state, round_metrics = round_fn(state, frozen, block, ids, weights)  # Dispatched, not waited for.
+    if compiled is None:  # Compiled once, and refused before it runs if it cannot fit in memory.
+      try:
+        compiled = round_fn.lower(state, frozen, block, ids, weights).compile()
+        memory.check_compiled_round(config, compiled)
+      except BaseException:
+        prefetch.shutdown(cancel_futures=True)
+        manager.close()
+        raise
+    state, round_metrics = compiled(state, frozen, block, ids, weights)  # Dispatched, not waited for.
     if pending is not None:
       finish(pending)  # Round r-1's host work while round r computes.
     evaluating = (r + 1) % config.eval_every == 0 or r + 1 == config.fed.num_rounds

@@ -389,6 +389,11 @@ def load_text_datasets(data_config, tokenizer, seed: int, log: Callable[[str], N
   """(train, test) `TextDataset`s of `data.name` per the config's `data` block (layout,
   group_field, test_fraction, max_len, chat_template, data_dir, stream): tokenized once
   (`prepare_tokenized`), split per group, in memory or streamed."""
-  records = prepare_tokenized(data_config, tokenizer, log, vocab_size)
+  return split_records(prepare_tokenized(data_config, tokenizer, log, vocab_size), data_config, seed)
+
+
+def split_records(records: TokenizedRecords, data_config, seed: int) -> tuple[TextDataset, TextDataset]:
+  """(train, test) `TextDataset`s of prepared `records`: split per group
+  (`data.test_fraction`, seeded), in memory or streamed (`data.stream`)."""
   train, test = split_train_test(records.groups, data_config.test_fraction, seed)
   return records.split(train, data_config.stream), records.split(test, data_config.stream)

@@ -1,0 +1,98 @@
+"""Will a run fit in memory? Asked twice, before the hours it could cost.
+
+  1. Before anything is prepared (`config_validation.preflight`): a decoder's training step is
+     dominated by terms the config alone gives (`decoder_step_bytes`: the logits B x T x vocab
+     and the attention probabilities B x heads x T²). A local step of one client, or a
+     pretraining step, larger than the device's memory is refused naming the field to lower,
+     before records are tokenized or a decoder is pretrained.
+  2. After the round is compiled and before it runs (`train`): the compiled round's own
+     memory analysis (arguments, outputs and temporaries XLA plans) against the device's
+     memory (`check_compiled_round`).
+
+The device's memory is `memory_stats()["bytes_limit"]` on an accelerator, and the memory the
+operating system reports available on the CPU (Linux: /proc/meminfo's MemAvailable).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+GiB = float(1 << 30)
+
+
+def device_memory_bytes(device: Any = None) -> int | None:
+  """Bytes one device can hold: an accelerator's `bytes_limit`, or the host's available memory
+  for a CPU device (None where neither is known)."""
+  device = device or jax.local_devices()[0]
+  try:
+    stats = device.memory_stats()
+  except Exception:  # Backends without memory statistics raise various errors.
+    stats = None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  if device.platform == "cpu":
+    return _available_host_bytes()
+  return None
+
+
+def _available_host_bytes() -> int | None:
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def decoder_step_bytes(batch: int, length: int, vocab: int, width: int, depth: int, heads: int,
+                       bytes_per_value: int = 4) -> int:
+  """A lower bound on one training step of a decoder (forward and backward, float32): the
+  logits and their gradient (2 B T V), each layer's attention probabilities kept for the
+  backward (depth B H T²), and its hidden states (about 12 depth B T D). Weights and the
+  optimizer are left out: this is what sequence length and batch drive."""
+  logits = 2 * batch * length * vocab
+  attention = depth * batch * heads * length * length
+  hidden = 12 * depth * batch * length * width
+  return (logits + attention + hidden) * bytes_per_value
+
+
+def compiled_bytes(compiled: Any) -> int | None:
+  """Peak bytes XLA plans for a compiled function (arguments + outputs + temporaries, less what
+  donated arguments alias), or None when the backend does not say."""
+  try:
+    analysis = compiled.memory_analysis()
+  except Exception:  # Not every backend implements it.
+    return None
+  if analysis is None:
+    return None
+  return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
+             - analysis.alias_size_in_bytes)
+
+
+def too_large(needed: int, available: int | None) -> bool:
+  return available is not None and needed > available
+
+
+def describe(needed: int, available: int) -> str:
+  device = jax.local_devices()[0]
+  where = "available host memory" if device.platform == "cpu" else f"memory of one {device.device_kind}"
+  return f"about {needed / GiB:.1f} GiB, more than the {available / GiB:.1f} GiB {where}"
+
+
+def check_compiled_round(config: Any, compiled: Any) -> int | None:
+  """Raises ConfigError, naming the fields that size the round, when the compiled round's
+  planned memory (`compiled_bytes`) exceeds the device's; returns the planned bytes."""
+  from experiments.runner.config_validation import ConfigError, is_text
+  needed, available = compiled_bytes(compiled), device_memory_bytes()
+  if needed is not None and too_large(needed, available):
+    fed = config.fed
+    shape = (f"data.max_len={config.data.max_len}" if is_text(config) else f"data.image_size={config.data.image_size}")
+    raise ConfigError(
+        f"fed.clients_per_chunk: the compiled round needs {describe(needed, available)}; lower "
+        f"fed.clients_per_chunk (now {fed.clients_per_chunk}: clients trained at once; 0 = all, -1 = measured), "
+        f"fed.batch_size={fed.batch_size}, {shape}, or fed.clients_per_round={fed.clients_per_round} (the "
+        f"round's inputs stay on the device)")
+  return needed
