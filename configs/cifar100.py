@@ -20,12 +20,12 @@ from configs.domainnet import real_dataset_config
 def get_config(arg: str | None = None):
   args = default.parse_arg(arg)
   config = real_dataset_config(args, arg)
-  alpha = float(args.get("alpha", 0.5))
+  alpha = args.float("alpha", 0.5)
   config.benchmark = f"cifar100/alpha{alpha:g}"
   config.data.name = "cifar100"
   config.data.partition, config.data.dirichlet_alpha = "dirichlet_label_skew", alpha
   config.data.num_clients, config.fed.clients_per_round = 100, 10
-  config.data.heldout_clients = int(args.get("heldout", 0))
+  config.data.heldout_clients = args.int("heldout", 0)
   if args.get("smoke"):
     config.data.num_clients, config.fed.clients_per_round = 6, 4
     config.data.min_client_size = 1

@@ -18,9 +18,37 @@ from experiments.runner import config_blocks
 from hyperlora_jax import faults
 
 
-def parse_arg(arg: str | None) -> dict:
+class ConfigArgumentError(ValueError):
+  """A `:key=value` argument of a config file that is not what the key takes."""
+
+
+class Args(dict):
+  """A config file's `:arg` parsed ({key: value string, or True for a bare flag}), with typed
+  reads that name the argument when its value is not of the type."""
+
+  def _typed(self, key: str, default, kind, name: str):
+    value = self.get(key, default)
+    try:
+      return kind(value)
+    except (TypeError, ValueError):
+      raise ConfigArgumentError(f"config argument {key}={value!r}: {name} expected") from None
+
+  def int(self, key: str, default: int) -> int:
+    return self._typed(key, default, int, "an integer")
+
+  def float(self, key: str, default: float) -> float:
+    return self._typed(key, default, float, "a number")
+
+  def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = self.get(key, default)
+    if value not in allowed:
+      raise ConfigArgumentError(f"config argument {key}={value!r}: one of {', '.join(allowed)} expected")
+    return value
+
+
+def parse_arg(arg: str | None) -> Args:
   """'smoke,method=fedit' -> {'smoke': True, 'method': 'fedit'}."""
-  out = {}
+  out = Args()
   for token in filter(None, (arg or "").split(",")):
     key, _, value = token.partition("=")
     out[key.strip()] = value.strip() if value else True
@@ -32,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.benchmark = "default"                # Name the report groups runs by.
   config.method = args.get("method", "fedit")
-  config.seed = int(args.get("seed", 0))
+  config.seed = args.int("seed", 0)
 
   config.data = ml_collections.ConfigDict()
   config.data.name = "digits_domains/res16"   # Or any prepared TFDS dataset, e.g. 'cifar100'.
@@ -89,7 +117,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                               # each <= lora.rank (= r_max). () = all at lora.rank.
 
   config.fed = ml_collections.ConfigDict()
-  config.fed.num_rounds = int(args.get("rounds", 30))
+  config.fed.num_rounds = args.int("rounds", 30)
   config.fed.clients_per_round = 10
   config.fed.local_steps = 10
   config.fed.batch_size = 32
@@ -144,7 +172,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.pretrain.steps, config.pretrain.batch_size = 300, 32  # About 69% holdout accuracy: above chance.
     config.pretrain.learning_rate = 3e-3
     config.data.num_clients = 6
-    config.fed.num_rounds = int(args.get("rounds", 3))
+    config.fed.num_rounds = args.int("rounds", 3)
     config.fed.clients_per_round, config.fed.local_steps, config.fed.batch_size = 4, 2, 8
     config.eval_batch = 128
     config.checkpoint_every = 2

@@ -33,14 +33,14 @@ def real_dataset_config(args: dict, arg: str | None):
   benchmarks.set_model(config, (benchmarks.EMBEDDED_MODELS if smoke else benchmarks.BASE_MODELS)[model],
                        smoke=smoke)
   config.data.data_dir = args.get("data_dir", "")
-  config.data.image_size = int(args.get("image_size", 32 if smoke else 224))
+  config.data.image_size = args.int("image_size", 32 if smoke else 224)
   config.data.stream = True                   # Images read on demand: host memory stays bounded.
   config.pretrain.npz_path = args.get("npz", "")
   config.pretrain.checkpoint = args.get("checkpoint", "")
   config.pretrain.data_name = ""              # No pretraining: the backbone comes from the checkpoint.
   if not smoke:
     config.lora.rank, config.lora.alpha = 16, 32.0
-    config.fed.num_rounds = int(args.get("rounds", 50))
+    config.fed.num_rounds = args.int("rounds", 50)
     config.fed.batch_size, config.eval_batch = 32, 128
     config.client_optimizer.learning_rate = 1e-3
   return config
@@ -49,10 +49,10 @@ def real_dataset_config(args: dict, arg: str | None):
 def get_config(arg: str | None = None):
   args = default.parse_arg(arg)
   config = real_dataset_config(args, arg)
-  per_domain = int(args.get("clients_per_domain", 1))
+  per_domain = args.int("clients_per_domain", 1)
   config.benchmark = f"domainnet/{per_domain}_per_domain"
   config.data.name = "+".join(f"domainnet/{d}" for d in DOMAINS)
-  config.data.dirichlet_alpha = float(args.get("alpha", 0.5))
+  config.data.dirichlet_alpha = args.float("alpha", 0.5)
   if per_domain == 1:
     config.data.partition, config.data.num_clients = "one_domain_per_client", len(DOMAINS)
     config.fed.clients_per_round = len(DOMAINS)

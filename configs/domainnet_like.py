@@ -19,9 +19,9 @@ from configs import benchmarks, default
 def get_config(arg: str | None = None):
   args = default.parse_arg(arg)
   config = default.get_config(arg)
-  per_domain = int(args.get("clients_per_domain", 5))
+  per_domain = args.int("clients_per_domain", 5)
   benchmarks.use_embedded_model(config, args, f"domainnet_like/{per_domain}_per_domain")
-  config.data.dirichlet_alpha = float(args.get("alpha", 0.5))
+  config.data.dirichlet_alpha = args.float("alpha", 0.5)
   if per_domain == 1:
     config.data.partition, config.data.num_clients = "one_domain_per_client", 6
     config.fed.clients_per_round = 6
@@ -31,5 +31,5 @@ def get_config(arg: str | None = None):
   if args.get("smoke"):
     config.fed.clients_per_round = min(config.fed.clients_per_round, 6)
   else:
-    config.fed.num_rounds = int(args.get("rounds", 15))
+    config.fed.num_rounds = args.int("rounds", 15)
   return config

@@ -13,8 +13,9 @@ are next-token accuracy over the response tokens (`global_accuracy`, `personaliz
 Args (comma-separated in the `:arg`), plus configs/default.py's method, seed, rounds, smoke:
   data=PATH          a local Dolly-15k (.jsonl) or Alpaca (.json) file, or a .parquet of either
   layout=dolly|alpaca  its fields (default dolly; Alpaca has no category: partition=dirichlet)
-  partition=category|dirichlet   one client per category (default), or `clients` clients with a
-                     Dirichlet(alpha) over the categories (alpha default 0.5)
+  partition=category|dirichlet   one client per category, as many as the file has (default;
+                     data.num_clients=0), or `clients` clients with a Dirichlet(alpha) over the
+                     categories (alpha default 0.5)
   clients=N          with partition=dirichlet (default 20)
   checkpoint=DIR     a Hugging Face Llama / Mistral / Qwen2 directory (config.json, safetensors,
                      tokenizer.json) instead of the embedded decoder; its config.json sets model.*
@@ -45,10 +46,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.max_len = 176                   # Tokens per example (prompt + response + eos), padded:
                                               # 95% of the embedded records fit whole.
   config.data.chat_template = bool(args.get("chat", False))
-  by_category = args.get("partition", "category" if config.data.group_field else "dirichlet") == "category"
+  by_category = args.choice("partition", "category" if config.data.group_field else "dirichlet",
+                             ("category", "dirichlet")) == "category"
   config.data.partition = "one_domain_per_client" if by_category else "dirichlet_label_skew"
-  config.data.num_clients = 13 if by_category else int(args.get("clients", 20))
-  config.data.dirichlet_alpha = float(args.get("alpha", 0.5))
+  config.data.num_clients = 0 if by_category else args.int("clients", 20)  # 0: one per group in the data.
+  config.data.dirichlet_alpha = args.float("alpha", 0.5)
   config.data.classes_per_client = 2
   config.data.min_client_size = 4
   config.data.heldout_clients = 0
@@ -76,7 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.pretrain.batch_size = 32
   config.pretrain.learning_rate = 3e-3
 
-  config.fed.num_rounds = int(args.get("rounds", 30))
+  config.fed.num_rounds = args.int("rounds", 30)
   config.fed.clients_per_round = 6
   config.fed.local_steps = 5
   config.fed.batch_size = 8
@@ -90,7 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.width, config.model.depth, config.model.num_heads, config.model.num_kv_heads = 32, 1, 2, 1
     config.model.mlp_dim = 64
     config.pretrain.steps = 60
-    config.fed.num_rounds = int(args.get("rounds", 3))
+    config.fed.num_rounds = args.int("rounds", 3)
     config.fed.clients_per_round, config.fed.local_steps, config.fed.batch_size = 4, 2, 4
     config.eval_every, config.checkpoint_every = 1, 2
   return config

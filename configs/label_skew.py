@@ -16,15 +16,15 @@ from configs import benchmarks, default
 def get_config(arg: str | None = None):
   args = default.parse_arg(arg)
   config = default.get_config(arg)
-  alpha = float(args.get("alpha", 0.5))
+  alpha = args.float("alpha", 0.5)
   benchmarks.use_embedded_model(config, args, f"label_skew_100/alpha{alpha:g}")
   config.data.partition = "client_dirichlet"
   config.data.dirichlet_alpha = alpha
   config.data.num_clients, config.fed.clients_per_round = 100, 10
-  config.data.heldout_clients = int(args.get("heldout", 10))
+  config.data.heldout_clients = args.int("heldout", 10)
   config.data.min_client_size = 5
   if args.get("smoke"):
     config.data.num_clients, config.fed.clients_per_round, config.data.heldout_clients = 12, 4, 2
   else:
-    config.fed.num_rounds = int(args.get("rounds", 15))
+    config.fed.num_rounds = args.int("rounds", 15)
   return config

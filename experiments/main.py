@@ -22,6 +22,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from hyperlora_jax import distributed
+from experiments import cli
 from experiments.runner import reporting
 from experiments.runner.train import train_and_evaluate
 
@@ -33,6 +34,7 @@ _COORDINATOR = flags.DEFINE_string("coordinator", "", "Multi-process: process 0'
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Multi-process: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-process: this process's index.")
 _AUTO = flags.DEFINE_bool("distributed_auto", False, "Multi-process: detect the cluster (TPU, Slurm).")
+flags.DEFINE_bool("verbose", False, "Errors with their traceback (default: one line naming the field or file).")
 
 
 _MAIN_STARTED = False
@@ -64,11 +66,11 @@ def main(argv):
 
 
 def run() -> None:
-  """`app.run(main)`, with an override of a field the config does not have reported by name:
-  ml_collections raises a bare AttributeError/KeyError for it while the flags are parsed,
-  before `main` starts."""
+  """`app.run(main)`, its errors as one line (`experiments.cli`; --verbose: with the traceback),
+  and an override of a field the config does not have reported by name: ml_collections raises
+  a bare AttributeError/KeyError for it while the flags are parsed, before `main` starts."""
   try:
-    app.run(main)
+    cli.run_reporting_errors(lambda: app.run(main), sys.argv[1:], load_config=cli.load_config_file)
   except (AttributeError, KeyError) as e:
     if _MAIN_STARTED:
       raise

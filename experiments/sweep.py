@@ -19,18 +19,19 @@ from __future__ import annotations
 import ast
 import concurrent.futures
 import dataclasses
-import importlib.util
 import itertools
 import json
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
 
 from absl import app, flags, logging
 
+from experiments.cli import load_config_file
 from experiments.runner import reporting
 from hyperlora_jax import files
 
@@ -78,17 +79,6 @@ def set_field(config, field: str, value) -> None:
   if leaf not in node:
     raise ValueError(f"--set {field}: no such config field")
   node[leaf] = value
-
-
-def load_config_file(config_spec: str):
-  """`get_config(arg)` of 'path/to/file.py[:arg]' (the config_flags convention)."""
-  path, _, arg = config_spec.partition(":")
-  if not os.path.isfile(path):
-    raise ValueError(f"--configs {config_spec}: no such config file {path!r}")
-  module_spec = importlib.util.spec_from_file_location(f"_sweep_config_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
 
 
 def make_config(spec: RunSpec, variant: str = ""):
@@ -306,4 +296,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from experiments import cli
+  flags.DEFINE_bool("verbose", False, "Errors with their traceback (default: one line naming the field or file).")
+  cli.run_reporting_errors(lambda: app.run(main), sys.argv[1:])

@@ -66,10 +66,16 @@ def check_record(record: Mapping[str, Any], layout: str, where: str = "record") 
   """Raises ValueError naming the missing or non-text field of a record."""
   fields = _fields(layout)
   for role in ("instruction", "response"):
-    value = record.get(fields[role])
-    if not isinstance(value, str):
-      raise ValueError(f"{where}: the {layout} layout needs a text field {fields[role]!r} ({role}); "
+    name = fields[role]
+    if name not in record:
+      raise ValueError(f"{where}: the {layout} layout needs a text field {name!r} ({role}); "
                        f"got fields {sorted(record)}")
+    if not isinstance(record[name], str):
+      raise ValueError(f"{where}: field {name!r} ({role}) is a {type(record[name]).__name__} "
+                       f"({str(record[name])[:40]!r}), not text")
+  context = fields["input"]
+  if record.get(context) is not None and not isinstance(record[context], str):
+    raise ValueError(f"{where}: field {context!r} (input) is a {type(record[context]).__name__}, not text")
 
 
 def prompt_and_response(record: Mapping[str, Any], layout: str = "alpaca",

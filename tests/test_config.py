@@ -1,4 +1,6 @@
 """Every invalid config field fails before compiling, with a message naming the field."""
+import os
+
 import pytest
 
 from configs import default
@@ -6,6 +8,8 @@ from experiments import sweep
 from experiments.runner import methods
 from experiments.runner.config_validation import ConfigError, validate_config
 from experiments.runner.experiment import build_experiment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 INVALID = [
     ("method", "fedavgx", "method"),
@@ -250,3 +254,35 @@ def test_a_checkpoint_written_before_the_synthesizer_metrics_restores_with_them_
   wrong = {**fresh, "agg": {**fresh["agg"], "residual": {"l": jnp.zeros((3, 3))}}}
   with pytest.raises(RuntimeError, match="corrupt or incompatible"):
     restore_state(_checkpoint_manager(str(tmp_path / "old")), wrong)
+
+
+def test_a_config_argument_or_error_is_one_line_without_a_traceback_unless_verbose(tmp_path):
+  """`:clients=abc` used to end in a traceback, and `partition=nope` to run as a Dirichlet."""
+  import subprocess
+  import sys
+  command = [sys.executable, "-m", "experiments.main", "--workdir", str(tmp_path / "run")]
+  for arg, message in (("partition=dirichlet,clients=abc", "config argument clients='abc': an integer expected"),
+                       ("partition=nope", "config argument partition='nope': one of category, dirichlet expected")):
+    result = subprocess.run(command + [f"--config=configs/instruction_tuning.py:{arg}"], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (f"error: ConfigArgumentError: {message} (--verbose: the "
+                                                      f"traceback)")
+  verbose = subprocess.run(command + ["--config=configs/instruction_tuning.py:partition=nope", "--verbose"],
+                           capture_output=True, text=True, cwd=ROOT)
+  assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("data.data_dir", "/nonexistent/x", "neither '/nonexistent/x' nor its parent '/nonexistent' exists"),
+    ("data.data_dir", "/proc/x", "cannot write to '/proc/x'"),
+    ("pretrain.cache_dir", __file__, "is a file, not a directory"),
+    ("data.test_fraction", 0.0, "must be in \\(0, 1\\)")])
+def test_text_fields_that_used_to_fail_late_or_create_nonsense_are_named(field, value, named):
+  from configs import instruction_tuning
+  config = instruction_tuning.get_config("smoke")
+  block, name = field.split(".")
+  config[block][name] = value
+  with pytest.raises(ConfigError, match=rf"^{field}: .*{named}"):
+    validate_config(config, methods.METHODS, methods.METHOD_BLOCKS)
+  assert not os.path.exists("/nonexistent")

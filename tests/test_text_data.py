@@ -44,7 +44,7 @@ def test_each_file_format_gives_the_same_records(tmp_path):
 def test_a_bad_file_is_named_with_what_is_wrong(tmp_path):
   bad = tmp_path / "bad.jsonl"
   bad.write_text(json.dumps(DOLLY[0]) + "\n{not json\n")
-  with pytest.raises(ValueError, match="bad.jsonl:2: not a JSON object"):
+  with pytest.raises(ValueError, match=r"bad.jsonl:2:2: not a JSON value \(.*\); the line starts '\{not json'"):
     list(instructions.iter_records(str(bad)))
   (tmp_path / "dict.json").write_text(json.dumps({"instruction": "x"}))
   with pytest.raises(ValueError, match="must hold a list of records"):
@@ -54,6 +54,24 @@ def test_a_bad_file_is_named_with_what_is_wrong(tmp_path):
     list(instructions.iter_records(str(tmp_path / "data.csv")))
   with pytest.raises(ValueError, match="data.group_field='category': record 1 has no such field"):
     instructions.group_value({"instruction": "x"}, "category", 1)
+
+
+def test_files_that_used_to_end_in_a_bare_traceback_are_named_by_line(tmp_path):
+  """Non-UTF-8 text, a file that is not parquet, Alpaca's .json with a trailing comma, a numeric
+  response (reported as a missing field), a null category (a group named 'None')."""
+  (tmp_path / "latin1.jsonl").write_bytes(json.dumps(DOLLY[0]).encode() + b"\n" + b'{"instruction": "caf\xe9"}\n')
+  with pytest.raises(ValueError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 21 of the line is b'\\xe9'\)"):
+    list(instructions.iter_records(str(tmp_path / "latin1.jsonl")))
+  (tmp_path / "fake.parquet").write_text("instruction,response\n")
+  with pytest.raises(ValueError, match=r"fake.parquet: not a parquet file \(ArrowInvalid"):
+    list(instructions.iter_records(str(tmp_path / "fake.parquet")))
+  (tmp_path / "alpaca.json").write_text('[{"instruction": "a", "output": "b"},\n]')
+  with pytest.raises(ValueError, match=r"alpaca.json:2:1: not valid JSON"):
+    list(instructions.iter_records(str(tmp_path / "alpaca.json")))
+  with pytest.raises(ValueError, match=r"record 3: field 'response' \(response\) is a int \('42'\), not text"):
+    text.check_record({"instruction": "x", "response": 42}, "dolly", where="record 3")
+  with pytest.raises(ValueError, match=r"record 5's category is None, not a group name"):
+    instructions.group_value({"instruction": "x", "category": None}, "category", 5)
 
 
 def test_groups_and_the_per_group_split_by_hand():

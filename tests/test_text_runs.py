@@ -103,6 +103,41 @@ def test_the_runs_perplexity_counts_only_the_response_tokens_of_real_records(tmp
   np.testing.assert_allclose(extras["personalized_perplexity_mean"], np.mean(per_client), rtol=2e-4)
 
 
+def _categories_file(path, categories, per_category=6):
+  with open(path, "w") as f:
+    for i in range(per_category):
+      for category in categories:
+        f.write(json.dumps({"instruction": f"Give {i} {category}.", "context": "", "response": f"{category} {i}.",
+                            "category": category}) + "\n")
+  return str(path)
+
+
+def test_the_readme_recipe_takes_a_file_with_its_own_number_of_categories(tmp_path, cache_dirs):
+  """`:data=X.jsonl` used to fix 13 clients (the embedded set's count): Dolly-15k's 8 categories
+  stopped after tokenizing. One client per category now, as many as the file has; a file with
+  fewer categories than clients a round is refused naming fed.clients_per_round."""
+  categories = ("brainstorming", "classification", "closed_qa", "creative_writing", "general_qa",
+                "information_extraction", "open_qa", "summarization")  # Dolly-15k's eight.
+  data = _categories_file(tmp_path / "dolly8.jsonl", categories)
+  config = instruction_tuning.get_config(f"smoke,method=fedit,rounds=1,checkpoint={LLAMA},data={data}")
+  config.pretrain.cache_dir, config.data.data_dir = cache_dirs["cache_dir"], str(tmp_path / "tokenized")
+  config.data.max_len, config.data.min_client_size = 160, 3
+  assert config.data.num_clients == 0
+  logs = []
+  exp = build_experiment(config, logs.append)
+  assert exp.data.num_clients == 8 and exp.config.data.num_clients == 8
+  assert "data.num_clients: 0 -> 8, one client per category of" in " ".join(logs)
+  four = _categories_file(tmp_path / "four.jsonl", categories[:4])
+  config = instruction_tuning.get_config(f"checkpoint={LLAMA},data={four}")
+  config.pretrain.cache_dir, config.data.data_dir = cache_dirs["cache_dir"], str(tmp_path / "tokenized")
+  config.data.max_len = 160
+  with pytest.raises(ConfigError, match=r"fed.clients_per_round: 6 exceeds the 4 clients, one per category"):
+    build_experiment(config, lambda _: None)
+  config.fed.clients_per_round, config.data.min_client_size = 4, 10
+  with pytest.raises(ConfigError, match=r"data.min_client_size: category 'brainstorming' has 5 training record"):
+    build_experiment(config, lambda _: None)  # Text runs used to ignore it.
+
+
 def test_the_measured_chunk_size_times_token_blocks_of_the_runs_shape(tmp_path, cache_dirs):
   """fed.clients_per_chunk=-1 on a text run: chunk sizes timed on random token blocks of the
   run's shape ([c, S, B, data.max_len], the decoder's vocabulary), the pick one that divides

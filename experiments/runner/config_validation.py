@@ -35,6 +35,8 @@ from hyperlora_jax.primitives import clients_axis_size, make_mesh
 ALLOWED_HEAD_POLICIES = ("shared", "local")
 ALLOWED_BACKBONE_DTYPES = ("float32", "bfloat16", "auto")
 ALLOWED_FEEDS = ("round", "chunk")
+# Text runs partition records by their group (one client per group) or by a Dirichlet over groups.
+TEXT_PARTITIONS = ("one_domain_per_client", "dirichlet_label_skew")
 TASKS = ("image_classification", "instruction_tuning")
 
 
@@ -135,7 +137,14 @@ def _validate_text(config: ml_collections.ConfigDict) -> None:
            f"must be {instructions.EMBEDDED_TEXT!r} or a {' / '.join(instructions.FORMATS)} file, got {data.name!r}")
   _require(data.name == instructions.EMBEDDED_TEXT or os.path.isfile(data.name), "data.name",
            f"no such file: {data.name!r}")
-  _require(0 <= data.test_fraction < 1, "data.test_fraction", f"must be in [0, 1), got {data.test_fraction}")
+  _require(0 < data.test_fraction < 1, "data.test_fraction",
+           f"must be in (0, 1): each group's held-out records are what a text run evaluates on, got "
+           f"{data.test_fraction}")
+  _one_of(data.partition, TEXT_PARTITIONS, "data.partition")
+  _positive_int(config, "data.num_clients", minimum=0)
+  _require(data.num_clients >= 1 or data.partition == "one_domain_per_client", "data.num_clients",
+           f"must be >= 1 (0 means one client per group, with data.partition='one_domain_per_client'), "
+           f"got {data.num_clients}")
   _positive_int(config, "data.max_len", minimum=2)
   _require(isinstance(data.chat_template, bool), "data.chat_template", f"must be True or False, got {data.chat_template!r}")
   _require(data.feed == "round", "data.feed",
@@ -217,7 +226,7 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
   _require(bool(data.name), "data.name", "must name a dataset, e.g. 'digits_domains/res16'"
            + (" or 'stdlib_docs' or a .jsonl / .json / .parquet file" if is_text(config) else ""))
   _one_of(data.partition, ALLOWED_PARTITIONS, "data.partition")
-  for field in ("data.num_clients", "fed.num_rounds", "fed.clients_per_round",
+  for field in (() if is_text(config) else ("data.num_clients",)) + ("fed.num_rounds", "fed.clients_per_round",
                 "fed.local_steps", "fed.batch_size", "lora.rank", "pretrain.batch_size",
                 "eval_batch", "eval_every", "checkpoint_every") + (() if is_text(config) else ("data.image_size",)):
     _positive_int(config, field)
@@ -234,8 +243,10 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
   _positive_int(config, "data.stream_chunk_examples")
   _one_of(data.feed, ALLOWED_FEEDS, "data.feed")
   _require(data.dirichlet_alpha > 0, "data.dirichlet_alpha", f"must be > 0, got {data.dirichlet_alpha}")
-  _require(fed.clients_per_round <= data.num_clients, "fed.clients_per_round",
-           f"{fed.clients_per_round} exceeds data.num_clients={data.num_clients}")
+  _require(fed.clients_per_round <= data.num_clients or (is_text(config) and data.num_clients == 0),
+           "fed.clients_per_round", f"{fed.clients_per_round} exceeds data.num_clients={data.num_clients}")
+  check_user_dir(config, "data.data_dir")
+  check_user_dir(config, "pretrain.cache_dir")
   if is_text(config):
     _validate_text(config)
   else:
@@ -388,6 +399,22 @@ def _writable_dir(path: str) -> bool:
       return True
   except OSError:
     return False
+
+
+def check_user_dir(config: ml_collections.ConfigDict, field: str) -> None:
+  """A directory field the user set (empty: the default cache, created as needed) names a
+  directory this process can write in, whose parent exists: a typo such as /nonexistent/x
+  is refused rather than created at the filesystem's root."""
+  block, name = field.split(".")
+  path = config[block].get(name, "")
+  if not path:
+    return
+  _require(isinstance(path, str), field, f"must be a path, got {path!r}")
+  _require(not os.path.exists(path) or os.path.isdir(path), field, f"{path!r} is a file, not a directory")
+  parent = os.path.dirname(os.path.abspath(path))
+  _require(os.path.isdir(path) or os.path.isdir(parent), field,
+           f"neither {path!r} nor its parent {parent!r} exists (a typo?); create the parent first")
+  _require(_writable_dir(path), field, f"cannot write to {path!r}")
 
 
 

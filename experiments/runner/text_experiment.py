@@ -15,6 +15,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from experiments.runner import pretrain_text
 from experiments.runner.chunking import auto_clients_per_chunk
@@ -59,20 +60,49 @@ def refuse_lost_records(config: ml_collections.ConfigDict, records: instructions
 
 
 def build_text_federated_data(config: ml_collections.ConfigDict, tokenizer, log: Callable[[str], None],
-                              model_vocab_size: int | None = None) -> FederatedData:
-  """The records of `data.name` tokenized (once, kept in `data.data_dir`), split per group into
-  train / test, in memory or streamed (`data.stream`), partitioned; every id checked against
-  the tokenizer's vocabulary and the model's embedding rows (`model_vocab_size`)."""
+                              model_vocab_size: int | None = None) -> tuple[ml_collections.ConfigDict, FederatedData]:
+  """(config with data.num_clients resolved (`with_clients_of`), the data): the records of
+  `data.name` tokenized (once, kept in `data.data_dir`), split per group into train / test,
+  in memory or streamed (`data.stream`), partitioned, every client holding at least
+  data.min_client_size training records; every id checked against the tokenizer's vocabulary
+  and the model's embedding rows (`model_vocab_size`)."""
   vocab = min(tokenizer.vocab_size, model_vocab_size or tokenizer.vocab_size)
   records = instructions.prepare_tokenized(config.data, tokenizer, log, vocab)
   refuse_lost_records(config, records)
+  config = with_clients_of(config, records.group_names, log)
   train, test = instructions.split_records(records, config.data, config.seed)
   lost = train.no_loss + test.no_loss
   log(f"data: {len(train)} train / {len(test)} test records of {config.data.name!r}"
       f"{' (streamed)' if config.data.stream else ''} in {train.num_classes} "
       f"group(s) by {config.data.group_field or '(none)'!r}; {train.truncated + test.truncated} cut to "
       f"data.max_len={config.data.max_len} tokens ({lost} with no response token left)")
-  return partitioned(config, train, test)
+  data = partitioned(config, train, test)
+  sizes = data.train_sizes()
+  if sizes.min() < config.data.min_client_size:
+    k = int(np.argmin(sizes))
+    who = (f"{config.data.group_field} {records.group_names[k]!r}" if config.data.partition == "one_domain_per_client"
+           else f"client {k}")
+    raise ConfigError(f"data.min_client_size: {who} has {sizes[k]} training record(s), fewer than "
+                      f"data.min_client_size={config.data.min_client_size} ({int(np.sum(sizes < config.data.min_client_size))} "
+                      f"client(s) in all); drop such records from {config.data.name!r} or lower data.min_client_size")
+  return config, data
+
+
+def with_clients_of(config: ml_collections.ConfigDict, groups: tuple[str, ...],
+                    log: Callable[[str], None]) -> ml_collections.ConfigDict:
+  """`config` with data.num_clients = the number of `groups` when it is 0 (one client per group,
+  as many as the file has; logged), after checking fed.clients_per_round against it."""
+  if config.data.num_clients:
+    return config
+  if config.fed.clients_per_round > len(groups):
+    raise ConfigError(f"fed.clients_per_round: {config.fed.clients_per_round} exceeds the {len(groups)} clients, one "
+                      f"per {config.data.group_field or 'group'} of {config.data.name!r} ({', '.join(groups)}); "
+                      f"lower it (e.g. --config.fed.clients_per_round={len(groups)})")
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data.num_clients = len(groups)
+  log(f"data.num_clients: 0 -> {len(groups)}, one client per {config.data.group_field or 'group'} of "
+      f"{config.data.name!r}")
+  return config
 
 
 def build_text_experiment(config: ml_collections.ConfigDict, log: Callable[[str], None] = print):
@@ -85,7 +115,7 @@ def build_text_experiment(config: ml_collections.ConfigDict, log: Callable[[str]
   backbone = sharded_backbone(backbone, mesh, log)
   compute_dtype = backbone_dtype(config.compute.backbone_dtype)
   model = model.clone(dtype=compute_dtype)
-  data = build_text_federated_data(config, tokenizer, log, model.vocab_size)
+  config, data = build_text_federated_data(config, tokenizer, log, model.vocab_size)
   example = {k: jnp.asarray(v[:1]) for k, v in data.train_pool.tokens.items()}
   targets = lora.find_targets(model, backbone, example["input_ids"], example["attention_mask"],
                               target_regex=config.lora.target_regex)

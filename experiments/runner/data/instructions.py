@@ -66,14 +66,9 @@ def iter_records(path: str) -> Iterator[dict[str, Any]]:
   if extension == ".jsonl":
     records = _jsonl_records(path)
   elif extension == ".json":
-    with open(path, encoding="utf-8") as f:
-      records = json.load(f)
-    if not isinstance(records, list):
-      raise ValueError(f"{path}: a .json file must hold a list of records (Alpaca's layout), got {type(records).__name__}")
+    records = _json_records(path)
   elif extension == ".parquet":
-    import pyarrow.parquet as pq
-    records = (record for batch in pq.ParquetFile(path).iter_batches(batch_size=CHUNK_RECORDS)
-               for record in batch.to_pylist())
+    records = _parquet_records(path)
   else:
     raise ValueError(f"{path}: unknown format {extension!r}; supported: {', '.join(FORMATS)}")
   for number, record in enumerate(records, 1):
@@ -83,14 +78,49 @@ def iter_records(path: str) -> Iterator[dict[str, Any]]:
 
 
 def _jsonl_records(path: str) -> Iterator[Any]:
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
+  """A .jsonl file's values, line by line; a line that is not UTF-8 or not JSON is named by
+  line and column, with its start."""
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{number}: not UTF-8 text (byte {e.start + 1} of the line is "
+                         f"{raw[e.start:e.start + 1]!r}); save the file as UTF-8") from None
       if not line.strip():
         continue
       try:
         yield json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{number}: not a JSON object ({e.msg})") from None
+        raise ValueError(f"{path}:{number}:{e.colno}: not a JSON value ({e.msg}); the line starts "
+                         f"{line.strip()[:60]!r}") from None
+
+
+def _json_records(path: str) -> list:
+  """A .json file's list of records (parsed whole); not UTF-8, not JSON (named by line and
+  column: a trailing comma, say) or not a list is refused."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      records = json.load(f)
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not UTF-8 text (byte {e.start + 1} is {e.object[e.start:e.start + 1]!r}); save the "
+                     f"file as UTF-8") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
+  if not isinstance(records, list):
+    raise ValueError(f"{path}: a .json file must hold a list of records (Alpaca's layout), got {type(records).__name__}")
+  return records
+
+
+def _parquet_records(path: str) -> Iterator[dict]:
+  """A .parquet file's rows, a batch at a time; a file that is not parquet is named."""
+  import pyarrow
+  import pyarrow.parquet as pq
+  try:
+    table = pq.ParquetFile(path)
+  except (pyarrow.ArrowException, OSError) as e:
+    raise ValueError(f"{path}: not a parquet file ({type(e).__name__}: {e})") from None
+  return (record for batch in table.iter_batches(batch_size=CHUNK_RECORDS) for record in batch.to_pylist())
 
 
 def load_records(name: str) -> Iterable[dict[str, Any]]:
@@ -103,12 +133,17 @@ def group_value(record: dict, field: str | None, number: int) -> str:
   'all' without a field.
 
   Raises:
-    ValueError: the record has no such field (named, with the fields it has)."""
+    ValueError: the record has no such field (named, with the fields it has), or its value is
+      null or empty."""
   if not field:
     return "all"
   if field not in record:
     raise ValueError(f"data.group_field={field!r}: record {number} has no such field (fields: {sorted(record)})")
-  return str(record[field])
+  value = record[field]
+  if value is None or (isinstance(value, str) and not value.strip()):
+    raise ValueError(f"data.group_field={field!r}: record {number}'s {field} is {value!r}, not a group name; give it "
+                     f"one or drop the record")
+  return str(value)
 
 
 def group_ids_of(values: list[str]) -> tuple[np.ndarray, tuple[str, ...]]:
