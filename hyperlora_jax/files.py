@@ -4,7 +4,7 @@
     files.write_manifest(directory)           # every file's sha256, written last
     files.verify_manifest(directory)          # raises IntegrityError naming the file that changed
     with files.exclusive_lock(path): ...      # one process at a time (read, merge, write)
-    partial = files.partial_path(target)      # build a cache here, then os.replace(partial, target)
+    files.build_directory(target, write)      # a cache whole or not at all, its manifest last
 
 A cache directory is built under a temporary name, its manifest written last, then renamed
 into place: a directory with a manifest is complete, and verifying it on read catches any later
@@ -21,9 +21,10 @@ import os
 import shutil
 import socket
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 MANIFEST_FILE = "manifest.sha256.json"
+T = TypeVar("T")
 _CHUNK = 1 << 20
 
 
@@ -150,6 +151,33 @@ def remove_stale_partials(target: str) -> list[str]:
       shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
       removed.append(os.path.join(parent, entry))
   return removed
+
+
+def build_directory(target: str, write: Callable[[str], T]) -> tuple[T, bool]:
+  """Builds the directory `target` whole or not at all: `write(partial)` fills this process's
+  partial directory (`partial_path`; the stale partials of dead processes are removed first),
+  its manifest is written last, and it is renamed into place. Returns (what `write` returned,
+  whether this build was kept: False when another process's build of `target` got there first,
+  whose directory is kept). Anything raised removes the partial directory and propagates."""
+  remove_stale_partials(target)
+  partial = partial_path(target)
+  shutil.rmtree(partial, ignore_errors=True)
+  os.makedirs(partial)
+  try:
+    result = write(partial)
+    write_manifest(partial)  # Last: a directory with a manifest is complete.
+  except BaseException:
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
+  try:
+    os.replace(partial, target)
+  except OSError:
+    shutil.rmtree(partial, ignore_errors=True)
+    if not os.path.isdir(target):
+      raise
+    return result, False
+  _fsync_directory(os.path.dirname(os.path.abspath(target)))
+  return result, True
 
 
 def _alive(pid: int) -> bool:

@@ -171,7 +171,7 @@ def test_a_loss_returning_a_scalar_names_the_loss_contract():
 def test_held_out_steps_of_the_synthesizer_are_required():
   """HyperLoRA's synthesizer holds out the last step: given S steps where S + 1 are due, it used
   to take the last training step as its held-out step."""
-  synth = hl.hyper.hyperlora_synthesizer(hl.hyper.SynthesisConfig(scale=1.0, rank=2), optax.adam(1e-3))
+  synth = hl.hyper.hyperlora_synthesizer(hl.hyper.SynthesisConfig(scale=1.0, rank=2), optax.adam(1e-3, eps_root=1e-16))
   assert synth.capabilities.heldout_steps == 1
   fed, frozen, adapter = setup(steps=3, aggregator=synth)
   state = fed.init(jax.random.key(1), adapter)

@@ -114,8 +114,9 @@ def test_the_meta_gradient_is_the_derivative_of_the_held_out_loss():
     direction = jax.tree.map(lambda p: jax.random.normal(jax.random.key(11), p.shape, p.dtype), params)
     h = 1e-6
     shifted = lambda sign: jax.tree.map(lambda p, d: p + sign * h * d, params, direction)
+    held_out = jax.jit(held_out)
     finite_difference = (held_out(shifted(1)) - held_out(shifted(-1))) / (2 * h)
-    gradient = jax.grad(held_out)(params)
+    gradient = jax.jit(jax.grad(held_out))(params)
     directional = sum(jnp.sum(g * d) for g, d in zip(jax.tree.leaves(gradient), jax.tree.leaves(direction)))
     np.testing.assert_allclose(directional, finite_difference, rtol=1e-5)
 
@@ -148,7 +149,7 @@ def test_a_derivative_through_two_meta_learned_rounds_is_finite_with_eps_root():
     state, _ = fed.step(state, frozen, batches, jnp.arange(4), jnp.full(4, 0.25))
     state, metrics = fed.step(state, frozen, batches, jnp.arange(4), jnp.full(4, 0.25))
     return metrics["meta_loss"]
-  value, gradient = jax.value_and_grad(two_rounds)(adapter)
+  value, gradient = jax.jit(jax.value_and_grad(two_rounds))(adapter)
   assert np.isfinite(float(value)) and all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(gradient))
   assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(gradient))
 
@@ -326,7 +327,7 @@ def test_typed_synthesizer_and_generator_states_checkpoint_in_the_dict_layout_of
   from hyperlora_jax.hyper.synthesis import SynthesizerState
   privacy = (1.0, 0.5) if private else None
   cfg = SynthesisConfig(scale=SCALE, rank=R, corrector="none" if private else "learned", learned_weights=not private)
-  agg = hyperlora_synthesizer(cfg, optax.adam(1e-2), meta_learning=not private, privacy=privacy)
+  agg = hyperlora_synthesizer(cfg, optax.adam(1e-2, eps_root=1e-16), meta_learning=not private, privacy=privacy)
   generator = make_generator(LoraGenerator(targets={"l1": (D_IN, D_OUT)}, rank=R, hidden=8), loss="vjp",
                              optimizer=optax.adam(1e-2), signature_dim=SIG, privacy=privacy)
   synth_state = agg.init(_global(), jax.random.key(0), SIG)

@@ -13,6 +13,7 @@ from safetensors.numpy import load_file, save_file
 from hyperlora_jax import lora, peft, text
 from hyperlora_jax.models import hf
 from tests.fixtures.settings_references import PROMPTS, RESPONSES
+from tests.test_hf_decoders import _relative_error
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 TOLERANCE = 1e-5
@@ -23,10 +24,6 @@ PEFT_TARGETS = r"block_\d+/(attn/(query|value)|mlp/down)"
 def outputs():
   with np.load(os.path.join(FIXTURES, "hf_settings_outputs.npz")) as f:
     return dict(f)
-
-
-def _relative_error(got, want):
-  return float(np.max(np.abs(np.asarray(got) - want)) / np.max(np.abs(want)))
 
 
 def _logits(name, outputs, adapter=None, scale=1.0, **overrides):

@@ -194,7 +194,7 @@ def test_hyperlora_with_an_absurd_client_learning_rate_keeps_a_finite_server():
   with a finite loss, but the server's products and Gram matrices overflow. Before the guards, the global adapter, generator and residual were NaN after one round with
   nonfinite_clients = 0; now every server part stays finite and the rejections are counted."""
   synthesizer = hyperlora_synthesizer(SynthesisConfig(scale=1.0, rank=R, corrector="learned"),
-                                      optax.adam(1e-3))
+                                      optax.adam(1e-3, eps_root=1e-16))
   plugin = generator_plugin(_generator(1e-3), target="deviation")
   fed, frozen, adapter, batches = _round(synthesizer, learning_rate=1e20, plugins=(plugin,), optimizer=optax.adam,
                                          local_steps=1, b_scale=0.0)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from typing import Any, Callable
 
@@ -317,18 +316,13 @@ def load_or_pretrain(config: ml_collections.ConfigDict,
       raise FloatingPointError(f"pretraining diverged: {len(bad)} non-finite variable(s), e.g. {bad[0]}; "
                                f"nothing was cached. Lower pretrain.learning_rate "
                                f"(={config.pretrain.learning_rate}).")
-    files.remove_stale_partials(path)  # Of killed runs.
-    tmp = files.partial_path(path)
-    checkpointer = _local_checkpointer()
-    checkpointer.save(os.path.join(os.path.abspath(tmp), "variables"), variables)
-    checkpointer.wait_until_finished()
-    with open(os.path.join(tmp, "info.json"), "w") as f:
-      json.dump(info, f)
-    files.write_manifest(tmp)  # Last: a directory with a manifest is complete.
-    try:
-      os.rename(tmp, path)  # Atomic: a concurrent run either sees the whole cache or none.
-    except OSError:  # Another process cached the same backbone first; ours is identical.
-      shutil.rmtree(tmp, ignore_errors=True)
+    def write(partial):
+      checkpointer = _local_checkpointer()
+      checkpointer.save(os.path.join(os.path.abspath(partial), "variables"), variables)
+      checkpointer.wait_until_finished()
+      with open(os.path.join(partial, "info.json"), "w") as f:
+        json.dump(info, f)
+    files.build_directory(path, write)  # Whole or not at all; a concurrent run's identical cache may win.
     log(f"backbone: pretrained in {info['seconds']:.0f}s, holdout accuracy "
         f"{info['holdout_accuracy']:.3f}; cached at {path}")
   params = {k: v for k, v in variables["params"].items() if k != "head"}

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from typing import Callable
 
@@ -178,30 +177,18 @@ def load_or_pretrain_decoder(config: ml_collections.ConfigDict, log: Callable[[s
 def _build_embedded(config: ml_collections.ConfigDict, directory: str, log: Callable[[str], None],
                     check_tokenizer: Callable[[hf.Tokenizer], None] | None = None) -> None:
   texts = stdlib_docs.pretraining_text()
-  files.remove_stale_partials(directory)  # Of killed runs.
-  partial = files.partial_path(directory)  # This process's own: concurrent builds do not meet.
-  shutil.rmtree(partial, ignore_errors=True)
-  try:
-    stats = _write_embedded(config, partial, texts, log, check_tokenizer)
-  except BaseException:
-    shutil.rmtree(partial, ignore_errors=True)
-    raise
-  try:
-    os.replace(partial, directory)  # Whole or not at all.
-  except OSError:  # Another run built the same decoder first (seeded: the same files); its directory is kept.
-    shutil.rmtree(partial, ignore_errors=True)
-    if not os.path.isdir(directory):
-      raise
+  stats, kept = files.build_directory(directory, lambda partial: _write_embedded(config, partial, texts, log,
+                                                                                 check_tokenizer))
+  if kept:
+    log(f"backbone: held-out perplexity {stats['holdout_perplexity']:.1f} after {stats['seconds']:.0f} s; "
+        f"cached in {directory}")
+  else:  # Another run built the same decoder first (seeded: the same files).
     log(f"backbone: another run cached the same decoder in {directory} first; using it")
-    return
-  log(f"backbone: held-out perplexity {stats['holdout_perplexity']:.1f} after {stats['seconds']:.0f} s; "
-      f"cached in {directory}")
 
 
 def _write_embedded(config: ml_collections.ConfigDict, partial: str, texts: list[str],
                     log: Callable[[str], None], check_tokenizer: Callable[[hf.Tokenizer], None] | None) -> dict:
-  """The embedded decoder pretrained and written into `partial`, its manifest last; its
-  pretraining statistics."""
+  """The embedded decoder pretrained and written into `partial`; its pretraining statistics."""
   p = config.pretrain
   tokenizer = train_tokenizer(texts, p.vocab_size, partial)
   if check_tokenizer is not None:
@@ -215,5 +202,4 @@ def _write_embedded(config: ml_collections.ConfigDict, partial: str, texts: list
   hf.save_causal_lm(partial, model, variables)
   with open(os.path.join(partial, "pretraining.json"), "w") as f:
     json.dump({**_key_fields(config), **stats}, f, indent=2)
-  files.write_manifest(partial)  # Last: a directory with a manifest is complete.
   return stats

@@ -261,14 +261,10 @@ def finish_round(exp: Experiment, workdir: str, pending: PendingRound, records: 
   """
   record = round_record(exp, pending, records[-1] if records else None)
   if not bool(pending.global_finite):  # Not recorded, not saved; its evaluation is discarded.
-    manager.wait_until_finished()
-    last_saved = manager.latest_step()
-    manager.close()
     raise FloatingPointError(
         f"round {record['round']}: the global model is non-finite, so it is not evaluated and the run "
         f"stops (rejected this round: {', '.join(f'{k}={record[k]}' for k in records_lib.REJECTION_METRICS)}); "
-        + (f"the last checkpoint is step {last_saved} in {workdir}" if last_saved is not None
-           else f"no checkpoint was saved in {workdir}"))
+        + _close_naming_last_checkpoint(manager, workdir))
   if pending.collect_evaluation is not None:
     has_test = exp.data.has_test_examples()
     global_accuracy, acc, extras = pending.collect_evaluation()  # extras: a text run's perplexities.
@@ -305,11 +301,18 @@ def check_progress(exp: Experiment, records: list[dict], client_ids: Any, workdi
   sampled = int(np.sum(np.asarray(client_ids) >= 0))
   recent = records[-STALLED_ROUNDS:]
   if sampled and len(recent) == STALLED_ROUNDS and all(r["nonfinite_clients"] >= sampled for r in recent):
-    manager.wait_until_finished()
-    last_saved = manager.latest_step()
-    manager.close()
     raise FloatingPointError(
         f"rounds {recent[0]['round']}-{recent[-1]['round']}: every client's update was non-finite, so nothing "
         f"reached the server and the run stops; the frozen backbone or the data may hold NaN/Inf, or "
-        f"client_optimizer.learning_rate={exp.config.client_optimizer.learning_rate} diverges at once"
-        + (f" (the last checkpoint is step {last_saved} in {workdir})" if last_saved is not None else ""))
+        f"client_optimizer.learning_rate={exp.config.client_optimizer.learning_rate} diverges at once; "
+        + _close_naming_last_checkpoint(manager, workdir))
+
+
+def _close_naming_last_checkpoint(manager: ocp.CheckpointManager, workdir: str) -> str:
+  """Waits for pending saves and closes `manager` (a run that stops); the sentence naming its
+  last checkpoint."""
+  manager.wait_until_finished()
+  last_saved = manager.latest_step()
+  manager.close()
+  return (f"the last checkpoint is step {last_saved} in {workdir}" if last_saved is not None
+          else f"no checkpoint was saved in {workdir}")

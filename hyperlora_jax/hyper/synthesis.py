@@ -412,16 +412,16 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
   zero meta-gradient entry makes it NaN; an optimizer with that defect draws a
   `CrossRoundDerivativeWarning` here (meta-learning alone never differentiates it).
   """
-  if meta_learning and not update_derivative_is_finite(optimizer):
-    warnings.warn("hyperlora_synthesizer: the meta-optimizer's update has a non-finite derivative at a zero "
-                  "gradient (optax.adam with eps_root=0), so a derivative taken through several rounds would be "
-                  "NaN; give it eps_root > 0 (optax.adam(lr, eps_root=1e-16)) if you differentiate through rounds",
-                  CrossRoundDerivativeWarning, stacklevel=2)
   diagnostic_metrics = DIAGNOSTIC_METRICS if cfg.corrector == "learned" else DIAGNOSTIC_METRICS[:2]
   if privacy is not None and (meta_learning or cfg.learned_weights):
     raise ValueError("a private HyperLoRA synthesizer needs learned_weights=False and meta_learning=False: "
                      "S_ψ and C_ω would learn from per-client held-out gradients that the privacy "
                      "accountant does not cover")
+  if meta_learning and not update_derivative_is_finite(optimizer):
+    warnings.warn("hyperlora_synthesizer: the meta-optimizer's update has a non-finite derivative at a zero "
+                  "gradient (optax.adam with eps_root=0), so a derivative taken through several rounds would be "
+                  "NaN; give it eps_root > 0 (optax.adam(lr, eps_root=1e-16)) if you differentiate through rounds",
+                  CrossRoundDerivativeWarning, stacklevel=2)
 
   def modules_for(global_params):
     num_layers = len(lora_lib.layers(global_params))

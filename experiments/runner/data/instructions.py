@@ -29,7 +29,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -305,23 +304,10 @@ def prepare_tokenized(data_config, tokenizer, log: Callable[[str], None] = print
 
 
 def _write_tokenized(records: Iterable[dict], directory: str, fields: dict, tokenizer, data_config) -> int:
-  """Tokenizes `records` into `directory` via a partial directory of this process (removed if
-  anything fails); their count."""
-  files.remove_stale_partials(directory)  # Of killed runs.
-  partial = files.partial_path(directory)
-  shutil.rmtree(partial, ignore_errors=True)
-  os.makedirs(partial)
-  try:
-    count = _write_files(records, partial, fields, tokenizer, data_config)
-  except BaseException:
-    shutil.rmtree(partial, ignore_errors=True)
-    raise
-  try:
-    os.replace(partial, directory)  # Whole or not at all.
-  except OSError:  # Another process finished first: its directory is kept.
-    shutil.rmtree(partial, ignore_errors=True)
-    if not os.path.isdir(directory):
-      raise
+  """Tokenizes `records` into `directory`, whole or not at all (`files.build_directory`; another
+  process's directory, if it finished first, is kept); their count."""
+  count, _ = files.build_directory(directory, lambda partial: _write_files(records, partial, fields, tokenizer,
+                                                                           data_config))
   return count
 
 
@@ -358,7 +344,6 @@ def _write_files(records: Iterable[dict], partial: str, fields: dict, tokenizer,
   with open(os.path.join(partial, "tokenized.json"), "w") as f:
     json.dump({"num_records": len(groups), "max_len": int(data_config.max_len), "dtype": TOKEN_DTYPE.name,
                "group_names": names, **fields}, f, indent=2)
-  files.write_manifest(partial)  # Last: a directory with a manifest is complete.
   return len(groups)
 
 
