@@ -586,7 +586,7 @@ class FederatedRound:
       raise ValueError(f"FederatedRound.step: batches have {total_steps} steps but aggregator "
                        f"{self.aggregator.capabilities.name!r} holds out the last {heldout}: give S + {heldout} "
                        f"steps (S >= 1 local steps, then the held-out ones)")
-    if not isinstance(client_ids, jax.core.Tracer):
+    if _concrete(client_ids):
       ids = np.asarray(client_ids)
       bad = sorted(set(ids[(ids >= self.num_clients) | (ids < NEW_CLIENT)].tolist()))
       if bad:
@@ -596,7 +596,7 @@ class FederatedRound:
       if np.any(counts > 1):
         raise ValueError(f"FederatedRound.step: client ids {real[counts > 1].tolist()} are sampled more than once; "
                          f"a client trains at most once a round (its local leaves and state are one row)")
-    if not isinstance(weights, jax.core.Tracer):
+    if _concrete(weights):
       values = np.asarray(weights, np.float64)
       wrong = ~np.isfinite(values) | (values < 0)
       if np.any(wrong):
@@ -605,6 +605,11 @@ class FederatedRound:
       if not np.any(values > 0):
         raise ValueError("FederatedRound.step: weights are all zero, so no client's update can be aggregated; "
                          "give each sampled client a positive weight (e.g. its example count)")
+
+def _concrete(x: Any) -> bool:
+  """Whether `x`'s values can be read here: not traced, and all on this process."""
+  return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
+
 
 def repeated_ids(client_ids: jax.Array) -> jax.Array:
   """[C] bool: True where the id already occurred earlier in `client_ids` [C] (later copies)."""

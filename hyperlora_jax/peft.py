@@ -24,7 +24,7 @@ r or lora_alpha (the first key `k` with `re.match(rf"(.*\.)?({k})$", module)`, a
 `load_peft` returns one adapter for one scale, `scale_from_config(config)`: each layer's b is
 multiplied by its own scale over that one (`layer_scales`), so `lora.apply(..., scale=s)` gives
 PEFT's output on every layer. `save_peft` writes layers of different ranks with a
-`rank_pattern`. Config fields that change the computation in ways this layout cannot hold
+`rank_pattern` and the `alpha_pattern` that keeps their one scale. Config fields that change the computation in ways this layout cannot hold
 (DoRA, LoRA biases, modules_to_save, trainable tokens, ...) are refused by name.
 """
 from __future__ import annotations
@@ -150,7 +150,7 @@ def without_tied_heads(tensors: Mapping[str, np.ndarray], config: Mapping[str, A
   for name in [n for n in tensors if n.endswith(LINEAR_SUFFIXES[0])]:
     head = name[len(PREFIX):-len(LINEAR_SUFFIXES[0])]
     lora_a, lora_b = tensors[name], tensors.get(f"{PREFIX}{head}{LINEAR_SUFFIXES[1]}")
-    for table, (table_a, table_b) in embeddings.items():
+    for table_a, table_b in embeddings.values():
       if (table_b is not None and lora_b is not None and lora_a.shape == table_b.T.shape
           and lora_b.shape == table_a.T.shape and np.array_equal(lora_a, table_b.T) and np.array_equal(lora_b, table_a.T)):
         del tensors[name], tensors[f"{PREFIX}{head}{LINEAR_SUFFIXES[1]}"]
