@@ -116,7 +116,7 @@ def _builder(name: str, data_dir: str):
 
 
 def _remove_incomplete_generations(version_dir: str) -> None:
-  """Removes TFDS's `incomplete.XXXXXX_<version>` directories beside `version_dir`: left by a
+  """Removes TFDS's `incomplete.<random>_<version>` directories beside `version_dir`: left by a
   generation that was killed (called under the preparation lock, so none is in progress)."""
   parent, version = os.path.split(os.fspath(version_dir).rstrip("/"))
   if not os.path.isdir(parent):
