@@ -201,13 +201,14 @@ def test_readme_check_reads_the_readmes_table_and_applies_its_tolerances(tmp_pat
               (row["pers_worst"] + 15) / 100, row["mb"] * 1e6)
   assert check_readme.main(["--workdir", str(tmp_path / "worst"), "--readme", readme]) == 0
   assert check_readme.main(["--workdir", str(tmp_path / "worst"), "--readme", readme, "--worst_tolerance", "8"]) == 1
-  # The ranking: HyperLoRA's personalized lead (9.4 points in the README) is checked at any
-  # tolerance: reversed within a loose 10 points, only the ranking is reported.
+  # The ranking: HyperLoRA's personalized lead (11.2 points in the README) is checked at any
+  # tolerance: reversed within a tolerance looser than the lead, only the ranking is reported.
   hyper, fed = table["hyperlora"], table["fedit"]
-  assert hyper["pers_mean"] - fed["pers_mean"] > 8
+  lead = hyper["pers_mean"] - fed["pers_mean"]
+  assert lead > 8
   measured = {"hyperlora": {**hyper, "pers_mean": fed["pers_mean"] + 0.5},
               "fedit": {**fed, "pers_mean": fed["pers_mean"] + 3.9}}
-  problems = check_readme.compare(table, measured, 10.0)
+  problems = check_readme.compare(table, measured, lead + 1.0)
   assert problems == [p for p in problems if p.startswith("ranking")] and len(problems) == 1, problems
 
 
