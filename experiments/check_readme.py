@@ -130,4 +130,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from experiments import cli
+  cli.run(lambda: sys.exit(main()))

@@ -56,6 +56,24 @@ def run_reporting_errors(run: Callable[[], None], argv: list[str], load_config: 
     sys.exit(f"error: {one_line(e)} (--verbose: the traceback)")
 
 
+def run(main: Callable[..., object], *, absl_app: bool = False,
+        load_config: Callable[[str], object] | None = None) -> None:
+  """An entry point's `if __name__ == "__main__"`: `main` (an absl `app.run` main with
+  `absl_app`, else a plain function reading sys.argv, e.g. with argparse) with user errors
+  reported in one line (`run_reporting_errors`); `--verbose` is taken off the arguments an
+  argparse main sees, and defined as a flag for an absl one."""
+  argv = sys.argv[1:]
+  if absl_app:
+    from absl import app, flags
+    if "verbose" not in flags.FLAGS:
+      flags.DEFINE_bool("verbose", False, "Errors with their traceback (default: one line naming the field or file).")
+    target = lambda: app.run(main)
+  else:
+    sys.argv = sys.argv[:1] + [a for a in argv if not verbose_requested([a])]
+    target = main
+  run_reporting_errors(target, argv, load_config)
+
+
 def load_config_file(config_spec: str):
   """`get_config(arg)` of 'path/to/file.py[:arg]' (the config_flags convention)."""
   path, _, arg = config_spec.partition(":")

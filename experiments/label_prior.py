@@ -72,4 +72,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  from experiments import cli
+  cli.run(main)

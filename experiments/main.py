@@ -18,7 +18,7 @@ on TPU pods and Slurm. The clients axis spans every process's devices; process 0
 """
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from hyperlora_jax import distributed
@@ -34,7 +34,6 @@ _COORDINATOR = flags.DEFINE_string("coordinator", "", "Multi-process: process 0'
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Multi-process: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Multi-process: this process's index.")
 _AUTO = flags.DEFINE_bool("distributed_auto", False, "Multi-process: detect the cluster (TPU, Slurm).")
-flags.DEFINE_bool("verbose", False, "Errors with their traceback (default: one line naming the field or file).")
 
 
 _MAIN_STARTED = False
@@ -70,7 +69,7 @@ def run() -> None:
   and an override of a field the config does not have reported by name: ml_collections raises
   a bare AttributeError/KeyError for it while the flags are parsed, before `main` starts."""
   try:
-    cli.run_reporting_errors(lambda: app.run(main), sys.argv[1:], load_config=cli.load_config_file)
+    cli.run(main, absl_app=True, load_config=cli.load_config_file)
   except (AttributeError, KeyError) as e:
     if _MAIN_STARTED:
       raise

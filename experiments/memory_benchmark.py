@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 
 _CLIENTS = flags.DEFINE_string("clients", "64,256,1024,4096", "Cohort sizes C ('' to skip).")
 _CHUNK = flags.DEFINE_integer("chunk", 16, "clients_per_chunk for the cohort measurements.")
@@ -131,4 +131,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from experiments import cli
+  cli.run(main, absl_app=True)

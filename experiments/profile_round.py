@@ -23,7 +23,7 @@ import re
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from experiments.bench_model import client_update_fn, random_block
 from hyperlora_jax import primitives
@@ -170,4 +170,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from experiments import cli
+  cli.run(main, absl_app=True)

@@ -281,4 +281,5 @@ def emit(text: str, out: str | None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  from experiments import cli
+  cli.run(main)

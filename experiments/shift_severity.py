@@ -170,4 +170,5 @@ def _write_rows(path: str | None, rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  from experiments import cli
+  cli.run(main)

@@ -24,12 +24,11 @@ import json
 import multiprocessing
 import os
 import signal
-import sys
 import threading
 import time
 import traceback
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from experiments.cli import load_config_file
 from experiments.runner import reporting
@@ -297,5 +296,4 @@ def main(argv):
 
 if __name__ == "__main__":
   from experiments import cli
-  flags.DEFINE_bool("verbose", False, "Errors with their traceback (default: one line naming the field or file).")
-  cli.run_reporting_errors(lambda: app.run(main), sys.argv[1:])
+  cli.run(main, absl_app=True)

@@ -36,7 +36,7 @@ import platform
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from experiments import peft_baselines, torch_baselines
 from experiments.bench_model import DECODERS, random_text_block, text_client_update_fn
@@ -177,4 +177,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from experiments import cli
+  cli.run(main, absl_app=True)
