@@ -14,7 +14,7 @@ tests), `key=value` for `method`, `seed`, `rounds`.
 
 import ml_collections
 
-from experiments.runner import config_blocks
+from configs import blocks as config_blocks
 from hyperlora_jax import faults
 
 
@@ -143,7 +143,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Method-specific blocks (each checked and saved only for the methods that read it,
   # `methods.METHOD_BLOCKS`): their fields, defaults and meanings are the dataclasses of
-  # `experiments.runner.config_blocks`.
+  # `configs.blocks`.
   config.lora_fair = config_blocks.as_config(config_blocks.LoraFair())    # method=lora_fair.
   config.generator = config_blocks.as_config(config_blocks.Generator())   # pfedhn and hyperlora.
   config.hyperlora = config_blocks.as_config(config_blocks.HyperLoRA())   # Every part ablatable.
@@ -155,7 +155,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.faults = config_blocks.as_config(faults.Faults())
 
   # Robust aggregation and client-level DP: the fields and their defaults are the dataclasses
-  # `experiments.runner.config_blocks.Robust` and `.DP` (all off).
+  # `configs.blocks.Robust` and `.DP` (all off).
   config.robust = config_blocks.as_config(config_blocks.Robust())
   config.dp = config_blocks.as_config(config_blocks.DP())
 

@@ -11,7 +11,7 @@ from hyperlora_jax.client import local_update
 from experiments.runner.optimizers import build_optimizer
 from hyperlora_jax.tasks.image_classification import ImageClassification, backbone_dtype, frozen_tree
 from experiments.runner.chunking import random_token_block
-from experiments.runner.experiment import initial_trainable
+from experiments.runner.image_experiment import initial_trainable
 
 
 def client_update_fn(width: int = 0, depth: int = 0, image_size: int = 0, base_model: bool = False,

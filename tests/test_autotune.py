@@ -12,7 +12,7 @@ from configs import default
 from hyperlora_jax import autotune, models
 from hyperlora_jax.tasks.image_classification import ImageClassification, backbone_dtype, frozen_tree
 from experiments.runner.workdir import ENVIRONMENT_FILE
-from experiments.runner.experiment import initial_trainable
+from experiments.runner.image_experiment import initial_trainable
 from experiments.runner.train import train_and_evaluate
 
 

@@ -81,3 +81,66 @@ def test_the_runner_is_a_package_beside_the_library_and_no_library_module_is_lef
     assert (runner / name).exists(), name
   for name in ("train.py", "methods.py", "config_validation.py", "pretrain.py", "reporting.py", "data"):
     assert not (LIBRARY / name).exists(), name
+
+
+def runner_import_graph() -> dict[str, set[str]]:
+  """{runner module: the runner modules it imports anywhere in its file (functions included)}."""
+  runner = ROOT / "experiments" / "runner"
+  modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in runner.rglob("*.py")}
+  graph = {}
+  for name, path in modules.items():
+    imported = imported_modules(path)
+    graph[name] = {m for m in modules if m != name and (m in imported or any(i.startswith(m + ".") for i in imported))
+                   and m != "experiments.runner"}
+  return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+  """The strongly connected components of more than one module (Tarjan)."""
+  index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+  def visit(node):
+    index[node] = low[node] = len(index)
+    stack.append(node)
+    on_stack.add(node)
+    for other in graph[node]:
+      if other not in index:
+        visit(other)
+        low[node] = min(low[node], low[other])
+      elif other in on_stack:
+        low[node] = min(low[node], index[other])
+    if low[node] == index[node]:
+      component = []
+      while True:
+        member = stack.pop()
+        on_stack.discard(member)
+        component.append(member)
+        if member == node:
+          break
+      if len(component) > 1:
+        found.append(sorted(component))
+  for node in graph:
+    if node not in index:
+      visit(node)
+  return found
+
+
+def test_the_runners_imports_are_acyclic():
+  """Read top down: leaf facts (`config_facts`), the shared parts (`assembly`), one builder per
+  task, the dispatch (`experiment`), the loop (`train`); no module imports one that imports it,
+  not even inside a function. (Seven modules formed one circle before.)"""
+  graph = runner_import_graph()
+  assert {"experiments.runner.train", "experiments.runner.assembly", "experiments.runner.config_facts"} <= set(graph)
+  assert "experiments.runner.config_validation" in graph["experiments.runner.assembly"]  # The scan sees imports.
+  assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # And finds a circle.
+  assert cycles(graph) == []
+  assert graph["experiments.runner.config_facts"] == set()
+
+
+def test_configs_import_nothing_of_the_experiments():
+  """`configs/` is read by the runner and by sweeps; it imports the library and its own
+  modules, never `experiments/` (which imported back)."""
+  offenders = {str(p.relative_to(ROOT)): sorted(m for m in imported_modules(p) if m.split(".")[0] == "experiments")
+               for p in sorted((ROOT / "configs").glob("*.py"))}
+  assert len(offenders) >= 9 and not {p: m for p, m in offenders.items() if m}

@@ -2,18 +2,25 @@
 
 It reads configs (`ml_collections`), datasets and files; the library imports none of it.
 
+Its imports are acyclic (`tests/test_layout.py`); read top down:
+
+  config_facts       what every module may ask of a config: ConfigError, is_text, the cache root
   config_validation  every check of a run's config, before anything is loaded or compiled
+  memory             whether a run fits the device: before anything is prepared, after compiling
   methods            a method from a config: an aggregator, which leaves stay local or frozen,
                      a generator plug-in, signatures; METHOD_BLOCKS: the config blocks it reads
-  optimizers         optax optimizers from config blocks
-  config_blocks      the robust and dp blocks as dataclasses, their defaults' one source
+  optimizers         optax optimizers from config blocks (`configs/blocks.py` holds their defaults)
   data/              the embedded dataset (render, digits_domains: an offline TFDS builder),
                      loader (any prepared TFDS dataset), partition, blocks (padded client
-                     blocks), corruptions (test-time feature shift)
+                     blocks), corruptions (test-time feature shift), instructions (text records)
   federated_data     pools + partition + evaluation blocks for a run
-  pretrain           the backbone pretrained once and cached, or a real checkpoint loaded
-  experiment         build_experiment(config): data, backbone, task, method and round
+  pretrain           the backbone pretrained once and cached, or a real checkpoint loaded;
+                     pretrain_text: a text run's decoder and tokenizer
   chunking           fed.clients_per_chunk=-1: the chunk size measured for this machine
+  assembly           the Experiment record and the parts both tasks share; assemble() builds
+                     the round, the only place one is built
+  image_experiment, text_experiment   each task's data, backbone and task, ending in assemble()
+  experiment         build_experiment(config): the checkpoint's architecture, then one builder
   feeding            each round's sampled clients' padded blocks, on the mesh
   evaluation         global and personalized accuracy, new clients
   records            a round's metrics.jsonl record

@@ -10,8 +10,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from experiments.runner import pretrain
-from experiments.runner.config_validation import is_text
+from experiments.runner.config_facts import cache_dir, is_text
 from hyperlora_jax import autotune, distributed, primitives
 from hyperlora_jax.client import ClientUpdate
 from hyperlora_jax.tasks.common import frozen_tree
@@ -65,7 +64,7 @@ def auto_clients_per_chunk(config: ml_collections.ConfigDict, task: Any,
             "clients_per_device": per_device, "local_steps": config.fed.local_steps,
             "batch_size": config.fed.batch_size, "client_optimizer": config.client_optimizer.to_dict(),
             "backbone_dtype": str(jnp.dtype(task.compute_dtype))}
-  path = os.path.join(config.pretrain.cache_dir or pretrain.DEFAULT_CACHE_DIR, "clients_per_chunk.json")
+  path = os.path.join(cache_dir(config), "clients_per_chunk.json")
 
   def measure() -> autotune.ChunkChoice:
     log(f"fed.clients_per_chunk=-1: timing chunk sizes for {per_device} clients per device "

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from experiments.runner import memory, methods, pretrain
+from experiments.runner.config_facts import TASKS, ConfigError, is_text  # noqa: F401 (ConfigError: raised here, read by users)
 from experiments.runner.data import loader
 from experiments.runner.data.partition import ALLOWED_PARTITIONS
 from experiments.runner.optimizers import ALLOWED_OPTIMIZERS, ALLOWED_SCHEDULES
@@ -37,17 +38,6 @@ ALLOWED_BACKBONE_DTYPES = ("float32", "bfloat16", "auto")
 ALLOWED_FEEDS = ("round", "chunk")
 # Text runs partition records by their group (one client per group) or by a Dirichlet over groups.
 TEXT_PARTITIONS = ("one_domain_per_client", "dirichlet_label_skew")
-TASKS = ("image_classification", "instruction_tuning")
-
-
-def is_text(config: ml_collections.ConfigDict) -> bool:
-  """Whether the config is a text run (`task='instruction_tuning'`; image runs name no task)."""
-  return config.get("task", "image_classification") == "instruction_tuning"
-
-
-class ConfigError(ValueError):
-  """An invalid config field."""
-
 
 def _require(condition: bool, field: str, message: str) -> None:
   if not condition:
@@ -357,37 +347,7 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
       _require(config.hyperlora.signature_noise_std == 0, "hyperlora.signature_noise_std",
                "must be 0 under dp.noise_multiplier > 0 (the signatures' noise is then "
                "dp.signature_noise_multiplier x dp.signature_clip_norm)")
-  check_server_options(config, method, allowed_methods)
-
-
-def check_server_options(config: ml_collections.ConfigDict, method, allowed_methods) -> None:
-  """Raises `ConfigError` where the `robust` or `dp` block asks for what `method` cannot take:
-  a robust rule replaces a plain average in its space (`Method.plain_average`), DP-FedAvg the
-  plain average of factors; HyperLoRA has its own private rounds (`Method.private_rounds`)."""
-  robust, dp = config.get("robust"), config.get("dp")
-  robust_rule = robust is not None and robust.rule != "mean"
-  if robust_rule and method.plain_average != robust.space:
-    takers = _methods_with(config, allowed_methods, lambda m: m.plain_average == robust.space)
-    raise ConfigError(f"robust.rule: {robust.rule!r} in {robust.space} space replaces the average of "
-                      f"{', '.join(takers)}, not method {method.name!r}")
-  if dp is not None and dp.noise_multiplier > 0 and not (method.private_rounds and not robust_rule):
-    if method.plain_average != "factors" or robust_rule:
-      takers = _methods_with(config, allowed_methods, lambda m: m.plain_average == "factors")
-      raise ConfigError(f"dp.noise_multiplier: DP-FedAvg replaces the plain average of "
-                        f"{', '.join(takers)} (with robust.rule='mean'), and HyperLoRA has its "
-                        f"own private rounds; not method {method.name!r}")
-
-
-def _methods_with(config, allowed_methods, capability) -> list[str]:
-  """The names of the methods that, built from `config`, have `capability` (for messages)."""
-  names = []
-  for name, build in allowed_methods.items():
-    try:
-      if capability(build(config)):
-        names.append(name)
-    except (ConfigError, ValueError):  # A method this config cannot build has no capability here.
-      pass
-  return names
+  methods.check_server_options(config, method, allowed_methods)
 
 
 def _writable_dir(path: str) -> bool:

@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments.runner.data import blocks
+from experiments.runner.assembly import Experiment
 from hyperlora_jax import distributed, primitives
 from hyperlora_jax.tasks import image_classification as task_lib
 
-if TYPE_CHECKING:
-  from experiments.runner.experiment import Experiment
 
 
 def run_evaluator(exp: Experiment, with_extras: bool = False) -> Callable[..., Callable[[], tuple]]:

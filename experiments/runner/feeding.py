@@ -6,7 +6,7 @@ resumed run feeds exactly the rounds an unbroken one would.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,10 +14,9 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from experiments.runner.data import blocks
+from experiments.runner.assembly import Experiment
 from hyperlora_jax import primitives
 
-if TYPE_CHECKING:
-  from experiments.runner.experiment import Experiment
 
 
 def chunk_image_loader(pool: Any) -> Callable[[dict], dict]:

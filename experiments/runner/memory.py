@@ -18,6 +18,8 @@ from typing import Any
 
 import jax
 
+from experiments.runner.config_facts import ConfigError, is_text
+
 GiB = float(1 << 30)
 
 
@@ -85,7 +87,6 @@ def describe(needed: int, available: int) -> str:
 def check_compiled_round(config: Any, compiled: Any) -> int | None:
   """Raises ConfigError, naming the fields that size the round, when the compiled round's
   planned memory (`compiled_bytes`) exceeds the device's; returns the planned bytes."""
-  from experiments.runner.config_validation import ConfigError, is_text
   needed, available = compiled_bytes(compiled), device_memory_bytes()
   if needed is not None and too_large(needed, available):
     fed = config.fed

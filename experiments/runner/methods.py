@@ -22,6 +22,7 @@ from hyperlora_jax.aggregators import Aggregator
 from hyperlora_jax.hyper import generator as generator_lib
 from hyperlora_jax.hyper import signatures as signatures_lib
 from hyperlora_jax.hyper.synthesis import CrossRoundDerivativeWarning, SynthesisConfig, hyperlora_synthesizer
+from experiments.runner.config_facts import ConfigError
 from experiments.runner.optimizers import build_optimizer
 
 HEAD_REGEX = r"head/.*"
@@ -254,8 +255,7 @@ METHOD_BLOCKS: dict[str, tuple[str, ...]] = {
 def with_server_options(method: Method, config: ml_collections.ConfigDict) -> Method:
   """`method` with the config's robust rule, update clipping or DP-FedAvg in place of its
   aggregator (`robust`, `dp` blocks), where its capabilities take them (`plain_average`,
-  `private_rounds`); raises ConfigError where they do not (`config_validation.check_server_options`)."""
-  from experiments.runner.config_validation import check_server_options
+  `private_rounds`); raises ConfigError where they do not (`check_server_options`)."""
   check_server_options(config, method, METHODS)
   robust, dp = config.get("robust"), config.get("dp")
   aggregator = method.aggregator
@@ -274,3 +274,33 @@ def build_method(config: ml_collections.ConfigDict) -> Method:
   if config.method not in METHODS:
     raise ValueError(f"method={config.method!r}; allowed: {sorted(METHODS)}")
   return with_server_options(METHODS[config.method](config), config)
+
+
+def check_server_options(config: ml_collections.ConfigDict, method, allowed_methods) -> None:
+  """Raises `ConfigError` where the `robust` or `dp` block asks for what `method` cannot take:
+  a robust rule replaces a plain average in its space (`Method.plain_average`), DP-FedAvg the
+  plain average of factors; HyperLoRA has its own private rounds (`Method.private_rounds`)."""
+  robust, dp = config.get("robust"), config.get("dp")
+  robust_rule = robust is not None and robust.rule != "mean"
+  if robust_rule and method.plain_average != robust.space:
+    takers = _methods_with(config, allowed_methods, lambda m: m.plain_average == robust.space)
+    raise ConfigError(f"robust.rule: {robust.rule!r} in {robust.space} space replaces the average of "
+                      f"{', '.join(takers)}, not method {method.name!r}")
+  if dp is not None and dp.noise_multiplier > 0 and not (method.private_rounds and not robust_rule):
+    if method.plain_average != "factors" or robust_rule:
+      takers = _methods_with(config, allowed_methods, lambda m: m.plain_average == "factors")
+      raise ConfigError(f"dp.noise_multiplier: DP-FedAvg replaces the plain average of "
+                        f"{', '.join(takers)} (with robust.rule='mean'), and HyperLoRA has its "
+                        f"own private rounds; not method {method.name!r}")
+
+
+def _methods_with(config, allowed_methods, capability) -> list[str]:
+  """The names of the methods that, built from `config`, have `capability` (for messages)."""
+  names = []
+  for name, build in allowed_methods.items():
+    try:
+      if capability(build(config)):
+        names.append(name)
+    except (ConfigError, ValueError):  # A method this config cannot build has no capability here.
+      pass
+  return names

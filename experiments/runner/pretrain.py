@@ -29,13 +29,14 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from hyperlora_jax import files, models
+from experiments.runner import pretrain_text
+from experiments.runner.config_facts import cache_dir, is_text
 from experiments.runner.data.loader import ImageDataset, load_image_dataset
+from hyperlora_jax import files, models
 from hyperlora_jax.models import clip as clip_lib
 from hyperlora_jax.models import hf as hf_lib
 from hyperlora_jax.models import load as load_lib
 
-DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "hyperlora_jax", "backbones")
 PRETRAIN_SEED = 0
 CACHE_FORMAT = 2  # In the key: 2 has a manifest of checksums (caches without one are not read).
 # Captions of the contrastive (CLIP) pretraining; the zero-shot prompt template is not one of them.
@@ -87,7 +88,7 @@ def caption_tokens(model, class_names: tuple[str, ...]) -> np.ndarray:
 
 def cache_path(config: ml_collections.ConfigDict) -> str:
   digest = hashlib.sha1(json.dumps(_key_fields(config), sort_keys=True).encode()).hexdigest()[:12]
-  return os.path.join(config.pretrain.cache_dir or DEFAULT_CACHE_DIR, f"{config.model.name}-{digest}")
+  return os.path.join(cache_dir(config), f"{config.model.name}-{digest}")
 
 
 def pretrain(model, data: ImageDataset, *, steps: int, batch_size: int, learning_rate: float,
@@ -161,11 +162,9 @@ def with_checkpoint_architecture(config: ml_collections.ConfigDict,
   Raises:
     models.load.CheckpointError: the directory holds no supported checkpoint.
   """
-  from experiments.runner.config_validation import is_text  # It imports this module.
   if is_text(config):
-    from experiments.runner.text_experiment import with_checkpoint_architecture as text_architecture
     try:
-      return text_architecture(config, log)
+      return pretrain_text.with_checkpoint_architecture(config, log)
     except load_lib.CheckpointError as e:
       raise load_lib.CheckpointError(f"pretrain.checkpoint: {e}") from None
   directory = config.pretrain.get("checkpoint", "")

@@ -26,12 +26,12 @@ import ml_collections
 import numpy as np
 import optax
 
+from experiments.runner.config_facts import cache_dir
 from experiments.runner.data import stdlib_docs
 from hyperlora_jax import files
 from hyperlora_jax.models import hf
 from hyperlora_jax.models.llama import DecoderLM
 
-DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "hyperlora_jax", "backbones")
 SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>")
 PRETRAIN_SEED = 0
 CACHE_FORMAT = 2  # In the key: 2 has a manifest of checksums (caches without one are not read).
@@ -63,7 +63,7 @@ def _key_fields(config: ml_collections.ConfigDict) -> dict:
 
 def cache_path(config: ml_collections.ConfigDict) -> str:
   digest = hashlib.sha1(json.dumps(_key_fields(config), sort_keys=True).encode()).hexdigest()[:12]
-  return os.path.join(config.pretrain.cache_dir or DEFAULT_CACHE_DIR, f"decoder-{digest}")
+  return os.path.join(cache_dir(config), f"decoder-{digest}")
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, directory: str) -> hf.Tokenizer:
@@ -203,3 +203,21 @@ def _write_embedded(config: ml_collections.ConfigDict, partial: str, texts: list
   with open(os.path.join(partial, "pretraining.json"), "w") as f:
     json.dump({**_key_fields(config), **stats}, f, indent=2)
   return stats
+
+
+def with_checkpoint_architecture(config: ml_collections.ConfigDict,
+                                 log: Callable[[str], None] = print) -> ml_collections.ConfigDict:
+  """A text config with `model.*` set from `pretrain.checkpoint`'s config.json (logged)."""
+  directory = config.pretrain.get("checkpoint", "")
+  if not directory:
+    return config
+  name, arch = hf.architecture(hf.read_config(directory))
+  if name != "llama":
+    raise hf.CheckpointError(f"{directory} holds a {name} checkpoint; text runs take Llama-family decoders")
+  model = {"name": name, "remat": bool(config.model.get("remat", False)), **arch}
+  if model == config.model.to_dict():
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model = ml_collections.ConfigDict(model)
+  log(f"model: the architecture of {directory}: " + ", ".join(f"model.{k}={v!r}" for k, v in arch.items()))
+  return config

@@ -1,17 +1,16 @@
 """A round's `metrics.jsonl` record: the round's device metrics on the host, its bytes and ε."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ml_collections
 import numpy as np
 
 from experiments.runner import methods
+from experiments.runner.assembly import Experiment
 from hyperlora_jax import federated, privacy
 from hyperlora_jax.hyper import signatures as signatures_lib
 
-if TYPE_CHECKING:
-  from experiments.runner.experiment import Experiment
 
 # Round metrics counting server parts rejected as non-finite or exploding (`FederatedRound.step`).
 REJECTION_METRICS = ("rejected_aggregate", "rejected_server_step", "rejected_plugins")

@@ -4,7 +4,7 @@ The same round, methods, checkpoints, records and report as an image run; what d
 here: the frozen decoder and its tokenizer (`pretrain_text`), the instruction records tokenized
 into `instructions.TextDataset` pools partitioned by their groups, the `tasks.causal_lm` task
 (next-token loss on response tokens; accuracy = next-token accuracy), and HyperLoRA's text
-signatures (`experiment.every_client_signature` with the decoder's featurizer): the group
+signatures (`assembly.every_client_signature` with the decoder's featurizer): the group
 histogram ("label") and statistics of the frozen decoder's mean hidden state per record
 ("features"), clipped and noised as image signatures are under DP.
 """
@@ -18,17 +18,14 @@ import ml_collections
 import numpy as np
 
 from experiments.runner import pretrain_text
-from experiments.runner.chunking import auto_clients_per_chunk
-from experiments.runner.config_validation import ConfigError
+from experiments.runner.assembly import Experiment, assemble, checked_method, every_client_signature, sharded_backbone
+from experiments.runner.config_facts import ConfigError
 from experiments.runner.data import instructions
 from experiments.runner.federated_data import FederatedData, partitioned
-from experiments.runner.optimizers import build_optimizer
-from hyperlora_jax import autotune, federated, lora
-from hyperlora_jax import faults as faults_lib
-from hyperlora_jax.client import local_update
+from hyperlora_jax import lora
 from hyperlora_jax.models import hf
 from hyperlora_jax.tasks import causal_lm
-from hyperlora_jax.tasks.common import apply_base_delta, backbone_dtype
+from hyperlora_jax.tasks.common import backbone_dtype
 
 
 def prepare_text_inputs(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> None:
@@ -105,10 +102,11 @@ def with_clients_of(config: ml_collections.ConfigDict, groups: tuple[str, ...],
   return config
 
 
-def build_text_experiment(config: ml_collections.ConfigDict, log: Callable[[str], None] = print):
-  """Validates the config, loads the decoder and the records, builds the round (no compilation)."""
-  from experiments.runner.experiment import (Experiment, checked_method, client_ranks, every_client_signature,
-                                             round_plugins, sharded_backbone)
+def build_text_experiment(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> Experiment:
+  """A text run's `Experiment` from a config whose `model.*` is final
+  (`pretrain.with_checkpoint_architecture`): every config check first, then the decoder, the
+  records (data.num_clients resolved), the causal-LM task and the text signatures, then
+  `assembly.assemble` (no compilation)."""
   mesh, method, server_optimizer = checked_method(config)
   model, backbone, tokenizer, _ = pretrain_text.load_or_pretrain_decoder(
       config, log, check_tokenizer=lambda tokenizer: check_records_fit(config, tokenizer, log))
@@ -123,41 +121,9 @@ def build_text_experiment(config: ml_collections.ConfigDict, log: Callable[[str]
                "head": {}}
   task = causal_lm.CausalLM(model, lora.lora_scale(config.lora.alpha, config.lora.rank, config.lora.rslora),
                             compute_dtype)
-  client_signatures, new_signatures = (
+  signatures = (
       every_client_signature(config, method, data, model, backbone, example_keys=("input_ids", "attention_mask"),
                              featurize=lambda ids, mask: causal_lm.mean_hidden_state(model, backbone, ids, mask))
       if method.signature_kinds else (None, None))
-  signature_dim = 0 if client_signatures is None else client_signatures.shape[-1]
-  ranks = client_ranks(config, data.num_clients)
-  client_update = local_update(task.loss_fn, build_optimizer(config.client_optimizer))
-  chunk = config.fed.clients_per_chunk
-  if chunk == autotune.AUTO:
-    chunk = auto_clients_per_chunk(config, task, backbone, trainable, client_update, mesh, method.pooled_data, log)
-  fed_round = federated.FederatedRound(
-      client_update, method.aggregator, data.num_clients, server_optimizer=server_optimizer,
-      local_leaves=method.local_regex, frozen_leaves=method.frozen_regexes, client_ranks=ranks,
-      clients_per_chunk=chunk, mesh=mesh if mesh.size > 1 else None,
-      plugins=round_plugins(config, method, targets, data.num_clients, signature_dim),
-      apply_base_delta=apply_base_delta,
-      faults=faults_lib.Faults(**config.faults.to_dict()) if "faults" in config else None)
-  return Experiment(config, data, task, method, backbone, targets, trainable, client_update, fed_round,
-                    mesh, ranks, client_signatures, new_signatures)
-
-
-def with_checkpoint_architecture(config: ml_collections.ConfigDict,
-                                 log: Callable[[str], None] = print) -> ml_collections.ConfigDict:
-  """A text config with `model.*` set from `pretrain.checkpoint`'s config.json (logged)."""
-  from hyperlora_jax.models import hf
-  directory = config.pretrain.get("checkpoint", "")
-  if not directory:
-    return config
-  name, arch = hf.architecture(hf.read_config(directory))
-  if name != "llama":
-    raise hf.CheckpointError(f"{directory} holds a {name} checkpoint; text runs take Llama-family decoders")
-  model = {"name": name, "remat": bool(config.model.get("remat", False)), **arch}
-  if model == config.model.to_dict():
-    return config
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.model = ml_collections.ConfigDict(model)
-  log(f"model: the architecture of {directory}: " + ", ".join(f"model.{k}={v!r}" for k, v in arch.items()))
-  return config
+  return assemble(config, log, mesh=mesh, method=method, server_optimizer=server_optimizer, data=data, task=task,
+                  backbone=backbone, targets=targets, trainable=trainable, signatures=signatures)

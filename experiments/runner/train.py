@@ -36,7 +36,8 @@ from experiments.runner.config_validation import is_text
 from experiments.runner import workdir as workdir_lib
 from experiments.runner.data.loader import prepare_dataset
 from experiments.runner.evaluation import evaluate_new_clients, run_evaluator
-from experiments.runner.experiment import Experiment, build_experiment
+from experiments.runner.assembly import Experiment
+from experiments.runner.experiment import build_experiment
 from experiments.runner.feeding import round_on_mesh
 from experiments.runner.text_experiment import prepare_text_inputs
 from hyperlora_jax import autotune, diagnostics, distributed, federated, primitives

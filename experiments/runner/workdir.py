@@ -24,9 +24,11 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from experiments.runner import config_blocks, methods, reporting
+from configs import blocks as config_blocks
+from experiments.runner import methods, reporting
 from experiments.runner.config_validation import ConfigError, used_config
-from experiments.runner.experiment import Experiment, build_experiment
+from experiments.runner.assembly import Experiment
+from experiments.runner.experiment import build_experiment
 from hyperlora_jax import distributed, files, states
 from hyperlora_jax.faults import Faults
 from hyperlora_jax.hyper import synthesis

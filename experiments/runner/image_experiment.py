@@ -1,0 +1,72 @@
+"""`build_image_experiment(config)`: an image run's `Experiment` (configs/default.py and the image
+benchmarks): the federated images, the frozen backbone (pretrained and cached, or a
+checkpoint), the image-classification task and its signatures; `assembly` builds the round."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from experiments.runner import pretrain
+from experiments.runner.assembly import Experiment, assemble, checked_method, every_client_signature, sharded_backbone
+from experiments.runner.federated_data import build_federated_data
+from experiments.runner.feeding import chunk_image_loader
+from hyperlora_jax import lora, models
+from hyperlora_jax.tasks import image_classification as task_lib
+
+
+def initial_trainable(model, backbone: Any, example_images: jax.Array, target_regex: str, rank: int,
+                      rng: jax.Array) -> tuple[dict, dict]:
+  """The round-0 trainable pytree and the LoRA targets.
+
+  Args:
+    example_images: [1, H, W, 3] uint8, for shapes only.
+  Returns:
+    ({"lora": fresh LoRA (b = 0), "head": zero head shaped like the model's ({} for a model
+     without one, e.g. CLIP)}, targets {path: (d_in, d_out)}).
+  """
+  inputs = models.preprocess_images(example_images)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), inputs)
+  head = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract["params"].get("head", {}))
+  params = {**backbone["params"], **({"head": head} if head else {})}
+  targets = lora.find_targets(model, {"params": params}, inputs, target_regex=target_regex)
+  return {"lora": lora.init_lora(rng, targets, rank), "head": head}, targets
+
+
+def build_image_experiment(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> Experiment:
+  """An image run's `Experiment` from a config whose `model.*` is final
+  (`pretrain.with_checkpoint_architecture`): every config check first, then the data, the
+  backbone, the task and the clients' signatures, then `assembly.assemble` (no compilation)."""
+  mesh, method, server_optimizer = checked_method(config)
+  data = build_federated_data(config)
+  if config.data.get("validation_fraction", 0.0):
+    log(f"evaluating on a validation split: {config.data.validation_fraction:g} of each client's training "
+        f"examples, held out (the test split is not read)")
+  backbone, _ = pretrain.load_or_pretrain(config, log)
+  backbone = sharded_backbone(backbone, mesh, log)
+  model = build_model(config, data.num_classes, data.train_pool.class_names)
+  preprocess = pretrain.image_preprocess(config)
+  trainable, targets = initial_trainable(model, backbone, data.train_pool.images[:1],
+                                         config.lora.target_regex, config.lora.rank,
+                                         jax.random.fold_in(jax.random.key(config.seed), 1))
+  task = task_lib.ImageClassification(model, lora.lora_scale(config.lora.alpha, config.lora.rank,
+                                                             config.lora.rslora),
+                                      preprocess,
+                                      "head" if trainable["head"] else None,  # CLIP has no head.
+                                      task_lib.backbone_dtype(config.compute.backbone_dtype))
+  signatures = (every_client_signature(config, method, data, model, backbone, preprocess)
+                if method.signature_kinds else (None, None))
+  return assemble(config, log, mesh=mesh, method=method, server_optimizer=server_optimizer, data=data, task=task,
+                  backbone=backbone, targets=targets, trainable=trainable, signatures=signatures,
+                  load_batches=chunk_image_loader(data.train_pool) if config.data.feed == "chunk" else None)
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int, class_names) -> Any:
+  """The config's model; a CLIP checkpoint's class prompts tokenized by its own tokenizer."""
+  prompt_ids = pretrain.checkpoint_prompt_ids(config, class_names)
+  if prompt_ids is None:
+    return models.model_from_config(config.model, num_classes, class_names)
+  arch = {k: v for k, v in config.model.items() if k not in ("name", "prompt_ids")}
+  return models.build_model(config.model.name, num_classes, class_names, **arch, prompt_ids=prompt_ids)
