@@ -4,7 +4,8 @@ XLA's FLOPs and planned memory of a jitted call."""
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 USER_ERRORS = (ValueError, OSError, FloatingPointError, RuntimeError)
 

@@ -24,7 +24,7 @@ tower run every step, as the JAX benchmark's CLIP does.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

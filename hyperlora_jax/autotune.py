@@ -24,7 +24,8 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import jax
 

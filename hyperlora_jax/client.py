@@ -15,13 +15,15 @@ over clients: the frozen tree enters unbatched (one copy for all clients).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
-Tree = Any
+from hyperlora_jax.pytree import Tree
+
 LossFn = Callable[[Tree, Tree, Tree, jax.Array], tuple[jax.Array, Any]]
 
 

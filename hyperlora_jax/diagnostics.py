@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from hyperlora_jax import lora as lora_lib
+from hyperlora_jax.pytree import Tree
 
-Tree = Any
 _TINY = 1e-12
 METRICS = ("aggregation_bias", "aggregation_bias_per_layer", "client_drift", "first_step_loss",
            "last_step_loss", "init_lag", "generator_offset_norm")  # Those a round may report.

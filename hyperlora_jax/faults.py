@@ -16,12 +16,13 @@ All shapes are per round: C sampled clients (padding included), leaves [C, ...].
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-Tree = Any
+from hyperlora_jax.pytree import Tree
+
 BYZANTINE_KINDS = ("sign_flip", "scale", "random")
 FAULT_KINDS = ("dropout", "straggler", "nonfinite", "byzantine")
 

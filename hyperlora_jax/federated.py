@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -50,8 +51,8 @@ from hyperlora_jax import primitives
 from hyperlora_jax import states
 from hyperlora_jax.aggregators.base import AggregationContext, Aggregator, layer_shapes
 from hyperlora_jax.client import ClientUpdate
+from hyperlora_jax.pytree import Tree
 
-Tree = Any
 NEW_CLIENT = -1  # Client id of a client with no learned state (the global model, new clients).
 FAULT_STREAM = 1 << 30  # fold_in index of the round key that draws injected faults.
 
@@ -79,7 +80,7 @@ class ServerState(states.TypedState):
   DICT_KEYS = {"global_params": "global"}
 
   @classmethod
-  def from_dict(cls, tree: dict) -> "ServerState":
+  def from_dict(cls, tree: dict) -> ServerState:
     """The state of a dict in `as_dict`'s layout, its parts as given (`states.like` rebuilds
     the typed parts too)."""
     return cls(**{"global_params" if key == "global" else key: value for key, value in tree.items()})

@@ -21,7 +21,8 @@ import os
 import shutil
 import socket
 import tempfile
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
 
 MANIFEST_FILE = "manifest.sha256.json"
 T = TypeVar("T")

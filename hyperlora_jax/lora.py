@@ -47,7 +47,8 @@ from __future__ import annotations
 import math
 import re
 import threading
-from typing import Any, Callable, Mapping
+from typing import Any
+from collections.abc import Callable, Mapping
 
 import flax
 import flax.linen as nn

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-Tree = Any
+from hyperlora_jax.pytree import Tree
+
 
 
 def leaf_names(tree: Tree) -> Tree:

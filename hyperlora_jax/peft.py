@@ -1,4 +1,4 @@
-"""Adapters out and in: Hugging Face PEFT's on-disk LoRA layout.
+r"""Adapters out and in: Hugging Face PEFT's on-disk LoRA layout.
 
     save_peft(directory, adapter, alpha=8.0)      # adapter_model.safetensors + adapter_config.json
     adapter, config = load_peft(directory)
@@ -32,7 +32,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Callable, Collection, Mapping
+from typing import Any
+from collections.abc import Callable, Collection, Mapping
 
 import numpy as np
 
@@ -159,7 +160,7 @@ def without_tied_heads(tensors: Mapping[str, np.ndarray], config: Mapping[str, A
 
 
 def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-  """peft's per-module lookup in a `rank_pattern` / `alpha_pattern`: the value of the first key
+  r"""peft's per-module lookup in a `rank_pattern` / `alpha_pattern`: the value of the first key
   `k` (in the dict's order) with `re.match(rf"(.*\.)?({k})$", module)`, else `default`."""
   for key, value in patterns.items():
     if re.match(rf"(.*\.)?({key})$", module):

@@ -20,16 +20,17 @@ and its properties (pure, differentiable, mesh-sharded), in about sixty lines.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from hyperlora_jax.pytree import Tree
+
 CLIENTS_AXIS = "clients"
 MODEL_AXIS = "model"
-Tree = Any
 
 
 def make_mesh(num_devices: int = 0, model_parallel: int = 1) -> Mesh:

@@ -30,12 +30,12 @@ noise they are not private (ε = ∞).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-Tree = Any
+from hyperlora_jax.pytree import Tree
+
 
 
 def clip_factors(norms: jax.Array, clip_norm: float) -> jax.Array:

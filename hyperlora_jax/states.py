@@ -22,7 +22,8 @@ from typing import Any, ClassVar, TypeVar
 
 import jax
 
-Tree = Any
+from hyperlora_jax.pytree import Tree
+
 S = TypeVar("S", bound="TypedState")
 
 
@@ -94,7 +95,7 @@ def without(state: Tree, names: tuple[str, ...] | list[str]) -> Tree:
   if not names:
     return state
   if isinstance(state, TypedState):
-    return state.replace(**{name: None for name in names})
+    return state.replace(**dict.fromkeys(names))
   return {k: v for k, v in state.items() if k not in names}
 
 

@@ -26,7 +26,8 @@ compile per run (`tasks.causal_lm` reads these arrays).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping
+from typing import Any
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 

@@ -21,7 +21,10 @@ from tests.test_library import OneLayer
 D_IN, D_OUT, R = 5, 3, 2  # Non-square: a transposed factor fails to broadcast or to match.
 
 
-def _round(aggregator, *, learning_rate=0.1, plugins=(), server_optimizer=optax.sgd(1.0), optimizer=optax.sgd,
+PLAIN_SERVER_STEP = optax.sgd(1.0)
+
+
+def _round(aggregator, *, learning_rate=0.1, plugins=(), server_optimizer=PLAIN_SERVER_STEP, optimizer=optax.sgd,
            local_steps=2, b_scale=0.5, **kwargs):
   """A one-layer LoRA round on an MSE loss: (FederatedRound, frozen, adapter, batches)."""
   model = OneLayer()

@@ -5,7 +5,8 @@ method, the clients' signatures and the round itself (`assemble`: the one place 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import ml_collections

@@ -4,7 +4,7 @@ once from a validated config, before anything is compiled: the image builder
 set `model.*`."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import ml_collections
 

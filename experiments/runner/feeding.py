@@ -6,7 +6,8 @@ resumed run feeds exactly the rounds an unbroken one would.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

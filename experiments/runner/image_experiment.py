@@ -3,7 +3,8 @@ benchmarks): the federated images, the frozen backbone (pretrained and cached, o
 checkpoint), the image-classification task and its signatures; `assembly` builds the round."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -10,7 +10,7 @@ histogram ("label") and statistics of the frozen decoder's mean hidden state per
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -22,7 +22,8 @@ import contextlib
 import dataclasses
 import os
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import ml_collections

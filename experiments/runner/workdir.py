@@ -16,7 +16,8 @@ import importlib.metadata
 import json
 import os
 import platform
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

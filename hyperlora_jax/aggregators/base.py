@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping
 
 import jax
 from flax import traverse_util
 
 from hyperlora_jax import lora as lora_lib
 from hyperlora_jax.primitives import weighted_mean
+from hyperlora_jax.pytree import Tree
 
-Tree = Any
 # (layer shapes {name: (d_in, d_out)}, participant ranks [r_k]) -> bytes for all participants.
 BytesRule = Callable[[Mapping[str, tuple[int, int]], list], int]
 

@@ -32,8 +32,8 @@ from hyperlora_jax.aggregators.base import AggregationContext, Aggregator, Capab
 from hyperlora_jax.aggregators.products import best_rank_r
 from hyperlora_jax.primitives import weighted_mean
 from hyperlora_jax.privacy import add_gaussian_noise, clip_factors, squared_norms
+from hyperlora_jax.pytree import Tree
 
-Tree = Any
 ROBUST_RULES = ("median", "trimmed_mean", "geometric_median")
 
 

@@ -25,7 +25,8 @@ state then carries the noise key ("rng").
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -36,8 +37,8 @@ from hyperlora_jax import lora as lora_lib
 from hyperlora_jax import privacy as privacy_lib
 from hyperlora_jax import states
 from hyperlora_jax.federated import NEW_CLIENT as NEW_CLIENT  # No learned embedding: the mean one.
+from hyperlora_jax.pytree import Tree
 
-Tree = Any
 GENERATOR_LOSSES = ("vjp", "product_distill")
 
 

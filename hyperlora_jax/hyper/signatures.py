@@ -14,7 +14,8 @@ signature to L2 norm `clip_norm` and add Gaussian noise of standard deviation `n
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -50,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -64,9 +64,9 @@ from hyperlora_jax.aggregators.base import Aggregator, AggregationContext, Capab
 from hyperlora_jax.aggregators.fair import fit_delta_b
 from hyperlora_jax.aggregators.products import weighted_product
 from hyperlora_jax.aggregators.robust import merge_rest, without_layers
+from hyperlora_jax.pytree import Tree
 
 CORRECTORS = ("none", "fair", "learned")
-Tree = Any
 
 
 class SynthesizerScores(nn.Module):

@@ -31,7 +31,8 @@ import hashlib
 import json
 import os
 import re
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 from flax import traverse_util
@@ -220,9 +221,9 @@ def decoder_arch(config: dict) -> dict[str, Any]:
           "mlp_bias": bool(config.get("mlp_bias", False)), "sliding_window": None if window is None else int(window)}
 
 
-ARCHITECTURES = {"vit": vit_arch, "clip": clip_arch, **{t: decoder_arch for t in DECODER_TYPES}}
+ARCHITECTURES = {"vit": vit_arch, "clip": clip_arch, **dict.fromkeys(DECODER_TYPES, decoder_arch)}
 # model_type -> the project's model name (`read_checkpoint`'s first value).
-MODEL_NAMES = {"vit": "vit", "clip": "clip", **{t: "llama" for t in DECODER_TYPES}}
+MODEL_NAMES = {"vit": "vit", "clip": "clip", **dict.fromkeys(DECODER_TYPES, "llama")}
 
 
 def square_size(value: Any, field: str) -> int:
@@ -642,7 +643,7 @@ class Tokenizer:
     return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
   @classmethod
-  def from_directory(cls, directory: str, pad_token: str | None = None) -> "Tokenizer":
+  def from_directory(cls, directory: str, pad_token: str | None = None) -> Tokenizer:
     """The tokenizer of `directory`; pads with `pad_token`, else tokenizer_config.json's
     `pad_token`, else its `eos_token` (Llama checkpoints name no pad token), else the
     end-of-text token (OpenAI CLIP's padding)."""

@@ -27,7 +27,8 @@ then one token per step inside `jax.lax.scan`, so a whole generation is one comp
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax

@@ -8,7 +8,8 @@ head, e.g. CLIP)}`; the frozen pytree is `{"variables": backbone variables, "bas
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax

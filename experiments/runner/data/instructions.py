@@ -29,7 +29,8 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 

@@ -92,7 +92,7 @@ class ImageDataset:
   def __len__(self) -> int:
     return len(self.labels)
 
-  def subset(self, indices: np.ndarray) -> "ImageDataset":
+  def subset(self, indices: np.ndarray) -> ImageDataset:
     """The examples `indices`, their images read into memory."""
     return dataclasses.replace(self, images=self.images[indices], labels=self.labels[indices],
                                domains=self.domains[indices])
