@@ -1,4 +1,5 @@
-"""Every README example runs exactly as written, and gives what the README says it gives."""
+"""Every example of the README and docs/ runs exactly as written, and gives what the text says
+it gives."""
 import json
 import os
 import re
@@ -13,23 +14,38 @@ from hyperlora_jax import autotune as hl_autotune
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _example(marker: str) -> str:
-  with open(os.path.join(ROOT, "README.md")) as f:
-    text = f.read()
-  match = re.search(rf"<!-- example:{marker} -->\s*```python\n(.*?)```", text, re.S)
-  assert match, f"README has no example '{marker}'"
-  return match.group(1)
+DOCUMENTS = ("README.md", *sorted(os.path.join("docs", n) for n in os.listdir(os.path.join(ROOT, "docs"))
+                                  if n.endswith(".md")))
+
+
+def _texts() -> dict[str, str]:
+  texts = {}
+  for name in DOCUMENTS:
+    with open(os.path.join(ROOT, name)) as f:
+      texts[name] = f.read()
+  return texts
+
+
+def _example(marker: str) -> tuple[str, str]:
+  """(the example's code, the document it is in)."""
+  for name, text in _texts().items():
+    match = re.search(rf"<!-- example:{marker} -->\s*```python\n(.*?)```", text, re.S)
+    if match:
+      return match.group(1), name
+  raise AssertionError(f"no document holds example '{marker}'")
 
 
 def _run(marker: str) -> dict:
   namespace = {}
-  exec(compile(_example(marker), f"README.md:{marker}", "exec"), namespace)
+  code, document = _example(marker)
+  exec(compile(code, f"{document}:{marker}", "exec"), namespace)
   return namespace
 
 
 def test_every_example_block_is_tested():
-  with open(os.path.join(ROOT, "README.md")) as f:
-    markers = set(re.findall(r"<!-- example:([\w-]+) -->", f.read()))
+  found = [m for text in _texts().values() for m in re.findall(r"<!-- example:([\w-]+) -->", text)]
+  assert len(found) == len(set(found))  # One home each.
+  markers = set(found)
   tested = {"text-classifier", "regression", "scale", "aggregators", "generator", "attention", "nnx", "peft",
             "hyperlora", "huggingface", "decoder"}
   assert markers == tested
