@@ -16,7 +16,7 @@ run: $(VENV)/.installed
 
 # After `make run`: its results against the README's table, within stated tolerances.
 check-run: $(VENV)/.installed
-	$(PY) -m experiments.check_readme --workdir runs/default
+	$(PY) -m experiments.reports.check_readme --workdir runs/default
 
 # Lint, then every test but the few marked slow (multi-process end-to-end runs).
 test: $(VENV)/.installed
@@ -38,7 +38,7 @@ BENCH_FLAGS ?=
 TEXT_BENCH_OUT ?= benchmarks/text_round_speed.json
 TEXT_BENCH_FLAGS ?=
 bench: $(VENV)/.installed
-	$(PY) -m experiments.benchmark --out $(BENCH_OUT) $(BENCH_FLAGS)
-	$(PY) -m experiments.text_benchmark --out $(TEXT_BENCH_OUT) $(TEXT_BENCH_FLAGS)
+	$(PY) -m benchmarks.round_speed --out $(BENCH_OUT) $(BENCH_FLAGS)
+	$(PY) -m benchmarks.text_round_speed --out $(TEXT_BENCH_OUT) $(TEXT_BENCH_FLAGS)
 
 .PHONY: install run check-run test test-slow test-all lint bench

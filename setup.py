@@ -5,7 +5,8 @@ setup(
     version="0.2.0",
     description="Federated LoRA fine-tuning of foundation models in JAX/Flax, built around HyperLoRA.",
     python_requires=">=3.11",
-    packages=find_packages(include=["hyperlora_jax", "hyperlora_jax.*", "experiments", "experiments.*", "configs"]),
+    packages=find_packages(include=["hyperlora_jax", "hyperlora_jax.*", "experiments", "experiments.*", "configs",
+                                    "benchmarks"]),
     install_requires=[
         "jax>=0.10", "flax>=0.12", "optax>=0.2.8", "orbax-checkpoint>=0.12",
         "tensorflow-datasets>=4.9.10", "array-record>=0.8", "importlib_resources", "etils",

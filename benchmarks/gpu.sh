@@ -38,13 +38,13 @@ step() {  # step SECONDS NAME ARGS...: one benchmark under a time limit; its sta
 # A step stopped at its limit still leaves the cohorts it printed in gpu.log. The 2026-11-26 H100
 # run's steps (C = 1,024, ViT-Ti, the profile) took 18 minutes and are in that log and BENCHMARKS.md.
 text="--seq_len 512 --batch_size 4 --local_steps 2 --repeats 1"
-step 130 text_round_speed_smollm_135m_gpu -m experiments.text_benchmark --model smollm_135m --clients 8,16,64 \
+step 130 text_round_speed_smollm_135m_gpu -m benchmarks.text_round_speed --model smollm_135m --clients 8,16,64 \
   --chunks 8,16 $text --out "$out/text_round_speed_smollm_135m_gpu.json"
-step 170 text_round_speed_tinyllama_1b_gpu -m experiments.text_benchmark --model tinyllama_1b --remat \
+step 170 text_round_speed_tinyllama_1b_gpu -m benchmarks.text_round_speed --model tinyllama_1b --remat \
   --clients 8,16,64 --chunks 8,16 $text --out "$out/text_round_speed_tinyllama_1b_gpu.json"
-step 120 round_speed_vit_b16_gpu -m experiments.benchmark --base_model --clients 16,64 --chunks 16 \
+step 120 round_speed_vit_b16_gpu -m benchmarks.round_speed --base_model --clients 16,64 --chunks 16 \
   --local_steps 2 --repeats 1 --out "$out/round_speed_vit_b16_gpu.json"
-step 80 round_speed_clip_b32_gpu -m experiments.benchmark --base_clip --clients 16,64 --chunks 16 \
+step 80 round_speed_clip_b32_gpu -m benchmarks.round_speed --base_clip --clients 16,64 --chunks 16 \
   --local_steps 2 --repeats 1 --out "$out/round_speed_clip_b32_gpu.json"
-step 40 round_speed_gpu -m experiments.benchmark --clients 16,64 --chunks 0,auto --repeats 1 --nopeft \
+step 40 round_speed_gpu -m benchmarks.round_speed --clients 16,64 --chunks 0,auto --repeats 1 --nopeft \
   --out "$out/round_speed_gpu.json"

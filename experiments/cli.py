@@ -11,6 +11,7 @@ a workdir in use a RuntimeError). Anything else is a bug, and keeps its tracebac
 """
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import sys
@@ -83,3 +84,25 @@ def load_config_file(config_spec: str):
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg or None)
+
+
+def parse_override(text: str) -> tuple[str, object]:
+  """'fed.num_rounds=15' -> ('fed.num_rounds', 15); non-literals stay strings."""
+  field, _, value = text.partition("=")
+  try:
+    return field, ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    return field, value
+
+
+def set_field(config, field: str, value) -> None:
+  """config['a']['b'] = value for field 'a.b'; raises ValueError for a field that does not exist."""
+  *parents, leaf = field.split(".")
+  node = config
+  for p in parents:
+    if p not in node:
+      raise ValueError(f"--set {field}: no such config field")
+    node = node[p]
+  if leaf not in node:
+    raise ValueError(f"--set {field}: no such config field")
+  node[leaf] = value

@@ -16,7 +16,6 @@ uses it, so a restarted sweep never runs beside leftovers of the killed one.
 """
 from __future__ import annotations
 
-import ast
 import concurrent.futures
 import dataclasses
 import itertools
@@ -30,7 +29,7 @@ import traceback
 
 from absl import flags, logging
 
-from experiments.cli import load_config_file
+from experiments.cli import load_config_file, parse_override, set_field
 from experiments.runner import reporting
 from hyperlora_jax import files
 
@@ -56,28 +55,6 @@ class RunSpec:
   seed: int
   overrides: tuple[str, ...] = ()
   grid: tuple[str, ...] = ()        # The swept overrides of this run (also in `overrides`).
-
-
-def parse_override(text: str) -> tuple[str, object]:
-  """'fed.num_rounds=15' -> ('fed.num_rounds', 15); non-literals stay strings."""
-  field, _, value = text.partition("=")
-  try:
-    return field, ast.literal_eval(value)
-  except (ValueError, SyntaxError):
-    return field, value
-
-
-def set_field(config, field: str, value) -> None:
-  """config['a']['b'] = value for field 'a.b'; raises ValueError for a field that does not exist."""
-  *parents, leaf = field.split(".")
-  node = config
-  for p in parents:
-    if p not in node:
-      raise ValueError(f"--set {field}: no such config field")
-    node = node[p]
-  if leaf not in node:
-    raise ValueError(f"--set {field}: no such config field")
-  node[leaf] = value
 
 
 def make_config(spec: RunSpec, variant: str = ""):

@@ -55,7 +55,7 @@ def test_kill_and_resume_gives_identical_metrics(smoke_config, tmp_path):
   assert result["round_traces"] == 1
   assert reporting.read_metrics(str(killed)) == reporting.read_metrics(str(tmp_path / "straight"))
   # The finished run's state, restored, gives the global accuracy its last round logged.
-  from experiments.global_from_clients import global_test_accuracy
+  from experiments.studies.global_from_clients import global_test_accuracy
   exp, state, done = restore_run(smoke_config, killed)
   frozen = apply_base_delta(frozen_tree(exp.backbone, dtype=exp.task.compute_dtype), state["base_delta"])
   assert done == 6 and int(state["round"]) == 6
@@ -222,8 +222,8 @@ def test_smoke_runs_learn_above_chance(smoke_config, tmp_path):
 
 def test_shifted_evaluation_reaches_every_test_block_and_severity_zero_is_the_runs_own(smoke_config, tmp_path,
                                                                                       monkeypatch):
-  """`run_evaluator`'s `transform_images` and `experiments.shift_severity` on a finished run."""
-  from experiments import shift_severity
+  """`run_evaluator`'s `transform_images` and `experiments.studies.shift_severity` on a finished run."""
+  from experiments.studies import shift_severity
   from experiments.runner.evaluation import run_evaluator
   smoke_config.fed.num_rounds = 2
   run = tmp_path / "runs" / "fedit"

@@ -1,7 +1,7 @@
-"""experiments.label_prior: the majority-label reference, counted by hand."""
+"""experiments.studies.label_prior: the majority-label reference, counted by hand."""
 import numpy as np
 
-from experiments import label_prior
+from experiments.studies import label_prior
 
 
 def test_majority_label_accuracy_uses_each_clients_training_majority_by_hand():

@@ -159,3 +159,14 @@ def test_the_facade_has_every_module_its_map_lists_and_tree_is_one_alias():
              if any(isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "Tree" for t in node.targets)
                     for node in ast.parse(p.read_text()).body)]
   assert defined == ["pytree.py"]
+
+
+def test_experiments_are_sorted_by_kind():
+  """Entry points at the top of experiments/, then the runner, reports and studies as packages;
+  the benchmark scripts live beside their results in benchmarks/ (30 scripts were one flat pile)."""
+  top = sorted(p.name for p in (ROOT / "experiments").glob("*.py"))
+  assert top == ["__init__.py", "cli.py", "main.py", "sweep.py"]
+  assert {p.name for p in (ROOT / "experiments").iterdir() if p.is_dir() and not p.name.startswith("__")} == {
+      "reports", "runner", "studies"}
+  assert {"round_speed.py", "text_round_speed.py", "gpu.sh", "round_speed.json"} <= {
+      p.name for p in (ROOT / "benchmarks").iterdir()}

@@ -184,7 +184,7 @@ def test_hyperlora_round_on_a_user_model_learns_and_personalizes_by_signature():
 
 
 def test_readme_check_reads_the_readmes_table_and_applies_its_tolerances(tmp_path):
-  from experiments import check_readme
+  from experiments.reports import check_readme
   with open(os.path.join(ROOT, "README.md")) as f:
     table = check_readme.readme_table(f.read())
   assert set(table) == {"hyperlora", "fedit"}  # What `make run` runs; the check must find both rows.

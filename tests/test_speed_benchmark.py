@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import peft_baselines, torch_baselines
+from benchmarks import peft_baselines, torch_baselines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +64,7 @@ def test_the_text_benchmark_counts_tokens_flops_and_memory_by_their_formulas(tmp
   clients at once exceeds one client's by less than the 3 extra copies of the frozen decoder a
   round that copied the backbone per client would hold (the frozen tree is one argument)."""
   out = tmp_path / "text.json"
-  result = subprocess.run([sys.executable, "-m", "experiments.text_benchmark", "--clients", "2,4", "--chunks", "0,2",
+  result = subprocess.run([sys.executable, "-m", "benchmarks.text_round_speed", "--clients", "2,4", "--chunks", "0,2",
                            "--local_steps", "2", "--batch_size", "2", "--seq_len", "16", "--repeats", "1", "--nopeft",
                            "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
@@ -96,7 +96,7 @@ def test_the_peft_text_baseline_is_the_jax_decoders_loss_on_the_same_weights(tmp
   import peft
   import transformers
 
-  from experiments.bench_model import random_text_block, text_client_update_fn
+  from benchmarks.workloads import random_text_block, text_client_update_fn
   from hyperlora_jax.models import hf
   from hyperlora_jax.tasks.causal_lm import CausalLM
   _, frozen, trainable, model, config = text_client_update_fn("tiny")
@@ -132,7 +132,7 @@ def test_torch_baseline_model_has_the_jax_models_parameter_counts():
   """The PyTorch rows time the same model: as many frozen and trainable numbers as the JAX ViT."""
   torch = pytest.importorskip("torch")
   import jax
-  from experiments.bench_model import client_update_fn
+  from benchmarks.workloads import client_update_fn
   _, trainable, config = client_update_fn()
   m = config.model
   frozen = torch_baselines._frozen(torch, m.width, m.depth, m.patch_size, config.data.image_size, m.mlp_ratio)
@@ -151,7 +151,7 @@ def test_profile_reads_the_traced_operations_and_their_kinds_from_the_hlo(tmp_pa
   import jax
   import jax.numpy as jnp
 
-  from experiments import profile_round
+  from benchmarks import profile_round
   fn = jax.jit(lambda x, w: jnp.sum(jnp.tanh(x @ w), axis=0))
   x, w = jnp.ones((256, 96)), jnp.ones((96, 80))
   compiled = fn.lower(x, w).compile()
@@ -173,7 +173,7 @@ def test_profile_reads_the_traced_operations_and_their_kinds_from_the_hlo(tmp_pa
 
 @pytest.mark.slow  # Initializes the real-size model (86M / 151M parameters).
 def test_the_base_model_benchmark_times_vit_b16_at_224_px():
-  from experiments.bench_model import client_update_fn
+  from benchmarks.workloads import client_update_fn
   _, trainable, config = client_update_fn(base_model=True)
   assert (config.model.width, config.model.depth, config.model.patch_size, config.data.image_size) == (768, 12, 16, 224)
   query = trainable["lora"]["encoder/block_0/attn/query"]
@@ -183,7 +183,7 @@ def test_the_base_model_benchmark_times_vit_b16_at_224_px():
 
 @pytest.mark.slow  # Initializes the real-size model (86M / 151M parameters).
 def test_the_base_clip_benchmark_times_openai_clip_b32_with_lora_on_both_towers():
-  from experiments.bench_model import client_update_fn
+  from benchmarks.workloads import client_update_fn
   _, trainable, config = client_update_fn(base_clip=True)
   model = config.model
   assert (model.name, model.width, model.patch_size, model.text_width, model.max_len, config.data.image_size) == \
@@ -201,7 +201,7 @@ def test_the_peft_baseline_is_the_jax_models_architecture_with_as_many_trainable
   as the JAX backbone and as many trainable as its LoRA (+ head), so both sides time one model."""
   pytest.importorskip("peft")
   import jax
-  from experiments.bench_model import client_update_fn
+  from benchmarks.workloads import client_update_fn
   from hyperlora_jax import models
   _, trainable, config = client_update_fn(base_clip=base_clip)
   fields = {k: v for k, v in config.model.to_dict().items() if k != "name"}
@@ -238,19 +238,19 @@ def test_the_gpu_script_fits_its_device_budget_and_every_flag_parses():
   device minutes: its steps' limits add up to under 10 minutes, and every step's flags parse
   with the module's own absl definitions (names, enum values, types)."""
   steps = _gpu_script_steps()
-  assert {module for _, module, _ in steps} == {"experiments.benchmark", "experiments.text_benchmark"}
+  assert {module for _, module, _ in steps} == {"benchmarks.round_speed", "benchmarks.text_round_speed"}
   assert sum(limit for limit, _, _ in steps) < 600
   assert any("tinyllama_1b" in flags for _, _, flags in steps)
   # One process per module (absl defines its flags once): each step's flags parsed in turn, from defaults.
   parse = ("import importlib, json, sys; from absl import flags; importlib.import_module(sys.argv[1])\n"
            "for argv in json.loads(sys.argv[2]):\n"
            "  flags.FLAGS.unparse_flags(); flags.FLAGS(['bench'] + argv); print('parsed', len(argv))")
-  for module in ("experiments.benchmark", "experiments.text_benchmark"):
+  for module in ("benchmarks.round_speed", "benchmarks.text_round_speed"):
     argvs = [flags for _, step_module, flags in steps if step_module == module]
     result = subprocess.run([sys.executable, "-c", parse, module, json.dumps(argvs)], cwd=ROOT, capture_output=True,
                             text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert result.stdout.split() == " ".join(f"parsed {len(a)}" for a in argvs).split(), (module, result.stderr[-2000:])
-  bad = subprocess.run([sys.executable, "-c", parse, "experiments.text_benchmark",
+  bad = subprocess.run([sys.executable, "-c", parse, "benchmarks.text_round_speed",
                         json.dumps([["--model", "smollm_135m"], ["--model", "llama_7b"]])], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert bad.returncode != 0 and "llama_7b" in bad.stderr  # The check can fail, also after a good step.

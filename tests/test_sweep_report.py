@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from experiments import report, sweep
+from experiments import sweep
+from experiments.reports import report
 
 
 def _fake_run(path, method, seed, global_acc, rounds=3, new_client=None, benchmark="default"):
@@ -188,7 +189,7 @@ def test_sweep_workers_die_when_the_sweep_is_killed(tmp_path, cache_dirs):
 
 
 def test_reliability_table_groups_by_active_fault_settings_and_sums_what_was_detected(tmp_path):
-  from experiments import reliability_table
+  from experiments.reports import reliability_table
   defaults = {"faults": {"byzantine": 0.0, "byzantine_scale": 1.0, "dropout": 0.0},
               "robust": {"rule": "mean", "trim": 0.1}, "dp": {"noise_multiplier": 0.0}}
   for seed, acc in ((0, 0.30), (1, 0.34)):
@@ -257,7 +258,7 @@ def test_report_tabulates_and_plots_the_diagnostics_when_runs_have_them(tmp_path
 
 
 def test_data_scarcity_table_finds_where_federated_methods_overtake_local_only(tmp_path):
-  from experiments import data_scarcity
+  from experiments.reports import data_scarcity
   pers = {"local_only": {8: 0.30, 64: 0.70, 0: 0.80}, "fedit": {8: 0.50, 64: 0.60, 0: 0.65}}
   for method, curve in pers.items():
     for cap, acc in curve.items():
@@ -282,7 +283,7 @@ def test_data_scarcity_table_finds_where_federated_methods_overtake_local_only(t
 
 
 def test_bias_settings_groups_by_grid_values_and_sorts_by_mean_bias(tmp_path):
-  from experiments import bias_settings
+  from experiments.reports import bias_settings
   entries = []
   for setting, biases, seed in (("lora.rank=16", (0.3, 0.1), 0), ("lora.rank=16", (0.5, 0.3), 1),
                                 ("lora.rank=2", (0.02, 0.02), 0)):
@@ -305,7 +306,7 @@ def test_bias_settings_groups_by_grid_values_and_sorts_by_mean_bias(tmp_path):
 
 
 def test_claims_table_counts_rounds_to_target_and_gains_by_hand():
-  from experiments import claims
+  from experiments.reports import claims
 
   def run(method, seed, curve, pers, **extra):
     records = [{"round": 5 * (i + 1), "global_accuracy": g, "personalized_accuracy_mean": p}
@@ -342,7 +343,7 @@ def test_claims_table_counts_rounds_to_target_and_gains_by_hand():
 
 
 def test_shift_claim_compares_drops_from_mildest_to_most_severe_by_hand(tmp_path):
-  from experiments import claims
+  from experiments.reports import claims
   # (method, alpha, seed, global, personalized): HyperLoRA's global drops 5 points from α = 1 to
   # α = 0.1, FedIT's 20; personalized, HyperLoRA drops 30 and FedIT 0.
   runs = [("hyperlora", 1.0, 0, 0.5, 0.6), ("hyperlora", 1.0, 1, 0.6, 0.7),
@@ -378,7 +379,7 @@ def test_shift_claim_compares_drops_from_mildest_to_most_severe_by_hand(tmp_path
 
 
 def test_plateau_table_takes_the_change_over_the_last_window_by_hand():
-  from experiments import claims
+  from experiments.reports import claims
   records = lambda glob, pers: [{"round": 5 * (i + 1), "global_accuracy": g, "personalized_accuracy_mean": p}
                                 for i, (g, p) in enumerate(zip(glob, pers))]
   # Window 10 at rounds 5..20: the change is the value at 20 minus the value at 10.
@@ -398,7 +399,7 @@ def test_plateau_table_takes_the_change_over_the_last_window_by_hand():
 
 
 def test_tuning_picks_each_methods_best_validation_setting_and_tabulates_the_test_runs():
-  from experiments import tune
+  from experiments.studies import tune
   lr = "client_optimizer.learning_rate"
 
   def entry(method, overrides, pers, status="finished", glob=0.3):
@@ -423,7 +424,7 @@ def test_tuning_picks_each_methods_best_validation_setting_and_tabulates_the_tes
 
 
 def test_tune_grid_flag_replaces_only_the_named_methods_grids():
-  from experiments import tune
+  from experiments.studies import tune
   grids = tune.grids_with_overrides(["hyperlora:client_optimizer.learning_rate=1e-3,3e-3",
                                      "hyperlora:generator.optimizer.learning_rate=1e-4"])
   assert grids["hyperlora"] == ("client_optimizer.learning_rate=1e-3,3e-3", "generator.optimizer.learning_rate=1e-4")
@@ -441,7 +442,7 @@ def test_tune_grid_flag_replaces_only_the_named_methods_grids():
 
 def test_tune_links_a_test_run_to_a_finished_run_of_the_same_config_and_nothing_else(tmp_path):
   """`--reuse`: only a finished run whose recorded config equals the spec's stands in for it."""
-  from experiments import tune
+  from experiments.studies import tune
   from experiments.runner import methods
   from experiments.runner.config_validation import used_config
 
@@ -490,7 +491,7 @@ def _final_run(path, method, seed, glob, pers, mb, benchmark="default", rounds=2
 
 
 def test_results_page_tabulates_every_method_and_variant_by_hand_and_tests_the_variants_claims(tmp_path):
-  from experiments import results_page
+  from experiments.reports import results_page
   runs, slow = tmp_path / "converge", tmp_path / "slow"
   for seed, (g, p) in enumerate([(0.40, 0.42), (0.50, 0.46)]):
     _final_run(runs / "fedit" / f"s{seed}", "fedit", seed, g, p, 3.0)
@@ -527,7 +528,7 @@ def test_results_page_adds_a_text_benchmarks_last_perplexities_by_hand(tmp_path)
   """A text benchmark's table has the last round's global and personalized perplexities, mean ±
   std over seeds, the lowest personalized one of the federated rows bold; local-only has no
   global model; an image benchmark's table beside it has no perplexity columns."""
-  from experiments import results_page
+  from experiments.reports import results_page
   runs = tmp_path / "runs"
   for seed, (fedit, local) in enumerate([((300, 360), 250), ((280, 340), 270)]):
     _final_run(runs / "fedit" / f"s{seed}", "fedit", seed, 0.15, 0.14, 1.7, "instruction_tuning", perplexity=fedit)
@@ -548,7 +549,8 @@ def test_results_page_adds_a_text_benchmarks_last_perplexities_by_hand(tmp_path)
 
 def test_results_page_majority_label_reads_the_runs_own_data(smoke_config):
   """The majority-label row rebuilt from a run's recorded config is label_prior's on that config."""
-  from experiments import label_prior, results_page
+  from experiments.studies import label_prior
+  from experiments.reports import results_page
   smoke_config.data.dirichlet_alpha = 0.1
   expected = np.nanmean(label_prior.majority_label_accuracy(*_labels_and_parts(smoke_config)))
   assert results_page.majority_label_accuracy(json.loads(smoke_config.to_json())) == pytest.approx(expected)

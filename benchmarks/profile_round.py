@@ -1,7 +1,7 @@
 """Profiles one round of local training with `jax.profiler`, per `clients_per_chunk`, and says
 where the time goes.
 
-For each chunk size it runs the benchmark's vmapped round (`experiments/bench_model.py`: the
+For each chunk size it runs the benchmark's vmapped round (`benchmarks/workloads.py`: the
 default model, C clients x 10 local Adam steps of batch 32, random weights and images) once to
 compile, then once inside `jax.profiler.trace(..., create_perfetto_trace=True)`. It reads the
 trace's executed XLA operations back (`perfetto_trace.json.gz`: one complete event per
@@ -10,7 +10,7 @@ fusion, copy/transpose, reduce, ...). From the optimized HLO it counts the instr
 kind and the bytes of the largest temporaries. Prints a table per chunk and writes JSON; the
 raw traces stay under `--trace_dir` for TensorBoard / Perfetto.
 
-  python -m experiments.profile_round --clients 256 --chunks 0,4 --out benchmarks/profile_round.json
+  python -m benchmarks.profile_round --clients 256 --chunks 0,4 --out benchmarks/profile_round.json
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import time
 import jax
 from absl import flags
 
-from experiments.bench_model import client_update_fn, random_block
+from benchmarks.workloads import client_update_fn, random_block
 from hyperlora_jax import primitives
 
 _CLIENTS = flags.DEFINE_integer("clients", 256, "Clients in the round, C.")

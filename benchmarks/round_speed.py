@@ -17,7 +17,7 @@ FLOPs of one client update from XLA's cost analysis, the achieved FLOP/s of each
 device's measured float32 matmul peak (best of several `jnp.dot`s), so that achieved / peak is
 the model FLOP utilization. Prints client-steps per second and ratios, and writes JSON.
 
-  python -m experiments.benchmark --clients 16,64,256 --chunks 0,16 --out benchmarks/round_speed.json
+  python -m benchmarks.round_speed --clients 16,64,256 --chunks 0,16 --out benchmarks/round_speed.json
 """
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from experiments import peft_baselines, torch_baselines
-from experiments.bench_model import client_update_fn, random_block
-from experiments.bench_timing import best_time, best_time_or_out_of_memory, matmul_peak_flops, update_flops
+from benchmarks import peft_baselines, torch_baselines
+from benchmarks.workloads import client_update_fn, random_block
+from benchmarks.timing import best_time, best_time_or_out_of_memory, matmul_peak_flops, update_flops
 from hyperlora_jax import autotune, primitives
 from hyperlora_jax.tasks.image_classification import backbone_dtype
 

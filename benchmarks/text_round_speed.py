@@ -26,7 +26,7 @@ device memory XLA plans for each jitted way (arguments + outputs + temporaries):
 frozen decoder one argument, it grows with the clients per chunk, not with a backbone per
 client. Prints ratios and writes JSON.
 
-  python -m experiments.text_benchmark --model tiny --clients 8,16 --out benchmarks/text_round_speed_tiny_cpu.json
+  python -m benchmarks.text_round_speed --model tiny --clients 8,16 --out benchmarks/text_round_speed_tiny_cpu.json
 """
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from experiments import peft_baselines, torch_baselines
-from experiments.bench_model import DECODERS, random_text_block, text_client_update_fn
-from experiments.bench_timing import interleaved_times, matmul_peak_flops, paired_ratio, planned_memory_bytes, update_flops
+from benchmarks import peft_baselines, torch_baselines
+from benchmarks.workloads import DECODERS, random_text_block, text_client_update_fn
+from benchmarks.timing import interleaved_times, matmul_peak_flops, paired_ratio, planned_memory_bytes, update_flops
 from hyperlora_jax import autotune, primitives
 from hyperlora_jax.models import hf
 

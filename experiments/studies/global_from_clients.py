@@ -15,7 +15,7 @@ the personalized models share something the global model lacks; if the factor me
 product mean, averaging factors loses it (the structural aggregation bias, between clients'
 starts rather than their updates).
 
-  python -m experiments.global_from_clients runs/converge_ablate runs/converge --benchmark default \
+  python -m experiments.studies.global_from_clients runs/converge_ablate runs/converge --benchmark default \
       --methods hyperlora,fedit
 
 reads each RUNS_DIR/index.json's finished runs of those methods (the sweep's config, overrides and

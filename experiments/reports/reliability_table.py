@@ -1,6 +1,6 @@
 """The faults x method table of RELIABILITY.md, from a runs directory of fault/robust/DP runs.
 
-  python -m experiments.reliability_table runs/reliability [--out runs/reliability/table.md]
+  python -m experiments.reports.reliability_table runs/reliability [--out runs/reliability/table.md]
 
 A run is any finished workdir (`metrics.jsonl` + `config.json`); runs are grouped by method and
 by what they change from the defaults in the `faults`, `robust`, `dp` (and HyperLoRA's
@@ -18,7 +18,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from experiments.report import emit, find_runs
+from experiments.reports.report import emit, find_runs
 from experiments.runner import reporting
 
 BLOCKS = ("faults", "robust", "dp", "hyperlora")  # hyperlora: saved only with that method's runs.

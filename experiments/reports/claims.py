@@ -3,7 +3,7 @@
   python -m experiments.sweep --configs configs/default.py --seeds 0,1,2 \
       --methods fedit,hyperlora,local_only,centralized --set fed.num_rounds=100 --set eval_every=5 \
       --runs_dir runs/converge --jobs 2
-  python -m experiments.claims runs/converge --targets 0.3,0.35 --out runs/converge/claims.md
+  python -m experiments.reports.claims runs/converge --targets 0.3,0.35 --out runs/converge/claims.md
 
 Per benchmark of RUNS_DIR (finished runs, `report.final_metrics`), with HyperLoRA (`--method`)
 against FedIT (`--reference`), mean ± std over seeds:
@@ -34,7 +34,7 @@ against FedIT (`--reference`), mean ± std over seeds:
 
   python -m experiments.sweep --runs_dir runs/shift --jobs 2 --methods fedit,hyperlora --seeds 0,1,2 \
       --grid data.dirichlet_alpha=1.0,0.5,0.1
-  python -m experiments.claims runs/converge --shift runs/shift --shift_field data.dirichlet_alpha
+  python -m experiments.reports.claims runs/converge --shift runs/shift --shift_field data.dirichlet_alpha
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ import collections
 
 import numpy as np
 
-from experiments.report import emit, finished_runs
+from experiments.reports.report import emit, finished_runs
 from experiments.runner import reporting
 
 

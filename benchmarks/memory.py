@@ -11,7 +11,7 @@ the numbers do not mix:
             `digits_domains/res16` and on `digits_domains/res16x10` (10x the train and test
             examples), images streamed (`data.stream=True`) and, for comparison, in memory.
 
-  python -m experiments.memory_benchmark --clients 64,256,1024,4096 --out benchmarks/memory.json
+  python -m benchmarks.memory --clients 64,256,1024,4096 --out benchmarks/memory.json
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def _round_child(num_clients: int, chunk: int, feed: str) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
-  from experiments.bench_model import client_update_fn
+  from benchmarks.workloads import client_update_fn
   from hyperlora_jax import primitives
   one_client, trainable, config = client_update_fn()
   size = config.data.image_size
@@ -91,7 +91,7 @@ def _dataset_child(name: str, stream: bool, rounds: int) -> dict:
 
 def _run_child(spec: str) -> dict:
   """Runs `spec` in a fresh Python process and returns the JSON it prints last."""
-  out = subprocess.run([sys.executable, "-m", "experiments.memory_benchmark", f"--child={spec}"],
+  out = subprocess.run([sys.executable, "-m", "benchmarks.memory", f"--child={spec}"],
                        capture_output=True, text=True, check=False)
   if out.returncode:
     raise RuntimeError(f"{spec} failed:\n{out.stderr[-3000:]}")

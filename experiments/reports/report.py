@@ -1,6 +1,6 @@
 """Turns a runs directory into Markdown tables (mean ± std over seeds) and convergence plots.
 
-  python -m experiments.report runs/bench [--out runs/bench/report.md] [--reference fedit] \
+  python -m experiments.reports.report runs/bench [--out runs/bench/report.md] [--reference fedit] \
       [--target 0.5] [--plots runs/bench/plots]
 
 A run is any directory holding `metrics.jsonl` and `config.json`; runs are grouped by

@@ -4,7 +4,7 @@ Reads every finished run under RUNS_DIR (a sweep over `data.max_client_examples`
 
   python -m experiments.sweep --runs_dir runs/scarcity --jobs 2 --methods fedit,hyperlora,local_only \
       --seeds 0,1,2 --grid data.max_client_examples=8,16,32,64,0
-  python -m experiments.data_scarcity runs/scarcity --out runs/scarcity/scarcity.md
+  python -m experiments.reports.data_scarcity runs/scarcity --out runs/scarcity/scarcity.md
 
 ), groups the runs by method and cap (0: all of each client's examples), and writes a Markdown
 table of final personalized-mean and global accuracy (mean ± std over seeds), a plot of both
@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from experiments.report import diagnostic_cell, emit, finished_runs
+from experiments.reports.report import diagnostic_cell, emit, finished_runs
 
 REFERENCE = "local_only"
 

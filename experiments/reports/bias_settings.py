@@ -2,7 +2,7 @@
 
   python -m experiments.sweep --configs configs/default.py --seeds 0 --methods fedit \
       --set fed.num_rounds=10 --set eval_every=10 --runs_dir runs/bias --grid lora.rank=2,4,16
-  python -m experiments.bias_settings runs/bias --out runs/bias/bias.md
+  python -m experiments.reports.bias_settings runs/bias --out runs/bias/bias.md
 
 Reads RUNS_DIR/index.json (written by `experiments.sweep`). A run's setting is its grid values,
 the workdir's path between the method and the seed ("default" when none). Per setting and
@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from experiments.report import emit, round_mean
+from experiments.reports.report import emit, round_mean
 from experiments.runner import reporting
 
 COLUMNS = ("bias (all rounds)", "bias round 1", "bias last round", "client drift", "global %", "pers. %")

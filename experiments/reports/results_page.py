@@ -1,6 +1,6 @@
 """RESULTS.md's tables from the runs, in one command: one table per benchmark, the claims table.
 
-  python -m experiments.results_page runs/converge \
+  python -m experiments.reports.results_page runs/converge \
       --variant "HyperLoRA=runs/converge_ablate" \
       --rename "hyperlora=HyperLoRA, default generator" \
       --claims_row HyperLoRA --majority_label --targets 0.3,0.35,0.4 --out runs/results_tables.md
@@ -13,11 +13,11 @@ model on its own test split, mean over clients), both mean ± std over the seeds
 the MB sent up + down (a text benchmark: and the perplexities, `benchmark_table`). The best
 personalized mean of the federated rows is bold. With
 `--majority_label`, a reference row predicts each client's most frequent training label
-(`experiments.label_prior`), on each seed of the benchmark's runs (their data, rebuilt from
+(`experiments.studies.label_prior`), on each seed of the benchmark's runs (their data, rebuilt from
 their `config.json`). A second table gives the held-out new clients where runs have them.
 
-The claims table (`experiments.claims.claims_table`) compares `--claims_row` (a variant's label
-or a method) with `--reference` and local-only, by `experiments.claims`' rules.
+The claims table (`experiments.reports.claims.claims_table`) compares `--claims_row` (a variant's label
+or a method) with `--reference` and local-only, by `experiments.reports.claims`' rules.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import collections
 
 import numpy as np
 
-from experiments import claims, report
+from experiments.reports import claims, report
 from experiments.runner.methods import METHODS
 
 DISPLAY_NAMES = {
@@ -73,7 +73,7 @@ def majority_label_accuracy(config: dict) -> float:
   """The majority-label reference on the clients of the run whose `config.json` is `config`."""
   import ml_collections
 
-  from experiments.label_prior import majority_label_accuracy as per_client
+  from experiments.studies.label_prior import majority_label_accuracy as per_client
   from experiments.runner.federated_data import build_federated_data
   data = build_federated_data(ml_collections.ConfigDict(config))
   return float(np.nanmean(per_client(data.train_pool.labels, data.test_pool.labels, data.train_parts,

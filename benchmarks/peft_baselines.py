@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from experiments import torch_baselines
+from benchmarks import torch_baselines
 
 
 def available() -> tuple[bool, str]:

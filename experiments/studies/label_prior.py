@@ -5,9 +5,9 @@ Under strong label skew a client's signature (its label histogram) names its one
 so a generator that reads it can score well with zero local steps without having learned
 anything about the images. This is the reference that separates the two:
 
-  python -m experiments.label_prior --configs configs/label_skew.py:alpha=0.1 \
+  python -m experiments.studies.label_prior --configs configs/label_skew.py:alpha=0.1 \
       --configs configs/default.py --seeds 0,1,2
-  python -m experiments.label_prior --grid data.dirichlet_alpha=1.0,0.5,0.1
+  python -m experiments.studies.label_prior --grid data.dirichlet_alpha=1.0,0.5,0.1
 
 prints, per config and over the seeds, the mean (± std) over clients of this majority-label
 accuracy, for the training clients and for the held-out new clients (`data.heldout_clients`).

@@ -17,7 +17,7 @@ points away. What the check asks, and why:
 A run's figures are rounded as the table prints them (0.1 point, 0.01 MB) before comparing, so
 `--tolerance 0 --worst_tolerance 0` asks for the identical table.
 
-  python -m experiments.check_readme --workdir runs/default           # after `make run`
+  python -m experiments.reports.check_readme --workdir runs/default           # after `make run`
 """
 from __future__ import annotations
 

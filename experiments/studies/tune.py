@@ -1,6 +1,6 @@
 """Fair tuning: the same grid budget for every method, picked on a validation split, then tested.
 
-  python -m experiments.tune --runs_dir runs/tune --jobs 2 --methods fedit,flexlora,hyperlora,local_only
+  python -m experiments.studies.tune --runs_dir runs/tune --jobs 2 --methods fedit,flexlora,hyperlora,local_only
 
 1. Validation. Each method runs its grid (`GRIDS`: 4 settings each, the client learning rate
    and the method's own key knob) on `--tune_seeds` with `data.validation_fraction` (0.2):
@@ -16,7 +16,7 @@ pick's test accuracies (mean ± std over seeds). Rerunning resumes: finished run
 `--grid METHOD:FIELD=V1,V2` (repeatable) replaces METHOD's grid in `GRIDS` by the given axes,
 e.g. to tune the client lr at a knob fixed by earlier tuning:
 
-  python -m experiments.tune --methods fedit,hyperlora \
+  python -m experiments.studies.tune --methods fedit,hyperlora \
       --grid fedit:client_optimizer.learning_rate=1e-3,3e-3,1e-2 \
       --grid hyperlora:client_optimizer.learning_rate=1e-3,3e-3,1e-2 \
       --grid hyperlora:generator.optimizer.learning_rate=1e-4
@@ -34,7 +34,7 @@ import numpy as np
 from absl import logging
 
 from experiments import sweep
-from experiments.report import emit, find_runs
+from experiments.reports.report import emit, find_runs
 from experiments.runner import reporting
 from experiments.runner.workdir import config_differences
 

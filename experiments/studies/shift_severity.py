@@ -1,6 +1,6 @@
 """Robustness to test-time feature shift, by severity: finished runs on corrupted test images.
 
-  python -m experiments.shift_severity runs/claims_slowgen --benchmark default \\
+  python -m experiments.studies.shift_severity runs/claims_slowgen --benchmark default \\
       --methods fedit,hyperlora,local_only --out runs/shift_severity_default.md
 
 Every finished run under RUNS_DIR (links followed; its config rebuilt from its `config.json`)
@@ -14,7 +14,7 @@ difference from `metrics.jsonl`'s last record is printed, and is 0 on the machin
 Prints per (benchmark, kind) a table of accuracy % by severity (mean ± std over seeds), with
 the drop from severity 0 to 5 and what is kept (the accuracy at 5 as a share of the clean one,
 which does not penalize a model for starting higher), then the claim lines of
-`experiments.claims.shift_claim` ("--method is more robust than --reference": confirmed when
+`experiments.reports.claims.shift_claim` ("--method is more robust than --reference": confirmed when
 the reference's drop exceeds the method's by more than their pooled std), for the global model
 and for the personalized models' mean. With `--out F.md`, each run's accuracies are kept in
 F.json as they are measured, and a later call evaluates only the runs not in it yet.
@@ -32,8 +32,8 @@ import numpy as np
 from flax import traverse_util
 
 from configs import default
-from experiments.claims import shift_claim
-from experiments.report import emit, final_metrics, find_runs
+from experiments.reports.claims import shift_claim
+from experiments.reports.report import emit, final_metrics, find_runs
 from experiments.sweep import set_field
 from experiments.runner import workdir as workdir_lib
 from experiments.runner.evaluation import run_evaluator

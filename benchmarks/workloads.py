@@ -61,7 +61,7 @@ def random_block(num_clients: int, steps: int, batch_size: int, image_size: int)
           "mask": jnp.ones(shape, jnp.float32)}
 
 
-# Llama-family decoders for the text benchmark (`experiments.text_benchmark`): the embedded
+# Llama-family decoders for the text benchmark (`benchmarks.text_round_speed`): the embedded
 # default's size (configs/instruction_tuning.py), and two published checkpoints' architectures
 # (random weights; their config.json values): HuggingFaceTB/SmolLM-135M and TinyLlama-1.1B.
 DECODERS = {
