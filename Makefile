@@ -18,9 +18,10 @@ run: $(VENV)/.installed
 check-run: $(VENV)/.installed
 	$(PY) -m experiments.reports.check_readme --workdir runs/default
 
-# Lint, then every test but the few marked slow (multi-process end-to-end runs).
+# Lint, type-check the library, then every test but the few marked slow (multi-process end-to-end runs).
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -n auto -m "not slow" --durations=15 tests
 
 test-slow: $(VENV)/.installed
@@ -30,6 +31,7 @@ test-all: test test-slow
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # A round of the default image model, then of the embedded-size Llama decoder (text), each way
 # side by side (BENCHMARKS.md).

@@ -13,6 +13,6 @@ setup(
         "ml-collections>=1.1", "absl-py", "numpy>=2", "scipy", "scikit-learn>=1.5",
         "matplotlib", "pillow", "tqdm", "safetensors>=0.4", "tokenizers>=0.20", "jinja2>=3.1", "pyarrow", "dp-accounting>=0.4",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.90", "ruff>=0.6"],
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.90", "ruff>=0.6", "mypy>=1.10"],
                     "bench": ["torch>=2.4", "transformers>=4.57", "peft>=0.17"]},  # Optional PyTorch rows of `make bench`.
 )

@@ -82,7 +82,8 @@ def measure_clients_per_chunk(fn: Callable, xs: Any, candidates: Sequence[int] |
   """
   num = jax.tree.leaves(xs)[0].shape[0]
   candidates = sorted(candidates or chunk_candidates(num))
-  seconds, out_of_memory = {}, ()
+  seconds: dict[int, float] = {}
+  out_of_memory: tuple[int, ...] = ()
   for k in candidates:
     mapped = jax.jit(lambda inputs, k=k: primitives.map_clients(fn, inputs, k))
     try:
@@ -98,7 +99,7 @@ def measure_clients_per_chunk(fn: Callable, xs: Any, candidates: Sequence[int] |
       jax.block_until_ready(mapped(xs))
       best = min(best, clock() - start)
     seconds[k] = best
-  return ChunkChoice(min(seconds, key=seconds.get), seconds, out_of_memory=out_of_memory)
+  return ChunkChoice(min(seconds, key=lambda k: seconds[k]), seconds, out_of_memory=out_of_memory)
 
 
 def cache_key(fields: dict) -> str:

@@ -94,7 +94,7 @@ def round_diagnostics(trained: Tree, starts: Tree, weights: jax.Array, client_me
   """
   first = weights @ jnp.where(weights > 0, client_metrics["first_loss"], 0.0)
   last = weights @ jnp.where(weights > 0, client_metrics["last_loss"], 0.0)
-  diagnostics = {"client_drift": client_drift(trained, starts, weights),
+  diagnostics: dict[str, Any] = {"client_drift": client_drift(trained, starts, weights),
                  "first_step_loss": first, "last_step_loss": last, "init_lag": first - last}
   per_layer = aggregation_bias(trained, weights)
   if per_layer:

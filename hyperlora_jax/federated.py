@@ -325,9 +325,10 @@ class FederatedRound:
   def _chunk_loader(self) -> Callable | None:
     """`map_clients`' load_chunk for the round's (local, batches, ...) inputs: `load_batches`
     on the batches (second entry) only."""
-    if self.load_batches is None:
+    load_batches = self.load_batches
+    if load_batches is None:
       return None
-    return lambda inputs: (inputs[0], self.load_batches(inputs[1]), *inputs[2:])
+    return lambda inputs: (inputs[0], load_batches(inputs[1]), *inputs[2:])
 
   # ---------------------------------------------------------------- the round
 
@@ -370,7 +371,9 @@ class FederatedRound:
     weights = jnp.where(good_weight, weights, 0.0)
     gather_ids = jnp.where(valid, client_ids, 0)
     local, signatures, offsets, masks = self.client_inputs(state, gather_ids)
-    frozen = self.apply_base_delta(frozen, state.base_delta) if caps.base_delta else frozen
+    if caps.base_delta:  # __post_init__ required apply_base_delta for it.
+      assert self.apply_base_delta is not None
+      frozen = self.apply_base_delta(frozen, state.base_delta)
     round_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.round)
     keys = jax.vmap(lambda i: jax.random.key_data(jax.random.fold_in(round_key, i)))(client_ids)
     batches, heldout = split_heldout(batches, caps.heldout_steps)  # Held-out steps: never trained on.
@@ -379,7 +382,8 @@ class FederatedRound:
     # 1. Local training of every sampled client, with injected faults (a simulation knob) and
     #    non-finite updates replaced by the client's start.
     train = self._client_trainer(global_params, frozen, update_mask)
-    fault_inputs, fault_masks = (), None
+    fault_inputs: tuple = ()
+    fault_masks = None
     if self.faults is not None and self.faults.active:
       fault_masks = faults_lib.draw(self.faults, jax.random.fold_in(round_key, FAULT_STREAM), valid)
       fault_inputs = faults_lib.client_inputs(self.faults, fault_masks, train_steps)

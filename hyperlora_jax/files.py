@@ -51,17 +51,17 @@ def atomic_write(path: str, data: bytes | str) -> None:
   flushed and fsynced, renamed over `path`, then the directory fsynced."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  mode = "wb" if isinstance(data, bytes) else "w"
-  with tempfile.NamedTemporaryFile(mode, dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                                   delete=False, **({} if mode == "wb" else {"encoding": "utf-8"})) as f:
-    try:
-      f.write(data)
+  payload = data if isinstance(data, bytes) else data.encode("utf-8")
+  fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(payload)
       f.flush()
       os.fsync(f.fileno())
-    except BaseException:
-      os.unlink(f.name)
-      raise
-  os.replace(f.name, path)
+  except BaseException:
+    os.unlink(temporary)
+    raise
+  os.replace(temporary, path)
   _fsync_directory(directory)
 
 

@@ -47,7 +47,7 @@ from __future__ import annotations
 import math
 import re
 import threading
-from typing import Any
+from typing import Any, cast
 from collections.abc import Callable, Mapping
 
 import flax
@@ -152,7 +152,7 @@ def _lora_delta_output(module: nn.Module, x: jax.Array, a: jax.Array, b: jax.Arr
     down = module.clone(parent=None, features=a.shape[-1], use_bias=False, feature_group_count=1)
     _INSIDE_LORA.active = True
     try:
-      hidden = down.apply({"params": {"kernel": a.reshape(window + (a.shape[-1],))}}, x)
+      hidden = cast(jax.Array, down.apply({"params": {"kernel": a.reshape(window + (a.shape[-1],))}}, x))
     finally:
       _INSIDE_LORA.active = False
     return scale * (hidden @ b).astype(out.dtype)
@@ -487,7 +487,7 @@ def _nnx_lora_layer(base: Any, a: jax.Array, b: jax.Array, scale: float) -> Any:
   its output (factored, but for Einsum: one kernel-sized ΔW, as for `nn.Einsum`)."""
   nnx = _nnx()
 
-  class LoraLayer(nnx.Module):
+  class LoraLayer(nnx.Module):  # type: ignore[name-defined]  # nnx is imported on use.
     def __init__(self):
       self.base, self.a, self.b = base, a, b
 

@@ -80,7 +80,7 @@ def shard_frozen(tree: Tree, mesh: Mesh | None) -> Tree:
   (`frozen_spec`) and replicated over `clients`, so every client of every device uses the one
   copy and a device holds about 1/M of it; XLA inserts the gathers the matmuls need. Without a
   `model` axis: `tree` unchanged."""
-  if model_axis_size(mesh) == 1:
+  if mesh is None or model_axis_size(mesh) == 1:
     return tree
   place = lambda x: jax.device_put(x, NamedSharding(mesh, frozen_spec(np.shape(x), model_axis_size(mesh))))
   return jax.tree.map(place, tree)

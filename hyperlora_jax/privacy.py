@@ -53,7 +53,7 @@ def clipped_mean_weights(squared_norms: jax.Array, weights: jax.Array, clip_norm
 
 def squared_norms(tree: Tree) -> jax.Array:
   """‖x_k‖² over all leaves of a [C, ...] tree -> [C]."""
-  return sum(jnp.sum(jnp.square(x).reshape(x.shape[0], -1), axis=1) for x in jax.tree.leaves(tree))
+  return jnp.asarray(sum(jnp.sum(jnp.square(x).reshape(x.shape[0], -1), axis=1) for x in jax.tree.leaves(tree)))
 
 
 def add_gaussian_noise(tree: Tree, std: jax.Array | float, key: jax.Array) -> Tree:

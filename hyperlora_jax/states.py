@@ -18,7 +18,7 @@ of one variant) keep the dict layout of checkpoints written before the state was
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import jax
 
@@ -27,10 +27,14 @@ from hyperlora_jax.pytree import Tree
 S = TypeVar("S", bound="TypedState")
 
 
+def _fields(state: Any) -> tuple[dataclasses.Field, ...]:
+  """`dataclasses.fields` of a typed state (its subclasses are dataclasses; the base is not)."""
+  return dataclasses.fields(state)
+
+
 def typed_state(cls: type[S]) -> type[S]:
   """Registers the dataclass `cls` as a pytree whose fields are all data (a class decorator)."""
-  return jax.tree_util.register_dataclass(cls, data_fields=[f.name for f in dataclasses.fields(cls)],
-                                          meta_fields=[])
+  return jax.tree_util.register_dataclass(cls, data_fields=[f.name for f in _fields(cls)], meta_fields=[])
 
 
 class TypedState:
@@ -41,10 +45,10 @@ class TypedState:
   def as_dict(self) -> dict:
     """{key: value} of the fields that are not None, nested typed states as dicts too."""
     return {self.DICT_KEYS.get(f.name, f.name): as_tree(getattr(self, f.name))
-            for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+            for f in _fields(self) if getattr(self, f.name) is not None}
 
   def replace(self: S, **changes) -> S:
-    return dataclasses.replace(self, **changes)
+    return dataclasses.replace(cast(Any, self), **changes)
 
   def _field(self, key: str) -> str:
     for name, dict_key in self.DICT_KEYS.items():
@@ -78,7 +82,7 @@ def like(template: Tree, tree: Tree) -> Tree:
   inverse of `as_tree` for a state shaped like `template`."""
   if isinstance(template, TypedState):
     values = {}
-    for f in dataclasses.fields(template):
+    for f in _fields(template):
       sub = getattr(template, f.name)
       key = template.DICT_KEYS.get(f.name, f.name)
       values[f.name] = None if sub is None else like(sub, tree[key])

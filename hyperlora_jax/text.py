@@ -53,7 +53,7 @@ ALPACA = PromptTemplate(
                    "### Instruction:\n{instruction}\n\n### Response:\n"))
 # Field names per dataset layout: instruction, context (optional), response, and the field
 # clients are usually partitioned by.
-LAYOUTS = {"alpaca": {"instruction": "instruction", "input": "input", "response": "output", "group": None},
+LAYOUTS: dict[str, dict[str, str | None]] = {"alpaca": {"instruction": "instruction", "input": "input", "response": "output", "group": None},
            "dolly": {"instruction": "instruction", "input": "context", "response": "response", "group": "category"}}
 
 

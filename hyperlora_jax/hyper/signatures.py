@@ -131,7 +131,10 @@ def compute_signatures(model: Any, backbone: Any, client_data: dict, kinds: tupl
   if not statistic_kinds(kinds):
     return np.zeros((client_data["label"].shape[0], 0), np.float32)
   if featurize is None:
-    featurize = lambda images: model.apply(backbone, preprocess(images), return_features=True)
+    if preprocess is None:
+      raise ValueError("compute_signatures: give preprocess= (images -> the model's inputs) or featurize=")
+    to_inputs = preprocess
+    featurize = lambda images: model.apply(backbone, to_inputs(images), return_features=True)
   basis = None
   if "features" in kinds:
     feature_dim = jax.eval_shape(featurize, *(client_data[k][0, :1] for k in example_keys)).shape[-1]

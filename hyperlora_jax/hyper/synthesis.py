@@ -50,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import flax.linen as nn
 import jax
@@ -211,7 +211,7 @@ def private_update(updates: dict, rest_updates: Tree, weights: jax.Array, scale:
   mean_weights, count = privacy_lib.clipped_mean_weights(squares, weights, release.clip_norm)
   std = release.noise_multiplier * release.clip_norm / count
   product_key, rest_key = jax.random.split(release.key)
-  mean_products = {p: scale * weighted_product(*u, mean_weights) for p, u in updates.items()}
+  mean_products = {p: scale * weighted_product(u[0], u[1], mean_weights) for p, u in updates.items()}
   mean_rest = jax.tree.map(lambda x: jnp.tensordot(mean_weights, x, axes=1), rest_updates)
   return (privacy_lib.add_gaussian_noise(mean_products, std, product_key),
           privacy_lib.add_gaussian_noise(mean_rest, std, rest_key), mean_weights)
@@ -271,8 +271,8 @@ def synthesize(params: Tree, modules: tuple[SynthesizerScores, ResidualGate], cf
     per_client = jnp.concatenate([signatures, client_loss[:, None]], -1)            # [C, D + 1]
     features = jnp.concatenate([layer_features, jnp.broadcast_to(
         per_client[:, None], (per_client.shape[0], len(paths), per_client.shape[1]))], -1)
-    scores = scores_module.apply(params["synth"], features) if cfg.learned_weights else jnp.zeros(
-        features.shape[:2])
+    scores = (cast(jax.Array, scores_module.apply(params["synth"], features)) if cfg.learned_weights
+              else jnp.zeros(features.shape[:2]))
     synth_weights = synthesis_weights(scores, weights)                              # [C, L]
     products = {p: cfg.scale * (global_layers[p]["a"] @ global_layers[p]["b"]
                                 + weighted_product(*updates[p], synth_weights[:, i]))
@@ -293,7 +293,7 @@ def synthesize(params: Tree, modules: tuple[SynthesizerScores, ResidualGate], cf
   if cfg.corrector == "learned":
     stats = jnp.stack([jnp.stack([jnp.linalg.norm(residual[p]) / (jnp.linalg.norm(products[p]) + 1e-12),
                                   dispersion[i]]) for i, p in enumerate(paths)])
-    gates = gate_module.apply(params["corr"], stats)
+    gates = cast(jax.Array, gate_module.apply(params["corr"], stats))
     targets = {p: products[p] + gates[i] * residual[p] for i, p in enumerate(paths)}
     used["gates"] = gates
 
@@ -444,11 +444,13 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
     return state.replace(rng=jax.random.key_data(jax.random.fold_in(rng, 11)))
 
   def private_aggregate(state, global_params, client_params, weights, context: AggregationContext):
+    assert privacy is not None  # Only built with it.
+    clip_norm, noise_multiplier = privacy
     key, noise_key = jax.random.split(jax.random.wrap_key_data(state.rng))
     new_global, residual, used = synthesize(
         state.params, modules_for(global_params), cfg, global_params, client_params, weights,
         jnp.zeros((weights.shape[0], 0)), jnp.zeros(weights.shape), state.residual,
-        context.client_starts if context is not None else None, PrivateRelease(*privacy, noise_key))
+        context.client_starts if context is not None else None, PrivateRelease(clip_norm, noise_multiplier, noise_key))
     return new_global, {}, state.replace(residual=residual, rng=jax.random.key_data(key),
                                          **jax.lax.stop_gradient(_synthesis_metrics(used, weights)))
 

@@ -572,8 +572,8 @@ def clip_bpe_tokenizer(vocab_file: str, merges_file: str):
   with open(vocab_file, encoding="utf-8") as f:
     vocab = json.load(f)
   with open(merges_file, encoding="utf-8") as f:
-    merges = [tuple(line.split()) for line in f.read().split("\n")
-              if line and not line.startswith("#version") and len(line.split()) == 2]
+    merges = [(pair[0], pair[1]) for pair in (line.split() for line in f.read().split("\n")
+                                              if line and not line.startswith("#version")) if len(pair) == 2]
   tokenizer = Tokenizer(models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
                                    fuse_unk=False, unk_token="<|endoftext|>"))
   tokenizer.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),

@@ -286,6 +286,7 @@ class DecoderLM(nn.Module):
       raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.kv_heads}")
     batch, tokens = input_ids.shape
     mask = jnp.ones((batch, tokens), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
+    offset: jax.Array | int
     if cache is None:
       query_slots, key_mask, offset = jnp.arange(tokens), mask, 0
     else:

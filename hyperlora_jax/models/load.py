@@ -202,4 +202,5 @@ def to_npz_arrays(model_name: str, params: Any, num_heads: int = 1) -> dict[str,
 
 def save_npz(path: str, model_name: str, params: Any, num_heads: int = 1) -> None:
   """Writes `params` as a `vision_transformer`-layout `.npz`."""
-  np.savez(path, **to_npz_arrays(model_name, params, num_heads))
+  arrays: dict[str, Any] = to_npz_arrays(model_name, params, num_heads)
+  np.savez(path, **arrays)

@@ -13,7 +13,7 @@ response tokens of a split; `token_counts` gives the sums so splits of any size 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import flax.linen as nn
 import jax
@@ -138,7 +138,7 @@ class CausalLM:
 def mean_hidden_state(model: nn.Module, variables: Any, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
   """[B, D] float32: the frozen decoder's final hidden states averaged over each sequence's real
   tokens: a text client's features for HyperLoRA's signatures (`hyper.signatures`)."""
-  hidden = model.apply(variables, input_ids, attention_mask, return_hidden=True).astype(jnp.float32)
+  hidden = cast(jax.Array, model.apply(variables, input_ids, attention_mask, return_hidden=True)).astype(jnp.float32)
   mask = attention_mask.astype(jnp.float32)[..., None]
   return jnp.sum(hidden * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
 
