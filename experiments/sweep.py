@@ -141,7 +141,7 @@ def run_one(spec: RunSpec, workdir: str, variant: str) -> dict:
 def prepare_shared_inputs(configs: list, log=print) -> None:
   """Builds every dataset and backbone the runs need, once, before runs start in parallel.
   A failure here is only logged: the runs that need that input fail and are recorded."""
-  from experiments.runner import pretrain
+  from experiments.runner import backbone, pretrain
   from experiments.runner.data.loader import prepare_dataset
   from experiments.runner import pretrain_text, text_experiment
   from experiments.runner.config_validation import is_text
@@ -160,14 +160,14 @@ def prepare_shared_inputs(configs: list, log=print) -> None:
         log(f"sweep: preparing the decoder and records for {config.benchmark} failed ({type(e).__name__}: {e})")
       continue
     data_key = (config.data.name, config.data.data_dir)
-    backbone_key = None if pretrain.real_checkpoint(config) else pretrain.cache_path(config)  # Nothing to make.
+    backbone_key = None if backbone.real_checkpoint(config) else pretrain.cache_path(config)  # Nothing to make.
     try:
       if data_key not in done:
         done.add(data_key)
         prepare_dataset(config.data.name, config.data.data_dir or None)
       if backbone_key and backbone_key not in done:
         done.add(backbone_key)
-        pretrain.load_or_pretrain(config, log=log)
+        backbone.prepare_backbone(config, log=log)
     except Exception as e:  # The affected runs report it themselves.
       log(f"sweep: preparing inputs for {config.benchmark} failed ({type(e).__name__}: {e})")
 

@@ -3,7 +3,7 @@
 The library: pure functions on pytrees. It imports no configs, no datasets and nothing of the
 experiment runner (`experiments/runner/`, its one user here). Its only files are documented
 I/O: `peft` (PEFT adapters), `autotune.cached_choice` (a JSON cache of the measured chunk size),
-`models.load` / `models.hf` (`.npz` checkpoints, Hugging Face checkpoint directories) and
+`models.npz` / `models.hf` (`.npz` checkpoints, Hugging Face checkpoint directories) and
 `files` (atomic writes, checksum manifests and locks, for what those and the runner write).
 
   lora         LoRA on any Flax Linen model (Dense, DenseGeneral, Conv, Embed, Einsum) and on

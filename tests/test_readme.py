@@ -236,8 +236,9 @@ def test_huggingface_example_loads_the_checkpoint_and_exports_names_peft_attache
     ns = _run("huggingface")
   finally:
     os.chdir(cwd)
-  assert ns["name"] == "vit" and ns["arch"]["gelu"] == "exact" and ns["dropped"] == ["pooler.dense.bias",
-                                                                                       "pooler.dense.weight"]
+  checkpoint = ns["checkpoint"]
+  assert checkpoint.model_name == "vit" and checkpoint.architecture["gelu"] == "exact"
+  assert checkpoint.tokenizer is None and ns["dropped"] == ["pooler.dense.bias", "pooler.dense.weight"]
   assert ns["hidden"].shape == (2, 17, 32)
   with open(os.path.join(ns["directory"], "adapter_config.json")) as f:
     config = json.load(f)

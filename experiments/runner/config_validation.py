@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from experiments.runner import memory, methods, pretrain
+from experiments.runner import backbone, memory, methods, pretrain
 from experiments.runner.config_facts import TASKS, ConfigError, is_text  # noqa: F401 (ConfigError: raised here, read by users)
 from experiments.runner.data import loader
 from experiments.runner.data.partition import ALLOWED_PARTITIONS
@@ -27,9 +27,9 @@ from hyperlora_jax import federated, lora, models
 from hyperlora_jax.hyper.generator import GENERATOR_LOSSES
 from hyperlora_jax.hyper.signatures import parse_kinds, statistic_kinds
 from hyperlora_jax.hyper.synthesis import CORRECTORS
-from hyperlora_jax.models import ALLOWED_MODELS, arch_fields, hf
+from hyperlora_jax.models import ALLOWED_MODELS, arch_fields
 from hyperlora_jax.models.clip import TEXT_POOLINGS
-from hyperlora_jax.models.load import CheckpointError
+from hyperlora_jax.models import CheckpointError
 from hyperlora_jax.models.vit import GELUS, POOLS
 from hyperlora_jax.primitives import clients_axis_size, make_mesh
 
@@ -101,16 +101,15 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     _require(not npz, "pretrain.checkpoint", "give pretrain.checkpoint or pretrain.npz_path, not both")
     _require(os.path.isdir(checkpoint), "pretrain.checkpoint", f"no such directory: {checkpoint!r}")
     try:
-      hf_config = hf.read_config(checkpoint)
-      name, checkpoint_arch = hf.architecture(hf_config)
-      hf.image_normalization(checkpoint)
+      opened = backbone.open_directory(checkpoint)
+      name, checkpoint_arch = opened.model_name, opened.architecture
       if name == "clip":
-        hf.Tokenizer.from_directory(checkpoint)
+        opened.require_tokenizer()
     except CheckpointError as e:
       raise ConfigError(f"pretrain.checkpoint: {e}") from None
     _require(model.name == name and all(arch.get(k) == v for k, v in checkpoint_arch.items()), "model",
              f"must be the checkpoint's architecture ({name}, {checkpoint_arch}); the runner sets it "
-             f"(pretrain.with_checkpoint_architecture)")
+             f"(backbone.with_checkpoint_architecture)")
   if npz:
     _one_of(model.name, ("vit", "mixer"), "pretrain.npz_path (model.name)")
     _require(os.path.isfile(npz), "pretrain.npz_path", f"no such file: {npz!r}")
@@ -149,9 +148,10 @@ def _validate_text(config: ml_collections.ConfigDict) -> None:
   if checkpoint:
     _require(os.path.isdir(checkpoint), "pretrain.checkpoint", f"no such directory: {checkpoint!r}")
     try:
-      name, _ = hf.architecture(hf.read_config(checkpoint))
-      _require(name == "llama", "pretrain.checkpoint", f"a {name} checkpoint; text runs take Llama-family decoders")
-      tokenizer = hf.Tokenizer.from_directory(checkpoint)
+      opened = backbone.open_directory(checkpoint)
+      _require(opened.model_name == "llama", "pretrain.checkpoint",
+               f"a {opened.model_name} checkpoint; text runs take Llama-family decoders")
+      tokenizer = opened.require_tokenizer()
     except CheckpointError as e:
       raise ConfigError(f"pretrain.checkpoint: {e}") from None
     _require(tokenizer.eos_id is not None, "pretrain.checkpoint",
@@ -225,7 +225,7 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
   _positive_int(config, "data.min_client_size")  # 0 lets a client without examples in (weight 0/0).
   fraction = data.get("validation_fraction", 0.0)
   _require(0 <= fraction < 1, "data.validation_fraction", f"must be in [0, 1), got {fraction}")
-  if not pretrain.real_checkpoint(config) and not is_text(config):
+  if not backbone.real_checkpoint(config) and not is_text(config):
     _positive_int(config, "pretrain.steps")
   _positive_int(config, "fed.clients_per_chunk", minimum=-1)  # -1: measured (autotune.AUTO).
   _one_of(config.compute.backbone_dtype, ALLOWED_BACKBONE_DTYPES, "compute.backbone_dtype")
@@ -400,7 +400,7 @@ def preflight(config: ml_collections.ConfigDict) -> None:
                       f"held out) of at least data.min_client_size={config.data.min_client_size} examples "
                       f"need more than the {train_examples} examples of {config.data.name!r} "
                       f"{config.data.train_split!r}")
-  if not pretrain.real_checkpoint(config):
+  if not backbone.real_checkpoint(config):
     pretrain_examples = examples(config.pretrain.data_name, config.pretrain.split, "pretrain.data_name",
                                  "pretrain.split")
     if pretrain_examples is not None and config.pretrain.batch_size > pretrain_examples:
@@ -421,9 +421,8 @@ def _preflight_text(config: ml_collections.ConfigDict) -> None:
   local step (and, for the embedded decoder, a pretraining step) can fit in memory at all."""
   from experiments.runner import pretrain_text
   if config.pretrain.get("checkpoint", ""):
-    name, arch = hf.architecture(hf.read_config(config.pretrain.checkpoint))
     from hyperlora_jax.models.llama import DecoderLM
-    model = DecoderLM(**arch)
+    model = DecoderLM(**backbone.opened_checkpoint(config).architecture)
   else:
     cache_dir = os.path.dirname(pretrain_text.cache_path(config))
     if not _writable_dir(cache_dir):

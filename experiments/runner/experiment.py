@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from experiments.runner import pretrain
+from experiments.runner import backbone
 from experiments.runner.assembly import Experiment
 from experiments.runner.config_facts import is_text
 from experiments.runner.image_experiment import build_image_experiment
@@ -21,5 +21,5 @@ def build_experiment(config: ml_collections.ConfigDict, log: Callable[[str], Non
   Every config check runs first (`config_validation`), before any example or weight is read
   (a Hugging Face checkpoint's config.json first sets `model.*`).
   """
-  config = pretrain.with_checkpoint_architecture(config, log)
+  config = backbone.with_checkpoint_architecture(config, log)
   return (build_text_experiment if is_text(config) else build_image_experiment)(config, log)

@@ -10,11 +10,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from experiments.runner import pretrain
+from experiments.runner.backbone import image_backbone
 from experiments.runner.assembly import Experiment, assemble, checked_method, every_client_signature, sharded_backbone
 from experiments.runner.federated_data import build_federated_data
 from experiments.runner.feeding import chunk_image_loader
 from hyperlora_jax import lora, models
+from hyperlora_jax.models import clip as clip_lib
 from hyperlora_jax.tasks import image_classification as task_lib
 
 
@@ -38,17 +39,16 @@ def initial_trainable(model, backbone: Any, example_images: jax.Array, target_re
 
 def build_image_experiment(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> Experiment:
   """An image run's `Experiment` from a config whose `model.*` is final
-  (`pretrain.with_checkpoint_architecture`): every config check first, then the data, the
+  (`backbone.with_checkpoint_architecture`): every config check first, then the data, the
   backbone, the task and the clients' signatures, then `assembly.assemble` (no compilation)."""
   mesh, method, server_optimizer = checked_method(config)
   data = build_federated_data(config)
   if config.data.get("validation_fraction", 0.0):
     log(f"evaluating on a validation split: {config.data.validation_fraction:g} of each client's training "
         f"examples, held out (the test split is not read)")
-  backbone, _ = pretrain.load_or_pretrain(config, log)
-  backbone = sharded_backbone(backbone, mesh, log)
-  model = build_model(config, data.num_classes, data.train_pool.class_names)
-  preprocess = pretrain.image_preprocess(config)
+  frozen = image_backbone(config, log)
+  backbone, preprocess = sharded_backbone(frozen.variables, mesh, log), frozen.preprocess
+  model = build_model(config, data.num_classes, data.train_pool.class_names, frozen.tokenizer)
   trainable, targets = initial_trainable(model, backbone, data.train_pool.images[:1],
                                          config.lora.target_regex, config.lora.rank,
                                          jax.random.fold_in(jax.random.key(config.seed), 1))
@@ -64,10 +64,12 @@ def build_image_experiment(config: ml_collections.ConfigDict, log: Callable[[str
                   load_batches=chunk_image_loader(data.train_pool) if config.data.feed == "chunk" else None)
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int, class_names) -> Any:
-  """The config's model; a CLIP checkpoint's class prompts tokenized by its own tokenizer."""
-  prompt_ids = pretrain.checkpoint_prompt_ids(config, class_names)
-  if prompt_ids is None:
+def build_model(config: ml_collections.ConfigDict, num_classes: int, class_names, tokenizer=None) -> Any:
+  """The config's model; with a CLIP checkpoint's `tokenizer`, its class prompts
+  (`model.prompt_template` filled with each class name) tokenized by it to `model.max_len` ids."""
+  if tokenizer is None or config.model.name != "clip":
     return models.model_from_config(config.model, num_classes, class_names)
+  prompts = clip_lib.class_prompts(class_names, config.model.get("prompt_template", "a photo of a {}."))
+  prompt_ids = tuple(tuple(int(i) for i in row) for row in tokenizer(prompts, config.model.max_len))
   arch = {k: v for k, v in config.model.items() if k not in ("name", "prompt_ids")}
   return models.build_model(config.model.name, num_classes, class_names, **arch, prompt_ids=prompt_ids)

@@ -1,7 +1,5 @@
-"""The frozen foundation backbone: pretrained on the embedded source distribution and cached
-with orbax, or loaded from a real checkpoint: a Hugging Face ViT directory
-(`pretrain.checkpoint`, its config.json giving `model.*`) or a `.npz` file (`pretrain.npz_path`,
-ViT and Mixer).
+"""The embedded image backbone: pretrained on the embedded source distribution and cached with
+orbax (a run with a real checkpoint loads it instead: `backbone`).
 
 The federated clients never see the pretraining data: `digits_domains`' `pretrain` split
 holds other handwritten digits, rendered only in the `source` domain. Classifiers (ViT,
@@ -30,13 +28,10 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from experiments.runner import pretrain_text
-from experiments.runner.config_facts import cache_dir, is_text
+from experiments.runner.config_facts import cache_dir
 from experiments.runner.data.loader import ImageDataset, load_image_dataset
 from hyperlora_jax import files, models
 from hyperlora_jax.models import clip as clip_lib
-from hyperlora_jax.models import hf as hf_lib
-from hyperlora_jax.models import load as load_lib
 
 PRETRAIN_SEED = 0
 CACHE_FORMAT = 2  # In the key: 2 has a manifest of checksums (caches without one are not read).
@@ -147,120 +142,6 @@ def _abstract_backbone(config, num_classes: int) -> Any:
                       jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape, jnp.float32)))
 
 
-def real_checkpoint(config: ml_collections.ConfigDict) -> str:
-  """The real checkpoint a run loads instead of pretraining ('' for none): `pretrain.checkpoint`
-  (a Hugging Face directory) or `pretrain.npz_path` (a `.npz` file)."""
-  return config.pretrain.get("checkpoint", "") or config.pretrain.get("npz_path", "")
-
-
-def with_checkpoint_architecture(config: ml_collections.ConfigDict,
-                                 log: Callable[[str], None] = print) -> ml_collections.ConfigDict:
-  """`config` with `model.*` set from the Hugging Face checkpoint `pretrain.checkpoint`'s own
-  config.json (the model, its sizes, GELU variant, LayerNorm eps, ...; fields of another model
-  dropped, the rest kept, e.g. a CLIP's `prompt_template`), each change logged; `config`
-  itself when there is none.
-
-  Raises:
-    models.load.CheckpointError: the directory holds no supported checkpoint.
-  """
-  if is_text(config):
-    try:
-      return pretrain_text.with_checkpoint_architecture(config, log)
-    except load_lib.CheckpointError as e:
-      raise load_lib.CheckpointError(f"pretrain.checkpoint: {e}") from None
-  directory = config.pretrain.get("checkpoint", "")
-  if not directory:
-    return _with_npz_pool(config, log)
-  try:
-    name, arch = hf_lib.architecture(hf_lib.read_config(directory))
-  except load_lib.CheckpointError as e:  # Before validation, which would name the field too.
-    raise load_lib.CheckpointError(f"pretrain.checkpoint: {e}") from None
-  if name not in models.MODELS:
-    raise load_lib.CheckpointError(f"pretrain.checkpoint: {directory} holds a decoder language model ({name}); "
-                                   f"image runs take vit or clip checkpoints")
-  kept = {k: v for k, v in config.model.items() if k != "name" and k in models.arch_fields(name) and k not in arch}
-  model = {"name": name, **kept, **arch}
-  if model == config.model.to_dict():
-    return config
-  changed = {k: v for k, v in model.items() if config.model.get(k) != v}
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.model = ml_collections.ConfigDict(model)
-  log(f"model: the architecture of {directory}: " + ", ".join(f"model.{k}={v!r}" for k, v in changed.items()))
-  return config
-
-
-def _with_npz_pool(config: ml_collections.ConfigDict, log: Callable[[str], None]) -> ml_collections.ConfigDict:
-  """`config` with a ViT's `model.pool` set to its `.npz` checkpoint's (big_vision gap / map)."""
-  path = config.pretrain.get("npz_path", "")
-  if not path or config.model.name != "vit" or not os.path.isfile(path):
-    return config
-  pool = load_lib.npz_pool(load_lib.npz_names(path))
-  if config.model.get("pool", "tok") == pool:
-    return config
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.model.pool = pool
-  log(f"model: the pooling of {path}: model.pool={pool!r}")
-  return config
-
-
-def load_hf_backbone(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> tuple[Any, dict]:
-  """The backbone from the Hugging Face checkpoint directory `pretrain.checkpoint` (tensors
-  the run does not use, e.g. a ViT's classifier and pooler, are named in the log).
-
-  Raises:
-    models.load.CheckpointError: unreadable, or not shaped like `config.model`.
-  """
-  directory = config.pretrain.checkpoint
-  tensors, origin = hf_lib.read_tensors(directory)
-  params, dropped = hf_lib.load_params(config.model.name, tensors, _abstract_backbone(config, 1)["params"], origin)
-  log(f"backbone: loaded the Hugging Face {config.model.name} {directory}"
-      + (f" (not loaded: {', '.join(dropped)})" if dropped else ""))
-  size = hf_lib.image_size(hf_lib.read_config(directory))
-  if size != config.data.image_size:
-    log(f"backbone: position embeddings resized from {size} px to data.image_size={config.data.image_size} px "
-        f"(bicubic, as transformers' interpolate_pos_encoding)")
-  return {"params": params}, {"source": directory}
-
-
-def image_preprocess(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
-  """uint8 images [..., H, W, 3] -> the model's inputs: normalized by the checkpoint's
-  preprocessor_config.json (image_mean, image_std) when `pretrain.checkpoint` has one, else
-  `models.preprocess_images` ([-1, 1], the project's backbones and the google ViTs)."""
-  mean_std = hf_lib.image_normalization(config.pretrain.get("checkpoint", ""))
-  if mean_std is None:
-    return models.preprocess_images
-  mean, std = (np.asarray(v, np.float32) for v in mean_std)
-
-  def preprocess(images):
-    return (images.astype("float32") / 255.0 - mean) / std
-  return preprocess
-
-
-def checkpoint_prompt_ids(config: ml_collections.ConfigDict, class_names) -> tuple[tuple[int, ...], ...] | None:
-  """A CLIP checkpoint's class prompts (`model.prompt_template` filled with each class name),
-  tokenized by its own tokenizer to `model.max_len` ids; None for other models."""
-  if not config.pretrain.get("checkpoint", "") or config.model.name != "clip":
-    return None
-  tokenizer = hf_lib.Tokenizer.from_directory(config.pretrain.checkpoint)
-  prompts = clip_lib.class_prompts(class_names, config.model.get("prompt_template", "a photo of a {}."))
-  return tuple(tuple(int(i) for i in row) for row in tokenizer(prompts, config.model.max_len))
-
-
-def load_npz_backbone(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> tuple[Any, dict]:
-  """The backbone from the real checkpoint `pretrain.npz_path` (head dropped).
-
-  Raises:
-    models.load.CheckpointError: unreadable, or not shaped like `config.model`.
-  """
-  path = config.pretrain.npz_path
-  abstract = _abstract_backbone(config, 1)["params"]
-  flat = load_lib.read_npz(path)
-  params = load_lib.from_npz(config.model.name, flat, abstract)
-  dropped = load_lib.dropped_arrays(flat)
-  log(f"backbone: loaded {config.model.name} from {path}" + (f" (not loaded: {', '.join(dropped)})" if dropped else ""))
-  return {"params": params}, {"source": path}
-
-
 def _local_checkpointer() -> ocp.StandardCheckpointer:
   """A checkpointer for this process alone: the backbone cache is a local file, read (and, in a
   multi-process run, written by the main process) without synchronizing with other processes."""
@@ -271,18 +152,15 @@ def _local_checkpointer() -> ocp.StandardCheckpointer:
 
 def load_or_pretrain(config: ml_collections.ConfigDict,
                      log: Callable[[str], None] = print) -> tuple[Any, dict]:
-  """The frozen backbone variables (without the pretraining head) and its info.
+  """The embedded backbone's variables (without the pretraining head) and its info: pretrained
+  and cached on first use; later calls restore the cache after verifying its manifest.
 
-  Loads `pretrain.npz_path` when set; otherwise pretrains and caches on first use, and
-  later calls restore the cache after verifying its manifest.
+  Returns:
+    ({"params": ...}, {"holdout_accuracy", "seconds", "num_classes"}).
   Raises:
     RuntimeError: the cache exists but is not what was written or cannot be restored (it is
       left in place).
   """
-  if config.pretrain.get("checkpoint"):
-    return load_hf_backbone(config, log)
-  if config.pretrain.get("npz_path"):
-    return load_npz_backbone(config, log)
   path = cache_path(config)
   info_path = os.path.join(path, "info.json")
   if os.path.exists(path):

@@ -1,5 +1,5 @@
-"""The frozen decoder of a text run: a Hugging Face checkpoint (`pretrain.checkpoint`: config.json
-+ safetensors + tokenizer.json), or the embedded one, pretrained here and cached.
+"""The embedded decoder of a text run, pretrained here and cached (a run with `pretrain.checkpoint`
+reads that Hugging Face directory instead: `backbone.text_backbone`).
 
 The embedded decoder is a small Llama-architecture model (`model.*`) with a byte-level BPE
 tokenizer of `pretrain.vocab_size` tokens, both trained on the Python Language Reference's text
@@ -157,23 +157,6 @@ def decoder_directory(config: ml_collections.ConfigDict, log: Callable[[str], No
   return directory
 
 
-def load_or_pretrain_decoder(config: ml_collections.ConfigDict, log: Callable[[str], None] = print,
-                             check_tokenizer: Callable[[hf.Tokenizer], None] | None = None
-                             ) -> tuple[DecoderLM, dict, hf.Tokenizer, str]:
-  """(model, variables, tokenizer, checkpoint directory) of the run's frozen decoder: the
-  `pretrain.checkpoint` directory's, or the embedded one (built and cached on first use;
-  `check_tokenizer` as for `decoder_directory`).
-
-  Raises:
-    models.load.CheckpointError: the checkpoint or the cached directory cannot be read.
-  """
-  directory = decoder_directory(config, log, check_tokenizer)
-  model, variables, dropped = hf.load_causal_lm(directory, remat=bool(config.model.get("remat", False)))
-  if dropped:
-    log(f"backbone: not loaded (not used): {', '.join(dropped)}")
-  return model, variables, hf.Tokenizer.from_directory(directory), directory
-
-
 def _build_embedded(config: ml_collections.ConfigDict, directory: str, log: Callable[[str], None],
                     check_tokenizer: Callable[[hf.Tokenizer], None] | None = None) -> None:
   texts = stdlib_docs.pretraining_text()
@@ -203,21 +186,3 @@ def _write_embedded(config: ml_collections.ConfigDict, partial: str, texts: list
   with open(os.path.join(partial, "pretraining.json"), "w") as f:
     json.dump({**_key_fields(config), **stats}, f, indent=2)
   return stats
-
-
-def with_checkpoint_architecture(config: ml_collections.ConfigDict,
-                                 log: Callable[[str], None] = print) -> ml_collections.ConfigDict:
-  """A text config with `model.*` set from `pretrain.checkpoint`'s config.json (logged)."""
-  directory = config.pretrain.get("checkpoint", "")
-  if not directory:
-    return config
-  name, arch = hf.architecture(hf.read_config(directory))
-  if name != "llama":
-    raise hf.CheckpointError(f"{directory} holds a {name} checkpoint; text runs take Llama-family decoders")
-  model = {"name": name, "remat": bool(config.model.get("remat", False)), **arch}
-  if model == config.model.to_dict():
-    return config
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.model = ml_collections.ConfigDict(model)
-  log(f"model: the architecture of {directory}: " + ", ".join(f"model.{k}={v!r}" for k, v in arch.items()))
-  return config

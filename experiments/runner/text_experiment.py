@@ -1,7 +1,7 @@
 """`build_text_experiment(config)`: a text run's `Experiment` (configs/instruction_tuning.py).
 
 The same round, methods, checkpoints, records and report as an image run; what differs is built
-here: the frozen decoder and its tokenizer (`pretrain_text`), the instruction records tokenized
+here: the frozen decoder and its tokenizer (`backbone.text_backbone`), the instruction records tokenized
 into `instructions.TextDataset` pools partitioned by their groups, the `tasks.causal_lm` task
 (next-token loss on response tokens; accuracy = next-token accuracy), and HyperLoRA's text
 signatures (`assembly.every_client_signature` with the decoder's featurizer): the group
@@ -17,13 +17,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from experiments.runner import pretrain_text
+from experiments.runner import backbone as backbone_lib
 from experiments.runner.assembly import Experiment, assemble, checked_method, every_client_signature, sharded_backbone
 from experiments.runner.config_facts import ConfigError
 from experiments.runner.data import instructions
 from experiments.runner.federated_data import FederatedData, partitioned
 from hyperlora_jax import lora
-from hyperlora_jax.models import hf
 from hyperlora_jax.tasks import causal_lm
 from hyperlora_jax.tasks.common import backbone_dtype
 
@@ -34,8 +33,7 @@ def prepare_text_inputs(config: ml_collections.ConfigDict, log: Callable[[str], 
   (`instructions.prepare_tokenized`). For the main process of a multi-process run, and sweeps;
   the decoder's weights are read by the runs, not here."""
   check = lambda tokenizer: check_records_fit(config, tokenizer, log)
-  tokenizer = hf.Tokenizer.from_directory(pretrain_text.decoder_directory(config, log, check))
-  check(tokenizer)
+  check(backbone_lib.decoder_checkpoint(config, log, check).require_tokenizer())
 
 
 def check_records_fit(config: ml_collections.ConfigDict, tokenizer, log: Callable[[str], None] = print) -> None:
@@ -104,11 +102,11 @@ def with_clients_of(config: ml_collections.ConfigDict, groups: tuple[str, ...],
 
 def build_text_experiment(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> Experiment:
   """A text run's `Experiment` from a config whose `model.*` is final
-  (`pretrain.with_checkpoint_architecture`): every config check first, then the decoder, the
+  (`backbone.with_checkpoint_architecture`): every config check first, then the decoder, the
   records (data.num_clients resolved), the causal-LM task and the text signatures, then
   `assembly.assemble` (no compilation)."""
   mesh, method, server_optimizer = checked_method(config)
-  model, backbone, tokenizer, _ = pretrain_text.load_or_pretrain_decoder(
+  model, backbone, tokenizer, _ = backbone_lib.text_backbone(
       config, log, check_tokenizer=lambda tokenizer: check_records_fit(config, tokenizer, log))
   backbone = sharded_backbone(backbone, mesh, log)
   compute_dtype = backbone_dtype(config.compute.backbone_dtype)

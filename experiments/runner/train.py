@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from experiments.runner import memory, methods, pretrain, records as records_lib, reporting
+from experiments.runner import backbone, memory, methods, records as records_lib, reporting
 from experiments.runner.config_validation import is_text
 from experiments.runner import workdir as workdir_lib
 from experiments.runner.data.loader import prepare_dataset
@@ -85,7 +85,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_round: i
   start_time = time.time()
   main_process = distributed.is_main_process()
   # 1. prepare
-  config = pretrain.with_checkpoint_architecture(config, log if main_process else (lambda _: None))
+  config = backbone.with_checkpoint_architecture(config, log if main_process else (lambda _: None))
   prepare_once(config, log)
   # 2. build
   exp = build_experiment(config_for_resume(config, workdir), log if main_process else (lambda _: None))
@@ -174,9 +174,9 @@ def prepare_once(config: ml_collections.ConfigDict, log: Callable[[str], None]) 
       prepare_text_inputs(config, log)
     else:
       prepare_dataset(config.data.name, config.data.data_dir or None)
-      if not pretrain.real_checkpoint(config):
+      if not backbone.real_checkpoint(config):
         prepare_dataset(config.pretrain.data_name, config.data.data_dir or None)
-        pretrain.load_or_pretrain(config, log)
+      backbone.prepare_backbone(config, log)
   distributed.barrier("data and backbone prepared")
 
 

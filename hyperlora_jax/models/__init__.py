@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from hyperlora_jax.models.clip import CLIP
+from hyperlora_jax.models.errors import CheckpointError  # noqa: F401 (every checkpoint reader raises it)
 from hyperlora_jax.models.mixer import Mixer
 from hyperlora_jax.models.vit import ViT
 

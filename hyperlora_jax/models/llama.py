@@ -6,7 +6,7 @@ RMSNorm -> grouped-query self-attention with rotary position embeddings -> resid
 SwiGLU MLP (down(silu(gate(x)) * up(x))) -> residual; a final RMSNorm; an LM head, or the
 embedding table itself when tied. Attention biases on query/key/value (Qwen2: `qkv_bias`) and on
 every projection (Llama's `attention_bias`), a sliding window (Mistral) and rotary scaling
-("linear", "llama3") are options; `models.hf.read_checkpoint` sets them from config.json.
+("linear", "llama3") are options; `models.hf.open_checkpoint` sets them from config.json.
 
 Module paths (what LoRA's `target_regex` matches; the default `.*attn/(query|value)` adapts q and
 v, FedIT's choice):

@@ -2,7 +2,7 @@
 
 The defaults are the project's own small ViT (tanh GELU, LayerNorm eps 1e-6, as flax's and
 `google-research/vision_transformer`'s); a checkpoint's own config sets `gelu`, `layer_norm_eps`
-and `mlp_dim` to its architecture (Hugging Face ViT: exact GELU, eps 1e-12; `models.load`).
+and `mlp_dim` to its architecture (Hugging Face ViT: exact GELU, eps 1e-12; `models.hf`).
 
 Module paths (what LoRA's `target_regex` matches):
   embedding                               patch projection (Conv)

@@ -1,0 +1,251 @@
+"""The run's frozen backbone, in one step per modality.
+
+  image_backbone(config, log)   -> ImageBackbone: pretrained on the embedded data and cached
+                                   (`pretrain`), or a real checkpoint (`pretrain.checkpoint`: a
+                                   Hugging Face directory; `pretrain.npz_path`: a `.npz` file)
+  text_backbone(config, log)    -> TextBackbone: the embedded decoder (`pretrain_text`, built and
+                                   cached) or `pretrain.checkpoint`'s, with its tokenizer
+  prepare_backbone(config, log)    builds the caches only (a multi-process run's main process, sweeps)
+
+and what the config checks ask before anything is loaded: `opened_checkpoint` (the checkpoint
+directory opened once per process, an `hf.Checkpoint` that validation, `model.*` and loading
+all read), `real_checkpoint`, and `with_checkpoint_architecture` (`model.*` set from the
+checkpoint).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from experiments.runner import pretrain, pretrain_text
+from experiments.runner.config_facts import is_text
+from hyperlora_jax import models
+from hyperlora_jax.models import CheckpointError, hf, npz
+from hyperlora_jax.models.llama import DecoderLM
+
+# Directories opened in this process: {(absolute path, config.json's mtime and size): Checkpoint}.
+_OPENED: dict[tuple, hf.Checkpoint] = {}
+
+
+def open_directory(directory: str) -> hf.Checkpoint:
+  """`hf.open_checkpoint(directory)`, once per process while its config.json is unchanged.
+
+  Raises:
+    CheckpointError: the directory holds no supported checkpoint.
+  """
+  config_file = os.path.join(directory, hf.CONFIG_FILE)
+  stat = os.stat(config_file) if os.path.isfile(config_file) else None
+  key = (os.path.abspath(directory), stat and (stat.st_mtime_ns, stat.st_size))
+  if key not in _OPENED or stat is None:
+    _OPENED[key] = hf.open_checkpoint(directory)
+  return _OPENED[key]
+
+
+def opened_checkpoint(config: ml_collections.ConfigDict) -> hf.Checkpoint | None:
+  """The Hugging Face checkpoint `pretrain.checkpoint` opened (None when there is none).
+
+  Raises:
+    CheckpointError: prefixed with the field, the directory holds no supported checkpoint.
+  """
+  directory = config.pretrain.get("checkpoint", "")
+  if not directory:
+    return None
+  try:
+    return open_directory(directory)
+  except CheckpointError as e:
+    raise CheckpointError(f"pretrain.checkpoint: {e}") from None
+
+
+def real_checkpoint(config: ml_collections.ConfigDict) -> str:
+  """The real checkpoint a run loads instead of pretraining ('' for none): `pretrain.checkpoint`
+  (a Hugging Face directory) or `pretrain.npz_path` (a `.npz` file)."""
+  return config.pretrain.get("checkpoint", "") or config.pretrain.get("npz_path", "")
+
+
+def with_checkpoint_architecture(config: ml_collections.ConfigDict,
+                                 log: Callable[[str], None] = print) -> ml_collections.ConfigDict:
+  """`config` with `model.*` set from its real checkpoint, each change logged; `config` itself
+  when nothing changes.
+
+  A Hugging Face directory gives the model, its sizes, GELU variant, LayerNorm eps, ... (fields
+  of another model dropped, the rest kept, e.g. a CLIP's `prompt_template`); a ViT `.npz` its
+  pooling (`model.pool`).
+
+  Raises:
+    CheckpointError: the directory holds no supported checkpoint, or one of the other modality.
+  """
+  checkpoint = opened_checkpoint(config)
+  if checkpoint is None:
+    return config if is_text(config) else _with_npz_pool(config, log)
+  directory = checkpoint.directory
+  if is_text(config):
+    if checkpoint.model_name != "llama":
+      raise CheckpointError(f"pretrain.checkpoint: {directory} holds a {checkpoint.model_name} checkpoint; text "
+                            f"runs take Llama-family decoders")
+    model = {"name": "llama", "remat": bool(config.model.get("remat", False)), **checkpoint.architecture}
+    logged = checkpoint.architecture
+  else:
+    if checkpoint.model_name not in models.MODELS:
+      raise CheckpointError(f"pretrain.checkpoint: {directory} holds a decoder language model "
+                            f"({checkpoint.model_name}); image runs take vit or clip checkpoints")
+    name, arch = checkpoint.model_name, checkpoint.architecture
+    kept = {k: v for k, v in config.model.items()
+            if k != "name" and k in models.arch_fields(name) and k not in arch}
+    model = {"name": name, **kept, **arch}
+    logged = None
+  if model == config.model.to_dict():
+    return config
+  if logged is None:
+    logged = {k: v for k, v in model.items() if config.model.get(k) != v}
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model = ml_collections.ConfigDict(model)
+  log(f"model: the architecture of {directory}: " + ", ".join(f"model.{k}={v!r}" for k, v in logged.items()))
+  return config
+
+
+def _with_npz_pool(config: ml_collections.ConfigDict, log: Callable[[str], None]) -> ml_collections.ConfigDict:
+  """`config` with a ViT's `model.pool` set to its `.npz` checkpoint's (big_vision gap / map)."""
+  path = config.pretrain.get("npz_path", "")
+  if not path or config.model.name != "vit" or not os.path.isfile(path):
+    return config
+  pool = npz.npz_pool(npz.npz_names(path))
+  if config.model.get("pool", "tok") == pool:
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.pool = pool
+  log(f"model: the pooling of {path}: model.pool={pool!r}")
+  return config
+
+
+class ImageBackbone(NamedTuple):
+  """An image run's frozen backbone.
+
+  Attributes:
+    variables: {"params": the backbone's params without the classifier head}.
+    preprocess: uint8 images [..., H, W, 3] -> the model's inputs (`image_preprocess`).
+    tokenizer: a CLIP checkpoint's tokenizer (for its class prompts); None otherwise.
+    info: {"source": the checkpoint} or the pretraining's {"holdout_accuracy", "seconds", ...}.
+  """
+  variables: dict
+  preprocess: Callable[[Any], Any]
+  tokenizer: hf.Tokenizer | None
+  info: dict
+
+
+def image_backbone(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> ImageBackbone:
+  """The image run's backbone: `pretrain.checkpoint`'s, `pretrain.npz_path`'s, or pretrained on
+  the embedded data (cached, `pretrain.load_or_pretrain`), with its preprocessing.
+
+  Raises:
+    CheckpointError: a checkpoint unreadable or not shaped like `config.model`.
+    RuntimeError: a pretraining cache that is not what was written (left in place).
+  """
+  checkpoint = opened_checkpoint(config)
+  if checkpoint is not None:
+    variables, info = load_hf_backbone(config, log)
+  elif config.pretrain.get("npz_path"):
+    variables, info = load_npz_backbone(config, log)
+  else:
+    variables, info = pretrain.load_or_pretrain(config, log)
+  tokenizer = checkpoint.require_tokenizer() if checkpoint is not None and checkpoint.model_name == "clip" else None
+  return ImageBackbone(variables, image_preprocess(config), tokenizer, info)
+
+
+def _abstract_backbone(config: ml_collections.ConfigDict) -> Any:
+  model = models.model_from_config(config.model, 1)
+  shape = (1, config.data.image_size, config.data.image_size, 3)
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # This process's own device.
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=local),
+                      jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape, jnp.float32)))["params"]
+
+
+def load_hf_backbone(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> tuple[dict, dict]:
+  """({"params"}, {"source"}) of the Hugging Face directory `pretrain.checkpoint` (tensors the
+  run does not use, e.g. a ViT's classifier and pooler, named in the log).
+
+  Raises:
+    CheckpointError: unreadable, or not shaped like `config.model`.
+  """
+  checkpoint = opened_checkpoint(config)
+  params, dropped = checkpoint.params(_abstract_backbone(config))
+  log(f"backbone: loaded the Hugging Face {config.model.name} {checkpoint.directory}"
+      + (f" (not loaded: {', '.join(dropped)})" if dropped else ""))
+  if checkpoint.image_size != config.data.image_size:
+    log(f"backbone: position embeddings resized from {checkpoint.image_size} px to data.image_size="
+        f"{config.data.image_size} px (bicubic, as transformers' interpolate_pos_encoding)")
+  return {"params": params}, {"source": checkpoint.directory}
+
+
+def load_npz_backbone(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> tuple[dict, dict]:
+  """({"params"}, {"source"}) of the `.npz` checkpoint `pretrain.npz_path` (head dropped).
+
+  Raises:
+    CheckpointError: unreadable, or not shaped like `config.model`.
+  """
+  path = config.pretrain.npz_path
+  flat = npz.read_npz(path)
+  params = npz.from_npz(config.model.name, flat, _abstract_backbone(config))
+  dropped = npz.dropped_arrays(flat)
+  log(f"backbone: loaded {config.model.name} from {path}" + (f" (not loaded: {', '.join(dropped)})" if dropped else ""))
+  return {"params": params}, {"source": path}
+
+
+def image_preprocess(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
+  """uint8 images [..., H, W, 3] -> the model's inputs: normalized by the checkpoint's
+  preprocessor_config.json (image_mean, image_std) when `pretrain.checkpoint` has one, else
+  `models.preprocess_images` ([-1, 1], the project's backbones and the google ViTs)."""
+  checkpoint = opened_checkpoint(config)
+  if checkpoint is None or checkpoint.normalization is None:
+    return models.preprocess_images
+  mean, std = (np.asarray(v, np.float32) for v in checkpoint.normalization)
+
+  def preprocess(images):
+    return (images.astype("float32") / 255.0 - mean) / std
+  return preprocess
+
+
+class TextBackbone(NamedTuple):
+  """A text run's frozen decoder: `model` (`DecoderLM`), `variables` {"params"}, its
+  `tokenizer`, and the checkpoint `directory` it was read from."""
+  model: DecoderLM
+  variables: dict
+  tokenizer: hf.Tokenizer
+  directory: str
+
+
+def decoder_checkpoint(config: ml_collections.ConfigDict, log: Callable[[str], None] = print,
+                       check_tokenizer: Callable[[hf.Tokenizer], None] | None = None) -> hf.Checkpoint:
+  """The text run's decoder checkpoint, opened: `pretrain.checkpoint`, or the embedded decoder's
+  cache (built on first use, `check_tokenizer` seeing its tokenizer before the pretraining;
+  verified on every use: `pretrain_text.decoder_directory`)."""
+  checkpoint = opened_checkpoint(config)
+  if checkpoint is not None:
+    return checkpoint
+  return open_directory(pretrain_text.decoder_directory(config, log, check_tokenizer))
+
+
+def text_backbone(config: ml_collections.ConfigDict, log: Callable[[str], None] = print,
+                  check_tokenizer: Callable[[hf.Tokenizer], None] | None = None) -> TextBackbone:
+  """The text run's frozen decoder and tokenizer (`decoder_checkpoint`, then its weights).
+
+  Raises:
+    CheckpointError: the checkpoint or the cached directory cannot be read.
+  """
+  checkpoint = decoder_checkpoint(config, log, check_tokenizer)
+  model, variables, dropped = hf.load_causal_lm(checkpoint, remat=bool(config.model.get("remat", False)))
+  if dropped:
+    log(f"backbone: not loaded (not used): {', '.join(dropped)}")
+  return TextBackbone(model, variables, checkpoint.require_tokenizer(), checkpoint.directory)
+
+
+def prepare_backbone(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> None:
+  """Builds what an image run's backbone step would build (the pretraining cache), reading no
+  real checkpoint; text runs build their decoder with their records (`text_experiment`)."""
+  if not real_checkpoint(config):
+    pretrain.load_or_pretrain(config, log)

@@ -1,0 +1,210 @@
+"""Llama-family decoders (model_type "llama", "mistral", "qwen2"; *ForCausalLM or the bare model)
+as `models.llama.DecoderLM`, both ways: `decoder_arch` / `decoder_params` read a checkpoint,
+`decoder_config` / `save_causal_lm` write one that transformers' `AutoModelForCausalLM` and
+`load_causal_lm` read. Module names are transformers' (the same in 4 and 5)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+from collections.abc import Callable
+
+import numpy as np
+from flax import traverse_util
+
+from hyperlora_jax.models.errors import CheckpointError
+from hyperlora_jax.models.hf.family import Family
+from hyperlora_jax.models.hf.reading import CONFIG_FILE, WEIGHTS_FILE
+from hyperlora_jax.models.hf.tensors import leaf_source, load_tensors
+
+# transformers' defaults per decoder family, for fields a config.json leaves out.
+DEFAULTS = {
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu",
+              "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False},
+    "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+                "hidden_act": "silu", "tie_word_embeddings": False, "sliding_window": 4096},
+    "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu",
+              "tie_word_embeddings": False, "use_sliding_window": False},
+}
+DECODER_TYPES = tuple(DEFAULTS)
+
+_BLOCK = {"attn/query": "self_attn.q_proj", "attn/key": "self_attn.k_proj", "attn/value": "self_attn.v_proj",
+          "attn/out": "self_attn.o_proj", "mlp/gate": "mlp.gate_proj", "mlp/up": "mlp.up_proj",
+          "mlp/down": "mlp.down_proj", "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+# Buffers older checkpoints saved (a tied model's saved lm_head is dropped too: `decoder_params`).
+_DROPPED = ("rotary_emb.inv_freq",)
+
+
+def _rope(config: dict) -> tuple[float, tuple]:
+  """(rope_theta, rope_scaling pairs) of a config: transformers 5's `rope_parameters`, or 4.x's
+  `rope_theta` and `rope_scaling`."""
+  parameters = dict(config.get("rope_parameters") or {})
+  if not parameters:
+    parameters = {**(config.get("rope_scaling") or {}), "rope_theta": config["rope_theta"]}
+  theta = float(parameters.pop("rope_theta", config.get("rope_theta", 10000.0)))
+  kind = parameters.get("rope_type", parameters.get("type", "default"))
+  from hyperlora_jax.models.llama import ROPE_TYPES
+  if kind not in ROPE_TYPES:
+    raise CheckpointError(f"config.json rope type {kind!r}; supported: {ROPE_TYPES}")
+  if kind == "default":
+    return theta, ()
+  keep = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                            "original_max_position_embeddings")}[kind]
+  missing = [k for k in keep if k not in parameters]
+  if missing:
+    raise CheckpointError(f"config.json rope scaling {kind!r} lacks {missing}")
+  return theta, (("rope_type", kind),) + tuple(sorted((k, float(parameters[k])) for k in keep))
+
+
+def decoder_arch(config: dict) -> dict[str, Any]:
+  """`models.llama.DecoderLM` fields of a Llama / Mistral / Qwen2 config.json.
+
+  Raises:
+    CheckpointError: what it cannot run: another activation, partial rotary, Qwen2's per-layer
+      sliding window.
+  """
+  from hyperlora_jax.models.hf import SUPPORTED
+  model_type = config.get("model_type")
+  if model_type not in DEFAULTS:
+    raise CheckpointError(f"model_type {model_type!r} is not a Llama-family decoder; supported: {', '.join(SUPPORTED)}")
+  # A field left out takes transformers' default; a field given as null keeps its meaning
+  # where null means something: Mistral v0.2/v0.3's `sliding_window: null` is full attention.
+  explicit_null = {k for k, v in config.items() if v is None}
+  config = {**DEFAULTS[model_type], **{k: v for k, v in config.items() if v is not None}}
+  if config["hidden_act"] != "silu":
+    raise CheckpointError(f"config.json hidden_act={config['hidden_act']!r}; supported: 'silu' (SwiGLU)")
+  if config.get("partial_rotary_factor", 1.0) != 1.0:
+    raise CheckpointError("config.json partial_rotary_factor != 1 is not supported")
+  heads = int(config["num_attention_heads"])
+  theta, scaling = _rope(config)
+  window = None
+  if model_type == "mistral" and "sliding_window" not in explicit_null:
+    window = config.get("sliding_window")
+  elif model_type == "qwen2" and config.get("use_sliding_window"):
+    raise CheckpointError("config.json use_sliding_window=True (Qwen2's per-layer window) is not supported")
+  qkv_bias = bool(config.get("attention_bias", False)) or model_type == "qwen2"
+  return {"vocab_size": int(config["vocab_size"]), "width": int(config["hidden_size"]),
+          "depth": int(config["num_hidden_layers"]), "num_heads": heads,
+          "num_kv_heads": int(config.get("num_key_value_heads", heads)),
+          "head_dim": int(config.get("head_dim") or int(config["hidden_size"]) // heads),
+          "mlp_dim": int(config["intermediate_size"]), "rms_norm_eps": float(config["rms_norm_eps"]),
+          "rope_theta": theta, "rope_scaling": scaling, "tie_embeddings": bool(config["tie_word_embeddings"]),
+          "qkv_bias": qkv_bias, "out_bias": bool(config.get("attention_bias", False)),
+          "mlp_bias": bool(config.get("mlp_bias", False)), "sliding_window": None if window is None else int(window)}
+
+
+def decoder_module_name(path: str, prefix: str = "model.") -> str | None:
+  """The Hugging Face module name of our `DecoderLM` module `path` ("block_0/attn/query" ->
+  "model.layers.0.self_attn.q_proj"; "lm_head" -> "lm_head"; the same in transformers 4 and 5),
+  `prefix` "model." for *ForCausalLM, "" for the bare model; None for a path with no counterpart."""
+  m = re.fullmatch(r"block_(\d+)/(attn/\w+|mlp/\w+|attn_norm|mlp_norm)", path)
+  if m and m.group(2) in _BLOCK:
+    return f"{prefix}layers.{m.group(1)}.{_BLOCK[m.group(2)]}"
+  return {"embed": f"{prefix}embed_tokens", "norm": f"{prefix}norm", "lm_head": "lm_head"}.get(path)
+
+
+def decoder_module_namer(prefix: str = "", transformers_version: int = 5) -> Callable[[str], str | None]:
+  """`decoder_module_name` with `prefix` ("model." unless given; the version does not matter)."""
+  del transformers_version
+  return lambda path: decoder_module_name(path, prefix or "model.")
+
+
+def _decoder_source(name: str, prefix: str) -> tuple[str, str]:
+  module, leaf = name.rsplit("/", 1)
+  hf = decoder_module_name(module, prefix)
+  return (name, "same") if hf is None else leaf_source(hf, module, leaf)
+
+
+def decoder_params(tensors: dict[str, np.ndarray], abstract_params: Any,
+                   origin: dict[str, str] | None = None) -> tuple[dict, list[str]]:
+  """HF Llama / Mistral / Qwen2 tensors -> (params shaped like `abstract_params`, float32 NumPy;
+  the names of the tensors not loaded: rotary buffers, and `lm_head.weight` of a tied model that
+  saved it). Arguments and errors as `vit.vit_params`."""
+  prefix = "model." if any(k.startswith("model.") for k in tensors) else ""
+  tied = "lm_head" not in abstract_params
+  dropped = tuple(k for k in tensors if k.endswith(_DROPPED) or (tied and k == "lm_head.weight"))
+  return load_tensors(tensors, abstract_params, lambda name: _decoder_source(name, prefix), dropped, "decoder",
+                      origin)
+
+
+def load_causal_lm(checkpoint: Any, dtype: Any = None, **overrides) -> tuple[Any, dict, list[str]]:
+  """A decoder language model and its weights from a Llama / Mistral / Qwen2 checkpoint.
+
+  Args:
+    checkpoint: the checkpoint directory, or an `hf.Checkpoint` already opened.
+    dtype: the weights' and activations' dtype (None: float32; e.g. jnp.bfloat16 on accelerators,
+      RMSNorm and softmax still in float32).
+    overrides: `DecoderLM` fields to set (e.g. remat=True).
+  Returns:
+    (`models.llama.DecoderLM` of the checkpoint's architecture, its variables {"params": ...},
+     the names of tensors not loaded).
+  Raises:
+    CheckpointError: not a decoder checkpoint, or tensors that do not fit.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from hyperlora_jax.models.hf.checkpoint import Checkpoint, open_checkpoint
+  from hyperlora_jax.models.llama import DecoderLM
+  opened = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
+  if opened.model_name != "llama":
+    raise CheckpointError(f"{opened.directory}: a {opened.model_name} checkpoint, not a decoder language model")
+  model = DecoderLM(**{**opened.architecture, **overrides, **({"dtype": dtype} if dtype is not None else {})})
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+  params, dropped = opened.params(abstract)
+  cast = jnp.float32 if dtype is None else dtype
+  return model, {"params": jax.tree.map(lambda x: jnp.asarray(x, cast), params)}, dropped
+
+
+def decoder_config(model: Any) -> dict[str, Any]:
+  """A transformers config.json for a `DecoderLM` (model_type "llama"; "qwen2" for biases on
+  q/k/v only; "mistral" with a sliding window), readable back by `decoder_arch`."""
+  if model.sliding_window and (model.qkv_bias or model.out_bias or model.mlp_bias):
+    raise ValueError("a sliding window with biases has no transformers family (Mistral has no biases)")
+  model_type = "mistral" if model.sliding_window else ("qwen2" if model.qkv_bias and not model.out_bias else "llama")
+  if model_type == "llama" and model.qkv_bias != model.out_bias:
+    raise ValueError("Llama's attention_bias sets q/k/v and o biases together")
+  scaling = dict(model.rope_scaling) if model.rope_scaling else None
+  if scaling and "original_max_position_embeddings" in scaling:  # An integer: transformers 4 refuses 16.0.
+    scaling["original_max_position_embeddings"] = int(scaling["original_max_position_embeddings"])
+  family = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[model_type]
+  config = {"model_type": model_type, "architectures": [f"{family}ForCausalLM"],
+            "vocab_size": model.vocab_size, "hidden_size": model.width, "intermediate_size": model.mlp_dim,
+            "num_hidden_layers": model.depth, "num_attention_heads": model.num_heads,
+            "num_key_value_heads": model.kv_heads, "head_dim": model.head_width, "hidden_act": "silu",
+            "rms_norm_eps": model.rms_norm_eps, "rope_theta": model.rope_theta, "rope_scaling": scaling,
+            "tie_word_embeddings": model.tie_embeddings, "max_position_embeddings": 4096,
+            "torch_dtype": "float32"}
+  if model_type == "llama":
+    config.update(attention_bias=model.qkv_bias, mlp_bias=model.mlp_bias)
+  if model_type == "mistral":
+    config["sliding_window"] = model.sliding_window
+  return config
+
+
+def save_causal_lm(directory: str, model: Any, variables: dict) -> None:
+  """Writes a `DecoderLM` as a Hugging Face checkpoint: config.json (`decoder_config`) and
+  model.safetensors with transformers' tensor names and layouts (LlamaForCausalLM's, the
+  inverse of `decoder_params`), float32. The directory then loads with `load_causal_lm` and
+  with transformers' `AutoModelForCausalLM.from_pretrained`."""
+  from safetensors.numpy import save_file
+  os.makedirs(directory, exist_ok=True)
+  flat = traverse_util.flatten_dict(variables["params"], sep="/")
+  tensors = {}
+  for name, value in flat.items():
+    key, conversion = _decoder_source(name, "model.")
+    array = np.asarray(value, np.float32)
+    tensors[key] = np.ascontiguousarray(array.T if conversion == "linear" else array)
+  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+    json.dump(decoder_config(model), f, indent=2)
+  save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+FAMILY = Family(model_types=DECODER_TYPES, model_name="llama",
+                description="llama, mistral, qwen2 (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM; "
+                            "or their bare models)",
+                architecture=decoder_arch, params=decoder_params, module_namer=decoder_module_namer)
