@@ -18,9 +18,11 @@ run: $(VENV)/.installed
 check-run: $(VENV)/.installed
 	$(PY) -m experiments.reports.check_readme --workdir runs/default
 
-# Lint, type-check the library, then every test but the few marked slow (multi-process end-to-end runs).
+# Lint, check the formatting, type-check the library, then every test but the few marked slow
+# (multi-process end-to-end runs).
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -n auto -m "not slow" --durations=15 tests
 
@@ -31,7 +33,12 @@ test-all: test test-slow
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+# Rewrites every Python file in the project's layout (ruff.toml's [format]).
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff format .
 
 # A round of the default image model, then of the embedded-size Llama decoder (text), each way
 # side by side (BENCHMARKS.md).
@@ -43,4 +50,4 @@ bench: $(VENV)/.installed
 	$(PY) -m benchmarks.round_speed --out $(BENCH_OUT) $(BENCH_FLAGS)
 	$(PY) -m benchmarks.text_round_speed --out $(TEXT_BENCH_OUT) $(TEXT_BENCH_FLAGS)
 
-.PHONY: install run check-run test test-slow test-all lint bench
+.PHONY: install run check-run test test-slow test-all lint format bench

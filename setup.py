@@ -1,18 +1,38 @@
 from setuptools import find_packages, setup
 
 setup(
-    name="hyperlora_jax",
-    version="0.2.0",
-    description="Federated LoRA fine-tuning of foundation models in JAX/Flax, built around HyperLoRA.",
-    python_requires=">=3.11",
-    packages=find_packages(include=["hyperlora_jax", "hyperlora_jax.*", "experiments", "experiments.*", "configs",
-                                    "benchmarks"]),
-    install_requires=[
-        "jax>=0.10", "flax>=0.12", "optax>=0.2.8", "orbax-checkpoint>=0.12",
-        "tensorflow-datasets>=4.9.10", "array-record>=0.8", "importlib_resources", "etils",
-        "ml-collections>=1.1", "absl-py", "numpy>=2", "scipy", "scikit-learn>=1.5",
-        "matplotlib", "pillow", "tqdm", "safetensors>=0.4", "tokenizers>=0.20", "jinja2>=3.1", "pyarrow", "dp-accounting>=0.4",
-    ],
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.90", "ruff>=0.6", "mypy>=1.10"],
-                    "bench": ["torch>=2.4", "transformers>=4.57", "peft>=0.17"]},  # Optional PyTorch rows of `make bench`.
+  name="hyperlora_jax",
+  version="0.2.0",
+  description="Federated LoRA fine-tuning of foundation models in JAX/Flax, built around HyperLoRA.",
+  python_requires=">=3.11",
+  packages=find_packages(
+    include=["hyperlora_jax", "hyperlora_jax.*", "experiments", "experiments.*", "configs", "benchmarks"]
+  ),
+  install_requires=[
+    "jax>=0.10",
+    "flax>=0.12",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12",
+    "tensorflow-datasets>=4.9.10",
+    "array-record>=0.8",
+    "importlib_resources",
+    "etils",
+    "ml-collections>=1.1",
+    "absl-py",
+    "numpy>=2",
+    "scipy",
+    "scikit-learn>=1.5",
+    "matplotlib",
+    "pillow",
+    "tqdm",
+    "safetensors>=0.4",
+    "tokenizers>=0.20",
+    "jinja2>=3.1",
+    "pyarrow",
+    "dp-accounting>=0.4",
+  ],
+  extras_require={
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.90", "ruff>=0.6", "mypy>=1.10"],
+    "bench": ["torch>=2.4", "transformers>=4.57", "peft>=0.17"],
+  },  # Optional PyTorch rows of `make bench`.
 )

@@ -13,6 +13,7 @@ the numbers do not mix:
 
   python -m benchmarks.memory --clients 64,256,1024,4096 --out benchmarks/memory.json
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,9 @@ _CLIENTS = flags.DEFINE_string("clients", "64,256,1024,4096", "Cohort sizes C ('
 _CHUNK = flags.DEFINE_integer("chunk", 16, "clients_per_chunk for the cohort measurements.")
 _FEEDS = flags.DEFINE_string("feeds", "round,chunk", "How a round's images enter it (data.feed).")
 POOL_SIZE = 6036  # Images in the host pool of the cohort measurements (digits_domains' train split).
-_DATASETS = flags.DEFINE_string("datasets", "digits_domains/res16,digits_domains/res16x10",
-                                "Datasets for the run measurements ('' to skip).")
+_DATASETS = flags.DEFINE_string(
+  "datasets", "digits_domains/res16,digits_domains/res16x10", "Datasets for the run measurements ('' to skip)."
+)
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds of each dataset run.")
 _CHILD = flags.DEFINE_string("child", "", "Internal: the measurement a child process makes.")
 _OUT = flags.DEFINE_string("out", "", "JSON file for the results.")
@@ -52,6 +54,7 @@ def _round_child(num_clients: int, chunk: int, feed: str) -> dict:
 
   from benchmarks.workloads import client_update_fn
   from hyperlora_jax import primitives
+
   one_client, trainable, config = client_update_fn()
   size = config.data.image_size
   shape = (num_clients, config.fed.local_steps, config.fed.batch_size)
@@ -64,20 +67,28 @@ def _round_child(num_clients: int, chunk: int, feed: str) -> dict:
     block = jax.device_put({"image": pool[indices], **light})
     mapped = jax.jit(lambda starts, b: primitives.map_clients(fn, (starts, b), chunk))
   else:
-    read = primitives.host_loader(lambda i: pool[np.asarray(i)],
-                                  lambda s: jax.ShapeDtypeStruct(s.shape + (size, size, 3), jnp.uint8))
+    read = primitives.host_loader(
+      lambda i: pool[np.asarray(i)], lambda s: jax.ShapeDtypeStruct(s.shape + (size, size, 3), jnp.uint8)
+    )
     load = lambda xs: (xs[0], {"image": read(xs[1]["indices"]), "label": xs[1]["label"], "mask": xs[1]["mask"]})
     block = jax.device_put({"indices": indices, **light})
     mapped = jax.jit(lambda starts, b: primitives.map_clients(fn, (starts, b), chunk, load_chunk=load))
   start = time.perf_counter()
   jax.block_until_ready(mapped(primitives.broadcast(trainable, num_clients), block))
-  return {"clients": num_clients, "chunk": chunk, "feed": feed, "image_mb": indices.size * size * size * 3 / 2 ** 20,
-          "seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
+  return {
+    "clients": num_clients,
+    "chunk": chunk,
+    "feed": feed,
+    "image_mb": indices.size * size * size * 3 / 2**20,
+    "seconds": time.perf_counter() - start,
+    "peak_rss_mb": peak_rss_mb(),
+  }
 
 
 def _dataset_child(name: str, stream: bool, rounds: int) -> dict:
   from configs import default
   from experiments.runner.train import train_and_evaluate
+
   config = default.get_config(f"rounds={rounds}")
   config.data.name, config.data.stream = name, stream
   config.fed.clients_per_chunk = 0
@@ -85,14 +96,21 @@ def _dataset_child(name: str, stream: bool, rounds: int) -> dict:
   with tempfile.TemporaryDirectory() as workdir:
     start = time.perf_counter()
     result = train_and_evaluate(config, workdir, progress=False, log=lambda _: None)
-  return {"dataset": name, "stream": stream, "rounds": rounds, "seconds": time.perf_counter() - start,
-          "peak_rss_mb": peak_rss_mb(), "global_accuracy": result["records"][-1]["global_accuracy"]}
+  return {
+    "dataset": name,
+    "stream": stream,
+    "rounds": rounds,
+    "seconds": time.perf_counter() - start,
+    "peak_rss_mb": peak_rss_mb(),
+    "global_accuracy": result["records"][-1]["global_accuracy"],
+  }
 
 
 def _run_child(spec: str) -> dict:
   """Runs `spec` in a fresh Python process and returns the JSON it prints last."""
-  out = subprocess.run([sys.executable, "-m", "benchmarks.memory", f"--child={spec}"],
-                       capture_output=True, text=True, check=False)
+  out = subprocess.run(
+    [sys.executable, "-m", "benchmarks.memory", f"--child={spec}"], capture_output=True, text=True, check=False
+  )
   if out.returncode:
     raise RuntimeError(f"{spec} failed:\n{out.stderr[-3000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -108,23 +126,29 @@ def main(argv):
       result = _dataset_child(args[0], args[1] == "1", int(args[2]))
     print(json.dumps(result))
     return
-  report = {"machine": platform.machine(), "cpus": os.cpu_count(), "chunk": _CHUNK.value,
-            "clients": [], "datasets": []}
+  report = {"machine": platform.machine(), "cpus": os.cpu_count(), "chunk": _CHUNK.value, "clients": [], "datasets": []}
   for num in filter(None, _CLIENTS.value.split(",")):
     for feed in _FEEDS.value.split(","):
       row = _run_child(f"clients:{int(num)}:{_CHUNK.value}:{feed}")
       report["clients"].append(row)
-      print(f"C={row['clients']:5d} chunk {row['chunk']} feed {feed:5s}: peak RSS {row['peak_rss_mb']:7.0f} MB "
-            f"(the round's images {row['image_mb']:6.0f} MB), {row['seconds']:.1f} s", flush=True)
+      print(
+        f"C={row['clients']:5d} chunk {row['chunk']} feed {feed:5s}: peak RSS {row['peak_rss_mb']:7.0f} MB "
+        f"(the round's images {row['image_mb']:6.0f} MB), {row['seconds']:.1f} s",
+        flush=True,
+      )
   if _DATASETS.value:
     from experiments.runner.data.loader import prepare_dataset  # Prepared here, outside the measurements.
+
     for name in _DATASETS.value.split(","):
       prepare_dataset(name)
       for stream in (True, False):
         row = _run_child(f"dataset:{name}:{int(stream)}:{_ROUNDS.value}")
         report["datasets"].append(row)
-        print(f"{name:28s} {'streamed ' if stream else 'in memory'}: peak RSS {row['peak_rss_mb']:7.0f} MB, "
-              f"{row['seconds']:.0f} s for {row['rounds']} rounds", flush=True)
+        print(
+          f"{name:28s} {'streamed ' if stream else 'in memory'}: peak RSS {row['peak_rss_mb']:7.0f} MB, "
+          f"{row['seconds']:.0f} s for {row['rounds']} rounds",
+          flush=True,
+        )
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       json.dump(report, f, indent=2)
@@ -132,4 +156,5 @@ def main(argv):
 
 if __name__ == "__main__":
   from experiments import cli
+
   cli.run(main, absl_app=True)

@@ -21,6 +21,7 @@ TF32 matmuls), else on the CPU with all its threads. Two ways to run C clients x
 A CLIP classifies by its logits against C_text class prompts ([C_text, L] token ids), the text
 tower run every step, as the JAX benchmark's CLIP does.
 """
+
 from __future__ import annotations
 
 import os
@@ -67,6 +68,7 @@ def per_client_loop(torch, peft, model, num: int, steps: int, learning_rate: flo
         optimizer.zero_grad()
         step_loss(c, s).backward()
         optimizer.step()
+
   return loop
 
 
@@ -76,14 +78,26 @@ def build_vit(arch: dict, image_size: int, rank: int, alpha: float, attention: s
   attention implementation ("sdpa", its default, or "eager")."""
   import peft
   import transformers
+
   config = transformers.ViTConfig(
-      hidden_size=arch["width"], num_hidden_layers=arch["depth"], num_attention_heads=arch["num_heads"],
-      intermediate_size=arch.get("mlp_dim") or int(arch["mlp_ratio"] * arch["width"]), image_size=image_size,
-      patch_size=arch["patch_size"], num_labels=classes, hidden_act="gelu")
+    hidden_size=arch["width"],
+    num_hidden_layers=arch["depth"],
+    num_attention_heads=arch["num_heads"],
+    intermediate_size=arch.get("mlp_dim") or int(arch["mlp_ratio"] * arch["width"]),
+    image_size=image_size,
+    patch_size=arch["patch_size"],
+    num_labels=classes,
+    hidden_act="gelu",
+  )
   config._attn_implementation = attention
   model = transformers.ViTForImageClassification(config)
-  lora = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, modules_to_save=["classifier"],
-                         target_modules=_targets(model, ("q_proj", "v_proj"), ("query", "value")))
+  lora = peft.LoraConfig(
+    r=rank,
+    lora_alpha=alpha,
+    lora_dropout=0.0,
+    modules_to_save=["classifier"],
+    target_modules=_targets(model, ("q_proj", "v_proj"), ("query", "value")),
+  )
   return peft.get_peft_model(model, lora).eval()
 
 
@@ -92,17 +106,31 @@ def build_clip(arch: dict, image_size: int, rank: int, alpha: float, attention: 
   the largest id); `attention` as `build_vit`'s."""
   import peft
   import transformers
+
   text = transformers.CLIPTextConfig(
-      hidden_size=arch["text_width"], num_hidden_layers=arch["text_depth"], num_attention_heads=arch["text_heads"],
-      intermediate_size=arch.get("text_mlp_dim") or int(arch.get("mlp_ratio", 4.0) * arch["text_width"]),
-      vocab_size=arch["vocab_size"], max_position_embeddings=arch["max_len"], hidden_act="quick_gelu",
-      bos_token_id=arch["vocab_size"] - 2, eos_token_id=arch["vocab_size"] - 1, pad_token_id=0)
+    hidden_size=arch["text_width"],
+    num_hidden_layers=arch["text_depth"],
+    num_attention_heads=arch["text_heads"],
+    intermediate_size=arch.get("text_mlp_dim") or int(arch.get("mlp_ratio", 4.0) * arch["text_width"]),
+    vocab_size=arch["vocab_size"],
+    max_position_embeddings=arch["max_len"],
+    hidden_act="quick_gelu",
+    bos_token_id=arch["vocab_size"] - 2,
+    eos_token_id=arch["vocab_size"] - 1,
+    pad_token_id=0,
+  )
   vision = transformers.CLIPVisionConfig(
-      hidden_size=arch["width"], num_hidden_layers=arch["depth"], num_attention_heads=arch["num_heads"],
-      intermediate_size=arch.get("mlp_dim") or int(arch.get("mlp_ratio", 4.0) * arch["width"]),
-      image_size=image_size, patch_size=arch["patch_size"], hidden_act="quick_gelu")
-  config = transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
-                                   projection_dim=arch["embed_dim"])
+    hidden_size=arch["width"],
+    num_hidden_layers=arch["depth"],
+    num_attention_heads=arch["num_heads"],
+    intermediate_size=arch.get("mlp_dim") or int(arch.get("mlp_ratio", 4.0) * arch["width"]),
+    image_size=image_size,
+    patch_size=arch["patch_size"],
+    hidden_act="quick_gelu",
+  )
+  config = transformers.CLIPConfig(
+    text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=arch["embed_dim"]
+  )
   config._attn_implementation = attention
   for tower in (config.text_config, config.vision_config):
     tower._attn_implementation = attention
@@ -110,9 +138,20 @@ def build_clip(arch: dict, image_size: int, rank: int, alpha: float, attention: 
   return peft.get_peft_model(transformers.CLIPModel(config), lora).eval()
 
 
-def time_round(images: np.ndarray, labels: np.ndarray, *, model_name: str, arch: dict, rank: int, alpha: float,
-               learning_rate: float, way: str, chunk: int = 16, prompt_ids: np.ndarray | None = None,
-               repeats: int = 2) -> float:
+def time_round(
+  images: np.ndarray,
+  labels: np.ndarray,
+  *,
+  model_name: str,
+  arch: dict,
+  rank: int,
+  alpha: float,
+  learning_rate: float,
+  way: str,
+  chunk: int = 16,
+  prompt_ids: np.ndarray | None = None,
+  repeats: int = 2,
+) -> float:
   """Best wall time of one round: C clients x S Adam steps ("loop" or "vmap" in chunks).
 
   Args:
@@ -122,6 +161,7 @@ def time_round(images: np.ndarray, labels: np.ndarray, *, model_name: str, arch:
   import peft
   import torch
   from torch.func import functional_call, grad, vmap
+
   device = _device(torch)
   if device == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -143,22 +183,31 @@ def time_round(images: np.ndarray, labels: np.ndarray, *, model_name: str, arch:
       return module(input_ids=texts, pixel_values=to_input(x)).logits_per_image
     return module(pixel_values=to_input(x)).logits
 
-  loop = per_client_loop(torch, peft, model, num, steps, learning_rate,
-                         lambda c, s: torch.nn.functional.cross_entropy(logits(model, pixels[c, s]), labels_t[c, s]))
+  loop = per_client_loop(
+    torch,
+    peft,
+    model,
+    num,
+    steps,
+    learning_rate,
+    lambda c, s: torch.nn.functional.cross_entropy(logits(model, pixels[c, s]), labels_t[c, s]),
+  )
 
   frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
   init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
   def client_loss(trainable, xs, ys):
     call = lambda **kwargs: functional_call(model, {**frozen, **trainable}, (), kwargs)
-    out = (call(input_ids=texts, pixel_values=to_input(xs))["logits_per_image"] if model_name == "clip"
-           else call(pixel_values=to_input(xs))["logits"])
+    out = (
+      call(input_ids=texts, pixel_values=to_input(xs))["logits_per_image"]
+      if model_name == "clip"
+      else call(pixel_values=to_input(xs))["logits"]
+    )
     return torch.nn.functional.cross_entropy(out, ys)
 
   per_client_grad = vmap(grad(client_loss), in_dims=(0, 0, 0))  # Over clients; each grad over its batch.
 
-  vmapped = lambda: torch_baselines.vmapped_adam(torch, per_client_grad, init, pixels, labels_t, chunk,
-                                                 learning_rate)
+  vmapped = lambda: torch_baselines.vmapped_adam(torch, per_client_grad, init, pixels, labels_t, chunk, learning_rate)
   return torch_baselines.best_time(torch, {"loop": loop, "vmap": vmapped}[way], repeats)
 
 
@@ -169,19 +218,30 @@ def build_llama(config_json: dict, rank: int, alpha: float, attention: str = "sd
   attention's q_proj and v_proj; `attention` as `build_vit`'s."""
   import peft
   import transformers
+
   fields = {k: v for k, v in config_json.items() if k not in ("architectures", "torch_dtype")}
   config = transformers.AutoConfig.for_model(**fields)
   config._attn_implementation = attention
   model = transformers.AutoModelForCausalLM.from_config(config)
   if dtype is not None:
     model = model.to(dtype)
-  lora = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                         task_type="CAUSAL_LM")
+  lora = peft.LoraConfig(
+    r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+  )
   return peft.get_peft_model(model, lora).eval()
 
 
-def text_round(input_ids: np.ndarray, loss_mask: np.ndarray, *, config_json: dict, rank: int, alpha: float,
-               learning_rate: float, way: str = "loop", chunk: int = 16) -> tuple[Callable[[], None], Callable[[], int]]:
+def text_round(
+  input_ids: np.ndarray,
+  loss_mask: np.ndarray,
+  *,
+  config_json: dict,
+  rank: int,
+  alpha: float,
+  learning_rate: float,
+  way: str = "loop",
+  chunk: int = 16,
+) -> tuple[Callable[[], None], Callable[[], int]]:
   """(`run()`, `peak_bytes()`): one instruction-tuning round, C clients x S Adam steps of a decoder
   ("loop": the per-client loop PEFT-based federated LLM repositories run, OpenFedLLM's and
   FlowerTune's; "vmap": torch.func.vmap in chunks), the loss transformers' own: `labels` the
@@ -201,13 +261,13 @@ def text_round(input_ids: np.ndarray, loss_mask: np.ndarray, *, config_json: dic
   import peft
   import torch
   from torch.func import functional_call, grad, vmap
+
   device = _device(torch)
   if device == "cpu":
     torch.set_num_threads(os.cpu_count() or 1)
   torch.manual_seed(0)
   dtype = torch.bfloat16 if device == "cuda" else None
-  autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda"
-              else contextlib.nullcontext)
+  autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else contextlib.nullcontext
   model = build_llama(config_json, rank, alpha, "eager" if way == "vmap" else "sdpa", dtype).to(device)
   num, steps = input_ids.shape[:2]
   ids = torch.from_numpy(np.asarray(input_ids)).long().to(device)
@@ -227,8 +287,9 @@ def text_round(input_ids: np.ndarray, loss_mask: np.ndarray, *, config_json: dic
       logits = functional_call(model, {**frozen, **trainable}, (), {"input_ids": xs})["logits"][:, :-1]
     targets = ys[:, 1:]
     weights = (targets >= 0).float()  # ignore_index=-100 written out: vmap has no rule for it.
-    nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.clamp(min=0).flatten(),
-                                            reduction="none")
+    nll = torch.nn.functional.cross_entropy(
+      logits.float().flatten(0, 1), targets.clamp(min=0).flatten(), reduction="none"
+    )
     return (nll * weights.flatten()).sum() / weights.sum().clamp(min=1.0)
 
   per_client_grad = vmap(grad(client_loss), in_dims=(0, 0, 0))
@@ -243,4 +304,5 @@ def text_round(input_ids: np.ndarray, loss_mask: np.ndarray, *, config_json: dic
     if device == "cuda":
       torch.cuda.synchronize()  # Kernels run asynchronously: wait for the last one.
       peak[0] = max(peak[0], torch.cuda.max_memory_allocated())
+
   return run, lambda: peak[0]

@@ -12,6 +12,7 @@ raw traces stay under `--trace_dir` for TensorBoard / Perfetto.
 
   python -m benchmarks.profile_round --clients 256 --chunks 0,4 --out benchmarks/profile_round.json
 """
+
 from __future__ import annotations
 
 import collections
@@ -35,19 +36,22 @@ _BATCH = flags.DEFINE_integer("batch_size", 32, "Local batch size.")
 _WIDTH = flags.DEFINE_integer("width", 0, "ViT width (0: the default config's).")
 _DEPTH = flags.DEFINE_integer("depth", 0, "ViT depth (0: the default config's).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "Image size (0: the default config's).")
-_BASE_MODEL = flags.DEFINE_bool("base_model", False, "ViT-B/16 at 224 px, LoRA r=16 (configs/domainnet.py's "
-                                "backbone) instead of the default model; for accelerators.")
+_BASE_MODEL = flags.DEFINE_bool(
+  "base_model",
+  False,
+  "ViT-B/16 at 224 px, LoRA r=16 (configs/domainnet.py's backbone) instead of the default model; for accelerators.",
+)
 _TRACE_DIR = flags.DEFINE_string("trace_dir", "/tmp/hyperlora_profile", "Where the raw traces go.")
 _TOP = flags.DEFINE_integer("top", 8, "Operations listed per chunk size.")
 _OUT = flags.DEFINE_string("out", "", "JSON file for the summary.")
 
 KINDS = (  # (kind, pattern on an operation's name), first match wins.
-    ("matmul", re.compile(r"dot|gemm|matmul")),
-    ("convolution", re.compile(r"conv")),
-    ("copy/transpose", re.compile(r"copy|transpose")),
-    ("reduce", re.compile(r"reduce")),
-    ("elementwise fusion", re.compile(r"fusion")),
-    ("control flow", re.compile(r"while|call|conditional")),
+  ("matmul", re.compile(r"dot|gemm|matmul")),
+  ("convolution", re.compile(r"conv")),
+  ("copy/transpose", re.compile(r"copy|transpose")),
+  ("reduce", re.compile(r"reduce")),
+  ("elementwise fusion", re.compile(r"fusion")),
+  ("control flow", re.compile(r"while|call|conditional")),
 )
 
 
@@ -95,15 +99,15 @@ def read_operation_events(trace_dir: str) -> list[tuple[str, float]]:
   """(operation name, microseconds) for every XLA operation run in the newest Perfetto trace
   under `trace_dir`: its complete events ("ph": "X") on the threads that execute XLA code,
   where the host's Python and runtime events (TraceMe) are left out."""
-  paths = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True),
-                 key=os.path.getmtime)
+  paths = sorted(
+    glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True), key=os.path.getmtime
+  )
   if not paths:
     raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
   with gzip.open(paths[-1], "rt") as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  return [(e["name"], float(e["dur"])) for e in events
-          if e.get("ph") == "X" and "dur" in e and _is_xla_operation(e)]
+  return [(e["name"], float(e["dur"])) for e in events if e.get("ph") == "X" and "dur" in e and _is_xla_operation(e)]
 
 
 def _is_xla_operation(event: dict) -> bool:
@@ -117,8 +121,11 @@ def summarize(events: list[tuple[str, float]], top: int, fused: dict[str, set[st
   for name, micros in events:
     by_kind[operation_kind(name, fused)] += micros / 1e6
     by_op[base_name(name)] += micros / 1e6
-  return {"seconds_by_kind": dict(by_kind.most_common()),
-          "top_operations": dict(by_op.most_common(top)), "operations_run": len(events)}
+  return {
+    "seconds_by_kind": dict(by_kind.most_common()),
+    "top_operations": dict(by_op.most_common(top)),
+    "operations_run": len(events),
+  }
 
 
 def hlo_summary(compiled) -> dict:
@@ -138,9 +145,16 @@ def main(argv):
   size, num = config.data.image_size, _CLIENTS.value
   block = random_block(num, _STEPS.value, _BATCH.value, size)
   starts = primitives.broadcast(trainable, num)
-  report = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-            "jax": jax.__version__, "clients": num, "local_steps": _STEPS.value,
-            "batch_size": _BATCH.value, "model": config.model.to_dict(), "chunks": {}}
+  report = {
+    "device": str(jax.devices()[0].device_kind),
+    "backend": jax.default_backend(),
+    "jax": jax.__version__,
+    "clients": num,
+    "local_steps": _STEPS.value,
+    "batch_size": _BATCH.value,
+    "model": config.model.to_dict(),
+    "chunks": {},
+  }
   for chunk in (int(c) for c in _CHUNKS.value.split(",")):
     round_fn = jax.jit(lambda s, b, chunk=chunk: primitives.map_clients(lambda xs: one_client(*xs), (s, b), chunk))
     compiled = round_fn.lower(starts, block).compile()
@@ -151,18 +165,23 @@ def main(argv):
       jax.block_until_ready(compiled(starts, block))
     wall = time.perf_counter() - start
     events = read_operation_events(trace_dir)
-    summary = {"wall_seconds_profiled": wall, "operation_seconds": sum(d for _, d in events) / 1e6,
-               **summarize(events, _TOP.value, fused_opcodes(compiled.as_text())), **hlo_summary(compiled)}
+    summary = {
+      "wall_seconds_profiled": wall,
+      "operation_seconds": sum(d for _, d in events) / 1e6,
+      **summarize(events, _TOP.value, fused_opcodes(compiled.as_text())),
+      **hlo_summary(compiled),
+    }
     report["chunks"][str(chunk)] = summary
     label = chunk or "all"
-    print(f"\nchunk {label}: {wall:.2f} s profiled wall, {summary['operation_seconds']:.2f} s in "
-          f"{summary['operations_run']} operations, "
-          f"temporaries {summary['temp_bytes'] / 2**20 if summary['temp_bytes'] else float('nan'):.0f} MiB",
-          flush=True)
+    print(
+      f"\nchunk {label}: {wall:.2f} s profiled wall, {summary['operation_seconds']:.2f} s in "
+      f"{summary['operations_run']} operations, "
+      f"temporaries {summary['temp_bytes'] / 2**20 if summary['temp_bytes'] else float('nan'):.0f} MiB",
+      flush=True,
+    )
     for kind, seconds in summary["seconds_by_kind"].items():
       print(f"  {kind:20s} {seconds:8.3f} s", flush=True)
-    print("  top operations: " + ", ".join(f"{k} {v:.3f} s" for k, v in summary["top_operations"].items()),
-          flush=True)
+    print("  top operations: " + ", ".join(f"{k} {v:.3f} s" for k, v in summary["top_operations"].items()), flush=True)
     print(f"  HLO instructions: {summary['instructions']}", flush=True)
   if _OUT.value:
     with open(_OUT.value, "w") as f:
@@ -171,4 +190,5 @@ def main(argv):
 
 if __name__ == "__main__":
   from experiments import cli
+
   cli.run(main, absl_app=True)

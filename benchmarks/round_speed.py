@@ -19,6 +19,7 @@ the model FLOP utilization. Prints client-steps per second and ratios, and write
 
   python -m benchmarks.round_speed --clients 16,64,256 --chunks 0,16 --out benchmarks/round_speed.json
 """
+
 from __future__ import annotations
 
 import json
@@ -38,21 +39,40 @@ from hyperlora_jax.tasks.image_classification import backbone_dtype
 _CLIENTS = flags.DEFINE_string("clients", "16,64,256", "Comma-separated cohort sizes C.")
 _STEPS = flags.DEFINE_integer("local_steps", 10, "Local steps per client.")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Local batch size.")
-_CHUNKS = flags.DEFINE_string("chunks", "0,16,auto", "Comma-separated clients_per_chunk values (0 = all at "
-                              "once; auto = what fed.clients_per_chunk=-1 measures and picks).")
+_CHUNKS = flags.DEFINE_string(
+  "chunks",
+  "0,16,auto",
+  "Comma-separated clients_per_chunk values (0 = all at "
+  "once; auto = what fed.clients_per_chunk=-1 measures and picks).",
+)
 _WIDTH = flags.DEFINE_integer("width", 0, "ViT width (0: the default config's).")
 _DEPTH = flags.DEFINE_integer("depth", 0, "ViT depth (0: the default config's).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 0, "Image size (0: the default config's).")
-_BASE_MODEL = flags.DEFINE_bool("base_model", False, "ViT-B/16 at 224 px, LoRA r=16 (configs/domainnet.py's "
-                                "backbone) instead of the default model; for accelerators.")
-_BASE_CLIP = flags.DEFINE_bool("base_clip", False, "OpenAI CLIP ViT-B/32 at 224 px (both towers, LoRA r=16 on "
-                               "their query/value) instead of the default model; no PyTorch rows.")
+_BASE_MODEL = flags.DEFINE_bool(
+  "base_model",
+  False,
+  "ViT-B/16 at 224 px, LoRA r=16 (configs/domainnet.py's backbone) instead of the default model; for accelerators.",
+)
+_BASE_CLIP = flags.DEFINE_bool(
+  "base_clip",
+  False,
+  "OpenAI CLIP ViT-B/32 at 224 px (both towers, LoRA r=16 on "
+  "their query/value) instead of the default model; no PyTorch rows.",
+)
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (the best is reported).")
 _OUT = flags.DEFINE_string("out", "", "JSON file for the results.")
-_TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch per-client loop and torch.func.vmap "
-                           "round (16 clients per chunk) when torch is installed (the `bench` extra).")
-_PEFT = flags.DEFINE_bool("peft", True, "Also time transformers + peft (loop and torch.func.vmap, 16 clients "
-                          "per chunk) when they are installed (the `bench` extra).")
+_TORCH = flags.DEFINE_bool(
+  "torch",
+  True,
+  "Also time the PyTorch per-client loop and torch.func.vmap "
+  "round (16 clients per chunk) when torch is installed (the `bench` extra).",
+)
+_PEFT = flags.DEFINE_bool(
+  "peft",
+  True,
+  "Also time transformers + peft (loop and torch.func.vmap, 16 clients "
+  "per chunk) when they are installed (the `bench` extra).",
+)
 
 
 def _baseline_row(time_way, steps: int, best_jax: float, label: str) -> tuple[dict, str]:
@@ -63,8 +83,10 @@ def _baseline_row(time_way, steps: int, best_jax: float, label: str) -> tuple[di
     seconds = time_way(way)
     row[way] = {"seconds": seconds, "client_steps_per_s": steps / seconds, "best_jax_speedup": seconds / best_jax}
     text += f"; {label} {way}: {steps / seconds:8.1f}"
-  text += (f" (best JAX {row['loop']['best_jax_speedup']:.2f}x the {label} loop, "
-           f"{row['vmap']['best_jax_speedup']:.2f}x {label} vmap)")
+  text += (
+    f" (best JAX {row['loop']['best_jax_speedup']:.2f}x the {label} loop, "
+    f"{row['vmap']['best_jax_speedup']:.2f}x {label} vmap)"
+  )
   return {**row, "device": torch_baselines.device_name()}, text
 
 
@@ -78,13 +100,15 @@ def _prompt_ids(model_config) -> np.ndarray:
 
 def main(argv):
   del argv
-  one_client, trainable, config = client_update_fn(_WIDTH.value, _DEPTH.value, _IMAGE_SIZE.value, _BASE_MODEL.value,
-                                                   _BASE_CLIP.value)
+  one_client, trainable, config = client_update_fn(
+    _WIDTH.value, _DEPTH.value, _IMAGE_SIZE.value, _BASE_MODEL.value, _BASE_CLIP.value
+  )
   size = config.data.image_size
   single = jax.jit(one_client)
   chunks = [autotune.AUTO if c.strip() == "auto" else int(c) for c in _CHUNKS.value.split(",")]
-  vmap_chunks = lambda chunk: jax.jit(lambda starts, block: primitives.map_clients(
-      lambda xs: one_client(*xs), (starts, block), chunk, None))
+  vmap_chunks = lambda chunk: jax.jit(
+    lambda starts, block: primitives.map_clients(lambda xs: one_client(*xs), (starts, block), chunk, None)
+  )
   vmapped = {chunk: vmap_chunks(chunk) for chunk in chunks if chunk != autotune.AUTO}
   torch_ok, torch_reason = torch_baselines.available()
   if not torch_ok and _TORCH.value:
@@ -108,8 +132,15 @@ def main(argv):
     flops = num * _STEPS.value * update_flops(single, trainable, jax.tree.map(lambda x: x[:1], client_blocks[0]))
     t_loop = best_time(lambda: [single(trainable, b) for b in client_blocks], _REPEATS.value)
     steps = num * _STEPS.value
-    row = {"clients": num, "client_steps": steps, "round_flops": flops, "loop_s": t_loop,
-           "loop_client_steps_per_s": steps / t_loop, "loop_mfu": flops / t_loop / peak, "vmapped": []}
+    row = {
+      "clients": num,
+      "client_steps": steps,
+      "round_flops": flops,
+      "loop_s": t_loop,
+      "loop_client_steps_per_s": steps / t_loop,
+      "loop_mfu": flops / t_loop / peak,
+      "vmapped": [],
+    }
     line = f"C={num:5d}: loop {steps / t_loop:8.1f} client-steps/s (MFU {row['loop_mfu']:.0%})"
     for chunk in chunks:
       label = chunk or "all"
@@ -125,40 +156,79 @@ def main(argv):
         row["vmapped"].append({"clients_per_chunk": chunk, "label": str(label), "out_of_memory": True})
         line += f"; chunk {label}: out of memory"
         continue
-      row["vmapped"].append({"clients_per_chunk": chunk, "label": str(label), "seconds": t_vmap,
-                             "client_steps_per_s": steps / t_vmap, "mfu": flops / t_vmap / peak,
-                             "speedup_over_loop": t_loop / t_vmap})
+      row["vmapped"].append(
+        {
+          "clients_per_chunk": chunk,
+          "label": str(label),
+          "seconds": t_vmap,
+          "client_steps_per_s": steps / t_vmap,
+          "mfu": flops / t_vmap / peak,
+          "speedup_over_loop": t_loop / t_vmap,
+        }
+      )
       line += f"; chunk {label}: {steps / t_vmap:8.1f} (MFU {flops / t_vmap / peak:.0%}, ratio {t_loop / t_vmap:.2f}x)"
     images, labels = np.asarray(block["image"]), np.asarray(block["label"])
     best_jax = min([t_loop] + [v["seconds"] for v in row["vmapped"] if "seconds" in v])
     if torch_reason:
       row["torch"] = {"skipped": torch_reason}
     else:
-      arch = {"width": config.model.width, "depth": config.model.depth, "heads": config.model.num_heads,
-              "patch": config.model.patch_size, "mlp_ratio": config.model.mlp_ratio, "rank": config.lora.rank,
-              "scale": config.lora.alpha / config.lora.rank,
-              "learning_rate": config.client_optimizer.learning_rate, "repeats": _REPEATS.value}
-      row["torch"], text = _baseline_row(lambda way: torch_baselines.time_round(images, labels, way=way, chunk=16,
-                                                                                **arch), steps, best_jax, "torch")
+      arch = {
+        "width": config.model.width,
+        "depth": config.model.depth,
+        "heads": config.model.num_heads,
+        "patch": config.model.patch_size,
+        "mlp_ratio": config.model.mlp_ratio,
+        "rank": config.lora.rank,
+        "scale": config.lora.alpha / config.lora.rank,
+        "learning_rate": config.client_optimizer.learning_rate,
+        "repeats": _REPEATS.value,
+      }
+      row["torch"], text = _baseline_row(
+        lambda way: torch_baselines.time_round(images, labels, way=way, chunk=16, **arch), steps, best_jax, "torch"
+      )
       line += text
     if peft_reason:
       row["peft"] = {"skipped": peft_reason}
     else:
       model_fields = {k: v for k, v in config.model.to_dict().items() if k != "name"}
       prompts = _prompt_ids(config.model) if _BASE_CLIP.value else None
-      row["peft"], text = _baseline_row(lambda way: peft_baselines.time_round(
-          images, labels, model_name=config.model.name, arch=model_fields, rank=config.lora.rank,
-          alpha=config.lora.alpha, learning_rate=config.client_optimizer.learning_rate, way=way, chunk=16,
-          prompt_ids=prompts, repeats=_REPEATS.value), steps, best_jax, "peft")
+      row["peft"], text = _baseline_row(
+        lambda way: peft_baselines.time_round(
+          images,
+          labels,
+          model_name=config.model.name,
+          arch=model_fields,
+          rank=config.lora.rank,
+          alpha=config.lora.alpha,
+          learning_rate=config.client_optimizer.learning_rate,
+          way=way,
+          chunk=16,
+          prompt_ids=prompts,
+          repeats=_REPEATS.value,
+        ),
+        steps,
+        best_jax,
+        "peft",
+      )
       line += text
     results.append(row)
     print(line, flush=True)
-  report = {"device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
-            "backend": jax.default_backend(), "jax": jax.__version__, "machine": platform.machine(),
-            "model": config.model.to_dict(), "lora_rank": config.lora.rank, "local_steps": _STEPS.value,
-            "image_size": size, "batch_size": _BATCH.value, "chunks": chunks,
-            "backbone_dtype": config.compute.backbone_dtype + " -> " + jnp.dtype(compute_dtype).name,
-            "matmul_peak_flops": peak, "results": results}
+  report = {
+    "device": str(jax.devices()[0].device_kind),
+    "num_devices": jax.device_count(),
+    "backend": jax.default_backend(),
+    "jax": jax.__version__,
+    "machine": platform.machine(),
+    "model": config.model.to_dict(),
+    "lora_rank": config.lora.rank,
+    "local_steps": _STEPS.value,
+    "image_size": size,
+    "batch_size": _BATCH.value,
+    "chunks": chunks,
+    "backbone_dtype": config.compute.backbone_dtype + " -> " + jnp.dtype(compute_dtype).name,
+    "matmul_peak_flops": peak,
+    "results": results,
+  }
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       json.dump(report, f, indent=2)
@@ -166,4 +236,5 @@ def main(argv):
 
 if __name__ == "__main__":
   from experiments import cli
+
   cli.run(main, absl_app=True)

@@ -28,6 +28,7 @@ client. Prints ratios and writes JSON.
 
   python -m benchmarks.text_round_speed --model tiny --clients 8,16 --out benchmarks/text_round_speed_tiny_cpu.json
 """
+
 from __future__ import annotations
 
 import json
@@ -49,14 +50,19 @@ _CLIENTS = flags.DEFINE_string("clients", "8,16", "Comma-separated cohort sizes 
 _STEPS = flags.DEFINE_integer("local_steps", 5, "Local steps per client (configs/instruction_tuning.py's).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per local step (configs/instruction_tuning.py's).")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 176, "Tokens per sequence (configs/instruction_tuning.py's max_len).")
-_CHUNKS = flags.DEFINE_string("chunks", "0,4", "Comma-separated clients_per_chunk values (0 = all at once; "
-                              "auto = what fed.clients_per_chunk=-1 measures and picks).")
+_CHUNKS = flags.DEFINE_string(
+  "chunks",
+  "0,4",
+  "Comma-separated clients_per_chunk values (0 = all at once; "
+  "auto = what fed.clients_per_chunk=-1 measures and picks).",
+)
 _REMAT = flags.DEFINE_bool("remat", False, "Recompute each decoder block in the backward pass (model.remat).")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed repetitions (the best is reported).")
 _LOOP = flags.DEFINE_bool("loop", True, "Time the project's jitted per-client loop.")
 _PEFT = flags.DEFINE_bool("peft", True, "Time transformers + peft's per-client loop when installed (`bench` extra).")
-_PEFT_VMAP = flags.DEFINE_bool("peft_vmap", False, "Also time transformers + peft under torch.func.vmap "
-                               "(16 clients per chunk).")
+_PEFT_VMAP = flags.DEFINE_bool(
+  "peft_vmap", False, "Also time transformers + peft under torch.func.vmap (16 clients per chunk)."
+)
 _OUT = flags.DEFINE_string("out", "", "JSON file for the results.")
 
 
@@ -65,8 +71,12 @@ def parameter_count(tree) -> int:
 
 
 def _way(seconds: float, tokens: int, flops: float, peak: float, memory: int = 0) -> dict:
-  return {"seconds": seconds, "tokens_per_s": tokens / seconds, "mfu": flops / seconds / peak,
-          **({"planned_memory_gb": memory / 1e9} if memory else {})}
+  return {
+    "seconds": seconds,
+    "tokens_per_s": tokens / seconds,
+    "mfu": flops / seconds / peak,
+    **({"planned_memory_gb": memory / 1e9} if memory else {}),
+  }
 
 
 def main(argv):
@@ -75,8 +85,11 @@ def main(argv):
   steps, batch, seq_len = _STEPS.value, _BATCH.value, _SEQ_LEN.value
   single = jax.jit(one_client)
   chunks = [autotune.AUTO if c.strip() == "auto" else int(c) for c in _CHUNKS.value.split(",")]
-  vmap_chunk = lambda chunk: jax.jit(lambda frozen, starts, block: primitives.map_clients(
-      lambda xs: one_client(frozen, *xs), (starts, block), chunk, None))
+  vmap_chunk = lambda chunk: jax.jit(
+    lambda frozen, starts, block: primitives.map_clients(
+      lambda xs: one_client(frozen, *xs), (starts, block), chunk, None
+    )
+  )
   vmapped = {chunk: vmap_chunk(chunk) for chunk in chunks if chunk != autotune.AUTO}
   _, peft_reason = peft_baselines.available()
   peft_reason = "--nopeft" if not _PEFT.value else peft_reason
@@ -86,9 +99,12 @@ def main(argv):
   config_json = hf.decoder_config(model)  # The same architecture for transformers.
   peak = matmul_peak_flops(dtype=compute_dtype)
   backbone_params = parameter_count(frozen["variables"])
-  print(f"{_MODEL.value}: {backbone_params / 1e6:.1f}M frozen parameters ({jnp.dtype(compute_dtype).name}), "
-        f"{parameter_count(trainable) / 1e6:.3f}M LoRA; {jnp.dtype(compute_dtype).name} matmul peak "
-        f"{peak / 1e9:.1f} GFLOP/s", flush=True)
+  print(
+    f"{_MODEL.value}: {backbone_params / 1e6:.1f}M frozen parameters ({jnp.dtype(compute_dtype).name}), "
+    f"{parameter_count(trainable) / 1e6:.3f}M LoRA; {jnp.dtype(compute_dtype).name} matmul peak "
+    f"{peak / 1e9:.1f} GFLOP/s",
+    flush=True,
+  )
   results = []
   for num in (int(c) for c in _CLIENTS.value.split(",")):
     block = random_text_block(num, steps, batch, seq_len, model.vocab_size)
@@ -119,15 +135,24 @@ def main(argv):
       ids, loss_mask = np.asarray(block["input_ids"]), np.asarray(block["loss_mask"])
       for way in peft_ways:
         ways[f"peft {way}"], peak_bytes[way] = peft_baselines.text_round(
-            ids, loss_mask, config_json=config_json, rank=config.lora.rank, alpha=config.lora.alpha,
-            learning_rate=config.client_optimizer.learning_rate, way=way, chunk=16)
+          ids,
+          loss_mask,
+          config_json=config_json,
+          rank=config.lora.rank,
+          alpha=config.lora.alpha,
+          learning_rate=config.client_optimizer.learning_rate,
+          way=way,
+          chunk=16,
+        )
     times = interleaved_times(ways, _REPEATS.value)
     seconds = {name: None if t is None else min(t) for name, t in times.items()}
     line = f"C={num:4d}:"
     if _LOOP.value:
       row["loop"] = _way(seconds["loop"], tokens, flops, peak, memory["loop"])
-      line += (f" loop {row['loop']['tokens_per_s']:9.0f} tokens/s (MFU {row['loop']['mfu']:.0%}, "
-               f"{row['loop'].get('planned_memory_gb', 0):.2f} GB)")
+      line += (
+        f" loop {row['loop']['tokens_per_s']:9.0f} tokens/s (MFU {row['loop']['mfu']:.0%}, "
+        f"{row['loop'].get('planned_memory_gb', 0):.2f} GB)"
+      )
     for name, chunk in labels.items():
       label = name.split(" ", 1)[1]
       if seconds[name] is None:
@@ -136,7 +161,9 @@ def main(argv):
         continue
       way = _way(seconds[name], tokens, flops, peak, planned_memory_bytes(vmapped[chunk], frozen, starts, block))
       row["vmapped"].append({"clients_per_chunk": chunk, "label": label, **way})
-      line += f"; chunk {label}: {way['tokens_per_s']:9.0f} (MFU {way['mfu']:.0%}, {way.get('planned_memory_gb', 0):.2f} GB)"
+      line += (
+        f"; chunk {label}: {way['tokens_per_s']:9.0f} (MFU {way['mfu']:.0%}, {way.get('planned_memory_gb', 0):.2f} GB)"
+      )
     jax_ways = [name for name in ways if not name.startswith("peft") and seconds[name] is not None]
     best_name = min(jax_ways, key=seconds.get)
     best_jax = seconds[best_name]
@@ -150,19 +177,39 @@ def main(argv):
       for way in peft_ways:
         way_seconds = seconds[f"peft {way}"]
         paired = paired_ratio(times[f"peft {way}"], times[best_name])
-        row["peft"][way] = {"seconds": way_seconds, "tokens_per_s": tokens / way_seconds,
-                            "best_jax_speedup": way_seconds / best_jax, "paired_speedup": paired,
-                            **({"peak_memory_gb": peak_bytes[way]() / 1e9} if peak_bytes[way]() else {})}
-        line += (f"; peft {way} {tokens / way_seconds:9.0f} (best JAX {way_seconds / best_jax:.2f}x; "
-                 f"median paired {paired:.2f}x)")
+        row["peft"][way] = {
+          "seconds": way_seconds,
+          "tokens_per_s": tokens / way_seconds,
+          "best_jax_speedup": way_seconds / best_jax,
+          "paired_speedup": paired,
+          **({"peak_memory_gb": peak_bytes[way]() / 1e9} if peak_bytes[way]() else {}),
+        }
+        line += (
+          f"; peft {way} {tokens / way_seconds:9.0f} (best JAX {way_seconds / best_jax:.2f}x; "
+          f"median paired {paired:.2f}x)"
+        )
     results.append(row)
     print(line, flush=True)
-  report = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(), "jax": jax.__version__,
-            "machine": platform.machine(), "model": _MODEL.value, "architecture": config_json,
-            "frozen_parameters": backbone_params, "lora_parameters": parameter_count(trainable),
-            "lora_rank": config.lora.rank, "lora_targets": config.lora.target_regex, "remat": _REMAT.value,
-            "local_steps": steps, "batch_size": batch, "seq_len": seq_len, "chunks": [str(c) for c in chunks],
-            "backbone_dtype": jnp.dtype(compute_dtype).name, "matmul_peak_flops": peak, "results": results}
+  report = {
+    "device": str(jax.devices()[0].device_kind),
+    "backend": jax.default_backend(),
+    "jax": jax.__version__,
+    "machine": platform.machine(),
+    "model": _MODEL.value,
+    "architecture": config_json,
+    "frozen_parameters": backbone_params,
+    "lora_parameters": parameter_count(trainable),
+    "lora_rank": config.lora.rank,
+    "lora_targets": config.lora.target_regex,
+    "remat": _REMAT.value,
+    "local_steps": steps,
+    "batch_size": batch,
+    "seq_len": seq_len,
+    "chunks": [str(c) for c in chunks],
+    "backbone_dtype": jnp.dtype(compute_dtype).name,
+    "matmul_peak_flops": peak,
+    "results": results,
+  }
   stats = jax.devices()[0].memory_stats() or {}  # None on the CPU.
   if "peak_bytes_in_use" in stats:  # The process's high-water mark over every way timed above.
     report["device_peak_memory_gb"] = stats["peak_bytes_in_use"] / 1e9
@@ -170,6 +217,7 @@ def main(argv):
     import peft
     import torch
     import transformers
+
     report["torch"] = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
   if _OUT.value:
     with open(_OUT.value, "w") as f:
@@ -178,4 +226,5 @@ def main(argv):
 
 if __name__ == "__main__":
   from experiments import cli
+
   cli.run(main, absl_app=True)

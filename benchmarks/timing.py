@@ -1,6 +1,7 @@
 """Timing and cost helpers the speed benchmarks share (`benchmark`, `text_benchmark`): best-of
 wall time (of one way, or of several ways interleaved), the device's measured matmul peak,
 XLA's FLOPs and planned memory of a jitted call."""
+
 from __future__ import annotations
 
 import time
@@ -72,7 +73,7 @@ def matmul_peak_flops(size: int = 0, repeats: int = 5, dtype=jnp.float32) -> flo
   size = size or (1024 if jax.default_backend() == "cpu" else 8192)
   a = jax.random.normal(jax.random.key(0), (size, size), dtype)
   dot = jax.jit(lambda x: x @ x)
-  return 2 * size ** 3 / best_time(lambda: dot(a), repeats)
+  return 2 * size**3 / best_time(lambda: dot(a), repeats)
 
 
 def update_flops(compiled_fn, *args) -> float:
@@ -89,5 +90,6 @@ def planned_memory_bytes(jitted, *args) -> int:
   stats = jitted.lower(*args).compile().memory_analysis()
   if stats is None:
     return 0
-  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-             - stats.alias_size_in_bytes)
+  return int(
+    stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes - stats.alias_size_in_bytes
+  )

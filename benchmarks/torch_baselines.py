@@ -14,6 +14,7 @@ with all its threads. Two ways to run C clients x S local Adam steps:
   vmap:  clients in chunks; per chunk, `torch.func.vmap(torch.func.grad(loss))` over the
          chunk's stacked LoRA + head, and a functional Adam on the stacked tensors.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,6 +34,7 @@ def available() -> tuple[bool, str]:
 def device_name() -> str:
   """Where `time_round` runs: 'cuda' when torch sees a GPU, else 'cpu'."""
   import torch
+
   return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -40,12 +42,23 @@ def _frozen(torch, width: int, depth: int, patch: int, image_size: int, mlp_rati
   gen = torch.Generator().manual_seed(seed)
   normal = lambda *shape: 0.02 * torch.randn(*shape, generator=gen)
   hidden, tokens = int(mlp_ratio * width), (image_size // patch) ** 2 + 1
-  frozen = {"patch_w": normal(width, 3, patch, patch), "patch_b": torch.zeros(width),
-            "cls": torch.zeros(1, 1, width), "pos": normal(1, tokens, width),
-            "norm_w": torch.ones(width), "norm_b": torch.zeros(width)}
+  frozen = {
+    "patch_w": normal(width, 3, patch, patch),
+    "patch_b": torch.zeros(width),
+    "cls": torch.zeros(1, 1, width),
+    "pos": normal(1, tokens, width),
+    "norm_w": torch.ones(width),
+    "norm_b": torch.zeros(width),
+  }
   for i in range(depth):
-    for name, (d_in, d_out) in {"query": (width, width), "key": (width, width), "value": (width, width),
-                                "out": (width, width), "fc1": (width, hidden), "fc2": (hidden, width)}.items():
+    for name, (d_in, d_out) in {
+      "query": (width, width),
+      "key": (width, width),
+      "value": (width, width),
+      "out": (width, width),
+      "fc1": (width, hidden),
+      "fc2": (hidden, width),
+    }.items():
       frozen[f"{i}.{name}.w"], frozen[f"{i}.{name}.b"] = normal(d_out, d_in), torch.zeros(d_out)
     for norm in ("norm1", "norm2"):
       frozen[f"{i}.{norm}.w"], frozen[f"{i}.{norm}.b"] = torch.ones(width), torch.zeros(width)
@@ -83,14 +96,29 @@ def _forward(torch, frozen: dict, trainable: dict, images, *, depth: int, heads:
     attended = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(head_dim), -1) @ v
     x = x + F.linear(attended.transpose(1, 2).reshape(batch, tokens, width), frozen[f"{i}.out.w"], frozen[f"{i}.out.b"])
     h = F.layer_norm(x, (width,), frozen[f"{i}.norm2.w"], frozen[f"{i}.norm2.b"])
-    x = x + F.linear(F.gelu(F.linear(h, frozen[f"{i}.fc1.w"], frozen[f"{i}.fc1.b"])), frozen[f"{i}.fc2.w"], frozen[f"{i}.fc2.b"])
+    x = x + F.linear(
+      F.gelu(F.linear(h, frozen[f"{i}.fc1.w"], frozen[f"{i}.fc1.b"])), frozen[f"{i}.fc2.w"], frozen[f"{i}.fc2.b"]
+    )
   x = F.layer_norm(x, (width,), frozen["norm_w"], frozen["norm_b"])
   return F.linear(x[:, 0], trainable["head_w"], trainable["head_b"])
 
 
-def time_round(images, labels, *, width: int, depth: int, heads: int, patch: int, mlp_ratio: float,
-               rank: int, scale: float, learning_rate: float, way: str, chunk: int = 16,
-               repeats: int = 2) -> float:
+def time_round(
+  images,
+  labels,
+  *,
+  width: int,
+  depth: int,
+  heads: int,
+  patch: int,
+  mlp_ratio: float,
+  rank: int,
+  scale: float,
+  learning_rate: float,
+  way: str,
+  chunk: int = 16,
+  repeats: int = 2,
+) -> float:
   """Best wall time of one round: C clients x S Adam steps ("loop" or "vmap" in chunks).
 
   Args:
@@ -98,6 +126,7 @@ def time_round(images, labels, *, width: int, depth: int, heads: int, patch: int
   """
   import torch
   from torch.func import grad, vmap
+
   device = device_name()
   if device == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -141,22 +170,24 @@ def vmapped_adam(torch, per_client_grad, init: dict, inputs, labels, chunk: int,
     m = {k: torch.zeros_like(v) for k, v in trainable.items()}
     v2 = {k: torch.zeros_like(v) for k, v in trainable.items()}
     for s in range(steps):
-      grads = per_client_grad(trainable, inputs[start:start + size, s], labels[start:start + size, s])
+      grads = per_client_grad(trainable, inputs[start : start + size, s], labels[start : start + size, s])
       t = s + 1
       for k in init:
         m[k].mul_(b1).add_(grads[k], alpha=1 - b1)
         v2[k].mul_(b2).addcmul_(grads[k], grads[k], value=1 - b2)
-        denom = (v2[k] / (1 - b2 ** t)).sqrt_().add_(eps)
-        trainable[k] = trainable[k] - learning_rate * (m[k] / (1 - b1 ** t)) / denom
+        denom = (v2[k] / (1 - b2**t)).sqrt_().add_(eps)
+        trainable[k] = trainable[k] - learning_rate * (m[k] / (1 - b1**t)) / denom
 
 
 def best_time(torch, way_fn, repeats: int) -> float:
   """Best wall time of `way_fn()` over `repeats` runs after a warm-up, waiting for CUDA's
   asynchronous kernels to finish."""
+
   def run():
     way_fn()
     if torch.cuda.is_available():
       torch.cuda.synchronize()  # Kernels run asynchronously: wait for the last one.
+
   run()  # Warm-up.
   best = float("inf")
   for _ in range(repeats):

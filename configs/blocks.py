@@ -4,6 +4,7 @@
 `workdir.ADDED_FIELDS` reads the same defaults as the values that mean "as before" for runs
 recorded before a block existed. (The faults block is the library's `hyperlora_jax.faults.Faults`.)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,6 +23,7 @@ class Robust:
     trim: trimmed_mean: the fraction cut at each end.
     clip_norm: > 0: every client's update is clipped to this L2 norm (any method).
   """
+
   rule: str = "mean"
   space: str = "factors"
   trim: float = 0.1
@@ -41,6 +43,7 @@ class DP:
     signature_noise_multiplier: ... and noised with std this x signature_clip_norm (> 0 needed
       under DP when the signatures are data statistics).
   """
+
   noise_multiplier: float = 0.0
   clip_norm: float = 1.0
   delta: float = 1e-5
@@ -58,6 +61,7 @@ class Optimizer:
     learning_rate: its learning rate (> 0).
     momentum: sgd's momentum, in [0, 1).
   """
+
   name: str = "adam"
   learning_rate: float = 1e-3
   momentum: float = 0.0
@@ -74,6 +78,7 @@ class ScheduledOptimizer(Optimizer):
     decay_steps: the steps of the decay.
     final_fraction: the learning rate at its end, as a fraction of the first.
   """
+
   schedule: str = "constant"
   decay_steps: int = 100
   final_fraction: float = 0.1
@@ -88,6 +93,7 @@ class LoraFair:
     steps: the server's gradient steps on ΔB per round (> 0; 0 would run FedIT).
     learning_rate: their learning rate.
   """
+
   lam: float = 0.01
   steps: int = 20
   learning_rate: float = 1e-3
@@ -106,6 +112,7 @@ class Generator:
     server_steps: its server steps per round with loss='product_distill'.
     optimizer: its optimizer, with a schedule.
   """
+
   hidden: int = 64
   layer_embed_dim: int = 16
   client_embed_dim: int = 16
@@ -129,6 +136,7 @@ class HyperLoRA:
     meta_optimizer: the optimizer of (ψ, ω).
     meta_steps: its steps on (ψ, ω) per round, on the round's meta-objective.
   """
+
   signature: str = "label+features"
   signature_noise_std: float = 0.0
   covariance_rank: int = 8

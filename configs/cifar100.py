@@ -13,6 +13,7 @@ Args: checkpoint or npz (one of them required), data_dir, alpha (default 0.5), h
 (vit | mixer), image_size (default 224: see configs/domainnet.py), plus method, seed, rounds, smoke (tiny model,
 32x32, for TFDS mock-data tests).
 """
+
 from configs import default
 from configs.domainnet import real_dataset_config
 

@@ -19,6 +19,7 @@ Args: checkpoint or npz (one of them required), data_dir, clients_per_domain (1:
 resizes a Hugging Face checkpoint's position embeddings bicubically, as transformers' interpolate_pos_encoding),
 plus method, seed, rounds, smoke (tiny model and 32x32 images, for tests with TFDS mock data).
 """
+
 from configs import benchmarks, default
 
 DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
@@ -30,14 +31,13 @@ def real_dataset_config(args: dict, arg: str | None):
   config = default.get_config(arg)
   smoke = bool(args.get("smoke"))
   model = args.get("model", "vit")
-  benchmarks.set_model(config, (benchmarks.EMBEDDED_MODELS if smoke else benchmarks.BASE_MODELS)[model],
-                       smoke=smoke)
+  benchmarks.set_model(config, (benchmarks.EMBEDDED_MODELS if smoke else benchmarks.BASE_MODELS)[model], smoke=smoke)
   config.data.data_dir = args.get("data_dir", "")
   config.data.image_size = args.int("image_size", 32 if smoke else 224)
-  config.data.stream = True                   # Images read on demand: host memory stays bounded.
+  config.data.stream = True  # Images read on demand: host memory stays bounded.
   config.pretrain.npz_path = args.get("npz", "")
   config.pretrain.checkpoint = args.get("checkpoint", "")
-  config.pretrain.data_name = ""              # No pretraining: the backbone comes from the checkpoint.
+  config.pretrain.data_name = ""  # No pretraining: the backbone comes from the checkpoint.
   if not smoke:
     config.lora.rank, config.lora.alpha = 16, 32.0
     config.fed.num_rounds = args.int("rounds", 50)

@@ -13,6 +13,7 @@ visual domains (inverted, colour, noisy, rotated, sketch, thick; `digits_domains
 Args (comma-separated): clients_per_domain, model (vit | mixer), alpha, plus configs/default.py's
 method, seed, rounds, smoke. 15 rounds of 10 local steps (batch 32).
 """
+
 from configs import benchmarks, default
 
 

@@ -5,20 +5,21 @@
 
 Ablations (`ablation=NAME`, several joined by '+'): each switches one component off or swaps it.
 """
+
 from configs import default
 
 ABLATIONS = {
-    "no_generator": {"generator": False},              # Clients start from the global adapter.
-    "uniform_synthesizer": {"synthesizer": "uniform"},  # Exact weighted product average + rank-r SVD.
-    "no_corrector": {"corrector": "none"},
-    "fair_corrector": {"corrector": "fair"},            # LoRA-FAIR's ΔB fit instead of C_ω.
-    "label_signature": {"signature": "label"},
-    "features_signature": {"signature": "features"},
-    "embedding_signature": {"signature": "embedding"},  # pFedHN-style learned client embedding.
-    "noisy_signature": {"signature_noise_std": 0.5},
-    "distill_generator": {},                           # G_φ by product-space distillation (below).
-    "nothing_learned": {"generator": False, "synthesizer": "uniform", "corrector": "none"},
-    "private": {"synthesizer": "uniform", "corrector": "none"},  # What dp.noise_multiplier > 0 allows.
+  "no_generator": {"generator": False},  # Clients start from the global adapter.
+  "uniform_synthesizer": {"synthesizer": "uniform"},  # Exact weighted product average + rank-r SVD.
+  "no_corrector": {"corrector": "none"},
+  "fair_corrector": {"corrector": "fair"},  # LoRA-FAIR's ΔB fit instead of C_ω.
+  "label_signature": {"signature": "label"},
+  "features_signature": {"signature": "features"},
+  "embedding_signature": {"signature": "embedding"},  # pFedHN-style learned client embedding.
+  "noisy_signature": {"signature_noise_std": 0.5},
+  "distill_generator": {},  # G_φ by product-space distillation (below).
+  "nothing_learned": {"generator": False, "synthesizer": "uniform", "corrector": "none"},
+  "private": {"synthesizer": "uniform", "corrector": "none"},  # What dp.noise_multiplier > 0 allows.
 }
 
 

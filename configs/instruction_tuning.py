@@ -26,6 +26,7 @@ Args (comma-separated in the `:arg`), plus configs/default.py's method, seed, ro
   python -m experiments.main --config configs/instruction_tuning.py:data=/data/databricks-dolly-15k.jsonl,checkpoint=/ckpt/TinyLlama-1.1B,method=hyperlora \
       --workdir runs/dolly_tinyllama
 """
+
 import ml_collections
 
 from configs import default
@@ -39,15 +40,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   config.data.name = args.get("data", "stdlib_docs")  # The embedded records, or a file.
-  config.data.data_dir = ""                   # Tokenized records kept here; '' = ~/.cache/hyperlora_jax/tokenized
+  config.data.data_dir = ""  # Tokenized records kept here; '' = ~/.cache/hyperlora_jax/tokenized
   config.data.layout = args.get("layout", "dolly")
   config.data.group_field = "category" if config.data.layout == "dolly" else ""
-  config.data.test_fraction = 0.2             # Of each category's records, held out for test.
-  config.data.max_len = 176                   # Tokens per example (prompt + response + eos), padded:
-                                              # 95% of the embedded records fit whole.
+  config.data.test_fraction = 0.2  # Of each category's records, held out for test.
+  config.data.max_len = 176  # Tokens per example (prompt + response + eos), padded:
+  # 95% of the embedded records fit whole.
   config.data.chat_template = bool(args.get("chat", False))
-  by_category = args.choice("partition", "category" if config.data.group_field else "dirichlet",
-                             ("category", "dirichlet")) == "category"
+  by_category = (
+    args.choice("partition", "category" if config.data.group_field else "dirichlet", ("category", "dirichlet"))
+    == "category"
+  )
   config.data.partition = "one_domain_per_client" if by_category else "dirichlet_label_skew"
   config.data.num_clients = 0 if by_category else args.int("clients", 20)  # 0: one per group in the data.
   config.data.dirichlet_alpha = args.float("alpha", 0.5)
@@ -71,8 +74,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.pretrain = ml_collections.ConfigDict()
   config.pretrain.checkpoint = args.get("checkpoint", "")  # A Hugging Face decoder directory instead.
-  config.pretrain.cache_dir = ""              # '' = ~/.cache/hyperlora_jax/backbones
-  config.pretrain.vocab_size = 2048           # The embedded tokenizer's BPE vocabulary.
+  config.pretrain.cache_dir = ""  # '' = ~/.cache/hyperlora_jax/backbones
+  config.pretrain.vocab_size = 2048  # The embedded tokenizer's BPE vocabulary.
   config.pretrain.sequence_length = 64
   config.pretrain.steps = 600
   config.pretrain.batch_size = 32
@@ -82,8 +85,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.fed.clients_per_round = 6
   config.fed.local_steps = 5
   config.fed.batch_size = 8
-  config.fed.clients_per_chunk = 0            # All sampled clients vmapped at once.
-  config.fed.head_policy = "shared"           # A decoder has no head; kept for the shared checks.
+  config.fed.clients_per_chunk = 0  # All sampled clients vmapped at once.
+  config.fed.head_policy = "shared"  # A decoder has no head; kept for the shared checks.
   config.client_optimizer.learning_rate = 3e-3
   config.eval_batch = 32
   config.eval_every = 5

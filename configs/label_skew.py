@@ -10,6 +10,7 @@ the method's generated start (`new_client_*` metrics).
 Args: alpha (0.1 | 0.5 | 1.0, default 0.5), heldout (default 10), model (vit | mixer), plus
 configs/default.py's method, seed, rounds, smoke. 15 rounds of 10 local steps (batch 32).
 """
+
 from configs import benchmarks, default
 
 

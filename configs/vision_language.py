@@ -19,6 +19,7 @@ the normalization; images are resized to its image_size:
   python -m experiments.main --config configs/vision_language.py:checkpoint=/ckpt/clip-b32,method=hyperlora \
       --workdir runs/vl_clip
 """
+
 from configs import benchmarks, default, domainnet_like
 from hyperlora_jax.models import hf
 
@@ -30,6 +31,6 @@ def get_config(arg: str | None = None):
   benchmarks.set_model(config, benchmarks.EMBEDDED_MODELS["clip"], smoke=bool(args.get("smoke")))
   if args.get("checkpoint"):
     config.pretrain.checkpoint = args["checkpoint"]
-    config.pretrain.data_name = ""          # No pretraining: the checkpoint is the backbone.
+    config.pretrain.data_name = ""  # No pretraining: the checkpoint is the backbone.
     config.data.image_size = hf.image_size(hf.read_config(args["checkpoint"]))
   return config

@@ -9,6 +9,7 @@ message (`ConfigError`, `CheckpointError`, cache and integrity errors are ValueE
 or unreadable file an OSError; a diverged run a FloatingPointError; a corrupt checkpoint or
 a workdir in use a RuntimeError). Anything else is a bug, and keeps its traceback.
 """
+
 from __future__ import annotations
 
 import ast
@@ -40,8 +41,9 @@ def config_spec_of(argv: list[str]) -> str | None:
   return None
 
 
-def run_reporting_errors(run: Callable[[], None], argv: list[str], load_config: Callable[[str], object] | None = None
-                         ) -> None:
+def run_reporting_errors(
+  run: Callable[[], None], argv: list[str], load_config: Callable[[str], object] | None = None
+) -> None:
   """Runs `run()`; a user error (`USER_ERRORS`) exits with its one line (status 1) unless
   --verbose is in `argv`. `load_config` evaluates the --config file first, so that its
   arguments' errors are reported the same way (absl would print them with a traceback)."""
@@ -57,8 +59,9 @@ def run_reporting_errors(run: Callable[[], None], argv: list[str], load_config: 
     sys.exit(f"error: {one_line(e)} (--verbose: the traceback)")
 
 
-def run(main: Callable[..., object], *, absl_app: bool = False,
-        load_config: Callable[[str], object] | None = None) -> None:
+def run(
+  main: Callable[..., object], *, absl_app: bool = False, load_config: Callable[[str], object] | None = None
+) -> None:
   """An entry point's `if __name__ == "__main__"`: `main` (an absl `app.run` main with
   `absl_app`, else a plain function reading sys.argv, e.g. with argparse) with user errors
   reported in one line (`run_reporting_errors`); `--verbose` is taken off the arguments an
@@ -66,6 +69,7 @@ def run(main: Callable[..., object], *, absl_app: bool = False,
   argv = sys.argv[1:]
   if absl_app:
     from absl import app, flags
+
     if "verbose" not in flags.FLAGS:
       flags.DEFINE_bool("verbose", False, "Errors with their traceback (default: one line naming the field or file).")
     target = lambda: app.run(main)

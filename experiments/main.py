@@ -16,6 +16,7 @@ on TPU pods and Slurm. The clients axis spans every process's devices; process 0
   python -m experiments.main --config configs/default.py:smoke --workdir /tmp/mp \
       --coordinator 127.0.0.1:29500 --num_processes 2 --process_id 0   # and 1, in another shell
 """
+
 import sys
 
 from absl import flags, logging
@@ -26,8 +27,7 @@ from experiments import cli
 from experiments.runner import reporting
 from experiments.runner.train import train_and_evaluate
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Run config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Run config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.", required=True)
 _METHODS = flags.DEFINE_list("methods", [], "Methods to compare on the config (default: its `method`).")
 _COORDINATOR = flags.DEFINE_string("coordinator", "", "Multi-process: process 0's HOST:PORT.")
@@ -74,8 +74,10 @@ def run() -> None:
     if _MAIN_STARTED:
       raise
     overrides = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.")]
-    raise SystemExit(f"config: no field {str(e).strip(chr(34))} in the config (overrides given: "
-                     f"{', '.join(overrides) or 'none'}); see the config file for its fields") from None
+    raise SystemExit(
+      f"config: no field {str(e).strip(chr(34))} in the config (overrides given: "
+      f"{', '.join(overrides) or 'none'}); see the config file for its fields"
+    ) from None
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ A failed run is recorded and the sweep goes on; the command exits non-zero if an
 Workers die with the sweep (`kill -9` of it included), and each workdir is locked while a run
 uses it, so a restarted sweep never runs beside leftovers of the killed one.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -33,9 +34,11 @@ from experiments.cli import load_config_file, parse_override, set_field
 from experiments.runner import reporting
 from hyperlora_jax import files
 
-_CONFIGS = flags.DEFINE_multi_string("configs", ["configs/default.py"],
-                                     "Benchmark config files with their arg, e.g. configs/label_skew.py:alpha=0.1 "
-                                     "(repeatable).")
+_CONFIGS = flags.DEFINE_multi_string(
+  "configs",
+  ["configs/default.py"],
+  "Benchmark config files with their arg, e.g. configs/label_skew.py:alpha=0.1 (repeatable).",
+)
 _METHODS = flags.DEFINE_list("methods", ["fedit"], "Methods to run.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds to run.")
 _RUNS_DIR = flags.DEFINE_string("runs_dir", "runs/sweep", "Parent of the runs' workdirs.")
@@ -50,11 +53,12 @@ INDEX_FILE = "index.json"
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
   """One run of a sweep. `config_spec` is 'path/to/config.py[:arg]'."""
+
   config_spec: str
   method: str
   seed: int
   overrides: tuple[str, ...] = ()
-  grid: tuple[str, ...] = ()        # The swept overrides of this run (also in `overrides`).
+  grid: tuple[str, ...] = ()  # The swept overrides of this run (also in `overrides`).
 
 
 def make_config(spec: RunSpec, variant: str = ""):
@@ -68,8 +72,9 @@ def make_config(spec: RunSpec, variant: str = ""):
   return config
 
 
-def expand(config_specs: list[str], methods: list[str], seeds: list[int], fixed: list[str],
-           grid: list[str]) -> list[RunSpec]:
+def expand(
+  config_specs: list[str], methods: list[str], seeds: list[int], fixed: list[str], grid: list[str]
+) -> list[RunSpec]:
   """Every (config, grid point, method, seed), in that nesting order."""
   axes = []
   for entry in grid:
@@ -78,14 +83,20 @@ def expand(config_specs: list[str], methods: list[str], seeds: list[int], fixed:
       raise ValueError(f"--grid {entry}: expected FIELD=V1,V2,...")
     axes.append([f"{field}={v}" for v in values.split(",")])
   points = list(itertools.product(*axes)) if axes else [()]
-  return [RunSpec(c, m, s, tuple(fixed) + point, point)
-          for c in config_specs for point in points for m in methods for s in seeds]
+  return [
+    RunSpec(c, m, s, tuple(fixed) + point, point)
+    for c in config_specs
+    for point in points
+    for m in methods
+    for s in seeds
+  ]
 
 
 def workdir_of(runs_dir: str, benchmark: str, spec: RunSpec) -> str:
   """RUNS_DIR/<benchmark>/<method>[/<grid values>]/seed<k>; refuses a benchmark name that
   would leave RUNS_DIR (absolute, or with '..')."""
   from experiments.runner.config_validation import check_relative_name
+
   check_relative_name(benchmark, "benchmark")  # ConfigError (a ValueError) naming the field.
   parts = [runs_dir, benchmark, spec.method]
   if spec.grid:
@@ -99,13 +110,16 @@ def die_with_parent(parent_pid: int) -> None:
   restarted sweep. Linux: the kernel's parent-death signal; everywhere: a watchdog thread."""
   try:
     import ctypes
+
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
   except (OSError, AttributeError):
     pass
+
   def watch():
     while os.getppid() == parent_pid:
       time.sleep(0.5)
     os._exit(1)
+
   if os.getppid() != parent_pid:  # The parent died before this ran.
     os._exit(1)
   threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
@@ -119,23 +133,33 @@ def is_finished(workdir: str, num_rounds: int) -> bool:
 def final_metrics(records: list[dict]) -> dict:
   """The accuracies, new-client accuracies, round and total bytes of the last evaluated round."""
   last = [r for r in records if r.get("personalized_accuracy_mean") is not None][-1]
-  return {k: v for k, v in last.items() if "accuracy" in k or k.startswith("new_client_")
-          or k in ("round", "cum_bytes")}
+  return {
+    k: v for k, v in last.items() if "accuracy" in k or k.startswith("new_client_") or k in ("round", "cum_bytes")
+  }
 
 
 def run_one(spec: RunSpec, workdir: str, variant: str) -> dict:
   """Runs (or resumes) one run; returns its index entry. Never raises."""
   from experiments.runner.train import train_and_evaluate  # In the worker process.
+
   logging.set_verbosity(logging.WARNING)
   start = time.time()
   try:
     config = make_config(spec, variant)
     result = train_and_evaluate(config, workdir, progress=False, log=lambda _: None)
-    return {"status": "finished", "seconds": round(time.time() - start, 1),
-            "final": final_metrics(result["records"]), "summary": result["summary"]}
+    return {
+      "status": "finished",
+      "seconds": round(time.time() - start, 1),
+      "final": final_metrics(result["records"]),
+      "summary": result["summary"],
+    }
   except Exception as e:  # Recorded in the index; the sweep goes on.
-    return {"status": "failed", "seconds": round(time.time() - start, 1),
-            "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    return {
+      "status": "failed",
+      "seconds": round(time.time() - start, 1),
+      "error": f"{type(e).__name__}: {e}",
+      "traceback": traceback.format_exc(),
+    }
 
 
 def prepare_shared_inputs(configs: list, log=print) -> None:
@@ -145,12 +169,20 @@ def prepare_shared_inputs(configs: list, log=print) -> None:
   from experiments.runner.data.loader import prepare_dataset
   from experiments.runner import pretrain_text, text_experiment
   from experiments.runner.config_validation import is_text
+
   done = set()
   for config in configs:
     if is_text(config):  # The embedded decoder is built and the records tokenized once.
       data = config.data
-      key = (config.pretrain.get("checkpoint", "") or pretrain_text.cache_path(config), data.name, data.max_len,
-             data.layout, data.chat_template, data.group_field, data.get("data_dir", ""))
+      key = (
+        config.pretrain.get("checkpoint", "") or pretrain_text.cache_path(config),
+        data.name,
+        data.max_len,
+        data.layout,
+        data.chat_template,
+        data.group_field,
+        data.get("data_dir", ""),
+      )
       if key in done:
         continue
       done.add(key)
@@ -192,12 +224,12 @@ def write_index(runs_dir: str, entries: list[dict]) -> None:
     files.atomic_write_json(path, {"runs": runs}, indent=1)
 
 
-def run_sweep(specs: list[RunSpec], runs_dir: str, jobs: int = 1, variant: str = "",
-              log=print) -> list[dict]:
+def run_sweep(specs: list[RunSpec], runs_dir: str, jobs: int = 1, variant: str = "", log=print) -> list[dict]:
   """Runs every spec (skipping finished ones), `jobs` at a time; returns the index entries."""
   from experiments.runner.config_validation import validate_config
   from experiments.runner import methods
   from experiments.runner.workdir import config_differences
+
   os.makedirs(runs_dir, exist_ok=True)
   configs = [make_config(s, variant) for s in specs]
   for config in configs:  # Every config error surfaces before anything runs.
@@ -206,14 +238,24 @@ def run_sweep(specs: list[RunSpec], runs_dir: str, jobs: int = 1, variant: str =
   entries = []
   for spec, config in zip(specs, configs):
     workdir = workdir_of(runs_dir, config.benchmark, spec)
-    entry = {"config": spec.config_spec, "benchmark": config.benchmark, "method": spec.method,
-             "seed": spec.seed, "overrides": list(spec.overrides), "workdir": workdir, "status": "pending"}
+    entry = {
+      "config": spec.config_spec,
+      "benchmark": config.benchmark,
+      "method": spec.method,
+      "seed": spec.seed,
+      "overrides": list(spec.overrides),
+      "workdir": workdir,
+      "status": "pending",
+    }
     changed = config_differences(workdir, config)
     if changed:  # Neither finished nor resumable: the workdir holds another config's run.
-      entry.update(status="failed", seconds=0.0,
-                   error=f"ConfigError: {workdir} holds a run of a different config (fields: "
-                         f"{', '.join(changed)}); it was left untouched. Fixed --set overrides are not "
-                         f"part of a workdir's path: use another --runs_dir or put the field in --grid")
+      entry.update(
+        status="failed",
+        seconds=0.0,
+        error=f"ConfigError: {workdir} holds a run of a different config (fields: "
+        f"{', '.join(changed)}); it was left untouched. Fixed --set overrides are not "
+        f"part of a workdir's path: use another --runs_dir or put the field in --grid",
+      )
     elif is_finished(workdir, config.fed.num_rounds):  # Keep what the sweep that ran it recorded.
       entry = {**previous.get(workdir, {}), **entry, "status": "finished"}
       entry.pop("error", None)
@@ -222,9 +264,11 @@ def run_sweep(specs: list[RunSpec], runs_dir: str, jobs: int = 1, variant: str =
     entries.append(entry)
   todo = [i for i, e in enumerate(entries) if e["status"] == "pending"]
   conflicts = [e for e in entries if e["status"] == "failed"]
-  log(f"sweep: {len(entries)} runs, {len(entries) - len(todo) - len(conflicts)} already finished, "
-      f"{len(todo)} to run ({jobs} at a time)"
-      + (f"; {len(conflicts)} refused: their workdirs hold another config's run" if conflicts else ""))
+  log(
+    f"sweep: {len(entries)} runs, {len(entries) - len(todo) - len(conflicts)} already finished, "
+    f"{len(todo)} to run ({jobs} at a time)"
+    + (f"; {len(conflicts)} refused: their workdirs hold another config's run" if conflicts else "")
+  )
   write_index(runs_dir, entries)
   prepare_shared_inputs([configs[i] for i in todo], log)
 
@@ -235,16 +279,19 @@ def run_sweep(specs: list[RunSpec], runs_dir: str, jobs: int = 1, variant: str =
       entries[i].pop("error", None)
     write_index(runs_dir, entries)
     tag = "done" if outcome["status"] == "finished" else "FAILED"
-    log(f"[{tag}] {entries[i]['workdir']} in {outcome['seconds']:.0f}s"
-        + (f": {outcome['error']}" if outcome["status"] == "failed" else ""))
+    log(
+      f"[{tag}] {entries[i]['workdir']} in {outcome['seconds']:.0f}s"
+      + (f": {outcome['error']}" if outcome["status"] == "failed" else "")
+    )
 
   if jobs <= 1:
     for i in todo:
       record(i, run_one(specs[i], entries[i]["workdir"], variant))
   else:
     context = multiprocessing.get_context("spawn")  # A fresh JAX runtime per worker.
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=die_with_parent,
-                                                initargs=(os.getpid(),)) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+      jobs, mp_context=context, initializer=die_with_parent, initargs=(os.getpid(),)
+    ) as pool:
       futures = {pool.submit(run_one, specs[i], entries[i]["workdir"], variant): i for i in todo}
       for future in concurrent.futures.as_completed(futures):
         record(futures[future], future.result())
@@ -266,11 +313,14 @@ def main(argv):
   start = time.time()
   entries = run_sweep(specs, _RUNS_DIR.value, _JOBS.value, _VARIANT.value)
   failed = [e for e in entries if e["status"] == "failed"]
-  print(f"sweep: {len(entries) - len(failed)}/{len(entries)} runs finished in {time.time() - start:.0f}s; "
-        f"index {os.path.join(_RUNS_DIR.value, INDEX_FILE)}")
+  print(
+    f"sweep: {len(entries) - len(failed)}/{len(entries)} runs finished in {time.time() - start:.0f}s; "
+    f"index {os.path.join(_RUNS_DIR.value, INDEX_FILE)}"
+  )
   raise_if_failed(entries, _RUNS_DIR.value)
 
 
 if __name__ == "__main__":
   from experiments import cli
+
   cli.run(main, absl_app=True)

@@ -38,11 +38,34 @@ I/O: `peft` (PEFT adapters), `autotune.cached_choice` (a JSON cache of the measu
                Llama / Mistral / Qwen2 in and out, their tokenizers and chat templates); they know
                nothing of federation or LoRA, and the modules above do not import them
 """
-from hyperlora_jax import (aggregators, autotune, diagnostics, distributed, faults, federated, files, hyper, lora,
-                           peft, primitives, privacy, states, tasks, text)
+
+from hyperlora_jax import (
+  aggregators,
+  autotune,
+  diagnostics,
+  distributed,
+  faults,
+  federated,
+  files,
+  hyper,
+  lora,
+  peft,
+  primitives,
+  privacy,
+  states,
+  tasks,
+  text,
+)
 from hyperlora_jax.client import ClientUpdate, local_update, masked_mean
-from hyperlora_jax.federated import (NEW_CLIENT, FederatedRound, Plugin, RoundOutcome, ServerState,
-                                     communication_bytes, state_shardings)
+from hyperlora_jax.federated import (
+  NEW_CLIENT,
+  FederatedRound,
+  Plugin,
+  RoundOutcome,
+  ServerState,
+  communication_bytes,
+  state_shardings,
+)
 from hyperlora_jax.primitives import broadcast, make_mesh, map_clients, weighted_mean
 
 __version__ = "0.2.0"
@@ -52,10 +75,39 @@ def __getattr__(name: str):
   """`hl.models` on first use: the model zoo stays out of `import hyperlora_jax` (PEP 562)."""
   if name == "models":
     import importlib
+
     return importlib.import_module("hyperlora_jax.models")
   raise AttributeError(f"module 'hyperlora_jax' has no attribute {name!r}")
-__all__ = ["NEW_CLIENT", "ClientUpdate", "FederatedRound", "Plugin", "RoundOutcome", "ServerState", "aggregators",
-           "autotune", "broadcast", "communication_bytes", "diagnostics", "distributed", "faults", "federated", "files",
-           "hyper", "local_update",
-           "lora", "make_mesh", "map_clients", "masked_mean", "peft", "primitives", "privacy", "state_shardings",
-           "states", "tasks", "text", "weighted_mean"]
+
+
+__all__ = [
+  "NEW_CLIENT",
+  "ClientUpdate",
+  "FederatedRound",
+  "Plugin",
+  "RoundOutcome",
+  "ServerState",
+  "aggregators",
+  "autotune",
+  "broadcast",
+  "communication_bytes",
+  "diagnostics",
+  "distributed",
+  "faults",
+  "federated",
+  "files",
+  "hyper",
+  "local_update",
+  "lora",
+  "make_mesh",
+  "map_clients",
+  "masked_mean",
+  "peft",
+  "primitives",
+  "privacy",
+  "state_shardings",
+  "states",
+  "tasks",
+  "text",
+  "weighted_mean",
+]

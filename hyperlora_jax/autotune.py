@@ -17,6 +17,7 @@ Chunking changes float rounding (a batched matmul sums in another order), so a r
 the value it used (it is part of its results, like the seed), and pinning the value gives
 bit-identical runs across machines that would measure differently.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,12 +38,13 @@ AUTO = -1  # `clients_per_chunk` value meaning "measure it" (configs: fed.client
 @dataclasses.dataclass(frozen=True)
 class ChunkChoice:
   """Attributes:
-    clients_per_chunk: the fastest candidate (clients vmapped together).
-    seconds: {candidate: best wall time of one map over the sample clients}.
-    cached: whether it came from the cache rather than a measurement.
-    out_of_memory: the candidate that ran out of device memory, if one did (the larger ones
-      were then not tried); () if none.
+  clients_per_chunk: the fastest candidate (clients vmapped together).
+  seconds: {candidate: best wall time of one map over the sample clients}.
+  cached: whether it came from the cache rather than a measurement.
+  out_of_memory: the candidate that ran out of device memory, if one did (the larger ones
+    were then not tried); () if none.
   """
+
   clients_per_chunk: int
   seconds: dict
   cached: bool = False
@@ -63,8 +65,13 @@ def chunk_candidates(num_clients: int, targets: Sequence[int] = (1, 4, 16, 64)) 
   return sorted({max(d for d in divisors if d <= t) for t in (*targets, num_clients)})
 
 
-def measure_clients_per_chunk(fn: Callable, xs: Any, candidates: Sequence[int] | None = None,
-                              repeats: int = 2, clock: Callable[[], float] = time.perf_counter) -> ChunkChoice:
+def measure_clients_per_chunk(
+  fn: Callable,
+  xs: Any,
+  candidates: Sequence[int] | None = None,
+  repeats: int = 2,
+  clock: Callable[[], float] = time.perf_counter,
+) -> ChunkChoice:
   """Times `primitives.map_clients(fn, xs, k)` for each candidate k on the default device,
   smallest first. A candidate that runs out of device memory (a large model on an accelerator:
   the whole cohort's activations at once) ends the search: it and the larger ones are skipped.
@@ -124,9 +131,13 @@ def cached_choice(path: str, fields: dict, measure: Callable[[], ChunkChoice]) -
   choice = measure()
   with files.exclusive_lock(path):  # Re-read: another run may have added its entry meanwhile.
     entries = _read_entries(path)
-    entries[key] = {"clients_per_chunk": choice.clients_per_chunk, "seconds": choice.seconds,
-                    "out_of_memory": list(choice.out_of_memory),
-                    "fields": fields, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    entries[key] = {
+      "clients_per_chunk": choice.clients_per_chunk,
+      "seconds": choice.seconds,
+      "out_of_memory": list(choice.out_of_memory),
+      "fields": fields,
+      "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     entries = json.loads(json.dumps(entries, default=str))  # As it reads back.
     files.atomic_write_json(path, {"entries": entries, "sha256": _digest(entries)}, indent=1)
   return choice
@@ -168,5 +179,7 @@ def _choice_of(entry: Any, path: str, key: str) -> ChunkChoice:
     seconds = {int(k): float(v) for k, v in entry["seconds"].items()}
     return ChunkChoice(chunk, seconds, cached=True, out_of_memory=tuple(int(c) for c in entry.get("out_of_memory", ())))
   except (KeyError, TypeError, ValueError, AttributeError) as e:
-    raise ValueError(f"chunk-size cache {path}: entry {key!r} is malformed ({type(e).__name__}: {e}); delete the "
-                     f"file (or that entry) to measure again") from None
+    raise ValueError(
+      f"chunk-size cache {path}: entry {key!r} is malformed ({type(e).__name__}: {e}); delete the "
+      f"file (or that entry) to measure again"
+    ) from None

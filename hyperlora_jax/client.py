@@ -12,6 +12,7 @@ Classification, regression and next-token losses all fit (`masked_mean` helps wi
 `local_update(loss_fn, optimizer)` returns a `ClientUpdate`, a pure function the round vmaps
 over clients: the frozen tree enters unbatched (one copy for all clients).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -69,16 +70,26 @@ class ClientUpdate:
      step with examples (before its update; the same step when none has any), "aux":
      `loss_fn`'s aux of the last step}).
   """
+
   loss_fn: LossFn
   optimizer: optax.GradientTransformation
   steps: int | None = None
 
-  def __call__(self, start: Tree, frozen: Tree, batches: Tree, rng: jax.Array,
-               update_mask: Tree | None = None, steps_done: jax.Array | None = None) -> tuple[Tree, dict]:
+  def __call__(
+    self,
+    start: Tree,
+    frozen: Tree,
+    batches: Tree,
+    rng: jax.Array,
+    update_mask: Tree | None = None,
+    steps_done: jax.Array | None = None,
+  ) -> tuple[Tree, dict]:
     num_steps = jax.tree.leaves(batches)[0].shape[0]
     if self.steps is not None and num_steps != self.steps:
-      raise ValueError(f"local_update(steps={self.steps}): batches have {num_steps} steps on their leading "
-                       f"axis; one client's batches are [S, B, ...] (the round's [C, S, B, ...])")
+      raise ValueError(
+        f"local_update(steps={self.steps}): batches have {num_steps} steps on their leading "
+        f"axis; one client's batches are [S, B, ...] (the round's [C, S, B, ...])"
+      )
     check_loss_contract(self.loss_fn, start, frozen, jax.tree.map(lambda x: x[0], batches), rng)
 
     def step(carry, inputs):
@@ -96,19 +107,25 @@ class ClientUpdate:
       runs = count > 0
       if steps_done is not None:
         runs &= index < steps_done
-      new_params, new_opt_state = jax.tree.map(lambda n, o: jnp.where(runs, n, o), (new_params, new_opt_state),
-                                               (params, opt_state))
+      new_params, new_opt_state = jax.tree.map(
+        lambda n, o: jnp.where(runs, n, o), (new_params, new_opt_state), (params, opt_state)
+      )
       return (new_params, new_opt_state), (loss, jnp.where(runs, count, 0.0), aux)
 
     keys = jax.vmap(lambda s: jax.random.fold_in(rng, s))(jnp.arange(num_steps))
     (trained, _), (losses, counts, aux) = jax.lax.scan(
-        step, (start, self.optimizer.init(start)), (batches, keys, jnp.arange(num_steps)))
+      step, (start, self.optimizer.init(start)), (batches, keys, jnp.arange(num_steps))
+    )
     active = (counts > 0).astype(losses.dtype)
     mean_loss = jnp.sum(losses * active) / jnp.maximum(jnp.sum(active), 1.0)
     first, last = jnp.argmax(active), num_steps - 1 - jnp.argmax(active[::-1])  # Steps with examples.
-    return trained, {"loss": mean_loss, "examples": jnp.sum(counts),
-                     "first_loss": losses[first], "last_loss": losses[last],
-                     "aux": jax.tree.map(lambda x: x[-1], aux)}
+    return trained, {
+      "loss": mean_loss,
+      "examples": jnp.sum(counts),
+      "first_loss": losses[first],
+      "last_loss": losses[last],
+      "aux": jax.tree.map(lambda x: x[-1], aux),
+    }
 
 
 def local_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, steps: int | None = None) -> ClientUpdate:
@@ -122,10 +139,14 @@ def check_loss_contract(loss_fn: LossFn, trainable: Tree, frozen: Tree, batch: T
   abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
   out = jax.eval_shape(loss_fn, abstract(trainable), abstract(frozen), abstract(batch), abstract(rng))
   if not (isinstance(out, tuple) and len(out) == 2):
-    raise TypeError(f"loss_fn must return (loss, aux): a scalar loss and any aux pytree ({{}} for none), "
-                    f"the contract loss_fn(trainable, frozen, batch, rng) -> (loss, aux); it returned "
-                    f"{jax.tree.map(lambda s: f'{s.dtype}{list(s.shape)}', out)}")
+    raise TypeError(
+      f"loss_fn must return (loss, aux): a scalar loss and any aux pytree ({{}} for none), "
+      f"the contract loss_fn(trainable, frozen, batch, rng) -> (loss, aux); it returned "
+      f"{jax.tree.map(lambda s: f'{s.dtype}{list(s.shape)}', out)}"
+    )
   loss = out[0]
   if not isinstance(loss, jax.ShapeDtypeStruct) or loss.shape != () or not jnp.issubdtype(loss.dtype, jnp.floating):
-    raise TypeError(f"loss_fn must return (loss, aux) with a float scalar loss (the mean over the batch's "
-                    f"examples); its loss is {jax.tree.map(lambda s: f'{s.dtype}{list(s.shape)}', loss)}")
+    raise TypeError(
+      f"loss_fn must return (loss, aux) with a float scalar loss (the mean over the batch's "
+      f"examples); its loss is {jax.tree.map(lambda s: f'{s.dtype}{list(s.shape)}', loss)}"
+    )

@@ -20,6 +20,7 @@ The synthesizer's weight entropy and the corrector's gate are the HyperLoRA aggr
 metrics (`hyper/synthesis.py`). Here, weights p_k are the round's normalized aggregation
 weights (0 for padding, non-finite and dropped clients).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -31,8 +32,15 @@ from hyperlora_jax import lora as lora_lib
 from hyperlora_jax.pytree import Tree
 
 _TINY = 1e-12
-METRICS = ("aggregation_bias", "aggregation_bias_per_layer", "client_drift", "first_step_loss",
-           "last_step_loss", "init_lag", "generator_offset_norm")  # Those a round may report.
+METRICS = (
+  "aggregation_bias",
+  "aggregation_bias_per_layer",
+  "client_drift",
+  "first_step_loss",
+  "last_step_loss",
+  "init_lag",
+  "generator_offset_norm",
+)  # Those a round may report.
 
 
 def layer_aggregation_bias(a: jax.Array, b: jax.Array, weights: jax.Array) -> jax.Array:
@@ -50,8 +58,10 @@ def layer_aggregation_bias(a: jax.Array, b: jax.Array, weights: jax.Array) -> ja
 
 def aggregation_bias(client_params: Tree, weights: jax.Array) -> dict[str, jax.Array]:
   """{layer path: `layer_aggregation_bias`} for every LoRA layer of [C, ...] `client_params`."""
-  return {path: layer_aggregation_bias(layer["a"], layer["b"], weights)
-          for path, layer in lora_lib.layers(client_params).items()}
+  return {
+    path: layer_aggregation_bias(layer["a"], layer["b"], weights)
+    for path, layer in lora_lib.layers(client_params).items()
+  }
 
 
 def _weighted_sum(weights: jax.Array, per_client: jax.Array) -> jax.Array:
@@ -66,9 +76,8 @@ def client_drift(trained: Tree, starts: Tree, weights: jax.Array) -> jax.Array:
 
   trained, starts: [C, ...] trees; weights [C] summing to 1 (0 = not counted).
   """
-  deltas = jax.tree.leaves(jax.tree.map(lambda t, s: t.astype(jnp.float32) - s.astype(jnp.float32),
-                                        trained, starts))
-  means = [_weighted_sum(weights, d) for d in deltas]                          # Δ̄, leaf by leaf.
+  deltas = jax.tree.leaves(jax.tree.map(lambda t, s: t.astype(jnp.float32) - s.astype(jnp.float32), trained, starts))
+  means = [_weighted_sum(weights, d) for d in deltas]  # Δ̄, leaf by leaf.
   spread = sum(_weighted_sum(weights, jnp.square(d - m)).sum() for d, m in zip(deltas, means))
   mean_norm = jnp.sqrt(sum(jnp.sum(jnp.square(m)) for m in means))
   return jnp.sqrt(spread) / jnp.maximum(mean_norm, _TINY)
@@ -76,13 +85,15 @@ def client_drift(trained: Tree, starts: Tree, weights: jax.Array) -> jax.Array:
 
 def offset_norm(offsets: Tree, weights: jax.Array) -> jax.Array:
   """Σ_k p_k ‖o_k‖_F over all leaves of the [C, ...] offsets (a scalar)."""
-  squares = sum(jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1)
-                for x in jax.tree.leaves(offsets))                            # [C]
+  squares = sum(
+    jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1) for x in jax.tree.leaves(offsets)
+  )  # [C]
   return weights @ jnp.sqrt(squares)
 
 
-def round_diagnostics(trained: Tree, starts: Tree, weights: jax.Array, client_metrics: dict,
-                      offsets: Tree | None = None) -> dict[str, Any]:
+def round_diagnostics(
+  trained: Tree, starts: Tree, weights: jax.Array, client_metrics: dict, offsets: Tree | None = None
+) -> dict[str, Any]:
   """The diagnostics of one round (module docstring), as round metrics.
 
   trained, starts: [C, ...] the clients' returned params and where each started; weights [C]
@@ -94,8 +105,12 @@ def round_diagnostics(trained: Tree, starts: Tree, weights: jax.Array, client_me
   """
   first = weights @ jnp.where(weights > 0, client_metrics["first_loss"], 0.0)
   last = weights @ jnp.where(weights > 0, client_metrics["last_loss"], 0.0)
-  diagnostics: dict[str, Any] = {"client_drift": client_drift(trained, starts, weights),
-                 "first_step_loss": first, "last_step_loss": last, "init_lag": first - last}
+  diagnostics: dict[str, Any] = {
+    "client_drift": client_drift(trained, starts, weights),
+    "first_step_loss": first,
+    "last_step_loss": last,
+    "init_lag": first - last,
+  }
   per_layer = aggregation_bias(trained, weights)
   if per_layer:
     diagnostics["aggregation_bias"] = jnp.mean(jnp.stack(list(per_layer.values())))

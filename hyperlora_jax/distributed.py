@@ -8,6 +8,7 @@ Call `initialize` before anything touches a device. On CPU, collectives between 
 use gloo (`jax_cpu_collectives_implementation`), so two processes on one machine form one
 2-device mesh (tested in CI); on TPU pods and Slurm, `auto=True` lets JAX detect everything.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,8 +17,7 @@ import jax
 import numpy as np
 
 
-def initialize(coordinator_address: str = "", num_processes: int = 1, process_id: int = 0,
-               auto: bool = False) -> bool:
+def initialize(coordinator_address: str = "", num_processes: int = 1, process_id: int = 0, auto: bool = False) -> bool:
   """Joins this process to a multi-process run; returns whether it did.
 
   Args:
@@ -48,6 +48,7 @@ def barrier(name: str) -> None:
   """Waits until every process reaches the barrier `name` (nothing with one process)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -55,5 +56,6 @@ def to_host(x: Any) -> np.ndarray:
   """A jax.Array as a NumPy array on every process, gathering shards other processes hold."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)

@@ -13,6 +13,7 @@ each fault, drawn without overlap from the round's PRNG key (so reproducibly fro
 
 All shapes are per round: C sampled clients (padding included), leaves [C, ...].
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,6 +31,7 @@ FAULT_KINDS = ("dropout", "straggler", "nonfinite", "byzantine")
 @dataclasses.dataclass(frozen=True)
 class Faults:
   """Fractions of each round's participants that get each fault (each in [0, 1], sum <= 1)."""
+
   dropout: float = 0.0
   straggler: float = 0.0
   straggler_steps: float = 0.5
@@ -115,14 +117,15 @@ def with_faults(train_client: Callable, faults: Faults) -> Callable:
   injected faults, read from the last three entries of its inputs (`client_inputs`): a straggler
   stops after its steps; a non-finite or Byzantine client sends `corrupt`'s update instead of
   what it trained (drawn from its key, inputs[4], folded with 1)."""
+
   def faulty(inputs):
     steps, nonfinite, byzantine = inputs[-3:]
     trained, metrics, start = train_client(inputs[:-3], steps)
     one = lambda tree: jax.tree.map(lambda x: x[None], tree)
     key = jax.random.fold_in(jax.random.wrap_key_data(inputs[4]), 1)
-    sent = corrupt(faults, one(trained), one(start), {"nonfinite": nonfinite[None], "byzantine": byzantine[None]},
-                   key)
+    sent = corrupt(faults, one(trained), one(start), {"nonfinite": nonfinite[None], "byzantine": byzantine[None]}, key)
     return jax.tree.map(lambda x: x[0], sent), metrics, start
+
   return faulty
 
 

@@ -30,6 +30,7 @@ The per-client store has N' = `store_rows` rows: N rounded up to a multiple of t
 devices (rows past N are never read), so that `state_shardings` can shard it over the
 `clients` mesh axis: each device then holds the state of N'/D clients, not of all N.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,6 +68,7 @@ class ServerState(states.TypedState):
   typed states such as the aggregator's as dicts too); `states.like(state, tree)` restores a
   checkpoint's dict into a state shaped like `state`.
   """
+
   round: jax.Array
   rng: jax.Array
   global_params: Tree
@@ -100,6 +102,7 @@ class RoundOutcome:
     previous_global: the global params the round started from.
     client_starts: [C, ...] where each client started (`FederatedRound.client_start`).
   """
+
   new_global: Tree
   client_params: Tree
   weights: jax.Array
@@ -123,6 +126,7 @@ class Plugin(NamedTuple):
     signature_dim: D of the signatures [C, D] its hooks read (None: not declared, unchecked);
       `FederatedRound.init` checks the signatures it is given against it.
   """
+
   name: str
   init: Callable[[jax.Array], Tree]
   client_offsets: Callable[[Tree, jax.Array, jax.Array], dict]
@@ -146,14 +150,14 @@ def round_update_mask(frozen_leaves: Sequence[str], params: Tree, round_index: j
   freezes it this round, else 1."""
   phases = [params_lib.regex_mask(params, r) for r in frozen_leaves]
   phase = round_index % len(phases)
-  return jax.tree.map(lambda *frozen: jnp.array([0.0 if f else 1.0 for f in frozen], jnp.float32)[phase],
-                      *phases)
+  return jax.tree.map(lambda *frozen: jnp.array([0.0 if f else 1.0 for f in frozen], jnp.float32)[phase], *phases)
 
 
 def rank_update_mask(update_mask: Tree, rank_mask: jax.Array) -> Tree:
   """The round's per-leaf update mask times the client's rank mask on the LoRA layers."""
-  return lora_lib.map_layers(lambda m: {"a": m["a"] * rank_mask[None, :], "b": m["b"] * rank_mask[:, None]},
-                             update_mask)
+  return lora_lib.map_layers(
+    lambda m: {"a": m["a"] * rank_mask[None, :], "b": m["b"] * rank_mask[:, None]}, update_mask
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +193,7 @@ class FederatedRound:
     faults: injected client faults (`hyperlora_jax.faults`; None: none); their per-round
       counts are reported as `faults_<kind>` metrics.
   """
+
   client_update: ClientUpdate
   aggregator: Aggregator
   num_clients: int
@@ -209,8 +214,10 @@ class FederatedRound:
       raise ValueError(f"{argument}: {problem}")
     caps = self.aggregator.capabilities
     if caps.base_delta and self.apply_base_delta is None:
-      raise ValueError(f"aggregator {caps.name!r} merges a full-rank base delta into the frozen "
-                       f"weights: give FederatedRound(apply_base_delta=...)")
+      raise ValueError(
+        f"aggregator {caps.name!r} merges a full-rank base delta into the frozen "
+        f"weights: give FederatedRound(apply_base_delta=...)"
+      )
     try:
       re.compile(self.local_leaves)
       [re.compile(r) for r in self.frozen_leaves]
@@ -244,15 +251,16 @@ class FederatedRound:
     signature_dim = 0 if signatures is None else signatures.shape[-1]
     padding = ((0, self.store_rows - self.num_clients), (0, 0))
     return ServerState(
-        round=jnp.zeros((), jnp.int32),
-        rng=jax.random.key_data(key),
-        global_params=jax.tree.map(jnp.array, params),  # A copy: donating the state keeps `params`.
-        server_opt=self.server_optimizer.init(params),
-        clients=jax.tree.map(jnp.asarray, clients),
-        agg=self.aggregator.init(params, jax.random.fold_in(key, 8), signature_dim),
-        base_delta=lora_lib.zero_deltas(params) if self.aggregator.capabilities.base_delta else {},
-        plugins={p.name: p.init(jax.random.fold_in(key, 7)) for p in self.plugins},
-        signatures=jnp.pad(jnp.asarray(signatures, jnp.float32), padding) if signature_dim else None)
+      round=jnp.zeros((), jnp.int32),
+      rng=jax.random.key_data(key),
+      global_params=jax.tree.map(jnp.array, params),  # A copy: donating the state keeps `params`.
+      server_opt=self.server_optimizer.init(params),
+      clients=jax.tree.map(jnp.asarray, clients),
+      agg=self.aggregator.init(params, jax.random.fold_in(key, 8), signature_dim),
+      base_delta=lora_lib.zero_deltas(params) if self.aggregator.capabilities.base_delta else {},
+      plugins={p.name: p.init(jax.random.fold_in(key, 7)) for p in self.plugins},
+      signatures=jnp.pad(jnp.asarray(signatures, jnp.float32), padding) if signature_dim else None,
+    )
 
   # ---------------------------------------------------------------- client starts
 
@@ -275,8 +283,7 @@ class FederatedRound:
     return total
 
   @staticmethod
-  def client_start(global_params: Tree, client_local: dict, offset: dict | None,
-                   rank_mask: jax.Array) -> Tree:
+  def client_start(global_params: Tree, client_local: dict, offset: dict | None, rank_mask: jax.Array) -> Tree:
     """One client's start: global ⊕ its local leaves, + offsets, truncated to its rank.
 
     Args:
@@ -316,7 +323,7 @@ class FederatedRound:
     if not self.plugins:
       return state.global_params
     if state.signatures is not None:
-      signature = jnp.mean(state.signatures[:self.num_clients], axis=0, keepdims=True)
+      signature = jnp.mean(state.signatures[: self.num_clients], axis=0, keepdims=True)
     else:
       signature = jnp.zeros((1, 0), jnp.float32)
     offset = jax.tree.map(lambda x: x[0], self.offsets(state, signature, jnp.full((1,), NEW_CLIENT, jnp.int32)))
@@ -332,8 +339,9 @@ class FederatedRound:
 
   # ---------------------------------------------------------------- the round
 
-  def step(self, state: ServerState, frozen: Tree, batches: Tree, client_ids: jax.Array,
-           weights: jax.Array) -> tuple[ServerState, dict]:
+  def step(
+    self, state: ServerState, frozen: Tree, batches: Tree, client_ids: jax.Array, weights: jax.Array
+  ) -> tuple[ServerState, dict]:
     """One round (pure; jit it). Its inputs are checked when it is traced (`check_step_inputs`).
 
     Args:
@@ -389,8 +397,12 @@ class FederatedRound:
       fault_inputs = faults_lib.client_inputs(self.faults, fault_masks, train_steps)
       train = faults_lib.with_faults(train, self.faults)
     trained, metrics, finite, starts = primitives.map_clients(
-        leave_out_nonfinite(train), (local, batches, offsets, masks, keys, *fault_inputs),
-        self.clients_per_chunk, self.mesh, self._chunk_loader())
+      leave_out_nonfinite(train),
+      (local, batches, offsets, masks, keys, *fault_inputs),
+      self.clients_per_chunk,
+      self.mesh,
+      self._chunk_loader(),
+    )
 
     # 2. What reached the server: valid, finite and not dropped; p_k normalized over those.
     if fault_masks is not None:  # A dropped client trained, but its update never arrived.
@@ -402,16 +414,23 @@ class FederatedRound:
 
     # 3. Aggregation, 4. the server step, 5. the plug-ins: each kept only if sound.
     context = AggregationContext(
-        signatures=signatures, client_loss=metrics["loss"], client_starts=starts,
-        heldout_loss=(self._heldout_loss(trained, local_mask, heldout, offsets, masks, keys, frozen, weights,
-                                         train_steps=train_steps)
-                      if caps.heldout_steps else None))
+      signatures=signatures,
+      client_loss=metrics["loss"],
+      client_starts=starts,
+      heldout_loss=(
+        self._heldout_loss(trained, local_mask, heldout, offsets, masks, keys, frozen, weights, train_steps=train_steps)
+        if caps.heldout_steps
+        else None
+      ),
+    )
     aggregated, base_delta_increment, agg_state, aggregate_ok = self._aggregate_if_sound(
-        state, trained, weights, context, participants)
+      state, trained, weights, context, participants
+    )
     new_global, server_opt, step_ok = self._server_step_if_sound(state, aggregated)
     # Local leaves are not the server's, and frozen leaves were not sent: both stay as they were.
-    new_global = jax.tree.map(lambda n, g, m, u: g if m else jnp.where(u > 0, n, g),
-                              new_global, global_params, local_mask, update_mask)
+    new_global = jax.tree.map(
+      lambda n, g, m, u: g if m else jnp.where(u > 0, n, g), new_global, global_params, local_mask, update_mask
+    )
     outcome = RoundOutcome(new_global, trained, weights, gather_ids, signatures, masks, global_params, starts)
     plugin_states, plugins_rejected = self._plugins_if_finite(state, outcome)
 
@@ -419,23 +438,35 @@ class FederatedRound:
     scatter_ids = jnp.where(valid, client_ids, self.store_rows)  # Out of range: dropped.
     clients = primitives.scatter_clients(state.clients, scatter_ids, params_lib.select(trained, local_mask))
     clients = primitives.constrain_clients(clients, self.mesh)  # The store stays sharded.
-    base_delta = (jax.tree.map(lambda d, inc: d + jnp.where(total > 0, inc, 0.0),
-                               state.base_delta, base_delta_increment)
-                  if base_delta_increment else state.base_delta)
+    base_delta = (
+      jax.tree.map(lambda d, inc: d + jnp.where(total > 0, inc, 0.0), state.base_delta, base_delta_increment)
+      if base_delta_increment
+      else state.base_delta
+    )
     rng, _ = jax.random.split(state.rng)
-    new_state = state.replace(round=state.round + 1, rng=rng, global_params=new_global, server_opt=server_opt,
-                              clients=clients, agg=agg_state, base_delta=base_delta, plugins=plugin_states)
+    new_state = state.replace(
+      round=state.round + 1,
+      rng=rng,
+      global_params=new_global,
+      server_opt=server_opt,
+      clients=clients,
+      agg=agg_state,
+      base_delta=base_delta,
+      plugins=plugin_states,
+    )
 
     # 7. Metrics.
     received = weights > 0
-    round_metrics = {**train_loss_metrics(metrics, received),
-                     "nonfinite_clients": jnp.sum(valid & ~finite), "participants": jnp.sum(received),
-                     "invalid_client_ids": (jnp.sum(client_ids >= self.num_clients)
-                                            + jnp.sum(repeated)).astype(jnp.int32),
-                     "invalid_weights": jnp.sum(~good_weight & (client_ids >= 0)).astype(jnp.int32),
-                     "rejected_aggregate": (participants & ~aggregate_ok).astype(jnp.int32),
-                     "rejected_server_step": (~step_ok).astype(jnp.int32),
-                     "rejected_plugins": plugins_rejected}
+    round_metrics = {
+      **train_loss_metrics(metrics, received),
+      "nonfinite_clients": jnp.sum(valid & ~finite),
+      "participants": jnp.sum(received),
+      "invalid_client_ids": (jnp.sum(client_ids >= self.num_clients) + jnp.sum(repeated)).astype(jnp.int32),
+      "invalid_weights": jnp.sum(~good_weight & (client_ids >= 0)).astype(jnp.int32),
+      "rejected_aggregate": (participants & ~aggregate_ok).astype(jnp.int32),
+      "rejected_server_step": (~step_ok).astype(jnp.int32),
+      "rejected_plugins": plugins_rejected,
+    }
     round_metrics.update({name: agg_state[name] for name in caps.metrics})
     # The starts again, from the round's inputs rather than the mapped output: the diagnostics'
     # weighted sums then fuse with them, and methods that never read `starts` never store them.
@@ -450,18 +481,35 @@ class FederatedRound:
   def _client_trainer(self, global_params: Tree, frozen: Tree, update_mask: Tree) -> Callable:
     """One client's training: (inputs (local, batches, offset, rank_mask, key, ...), steps_done
     or None) -> (trained, metrics, start), from its start (`client_start`)."""
+
     def train(inputs, steps_done=None):
       client_local, client_batches, offset, rank_mask, key = inputs[:5]
       start = self.client_start(global_params, client_local, offset, rank_mask)
-      trained, metrics = self.client_update(start, frozen, client_batches, jax.random.wrap_key_data(key),
-                                            rank_update_mask(update_mask, rank_mask),
-                                            *(() if steps_done is None else (steps_done,)))
+      trained, metrics = self.client_update(
+        start,
+        frozen,
+        client_batches,
+        jax.random.wrap_key_data(key),
+        rank_update_mask(update_mask, rank_mask),
+        *(() if steps_done is None else (steps_done,)),
+      )
       return trained, metrics, start
+
     return train
 
-  def _heldout_loss(self, trained: Tree, local_mask: Tree, heldout: Tree, offsets: Any, masks: jax.Array,
-                    keys: jax.Array, frozen: Tree, weights: jax.Array, *, train_steps: int
-                    ) -> Callable[[Tree], jax.Array]:
+  def _heldout_loss(
+    self,
+    trained: Tree,
+    local_mask: Tree,
+    heldout: Tree,
+    offsets: Any,
+    masks: jax.Array,
+    keys: jax.Array,
+    frozen: Tree,
+    weights: jax.Array,
+    *,
+    train_steps: int,
+  ) -> Callable[[Tree], jax.Array]:
     """The meta-objective of an aggregator with held-out steps: candidate global params ->
     Σ_k p_k loss of client k's next-round start from them on its held-out steps (step j's key
     folds in S + j, after the S training steps' keys)."""
@@ -473,33 +521,45 @@ class FederatedRound:
         client_local, client_batches, offset, rank_mask, key = inputs
         start = self.client_start(candidate, client_local, offset, rank_mask)
         key = jax.random.wrap_key_data(key)
-        losses = [self.client_update.loss_fn(start, frozen, jax.tree.map(lambda x: x[j], client_batches),
-                                             jax.random.fold_in(key, train_steps + j))[0]
-                  for j in range(heldout_steps)]
+        losses = [
+          self.client_update.loss_fn(
+            start, frozen, jax.tree.map(lambda x: x[j], client_batches), jax.random.fold_in(key, train_steps + j)
+          )[0]
+          for j in range(heldout_steps)
+        ]
         return sum(losses) / heldout_steps
+
       losses = primitives.map_clients(
-          one_heldout, (trained_local, heldout, offsets, masks, keys),
-          self.clients_per_chunk, self.mesh, self._chunk_loader())
+        one_heldout,
+        (trained_local, heldout, offsets, masks, keys),
+        self.clients_per_chunk,
+        self.mesh,
+        self._chunk_loader(),
+      )
       return jnp.sum(weights * losses)
+
     return heldout_loss
 
-  def _aggregate_if_sound(self, state: ServerState, trained: Tree, weights: jax.Array, context: AggregationContext,
-                          participants: jax.Array) -> tuple[Tree, Tree, Tree, jax.Array]:
+  def _aggregate_if_sound(
+    self, state: ServerState, trained: Tree, weights: jax.Array, context: AggregationContext, participants: jax.Array
+  ) -> tuple[Tree, Tree, Tree, jax.Array]:
     """(aggregate, base-delta increment, aggregator state, ok): the aggregator's output, or the
     previous global params, a zero increment and the previous state where it is non-finite or
     beyond `max_server_value` (its declared metrics are this round's either way)."""
     metric_names = self.aggregator.capabilities.metrics
     global_params = state.global_params
-    aggregated, increment, agg_state = self.aggregator.aggregate(state.agg, global_params, trained, weights,
-                                                                 context)
-    ok = (primitives.is_sound(aggregated, self.max_server_value)
-          & primitives.is_finite((increment, states.without(agg_state, metric_names))))
+    aggregated, increment, agg_state = self.aggregator.aggregate(state.agg, global_params, trained, weights, context)
+    ok = primitives.is_sound(aggregated, self.max_server_value) & primitives.is_finite(
+      (increment, states.without(agg_state, metric_names))
+    )
     use = participants & ok
     aggregated = primitives.keep_if(use, aggregated, global_params)
     increment = jax.tree.map(lambda inc: jnp.where(use, inc, 0.0), increment)
-    agg_state = states.with_entries(primitives.keep_if(ok, states.without(agg_state, metric_names),
-                                                 states.without(state.agg, metric_names)),
-                              agg_state, metric_names)  # This round's metrics, even if rejected.
+    agg_state = states.with_entries(
+      primitives.keep_if(ok, states.without(agg_state, metric_names), states.without(state.agg, metric_names)),
+      agg_state,
+      metric_names,
+    )  # This round's metrics, even if rejected.
     return aggregated, increment, agg_state, ok
 
   def _server_step_if_sound(self, state: ServerState, aggregated: Tree) -> tuple[Tree, Tree, jax.Array]:
@@ -531,13 +591,17 @@ class FederatedRound:
     plug-in declares (no signatures: D = 0). Raises ValueError in those terms."""
     shape = (self.num_clients, 0) if signatures is None else tuple(jnp.shape(signatures))
     if len(shape) != 2 or shape[0] != self.num_clients:
-      raise ValueError(f"FederatedRound.init: signatures must be [N, D] with N = num_clients = "
-                       f"{self.num_clients} (one row per registered client), got shape {shape}")
+      raise ValueError(
+        f"FederatedRound.init: signatures must be [N, D] with N = num_clients = "
+        f"{self.num_clients} (one row per registered client), got shape {shape}"
+      )
     for plugin in self.plugins:
       if plugin.signature_dim is not None and plugin.signature_dim != shape[1]:
-        raise ValueError(f"FederatedRound.init: plug-in {plugin.name!r} reads signatures of width "
-                         f"{plugin.signature_dim} (make_generator(signature_dim=...)), but the signatures "
-                         f"given are [N, D] = {list(shape)}")
+        raise ValueError(
+          f"FederatedRound.init: plug-in {plugin.name!r} reads signatures of width "
+          f"{plugin.signature_dim} (make_generator(signature_dim=...)), but the signatures "
+          f"given are [N, D] = {list(shape)}"
+        )
 
   def check_ranks(self, params: Tree) -> None:
     """Every LoRA layer of `params` has a rank >= 1, and `client_ranks` are in [1, r_max]
@@ -548,68 +612,85 @@ class FederatedRound:
     if self.client_ranks is not None and found:
       max_rank, ranks = lora_lib.rank_of(params), np.asarray(self.client_ranks)
       if ranks.shape != (self.num_clients,) or np.any(ranks < 1) or np.any(ranks > max_rank):
-        raise ValueError(f"FederatedRound: client_ranks must be [num_clients] = [{self.num_clients}] ranks in "
-                         f"[1, r_max = {max_rank}] (the adapter's rank), got {ranks.tolist()}")
+        raise ValueError(
+          f"FederatedRound: client_ranks must be [num_clients] = [{self.num_clients}] ranks in "
+          f"[1, r_max = {max_rank}] (the adapter's rank), got {ranks.tolist()}"
+        )
 
   def check_step_inputs(self, batches: Tree, client_ids: Any, weights: Any) -> None:
     """`step`'s inputs against its contract, from their shapes (so at trace time, under jit),
     and the ids' values where they are concrete. Raises ValueError saying what was expected."""
     client_ids, weights = jnp.asarray(client_ids), jnp.asarray(weights)
     if client_ids.ndim != 1:
-      raise ValueError(f"FederatedRound.step: client_ids must be [C] (one id per sampled client), got shape "
-                       f"{tuple(client_ids.shape)}")
+      raise ValueError(
+        f"FederatedRound.step: client_ids must be [C] (one id per sampled client), got shape {tuple(client_ids.shape)}"
+      )
     num = client_ids.shape[0]
     if weights.shape != (num,):
-      raise ValueError(f"FederatedRound.step: weights must be [C] = [{num}] like client_ids, got shape "
-                       f"{tuple(weights.shape)}")
+      raise ValueError(
+        f"FederatedRound.step: weights must be [C] = [{num}] like client_ids, got shape {tuple(weights.shape)}"
+      )
     leaves = jax.tree_util.tree_leaves_with_path(batches)
     if not leaves:
       raise ValueError("FederatedRound.step: batches has no arrays")
     heldout = self.aggregator.capabilities.heldout_steps
-    layout = (f"batches' leaves are [C, S + h, B, ...]: C = {num} sampled clients (client_ids), S local "
-              f"steps, h = {heldout} held-out steps of aggregator {self.aggregator.capabilities.name!r}, "
-              f"B examples a step")
+    layout = (
+      f"batches' leaves are [C, S + h, B, ...]: C = {num} sampled clients (client_ids), S local "
+      f"steps, h = {heldout} held-out steps of aggregator {self.aggregator.capabilities.name!r}, "
+      f"B examples a step"
+    )
     for path, leaf in leaves:
       shape = tuple(jnp.shape(leaf))
       if len(shape) < 3 or shape[0] != num:
-        hint = (" (did you leave out the steps axis?)" if len(shape) == 2 and shape[0] == num else "")
-        raise ValueError(f"FederatedRound.step: batches{jax.tree_util.keystr(path)} has shape {shape}; "
-                         f"{layout}{hint}")
+        hint = " (did you leave out the steps axis?)" if len(shape) == 2 and shape[0] == num else ""
+        raise ValueError(f"FederatedRound.step: batches{jax.tree_util.keystr(path)} has shape {shape}; {layout}{hint}")
     steps = {tuple(jnp.shape(leaf))[1] for _, leaf in leaves}
     batch_sizes = {tuple(jnp.shape(leaf))[2] for _, leaf in leaves}
     if len(steps) > 1 or len(batch_sizes) > 1:
       shapes = {jax.tree_util.keystr(path): tuple(jnp.shape(leaf)) for path, leaf in leaves}
-      raise ValueError(f"FederatedRound.step: batches' leaves disagree on the steps or batch axis {shapes}; "
-                       f"{layout}")
+      raise ValueError(f"FederatedRound.step: batches' leaves disagree on the steps or batch axis {shapes}; {layout}")
     (total_steps,) = steps
     expected = getattr(self.client_update, "steps", None)
     if expected is not None and total_steps != expected + heldout:
-      raise ValueError(f"FederatedRound.step: batches have {total_steps} steps, expected S + h = {expected} + "
-                       f"{heldout} (local_update(steps={expected}) and the held-out steps of aggregator "
-                       f"{self.aggregator.capabilities.name!r})")
+      raise ValueError(
+        f"FederatedRound.step: batches have {total_steps} steps, expected S + h = {expected} + "
+        f"{heldout} (local_update(steps={expected}) and the held-out steps of aggregator "
+        f"{self.aggregator.capabilities.name!r})"
+      )
     if total_steps <= heldout:
-      raise ValueError(f"FederatedRound.step: batches have {total_steps} steps but aggregator "
-                       f"{self.aggregator.capabilities.name!r} holds out the last {heldout}: give S + {heldout} "
-                       f"steps (S >= 1 local steps, then the held-out ones)")
+      raise ValueError(
+        f"FederatedRound.step: batches have {total_steps} steps but aggregator "
+        f"{self.aggregator.capabilities.name!r} holds out the last {heldout}: give S + {heldout} "
+        f"steps (S >= 1 local steps, then the held-out ones)"
+      )
     if _concrete(client_ids):
       ids = np.asarray(client_ids)
       bad = sorted(set(ids[(ids >= self.num_clients) | (ids < NEW_CLIENT)].tolist()))
       if bad:
-        raise ValueError(f"FederatedRound.step: client ids {bad} are outside [0, num_clients={self.num_clients}) "
-                         f"(-1 marks a padding client)")
+        raise ValueError(
+          f"FederatedRound.step: client ids {bad} are outside [0, num_clients={self.num_clients}) "
+          f"(-1 marks a padding client)"
+        )
       real, counts = np.unique(ids[ids >= 0], return_counts=True)
       if np.any(counts > 1):
-        raise ValueError(f"FederatedRound.step: client ids {real[counts > 1].tolist()} are sampled more than once; "
-                         f"a client trains at most once a round (its local leaves and state are one row)")
+        raise ValueError(
+          f"FederatedRound.step: client ids {real[counts > 1].tolist()} are sampled more than once; "
+          f"a client trains at most once a round (its local leaves and state are one row)"
+        )
     if _concrete(weights):
       values = np.asarray(weights, np.float64)
       wrong = ~np.isfinite(values) | (values < 0)
       if np.any(wrong):
-        raise ValueError(f"FederatedRound.step: weights must be finite and >= 0 (relative aggregation weights, 0 "
-                         f"for padding); entries {np.flatnonzero(wrong).tolist()} are {values[wrong].tolist()}")
+        raise ValueError(
+          f"FederatedRound.step: weights must be finite and >= 0 (relative aggregation weights, 0 "
+          f"for padding); entries {np.flatnonzero(wrong).tolist()} are {values[wrong].tolist()}"
+        )
       if not np.any(values > 0):
-        raise ValueError("FederatedRound.step: weights are all zero, so no client's update can be aggregated; "
-                         "give each sampled client a positive weight (e.g. its example count)")
+        raise ValueError(
+          "FederatedRound.step: weights are all zero, so no client's update can be aggregated; "
+          "give each sampled client a positive weight (e.g. its example count)"
+        )
+
 
 def _concrete(x: Any) -> bool:
   """Whether `x`'s values can be read here: not traced, and all on this process."""
@@ -627,18 +708,22 @@ def split_heldout(batches: Tree, heldout_steps: int) -> tuple[Tree, Tree | None]
   """([C, S, ...] training steps, [C, h, ...] held-out steps or None) of [C, S + h, ...] batches."""
   if not heldout_steps:
     return batches, None
-  return (jax.tree.map(lambda x: x[:, :-heldout_steps], batches),
-          jax.tree.map(lambda x: x[:, -heldout_steps:], batches))
+  return (
+    jax.tree.map(lambda x: x[:, :-heldout_steps], batches),
+    jax.tree.map(lambda x: x[:, -heldout_steps:], batches),
+  )
 
 
 def leave_out_nonfinite(train_client: Callable) -> Callable:
   """`train_client` (inputs -> (trained, metrics, start)) guarded: a client whose trained params
   or loss are non-finite returns its start instead. -> (trained, metrics, finite, start)."""
+
   def guarded(inputs):
     trained, metrics, start = train_client(inputs)
     finite = primitives.is_finite(trained) & jnp.isfinite(metrics["loss"])
     trained = jax.tree.map(lambda t, s: jnp.where(finite, t, s), trained, start)
     return trained, metrics, finite, start
+
   return guarded
 
 
@@ -648,8 +733,7 @@ def train_loss_metrics(metrics: dict, received: jax.Array) -> dict:
   example_weights = metrics["examples"] * received
   client_losses = jnp.where(received, metrics["loss"], 0.0)
   seen = jnp.sum(example_weights)
-  return {"train_loss": jnp.where(seen > 0, jnp.sum(client_losses * example_weights) / jnp.maximum(seen, 1.0),
-                                  jnp.nan)}
+  return {"train_loss": jnp.where(seen > 0, jnp.sum(client_losses * example_weights) / jnp.maximum(seen, 1.0), jnp.nan)}
 
 
 def state_shardings(state: ServerState, mesh: Mesh) -> ServerState:
@@ -657,29 +741,40 @@ def state_shardings(state: ServerState, mesh: Mesh) -> ServerState:
   `signatures`, [N', ...] leaves) split over the `clients` axis, everything else replicated.
   Use with `jax.device_put(state, state_shardings(state, mesh))`."""
   replicated, per_client = NamedSharding(mesh, P()), primitives.clients_sharding(mesh)
-  return state.replace(**{
-      field.name: jax.tree.map(lambda _, k=field.name: per_client if k in ("clients", "signatures") else replicated,
-                               getattr(state, field.name))
-      for field in dataclasses.fields(state)})
+  return state.replace(
+    **{
+      field.name: jax.tree.map(
+        lambda _, k=field.name: per_client if k in ("clients", "signatures") else replicated, getattr(state, field.name)
+      )
+      for field in dataclasses.fields(state)
+    }
+  )
 
 
-def capability_problems(aggregator: Aggregator, server_optimizer: optax.GradientTransformation,
-                        client_ranks: Any) -> list[tuple[str, str]]:
+def capability_problems(
+  aggregator: Aggregator, server_optimizer: optax.GradientTransformation, client_ranks: Any
+) -> list[tuple[str, str]]:
   """What in (server optimizer, client ranks) the aggregator's capabilities refuse, as
   (argument, message) pairs ([] = it fits)."""
   caps, problems = aggregator.capabilities, []
   if caps.plain_server_step and not is_plain_step(server_optimizer):
-    problems.append(("server_optimizer", f"aggregator {caps.name!r} is exact only with a plain server "
-                                         f"step (sgd, learning rate 1, no momentum)"))
+    problems.append(
+      (
+        "server_optimizer",
+        f"aggregator {caps.name!r} is exact only with a plain server step (sgd, learning rate 1, no momentum)",
+      )
+    )
   distinct = sorted(set(np.asarray(client_ranks).tolist())) if client_ranks is not None else []
   if len(distinct) > 1 and not caps.heterogeneous_ranks:
-    problems.append(("client_ranks", f"aggregator {caps.name!r} does not define aggregation for "
-                                     f"heterogeneous ranks {distinct}"))
+    problems.append(
+      ("client_ranks", f"aggregator {caps.name!r} does not define aggregation for heterogeneous ranks {distinct}")
+    )
   return problems
 
 
-def communication_bytes(fed_round: FederatedRound, params: Tree, round_index: int,
-                        participant_ranks: Sequence[int], signature_bytes: int = 0) -> tuple[int, int]:
+def communication_bytes(
+  fed_round: FederatedRound, params: Tree, round_index: int, participant_ranks: Sequence[int], signature_bytes: int = 0
+) -> tuple[int, int]:
   """(bytes up, bytes down) of one round, summed over its participants.
 
   Each participant sends up, and receives down, every leaf that is shared and trained this

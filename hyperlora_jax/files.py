@@ -11,6 +11,7 @@ into place: a directory with a manifest is complete, and verifying it on read ca
 change of its bytes (random bytes of the same size included). A file that does not match is
 reported by name; nothing here deletes or rebuilds a user's files.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -117,8 +118,10 @@ def verify_manifest(directory: str, name: str = MANIFEST_FILE) -> dict:
       manifest = json.load(f)
     entries = manifest["files"]
   except FileNotFoundError:
-    raise IntegrityError(f"{directory}: no {name}, so its files cannot be checked (an interrupted write, or a "
-                         f"version that kept no checksums)") from None
+    raise IntegrityError(
+      f"{directory}: no {name}, so its files cannot be checked (an interrupted write, or a "
+      f"version that kept no checksums)"
+    ) from None
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise IntegrityError(f"{path}: not a readable manifest ({type(e).__name__}: {e})") from None
   for relative, entry in sorted(entries.items()):
@@ -147,7 +150,7 @@ def remove_stale_partials(target: str) -> list[str]:
   prefix = f"{name}.partial-{socket.gethostname()}-"
   removed = []
   for entry in os.listdir(parent) if os.path.isdir(parent) else []:
-    pid = entry[len(prefix):]
+    pid = entry[len(prefix) :]
     if entry.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
       shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
       removed.append(os.path.join(parent, entry))

@@ -42,6 +42,7 @@ A target regex that matches a layer of another type (one holding parameters itse
 A *LoRA layer* is any dict with exactly the keys {"a", "b"}; the helpers below (`layers`,
 `map_layers`, `truncate`) find them anywhere in a larger pytree (e.g. `{"lora": ..., "head": ...}`).
 """
+
 from __future__ import annotations
 
 import math
@@ -84,8 +85,11 @@ _INSIDE_LORA = threading.local()  # Set while a LoRA update runs its own Flax la
 
 
 def _is_target_call(context) -> bool:
-  return (isinstance(context.module, SUPPORTED_LAYERS) and context.method_name == "__call__"
-          and not getattr(_INSIDE_LORA, "active", False))
+  return (
+    isinstance(context.module, SUPPORTED_LAYERS)
+    and context.method_name == "__call__"
+    and not getattr(_INSIDE_LORA, "active", False)
+  )
 
 
 def _is_tied_head_call(context) -> bool:
@@ -139,8 +143,9 @@ def matrix_shape(module: nn.Module, param_shape: tuple[int, ...]) -> tuple[int, 
   return param_shape[0], int(np.prod(param_shape[1:]))
 
 
-def _lora_delta_output(module: nn.Module, x: jax.Array, a: jax.Array, b: jax.Array,
-                       out: jax.Array, scale: float) -> jax.Array:
+def _lora_delta_output(
+  module: nn.Module, x: jax.Array, a: jax.Array, b: jax.Array, out: jax.Array, scale: float
+) -> jax.Array:
   """The layer's LoRA contribution for input `x` (shape and dtype of `out`)."""
   if isinstance(module, nn.Dense):
     return scale * ((x @ a) @ b).astype(out.dtype)
@@ -168,8 +173,10 @@ def check_factor_shapes(path: str, shape: tuple[int, int], factors: Mapping[str,
   a, b = np.shape(factors["a"]), np.shape(factors["b"])
   d_in, d_out = shape
   if len(a) != 2 or len(b) != 2 or a[0] != d_in or b[1] != d_out or a[1] != b[0]:
-    raise ValueError(f"LoRA layer {path!r}: factors a {list(a)} and b {list(b)} do not fit the layer's "
-                     f"[d_in, d_out] = [{d_in}, {d_out}] (a [d_in, r], b [r, d_out]): an adapter of another model?")
+    raise ValueError(
+      f"LoRA layer {path!r}: factors a {list(a)} and b {list(b)} do not fit the layer's "
+      f"[d_in, d_out] = [{d_in}, {d_out}] (a [d_in, r], b [r, d_out]): an adapter of another model?"
+    )
 
 
 def _base_delta_output(module: nn.Module, x: jax.Array, delta: jax.Array, out: jax.Array) -> jax.Array:
@@ -180,8 +187,9 @@ def _base_delta_output(module: nn.Module, x: jax.Array, delta: jax.Array, out: j
   return _lora_delta_output(module, x, delta, eye, out, 1.0)
 
 
-def find_targets(model: nn.Module, params: Any, *example_args, target_regex: str = DEFAULT_TARGET_REGEX,
-                 **example_kwargs) -> dict[str, tuple[int, int]]:
+def find_targets(
+  model: nn.Module, params: Any, *example_args, target_regex: str = DEFAULT_TARGET_REGEX, **example_kwargs
+) -> dict[str, tuple[int, int]]:
   """Targeted layers (`SUPPORTED_LAYERS`) and their matrix shapes, found by tracing one call.
 
   Args:
@@ -202,8 +210,13 @@ def find_targets(model: nn.Module, params: Any, *example_args, target_regex: str
     if _is_target_call(context):
       if pattern.fullmatch(path):
         found[path] = matrix_shape(context.module, _param_shape(context.module, args[0]))
-    elif (context.method_name == "__call__" and not isinstance(context.module, SUPPORTED_LAYERS)
-          and path and pattern.fullmatch(path) and _owns_params(context.module)):
+    elif (
+      context.method_name == "__call__"
+      and not isinstance(context.module, SUPPORTED_LAYERS)
+      and path
+      and pattern.fullmatch(path)
+      and _owns_params(context.module)
+    ):
       unsupported[path] = type(context.module).__name__
     return next_fun(*args, **kwargs)
 
@@ -211,17 +224,17 @@ def find_targets(model: nn.Module, params: Any, *example_args, target_regex: str
     jax.eval_shape(lambda p: model.apply(p, *example_args, **example_kwargs), params)
   kinds = ", ".join(f"nn.{t.__name__}" for t in SUPPORTED_LAYERS)
   if unsupported:
-    raise ValueError(f"lora.target_regex={target_regex!r} matches layer(s) LoRA does not support: "
-                     f"{', '.join(f'{p!r} (nn.{k})' for p, k in unsupported.items())}; supported: {kinds}. "
-                     f"Narrow the regex to the layers to adapt")
+    raise ValueError(
+      f"lora.target_regex={target_regex!r} matches layer(s) LoRA does not support: "
+      f"{', '.join(f'{p!r} (nn.{k})' for p, k in unsupported.items())}; supported: {kinds}. "
+      f"Narrow the regex to the layers to adapt"
+    )
   if not found:
-    raise ValueError(f"lora.target_regex={target_regex!r} matches no {kinds} layer of "
-                     f"{type(model).__name__}")
+    raise ValueError(f"lora.target_regex={target_regex!r} matches no {kinds} layer of {type(model).__name__}")
   return found
 
 
-def init_lora(rng: jax.Array, targets: Mapping[str, tuple[int, int]], rank: int,
-              dtype=jnp.float32) -> LoraParams:
+def init_lora(rng: jax.Array, targets: Mapping[str, tuple[int, int]], rank: int, dtype=jnp.float32) -> LoraParams:
   """a ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (HF-peft's Kaiming init), b = 0, so ΔW = 0 at start.
 
   Returns:
@@ -233,8 +246,10 @@ def init_lora(rng: jax.Array, targets: Mapping[str, tuple[int, int]], rank: int,
   lora = {}
   for key, (path, (d_in, d_out)) in zip(jax.random.split(rng, len(targets)), targets.items()):
     bound = 1.0 / math.sqrt(d_in)
-    lora[path] = {"a": jax.random.uniform(key, (d_in, rank), dtype, -bound, bound),
-                  "b": jnp.zeros((rank, d_out), dtype)}
+    lora[path] = {
+      "a": jax.random.uniform(key, (d_in, rank), dtype, -bound, bound),
+      "b": jnp.zeros((rank, d_out), dtype),
+    }
   return lora
 
 
@@ -243,8 +258,16 @@ def product(factors: Mapping[str, jax.Array]) -> jax.Array:
   return factors["a"] @ factors["b"]
 
 
-def apply(model: nn.Module, params: Any, lora: LoraParams, *args, scale: float,
-          base_delta: Mapping[str, jax.Array] | None = None, method: Any = None, **kwargs):
+def apply(
+  model: nn.Module,
+  params: Any,
+  lora: LoraParams,
+  *args,
+  scale: float,
+  base_delta: Mapping[str, jax.Array] | None = None,
+  method: Any = None,
+  **kwargs,
+):
   """`model.apply(params, *args, **kwargs)` with the LoRA update added on targeted layers.
 
   Args:
@@ -309,6 +332,7 @@ def merge(params: Any, lora: LoraParams, scale: float) -> Any:
 
 # ---------------------------------------------------------------- LoRA layers inside any pytree
 
+
 def is_layer(node: Any) -> bool:
   """A LoRA layer: a dict with exactly the keys {"a", "b"}."""
   return isinstance(node, Mapping) and set(node) == {"a", "b"}
@@ -327,6 +351,7 @@ def layers(tree: Any) -> dict[str, dict]:
         found[key] = child
       elif isinstance(child, Mapping):
         visit(child)
+
   if is_layer(tree):
     raise ValueError("`layers` needs a tree of layers ({name: {'a', 'b'}}), got one layer")
   visit(tree)
@@ -336,12 +361,14 @@ def layers(tree: Any) -> dict[str, dict]:
 def map_layers(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
   """`tree` with every LoRA layer replaced by `fn(layer, *matching nodes of rest)`; other
   leaves are left as they are (`rest` must have `tree`'s structure down to the layers)."""
-  return jax.tree.map(lambda node, *others: fn(node, *others) if is_layer(node) else node,
-                      tree, *rest, is_leaf=is_layer)
+  return jax.tree.map(
+    lambda node, *others: fn(node, *others) if is_layer(node) else node, tree, *rest, is_leaf=is_layer
+  )
 
 
 def add_to_layers(tree: Any, offsets: Mapping[str, dict]) -> Any:
   """`tree` with `offsets[name]` ({"a", "b"}) added to each LoRA layer named in `offsets`."""
+
   def add(node):
     for key, child in node.items():
       if is_layer(child) and key in offsets:
@@ -349,6 +376,7 @@ def add_to_layers(tree: Any, offsets: Mapping[str, dict]) -> Any:
       elif isinstance(child, Mapping) and not is_layer(child):
         node[key] = add(dict(child))
     return node
+
   return add(dict(tree))
 
 
@@ -370,8 +398,7 @@ def truncate(tree: Any, rank_mask: jax.Array) -> Any:
 
   rank_mask: [..., r] in {0, 1} (leading axes broadcast with the factors').
   """
-  return map_layers(lambda f: {"a": f["a"] * rank_mask[..., None, :], "b": f["b"] * rank_mask[..., :, None]},
-                    tree)
+  return map_layers(lambda f: {"a": f["a"] * rank_mask[..., None, :], "b": f["b"] * rank_mask[..., :, None]}, tree)
 
 
 def stacked_products(layer: Mapping[str, jax.Array], weights: jax.Array) -> dict:
@@ -383,8 +410,10 @@ def stacked_products(layer: Mapping[str, jax.Array], weights: jax.Array) -> dict
   """
   a, b = layer["a"], layer["b"]
   clients, d_in, rank = a.shape
-  return {"a": jnp.moveaxis(a, 0, 1).reshape(d_in, clients * rank),
-          "b": (weights[:, None, None] * b).reshape(clients * rank, b.shape[-1])}
+  return {
+    "a": jnp.moveaxis(a, 0, 1).reshape(d_in, clients * rank),
+    "b": (weights[:, None, None] * b).reshape(clients * rank, b.shape[-1]),
+  }
 
 
 def product_mean(stacked: Any, weights: jax.Array) -> Any:
@@ -394,21 +423,25 @@ def product_mean(stacked: Any, weights: jax.Array) -> Any:
   Σp_kB_k Σp_kA_k is biased against this one's).
 
   stacked: a trainable tree with a leading [C] axis on every leaf; weights: [C] (sum 1)."""
-  return jax.tree.map(lambda node: stacked_products(node, weights) if is_layer(node) else weighted_mean(node, weights),
-                      stacked, is_leaf=is_layer)
+  return jax.tree.map(
+    lambda node: stacked_products(node, weights) if is_layer(node) else weighted_mean(node, weights),
+    stacked,
+    is_leaf=is_layer,
+  )
 
 
 def zero_deltas(tree: Any) -> Any:
   """`tree` with every LoRA layer replaced by zeros [d_in, d_out] and other leaves dropped:
   the shape of a full-rank base delta for the layers (FedEx-LoRA, FLoRA)."""
-  return {name: jnp.zeros((f["a"].shape[-2], f["b"].shape[-1]), jnp.float32)
-          for name, f in layers(tree).items()}
+  return {name: jnp.zeros((f["a"].shape[-2], f["b"].shape[-1]), jnp.float32) for name, f in layers(tree).items()}
 
 
 # ---------------------------------------------------------------- Flax NNX models
 
+
 def _nnx():
   from flax import nnx  # Imported on use: Linen users never need it.
+
   return nnx
 
 
@@ -467,18 +500,25 @@ def find_targets_nnx(model: Any, target_regex: str = DEFAULT_TARGET_REGEX) -> di
   """
   nnx = _nnx()
   pattern = re.compile(target_regex)
-  matched = [(_nnx_path(path), module) for path, module in nnx.iter_modules(model)
-             if path and pattern.fullmatch(_nnx_path(path))]
-  unsupported = {path: type(module).__name__ for path, module in matched
-                 if not isinstance(module, _nnx_kinds()) and _nnx_owns_params(module)}
+  matched = [
+    (_nnx_path(path), module) for path, module in nnx.iter_modules(model) if path and pattern.fullmatch(_nnx_path(path))
+  ]
+  unsupported = {
+    path: type(module).__name__
+    for path, module in matched
+    if not isinstance(module, _nnx_kinds()) and _nnx_owns_params(module)
+  }
   if unsupported:
-    raise ValueError(f"lora.target_regex={target_regex!r} matches layer(s) LoRA does not support: "
-                     f"{', '.join(f'{p!r} ({k})' for p, k in unsupported.items())}; supported: "
-                     f"{_nnx_kind_names()}. Narrow the regex to the layers to adapt")
+    raise ValueError(
+      f"lora.target_regex={target_regex!r} matches layer(s) LoRA does not support: "
+      f"{', '.join(f'{p!r} ({k})' for p, k in unsupported.items())}; supported: "
+      f"{_nnx_kind_names()}. Narrow the regex to the layers to adapt"
+    )
   found = {path: _nnx_matrix_shape(module) for path, module in matched if isinstance(module, _nnx_kinds())}
   if not found:
-    raise ValueError(f"lora.target_regex={target_regex!r} matches no {_nnx_kind_names()} layer of "
-                     f"{type(model).__name__}")
+    raise ValueError(
+      f"lora.target_regex={target_regex!r} matches no {_nnx_kind_names()} layer of {type(model).__name__}"
+    )
   return dict(sorted(found.items()))
 
 
@@ -495,10 +535,18 @@ def _nnx_lora_layer(base: Any, a: jax.Array, b: jax.Array, scale: float) -> Any:
       out = self.base(x, *args, **kwargs)
       if isinstance(self.base, nnx.Conv):
         window = tuple(self.base.kernel_size)
-        down = nnx.Conv(self.base.in_features, self.a.shape[-1], window, self.base.strides,
-                        padding=self.base.padding, input_dilation=self.base.input_dilation,
-                        kernel_dilation=self.base.kernel_dilation, use_bias=False,
-                        kernel_init=nnx.initializers.zeros, rngs=nnx.Rngs(0))
+        down = nnx.Conv(
+          self.base.in_features,
+          self.a.shape[-1],
+          window,
+          self.base.strides,
+          padding=self.base.padding,
+          input_dilation=self.base.input_dilation,
+          kernel_dilation=self.base.kernel_dilation,
+          use_bias=False,
+          kernel_init=nnx.initializers.zeros,
+          rngs=nnx.Rngs(0),
+        )
         down.kernel = nnx.Param(self.a.reshape(window + (self.base.in_features, self.a.shape[-1])))
         return out + scale * (down(x) @ self.b).astype(out.dtype)
       if isinstance(self.base, nnx.Einsum):
@@ -518,6 +566,7 @@ def _nnx_lora_layer(base: Any, a: jax.Array, b: jax.Array, scale: float) -> Any:
         raise AttributeError(f"{type(self.base).__name__} has no attend (only nnx.Embed does)")
       out = self.base.attend(query, *args, **kwargs)
       return out + scale * ((query @ self.b.T) @ self.a.T).astype(out.dtype)
+
   return LoraLayer()
 
 
@@ -531,8 +580,9 @@ def _nnx_child(node: Any, parts: list) -> Any:
   return node
 
 
-def apply_nnx(graphdef: Any, state: Any, lora: LoraParams, *args, scale: float, rngs: jax.Array | None = None,
-              **kwargs):
+def apply_nnx(
+  graphdef: Any, state: Any, lora: LoraParams, *args, scale: float, rngs: jax.Array | None = None, **kwargs
+):
   """Calls the NNX model `nnx.merge(graphdef, state)` with LoRA on the layers in `lora`.
 
   Pure and factored like `apply`: a merged copy of the model has each targeted layer wrapped
@@ -553,19 +603,25 @@ def apply_nnx(graphdef: Any, state: Any, lora: LoraParams, *args, scale: float, 
   streams = sorted({node.tag for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)})
   if streams:
     if rngs is None:
-      raise ValueError(f"apply_nnx: the model draws random numbers (streams {streams}, e.g. nnx.Dropout); pass "
-                       f"rngs=<key> (the loss's rng), or every client and step would reuse the same draws")
+      raise ValueError(
+        f"apply_nnx: the model draws random numbers (streams {streams}, e.g. nnx.Dropout); pass "
+        f"rngs=<key> (the loss's rng), or every client and step would reuse the same draws"
+      )
     nnx.reseed(model, **{tag: jax.random.fold_in(rngs, i) for i, tag in enumerate(streams)})
   for path, factors in lora.items():
     *parents, last = [int(p) if p.isdigit() else p for p in path.split("/")]
     node = _nnx_child(model, parents)
     base = None if node is None else _nnx_child(node, [last])
     if base is None or not isinstance(base, nnx.Module):
-      raise ValueError(f"LoRA path {path!r}: the model has no layer there (a typo? the paths of "
-                       f"find_targets_nnx '/'-join attribute names and list indices)")
+      raise ValueError(
+        f"LoRA path {path!r}: the model has no layer there (a typo? the paths of "
+        f"find_targets_nnx '/'-join attribute names and list indices)"
+      )
     if not isinstance(base, _nnx_kinds()):
-      raise ValueError(f"LoRA path {path!r} is of type {type(base).__name__}, which LoRA does not support; "
-                       f"supported: {_nnx_kind_names()}")
+      raise ValueError(
+        f"LoRA path {path!r} is of type {type(base).__name__}, which LoRA does not support; "
+        f"supported: {_nnx_kind_names()}"
+      )
     check_factor_shapes(path, _nnx_matrix_shape(base), factors)
     wrapped = _nnx_lora_layer(base, factors["a"], factors["b"], scale)
     if isinstance(last, int):

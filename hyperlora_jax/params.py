@@ -4,6 +4,7 @@ A *leaf name* is the '/'-joined key path of a leaf, e.g.
 `lora/encoder/block_0/attn/query/a` or `head/kernel`; methods select leaves (local, frozen)
 by `re.fullmatch` on these names.
 """
+
 from __future__ import annotations
 
 import re
@@ -16,11 +17,12 @@ import numpy as np
 from hyperlora_jax.pytree import Tree
 
 
-
 def leaf_names(tree: Tree) -> Tree:
   """Same structure as `tree`, each leaf replaced by its '/'-joined key path."""
+
   def name(path, _):
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
   return jax.tree_util.tree_map_with_path(name, tree)
 
 

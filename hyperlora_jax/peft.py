@@ -27,6 +27,7 @@ PEFT's output on every layer. `save_peft` writes layers of different ranks with 
 `rank_pattern` and the `alpha_pattern` that keeps their one scale. Config fields that change the computation in ways this layout cannot hold
 (DoRA, LoRA biases, modules_to_save, trainable tokens, ...) are refused by name.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,9 @@ def default_module_name(path: str) -> str:
   """The Flax module path with '.' for '/' (a model of this project's own)."""
   parts = path.split("/")
   if any("." in p or not p for p in parts):
-    raise ValueError(f"module path {path!r}: PEFT names join path parts with '.', so no part may "
-                     f"contain '.' or be empty")
+    raise ValueError(
+      f"module path {path!r}: PEFT names join path parts with '.', so no part may contain '.' or be empty"
+    )
   return ".".join(parts)
 
 
@@ -69,13 +71,26 @@ LINEAR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 EMBEDDING_SUFFIXES = (".lora_embedding_A", ".lora_embedding_B")
 # LoraConfig fields whose non-default values change what the adapter computes beyond
 # (lora_alpha / r) · B A per module: an adapter using one is refused, not loaded as plain LoRA.
-UNSUPPORTED_FIELDS = ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices", "target_parameters",
-                      "layer_replication", "alora_invocation_tokens", "use_qalora", "use_bdlora", "velora_config",
-                      "monteclora_config", "arrow_config", "kasa_config")
+UNSUPPORTED_FIELDS = (
+  "use_dora",
+  "lora_bias",
+  "modules_to_save",
+  "trainable_token_indices",
+  "target_parameters",
+  "layer_replication",
+  "alora_invocation_tokens",
+  "use_qalora",
+  "use_bdlora",
+  "velora_config",
+  "monteclora_config",
+  "arrow_config",
+  "kasa_config",
+)
 
 
-def to_peft_tensors(adapter: Mapping[str, Mapping[str, Any]], module_name: ModuleName | None = None,
-                    embeddings: Collection[str] = ()) -> dict[str, np.ndarray]:
+def to_peft_tensors(
+  adapter: Mapping[str, Mapping[str, Any]], module_name: ModuleName | None = None, embeddings: Collection[str] = ()
+) -> dict[str, np.ndarray]:
   """{path: {"a": [d_in, r], "b": [r, d_out]}} -> {PEFT name: array} (see the module docstring);
   the layers whose paths are in `embeddings` (embedding tables) get PEFT's embedding names."""
   tensors = {}
@@ -92,12 +107,13 @@ def _factor_of(name: str) -> tuple[str, str] | None:
   for suffix_a, suffix_b in (LINEAR_SUFFIXES, EMBEDDING_SUFFIXES):
     for suffix, key in ((suffix_a, "a"), (suffix_b, "b")):
       if name.startswith(PREFIX) and name.endswith(suffix):
-        return name[len(PREFIX):-len(suffix)], key
+        return name[len(PREFIX) : -len(suffix)], key
   return None
 
 
-def from_peft_tensors(tensors: Mapping[str, np.ndarray],
-                      module_paths: Mapping[str, str] | None = None) -> dict[str, dict[str, np.ndarray]]:
+def from_peft_tensors(
+  tensors: Mapping[str, np.ndarray], module_paths: Mapping[str, str] | None = None
+) -> dict[str, dict[str, np.ndarray]]:
   """The inverse of `to_peft_tensors`: {path: {"a", "b"}}, each module name mapped to its path by
   `module_paths` ({name: path}; default '.' -> '/'). Raises ValueError on a name outside the
   layout (naming what it is when peft wrote it: DoRA's magnitude, a LoRA bias, a module saved
@@ -106,16 +122,20 @@ def from_peft_tensors(tensors: Mapping[str, np.ndarray],
   for name, value in tensors.items():
     found = _factor_of(name)
     if found is None:
-      raise ValueError(f"{name!r} is not a PEFT LoRA tensor ('{PREFIX}<module>.lora_A|lora_B.weight' or "
-                       f"'.lora_embedding_A|B'){_what_peft_tensor(name)}")
+      raise ValueError(
+        f"{name!r} is not a PEFT LoRA tensor ('{PREFIX}<module>.lora_A|lora_B.weight' or "
+        f"'.lora_embedding_A|B'){_what_peft_tensor(name)}"
+      )
     module, key = found
     if module_paths is None:
       path = module.replace(".", "/")
     elif module in module_paths:
       path = module_paths[module]
     else:
-      raise ValueError(f"{name!r}: module {module!r} is none of the model's adapted layers "
-                       f"({', '.join(sorted(module_paths)[:6])}{' ...' if len(module_paths) > 6 else ''})")
+      raise ValueError(
+        f"{name!r}: module {module!r} is none of the model's adapted layers "
+        f"({', '.join(sorted(module_paths)[:6])}{' ...' if len(module_paths) > 6 else ''})"
+      )
     adapter.setdefault(path, {})[key] = np.asarray(value).T
   incomplete = sorted(p for p, f in adapter.items() if set(f) != {"a", "b"})
   if incomplete:
@@ -127,10 +147,12 @@ def from_peft_tensors(tensors: Mapping[str, np.ndarray],
 
 
 def _what_peft_tensor(name: str) -> str:
-  for marker, meaning in ((".lora_magnitude_vector", "DoRA's magnitude (use_dora), which this loader does not apply"),
-                          (".lora_B.bias", "a LoRA bias (lora_bias), which this loader does not apply"),
-                          (".modules_to_save.", "a module saved whole (modules_to_save)"),
-                          (".trainable_tokens_", "trainable tokens (trainable_token_indices)")):
+  for marker, meaning in (
+    (".lora_magnitude_vector", "DoRA's magnitude (use_dora), which this loader does not apply"),
+    (".lora_B.bias", "a LoRA bias (lora_bias), which this loader does not apply"),
+    (".modules_to_save.", "a module saved whole (modules_to_save)"),
+    (".trainable_tokens_", "trainable tokens (trainable_token_indices)"),
+  ):
     if marker in name:
       return f": it is {meaning}"
   return ""
@@ -149,11 +171,17 @@ def without_tied_heads(tensors: Mapping[str, np.ndarray], config: Mapping[str, A
     if found and name.endswith(EMBEDDING_SUFFIXES[0]):
       embeddings[found[0]] = (tensors[name], tensors.get(f"{PREFIX}{found[0]}{EMBEDDING_SUFFIXES[1]}"))
   for name in [n for n in tensors if n.endswith(LINEAR_SUFFIXES[0])]:
-    head = name[len(PREFIX):-len(LINEAR_SUFFIXES[0])]
+    head = name[len(PREFIX) : -len(LINEAR_SUFFIXES[0])]
     lora_a, lora_b = tensors[name], tensors.get(f"{PREFIX}{head}{LINEAR_SUFFIXES[1]}")
     for table_a, table_b in embeddings.values():
-      if (table_b is not None and lora_b is not None and lora_a.shape == table_b.T.shape
-          and lora_b.shape == table_a.T.shape and np.array_equal(lora_a, table_b.T) and np.array_equal(lora_b, table_a.T)):
+      if (
+        table_b is not None
+        and lora_b is not None
+        and lora_a.shape == table_b.T.shape
+        and lora_b.shape == table_a.T.shape
+        and np.array_equal(lora_a, table_b.T)
+        and np.array_equal(lora_b, table_a.T)
+      ):
         del tensors[name], tensors[f"{PREFIX}{head}{LINEAR_SUFFIXES[1]}"]
         break
   return tensors
@@ -189,17 +217,27 @@ def check_config(config: Mapping[str, Any], where: str) -> None:
   if config.get("bias", "none") != "none":
     used.append(f"bias={config['bias']!r}")
   if used:
-    raise ValueError(f"{where}: {', '.join(used)}: this adapter computes more than (lora_alpha / r) · B A per "
-                     f"module, which this loader cannot apply; only plain LoRA adapters load")
+    raise ValueError(
+      f"{where}: {', '.join(used)}: this adapter computes more than (lora_alpha / r) · B A per "
+      f"module, which this loader cannot apply; only plain LoRA adapters load"
+    )
   for field in ("r", "lora_alpha"):
     if not isinstance(config.get(field), (int, float)) or isinstance(config.get(field), bool) or config[field] <= 0:
       raise ValueError(f"{where}: {field} must be a positive number, got {config.get(field)!r}")
 
 
-def save_peft(directory: str, adapter: Mapping[str, Mapping[str, Any]], *, alpha: float,
-              rslora: bool = False, base_model_name_or_path: str = "",
-              module_name: ModuleName | None = None, embeddings: Collection[str] = (),
-              tied_heads: Mapping[str, str] | None = None, task_type: str | None = None) -> None:
+def save_peft(
+  directory: str,
+  adapter: Mapping[str, Mapping[str, Any]],
+  *,
+  alpha: float,
+  rslora: bool = False,
+  base_model_name_or_path: str = "",
+  module_name: ModuleName | None = None,
+  embeddings: Collection[str] = (),
+  tied_heads: Mapping[str, str] | None = None,
+  task_type: str | None = None,
+) -> None:
   """Writes `adapter` as `adapter_model.safetensors` and `adapter_config.json` in `directory`
   (and its Flax paths in `hyperlora_jax_adapter.json`).
 
@@ -219,6 +257,7 @@ def save_peft(directory: str, adapter: Mapping[str, Mapping[str, Any]], *, alpha
     task_type: PEFT's task type (e.g. "CAUSAL_LM"), None for a bare model.
   """
   from safetensors.numpy import save_file
+
   names = module_names(adapter, module_name)
   tied_heads = dict(tied_heads or {})
   unknown = sorted(set(embeddings) - set(adapter)) + sorted(set(tied_heads) - set(embeddings))
@@ -232,8 +271,9 @@ def save_peft(directory: str, adapter: Mapping[str, Mapping[str, Any]], *, alpha
   rank = max(set(values), key=values.count)
   scale = _scale(alpha, rank, rslora)  # The one scale `lora.apply` used on every layer.
   rank_pattern = {re.escape(names[path]): r for path, r in ranks.items() if r != rank}
-  alpha_pattern = {re.escape(names[path]): scale * (np.sqrt(r) if rslora else r)
-                   for path, r in ranks.items() if r != rank}
+  alpha_pattern = {
+    re.escape(names[path]): scale * (np.sqrt(r) if rslora else r) for path, r in ranks.items() if r != rank
+  }
   tensors = to_peft_tensors(adapter, names.get, embeddings)
   for path, head in tied_heads.items():  # peft's tied head: lora_A = the table's B, lora_B = its A.
     suffix_a, suffix_b = LINEAR_SUFFIXES
@@ -241,19 +281,31 @@ def save_peft(directory: str, adapter: Mapping[str, Mapping[str, Any]], *, alpha
     tensors[f"{PREFIX}{head}{suffix_b}"] = tensors[f"{PREFIX}{names[path]}{EMBEDDING_SUFFIXES[0]}"].T.copy()
   os.makedirs(directory, exist_ok=True)
   save_file(tensors, os.path.join(directory, ADAPTER_WEIGHTS))
-  config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "use_rslora": rslora,
-            "target_modules": sorted(names.values()), "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-            "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
-            "ensure_weight_tying": bool(tied_heads)}
+  config = {
+    "peft_type": "LORA",
+    "r": rank,
+    "lora_alpha": alpha,
+    "use_rslora": rslora,
+    "target_modules": sorted(names.values()),
+    "rank_pattern": rank_pattern,
+    "alpha_pattern": alpha_pattern,
+    "lora_dropout": 0.0,
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "inference_mode": True,
+    "task_type": task_type,
+    "base_model_name_or_path": base_model_name_or_path,
+    "ensure_weight_tying": bool(tied_heads),
+  }
   with open(os.path.join(directory, ADAPTER_CONFIG), "w") as f:
     json.dump(config, f, indent=2)
   with open(os.path.join(directory, PATHS_FILE), "w") as f:
     json.dump({"module_paths": {name: path for path, name in names.items()}}, f, indent=2)
 
 
-def load_peft(directory: str, *, paths=None,
-              module_name: ModuleName | None = None) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
+def load_peft(
+  directory: str, *, paths=None, module_name: ModuleName | None = None
+) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
   """(adapter {path: {"a", "b"}}, the adapter_config.json dict) from `directory`.
 
   The module names map back to Flax paths by `paths` + `module_name` (the model's adaptable
@@ -270,6 +322,7 @@ def load_peft(directory: str, *, paths=None,
       factors whose shape is not their layer's or whose rank is not the config's.
   """
   from safetensors.numpy import load_file
+
   config_file = os.path.join(directory, ADAPTER_CONFIG)
   with open(config_file) as f:
     config = json.load(f)
@@ -287,8 +340,11 @@ def load_peft(directory: str, *, paths=None,
   weights_file = os.path.join(directory, ADAPTER_WEIGHTS)
   tensors = without_tied_heads(load_file(weights_file), config)
   adapter = from_peft_tensors(tensors, module_paths)
-  modules = ({path: name for name, path in module_paths.items()} if module_paths is not None
-             else {path: path.replace("/", ".") for path in adapter})
+  modules = (
+    {path: name for name, path in module_paths.items()}
+    if module_paths is not None
+    else {path: path.replace("/", ".") for path in adapter}
+  )
   _check_factor_shapes(adapter, config, modules, paths if isinstance(paths, Mapping) else None, weights_file)
   adapter = _to_one_scale(adapter, config, modules)
   if order is None:
@@ -296,8 +352,9 @@ def load_peft(directory: str, *, paths=None,
   return {p: adapter[p] for p in order if p in adapter}, config
 
 
-def _check_factor_shapes(adapter: dict, config: Mapping[str, Any], modules: Mapping[str, str],
-                         shapes: Mapping[str, Any] | None, where: str) -> None:
+def _check_factor_shapes(
+  adapter: dict, config: Mapping[str, Any], modules: Mapping[str, str], shapes: Mapping[str, Any] | None, where: str
+) -> None:
   """Each layer's rank is the config's (`rank_pattern` included) and, with `shapes` {path:
   (d_in, d_out)}, its a [d_in, r] and b [r, d_out] fit its layer; raises ValueError naming it."""
   for path, factors in adapter.items():
@@ -305,23 +362,31 @@ def _check_factor_shapes(adapter: dict, config: Mapping[str, Any], modules: Mapp
     rank = pattern_value(config.get("rank_pattern") or {}, module, config["r"])
     got = (tuple(factors["a"].shape), tuple(factors["b"].shape))
     if got[0][1] != rank:
-      raise ValueError(f"{where}: module {module!r} has rank {got[0][1]} (lora_A {got[0][::-1]}), but "
-                       f"adapter_config.json gives it r={rank} (r / rank_pattern)")
+      raise ValueError(
+        f"{where}: module {module!r} has rank {got[0][1]} (lora_A {got[0][::-1]}), but "
+        f"adapter_config.json gives it r={rank} (r / rank_pattern)"
+      )
     if shapes is not None and path in shapes:
       d_in, d_out = (int(d) for d in shapes[path])
       if got[0][0] != d_in or got[1][1] != d_out:
-        raise ValueError(f"{where}: module {module!r} is [d_in, d_out] = [{got[0][0]}, {got[1][1]}] in the "
-                         f"adapter (lora_A {got[0][::-1]}, lora_B {got[1][::-1]}), but the model's layer "
-                         f"{path!r} is [{d_in}, {d_out}]: an adapter of another model")
+        raise ValueError(
+          f"{where}: module {module!r} is [d_in, d_out] = [{got[0][0]}, {got[1][1]}] in the "
+          f"adapter (lora_A {got[0][::-1]}, lora_B {got[1][::-1]}), but the model's layer "
+          f"{path!r} is [{d_in}, {d_out}]: an adapter of another model"
+        )
 
 
 def _to_one_scale(adapter: dict, config: Mapping[str, Any], modules: Mapping[str, str]) -> dict:
   """Every layer's b times s_l / s (s = `scale_from_config`), so one scale serves all."""
   scale = scale_from_config(config)
   scales = layer_scales(config, {path: modules.get(path, path) for path in adapter})
-  return {path: {"a": f["a"], "b": f["b"] if scales[path] == scale else
-                 (f["b"] * (scales[path] / scale)).astype(f["b"].dtype)}
-          for path, f in adapter.items()}
+  return {
+    path: {
+      "a": f["a"],
+      "b": f["b"] if scales[path] == scale else (f["b"] * (scales[path] / scale)).astype(f["b"].dtype),
+    }
+    for path, f in adapter.items()
+  }
 
 
 def scale_from_config(config: Mapping[str, Any]) -> float:

@@ -18,6 +18,7 @@ placement size is fixed when the program is built; the engine needs a memory kno
 padded cohorts whose size the caller picks. The primitives below keep DrJAX's vocabulary
 and its properties (pure, differentiable, mesh-sharded), in about sixty lines.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -98,8 +99,13 @@ def broadcast(tree: Tree, num_clients: int) -> Tree:
   return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients,) + jnp.shape(x)), tree)
 
 
-def map_clients(fn: Callable, xs: Tree, clients_per_chunk: int = 0, mesh: Mesh | None = None,
-                load_chunk: Callable[[Tree], Tree] | None = None) -> Tree:
+def map_clients(
+  fn: Callable,
+  xs: Tree,
+  clients_per_chunk: int = 0,
+  mesh: Mesh | None = None,
+  load_chunk: Callable[[Tree], Tree] | None = None,
+) -> Tree:
   """vmap `fn` over the leading clients axis of `xs`, `clients_per_chunk` clients at a time.
 
   On a mesh, client c = j * num_chunks + i is computed in chunk i at position j, so with the
@@ -125,8 +131,7 @@ def map_clients(fn: Callable, xs: Tree, clients_per_chunk: int = 0, mesh: Mesh |
   if not clients_per_chunk or clients_per_chunk >= num:
     return vmapped(xs)
   if num % clients_per_chunk:
-    raise ValueError(f"clients_per_chunk={clients_per_chunk} must divide the padded cohort "
-                     f"of {num} clients")
+    raise ValueError(f"clients_per_chunk={clients_per_chunk} must divide the padded cohort of {num} clients")
   num_chunks = num // clients_per_chunk
   if clients_axis_size(mesh) == 1:
     to_chunks = lambda x: x.reshape((num_chunks, clients_per_chunk) + x.shape[1:])
@@ -148,9 +153,11 @@ def host_loader(load: Callable[[Tree], Tree], output_shapes: Callable[[Tree], Tr
     output_shapes: light `jax.ShapeDtypeStruct`s -> the full inputs' ShapeDtypeStructs.
   Single device only: the callback sees the chunk whole.
   """
+
   def load_chunk(light: Tree) -> Tree:
     shapes = output_shapes(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), light))
     return jax.pure_callback(load, shapes, light)
+
   return load_chunk
 
 

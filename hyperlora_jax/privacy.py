@@ -27,6 +27,7 @@ Signatures (HyperLoRA's data statistics) are sent once, clipped to norm C_s with
 σ_s·C_s: one more Gaussian mechanism (multiplier σ_s/2), composed with the rounds. Without
 noise they are not private (ε = ∞).
 """
+
 from __future__ import annotations
 
 import math
@@ -35,7 +36,6 @@ import jax
 import jax.numpy as jnp
 
 from hyperlora_jax.pytree import Tree
-
 
 
 def clip_factors(norms: jax.Array, clip_norm: float) -> jax.Array:
@@ -63,8 +63,7 @@ def add_gaussian_noise(tree: Tree, std: jax.Array | float, key: jax.Array) -> Tr
   return jax.tree.unflatten(treedef, [x + std * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
 
 
-def private_mean(values: Tree, weights: jax.Array, clip_norm: float, noise_multiplier: float,
-                 key: jax.Array) -> Tree:
+def private_mean(values: Tree, weights: jax.Array, clip_norm: float, noise_multiplier: float, key: jax.Array) -> Tree:
   """One release: the uniform mean over participants (weights > 0) of `values` [C, ...] clipped
   to norm `clip_norm` jointly over all leaves, plus N(0, (σ C / n)²) noise. -> [...]."""
   mean_weights, count = clipped_mean_weights(squared_norms(values), weights, clip_norm)
@@ -80,20 +79,30 @@ def effective_noise_multiplier(noise_multiplier: float, releases_per_round: int)
 def round_event(noise_multiplier: float, sampled: int, population: int, releases_per_round: int = 1):
   """One round's `dp_accounting` event."""
   from dp_accounting import dp_event
+
   multiplier = effective_noise_multiplier(noise_multiplier, releases_per_round)
   return dp_event.SampledWithoutReplacementDpEvent(population, sampled, dp_event.GaussianDpEvent(multiplier / 2))
 
 
-def epsilon(rounds: int, noise_multiplier: float, sampled: int, population: int, delta: float,
-            signature_noise_multiplier: float | None = None, releases_per_round: int = 1) -> float:
+def epsilon(
+  rounds: int,
+  noise_multiplier: float,
+  sampled: int,
+  population: int,
+  delta: float,
+  signature_noise_multiplier: float | None = None,
+  releases_per_round: int = 1,
+) -> float:
   """ε at `delta` after `rounds` rounds of `releases_per_round` releases each (and the
   signatures, when given: None = none sent, 0 = sent without noise, so ε = ∞)."""
   import dp_accounting
   from dp_accounting import dp_event
+
   if noise_multiplier <= 0 or signature_noise_multiplier == 0:
     return math.inf
-  events = [dp_event.SelfComposedDpEvent(round_event(noise_multiplier, sampled, population, releases_per_round),
-                                         rounds)]
+  events = [
+    dp_event.SelfComposedDpEvent(round_event(noise_multiplier, sampled, population, releases_per_round), rounds)
+  ]
   if signature_noise_multiplier is not None:
     events.append(dp_event.GaussianDpEvent(signature_noise_multiplier / 2))
   accountant = dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)

@@ -15,6 +15,7 @@ holds no leaves and is left out of its dict, so optional parts (a noise key unde
 of one variant) keep the dict layout of checkpoints written before the state was typed.
 `state["name"]` and `"name" in state` read it as that dict.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,12 +41,16 @@ def typed_state(cls: type[S]) -> type[S]:
 class TypedState:
   """Base of the typed states (module docstring). `DICT_KEYS`: {field: its key in the dict},
   for fields whose dict key is not their name."""
+
   DICT_KEYS: ClassVar[dict[str, str]] = {}
 
   def as_dict(self) -> dict:
     """{key: value} of the fields that are not None, nested typed states as dicts too."""
-    return {self.DICT_KEYS.get(f.name, f.name): as_tree(getattr(self, f.name))
-            for f in _fields(self) if getattr(self, f.name) is not None}
+    return {
+      self.DICT_KEYS.get(f.name, f.name): as_tree(getattr(self, f.name))
+      for f in _fields(self)
+      if getattr(self, f.name) is not None
+    }
 
   def replace(self: S, **changes) -> S:
     return dataclasses.replace(cast(Any, self), **changes)

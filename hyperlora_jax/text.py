@@ -23,6 +23,7 @@ Sequences longer than T are cut at T (the response's end goes first; an example 
 fills T has no loss tokens: `encode_instructions` reports how many). Fixed shapes mean one
 compile per run (`tasks.causal_lm` reads these arrays).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,6 +36,7 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class PromptTemplate:
   """A prompt with `{instruction}` (and `{input}` when the record has one)."""
+
   with_input: str
   without_input: str
 
@@ -45,16 +47,23 @@ class PromptTemplate:
 
 
 ALPACA = PromptTemplate(
-    with_input=("Below is an instruction that describes a task, paired with an input that provides further context. "
-                "Write a response that appropriately completes the request.\n\n"
-                "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"),
-    without_input=("Below is an instruction that describes a task. "
-                   "Write a response that appropriately completes the request.\n\n"
-                   "### Instruction:\n{instruction}\n\n### Response:\n"))
+  with_input=(
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+  ),
+  without_input=(
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+  ),
+)
 # Field names per dataset layout: instruction, context (optional), response, and the field
 # clients are usually partitioned by.
-LAYOUTS: dict[str, dict[str, str | None]] = {"alpaca": {"instruction": "instruction", "input": "input", "response": "output", "group": None},
-           "dolly": {"instruction": "instruction", "input": "context", "response": "response", "group": "category"}}
+LAYOUTS: dict[str, dict[str, str | None]] = {
+  "alpaca": {"instruction": "instruction", "input": "input", "response": "output", "group": None},
+  "dolly": {"instruction": "instruction", "input": "context", "response": "response", "group": "category"},
+}
 
 
 def _fields(layout: str) -> dict:
@@ -69,18 +78,21 @@ def check_record(record: Mapping[str, Any], layout: str, where: str = "record") 
   for role in ("instruction", "response"):
     name = fields[role]
     if name not in record:
-      raise ValueError(f"{where}: the {layout} layout needs a text field {name!r} ({role}); "
-                       f"got fields {sorted(record)}")
+      raise ValueError(
+        f"{where}: the {layout} layout needs a text field {name!r} ({role}); got fields {sorted(record)}"
+      )
     if not isinstance(record[name], str):
-      raise ValueError(f"{where}: field {name!r} ({role}) is a {type(record[name]).__name__} "
-                       f"({str(record[name])[:40]!r}), not text")
+      raise ValueError(
+        f"{where}: field {name!r} ({role}) is a {type(record[name]).__name__} ({str(record[name])[:40]!r}), not text"
+      )
   context = fields["input"]
   if record.get(context) is not None and not isinstance(record[context], str):
     raise ValueError(f"{where}: field {context!r} (input) is a {type(record[context]).__name__}, not text")
 
 
-def prompt_and_response(record: Mapping[str, Any], layout: str = "alpaca",
-                        template: PromptTemplate = ALPACA) -> tuple[str, str]:
+def prompt_and_response(
+  record: Mapping[str, Any], layout: str = "alpaca", template: PromptTemplate = ALPACA
+) -> tuple[str, str]:
   """(prompt text, response text) of one record in `layout`, with `template`."""
   fields = _fields(layout)
   check_record(record, layout)
@@ -95,12 +107,14 @@ def chat_prompt(tokenizer, record: Mapping[str, Any], layout: str = "alpaca") ->
   check_record(record, layout)
   context = record.get(fields["input"]) or ""
   user = record[fields["instruction"]] + (f"\n\n{context}" if context else "")
-  return tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True), \
-      record[fields["response"]]
+  return tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True), record[
+    fields["response"]
+  ]
 
 
-def encode_instruction(tokenizer, prompt: str, response: str, max_len: int,
-                       prompt_has_special_tokens: bool = False) -> dict[str, np.ndarray]:
+def encode_instruction(
+  tokenizer, prompt: str, response: str, max_len: int, prompt_has_special_tokens: bool = False
+) -> dict[str, np.ndarray]:
   """One example as {"input_ids", "attention_mask", "loss_mask"} int32 [max_len] (module
   docstring): `prompt + response` tokenized whole, then end-of-text; the loss on the tokens from
   the first one that covers a response character. `tokenizer`: `models.hf.Tokenizer`; the text
@@ -112,16 +126,25 @@ def encode_instruction(tokenizer, prompt: str, response: str, max_len: int,
   prompt_tokens = next((i for i, (_, end) in enumerate(offsets) if end > len(prompt)), len(ids))
   ids = (ids + [tokenizer.eos_id])[:max_len]
   real = len(ids)
-  out = {"input_ids": np.full(max_len, tokenizer.pad_id, np.int32), "attention_mask": np.zeros(max_len, np.int32),
-         "loss_mask": np.zeros(max_len, np.int32)}
+  out = {
+    "input_ids": np.full(max_len, tokenizer.pad_id, np.int32),
+    "attention_mask": np.zeros(max_len, np.int32),
+    "loss_mask": np.zeros(max_len, np.int32),
+  }
   out["input_ids"][:real] = ids
   out["attention_mask"][:real] = 1
   out["loss_mask"][prompt_tokens:real] = 1
   return out
 
 
-def encode_instructions(tokenizer, records: Iterable[Mapping[str, Any]], max_len: int, layout: str = "alpaca",
-                        chat: bool = False, template: PromptTemplate = ALPACA) -> dict[str, np.ndarray]:
+def encode_instructions(
+  tokenizer,
+  records: Iterable[Mapping[str, Any]],
+  max_len: int,
+  layout: str = "alpaca",
+  chat: bool = False,
+  template: PromptTemplate = ALPACA,
+) -> dict[str, np.ndarray]:
   """Every record encoded: {"input_ids", "attention_mask", "loss_mask"} int32 [N, max_len];
   "mask" [N] float32, 1 for an example with loss tokens (`client.example_count` counts it);
   "truncated" [N] bool (the sequence was cut); "no_loss" [N] bool (its prompt filled max_len)."""

@@ -1,4 +1,5 @@
 """Shared fixtures: a hermetic data dir and backbone cache, and the smoke config."""
+
 import atexit
 import os
 import shutil
@@ -19,7 +20,8 @@ sys.path.insert(0, ROOT)  # `configs/` and `experiments/` are plain directories.
 # HYPERLORA_TEST_XLA_O0=0 keeps XLA's default level. Set before the backend starts; the tests'
 # subprocesses inherit it (`tests/cpu_devices.py` keeps it beside the device count).
 if os.environ.get("HYPERLORA_TEST_XLA_O0", "1") != "0" and "xla_backend_optimization_level" not in os.environ.get(
-    "XLA_FLAGS", ""):
+  "XLA_FLAGS", ""
+):
   os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
 
 # A persistent compilation cache shared by the whole test session: the many end-to-end tests
@@ -52,6 +54,7 @@ def cache_dirs(tmp_path_factory):
 def smoke_config(cache_dirs):
   """The `smoke` variant of configs/default.py pointed at the session caches."""
   from configs import default
+
   config = default.get_config("smoke")
   config.data.data_dir = cache_dirs["data_dir"]
   config.pretrain.cache_dir = cache_dirs["cache_dir"]

@@ -1,4 +1,5 @@
 """Paths every test may need, wherever its file sits under tests/."""
+
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # The repository.

@@ -5,6 +5,7 @@ hyperlora_jax/            the library: no configs, no experiment runner, no data
                           read or written only where documented
 experiments/runner/       the experiment runner, one user of the library
 """
+
 import ast
 import pathlib
 
@@ -46,16 +47,19 @@ def test_the_scan_sees_the_whole_library_and_its_imports():
 
 @pytest.mark.parametrize("forbidden", ["experiments", "configs", "ml_collections", "tensorflow_datasets", "orbax"])
 def test_the_library_imports_no_runner_configs_or_datasets(forbidden):
-  offenders = {str(p.relative_to(ROOT)): sorted(m for m in imported_modules(p) if m.split(".")[0] == forbidden)
-               for p in library_modules()}
+  offenders = {
+    str(p.relative_to(ROOT)): sorted(m for m in imported_modules(p) if m.split(".")[0] == forbidden)
+    for p in library_modules()
+  }
   assert not {p: m for p, m in offenders.items() if m}
 
 
 def test_the_library_core_does_not_import_the_model_zoo():
   """Tasks and HyperLoRA's signatures take the model's input convention as an argument."""
   core = [p for p in library_modules() if "models" not in p.relative_to(LIBRARY).parts]
-  offenders = {str(p.relative_to(ROOT)) for p in core
-               if any(m.startswith("hyperlora_jax.models") for m in imported_modules(p))}
+  offenders = {
+    str(p.relative_to(ROOT)) for p in core if any(m.startswith("hyperlora_jax.models") for m in imported_modules(p))
+  }
   assert not offenders
 
 
@@ -87,13 +91,17 @@ def test_the_runner_is_a_package_beside_the_library_and_no_library_module_is_lef
 def runner_import_graph() -> dict[str, set[str]]:
   """{runner module: the runner modules it imports anywhere in its file (functions included)}."""
   runner = ROOT / "experiments" / "runner"
-  modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
-             for p in runner.rglob("*.py")}
+  modules = {
+    ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p for p in runner.rglob("*.py")
+  }
   graph = {}
   for name, path in modules.items():
     imported = imported_modules(path)
-    graph[name] = {m for m in modules if m != name and (m in imported or any(i.startswith(m + ".") for i in imported))
-                   and m != "experiments.runner"}
+    graph[name] = {
+      m
+      for m in modules
+      if m != name and (m in imported or any(i.startswith(m + ".") for i in imported)) and m != "experiments.runner"
+    }
   return graph
 
 
@@ -121,6 +129,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
           break
       if len(component) > 1:
         found.append(sorted(component))
+
   for node in graph:
     if node not in index:
       visit(node)
@@ -142,8 +151,10 @@ def test_the_runners_imports_are_acyclic():
 def test_configs_import_nothing_of_the_experiments():
   """`configs/` is read by the runner and by sweeps; it imports the library and its own
   modules, never `experiments/` (which imported back)."""
-  offenders = {str(p.relative_to(ROOT)): sorted(m for m in imported_modules(p) if m.split(".")[0] == "experiments")
-               for p in sorted((ROOT / "configs").glob("*.py"))}
+  offenders = {
+    str(p.relative_to(ROOT)): sorted(m for m in imported_modules(p) if m.split(".")[0] == "experiments")
+    for p in sorted((ROOT / "configs").glob("*.py"))
+  }
   assert len(offenders) >= 9 and not {p: m for p, m in offenders.items() if m}
 
 
@@ -151,14 +162,23 @@ def test_the_facade_has_every_module_its_map_lists_and_tree_is_one_alias():
   """`hl.text`, `hl.tasks` and `hl.distributed` were listed in the map but raised AttributeError;
   `Tree = Any` was defined in 12 modules."""
   import hyperlora_jax as hl
+
   docstring = ast.get_docstring(ast.parse((LIBRARY / "__init__.py").read_text()))
-  listed = [line.split()[0] for line in docstring.splitlines()
-            if line.startswith("  ") and not line.startswith("   ") and line.split()]
+  listed = [
+    line.split()[0]
+    for line in docstring.splitlines()
+    if line.startswith("  ") and not line.startswith("   ") and line.split()
+  ]
   assert {"lora", "federated", "text", "tasks", "distributed", "files", "pytree"} <= set(listed)
   assert [name for name in listed if not hasattr(hl, name)] == []
-  defined = [str(p.relative_to(LIBRARY)) for p in library_modules()
-             if any(isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "Tree" for t in node.targets)
-                    for node in ast.parse(p.read_text()).body)]
+  defined = [
+    str(p.relative_to(LIBRARY))
+    for p in library_modules()
+    if any(
+      isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "Tree" for t in node.targets)
+      for node in ast.parse(p.read_text()).body
+    )
+  ]
   assert defined == ["pytree.py"]
 
 
@@ -168,6 +188,10 @@ def test_experiments_are_sorted_by_kind():
   top = sorted(p.name for p in (ROOT / "experiments").glob("*.py"))
   assert top == ["__init__.py", "cli.py", "main.py", "sweep.py"]
   assert {p.name for p in (ROOT / "experiments").iterdir() if p.is_dir() and not p.name.startswith("__")} == {
-      "reports", "runner", "studies"}
+    "reports",
+    "runner",
+    "studies",
+  }
   assert {"round_speed.py", "text_round_speed.py", "gpu.sh", "round_speed.json"} <= {
-      p.name for p in (ROOT / "benchmarks").iterdir()}
+    p.name for p in (ROOT / "benchmarks").iterdir()
+  }

@@ -1,5 +1,6 @@
 """Every example of the README and docs/ runs exactly as written, and gives what the text says
 it gives."""
+
 import json
 import os
 import re
@@ -14,8 +15,10 @@ from hyperlora_jax import autotune as hl_autotune
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-DOCUMENTS = ("README.md", *sorted(os.path.join("docs", n) for n in os.listdir(os.path.join(ROOT, "docs"))
-                                  if n.endswith(".md")))
+DOCUMENTS = (
+  "README.md",
+  *sorted(os.path.join("docs", n) for n in os.listdir(os.path.join(ROOT, "docs")) if n.endswith(".md")),
+)
 
 
 def _texts() -> dict[str, str]:
@@ -46,8 +49,19 @@ def test_every_example_block_is_tested():
   found = [m for text in _texts().values() for m in re.findall(r"<!-- example:([\w-]+) -->", text)]
   assert len(found) == len(set(found))  # One home each.
   markers = set(found)
-  tested = {"text-classifier", "regression", "scale", "aggregators", "generator", "attention", "nnx", "peft",
-            "hyperlora", "huggingface", "decoder"}
+  tested = {
+    "text-classifier",
+    "regression",
+    "scale",
+    "aggregators",
+    "generator",
+    "attention",
+    "nnx",
+    "peft",
+    "hyperlora",
+    "huggingface",
+    "decoder",
+  }
   assert markers == tested
 
 
@@ -79,9 +93,9 @@ def test_scale_example_keeps_each_sampled_clients_b_in_its_own_row():
   assert ns["choice"].clients_per_chunk in hl_autotune.chunk_candidates(32)
   assert sorted(ns["choice"].seconds) == hl_autotune.chunk_candidates(32)
   store = np.asarray(ns["state"]["clients"]["hidden/b"])
-  assert store.shape == (10_000, 2, 32)                       # [N, r, d_out]: not transposed.
+  assert store.shape == (10_000, 2, 32)  # [N, r, d_out]: not transposed.
   ids = np.asarray(ns["ids"])
-  moved = np.abs(store).sum((1, 2)) > 0                        # B starts at 0: only trained rows move.
+  moved = np.abs(store).sum((1, 2)) > 0  # B starts at 0: only trained rows move.
   assert moved[ids].all() and moved.sum() == 32
   assert int(ns["metrics"]["participants"]) == 32
   # The shared A is the mean of the 32 clients' trained A (FedIT on the non-local leaves).
@@ -104,10 +118,12 @@ def test_aggregators_on_user_stacked_adapters_match_the_formulas():
       assert got["a"].shape == (16, 4) and got["b"].shape == (4, 24)  # Not transposed.
       np.testing.assert_allclose(s * got["a"] @ got["b"], _best_rank_r(exact, 4), atol=1e-4)
   mixed = ns["mixed_adapter"]
-  np.testing.assert_allclose(mixed["enc/query"]["a"] @ mixed["enc/query"]["b"],
-                             ns["flex_adapter"]["enc/query"]["a"] @ ns["flex_adapter"]["enc/query"]["b"], atol=1e-5)
-  np.testing.assert_allclose(mixed["enc/value"]["a"], np.einsum("c,cir->ir", w, clients["enc/value"]["a"]),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    mixed["enc/query"]["a"] @ mixed["enc/query"]["b"],
+    ns["flex_adapter"]["enc/query"]["a"] @ ns["flex_adapter"]["enc/query"]["b"],
+    atol=1e-5,
+  )
+  np.testing.assert_allclose(mixed["enc/value"]["a"], np.einsum("c,cir->ir", w, clients["enc/value"]["a"]), rtol=1e-6)
 
 
 def test_generator_on_user_adapters_learns_the_clients_ends():
@@ -145,6 +161,7 @@ def test_peft_export_round_trips_and_gives_the_merged_delta(tmp_path):
     np.testing.assert_array_equal(loaded[path]["a"], adapter[path]["a"])
     np.testing.assert_array_equal(loaded[path]["b"], adapter[path]["b"])
   from safetensors.numpy import load_file
+
   tensors = load_file(os.path.join(ns["directory"], "adapter_model.safetensors"))
   lora_a, lora_b = tensors["base_model.model.proj.lora_A.weight"], tensors["base_model.model.proj.lora_B.weight"]
   assert lora_a.shape == (2, 8) and lora_b.shape == (6, 2)  # PEFT: [r, d_in], [d_out, r].
@@ -162,8 +179,18 @@ def _fake_run(workdir, global_accuracy, mean, worst, cum_bytes):
   os.makedirs(workdir)
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
     f.write(json.dumps({"round": 29, "personalized_accuracy_mean": 0.0, "cum_bytes": 0}) + "\n")
-    f.write(json.dumps({"round": 30, "global_accuracy": global_accuracy, "personalized_accuracy_mean": mean,
-                        "personalized_accuracy_worst": worst, "cum_bytes": cum_bytes}) + "\n")
+    f.write(
+      json.dumps(
+        {
+          "round": 30,
+          "global_accuracy": global_accuracy,
+          "personalized_accuracy_mean": mean,
+          "personalized_accuracy_worst": worst,
+          "cum_bytes": cum_bytes,
+        }
+      )
+      + "\n"
+    )
 
 
 def test_hyperlora_round_on_a_user_model_learns_and_personalizes_by_signature():
@@ -185,36 +212,59 @@ def test_hyperlora_round_on_a_user_model_learns_and_personalizes_by_signature():
 
 def test_readme_check_reads_the_readmes_table_and_applies_its_tolerances(tmp_path):
   from experiments.reports import check_readme
+
   with open(os.path.join(ROOT, "README.md")) as f:
     table = check_readme.readme_table(f.read())
   assert set(table) == {"hyperlora", "fedit"}  # What `make run` runs; the check must find both rows.
   fedit = table["fedit"]
   assert 0 < fedit["pers_worst"] <= fedit["pers_mean"] <= 100 and fedit["mb"] > 1
   for method, row in table.items():  # Within tolerance: 3 points off on accuracy, 7 on the worst client.
-    _fake_run(str(tmp_path / "ok" / method), (row["global"] + 3) / 100, (row["pers_mean"] - 3) / 100,
-              (row["pers_worst"] + 7) / 100, row["mb"] * 1e6)
+    _fake_run(
+      str(tmp_path / "ok" / method),
+      (row["global"] + 3) / 100,
+      (row["pers_mean"] - 3) / 100,
+      (row["pers_worst"] + 7) / 100,
+      row["mb"] * 1e6,
+    )
   readme = os.path.join(ROOT, "README.md")
   assert check_readme.main(["--workdir", str(tmp_path / "ok"), "--readme", readme]) == 0
   for method, row in table.items():  # The printed table itself (run figures rounded as printed): tolerance 0.
-    _fake_run(str(tmp_path / "same" / method), (row["global"] + 0.04) / 100, row["pers_mean"] / 100,
-              (row["pers_worst"] - 0.04) / 100, row["mb"] * 1e6 + 4000)
+    _fake_run(
+      str(tmp_path / "same" / method),
+      (row["global"] + 0.04) / 100,
+      row["pers_mean"] / 100,
+      (row["pers_worst"] - 0.04) / 100,
+      row["mb"] * 1e6 + 4000,
+    )
   zero = ["--tolerance", "0", "--worst_tolerance", "0"]
   assert check_readme.main(["--workdir", str(tmp_path / "same"), "--readme", readme] + zero) == 0
   assert check_readme.main(["--workdir", str(tmp_path / "ok"), "--readme", readme] + zero) == 1
   for method, row in table.items():  # One field beyond tolerance each: global +5, MB off by 0.02.
-    _fake_run(str(tmp_path / "bad" / method), (row["global"] + 5) / 100, row["pers_mean"] / 100,
-              row["pers_worst"] / 100, (row["mb"] + (0.02 if method == "fedit" else 0)) * 1e6)
-  problems = check_readme.compare(table, {m: check_readme.run_row(str(tmp_path / "bad" / m)) for m in table},
-                                  4.0)
-  assert sorted(problems) == sorted([f"{m} global: README {row['global']:.1f}%, run {row['global'] + 5:.1f}% "
-                                     f"(|difference| 5.0 > 4.0)" for m, row in table.items()]
-                                    + [f"fedit MB: README {fedit['mb']:.2f}, run {fedit['mb'] + 0.02:.2f} "
-                                       "(bytes are exact counts)"])
+    _fake_run(
+      str(tmp_path / "bad" / method),
+      (row["global"] + 5) / 100,
+      row["pers_mean"] / 100,
+      row["pers_worst"] / 100,
+      (row["mb"] + (0.02 if method == "fedit" else 0)) * 1e6,
+    )
+  problems = check_readme.compare(table, {m: check_readme.run_row(str(tmp_path / "bad" / m)) for m in table}, 4.0)
+  assert sorted(problems) == sorted(
+    [
+      f"{m} global: README {row['global']:.1f}%, run {row['global'] + 5:.1f}% (|difference| 5.0 > 4.0)"
+      for m, row in table.items()
+    ]
+    + [f"fedit MB: README {fedit['mb']:.2f}, run {fedit['mb'] + 0.02:.2f} (bytes are exact counts)"]
+  )
   assert check_readme.main(["--workdir", str(tmp_path / "bad"), "--readme", readme]) == 1
   # The worst client is not checked by default (one client's split), only when asked.
   for method, row in table.items():
-    _fake_run(str(tmp_path / "worst" / method), row["global"] / 100, row["pers_mean"] / 100,
-              (row["pers_worst"] + 15) / 100, row["mb"] * 1e6)
+    _fake_run(
+      str(tmp_path / "worst" / method),
+      row["global"] / 100,
+      row["pers_mean"] / 100,
+      (row["pers_worst"] + 15) / 100,
+      row["mb"] * 1e6,
+    )
   assert check_readme.main(["--workdir", str(tmp_path / "worst"), "--readme", readme]) == 0
   assert check_readme.main(["--workdir", str(tmp_path / "worst"), "--readme", readme, "--worst_tolerance", "8"]) == 1
   # The ranking: HyperLoRA's personalized lead (11.2 points in the README) is checked at any
@@ -222,8 +272,10 @@ def test_readme_check_reads_the_readmes_table_and_applies_its_tolerances(tmp_pat
   hyper, fed = table["hyperlora"], table["fedit"]
   lead = hyper["pers_mean"] - fed["pers_mean"]
   assert lead > 8
-  measured = {"hyperlora": {**hyper, "pers_mean": fed["pers_mean"] + 0.5},
-              "fedit": {**fed, "pers_mean": fed["pers_mean"] + 3.9}}
+  measured = {
+    "hyperlora": {**hyper, "pers_mean": fed["pers_mean"] + 0.5},
+    "fedit": {**fed, "pers_mean": fed["pers_mean"] + 3.9},
+  }
   problems = check_readme.compare(table, measured, lead + 1.0)
   assert problems == [p for p in problems if p.startswith("ranking")] and len(problems) == 1, problems
 
@@ -249,6 +301,7 @@ def test_decoder_example_tunes_generates_and_exports_reference_names():
   """The fixture Llama: the round lowers the loss on the two records, the cached generation is
   a full recompute's greedy tokens, the adapter names are LlamaForCausalLM's."""
   import json as json_lib
+
   cwd = os.getcwd()
   os.chdir(ROOT)
   try:
@@ -256,7 +309,9 @@ def test_decoder_example_tunes_generates_and_exports_reference_names():
   finally:
     os.chdir(cwd)
   task, frozen, batch = ns["task"], ns["frozen_tree"](ns["variables"]), ns["batch"]
-  assert task.loss_fn({"lora": ns["tuned"]}, frozen, batch, None)[0] < task.loss_fn(ns["adapter"], frozen, batch, None)[0]
+  assert (
+    task.loss_fn({"lora": ns["tuned"]}, frozen, batch, None)[0] < task.loss_fn(ns["adapter"], frozen, batch, None)[0]
+  )
   tokens = list(np.asarray(ns["tokens"][0]))
   model, variables, tuned, sequence = ns["model"], ns["variables"], ns["tuned"], list(ns["prompt"])
   for t in tokens[:2]:  # No cache: the whole sequence each time.

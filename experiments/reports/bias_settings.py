@@ -12,6 +12,7 @@ every round; the final global and mean personalized accuracy. Rows are sorted by
 `--diagnostics a,b` adds columns: each metric's mean over every round (e.g. HyperLoRA's
 `synth_weight_kl,corrector_gate,meta_loss` for a sweep over its meta-learning knobs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,7 @@ COLUMNS = ("bias (all rounds)", "bias round 1", "bias last round", "client drift
 def setting_of(workdir: str, method: str) -> str:
   """The grid values in a sweep workdir's path, '/'-joined ('default' when there are none)."""
   parts = os.path.normpath(workdir).split(os.sep)
-  between = parts[parts.index(method) + 1:-1] if method in parts else []
+  between = parts[parts.index(method) + 1 : -1] if method in parts else []
   return "/".join(between) or "default"
 
 
@@ -45,10 +46,19 @@ def run_row(entry: dict, extra: tuple[str, ...] = ()) -> dict | None:
     return None
   final = entry.get("final") or {}
   run = {"records": records}
-  return {"setting": setting_of(entry["workdir"], entry["method"]), "method": entry["method"],
-          "values": (float(np.mean(bias)), bias[0], bias[-1], round_mean(run, "client_drift"),
-                     final.get("global_accuracy"), final.get("personalized_accuracy_mean"))
-          + tuple(round_mean(run, key) for key in extra)}
+  return {
+    "setting": setting_of(entry["workdir"], entry["method"]),
+    "method": entry["method"],
+    "values": (
+      float(np.mean(bias)),
+      bias[0],
+      bias[-1],
+      round_mean(run, "client_drift"),
+      final.get("global_accuracy"),
+      final.get("personalized_accuracy_mean"),
+    )
+    + tuple(round_mean(run, key) for key in extra),
+  }
 
 
 def _cell(values: list, percent: bool) -> str:
@@ -87,4 +97,5 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
   from experiments import cli
+
   cli.run(main)

@@ -19,6 +19,7 @@ A run's figures are rounded as the table prints them (0.1 point, 0.01 MB) before
 
   python -m experiments.reports.check_readme --workdir runs/default           # after `make run`
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,12 @@ def readme_table(readme_text: str) -> dict[str, dict[str, float | None]]:
     if not match:
       break
     method, glob, mean, worst, mb = match.groups()
-    rows[method] = {"global": None if glob == "n/a" else float(glob), "pers_mean": float(mean),
-                    "pers_worst": float(worst), "mb": float(mb)}
+    rows[method] = {
+      "global": None if glob == "n/a" else float(glob),
+      "pers_mean": float(mean),
+      "pers_worst": float(worst),
+      "mb": float(mb),
+    }
   if not rows:
     raise ValueError(f"the README's '{TABLE_HEADER}' table has no rows")
   return rows
@@ -59,9 +64,13 @@ def run_row(workdir: str) -> dict[str, float | None] | None:
     return None
   last = records[-1]
   percent = lambda v: None if v is None else 100 * v
-  return {"global": percent(last.get("global_accuracy")), "pers_mean": percent(last["personalized_accuracy_mean"]),
-          "pers_worst": percent(last["personalized_accuracy_worst"]), "mb": last["cum_bytes"] / 1e6,
-          "round": last["round"]}
+  return {
+    "global": percent(last.get("global_accuracy")),
+    "pers_mean": percent(last["personalized_accuracy_mean"]),
+    "pers_worst": percent(last["personalized_accuracy_worst"]),
+    "mb": last["cum_bytes"] / 1e6,
+    "round": last["round"],
+  }
 
 
 def compare(expected: dict, measured: dict, tolerance: float, worst_tolerance: float | None = None) -> list[str]:
@@ -77,23 +86,32 @@ def compare(expected: dict, measured: dict, tolerance: float, worst_tolerance: f
       continue
     got = {k: (None if v is None else round(v, 2 if k == "mb" else 1)) for k, v in got.items()}
     checked = (("global", tolerance), ("pers_mean", tolerance)) + (
-        (("pers_worst", worst_tolerance),) if worst_tolerance is not None else ())
+      (("pers_worst", worst_tolerance),) if worst_tolerance is not None else ()
+    )
     for key, allowed in checked:
       if (want[key] is None) != (got[key] is None):
         problems.append(f"{method} {key}: README {want[key]}, run {got[key]}")
       elif want[key] is not None and abs(got[key] - want[key]) > allowed + 1e-9:
-        problems.append(f"{method} {key}: README {want[key]:.1f}%, run {got[key]:.1f}% "
-                        f"(|difference| {abs(got[key] - want[key]):.1f} > {allowed})")
+        problems.append(
+          f"{method} {key}: README {want[key]:.1f}%, run {got[key]:.1f}% "
+          f"(|difference| {abs(got[key] - want[key]):.1f} > {allowed})"
+        )
     if abs(got["mb"] - want["mb"]) > 1e-9:
       problems.append(f"{method} MB: README {want['mb']:.2f}, run {got['mb']:.2f} (bytes are exact counts)")
   for better, want_better in expected.items():
     for worse, want_worse in expected.items():
       gap = want_better["pers_mean"] - want_worse["pers_mean"]
-      if gap >= RANKING_GAP and better in measured and worse in measured and \
-          measured[better]["pers_mean"] <= measured[worse]["pers_mean"]:
-        problems.append(f"ranking: the README has {better} {gap:.1f} points above {worse} in mean personalized "
-                        f"accuracy; the runs have {measured[better]['pers_mean']:.1f} against "
-                        f"{measured[worse]['pers_mean']:.1f}")
+      if (
+        gap >= RANKING_GAP
+        and better in measured
+        and worse in measured
+        and measured[better]["pers_mean"] <= measured[worse]["pers_mean"]
+      ):
+        problems.append(
+          f"ranking: the README has {better} {gap:.1f} points above {worse} in mean personalized "
+          f"accuracy; the runs have {measured[better]['pers_mean']:.1f} against "
+          f"{measured[worse]['pers_mean']:.1f}"
+        )
   return problems
 
 
@@ -102,8 +120,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--workdir", default="runs/default", help="make run's workdir (one subdirectory per method).")
   parser.add_argument("--readme", default="README.md")
   parser.add_argument("--tolerance", type=float, default=4.0, help="Points allowed on global and mean accuracy.")
-  parser.add_argument("--worst_tolerance", type=float, default=None,
-                      help="Points allowed on the worst client (default: printed, not checked).")
+  parser.add_argument(
+    "--worst_tolerance",
+    type=float,
+    default=None,
+    help="Points allowed on the worst client (default: printed, not checked).",
+  )
   args = parser.parse_args(argv)
   with open(args.readme) as f:
     expected = readme_table(f.read())
@@ -115,20 +137,25 @@ def main(argv: list[str] | None = None) -> int:
       measured[method] = row
   for method, row in measured.items():
     want = expected[method]
-    print(f"{method:12s} README {want['global']} / {want['pers_mean']} / {want['pers_worst']} / {want['mb']} MB;"
-          f" run (round {row['round']}) " + " / ".join(
-              "n/a" if row[k] is None else f"{row[k]:.1f}" for k in ("global", "pers_mean", "pers_worst"))
-          + f" / {row['mb']:.2f} MB")
+    print(
+      f"{method:12s} README {want['global']} / {want['pers_mean']} / {want['pers_worst']} / {want['mb']} MB;"
+      f" run (round {row['round']}) "
+      + " / ".join("n/a" if row[k] is None else f"{row[k]:.1f}" for k in ("global", "pers_mean", "pers_worst"))
+      + f" / {row['mb']:.2f} MB"
+    )
   problems = compare(expected, measured, args.tolerance, args.worst_tolerance)
   if problems:
     print("The runs differ from the README's table beyond tolerance:\n  " + "\n  ".join(problems))
     return 1
-  worst = ("not checked" if args.worst_tolerance is None else f"within {args.worst_tolerance}")
-  print(f"The runs agree with the README's table (global and mean personalized accuracy within "
-        f"{args.tolerance} points, its ranking by personalized accuracy, MB exact; worst client {worst}).")
+  worst = "not checked" if args.worst_tolerance is None else f"within {args.worst_tolerance}"
+  print(
+    f"The runs agree with the README's table (global and mean personalized accuracy within "
+    f"{args.tolerance} points, its ranking by personalized accuracy, MB exact; worst client {worst})."
+  )
   return 0
 
 
 if __name__ == "__main__":
   from experiments import cli
+
   cli.run(lambda: sys.exit(main()))

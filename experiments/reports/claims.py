@@ -36,6 +36,7 @@ against FedIT (`--reference`), mean ± std over seeds:
       --grid data.dirichlet_alpha=1.0,0.5,0.1
   python -m experiments.reports.claims runs/converge --shift runs/shift --shift_field data.dirichlet_alpha
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,14 +52,17 @@ def _mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
   return f"{scale * np.mean(values):.{digits}f} ± {scale * np.std(values):.{digits}f}"
 
 
-def rounds_claim(method_runs: list[dict], reference_runs: list[dict], target: float, key: str,
-                 claimed_speedup: float) -> tuple[str, str]:
+def rounds_claim(
+  method_runs: list[dict], reference_runs: list[dict], target: float, key: str, claimed_speedup: float
+) -> tuple[str, str]:
   """(measured, verdict) for "the method reaches `target` of `key` in (1 − speed-up) of the
   reference's rounds". Runs are `report.final_metrics` rows (their "records" evaluated)."""
+
   def reached(runs):
     return [reporting.rounds_to_reach(r["records"], target, key) for r in runs]
+
   mine, theirs = reached(method_runs), reached(reference_runs)
-  measured = (f"{_summary(mine)} vs {_summary(theirs)} rounds")
+  measured = f"{_summary(mine)} vs {_summary(theirs)} rounds"
   if None in mine or None in theirs or not mine or not theirs:
     return measured, "not reached"
   speedup = 1.0 - np.mean(mine) / np.mean(theirs)
@@ -86,8 +90,10 @@ def gain_claim(mine: list[float], theirs: list[float]) -> tuple[str, str]:
     return "n/a", "not measured"
   gain = np.mean(mine) - np.mean(theirs)
   pooled = float(np.sqrt((np.var(mine) + np.var(theirs)) / 2))
-  measured = (f"{_mean_std(mine, 100)} vs {_mean_std(theirs, 100)}: {100 * gain:+.1f} points "
-              f"({100 * gain / np.mean(theirs):+.0f}%)")
+  measured = (
+    f"{_mean_std(mine, 100)} vs {_mean_std(theirs, 100)}: {100 * gain:+.1f} points "
+    f"({100 * gain / np.mean(theirs):+.0f}%)"
+  )
   return measured, "confirmed" if gain > pooled and gain > 0 else "not confirmed"
 
 
@@ -112,12 +118,16 @@ def shift_claim(rows: list[dict], method: str, reference: str, field: str, sever
   levels = sorted({r["severity"] for r in rows}, reverse=severe_when_lower)
   benchmark = ", ".join(sorted({r["benchmark"] for r in rows}))
   for key, label in (("global", "global"), ("pers_mean", "personalized mean")):
+
     def values(name, level):
       return [r[key] for r in rows if r["method"] == name and r["severity"] == level and r[key] is not None]
+
     for level in levels:
       measured, _ = gain_claim(values(method, level), values(reference, level))
-      lines.append(f"| robustness to shift ({label}) | {benchmark} | {field}={level}: {method} vs {reference}, "
-                   f"final {label} | {measured} | – |")
+      lines.append(
+        f"| robustness to shift ({label}) | {benchmark} | {field}={level}: {method} vs {reference}, "
+        f"final {label} | {measured} | – |"
+      )
     mild, severe = (levels[0], levels[-1]) if levels else (None, None)
     groups = [values(name, level) for name in (method, reference) for level in (mild, severe)]
     if len(levels) < 2 or not all(groups):
@@ -126,9 +136,11 @@ def shift_claim(rows: list[dict], method: str, reference: str, field: str, sever
     mine, theirs = (np.mean(groups[0]) - np.mean(groups[1]), np.mean(groups[2]) - np.mean(groups[3]))
     pooled = float(np.sqrt(np.mean([np.var(g) for g in groups])))
     verdict = "confirmed" if theirs - mine > pooled else "not confirmed"
-    lines.append(f"| robustness to shift ({label}) | {benchmark} | drop from {field}={mild} to {severe} | "
-                 f"{method} {_points(-mine)} vs {reference} {_points(-theirs)} points (pooled std "
-                 f"{100 * pooled:.1f}) | {verdict} |")
+    lines.append(
+      f"| robustness to shift ({label}) | {benchmark} | drop from {field}={mild} to {severe} | "
+      f"{method} {_points(-mine)} vs {reference} {_points(-theirs)} points (pooled std "
+      f"{100 * pooled:.1f}) | {verdict} |"
+    )
   return lines
 
 
@@ -147,8 +159,11 @@ def plateau_table(rows: list[dict], window: int, tolerance: float) -> str:
   """Markdown: per benchmark and method, the change over the last `window` rounds (mean ± std
   over seeds, points) of global and personalized mean accuracy, and whether both are below
   `tolerance` (a fraction, 0.01 = 1 point)."""
-  lines = [f"| benchmark | method | global change, last {window} rounds | personalized change | plateaued "
-           f"(< {100 * tolerance:g} point) |", "|---|---|---|---|---|"]
+  lines = [
+    f"| benchmark | method | global change, last {window} rounds | personalized change | plateaued "
+    f"(< {100 * tolerance:g} point) |",
+    "|---|---|---|---|---|",
+  ]
   groups = collections.defaultdict(list)
   for row in rows:
     groups[(row["benchmark"], row["method"])].append(row)
@@ -162,8 +177,15 @@ def plateau_table(rows: list[dict], window: int, tolerance: float) -> str:
   return "\n".join(lines)
 
 
-def claims_table(rows: list[dict], method: str, reference: str, targets: list[float],
-                 centralized_fractions: list[float], claimed_speedup: float, shift_lines: list[str] | None = None) -> str:
+def claims_table(
+  rows: list[dict],
+  method: str,
+  reference: str,
+  targets: list[float],
+  centralized_fractions: list[float],
+  claimed_speedup: float,
+  shift_lines: list[str] | None = None,
+) -> str:
   """Markdown: one line per (claim, benchmark, setting); `shift_lines` (from `shift_claim`) replace
   each benchmark's "robustness to shift: not measured" line by one block at the end."""
   lines = ["| claim | benchmark | setting | measured (mean ± std over seeds) | verdict |", "|---|---|---|---|---|"]
@@ -178,36 +200,50 @@ def claims_table(rows: list[dict], method: str, reference: str, targets: list[fl
     all_targets = [(f"{100 * t:.0f}%", t) for t in targets]
     central = [r["global"] for r in by_method.get("centralized", []) if r["global"] is not None]
     if central:
-      all_targets += [(f"{100 * f:.0f}% of centralized's global ({100 * f * np.mean(central):.1f}%)",
-                       f * np.mean(central))
-                      for f in centralized_fractions]
+      all_targets += [
+        (f"{100 * f:.0f}% of centralized's global ({100 * f * np.mean(central):.1f}%)", f * np.mean(central))
+        for f in centralized_fractions
+      ]
     rounds = min((r["rounds"] for r in group), default=0)
     for key, label in (("global_accuracy", "global"), ("personalized_accuracy_mean", "personalized mean")):
       for name, target in all_targets:
         measured, verdict = rounds_claim(mine, theirs, target, key, claimed_speedup)
-        lines.append(f"| {100 * claimed_speedup:.0f}% faster convergence ({label}) | {benchmark} | "
-                     f"{method} vs {reference}, rounds until {label} ≥ {name}, {rounds} rounds | {measured} | "
-                     f"{verdict} |")
+        lines.append(
+          f"| {100 * claimed_speedup:.0f}% faster convergence ({label}) | {benchmark} | "
+          f"{method} vs {reference}, rounds until {label} ≥ {name}, {rounds} rounds | {measured} | "
+          f"{verdict} |"
+        )
     for other in (reference, "local_only"):
       measured, verdict = gain_claim([r["pers_mean"] for r in mine], [r["pers_mean"] for r in by_method.get(other, [])])
-      lines.append(f"| personalization gain (up to 20%) | {benchmark} | {method} vs {other}, final personalized "
-                   f"mean | {measured} | {verdict} |")
+      lines.append(
+        f"| personalization gain (up to 20%) | {benchmark} | {method} vs {other}, final personalized "
+        f"mean | {measured} | {verdict} |"
+      )
     generated = [r["new_client_generated"] for r in mine if r.get("new_client_generated") is not None]
     global_start = [r["new_client_global"] for r in mine if r.get("new_client_global") is not None]
     measured, verdict = gain_claim(generated, global_start)
-    lines.append(f"| new clients served by the generator | {benchmark} | {method}: generated start vs global, "
-                 f"0 local steps | {measured} | {verdict} |")
+    lines.append(
+      f"| new clients served by the generator | {benchmark} | {method}: generated start vs global, "
+      f"0 local steps | {measured} | {verdict} |"
+    )
     for mine_key, theirs_key, setting in (
-        ("new_client_generated", "new_client_global", "0 local steps"),
-        ("new_client_generated_finetuned", "new_client_global_finetuned", "both fine-tuned by the same local steps")):
+      ("new_client_generated", "new_client_global", "0 local steps"),
+      ("new_client_generated_finetuned", "new_client_global_finetuned", "both fine-tuned by the same local steps"),
+    ):
       if generated:
-        measured, verdict = gain_claim([r[mine_key] for r in mine if r.get(mine_key) is not None],
-                                       [r[theirs_key] for r in theirs if r.get(theirs_key) is not None])
-        lines.append(f"| new clients served by the generator | {benchmark} | {method}'s generated start vs "
-                     f"{reference}'s global, {setting} | {measured} | {verdict} |")
+        measured, verdict = gain_claim(
+          [r[mine_key] for r in mine if r.get(mine_key) is not None],
+          [r[theirs_key] for r in theirs if r.get(theirs_key) is not None],
+        )
+        lines.append(
+          f"| new clients served by the generator | {benchmark} | {method}'s generated start vs "
+          f"{reference}'s global, {setting} | {measured} | {verdict} |"
+        )
     if shift_lines is None:
-      lines.append(f"| robustness to distribution shift | {benchmark} | needs runs at several shift "
-                   f"severities (`--shift`) | – | not measured |")
+      lines.append(
+        f"| robustness to distribution shift | {benchmark} | needs runs at several shift "
+        f"severities (`--shift`) | – | not measured |"
+      )
   return "\n".join(lines + (shift_lines or []))
 
 
@@ -230,13 +266,30 @@ def main(argv: list[str] | None = None) -> None:
   floats = lambda text: [float(v) for v in text.split(",") if v]
   shift_lines = None
   if args.shift:
-    shift_lines = shift_claim(shift_rows(args.shift, args.shift_field), args.method, args.reference,
-                              args.shift_field, args.severe_when == "lower")
-  emit(claims_table(rows, args.method, args.reference, floats(args.targets), floats(args.centralized_fractions),
-                    args.claimed_speedup, shift_lines)
-       + "\n\nPlateau criterion:\n\n" + plateau_table(rows, args.plateau_window, args.plateau_tolerance), args.out)
+    shift_lines = shift_claim(
+      shift_rows(args.shift, args.shift_field),
+      args.method,
+      args.reference,
+      args.shift_field,
+      args.severe_when == "lower",
+    )
+  emit(
+    claims_table(
+      rows,
+      args.method,
+      args.reference,
+      floats(args.targets),
+      floats(args.centralized_fractions),
+      args.claimed_speedup,
+      shift_lines,
+    )
+    + "\n\nPlateau criterion:\n\n"
+    + plateau_table(rows, args.plateau_window, args.plateau_tolerance),
+    args.out,
+  )
 
 
 if __name__ == "__main__":
   from experiments import cli
+
   cli.run(main)

@@ -11,6 +11,7 @@ table of final personalized-mean and global accuracy (mean ± std over seeds), a
 against the cap (log scale), and, per federated method, the caps at which its personalized
 accuracy is above local-only's and where it crosses it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,7 +60,7 @@ def crossing(method_curve: dict[int, tuple], reference_curve: dict[int, tuple]) 
   if len(above) == len(caps):
     return "above at every cap"
   behind = [c for c in caps if c not in above]
-  return (f"above at {', '.join(map(label, above))}; local-only ahead at {', '.join(map(label, behind))}")
+  return f"above at {', '.join(map(label, above))}; local-only ahead at {', '.join(map(label, behind))}"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -68,14 +69,21 @@ def markdown(rows: list[dict]) -> str:
   caps = _sort_caps({c for curve in pers.values() for c in curve})
   label = lambda c: "all" if c == 0 else str(c)
   cell = lambda curve, c: f"{curve[c][0]:.1f} ± {curve[c][1]:.1f}" if c in curve else "–"
-  lines = ["Personalized accuracy (mean over clients, %, mean ± std over seeds) by training examples "
-           "per client (cap):", "", "| method | " + " | ".join(label(c) for c in caps) + " |",
-           "|---|" + "---|" * len(caps)]
+  lines = [
+    "Personalized accuracy (mean over clients, %, mean ± std over seeds) by training examples per client (cap):",
+    "",
+    "| method | " + " | ".join(label(c) for c in caps) + " |",
+    "|---|" + "---|" * len(caps),
+  ]
   lines += [f"| {m} | " + " | ".join(cell(pers[m], c) for c in caps) + " |" for m in methods]
-  lines += ["", "Global accuracy (%):", "", "| method | " + " | ".join(label(c) for c in caps) + " |",
-            "|---|" + "---|" * len(caps)]
-  lines += [f"| {m} | " + " | ".join(cell(glob.get(m, {}), c) for c in caps) + " |" for m in methods
-            if m in glob]
+  lines += [
+    "",
+    "Global accuracy (%):",
+    "",
+    "| method | " + " | ".join(label(c) for c in caps) + " |",
+    "|---|" + "---|" * len(caps),
+  ]
+  lines += [f"| {m} | " + " | ".join(cell(glob.get(m, {}), c) for c in caps) + " |" for m in methods if m in glob]
   if REFERENCE in pers:
     lines += ["", f"Personalized accuracy against {REFERENCE}:", ""]
     lines += [f"- {m}: {crossing(pers[m], pers[REFERENCE])}" for m in methods if m != REFERENCE]
@@ -100,18 +108,25 @@ def diagnostics_lines(rows: list[dict], methods: list[str], caps: list[int]) -> 
   if not cells:
     return []
   label = lambda c: "all" if c == 0 else str(c)
-  lines = ["", "Round diagnostics (mean over rounds; mean ± std over seeds):", "",
-           "| method | cap | " + " | ".join(DIAGNOSTICS) + " |", "|---|---|" + "---|" * len(DIAGNOSTICS)]
+  lines = [
+    "",
+    "Round diagnostics (mean over rounds; mean ± std over seeds):",
+    "",
+    "| method | cap | " + " | ".join(DIAGNOSTICS) + " |",
+    "|---|---|" + "---|" * len(DIAGNOSTICS),
+  ]
   for method in methods:
     for cap in caps:
       if any((method, cap, k) in cells for k in DIAGNOSTICS):
-        lines.append(f"| {method} | {label(cap)} | "
-                     + " | ".join(cells.get((method, cap, k), "–") for k in DIAGNOSTICS) + " |")
+        lines.append(
+          f"| {method} | {label(cap)} | " + " | ".join(cells.get((method, cap, k), "–") for k in DIAGNOSTICS) + " |"
+        )
   return lines
 
 
 def plot(rows: list[dict], path: str) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -149,4 +164,5 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
   from experiments import cli
+
   cli.run(main)

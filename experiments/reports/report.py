@@ -12,6 +12,7 @@ get a second table. Plots (one PNG per benchmark, default RUNS_DIR/plots): globa
 personalized accuracy vs round and vs MB, mean over seeds with a ±1 std band.
 Unfinished runs are left out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,11 @@ from experiments.runner.methods import METHODS
 def find_runs(runs_dir: str) -> list[str]:
   """Every run directory under `runs_dir`, symbolic links followed (a directory of links can
   gather runs of several sweeps into one report)."""
-  return sorted(root for root, _, files in os.walk(runs_dir, followlinks=True)
-                if reporting.METRICS_FILE in files and "config.json" in files)
+  return sorted(
+    root
+    for root, _, files in os.walk(runs_dir, followlinks=True)
+    if reporting.METRICS_FILE in files and "config.json" in files
+  )
 
 
 def final_metrics(workdir: str) -> dict | None:
@@ -38,12 +42,19 @@ def final_metrics(workdir: str) -> dict | None:
   if not records or records[-1]["round"] < config["fed"]["num_rounds"]:
     return None  # Unfinished.
   last = records[-1]
-  return {"benchmark": config.get("benchmark", "default"), "method": config["method"],
-          "seed": config["seed"], "rounds": last["round"],
-          "global": last.get("global_accuracy"), "pers_mean": last["personalized_accuracy_mean"],
-          "pers_worst": last["personalized_accuracy_worst"], "mb": last["cum_bytes"] / 1e6,
-          "records": records, "config": config,
-          **{k: v for k, v in last.items() if k.startswith("new_client_")}}
+  return {
+    "benchmark": config.get("benchmark", "default"),
+    "method": config["method"],
+    "seed": config["seed"],
+    "rounds": last["round"],
+    "global": last.get("global_accuracy"),
+    "pers_mean": last["personalized_accuracy_mean"],
+    "pers_worst": last["personalized_accuracy_worst"],
+    "mb": last["cum_bytes"] / 1e6,
+    "records": records,
+    "config": config,
+    **{k: v for k, v in last.items() if k.startswith("new_client_")},
+  }
 
 
 def finished_runs(runs_dir: str) -> list[dict]:
@@ -75,8 +86,7 @@ def _rounds_to(group: list[dict], targets: dict[int, float]) -> str:
 def _ordered_methods(rows: list[dict]) -> list[str]:
   """The methods present, in `methods.METHODS` order (unknown names last, alphabetically)."""
   known = list(METHODS)
-  return sorted({r["method"] for r in rows},
-                key=lambda m: (known.index(m), "") if m in known else (len(known), m))
+  return sorted({r["method"] for r in rows}, key=lambda m: (known.index(m), "") if m in known else (len(known), m))
 
 
 def markdown_table(rows: list[dict], reference: str | None = None, target: float | None = None) -> str:
@@ -84,20 +94,23 @@ def markdown_table(rows: list[dict], reference: str | None = None, target: float
   methods = _ordered_methods(rows)
   targets = {r["seed"]: r["global"] for r in rows if r["method"] == reference and r["global"] is not None}
   target_col = f" rounds to {100 * target:.0f}% global |" if target is not None else ""
-  lines = ["| method | seeds | global acc. % | personalized mean % | personalized worst % | MB up+down | "
-           f"rounds to {reference or 'ref.'}'s final global |" + target_col,
-           "|---|---|---|---|---|---|---|" + ("---|" if target is not None else "")]
+  lines = [
+    "| method | seeds | global acc. % | personalized mean % | personalized worst % | MB up+down | "
+    f"rounds to {reference or 'ref.'}'s final global |" + target_col,
+    "|---|---|---|---|---|---|---|" + ("---|" if target is not None else ""),
+  ]
   for m in methods:
     group = [r for r in rows if r["method"] == m]
-    line = (f"| {m} | {len(group)} | {_mean_std([r['global'] for r in group])} | "
-            f"{_mean_std([r['pers_mean'] for r in group])} | {_mean_std([r['pers_worst'] for r in group])} | "
-            f"{np.mean([r['mb'] for r in group]):.2f} | {_rounds_to(group, targets)} |")
+    line = (
+      f"| {m} | {len(group)} | {_mean_std([r['global'] for r in group])} | "
+      f"{_mean_std([r['pers_mean'] for r in group])} | {_mean_std([r['pers_worst'] for r in group])} | "
+      f"{np.mean([r['mb'] for r in group]):.2f} | {_rounds_to(group, targets)} |"
+    )
     if target is not None:
       line += f" {_rounds_summary([reporting.rounds_to_reach(r['records'], target) for r in group])} |"
     lines.append(line)
   groups = [(m, [r for r in rows if r["method"] == m]) for m in methods]
-  return "\n".join(lines + new_client_lines(groups, "New (held-out) clients, mean accuracy % over them:",
-                                            _mean_std))
+  return "\n".join(lines + new_client_lines(groups, "New (held-out) clients, mean accuracy % over them:", _mean_std))
 
 
 def new_client_lines(groups: list[tuple[str, list[dict]]], title: str, cell, skip_empty: bool = False) -> list[str]:
@@ -108,8 +121,13 @@ def new_client_lines(groups: list[tuple[str, list[dict]]], title: str, cell, ski
   new_keys = sorted({k for r in rows for k in r if k.startswith("new_client_")})
   if not new_keys:
     return []
-  lines = ["", title, "", "| method | " + " | ".join(k[len("new_client_"):] for k in new_keys) + " |",
-           "|---|" + "---|" * len(new_keys)]
+  lines = [
+    "",
+    title,
+    "",
+    "| method | " + " | ".join(k[len("new_client_") :] for k in new_keys) + " |",
+    "|---|" + "---|" * len(new_keys),
+  ]
   for name, group in groups:
     if not skip_empty or any(k in r for r in group for k in new_keys):
       lines.append(f"| {name} | " + " | ".join(cell([r.get(k) for r in group]) for k in new_keys) + " |")
@@ -131,6 +149,7 @@ def mean_curve(group: list[dict], key: str, x_key: str) -> tuple[np.ndarray, np.
 def plot_benchmark(rows: list[dict], path: str, title: str) -> None:
   """Global and personalized accuracy vs round and vs MB, one line per method (mean ± std)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import matplotlib.ticker
@@ -162,12 +181,14 @@ def plot_benchmark(rows: list[dict], path: str, title: str) -> None:
   plt.close(fig)
 
 
-DIAGNOSTIC_PANELS = (("aggregation_bias", "aggregation bias ‖B̄Ā − ΣpBA‖/‖ΣpBA‖"),
-                     ("client_drift", "client drift (update spread / mean)"),
-                     ("init_lag", "init. lag (first − last step loss)"),
-                     ("generator_offset_norm", "generator offset norm Σp‖o‖"),
-                     ("synth_weight_kl", "synthesizer KL(w ‖ p)"),
-                     ("corrector_gate", "corrector gate (mean)"))
+DIAGNOSTIC_PANELS = (
+  ("aggregation_bias", "aggregation bias ‖B̄Ā − ΣpBA‖/‖ΣpBA‖"),
+  ("client_drift", "client drift (update spread / mean)"),
+  ("init_lag", "init. lag (first − last step loss)"),
+  ("generator_offset_norm", "generator offset norm Σp‖o‖"),
+  ("synth_weight_kl", "synthesizer KL(w ‖ p)"),
+  ("corrector_gate", "corrector gate (mean)"),
+)
 
 
 def diagnostics_table(rows: list[dict]) -> str | None:
@@ -176,8 +197,7 @@ def diagnostics_table(rows: list[dict]) -> str | None:
   keys = [k for k, _ in DIAGNOSTIC_PANELS if any(round_mean(r, k) is not None for r in rows)]
   if not keys:
     return None
-  lines = ["| method | " + " | ".join(f"{k} (mean over rounds)" for k in keys) + " |",
-           "|---|" + "---|" * len(keys)]
+  lines = ["| method | " + " | ".join(f"{k} (mean over rounds)" for k in keys) + " |", "|---|" + "---|" * len(keys)]
   for method in _ordered_methods(rows):
     group = [r for r in rows if r["method"] == method]
     lines.append(f"| {method} | " + " | ".join(diagnostic_cell(group, key) or "–" for key in keys) + " |")
@@ -191,7 +211,7 @@ def round_mean(run: dict, key: str) -> float | None:
 
 
 def diagnostic_cell(group: list[dict], key: str) -> str | None:
-  """"mean ± std" over the runs of `group` of their `round_mean` of `key` (None if none has it)."""
+  """ "mean ± std" over the runs of `group` of their `round_mean` of `key` (None if none has it)."""
   values = [v for v in (round_mean(r, key) for r in group) if v is not None]
   return f"{np.mean(values):.3g} ± {np.std(values):.2g}" if values else None
 
@@ -200,16 +220,19 @@ def plot_diagnostics(rows: list[dict], path: str, title: str) -> bool:
   """The round's diagnostics vs round, one line per method (mean ± std over seeds), one panel
   per diagnostic any run reports. Returns False (and writes nothing) when none does."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  panels = [(k, label) for k, label in DIAGNOSTIC_PANELS
-            if any(r.get(k) is not None for run in rows for r in run["records"])]
+  panels = [
+    (k, label) for k, label in DIAGNOSTIC_PANELS if any(r.get(k) is not None for run in rows for r in run["records"])
+  ]
   if not panels:
     return False
   cols = 3
-  fig, axes = plt.subplots((len(panels) + cols - 1) // cols, cols, figsize=(14, 3.6 * ((len(panels) + 2) // 3)),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+    (len(panels) + cols - 1) // cols, cols, figsize=(14, 3.6 * ((len(panels) + 2) // 3)), squeeze=False
+  )
   cmap = plt.get_cmap("tab20")
   for color, method in enumerate(_ordered_methods(rows)):
     group = [r for r in rows if r["method"] == method]
@@ -233,8 +256,13 @@ def plot_diagnostics(rows: list[dict], path: str, title: str) -> bool:
   return True
 
 
-def build_report(runs_dir: str, reference: str = "fedit", target: float | None = None,
-                 plots_dir: str | None = None, links_from: str | None = None) -> str:
+def build_report(
+  runs_dir: str,
+  reference: str = "fedit",
+  target: float | None = None,
+  plots_dir: str | None = None,
+  links_from: str | None = None,
+) -> str:
   """The Markdown report of every finished run under `runs_dir`; writes the plots, linked
   relative to the directory `links_from` (default `runs_dir`), where the report will live."""
   rows = finished_runs(runs_dir)
@@ -251,8 +279,10 @@ def build_report(runs_dir: str, reference: str = "fedit", target: float | None =
     table = diagnostics_table(group)
     png = os.path.join(plots_dir, benchmark.replace("/", "__") + "__diagnostics.png")
     if table and plot_diagnostics(group, png, f"{benchmark}: diagnostics"):
-      sections[-1] += (f"\n\nDiagnostics (`hyperlora_jax/diagnostics.py`):\n\n{table}\n\n"
-                       f"![{benchmark} diagnostics]({os.path.relpath(png, links_from or runs_dir)})")
+      sections[-1] += (
+        f"\n\nDiagnostics (`hyperlora_jax/diagnostics.py`):\n\n{table}\n\n"
+        f"![{benchmark} diagnostics]({os.path.relpath(png, links_from or runs_dir)})"
+      )
   if not sections:
     return f"No finished runs under {runs_dir}."
   return "\n\n".join(sections)
@@ -282,4 +312,5 @@ def emit(text: str, out: str | None) -> None:
 
 if __name__ == "__main__":
   from experiments import cli
+
   cli.run(main)

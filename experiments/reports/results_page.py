@@ -19,6 +19,7 @@ their `config.json`). A second table gives the held-out new clients where runs h
 The claims table (`experiments.reports.claims.claims_table`) compares `--claims_row` (a variant's label
 or a method) with `--reference` and local-only, by `experiments.reports.claims`' rules.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,10 +31,19 @@ from experiments.reports import claims, report
 from experiments.runner.methods import METHODS
 
 DISPLAY_NAMES = {
-    "fedit": "FedIT", "local_only": "local-only", "ffa_lora": "FFA-LoRA", "fedsa_lora": "FedSA-LoRA",
-    "rolora": "RoLoRA", "fedex_lora": "FedEx-LoRA", "flora": "FLoRA", "flexlora": "FlexLoRA",
-    "lora_fair": "LoRA-FAIR", "hetlora": "HetLoRA", "pfedhn": "pFedHN", "centralized": "centralized (reference)",
-    "hyperlora": "HyperLoRA",
+  "fedit": "FedIT",
+  "local_only": "local-only",
+  "ffa_lora": "FFA-LoRA",
+  "fedsa_lora": "FedSA-LoRA",
+  "rolora": "RoLoRA",
+  "fedex_lora": "FedEx-LoRA",
+  "flora": "FLoRA",
+  "flexlora": "FlexLoRA",
+  "lora_fair": "LoRA-FAIR",
+  "hetlora": "HetLoRA",
+  "pfedhn": "pFedHN",
+  "centralized": "centralized (reference)",
+  "hyperlora": "HyperLoRA",
 }
 REFERENCE_METHODS = ("centralized",)  # Not federated: never bold.
 MAJORITY_LABEL = "majority label (reference)"
@@ -56,16 +66,28 @@ def labelled_rows(runs_dir: str, variants: list[tuple[str, str]], renames: dict[
   known = list(METHODS)
   for row in report.finished_runs(runs_dir):
     method = row["method"]
-    rows.append({**row, "label": renames.get(method, DISPLAY_NAMES.get(method, method)),
-                 "order": (known.index(method) if method in known else len(known), 1), "variant": False})
+    rows.append(
+      {
+        **row,
+        "label": renames.get(method, DISPLAY_NAMES.get(method, method)),
+        "order": (known.index(method) if method in known else len(known), 1),
+        "variant": False,
+      }
+    )
   for index, (label, directory) in enumerate(variants):
     found = report.finished_runs(directory)
     if not found:
       raise ValueError(f"--variant {label}={directory}: no finished runs there")
     for row in found:
       method = row["method"]
-      rows.append({**row, "label": label,
-                   "order": (known.index(method) if method in known else len(known), 0, index), "variant": True})
+      rows.append(
+        {
+          **row,
+          "label": label,
+          "order": (known.index(method) if method in known else len(known), 0, index),
+          "variant": True,
+        }
+      )
   return rows
 
 
@@ -75,9 +97,9 @@ def majority_label_accuracy(config: dict) -> float:
 
   from experiments.studies.label_prior import majority_label_accuracy as per_client
   from experiments.runner.federated_data import build_federated_data
+
   data = build_federated_data(ml_collections.ConfigDict(config))
-  return float(np.nanmean(per_client(data.train_pool.labels, data.test_pool.labels, data.train_parts,
-                                     data.test_parts)))
+  return float(np.nanmean(per_client(data.train_pool.labels, data.test_pool.labels, data.train_parts, data.test_parts)))
 
 
 def _mean_std(values: list) -> str:
@@ -105,9 +127,12 @@ def benchmark_table(rows: list[dict], majority: list[float] | None = None) -> st
   best = max(federated, key=lambda label: np.mean([r["pers_mean"] for r in groups[label]]), default=None)
   text = any("global_perplexity" in r["records"][-1] for r in rows)  # A text benchmark: perplexities too.
   least = min(federated, key=lambda label: np.mean([_perplexity(r) for r in groups[label]]), default=None)
-  lines = ["| method | seeds | global % | personalized % |" + (" global perplexity | personalized perplexity |"
-                                                               if text else "") + " MB up+down |",
-           "|---|---|---|---|" + ("---|---|" if text else "") + "---|"]
+  lines = [
+    "| method | seeds | global % | personalized % |"
+    + (" global perplexity | personalized perplexity |" if text else "")
+    + " MB up+down |",
+    "|---|---|---|---|" + ("---|---|" if text else "") + "---|",
+  ]
   for label in labels:
     group = groups[label]
     has_global = any(r["global"] is not None for r in group)
@@ -117,16 +142,24 @@ def benchmark_table(rows: list[dict], majority: list[float] | None = None) -> st
     perplexities = ""
     if text:
       personal = _mean_std([_perplexity(r) for r in group])
-      perplexities = (f" {_mean_std([r['records'][-1].get('global_perplexity') for r in group]) if has_global else '–'}"
-                      f" | {f'**{personal}**' if label == least else personal} |")
-    lines.append(f"| {label} | {len(group)} | {_pct([r['global'] for r in group]) if has_global else '–'} | "
-                 f"{personalized} |{perplexities} {np.mean([r['mb'] for r in group]):.2f} |")
+      perplexities = (
+        f" {_mean_std([r['records'][-1].get('global_perplexity') for r in group]) if has_global else '–'}"
+        f" | {f'**{personal}**' if label == least else personal} |"
+      )
+    lines.append(
+      f"| {label} | {len(group)} | {_pct([r['global'] for r in group]) if has_global else '–'} | "
+      f"{personalized} |{perplexities} {np.mean([r['mb'] for r in group]):.2f} |"
+    )
   if majority:
-    lines.append(f"| {MAJORITY_LABEL} | {len(majority)} | – | {_pct(majority)} |" + (" – | – |" if text else "")
-                 + " – |")
-  lines += report.new_client_lines([(label, groups[label]) for label in labels],
-                                   "New clients (held out of training), mean accuracy % over them:", _pct,
-                                   skip_empty=True)
+    lines.append(
+      f"| {MAJORITY_LABEL} | {len(majority)} | – | {_pct(majority)} |" + (" – | – |" if text else "") + " – |"
+    )
+  lines += report.new_client_lines(
+    [(label, groups[label]) for label in labels],
+    "New clients (held out of training), mean accuracy % over them:",
+    _pct,
+    skip_empty=True,
+  )
   return "\n".join(lines)
 
 
@@ -141,9 +174,15 @@ def claims_rows(rows: list[dict], claims_row: str) -> list[dict]:
   return own + chosen
 
 
-def build_page(runs_dir: str, variants: list[tuple[str, str]] = (), renames: dict[str, str] | None = None,
-               claims_row: str | None = None, reference: str = "fedit", targets: tuple[float, ...] = (0.3,),
-               majority_label: bool = False) -> str:
+def build_page(
+  runs_dir: str,
+  variants: list[tuple[str, str]] = (),
+  renames: dict[str, str] | None = None,
+  claims_row: str | None = None,
+  reference: str = "fedit",
+  targets: tuple[float, ...] = (0.3,),
+  majority_label: bool = False,
+) -> str:
   """The Markdown of the tables (module docstring)."""
   rows = labelled_rows(runs_dir, list(variants), renames or {})
   if not rows:
@@ -159,10 +198,17 @@ def build_page(runs_dir: str, variants: list[tuple[str, str]] = (), renames: dic
     sections.append(f"### {benchmark} ({', '.join(map(str, rounds))} rounds)\n\n{benchmark_table(group, majority)}")
   if claims_row is not None:
     chosen = claims_rows(rows, claims_row)
-    table = claims.claims_table(chosen, method=chosen[-1]["method"], reference=reference, targets=list(targets),
-                                centralized_fractions=[0.9], claimed_speedup=0.3)
-    sections.append(f"### The paper's claims: {claims_row} against {DISPLAY_NAMES.get(reference, reference)}\n\n"
-                    f"{table}")
+    table = claims.claims_table(
+      chosen,
+      method=chosen[-1]["method"],
+      reference=reference,
+      targets=list(targets),
+      centralized_fractions=[0.9],
+      claimed_speedup=0.3,
+    )
+    sections.append(
+      f"### The paper's claims: {claims_row} against {DISPLAY_NAMES.get(reference, reference)}\n\n{table}"
+    )
   return "\n\n".join(sections) + "\n"
 
 
@@ -184,12 +230,19 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--majority_label", action="store_true", help="Add the majority-label reference row.")
   parser.add_argument("--out", default=None, help="Markdown file to write (default: print only).")
   args = parser.parse_args(argv)
-  page = build_page(args.runs_dir, [_pair(v, "--variant") for v in args.variant],
-                    dict(_pair(r, "--rename") for r in args.rename), args.claims_row, args.reference,
-                    tuple(float(t) for t in args.targets.split(",")), args.majority_label)
+  page = build_page(
+    args.runs_dir,
+    [_pair(v, "--variant") for v in args.variant],
+    dict(_pair(r, "--rename") for r in args.rename),
+    args.claims_row,
+    args.reference,
+    tuple(float(t) for t in args.targets.split(",")),
+    args.majority_label,
+  )
   report.emit(page, args.out)
 
 
 if __name__ == "__main__":
   from experiments import cli
+
   cli.run(main)

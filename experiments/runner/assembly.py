@@ -2,6 +2,7 @@
 method, the clients' signatures and the round itself (`assemble`: the one place a run's
 `FederatedRound` is built and `fed.clients_per_chunk=-1` resolved). The builders
 (`image_experiment`, `text_experiment`) make the data, backbone and task and end here."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,9 +29,10 @@ from hyperlora_jax.tasks.common import apply_base_delta
 @dataclasses.dataclass
 class Experiment:
   """Everything a run needs, built once from the config."""
+
   config: ml_collections.ConfigDict
   data: FederatedData
-  task: Any                           # tasks.image_classification.ImageClassification or tasks.causal_lm.CausalLM.
+  task: Any  # tasks.image_classification.ImageClassification or tasks.causal_lm.CausalLM.
   method: methods.Method
   backbone: Any
   targets: dict
@@ -38,7 +40,7 @@ class Experiment:
   client_update: ClientUpdate
   fed_round: federated.FederatedRound
   mesh: Any
-  client_ranks: np.ndarray            # [num_clients] LoRA rank of each client.
+  client_ranks: np.ndarray  # [num_clients] LoRA rank of each client.
   signatures: np.ndarray | None = None  # [num_clients, D] client signatures, or None.
   new_signatures: np.ndarray | None = None  # [heldout_clients, D] new clients' signatures.
 
@@ -54,10 +56,21 @@ def checked_method(config: ml_collections.ConfigDict) -> tuple[Any, methods.Meth
   return mesh, method, server_optimizer
 
 
-def assemble(config: ml_collections.ConfigDict, log: Callable[[str], None], *, mesh: Any, method: methods.Method,
-             server_optimizer: Any, data: FederatedData, task: Any, backbone: Any, targets: dict, trainable: Any,
-             signatures: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
-             load_batches: Callable | None = None) -> Experiment:
+def assemble(
+  config: ml_collections.ConfigDict,
+  log: Callable[[str], None],
+  *,
+  mesh: Any,
+  method: methods.Method,
+  server_optimizer: Any,
+  data: FederatedData,
+  task: Any,
+  backbone: Any,
+  targets: dict,
+  trainable: Any,
+  signatures: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
+  load_batches: Callable | None = None,
+) -> Experiment:
   """The run's `Experiment`: its client update (`task.loss_fn` with the client optimizer), the
   chunk size (`fed.clients_per_chunk`, measured here when -1) and its `FederatedRound`.
 
@@ -75,15 +88,35 @@ def assemble(config: ml_collections.ConfigDict, log: Callable[[str], None], *, m
   if chunk == autotune.AUTO:
     chunk = auto_clients_per_chunk(config, task, backbone, trainable, client_update, mesh, method.pooled_data, log)
   fed_round = federated.FederatedRound(
-      client_update, method.aggregator, data.num_clients, server_optimizer=server_optimizer,
-      local_leaves=method.local_regex, frozen_leaves=method.frozen_regexes, client_ranks=ranks,
-      clients_per_chunk=chunk, mesh=mesh if mesh.size > 1 else None,
-      plugins=round_plugins(config, method, targets, data.num_clients, signature_dim),
-      apply_base_delta=apply_base_delta,
-      faults=faults_lib.Faults(**config.faults.to_dict()) if "faults" in config else None,
-      load_batches=load_batches)
-  return Experiment(config, data, task, method, backbone, targets, trainable, client_update, fed_round,
-                    mesh, ranks, client_signatures, new_signatures)
+    client_update,
+    method.aggregator,
+    data.num_clients,
+    server_optimizer=server_optimizer,
+    local_leaves=method.local_regex,
+    frozen_leaves=method.frozen_regexes,
+    client_ranks=ranks,
+    clients_per_chunk=chunk,
+    mesh=mesh if mesh.size > 1 else None,
+    plugins=round_plugins(config, method, targets, data.num_clients, signature_dim),
+    apply_base_delta=apply_base_delta,
+    faults=faults_lib.Faults(**config.faults.to_dict()) if "faults" in config else None,
+    load_batches=load_batches,
+  )
+  return Experiment(
+    config,
+    data,
+    task,
+    method,
+    backbone,
+    targets,
+    trainable,
+    client_update,
+    fed_round,
+    mesh,
+    ranks,
+    client_signatures,
+    new_signatures,
+  )
 
 
 def sharded_backbone(backbone: Any, mesh: Any, log: Callable[[str], None]) -> Any:
@@ -96,14 +129,22 @@ def sharded_backbone(backbone: Any, mesh: Any, log: Callable[[str], None]) -> An
   split = sum(1 for x in leaves if len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated)
   total = sum(x.nbytes for x in leaves)
   per_device = sum(x.addressable_shards[0].data.nbytes for x in leaves)
-  log(f"backbone: split over the {primitives.model_axis_size(mesh)} devices of the model mesh axis: {split} of "
-      f"{len(leaves)} weights, {per_device / 2**20:.3f} MiB per device of {total / 2**20:.3f} MiB")
+  log(
+    f"backbone: split over the {primitives.model_axis_size(mesh)} devices of the model mesh axis: {split} of "
+    f"{len(leaves)} weights, {per_device / 2**20:.3f} MiB per device of {total / 2**20:.3f} MiB"
+  )
   return backbone
 
 
-def every_client_signature(config: ml_collections.ConfigDict, method: methods.Method, data: FederatedData,
-                           model: Any, backbone: Any, preprocess: Callable = models.preprocess_images,
-                           **featurizer) -> tuple[np.ndarray, np.ndarray]:
+def every_client_signature(
+  config: ml_collections.ConfigDict,
+  method: methods.Method,
+  data: FederatedData,
+  model: Any,
+  backbone: Any,
+  preprocess: Callable = models.preprocess_images,
+  **featurizer,
+) -> tuple[np.ndarray, np.ndarray]:
   """([num_clients, D], [heldout_clients, D]) signatures of the training and the held-out new
   clients (`hyper.signatures`), computed block by block with one noise key per client;
   clipped and noised under DP (`hyperlora_jax.privacy`; validation checked the fields).
@@ -116,23 +157,40 @@ def every_client_signature(config: ml_collections.ConfigDict, method: methods.Me
   if methods.dp_on(config):
     clip = config.dp.signature_clip_norm
     noise_std = config.dp.signature_noise_multiplier * clip
-  every_signature = np.concatenate([
+  every_signature = np.concatenate(
+    [
       signatures_lib.compute_signatures(
-          model, backbone, block, method.signature_kinds, data.num_classes,
-          preprocess=preprocess, covariance_rank=hl.covariance_rank, noise_std=noise_std,
-          seed=config.seed, client_keys=keys[ids], clip_norm=clip, **featurizer)
-      for ids, block in client_blocks(data.train_pool, every_part, data.chunk_examples)])[:len(every_part)]
-  return every_signature[:data.num_clients], every_signature[data.num_clients:]
+        model,
+        backbone,
+        block,
+        method.signature_kinds,
+        data.num_classes,
+        preprocess=preprocess,
+        covariance_rank=hl.covariance_rank,
+        noise_std=noise_std,
+        seed=config.seed,
+        client_keys=keys[ids],
+        clip_norm=clip,
+        **featurizer,
+      )
+      for ids, block in client_blocks(data.train_pool, every_part, data.chunk_examples)
+    ]
+  )[: len(every_part)]
+  return every_signature[: data.num_clients], every_signature[data.num_clients :]
 
 
-def round_plugins(config: ml_collections.ConfigDict, method: methods.Method, targets: dict, num_clients: int,
-                  signature_dim: int) -> tuple[federated.Plugin, ...]:
+def round_plugins(
+  config: ml_collections.ConfigDict, method: methods.Method, targets: dict, num_clients: int, signature_dim: int
+) -> tuple[federated.Plugin, ...]:
   """The method's generator as a round plug-in (pFedHN, HyperLoRA; () for the others), learning
   from clipped updates when `robust.clip_norm` clips the aggregate's."""
   if not method.make_generator:
     return ()
-  plugin = generator_plugin(method.make_generator(targets, num_clients, signature_dim),
-                            target=method.generator_target, privacy=method.generator_privacy)
+  plugin = generator_plugin(
+    method.make_generator(targets, num_clients, signature_dim),
+    target=method.generator_target,
+    privacy=method.generator_privacy,
+  )
   clip_norm = config.robust.clip_norm if "robust" in config else 0.0
   return (clip_plugin_updates(plugin, clip_norm),) if clip_norm > 0 else (plugin,)
 

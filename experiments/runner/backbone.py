@@ -12,6 +12,7 @@ directory opened once per process, an `hf.Checkpoint` that validation, `model.*`
 all read), `real_checkpoint`, and `with_checkpoint_architecture` (`model.*` set from the
 checkpoint).
 """
+
 from __future__ import annotations
 
 import os
@@ -68,8 +69,9 @@ def real_checkpoint(config: ml_collections.ConfigDict) -> str:
   return config.pretrain.get("checkpoint", "") or config.pretrain.get("npz_path", "")
 
 
-def with_checkpoint_architecture(config: ml_collections.ConfigDict,
-                                 log: Callable[[str], None] = print) -> ml_collections.ConfigDict:
+def with_checkpoint_architecture(
+  config: ml_collections.ConfigDict, log: Callable[[str], None] = print
+) -> ml_collections.ConfigDict:
   """`config` with `model.*` set from its real checkpoint, each change logged; `config` itself
   when nothing changes.
 
@@ -86,17 +88,20 @@ def with_checkpoint_architecture(config: ml_collections.ConfigDict,
   directory = checkpoint.directory
   if is_text(config):
     if checkpoint.model_name != "llama":
-      raise CheckpointError(f"pretrain.checkpoint: {directory} holds a {checkpoint.model_name} checkpoint; text "
-                            f"runs take Llama-family decoders")
+      raise CheckpointError(
+        f"pretrain.checkpoint: {directory} holds a {checkpoint.model_name} checkpoint; text "
+        f"runs take Llama-family decoders"
+      )
     model = {"name": "llama", "remat": bool(config.model.get("remat", False)), **checkpoint.architecture}
     logged = checkpoint.architecture
   else:
     if checkpoint.model_name not in models.MODELS:
-      raise CheckpointError(f"pretrain.checkpoint: {directory} holds a decoder language model "
-                            f"({checkpoint.model_name}); image runs take vit or clip checkpoints")
+      raise CheckpointError(
+        f"pretrain.checkpoint: {directory} holds a decoder language model "
+        f"({checkpoint.model_name}); image runs take vit or clip checkpoints"
+      )
     name, arch = checkpoint.model_name, checkpoint.architecture
-    kept = {k: v for k, v in config.model.items()
-            if k != "name" and k in models.arch_fields(name) and k not in arch}
+    kept = {k: v for k, v in config.model.items() if k != "name" and k in models.arch_fields(name) and k not in arch}
     model = {"name": name, **kept, **arch}
     logged = None
   if model == config.model.to_dict():
@@ -132,6 +137,7 @@ class ImageBackbone(NamedTuple):
     tokenizer: a CLIP checkpoint's tokenizer (for its class prompts); None otherwise.
     info: {"source": the checkpoint} or the pretraining's {"holdout_accuracy", "seconds", ...}.
   """
+
   variables: dict
   preprocess: Callable[[Any], Any]
   tokenizer: hf.Tokenizer | None
@@ -161,8 +167,10 @@ def _abstract_backbone(config: ml_collections.ConfigDict) -> Any:
   model = models.model_from_config(config.model, 1)
   shape = (1, config.data.image_size, config.data.image_size, 3)
   local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # This process's own device.
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=local),
-                      jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape, jnp.float32)))["params"]
+  return jax.tree.map(
+    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=local),
+    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape, jnp.float32)),
+  )["params"]
 
 
 def load_hf_backbone(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> tuple[dict, dict]:
@@ -174,11 +182,15 @@ def load_hf_backbone(config: ml_collections.ConfigDict, log: Callable[[str], Non
   """
   checkpoint = opened_checkpoint(config)
   params, dropped = checkpoint.params(_abstract_backbone(config))
-  log(f"backbone: loaded the Hugging Face {config.model.name} {checkpoint.directory}"
-      + (f" (not loaded: {', '.join(dropped)})" if dropped else ""))
+  log(
+    f"backbone: loaded the Hugging Face {config.model.name} {checkpoint.directory}"
+    + (f" (not loaded: {', '.join(dropped)})" if dropped else "")
+  )
   if checkpoint.image_size != config.data.image_size:
-    log(f"backbone: position embeddings resized from {checkpoint.image_size} px to data.image_size="
-        f"{config.data.image_size} px (bicubic, as transformers' interpolate_pos_encoding)")
+    log(
+      f"backbone: position embeddings resized from {checkpoint.image_size} px to data.image_size="
+      f"{config.data.image_size} px (bicubic, as transformers' interpolate_pos_encoding)"
+    )
   return {"params": params}, {"source": checkpoint.directory}
 
 
@@ -207,20 +219,25 @@ def image_preprocess(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
 
   def preprocess(images):
     return (images.astype("float32") / 255.0 - mean) / std
+
   return preprocess
 
 
 class TextBackbone(NamedTuple):
   """A text run's frozen decoder: `model` (`DecoderLM`), `variables` {"params"}, its
   `tokenizer`, and the checkpoint `directory` it was read from."""
+
   model: DecoderLM
   variables: dict
   tokenizer: hf.Tokenizer
   directory: str
 
 
-def decoder_checkpoint(config: ml_collections.ConfigDict, log: Callable[[str], None] = print,
-                       check_tokenizer: Callable[[hf.Tokenizer], None] | None = None) -> hf.Checkpoint:
+def decoder_checkpoint(
+  config: ml_collections.ConfigDict,
+  log: Callable[[str], None] = print,
+  check_tokenizer: Callable[[hf.Tokenizer], None] | None = None,
+) -> hf.Checkpoint:
   """The text run's decoder checkpoint, opened: `pretrain.checkpoint`, or the embedded decoder's
   cache (built on first use, `check_tokenizer` seeing its tokenizer before the pretraining;
   verified on every use: `pretrain_text.decoder_directory`)."""
@@ -230,8 +247,11 @@ def decoder_checkpoint(config: ml_collections.ConfigDict, log: Callable[[str], N
   return open_directory(pretrain_text.decoder_directory(config, log, check_tokenizer))
 
 
-def text_backbone(config: ml_collections.ConfigDict, log: Callable[[str], None] = print,
-                  check_tokenizer: Callable[[hf.Tokenizer], None] | None = None) -> TextBackbone:
+def text_backbone(
+  config: ml_collections.ConfigDict,
+  log: Callable[[str], None] = print,
+  check_tokenizer: Callable[[hf.Tokenizer], None] | None = None,
+) -> TextBackbone:
   """The text run's frozen decoder and tokenizer (`decoder_checkpoint`, then its weights).
 
   Raises:

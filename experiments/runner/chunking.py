@@ -1,4 +1,5 @@
 """`fed.clients_per_chunk=-1`: the chunk size measured for this machine (`hyperlora_jax.autotune`)."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,7 @@ from hyperlora_jax.client import ClientUpdate
 from hyperlora_jax.tasks.common import frozen_tree
 
 
-def random_token_block(clients: int, steps: int, batch_size: int, seq_len: int, vocab_size: int,
-                       seed: int = 0) -> dict:
+def random_token_block(clients: int, steps: int, batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict:
   """Random full-length token sequences for timing a text round (speed does not depend on the
   values), the loss on the second half of each (the "response"): NumPy {"input_ids": int32
   [C, S, B, T], "attention_mask": ones [C, S, B, T], "loss_mask": [C, S, B, T] (0 on the first
@@ -26,10 +26,12 @@ def random_token_block(clients: int, steps: int, batch_size: int, seq_len: int, 
   shape = (clients, steps, batch_size)
   tokens = shape + (seq_len,)
   rng = np.random.default_rng(seed)
-  return {"input_ids": rng.integers(0, vocab_size, tokens, dtype=np.int32),
-          "attention_mask": np.ones(tokens, np.int32),
-          "loss_mask": np.broadcast_to((np.arange(seq_len) >= seq_len // 2).astype(np.int32), tokens).copy(),
-          "mask": np.ones(shape, np.float32)}
+  return {
+    "input_ids": rng.integers(0, vocab_size, tokens, dtype=np.int32),
+    "attention_mask": np.ones(tokens, np.int32),
+    "loss_mask": np.broadcast_to((np.arange(seq_len) >= seq_len // 2).astype(np.int32), tokens).copy(),
+    "mask": np.ones(shape, np.float32),
+  }
 
 
 def sample_block(config: ml_collections.ConfigDict, task: Any, clients: int) -> dict:
@@ -41,13 +43,23 @@ def sample_block(config: ml_collections.ConfigDict, task: Any, clients: int) -> 
     return random_token_block(*shape, config.data.max_len, task.model.vocab_size)
   size = config.data.image_size
   rng = np.random.default_rng(0)
-  return {"image": rng.integers(0, 256, shape + (size, size, 3), dtype=np.uint8),
-          "label": np.zeros(shape, np.int32), "mask": np.ones(shape, np.float32)}
+  return {
+    "image": rng.integers(0, 256, shape + (size, size, 3), dtype=np.uint8),
+    "label": np.zeros(shape, np.int32),
+    "mask": np.ones(shape, np.float32),
+  }
 
 
-def auto_clients_per_chunk(config: ml_collections.ConfigDict, task: Any,
-                           backbone: Any, trainable: Any, client_update: ClientUpdate, mesh: Any,
-                           pooled_data: bool, log: Callable[[str], None]) -> int:
+def auto_clients_per_chunk(
+  config: ml_collections.ConfigDict,
+  task: Any,
+  backbone: Any,
+  trainable: Any,
+  client_update: ClientUpdate,
+  mesh: Any,
+  pooled_data: bool,
+  log: Callable[[str], None],
+) -> int:
   """`fed.clients_per_chunk=-1`: the fastest chunk for this backend, model and round shape.
 
   Measured once (`autotune.measure_clients_per_chunk` on one device's share of a round: the
@@ -55,21 +67,32 @@ def auto_clients_per_chunk(config: ml_collections.ConfigDict, task: Any,
   timing depends on. With several processes the main process decides and tells the others.
   A pooled-data learner (one client) has nothing to chunk: 0.
   """
-  per_device = 1 if pooled_data else -(-config.fed.clients_per_round // primitives.clients_axis_size(mesh))  # Padded cohort / D.
+  per_device = (
+    1 if pooled_data else -(-config.fed.clients_per_round // primitives.clients_axis_size(mesh))
+  )  # Padded cohort / D.
   if per_device == 1:
     return 0
-  fields = {"backend": jax.default_backend(), "device": jax.local_devices()[0].device_kind,
-            "cpus": os.cpu_count(), "jax": jax.__version__, "model": config.model.to_dict(),
-            "lora": [config.lora.target_regex, config.lora.rank],
-            **({"max_len": config.data.max_len} if is_text(config) else {"image_size": config.data.image_size}),
-            "clients_per_device": per_device, "local_steps": config.fed.local_steps,
-            "batch_size": config.fed.batch_size, "client_optimizer": config.client_optimizer.to_dict(),
-            "backbone_dtype": str(jnp.dtype(task.compute_dtype))}
+  fields = {
+    "backend": jax.default_backend(),
+    "device": jax.local_devices()[0].device_kind,
+    "cpus": os.cpu_count(),
+    "jax": jax.__version__,
+    "model": config.model.to_dict(),
+    "lora": [config.lora.target_regex, config.lora.rank],
+    **({"max_len": config.data.max_len} if is_text(config) else {"image_size": config.data.image_size}),
+    "clients_per_device": per_device,
+    "local_steps": config.fed.local_steps,
+    "batch_size": config.fed.batch_size,
+    "client_optimizer": config.client_optimizer.to_dict(),
+    "backbone_dtype": str(jnp.dtype(task.compute_dtype)),
+  }
   path = os.path.join(cache_dir(config), "clients_per_chunk.json")
 
   def measure() -> autotune.ChunkChoice:
-    log(f"fed.clients_per_chunk=-1: timing chunk sizes for {per_device} clients per device "
-        f"(once per backend, model and round shape; cached in {path})")
+    log(
+      f"fed.clients_per_chunk=-1: timing chunk sizes for {per_device} clients per device "
+      f"(once per backend, model and round shape; cached in {path})"
+    )
     block = sample_block(config, task, per_device)
     frozen = frozen_tree(backbone, dtype=task.compute_dtype)
     every_leaf = jax.tree.map(lambda _: jnp.float32(1.0), trainable)
@@ -80,8 +103,10 @@ def auto_clients_per_chunk(config: ml_collections.ConfigDict, task: Any,
   if distributed.is_main_process():
     choice = autotune.cached_choice(path, fields, measure)
     times = ", ".join(f"{k}: {s * 1e3:.0f} ms" for k, s in sorted(choice.seconds.items()))
-    log(f"fed.clients_per_chunk: {choice.clients_per_chunk * primitives.clients_axis_size(mesh)} "
-        f"({'cached' if choice.cached else 'measured'}; per device {times})")
+    log(
+      f"fed.clients_per_chunk: {choice.clients_per_chunk * primitives.clients_axis_size(mesh)} "
+      f"({'cached' if choice.cached else 'measured'}; per device {times})"
+    )
     chunk = choice.clients_per_chunk * primitives.clients_axis_size(mesh)
   if jax.process_count() > 1:
     chunk = int(multihost_utils.broadcast_one_to_all(np.int32(chunk)))

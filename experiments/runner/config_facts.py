@@ -1,5 +1,6 @@
 """What every runner module may ask of a config, importing nothing of the runner: the error a
 config field raises, which task it runs, and where the caches live."""
+
 from __future__ import annotations
 
 import os
@@ -7,7 +8,9 @@ import os
 import ml_collections
 
 TASKS = ("image_classification", "instruction_tuning")
-CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "hyperlora_jax", "backbones")  # Backbones, decoders, chunks.
+CACHE_DIR = os.path.join(
+  os.path.expanduser("~"), ".cache", "hyperlora_jax", "backbones"
+)  # Backbones, decoders, chunks.
 
 
 class ConfigError(ValueError):

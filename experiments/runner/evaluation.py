@@ -1,4 +1,5 @@
 """A run's evaluation: global and personalized accuracy over the test blocks, and new clients."""
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,6 @@ from experiments.runner.data import blocks
 from experiments.runner.assembly import Experiment
 from hyperlora_jax import distributed, primitives
 from hyperlora_jax.tasks import image_classification as task_lib
-
 
 
 def run_evaluator(exp: Experiment, with_extras: bool = False) -> Callable[..., Callable[[], tuple]]:
@@ -46,9 +46,11 @@ def run_evaluator(exp: Experiment, with_extras: bool = False) -> Callable[..., C
         return (float(global_rates), client_rates) + (({},) if with_extras else ())
       (global_accuracy, global_nll), (accuracies, nll) = global_rates, client_rates.T
       perplexity = np.exp(nll[has_test])
-      extras = {"global_perplexity": float(np.exp(global_nll)),
-                "personalized_perplexity_mean": float(perplexity.mean()),
-                "personalized_perplexity_worst": float(perplexity.max())}
+      extras = {
+        "global_perplexity": float(np.exp(global_nll)),
+        "personalized_perplexity_mean": float(perplexity.mean()),
+        "personalized_perplexity_worst": float(perplexity.max()),
+      }
       return (float(global_accuracy), accuracies) + ((extras,) if with_extras else ())
 
     return collect
@@ -61,8 +63,9 @@ def _evaluator(exp: Experiment, counts: Callable | None) -> Callable[..., Callab
   or [m] when `counts` gives m hits per count (NaN without a global model); [N] or [N, m] per
   client), `counts` as `make_evaluate`'s."""
   chunk = exp.fed_round.clients_per_chunk
-  evaluation = task_lib.make_evaluate(exp.task, exp.fed_round, eval_batch=exp.config.eval_batch,
-                                      clients_per_chunk=chunk, counts=counts)
+  evaluation = task_lib.make_evaluate(
+    exp.task, exp.fed_round, eval_batch=exp.config.eval_batch, clients_per_chunk=chunk, counts=counts
+  )
   global_counts, client_accuracy = jax.jit(evaluation.global_counts), jax.jit(evaluation.client_accuracy)
   data = exp.data
   sharded = primitives.clients_sharding(exp.mesh)
@@ -71,8 +74,12 @@ def _evaluator(exp: Experiment, counts: Callable | None) -> Callable[..., Callab
   def blocks_on_device(transform_images=None):
     def shifted(block):
       return block if transform_images is None else {**block, "image": transform_images(block["image"])}
-    return ([jax.device_put(shifted(b), sharded) for b in data.global_test_blocks()],
-            [jax.device_put((ids, shifted(b)), sharded) for ids, b in data.client_test_blocks(multiple=multiple)])
+
+    return (
+      [jax.device_put(shifted(b), sharded) for b in data.global_test_blocks()],
+      [jax.device_put((ids, shifted(b)), sharded) for ids, b in data.client_test_blocks(multiple=multiple)],
+    )
+
   cached = None if exp.config.data.stream else blocks_on_device()
 
   def evaluate(state, frozen, transform_images=None):
@@ -86,7 +93,7 @@ def _evaluator(exp: Experiment, counts: Callable | None) -> Callable[..., Callab
       for c, n in counts:  # Integer counts: exact in float32, as on the device.
         correct, count = correct + np.asarray(c, np.float32), count + np.float32(n)
       rates = correct / max(count, np.float32(1.0))
-      accuracies = np.concatenate([distributed.to_host(a) for a in per_client])[:data.num_clients]
+      accuracies = np.concatenate([distributed.to_host(a) for a in per_client])[: data.num_clients]
       return (rates if exp.method.has_global_model else np.full_like(rates, np.nan)), accuracies
 
     return collect
@@ -102,12 +109,12 @@ def evaluate_new_clients(exp: Experiment, state: Any, frozen: Any) -> dict[str, 
     return {}
   ids = np.arange(len(data.new_train_parts))
   rng = np.random.default_rng([config.seed, 2])
-  indices, mask = blocks.train_block_indices(data.new_train_parts, ids, config.fed.new_client_steps,
-                                             config.fed.batch_size, rng)
+  indices, mask = blocks.train_block_indices(
+    data.new_train_parts, ids, config.fed.new_client_steps, config.fed.batch_size, rng
+  )
   train_block = blocks.gather_block(data.train_pool, indices, mask)
   test_block = blocks.padded_eval_block(data.test_pool, data.new_test_parts)
-  signatures = (exp.new_signatures if exp.new_signatures is not None
-                else np.zeros((len(ids), 0), np.float32))
+  signatures = exp.new_signatures if exp.new_signatures is not None else np.zeros((len(ids), 0), np.float32)
   evaluate_new = jax.jit(task_lib.make_new_client_evaluate(exp.task, exp.fed_round, exp.client_update))
   inputs = jax.device_put((train_block, test_block, signatures), NamedSharding(exp.mesh, P()))
   accuracies = evaluate_new(state, frozen, *inputs)

@@ -2,6 +2,7 @@
 once from a validated config, before anything is compiled: the image builder
 (`image_experiment`) or the text one (`text_experiment`), after a checkpoint's config.json has
 set `model.*`."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

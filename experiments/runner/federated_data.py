@@ -1,4 +1,5 @@
 """The clients' data for a run: pools, partition and the fixed-shape evaluation blocks."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,14 +15,15 @@ from experiments.runner.data.loader import ImageDataset, load_image_dataset
 @dataclasses.dataclass(frozen=True)
 class FederatedData:
   """Attributes:
-    train_pool, test_pool: every client's examples, pooled (images in memory or streamed).
-    train_parts, test_parts: per-client index arrays into the pools.
-    new_train_parts, new_test_parts: held-out new clients (`data.heldout_clients`), drawn by
-      the same partition but never sampled in training; [] if none.
-    eval_batch: evaluation batch; global test blocks are padded to a multiple of it.
-    chunk_examples: examples per evaluation / signature block (0: one block for everything);
-      this bounds the device memory of an evaluation, and with streamed images host memory.
+  train_pool, test_pool: every client's examples, pooled (images in memory or streamed).
+  train_parts, test_parts: per-client index arrays into the pools.
+  new_train_parts, new_test_parts: held-out new clients (`data.heldout_clients`), drawn by
+    the same partition but never sampled in training; [] if none.
+  eval_batch: evaluation batch; global test blocks are padded to a multiple of it.
+  chunk_examples: examples per evaluation / signature block (0: one block for everything);
+    this bounds the device memory of an evaluation, and with streamed images host memory.
   """
+
   train_pool: ImageDataset
   test_pool: ImageDataset
   train_parts: list
@@ -52,12 +54,11 @@ class FederatedData:
     "mask": [M]}, M a fixed multiple of `eval_batch` (padding masked): one block unless
     `chunk_examples` is set."""
     union = np.concatenate(self.test_parts)
-    size = _round_up(min(self.chunk_examples, len(union)) if self.chunk_examples else len(union),
-                     self.eval_batch)
+    size = _round_up(min(self.chunk_examples, len(union)) if self.chunk_examples else len(union), self.eval_batch)
     for start in range(0, max(len(union), 1), size):
-      part = union[start:start + size]
+      part = union[start : start + size]
       indices = np.zeros(size, np.int64)
-      indices[:len(part)] = part
+      indices[: len(part)] = part
       mask = (np.arange(size) < len(part)).astype(np.float32)
       yield blocks.gather_block(self.test_pool, indices, mask)
 
@@ -74,8 +75,9 @@ def _round_up(n: int, multiple: int) -> int:
   return max(multiple, -(-n // multiple) * multiple)
 
 
-def client_blocks(pool: ImageDataset, parts: list, chunk_examples: int = 0,
-                  multiple: int = 1, batch: int = 0) -> Iterator[tuple[np.ndarray, dict]]:
+def client_blocks(
+  pool: ImageDataset, parts: list, chunk_examples: int = 0, multiple: int = 1, batch: int = 0
+) -> Iterator[tuple[np.ndarray, dict]]:
   """Every client's whole split in blocks of c clients padded to the largest split n_max (see
   `FederatedData.client_test_blocks`); c = all clients when `chunk_examples` is 0, else about
   `chunk_examples / n_max`, rounded up to a multiple of `multiple` (e.g. the devices). With
@@ -108,14 +110,23 @@ def partitioned(config: ml_collections.ConfigDict, train, test) -> FederatedData
   whose records' groups are their labels and domains) by the config's partition."""
   data = config.data
   train_parts, test_parts = partition.partition_train_test(
-      data.partition, train.labels, train.domains, test.labels, test.domains,
-      data.num_clients + data.heldout_clients, seed=config.seed, alpha=data.dirichlet_alpha,
-      classes_per_client=data.classes_per_client, min_size=data.min_client_size)
+    data.partition,
+    train.labels,
+    train.domains,
+    test.labels,
+    test.domains,
+    data.num_clients + data.heldout_clients,
+    seed=config.seed,
+    alpha=data.dirichlet_alpha,
+    classes_per_client=data.classes_per_client,
+    min_size=data.min_client_size,
+  )
   train_parts = partition.cap_examples(train_parts, data.get("max_client_examples", 0), config.seed)
   if data.get("validation_fraction", 0.0):  # Tuning: evaluate on held-out training data only.
     train_parts, test_parts = partition.split_validation(train_parts, data.validation_fraction, config.seed)
     test = train
-  new_train, new_test = train_parts[data.num_clients:], test_parts[data.num_clients:]
-  train_parts, test_parts = train_parts[:data.num_clients], test_parts[:data.num_clients]
-  return FederatedData(train, test, train_parts, test_parts, new_train, new_test, config.eval_batch,
-                       data.stream_chunk_examples)
+  new_train, new_test = train_parts[data.num_clients :], test_parts[data.num_clients :]
+  train_parts, test_parts = train_parts[: data.num_clients], test_parts[: data.num_clients]
+  return FederatedData(
+    train, test, train_parts, test_parts, new_train, new_test, config.eval_batch, data.stream_chunk_examples
+  )

@@ -3,6 +3,7 @@
 A round's inputs depend only on (seed, round): the sampler position is the round index, so a
 resumed run feeds exactly the rounds an unbroken one would.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,15 +20,16 @@ from experiments.runner.assembly import Experiment
 from hyperlora_jax import primitives
 
 
-
 def chunk_image_loader(pool: Any) -> Callable[[dict], dict]:
   """`FederatedRound.load_batches` for `data.feed='chunk'`: a chunk's light batches
   {"indices": [k, S, B] into `pool`, "label", "mask"} -> {"image": [k, S, B, H, W, 3] uint8,
   "label", "mask"}, the images read on the host (from memory or the record files) inside the
   round's chunk loop, so a round never holds more than one chunk of images."""
   image_shape = tuple(pool.images.shape[1:])
-  read = primitives.host_loader(lambda indices: np.asarray(pool.images[np.asarray(indices)], np.uint8),
-                                lambda spec: jax.ShapeDtypeStruct(spec.shape + image_shape, jnp.uint8))
+  read = primitives.host_loader(
+    lambda indices: np.asarray(pool.images[np.asarray(indices)], np.uint8),
+    lambda spec: jax.ShapeDtypeStruct(spec.shape + image_shape, jnp.uint8),
+  )
   return lambda light: {"image": read(light["indices"]), "label": light["label"], "mask": light["mask"]}
 
 
@@ -81,11 +83,16 @@ def round_on_mesh(exp: Experiment, round_index: int, sharding: NamedSharding) ->
   light, ids, weights = round_inputs(exp, round_index, gather=False)
   indices, mask = light["indices"], light["mask"]
   rows_of = lambda index: index[0].indices(len(ids))  # A device's slice of the clients axis.
-  local = {rows_of(index): blocks.gather_block(exp.data.train_pool, indices[index[0]], mask[index[0]])
-           for index in sharding.addressable_devices_indices_map(indices.shape).values()}
+  local = {
+    rows_of(index): blocks.gather_block(exp.data.train_pool, indices[index[0]], mask[index[0]])
+    for index in sharding.addressable_devices_indices_map(indices.shape).values()
+  }
   example = next(iter(local.values()))
-  block = {key: jax.make_array_from_callback((len(ids),) + leaf.shape[1:], sharding,
-                                             lambda index, key=key: local[rows_of(index)][key])
-           for key, leaf in example.items()}
+  block = {
+    key: jax.make_array_from_callback(
+      (len(ids),) + leaf.shape[1:], sharding, lambda index, key=key: local[rows_of(index)][key]
+    )
+    for key, leaf in example.items()
+  }
   ids_and_weights = jax.device_put((ids, weights), sharding)
   return (block,) + ids_and_weights, ids

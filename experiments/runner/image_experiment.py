@@ -1,6 +1,7 @@
 """`build_image_experiment(config)`: an image run's `Experiment` (configs/default.py and the image
 benchmarks): the federated images, the frozen backbone (pretrained and cached, or a
 checkpoint), the image-classification task and its signatures; `assembly` builds the round."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,8 +20,9 @@ from hyperlora_jax.models import clip as clip_lib
 from hyperlora_jax.tasks import image_classification as task_lib
 
 
-def initial_trainable(model, backbone: Any, example_images: jax.Array, target_regex: str, rank: int,
-                      rng: jax.Array) -> tuple[dict, dict]:
+def initial_trainable(
+  model, backbone: Any, example_images: jax.Array, target_regex: str, rank: int, rng: jax.Array
+) -> tuple[dict, dict]:
   """The round-0 trainable pytree and the LoRA targets.
 
   Args:
@@ -44,24 +46,47 @@ def build_image_experiment(config: ml_collections.ConfigDict, log: Callable[[str
   mesh, method, server_optimizer = checked_method(config)
   data = build_federated_data(config)
   if config.data.get("validation_fraction", 0.0):
-    log(f"evaluating on a validation split: {config.data.validation_fraction:g} of each client's training "
-        f"examples, held out (the test split is not read)")
+    log(
+      f"evaluating on a validation split: {config.data.validation_fraction:g} of each client's training "
+      f"examples, held out (the test split is not read)"
+    )
   frozen = image_backbone(config, log)
   backbone, preprocess = sharded_backbone(frozen.variables, mesh, log), frozen.preprocess
   model = build_model(config, data.num_classes, data.train_pool.class_names, frozen.tokenizer)
-  trainable, targets = initial_trainable(model, backbone, data.train_pool.images[:1],
-                                         config.lora.target_regex, config.lora.rank,
-                                         jax.random.fold_in(jax.random.key(config.seed), 1))
-  task = task_lib.ImageClassification(model, lora.lora_scale(config.lora.alpha, config.lora.rank,
-                                                             config.lora.rslora),
-                                      preprocess,
-                                      "head" if trainable["head"] else None,  # CLIP has no head.
-                                      task_lib.backbone_dtype(config.compute.backbone_dtype))
-  signatures = (every_client_signature(config, method, data, model, backbone, preprocess)
-                if method.signature_kinds else (None, None))
-  return assemble(config, log, mesh=mesh, method=method, server_optimizer=server_optimizer, data=data, task=task,
-                  backbone=backbone, targets=targets, trainable=trainable, signatures=signatures,
-                  load_batches=chunk_image_loader(data.train_pool) if config.data.feed == "chunk" else None)
+  trainable, targets = initial_trainable(
+    model,
+    backbone,
+    data.train_pool.images[:1],
+    config.lora.target_regex,
+    config.lora.rank,
+    jax.random.fold_in(jax.random.key(config.seed), 1),
+  )
+  task = task_lib.ImageClassification(
+    model,
+    lora.lora_scale(config.lora.alpha, config.lora.rank, config.lora.rslora),
+    preprocess,
+    "head" if trainable["head"] else None,  # CLIP has no head.
+    task_lib.backbone_dtype(config.compute.backbone_dtype),
+  )
+  signatures = (
+    every_client_signature(config, method, data, model, backbone, preprocess)
+    if method.signature_kinds
+    else (None, None)
+  )
+  return assemble(
+    config,
+    log,
+    mesh=mesh,
+    method=method,
+    server_optimizer=server_optimizer,
+    data=data,
+    task=task,
+    backbone=backbone,
+    targets=targets,
+    trainable=trainable,
+    signatures=signatures,
+    load_batches=chunk_image_loader(data.train_pool) if config.data.feed == "chunk" else None,
+  )
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int, class_names, tokenizer=None) -> Any:

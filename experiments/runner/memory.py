@@ -12,6 +12,7 @@
 The device's memory is `memory_stats()["bytes_limit"]` on an accelerator, and the memory the
 operating system reports available on the CPU (Linux: /proc/meminfo's MemAvailable).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -49,8 +50,9 @@ def _available_host_bytes() -> int | None:
   return None
 
 
-def decoder_step_bytes(batch: int, length: int, vocab: int, width: int, depth: int, heads: int,
-                       bytes_per_value: int = 4) -> int:
+def decoder_step_bytes(
+  batch: int, length: int, vocab: int, width: int, depth: int, heads: int, bytes_per_value: int = 4
+) -> int:
   """A lower bound on one training step of a decoder (forward and backward, float32): the
   logits and their gradient (2 B T V), each layer's attention probabilities kept for the
   backward (depth B H T²), and its hidden states (about 12 depth B T D). Weights and the
@@ -70,8 +72,12 @@ def compiled_bytes(compiled: Any) -> int | None:
     return None
   if analysis is None:
     return None
-  return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
-             - analysis.alias_size_in_bytes)
+  return int(
+    analysis.argument_size_in_bytes
+    + analysis.output_size_in_bytes
+    + analysis.temp_size_in_bytes
+    - analysis.alias_size_in_bytes
+  )
 
 
 def too_large(needed: int, available: int | None) -> bool:
@@ -90,10 +96,11 @@ def check_compiled_round(config: Any, compiled: Any) -> int | None:
   needed, available = compiled_bytes(compiled), device_memory_bytes()
   if needed is not None and too_large(needed, available):
     fed = config.fed
-    shape = (f"data.max_len={config.data.max_len}" if is_text(config) else f"data.image_size={config.data.image_size}")
+    shape = f"data.max_len={config.data.max_len}" if is_text(config) else f"data.image_size={config.data.image_size}"
     raise ConfigError(
-        f"fed.clients_per_chunk: the compiled round needs {describe(needed, available)}; lower "
-        f"fed.clients_per_chunk (now {fed.clients_per_chunk}: clients trained at once; 0 = all, -1 = measured), "
-        f"fed.batch_size={fed.batch_size}, {shape}, or fed.clients_per_round={fed.clients_per_round} (the "
-        f"round's inputs stay on the device)")
+      f"fed.clients_per_chunk: the compiled round needs {describe(needed, available)}; lower "
+      f"fed.clients_per_chunk (now {fed.clients_per_chunk}: clients trained at once; 0 = all, -1 = measured), "
+      f"fed.batch_size={fed.batch_size}, {shape}, or fed.clients_per_round={fed.clients_per_round} (the "
+      f"round's inputs stay on the device)"
+    )
   return needed

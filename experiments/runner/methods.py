@@ -9,6 +9,7 @@ comparisons are fair. Leaf names look like `lora/<module path>/a`, `lora/<module
 `head/kernel`. Method-specific config blocks (`lora_fair`, `generator`, `hyperlora`) belong
 to the methods that read them (`METHOD_BLOCKS`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,6 +60,7 @@ class Method:
     client_embeddings: the generator learns a per-client embedding (`generator.client_embed_dim`
       must be >= 1).
   """
+
   name: str
   aggregator: Aggregator
   local_regex: str = ""
@@ -100,13 +102,23 @@ def generator_factory(config, *, client_embeddings: bool, private: bool = False)
 
   def make(targets, num_clients, signature_dim):
     module = generator_lib.LoraGenerator(
-        targets=generator_lib.target_triples(targets),
-        rank=config.lora.rank, num_clients=num_clients,
-        client_embed_dim=gen.client_embed_dim if client_embeddings else 0,
-        hidden=gen.hidden, layer_embed_dim=gen.layer_embed_dim)
-    return generator_lib.make_generator(module, loss=gen.loss, optimizer=build_optimizer(gen.optimizer),
-                                        scale=_scale(config), server_steps=gen.server_steps,
-                                        signature_dim=signature_dim, privacy=privacy)
+      targets=generator_lib.target_triples(targets),
+      rank=config.lora.rank,
+      num_clients=num_clients,
+      client_embed_dim=gen.client_embed_dim if client_embeddings else 0,
+      hidden=gen.hidden,
+      layer_embed_dim=gen.layer_embed_dim,
+    )
+    return generator_lib.make_generator(
+      module,
+      loss=gen.loss,
+      optimizer=build_optimizer(gen.optimizer),
+      scale=_scale(config),
+      server_steps=gen.server_steps,
+      signature_dim=signature_dim,
+      privacy=privacy,
+    )
+
   return make
 
 
@@ -124,22 +136,29 @@ def local_only(config) -> Method:
 def ffa_lora(config) -> Method:
   """FFA-LoRA (Sun et al., ICLR 2024): A frozen at the shared random init, only B (init 0)
   trained and averaged, which is exact (B̄A = Σ p_k B_k A); half the uplink."""
-  return Method("ffa_lora", aggregators.fedit(), local_regex=_local_head(config),
-                frozen_regexes=(A_REGEX,), plain_average="factors")
+  return Method(
+    "ffa_lora", aggregators.fedit(), local_regex=_local_head(config), frozen_regexes=(A_REGEX,), plain_average="factors"
+  )
 
 
 def fedsa_lora(config) -> Method:
   """FedSA-LoRA (Guo et al., ICLR 2025): A and B trained, only A aggregated; B stays on the
   client, whose model is W0 + s B_k Ā."""
-  return Method("fedsa_lora", aggregators.fedit(), local_regex=_join(B_REGEX, _local_head(config)),
-                plain_average="factors")
+  return Method(
+    "fedsa_lora", aggregators.fedit(), local_regex=_join(B_REGEX, _local_head(config)), plain_average="factors"
+  )
 
 
 def rolora(config) -> Method:
   """RoLoRA (Chen et al., NeurIPS 2025): alternate rounds. Even rounds freeze A and train and
   average B; odd rounds freeze B and train and average A. Each round's average is exact."""
-  return Method("rolora", aggregators.fedit(), local_regex=_local_head(config),
-                frozen_regexes=(A_REGEX, B_REGEX), plain_average="factors")
+  return Method(
+    "rolora",
+    aggregators.fedit(),
+    local_regex=_local_head(config),
+    frozen_regexes=(A_REGEX, B_REGEX),
+    plain_average="factors",
+  )
 
 
 def fedex_lora(config) -> Method:
@@ -155,8 +174,9 @@ def flora(config) -> Method:
 def flexlora(config) -> Method:
   """FlexLoRA (Bai et al., NeurIPS 2024): truncated SVD of the weighted product average to
   r_max; a client of rank r_k keeps the first r_k components, the best rank-r_k approximation."""
-  return Method("flexlora", aggregators.flexlora(_scale(config)), local_regex=_local_head(config),
-                plain_average="products")
+  return Method(
+    "flexlora", aggregators.flexlora(_scale(config)), local_regex=_local_head(config), plain_average="products"
+  )
 
 
 def hetlora(config) -> Method:
@@ -170,8 +190,13 @@ def pfedhn(config) -> Method:
   embedding v_k to the client's LoRA factors θ_k = θ_0 + h(v_k; φ); after K local steps the
   server applies φ ← φ − η (∂θ_k/∂φ)^T (θ_k − θ̃_k) (and the same for v_k). The head follows
   `fed.head_policy`; the generated factors are sent down and the trained ones up."""
-  return Method("pfedhn", aggregators.head_only(), local_regex=_local_head(config),
-                make_generator=generator_factory(config, client_embeddings=True), client_embeddings=True)
+  return Method(
+    "pfedhn",
+    aggregators.head_only(),
+    local_regex=_local_head(config),
+    make_generator=generator_factory(config, client_embeddings=True),
+    client_embeddings=True,
+  )
 
 
 def hyperlora(config) -> Method:
@@ -187,29 +212,42 @@ def hyperlora(config) -> Method:
   hl = config.hyperlora
   kinds = signatures_lib.parse_kinds(hl.signature)
   synthesis = SynthesisConfig(
-      scale=_scale(config), rank=config.lora.rank, corrector=hl.corrector,
-      learned_weights=hl.synthesizer == "learned", fair_lam=config.lora_fair.lam,
-      fair_steps=config.lora_fair.steps, fair_learning_rate=config.lora_fair.learning_rate)
+    scale=_scale(config),
+    rank=config.lora.rank,
+    corrector=hl.corrector,
+    learned_weights=hl.synthesizer == "learned",
+    fair_lam=config.lora_fair.lam,
+    fair_steps=config.lora_fair.steps,
+    fair_learning_rate=config.lora_fair.learning_rate,
+  )
   learned = hl.synthesizer == "learned" or hl.corrector == "learned"
   private = dp_on(config)  # `config_validation` refuses learned parts and embeddings under DP.
   steps = (1 if config.generator.loss == "vjp" else config.generator.server_steps) if hl.generator else 0
   update_release = (config.dp.clip_norm, config.dp.noise_multiplier) if private else None
   with warnings.catch_warnings():  # The runner never differentiates through rounds.
     warnings.simplefilter("ignore", CrossRoundDerivativeWarning)
-    synthesizer = hyperlora_synthesizer(synthesis, build_optimizer(hl.meta_optimizer), hidden=hl.synthesizer_hidden,
-                                        meta_learning=learned, meta_steps=hl.get("meta_steps", 1),
-                                        privacy=update_release)
+    synthesizer = hyperlora_synthesizer(
+      synthesis,
+      build_optimizer(hl.meta_optimizer),
+      hidden=hl.synthesizer_hidden,
+      meta_learning=learned,
+      meta_steps=hl.get("meta_steps", 1),
+      privacy=update_release,
+    )
   return Method(
-      "hyperlora",
-      synthesizer,
-      local_regex=_local_head(config),
-      make_generator=(generator_factory(config, client_embeddings="embedding" in kinds, private=private)
-                      if hl.generator else None),
-      generator_target="deviation",  # The global carries the mean change; G_φ the personal part.
-      signature_kinds=kinds,
-      generator_privacy=update_release if hl.generator else None,
-      releases_per_round=1 + (1 + steps if steps else 0),
-      private_rounds=True, client_embeddings=bool(hl.generator) and "embedding" in kinds)
+    "hyperlora",
+    synthesizer,
+    local_regex=_local_head(config),
+    make_generator=(
+      generator_factory(config, client_embeddings="embedding" in kinds, private=private) if hl.generator else None
+    ),
+    generator_target="deviation",  # The global carries the mean change; G_φ the personal part.
+    signature_kinds=kinds,
+    generator_privacy=update_release if hl.generator else None,
+    releases_per_round=1 + (1 + steps if steps else 0),
+    private_rounds=True,
+    client_embeddings=bool(hl.generator) and "embedding" in kinds,
+  )
 
 
 def centralized(config) -> Method:
@@ -222,33 +260,34 @@ def centralized(config) -> Method:
 def lora_fair(config) -> Method:
   """LoRA-FAIR (Bian et al., ICCV 2025): FedIT with a server-fitted correction ΔB of B̄."""
   fair = config.lora_fair
-  return Method("lora_fair", aggregators.lora_fair(fair.lam, fair.steps, fair.learning_rate),
-                local_regex=_local_head(config))
+  return Method(
+    "lora_fair", aggregators.lora_fair(fair.lam, fair.steps, fair.learning_rate), local_regex=_local_head(config)
+  )
 
 
 METHODS: dict[str, Callable[[ml_collections.ConfigDict], Method]] = {
-    "fedit": fedit,
-    "local_only": local_only,
-    "ffa_lora": ffa_lora,
-    "fedsa_lora": fedsa_lora,
-    "rolora": rolora,
-    "fedex_lora": fedex_lora,
-    "flora": flora,
-    "flexlora": flexlora,
-    "lora_fair": lora_fair,
-    "hetlora": hetlora,
-    "pfedhn": pfedhn,
-    "centralized": centralized,
-    "hyperlora": hyperlora,
+  "fedit": fedit,
+  "local_only": local_only,
+  "ffa_lora": ffa_lora,
+  "fedsa_lora": fedsa_lora,
+  "rolora": rolora,
+  "fedex_lora": fedex_lora,
+  "flora": flora,
+  "flexlora": flexlora,
+  "lora_fair": lora_fair,
+  "hetlora": hetlora,
+  "pfedhn": pfedhn,
+  "centralized": centralized,
+  "hyperlora": hyperlora,
 }
 
 
 # The config blocks each method reads besides the common ones; other methods' blocks are
 # neither validated nor saved with a run (so their defaults can change without touching it).
 METHOD_BLOCKS: dict[str, tuple[str, ...]] = {
-    "lora_fair": ("lora_fair",),
-    "pfedhn": ("generator",),
-    "hyperlora": ("hyperlora", "generator", "lora_fair"),
+  "lora_fair": ("lora_fair",),
+  "pfedhn": ("generator",),
+  "hyperlora": ("hyperlora", "generator", "lora_fair"),
 }
 
 
@@ -260,8 +299,11 @@ def with_server_options(method: Method, config: ml_collections.ConfigDict) -> Me
   robust, dp = config.get("robust"), config.get("dp")
   aggregator = method.aggregator
   if robust is not None and robust.rule != "mean":
-    aggregator = (aggregators.robust_factors(robust.rule, robust.trim) if robust.space == "factors"
-                  else aggregators.robust_products(robust.rule, _scale(config), robust.trim))
+    aggregator = (
+      aggregators.robust_factors(robust.rule, robust.trim)
+      if robust.space == "factors"
+      else aggregators.robust_products(robust.rule, _scale(config), robust.trim)
+    )
   if dp is not None and dp.noise_multiplier > 0:
     if not method.private_rounds:  # HyperLoRA is built private.
       aggregator = aggregators.dp_fedavg(dp.clip_norm, dp.noise_multiplier)
@@ -284,14 +326,18 @@ def check_server_options(config: ml_collections.ConfigDict, method, allowed_meth
   robust_rule = robust is not None and robust.rule != "mean"
   if robust_rule and method.plain_average != robust.space:
     takers = _methods_with(config, allowed_methods, lambda m: m.plain_average == robust.space)
-    raise ConfigError(f"robust.rule: {robust.rule!r} in {robust.space} space replaces the average of "
-                      f"{', '.join(takers)}, not method {method.name!r}")
+    raise ConfigError(
+      f"robust.rule: {robust.rule!r} in {robust.space} space replaces the average of "
+      f"{', '.join(takers)}, not method {method.name!r}"
+    )
   if dp is not None and dp.noise_multiplier > 0 and not (method.private_rounds and not robust_rule):
     if method.plain_average != "factors" or robust_rule:
       takers = _methods_with(config, allowed_methods, lambda m: m.plain_average == "factors")
-      raise ConfigError(f"dp.noise_multiplier: DP-FedAvg replaces the plain average of "
-                        f"{', '.join(takers)} (with robust.rule='mean'), and HyperLoRA has its "
-                        f"own private rounds; not method {method.name!r}")
+      raise ConfigError(
+        f"dp.noise_multiplier: DP-FedAvg replaces the plain average of "
+        f"{', '.join(takers)} (with robust.rule='mean'), and HyperLoRA has its "
+        f"own private rounds; not method {method.name!r}"
+      )
 
 
 def _methods_with(config, allowed_methods, capability) -> list[str]:

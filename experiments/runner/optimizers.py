@@ -1,5 +1,6 @@
 """Optax optimizers from config blocks ({name, learning_rate, momentum}, and optionally
 {schedule, decay_steps, final_fraction})."""
+
 from __future__ import annotations
 
 import ml_collections

@@ -12,6 +12,7 @@ files' sha256 written last (`hyperlora_jax.files`), then renamed into place; eac
 verifies it, and a cache that does not match or cannot be read is reported by name, never
 silently replaced.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,16 +37,29 @@ from hyperlora_jax.models import clip as clip_lib
 PRETRAIN_SEED = 0
 CACHE_FORMAT = 2  # In the key: 2 has a manifest of checksums (caches without one are not read).
 # Captions of the contrastive (CLIP) pretraining; the zero-shot prompt template is not one of them.
-CAPTION_TEMPLATES = ("a picture of the number {}", "a drawing of a {}", "the handwritten digit {}",
-                     "an image showing {}", "{}", "a grey {} on a dark background")
+CAPTION_TEMPLATES = (
+  "a picture of the number {}",
+  "a drawing of a {}",
+  "the handwritten digit {}",
+  "an image showing {}",
+  "{}",
+  "a grey {} on a dark background",
+)
 
 
 def _key_fields(config: ml_collections.ConfigDict) -> dict:
   model = {k: v for k, v in config.model.to_dict().items() if k != "remat"}  # Compute only.
-  fields = {"model": model, "data_name": config.pretrain.data_name,
-            "split": config.pretrain.split, "image_size": config.data.image_size,
-            "steps": config.pretrain.steps, "batch_size": config.pretrain.batch_size,
-            "learning_rate": config.pretrain.learning_rate, "seed": PRETRAIN_SEED, "cache_format": CACHE_FORMAT}
+  fields = {
+    "model": model,
+    "data_name": config.pretrain.data_name,
+    "split": config.pretrain.split,
+    "image_size": config.data.image_size,
+    "steps": config.pretrain.steps,
+    "batch_size": config.pretrain.batch_size,
+    "learning_rate": config.pretrain.learning_rate,
+    "seed": PRETRAIN_SEED,
+    "cache_format": CACHE_FORMAT,
+  }
   if not models.has_head(config.model.name):
     fields["captions"] = CAPTION_TEMPLATES
   return fields
@@ -53,10 +67,12 @@ def _key_fields(config: ml_collections.ConfigDict) -> dict:
 
 def supervised_loss(model) -> Callable:
   """(variables, images, labels, captions) -> mean cross-entropy of the classifier."""
+
   def loss(variables, images, labels, captions):
     del captions
     logits = model.apply(variables, models.preprocess_images(images))
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
   return loss
 
 
@@ -67,19 +83,26 @@ def contrastive_loss(model) -> Callable:
   uniform over the captions j with label_j = label_i (and likewise for each caption), so
   the many same-class pairs of a 10-class batch are not pushed apart.
   """
+
   def loss(variables, images, labels, captions):
     logits = model.apply(variables, models.preprocess_images(images), captions)  # [B, B]
     same = (labels[:, None] == labels[None, :]).astype(logits.dtype)
     targets = same / same.sum(axis=1, keepdims=True)
-    return 0.5 * (optax.softmax_cross_entropy(logits, targets).mean()
-                  + optax.softmax_cross_entropy(logits.T, targets).mean())
+    return 0.5 * (
+      optax.softmax_cross_entropy(logits, targets).mean() + optax.softmax_cross_entropy(logits.T, targets).mean()
+    )
+
   return loss
 
 
 def caption_tokens(model, class_names: tuple[str, ...]) -> np.ndarray:
   """[len(CAPTION_TEMPLATES), K, max_len] tokens of every (template, class) caption."""
-  return np.stack([clip_lib.tokenize(clip_lib.class_prompts(class_names, t), model.vocab_size,
-                                     model.max_len) for t in CAPTION_TEMPLATES])
+  return np.stack(
+    [
+      clip_lib.tokenize(clip_lib.class_prompts(class_names, t), model.vocab_size, model.max_len)
+      for t in CAPTION_TEMPLATES
+    ]
+  )
 
 
 def cache_path(config: ml_collections.ConfigDict) -> str:
@@ -87,8 +110,16 @@ def cache_path(config: ml_collections.ConfigDict) -> str:
   return os.path.join(cache_dir(config), f"{config.model.name}-{digest}")
 
 
-def pretrain(model, data: ImageDataset, *, steps: int, batch_size: int, learning_rate: float,
-             seed: int = PRETRAIN_SEED, log: Callable[[str], None] = print) -> tuple[Any, dict]:
+def pretrain(
+  model,
+  data: ImageDataset,
+  *,
+  steps: int,
+  batch_size: int,
+  learning_rate: float,
+  seed: int = PRETRAIN_SEED,
+  log: Callable[[str], None] = print,
+) -> tuple[Any, dict]:
   """Full training of `model` on `data` (90% train, 10% held out): cross-entropy for a
   classifier, the contrastive caption loss for CLIP.
 
@@ -124,13 +155,13 @@ def pretrain(model, data: ImageDataset, *, steps: int, batch_size: int, learning
     batch = rng.choice(len(train), size=batch_size, replace=False)
     labels = train.labels[batch]
     # Only CLIP draws caption templates, so a classifier's batch stream is that of plain supervised training.
-    batch_captions = (captions[rng.integers(len(captions), size=batch_size), labels] if is_clip
-                      else no_captions)
+    batch_captions = captions[rng.integers(len(captions), size=batch_size), labels] if is_clip else no_captions
     variables, opt_state, loss = step(variables, opt_state, train.images[batch], labels, batch_captions)
     if (i + 1) % max(1, steps // 5) == 0:
       log(f"  pretrain step {i + 1}/{steps}: loss {float(loss):.3f}")
-  hits = sum(int(correct(variables, hold.images[i:i + 512], hold.labels[i:i + 512]))
-             for i in range(0, len(hold), 512))
+  hits = sum(
+    int(correct(variables, hold.images[i : i + 512], hold.labels[i : i + 512])) for i in range(0, len(hold), 512)
+  )
   return variables, {"holdout_accuracy": hits / len(hold), "seconds": time.time() - start}
 
 
@@ -138,8 +169,10 @@ def _abstract_backbone(config, num_classes: int) -> Any:
   model = models.model_from_config(config.model, num_classes)
   shape = (1, config.data.image_size, config.data.image_size, 3)
   local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # This process's own device.
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=local),
-                      jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape, jnp.float32)))
+  return jax.tree.map(
+    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=local),
+    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape, jnp.float32)),
+  )
 
 
 def _local_checkpointer() -> ocp.StandardCheckpointer:
@@ -147,11 +180,11 @@ def _local_checkpointer() -> ocp.StandardCheckpointer:
   multi-process run, written by the main process) without synchronizing with other processes."""
   me = jax.process_index()
   return ocp.StandardCheckpointer(
-      multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
+    multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+  )
 
 
-def load_or_pretrain(config: ml_collections.ConfigDict,
-                     log: Callable[[str], None] = print) -> tuple[Any, dict]:
+def load_or_pretrain(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> tuple[Any, dict]:
   """The embedded backbone's variables (without the pretraining head) and its info: pretrained
   and cached on first use; later calls restore the cache after verifying its manifest.
 
@@ -167,41 +200,62 @@ def load_or_pretrain(config: ml_collections.ConfigDict,
     try:
       files.verify_manifest(path)
     except files.IntegrityError as e:
-      raise RuntimeError(f"backbone cache {path} is not what was written ({e}); it was left in place. Remove "
-                         f"that directory to pretrain again.") from None
+      raise RuntimeError(
+        f"backbone cache {path} is not what was written ({e}); it was left in place. Remove "
+        f"that directory to pretrain again."
+      ) from None
     with open(info_path) as f:
       info = json.load(f)
     abstract = _abstract_backbone(config, info["num_classes"])
     try:
       variables = _local_checkpointer().restore(os.path.abspath(os.path.join(path, "variables")), abstract)
     except Exception as e:  # Orbax raises several types for unreadable files.
-      raise RuntimeError(f"backbone cache {path} is corrupt or incompatible ({type(e).__name__}: "
-                         f"{e}). Remove that directory to pretrain again.") from e
+      raise RuntimeError(
+        f"backbone cache {path} is corrupt or incompatible ({type(e).__name__}: "
+        f"{e}). Remove that directory to pretrain again."
+      ) from e
     log(f"backbone: restored from {path} (pretrain holdout accuracy {info['holdout_accuracy']:.3f})")
   else:
-    data = load_image_dataset(config.pretrain.data_name, config.pretrain.split,
-                              config.data.data_dir or None, config.data.image_size)
+    data = load_image_dataset(
+      config.pretrain.data_name, config.pretrain.split, config.data.data_dir or None, config.data.image_size
+    )
     model = models.model_from_config(config.model, data.num_classes, data.class_names)
-    log(f"backbone: pretraining {config.model.name} on {config.pretrain.data_name}:"
-        f"{config.pretrain.split} ({len(data)} images, {config.pretrain.steps} steps)")
-    variables, info = pretrain(model, data, steps=config.pretrain.steps,
-                               batch_size=config.pretrain.batch_size,
-                               learning_rate=config.pretrain.learning_rate, log=log)
+    log(
+      f"backbone: pretraining {config.model.name} on {config.pretrain.data_name}:"
+      f"{config.pretrain.split} ({len(data)} images, {config.pretrain.steps} steps)"
+    )
+    variables, info = pretrain(
+      model,
+      data,
+      steps=config.pretrain.steps,
+      batch_size=config.pretrain.batch_size,
+      learning_rate=config.pretrain.learning_rate,
+      log=log,
+    )
     info["num_classes"] = data.num_classes
-    bad = [jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_leaves_with_path(variables)
-           if not np.all(np.isfinite(np.asarray(v)))]
+    bad = [
+      jax.tree_util.keystr(k)
+      for k, v in jax.tree_util.tree_leaves_with_path(variables)
+      if not np.all(np.isfinite(np.asarray(v)))
+    ]
     if bad:  # A diverged backbone is never cached (nor used).
-      raise FloatingPointError(f"pretraining diverged: {len(bad)} non-finite variable(s), e.g. {bad[0]}; "
-                               f"nothing was cached. Lower pretrain.learning_rate "
-                               f"(={config.pretrain.learning_rate}).")
+      raise FloatingPointError(
+        f"pretraining diverged: {len(bad)} non-finite variable(s), e.g. {bad[0]}; "
+        f"nothing was cached. Lower pretrain.learning_rate "
+        f"(={config.pretrain.learning_rate})."
+      )
+
     def write(partial):
       checkpointer = _local_checkpointer()
       checkpointer.save(os.path.join(os.path.abspath(partial), "variables"), variables)
       checkpointer.wait_until_finished()
       with open(os.path.join(partial, "info.json"), "w") as f:
         json.dump(info, f)
+
     files.build_directory(path, write)  # Whole or not at all; a concurrent run's identical cache may win.
-    log(f"backbone: pretrained in {info['seconds']:.0f}s, holdout accuracy "
-        f"{info['holdout_accuracy']:.3f}; cached at {path}")
+    log(
+      f"backbone: pretrained in {info['seconds']:.0f}s, holdout accuracy "
+      f"{info['holdout_accuracy']:.3f}; cached at {path}"
+    )
   params = {k: v for k, v in variables["params"].items() if k != "head"}
   return {"params": params}, info

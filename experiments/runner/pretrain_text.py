@@ -12,6 +12,7 @@ last (`hyperlora_jax.files`), then renamed into place (several runs may build it
 first rename wins, the others drop theirs); it is verified whenever it is used, and one that
 does not match is reported by name, never replaced.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,8 +37,22 @@ SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>")
 PRETRAIN_SEED = 0
 CACHE_FORMAT = 2  # In the key: 2 has a manifest of checksums (caches without one are not read).
 # DecoderLM fields a text config's `model` block may set (the rest keep their defaults).
-ARCH_FIELDS = ("vocab_size", "width", "depth", "num_heads", "num_kv_heads", "head_dim", "mlp_dim", "rms_norm_eps",
-               "rope_theta", "tie_embeddings", "qkv_bias", "out_bias", "mlp_bias", "remat")
+ARCH_FIELDS = (
+  "vocab_size",
+  "width",
+  "depth",
+  "num_heads",
+  "num_kv_heads",
+  "head_dim",
+  "mlp_dim",
+  "rms_norm_eps",
+  "rope_theta",
+  "tie_embeddings",
+  "qkv_bias",
+  "out_bias",
+  "mlp_bias",
+  "remat",
+)
 MODEL_FIELDS = ARCH_FIELDS + ("rope_scaling", "sliding_window")  # The last two converted by `decoder_from_config`.
 
 
@@ -55,10 +70,17 @@ def decoder_from_config(model_config: ml_collections.ConfigDict, vocab_size: int
 
 def _key_fields(config: ml_collections.ConfigDict) -> dict:
   model = {k: v for k, v in config.model.to_dict().items() if k not in ("remat", "name", "vocab_size")}
-  return {"model": model, "text": "pydoc_data.topics", "vocab_size": config.pretrain.vocab_size,
-          "steps": config.pretrain.steps, "batch_size": config.pretrain.batch_size,
-          "learning_rate": config.pretrain.learning_rate, "sequence_length": config.pretrain.sequence_length,
-          "seed": PRETRAIN_SEED, "cache_format": CACHE_FORMAT}
+  return {
+    "model": model,
+    "text": "pydoc_data.topics",
+    "vocab_size": config.pretrain.vocab_size,
+    "steps": config.pretrain.steps,
+    "batch_size": config.pretrain.batch_size,
+    "learning_rate": config.pretrain.learning_rate,
+    "sequence_length": config.pretrain.sequence_length,
+    "seed": PRETRAIN_SEED,
+    "cache_format": CACHE_FORMAT,
+  }
 
 
 def cache_path(config: ml_collections.ConfigDict) -> str:
@@ -70,20 +92,35 @@ def train_tokenizer(texts: list[str], vocab_size: int, directory: str) -> hf.Tok
   """A byte-level BPE (Llama 3's kind) trained on `texts`, begin-of-text added in front, written
   as tokenizer.json + tokenizer_config.json; deterministic for the same texts."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
   tokenizer = Tokenizer(models.BPE())
   tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tokenizer.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  trainer = trainers.BpeTrainer(
+    vocab_size=vocab_size,
+    special_tokens=list(SPECIAL_TOKENS),
+    show_progress=False,
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
   tokenizer.train_from_iterator(texts, trainer)
   bos = SPECIAL_TOKENS[0]
-  tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, tokenizer.token_to_id(bos))])
+  tokenizer.post_processor = processors.TemplateProcessing(
+    single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))]
+  )
   os.makedirs(directory, exist_ok=True)
   tokenizer.save(os.path.join(directory, hf.TOKENIZER_FILE))
   with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-    json.dump({"bos_token": SPECIAL_TOKENS[0], "eos_token": SPECIAL_TOKENS[1], "pad_token": SPECIAL_TOKENS[2],
-               "tokenizer_class": "PreTrainedTokenizerFast", "padding_side": "right"}, f, indent=2)
+    json.dump(
+      {
+        "bos_token": SPECIAL_TOKENS[0],
+        "eos_token": SPECIAL_TOKENS[1],
+        "pad_token": SPECIAL_TOKENS[2],
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "padding_side": "right",
+      },
+      f,
+      indent=2,
+    )
   return hf.Tokenizer.from_directory(directory)
 
 
@@ -91,12 +128,19 @@ def packed_sequences(tokenizer: hf.Tokenizer, texts: list[str], length: int) -> 
   """[M, length] int32: every text's ids (with begin-of-text) and end-of-text, concatenated and cut."""
   stream = np.concatenate([np.asarray(tokenizer.encode(t) + [tokenizer.eos_id], np.int32) for t in texts])
   count = len(stream) // length
-  return stream[:count * length].reshape(count, length)
+  return stream[: count * length].reshape(count, length)
 
 
-def pretrain_decoder(model: DecoderLM, sequences: np.ndarray, *, steps: int, batch_size: int,
-                     learning_rate: float, seed: int = PRETRAIN_SEED,
-                     log: Callable[[str], None] = print) -> tuple[dict, dict]:
+def pretrain_decoder(
+  model: DecoderLM,
+  sequences: np.ndarray,
+  *,
+  steps: int,
+  batch_size: int,
+  learning_rate: float,
+  seed: int = PRETRAIN_SEED,
+  log: Callable[[str], None] = print,
+) -> tuple[dict, dict]:
   """Next-token training of `model` on packed `sequences` [M, T] (95% train, 5% held out).
 
   Returns:
@@ -127,13 +171,17 @@ def pretrain_decoder(model: DecoderLM, sequences: np.ndarray, *, steps: int, bat
     variables, opt_state, loss = step(variables, opt_state, ids)
     if (i + 1) % max(1, steps // 5) == 0:
       log(f"  pretrain step {i + 1}/{steps}: loss {float(loss):.3f}")
-  held_out = float(jnp.mean(jnp.stack([jax.jit(loss_fn)(variables, jnp.asarray(hold[i:i + 64]))
-                                       for i in range(0, len(hold), 64)])))
+  held_out = float(
+    jnp.mean(jnp.stack([jax.jit(loss_fn)(variables, jnp.asarray(hold[i : i + 64])) for i in range(0, len(hold), 64)]))
+  )
   return variables, {"holdout_perplexity": float(np.exp(held_out)), "seconds": time.time() - start}
 
 
-def decoder_directory(config: ml_collections.ConfigDict, log: Callable[[str], None] = print,
-                      check_tokenizer: Callable[[hf.Tokenizer], None] | None = None) -> str:
+def decoder_directory(
+  config: ml_collections.ConfigDict,
+  log: Callable[[str], None] = print,
+  check_tokenizer: Callable[[hf.Tokenizer], None] | None = None,
+) -> str:
   """The Hugging Face directory of the run's frozen decoder: `pretrain.checkpoint`, or the
   embedded decoder's cache (built on first use, verified against its manifest on every use).
   `check_tokenizer` sees the embedded tokenizer as soon as it is trained, before the decoder's
@@ -151,26 +199,40 @@ def decoder_directory(config: ml_collections.ConfigDict, log: Callable[[str], No
       try:
         files.verify_manifest(directory)
       except files.IntegrityError as e:
-        raise hf.CheckpointError(f"the embedded decoder's cache {directory} is not what was written ({e}); it was "
-                                 f"left in place. Remove that directory to pretrain again.") from None
+        raise hf.CheckpointError(
+          f"the embedded decoder's cache {directory} is not what was written ({e}); it was "
+          f"left in place. Remove that directory to pretrain again."
+        ) from None
       log(f"backbone: restored from {directory}")
   return directory
 
 
-def _build_embedded(config: ml_collections.ConfigDict, directory: str, log: Callable[[str], None],
-                    check_tokenizer: Callable[[hf.Tokenizer], None] | None = None) -> None:
+def _build_embedded(
+  config: ml_collections.ConfigDict,
+  directory: str,
+  log: Callable[[str], None],
+  check_tokenizer: Callable[[hf.Tokenizer], None] | None = None,
+) -> None:
   texts = stdlib_docs.pretraining_text()
-  stats, kept = files.build_directory(directory, lambda partial: _write_embedded(config, partial, texts, log,
-                                                                                 check_tokenizer))
+  stats, kept = files.build_directory(
+    directory, lambda partial: _write_embedded(config, partial, texts, log, check_tokenizer)
+  )
   if kept:
-    log(f"backbone: held-out perplexity {stats['holdout_perplexity']:.1f} after {stats['seconds']:.0f} s; "
-        f"cached in {directory}")
+    log(
+      f"backbone: held-out perplexity {stats['holdout_perplexity']:.1f} after {stats['seconds']:.0f} s; "
+      f"cached in {directory}"
+    )
   else:  # Another run built the same decoder first (seeded: the same files).
     log(f"backbone: another run cached the same decoder in {directory} first; using it")
 
 
-def _write_embedded(config: ml_collections.ConfigDict, partial: str, texts: list[str],
-                    log: Callable[[str], None], check_tokenizer: Callable[[hf.Tokenizer], None] | None) -> dict:
+def _write_embedded(
+  config: ml_collections.ConfigDict,
+  partial: str,
+  texts: list[str],
+  log: Callable[[str], None],
+  check_tokenizer: Callable[[hf.Tokenizer], None] | None,
+) -> dict:
   """The embedded decoder pretrained and written into `partial`; its pretraining statistics."""
   p = config.pretrain
   tokenizer = train_tokenizer(texts, p.vocab_size, partial)
@@ -178,10 +240,13 @@ def _write_embedded(config: ml_collections.ConfigDict, partial: str, texts: list
     check_tokenizer(tokenizer)
   model = decoder_from_config(config.model, tokenizer.vocab_size)
   sequences = packed_sequences(tokenizer, texts, p.sequence_length)
-  log(f"backbone: pretraining a {model.depth}-block decoder (width {model.width}, vocab {tokenizer.vocab_size}) "
-      f"on {len(sequences)} sequences of the Python Language Reference for {p.steps} steps")
-  variables, stats = pretrain_decoder(model, sequences, steps=p.steps, batch_size=p.batch_size,
-                                      learning_rate=p.learning_rate, log=log)
+  log(
+    f"backbone: pretraining a {model.depth}-block decoder (width {model.width}, vocab {tokenizer.vocab_size}) "
+    f"on {len(sequences)} sequences of the Python Language Reference for {p.steps} steps"
+  )
+  variables, stats = pretrain_decoder(
+    model, sequences, steps=p.steps, batch_size=p.batch_size, learning_rate=p.learning_rate, log=log
+  )
   hf.save_causal_lm(partial, model, variables)
   with open(os.path.join(partial, "pretraining.json"), "w") as f:
     json.dump({**_key_fields(config), **stats}, f, indent=2)

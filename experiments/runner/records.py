@@ -1,4 +1,5 @@
 """A round's `metrics.jsonl` record: the round's device metrics on the host, its bytes and ε."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -26,11 +27,18 @@ def privacy_spent(config: ml_collections.ConfigDict, rounds: int, method: method
   """ε (at `dp.delta`) of a private run after `rounds` rounds (`hyperlora_jax.privacy`): the
   method's releases per round, and its signatures (sent once) where it sends any."""
   method = method or methods.build_method(config)
-  signature_noise = (config.dp.signature_noise_multiplier
-                     if signatures_lib.statistic_kinds(method.signature_kinds) else None)
-  return privacy.epsilon(rounds, config.dp.noise_multiplier, config.fed.clients_per_round,
-                         config.data.num_clients, config.dp.delta, signature_noise_multiplier=signature_noise,
-                         releases_per_round=method.releases_per_round)
+  signature_noise = (
+    config.dp.signature_noise_multiplier if signatures_lib.statistic_kinds(method.signature_kinds) else None
+  )
+  return privacy.epsilon(
+    rounds,
+    config.dp.noise_multiplier,
+    config.fed.clients_per_round,
+    config.data.num_clients,
+    config.dp.delta,
+    signature_noise_multiplier=signature_noise,
+    releases_per_round=method.releases_per_round,
+  )
 
 
 def communication_bytes(exp: Experiment, round_index: int, client_ids: np.ndarray) -> tuple[int, int]:
@@ -44,5 +52,4 @@ def communication_bytes(exp: Experiment, round_index: int, client_ids: np.ndarra
     return 0, 0
   ranks = [int(exp.client_ranks[c]) for c in client_ids if c >= 0]
   signature_bytes = exp.signatures.size * 4 if round_index == 0 and exp.signatures is not None else 0
-  return federated.communication_bytes(exp.fed_round, exp.initial_trainable, round_index, ranks,
-                                       signature_bytes)
+  return federated.communication_bytes(exp.fed_round, exp.initial_trainable, round_index, ranks, signature_bytes)

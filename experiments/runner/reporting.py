@@ -1,4 +1,5 @@
 """Run outputs: metrics.jsonl, the convergence plot, the one-screen summary."""
+
 from __future__ import annotations
 
 import json
@@ -76,19 +77,22 @@ def truncate_metrics(workdir: str, last_round: int) -> None:
 def plot_convergence(records: list[dict], path: str, title: str) -> None:
   """Accuracy vs round and vs cumulative bytes, and train loss, as one PNG."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   evals = [r for r in records if r.get("personalized_accuracy_mean") is not None]
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
   rounds = [r["round"] for r in evals]
-  for key, label in (("global_accuracy", "global"), ("personalized_accuracy_mean", "personalized (mean)"),
-                     ("personalized_accuracy_worst", "personalized (worst client)")):
+  for key, label in (
+    ("global_accuracy", "global"),
+    ("personalized_accuracy_mean", "personalized (mean)"),
+    ("personalized_accuracy_worst", "personalized (worst client)"),
+  ):
     ys = [r.get(key) for r in evals]
     if any(y is not None for y in ys):
       axes[0].plot(rounds, [math.nan if y is None else y for y in ys], label=label)
-      axes[1].plot([r["cum_bytes"] / 1e6 for r in evals], [math.nan if y is None else y for y in ys],
-                   label=label)
+      axes[1].plot([r["cum_bytes"] / 1e6 for r in evals], [math.nan if y is None else y for y in ys], label=label)
   axes[0].set(xlabel="round", ylabel="test accuracy", title=title)
   axes[1].set(xlabel="MB communicated (up + down)", ylabel="test accuracy")
   axes[2].plot([r["round"] for r in records], [r["train_loss"] for r in records])
@@ -109,21 +113,25 @@ def summary(records: list[dict], title: str) -> str:
   fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
   best_global = max((r["global_accuracy"] for r in evals if r.get("global_accuracy") is not None), default=None)
   lines = [
-      f"== {title}: {last['round']} rounds ==",
-      f"  global accuracy        {fmt(last.get('global_accuracy'))} (best {fmt(best_global)})",
-      f"  personalized accuracy  mean {fmt(last['personalized_accuracy_mean'])}, "
-      f"worst client {fmt(last['personalized_accuracy_worst'])}",
-      f"  train loss             {'n/a' if last.get('train_loss') is None else format(last['train_loss'], '.3f')}",
-      f"  communicated           up {last['cum_bytes_up'] / 1e6:.2f} MB, "
-      f"down {last['cum_bytes_down'] / 1e6:.2f} MB",
+    f"== {title}: {last['round']} rounds ==",
+    f"  global accuracy        {fmt(last.get('global_accuracy'))} (best {fmt(best_global)})",
+    f"  personalized accuracy  mean {fmt(last['personalized_accuracy_mean'])}, "
+    f"worst client {fmt(last['personalized_accuracy_worst'])}",
+    f"  train loss             {'n/a' if last.get('train_loss') is None else format(last['train_loss'], '.3f')}",
+    f"  communicated           up {last['cum_bytes_up'] / 1e6:.2f} MB, down {last['cum_bytes_down'] / 1e6:.2f} MB",
   ]
   if last.get("personalized_perplexity_mean") is not None:  # Text runs (next-token accuracy above).
     glob = last.get("global_perplexity")
-    lines.insert(3, f"  perplexity             global {'n/a' if glob is None else format(glob, '.1f')}, "
-                    f"personalized mean {last['personalized_perplexity_mean']:.1f}, "
-                    f"worst client {last['personalized_perplexity_worst']:.1f}")
+    lines.insert(
+      3,
+      f"  perplexity             global {'n/a' if glob is None else format(glob, '.1f')}, "
+      f"personalized mean {last['personalized_perplexity_mean']:.1f}, "
+      f"worst client {last['personalized_perplexity_worst']:.1f}",
+    )
   if records[-1].get("dp_epsilon") is not None:
-    lines.append(f"  privacy spent          ε = {records[-1]['dp_epsilon']:.1f} (client-level, at the config's dp.delta)")
+    lines.append(
+      f"  privacy spent          ε = {records[-1]['dp_epsilon']:.1f} (client-level, at the config's dp.delta)"
+    )
   return "\n".join(lines)
 
 
@@ -146,8 +154,10 @@ def side_by_side(runs: dict[str, list[dict]], reference: str | None = None) -> s
   lines = ["== side by side (final round) ==", header]
   for method, records in runs.items():
     last = records[-1]
-    line = (f"{method:<12} {fmt(last.get('global_accuracy')):>8} {fmt(last['personalized_accuracy_mean']):>11} "
-            f"{fmt(last['personalized_accuracy_worst']):>12} {last['cum_bytes'] / 1e6:>11.2f}")
+    line = (
+      f"{method:<12} {fmt(last.get('global_accuracy')):>8} {fmt(last['personalized_accuracy_mean']):>11} "
+      f"{fmt(last['personalized_accuracy_worst']):>12} {last['cum_bytes'] / 1e6:>11.2f}"
+    )
     if target is not None:
       line += f"  {rounds_to_reach(records, target) or 'not reached'}"
     lines.append(line)

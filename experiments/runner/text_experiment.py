@@ -8,6 +8,7 @@ signatures (`assembly.every_client_signature` with the decoder's featurizer): th
 histogram ("label") and statistics of the frozen decoder's mean hidden state per record
 ("features"), clipped and noised as image signatures are under DP.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -47,15 +48,20 @@ def refuse_lost_records(config: ml_collections.ConfigDict, records: instructions
   """ConfigError naming data.max_len when more than half of `records` keep no response token."""
   lost, total = int(records.no_loss.sum()), len(records.no_loss)
   if lost > total / 2:
-    raise ConfigError(f"data.max_len: {lost} of {total} records keep no response token within "
-                      f"data.max_len={config.data.max_len} tokens (their prompts fill it); raise it"
-                      + ("" if config.pretrain.get("checkpoint") else
-                         f" (or pretrain.vocab_size={config.pretrain.vocab_size}: a larger vocabulary "
-                         f"takes fewer tokens)"))
+    raise ConfigError(
+      f"data.max_len: {lost} of {total} records keep no response token within "
+      f"data.max_len={config.data.max_len} tokens (their prompts fill it); raise it"
+      + (
+        ""
+        if config.pretrain.get("checkpoint")
+        else f" (or pretrain.vocab_size={config.pretrain.vocab_size}: a larger vocabulary takes fewer tokens)"
+      )
+    )
 
 
-def build_text_federated_data(config: ml_collections.ConfigDict, tokenizer, log: Callable[[str], None],
-                              model_vocab_size: int | None = None) -> tuple[ml_collections.ConfigDict, FederatedData]:
+def build_text_federated_data(
+  config: ml_collections.ConfigDict, tokenizer, log: Callable[[str], None], model_vocab_size: int | None = None
+) -> tuple[ml_collections.ConfigDict, FederatedData]:
   """(config with data.num_clients resolved (`with_clients_of`), the data): the records of
   `data.name` tokenized (once, kept in `data.data_dir`), split per group into train / test,
   in memory or streamed (`data.stream`), partitioned, every client holding at least
@@ -67,36 +73,47 @@ def build_text_federated_data(config: ml_collections.ConfigDict, tokenizer, log:
   config = with_clients_of(config, records.group_names, log)
   train, test = instructions.split_records(records, config.data, config.seed)
   lost = train.no_loss + test.no_loss
-  log(f"data: {len(train)} train / {len(test)} test records of {config.data.name!r}"
-      f"{' (streamed)' if config.data.stream else ''} in {train.num_classes} "
-      f"group(s) by {config.data.group_field or '(none)'!r}; {train.truncated + test.truncated} cut to "
-      f"data.max_len={config.data.max_len} tokens ({lost} with no response token left)")
+  log(
+    f"data: {len(train)} train / {len(test)} test records of {config.data.name!r}"
+    f"{' (streamed)' if config.data.stream else ''} in {train.num_classes} "
+    f"group(s) by {config.data.group_field or '(none)'!r}; {train.truncated + test.truncated} cut to "
+    f"data.max_len={config.data.max_len} tokens ({lost} with no response token left)"
+  )
   data = partitioned(config, train, test)
   sizes = data.train_sizes()
   if sizes.min() < config.data.min_client_size:
     k = int(np.argmin(sizes))
-    who = (f"{config.data.group_field} {records.group_names[k]!r}" if config.data.partition == "one_domain_per_client"
-           else f"client {k}")
-    raise ConfigError(f"data.min_client_size: {who} has {sizes[k]} training record(s), fewer than "
-                      f"data.min_client_size={config.data.min_client_size} ({int(np.sum(sizes < config.data.min_client_size))} "
-                      f"client(s) in all); drop such records from {config.data.name!r} or lower data.min_client_size")
+    who = (
+      f"{config.data.group_field} {records.group_names[k]!r}"
+      if config.data.partition == "one_domain_per_client"
+      else f"client {k}"
+    )
+    raise ConfigError(
+      f"data.min_client_size: {who} has {sizes[k]} training record(s), fewer than "
+      f"data.min_client_size={config.data.min_client_size} ({int(np.sum(sizes < config.data.min_client_size))} "
+      f"client(s) in all); drop such records from {config.data.name!r} or lower data.min_client_size"
+    )
   return config, data
 
 
-def with_clients_of(config: ml_collections.ConfigDict, groups: tuple[str, ...],
-                    log: Callable[[str], None]) -> ml_collections.ConfigDict:
+def with_clients_of(
+  config: ml_collections.ConfigDict, groups: tuple[str, ...], log: Callable[[str], None]
+) -> ml_collections.ConfigDict:
   """`config` with data.num_clients = the number of `groups` when it is 0 (one client per group,
   as many as the file has; logged), after checking fed.clients_per_round against it."""
   if config.data.num_clients:
     return config
   if config.fed.clients_per_round > len(groups):
-    raise ConfigError(f"fed.clients_per_round: {config.fed.clients_per_round} exceeds the {len(groups)} clients, one "
-                      f"per {config.data.group_field or 'group'} of {config.data.name!r} ({', '.join(groups)}); "
-                      f"lower it (e.g. --config.fed.clients_per_round={len(groups)})")
+    raise ConfigError(
+      f"fed.clients_per_round: {config.fed.clients_per_round} exceeds the {len(groups)} clients, one "
+      f"per {config.data.group_field or 'group'} of {config.data.name!r} ({', '.join(groups)}); "
+      f"lower it (e.g. --config.fed.clients_per_round={len(groups)})"
+    )
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.num_clients = len(groups)
-  log(f"data.num_clients: 0 -> {len(groups)}, one client per {config.data.group_field or 'group'} of "
-      f"{config.data.name!r}")
+  log(
+    f"data.num_clients: 0 -> {len(groups)}, one client per {config.data.group_field or 'group'} of {config.data.name!r}"
+  )
   return config
 
 
@@ -107,21 +124,46 @@ def build_text_experiment(config: ml_collections.ConfigDict, log: Callable[[str]
   `assembly.assemble` (no compilation)."""
   mesh, method, server_optimizer = checked_method(config)
   model, backbone, tokenizer, _ = backbone_lib.text_backbone(
-      config, log, check_tokenizer=lambda tokenizer: check_records_fit(config, tokenizer, log))
+    config, log, check_tokenizer=lambda tokenizer: check_records_fit(config, tokenizer, log)
+  )
   backbone = sharded_backbone(backbone, mesh, log)
   compute_dtype = backbone_dtype(config.compute.backbone_dtype)
   model = model.clone(dtype=compute_dtype)
   config, data = build_text_federated_data(config, tokenizer, log, model.vocab_size)
   example = {k: jnp.asarray(v[:1]) for k, v in data.train_pool.tokens.items()}
-  targets = lora.find_targets(model, backbone, example["input_ids"], example["attention_mask"],
-                              target_regex=config.lora.target_regex)
-  trainable = {"lora": lora.init_lora(jax.random.fold_in(jax.random.key(config.seed), 1), targets, config.lora.rank),
-               "head": {}}
-  task = causal_lm.CausalLM(model, lora.lora_scale(config.lora.alpha, config.lora.rank, config.lora.rslora),
-                            compute_dtype)
+  targets = lora.find_targets(
+    model, backbone, example["input_ids"], example["attention_mask"], target_regex=config.lora.target_regex
+  )
+  trainable = {
+    "lora": lora.init_lora(jax.random.fold_in(jax.random.key(config.seed), 1), targets, config.lora.rank),
+    "head": {},
+  }
+  task = causal_lm.CausalLM(
+    model, lora.lora_scale(config.lora.alpha, config.lora.rank, config.lora.rslora), compute_dtype
+  )
   signatures = (
-      every_client_signature(config, method, data, model, backbone, example_keys=("input_ids", "attention_mask"),
-                             featurize=lambda ids, mask: causal_lm.mean_hidden_state(model, backbone, ids, mask))
-      if method.signature_kinds else (None, None))
-  return assemble(config, log, mesh=mesh, method=method, server_optimizer=server_optimizer, data=data, task=task,
-                  backbone=backbone, targets=targets, trainable=trainable, signatures=signatures)
+    every_client_signature(
+      config,
+      method,
+      data,
+      model,
+      backbone,
+      example_keys=("input_ids", "attention_mask"),
+      featurize=lambda ids, mask: causal_lm.mean_hidden_state(model, backbone, ids, mask),
+    )
+    if method.signature_kinds
+    else (None, None)
+  )
+  return assemble(
+    config,
+    log,
+    mesh=mesh,
+    method=method,
+    server_optimizer=server_optimizer,
+    data=data,
+    task=task,
+    backbone=backbone,
+    targets=targets,
+    trainable=trainable,
+    signatures=signatures,
+  )

@@ -15,6 +15,7 @@ The concerns live beside it: `experiment` (building), `config_validation` (every
 `feeding` (round inputs), `evaluation`, `records` (a round's metrics line), `workdir` (lock,
 recorded config and environment, checkpoints, resume), `chunking` (the measured chunk size).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -54,6 +55,7 @@ class PendingRound:
   waits for the dispatched evaluation (None: not an evaluation round); new_clients: the
   held-out new clients' accuracies (last round only, else empty).
   """
+
   index: int
   metrics: dict
   client_ids: np.ndarray
@@ -62,9 +64,14 @@ class PendingRound:
   new_clients: dict
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       stop_after_round: int | None = None, log: Callable[[str], None] = print,
-                       progress: bool = True) -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  stop_after_round: int | None = None,
+  log: Callable[[str], None] = print,
+  progress: bool = True,
+) -> dict:
   """Runs (or resumes) a federated LoRA experiment in `workdir` (locked while it runs; with
   several processes the main one holds the lock).
 
@@ -80,8 +87,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return _run(config, workdir, stop_after_round=stop_after_round, log=log, progress=progress)
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_round: int | None,
-         log: Callable[[str], None], progress: bool) -> dict:
+def _run(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  stop_after_round: int | None,
+  log: Callable[[str], None],
+  progress: bool,
+) -> dict:
   start_time = time.time()
   main_process = distributed.is_main_process()
   # 1. prepare
@@ -114,8 +127,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_round: i
   evaluate = run_evaluator(exp, with_extras=True)
   per_client = primitives.clients_sharding(exp.mesh)
   last_round = config.fed.num_rounds if stop_after_round is None else min(stop_after_round, config.fed.num_rounds)
-  bar = tqdm(range(done, last_round), initial=done, total=config.fed.num_rounds,
-             desc=config.method, disable=not (progress and main_process), leave=False)
+  bar = tqdm(
+    range(done, last_round),
+    initial=done,
+    total=config.fed.num_rounds,
+    desc=config.method,
+    disable=not (progress and main_process),
+    leave=False,
+  )
   prefetch = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # Round r+1's block while r runs.
   upcoming = prefetch.submit(round_on_mesh, exp, done, per_client) if done < last_round else None
   finish = lambda pending: finish_round(exp, workdir, pending, records, manager, bar, log)
@@ -139,9 +158,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_round: i
     # The evaluation is enqueued before round r+1, which donates this state, so it reads it first.
     # A non-finite global is found in `finish_round` and never recorded or saved.
     pending = PendingRound(
-        index=r, metrics=round_metrics, client_ids=host_ids, global_finite=global_is_finite(state),
-        collect_evaluation=evaluate(state, frozen) if evaluating else None,
-        new_clients=evaluate_new_clients(exp, state, frozen) if r + 1 == config.fed.num_rounds else {})
+      index=r,
+      metrics=round_metrics,
+      client_ids=host_ids,
+      global_finite=global_is_finite(state),
+      collect_evaluation=evaluate(state, frozen) if evaluating else None,
+      new_clients=evaluate_new_clients(exp, state, frozen) if r + 1 == config.fed.num_rounds else {},
+    )
     saving = (r + 1) % config.checkpoint_every == 0 or r + 1 == config.fed.num_rounds
     if saving or r + 1 == last_round:  # A saved state is checked first; the last round ends here.
       finish(pending)
@@ -159,8 +182,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, *, stop_after_round: i
   text = reporting.summary(records, title)
   if main_process and records and records[-1]["round"] == config.fed.num_rounds:
     reporting.plot_convergence(records, os.path.join(workdir, reporting.PLOT_FILE), title)
-  return {"records": records, "summary": text, "round_traces": len(traces),
-          "seconds": time.time() - start_time}
+  return {"records": records, "summary": text, "round_traces": len(traces), "seconds": time.time() - start_time}
 
 
 def prepare_once(config: ml_collections.ConfigDict, log: Callable[[str], None]) -> None:
@@ -197,13 +219,15 @@ def state_on_mesh(exp: Experiment) -> tuple[Any, Any]:
   state = exp.fed_round.init(jax.random.key(exp.config.seed), exp.initial_trainable, exp.signatures)
   to_mesh = (lambda t: t) if jax.process_count() == 1 else (lambda t: jax.tree.map(np.asarray, t))
   state = jax.device_put(to_mesh(state), federated.state_shardings(state, exp.mesh))
-  frozen = jax.device_put(to_mesh(task_lib.frozen_tree(exp.backbone, dtype=exp.task.compute_dtype)),
-                          NamedSharding(exp.mesh, P()))
+  frozen = jax.device_put(
+    to_mesh(task_lib.frozen_tree(exp.backbone, dtype=exp.task.compute_dtype)), NamedSharding(exp.mesh, P())
+  )
   return state, frozen
 
 
-def records_of_checkpoint(workdir: str, done: int, manager: ocp.CheckpointManager,
-                          log: Callable[[str], None]) -> list[dict]:
+def records_of_checkpoint(
+  workdir: str, done: int, manager: ocp.CheckpointManager, log: Callable[[str], None]
+) -> list[dict]:
   """The records of rounds 1..done, the checkpoint's: `metrics.jsonl` truncated to them, or
   rebuilt from the checkpoint's copy when it lacks some (counters continue from `done`).
 
@@ -216,15 +240,19 @@ def records_of_checkpoint(workdir: str, done: int, manager: ocp.CheckpointManage
     records = reporting.read_records(workdir_lib.metrics_snapshot_path(workdir, done))
     if [r.get("round") for r in records] != list(range(1, done + 1)):
       manager.close()
-      raise RuntimeError(f"{workdir}/{reporting.METRICS_FILE} lacks rounds of the {done} the checkpoint "
-                         f"has done, and the checkpoint holds no copy of them; restore the file or use "
-                         f"a new workdir (nothing was changed)")
+      raise RuntimeError(
+        f"{workdir}/{reporting.METRICS_FILE} lacks rounds of the {done} the checkpoint "
+        f"has done, and the checkpoint holds no copy of them; restore the file or use "
+        f"a new workdir (nothing was changed)"
+      )
     rebuilt = True
   if distributed.is_main_process():
     if rebuilt:
       reporting.write_records(os.path.join(workdir, reporting.METRICS_FILE), records)
-      log(f"{workdir}/{reporting.METRICS_FILE} lacked checkpointed rounds: rebuilt rounds 1-{done} "
-          f"from the checkpoint's copy")
+      log(
+        f"{workdir}/{reporting.METRICS_FILE} lacked checkpointed rounds: rebuilt rounds 1-{done} "
+        f"from the checkpoint's copy"
+      )
     else:
       reporting.truncate_metrics(workdir, done)
   distributed.barrier("metrics truncated")
@@ -240,21 +268,32 @@ def round_record(exp: Experiment, pending: PendingRound, previous: dict | None) 
   cum_up = (previous["cum_bytes_up"] if previous else 0) + up
   cum_down = (previous["cum_bytes_down"] if previous else 0) + down
   number = records_lib.number
-  return {"round": r + 1, "train_loss": float(round_metrics["train_loss"]),
-          **{name: number(round_metrics[name]) for name in exp.fed_round.aggregator.capabilities.metrics},
-          "nonfinite_clients": int(round_metrics["nonfinite_clients"]),
-          **{key: int(round_metrics[key]) for key in records_lib.REJECTION_METRICS},
-          **{key: int(value) for key, value in round_metrics.items() if key.startswith("faults_")},
-          **{key: jax.tree.map(float, round_metrics[key]) for key in diagnostics.METRICS
-             if key in round_metrics},
-          **({"dp_epsilon": records_lib.privacy_spent(exp.config, r + 1, exp.method)}
-             if methods.dp_on(exp.config) else {}),
-          "bytes_up": up, "bytes_down": down, "cum_bytes_up": cum_up,
-          "cum_bytes_down": cum_down, "cum_bytes": cum_up + cum_down}
+  return {
+    "round": r + 1,
+    "train_loss": float(round_metrics["train_loss"]),
+    **{name: number(round_metrics[name]) for name in exp.fed_round.aggregator.capabilities.metrics},
+    "nonfinite_clients": int(round_metrics["nonfinite_clients"]),
+    **{key: int(round_metrics[key]) for key in records_lib.REJECTION_METRICS},
+    **{key: int(value) for key, value in round_metrics.items() if key.startswith("faults_")},
+    **{key: jax.tree.map(float, round_metrics[key]) for key in diagnostics.METRICS if key in round_metrics},
+    **({"dp_epsilon": records_lib.privacy_spent(exp.config, r + 1, exp.method)} if methods.dp_on(exp.config) else {}),
+    "bytes_up": up,
+    "bytes_down": down,
+    "cum_bytes_up": cum_up,
+    "cum_bytes_down": cum_down,
+    "cum_bytes": cum_up + cum_down,
+  }
 
 
-def finish_round(exp: Experiment, workdir: str, pending: PendingRound, records: list[dict],
-                 manager: ocp.CheckpointManager, bar: Any, log: Callable[[str], None]) -> None:
+def finish_round(
+  exp: Experiment,
+  workdir: str,
+  pending: PendingRound,
+  records: list[dict],
+  manager: ocp.CheckpointManager,
+  bar: Any,
+  log: Callable[[str], None],
+) -> None:
   """Round `pending.index`'s host work: its record, the finiteness check, the evaluation's
   results, logs, and the line appended to `records` (and, by the main process, to metrics.jsonl).
 
@@ -264,26 +303,33 @@ def finish_round(exp: Experiment, workdir: str, pending: PendingRound, records: 
   record = round_record(exp, pending, records[-1] if records else None)
   if not bool(pending.global_finite):  # Not recorded, not saved; its evaluation is discarded.
     raise FloatingPointError(
-        f"round {record['round']}: the global model is non-finite, so it is not evaluated and the run "
-        f"stops (rejected this round: {', '.join(f'{k}={record[k]}' for k in records_lib.REJECTION_METRICS)}); "
-        + _close_naming_last_checkpoint(manager, workdir))
+      f"round {record['round']}: the global model is non-finite, so it is not evaluated and the run "
+      f"stops (rejected this round: {', '.join(f'{k}={record[k]}' for k in records_lib.REJECTION_METRICS)}); "
+      + _close_naming_last_checkpoint(manager, workdir)
+    )
   if pending.collect_evaluation is not None:
     has_test = exp.data.has_test_examples()
     global_accuracy, acc, extras = pending.collect_evaluation()  # extras: a text run's perplexities.
-    record.update(global_accuracy=global_accuracy,
-                  personalized_accuracy_mean=float(acc[has_test].mean()),
-                  personalized_accuracy_worst=float(acc[has_test].min()))
+    record.update(
+      global_accuracy=global_accuracy,
+      personalized_accuracy_mean=float(acc[has_test].mean()),
+      personalized_accuracy_worst=float(acc[has_test].min()),
+    )
     record.update(extras)
     bar.set_postfix(acc=f"{record['global_accuracy']:.3f}", pers=f"{record['personalized_accuracy_mean']:.3f}")
   record.update(pending.new_clients)
   main_process = distributed.is_main_process()
   rejected = [key for key in records_lib.REJECTION_METRICS if record[key]]
   if rejected and main_process:
-    log(f"round {record['round']}: the server rejected a non-finite or exploding {', '.join(rejected)} "
-        f"and kept the previous state for it")
+    log(
+      f"round {record['round']}: the server rejected a non-finite or exploding {', '.join(rejected)} "
+      f"and kept the previous state for it"
+    )
   if record["nonfinite_clients"] and main_process:
-    log(f"round {record['round']}: {record['nonfinite_clients']} client update(s) were non-finite and "
-        f"were left out of the aggregate")
+    log(
+      f"round {record['round']}: {record['nonfinite_clients']} client update(s) were non-finite and "
+      f"were left out of the aggregate"
+    )
   records.append(reporting.append_metrics(workdir, record) if main_process else reporting.clean_record(record))
   check_progress(exp, records, pending.client_ids, workdir, manager)
 
@@ -291,8 +337,9 @@ def finish_round(exp: Experiment, workdir: str, pending: PendingRound, records: 
 STALLED_ROUNDS = 3  # Rounds in a row with every client update non-finite before a run stops.
 
 
-def check_progress(exp: Experiment, records: list[dict], client_ids: Any, workdir: str,
-                   manager: ocp.CheckpointManager) -> None:
+def check_progress(
+  exp: Experiment, records: list[dict], client_ids: Any, workdir: str, manager: ocp.CheckpointManager
+) -> None:
   """Raises FloatingPointError when every sampled client's update was non-finite in each of the
   last `STALLED_ROUNDS` rounds (and no fault injects them): nothing reaches the server, so the
   run would go on learning nothing (a non-finite frozen backbone or data, or a learning rate
@@ -304,10 +351,11 @@ def check_progress(exp: Experiment, records: list[dict], client_ids: Any, workdi
   recent = records[-STALLED_ROUNDS:]
   if sampled and len(recent) == STALLED_ROUNDS and all(r["nonfinite_clients"] >= sampled for r in recent):
     raise FloatingPointError(
-        f"rounds {recent[0]['round']}-{recent[-1]['round']}: every client's update was non-finite, so nothing "
-        f"reached the server and the run stops; the frozen backbone or the data may hold NaN/Inf, or "
-        f"client_optimizer.learning_rate={exp.config.client_optimizer.learning_rate} diverges at once; "
-        + _close_naming_last_checkpoint(manager, workdir))
+      f"rounds {recent[0]['round']}-{recent[-1]['round']}: every client's update was non-finite, so nothing "
+      f"reached the server and the run stops; the frozen backbone or the data may hold NaN/Inf, or "
+      f"client_optimizer.learning_rate={exp.config.client_optimizer.learning_rate} diverges at once; "
+      + _close_naming_last_checkpoint(manager, workdir)
+    )
 
 
 def _close_naming_last_checkpoint(manager: ocp.CheckpointManager, workdir: str) -> str:
@@ -316,5 +364,8 @@ def _close_naming_last_checkpoint(manager: ocp.CheckpointManager, workdir: str) 
   manager.wait_until_finished()
   last_saved = manager.latest_step()
   manager.close()
-  return (f"the last checkpoint is step {last_saved} in {workdir}" if last_saved is not None
-          else f"no checkpoint was saved in {workdir}")
+  return (
+    f"the last checkpoint is step {last_saved} in {workdir}"
+    if last_saved is not None
+    else f"no checkpoint was saved in {workdir}"
+  )

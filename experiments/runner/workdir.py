@@ -1,13 +1,14 @@
 """A run's workdir: its lock, recorded config and environment, checkpoints and resume.
 
-    workdir/
-      .lock                 held while a run writes here (`workdir_lock`)
-      config.json           the fields the run used (`check_resumable` refuses another config)
-      environment.json      versions, backend and the values left to the machine (`environment`)
-      metrics.jsonl         one record per round (`reporting`)
-      checkpoints/<step>/   orbax checkpoints of the whole server state
-      checkpoints/metrics-<step>.jsonl   rounds 1..step of the metrics, kept with each checkpoint
+workdir/
+  .lock                 held while a run writes here (`workdir_lock`)
+  config.json           the fields the run used (`check_resumable` refuses another config)
+  environment.json      versions, backend and the values left to the machine (`environment`)
+  metrics.jsonl         one record per round (`reporting`)
+  checkpoints/<step>/   orbax checkpoints of the whole server state
+  checkpoints/metrics-<step>.jsonl   rounds 1..step of the metrics, kept with each checkpoint
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,15 +45,21 @@ RESUMABLE_FIELDS = ("fed.num_rounds", "eval_every", "checkpoint_every")
 # made by an older version resumes, or reprints, instead of being refused). Blocks that are
 # dataclasses contribute their defaults, their one source.
 ADDED_FIELDS = {
-    "data.max_client_examples": 0, "data.validation_fraction": 0.0, "pretrain.checkpoint": "",
-    "fed.model_parallel": 1, "data.data_dir": "",  # A text run's tokenized records (2026-12-06).
-    "hyperlora.meta_steps": config_blocks.HyperLoRA().meta_steps,
-    **config_blocks.dotted_defaults("faults", Faults()),  # All off.
-    **config_blocks.dotted_defaults("robust", config_blocks.Robust()),
-    **config_blocks.dotted_defaults("dp", config_blocks.DP()),
-    # The generator's learning-rate schedule (constant before it existed).
-    **{field: value for field, value in config_blocks.dotted_defaults("generator", config_blocks.Generator()).items()
-       if field.rsplit(".", 1)[1] in ("schedule", "decay_steps", "final_fraction")},
+  "data.max_client_examples": 0,
+  "data.validation_fraction": 0.0,
+  "pretrain.checkpoint": "",
+  "fed.model_parallel": 1,
+  "data.data_dir": "",  # A text run's tokenized records (2026-12-06).
+  "hyperlora.meta_steps": config_blocks.HyperLoRA().meta_steps,
+  **config_blocks.dotted_defaults("faults", Faults()),  # All off.
+  **config_blocks.dotted_defaults("robust", config_blocks.Robust()),
+  **config_blocks.dotted_defaults("dp", config_blocks.DP()),
+  # The generator's learning-rate schedule (constant before it existed).
+  **{
+    field: value
+    for field, value in config_blocks.dotted_defaults("generator", config_blocks.Generator()).items()
+    if field.rsplit(".", 1)[1] in ("schedule", "decay_steps", "final_fraction")
+  },
 }
 
 
@@ -70,8 +77,10 @@ def workdir_lock(workdir: str):
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       f.seek(0)
-      raise RuntimeError(f"workdir {workdir} is in use by another run (pid {f.read().strip() or '?'}); "
-                         f"wait for it or use another workdir") from None
+      raise RuntimeError(
+        f"workdir {workdir} is in use by another run (pid {f.read().strip() or '?'}); "
+        f"wait for it or use another workdir"
+      ) from None
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))
@@ -89,8 +98,10 @@ def config_differences(workdir: str, config: ml_collections.ConfigDict) -> list[
     with open(path) as f:
       saved = json.load(f)
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ConfigError(f"{path} is not readable JSON ({type(e).__name__}: {e}), so this workdir's config cannot be "
-                      f"checked; restore the file or use a new workdir") from None
+    raise ConfigError(
+      f"{path} is not readable JSON ({type(e).__name__}: {e}), so this workdir's config cannot be "
+      f"checked; restore the file or use a new workdir"
+    ) from None
   if not isinstance(saved, dict):
     raise ConfigError(f"{path} holds a JSON {type(saved).__name__}, not a config; restore it or use a new workdir")
   saved_flat = traverse_util.flatten_dict(saved, sep=".")
@@ -98,8 +109,11 @@ def config_differences(workdir: str, config: ml_collections.ConfigDict) -> list[
   for field, as_before in ADDED_FIELDS.items():
     if field not in saved_flat and current_flat.get(field) == as_before:
       saved_flat[field] = as_before
-  return sorted(k for k in set(saved_flat) | set(current_flat)
-                if saved_flat.get(k) != current_flat.get(k) and k not in RESUMABLE_FIELDS)
+  return sorted(
+    k
+    for k in set(saved_flat) | set(current_flat)
+    if saved_flat.get(k) != current_flat.get(k) and k not in RESUMABLE_FIELDS
+  )
 
 
 def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -109,12 +123,16 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
   current = used_config(config, methods.METHOD_BLOCKS)
   checkpoints = os.path.join(workdir, "checkpoints")
   if not os.path.exists(path) and os.path.isdir(checkpoints) and os.listdir(checkpoints):
-    raise ConfigError(f"workdir {workdir} has checkpoints but no {CONFIG_FILE}, so its config cannot "
-                      f"be checked against this one; restore the file or use a new workdir")
+    raise ConfigError(
+      f"workdir {workdir} has checkpoints but no {CONFIG_FILE}, so its config cannot "
+      f"be checked against this one; restore the file or use a new workdir"
+    )
   changed = config_differences(workdir, config)
   if changed:
-    raise ConfigError(f"workdir {workdir} holds a run with a different config (fields: "
-                      f"{', '.join(changed)}); use a new workdir or the same config")
+    raise ConfigError(
+      f"workdir {workdir} holds a run with a different config (fields: "
+      f"{', '.join(changed)}); use a new workdir or the same config"
+    )
   distributed.barrier("config checked")
   if distributed.is_main_process():
     files.atomic_write_json(path, current, indent=2)  # Never a torn file: a resume reads it.
@@ -123,13 +141,21 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
 def environment(exp: Experiment) -> dict:
   """What a run's numbers depend on besides its config: versions, backend, devices, and the
   values the config left to the machine (the measured `clients_per_chunk`, the backbone dtype)."""
-  versions = {name: importlib.metadata.version(name)
-              for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")}
-  return {"python": platform.python_version(), **versions, "backend": jax.default_backend(),
-          "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
-          "processes": jax.process_count(), "cpu": _cpu_name(), "cpus": os.cpu_count(),
-          "clients_per_chunk": exp.fed_round.clients_per_chunk,
-          "backbone_dtype": str(jnp.dtype(exp.task.compute_dtype))}
+  versions = {
+    name: importlib.metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+  }
+  return {
+    "python": platform.python_version(),
+    **versions,
+    "backend": jax.default_backend(),
+    "device": jax.devices()[0].device_kind,
+    "devices": jax.device_count(),
+    "processes": jax.process_count(),
+    "cpu": _cpu_name(),
+    "cpus": os.cpu_count(),
+    "clients_per_chunk": exp.fed_round.clients_per_chunk,
+    "backbone_dtype": str(jnp.dtype(exp.task.compute_dtype)),
+  }
 
 
 def _cpu_name() -> str:
@@ -158,8 +184,10 @@ def write_environment(workdir: str, exp: Experiment) -> None:
 
 
 def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                               options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+  return ocp.CheckpointManager(
+    os.path.abspath(os.path.join(workdir, "checkpoints")),
+    options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
+  )
 
 
 def metrics_snapshot_path(workdir: str, step: int) -> str:
@@ -202,9 +230,11 @@ def restore_state(manager: ocp.CheckpointManager, state: Any) -> tuple[Any, int]
     restored = _restore_older(manager, step, state)
     if restored is None:
       manager.close()
-      raise RuntimeError(f"checkpoint {manager.directory}/{step} is corrupt or incompatible "
-                         f"({type(e).__name__}: {e}); it was left untouched. Move it away to "
-                         f"resume from an earlier one, or use a new workdir.") from e
+      raise RuntimeError(
+        f"checkpoint {manager.directory}/{step} is corrupt or incompatible "
+        f"({type(e).__name__}: {e}); it was left untouched. Move it away to "
+        f"resume from an earlier one, or use a new workdir."
+      ) from e
   return states.like(template, restored), step
 
 
@@ -223,15 +253,17 @@ def _restore_older(manager: ocp.CheckpointManager, step: int, state: Any) -> Any
     return None
   older = {**state, "agg": {k: v for k, v in agg.items() if k not in added}}
   try:
-    restored = manager.restore(step, args=ocp.args.StandardRestore(
-        jax.tree.map(ocp.utils.to_shape_dtype_struct, older)))
+    restored = manager.restore(
+      step, args=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, older))
+    )
   except Exception:  # Not an older checkpoint either: the caller reports the first error.
     return None
   return {**restored, "agg": {**restored["agg"], **{k: agg[k] for k in added}}}
 
 
-def restore_run(config: ml_collections.ConfigDict, workdir: str, *, finished: bool = True,
-                log: Callable[[str], None] = lambda _: None) -> tuple[Experiment, Any, int]:
+def restore_run(
+  config: ml_collections.ConfigDict, workdir: str, *, finished: bool = True, log: Callable[[str], None] = lambda _: None
+) -> tuple[Experiment, Any, int]:
   """A run's experiment and its state at its latest checkpoint, to evaluate or inspect it.
 
   Args:

@@ -21,6 +21,7 @@ starts rather than their updates).
 reads each RUNS_DIR/index.json's finished runs of those methods (the sweep's config, overrides and
 workdir) and prints one row per run and a mean ± std per (runs dir, method, setting).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,11 +42,13 @@ def global_test_accuracy(exp, frozen) -> Callable[[Any], float]:
   """A function: one model (`trainable`) -> its accuracy on the union of the clients' test
   splits. Compiled once per model shape, so models of the same shape share the compilation."""
   from hyperlora_jax.tasks.image_classification import block_counts
+
   counts = jax.jit(lambda trainable, block: block_counts(exp.task, frozen, trainable, block, exp.config.eval_batch))
 
   def accuracy(trainable) -> float:
     totals = np.array([np.asarray(counts(trainable, block), np.float64) for block in exp.data.global_test_blocks()])
     return float(totals[:, 0].sum() / max(totals[:, 1].sum(), 1.0))
+
   return accuracy
 
 
@@ -63,13 +66,16 @@ def evaluate_run(config, workdir: str) -> dict[str, float]:
   from hyperlora_jax import lora, primitives
   from experiments.runner import workdir as workdir_lib
   from hyperlora_jax.tasks.image_classification import apply_base_delta, frozen_tree
+
   exp, state, _ = workdir_lib.restore_run(config, workdir)
   frozen = apply_base_delta(frozen_tree(exp.backbone, dtype=exp.task.compute_dtype), state["base_delta"])
   starts, weights = client_starts(exp, state)
   accuracy = global_test_accuracy(exp, frozen)
-  return {"run": accuracy(exp.fed_round.global_params(state)),
-          "factor mean": accuracy(primitives.weighted_mean(starts, weights)),
-          "product mean": accuracy(lora.product_mean(starts, weights))}
+  return {
+    "run": accuracy(exp.fed_round.global_params(state)),
+    "factor mean": accuracy(primitives.weighted_mean(starts, weights)),
+    "product mean": accuracy(lora.product_mean(starts, weights)),
+  }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,4 +107,5 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
   from experiments import cli
+
   cli.run(main)

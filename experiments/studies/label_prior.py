@@ -13,6 +13,7 @@ prints, per config and over the seeds, the mean (± std) over clients of this ma
 accuracy, for the training clients and for the held-out new clients (`data.heldout_clients`).
 It reads only labels; no model is built.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,9 @@ import numpy as np
 from experiments.sweep import load_config_file, parse_override, set_field
 
 
-def majority_label_accuracy(train_labels: np.ndarray, test_labels: np.ndarray, train_parts: list[np.ndarray],
-                            test_parts: list[np.ndarray]) -> np.ndarray:
+def majority_label_accuracy(
+  train_labels: np.ndarray, test_labels: np.ndarray, train_parts: list[np.ndarray], test_parts: list[np.ndarray]
+) -> np.ndarray:
   """[num_clients] fraction of client k's test labels (`test_labels[test_parts[k]]`) equal to the
   most frequent label of its training labels (`train_labels[train_parts[k]]`, ties to the
   smallest label); NaN for a client with no test examples or no training examples."""
@@ -39,6 +41,7 @@ def prior_accuracy(config_spec: str, seed: int, overrides: tuple[str, ...] = ())
   """(training clients' mean, new clients' mean or None) of `majority_label_accuracy` for a
   config file spec (path[:arg]) with FIELD=VALUE `overrides` at `seed`."""
   from experiments.runner.federated_data import build_federated_data
+
   config = load_config_file(config_spec)
   config.seed = seed
   for override in overrides:
@@ -46,8 +49,11 @@ def prior_accuracy(config_spec: str, seed: int, overrides: tuple[str, ...] = ())
   data = build_federated_data(config)
   train, test = data.train_pool.labels, data.test_pool.labels
   clients = np.nanmean(majority_label_accuracy(train, test, data.train_parts, data.test_parts))
-  new = (np.nanmean(majority_label_accuracy(train, test, data.new_train_parts, data.new_test_parts))
-         if data.new_train_parts else None)
+  new = (
+    np.nanmean(majority_label_accuracy(train, test, data.new_train_parts, data.new_test_parts))
+    if data.new_train_parts
+    else None
+  )
   return float(clients), None if new is None else float(new)
 
 
@@ -73,4 +79,5 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
   from experiments import cli
+
   cli.run(main)

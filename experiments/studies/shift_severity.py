@@ -19,6 +19,7 @@ the reference's drop exceeds the method's by more than their pooled std), for th
 and for the personalized models' mean. With `--out F.md`, each run's accuracies are kept in
 F.json as they are measured, and a later call evaluates only the runs not in it yet.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,13 +59,15 @@ def recorded_config(workdir: str) -> ml_collections.ConfigDict:
     set_field(config, field, tuple(value) if isinstance(value, list) else value)
   changed = workdir_lib.config_differences(workdir, config)
   if changed:
-    raise ValueError(f"{workdir}: its config could not be rebuilt from {workdir_lib.CONFIG_FILE} "
-                     f"(fields: {', '.join(changed)})")
+    raise ValueError(
+      f"{workdir}: its config could not be rebuilt from {workdir_lib.CONFIG_FILE} (fields: {', '.join(changed)})"
+    )
   return config
 
 
-def severity_accuracies(config: ml_collections.ConfigDict, workdir: str, kinds: tuple[str, ...],
-                        seed: int = 0) -> dict[tuple[str, int], tuple[float, float]]:
+def severity_accuracies(
+  config: ml_collections.ConfigDict, workdir: str, kinds: tuple[str, ...], seed: int = 0
+) -> dict[tuple[str, int], tuple[float, float]]:
   """{(kind, severity): (global accuracy (NaN without a global model), personalized mean
   accuracy over the clients with test examples)} of `workdir`'s last checkpoint, severities
   0..`corruptions.SEVERITY_LEVELS` of each kind (severity 0 is evaluated once, under every kind)."""
@@ -83,7 +86,8 @@ def severity_accuracies(config: ml_collections.ConfigDict, workdir: str, kinds: 
     out[(kind, 0)] = clean
     for severity in range(1, corruptions.SEVERITY_LEVELS + 1):
       out[(kind, severity)] = accuracies(
-          lambda images, kind=kind, severity=severity: corruptions.corrupt(images, kind, severity, seed))
+        lambda images, kind=kind, severity=severity: corruptions.corrupt(images, kind, severity, seed)
+      )
   jax.clear_caches()  # The next run compiles its own evaluation; free this one's.
   return out
 
@@ -92,18 +96,28 @@ def severity_table(rows: list[dict], kind: str) -> str:
   """Markdown: method × severity, global and personalized mean accuracy % (mean ± std over
   the runs), from rows {"method", "kind", "severity", "global", "pers_mean"}."""
   levels = sorted({r["severity"] for r in rows if r["kind"] == kind})
-  lines = [f"| method | accuracy | {' | '.join(f'severity {s}' for s in levels)} | drop 0 → {levels[-1]} | "
-           f"kept at {levels[-1]} |", "|---|---|" + "---|" * (len(levels) + 2)]
+  lines = [
+    f"| method | accuracy | {' | '.join(f'severity {s}' for s in levels)} | drop 0 → {levels[-1]} | "
+    f"kept at {levels[-1]} |",
+    "|---|---|" + "---|" * (len(levels) + 2),
+  ]
   for method in sorted({r["method"] for r in rows}):
     for key, label in (("global", "global"), ("pers_mean", "personalized mean")):
-      by_level = [[r[key] for r in rows if r["method"] == method and r["kind"] == kind and r["severity"] == s
-                   and not np.isnan(r[key])] for s in levels]
+      by_level = [
+        [
+          r[key]
+          for r in rows
+          if r["method"] == method and r["kind"] == kind and r["severity"] == s and not np.isnan(r[key])
+        ]
+        for s in levels
+      ]
       if not all(by_level):
         continue
       cells = [f"{100 * np.mean(v):.1f} ± {100 * np.std(v):.1f}" for v in by_level]
       clean, severe = np.mean(by_level[0]), np.mean(by_level[-1])
-      lines.append(f"| {method} | {label} | {' | '.join(cells)} | {100 * (clean - severe):.1f} | "
-                   f"{100 * severe / clean:.0f}% |")
+      lines.append(
+        f"| {method} | {label} | {' | '.join(cells)} | {100 * (clean - severe):.1f} | {100 * severe / clean:.0f}% |"
+      )
   return "\n".join(lines)
 
 
@@ -128,29 +142,48 @@ def main(argv: list[str] | None = None) -> None:
     mine = [r for r in done if r["workdir"] == workdir and r["kind"] in kinds]
     if len(mine) < len(kinds) * (corruptions.SEVERITY_LEVELS + 1):
       measured = severity_accuracies(recorded_config(workdir), workdir, kinds)
-      mine = [{"workdir": workdir, "benchmark": final["benchmark"], "method": final["method"], "seed": final["seed"],
-               "kind": kind, "severity": severity, "global": g, "pers_mean": p}
-              for (kind, severity), (g, p) in measured.items()]
+      mine = [
+        {
+          "workdir": workdir,
+          "benchmark": final["benchmark"],
+          "method": final["method"],
+          "seed": final["seed"],
+          "kind": kind,
+          "severity": severity,
+          "global": g,
+          "pers_mean": p,
+        }
+        for (kind, severity), (g, p) in measured.items()
+      ]
       done += mine
       _write_rows(rows_file, done)
     rows += mine
     clean = next(r for r in mine if r["severity"] == 0)
-    checks.append(f"| {workdir} | {100 * (clean['global'] - (final['global'] or np.nan)):+.2f} | "
-                  f"{100 * (clean['pers_mean'] - final['pers_mean']):+.2f} |")
+    checks.append(
+      f"| {workdir} | {100 * (clean['global'] - (final['global'] or np.nan)):+.2f} | "
+      f"{100 * (clean['pers_mean'] - final['pers_mean']):+.2f} |"
+    )
     print(checks[-1], flush=True)
   if not rows:
     raise SystemExit(f"no finished run of {methods} under {args.runs_dir}")
-  sections = ["Severity 0 against the run's last logged evaluation (points; global, personalized mean):\n\n"
-              "| workdir | global | personalized |\n|---|---|---|\n" + "\n".join(checks)]
+  sections = [
+    "Severity 0 against the run's last logged evaluation (points; global, personalized mean):\n\n"
+    "| workdir | global | personalized |\n|---|---|---|\n" + "\n".join(checks)
+  ]
   by_group = collections.defaultdict(list)
   for row in rows:
     by_group[(row["benchmark"], row["kind"])].append(row)
   for (benchmark, kind), group in sorted(by_group.items()):
     most_severe = f"severity={max(r['severity'] for r in group)}:"
-    claim = [line for line in shift_claim(group, args.method, args.reference, f"{kind} severity", False)
-             if most_severe in line or "| drop" in line]  # The tables above hold the other levels.
-    sections.append(f"## {benchmark}: {kind}\n\n{severity_table(group, kind)}\n\n"
-                    "| claim | setting | measured | verdict |\n|---|---|---|---|\n" + "\n".join(claim))
+    claim = [
+      line
+      for line in shift_claim(group, args.method, args.reference, f"{kind} severity", False)
+      if most_severe in line or "| drop" in line
+    ]  # The tables above hold the other levels.
+    sections.append(
+      f"## {benchmark}: {kind}\n\n{severity_table(group, kind)}\n\n"
+      "| claim | setting | measured | verdict |\n|---|---|---|---|\n" + "\n".join(claim)
+    )
   emit("\n\n".join(sections), args.out)
 
 
@@ -171,4 +204,5 @@ def _write_rows(path: str | None, rows: list[dict]) -> None:
 
 if __name__ == "__main__":
   from experiments import cli
+
   cli.run(main)

@@ -24,6 +24,7 @@ e.g. to tune the client lr at a knob fixed by earlier tuning:
 `--reuse DIR` (repeatable): a test run whose config equals that of a run already finished under
 DIR (for a pick that is a method's default, say) is linked to it instead of run again.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,14 +42,14 @@ from experiments.runner.workdir import config_differences
 LEARNING_RATES = "client_optimizer.learning_rate=1e-3,3e-3,1e-2,3e-2"
 # Four settings per method: the client learning rate, or two of its values × the method's knob.
 GRIDS: dict[str, tuple[str, ...]] = {
-    "fedit": (LEARNING_RATES,),
-    "ffa_lora": (LEARNING_RATES,),
-    "flexlora": (LEARNING_RATES,),
-    "fedex_lora": (LEARNING_RATES,),
-    "local_only": (LEARNING_RATES,),
-    "lora_fair": ("client_optimizer.learning_rate=3e-3,1e-2", "lora_fair.lam=0.01,0.1"),
-    "pfedhn": ("client_optimizer.learning_rate=3e-3,1e-2", "generator.optimizer.learning_rate=1e-3,1e-2"),
-    "hyperlora": ("client_optimizer.learning_rate=3e-3,1e-2", "generator.optimizer.learning_rate=1e-3,1e-2"),
+  "fedit": (LEARNING_RATES,),
+  "ffa_lora": (LEARNING_RATES,),
+  "flexlora": (LEARNING_RATES,),
+  "fedex_lora": (LEARNING_RATES,),
+  "local_only": (LEARNING_RATES,),
+  "lora_fair": ("client_optimizer.learning_rate=3e-3,1e-2", "lora_fair.lam=0.01,0.1"),
+  "pfedhn": ("client_optimizer.learning_rate=3e-3,1e-2", "generator.optimizer.learning_rate=1e-3,1e-2"),
+  "hyperlora": ("client_optimizer.learning_rate=3e-3,1e-2", "generator.optimizer.learning_rate=1e-3,1e-2"),
 }
 METRICS = ("personalized_accuracy_mean", "global_accuracy")
 
@@ -62,8 +63,9 @@ def setting_of(entry: dict, fields: tuple[str, ...]) -> tuple[str, ...]:
   return tuple(o for o in entry["overrides"] if o.split("=", 1)[0] in fields)
 
 
-def validation_scores(entries: list[dict], method: str, metric: str,
-                      grid: tuple[str, ...] | None = None) -> dict[tuple[str, ...], list[float]]:
+def validation_scores(
+  entries: list[dict], method: str, metric: str, grid: tuple[str, ...] | None = None
+) -> dict[tuple[str, ...], list[float]]:
   """{setting: [final `metric` of each finished tuning seed]} for `method`, whose grid is `grid`
   (default: `GRIDS[method]`)."""
   fields = grid_fields(GRIDS[method] if grid is None else grid)
@@ -87,19 +89,26 @@ def _pct(values: list) -> str:
   return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}" if values else "–"
 
 
-def tuning_table(validation: dict[str, dict], picks: dict[str, tuple[str, ...]], test_entries: list[dict],
-                 metric: str) -> str:
+def tuning_table(
+  validation: dict[str, dict], picks: dict[str, tuple[str, ...]], test_entries: list[dict], metric: str
+) -> str:
   """Markdown: method | validation score of each setting | pick | test global | test personalized."""
-  lines = [f"| method | validation {metric} % per setting (tuning seeds) | pick | test global % | "
-           "test personalized % | test seeds |", "|---|---|---|---|---|---|"]
+  lines = [
+    f"| method | validation {metric} % per setting (tuning seeds) | pick | test global % | "
+    "test personalized % | test seeds |",
+    "|---|---|---|---|---|---|",
+  ]
   for method, scores in validation.items():
-    per_setting = "; ".join(f"{', '.join(setting) or 'default'}: {_pct(values)}"
-                            for setting, values in sorted(scores.items()))
+    per_setting = "; ".join(
+      f"{', '.join(setting) or 'default'}: {_pct(values)}" for setting, values in sorted(scores.items())
+    )
     tested = [e for e in test_entries if e["method"] == method and e.get("status") == "finished"]
     finals = [e.get("final") or {} for e in tested]
-    lines.append(f"| {method} | {per_setting} | {', '.join(picks[method]) or 'default'} | "
-                 f"{_pct([f.get('global_accuracy') for f in finals])} | "
-                 f"{_pct([f.get('personalized_accuracy_mean') for f in finals])} | {len(tested)} |")
+    lines.append(
+      f"| {method} | {per_setting} | {', '.join(picks[method]) or 'default'} | "
+      f"{_pct([f.get('global_accuracy') for f in finals])} | "
+      f"{_pct([f.get('personalized_accuracy_mean') for f in finals])} | {len(tested)} |"
+    )
   return "\n".join(lines)
 
 
@@ -129,8 +138,10 @@ def link_finished_twins(specs: list, runs_dir: str, reuse_dirs: list[str], log=p
     workdir = sweep.workdir_of(runs_dir, config.benchmark, spec)
     if os.path.lexists(workdir):
       continue
-    twin = next((c for c, done in rounds_done.items() if done >= config.fed.num_rounds
-                 and not config_differences(c, config)), None)
+    twin = next(
+      (c for c, done in rounds_done.items() if done >= config.fed.num_rounds and not config_differences(c, config)),
+      None,
+    )
     if twin is not None:
       os.makedirs(os.path.dirname(workdir), exist_ok=True)
       os.symlink(os.path.abspath(twin), workdir)
@@ -164,10 +175,18 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--validation_fraction", type=float, default=0.2)
   parser.add_argument("--metric", default=METRICS[0], choices=METRICS)
   parser.add_argument("--jobs", type=int, default=2)
-  parser.add_argument("--grid", action="append", default=[],
-                      help="METHOD:FIELD=V1,V2,... replaces METHOD's grid by these axes (repeatable).")
-  parser.add_argument("--reuse", action="append", default=[],
-                      help="A runs dir whose finished runs stand in for test runs of the same config (repeatable).")
+  parser.add_argument(
+    "--grid",
+    action="append",
+    default=[],
+    help="METHOD:FIELD=V1,V2,... replaces METHOD's grid by these axes (repeatable).",
+  )
+  parser.add_argument(
+    "--reuse",
+    action="append",
+    default=[],
+    help="A runs dir whose finished runs stand in for test runs of the same config (repeatable).",
+  )
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.WARNING)  # As experiments.sweep: the runs' own logs stay quiet.
   configs = args.configs or ["configs/default.py"]
@@ -182,8 +201,11 @@ def main(argv: list[str] | None = None) -> None:
   validation_dir, test_dir = os.path.join(args.runs_dir, "validation"), os.path.join(args.runs_dir, "test")
   tune_seeds, seeds = ([int(s) for s in text.split(",")] for text in (args.tune_seeds, args.seeds))
   holdout = args.set + [f"data.validation_fraction={args.validation_fraction}"]
-  _sweep(validation_dir, [spec for m in methods for spec in sweep.expand(configs, [m], tune_seeds, holdout, list(grids[m]))],
-         args.jobs)
+  _sweep(
+    validation_dir,
+    [spec for m in methods for spec in sweep.expand(configs, [m], tune_seeds, holdout, list(grids[m]))],
+    args.jobs,
+  )
   entries = _entries(validation_dir)
   validation = {m: validation_scores(entries, m, args.metric, grids[m]) for m in methods}
   picks = {m: pick(scores) for m, scores in validation.items()}
@@ -196,4 +218,5 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
   from experiments import cli
+
   cli.run(main)

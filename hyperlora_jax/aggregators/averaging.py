@@ -1,4 +1,5 @@
 """Averaging aggregators: FedIT, head-only (pFedHN) and the identity (local-only)."""
+
 from __future__ import annotations
 
 from hyperlora_jax.aggregators.base import Aggregator, layerwise, stateless, weighted_mean
@@ -25,5 +26,6 @@ def head_only() -> Aggregator:
   For methods whose clients' factors come from a generator (pFedHN): the generator, not
   the aggregate, carries what clients learn; the kept factors are the generator's base.
   """
-  return layerwise("head_only", lambda layer, global_layer, w: global_layer,
-                   plain_server_step=True, heterogeneous_ranks=True)
+  return layerwise(
+    "head_only", lambda layer, global_layer, w: global_layer, plain_server_step=True, heterogeneous_ranks=True
+  )

@@ -20,6 +20,7 @@ rule below; `partition` gives different parts of the tree different aggregators,
 ranks, a full-rank base delta, bytes sent besides the shared leaves, and held-out steps.
 Like optax's `GradientTransformation`, aggregators hold no models, no data and no I/O.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,6 +60,7 @@ class Capabilities:
       objective (meta-learned aggregators); the round passes their loss in the context.
     metrics: names of scalar entries of the aggregator's state the round reports each round.
   """
+
   name: str = "aggregator"
   plain_server_step: bool = False
   heterogeneous_ranks: bool = False
@@ -82,6 +84,7 @@ class AggregationContext:
       params ⊕ its local leaves, + plug-in offsets, truncated to its rank); shaped like
       `client_params`. Rules that aggregate the clients' *changes* read it.
   """
+
   signatures: jax.Array | None = None
   client_loss: jax.Array | None = None
   heldout_loss: Callable[[Tree], jax.Array] | None = None
@@ -100,18 +103,20 @@ def no_state(global_params: Tree, rng: jax.Array | None = None, signature_dim: i
   return {}
 
 
-def stateless(name: str, rule: Callable[[Tree, Tree, jax.Array], tuple[Tree, dict]],
-              **capabilities) -> Aggregator:
+def stateless(name: str, rule: Callable[[Tree, Tree, jax.Array], tuple[Tree, dict]], **capabilities) -> Aggregator:
   """An `Aggregator` from `rule(global_params, client_params, weights) -> (new, base_delta)`."""
+
   def aggregate(state, global_params, client_params, weights, context=None):
     del context
     new_params, base_delta = rule(global_params, client_params, weights)
     return new_params, base_delta, state
+
   return Aggregator(no_state, aggregate, Capabilities(name=name, **capabilities))
 
 
-def aggregate_layers(rule: Callable[..., Any], global_params: Tree, client_params: Tree,
-                     weights: jax.Array, **per_layer: Mapping[str, Any]) -> tuple[Tree, dict]:
+def aggregate_layers(
+  rule: Callable[..., Any], global_params: Tree, client_params: Tree, weights: jax.Array, **per_layer: Mapping[str, Any]
+) -> tuple[Tree, dict]:
   """The per-layer combinator: `rule` on every LoRA layer, the weighted mean elsewhere.
 
   Args:
@@ -135,6 +140,7 @@ def aggregate_layers(rule: Callable[..., Any], global_params: Tree, client_param
         new_node[key] = out
       elif isinstance(child, Mapping):
         visit(new_node[key], child)
+
   visit(new_params, client_params)
   return new_params, deltas
 
@@ -150,12 +156,14 @@ def leaf_labels(params: Tree, regexes: Mapping[str, str]) -> Tree:
   Raises:
     ValueError: a leaf matches no regex.
   """
+
   def label(path, _):
     name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
     for lab, regex in regexes.items():
       if re.fullmatch(regex, name):
         return lab
     raise ValueError(f"leaf {name!r} matches none of the labels' regexes {dict(regexes)}")
+
   return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -175,8 +183,7 @@ def _merge(parts: Mapping[str, Tree]) -> Tree:
   return traverse_util.unflatten_dict(flat)
 
 
-def partition(rules: Mapping[str, Aggregator],
-              labels: Mapping[str, str] | Callable[[Tree], Tree]) -> Aggregator:
+def partition(rules: Mapping[str, Aggregator], labels: Mapping[str, str] | Callable[[Tree], Tree]) -> Aggregator:
   """Different aggregators for different parts of the tree (optax's `multi_transform`).
 
   Args:
@@ -202,19 +209,21 @@ def partition(rules: Mapping[str, Aggregator],
     new_parts, deltas, new_state = {}, {}, {}
     for lab in global_parts:
       new_parts[lab], delta, new_state[lab] = rules[lab].aggregate(
-          state[lab], global_parts[lab], client_parts[lab], weights, context)
+        state[lab], global_parts[lab], client_parts[lab], weights, context
+      )
       deltas.update(delta)
     return _merge(new_parts), deltas, new_state
 
   caps = [r.capabilities for r in rules.values()]
   combined = Capabilities(
-      name="+".join(f"{lab}:{r.capabilities.name}" for lab, r in rules.items()),
-      plain_server_step=any(c.plain_server_step for c in caps),
-      heterogeneous_ranks=all(c.heterogeneous_ranks for c in caps),
-      base_delta=any(c.base_delta for c in caps),
-      extra_bytes_down=lambda shapes, ranks: sum(c.extra_bytes_down(shapes, ranks) for c in caps),
-      extra_bytes_up=lambda shapes, ranks: sum(c.extra_bytes_up(shapes, ranks) for c in caps),
-      heldout_steps=max(c.heldout_steps for c in caps))
+    name="+".join(f"{lab}:{r.capabilities.name}" for lab, r in rules.items()),
+    plain_server_step=any(c.plain_server_step for c in caps),
+    heterogeneous_ranks=all(c.heterogeneous_ranks for c in caps),
+    base_delta=any(c.base_delta for c in caps),
+    extra_bytes_down=lambda shapes, ranks: sum(c.extra_bytes_down(shapes, ranks) for c in caps),
+    extra_bytes_up=lambda shapes, ranks: sum(c.extra_bytes_up(shapes, ranks) for c in caps),
+    heldout_steps=max(c.heldout_steps for c in caps),
+  )
   if any(c.metrics for c in caps):
     raise ValueError("partition: an aggregator that reports metrics cannot be a part (its state is nested)")
   return Aggregator(init, aggregate, combined)
@@ -225,5 +234,16 @@ def layer_shapes(params: Tree) -> dict[str, tuple[int, int]]:
   return {name: (f["a"].shape[-2], f["b"].shape[-1]) for name, f in lora_lib.layers(params).items()}
 
 
-__all__ = ["Aggregator", "AggregationContext", "Capabilities", "aggregate_layers", "layerwise",
-           "layer_shapes", "leaf_labels", "no_state", "partition", "stateless", "weighted_mean"]
+__all__ = [
+  "Aggregator",
+  "AggregationContext",
+  "Capabilities",
+  "aggregate_layers",
+  "layerwise",
+  "layer_shapes",
+  "leaf_labels",
+  "no_state",
+  "partition",
+  "stateless",
+  "weighted_mean",
+]

@@ -1,4 +1,5 @@
 """Exact aggregators: the server reproduces Σ_k p_k s B_k A_k without factor cross-terms."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,7 @@ from hyperlora_jax.aggregators.base import Aggregator, Capabilities, aggregate_l
 from hyperlora_jax.aggregators.products import weighted_product
 
 
-def stack_factors(a_list: list[jax.Array], b_list: list[jax.Array],
-                  weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+def stack_factors(a_list: list[jax.Array], b_list: list[jax.Array], weights: jax.Array) -> tuple[jax.Array, jax.Array]:
   """FLoRA's stacking for clients of any ranks r_k (kernel layout).
 
   Args:
@@ -45,11 +45,12 @@ def fedex_lora(scale: float) -> Aggregator:
   exactly. The residual is full rank and is sent down every round (counted in bytes down).
   Kernel layout: residual = s (Σ p_k a_k b_k − ā b̄) [d_in, d_out].
   """
+
   def rule(layer, global_layer, weights):
     mean = weighted_mean(layer, weights)
     return mean, scale * (weighted_product(layer["a"], layer["b"], weights) - mean["a"] @ mean["b"])
-  return layerwise("fedex_lora", rule, plain_server_step=True, base_delta=True,
-                   extra_bytes_down=residual_bytes)
+
+  return layerwise("fedex_lora", rule, plain_server_step=True, base_delta=True, extra_bytes_down=residual_bytes)
 
 
 def flora(scale: float) -> Aggregator:
@@ -61,6 +62,7 @@ def flora(scale: float) -> Aggregator:
   weighted product sum, computed here directly; the stacked factors are what crosses the wire
   (counted in bytes down). State: the PRNG key for the fresh A.
   """
+
   def init(global_params, rng=None, signature_dim=0):
     del global_params, rng, signature_dim
     return {"rng": jax.random.key_data(jax.random.key(0))}
@@ -68,8 +70,10 @@ def flora(scale: float) -> Aggregator:
   def rule(layer, global_layer, weights, key):
     d_in, rank = global_layer["a"].shape
     bound = 1.0 / math.sqrt(d_in)
-    fresh = {"a": jax.random.uniform(key, (d_in, rank), jnp.float32, -bound, bound),
-             "b": jnp.zeros_like(global_layer["b"])}
+    fresh = {
+      "a": jax.random.uniform(key, (d_in, rank), jnp.float32, -bound, bound),
+      "b": jnp.zeros_like(global_layer["b"]),
+    }
     return fresh, scale * weighted_product(layer["a"], layer["b"], weights)
 
   def aggregate(state, global_params, client_params, weights, context=None):
@@ -80,6 +84,10 @@ def flora(scale: float) -> Aggregator:
     new_params, merged = aggregate_layers(rule, global_params, client_params, weights, key=keys)
     return new_params, merged, {"rng": jax.random.key_data(rng)}
 
-  return Aggregator(init, aggregate, Capabilities(
-      name="flora", plain_server_step=True, heterogeneous_ranks=True, base_delta=True,
-      extra_bytes_down=stacked_bytes))
+  return Aggregator(
+    init,
+    aggregate,
+    Capabilities(
+      name="flora", plain_server_step=True, heterogeneous_ranks=True, base_delta=True, extra_bytes_down=stacked_bytes
+    ),
+  )

@@ -1,4 +1,5 @@
 """LoRA-FAIR: a server-side correction of B̄ toward the exact product."""
+
 from __future__ import annotations
 
 import jax
@@ -9,8 +10,7 @@ from hyperlora_jax.aggregators.base import Aggregator, layerwise, weighted_mean
 from hyperlora_jax.aggregators.products import weighted_product
 
 
-def fair_objective(delta_b: jax.Array, a_bar: jax.Array, b_bar: jax.Array, target: jax.Array,
-                   lam: float) -> jax.Array:
+def fair_objective(delta_b: jax.Array, a_bar: jax.Array, b_bar: jax.Array, target: jax.Array, lam: float) -> jax.Array:
   """−cos(target, ā (b̄ + Δb)) + λ ‖Δb‖ (kernel layout; target = Σ p_k a_k b_k [d_in, d_out])."""
   candidate = a_bar @ (b_bar + delta_b)
   cos = jnp.vdot(target, candidate) / (jnp.linalg.norm(target) * jnp.linalg.norm(candidate) + 1e-12)
@@ -39,9 +39,17 @@ def lora_fair(lam: float = 0.01, steps: int = 20, learning_rate: float = 1e-3) -
   ΔB* = argmin −cos(Σ p_k B_k A_k, (B̄ + ΔB) Ā) + λ ‖ΔB‖ (λ = 0.01, a few server steps);
   clients get (Ā, B̄ + ΔB*). Only B is corrected, so the broadcast stays rank r.
   """
+
   def rule(layer, global_layer, weights):
     mean = weighted_mean(layer, weights)
-    delta = fit_delta_b(mean["a"], mean["b"], weighted_product(layer["a"], layer["b"], weights), lam=lam,
-                        steps=steps, learning_rate=learning_rate)
+    delta = fit_delta_b(
+      mean["a"],
+      mean["b"],
+      weighted_product(layer["a"], layer["b"], weights),
+      lam=lam,
+      steps=steps,
+      learning_rate=learning_rate,
+    )
     return {"a": mean["a"], "b": mean["b"] + delta}
+
   return layerwise("lora_fair", rule, plain_server_step=True)

@@ -1,4 +1,5 @@
 """HetLoRA: heterogeneous-rank aggregation by zero-padding and norm weights."""
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -34,6 +35,8 @@ def hetlora() -> Aggregator:
   round. The head (shared policy) is averaged with the data weights p_k. HetLoRA's optional
   local rank self-pruning is not implemented.
   """
+
   def rule(layer, global_layer, weights):
     return weighted_mean(layer, norm_weights(product_norms(layer["a"], layer["b"]), weights))
+
   return layerwise("hetlora", rule, plain_server_step=True, heterogeneous_ranks=True)

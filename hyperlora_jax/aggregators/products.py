@@ -3,6 +3,7 @@
 All in Flax kernel layout: a client's update of layer `path` is `s * a_k @ b_k` [d_in, d_out]
 (the paper's `s B_k A_k` transposed), see `hyperlora_jax.lora`.
 """
+
 from __future__ import annotations
 
 import jax

@@ -19,6 +19,7 @@ params) to L2 norm `max_norm` over all its leaves before `aggregator` sees it.
 updates, uniform weights over the n participants, Gaussian noise of std
 noise_multiplier · clip_norm / n on every coordinate of the average.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,9 +56,11 @@ def trimmed_mean(x: jax.Array, present: jax.Array, trim: float) -> jax.Array:
 
 def geometric_median(x: jax.Array, weights: jax.Array, iterations: int = 50, eps: float = 1e-8) -> jax.Array:
   """[C, n], [C] (sum 1, 0 = absent) -> [n]: argmin_z Σ_k w_k ‖x_k − z‖ by Weiszfeld's iterations."""
+
   def step(z, _):
     inverse = weights / jnp.maximum(jnp.linalg.norm(x - z, axis=1), eps)
     return (inverse @ x) / jnp.maximum(jnp.sum(inverse), eps), None
+
   z, _ = jax.lax.scan(step, weights @ x, None, length=iterations)
   return z
 
@@ -84,9 +87,10 @@ def _flat(tree: Tree) -> tuple[jax.Array, Any]:
   def unflatten(vector):
     parts, start = [], 0
     for shape, size in zip(shapes, sizes):
-      parts.append(vector[start:start + size].reshape(shape))
+      parts.append(vector[start : start + size].reshape(shape))
       start += size
     return jax.tree.unflatten(treedef, parts)
+
   return stacked, unflatten
 
 
@@ -96,8 +100,9 @@ def _robust_tree(rule: str, tree: Tree, weights: jax.Array, trim: float) -> Tree
   if rule == "geometric_median":
     stacked, unflatten = _flat(tree)
     return unflatten(geometric_median(stacked, weights))
-  return jax.tree.map(lambda x: robust_statistic(rule, x.reshape(x.shape[0], -1), weights, trim).reshape(x.shape[1:]),
-                      tree)
+  return jax.tree.map(
+    lambda x: robust_statistic(rule, x.reshape(x.shape[0], -1), weights, trim).reshape(x.shape[1:]), tree
+  )
 
 
 def robust_factors(rule: str, trim: float = 0.1) -> Aggregator:
@@ -108,8 +113,8 @@ def robust_factors(rule: str, trim: float = 0.1) -> Aggregator:
   def aggregate(state, global_params, client_params, weights, context=None):
     del global_params, context
     return _robust_tree(rule, client_params, weights, trim), {}, state
-  return Aggregator(no_state, aggregate,
-                    Capabilities(name=f"robust_factors[{rule}]", heterogeneous_ranks=False))
+
+  return Aggregator(no_state, aggregate, Capabilities(name=f"robust_factors[{rule}]", heterogeneous_ranks=False))
 
 
 def robust_products(rule: str, scale: float, trim: float = 0.1) -> Aggregator:
@@ -131,8 +136,8 @@ def robust_products(rule: str, scale: float, trim: float = 0.1) -> Aggregator:
     new_params, _ = aggregate_layers(rule_fn, global_params, client_params, weights)
     robust_rest = _robust_tree(rule, without_layers(client_params), weights, trim)
     return merge_rest(new_params, robust_rest), {}, state
-  return Aggregator(no_state, aggregate,
-                    Capabilities(name=f"robust_products[{rule}]", plain_server_step=True))
+
+  return Aggregator(no_state, aggregate, Capabilities(name=f"robust_products[{rule}]", plain_server_step=True))
 
 
 def without_layers(tree: Tree) -> Tree:
@@ -170,16 +175,20 @@ def _starts(global_params: Tree, client_params: Tree, context: AggregationContex
 
 def clip_updates(aggregator: Aggregator, max_norm: float) -> Aggregator:
   """`aggregator` on updates clipped to L2 norm `max_norm` (from each client's start)."""
+
   def aggregate(state, global_params, client_params, weights, context=None):
     clipped, _ = clip_to_norm(client_params, _starts(global_params, client_params, context), max_norm)
     return aggregator.aggregate(state, global_params, clipped, weights, context)
+
   caps = aggregator.capabilities
-  return Aggregator(aggregator.init, aggregate,
-                    Capabilities(**{**caps.__dict__, "name": f"clip[{max_norm}]({caps.name})"}))
+  return Aggregator(
+    aggregator.init, aggregate, Capabilities(**{**caps.__dict__, "name": f"clip[{max_norm}]({caps.name})"})
+  )
 
 
 def dp_fedavg(clip_norm: float, noise_multiplier: float) -> Aggregator:
   """DP-FedAvg (module docstring). State: {"rng": the noise key's data}."""
+
   def init(global_params, rng=None, signature_dim=0):
     del global_params, signature_dim
     key = rng if rng is not None else jax.random.key(0)

@@ -1,4 +1,5 @@
 """SVD redistribution: FlexLoRA."""
+
 from __future__ import annotations
 
 from hyperlora_jax.aggregators.base import Aggregator, layerwise
@@ -13,8 +14,9 @@ def flexlora(scale: float) -> Aggregator:
   approximation of W_g. Other leaves (a head) are averaged. A client of rank r_k keeps the
   first r_k components: the best rank-r_k approximation.
   """
+
   def rule(layer, global_layer, weights):
-    a, b = best_rank_r(scale * weighted_product(layer["a"], layer["b"], weights),
-                       global_layer["a"].shape[1], scale)
+    a, b = best_rank_r(scale * weighted_product(layer["a"], layer["b"], weights), global_layer["a"].shape[1], scale)
     return {"a": a, "b": b}
+
   return layerwise("flexlora", rule, plain_server_step=True, heterogeneous_ranks=True)

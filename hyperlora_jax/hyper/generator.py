@@ -22,6 +22,7 @@ DP-SGD's: every participant's own gradient g_k (its term, weight 1) clipped to n
 uniform mean over the n participants, plus N(0, (σ C_g / n)²) noise on every coordinate; the
 state then carries the noise key ("rng").
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,6 +55,7 @@ class LoraGenerator(nn.Module):
     hidden: width of the trunk and of the per-shape output MLPs.
     layer_embed_dim: size of the learned per-layer embedding.
   """
+
   targets: Any  # {path: (d_in, d_out)} or ((path, d_in, d_out), ...)
   rank: int
   num_clients: int = 0
@@ -65,27 +67,30 @@ class LoraGenerator(nn.Module):
   def __call__(self, signature: jax.Array, client_index: jax.Array) -> dict:
     parts = [signature] if signature.shape[-1] else []
     if self.client_embed_dim:
-      table = self.param("client_embedding", nn.initializers.normal(1.0),
-                         (self.num_clients, self.client_embed_dim))
+      table = self.param("client_embedding", nn.initializers.normal(1.0), (self.num_clients, self.client_embed_dim))
       own = table[jnp.maximum(client_index, 0)]
       parts.append(jnp.where(client_index >= 0, own, jnp.mean(table, axis=0)))
     if not parts:
       raise ValueError("LoraGenerator needs a signature or client embeddings (both are empty)")
     trunk = nn.gelu(nn.Dense(self.hidden, name="trunk_in")(jnp.concatenate(parts)))
     trunk = nn.gelu(nn.Dense(self.hidden, name="trunk_out")(trunk))
-    layer_embedding = self.param("layer_embedding", nn.initializers.normal(1.0),
-                                 (len(self.targets), self.layer_embed_dim))
+    layer_embedding = self.param(
+      "layer_embedding", nn.initializers.normal(1.0), (len(self.targets), self.layer_embed_dim)
+    )
     mixers, outputs, factors = {}, {}, {}
     for i, (path, d_in, d_out) in enumerate(target_triples(self.targets)):
       shape = (d_in, d_out)
       if shape not in mixers:
         mixers[shape] = nn.Dense(self.hidden, name=f"mix_{d_in}x{d_out}")
-        outputs[shape] = nn.Dense(self.rank * (d_in + d_out), kernel_init=nn.initializers.zeros,
-                                  name=f"out_{d_in}x{d_out}")
+        outputs[shape] = nn.Dense(
+          self.rank * (d_in + d_out), kernel_init=nn.initializers.zeros, name=f"out_{d_in}x{d_out}"
+        )
       hidden = nn.gelu(mixers[shape](jnp.concatenate([trunk, layer_embedding[i]])))
       flat = outputs[shape](hidden)
-      factors[path] = {"a": flat[:d_in * self.rank].reshape(d_in, self.rank),
-                       "b": flat[d_in * self.rank:].reshape(self.rank, d_out)}
+      factors[path] = {
+        "a": flat[: d_in * self.rank].reshape(d_in, self.rank),
+        "b": flat[d_in * self.rank :].reshape(self.rank, d_out),
+      }
     return factors
 
 
@@ -107,6 +112,7 @@ class Generator(NamedTuple):
   `base_lora` is the factors the offsets are added to: one adapter {path: {"a", "b"}} for all
   clients (no leading axis).
   """
+
   init: Callable[[jax.Array], Tree]
   generate: Callable[[Tree, jax.Array, jax.Array], Tree]
   update: Callable[..., Tree]
@@ -123,14 +129,22 @@ class GeneratorState(states.TypedState):
     opt: their optimizer's state.
     rng: uint32 [2] the DP-SGD noise key's data (None without privacy).
   """
+
   params: Tree
   opt: Tree
   rng: jax.Array | None = None
 
 
-def make_generator(module: LoraGenerator, *, loss: str, optimizer: optax.GradientTransformation,
-                   scale: float | None = None, server_steps: int = 1, signature_dim: int = 0,
-                   privacy: tuple[float, float] | None = None) -> Generator:
+def make_generator(
+  module: LoraGenerator,
+  *,
+  loss: str,
+  optimizer: optax.GradientTransformation,
+  scale: float | None = None,
+  server_steps: int = 1,
+  signature_dim: int = 0,
+  privacy: tuple[float, float] | None = None,
+) -> Generator:
   """The `Generator` for `module`, trained by `loss` ("vjp" or "product_distill"), with
   DP-SGD steps when `privacy=(clip_norm, noise_multiplier)` (module docstring).
 
@@ -143,8 +157,9 @@ def make_generator(module: LoraGenerator, *, loss: str, optimizer: optax.Gradien
   if loss not in GENERATOR_LOSSES:
     raise ValueError(f"generator loss {loss!r}; allowed: {GENERATOR_LOSSES}")
   if loss == "product_distill" and scale is None:
-    raise ValueError("make_generator(loss='product_distill') fits the products s a b: give scale=s "
-                     "(hl.lora.lora_scale(alpha, rank))")
+    raise ValueError(
+      "make_generator(loss='product_distill') fits the products s a b: give scale=s (hl.lora.lora_scale(alpha, rank))"
+    )
 
   def init(rng):
     params = module.init(rng, jnp.zeros((signature_dim,)), jnp.zeros((), jnp.int32))
@@ -163,9 +178,11 @@ def make_generator(module: LoraGenerator, *, loss: str, optimizer: optax.Gradien
 
   def vjp_gradient(params, signatures, client_ids, base_lora, trained_lora, weights, rank_masks):
     """Σ_k p_k (∂θ_k/∂φ)^T (θ_k − θ̃_k) in one VJP of φ -> [p_k θ_k]_k."""
+
     def weighted_sent(p):
       sent = sent_factors(p, signatures, client_ids, base_lora, rank_masks)
       return jax.tree.map(lambda x: x * weights.reshape((-1,) + (1,) * (x.ndim - 1)), sent)
+
     sent = sent_factors(params, signatures, client_ids, base_lora, rank_masks)
     _, vjp = jax.vjp(weighted_sent, params)
     (grad,) = vjp(jax.tree.map(jnp.subtract, sent, trained_lora))
@@ -176,7 +193,7 @@ def make_generator(module: LoraGenerator, *, loss: str, optimizer: optax.Gradien
     total = 0.0
     for path, f in sent.items():
       diff = scale * (f["a"] @ f["b"] - trained_lora[path]["a"] @ trained_lora[path]["b"])
-      total = total + 0.5 * jnp.sum(weights * jnp.sum(diff ** 2, axis=(1, 2)))
+      total = total + 0.5 * jnp.sum(weights * jnp.sum(diff**2, axis=(1, 2)))
     return total
 
   def gradient(params, signatures, client_ids, base_lora, trained_lora, weights, rank_masks):
@@ -186,9 +203,18 @@ def make_generator(module: LoraGenerator, *, loss: str, optimizer: optax.Gradien
 
   def client_gradients(params, signatures, client_ids, base_lora, trained_lora, rank_masks):
     """[C, ...] each client's own gradient g_k (its term of `gradient`, weight 1)."""
+
     def one(signature, client_id, trained, rank_mask):
-      return gradient(params, signature[None], client_id[None], base_lora,
-                      jax.tree.map(lambda x: x[None], trained), jnp.ones((1,)), rank_mask[None])
+      return gradient(
+        params,
+        signature[None],
+        client_id[None],
+        base_lora,
+        jax.tree.map(lambda x: x[None], trained),
+        jnp.ones((1,)),
+        rank_mask[None],
+      )
+
     return jax.vmap(one)(signatures, client_ids, trained_lora, rank_masks)
 
   def update(state, signatures, client_ids, base_lora, trained_lora, weights, rank_masks):

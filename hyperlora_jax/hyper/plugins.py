@@ -19,6 +19,7 @@ release (`privacy.private_mean` of the changes clipped to C, noise σ C / n): it
 client's target, so without noise one client would move all the targets. The generator's own
 gradient is private through `make_generator(privacy=...)`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,8 +49,9 @@ def deviation_targets(trained: dict, starts: dict, weights: jax.Array, mean_chan
   return jax.tree.map(lambda t, m: t - m[None], trained, mean_change)
 
 
-def generator_plugin(generator: Generator, name: str = "generator", target: str = "from_global",
-                     privacy: tuple[float, float] | None = None) -> Plugin:
+def generator_plugin(
+  generator: Generator, name: str = "generator", target: str = "from_global", privacy: tuple[float, float] | None = None
+) -> Plugin:
   """The round plug-in of a `Generator` (state: the generator's); `target` as above.
   `privacy=(clip_norm, noise_multiplier)` releases "deviation"'s mean change privately (the
   generator must then be private too: its state's "rng" also draws this noise)."""
@@ -58,8 +60,10 @@ def generator_plugin(generator: Generator, name: str = "generator", target: str 
 
   def after_aggregation(state, outcome: RoundOutcome):
     if privacy is not None and getattr(state, "rng", None) is None:
-      raise ValueError("a private generator plug-in needs a private generator "
-                       "(make_generator(..., privacy=...)), whose state carries the noise key")
+      raise ValueError(
+        "a private generator plug-in needs a private generator "
+        "(make_generator(..., privacy=...)), whose state carries the noise key"
+      )
     trained = lora_lib.layers(outcome.client_params)
     if target == "deviation":
       base = lora_lib.layers(outcome.previous_global)
@@ -68,22 +72,32 @@ def generator_plugin(generator: Generator, name: str = "generator", target: str 
       if privacy is not None:
         key, mean_key = jax.random.split(jax.random.wrap_key_data(state.rng))
         state = state.replace(rng=jax.random.key_data(key))
-        mean_change = privacy_lib.private_mean(jax.tree.map(jnp.subtract, trained, starts), outcome.weights,
-                                               *privacy, mean_key)
+        mean_change = privacy_lib.private_mean(
+          jax.tree.map(jnp.subtract, trained, starts), outcome.weights, *privacy, mean_key
+        )
       trained = deviation_targets(trained, starts, outcome.weights, mean_change)
     else:
       base = lora_lib.layers(outcome.new_global)
-    return generator.update(state, outcome.signatures, outcome.client_ids, base, trained,
-                            outcome.weights, outcome.rank_masks)
-  return Plugin(name=name, init=generator.init, client_offsets=generator.generate,
-                after_aggregation=after_aggregation, signature_dim=generator.signature_dim)
+    return generator.update(
+      state, outcome.signatures, outcome.client_ids, base, trained, outcome.weights, outcome.rank_masks
+    )
+
+  return Plugin(
+    name=name,
+    init=generator.init,
+    client_offsets=generator.generate,
+    after_aggregation=after_aggregation,
+    signature_dim=generator.signature_dim,
+  )
 
 
 def clip_plugin_updates(plugin: Plugin, max_norm: float) -> Plugin:
   """`plugin` learning from client updates clipped to L2 norm `max_norm` from each client's
   start (`robust.clip_norm`), as `aggregators.clip_updates` does for the aggregate: one client
   (a Byzantine one) then moves the generator's targets by a bounded amount."""
+
   def after_aggregation(state, outcome: RoundOutcome):
     clipped, _ = clip_to_norm(outcome.client_params, outcome.client_starts, max_norm)
     return plugin.after_aggregation(state, dataclasses.replace(outcome, client_params=clipped))
+
   return plugin._replace(after_aggregation=after_aggregation)

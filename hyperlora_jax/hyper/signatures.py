@@ -12,6 +12,7 @@ The learned per-client embedding (pFedHN-style) is the generator's, not a signat
 signature to L2 norm `clip_norm` and add Gaussian noise of standard deviation `noise_std`
 (client-level DP: `noise_std` = σ_s · `clip_norm`, `hyperlora_jax.privacy`).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -51,7 +52,7 @@ def feature_statistics(features: jax.Array, mask: jax.Array, basis: jax.Array) -
   """features [n, d], mask [n], basis Q [d, q] -> [d + q(q+1)/2]: mean, then triu(Qᵀ Σ Q)."""
   count = jnp.maximum(jnp.sum(mask), 1.0)
   mean = jnp.sum(features * mask[:, None], axis=0) / count
-  projected = (features - mean) @ basis                       # [n, q]
+  projected = (features - mean) @ basis  # [n, q]
   covariance = (projected * mask[:, None]).T @ projected / count
   rows, cols = np.triu_indices(basis.shape[1])
   return jnp.concatenate([mean, covariance[rows, cols]])
@@ -71,10 +72,16 @@ def signature_dim(kinds: tuple[str, ...], num_classes: int, feature_dim: int, co
   return dim
 
 
-def make_signature_fn(featurize: Callable[..., jax.Array], kinds: tuple[str, ...],
-                      num_classes: int, basis: jax.Array | None, noise_std: float = 0.0,
-                      batch_size: int = 256, clip_norm: float | None = None,
-                      example_keys: tuple[str, ...] = ("image",)) -> Callable[[dict, jax.Array], jax.Array]:
+def make_signature_fn(
+  featurize: Callable[..., jax.Array],
+  kinds: tuple[str, ...],
+  num_classes: int,
+  basis: jax.Array | None,
+  noise_std: float = 0.0,
+  batch_size: int = 256,
+  clip_norm: float | None = None,
+  example_keys: tuple[str, ...] = ("image",),
+) -> Callable[[dict, jax.Array], jax.Array]:
   """Builds the pure `signatures(client_data, rng) -> [N, D]` for all clients at once.
 
   Args:
@@ -88,6 +95,7 @@ def make_signature_fn(featurize: Callable[..., jax.Array], kinds: tuple[str, ...
   group) the "label" kind counts. Clients are processed with `lax.map` and each client's
   examples in chunks of `batch_size`.
   """
+
   def one_client(args):
     data, key = args
     parts = []
@@ -97,8 +105,9 @@ def make_signature_fn(featurize: Callable[..., jax.Array], kinds: tuple[str, ...
       n = data["label"].shape[0]
       pad = (-n) % batch_size
       arrays = tuple(jnp.pad(data[k], ((0, pad),) + ((0, 0),) * (data[k].ndim - 1)) for k in example_keys)
-      features = jax.lax.map(lambda xs: featurize(*xs),
-                             tuple(a.reshape((-1, batch_size) + a.shape[1:]) for a in arrays))
+      features = jax.lax.map(
+        lambda xs: featurize(*xs), tuple(a.reshape((-1, batch_size) + a.shape[1:]) for a in arrays)
+      )
       features = features.reshape(-1, features.shape[-1])[:n]
       parts.append(feature_statistics(features, data["mask"], basis))
     signature = jnp.concatenate(parts) if parts else jnp.zeros((0,))
@@ -110,15 +119,26 @@ def make_signature_fn(featurize: Callable[..., jax.Array], kinds: tuple[str, ...
     """rng: one key (split over the clients) or [N] keys, one per client."""
     keys = rng if rng.shape else jax.random.split(rng, client_data["label"].shape[0])
     return jax.lax.map(one_client, (client_data, keys))
+
   return signatures
 
 
-def compute_signatures(model: Any, backbone: Any, client_data: dict, kinds: tuple[str, ...],
-                       num_classes: int, *, preprocess: Callable[[jax.Array], jax.Array] | None = None,
-                       covariance_rank: int = 8, noise_std: float = 0.0,
-                       seed: int = 0, client_keys: jax.Array | None = None,
-                       clip_norm: float | None = None, featurize: Callable[..., jax.Array] | None = None,
-                       example_keys: tuple[str, ...] = ("image",)) -> np.ndarray:
+def compute_signatures(
+  model: Any,
+  backbone: Any,
+  client_data: dict,
+  kinds: tuple[str, ...],
+  num_classes: int,
+  *,
+  preprocess: Callable[[jax.Array], jax.Array] | None = None,
+  covariance_rank: int = 8,
+  noise_std: float = 0.0,
+  seed: int = 0,
+  client_keys: jax.Array | None = None,
+  clip_norm: float | None = None,
+  featurize: Callable[..., jax.Array] | None = None,
+  example_keys: tuple[str, ...] = ("image",),
+) -> np.ndarray:
   """[N, D] signatures of every client (host array) with the frozen `model` (ViT-like:
   `apply(variables, images, return_features=True)`).
 
@@ -139,6 +159,7 @@ def compute_signatures(model: Any, backbone: Any, client_data: dict, kinds: tupl
   if "features" in kinds:
     feature_dim = jax.eval_shape(featurize, *(client_data[k][0, :1] for k in example_keys)).shape[-1]
     basis = random_basis(feature_dim, min(covariance_rank, feature_dim), seed)
-  fn = jax.jit(make_signature_fn(featurize, kinds, num_classes, basis, noise_std, clip_norm=clip_norm,
-                                 example_keys=example_keys))
+  fn = jax.jit(
+    make_signature_fn(featurize, kinds, num_classes, basis, noise_std, clip_norm=clip_norm, example_keys=example_keys)
+  )
   return np.asarray(fn(client_data, jax.random.key(seed) if client_keys is None else client_keys))

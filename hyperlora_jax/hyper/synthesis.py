@@ -45,6 +45,7 @@ returns the gradient with respect to the candidate's shared leaves (counted in b
 server chains it through the synthesis (autodiff of this pure function) and takes one optax
 step on (ψ, ω): meta-loss = Σ_k p_k CE_k(held-out batch | aggregate_{ψ,ω}(clients)).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,6 +72,7 @@ CORRECTORS = ("none", "fair", "learned")
 
 class SynthesizerScores(nn.Module):
   """S_ψ: per-(client, layer) features [C, L, F] -> scores [C, L] (zero at init)."""
+
   num_layers: int
   hidden: int = 32
   layer_embed_dim: int = 8
@@ -78,8 +80,9 @@ class SynthesizerScores(nn.Module):
   @nn.compact
   def __call__(self, features: jax.Array) -> jax.Array:
     clients = features.shape[0]
-    layer_embedding = self.param("layer_embedding", nn.initializers.normal(1.0),
-                                 (self.num_layers, self.layer_embed_dim))
+    layer_embedding = self.param(
+      "layer_embedding", nn.initializers.normal(1.0), (self.num_layers, self.layer_embed_dim)
+    )
     x = jnp.concatenate([features, jnp.broadcast_to(layer_embedding, (clients,) + layer_embedding.shape)], -1)
     x = nn.gelu(nn.Dense(self.hidden)(x))
     return nn.Dense(1, kernel_init=nn.initializers.zeros)(x)[..., 0]
@@ -87,6 +90,7 @@ class SynthesizerScores(nn.Module):
 
 class ResidualGate(nn.Module):
   """C_ω: per-layer statistics [L, F] -> error-feedback gates g_l ∈ (0, 1) (0.5 at init)."""
+
   num_layers: int
   hidden: int = 16
 
@@ -168,14 +172,17 @@ def _aligned_basis_jvp(rank, primals, tangents):
   u_r, u_out, v_r, v_out, s_r, s_out = u[:, :rank], u[:, rank:], v[:, :rank], v[:, rank:], s[:rank], s[rank:]
   # dP a_prev: kept x discarded directions of the SVD's range, then the null space of Tᵀ (Q).
   coupling = (u_r.T @ d_target @ v_out) * s_out[None, :] + s_r[:, None] * (u_out.T @ d_target @ v_r).T
-  mix = _safe_divide(coupling, s_r[:, None] ** 2 - s_out[None, :] ** 2, tolerance * s[0])   # [r, k - r]
+  mix = _safe_divide(coupling, s_r[:, None] ** 2 - s_out[None, :] ** 2, tolerance * s[0])  # [r, k - r]
   inverse_s_r = _safe_divide(jnp.ones_like(s_r), s_r, tolerance)
-  outside = lambda x: x - u @ (u.T @ x)                                                   # Q x
-  kept = u_r.T @ previous_a                                                               # [r, r]
-  d_y = (u_r @ (mix @ (u_out.T @ previous_a)) + u_out @ (mix.T @ kept)
-         + outside(d_target @ (v_r @ (inverse_s_r[:, None] * kept)))
-         + u_r @ (inverse_s_r[:, None] * (v_r.T @ (d_target.T @ outside(previous_a))))
-         + u_r @ (u_r.T @ d_previous))                                                    # d(P a_prev)
+  outside = lambda x: x - u @ (u.T @ x)  # Q x
+  kept = u_r.T @ previous_a  # [r, r]
+  d_y = (
+    u_r @ (mix @ (u_out.T @ previous_a))
+    + u_out @ (mix.T @ kept)
+    + outside(d_target @ (v_r @ (inverse_s_r[:, None] * kept)))
+    + u_r @ (inverse_s_r[:, None] * (v_r.T @ (d_target.T @ outside(previous_a))))
+    + u_r @ (u_r.T @ d_previous)
+  )  # d(P a_prev)
   # The polar factor a = y (yᵀy)^(-1/2) of y = P a_prev = (U_r L) diag(s_c) R: with H = Rᵀ S R,
   # da = (I - a aᵀ) dy H⁻¹ + a Ω, Ω skew, Ω H + H Ω = aᵀ dy - dyᵀ a.
   z = right.T
@@ -192,13 +199,15 @@ class PrivateRelease(NamedTuple):
   clipped to L2 norm `clip_norm`; participants weigh the same (1/n); N(0, (σ C / n)²) noise,
   σ = `noise_multiplier`, is added to every coordinate of the mean change (the products
   [d_in, d_out] and the other leaves). `key` draws the noise."""
+
   clip_norm: float
   noise_multiplier: float
   key: jax.Array
 
 
-def private_update(updates: dict, rest_updates: Tree, weights: jax.Array, scale: float,
-                   release: PrivateRelease) -> tuple[dict, Tree, jax.Array]:
+def private_update(
+  updates: dict, rest_updates: Tree, weights: jax.Array, scale: float, release: PrivateRelease
+) -> tuple[dict, Tree, jax.Array]:
   """The noisy uniform mean of the clipped updates (`PrivateRelease`).
 
   updates: {layer: (a [C, d_in, 2r], b [C, 2r, d_out])} with s a_k b_k = ΔP_k (`update_factors`);
@@ -207,14 +216,18 @@ def private_update(updates: dict, rest_updates: Tree, weights: jax.Array, scale:
   the clipped weights [C] used: Σ_k w_k ΔP_k is the mean of the clipped ΔP_k).
   """
   squares = privacy_lib.squared_norms(rest_updates) + sum(
-      scale ** 2 * jnp.diagonal(product_gram(*u)) for u in updates.values())
+    scale**2 * jnp.diagonal(product_gram(*u)) for u in updates.values()
+  )
   mean_weights, count = privacy_lib.clipped_mean_weights(squares, weights, release.clip_norm)
   std = release.noise_multiplier * release.clip_norm / count
   product_key, rest_key = jax.random.split(release.key)
   mean_products = {p: scale * weighted_product(u[0], u[1], mean_weights) for p, u in updates.items()}
   mean_rest = jax.tree.map(lambda x: jnp.tensordot(mean_weights, x, axes=1), rest_updates)
-  return (privacy_lib.add_gaussian_noise(mean_products, std, product_key),
-          privacy_lib.add_gaussian_noise(mean_rest, std, rest_key), mean_weights)
+  return (
+    privacy_lib.add_gaussian_noise(mean_products, std, product_key),
+    privacy_lib.add_gaussian_noise(mean_rest, std, rest_key),
+    mean_weights,
+  )
 
 
 class SynthesisConfig(NamedTuple):
@@ -232,15 +245,22 @@ def update_factors(trained: dict, start: dict) -> tuple[jax.Array, jax.Array]:
 
   trained, start: {"a": [C, d_in, r], "b": [C, r, d_out]} -> ([C, d_in, 2r], [C, 2r, d_out]).
   """
-  return (jnp.concatenate([trained["a"], start["a"]], axis=-1),
-          jnp.concatenate([trained["b"], -start["b"]], axis=-2))
+  return (jnp.concatenate([trained["a"], start["a"]], axis=-1), jnp.concatenate([trained["b"], -start["b"]], axis=-2))
 
 
-def synthesize(params: Tree, modules: tuple[SynthesizerScores, ResidualGate], cfg: SynthesisConfig,
-               global_params: Tree, client_params: Tree, weights: jax.Array,
-               signatures: jax.Array, client_loss: jax.Array, residual: dict,
-               client_starts: Tree | None = None,
-               release: PrivateRelease | None = None) -> tuple[Tree, dict, dict]:
+def synthesize(
+  params: Tree,
+  modules: tuple[SynthesizerScores, ResidualGate],
+  cfg: SynthesisConfig,
+  global_params: Tree,
+  client_params: Tree,
+  weights: jax.Array,
+  signatures: jax.Array,
+  client_loss: jax.Array,
+  residual: dict,
+  client_starts: Tree | None = None,
+  release: PrivateRelease | None = None,
+) -> tuple[Tree, dict, dict]:
   """The new global params, the new residual memory and what was used to build them (a pure
   function of ψ, ω): {"weights": [C, L] synthesis weights w_{k,l}, "gates": [L] corrector
   gates (learned corrector only)}.
@@ -260,39 +280,57 @@ def synthesize(params: Tree, modules: tuple[SynthesizerScores, ResidualGate], cf
   global_layers = lora_lib.layers(global_params)
   paths = list(client_layers)
   clients = weights.shape[0]
-  start_layers = (lora_lib.layers(client_starts) if client_starts is not None else
-                  {p: jax.tree.map(lambda x: jnp.broadcast_to(x, (clients,) + x.shape), global_layers[p])
-                   for p in paths})
+  start_layers = (
+    lora_lib.layers(client_starts)
+    if client_starts is not None
+    else {p: jax.tree.map(lambda x: jnp.broadcast_to(x, (clients,) + x.shape), global_layers[p]) for p in paths}
+  )
   updates = {p: update_factors(client_layers[p], start_layers[p]) for p in paths}
   private_rest = None
   if release is None:
-    layer_features = jnp.stack([client_layer_features(*updates[p], weights, cfg.scale)
-                                for p in paths], axis=1)                            # [C, L, 2]
-    per_client = jnp.concatenate([signatures, client_loss[:, None]], -1)            # [C, D + 1]
-    features = jnp.concatenate([layer_features, jnp.broadcast_to(
-        per_client[:, None], (per_client.shape[0], len(paths), per_client.shape[1]))], -1)
-    scores = (cast(jax.Array, scores_module.apply(params["synth"], features)) if cfg.learned_weights
-              else jnp.zeros(features.shape[:2]))
-    synth_weights = synthesis_weights(scores, weights)                              # [C, L]
-    products = {p: cfg.scale * (global_layers[p]["a"] @ global_layers[p]["b"]
-                                + weighted_product(*updates[p], synth_weights[:, i]))
-                for i, p in enumerate(paths)}
+    layer_features = jnp.stack(
+      [client_layer_features(*updates[p], weights, cfg.scale) for p in paths], axis=1
+    )  # [C, L, 2]
+    per_client = jnp.concatenate([signatures, client_loss[:, None]], -1)  # [C, D + 1]
+    features = jnp.concatenate(
+      [layer_features, jnp.broadcast_to(per_client[:, None], (per_client.shape[0], len(paths), per_client.shape[1]))],
+      -1,
+    )
+    scores = (
+      cast(jax.Array, scores_module.apply(params["synth"], features))
+      if cfg.learned_weights
+      else jnp.zeros(features.shape[:2])
+    )
+    synth_weights = synthesis_weights(scores, weights)  # [C, L]
+    products = {
+      p: cfg.scale
+      * (global_layers[p]["a"] @ global_layers[p]["b"] + weighted_product(*updates[p], synth_weights[:, i]))
+      for i, p in enumerate(paths)
+    }
     dispersion = [jnp.std(layer_features[:, i, 1]) for i in range(len(paths))]
   else:
-    starts = (client_starts if client_starts is not None else
-              jax.tree.map(lambda x: jnp.broadcast_to(x, (clients,) + x.shape), global_params))
+    starts = (
+      client_starts
+      if client_starts is not None
+      else jax.tree.map(lambda x: jnp.broadcast_to(x, (clients,) + x.shape), global_params)
+    )
     rest_updates = jax.tree.map(jnp.subtract, without_layers(client_params), without_layers(starts))
     mean_changes, mean_rest, _ = private_update(updates, rest_updates, weights, cfg.scale, release)
     products = {p: cfg.scale * global_layers[p]["a"] @ global_layers[p]["b"] + mean_changes[p] for p in paths}
     private_rest = jax.tree.map(jnp.add, without_layers(global_params), mean_rest)
     present = (weights > 0).astype(jnp.float32)
-    synth_weights = jnp.broadcast_to((present / jnp.maximum(jnp.sum(present), 1.0))[:, None],
-                                     (clients, len(paths)))                         # Uniform.
-    dispersion = [jnp.zeros(())] * len(paths)                                       # Not read.
+    synth_weights = jnp.broadcast_to(
+      (present / jnp.maximum(jnp.sum(present), 1.0))[:, None], (clients, len(paths))
+    )  # Uniform.
+    dispersion = [jnp.zeros(())] * len(paths)  # Not read.
   targets, used = products, {"weights": synth_weights}
   if cfg.corrector == "learned":
-    stats = jnp.stack([jnp.stack([jnp.linalg.norm(residual[p]) / (jnp.linalg.norm(products[p]) + 1e-12),
-                                  dispersion[i]]) for i, p in enumerate(paths)])
+    stats = jnp.stack(
+      [
+        jnp.stack([jnp.linalg.norm(residual[p]) / (jnp.linalg.norm(products[p]) + 1e-12), dispersion[i]])
+        for i, p in enumerate(paths)
+      ]
+    )
     gates = cast(jax.Array, gate_module.apply(params["corr"], stats))
     targets = {p: products[p] + gates[i] * residual[p] for i, p in enumerate(paths)}
     used["gates"] = gates
@@ -301,8 +339,9 @@ def synthesize(params: Tree, modules: tuple[SynthesizerScores, ResidualGate], cf
     del layer, weights
     a, b = refactorize(target, cfg.rank, cfg.scale, global_layer["a"])
     if cfg.corrector == "fair":
-      b = b + fit_delta_b(a, b, target / cfg.scale, lam=cfg.fair_lam, steps=cfg.fair_steps,
-                          learning_rate=cfg.fair_learning_rate)
+      b = b + fit_delta_b(
+        a, b, target / cfg.scale, lam=cfg.fair_lam, steps=cfg.fair_steps, learning_rate=cfg.fair_learning_rate
+      )
     return {"a": a, "b": b}, target - cfg.scale * a @ b
 
   new_global, missed = aggregate_layers(refactorized, global_params, client_params, weights, target=targets)
@@ -333,8 +372,10 @@ def weight_divergence(synth_weights: jax.Array, weights: jax.Array) -> jax.Array
 
 def _synthesis_metrics(used: dict, weights: jax.Array) -> dict:
   """The aggregator's diagnostics from `synthesize`'s third output."""
-  metrics = {"synth_weight_entropy": weight_entropy(used["weights"]),
-             "synth_weight_kl": weight_divergence(used["weights"], weights)}
+  metrics = {
+    "synth_weight_entropy": weight_entropy(used["weights"]),
+    "synth_weight_kl": weight_divergence(used["weights"], weights),
+  }
   if "gates" in used:
     metrics["corrector_gate"] = jnp.mean(used["gates"])
   return metrics
@@ -357,6 +398,7 @@ class SynthesizerState(states.TypedState):
     corrector_gate: f32 [] the mean gate g_l over layers (None without the learned corrector).
     rng: uint32 [2] the noise key's data (None without DP).
   """
+
   params: Tree
   opt: Tree
   residual: dict
@@ -383,12 +425,19 @@ def update_derivative_is_finite(optimizer: optax.GradientTransformation) -> bool
     _, state = optimizer.update({"w": jnp.zeros(3)}, state, params)
     updates, _ = optimizer.update({"w": g}, state, params)
     return jnp.sum(updates["w"])
+
   return bool(jnp.all(jnp.isfinite(jax.grad(second_update)(jnp.zeros(3)))))
 
 
-def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransformation,
-                          *, hidden: int = 32, meta_learning: bool = True, meta_steps: int = 1,
-                          privacy: tuple[float, float] | None = None) -> Aggregator:
+def hyperlora_synthesizer(
+  cfg: SynthesisConfig,
+  optimizer: optax.GradientTransformation,
+  *,
+  hidden: int = 32,
+  meta_learning: bool = True,
+  meta_steps: int = 1,
+  privacy: tuple[float, float] | None = None,
+) -> Aggregator:
   """S_ψ and C_ω as a meta-learned `Aggregator` (module docstring).
 
   It owns one held-out step of each client's block (`heldout_steps=1`) and reads the
@@ -414,14 +463,19 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
   """
   diagnostic_metrics = DIAGNOSTIC_METRICS if cfg.corrector == "learned" else DIAGNOSTIC_METRICS[:2]
   if privacy is not None and (meta_learning or cfg.learned_weights):
-    raise ValueError("a private HyperLoRA synthesizer needs learned_weights=False and meta_learning=False: "
-                     "S_ψ and C_ω would learn from per-client held-out gradients that the privacy "
-                     "accountant does not cover")
+    raise ValueError(
+      "a private HyperLoRA synthesizer needs learned_weights=False and meta_learning=False: "
+      "S_ψ and C_ω would learn from per-client held-out gradients that the privacy "
+      "accountant does not cover"
+    )
   if meta_learning and not update_derivative_is_finite(optimizer):
-    warnings.warn("hyperlora_synthesizer: the meta-optimizer's update has a non-finite derivative at a zero "
-                  "gradient (optax.adam with eps_root=0), so a derivative taken through several rounds would be "
-                  "NaN; give it eps_root > 0 (optax.adam(lr, eps_root=1e-16)) if you differentiate through rounds",
-                  CrossRoundDerivativeWarning, stacklevel=2)
+    warnings.warn(
+      "hyperlora_synthesizer: the meta-optimizer's update has a non-finite derivative at a zero "
+      "gradient (optax.adam with eps_root=0), so a derivative taken through several rounds would be "
+      "NaN; give it eps_root > 0 (optax.adam(lr, eps_root=1e-16)) if you differentiate through rounds",
+      CrossRoundDerivativeWarning,
+      stacklevel=2,
+    )
 
   def modules_for(global_params):
     num_layers = len(lora_lib.layers(global_params))
@@ -433,12 +487,19 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
     targets = {path: (f["a"].shape[0], f["b"].shape[1]) for path, f in lora_lib.layers(global_params).items()}
     modules = modules_for(global_params)
     k1, k2 = jax.random.split(rng)
-    params = {"synth": modules[0].init(k1, jnp.zeros((1, len(targets), 3 + signature_dim))),
-              "corr": modules[1].init(k2, jnp.zeros((len(targets), 2)))}
-    residual = ({path: jnp.zeros(shape, jnp.float32) for path, shape in targets.items()}
-                if cfg.corrector == "learned" else {})
-    state = SynthesizerState(params=params, opt=optimizer.init(params), residual=residual,
-                             **{name: jnp.zeros((), jnp.float32) for name in diagnostic_metrics})
+    params = {
+      "synth": modules[0].init(k1, jnp.zeros((1, len(targets), 3 + signature_dim))),
+      "corr": modules[1].init(k2, jnp.zeros((len(targets), 2))),
+    }
+    residual = (
+      {path: jnp.zeros(shape, jnp.float32) for path, shape in targets.items()} if cfg.corrector == "learned" else {}
+    )
+    state = SynthesizerState(
+      params=params,
+      opt=optimizer.init(params),
+      residual=residual,
+      **{name: jnp.zeros((), jnp.float32) for name in diagnostic_metrics},
+    )
     if privacy is None:
       return state.replace(meta_loss=jnp.zeros((), jnp.float32), meta_step_skipped=jnp.zeros((), jnp.int32))
     return state.replace(rng=jax.random.key_data(jax.random.fold_in(rng, 11)))
@@ -448,11 +509,25 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
     clip_norm, noise_multiplier = privacy
     key, noise_key = jax.random.split(jax.random.wrap_key_data(state.rng))
     new_global, residual, used = synthesize(
-        state.params, modules_for(global_params), cfg, global_params, client_params, weights,
-        jnp.zeros((weights.shape[0], 0)), jnp.zeros(weights.shape), state.residual,
-        context.client_starts if context is not None else None, PrivateRelease(clip_norm, noise_multiplier, noise_key))
-    return new_global, {}, state.replace(residual=residual, rng=jax.random.key_data(key),
-                                         **jax.lax.stop_gradient(_synthesis_metrics(used, weights)))
+      state.params,
+      modules_for(global_params),
+      cfg,
+      global_params,
+      client_params,
+      weights,
+      jnp.zeros((weights.shape[0], 0)),
+      jnp.zeros(weights.shape),
+      state.residual,
+      context.client_starts if context is not None else None,
+      PrivateRelease(clip_norm, noise_multiplier, noise_key),
+    )
+    return (
+      new_global,
+      {},
+      state.replace(
+        residual=residual, rng=jax.random.key_data(key), **jax.lax.stop_gradient(_synthesis_metrics(used, weights))
+      ),
+    )
 
   def aggregate(state, global_params, client_params, weights, context: AggregationContext):
     modules = modules_for(global_params)
@@ -461,9 +536,18 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
       signatures = jnp.zeros((weights.shape[0], 0), jnp.float32)
 
     def objective(params):
-      new_global, residual, used = synthesize(params, modules, cfg, global_params, client_params, weights,
-                                              signatures, context.client_loss, state.residual,
-                                              context.client_starts)
+      new_global, residual, used = synthesize(
+        params,
+        modules,
+        cfg,
+        global_params,
+        client_params,
+        weights,
+        signatures,
+        context.client_loss,
+        state.residual,
+        context.client_starts,
+      )
       return context.heldout_loss(new_global), (new_global, residual, _synthesis_metrics(used, weights))
 
     if meta_learning:
@@ -475,34 +559,61 @@ def hyperlora_synthesizer(cfg: SynthesisConfig, optimizer: optax.GradientTransfo
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         # No participant (or a non-finite meta-gradient): ψ, ω and their optimizer stay put.
-        sound = jnp.isfinite(meta_loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g))
-                                                             for g in jax.tree.leaves(grads)]))
+        sound = jnp.isfinite(meta_loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
         ok = participants & sound
-        new_params, new_opt_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), (new_params, new_opt_state),
-                                                 (params, opt_state))
+        new_params, new_opt_state = jax.tree.map(
+          lambda n, o: jnp.where(ok, n, o), (new_params, new_opt_state), (params, opt_state)
+        )
         return new_params, new_opt_state, (meta_loss, aux, (participants & ~sound).astype(jnp.int32))
 
-      params, opt_state, (meta_loss, (new_global, residual, diagnostics), skipped) = meta_step(
-          state.params, state.opt)
+      params, opt_state, (meta_loss, (new_global, residual, diagnostics), skipped) = meta_step(state.params, state.opt)
       if meta_steps > 1:  # The rest in a scan: one compiled step, whatever their number.
+
         def more(carry, _):
           params, opt_state, skipped = carry
           params, opt_state, (loss, aux, step_skipped) = meta_step(params, opt_state)
           return (params, opt_state, skipped + step_skipped), (loss, aux)
+
         (params, opt_state, skipped), (losses, auxes) = jax.lax.scan(
-            more, (params, opt_state, skipped), None, length=meta_steps - 1)
+          more, (params, opt_state, skipped), None, length=meta_steps - 1
+        )
         meta_loss = losses[-1]
         new_global, residual, diagnostics = jax.tree.map(lambda x: x[-1], auxes)
     else:
       meta_loss, (new_global, residual, diagnostics) = objective(state.params)
       params, opt_state, skipped = state.params, state.opt, jnp.zeros((), jnp.int32)
-    return new_global, {}, SynthesizerState(params=params, opt=opt_state, residual=residual, meta_loss=meta_loss,
-                                            meta_step_skipped=skipped, **jax.lax.stop_gradient(diagnostics))
+    return (
+      new_global,
+      {},
+      SynthesizerState(
+        params=params,
+        opt=opt_state,
+        residual=residual,
+        meta_loss=meta_loss,
+        meta_step_skipped=skipped,
+        **jax.lax.stop_gradient(diagnostics),
+      ),
+    )
 
   if privacy is not None:
-    return Aggregator(init, private_aggregate, Capabilities(
-        name=f"hyperlora_synthesizer[dp {privacy[0]}, {privacy[1]}]", plain_server_step=True,
-        heterogeneous_ranks=True, metrics=diagnostic_metrics))
-  return Aggregator(init, aggregate, Capabilities(
-      name="hyperlora_synthesizer", plain_server_step=True, heterogeneous_ranks=True, heldout_steps=1,
-      metrics=("meta_loss", "meta_step_skipped") + diagnostic_metrics))
+    return Aggregator(
+      init,
+      private_aggregate,
+      Capabilities(
+        name=f"hyperlora_synthesizer[dp {privacy[0]}, {privacy[1]}]",
+        plain_server_step=True,
+        heterogeneous_ranks=True,
+        metrics=diagnostic_metrics,
+      ),
+    )
+  return Aggregator(
+    init,
+    aggregate,
+    Capabilities(
+      name="hyperlora_synthesizer",
+      plain_server_step=True,
+      heterogeneous_ranks=True,
+      heldout_steps=1,
+      metrics=("meta_loss", "meta_step_skipped") + diagnostic_metrics,
+    ),
+  )

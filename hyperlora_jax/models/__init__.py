@@ -1,4 +1,5 @@
 """Flax backbones. They know nothing of federation or LoRA."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,8 +17,7 @@ _DATA_FIELDS = ("num_classes", "class_names", "parent", "name")
 
 def arch_fields(name: str) -> dict[str, object]:
   """{field: default} of the architecture attributes `model.<field>` may set for a model."""
-  return {f.name: f.default for f in dataclasses.fields(MODELS[name])
-          if f.name not in _DATA_FIELDS and f.init}
+  return {f.name: f.default for f in dataclasses.fields(MODELS[name]) if f.name not in _DATA_FIELDS and f.init}
 
 
 def build_model(name: str, num_classes: int, class_names: tuple[str, ...] | None = None, **arch):

@@ -21,6 +21,7 @@ LayerNorm before the image encoder (`image_pre_norm`), no patch-projection bias,
 LayerNorm eps 1e-5, and class prompts tokenized by the checkpoint's BPE (`prompt_ids`).
 The model knows nothing of federation or LoRA.
 """
+
 from __future__ import annotations
 
 import re
@@ -42,7 +43,7 @@ def tokenize(texts: Sequence[str], vocab_size: int, max_len: int) -> np.ndarray:
   for i, text in enumerate(texts):
     words = re.findall(r"[a-z0-9]+", text.lower())
     ids = [START_ID] + [2 + zlib.crc32(w.encode()) % (vocab_size - 2) for w in words]
-    out[i, :min(len(ids), max_len)] = ids[:max_len]
+    out[i, : min(len(ids), max_len)] = ids[:max_len]
   return out
 
 
@@ -58,6 +59,7 @@ class TextTower(nn.Module):
   """Transformer over token ids, pooled by `pooling`: "mean" of the non-padding token states, or
   "eot": the state at the end-of-text token (the first `eot_id`; `eot_id` < 0: the largest id,
   where OpenAI's vocabulary puts end-of-text). `causal`: each token sees only those before it."""
+
   vocab_size: int
   max_len: int
   width: int
@@ -75,9 +77,17 @@ class TextTower(nn.Module):
   def __call__(self, tokens: jnp.ndarray, return_hidden: bool = False) -> jnp.ndarray:
     """tokens: [T, L] int -> features [T, width] (`return_hidden`: every token's [T, L, width])."""
     x = nn.Embed(self.vocab_size, self.width, name="token_embedding")(tokens)
-    x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1, self.max_len, self.width))[:, :x.shape[1]]
-    x = Encoder(self.depth, self.num_heads, self.mlp_ratio, mlp_dim=self.mlp_dim, gelu=self.gelu,
-                layer_norm_eps=self.layer_norm_eps, causal=self.causal, name="encoder")(x)
+    x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1, self.max_len, self.width))[:, : x.shape[1]]
+    x = Encoder(
+      self.depth,
+      self.num_heads,
+      self.mlp_ratio,
+      mlp_dim=self.mlp_dim,
+      gelu=self.gelu,
+      layer_norm_eps=self.layer_norm_eps,
+      causal=self.causal,
+      name="encoder",
+    )(x)
     if return_hidden:
       return x
     if self.pooling == "eot":
@@ -107,6 +117,7 @@ class CLIP(nn.Module):
     prompt_ids: the class prompts' token ids, one tuple of `max_len` ids per class (a real
       tokenizer's, `models.hf.Tokenizer`); () tokenizes them by hashing (`tokenize`).
   """
+
   num_classes: int
   class_names: tuple[str, ...] = ()
   prompt_template: str = "a photo of the digit {}"
@@ -133,14 +144,34 @@ class CLIP(nn.Module):
   prompt_ids: tuple[tuple[int, ...], ...] = ()
 
   def setup(self):
-    self.image_tower = ViT(num_classes=1, patch_size=self.patch_size, width=self.width,
-                           depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                           mlp_dim=self.mlp_dim, gelu=self.gelu, layer_norm_eps=self.layer_norm_eps,
-                           pre_norm=self.image_pre_norm, patch_bias=self.patch_bias)
+    self.image_tower = ViT(
+      num_classes=1,
+      patch_size=self.patch_size,
+      width=self.width,
+      depth=self.depth,
+      num_heads=self.num_heads,
+      mlp_ratio=self.mlp_ratio,
+      mlp_dim=self.mlp_dim,
+      gelu=self.gelu,
+      layer_norm_eps=self.layer_norm_eps,
+      pre_norm=self.image_pre_norm,
+      patch_bias=self.patch_bias,
+    )
     self.image_projection = nn.Dense(self.embed_dim, use_bias=False)
-    self.text_tower = TextTower(self.vocab_size, self.max_len, self.text_width, self.text_depth,
-                                self.text_heads, self.mlp_ratio, self.text_mlp_dim, self.gelu,
-                                self.layer_norm_eps, self.text_causal, self.text_pooling, self.eot_id)
+    self.text_tower = TextTower(
+      self.vocab_size,
+      self.max_len,
+      self.text_width,
+      self.text_depth,
+      self.text_heads,
+      self.mlp_ratio,
+      self.text_mlp_dim,
+      self.gelu,
+      self.layer_norm_eps,
+      self.text_causal,
+      self.text_pooling,
+      self.eot_id,
+    )
     self.text_projection = nn.Dense(self.embed_dim, use_bias=False)
     self.logit_scale = self.param("logit_scale", nn.initializers.constant(np.log(1 / 0.07)), ())
 
@@ -148,12 +179,14 @@ class CLIP(nn.Module):
     """[num_classes, max_len] tokens of the class prompts (a trace-time constant)."""
     if self.prompt_ids:
       if len(self.prompt_ids) != self.num_classes:
-        raise ValueError(f"CLIP needs one prompt per class: got {len(self.prompt_ids)} prompt_ids for "
-                         f"{self.num_classes} classes")
+        raise ValueError(
+          f"CLIP needs one prompt per class: got {len(self.prompt_ids)} prompt_ids for {self.num_classes} classes"
+        )
       return np.asarray(self.prompt_ids, np.int32)
     if len(self.class_names) != self.num_classes:
-      raise ValueError(f"CLIP needs one class name per class: got {len(self.class_names)} names for "
-                       f"{self.num_classes} classes")
+      raise ValueError(
+        f"CLIP needs one class name per class: got {len(self.class_names)} names for {self.num_classes} classes"
+      )
     return tokenize(class_prompts(self.class_names, self.prompt_template), self.vocab_size, self.max_len)
 
   def encode_image(self, images: jnp.ndarray) -> jnp.ndarray:
@@ -166,8 +199,9 @@ class CLIP(nn.Module):
     x = self.text_projection(self.text_tower(tokens))
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-6)
 
-  def __call__(self, images: jnp.ndarray, tokens: jnp.ndarray | None = None,
-               return_features: bool = False) -> jnp.ndarray:
+  def __call__(
+    self, images: jnp.ndarray, tokens: jnp.ndarray | None = None, return_features: bool = False
+  ) -> jnp.ndarray:
     """Image-to-text logits exp(t) <img, txt>, [B, T]; `tokens` [T, max_len] defaults to the
     class prompts (zero-shot logits [B, num_classes]). `return_features`: the image
     embeddings [B, embed_dim] (the text tower still runs, so `init` creates every parameter)."""

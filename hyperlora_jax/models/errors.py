@@ -1,4 +1,5 @@
 """The error every checkpoint reader raises (`hf`, `npz`), and the finiteness check they share."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,5 +21,6 @@ def check_finite(array: np.ndarray, what: str) -> None:
   if array.dtype.kind == "f" or "float" in array.dtype.name:  # bfloat16 (ml_dtypes) included.
     bad = ~np.isfinite(array.astype(np.float32, copy=False))
     if bad.any():
-      raise CheckpointError(f"{what} holds {int(bad.sum())} non-finite value(s) of {array.size}; a frozen weight "
-                            f"must be finite")
+      raise CheckpointError(
+        f"{what} holds {int(bad.sum())} non-finite value(s) of {array.size}; a frozen weight must be finite"
+      )

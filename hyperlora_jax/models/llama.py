@@ -24,6 +24,7 @@ as transformers' `generate` computes them. The model knows nothing of federation
 `generate` is greedy decoding with a key/value cache: one prefill of the (left-padded) prompts,
 then one token per step inside `jax.lax.scan`, so a whole generation is one compiled function.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,6 +41,7 @@ Cache = dict  # {"k": [depth, B, S, kv_heads, head_dim], "v": same, "mask": [B, 
 
 class RMSNorm(nn.Module):
   """x / sqrt(mean(x²) + eps) * scale, computed in float32 (transformers' LlamaRMSNorm)."""
+
   eps: float = 1e-6
 
   @nn.compact
@@ -48,7 +50,7 @@ class RMSNorm(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
     h = x.astype(jnp.float32)
     h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
-    return (scale.astype(x.dtype) * h.astype(x.dtype))
+    return scale.astype(x.dtype) * h.astype(x.dtype)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: tuple = ()) -> jnp.ndarray:
@@ -87,8 +89,9 @@ def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: jnp.ndarray) ->
   return (h * cos + rotated * sin).astype(x.dtype)
 
 
-def attention_mask_for(query_slots: jnp.ndarray, key_slots: jnp.ndarray, key_mask: jnp.ndarray,
-                       sliding_window: int | None) -> jnp.ndarray:
+def attention_mask_for(
+  query_slots: jnp.ndarray, key_slots: jnp.ndarray, key_mask: jnp.ndarray, sliding_window: int | None
+) -> jnp.ndarray:
   """bool [B, 1, Tq, S]: query slot i sees key slot j iff j <= i, the key is a real token and
   (with a sliding window w) i - j < w. query_slots [Tq], key_slots [S], key_mask [B, S]."""
   allowed = key_slots[None, :] <= query_slots[:, None]
@@ -110,7 +113,7 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, bias: jnp.ndarray) ->
   """
   groups = q.shape[2] // k.shape[2]
   heads_first = lambda t: jnp.swapaxes(t, 1, 2)
-  keys = jnp.repeat(heads_first(k), groups, axis=1)      # [B, H, S, hd]
+  keys = jnp.repeat(heads_first(k), groups, axis=1)  # [B, H, S, hd]
   values = jnp.repeat(heads_first(v), groups, axis=1)
   return heads_first(_attention_core(heads_first(q), keys, values, bias))
 
@@ -150,6 +153,7 @@ _attention_core.defvjp(_attention_forward, _attention_backward)
 
 class Attention(nn.Module):
   """Grouped-query self-attention: `num_heads` query heads share `num_kv_heads` key/value heads."""
+
   num_heads: int
   num_kv_heads: int
   head_dim: int
@@ -207,9 +211,9 @@ class DecoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x, positions, inv_freq, query_slots, key_mask, cache=None):
     """x [B, T, D] -> ([B, T, D], updated cache or None); arguments as `Attention`'s."""
-    attended, cache = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.qkv_bias, self.out_bias,
-                                self.sliding_window, name="attn")(
-        RMSNorm(self.rms_norm_eps, name="attn_norm")(x), positions, inv_freq, query_slots, key_mask, cache)
+    attended, cache = Attention(
+      self.num_heads, self.num_kv_heads, self.head_dim, self.qkv_bias, self.out_bias, self.sliding_window, name="attn"
+    )(RMSNorm(self.rms_norm_eps, name="attn_norm")(x), positions, inv_freq, query_slots, key_mask, cache)
     x = x + attended
     x = x + SwiGLU(self.mlp_dim, self.mlp_bias, name="mlp")(RMSNorm(self.rms_norm_eps, name="mlp_norm")(x))
     return x, cache
@@ -238,6 +242,7 @@ class DecoderLM(nn.Module):
     remat: recompute each block's activations in the backward pass (less memory).
     dtype: the activations' dtype (e.g. bfloat16 with bfloat16 weights); logits are float32.
   """
+
   vocab_size: int = 256
   width: int = 64
   depth: int = 2
@@ -267,13 +272,22 @@ class DecoderLM(nn.Module):
   def init_cache(self, batch: int, length: int, dtype: Any = None) -> Cache:
     """An empty cache for `batch` sequences of up to `length` tokens (prompt + generated)."""
     shape = (self.depth, batch, length, self.kv_heads, self.head_width)
-    return {"k": jnp.zeros(shape, dtype or self.dtype), "v": jnp.zeros(shape, dtype or self.dtype),
-            "mask": jnp.zeros((batch, length), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+    return {
+      "k": jnp.zeros(shape, dtype or self.dtype),
+      "v": jnp.zeros(shape, dtype or self.dtype),
+      "mask": jnp.zeros((batch, length), jnp.int32),
+      "index": jnp.zeros((), jnp.int32),
+    }
 
   @nn.compact
-  def __call__(self, input_ids: jnp.ndarray, attention_mask: jnp.ndarray | None = None,
-               positions: jnp.ndarray | None = None, cache: Cache | None = None,
-               return_hidden: bool = False):
+  def __call__(
+    self,
+    input_ids: jnp.ndarray,
+    attention_mask: jnp.ndarray | None = None,
+    positions: jnp.ndarray | None = None,
+    cache: Cache | None = None,
+    return_hidden: bool = False,
+  ):
     """input_ids int [B, T] -> logits float32 [B, T, vocab] (`return_hidden`: the final
     RMSNorm's output [B, T, D] instead).
 
@@ -302,9 +316,18 @@ class DecoderLM(nn.Module):
     new_k, new_v = [], []
     for i in range(self.depth):
       layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
-      x, layer_cache = block(self.num_heads, self.kv_heads, self.head_width, self.mlp_dim, self.rms_norm_eps,
-                             self.qkv_bias, self.out_bias, self.mlp_bias, self.sliding_window,
-                             name=f"block_{i}")(x, positions, inv_freq, query_slots, key_mask, layer_cache)
+      x, layer_cache = block(
+        self.num_heads,
+        self.kv_heads,
+        self.head_width,
+        self.mlp_dim,
+        self.rms_norm_eps,
+        self.qkv_bias,
+        self.out_bias,
+        self.mlp_bias,
+        self.sliding_window,
+        name=f"block_{i}",
+      )(x, positions, inv_freq, query_slots, key_mask, layer_cache)
       if layer_cache is not None:
         new_k.append(layer_cache[0])
         new_v.append(layer_cache[1])
@@ -320,8 +343,15 @@ class DecoderLM(nn.Module):
     return out, {"k": jnp.stack(new_k), "v": jnp.stack(new_v), "mask": key_mask, "index": cache["index"] + tokens}
 
 
-def generate(apply_fn: Callable[..., Any], model: DecoderLM, prompt_ids: jnp.ndarray, prompt_mask: jnp.ndarray,
-             max_new_tokens: int, eos_id: int | None = None, pad_id: int = 0) -> jnp.ndarray:
+def generate(
+  apply_fn: Callable[..., Any],
+  model: DecoderLM,
+  prompt_ids: jnp.ndarray,
+  prompt_mask: jnp.ndarray,
+  max_new_tokens: int,
+  eos_id: int | None = None,
+  pad_id: int = 0,
+) -> jnp.ndarray:
   """Greedy decoding with a key/value cache.
 
   Args:
@@ -348,6 +378,7 @@ def generate(apply_fn: Callable[..., Any], model: DecoderLM, prompt_ids: jnp.nda
     done = done | (token == eos_id) if eos_id is not None else done
     return (jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), done, cache), emitted
 
-  (last, done, _), tokens = jax.lax.scan(step, (first, jnp.zeros((batch,), bool), cache), None,
-                                         length=max_new_tokens - 1)
+  (last, done, _), tokens = jax.lax.scan(
+    step, (first, jnp.zeros((batch,), bool), cache), None, length=max_new_tokens - 1
+  )
   return jnp.concatenate([tokens, jnp.where(done, pad_id, last)[None]], axis=0).T

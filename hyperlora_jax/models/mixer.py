@@ -8,6 +8,7 @@ Module paths (what LoRA's `target_regex` matches):
   pre_head_layer_norm, head                      final norm, classifier (zero-initialised)
 The model knows nothing of federation or LoRA.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -47,6 +48,7 @@ class Mixer(nn.Module):
     tokens_mlp_dim: hidden width D_S of the token-mixing MLP.
     channels_mlp_dim: hidden width D_C of the channel-mixing MLP.
   """
+
   num_classes: int
   patch_size: int = 4
   width: int = 64

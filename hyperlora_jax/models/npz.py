@@ -16,6 +16,7 @@ The classifier (`head`) and `pre_logits` of a checkpoint are not loaded: federat
 their own head (`dropped_arrays` names them). Every array is checked against the model's
 shapes; a missing, extra or misshapen array is reported by name.
 """
+
 from __future__ import annotations
 
 import re
@@ -30,17 +31,20 @@ DROPPED_PREFIXES = ("head/", "pre_logits/")
 
 # Our ViT name -> candidate checkpoint names ({i}: block index), first found wins.
 _VIT_BLOCK_NAMES = {
-    "norm1": ("LayerNorm_0",),
-    "norm2": ("LayerNorm_2", "LayerNorm_1"),
-    "attn": ("MultiHeadDotProductAttention_1", "MultiHeadDotProductAttention_0"),
-    "mlp/fc1": ("MlpBlock_3/Dense_0", "MlpBlock_0/Dense_0"),
-    "mlp/fc2": ("MlpBlock_3/Dense_1", "MlpBlock_0/Dense_1"),
+  "norm1": ("LayerNorm_0",),
+  "norm2": ("LayerNorm_2", "LayerNorm_1"),
+  "attn": ("MultiHeadDotProductAttention_1", "MultiHeadDotProductAttention_0"),
+  "mlp/fc1": ("MlpBlock_3/Dense_0", "MlpBlock_0/Dense_0"),
+  "mlp/fc2": ("MlpBlock_3/Dense_1", "MlpBlock_0/Dense_1"),
 }
 
 
 _MAP_HEAD_NAMES = {  # Our map_head path -> big_vision's MAPHead_0 path.
-    "probe": "probe", "norm": "LayerNorm_0", "mlp/fc1": "MlpBlock_0/Dense_0", "mlp/fc2": "MlpBlock_0/Dense_1",
-    **{proj: f"MultiHeadDotProductAttention_0/{proj}" for proj in ("query", "key", "value", "out")},
+  "probe": "probe",
+  "norm": "LayerNorm_0",
+  "mlp/fc1": "MlpBlock_0/Dense_0",
+  "mlp/fc2": "MlpBlock_0/Dense_1",
+  **{proj: f"MultiHeadDotProductAttention_0/{proj}" for proj in ("query", "key", "value", "out")},
 }
 
 
@@ -119,10 +123,10 @@ def from_npz(model_name: str, flat: dict[str, np.ndarray], abstract_params: Any)
     CheckpointError: naming every missing or misshapen array, or unused checkpoint arrays.
   """
   if model_name not in ("vit", "mixer"):
-    raise CheckpointError(f"pretrain.npz_path: .npz loading supports model.name 'vit' and 'mixer', "
-                          f"not {model_name!r}")
-  wanted = {k: v for k, v in traverse_util.flatten_dict(abstract_params, sep="/").items()
-            if not k.startswith(DROPPED_PREFIXES)}
+    raise CheckpointError(f"pretrain.npz_path: .npz loading supports model.name 'vit' and 'mixer', not {model_name!r}")
+  wanted = {
+    k: v for k, v in traverse_util.flatten_dict(abstract_params, sep="/").items() if not k.startswith(DROPPED_PREFIXES)
+  }
   out, used, problems = {}, set(), []
   for name, spec in wanted.items():
     source = _vit_source_name(name, flat) if model_name == "vit" else (name if name in flat else None)
@@ -137,17 +141,22 @@ def from_npz(model_name: str, flat: dict[str, np.ndarray], abstract_params: Any)
     used.add(source)
   unused = sorted(k for k in flat if k not in used and not k.startswith(DROPPED_PREFIXES))
   if unused:
-    problems.append(f"unused arrays (a different architecture?): {', '.join(unused[:8])}"
-                    + (" ..." if len(unused) > 8 else ""))
+    problems.append(
+      f"unused arrays (a different architecture?): {', '.join(unused[:8])}" + (" ..." if len(unused) > 8 else "")
+    )
   if model_name == "vit":
     pool = npz_pool(flat)
     model_pool = "map" if any(k.startswith("map_head/") for k in wanted) else "tok" if "cls" in wanted else "gap"
     if pool != model_pool:
-      problems.append(f"the checkpoint's pooling is {pool!r} (big_vision pool_type), the model's {model_pool!r}: "
-                      f"set model.pool={pool!r}")
+      problems.append(
+        f"the checkpoint's pooling is {pool!r} (big_vision pool_type), the model's {model_pool!r}: "
+        f"set model.pool={pool!r}"
+      )
   if problems:
-    raise CheckpointError(f"pretrain.npz_path: the checkpoint does not fit model.name={model_name!r} "
-                          f"with this config: " + "; ".join(problems))
+    raise CheckpointError(
+      f"pretrain.npz_path: the checkpoint does not fit model.name={model_name!r} "
+      f"with this config: " + "; ".join(problems)
+    )
   return traverse_util.unflatten_dict(out, sep="/")
 
 

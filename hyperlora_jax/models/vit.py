@@ -13,6 +13,7 @@ Module paths (what LoRA's `target_regex` matches):
   head                                    classifier (nn.Dense, zero-initialised)
 The model knows nothing of federation or LoRA.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -38,6 +39,7 @@ class MultiHeadSelfAttention(nn.Module):
   """Self-attention with separate `nn.Dense` query/key/value/out projections; `causal`: each
   token attends to itself and the tokens before it (a text tower's mask); `qkv_bias`: the
   query/key/value projections have biases (Hugging Face ViT's `qkv_bias`; `out` always has one)."""
+
   num_heads: int
   causal: bool = False
   qkv_bias: bool = True
@@ -73,6 +75,7 @@ class MlpBlock(nn.Module):
 class MAPHead(nn.Module):
   """Multihead attention pooling (big_vision's `MAPHead`): a learned probe attends to the tokens,
   then a residual MLP on its LayerNorm. x: [B, T, D] -> [B, D]."""
+
   num_heads: int
   mlp_dim: int
   gelu: str = "tanh"
@@ -117,6 +120,7 @@ class EncoderBlock(nn.Module):
 class Encoder(nn.Module):
   """`depth` encoder blocks and a final LayerNorm; `remat`: recompute each block's activations
   in the backward pass instead of storing them (less memory, about one more forward pass)."""
+
   depth: int
   num_heads: int
   mlp_ratio: float
@@ -131,8 +135,16 @@ class Encoder(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
     for i in range(self.depth):
-      x = block(self.num_heads, self.mlp_ratio, self.mlp_dim, self.gelu, self.layer_norm_eps, self.causal,
-                self.qkv_bias, name=f"block_{i}")(x)
+      x = block(
+        self.num_heads,
+        self.mlp_ratio,
+        self.mlp_dim,
+        self.gelu,
+        self.layer_norm_eps,
+        self.causal,
+        self.qkv_bias,
+        name=f"block_{i}",
+      )(x)
     return nn.LayerNorm(epsilon=self.layer_norm_eps, name="norm")(x)
 
 
@@ -159,6 +171,7 @@ class ViT(nn.Module):
     qkv_bias: the attention's query/key/value projections have biases (Hugging Face ViT's
       `qkv_bias`; False drops those three bias params).
   """
+
   num_classes: int
   patch_size: int = 4
   width: int = 64
@@ -175,14 +188,12 @@ class ViT(nn.Module):
   qkv_bias: bool = True
 
   @nn.compact
-  def __call__(self, images: jnp.ndarray, return_features: bool = False,
-               return_hidden: bool = False) -> jnp.ndarray:
+  def __call__(self, images: jnp.ndarray, return_features: bool = False, return_hidden: bool = False) -> jnp.ndarray:
     """images: [B, H, W, 3] float -> logits [B, num_classes]; `return_features`: the pooled
     feature [B, D] instead (`pool`); `return_hidden`: every token's final state [B, T, D], T =
     1 + N patches with a class token, else N (Hugging Face's `last_hidden_state`)."""
     p = self.patch_size
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", use_bias=self.patch_bias,
-                name="embedding")(images)
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", use_bias=self.patch_bias, name="embedding")(images)
     if self.pool not in POOLS:
       raise ValueError(f"model.pool={self.pool!r}; allowed: {POOLS}")
     batch, h, w, d = x.shape
@@ -193,8 +204,17 @@ class ViT(nn.Module):
     x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1,) + x.shape[1:], x.dtype)
     if self.pre_norm:
       x = nn.LayerNorm(epsilon=self.layer_norm_eps, name="pre_norm")(x)
-    hidden = Encoder(self.depth, self.num_heads, self.mlp_ratio, self.remat, self.mlp_dim, self.gelu,
-                     self.layer_norm_eps, qkv_bias=self.qkv_bias, name="encoder")(x)
+    hidden = Encoder(
+      self.depth,
+      self.num_heads,
+      self.mlp_ratio,
+      self.remat,
+      self.mlp_dim,
+      self.gelu,
+      self.layer_norm_eps,
+      qkv_bias=self.qkv_bias,
+      name="encoder",
+    )(x)
     if return_hidden:
       return hidden
     if self.pool == "tok":
@@ -202,8 +222,9 @@ class ViT(nn.Module):
     elif self.pool == "gap":
       features = jnp.mean(hidden, axis=1)
     else:
-      features = MAPHead(self.num_heads, self.mlp_dim or int(self.mlp_ratio * d), self.gelu, self.layer_norm_eps,
-                         name="map_head")(hidden)
+      features = MAPHead(
+        self.num_heads, self.mlp_dim or int(self.mlp_ratio * d), self.gelu, self.layer_norm_eps, name="map_head"
+      )(hidden)
     if return_features:
       return features
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="head")(features)

@@ -10,6 +10,7 @@ The loss is the mean negative log-likelihood over a batch's response tokens (a b
 none gives 0). Metrics: next-token accuracy and perplexity exp(Σ nll / Σ tokens) over the
 response tokens of a split; `token_counts` gives the sums so splits of any size add up.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,6 +26,7 @@ from hyperlora_jax import lora as lora_lib
 class TokenCounts(NamedTuple):
   """Sums over the counted (response) tokens: negative log-likelihood, correct argmax
   predictions, tokens. Scalars float32, or [c] per client."""
+
   nll: jax.Array
   correct: jax.Array
   tokens: jax.Array
@@ -92,14 +94,22 @@ class CausalLM:
     compute_dtype: the dtype the frozen weights are cast to (give the model the same `dtype`
       for its activations); LoRA factors, the loss and every gradient stay float32.
   """
+
   model: nn.Module
   scale: float
   compute_dtype: Any = jnp.float32  # The frozen weights' dtype (`tasks.common.frozen_tree`).
 
   def logits(self, frozen: dict, trainable: Any, batch: dict) -> jax.Array:
     """[B, T, V] float32 logits of `batch`'s sequences."""
-    out = lora_lib.apply(self.model, frozen["variables"], trainable["lora"], batch["input_ids"],
-                         batch["attention_mask"], scale=self.scale, base_delta=frozen["base_delta"])
+    out = lora_lib.apply(
+      self.model,
+      frozen["variables"],
+      trainable["lora"],
+      batch["input_ids"],
+      batch["attention_mask"],
+      scale=self.scale,
+      base_delta=frozen["base_delta"],
+    )
     return out.astype(jnp.float32)
 
   def token_counts(self, frozen: dict, trainable: Any, batch: dict) -> TokenCounts:
@@ -148,8 +158,10 @@ def split_counts(task: CausalLM, frozen: dict, trainable: Any, data: dict, batch
   `batch_size` sequences at a time."""
   n = data["input_ids"].shape[0]
   if n % batch_size:
-    raise ValueError(f"a split of {n} sequences must be padded to a multiple of batch_size={batch_size} "
-                     f"(padding rows have loss_mask 0)")
+    raise ValueError(
+      f"a split of {n} sequences must be padded to a multiple of batch_size={batch_size} "
+      f"(padding rows have loss_mask 0)"
+    )
   batches = jax.tree.map(lambda x: x.reshape((-1, batch_size) + x.shape[1:]), data)
   counts = jax.lax.map(lambda b: task.token_counts(frozen, trainable, b), batches)
   return TokenCounts(*(jnp.sum(c) for c in counts))

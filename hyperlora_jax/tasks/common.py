@@ -1,4 +1,5 @@
 """What every task shares: the frozen pytree and its dtype, and the server's full-rank residuals."""
+
 from __future__ import annotations
 
 from typing import Any

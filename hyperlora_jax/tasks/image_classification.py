@@ -5,6 +5,7 @@ head, e.g. CLIP)}`; the frozen pytree is `{"variables": backbone variables, "bas
 {layer: [d_in, d_out]}}`; a batch is `{"image": [B, H, W, 3] uint8, "label": [B] int32,
 "mask": [B] float}`. The round sees none of this: it gets `loss_fn` and `apply_base_delta`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,6 +48,7 @@ class ImageClassification:
       (`frozen_tree(..., dtype=)`) the backbone computes in it. LoRA factors, the head, the
       logits' loss and every gradient stay float32.
   """
+
   model: nn.Module
   scale: float
   preprocess: Callable[[jax.Array], jax.Array]
@@ -58,9 +60,14 @@ class ImageClassification:
     params = frozen["variables"]
     if self.head_name is not None:
       params = {**params, "params": {**params["params"], self.head_name: trainable["head"]}}
-    logits = lora_lib.apply(self.model, params, trainable["lora"],
-                            self.preprocess(images).astype(self.compute_dtype),
-                            scale=self.scale, base_delta=frozen["base_delta"])
+    logits = lora_lib.apply(
+      self.model,
+      params,
+      trainable["lora"],
+      self.preprocess(images).astype(self.compute_dtype),
+      scale=self.scale,
+      base_delta=frozen["base_delta"],
+    )
     return logits.astype(jnp.float32)
 
   def loss_fn(self, trainable: Any, frozen: dict, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
@@ -83,19 +90,21 @@ class ImageClassification:
 class Evaluation(NamedTuple):
   """Pure evaluation functions over blocks (jit each; the caller loops over blocks).
 
-    global_counts(state, frozen, block) -> (correct, count)   scalars, the global model on a
-        global test block {"image": [M, H, W, 3], "label": [M], "mask": [M]}, M a multiple
-        of eval_batch
-    client_accuracy(state, frozen, client_ids, block) -> [c]  each client's own model on its
-        own test split, block {"image": [c, n_max, H, W, 3], "label", "mask"}, ids [c]; n_max
-        at most eval_batch or a multiple of it (evaluated eval_batch examples at a time)
+  global_counts(state, frozen, block) -> (correct, count)   scalars, the global model on a
+      global test block {"image": [M, H, W, 3], "label": [M], "mask": [M]}, M a multiple
+      of eval_batch
+  client_accuracy(state, frozen, client_ids, block) -> [c]  each client's own model on its
+      own test split, block {"image": [c, n_max, H, W, 3], "label", "mask"}, ids [c]; n_max
+      at most eval_batch or a multiple of it (evaluated eval_batch examples at a time)
   """
+
   global_counts: Callable
   client_accuracy: Callable
 
 
-def block_counts(task: ImageClassification, frozen: dict, trainable: Any, block: dict,
-                 eval_batch: int, counts: Callable | None = None) -> tuple[jax.Array, jax.Array]:
+def block_counts(
+  task: ImageClassification, frozen: dict, trainable: Any, block: dict, eval_batch: int, counts: Callable | None = None
+) -> tuple[jax.Array, jax.Array]:
   """(correct, count) of one model on a global test block {"image": [M, H, W, 3], "label": [M],
   "mask": [M]}, M a multiple of `eval_batch`, evaluated `eval_batch` examples at a time
   (`counts`: another (frozen, trainable, batch) -> (hits, count) than `task.accuracy`; hits may
@@ -108,8 +117,14 @@ def block_counts(task: ImageClassification, frozen: dict, trainable: Any, block:
   return jnp.sum(correct, axis=0), jnp.sum(count)
 
 
-def make_evaluate(task: ImageClassification, fed_round: FederatedRound, *, eval_batch: int = 256,
-                  clients_per_chunk: int = 0, counts: Callable | None = None) -> Evaluation:
+def make_evaluate(
+  task: ImageClassification,
+  fed_round: FederatedRound,
+  *,
+  eval_batch: int = 256,
+  clients_per_chunk: int = 0,
+  counts: Callable | None = None,
+) -> Evaluation:
   """The `Evaluation` of a run. Each client's model is what it would start the next round
   from (`FederatedRound.client_start`: its local leaves, the plug-ins' offsets for it,
   truncated to its rank); no local steps. Clients are evaluated like they train:
@@ -133,8 +148,10 @@ def make_evaluate(task: ImageClassification, fed_round: FederatedRound, *, eval_
       hits, count = counts(frozen, trainable, data)
       return hits / jnp.maximum(count, 1.0)
     if n % eval_batch:
-      raise ValueError(f"a client's test split of {n} examples must be padded to a multiple of "
-                       f"eval_batch={eval_batch} (FederatedData.client_test_blocks does)")
+      raise ValueError(
+        f"a client's test split of {n} examples must be padded to a multiple of "
+        f"eval_batch={eval_batch} (FederatedData.client_test_blocks does)"
+      )
     batches = jax.tree.map(lambda x: x.reshape((-1, eval_batch) + x.shape[1:]), data)
     correct, count = jax.lax.map(lambda b: counts(frozen, trainable, b), batches)
     return jnp.sum(correct, axis=0) / jnp.maximum(jnp.sum(count), 1.0)
@@ -148,14 +165,14 @@ def make_evaluate(task: ImageClassification, fed_round: FederatedRound, *, eval_
       trainable = fed_round.client_start(state.global_params, client_local, offset, rank_mask)
       return split_accuracy(frozen, trainable, data)
 
-    return primitives.map_clients(one_client, (local, block, offsets, masks), clients_per_chunk,
-                                  fed_round.mesh)
+    return primitives.map_clients(one_client, (local, block, offsets, masks), clients_per_chunk, fed_round.mesh)
 
   return Evaluation(global_counts, client_accuracy)
 
 
-def make_new_client_evaluate(task: ImageClassification, fed_round: FederatedRound,
-                             client_update: ClientUpdate) -> Callable:
+def make_new_client_evaluate(
+  task: ImageClassification, fed_round: FederatedRound, client_update: ClientUpdate
+) -> Callable:
   """Builds the pure `evaluate_new(state, frozen, train_block, test_block, signatures)`.
 
   Amortization for clients never seen in training. Each new client (id `NEW_CLIENT`: mean
@@ -170,13 +187,17 @@ def make_new_client_evaluate(task: ImageClassification, fed_round: FederatedRoun
   Returns:
     {name: [H] accuracy} for the names above.
   """
+
   def evaluate_new(state, frozen, train_block, test_block, signatures):
     frozen = apply_base_delta(frozen, state.base_delta)
     num_new = test_block["label"].shape[0]
     update_mask = round_update_mask(fed_round.frozen_leaves, state.global_params, jnp.int32(0))
     full_rank = jnp.ones((lora_lib.rank_of(state.global_params),), jnp.float32)
-    generated = (fed_round.offsets(state, signatures, jnp.full((num_new,), NEW_CLIENT, jnp.int32))
-                 if fed_round.plugins else jnp.zeros((num_new,)))
+    generated = (
+      fed_round.offsets(state, signatures, jnp.full((num_new,), NEW_CLIENT, jnp.int32))
+      if fed_round.plugins
+      else jnp.zeros((num_new,))
+    )
 
     def one_client(inputs):
       train, test, offset = inputs

@@ -1,5 +1,6 @@
 """The benchmark configs: embedded (DomainNet-like, label skew 100, vision-language, Mixer)
 and real-dataset (DomainNet, CIFAR-100 through TFDS, tested with TFDS mock data)."""
+
 import jax
 import numpy as np
 import pytest
@@ -37,8 +38,15 @@ def test_embedded_benchmarks_are_what_their_docstrings_say():
     assert ls.data.dirichlet_alpha == float(alpha) and ls.benchmark == f"label_skew_100/alpha{float(alpha):g}"
   vl = vision_language.get_config("")
   assert vl.model.name == "clip" and vl.lora.target_regex.startswith("(image|text)_tower/")
-  for config in (one, five, ls, vl, domainnet_like.get_config("smoke,model=mixer"),
-                 vision_language.get_config("smoke"), label_skew.get_config("smoke,alpha=0.1")):
+  for config in (
+    one,
+    five,
+    ls,
+    vl,
+    domainnet_like.get_config("smoke,model=mixer"),
+    vision_language.get_config("smoke"),
+    label_skew.get_config("smoke,alpha=0.1"),
+  ):
     validate_config(config, methods.METHODS)
 
 
@@ -46,8 +54,9 @@ def test_label_skew_100_partitions_the_embedded_data_at_every_alpha(cache_dirs):
   train = load_image_dataset("digits_domains/res16", "train", cache_dirs["data_dir"], 16)
   test = load_image_dataset("digits_domains/res16", "test", cache_dirs["data_dir"], 16)
   for alpha in (0.1, 0.5, 1.0):
-    tr, te = partition.partition_train_test("client_dirichlet", train.labels, train.domains, test.labels,
-                                            test.domains, 110, seed=0, alpha=alpha, min_size=5)
+    tr, te = partition.partition_train_test(
+      "client_dirichlet", train.labels, train.domains, test.labels, test.domains, 110, seed=0, alpha=alpha, min_size=5
+    )
     assert min(map(len, tr)) >= 5 and sum(map(len, tr)) == len(train) and sum(map(len, te)) == len(test)
     classes_per_client = np.mean([len(np.unique(train.labels[p])) for p in tr])
     assert classes_per_client < 10  # Skewed: clients miss classes (fewer at smaller alpha).
@@ -75,8 +84,9 @@ def test_real_dataset_configs_run_on_tfds_mock_data(module, num_classes, num_dom
   probe = module.get_config("smoke")
   npz = str(tmp_path / "vit.npz")
   _write_smoke_vit_npz(probe, npz)
-  config = _hermetic(module.get_config(f"smoke,npz={npz},data_dir={tmp_path / 'tfds'},method=flexlora,rounds=2"),
-                     cache_dirs)
+  config = _hermetic(
+    module.get_config(f"smoke,npz={npz},data_dir={tmp_path / 'tfds'},method=flexlora,rounds=2"), cache_dirs
+  )
   with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
     exp = build_experiment(config, log=lambda _: None)
     assert exp.data.num_classes == num_classes and len(exp.data.train_pool.domain_names) == num_domains
@@ -100,7 +110,8 @@ def test_vision_language_adapts_both_towers_and_classifies_zero_shot(method, tmp
 
 @pytest.mark.slow
 def test_mixer_backbone_runs_the_domainnet_like_benchmark(tmp_path, cache_dirs):
-  config = _hermetic(domainnet_like.get_config("smoke,model=mixer,clients_per_domain=1,method=fedit,rounds=2"),
-                     cache_dirs)
+  config = _hermetic(
+    domainnet_like.get_config("smoke,model=mixer,clients_per_domain=1,method=fedit,rounds=2"), cache_dirs
+  )
   result = train_and_evaluate(config, str(tmp_path), **QUIET)
   assert result["records"][-1]["round"] == 2 and np.isfinite(result["records"][-1]["train_loss"])

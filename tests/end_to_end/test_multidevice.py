@@ -1,5 +1,6 @@
 """8 forced CPU devices give the same run as 1, for FedIT and HyperLoRA (in a subprocess:
 XLA_FLAGS precede jax)."""
+
 import json
 import os
 import re
@@ -32,19 +33,28 @@ SCRIPT = textwrap.dedent("""
 
 def test_eight_devices_match_one(cache_dirs, tmp_path):
   env = cpu_devices_env(8, PYTHONPATH=ROOT)
-  proc = subprocess.run([sys.executable, "-c", SCRIPT, cache_dirs["data_dir"], cache_dirs["cache_dir"],
-                         str(tmp_path)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    [sys.executable, "-c", SCRIPT, cache_dirs["data_dir"], cache_dirs["cache_dir"], str(tmp_path)],
+    env=env,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
-  runs = json.loads(line[len("RESULT"):])
+  runs = json.loads(line[len("RESULT") :])
   # HyperLoRA has SVDs and a meta-gradient whose reductions are ordered differently on 8
   # devices; the float noise compounds over rounds through the SVD basis and the generator
   # (train loss differences of 1e-4 seen on 2.29), and can flip the argmax of borderline test
   # examples (1 of 1,512 = 6.6e-4). A sharding bug moves these by 1e-1.
   exact = {"train_loss": 1e-5, "global_accuracy": 1e-5, "personalized_accuracy_mean": 1e-5}
   noisy = {"train_loss": 2e-3, "global_accuracy": 5e-3, "personalized_accuracy_mean": 5e-3}
-  for one, key, tols in (("fedit/1/0", "fedit/8/0", exact), ("fedit/1/0", "fedit/8/8", exact),
-                         ("hyperlora/1/0", "hyperlora/8/8", noisy)):
+  for one, key, tols in (
+    ("fedit/1/0", "fedit/8/0", exact),
+    ("fedit/1/0", "fedit/8/8", exact),
+    ("hyperlora/1/0", "hyperlora/8/8", noisy),
+  ):
     assert len(runs[key]) == len(runs[one])
     for a, b in zip(runs[one], runs[key]):
       for field, tol in tols.items():
@@ -104,8 +114,9 @@ def test_ten_thousand_clients_store_is_sharded_and_matches_one_device():
   rows per device of 8; a round on it equals the unsharded round, touches only the sampled
   clients' rows (ids near the end and across shard boundaries included) and ignores padding."""
   env = cpu_devices_env(8, PYTHONPATH=ROOT)
-  proc = subprocess.run([sys.executable, "-c", STORE_SCRIPT], env=env, cwd=ROOT, capture_output=True,
-                        text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-c", STORE_SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0 and "STORE OK" in proc.stdout, proc.stderr[-3000:]
 
 
@@ -142,10 +153,16 @@ def test_a_decoder_split_over_a_model_axis_of_a_2x4_mesh_matches_one_device(cach
   fixture Llama is split 4 ways (a device holds a quarter of the backbone, each client of each
   device uses that one copy), and a FedIT text run's records equal the one-device run's."""
   env = cpu_devices_env(8, PYTHONPATH=ROOT)
-  proc = subprocess.run([sys.executable, "-c", MODEL_AXIS_SCRIPT, cache_dirs["cache_dir"], str(tmp_path),
-                         os.path.join(ROOT, "tests")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    [sys.executable, "-c", MODEL_AXIS_SCRIPT, cache_dirs["cache_dir"], str(tmp_path), os.path.join(ROOT, "tests")],
+    env=env,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  runs = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))[len("RESULT"):])
+  runs = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))[len("RESULT") :])
   split = [line for line in runs["8x4"]["log"] if "model mesh axis" in line]
   assert split and "split over the 4 devices of the model mesh axis: 21 of 21 weights" in split[0], split
   per_device, total = map(float, re.search(r"([\d.]+) MiB per device of ([\d.]+) MiB", split[0]).groups())

@@ -1,5 +1,6 @@
 """Two processes on localhost (gloo collectives) run one experiment: the same metrics as one
 process with two devices, files written once, and a resume across processes."""
+
 import json
 import os
 import socket
@@ -22,10 +23,19 @@ def _free_port() -> int:
 
 
 def _command(cache_dirs, workdir, rounds, extra=()):
-  return [sys.executable, "-m", "experiments.main", "--config", "configs/default.py:smoke",
-          f"--workdir={workdir}", f"--config.data.data_dir={cache_dirs['data_dir']}",
-          f"--config.pretrain.cache_dir={cache_dirs['cache_dir']}", f"--config.fed.num_rounds={rounds}",
-          "--config.checkpoint_every=2", *extra]
+  return [
+    sys.executable,
+    "-m",
+    "experiments.main",
+    "--config",
+    "configs/default.py:smoke",
+    f"--workdir={workdir}",
+    f"--config.data.data_dir={cache_dirs['data_dir']}",
+    f"--config.pretrain.cache_dir={cache_dirs['cache_dir']}",
+    f"--config.fed.num_rounds={rounds}",
+    "--config.checkpoint_every=2",
+    *extra,
+  ]
 
 
 def _env(devices):
@@ -34,10 +44,19 @@ def _env(devices):
 
 def _run_two_processes(cache_dirs, workdir, rounds, command=_command):
   port = _free_port()
-  procs = [subprocess.Popen(command(cache_dirs, workdir, rounds, (f"--coordinator=127.0.0.1:{port}",
-                                                                  "--num_processes=2", f"--process_id={i}")),
-                            cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      command(
+        cache_dirs, workdir, rounds, (f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}")
+      ),
+      cwd=ROOT,
+      env=_env(1),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-4000:]
@@ -62,14 +81,15 @@ def _metrics(workdir):
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_two_devices_and_resume(cache_dirs, tmp_path):
   single = tmp_path / "single"
-  out = subprocess.run(_command(cache_dirs, single, 3), cwd=ROOT, env=_env(2), capture_output=True, text=True,
-                       timeout=600)
+  out = subprocess.run(
+    _command(cache_dirs, single, 3), cwd=ROOT, env=_env(2), capture_output=True, text=True, timeout=600
+  )
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
   multi = tmp_path / "multi"
   first = _run_two_processes(cache_dirs, multi, 2)
   assert "global accuracy" in first[0] and "global accuracy" not in first[1]  # Process 0 reports.
-  assert len(_metrics(multi)) == 2                                             # Written once.
-  second = _run_two_processes(cache_dirs, multi, 3)                            # Resumes from round 2.
+  assert len(_metrics(multi)) == 2  # Written once.
+  second = _run_two_processes(cache_dirs, multi, 3)  # Resumes from round 2.
   assert "resumed from round 2" in second[0]
   expected, got = _metrics(single), _metrics(multi)
   assert [r["round"] for r in got] == [1, 2, 3]
@@ -83,14 +103,25 @@ def test_a_streamed_text_run_in_two_processes_matches_one_process_with_two_devic
   only its clients': the records of one process with two devices holding them in memory.
   Process 0 tokenizes the records (before the others read them) and reports."""
   from test_text_runs import LLAMA, _dolly_file
+
   dolly = _dolly_file(tmp_path / "dolly.jsonl")
 
   def command(cache_dirs, workdir, rounds, extra=()):
-    return [sys.executable, "-m", "experiments.main", "--config",
-            f"configs/instruction_tuning.py:smoke,method=fedit,checkpoint={LLAMA},data={dolly}",
-            f"--workdir={workdir}", f"--config.data.data_dir={tmp_path / 'tokenized'}",
-            f"--config.pretrain.cache_dir={cache_dirs['cache_dir']}", f"--config.fed.num_rounds={rounds}",
-            "--config.data.num_clients=3", "--config.fed.clients_per_round=3", "--config.data.max_len=160", *extra]
+    return [
+      sys.executable,
+      "-m",
+      "experiments.main",
+      "--config",
+      f"configs/instruction_tuning.py:smoke,method=fedit,checkpoint={LLAMA},data={dolly}",
+      f"--workdir={workdir}",
+      f"--config.data.data_dir={tmp_path / 'tokenized'}",
+      f"--config.pretrain.cache_dir={cache_dirs['cache_dir']}",
+      f"--config.fed.num_rounds={rounds}",
+      "--config.data.num_clients=3",
+      "--config.fed.clients_per_round=3",
+      "--config.data.max_len=160",
+      *extra,
+    ]
 
   multi = tmp_path / "multi"
   outputs = _run_two_processes(cache_dirs, multi, 2, lambda *a: command(*a) + ["--config.data.stream=True"])
@@ -98,8 +129,9 @@ def test_a_streamed_text_run_in_two_processes_matches_one_process_with_two_devic
   assert "data: tokenized 24 records" in outputs[0] and "(streamed)" in outputs[0]
   assert len(os.listdir(tmp_path / "tokenized")) == 1  # No partial directory is left.
   single = tmp_path / "single"
-  out = subprocess.run(command(cache_dirs, single, 2), cwd=ROOT, env=_env(2), capture_output=True, text=True,
-                       timeout=600)
+  out = subprocess.run(
+    command(cache_dirs, single, 2), cwd=ROOT, env=_env(2), capture_output=True, text=True, timeout=600
+  )
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
   expected = _metrics(single)
   assert [r["round"] for r in expected] == [1, 2] and "global_perplexity" in expected[-1]

@@ -1,4 +1,5 @@
 """`make bench` runs end to end (at a tiny size) and writes its JSON."""
+
 import json
 import os
 import subprocess
@@ -18,9 +19,22 @@ def test_make_bench_writes_its_results(tmp_path):
   flags = "--clients 2,4 --chunks 0,2,auto --local_steps 2 --batch_size 4 --repeats 1"
   text_out = tmp_path / "text_round_speed.json"
   text_flags = "--clients 2 --chunks 0 --local_steps 2 --batch_size 2 --seq_len 16 --repeats 1"
-  result = subprocess.run(["make", "-s", "bench", f"BENCH_OUT={out}", f"BENCH_FLAGS={flags}", f"TEXT_BENCH_OUT={text_out}",
-                           f"TEXT_BENCH_FLAGS={text_flags}", f"PY={sys.executable}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+  result = subprocess.run(
+    [
+      "make",
+      "-s",
+      "bench",
+      f"BENCH_OUT={out}",
+      f"BENCH_FLAGS={flags}",
+      f"TEXT_BENCH_OUT={text_out}",
+      f"TEXT_BENCH_FLAGS={text_flags}",
+      f"PY={sys.executable}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
   report = json.loads(out.read_text())
   assert [row["clients"] for row in report["results"]] == [2, 4]
@@ -39,13 +53,13 @@ def test_make_bench_writes_its_results(tmp_path):
   assert report["model"]["name"] == "vit" and report["local_steps"] == 2
   assert "ratio" in result.stdout and "matmul peak" in result.stdout
   available, reason = torch_baselines.available()
-  for row in report["results"]:                        # PyTorch rows: timed, or skipped saying why.
+  for row in report["results"]:  # PyTorch rows: timed, or skipped saying why.
     if available:
       assert row["torch"]["loop"]["client_steps_per_s"] > 0 and row["torch"]["vmap"]["seconds"] > 0
     else:
       assert row["torch"] == {"skipped": reason} and "pip install -e .[bench]" in reason
   available, reason = peft_baselines.available()
-  for row in report["results"]:                        # transformers + peft rows: the same.
+  for row in report["results"]:  # transformers + peft rows: the same.
     if available:
       assert row["peft"]["loop"]["client_steps_per_s"] > 0 and row["peft"]["vmap"]["seconds"] > 0
     else:
@@ -64,9 +78,32 @@ def test_the_text_benchmark_counts_tokens_flops_and_memory_by_their_formulas(tmp
   clients at once exceeds one client's by less than the 3 extra copies of the frozen decoder a
   round that copied the backbone per client would hold (the frozen tree is one argument)."""
   out = tmp_path / "text.json"
-  result = subprocess.run([sys.executable, "-m", "benchmarks.text_round_speed", "--clients", "2,4", "--chunks", "0,2",
-                           "--local_steps", "2", "--batch_size", "2", "--seq_len", "16", "--repeats", "1", "--nopeft",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "benchmarks.text_round_speed",
+      "--clients",
+      "2,4",
+      "--chunks",
+      "0,2",
+      "--local_steps",
+      "2",
+      "--batch_size",
+      "2",
+      "--seq_len",
+      "16",
+      "--repeats",
+      "1",
+      "--nopeft",
+      "--out",
+      str(out),
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
   report = json.loads(out.read_text())
   assert report["architecture"]["model_type"] == "llama" and report["backbone_dtype"] == "float32"
@@ -99,6 +136,7 @@ def test_the_peft_text_baseline_is_the_jax_decoders_loss_on_the_same_weights(tmp
   from benchmarks.workloads import random_text_block, text_client_update_fn
   from hyperlora_jax.models import hf
   from hyperlora_jax.tasks.causal_lm import CausalLM
+
   _, frozen, trainable, model, config = text_client_update_fn("tiny")
   hf.save_causal_lm(str(tmp_path), model, frozen["variables"])
   reference = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), torch_dtype=torch.float32)
@@ -106,9 +144,11 @@ def test_the_peft_text_baseline_is_the_jax_decoders_loss_on_the_same_weights(tmp
   wrapped = peft.get_peft_model(reference, lora_config).eval()
   count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
   assert sum(p.numel() for p in wrapped.parameters() if p.requires_grad) == count(trainable)
-  torch_name = lambda path, factor: (f"base_model.model.model.layers.{int(path.split('/')[0].split('_')[1])}.self_attn."
-                                     f"{ {'query': 'q_proj', 'value': 'v_proj'}[path.split('/')[-1]] }.lora_{factor}"
-                                     f".default.weight")
+  torch_name = lambda path, factor: (
+    f"base_model.model.model.layers.{int(path.split('/')[0].split('_')[1])}.self_attn."
+    f"{ {'query': 'q_proj', 'value': 'v_proj'}[path.split('/')[-1]] }.lora_{factor}"
+    f".default.weight"
+  )
   parameters = dict(wrapped.named_parameters())
   with torch.no_grad():  # The JAX adapter's A (B is 0 in both): a [d_in, r] is lora_A [r, d_in].
     for path, factors in trainable["lora"].items():
@@ -133,11 +173,13 @@ def test_torch_baseline_model_has_the_jax_models_parameter_counts():
   torch = pytest.importorskip("torch")
   import jax
   from benchmarks.workloads import client_update_fn
+
   _, trainable, config = client_update_fn()
   m = config.model
   frozen = torch_baselines._frozen(torch, m.width, m.depth, m.patch_size, config.data.image_size, m.mlp_ratio)
   mine = torch_baselines._trainable(torch, m.width, m.depth, config.lora.rank, 10)
   from hyperlora_jax import models
+
   model = models.model_from_config(m, 10)
   shape = (1, config.data.image_size, config.data.image_size, 3)
   params = jax.eval_shape(model.init, jax.random.key(0), jax.numpy.zeros(shape))["params"]
@@ -152,6 +194,7 @@ def test_profile_reads_the_traced_operations_and_their_kinds_from_the_hlo(tmp_pa
   import jax.numpy as jnp
 
   from benchmarks import profile_round
+
   fn = jax.jit(lambda x, w: jnp.sum(jnp.tanh(x @ w), axis=0))
   x, w = jnp.ones((256, 96)), jnp.ones((96, 80))
   compiled = fn.lower(x, w).compile()
@@ -174,6 +217,7 @@ def test_profile_reads_the_traced_operations_and_their_kinds_from_the_hlo(tmp_pa
 @pytest.mark.slow  # Initializes the real-size model (86M / 151M parameters).
 def test_the_base_model_benchmark_times_vit_b16_at_224_px():
   from benchmarks.workloads import client_update_fn
+
   _, trainable, config = client_update_fn(base_model=True)
   assert (config.model.width, config.model.depth, config.model.patch_size, config.data.image_size) == (768, 12, 16, 224)
   query = trainable["lora"]["encoder/block_0/attn/query"]
@@ -184,14 +228,22 @@ def test_the_base_model_benchmark_times_vit_b16_at_224_px():
 @pytest.mark.slow  # Initializes the real-size model (86M / 151M parameters).
 def test_the_base_clip_benchmark_times_openai_clip_b32_with_lora_on_both_towers():
   from benchmarks.workloads import client_update_fn
+
   _, trainable, config = client_update_fn(base_clip=True)
   model = config.model
-  assert (model.name, model.width, model.patch_size, model.text_width, model.max_len, config.data.image_size) == \
-      ("clip", 768, 32, 512, 77, 224)
+  assert (model.name, model.width, model.patch_size, model.text_width, model.max_len, config.data.image_size) == (
+    "clip",
+    768,
+    32,
+    512,
+    77,
+    224,
+  )
   assert model.gelu == "quick" and model.text_causal and model.text_pooling == "eot" and not model.patch_bias
   text_query = trainable["lora"]["text_tower/encoder/block_11/attn/query"]
-  assert text_query["a"].shape == (512, 16) and trainable["lora"]["image_tower/encoder/block_0/attn/value"]["b"].shape \
-      == (16, 768)
+  assert text_query["a"].shape == (512, 16) and trainable["lora"]["image_tower/encoder/block_0/attn/value"][
+    "b"
+  ].shape == (16, 768)
   assert len(trainable["lora"]) == 48 and trainable["head"] == {}  # 12 + 12 blocks x (query, value); no head.
 
 
@@ -203,6 +255,7 @@ def test_the_peft_baseline_is_the_jax_models_architecture_with_as_many_trainable
   import jax
   from benchmarks.workloads import client_update_fn
   from hyperlora_jax import models
+
   _, trainable, config = client_update_fn(base_clip=base_clip)
   fields = {k: v for k, v in config.model.to_dict().items() if k != "name"}
   build = peft_baselines.build_clip if base_clip else peft_baselines.build_vit
@@ -220,6 +273,7 @@ def _gpu_script_steps() -> list[tuple[int, str, list[str]]]:
   """(time limit, module, flags) of each `step` in benchmarks/gpu.sh, its variables filled in."""
   import re
   import shlex
+
   with open(os.path.join(ROOT, "benchmarks", "gpu.sh")) as f:
     script = f.read().replace("\\\n", " ")
   variables = dict(re.findall(r'^(\w+)="([^"]*)"$', script, flags=re.M))
@@ -242,16 +296,35 @@ def test_the_gpu_script_fits_its_device_budget_and_every_flag_parses():
   assert sum(limit for limit, _, _ in steps) < 600
   assert any("tinyllama_1b" in flags for _, _, flags in steps)
   # One process per module (absl defines its flags once): each step's flags parsed in turn, from defaults.
-  parse = ("import importlib, json, sys; from absl import flags; importlib.import_module(sys.argv[1])\n"
-           "for argv in json.loads(sys.argv[2]):\n"
-           "  flags.FLAGS.unparse_flags(); flags.FLAGS(['bench'] + argv); print('parsed', len(argv))")
+  parse = (
+    "import importlib, json, sys; from absl import flags; importlib.import_module(sys.argv[1])\n"
+    "for argv in json.loads(sys.argv[2]):\n"
+    "  flags.FLAGS.unparse_flags(); flags.FLAGS(['bench'] + argv); print('parsed', len(argv))"
+  )
   for module in ("benchmarks.round_speed", "benchmarks.text_round_speed"):
     argvs = [flags for _, step_module, flags in steps if step_module == module]
-    result = subprocess.run([sys.executable, "-c", parse, module, json.dumps(argvs)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    result = subprocess.run(
+      [sys.executable, "-c", parse, module, json.dumps(argvs)],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=120,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert result.stdout.split() == " ".join(f"parsed {len(a)}" for a in argvs).split(), (module, result.stderr[-2000:])
-  bad = subprocess.run([sys.executable, "-c", parse, "benchmarks.text_round_speed",
-                        json.dumps([["--model", "smollm_135m"], ["--model", "llama_7b"]])], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  bad = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      parse,
+      "benchmarks.text_round_speed",
+      json.dumps([["--model", "smollm_135m"], ["--model", "llama_7b"]]),
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert bad.returncode != 0 and "llama_7b" in bad.stderr  # The check can fail, also after a good step.
   assert bad.stdout.split() == ["parsed", "2"]

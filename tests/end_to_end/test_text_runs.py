@@ -1,5 +1,6 @@
 """Text runs end to end (configs/instruction_tuning.py): the fixture Llama checkpoint on a Dolly
 file the test writes, the embedded decoder on the embedded records, resume, every method."""
+
 import json
 import os
 
@@ -12,6 +13,7 @@ from experiments.runner.experiment import build_experiment
 from experiments.runner.train import train_and_evaluate
 
 from tests.repo_paths import ROOT
+
 LLAMA = os.path.join(ROOT, "tests", "fixtures", "hf_llama")
 CATEGORIES = ("brainstorming", "open_qa", "classification")
 
@@ -21,14 +23,24 @@ def _dolly_file(path):
   with open(path, "w") as f:
     for i in range(8):
       for c, category in enumerate(CATEGORIES):
-        f.write(json.dumps({"instruction": f"Give {i} {category}.", "context": "" if c else f"{i} apples",
-                            "response": f"{category} {i}.", "category": category}) + "\n")
+        f.write(
+          json.dumps(
+            {
+              "instruction": f"Give {i} {category}.",
+              "context": "" if c else f"{i} apples",
+              "response": f"{category} {i}.",
+              "category": category,
+            }
+          )
+          + "\n"
+        )
   return str(path)
 
 
 def _config(tmp_path, cache_dirs, method="fedit", rounds=3):
-  config = instruction_tuning.get_config(f"smoke,method={method},rounds={rounds},checkpoint={LLAMA},"
-                                         f"data={_dolly_file(tmp_path / 'dolly.jsonl')}")
+  config = instruction_tuning.get_config(
+    f"smoke,method={method},rounds={rounds},checkpoint={LLAMA},data={_dolly_file(tmp_path / 'dolly.jsonl')}"
+  )
   config.pretrain.cache_dir = cache_dirs["cache_dir"]
   config.data.data_dir = cache_dirs.get("data_dir") or os.path.join(cache_dirs["cache_dir"], "tokenized")
   config.data.num_clients, config.fed.clients_per_round = 3, 3
@@ -45,11 +57,15 @@ def test_a_checkpoint_and_a_dolly_file_train_resume_and_report(tmp_path, cache_d
   assert straight["round_traces"] == 1
   records = straight["records"]
   assert [r["round"] for r in records] == [1, 2, 3, 4]
-  assert all(0 <= r["global_accuracy"] <= 1 and r["personalized_accuracy_worst"] <= r["personalized_accuracy_mean"]
-             for r in records)
+  assert all(
+    0 <= r["global_accuracy"] <= 1 and r["personalized_accuracy_worst"] <= r["personalized_accuracy_mean"]
+    for r in records
+  )
   assert records[-1]["train_loss"] < records[0]["train_loss"]
-  assert all(1 < r["global_perplexity"] and r["personalized_perplexity_mean"] <= r["personalized_perplexity_worst"]
-             for r in records)
+  assert all(
+    1 < r["global_perplexity"] and r["personalized_perplexity_mean"] <= r["personalized_perplexity_worst"]
+    for r in records
+  )
   assert records[-1]["global_perplexity"] < records[0]["global_perplexity"]
   assert "perplexity             global" in straight["summary"]
   killed, logs = str(tmp_path / "killed"), []
@@ -75,6 +91,7 @@ def test_the_runs_perplexity_counts_only_the_response_tokens_of_real_records(tmp
   from experiments.runner.evaluation import run_evaluator
   from experiments.runner.train import state_on_mesh
   from hyperlora_jax.models import hf
+
   config = _config(tmp_path, cache_dirs, rounds=1)
   config.eval_batch = 4  # Test blocks padded to a multiple of 4 rows.
   exp = build_experiment(config, lambda _: None)
@@ -88,9 +105,12 @@ def test_the_runs_perplexity_counts_only_the_response_tokens_of_real_records(tmp
       real = int(pool.tokens["attention_mask"][row].sum())
       ids = np.asarray(pool.tokens["input_ids"][row][:real])
       logits = np.asarray(model.apply(variables, ids[None], np.ones((1, real), np.int32))[0], np.float64)
-      log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - \
-          logits.max(-1, keepdims=True)
-      predicted = np.flatnonzero(np.asarray(pool.tokens["loss_mask"][row][1:real])) # Position t predicts t + 1.
+      log_probs = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - logits.max(-1, keepdims=True)
+      )
+      predicted = np.flatnonzero(np.asarray(pool.tokens["loss_mask"][row][1:real]))  # Position t predicts t + 1.
       nll -= log_probs[predicted, ids[predicted + 1]].sum()
       client[0] -= log_probs[predicted, ids[predicted + 1]].sum()
       client[1] += len(predicted)
@@ -107,8 +127,17 @@ def _categories_file(path, categories, per_category=6):
   with open(path, "w") as f:
     for i in range(per_category):
       for category in categories:
-        f.write(json.dumps({"instruction": f"Give {i} {category}.", "context": "", "response": f"{category} {i}.",
-                            "category": category}) + "\n")
+        f.write(
+          json.dumps(
+            {
+              "instruction": f"Give {i} {category}.",
+              "context": "",
+              "response": f"{category} {i}.",
+              "category": category,
+            }
+          )
+          + "\n"
+        )
   return str(path)
 
 
@@ -116,8 +145,16 @@ def test_the_readme_recipe_takes_a_file_with_its_own_number_of_categories(tmp_pa
   """`:data=X.jsonl` gives one client per category, as many as the file has (Dolly-15k's 8, not
   the embedded set's 13); a file with
   fewer categories than clients a round is refused naming fed.clients_per_round."""
-  categories = ("brainstorming", "classification", "closed_qa", "creative_writing", "general_qa",
-                "information_extraction", "open_qa", "summarization")  # Dolly-15k's eight.
+  categories = (
+    "brainstorming",
+    "classification",
+    "closed_qa",
+    "creative_writing",
+    "general_qa",
+    "information_extraction",
+    "open_qa",
+    "summarization",
+  )  # Dolly-15k's eight.
   data = _categories_file(tmp_path / "dolly8.jsonl", categories)
   config = instruction_tuning.get_config(f"smoke,method=fedit,rounds=1,checkpoint={LLAMA},data={data}")
   config.pretrain.cache_dir, config.data.data_dir = cache_dirs["cache_dir"], str(tmp_path / "tokenized")
@@ -165,8 +202,9 @@ def test_the_measured_chunk_size_times_token_blocks_of_the_runs_shape(tmp_path, 
 IN_CI = ("fedsa_lora", "flora")
 
 
-@pytest.mark.parametrize("method", [m if m in IN_CI else pytest.param(m, marks=pytest.mark.slow)
-                                    for m in sorted(methods.METHODS)])
+@pytest.mark.parametrize(
+  "method", [m if m in IN_CI else pytest.param(m, marks=pytest.mark.slow) for m in sorted(methods.METHODS)]
+)
 def test_every_method_runs_on_text(method, tmp_path, cache_dirs):
   config = _config(tmp_path, cache_dirs, method=method, rounds=1)
   result = train_and_evaluate(config, str(tmp_path / method), progress=False)
@@ -180,6 +218,7 @@ def test_the_embedded_decoder_is_pretrained_cached_and_tuned_by_hyperlora(tmp_pa
   docstring records in 13 categories."""
   from experiments.runner import backbone as backbone_lib, pretrain_text
   from hyperlora_jax.models import hf
+
   config = instruction_tuning.get_config("smoke,method=hyperlora,rounds=1")
   config.pretrain.cache_dir, config.data.data_dir = cache_dirs["cache_dir"], cache_dirs["data_dir"]
   config.pretrain.steps = 10
@@ -197,6 +236,7 @@ def test_a_sweep_prepares_the_embedded_decoder_and_the_tokenized_records_once(tm
   """`sweep.prepare_shared_inputs` on text configs: the decoder of each distinct cache key is
   built, and the records tokenized, once before the runs start, and nothing fails."""
   from experiments import sweep
+
   config = instruction_tuning.get_config("smoke,method=fedit")
   config.pretrain.cache_dir, config.data.data_dir = cache_dirs["cache_dir"], str(tmp_path / "tokenized")
   config.pretrain.steps = 10
@@ -216,13 +256,24 @@ def test_a_private_hyperlora_text_run_clips_and_noises_its_signatures_and_report
   to dp.signature_clip_norm and noised with std multiplier x clip norm."""
   import numpy as np
   from hyperlora_jax import privacy
+
   config = _config(tmp_path, cache_dirs, method="hyperlora", rounds=2)
   config.hyperlora.synthesizer, config.hyperlora.corrector = "uniform", "none"
   config.dp.noise_multiplier, config.dp.signature_noise_multiplier = 1.0, 4.0
   config.dp.signature_clip_norm = 0.5
   records = train_and_evaluate(config, str(tmp_path / "run"), progress=False, log=lambda _: None)["records"]
-  expected = [privacy.epsilon(r, 1.0, config.fed.clients_per_round, config.data.num_clients, config.dp.delta,
-                              signature_noise_multiplier=4.0, releases_per_round=3) for r in (1, 2)]
+  expected = [
+    privacy.epsilon(
+      r,
+      1.0,
+      config.fed.clients_per_round,
+      config.data.num_clients,
+      config.dp.delta,
+      signature_noise_multiplier=4.0,
+      releases_per_round=3,
+    )
+    for r in (1, 2)
+  ]
   assert [r["dp_epsilon"] for r in records] == pytest.approx(expected)
   assert all(np.isfinite(r["global_perplexity"]) for r in records)
   noisy = build_experiment(config, lambda _: None).signatures

@@ -1,4 +1,5 @@
 """Exactness and layout of the baseline aggregators, and their methods end to end."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,9 +22,12 @@ WEIGHTS = jnp.array([0.5, 0.3, 0.2])
 
 def _clients(seed=0):
   k = jax.random.split(jax.random.key(seed), 4)
-  return {"lora": {"l": {"a": jax.random.normal(k[0], (CLIENTS, D_IN, RANK)),
-                         "b": jax.random.normal(k[1], (CLIENTS, RANK, D_OUT))}},
-          "head": {"kernel": jax.random.normal(k[2], (CLIENTS, 4, 3)), "bias": jnp.zeros((CLIENTS, 3))}}
+  return {
+    "lora": {
+      "l": {"a": jax.random.normal(k[0], (CLIENTS, D_IN, RANK)), "b": jax.random.normal(k[1], (CLIENTS, RANK, D_OUT))}
+    },
+    "head": {"kernel": jax.random.normal(k[2], (CLIENTS, 4, 3)), "bias": jnp.zeros((CLIENTS, 3))},
+  }
 
 
 def _global():
@@ -71,8 +75,7 @@ def test_ffa_average_is_exact_when_a_is_shared_and_frozen():
   shared_a = clients["lora"]["l"]["a"][0]
   clients["lora"]["l"]["a"] = jnp.broadcast_to(shared_a, clients["lora"]["l"]["a"].shape)
   g, _, _ = aggregators.fedit().aggregate({}, _global(), clients, WEIGHTS)
-  np.testing.assert_allclose(SCALE * g["lora"]["l"]["a"] @ g["lora"]["l"]["b"], _exact_update(clients),
-                             atol=1e-5)
+  np.testing.assert_allclose(SCALE * g["lora"]["l"]["a"] @ g["lora"]["l"]["b"], _exact_update(clients), atol=1e-5)
 
 
 def test_flexlora_is_the_best_rank_r_approximation_not_transposed():
@@ -84,8 +87,7 @@ def test_flexlora_is_the_best_rank_r_approximation_not_transposed():
   u, s, vt = np.linalg.svd(_exact_update(clients), full_matrices=False)
   best = (u[:, :RANK] * s[:RANK]) @ vt[:RANK]
   np.testing.assert_allclose(SCALE * a @ b, best, atol=1e-4)
-  np.testing.assert_allclose(np.linalg.norm(best - _exact_update(clients)), np.sqrt(np.sum(s[RANK:] ** 2)),
-                             rtol=1e-4)
+  np.testing.assert_allclose(np.linalg.norm(best - _exact_update(clients)), np.sqrt(np.sum(s[RANK:] ** 2)), rtol=1e-4)
 
 
 def _assert_balanced_split(a, b, target, scale):
@@ -97,7 +99,7 @@ def _assert_balanced_split(a, b, target, scale):
   u, sigma, vt = np.linalg.svd(np.asarray(target, np.float64), full_matrices=False)
   # Distinct singular values (U_r and V_r are then unique up to sign) and Σ_r/s far from 1
   # (where √ would change nothing): otherwise the check could not see a wrong split.
-  assert np.all(-np.diff(sigma[:rank + 1]) > 1e-2 * sigma[0]) and np.all(np.abs(sigma[:rank] / scale - 1) > 0.1)
+  assert np.all(-np.diff(sigma[: rank + 1]) > 1e-2 * sigma[0]) and np.all(np.abs(sigma[:rank] / scale - 1) > 0.1)
   np.testing.assert_allclose(a.T @ a, np.diag(sigma[:rank] / scale), atol=1e-4 * sigma[0])
   np.testing.assert_allclose(b @ b.T, np.diag(sigma[:rank] / scale), atol=1e-4 * sigma[0])
   signs = np.sign(np.sum(a * u[:, :rank], axis=0))  # The SVD's sign per component.
@@ -127,6 +129,7 @@ def test_a_flexlora_round_starts_the_next_one_from_balanced_factors():
   """A real round (5 -> 3 layer, rank 2): the new global factors, which the clients of the
   next round start from, are the balanced split of Σ_k p_k s a_k b_k of the trained clients."""
   from tests.library.test_aggregator_formulas import IDS, WEIGHTS as ROUND_WEIGHTS, _round
+
   scale = 1.0  # `_round`'s loss applies LoRA with s = 1.
   fed, frozen, adapter, batches, seen = _round(aggregators.flexlora(scale))
   new, _ = fed.step(fed.init(jax.random.key(1), adapter), frozen, batches, IDS, jnp.asarray(ROUND_WEIGHTS))
@@ -159,8 +162,21 @@ def test_rolora_alternates_the_trained_factor():
   assert float(even["head"]["kernel"]) == float(odd["head"]["kernel"]) == 1.0
 
 
-@pytest.mark.parametrize("name", ["ffa_lora", "fedsa_lora", "rolora", "fedex_lora", "flora", "flexlora",
-                                  "lora_fair", "hetlora", "pfedhn", "centralized"])
+@pytest.mark.parametrize(
+  "name",
+  [
+    "ffa_lora",
+    "fedsa_lora",
+    "rolora",
+    "fedex_lora",
+    "flora",
+    "flexlora",
+    "lora_fair",
+    "hetlora",
+    "pfedhn",
+    "centralized",
+  ],
+)
 def test_every_baseline_runs_end_to_end(smoke_config, tmp_path, name):
   smoke_config.method = name
   smoke_config.fed.num_rounds = 2
@@ -188,6 +204,7 @@ def test_rolora_round_leaves_the_frozen_factor_unchanged(smoke_config):
 
 def test_communication_accounting(smoke_config):
   from experiments.runner.records import communication_bytes
+
   sizes = {}
   for name in ("fedit", "ffa_lora", "fedex_lora", "flora", "local_only", "rolora"):
     smoke_config.method = name
@@ -208,6 +225,7 @@ RANK_SMOKE = 4
 
 def test_exact_methods_refuse_a_momentum_server(smoke_config):
   from experiments.runner.config_validation import ConfigError
+
   smoke_config.method = "fedex_lora"
   smoke_config.server_optimizer.momentum = 0.9
   with pytest.raises(ConfigError, match="server_optimizer"):

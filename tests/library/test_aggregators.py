@@ -1,4 +1,5 @@
 """Aggregators and methods as pure functions."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +9,10 @@ from hyperlora_jax import aggregators, params, primitives
 
 def _trainable(seed):
   k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-  return {"lora": {"l0": {"a": jax.random.normal(k1, (5, 2)), "b": jax.random.normal(k2, (2, 3))}},
-          "head": {"kernel": jax.random.normal(k3, (4, 3)), "bias": jnp.zeros(3)}}
+  return {
+    "lora": {"l0": {"a": jax.random.normal(k1, (5, 2)), "b": jax.random.normal(k2, (2, 3))}},
+    "head": {"kernel": jax.random.normal(k3, (4, 3)), "bias": jnp.zeros(3)},
+  }
 
 
 def test_fedit_on_two_clients_is_the_hand_computed_weighted_average():

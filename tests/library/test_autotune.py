@@ -1,5 +1,6 @@
 """The measured `clients_per_chunk`, its cache and the run's record of it; the compute options
 (bf16 backbone, rematerialized ViT blocks)."""
+
 import json
 import os
 
@@ -43,12 +44,16 @@ def test_measure_stops_at_the_first_candidate_out_of_memory_and_keeps_other_erro
     if k > 1:
       raise jax.errors.JaxRuntimeError(error or "RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
     return real_map(f, inputs, k)
+
   monkeypatch.setattr(autotune.primitives, "map_clients", map_clients_limited)
   choice = autotune.measure_clients_per_chunk(fn, xs, candidates=[12, 4, 1], repeats=1)
   assert (choice.clients_per_chunk, sorted(choice.seconds), choice.out_of_memory) == (1, [1], (4,))
-  assert tried == [1, 4]                        # Traced smallest first; 12 never tried once 4 ran out.
-  monkeypatch.setattr(autotune.primitives, "map_clients",
-                      lambda f, inputs, k: map_clients_limited(f, inputs, k, "INTERNAL: a compiler bug"))
+  assert tried == [1, 4]  # Traced smallest first; 12 never tried once 4 ran out.
+  monkeypatch.setattr(
+    autotune.primitives,
+    "map_clients",
+    lambda f, inputs, k: map_clients_limited(f, inputs, k, "INTERNAL: a compiler bug"),
+  )
   with pytest.raises(jax.errors.JaxRuntimeError, match="compiler bug"):  # Not memory: not swallowed.
     autotune.measure_clients_per_chunk(fn, xs, candidates=[1, 4], repeats=1)
   monkeypatch.setattr(autotune.primitives, "map_clients", lambda f, inputs, k: map_clients_limited(f, inputs, 2))
@@ -59,26 +64,27 @@ def test_measure_stops_at_the_first_candidate_out_of_memory_and_keeps_other_erro
 def test_cached_choice_measures_once_per_key_and_reports_an_unreadable_cache(tmp_path):
   path = str(tmp_path / "sub" / "chunks.json")
   calls = []
-  measure = lambda k: (lambda: calls.append(k) or autotune.ChunkChoice(k, {k: 0.5, 1: 0.9}))
+  measure = lambda k: lambda: calls.append(k) or autotune.ChunkChoice(k, {k: 0.5, 1: 0.9})
   first = autotune.cached_choice(path, {"model": "a"}, measure(4))
   assert first.out_of_memory == () and autotune.cached_choice(path, {"model": "a"}, measure(4)).out_of_memory == ()
   calls.clear()
-  first = autotune.cached_choice(path, {"model": "c"}, lambda: calls.append(4) or autotune.ChunkChoice(
-      4, {4: 0.5, 1: 0.9}, out_of_memory=(16,)))
+  first = autotune.cached_choice(
+    path, {"model": "c"}, lambda: calls.append(4) or autotune.ChunkChoice(4, {4: 0.5, 1: 0.9}, out_of_memory=(16,))
+  )
   assert autotune.cached_choice(path, {"model": "c"}, measure(8)).out_of_memory == (16,)  # Kept in the cache.
   os.remove(path)
   calls.clear()
   first = autotune.cached_choice(path, {"model": "a"}, measure(4))
-  again = autotune.cached_choice(path, {"model": "a"}, measure(8))    # Cached: not measured.
-  other = autotune.cached_choice(path, {"model": "b"}, measure(2))    # Another key: measured.
+  again = autotune.cached_choice(path, {"model": "a"}, measure(8))  # Cached: not measured.
+  other = autotune.cached_choice(path, {"model": "b"}, measure(2))  # Another key: measured.
   assert (first.clients_per_chunk, again.clients_per_chunk, other.clients_per_chunk) == (4, 4, 2)
   assert calls == [4, 2] and again.cached and not first.cached and again.seconds == {4: 0.5, 1: 0.9}
-  assert len(json.load(open(path))["entries"]) == 2                     # Both keys kept.
+  assert len(json.load(open(path))["entries"]) == 2  # Both keys kept.
   with open(path, "w") as f:
     f.write("{torn")
   with pytest.raises(ValueError, match="unreadable"):
     autotune.cached_choice(path, {"model": "a"}, measure(4))
-  assert open(path).read() == "{torn"                                   # Left for the user.
+  assert open(path).read() == "{torn"  # Left for the user.
 
 
 def test_a_changed_or_malformed_chunk_cache_entry_is_named_and_left(tmp_path):
@@ -88,12 +94,12 @@ def test_a_changed_or_malformed_chunk_cache_entry_is_named_and_left(tmp_path):
   autotune.cached_choice(path, {"model": "a"}, lambda: autotune.ChunkChoice(4, {4: 0.5, 1: 0.9}))
   content = json.load(open(path))
   (key,) = content["entries"]
-  content["entries"][key]["clients_per_chunk"] = 64                     # Changed behind the digest.
+  content["entries"][key]["clients_per_chunk"] = 64  # Changed behind the digest.
   with open(path, "w") as f:
     json.dump(content, f)
   with pytest.raises(ValueError, match="do not match their sha256"):
     autotune.cached_choice(path, {"model": "a"}, lambda: autotune.ChunkChoice(2, {2: 0.1}))
-  with open(path, "w") as f:                                            # An earlier version's layout, one bad entry.
+  with open(path, "w") as f:  # An earlier version's layout, one bad entry.
     json.dump({key: {"clients_per_chunk": "abc", "seconds": {}}}, f)
   with pytest.raises(ValueError, match=rf"entry '{key}' is malformed.*clients_per_chunk='abc'"):
     autotune.cached_choice(path, {"model": "a"}, lambda: autotune.ChunkChoice(2, {2: 0.1}))
@@ -106,14 +112,16 @@ def test_auto_chunk_is_measured_cached_recorded_and_kept_on_resume(cache_dirs, t
   config = default.get_config("smoke,rounds=2")
   config.data.data_dir, config.pretrain.cache_dir = cache_dirs["data_dir"], str(tmp_path / "cache")
   os.makedirs(config.pretrain.cache_dir)
-  for name in os.listdir(cache_dirs["cache_dir"]) if os.path.isdir(cache_dirs["cache_dir"]) else []:  # Reuse the session's backbone, not its chunk cache.
+  for name in (
+    os.listdir(cache_dirs["cache_dir"]) if os.path.isdir(cache_dirs["cache_dir"]) else []
+  ):  # Reuse the session's backbone, not its chunk cache.
     os.symlink(os.path.join(cache_dirs["cache_dir"], name), os.path.join(config.pretrain.cache_dir, name))
   config.fed.clients_per_chunk = autotune.AUTO
   logs = []
   train_and_evaluate(config, str(tmp_path / "run"), progress=False, log=logs.append)
   assert any("(measured;" in line for line in logs), logs
   recorded = json.load(open(tmp_path / "run" / ENVIRONMENT_FILE))
-  assert recorded["clients_per_chunk"] in (1, 4)          # Smoke: 4 clients per round.
+  assert recorded["clients_per_chunk"] in (1, 4)  # Smoke: 4 clients per round.
   assert recorded["backend"] == "cpu" and recorded["jax"] == jax.__version__
   logs.clear()
   train_and_evaluate(config, str(tmp_path / "run2"), progress=False, log=logs.append)
@@ -125,7 +133,7 @@ def test_auto_chunk_is_measured_cached_recorded_and_kept_on_resume(cache_dirs, t
   config.fed.num_rounds = 3
   logs.clear()
   train_and_evaluate(config, str(tmp_path / "run"), progress=False, log=logs.append)
-  assert not any("clients_per_chunk:" in line for line in logs)    # Not looked up again.
+  assert not any("clients_per_chunk:" in line for line in logs)  # Not looked up again.
   assert json.load(open(tmp_path / "run" / ENVIRONMENT_FILE))["clients_per_chunk"] == other
 
 
@@ -151,9 +159,12 @@ def test_bf16_backbone_computes_in_bf16_and_stays_close_to_float32():
   assert logits16.dtype == jnp.float32
   assert 0 < float(jnp.abs(logits16 - logits32).max()) < 0.1 * float(jnp.abs(logits32).max()) + 0.05
   jaxpr = str(jax.make_jaxpr(half.logits)(frozen16, trainable, images))
-  assert "bf16[3,17,32]" in jaxpr                          # Token activations are bf16.
-  grads = jax.jit(jax.grad(lambda t: half.loss_fn(t, frozen16, {"image": images, "label": jnp.arange(3),
-                                                        "mask": jnp.ones(3)}, None)[0]))(trainable)
+  assert "bf16[3,17,32]" in jaxpr  # Token activations are bf16.
+  grads = jax.jit(
+    jax.grad(
+      lambda t: half.loss_fn(t, frozen16, {"image": images, "label": jnp.arange(3), "mask": jnp.ones(3)}, None)[0]
+    )
+  )(trainable)
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
   assert backbone_dtype("auto", "cpu") == jnp.float32 and backbone_dtype("auto", "gpu") == jnp.bfloat16
 
@@ -163,7 +174,11 @@ def test_rematerialized_vit_gives_the_same_loss_and_lora_gradients():
   remat_model, *_ = _small_vit(remat=True)
   batch = {"image": images, "label": jnp.array([1, 2, 3]), "mask": jnp.ones(3)}
   frozen = frozen_tree(backbone)
-  grad = lambda m: jax.jit(jax.value_and_grad(lambda t: ImageClassification(m, 2.0, models.preprocess_images).loss_fn(t, frozen, batch, None)[0]))
+  grad = lambda m: jax.jit(
+    jax.value_and_grad(
+      lambda t: ImageClassification(m, 2.0, models.preprocess_images).loss_fn(t, frozen, batch, None)[0]
+    )
+  )
   loss, grads = grad(model)(trainable)
   remat_loss, remat_grads = grad(remat_model)(trainable)
   np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)

@@ -1,4 +1,5 @@
 """One client's local update (`hyperlora_jax.client`): which steps run, against optax by hand."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,8 +26,11 @@ def _by_hand(optimizer, params, batches):
   return params
 
 
-@pytest.mark.parametrize("optimizer", [optax.adam(1e-2), optax.adamw(1e-2, weight_decay=0.1),
-                                       optax.sgd(1e-2, momentum=0.9)], ids=["adam", "adamw", "momentum"])
+@pytest.mark.parametrize(
+  "optimizer",
+  [optax.adam(1e-2), optax.adamw(1e-2, weight_decay=0.1), optax.sgd(1e-2, momentum=0.9)],
+  ids=["adam", "adamw", "momentum"],
+)
 def test_steps_without_examples_leave_params_and_optimizer_state_as_they_were(optimizer):
   # Steps: real, padding, real, padding. Only the two real steps may run: a padding step that
   # ran would move the parameters (momentum, Adam's moments, weight decay) and advance Adam's
@@ -37,7 +41,8 @@ def test_steps_without_examples_leave_params_and_optimizer_state_as_they_were(op
   mask[1] = mask[3] = 0.0
   start = {"w": jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)}
   trained, metrics = local_update(_quadratic_loss, optimizer)(
-      start, None, {"x": jnp.asarray(x), "mask": jnp.asarray(mask)}, jax.random.key(0))
+    start, None, {"x": jnp.asarray(x), "mask": jnp.asarray(mask)}, jax.random.key(0)
+  )
   real = [{"x": jnp.asarray(x[s]), "mask": jnp.asarray(mask[s])} for s in (0, 2)]
   np.testing.assert_allclose(trained["w"], _by_hand(optimizer, start, real)["w"], rtol=1e-6, atol=1e-7)
   assert float(metrics["examples"]) == 10.0
@@ -48,8 +53,9 @@ def test_a_partly_masked_step_still_runs_on_its_real_examples():
   x = jnp.arange(2 * 4 * 2 * 3, dtype=jnp.float32).reshape(2, 4, 2, 3) / 10
   mask = jnp.array([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
   start = {"w": jnp.zeros((2, 3))}
-  trained, metrics = local_update(_quadratic_loss, optax.sgd(0.5))(start, None, {"x": x, "mask": mask},
-                                                                   jax.random.key(0))
+  trained, metrics = local_update(_quadratic_loss, optax.sgd(0.5))(
+    start, None, {"x": x, "mask": mask}, jax.random.key(0)
+  )
   # SGD on the mean of the real examples, by hand: w1 = w0 - 0.5 (w0 - x00); w2 = w1 - 0.5 (w1 - mean(x10, x11)).
   w1 = 0.5 * x[0, 0]
   w2 = w1 - 0.5 * (w1 - (x[1, 0] + x[1, 1]) / 2)

@@ -1,5 +1,6 @@
 """The library core on its own: LoRA layer types, clients-axis primitives, the aggregator
 contract (per-layer combinator, partition, capabilities) and the round's plug-in hooks."""
+
 import dataclasses
 
 import flax.linen as nn
@@ -20,11 +21,12 @@ def _perturbed(targets, rank, seed=3):
 
 class Mixed(nn.Module):
   """One layer of every supported kind, all non-square."""
+
   @nn.compact
   def __call__(self, tokens, image):
-    x = nn.Embed(11, 6, name="embed")(tokens)                               # [B, T, 6]
-    x = nn.DenseGeneral((2, 5), name="heads")(x)                             # [B, T, 2, 5]
-    x = nn.DenseGeneral(7, axis=(-2, -1), name="merge")(x)                   # [B, T, 7]
+    x = nn.Embed(11, 6, name="embed")(tokens)  # [B, T, 6]
+    x = nn.DenseGeneral((2, 5), name="heads")(x)  # [B, T, 2, 5]
+    x = nn.DenseGeneral(7, axis=(-2, -1), name="merge")(x)  # [B, T, 7]
     x = nn.Einsum((7, 3, 4), "btd,dhk->bthk", name="einsum")(x).reshape(x.shape[:2] + (12,))
     y = nn.Conv(5, (3, 2), strides=(2, 1), padding="SAME", name="conv")(image)  # [B, 4, 5, 5]
     return x.mean(1) @ jnp.ones((12, 5)) + y.mean((1, 2))
@@ -46,8 +48,11 @@ def test_every_linen_layer_kind_factored_equals_merged():
   # Each layer alone too, so one layer's error cannot hide behind another's.
   for path in targets:
     one = {path: adapter[path]}
-    np.testing.assert_allclose(lora.apply(model, variables, one, tokens, image, scale=1.5),
-                               model.apply(lora.merge(variables, one, 1.5), tokens, image), atol=1e-5)
+    np.testing.assert_allclose(
+      lora.apply(model, variables, one, tokens, image, scale=1.5),
+      model.apply(lora.merge(variables, one, 1.5), tokens, image),
+      atol=1e-5,
+    )
 
 
 def test_base_delta_on_a_dense_general_layer_is_a_full_rank_weight_increment():
@@ -55,10 +60,10 @@ def test_base_delta_on_a_dense_general_layer_is_a_full_rank_weight_increment():
   x = jax.random.normal(jax.random.key(0), (3, 6))
   variables = model.init(jax.random.key(1), x)
   delta = jax.random.normal(jax.random.key(2), (6, 10))
-  shifted = {"params": {**variables["params"],
-                        "kernel": variables["params"]["kernel"] + delta.reshape(6, 2, 5)}}
-  np.testing.assert_allclose(lora.apply(model, variables, {}, x, scale=1.0, base_delta={"": delta}),
-                             model.apply(shifted, x), atol=1e-5)
+  shifted = {"params": {**variables["params"], "kernel": variables["params"]["kernel"] + delta.reshape(6, 2, 5)}}
+  np.testing.assert_allclose(
+    lora.apply(model, variables, {}, x, scale=1.0, base_delta={"": delta}), model.apply(shifted, x), atol=1e-5
+  )
 
 
 def test_nnx_linear_and_embed_factored_equal_merged_and_vmap_over_clients():
@@ -121,10 +126,12 @@ def test_an_nnx_model_with_dropout_trains_in_the_round_with_its_own_draws_per_cl
   def loss_fn(trainable, frozen, batch, rng):
     y = lora.apply_nnx(graphdef, frozen, trainable, batch["x"], scale=1.0, rngs=rng)
     return jnp.mean((y - batch["y"]) ** 2), {}
+
   fed = hl.FederatedRound(hl.local_update(loss_fn, optax.sgd(0.1)), aggregators.fedit(), num_clients=4)
   xs = np.random.default_rng(1).normal(size=(4, 2, 5, 8)).astype(np.float32)
-  new_state, metrics = jax.jit(fed.step)(fed.init(jax.random.key(2), adapter), state, {"x": xs, "y": xs[..., :3]},
-                                         jnp.arange(4), jnp.full(4, 0.25))
+  new_state, metrics = jax.jit(fed.step)(
+    fed.init(jax.random.key(2), adapter), state, {"x": xs, "y": xs[..., :3]}, jnp.arange(4), jnp.full(4, 0.25)
+  )
   assert np.isfinite(float(metrics["train_loss"])) and int(metrics["participants"]) == 4
 
 
@@ -155,6 +162,7 @@ def test_an_nnx_tied_head_is_adapted_as_its_merged_table():
 
 def test_nnx_multi_head_attention_takes_lora_on_its_linear_general_layers():
   from flax import nnx
+
   attention = nnx.MultiHeadAttention(num_heads=2, in_features=6, qkv_features=8, decode=False, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(attention)
   targets = lora.find_targets_nnx(attention, target_regex="query|value|out")
@@ -198,19 +206,21 @@ def test_per_layer_combinator_touches_only_lora_layers():
   def rule(layer, global_layer, weights):
     seen.append((layer["a"].shape, global_layer["b"].shape))
     return {"a": layer["a"][0], "b": layer["b"][1]}, jnp.zeros((4, 3))
+
   new, deltas = aggregators.aggregate_layers(rule, params, clients, jnp.array([0.5, 0.5]))
   assert seen == [((2, 4, 2), (2, 3))] and list(deltas) == ["q"]
-  np.testing.assert_allclose(new["head"]["w"], 2.0 * np.ones(3))       # Weighted mean elsewhere.
+  np.testing.assert_allclose(new["head"]["w"], 2.0 * np.ones(3))  # Weighted mean elsewhere.
   np.testing.assert_allclose(new["lora"]["q"]["b"], 3.0 * np.ones((2, 3)))
 
 
 def test_partition_gives_each_part_its_rule_and_combines_capabilities():
   params = {"lora": {"q": {"a": jnp.ones((4, 2)), "b": jnp.ones((2, 3))}}, "head": {"w": jnp.ones(3)}}
   clients = jax.tree.map(lambda x: jnp.stack([x, 3 * x]), params)
-  agg = aggregators.partition({"adapter": aggregators.head_only(), "head": aggregators.fedit()},
-                              {"adapter": r"lora/.*", "head": r"head/.*"})
+  agg = aggregators.partition(
+    {"adapter": aggregators.head_only(), "head": aggregators.fedit()}, {"adapter": r"lora/.*", "head": r"head/.*"}
+  )
   new, _, _ = agg.aggregate(agg.init(params), params, clients, jnp.array([0.5, 0.5]))
-  jax.tree.map(np.testing.assert_array_equal, new["lora"], params["lora"])   # head_only keeps LoRA.
+  jax.tree.map(np.testing.assert_array_equal, new["lora"], params["lora"])  # head_only keeps LoRA.
   np.testing.assert_allclose(new["head"]["w"], 2.0 * np.ones(3))
   assert agg.capabilities.plain_server_step and not agg.capabilities.heterogeneous_ranks
   with pytest.raises(ValueError, match="matches none"):
@@ -234,8 +244,12 @@ def _toy_round(**kwargs):
     return jnp.mean((pred - batch["y"]) ** 2), {}
 
   options = {"aggregator": aggregators.fedit(), **kwargs}
-  return federated.FederatedRound(hl.local_update(loss_fn, optax.sgd(0.1)), num_clients=4, **options), \
-      frozen, adapter, loss_fn
+  return (
+    federated.FederatedRound(hl.local_update(loss_fn, optax.sgd(0.1)), num_clients=4, **options),
+    frozen,
+    adapter,
+    loss_fn,
+  )
 
 
 def test_round_enforces_the_aggregators_capabilities_when_built():
@@ -254,9 +268,13 @@ def test_plugins_offset_every_start_and_see_the_outcome():
   calls = []
   shift = {"out": {"a": jnp.zeros((5, 2)), "b": jnp.full((2, 3), 0.5)}}
   plugin = hl.Plugin(
-      name="shift", init=lambda rng: {"count": jnp.zeros((), jnp.int32)},
-      client_offsets=lambda state, sig, ids: jax.tree.map(lambda x: jnp.broadcast_to(x, (ids.shape[0],) + x.shape), shift),
-      after_aggregation=lambda state, outcome: calls.append(outcome.weights.shape) or {"count": state["count"] + 1})
+    name="shift",
+    init=lambda rng: {"count": jnp.zeros((), jnp.int32)},
+    client_offsets=lambda state, sig, ids: jax.tree.map(
+      lambda x: jnp.broadcast_to(x, (ids.shape[0],) + x.shape), shift
+    ),
+    after_aggregation=lambda state, outcome: calls.append(outcome.weights.shape) or {"count": state["count"] + 1},
+  )
   fed, frozen, adapter, _ = _toy_round(plugins=(plugin,))
   state = fed.init(jax.random.key(1), adapter)
   batches = {"x": jnp.ones((2, 1, 2, 5)), "y": jnp.zeros((2, 1, 2, 3))}
@@ -277,16 +295,17 @@ def test_an_aggregator_with_heldout_steps_gets_their_loss_and_they_are_not_train
     seen["client_loss"] = context.client_loss
     return aggregators.weighted_mean(client_params, weights), {}, state
 
-  agg = aggregators.Aggregator(aggregators.no_state, aggregate,
-                               aggregators.Capabilities(name="probe", heldout_steps=1))
+  agg = aggregators.Aggregator(aggregators.no_state, aggregate, aggregators.Capabilities(name="probe", heldout_steps=1))
   fed, frozen, adapter, loss_fn = _toy_round(aggregator=agg)
   state = fed.init(jax.random.key(1), adapter)
   x = jax.random.normal(jax.random.key(2), (2, 3, 2, 5))
   batches = {"x": x, "y": jnp.ones((2, 3, 2, 3))}
   weights = jnp.array([0.25, 0.75])
   fed.step(state, frozen, batches, jnp.array([1, 3]), weights)
-  expected = sum(float(w) * float(loss_fn(adapter, frozen, {"x": x[k, -1], "y": jnp.ones((2, 3))}, None)[0])
-                 for k, w in enumerate(weights))
+  expected = sum(
+    float(w) * float(loss_fn(adapter, frozen, {"x": x[k, -1], "y": jnp.ones((2, 3))}, None)[0])
+    for k, w in enumerate(weights)
+  )
   np.testing.assert_allclose(float(seen["heldout"]), expected, rtol=1e-5)
   # The client update saw 2 steps, not 3: dropping the last step from the batches changes nothing.
   trimmed = dataclasses.replace(fed, aggregator=aggregators.fedit())
@@ -305,9 +324,12 @@ def test_communication_bytes_follow_the_declared_extra_bytes():
 def test_importing_the_library_pulls_no_configs_or_model_zoo():
   import subprocess
   import sys
-  code = ("import sys, hyperlora_jax; "
-          "print(sorted(m for m in ('ml_collections', 'hyperlora_jax.models', 'experiments.runner.train', "
-          "'tensorflow_datasets') if m in sys.modules))")
+
+  code = (
+    "import sys, hyperlora_jax; "
+    "print(sorted(m for m in ('ml_collections', 'hyperlora_jax.models', 'experiments.runner.train', "
+    "'tensorflow_datasets') if m in sys.modules))"
+  )
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip().splitlines()[-1] == "[]"
@@ -329,14 +351,23 @@ def test_a_nonfinite_clients_loss_is_left_out_of_the_reported_train_loss():
 
 def test_a_round_with_no_finite_client_reports_no_loss_and_the_summary_says_so():
   from experiments.runner import reporting
+
   fed, frozen, adapter, _ = _toy_round()
   state = fed.init(jax.random.key(1), adapter)
   batches = {"x": jnp.ones((2, 1, 2, 5)), "y": jnp.full((2, 1, 2, 3), jnp.nan)}
   _, metrics = fed.step(state, frozen, batches, jnp.array([0, 1]), jnp.array([0.5, 0.5]))
   assert int(metrics["participants"]) == 0 and np.isnan(float(metrics["train_loss"]))
-  record = reporting.clean_record({"round": 1, "train_loss": float(metrics["train_loss"]), "cum_bytes_up": 0,
-                                   "cum_bytes_down": 0, "global_accuracy": 0.1,
-                                   "personalized_accuracy_mean": 0.1, "personalized_accuracy_worst": 0.1})
+  record = reporting.clean_record(
+    {
+      "round": 1,
+      "train_loss": float(metrics["train_loss"]),
+      "cum_bytes_up": 0,
+      "cum_bytes_down": 0,
+      "global_accuracy": 0.1,
+      "personalized_accuracy_mean": 0.1,
+      "personalized_accuracy_worst": 0.1,
+    }
+  )
   assert record["train_loss"] is None
   assert "train loss             n/a" in reporting.summary([record], "run")
 
@@ -347,10 +378,12 @@ def test_the_typed_server_state_reads_and_checkpoints_as_the_dict_it_was(tmp_pat
   import orbax.checkpoint as ocp
 
   from experiments.runner.workdir import checkpoint_manager, restore_state, save_state
+
   fed, frozen, adapter, _ = _toy_round(local_leaves=r"out/b")
   batches = {"x": jnp.ones((2, 2, 2, 5)), "y": jnp.ones((2, 2, 2, 3))}
-  state, _ = jax.jit(fed.step)(fed.init(jax.random.key(1), adapter), frozen, batches, jnp.array([0, 3]),
-                               jnp.full(2, 0.5))
+  state, _ = jax.jit(fed.step)(
+    fed.init(jax.random.key(1), adapter), frozen, batches, jnp.array([0, 3]), jnp.full(2, 0.5)
+  )
   layout = state.as_dict()
   assert set(layout) == {"round", "rng", "global", "server_opt", "clients", "agg", "base_delta", "plugins"}
   assert state["global"] is state.global_params and "signatures" not in state and "clients" in state

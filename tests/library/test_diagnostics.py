@@ -1,6 +1,7 @@
 """The round's diagnostics (`hyperlora_jax.diagnostics`, the synthesizer's metrics) against hand
 counts and independent NumPy formulas in the paper's orientation (B [d_out, r], A [r, d_in]),
 on non-square layers so that a transposed factor would show."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,8 @@ from hyperlora_jax.hyper import synthesis
 def _paper_bias(a, b, weights):
   """‖B̄Ā − Σ p_k B_k A_k‖_F / ‖Σ p_k B_k A_k‖_F with B_k = b_kᵀ, A_k = a_kᵀ, in NumPy float64."""
   a, b, p = np.asarray(a, np.float64), np.asarray(b, np.float64), np.asarray(weights, np.float64)
-  big_b = np.transpose(b, (0, 2, 1))                     # [C, d_out, r]
-  big_a = np.transpose(a, (0, 2, 1))                     # [C, r, d_in]
+  big_b = np.transpose(b, (0, 2, 1))  # [C, d_out, r]
+  big_a = np.transpose(a, (0, 2, 1))  # [C, r, d_in]
   exact = sum(p[k] * big_b[k] @ big_a[k] for k in range(len(p)))
   naive = np.tensordot(p, big_b, 1) @ np.tensordot(p, big_a, 1)
   return np.linalg.norm(naive - exact) / np.linalg.norm(exact)
@@ -28,25 +29,26 @@ def test_aggregation_bias_hand_count_and_zero_when_every_a_is_shared():
   # Two rank-1 clients on orthogonal directions, p = (1/2, 1/2): Σ p B A = diag(1/2, 1/2) on a
   # 2x3 block, B̄Ā = 1/4 everywhere on it, so the difference has four entries of ±1/4:
   # ‖·‖ = 1/2 against ‖Σ p B A‖ = 1/√2, a bias of 1/√2.
-  a = jnp.array([[[1.0], [0.0], [0.0]], [[0.0], [1.0], [0.0]]])   # [C=2, d_in=3, r=1]
-  b = jnp.array([[[1.0, 0.0]], [[0.0, 1.0]]])                       # [C=2, r=1, d_out=2]
+  a = jnp.array([[[1.0], [0.0], [0.0]], [[0.0], [1.0], [0.0]]])  # [C=2, d_in=3, r=1]
+  b = jnp.array([[[1.0, 0.0]], [[0.0, 1.0]]])  # [C=2, r=1, d_out=2]
   weights = jnp.array([0.5, 0.5])
-  np.testing.assert_allclose(float(diagnostics.layer_aggregation_bias(a, b, weights)), 2 ** -0.5, rtol=1e-6)
-  shared_a = jnp.broadcast_to(a[:1], a.shape)                      # FFA-LoRA: A is frozen and shared.
+  np.testing.assert_allclose(float(diagnostics.layer_aggregation_bias(a, b, weights)), 2**-0.5, rtol=1e-6)
+  shared_a = jnp.broadcast_to(a[:1], a.shape)  # FFA-LoRA: A is frozen and shared.
   assert float(diagnostics.layer_aggregation_bias(shared_a, b, weights)) < 1e-7
 
 
 def test_aggregation_bias_matches_the_paper_formula_on_non_square_layers():
   keys = jax.random.split(jax.random.key(0), 2)
-  a = jax.random.normal(keys[0], (3, 5, 2))          # C=3, d_in=5, r=2
-  b = jax.random.normal(keys[1], (3, 2, 7))          # d_out=7
+  a = jax.random.normal(keys[0], (3, 5, 2))  # C=3, d_in=5, r=2
+  b = jax.random.normal(keys[1], (3, 2, 7))  # d_out=7
   weights = jnp.array([0.2, 0.5, 0.3])
   got = diagnostics.aggregation_bias({"lora": {"enc/q": {"a": a, "b": b}}, "head": jnp.ones((3, 4))}, weights)
   assert list(got) == ["enc/q"]
   np.testing.assert_allclose(float(got["enc/q"]), _paper_bias(a, b, weights), rtol=1e-5)
   # A client with weight 0 (padding, dropped) does not count.
-  padded = diagnostics.layer_aggregation_bias(jnp.concatenate([a, 9 * a[:1]]), jnp.concatenate([b, b[:1]]),
-                                              jnp.array([0.2, 0.5, 0.3, 0.0]))
+  padded = diagnostics.layer_aggregation_bias(
+    jnp.concatenate([a, 9 * a[:1]]), jnp.concatenate([b, b[:1]]), jnp.array([0.2, 0.5, 0.3, 0.0])
+  )
   np.testing.assert_allclose(float(padded), _paper_bias(a, b, weights), rtol=1e-5)
 
 
@@ -56,8 +58,9 @@ def test_client_drift_hand_count():
   trained = {"w": jnp.array([[2.0, 0.0], [0.0, 0.0]]), "v": jnp.ones((2, 1))}
   np.testing.assert_allclose(float(diagnostics.client_drift(trained, starts, jnp.array([0.5, 0.5]))), 1.0)
   # p = (3/4, 1/4): mean (1.5, 0), spread 3/4 * 0.25 + 1/4 * 2.25 = 0.75: sqrt(0.75) / 1.5.
-  np.testing.assert_allclose(float(diagnostics.client_drift(trained, starts, jnp.array([0.75, 0.25]))),
-                             0.75 ** 0.5 / 1.5, rtol=1e-6)
+  np.testing.assert_allclose(
+    float(diagnostics.client_drift(trained, starts, jnp.array([0.75, 0.25]))), 0.75**0.5 / 1.5, rtol=1e-6
+  )
   alike = {"w": jnp.array([[2.0, 0.0], [2.0, 0.0]]), "v": jnp.ones((2, 1))}
   assert float(diagnostics.client_drift(alike, starts, jnp.array([0.5, 0.5]))) == 0.0
 
@@ -73,8 +76,7 @@ def test_first_and_last_loss_are_those_of_the_first_and_last_steps_with_examples
   _, metrics = update(jnp.float32(0.0), None, batches, jax.random.key(0))
   np.testing.assert_allclose([float(metrics["first_loss"]), float(metrics["last_loss"])], [4.5, 0.28125])
   # The last step holds no example (a short client's padding): the last loss is the second step's.
-  _, metrics = update(jnp.float32(0.0), None, {"mask": jnp.array([[1.0] * 4, [1.0] * 4, [0.0] * 4])},
-                      jax.random.key(0))
+  _, metrics = update(jnp.float32(0.0), None, {"mask": jnp.array([[1.0] * 4, [1.0] * 4, [0.0] * 4])}, jax.random.key(0))
   np.testing.assert_allclose(float(metrics["last_loss"]), 1.125)
   # A straggler that did 1 of 3 steps: its first and last step are the same one.
   _, metrics = update(jnp.float32(0.0), None, batches, jax.random.key(0), steps_done=jnp.int32(1))
@@ -104,8 +106,7 @@ def _round_with_probe(aggregator, **options):
     return aggregator.aggregate(state, global_params, client_params, weights, context)
 
   probe = aggregators.Aggregator(aggregator.init, aggregate, aggregator.capabilities)
-  fed = federated.FederatedRound(hl.local_update(loss_fn, optax.sgd(0.2)), num_clients=4, aggregator=probe,
-                                 **options)
+  fed = federated.FederatedRound(hl.local_update(loss_fn, optax.sgd(0.2)), num_clients=4, aggregator=probe, **options)
   # Each client sees its own batch at every step, so its loss falls from step to step.
   x = jnp.broadcast_to(jax.random.normal(jax.random.key(2), (3, 1, 2, 5)), (3, 4, 2, 5))
   y = jnp.broadcast_to(jax.random.normal(jax.random.key(3), (3, 1, 2, 3)), (3, 4, 2, 3))
@@ -121,15 +122,17 @@ def test_a_fedit_round_reports_the_bias_and_drift_of_what_its_clients_returned()
   assert expected > 1e-4  # Clients moved A differently: the bias is not trivially 0.
   np.testing.assert_allclose(float(metrics["aggregation_bias_per_layer"]["out"]), expected, rtol=1e-4)
   np.testing.assert_allclose(float(metrics["aggregation_bias"]), expected, rtol=1e-4)
-  updates = np.concatenate([np.asarray(seen["trained"]["out"][k] - seen["starts"]["out"][k]).reshape(3, -1)
-                            for k in ("a", "b")], axis=1)
+  updates = np.concatenate(
+    [np.asarray(seen["trained"]["out"][k] - seen["starts"]["out"][k]).reshape(3, -1) for k in ("a", "b")], axis=1
+  )
   p = np.asarray(seen["weights"])
   mean = p @ updates
   drift = np.sqrt(p @ ((updates - mean) ** 2).sum(1)) / np.linalg.norm(mean)
   np.testing.assert_allclose(float(metrics["client_drift"]), drift, rtol=1e-4)
   assert float(metrics["first_step_loss"]) > float(metrics["last_step_loss"])  # The clients learned.
-  np.testing.assert_allclose(float(metrics["init_lag"]),
-                             float(metrics["first_step_loss"]) - float(metrics["last_step_loss"]), rtol=1e-6)
+  np.testing.assert_allclose(
+    float(metrics["init_lag"]), float(metrics["first_step_loss"]) - float(metrics["last_step_loss"]), rtol=1e-6
+  )
   assert "generator_offset_norm" not in metrics
 
 
@@ -142,8 +145,9 @@ def test_an_ffa_round_has_no_aggregation_bias():
 def test_synthesizer_metrics_at_the_uniform_limit(learned_corrector):
   # learned_weights=False: w_{k,l} = p_k, so the entropy is H(p) and the divergence from p is 0;
   # the corrector's gate is 0.5 at initialization (a sigmoid of 0).
-  cfg = synthesis.SynthesisConfig(scale=1.0, rank=2, learned_weights=False,
-                                  corrector="learned" if learned_corrector else "none")
+  cfg = synthesis.SynthesisConfig(
+    scale=1.0, rank=2, learned_weights=False, corrector="learned" if learned_corrector else "none"
+  )
   metrics, _ = _round_with_probe(synthesis.hyperlora_synthesizer(cfg, optax.sgd(0.0), meta_learning=False))
   p = np.array([0.2, 0.3, 0.5])
   np.testing.assert_allclose(float(metrics["synth_weight_entropy"]), -(p * np.log(p)).sum(), rtol=1e-5)

@@ -4,6 +4,7 @@ Each test is a plausible mistake that, unchecked, runs silently with wrong resul
 deep inside JAX or Flax): it fails with a message naming what was expected, or, where values
 cannot be seen under jit, is left out and counted.
 """
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from hyperlora_jax import aggregators, lora
 
 class Linear(nn.Module):
   """x [B, 5] -> [B, 3]: a non-square layer."""
+
   @nn.compact
   def __call__(self, x):
     return nn.Dense(3, name="out")(x)
@@ -26,6 +28,7 @@ def mse(model):
   def loss_fn(trainable, frozen, batch, rng):
     pred = lora.apply(model, frozen, trainable, batch["x"], scale=1.0)
     return jnp.mean((pred - batch["y"]) ** 2), {}
+
   return loss_fn
 
 
@@ -34,8 +37,7 @@ def setup(num_clients=4, steps=None, aggregator=None, loss_fn=None):
   frozen = model.init(jax.random.key(0), jnp.ones((2, 5)))
   adapter = {"out": {"a": 0.1 * jnp.ones((5, 2)), "b": jnp.zeros((2, 3))}}
   update = hl.local_update(loss_fn or mse(model), optax.sgd(0.1), steps=steps)
-  fed = hl.FederatedRound(update, aggregator or aggregators.fedit(), num_clients=num_clients,
-                          local_leaves=r"out/b")
+  fed = hl.FederatedRound(update, aggregator or aggregators.fedit(), num_clients=num_clients, local_leaves=r"out/b")
   return fed, frozen, adapter
 
 
@@ -149,8 +151,12 @@ def test_rank_zero_adapters_and_client_ranks_outside_the_adapters_are_refused():
   with pytest.raises(ValueError, match=r"rank of LoRA layer 'out' must be an integer >= 1, got 0"):
     fed.init(jax.random.key(1), {"out": {"a": jnp.zeros((5, 0)), "b": jnp.zeros((0, 3))}})
   model = Linear()
-  hetero = hl.FederatedRound(hl.local_update(mse(model), optax.sgd(0.1)), aggregators.hetlora(), num_clients=4,
-                             client_ranks=np.array([1, 2, 3, 2]))
+  hetero = hl.FederatedRound(
+    hl.local_update(mse(model), optax.sgd(0.1)),
+    aggregators.hetlora(),
+    num_clients=4,
+    client_ranks=np.array([1, 2, 3, 2]),
+  )
   with pytest.raises(ValueError, match=r"client_ranks must be \[num_clients\] = \[4\] ranks in \[1, r_max = 2\]"):
     hetero.init(jax.random.key(1), lora.init_lora(jax.random.key(0), {"out": (5, 3)}, rank=2))
 
@@ -163,12 +169,13 @@ def test_a_loss_returning_a_scalar_names_the_loss_contract():
   state = fed.init(jax.random.key(1), adapter)
   with pytest.raises(TypeError, match=r"loss_fn must return \(loss, aux\).*loss_fn\(trainable, frozen, batch, rng\)"):
     jax.jit(fed.step)(state, frozen, batches(4, 2), jnp.arange(4), jnp.full(4, 0.25))
-  per_example = lambda t, f, batch, rng: (jnp.sum((lora.apply(model, f, t, batch["x"], scale=1.0)
-                                                   - batch["y"]) ** 2, axis=-1), {})
+  per_example = lambda t, f, batch, rng: (
+    jnp.sum((lora.apply(model, f, t, batch["x"], scale=1.0) - batch["y"]) ** 2, axis=-1),
+    {},
+  )
   fed, frozen, adapter = setup(loss_fn=per_example)
   with pytest.raises(TypeError, match=r"float scalar loss.*float32\[4\]"):
-    jax.jit(fed.step)(fed.init(jax.random.key(1), adapter), frozen, batches(4, 2), jnp.arange(4),
-                      jnp.full(4, 0.25))
+    jax.jit(fed.step)(fed.init(jax.random.key(1), adapter), frozen, batches(4, 2), jnp.arange(4), jnp.full(4, 0.25))
 
 
 def test_held_out_steps_of_the_synthesizer_are_required():
@@ -183,18 +190,22 @@ def test_held_out_steps_of_the_synthesizer_are_required():
   jax.jit(fed.step)(state, frozen, batches(4, 4), jnp.arange(4), jnp.full(4, 0.25))
   fed, frozen, adapter = setup(aggregator=synth)  # Without steps=: at least one training step.
   with pytest.raises(ValueError, match=r"holds out the last 1: give S \+ 1"):
-    jax.jit(fed.step)(fed.init(jax.random.key(1), adapter), frozen, batches(4, 1), jnp.arange(4),
-                      jnp.full(4, 0.25))
+    jax.jit(fed.step)(fed.init(jax.random.key(1), adapter), frozen, batches(4, 1), jnp.arange(4), jnp.full(4, 0.25))
 
 
 def test_signatures_of_the_wrong_width_or_count_are_refused_at_init():
   """Used to surface as a Flax ScopeParamShapeError inside the generator."""
   targets = {"out": (5, 3)}
-  generator = hl.hyper.make_generator(hl.hyper.LoraGenerator(targets=targets, rank=2, hidden=8),
-                                      loss="vjp", optimizer=optax.adam(1e-2), signature_dim=6)
+  generator = hl.hyper.make_generator(
+    hl.hyper.LoraGenerator(targets=targets, rank=2, hidden=8), loss="vjp", optimizer=optax.adam(1e-2), signature_dim=6
+  )
   model = Linear()
-  fed = hl.FederatedRound(hl.local_update(mse(model), optax.sgd(0.1)), aggregators.fedit(), num_clients=4,
-                          plugins=(hl.hyper.generator_plugin(generator),))
+  fed = hl.FederatedRound(
+    hl.local_update(mse(model), optax.sgd(0.1)),
+    aggregators.fedit(),
+    num_clients=4,
+    plugins=(hl.hyper.generator_plugin(generator),),
+  )
   adapter = lora.init_lora(jax.random.key(0), targets, 2)
   with pytest.raises(ValueError, match=r"reads signatures of width 6.*\[N, D\] = \[4, 5\]"):
     fed.init(jax.random.key(1), adapter, jnp.zeros((4, 5)))

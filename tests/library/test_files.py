@@ -1,5 +1,6 @@
 """`hyperlora_jax.files`: atomic writes, manifests that catch changed bytes, stale partial
 directories, and a lock under which concurrent read-merge-writes lose nothing."""
+
 import json
 import multiprocessing
 import os
@@ -20,6 +21,7 @@ def test_an_atomic_write_is_whole_or_not_at_all(tmp_path, monkeypatch):
 
   def interrupted(src, dst):
     raise KeyboardInterrupt  # A kill between writing and renaming.
+
   monkeypatch.setattr(os, "replace", interrupted)
   with pytest.raises(KeyboardInterrupt):
     files.atomic_write(str(path), "third")

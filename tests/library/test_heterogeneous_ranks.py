@@ -1,4 +1,5 @@
 """Heterogeneous client ranks (FLoRA, FlexLoRA, HetLoRA), and the centralized reference."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,8 +43,7 @@ def test_hetlora_weights_by_product_norm_and_averages_padded_factors():
   w = explicit / explicit.sum()
   np.testing.assert_allclose(g["lora"]["l"]["a"], np.einsum("c,cir->ir", w, a), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(g["lora"]["l"]["b"], np.einsum("c,cro->ro", w, b), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(g["head"]["kernel"], np.einsum("c,cij->ij", WEIGHTS, clients["head"]["kernel"]),
-                             rtol=1e-5)
+  np.testing.assert_allclose(g["head"]["kernel"], np.einsum("c,cij->ij", WEIGHTS, clients["head"]["kernel"]), rtol=1e-5)
   # A non-participant (weight 0) gets no say, whatever its norm.
   w0 = norm_weights(jnp.asarray(explicit), jnp.array([0.5, 0.5, 0.0]))
   assert float(w0[2]) == 0.0 and abs(float(w0.sum()) - 1.0) < 1e-6
@@ -54,7 +54,7 @@ def test_flora_with_mixed_ranks_merges_the_exact_update():
   agg = aggregators.flora(SCALE)
   _, merged, _ = agg.aggregate(agg.init(None), jax.tree.map(lambda x: x[2], clients), clients, WEIGHTS)
   a, b = clients["lora"]["l"]["a"], clients["lora"]["l"]["b"]
-  exact = sum(float(WEIGHTS[k]) * np.asarray(a[k, :, :RANKS[k]] @ b[k, :RANKS[k]]) for k in range(3))
+  exact = sum(float(WEIGHTS[k]) * np.asarray(a[k, :, : RANKS[k]] @ b[k, : RANKS[k]]) for k in range(3))
   np.testing.assert_allclose(merged["l"], SCALE * exact, atol=1e-5)
 
 

@@ -1,4 +1,5 @@
 """LoRA on Flax models: identity at b=0, factored == merged, kernel layout, targeting."""
+
 import chex
 import flax.linen as nn
 import jax
@@ -38,8 +39,9 @@ def test_lora_with_zero_b_equals_base_model_exactly():
   model, params, x = _vit_and_params()
   factors = lora.init_lora(jax.random.key(3), lora.find_targets(model, params, x), rank=4)
   assert all(float(jnp.abs(f["a"]).max()) > 0 for f in factors.values())
-  np.testing.assert_array_equal(lora.apply(model, params, factors, x, scale=2.0, return_features=True),
-                                model.apply(params, x, return_features=True))
+  np.testing.assert_array_equal(
+    lora.apply(model, params, factors, x, scale=2.0, return_features=True), model.apply(params, x, return_features=True)
+  )
 
 
 def test_factored_equals_merged_within_1e5():
@@ -56,6 +58,7 @@ def test_merge_takes_frozen_variables_and_returns_them_frozen():
   """`lora.merge` takes a FrozenDict (what older Flax code and checkpoints hold) and returns
   one."""
   import flax
+
   model, params, x = _vit_and_params()
   factors = _nonzero_lora(lora.find_targets(model, params, x, target_regex=r".*attn/query"), 2)
   merged = lora.merge(flax.core.freeze(params), factors, 1.5)
@@ -102,8 +105,9 @@ def test_base_delta_adds_full_rank_kernel_update():
   delta = {"hidden": jax.random.normal(jax.random.key(5), (5, 6))}
   shifted = jax.tree.map(lambda v: v, params)
   shifted["params"]["hidden"]["kernel"] = params["params"]["hidden"]["kernel"] + delta["hidden"]
-  np.testing.assert_allclose(lora.apply(model, params, {}, x, scale=1.0, base_delta=delta),
-                             model.apply(shifted, x), atol=1e-5)
+  np.testing.assert_allclose(
+    lora.apply(model, params, {}, x, scale=1.0, base_delta=delta), model.apply(shifted, x), atol=1e-5
+  )
 
 
 def test_unmatched_regex_and_unknown_paths_fail_clearly():
@@ -126,8 +130,7 @@ def test_per_client_gradients_under_vmap():
   batched = jax.vmap(jax.grad(loss))(clients)
   first = jax.grad(loss)(jax.tree.map(lambda v: v[0], clients))
   chex.assert_trees_all_close(jax.tree.map(lambda v: v[0], batched), first, atol=1e-5)
-  assert not np.allclose(batched["encoder/block_0/attn/query"]["a"][0],
-                         batched["encoder/block_0/attn/query"]["a"][1])
+  assert not np.allclose(batched["encoder/block_0/attn/query"]["a"][0], batched["encoder/block_0/attn/query"]["a"][1])
 
 
 def test_product_mean_is_the_weighted_mean_of_products_and_runs_at_rank_c_times_r():
@@ -155,14 +158,16 @@ def test_product_mean_is_the_weighted_mean_of_products_and_runs_at_rank_c_times_
   as_layers = lambda layer: {"out": {k: jnp.asarray(v, jnp.float32) for k, v in layer.items()}}
   merged = lora.merge(params, as_layers(mean["hidden"]), 1.0)
   per_client = [lora.merge(params, as_layers({"a": a[k], "b": b[k]}), 1.0) for k in range(3)]
-  np.testing.assert_allclose(merged["params"]["out"]["kernel"],
-                             sum(p[k] * per_client[k]["params"]["out"]["kernel"] for k in range(3)), atol=1e-6)
+  np.testing.assert_allclose(
+    merged["params"]["out"]["kernel"], sum(p[k] * per_client[k]["params"]["out"]["kernel"] for k in range(3)), atol=1e-6
+  )
   out = lora.apply(model, params, as_layers(mean["hidden"]), x, scale=1.0)
   np.testing.assert_allclose(out, model.apply(merged, x), atol=1e-5)
 
 
 class TiedLM(nn.Module):
   """tokens [B, T] -> logits [B, T, vocab] through the embedding table reused as the LM head."""
+
   @nn.compact
   def __call__(self, tokens):
     embed = nn.Embed(11, 6, name="embed")
@@ -196,6 +201,7 @@ def test_a_regex_matching_an_unsupported_layer_names_it_instead_of_skipping_it()
     @nn.compact
     def __call__(self, x):
       return nn.Dense(3, name="proj")(nn.LayerNorm(name="norm")(x))
+
   model, x = Normed(), jnp.ones((1, 4))
   variables = model.init(jax.random.key(0), x)
   with pytest.raises(ValueError, match=r"does not support: 'norm' \(nn.LayerNorm\)"):
@@ -220,11 +226,13 @@ class NNXConvEinsum:
       def __call__(self, x):
         h = self.conv(x)
         return self.ein(h.reshape(h.shape[0], -1, 5))
+
     return Model(nnx.Rngs(0))
 
 
 def test_nnx_conv_and_einsum_take_lora_factored_equal_to_merged():
   from flax import nnx
+
   model = NNXConvEinsum.build()
   graphdef, state = nnx.split(model)
   targets = lora.find_targets_nnx(model, target_regex="conv|ein")
@@ -237,7 +245,8 @@ def test_nnx_conv_and_einsum_take_lora_factored_equal_to_merged():
   for name in ("conv", "ein"):
     layer = getattr(merged, name)
     layer.kernel[...] = layer.kernel[...] + (2.0 * adapter[name]["a"] @ adapter[name]["b"]).reshape(
-        layer.kernel[...].shape)
+      layer.kernel[...].shape
+    )
   np.testing.assert_allclose(factored, merged(x), atol=1e-5)
   # Per-client (vmapped) adapters: each client's output is its own adapter's.
   stacked = jax.tree.map(lambda p: jnp.stack([p, 0 * p]), adapter)
@@ -249,6 +258,7 @@ def test_nnx_conv_and_einsum_take_lora_factored_equal_to_merged():
 
 def test_nnx_a_regex_over_an_unsupported_layer_and_a_mistyped_path_say_which():
   from flax import nnx
+
   model = NNXConvEinsum.build()
   graphdef, state = nnx.split(model)
   with pytest.raises(ValueError, match=r"does not support: 'norm' \(LayerNorm\)"):

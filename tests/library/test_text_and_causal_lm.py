@@ -1,5 +1,6 @@
 """Instruction examples (`hyperlora_jax.text`) and the causal-LM task (`tasks.causal_lm`) on the
 fixture Llama (tests/fixtures/hf_llama: transformers' weights and tokenizer)."""
+
 import os
 
 import jax
@@ -16,12 +17,26 @@ from hyperlora_jax.tasks.common import frozen_tree
 from tests.repo_paths import FIXTURES
 
 FIXTURE = os.path.join(FIXTURES, "hf_llama")
-RECORDS = [{"instruction": "Give three tips for staying healthy.", "context": "", "response": "Eat well.",
-            "category": "brainstorming"},
-           {"instruction": "What is the capital of France?", "context": "France is in Europe.", "response": "Paris.",
-            "category": "open_qa"},
-           {"instruction": "Classify each animal.", "context": "cat, dog", "response": "cat: pet, dog: pet",
-            "category": "classification"}]
+RECORDS = [
+  {
+    "instruction": "Give three tips for staying healthy.",
+    "context": "",
+    "response": "Eat well.",
+    "category": "brainstorming",
+  },
+  {
+    "instruction": "What is the capital of France?",
+    "context": "France is in Europe.",
+    "response": "Paris.",
+    "category": "open_qa",
+  },
+  {
+    "instruction": "Classify each animal.",
+    "context": "cat, dog",
+    "response": "cat: pet, dog: pet",
+    "category": "classification",
+  },
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +53,17 @@ def test_the_alpaca_template_is_the_published_one():
   """Stanford Alpaca's two prompts (train.py's PROMPT_DICT), which FedIT uses for Dolly too:
   Dolly's `context` is Alpaca's `input`."""
   prompt, response = text.prompt_and_response(RECORDS[1], layout="dolly")
-  assert prompt == ("Below is an instruction that describes a task, paired with an input that provides further "
-                    "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
-                    "What is the capital of France?\n\n### Input:\nFrance is in Europe.\n\n### Response:\n")
+  assert prompt == (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n### Instruction:\n"
+    "What is the capital of France?\n\n### Input:\nFrance is in Europe.\n\n### Response:\n"
+  )
   assert response == "Paris."
   prompt, _ = text.prompt_and_response({"instruction": "Say hi.", "input": "", "output": "Hi."}, layout="alpaca")
-  assert prompt == ("Below is an instruction that describes a task. Write a response that appropriately completes "
-                    "the request.\n\n### Instruction:\nSay hi.\n\n### Response:\n")
+  assert prompt == (
+    "Below is an instruction that describes a task. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\nSay hi.\n\n### Response:\n"
+  )
 
 
 def test_a_record_missing_its_fields_is_named():
@@ -62,8 +81,8 @@ def test_the_loss_falls_on_the_response_and_its_end_of_text_only(tokenizer):
   p = tokenizer.encode(prompt)
   r = tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_id]
   assert p[0] == tokenizer.bos_id and tokenizer.bos_id not in r and len(p) + len(r) < 96
-  np.testing.assert_array_equal(example["input_ids"][:len(p) + len(r)], p + r)
-  assert (example["input_ids"][len(p) + len(r):] == tokenizer.pad_id).all()
+  np.testing.assert_array_equal(example["input_ids"][: len(p) + len(r)], p + r)
+  assert (example["input_ids"][len(p) + len(r) :] == tokenizer.pad_id).all()
   np.testing.assert_array_equal(np.nonzero(example["loss_mask"])[0], np.arange(len(p), len(p) + len(r)))
   assert example["attention_mask"].sum() == len(p) + len(r)
   assert tokenizer.decode(example["input_ids"][example["loss_mask"] == 1]) == response
@@ -85,14 +104,18 @@ def test_the_chat_template_writes_its_own_begin_of_text(tokenizer):
   batch = text.encode_instructions(tokenizer, RECORDS[1:2], max_len=96, layout="dolly", chat=True)
   ids = batch["input_ids"][0][batch["attention_mask"][0] == 1]
   assert ids[0] == tokenizer.bos_id and ids[1] != tokenizer.bos_id
-  expected = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?\n\n"
-                                             "France is in Europe."}], add_generation_prompt=True)
-  assert tokenizer.decode(ids[batch["loss_mask"][0][:len(ids)] == 0], skip_special_tokens=False) == expected
+  expected = tokenizer.apply_chat_template(
+    [{"role": "user", "content": "What is the capital of France?\n\nFrance is in Europe."}], add_generation_prompt=True
+  )
+  assert tokenizer.decode(ids[batch["loss_mask"][0][: len(ids)] == 0], skip_special_tokens=False) == expected
 
 
 def _batch(tokenizer, records=RECORDS, max_len=144):
-  return {k: jnp.asarray(v) for k, v in text.encode_instructions(tokenizer, records, max_len, "dolly").items()
-          if k in ("input_ids", "attention_mask", "loss_mask", "mask")}
+  return {
+    k: jnp.asarray(v)
+    for k, v in text.encode_instructions(tokenizer, records, max_len, "dolly").items()
+    if k in ("input_ids", "attention_mask", "loss_mask", "mask")
+  }
 
 
 def test_token_counts_follow_the_next_token_formula(tokenizer, llama):
@@ -103,8 +126,11 @@ def test_token_counts_follow_the_next_token_formula(tokenizer, llama):
   task = causal_lm.CausalLM(model, scale=1.0)
   counts = task.token_counts(frozen_tree(variables), {"lora": {}}, batch)
   logits = np.asarray(model.apply(variables, batch["input_ids"], batch["attention_mask"]), np.float64)
-  log_probs = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1, keepdims=True)) \
-      - logits.max(-1, keepdims=True)
+  log_probs = (
+    logits
+    - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1, keepdims=True))
+    - logits.max(-1, keepdims=True)
+  )
   ids, loss_mask = np.asarray(batch["input_ids"]), np.asarray(batch["loss_mask"])
   nll = correct = tokens = 0.0
   for b in range(ids.shape[0]):
@@ -147,8 +173,12 @@ def test_one_jitted_round_trains_every_text_client_as_a_loop_of_single_clients_w
   targets = lora.find_targets(model, variables, batch["input_ids"], batch["attention_mask"])
   assert sorted(targets) == ["block_0/attn/query", "block_0/attn/value", "block_1/attn/query", "block_1/attn/value"]
   adapter = lora.init_lora(jax.random.key(3), targets, rank=2)
-  adapter = {"lora": {p: {"a": f["a"], "b": 0.01 * jax.random.normal(jax.random.key(i), f["b"].shape)}
-                      for i, (p, f) in enumerate(adapter.items())}}
+  adapter = {
+    "lora": {
+      p: {"a": f["a"], "b": 0.01 * jax.random.normal(jax.random.key(i), f["b"].shape)}
+      for i, (p, f) in enumerate(adapter.items())
+    }
+  }
   client_update = local_update(task.loss_fn, optax.adam(1e-2))
   # Client k's 2 steps of 1 example each: [C=3, S=2, B=1, T].
   order = np.array([[0, 1], [1, 2], [2, 0]])
@@ -157,8 +187,9 @@ def test_one_jitted_round_trains_every_text_client_as_a_loop_of_single_clients_w
   weights = jnp.asarray([0.5, 0.3, 0.2])
   state = fed.init(jax.random.key(0), adapter)
   new, metrics = jax.jit(fed.step)(state, frozen, batches, jnp.arange(3), weights)
-  alone = [client_update(adapter, frozen, jax.tree.map(lambda x: x[k], batches), jax.random.key(0))[0]
-           for k in range(3)]
+  alone = [
+    client_update(adapter, frozen, jax.tree.map(lambda x: x[k], batches), jax.random.key(0))[0] for k in range(3)
+  ]
   expected = jax.tree.map(lambda *xs: sum(w * x for w, x in zip(np.asarray(weights), xs)), *alone)
   for got, want in zip(jax.tree.leaves(new.global_params), jax.tree.leaves(expected)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)

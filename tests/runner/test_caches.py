@@ -1,6 +1,7 @@
 """The runner's caches prove their integrity: tokenized records, the embedded decoder and the
 pretrained backbone each carry a manifest of their files' sha256 written last; a changed byte
 is reported by name and the cache left in place, and concurrent builds of one cache all succeed."""
+
 import multiprocessing
 import os
 import shutil
@@ -35,12 +36,17 @@ def test_random_bytes_in_a_tokenized_file_are_named_not_used(tmp_path):
   assert os.path.isfile(os.path.join(directory, files.MANIFEST_FILE))
   _flip_bytes(os.path.join(directory, "loss_mask.bin"), offset=40)
   before = open(os.path.join(directory, "loss_mask.bin"), "rb").read()
-  with pytest.raises(instructions.TokenizedCacheError, match=r"loss_mask.bin: its content changed.*delete the directory"):
+  with pytest.raises(
+    instructions.TokenizedCacheError, match=r"loss_mask.bin: its content changed.*delete the directory"
+  ):
     instructions.prepare_tokenized(config, tokenizer, log=lambda _: None)
   assert open(os.path.join(directory, "loss_mask.bin"), "rb").read() == before  # Left as found.
   shutil.rmtree(directory)
   records = instructions.prepare_tokenized(config, tokenizer, log=lambda _: None)
-  with pytest.raises(instructions.TokenizedCacheError, match=r"input_ids.bin holds ids in \[0, \d+\].*outside the 100 ids the model embeds"):
+  with pytest.raises(
+    instructions.TokenizedCacheError,
+    match=r"input_ids.bin holds ids in \[0, \d+\].*outside the 100 ids the model embeds",
+  ):
     instructions.open_tokenized(records.directory, vocab_size=100)  # A model with fewer embedding rows.
 
 
@@ -77,6 +83,7 @@ def test_a_changed_cached_decoder_is_reported_and_kept(tmp_path):
   user = tmp_path / "user_checkpoint"
   shutil.copytree(os.path.join(FIXTURES, "hf_llama"), user)
   from safetensors.numpy import load_file, save_file
+
   tensors = load_file(str(user / hf.WEIGHTS_FILE))
   tensors["model.norm.weight"] = np.full_like(tensors["model.norm.weight"], np.nan)
   save_file(tensors, str(user / hf.WEIGHTS_FILE))
@@ -90,8 +97,12 @@ def test_a_changed_backbone_cache_is_reported_and_kept(smoke_config, tmp_path):
   smoke_config.pretrain.cache_dir = str(tmp_path)
   copy = pretrain.cache_path(smoke_config)
   shutil.copytree(source, copy)
-  data_files = sorted((os.path.getsize(os.path.join(root, n)), os.path.join(root, n))
-                      for root, _, names in os.walk(copy) for n in names if n != files.MANIFEST_FILE)
+  data_files = sorted(
+    (os.path.getsize(os.path.join(root, n)), os.path.join(root, n))
+    for root, _, names in os.walk(copy)
+    for n in names
+    if n != files.MANIFEST_FILE
+  )
   largest = data_files[-1][1]
   _flip_bytes(largest, offset=data_files[-1][0] // 2)
   with pytest.raises(RuntimeError, match=rf"{os.path.basename(largest)}: its content changed.*left in place"):
@@ -102,6 +113,7 @@ def test_a_changed_backbone_cache_is_reported_and_kept(smoke_config, tmp_path):
 def test_a_killed_dataset_generation_leaves_nothing_the_next_one_keeps(tmp_path):
   """A killed generation's TFDS incomplete.* directory is removed by the next preparation."""
   from experiments.runner.data import digits_domains, loader
+
   version = str(digits_domains.DigitsDomains.VERSION)
   leftover = tmp_path / "digits_domains" / "res16" / f"incomplete.ABC123_{version}"
   leftover.mkdir(parents=True)

@@ -1,4 +1,5 @@
 """experiments.studies.label_prior: the majority-label reference, counted by hand."""
+
 import numpy as np
 
 from experiments.studies import label_prior

@@ -1,4 +1,5 @@
 """Optimizer config blocks: the learning-rate schedule, step by step against its formula."""
+
 import math
 
 import jax.numpy as jnp
@@ -19,8 +20,16 @@ def _sgd_steps(cfg: ml_collections.ConfigDict, steps: int) -> list[float]:
 
 
 def test_cosine_schedule_decays_to_the_final_fraction_over_decay_steps_then_holds():
-  cfg = ml_collections.ConfigDict({"name": "sgd", "learning_rate": 0.2, "momentum": 0.0,
-                                   "schedule": "cosine", "decay_steps": 4, "final_fraction": 0.1})
+  cfg = ml_collections.ConfigDict(
+    {
+      "name": "sgd",
+      "learning_rate": 0.2,
+      "momentum": 0.0,
+      "schedule": "cosine",
+      "decay_steps": 4,
+      "final_fraction": 0.1,
+    }
+  )
   cosine = lambda t: 0.2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 4) / 4)))
   np.testing.assert_allclose(_sgd_steps(cfg, 6), [cosine(t) for t in range(6)], rtol=1e-6)
   np.testing.assert_allclose(_sgd_steps(cfg, 6)[::2], [0.2, 0.11, 0.02], rtol=1e-6)  # By hand.
@@ -28,7 +37,8 @@ def test_cosine_schedule_decays_to_the_final_fraction_over_decay_steps_then_hold
 
 def test_a_block_without_schedule_or_with_constant_keeps_its_rate():
   old_block = ml_collections.ConfigDict({"name": "sgd", "learning_rate": 0.2, "momentum": 0.0})
-  constant = ml_collections.ConfigDict({**old_block.to_dict(), "schedule": "constant", "decay_steps": 4,
-                                        "final_fraction": 0.1})
+  constant = ml_collections.ConfigDict(
+    {**old_block.to_dict(), "schedule": "constant", "decay_steps": 4, "final_fraction": 0.1}
+  )
   np.testing.assert_allclose(_sgd_steps(old_block, 5), [0.2] * 5, rtol=1e-6)
   np.testing.assert_allclose(_sgd_steps(constant, 5), [0.2] * 5, rtol=1e-6)

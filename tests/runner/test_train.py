@@ -1,4 +1,5 @@
 """The jit-compiled round: one trace per run, non-finite clients, chunking, resume."""
+
 import dataclasses
 import json
 import os
@@ -56,11 +57,15 @@ def test_kill_and_resume_gives_identical_metrics(smoke_config, tmp_path):
   assert reporting.read_metrics(str(killed)) == reporting.read_metrics(str(tmp_path / "straight"))
   # The finished run's state, restored, gives the global accuracy its last round logged.
   from experiments.studies.global_from_clients import global_test_accuracy
+
   exp, state, done = restore_run(smoke_config, killed)
   frozen = apply_base_delta(frozen_tree(exp.backbone, dtype=exp.task.compute_dtype), state["base_delta"])
   assert done == 6 and int(state["round"]) == 6
-  np.testing.assert_allclose(global_test_accuracy(exp, frozen)(exp.fed_round.global_params(state)),
-                             result["records"][-1]["global_accuracy"], atol=1e-6)
+  np.testing.assert_allclose(
+    global_test_accuracy(exp, frozen)(exp.fed_round.global_params(state)),
+    result["records"][-1]["global_accuracy"],
+    atol=1e-6,
+  )
 
 
 def test_resume_refuses_a_different_config(smoke_config, tmp_path):
@@ -99,8 +104,11 @@ def test_a_run_whose_every_client_is_non_finite_stops_after_three_rounds(smoke_c
   learning rate) stops with an error, instead of running to the end with every client left out."""
   smoke_config.client_optimizer.name, smoke_config.client_optimizer.learning_rate = "sgd", 1e30
   smoke_config.fed.num_rounds = 6
-  with pytest.raises(FloatingPointError, match=r"rounds 1-3: every client's update was non-finite.*"
-                                               r"client_optimizer.learning_rate=1e\+30"):
+  with pytest.raises(
+    FloatingPointError,
+    match=r"rounds 1-3: every client's update was non-finite.*"
+    r"client_optimizer.learning_rate=1e\+30",
+  ):
     train_and_evaluate(smoke_config, str(tmp_path), progress=False)
   assert len(reporting.read_metrics(str(tmp_path))) == 3
 
@@ -123,8 +131,9 @@ def test_nonfinite_client_updates_are_left_out(smoke_config):
 
 def test_chunked_clients_equal_one_vmap(smoke_config):
   exp = build_experiment(smoke_config, log=lambda _: None)
-  results = [_one_round(exp, dataclasses.replace(exp.fed_round, clients_per_chunk=chunk))[0]["global"]
-             for chunk in (0, 2)]
+  results = [
+    _one_round(exp, dataclasses.replace(exp.fed_round, clients_per_chunk=chunk))[0]["global"] for chunk in (0, 2)
+  ]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), *results)
 
 
@@ -141,13 +150,14 @@ def test_client_evaluation_in_eval_batches_and_chunks_counts_like_a_hand_count(s
   clients 2 at a time) equals a hand count of argmax(logits) == label over its whole split at
   once, with its own model (here: global ⊕ nothing, FedIT)."""
   from hyperlora_jax.tasks.image_classification import make_evaluate
+
   exp = build_experiment(smoke_config, log=lambda _: None)
   state = exp.fed_round.init(jax.random.key(0), exp.initial_trainable)
   state, _ = jax.jit(exp.fed_round.step)(state, frozen_tree(exp.backbone), *round_inputs(exp, 0))
   data = dataclasses.replace(exp.data, eval_batch=16)
   ids, block = next(data.client_test_blocks(multiple=2))
   n_max = max(len(p) for p in exp.data.test_parts)
-  assert block["label"].shape[1] == -(-n_max // 16) * 16 > 16       # Padded to whole batches.
+  assert block["label"].shape[1] == -(-n_max // 16) * 16 > 16  # Padded to whole batches.
   evaluation = make_evaluate(exp.task, dataclasses.replace(exp.fed_round, clients_per_chunk=2), eval_batch=16)
   got = np.asarray(jax.jit(evaluation.client_accuracy)(state, frozen_tree(exp.backbone), ids, block))
   for c in range(len(exp.data.test_parts)):
@@ -185,8 +195,10 @@ def test_lost_metrics_are_rebuilt_from_the_checkpoint_and_a_lost_config_is_refus
   metrics.unlink()
   train_and_evaluate(smoke_config, str(work), progress=False)
   assert reporting.read_metrics(str(work)) == reporting.read_metrics(str(tmp_path / "straight"))
-  assert sorted(p.name for p in (work / "checkpoints").glob("metrics-*.jsonl")) == ["metrics-2.jsonl",
-                                                                                  "metrics-4.jsonl"]
+  assert sorted(p.name for p in (work / "checkpoints").glob("metrics-*.jsonl")) == [
+    "metrics-2.jsonl",
+    "metrics-4.jsonl",
+  ]
   work2 = tmp_path / "no_copy"
   train_and_evaluate(smoke_config, str(work2), stop_after_round=2, progress=False)
   (work2 / reporting.METRICS_FILE).unlink()
@@ -202,6 +214,7 @@ def test_lost_metrics_are_rebuilt_from_the_checkpoint_and_a_lost_config_is_refus
 
 def test_a_workdir_in_use_is_refused(smoke_config, tmp_path):
   from experiments.runner.workdir import workdir_lock
+
   with workdir_lock(str(tmp_path)):
     with pytest.raises(RuntimeError, match=f"in use by another run \\(pid {os.getpid()}\\)"):
       train_and_evaluate(smoke_config, str(tmp_path), progress=False)
@@ -220,11 +233,13 @@ def test_smoke_runs_learn_above_chance(smoke_config, tmp_path):
   assert last["train_loss"] < first["train_loss"]
 
 
-def test_shifted_evaluation_reaches_every_test_block_and_severity_zero_is_the_runs_own(smoke_config, tmp_path,
-                                                                                      monkeypatch):
+def test_shifted_evaluation_reaches_every_test_block_and_severity_zero_is_the_runs_own(
+  smoke_config, tmp_path, monkeypatch
+):
   """`run_evaluator`'s `transform_images` and `experiments.studies.shift_severity` on a finished run."""
   from experiments.studies import shift_severity
   from experiments.runner.evaluation import run_evaluator
+
   smoke_config.fed.num_rounds = 2
   run = tmp_path / "runs" / "fedit"
   last = train_and_evaluate(smoke_config, str(run), progress=False)["records"][-1]
@@ -251,7 +266,7 @@ def test_shifted_evaluation_reaches_every_test_block_and_severity_zero_is_the_ru
   shift_severity.main(argv)
   rows = json.loads((tmp_path / "shift.json").read_text())
   assert sorted(r["severity"] for r in rows) == list(range(6))
-  clean, = [r for r in rows if r["severity"] == 0]
+  (clean,) = [r for r in rows if r["severity"] == 0]
   assert (clean["global"], clean["pers_mean"]) == (last["global_accuracy"], last["personalized_accuracy_mean"])
   assert f"| {run} | +0.00 | +0.00 |" in out.read_text()
   report = out.read_text()

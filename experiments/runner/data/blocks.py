@@ -7,6 +7,7 @@ and the rest of the batch is masked; a padding client (id -1) is fully masked. A
 come from the generator passed in, which the trainer seeds with (seed, round): the sampler
 position is the round index, so a resumed run draws exactly the batches of an unbroken one.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,8 +28,9 @@ def pad_client_ids(client_ids: np.ndarray, multiple: int) -> np.ndarray:
   return np.concatenate([client_ids, np.full(pad, PAD_CLIENT, client_ids.dtype)])
 
 
-def _client_stream(indices: np.ndarray, steps: int, batch: int,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _client_stream(
+  indices: np.ndarray, steps: int, batch: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
   """[steps, batch] example indices and a {0,1} mask for one client."""
   n = len(indices)
   if n == 0:
@@ -41,12 +43,13 @@ def _client_stream(indices: np.ndarray, steps: int, batch: int,
       mask[s, :n] = 1.0
     return idx, mask
   epochs = -(-steps * batch // n)
-  stream = np.concatenate([rng.permutation(indices) for _ in range(epochs)])[:steps * batch]
+  stream = np.concatenate([rng.permutation(indices) for _ in range(epochs)])[: steps * batch]
   return stream.reshape(steps, batch), np.ones((steps, batch), np.float32)
 
 
-def train_block_indices(parts: list[np.ndarray], client_ids: np.ndarray, steps: int, batch: int,
-                        rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def train_block_indices(
+  parts: list[np.ndarray], client_ids: np.ndarray, steps: int, batch: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
   """Index and mask blocks for the sampled (possibly padded) clients.
 
   Args:
@@ -55,8 +58,9 @@ def train_block_indices(parts: list[np.ndarray], client_ids: np.ndarray, steps: 
   Returns:
     indices [C, steps, batch] int64 into the pool, mask [C, steps, batch] float32.
   """
-  streams = [_client_stream(parts[c] if c != PAD_CLIENT else np.zeros(0, np.int64), steps, batch, rng)
-             for c in client_ids]
+  streams = [
+    _client_stream(parts[c] if c != PAD_CLIENT else np.zeros(0, np.int64), steps, batch, rng) for c in client_ids
+  ]
   return np.stack([s[0] for s in streams]), np.stack([s[1] for s in streams])
 
 
@@ -74,6 +78,6 @@ def padded_eval_block(pool: ImageDataset, parts: list[np.ndarray], max_n: int | 
   indices = np.zeros((len(parts), max_n), np.int64)
   mask = np.zeros((len(parts), max_n), np.float32)
   for c, p in enumerate(parts):
-    indices[c, :len(p)] = p
-    mask[c, :len(p)] = 1.0
+    indices[c, : len(p)] = p
+    mask[c, : len(p)] = 1.0
   return gather_block(pool, indices, mask)

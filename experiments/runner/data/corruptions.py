@@ -14,6 +14,7 @@ its robustness to feature shift.
 Pure numpy, on the uint8 images the data pipeline holds ([..., H, W, 3]); the noise is drawn
 from `seed` alone, so every model evaluated at a severity sees the same corrupted images.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -15,6 +15,7 @@ and test 10x, each digit rendered 10 times per domain); 10 classes
 encoding nor reading needs TensorFlow), `label` (0-9, named zero ... nine), `domain` (index into
 `render.ALL_DOMAINS`). Stored as array_record; read with `as_data_source`.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,8 +36,7 @@ def split_base_indices(num_base: int) -> dict[str, np.ndarray]:
   n_pre = int(round(_PRETRAIN_FRACTION * num_base))
   fed = perm[n_pre:]
   n_test = int(round(_TEST_FRACTION_OF_FEDERATED * len(fed)))
-  return {"pretrain": np.sort(perm[:n_pre]), "train": np.sort(fed[n_test:]),
-          "test": np.sort(fed[:n_test])}
+  return {"pretrain": np.sort(perm[:n_pre]), "train": np.sort(fed[n_test:]), "test": np.sort(fed[:n_test])}
 
 
 class DigitsDomainsConfig(tfds.core.BuilderConfig):
@@ -54,24 +54,31 @@ class DigitsDomains(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {"1.1.0": "Class names (zero ... nine) for text prompts."}
   BUILDER_CONFIGS = [
-      DigitsDomainsConfig(name=f"res{r}", resolution=r, description=f"{r}x{r} RGB")
-      for r in (16, 24, 32)
-  ] + [DigitsDomainsConfig(name="res16x10", resolution=16, renderings=10,
-                           description="16x16 RGB, 10 renderings per digit and domain: 10x the train "
-                                       "and test examples (for memory benchmarks)")]
+    DigitsDomainsConfig(name=f"res{r}", resolution=r, description=f"{r}x{r} RGB") for r in (16, 24, 32)
+  ] + [
+    DigitsDomainsConfig(
+      name="res16x10",
+      resolution=16,
+      renderings=10,
+      description="16x16 RGB, 10 renderings per digit and domain: 10x the train "
+      "and test examples (for memory benchmarks)",
+    )
+  ]
   DEFAULT_CONFIG_NAME = "res16"
 
   def _info(self) -> tfds.core.DatasetInfo:
     res = self.builder_config.resolution
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(res, res, 3), dtype=np.uint8),
-            "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
-            "domain": tfds.features.ClassLabel(names=list(render.ALL_DOMAINS)),
-        }),
-        supervised_keys=("image", "label"),
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Tensor(shape=(res, res, 3), dtype=np.uint8),
+          "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
+          "domain": tfds.features.ClassLabel(names=list(render.ALL_DOMAINS)),
+        }
+      ),
+      supervised_keys=("image", "label"),
     )
 
   def _split_generators(self, dl_manager):
@@ -89,8 +96,7 @@ class DigitsDomains(tfds.core.GeneratorBasedBuilder):
     if split == "pretrain":
       jobs = [(i, render.SOURCE_DOMAIN, k) for i in base for k in range(_PRETRAIN_RENDERINGS)]
     else:
-      jobs = [(i, d, k) for i in base for d in render.FEDERATED_DOMAINS
-              for k in range(self.builder_config.renderings)]
+      jobs = [(i, d, k) for i in base for d in render.FEDERATED_DOMAINS for k in range(self.builder_config.renderings)]
     for i, domain, k in jobs:
       image = render.render_digit(digits.images[i], domain, res, rng)
       yield f"{i}_{domain}_{k}", {"image": image, "label": int(digits.target[i]), "domain": domain}

@@ -22,6 +22,7 @@ Dolly's category, as FedIT does), and `gather` builds the round's blocks. In mem
 `TokenRows`, read from the memory-mapped files row by row when a block needs them, so host
 memory holds the groups (the index) and the blocks being built, not the dataset.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -85,15 +86,18 @@ def _jsonl_records(path: str) -> Iterator[Any]:
       try:
         line = raw.decode("utf-8")
       except UnicodeDecodeError as e:
-        raise ValueError(f"{path}:{number}: not UTF-8 text (byte {e.start + 1} of the line is "
-                         f"{raw[e.start:e.start + 1]!r}); save the file as UTF-8") from None
+        raise ValueError(
+          f"{path}:{number}: not UTF-8 text (byte {e.start + 1} of the line is "
+          f"{raw[e.start : e.start + 1]!r}); save the file as UTF-8"
+        ) from None
       if not line.strip():
         continue
       try:
         yield json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{number}:{e.colno}: not a JSON value ({e.msg}); the line starts "
-                         f"{line.strip()[:60]!r}") from None
+        raise ValueError(
+          f"{path}:{number}:{e.colno}: not a JSON value ({e.msg}); the line starts {line.strip()[:60]!r}"
+        ) from None
 
 
 def _json_records(path: str) -> list:
@@ -103,12 +107,15 @@ def _json_records(path: str) -> list:
     with open(path, encoding="utf-8") as f:
       records = json.load(f)
   except UnicodeDecodeError as e:
-    raise ValueError(f"{path}: not UTF-8 text (byte {e.start + 1} is {e.object[e.start:e.start + 1]!r}); save the "
-                     f"file as UTF-8") from None
+    raise ValueError(
+      f"{path}: not UTF-8 text (byte {e.start + 1} is {e.object[e.start : e.start + 1]!r}); save the file as UTF-8"
+    ) from None
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
   if not isinstance(records, list):
-    raise ValueError(f"{path}: a .json file must hold a list of records (Alpaca's layout), got {type(records).__name__}")
+    raise ValueError(
+      f"{path}: a .json file must hold a list of records (Alpaca's layout), got {type(records).__name__}"
+    )
   return records
 
 
@@ -116,6 +123,7 @@ def _parquet_records(path: str) -> Iterator[dict]:
   """A .parquet file's rows, a batch at a time; a file that is not parquet is named."""
   import pyarrow
   import pyarrow.parquet as pq
+
   try:
     table = pq.ParquetFile(path)
   except (pyarrow.ArrowException, OSError) as e:
@@ -141,8 +149,10 @@ def group_value(record: dict, field: str | None, number: int) -> str:
     raise ValueError(f"data.group_field={field!r}: record {number} has no such field (fields: {sorted(record)})")
   value = record[field]
   if value is None or (isinstance(value, str) and not value.strip()):
-    raise ValueError(f"data.group_field={field!r}: record {number}'s {field} is {value!r}, not a group name; give it "
-                     f"one or drop the record")
+    raise ValueError(
+      f"data.group_field={field!r}: record {number}'s {field} is {value!r}, not a group name; give it "
+      f"one or drop the record"
+    )
   return str(value)
 
 
@@ -211,6 +221,7 @@ class TextDataset:
     num_classes: the number of groups; class_names, domain_names: their names.
     truncated: how many records were cut to T; no_loss: how many kept no response token.
   """
+
   tokens: dict[str, np.ndarray]
   labels: np.ndarray
   domains: np.ndarray
@@ -246,6 +257,7 @@ class TokenizedRecords:
     groups: [N] int32 group of each record; group_names: the sorted group names.
     truncated, no_loss: [N] bool, the record was cut to T / kept no response token.
   """
+
   directory: str
   tokens: dict[str, np.ndarray]
   groups: np.ndarray
@@ -256,11 +268,20 @@ class TokenizedRecords:
   def split(self, indices: np.ndarray, stream: bool) -> TextDataset:
     """The records `indices` [n] as a `TextDataset`: their tokens read into memory, or
     `TokenRows` of the files (`stream`)."""
-    tokens = {k: TokenRows(self.tokens[k], indices) if stream else np.asarray(self.tokens[k][indices])
-              for k in TOKEN_KEYS}
+    tokens = {
+      k: TokenRows(self.tokens[k], indices) if stream else np.asarray(self.tokens[k][indices]) for k in TOKEN_KEYS
+    }
     groups = self.groups[indices]
-    return TextDataset(tokens, groups, groups, len(self.group_names), self.group_names, self.group_names,
-                       int(self.truncated[indices].sum()), int(self.no_loss[indices].sum()))
+    return TextDataset(
+      tokens,
+      groups,
+      groups,
+      len(self.group_names),
+      self.group_names,
+      self.group_names,
+      int(self.truncated[indices].sum()),
+      int(self.no_loss[indices].sum()),
+    )
 
 
 def source_fingerprint(name: str) -> dict[str, Any]:
@@ -275,16 +296,23 @@ def source_fingerprint(name: str) -> dict[str, Any]:
 
 def tokenized_directory(data_config, tokenizer) -> tuple[str, dict[str, Any]]:
   """(the directory `data.name` tokenized by `tokenizer` is kept in, the fields its name hashes)."""
-  fields = {"format": TOKENIZED_FORMAT, "source": source_fingerprint(data_config.name),
-            "tokenizer": tokenizer.fingerprint(), "max_len": int(data_config.max_len), "layout": data_config.layout,
-            "chat_template": bool(data_config.chat_template), "group_field": data_config.group_field or ""}
+  fields = {
+    "format": TOKENIZED_FORMAT,
+    "source": source_fingerprint(data_config.name),
+    "tokenizer": tokenizer.fingerprint(),
+    "max_len": int(data_config.max_len),
+    "layout": data_config.layout,
+    "chat_template": bool(data_config.chat_template),
+    "group_field": data_config.group_field or "",
+  }
   digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
   stem = os.path.splitext(os.path.basename(data_config.name))[0]
   return os.path.join(data_config.get("data_dir", "") or DEFAULT_DATA_DIR, f"{stem}-{digest}"), fields
 
 
-def prepare_tokenized(data_config, tokenizer, log: Callable[[str], None] = print,
-                      vocab_size: int | None = None) -> TokenizedRecords:
+def prepare_tokenized(
+  data_config, tokenizer, log: Callable[[str], None] = print, vocab_size: int | None = None
+) -> TokenizedRecords:
   """`data.name` tokenized (`data.max_len`, `data.layout`, `data.chat_template`) with its groups
   (`data.group_field`): read from its prepared directory, or prepared there first, one pass
   over the records `CHUNK_RECORDS` at a time. Safe to call from several processes at once
@@ -307,8 +335,9 @@ def prepare_tokenized(data_config, tokenizer, log: Callable[[str], None] = print
 def _write_tokenized(records: Iterable[dict], directory: str, fields: dict, tokenizer, data_config) -> int:
   """Tokenizes `records` into `directory`, whole or not at all (`files.build_directory`; another
   process's directory, if it finished first, is kept); their count."""
-  count, _ = files.build_directory(directory, lambda partial: _write_files(records, partial, fields, tokenizer,
-                                                                           data_config))
+  count, _ = files.build_directory(
+    directory, lambda partial: _write_files(records, partial, fields, tokenizer, data_config)
+  )
   return count
 
 
@@ -320,8 +349,9 @@ def _write_files(records: Iterable[dict], partial: str, fields: dict, tokenizer,
     outputs = {k: stack.enter_context(open(os.path.join(partial, f"{k}.bin"), "wb")) for k in TOKEN_KEYS}
 
     def flush():
-      encoded = text.encode_instructions(tokenizer, chunk, data_config.max_len, data_config.layout,
-                                         chat=data_config.chat_template)
+      encoded = text.encode_instructions(
+        tokenizer, chunk, data_config.max_len, data_config.layout, chat=data_config.chat_template
+      )
       for k in TOKEN_KEYS:
         outputs[k].write(np.ascontiguousarray(encoded[k], TOKEN_DTYPE).tobytes())
       truncated.append(encoded["truncated"])
@@ -343,8 +373,17 @@ def _write_files(records: Iterable[dict], partial: str, fields: dict, tokenizer,
   np.save(os.path.join(partial, "truncated.npy"), np.concatenate(truncated))
   np.save(os.path.join(partial, "no_loss.npy"), np.concatenate(no_loss))
   with open(os.path.join(partial, "tokenized.json"), "w") as f:
-    json.dump({"num_records": len(groups), "max_len": int(data_config.max_len), "dtype": TOKEN_DTYPE.name,
-               "group_names": names, **fields}, f, indent=2)
+    json.dump(
+      {
+        "num_records": len(groups),
+        "max_len": int(data_config.max_len),
+        "dtype": TOKEN_DTYPE.name,
+        "group_names": names,
+        **fields,
+      },
+      f,
+      indent=2,
+    )
   return len(groups)
 
 
@@ -357,15 +396,19 @@ def open_tokenized(directory: str, vocab_size: int | None = None) -> TokenizedRe
     TokenizedCacheError: a file is missing, of another size than its record count says, or not
       the bytes written, or the ids do not fit (named; delete the directory to tokenize again).
   """
+
   def corrupt(what: str) -> TokenizedCacheError:
-    return TokenizedCacheError(f"{directory}: {what}; it is not what was written (delete the directory to "
-                               f"tokenize the records again)")
+    return TokenizedCacheError(
+      f"{directory}: {what}; it is not what was written (delete the directory to tokenize the records again)"
+    )
+
   try:
     with open(os.path.join(directory, "tokenized.json")) as f:
       meta = json.load(f)
     n, t = int(meta["num_records"]), int(meta["max_len"])
-    groups, truncated, no_loss = (np.load(os.path.join(directory, f"{k}.npy"))
-                                  for k in ("groups", "truncated", "no_loss"))
+    groups, truncated, no_loss = (
+      np.load(os.path.join(directory, f"{k}.npy")) for k in ("groups", "truncated", "no_loss")
+    )
   except (OSError, ValueError, KeyError) as e:
     raise corrupt(f"cannot read its index ({type(e).__name__}: {e})") from None
   if not len(groups) == len(truncated) == len(no_loss) == n:
@@ -393,20 +436,23 @@ def _token_range_problem(tokens: dict[str, np.ndarray], vocab_size: int) -> str 
   """What is out of range in the token files (ids outside [0, vocab_size), masks not 0/1), or None."""
   rows = tokens["input_ids"].shape[0]
   for start in range(0, rows, CHUNK_RECORDS):
-    ids = np.asarray(tokens["input_ids"][start:start + CHUNK_RECORDS])
+    ids = np.asarray(tokens["input_ids"][start : start + CHUNK_RECORDS])
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-      return (f"input_ids.bin holds ids in [{ids.min()}, {ids.max()}] (records {start}..), outside the "
-              f"{vocab_size} ids the model embeds (the tokenizer's vocabulary, or the model's embedding rows if "
-              f"fewer): a tokenizer of another model?")
+      return (
+        f"input_ids.bin holds ids in [{ids.min()}, {ids.max()}] (records {start}..), outside the "
+        f"{vocab_size} ids the model embeds (the tokenizer's vocabulary, or the model's embedding rows if "
+        f"fewer): a tokenizer of another model?"
+      )
     for k in ("attention_mask", "loss_mask"):
-      values = np.asarray(tokens[k][start:start + CHUNK_RECORDS])
+      values = np.asarray(tokens[k][start : start + CHUNK_RECORDS])
       if values.size and (values.min() < 0 or values.max() > 1):
         return f"{k}.bin holds values other than 0 and 1 (records {start}..)"
   return None
 
 
-def load_text_datasets(data_config, tokenizer, seed: int, log: Callable[[str], None] = print,
-                       vocab_size: int | None = None) -> tuple[TextDataset, TextDataset]:
+def load_text_datasets(
+  data_config, tokenizer, seed: int, log: Callable[[str], None] = print, vocab_size: int | None = None
+) -> tuple[TextDataset, TextDataset]:
   """(train, test) `TextDataset`s of `data.name` per the config's `data` block (layout,
   group_field, test_fraction, max_len, chat_template, data_dir, stream): tokenized once
   (`prepare_tokenized`), split per group, in memory or streamed."""

@@ -11,6 +11,7 @@ embedded `digits_domains` is generated on first use; any other dataset must alre
 prepared in `data_dir` in the array_record format (`tfds build NAME --file_format=array_record`
 on a machine with a network), since nothing is downloaded here.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -82,6 +83,7 @@ class ImageDataset:
     domain_names: name of each domain id.
     class_names: name of each class id (for text prompts).
   """
+
   images: np.ndarray
   labels: np.ndarray
   domains: np.ndarray
@@ -94,8 +96,9 @@ class ImageDataset:
 
   def subset(self, indices: np.ndarray) -> ImageDataset:
     """The examples `indices`, their images read into memory."""
-    return dataclasses.replace(self, images=self.images[indices], labels=self.labels[indices],
-                               domains=self.domains[indices])
+    return dataclasses.replace(
+      self, images=self.images[indices], labels=self.labels[indices], domains=self.domains[indices]
+    )
 
 
 def _builder(name: str, data_dir: str):
@@ -142,15 +145,16 @@ def split_examples(name: str, split: str, data_dir: str | None = None) -> int | 
       builder = _builder(source, data_dir)
       splits = builder.info.splits
     except Exception as e:  # TFDS raises several kinds for an unknown or unprepared dataset.
-      raise ValueError(f"no TFDS dataset {source!r} is prepared in data_dir={data_dir!r} and it is not "
-                       f"embedded ({EMBEDDED_NAME}/...): {type(e).__name__}") from None
+      raise ValueError(
+        f"no TFDS dataset {source!r} is prepared in data_dir={data_dir!r} and it is not "
+        f"embedded ({EMBEDDED_NAME}/...): {type(e).__name__}"
+      ) from None
     if not splits:
       return None
     try:
       total += splits[split].num_examples
     except (KeyError, ValueError) as e:
-      raise ValueError(f"dataset {source!r} has no split {split!r} (its splits: {', '.join(splits)}): "
-                       f"{e}") from None
+      raise ValueError(f"dataset {source!r} has no split {split!r} (its splits: {', '.join(splits)}): {e}") from None
   return total
 
 
@@ -173,8 +177,11 @@ class CorruptDataError(OSError):
 
 def _corrupt(e: Exception) -> bool:
   """Whether `e` is array_record/Riegeli reporting a damaged file."""
-  return (isinstance(e, RuntimeError) and not isinstance(e, NotImplementedError)
-          and any(w in str(e) for w in ("Riegeli", "Corrupted")))
+  return (
+    isinstance(e, RuntimeError)
+    and not isinstance(e, NotImplementedError)
+    and any(w in str(e) for w in ("Riegeli", "Corrupted"))
+  )
 
 
 class _NamedSource:
@@ -189,9 +196,10 @@ class _NamedSource:
   def _error(self, e: Exception) -> CorruptDataError:
     builder, name, split = self._where
     return CorruptDataError(
-        f"data: dataset {name!r} split {split!r} has a corrupt or truncated file in {builder.data_dir} "
-        f"({builder.info.name}-{split.split('[')[0]}.array_record-*): {e}. Prepare it again (an embedded "
-        f"dataset: delete that directory and rerun).")
+      f"data: dataset {name!r} split {split!r} has a corrupt or truncated file in {builder.data_dir} "
+      f"({builder.info.name}-{split.split('[')[0]}.array_record-*): {e}. Prepare it again (an embedded "
+      f"dataset: delete that directory and rerun)."
+    )
 
   def _named(self, read, key):
     """`read(key)`, with a damaged file's error naming the dataset."""
@@ -217,10 +225,11 @@ def _data_source(builder, name: str, split: str, data_dir: str, decoders=None):
     return _NamedSource(builder.as_data_source(split=split, decoders=decoders), builder, name, split)
   except (NotImplementedError, FileNotFoundError, AssertionError, ValueError) as e:
     raise FileNotFoundError(
-        f"data.name: TFDS dataset {name!r} split {split!r} is not prepared as array_record in "
-        f"data_dir={data_dir!r} ({type(e).__name__}). Nothing can be downloaded at run time: "
-        f"prepare it on a machine with a network with `tfds build {name} "
-        f"--file_format=array_record --data_dir=DIR` and pass that DIR as data.data_dir.") from e
+      f"data.name: TFDS dataset {name!r} split {split!r} is not prepared as array_record in "
+      f"data_dir={data_dir!r} ({type(e).__name__}). Nothing can be downloaded at run time: "
+      f"prepare it on a machine with a network with `tfds build {name} "
+      f"--file_format=array_record --data_dir=DIR` and pass that DIR as data.data_dir."
+    ) from e
   except RuntimeError as e:
     if _corrupt(e):
       raise _NamedSource(None, builder, name, split)._error(e) from e
@@ -235,6 +244,7 @@ def _to_rgb(image: np.ndarray, image_size: int | None) -> np.ndarray:
     image = np.repeat(image, 3, axis=-1)
   if image_size is not None and image.shape[:2] != (image_size, image_size):
     from PIL import Image  # pillow ships with matplotlib; only real datasets need it.
+
     image = np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.BILINEAR))
   return image
 
@@ -252,8 +262,9 @@ def _read_all(source) -> list[dict]:
   return [source[i] for i in range(len(source))]
 
 
-def _index_pass(builder, name: str, split: str, data_dir: str, keys: tuple[str, ...],
-                batch: int = 1024) -> dict[str, np.ndarray]:
+def _index_pass(
+  builder, name: str, split: str, data_dir: str, keys: tuple[str, ...], batch: int = 1024
+) -> dict[str, np.ndarray]:
   """{key: [N] int32} for `keys` (label, domain) of every record, holding no image: image
   decoding is skipped where the data source allows it (real array_record files) and each
   batch of records is dropped once read."""
@@ -271,8 +282,9 @@ def _index_pass(builder, name: str, split: str, data_dir: str, keys: tuple[str, 
   return {key: np.asarray(values, np.int32) for key, values in columns.items()}
 
 
-def load_image_dataset(name: str, split: str, data_dir: str | None = None,
-                       image_size: int | None = None, stream: bool = False) -> ImageDataset:
+def load_image_dataset(
+  name: str, split: str, data_dir: str | None = None, image_size: int | None = None, stream: bool = False
+) -> ImageDataset:
   """Reads a split's labels and domains, and its images into memory or as a stream.
 
   Args:
@@ -307,8 +319,10 @@ def load_image_dataset(name: str, split: str, data_dir: str | None = None,
     else:
       records = _read_all(_data_source(builder, source, split, data_dir))
       images = np.stack([_to_rgb(np.asarray(r["image"]), image_size) for r in records])
-      columns = {key: np.array([r[key] for r in records], np.int32)
-                 for key in (("label", "domain") if own_domains else ("label",))}
+      columns = {
+        key: np.array([r[key] for r in records], np.int32)
+        for key in (("label", "domain") if own_domains else ("label",))
+      }
     labels = columns["label"]
     if own_domains:
       domains = columns["domain"]
@@ -317,10 +331,12 @@ def load_image_dataset(name: str, split: str, data_dir: str | None = None,
       domains = np.full(len(labels), source_index, np.int32)
       domain_names.append(source)
     parts.append((images, labels, domains))
-  images = (RecordImages([p[0] for p in parts], image_size) if stream
-            else np.concatenate([p[0] for p in parts]))
-  return ImageDataset(images=images,
-                      labels=np.concatenate([p[1] for p in parts]),
-                      domains=np.concatenate([p[2] for p in parts]),
-                      num_classes=int(num_classes), domain_names=tuple(domain_names),
-                      class_names=class_names)
+  images = RecordImages([p[0] for p in parts], image_size) if stream else np.concatenate([p[0] for p in parts])
+  return ImageDataset(
+    images=images,
+    labels=np.concatenate([p[1] for p in parts]),
+    domains=np.concatenate([p[2] for p in parts]),
+    num_classes=int(num_classes),
+    domain_names=tuple(domain_names),
+    class_names=class_names,
+  )

@@ -17,14 +17,20 @@ Families (say which one a run uses):
   domain_dirichlet         feature + label shift: each domain split over its clients by
                            a Dirichlet label skew
 """
+
 from __future__ import annotations
 
 
 import numpy as np
 
 Shares = dict  # group key -> [num_clients] float array summing to 1.
-ALLOWED_PARTITIONS = ("dirichlet_label_skew", "client_dirichlet", "k_classes_per_client",
-                      "one_domain_per_client", "domain_dirichlet")
+ALLOWED_PARTITIONS = (
+  "dirichlet_label_skew",
+  "client_dirichlet",
+  "k_classes_per_client",
+  "one_domain_per_client",
+  "domain_dirichlet",
+)
 
 
 def _cuts(share: np.ndarray, group_size: int) -> np.ndarray:
@@ -37,8 +43,7 @@ def _piece_sizes(share: np.ndarray, group_size: int) -> np.ndarray:
   return np.diff(np.concatenate([[0], _cuts(share, group_size), [group_size]]))
 
 
-def split_by_shares(keys: np.ndarray, shares: Shares, num_clients: int,
-                    rng: np.random.Generator) -> list[np.ndarray]:
+def split_by_shares(keys: np.ndarray, shares: Shares, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
   """Splits example indices over clients: the examples of group `key` by `shares[key]`.
 
   Args:
@@ -59,9 +64,14 @@ def split_by_shares(keys: np.ndarray, shares: Shares, num_clients: int,
   return [np.sort(np.concatenate(p)).astype(np.int64) if p else np.zeros(0, np.int64) for p in parts]
 
 
-def dirichlet_label_skew_shares(labels: np.ndarray, num_clients: int, alpha: float,
-                                rng: np.random.Generator, min_size: int = 10,
-                                max_tries: int = 1000) -> Shares:
+def dirichlet_label_skew_shares(
+  labels: np.ndarray,
+  num_clients: int,
+  alpha: float,
+  rng: np.random.Generator,
+  min_size: int = 10,
+  max_tries: int = 1000,
+) -> Shares:
   """p_c ~ Dir(alpha 1_N) per class c, redrawn until each client gets >= min_size examples."""
   classes = np.unique(labels)
   for _ in range(max_tries):
@@ -69,12 +79,20 @@ def dirichlet_label_skew_shares(labels: np.ndarray, num_clients: int, alpha: flo
     sizes = sum(_piece_sizes(shares[int(c)], int(np.sum(labels == c))) for c in classes)
     if sizes.min() >= min_size:
       return shares
-  raise ValueError(f"data.min_client_size={min_size} unreachable with {num_clients} clients, "
-                   f"alpha={alpha}, {len(labels)} examples after {max_tries} draws")
+  raise ValueError(
+    f"data.min_client_size={min_size} unreachable with {num_clients} clients, "
+    f"alpha={alpha}, {len(labels)} examples after {max_tries} draws"
+  )
 
 
-def client_dirichlet_shares(labels: np.ndarray, num_clients: int, alpha: float,
-                            rng: np.random.Generator, min_size: int = 10, max_tries: int = 1000) -> Shares:
+def client_dirichlet_shares(
+  labels: np.ndarray,
+  num_clients: int,
+  alpha: float,
+  rng: np.random.Generator,
+  min_size: int = 10,
+  max_tries: int = 1000,
+) -> Shares:
   """q_k ~ Dir(alpha 1_C) per client; class c goes to client k in proportion q_k[c] / Σ_j q_j[c].
   Redrawn until each client gets >= min_size examples."""
   classes = np.unique(labels)
@@ -84,12 +102,13 @@ def client_dirichlet_shares(labels: np.ndarray, num_clients: int, alpha: float,
     sizes = sum(_piece_sizes(shares[int(c)], int(np.sum(labels == c))) for c in classes)
     if sizes.min() >= min_size:
       return shares
-  raise ValueError(f"data.min_client_size={min_size} unreachable with {num_clients} clients, "
-                   f"alpha={alpha}, {len(labels)} examples after {max_tries} draws")
+  raise ValueError(
+    f"data.min_client_size={min_size} unreachable with {num_clients} clients, "
+    f"alpha={alpha}, {len(labels)} examples after {max_tries} draws"
+  )
 
 
-def k_classes_per_client_shares(labels: np.ndarray, num_clients: int, k: int,
-                                rng: np.random.Generator) -> Shares:
+def k_classes_per_client_shares(labels: np.ndarray, num_clients: int, k: int, rng: np.random.Generator) -> Shares:
   """Client i holds k classes (assigned round-robin over a shuffled class order); the
   clients holding class c split it with weights drawn from U[0.4, 0.6], normalised."""
   classes = np.unique(labels)
@@ -115,13 +134,21 @@ def one_domain_per_client_shares(domains: np.ndarray, num_clients: int) -> Share
   """Client d holds all of domain d (num_clients must equal the number of domains)."""
   present = np.unique(domains)
   if len(present) != num_clients:
-    raise ValueError(f"data.num_clients={num_clients} must equal the number of domains "
-                     f"({len(present)}) for partition 'one_domain_per_client'")
+    raise ValueError(
+      f"data.num_clients={num_clients} must equal the number of domains "
+      f"({len(present)}) for partition 'one_domain_per_client'"
+    )
   return {int(d): np.eye(num_clients)[i] for i, d in enumerate(present)}
 
 
-def domain_dirichlet_shares(labels: np.ndarray, domains: np.ndarray, clients_per_domain: int,
-                            alpha: float, rng: np.random.Generator, min_size: int = 10) -> Shares:
+def domain_dirichlet_shares(
+  labels: np.ndarray,
+  domains: np.ndarray,
+  clients_per_domain: int,
+  alpha: float,
+  rng: np.random.Generator,
+  min_size: int = 10,
+) -> Shares:
   """Domain d is split over its own `clients_per_domain` clients by a Dirichlet label
   skew; keys are `domain * 100000 + label`."""
   shares = {}
@@ -130,7 +157,7 @@ def domain_dirichlet_shares(labels: np.ndarray, domains: np.ndarray, clients_per
     local = dirichlet_label_skew_shares(labels[in_d], clients_per_domain, alpha, rng, min_size)
     for c, p in local.items():
       w = np.zeros(clients_per_domain * len(np.unique(domains)))
-      w[i * clients_per_domain:(i + 1) * clients_per_domain] = p
+      w[i * clients_per_domain : (i + 1) * clients_per_domain] = p
       shares[int(d) * 100000 + c] = w
   return shares
 
@@ -146,9 +173,17 @@ def partition_keys(kind: str, labels: np.ndarray, domains: np.ndarray) -> np.nda
   raise ValueError(f"data.partition={kind!r}; allowed: {ALLOWED_PARTITIONS}")
 
 
-def make_shares(kind: str, labels: np.ndarray, domains: np.ndarray, num_clients: int,
-                rng: np.random.Generator, *, alpha: float = 0.5, classes_per_client: int = 2,
-                min_size: int = 10) -> Shares:
+def make_shares(
+  kind: str,
+  labels: np.ndarray,
+  domains: np.ndarray,
+  num_clients: int,
+  rng: np.random.Generator,
+  *,
+  alpha: float = 0.5,
+  classes_per_client: int = 2,
+  min_size: int = 10,
+) -> Shares:
   """Draws the shares of a partition family from the train pool's labels and domains."""
   if kind == "dirichlet_label_skew":
     return dirichlet_label_skew_shares(labels, num_clients, alpha, rng, min_size)
@@ -161,8 +196,10 @@ def make_shares(kind: str, labels: np.ndarray, domains: np.ndarray, num_clients:
   if kind == "domain_dirichlet":
     num_domains = len(np.unique(domains))
     if num_clients % num_domains:
-      raise ValueError(f"data.num_clients={num_clients} must be a multiple of the number of "
-                       f"domains ({num_domains}) for partition 'domain_dirichlet'")
+      raise ValueError(
+        f"data.num_clients={num_clients} must be a multiple of the number of "
+        f"domains ({num_domains}) for partition 'domain_dirichlet'"
+      )
     return domain_dirichlet_shares(labels, domains, num_clients // num_domains, alpha, rng, min_size)
   raise ValueError(f"data.partition={kind!r}; allowed: {ALLOWED_PARTITIONS}")
 
@@ -173,8 +210,9 @@ def cap_examples(parts: list[np.ndarray], max_examples: int, seed: int) -> list[
   if not max_examples:
     return parts
   rng = np.random.default_rng([seed, 7])
-  return [np.sort(rng.choice(part, max_examples, replace=False)) if len(part) > max_examples else part
-          for part in parts]
+  return [
+    np.sort(rng.choice(part, max_examples, replace=False)) if len(part) > max_examples else part for part in parts
+  ]
 
 
 def split_validation(parts: list[np.ndarray], fraction: float, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -194,9 +232,16 @@ def split_validation(parts: list[np.ndarray], fraction: float, seed: int) -> tup
   return train, validation
 
 
-def partition_train_test(kind: str, train_labels: np.ndarray, train_domains: np.ndarray,
-                         test_labels: np.ndarray, test_domains: np.ndarray, num_clients: int,
-                         seed: int, **kwargs) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def partition_train_test(
+  kind: str,
+  train_labels: np.ndarray,
+  train_domains: np.ndarray,
+  test_labels: np.ndarray,
+  test_domains: np.ndarray,
+  num_clients: int,
+  seed: int,
+  **kwargs,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
   """Partitions a train pool and a test pool over clients with the same per-client distribution.
 
   Returns:

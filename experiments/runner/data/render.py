@@ -13,6 +13,7 @@ Domains (a small DomainNet: same ten classes, different visual styles):
   sketch    dark outline (edge magnitude) on white, like DomainNet's sketch
   thick     dilated, blurred strokes
 """
+
 from __future__ import annotations
 
 import colorsys

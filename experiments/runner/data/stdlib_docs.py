@@ -13,6 +13,7 @@ Generated sentences would teach a model a template; these are texts people wrote
 depend on the Python version's docstrings (the project's is 3.11); they are built in sorted
 order, so a version gives the same records every time.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -21,16 +22,27 @@ import re
 
 # category -> (module or type name, ...): a group of related APIs per category.
 CATEGORIES = {
-    "math": ("math", "cmath"), "statistics": ("statistics",), "random": ("random", "secrets"),
-    "strings": ("str", "textwrap", "string"), "bytes": ("bytes", "base64", "binascii"),
-    "containers": ("list", "dict", "set", "heapq", "bisect", "collections"),
-    "paths": ("os.path", "glob", "fnmatch"), "files": ("shutil", "tempfile"),
-    "time": ("time", "calendar"), "hashing": ("hashlib", "zlib"), "urls": ("urllib.parse",),
-    "introspection": ("inspect",), "functional": ("functools", "itertools", "operator"),
+  "math": ("math", "cmath"),
+  "statistics": ("statistics",),
+  "random": ("random", "secrets"),
+  "strings": ("str", "textwrap", "string"),
+  "bytes": ("bytes", "base64", "binascii"),
+  "containers": ("list", "dict", "set", "heapq", "bisect", "collections"),
+  "paths": ("os.path", "glob", "fnmatch"),
+  "files": ("shutil", "tempfile"),
+  "time": ("time", "calendar"),
+  "hashing": ("hashlib", "zlib"),
+  "urls": ("urllib.parse",),
+  "introspection": ("inspect",),
+  "functional": ("functools", "itertools", "operator"),
 }
 BUILTIN_TYPES = {"str": str, "bytes": bytes, "list": list, "dict": dict, "set": set}
-PHRASINGS = ("What does `{name}` do?", "Explain what the Python function {name} does.",
-             "Describe `{name}` in one or two sentences.", "In Python, what is {name} for?")
+PHRASINGS = (
+  "What does `{name}` do?",
+  "Explain what the Python function {name} does.",
+  "Describe `{name}` in one or two sentences.",
+  "In Python, what is {name} for?",
+)
 MAX_RESPONSE_CHARS = 240
 SIGNATURE_LINE = re.compile(r"^[\w.]+\(.*\)(\s*->.*)?$")
 MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
@@ -47,7 +59,7 @@ def _summary(doc: str) -> str:
     return text
   cut = text[:MAX_RESPONSE_CHARS]
   end = max(cut.rfind(". "), cut.rfind("; "))
-  return cut[:end + 1] if end > 40 else cut[:cut.rfind(" ")] + " ..."
+  return cut[: end + 1] if end > 40 else cut[: cut.rfind(" ")] + " ..."
 
 
 def _members(source: str) -> list[tuple[str, object]]:
@@ -59,7 +71,9 @@ def _members(source: str) -> list[tuple[str, object]]:
     if name.startswith("_") or not callable(member) or inspect.isclass(member):
       continue
     home = getattr(member, "__module__", None)
-    if inspect.ismodule(owner) and home not in (source, "_" + source, None) and not source.startswith(("os.", "urllib.")):
+    if (
+      inspect.ismodule(owner) and home not in (source, "_" + source, None) and not source.startswith(("os.", "urllib."))
+    ):
       continue  # Re-exported from another module (counted where it lives).
     out.append((f"{source}.{name}", member))
   return out
@@ -88,8 +102,14 @@ def instruction_records() -> list[dict[str, str]]:
           continue
         seen.add(response)
         phrasing = PHRASINGS[len(records) % len(PHRASINGS)]
-        records.append({"instruction": phrasing.format(name=name), "context": _signature(name, member),
-                        "response": response, "category": category})
+        records.append(
+          {
+            "instruction": phrasing.format(name=name),
+            "context": _signature(name, member),
+            "response": response,
+            "category": category,
+          }
+        )
   return records
 
 
@@ -97,6 +117,7 @@ def pretraining_text() -> list[str]:
   """The Language Reference topics' paragraphs (whitespace collapsed, 40+ characters), in
   sorted topic order."""
   from pydoc_data.topics import topics
+
   paragraphs = []
   for topic in sorted(topics):
     for paragraph in re.split(r"\n\s*\n", topics[topic]):

@@ -22,28 +22,87 @@ Supported: `ViTModel` and `ViTForImageClassification` (model_type "vit") as `mod
 sharded as `model.safetensors.index.json`. Another model_type is refused by name. A new family is
 one module defining a `family.Family` and one line in `checkpoint.FAMILIES`.
 """
+
 from __future__ import annotations
 
 from hyperlora_jax.models.errors import CheckpointError, check_finite
-from hyperlora_jax.models.hf.checkpoint import (FAMILIES, SUPPORTED, Checkpoint, architecture, family_named,
-                                                family_of, image_size, load_params, module_namer, open_checkpoint,
-                                                read_checkpoint)
+from hyperlora_jax.models.hf.checkpoint import (
+  FAMILIES,
+  SUPPORTED,
+  Checkpoint,
+  architecture,
+  family_named,
+  family_of,
+  image_size,
+  load_params,
+  module_namer,
+  open_checkpoint,
+  read_checkpoint,
+)
 from hyperlora_jax.models.hf.clip import clip_arch, clip_module_name, clip_params
 from hyperlora_jax.models.hf.family import Family
-from hyperlora_jax.models.hf.llama import (DECODER_TYPES, decoder_arch, decoder_config, decoder_module_name,
-                                           decoder_params, load_causal_lm, save_causal_lm)
-from hyperlora_jax.models.hf.reading import (CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, image_normalization, read_config,
-                                             read_tensors, square_size)
+from hyperlora_jax.models.hf.llama import (
+  DECODER_TYPES,
+  decoder_arch,
+  decoder_config,
+  decoder_module_name,
+  decoder_params,
+  load_causal_lm,
+  save_causal_lm,
+)
+from hyperlora_jax.models.hf.reading import (
+  CONFIG_FILE,
+  INDEX_FILE,
+  WEIGHTS_FILE,
+  image_normalization,
+  read_config,
+  read_tensors,
+  square_size,
+)
 from hyperlora_jax.models.hf.tensors import _bicubic_matrix, resize_position_table  # noqa: F401 (tests)
 from hyperlora_jax.models.hf.tokenizer import TOKENIZER_FILE, Tokenizer, clip_bpe_tokenizer, render_chat_template
 from hyperlora_jax.models.hf.vit import TRANSFORMERS_VERSIONS, vit_arch, vit_module_name, vit_module_namer, vit_params
 
 __all__ = [
-    "CONFIG_FILE", "DECODER_TYPES", "FAMILIES", "INDEX_FILE", "SUPPORTED", "TOKENIZER_FILE", "TRANSFORMERS_VERSIONS",
-    "WEIGHTS_FILE", "Checkpoint", "CheckpointError", "Family", "Tokenizer", "architecture", "check_finite",
-    "clip_arch", "clip_bpe_tokenizer", "clip_module_name", "clip_params", "decoder_arch", "decoder_config",
-    "decoder_module_name", "decoder_params", "family_named", "family_of", "image_normalization", "image_size",
-    "load_causal_lm", "load_params", "module_namer", "open_checkpoint", "read_checkpoint", "read_config",
-    "read_tensors", "render_chat_template", "resize_position_table", "save_causal_lm", "square_size",
-    "vit_arch", "vit_module_name", "vit_module_namer", "vit_params",
+  "CONFIG_FILE",
+  "DECODER_TYPES",
+  "FAMILIES",
+  "INDEX_FILE",
+  "SUPPORTED",
+  "TOKENIZER_FILE",
+  "TRANSFORMERS_VERSIONS",
+  "WEIGHTS_FILE",
+  "Checkpoint",
+  "CheckpointError",
+  "Family",
+  "Tokenizer",
+  "architecture",
+  "check_finite",
+  "clip_arch",
+  "clip_bpe_tokenizer",
+  "clip_module_name",
+  "clip_params",
+  "decoder_arch",
+  "decoder_config",
+  "decoder_module_name",
+  "decoder_params",
+  "family_named",
+  "family_of",
+  "image_normalization",
+  "image_size",
+  "load_causal_lm",
+  "load_params",
+  "module_namer",
+  "open_checkpoint",
+  "read_checkpoint",
+  "read_config",
+  "read_tensors",
+  "render_chat_template",
+  "resize_position_table",
+  "save_causal_lm",
+  "square_size",
+  "vit_arch",
+  "vit_module_name",
+  "vit_module_namer",
+  "vit_params",
 ]

@@ -1,5 +1,6 @@
 """`open_checkpoint(directory)`: a Hugging Face checkpoint directory opened once, as one value
 that validation, model building and weight loading all read; the registry of families."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,6 +61,7 @@ class Checkpoint:
     tokenizer: its `Tokenizer`, None where it carries none (a ViT).
   The tensors are read when asked for (`tensors`, `params`): a config check never reads them.
   """
+
   directory: str
   config: dict
   family: Family
@@ -111,9 +113,14 @@ def open_checkpoint(directory: str) -> Checkpoint:
   """
   config = read_config(directory, ", ".join(SUPPORTED))
   family = family_of(config)
-  return Checkpoint(directory=directory, config=config, family=family, architecture=family.architecture(config),
-                    normalization=image_normalization(directory),
-                    tokenizer=Tokenizer.from_directory(directory) if has_tokenizer(directory) else None)
+  return Checkpoint(
+    directory=directory,
+    config=config,
+    family=family,
+    architecture=family.architecture(config),
+    normalization=image_normalization(directory),
+    tokenizer=Tokenizer.from_directory(directory) if has_tokenizer(directory) else None,
+  )
 
 
 def read_checkpoint(directory: str) -> tuple[str, dict[str, Any], dict[str, np.ndarray], dict[str, str]]:
@@ -124,8 +131,9 @@ def read_checkpoint(directory: str) -> tuple[str, dict[str, Any], dict[str, np.n
   return name, arch, tensors, origin
 
 
-def load_params(model_name: str, tensors: dict[str, np.ndarray], abstract_params: Any,
-                origin: dict[str, str] | None = None) -> tuple[dict, list[str]]:
+def load_params(
+  model_name: str, tensors: dict[str, np.ndarray], abstract_params: Any, origin: dict[str, str] | None = None
+) -> tuple[dict, list[str]]:
   """The family `model_name`'s params loader (`vit_params`, `clip_params`, `decoder_params`)."""
   return family_named(model_name).params(tensors, abstract_params, origin)
 
@@ -136,8 +144,9 @@ def module_namer(model_name: str, *, prefix: str = "", transformers_version: int
   given): the `module_name` of `peft.save_peft` / `load_peft`."""
   known = [family.model_name for family in FAMILIES]
   if model_name not in known:
-    raise ValueError(f"model {model_name!r}: Hugging Face module names are known for "
-                     + ", ".join(repr(k) for k in known))
+    raise ValueError(
+      f"model {model_name!r}: Hugging Face module names are known for " + ", ".join(repr(k) for k in known)
+    )
   return family_named(model_name).module_namer(prefix, transformers_version)
 
 

@@ -1,5 +1,6 @@
 """`Family`: what the checkpoint package knows of one model family, in one record per family
 module (`vit.FAMILY`, `clip.FAMILY`, `llama.FAMILY`). A new family is one module defining one."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,6 +31,7 @@ class Family:
     image_size: config.json -> the image side its position table is for (None: not an image
       model).
   """
+
   model_types: tuple[str, ...]
   model_name: str
   description: str

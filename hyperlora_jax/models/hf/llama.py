@@ -2,6 +2,7 @@
 as `models.llama.DecoderLM`, both ways: `decoder_arch` / `decoder_params` read a checkpoint,
 `decoder_config` / `save_causal_lm` write one that transformers' `AutoModelForCausalLM` and
 `load_causal_lm` read. Module names are transformers' (the same in 4 and 5)."""
+
 from __future__ import annotations
 
 import json
@@ -20,21 +21,58 @@ from hyperlora_jax.models.hf.tensors import leaf_source, load_tensors
 
 # transformers' defaults per decoder family, for fields a config.json leaves out.
 DEFAULTS = {
-    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-              "num_attention_heads": 32, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu",
-              "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False},
-    "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-                "hidden_act": "silu", "tie_word_embeddings": False, "sliding_window": 4096},
-    "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
-              "num_attention_heads": 32, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu",
-              "tie_word_embeddings": False, "use_sliding_window": False},
+  "llama": {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "mlp_bias": False,
+  },
+  "mistral": {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "sliding_window": 4096,
+  },
+  "qwen2": {
+    "vocab_size": 151936,
+    "hidden_size": 4096,
+    "intermediate_size": 22016,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "use_sliding_window": False,
+  },
 }
 DECODER_TYPES = tuple(DEFAULTS)
 
-_BLOCK = {"attn/query": "self_attn.q_proj", "attn/key": "self_attn.k_proj", "attn/value": "self_attn.v_proj",
-          "attn/out": "self_attn.o_proj", "mlp/gate": "mlp.gate_proj", "mlp/up": "mlp.up_proj",
-          "mlp/down": "mlp.down_proj", "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+_BLOCK = {
+  "attn/query": "self_attn.q_proj",
+  "attn/key": "self_attn.k_proj",
+  "attn/value": "self_attn.v_proj",
+  "attn/out": "self_attn.o_proj",
+  "mlp/gate": "mlp.gate_proj",
+  "mlp/up": "mlp.up_proj",
+  "mlp/down": "mlp.down_proj",
+  "attn_norm": "input_layernorm",
+  "mlp_norm": "post_attention_layernorm",
+}
 # Buffers older checkpoints saved (a tied model's saved lm_head is dropped too: `decoder_params`).
 _DROPPED = ("rotary_emb.inv_freq",)
 
@@ -48,12 +86,15 @@ def _rope(config: dict) -> tuple[float, tuple]:
   theta = float(parameters.pop("rope_theta", config.get("rope_theta", 10000.0)))
   kind = parameters.get("rope_type", parameters.get("type", "default"))
   from hyperlora_jax.models.llama import ROPE_TYPES
+
   if kind not in ROPE_TYPES:
     raise CheckpointError(f"config.json rope type {kind!r}; supported: {ROPE_TYPES}")
   if kind == "default":
     return theta, ()
-  keep = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                                            "original_max_position_embeddings")}[kind]
+  keep = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+  }[kind]
   missing = [k for k in keep if k not in parameters]
   if missing:
     raise CheckpointError(f"config.json rope scaling {kind!r} lacks {missing}")
@@ -68,6 +109,7 @@ def decoder_arch(config: dict) -> dict[str, Any]:
       sliding window.
   """
   from hyperlora_jax.models.hf import SUPPORTED
+
   model_type = config.get("model_type")
   if model_type not in DEFAULTS:
     raise CheckpointError(f"model_type {model_type!r} is not a Llama-family decoder; supported: {', '.join(SUPPORTED)}")
@@ -87,14 +129,23 @@ def decoder_arch(config: dict) -> dict[str, Any]:
   elif model_type == "qwen2" and config.get("use_sliding_window"):
     raise CheckpointError("config.json use_sliding_window=True (Qwen2's per-layer window) is not supported")
   qkv_bias = bool(config.get("attention_bias", False)) or model_type == "qwen2"
-  return {"vocab_size": int(config["vocab_size"]), "width": int(config["hidden_size"]),
-          "depth": int(config["num_hidden_layers"]), "num_heads": heads,
-          "num_kv_heads": int(config.get("num_key_value_heads", heads)),
-          "head_dim": int(config.get("head_dim") or int(config["hidden_size"]) // heads),
-          "mlp_dim": int(config["intermediate_size"]), "rms_norm_eps": float(config["rms_norm_eps"]),
-          "rope_theta": theta, "rope_scaling": scaling, "tie_embeddings": bool(config["tie_word_embeddings"]),
-          "qkv_bias": qkv_bias, "out_bias": bool(config.get("attention_bias", False)),
-          "mlp_bias": bool(config.get("mlp_bias", False)), "sliding_window": None if window is None else int(window)}
+  return {
+    "vocab_size": int(config["vocab_size"]),
+    "width": int(config["hidden_size"]),
+    "depth": int(config["num_hidden_layers"]),
+    "num_heads": heads,
+    "num_kv_heads": int(config.get("num_key_value_heads", heads)),
+    "head_dim": int(config.get("head_dim") or int(config["hidden_size"]) // heads),
+    "mlp_dim": int(config["intermediate_size"]),
+    "rms_norm_eps": float(config["rms_norm_eps"]),
+    "rope_theta": theta,
+    "rope_scaling": scaling,
+    "tie_embeddings": bool(config["tie_word_embeddings"]),
+    "qkv_bias": qkv_bias,
+    "out_bias": bool(config.get("attention_bias", False)),
+    "mlp_bias": bool(config.get("mlp_bias", False)),
+    "sliding_window": None if window is None else int(window),
+  }
 
 
 def decoder_module_name(path: str, prefix: str = "model.") -> str | None:
@@ -119,16 +170,16 @@ def _decoder_source(name: str, prefix: str) -> tuple[str, str]:
   return (name, "same") if hf is None else leaf_source(hf, module, leaf)
 
 
-def decoder_params(tensors: dict[str, np.ndarray], abstract_params: Any,
-                   origin: dict[str, str] | None = None) -> tuple[dict, list[str]]:
+def decoder_params(
+  tensors: dict[str, np.ndarray], abstract_params: Any, origin: dict[str, str] | None = None
+) -> tuple[dict, list[str]]:
   """HF Llama / Mistral / Qwen2 tensors -> (params shaped like `abstract_params`, float32 NumPy;
   the names of the tensors not loaded: rotary buffers, and `lm_head.weight` of a tied model that
   saved it). Arguments and errors as `vit.vit_params`."""
   prefix = "model." if any(k.startswith("model.") for k in tensors) else ""
   tied = "lm_head" not in abstract_params
   dropped = tuple(k for k in tensors if k.endswith(_DROPPED) or (tied and k == "lm_head.weight"))
-  return load_tensors(tensors, abstract_params, lambda name: _decoder_source(name, prefix), dropped, "decoder",
-                      origin)
+  return load_tensors(tensors, abstract_params, lambda name: _decoder_source(name, prefix), dropped, "decoder", origin)
 
 
 def load_causal_lm(checkpoint: Any, dtype: Any = None, **overrides) -> tuple[Any, dict, list[str]]:
@@ -150,6 +201,7 @@ def load_causal_lm(checkpoint: Any, dtype: Any = None, **overrides) -> tuple[Any
 
   from hyperlora_jax.models.hf.checkpoint import Checkpoint, open_checkpoint
   from hyperlora_jax.models.llama import DecoderLM
+
   opened = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
   if opened.model_name != "llama":
     raise CheckpointError(f"{opened.directory}: a {opened.model_name} checkpoint, not a decoder language model")
@@ -172,13 +224,24 @@ def decoder_config(model: Any) -> dict[str, Any]:
   if scaling and "original_max_position_embeddings" in scaling:  # An integer: transformers 4 refuses 16.0.
     scaling["original_max_position_embeddings"] = int(scaling["original_max_position_embeddings"])
   family = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[model_type]
-  config = {"model_type": model_type, "architectures": [f"{family}ForCausalLM"],
-            "vocab_size": model.vocab_size, "hidden_size": model.width, "intermediate_size": model.mlp_dim,
-            "num_hidden_layers": model.depth, "num_attention_heads": model.num_heads,
-            "num_key_value_heads": model.kv_heads, "head_dim": model.head_width, "hidden_act": "silu",
-            "rms_norm_eps": model.rms_norm_eps, "rope_theta": model.rope_theta, "rope_scaling": scaling,
-            "tie_word_embeddings": model.tie_embeddings, "max_position_embeddings": 4096,
-            "torch_dtype": "float32"}
+  config = {
+    "model_type": model_type,
+    "architectures": [f"{family}ForCausalLM"],
+    "vocab_size": model.vocab_size,
+    "hidden_size": model.width,
+    "intermediate_size": model.mlp_dim,
+    "num_hidden_layers": model.depth,
+    "num_attention_heads": model.num_heads,
+    "num_key_value_heads": model.kv_heads,
+    "head_dim": model.head_width,
+    "hidden_act": "silu",
+    "rms_norm_eps": model.rms_norm_eps,
+    "rope_theta": model.rope_theta,
+    "rope_scaling": scaling,
+    "tie_word_embeddings": model.tie_embeddings,
+    "max_position_embeddings": 4096,
+    "torch_dtype": "float32",
+  }
   if model_type == "llama":
     config.update(attention_bias=model.qkv_bias, mlp_bias=model.mlp_bias)
   if model_type == "mistral":
@@ -192,6 +255,7 @@ def save_causal_lm(directory: str, model: Any, variables: dict) -> None:
   inverse of `decoder_params`), float32. The directory then loads with `load_causal_lm` and
   with transformers' `AutoModelForCausalLM.from_pretrained`."""
   from safetensors.numpy import save_file
+
   os.makedirs(directory, exist_ok=True)
   flat = traverse_util.flatten_dict(variables["params"], sep="/")
   tensors = {}
@@ -204,7 +268,11 @@ def save_causal_lm(directory: str, model: Any, variables: dict) -> None:
   save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
 
 
-FAMILY = Family(model_types=DECODER_TYPES, model_name="llama",
-                description="llama, mistral, qwen2 (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM; "
-                            "or their bare models)",
-                architecture=decoder_arch, params=decoder_params, module_namer=decoder_module_namer)
+FAMILY = Family(
+  model_types=DECODER_TYPES,
+  model_name="llama",
+  description="llama, mistral, qwen2 (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM; or their bare models)",
+  architecture=decoder_arch,
+  params=decoder_params,
+  module_namer=decoder_module_namer,
+)

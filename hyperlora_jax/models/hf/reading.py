@@ -1,5 +1,6 @@
 """Reading a Hugging Face checkpoint directory: config.json, the (sharded) safetensors, the image
 normalization of preprocessor_config.json, and config.json sizes. No family knowledge here."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,10 @@ def read_config(directory: str, supported: str = "") -> dict:
   """
   path = os.path.join(directory, CONFIG_FILE)
   if not os.path.isfile(path):
-    raise CheckpointError(f"{directory}: no {CONFIG_FILE}, so not a Hugging Face checkpoint directory "
-                          f"(supported: {supported}; or an .npz file)")
+    raise CheckpointError(
+      f"{directory}: no {CONFIG_FILE}, so not a Hugging Face checkpoint directory "
+      f"(supported: {supported}; or an .npz file)"
+    )
   try:
     with open(path) as f:
       config = json.load(f)
@@ -49,6 +52,7 @@ def read_tensors(directory: str) -> tuple[dict[str, np.ndarray], dict[str, str]]
       says, or a float tensor that is not finite (named with its file).
   """
   from safetensors.numpy import load_file
+
   index = os.path.join(directory, INDEX_FILE)
   if os.path.isfile(index):
     with open(index) as f:
@@ -58,8 +62,10 @@ def read_tensors(directory: str) -> tuple[dict[str, np.ndarray], dict[str, str]]
     weight_map, files = None, [WEIGHTS_FILE]
   else:
     found = sorted(os.listdir(directory))
-    raise CheckpointError(f"{directory}: neither {WEIGHTS_FILE} nor {INDEX_FILE} (found: {', '.join(found)}); "
-                          f"PyTorch .bin checkpoints are not read: save with safe_serialization=True")
+    raise CheckpointError(
+      f"{directory}: neither {WEIGHTS_FILE} nor {INDEX_FILE} (found: {', '.join(found)}); "
+      f"PyTorch .bin checkpoints are not read: save with safe_serialization=True"
+    )
   tensors, origin = {}, {}
   for name in files:
     path = os.path.join(directory, name)
@@ -100,8 +106,9 @@ def square_size(value: Any, field: str) -> int:
   """
   if isinstance(value, (list, tuple)):
     if len(value) != 2 or value[0] != value[1]:
-      raise CheckpointError(f"config.json {field}={list(value)}: only square sizes (one integer or [n, n]) are "
-                            f"supported")
+      raise CheckpointError(
+        f"config.json {field}={list(value)}: only square sizes (one integer or [n, n]) are supported"
+      )
     value = value[0]
   if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
     raise CheckpointError(f"config.json {field}={value!r}: a positive integer (or [n, n]) is expected")
@@ -116,5 +123,10 @@ def gelu_variant(hidden_act: str) -> str:
 
 
 # Hugging Face hidden_act -> `models.vit.gelu` variant.
-GELU_OF_HIDDEN_ACT = {"gelu": "exact", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh",
-                      "quick_gelu": "quick"}
+GELU_OF_HIDDEN_ACT = {
+  "gelu": "exact",
+  "gelu_new": "tanh",
+  "gelu_pytorch_tanh": "tanh",
+  "gelu_fast": "tanh",
+  "quick_gelu": "quick",
+}

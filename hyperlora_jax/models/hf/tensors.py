@@ -8,6 +8,7 @@ A family gives `load_tensors` a `source(flax_name) -> (tensor name, conversion)`
   "reshape"  to the param's shape when the sizes agree (a position table [T, D] -> [1, T, D])
   "same"     as stored
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -62,10 +63,12 @@ def resize_position_table(table: np.ndarray, tokens: int, prefix_tokens: int = 1
   """
   rows = table.reshape(-1, table.shape[-1]).astype(np.float64)
   old, new = len(rows) - prefix_tokens, tokens - prefix_tokens
-  side_old, side_new = int(round(old ** 0.5)), int(round(new ** 0.5))
-  if side_old ** 2 != old or side_new ** 2 != new:
-    raise CheckpointError(f"position table of {len(rows)} rows -> {tokens}: the patch grids ({old} -> {new} "
-                          f"rows after {prefix_tokens} class rows) must be square")
+  side_old, side_new = int(round(old**0.5)), int(round(new**0.5))
+  if side_old**2 != old or side_new**2 != new:
+    raise CheckpointError(
+      f"position table of {len(rows)} rows -> {tokens}: the patch grids ({old} -> {new} "
+      f"rows after {prefix_tokens} class rows) must be square"
+    )
   resize = _bicubic_matrix(side_old, side_new)
   grid = rows[prefix_tokens:].reshape(side_old, side_old, -1)
   grid = np.einsum("ij,jkd,lk->ild", resize, grid, resize).reshape(new, -1)
@@ -84,8 +87,14 @@ def convert(array: np.ndarray, conversion: str, shape: tuple) -> np.ndarray:
   return array
 
 
-def load_tensors(tensors: dict, abstract_params: Any, source: Callable[[str], tuple[str, str]],
-                 dropped_prefixes: Iterable[str], what: str, origin: dict | None) -> tuple[dict, list[str]]:
+def load_tensors(
+  tensors: dict,
+  abstract_params: Any,
+  source: Callable[[str], tuple[str, str]],
+  dropped_prefixes: Iterable[str],
+  what: str,
+  origin: dict | None,
+) -> tuple[dict, list[str]]:
   """Params shaped like `abstract_params` (its `head` left out) from `tensors` by `source`.
 
   Args:
@@ -101,8 +110,7 @@ def load_tensors(tensors: dict, abstract_params: Any, source: Callable[[str], tu
     CheckpointError: naming every missing, misshapen or unexpected tensor (and its file).
   """
   where = lambda key: f" ({origin[key]})" if origin and key in origin else ""
-  wanted = {k: v for k, v in traverse_util.flatten_dict(abstract_params, sep="/").items()
-            if not k.startswith("head/")}
+  wanted = {k: v for k, v in traverse_util.flatten_dict(abstract_params, sep="/").items() if not k.startswith("head/")}
   out, used, problems = {}, set(), []
   for name, spec in wanted.items():
     key, conversion = source(name)
@@ -113,8 +121,9 @@ def load_tensors(tensors: dict, abstract_params: Any, source: Callable[[str], tu
     if name in POSITION_TABLES and array.shape[-2] != spec.shape[-2] and array.shape[-1] == spec.shape[-1]:
       array = resize_position_table(array, spec.shape[-2]).reshape(spec.shape)  # Built for another image size.
     if tuple(array.shape) != tuple(spec.shape):
-      problems.append(f"{key}{where(key)}: shape {tuple(tensors[key].shape)}, the model expects "
-                      f"{tuple(spec.shape)} as {name}")
+      problems.append(
+        f"{key}{where(key)}: shape {tuple(tensors[key].shape)}, the model expects {tuple(spec.shape)} as {name}"
+      )
       continue
     out[name] = np.asarray(array, np.float32)
     used.add(key)
@@ -122,8 +131,11 @@ def load_tensors(tensors: dict, abstract_params: Any, source: Callable[[str], tu
   dropped = sorted(k for k in tensors if k not in used and any(k.startswith(p) for p in dropped_prefixes))
   unexpected = sorted(k for k in tensors if k not in used and k not in dropped)
   if unexpected:
-    problems.append("unexpected tensors (a different architecture?): "
-                    + ", ".join(f"{k}{where(k)}" for k in unexpected[:8]) + (" ..." if len(unexpected) > 8 else ""))
+    problems.append(
+      "unexpected tensors (a different architecture?): "
+      + ", ".join(f"{k}{where(k)}" for k in unexpected[:8])
+      + (" ..." if len(unexpected) > 8 else "")
+    )
   if problems:
     raise CheckpointError(f"the Hugging Face {what} checkpoint does not fit the model: " + "; ".join(problems))
   return traverse_util.unflatten_dict(out, sep="/"), dropped

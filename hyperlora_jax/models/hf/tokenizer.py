@@ -2,6 +2,7 @@
 CLIP's vocab.json + merges.txt) with the `tokenizers` library, tokenizer_config.json's special
 tokens, and the chat template (chat_template.jinja or tokenizer_config.json's), rendered as
 transformers' `apply_chat_template` renders it."""
+
 from __future__ import annotations
 
 import hashlib
@@ -21,23 +22,38 @@ def clip_bpe_tokenizer(vocab_file: str, merges_file: str):
   lower case; split into letters / digits / punctuation runs; byte-level symbols, '</w>' at word
   ends; <|startoftext|> ... <|endoftext|> around each text."""
   from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
   with open(vocab_file, encoding="utf-8") as f:
     vocab = json.load(f)
   with open(merges_file, encoding="utf-8") as f:
-    merges = [(pair[0], pair[1]) for pair in (line.split() for line in f.read().split("\n")
-                                              if line and not line.startswith("#version")) if len(pair) == 2]
-  tokenizer = Tokenizer(models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
-                                   fuse_unk=False, unk_token="<|endoftext|>"))
-  tokenizer.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
-                                               normalizers.Lowercase()])
-  tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-      pre_tokenizers.Split(Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
-                           behavior="removed", invert=True),
-      pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    merges = [
+      (pair[0], pair[1])
+      for pair in (line.split() for line in f.read().split("\n") if line and not line.startswith("#version"))
+      if len(pair) == 2
+    ]
+  tokenizer = Tokenizer(
+    models.BPE(
+      vocab, merges, continuing_subword_prefix="", end_of_word_suffix="</w>", fuse_unk=False, unk_token="<|endoftext|>"
+    )
+  )
+  tokenizer.normalizer = normalizers.Sequence(
+    [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+  )
+  tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+    [
+      pre_tokenizers.Split(
+        Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""), behavior="removed", invert=True
+      ),
+      pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ]
+  )
   tokenizer.decoder = decoders.ByteLevel()
   tokenizer.post_processor = processors.RobertaProcessing(  # (sep, cls): positional in every version.
-      ("<|endoftext|>", vocab["<|endoftext|>"]), ("<|startoftext|>", vocab["<|startoftext|>"]),
-      trim_offsets=False, add_prefix_space=False)
+    ("<|endoftext|>", vocab["<|endoftext|>"]),
+    ("<|startoftext|>", vocab["<|startoftext|>"]),
+    trim_offsets=False,
+    add_prefix_space=False,
+  )
   return tokenizer
 
 
@@ -46,8 +62,9 @@ def _special_token(value) -> str | None:
   return value.get("content") if isinstance(value, dict) else value
 
 
-def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = False,
-                         **special_tokens) -> str:
+def render_chat_template(
+  template: str, messages: list[dict], add_generation_prompt: bool = False, **special_tokens
+) -> str:
   """A checkpoint's Jinja chat template rendered as transformers' `apply_chat_template` renders
   it (a sandbox with trim_blocks, lstrip_blocks and loop controls; `raise_exception`,
   `strftime_now` and a `tojson` filter; `bos_token`, `eos_token`, ... as variables)."""
@@ -61,11 +78,13 @@ def render_chat_template(template: str, messages: list[dict], add_generation_pro
 
   env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
   env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
-      x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+    x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys
+  )
   env.globals["raise_exception"] = raise_exception
   env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-  return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                          **special_tokens)
+  return env.from_string(template).render(
+    messages=messages, add_generation_prompt=add_generation_prompt, **special_tokens
+  )
 
 
 class Tokenizer:
@@ -100,6 +119,7 @@ class Tokenizer:
     `pad_token`, else its `eos_token` (Llama checkpoints name no pad token), else the
     end-of-text token (OpenAI CLIP's padding)."""
     import tokenizers
+
     path = os.path.join(directory, TOKENIZER_FILE)
     if os.path.isfile(path):
       try:
@@ -134,7 +154,7 @@ class Tokenizer:
     self._tokenizer.no_padding()
     out = np.full((len(texts), max_len), self.pad_id, np.int32)
     for i, encoding in enumerate(self._tokenizer.encode_batch(list(texts))):
-      out[i, :len(encoding.ids)] = encoding.ids
+      out[i, : len(encoding.ids)] = encoding.ids
     return out
 
   def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -159,8 +179,12 @@ class Tokenizer:
     template (a cache of tokenized data is keyed by it)."""
     state = json.loads(self._tokenizer.to_str())
     state.pop("truncation", None), state.pop("padding", None)  # Set per call (`__call__`, `encode`).
-    parts = [json.dumps(state, sort_keys=True), str(self.pad_id), json.dumps(self.special_tokens, sort_keys=True),
-             self.chat_template or ""]
+    parts = [
+      json.dumps(state, sort_keys=True),
+      str(self.pad_id),
+      json.dumps(self.special_tokens, sort_keys=True),
+      self.chat_template or "",
+    ]
     return hashlib.sha1("\0".join(parts).encode()).hexdigest()
 
   def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -168,8 +192,10 @@ class Tokenizer:
     `apply_chat_template(..., tokenize=False)`); tokenize it with `encode(text, False)`, as the
     template writes its own begin-of-text."""
     if self.chat_template is None:
-      raise ValueError("this tokenizer has no chat template (chat_template.jinja or tokenizer_config.json's "
-                       "chat_template); use a prompt template instead (hyperlora_jax.text)")
+      raise ValueError(
+        "this tokenizer has no chat template (chat_template.jinja or tokenizer_config.json's "
+        "chat_template); use a prompt template instead (hyperlora_jax.text)"
+      )
     return render_chat_template(self.chat_template, messages, add_generation_prompt, **self.special_tokens)
 
 
@@ -177,4 +203,5 @@ def has_tokenizer(directory: str) -> bool:
   """Whether `directory` holds a tokenizer `Tokenizer.from_directory` reads (tokenizer.json, or
   CLIP's vocab.json and merges.txt)."""
   return os.path.isfile(os.path.join(directory, TOKENIZER_FILE)) or all(
-      os.path.isfile(os.path.join(directory, f)) for f in ("vocab.json", "merges.txt"))
+    os.path.isfile(os.path.join(directory, f)) for f in ("vocab.json", "merges.txt")
+  )

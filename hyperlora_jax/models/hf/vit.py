@@ -8,6 +8,7 @@ ViTModel's `pooler` (a tanh Dense ViTForImageClassification does not use) and `c
 not loaded: a federated run trains its own head on the class token's final state, as
 ViTForImageClassification does; they are returned as dropped, by name.
 """
+
 from __future__ import annotations
 
 import re
@@ -23,18 +24,39 @@ from hyperlora_jax.models.hf.tensors import leaf_source, load_tensors
 
 DROPPED = ("pooler.", "classifier.")
 # transformers' defaults, for fields a config.json leaves out.
-DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
-            "hidden_act": "gelu", "layer_norm_eps": 1e-12, "image_size": 224, "patch_size": 16}
+DEFAULTS = {
+  "hidden_size": 768,
+  "num_hidden_layers": 12,
+  "num_attention_heads": 12,
+  "intermediate_size": 3072,
+  "hidden_act": "gelu",
+  "layer_norm_eps": 1e-12,
+  "image_size": 224,
+  "patch_size": 16,
+}
 
 # Our block-relative module path -> Hugging Face's, by transformers major version.
 _BLOCK_NAMES = {
-    4: {"attn/query": "attention.attention.query", "attn/key": "attention.attention.key",
-        "attn/value": "attention.attention.value", "attn/out": "attention.output.dense",
-        "mlp/fc1": "intermediate.dense", "mlp/fc2": "output.dense",
-        "norm1": "layernorm_before", "norm2": "layernorm_after"},
-    5: {"attn/query": "attention.q_proj", "attn/key": "attention.k_proj", "attn/value": "attention.v_proj",
-        "attn/out": "attention.o_proj", "mlp/fc1": "mlp.fc1", "mlp/fc2": "mlp.fc2",
-        "norm1": "layernorm_before", "norm2": "layernorm_after"},
+  4: {
+    "attn/query": "attention.attention.query",
+    "attn/key": "attention.attention.key",
+    "attn/value": "attention.attention.value",
+    "attn/out": "attention.output.dense",
+    "mlp/fc1": "intermediate.dense",
+    "mlp/fc2": "output.dense",
+    "norm1": "layernorm_before",
+    "norm2": "layernorm_after",
+  },
+  5: {
+    "attn/query": "attention.q_proj",
+    "attn/key": "attention.k_proj",
+    "attn/value": "attention.v_proj",
+    "attn/out": "attention.o_proj",
+    "mlp/fc1": "mlp.fc1",
+    "mlp/fc2": "mlp.fc2",
+    "norm1": "layernorm_before",
+    "norm2": "layernorm_after",
+  },
 }
 _LAYERS = {4: "encoder.layer", 5: "layers"}
 TRANSFORMERS_VERSIONS = tuple(_BLOCK_NAMES)  # Majors whose module names `vit_module_name` knows.
@@ -48,15 +70,22 @@ def vit_arch(config: dict) -> dict[str, Any]:
       activation, a non-square patch).
   """
   from hyperlora_jax.models.hf import SUPPORTED
+
   if config.get("model_type") != "vit":
     raise CheckpointError(f"model_type {config.get('model_type')!r} is not a ViT; supported: {', '.join(SUPPORTED)}")
   config = {**DEFAULTS, **config}
   if config.get("num_channels", 3) != 3:
     raise CheckpointError(f"config.json num_channels={config['num_channels']}: only 3-channel (RGB) ViTs are supported")
-  return {"patch_size": square_size(config["patch_size"], "patch_size"), "width": int(config["hidden_size"]),
-          "depth": int(config["num_hidden_layers"]), "num_heads": int(config["num_attention_heads"]),
-          "mlp_dim": int(config["intermediate_size"]), "gelu": gelu_variant(config["hidden_act"]),
-          "layer_norm_eps": float(config["layer_norm_eps"]), "qkv_bias": bool(config.get("qkv_bias", True))}
+  return {
+    "patch_size": square_size(config["patch_size"], "patch_size"),
+    "width": int(config["hidden_size"]),
+    "depth": int(config["num_hidden_layers"]),
+    "num_heads": int(config["num_attention_heads"]),
+    "mlp_dim": int(config["intermediate_size"]),
+    "gelu": gelu_variant(config["hidden_act"]),
+    "layer_norm_eps": float(config["layer_norm_eps"]),
+    "qkv_bias": bool(config.get("qkv_bias", True)),
+  }
 
 
 def image_size(config: dict) -> int:
@@ -74,8 +103,9 @@ def vit_module_name(path: str, prefix: str = "", transformers_version: int = 5) 
   m = re.fullmatch(r"encoder/block_(\d+)/(attn/\w+|mlp/fc[12]|norm[12])", path)
   if m and m.group(2) in _BLOCK_NAMES[transformers_version]:
     return f"{prefix}{_LAYERS[transformers_version]}.{m.group(1)}.{_BLOCK_NAMES[transformers_version][m.group(2)]}"
-  return {"embedding": f"{prefix}embeddings.patch_embeddings.projection",
-          "encoder/norm": f"{prefix}layernorm"}.get(path)
+  return {"embedding": f"{prefix}embeddings.patch_embeddings.projection", "encoder/norm": f"{prefix}layernorm"}.get(
+    path
+  )
 
 
 def vit_module_namer(prefix: str = "", transformers_version: int = 5) -> Callable[[str], str | None]:
@@ -106,8 +136,9 @@ def _vit_source(name: str, prefix: str, version: int) -> tuple[str, str]:
   return (name, "same") if hf is None else leaf_source(hf, module, leaf)
 
 
-def vit_params(tensors: dict[str, np.ndarray], abstract_params: Any,
-               origin: dict[str, str] | None = None) -> tuple[dict, list[str]]:
+def vit_params(
+  tensors: dict[str, np.ndarray], abstract_params: Any, origin: dict[str, str] | None = None
+) -> tuple[dict, list[str]]:
   """HF ViT tensors -> the ViT's params.
 
   Args:
@@ -122,9 +153,15 @@ def vit_params(tensors: dict[str, np.ndarray], abstract_params: Any,
   prefix = _prefix(tensors)
   version = _tensor_names_version(tensors, prefix)
   dropped = DROPPED + tuple(prefix + p for p in DROPPED)
-  return load_tensors(tensors, abstract_params, lambda name: _vit_source(name, prefix, version), dropped, "ViT",
-                      origin)
+  return load_tensors(tensors, abstract_params, lambda name: _vit_source(name, prefix, version), dropped, "ViT", origin)
 
 
-FAMILY = Family(model_types=("vit",), model_name="vit", description="vit (ViTModel, ViTForImageClassification)",
-                architecture=vit_arch, params=vit_params, module_namer=vit_module_namer, image_size=image_size)
+FAMILY = Family(
+  model_types=("vit",),
+  model_name="vit",
+  description="vit (ViTModel, ViTForImageClassification)",
+  architecture=vit_arch,
+  params=vit_params,
+  module_namer=vit_module_namer,
+  image_size=image_size,
+)

@@ -1,4 +1,5 @@
 """The LoRA generator (pFedHN, HyperLoRA's G_φ): shapes, zero start, the VJP rule."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +14,9 @@ RANK, CLIENTS, SIG = 2, 3, 4
 
 
 def _module(embed=3):
-  return LoraGenerator(targets=TARGETS, rank=RANK, num_clients=CLIENTS, client_embed_dim=embed,
-                       hidden=8, layer_embed_dim=4)
+  return LoraGenerator(
+    targets=TARGETS, rank=RANK, num_clients=CLIENTS, client_embed_dim=embed, hidden=8, layer_embed_dim=4
+  )
 
 
 def test_generator_shapes_zero_start_and_size_independent_of_depth():
@@ -22,10 +24,19 @@ def test_generator_shapes_zero_start_and_size_independent_of_depth():
   params = module.init(jax.random.key(0), jnp.zeros(SIG), jnp.int32(0))
   out = module.apply(params, jnp.ones(SIG), jnp.int32(1))
   assert {p: (f["a"].shape, f["b"].shape) for p, f in out.items()} == {
-      "enc/q": ((6, 2), (2, 5)), "enc/v": ((6, 2), (2, 5)), "mlp": ((5, 2), (2, 7))}
+    "enc/q": ((6, 2), (2, 5)),
+    "enc/v": ((6, 2), (2, 5)),
+    "mlp": ((5, 2), (2, 7)),
+  }
   assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(out))  # Zero-init output.
-  deeper = LoraGenerator(targets=TARGETS + tuple((f"enc{i}/q", 6, 5) for i in range(10)), rank=RANK,
-                         num_clients=CLIENTS, client_embed_dim=3, hidden=8, layer_embed_dim=4)
+  deeper = LoraGenerator(
+    targets=TARGETS + tuple((f"enc{i}/q", 6, 5) for i in range(10)),
+    rank=RANK,
+    num_clients=CLIENTS,
+    client_embed_dim=3,
+    hidden=8,
+    layer_embed_dim=4,
+  )
   size = lambda m: ravel_pytree(m.init(jax.random.key(0), jnp.zeros(SIG), jnp.int32(0)))[0].size
   assert size(deeper) - size(module) == 10 * 4  # Only the new layers' embeddings.
 
@@ -44,8 +55,9 @@ def test_new_client_gets_the_mean_embedding():
 
 def _case(loss="vjp", learning_rate=0.1, server_steps=1):
   module = _module()
-  gen, state, signatures, ids, base, trained = generator_case(module, CLIENTS, RANK, SIG, loss=loss,
-                                                              learning_rate=learning_rate, server_steps=server_steps)
+  gen, state, signatures, ids, base, trained = generator_case(
+    module, CLIENTS, RANK, SIG, loss=loss, learning_rate=learning_rate, server_steps=server_steps
+  )
   weights = jnp.array([0.5, 0.3, 0.2])
   masks = lora.rank_masks(None, CLIENTS, RANK)
   return module, gen, state, signatures, ids, base, trained, weights, masks
@@ -62,7 +74,7 @@ def test_vjp_update_equals_the_explicit_jacobian_transpose_product():
 
   expected = flat_params
   for k in range(CLIENTS):
-    jacobian = jax.jacobian(theta)(flat_params, k)            # [|θ|, |φ|], explicit.
+    jacobian = jax.jacobian(theta)(flat_params, k)  # [|θ|, |φ|], explicit.
     delta = theta(flat_params, k) - ravel_pytree(jax.tree.map(lambda x: x[k], trained))[0]
     expected = expected - 0.1 * float(weights[k]) * jacobian.T @ delta
   np.testing.assert_allclose(ravel_pytree(new["params"])[0], expected, rtol=1e-4, atol=1e-6)
@@ -73,7 +85,10 @@ def test_product_distillation_moves_generated_products_toward_the_clients():
 
   def gap(params):
     sent = jax.tree.map(lambda o, b: o + b, gen.generate(state.replace(params=params), signatures, ids), base)
-    return sum(float(jnp.sum(weights[:, None, None] * (f["a"] @ f["b"] - trained[p]["a"] @ trained[p]["b"]) ** 2))
-               for p, f in sent.items())
+    return sum(
+      float(jnp.sum(weights[:, None, None] * (f["a"] @ f["b"] - trained[p]["a"] @ trained[p]["b"]) ** 2))
+      for p, f in sent.items()
+    )
+
   new = gen.update(state, signatures, ids, base, trained, weights, masks)
   assert gap(new["params"]) < 0.9 * gap(state["params"])

@@ -10,8 +10,14 @@ import pytest
 from experiments.runner import reporting
 from hyperlora_jax.aggregators import AggregationContext
 from hyperlora_jax.hyper import signatures
-from hyperlora_jax.hyper.synthesis import (ResidualGate, SynthesisConfig, SynthesizerScores, hyperlora_synthesizer,
-                                           product_gram, refactorize)
+from hyperlora_jax.hyper.synthesis import (
+  ResidualGate,
+  SynthesisConfig,
+  SynthesizerScores,
+  hyperlora_synthesizer,
+  product_gram,
+  refactorize,
+)
 from experiments.runner.config_validation import ConfigError
 from experiments.runner.experiment import build_experiment
 from experiments.runner.train import train_and_evaluate
@@ -22,9 +28,13 @@ WEIGHTS = jnp.array([0.4, 0.3, 0.2, 0.1])
 
 def _clients(seed=0):
   k = jax.random.split(jax.random.key(seed), 3)
-  return {"lora": {"l1": {"a": jax.random.normal(k[0], (C, D_IN, R)), "b": jax.random.normal(k[1], (C, R, D_OUT))},
-                   "l2": {"a": jax.random.normal(k[2], (C, D_IN, R)), "b": jax.random.normal(k[0], (C, R, D_OUT))}},
-          "head": {"kernel": jax.random.normal(k[1], (C, 3, 2))}}
+  return {
+    "lora": {
+      "l1": {"a": jax.random.normal(k[0], (C, D_IN, R)), "b": jax.random.normal(k[1], (C, R, D_OUT))},
+      "l2": {"a": jax.random.normal(k[2], (C, D_IN, R)), "b": jax.random.normal(k[0], (C, R, D_OUT))},
+    },
+    "head": {"kernel": jax.random.normal(k[1], (C, 3, 2))},
+  }
 
 
 def _global():
@@ -51,10 +61,12 @@ def test_uniform_limit_is_the_exact_weighted_product_average_then_best_rank_r():
     new, _, _ = agg.aggregate(state, _global(), clients, WEIGHTS, context)
     for path, f in clients["lora"].items():
       exact = SCALE * np.einsum("c,cir,cro->io", WEIGHTS, f["a"], f["b"])
-      np.testing.assert_allclose(SCALE * new["lora"][path]["a"] @ new["lora"][path]["b"],
-                                 _best_rank_r(exact, R), atol=1e-4)
-    np.testing.assert_allclose(new["head"]["kernel"], np.einsum("c,cij->ij", WEIGHTS, clients["head"]["kernel"]),
-                               rtol=1e-5)
+      np.testing.assert_allclose(
+        SCALE * new["lora"][path]["a"] @ new["lora"][path]["b"], _best_rank_r(exact, R), atol=1e-4
+      )
+    np.testing.assert_allclose(
+      new["head"]["kernel"], np.einsum("c,cij->ij", WEIGHTS, clients["head"]["kernel"]), rtol=1e-5
+    )
 
 
 def test_refactorization_keeps_the_previous_gauge():
@@ -63,7 +75,7 @@ def test_refactorization_keeps_the_previous_gauge():
   rotation = np.linalg.qr(np.random.default_rng(0).normal(size=(R, R)))[0]
   previous = u @ rotation
   a, b = refactorize(target, R, SCALE, jnp.asarray(previous))
-  np.testing.assert_allclose(a, previous, atol=1e-4)           # Same basis, same rotation.
+  np.testing.assert_allclose(a, previous, atol=1e-4)  # Same basis, same rotation.
   np.testing.assert_allclose(SCALE * a @ b, target, atol=1e-4)  # And the same product.
 
 
@@ -76,11 +88,14 @@ def test_the_refactorizations_derivative_is_exact(d_in, d_out, rank):
     rng = np.random.default_rng(d_in * 10 + d_out)
     target, previous = jnp.asarray(rng.normal(size=(d_in, d_out))), jnp.asarray(rng.normal(size=(d_in, rank)))
     w_a, w_b = jnp.asarray(rng.normal(size=(d_in, rank))), jnp.asarray(rng.normal(size=(rank, d_out)))
-    loss = lambda t, p: jnp.sum(w_a * refactorize(t, rank, SCALE, p)[0]) + jnp.sum(w_b * refactorize(t, rank, SCALE, p)[1])
+    loss = lambda t, p: (
+      jnp.sum(w_a * refactorize(t, rank, SCALE, p)[0]) + jnp.sum(w_b * refactorize(t, rank, SCALE, p)[1])
+    )
     d_target, d_previous = jnp.asarray(rng.normal(size=target.shape)), jnp.asarray(rng.normal(size=previous.shape))
     h = 1e-6
-    finite_difference = (loss(target + h * d_target, previous + h * d_previous)
-                         - loss(target - h * d_target, previous - h * d_previous)) / (2 * h)
+    finite_difference = (
+      loss(target + h * d_target, previous + h * d_previous) - loss(target - h * d_target, previous - h * d_previous)
+    ) / (2 * h)
     g_target, g_previous = jax.grad(loss, argnums=(0, 1))(target, previous)
     reverse = jnp.sum(g_target * d_target) + jnp.sum(g_previous * d_previous)
     _, forward = jax.jvp(loss, (target, previous), (d_target, d_previous))
@@ -109,9 +124,19 @@ def test_the_meta_gradient_is_the_derivative_of_the_held_out_loss():
     from hyperlora_jax.hyper.synthesis import synthesize
 
     def held_out(p):
-      new, _, _ = synthesize(p, (SynthesizerScores(2), ResidualGate(2)), cfg, global_params, clients,
-                             jnp.asarray(WEIGHTS, jnp.float64), signature, jnp.ones(C, jnp.float64), residual)
+      new, _, _ = synthesize(
+        p,
+        (SynthesizerScores(2), ResidualGate(2)),
+        cfg,
+        global_params,
+        clients,
+        jnp.asarray(WEIGHTS, jnp.float64),
+        signature,
+        jnp.ones(C, jnp.float64),
+        residual,
+      )
       return sum(jnp.sum(jnp.tanh(SCALE * f["a"] @ f["b"] - target)) for f in new["lora"].values())
+
     direction = jax.tree.map(lambda p: jax.random.normal(jax.random.key(11), p.shape, p.dtype), params)
     h = 1e-6
     shifted = lambda sign: jax.tree.map(lambda p, d: p + sign * h * d, params, direction)
@@ -128,18 +153,22 @@ def test_a_derivative_through_two_meta_learned_rounds_is_finite_with_eps_root():
   built, and with eps_root > 0 the two-round derivative is finite."""
   import flax.linen as nn
   import hyperlora_jax as hl
+
   with pytest.warns(hl.hyper.CrossRoundDerivativeWarning, match="eps_root > 0"):
     hyperlora_synthesizer(SynthesisConfig(scale=SCALE, rank=R), optax.adam(1e-3))
+
   class Linear(nn.Module):  # x [B, 5] -> [B, 3]
     @nn.compact
     def __call__(self, x):
       return nn.Dense(3, name="out")(x)
+
   model = Linear()
   frozen = model.init(jax.random.key(0), jnp.zeros((1, 5)))
   adapter = {"out": {"a": 0.3 * jnp.ones((5, 2)), "b": 0.1 * jnp.ones((2, 3))}}
 
   def loss_fn(trainable, frozen, batch, rng):
     return jnp.mean((hl.lora.apply(model, frozen, trainable, batch["x"], scale=1.0) - batch["y"]) ** 2), {}
+
   synthesizer = hyperlora_synthesizer(SynthesisConfig(scale=1.0, rank=2), optax.adam(1e-3, eps_root=1e-16))
   fed = hl.FederatedRound(hl.local_update(loss_fn, optax.sgd(0.1), steps=2), synthesizer, num_clients=4)
   x = np.random.default_rng(0).normal(size=(4, 3, 8, 5)).astype(np.float32)
@@ -150,6 +179,7 @@ def test_a_derivative_through_two_meta_learned_rounds_is_finite_with_eps_root():
     state, _ = fed.step(state, frozen, batches, jnp.arange(4), jnp.full(4, 0.25))
     state, metrics = fed.step(state, frozen, batches, jnp.arange(4), jnp.full(4, 0.25))
     return metrics["meta_loss"]
+
   value, gradient = jax.jit(jax.value_and_grad(two_rounds))(adapter)
   assert np.isfinite(float(value)) and all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(gradient))
   assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(gradient))
@@ -158,8 +188,7 @@ def test_a_derivative_through_two_meta_learned_rounds_is_finite_with_eps_root():
 def test_product_gram_matches_explicit_products():
   f = _clients()["lora"]["l1"]
   products = np.einsum("cir,cro->cio", f["a"], f["b"])
-  np.testing.assert_allclose(product_gram(f["a"], f["b"]), np.einsum("kio,jio->kj", products, products),
-                             rtol=1e-4)
+  np.testing.assert_allclose(product_gram(f["a"], f["b"]), np.einsum("kio,jio->kj", products, products), rtol=1e-4)
 
 
 def test_learned_corrector_feeds_back_the_truncation_residual():
@@ -175,8 +204,9 @@ def test_learned_corrector_feeds_back_the_truncation_residual():
   assert np.linalg.norm(residual) > 0.1  # Four rank-2 clients: rank 2 cannot hold it all.
   # Next round, with the same clients, the gate (0.5 at init) adds half the residual back.
   new2, _, _ = agg.aggregate(state1, new, clients, WEIGHTS, context)
-  np.testing.assert_allclose(SCALE * new2["lora"]["l1"]["a"] @ new2["lora"]["l1"]["b"],
-                             _best_rank_r(exact + 0.5 * residual, R), atol=1e-4)
+  np.testing.assert_allclose(
+    SCALE * new2["lora"]["l1"]["a"] @ new2["lora"]["l1"]["b"], _best_rank_r(exact + 0.5 * residual, R), atol=1e-4
+  )
 
 
 def test_the_corrector_adds_the_last_residual_to_another_cohorts_product():
@@ -228,8 +258,7 @@ def test_several_meta_steps_a_round_equal_as_many_replays_of_one():
     new_global, _, after = one.aggregate(replayed, _global(), clients, WEIGHTS, context)
     replayed = after.replace(residual=state.residual)
   got_global, _, got = three.aggregate(state, _global(), clients, WEIGHTS, context)
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-6), got["params"],
-               replayed["params"])
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-6), got["params"], replayed["params"])
   assert not np.allclose(jax.tree.leaves(got["params"]["synth"])[-1], jax.tree.leaves(state["params"]["synth"])[-1])
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-5), got_global, new_global)
   np.testing.assert_allclose(float(got["meta_loss"]), float(after["meta_loss"]), rtol=1e-4)
@@ -239,8 +268,7 @@ def test_several_meta_steps_a_round_equal_as_many_replays_of_one():
 def test_no_participant_leaves_the_learned_parameters_untouched():
   cfg = SynthesisConfig(scale=SCALE, rank=R, corrector="learned")
   agg, state = _init(cfg)
-  context = AggregationContext(jnp.zeros((C, SIG)), jnp.ones(C),
-                               lambda g: sum(jnp.sum(x) for x in jax.tree.leaves(g)))
+  context = AggregationContext(jnp.zeros((C, SIG)), jnp.ones(C), lambda g: sum(jnp.sum(x) for x in jax.tree.leaves(g)))
   _, _, new_state = agg.aggregate(state, _global(), _clients(), jnp.zeros(C), context)
   jax.tree.map(np.testing.assert_array_equal, new_state["params"], state["params"])
 
@@ -279,7 +307,7 @@ def test_signatures_for_every_client_with_noise(smoke_config):
   width = smoke_config.model.width
   dim = signatures.signature_dim(("label", "features"), exp.data.num_classes, width, 8)
   assert exp.signatures.shape == (exp.data.num_clients, dim) and np.all(np.isfinite(exp.signatures))
-  hist = exp.signatures[:, :exp.data.num_classes]
+  hist = exp.signatures[:, : exp.data.num_classes]
   np.testing.assert_allclose(hist.mean(1), 1.0, rtol=1e-5)
   smoke_config.hyperlora.signature_noise_std = 0.5
   noisy = build_experiment(smoke_config, log=lambda _: None).signatures
@@ -293,8 +321,12 @@ def test_hyperlora_run_traces_once_resumes_exactly_and_evaluates_new_clients(smo
   straight = train_and_evaluate(smoke_config, str(tmp_path / "straight"), progress=False, log=lambda _: None)
   assert straight["round_traces"] == 1
   last = straight["records"][-1]
-  for key in ("new_client_global", "new_client_generated", "new_client_global_finetuned",
-              "new_client_generated_finetuned"):
+  for key in (
+    "new_client_global",
+    "new_client_generated",
+    "new_client_global_finetuned",
+    "new_client_generated_finetuned",
+  ):
     assert 0.0 <= last[key] <= 1.0
   assert all(np.isfinite(r["meta_loss"]) for r in straight["records"])
   killed = str(tmp_path / "killed")
@@ -303,10 +335,13 @@ def test_hyperlora_run_traces_once_resumes_exactly_and_evaluates_new_clients(smo
   assert reporting.read_metrics(str(killed)) == reporting.read_metrics(str(tmp_path / "straight"))
 
 
-@pytest.mark.parametrize("overrides", [
+@pytest.mark.parametrize(
+  "overrides",
+  [
     {"generator": False, "synthesizer": "uniform", "corrector": "none"},
     {"corrector": "fair", "signature": "embedding"},
-])
+  ],
+)
 def test_ablations_run(smoke_config, tmp_path, overrides):
   smoke_config.method, smoke_config.fed.num_rounds = "hyperlora", 2
   for key, value in overrides.items():
@@ -326,27 +361,47 @@ def test_typed_synthesizer_and_generator_states_checkpoint_in_the_dict_layout_of
   from hyperlora_jax import states
   from hyperlora_jax.hyper.generator import GeneratorState, LoraGenerator, make_generator
   from hyperlora_jax.hyper.synthesis import SynthesizerState
+
   privacy = (1.0, 0.5) if private else None
   cfg = SynthesisConfig(scale=SCALE, rank=R, corrector="none" if private else "learned", learned_weights=not private)
   agg = hyperlora_synthesizer(cfg, optax.adam(1e-2, eps_root=1e-16), meta_learning=not private, privacy=privacy)
-  generator = make_generator(LoraGenerator(targets={"l1": (D_IN, D_OUT)}, rank=R, hidden=8), loss="vjp",
-                             optimizer=optax.adam(1e-2), signature_dim=SIG, privacy=privacy)
+  generator = make_generator(
+    LoraGenerator(targets={"l1": (D_IN, D_OUT)}, rank=R, hidden=8),
+    loss="vjp",
+    optimizer=optax.adam(1e-2),
+    signature_dim=SIG,
+    privacy=privacy,
+  )
   synth_state = agg.init(_global(), jax.random.key(0), SIG)
   context = AggregationContext(jnp.ones((C, SIG)), jnp.ones(C), lambda g: 0.0)
   _, _, synth_state = agg.aggregate(synth_state, _global(), _clients(), WEIGHTS, context)
   state = {"agg": synth_state, "plugins": {"generator": generator.init(jax.random.key(1))}}
   assert isinstance(synth_state, SynthesizerState) and isinstance(state["plugins"]["generator"], GeneratorState)
   layout = states.as_tree(state)
-  expected_agg = ({"params", "opt", "residual", "synth_weight_entropy", "synth_weight_kl", "rng"} if private else
-                  {"params", "opt", "residual", "meta_loss", "meta_step_skipped", "synth_weight_entropy",
-                   "synth_weight_kl", "corrector_gate"})
+  expected_agg = (
+    {"params", "opt", "residual", "synth_weight_entropy", "synth_weight_kl", "rng"}
+    if private
+    else {
+      "params",
+      "opt",
+      "residual",
+      "meta_loss",
+      "meta_step_skipped",
+      "synth_weight_entropy",
+      "synth_weight_kl",
+      "corrector_gate",
+    }
+  )
   assert set(layout["agg"]) == expected_agg and type(layout["agg"]) is dict
   assert set(layout["plugins"]["generator"]) == ({"params", "opt", "rng"} if private else {"params", "opt"})
   assert ("rng" in synth_state) == private and ("meta_loss" in synth_state) == (not private)
   old = checkpoint_manager(str(tmp_path / "dict"))
   old.save(3, args=ocp.args.StandardSave(layout))
   old.wait_until_finished()
-  fresh = {"agg": agg.init(_global(), jax.random.key(7), SIG), "plugins": {"generator": generator.init(jax.random.key(8))}}
+  fresh = {
+    "agg": agg.init(_global(), jax.random.key(7), SIG),
+    "plugins": {"generator": generator.init(jax.random.key(8))},
+  }
   restored, step = restore_state(old, fresh)
   old.close()
   assert step == 3 and isinstance(restored["agg"], SynthesizerState)

@@ -5,6 +5,7 @@ Each test names the bug it catches: a generator's offset absorbed into the globa
 generator learning the shared update instead of the personal part, and server parts
 (aggregate, server step, plug-ins, meta-step) whose non-finite or exploding output was kept.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,8 +25,17 @@ D_IN, D_OUT, R = 5, 3, 2  # Non-square: a transposed factor fails to broadcast o
 PLAIN_SERVER_STEP = optax.sgd(1.0)
 
 
-def _round(aggregator, *, learning_rate=0.1, plugins=(), server_optimizer=PLAIN_SERVER_STEP, optimizer=optax.sgd,
-           local_steps=2, b_scale=0.5, **kwargs):
+def _round(
+  aggregator,
+  *,
+  learning_rate=0.1,
+  plugins=(),
+  server_optimizer=PLAIN_SERVER_STEP,
+  optimizer=optax.sgd,
+  local_steps=2,
+  b_scale=0.5,
+  **kwargs,
+):
   """A one-layer LoRA round on an MSE loss: (FederatedRound, frozen, adapter, batches)."""
   model = OneLayer()
   frozen = model.init(jax.random.key(0), jnp.ones((2, D_IN)))
@@ -36,8 +46,14 @@ def _round(aggregator, *, learning_rate=0.1, plugins=(), server_optimizer=PLAIN_
     pred = lora.apply(model, frozen, trainable, batch["x"], scale=1.0)
     return jnp.mean((pred - batch["y"]) ** 2), {}
 
-  fed = federated.FederatedRound(hl.local_update(loss_fn, optimizer(learning_rate)), aggregator,
-                                 num_clients=4, plugins=plugins, server_optimizer=server_optimizer, **kwargs)
+  fed = federated.FederatedRound(
+    hl.local_update(loss_fn, optimizer(learning_rate)),
+    aggregator,
+    num_clients=4,
+    plugins=plugins,
+    server_optimizer=server_optimizer,
+    **kwargs,
+  )
   steps = local_steps + aggregator.capabilities.heldout_steps
   batches = {"x": jax.random.normal(k[2], (3, steps, 4, D_IN)), "y": jnp.ones((3, steps, 4, D_OUT))}
   return fed, frozen, adapter, batches
@@ -49,10 +65,13 @@ IDS, WEIGHTS = jnp.array([0, 2, 3]), jnp.array([0.5, 0.3, 0.2])
 def _constant_offset_plugin(offset):
   """Every client starts from global + `offset` (a fixed generator)."""
   return hl.Plugin(
-      name="fixed", init=lambda rng: {},
-      client_offsets=lambda state, sig, ids: jax.tree.map(
-          lambda x: jnp.broadcast_to(x, (ids.shape[0],) + x.shape), offset),
-      after_aggregation=lambda state, outcome: state)
+    name="fixed",
+    init=lambda rng: {},
+    client_offsets=lambda state, sig, ids: jax.tree.map(
+      lambda x: jnp.broadcast_to(x, (ids.shape[0],) + x.shape), offset
+    ),
+    after_aggregation=lambda state, outcome: state,
+  )
 
 
 def test_a_generators_offset_is_not_absorbed_into_the_synthesized_global():
@@ -60,11 +79,10 @@ def test_a_generators_offset_is_not_absorbed_into_the_synthesized_global():
   global must not move: the old synthesizer averaged the returned *products*, so the global
   took in s(a+o_a)(b+o_b) − s a b every round, and the next round added the offset again."""
   offset = {"out": {"a": jnp.full((D_IN, R), 0.3), "b": jnp.full((R, D_OUT), -0.2)}}
-  synthesizer = hyperlora_synthesizer(SynthesisConfig(scale=1.0, rank=R, corrector="none",
-                                                      learned_weights=False),
-                                      optax.adam(1e-3), meta_learning=False)
-  fed, frozen, adapter, batches = _round(synthesizer, learning_rate=0.0,
-                                         plugins=(_constant_offset_plugin(offset),))
+  synthesizer = hyperlora_synthesizer(
+    SynthesisConfig(scale=1.0, rank=R, corrector="none", learned_weights=False), optax.adam(1e-3), meta_learning=False
+  )
+  fed, frozen, adapter, batches = _round(synthesizer, learning_rate=0.0, plugins=(_constant_offset_plugin(offset),))
   state = fed.init(jax.random.key(2), adapter)
   step = jax.jit(fed.step)
   for _ in range(5):
@@ -77,23 +95,33 @@ def test_synthesized_global_moves_by_the_weighted_mean_product_change():
   """With offsets and real training: new s a b = best rank-r of s a b + Σ_k p_k (s a_k b_k − s a⁰_k b⁰_k)
   (uniform weights, no corrector), checked against the clients' returned factors."""
   offset = {"out": {"a": jnp.full((D_IN, R), 0.1), "b": jnp.zeros((R, D_OUT))}}
-  synthesizer = hyperlora_synthesizer(SynthesisConfig(scale=1.0, rank=R, corrector="none",
-                                                      learned_weights=False),
-                                      optax.adam(1e-3), meta_learning=False)
+  synthesizer = hyperlora_synthesizer(
+    SynthesisConfig(scale=1.0, rank=R, corrector="none", learned_weights=False), optax.adam(1e-3), meta_learning=False
+  )
   seen = {}
-  spy = hl.Plugin(name="spy", init=lambda rng: {},
-                  client_offsets=lambda state, sig, ids: jax.tree.map(
-                      lambda x: jnp.broadcast_to(x, (ids.shape[0],) + x.shape), offset),
-                  after_aggregation=lambda state, outcome: seen.update(
-                      trained=outcome.client_params, starts=outcome.client_starts) or state)
+  spy = hl.Plugin(
+    name="spy",
+    init=lambda rng: {},
+    client_offsets=lambda state, sig, ids: jax.tree.map(
+      lambda x: jnp.broadcast_to(x, (ids.shape[0],) + x.shape), offset
+    ),
+    after_aggregation=lambda state, outcome: (
+      seen.update(trained=outcome.client_params, starts=outcome.client_starts) or state
+    ),
+  )
   fed, frozen, adapter, batches = _round(synthesizer, plugins=(spy,))
   state = fed.init(jax.random.key(2), adapter)
   new_state, _ = fed.step(state, frozen, batches, IDS, WEIGHTS)
   trained, starts = seen["trained"]["out"], seen["starts"]["out"]
   np.testing.assert_allclose(starts["a"][1], adapter["out"]["a"] + 0.1, rtol=1e-6)
-  change = sum(float(w) * (np.asarray(trained["a"][k]) @ np.asarray(trained["b"][k])
-                           - np.asarray(starts["a"][k]) @ np.asarray(starts["b"][k]))
-               for k, w in enumerate(WEIGHTS))
+  change = sum(
+    float(w)
+    * (
+      np.asarray(trained["a"][k]) @ np.asarray(trained["b"][k])
+      - np.asarray(starts["a"][k]) @ np.asarray(starts["b"][k])
+    )
+    for k, w in enumerate(WEIGHTS)
+  )
   target = np.asarray(adapter["out"]["a"] @ adapter["out"]["b"]) + change
   u, s, vt = np.linalg.svd(target, full_matrices=False)
   layer = new_state["global"]["out"]
@@ -117,8 +145,9 @@ def test_deviation_targets_remove_the_cohorts_mean_change():
 
 
 def _generator(learning_rate=1.0):
-  module = generator_lib.LoraGenerator(targets={"out": (D_IN, D_OUT)}, rank=R, num_clients=4,
-                                       client_embed_dim=3, hidden=8, layer_embed_dim=4)
+  module = generator_lib.LoraGenerator(
+    targets={"out": (D_IN, D_OUT)}, rank=R, num_clients=4, client_embed_dim=3, hidden=8, layer_embed_dim=4
+  )
   return generator_lib.make_generator(module, loss="vjp", optimizer=optax.sgd(learning_rate), scale=1.0)
 
 
@@ -130,13 +159,21 @@ def test_a_deviation_generator_learns_nothing_from_a_change_every_client_shares(
   base = {"out": {"a": jnp.ones((D_IN, R)), "b": jnp.ones((R, D_OUT))}}
   starts = jax.tree.map(lambda x: jnp.broadcast_to(x, (3,) + x.shape), base)
   trained = jax.tree.map(lambda x: x + 0.5, starts)
-  outcome = federated.RoundOutcome(new_global=base, client_params=trained, weights=WEIGHTS, client_ids=IDS,
-                                   signatures=jnp.zeros((3, 0)), rank_masks=jnp.ones((3, R)),
-                                   previous_global=base, client_starts=starts)
+  outcome = federated.RoundOutcome(
+    new_global=base,
+    client_params=trained,
+    weights=WEIGHTS,
+    client_ids=IDS,
+    signatures=jnp.zeros((3, 0)),
+    rank_masks=jnp.ones((3, R)),
+    previous_global=base,
+    client_starts=starts,
+  )
   for target, moves in (("deviation", False), ("from_global", True)):
     new = generator_plugin(generator, target=target).after_aggregation(state, outcome)
-    changed = any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(new["params"]),
-                                                            jax.tree.leaves(state["params"])))
+    changed = any(
+      not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(state["params"]))
+    )
     assert changed == moves, target
   with pytest.raises(ValueError, match="generator target"):
     generator_plugin(generator, target="nope")
@@ -144,10 +181,15 @@ def test_a_deviation_generator_learns_nothing_from_a_change_every_client_shares(
 
 def _probe(output):
   """An aggregator that returns `output(global_params)` and counts its calls in its state."""
+
   def aggregate(state, global_params, client_params, weights, context=None):
     return output(global_params), {}, {"calls": state["calls"] + 1}
-  return aggregators.Aggregator(lambda g, rng=None, signature_dim=0: {"calls": jnp.zeros((), jnp.int32)},
-                                aggregate, aggregators.Capabilities(name="probe"))
+
+  return aggregators.Aggregator(
+    lambda g, rng=None, signature_dim=0: {"calls": jnp.zeros((), jnp.int32)},
+    aggregate,
+    aggregators.Capabilities(name="probe"),
+  )
 
 
 @pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, 1e7])
@@ -165,8 +207,9 @@ def test_a_nonfinite_or_exploding_aggregate_is_rejected_and_the_previous_state_k
 
 
 def test_the_value_bound_is_a_knob():
-  fed, frozen, adapter, batches = _round(_probe(lambda g: jax.tree.map(lambda x: x * 0 + 1e7, g)),
-                                         max_server_value=None)
+  fed, frozen, adapter, batches = _round(
+    _probe(lambda g: jax.tree.map(lambda x: x * 0 + 1e7, g)), max_server_value=None
+  )
   _, metrics = fed.step(fed.init(jax.random.key(2), adapter), frozen, batches, IDS, WEIGHTS)
   assert int(metrics["rejected_aggregate"]) == 0  # No bound: only non-finite values are rejected.
 
@@ -182,10 +225,14 @@ def test_an_overflowing_server_step_is_rejected_with_its_optimizer_state():
 
 
 def test_a_plugin_whose_new_state_is_nonfinite_keeps_its_old_state():
-  plugin = hl.Plugin(name="broken", init=lambda rng: {"w": jnp.ones(3)},
-                     client_offsets=lambda state, sig, ids: {"out": {"a": jnp.zeros((ids.shape[0], D_IN, R)),
-                                                                     "b": jnp.zeros((ids.shape[0], R, D_OUT))}},
-                     after_aggregation=lambda state, outcome: {"w": state["w"] * jnp.nan})
+  plugin = hl.Plugin(
+    name="broken",
+    init=lambda rng: {"w": jnp.ones(3)},
+    client_offsets=lambda state, sig, ids: {
+      "out": {"a": jnp.zeros((ids.shape[0], D_IN, R)), "b": jnp.zeros((ids.shape[0], R, D_OUT))}
+    },
+    after_aggregation=lambda state, outcome: {"w": state["w"] * jnp.nan},
+  )
   fed, frozen, adapter, batches = _round(aggregators.fedit(), plugins=(plugin,))
   new_state, metrics = fed.step(fed.init(jax.random.key(2), adapter), frozen, batches, IDS, WEIGHTS)
   assert int(metrics["rejected_plugins"]) == 1
@@ -196,11 +243,13 @@ def test_hyperlora_with_an_absurd_client_learning_rate_keeps_a_finite_server():
   """Client Adam with lr 1e20, one step from b = 0 (LoRA's start): b becomes ±1e20, finite,
   with a finite loss, but the server's products and Gram matrices overflow. Before the guards, the global adapter, generator and residual were NaN after one round with
   nonfinite_clients = 0; now every server part stays finite and the rejections are counted."""
-  synthesizer = hyperlora_synthesizer(SynthesisConfig(scale=1.0, rank=R, corrector="learned"),
-                                      optax.adam(1e-3, eps_root=1e-16))
+  synthesizer = hyperlora_synthesizer(
+    SynthesisConfig(scale=1.0, rank=R, corrector="learned"), optax.adam(1e-3, eps_root=1e-16)
+  )
   plugin = generator_plugin(_generator(1e-3), target="deviation")
-  fed, frozen, adapter, batches = _round(synthesizer, learning_rate=1e20, plugins=(plugin,), optimizer=optax.adam,
-                                         local_steps=1, b_scale=0.0)
+  fed, frozen, adapter, batches = _round(
+    synthesizer, learning_rate=1e20, plugins=(plugin,), optimizer=optax.adam, local_steps=1, b_scale=0.0
+  )
   state = fed.init(jax.random.key(2), adapter)
   step = jax.jit(fed.step)
   for round_index in range(3):
@@ -208,8 +257,9 @@ def test_hyperlora_with_an_absurd_client_learning_rate_keeps_a_finite_server():
     if round_index == 0:  # Each client's own factors are finite; their aggregate is not.
       assert int(metrics["nonfinite_clients"]) == 0 and int(metrics["rejected_aggregate"]) == 1
       assert int(metrics["meta_step_skipped"]) == 1
-    assert bool(primitives.is_finite((state["global"], state["agg"]["params"], state["agg"]["residual"],
-                                      state["plugins"])))
+    assert bool(
+      primitives.is_finite((state["global"], state["agg"]["params"], state["agg"]["residual"], state["plugins"]))
+    )
   jax.tree.map(np.testing.assert_array_equal, state["global"], adapter)
 
 
@@ -219,6 +269,7 @@ def test_a_run_counts_rejections_and_stops_on_a_nonfinite_global_model(smoke_con
   non-finite and the run stops naming the round, instead of reporting an accuracy for it."""
   from experiments.runner import reporting
   from experiments.runner.train import train_and_evaluate
+
   smoke_config.server_optimizer.learning_rate, smoke_config.server_optimizer.momentum = 1e38, 0.9
   smoke_config.fed.num_rounds = 2
   train_and_evaluate(smoke_config, str(tmp_path / "guarded"), progress=False, log=lambda _: None)
@@ -236,6 +287,7 @@ def test_a_diverged_pretraining_is_reported_and_not_cached(smoke_config, tmp_pat
   "holdout accuracy 0.062"; validation now refuses inf, and a finite but absurd one is caught."""
   import os
   from experiments.runner import pretrain
+
   smoke_config.pretrain.learning_rate = 1e30
   smoke_config.pretrain.cache_dir = str(tmp_path / "backbones")
   with pytest.raises(FloatingPointError, match="pretraining diverged.*pretrain.learning_rate"):

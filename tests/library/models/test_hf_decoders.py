@@ -1,6 +1,7 @@
 """Llama-family decoders (Llama, Qwen2, Mistral) against transformers, through golden fixtures
 (tests/fixtures/decoder_references.py wrote them with torch; versions in
 tests/fixtures/versions.json under "decoders"). No PyTorch here."""
+
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from hyperlora_jax.models import CheckpointError
 from tests.fixtures.decoder_references import MAX_LEN, MESSAGES, TEXTS
 
 from tests.repo_paths import FIXTURES
+
 TOLERANCE = 1e-5  # Relative to the largest absolute value, as the issue asks.
 DECODERS = ("hf_llama", "hf_llama_bare", "hf_qwen2", "hf_mistral")
 
@@ -36,8 +38,12 @@ def _forward(name, outputs, **overrides):
   """The fixture's output on the real (unpadded) tokens: logits, or the bare model's hidden
   states; `overrides` change the loaded architecture."""
   model, variables, _ = hf.load_causal_lm(os.path.join(FIXTURES, name), **overrides)
-  got = model.apply(variables, jnp.asarray(outputs["input_ids"]), jnp.asarray(outputs["attention_mask"]),
-                    return_hidden=name == "hf_llama_bare")
+  got = model.apply(
+    variables,
+    jnp.asarray(outputs["input_ids"]),
+    jnp.asarray(outputs["attention_mask"]),
+    return_hidden=name == "hf_llama_bare",
+  )
   real = outputs["attention_mask"].astype(bool)
   return np.asarray(got)[real], outputs[f"{name}_output"][real]
 
@@ -46,18 +52,59 @@ def test_the_architecture_comes_from_each_checkpoints_config():
   """GQA, head_dim, rotary scaling, tying and biases as each family's config.json states them."""
   archs = {name: hf.read_checkpoint(os.path.join(FIXTURES, name))[:2] for name in DECODERS}
   assert {name for name, _ in archs.values()} == {"llama"}
-  common = {"vocab_size": 360, "width": 32, "depth": 2, "num_heads": 4, "head_dim": 8, "mlp_dim": 40,
-            "rms_norm_eps": 1e-6, "mlp_bias": False, "out_bias": False, "sliding_window": None}
-  assert archs["hf_llama"][1] == {**common, "num_kv_heads": 2, "rope_theta": 500000.0, "tie_embeddings": False,
-                                  "qkv_bias": False, "rope_scaling": (
-                                      ("rope_type", "llama3"), ("factor", 8.0), ("high_freq_factor", 4.0),
-                                      ("low_freq_factor", 1.0), ("original_max_position_embeddings", 16.0))}
-  assert archs["hf_llama_bare"][1] == {**common, "num_kv_heads": 4, "rope_theta": 10000.0, "rope_scaling": (),
-                                       "tie_embeddings": True, "qkv_bias": True, "out_bias": True, "mlp_bias": True}
-  assert archs["hf_qwen2"][1] == {**common, "num_kv_heads": 2, "rope_theta": 10000.0, "tie_embeddings": True,
-                                  "qkv_bias": True, "rope_scaling": (("rope_type", "linear"), ("factor", 2.0))}
-  assert archs["hf_mistral"][1] == {**common, "num_kv_heads": 2, "rope_theta": 10000.0, "rope_scaling": (),
-                                    "tie_embeddings": False, "qkv_bias": False, "sliding_window": 4}
+  common = {
+    "vocab_size": 360,
+    "width": 32,
+    "depth": 2,
+    "num_heads": 4,
+    "head_dim": 8,
+    "mlp_dim": 40,
+    "rms_norm_eps": 1e-6,
+    "mlp_bias": False,
+    "out_bias": False,
+    "sliding_window": None,
+  }
+  assert archs["hf_llama"][1] == {
+    **common,
+    "num_kv_heads": 2,
+    "rope_theta": 500000.0,
+    "tie_embeddings": False,
+    "qkv_bias": False,
+    "rope_scaling": (
+      ("rope_type", "llama3"),
+      ("factor", 8.0),
+      ("high_freq_factor", 4.0),
+      ("low_freq_factor", 1.0),
+      ("original_max_position_embeddings", 16.0),
+    ),
+  }
+  assert archs["hf_llama_bare"][1] == {
+    **common,
+    "num_kv_heads": 4,
+    "rope_theta": 10000.0,
+    "rope_scaling": (),
+    "tie_embeddings": True,
+    "qkv_bias": True,
+    "out_bias": True,
+    "mlp_bias": True,
+  }
+  assert archs["hf_qwen2"][1] == {
+    **common,
+    "num_kv_heads": 2,
+    "rope_theta": 10000.0,
+    "tie_embeddings": True,
+    "qkv_bias": True,
+    "rope_scaling": (("rope_type", "linear"), ("factor", 2.0)),
+  }
+  assert archs["hf_mistral"][1] == {
+    **common,
+    "num_kv_heads": 2,
+    "rope_theta": 10000.0,
+    "rope_scaling": (),
+    "tie_embeddings": False,
+    "qkv_bias": False,
+    "sliding_window": 4,
+  }
 
 
 @pytest.mark.parametrize("name", DECODERS)
@@ -70,13 +117,16 @@ def test_each_decoder_computes_the_references_logits(name, outputs):
   assert _relative_error(got, want) <= TOLERANCE
 
 
-@pytest.mark.parametrize("name, change", [
-    ("hf_llama", {"rope_scaling": ()}),                     # Llama 3's scaled frequencies ignored.
-    ("hf_llama", {"rope_theta": 10000.0}),                  # The checkpoint's rope_theta ignored.
-    ("hf_mistral", {"sliding_window": None}),               # Mistral's window ignored.
-    ("hf_mistral", {"sliding_window": 5}),                  # Off by one in the window.
-    ("hf_qwen2", {"rope_scaling": ()}),                     # Linear scaling ignored.
-])
+@pytest.mark.parametrize(
+  "name, change",
+  [
+    ("hf_llama", {"rope_scaling": ()}),  # Llama 3's scaled frequencies ignored.
+    ("hf_llama", {"rope_theta": 10000.0}),  # The checkpoint's rope_theta ignored.
+    ("hf_mistral", {"sliding_window": None}),  # Mistral's window ignored.
+    ("hf_mistral", {"sliding_window": 5}),  # Off by one in the window.
+    ("hf_qwen2", {"rope_scaling": ()}),  # Linear scaling ignored.
+  ],
+)
 def test_the_checks_see_a_wrong_architecture(name, change, outputs):
   """The comparison can fail: each plausible mistake misses the reference by far more than 1e-5."""
   got, want = _forward(name, outputs, **change)
@@ -90,8 +140,13 @@ def test_llama3_frequencies_follow_the_reference_formula():
   wavelength = 2 * np.pi / inv
   smooth = (16 / wavelength[0] - 1.0) / (4.0 - 1.0)
   want = np.concatenate([[(1 - smooth) * inv[0] / 8 + smooth * inv[0]], inv[1:] / 8])
-  scaling = (("rope_type", "llama3"), ("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
-             ("original_max_position_embeddings", 16.0))
+  scaling = (
+    ("rope_type", "llama3"),
+    ("factor", 8.0),
+    ("high_freq_factor", 4.0),
+    ("low_freq_factor", 1.0),
+    ("original_max_position_embeddings", 16.0),
+  )
   np.testing.assert_allclose(rope_frequencies(8, 500000.0, scaling), want, rtol=1e-6)
 
 
@@ -136,8 +191,17 @@ def test_generation_stops_at_the_end_of_text_token(outputs):
   free = outputs["generated"]
   eos = int(free[0, 1])
   assert eos not in free[1] and eos != free[0, 0]
-  tokens = np.asarray(generate(apply, model, jnp.asarray(outputs["prompt_ids"]), jnp.asarray(outputs["prompt_mask"]),
-                               free.shape[1], eos_id=eos, pad_id=-1))
+  tokens = np.asarray(
+    generate(
+      apply,
+      model,
+      jnp.asarray(outputs["prompt_ids"]),
+      jnp.asarray(outputs["prompt_mask"]),
+      free.shape[1],
+      eos_id=eos,
+      pad_id=-1,
+    )
+  )
   np.testing.assert_array_equal(tokens[0], list(free[0, :2]) + [-1] * (free.shape[1] - 2))
   np.testing.assert_array_equal(tokens[1], free[1])
 
@@ -180,8 +244,14 @@ def test_an_exported_adapter_attaches_to_the_reference_and_loads_back(outputs):
   assert adapter["block_0/mlp/down"]["a"].shape == (40, 2) and adapter["block_0/mlp/down"]["b"].shape == (2, 32)
   assert "model.layers.1.mlp.down_proj" in config["target_modules"]
   model, variables, _ = _load_fixture()
-  adapted = lora.apply(model, variables, adapter, jnp.asarray(outputs["input_ids"]),
-                       jnp.asarray(outputs["attention_mask"]), scale=peft.scale_from_config(config))
+  adapted = lora.apply(
+    model,
+    variables,
+    adapter,
+    jnp.asarray(outputs["input_ids"]),
+    jnp.asarray(outputs["attention_mask"]),
+    scale=peft.scale_from_config(config),
+  )
   real = outputs["attention_mask"].astype(bool)
   want = outputs["hf_llama_adapted_output"][real]
   assert _relative_error(np.asarray(adapted)[real], want) <= TOLERANCE
@@ -229,18 +299,26 @@ def test_a_transformers_4_llama_generates_the_tokens_transformers_4_generates():
   with np.load(os.path.join(FIXTURES, "hf_decoder_v4_outputs.npz")) as f:
     outputs = dict(f)
   model, variables, _ = hf.load_causal_lm(os.path.join(FIXTURES, "hf_llama_v4"))
-  tokens = generate(lambda *a: model.apply(variables, *a[:2], cache=a[2]), model, jnp.asarray(outputs["prompt_ids"]),
-                    jnp.asarray(outputs["prompt_mask"]), max_new_tokens=outputs["generated"].shape[1])
+  tokens = generate(
+    lambda *a: model.apply(variables, *a[:2], cache=a[2]),
+    model,
+    jnp.asarray(outputs["prompt_ids"]),
+    jnp.asarray(outputs["prompt_mask"]),
+    max_new_tokens=outputs["generated"].shape[1],
+  )
   np.testing.assert_array_equal(tokens, outputs["generated"])
 
 
-@pytest.mark.parametrize("change, message", [
+@pytest.mark.parametrize(
+  "change, message",
+  [
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope type 'yarn'"),
     ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}, "lacks \\['factor'\\]"),
     ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
-])
+  ],
+)
 def test_what_the_decoder_cannot_run_is_refused_by_name(change, message):
   config = {**hf.read_config(os.path.join(FIXTURES, "hf_llama")), **change}
   with pytest.raises(CheckpointError, match=message):
@@ -278,13 +356,32 @@ def test_padding_and_remat_leave_the_real_tokens_unchanged():
   mask = jnp.asarray([[1, 1, 1, 1, 1, 0, 0]])
   padded = model.apply(variables, ids, mask)
   np.testing.assert_allclose(padded[:, :5], model.apply(variables, ids[:, :5]), rtol=1e-5, atol=1e-6)
-  remat = DecoderLM(**{**{f: getattr(model, f) for f in ("vocab_size", "width", "depth", "num_heads", "num_kv_heads",
-                                                          "head_dim", "mlp_dim", "rope_theta", "rope_scaling")},
-                       "remat": True})
+  remat = DecoderLM(
+    **{
+      **{
+        f: getattr(model, f)
+        for f in (
+          "vocab_size",
+          "width",
+          "depth",
+          "num_heads",
+          "num_kv_heads",
+          "head_dim",
+          "mlp_dim",
+          "rope_theta",
+          "rope_scaling",
+        )
+      },
+      "remat": True,
+    }
+  )
   loss = lambda m: lambda v: jnp.sum(m.apply(v, ids, mask)[0, :5, :3])
-  np.testing.assert_allclose(jax.grad(loss(remat))(variables)["params"]["block_0"]["mlp"]["up"]["kernel"],
-                             jax.grad(loss(model))(variables)["params"]["block_0"]["mlp"]["up"]["kernel"],
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    jax.grad(loss(remat))(variables)["params"]["block_0"]["mlp"]["up"]["kernel"],
+    jax.grad(loss(model))(variables)["params"]["block_0"]["mlp"]["up"]["kernel"],
+    rtol=1e-5,
+    atol=1e-6,
+  )
 
 
 def _plain_attention(q, k, v, allowed):
@@ -306,6 +403,7 @@ def test_the_attention_backward_is_the_derivative_of_plain_attention(window):
   head width 4 != either, right padding, a sliding window): a wrong transpose, group, scale
   or softmax derivative shows."""
   from hyperlora_jax.models.llama import attend, attention_mask_for
+
   keys = jax.random.split(jax.random.key(3), 4)
   q = jax.random.normal(keys[0], (2, 5, 6, 4))
   k, v = (jax.random.normal(key, (2, 7, 2, 4)) for key in keys[1:3])
@@ -324,6 +422,7 @@ def test_the_attention_backward_is_the_derivative_of_plain_attention(window):
 def test_an_image_run_given_a_decoder_checkpoint_says_what_it_is():
   from configs import default
   from experiments.runner import backbone as backbone_lib
+
   config = default.get_config()
   config.pretrain.checkpoint = os.path.join(FIXTURES, "hf_llama")
   with pytest.raises(CheckpointError, match="pretrain.checkpoint: .*hf_llama holds a decoder language model"):

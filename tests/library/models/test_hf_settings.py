@@ -1,6 +1,7 @@
 """Settings the other fixtures leave at a loader's fallback, against transformers and peft through
 golden fixtures (tests/fixtures/settings_references.py wrote them with torch; versions in
 tests/fixtures/versions.json under "settings"). Each test names the plausible bug it catches."""
+
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from tests.fixtures.settings_references import PROMPTS, RESPONSES
 from tests.library.models.test_hf_decoders import _relative_error
 
 from tests.repo_paths import FIXTURES
+
 TOLERANCE = 1e-5
 PEFT_TARGETS = r"block_\d+/(attn/(query|value)|mlp/down)"
 
@@ -30,8 +32,11 @@ def _logits(name, outputs, adapter=None, scale=1.0, **overrides):
   """(the project's logits on the real tokens, the model, its variables)."""
   model, variables, _ = hf.load_causal_lm(os.path.join(FIXTURES, name), **overrides)
   ids, mask = jnp.asarray(outputs["input_ids"]), jnp.asarray(outputs["attention_mask"])
-  got = (model.apply(variables, ids, mask) if adapter is None
-         else lora.apply(model, variables, adapter, ids, mask, scale=scale))
+  got = (
+    model.apply(variables, ids, mask)
+    if adapter is None
+    else lora.apply(model, variables, adapter, ids, mask, scale=scale)
+  )
   return np.asarray(got)[outputs["attention_mask"].astype(bool)], model, variables
 
 
@@ -39,8 +44,9 @@ def _want(outputs, key):
   return outputs[key][outputs["attention_mask"].astype(bool)]
 
 
-@pytest.mark.parametrize("name, fallback", [("hf_llama_eps", {"rms_norm_eps": 1e-6}),
-                                            ("hf_qwen25", {"rope_theta": 10000.0})])
+@pytest.mark.parametrize(
+  "name, fallback", [("hf_llama_eps", {"rms_norm_eps": 1e-6}), ("hf_qwen25", {"rope_theta": 10000.0})]
+)
 def test_rms_norm_eps_and_a_linear_scalings_rope_theta_come_from_the_checkpoint(name, fallback, outputs):
   """Llama 2/3's rms_norm_eps 1e-5, and Qwen2.5's linear scaling at rope_theta 1e6: a loader
   that used the fallback (1e-6; 10,000) would miss the reference by far more than 1e-5."""
@@ -99,8 +105,14 @@ def test_exported_square_layers_and_embedding_attach_to_the_reference(outputs, t
   wrong, _, _ = _logits("hf_llama_eps", outputs, swapped, peft.scale_from_config(config))
   assert _relative_error(wrong, _want(outputs, "hf_llama_eps_adapted_output")) > 1e-2
   again = tmp_path / "again"
-  peft.save_peft(str(again), adapter, alpha=config["lora_alpha"], module_name=hf.module_namer("llama"),
-                 embeddings=["embed"], task_type="CAUSAL_LM")
+  peft.save_peft(
+    str(again),
+    adapter,
+    alpha=config["lora_alpha"],
+    module_name=hf.module_namer("llama"),
+    embeddings=["embed"],
+    task_type="CAUSAL_LM",
+  )
   assert json.loads((again / peft.ADAPTER_CONFIG).read_text()) == config
   rewritten = load_file(str(again / peft.ADAPTER_WEIGHTS))
   assert rewritten.keys() == tensors.keys()
@@ -127,18 +139,29 @@ def test_an_adapter_of_another_model_is_refused_naming_the_module(outputs, tmp_p
   model, variables, _ = hf.load_causal_lm(os.path.join(FIXTURES, "hf_llama_eps"))
   targets = lora.find_targets(model, variables, jnp.asarray(outputs["input_ids"]), target_regex=PEFT_TARGETS)
   wider = {**targets, "block_0/attn/query": (36, 32)}
-  with pytest.raises(ValueError, match=r"module 'model.layers.0.self_attn.q_proj' is \[d_in, d_out\] = \[32, 32\] "
-                                       r"in the adapter.*layer 'block_0/attn/query' is \[36, 32\]"):
-    peft.load_peft(os.path.join(FIXTURES, "hf_llama_eps_peft_adapter"), paths=wider,
-                   module_name=hf.module_namer("llama"))
+  with pytest.raises(
+    ValueError,
+    match=r"module 'model.layers.0.self_attn.q_proj' is \[d_in, d_out\] = \[32, 32\] "
+    r"in the adapter.*layer 'block_0/attn/query' is \[36, 32\]",
+  ):
+    peft.load_peft(
+      os.path.join(FIXTURES, "hf_llama_eps_peft_adapter"), paths=wider, module_name=hf.module_namer("llama")
+    )
   adapter = {"block_0/attn/query": {"a": jnp.zeros((30, 2)), "b": jnp.zeros((2, 32))}}
   with pytest.raises(ValueError, match=r"LoRA layer 'block_0/attn/query': factors a \[30, 2\].*\[32, 32\]"):
     lora.apply(model, variables, adapter, jnp.asarray(outputs["input_ids"]), scale=1.0)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("use_dora", True, "use_dora=True"), ("lora_bias", True, "lora_bias=True"),
-    ("modules_to_save", ["lm_head"], "modules_to_save"), ("bias", "all", "bias='all'"), ("r", 0, "r must be")])
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
+    ("use_dora", True, "use_dora=True"),
+    ("lora_bias", True, "lora_bias=True"),
+    ("modules_to_save", ["lm_head"], "modules_to_save"),
+    ("bias", "all", "bias='all'"),
+    ("r", 0, "r must be"),
+  ],
+)
 def test_adapters_computing_more_than_plain_lora_are_refused_by_field(field, value, message, tmp_path):
   """DoRA, LoRA biases, modules saved whole: loading them as plain LoRA would be silently wrong."""
   directory = tmp_path / "adapter"

@@ -1,6 +1,7 @@
 """Hugging Face ViT checkpoints against the reference implementation (transformers), and PEFT
 adapters against `peft`, through golden fixtures (tests/fixtures/make_reference_fixtures.py
 wrote them with torch; versions in tests/fixtures/versions.json). No PyTorch here."""
+
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from hyperlora_jax.models import CheckpointError
 from hyperlora_jax.models.vit import ViT
 
 from tests.repo_paths import FIXTURES, ROOT
+
 TOLERANCE = 1e-5  # Relative to the largest absolute value, as the issue asks.
 
 
@@ -42,13 +44,22 @@ def test_the_architecture_comes_from_the_checkpoints_config():
   name, arch, tensors, _ = hf.read_checkpoint(os.path.join(FIXTURES, "hf_vit"))
   assert name == "vit"
   # config.json: hidden 32, 2 layers, 4 heads, intermediate 37 (not a multiple of 32), exact GELU.
-  assert arch == {"patch_size": 4, "width": 32, "depth": 2, "num_heads": 4, "mlp_dim": 37, "gelu": "exact",
-                  "layer_norm_eps": 1e-12, "qkv_bias": True}
+  assert arch == {
+    "patch_size": 4,
+    "width": 32,
+    "depth": 2,
+    "num_heads": 4,
+    "mlp_dim": 37,
+    "gelu": "exact",
+    "layer_norm_eps": 1e-12,
+    "qkv_bias": True,
+  }
   assert len(tensors) == 40  # 2 x 16 per block + cls, positions, patch conv (2), final norm (2), pooler (2).
 
 
-@pytest.mark.parametrize("name, reference", [("hf_vit", "vit_last_hidden_state"),
-                                             ("hf_vit_sharded", "classifier_last_hidden_state")])
+@pytest.mark.parametrize(
+  "name, reference", [("hf_vit", "vit_last_hidden_state"), ("hf_vit_sharded", "classifier_last_hidden_state")]
+)
 def test_a_hugging_face_vit_computes_the_references_hidden_states(name, reference):
   """ViTModel (one file) and ViTForImageClassification (sharded over 4+ files, 'vit.' names):
   every token's final state agrees with transformers' to 1e-5."""
@@ -57,8 +68,9 @@ def test_a_hugging_face_vit_computes_the_references_hidden_states(name, referenc
   hidden = model.apply(variables, jnp.asarray(outputs["pixel_values"]), return_hidden=True)
   assert hidden.shape == outputs[reference].shape == (2, 17, 32)
   assert _relative_error(hidden, outputs[reference]) <= TOLERANCE
-  expected_dropped = (["pooler.dense.bias", "pooler.dense.weight"] if name == "hf_vit"
-                      else ["classifier.bias", "classifier.weight"])
+  expected_dropped = (
+    ["pooler.dense.bias", "pooler.dense.weight"] if name == "hf_vit" else ["classifier.bias", "classifier.weight"]
+  )
   assert dropped == expected_dropped  # Named, not loaded: the run trains its own head.
   features = model.apply(variables, jnp.asarray(outputs["pixel_values"]), return_features=True)
   np.testing.assert_allclose(features, outputs[reference][:, 0], atol=TOLERANCE * np.abs(outputs[reference]).max())
@@ -127,8 +139,14 @@ def _assert_adapted_vit_matches(adapter, config, reference_file):
   outputs = _outputs()
   with np.load(os.path.join(FIXTURES, reference_file)) as f:
     reference = f["adapted_last_hidden_state"]
-  adapted = lora.apply(model, variables, adapter, jnp.asarray(outputs["pixel_values"]),
-                       scale=peft.scale_from_config(config), return_hidden=True)
+  adapted = lora.apply(
+    model,
+    variables,
+    adapter,
+    jnp.asarray(outputs["pixel_values"]),
+    scale=peft.scale_from_config(config),
+    return_hidden=True,
+  )
   assert _relative_error(adapted, reference) <= TOLERANCE
   assert _relative_error(reference, outputs["vit_last_hidden_state"]) > 0.1
 
@@ -142,8 +160,19 @@ def test_an_exported_adapter_attaches_to_the_reference_and_loads_back():
   _assert_adapted_vit_matches(adapter, config, "hf_vit_adapter.npz")
   assert set(adapter) == {f"encoder/block_{i}/{m}" for i in range(2) for m in ("attn/query", "attn/value", "mlp/fc1")}
   # Only LoraConfig's fields, and exact module names (nothing else named `query` gets hooked).
-  assert set(config) <= {"peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "lora_dropout", "bias",
-                         "fan_in_fan_out", "inference_mode", "task_type", "base_model_name_or_path"}
+  assert set(config) <= {
+    "peft_type",
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "target_modules",
+    "lora_dropout",
+    "bias",
+    "fan_in_fan_out",
+    "inference_mode",
+    "task_type",
+    "base_model_name_or_path",
+  }
   assert "layers.1.mlp.fc1" in config["target_modules"] and "layers.0.attention.q_proj" in config["target_modules"]
 
 
@@ -154,8 +183,9 @@ def test_an_adapter_trained_elsewhere_loads_by_the_models_module_names(tmp_path)
   os.remove(directory / peft.PATHS_FILE)
   expected, _ = peft.load_peft(os.path.join(FIXTURES, "hf_vit_adapter"))
   model, variables, _ = _load("hf_vit")
-  paths = lora.find_targets(model, variables, jnp.zeros((1, 16, 16, 3)),
-                            target_regex=r"encoder/block_\d+/(attn|mlp)/\w+")
+  paths = lora.find_targets(
+    model, variables, jnp.zeros((1, 16, 16, 3)), target_regex=r"encoder/block_\d+/(attn|mlp)/\w+"
+  )
   loaded, _ = peft.load_peft(str(directory), paths=list(paths), module_name=hf.vit_module_namer())
   assert set(loaded) == set(expected)
   for path in expected:
@@ -168,6 +198,7 @@ def test_a_list_valued_image_size_loads_and_a_non_square_one_is_named(tmp_path):
   """image_size / patch_size given as [n, n] (transformers accepts it) load, through the library
   and the CLI; a non-square pair is named."""
   from configs import vision_language
+
   directory = _copy("hf_vit", tmp_path)
   config = json.loads((directory / "config.json").read_text())
   (directory / "config.json").write_text(json.dumps({**config, "image_size": [16, 16], "patch_size": [4, 4]}))
@@ -184,8 +215,10 @@ def test_a_list_valued_image_size_loads_and_a_non_square_one_is_named(tmp_path):
 
 
 def test_module_names_follow_the_transformers_version():
-  assert hf.vit_module_name("encoder/block_3/attn/query", transformers_version=4) == \
-      "encoder.layer.3.attention.attention.query"
+  assert (
+    hf.vit_module_name("encoder/block_3/attn/query", transformers_version=4)
+    == "encoder.layer.3.attention.attention.query"
+  )
   assert hf.vit_module_name("encoder/block_3/mlp/fc2", "vit.", transformers_version=5) == "vit.layers.3.mlp.fc2"
   assert hf.vit_module_name("encoder/block_3/mlp/fc2", transformers_version=4) == "encoder.layer.3.output.dense"
   assert hf.vit_module_name("head") is None
@@ -198,13 +231,24 @@ def _run_cli(cache_dirs, workdir, cache_dir, fixture: str, method: str, *flags) 
   for 2 rounds, in a subprocess; its output (it must succeed)."""
   import subprocess
   import sys
+
   root = ROOT
-  command = [sys.executable, "-m", "experiments.main", "--config", f"configs/default.py:smoke,method={method}",
-             f"--workdir={workdir}", f"--config.data.data_dir={cache_dirs['data_dir']}",
-             f"--config.pretrain.cache_dir={cache_dir}", "--config.fed.num_rounds=2",
-             f"--config.pretrain.checkpoint={os.path.join(FIXTURES, fixture)}", *flags]
-  result = subprocess.run(command, cwd=root, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
-                          text=True, timeout=900)
+  command = [
+    sys.executable,
+    "-m",
+    "experiments.main",
+    "--config",
+    f"configs/default.py:smoke,method={method}",
+    f"--workdir={workdir}",
+    f"--config.data.data_dir={cache_dirs['data_dir']}",
+    f"--config.pretrain.cache_dir={cache_dir}",
+    "--config.fed.num_rounds=2",
+    f"--config.pretrain.checkpoint={os.path.join(FIXTURES, fixture)}",
+    *flags,
+  ]
+  result = subprocess.run(
+    command, cwd=root, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=900
+  )
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   return result.stdout + result.stderr
 
@@ -228,8 +272,10 @@ def test_the_cli_runs_fedit_on_a_hugging_face_checkpoint(cache_dirs, tmp_path):
 
 def _reference_script():
   import importlib.util
-  spec = importlib.util.spec_from_file_location("make_reference_fixtures",
-                                                os.path.join(FIXTURES, "make_reference_fixtures.py"))
+
+  spec = importlib.util.spec_from_file_location(
+    "make_reference_fixtures", os.path.join(FIXTURES, "make_reference_fixtures.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)  # Imports no torch at the top level.
   return module
@@ -242,6 +288,7 @@ def _clip_outputs():
 
 def _load_clip(**overrides):
   from hyperlora_jax.models import build_model
+
   outputs = _clip_outputs()
   name, arch, tensors, origin = hf.read_checkpoint(os.path.join(FIXTURES, "hf_clip"))
   prompt_ids = tuple(map(tuple, outputs["input_ids"].tolist()))
@@ -261,12 +308,12 @@ def test_a_hugging_face_clip_computes_the_references_embeddings_and_zero_shot_lo
   x = jnp.asarray(outputs["pixel_values"])
   tokens = jnp.asarray(outputs["input_ids"])
   checks = {
-      "logits_per_image": model.apply(variables, x),
-      "image_embeds": model.apply(variables, x, method="encode_image"),
-      "text_embeds": model.apply(variables, tokens, method="encode_text"),
-      "image_pooled": model.apply(variables, x, return_features=True, method=lambda m, x, **k: m.image_tower(x, **k)),
-      "text_pooled": model.apply(variables, tokens, method=lambda m, t: m.text_tower(t)),
-      "text_last_hidden_state": model.apply(variables, tokens, method=lambda m, t: m.text_tower(t, return_hidden=True)),
+    "logits_per_image": model.apply(variables, x),
+    "image_embeds": model.apply(variables, x, method="encode_image"),
+    "text_embeds": model.apply(variables, tokens, method="encode_text"),
+    "image_pooled": model.apply(variables, x, return_features=True, method=lambda m, x, **k: m.image_tower(x, **k)),
+    "text_pooled": model.apply(variables, tokens, method=lambda m, t: m.text_tower(t)),
+    "text_last_hidden_state": model.apply(variables, tokens, method=lambda m, t: m.text_tower(t, return_hidden=True)),
   }
   for key, got in checks.items():
     assert got.shape == outputs[key].shape, key
@@ -284,6 +331,7 @@ def test_a_clip_logit_scale_above_ln_100_is_applied_as_transformers_does():
   want = outputs["logits_per_image"] * np.exp(5.0 - 2.9)
   assert _relative_error(logits, want) <= TOLERANCE
   from hyperlora_jax.models import clip
+
   clamped = clip.clamp_logit_scale(hot)  # Training's rule (pretraining applies it after each step).
   assert float(clamped["params"]["logit_scale"]) == pytest.approx(np.log(100.0))
 
@@ -320,13 +368,15 @@ def test_images_are_normalized_by_the_checkpoints_image_processor():
   import ml_collections
 
   from experiments.runner import backbone as backbone_lib
+
   outputs = _clip_outputs()
   config = ml_collections.ConfigDict({"pretrain": {"checkpoint": os.path.join(FIXTURES, "hf_clip")}})
   got = backbone_lib.image_preprocess(config)(jnp.asarray(outputs["images"]))
   np.testing.assert_allclose(got, outputs["pixel_values"], atol=1e-5)
   config.pretrain.checkpoint = os.path.join(FIXTURES, "hf_vit")  # No processor file: [-1, 1].
-  np.testing.assert_allclose(backbone_lib.image_preprocess(config)(jnp.asarray(outputs["images"])),
-                             outputs["images"] / 127.5 - 1.0, atol=1e-6)
+  np.testing.assert_allclose(
+    backbone_lib.image_preprocess(config)(jnp.asarray(outputs["images"])), outputs["images"] / 127.5 - 1.0, atol=1e-6
+  )
 
 
 def test_an_exported_clip_adapter_attaches_to_the_reference_on_both_towers():
@@ -334,12 +384,14 @@ def test_an_exported_clip_adapter_attaches_to_the_reference_on_both_towers():
   model, variables, _, outputs = _load_clip()
   with np.load(os.path.join(FIXTURES, "hf_clip_adapter.npz")) as f:
     reference = f["logits_per_image"]
-  adapted = lora.apply(model, variables, adapter, jnp.asarray(outputs["pixel_values"]),
-                       scale=peft.scale_from_config(config))
+  adapted = lora.apply(
+    model, variables, adapter, jnp.asarray(outputs["pixel_values"]), scale=peft.scale_from_config(config)
+  )
   assert _relative_error(adapted, reference) <= TOLERANCE
   assert _relative_error(reference, outputs["logits_per_image"]) > 0.1
-  assert {"vision_model.encoder.layers.1.self_attn.v_proj", "text_model.encoder.layers.0.mlp.fc1"} <= \
-      set(config["target_modules"])
+  assert {"vision_model.encoder.layers.1.self_attn.v_proj", "text_model.encoder.layers.0.mlp.fc1"} <= set(
+    config["target_modules"]
+  )
 
 
 def test_the_cli_runs_hyperlora_on_a_hugging_face_clip(cache_dirs, tmp_path):
@@ -347,8 +399,14 @@ def test_the_cli_runs_hyperlora_on_a_hugging_face_clip(cache_dirs, tmp_path):
   its tokenizer, images by its processor, LoRA on both towers; HyperLoRA (signatures of the
   checkpoint's image tower, generator, synthesizer) trains and evaluates."""
   workdir = tmp_path / "run"
-  output = _run_cli(cache_dirs, workdir, tmp_path / "no_cache", "hf_clip", "hyperlora",
-                    "--config.lora.target_regex=(image|text)_tower/encoder/block_\\d+/attn/(query|value)")
+  output = _run_cli(
+    cache_dirs,
+    workdir,
+    tmp_path / "no_cache",
+    "hf_clip",
+    "hyperlora",
+    "--config.lora.target_regex=(image|text)_tower/encoder/block_\\d+/attn/(query|value)",
+  )
   assert "model.name='clip'" in output
   with open(workdir / "config.json") as f:
     recorded = json.load(f)
@@ -365,8 +423,9 @@ def test_an_adapter_peft_itself_wrote_loads_as_the_projects_with_the_same_output
   gives the reference's adapted output."""
   directory = os.path.join(FIXTURES, "hf_vit_peft_adapter")
   model, variables, _ = _load("hf_vit")
-  paths = lora.find_targets(model, variables, jnp.zeros((1, 16, 16, 3)),
-                            target_regex=r"encoder/block_\d+/(attn/\w+|mlp/fc\d)")
+  paths = lora.find_targets(
+    model, variables, jnp.zeros((1, 16, 16, 3)), target_regex=r"encoder/block_\d+/(attn/\w+|mlp/fc\d)"
+  )
   adapter, config = peft.load_peft(directory, paths=list(paths), module_name=hf.module_namer("vit"))
   assert set(adapter) == {f"encoder/block_{i}/{m}" for i in range(2) for m in ("attn/query", "attn/value", "mlp/fc1")}
   _assert_adapted_vit_matches(adapter, config, "hf_vit_peft_adapter.npz")
@@ -375,6 +434,7 @@ def test_an_adapter_peft_itself_wrote_loads_as_the_projects_with_the_same_output
 def test_a_checkpoint_saved_in_bfloat16_loads_as_float32(tmp_path):
   """Many checkpoints are saved in bf16 or fp16: their tensors load (as float32) with bf16's precision."""
   import ml_dtypes
+
   directory = _copy("hf_vit", tmp_path)
   tensors = load_file(str(directory / hf.WEIGHTS_FILE))
   save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}, str(directory / hf.WEIGHTS_FILE))
@@ -389,6 +449,7 @@ def test_a_checkpoint_saved_in_bfloat16_loads_as_float32(tmp_path):
 
 def test_a_checkpoint_directory_that_is_not_one_is_refused_naming_the_field(smoke_config, tmp_path):
   from experiments.runner import backbone as backbone_lib
+
   smoke_config.pretrain.checkpoint = str(tmp_path)
   with pytest.raises(CheckpointError, match="pretrain.checkpoint: .*no config.json.*supported: vit"):
     backbone_lib.with_checkpoint_architecture(smoke_config)
@@ -465,6 +526,7 @@ def test_the_bicubic_weights_are_keys_kernel_with_pytorchs_a_and_clamped_borders
 
 def test_a_clip_image_tower_built_for_another_image_size_matches_interpolate_pos_encoding():
   from hyperlora_jax.models import build_model
+
   outputs, clip_outputs = _variant_outputs(), _clip_outputs()
   name, arch, tensors, _ = hf.read_checkpoint(os.path.join(FIXTURES, "hf_clip"))
   prompt_ids = tuple(map(tuple, clip_outputs["input_ids"].tolist()))
@@ -480,11 +542,14 @@ def test_a_clip_image_tower_built_for_another_image_size_matches_interpolate_pos
 
 def test_the_runner_loads_a_checkpoint_at_another_image_size_and_says_so(smoke_config, tmp_path):
   from experiments.runner import backbone as backbone_lib, config_validation, methods
+
   smoke_config.pretrain.checkpoint = os.path.join(FIXTURES, "hf_vit_nobias")
   smoke_config.data.image_size = 24
   config = backbone_lib.with_checkpoint_architecture(smoke_config, log=lambda _: None)
   assert config.model.qkv_bias is False
-  config_validation.validate_config(config, methods.METHODS)  # 24 px on a 16 px checkpoint: allowed, patch 4 divides it.
+  config_validation.validate_config(
+    config, methods.METHODS
+  )  # 24 px on a 16 px checkpoint: allowed, patch 4 divides it.
   logs = []
   backbone, _ = backbone_lib.load_hf_backbone(config, logs.append)
   assert backbone["params"]["pos_embedding"].shape == (1, 37, 32)
@@ -495,9 +560,9 @@ def test_the_runner_loads_a_checkpoint_at_another_image_size_and_says_so(smoke_c
 
 
 @pytest.mark.parametrize("task", ["image", "text"])
-def test_a_run_opens_its_checkpoint_once_validation_building_and_loading_read_that_value(task, smoke_config,
-                                                                                          cache_dirs, monkeypatch,
-                                                                                          tmp_path):
+def test_a_run_opens_its_checkpoint_once_validation_building_and_loading_read_that_value(
+  task, smoke_config, cache_dirs, monkeypatch, tmp_path
+):
   """config.json is parsed once and the tensors read once while a run is validated, its
   `model.*` set, its backbone loaded and its round built: every step reads the one opened
   `hf.Checkpoint`."""
@@ -505,6 +570,7 @@ def test_a_run_opens_its_checkpoint_once_validation_building_and_loading_read_th
   from experiments.runner import backbone as backbone_lib
   from experiments.runner.experiment import build_experiment
   from hyperlora_jax.models.hf import checkpoint as checkpoint_lib
+
   config_reads, tensor_reads = [], []
   read_config, read_tensors = checkpoint_lib.read_config, checkpoint_lib.read_tensors
   monkeypatch.setattr(checkpoint_lib, "read_config", lambda d, *a: config_reads.append(d) or read_config(d, *a))
@@ -515,10 +581,15 @@ def test_a_run_opens_its_checkpoint_once_validation_building_and_loading_read_th
     config.pretrain.checkpoint = os.path.join(FIXTURES, "hf_clip")
   else:
     records = tmp_path / "records.jsonl"
-    records.write_text("".join(json.dumps({"instruction": f"Say {i}.", "context": "", "response": f"{i}.",
-                                           "category": f"c{i % 2}"}) + "\n" for i in range(12)))
-    config = instruction_tuning.get_config(f"smoke,method=fedit,checkpoint={os.path.join(FIXTURES, 'hf_llama')},"
-                                           f"data={records}")
+    records.write_text(
+      "".join(
+        json.dumps({"instruction": f"Say {i}.", "context": "", "response": f"{i}.", "category": f"c{i % 2}"}) + "\n"
+        for i in range(12)
+      )
+    )
+    config = instruction_tuning.get_config(
+      f"smoke,method=fedit,checkpoint={os.path.join(FIXTURES, 'hf_llama')},data={records}"
+    )
     config.data.data_dir, config.pretrain.cache_dir = str(tmp_path / "tokenized"), cache_dirs["cache_dir"]
     config.data.num_clients, config.fed.clients_per_round, config.data.max_len = 2, 2, 160
   experiment = build_experiment(config, log=lambda _: None)
@@ -530,8 +601,9 @@ def test_every_family_module_is_registered_once_with_model_types_of_its_own():
   """A new family is one module in models/hf/ defining FAMILY, listed in `FAMILIES`; a module
   left out of the registry, or two families claiming one model_type, fails here."""
   shared = {"__init__", "checkpoint", "family", "reading", "tensors", "tokenizer"}
-  modules = {name.removesuffix(".py") for name in os.listdir(os.path.dirname(hf.__file__))
-             if name.endswith(".py")} - shared
+  modules = {
+    name.removesuffix(".py") for name in os.listdir(os.path.dirname(hf.__file__)) if name.endswith(".py")
+  } - shared
   registered = [family.architecture.__module__.rsplit(".", 1)[-1] for family in hf.FAMILIES]
   assert sorted(registered) == sorted(modules) == ["clip", "llama", "vit"]
   model_types = [t for family in hf.FAMILIES for t in family.model_types]

@@ -1,4 +1,5 @@
 """The MLP-Mixer and CLIP backbones, LoRA on them, and the `.npz` checkpoint loader."""
+
 import os
 
 import chex
@@ -25,6 +26,7 @@ def _perturbed(tree, seed):
 
 # ---------------------------------------------------------------- MLP-Mixer
 
+
 def test_mixer_shapes_and_lora_targets_on_its_mlps():
   model = Mixer(num_classes=5, patch_size=4, width=16, depth=2, tokens_mlp_dim=6, channels_mlp_dim=24)
   x = _images()
@@ -33,8 +35,12 @@ def test_mixer_shapes_and_lora_targets_on_its_mlps():
   chex.assert_shape(model.apply(params, x, return_features=True), (3, 16))
   targets = lora.find_targets(model, params, x, target_regex=benchmarks.LORA_TARGETS["mixer"])
   # Token mixing acts on [B, C, T] (T = 4 patches), channel mixing on [B, T, C].
-  assert targets == {"MixerBlock_0/token_mixing/Dense_0": (4, 6), "MixerBlock_0/channel_mixing/Dense_0": (16, 24),
-                     "MixerBlock_1/token_mixing/Dense_0": (4, 6), "MixerBlock_1/channel_mixing/Dense_0": (16, 24)}
+  assert targets == {
+    "MixerBlock_0/token_mixing/Dense_0": (4, 6),
+    "MixerBlock_0/channel_mixing/Dense_0": (16, 24),
+    "MixerBlock_1/token_mixing/Dense_0": (4, 6),
+    "MixerBlock_1/channel_mixing/Dense_0": (16, 24),
+  }
   factors = _perturbed(lora.init_lora(jax.random.key(2), targets, 2), 3)
   factored = lora.apply(model, params, factors, x, scale=2.0)
   merged = model.apply(lora.merge(params, factors, 2.0), x)
@@ -43,10 +49,23 @@ def test_mixer_shapes_and_lora_targets_on_its_mlps():
 
 # ---------------------------------------------------------------- CLIP
 
+
 def _clip():
-  return CLIP(num_classes=3, class_names=("zero", "one", "two"), prompt_template="a photo of the digit {}",
-              patch_size=4, width=16, depth=1, num_heads=2, text_width=16, text_depth=1, text_heads=2,
-              vocab_size=64, max_len=8, embed_dim=8)
+  return CLIP(
+    num_classes=3,
+    class_names=("zero", "one", "two"),
+    prompt_template="a photo of the digit {}",
+    patch_size=4,
+    width=16,
+    depth=1,
+    num_heads=2,
+    text_width=16,
+    text_depth=1,
+    text_heads=2,
+    vocab_size=64,
+    max_len=8,
+    embed_dim=8,
+  )
 
 
 def test_tokenize_is_deterministic_padded_and_truncated():
@@ -55,8 +74,9 @@ def test_tokenize_is_deterministic_padded_and_truncated():
   assert (tokens[:, 0] == clip_lib.START_ID).all()
   assert tokens[1, 1] == tokens[0, 6] and (tokens[1, 2:] == clip_lib.PAD_ID).all()  # Case-insensitive.
   assert (tokens[2] != clip_lib.PAD_ID).all() and tokens.max() < 50  # Truncated to 7.
-  np.testing.assert_array_equal(tokens, clip_lib.tokenize(["a photo of the digit one", "one",
-                                                           "a b c d e f g h i j"], 50, 7))
+  np.testing.assert_array_equal(
+    tokens, clip_lib.tokenize(["a photo of the digit one", "one", "a b c d e f g h i j"], 50, 7)
+  )
 
 
 def test_clip_zero_shot_logits_are_scaled_cosines_with_the_class_prompts():
@@ -64,8 +84,9 @@ def test_clip_zero_shot_logits_are_scaled_cosines_with_the_class_prompts():
   params = model.init(jax.random.key(1), x)
   logits = model.apply(params, x)
   chex.assert_shape(logits, (3, 3))
-  prompts = clip_lib.tokenize(["a photo of the digit zero", "a photo of the digit one",
-                               "a photo of the digit two"], 64, 8)
+  prompts = clip_lib.tokenize(
+    ["a photo of the digit zero", "a photo of the digit one", "a photo of the digit two"], 64, 8
+  )
   image = model.apply(params, x, method=CLIP.encode_image)
   text = model.apply(params, jnp.asarray(prompts), method=CLIP.encode_text)
   np.testing.assert_allclose(jnp.linalg.norm(image, axis=-1), 1.0, atol=1e-5)
@@ -78,8 +99,9 @@ def test_lora_on_both_clip_towers_changes_the_zero_shot_logits():
   model, x = _clip(), _images()
   params = model.init(jax.random.key(1), x)
   targets = lora.find_targets(model, params, x, target_regex=benchmarks.LORA_TARGETS["clip"])
-  assert sorted(targets) == [f"{t}_tower/encoder/block_0/attn/{p}" for t in ("image", "text")
-                             for p in ("query", "value")]
+  assert sorted(targets) == [
+    f"{t}_tower/encoder/block_0/attn/{p}" for t in ("image", "text") for p in ("query", "value")
+  ]
   base = model.apply(params, x)
   factors = lora.init_lora(jax.random.key(2), targets, 2)
   np.testing.assert_allclose(lora.apply(model, params, factors, x, scale=1.0), base, atol=1e-6)
@@ -105,6 +127,7 @@ def test_contrastive_loss_treats_same_class_captions_as_positives():
 
 
 # ---------------------------------------------------------------- .npz checkpoints
+
 
 def _vit():
   return ViT(num_classes=5, patch_size=4, width=16, depth=2, num_heads=2, mlp_ratio=2.0)
@@ -135,10 +158,12 @@ def test_big_vision_vit_layout_loads_with_a_patch_only_position_table():
   np.testing.assert_array_equal(loaded["pos_embedding"][:, 1:], flat["pos_embedding"])
   q = flat["Transformer/encoderblock_1/MultiHeadDotProductAttention_0/query/kernel"]
   np.testing.assert_array_equal(loaded["encoder"]["block_1"]["attn"]["query"]["kernel"][:, 8:], q[:, 1, :])
-  np.testing.assert_array_equal(loaded["encoder"]["block_0"]["norm2"]["scale"],
-                                flat["Transformer/encoderblock_0/LayerNorm_1/scale"])
-  np.testing.assert_array_equal(loaded["encoder"]["block_0"]["mlp"]["fc2"]["kernel"],
-                                flat["Transformer/encoderblock_0/MlpBlock_0/Dense_1/kernel"])
+  np.testing.assert_array_equal(
+    loaded["encoder"]["block_0"]["norm2"]["scale"], flat["Transformer/encoderblock_0/LayerNorm_1/scale"]
+  )
+  np.testing.assert_array_equal(
+    loaded["encoder"]["block_0"]["mlp"]["fc2"]["kernel"], flat["Transformer/encoderblock_0/MlpBlock_0/Dense_1/kernel"]
+  )
 
 
 def test_mixer_npz_round_trip(tmp_path):
@@ -189,9 +214,17 @@ def _big_vision_arrays(pool: str, seed: int = 0) -> dict:
   head (both not loaded)."""
   rng = np.random.default_rng(seed)
   r = lambda *s: (0.5 * rng.normal(size=s)).astype(np.float32)
-  flat = {"embedding/kernel": r(4, 4, 3, 16), "embedding/bias": r(16), "pos_embedding": r(1, 4, 16),
-          "Transformer/encoder_norm/scale": 1 + r(16), "Transformer/encoder_norm/bias": r(16),
-          "pre_logits/kernel": r(16, 16), "pre_logits/bias": r(16), "head/kernel": r(16, 7), "head/bias": r(7)}
+  flat = {
+    "embedding/kernel": r(4, 4, 3, 16),
+    "embedding/bias": r(16),
+    "pos_embedding": r(1, 4, 16),
+    "Transformer/encoder_norm/scale": 1 + r(16),
+    "Transformer/encoder_norm/bias": r(16),
+    "pre_logits/kernel": r(16, 16),
+    "pre_logits/bias": r(16),
+    "head/kernel": r(16, 7),
+    "head/bias": r(7),
+  }
   blocks = [f"Transformer/encoderblock_{i}/" for i in range(2)]
   prefixes = blocks + (["MAPHead_0/"] if pool == "map" else [])
   for pre in prefixes:
@@ -218,7 +251,7 @@ def _layer_norm(x, scale, bias, eps=1e-6):
 
 
 def _gelu_tanh(x):
-  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
 
 def _map_head_by_hand(flat: dict, tokens: np.ndarray) -> np.ndarray:
@@ -234,8 +267,10 @@ def _map_head_by_hand(flat: dict, tokens: np.ndarray) -> np.ndarray:
   attended = np.einsum("bhqt,bthk->bqhk", weights, v)
   y = np.einsum("bqhk,hkd->bqd", attended, flat[a + "out/kernel"]) + flat[a + "out/bias"]
   m = "MAPHead_0/MlpBlock_0/"
-  hidden = _gelu_tanh(_layer_norm(y, flat["MAPHead_0/LayerNorm_0/scale"], flat["MAPHead_0/LayerNorm_0/bias"])
-                      @ flat[m + "Dense_0/kernel"] + flat[m + "Dense_0/bias"])
+  hidden = _gelu_tanh(
+    _layer_norm(y, flat["MAPHead_0/LayerNorm_0/scale"], flat["MAPHead_0/LayerNorm_0/bias"]) @ flat[m + "Dense_0/kernel"]
+    + flat[m + "Dense_0/bias"]
+  )
   return (y + hidden @ flat[m + "Dense_1/kernel"] + flat[m + "Dense_1/bias"])[:, 0]
 
 
@@ -244,8 +279,12 @@ def test_big_vision_gap_and_map_checkpoints_pool_as_big_vision_does(pool):
   """No class token; the patch-only positions used as they are; the feature is the mean of the
   tokens' final states (gap) or a MAPHead computed by hand from the per-head arrays (map)."""
   flat = _big_vision_arrays(pool)
-  assert npz.npz_pool(flat) == pool and npz.dropped_arrays(flat) == ["head/bias", "head/kernel",
-                                                                       "pre_logits/bias", "pre_logits/kernel"]
+  assert npz.npz_pool(flat) == pool and npz.dropped_arrays(flat) == [
+    "head/bias",
+    "head/kernel",
+    "pre_logits/bias",
+    "pre_logits/kernel",
+  ]
   model, x = ViT(num_classes=5, patch_size=4, width=16, depth=2, num_heads=2, mlp_ratio=2.0, pool=pool), _images()
   params = npz.from_npz("vit", flat, jax.eval_shape(model.init, jax.random.key(0), x)["params"])
   assert "cls" not in params and params["pos_embedding"].shape == (1, 4, 16)
@@ -254,8 +293,9 @@ def test_big_vision_gap_and_map_checkpoints_pool_as_big_vision_does(pool):
   features = np.asarray(model.apply(variables, x, return_features=True))
   expected = hidden.mean(axis=1) if pool == "gap" else _map_head_by_hand(flat, hidden)
   np.testing.assert_allclose(features, expected, rtol=2e-4, atol=2e-5)
-  again = npz.from_npz("vit", npz.to_npz_arrays("vit", params, num_heads=2),
-                        jax.eval_shape(model.init, jax.random.key(0), x)["params"])
+  again = npz.from_npz(
+    "vit", npz.to_npz_arrays("vit", params, num_heads=2), jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+  )
   chex.assert_trees_all_close(again, params)  # The exporter writes big_vision's layout back.
 
 

@@ -1,4 +1,5 @@
 """Offline TFDS data, partitions and padded blocks."""
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -55,6 +56,7 @@ def test_a_corrupt_array_record_shard_is_named(cache_dirs, tmp_path, stream):
   import glob
   import shutil
   from experiments.runner.data.loader import CorruptDataError
+
   load_image_dataset("digits_domains/res16", "test", cache_dirs["data_dir"])  # Prepared once.
   data_dir = str(tmp_path / "tfds")
   shutil.copytree(cache_dirs["data_dir"], data_dir)
@@ -68,23 +70,28 @@ def test_a_corrupt_array_record_shard_is_named(cache_dirs, tmp_path, stream):
     images[np.arange(len(images))]  # A stream reads here.
 
 
-@pytest.mark.parametrize("kind,kwargs,num_clients", [
+@pytest.mark.parametrize(
+  "kind,kwargs,num_clients",
+  [
     ("dirichlet_label_skew", {"alpha": 0.5, "min_size": 5}, 10),
     ("k_classes_per_client", {"classes_per_client": 2}, 10),
     ("one_domain_per_client", {}, 6),
     ("domain_dirichlet", {"alpha": 0.5, "min_size": 2}, 12),
-])
+  ],
+)
 def test_partitions_cover_every_example_exactly_once(kind, kwargs, num_clients):
   train_labels, train_domains = _pool(seed=1)
   test_labels, test_domains = _pool(n=200, seed=2)
-  train, test = partition.partition_train_test(kind, train_labels, train_domains, test_labels,
-                                               test_domains, num_clients, seed=3, **kwargs)
+  train, test = partition.partition_train_test(
+    kind, train_labels, train_domains, test_labels, test_domains, num_clients, seed=3, **kwargs
+  )
   for parts, n in ((train, 600), (test, 200)):
     assert len(parts) == num_clients
     everything = np.concatenate(parts)
     assert len(everything) == n and set(everything.tolist()) == set(range(n))
-  again, _ = partition.partition_train_test(kind, train_labels, train_domains, test_labels,
-                                            test_domains, num_clients, seed=3, **kwargs)
+  again, _ = partition.partition_train_test(
+    kind, train_labels, train_domains, test_labels, test_domains, num_clients, seed=3, **kwargs
+  )
   assert all(np.array_equal(a, b) for a, b in zip(train, again))
 
 
@@ -100,8 +107,9 @@ def test_dirichlet_skew_follows_alpha_and_min_size():
   labels, domains = _pool(n=3000)
   entropy = {}
   for alpha in (0.1, 1.0, 100.0):
-    train, _ = partition.partition_train_test("dirichlet_label_skew", labels, domains, labels[:10],
-                                              domains[:10], 10, seed=0, alpha=alpha, min_size=20)
+    train, _ = partition.partition_train_test(
+      "dirichlet_label_skew", labels, domains, labels[:10], domains[:10], 10, seed=0, alpha=alpha, min_size=20
+    )
     assert min(len(p) for p in train) >= 20
     entropy[alpha] = _mean_label_entropy(train, labels)
   assert entropy[0.1] < entropy[1.0] < entropy[100.0]
@@ -111,8 +119,9 @@ def test_dirichlet_skew_follows_alpha_and_min_size():
 def test_test_split_follows_the_clients_train_distribution():
   labels, domains = _pool(n=6000)
   test_labels, test_domains = _pool(n=6000, seed=5)
-  train, test = partition.partition_train_test("dirichlet_label_skew", labels, domains, test_labels,
-                                               test_domains, 5, seed=1, alpha=0.3, min_size=10)
+  train, test = partition.partition_train_test(
+    "dirichlet_label_skew", labels, domains, test_labels, test_domains, 5, seed=1, alpha=0.3, min_size=10
+  )
   for tr, te in zip(train, test):
     h_tr = np.bincount(labels[tr], minlength=10) / len(tr)
     h_te = np.bincount(test_labels[te], minlength=10) / len(te)
@@ -121,11 +130,11 @@ def test_test_split_follows_the_clients_train_distribution():
 
 def test_k_classes_and_one_domain_partitions_hold_what_they_say():
   labels, domains = _pool(n=2000)
-  train, _ = partition.partition_train_test("k_classes_per_client", labels, domains, labels, domains,
-                                            5, seed=0, classes_per_client=2)
+  train, _ = partition.partition_train_test(
+    "k_classes_per_client", labels, domains, labels, domains, 5, seed=0, classes_per_client=2
+  )
   assert all(len(np.unique(labels[p])) == 2 for p in train)
-  train, _ = partition.partition_train_test("one_domain_per_client", labels, domains, labels, domains,
-                                            6, seed=0)
+  train, _ = partition.partition_train_test("one_domain_per_client", labels, domains, labels, domains, 6, seed=0)
   assert [set(np.unique(domains[p])) for p in train] == [{d} for d in range(6)]
 
 
@@ -134,8 +143,9 @@ def test_partition_errors_name_the_field():
   with pytest.raises(ValueError, match="data.num_clients"):
     partition.partition_train_test("one_domain_per_client", labels, domains, labels, domains, 4, seed=0)
   with pytest.raises(ValueError, match="data.min_client_size"):
-    partition.partition_train_test("dirichlet_label_skew", labels, domains, labels, domains, 50,
-                                   seed=0, alpha=0.05, min_size=50)
+    partition.partition_train_test(
+      "dirichlet_label_skew", labels, domains, labels, domains, 50, seed=0, alpha=0.05, min_size=50
+    )
 
 
 def test_blocks_have_fixed_shape_masks_and_padding():
@@ -155,8 +165,8 @@ def test_capping_examples_keeps_a_seeded_subset_of_each_client():
   parts = [np.arange(100), np.arange(100, 105), np.zeros(0, np.int64)]
   capped = partition.cap_examples(parts, 8, seed=0)
   assert [len(p) for p in capped] == [8, 5, 0]
-  assert set(capped[0]) <= set(parts[0]) and np.all(np.diff(capped[0]) > 0)   # A subset, in order.
-  np.testing.assert_array_equal(capped[1], parts[1])                        # Fewer than the cap: kept.
+  assert set(capped[0]) <= set(parts[0]) and np.all(np.diff(capped[0]) > 0)  # A subset, in order.
+  np.testing.assert_array_equal(capped[1], parts[1])  # Fewer than the cap: kept.
   np.testing.assert_array_equal(partition.cap_examples(parts, 8, seed=0)[0], capped[0])
   assert not np.array_equal(partition.cap_examples(parts, 8, seed=1)[0], capped[0])
   assert partition.cap_examples(parts, 0, seed=0) is parts
@@ -164,6 +174,7 @@ def test_capping_examples_keeps_a_seeded_subset_of_each_client():
 
 def test_a_data_scarce_config_caps_training_examples_but_not_test_splits(smoke_config):
   from experiments.runner.federated_data import build_federated_data
+
   full = build_federated_data(smoke_config)
   smoke_config.data.max_client_examples = 8
   scarce = build_federated_data(smoke_config)
@@ -176,6 +187,7 @@ def test_a_data_scarce_config_caps_training_examples_but_not_test_splits(smoke_c
 
 def test_a_validation_split_is_carved_from_training_examples_and_replaces_the_test_split(smoke_config):
   from experiments.runner.federated_data import build_federated_data
+
   full = build_federated_data(smoke_config)
   smoke_config.data.validation_fraction = 0.25
   tuning = build_federated_data(smoke_config)
@@ -192,10 +204,11 @@ def test_a_validation_split_is_carved_from_training_examples_and_replaces_the_te
 
 def test_corruptions_by_hand_and_by_their_formulas():
   from experiments.runner.data import corruptions
+
   # Two images of different means, non-square (3 x 5): contrast uses each image's own mean.
   images = np.zeros((2, 3, 5, 3), np.uint8)
-  images[0, :, :2] = 255          # Image 0: 6 of 15 pixels white, mean 102.
-  images[1] = 200                 # Image 1: flat, unchanged by any contrast.
+  images[0, :, :2] = 255  # Image 0: 6 of 15 pixels white, mean 102.
+  images[1] = 200  # Image 1: flat, unchanged by any contrast.
   out = corruptions.corrupt(images, "contrast", 2)  # Factor 0.5.
   assert out.dtype == np.uint8 and out.shape == images.shape
   assert out[0, 0, 0, 0] == round((255 - 102) * 0.5 + 102) == 178  # 178.5 rounds to even: 178.
@@ -205,17 +218,24 @@ def test_corruptions_by_hand_and_by_their_formulas():
   grey = np.full((64, 16, 24, 3), 128, np.uint8)
   noisy = corruptions.corrupt(grey, "gaussian_noise", 3, seed=1).astype(np.float64) - 128
   assert abs(noisy.mean()) < 0.5 and abs(noisy.std() - 0.18 * 255) < 0.5
-  np.testing.assert_array_equal(corruptions.corrupt(grey, "gaussian_noise", 3, seed=1),
-                                corruptions.corrupt(grey, "gaussian_noise", 3, seed=1))
-  assert (corruptions.corrupt(grey, "gaussian_noise", 3, seed=2) != corruptions.corrupt(grey, "gaussian_noise", 3,
-                                                                                        seed=1)).any()
+  np.testing.assert_array_equal(
+    corruptions.corrupt(grey, "gaussian_noise", 3, seed=1), corruptions.corrupt(grey, "gaussian_noise", 3, seed=1)
+  )
+  assert (
+    corruptions.corrupt(grey, "gaussian_noise", 3, seed=2) != corruptions.corrupt(grey, "gaussian_noise", 3, seed=1)
+  ).any()
   # Severity grows the shift: the mean distance to the clean images rises level by level.
-  distances = [np.abs(corruptions.corrupt(images, kind, s).astype(float) - images).mean()
-               for kind in ("contrast",) for s in range(6)]
+  distances = [
+    np.abs(corruptions.corrupt(images, kind, s).astype(float) - images).mean()
+    for kind in ("contrast",)
+    for s in range(6)
+  ]
   assert distances == sorted(distances) and distances[0] == 0
-  for bad, message in (({"kind": "blur", "severity": 1}, "corruption kind"),
-                       ({"kind": "contrast", "severity": 6}, "severity 6"),
-                       ({"kind": "contrast", "severity": -1}, "severity -1")):
+  for bad, message in (
+    ({"kind": "blur", "severity": 1}, "corruption kind"),
+    ({"kind": "contrast", "severity": 6}, "severity 6"),
+    ({"kind": "contrast", "severity": -1}, "severity -1"),
+  ):
     with pytest.raises(ValueError, match=message):
       corruptions.corrupt(images, **bad)
   with pytest.raises(ValueError, match="dtype float32"):

@@ -1,5 +1,6 @@
 """Instruction data for text runs: files in each format and layout, groups, splits, blocks, the
 embedded records, and the text config's checks."""
+
 import json
 import os
 import subprocess
@@ -16,10 +17,13 @@ from hyperlora_jax import text
 from hyperlora_jax.models import hf
 
 from tests.repo_paths import FIXTURES, ROOT
-DOLLY = [{"instruction": "Name a fruit.", "context": "", "response": "Apple.", "category": "brainstorming"},
-         {"instruction": "Capital of France?", "context": "It is in Europe.", "response": "Paris.", "category": "open_qa"},
-         {"instruction": "Sum 2 and 3.", "context": "", "response": "5", "category": "open_qa"},
-         {"instruction": "Is a cat a pet?", "context": "", "response": "Yes.", "category": "classification"}]
+
+DOLLY = [
+  {"instruction": "Name a fruit.", "context": "", "response": "Apple.", "category": "brainstorming"},
+  {"instruction": "Capital of France?", "context": "It is in Europe.", "response": "Paris.", "category": "open_qa"},
+  {"instruction": "Sum 2 and 3.", "context": "", "response": "5", "category": "open_qa"},
+  {"instruction": "Is a cat a pet?", "context": "", "response": "Yes.", "category": "classification"},
+]
 
 
 def write_dolly_jsonl(path, records=DOLLY, copies=1):
@@ -34,6 +38,7 @@ def test_each_file_format_gives_the_same_records(tmp_path):
   """Dolly's .jsonl, Alpaca's .json list, and a .parquet table of the same records."""
   import pyarrow as pa
   import pyarrow.parquet as pq
+
   jsonl = write_dolly_jsonl(tmp_path / "dolly.jsonl")
   (tmp_path / "dolly.json").write_text(json.dumps(DOLLY))
   pq.write_table(pa.Table.from_pylist(DOLLY), str(tmp_path / "dolly.parquet"))
@@ -77,8 +82,9 @@ def test_files_that_used_to_end_in_a_bare_traceback_are_named_by_line(tmp_path):
 def test_groups_and_the_per_group_split_by_hand():
   """Sorted group names; each group of n records keeps round(f n) (at least 1 of 2+) for test."""
   records = [{"category": c} for c in ["b"] * 10 + ["a"] * 5 + ["c"]]
-  groups, names = instructions.group_ids_of([instructions.group_value(r, "category", n)
-                                             for n, r in enumerate(records, 1)])
+  groups, names = instructions.group_ids_of(
+    [instructions.group_value(r, "category", n) for n, r in enumerate(records, 1)]
+  )
   assert names == ("a", "b", "c") and (groups[:10] == 1).all() and groups[-1] == 2
   train, test = instructions.split_train_test(groups, 0.2, seed=0)
   assert sorted(np.bincount(groups[test], minlength=3).tolist()) == [0, 1, 2]  # c (1 record) keeps it for train.
@@ -131,8 +137,9 @@ def test_records_are_tokenized_once_in_chunks_into_files_that_read_back_exactly(
   write_dolly_jsonl(tmp_path / "dolly.jsonl", records[:5])
   changed = instructions.prepare_tokenized(config, tokenizer, log=lines.append)
   assert changed.directory != tokenized.directory and len(changed.groups) == 5
-  assert instructions.prepare_tokenized(_data_config(config.name, tmp_path, max_len=64), tokenizer,
-                                        log=lines.append).tokens["input_ids"].shape == (5, 64)
+  assert instructions.prepare_tokenized(
+    _data_config(config.name, tmp_path, max_len=64), tokenizer, log=lines.append
+  ).tokens["input_ids"].shape == (5, 64)
 
 
 def test_a_streamed_split_reads_only_the_rows_a_block_needs_and_equals_the_split_in_memory(tmp_path):
@@ -164,8 +171,11 @@ def test_a_cut_tokenized_file_is_reported_and_kept(tmp_path):
   path = os.path.join(directory, "loss_mask.bin")
   with open(path, "r+b") as f:
     f.truncate(100)
-  with pytest.raises(instructions.TokenizedCacheError, match=r"loss_mask.bin holds 100 bytes, 1536 expected "
-                                                              r"\(4 records x 96 tokens\).*delete the directory"):
+  with pytest.raises(
+    instructions.TokenizedCacheError,
+    match=r"loss_mask.bin holds 100 bytes, 1536 expected "
+    r"\(4 records x 96 tokens\).*delete the directory",
+  ):
     instructions.prepare_tokenized(config, tokenizer, log=lambda _: None)
   assert os.path.getsize(path) == 100  # Reported, not replaced.
   os.remove(os.path.join(directory, "groups.npy"))
@@ -175,8 +185,9 @@ def test_a_cut_tokenized_file_is_reported_and_kept(tmp_path):
 
 def test_a_record_without_the_layouts_fields_is_named_before_anything_is_written(tmp_path):
   tokenizer = hf.Tokenizer.from_directory(os.path.join(FIXTURES, "hf_llama"))
-  config = _data_config(write_dolly_jsonl(tmp_path / "dolly.jsonl", DOLLY + [{"instruction": "x", "category": "a"}]),
-                        tmp_path)
+  config = _data_config(
+    write_dolly_jsonl(tmp_path / "dolly.jsonl", DOLLY + [{"instruction": "x", "category": "a"}]), tmp_path
+  )
   with pytest.raises(ValueError, match="record 5: the dolly layout needs a text field 'response'"):
     instructions.prepare_tokenized(config, tokenizer, log=lambda _: None)
   config = _data_config(write_dolly_jsonl(tmp_path / "empty.jsonl", []), tmp_path)
@@ -197,14 +208,17 @@ def test_the_embedded_records_are_real_docstrings_by_category():
   assert stdlib_docs.instruction_records() == records  # Deterministic.
   copytree = next(r for r in records if r["context"].startswith("shutil.copytree("))
   assert "copy_function=<function copy2>," in copytree["context"]  # No memory address in a default value.
-  script = "import json; from experiments.runner.data import stdlib_docs; print(json.dumps(stdlib_docs.instruction_records()))"
-  other_process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                                 cwd=ROOT)
+  script = (
+    "import json; from experiments.runner.data import stdlib_docs; print(json.dumps(stdlib_docs.instruction_records()))"
+  )
+  other_process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT)
   assert json.loads(other_process.stdout) == records  # The same in every process (and hash seed).
   assert sum(map(len, stdlib_docs.pretraining_text())) > 300_000
 
 
-@pytest.mark.parametrize("change, message", [
+@pytest.mark.parametrize(
+  "change, message",
+  [
     ({"data.layout": "sharegpt"}, "data.layout: got 'sharegpt'; allowed: alpaca, dolly"),
     ({"data.name": "/no/such.jsonl"}, "data.name: no such file"),
     ({"data.name": "train.csv"}, "data.name: must be 'stdlib_docs' or a .jsonl / .json / .parquet file"),
@@ -213,7 +227,8 @@ def test_the_embedded_records_are_real_docstrings_by_category():
     ({"model.gelu": "tanh"}, "model.gelu: not a field of the decoder"),
     ({"model.num_kv_heads": 3}, "model.num_kv_heads: 3 must divide model.num_heads=2"),
     ({"pretrain.checkpoint": os.path.join(FIXTURES, "hf_vit")}, "pretrain.checkpoint: a vit checkpoint"),
-])
+  ],
+)
 def test_a_text_config_names_the_field_it_cannot_take(change, message):
   config = instruction_tuning.get_config("smoke")
   for field, value in change.items():

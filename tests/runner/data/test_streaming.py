@@ -1,5 +1,6 @@
 """Streamed images (`data.stream`): random access into the prepared files, the same numbers as
 images in memory, and reads bounded by what a round needs."""
+
 import numpy as np
 import pytest
 
