@@ -52,7 +52,13 @@ class ChunkChoice:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-  """Whether `error` is XLA running out of device memory (status RESOURCE_EXHAUSTED)."""
+  """Whether `error` is XLA running out of device memory (status RESOURCE_EXHAUSTED).
+
+  Args:
+    error: any exception.
+  Returns:
+    A bool.
+  """
   return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
 
 
@@ -60,7 +66,14 @@ def chunk_candidates(num_clients: int, targets: Sequence[int] = (1, 4, 16, 64)) 
   """Candidate chunk sizes for `num_clients` clients: for each target and for the whole
   cohort, the largest divisor of `num_clients` not above it (sorted, distinct).
 
-  E.g. 10 clients -> [1, 2, 10]; 64 -> [1, 4, 16, 64]; 48 -> [1, 4, 16, 48]."""
+  E.g. 10 clients -> [1, 2, 10]; 64 -> [1, 4, 16, 64]; 48 -> [1, 4, 16, 48].
+
+  Args:
+    num_clients: the cohort size C.
+    targets: chunk sizes to try (each rounded down to a divisor of C).
+  Returns:
+    Sorted distinct divisors of C.
+  """
   divisors = [d for d in range(1, num_clients + 1) if num_clients % d == 0]
   return sorted({max(d for d in divisors if d <= t) for t in (*targets, num_clients)})
 
@@ -110,7 +123,13 @@ def measure_clients_per_chunk(
 
 
 def cache_key(fields: dict) -> str:
-  """A stable short hash of JSON-able `fields` (what the choice depends on)."""
+  """A stable short hash of JSON-able `fields` (what the choice depends on).
+
+  Args:
+    fields: JSON-able values.
+  Returns:
+    16 hex characters of their sha1.
+  """
   return hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -120,6 +139,12 @@ def cached_choice(path: str, fields: dict, measure: Callable[[], ChunkChoice]) -
   concurrent runs add theirs). The file holds {"entries": {key: entry}, "sha256": the entries'
   digest}; the digest and every entry read are checked.
 
+  Args:
+    path: the JSON cache file.
+    fields: what the choice depends on (its key).
+    measure: measures the choice (called only on a cache miss).
+  Returns:
+    The `ChunkChoice`.
   Raises:
     ValueError: `path` exists but is not a readable cache, its digest does not match, or the
       entry read is malformed (named; the file is left untouched: delete it to measure again).

@@ -29,14 +29,27 @@ LossFn = Callable[[Tree, Tree, Tree, jax.Array], tuple[jax.Array, Any]]
 
 
 def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
-  """Mean of `values` [B] over unmasked entries (0 if none); plain mean when mask is None."""
+  """Mean of `values` [B] over unmasked entries (0 if none); plain mean when mask is None.
+
+  Args:
+    values: [B] per-example values.
+    mask: [B] in {0, 1}, or None.
+  Returns:
+    Scalar.
+  """
   if mask is None:
     return jnp.mean(values)
   return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def example_count(batch: Tree) -> jax.Array:
-  """Real examples in one step's batch: Σ mask if the batch has a "mask", else its size."""
+  """Real examples in one step's batch: Σ mask if the batch has a "mask", else its size.
+
+  Args:
+    batch: one step's batch, a pytree of [B, ...] arrays (with a [B] "mask" if padded).
+  Returns:
+    Scalar float32.
+  """
   if isinstance(batch, dict) and "mask" in batch:
     return jnp.sum(batch["mask"])
   return jnp.asarray(jax.tree.leaves(batch)[0].shape[0], jnp.float32)
@@ -53,6 +66,7 @@ class ClientUpdate:
     optimizer: the client's optax optimizer.
     steps: S, the local steps a call expects (None: as many as `batches` has); a batch with
       another number of steps is refused, which catches batches given without the steps axis.
+
   Args:
     start: the client's initial trainable pytree.
     frozen: the frozen pytree, passed to `loss_fn` as is.
@@ -129,13 +143,28 @@ class ClientUpdate:
 
 
 def local_update(loss_fn: LossFn, optimizer: optax.GradientTransformation, steps: int | None = None) -> ClientUpdate:
-  """A client update of `loss_fn` steps with `optimizer`, `steps` of them if given (see `ClientUpdate`)."""
+  """A client update of `loss_fn` steps with `optimizer`, `steps` of them if given (see `ClientUpdate`).
+
+  Args:
+    loss_fn: `loss_fn(trainable, frozen, batch, rng) -> (scalar loss, aux)`.
+    optimizer: the client's optax optimizer (its state starts fresh every call).
+    steps: S, the local steps every call must be given, or None (any).
+  Returns:
+    A `ClientUpdate`: a pure function the round vmaps over clients.
+  """
   return ClientUpdate(loss_fn, optimizer, steps)
 
 
 def check_loss_contract(loss_fn: LossFn, trainable: Tree, frozen: Tree, batch: Tree, rng: jax.Array) -> None:
   """Raises TypeError unless `loss_fn(trainable, frozen, batch, rng)` returns (scalar loss, aux);
-  traced abstractly (no computation)."""
+  traced abstractly (no computation).
+
+  Args:
+    loss_fn: the loss to check.
+    trainable, frozen, batch, rng: one client's arguments (arrays or ShapeDtypeStructs).
+  Raises:
+    TypeError: naming what `loss_fn` returned instead.
+  """
   abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
   out = jax.eval_shape(loss_fn, abstract(trainable), abstract(frozen), abstract(batch), abstract(rng))
   if not (isinstance(out, tuple) and len(out) == 2):

@@ -49,6 +49,8 @@ def layer_aggregation_bias(a: jax.Array, b: jax.Array, weights: jax.Array) -> ja
   a [C, d_in, r], b [C, r, d_out] (kernel layout: a b = (B A)ᵀ, the norms are the same);
   weights [C] summing to 1. The exact mean Σ_k p_k a_k b_k is one contraction over (k, r),
   so no [C, d_in, d_out] product is formed.
+  Returns:
+    Scalar.
   """
   mean_a = jnp.einsum("k,kir->ir", weights, a)
   mean_b = jnp.einsum("k,kro->ro", weights, b)
@@ -57,7 +59,14 @@ def layer_aggregation_bias(a: jax.Array, b: jax.Array, weights: jax.Array) -> ja
 
 
 def aggregation_bias(client_params: Tree, weights: jax.Array) -> dict[str, jax.Array]:
-  """{layer path: `layer_aggregation_bias`} for every LoRA layer of [C, ...] `client_params`."""
+  """{layer path: `layer_aggregation_bias`} for every LoRA layer of [C, ...] `client_params`.
+
+  Args:
+    client_params: trainable trees with [C, ...] leaves.
+    weights: [C] summing to 1.
+  Returns:
+    {layer path: scalar}.
+  """
   return {
     path: layer_aggregation_bias(layer["a"], layer["b"], weights)
     for path, layer in lora_lib.layers(client_params).items()
@@ -75,6 +84,8 @@ def client_drift(trained: Tree, starts: Tree, weights: jax.Array) -> jax.Array:
   leaves together.
 
   trained, starts: [C, ...] trees; weights [C] summing to 1 (0 = not counted).
+  Returns:
+    Scalar.
   """
   deltas = jax.tree.leaves(jax.tree.map(lambda t, s: t.astype(jnp.float32) - s.astype(jnp.float32), trained, starts))
   means = [_weighted_sum(weights, d) for d in deltas]  # Δ̄, leaf by leaf.
@@ -84,7 +95,14 @@ def client_drift(trained: Tree, starts: Tree, weights: jax.Array) -> jax.Array:
 
 
 def offset_norm(offsets: Tree, weights: jax.Array) -> jax.Array:
-  """Σ_k p_k ‖o_k‖_F over all leaves of the [C, ...] offsets (a scalar)."""
+  """Σ_k p_k ‖o_k‖_F over all leaves of the [C, ...] offsets (a scalar).
+
+  Args:
+    offsets: pytree of [C, ...] arrays.
+    weights: [C] summing to 1.
+  Returns:
+    Scalar.
+  """
   squares = sum(
     jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1) for x in jax.tree.leaves(offsets)
   )  # [C]
@@ -96,12 +114,15 @@ def round_diagnostics(
 ) -> dict[str, Any]:
   """The diagnostics of one round (module docstring), as round metrics.
 
-  trained, starts: [C, ...] the clients' returned params and where each started; weights [C]
-  normalized aggregation weights; client_metrics: the client update's metrics with
-  "first_loss" and "last_loss" [C]; offsets: [C, ...] generator offsets or None.
-  Returns {"aggregation_bias": mean over layers, "aggregation_bias_per_layer": {path: ...}
-  (only with LoRA layers), "client_drift", "first_step_loss", "last_step_loss",
-  "init_lag" (first − last), "generator_offset_norm" (only with offsets)}.
+  Args:
+    trained, starts: [C, ...] the clients' returned params and where each started.
+    weights: [C] normalized aggregation weights.
+    client_metrics: the client update's metrics, with "first_loss" and "last_loss" [C].
+    offsets: [C, ...] generator offsets, or None.
+  Returns:
+    {"aggregation_bias": mean over layers, "aggregation_bias_per_layer": {path: ...} (only with
+    LoRA layers), "client_drift", "first_step_loss", "last_step_loss", "init_lag" (first −
+    last), "generator_offset_norm" (only with offsets)}, scalars.
   """
   first = weights @ jnp.where(weights > 0, client_metrics["first_loss"], 0.0)
   last = weights @ jnp.where(weights > 0, client_metrics["last_loss"], 0.0)

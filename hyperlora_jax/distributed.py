@@ -45,7 +45,11 @@ def is_main_process() -> bool:
 
 
 def barrier(name: str) -> None:
-  """Waits until every process reaches the barrier `name` (nothing with one process)."""
+  """Waits until every process reaches the barrier `name` (nothing with one process).
+
+  Args:
+    name: the barrier's name (every process must use the same, in the same order).
+  """
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 
@@ -53,7 +57,13 @@ def barrier(name: str) -> None:
 
 
 def to_host(x: Any) -> np.ndarray:
-  """A jax.Array as a NumPy array on every process, gathering shards other processes hold."""
+  """A jax.Array as a NumPy array on every process, gathering shards other processes hold.
+
+  Args:
+    x: a jax.Array (possibly sharded across processes) or a host value.
+  Returns:
+    The whole array, on the host.
+  """
   if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
     from jax.experimental import multihost_utils
 

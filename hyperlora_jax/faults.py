@@ -62,6 +62,13 @@ def draw(faults: Faults, key: jax.Array, valid: jax.Array) -> dict[str, jax.Arra
 
   round(fraction x Σ valid) clients per kind, assigned in `FAULT_KINDS` order along a random
   permutation of the valid clients; padding clients get none.
+
+  Args:
+    faults: the fractions per kind.
+    key: a PRNG key.
+    valid: [C] bool, the real (not padding) clients.
+  Returns:
+    {kind: [C] bool}.
   """
   participants = jnp.sum(valid)
   order = jnp.argsort(jnp.where(valid, jax.random.uniform(key, valid.shape), 2.0))  # Valid first.
@@ -75,14 +82,31 @@ def draw(faults: Faults, key: jax.Array, valid: jax.Array) -> dict[str, jax.Arra
 
 
 def steps_done(faults: Faults, stragglers: jax.Array, num_steps: int) -> jax.Array:
-  """[C] int32 local steps each client completes (stragglers: max(1, ⌊straggler_steps x S⌋))."""
+  """[C] int32 local steps each client completes (stragglers: max(1, ⌊straggler_steps x S⌋)).
+
+  Args:
+    faults: the fault configuration.
+    stragglers: [C] bool.
+    num_steps: S.
+  Returns:
+    [C] int32 in [1, S].
+  """
   partial = max(1, int(faults.straggler_steps * num_steps))
   return jnp.where(stragglers, partial, num_steps).astype(jnp.int32)
 
 
 def corrupt(faults: Faults, trained: Tree, starts: Tree, masks: dict[str, jax.Array], key: jax.Array) -> Tree:
   """`trained` [C, ...] with the non-finite and Byzantine clients' params replaced by what they
-  send instead (relative to their starts [C, ...])."""
+  send instead (relative to their starts [C, ...]).
+
+  Args:
+    faults: the fault configuration.
+    trained, starts: the clients' trees, [C, ...] leaves.
+    masks: `draw`'s.
+    key: a PRNG key.
+  Returns:
+    The trees sent, [C, ...] leaves.
+  """
   leaves, treedef = jax.tree.flatten(trained)
   start_leaves = jax.tree.leaves(starts)
   keys = jax.random.split(key, len(leaves) + 1)
@@ -108,7 +132,15 @@ def corrupt(faults: Faults, trained: Tree, starts: Tree, masks: dict[str, jax.Ar
 
 def client_inputs(faults: Faults, masks: dict[str, jax.Array], num_steps: int) -> tuple[jax.Array, ...]:
   """The per-client fault inputs `with_faults` reads, appended to the round's client inputs:
-  ([C] steps done, [C] non-finite, [C] Byzantine)."""
+  ([C] steps done, [C] non-finite, [C] Byzantine).
+
+  Args:
+    faults: the fault configuration.
+    masks: `draw`'s.
+    num_steps: S.
+  Returns:
+    ([C] int32, [C] bool, [C] bool).
+  """
   return steps_done(faults, masks["straggler"], num_steps), masks["nonfinite"], masks["byzantine"]
 
 
@@ -116,7 +148,14 @@ def with_faults(train_client: Callable, faults: Faults) -> Callable:
   """`train_client` ((inputs, steps_done) -> (trained, metrics, start)) with one client's
   injected faults, read from the last three entries of its inputs (`client_inputs`): a straggler
   stops after its steps; a non-finite or Byzantine client sends `corrupt`'s update instead of
-  what it trained (drawn from its key, inputs[4], folded with 1)."""
+  what it trained (drawn from its key, inputs[4], folded with 1).
+
+  Args:
+    train_client: one client's update.
+    faults: the fault configuration.
+  Returns:
+    The same signature, faults injected.
+  """
 
   def faulty(inputs):
     steps, nonfinite, byzantine = inputs[-3:]
@@ -130,5 +169,11 @@ def with_faults(train_client: Callable, faults: Faults) -> Callable:
 
 
 def fault_metrics(masks: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  """{"faults_<kind>": int32 count} for the round's metrics."""
+  """{"faults_<kind>": int32 count} for the round's metrics.
+
+  Args:
+    masks: `draw`'s.
+  Returns:
+    {"faults_<kind>": scalar int32}.
+  """
   return {f"faults_{kind}": jnp.sum(mask).astype(jnp.int32) for kind, mask in masks.items()}

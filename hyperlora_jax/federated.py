@@ -84,7 +84,14 @@ class ServerState(states.TypedState):
   @classmethod
   def from_dict(cls, tree: dict) -> ServerState:
     """The state of a dict in `as_dict`'s layout, its parts as given (`states.like` rebuilds
-    the typed parts too)."""
+    the typed parts too).
+
+    Args:
+      tree: {"params", "clients", "signatures", "aggregator", "plugins", "round", ...} as
+        `as_dict` writes it (e.g. restored from a checkpoint).
+    Returns:
+      A `ServerState`.
+    """
     return cls(**{"global_params" if key == "global" else key: value for key, value in tree.items()})
 
 
@@ -135,7 +142,13 @@ class Plugin(NamedTuple):
 
 
 def is_plain_step(optimizer: optax.GradientTransformation) -> bool:
-  """Whether `optimizer` applies an update as is (u = -g, every step): SGD, lr 1, no momentum."""
+  """Whether `optimizer` applies an update as is (u = -g, every step): SGD, lr 1, no momentum.
+
+  Args:
+    optimizer: an optax optimizer, probed on two steps of a 3-element gradient.
+  Returns:
+    True when both updates are -g.
+  """
   params = {"x": jnp.arange(3.0)}
   state = optimizer.init(params)
   for g in (jnp.array([1.0, -2.0, 0.5]), jnp.array([-3.0, 0.25, 2.0])):
@@ -147,14 +160,29 @@ def is_plain_step(optimizer: optax.GradientTransformation) -> bool:
 
 def round_update_mask(frozen_leaves: Sequence[str], params: Tree, round_index: jax.Array) -> Tree:
   """Float scalar per leaf: 0 where `frozen_leaves[round % len]` (a regex on leaf names)
-  freezes it this round, else 1."""
+  freezes it this round, else 1.
+
+  Args:
+    frozen_leaves: regexes on leaf names, cycled over rounds (empty: nothing frozen).
+    params: the trainable tree.
+    round_index: scalar int.
+  Returns:
+    `params`' structure with float32 scalar leaves in {0, 1}.
+  """
   phases = [params_lib.regex_mask(params, r) for r in frozen_leaves]
   phase = round_index % len(phases)
   return jax.tree.map(lambda *frozen: jnp.array([0.0 if f else 1.0 for f in frozen], jnp.float32)[phase], *phases)
 
 
 def rank_update_mask(update_mask: Tree, rank_mask: jax.Array) -> Tree:
-  """The round's per-leaf update mask times the client's rank mask on the LoRA layers."""
+  """The round's per-leaf update mask times the client's rank mask on the LoRA layers.
+
+  Args:
+    update_mask: `round_update_mask`'s tree.
+    rank_mask: [r_max] in {0, 1}, one client's.
+  Returns:
+    The tree with each LoRA layer's masks multiplied: {"a": [1, r_max], "b": [r_max, 1]}.
+  """
   return lora_lib.map_layers(
     lambda m: {"a": m["a"] * rank_mask[None, :], "b": m["b"] * rank_mask[:, None]}, update_mask
   )
@@ -228,7 +256,11 @@ class FederatedRound:
 
   @property
   def store_rows(self) -> int:
-    """N': rows of the per-client store, N rounded up to a multiple of the mesh's devices."""
+    """N': rows of the per-client store, N rounded up to a multiple of the mesh's devices.
+
+    Returns:
+      N', an int >= num_clients.
+    """
     devices = primitives.clients_axis_size(self.mesh)
     return -(-self.num_clients // devices) * devices
 
@@ -265,17 +297,38 @@ class FederatedRound:
   # ---------------------------------------------------------------- client starts
 
   def signatures_of(self, state: ServerState, client_ids: jax.Array) -> jax.Array:
-    """[C, D] signatures of `client_ids` ([C, 0] when the run has none)."""
+    """[C, D] signatures of `client_ids` ([C, 0] when the run has none).
+
+    Args:
+      state: the server state.
+      client_ids: [C] ints in [0, N).
+    Returns:
+      [C, D] float32.
+    """
     if state.signatures is None:
       return jnp.zeros((client_ids.shape[0], 0), jnp.float32)
     return state.signatures[client_ids]
 
   def rank_masks(self, params: Tree) -> jax.Array:
-    """[N, r_max] {0, 1} rank mask of every registered client."""
+    """[N, r_max] {0, 1} rank mask of every registered client.
+
+    Args:
+      params: the trainable tree (for r_max).
+    Returns:
+      [N, r_max] float32.
+    """
     return lora_lib.rank_masks(self.client_ranks, self.num_clients, lora_lib.rank_of(params))
 
   def offsets(self, state: ServerState, signatures: jax.Array, client_ids: jax.Array) -> dict | None:
-    """The plug-ins' summed client-start offsets {layer: {"a", "b"}} [C, ...] (None: no plug-in)."""
+    """The plug-ins' summed client-start offsets {layer: {"a", "b"}} [C, ...] (None: no plug-in).
+
+    Args:
+      state: the server state.
+      signatures: [C, D].
+      client_ids: [C].
+    Returns:
+      {layer name: {"a": [C, d_in, r], "b": [C, r, d_out]}}, or None without a plug-in.
+    """
     total = None
     for plugin in self.plugins:
       offset = plugin.client_offsets(state.plugins[plugin.name], signatures, client_ids)
@@ -298,7 +351,14 @@ class FederatedRound:
 
   def client_inputs(self, state: ServerState, client_ids: jax.Array) -> tuple[dict, jax.Array, dict | None, jax.Array]:
     """(local leaves [C, ...], signatures [C, D], offsets [C, ...] or None, rank masks [C, r])
-    for `client_ids` (valid ids in [0, N)); with `client_start` they give each client's model."""
+    for `client_ids` (valid ids in [0, N)); with `client_start` they give each client's model.
+
+    Args:
+      state: the server state.
+      client_ids: [C] ints in [0, N).
+    Returns:
+      (local leaves {name: [C, ...]}, signatures [C, D], offsets or None, rank masks [C, r_max]).
+    """
     local = primitives.gather_clients(state.clients, client_ids)
     signatures = self.signatures_of(state, client_ids)
     offsets = self.offsets(state, signatures, client_ids) if self.plugins else None
@@ -309,17 +369,37 @@ class FederatedRound:
     client's local leaves, + the plug-ins' offsets for it, truncated to its rank. This is the
     model a client starts its next round from, and the one personalized evaluation scores.
     For many clients, map `client_start` over `client_inputs` in chunks instead
-    (`primitives.map_clients`): this materializes all C copies."""
+    (`primitives.map_clients`): this materializes all C copies.
+
+    Args:
+      state: the server state.
+      client_ids: [C] ints in [0, N).
+    Returns:
+      The trainable tree with [C, ...] leaves.
+    """
     local, _, offsets, masks = self.client_inputs(state, client_ids)
     return self.client_starts(state.global_params, local, offsets, masks)
 
   def client_starts(self, global_params: Tree, local: dict, offsets: dict | None, rank_masks: jax.Array) -> Tree:
-    """[C, ...] `client_start` of each client from `client_inputs`' (local, offsets, rank masks)."""
+    """[C, ...] `client_start` of each client from `client_inputs`' (local, offsets, rank masks).
+
+    Args:
+      global_params: the server's trainable tree.
+      local, offsets, rank_masks: `client_inputs`' first, third and fourth values.
+    Returns:
+      The trainable tree with [C, ...] leaves.
+    """
     return jax.vmap(lambda l, o, m: self.client_start(global_params, l, o, m))(local, offsets, rank_masks)
 
   def global_params(self, state: ServerState) -> Tree:
     """The model evaluated as *global*: the server's params plus the plug-ins' offsets for a
-    client with no learned state and the mean signature (generator methods)."""
+    client with no learned state and the mean signature (generator methods).
+
+    Args:
+      state: the server state.
+    Returns:
+      The trainable tree (no clients axis).
+    """
     if not self.plugins:
       return state.global_params
     if state.signatures is not None:
@@ -588,7 +668,13 @@ class FederatedRound:
 
   def check_signatures(self, signatures: Any) -> None:
     """`init`'s signatures against the round: [N, D] with N = num_clients and D the width each
-    plug-in declares (no signatures: D = 0). Raises ValueError in those terms."""
+    plug-in declares (no signatures: D = 0). Raises ValueError in those terms.
+
+    Args:
+      signatures: [N, D] or None.
+    Raises:
+      ValueError: another shape, or signatures a plug-in needs are missing.
+    """
     shape = (self.num_clients, 0) if signatures is None else tuple(jnp.shape(signatures))
     if len(shape) != 2 or shape[0] != self.num_clients:
       raise ValueError(
@@ -605,7 +691,13 @@ class FederatedRound:
 
   def check_ranks(self, params: Tree) -> None:
     """Every LoRA layer of `params` has a rank >= 1, and `client_ranks` are in [1, r_max]
-    (Raises ValueError naming the layer or the ranks)."""
+    (Raises ValueError naming the layer or the ranks).
+
+    Args:
+      params: the trainable tree.
+    Raises:
+      ValueError: naming the layer or the ranks.
+    """
     found = lora_lib.layers(params)
     for name, layer in found.items():
       lora_lib.check_rank(int(jnp.shape(layer["a"])[-1]), f"FederatedRound.init: the rank of LoRA layer {name!r}")
@@ -619,7 +711,15 @@ class FederatedRound:
 
   def check_step_inputs(self, batches: Tree, client_ids: Any, weights: Any) -> None:
     """`step`'s inputs against its contract, from their shapes (so at trace time, under jit),
-    and the ids' values where they are concrete. Raises ValueError saying what was expected."""
+    and the ids' values where they are concrete. Raises ValueError saying what was expected.
+
+    Args:
+      batches: pytree of [C, S (+ heldout_steps), B, ...] arrays.
+      client_ids: [C] ints.
+      weights: [C] floats.
+    Raises:
+      ValueError: naming the argument, its shape and the expected one.
+    """
     client_ids, weights = jnp.asarray(client_ids), jnp.asarray(weights)
     if client_ids.ndim != 1:
       raise ValueError(
@@ -698,14 +798,27 @@ def _concrete(x: Any) -> bool:
 
 
 def repeated_ids(client_ids: jax.Array) -> jax.Array:
-  """[C] bool: True where the id already occurred earlier in `client_ids` [C] (later copies)."""
+  """[C] bool: True where the id already occurred earlier in `client_ids` [C] (later copies).
+
+  Args:
+    client_ids: [C] ints.
+  Returns:
+    [C] bool (the first copy of each id is False).
+  """
   same = client_ids[:, None] == client_ids[None, :]
   earlier = jnp.tril(jnp.ones(same.shape, bool), k=-1)
   return jnp.any(same & earlier, axis=1)
 
 
 def split_heldout(batches: Tree, heldout_steps: int) -> tuple[Tree, Tree | None]:
-  """([C, S, ...] training steps, [C, h, ...] held-out steps or None) of [C, S + h, ...] batches."""
+  """([C, S, ...] training steps, [C, h, ...] held-out steps or None) of [C, S + h, ...] batches.
+
+  Args:
+    batches: pytree of [C, S + h, ...] arrays.
+    heldout_steps: h (0: none).
+  Returns:
+    (training steps [C, S, ...], held-out steps [C, h, ...] or None).
+  """
   if not heldout_steps:
     return batches, None
   return (
@@ -716,7 +829,13 @@ def split_heldout(batches: Tree, heldout_steps: int) -> tuple[Tree, Tree | None]
 
 def leave_out_nonfinite(train_client: Callable) -> Callable:
   """`train_client` (inputs -> (trained, metrics, start)) guarded: a client whose trained params
-  or loss are non-finite returns its start instead. -> (trained, metrics, finite, start)."""
+  or loss are non-finite returns its start instead. -> (trained, metrics, finite, start).
+
+  Args:
+    train_client: one client's (inputs -> (trained, metrics, start)).
+  Returns:
+    The guarded function: inputs -> (trained or start, metrics, finite scalar bool, start).
+  """
 
   def guarded(inputs):
     trained, metrics, start = train_client(inputs)
@@ -729,7 +848,14 @@ def leave_out_nonfinite(train_client: Callable) -> Callable:
 
 def train_loss_metrics(metrics: dict, received: jax.Array) -> dict:
   """{"train_loss"}: the example-weighted mean local loss of the clients whose update reached
-  the server (non-finite clients' losses left out); NaN when none saw an example (not 0)."""
+  the server (non-finite clients' losses left out); NaN when none saw an example (not 0).
+
+  Args:
+    metrics: the clients' metrics, "loss" and "examples" [C].
+    received: [C] bool, whose update reached the server.
+  Returns:
+    {"train_loss": scalar}.
+  """
   example_weights = metrics["examples"] * received
   client_losses = jnp.where(received, metrics["loss"], 0.0)
   seen = jnp.sum(example_weights)
@@ -739,7 +865,14 @@ def train_loss_metrics(metrics: dict, received: jax.Array) -> dict:
 def state_shardings(state: ServerState, mesh: Mesh) -> ServerState:
   """Shardings for a `FederatedRound` state on `mesh`: the per-client store (`clients`,
   `signatures`, [N', ...] leaves) split over the `clients` axis, everything else replicated.
-  Use with `jax.device_put(state, state_shardings(state, mesh))`."""
+  Use with `jax.device_put(state, state_shardings(state, mesh))`.
+
+  Args:
+    state: a `ServerState` (arrays or ShapeDtypeStructs).
+    mesh: the run's mesh.
+  Returns:
+    A `ServerState` of `NamedSharding`s.
+  """
   replicated, per_client = NamedSharding(mesh, P()), primitives.clients_sharding(mesh)
   return state.replace(
     **{
@@ -755,7 +888,15 @@ def capability_problems(
   aggregator: Aggregator, server_optimizer: optax.GradientTransformation, client_ranks: Any
 ) -> list[tuple[str, str]]:
   """What in (server optimizer, client ranks) the aggregator's capabilities refuse, as
-  (argument, message) pairs ([] = it fits)."""
+  (argument, message) pairs ([] = it fits).
+
+  Args:
+    aggregator: the method's aggregator.
+    server_optimizer: the server's optax optimizer.
+    client_ranks: [N] ints, or None.
+  Returns:
+    [(argument, message)], empty when the combination is sound.
+  """
   caps, problems = aggregator.capabilities, []
   if caps.plain_server_step and not is_plain_step(server_optimizer):
     problems.append(
@@ -784,6 +925,15 @@ def communication_bytes(
   stacks) and up what it asks besides. With held-out steps (a meta-learned aggregator) each
   participant also receives the candidate global leaves and returns their gradient.
   `signature_bytes` (signatures sent once) are added to bytes up.
+
+  Args:
+    fed_round: the round.
+    params: the trainable tree (shapes only).
+    round_index: which round (frozen leaves may alternate).
+    participant_ranks: each participant's rank.
+    signature_bytes: bytes of signatures sent up this round.
+  Returns:
+    (bytes up, bytes down), ints.
   """
   caps = fed_round.aggregator.capabilities
   ranks = [int(r) for r in participant_ranks]

@@ -49,7 +49,12 @@ def _fsync_directory(directory: str) -> None:
 
 def atomic_write(path: str, data: bytes | str) -> None:
   """Writes `data` to `path` whole or not at all: a temporary file in the same directory,
-  flushed and fsynced, renamed over `path`, then the directory fsynced."""
+  flushed and fsynced, renamed over `path`, then the directory fsynced.
+
+  Args:
+    path: the file to (re)write.
+    data: its whole content (str: UTF-8).
+  """
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   payload = data if isinstance(data, bytes) else data.encode("utf-8")
@@ -67,12 +72,24 @@ def atomic_write(path: str, data: bytes | str) -> None:
 
 
 def atomic_write_json(path: str, value: Any, **dump_kwargs) -> None:
-  """`atomic_write` of `json.dumps(value, **dump_kwargs)`."""
+  """`atomic_write` of `json.dumps(value, **dump_kwargs)`.
+
+  Args:
+    path: the file to (re)write.
+    value: any JSON-able value.
+    dump_kwargs: `json.dumps` options (e.g. indent=2).
+  """
   atomic_write(path, json.dumps(value, **dump_kwargs))
 
 
 def file_sha256(path: str) -> str:
-  """The sha256 hex digest of a file's bytes (read 1 MiB at a time)."""
+  """The sha256 hex digest of a file's bytes (read 1 MiB at a time).
+
+  Args:
+    path: a file.
+  Returns:
+    64 hex characters.
+  """
   digest = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(_CHUNK), b""):
@@ -92,7 +109,14 @@ def _files_under(directory: str, manifest: str) -> list[str]:
 
 def write_manifest(directory: str, name: str = MANIFEST_FILE) -> dict:
   """Writes `directory/name`: {"files": {relative path: {"bytes", "sha256"}}} of every file under
-  `directory` (fsynced first), atomically. Call it last, when the directory is complete."""
+  `directory` (fsynced first), atomically. Call it last, when the directory is complete.
+
+  Args:
+    directory: the complete directory.
+    name: the manifest's file name.
+  Returns:
+    The manifest written.
+  """
   entries = {}
   for relative in _files_under(directory, name):
     path = os.path.join(directory, relative)
@@ -108,6 +132,9 @@ def verify_manifest(directory: str, name: str = MANIFEST_FILE) -> dict:
   """Checks every file `directory/name` lists: present, of its size and sha256. Returns the
   manifest.
 
+  Args:
+    directory: a directory `write_manifest` completed.
+    name: the manifest's file name.
   Raises:
     IntegrityError: no readable manifest (an interrupted write, or written by a version that
       kept none), or a listed file missing or changed (each named).
@@ -138,14 +165,26 @@ def verify_manifest(directory: str, name: str = MANIFEST_FILE) -> dict:
 
 def partial_path(target: str) -> str:
   """Where this process builds `target` before renaming it into place:
-  `<target>.partial-<host>-<pid>`, its own (concurrent builders do not meet)."""
+  `<target>.partial-<host>-<pid>`, its own (concurrent builders do not meet).
+
+  Args:
+    target: the directory to build.
+  Returns:
+    A sibling path.
+  """
   return f"{target}.partial-{socket.gethostname()}-{os.getpid()}"
 
 
 def remove_stale_partials(target: str) -> list[str]:
   """Removes the partial directories of `target` (`partial_path`) left by processes of this
   host that are no longer alive (a build killed midway); returns their paths. Other hosts'
-  partials (a shared filesystem) are left alone."""
+  partials (a shared filesystem) are left alone.
+
+  Args:
+    target: the directory being built.
+  Returns:
+    The removed paths.
+  """
   parent, name = os.path.split(os.path.abspath(target))
   prefix = f"{name}.partial-{socket.gethostname()}-"
   removed = []
@@ -162,7 +201,12 @@ def build_directory(target: str, write: Callable[[str], T]) -> tuple[T, bool]:
   partial directory (`partial_path`; the stale partials of dead processes are removed first),
   its manifest is written last, and it is renamed into place. Returns (what `write` returned,
   whether this build was kept: False when another process's build of `target` got there first,
-  whose directory is kept). Anything raised removes the partial directory and propagates."""
+  whose directory is kept). Anything raised removes the partial directory and propagates.
+
+  Args:
+    target: the directory to build.
+    write: fills the partial directory it is given; its result is returned.
+  """
   remove_stale_partials(target)
   partial = partial_path(target)
   shutil.rmtree(partial, ignore_errors=True)
@@ -197,7 +241,11 @@ def _alive(pid: int) -> bool:
 @contextlib.contextmanager
 def exclusive_lock(path: str) -> Iterator[None]:
   """Holds an exclusive `flock` on `path + ".lock"` (created if needed) for the block: other
-  processes wait. Released when the block ends or the process dies."""
+  processes wait. Released when the block ends or the process dies.
+
+  Args:
+    path: the file the lock guards (the lock is `path + ".lock"`).
+  """
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path + ".lock", "a+") as f:
     fcntl.flock(f, fcntl.LOCK_EX)

@@ -65,18 +65,37 @@ SUPPORTED_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Embed, nn.Einsum)
 
 
 def module_path(module: nn.Module) -> str:
-  """'encoder/block_0/attn/query' for a bound Linen module."""
+  """'encoder/block_0/attn/query' for a bound Linen module.
+
+  Args:
+    module: a Linen module bound to its variables (inside `apply` or an interceptor).
+  Returns:
+    Its path from the root, '/'-joined.
+  """
   return "/".join(module.path)
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
-  """s = alpha / r (rsLoRA: alpha / sqrt(r)). Raises ValueError for a rank below 1."""
+  """s = alpha / r (rsLoRA: alpha / sqrt(r)). Raises ValueError for a rank below 1.
+
+  Args:
+    alpha: LoRA's alpha.
+    rank: r, an integer >= 1.
+    rslora: rank-stabilized scaling.
+  Returns:
+    The scale s that multiplies a @ b.
+  """
   check_rank(rank)
   return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
 def check_rank(rank: Any, what: str = "LoRA rank") -> None:
-  """Raises ValueError unless `rank` is an integer >= 1 (a rank-0 adapter adapts nothing)."""
+  """Raises ValueError unless `rank` is an integer >= 1 (a rank-0 adapter adapts nothing).
+
+  Args:
+    rank: the value to check.
+    what: how the error names it.
+  """
   if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
     raise ValueError(f"{what} must be an integer >= 1, got {rank!r} (a rank-0 adapter would change nothing)")
 
@@ -134,7 +153,14 @@ def _param_shape(module: nn.Module, x: jax.Array) -> tuple[int, ...]:
 
 
 def matrix_shape(module: nn.Module, param_shape: tuple[int, ...]) -> tuple[int, int]:
-  """(d_in, d_out) of the layer's weight seen as a matrix (see the module docstring)."""
+  """(d_in, d_out) of the layer's weight seen as a matrix (see the module docstring).
+
+  Args:
+    module: a supported layer (`SUPPORTED_LAYERS`).
+    param_shape: the shape of its weight (`kernel`, or an `nn.Embed`'s `embedding`).
+  Returns:
+    (d_in, d_out): a is [d_in, r], b [r, d_out].
+  """
   if isinstance(module, nn.DenseGeneral):
     d_out = int(np.prod(_as_tuple(module.features)))
     return int(np.prod(param_shape)) // d_out, d_out
@@ -169,7 +195,13 @@ def _lora_delta_output(
 
 def check_factor_shapes(path: str, shape: tuple[int, int], factors: Mapping[str, Any]) -> None:
   """Raises ValueError, naming the layer, unless a [d_in, r] and b [r, d_out] fit the layer's
-  matrix `shape` (d_in, d_out) (an adapter of another model would fail deep inside a matmul)."""
+  matrix `shape` (d_in, d_out) (an adapter of another model would fail deep inside a matmul).
+
+  Args:
+    path: the layer's module path, for the error.
+    shape: the layer's (d_in, d_out) (`matrix_shape`).
+    factors: {"a", "b"}.
+  """
   a, b = np.shape(factors["a"]), np.shape(factors["b"])
   d_in, d_out = shape
   if len(a) != 2 or len(b) != 2 or a[0] != d_in or b[1] != d_out or a[1] != b[0]:
@@ -198,6 +230,9 @@ def find_targets(
     target_regex: `re.fullmatch`ed against each supported layer's module path.
   Returns:
     {path: (d_in, d_out)} in call order (the layout of each layer type: module docstring).
+  Returns:
+    {module path: (d_in, d_out)} of every supported layer whose path fullmatches
+    `target_regex` (`matrix_shape`).
   Raises:
     ValueError: if nothing matches.
   """
@@ -254,7 +289,13 @@ def init_lora(rng: jax.Array, targets: Mapping[str, tuple[int, int]], rank: int,
 
 
 def product(factors: Mapping[str, jax.Array]) -> jax.Array:
-  """a @ b: [..., d_in, r] x [..., r, d_out] -> [..., d_in, d_out] (kernel layout, unscaled)."""
+  """a @ b: [..., d_in, r] x [..., r, d_out] -> [..., d_in, d_out] (kernel layout, unscaled).
+
+  Args:
+    factors: {"a": [..., d_in, r], "b": [..., r, d_out]}.
+  Returns:
+    [..., d_in, d_out].
+  """
   return factors["a"] @ factors["b"]
 
 
@@ -276,6 +317,8 @@ def apply(
     base_delta: optional {path: [d_in, d_out]} full-rank server residuals added to the frozen
       weights (FedEx-LoRA, FLoRA): y += x @ delta.
     method: passed to `model.apply` (e.g. `"encode"`).
+  Returns:
+    What `model.apply` returns, with every targeted layer's output y = base(x) + s (x @ a) @ b.
   """
   base_delta = base_delta or {}
   unknown = set(lora) | set(base_delta)  # Paths not yet seen among the layer calls.
@@ -318,7 +361,15 @@ def apply(
 def merge(params: Any, lora: LoraParams, scale: float) -> Any:
   """Backbone variables with W <- W + s a@b merged into each targeted layer's weight (the
   `kernel`, or an `nn.Embed`'s `embedding`), reshaped to its shape: for export and tests.
-  A `FrozenDict` gives a `FrozenDict`."""
+  A `FrozenDict` gives a `FrozenDict`.
+
+  Args:
+    params: the backbone's variables ({"params": ...}), or a FrozenDict of them.
+    lora: {path: {"a": [d_in, r], "b": [r, d_out]}}.
+    scale: s.
+  Returns:
+    A copy of `params` with the merged weights; `params` itself is not modified.
+  """
   frozen = isinstance(params, flax.core.FrozenDict)
   merged = flax.core.unfreeze(params) if frozen else jax.tree.map(lambda x: x, params)  # A structural copy.
   for path, factors in lora.items():
@@ -334,13 +385,25 @@ def merge(params: Any, lora: LoraParams, scale: float) -> Any:
 
 
 def is_layer(node: Any) -> bool:
-  """A LoRA layer: a dict with exactly the keys {"a", "b"}."""
+  """A LoRA layer: a dict with exactly the keys {"a", "b"}.
+
+  Args:
+    node: any pytree node.
+  Returns:
+    Whether it is a LoRA layer.
+  """
   return isinstance(node, Mapping) and set(node) == {"a", "b"}
 
 
 def layers(tree: Any) -> dict[str, dict]:
   """{layer name: {"a", "b"}} for every LoRA layer in a nested-dict `tree` (the name is the
-  layer's own key, e.g. its module path; leading clients axes are kept)."""
+  layer's own key, e.g. its module path; leading clients axes are kept).
+
+  Args:
+    tree: nested dicts holding LoRA layers (a trainable tree, or its [C, ...] clients version).
+  Returns:
+    {layer name: {"a": [..., d_in, r], "b": [..., r, d_out]}}, in the tree's order.
+  """
   found = {}
 
   def visit(node):
@@ -360,14 +423,29 @@ def layers(tree: Any) -> dict[str, dict]:
 
 def map_layers(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
   """`tree` with every LoRA layer replaced by `fn(layer, *matching nodes of rest)`; other
-  leaves are left as they are (`rest` must have `tree`'s structure down to the layers)."""
+  leaves are left as they are (`rest` must have `tree`'s structure down to the layers).
+
+  Args:
+    fn: (layer, *matching nodes of `rest`) -> the new layer (any pytree).
+    tree: nested dicts holding LoRA layers.
+    rest: trees of `tree`'s structure down to its layers.
+  Returns:
+    `tree` with each layer replaced.
+  """
   return jax.tree.map(
     lambda node, *others: fn(node, *others) if is_layer(node) else node, tree, *rest, is_leaf=is_layer
   )
 
 
 def add_to_layers(tree: Any, offsets: Mapping[str, dict]) -> Any:
-  """`tree` with `offsets[name]` ({"a", "b"}) added to each LoRA layer named in `offsets`."""
+  """`tree` with `offsets[name]` ({"a", "b"}) added to each LoRA layer named in `offsets`.
+
+  Args:
+    tree: nested dicts holding LoRA layers (not modified).
+    offsets: {layer name: {"a", "b"}} shaped like the named layers' factors.
+  Returns:
+    A copy of `tree` with the offsets added.
+  """
 
   def add(node):
     for key, child in node.items():
@@ -381,13 +459,27 @@ def add_to_layers(tree: Any, offsets: Mapping[str, dict]) -> Any:
 
 
 def rank_of(tree: Any) -> int:
-  """The LoRA rank r (r_max with heterogeneous ranks) of the first layer of `tree`."""
+  """The LoRA rank r (r_max with heterogeneous ranks) of the first layer of `tree`.
+
+  Args:
+    tree: nested dicts holding LoRA layers.
+  Returns:
+    r: the last axis of the first layer's a.
+  """
   return next(iter(layers(tree).values()))["a"].shape[-1]
 
 
 def rank_masks(client_ranks: Any, num_clients: int, max_rank: int) -> jax.Array:
   """[num_clients, r_max] float {0, 1}: 1 for the components a client's rank r_k has
-  (`client_ranks` [num_clients]; None: every client at r_max)."""
+  (`client_ranks` [num_clients]; None: every client at r_max).
+
+  Args:
+    client_ranks: [num_clients] ints in [1, max_rank], or None.
+    num_clients: N.
+    max_rank: r_max.
+  Returns:
+    [num_clients, max_rank] float32.
+  """
   ranks = np.full(num_clients, max_rank) if client_ranks is None else np.asarray(client_ranks)
   return jnp.asarray(np.arange(max_rank)[None, :] < ranks[:, None], jnp.float32)
 
@@ -396,7 +488,11 @@ def truncate(tree: Any, rank_mask: jax.Array) -> Any:
   """Zeroes the factor components a client of a lower rank does not have, in every LoRA
   layer of `tree`: a [..., d_in, r] * mask[..., None, :], b [..., r, d_out] * mask[..., :, None].
 
-  rank_mask: [..., r] in {0, 1} (leading axes broadcast with the factors').
+  Args:
+    tree: nested dicts holding LoRA layers, factors [..., d_in, r] and [..., r, d_out].
+    rank_mask: [..., r] in {0, 1} (leading axes broadcast with the factors').
+  Returns:
+    `tree` with the components past each client's rank zeroed.
   """
   return map_layers(lambda f: {"a": f["a"] * rank_mask[..., None, :], "b": f["b"] * rank_mask[..., :, None]}, tree)
 
@@ -407,6 +503,8 @@ def stacked_products(layer: Mapping[str, jax.Array], weights: jax.Array) -> dict
   layer: {"a": [C, d_in, r], "b": [C, r, d_out]}; weights: [C]. Returns {"a": [d_in, C·r],
   "b": [C·r, d_out]} with a @ b = Σ_k weights[k] a_k @ b_k exactly (the factors of every client
   side by side, each b_k scaled by its weight). LoRA's forward pass, (x @ a) @ b, takes any rank.
+  Returns:
+    {"a": [d_in, C·r], "b": [C·r, d_out]}.
   """
   a, b = layer["a"], layer["b"]
   clients, d_in, rank = a.shape
@@ -422,7 +520,14 @@ def product_mean(stacked: Any, weights: jax.Array) -> Any:
   by leaf, factors included, is `primitives.weighted_mean` (FedAvg of A and B, whose product
   Σp_kB_k Σp_kA_k is biased against this one's).
 
-  stacked: a trainable tree with a leading [C] axis on every leaf; weights: [C] (sum 1)."""
+  stacked: a trainable tree with a leading [C] axis on every leaf; weights: [C] (sum 1).
+
+  Args:
+    stacked: a trainable tree with a leading [C] axis on every leaf.
+    weights: [C], summing to 1.
+  Returns:
+    The tree without the [C] axis, each LoRA layer of rank C·r.
+  """
   return jax.tree.map(
     lambda node: stacked_products(node, weights) if is_layer(node) else weighted_mean(node, weights),
     stacked,
@@ -432,7 +537,13 @@ def product_mean(stacked: Any, weights: jax.Array) -> Any:
 
 def zero_deltas(tree: Any) -> Any:
   """`tree` with every LoRA layer replaced by zeros [d_in, d_out] and other leaves dropped:
-  the shape of a full-rank base delta for the layers (FedEx-LoRA, FLoRA)."""
+  the shape of a full-rank base delta for the layers (FedEx-LoRA, FLoRA).
+
+  Args:
+    tree: nested dicts holding LoRA layers (no leading axes).
+  Returns:
+    {layer name: float32 zeros [d_in, d_out]}.
+  """
   return {name: jnp.zeros((f["a"].shape[-2], f["b"].shape[-1]), jnp.float32) for name, f in layers(tree).items()}
 
 
@@ -495,6 +606,10 @@ def find_targets_nnx(model: Any, target_regex: str = DEFAULT_TARGET_REGEX) -> di
   Returns:
     {path: (d_in, d_out)}, the path '/'-joining attribute names and list indices
     (e.g. 'blocks/1/query').
+
+  Args:
+    model: an NNX model.
+    target_regex: fullmatched against each layer's '/'-joined path.
   Raises:
     ValueError: nothing matches, or a matched layer holding parameters is of another type.
   """
@@ -589,12 +704,15 @@ def apply_nnx(
   so that it returns `base(x) + s (x @ a) @ b` (an adapted `nnx.Embed`'s `attend`, a tied
   head, too); the frozen `state` is never modified or copied per client (under vmap it enters
   unbatched).
+
   Args:
     graphdef, state: `nnx.split(model)`.
     lora: {path: {"a", "b"}} with paths from `find_targets_nnx`.
     rngs: a PRNG key that reseeds the model's random streams (`nnx.Dropout(rngs=...)`'s),
       required when it has any: pass the loss's `rng`, so that each client and step draws its
       own masks (the streams in `state` would give every call the same ones).
+  Returns:
+    What the model's call returns, every adapted layer's output base(x) + s (x @ a) @ b.
   Raises:
     ValueError: a path that is not a supported layer; a model with random streams and no `rngs`.
   """

@@ -46,7 +46,13 @@ ModuleName = Callable[[str], "str | None"]
 
 
 def default_module_name(path: str) -> str:
-  """The Flax module path with '.' for '/' (a model of this project's own)."""
+  """The Flax module path with '.' for '/' (a model of this project's own).
+
+  Args:
+    path: a '/'-joined Flax module path.
+  Returns:
+    The '.'-joined name.
+  """
   parts = path.split("/")
   if any("." in p or not p for p in parts):
     raise ValueError(
@@ -56,7 +62,15 @@ def default_module_name(path: str) -> str:
 
 
 def module_names(paths, module_name: ModuleName | None = None) -> dict[str, str]:
-  """{Flax path: PEFT module name} (raises ValueError for a path the naming does not know)."""
+  """{Flax path: PEFT module name} (raises ValueError for a path the naming does not know).
+
+  Args:
+    paths: the Flax module paths of the adapter's layers.
+    module_name: Flax path -> PEFT module name (None for a path it does not know); default
+      `default_module_name`.
+  Returns:
+    {Flax path: PEFT module name}.
+  """
   name_of = module_name or default_module_name
   names = {}
   for path in paths:
@@ -92,7 +106,15 @@ def to_peft_tensors(
   adapter: Mapping[str, Mapping[str, Any]], module_name: ModuleName | None = None, embeddings: Collection[str] = ()
 ) -> dict[str, np.ndarray]:
   """{path: {"a": [d_in, r], "b": [r, d_out]}} -> {PEFT name: array} (see the module docstring);
-  the layers whose paths are in `embeddings` (embedding tables) get PEFT's embedding names."""
+  the layers whose paths are in `embeddings` (embedding tables) get PEFT's embedding names.
+
+  Args:
+    adapter: {path: {"a": [d_in, r], "b": [r, d_out]}}.
+    module_name: as `module_names`.
+    embeddings: paths of embedding tables (nn.Embed / nnx.Embed layers).
+  Returns:
+    {PEFT tensor name: float32 array in PEFT's layout}.
+  """
   tensors = {}
   for path, name in module_names(adapter, module_name).items():
     factors = adapter[path]
@@ -117,7 +139,14 @@ def from_peft_tensors(
   """The inverse of `to_peft_tensors`: {path: {"a", "b"}}, each module name mapped to its path by
   `module_paths` ({name: path}; default '.' -> '/'). Raises ValueError on a name outside the
   layout (naming what it is when peft wrote it: DoRA's magnitude, a LoRA bias, a module saved
-  whole), a module `module_paths` does not know, or a layer missing one of its factors."""
+  whole), a module `module_paths` does not know, or a layer missing one of its factors.
+
+  Args:
+    tensors: {PEFT tensor name: array} (an adapter_model.safetensors).
+    module_paths: {PEFT module name: Flax path}.
+  Returns:
+    {Flax path: {"a": [d_in, r], "b": [r, d_out]}}.
+  """
   adapter: dict[str, dict[str, np.ndarray]] = {}
   for name, value in tensors.items():
     found = _factor_of(name)
@@ -161,7 +190,14 @@ def _what_peft_tensor(name: str) -> str:
 def without_tied_heads(tensors: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> dict:
   """`tensors` without the factors of heads tied to an adapted embedding table (with peft's
   `ensure_weight_tying`, a tied head's lora_A / lora_B are the table's lora_embedding_B / A,
-  transposed), which `lora.apply` adapts through the table itself (`embed.attend`)."""
+  transposed), which `lora.apply` adapts through the table itself (`embed.attend`).
+
+  Args:
+    tensors: {PEFT tensor name: array}.
+    config: the adapter_config.json dict.
+  Returns:
+    A new dict.
+  """
   tensors = dict(tensors)
   if not config.get("ensure_weight_tying"):
     return tensors
@@ -189,7 +225,15 @@ def without_tied_heads(tensors: Mapping[str, np.ndarray], config: Mapping[str, A
 
 def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
   r"""peft's per-module lookup in a `rank_pattern` / `alpha_pattern`: the value of the first key
-  `k` (in the dict's order) with `re.match(rf"(.*\.)?({k})$", module)`, else `default`."""
+  `k` (in the dict's order) with `re.match(rf"(.*\.)?({k})$", module)`, else `default`.
+
+  Args:
+    patterns: {regex key: value}.
+    module: the PEFT module name.
+    default: the value without a match.
+  Returns:
+    The module's value.
+  """
   for key, value in patterns.items():
     if re.match(rf"(.*\.)?({key})$", module):
       return value
@@ -199,7 +243,14 @@ def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any
 def layer_scales(config: Mapping[str, Any], modules: Mapping[str, str]) -> dict[str, float]:
   """{path: s_l}: each module's own LoRA scale, lora_alpha_l / r_l (rsLoRA: / sqrt(r_l)), with
   r_l and lora_alpha_l from `rank_pattern` / `alpha_pattern` (`pattern_value`) or the config's
-  r and lora_alpha. `modules`: {path: PEFT module name}."""
+  r and lora_alpha. `modules`: {path: PEFT module name}.
+
+  Args:
+    config: the adapter_config.json dict.
+    modules: {path: PEFT module name}.
+  Returns:
+    {path: s_l}.
+  """
   scales = {}
   for path, module in modules.items():
     rank = pattern_value(config.get("rank_pattern") or {}, module, config["r"])
@@ -210,7 +261,12 @@ def layer_scales(config: Mapping[str, Any], modules: Mapping[str, str]) -> dict[
 
 def check_config(config: Mapping[str, Any], where: str) -> None:
   """Raises ValueError if `config` (an adapter_config.json dict) is not a LoRA adapter this
-  layout can hold (see `UNSUPPORTED_FIELDS`, and `bias` other than "none")."""
+  layout can hold (see `UNSUPPORTED_FIELDS`, and `bias` other than "none").
+
+  Args:
+    config: the adapter_config.json dict.
+    where: the file, for the error.
+  """
   if config.get("peft_type") != "LORA":
     raise ValueError(f"{where}: peft_type is {config.get('peft_type')!r}, not 'LORA'")
   used = [f"{field}={config[field]!r}" for field in UNSUPPORTED_FIELDS if config.get(field)]
@@ -316,6 +372,12 @@ def load_peft(
   `alpha_pattern`) have b rescaled so that one scale, `scale_from_config(config)`, is right
   for all (module docstring).
 
+  Args:
+    directory: a PEFT adapter directory (adapter_config.json, adapter_model.safetensors).
+    paths: the model's adaptable Flax paths, or {path: (d_in, d_out)} to check shapes.
+    module_name: Flax path -> PEFT module name, as given to `save_peft`.
+  Returns:
+    (adapter {path: {"a": [d_in, r], "b": [r, d_out]}}, the adapter_config.json dict).
   Raises:
     FileNotFoundError: a file is missing; ValueError: the files do not hold a plain LoRA
       adapter (naming the config field or tensor), one for modules that `paths` do not name,
@@ -391,7 +453,13 @@ def _to_one_scale(adapter: dict, config: Mapping[str, Any], modules: Mapping[str
 
 def scale_from_config(config: Mapping[str, Any]) -> float:
   """s = lora_alpha / r (rsLoRA: lora_alpha / sqrt(r)) from an adapter_config.json dict: the
-  scale of every layer of an adapter `load_peft` returns."""
+  scale of every layer of an adapter `load_peft` returns.
+
+  Args:
+    config: the adapter_config.json dict.
+  Returns:
+    s, a float.
+  """
   return _scale(config["lora_alpha"], config["r"], config.get("use_rslora", False))
 
 

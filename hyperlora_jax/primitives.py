@@ -37,7 +37,16 @@ MODEL_AXIS = "model"
 def make_mesh(num_devices: int = 0, model_parallel: int = 1) -> Mesh:
   """A mesh over the first `num_devices` devices (0: all): 1-D, axis `clients`, or with
   `model_parallel` = M > 1 a 2-D [num_devices / M, M] mesh with axes (`clients`, `model`):
-  clients spread over the first, the frozen backbone (`shard_frozen`) over the second."""
+  clients spread over the first, the frozen backbone (`shard_frozen`) over the second.
+
+  Args:
+    num_devices: devices to use, the first of `jax.devices()` (0: all).
+    model_parallel: M, the size of the `model` axis (1: none).
+  Returns:
+    A `Mesh` with axes ("clients",) or ("clients", "model").
+  Raises:
+    ValueError: more devices than exist, or M not dividing them.
+  """
   devices = jax.devices()
   num_devices = num_devices or len(devices)
   if num_devices > len(devices):
@@ -51,24 +60,49 @@ def make_mesh(num_devices: int = 0, model_parallel: int = 1) -> Mesh:
 
 
 def clients_axis_size(mesh: Mesh | None) -> int:
-  """Devices along the mesh's `clients` axis (1 without a mesh): how many ways a cohort splits."""
+  """Devices along the mesh's `clients` axis (1 without a mesh): how many ways a cohort splits.
+
+  Args:
+    mesh: a mesh with a `clients` axis, or None.
+  Returns:
+    Its size, 1 without a mesh.
+  """
   return 1 if mesh is None else mesh.shape[CLIENTS_AXIS]
 
 
 def model_axis_size(mesh: Mesh | None) -> int:
-  """Devices along the mesh's `model` axis (1 without one)."""
+  """Devices along the mesh's `model` axis (1 without one).
+
+  Args:
+    mesh: a mesh, or None.
+  Returns:
+    The size of its `model` axis, 1 without one.
+  """
   return 1 if mesh is None or MODEL_AXIS not in mesh.shape else mesh.shape[MODEL_AXIS]
 
 
 def clients_sharding(mesh: Mesh) -> NamedSharding:
-  """Shards a leading clients axis over the mesh's `clients` axis (replicated over `model`)."""
+  """Shards a leading clients axis over the mesh's `clients` axis (replicated over `model`).
+
+  Args:
+    mesh: a mesh with a `clients` axis.
+  Returns:
+    NamedSharding(mesh, P("clients")).
+  """
   return NamedSharding(mesh, P(CLIENTS_AXIS))
 
 
 def frozen_spec(shape: tuple[int, ...], model_devices: int) -> P:
   """The PartitionSpec of a frozen weight of `shape` on a `model` axis of `model_devices`: its
   largest dimension that `model_devices` divides is split over `model` (the last such on ties),
-  the rest replicated; a weight with no such dimension is replicated."""
+  the rest replicated; a weight with no such dimension is replicated.
+
+  Args:
+    shape: the weight's shape.
+    model_devices: M, the size of the `model` axis.
+  Returns:
+    A PartitionSpec with "model" on at most one dimension.
+  """
   candidates = [i for i, d in enumerate(shape) if d % model_devices == 0 and d >= model_devices]
   if model_devices == 1 or not candidates:
     return P()
@@ -80,7 +114,14 @@ def shard_frozen(tree: Tree, mesh: Mesh | None) -> Tree:
   """The frozen backbone placed on `mesh`: each weight split over the `model` axis
   (`frozen_spec`) and replicated over `clients`, so every client of every device uses the one
   copy and a device holds about 1/M of it; XLA inserts the gathers the matmuls need. Without a
-  `model` axis: `tree` unchanged."""
+  `model` axis: `tree` unchanged.
+
+  Args:
+    tree: the frozen pytree (host or device arrays).
+    mesh: the run's mesh, or None.
+  Returns:
+    `tree` placed on the mesh (`jax.device_put`).
+  """
   if mesh is None or model_axis_size(mesh) == 1:
     return tree
   place = lambda x: jax.device_put(x, NamedSharding(mesh, frozen_spec(np.shape(x), model_axis_size(mesh))))
@@ -88,14 +129,28 @@ def shard_frozen(tree: Tree, mesh: Mesh | None) -> Tree:
 
 
 def constrain_clients(tree: Tree, mesh: Mesh | None) -> Tree:
-  """`tree` ([C, ...] leaves) constrained to be sharded over the mesh's clients axis."""
+  """`tree` ([C, ...] leaves) constrained to be sharded over the mesh's clients axis.
+
+  Args:
+    tree: pytree of [C, ...] arrays, inside a jitted function.
+    mesh: the run's mesh, or None (no constraint; nor on one device).
+  Returns:
+    `tree`, with its sharding constrained.
+  """
   if mesh is None or mesh.size == 1:
     return tree
   return jax.lax.with_sharding_constraint(tree, clients_sharding(mesh))
 
 
 def broadcast(tree: Tree, num_clients: int) -> Tree:
-  """Server value -> the same value on every client: [...] -> [num_clients, ...]."""
+  """Server value -> the same value on every client: [...] -> [num_clients, ...].
+
+  Args:
+    tree: the server's pytree.
+    num_clients: C.
+  Returns:
+    pytree of [C, ...] arrays (broadcasts, no copy until written).
+  """
   return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients,) + jnp.shape(x)), tree)
 
 
@@ -152,6 +207,8 @@ def host_loader(load: Callable[[Tree], Tree], output_shapes: Callable[[Tree], Tr
       computation (`jax.pure_callback`).
     output_shapes: light `jax.ShapeDtypeStruct`s -> the full inputs' ShapeDtypeStructs.
   Single device only: the callback sees the chunk whole.
+  Returns:
+    `load_chunk(light chunk) -> full chunk`, for `map_clients`.
   """
 
   def load_chunk(light: Tree) -> Tree:
@@ -164,30 +221,65 @@ def host_loader(load: Callable[[Tree], Tree], output_shapes: Callable[[Tree], Tr
 def weighted_mean(tree: Tree, weights: jax.Array) -> Tree:
   """Σ_k w_k x_k over the leading clients axis. [C, ...] x [C] -> [...].
 
-  With weights summing to 1 this is the weighted mean (FedAvg's reduce)."""
+  With weights summing to 1 this is the weighted mean (FedAvg's reduce).
+
+  Args:
+    tree: pytree of [C, ...] arrays.
+    weights: [C].
+  Returns:
+    pytree of [...] arrays, each leaf's dtype.
+  """
   return jax.tree.map(lambda x: jnp.tensordot(weights.astype(x.dtype), x, axes=1), tree)
 
 
 def gather_clients(tree: Tree, client_ids: jax.Array) -> Tree:
-  """Rows `client_ids` [C] of a per-client store ([N, ...] leaves) -> [C, ...]."""
+  """Rows `client_ids` [C] of a per-client store ([N, ...] leaves) -> [C, ...].
+
+  Args:
+    tree: per-client store, [N, ...] leaves.
+    client_ids: [C] ints in [0, N).
+  Returns:
+    pytree of [C, ...] arrays.
+  """
   return jax.tree.map(lambda x: x[client_ids], tree)
 
 
 def scatter_clients(store: Tree, client_ids: jax.Array, values: Tree) -> Tree:
   """`store` ([N, ...]) with rows `client_ids` [C] set to `values` ([C, ...]); ids out of
-  range (e.g. N for padding clients) are dropped."""
+  range (e.g. N for padding clients) are dropped.
+
+  Args:
+    store: per-client store, [N, ...] leaves.
+    client_ids: [C] ints; N or more (padding) writes nothing.
+    values: pytree of [C, ...] arrays, `store`'s structure.
+  Returns:
+    The updated store (a new pytree; `store` is not modified).
+  """
   return jax.tree.map(lambda s, v: s.at[client_ids].set(v, mode="drop"), store, values)
 
 
 def is_finite(tree: Tree) -> jax.Array:
-  """Scalar bool: every entry of every leaf is finite."""
+  """Scalar bool: every entry of every leaf is finite.
+
+  Args:
+    tree: any pytree of arrays.
+  Returns:
+    Scalar bool array (True for an empty tree).
+  """
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def is_sound(tree: Tree, limit: float | None) -> jax.Array:
   """Scalar bool: every entry of every floating leaf is finite and (limit not None) at most
-  `limit` in magnitude."""
+  `limit` in magnitude.
+
+  Args:
+    tree: any pytree of arrays (integer leaves are not checked).
+    limit: the largest magnitude allowed, or None (finiteness only).
+  Returns:
+    Scalar bool array.
+  """
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
   if limit is None:
     return is_finite(leaves)
@@ -196,5 +288,12 @@ def is_sound(tree: Tree, limit: float | None) -> jax.Array:
 
 
 def keep_if(ok: jax.Array, new: Tree, old: Tree) -> Tree:
-  """`new` where the scalar `ok`, else `old` (same structure)."""
+  """`new` where the scalar `ok`, else `old` (same structure).
+
+  Args:
+    ok: scalar bool array.
+    new, old: pytrees of one structure and shapes.
+  Returns:
+    `new` if `ok` else `old`, leaf by leaf (traceable: `jnp.where`).
+  """
   return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)

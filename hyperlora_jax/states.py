@@ -34,7 +34,13 @@ def _fields(state: Any) -> tuple[dataclasses.Field, ...]:
 
 
 def typed_state(cls: type[S]) -> type[S]:
-  """Registers the dataclass `cls` as a pytree whose fields are all data (a class decorator)."""
+  """Registers the dataclass `cls` as a pytree whose fields are all data (a class decorator).
+
+  Args:
+    cls: a dataclass.
+  Returns:
+    `cls`, registered with `jax.tree_util`.
+  """
   return jax.tree_util.register_dataclass(cls, data_fields=[f.name for f in _fields(cls)], meta_fields=[])
 
 
@@ -45,7 +51,11 @@ class TypedState:
   DICT_KEYS: ClassVar[dict[str, str]] = {}
 
   def as_dict(self) -> dict:
-    """{key: value} of the fields that are not None, nested typed states as dicts too."""
+    """{key: value} of the fields that are not None, nested typed states as dicts too.
+
+    Returns:
+      A dict (the checkpoint layout).
+    """
     return {
       self.DICT_KEYS.get(f.name, f.name): as_tree(getattr(self, f.name))
       for f in _fields(self)
@@ -53,6 +63,13 @@ class TypedState:
     }
 
   def replace(self: S, **changes) -> S:
+    """A copy with the fields in `changes` replaced (`dataclasses.replace`).
+
+    Args:
+      changes: {field: new value}.
+    Returns:
+      A new state of this type.
+    """
     return dataclasses.replace(cast(Any, self), **changes)
 
   def _field(self, key: str) -> str:
@@ -72,7 +89,13 @@ class TypedState:
 
 
 def as_tree(tree: Tree) -> Tree:
-  """`tree` with every `TypedState` in it (in dicts, lists, tuples) as its dict."""
+  """`tree` with every `TypedState` in it (in dicts, lists, tuples) as its dict.
+
+  Args:
+    tree: any pytree.
+  Returns:
+    The same pytree of dicts (what checkpoints store).
+  """
   if isinstance(tree, TypedState):
     return tree.as_dict()
   if isinstance(tree, dict):
@@ -84,7 +107,14 @@ def as_tree(tree: Tree) -> Tree:
 
 def like(template: Tree, tree: Tree) -> Tree:
   """`tree` (in `as_tree(template)`'s layout) with `template`'s typed states rebuilt: the
-  inverse of `as_tree` for a state shaped like `template`."""
+  inverse of `as_tree` for a state shaped like `template`.
+
+  Args:
+    template: a state holding typed states.
+    tree: the same state as dicts.
+  Returns:
+    `tree` with `template`'s types.
+  """
   if isinstance(template, TypedState):
     values = {}
     for f in _fields(template):
@@ -100,7 +130,14 @@ def like(template: Tree, tree: Tree) -> Tree:
 
 
 def without(state: Tree, names: tuple[str, ...] | list[str]) -> Tree:
-  """`state` (a typed state or a dict) without its entries `names` (None in a typed state)."""
+  """`state` (a typed state or a dict) without its entries `names` (None in a typed state).
+
+  Args:
+    state: a typed state or a dict.
+    names: the entries to drop.
+  Returns:
+    A new state of `state`'s type.
+  """
   if not names:
     return state
   if isinstance(state, TypedState):
@@ -109,7 +146,15 @@ def without(state: Tree, names: tuple[str, ...] | list[str]) -> Tree:
 
 
 def with_entries(state: Tree, source: Tree, names: tuple[str, ...] | list[str]) -> Tree:
-  """`state` with the entries `names` of `source` put back (`without`'s inverse)."""
+  """`state` with the entries `names` of `source` put back (`without`'s inverse).
+
+  Args:
+    state: `without(source, names)`.
+    source: the state the entries come from.
+    names: the entries to put back.
+  Returns:
+    A new state of `state`'s type.
+  """
   if not names:
     return state
   if isinstance(state, TypedState):

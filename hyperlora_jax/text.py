@@ -41,6 +41,14 @@ class PromptTemplate:
   without_input: str
 
   def format(self, instruction: str, context: str = "") -> str:
+    """The prompt of one record.
+
+    Args:
+      instruction: the record's instruction.
+      context: its context ("" for none: the template without input).
+    Returns:
+      The prompt text.
+    """
     if context:
       return self.with_input.format(instruction=instruction, input=context)
     return self.without_input.format(instruction=instruction)
@@ -73,7 +81,13 @@ def _fields(layout: str) -> dict:
 
 
 def check_record(record: Mapping[str, Any], layout: str, where: str = "record") -> None:
-  """Raises ValueError naming the missing or non-text field of a record."""
+  """Raises ValueError naming the missing or non-text field of a record.
+
+  Args:
+    record: one instruction record.
+    layout: "alpaca" or "dolly" (`LAYOUTS`).
+    where: how the error names the record (file and line).
+  """
   fields = _fields(layout)
   for role in ("instruction", "response"):
     name = fields[role]
@@ -93,7 +107,15 @@ def check_record(record: Mapping[str, Any], layout: str, where: str = "record") 
 def prompt_and_response(
   record: Mapping[str, Any], layout: str = "alpaca", template: PromptTemplate = ALPACA
 ) -> tuple[str, str]:
-  """(prompt text, response text) of one record in `layout`, with `template`."""
+  """(prompt text, response text) of one record in `layout`, with `template`.
+
+  Args:
+    record: one instruction record.
+    layout: "alpaca" or "dolly".
+    template: the prompt template.
+  Returns:
+    (prompt, response) texts.
+  """
   fields = _fields(layout)
   check_record(record, layout)
   context = record.get(fields["input"]) or ""
@@ -102,7 +124,14 @@ def prompt_and_response(
 
 def chat_prompt(tokenizer, record: Mapping[str, Any], layout: str = "alpaca") -> tuple[str, str]:
   """(prompt, response) of one record with the tokenizer's chat template: one user turn
-  (instruction, then the context after a blank line) and the generation prompt."""
+  (instruction, then the context after a blank line) and the generation prompt.
+
+  Args:
+    tokenizer: a tokenizer with `apply_chat_template` (`models.hf.Tokenizer`).
+    record: one instruction record; layout: its layout.
+  Returns:
+    (prompt with the template's special tokens, response).
+  """
   fields = _fields(layout)
   check_record(record, layout)
   context = record.get(fields["input"]) or ""
@@ -119,7 +148,16 @@ def encode_instruction(
   docstring): `prompt + response` tokenized whole, then end-of-text; the loss on the tokens from
   the first one that covers a response character. `tokenizer`: `models.hf.Tokenizer`; the text
   gets its special tokens (begin-of-text) unless the prompt already has them
-  (`prompt_has_special_tokens`, a chat template's)."""
+  (`prompt_has_special_tokens`, a chat template's).
+
+  Args:
+    tokenizer: `models.hf.Tokenizer`.
+    prompt, response: the texts.
+    max_len: the sequence length (longer sequences are cut).
+    prompt_has_special_tokens: a chat template's prompt.
+  Returns:
+    {"input_ids", "attention_mask", "loss_mask"}: int32 [max_len] each.
+  """
   if tokenizer.eos_id is None:
     raise ValueError("the tokenizer names no eos_token (tokenizer_config.json), so a response cannot end")
   ids, offsets = tokenizer.encode_with_offsets(prompt + response, add_special_tokens=not prompt_has_special_tokens)
@@ -147,7 +185,16 @@ def encode_instructions(
 ) -> dict[str, np.ndarray]:
   """Every record encoded: {"input_ids", "attention_mask", "loss_mask"} int32 [N, max_len];
   "mask" [N] float32, 1 for an example with loss tokens (`client.example_count` counts it);
-  "truncated" [N] bool (the sequence was cut); "no_loss" [N] bool (its prompt filled max_len)."""
+  "truncated" [N] bool (the sequence was cut); "no_loss" [N] bool (its prompt filled max_len).
+
+  Args:
+    tokenizer: `models.hf.Tokenizer`.
+    records: instruction records.
+    max_len: the sequence length.
+    layout: "alpaca" or "dolly"; chat: use the tokenizer's chat template; template: else this one.
+  Returns:
+    The arrays above, N = the number of records.
+  """
   rows = []
   for record in records:
     prompt, response = chat_prompt(tokenizer, record, layout) if chat else prompt_and_response(record, layout, template)

@@ -11,12 +11,18 @@ def fedit() -> Aggregator:
   A <- Σ_k p_k A_k,  B <- Σ_k p_k B_k  (and every other leaf likewise); clients start the
   next round from (Ā, B̄). Note B̄Ā ≠ Σ p_k B_k A_k: the cross-terms B_i A_j (i ≠ j) are
   the bias HyperLoRA and the exact methods remove.
+  Returns:
+    A stateless `Aggregator` (plain_average: a server optimizer may step on its delta).
   """
   return stateless("fedit", lambda g, clients, w: (weighted_mean(clients, w), {}))
 
 
 def identity() -> Aggregator:
-  """Keeps the global params unchanged (local-only training: nothing is shared)."""
+  """Keeps the global params unchanged (local-only training: nothing is shared).
+
+  Returns:
+    A stateless `Aggregator`.
+  """
   return stateless("identity", lambda g, clients, w: (g, {}), heterogeneous_ranks=True)
 
 
@@ -25,6 +31,8 @@ def head_only() -> Aggregator:
 
   For methods whose clients' factors come from a generator (pFedHN): the generator, not
   the aggregate, carries what clients learn; the kept factors are the generator's base.
+  Returns:
+    A stateless `Aggregator`.
   """
   return layerwise(
     "head_only", lambda layer, global_layer, w: global_layer, plain_server_step=True, heterogeneous_ranks=True

@@ -40,6 +40,13 @@ BytesRule = Callable[[Mapping[str, tuple[int, int]], list], int]
 
 
 def no_bytes(layer_shapes, ranks) -> int:
+  """`Capabilities.extra_bytes_down` / `extra_bytes_up` of an aggregator that sends nothing else.
+
+  Args:
+    layer_shapes: {layer: (d_in, d_out)}; ranks: the participants' ranks (both unused).
+  Returns:
+    0.
+  """
   del layer_shapes, ranks
   return 0
 
@@ -98,13 +105,29 @@ class Aggregator(NamedTuple):
 
 
 def no_state(global_params: Tree, rng: jax.Array | None = None, signature_dim: int = 0) -> Tree:
-  """`init` for stateless aggregators."""
+  """`init` for stateless aggregators.
+
+  Args:
+    global_params: the initial trainable tree (unused).
+    rng, signature_dim: as `Aggregator.init` (unused).
+  Returns:
+    {} (no state).
+  """
   del global_params, rng, signature_dim
   return {}
 
 
 def stateless(name: str, rule: Callable[[Tree, Tree, jax.Array], tuple[Tree, dict]], **capabilities) -> Aggregator:
-  """An `Aggregator` from `rule(global_params, client_params, weights) -> (new, base_delta)`."""
+  """An `Aggregator` from `rule(global_params, client_params, weights) -> (new, base_delta)`.
+
+  Args:
+    name: the aggregator's name, as errors and reports show it.
+    rule: (global_params, client_params [C, ...], weights [C]) -> (new global params, base
+      delta {layer: [d_in, d_out]} or {}).
+    capabilities: `Capabilities` fields (e.g. plain_average=True).
+  Returns:
+    An `Aggregator` whose state is {}.
+  """
 
   def aggregate(state, global_params, client_params, weights, context=None):
     del context
@@ -146,13 +169,26 @@ def aggregate_layers(
 
 
 def layerwise(name: str, rule: Callable[..., Any], **capabilities) -> Aggregator:
-  """A stateless `Aggregator` applying `rule` per LoRA layer (see `aggregate_layers`)."""
+  """A stateless `Aggregator` applying `rule` per LoRA layer (see `aggregate_layers`).
+
+  Args:
+    name: the aggregator's name.
+    rule: per layer, as `aggregate_layers` calls it.
+    capabilities: `Capabilities` fields.
+  Returns:
+    An `Aggregator` whose state is {}.
+  """
   return stateless(name, lambda g, c, w: aggregate_layers(rule, g, c, w), **capabilities)
 
 
 def leaf_labels(params: Tree, regexes: Mapping[str, str]) -> Tree:
   """A label per leaf: the first label whose regex fullmatches the leaf's '/'-joined key path.
 
+  Args:
+    params: the trainable tree.
+    regexes: {label: regex}, tried in order.
+  Returns:
+    `params`' structure with str leaves (for `partition`, like optax.multi_transform's labels).
   Raises:
     ValueError: a leaf matches no regex.
   """
@@ -230,7 +266,13 @@ def partition(rules: Mapping[str, Aggregator], labels: Mapping[str, str] | Calla
 
 
 def layer_shapes(params: Tree) -> dict[str, tuple[int, int]]:
-  """{layer name: (d_in, d_out)} of the LoRA layers of `params` (no clients axis)."""
+  """{layer name: (d_in, d_out)} of the LoRA layers of `params` (no clients axis).
+
+  Args:
+    params: the trainable tree, without a clients axis.
+  Returns:
+    {layer name: (d_in, d_out)}.
+  """
   return {name: (f["a"].shape[-2], f["b"].shape[-1]) for name, f in lora_lib.layers(params).items()}
 
 

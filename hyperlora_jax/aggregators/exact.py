@@ -26,13 +26,27 @@ def stack_factors(a_list: list[jax.Array], b_list: list[jax.Array], weights: jax
 
 
 def residual_bytes(layer_shapes, ranks) -> int:
-  """FedEx-LoRA: a float32 [d_in, d_out] residual per layer to every participant."""
+  """FedEx-LoRA: a float32 [d_in, d_out] residual per layer to every participant.
+
+  Args:
+    layer_shapes: {layer: (d_in, d_out)}.
+    ranks: the participants' ranks (one residual each).
+  Returns:
+    Bytes down, an int.
+  """
   return len(ranks) * sum(4 * d_in * d_out for d_in, d_out in layer_shapes.values())
 
 
 def stacked_bytes(layer_shapes, ranks) -> int:
   """FLoRA: every participant's (A_k, B_k) goes to every other participant (its own shared
-  leaves are already counted); the fresh LoRA of the next round comes from a shared seed."""
+  leaves are already counted); the fresh LoRA of the next round comes from a shared seed.
+
+  Args:
+    layer_shapes: {layer: (d_in, d_out)}.
+    ranks: the participants' ranks.
+  Returns:
+    Bytes down, an int.
+  """
   per_rank = sum(4 * (d_in + d_out) for d_in, d_out in layer_shapes.values())
   return (len(ranks) - 1) * sum(ranks) * per_rank if ranks else 0
 
@@ -44,6 +58,11 @@ def fedex_lora(scale: float) -> Aggregator:
   frozen weights:  W0 <- W0 + s (Σ_k p_k B_k A_k − B̄ Ā),  so  W0' + s B̄Ā = W0 + s Σ p_k B_kA_k
   exactly. The residual is full rank and is sent down every round (counted in bytes down).
   Kernel layout: residual = s (Σ p_k a_k b_k − ā b̄) [d_in, d_out].
+
+  Args:
+    scale: the LoRA scale s.
+  Returns:
+    A stateless `Aggregator` returning the residual as its base delta.
   """
 
   def rule(layer, global_layer, weights):
@@ -61,6 +80,11 @@ def flora(scale: float) -> Aggregator:
   from a fresh LoRA (A ~ U(±1/√d_in), B = 0, as `lora.init_lora`). Stacking is exactly the
   weighted product sum, computed here directly; the stacked factors are what crosses the wire
   (counted in bytes down). State: the PRNG key for the fresh A.
+
+  Args:
+    scale: the LoRA scale s.
+  Returns:
+    An `Aggregator` with state {"rng"}.
   """
 
   def init(global_params, rng=None, signature_dim=0):

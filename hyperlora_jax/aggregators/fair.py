@@ -11,7 +11,16 @@ from hyperlora_jax.aggregators.products import weighted_product
 
 
 def fair_objective(delta_b: jax.Array, a_bar: jax.Array, b_bar: jax.Array, target: jax.Array, lam: float) -> jax.Array:
-  """−cos(target, ā (b̄ + Δb)) + λ ‖Δb‖ (kernel layout; target = Σ p_k a_k b_k [d_in, d_out])."""
+  """−cos(target, ā (b̄ + Δb)) + λ ‖Δb‖ (kernel layout; target = Σ p_k a_k b_k [d_in, d_out]).
+
+  Args:
+    delta_b: [r, d_out].
+    a_bar: [d_in, r], b_bar: [r, d_out], the factor averages.
+    target: [d_in, d_out].
+    lam: λ.
+  Returns:
+    Scalar.
+  """
   candidate = a_bar @ (b_bar + delta_b)
   cos = jnp.vdot(target, candidate) / (jnp.linalg.norm(target) * jnp.linalg.norm(candidate) + 1e-12)
   # safe_norm: the plain norm has a 0/0 gradient at the starting point ΔB = 0.
@@ -19,7 +28,14 @@ def fair_objective(delta_b: jax.Array, a_bar: jax.Array, b_bar: jax.Array, targe
 
 
 def fit_delta_b(a_bar, b_bar, target, *, lam: float, steps: int, learning_rate: float) -> jax.Array:
-  """ΔB* by `steps` server Adam steps on `fair_objective` from ΔB = 0. Returns [r, d_out]."""
+  """ΔB* by `steps` server Adam steps on `fair_objective` from ΔB = 0. Returns [r, d_out].
+
+  Args:
+    a_bar: [d_in, r]; b_bar: [r, d_out]; target: [d_in, d_out].
+    lam: λ; steps: Adam steps; learning_rate: their step size.
+  Returns:
+    ΔB* [r, d_out].
+  """
   optimizer = optax.adam(learning_rate)
   grad_fn = jax.grad(fair_objective)
 
@@ -38,6 +54,13 @@ def lora_fair(lam: float = 0.01, steps: int = 20, learning_rate: float = 1e-3) -
 
   ΔB* = argmin −cos(Σ p_k B_k A_k, (B̄ + ΔB) Ā) + λ ‖ΔB‖ (λ = 0.01, a few server steps);
   clients get (Ā, B̄ + ΔB*). Only B is corrected, so the broadcast stays rank r.
+
+  Args:
+    lam: λ, the weight of ‖ΔB‖.
+    steps: server Adam steps per layer and round.
+    learning_rate: their step size.
+  Returns:
+    A stateless layerwise `Aggregator`.
   """
 
   def rule(layer, global_layer, weights):

@@ -11,6 +11,11 @@ def product_norms(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
   """‖a_k b_k‖_F per client without forming the product. a: [C, d_in, r], b: [C, r, d_out] -> [C].
 
   ‖a b‖_F² = tr(aᵀa b bᵀ) = Σ_ij (aᵀa)_ij (b bᵀ)_ij.
+
+  Args:
+    a: [C, d_in, r]; b: [C, r, d_out].
+  Returns:
+    [C].
   """
   gram_a = jnp.einsum("cir,cis->crs", a, a)
   gram_b = jnp.einsum("cro,cso->crs", b, b)
@@ -18,7 +23,14 @@ def product_norms(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
 
 
 def norm_weights(norms: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
-  """w_k ∝ ‖B_kA_k‖_F over the clients with weight > 0 (the data weights if all norms are 0)."""
+  """w_k ∝ ‖B_kA_k‖_F over the clients with weight > 0 (the data weights if all norms are 0).
+
+  Args:
+    norms: [C] ‖B_kA_k‖_F.
+    weights: [C] data weights (0: not a participant).
+  Returns:
+    [C], summing to 1 over the participants.
+  """
   participating = weights > 0
   raw = jnp.where(participating, norms, 0.0)
   total = jnp.sum(raw)
@@ -34,6 +46,8 @@ def hetlora() -> Aggregator:
   B ← Σ w_k B_k; each client truncates the result to its own rank at the start of the next
   round. The head (shared policy) is averaged with the data weights p_k. HetLoRA's optional
   local rank self-pruning is not implemented.
+  Returns:
+    A stateless `Aggregator` (takes heterogeneous ranks).
   """
 
   def rule(layer, global_layer, weights):

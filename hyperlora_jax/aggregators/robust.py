@@ -39,13 +39,25 @@ ROBUST_RULES = ("median", "trimmed_mean", "geometric_median")
 
 
 def coordinate_median(x: jax.Array, present: jax.Array) -> jax.Array:
-  """[C, n], [C] bool -> [n]: the median over present clients, coordinate by coordinate."""
+  """[C, n], [C] bool -> [n]: the median over present clients, coordinate by coordinate.
+
+  Args:
+    x: [C, n] stacked values; present: [C] bool.
+  Returns:
+    [n].
+  """
   return jnp.nanmedian(jnp.where(present[:, None], x, jnp.nan), axis=0)
 
 
 def trimmed_mean(x: jax.Array, present: jax.Array, trim: float) -> jax.Array:
   """[C, n], [C] bool -> [n]: per coordinate, the mean of the present values without the
-  ⌊trim · n_present⌋ largest and smallest."""
+  ⌊trim · n_present⌋ largest and smallest.
+
+  Args:
+    x: [C, n] stacked values; present: [C] bool; trim: the fraction cut at each end.
+  Returns:
+    [n].
+  """
   count = jnp.sum(present)
   cut = jnp.floor(trim * count).astype(jnp.int32)
   ordered = jnp.sort(jnp.where(present[:, None], x, jnp.inf), axis=0)  # Absent clients sort last.
@@ -55,7 +67,14 @@ def trimmed_mean(x: jax.Array, present: jax.Array, trim: float) -> jax.Array:
 
 
 def geometric_median(x: jax.Array, weights: jax.Array, iterations: int = 50, eps: float = 1e-8) -> jax.Array:
-  """[C, n], [C] (sum 1, 0 = absent) -> [n]: argmin_z Σ_k w_k ‖x_k − z‖ by Weiszfeld's iterations."""
+  """[C, n], [C] (sum 1, 0 = absent) -> [n]: argmin_z Σ_k w_k ‖x_k − z‖ by Weiszfeld's iterations.
+
+  Args:
+    x: [C, n]; weights: [C] (sum 1, 0 = absent).
+    iterations: Weiszfeld steps; eps: the smallest distance divided by.
+  Returns:
+    [n].
+  """
 
   def step(z, _):
     inverse = weights / jnp.maximum(jnp.linalg.norm(x - z, axis=1), eps)
@@ -66,7 +85,15 @@ def geometric_median(x: jax.Array, weights: jax.Array, iterations: int = 50, eps
 
 
 def robust_statistic(rule: str, x: jax.Array, weights: jax.Array, trim: float = 0.1) -> jax.Array:
-  """The `rule` statistic of the stack x [C, n] over clients with weight > 0 -> [n]."""
+  """The `rule` statistic of the stack x [C, n] over clients with weight > 0 -> [n].
+
+  Args:
+    rule: "median", "trimmed_mean" or "geometric_median".
+    x: [C, n]; weights: [C].
+    trim: for "trimmed_mean".
+  Returns:
+    [n].
+  """
   present = weights > 0
   if rule == "median":
     return coordinate_median(x, present)
@@ -106,7 +133,13 @@ def _robust_tree(rule: str, tree: Tree, weights: jax.Array, trim: float) -> Tree
 
 
 def robust_factors(rule: str, trim: float = 0.1) -> Aggregator:
-  """FedIT made robust: the `rule` statistic of the clients' params, leaf by leaf."""
+  """FedIT made robust: the `rule` statistic of the clients' params, leaf by leaf.
+
+  Args:
+    rule: as `robust_statistic`; trim: for "trimmed_mean".
+  Returns:
+    A stateless `Aggregator`.
+  """
   if rule not in ROBUST_RULES:
     raise ValueError(f"robust rule {rule!r}; allowed: {ROBUST_RULES}")
 
@@ -119,7 +152,13 @@ def robust_factors(rule: str, trim: float = 0.1) -> Aggregator:
 
 def robust_products(rule: str, scale: float, trim: float = 0.1) -> Aggregator:
   """The `rule` statistic of s a_k b_k per LoRA layer, then the best rank-r approximation
-  (as FlexLoRA); other leaves as `robust_factors`."""
+  (as FlexLoRA); other leaves as `robust_factors`.
+
+  Args:
+    rule: as `robust_statistic`; scale: the LoRA scale s; trim: for "trimmed_mean".
+  Returns:
+    A stateless `Aggregator`.
+  """
   if rule not in ROBUST_RULES:
     raise ValueError(f"robust rule {rule!r}; allowed: {ROBUST_RULES}")
 
@@ -141,7 +180,13 @@ def robust_products(rule: str, scale: float, trim: float = 0.1) -> Aggregator:
 
 
 def without_layers(tree: Tree) -> Tree:
-  """`tree` without its LoRA layers (nested dicts; {} where nothing remains)."""
+  """`tree` without its LoRA layers (nested dicts; {} where nothing remains).
+
+  Args:
+    tree: nested dicts.
+  Returns:
+    The nested dicts of its other leaves.
+  """
   if lora_lib.is_layer(tree):
     return {}
   if isinstance(tree, dict):
@@ -150,7 +195,14 @@ def without_layers(tree: Tree) -> Tree:
 
 
 def merge_rest(tree: Tree, rest: Tree) -> Tree:
-  """`tree` with the non-layer leaves of `rest` (`without_layers`-shaped) put in."""
+  """`tree` with the non-layer leaves of `rest` (`without_layers`-shaped) put in.
+
+  Args:
+    tree: nested dicts holding LoRA layers.
+    rest: `without_layers(tree)`-shaped leaves to put in.
+  Returns:
+    A new tree.
+  """
   if isinstance(rest, dict) and isinstance(tree, dict) and not lora_lib.is_layer(tree):
     return {k: (merge_rest(v, rest[k]) if k in rest else v) for k, v in tree.items()}
   return tree if isinstance(rest, dict) else rest
@@ -158,7 +210,13 @@ def merge_rest(tree: Tree, rest: Tree) -> Tree:
 
 def clip_to_norm(client_params: Tree, starts: Tree, max_norm: float) -> tuple[Tree, jax.Array]:
   """Each client's params moved so that ‖θ_k − θ⁰_k‖₂ (all leaves) <= max_norm.
-  Returns (clipped [C, ...], the update norms before clipping [C])."""
+  Returns (clipped [C, ...], the update norms before clipping [C]).
+
+  Args:
+    client_params: the clients' trained trees, [C, ...] leaves.
+    starts: their starts, [C, ...] leaves.
+    max_norm: the L2 bound on each client's whole update.
+  """
   updates = jax.tree.map(jnp.subtract, client_params, starts)
   norms = jnp.sqrt(squared_norms(updates))
   factor = clip_factors(norms, max_norm)
@@ -174,7 +232,14 @@ def _starts(global_params: Tree, client_params: Tree, context: AggregationContex
 
 
 def clip_updates(aggregator: Aggregator, max_norm: float) -> Aggregator:
-  """`aggregator` on updates clipped to L2 norm `max_norm` (from each client's start)."""
+  """`aggregator` on updates clipped to L2 norm `max_norm` (from each client's start).
+
+  Args:
+    aggregator: any aggregator.
+    max_norm: the L2 bound on each client's whole update.
+  Returns:
+    An `Aggregator` with `aggregator`'s state and capabilities.
+  """
 
   def aggregate(state, global_params, client_params, weights, context=None):
     clipped, _ = clip_to_norm(client_params, _starts(global_params, client_params, context), max_norm)
@@ -187,7 +252,14 @@ def clip_updates(aggregator: Aggregator, max_norm: float) -> Aggregator:
 
 
 def dp_fedavg(clip_norm: float, noise_multiplier: float) -> Aggregator:
-  """DP-FedAvg (module docstring). State: {"rng": the noise key's data}."""
+  """DP-FedAvg (module docstring). State: {"rng": the noise key's data}.
+
+  Args:
+    clip_norm: C, the L2 bound on each client's update.
+    noise_multiplier: z; the noise std on the sum is z C.
+  Returns:
+    An `Aggregator` (private_rounds: each round is one Gaussian release).
+  """
 
   def init(global_params, rng=None, signature_dim=0):
     del global_params, signature_dim

@@ -13,6 +13,11 @@ def flexlora(scale: float) -> Aggregator:
   a = U_r √(Σ_r/s), b = √(Σ_r/s) V_r^T (kernel layout), so s a b is the best rank-r
   approximation of W_g. Other leaves (a head) are averaged. A client of rank r_k keeps the
   first r_k components: the best rank-r_k approximation.
+
+  Args:
+    scale: the LoRA scale s.
+  Returns:
+    A stateless `Aggregator` (takes heterogeneous ranks).
   """
 
   def rule(layer, global_layer, weights):

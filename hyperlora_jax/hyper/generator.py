@@ -95,7 +95,13 @@ class LoraGenerator(nn.Module):
 
 
 def target_triples(targets) -> tuple[tuple[str, int, int], ...]:
-  """{path: (d_in, d_out)} or ((path, d_in, d_out), ...) -> ((path, d_in, d_out), ...)."""
+  """{path: (d_in, d_out)} or ((path, d_in, d_out), ...) -> ((path, d_in, d_out), ...).
+
+  Args:
+    targets: the LoRA targets, either form.
+  Returns:
+    ((path, d_in, d_out), ...), in the given order.
+  """
   if isinstance(targets, dict) or hasattr(targets, "items"):
     return tuple((path, d_in, d_out) for path, (d_in, d_out) in targets.items())
   return tuple(tuple(t) for t in targets)

@@ -43,6 +43,8 @@ def deviation_targets(trained: dict, starts: dict, weights: jax.Array, mean_chan
   (sum 1, 0 = absent); mean_change: the mean change to use instead (shaped like one client's
   layers; the private release under DP). With base = the starts' global factors, the
   generator's residual (base + offset_k) − target_k is −(Δ_k − Δ̄): zero on average over the cohort.
+  Returns:
+    {path: {"a", "b"}} with a leading [C] axis.
   """
   if mean_change is None:
     mean_change = jax.tree.map(lambda t, s: jnp.einsum("c,c...->...", weights, t - s), trained, starts)
@@ -54,7 +56,16 @@ def generator_plugin(
 ) -> Plugin:
   """The round plug-in of a `Generator` (state: the generator's); `target` as above.
   `privacy=(clip_norm, noise_multiplier)` releases "deviation"'s mean change privately (the
-  generator must then be private too: its state's "rng" also draws this noise)."""
+  generator must then be private too: its state's "rng" also draws this noise).
+
+  Args:
+    generator: the `Generator` (G_φ) whose offsets start each client.
+    name: the plug-in's name in the state and metrics.
+    target: what the generator learns to produce: "from_global" or "deviation" (`GENERATOR_TARGETS`).
+    privacy: (clip_norm, noise_multiplier), or None.
+  Returns:
+    A `Plugin`.
+  """
   if target not in GENERATOR_TARGETS:
     raise ValueError(f"generator target {target!r}; allowed: {GENERATOR_TARGETS}")
 
@@ -94,7 +105,14 @@ def generator_plugin(
 def clip_plugin_updates(plugin: Plugin, max_norm: float) -> Plugin:
   """`plugin` learning from client updates clipped to L2 norm `max_norm` from each client's
   start (`robust.clip_norm`), as `aggregators.clip_updates` does for the aggregate: one client
-  (a Byzantine one) then moves the generator's targets by a bounded amount."""
+  (a Byzantine one) then moves the generator's targets by a bounded amount.
+
+  Args:
+    plugin: any plug-in.
+    max_norm: the L2 bound on each client's whole update.
+  Returns:
+    A `Plugin`.
+  """
 
   def after_aggregation(state, outcome: RoundOutcome):
     clipped, _ = clip_to_norm(outcome.client_params, outcome.client_starts, max_norm)

@@ -29,12 +29,24 @@ STATISTIC_KINDS = ("label", "features")  # Computed from the client's data and s
 
 
 def statistic_kinds(kinds: tuple[str, ...]) -> tuple[str, ...]:
-  """The kinds among `kinds` that are data statistics a client sends (not the embedding)."""
+  """The kinds among `kinds` that are data statistics a client sends (not the embedding).
+
+  Args:
+    kinds: signature kinds, e.g. ("label", "features", "embedding").
+  Returns:
+    The data-statistic kinds, in order.
+  """
   return tuple(k for k in kinds if k in STATISTIC_KINDS)
 
 
 def parse_kinds(spec: str) -> tuple[str, ...]:
-  """'label+features' -> ('label', 'features'); raises ValueError on an unknown kind."""
+  """'label+features' -> ('label', 'features'); raises ValueError on an unknown kind.
+
+  Args:
+    spec: kinds joined by '+'.
+  Returns:
+    The kinds, in order.
+  """
   kinds = tuple(k for k in spec.split("+") if k)
   unknown = [k for k in kinds if k not in SIGNATURE_KINDS]
   if unknown:
@@ -43,13 +55,21 @@ def parse_kinds(spec: str) -> tuple[str, ...]:
 
 
 def label_histogram(labels: jax.Array, mask: jax.Array, num_classes: int) -> jax.Array:
-  """labels, mask: [n] -> [K] histogram of the unmasked labels, normalized to mean 1."""
+  """labels, mask: [n] -> [K] histogram of the unmasked labels, normalized to mean 1.
+
+  Returns:
+    [K] float32.
+  """
   counts = jnp.zeros(num_classes).at[labels].add(mask)
   return num_classes * counts / jnp.maximum(jnp.sum(counts), 1.0)
 
 
 def feature_statistics(features: jax.Array, mask: jax.Array, basis: jax.Array) -> jax.Array:
-  """features [n, d], mask [n], basis Q [d, q] -> [d + q(q+1)/2]: mean, then triu(Qᵀ Σ Q)."""
+  """features [n, d], mask [n], basis Q [d, q] -> [d + q(q+1)/2]: mean, then triu(Qᵀ Σ Q).
+
+  Returns:
+    [d + q(q+1)/2] float32.
+  """
   count = jnp.maximum(jnp.sum(mask), 1.0)
   mean = jnp.sum(features * mask[:, None], axis=0) / count
   projected = (features - mean) @ basis  # [n, q]
@@ -59,13 +79,25 @@ def feature_statistics(features: jax.Array, mask: jax.Array, basis: jax.Array) -
 
 
 def random_basis(dim: int, rank: int, seed: int = 0) -> jax.Array:
-  """A fixed [dim, rank] orthonormal basis (QR of a seeded Gaussian), the same on all clients."""
+  """A fixed [dim, rank] orthonormal basis (QR of a seeded Gaussian), the same on all clients.
+
+  Args:
+    dim: d; rank: q <= d; seed: the Gaussian's seed.
+  Returns:
+    [dim, rank] with orthonormal columns.
+  """
   gaussian = jax.random.normal(jax.random.key(seed), (dim, rank))
   return jnp.linalg.qr(gaussian)[0]
 
 
 def signature_dim(kinds: tuple[str, ...], num_classes: int, feature_dim: int, covariance_rank: int) -> int:
-  """Length D of a signature of `kinds` (the embedding adds nothing here)."""
+  """Length D of a signature of `kinds` (the embedding adds nothing here).
+
+  Args:
+    kinds: signature kinds; num_classes: K; feature_dim: d; covariance_rank: q.
+  Returns:
+    D, an int.
+  """
   dim = num_classes if "label" in kinds else 0
   if "features" in kinds:
     dim += feature_dim + covariance_rank * (covariance_rank + 1) // 2
@@ -147,7 +179,18 @@ def compute_signatures(
   `make_signature_fn`), e.g. a decoder's mean hidden state of `("input_ids", "attention_mask")`.
 
   client_keys: [N] noise keys, one per client (default: `key(seed)` split over the N clients),
-  so clients computed in blocks get the keys they would get all at once."""
+  so clients computed in blocks get the keys they would get all at once.
+
+  Args:
+    model, backbone: the frozen model and its variables.
+    client_data: {key: [N, n, ...]} each client's examples, with a "mask" [N, n] and "label".
+    kinds: signature kinds; num_classes: K.
+    covariance_rank: q of `feature_statistics`.
+    noise_std, seed: Gaussian noise on each signature (privacy), and its seed.
+    clip_norm: each signature clipped to this L2 norm first (None: not clipped).
+  Returns:
+    [N, D] float32 NumPy.
+  """
   if not statistic_kinds(kinds):
     return np.zeros((client_data["label"].shape[0], 0), np.float32)
   if featurize is None:

@@ -102,13 +102,25 @@ class ResidualGate(nn.Module):
 
 
 def product_gram(a: jax.Array, b: jax.Array) -> jax.Array:
-  """G_kj = ⟨a_k b_k, a_j b_j⟩_F without forming products. a [C, d_in, r], b [C, r, d_out] -> [C, C]."""
+  """G_kj = ⟨a_k b_k, a_j b_j⟩_F without forming products. a [C, d_in, r], b [C, r, d_out] -> [C, C].
+
+  Returns:
+    [C, C], symmetric.
+  """
   return jnp.einsum("kir,jis,kro,jso->kj", a, a, b, b)
 
 
 def client_layer_features(a: jax.Array, b: jax.Array, weights: jax.Array, scale: float) -> jax.Array:
   """[C, 2]: log ‖s a_k b_k‖_F and the cosine of a_k b_k with Σ_j p_j a_j b_j (applied to the
-  update factors: log ‖ΔP_k‖_F and the cosine of ΔP_k with the mean update)."""
+  update factors: log ‖ΔP_k‖_F and the cosine of ΔP_k with the mean update).
+
+  Args:
+    a: [C, d_in, r]; b: [C, r, d_out].
+    weights: [C] summing to 1.
+    scale: the LoRA scale s.
+  Returns:
+    [C, 2].
+  """
   gram = product_gram(a, b)
   norms = jnp.sqrt(jnp.maximum(jnp.diag(gram), 1e-20))
   mean_norm = jnp.sqrt(jnp.maximum(weights @ gram @ weights, 1e-20))
@@ -118,7 +130,14 @@ def client_layer_features(a: jax.Array, b: jax.Array, weights: jax.Array, scale:
 
 def synthesis_weights(scores: jax.Array, weights: jax.Array) -> jax.Array:
   """w_{k,l} = softmax_k(log p_k + score_{k,l}) over clients with p_k > 0 (all 0 if none).
-  [C, L] -> [C, L]."""
+  [C, L] -> [C, L].
+
+  Args:
+    scores: [C, L], S_ψ's score of client k for layer l.
+    weights: [C] data weights p_k.
+  Returns:
+    [C, L], each column summing to 1 (or all 0).
+  """
   present = weights[:, None] > 0
   logits = jnp.where(present, jnp.log(jnp.maximum(weights, 1e-30))[:, None] + scores, -1e30)
   return jnp.where(present, jax.nn.softmax(logits, axis=0), 0.0)
@@ -130,6 +149,8 @@ def refactorize(target: jax.Array, rank: int, scale: float, previous_a: jax.Arra
   the exact derivative (`aligned_basis`).
 
   target [d_in, d_out]; previous_a [d_in, r] -> a [d_in, r], b [r, d_out].
+  Returns:
+    (a [d_in, r], b [r, d_out]).
   """
   a = aligned_basis(target, previous_a, rank)
   return a, a.T @ target / scale
@@ -159,6 +180,8 @@ def aligned_basis(target: jax.Array, previous_a: jax.Array, rank: int) -> jax.Ar
   σ_r > σ_{r+1}; the polar factor's needs only a_prevᵀ P a_prev invertible (sums σ_i + σ_j,
   never differences). Terms whose denominators vanish (a target of rank < r) are taken as zero,
   so the derivative stays finite.
+  Returns:
+    [d_in, rank].
   """
   return _aligned_basis_parts(target, previous_a, rank)[0]
 
@@ -210,10 +233,15 @@ def private_update(
 ) -> tuple[dict, Tree, jax.Array]:
   """The noisy uniform mean of the clipped updates (`PrivateRelease`).
 
-  updates: {layer: (a [C, d_in, 2r], b [C, 2r, d_out])} with s a_k b_k = ΔP_k (`update_factors`);
-  rest_updates: the other leaves' changes [C, ...]; weights [C] (0 = absent).
-  Returns ({layer: [d_in, d_out] mean ΔP + noise}, the other leaves' mean change + noise,
-  the clipped weights [C] used: Σ_k w_k ΔP_k is the mean of the clipped ΔP_k).
+  Args:
+    updates: {layer: (a [C, d_in, 2r], b [C, 2r, d_out])} with s a_k b_k = ΔP_k (`update_factors`).
+    rest_updates: the other leaves' changes [C, ...].
+    weights: [C] (0 = absent).
+    scale: the LoRA scale s.
+    release: the clip norm, noise multiplier and key.
+  Returns:
+    ({layer: [d_in, d_out] mean ΔP + noise}, the other leaves' mean change + noise, the clipped
+    weights [C] used: Σ_k w_k ΔP_k is the mean of the clipped ΔP_k).
   """
   squares = privacy_lib.squared_norms(rest_updates) + sum(
     scale**2 * jnp.diagonal(product_gram(*u)) for u in updates.values()
@@ -244,6 +272,8 @@ def update_factors(trained: dict, start: dict) -> tuple[jax.Array, jax.Array]:
   """Factors of the product update a b − a⁰ b⁰ as one rank-2r product, per client.
 
   trained, start: {"a": [C, d_in, r], "b": [C, r, d_out]} -> ([C, d_in, 2r], [C, 2r, d_out]).
+  Returns:
+    (a [C, d_in, 2r], b [C, 2r, d_out]).
   """
   return (jnp.concatenate([trained["a"], start["a"]], axis=-1), jnp.concatenate([trained["b"], -start["b"]], axis=-2))
 
@@ -356,14 +386,24 @@ DIAGNOSTIC_METRICS = ("synth_weight_entropy", "synth_weight_kl", "corrector_gate
 
 
 def weight_entropy(synth_weights: jax.Array) -> jax.Array:
-  """Mean over layers of the entropy (nats) of each layer's weights over clients. [C, L] -> []."""
+  """Mean over layers of the entropy (nats) of each layer's weights over clients. [C, L] -> [].
+
+  Args:
+    synth_weights: [C, L].
+  Returns:
+    Scalar.
+  """
   logs = jnp.log(jnp.where(synth_weights > 0, synth_weights, 1.0))
   return jnp.mean(-jnp.sum(synth_weights * logs, axis=0))
 
 
 def weight_divergence(synth_weights: jax.Array, weights: jax.Array) -> jax.Array:
   """Mean over layers of KL(w_{·,l} ‖ p): how far S_ψ moved from the FedAvg weights p
-  (0 = the uniform limit). synth_weights [C, L], weights [C] -> []."""
+  (0 = the uniform limit). synth_weights [C, L], weights [C] -> [].
+
+  Returns:
+    Scalar.
+  """
   present = synth_weights > 0
   ratio = jnp.where(present, synth_weights / jnp.maximum(weights[:, None], 1e-30), 1.0)
   kl = jnp.sum(jnp.where(present, synth_weights * jnp.log(ratio), 0.0), axis=0)
@@ -417,7 +457,13 @@ class CrossRoundDerivativeWarning(UserWarning):
 
 def update_derivative_is_finite(optimizer: optax.GradientTransformation) -> bool:
   """Whether `optimizer.update`'s derivative is finite at a zero gradient, after one step (a
-  zero second moment: `optax.adam` with eps_root=0 has sqrt's infinite derivative there)."""
+  zero second moment: `optax.adam` with eps_root=0 has sqrt's infinite derivative there).
+
+  Args:
+    optimizer: any optax optimizer.
+  Returns:
+    A Python bool.
+  """
   params = {"w": jnp.zeros(3)}
 
   def second_update(g):
@@ -460,6 +506,16 @@ def hyperlora_synthesizer(
   `optax.adam` needs eps_root > 0 for it (e.g. `optax.adam(1e-3, eps_root=1e-16)`), else a
   zero meta-gradient entry makes it NaN; an optimizer with that defect draws a
   `CrossRoundDerivativeWarning` here (meta-learning alone never differentiates it).
+
+  Args:
+    cfg: the synthesizer's configuration (scale, rank, corrector, ...).
+    optimizer: ψ's and ω's optax optimizer.
+    hidden: the width of S_ψ's and C_ω's hidden layers.
+    meta_learning: learn ψ, ω (False: the uniform limit).
+    meta_steps: optimizer steps on (ψ, ω) per round.
+    privacy: (clip_norm, noise_multiplier), or None.
+  Returns:
+    An `Aggregator`.
   """
   diagnostic_metrics = DIAGNOSTIC_METRICS if cfg.corrector == "learned" else DIAGNOSTIC_METRICS[:2]
   if privacy is not None and (meta_learning or cfg.learned_weights):

@@ -38,7 +38,15 @@ PAD_ID, START_ID = 0, 1
 
 
 def tokenize(texts: Sequence[str], vocab_size: int, max_len: int) -> np.ndarray:
-  """Hashed word ids, [len(texts), max_len] int32 (start id, words, then 0 padding; truncated)."""
+  """Hashed word ids, [len(texts), max_len] int32 (start id, words, then 0 padding; truncated).
+
+  Args:
+    texts: the texts.
+    vocab_size: ids are in [2, vocab_size) (0: padding, 1: start).
+    max_len: the sequence length.
+  Returns:
+    [len(texts), max_len] int32.
+  """
   out = np.zeros((len(texts), max_len), np.int32)
   for i, text in enumerate(texts):
     words = re.findall(r"[a-z0-9]+", text.lower())
@@ -48,7 +56,14 @@ def tokenize(texts: Sequence[str], vocab_size: int, max_len: int) -> np.ndarray:
 
 
 def class_prompts(class_names: Sequence[str], template: str) -> list[str]:
-  """`template` with '{}' filled by each class name (underscores become spaces)."""
+  """`template` with '{}' filled by each class name (underscores become spaces).
+
+  Args:
+    class_names: the classes.
+    template: a text with '{}'.
+  Returns:
+    One prompt per class.
+  """
   return [template.format(name.replace("_", " ")) for name in class_names]
 
 
@@ -176,7 +191,11 @@ class CLIP(nn.Module):
     self.logit_scale = self.param("logit_scale", nn.initializers.constant(np.log(1 / 0.07)), ())
 
   def prompt_tokens(self) -> np.ndarray:
-    """[num_classes, max_len] tokens of the class prompts (a trace-time constant)."""
+    """[num_classes, max_len] tokens of the class prompts (a trace-time constant).
+
+    Returns:
+      [num_classes, max_len] int32 NumPy.
+    """
     if self.prompt_ids:
       if len(self.prompt_ids) != self.num_classes:
         raise ValueError(
@@ -190,12 +209,24 @@ class CLIP(nn.Module):
     return tokenize(class_prompts(self.class_names, self.prompt_template), self.vocab_size, self.max_len)
 
   def encode_image(self, images: jnp.ndarray) -> jnp.ndarray:
-    """images [B, H, W, 3] float -> unit-norm embeddings [B, embed_dim]."""
+    """images [B, H, W, 3] float -> unit-norm embeddings [B, embed_dim].
+
+    Args:
+      images: [B, H, W, 3] float (preprocessed).
+    Returns:
+      [B, embed_dim].
+    """
     x = self.image_projection(self.image_tower(images, return_features=True))
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-6)
 
   def encode_text(self, tokens: jnp.ndarray) -> jnp.ndarray:
-    """tokens [T, max_len] int -> unit-norm embeddings [T, embed_dim]."""
+    """tokens [T, max_len] int -> unit-norm embeddings [T, embed_dim].
+
+    Args:
+      tokens: [T, max_len] int.
+    Returns:
+      [T, embed_dim].
+    """
     x = self.text_projection(self.text_tower(tokens))
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-6)
 
@@ -217,7 +248,13 @@ MAX_LOGIT_SCALE = float(np.log(100.0))
 
 def clamp_logit_scale(variables: dict) -> dict:
   """`variables` with the `logit_scale` parameter clipped to [0, ln 100]: CLIP's training rule
-  (OpenAI's and open_clip's, after each optimizer step); the forward pass applies the value as is."""
+  (OpenAI's and open_clip's, after each optimizer step); the forward pass applies the value as is.
+
+  Args:
+    variables: CLIP's variables ({"params": {..., "logit_scale"}}).
+  Returns:
+    A new variables tree.
+  """
   params = dict(variables["params"])
   params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE)
   return {**variables, "params": params}

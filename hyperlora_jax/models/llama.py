@@ -57,7 +57,15 @@ def rope_frequencies(head_dim: int, theta: float, scaling: tuple = ()) -> jnp.nd
   """The rotary inverse frequencies [head_dim // 2]: theta^(-2i/head_dim), scaled by `scaling`
   ((key, value) pairs of config.json's rope_scaling): "linear" divides every frequency by
   `factor`; "llama3" divides the low frequencies by `factor`, keeps the high ones and blends
-  between (Llama 3.1's `_compute_llama3_parameters`)."""
+  between (Llama 3.1's `_compute_llama3_parameters`).
+
+  Args:
+    head_dim: the rotary dimension.
+    theta: the rope base.
+    scaling: (key, value) pairs, () for none.
+  Returns:
+    [head_dim // 2] float32.
+  """
   inv = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
   options = dict(scaling)
   kind = options.get("rope_type", options.get("type", "default"))
@@ -79,7 +87,15 @@ def rope_frequencies(head_dim: int, theta: float, scaling: tuple = ()) -> jnp.nd
 
 def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: jnp.ndarray) -> jnp.ndarray:
   """Rotates x [B, T, heads, head_dim] by positions [B, T] with the half-split layout of
-  transformers' `rotate_half` (dimension i pairs with i + head_dim/2), in float32."""
+  transformers' `rotate_half` (dimension i pairs with i + head_dim/2), in float32.
+
+  Args:
+    x: [B, T, heads, head_dim].
+    positions: [B, T] int.
+    inv_freq: [head_dim // 2] (`rope_frequencies`).
+  Returns:
+    [B, T, heads, head_dim], x's dtype.
+  """
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, head_dim/2]
   cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]
   sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :]
@@ -93,7 +109,15 @@ def attention_mask_for(
   query_slots: jnp.ndarray, key_slots: jnp.ndarray, key_mask: jnp.ndarray, sliding_window: int | None
 ) -> jnp.ndarray:
   """bool [B, 1, Tq, S]: query slot i sees key slot j iff j <= i, the key is a real token and
-  (with a sliding window w) i - j < w. query_slots [Tq], key_slots [S], key_mask [B, S]."""
+  (with a sliding window w) i - j < w. query_slots [Tq], key_slots [S], key_mask [B, S].
+
+  Args:
+    query_slots: [Tq] cache slots of the queries; key_slots: [S] of the keys.
+    key_mask: [B, S] bool or {0, 1}, real tokens.
+    sliding_window: w, or None (full causal attention).
+  Returns:
+    bool [B, 1, Tq, S].
+  """
   allowed = key_slots[None, :] <= query_slots[:, None]
   if sliding_window:
     allowed &= query_slots[:, None] - key_slots[None, :] < sliding_window
@@ -110,6 +134,12 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, bias: jnp.ndarray) ->
   [B, H, T, hd] x [B, H, hd, S] matmuls (a grouped 5-D einsum made XLA transpose the [T, S]
   logits back and forth), and a hand-written backward (`_attention_core`): XLA's derivative
   of the masked softmax ran twice as slow on the CPU (measured on the embedded decoder).
+
+  Args:
+    q: [B, T, H, hd]; k, v: [B, S, K, hd].
+    bias: float32 [B, 1, T, S].
+  Returns:
+    [B, T, H, hd].
   """
   groups = q.shape[2] // k.shape[2]
   heads_first = lambda t: jnp.swapaxes(t, 1, 2)
@@ -270,7 +300,15 @@ class DecoderLM(nn.Module):
     return self.head_dim or self.width // self.num_heads
 
   def init_cache(self, batch: int, length: int, dtype: Any = None) -> Cache:
-    """An empty cache for `batch` sequences of up to `length` tokens (prompt + generated)."""
+    """An empty cache for `batch` sequences of up to `length` tokens (prompt + generated).
+
+    Args:
+      batch: sequences.
+      length: slots per sequence.
+      dtype: the cache's dtype (None: the model's).
+    Returns:
+      A `Cache` of zeros.
+    """
     shape = (self.depth, batch, length, self.kv_heads, self.head_width)
     return {
       "k": jnp.zeros(shape, dtype or self.dtype),

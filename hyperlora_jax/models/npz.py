@@ -49,7 +49,13 @@ _MAP_HEAD_NAMES = {  # Our map_head path -> big_vision's MAPHead_0 path.
 
 
 def read_npz(path: str) -> dict[str, np.ndarray]:
-  """{'/'-joined name: array} of an `.npz` checkpoint (every array finite)."""
+  """{'/'-joined name: array} of an `.npz` checkpoint (every array finite).
+
+  Args:
+    path: an `.npz` file.
+  Returns:
+    {name: array}.
+  """
   try:
     with np.load(path, allow_pickle=False) as f:
       arrays = {k: np.asarray(f[k]) for k in f.files}
@@ -62,13 +68,25 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
 
 def npz_pool(names) -> str:
   """The ViT pooling of a checkpoint with these array names: "map" (a MAPHead), "tok" (a class
-  token) or "gap" (neither)."""
+  token) or "gap" (neither).
+
+  Args:
+    names: the checkpoint's array names.
+  Returns:
+    "map", "tok" or "gap".
+  """
   names = set(names)
   return "map" if "MAPHead_0/probe" in names else "tok" if "cls" in names else "gap"
 
 
 def npz_names(path: str) -> list[str]:
-  """The array names of an `.npz` checkpoint (no array is read)."""
+  """The array names of an `.npz` checkpoint (no array is read).
+
+  Args:
+    path: an `.npz` file.
+  Returns:
+    The names, in the file's order.
+  """
   try:
     with np.load(path, allow_pickle=False) as f:
       return list(f.files)
@@ -77,7 +95,13 @@ def npz_names(path: str) -> list[str]:
 
 
 def dropped_arrays(flat: dict) -> list[str]:
-  """The names of the checkpoint arrays `from_npz` does not load (classifier, pre-logits)."""
+  """The names of the checkpoint arrays `from_npz` does not load (classifier, pre-logits).
+
+  Args:
+    flat: {name: array} (`read_npz`).
+  Returns:
+    Sorted names.
+  """
   return sorted(k for k in flat if k.startswith(DROPPED_PREFIXES))
 
 
@@ -163,7 +187,15 @@ def from_npz(model_name: str, flat: dict[str, np.ndarray], abstract_params: Any)
 def to_npz_arrays(model_name: str, params: Any, num_heads: int = 1) -> dict[str, np.ndarray]:
   """Our params -> checkpoint arrays in the `vision_transformer` layout (the inverse of
   `from_npz`, for exporting and for tests). ViT attention kernels are split into
-  `num_heads` heads: query/key/value [D, D] -> [D, H, D/H], out [D, D] -> [H, D/H, D]."""
+  `num_heads` heads: query/key/value [D, D] -> [D, H, D/H], out [D, D] -> [H, D/H, D].
+
+  Args:
+    model_name: "vit" or "mixer".
+    params: the model's params.
+    num_heads: the ViT's heads.
+  Returns:
+    {name: float32 array}.
+  """
   flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
   if model_name == "mixer":
     return flat
@@ -197,6 +229,11 @@ def to_npz_arrays(model_name: str, params: Any, num_heads: int = 1) -> dict[str,
 
 
 def save_npz(path: str, model_name: str, params: Any, num_heads: int = 1) -> None:
-  """Writes `params` as a `vision_transformer`-layout `.npz`."""
+  """Writes `params` as a `vision_transformer`-layout `.npz`.
+
+  Args:
+    path: the file to write.
+    model_name, params, num_heads: as `to_npz_arrays`.
+  """
   arrays: dict[str, Any] = to_npz_arrays(model_name, params, num_heads)
   np.savez(path, **arrays)

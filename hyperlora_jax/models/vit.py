@@ -25,7 +25,14 @@ GELUS = ("tanh", "exact", "quick")
 
 def gelu(x: jnp.ndarray, variant: str) -> jnp.ndarray:
   """GELU: "tanh" (the tanh approximation, flax's default and HF's gelu_new), "exact" (erf,
-  PyTorch's and HF's "gelu") or "quick" (x σ(1.702 x), OpenAI CLIP's quick_gelu)."""
+  PyTorch's and HF's "gelu") or "quick" (x σ(1.702 x), OpenAI CLIP's quick_gelu).
+
+  Args:
+    x: any shape.
+    variant: "tanh", "exact" or "quick".
+  Returns:
+    x's shape and dtype.
+  """
   if variant == "tanh":
     return nn.gelu(x, approximate=True)
   if variant == "exact":

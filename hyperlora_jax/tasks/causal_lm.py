@@ -35,7 +35,13 @@ class TokenCounts(NamedTuple):
 def next_token_targets(batch: dict) -> tuple[jax.Array, jax.Array]:
   """(targets [B, T], weights [B, T] float32): at position t, token t + 1 and whether it is
   counted (the last position predicts nothing: weight 0). Aligned with the [B, T, V] logits,
-  so that they need no [:, :-1] copy."""
+  so that they need no [:, :-1] copy.
+
+  Args:
+    batch: {"input_ids": [B, T], "loss_mask": [B, T], ...} (`text.encode_instructions`).
+  Returns:
+    (targets [B, T] int32, weights [B, T] float32).
+  """
   targets = jnp.roll(batch["input_ids"], -1, axis=1)
   weights = jnp.roll(batch["loss_mask"], -1, axis=1).astype(jnp.float32).at[:, -1].set(0.0)
   return targets, weights
@@ -49,7 +55,15 @@ def weighted_nll(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> j
   exponentials exp(logits - max) are the residual, so the backward computes no exponential (one
   multiply over the [..., V] logits, the one-hot part a scatter at the targets), where autodiff
   of log-softmax took three passes and an exponential (a tiny decoder's client step on the CPU:
-  182 -> 146 ms). The targets and weights get no gradient."""
+  182 -> 146 ms). The targets and weights get no gradient.
+
+  Args:
+    logits: [..., V] float32.
+    targets: [...] int.
+    weights: [...].
+  Returns:
+    Scalar float32.
+  """
   return _weighted_nll_forward(logits, targets, weights)[0]
 
 
@@ -76,11 +90,24 @@ weighted_nll.defvjp(_weighted_nll_forward, _weighted_nll_backward)
 
 
 def perplexity(counts: TokenCounts) -> jax.Array:
-  """exp(Σ nll / Σ tokens) (1 where no token is counted)."""
+  """exp(Σ nll / Σ tokens) (1 where no token is counted).
+
+  Args:
+    counts: summed `TokenCounts`.
+  Returns:
+    Scalar.
+  """
   return jnp.exp(counts.nll / jnp.maximum(counts.tokens, 1.0))
 
 
 def token_accuracy(counts: TokenCounts) -> jax.Array:
+  """Correct next tokens / counted tokens (0 where none is counted).
+
+  Args:
+    counts: summed `TokenCounts`.
+  Returns:
+    Scalar.
+  """
   return counts.correct / jnp.maximum(counts.tokens, 1.0)
 
 
@@ -100,7 +127,15 @@ class CausalLM:
   compute_dtype: Any = jnp.float32  # The frozen weights' dtype (`tasks.common.frozen_tree`).
 
   def logits(self, frozen: dict, trainable: Any, batch: dict) -> jax.Array:
-    """[B, T, V] float32 logits of `batch`'s sequences."""
+    """[B, T, V] float32 logits of `batch`'s sequences.
+
+    Args:
+      frozen: the task's frozen tree (`common.frozen_tree`).
+      trainable: {"lora": ...}.
+      batch: {"input_ids": [B, T], "attention_mask": [B, T], ...}.
+    Returns:
+      [B, T, V] float32.
+    """
     out = lora_lib.apply(
       self.model,
       frozen["variables"],
@@ -113,7 +148,13 @@ class CausalLM:
     return out.astype(jnp.float32)
 
   def token_counts(self, frozen: dict, trainable: Any, batch: dict) -> TokenCounts:
-    """`TokenCounts` of one batch's response tokens."""
+    """`TokenCounts` of one batch's response tokens.
+
+    Args:
+      frozen, trainable, batch: as `logits`.
+    Returns:
+      `TokenCounts` of scalars.
+    """
     logits = self.logits(frozen, trainable, batch)
     targets, weights = next_token_targets(batch)
     correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
@@ -121,7 +162,13 @@ class CausalLM:
 
   def loss_fn(self, trainable: Any, frozen: dict, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
     """Mean nll over the batch's response tokens (the library's loss contract; rng unused);
-    no argmax, which training does not need."""
+    no argmax, which training does not need.
+
+    Args:
+      trainable: {"lora": ...}; frozen: the frozen tree; batch: one step's batch; rng: unused.
+    Returns:
+      (scalar loss, {}).
+    """
     del rng
     targets, weights = next_token_targets(batch)
     nll = weighted_nll(self.logits(frozen, trainable, batch), targets, weights)
@@ -129,25 +176,51 @@ class CausalLM:
 
   def accuracy(self, frozen: dict, trainable: Any, data: dict) -> tuple[jax.Array, jax.Array]:
     """(correct, counted tokens) over `data`: the image task's contract, so its evaluation
-    (`image_classification.make_evaluate`) reports next-token accuracy."""
+    (`image_classification.make_evaluate`) reports next-token accuracy.
+
+    Args:
+      frozen, trainable: as `logits`; data: a batch.
+    Returns:
+      (correct tokens, counted tokens), scalars.
+    """
     counts = self.token_counts(frozen, trainable, data)
     return counts.correct, counts.tokens
 
   def accuracy_and_nll(self, frozen: dict, trainable: Any, data: dict) -> tuple[jax.Array, jax.Array]:
     """([correct tokens, Σ nll], counted tokens) over `data`, one forward pass:
     `image_classification.make_evaluate(counts=...)` then gives [next-token accuracy, mean nll]
-    (exp: the perplexity)."""
+    (exp: the perplexity).
+
+    Args:
+      frozen, trainable: as `logits`; data: a batch.
+    Returns:
+      ([2]: correct tokens and Σ nll, counted tokens).
+    """
     counts = self.token_counts(frozen, trainable, data)
     return jnp.stack([counts.correct, counts.nll]), counts.tokens
 
   def accuracy_rate(self, frozen: dict, trainable: Any, data: dict) -> jax.Array:
+    """Next-token accuracy over `data`'s response tokens (0 where none is counted).
+
+    Args:
+      frozen, trainable: as `logits`; data: a batch.
+    Returns:
+      Scalar.
+    """
     correct, count = self.accuracy(frozen, trainable, data)
     return correct / jnp.maximum(count, 1.0)
 
 
 def mean_hidden_state(model: nn.Module, variables: Any, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
   """[B, D] float32: the frozen decoder's final hidden states averaged over each sequence's real
-  tokens: a text client's features for HyperLoRA's signatures (`hyper.signatures`)."""
+  tokens: a text client's features for HyperLoRA's signatures (`hyper.signatures`).
+
+  Args:
+    model: the decoder (`models.llama.DecoderLM`); variables: its variables.
+    input_ids: [B, T]; attention_mask: [B, T].
+  Returns:
+    [B, D] float32.
+  """
   hidden = cast(jax.Array, model.apply(variables, input_ids, attention_mask, return_hidden=True)).astype(jnp.float32)
   mask = attention_mask.astype(jnp.float32)[..., None]
   return jnp.sum(hidden * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
@@ -155,7 +228,15 @@ def mean_hidden_state(model: nn.Module, variables: Any, input_ids: jax.Array, at
 
 def split_counts(task: CausalLM, frozen: dict, trainable: Any, data: dict, batch_size: int) -> TokenCounts:
   """`TokenCounts` of a split {"input_ids": [N, T], ...}, N a multiple of `batch_size`,
-  `batch_size` sequences at a time."""
+  `batch_size` sequences at a time.
+
+  Args:
+    task: the task; frozen, trainable: as `CausalLM.logits`.
+    data: {"input_ids": [N, T], ...}.
+    batch_size: sequences per forward pass (divides N).
+  Returns:
+    `TokenCounts` summed over the split.
+  """
   n = data["input_ids"].shape[0]
   if n % batch_size:
     raise ValueError(

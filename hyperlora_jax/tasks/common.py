@@ -11,7 +11,15 @@ import jax.numpy as jnp
 def frozen_tree(backbone: Any, base_delta: dict | None = None, dtype: Any = None) -> dict:
   """The task's frozen pytree: {"variables": backbone, "base_delta": ...}, the backbone's
   floating-point weights cast to `dtype` (None: as they are), e.g. bfloat16 to run the
-  frozen backbone in bf16 (with `ImageClassification(compute_dtype=jnp.bfloat16)`)."""
+  frozen backbone in bf16 (with `ImageClassification(compute_dtype=jnp.bfloat16)`).
+
+  Args:
+    backbone: the frozen variables ({"params": ...}).
+    base_delta: {layer: [d_in, d_out]} server residuals, or None ({}).
+    dtype: the backbone's compute dtype, or None.
+  Returns:
+    {"variables", "base_delta"}.
+  """
   if dtype is not None:
     cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
     backbone = jax.tree.map(cast, backbone)
@@ -19,12 +27,26 @@ def frozen_tree(backbone: Any, base_delta: dict | None = None, dtype: Any = None
 
 
 def backbone_dtype(name: str, backend: str | None = None) -> Any:
-  """'float32' | 'bfloat16' | 'auto' (bfloat16 on GPU and TPU, float32 on CPU) -> a dtype."""
+  """'float32' | 'bfloat16' | 'auto' (bfloat16 on GPU and TPU, float32 on CPU) -> a dtype.
+
+  Args:
+    name: the config's `compute.backbone_dtype`.
+    backend: the JAX backend ("cpu", "gpu", "tpu"); None: the default one.
+  Returns:
+    jnp.float32 or jnp.bfloat16.
+  """
   if name == "auto":
     name = "bfloat16" if (backend or jax.default_backend()) in ("gpu", "tpu", "cuda", "rocm") else "float32"
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
 def apply_base_delta(frozen: dict, base_delta: dict) -> dict:
-  """The round's `apply_base_delta`: the server's full-rank residuals, applied factored."""
+  """The round's `apply_base_delta`: the server's full-rank residuals, applied factored.
+
+  Args:
+    frozen: the task's frozen tree.
+    base_delta: {layer: [d_in, d_out]}, the server's cumulative residuals (replacing the tree's).
+  Returns:
+    A new frozen tree.
+  """
   return {**frozen, "base_delta": base_delta}

@@ -25,12 +25,24 @@ from hyperlora_jax.tasks.common import apply_base_delta, backbone_dtype, frozen_
 
 
 def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
-  """Mean cross-entropy over unmasked examples (0 if none). logits [B, K], labels/mask [B]."""
+  """Mean cross-entropy over unmasked examples (0 if none). logits [B, K], labels/mask [B].
+
+  Args:
+    logits: [B, K]; labels: [B] int; mask: [B] in {0, 1}.
+  Returns:
+    Scalar.
+  """
   return masked_mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels), mask)
 
 
 def masked_correct(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
-  """Number of correct unmasked predictions (scalar float)."""
+  """Number of correct unmasked predictions (scalar float).
+
+  Args:
+    logits: [B, K]; labels: [B] int; mask: [B] in {0, 1}.
+  Returns:
+    Scalar float32.
+  """
   return jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
 
 
@@ -56,7 +68,14 @@ class ImageClassification:
   compute_dtype: Any = jnp.float32
 
   def logits(self, frozen: dict, trainable: Any, images: jax.Array) -> jax.Array:
-    """images: [B, H, W, 3] uint8 -> logits [B, num_classes]."""
+    """images: [B, H, W, 3] uint8 -> logits [B, num_classes].
+
+    Args:
+      frozen: the task's frozen tree; trainable: {"lora", "head"}.
+      images: [B, H, W, 3] uint8.
+    Returns:
+      [B, num_classes] float32.
+    """
     params = frozen["variables"]
     if self.head_name is not None:
       params = {**params, "params": {**params["params"], self.head_name: trainable["head"]}}
@@ -71,18 +90,37 @@ class ImageClassification:
     return logits.astype(jnp.float32)
 
   def loss_fn(self, trainable: Any, frozen: dict, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
-    """Masked cross-entropy of one batch (the library's loss contract; rng unused)."""
+    """Masked cross-entropy of one batch (the library's loss contract; rng unused).
+
+    Args:
+      trainable: {"lora", "head"}; frozen: the frozen tree.
+      batch: {"image": [B, H, W, 3], "label": [B], "mask": [B]}; rng: unused.
+    Returns:
+      (scalar loss, {}).
+    """
     del rng
     logits = self.logits(frozen, trainable, batch["image"])
     return masked_cross_entropy(logits, batch["label"], batch["mask"]), {}
 
   def accuracy(self, frozen: dict, trainable: Any, data: dict) -> tuple[jax.Array, jax.Array]:
-    """(correct, count) over the unmasked examples of `data` {"image", "label", "mask"}."""
+    """(correct, count) over the unmasked examples of `data` {"image", "label", "mask"}.
+
+    Args:
+      frozen, trainable: as `logits`; data: {"image": [M, ...], "label": [M], "mask": [M]}.
+    Returns:
+      (correct, count), scalars.
+    """
     logits = self.logits(frozen, trainable, data["image"])
     return masked_correct(logits, data["label"], data["mask"]), jnp.sum(data["mask"])
 
   def accuracy_rate(self, frozen: dict, trainable: Any, data: dict) -> jax.Array:
-    """Fraction of the unmasked examples of `data` classified correctly (0 if none)."""
+    """Fraction of the unmasked examples of `data` classified correctly (0 if none).
+
+    Args:
+      frozen, trainable, data: as `accuracy`.
+    Returns:
+      Scalar.
+    """
     correct, count = self.accuracy(frozen, trainable, data)
     return correct / jnp.maximum(count, 1.0)
 
@@ -108,7 +146,15 @@ def block_counts(
   """(correct, count) of one model on a global test block {"image": [M, H, W, 3], "label": [M],
   "mask": [M]}, M a multiple of `eval_batch`, evaluated `eval_batch` examples at a time
   (`counts`: another (frozen, trainable, batch) -> (hits, count) than `task.accuracy`; hits may
-  be [m], several sums over one count)."""
+  be [m], several sums over one count).
+
+  Args:
+    task: the task; frozen, trainable: one model's trees.
+    block: the test block; eval_batch: examples per forward pass (divides M).
+    counts: as described, or None (`task.accuracy`).
+  Returns:
+    (hits, scalar or [m]; count, scalar).
+  """
   counts = counts or task.accuracy
   # Batch j holds examples j, j + nb, j + 2 nb, ...: with the examples sharded contiguously
   # over the devices, every device evaluates its share of every batch (counts need no order).
@@ -134,7 +180,16 @@ def make_evaluate(
   counts: (frozen, trainable, batch) -> (hits, count) summed over a split, the "accuracy"
   being hits / count (default `task.accuracy`); hits may be [m] sums over one count, e.g.
   `CausalLM.accuracy_and_nll`'s (correct tokens, their nll), and the accuracies are then [m]
-  (per client [c, m]). Any task with `accuracy` works (`tasks.causal_lm.CausalLM` too)."""
+  (per client [c, m]). Any task with `accuracy` works (`tasks.causal_lm.CausalLM` too).
+
+  Args:
+    task: any task with `accuracy`.
+    fed_round: the run's round (its `client_start`, mesh).
+    eval_batch: examples per forward pass.
+    clients_per_chunk: clients evaluated at once (0: all).
+  Returns:
+    An `Evaluation`: global and per-client accuracies of a server state.
+  """
   counts = counts or task.accuracy
 
   def global_counts(state, frozen, block):

@@ -24,6 +24,10 @@ _FAMILY_OF_TYPE = {model_type: family for family in FAMILIES for model_type in f
 def family_of(config: dict) -> Family:
   """The family reading a config.json (by its `model_type`).
 
+  Args:
+    config: a config.json dict.
+  Returns:
+    The `Family`.
   Raises:
     CheckpointError: a model_type no family reads, named with what is supported.
   """
@@ -34,7 +38,15 @@ def family_of(config: dict) -> Family:
 
 
 def family_named(model_name: str) -> Family:
-  """The family building the project's model `model_name` ("vit", "clip", "llama")."""
+  """The family building the project's model `model_name` ("vit", "clip", "llama").
+
+  Args:
+    model_name: "vit", "clip" or "llama".
+  Returns:
+    The `Family`.
+  Raises:
+    CheckpointError: no family builds that model.
+  """
   for family in FAMILIES:
     if family.model_name == model_name:
       return family
@@ -42,7 +54,13 @@ def family_named(model_name: str) -> Family:
 
 
 def architecture(config: dict) -> tuple[str, dict[str, Any]]:
-  """(the project's model name, its architecture fields) of a config.json."""
+  """(the project's model name, its architecture fields) of a config.json.
+
+  Args:
+    config: a config.json dict.
+  Returns:
+    (model name, {architecture field: value}).
+  """
   family = family_of(config)
   return family.model_name, family.architecture(config)
 
@@ -80,12 +98,18 @@ class Checkpoint:
     return None if self.family.image_size is None else self.family.image_size(self.config)
 
   def tensors(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """({tensor name: array}, {tensor name: file}) of its safetensors (`reading.read_tensors`)."""
+    """({tensor name: array}, {tensor name: file}) of its safetensors (`reading.read_tensors`).
+
+    Returns:
+      ({name: array}, {name: file}).
+    """
     return read_tensors(self.directory)
 
   def params(self, abstract_params: Any) -> tuple[dict, list[str]]:
     """(params shaped like `abstract_params`, float32 NumPy; names of the tensors not loaded).
 
+    Args:
+      abstract_params: the model's params tree (arrays or ShapeDtypeStructs), its head left out.
     Raises:
       CheckpointError: naming every missing, misshapen or unexpected tensor and its file.
     """
@@ -93,13 +117,24 @@ class Checkpoint:
     return self.family.params(tensors, abstract_params, origin)
 
   def require_tokenizer(self) -> Tokenizer:
-    """Its tokenizer; CheckpointError where the directory carries none."""
+    """Its tokenizer; CheckpointError where the directory carries none.
+
+    Returns:
+      The `Tokenizer`.
+    """
     if self.tokenizer is None:
       raise CheckpointError(f"{self.directory}: no tokenizer.json, nor CLIP's vocab.json and merges.txt")
     return self.tokenizer
 
   def module_namer(self, prefix: str = "", transformers_version: int = 5) -> Callable[[str], str | None]:
-    """Flax module path -> Hugging Face module name: the `module_name` of `peft.save_peft`."""
+    """Flax module path -> Hugging Face module name: the `module_name` of `peft.save_peft`.
+
+    Args:
+      prefix: the module prefix ("vit." for ViTForImageClassification; a decoder's default "model.").
+      transformers_version: the major version whose module names to use (ViT: 4 or 5).
+    Returns:
+      Flax path -> module name, None for a path with no counterpart.
+    """
     return self.family.module_namer(prefix, transformers_version)
 
 
@@ -107,6 +142,10 @@ def open_checkpoint(directory: str) -> Checkpoint:
   """Opens a Hugging Face checkpoint directory once: config.json, the family's architecture,
   the image normalization and the tokenizer (tensors are read on demand).
 
+  Args:
+    directory: a `save_pretrained` directory.
+  Returns:
+    A `Checkpoint`.
   Raises:
     CheckpointError: no or unreadable config.json, an unsupported model_type or architecture,
       an unreadable preprocessor_config.json or tokenizer.
@@ -125,7 +164,13 @@ def open_checkpoint(directory: str) -> Checkpoint:
 
 def read_checkpoint(directory: str) -> tuple[str, dict[str, Any], dict[str, np.ndarray], dict[str, str]]:
   """(model name, its architecture fields, {tensor name: array}, {tensor name: its file}) of a
-  checkpoint directory (config.json and every tensor; no tokenizer)."""
+  checkpoint directory (config.json and every tensor; no tokenizer).
+
+  Args:
+    directory: a `save_pretrained` directory.
+  Returns:
+    (model name, architecture fields, tensors, origin).
+  """
   name, arch = architecture(read_config(directory, ", ".join(SUPPORTED)))
   tensors, origin = read_tensors(directory)
   return name, arch, tensors, origin
@@ -134,14 +179,28 @@ def read_checkpoint(directory: str) -> tuple[str, dict[str, Any], dict[str, np.n
 def load_params(
   model_name: str, tensors: dict[str, np.ndarray], abstract_params: Any, origin: dict[str, str] | None = None
 ) -> tuple[dict, list[str]]:
-  """The family `model_name`'s params loader (`vit_params`, `clip_params`, `decoder_params`)."""
+  """The family `model_name`'s params loader (`vit_params`, `clip_params`, `decoder_params`).
+
+  Args:
+    model_name: "vit", "clip" or "llama".
+    tensors, abstract_params, origin: as the family's loader takes them.
+  Returns:
+    (params, dropped tensor names).
+  """
   return family_named(model_name).params(tensors, abstract_params, origin)
 
 
 def module_namer(model_name: str, *, prefix: str = "", transformers_version: int = 5) -> Callable[[str], str | None]:
   """Flax path -> Hugging Face module name for `model_name` ("vit": `vit_module_name` with these
   arguments; "clip": `clip_module_name`; "llama": `decoder_module_name`, prefix "model." unless
-  given): the `module_name` of `peft.save_peft` / `load_peft`."""
+  given): the `module_name` of `peft.save_peft` / `load_peft`.
+
+  Args:
+    model_name: "vit", "clip" or "llama".
+    prefix, transformers_version: as `Checkpoint.module_namer`.
+  Returns:
+    Flax path -> module name, None for a path with no counterpart.
+  """
   known = [family.model_name for family in FAMILIES]
   if model_name not in known:
     raise ValueError(
@@ -151,7 +210,13 @@ def module_namer(model_name: str, *, prefix: str = "", transformers_version: int
 
 
 def image_size(config: dict) -> int:
-  """The image side a vit / clip config.json's position embeddings are for."""
+  """The image side a vit / clip config.json's position embeddings are for.
+
+  Args:
+    config: a vit or clip config.json dict.
+  Returns:
+    The image side in pixels.
+  """
   family = family_of(config)
   if family.image_size is None:
     raise CheckpointError(f"model_type {config.get('model_type')!r} is not an image model")

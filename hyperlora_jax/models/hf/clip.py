@@ -70,6 +70,10 @@ _PARAMS = {
 def clip_arch(config: dict) -> dict[str, Any]:
   """`models.clip.CLIP` fields of a Hugging Face CLIPModel config.json.
 
+  Args:
+    config: a CLIPModel config.json dict.
+  Returns:
+    {architecture field: value}.
   Raises:
     CheckpointError: another model_type, or towers with different activations or eps.
   """
@@ -107,14 +111,26 @@ def clip_arch(config: dict) -> dict[str, Any]:
 
 
 def image_size(config: dict) -> int:
-  """The image side a CLIP config.json's vision position embeddings are for."""
+  """The image side a CLIP config.json's vision position embeddings are for.
+
+  Args:
+    config: a CLIPModel config.json dict.
+  Returns:
+    The image side in pixels.
+  """
   return square_size({**VISION_DEFAULTS, **config.get("vision_config", {})}["image_size"], "vision_config.image_size")
 
 
 def clip_module_name(path: str) -> str | None:
   """The Hugging Face module name of our CLIP module `path` ("text_tower/encoder/block_0/attn/query"
   -> "text_model.encoder.layers.0.self_attn.q_proj"; the same in transformers 4 and 5), None
-  for a path with no counterpart."""
+  for a path with no counterpart.
+
+  Args:
+    path: a Flax module path of `models.clip.CLIP`.
+  Returns:
+    The module name, or None.
+  """
   m = re.fullmatch(r"(image|text)_tower/encoder/block_(\d+)/(attn/\w+|mlp/fc[12]|norm[12])", path)
   if m and m.group(3) in _BLOCK:
     tower = "vision_model" if m.group(1) == "image" else "text_model"
@@ -123,7 +139,13 @@ def clip_module_name(path: str) -> str | None:
 
 
 def clip_module_namer(prefix: str = "", transformers_version: int = 5) -> Callable[[str], str | None]:
-  """`clip_module_name` (CLIP's names take no prefix and do not depend on the version)."""
+  """`clip_module_name` (CLIP's names take no prefix and do not depend on the version).
+
+  Args:
+    prefix, transformers_version: ignored.
+  Returns:
+    `clip_module_name`.
+  """
   del prefix, transformers_version
   return clip_module_name
 
@@ -140,7 +162,11 @@ def clip_params(
   tensors: dict[str, np.ndarray], abstract_params: Any, origin: dict[str, str] | None = None
 ) -> tuple[dict, list[str]]:
   """HF CLIPModel tensors -> (params shaped like `abstract_params`, float32 NumPy; the names
-  of the tensors not loaded). Arguments and errors as `vit.vit_params`."""
+  of the tensors not loaded). Arguments and errors as `vit.vit_params`.
+
+  Returns:
+    (params, dropped tensor names).
+  """
   return load_tensors(tensors, abstract_params, _clip_source, DROPPED, "CLIP", origin)
 
 

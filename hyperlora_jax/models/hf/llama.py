@@ -104,6 +104,10 @@ def _rope(config: dict) -> tuple[float, tuple]:
 def decoder_arch(config: dict) -> dict[str, Any]:
   """`models.llama.DecoderLM` fields of a Llama / Mistral / Qwen2 config.json.
 
+  Args:
+    config: a llama / mistral / qwen2 config.json dict (transformers 4 or 5 layout).
+  Returns:
+    {`DecoderLM` field: value}.
   Raises:
     CheckpointError: what it cannot run: another activation, partial rotary, Qwen2's per-layer
       sliding window.
@@ -151,7 +155,14 @@ def decoder_arch(config: dict) -> dict[str, Any]:
 def decoder_module_name(path: str, prefix: str = "model.") -> str | None:
   """The Hugging Face module name of our `DecoderLM` module `path` ("block_0/attn/query" ->
   "model.layers.0.self_attn.q_proj"; "lm_head" -> "lm_head"; the same in transformers 4 and 5),
-  `prefix` "model." for *ForCausalLM, "" for the bare model; None for a path with no counterpart."""
+  `prefix` "model." for *ForCausalLM, "" for the bare model; None for a path with no counterpart.
+
+  Args:
+    path: a Flax module path of `DecoderLM`.
+    prefix: "model." or "".
+  Returns:
+    The module name, or None.
+  """
   m = re.fullmatch(r"block_(\d+)/(attn/\w+|mlp/\w+|attn_norm|mlp_norm)", path)
   if m and m.group(2) in _BLOCK:
     return f"{prefix}layers.{m.group(1)}.{_BLOCK[m.group(2)]}"
@@ -159,7 +170,14 @@ def decoder_module_name(path: str, prefix: str = "model.") -> str | None:
 
 
 def decoder_module_namer(prefix: str = "", transformers_version: int = 5) -> Callable[[str], str | None]:
-  """`decoder_module_name` with `prefix` ("model." unless given; the version does not matter)."""
+  """`decoder_module_name` with `prefix` ("model." unless given; the version does not matter).
+
+  Args:
+    prefix: the module prefix ("" means "model.").
+    transformers_version: ignored.
+  Returns:
+    Flax path -> module name.
+  """
   del transformers_version
   return lambda path: decoder_module_name(path, prefix or "model.")
 
@@ -175,7 +193,11 @@ def decoder_params(
 ) -> tuple[dict, list[str]]:
   """HF Llama / Mistral / Qwen2 tensors -> (params shaped like `abstract_params`, float32 NumPy;
   the names of the tensors not loaded: rotary buffers, and `lm_head.weight` of a tied model that
-  saved it). Arguments and errors as `vit.vit_params`."""
+  saved it). Arguments and errors as `vit.vit_params`.
+
+  Returns:
+    (params, dropped tensor names).
+  """
   prefix = "model." if any(k.startswith("model.") for k in tensors) else ""
   tied = "lm_head" not in abstract_params
   dropped = tuple(k for k in tensors if k.endswith(_DROPPED) or (tied and k == "lm_head.weight"))
@@ -214,7 +236,15 @@ def load_causal_lm(checkpoint: Any, dtype: Any = None, **overrides) -> tuple[Any
 
 def decoder_config(model: Any) -> dict[str, Any]:
   """A transformers config.json for a `DecoderLM` (model_type "llama"; "qwen2" for biases on
-  q/k/v only; "mistral" with a sliding window), readable back by `decoder_arch`."""
+  q/k/v only; "mistral" with a sliding window), readable back by `decoder_arch`.
+
+  Args:
+    model: a `DecoderLM`.
+  Returns:
+    The config.json dict.
+  Raises:
+    ValueError: an architecture no transformers family has.
+  """
   if model.sliding_window and (model.qkv_bias or model.out_bias or model.mlp_bias):
     raise ValueError("a sliding window with biases has no transformers family (Mistral has no biases)")
   model_type = "mistral" if model.sliding_window else ("qwen2" if model.qkv_bias and not model.out_bias else "llama")
@@ -253,7 +283,13 @@ def save_causal_lm(directory: str, model: Any, variables: dict) -> None:
   """Writes a `DecoderLM` as a Hugging Face checkpoint: config.json (`decoder_config`) and
   model.safetensors with transformers' tensor names and layouts (LlamaForCausalLM's, the
   inverse of `decoder_params`), float32. The directory then loads with `load_causal_lm` and
-  with transformers' `AutoModelForCausalLM.from_pretrained`."""
+  with transformers' `AutoModelForCausalLM.from_pretrained`.
+
+  Args:
+    directory: where to write (created if needed).
+    model: the `DecoderLM`.
+    variables: {"params": ...}.
+  """
   from safetensors.numpy import save_file
 
   os.makedirs(directory, exist_ok=True)

@@ -86,7 +86,11 @@ def read_tensors(directory: str) -> tuple[dict[str, np.ndarray], dict[str, str]]
 
 def image_normalization(directory: str) -> tuple[list[float], list[float]] | None:
   """(image_mean, image_std), 3 floats each, of a checkpoint's preprocessor_config.json; None
-  without one (or for `directory` '')."""
+  without one (or for `directory` '').
+
+  Args:
+    directory: a checkpoint directory, or "".
+  """
   path = os.path.join(directory, PREPROCESSOR_FILE) if directory else ""
   if not path or not os.path.isfile(path):
     return None
@@ -101,6 +105,11 @@ def image_normalization(directory: str) -> tuple[list[float], list[float]] | Non
 def square_size(value: Any, field: str) -> int:
   """A config.json size as one integer: `224`, or `[224, 224]` (transformers accepts a pair).
 
+  Args:
+    value: the config.json value.
+    field: its name, for the error.
+  Returns:
+    The side, an int >= 1.
   Raises:
     CheckpointError: naming `field`, for a non-square pair or another value.
   """
@@ -116,7 +125,15 @@ def square_size(value: Any, field: str) -> int:
 
 
 def gelu_variant(hidden_act: str) -> str:
-  """The `models.vit.gelu` variant of a config.json `hidden_act` ('gelu' -> 'exact', ...)."""
+  """The `models.vit.gelu` variant of a config.json `hidden_act` ('gelu' -> 'exact', ...).
+
+  Args:
+    hidden_act: config.json's activation name.
+  Returns:
+    "exact", "tanh" or "quick".
+  Raises:
+    CheckpointError: another activation.
+  """
   if hidden_act not in GELU_OF_HIDDEN_ACT:
     raise CheckpointError(f"config.json hidden_act={hidden_act!r}; supported: {sorted(GELU_OF_HIDDEN_ACT)}")
   return GELU_OF_HIDDEN_ACT[hidden_act]

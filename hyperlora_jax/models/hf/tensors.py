@@ -25,7 +25,16 @@ POSITION_TABLES = ("pos_embedding", "image_tower/pos_embedding")
 
 def leaf_source(hf_module: str, module: str, leaf: str, conv_modules=("embedding",)) -> tuple[str, str]:
   """(HF tensor name, conversion) of our `module`'s param `leaf`, in the module named `hf_module`
-  (kernel -> weight, linear or conv; embedding -> weight; scale -> weight; bias -> bias)."""
+  (kernel -> weight, linear or conv; embedding -> weight; scale -> weight; bias -> bias).
+
+  Args:
+    hf_module: the Hugging Face module name.
+    module: our Flax module path.
+    leaf: our param name ("kernel", "bias", "scale", "embedding").
+    conv_modules: our module names whose kernel is a convolution's.
+  Returns:
+    (tensor name, conversion).
+  """
   if leaf == "kernel":
     return f"{hf_module}.weight", "conv" if module.rsplit("/", 1)[-1] in conv_modules else "linear"
   if leaf == "embedding":
@@ -77,7 +86,15 @@ def resize_position_table(table: np.ndarray, tokens: int, prefix_tokens: int = 1
 
 
 def convert(array: np.ndarray, conversion: str, shape: tuple) -> np.ndarray:
-  """A stored tensor in our layout (`conversion` as in the module docstring; `shape`: ours)."""
+  """A stored tensor in our layout (`conversion` as in the module docstring; `shape`: ours).
+
+  Args:
+    array: the stored tensor.
+    conversion: "linear", "conv", "reshape" or "same".
+    shape: our param's shape.
+  Returns:
+    The array in our layout (a view where possible).
+  """
   if conversion == "linear":
     return array.T
   if conversion == "conv":

@@ -20,7 +20,13 @@ def clip_bpe_tokenizer(vocab_file: str, merges_file: str):
   """A `tokenizers.Tokenizer` of OpenAI CLIP's BPE from its vocab.json and merges.txt, the
   pipeline transformers' CLIPTokenizerFast builds from them: NFC, whitespace runs to one space,
   lower case; split into letters / digits / punctuation runs; byte-level symbols, '</w>' at word
-  ends; <|startoftext|> ... <|endoftext|> around each text."""
+  ends; <|startoftext|> ... <|endoftext|> around each text.
+
+  Args:
+    vocab_file: vocab.json; merges_file: merges.txt.
+  Returns:
+    A `tokenizers.Tokenizer`.
+  """
   from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
   with open(vocab_file, encoding="utf-8") as f:
@@ -67,7 +73,16 @@ def render_chat_template(
 ) -> str:
   """A checkpoint's Jinja chat template rendered as transformers' `apply_chat_template` renders
   it (a sandbox with trim_blocks, lstrip_blocks and loop controls; `raise_exception`,
-  `strftime_now` and a `tojson` filter; `bos_token`, `eos_token`, ... as variables)."""
+  `strftime_now` and a `tojson` filter; `bos_token`, `eos_token`, ... as variables).
+
+  Args:
+    template: the Jinja template.
+    messages: [{"role", "content"}, ...].
+    add_generation_prompt: end with the assistant's turn opening.
+    special_tokens: bos_token, eos_token, ... as template variables.
+  Returns:
+    The rendered text.
+  """
   import datetime
 
   import jinja2
@@ -117,7 +132,16 @@ class Tokenizer:
   def from_directory(cls, directory: str, pad_token: str | None = None) -> Tokenizer:
     """The tokenizer of `directory`; pads with `pad_token`, else tokenizer_config.json's
     `pad_token`, else its `eos_token` (Llama checkpoints name no pad token), else the
-    end-of-text token (OpenAI CLIP's padding)."""
+    end-of-text token (OpenAI CLIP's padding).
+
+    Args:
+      directory: a checkpoint directory with tokenizer.json (or vocab.json and merges.txt).
+      pad_token: the padding token, overriding the directory's.
+    Returns:
+      The `Tokenizer`.
+    Raises:
+      CheckpointError: no readable tokenizer, or a pad token outside the vocabulary.
+    """
     import tokenizers
 
     path = os.path.join(directory, TOKENIZER_FILE)
@@ -159,24 +183,48 @@ class Tokenizer:
 
   def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
     """The ids of one text, untruncated (with the post-processor's special tokens unless
-    `add_special_tokens=False`)."""
+    `add_special_tokens=False`).
+
+    Args:
+      text: one text.
+      add_special_tokens: add the post-processor's tokens.
+    Returns:
+      The ids.
+    """
     self._tokenizer.no_truncation()
     return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
   def encode_with_offsets(self, text: str, add_special_tokens: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
     """(ids, offsets) of one text, untruncated: offsets[i] = (start, end) is the character span
-    of `text` token i covers ((0, 0) for a special token the post-processor added)."""
+    of `text` token i covers ((0, 0) for a special token the post-processor added).
+
+    Args:
+      text: one text.
+      add_special_tokens: add the post-processor's tokens.
+    """
     self._tokenizer.no_truncation()
     encoding = self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
     return encoding.ids, [tuple(span) for span in encoding.offsets]
 
   def decode(self, ids, skip_special_tokens: bool = True) -> str:
+    """The text of token `ids`.
+
+    Args:
+      ids: token ids (any ints).
+      skip_special_tokens: leave out special tokens.
+    Returns:
+      The text.
+    """
     return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
   def fingerprint(self) -> str:
     """A hash of everything that decides this tokenizer's ids and texts: its tokenizer.json
     (vocabulary, merges, normalizer, pre- and post-processor), pad id, special tokens and chat
-    template (a cache of tokenized data is keyed by it)."""
+    template (a cache of tokenized data is keyed by it).
+
+    Returns:
+      40 hex characters (sha1).
+    """
     state = json.loads(self._tokenizer.to_str())
     state.pop("truncation", None), state.pop("padding", None)  # Set per call (`__call__`, `encode`).
     parts = [
@@ -190,7 +238,16 @@ class Tokenizer:
   def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
     """The chat template's text for `messages` [{"role", "content"}, ...] (transformers'
     `apply_chat_template(..., tokenize=False)`); tokenize it with `encode(text, False)`, as the
-    template writes its own begin-of-text."""
+    template writes its own begin-of-text.
+
+    Args:
+      messages: [{"role", "content"}, ...].
+      add_generation_prompt: end with the assistant's turn opening.
+    Returns:
+      The rendered text.
+    Raises:
+      ValueError: the tokenizer has no chat template.
+    """
     if self.chat_template is None:
       raise ValueError(
         "this tokenizer has no chat template (chat_template.jinja or tokenizer_config.json's "
@@ -201,7 +258,13 @@ class Tokenizer:
 
 def has_tokenizer(directory: str) -> bool:
   """Whether `directory` holds a tokenizer `Tokenizer.from_directory` reads (tokenizer.json, or
-  CLIP's vocab.json and merges.txt)."""
+  CLIP's vocab.json and merges.txt).
+
+  Args:
+    directory: a checkpoint directory.
+  Returns:
+    A bool.
+  """
   return os.path.isfile(os.path.join(directory, TOKENIZER_FILE)) or all(
     os.path.isfile(os.path.join(directory, f)) for f in ("vocab.json", "merges.txt")
   )

@@ -65,6 +65,10 @@ TRANSFORMERS_VERSIONS = tuple(_BLOCK_NAMES)  # Majors whose module names `vit_mo
 def vit_arch(config: dict) -> dict[str, Any]:
   """`models.vit.ViT` fields of a Hugging Face ViT config.json.
 
+  Args:
+    config: a ViT config.json dict.
+  Returns:
+    {`models.vit.ViT` field: value}.
   Raises:
     CheckpointError: another model_type, or what the ViT cannot run (not 3 channels, another
       activation, a non-square patch).
@@ -89,7 +93,13 @@ def vit_arch(config: dict) -> dict[str, Any]:
 
 
 def image_size(config: dict) -> int:
-  """The image side a ViT config.json's position embeddings are for."""
+  """The image side a ViT config.json's position embeddings are for.
+
+  Args:
+    config: a ViT config.json dict.
+  Returns:
+    The image side in pixels.
+  """
   return square_size({**DEFAULTS, **config}["image_size"], "image_size")
 
 
@@ -97,7 +107,15 @@ def vit_module_name(path: str, prefix: str = "", transformers_version: int = 5) 
   """The Hugging Face module name of our ViT module `path` in transformers `transformers_version`
   (4: "encoder/block_0/attn/query" -> "encoder.layer.0.attention.attention.query"; 5:
   "layers.0.attention.q_proj"), `prefix` "vit." for ViTForImageClassification; None for a path
-  with no counterpart."""
+  with no counterpart.
+
+  Args:
+    path: a Flax module path of `models.vit.ViT`.
+    prefix: "vit." or "".
+    transformers_version: 4 or 5.
+  Returns:
+    The module name, or None.
+  """
   if transformers_version not in _BLOCK_NAMES:
     raise ValueError(f"transformers_version={transformers_version}; known: {TRANSFORMERS_VERSIONS}")
   m = re.fullmatch(r"encoder/block_(\d+)/(attn/\w+|mlp/fc[12]|norm[12])", path)
@@ -110,7 +128,14 @@ def vit_module_name(path: str, prefix: str = "", transformers_version: int = 5) 
 
 def vit_module_namer(prefix: str = "", transformers_version: int = 5) -> Callable[[str], str | None]:
   """`vit_module_name` with these arguments: the `module_name` of `peft.save_peft` / `load_peft`
-  for an adapter of a Hugging Face ViT (prefix "vit." for ViTForImageClassification)."""
+  for an adapter of a Hugging Face ViT (prefix "vit." for ViTForImageClassification).
+
+  Args:
+    prefix: "vit." or "".
+    transformers_version: 4 or 5.
+  Returns:
+    Flax path -> module name.
+  """
   vit_module_name("embedding", prefix, transformers_version)  # Checks the version now.
   return lambda path: vit_module_name(path, prefix, transformers_version)
 
