@@ -31,6 +31,19 @@ test-slow: $(VENV)/.installed
 
 test-all: test test-slow
 
+# The plan on compile-only TPU devices (tests/library/test_plan.py): a venv beside .venv holding
+# only libtpu, reading .venv's packages, so that .venv itself never loads libtpu. LIBTPU: what
+# jax[tpu] pins for the installed jax (0.10.2).
+LIBTPU ?= libtpu==0.0.42.1
+TPU_VENV ?= .venv-tpu
+test-plan: $(VENV)/.installed
+	$(PYTHON) -m venv $(TPU_VENV)
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+	  "$$($(TPU_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/project_venv.pth"
+	$(TPU_VENV)/bin/python -m pip install -q --no-deps $(LIBTPU)
+	JAX_PLATFORMS=cpu $(TPU_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/library/test_plan.py \
+	  tests/end_to_end/test_plan_cli.py
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -50,4 +63,4 @@ bench: $(VENV)/.installed
 	$(PY) -m benchmarks.round_speed --out $(BENCH_OUT) $(BENCH_FLAGS)
 	$(PY) -m benchmarks.text_round_speed --out $(TEXT_BENCH_OUT) $(TEXT_BENCH_FLAGS)
 
-.PHONY: install run check-run test test-slow test-all lint format bench
+.PHONY: install run check-run test test-slow test-all test-plan lint format bench

@@ -8,6 +8,7 @@ setup(
   packages=find_packages(
     include=["hyperlora_jax", "hyperlora_jax.*", "experiments", "experiments.*", "configs", "benchmarks"]
   ),
+  package_data={"hyperlora_jax": ["plan_targets/*.txtpb"]},  # XLA's GPU target configs for `plan`.
   install_requires=[
     "jax>=0.10",
     "flax>=0.12",
@@ -34,5 +35,6 @@ setup(
   extras_require={
     "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.90", "ruff>=0.6", "mypy>=1.10"],
     "bench": ["torch>=2.4", "transformers>=4.57", "peft>=0.17"],
-  },  # Optional PyTorch rows of `make bench`.
+    "tpu-plan": ["jax[tpu]"],
+  },  # bench: the optional PyTorch rows of `make bench`; tpu-plan: libtpu, for `experiments.plan` on TPUs.
 )

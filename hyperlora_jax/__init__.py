@@ -3,8 +3,9 @@
 The library: pure functions on pytrees. It imports no configs, no datasets and nothing of the
 experiment runner (`experiments/runner/`, its one user here). Its only files are documented
 I/O: `peft` (PEFT adapters), `autotune.cached_choice` (a JSON cache of the measured chunk size),
-`models.npz` / `models.hf` (`.npz` checkpoints, Hugging Face checkpoint directories) and
-`files` (atomic writes, checksum manifests and locks, for what those and the runner write).
+`models.npz` / `models.hf` (`.npz` checkpoints, Hugging Face checkpoint directories), `plan`
+(the GPU target configs it ships) and `files` (atomic writes, checksum manifests and locks, for
+what those and the runner write).
 
   lora         LoRA on any Flax Linen model (Dense, DenseGeneral, Conv, Embed, Einsum) and on
                NNX models (Linear, LinearGeneral, Conv, Einsum, Embed): find targets, init,
@@ -14,6 +15,8 @@ I/O: `peft` (PEFT adapters), `autotune.cached_choice` (a JSON cache of the measu
   primitives   broadcast / map_clients (chunked, sharded) / weighted_mean on a clients axis
   params       leaf-name masks on pytrees ('/'-joined key paths): select, combine, regex_mask
   autotune     measure the fastest `clients_per_chunk` on this machine; cache the choice
+  plan         compile a round for TPUs / GPUs you do not have (compile-only devices): memory
+               per device and fit, FLOPs, the TPU cost model's time, collectives (estimates)
   files        atomic writes (write, fsync, rename), sha256 manifests written last and verified
                on read, partial directories of a build, an exclusive lock
   aggregators  one contract, `Aggregator(init, aggregate, capabilities)`, for every method;
@@ -50,6 +53,7 @@ from hyperlora_jax import (
   hyper,
   lora,
   peft,
+  plan,
   primitives,
   privacy,
   states,
@@ -103,6 +107,7 @@ __all__ = [
   "map_clients",
   "masked_mean",
   "peft",
+  "plan",
   "primitives",
   "privacy",
   "state_shardings",

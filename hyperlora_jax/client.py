@@ -66,6 +66,8 @@ class ClientUpdate:
     optimizer: the client's optax optimizer.
     steps: S, the local steps a call expects (None: as many as `batches` has); a batch with
       another number of steps is refused, which catches batches given without the steps axis.
+    unroll: `lax.scan`'s unroll of the steps (True: a program without a loop; `plan` compiles
+      it so for XLA's cost analysis, which counts a loop body once). The results are the same.
 
   Args:
     start: the client's initial trainable pytree.
@@ -88,6 +90,7 @@ class ClientUpdate:
   loss_fn: LossFn
   optimizer: optax.GradientTransformation
   steps: int | None = None
+  unroll: int | bool = 1
 
   def __call__(
     self,
@@ -128,7 +131,7 @@ class ClientUpdate:
 
     keys = jax.vmap(lambda s: jax.random.fold_in(rng, s))(jnp.arange(num_steps))
     (trained, _), (losses, counts, aux) = jax.lax.scan(
-      step, (start, self.optimizer.init(start)), (batches, keys, jnp.arange(num_steps))
+      step, (start, self.optimizer.init(start)), (batches, keys, jnp.arange(num_steps)), unroll=self.unroll
     )
     active = (counts > 0).astype(losses.dtype)
     mean_loss = jnp.sum(losses * active) / jnp.maximum(jnp.sum(active), 1.0)

@@ -23,6 +23,7 @@ weights (0 for padding, non-finite and dropped clients).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -46,16 +47,28 @@ METRICS = (
 def layer_aggregation_bias(a: jax.Array, b: jax.Array, weights: jax.Array) -> jax.Array:
   """‖ā b̄ − Σ_k p_k a_k b_k‖_F / ‖Σ_k p_k a_k b_k‖_F for one layer (a scalar).
 
-  a [C, d_in, r], b [C, r, d_out] (kernel layout: a b = (B A)ᵀ, the norms are the same);
-  weights [C] summing to 1. The exact mean Σ_k p_k a_k b_k is one contraction over (k, r),
-  so no [C, d_in, d_out] product is formed.
+  With Σ p_k = 1 the difference is Σ_k p_k (ā − a_k) b_k, and ‖Σ_k u_k b_k‖²_F =
+  Σ_kj tr(u_kᵀ u_j · b_j b_kᵀ): both norms come from [C, r, C, r] Gram matrices of the factors,
+  so no [d_in, d_out] matrix is formed (nor, on a clients-sharded mesh, all-reduced: the
+  factors are gathered instead, C r (d_in + d_out) values), and the difference is built from
+  the deviations ā − a_k, not as a difference of two large products. Products in float32 at
+  full precision (TPUs' default would round them to bfloat16).
+
+  Args:
+    a: [C, d_in, r]; b: [C, r, d_out] (kernel layout: a b = (B A)ᵀ, the norms are the same).
+    weights: [C] summing to 1.
   Returns:
     Scalar.
   """
-  mean_a = jnp.einsum("k,kir->ir", weights, a)
-  mean_b = jnp.einsum("k,kro->ro", weights, b)
-  exact = jnp.einsum("k,kir,kro->io", weights, a, b)
-  return jnp.linalg.norm(mean_a @ mean_b - exact) / jnp.maximum(jnp.linalg.norm(exact), _TINY)
+  a, b, weights = a.astype(jnp.float32), b.astype(jnp.float32), weights.astype(jnp.float32)
+  einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
+  mean_a = einsum("k,kir->ir", weights, a)
+  deviations = weights[:, None, None] * (mean_a[None] - a)  # p_k (ā − a_k) [C, d_in, r].
+  scaled = weights[:, None, None] * a  # p_k a_k [C, d_in, r].
+  gram_b = einsum("kro,jso->krjs", b, b)  # [C, r, C, r].
+  bias_sq = jnp.sum(einsum("kir,jis->krjs", deviations, deviations) * gram_b)
+  exact_sq = jnp.sum(einsum("kir,jis->krjs", scaled, scaled) * gram_b)
+  return jnp.sqrt(jnp.maximum(bias_sq, 0.0)) / jnp.maximum(jnp.sqrt(jnp.maximum(exact_sq, 0.0)), _TINY)
 
 
 def aggregation_bias(client_params: Tree, weights: jax.Array) -> dict[str, jax.Array]:

@@ -110,6 +110,21 @@ def frozen_spec(shape: tuple[int, ...], model_devices: int) -> P:
   return P(*[MODEL_AXIS if i == axis else None for i in range(len(shape))])
 
 
+def frozen_shardings(tree: Tree, mesh: Mesh) -> Tree:
+  """Where each frozen weight lives on `mesh`: split over the `model` axis by `frozen_spec`,
+  replicated over `clients` (everything replicated without a `model` axis). Works on
+  `jax.ShapeDtypeStruct`s, so a round can be planned for devices it is not run on.
+
+  Args:
+    tree: the frozen pytree (arrays or ShapeDtypeStructs).
+    mesh: the run's mesh.
+  Returns:
+    `tree`'s structure with `NamedSharding` leaves.
+  """
+  model_devices = model_axis_size(mesh)
+  return jax.tree.map(lambda x: NamedSharding(mesh, frozen_spec(tuple(jnp.shape(x)), model_devices)), tree)
+
+
 def shard_frozen(tree: Tree, mesh: Mesh | None) -> Tree:
   """The frozen backbone placed on `mesh`: each weight split over the `model` axis
   (`frozen_spec`) and replicated over `clients`, so every client of every device uses the one
@@ -124,8 +139,7 @@ def shard_frozen(tree: Tree, mesh: Mesh | None) -> Tree:
   """
   if mesh is None or model_axis_size(mesh) == 1:
     return tree
-  place = lambda x: jax.device_put(x, NamedSharding(mesh, frozen_spec(np.shape(x), model_axis_size(mesh))))
-  return jax.tree.map(place, tree)
+  return jax.device_put(tree, frozen_shardings(tree, mesh))
 
 
 def constrain_clients(tree: Tree, mesh: Mesh | None) -> Tree:

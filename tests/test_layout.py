@@ -16,7 +16,7 @@ LIBRARY = ROOT / "hyperlora_jax"
 # The library's documented I/O (hyperlora_jax/__init__.py): PEFT adapters, the chunk-size cache,
 # checkpoints of the model zoo (.npz, Hugging Face directories), and `files` (atomic writes,
 # manifests and locks, for the files the others and the runner write).
-DOCUMENTED_IO = {"peft.py", "autotune.py", "models/npz.py", "models/hf/", "files.py"}  # "x/": a package
+DOCUMENTED_IO = {"peft.py", "autotune.py", "models/npz.py", "models/hf/", "plan.py", "files.py"}  # "x/": a package
 FILE_CALLS = {"open", "load", "save", "savez", "save_file", "load_file", "safe_open", "dump"}
 
 
@@ -183,10 +183,11 @@ def test_the_facade_has_every_module_its_map_lists_and_tree_is_one_alias():
 
 
 def test_experiments_are_sorted_by_kind():
-  """Entry points at the top of experiments/, then the runner, reports and studies as packages;
-  the benchmark scripts live beside their results in benchmarks/ (30 scripts were one flat pile)."""
+  """Entry points at the top of experiments/ (and the CLI helpers they share), then the runner,
+  reports and studies as packages; the benchmark scripts live beside their results in
+  benchmarks/."""
   top = sorted(p.name for p in (ROOT / "experiments").glob("*.py"))
-  assert top == ["__init__.py", "cli.py", "main.py", "sweep.py"]
+  assert top == ["__init__.py", "cli.py", "main.py", "plan.py", "sweep.py"]
   assert {p.name for p in (ROOT / "experiments").iterdir() if p.is_dir() and not p.name.startswith("__")} == {
     "reports",
     "runner",

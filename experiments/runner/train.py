@@ -30,7 +30,6 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from experiments.runner import backbone, memory, methods, records as records_lib, reporting
@@ -215,13 +214,13 @@ def config_for_resume(config: ml_collections.ConfigDict, workdir: str) -> ml_col
 
 def state_on_mesh(exp: Experiment) -> tuple[Any, Any]:
   """(round-0 server state with its per-client store sharded over the clients axis, the task's
-  frozen tree replicated); host copies go to the global mesh (identical on every process)."""
+  frozen tree split over the `model` axis, `primitives.frozen_shardings`: replicated without
+  one); host copies go to the global mesh (identical on every process)."""
   state = exp.fed_round.init(jax.random.key(exp.config.seed), exp.initial_trainable, exp.signatures)
   to_mesh = (lambda t: t) if jax.process_count() == 1 else (lambda t: jax.tree.map(np.asarray, t))
   state = jax.device_put(to_mesh(state), federated.state_shardings(state, exp.mesh))
-  frozen = jax.device_put(
-    to_mesh(task_lib.frozen_tree(exp.backbone, dtype=exp.task.compute_dtype)), NamedSharding(exp.mesh, P())
-  )
+  frozen = to_mesh(task_lib.frozen_tree(exp.backbone, dtype=exp.task.compute_dtype))
+  frozen = jax.device_put(frozen, primitives.frozen_shardings(frozen, exp.mesh))
   return state, frozen
 
 

@@ -136,7 +136,18 @@ MODEL_AXIS_SCRIPT = textwrap.dedent("""
     from test_text_runs import _config
     from experiments.runner.train import train_and_evaluate
     import pathlib
-    out = {}
+    from experiments.runner.experiment import build_experiment
+    from experiments.runner.train import state_on_mesh
+    import os
+    os.makedirs(sys.argv[1], exist_ok=True)
+    config = _config(pathlib.Path(sys.argv[2]), {"cache_dir": sys.argv[1]}, method="fedit", rounds=2)
+    config.fed.num_devices, config.fed.model_parallel = 8, 4
+    _, frozen = state_on_mesh(build_experiment(config, log=lambda _: None))  # The round's own argument.
+    held = {}
+    for leaf in jax.tree.leaves(frozen):
+      for shard in leaf.addressable_shards:
+        held[str(shard.device)] = held.get(str(shard.device), 0) + shard.data.nbytes
+    out = {"frozen": {"total": sum(leaf.nbytes for leaf in jax.tree.leaves(frozen)), "held": held}}
     for devices, model_parallel in ((1, 1), (8, 4)):
       logs = []
       config = _config(pathlib.Path(sys.argv[2]), {"cache_dir": sys.argv[1]}, method="fedit", rounds=2)
@@ -151,10 +162,18 @@ MODEL_AXIS_SCRIPT = textwrap.dedent("""
 def test_a_decoder_split_over_a_model_axis_of_a_2x4_mesh_matches_one_device(cache_dirs, tmp_path):
   """fed.model_parallel=4 on 8 devices: a 2 (clients) x 4 (model) mesh. Every weight of the
   fixture Llama is split 4 ways (a device holds a quarter of the backbone, each client of each
-  device uses that one copy), and a FedIT text run's records equal the one-device run's."""
+  device uses that one copy, in the round's own frozen argument too: each device holds a quarter
+  of its bytes), and a FedIT text run's records equal the one-device run's."""
   env = cpu_devices_env(8, PYTHONPATH=ROOT)
   proc = subprocess.run(
-    [sys.executable, "-c", MODEL_AXIS_SCRIPT, cache_dirs["cache_dir"], str(tmp_path), os.path.join(ROOT, "tests")],
+    [
+      sys.executable,
+      "-c",
+      MODEL_AXIS_SCRIPT,
+      cache_dirs["cache_dir"],
+      str(tmp_path),
+      os.path.join(ROOT, "tests", "end_to_end"),
+    ],
     env=env,
     cwd=ROOT,
     capture_output=True,
@@ -163,6 +182,8 @@ def test_a_decoder_split_over_a_model_axis_of_a_2x4_mesh_matches_one_device(cach
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   runs = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))[len("RESULT") :])
+  frozen = runs["frozen"]  # Bytes of the frozen tree the round is given, on each of the 8 devices.
+  assert len(frozen["held"]) == 8 and max(frozen["held"].values()) <= frozen["total"] / 4 + 1024, frozen
   split = [line for line in runs["8x4"]["log"] if "model mesh axis" in line]
   assert split and "split over the 4 devices of the model mesh axis: 21 of 21 weights" in split[0], split
   per_device, total = map(float, re.search(r"([\d.]+) MiB per device of ([\d.]+) MiB", split[0]).groups())

@@ -1,0 +1,427 @@
+"""Plan a jitted computation for accelerators you do not have: compile it for compile-only TPU or
+GPU devices (or this machine's), then read what XLA planned, per device: memory against the
+chip's, FLOPs, the TPU cost model's time, and the collectives it moves. Nothing runs.
+
+    target = plan.target("v5e:2x4")                    # compile-only devices and the chip's facts
+    report = plan.plan_round(fed_round, state, frozen, batches, ids, weights, target)
+    print("\\n".join(report.lines()))
+
+Targets (`TARGETS`): TPU topologies ("v4:2x2x1", "v5e:2x4", "v5e:4x4", "v5p:2x2x1", "v6e:2x4";
+any `get_topology_desc` name of those generations) need `libtpu` (`pip install
+hyperlora_jax[tpu-plan]`); GPUs ("h100", "h100x8", "h200", "h200x8") need `jax-cuda12-plugin`
+and XLA's target config of the chip (shipped in `plan_targets/`); "cpu" / "cpu:N" plans for this
+machine's devices (with `XLA_FLAGS=--xla_force_host_platform_device_count=N`, N of them).
+
+What the figures are: memory is the compiled program's own plan (`memory_analysis`: arguments,
+outputs less what they alias, temporaries, code), exact for that compiler. FLOPs and the TPU
+time are compiler estimates (`cost_analysis`), corrected for two traps found in them: a loop
+body is counted once (so `plan_round` compiles a second program for the cost, the local steps
+unrolled and every client at once, the same arithmetic without those loops; loops left, e.g. an
+aggregator's own iterations, are reported), and the TPU's `optimal_seconds` is lowered by 1.0 s
+for each `ConcatBitcast` / `ZeroCrop` custom call (added back). The GPU compiler gives no cost
+analysis and refuses no program for its size: `fits` is this module's comparison with the chip's
+memory. Label every such figure an estimate; measure on a device when one is lent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from hyperlora_jax import federated, primitives
+from hyperlora_jax.pytree import Tree
+
+GIB = 2**30
+
+
+def format_seconds(seconds: float) -> str:
+  """A time for people to read.
+
+  Args:
+    seconds: >= 0.
+  Returns:
+    '1.50 s', '12.3 ms' or '45.6 µs'.
+  """
+  if seconds >= 1:
+    return f"{seconds:.2f} s"
+  return f"{seconds * 1e3:.1f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.1f} µs"
+
+
+def format_bytes(count: float) -> str:
+  """A size for people to read.
+
+  Args:
+    count: bytes.
+  Returns:
+    '1.25 GiB', or MiB below a tenth of a GiB ('0.818 MiB').
+  """
+  return f"{count / GIB:.2f} GiB" if count >= GIB // 10 else f"{count / 2**20:.3f} MiB"
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """What a plan needs of a chip: its memory per device and its peak dense bf16 FLOP/s."""
+
+  memory_bytes: int
+  peak_flops: float
+
+
+# Per compile-only device. HBM as the TPU compiler states it when it refuses a program; a v4
+# compile-only device is one TensorCore (half a chip). Peak bf16 FLOP/s from the vendors' sheets.
+TPU_CHIPS = {
+  "v4": Chip(int(15.25 * GIB), 137.5e12),
+  "v5e": Chip(int(15.75 * GIB), 197e12),
+  "v5p": Chip(int(95.74 * GIB), 459e12),
+  "v6e": Chip(int(31.25 * GIB), 918e12),
+}
+# GPU name -> (target config file in plan_targets/, peak dense bf16 FLOP/s).
+GPU_CHIPS = {"h100": ("h100_sxm.txtpb", 989e12), "h200": ("h200.txtpb", 989e12)}
+TARGETS = ("v4:2x2x1", "v5e:2x4", "v5e:4x4", "v5p:2x2x1", "v6e:2x4", "h100", "h100x8", "h200", "h200x8", "cpu", "cpu:N")
+# Custom calls each of which lowers the TPU's `optimal_seconds` by exactly 1.0 s.
+_SECOND_LOWERING_CALLS = ("ConcatBitcast", "ZeroCrop")
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4}
+_DTYPE_BYTES.update({"s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1})
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """Devices to compile for and the facts of their chip.
+
+  Attributes:
+    name: as given to `target`.
+    platform: "tpu", "gpu" or "cpu".
+    devices: the (compile-only, for TPU and GPU) devices.
+    memory_bytes: per device (None: unknown, no fit check).
+    peak_flops: per device, dense bf16 (None: unknown, no MFU).
+    usable_fraction: of the memory a run may use: JAX's GPU allocator takes 75% unless
+      XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise (1 elsewhere).
+  """
+
+  name: str
+  platform: str
+  devices: tuple
+  memory_bytes: int | None
+  peak_flops: float | None
+  usable_fraction: float = 1.0
+
+  @property
+  def usable_bytes(self) -> int | None:
+    """The bytes per device a program may plan for (what `Plan.fits` compares with)."""
+    return None if self.memory_bytes is None else int(self.memory_bytes * self.usable_fraction)
+
+  def mesh(self, model_parallel: int = 1) -> Mesh:
+    """A mesh over the target's devices: ("clients",), or ("clients", "model") with a `model`
+    axis of `model_parallel` devices (as `primitives.make_mesh`).
+
+    Args:
+      model_parallel: M, dividing the number of devices.
+    Returns:
+      A `Mesh`.
+    """
+    count = len(self.devices)
+    if model_parallel < 1 or count % model_parallel:
+      raise ValueError(f"model_parallel={model_parallel} must be >= 1 and divide the {count} devices of {self.name}")
+    grid = np.array(self.devices)
+    if model_parallel == 1:
+      return Mesh(grid, (primitives.CLIENTS_AXIS,))
+    return Mesh(grid.reshape(count // model_parallel, model_parallel), (primitives.CLIENTS_AXIS, primitives.MODEL_AXIS))
+
+
+def target(name: str) -> Target:
+  """The devices and chip facts of a target name (`TARGETS`).
+
+  Args:
+    name: a TPU topology ("v5e:2x4"), a GPU ("h100", "h100x8": 8 of them), or "cpu" / "cpu:N".
+  Returns:
+    A `Target`.
+  Raises:
+    ValueError: an unknown name, or a missing compiler (naming what to install).
+  """
+  generation = name.split(":")[0]
+  if generation in TPU_CHIPS and ":" in name:
+    return _tpu_target(name, TPU_CHIPS[generation])
+  gpu = re.fullmatch(r"(h100|h200)(?:x(\d+))?", name)
+  if gpu:
+    return _gpu_target(name, gpu.group(1), int(gpu.group(2) or 1))
+  cpu = re.fullmatch(r"cpu(?::(\d+))?", name)
+  if cpu:
+    devices = jax.devices("cpu")
+    count = int(cpu.group(1) or len(devices))
+    if count > len(devices):
+      raise ValueError(
+        f"target {name!r}: {len(devices)} CPU device(s) here; set "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={count} before jax starts"
+      )
+    pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    return Target(name, "cpu", tuple(devices[:count]), pages * page_size // count, None)
+  raise ValueError(f"target {name!r}; known: {', '.join(TARGETS)} (TPU: any topology of {', '.join(TPU_CHIPS)})")
+
+
+def _tpu_target(name: str, chip: Chip) -> Target:
+  from jax.experimental import topologies
+
+  try:
+    topology = topologies.get_topology_desc(topology_name=name, platform="tpu")
+  except Exception as e:  # No libtpu, or a topology it does not know.
+    raise ValueError(
+      f"target {name!r}: no compile-only TPU devices ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+      f"planning for TPUs needs libtpu: pip install 'hyperlora_jax[tpu-plan]'"
+    ) from None
+  return Target(name, "tpu", tuple(topology.devices), chip.memory_bytes, chip.peak_flops)
+
+
+def _gpu_target(name: str, chip: str, count: int) -> Target:
+  from jax.experimental import topologies
+
+  config_file, peak = GPU_CHIPS[chip]
+  with open(os.path.join(os.path.dirname(__file__), "plan_targets", config_file)) as f:
+    config_text = f.read()
+  memory = int(re.search(r"device_memory_size:\s*(\d+)", config_text).group(1))  # type: ignore[union-attr]
+  try:
+    topology = topologies.get_topology_desc("plan", platform="cuda", target_config=config_text, topology=f"1x1x{count}")
+  except Exception as e:  # No CUDA plugin.
+    raise ValueError(
+      f"target {name!r}: no compile-only GPUs ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+      f"planning for GPUs needs jax-cuda12-plugin (matching jax), JAX_PLATFORMS=cpu and "
+      f"XLA_FLAGS=--xla_gpu_enable_triton_gemm=false"
+    ) from None
+  fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+  return Target(name, "gpu", tuple(topology.devices), memory, peak, fraction)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What XLA planned for one program on one target, per device.
+
+  Attributes:
+    target: the `Target`.
+    memory: bytes per device: {"arguments", "outputs", "aliased", "temporaries", "code", "total"}
+      (total = arguments + outputs - aliased + temporaries + code).
+    fits: total <= the target's usable memory (`Target.usable_bytes`; None: unknown).
+    flops: the program's FLOPs per device (estimate; None: no cost analysis, GPU).
+    estimated_seconds: the TPU cost model's time (corrected; None elsewhere).
+    loops: while loops left in the program the cost was read from (their bodies counted once).
+    collectives: {kind: (count, bytes of their results)} in the program, each counted once
+      where it appears (inside a loop it runs once per iteration).
+  """
+
+  target: Target
+  memory: dict[str, int]
+  fits: bool | None
+  flops: float | None
+  estimated_seconds: float | None
+  loops: int
+  collectives: dict[str, tuple[int, int]]
+
+  @property
+  def mfu(self) -> float | None:
+    """Estimated model-FLOPs utilization: flops / (estimated seconds x peak), or None."""
+    if self.flops is None or not self.estimated_seconds or not self.target.peak_flops:
+      return None
+    return self.flops / (self.estimated_seconds * self.target.peak_flops)
+
+  def lines(self) -> list[str]:
+    """The plan as text, every compiler figure labelled an estimate where it is one.
+
+    Returns:
+      Lines without newlines.
+    """
+    gib = format_bytes
+    m, t = self.memory, self.target
+    capacity = f" of {gib(t.usable_bytes)}" if t.usable_bytes else ""
+    if t.usable_fraction < 1 and t.memory_bytes:
+      capacity += f" usable ({t.usable_fraction:.0%} of {gib(t.memory_bytes)}: XLA_PYTHON_CLIENT_MEM_FRACTION)"
+    verdict = {True: "fits", False: "DOES NOT FIT", None: "fit unknown"}[self.fits]
+    out = [
+      f"target {t.name} ({t.platform}, {len(t.devices)} devices); per device:",
+      f"  memory: {gib(m['total'])}{capacity} ({verdict}): arguments {gib(m['arguments'])}, outputs "
+      f"{gib(m['outputs'])} ({gib(m['aliased'])} aliased to arguments), temporaries {gib(m['temporaries'])}",
+    ]
+    if self.flops is not None:
+      out.append(
+        f"  FLOPs (compiler estimate): {self.flops:.3e}"
+        + (f"; {self.loops} loop(s) counted once" if self.loops else "")
+      )
+    if self.estimated_seconds is not None:
+      mfu = f", estimated MFU {self.mfu:.1%}" if self.mfu is not None else ""
+      out.append(f"  time (TPU cost model estimate): {format_seconds(self.estimated_seconds)}{mfu}")
+    for kind, (count, size) in sorted(self.collectives.items()):
+      out.append(f"  {kind}: {count} op(s) moving {size / 2**20:.2f} MiB")
+    if not self.collectives:
+      out.append("  collectives: none")
+    return out
+
+
+def memory_of(compiled: Any) -> dict[str, int]:
+  """Bytes per device a compiled program plans.
+
+  Args:
+    compiled: `jax.jit(f).lower(...).compile()`.
+  Returns:
+    {"arguments", "outputs", "aliased", "temporaries", "code", "total"}.
+  """
+  stats = compiled.memory_analysis()
+  memory = {
+    "arguments": int(stats.argument_size_in_bytes),
+    "outputs": int(stats.output_size_in_bytes),
+    "aliased": int(stats.alias_size_in_bytes),
+    "temporaries": int(stats.temp_size_in_bytes),
+    "code": int(stats.generated_code_size_in_bytes),
+  }
+  memory["total"] = memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"] + memory["code"]
+  return memory
+
+
+def _shape_bytes(text: str) -> int:
+  """Bytes of the HLO result shapes in `text` ("f32[8,16]{1,0}", or a tuple of them)."""
+  total = 0
+  for dtype, dims in re.findall(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9](?:fn)?)?)\[([0-9,]*)\]", text):
+    if dtype in _DTYPE_BYTES:
+      total += _DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+  return total
+
+
+def collectives_of(hlo_text: str) -> dict[str, tuple[int, int]]:
+  """The collectives of an HLO module's text (after SPMD partitioning: `compiled.as_text()`).
+
+  Args:
+    hlo_text: the module's text.
+  Returns:
+    {kind: (ops, bytes of their results)}; an asynchronous pair (`-start` / `-done`) counts once.
+  """
+  found: dict[str, list[int]] = {}
+  for line in hlo_text.splitlines():
+    match = re.match(r"\s*(?:ROOT\s+)?\S+\s*=\s*(.*?)\s+(" + "|".join(_COLLECTIVES) + r")(-start)?\(", line)
+    if match:
+      counts = found.setdefault(match.group(2), [0, 0])
+      counts[0] += 1
+      counts[1] += _shape_bytes(match.group(1))
+  return {kind: (count, size) for kind, (count, size) in found.items()}
+
+
+def cost_of(compiled: Any) -> tuple[float | None, float | None, int]:
+  """(FLOPs, corrected TPU seconds, while loops) of a compiled program, per device.
+
+  Args:
+    compiled: a compiled program.
+  Returns:
+    FLOPs (None without a cost analysis), `optimal_seconds` plus 1.0 s per `ConcatBitcast` /
+    `ZeroCrop` custom call (None where the compiler gives none), and the number of while loops
+    (whose bodies the analysis counted once).
+  """
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  text = compiled.as_text()
+  loops = len(re.findall(r"\swhile\(", text))
+  if not analysis:
+    return None, None, loops
+  seconds = analysis.get("optimal_seconds")
+  if seconds is not None:
+    lowering = sum(len(re.findall(rf'custom_call_target="{name}"', text)) for name in _SECOND_LOWERING_CALLS)
+    seconds = float(seconds) + 1.0 * lowering
+  flops = analysis.get("flops")
+  return (None if flops is None else float(flops)), seconds, loops
+
+
+def analyze(compiled: Any, target_: Target, cost_compiled: Any = None) -> Plan:
+  """The `Plan` of a program compiled for `target_`'s devices.
+
+  Args:
+    compiled: the program as it would run (its memory and collectives).
+    target_: the devices it was compiled for.
+    cost_compiled: the same arithmetic compiled without its loops, to read the cost from
+      (None: `compiled`, loops counted once).
+  Returns:
+    A `Plan`.
+  """
+  memory = memory_of(compiled)
+  flops, seconds, loops = cost_of(cost_compiled if cost_compiled is not None else compiled)
+  fits = None if target_.usable_bytes is None else memory["total"] <= target_.usable_bytes
+  return Plan(target_, memory, fits, flops, seconds, loops, collectives_of(compiled.as_text()))
+
+
+def abstract(tree: Tree, shardings: Tree) -> Tree:
+  """`tree` as `jax.ShapeDtypeStruct`s placed by `shardings` (nothing is copied to a device).
+
+  Args:
+    tree: arrays or ShapeDtypeStructs.
+    shardings: `tree`'s structure with `Sharding` leaves.
+  Returns:
+    `tree`'s structure with ShapeDtypeStruct leaves.
+  """
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x), sharding=s), tree, shardings
+  )
+
+
+def plan_round(
+  fed_round: federated.FederatedRound,
+  trainable: Tree,
+  frozen: Tree,
+  batches: Tree,
+  client_ids: Any,
+  weights: Any,
+  target_: Target,
+  *,
+  signatures: Any = None,
+  model_parallel: int = 1,
+  clients_per_chunk: int | None = None,
+  cost: bool = True,
+) -> Plan:
+  """Plans one round (`fed_round.step`) for `target_`: the round compiled as it would run there
+  (the per-client store over the `clients` axis, the frozen tree split over a `model` axis of
+  `model_parallel` devices, each round input over `clients`), and, for the cost, once more with
+  every client at once and the local steps unrolled (same arithmetic, no loops).
+
+  Args:
+    fed_round: the round (its mesh and chunk are replaced for the target).
+    trainable: the round-0 trainable tree `fed_round.init` takes (arrays or ShapeDtypeStructs).
+    frozen: the task's frozen tree.
+    batches, client_ids, weights: one round's inputs ([C, S (+ h), B, ...], [C], [C]); C a
+      multiple of the target's `clients` axis.
+    target_: the devices to plan for.
+    signatures: [N, D] client signatures, as `fed_round.init` takes them (None: none).
+    model_parallel: M, the `model` axis.
+    clients_per_chunk: clients vmapped together (None: `fed_round`'s).
+    cost: also compile the loop-free program for FLOPs and time (a second, longer compile).
+  Returns:
+    The `Plan` (memory and collectives of the round as it would run; cost of the loop-free one).
+  """
+  mesh = target_.mesh(model_parallel)
+  chunk = fed_round.clients_per_chunk if clients_per_chunk is None else clients_per_chunk
+  cohort, axis = int(np.shape(client_ids)[0]), primitives.clients_axis_size(mesh)
+  if cohort % axis or (chunk and cohort % chunk):
+    raise ValueError(
+      f"plan_round: a cohort of {cohort} clients on {target_.name} must be a multiple of its clients axis "
+      f"({axis} devices) and of clients_per_chunk={chunk}; pad it (weight 0, id N)"
+    )
+  placed = dataclasses.replace(fed_round, mesh=mesh, clients_per_chunk=chunk)
+  state = jax.eval_shape(lambda t, s: placed.init(jax.random.key(0), t, s), trainable, signatures)
+  per_client = primitives.clients_sharding(mesh)
+  inputs = (
+    abstract(state, federated.state_shardings(state, mesh)),
+    abstract(frozen, primitives.frozen_shardings(frozen, mesh)),
+    abstract(batches, jax.tree.map(lambda _: per_client, batches)),
+    abstract(client_ids, per_client),
+    abstract(weights, per_client),
+  )
+
+  def compile_round(round_: federated.FederatedRound) -> Any:
+    return jax.jit(round_.step, donate_argnums=(0,)).lower(*inputs).compile()
+
+  compiled = compile_round(placed)
+  cost_compiled = None
+  if cost:
+    unrolled = dataclasses.replace(fed_round.client_update, unroll=True)
+    cost_compiled = compile_round(
+      dataclasses.replace(fed_round, mesh=mesh, clients_per_chunk=0, client_update=unrolled)
+    )
+  return analyze(compiled, target_, cost_compiled)

@@ -1,0 +1,39 @@
+"""`python -m experiments.plan`: the configured run's round planned for a target, through the CLI
+(on this machine's CPU; on compile-only TPU devices where libtpu is installed: `make test-plan`)."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.repo_paths import ROOT
+
+
+def _plan(cache_dirs, target, *flags):
+  command = [
+    sys.executable, "-m", "experiments.plan", "--config", "configs/default.py:smoke", f"--target={target}",
+    f"--config.data.data_dir={cache_dirs['data_dir']}", f"--config.pretrain.cache_dir={cache_dirs['cache_dir']}",
+    *flags,
+  ]  # fmt: skip
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  return result.stdout
+
+
+def test_the_plan_of_the_smoke_run_on_this_cpu_lists_chunks_and_the_best_ones_figures(cache_dirs):
+  out = _plan(cache_dirs, "cpu", "--chunks=0,1")
+  chunks = re.findall(r"clients_per_chunk=(\d+) \(\d+ per device\): ([\d.]+) MiB per device", out)
+  assert [c for c, _ in chunks] == ["0", "1"], out
+  assert float(chunks[0][1]) > float(chunks[1][1])  # All 4 clients at once hold more than one at a time.
+  assert "best fitting: --config.fed.clients_per_chunk=0" in out and "FLOPs (compiler estimate)" in out
+
+
+def test_the_plan_on_compile_only_tpu_devices_estimates_time_and_mfu(cache_dirs):
+  pytest.importorskip("libtpu")
+  out = _plan(cache_dirs, "v5e:2x4")
+  assert "8 clients a round (1 per device of the clients axis)" in out and "backbone in bfloat16" in out
+  assert re.search(r"time \(TPU cost model estimate\): [\d.]+ µs, estimated MFU [\d.]+%", out), out
+  assert "of 15.75 GiB (fits)" in out and "all-reduce" in out

@@ -1,0 +1,102 @@
+"""`hyperlora_jax.plan`: what XLA planned for a round, read back right (memory, collectives, the
+cost-analysis traps corrected), on this machine's CPU; on compile-only TPU devices where libtpu
+is installed (`make test-plan`)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from hyperlora_jax import plan
+from tests.library.test_federated_contracts import batches, setup
+
+
+def _round_plan(target, steps=2, clients=8, **kwargs):
+  fed, frozen, adapter = setup(num_clients=clients)
+  ids, weights = np.arange(clients, dtype=np.int32), np.full(clients, 1 / clients, np.float32)
+  return plan.plan_round(fed, adapter, frozen, batches(clients, steps), ids, weights, target, **kwargs)
+
+
+def test_collectives_are_counted_once_per_op_with_the_bytes_of_their_results():
+  hlo = """
+  %all-reduce.1 = f32[8,16]{1,0} all-reduce(f32[8,16]{1,0} %p), replica_groups={{0,1}}, to_apply=%add
+  %ags = (bf16[4,8]{1,0}, bf16[2]{0}) all-gather-start(bf16[2,8]{1,0} %x, bf16[1]{0} %y), dimensions={0}
+  %agd = (bf16[4,8]{1,0}, bf16[2]{0}) all-gather-done((bf16[4,8]{1,0}, bf16[2]{0}) %ags)
+  ROOT %cp = s32[3]{0} collective-permute(s32[3]{0} %z), source_target_pairs={{0,1}}
+  %dot = f32[8,8]{1,0} dot(f32[8,16]{1,0} %a, f32[16,8]{1,0} %b)
+  """
+  assert plan.collectives_of(hlo) == {
+    "all-reduce": (1, 8 * 16 * 4),
+    "all-gather": (1, 4 * 8 * 2 + 2 * 2),  # The -done half is not a second op.
+    "collective-permute": (1, 3 * 4),
+  }
+
+
+@dataclasses.dataclass
+class _Compiled:
+  """What `cost_of` reads of a compiled program."""
+
+  analysis: dict
+  text: str
+
+  def cost_analysis(self):
+    return [self.analysis]
+
+  def as_text(self):
+    return self.text
+
+
+def test_the_tpu_time_gets_back_a_second_per_concat_bitcast_and_zero_crop_and_loops_are_reported():
+  text = (
+    '%a = f32[2] custom-call(), custom_call_target="ConcatBitcast"\n'
+    '%b = f32[2] custom-call(), custom_call_target="ZeroCrop"\n'
+    '%c = f32[2] custom-call(), custom_call_target="ConcatBitcast"\n'
+    "%w = (s32[]) while(%t), condition=%cond, body=%body\n"
+  )
+  flops, seconds, loops = plan.cost_of(_Compiled({"flops": 1e9, "optimal_seconds": -2.75}, text))
+  assert flops == 1e9 and seconds == pytest.approx(0.25) and loops == 1
+  assert plan.cost_of(_Compiled({}, "")) == (None, None, 0)  # No cost analysis (GPU).
+
+
+def test_a_rounds_flops_grow_with_its_local_steps_though_xla_counts_a_loop_body_once():
+  """The cost is read from the round compiled without its step loop: FLOPs are affine in the
+  local steps S (read from the program with the loop, they would not grow with S)."""
+  cpu = plan.target("cpu")
+  flops = [_round_plan(cpu, steps=s).flops for s in (2, 3, 5)]
+  step = flops[1] - flops[0]
+  assert step > 0
+  np.testing.assert_allclose(np.diff(flops), [step, 2 * step], rtol=1e-6)
+  looped = [_round_plan(cpu, steps=s, cost=False) for s in (2, 5)]
+  assert looped[1].flops - looped[0].flops < 0.1 * 3 * step  # The trap itself: 3 more steps barely count.
+
+
+def test_memory_is_the_compiled_programs_and_fit_compares_it_with_the_usable_memory():
+  cpu = plan.target("cpu")
+  report = _round_plan(cpu, cost=False)
+  m = report.memory
+  assert m["total"] == m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"] + m["code"] > 0
+  assert report.fits is True
+  small = dataclasses.replace(cpu, memory_bytes=m["total"] - 1)
+  assert _round_plan(small, cost=False).fits is False
+  gpu_like = dataclasses.replace(cpu, memory_bytes=m["total"] + 1, usable_fraction=0.75)  # JAX's 75% GPU cap.
+  assert _round_plan(gpu_like, cost=False).fits is False
+  assert any("DOES NOT FIT" in line for line in _round_plan(small, cost=False).lines())
+
+
+def test_a_cohort_the_clients_axis_does_not_divide_is_refused_by_name():
+  cpu = plan.target("cpu")
+  with pytest.raises(ValueError, match="clients_per_chunk=3"):
+    _round_plan(cpu, clients_per_chunk=3)
+  with pytest.raises(ValueError, match="target 'v9z:2x2'; known"):
+    plan.target("v9z:2x2")
+
+
+def test_a_round_planned_for_compile_only_tpu_devices():
+  """v5e:2x4 (needs libtpu): the round fits a v5e's 15.75 GiB, the cost model gives a positive
+  time, and the clients' updates are combined across devices (an all-reduce)."""
+  pytest.importorskip("libtpu")
+  v5e = plan.target("v5e:2x4")
+  assert len(v5e.devices) == 8 and v5e.memory_bytes == int(15.75 * plan.GIB)
+  report = _round_plan(v5e)
+  assert report.fits and report.flops > 0 and report.estimated_seconds > 0 and 0 < report.mfu < 1
+  assert "all-reduce" in report.collectives
