@@ -31,17 +31,18 @@ test-slow: $(VENV)/.installed
 
 test-all: test test-slow
 
-# The plan on compile-only TPU devices (tests/library/test_plan.py): a venv beside .venv holding
-# only libtpu, reading .venv's packages, so that .venv itself never loads libtpu. LIBTPU: what
-# jax[tpu] pins for the installed jax (0.10.2).
+# The plan on compile-only TPU and GPU devices (tests/library/test_plan.py, test_plan_cli.py): a
+# venv beside .venv holding only the compilers, reading .venv's packages, so that .venv itself
+# never loads them. Versions: those of the installed jax (0.10.2; LIBTPU is what jax[tpu] pins).
 LIBTPU ?= libtpu==0.0.42.1
-TPU_VENV ?= .venv-tpu
+CUDA_PLUGIN ?= jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2
+PLAN_VENV ?= .venv-plan
 test-plan: $(VENV)/.installed
-	$(PYTHON) -m venv $(TPU_VENV)
+	$(PYTHON) -m venv $(PLAN_VENV)
 	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
-	  "$$($(TPU_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/project_venv.pth"
-	$(TPU_VENV)/bin/python -m pip install -q --no-deps $(LIBTPU)
-	JAX_PLATFORMS=cpu $(TPU_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/library/test_plan.py \
+	  "$$($(PLAN_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/project_venv.pth"
+	$(PLAN_VENV)/bin/python -m pip install -q --no-deps $(LIBTPU) $(CUDA_PLUGIN)
+	JAX_PLATFORMS=cpu $(PLAN_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/library/test_plan.py \
 	  tests/end_to_end/test_plan_cli.py
 
 lint: $(VENV)/.installed

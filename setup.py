@@ -36,5 +36,6 @@ setup(
     "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.90", "ruff>=0.6", "mypy>=1.10"],
     "bench": ["torch>=2.4", "transformers>=4.57", "peft>=0.17"],
     "tpu-plan": ["jax[tpu]"],
-  },  # bench: the optional PyTorch rows of `make bench`; tpu-plan: libtpu, for `experiments.plan` on TPUs.
+    "gpu-plan": ["jax-cuda12-plugin==0.10.2", "jax-cuda12-pjrt==0.10.2"],  # jax's own version.
+  },  # bench: the optional PyTorch rows of `make bench`; tpu-plan / gpu-plan: compilers for `experiments.plan`.
 )

@@ -9,7 +9,8 @@ chip's, FLOPs, the TPU cost model's time, and the collectives it moves. Nothing 
 Targets (`TARGETS`): TPU topologies ("v4:2x2x1", "v5e:2x4", "v5e:4x4", "v5p:2x2x1", "v6e:2x4";
 any `get_topology_desc` name of those generations) need `libtpu` (`pip install
 hyperlora_jax[tpu-plan]`); GPUs ("h100", "h100x8", "h200", "h200x8") need `jax-cuda12-plugin`
-and XLA's target config of the chip (shipped in `plan_targets/`); "cpu" / "cpu:N" plans for this
+(`[gpu-plan]`, run with JAX_PLATFORMS=cpu) and XLA's target config of the chip (shipped in
+`plan_targets/`); "cpu" / "cpu:N" plans for this
 machine's devices (with `XLA_FLAGS=--xla_force_host_platform_device_count=N`, N of them).
 
 What the figures are: memory is the compiled program's own plan (`memory_analysis`: arguments,
@@ -102,6 +103,8 @@ class Target:
     peak_flops: per device, dense bf16 (None: unknown, no MFU).
     usable_fraction: of the memory a run may use: JAX's GPU allocator takes 75% unless
       XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise (1 elsewhere).
+    compiler_options: XLA options every compile for it needs (GPU: no Triton GEMMs, whose
+      autotuning needs a device).
   """
 
   name: str
@@ -110,6 +113,7 @@ class Target:
   memory_bytes: int | None
   peak_flops: float | None
   usable_fraction: float = 1.0
+  compiler_options: dict = dataclasses.field(default_factory=dict)
 
   @property
   def usable_bytes(self) -> int | None:
@@ -167,6 +171,9 @@ def target(name: str) -> Target:
 def _tpu_target(name: str, chip: Chip) -> Target:
   from jax.experimental import topologies
 
+  # libtpu lets one process at a time use it (a lockfile in /tmp), for TPUs attached; compiling
+  # for compile-only devices touches none, so several planning processes may run at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     topology = topologies.get_topology_desc(topology_name=name, platform="tpu")
   except Exception as e:  # No libtpu, or a topology it does not know.
@@ -189,11 +196,11 @@ def _gpu_target(name: str, chip: str, count: int) -> Target:
   except Exception as e:  # No CUDA plugin.
     raise ValueError(
       f"target {name!r}: no compile-only GPUs ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-      f"planning for GPUs needs jax-cuda12-plugin (matching jax), JAX_PLATFORMS=cpu and "
-      f"XLA_FLAGS=--xla_gpu_enable_triton_gemm=false"
+      f"planning for GPUs needs jax-cuda12-plugin and jax-cuda12-pjrt of jax's version "
+      f"(pip install -e '.[gpu-plan]') and JAX_PLATFORMS=cpu"
     ) from None
   fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
-  return Target(name, "gpu", tuple(topology.devices), memory, peak, fraction)
+  return Target(name, "gpu", tuple(topology.devices), memory, peak, fraction, {"xla_gpu_enable_triton_gemm": False})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,9 +364,9 @@ def abstract(tree: Tree, shardings: Tree) -> Tree:
   Returns:
     `tree`'s structure with ShapeDtypeStruct leaves.
   """
-  return jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x), sharding=s), tree, shardings
-  )
+  shape = lambda x: tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
+  dtype = lambda x: x.dtype if hasattr(x, "dtype") else jax.numpy.result_type(x)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(shape(x), dtype(x), sharding=s), tree, shardings)
 
 
 def plan_round(
@@ -397,7 +404,7 @@ def plan_round(
   """
   mesh = target_.mesh(model_parallel)
   chunk = fed_round.clients_per_chunk if clients_per_chunk is None else clients_per_chunk
-  cohort, axis = int(np.shape(client_ids)[0]), primitives.clients_axis_size(mesh)
+  cohort, axis = int(client_ids.shape[0]), primitives.clients_axis_size(mesh)
   if cohort % axis or (chunk and cohort % chunk):
     raise ValueError(
       f"plan_round: a cohort of {cohort} clients on {target_.name} must be a multiple of its clients axis "
@@ -415,7 +422,8 @@ def plan_round(
   )
 
   def compile_round(round_: federated.FederatedRound) -> Any:
-    return jax.jit(round_.step, donate_argnums=(0,)).lower(*inputs).compile()
+    lowered = jax.jit(round_.step, donate_argnums=(0,)).lower(*inputs)
+    return lowered.compile(compiler_options=target_.compiler_options or None)
 
   compiled = compile_round(placed)
   cost_compiled = None

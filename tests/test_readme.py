@@ -61,6 +61,7 @@ def test_every_example_block_is_tested():
     "hyperlora",
     "huggingface",
     "decoder",
+    "plan",
   }
   assert markers == tested
 
@@ -321,3 +322,13 @@ def test_decoder_example_tunes_generates_and_exports_reference_names():
   assert isinstance(ns["answer"], str) and len(tokens) == 4
   with open(os.path.join(ns["adapter_dir"], "adapter_config.json")) as f:
     assert "model.layers.1.self_attn.v_proj" in json_lib.load(f)["target_modules"]
+
+
+def test_plan_example_reports_the_rounds_memory_and_flops_read_from_a_program_without_loops():
+  """The example's 16 clients by chunks of 4: memory from the compiled round; FLOPs at least the
+  forward matmuls of every client's 5 steps (a cost read with the loops would count one step)."""
+  ns = _run("plan")
+  report = ns["report"]
+  forward = 16 * 5 * 32 * 2 * (64 * 256 + 256 * 10)  # clients x steps x batch x 2 x (d_in d_out per layer)
+  assert report.fits and report.memory["total"] > 0 and report.flops > forward
+  assert report.collectives == {} and any("memory" in line for line in report.lines())

@@ -1,6 +1,6 @@
 """`hyperlora_jax.plan`: what XLA planned for a round, read back right (memory, collectives, the
 cost-analysis traps corrected), on this machine's CPU; on compile-only TPU devices where libtpu
-is installed (`make test-plan`)."""
+is installed, and on compile-only H100s where jax-cuda12-plugin is (`make test-plan`)."""
 
 import dataclasses
 
@@ -99,4 +99,15 @@ def test_a_round_planned_for_compile_only_tpu_devices():
   assert len(v5e.devices) == 8 and v5e.memory_bytes == int(15.75 * plan.GIB)
   report = _round_plan(v5e)
   assert report.fits and report.flops > 0 and report.estimated_seconds > 0 and 0 < report.mfu < 1
+  assert "all-reduce" in report.collectives
+
+
+def test_a_round_planned_for_eight_compile_only_h100s():
+  """h100x8 (needs jax-cuda12-plugin): memory only (XLA:GPU has no cost analysis), against the
+  75% of 79.1 GiB JAX's allocator takes by default; the updates are combined across devices."""
+  pytest.importorskip("jax_plugins.xla_cuda12")
+  h100s = plan.target("h100x8")
+  assert len(h100s.devices) == 8 and h100s.usable_bytes == int(84942979072 * 0.75)
+  report = _round_plan(h100s)
+  assert report.fits and report.flops is None and report.estimated_seconds is None
   assert "all-reduce" in report.collectives

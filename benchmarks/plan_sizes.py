@@ -1,0 +1,154 @@
+"""Compiler estimates of a FedIT round at real sizes on TPU / GPU targets (`hyperlora_jax.plan`),
+nothing materialized: every weight and input is a `jax.ShapeDtypeStruct`.
+
+  .venv-plan/bin/python -m benchmarks.plan_sizes --targets v5e:2x4,v6e:2x4 --out benchmarks/plan_sizes.json
+
+(`make test-plan` makes .venv-plan: libtpu beside .venv.) Workloads: ViT-B/16 at 224 px, LoRA r = 16 on
+q/v, 10 Adam steps of 32 images (`configs/domainnet.py`'s backbone and round); TinyLlama-1.1B's
+architecture, LoRA r = 4 on q/v, 5 Adam steps of 4 sequences of 512 tokens. For each cohort C, the
+largest per-device chunk that fits is planned in full, beside the per-client loop in the same
+cost model: C / D rounds of one client per device (D the clients axis). Figures are compiler
+estimates (labelled so), not measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from benchmarks.workloads import DECODERS
+from configs import benchmarks as bench_configs
+from hyperlora_jax import aggregators, lora, models, plan
+from hyperlora_jax.client import local_update
+from hyperlora_jax.federated import FederatedRound
+from hyperlora_jax.tasks.common import frozen_tree
+
+BF16 = jnp.bfloat16
+
+
+def _abstract_init(model, *example):
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), *example))
+
+
+def vit_b16(steps: int = 10, batch: int = 32):
+  """(fed_round factory, trainable, frozen, block(C)) of ViT-B/16 at 224 px, r = 16 on q/v."""
+  from hyperlora_jax.tasks.image_classification import ImageClassification
+
+  arch = {k: v for k, v in bench_configs.BASE_MODELS["vit"].items() if k != "name"}
+  model = models.build_model("vit", 345, **arch)  # DomainNet's 345 classes.
+  example = jnp.zeros((1, 224, 224, 3), jnp.float32)
+  variables = _abstract_init(model, example)
+  backbone = {"params": {k: v for k, v in variables["params"].items() if k != "head"}}
+  targets = lora.find_targets(model, variables, example, target_regex=lora.DEFAULT_TARGET_REGEX)
+  trainable = jax.eval_shape(
+    lambda: {"lora": lora.init_lora(jax.random.key(1), targets, 16), "head": jax.tree.map(
+      lambda s: jnp.zeros(s.shape, s.dtype), variables["params"]["head"])}
+  )  # fmt: skip
+  task = ImageClassification(model, lora.lora_scale(32.0, 16), models.preprocess_images, "head", BF16)
+  update = local_update(task.loss_fn, optax.adam(1e-3), steps=steps)
+  frozen = jax.eval_shape(lambda b: frozen_tree(b, dtype=BF16), backbone)
+
+  def block(clients):
+    shape = (clients, steps, batch)
+    return {
+      "image": jax.ShapeDtypeStruct(shape + (224, 224, 3), jnp.uint8),
+      "label": jax.ShapeDtypeStruct(shape, jnp.int32),
+      "mask": jax.ShapeDtypeStruct(shape, jnp.float32),
+    }
+
+  return update, trainable, frozen, block
+
+
+def tinyllama(steps: int = 5, batch: int = 4, seq_len: int = 512):
+  """(client update, trainable, frozen, block(C)) of TinyLlama-1.1B's architecture, r = 4 on q/v."""
+  from hyperlora_jax.models.llama import DecoderLM
+  from hyperlora_jax.tasks.causal_lm import CausalLM
+
+  model = DecoderLM(**DECODERS["tinyllama_1b"], dtype=BF16)
+  example = jnp.zeros((1, 8), jnp.int32)
+  variables = _abstract_init(model, example)
+  targets = lora.find_targets(model, variables, example, jnp.ones_like(example), target_regex=r".*attn/(query|value)")
+  trainable = jax.eval_shape(lambda: {"lora": lora.init_lora(jax.random.key(1), targets, 4), "head": {}})
+  task = CausalLM(model, lora.lora_scale(8.0, 4), BF16)
+  update = local_update(task.loss_fn, optax.adam(1e-4), steps=steps)
+  frozen = jax.eval_shape(lambda v: frozen_tree(v, dtype=BF16), variables)
+
+  def block(clients):
+    shape = (clients, steps, batch)
+    tokens = jax.ShapeDtypeStruct(shape + (seq_len,), jnp.int32)
+    return {"input_ids": tokens, "attention_mask": tokens, "loss_mask": tokens,
+            "mask": jax.ShapeDtypeStruct(shape, jnp.float32)}  # fmt: skip
+
+  return update, trainable, frozen, block
+
+
+WORKLOADS = {"vit_b16": (vit_b16, (16, 64, 256)), "tinyllama_1b": (tinyllama, (8, 16, 64))}
+
+
+def plan_one(workload: str, clients: int, target: plan.Target) -> dict:
+  """The largest fitting chunk's plan of a C-client round, and the per-client loop's estimate."""
+  update, trainable, frozen, block = WORKLOADS[workload][0]()
+  axis = len(target.devices)
+  fed = FederatedRound(update, aggregators.fedit(), num_clients=max(clients, axis))
+  ids = jax.ShapeDtypeStruct((clients,), jnp.int32)
+  weights = jax.ShapeDtypeStruct((clients,), jnp.float32)
+  per_device = clients // axis
+  row = {"workload": workload, "clients": clients, "target": target.name}
+  start = time.time()
+  for chunk in sorted({per_device, 16, 4, 1} & set(range(1, per_device + 1)), reverse=True):
+    if per_device % chunk:
+      continue
+    chunk_all = 0 if chunk == per_device else chunk * axis
+    report = plan.plan_round(fed, trainable, frozen, block(clients), ids, weights, target, clients_per_chunk=chunk_all)
+    row.setdefault("tried", []).append({"chunk_per_device": chunk, "gib": report.memory["total"] / plan.GIB})
+    if report.fits:
+      row.update(chunk_per_device=chunk, memory=report.memory, flops=report.flops,
+                 seconds=report.estimated_seconds, mfu=report.mfu, loops=report.loops,
+                 collectives=report.collectives)  # fmt: skip
+      break
+  if "seconds" in row and row["seconds"]:
+    one = plan.plan_round(
+      fed, trainable, frozen, block(axis), jax.ShapeDtypeStruct((axis,), jnp.int32),
+      jax.ShapeDtypeStruct((axis,), jnp.float32), target,
+    )  # fmt: skip
+    row["loop_seconds"] = one.estimated_seconds * per_device
+    row["loop_flops"] = one.flops * per_device
+  row["compile_seconds"] = time.time() - start
+  return row
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--targets", default="v5e:2x4,v6e:2x4")
+  parser.add_argument("--workloads", default=",".join(WORKLOADS))
+  parser.add_argument("--clients", default="", help="Cohorts to plan (default: each workload's).")
+  parser.add_argument("--out", default="benchmarks/plan_sizes.json")
+  args = parser.parse_args()
+  rows = []
+  for name in args.targets.split(","):
+    target = plan.target(name)
+    for workload in args.workloads.split(","):
+      cohorts = [int(c) for c in args.clients.split(",")] if args.clients else WORKLOADS[workload][1]
+      for clients in cohorts:
+        row = plan_one(workload, clients, target)
+        rows.append(row)
+        fit = (
+          f"chunk {row['chunk_per_device']}/device, {row['memory']['total'] / plan.GIB:.2f} GiB"
+          if "memory" in row
+          else "nothing fits"
+        )
+        est = (f", {row['seconds'] * 1e3:.1f} ms (loop {row['loop_seconds'] * 1e3:.1f} ms), MFU {row['mfu']:.0%}"
+               if row.get("seconds") else "")  # fmt: skip
+        print(f"{name} {workload} C={clients}: {fit}{est} [compiled in {row['compile_seconds']:.0f} s]", flush=True)
+        with open(args.out, "w") as f:
+          json.dump({"jax": jax.__version__, "rows": rows, "note": "compiler estimates, not measurements"}, f,
+                    indent=1, default=float)  # fmt: skip
+
+
+if __name__ == "__main__":
+  main()
