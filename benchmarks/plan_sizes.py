@@ -14,6 +14,7 @@ estimates (labelled so), not measurements.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -90,7 +91,7 @@ def tinyllama(steps: int = 5, batch: int = 4, seq_len: int = 512):
 WORKLOADS = {"vit_b16": (vit_b16, (16, 64, 256)), "tinyllama_1b": (tinyllama, (8, 16, 64))}
 
 
-def plan_one(workload: str, clients: int, target: plan.Target) -> dict:
+def plan_one(workload: str, clients: int, target: plan.Target, cost: bool = True) -> dict:
   """The largest fitting chunk's plan of a C-client round, and the per-client loop's estimate."""
   update, trainable, frozen, block = WORKLOADS[workload][0]()
   axis = len(target.devices)
@@ -104,14 +105,22 @@ def plan_one(workload: str, clients: int, target: plan.Target) -> dict:
     if per_device % chunk:
       continue
     chunk_all = 0 if chunk == per_device else chunk * axis
-    report = plan.plan_round(fed, trainable, frozen, block(clients), ids, weights, target, clients_per_chunk=chunk_all)
+    report = plan.plan_round(
+      fed, trainable, frozen, block(clients), ids, weights, target, clients_per_chunk=chunk_all, cost=False
+    )
     row.setdefault("tried", []).append({"chunk_per_device": chunk, "gib": report.memory["total"] / plan.GIB})
     if report.fits:
+      if cost:
+        report = plan.plan_round(
+          fed, trainable, frozen, block(clients), ids, weights, target, clients_per_chunk=chunk_all
+        )
+      if not cost:
+        report = dataclasses.replace(report, flops=None, estimated_seconds=None)  # Loops counted once.
       row.update(chunk_per_device=chunk, memory=report.memory, flops=report.flops,
                  seconds=report.estimated_seconds, mfu=report.mfu, loops=report.loops,
                  collectives=report.collectives)  # fmt: skip
       break
-  if "seconds" in row and row["seconds"]:
+  if cost and row.get("seconds"):
     one = plan.plan_round(
       fed, trainable, frozen, block(axis), jax.ShapeDtypeStruct((axis,), jnp.int32),
       jax.ShapeDtypeStruct((axis,), jnp.float32), target,
@@ -128,6 +137,7 @@ def main() -> None:
   parser.add_argument("--workloads", default=",".join(WORKLOADS))
   parser.add_argument("--clients", default="", help="Cohorts to plan (default: each workload's).")
   parser.add_argument("--out", default="benchmarks/plan_sizes.json")
+  parser.add_argument("--no-cost", action="store_true", help="Memory only (no loop-free compile).")
   args = parser.parse_args()
   rows = []
   for name in args.targets.split(","):
@@ -135,7 +145,7 @@ def main() -> None:
     for workload in args.workloads.split(","):
       cohorts = [int(c) for c in args.clients.split(",")] if args.clients else WORKLOADS[workload][1]
       for clients in cohorts:
-        row = plan_one(workload, clients, target)
+        row = plan_one(workload, clients, target, cost=not args.no_cost)
         rows.append(row)
         fit = (
           f"chunk {row['chunk_per_device']}/device, {row['memory']['total'] / plan.GIB:.2f} GiB"

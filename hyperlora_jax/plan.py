@@ -16,9 +16,9 @@ machine's devices (with `XLA_FLAGS=--xla_force_host_platform_device_count=N`, N 
 What the figures are: memory is the compiled program's own plan (`memory_analysis`: arguments,
 outputs less what they alias, temporaries, code), exact for that compiler. FLOPs and the TPU
 time are compiler estimates (`cost_analysis`), corrected for two traps found in them: a loop
-body is counted once (so `plan_round` compiles a second program for the cost, the local steps
-unrolled and every client at once, the same arithmetic without those loops; loops left, e.g. an
-aggregator's own iterations, are reported), and the TPU's `optimal_seconds` is lowered by 1.0 s
+body is counted once (so `plan_round` reads the cost from the round compiled without those
+loops, every client at once and the local steps unrolled, at 2 and 3 steps, and extrapolates to
+the run's S; loops left, e.g. an aggregator's own iterations, are reported), and the TPU's `optimal_seconds` is lowered by 1.0 s
 for each `ConcatBitcast` / `ZeroCrop` custom call (added back). The GPU compiler gives no cost
 analysis and refuses no program for its size: `fits` is this module's comparison with the chip's
 memory. Label every such figure an estimate; measure on a device when one is lent.
@@ -351,6 +351,7 @@ def analyze(compiled: Any, target_: Target, cost_compiled: Any = None) -> Plan:
   """
   memory = memory_of(compiled)
   flops, seconds, loops = cost_of(cost_compiled if cost_compiled is not None else compiled)
+  seconds = seconds if target_.platform == "tpu" else None  # Only the TPU compiler has a time model.
   fits = None if target_.usable_bytes is None else memory["total"] <= target_.usable_bytes
   return Plan(target_, memory, fits, flops, seconds, loops, collectives_of(compiled.as_text()))
 
@@ -385,8 +386,10 @@ def plan_round(
 ) -> Plan:
   """Plans one round (`fed_round.step`) for `target_`: the round compiled as it would run there
   (the per-client store over the `clients` axis, the frozen tree split over a `model` axis of
-  `model_parallel` devices, each round input over `clients`), and, for the cost, once more with
-  every client at once and the local steps unrolled (same arithmetic, no loops).
+  `model_parallel` devices, each round input over `clients`), and, for the cost, with every
+  client at once and the local steps unrolled (same arithmetic, no loops): at 2 and 3 local
+  steps, the cost of S steps extrapolated from them (it is affine in S; a round of S steps
+  unrolled would take S times as long to compile).
 
   Args:
     fed_round: the round (its mesh and chunk are replaced for the target).
@@ -398,7 +401,7 @@ def plan_round(
     signatures: [N, D] client signatures, as `fed_round.init` takes them (None: none).
     model_parallel: M, the `model` axis.
     clients_per_chunk: clients vmapped together (None: `fed_round`'s).
-    cost: also compile the loop-free program for FLOPs and time (a second, longer compile).
+    cost: also compile the loop-free programs for FLOPs and time (two more compiles).
   Returns:
     The `Plan` (memory and collectives of the round as it would run; cost of the loop-free one).
   """
@@ -421,15 +424,30 @@ def plan_round(
     abstract(weights, per_client),
   )
 
-  def compile_round(round_: federated.FederatedRound) -> Any:
-    lowered = jax.jit(round_.step, donate_argnums=(0,)).lower(*inputs)
+  def compile_round(round_: federated.FederatedRound, args: tuple) -> Any:
+    lowered = jax.jit(round_.step, donate_argnums=(0,)).lower(*args)
     return lowered.compile(compiler_options=target_.compiler_options or None)
 
-  compiled = compile_round(placed)
-  cost_compiled = None
-  if cost:
-    unrolled = dataclasses.replace(fed_round.client_update, unroll=True)
-    cost_compiled = compile_round(
-      dataclasses.replace(fed_round, mesh=mesh, clients_per_chunk=0, client_update=unrolled)
+  report = analyze(compile_round(placed, inputs), target_)
+  if not cost:
+    return report
+  # The cost without loops: every client at once, the local steps unrolled. A round's cost is
+  # affine in its local steps S (the steps are alike), so two short rounds give it for any S.
+  heldout = fed_round.aggregator.capabilities.heldout_steps
+  steps = int(jax.tree.leaves(batches)[0].shape[1]) - heldout
+  unrolled = dataclasses.replace(fed_round.client_update, unroll=True, steps=None)
+  cost_round = dataclasses.replace(fed_round, mesh=mesh, clients_per_chunk=0, client_update=unrolled)
+  costs = {}
+  for short in sorted({min(steps, 2), min(steps, 3)}):
+    short_batches = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct((x.shape[0], short + heldout) + tuple(x.shape[2:]), x.dtype, sharding=s),
+      inputs[2],
+      jax.tree.map(lambda x: x.sharding, inputs[2]),
     )
-  return analyze(compiled, target_, cost_compiled)
+    costs[short] = cost_of(compile_round(cost_round, (*inputs[:2], short_batches, *inputs[3:])))
+  (s0, (f0, t0, loops)), (s1, (f1, t1, _)) = sorted(costs.items())[0], sorted(costs.items())[-1]
+  extrapolate = lambda a, b: (
+    None if a is None or b is None else a + (steps - s0) * ((b - a) / (s1 - s0) if s1 > s0 else 0)
+  )
+  seconds = extrapolate(t0, t1) if target_.platform == "tpu" else None
+  return dataclasses.replace(report, flops=extrapolate(f0, f1), estimated_seconds=seconds, loops=loops)
