@@ -47,15 +47,51 @@ METRICS = (
 def layer_aggregation_bias(a: jax.Array, b: jax.Array, weights: jax.Array) -> jax.Array:
   """‖ā b̄ − Σ_k p_k a_k b_k‖_F / ‖Σ_k p_k a_k b_k‖_F for one layer (a scalar).
 
-  With Σ p_k = 1 the difference is Σ_k p_k (ā − a_k) b_k, and ‖Σ_k u_k b_k‖²_F =
-  Σ_kj tr(u_kᵀ u_j · b_j b_kᵀ): both norms come from [C, r, C, r] Gram matrices of the factors,
-  so no [d_in, d_out] matrix is formed (nor, on a clients-sharded mesh, all-reduced: the
-  factors are gathered instead, C r (d_in + d_out) values), and the difference is built from
-  the deviations ā − a_k, not as a difference of two large products. Products in float32 at
-  full precision (TPUs' default would round them to bfloat16).
+  Two exact ways, picked by the layer's shapes (static): the cheaper in the values a
+  clients-sharded mesh moves (`gram_aggregation_bias` gathers about 3 C r (d_in + d_out) factor
+  values; `product_aggregation_bias` all-reduces one [d_in, d_out] matrix). Wide layers with
+  few clients (a 7B decoder's projections: 16 clients of rank 16 move 6.3M values instead of
+  16.8M) take the Gram matrices; small layers or many clients the product (ViT-B/16's 768 x 768
+  at 16 clients of rank 16: 0.59M instead of 1.18M). They agree to float32 rounding.
 
   Args:
     a: [C, d_in, r]; b: [C, r, d_out] (kernel layout: a b = (B A)ᵀ, the norms are the same).
+    weights: [C] summing to 1.
+  Returns:
+    Scalar.
+  """
+  clients, d_in, rank = a.shape
+  d_out = b.shape[-1]
+  if 3 * clients * rank * (d_in + d_out) < d_in * d_out:
+    return gram_aggregation_bias(a, b, weights)
+  return product_aggregation_bias(a, b, weights)
+
+
+def product_aggregation_bias(a: jax.Array, b: jax.Array, weights: jax.Array) -> jax.Array:
+  """`layer_aggregation_bias` by the products: the exact mean Σ_k p_k a_k b_k is one contraction
+  over (k, r) (no [C, d_in, d_out] product is formed; one [d_in, d_out] matrix is).
+
+  Args:
+    a: [C, d_in, r]; b: [C, r, d_out].
+    weights: [C] summing to 1.
+  Returns:
+    Scalar.
+  """
+  mean_a = jnp.einsum("k,kir->ir", weights, a)
+  mean_b = jnp.einsum("k,kro->ro", weights, b)
+  exact = jnp.einsum("k,kir,kro->io", weights, a, b)
+  return jnp.linalg.norm(mean_a @ mean_b - exact) / jnp.maximum(jnp.linalg.norm(exact), _TINY)
+
+
+def gram_aggregation_bias(a: jax.Array, b: jax.Array, weights: jax.Array) -> jax.Array:
+  """`layer_aggregation_bias` by Gram matrices: with Σ p_k = 1 the difference is
+  Σ_k p_k (ā − a_k) b_k, and ‖Σ_k u_k b_k‖²_F = Σ_kj tr(u_kᵀ u_j · b_j b_kᵀ), so both norms come
+  from [C, r, C, r] Gram matrices of the factors and no [d_in, d_out] matrix is formed. The
+  difference is built from the deviations ā − a_k, not as a difference of two large products;
+  products in float32 at full precision (TPUs' default would round them to bfloat16).
+
+  Args:
+    a: [C, d_in, r]; b: [C, r, d_out].
     weights: [C] summing to 1.
   Returns:
     Scalar.

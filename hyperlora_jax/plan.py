@@ -17,8 +17,8 @@ What the figures are: memory is the compiled program's own plan (`memory_analysi
 outputs less what they alias, temporaries, code), exact for that compiler. FLOPs and the TPU
 time are compiler estimates (`cost_analysis`), corrected for two traps found in them: a loop
 body is counted once (so `plan_round` reads the cost from the round compiled without those
-loops, every client at once and the local steps unrolled, at 2 and 3 steps, and extrapolates to
-the run's S; loops left, e.g. an aggregator's own iterations, are reported), and the TPU's `optimal_seconds` is lowered by 1.0 s
+loops, one chunk's clients at once and the local steps unrolled, at 2 and 3 steps, extrapolated
+to the run's S and multiplied by its chunks; loops left, e.g. an aggregator's own iterations, are reported), and the TPU's `optimal_seconds` is lowered by 1.0 s
 for each `ConcatBitcast` / `ZeroCrop` custom call (added back). The GPU compiler gives no cost
 analysis and refuses no program for its size: `fits` is this module's comparison with the chip's
 memory. Label every such figure an estimate; measure on a device when one is lent.
@@ -217,6 +217,8 @@ class Plan:
     loops: while loops left in the program the cost was read from (their bodies counted once).
     collectives: {kind: (count, bytes of their results)} in the program, each counted once
       where it appears (inside a loop it runs once per iteration).
+    refused: the compiler's message when it refused the program for its size (the TPU's
+      RESOURCE_EXHAUSTED; memory then holds only its "total", the figure it states); "" else.
   """
 
   target: Target
@@ -226,6 +228,7 @@ class Plan:
   estimated_seconds: float | None
   loops: int
   collectives: dict[str, tuple[int, int]]
+  refused: str = ""
 
   @property
   def mfu(self) -> float | None:
@@ -242,6 +245,11 @@ class Plan:
     """
     gib = format_bytes
     m, t = self.memory, self.target
+    if self.refused:
+      return [
+        f"target {t.name} ({t.platform}, {len(t.devices)} devices); per device:",
+        f"  memory: DOES NOT FIT: the compiler refused it ({self.refused})",
+      ]
     capacity = f" of {gib(t.usable_bytes)}" if t.usable_bytes else ""
     if t.usable_fraction < 1 and t.memory_bytes:
       capacity += f" usable ({t.usable_fraction:.0%} of {gib(t.memory_bytes)}: XLA_PYTHON_CLIENT_MEM_FRACTION)"
@@ -356,6 +364,22 @@ def analyze(compiled: Any, target_: Target, cost_compiled: Any = None) -> Plan:
   return Plan(target_, memory, fits, flops, seconds, loops, collectives_of(compiled.as_text()))
 
 
+def refused_plan(message: str, target_: Target) -> Plan:
+  """The `Plan` of a program the compiler refused for its size.
+
+  Args:
+    message: the compiler's error, e.g. "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total
+      memory required for HLO temporaries (28.37G) exceeds available HBM (15.75G)".
+    target_: the devices it was compiled for.
+  Returns:
+    A `Plan` with fits False and memory {"total": the bytes the message states (0 if none)}.
+  """
+  line = next((l for l in message.splitlines() if "RESOURCE_EXHAUSTED" in l), message.splitlines()[0])
+  stated = re.search(r"\(([\d.]+)([KMGT])\)", line)
+  total = int(float(stated.group(1)) * 1024 ** "KMGT".index(stated.group(2)) * 1024) if stated else 0
+  return Plan(target_, {"total": total}, False, None, None, 0, {}, line.strip()[:300])
+
+
 def abstract(tree: Tree, shardings: Tree) -> Tree:
   """`tree` as `jax.ShapeDtypeStruct`s placed by `shardings` (nothing is copied to a device).
 
@@ -387,9 +411,10 @@ def plan_round(
   """Plans one round (`fed_round.step`) for `target_`: the round compiled as it would run there
   (the per-client store over the `clients` axis, the frozen tree split over a `model` axis of
   `model_parallel` devices, each round input over `clients`), and, for the cost, with every
-  client at once and the local steps unrolled (same arithmetic, no loops): at 2 and 3 local
-  steps, the cost of S steps extrapolated from them (it is affine in S; a round of S steps
-  unrolled would take S times as long to compile).
+  client of one chunk at once (all clients without chunks) and the local steps unrolled (same
+  arithmetic, no loops), at 2 and 3 local steps: the round's cost is that chunk's, extrapolated
+  to S steps (it is affine in S; S unrolled steps would take S times as long to compile), times
+  the chunks it runs in turn (the server's own work, small, is counted once per chunk).
 
   Args:
     fed_round: the round (its mesh and chunk are replaced for the target).
@@ -428,26 +453,39 @@ def plan_round(
     lowered = jax.jit(round_.step, donate_argnums=(0,)).lower(*args)
     return lowered.compile(compiler_options=target_.compiler_options or None)
 
-  report = analyze(compile_round(placed, inputs), target_)
+  try:
+    report = analyze(compile_round(placed, inputs), target_)
+  except Exception as e:  # XLA's own error type: the TPU compiler refuses what exceeds HBM.
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return refused_plan(str(e), target_)
   if not cost:
     return report
-  # The cost without loops: every client at once, the local steps unrolled. A round's cost is
-  # affine in its local steps S (the steps are alike), so two short rounds give it for any S.
+  # The cost without loops: one chunk's clients at once (all of them without chunks), the local
+  # steps unrolled, times the chunks the round runs one after the other. A round's cost is
+  # affine in its local steps S (the steps are alike), so rounds of 2 and 3 steps give it for any S.
   heldout = fed_round.aggregator.capabilities.heldout_steps
   steps = int(jax.tree.leaves(batches)[0].shape[1]) - heldout
+  chunk_clients = chunk or cohort
   unrolled = dataclasses.replace(fed_round.client_update, unroll=True, steps=None)
   cost_round = dataclasses.replace(fed_round, mesh=mesh, clients_per_chunk=0, client_update=unrolled)
+
+  def resized(x: Any, *steps_axis: int) -> jax.ShapeDtypeStruct:  # [chunk_clients, (steps,) ...]
+    shape = (chunk_clients, *steps_axis) + tuple(x.shape[1 + len(steps_axis) :])
+    return jax.ShapeDtypeStruct(shape, x.dtype, sharding=x.sharding)
+
   costs = {}
   for short in sorted({min(steps, 2), min(steps, 3)}):
-    short_batches = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct((x.shape[0], short + heldout) + tuple(x.shape[2:]), x.dtype, sharding=s),
-      inputs[2],
-      jax.tree.map(lambda x: x.sharding, inputs[2]),
-    )
-    costs[short] = cost_of(compile_round(cost_round, (*inputs[:2], short_batches, *inputs[3:])))
+    short_batches = jax.tree.map(lambda x: resized(x, short + heldout), inputs[2])
+    ids_, weights_ = resized(inputs[3]), resized(inputs[4])
+    costs[short] = cost_of(compile_round(cost_round, (*inputs[:2], short_batches, ids_, weights_)))
   (s0, (f0, t0, loops)), (s1, (f1, t1, _)) = sorted(costs.items())[0], sorted(costs.items())[-1]
-  extrapolate = lambda a, b: (
-    None if a is None or b is None else a + (steps - s0) * ((b - a) / (s1 - s0) if s1 > s0 else 0)
-  )
+  chunks = cohort // chunk_clients
+
+  def extrapolate(at_s0: float | None, at_s1: float | None) -> float | None:
+    if at_s0 is None or at_s1 is None:
+      return None
+    return chunks * (at_s0 + (steps - s0) * ((at_s1 - at_s0) / (s1 - s0) if s1 > s0 else 0.0))
+
   seconds = extrapolate(t0, t1) if target_.platform == "tpu" else None
   return dataclasses.replace(report, flops=extrapolate(f0, f1), estimated_seconds=seconds, loops=loops)

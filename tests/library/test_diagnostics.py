@@ -52,21 +52,49 @@ def test_aggregation_bias_matches_the_paper_formula_on_non_square_layers():
   np.testing.assert_allclose(float(padded), _paper_bias(a, b, weights), rtol=1e-5)
 
 
-def test_aggregation_bias_forms_no_layer_sized_matrix_and_resolves_a_small_bias():
-  """The bias of a 48 x 40 layer from 4 clients of rank 2 is computed from Gram matrices: no value
-  of the computation has both a d_in and a d_out axis (the product form held a [d_in, d_out]
+def test_aggregation_bias_of_a_wide_layer_forms_no_layer_sized_matrix_and_resolves_a_small_bias():
+  """The bias of a 96 x 80 layer from 4 clients of rank 2 is computed from Gram matrices: no value
+  of the computation has both a d_in and a d_out axis (the product form holds a [d_in, d_out]
   float32 per layer, all-reduced across devices). A bias of ~1e-4 (nearly shared A) is still
   resolved to 1% against float64."""
   keys = jax.random.split(jax.random.key(3), 3)
-  a = jax.random.normal(keys[0], (1, 48, 2)) + 1e-4 * jax.random.normal(keys[1], (4, 48, 2))
-  b = jax.random.normal(keys[2], (4, 2, 40))
+  a = jax.random.normal(keys[0], (1, 96, 2)) + 1e-4 * jax.random.normal(keys[1], (4, 96, 2))
+  b = jax.random.normal(keys[2], (4, 2, 80))
   weights = jnp.array([0.1, 0.2, 0.3, 0.4])
   jaxpr = jax.make_jaxpr(diagnostics.layer_aggregation_bias)(a, b, weights)
   shapes = {tuple(v.aval.shape) for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars}
-  assert not [s for s in shapes if 48 in s and 40 in s], shapes
+  assert not [s for s in shapes if 96 in s and 80 in s], shapes
   want = _paper_bias(a, b, weights)
   assert 1e-5 < want < 1e-3
   np.testing.assert_allclose(float(diagnostics.layer_aggregation_bias(a, b, weights)), want, rtol=1e-2)
+
+
+def test_both_ways_to_the_bias_agree_and_each_layer_takes_the_one_moving_fewer_values():
+  """The Gram and product ways agree (non-square, padding client included); a wide layer with
+  few clients takes the Gram one (no [d_in, d_out] value), a narrow one the product (no
+  [C, r, C, r] value)."""
+  keys = jax.random.split(jax.random.key(5), 2)
+  a, b = jax.random.normal(keys[0], (5, 9, 3)), jax.random.normal(keys[1], (5, 3, 7))
+  weights = jnp.array([0.1, 0.2, 0.3, 0.4, 0.0])
+  np.testing.assert_allclose(
+    float(diagnostics.gram_aggregation_bias(a, b, weights)),
+    float(diagnostics.product_aggregation_bias(a, b, weights)),
+    rtol=1e-5,
+  )
+  np.testing.assert_allclose(
+    float(diagnostics.layer_aggregation_bias(a, b, weights)), _paper_bias(a, b, weights), rtol=1e-5
+  )
+
+  def value_shapes(c, d_in, r, d_out):
+    jaxpr = jax.make_jaxpr(diagnostics.layer_aggregation_bias)(
+      jnp.ones((c, d_in, r)), jnp.ones((c, r, d_out)), jnp.full(c, 1 / c)
+    )
+    return {tuple(v.aval.shape) for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars}
+
+  wide = value_shapes(2, 96, 2, 80)  # 3 C r (d_in + d_out) = 2,112 < 7,680: Gram.
+  assert (96, 80) not in wide and (2, 2, 2, 2) in wide
+  narrow = value_shapes(16, 12, 4, 10)  # 4,224 >= 120: the product.
+  assert (12, 10) in narrow and (16, 4, 16, 4) not in narrow
 
 
 def test_client_drift_hand_count():

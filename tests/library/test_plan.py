@@ -118,3 +118,22 @@ def test_a_round_planned_for_eight_compile_only_h100s():
   report = _round_plan(h100s)
   assert report.fits and report.flops is None and report.estimated_seconds is None
   assert "all-reduce" in report.collectives
+
+
+def test_a_program_the_tpu_compiler_refuses_is_a_plan_that_does_not_fit_with_its_figure():
+  message = (
+    "jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required "
+    "for HLO temporaries (28.37G) exceeds available HBM (15.75G).\nmore context"
+  )
+  report = plan.refused_plan(message, plan.target("cpu"))
+  assert report.fits is False and report.memory["total"] == pytest.approx(28.37 * plan.GIB, rel=1e-6)
+  assert "refused" in report.lines()[1] and "28.37G" in report.lines()[1]
+
+
+def test_a_chunked_rounds_cost_is_its_chunks_in_turn():
+  """8 clients by chunks of 4: the cost is two chunks' (read from a round of 4 clients), within
+  the server's small share of the whole round's; its memory is below the whole round's."""
+  cpu = plan.target("cpu")
+  whole, chunked = _round_plan(cpu, steps=3), _round_plan(cpu, steps=3, clients_per_chunk=4)
+  assert chunked.flops == pytest.approx(whole.flops, rel=0.1)
+  assert chunked.memory["temporaries"] < whole.memory["temporaries"]
