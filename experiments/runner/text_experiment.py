@@ -100,7 +100,16 @@ def with_clients_of(
   config: ml_collections.ConfigDict, groups: tuple[str, ...], log: Callable[[str], None]
 ) -> ml_collections.ConfigDict:
   """`config` with data.num_clients = the number of `groups` when it is 0 (one client per group,
-  as many as the file has; logged), after checking fed.clients_per_round against it."""
+  as many as the file has; logged), after checking fed.clients_per_round against it. With
+  `data.partition='one_domain_per_client'` a nonzero data.num_clients must be that number
+  (ConfigError naming it, before any client is built)."""
+  one_per_group = config.data.partition == "one_domain_per_client"
+  if config.data.num_clients and one_per_group and config.data.num_clients != len(groups):
+    raise ConfigError(
+      f"data.num_clients: {config.data.num_clients} clients, but data.partition='one_domain_per_client' gives one "
+      f"per {config.data.group_field or 'group'} of {config.data.name!r}: {len(groups)} ({', '.join(groups)}); "
+      f"set it to {len(groups)}, or 0 for as many as the file has"
+    )
   if config.data.num_clients:
     return config
   if config.fed.clients_per_round > len(groups):

@@ -143,8 +143,8 @@ def _categories_file(path, categories, per_category=6):
 
 def test_the_readme_recipe_takes_a_file_with_its_own_number_of_categories(tmp_path, cache_dirs):
   """`:data=X.jsonl` gives one client per category, as many as the file has (Dolly-15k's 8, not
-  the embedded set's 13); a file with
-  fewer categories than clients a round is refused naming fed.clients_per_round."""
+  the embedded set's 13); a file with fewer categories than clients a round is refused naming
+  fed.clients_per_round, and a data.num_clients other than its categories naming that field."""
   categories = (
     "brainstorming",
     "classification",
@@ -172,6 +172,9 @@ def test_the_readme_recipe_takes_a_file_with_its_own_number_of_categories(tmp_pa
     build_experiment(config, lambda _: None)
   config.fed.clients_per_round, config.data.min_client_size = 4, 10
   with pytest.raises(ConfigError, match=r"data.min_client_size: category 'brainstorming' has 5 training record"):
+    build_experiment(config, lambda _: None)
+  config.data.min_client_size, config.data.num_clients = 3, 6  # One client per category: 4, not 6.
+  with pytest.raises(ConfigError, match=r"data.num_clients: 6 clients, but .*one per category .*: 4 \("):
     build_experiment(config, lambda _: None)
 
 
