@@ -24,6 +24,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from experiments import cli
+from experiments.runner.data import blocks
 from experiments.runner.experiment import build_experiment
 from experiments.runner.feeding import round_inputs
 from hyperlora_jax import autotune, plan
@@ -36,10 +37,10 @@ _CHUNKS = flags.DEFINE_list("chunks", [], "Candidate clients_per_chunk values (d
 _COST = flags.DEFINE_bool("cost", True, "Also compile the loop-free round for FLOPs and time.")
 
 
-def padded(tree, size: int, fill=0):
-  """`tree` ([C, ...] NumPy leaves) padded to `size` rows along the first axis with `fill`."""
+def padded(tree, size: int):
+  """`tree` ([C, ...] NumPy leaves) padded with zero rows to `size` rows along the first axis."""
   return jax.tree.map(
-    lambda x: np.concatenate([x, np.full((size - len(x),) + x.shape[1:], fill, x.dtype)]) if size > len(x) else x,
+    lambda x: np.concatenate([x, np.zeros((size - len(x),) + x.shape[1:], x.dtype)]) if size > len(x) else x,
     tree,
   )
 
@@ -79,9 +80,9 @@ def main(argv) -> None:
   )
   block, ids, weights = round_inputs(exp, 0)
   axis = len(target.devices) // model_parallel
-  cohort = -(-len(ids) // axis) * axis  # Padded to a multiple of the clients axis: id N, weight 0.
-  block, weights = padded(block, cohort), padded(weights, cohort)
-  ids = padded(ids, cohort, fill=exp.fed_round.num_clients)
+  ids = blocks.pad_client_ids(ids, axis)  # A multiple of the clients axis, as the runner pads.
+  cohort = len(ids)
+  block, weights = padded(block, cohort), padded(weights, cohort)  # Padding clients: no example, weight 0.
   frozen = frozen_tree(exp.backbone, dtype=dtype)
   print(
     f"plan of {config.method} on {target.name}: {cohort} clients a round ({cohort // axis} per device of the "

@@ -436,7 +436,7 @@ def plan_round(
   if cohort % axis or (chunk and cohort % chunk):
     raise ValueError(
       f"plan_round: a cohort of {cohort} clients on {target_.name} must be a multiple of its clients axis "
-      f"({axis} devices) and of clients_per_chunk={chunk}; pad it (weight 0, id N)"
+      f"({axis} devices) and of clients_per_chunk={chunk}; pad it (id -1, weight 0)"
     )
   placed = dataclasses.replace(fed_round, mesh=mesh, clients_per_chunk=chunk)
   state = jax.eval_shape(lambda t, s: placed.init(jax.random.key(0), t, s), trainable, signatures)

@@ -19,8 +19,6 @@ import os
 from typing import Any, NamedTuple
 from collections.abc import Callable
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -163,16 +161,6 @@ def image_backbone(config: ml_collections.ConfigDict, log: Callable[[str], None]
   return ImageBackbone(variables, image_preprocess(config), tokenizer, info)
 
 
-def _abstract_backbone(config: ml_collections.ConfigDict) -> Any:
-  model = models.model_from_config(config.model, 1)
-  shape = (1, config.data.image_size, config.data.image_size, 3)
-  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # This process's own device.
-  return jax.tree.map(
-    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=local),
-    jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape, jnp.float32)),
-  )["params"]
-
-
 def load_hf_backbone(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> tuple[dict, dict]:
   """({"params"}, {"source"}) of the Hugging Face directory `pretrain.checkpoint` (tensors the
   run does not use, e.g. a ViT's classifier and pooler, named in the log).
@@ -181,7 +169,7 @@ def load_hf_backbone(config: ml_collections.ConfigDict, log: Callable[[str], Non
     CheckpointError: unreadable, or not shaped like `config.model`.
   """
   checkpoint = opened_checkpoint(config)
-  params, dropped = checkpoint.params(_abstract_backbone(config))
+  params, dropped = checkpoint.params(pretrain.abstract_backbone(config, 1)["params"])
   log(
     f"backbone: loaded the Hugging Face {config.model.name} {checkpoint.directory}"
     + (f" (not loaded: {', '.join(dropped)})" if dropped else "")
@@ -202,7 +190,7 @@ def load_npz_backbone(config: ml_collections.ConfigDict, log: Callable[[str], No
   """
   path = config.pretrain.npz_path
   flat = npz.read_npz(path)
-  params = npz.from_npz(config.model.name, flat, _abstract_backbone(config))
+  params = npz.from_npz(config.model.name, flat, pretrain.abstract_backbone(config, 1)["params"])
   dropped = npz.dropped_arrays(flat)
   log(f"backbone: loaded {config.model.name} from {path}" + (f" (not loaded: {', '.join(dropped)})" if dropped else ""))
   return {"params": params}, {"source": path}

@@ -165,7 +165,16 @@ def pretrain(
   return variables, {"holdout_accuracy": hits / len(hold), "seconds": time.time() - start}
 
 
-def _abstract_backbone(config, num_classes: int) -> Any:
+def abstract_backbone(config: ml_collections.ConfigDict, num_classes: int) -> Any:
+  """The config's image model's variables as `jax.ShapeDtypeStruct`s on this process's device
+  (what a cache or a checkpoint is restored into).
+
+  Args:
+    config: a run config (`model.*`, `data.image_size`).
+    num_classes: the head's classes.
+  Returns:
+    {"params": ...} of ShapeDtypeStructs.
+  """
   model = models.model_from_config(config.model, num_classes)
   shape = (1, config.data.image_size, config.data.image_size, 3)
   local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # This process's own device.
@@ -206,7 +215,7 @@ def load_or_pretrain(config: ml_collections.ConfigDict, log: Callable[[str], Non
       ) from None
     with open(info_path) as f:
       info = json.load(f)
-    abstract = _abstract_backbone(config, info["num_classes"])
+    abstract = abstract_backbone(config, info["num_classes"])
     try:
       variables = _local_checkpointer().restore(os.path.abspath(os.path.join(path, "variables")), abstract)
     except Exception as e:  # Orbax raises several types for unreadable files.
