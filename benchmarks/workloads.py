@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import benchmarks, default
+from configs import benchmarks, blocks, default
 from hyperlora_jax import lora, models
 from hyperlora_jax.client import local_update
 from experiments.runner.optimizers import build_optimizer
@@ -46,7 +46,9 @@ def client_update_fn(
   task = ImageClassification(
     model, lora.lora_scale(config.lora.alpha, config.lora.rank), models.preprocess_images, compute_dtype=dtype
   )
-  client_update = local_update(task.loss_fn, build_optimizer(config.client_optimizer))
+  client_update = local_update(
+    task.loss_fn, build_optimizer(blocks.from_config(blocks.Optimizer, config.client_optimizer))
+  )
   frozen = frozen_tree(backbone, dtype=dtype)
   ones = jax.tree.map(lambda _: jnp.float32(1.0), trainable)
 
@@ -117,7 +119,9 @@ def text_client_update_fn(size: str = "tiny", remat: bool = False):
   )
   trainable = {"lora": lora.init_lora(jax.random.key(1), targets, config.lora.rank), "head": {}}
   task = CausalLM(model, lora.lora_scale(config.lora.alpha, config.lora.rank), dtype)
-  client_update = local_update(task.loss_fn, build_optimizer(config.client_optimizer))
+  client_update = local_update(
+    task.loss_fn, build_optimizer(blocks.from_config(blocks.Optimizer, config.client_optimizer))
+  )
   ones = jax.tree.map(lambda _: jnp.float32(1.0), trainable)
 
   def one_client(frozen, start, block):

@@ -62,31 +62,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.method = args.get("method", "fedit")
   config.seed = args.int("seed", 0)
 
-  config.data = ml_collections.ConfigDict()
-  config.data.name = "digits_domains/res16"  # Or any prepared TFDS dataset, e.g. 'cifar100'.
-  config.data.data_dir = ""  # '' = ~/.cache/hyperlora_jax/tensorflow_datasets
-  config.data.train_split = "train"
-  config.data.test_split = "test"
-  config.data.image_size = 16
-  config.data.partition = "dirichlet_label_skew"
-  config.data.num_clients = 20
-  config.data.dirichlet_alpha = 0.5
-  config.data.classes_per_client = 2
-  config.data.min_client_size = 10
-  config.data.heldout_clients = 0  # New clients never trained on, evaluated at the end.
-  config.data.max_client_examples = 0  # > 0: each client keeps a random subset of at most this
-  # many training examples (data-scarce regimes); its
-  # test split is unchanged. 0: all.
-  config.data.validation_fraction = 0.0  # > 0: this fraction of each client's training examples
-  # is held out and every evaluation reads it instead of
-  # the test split (hyperparameter tuning). 0: off.
-  config.data.stream = False  # Read images on demand from the prepared files
-  # (host memory: the index and a few blocks).
-  config.data.stream_chunk_examples = 4096  # Examples per evaluation/signature block (bounds device
-  # memory; with stream, host memory too).
-  config.data.feed = "round"  # 'round': a round's images are gathered before it
-  # runs; 'chunk': read chunk by chunk inside it (memory
-  # flat in clients per round; one device).
+  # The data, the backbone's pretraining, LoRA and the rounds: fields, defaults and meanings are
+  # the dataclasses of `configs.blocks` (data.name: or any prepared TFDS dataset, e.g. 'cifar100';
+  # data.feed='chunk': a round reads its images chunk by chunk; pretrain.checkpoint: a Hugging
+  # Face directory whose config.json sets model.*; fed.clients_per_chunk=-1: measured at start-up).
+  config.data = config_blocks.as_config(config_blocks.ImageData())
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "vit"
@@ -97,49 +77,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.mlp_ratio = 2.0
   config.model.remat = False  # Recompute encoder blocks in the backward pass.
 
-  config.pretrain = ml_collections.ConfigDict()
-  config.pretrain.data_name = "digits_domains/res16"
-  config.pretrain.split = "pretrain"
-  config.pretrain.steps = 1500
-  config.pretrain.batch_size = 128
-  config.pretrain.learning_rate = 1e-3
-  config.pretrain.cache_dir = ""  # '' = ~/.cache/hyperlora_jax/backbones
-  config.pretrain.npz_path = ""  # A real .npz checkpoint (ViT, Mixer) instead of pretraining.
-  config.pretrain.checkpoint = ""  # A Hugging Face ViT directory (config.json + safetensors)
-  # instead; its config.json sets model.*.
+  config.pretrain = config_blocks.as_config(config_blocks.ImagePretrain())
 
-  config.lora = ml_collections.ConfigDict()
-  config.lora.target_regex = r".*attn/(query|value)"
-  config.lora.rank = 4
-  config.lora.alpha = 8.0
-  config.lora.rslora = False
-  config.lora.client_ranks = ()  # Heterogeneous ranks, cyclic over clients, e.g. (2, 4);
-  # each <= lora.rank (= r_max). () = all at lora.rank.
+  config.lora = config_blocks.as_config(config_blocks.Lora())
+  config.fed = config_blocks.as_config(config_blocks.Fed(num_rounds=args.int("rounds", 30)))
 
-  config.fed = ml_collections.ConfigDict()
-  config.fed.num_rounds = args.int("rounds", 30)
-  config.fed.clients_per_round = 10
-  config.fed.local_steps = 10
-  config.fed.batch_size = 32
-  config.fed.clients_per_chunk = -1  # Clients vmapped together. -1: measured at start-up
-  # for this backend and model (cached with the
-  # backbone, recorded in the workdir); 0: all at once.
-  config.fed.head_policy = "shared"  # 'shared' (aggregated like LoRA) or 'local'.
-  config.fed.num_devices = 0  # Devices of the mesh; 0 = all.
-  config.fed.model_parallel = 1  # M > 1: a (num_devices / M) x M mesh, clients over
-  # the first axis, the frozen backbone split over the
-  # second (a backbone larger than one device).
-  config.fed.new_client_steps = 2  # Local steps a held-out new client may take.
-
-  config.client_optimizer = ml_collections.ConfigDict()
-  config.client_optimizer.name = "adam"
-  config.client_optimizer.learning_rate = 3e-3
-  config.client_optimizer.momentum = 0.0
-
-  config.server_optimizer = ml_collections.ConfigDict()
-  config.server_optimizer.name = "sgd"  # sgd with lr 1 = plain aggregation (FedAvg).
-  config.server_optimizer.learning_rate = 1.0
-  config.server_optimizer.momentum = 0.0
+  config.client_optimizer = config_blocks.as_config(config_blocks.Optimizer(name="adam", learning_rate=3e-3))
+  # sgd with learning rate 1 = plain aggregation (FedAvg).
+  config.server_optimizer = config_blocks.as_config(config_blocks.Optimizer(name="sgd", learning_rate=1.0))
 
   # Method-specific blocks (each checked and saved only for the methods that read it,
   # `methods.METHOD_BLOCKS`): their fields, defaults and meanings are the dataclasses of

@@ -29,6 +29,7 @@ Args (comma-separated in the `:arg`), plus configs/default.py's method, seed, ro
 
 import ml_collections
 
+from configs import blocks as config_blocks
 from configs import default
 
 
@@ -38,30 +39,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.task = "instruction_tuning"
   config.benchmark = "instruction_tuning"
 
-  config.data = ml_collections.ConfigDict()
-  config.data.name = args.get("data", "stdlib_docs")  # The embedded records, or a file.
-  config.data.data_dir = ""  # Tokenized records kept here; '' = ~/.cache/hyperlora_jax/tokenized
-  config.data.layout = args.get("layout", "dolly")
-  config.data.group_field = "category" if config.data.layout == "dolly" else ""
-  config.data.test_fraction = 0.2  # Of each category's records, held out for test.
-  config.data.max_len = 176  # Tokens per example (prompt + response + eos), padded:
-  # 95% of the embedded records fit whole.
-  config.data.chat_template = bool(args.get("chat", False))
+  # The data block's fields, defaults and meanings: `configs.blocks.TextData`.
+  layout = args.get("layout", "dolly")
+  group_field = "category" if layout == "dolly" else ""
   by_category = (
-    args.choice("partition", "category" if config.data.group_field else "dirichlet", ("category", "dirichlet"))
-    == "category"
+    args.choice("partition", "category" if group_field else "dirichlet", ("category", "dirichlet")) == "category"
   )
-  config.data.partition = "one_domain_per_client" if by_category else "dirichlet_label_skew"
-  config.data.num_clients = 0 if by_category else args.int("clients", 20)  # 0: one per group in the data.
-  config.data.dirichlet_alpha = args.float("alpha", 0.5)
-  config.data.classes_per_client = 2
-  config.data.min_client_size = 4
-  config.data.heldout_clients = 0
-  config.data.max_client_examples = 0
-  config.data.validation_fraction = 0.0
-  config.data.stream = bool(args.get("stream", False))  # Token rows read from the tokenized files as needed.
-  config.data.stream_chunk_examples = 4096
-  config.data.feed = "round"
+  config.data = config_blocks.as_config(
+    config_blocks.TextData(
+      name=args.get("data", "stdlib_docs"),  # The embedded records, or a file.
+      layout=layout,
+      group_field=group_field,
+      chat_template=bool(args.get("chat", False)),
+      partition="one_domain_per_client" if by_category else "dirichlet_label_skew",
+      num_clients=0 if by_category else args.int("clients", 20),  # 0: one per group in the data.
+      dirichlet_alpha=args.float("alpha", 0.5),
+      min_client_size=4,
+      stream=bool(args.get("stream", False)),  # Token rows read from the tokenized files as needed.
+    )
+  )
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "llama"
@@ -72,14 +68,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.mlp_dim = 172
   config.model.remat = False
 
-  config.pretrain = ml_collections.ConfigDict()
-  config.pretrain.checkpoint = args.get("checkpoint", "")  # A Hugging Face decoder directory instead.
-  config.pretrain.cache_dir = ""  # '' = ~/.cache/hyperlora_jax/backbones
-  config.pretrain.vocab_size = 2048  # The embedded tokenizer's BPE vocabulary.
-  config.pretrain.sequence_length = 64
-  config.pretrain.steps = 600
-  config.pretrain.batch_size = 32
-  config.pretrain.learning_rate = 3e-3
+  # The embedded decoder, or a Hugging Face one: `configs.blocks.TextPretrain`.
+  config.pretrain = config_blocks.as_config(config_blocks.TextPretrain(checkpoint=args.get("checkpoint", "")))
 
   config.fed.num_rounds = args.int("rounds", 30)
   config.fed.clients_per_round = 6

@@ -168,6 +168,7 @@ def prepare_shared_inputs(configs: list, log=print) -> None:
   from experiments.runner import backbone, pretrain
   from experiments.runner.data.loader import prepare_dataset
   from experiments.runner import pretrain_text, text_experiment
+  from experiments.runner.settings import backbone_settings
   from experiments.runner.config_validation import is_text
 
   done = set()
@@ -175,7 +176,7 @@ def prepare_shared_inputs(configs: list, log=print) -> None:
     if is_text(config):  # The embedded decoder is built and the records tokenized once.
       data = config.data
       key = (
-        config.pretrain.get("checkpoint", "") or pretrain_text.cache_path(config),
+        config.pretrain.get("checkpoint", "") or pretrain_text.cache_path(backbone_settings(config)),
         data.name,
         data.max_len,
         data.layout,
@@ -192,14 +193,15 @@ def prepare_shared_inputs(configs: list, log=print) -> None:
         log(f"sweep: preparing the decoder and records for {config.benchmark} failed ({type(e).__name__}: {e})")
       continue
     data_key = (config.data.name, config.data.data_dir)
-    backbone_key = None if backbone.real_checkpoint(config) else pretrain.cache_path(config)  # Nothing to make.
+    backbone_step = backbone_settings(config)
+    backbone_key = None if backbone.real_checkpoint(backbone_step.pretrain) else pretrain.cache_path(backbone_step)
     try:
       if data_key not in done:
         done.add(data_key)
         prepare_dataset(config.data.name, config.data.data_dir or None)
       if backbone_key and backbone_key not in done:
         done.add(backbone_key)
-        backbone.prepare_backbone(config, log=log)
+        backbone.prepare_backbone(backbone_step, log=log)
     except Exception as e:  # The affected runs report it themselves.
       log(f"sweep: preparing inputs for {config.benchmark} failed ({type(e).__name__}: {e})")
 

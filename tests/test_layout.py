@@ -148,6 +148,55 @@ def test_the_runners_imports_are_acyclic():
   assert graph["experiments.runner.config_facts"] == set()
 
 
+# The runner reads a config through typed values (`settings`, `configs.blocks`), unpacked once; the
+# whole `ConfigDict` reaches only the modules about the config itself and these functions: the
+# builders that unpack it, the steps that rewrite it before it is unpacked, and the loop's entry.
+CONFIG_MODULES = ("config_facts", "config_validation", "settings", "workdir")
+CONFIG_READERS = {
+  "experiment.build_experiment",  # The dispatch to one builder.
+  "image_experiment.build_image_experiment",  # The builders: unpack it into typed values.
+  "text_experiment.build_text_experiment",
+  "assembly.checked_method",  # Every check of the config, then the method it names.
+  "methods.method_settings",  # The method's blocks, typed.
+  "backbone.with_checkpoint_architecture",  # The config with a checkpoint's model.* ...
+  "backbone._with_npz_pool",
+  "text_experiment.build_text_federated_data",  # ... and a text run's data.num_clients.
+  "text_experiment.with_clients_of",
+  "text_experiment.prepare_text_inputs",  # A multi-process run's or a sweep's preparation.
+  "train.train_and_evaluate",  # The entry point: prepare, build, workdir, title.
+  "train._run",
+  "train.prepare_once",
+  "train.config_for_resume",
+}
+
+
+def config_taking_functions(source: str) -> set[str]:
+  """The names of the functions in `source` with an argument named `config` or annotated as a
+  `ConfigDict`."""
+  found = set()
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+      for arg in node.args.posonlyargs + node.args.args + node.args.kwonlyargs:
+        annotation = ast.unparse(arg.annotation) if arg.annotation is not None else ""
+        if arg.arg == "config" or "ConfigDict" in annotation:
+          found.add(getattr(node, "name", "<lambda>"))
+  return found
+
+
+def test_past_the_boundary_the_runner_takes_typed_settings_not_the_config():
+  """A function that loads the backbone or data, builds or runs the round takes the typed values
+  it needs; the whole `ConfigDict` stops at the config's own modules and `CONFIG_READERS` (84
+  functions took it before)."""
+  assert config_taking_functions("def f(a, config): ...\ndef g(x: ml_collections.ConfigDict): ...") == {"f", "g"}
+  runner = ROOT / "experiments" / "runner"
+  takers = set()
+  for path in sorted(runner.rglob("*.py")):
+    module = ".".join(path.relative_to(runner).with_suffix("").parts)
+    if module not in CONFIG_MODULES:
+      takers |= {f"{module}.{function}" for function in config_taking_functions(path.read_text())}
+  assert takers == CONFIG_READERS
+
+
 def test_configs_import_nothing_of_the_experiments():
   """`configs/` is read by the runner and by sweeps; it imports the library and its own
   modules, never `experiments/` (which imported back)."""

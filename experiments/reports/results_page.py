@@ -97,8 +97,10 @@ def majority_label_accuracy(config: dict) -> float:
 
   from experiments.studies.label_prior import majority_label_accuracy as per_client
   from experiments.runner.federated_data import build_federated_data
+  from experiments.runner.settings import data_block
 
-  data = build_federated_data(ml_collections.ConfigDict(config))
+  run_config = ml_collections.ConfigDict(config)
+  data = build_federated_data(data_block(run_config), run_config.seed, run_config.eval_batch)
   return float(np.nanmean(per_client(data.train_pool.labels, data.test_pool.labels, data.train_parts, data.test_parts)))
 
 

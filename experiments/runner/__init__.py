@@ -6,10 +6,13 @@ Its imports are acyclic (`tests/test_layout.py`); read top down:
 
   config_facts       what every module may ask of a config: ConfigError, is_text, the cache root
   config_validation  every check of a run's config, before anything is loaded or compiled
+  settings           the config unpacked into typed values (configs/blocks.py's dataclasses): the
+                     backbone step's, the data block, the run's; nothing below the builders takes
+                     the whole config
   memory             whether a run fits the device: before anything is prepared, after compiling
-  methods            a method from a config: an aggregator, which leaves stay local or frozen,
+  methods            a method from its typed blocks: an aggregator, which leaves stay local or frozen,
                      a generator plug-in, signatures; METHOD_BLOCKS: the config blocks it reads
-  optimizers         optax optimizers from config blocks (`configs/blocks.py` holds their defaults)
+  optimizers         optax optimizers from typed blocks (`configs/blocks.py`)
   data/              the embedded dataset (render, digits_domains: an offline TFDS builder),
                      loader (any prepared TFDS dataset), partition, blocks (padded client
                      blocks), corruptions (test-time feature shift), instructions (text records)

@@ -1,7 +1,9 @@
 """The parts every run is assembled from, image or text: the `Experiment` record, the checked
 method, the clients' signatures and the round itself (`assemble`: the one place a run's
 `FederatedRound` is built and `fed.clients_per_chunk=-1` resolved). The builders
-(`image_experiment`, `text_experiment`) make the data, backbone and task and end here."""
+(`image_experiment`, `text_experiment`) make the data, backbone and task, unpack the config into
+`settings.RunSettings`, and end here; past `checked_method` (every check of the config) nothing
+here reads the config itself."""
 
 from __future__ import annotations
 
@@ -13,13 +15,14 @@ import jax
 import ml_collections
 import numpy as np
 
+from configs import blocks
 from experiments.runner import methods
 from experiments.runner.chunking import auto_clients_per_chunk
 from experiments.runner.config_validation import check_mesh_fits, check_method_fits, preflight, validate_config
 from experiments.runner.federated_data import FederatedData, client_blocks
 from experiments.runner.optimizers import build_optimizer
+from experiments.runner.settings import RunSettings
 from hyperlora_jax import autotune, federated, models, primitives
-from hyperlora_jax import faults as faults_lib
 from hyperlora_jax.client import ClientUpdate, local_update
 from hyperlora_jax.hyper import signatures as signatures_lib
 from hyperlora_jax.hyper.plugins import clip_plugin_updates, generator_plugin
@@ -28,9 +31,9 @@ from hyperlora_jax.tasks.common import apply_base_delta
 
 @dataclasses.dataclass
 class Experiment:
-  """Everything a run needs, built once from the config."""
+  """Everything a run needs, built once from the config (`settings`: the config's typed values)."""
 
-  config: ml_collections.ConfigDict
+  settings: RunSettings
   data: FederatedData
   task: Any  # tasks.image_classification.ImageClassification or tasks.causal_lm.CausalLM.
   method: methods.Method
@@ -50,14 +53,14 @@ def checked_method(config: ml_collections.ConfigDict) -> tuple[Any, methods.Meth
   validate_config(config, methods.METHODS, methods.METHOD_BLOCKS)
   preflight(config)
   mesh = check_mesh_fits(config)
-  method = methods.build_method(config)
-  server_optimizer = build_optimizer(config.server_optimizer)
+  method = methods.build_method(methods.method_settings(config))
+  server_optimizer = build_optimizer(blocks.from_config(blocks.Optimizer, config.server_optimizer))
   check_method_fits(config, method, server_optimizer)
   return mesh, method, server_optimizer
 
 
 def assemble(
-  config: ml_collections.ConfigDict,
+  settings: RunSettings,
   log: Callable[[str], None],
   *,
   mesh: Any,
@@ -75,6 +78,7 @@ def assemble(
   chunk size (`fed.clients_per_chunk`, measured here when -1) and its `FederatedRound`.
 
   Args:
+    settings: the run's (`settings.run_settings`).
     mesh, method, server_optimizer: `checked_method`'s.
     data, task, backbone, targets, trainable: what the builder made.
     signatures: (clients' [N, D], held-out new clients' [M, D]) or (None, None).
@@ -82,11 +86,11 @@ def assemble(
   """
   client_signatures, new_signatures = signatures
   signature_dim = 0 if client_signatures is None else client_signatures.shape[-1]
-  ranks = client_ranks(config, data.num_clients)
-  client_update = local_update(task.loss_fn, build_optimizer(config.client_optimizer))
-  chunk = config.fed.clients_per_chunk
+  ranks = client_ranks(settings.lora, data.num_clients)
+  client_update = local_update(task.loss_fn, build_optimizer(settings.client_optimizer))
+  chunk = settings.fed.clients_per_chunk
   if chunk == autotune.AUTO:
-    chunk = auto_clients_per_chunk(config, task, backbone, trainable, client_update, mesh, method.pooled_data, log)
+    chunk = auto_clients_per_chunk(settings, task, backbone, trainable, client_update, mesh, method.pooled_data, log)
   fed_round = federated.FederatedRound(
     client_update,
     method.aggregator,
@@ -97,13 +101,13 @@ def assemble(
     client_ranks=ranks,
     clients_per_chunk=chunk,
     mesh=mesh if mesh.size > 1 else None,
-    plugins=round_plugins(config, method, targets, data.num_clients, signature_dim),
+    plugins=round_plugins(settings.method.robust, method, targets, data.num_clients, signature_dim),
     apply_base_delta=apply_base_delta,
-    faults=faults_lib.Faults(**config.faults.to_dict()) if "faults" in config else None,
+    faults=settings.faults,
     load_batches=load_batches,
   )
   return Experiment(
-    config,
+    settings,
     data,
     task,
     method,
@@ -137,7 +141,7 @@ def sharded_backbone(backbone: Any, mesh: Any, log: Callable[[str], None]) -> An
 
 
 def every_client_signature(
-  config: ml_collections.ConfigDict,
+  settings: RunSettings,
   method: methods.Method,
   data: FederatedData,
   model: Any,
@@ -150,13 +154,13 @@ def every_client_signature(
   clipped and noised under DP (`hyperlora_jax.privacy`; validation checked the fields).
   `featurizer`: `compute_signatures`' `featurize` and `example_keys`, for other examples than
   images (text runs)."""
-  hl = config.hyperlora
+  hl, dp = settings.method.hyperlora, settings.dp
   every_part = data.train_parts + data.new_train_parts
-  keys = jax.random.split(jax.random.key(config.seed), len(every_part))  # One noise key per client.
+  keys = jax.random.split(jax.random.key(settings.seed), len(every_part))  # One noise key per client.
   noise_std, clip = hl.signature_noise_std, None
-  if methods.dp_on(config):
-    clip = config.dp.signature_clip_norm
-    noise_std = config.dp.signature_noise_multiplier * clip
+  if methods.dp_on(dp):
+    clip = dp.signature_clip_norm
+    noise_std = dp.signature_noise_multiplier * clip
   every_signature = np.concatenate(
     [
       signatures_lib.compute_signatures(
@@ -168,7 +172,7 @@ def every_client_signature(
         preprocess=preprocess,
         covariance_rank=hl.covariance_rank,
         noise_std=noise_std,
-        seed=config.seed,
+        seed=settings.seed,
         client_keys=keys[ids],
         clip_norm=clip,
         **featurizer,
@@ -180,7 +184,7 @@ def every_client_signature(
 
 
 def round_plugins(
-  config: ml_collections.ConfigDict, method: methods.Method, targets: dict, num_clients: int, signature_dim: int
+  robust: blocks.Robust, method: methods.Method, targets: dict, num_clients: int, signature_dim: int
 ) -> tuple[federated.Plugin, ...]:
   """The method's generator as a round plug-in (pFedHN, HyperLoRA; () for the others), learning
   from clipped updates when `robust.clip_norm` clips the aggregate's."""
@@ -191,12 +195,12 @@ def round_plugins(
     target=method.generator_target,
     privacy=method.generator_privacy,
   )
-  clip_norm = config.robust.clip_norm if "robust" in config else 0.0
+  clip_norm = robust.clip_norm
   return (clip_plugin_updates(plugin, clip_norm),) if clip_norm > 0 else (plugin,)
 
 
-def client_ranks(config: ml_collections.ConfigDict, num_clients: int) -> np.ndarray:
+def client_ranks(lora: blocks.Lora, num_clients: int) -> np.ndarray:
   """[num_clients] ranks: `lora.client_ranks` assigned cyclically (client k gets entry
   k mod len), or `lora.rank` for every client when it is empty."""
-  ranks = tuple(config.lora.client_ranks) or (config.lora.rank,)
+  ranks = lora.client_ranks or (lora.rank,)
   return np.array([ranks[k % len(ranks)] for k in range(num_clients)], np.int32)

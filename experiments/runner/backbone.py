@@ -1,16 +1,18 @@
-"""The run's frozen backbone, in one step per modality.
+"""The run's frozen backbone, in one step per modality, from the typed `BackboneSettings`
+(`settings.backbone_settings(config)`):
 
-  image_backbone(config, log)   -> ImageBackbone: pretrained on the embedded data and cached
-                                   (`pretrain`), or a real checkpoint (`pretrain.checkpoint`: a
-                                   Hugging Face directory; `pretrain.npz_path`: a `.npz` file)
-  text_backbone(config, log)    -> TextBackbone: the embedded decoder (`pretrain_text`, built and
-                                   cached) or `pretrain.checkpoint`'s, with its tokenizer
-  prepare_backbone(config, log)    builds the caches only (a multi-process run's main process, sweeps)
+  image_backbone(backbone, log)   -> ImageBackbone: pretrained on the embedded data and cached
+                                     (`pretrain`), or a real checkpoint (`pretrain.checkpoint`: a
+                                     Hugging Face directory; `pretrain.npz_path`: a `.npz` file)
+  text_backbone(backbone, log)    -> TextBackbone: the embedded decoder (`pretrain_text`, built
+                                     and cached) or `pretrain.checkpoint`'s, with its tokenizer
+  prepare_backbone(backbone, log)    builds the caches only (a multi-process run's main process,
+                                     sweeps)
 
 and what the config checks ask before anything is loaded: `opened_checkpoint` (the checkpoint
 directory opened once per process, an `hf.Checkpoint` that validation, `model.*` and loading
-all read), `real_checkpoint`, and `with_checkpoint_architecture` (`model.*` set from the
-checkpoint).
+all read), `real_checkpoint`, and `with_checkpoint_architecture` (the config with `model.*` set
+from the checkpoint: the one function here that reads and rewrites the config itself).
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from collections.abc import Callable
 import ml_collections
 import numpy as np
 
+from configs import blocks
 from experiments.runner import pretrain, pretrain_text
 from experiments.runner.config_facts import is_text
+from experiments.runner.settings import BackboneSettings
 from hyperlora_jax import models
 from hyperlora_jax.models import CheckpointError, hf, npz
 from hyperlora_jax.models.llama import DecoderLM
@@ -46,13 +50,16 @@ def open_directory(directory: str) -> hf.Checkpoint:
   return _OPENED[key]
 
 
-def opened_checkpoint(config: ml_collections.ConfigDict) -> hf.Checkpoint | None:
+def opened_checkpoint(directory: str) -> hf.Checkpoint | None:
   """The Hugging Face checkpoint `pretrain.checkpoint` opened (None when there is none).
 
+  Args:
+    directory: the field's value ('' for none).
+  Returns:
+    The `hf.Checkpoint`, or None.
   Raises:
     CheckpointError: prefixed with the field, the directory holds no supported checkpoint.
   """
-  directory = config.pretrain.get("checkpoint", "")
   if not directory:
     return None
   try:
@@ -61,10 +68,16 @@ def opened_checkpoint(config: ml_collections.ConfigDict) -> hf.Checkpoint | None
     raise CheckpointError(f"pretrain.checkpoint: {e}") from None
 
 
-def real_checkpoint(config: ml_collections.ConfigDict) -> str:
+def real_checkpoint(pretraining: blocks.ImagePretrain | blocks.TextPretrain) -> str:
   """The real checkpoint a run loads instead of pretraining ('' for none): `pretrain.checkpoint`
-  (a Hugging Face directory) or `pretrain.npz_path` (a `.npz` file)."""
-  return config.pretrain.get("checkpoint", "") or config.pretrain.get("npz_path", "")
+  (a Hugging Face directory) or `pretrain.npz_path` (a `.npz` file).
+
+  Args:
+    pretraining: the run's `pretrain` block (`BackboneSettings.pretrain`).
+  Returns:
+    The path, or ''.
+  """
+  return pretraining.checkpoint or getattr(pretraining, "npz_path", "")
 
 
 def with_checkpoint_architecture(
@@ -80,7 +93,7 @@ def with_checkpoint_architecture(
   Raises:
     CheckpointError: the directory holds no supported checkpoint, or one of the other modality.
   """
-  checkpoint = opened_checkpoint(config)
+  checkpoint = opened_checkpoint(config.pretrain.get("checkpoint", ""))
   if checkpoint is None:
     return config if is_text(config) else _with_npz_pool(config, log)
   directory = checkpoint.directory
@@ -142,65 +155,76 @@ class ImageBackbone(NamedTuple):
   info: dict
 
 
-def image_backbone(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> ImageBackbone:
+def image_backbone(backbone: BackboneSettings, log: Callable[[str], None] = print) -> ImageBackbone:
   """The image run's backbone: `pretrain.checkpoint`'s, `pretrain.npz_path`'s, or pretrained on
   the embedded data (cached, `pretrain.load_or_pretrain`), with its preprocessing.
 
+  Args:
+    backbone: `settings.backbone_settings(config)` of an image run.
+    log: progress lines.
+  Returns:
+    The `ImageBackbone`.
   Raises:
-    CheckpointError: a checkpoint unreadable or not shaped like `config.model`.
+    CheckpointError: a checkpoint unreadable or not shaped like `model.*`.
     RuntimeError: a pretraining cache that is not what was written (left in place).
   """
-  checkpoint = opened_checkpoint(config)
+  checkpoint = opened_checkpoint(backbone.checkpoint)
   if checkpoint is not None:
-    variables, info = load_hf_backbone(config, log)
-  elif config.pretrain.get("npz_path"):
-    variables, info = load_npz_backbone(config, log)
+    variables, info = load_hf_backbone(backbone, log)
+  elif backbone.pretrain.npz_path:
+    variables, info = load_npz_backbone(backbone, log)
   else:
-    variables, info = pretrain.load_or_pretrain(config, log)
+    variables, info = pretrain.load_or_pretrain(backbone, log)
   tokenizer = checkpoint.require_tokenizer() if checkpoint is not None and checkpoint.model_name == "clip" else None
-  return ImageBackbone(variables, image_preprocess(config), tokenizer, info)
+  return ImageBackbone(variables, image_preprocess(backbone.checkpoint), tokenizer, info)
 
 
-def load_hf_backbone(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> tuple[dict, dict]:
+def load_hf_backbone(backbone: BackboneSettings, log: Callable[[str], None] = print) -> tuple[dict, dict]:
   """({"params"}, {"source"}) of the Hugging Face directory `pretrain.checkpoint` (tensors the
   run does not use, e.g. a ViT's classifier and pooler, named in the log).
 
   Raises:
-    CheckpointError: unreadable, or not shaped like `config.model`.
+    CheckpointError: unreadable, or not shaped like `model.*`.
   """
-  checkpoint = opened_checkpoint(config)
-  params, dropped = checkpoint.params(pretrain.abstract_backbone(config, 1)["params"])
+  checkpoint = opened_checkpoint(backbone.checkpoint)
+  params, dropped = checkpoint.params(pretrain.abstract_backbone(backbone, 1)["params"])
   log(
-    f"backbone: loaded the Hugging Face {config.model.name} {checkpoint.directory}"
+    f"backbone: loaded the Hugging Face {backbone.model['name']} {checkpoint.directory}"
     + (f" (not loaded: {', '.join(dropped)})" if dropped else "")
   )
-  if checkpoint.image_size != config.data.image_size:
+  if checkpoint.image_size != backbone.image_size:
     log(
       f"backbone: position embeddings resized from {checkpoint.image_size} px to data.image_size="
-      f"{config.data.image_size} px (bicubic, as transformers' interpolate_pos_encoding)"
+      f"{backbone.image_size} px (bicubic, as transformers' interpolate_pos_encoding)"
     )
   return {"params": params}, {"source": checkpoint.directory}
 
 
-def load_npz_backbone(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> tuple[dict, dict]:
+def load_npz_backbone(backbone: BackboneSettings, log: Callable[[str], None] = print) -> tuple[dict, dict]:
   """({"params"}, {"source"}) of the `.npz` checkpoint `pretrain.npz_path` (head dropped).
 
   Raises:
-    CheckpointError: unreadable, or not shaped like `config.model`.
+    CheckpointError: unreadable, or not shaped like `model.*`.
   """
-  path = config.pretrain.npz_path
+  path, name = backbone.pretrain.npz_path, backbone.model["name"]
   flat = npz.read_npz(path)
-  params = npz.from_npz(config.model.name, flat, pretrain.abstract_backbone(config, 1)["params"])
+  params = npz.from_npz(name, flat, pretrain.abstract_backbone(backbone, 1)["params"])
   dropped = npz.dropped_arrays(flat)
-  log(f"backbone: loaded {config.model.name} from {path}" + (f" (not loaded: {', '.join(dropped)})" if dropped else ""))
+  log(f"backbone: loaded {name} from {path}" + (f" (not loaded: {', '.join(dropped)})" if dropped else ""))
   return {"params": params}, {"source": path}
 
 
-def image_preprocess(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
+def image_preprocess(checkpoint_directory: str) -> Callable[[Any], Any]:
   """uint8 images [..., H, W, 3] -> the model's inputs: normalized by the checkpoint's
   preprocessor_config.json (image_mean, image_std) when `pretrain.checkpoint` has one, else
-  `models.preprocess_images` ([-1, 1], the project's backbones and the google ViTs)."""
-  checkpoint = opened_checkpoint(config)
+  `models.preprocess_images` ([-1, 1], the project's backbones and the google ViTs).
+
+  Args:
+    checkpoint_directory: `pretrain.checkpoint` ('' for none).
+  Returns:
+    The preprocessing function.
+  """
+  checkpoint = opened_checkpoint(checkpoint_directory)
   if checkpoint is None or checkpoint.normalization is None:
     return models.preprocess_images
   mean, std = (np.asarray(v, np.float32) for v in checkpoint.normalization)
@@ -222,21 +246,21 @@ class TextBackbone(NamedTuple):
 
 
 def decoder_checkpoint(
-  config: ml_collections.ConfigDict,
+  backbone: BackboneSettings,
   log: Callable[[str], None] = print,
   check_tokenizer: Callable[[hf.Tokenizer], None] | None = None,
 ) -> hf.Checkpoint:
   """The text run's decoder checkpoint, opened: `pretrain.checkpoint`, or the embedded decoder's
   cache (built on first use, `check_tokenizer` seeing its tokenizer before the pretraining;
   verified on every use: `pretrain_text.decoder_directory`)."""
-  checkpoint = opened_checkpoint(config)
+  checkpoint = opened_checkpoint(backbone.checkpoint)
   if checkpoint is not None:
     return checkpoint
-  return open_directory(pretrain_text.decoder_directory(config, log, check_tokenizer))
+  return open_directory(pretrain_text.decoder_directory(backbone, log, check_tokenizer))
 
 
 def text_backbone(
-  config: ml_collections.ConfigDict,
+  backbone: BackboneSettings,
   log: Callable[[str], None] = print,
   check_tokenizer: Callable[[hf.Tokenizer], None] | None = None,
 ) -> TextBackbone:
@@ -245,15 +269,15 @@ def text_backbone(
   Raises:
     CheckpointError: the checkpoint or the cached directory cannot be read.
   """
-  checkpoint = decoder_checkpoint(config, log, check_tokenizer)
-  model, variables, dropped = hf.load_causal_lm(checkpoint, remat=bool(config.model.get("remat", False)))
+  checkpoint = decoder_checkpoint(backbone, log, check_tokenizer)
+  model, variables, dropped = hf.load_causal_lm(checkpoint, remat=bool(backbone.model.get("remat", False)))
   if dropped:
     log(f"backbone: not loaded (not used): {', '.join(dropped)}")
   return TextBackbone(model, variables, checkpoint.require_tokenizer(), checkpoint.directory)
 
 
-def prepare_backbone(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> None:
+def prepare_backbone(backbone: BackboneSettings, log: Callable[[str], None] = print) -> None:
   """Builds what an image run's backbone step would build (the pretraining cache), reading no
   real checkpoint; text runs build their decoder with their records (`text_experiment`)."""
-  if not real_checkpoint(config):
-    pretrain.load_or_pretrain(config, log)
+  if not real_checkpoint(backbone.pretrain):
+    pretrain.load_or_pretrain(backbone, log)

@@ -6,13 +6,14 @@ import os
 from typing import Any
 from collections.abc import Callable
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from experiments.runner.config_facts import cache_dir, is_text
+from experiments.runner.settings import RunSettings
 from hyperlora_jax import autotune, distributed, primitives
 from hyperlora_jax.client import ClientUpdate
 from hyperlora_jax.tasks.common import frozen_tree
@@ -34,14 +35,14 @@ def random_token_block(clients: int, steps: int, batch_size: int, seq_len: int, 
   }
 
 
-def sample_block(config: ml_collections.ConfigDict, task: Any, clients: int) -> dict:
+def sample_block(settings: RunSettings, task: Any, clients: int) -> dict:
   """A round's block for `clients` clients to time chunk sizes on (speed does not depend on
   the values): random uint8 images {"image": [c, S, B, H, W, 3], "label", "mask"}, or for a
   text run `random_token_block`'s sequences of data.max_len tokens."""
-  shape = (clients, config.fed.local_steps, config.fed.batch_size)
-  if is_text(config):
-    return random_token_block(*shape, config.data.max_len, task.model.vocab_size)
-  size = config.data.image_size
+  shape = (clients, settings.fed.local_steps, settings.fed.batch_size)
+  _, size = settings.input_size
+  if settings.text:
+    return random_token_block(*shape, size, task.model.vocab_size)
   rng = np.random.default_rng(0)
   return {
     "image": rng.integers(0, 256, shape + (size, size, 3), dtype=np.uint8),
@@ -51,7 +52,7 @@ def sample_block(config: ml_collections.ConfigDict, task: Any, clients: int) -> 
 
 
 def auto_clients_per_chunk(
-  config: ml_collections.ConfigDict,
+  settings: RunSettings,
   task: Any,
   backbone: Any,
   trainable: Any,
@@ -68,7 +69,7 @@ def auto_clients_per_chunk(
   A pooled-data learner (one client) has nothing to chunk: 0.
   """
   per_device = (
-    1 if pooled_data else -(-config.fed.clients_per_round // primitives.clients_axis_size(mesh))
+    1 if pooled_data else -(-settings.fed.clients_per_round // primitives.clients_axis_size(mesh))
   )  # Padded cohort / D.
   if per_device == 1:
     return 0
@@ -77,23 +78,23 @@ def auto_clients_per_chunk(
     "device": jax.local_devices()[0].device_kind,
     "cpus": os.cpu_count(),
     "jax": jax.__version__,
-    "model": config.model.to_dict(),
-    "lora": [config.lora.target_regex, config.lora.rank],
-    **({"max_len": config.data.max_len} if is_text(config) else {"image_size": config.data.image_size}),
+    "model": settings.model,
+    "lora": [settings.lora.target_regex, settings.lora.rank],
+    settings.input_size[0].removeprefix("data."): settings.input_size[1],
     "clients_per_device": per_device,
-    "local_steps": config.fed.local_steps,
-    "batch_size": config.fed.batch_size,
-    "client_optimizer": config.client_optimizer.to_dict(),
+    "local_steps": settings.fed.local_steps,
+    "batch_size": settings.fed.batch_size,
+    "client_optimizer": dataclasses.asdict(settings.client_optimizer),
     "backbone_dtype": str(jnp.dtype(task.compute_dtype)),
   }
-  path = os.path.join(cache_dir(config), "clients_per_chunk.json")
+  path = os.path.join(settings.cache_dir, "clients_per_chunk.json")
 
   def measure() -> autotune.ChunkChoice:
     log(
       f"fed.clients_per_chunk=-1: timing chunk sizes for {per_device} clients per device "
       f"(once per backend, model and round shape; cached in {path})"
     )
-    block = sample_block(config, task, per_device)
+    block = sample_block(settings, task, per_device)
     frozen = frozen_tree(backbone, dtype=task.compute_dtype)
     every_leaf = jax.tree.map(lambda _: jnp.float32(1.0), trainable)
     one_client = lambda xs: client_update(xs[0], frozen, xs[1], jax.random.key(0), every_leaf)[0]

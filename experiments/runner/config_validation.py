@@ -24,6 +24,7 @@ from experiments.runner.config_facts import TASKS, ConfigError, is_text  # noqa:
 from experiments.runner.data import loader
 from experiments.runner.data.partition import ALLOWED_PARTITIONS
 from experiments.runner.optimizers import ALLOWED_OPTIMIZERS, ALLOWED_SCHEDULES
+from experiments.runner.settings import backbone_settings
 from hyperlora_jax import federated, lora, models
 from hyperlora_jax.hyper.generator import GENERATOR_LOSSES
 from hyperlora_jax.hyper.signatures import parse_kinds, statistic_kinds
@@ -307,7 +308,7 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
   _positive_int(config, "data.min_client_size")  # 0 lets a client without examples in (weight 0/0).
   fraction = data.get("validation_fraction", 0.0)
   _require(0 <= fraction < 1, "data.validation_fraction", f"must be in [0, 1), got {fraction}")
-  if not backbone.real_checkpoint(config) and not is_text(config):
+  if not backbone.real_checkpoint(backbone_settings(config).pretrain) and not is_text(config):
     _positive_int(config, "pretrain.steps")
   _positive_int(config, "fed.clients_per_chunk", minimum=-1)  # -1: measured (autotune.AUTO).
   _one_of(config.compute.backbone_dtype, ALLOWED_BACKBONE_DTYPES, "compute.backbone_dtype")
@@ -402,7 +403,7 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
         "from one client's updates alone, which no noise at the server hides",
       )
   if "generator" in config and "generator" not in unused:  # After the blocks the method reads.
-    embeddings = allowed_methods[config.method](config).client_embeddings
+    embeddings = allowed_methods[config.method](methods.method_settings(config)).client_embeddings
     _positive_int(config, "generator.client_embed_dim", minimum=1 if embeddings else 0)
   for name in optimizers:
     block = config
@@ -442,7 +443,8 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
       _require(value > 0, f"dp.{name}", f"must be > 0, got {value}")
     signature_noise = config.dp.get("signature_noise_multiplier", 0.0)
     _require(signature_noise >= 0, "dp.signature_noise_multiplier", f"must be >= 0, got {signature_noise}")
-  method = allowed_methods[config.method](config)
+  settings = methods.method_settings(config)
+  method = allowed_methods[config.method](settings)
   if "dp" in config and config.dp.noise_multiplier > 0:
     if method.private_rounds:
       sent = statistic_kinds(method.signature_kinds)
@@ -458,7 +460,7 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
         "must be 0 under dp.noise_multiplier > 0 (the signatures' noise is then "
         "dp.signature_noise_multiplier x dp.signature_clip_norm)",
       )
-  methods.check_server_options(config, method, allowed_methods)
+  methods.check_server_options(settings, method, allowed_methods)
 
 
 def _writable_dir(path: str) -> bool:
@@ -516,7 +518,8 @@ def preflight(config: ml_collections.ConfigDict) -> None:
       f"need more than the {train_examples} examples of {config.data.name!r} "
       f"{config.data.train_split!r}"
     )
-  if not backbone.real_checkpoint(config):
+  backbone_step = backbone_settings(config)
+  if not backbone.real_checkpoint(backbone_step.pretrain):
     pretrain_examples = examples(
       config.pretrain.data_name, config.pretrain.split, "pretrain.data_name", "pretrain.split"
     )
@@ -525,7 +528,7 @@ def preflight(config: ml_collections.ConfigDict) -> None:
         f"pretrain.batch_size: {config.pretrain.batch_size} exceeds the {pretrain_examples} "
         f"examples of {config.pretrain.data_name!r} {config.pretrain.split!r}"
       )
-  cache_dir = os.path.dirname(pretrain.cache_path(config))
+  cache_dir = os.path.dirname(pretrain.cache_path(backbone_step))
   if not _writable_dir(cache_dir):
     raise ConfigError(f"pretrain.cache_dir: cannot write to {cache_dir!r}")
   names = loader.label_names(config.data.name, data_dir)
@@ -542,13 +545,14 @@ def _preflight_text(config: ml_collections.ConfigDict) -> None:
   if config.pretrain.get("checkpoint", ""):
     from hyperlora_jax.models.llama import DecoderLM
 
-    model = DecoderLM(**backbone.opened_checkpoint(config).architecture)
+    model = DecoderLM(**backbone.opened_checkpoint(config.pretrain.checkpoint).architecture)
   else:
-    cache_dir = os.path.dirname(pretrain_text.cache_path(config))
+    backbone_step = backbone_settings(config)
+    cache_dir = os.path.dirname(pretrain_text.cache_path(backbone_step))
     if not _writable_dir(cache_dir):
       raise ConfigError(f"pretrain.cache_dir: cannot write to {cache_dir!r}")
     model = pretrain_text.decoder_from_config(config.model, config.pretrain.vocab_size)
-    if not os.path.isdir(pretrain_text.cache_path(config)):  # It would be pretrained first.
+    if not os.path.isdir(pretrain_text.cache_path(backbone_step)):  # It would be pretrained first.
       _check_decoder_step_fits(
         model,
         config.pretrain.batch_size,
@@ -650,7 +654,9 @@ def check_method_fits(config: ml_collections.ConfigDict, method, server_optimize
         f"{config.server_optimizer.to_dict()}"
       )
     allowed = sorted(
-      name for name, build in methods.METHODS.items() if build(config).aggregator.capabilities.heterogeneous_ranks
+      name
+      for name, build in methods.METHODS.items()
+      if build(methods.method_settings(config)).aggregator.capabilities.heterogeneous_ranks
     )
     raise ConfigError(
       f"lora.client_ranks: method {config.method!r} does not define aggregation "

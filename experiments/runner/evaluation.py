@@ -64,7 +64,7 @@ def _evaluator(exp: Experiment, counts: Callable | None) -> Callable[..., Callab
   client), `counts` as `make_evaluate`'s."""
   chunk = exp.fed_round.clients_per_chunk
   evaluation = task_lib.make_evaluate(
-    exp.task, exp.fed_round, eval_batch=exp.config.eval_batch, clients_per_chunk=chunk, counts=counts
+    exp.task, exp.fed_round, eval_batch=exp.settings.eval_batch, clients_per_chunk=chunk, counts=counts
   )
   global_counts, client_accuracy = jax.jit(evaluation.global_counts), jax.jit(evaluation.client_accuracy)
   data = exp.data
@@ -80,7 +80,7 @@ def _evaluator(exp: Experiment, counts: Callable | None) -> Callable[..., Callab
       [jax.device_put((ids, shifted(b)), sharded) for ids, b in data.client_test_blocks(multiple=multiple)],
     )
 
-  cached = None if exp.config.data.stream else blocks_on_device()
+  cached = None if exp.settings.stream else blocks_on_device()
 
   def evaluate(state, frozen, transform_images=None):
     shifted_or_streamed = transform_images is not None or cached is None
@@ -104,13 +104,13 @@ def _evaluator(exp: Experiment, counts: Callable | None) -> Callable[..., Callab
 def evaluate_new_clients(exp: Experiment, state: Any, frozen: Any) -> dict[str, float]:
   """Mean accuracy of the held-out new clients from each start (`make_new_client_evaluate`),
   as record entries `new_client_<start>`; {} without held-out clients."""
-  data, config = exp.data, exp.config
+  data, settings = exp.data, exp.settings
   if not data.new_train_parts:
     return {}
   ids = np.arange(len(data.new_train_parts))
-  rng = np.random.default_rng([config.seed, 2])
+  rng = np.random.default_rng([settings.seed, 2])
   indices, mask = blocks.train_block_indices(
-    data.new_train_parts, ids, config.fed.new_client_steps, config.fed.batch_size, rng
+    data.new_train_parts, ids, settings.fed.new_client_steps, settings.fed.batch_size, rng
   )
   train_block = blocks.gather_block(data.train_pool, indices, mask)
   test_block = blocks.padded_eval_block(data.test_pool, data.new_test_parts)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
-import ml_collections
 import numpy as np
 
+from configs import blocks as config_blocks
 from experiments.runner.data import blocks, partition
 from experiments.runner.data.loader import ImageDataset, load_image_dataset
 
@@ -93,22 +93,37 @@ def client_blocks(
     yield np.where(ids < len(parts), ids, 0), blocks.padded_eval_block(pool, chunk, n_max)
 
 
-def build_federated_data(config: ml_collections.ConfigDict) -> FederatedData:
+def build_federated_data(data: config_blocks.ImageData, seed: int, eval_batch: int) -> FederatedData:
   """Loads the pools (streamed with `data.stream`) and partitions them over `data.num_clients`
   + `data.heldout_clients` clients (seeded by `seed`); the last `heldout_clients` are the new
   clients. Partitions read only labels and domains. With `data.validation_fraction` > 0 every
   evaluation reads a validation split carved from each client's training examples
-  (`partition.split_validation`) instead of its test split, which is then never read."""
-  data = config.data
+  (`partition.split_validation`) instead of its test split, which is then never read.
+
+  Args:
+    data: the run's `data` block (`settings.data_block(config)`).
+    seed: the run's seed.
+    eval_batch: the evaluation batch (blocks are padded to a multiple of it).
+  Returns:
+    The `FederatedData`.
+  """
   train = load_image_dataset(data.name, data.train_split, data.data_dir or None, data.image_size, data.stream)
   test = load_image_dataset(data.name, data.test_split, data.data_dir or None, data.image_size, data.stream)
-  return partitioned(config, train, test)
+  return partitioned(data, seed, eval_batch, train, test)
 
 
-def partitioned(config: ml_collections.ConfigDict, train, test) -> FederatedData:
+def partitioned(data: config_blocks.ClientData, seed: int, eval_batch: int, train, test) -> FederatedData:
   """The `FederatedData` of pools `train` and `test` (images, or `instructions.TextDataset`s
-  whose records' groups are their labels and domains) by the config's partition."""
-  data = config.data
+  whose records' groups are their labels and domains) by the `data` block's partition.
+
+  Args:
+    data: the run's `data` block (image or text).
+    seed: the run's seed.
+    eval_batch: the evaluation batch.
+    train, test: the pools.
+  Returns:
+    The `FederatedData`.
+  """
   train_parts, test_parts = partition.partition_train_test(
     data.partition,
     train.labels,
@@ -116,17 +131,17 @@ def partitioned(config: ml_collections.ConfigDict, train, test) -> FederatedData
     test.labels,
     test.domains,
     data.num_clients + data.heldout_clients,
-    seed=config.seed,
+    seed=seed,
     alpha=data.dirichlet_alpha,
     classes_per_client=data.classes_per_client,
     min_size=data.min_client_size,
   )
-  train_parts = partition.cap_examples(train_parts, data.get("max_client_examples", 0), config.seed)
-  if data.get("validation_fraction", 0.0):  # Tuning: evaluate on held-out training data only.
-    train_parts, test_parts = partition.split_validation(train_parts, data.validation_fraction, config.seed)
+  train_parts = partition.cap_examples(train_parts, data.max_client_examples, seed)
+  if data.validation_fraction:  # Tuning: evaluate on held-out training data only.
+    train_parts, test_parts = partition.split_validation(train_parts, data.validation_fraction, seed)
     test = train
   new_train, new_test = train_parts[data.num_clients :], test_parts[data.num_clients :]
   train_parts, test_parts = train_parts[: data.num_clients], test_parts[: data.num_clients]
   return FederatedData(
-    train, test, train_parts, test_parts, new_train, new_test, config.eval_batch, data.stream_chunk_examples
+    train, test, train_parts, test_parts, new_train, new_test, eval_batch, data.stream_chunk_examples
   )

@@ -45,20 +45,20 @@ def round_inputs(exp: Experiment, round_index: int, gather: bool = True) -> tupl
     pool, "label", "mask"} with gather=False), client_ids [C] (-1 = padding), weights [C] =
     n_k / Σ n_j over the sampled clients.
   """
-  config, data = exp.config, exp.data
-  rng = np.random.default_rng([config.seed, 1, round_index])
-  steps = config.fed.local_steps + exp.fed_round.aggregator.capabilities.heldout_steps
+  settings, data = exp.settings, exp.data
+  rng = np.random.default_rng([settings.seed, 1, round_index])
+  steps = settings.fed.local_steps + exp.fed_round.aggregator.capabilities.heldout_steps
   parts = data.train_parts
   if exp.method.pooled_data:
     ids = np.zeros(1, np.int64)
-    steps *= config.fed.clients_per_round
+    steps *= settings.fed.clients_per_round
     parts = [np.concatenate(data.train_parts)]
   else:
-    ids = blocks.sample_clients(data.num_clients, config.fed.clients_per_round, rng)
+    ids = blocks.sample_clients(data.num_clients, settings.fed.clients_per_round, rng)
   devices = primitives.clients_axis_size(exp.mesh)
   multiple = exp.fed_round.clients_per_chunk or devices
   ids = blocks.pad_client_ids(ids, math.lcm(multiple, devices))
-  indices, mask = blocks.train_block_indices(parts, ids, steps, config.fed.batch_size, rng)
+  indices, mask = blocks.train_block_indices(parts, ids, steps, settings.fed.batch_size, rng)
   sizes = np.where(ids >= 0, data.train_sizes()[np.maximum(ids, 0)], 0).astype(np.float32)
   if not gather:
     light = {"indices": indices, "label": data.train_pool.labels[indices], "mask": mask}
@@ -73,7 +73,7 @@ def round_on_mesh(exp: Experiment, round_index: int, sharding: NamedSharding) ->
   of the clients its devices hold (`jax.make_array_from_callback`); ids and weights are small
   and built whole.
   """
-  if exp.config.data.feed == "chunk":  # Light batches: the round reads images chunk by chunk.
+  if exp.settings.feed == "chunk":  # Light batches: the round reads images chunk by chunk.
     light, ids, weights = round_inputs(exp, round_index, gather=False)
     light["indices"] = light["indices"].astype(np.int32)
     return jax.device_put((light, ids, weights), sharding), ids

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from experiments.runner.backbone import image_backbone
+from experiments.runner.settings import backbone_settings, data_block, run_settings
 from experiments.runner.assembly import Experiment, assemble, checked_method, every_client_signature, sharded_backbone
 from experiments.runner.federated_data import build_federated_data
 from experiments.runner.feeding import chunk_image_loader
@@ -44,37 +45,38 @@ def build_image_experiment(config: ml_collections.ConfigDict, log: Callable[[str
   (`backbone.with_checkpoint_architecture`): every config check first, then the data, the
   backbone, the task and the clients' signatures, then `assembly.assemble` (no compilation)."""
   mesh, method, server_optimizer = checked_method(config)
-  data = build_federated_data(config)
-  if config.data.get("validation_fraction", 0.0):
+  settings, data_settings = run_settings(config), data_block(config)
+  data = build_federated_data(data_settings, settings.seed, settings.eval_batch)
+  if data_settings.validation_fraction:
     log(
-      f"evaluating on a validation split: {config.data.validation_fraction:g} of each client's training "
+      f"evaluating on a validation split: {data_settings.validation_fraction:g} of each client's training "
       f"examples, held out (the test split is not read)"
     )
-  frozen = image_backbone(config, log)
+  frozen = image_backbone(backbone_settings(config), log)
   backbone, preprocess = sharded_backbone(frozen.variables, mesh, log), frozen.preprocess
-  model = build_model(config, data.num_classes, data.train_pool.class_names, frozen.tokenizer)
+  model = build_model(settings.model, data.num_classes, data.train_pool.class_names, frozen.tokenizer)
   trainable, targets = initial_trainable(
     model,
     backbone,
     data.train_pool.images[:1],
-    config.lora.target_regex,
-    config.lora.rank,
-    jax.random.fold_in(jax.random.key(config.seed), 1),
+    settings.lora.target_regex,
+    settings.lora.rank,
+    jax.random.fold_in(jax.random.key(settings.seed), 1),
   )
   task = task_lib.ImageClassification(
     model,
-    lora.lora_scale(config.lora.alpha, config.lora.rank, config.lora.rslora),
+    lora.lora_scale(settings.lora.alpha, settings.lora.rank, settings.lora.rslora),
     preprocess,
     "head" if trainable["head"] else None,  # CLIP has no head.
-    task_lib.backbone_dtype(config.compute.backbone_dtype),
+    task_lib.backbone_dtype(settings.backbone_dtype),
   )
   signatures = (
-    every_client_signature(config, method, data, model, backbone, preprocess)
+    every_client_signature(settings, method, data, model, backbone, preprocess)
     if method.signature_kinds
     else (None, None)
   )
   return assemble(
-    config,
+    settings,
     log,
     mesh=mesh,
     method=method,
@@ -85,16 +87,24 @@ def build_image_experiment(config: ml_collections.ConfigDict, log: Callable[[str
     targets=targets,
     trainable=trainable,
     signatures=signatures,
-    load_batches=chunk_image_loader(data.train_pool) if config.data.feed == "chunk" else None,
+    load_batches=chunk_image_loader(data.train_pool) if settings.feed == "chunk" else None,
   )
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int, class_names, tokenizer=None) -> Any:
-  """The config's model; with a CLIP checkpoint's `tokenizer`, its class prompts
-  (`model.prompt_template` filled with each class name) tokenized by it to `model.max_len` ids."""
-  if tokenizer is None or config.model.name != "clip":
-    return models.model_from_config(config.model, num_classes, class_names)
-  prompts = clip_lib.class_prompts(class_names, config.model.get("prompt_template", "a photo of a {}."))
-  prompt_ids = tuple(tuple(int(i) for i in row) for row in tokenizer(prompts, config.model.max_len))
-  arch = {k: v for k, v in config.model.items() if k not in ("name", "prompt_ids")}
-  return models.build_model(config.model.name, num_classes, class_names, **arch, prompt_ids=prompt_ids)
+def build_model(model: dict, num_classes: int, class_names, tokenizer=None) -> Any:
+  """The `model` block's image model; with a CLIP checkpoint's `tokenizer`, its class prompts
+  (`model.prompt_template` filled with each class name) tokenized by it to `model.max_len` ids.
+
+  Args:
+    model: the `model` block (`RunSettings.model`).
+    num_classes, class_names: the classes.
+    tokenizer: a CLIP checkpoint's tokenizer, or None.
+  Returns:
+    The Flax module.
+  """
+  if tokenizer is None or model["name"] != "clip":
+    return models.model_from_config(model, num_classes, class_names)
+  prompts = clip_lib.class_prompts(class_names, model.get("prompt_template", "a photo of a {}."))
+  prompt_ids = tuple(tuple(int(i) for i in row) for row in tokenizer(prompts, model["max_len"]))
+  arch = {k: v for k, v in model.items() if k not in ("name", "prompt_ids")}
+  return models.build_model(model["name"], num_classes, class_names, **arch, prompt_ids=prompt_ids)

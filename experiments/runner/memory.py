@@ -19,7 +19,8 @@ from typing import Any
 
 import jax
 
-from experiments.runner.config_facts import ConfigError, is_text
+from configs import blocks
+from experiments.runner.config_facts import ConfigError
 
 GiB = float(1 << 30)
 
@@ -90,13 +91,20 @@ def describe(needed: int, available: int) -> str:
   return f"about {needed / GiB:.1f} GiB, more than the {available / GiB:.1f} GiB {where}"
 
 
-def check_compiled_round(config: Any, compiled: Any) -> int | None:
+def check_compiled_round(compiled: Any, fed: blocks.Fed, input_size: tuple[str, int]) -> int | None:
   """Raises ConfigError, naming the fields that size the round, when the compiled round's
-  planned memory (`compiled_bytes`) exceeds the device's; returns the planned bytes."""
+  planned memory (`compiled_bytes`) exceeds the device's; returns the planned bytes.
+
+  Args:
+    compiled: the compiled round (`jax.stages.Compiled`).
+    fed: the run's `fed` block (its chunk, batch and cohort are named).
+    input_size: `RunSettings.input_size`, e.g. ("data.image_size", 16).
+  Returns:
+    The planned bytes, or None where the backend reports none.
+  """
   needed, available = compiled_bytes(compiled), device_memory_bytes()
   if needed is not None and too_large(needed, available):
-    fed = config.fed
-    shape = f"data.max_len={config.data.max_len}" if is_text(config) else f"data.image_size={config.data.image_size}"
+    shape = f"{input_size[0]}={input_size[1]}"
     raise ConfigError(
       f"fed.clients_per_chunk: the compiled round needs {describe(needed, available)}; lower "
       f"fed.clients_per_chunk (now {fed.clients_per_chunk}: clients trained at once; 0 = all, -1 = measured), "

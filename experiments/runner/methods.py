@@ -1,7 +1,8 @@
 """A federated method = an aggregator + which leaves stay local + which are frozen (+ plug-ins).
 
-This is the experiments' layer: each factory reads a run config (`ml_collections`) and
-returns a `Method` composed from the library's pure pieces (`hyperlora_jax.aggregators`,
+This is the experiments' layer: each factory reads the typed blocks a method needs
+(`MethodSettings`, unpacked once from a run config by `method_settings`) and returns a `Method`
+composed from the library's pure pieces (`hyperlora_jax.aggregators`,
 `hyperlora_jax.hyper`); what an aggregator can do (exact only with a plain server step,
 heterogeneous ranks, extra bytes) is declared on the aggregator itself. The head policy
 (shared or local) is the same config field for every method (`fed.head_policy`), so
@@ -23,6 +24,7 @@ from hyperlora_jax.aggregators import Aggregator
 from hyperlora_jax.hyper import generator as generator_lib
 from hyperlora_jax.hyper import signatures as signatures_lib
 from hyperlora_jax.hyper.synthesis import CrossRoundDerivativeWarning, SynthesisConfig, hyperlora_synthesizer
+from configs import blocks
 from experiments.runner.config_facts import ConfigError
 from experiments.runner.optimizers import build_optimizer
 
@@ -77,33 +79,85 @@ class Method:
   client_embeddings: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class MethodSettings:
+  """What a method's factory reads of a run config, as typed blocks (`configs.blocks`).
+
+  Attributes:
+    name: the config's `method`.
+    head_policy: `fed.head_policy`, "shared" or "local".
+    lora: the `lora` block (rank, α, scaling).
+    generator, hyperlora, lora_fair: the method blocks (`METHOD_BLOCKS`; defaults where a run
+      config lacks them).
+    robust, dp: the server options (`with_server_options`).
+  """
+
+  name: str
+  head_policy: str = "shared"
+  lora: blocks.Lora = blocks.Lora()
+  generator: blocks.Generator = blocks.Generator()
+  hyperlora: blocks.HyperLoRA = blocks.HyperLoRA()
+  lora_fair: blocks.LoraFair = blocks.LoraFair()
+  robust: blocks.Robust = blocks.Robust()
+  dp: blocks.DP = blocks.DP()
+
+
+_SETTINGS_BLOCKS = {
+  "lora": blocks.Lora,
+  "generator": blocks.Generator,
+  "hyperlora": blocks.HyperLoRA,
+  "lora_fair": blocks.LoraFair,
+  "robust": blocks.Robust,
+  "dp": blocks.DP,
+}
+
+
+def method_settings(config: ml_collections.ConfigDict) -> MethodSettings:
+  """The typed blocks a method reads of `config` (the boundary: nothing below takes a config).
+
+  Args:
+    config: a run config (blocks it lacks take their defaults).
+  Returns:
+    Its `MethodSettings`.
+  Raises:
+    ConfigError: a block has a field its dataclass does not know (named).
+  """
+  typed = {}
+  for name, block_type in _SETTINGS_BLOCKS.items():
+    try:
+      typed[name] = blocks.from_config(block_type, config.get(name))
+    except KeyError as e:
+      raise ConfigError(f"{name}: {e.args[0]}") from None
+  return MethodSettings(config.method, config.fed.head_policy, **typed)
+
+
 def _join(*regexes: str) -> str:
   return "|".join(f"(?:{r})" for r in regexes if r)
 
 
-def _local_head(config) -> str:
-  return HEAD_REGEX if config.fed.head_policy == "local" else ""
+def _local_head(settings: MethodSettings) -> str:
+  return HEAD_REGEX if settings.head_policy == "local" else ""
 
 
-def _scale(config) -> float:
-  return lora.lora_scale(config.lora.alpha, config.lora.rank, config.lora.rslora)
+def _scale(settings: MethodSettings) -> float:
+  return lora.lora_scale(settings.lora.alpha, settings.lora.rank, settings.lora.rslora)
 
 
-def dp_on(config) -> bool:
-  """Whether a run config asks for client-level DP (`dp.noise_multiplier` > 0)."""
-  return "dp" in config and config.dp.noise_multiplier > 0
+def dp_on(dp: blocks.DP) -> bool:
+  """Whether the `dp` block asks for client-level DP (`dp.noise_multiplier` > 0)."""
+  return dp.noise_multiplier > 0
 
 
-def generator_factory(config, *, client_embeddings: bool, private: bool = False):
-  """(targets, num_clients, signature_dim) -> `Generator` from the `generator` config block
-  (with DP-SGD steps, clip `dp.generator_clip_norm`, when `private`)."""
-  gen = config.generator
-  privacy = (config.dp.generator_clip_norm, config.dp.noise_multiplier) if private else None
+def generator_factory(settings: MethodSettings, *, client_embeddings: bool, private: bool = False):
+  """(targets, num_clients, signature_dim) -> `Generator` from the `generator` block (with
+  DP-SGD steps, clip `dp.generator_clip_norm`, when `private`)."""
+  gen = settings.generator
+  privacy = (settings.dp.generator_clip_norm, settings.dp.noise_multiplier) if private else None
 
   def make(targets, num_clients, signature_dim):
     module = generator_lib.LoraGenerator(
       targets=generator_lib.target_triples(targets),
-      rank=config.lora.rank,
+      rank=settings.lora.rank,
       num_clients=num_clients,
       client_embed_dim=gen.client_embed_dim if client_embeddings else 0,
       hidden=gen.hidden,
@@ -113,7 +167,7 @@ def generator_factory(config, *, client_embeddings: bool, private: bool = False)
       module,
       loss=gen.loss,
       optimizer=build_optimizer(gen.optimizer),
-      scale=_scale(config),
+      scale=_scale(settings),
       server_steps=gen.server_steps,
       signature_dim=signature_dim,
       privacy=privacy,
@@ -122,70 +176,74 @@ def generator_factory(config, *, client_embeddings: bool, private: bool = False)
   return make
 
 
-def fedit(config) -> Method:
+def fedit(settings: MethodSettings) -> Method:
   """FedIT: average A and B (and a shared head)."""
-  return Method("fedit", aggregators.fedit(), local_regex=_local_head(config), plain_average="factors")
+  return Method("fedit", aggregators.fedit(), local_regex=_local_head(settings), plain_average="factors")
 
 
-def local_only(config) -> Method:
+def local_only(settings: MethodSettings) -> Method:
   """Local-only: every client trains alone; nothing is sent (a lower reference)."""
-  del config
+  del settings
   return Method("local_only", aggregators.identity(), local_regex=".*", has_global_model=False)
 
 
-def ffa_lora(config) -> Method:
+def ffa_lora(settings: MethodSettings) -> Method:
   """FFA-LoRA (Sun et al., ICLR 2024): A frozen at the shared random init, only B (init 0)
   trained and averaged, which is exact (B̄A = Σ p_k B_k A); half the uplink."""
   return Method(
-    "ffa_lora", aggregators.fedit(), local_regex=_local_head(config), frozen_regexes=(A_REGEX,), plain_average="factors"
+    "ffa_lora",
+    aggregators.fedit(),
+    local_regex=_local_head(settings),
+    frozen_regexes=(A_REGEX,),
+    plain_average="factors",
   )
 
 
-def fedsa_lora(config) -> Method:
+def fedsa_lora(settings: MethodSettings) -> Method:
   """FedSA-LoRA (Guo et al., ICLR 2025): A and B trained, only A aggregated; B stays on the
   client, whose model is W0 + s B_k Ā."""
   return Method(
-    "fedsa_lora", aggregators.fedit(), local_regex=_join(B_REGEX, _local_head(config)), plain_average="factors"
+    "fedsa_lora", aggregators.fedit(), local_regex=_join(B_REGEX, _local_head(settings)), plain_average="factors"
   )
 
 
-def rolora(config) -> Method:
+def rolora(settings: MethodSettings) -> Method:
   """RoLoRA (Chen et al., NeurIPS 2025): alternate rounds. Even rounds freeze A and train and
   average B; odd rounds freeze B and train and average A. Each round's average is exact."""
   return Method(
     "rolora",
     aggregators.fedit(),
-    local_regex=_local_head(config),
+    local_regex=_local_head(settings),
     frozen_regexes=(A_REGEX, B_REGEX),
     plain_average="factors",
   )
 
 
-def fedex_lora(config) -> Method:
+def fedex_lora(settings: MethodSettings) -> Method:
   """FedEx-LoRA (Singhal et al., ACL 2025): FedIT plus the full-rank residual merged into W0."""
-  return Method("fedex_lora", aggregators.fedex_lora(_scale(config)), local_regex=_local_head(config))
+  return Method("fedex_lora", aggregators.fedex_lora(_scale(settings)), local_regex=_local_head(settings))
 
 
-def flora(config) -> Method:
+def flora(settings: MethodSettings) -> Method:
   """FLoRA (Wang et al., NeurIPS 2024): stacked factors merged into W0, fresh LoRA each round."""
-  return Method("flora", aggregators.flora(_scale(config)), local_regex=_local_head(config))
+  return Method("flora", aggregators.flora(_scale(settings)), local_regex=_local_head(settings))
 
 
-def flexlora(config) -> Method:
+def flexlora(settings: MethodSettings) -> Method:
   """FlexLoRA (Bai et al., NeurIPS 2024): truncated SVD of the weighted product average to
   r_max; a client of rank r_k keeps the first r_k components, the best rank-r_k approximation."""
   return Method(
-    "flexlora", aggregators.flexlora(_scale(config)), local_regex=_local_head(config), plain_average="products"
+    "flexlora", aggregators.flexlora(_scale(settings)), local_regex=_local_head(settings), plain_average="products"
   )
 
 
-def hetlora(config) -> Method:
+def hetlora(settings: MethodSettings) -> Method:
   """HetLoRA (Cho et al., EMNLP 2024): zero-padded factors averaged with norm weights,
   truncated to each client's rank."""
-  return Method("hetlora", aggregators.hetlora(), local_regex=_local_head(config))
+  return Method("hetlora", aggregators.hetlora(), local_regex=_local_head(settings))
 
 
-def pfedhn(config) -> Method:
+def pfedhn(settings: MethodSettings) -> Method:
   """pFedHN (Shamsian et al., ICML 2021) for LoRA: a server hypernetwork maps a learned client
   embedding v_k to the client's LoRA factors θ_k = θ_0 + h(v_k; φ); after K local steps the
   server applies φ ← φ − η (∂θ_k/∂φ)^T (θ_k − θ̃_k) (and the same for v_k). The head follows
@@ -193,13 +251,13 @@ def pfedhn(config) -> Method:
   return Method(
     "pfedhn",
     aggregators.head_only(),
-    local_regex=_local_head(config),
-    make_generator=generator_factory(config, client_embeddings=True),
+    local_regex=_local_head(settings),
+    make_generator=generator_factory(settings, client_embeddings=True),
     client_embeddings=True,
   )
 
 
-def hyperlora(config) -> Method:
+def hyperlora(settings: MethodSettings) -> Method:
   """HyperLoRA (Gupta, Shanker, Sethi, FL@FM-IJCAI'26): generator G_φ (signature -> LoRA
   offset from the global factors), product-space synthesizer S_ψ and residual corrector C_ω
   trained by a held-out meta-objective. Every component can be switched off (`hyperlora`
@@ -209,21 +267,21 @@ def hyperlora(config) -> Method:
   private releases (`hyperlora_jax.privacy`): the product-space update (clip `dp.clip_norm`),
   and with the generator the cohort's mean factor change (clip `dp.clip_norm`) and each
   DP-SGD step of G_φ (clip `dp.generator_clip_norm`). S_ψ and C_ω are not meta-learned then."""
-  hl = config.hyperlora
+  hl = settings.hyperlora
   kinds = signatures_lib.parse_kinds(hl.signature)
   synthesis = SynthesisConfig(
-    scale=_scale(config),
-    rank=config.lora.rank,
+    scale=_scale(settings),
+    rank=settings.lora.rank,
     corrector=hl.corrector,
     learned_weights=hl.synthesizer == "learned",
-    fair_lam=config.lora_fair.lam,
-    fair_steps=config.lora_fair.steps,
-    fair_learning_rate=config.lora_fair.learning_rate,
+    fair_lam=settings.lora_fair.lam,
+    fair_steps=settings.lora_fair.steps,
+    fair_learning_rate=settings.lora_fair.learning_rate,
   )
   learned = hl.synthesizer == "learned" or hl.corrector == "learned"
-  private = dp_on(config)  # `config_validation` refuses learned parts and embeddings under DP.
-  steps = (1 if config.generator.loss == "vjp" else config.generator.server_steps) if hl.generator else 0
-  update_release = (config.dp.clip_norm, config.dp.noise_multiplier) if private else None
+  private = dp_on(settings.dp)  # `config_validation` refuses learned parts and embeddings under DP.
+  steps = (1 if settings.generator.loss == "vjp" else settings.generator.server_steps) if hl.generator else 0
+  update_release = (settings.dp.clip_norm, settings.dp.noise_multiplier) if private else None
   with warnings.catch_warnings():  # The runner never differentiates through rounds.
     warnings.simplefilter("ignore", CrossRoundDerivativeWarning)
     synthesizer = hyperlora_synthesizer(
@@ -231,15 +289,15 @@ def hyperlora(config) -> Method:
       build_optimizer(hl.meta_optimizer),
       hidden=hl.synthesizer_hidden,
       meta_learning=learned,
-      meta_steps=hl.get("meta_steps", 1),
+      meta_steps=hl.meta_steps,
       privacy=update_release,
     )
   return Method(
     "hyperlora",
     synthesizer,
-    local_regex=_local_head(config),
+    local_regex=_local_head(settings),
     make_generator=(
-      generator_factory(config, client_embeddings="embedding" in kinds, private=private) if hl.generator else None
+      generator_factory(settings, client_embeddings="embedding" in kinds, private=private) if hl.generator else None
     ),
     generator_target="deviation",  # The global carries the mean change; G_φ the personal part.
     signature_kinds=kinds,
@@ -250,22 +308,22 @@ def hyperlora(config) -> Method:
   )
 
 
-def centralized(config) -> Method:
+def centralized(settings: MethodSettings) -> Method:
   """Centralized reference: one learner on the pooled data of all clients, with the compute
   of a federated round per round (clients_per_round x local_steps steps); nothing is sent."""
-  del config
+  del settings
   return Method("centralized", aggregators.fedit(), pooled_data=True)
 
 
-def lora_fair(config) -> Method:
+def lora_fair(settings: MethodSettings) -> Method:
   """LoRA-FAIR (Bian et al., ICCV 2025): FedIT with a server-fitted correction ΔB of B̄."""
-  fair = config.lora_fair
+  fair = settings.lora_fair
   return Method(
-    "lora_fair", aggregators.lora_fair(fair.lam, fair.steps, fair.learning_rate), local_regex=_local_head(config)
+    "lora_fair", aggregators.lora_fair(fair.lam, fair.steps, fair.learning_rate), local_regex=_local_head(settings)
   )
 
 
-METHODS: dict[str, Callable[[ml_collections.ConfigDict], Method]] = {
+METHODS: dict[str, Callable[[MethodSettings], Method]] = {
   "fedit": fedit,
   "local_only": local_only,
   "ffa_lora": ffa_lora,
@@ -291,48 +349,57 @@ METHOD_BLOCKS: dict[str, tuple[str, ...]] = {
 }
 
 
-def with_server_options(method: Method, config: ml_collections.ConfigDict) -> Method:
-  """`method` with the config's robust rule, update clipping or DP-FedAvg in place of its
+def with_server_options(method: Method, settings: MethodSettings) -> Method:
+  """`method` with the robust rule, update clipping or DP-FedAvg of `settings` in place of its
   aggregator (`robust`, `dp` blocks), where its capabilities take them (`plain_average`,
   `private_rounds`); raises ConfigError where they do not (`check_server_options`)."""
-  check_server_options(config, method, METHODS)
-  robust, dp = config.get("robust"), config.get("dp")
+  check_server_options(settings, method, METHODS)
+  robust, dp = settings.robust, settings.dp
   aggregator = method.aggregator
-  if robust is not None and robust.rule != "mean":
+  if robust.rule != "mean":
     aggregator = (
       aggregators.robust_factors(robust.rule, robust.trim)
       if robust.space == "factors"
-      else aggregators.robust_products(robust.rule, _scale(config), robust.trim)
+      else aggregators.robust_products(robust.rule, _scale(settings), robust.trim)
     )
-  if dp is not None and dp.noise_multiplier > 0:
+  if dp_on(dp):
     if not method.private_rounds:  # HyperLoRA is built private.
       aggregator = aggregators.dp_fedavg(dp.clip_norm, dp.noise_multiplier)
-  elif robust is not None and robust.clip_norm > 0:
+  elif robust.clip_norm > 0:
     aggregator = aggregators.clip_updates(aggregator, robust.clip_norm)
   return dataclasses.replace(method, aggregator=aggregator)
 
 
-def build_method(config: ml_collections.ConfigDict) -> Method:
-  if config.method not in METHODS:
-    raise ValueError(f"method={config.method!r}; allowed: {sorted(METHODS)}")
-  return with_server_options(METHODS[config.method](config), config)
+def build_method(settings: MethodSettings) -> Method:
+  """The method `settings.name` names, with its server options (`with_server_options`).
+
+  Args:
+    settings: `method_settings(config)`.
+  Returns:
+    The `Method`.
+  Raises:
+    ValueError: an unknown method. ConfigError: server options it cannot take.
+  """
+  if settings.name not in METHODS:
+    raise ValueError(f"method={settings.name!r}; allowed: {sorted(METHODS)}")
+  return with_server_options(METHODS[settings.name](settings), settings)
 
 
-def check_server_options(config: ml_collections.ConfigDict, method, allowed_methods) -> None:
+def check_server_options(settings: MethodSettings, method, allowed_methods) -> None:
   """Raises `ConfigError` where the `robust` or `dp` block asks for what `method` cannot take:
   a robust rule replaces a plain average in its space (`Method.plain_average`), DP-FedAvg the
   plain average of factors; HyperLoRA has its own private rounds (`Method.private_rounds`)."""
-  robust, dp = config.get("robust"), config.get("dp")
-  robust_rule = robust is not None and robust.rule != "mean"
+  robust, dp = settings.robust, settings.dp
+  robust_rule = robust.rule != "mean"
   if robust_rule and method.plain_average != robust.space:
-    takers = _methods_with(config, allowed_methods, lambda m: m.plain_average == robust.space)
+    takers = _methods_with(settings, allowed_methods, lambda m: m.plain_average == robust.space)
     raise ConfigError(
       f"robust.rule: {robust.rule!r} in {robust.space} space replaces the average of "
       f"{', '.join(takers)}, not method {method.name!r}"
     )
-  if dp is not None and dp.noise_multiplier > 0 and not (method.private_rounds and not robust_rule):
+  if dp_on(dp) and not (method.private_rounds and not robust_rule):
     if method.plain_average != "factors" or robust_rule:
-      takers = _methods_with(config, allowed_methods, lambda m: m.plain_average == "factors")
+      takers = _methods_with(settings, allowed_methods, lambda m: m.plain_average == "factors")
       raise ConfigError(
         f"dp.noise_multiplier: DP-FedAvg replaces the plain average of "
         f"{', '.join(takers)} (with robust.rule='mean'), and HyperLoRA has its "
@@ -340,13 +407,13 @@ def check_server_options(config: ml_collections.ConfigDict, method, allowed_meth
       )
 
 
-def _methods_with(config, allowed_methods, capability) -> list[str]:
-  """The names of the methods that, built from `config`, have `capability` (for messages)."""
+def _methods_with(settings: MethodSettings, allowed_methods, capability) -> list[str]:
+  """The names of the methods that, built from `settings`, have `capability` (for messages)."""
   names = []
   for name, build in allowed_methods.items():
     try:
-      if capability(build(config)):
+      if capability(build(settings)):
         names.append(name)
-    except (ConfigError, ValueError):  # A method this config cannot build has no capability here.
+    except (ConfigError, ValueError):  # A method these settings cannot build has no capability here.
       pass
   return names

@@ -24,12 +24,11 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from experiments.runner.config_facts import cache_dir
+from experiments.runner.settings import BackboneSettings
 from experiments.runner.data.loader import ImageDataset, load_image_dataset
 from hyperlora_jax import files, models
 from hyperlora_jax.models import clip as clip_lib
@@ -47,20 +46,21 @@ CAPTION_TEMPLATES = (
 )
 
 
-def _key_fields(config: ml_collections.ConfigDict) -> dict:
-  model = {k: v for k, v in config.model.to_dict().items() if k != "remat"}  # Compute only.
+def _key_fields(backbone: BackboneSettings) -> dict:
+  model = {k: v for k, v in backbone.model.items() if k != "remat"}  # Compute only.
+  pretraining = backbone.pretrain
   fields = {
     "model": model,
-    "data_name": config.pretrain.data_name,
-    "split": config.pretrain.split,
-    "image_size": config.data.image_size,
-    "steps": config.pretrain.steps,
-    "batch_size": config.pretrain.batch_size,
-    "learning_rate": config.pretrain.learning_rate,
+    "data_name": pretraining.data_name,
+    "split": pretraining.split,
+    "image_size": backbone.image_size,
+    "steps": pretraining.steps,
+    "batch_size": pretraining.batch_size,
+    "learning_rate": pretraining.learning_rate,
     "seed": PRETRAIN_SEED,
     "cache_format": CACHE_FORMAT,
   }
-  if not models.has_head(config.model.name):
+  if not models.has_head(backbone.model["name"]):
     fields["captions"] = CAPTION_TEMPLATES
   return fields
 
@@ -105,9 +105,17 @@ def caption_tokens(model, class_names: tuple[str, ...]) -> np.ndarray:
   )
 
 
-def cache_path(config: ml_collections.ConfigDict) -> str:
-  digest = hashlib.sha1(json.dumps(_key_fields(config), sort_keys=True).encode()).hexdigest()[:12]
-  return os.path.join(cache_dir(config), f"{config.model.name}-{digest}")
+def cache_path(backbone: BackboneSettings) -> str:
+  """The cache directory of the embedded backbone `backbone` describes: named by the model and a
+  hash of everything that determines its weights.
+
+  Args:
+    backbone: `settings.backbone_settings(config)` of an image run.
+  Returns:
+    The directory (it may not exist yet).
+  """
+  digest = hashlib.sha1(json.dumps(_key_fields(backbone), sort_keys=True).encode()).hexdigest()[:12]
+  return os.path.join(backbone.cache_dir, f"{backbone.model['name']}-{digest}")
 
 
 def pretrain(
@@ -165,18 +173,18 @@ def pretrain(
   return variables, {"holdout_accuracy": hits / len(hold), "seconds": time.time() - start}
 
 
-def abstract_backbone(config: ml_collections.ConfigDict, num_classes: int) -> Any:
-  """The config's image model's variables as `jax.ShapeDtypeStruct`s on this process's device
-  (what a cache or a checkpoint is restored into).
+def abstract_backbone(backbone: BackboneSettings, num_classes: int) -> Any:
+  """The image model's variables as `jax.ShapeDtypeStruct`s on this process's device (what a
+  cache or a checkpoint is restored into).
 
   Args:
-    config: a run config (`model.*`, `data.image_size`).
+    backbone: its `model` block and `image_size`.
     num_classes: the head's classes.
   Returns:
     {"params": ...} of ShapeDtypeStructs.
   """
-  model = models.model_from_config(config.model, num_classes)
-  shape = (1, config.data.image_size, config.data.image_size, 3)
+  model = models.model_from_config(backbone.model, num_classes)
+  shape = (1, backbone.image_size, backbone.image_size, 3)
   local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # This process's own device.
   return jax.tree.map(
     lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=local),
@@ -193,17 +201,20 @@ def _local_checkpointer() -> ocp.StandardCheckpointer:
   )
 
 
-def load_or_pretrain(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> tuple[Any, dict]:
+def load_or_pretrain(backbone: BackboneSettings, log: Callable[[str], None] = print) -> tuple[Any, dict]:
   """The embedded backbone's variables (without the pretraining head) and its info: pretrained
   and cached on first use; later calls restore the cache after verifying its manifest.
 
+  Args:
+    backbone: `settings.backbone_settings(config)` of an image run.
+    log: progress lines.
   Returns:
     ({"params": ...}, {"holdout_accuracy", "seconds", "num_classes"}).
   Raises:
     RuntimeError: the cache exists but is not what was written or cannot be restored (it is
       left in place).
   """
-  path = cache_path(config)
+  path, pretraining = cache_path(backbone), backbone.pretrain
   info_path = os.path.join(path, "info.json")
   if os.path.exists(path):
     try:
@@ -215,7 +226,7 @@ def load_or_pretrain(config: ml_collections.ConfigDict, log: Callable[[str], Non
       ) from None
     with open(info_path) as f:
       info = json.load(f)
-    abstract = abstract_backbone(config, info["num_classes"])
+    abstract = abstract_backbone(backbone, info["num_classes"])
     try:
       variables = _local_checkpointer().restore(os.path.abspath(os.path.join(path, "variables")), abstract)
     except Exception as e:  # Orbax raises several types for unreadable files.
@@ -225,20 +236,18 @@ def load_or_pretrain(config: ml_collections.ConfigDict, log: Callable[[str], Non
       ) from e
     log(f"backbone: restored from {path} (pretrain holdout accuracy {info['holdout_accuracy']:.3f})")
   else:
-    data = load_image_dataset(
-      config.pretrain.data_name, config.pretrain.split, config.data.data_dir or None, config.data.image_size
-    )
-    model = models.model_from_config(config.model, data.num_classes, data.class_names)
+    data = load_image_dataset(pretraining.data_name, pretraining.split, backbone.data_dir or None, backbone.image_size)
+    model = models.model_from_config(backbone.model, data.num_classes, data.class_names)
     log(
-      f"backbone: pretraining {config.model.name} on {config.pretrain.data_name}:"
-      f"{config.pretrain.split} ({len(data)} images, {config.pretrain.steps} steps)"
+      f"backbone: pretraining {backbone.model['name']} on {pretraining.data_name}:"
+      f"{pretraining.split} ({len(data)} images, {pretraining.steps} steps)"
     )
     variables, info = pretrain(
       model,
       data,
-      steps=config.pretrain.steps,
-      batch_size=config.pretrain.batch_size,
-      learning_rate=config.pretrain.learning_rate,
+      steps=pretraining.steps,
+      batch_size=pretraining.batch_size,
+      learning_rate=pretraining.learning_rate,
       log=log,
     )
     info["num_classes"] = data.num_classes
@@ -251,7 +260,7 @@ def load_or_pretrain(config: ml_collections.ConfigDict, log: Callable[[str], Non
       raise FloatingPointError(
         f"pretraining diverged: {len(bad)} non-finite variable(s), e.g. {bad[0]}; "
         f"nothing was cached. Lower pretrain.learning_rate "
-        f"(={config.pretrain.learning_rate})."
+        f"(={pretraining.learning_rate})."
       )
 
     def write(partial):

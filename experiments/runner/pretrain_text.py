@@ -19,15 +19,15 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
-from experiments.runner.config_facts import cache_dir
+from experiments.runner.settings import BackboneSettings
 from experiments.runner.data import stdlib_docs
 from hyperlora_jax import files
 from hyperlora_jax.models import hf
@@ -56,36 +56,46 @@ ARCH_FIELDS = (
 MODEL_FIELDS = ARCH_FIELDS + ("rope_scaling", "sliding_window")  # The last two converted by `decoder_from_config`.
 
 
-def decoder_from_config(model_config: ml_collections.ConfigDict, vocab_size: int | None = None) -> DecoderLM:
-  """A `DecoderLM` of the config's `model` block (name 'llama'); `vocab_size` from the tokenizer."""
+def decoder_from_config(model_config: Mapping[str, Any], vocab_size: int | None = None) -> DecoderLM:
+  """A `DecoderLM` of the config's `model` block (name 'llama'; a `ConfigDict` or a dict);
+  `vocab_size` from the tokenizer."""
   arch = {k: v for k, v in model_config.items() if k in ARCH_FIELDS}
   if "rope_scaling" in model_config:
-    arch["rope_scaling"] = tuple(tuple(p) for p in model_config.rope_scaling)
+    arch["rope_scaling"] = tuple(tuple(p) for p in model_config["rope_scaling"])
   if model_config.get("sliding_window"):
-    arch["sliding_window"] = int(model_config.sliding_window)
+    arch["sliding_window"] = int(model_config["sliding_window"])
   if vocab_size is not None:
     arch["vocab_size"] = vocab_size
   return DecoderLM(**arch)
 
 
-def _key_fields(config: ml_collections.ConfigDict) -> dict:
-  model = {k: v for k, v in config.model.to_dict().items() if k not in ("remat", "name", "vocab_size")}
+def _key_fields(backbone: BackboneSettings) -> dict:
+  model = {k: v for k, v in backbone.model.items() if k not in ("remat", "name", "vocab_size")}
+  pretraining = backbone.pretrain
   return {
     "model": model,
     "text": "pydoc_data.topics",
-    "vocab_size": config.pretrain.vocab_size,
-    "steps": config.pretrain.steps,
-    "batch_size": config.pretrain.batch_size,
-    "learning_rate": config.pretrain.learning_rate,
-    "sequence_length": config.pretrain.sequence_length,
+    "vocab_size": pretraining.vocab_size,
+    "steps": pretraining.steps,
+    "batch_size": pretraining.batch_size,
+    "learning_rate": pretraining.learning_rate,
+    "sequence_length": pretraining.sequence_length,
     "seed": PRETRAIN_SEED,
     "cache_format": CACHE_FORMAT,
   }
 
 
-def cache_path(config: ml_collections.ConfigDict) -> str:
-  digest = hashlib.sha1(json.dumps(_key_fields(config), sort_keys=True).encode()).hexdigest()[:12]
-  return os.path.join(cache_dir(config), f"decoder-{digest}")
+def cache_path(backbone: BackboneSettings) -> str:
+  """The cache directory of the embedded decoder `backbone` describes (a hash of everything that
+  determines its tokenizer and weights).
+
+  Args:
+    backbone: `settings.backbone_settings(config)` of a text run.
+  Returns:
+    The directory (it may not exist yet).
+  """
+  digest = hashlib.sha1(json.dumps(_key_fields(backbone), sort_keys=True).encode()).hexdigest()[:12]
+  return os.path.join(backbone.cache_dir, f"decoder-{digest}")
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, directory: str) -> hf.Tokenizer:
@@ -178,7 +188,7 @@ def pretrain_decoder(
 
 
 def decoder_directory(
-  config: ml_collections.ConfigDict,
+  backbone: BackboneSettings,
   log: Callable[[str], None] = print,
   check_tokenizer: Callable[[hf.Tokenizer], None] | None = None,
 ) -> str:
@@ -190,11 +200,11 @@ def decoder_directory(
   Raises:
     models.load.CheckpointError: the cache is not what was written (left in place).
   """
-  directory = config.pretrain.get("checkpoint", "")
+  directory = backbone.checkpoint
   if not directory:
-    directory = cache_path(config)
+    directory = cache_path(backbone)
     if not os.path.isdir(directory):
-      _build_embedded(config, directory, log, check_tokenizer)
+      _build_embedded(backbone, directory, log, check_tokenizer)
     else:
       try:
         files.verify_manifest(directory)
@@ -208,14 +218,14 @@ def decoder_directory(
 
 
 def _build_embedded(
-  config: ml_collections.ConfigDict,
+  backbone: BackboneSettings,
   directory: str,
   log: Callable[[str], None],
   check_tokenizer: Callable[[hf.Tokenizer], None] | None = None,
 ) -> None:
   texts = stdlib_docs.pretraining_text()
   stats, kept = files.build_directory(
-    directory, lambda partial: _write_embedded(config, partial, texts, log, check_tokenizer)
+    directory, lambda partial: _write_embedded(backbone, partial, texts, log, check_tokenizer)
   )
   if kept:
     log(
@@ -227,18 +237,18 @@ def _build_embedded(
 
 
 def _write_embedded(
-  config: ml_collections.ConfigDict,
+  backbone: BackboneSettings,
   partial: str,
   texts: list[str],
   log: Callable[[str], None],
   check_tokenizer: Callable[[hf.Tokenizer], None] | None,
 ) -> dict:
   """The embedded decoder pretrained and written into `partial`; its pretraining statistics."""
-  p = config.pretrain
+  p = backbone.pretrain
   tokenizer = train_tokenizer(texts, p.vocab_size, partial)
   if check_tokenizer is not None:
     check_tokenizer(tokenizer)
-  model = decoder_from_config(config.model, tokenizer.vocab_size)
+  model = decoder_from_config(backbone.model, tokenizer.vocab_size)
   sequences = packed_sequences(tokenizer, texts, p.sequence_length)
   log(
     f"backbone: pretraining a {model.depth}-block decoder (width {model.width}, vocab {tokenizer.vocab_size}) "
@@ -249,5 +259,5 @@ def _write_embedded(
   )
   hf.save_causal_lm(partial, model, variables)
   with open(os.path.join(partial, "pretraining.json"), "w") as f:
-    json.dump({**_key_fields(config), **stats}, f, indent=2)
+    json.dump({**_key_fields(backbone), **stats}, f, indent=2)
   return stats

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import ml_collections
 import numpy as np
 
 from experiments.runner import methods
 from experiments.runner.assembly import Experiment
+from experiments.runner.settings import RunSettings
 from hyperlora_jax import federated, privacy
 from hyperlora_jax.hyper import signatures as signatures_lib
 
@@ -23,19 +23,25 @@ def number(value: Any) -> int | float:
   return int(value) if np.issubdtype(value.dtype, np.integer) else float(value)
 
 
-def privacy_spent(config: ml_collections.ConfigDict, rounds: int, method: methods.Method | None = None) -> float:
+def privacy_spent(settings: RunSettings, rounds: int, method: methods.Method) -> float:
   """ε (at `dp.delta`) of a private run after `rounds` rounds (`hyperlora_jax.privacy`): the
-  method's releases per round, and its signatures (sent once) where it sends any."""
-  method = method or methods.build_method(config)
-  signature_noise = (
-    config.dp.signature_noise_multiplier if signatures_lib.statistic_kinds(method.signature_kinds) else None
-  )
+  method's releases per round, and its signatures (sent once) where it sends any.
+
+  Args:
+    settings: the run's (its `dp` block, cohort and population).
+    rounds: rounds done.
+    method: the run's method.
+  Returns:
+    ε.
+  """
+  dp = settings.dp
+  signature_noise = dp.signature_noise_multiplier if signatures_lib.statistic_kinds(method.signature_kinds) else None
   return privacy.epsilon(
     rounds,
-    config.dp.noise_multiplier,
-    config.fed.clients_per_round,
-    config.data.num_clients,
-    config.dp.delta,
+    dp.noise_multiplier,
+    settings.fed.clients_per_round,
+    settings.num_clients,
+    dp.delta,
     signature_noise_multiplier=signature_noise,
     releases_per_round=method.releases_per_round,
   )

@@ -12,13 +12,16 @@ histogram ("label") and statistics of the frozen decoder's mean hidden state per
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from configs import blocks as config_blocks
 from experiments.runner import backbone as backbone_lib
+from experiments.runner.settings import backbone_settings, data_block, run_settings
 from experiments.runner.assembly import Experiment, assemble, checked_method, every_client_signature, sharded_backbone
 from experiments.runner.config_facts import ConfigError
 from experiments.runner.data import instructions
@@ -33,28 +36,47 @@ def prepare_text_inputs(config: ml_collections.ConfigDict, log: Callable[[str], 
   `pretrain.checkpoint` names one) and `data.name` tokenized by its tokenizer
   (`instructions.prepare_tokenized`). For the main process of a multi-process run, and sweeps;
   the decoder's weights are read by the runs, not here."""
-  check = lambda tokenizer: check_records_fit(config, tokenizer, log)
-  check(backbone_lib.decoder_checkpoint(config, log, check).require_tokenizer())
+  backbone, data = backbone_settings(config), data_block(config)
+  check = lambda tokenizer: check_records_fit(data, backbone.pretrain, tokenizer, log)
+  check(backbone_lib.decoder_checkpoint(backbone, log, check).require_tokenizer())
 
 
-def check_records_fit(config: ml_collections.ConfigDict, tokenizer, log: Callable[[str], None] = print) -> None:
+def check_records_fit(
+  data: config_blocks.TextData,
+  pretraining: config_blocks.TextPretrain,
+  tokenizer: Any,
+  log: Callable[[str], None] = print,
+) -> None:
   """`data.name` tokenized by `tokenizer` (once, cached) keeps a response token within
   `data.max_len` in at least half its records; else ConfigError naming data.max_len. Run as
-  soon as the tokenizer exists: for the embedded decoder, before its pretraining."""
-  refuse_lost_records(config, instructions.prepare_tokenized(config.data, tokenizer, log))
+  soon as the tokenizer exists: for the embedded decoder, before its pretraining.
+
+  Args:
+    data, pretraining: the run's `data` and `pretrain` blocks.
+    tokenizer: the decoder's (`hf.Tokenizer`).
+    log: progress lines.
+  """
+  refuse_lost_records(data, pretraining, instructions.prepare_tokenized(data, tokenizer, log))
 
 
-def refuse_lost_records(config: ml_collections.ConfigDict, records: instructions.TokenizedRecords) -> None:
-  """ConfigError naming data.max_len when more than half of `records` keep no response token."""
+def refuse_lost_records(
+  data: config_blocks.TextData, pretraining: config_blocks.TextPretrain, records: instructions.TokenizedRecords
+) -> None:
+  """ConfigError naming data.max_len when more than half of `records` keep no response token.
+
+  Args:
+    data, pretraining: the run's `data` and `pretrain` blocks (named in the message).
+    records: the tokenized records.
+  """
   lost, total = int(records.no_loss.sum()), len(records.no_loss)
   if lost > total / 2:
     raise ConfigError(
       f"data.max_len: {lost} of {total} records keep no response token within "
-      f"data.max_len={config.data.max_len} tokens (their prompts fill it); raise it"
+      f"data.max_len={data.max_len} tokens (their prompts fill it); raise it"
       + (
         ""
-        if config.pretrain.get("checkpoint")
-        else f" (or pretrain.vocab_size={config.pretrain.vocab_size}: a larger vocabulary takes fewer tokens)"
+        if pretraining.checkpoint
+        else f" (or pretrain.vocab_size={pretraining.vocab_size}: a larger vocabulary takes fewer tokens)"
       )
     )
 
@@ -68,30 +90,29 @@ def build_text_federated_data(
   data.min_client_size training records; every id checked against the tokenizer's vocabulary
   and the model's embedding rows (`model_vocab_size`)."""
   vocab = min(tokenizer.vocab_size, model_vocab_size or tokenizer.vocab_size)
-  records = instructions.prepare_tokenized(config.data, tokenizer, log, vocab)
-  refuse_lost_records(config, records)
+  records = instructions.prepare_tokenized(data_block(config), tokenizer, log, vocab)
+  refuse_lost_records(data_block(config), backbone_settings(config).pretrain, records)
   config = with_clients_of(config, records.group_names, log)
-  train, test = instructions.split_records(records, config.data, config.seed)
+  block = data_block(config)  # data.num_clients resolved.
+  train, test = instructions.split_records(records, block, config.seed)
   lost = train.no_loss + test.no_loss
   log(
-    f"data: {len(train)} train / {len(test)} test records of {config.data.name!r}"
-    f"{' (streamed)' if config.data.stream else ''} in {train.num_classes} "
-    f"group(s) by {config.data.group_field or '(none)'!r}; {train.truncated + test.truncated} cut to "
-    f"data.max_len={config.data.max_len} tokens ({lost} with no response token left)"
+    f"data: {len(train)} train / {len(test)} test records of {block.name!r}"
+    f"{' (streamed)' if block.stream else ''} in {train.num_classes} "
+    f"group(s) by {block.group_field or '(none)'!r}; {train.truncated + test.truncated} cut to "
+    f"data.max_len={block.max_len} tokens ({lost} with no response token left)"
   )
-  data = partitioned(config, train, test)
+  data = partitioned(block, config.seed, config.eval_batch, train, test)
   sizes = data.train_sizes()
-  if sizes.min() < config.data.min_client_size:
+  if sizes.min() < block.min_client_size:
     k = int(np.argmin(sizes))
     who = (
-      f"{config.data.group_field} {records.group_names[k]!r}"
-      if config.data.partition == "one_domain_per_client"
-      else f"client {k}"
+      f"{block.group_field} {records.group_names[k]!r}" if block.partition == "one_domain_per_client" else f"client {k}"
     )
     raise ConfigError(
       f"data.min_client_size: {who} has {sizes[k]} training record(s), fewer than "
-      f"data.min_client_size={config.data.min_client_size} ({int(np.sum(sizes < config.data.min_client_size))} "
-      f"client(s) in all); drop such records from {config.data.name!r} or lower data.min_client_size"
+      f"data.min_client_size={block.min_client_size} ({int(np.sum(sizes < block.min_client_size))} "
+      f"client(s) in all); drop such records from {block.name!r} or lower data.min_client_size"
     )
   return config, data
 
@@ -132,27 +153,31 @@ def build_text_experiment(config: ml_collections.ConfigDict, log: Callable[[str]
   records (data.num_clients resolved), the causal-LM task and the text signatures, then
   `assembly.assemble` (no compilation)."""
   mesh, method, server_optimizer = checked_method(config)
+  backbone_step = backbone_settings(config)
   model, backbone, tokenizer, _ = backbone_lib.text_backbone(
-    config, log, check_tokenizer=lambda tokenizer: check_records_fit(config, tokenizer, log)
+    backbone_step,
+    log,
+    check_tokenizer=lambda tokenizer: check_records_fit(data_block(config), backbone_step.pretrain, tokenizer, log),
   )
   backbone = sharded_backbone(backbone, mesh, log)
   compute_dtype = backbone_dtype(config.compute.backbone_dtype)
   model = model.clone(dtype=compute_dtype)
   config, data = build_text_federated_data(config, tokenizer, log, model.vocab_size)
+  settings = run_settings(config)  # data.num_clients resolved.
   example = {k: jnp.asarray(v[:1]) for k, v in data.train_pool.tokens.items()}
   targets = lora.find_targets(
-    model, backbone, example["input_ids"], example["attention_mask"], target_regex=config.lora.target_regex
+    model, backbone, example["input_ids"], example["attention_mask"], target_regex=settings.lora.target_regex
   )
   trainable = {
-    "lora": lora.init_lora(jax.random.fold_in(jax.random.key(config.seed), 1), targets, config.lora.rank),
+    "lora": lora.init_lora(jax.random.fold_in(jax.random.key(settings.seed), 1), targets, settings.lora.rank),
     "head": {},
   }
   task = causal_lm.CausalLM(
-    model, lora.lora_scale(config.lora.alpha, config.lora.rank, config.lora.rslora), compute_dtype
+    model, lora.lora_scale(settings.lora.alpha, settings.lora.rank, settings.lora.rslora), compute_dtype
   )
   signatures = (
     every_client_signature(
-      config,
+      settings,
       method,
       data,
       model,
@@ -164,7 +189,7 @@ def build_text_experiment(config: ml_collections.ConfigDict, log: Callable[[str]
     else (None, None)
   )
   return assemble(
-    config,
+    settings,
     log,
     mesh=mesh,
     method=method,

@@ -40,6 +40,7 @@ from experiments.runner.evaluation import evaluate_new_clients, run_evaluator
 from experiments.runner.assembly import Experiment
 from experiments.runner.experiment import build_experiment
 from experiments.runner.feeding import round_on_mesh
+from experiments.runner.settings import backbone_settings
 from experiments.runner.text_experiment import prepare_text_inputs
 from hyperlora_jax import autotune, diagnostics, distributed, federated, primitives
 from hyperlora_jax.tasks import image_classification as task_lib
@@ -125,11 +126,13 @@ def _run(
   global_is_finite = jax.jit(lambda state: primitives.is_finite(exp.fed_round.global_params(state)))
   evaluate = run_evaluator(exp, with_extras=True)
   per_client = primitives.clients_sharding(exp.mesh)
-  last_round = config.fed.num_rounds if stop_after_round is None else min(stop_after_round, config.fed.num_rounds)
+  settings = exp.settings
+  num_rounds = settings.fed.num_rounds
+  last_round = num_rounds if stop_after_round is None else min(stop_after_round, num_rounds)
   bar = tqdm(
     range(done, last_round),
     initial=done,
-    total=config.fed.num_rounds,
+    total=num_rounds,
     desc=config.method,
     disable=not (progress and main_process),
     leave=False,
@@ -145,7 +148,7 @@ def _run(
     if compiled is None:  # Compiled once, and refused before it runs if it cannot fit in memory.
       try:
         compiled = round_fn.lower(state, frozen, block, ids, weights).compile()
-        memory.check_compiled_round(config, compiled)
+        memory.check_compiled_round(compiled, settings.fed, settings.input_size)
       except BaseException:
         prefetch.shutdown(cancel_futures=True)
         manager.close()
@@ -153,7 +156,7 @@ def _run(
     state, round_metrics = compiled(state, frozen, block, ids, weights)  # Dispatched, not waited for.
     if pending is not None:
       finish(pending)  # Round r-1's host work while round r computes.
-    evaluating = (r + 1) % config.eval_every == 0 or r + 1 == config.fed.num_rounds
+    evaluating = (r + 1) % settings.eval_every == 0 or r + 1 == num_rounds
     # The evaluation is enqueued before round r+1, which donates this state, so it reads it first.
     # A non-finite global is found in `finish_round` and never recorded or saved.
     pending = PendingRound(
@@ -162,9 +165,9 @@ def _run(
       client_ids=host_ids,
       global_finite=global_is_finite(state),
       collect_evaluation=evaluate(state, frozen) if evaluating else None,
-      new_clients=evaluate_new_clients(exp, state, frozen) if r + 1 == config.fed.num_rounds else {},
+      new_clients=evaluate_new_clients(exp, state, frozen) if r + 1 == num_rounds else {},
     )
-    saving = (r + 1) % config.checkpoint_every == 0 or r + 1 == config.fed.num_rounds
+    saving = (r + 1) % settings.checkpoint_every == 0 or r + 1 == num_rounds
     if saving or r + 1 == last_round:  # A saved state is checked first; the last round ends here.
       finish(pending)
       pending = None
@@ -179,7 +182,7 @@ def _run(
   # 8. summary
   title = f"{config.method} on {config.data.name} ({config.data.partition})"
   text = reporting.summary(records, title)
-  if main_process and records and records[-1]["round"] == config.fed.num_rounds:
+  if main_process and records and records[-1]["round"] == num_rounds:
     reporting.plot_convergence(records, os.path.join(workdir, reporting.PLOT_FILE), title)
   return {"records": records, "summary": text, "round_traces": len(traces), "seconds": time.time() - start_time}
 
@@ -194,10 +197,11 @@ def prepare_once(config: ml_collections.ConfigDict, log: Callable[[str], None]) 
     if is_text(config):
       prepare_text_inputs(config, log)
     else:
+      backbone_step = backbone_settings(config)
       prepare_dataset(config.data.name, config.data.data_dir or None)
-      if not backbone.real_checkpoint(config):
+      if not backbone.real_checkpoint(backbone_step.pretrain):
         prepare_dataset(config.pretrain.data_name, config.data.data_dir or None)
-      backbone.prepare_backbone(config, log)
+      backbone.prepare_backbone(backbone_step, log)
   distributed.barrier("data and backbone prepared")
 
 
@@ -216,7 +220,7 @@ def state_on_mesh(exp: Experiment) -> tuple[Any, Any]:
   """(round-0 server state with its per-client store sharded over the clients axis, the task's
   frozen tree split over the `model` axis, `primitives.frozen_shardings`: replicated without
   one); host copies go to the global mesh (identical on every process)."""
-  state = exp.fed_round.init(jax.random.key(exp.config.seed), exp.initial_trainable, exp.signatures)
+  state = exp.fed_round.init(jax.random.key(exp.settings.seed), exp.initial_trainable, exp.signatures)
   to_mesh = (lambda t: t) if jax.process_count() == 1 else (lambda t: jax.tree.map(np.asarray, t))
   state = jax.device_put(to_mesh(state), federated.state_shardings(state, exp.mesh))
   frozen = to_mesh(task_lib.frozen_tree(exp.backbone, dtype=exp.task.compute_dtype))
@@ -275,7 +279,11 @@ def round_record(exp: Experiment, pending: PendingRound, previous: dict | None) 
     **{key: int(round_metrics[key]) for key in records_lib.REJECTION_METRICS},
     **{key: int(value) for key, value in round_metrics.items() if key.startswith("faults_")},
     **{key: jax.tree.map(float, round_metrics[key]) for key in diagnostics.METRICS if key in round_metrics},
-    **({"dp_epsilon": records_lib.privacy_spent(exp.config, r + 1, exp.method)} if methods.dp_on(exp.config) else {}),
+    **(
+      {"dp_epsilon": records_lib.privacy_spent(exp.settings, r + 1, exp.method)}
+      if methods.dp_on(exp.settings.dp)
+      else {}
+    ),
     "bytes_up": up,
     "bytes_down": down,
     "cum_bytes_up": cum_up,
@@ -343,8 +351,8 @@ def check_progress(
   last `STALLED_ROUNDS` rounds (and no fault injects them): nothing reaches the server, so the
   run would go on learning nothing (a non-finite frozen backbone or data, or a learning rate
   that diverges at once)."""
-  faults = exp.config.get("faults")
-  if faults is not None and faults.get("nonfinite", 0.0) > 0:
+  faults = exp.settings.faults
+  if faults is not None and faults.nonfinite > 0:
     return
   sampled = int(np.sum(np.asarray(client_ids) >= 0))
   recent = records[-STALLED_ROUNDS:]
@@ -352,7 +360,7 @@ def check_progress(
     raise FloatingPointError(
       f"rounds {recent[0]['round']}-{recent[-1]['round']}: every client's update was non-finite, so nothing "
       f"reached the server and the run stops; the frozen backbone or the data may hold NaN/Inf, or "
-      f"client_optimizer.learning_rate={exp.config.client_optimizer.learning_rate} diverges at once; "
+      f"client_optimizer.learning_rate={exp.settings.client_optimizer.learning_rate} diverges at once; "
       + _close_naming_last_checkpoint(manager, workdir)
     )
 

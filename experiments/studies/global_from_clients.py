@@ -43,7 +43,7 @@ def global_test_accuracy(exp, frozen) -> Callable[[Any], float]:
   splits. Compiled once per model shape, so models of the same shape share the compilation."""
   from hyperlora_jax.tasks.image_classification import block_counts
 
-  counts = jax.jit(lambda trainable, block: block_counts(exp.task, frozen, trainable, block, exp.config.eval_batch))
+  counts = jax.jit(lambda trainable, block: block_counts(exp.task, frozen, trainable, block, exp.settings.eval_batch))
 
   def accuracy(trainable) -> float:
     totals = np.array([np.asarray(counts(trainable, block), np.float64) for block in exp.data.global_test_blocks()])

@@ -41,12 +41,13 @@ def prior_accuracy(config_spec: str, seed: int, overrides: tuple[str, ...] = ())
   """(training clients' mean, new clients' mean or None) of `majority_label_accuracy` for a
   config file spec (path[:arg]) with FIELD=VALUE `overrides` at `seed`."""
   from experiments.runner.federated_data import build_federated_data
+  from experiments.runner.settings import data_block
 
   config = load_config_file(config_spec)
   config.seed = seed
   for override in overrides:
     set_field(config, *parse_override(override))
-  data = build_federated_data(config)
+  data = build_federated_data(data_block(config), config.seed, config.eval_batch)
   train, test = data.train_pool.labels, data.test_pool.labels
   clients = np.nanmean(majority_label_accuracy(train, test, data.train_parts, data.test_parts))
   new = (

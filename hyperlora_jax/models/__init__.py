@@ -44,13 +44,14 @@ def model_from_config(model_config, num_classes: int, class_names: tuple[str, ..
   """`build_model` from a config's `model` block (`name` plus architecture fields).
 
   Args:
-    model_config: a config's `model` block (`name` and architecture fields).
+    model_config: a config's `model` block (`name` and architecture fields): a `ConfigDict`
+      or any mapping.
     num_classes: K; class_names: for CLIP's prompts.
   Returns:
     The Flax module.
   """
   arch = {k: v for k, v in model_config.items() if k != "name"}
-  return build_model(model_config.name, num_classes, class_names, **arch)
+  return build_model(model_config["name"], num_classes, class_names, **arch)
 
 
 def has_head(name: str) -> bool:

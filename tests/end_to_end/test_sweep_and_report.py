@@ -768,6 +768,7 @@ def test_results_page_majority_label_reads_the_runs_own_data(smoke_config):
 
 def _labels_and_parts(config):
   from experiments.runner.federated_data import build_federated_data
+  from experiments.runner.settings import data_block
 
-  data = build_federated_data(config)
+  data = build_federated_data(data_block(config), config.seed, config.eval_batch)
   return data.train_pool.labels, data.test_pool.labels, data.train_parts, data.test_parts

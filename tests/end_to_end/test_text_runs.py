@@ -162,7 +162,7 @@ def test_the_readme_recipe_takes_a_file_with_its_own_number_of_categories(tmp_pa
   assert config.data.num_clients == 0
   logs = []
   exp = build_experiment(config, logs.append)
-  assert exp.data.num_clients == 8 and exp.config.data.num_clients == 8
+  assert exp.data.num_clients == 8 and exp.settings.num_clients == 8
   assert "data.num_clients: 0 -> 8, one client per category of" in " ".join(logs)
   four = _categories_file(tmp_path / "four.jsonl", categories[:4])
   config = instruction_tuning.get_config(f"checkpoint={LLAMA},data={four}")
@@ -220,6 +220,7 @@ def test_the_embedded_decoder_is_pretrained_cached_and_tuned_by_hyperlora(tmp_pa
   Reference (cached as a Hugging Face directory), HyperLoRA's text signatures, one round on the
   docstring records in 13 categories."""
   from experiments.runner import backbone as backbone_lib, pretrain_text
+  from experiments.runner.settings import backbone_settings
   from hyperlora_jax.models import hf
 
   config = instruction_tuning.get_config("smoke,method=hyperlora,rounds=1")
@@ -229,8 +230,8 @@ def test_the_embedded_decoder_is_pretrained_cached_and_tuned_by_hyperlora(tmp_pa
   result = train_and_evaluate(config, str(tmp_path / "run"), progress=False, log=logs.append)
   assert any("records of 'stdlib_docs' in 13 group(s)" in line for line in logs)
   assert result["round_traces"] == 1 and result["records"][-1]["bytes_up"] > 0
-  directory = pretrain_text.cache_path(config)
-  model, _, tokenizer, _ = backbone_lib.text_backbone(config, logs.append)
+  directory = pretrain_text.cache_path(backbone_settings(config))
+  model, _, tokenizer, _ = backbone_lib.text_backbone(backbone_settings(config), logs.append)
   assert logs[-1] == f"backbone: restored from {directory}"
   assert hf.read_checkpoint(directory)[0] == "llama" and tokenizer.vocab_size == model.vocab_size == 2048
 

@@ -153,7 +153,7 @@ def test_lora_fair_lowers_its_objective():
 
 
 def test_rolora_alternates_the_trained_factor():
-  method = methods.rolora(type("C", (), {"fed": type("F", (), {"head_policy": "shared"})})())
+  method = methods.rolora(methods.MethodSettings("rolora"))  # fed.head_policy="shared" by default.
   t = jax.tree.map(lambda x: x[0], _clients())
   even = round_update_mask(method.frozen_regexes, t, jnp.int32(0))
   odd = round_update_mask(method.frozen_regexes, t, jnp.int32(1))

@@ -198,12 +198,13 @@ def test_rslora_scale_is_alpha_over_root_rank():
 
 
 def _config(**fed):
+  """A method's settings from the smoke config with `fed` fields changed."""
   from configs import default
 
   config = default.get_config("smoke")
   for key, value in fed.items():
     config.fed[key] = value
-  return config
+  return methods.method_settings(config)
 
 
 # ------------------------------------------------------------------ bytes, counted by hand

@@ -14,6 +14,7 @@ from experiments.runner import backbone as backbone_lib, pretrain, pretrain_text
 from experiments.runner.data import instructions
 from hyperlora_jax import files
 from hyperlora_jax.models import hf
+from experiments.runner.settings import BackboneSettings, backbone_settings
 from tests.runner.data.test_instructions import FIXTURES, _data_config, write_dolly_jsonl
 
 
@@ -50,14 +51,15 @@ def test_random_bytes_in_a_tokenized_file_are_named_not_used(tmp_path):
     instructions.open_tokenized(records.directory, vocab_size=100)  # A model with fewer embedding rows.
 
 
-def _tiny_decoder_config(cache_dir: str):
+def _tiny_decoder(cache_dir: str) -> BackboneSettings:
+  """The backbone settings of a text smoke run whose embedded decoder pretrains 4 steps into `cache_dir`."""
   config = instruction_tuning.get_config("smoke,method=fedit")
   config.pretrain.cache_dir, config.pretrain.steps = cache_dir, 4
-  return config
+  return backbone_settings(config)
 
 
 def _build_decoder(cache_dir: str) -> str:
-  return pretrain_text.decoder_directory(_tiny_decoder_config(cache_dir), log=lambda _: None)
+  return pretrain_text.decoder_directory(_tiny_decoder(cache_dir), log=lambda _: None)
 
 
 def test_two_runs_building_the_embedded_decoder_at_once_both_get_it(tmp_path):
@@ -79,7 +81,7 @@ def test_a_changed_cached_decoder_is_reported_and_kept(tmp_path):
   weights = os.path.join(directory, hf.WEIGHTS_FILE)
   _flip_bytes(weights, offset=os.path.getsize(weights) - 64)
   with pytest.raises(hf.CheckpointError, match=r"model.safetensors: its content changed.*left in place"):
-    backbone_lib.text_backbone(_tiny_decoder_config(str(tmp_path)), log=lambda _: None)
+    backbone_lib.text_backbone(_tiny_decoder(str(tmp_path)), log=lambda _: None)
   user = tmp_path / "user_checkpoint"
   shutil.copytree(os.path.join(FIXTURES, "hf_llama"), user)
   from safetensors.numpy import load_file, save_file
@@ -92,10 +94,10 @@ def test_a_changed_cached_decoder_is_reported_and_kept(tmp_path):
 
 
 def test_a_changed_backbone_cache_is_reported_and_kept(smoke_config, tmp_path):
-  pretrain.load_or_pretrain(smoke_config, log=lambda _: None)  # The session's cache, built once.
-  source = pretrain.cache_path(smoke_config)
+  pretrain.load_or_pretrain(backbone_settings(smoke_config), log=lambda _: None)  # The session's cache, built once.
+  source = pretrain.cache_path(backbone_settings(smoke_config))
   smoke_config.pretrain.cache_dir = str(tmp_path)
-  copy = pretrain.cache_path(smoke_config)
+  copy = pretrain.cache_path(backbone_settings(smoke_config))
   shutil.copytree(source, copy)
   data_files = sorted(
     (os.path.getsize(os.path.join(root, n)), os.path.join(root, n))
@@ -106,7 +108,7 @@ def test_a_changed_backbone_cache_is_reported_and_kept(smoke_config, tmp_path):
   largest = data_files[-1][1]
   _flip_bytes(largest, offset=data_files[-1][0] // 2)
   with pytest.raises(RuntimeError, match=rf"{os.path.basename(largest)}: its content changed.*left in place"):
-    pretrain.load_or_pretrain(smoke_config, log=lambda _: None)
+    pretrain.load_or_pretrain(backbone_settings(smoke_config), log=lambda _: None)
   assert os.path.isdir(copy)
 
 

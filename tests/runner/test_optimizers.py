@@ -1,4 +1,5 @@
-"""Optimizer config blocks: the learning-rate schedule, step by step against its formula."""
+"""Optimizer blocks: the learning-rate schedule, step by step against its formula, from the
+typed block a config block becomes (`configs.blocks.from_config`)."""
 
 import math
 
@@ -6,12 +7,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from configs import blocks
 from experiments.runner.optimizers import build_optimizer
 
 
 def _sgd_steps(cfg: ml_collections.ConfigDict, steps: int) -> list[float]:
   """The step sizes sgd takes on a unit gradient, one per optimizer step."""
-  optimizer = build_optimizer(cfg)
+  typed = blocks.ScheduledOptimizer if "schedule" in cfg else blocks.Optimizer
+  optimizer = build_optimizer(blocks.from_config(typed, cfg))
   state, sizes = optimizer.init(jnp.zeros(())), []
   for _ in range(steps):
     updates, state = optimizer.update(jnp.ones(()), state)

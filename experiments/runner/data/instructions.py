@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
+from configs import blocks as config_blocks
 from experiments.runner.data import stdlib_docs
 from hyperlora_jax import files, text
 
@@ -294,7 +295,7 @@ def source_fingerprint(name: str) -> dict[str, Any]:
   return {"path": os.path.abspath(name), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def tokenized_directory(data_config, tokenizer) -> tuple[str, dict[str, Any]]:
+def tokenized_directory(data_config: config_blocks.TextData, tokenizer: Any) -> tuple[str, dict[str, Any]]:
   """(the directory `data.name` tokenized by `tokenizer` is kept in, the fields its name hashes)."""
   fields = {
     "format": TOKENIZED_FORMAT,
@@ -307,11 +308,11 @@ def tokenized_directory(data_config, tokenizer) -> tuple[str, dict[str, Any]]:
   }
   digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
   stem = os.path.splitext(os.path.basename(data_config.name))[0]
-  return os.path.join(data_config.get("data_dir", "") or DEFAULT_DATA_DIR, f"{stem}-{digest}"), fields
+  return os.path.join(data_config.data_dir or DEFAULT_DATA_DIR, f"{stem}-{digest}"), fields
 
 
 def prepare_tokenized(
-  data_config, tokenizer, log: Callable[[str], None] = print, vocab_size: int | None = None
+  data_config: config_blocks.TextData, tokenizer: Any, log: Callable[[str], None] = print, vocab_size: int | None = None
 ) -> TokenizedRecords:
   """`data.name` tokenized (`data.max_len`, `data.layout`, `data.chat_template`) with its groups
   (`data.group_field`): read from its prepared directory, or prepared there first, one pass
@@ -332,7 +333,9 @@ def prepare_tokenized(
   return open_tokenized(directory, tokenizer.vocab_size if vocab_size is None else vocab_size)
 
 
-def _write_tokenized(records: Iterable[dict], directory: str, fields: dict, tokenizer, data_config) -> int:
+def _write_tokenized(
+  records: Iterable[dict], directory: str, fields: dict, tokenizer: Any, data_config: config_blocks.TextData
+) -> int:
   """Tokenizes `records` into `directory`, whole or not at all (`files.build_directory`; another
   process's directory, if it finished first, is kept); their count."""
   count, _ = files.build_directory(
@@ -341,7 +344,9 @@ def _write_tokenized(records: Iterable[dict], directory: str, fields: dict, toke
   return count
 
 
-def _write_files(records: Iterable[dict], partial: str, fields: dict, tokenizer, data_config) -> int:
+def _write_files(
+  records: Iterable[dict], partial: str, fields: dict, tokenizer: Any, data_config: config_blocks.TextData
+) -> int:
   """The token files (`CHUNK_RECORDS` records encoded at a time), groups, flags and index of
   `records` in `partial`; their count."""
   group_values, truncated, no_loss, chunk = [], [], [], []
@@ -451,7 +456,11 @@ def _token_range_problem(tokens: dict[str, np.ndarray], vocab_size: int) -> str 
 
 
 def load_text_datasets(
-  data_config, tokenizer, seed: int, log: Callable[[str], None] = print, vocab_size: int | None = None
+  data_config: config_blocks.TextData,
+  tokenizer: Any,
+  seed: int,
+  log: Callable[[str], None] = print,
+  vocab_size: int | None = None,
 ) -> tuple[TextDataset, TextDataset]:
   """(train, test) `TextDataset`s of `data.name` per the config's `data` block (layout,
   group_field, test_fraction, max_len, chat_template, data_dir, stream): tokenized once
@@ -459,7 +468,9 @@ def load_text_datasets(
   return split_records(prepare_tokenized(data_config, tokenizer, log, vocab_size), data_config, seed)
 
 
-def split_records(records: TokenizedRecords, data_config, seed: int) -> tuple[TextDataset, TextDataset]:
+def split_records(
+  records: TokenizedRecords, data_config: config_blocks.TextData, seed: int
+) -> tuple[TextDataset, TextDataset]:
   """(train, test) `TextDataset`s of prepared `records`: split per group
   (`data.test_fraction`, seeded), in memory or streamed (`data.stream`)."""
   train, test = split_train_test(records.groups, data_config.test_fraction, seed)

@@ -287,9 +287,10 @@ def test_a_diverged_pretraining_is_reported_and_not_cached(smoke_config, tmp_pat
   "holdout accuracy 0.062"; validation now refuses inf, and a finite but absurd one is caught."""
   import os
   from experiments.runner import pretrain
+  from experiments.runner.settings import backbone_settings
 
   smoke_config.pretrain.learning_rate = 1e30
   smoke_config.pretrain.cache_dir = str(tmp_path / "backbones")
   with pytest.raises(FloatingPointError, match="pretraining diverged.*pretrain.learning_rate"):
-    pretrain.load_or_pretrain(smoke_config, log=lambda _: None)
+    pretrain.load_or_pretrain(backbone_settings(smoke_config), log=lambda _: None)
   assert not os.path.exists(tmp_path / "backbones") or not os.listdir(tmp_path / "backbones")

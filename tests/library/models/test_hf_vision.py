@@ -365,18 +365,13 @@ def test_the_clip_tokenizer_gives_the_references_ids_from_tokenizer_json_or_voca
 
 def test_images_are_normalized_by_the_checkpoints_image_processor():
   """OpenAI's mean and std from preprocessor_config.json, as CLIPImageProcessor applies them."""
-  import ml_collections
-
   from experiments.runner import backbone as backbone_lib
 
   outputs = _clip_outputs()
-  config = ml_collections.ConfigDict({"pretrain": {"checkpoint": os.path.join(FIXTURES, "hf_clip")}})
-  got = backbone_lib.image_preprocess(config)(jnp.asarray(outputs["images"]))
+  got = backbone_lib.image_preprocess(os.path.join(FIXTURES, "hf_clip"))(jnp.asarray(outputs["images"]))
   np.testing.assert_allclose(got, outputs["pixel_values"], atol=1e-5)
-  config.pretrain.checkpoint = os.path.join(FIXTURES, "hf_vit")  # No processor file: [-1, 1].
-  np.testing.assert_allclose(
-    backbone_lib.image_preprocess(config)(jnp.asarray(outputs["images"])), outputs["images"] / 127.5 - 1.0, atol=1e-6
-  )
+  no_processor = backbone_lib.image_preprocess(os.path.join(FIXTURES, "hf_vit"))  # No processor file: [-1, 1].
+  np.testing.assert_allclose(no_processor(jnp.asarray(outputs["images"])), outputs["images"] / 127.5 - 1.0, atol=1e-6)
 
 
 def test_an_exported_clip_adapter_attaches_to_the_reference_on_both_towers():
@@ -542,6 +537,7 @@ def test_a_clip_image_tower_built_for_another_image_size_matches_interpolate_pos
 
 def test_the_runner_loads_a_checkpoint_at_another_image_size_and_says_so(smoke_config, tmp_path):
   from experiments.runner import backbone as backbone_lib, config_validation, methods
+  from experiments.runner.settings import backbone_settings
 
   smoke_config.pretrain.checkpoint = os.path.join(FIXTURES, "hf_vit_nobias")
   smoke_config.data.image_size = 24
@@ -551,7 +547,7 @@ def test_the_runner_loads_a_checkpoint_at_another_image_size_and_says_so(smoke_c
     config, methods.METHODS
   )  # 24 px on a 16 px checkpoint: allowed, patch 4 divides it.
   logs = []
-  backbone, _ = backbone_lib.load_hf_backbone(config, logs.append)
+  backbone, _ = backbone_lib.load_hf_backbone(backbone_settings(config), logs.append)
   assert backbone["params"]["pos_embedding"].shape == (1, 37, 32)
   assert any("position embeddings resized from 16 px to data.image_size=24 px" in line for line in logs)
   config.data.image_size = 26

@@ -11,6 +11,7 @@ import pytest
 from configs import benchmarks
 from hyperlora_jax import lora, models
 from experiments.runner import backbone as backbone_lib, pretrain
+from experiments.runner.settings import backbone_settings
 from hyperlora_jax.models import CLIP, Mixer, ViT, clip as clip_lib, npz
 
 
@@ -202,7 +203,7 @@ def test_the_image_backbone_step_uses_the_npz_checkpoint(smoke_config, tmp_path)
   npz.save_npz(path, "vit", params, num_heads=arch["num_heads"])
   smoke_config.pretrain.npz_path = path
   smoke_config.pretrain.cache_dir = str(tmp_path / "cache")
-  backbone = backbone_lib.image_backbone(smoke_config, log=lambda _: None)
+  backbone = backbone_lib.image_backbone(backbone_settings(smoke_config), log=lambda _: None)
   assert backbone.info == {"source": path} and not os.path.exists(tmp_path / "cache")  # Nothing pretrained.
   assert backbone.tokenizer is None and backbone.preprocess is models.preprocess_images
   chex.assert_trees_all_close(backbone.variables["params"], {k: v for k, v in params.items() if k != "head"})

@@ -174,10 +174,11 @@ def test_capping_examples_keeps_a_seeded_subset_of_each_client():
 
 def test_a_data_scarce_config_caps_training_examples_but_not_test_splits(smoke_config):
   from experiments.runner.federated_data import build_federated_data
+  from experiments.runner.settings import data_block
 
-  full = build_federated_data(smoke_config)
+  full = build_federated_data(data_block(smoke_config), smoke_config.seed, smoke_config.eval_batch)
   smoke_config.data.max_client_examples = 8
-  scarce = build_federated_data(smoke_config)
+  scarce = build_federated_data(data_block(smoke_config), smoke_config.seed, smoke_config.eval_batch)
   assert max(full.train_sizes()) > 8 and max(scarce.train_sizes()) == 8
   for whole, part in zip(full.train_parts, scarce.train_parts):
     assert set(part) <= set(whole) and len(part) == min(8, len(whole))
@@ -187,10 +188,11 @@ def test_a_data_scarce_config_caps_training_examples_but_not_test_splits(smoke_c
 
 def test_a_validation_split_is_carved_from_training_examples_and_replaces_the_test_split(smoke_config):
   from experiments.runner.federated_data import build_federated_data
+  from experiments.runner.settings import data_block
 
-  full = build_federated_data(smoke_config)
+  full = build_federated_data(data_block(smoke_config), smoke_config.seed, smoke_config.eval_batch)
   smoke_config.data.validation_fraction = 0.25
-  tuning = build_federated_data(smoke_config)
+  tuning = build_federated_data(data_block(smoke_config), smoke_config.seed, smoke_config.eval_batch)
   assert tuning.test_pool is tuning.train_pool  # Evaluations read training examples only.
   for whole, train, held in zip(full.train_parts, tuning.train_parts, tuning.test_parts):
     assert len(held) == max(int(0.25 * len(whole)), 1)

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from configs import blocks as config_blocks
 from configs import instruction_tuning
 from experiments.runner import methods
 from experiments.runner.config_validation import ConfigError, validate_config
@@ -96,10 +97,11 @@ def test_groups_and_the_per_group_split_by_hand():
 
 
 def _data_config(name, tmp_path, **fields):
+  """The typed `data` block of the records `name`, tokenized under `tmp_path`."""
   config = instruction_tuning.get_config(f"data={name}").data
   config.data_dir, config.max_len = str(tmp_path / "tokenized"), 96
   config.update(fields)
-  return config
+  return config_blocks.from_config(config_blocks.TextData, config)
 
 
 def test_padding_entries_of_a_block_count_no_loss(tmp_path):
@@ -243,4 +245,4 @@ def test_the_text_config_is_valid_for_every_method():
   for method in methods.METHODS:
     config = instruction_tuning.get_config(f"smoke,method={method}")
     validate_config(config, methods.METHODS, methods.METHOD_BLOCKS)
-    assert methods.build_method(config).name == method and config.task == "instruction_tuning"
+    assert methods.build_method(methods.method_settings(config)).name == method and config.task == "instruction_tuning"

@@ -1,0 +1,174 @@
+"""A validated run config unpacked into typed values at the boundary, instead of the whole
+`ConfigDict` passed down:
+
+  backbone_settings(config) -> BackboneSettings   what the backbone step reads (pretraining,
+                                                   checkpoints, the model block)
+  data_block(config)        -> ImageData | TextData   the data step's block
+  run_settings(config)      -> RunSettings        what the round's assembly, the chunk timing,
+                                                   the loop, feeding, evaluation and records read
+
+The blocks are the dataclasses of `configs.blocks` (and the library's `Faults`). The config
+itself is read by validation, by the builders that unpack it, by the steps that rewrite it before
+it is unpacked (a checkpoint's `model.*`, a text run's `data.num_clients`) and by the workdir's
+recorded copy; `tests/test_layout.py` keeps every other function off it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from configs import blocks
+from experiments.runner.config_facts import CACHE_DIR, ConfigError, cache_dir, is_text
+from experiments.runner.methods import MethodSettings, method_settings
+from hyperlora_jax.faults import Faults
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+  """A run's settings after validation, typed.
+
+  Attributes:
+    seed: the run's seed.
+    text: a text run (`task='instruction_tuning'`).
+    num_clients: `data.num_clients`, resolved (a text run's groups): the population.
+    input_size: (the field that sizes one example, its value): ("data.image_size", 16) or
+      ("data.max_len", 128).
+    backbone_dtype: `compute.backbone_dtype`: "float32", "bfloat16" or "auto".
+    model: the `model` block, as a dict (its fields depend on the architecture).
+    fed: the federated rounds.
+    lora: the adapters.
+    client_optimizer, server_optimizer: the optimizers.
+    method: what the method reads (its blocks, `robust` and `dp`).
+    faults: the injected client faults; None where the config has no `faults` block.
+    eval_batch: examples per evaluation batch.
+    eval_every, checkpoint_every: rounds between evaluations and between checkpoints.
+    stream: images read on demand from the prepared files (`data.stream`).
+    feed: "round" or "chunk" (`data.feed`).
+    cache_dir: where backbones and measured chunk sizes are cached.
+  """
+
+  seed: int
+  text: bool
+  num_clients: int
+  input_size: tuple[str, int]
+  backbone_dtype: str
+  model: dict
+  fed: blocks.Fed
+  lora: blocks.Lora
+  client_optimizer: blocks.Optimizer
+  server_optimizer: blocks.Optimizer
+  method: MethodSettings
+  faults: Faults | None
+  eval_batch: int
+  eval_every: int
+  checkpoint_every: int
+  stream: bool
+  feed: str
+  cache_dir: str
+
+  @property
+  def dp(self) -> blocks.DP:
+    """The `dp` block."""
+    return self.method.dp
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneSettings:
+  """What the backbone step reads (`backbone`, `pretrain`, `pretrain_text`).
+
+  Attributes:
+    model: the `model` block (its fields depend on the architecture), as a dict.
+    pretrain: the `pretrain` block: `ImagePretrain` (image runs) or `TextPretrain` (text runs).
+    image_size: an image run's `data.image_size` (0 for text runs).
+    data_dir: an image run's `data.data_dir`, where the pretraining images are prepared.
+  """
+
+  model: dict
+  pretrain: blocks.ImagePretrain | blocks.TextPretrain
+  image_size: int = 0
+  data_dir: str = ""
+
+  @property
+  def cache_dir(self) -> str:
+    """`pretrain.cache_dir`, or `config_facts.CACHE_DIR` when it is empty."""
+    return self.pretrain.cache_dir or CACHE_DIR
+
+  @property
+  def checkpoint(self) -> str:
+    """`pretrain.checkpoint`: a Hugging Face directory ('' for none)."""
+    return self.pretrain.checkpoint
+
+
+def backbone_settings(config: ml_collections.ConfigDict) -> BackboneSettings:
+  """The typed values the backbone step reads of `config` (its `model.*` final).
+
+  Args:
+    config: a run config, image or text.
+  Returns:
+    Its `BackboneSettings`.
+  Raises:
+    ConfigError: the `pretrain` block has a field its dataclass does not know (named).
+  """
+  if is_text(config):
+    return BackboneSettings(config.model.to_dict(), _typed(blocks.TextPretrain, config, "pretrain"))
+  return BackboneSettings(
+    config.model.to_dict(),
+    _typed(blocks.ImagePretrain, config, "pretrain"),
+    config.data.image_size,
+    config.data.data_dir,
+  )
+
+
+def data_block(config: ml_collections.ConfigDict) -> blocks.ImageData | blocks.TextData:
+  """The run's `data` block, typed: `ImageData` or (a text run) `TextData`.
+
+  Raises:
+    ConfigError: the block has a field its dataclass does not know (named).
+  """
+  return _typed(blocks.TextData if is_text(config) else blocks.ImageData, config, "data")
+
+
+def _typed(block_type: type[blocks.Block], config: ml_collections.ConfigDict, name: str) -> blocks.Block:
+  """`blocks.from_config` of `config.<name>`, an unknown field named as a ConfigError."""
+  try:
+    return blocks.from_config(block_type, config.get(name))
+  except KeyError as e:
+    raise ConfigError(f"{name}: {e.args[0]}") from None
+
+
+def run_settings(config: ml_collections.ConfigDict) -> RunSettings:
+  """The typed settings of a validated run config (the boundary: what is built below reads these).
+
+  Args:
+    config: the run config, validated, its `model.*` set from a checkpoint and a text run's
+      `data.num_clients` resolved.
+  Returns:
+    Its `RunSettings`.
+  Raises:
+    ConfigError: a block has a field its dataclass does not know (named).
+  """
+  text = is_text(config)
+  data = data_block(config)
+  return RunSettings(
+    seed=config.seed,
+    text=text,
+    num_clients=data.num_clients,
+    input_size=("data.max_len", data.max_len)
+    if isinstance(data, blocks.TextData)
+    else ("data.image_size", data.image_size),
+    backbone_dtype=config.compute.backbone_dtype,
+    model=config.model.to_dict(),
+    fed=_typed(blocks.Fed, config, "fed"),
+    lora=_typed(blocks.Lora, config, "lora"),
+    client_optimizer=_typed(blocks.Optimizer, config, "client_optimizer"),
+    server_optimizer=_typed(blocks.Optimizer, config, "server_optimizer"),
+    method=method_settings(config),
+    faults=_typed(Faults, config, "faults") if "faults" in config else None,
+    eval_batch=config.eval_batch,
+    eval_every=config.eval_every,
+    checkpoint_every=config.checkpoint_every,
+    stream=data.stream,
+    feed=data.feed,
+    cache_dir=cache_dir(config),
+  )
