@@ -4,7 +4,7 @@ Each measurement runs in its own child process (peak RSS is a process's high-wat
 the numbers do not mix:
 
   clients:  one round of local training (the default model, 10 Adam steps of batch 32, LoRA)
-            for C clients at a fixed `--chunk` (`bench_model.client_update_fn`), the images
+            for C clients at a fixed `--chunk` (`benchmarks.workloads.client_update_fn`), the images
             drawn from a host pool: gathered for the whole cohort and put on the device before
             the round (`data.feed='round'`), or read chunk by chunk inside it ('chunk');
   dataset:  a whole default run (`--rounds` rounds, evaluation, checkpoints) of FedIT on

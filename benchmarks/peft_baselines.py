@@ -8,7 +8,8 @@ from a config of the benchmark's architecture (random weights: speed does not de
 transformers' default attention, SDPA), wrapped by `peft.get_peft_model` with LoRA (rank r,
 `lora_alpha`) on the attention's query and value (both towers of a CLIP) and, for the ViT, the
 classifier trained too (`modules_to_save`). It runs on CUDA when torch sees a GPU (float32 with
-TF32 matmuls), else on the CPU with all its threads. Two ways to run C clients x S Adam steps:
+TF32 matmuls), else on the CPU with as many threads as XLA:CPU uses
+(`torch_baselines.use_cpu_threads`). Two ways to run C clients x S Adam steps:
 
   loop: for each client, the adapter reset to the round's start (`set_peft_model_state_dict`), a
         fresh `torch.optim.Adam`, S forward/backward/step iterations: what PEFT-based federated
@@ -24,7 +25,6 @@ tower run every step, as the JAX benchmark's CLIP does.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import numpy as np
@@ -138,7 +138,7 @@ def build_clip(arch: dict, image_size: int, rank: int, alpha: float, attention: 
   return peft.get_peft_model(transformers.CLIPModel(config), lora).eval()
 
 
-def time_round(
+def round_fn(
   images: np.ndarray,
   labels: np.ndarray,
   *,
@@ -150,9 +150,9 @@ def time_round(
   way: str,
   chunk: int = 16,
   prompt_ids: np.ndarray | None = None,
-  repeats: int = 2,
-) -> float:
-  """Best wall time of one round: C clients x S Adam steps ("loop" or "vmap" in chunks).
+) -> Callable[[], None]:
+  """`run()`: one round, C clients x S Adam steps ("loop" or "vmap" in chunks), waiting for
+  CUDA's kernels; time it with `benchmarks.timing.interleaved_times` beside the JAX ways.
 
   Args:
     images: uint8 NumPy [C, S, B, H, W, 3]; labels: int [C, S, B].
@@ -166,7 +166,7 @@ def time_round(
   if device == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
   else:
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch_baselines.use_cpu_threads(torch)
   torch.manual_seed(0)
   size = images.shape[3]
   build = build_clip if model_name == "clip" else build_vit
@@ -208,7 +208,7 @@ def time_round(
   per_client_grad = vmap(grad(client_loss), in_dims=(0, 0, 0))  # Over clients; each grad over its batch.
 
   vmapped = lambda: torch_baselines.vmapped_adam(torch, per_client_grad, init, pixels, labels_t, chunk, learning_rate)
-  return torch_baselines.best_time(torch, {"loop": loop, "vmap": vmapped}[way], repeats)
+  return torch_baselines.synchronized(torch, {"loop": loop, "vmap": vmapped}[way])
 
 
 def build_llama(config_json: dict, rank: int, alpha: float, attention: str = "sdpa", dtype=None):
@@ -249,7 +249,7 @@ def text_round(
   frozen weights are bfloat16 and the step runs under `torch.autocast(bfloat16)` (LoRA factors
   and Adam float32), as `Trainer(bf16=True)` on a bfloat16 checkpoint; on the CPU float32.
 
-  `run` waits for CUDA's kernels; time it with `bench_timing.interleaved_times` beside the JAX
+  `run` waits for CUDA's kernels; time it with `benchmarks.timing.interleaved_times` beside the JAX
   ways. `peak_bytes()`: the most CUDA memory torch allocated during any one `run()` so far (0 on
   the CPU).
 
@@ -264,7 +264,7 @@ def text_round(
 
   device = _device(torch)
   if device == "cpu":
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch_baselines.use_cpu_threads(torch)
   torch.manual_seed(0)
   dtype = torch.bfloat16 if device == "cuda" else None
   autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else contextlib.nullcontext

@@ -12,7 +12,11 @@ CLIP with `peft` LoRA: the per-client loop PEFT-based repositories run, and torc
 
 All run the same model (the default config's ViT, or `--width/--depth/--image_size`), LoRA,
 optimizer and data shapes, on random weights and random uint8 images (speed does not depend on
-their values), in one process, each after a warm-up, best of `--repeats`. Also reported: the
+their values), in one process on the same number of threads (`--threads`: XLA:CPU's pool and
+torch's), each after a warm-up, interleaved: in each of `--repeats` rounds every way runs once,
+in turn (`timing.interleaved_times`), so a drift of the machine's speed meets every way alike;
+the best time of each is reported, and the PyTorch rows' speed-up also as the median of the
+per-round ratios (`paired_speedup`). Also reported: the
 FLOPs of one client update from XLA's cost analysis, the achieved FLOP/s of each way, and the
 device's measured float32 matmul peak (best of several `jnp.dot`s), so that achieved / peak is
 the model FLOP utilization. Prints client-steps per second and ratios, and writes JSON.
@@ -32,7 +36,7 @@ from absl import flags
 
 from benchmarks import peft_baselines, torch_baselines
 from benchmarks.workloads import client_update_fn, random_block
-from benchmarks.timing import best_time, best_time_or_out_of_memory, matmul_peak_flops, update_flops
+from benchmarks.timing import confine_threads, interleaved_times, matmul_peak_flops, paired_ratio, update_flops
 from hyperlora_jax import autotune, primitives
 from hyperlora_jax.tasks.image_classification import backbone_dtype
 
@@ -59,7 +63,14 @@ _BASE_CLIP = flags.DEFINE_bool(
   "OpenAI CLIP ViT-B/32 at 224 px (both towers, LoRA r=16 on "
   "their query/value) instead of the default model; no PyTorch rows.",
 )
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (the best is reported).")
+_REPEATS = flags.DEFINE_integer(
+  "repeats", 3, "Timed rounds, in each of which every way runs once in turn (the best is reported)."
+)
+_THREADS = flags.DEFINE_integer(
+  "threads",
+  0,
+  "CPUs (threads) for every framework: XLA:CPU's pool and torch.set_num_threads (0: all this process may use).",
+)
 _OUT = flags.DEFINE_string("out", "", "JSON file for the results.")
 _TORCH = flags.DEFINE_bool(
   "torch",
@@ -75,17 +86,23 @@ _PEFT = flags.DEFINE_bool(
 )
 
 
-def _baseline_row(time_way, steps: int, best_jax: float, label: str) -> tuple[dict, str]:
-  """({way: seconds, client-steps/s, best JAX speedup} plus the device, the printed text) of a
-  PyTorch baseline's "loop" and "vmap" ways, `time_way(way)` -> seconds."""
+def _baseline_row(times: dict, label: str, steps: int, best_jax: float, best_jax_times: list) -> tuple[dict, str]:
+  """({way: seconds, client-steps/s, best JAX speedup (best times), paired speedup} plus the
+  device, the printed text) of a PyTorch baseline's "loop" and "vmap" ways, timed interleaved
+  with the JAX ways (`times[f"{label} {way}"]`: seconds per round)."""
   row, text = {}, ""
   for way in ("loop", "vmap"):
-    seconds = time_way(way)
-    row[way] = {"seconds": seconds, "client_steps_per_s": steps / seconds, "best_jax_speedup": seconds / best_jax}
+    seconds = min(times[f"{label} {way}"])
+    row[way] = {
+      "seconds": seconds,
+      "client_steps_per_s": steps / seconds,
+      "best_jax_speedup": seconds / best_jax,
+      "paired_speedup": paired_ratio(times[f"{label} {way}"], best_jax_times),
+    }
     text += f"; {label} {way}: {steps / seconds:8.1f}"
   text += (
-    f" (best JAX {row['loop']['best_jax_speedup']:.2f}x the {label} loop, "
-    f"{row['vmap']['best_jax_speedup']:.2f}x {label} vmap)"
+    f" (best JAX {row['loop']['best_jax_speedup']:.2f}x the {label} loop, paired "
+    f"{row['loop']['paired_speedup']:.2f}x; {row['vmap']['best_jax_speedup']:.2f}x {label} vmap)"
   )
   return {**row, "device": torch_baselines.device_name()}, text
 
@@ -100,6 +117,7 @@ def _prompt_ids(model_config) -> np.ndarray:
 
 def main(argv):
   del argv
+  threads = confine_threads(_THREADS.value)  # Before JAX's backend starts.
   one_client, trainable, config = client_update_fn(
     _WIDTH.value, _DEPTH.value, _IMAGE_SIZE.value, _BASE_MODEL.value, _BASE_CLIP.value
   )
@@ -130,18 +148,9 @@ def main(argv):
     client_blocks = [jax.tree.map(lambda x, i=i: x[i], block) for i in range(num)]
     # XLA's cost analysis counts a loop body once: cost one step, times the steps.
     flops = num * _STEPS.value * update_flops(single, trainable, jax.tree.map(lambda x: x[:1], client_blocks[0]))
-    t_loop = best_time(lambda: [single(trainable, b) for b in client_blocks], _REPEATS.value)
     steps = num * _STEPS.value
-    row = {
-      "clients": num,
-      "client_steps": steps,
-      "round_flops": flops,
-      "loop_s": t_loop,
-      "loop_client_steps_per_s": steps / t_loop,
-      "loop_mfu": flops / t_loop / peak,
-      "vmapped": [],
-    }
-    line = f"C={num:5d}: loop {steps / t_loop:8.1f} client-steps/s (MFU {row['loop_mfu']:.0%})"
+    ways = {"loop": lambda: jax.block_until_ready([single(trainable, b) for b in client_blocks])}  # Timed interleaved.
+    labels, row = {}, {"clients": num, "client_steps": steps, "round_flops": flops, "vmapped": []}
     for chunk in chunks:
       label = chunk or "all"
       if chunk == autotune.AUTO:  # What fed.clients_per_chunk=-1 picks for this C, then timed again.
@@ -151,27 +160,10 @@ def main(argv):
         vmapped.setdefault(chunk, vmap_chunks(chunk))
       if chunk > 0 and num % chunk:
         continue
-      t_vmap = best_time_or_out_of_memory(lambda: vmapped[chunk](starts, block), _REPEATS.value)
-      if t_vmap is None:
-        row["vmapped"].append({"clients_per_chunk": chunk, "label": str(label), "out_of_memory": True})
-        line += f"; chunk {label}: out of memory"
-        continue
-      row["vmapped"].append(
-        {
-          "clients_per_chunk": chunk,
-          "label": str(label),
-          "seconds": t_vmap,
-          "client_steps_per_s": steps / t_vmap,
-          "mfu": flops / t_vmap / peak,
-          "speedup_over_loop": t_loop / t_vmap,
-        }
-      )
-      line += f"; chunk {label}: {steps / t_vmap:8.1f} (MFU {flops / t_vmap / peak:.0%}, ratio {t_loop / t_vmap:.2f}x)"
-    images, labels = np.asarray(block["image"]), np.asarray(block["label"])
-    best_jax = min([t_loop] + [v["seconds"] for v in row["vmapped"] if "seconds" in v])
-    if torch_reason:
-      row["torch"] = {"skipped": torch_reason}
-    else:
+      labels[f"chunk {label}"] = chunk
+      ways[f"chunk {label}"] = lambda chunk=chunk: jax.block_until_ready(vmapped[chunk](starts, block))
+    images, labels_np = np.asarray(block["image"]), np.asarray(block["label"])
+    if not torch_reason:
       arch = {
         "width": config.model.width,
         "depth": config.model.depth,
@@ -181,21 +173,16 @@ def main(argv):
         "rank": config.lora.rank,
         "scale": config.lora.alpha / config.lora.rank,
         "learning_rate": config.client_optimizer.learning_rate,
-        "repeats": _REPEATS.value,
       }
-      row["torch"], text = _baseline_row(
-        lambda way: torch_baselines.time_round(images, labels, way=way, chunk=16, **arch), steps, best_jax, "torch"
-      )
-      line += text
-    if peft_reason:
-      row["peft"] = {"skipped": peft_reason}
-    else:
+      for way in ("loop", "vmap"):
+        ways[f"torch {way}"] = torch_baselines.round_fn(images, labels_np, way=way, chunk=16, **arch)
+    if not peft_reason:
       model_fields = {k: v for k, v in config.model.to_dict().items() if k != "name"}
       prompts = _prompt_ids(config.model) if _BASE_CLIP.value else None
-      row["peft"], text = _baseline_row(
-        lambda way: peft_baselines.time_round(
+      for way in ("loop", "vmap"):
+        ways[f"peft {way}"] = peft_baselines.round_fn(
           images,
-          labels,
+          labels_np,
           model_name=config.model.name,
           arch=model_fields,
           rank=config.lora.rank,
@@ -204,13 +191,39 @@ def main(argv):
           way=way,
           chunk=16,
           prompt_ids=prompts,
-          repeats=_REPEATS.value,
-        ),
-        steps,
-        best_jax,
-        "peft",
+        )
+    times = interleaved_times(ways, _REPEATS.value)
+    seconds = {name: None if t is None else min(t) for name, t in times.items()}
+    t_loop = seconds["loop"]
+    row.update(loop_s=t_loop, loop_client_steps_per_s=steps / t_loop, loop_mfu=flops / t_loop / peak)
+    line = f"C={num:5d}: loop {steps / t_loop:8.1f} client-steps/s (MFU {row['loop_mfu']:.0%})"
+    for name, chunk in labels.items():
+      label = name.split(" ", 1)[1]
+      t_vmap = seconds[name]
+      if t_vmap is None:
+        row["vmapped"].append({"clients_per_chunk": chunk, "label": label, "out_of_memory": True})
+        line += f"; chunk {label}: out of memory"
+        continue
+      row["vmapped"].append(
+        {
+          "clients_per_chunk": chunk,
+          "label": label,
+          "seconds": t_vmap,
+          "client_steps_per_s": steps / t_vmap,
+          "mfu": flops / t_vmap / peak,
+          "speedup_over_loop": t_loop / t_vmap,
+          "paired_speedup_over_loop": paired_ratio(times["loop"], times[name]),
+        }
       )
-      line += text
+      line += f"; chunk {label}: {steps / t_vmap:8.1f} (MFU {flops / t_vmap / peak:.0%}, ratio {t_loop / t_vmap:.2f}x)"
+    jax_ways = ["loop", *(name for name in labels if seconds[name] is not None)]
+    best_name = min(jax_ways, key=seconds.get)
+    for label, reason in (("torch", torch_reason), ("peft", peft_reason)):
+      if reason:
+        row[label] = {"skipped": reason}
+      else:
+        row[label], text = _baseline_row(times, label, steps, seconds[best_name], times[best_name])
+        line += text
     results.append(row)
     print(line, flush=True)
   report = {
@@ -227,6 +240,8 @@ def main(argv):
     "chunks": chunks,
     "backbone_dtype": config.compute.backbone_dtype + " -> " + jnp.dtype(compute_dtype).name,
     "matmul_peak_flops": peak,
+    "threads": threads,
+    "timing": f"interleaved, best of {_REPEATS.value} rounds",
     "results": results,
   }
   if _OUT.value:

@@ -11,12 +11,12 @@
            per client), and `--peft_vmap` torch.func.vmap over clients
            (`peft_baselines.text_round`).
 
-All run the same architecture (`--model`: `bench_model.DECODERS`, the embedded default's
+All run the same architecture (`--model`: `benchmarks.workloads.DECODERS`, the embedded default's
 size or SmolLM-135M's or TinyLlama-1.1B's config on random weights), LoRA, optimizer and
 token shapes (random full-length sequences of `--seq_len` tokens, the loss on their second
 half), in one process, each after a warm-up, best of `--repeats` rounds in which every way
-runs once in turn (`bench_timing.interleaved_times`: a drift of the machine's speed meets
-every way alike); the PEFT rows' speed-up is given both as the ratio of best times and as the
+runs once in turn (`benchmarks.timing.interleaved_times`: a drift of the machine's speed meets
+every way alike), every framework on the same number of threads (`--threads`); the PEFT rows' speed-up is given both as the ratio of best times and as the
 median over rounds of the ratio of the two times taken moments apart (`paired_speedup`).
 Reported per cohort size:
 tokens per second (C x S x B x T tokens of the round over its wall time), the FLOPs of one
@@ -41,7 +41,14 @@ from absl import flags
 
 from benchmarks import peft_baselines, torch_baselines
 from benchmarks.workloads import DECODERS, random_text_block, text_client_update_fn
-from benchmarks.timing import interleaved_times, matmul_peak_flops, paired_ratio, planned_memory_bytes, update_flops
+from benchmarks.timing import (
+  confine_threads,
+  interleaved_times,
+  matmul_peak_flops,
+  paired_ratio,
+  planned_memory_bytes,
+  update_flops,
+)
 from hyperlora_jax import autotune, primitives
 from hyperlora_jax.models import hf
 
@@ -57,7 +64,14 @@ _CHUNKS = flags.DEFINE_string(
   "auto = what fed.clients_per_chunk=-1 measures and picks).",
 )
 _REMAT = flags.DEFINE_bool("remat", False, "Recompute each decoder block in the backward pass (model.remat).")
-_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed repetitions (the best is reported).")
+_REPEATS = flags.DEFINE_integer(
+  "repeats", 2, "Timed rounds, in each of which every way runs once in turn (the best is reported)."
+)
+_THREADS = flags.DEFINE_integer(
+  "threads",
+  0,
+  "CPUs (threads) for every framework: XLA:CPU's pool and torch.set_num_threads (0: all this process may use).",
+)
 _LOOP = flags.DEFINE_bool("loop", True, "Time the project's jitted per-client loop.")
 _PEFT = flags.DEFINE_bool("peft", True, "Time transformers + peft's per-client loop when installed (`bench` extra).")
 _PEFT_VMAP = flags.DEFINE_bool(
@@ -81,6 +95,7 @@ def _way(seconds: float, tokens: int, flops: float, peak: float, memory: int = 0
 
 def main(argv):
   del argv
+  threads = confine_threads(_THREADS.value)  # Before JAX's backend starts.
   one_client, frozen, trainable, model, config = text_client_update_fn(_MODEL.value, _REMAT.value)
   steps, batch, seq_len = _STEPS.value, _BATCH.value, _SEQ_LEN.value
   single = jax.jit(one_client)
@@ -193,6 +208,7 @@ def main(argv):
   report = {
     "device": str(jax.devices()[0].device_kind),
     "backend": jax.default_backend(),
+    "threads": threads,
     "jax": jax.__version__,
     "machine": platform.machine(),
     "model": _MODEL.value,

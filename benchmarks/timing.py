@@ -4,6 +4,7 @@ XLA's FLOPs and planned memory of a jitted call."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 from collections.abc import Callable
@@ -13,6 +14,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from hyperlora_jax import autotune
+
+
+def confine_threads(threads: int) -> int:
+  """Confines this process to `threads` of the CPUs it may run on (0: all of them) and returns
+  the count. Call it before JAX's backend starts (before the first array): XLA:CPU sizes its
+  thread pool by the CPUs the process may run on, and the PyTorch baselines set their threads to
+  the same count (`torch_baselines.use_cpu_threads`), so every framework runs on as many threads.
+
+  Raises:
+    ValueError: more threads than the CPUs the process may run on.
+  """
+  allowed = sorted(os.sched_getaffinity(0))
+  if threads > len(allowed):
+    raise ValueError(f"--threads={threads}: this process may run on {len(allowed)} CPUs")
+  if threads:
+    os.sched_setaffinity(0, set(allowed[:threads]))
+  return len(os.sched_getaffinity(0))
 
 
 def best_time(fn, repeats: int) -> float:

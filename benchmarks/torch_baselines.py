@@ -7,7 +7,7 @@ blocks with separate query/key/value/out projections, GELU MLP, final LayerNorm,
 LoRA (rank r, scale s) on the attention's query and value and a trainable head; the backbone is
 frozen. Weights are random: speed does not depend on them. It runs on CUDA when torch sees a
 GPU (float32 with TF32 matmuls, as JAX's default precision runs float32 there), else on the CPU
-with all its threads. Two ways to run C clients x S local Adam steps:
+with as many threads as XLA:CPU uses (`use_cpu_threads`: the CPUs this process may run on). Two ways to run C clients x S local Adam steps:
 
   loop:  for each client, fresh LoRA + head tensors and `torch.optim.Adam`, S forward/backward/
          step iterations (what PEFT-based federated repositories do per client);
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import os
-import time
+from collections.abc import Callable
 
 
 def available() -> tuple[bool, str]:
@@ -29,6 +29,15 @@ def available() -> tuple[bool, str]:
   except ImportError as e:
     return False, f"torch is not installed ({e}); install the optional extra: pip install -e .[bench]"
   return True, ""
+
+
+def use_cpu_threads(torch) -> int:
+  """Sets PyTorch's intra-op threads to the CPUs this process may run on, the count XLA:CPU sizes
+  its thread pool by (`benchmarks.timing.confine_threads` sets it for both), so that neither
+  framework has more cores than the other; returns it."""
+  threads = len(os.sched_getaffinity(0))
+  torch.set_num_threads(threads)
+  return threads
 
 
 def device_name() -> str:
@@ -103,7 +112,7 @@ def _forward(torch, frozen: dict, trainable: dict, images, *, depth: int, heads:
   return F.linear(x[:, 0], trainable["head_w"], trainable["head_b"])
 
 
-def time_round(
+def round_fn(
   images,
   labels,
   *,
@@ -117,9 +126,9 @@ def time_round(
   learning_rate: float,
   way: str,
   chunk: int = 16,
-  repeats: int = 2,
-) -> float:
-  """Best wall time of one round: C clients x S Adam steps ("loop" or "vmap" in chunks).
+) -> Callable[[], None]:
+  """`run()`: one round, C clients x S Adam steps ("loop" or "vmap" in chunks), waiting for
+  CUDA's kernels; time it with `benchmarks.timing.interleaved_times` beside the JAX ways.
 
   Args:
     images: uint8 NumPy [C, S, B, H, W, 3]; labels: int [C, S, B].
@@ -131,7 +140,7 @@ def time_round(
   if device == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
   else:
-    torch.set_num_threads(os.cpu_count() or 1)
+    use_cpu_threads(torch)
   num, steps = images.shape[:2]
   to_device = lambda tree: {k: v.to(device) for k, v in tree.items()}
   frozen = to_device(_frozen(torch, width, depth, patch, images.shape[3], mlp_ratio))
@@ -153,9 +162,7 @@ def time_round(
 
   vmapped = lambda: vmapped_adam(torch, per_client_grad, init, images_t, labels_t, chunk, learning_rate)
 
-  way_fn = {"loop": loop, "vmap": vmapped}[way]
-
-  return best_time(torch, way_fn, repeats)
+  return synchronized(torch, {"loop": loop, "vmap": vmapped}[way])
 
 
 def vmapped_adam(torch, per_client_grad, init: dict, inputs, labels, chunk: int, learning_rate: float) -> None:
@@ -179,19 +186,12 @@ def vmapped_adam(torch, per_client_grad, init: dict, inputs, labels, chunk: int,
         trainable[k] = trainable[k] - learning_rate * (m[k] / (1 - b1**t)) / denom
 
 
-def best_time(torch, way_fn, repeats: int) -> float:
-  """Best wall time of `way_fn()` over `repeats` runs after a warm-up, waiting for CUDA's
-  asynchronous kernels to finish."""
+def synchronized(torch, way_fn: Callable[[], None]) -> Callable[[], None]:
+  """`way_fn` followed by a wait for CUDA's asynchronous kernels (nothing on the CPU)."""
 
   def run():
     way_fn()
     if torch.cuda.is_available():
       torch.cuda.synchronize()  # Kernels run asynchronously: wait for the last one.
 
-  run()  # Warm-up.
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run()
-    best = min(best, time.perf_counter() - start)
-  return best
+  return run

@@ -82,19 +82,23 @@ def measure_clients_per_chunk(
   fn: Callable,
   xs: Any,
   candidates: Sequence[int] | None = None,
-  repeats: int = 2,
+  repeats: int = 3,
   clock: Callable[[], float] = time.perf_counter,
 ) -> ChunkChoice:
-  """Times `primitives.map_clients(fn, xs, k)` for each candidate k on the default device,
-  smallest first. A candidate that runs out of device memory (a large model on an accelerator:
-  the whole cohort's activations at once) ends the search: it and the larger ones are skipped.
+  """Times `primitives.map_clients(fn, xs, k)` for each candidate k on the default device and
+  picks the fastest. Each candidate is compiled and run once, smallest first; a candidate that
+  runs out of device memory (a large model on an accelerator: the whole cohort's activations at
+  once) ends that: it and the larger ones are skipped. Then `repeats` rounds in which every
+  candidate runs once, in turn, each keeping its best time: a machine whose speed drifts while it
+  is measured (a shared host) slows every candidate alike, instead of the ones timed last.
 
   Args:
     fn: the per-client function (as for `map_clients`), e.g. one client's local update.
     xs: pytree of [c, ...] sample inputs: the clients one device handles in a round
       (with D devices sharding C clients, c = C / D and the round's chunk is k * D).
     candidates: chunk sizes dividing c (default `chunk_candidates(c)`).
-    repeats: timed calls per candidate after a compiling warm-up; the best counts.
+    repeats: timing rounds after the compiling warm-up; each candidate's best counts.
+    clock: seconds (for tests).
   Returns:
     the fastest candidate and every measured candidate's time.
   Raises:
@@ -102,23 +106,24 @@ def measure_clients_per_chunk(
   """
   num = jax.tree.leaves(xs)[0].shape[0]
   candidates = sorted(candidates or chunk_candidates(num))
-  seconds: dict[int, float] = {}
+  runs: dict[int, Callable[[], Any]] = {}
   out_of_memory: tuple[int, ...] = ()
   for k in candidates:
     mapped = jax.jit(lambda inputs, k=k: primitives.map_clients(fn, inputs, k))
     try:
       jax.block_until_ready(mapped(xs))  # Compile and warm up.
     except jax.errors.JaxRuntimeError as error:
-      if not (is_out_of_memory(error) and seconds):
+      if not (is_out_of_memory(error) and runs):
         raise
       out_of_memory = (k,)
       break
-    best = float("inf")
-    for _ in range(repeats):
+    runs[k] = lambda mapped=mapped: jax.block_until_ready(mapped(xs))
+  seconds = {k: float("inf") for k in runs}
+  for _ in range(repeats):
+    for k, run in runs.items():
       start = clock()
-      jax.block_until_ready(mapped(xs))
-      best = min(best, clock() - start)
-    seconds[k] = best
+      run()
+      seconds[k] = min(seconds[k], clock() - start)
   return ChunkChoice(min(seconds, key=lambda k: seconds[k]), seconds, out_of_memory=out_of_memory)
 
 

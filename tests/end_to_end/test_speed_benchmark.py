@@ -51,6 +51,8 @@ def test_make_bench_writes_its_results(tmp_path):
   # FLOPs scale with the cohort and the steps: the same client step, twice the clients.
   assert report["results"][1]["round_flops"] == 2 * report["results"][0]["round_flops"]
   assert report["model"]["name"] == "vit" and report["local_steps"] == 2
+  cpus = len(os.sched_getaffinity(0))  # Every framework on as many threads: all the process may use.
+  assert report["threads"] == cpus and report["timing"] == "interleaved, best of 1 rounds"
   assert "ratio" in result.stdout and "matmul peak" in result.stdout
   available, reason = torch_baselines.available()
   for row in report["results"]:  # PyTorch rows: timed, or skipped saying why.
@@ -66,10 +68,26 @@ def test_make_bench_writes_its_results(tmp_path):
       assert row["peft"] == {"skipped": reason} and "pip install -e .[bench]" in reason
   text = json.loads(text_out.read_text())  # The text round, after the image one.
   assert [row["clients"] for row in text["results"]] == [2] and text["model"] == "tiny"
+  assert text["threads"] == cpus
   if available:
     assert text["results"][0]["peft"]["loop"]["tokens_per_s"] > 0
   else:
     assert text["results"][0]["peft"] == {"skipped": reason}
+
+
+def test_threads_confine_the_process_before_jax_starts_and_too_many_are_refused():
+  """`--threads N` confines the process to N CPUs (XLA:CPU sizes its pool by them, and the torch
+  rows set as many threads); more than the process may use is an error naming the flag."""
+  code = (
+    "import os, jax, jax.numpy as jnp; from benchmarks.timing import confine_threads; "
+    "n = confine_threads(1); jnp.ones(3).block_until_ready(); print(n, len(os.sched_getaffinity(0)))"
+  )
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.stdout.split() == ["1", "1"], result.stderr[-2000:]
+  from benchmarks.timing import confine_threads
+
+  with pytest.raises(ValueError, match="--threads=1000: this process may run on"):
+    confine_threads(1000)
 
 
 def test_the_text_benchmark_counts_tokens_flops_and_memory_by_their_formulas(tmp_path):

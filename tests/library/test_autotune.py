@@ -34,6 +34,24 @@ def test_measure_times_every_candidate_and_picks_the_fastest():
   assert not choice.cached
 
 
+def test_measure_times_the_candidates_interleaved_so_a_drifting_machine_slows_them_alike():
+  """On a machine slowing down while it is measured (each timed call 1 s longer than the one
+  before), timing one candidate after the other would charge the drift to the last ones (best
+  times 1, 3, 5 s); interleaved, every round times each candidate once (1, 2, 3 s)."""
+  ticks = iter(range(1000))
+  elapsed = [0.0]
+
+  def drifting_clock():  # Called before and after each timed call: the i-th call lasts i + 1 s.
+    tick = next(ticks)
+    if tick % 2:
+      elapsed[0] += tick // 2 + 1
+    return elapsed[0]
+
+  fn = lambda x: jnp.sin(x) @ jnp.ones((8, 8))
+  choice = autotune.measure_clients_per_chunk(fn, jnp.ones((12, 4, 8)), repeats=2, clock=drifting_clock)
+  assert choice.seconds == {1: 1.0, 4: 2.0, 12: 3.0}
+
+
 def test_measure_stops_at_the_first_candidate_out_of_memory_and_keeps_other_errors(monkeypatch):
   fn = lambda x: jnp.sin(x) @ jnp.ones((8, 8))
   xs = jnp.ones((12, 4, 8))
