@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import functools
 import json
 import os
 import time
@@ -117,7 +118,7 @@ def measure_clients_per_chunk(
         raise
       out_of_memory = (k,)
       break
-    runs[k] = lambda mapped=mapped: jax.block_until_ready(mapped(xs))
+    runs[k] = functools.partial(_run_and_wait, mapped, xs)
   seconds = {k: float("inf") for k in runs}
   for _ in range(repeats):
     for k, run in runs.items():
@@ -125,6 +126,10 @@ def measure_clients_per_chunk(
       run()
       seconds[k] = min(seconds[k], clock() - start)
   return ChunkChoice(min(seconds, key=lambda k: seconds[k]), seconds, out_of_memory=out_of_memory)
+
+
+def _run_and_wait(fn: Callable, xs: Any) -> Any:
+  return jax.block_until_ready(fn(xs))
 
 
 def cache_key(fields: dict) -> str:
