@@ -25,7 +25,7 @@ from hyperlora_jax.hyper import generator as generator_lib
 from hyperlora_jax.hyper import signatures as signatures_lib
 from hyperlora_jax.hyper.synthesis import CrossRoundDerivativeWarning, SynthesisConfig, hyperlora_synthesizer
 from configs import blocks
-from experiments.runner.config_facts import ConfigError
+from experiments.runner.config_facts import ConfigError, typed_block
 from experiments.runner.optimizers import build_optimizer
 
 HEAD_REGEX = r"head/.*"
@@ -122,12 +122,7 @@ def method_settings(config: ml_collections.ConfigDict) -> MethodSettings:
   Raises:
     ConfigError: a block has a field its dataclass does not know (named).
   """
-  typed = {}
-  for name, block_type in _SETTINGS_BLOCKS.items():
-    try:
-      typed[name] = blocks.from_config(block_type, config.get(name))
-    except KeyError as e:
-      raise ConfigError(f"{name}: {e.args[0]}") from None
+  typed = {name: typed_block(block_type, config, name) for name, block_type in _SETTINGS_BLOCKS.items()}
   return MethodSettings(config.method, config.fed.head_policy, **typed)
 
 

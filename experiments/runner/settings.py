@@ -19,7 +19,7 @@ import dataclasses
 import ml_collections
 
 from configs import blocks
-from experiments.runner.config_facts import CACHE_DIR, ConfigError, cache_dir, is_text
+from experiments.runner.config_facts import CACHE_DIR, cache_dir, is_text, typed_block
 from experiments.runner.methods import MethodSettings, method_settings
 from hyperlora_jax.faults import Faults
 
@@ -111,10 +111,10 @@ def backbone_settings(config: ml_collections.ConfigDict) -> BackboneSettings:
     ConfigError: the `pretrain` block has a field its dataclass does not know (named).
   """
   if is_text(config):
-    return BackboneSettings(config.model.to_dict(), _typed(blocks.TextPretrain, config, "pretrain"))
+    return BackboneSettings(config.model.to_dict(), typed_block(blocks.TextPretrain, config, "pretrain"))
   return BackboneSettings(
     config.model.to_dict(),
-    _typed(blocks.ImagePretrain, config, "pretrain"),
+    typed_block(blocks.ImagePretrain, config, "pretrain"),
     config.data.image_size,
     config.data.data_dir,
   )
@@ -126,15 +126,7 @@ def data_block(config: ml_collections.ConfigDict) -> blocks.ImageData | blocks.T
   Raises:
     ConfigError: the block has a field its dataclass does not know (named).
   """
-  return _typed(blocks.TextData if is_text(config) else blocks.ImageData, config, "data")
-
-
-def _typed(block_type: type[blocks.Block], config: ml_collections.ConfigDict, name: str) -> blocks.Block:
-  """`blocks.from_config` of `config.<name>`, an unknown field named as a ConfigError."""
-  try:
-    return blocks.from_config(block_type, config.get(name))
-  except KeyError as e:
-    raise ConfigError(f"{name}: {e.args[0]}") from None
+  return typed_block(blocks.TextData if is_text(config) else blocks.ImageData, config, "data")
 
 
 def run_settings(config: ml_collections.ConfigDict) -> RunSettings:
@@ -159,12 +151,12 @@ def run_settings(config: ml_collections.ConfigDict) -> RunSettings:
     else ("data.image_size", data.image_size),
     backbone_dtype=config.compute.backbone_dtype,
     model=config.model.to_dict(),
-    fed=_typed(blocks.Fed, config, "fed"),
-    lora=_typed(blocks.Lora, config, "lora"),
-    client_optimizer=_typed(blocks.Optimizer, config, "client_optimizer"),
-    server_optimizer=_typed(blocks.Optimizer, config, "server_optimizer"),
+    fed=typed_block(blocks.Fed, config, "fed"),
+    lora=typed_block(blocks.Lora, config, "lora"),
+    client_optimizer=typed_block(blocks.Optimizer, config, "client_optimizer"),
+    server_optimizer=typed_block(blocks.Optimizer, config, "server_optimizer"),
     method=method_settings(config),
-    faults=_typed(Faults, config, "faults") if "faults" in config else None,
+    faults=typed_block(Faults, config, "faults") if "faults" in config else None,
     eval_batch=config.eval_batch,
     eval_every=config.eval_every,
     checkpoint_every=config.checkpoint_every,
