@@ -114,7 +114,7 @@ def plan_one(workload: str, clients: int, target: plan.Target, cost: bool = True
         report = plan.plan_round(
           fed, trainable, frozen, block(clients), ids, weights, target, clients_per_chunk=chunk_all
         )
-      if not cost:
+      else:
         report = dataclasses.replace(report, flops=None, estimated_seconds=None)  # Loops counted once.
       row.update(chunk_per_device=chunk, memory=report.memory, flops=report.flops,
                  seconds=report.estimated_seconds, mfu=report.mfu, loops=report.loops,

@@ -36,7 +36,14 @@ from absl import flags
 
 from benchmarks import peft_baselines, torch_baselines
 from benchmarks.workloads import client_update_fn, random_block
-from benchmarks.timing import confine_threads, interleaved_times, matmul_peak_flops, paired_ratio, update_flops
+from benchmarks.timing import (
+  confine_threads,
+  define_threads_flag,
+  interleaved_times,
+  matmul_peak_flops,
+  paired_ratio,
+  update_flops,
+)
 from hyperlora_jax import autotune, primitives
 from hyperlora_jax.tasks.image_classification import backbone_dtype
 
@@ -66,11 +73,7 @@ _BASE_CLIP = flags.DEFINE_bool(
 _REPEATS = flags.DEFINE_integer(
   "repeats", 3, "Timed rounds, in each of which every way runs once in turn (the best is reported)."
 )
-_THREADS = flags.DEFINE_integer(
-  "threads",
-  0,
-  "CPUs (threads) for every framework: XLA:CPU's pool and torch.set_num_threads (0: all this process may use).",
-)
+_THREADS = define_threads_flag()
 _OUT = flags.DEFINE_string("out", "", "JSON file for the results.")
 _TORCH = flags.DEFINE_bool(
   "torch",

@@ -43,6 +43,7 @@ from benchmarks import peft_baselines, torch_baselines
 from benchmarks.workloads import DECODERS, random_text_block, text_client_update_fn
 from benchmarks.timing import (
   confine_threads,
+  define_threads_flag,
   interleaved_times,
   matmul_peak_flops,
   paired_ratio,
@@ -67,11 +68,7 @@ _REMAT = flags.DEFINE_bool("remat", False, "Recompute each decoder block in the 
 _REPEATS = flags.DEFINE_integer(
   "repeats", 2, "Timed rounds, in each of which every way runs once in turn (the best is reported)."
 )
-_THREADS = flags.DEFINE_integer(
-  "threads",
-  0,
-  "CPUs (threads) for every framework: XLA:CPU's pool and torch.set_num_threads (0: all this process may use).",
-)
+_THREADS = define_threads_flag()
 _LOOP = flags.DEFINE_bool("loop", True, "Time the project's jitted per-client loop.")
 _PEFT = flags.DEFINE_bool("peft", True, "Time transformers + peft's per-client loop when installed (`bench` extra).")
 _PEFT_VMAP = flags.DEFINE_bool(

@@ -12,8 +12,18 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from hyperlora_jax import autotune
+
+
+def define_threads_flag():
+  """The speed benchmarks' `--threads` flag (absl), read by `confine_threads`."""
+  return flags.DEFINE_integer(
+    "threads",
+    0,
+    "CPUs (threads) for every framework: XLA:CPU's pool and torch.set_num_threads (0: all this process may use).",
+  )
 
 
 def confine_threads(threads: int) -> int:
@@ -42,17 +52,6 @@ def best_time(fn, repeats: int) -> float:
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
   return min(times)
-
-
-def best_time_or_out_of_memory(fn, repeats: int) -> float | None:
-  """`best_time(fn, repeats)`, or None when the device runs out of memory (a large chunk of
-  clients on an accelerator); any other error is raised."""
-  try:
-    return best_time(fn, repeats)
-  except jax.errors.JaxRuntimeError as error:
-    if not autotune.is_out_of_memory(error):
-      raise
-    return None
 
 
 def interleaved_times(ways: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float] | None]:

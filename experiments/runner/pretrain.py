@@ -15,7 +15,6 @@ silently replaced.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -114,8 +113,7 @@ def cache_path(backbone: BackboneSettings) -> str:
   Returns:
     The directory (it may not exist yet).
   """
-  digest = hashlib.sha1(json.dumps(_key_fields(backbone), sort_keys=True).encode()).hexdigest()[:12]
-  return os.path.join(backbone.cache_dir, f"{backbone.model['name']}-{digest}")
+  return backbone.cache_directory(backbone.model["name"], _key_fields(backbone))
 
 
 def pretrain(

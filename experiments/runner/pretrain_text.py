@@ -15,7 +15,6 @@ does not match is reported by name, never replaced.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -94,8 +93,7 @@ def cache_path(backbone: BackboneSettings) -> str:
   Returns:
     The directory (it may not exist yet).
   """
-  digest = hashlib.sha1(json.dumps(_key_fields(backbone), sort_keys=True).encode()).hexdigest()[:12]
-  return os.path.join(backbone.cache_dir, f"decoder-{digest}")
+  return backbone.cache_directory("decoder", _key_fields(backbone))
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, directory: str) -> hf.Tokenizer:

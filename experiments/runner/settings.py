@@ -15,6 +15,9 @@ recorded copy; `tests/test_layout.py` keeps every other function off it."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 
 import ml_collections
 
@@ -98,6 +101,20 @@ class BackboneSettings:
   def checkpoint(self) -> str:
     """`pretrain.checkpoint`: a Hugging Face directory ('' for none)."""
     return self.pretrain.checkpoint
+
+  def cache_directory(self, name: str, key_fields: dict) -> str:
+    """The cache directory of an embedded backbone: `cache_dir/<name>-<12 hex characters of the
+    sha1 of key_fields as sorted JSON>`, so every run whose backbone the same fields determine
+    shares it.
+
+    Args:
+      name: what is cached, e.g. the model's name or "decoder".
+      key_fields: JSON-able values that determine its weights.
+    Returns:
+      The directory (it may not exist yet).
+    """
+    digest = hashlib.sha1(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(self.cache_dir, f"{name}-{digest}")
 
 
 def backbone_settings(config: ml_collections.ConfigDict) -> BackboneSettings:

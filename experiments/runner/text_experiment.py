@@ -90,8 +90,9 @@ def build_text_federated_data(
   data.min_client_size training records; every id checked against the tokenizer's vocabulary
   and the model's embedding rows (`model_vocab_size`)."""
   vocab = min(tokenizer.vocab_size, model_vocab_size or tokenizer.vocab_size)
-  records = instructions.prepare_tokenized(data_block(config), tokenizer, log, vocab)
-  refuse_lost_records(data_block(config), backbone_settings(config).pretrain, records)
+  unresolved = data_block(config)
+  records = instructions.prepare_tokenized(unresolved, tokenizer, log, vocab)
+  refuse_lost_records(unresolved, backbone_settings(config).pretrain, records)
   config = with_clients_of(config, records.group_names, log)
   block = data_block(config)  # data.num_clients resolved.
   train, test = instructions.split_records(records, block, config.seed)
