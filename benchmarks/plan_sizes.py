@@ -5,7 +5,9 @@ nothing materialized: every weight and input is a `jax.ShapeDtypeStruct`.
 
 (`make test-plan` makes .venv-plan: libtpu beside .venv.) Workloads: ViT-B/16 at 224 px, LoRA r = 16 on
 q/v, 10 Adam steps of 32 images (`configs/domainnet.py`'s backbone and round); TinyLlama-1.1B's
-architecture, LoRA r = 4 on q/v, 5 Adam steps of 4 sequences of 512 tokens. For each cohort C, the
+and Llama-2-7B's architectures, LoRA r = 4 on q/v, 5 Adam steps of 4 sequences of 512 tokens;
+`--quantization int8|nf4` holds the frozen kernels in 8 or 4 bits (`hyperlora_jax.quantize`,
+computed in bfloat16). For each cohort C, the
 largest per-device chunk that fits is planned in full, beside the per-client loop in the same
 cost model: C / D rounds of one client per device (D the clients axis). Figures are compiler
 estimates (labelled so), not measurements.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import time
 
@@ -36,7 +39,7 @@ def _abstract_init(model, *example):
   return jax.eval_shape(lambda: model.init(jax.random.key(0), *example))
 
 
-def vit_b16(steps: int = 10, batch: int = 32):
+def vit_b16(quantization: str = "none", steps: int = 10, batch: int = 32):
   """(fed_round factory, trainable, frozen, block(C)) of ViT-B/16 at 224 px, r = 16 on q/v."""
   from hyperlora_jax.tasks.image_classification import ImageClassification
 
@@ -52,7 +55,7 @@ def vit_b16(steps: int = 10, batch: int = 32):
   )  # fmt: skip
   task = ImageClassification(model, lora.lora_scale(32.0, 16), models.preprocess_images, "head", BF16)
   update = local_update(task.loss_fn, optax.adam(1e-3), steps=steps)
-  frozen = jax.eval_shape(lambda b: frozen_tree(b, dtype=BF16), backbone)
+  frozen = jax.eval_shape(lambda b: frozen_tree(b, dtype=BF16, quantization=quantization), backbone)
 
   def block(clients):
     shape = (clients, steps, batch)
@@ -65,19 +68,19 @@ def vit_b16(steps: int = 10, batch: int = 32):
   return update, trainable, frozen, block
 
 
-def tinyllama(steps: int = 5, batch: int = 4, seq_len: int = 512):
-  """(client update, trainable, frozen, block(C)) of TinyLlama-1.1B's architecture, r = 4 on q/v."""
+def decoder(arch: str, quantization: str = "none", steps: int = 5, batch: int = 4, seq_len: int = 512):
+  """(client update, trainable, frozen, block(C)) of a `DECODERS[arch]` architecture, r = 4 on q/v."""
   from hyperlora_jax.models.llama import DecoderLM
   from hyperlora_jax.tasks.causal_lm import CausalLM
 
-  model = DecoderLM(**DECODERS["tinyllama_1b"], dtype=BF16)
+  model = DecoderLM(**DECODERS[arch], dtype=BF16)
   example = jnp.zeros((1, 8), jnp.int32)
   variables = _abstract_init(model, example)
   targets = lora.find_targets(model, variables, example, jnp.ones_like(example), target_regex=r".*attn/(query|value)")
   trainable = jax.eval_shape(lambda: {"lora": lora.init_lora(jax.random.key(1), targets, 4), "head": {}})
   task = CausalLM(model, lora.lora_scale(8.0, 4), BF16)
   update = local_update(task.loss_fn, optax.adam(1e-4), steps=steps)
-  frozen = jax.eval_shape(lambda v: frozen_tree(v, dtype=BF16), variables)
+  frozen = jax.eval_shape(lambda v: frozen_tree(v, dtype=BF16, quantization=quantization), variables)
 
   def block(clients):
     shape = (clients, steps, batch)
@@ -88,18 +91,23 @@ def tinyllama(steps: int = 5, batch: int = 4, seq_len: int = 512):
   return update, trainable, frozen, block
 
 
-WORKLOADS = {"vit_b16": (vit_b16, (16, 64, 256)), "tinyllama_1b": (tinyllama, (8, 16, 64))}
+WORKLOADS = {
+  "vit_b16": (vit_b16, (16, 64, 256)),
+  "tinyllama_1b": (functools.partial(decoder, "tinyllama_1b"), (8, 16, 64)),
+  "llama2_7b": (functools.partial(decoder, "llama2_7b"), (8, 16, 64)),
+}
 
 
-def plan_one(workload: str, clients: int, target: plan.Target, cost: bool = True) -> dict:
-  """The largest fitting chunk's plan of a C-client round, and the per-client loop's estimate."""
-  update, trainable, frozen, block = WORKLOADS[workload][0]()
+def plan_one(workload: str, clients: int, target: plan.Target, cost: bool = True, quantization: str = "none") -> dict:
+  """The largest fitting chunk's plan of a C-client round, and the per-client loop's estimate,
+  the frozen kernels held as `quantization` says ("none": bfloat16)."""
+  update, trainable, frozen, block = WORKLOADS[workload][0](quantization=quantization)
   axis = len(target.devices)
   fed = FederatedRound(update, aggregators.fedit(), num_clients=max(clients, axis))
   ids = jax.ShapeDtypeStruct((clients,), jnp.int32)
   weights = jax.ShapeDtypeStruct((clients,), jnp.float32)
   per_device = clients // axis
-  row = {"workload": workload, "clients": clients, "target": target.name}
+  row = {"workload": workload, "clients": clients, "target": target.name, "quantization": quantization}
   start = time.time()
   for chunk in sorted({per_device, 16, 4, 1} & set(range(1, per_device + 1)), reverse=True):
     if per_device % chunk:
@@ -138,6 +146,7 @@ def main() -> None:
   parser.add_argument("--clients", default="", help="Cohorts to plan (default: each workload's).")
   parser.add_argument("--out", default="benchmarks/plan_sizes.json")
   parser.add_argument("--no-cost", action="store_true", help="Memory only (no loop-free compile).")
+  parser.add_argument("--quantization", default="none", help="The frozen kernels: none (bf16), int8 or nf4.")
   args = parser.parse_args()
   rows = []
   for name in args.targets.split(","):
@@ -145,7 +154,7 @@ def main() -> None:
     for workload in args.workloads.split(","):
       cohorts = [int(c) for c in args.clients.split(",")] if args.clients else WORKLOADS[workload][1]
       for clients in cohorts:
-        row = plan_one(workload, clients, target, cost=not args.no_cost)
+        row = plan_one(workload, clients, target, cost=not args.no_cost, quantization=args.quantization)
         rows.append(row)
         fit = (
           f"chunk {row['chunk_per_device']}/device, {row['memory']['total'] / plan.GIB:.2f} GiB"
@@ -154,7 +163,10 @@ def main() -> None:
         )
         est = (f", {row['seconds'] * 1e3:.1f} ms (loop {row['loop_seconds'] * 1e3:.1f} ms), MFU {row['mfu']:.0%}"
                if row.get("seconds") else "")  # fmt: skip
-        print(f"{name} {workload} C={clients}: {fit}{est} [compiled in {row['compile_seconds']:.0f} s]", flush=True)
+        print(
+          f"{name} {workload} ({args.quantization}) C={clients}: {fit}{est} [compiled in {row['compile_seconds']:.0f} s]",
+          flush=True,
+        )
         with open(args.out, "w") as f:
           json.dump({"jax": jax.__version__, "rows": rows, "note": "compiler estimates, not measurements"}, f,
                     indent=1, default=float)  # fmt: skip

@@ -94,6 +94,14 @@ DECODERS = {
     "mlp_dim": 5632,
     "rms_norm_eps": 1e-5,
   },
+  "llama2_7b": {
+    "vocab_size": 32000,
+    "width": 4096,
+    "depth": 32,
+    "num_heads": 32,
+    "mlp_dim": 11008,
+    "rms_norm_eps": 1e-5,
+  },
 }
 
 

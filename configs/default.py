@@ -107,6 +107,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.compute = ml_collections.ConfigDict()
   config.compute.backbone_dtype = "auto"  # 'float32', 'bfloat16' or 'auto' (bf16 on GPU/TPU,
   # float32 on CPU): the frozen backbone's compute.
+  config.compute.backbone_quantization = "none"  # 'none', 'int8' or 'nf4': the frozen kernels held in
+  # 8 or 4 bits, computed in backbone_dtype (QLoRA-style; `hyperlora_jax.quantize`).
+  config.compute.quantization_block = 0  # Weights per scale (0: int8 one per output channel, nf4 64).
 
   config.eval_every = 1
   config.eval_batch = 256

@@ -6,8 +6,9 @@
 
 The run is built here as it would start (data, backbone, method: on this machine's CPU), then
 its first round is compiled for the target's devices, nothing attached: for each candidate
-`fed.clients_per_chunk`, the memory per device against the chip's; then, for the largest chunk
-that fits, FLOPs, the TPU cost model's time and MFU, and the collectives. Every compiler
+`fed.clients_per_chunk`, the memory per device against the chip's (where none fits, again with
+the frozen kernels in int8, then nf4: `compute.backbone_quantization`); then, for the largest
+chunk that fits, FLOPs, the TPU cost model's time and MFU, and the collectives. Every compiler
 figure is an estimate. The frozen backbone runs in `compute.backbone_dtype` as on the target
 ('auto': bfloat16); images are planned with the whole round's block on the device
 (`data.feed='round'`). TPU targets need libtpu (`pip install -e '.[tpu-plan]'`), GPU targets
@@ -27,7 +28,7 @@ from experiments import cli
 from experiments.runner.data import blocks
 from experiments.runner.experiment import build_experiment
 from experiments.runner.feeding import round_inputs
-from hyperlora_jax import autotune, plan
+from hyperlora_jax import autotune, plan, quantize
 from hyperlora_jax.tasks.common import backbone_dtype, frozen_tree
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Run config file.", lock_config=False)
@@ -62,6 +63,19 @@ def candidate_chunks(cohort_per_device: int, given: list[str]) -> list[int]:
   )
 
 
+def quantization_candidates(configured: str) -> list[str]:
+  """The frozen backbone's storage to plan: the configured one, then (only if no chunk fits
+  with it) each smaller one.
+
+  Args:
+    configured: `compute.backbone_quantization`.
+  Returns:
+    E.g. ["none", "int8", "nf4"] for "none", ["nf4"] for "nf4".
+  """
+  order = ["none", "int8", "nf4"]
+  return order[order.index(configured) :]
+
+
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -83,31 +97,38 @@ def main(argv) -> None:
   ids = blocks.pad_client_ids(ids, axis)  # A multiple of the clients axis, as the runner pads.
   cohort = len(ids)
   block, weights = padded(block, cohort), padded(weights, cohort)  # Padding clients: no example, weight 0.
-  frozen = frozen_tree(exp.backbone, dtype=dtype)
   print(
     f"plan of {config.method} on {target.name}: {cohort} clients a round ({cohort // axis} per device of the "
     f"clients axis), {config.fed.local_steps} local steps of {config.fed.batch_size}, model axis {model_parallel}, "
     f"backbone in {np.dtype(dtype).name}; compiler estimates, nothing ran"
   )
-  best = None
-  for chunk in candidate_chunks(cohort // axis, _CHUNKS.value):
-    report = plan.plan_round(
-      fed_round, exp.initial_trainable, frozen, block, ids, weights, target,
-      signatures=exp.signatures, model_parallel=model_parallel, clients_per_chunk=chunk * axis, cost=False,
-    )  # fmt: skip
-    total = plan.format_bytes(report.memory["total"])
-    print(f"  clients_per_chunk={chunk * axis} ({chunk or cohort // axis} per device): {total} per device"
-          + {True: "", False: "  DOES NOT FIT", None: ""}[report.fits])  # fmt: skip
-    if best is None and report.fits is not False:
-      best = chunk * axis
+  best, frozen = None, None
+  for quantization in quantization_candidates(config.compute.get("backbone_quantization", "none")):
+    frozen = frozen_tree(exp.backbone, dtype=dtype, quantization=quantization,
+                         quantization_block=config.compute.get("quantization_block", 0))  # fmt: skip
+    print(f" frozen backbone in {quantization if quantization != 'none' else np.dtype(dtype).name}: "
+          f"{plan.format_bytes(quantize.tree_bytes(frozen))} in all")  # fmt: skip
+    for chunk in candidate_chunks(cohort // axis, _CHUNKS.value):
+      report = plan.plan_round(
+        fed_round, exp.initial_trainable, frozen, block, ids, weights, target,
+        signatures=exp.signatures, model_parallel=model_parallel, clients_per_chunk=chunk * axis, cost=False,
+      )  # fmt: skip
+      total = plan.format_bytes(report.memory["total"])
+      print(f"  clients_per_chunk={chunk * axis} ({chunk or cohort // axis} per device): {total} per device"
+            + {True: "", False: "  DOES NOT FIT", None: ""}[report.fits])  # fmt: skip
+      if best is None and report.fits is not False:
+        best = (chunk * axis, quantization)
+    if best is not None:
+      break
   if best is None:
-    raise SystemExit(f"fed.clients_per_chunk: no candidate fits {target.name}; lower fed.clients_per_round, "
-                     f"fed.batch_size or the model, or raise --model_parallel")  # fmt: skip
+    raise SystemExit(f"fed.clients_per_chunk: no candidate fits {target.name}, the frozen backbone in 4 bits "
+                     f"included; lower fed.clients_per_round, fed.batch_size or the model, or raise "
+                     f"--model_parallel")  # fmt: skip
   report = plan.plan_round(
     fed_round, exp.initial_trainable, frozen, block, ids, weights, target,
-    signatures=exp.signatures, model_parallel=model_parallel, clients_per_chunk=best, cost=_COST.value,
+    signatures=exp.signatures, model_parallel=model_parallel, clients_per_chunk=best[0], cost=_COST.value,
   )  # fmt: skip
-  print(f"best fitting: --config.fed.clients_per_chunk={best}")
+  print(f"best fitting: --config.fed.clients_per_chunk={best[0]} --config.compute.backbone_quantization={best[1]}")
   print("\n".join(report.lines()))
 
 

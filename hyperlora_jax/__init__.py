@@ -15,6 +15,8 @@ what those and the runner write).
   primitives   broadcast / map_clients (chunked, sharded) / weighted_mean on a clients axis
   params       leaf-name masks on pytrees ('/'-joined key paths): select, combine, regex_mask
   autotune     measure the fastest `clients_per_chunk` on this machine; cache the choice
+  quantize     frozen kernels in int8 or 4-bit NF4 (QLoRA-style), dequantized per layer in the
+               model's dtype inside `apply` / `lora.apply`, recomputed in the backward pass
   plan         compile a round for TPUs / GPUs you do not have (compile-only devices): memory
                per device and fit, FLOPs, the TPU cost model's time, collectives (estimates)
   files        atomic writes (write, fsync, rename), sha256 manifests written last and verified
@@ -56,6 +58,7 @@ from hyperlora_jax import (
   plan,
   primitives,
   privacy,
+  quantize,
   states,
   tasks,
   text,
@@ -110,6 +113,7 @@ __all__ = [
   "plan",
   "primitives",
   "privacy",
+  "quantize",
   "state_shardings",
   "states",
   "tasks",

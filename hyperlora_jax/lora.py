@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hyperlora_jax import quantize
 from hyperlora_jax.primitives import weighted_mean
 
 LoraParams = dict  # {path: {"a": [d_in, r], "b": [r, d_out]}}
@@ -255,7 +256,7 @@ def find_targets(
       unsupported[path] = type(context.module).__name__
     return next_fun(*args, **kwargs)
 
-  with nn.intercept_methods(record):
+  with nn.intercept_methods(record), quantize.dequantizing():
     jax.eval_shape(lambda p: model.apply(p, *example_args, **example_kwargs), params)
   kinds = ", ".join(f"nn.{t.__name__}" for t in SUPPORTED_LAYERS)
   if unsupported:
@@ -351,7 +352,7 @@ def apply(
       extra = extra + (query @ base_delta[path].T).astype(out.dtype)
     return extra
 
-  with nn.intercept_methods(add_lora):
+  with nn.intercept_methods(add_lora), quantize.dequantizing():  # add_lora's next_fun dequantizes.
     result = model.apply(params, *args, method=method, **kwargs)
   if unknown:
     raise ValueError(f"LoRA paths not found among the model's layer calls: {sorted(unknown)}")
@@ -360,7 +361,8 @@ def apply(
 
 def merge(params: Any, lora: LoraParams, scale: float) -> Any:
   """Backbone variables with W <- W + s a@b merged into each targeted layer's weight (the
-  `kernel`, or an `nn.Embed`'s `embedding`), reshaped to its shape: for export and tests.
+  `kernel`, or an `nn.Embed`'s `embedding`), reshaped to its shape: for export and tests. A
+  quantized weight (`quantize.QuantizedWeight`) is dequantized and merged in its float dtype.
   A `FrozenDict` gives a `FrozenDict`.
 
   Args:
@@ -377,7 +379,8 @@ def merge(params: Any, lora: LoraParams, scale: float) -> Any:
     for name in path.split("/"):
       node = node[name]
     key = "kernel" if "kernel" in node else "embedding"
-    node[key] = node[key] + (scale * product(factors)).reshape(node[key].shape)
+    weight = quantize.dequantize(node[key]) if quantize.is_quantized(node[key]) else node[key]
+    node[key] = weight + (scale * product(factors)).reshape(weight.shape)
   return flax.core.freeze(merged) if frozen else merged
 
 

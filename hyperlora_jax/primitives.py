@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from hyperlora_jax import quantize
 from hyperlora_jax.pytree import Tree
 
 CLIENTS_AXIS = "clients"
@@ -122,7 +123,26 @@ def frozen_shardings(tree: Tree, mesh: Mesh) -> Tree:
     `tree`'s structure with `NamedSharding` leaves.
   """
   model_devices = model_axis_size(mesh)
-  return jax.tree.map(lambda x: NamedSharding(mesh, frozen_spec(tuple(jnp.shape(x)), model_devices)), tree)
+
+  def one(x):
+    if not quantize.is_quantized(x):
+      return NamedSharding(mesh, frozen_spec(tuple(jnp.shape(x)), model_devices))
+    return x.replace(  # Codes and scales split on the weight's axis, where it divides theirs.
+      codes=NamedSharding(mesh, _quantized_part_spec(x.shape, jnp.shape(x.codes), model_devices)),
+      scales=NamedSharding(mesh, _quantized_part_spec(x.shape, jnp.shape(x.scales), model_devices)),
+    )
+
+  return jax.tree.map(one, tree, is_leaf=quantize.is_quantized)
+
+
+def _quantized_part_spec(weight_shape: tuple[int, ...], part_shape: tuple[int, ...], model_devices: int) -> P:
+  """A quantized weight's codes or scales ([rows', *weight_shape[1:]]) split over `model` on the
+  axis `frozen_spec` splits the weight on, where the part's length there divides; else replicated."""
+  spec = frozen_spec(weight_shape, model_devices)
+  axes = [i for i, name in enumerate(spec) if name is not None]
+  if not axes or part_shape[axes[0]] % model_devices:
+    return P()
+  return spec
 
 
 def shard_frozen(tree: Tree, mesh: Mesh | None) -> Tree:

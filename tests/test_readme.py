@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from hyperlora_jax import autotune as hl_autotune
+from hyperlora_jax import quantize as hl_quantize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,6 +63,7 @@ def test_every_example_block_is_tested():
     "huggingface",
     "decoder",
     "plan",
+    "quantize",
   }
   assert markers == tested
 
@@ -332,3 +334,15 @@ def test_plan_example_reports_the_rounds_memory_and_flops_read_from_a_program_wi
   forward = 16 * 5 * 32 * 2 * (64 * 256 + 256 * 10)  # clients x steps x batch x 2 x (d_in d_out per layer)
   assert report.fits and report.memory["total"] > 0 and report.flops > forward
   assert report.collectives == {} and any("memory" in line for line in report.lines())
+
+
+def test_quantize_example_holds_the_hidden_layer_in_half_a_byte_and_trains_on_it():
+  """nf4 codes of [64, 256] in [32, 256] uint8; the head kept float; the bytes held fall by the
+  hidden kernel's 4 bytes -> half a byte (+ 4 scales of 4 bytes per column); the adapter trained
+  on the 4-bit layer lowers the float model's loss too."""
+  ns = _run("quantize")
+  assert ns["codes"].shape == (32, 256) and ns["codes"].dtype == jnp.uint8
+  assert not hl_quantize.is_quantized(ns["frozen"]["params"]["head"]["kernel"])
+  assert ns["bytes_float"] - ns["bytes_nf4"] == 64 * 256 * 4 - (32 * 256 + 1 * 256 * 4)  # One block of 64 rows.
+  before = ns["loss"](jax.tree.map(jnp.zeros_like, ns["adapter"]), ns["variables"])
+  assert float(ns["on_float"]) < float(before) - 0.3

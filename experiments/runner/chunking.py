@@ -87,6 +87,8 @@ def auto_clients_per_chunk(
     "client_optimizer": dataclasses.asdict(settings.client_optimizer),
     "backbone_dtype": str(jnp.dtype(task.compute_dtype)),
   }
+  if settings.backbone_quantization != "none":  # Keys of float runs as before.
+    fields["backbone_quantization"] = [settings.backbone_quantization, settings.quantization_block]
   path = os.path.join(settings.cache_dir, "clients_per_chunk.json")
 
   def measure() -> autotune.ChunkChoice:
@@ -95,7 +97,12 @@ def auto_clients_per_chunk(
       f"(once per backend, model and round shape; cached in {path})"
     )
     block = sample_block(settings, task, per_device)
-    frozen = frozen_tree(backbone, dtype=task.compute_dtype)
+    frozen = frozen_tree(
+      backbone,
+      dtype=task.compute_dtype,
+      quantization=settings.backbone_quantization,
+      quantization_block=settings.quantization_block,
+    )
     every_leaf = jax.tree.map(lambda _: jnp.float32(1.0), trainable)
     one_client = lambda xs: client_update(xs[0], frozen, xs[1], jax.random.key(0), every_leaf)[0]
     return autotune.measure_clients_per_chunk(one_client, (primitives.broadcast(trainable, per_device), block))

@@ -25,7 +25,7 @@ from experiments.runner.data import loader
 from experiments.runner.data.partition import ALLOWED_PARTITIONS
 from experiments.runner.optimizers import ALLOWED_OPTIMIZERS, ALLOWED_SCHEDULES
 from experiments.runner.settings import backbone_settings
-from hyperlora_jax import federated, lora, models
+from hyperlora_jax import federated, lora, models, quantize
 from hyperlora_jax.hyper.generator import GENERATOR_LOSSES
 from hyperlora_jax.hyper.signatures import parse_kinds, statistic_kinds
 from hyperlora_jax.hyper.synthesis import CORRECTORS
@@ -37,6 +37,7 @@ from hyperlora_jax.primitives import clients_axis_size, make_mesh
 
 ALLOWED_HEAD_POLICIES = ("shared", "local")
 ALLOWED_BACKBONE_DTYPES = ("float32", "bfloat16", "auto")
+ALLOWED_QUANTIZATIONS = ("none",) + quantize.KINDS
 ALLOWED_FEEDS = ("round", "chunk")
 # Text runs partition records by their group (one client per group) or by a Dirichlet over groups.
 TEXT_PARTITIONS = ("one_domain_per_client", "dirichlet_label_skew")
@@ -312,6 +313,9 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
     _positive_int(config, "pretrain.steps")
   _positive_int(config, "fed.clients_per_chunk", minimum=-1)  # -1: measured (autotune.AUTO).
   _one_of(config.compute.backbone_dtype, ALLOWED_BACKBONE_DTYPES, "compute.backbone_dtype")
+  _one_of(config.compute.get("backbone_quantization", "none"), ALLOWED_QUANTIZATIONS, "compute.backbone_quantization")
+  if "quantization_block" in config.compute:
+    _positive_int(config, "compute.quantization_block", minimum=0)
   _require(isinstance(data.stream, bool), "data.stream", f"must be True or False, got {data.stream!r}")
   _positive_int(config, "data.stream_chunk_examples")
   _one_of(data.feed, ALLOWED_FEEDS, "data.feed")

@@ -109,6 +109,7 @@ def check_compiled_round(compiled: Any, fed: blocks.Fed, input_size: tuple[str, 
       f"fed.clients_per_chunk: the compiled round needs {describe(needed, available)}; lower "
       f"fed.clients_per_chunk (now {fed.clients_per_chunk}: clients trained at once; 0 = all, -1 = measured), "
       f"fed.batch_size={fed.batch_size}, {shape}, or fed.clients_per_round={fed.clients_per_round} (the "
-      f"round's inputs stay on the device)"
+      f"round's inputs stay on the device), or hold the frozen backbone in 8 or 4 bits "
+      f"(compute.backbone_quantization=int8 or nf4)"
     )
   return needed

@@ -38,6 +38,8 @@ class RunSettings:
     input_size: (the field that sizes one example, its value): ("data.image_size", 16) or
       ("data.max_len", 128).
     backbone_dtype: `compute.backbone_dtype`: "float32", "bfloat16" or "auto".
+    backbone_quantization: `compute.backbone_quantization`: "none", "int8" or "nf4".
+    quantization_block: `compute.quantization_block`: weights per scale (0: the kind's default).
     model: the `model` block, as a dict (its fields depend on the architecture).
     fed: the federated rounds.
     lora: the adapters.
@@ -56,6 +58,8 @@ class RunSettings:
   num_clients: int
   input_size: tuple[str, int]
   backbone_dtype: str
+  backbone_quantization: str
+  quantization_block: int
   model: dict
   fed: blocks.Fed
   lora: blocks.Lora
@@ -167,6 +171,8 @@ def run_settings(config: ml_collections.ConfigDict) -> RunSettings:
     if isinstance(data, blocks.TextData)
     else ("data.image_size", data.image_size),
     backbone_dtype=config.compute.backbone_dtype,
+    backbone_quantization=config.compute.get("backbone_quantization", "none"),
+    quantization_block=config.compute.get("quantization_block", 0),
     model=config.model.to_dict(),
     fed=typed_block(blocks.Fed, config, "fed"),
     lora=typed_block(blocks.Lora, config, "lora"),

@@ -43,7 +43,6 @@ from experiments.runner.feeding import round_on_mesh
 from experiments.runner.settings import backbone_settings
 from experiments.runner.text_experiment import prepare_text_inputs
 from hyperlora_jax import autotune, diagnostics, distributed, federated, primitives
-from hyperlora_jax.tasks import image_classification as task_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +222,7 @@ def state_on_mesh(exp: Experiment) -> tuple[Any, Any]:
   state = exp.fed_round.init(jax.random.key(exp.settings.seed), exp.initial_trainable, exp.signatures)
   to_mesh = (lambda t: t) if jax.process_count() == 1 else (lambda t: jax.tree.map(np.asarray, t))
   state = jax.device_put(to_mesh(state), federated.state_shardings(state, exp.mesh))
-  frozen = to_mesh(task_lib.frozen_tree(exp.backbone, dtype=exp.task.compute_dtype))
+  frozen = to_mesh(exp.frozen())
   frozen = jax.device_put(frozen, primitives.frozen_shardings(frozen, exp.mesh))
   return state, frozen
 

@@ -65,10 +65,10 @@ def evaluate_run(config, workdir: str) -> dict[str, float]:
   """{"run", "factor mean", "product mean": global test accuracy} of `workdir`'s last checkpoint."""
   from hyperlora_jax import lora, primitives
   from experiments.runner import workdir as workdir_lib
-  from hyperlora_jax.tasks.image_classification import apply_base_delta, frozen_tree
+  from hyperlora_jax.tasks.image_classification import apply_base_delta
 
   exp, state, _ = workdir_lib.restore_run(config, workdir)
-  frozen = apply_base_delta(frozen_tree(exp.backbone, dtype=exp.task.compute_dtype), state["base_delta"])
+  frozen = apply_base_delta(exp.frozen(), state["base_delta"])
   starts, weights = client_starts(exp, state)
   accuracy = global_test_accuracy(exp, frozen)
   return {

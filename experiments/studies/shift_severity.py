@@ -39,7 +39,6 @@ from experiments.sweep import set_field
 from experiments.runner import workdir as workdir_lib
 from experiments.runner.evaluation import run_evaluator
 from experiments.runner.data import corruptions
-from hyperlora_jax.tasks.image_classification import frozen_tree
 
 
 def recorded_config(workdir: str) -> ml_collections.ConfigDict:
@@ -72,7 +71,7 @@ def severity_accuracies(
   accuracy over the clients with test examples)} of `workdir`'s last checkpoint, severities
   0..`corruptions.SEVERITY_LEVELS` of each kind (severity 0 is evaluated once, under every kind)."""
   exp, state, _ = workdir_lib.restore_run(config, workdir)
-  frozen = frozen_tree(exp.backbone, dtype=exp.task.compute_dtype)
+  frozen = exp.frozen()
   evaluate = run_evaluator(exp)
   has_test = exp.data.has_test_examples()
 

@@ -7,22 +7,36 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from hyperlora_jax import quantize
 
-def frozen_tree(backbone: Any, base_delta: dict | None = None, dtype: Any = None) -> dict:
+
+def frozen_tree(
+  backbone: Any,
+  base_delta: dict | None = None,
+  dtype: Any = None,
+  quantization: str = "none",
+  quantization_block: int = 0,
+) -> dict:
   """The task's frozen pytree: {"variables": backbone, "base_delta": ...}, the backbone's
   floating-point weights cast to `dtype` (None: as they are), e.g. bfloat16 to run the
-  frozen backbone in bf16 (with `ImageClassification(compute_dtype=jnp.bfloat16)`).
+  frozen backbone in bf16 (with `ImageClassification(compute_dtype=jnp.bfloat16)`), then its
+  kernels quantized (`quantize.quantize_tree`) unless `quantization` is "none". Works on
+  `jax.ShapeDtypeStruct` trees under `jax.eval_shape`.
 
   Args:
     backbone: the frozen variables ({"params": ...}).
     base_delta: {layer: [d_in, d_out]} server residuals, or None ({}).
     dtype: the backbone's compute dtype, or None.
+    quantization: "none", "int8" or "nf4": the frozen kernels' storage (computed in `dtype`).
+    quantization_block: entries per scale (0: the kind's default; `quantize.quantize`).
   Returns:
     {"variables", "base_delta"}.
   """
   if dtype is not None:
     cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-    backbone = jax.tree.map(cast, backbone)
+    backbone = jax.tree.map(cast, backbone, is_leaf=quantize.is_quantized)
+  if quantization != "none":
+    backbone = quantize.quantize_tree(backbone, quantization, quantization_block)
   return {"variables": backbone, "base_delta": base_delta or {}}
 
 

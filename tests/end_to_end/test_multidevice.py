@@ -132,6 +132,14 @@ MODEL_AXIS_SCRIPT = textwrap.dedent("""
     assert {s.data.shape for s in placed["kernel"].addressable_shards} == {(32, 10)}  # Largest axis over model.
     assert {s.data.shape for s in placed["odd"].addressable_shards} == {(3, 5)}       # No axis divides: replicated.
     np.testing.assert_array_equal(np.asarray(placed["kernel"]), tree["kernel"])
+    from hyperlora_jax import quantize  # A quantized weight: codes and scales split on the weight's axis.
+    wide, tall = quantize.quantize(tree["kernel"], "nf4", 8), quantize.quantize(np.ones((64, 8), np.float32), "int8")
+    placed = primitives.shard_frozen({"wide": wide, "tall": tall}, mesh)
+    assert {s.data.shape for s in placed["wide"].codes.addressable_shards} == {(16, 10)}  # [16, 40] codes.
+    assert {s.data.shape for s in placed["wide"].scales.addressable_shards} == {(4, 10)}  # [4, 40] scales.
+    assert {s.data.shape for s in placed["tall"].codes.addressable_shards} == {(16, 8)}   # Rows split.
+    assert {s.data.shape for s in placed["tall"].scales.addressable_shards} == {(1, 8)}   # One row: replicated.
+    np.testing.assert_array_equal(np.asarray(quantize.dequantize(placed["wide"])), np.asarray(quantize.dequantize(wide)))
     sys.path.insert(0, sys.argv[3])
     from test_text_runs import _config
     from experiments.runner.train import train_and_evaluate

@@ -37,3 +37,23 @@ def test_the_plan_on_compile_only_tpu_devices_estimates_time_and_mfu(cache_dirs)
   assert "8 clients a round (1 per device of the clients axis)" in out and "backbone in bfloat16" in out
   assert re.search(r"time \(TPU cost model estimate\): [\d.]+ µs, estimated MFU [\d.]+%", out), out
   assert "of 15.75 GiB (fits)" in out and "all-reduce" in out
+
+
+def test_the_plan_holds_the_backbone_as_configured_and_names_its_size(cache_dirs):
+  """compute.backbone_quantization=int8: the frozen backbone planned is the int8 one (its bytes
+  about a quarter of float32's: the smoke ViT's kernels, a byte each, plus float norms, biases
+  and scales), and the best-fitting line names it."""
+  full = _plan(cache_dirs, "cpu", "--chunks=1", "--cost=false")
+  int8 = _plan(cache_dirs, "cpu", "--chunks=1", "--cost=false", "--config.compute.backbone_quantization=int8")
+  size = lambda out, kind: float(re.search(rf"frozen backbone in {kind}: ([\d.]+) MiB in all", out).group(1))
+  assert 0.25 < size(int8, "int8") / size(full, "float32") < 0.5, (full, int8)
+  assert "--config.compute.backbone_quantization=int8" in int8 and "frozen backbone in nf4" not in int8
+  arguments = lambda out: float(re.search(r"arguments ([\d.]+) MiB", out).group(1))
+  assert arguments(int8) != arguments(full)
+
+
+def test_quantization_is_tried_configured_first_then_smaller():
+  from experiments.plan import quantization_candidates
+
+  assert quantization_candidates("none") == ["none", "int8", "nf4"]
+  assert quantization_candidates("int8") == ["int8", "nf4"] and quantization_candidates("nf4") == ["nf4"]

@@ -288,3 +288,26 @@ def test_a_private_hyperlora_text_run_clips_and_noises_its_signatures_and_report
   np.testing.assert_allclose(norms, 0.5, atol=1e-3)  # Every raw signature is longer than 0.5.
   noise = noisy - clipped
   assert 0.6 * 2.0 < noise.std() < 1.4 * 2.0  # 4.0 x 0.5 per coordinate.
+
+
+def test_a_run_on_a_4_bit_frozen_decoder_trains_near_the_float_run(tmp_path, cache_dirs):
+  """compute.backbone_quantization=nf4: the round's frozen argument holds the fixture's kernels as
+  uint8 codes, two weights a byte (the setting is not ignored), and the run's losses follow the
+  float run's within the quantization error."""
+  from hyperlora_jax import quantize
+  from experiments.runner.train import state_on_mesh
+
+  config = _config(tmp_path, cache_dirs, rounds=2)
+  config.compute.backbone_quantization, config.compute.quantization_block = "nf4", 16
+  exp = build_experiment(config, log=lambda _: None)
+  _, frozen = state_on_mesh(exp)
+  held = quantize.quantized_layers(frozen)
+  assert len(held) == 2 * 7  # q, k, v, o, gate, up, down of both blocks (not lm_head).
+  up = held["variables/params/block_0/mlp/up/kernel"]
+  assert up.codes.dtype == "uint8" and up.codes.shape == (16, 40) and up.scales.shape == (2, 40)  # [32, 40].
+  quantized = train_and_evaluate(config, str(tmp_path / "nf4"), progress=False)["records"]
+  full = train_and_evaluate(_config(tmp_path, cache_dirs, rounds=2), str(tmp_path / "float"), progress=False)["records"]
+  for q, f in zip(quantized, full):
+    assert q["train_loss"] != f["train_loss"]
+    assert abs(q["train_loss"] - f["train_loss"]) < 0.05 * f["train_loss"]
+    assert abs(q["global_perplexity"] - f["global_perplexity"]) < 0.1 * f["global_perplexity"]
