@@ -13,7 +13,7 @@ LoRA factors, the head and everything trained stay float. Layout, for a weight o
             block_size defaults to d_0: one scale per output channel (LLM.int8's vector-wise
             weight scaling, without its outlier decomposition).
   nf4       codes uint8 [ceil(d_0 / 2), d_1, ...], two 4-bit indices per byte along axis 0
-            (row 2i the low nibble, 2i+1 the high), w ≈ NF4_LEVELS[index] * absmax: the
+            (row i the low nibble, row i + ceil(d_0 / 2) the high), w ≈ NF4_LEVELS[index] * absmax: the
             NormalFloat levels of QLoRA (Dettmers et al. 2023, appendix E), nearest level;
             block_size defaults to 64 as in QLoRA. The scales are not quantized again (QLoRA's
             double quantization saves a further 0.37 bits per weight; not done here).
@@ -133,16 +133,29 @@ def _per_row(scales: jax.Array, block: int, rows: int) -> jax.Array:
 
 
 def _pack_nibbles(indices: jax.Array) -> jax.Array:
-  """uint8 [d_0, ...] of values < 16 -> uint8 [ceil(d_0 / 2), ...] (row 2i low, 2i+1 high)."""
-  if indices.shape[0] % 2:
-    indices = jnp.pad(indices, [(0, 1)] + [(0, 0)] * (indices.ndim - 1))
-  return indices[0::2] | (indices[1::2] << 4)
+  """uint8 [d_0, ...] of values < 16 -> uint8 [ceil(d_0 / 2), ...]: row i holds row i in its low
+  nibble and row i + ceil(d_0 / 2) in its high one."""
+  half = -(-indices.shape[0] // 2)
+  high = jnp.pad(indices[half:], [(0, 2 * half - indices.shape[0])] + [(0, 0)] * (indices.ndim - 1))
+  return indices[:half] | (high << 4)
 
 
 def _unpack_nibbles(codes: jax.Array, rows: int) -> jax.Array:
-  """`_pack_nibbles`'s inverse: uint8 [ceil(rows / 2), ...] -> uint8 [rows, ...]."""
-  pairs = jnp.stack([codes & 0xF, codes >> 4], axis=1)
-  return pairs.reshape((2 * codes.shape[0],) + codes.shape[1:])[:rows]
+  """`_pack_nibbles`'s inverse: uint8 [ceil(rows / 2), ...] -> uint8 [rows, ...]. The halves are
+  concatenated, not interleaved: an interleave needs a relayout on TPU that stops XLA fusing the
+  dequantization into the matmul (it then held every layer's float weight at once)."""
+  return jnp.concatenate([codes & 0xF, codes >> 4], axis=0)[:rows]
+
+
+def _nf4_values(indices: jax.Array) -> jax.Array:
+  """uint8 indices < 16 -> float32 `NF4_LEVELS[indices]`, by a tree of selects on the index's
+  bits: elementwise, so XLA fuses it into the matmul that reads the weight (a gather from the
+  16-entry table is not fused on TPU: the compiler then kept every layer's dequantized weight)."""
+  values = [jnp.float32(level) for level in NF4_LEVELS]
+  for bit in range(4):
+    chosen = ((indices >> bit) & 1).astype(bool)
+    values = [jnp.where(chosen, high, low) for low, high in zip(values[0::2], values[1::2])]
+  return values[0]
 
 
 def quantize(weight: jax.Array, kind: str, block_size: int = 0, dtype: Any = None) -> QuantizedWeight:
@@ -191,7 +204,7 @@ def dequantize(weight: QuantizedWeight) -> jax.Array:
   if weight.kind == "int8":
     values = weight.codes.astype(jnp.float32)
   else:
-    values = jnp.take(jnp.asarray(NF4_LEVELS, jnp.float32), _unpack_nibbles(weight.codes, rows).astype(jnp.int32))
+    values = _nf4_values(_unpack_nibbles(weight.codes, rows))
   return (values * _per_row(weight.scales, weight.block_size, rows)).astype(weight.dtype)
 
 

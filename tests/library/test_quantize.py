@@ -48,9 +48,9 @@ def test_nf4_picks_the_nearest_level_of_each_block_and_packs_two_per_byte():
   scale = np.repeat(absmax, 64, axis=0)[:130]
   nearest = levels[np.abs(weights[..., None] / scale[..., None] - levels).argmin(-1)] * scale  # Brute force.
   np.testing.assert_allclose(np.asarray(quantize.dequantize(q)), nearest, rtol=1e-6, atol=1e-7)
-  low, high = np.asarray(q.codes[0]) & 0xF, np.asarray(q.codes[0]) >> 4  # Rows 0 and 1.
-  np.testing.assert_allclose(levels[low] * absmax[0], nearest[0], rtol=1e-6)
-  np.testing.assert_allclose(levels[high] * absmax[0], nearest[1], rtol=1e-6)
+  low, high = np.asarray(q.codes[1]) & 0xF, np.asarray(q.codes[1]) >> 4  # Rows 1 and 1 + 65.
+  np.testing.assert_allclose(levels[low] * absmax[0], nearest[1], rtol=1e-6)
+  np.testing.assert_allclose(levels[high] * absmax[1], nearest[66], rtol=1e-6)
 
 
 def test_a_zero_block_stays_zero_and_the_dtype_is_the_weights():
