@@ -98,29 +98,60 @@ WORKLOADS = {
 }
 
 
-def plan_one(workload: str, clients: int, target: plan.Target, cost: bool = True, quantization: str = "none") -> dict:
+def plan_one(
+  workload: str,
+  clients: int,
+  target: plan.Target,
+  cost: bool = True,
+  quantization: str = "none",
+  model_parallel: int = 1,
+) -> dict:
   """The largest fitting chunk's plan of a C-client round, and the per-client loop's estimate,
-  the frozen kernels held as `quantization` says ("none": bfloat16)."""
+  the frozen kernels held as `quantization` says ("none": bfloat16), the backbone split over a
+  `model` axis of `model_parallel` devices."""
   update, trainable, frozen, block = WORKLOADS[workload][0](quantization=quantization)
-  axis = len(target.devices)
+  axis = len(target.devices) // model_parallel
   fed = FederatedRound(update, aggregators.fedit(), num_clients=max(clients, axis))
   ids = jax.ShapeDtypeStruct((clients,), jnp.int32)
   weights = jax.ShapeDtypeStruct((clients,), jnp.float32)
   per_device = clients // axis
-  row = {"workload": workload, "clients": clients, "target": target.name, "quantization": quantization}
+  row = {
+    "workload": workload,
+    "clients": clients,
+    "target": target.name,
+    "quantization": quantization,
+    "model_parallel": model_parallel,
+  }
   start = time.time()
   for chunk in sorted({per_device, 16, 4, 1} & set(range(1, per_device + 1)), reverse=True):
     if per_device % chunk:
       continue
     chunk_all = 0 if chunk == per_device else chunk * axis
     report = plan.plan_round(
-      fed, trainable, frozen, block(clients), ids, weights, target, clients_per_chunk=chunk_all, cost=False
+      fed,
+      trainable,
+      frozen,
+      block(clients),
+      ids,
+      weights,
+      target,
+      clients_per_chunk=chunk_all,
+      cost=False,
+      model_parallel=model_parallel,
     )
     row.setdefault("tried", []).append({"chunk_per_device": chunk, "gib": report.memory["total"] / plan.GIB})
     if report.fits:
       if cost:
         report = plan.plan_round(
-          fed, trainable, frozen, block(clients), ids, weights, target, clients_per_chunk=chunk_all
+          fed,
+          trainable,
+          frozen,
+          block(clients),
+          ids,
+          weights,
+          target,
+          clients_per_chunk=chunk_all,
+          model_parallel=model_parallel,
         )
       else:
         report = dataclasses.replace(report, flops=None, estimated_seconds=None)  # Loops counted once.
@@ -131,7 +162,7 @@ def plan_one(workload: str, clients: int, target: plan.Target, cost: bool = True
   if cost and row.get("seconds"):
     one = plan.plan_round(
       fed, trainable, frozen, block(axis), jax.ShapeDtypeStruct((axis,), jnp.int32),
-      jax.ShapeDtypeStruct((axis,), jnp.float32), target,
+      jax.ShapeDtypeStruct((axis,), jnp.float32), target, model_parallel=model_parallel,
     )  # fmt: skip
     row["loop_seconds"] = one.estimated_seconds * per_device
     row["loop_flops"] = one.flops * per_device
@@ -147,6 +178,7 @@ def main() -> None:
   parser.add_argument("--out", default="benchmarks/plan_sizes.json")
   parser.add_argument("--no-cost", action="store_true", help="Memory only (no loop-free compile).")
   parser.add_argument("--quantization", default="none", help="The frozen kernels: none (bf16), int8 or nf4.")
+  parser.add_argument("--model_parallel", type=int, default=1, help="Devices of the model mesh axis.")
   args = parser.parse_args()
   rows = []
   for name in args.targets.split(","):
@@ -154,7 +186,7 @@ def main() -> None:
     for workload in args.workloads.split(","):
       cohorts = [int(c) for c in args.clients.split(",")] if args.clients else WORKLOADS[workload][1]
       for clients in cohorts:
-        row = plan_one(workload, clients, target, cost=not args.no_cost, quantization=args.quantization)
+        row = plan_one(workload, clients, target, not args.no_cost, args.quantization, args.model_parallel)
         rows.append(row)
         fit = (
           f"chunk {row['chunk_per_device']}/device, {row['memory']['total'] / plan.GIB:.2f} GiB"
@@ -164,7 +196,8 @@ def main() -> None:
         est = (f", {row['seconds'] * 1e3:.1f} ms (loop {row['loop_seconds'] * 1e3:.1f} ms), MFU {row['mfu']:.0%}"
                if row.get("seconds") else "")  # fmt: skip
         print(
-          f"{name} {workload} ({args.quantization}) C={clients}: {fit}{est} [compiled in {row['compile_seconds']:.0f} s]",
+          f"{name} {workload} ({args.quantization}, model axis {args.model_parallel}) C={clients}: {fit}{est} "
+          f"[compiled in {row['compile_seconds']:.0f} s]",
           flush=True,
         )
         with open(args.out, "w") as f:

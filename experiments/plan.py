@@ -7,7 +7,8 @@
 The run is built here as it would start (data, backbone, method: on this machine's CPU), then
 its first round is compiled for the target's devices, nothing attached: for each candidate
 `fed.clients_per_chunk`, the memory per device against the chip's (where none fits, again with
-the frozen kernels in int8, then nf4: `compute.backbone_quantization`); then, for the largest
+the backbone's blocks recomputed, `model.remat`, then its kernels in int8, then nf4:
+`compute.backbone_quantization`); then, for the largest
 chunk that fits, FLOPs, the TPU cost model's time and MFU, and the collectives. Every compiler
 figure is an estimate. The frozen backbone runs in `compute.backbone_dtype` as on the target
 ('auto': bfloat16); images are planned with the whole round's block on the device
@@ -35,6 +36,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Run c
 _TARGET = flags.DEFINE_string("target", "cpu", f"Devices to plan for: {', '.join(plan.TARGETS)}.")
 _MODEL_PARALLEL = flags.DEFINE_integer("model_parallel", 0, "Size of the model mesh axis (0: the config's).")
 _CHUNKS = flags.DEFINE_list("chunks", [], "Candidate clients_per_chunk values (default: divisors up to 64, and 0).")
+_MEMORY_GIB = flags.DEFINE_float(
+  "memory_gib", 0.0, "Plan against this much memory per device (GiB) instead of the chip's (0: the chip's)."
+)
 _COST = flags.DEFINE_bool("cost", True, "Also compile the loop-free round for FLOPs and time.")
 
 
@@ -63,17 +67,35 @@ def candidate_chunks(cohort_per_device: int, given: list[str]) -> list[int]:
   )
 
 
-def quantization_candidates(configured: str) -> list[str]:
-  """The frozen backbone's storage to plan: the configured one, then (only if no chunk fits
-  with it) each smaller one.
+def memory_settings(remat: bool | None, quantization: str) -> list[tuple[bool | None, str]]:
+  """The (model.remat, compute.backbone_quantization) settings to plan, in order: the configured
+  ones, then (each only if no chunk fits with the one before) the backbone's blocks recomputed in
+  the backward pass, then its kernels in int8, then in nf4. Recomputing costs time (about a third
+  more FLOPs), quantizing costs accuracy: the plan tries the first before the second.
 
   Args:
-    configured: `compute.backbone_quantization`.
+    remat: `model.remat`, or None where the model has no such option.
+    quantization: `compute.backbone_quantization`.
   Returns:
-    E.g. ["none", "int8", "nf4"] for "none", ["nf4"] for "nf4".
+    E.g. [(False, "none"), (True, "none"), (True, "int8"), (True, "nf4")].
   """
   order = ["none", "int8", "nf4"]
-  return order[order.index(configured) :]
+  settings = [(remat, quantization)]
+  if remat is False:
+    settings.append((True, quantization))
+    remat = True
+  settings += [(remat, smaller) for smaller in order[order.index(quantization) + 1 :]]
+  return settings
+
+
+def _round_for(exp, dtype, remat: bool | None):
+  """The run's round with the backbone in `dtype` and its blocks recomputed as `remat` says."""
+  task = dataclasses.replace(exp.task, compute_dtype=dtype)
+  if remat is not None:
+    task = dataclasses.replace(task, model=task.model.clone(remat=remat))
+  return dataclasses.replace(
+    exp.fed_round, client_update=dataclasses.replace(exp.fed_round.client_update, loss_fn=task.loss_fn)
+  )
 
 
 def main(argv) -> None:
@@ -84,14 +106,12 @@ def main(argv) -> None:
   if config.fed.clients_per_chunk < 0:
     config.fed.clients_per_chunk = 0  # Nothing is timed here: the plan compares chunks itself.
   target = plan.target(_TARGET.value)
+  if _MEMORY_GIB.value:
+    target = dataclasses.replace(target, memory_bytes=int(_MEMORY_GIB.value * plan.GIB), usable_fraction=1.0)
   model_parallel = _MODEL_PARALLEL.value or config.fed.get("model_parallel", 1)
   config.fed.num_devices, config.fed.model_parallel = 1, 1  # Built on this machine's one device.
   exp = build_experiment(config, log=lambda line: print(f"  build: {line}"))
   dtype = backbone_dtype(config.compute.backbone_dtype, backend=target.platform)
-  task = dataclasses.replace(exp.task, compute_dtype=dtype)
-  fed_round = dataclasses.replace(
-    exp.fed_round, client_update=dataclasses.replace(exp.fed_round.client_update, loss_fn=task.loss_fn)
-  )
   block, ids, weights = round_inputs(exp, 0)
   axis = len(target.devices) // model_parallel
   ids = blocks.pad_client_ids(ids, axis)  # A multiple of the clients axis, as the runner pads.
@@ -102,12 +122,15 @@ def main(argv) -> None:
     f"clients axis), {config.fed.local_steps} local steps of {config.fed.batch_size}, model axis {model_parallel}, "
     f"backbone in {np.dtype(dtype).name}; compiler estimates, nothing ran"
   )
-  best, frozen = None, None
-  for quantization in quantization_candidates(config.compute.get("backbone_quantization", "none")):
-    frozen = frozen_tree(exp.backbone, dtype=dtype, quantization=quantization,
-                         quantization_block=config.compute.get("quantization_block", 0))  # fmt: skip
-    print(f" frozen backbone in {quantization if quantization != 'none' else np.dtype(dtype).name}: "
-          f"{plan.format_bytes(quantize.tree_bytes(frozen))} in all")  # fmt: skip
+  configured = (getattr(exp.task.model, "remat", None), config.compute.get("backbone_quantization", "none"))
+  block_size = config.compute.get("quantization_block", 0)
+  best = None
+  for remat, quantization in memory_settings(*configured):
+    fed_round = _round_for(exp, dtype, remat)
+    frozen = frozen_tree(exp.backbone, dtype=dtype, quantization=quantization, quantization_block=block_size)
+    storage = quantization if quantization != "none" else np.dtype(dtype).name
+    print(f" model.remat={remat}, frozen backbone in {storage}: {plan.format_bytes(quantize.tree_bytes(frozen))} "
+          "in all")  # fmt: skip
     for chunk in candidate_chunks(cohort // axis, _CHUNKS.value):
       report = plan.plan_round(
         fed_round, exp.initial_trainable, frozen, block, ids, weights, target,
@@ -117,18 +140,20 @@ def main(argv) -> None:
       print(f"  clients_per_chunk={chunk * axis} ({chunk or cohort // axis} per device): {total} per device"
             + {True: "", False: "  DOES NOT FIT", None: ""}[report.fits])  # fmt: skip
       if best is None and report.fits is not False:
-        best = (chunk * axis, quantization)
+        best = (chunk * axis, remat, quantization, fed_round, frozen)
     if best is not None:
       break
   if best is None:
-    raise SystemExit(f"fed.clients_per_chunk: no candidate fits {target.name}, the frozen backbone in 4 bits "
-                     f"included; lower fed.clients_per_round, fed.batch_size or the model, or raise "
+    raise SystemExit(f"fed.clients_per_chunk: no candidate fits {target.name}, the backbone recomputed and in 4 "
+                     f"bits included; lower fed.clients_per_round, fed.batch_size or the model, or raise "
                      f"--model_parallel")  # fmt: skip
+  chunk, remat, quantization, fed_round, frozen = best
   report = plan.plan_round(
     fed_round, exp.initial_trainable, frozen, block, ids, weights, target,
-    signatures=exp.signatures, model_parallel=model_parallel, clients_per_chunk=best[0], cost=_COST.value,
+    signatures=exp.signatures, model_parallel=model_parallel, clients_per_chunk=chunk, cost=_COST.value,
   )  # fmt: skip
-  print(f"best fitting: --config.fed.clients_per_chunk={best[0]} --config.compute.backbone_quantization={best[1]}")
+  flags_line = f"--config.fed.clients_per_chunk={chunk} --config.compute.backbone_quantization={quantization}"
+  print("best fitting: " + flags_line + ("" if remat is None else f" --config.model.remat={remat}"))
   print("\n".join(report.lines()))
 
 

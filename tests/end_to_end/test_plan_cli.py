@@ -45,15 +45,32 @@ def test_the_plan_holds_the_backbone_as_configured_and_names_its_size(cache_dirs
   and scales), and the best-fitting line names it."""
   full = _plan(cache_dirs, "cpu", "--chunks=1", "--cost=false")
   int8 = _plan(cache_dirs, "cpu", "--chunks=1", "--cost=false", "--config.compute.backbone_quantization=int8")
-  size = lambda out, kind: float(re.search(rf"frozen backbone in {kind}: ([\d.]+) MiB in all", out).group(1))
+  size = lambda out, kind: float(re.search(rf"backbone in {kind}: ([\d.]+) MiB in all", out).group(1))
   assert 0.25 < size(int8, "int8") / size(full, "float32") < 0.5, (full, int8)
-  assert "--config.compute.backbone_quantization=int8" in int8 and "frozen backbone in nf4" not in int8
+  assert "--config.compute.backbone_quantization=int8 --config.model.remat=False" in int8
+  assert "frozen backbone in nf4" not in int8  # It fits: nothing smaller is tried.
   arguments = lambda out: float(re.search(r"arguments ([\d.]+) MiB", out).group(1))
   assert arguments(int8) != arguments(full)
 
 
-def test_quantization_is_tried_configured_first_then_smaller():
-  from experiments.plan import quantization_candidates
+def test_memory_settings_are_tried_configured_first_then_recomputed_then_smaller():
+  from experiments.plan import memory_settings
 
-  assert quantization_candidates("none") == ["none", "int8", "nf4"]
-  assert quantization_candidates("int8") == ["int8", "nf4"] and quantization_candidates("nf4") == ["nf4"]
+  assert memory_settings(False, "none") == [(False, "none"), (True, "none"), (True, "int8"), (True, "nf4")]
+  assert memory_settings(True, "int8") == [(True, "int8"), (True, "nf4")]
+  assert memory_settings(None, "none") == [(None, "none"), (None, "int8"), (None, "nf4")]  # No remat option.
+  assert memory_settings(False, "nf4") == [(False, "nf4"), (True, "nf4")]
+
+
+def test_where_nothing_fits_the_plan_tries_recomputing_then_8_then_4_bits_and_says_so(cache_dirs):
+  command = [
+    sys.executable, "-m", "experiments.plan", "--config", "configs/default.py:smoke", "--target=cpu",
+    f"--config.data.data_dir={cache_dirs['data_dir']}", f"--config.pretrain.cache_dir={cache_dirs['cache_dir']}",
+    "--chunks=1", "--cost=false", "--memory_gib=0.00001",  # About 10 KiB: nothing fits.
+  ]  # fmt: skip
+  result = subprocess.run(command, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+  assert result.returncode != 0 and "no candidate fits cpu" in result.stdout + result.stderr
+  tried = re.findall(r"model.remat=(\w+), frozen backbone in (\w+)", result.stdout)
+  assert tried == [("False", "float32"), ("True", "float32"), ("True", "int8"), ("True", "nf4")], result.stdout
+  assert result.stdout.count("DOES NOT FIT") == 4
