@@ -19,6 +19,7 @@ jax-cuda12-plugin (run with JAX_PLATFORMS=cpu).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import numpy as np
@@ -29,7 +30,8 @@ from experiments import cli
 from experiments.runner.data import blocks
 from experiments.runner.experiment import build_experiment
 from experiments.runner.feeding import round_inputs
-from hyperlora_jax import autotune, plan, quantize
+from hyperlora_jax import autotune, federated, plan, primitives, quantize
+from hyperlora_jax.tasks import image_classification as task_lib
 from hyperlora_jax.tasks.common import backbone_dtype, frozen_tree
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Run config file.", lock_config=False)
@@ -89,13 +91,52 @@ def memory_settings(remat: bool | None, quantization: str) -> list[tuple[bool | 
 
 
 def _round_for(exp, dtype, remat: bool | None):
-  """The run's round with the backbone in `dtype` and its blocks recomputed as `remat` says."""
+  """(task, round) of the run with the backbone in `dtype` and its blocks recomputed as `remat` says."""
   task = dataclasses.replace(exp.task, compute_dtype=dtype)
   if remat is not None:
     task = dataclasses.replace(task, model=task.model.clone(remat=remat))
-  return dataclasses.replace(
+  return task, dataclasses.replace(
     exp.fed_round, client_update=dataclasses.replace(exp.fed_round.client_update, loss_fn=task.loss_fn)
   )
+
+
+def plan_evaluation(exp, task, fed_round, frozen, target, model_parallel: int, chunk: int) -> dict[str, plan.Plan]:
+  """The plans of the run's evaluation programs (`tasks.image_classification.make_evaluate`) on
+  `target`, on the first of their blocks (the largest): {"global": the global model on a global
+  test block, "clients": each client's model on its own test split, a block of clients}.
+
+  Args:
+    exp: the run; task, fed_round: as planned (`_round_for`); frozen: the frozen tree planned.
+    target: the devices; model_parallel: the model axis; chunk: clients evaluated at once (all: 0).
+  Returns:
+    {name: Plan}.
+  """
+  mesh = target.mesh(model_parallel)
+  placed = dataclasses.replace(fed_round, mesh=mesh, clients_per_chunk=chunk)
+  counts = task.accuracy_and_nll if hasattr(task, "accuracy_and_nll") else None
+  evaluation = task_lib.make_evaluate(
+    task, placed, eval_batch=exp.settings.eval_batch, clients_per_chunk=chunk, counts=counts
+  )
+  state = jax.eval_shape(lambda t, s: placed.init(jax.random.key(0), t, s), exp.initial_trainable, exp.signatures)
+  state_shardings = federated.state_shardings(state, mesh)
+  frozen_shardings = primitives.frozen_shardings(frozen, mesh)
+  per_client = primitives.clients_sharding(mesh)
+  every = lambda tree: jax.tree.map(lambda _: per_client, tree)
+  multiple = math.lcm(chunk or 1, primitives.clients_axis_size(mesh))
+  ids, client_block = next(iter(exp.data.client_test_blocks(multiple=multiple)))
+  plans = {
+    "clients": plan.plan_program(
+      evaluation.client_accuracy, (state, frozen, ids, client_block),
+      (state_shardings, frozen_shardings, per_client, every(client_block)), target,
+    ),
+  }  # fmt: skip
+  if exp.method.has_global_model:
+    global_block = next(iter(exp.data.global_test_blocks()))
+    plans["global"] = plan.plan_program(
+      evaluation.global_counts, (state, frozen, global_block),
+      (state_shardings, frozen_shardings, every(global_block)), target,
+    )  # fmt: skip
+  return plans
 
 
 def main(argv) -> None:
@@ -126,7 +167,7 @@ def main(argv) -> None:
   block_size = config.compute.get("quantization_block", 0)
   best = None
   for remat, quantization in memory_settings(*configured):
-    fed_round = _round_for(exp, dtype, remat)
+    task, fed_round = _round_for(exp, dtype, remat)
     frozen = frozen_tree(exp.backbone, dtype=dtype, quantization=quantization, quantization_block=block_size)
     storage = quantization if quantization != "none" else np.dtype(dtype).name
     print(f" model.remat={remat}, frozen backbone in {storage}: {plan.format_bytes(quantize.tree_bytes(frozen))} "
@@ -140,14 +181,14 @@ def main(argv) -> None:
       print(f"  clients_per_chunk={chunk * axis} ({chunk or cohort // axis} per device): {total} per device"
             + {True: "", False: "  DOES NOT FIT", None: ""}[report.fits])  # fmt: skip
       if best is None and report.fits is not False:
-        best = (chunk * axis, remat, quantization, fed_round, frozen)
+        best = (chunk * axis, remat, quantization, task, fed_round, frozen)
     if best is not None:
       break
   if best is None:
     raise SystemExit(f"fed.clients_per_chunk: no candidate fits {target.name}, the backbone recomputed and in 4 "
                      f"bits included; lower fed.clients_per_round, fed.batch_size or the model, or raise "
                      f"--model_parallel")  # fmt: skip
-  chunk, remat, quantization, fed_round, frozen = best
+  chunk, remat, quantization, task, fed_round, frozen = best
   report = plan.plan_round(
     fed_round, exp.initial_trainable, frozen, block, ids, weights, target,
     signatures=exp.signatures, model_parallel=model_parallel, clients_per_chunk=chunk, cost=_COST.value,
@@ -155,6 +196,13 @@ def main(argv) -> None:
   flags_line = f"--config.fed.clients_per_chunk={chunk} --config.compute.backbone_quantization={quantization}"
   print("best fitting: " + flags_line + ("" if remat is None else f" --config.model.remat={remat}"))
   print("\n".join(report.lines()))
+  for name, evaluated in plan_evaluation(exp, task, fed_round, frozen, target, model_parallel, chunk).items():
+    memory = evaluated.memory
+    verdict = {True: "fits", False: "DOES NOT FIT", None: "fit unknown"}[evaluated.fits]
+    hint = "" if evaluated.fits is not False else "; lower eval_batch (or data.stream_chunk_examples)"
+    print(f"evaluation ({name}, eval_batch={config.eval_batch}): {plan.format_bytes(memory['total'])} per "
+          f"device ({verdict}): arguments {plan.format_bytes(memory.get('arguments', 0))}, temporaries "
+          f"{plan.format_bytes(memory.get('temporaries', 0))}{hint}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -392,6 +393,30 @@ def abstract(tree: Tree, shardings: Tree) -> Tree:
   shape = lambda x: tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
   dtype = lambda x: x.dtype if hasattr(x, "dtype") else jax.numpy.result_type(x)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(shape(x), dtype(x), sharding=s), tree, shardings)
+
+
+def plan_program(fn: Callable[..., Any], args: tuple, shardings: tuple, target_: Target) -> Plan:
+  """Plans any program for `target_`: `jax.jit(fn)` compiled for its devices with `args` placed by
+  `shardings` (e.g. a run's evaluation). Memory and collectives as for a round; FLOPs and time as
+  XLA counts them, a loop body once (`Plan.loops` says how many loops there are).
+
+  Args:
+    fn: the function, as it would be jitted.
+    args: its positional arguments (arrays or ShapeDtypeStructs; pytrees).
+    shardings: for each argument, its structure with `Sharding` leaves (e.g.
+      `primitives.frozen_shardings(frozen, target_.mesh())`).
+    target_: the devices to plan for.
+  Returns:
+    The `Plan` (a program the TPU compiler refuses for its size: fits False, with its figure).
+  """
+  inputs = tuple(abstract(a, s) for a, s in zip(args, shardings))
+  try:
+    compiled = jax.jit(fn).lower(*inputs).compile(compiler_options=target_.compiler_options or None)
+  except Exception as e:  # XLA's own error type: the TPU compiler refuses what exceeds HBM.
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return refused_plan(str(e), target_)
+  return analyze(compiled, target_)
 
 
 def plan_round(

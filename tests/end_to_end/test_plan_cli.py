@@ -29,6 +29,8 @@ def test_the_plan_of_the_smoke_run_on_this_cpu_lists_chunks_and_the_best_ones_fi
   assert [c for c, _ in chunks] == ["0", "1"], out
   assert float(chunks[0][1]) > float(chunks[1][1])  # All 4 clients at once hold more than one at a time.
   assert "best fitting: --config.fed.clients_per_chunk=0" in out and "FLOPs (compiler estimate)" in out
+  evaluations = re.findall(r"evaluation \((\w+), eval_batch=128\): ([\d.]+) MiB per device \(fits\)", out)
+  assert [name for name, _ in evaluations] == ["clients", "global"] and all(float(m) > 0 for _, m in evaluations)
 
 
 def test_the_plan_on_compile_only_tpu_devices_estimates_time_and_mfu(cache_dirs):

@@ -137,3 +137,21 @@ def test_a_chunked_rounds_cost_is_its_chunks_in_turn():
   whole, chunked = _round_plan(cpu, steps=3), _round_plan(cpu, steps=3, clients_per_chunk=4)
   assert chunked.flops == pytest.approx(whole.flops, rel=0.1)
   assert chunked.memory["temporaries"] < whole.memory["temporaries"]
+
+
+def test_any_program_is_planned_with_its_arguments_bytes_and_its_flops_hand_counted():
+  """`plan_program` of x [64, 256] @ w [256, 10] (float32, then int8 weights): arguments are the
+  bytes of the two inputs, FLOPs 2 x 64 x 256 x 10 (no loop to undercount)."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import SingleDeviceSharding
+
+  cpu = plan.target("cpu")
+  one = SingleDeviceSharding(cpu.devices[0])
+  x, w = jax.ShapeDtypeStruct((64, 256), jnp.float32), jax.ShapeDtypeStruct((256, 10), jnp.float32)
+  report = plan.plan_program(lambda x, w: x @ w, (x, w), (one, one), cpu)
+  assert report.memory["arguments"] == (64 * 256 + 256 * 10) * 4
+  assert report.flops == 2 * 64 * 256 * 10 and report.loops == 0 and report.fits
+  w8 = jax.ShapeDtypeStruct((256, 10), jnp.int8)
+  report8 = plan.plan_program(lambda x, w: x @ w.astype(jnp.float32), (x, w8), (one, one), cpu)
+  assert report8.memory["arguments"] == 64 * 256 * 4 + 256 * 10
