@@ -127,9 +127,16 @@ def _block_absmax(w: jax.Array, block: int) -> jax.Array:
   return jnp.max(padded.reshape((blocks, block) + w.shape[1:]), axis=1)
 
 
-def _per_row(scales: jax.Array, block: int, rows: int) -> jax.Array:
-  """[blocks, ...] -> [rows, ...]: each row's block scale."""
-  return jnp.repeat(scales, block, axis=0, total_repeat_length=rows)
+def _scaled(values: jax.Array, scales: jax.Array, block: int) -> jax.Array:
+  """values [rows, ...] times each row's block scale (scales [ceil(rows / block), ...]).
+
+  By a reshape to [blocks, block, ...] and a broadcast, not `jnp.repeat` (a gather of the scales
+  per row, which XLA does not fuse into the matmul: on TPU it kept a float32 [rows, ...] per
+  layer)."""
+  rows, blocks = values.shape[0], scales.shape[0]
+  rest = values.shape[1:]
+  padded = jnp.pad(values, [(0, blocks * block - rows)] + [(0, 0)] * len(rest))
+  return (padded.reshape((blocks, block) + rest) * scales[:, None]).reshape((blocks * block,) + rest)[:rows]
 
 
 def _pack_nibbles(indices: jax.Array) -> jax.Array:
@@ -179,14 +186,14 @@ def quantize(weight: jax.Array, kind: str, block_size: int = 0, dtype: Any = Non
   block = _block_size(kind, block_size, rows)
   w = jnp.asarray(weight, jnp.float32)
   absmax = _block_absmax(w, block)
-  safe = _per_row(jnp.where(absmax > 0, absmax, 1.0), block, rows)
+  normalized = _scaled(w, 1.0 / jnp.where(absmax > 0, absmax, 1.0), block)  # In [-1, 1].
   if kind == "int8":
-    codes = jnp.clip(jnp.round(w / safe * 127.0), -127, 127).astype(jnp.int8)
+    codes = jnp.clip(jnp.round(normalized * 127.0), -127, 127).astype(jnp.int8)
     scales = absmax / 127.0
   else:
     levels = jnp.asarray(NF4_LEVELS, jnp.float32)
     midpoints = (levels[1:] + levels[:-1]) / 2  # Nearest level: the count of midpoints below.
-    indices = jnp.searchsorted(midpoints, w / safe, side="left").astype(jnp.uint8)
+    indices = jnp.searchsorted(midpoints, normalized, side="left").astype(jnp.uint8)
     codes, scales = _pack_nibbles(indices), absmax
   name = jnp.dtype(dtype if dtype is not None else weight.dtype).name
   return QuantizedWeight(codes, scales.astype(jnp.float32), kind, tuple(weight.shape), block, name)
@@ -205,7 +212,7 @@ def dequantize(weight: QuantizedWeight) -> jax.Array:
     values = weight.codes.astype(jnp.float32)
   else:
     values = _nf4_values(_unpack_nibbles(weight.codes, rows))
-  return (values * _per_row(weight.scales, weight.block_size, rows)).astype(weight.dtype)
+  return _scaled(values, weight.scales, weight.block_size).astype(weight.dtype)
 
 
 def _path_name(path: tuple) -> str:
