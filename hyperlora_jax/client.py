@@ -111,7 +111,10 @@ class ClientUpdate:
 
     def step(carry, inputs):
       params, opt_state = carry
-      batch, key, index = inputs
+      key, index = inputs
+      # The step's batch is read by index, not scanned over: under the round's vmap the block is
+      # [C, S, ...], and scanning its S axis made XLA:GPU transpose the whole block to [S, C, ...].
+      batch = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, keepdims=False), batches)
       (loss, aux), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(params, frozen, batch, key)
       updates, new_opt_state = self.optimizer.update(grads, opt_state, params)
       if update_mask is not None:
@@ -131,7 +134,7 @@ class ClientUpdate:
 
     keys = jax.vmap(lambda s: jax.random.fold_in(rng, s))(jnp.arange(num_steps))
     (trained, _), (losses, counts, aux) = jax.lax.scan(
-      step, (start, self.optimizer.init(start)), (batches, keys, jnp.arange(num_steps)), unroll=self.unroll
+      step, (start, self.optimizer.init(start)), (keys, jnp.arange(num_steps)), unroll=self.unroll
     )
     active = (counts > 0).astype(losses.dtype)
     mean_loss = jnp.sum(losses * active) / jnp.maximum(jnp.sum(active), 1.0)

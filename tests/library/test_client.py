@@ -61,3 +61,27 @@ def test_a_partly_masked_step_still_runs_on_its_real_examples():
   w2 = w1 - 0.5 * (w1 - (x[1, 0] + x[1, 1]) / 2)
   np.testing.assert_allclose(trained["w"], w2, rtol=1e-6)
   assert float(metrics["examples"]) == 3.0
+
+
+def test_vmapped_clients_read_their_steps_in_place_without_a_copy_of_the_block():
+  """The round vmaps the update over a [C, S, B, ...] block. Scanning each client's S axis made
+  XLA copy the whole block to [S, C, ...] (a transpose as large as the round's images: 2.9 GiB
+  of temporaries for 64 clients of 10 x 32 images at 224 px on an H100 or this CPU); the steps
+  are read by index, so the compiled program's temporaries stay far below the block's bytes."""
+
+  def loss(params, frozen, batch, rng):
+    x = batch["image"].astype(jnp.float32).reshape(batch["image"].shape[0], -1)[:, :8]
+    return masked_mean(jnp.sum((x @ params["w"]) ** 2, -1), batch["mask"]), {}
+
+  clients, steps, batch = 16, 6, 8
+  block = {
+    "image": jax.ShapeDtypeStruct((clients, steps, batch, 32, 32, 3), jnp.uint8),
+    "mask": jax.ShapeDtypeStruct((clients, steps, batch), jnp.float32),
+  }
+  params = {"w": jax.ShapeDtypeStruct((clients, 8, 2), jnp.float32)}
+  update = local_update(loss, optax.sgd(0.1))
+  round_fn = jax.jit(jax.vmap(lambda p, b: update(p, {}, b, jax.random.key(0))[0]))
+  memory = round_fn.lower(params, block).compile().memory_analysis()
+  image_bytes = clients * steps * batch * 32 * 32 * 3
+  assert memory.argument_size_in_bytes >= image_bytes
+  assert memory.temp_size_in_bytes < image_bytes / 4
