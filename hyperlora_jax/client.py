@@ -1,4 +1,5 @@
-"""One client's local update for any model and loss: a `lax.scan` over its batches.
+"""One client's local update for any model and loss: a `lax.scan` over its steps, each reading
+its batch by index (so a vmapped [C, S, ...] block is never transposed to [S, C, ...]).
 
 A loss function is `loss_fn(trainable, frozen, batch, rng) -> (loss, aux)`:
   trainable  the pytree the client trains (a LoRA adapter, a head, ...);
