@@ -304,21 +304,89 @@ def _shape_bytes(text: str) -> int:
   return total
 
 
-def collectives_of(hlo_text: str) -> dict[str, tuple[int, int]]:
-  """The collectives of an HLO module's text (after SPMD partitioning: `compiled.as_text()`).
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+  """{computation name: its lines} of an HLO module's text ("" for lines outside any header)."""
+  computations: dict[str, list[str]] = {"": []}
+  current = ""
+  for line in hlo_text.splitlines():
+    header = re.match(r"(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$", line)
+    if header and not line.startswith(" "):
+      current = "ENTRY" if line.startswith("ENTRY") else header.group(1)
+      computations[current] = []
+    elif line.startswith("}"):
+      current = ""
+    else:
+      computations[current].append(line)
+  return computations
+
+
+def _trip_count(while_line: str, computations: dict[str, list[str]], condition: str) -> int | None:
+  """A while loop's trip count: the compiler's `known_trip_count` where it wrote one (XLA:CPU,
+  XLA:GPU), else read from its condition: `counter < N` with one integer constant N (how JAX
+  lowers scan and fori_loop, the counter from 0; the TPU compiler's text); None otherwise."""
+  known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', while_line)
+  if known:
+    return int(known.group(1))
+  lines = computations.get(condition, [])
+  called = [c for line in lines for c in re.findall(r"calls=%?([\w.\-]+)", line)]
+  text = "\n".join(lines + [line for c in called for line in computations.get(c, [])])
+  constants = re.findall(r"=\s*s32\[\][^=]*\bconstant\((\d+)\)", "\n".join(lines))
+  if len(constants) == 1 and "direction=LT" in text:
+    return int(constants[0])
+  return None
+
+
+def loop_multipliers(hlo_text: str) -> dict[str, int]:
+  """How many times each computation of an HLO module runs per run of the module: the product of
+  the trip counts of the while loops around it (`_trip_count`; a loop whose count cannot be read
+  counts once). Computations not reached from ENTRY (or lines without a header) count once.
 
   Args:
     hlo_text: the module's text.
   Returns:
-    {kind: (ops, bytes of their results)}; an asynchronous pair (`-start` / `-done`) counts once.
+    {computation name: runs}.
   """
+  computations = _computations(hlo_text)
+  runs = dict.fromkeys(computations, 1)
+  pending = ["ENTRY"] if "ENTRY" in computations else []
+  seen = set(pending)
+  while pending:
+    name = pending.pop()
+    for line in computations.get(name, []):
+      loop = re.search(r"\swhile\(.*?condition=%?([\w.\-]+),\s*body=%?([\w.\-]+)", line)
+      children: list[tuple[str, int]] = []
+      if loop:
+        trips = _trip_count(line, computations, loop.group(1)) or 1
+        children = [(loop.group(1), trips + 1), (loop.group(2), trips)]
+      else:
+        for group in re.findall(r"(?:calls|to_apply|branch_computations)=\{?([^}\s]*(?:,\s*%[\w.\-]+)*)\}?", line):
+          children += [(child.strip().lstrip("%"), 1) for child in group.split(",") if child.strip()]
+      for child, factor in children:
+        if child in computations and child not in seen:
+          runs[child] = runs[name] * factor
+          seen.add(child)
+          pending.append(child)
+  return runs
+
+
+def collectives_of(hlo_text: str) -> dict[str, tuple[int, int]]:
+  """The collectives a run of an HLO module performs (after SPMD partitioning: `compiled.as_text()`),
+  each op counted as many times as the loops around it run (`loop_multipliers`).
+
+  Args:
+    hlo_text: the module's text.
+  Returns:
+    {kind: (ops run, bytes of their results)}; an asynchronous pair (`-start` / `-done`) counts once.
+  """
+  runs = loop_multipliers(hlo_text)
   found: dict[str, list[int]] = {}
-  for line in hlo_text.splitlines():
-    match = re.match(r"\s*(?:ROOT\s+)?\S+\s*=\s*(.*?)\s+(" + "|".join(_COLLECTIVES) + r")(-start)?\(", line)
-    if match:
-      counts = found.setdefault(match.group(2), [0, 0])
-      counts[0] += 1
-      counts[1] += _shape_bytes(match.group(1))
+  for name, lines in _computations(hlo_text).items():
+    for line in lines:
+      match = re.match(r"\s*(?:ROOT\s+)?\S+\s*=\s*(.*?)\s+(" + "|".join(_COLLECTIVES) + r")(-start)?\(", line)
+      if match:
+        counts = found.setdefault(match.group(2), [0, 0])
+        counts[0] += runs.get(name, 1)
+        counts[1] += runs.get(name, 1) * _shape_bytes(match.group(1))
   return {kind: (count, size) for kind, (count, size) in found.items()}
 
 

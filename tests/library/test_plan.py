@@ -131,10 +131,11 @@ def test_a_program_the_tpu_compiler_refuses_is_a_plan_that_does_not_fit_with_its
 
 
 def test_a_chunked_rounds_cost_is_its_chunks_in_turn():
-  """8 clients by chunks of 4: the cost is two chunks' (read from a round of 4 clients), within
-  the server's small share of the whole round's; its memory is below the whole round's."""
+  """32 clients by chunks of 4: the cost is eight chunks' (read from a round of 4 clients), within
+  the server's small share of the whole round's; its memory is below the whole round's (at 8
+  clients the chunk loop's own buffers outweigh what 4 fewer clients save)."""
   cpu = plan.target("cpu")
-  whole, chunked = _round_plan(cpu, steps=3), _round_plan(cpu, steps=3, clients_per_chunk=4)
+  whole, chunked = _round_plan(cpu, steps=3, clients=32), _round_plan(cpu, steps=3, clients=32, clients_per_chunk=4)
   assert chunked.flops == pytest.approx(whole.flops, rel=0.1)
   assert chunked.memory["temporaries"] < whole.memory["temporaries"]
 
@@ -155,3 +156,68 @@ def test_any_program_is_planned_with_its_arguments_bytes_and_its_flops_hand_coun
   w8 = jax.ShapeDtypeStruct((256, 10), jnp.int8)
   report8 = plan.plan_program(lambda x, w: x @ w.astype(jnp.float32), (x, w8), (one, one), cpu)
   assert report8.memory["arguments"] == 64 * 256 * 4 + 256 * 10
+
+
+LOOPED_HLO = """
+%inner_cond (p: (s32[], f32[4])) -> pred[] {
+  %p = (s32[], f32[4]{0}) parameter(0)
+  %c = s32[] constant(3)
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+%inner_body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %ar = f32[4]{0} all-reduce(f32[4]{0} %x), replica_groups={{0,1}}, to_apply=%add
+  ROOT %t = (s32[], f32[4]{0}) tuple(%i, %ar)
+}
+%outer_body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %w = (s32[], f32[4]{0}) while(%p), condition=%inner_cond, body=%inner_body
+  %ag = f32[8]{0} all-gather(f32[4]{0} %y), dimensions={0}
+  ROOT %t2 = (s32[], f32[4]{0}) tuple(%i, %y)
+}
+%outer_cond (p: (s32[], f32[4])) -> pred[] {
+  ROOT %lt2 = pred[] fusion(%i, %c), kind=kLoop, calls=%wrapped_compare
+}
+ENTRY %main (x: f32[4]) -> f32[4] {
+  %w2 = (s32[], f32[4]{0}) while(%t0), condition=%outer_cond, body=%outer_body, backend_config={"known_trip_count":{"n":"5"}}
+  %ar2 = f32[2]{0} all-reduce(f32[2]{0} %z), to_apply=%add
+}
+"""
+
+
+def test_collectives_inside_loops_count_once_per_iteration():
+  """An all-reduce in a loop of 3 (its count read from the condition, `i < 3`, as the TPU
+  compiler writes it) inside a loop of 5 (`known_trip_count`, as XLA:CPU and GPU write it) runs
+  15 times; an all-gather in the outer loop 5 times; one outside once."""
+  runs = plan.loop_multipliers(LOOPED_HLO)
+  assert runs["inner_body"] == 15 and runs["outer_body"] == 5 and runs["ENTRY"] == 1
+  assert plan.collectives_of(LOOPED_HLO) == {"all-reduce": (16, 15 * 16 + 8), "all-gather": (5, 5 * 32)}
+
+
+def test_the_loop_count_of_a_compiled_program_is_read_from_its_text():
+  import jax
+  import jax.numpy as jnp
+
+  text = (
+    jax.jit(lambda x: jax.lax.fori_loop(0, 7, lambda i, c: c * 2 + jnp.sin(c), x))
+    .lower(jnp.ones(4))
+    .compile()
+    .as_text()
+  )
+  assert max(plan.loop_multipliers(text).values()) == 8  # The body 7 times, its condition 8.
+
+
+def test_collectives_of_a_loop_compiled_for_tpu_devices_count_every_iteration():
+  """v5e:2x4 (needs libtpu): a loop of 3 steps, each summing over the sharded axis: 3 all-reduces
+  a run, not 1."""
+  pytest.importorskip("libtpu")
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  v5e = plan.target("v5e:2x4")
+  sharded = NamedSharding(v5e.mesh(), PartitionSpec("clients"))
+  body = lambda i, c: c * jnp.sum(c, axis=0, keepdims=True)  # A cross-device sum every step.
+  report = plan.plan_program(
+    lambda x: jax.lax.fori_loop(0, 3, body, x), (jax.ShapeDtypeStruct((8, 128), jnp.float32),), (sharded,), v5e
+  )
+  assert report.collectives["all-reduce"][0] == 3, report.collectives
