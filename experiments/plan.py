@@ -69,25 +69,45 @@ def candidate_chunks(cohort_per_device: int, given: list[str]) -> list[int]:
   )
 
 
-def memory_settings(remat: bool | None, quantization: str) -> list[tuple[bool | None, str]]:
-  """The (model.remat, compute.backbone_quantization) settings to plan, in order: the configured
-  ones, then (each only if no chunk fits with the one before) the backbone's blocks recomputed in
-  the backward pass, then its kernels in int8, then in nf4. Recomputing costs time (about a third
-  more FLOPs), quantizing costs accuracy: the plan tries the first before the second.
+def memory_settings(
+  remat: bool | None, quantization: str, model_parallel: int = 1, devices: int = 1
+) -> list[tuple[bool | None, int, str]]:
+  """The (model.remat, fed.model_parallel, compute.backbone_quantization) settings to plan, in
+  order, each tried only if no chunk fits with the ones before: the configured ones; the
+  backbone's blocks recomputed in the backward pass; the backbone split over a model axis twice,
+  four times, ... as large, as long as it divides the devices; then, on the configured model axis,
+  its kernels in int8, then in nf4. Recomputing costs time (about a third more FLOPs), a model
+  axis costs collectives, quantizing costs accuracy: the plan tries them in that order.
 
   Args:
     remat: `model.remat`, or None where the model has no such option.
     quantization: `compute.backbone_quantization`.
+    model_parallel: the model axis to start from.
+    devices: the target's devices (0: the model axis is fixed).
   Returns:
-    E.g. [(False, "none"), (True, "none"), (True, "int8"), (True, "nf4")].
+    E.g. [(False, 1, "none"), (True, 1, "none"), (True, 2, "none"), ..., (True, 1, "int8"),
+    (True, 1, "nf4")].
   """
   order = ["none", "int8", "nf4"]
-  settings = [(remat, quantization)]
+  settings = [(remat, model_parallel, quantization)]
   if remat is False:
-    settings.append((True, quantization))
     remat = True
-  settings += [(remat, smaller) for smaller in order[order.index(quantization) + 1 :]]
+    settings.append((remat, model_parallel, quantization))
+  axis = model_parallel * 2
+  while devices and axis <= devices and devices % axis == 0:
+    settings.append((remat, axis, quantization))
+    axis *= 2
+  settings += [(remat, model_parallel, smaller) for smaller in order[order.index(quantization) + 1 :]]
   return settings
+
+
+def _padded_inputs(exp, axis: int) -> tuple[dict, np.ndarray, np.ndarray, int]:
+  """(block, ids, weights, cohort) of the run's first round, padded to a multiple of the clients
+  axis as the runner pads (padding clients: id -1, no example, weight 0)."""
+  block, ids, weights = round_inputs(exp, 0)
+  ids = blocks.pad_client_ids(ids, axis)
+  cohort = len(ids)
+  return padded(block, cohort), ids, padded(weights, cohort), cohort
 
 
 def _round_for(exp, dtype, remat: bool | None):
@@ -153,47 +173,52 @@ def main(argv) -> None:
   config.fed.num_devices, config.fed.model_parallel = 1, 1  # Built on this machine's one device.
   exp = build_experiment(config, log=lambda line: print(f"  build: {line}"))
   dtype = backbone_dtype(config.compute.backbone_dtype, backend=target.platform)
-  block, ids, weights = round_inputs(exp, 0)
   axis = len(target.devices) // model_parallel
-  ids = blocks.pad_client_ids(ids, axis)  # A multiple of the clients axis, as the runner pads.
-  cohort = len(ids)
-  block, weights = padded(block, cohort), padded(weights, cohort)  # Padding clients: no example, weight 0.
+  cohort = _padded_inputs(exp, axis)[3]
   print(
     f"plan of {config.method} on {target.name}: {cohort} clients a round ({cohort // axis} per device of the "
     f"clients axis), {config.fed.local_steps} local steps of {config.fed.batch_size}, model axis {model_parallel}, "
     f"backbone in {np.dtype(dtype).name}; compiler estimates, nothing ran"
   )
-  configured = (getattr(exp.task.model, "remat", None), config.compute.get("backbone_quantization", "none"))
+  devices = 0 if _MODEL_PARALLEL.value else len(target.devices)  # --model_parallel fixes the model axis.
+  settings = memory_settings(
+    getattr(exp.task.model, "remat", None), config.compute.get("backbone_quantization", "none"), model_parallel, devices
+  )
   block_size = config.compute.get("quantization_block", 0)
   best = None
-  for remat, quantization in memory_settings(*configured):
+  for remat, model_axis, quantization in settings:
     task, fed_round = _round_for(exp, dtype, remat)
     frozen = frozen_tree(exp.backbone, dtype=dtype, quantization=quantization, quantization_block=block_size)
+    axis = len(target.devices) // model_axis
+    block, ids, weights, cohort = _padded_inputs(exp, axis)
     storage = quantization if quantization != "none" else np.dtype(dtype).name
-    print(f" model.remat={remat}, frozen backbone in {storage}: {plan.format_bytes(quantize.tree_bytes(frozen))} "
-          "in all")  # fmt: skip
+    print(f" model.remat={remat}, model axis {model_axis}, frozen backbone in {storage}: "
+          f"{plan.format_bytes(quantize.tree_bytes(frozen))} in all")  # fmt: skip
     for chunk in candidate_chunks(cohort // axis, _CHUNKS.value):
       report = plan.plan_round(
         fed_round, exp.initial_trainable, frozen, block, ids, weights, target,
-        signatures=exp.signatures, model_parallel=model_parallel, clients_per_chunk=chunk * axis, cost=False,
+        signatures=exp.signatures, model_parallel=model_axis, clients_per_chunk=chunk * axis, cost=False,
       )  # fmt: skip
       total = plan.format_bytes(report.memory["total"])
       print(f"  clients_per_chunk={chunk * axis} ({chunk or cohort // axis} per device): {total} per device"
             + {True: "", False: "  DOES NOT FIT", None: ""}[report.fits])  # fmt: skip
       if best is None and report.fits is not False:
-        best = (chunk * axis, remat, quantization, task, fed_round, frozen)
+        best = (chunk * axis, remat, model_axis, quantization, task, fed_round, frozen, (block, ids, weights))
     if best is not None:
       break
   if best is None:
     raise SystemExit(f"fed.clients_per_chunk: no candidate fits {target.name}, the backbone recomputed and in 4 "
-                     f"bits included; lower fed.clients_per_round, fed.batch_size or the model, or raise "
-                     f"--model_parallel")  # fmt: skip
-  chunk, remat, quantization, task, fed_round, frozen = best
+                     f"bits and split over every model axis the devices allow included; lower "
+                     f"fed.clients_per_round, fed.batch_size or the model")  # fmt: skip
+  chunk, remat, model_parallel, quantization, task, fed_round, frozen, (block, ids, weights) = best
   report = plan.plan_round(
     fed_round, exp.initial_trainable, frozen, block, ids, weights, target,
     signatures=exp.signatures, model_parallel=model_parallel, clients_per_chunk=chunk, cost=_COST.value,
   )  # fmt: skip
-  flags_line = f"--config.fed.clients_per_chunk={chunk} --config.compute.backbone_quantization={quantization}"
+  flags_line = (
+    f"--config.fed.clients_per_chunk={chunk} --config.fed.model_parallel={model_parallel} "
+    f"--config.compute.backbone_quantization={quantization}"
+  )
   print("best fitting: " + flags_line + ("" if remat is None else f" --config.model.remat={remat}"))
   print("\n".join(report.lines()))
   for name, evaluated in plan_evaluation(exp, task, fed_round, frozen, target, model_parallel, chunk).items():

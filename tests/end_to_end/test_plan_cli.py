@@ -49,19 +49,23 @@ def test_the_plan_holds_the_backbone_as_configured_and_names_its_size(cache_dirs
   int8 = _plan(cache_dirs, "cpu", "--chunks=1", "--cost=false", "--config.compute.backbone_quantization=int8")
   size = lambda out, kind: float(re.search(rf"backbone in {kind}: ([\d.]+) MiB in all", out).group(1))
   assert 0.25 < size(int8, "int8") / size(full, "float32") < 0.5, (full, int8)
-  assert "--config.compute.backbone_quantization=int8 --config.model.remat=False" in int8
+  assert "--config.fed.model_parallel=1 --config.compute.backbone_quantization=int8 --config.model.remat=False" in int8
   assert "frozen backbone in nf4" not in int8  # It fits: nothing smaller is tried.
   arguments = lambda out: float(re.search(r"arguments ([\d.]+) MiB", out).group(1))
   assert arguments(int8) != arguments(full)
 
 
-def test_memory_settings_are_tried_configured_first_then_recomputed_then_smaller():
+def test_memory_settings_are_tried_configured_first_then_recomputed_then_split_then_smaller():
   from experiments.plan import memory_settings
 
-  assert memory_settings(False, "none") == [(False, "none"), (True, "none"), (True, "int8"), (True, "nf4")]
-  assert memory_settings(True, "int8") == [(True, "int8"), (True, "nf4")]
-  assert memory_settings(None, "none") == [(None, "none"), (None, "int8"), (None, "nf4")]  # No remat option.
-  assert memory_settings(False, "nf4") == [(False, "nf4"), (True, "nf4")]
+  assert memory_settings(False, "none") == [(False, 1, "none"), (True, 1, "none"), (True, 1, "int8"), (True, 1, "nf4")]
+  assert memory_settings(True, "int8") == [(True, 1, "int8"), (True, 1, "nf4")]
+  assert memory_settings(None, "none") == [(None, 1, "none"), (None, 1, "int8"), (None, 1, "nf4")]  # No remat.
+  assert memory_settings(False, "nf4") == [(False, 1, "nf4"), (True, 1, "nf4")]
+  assert memory_settings(True, "none", 1, 8) == [
+    (True, 1, "none"), (True, 2, "none"), (True, 4, "none"), (True, 8, "none"), (True, 1, "int8"), (True, 1, "nf4"),
+  ]  # fmt: skip
+  assert memory_settings(True, "nf4", 2, 6) == [(True, 2, "nf4")]  # 4 does not divide 6 devices.
 
 
 def test_where_nothing_fits_the_plan_tries_recomputing_then_8_then_4_bits_and_says_so(cache_dirs):
@@ -73,6 +77,6 @@ def test_where_nothing_fits_the_plan_tries_recomputing_then_8_then_4_bits_and_sa
   result = subprocess.run(command, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
   assert result.returncode != 0 and "no candidate fits cpu" in result.stdout + result.stderr
-  tried = re.findall(r"model.remat=(\w+), frozen backbone in (\w+)", result.stdout)
+  tried = re.findall(r"model.remat=(\w+), model axis 1, frozen backbone in (\w+)", result.stdout)
   assert tried == [("False", "float32"), ("True", "float32"), ("True", "int8"), ("True", "nf4")], result.stdout
   assert result.stdout.count("DOES NOT FIT") == 4
