@@ -27,6 +27,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from experiments import cli
+from experiments.runner import memory
 from experiments.runner.data import blocks
 from experiments.runner.experiment import build_experiment
 from experiments.runner.feeding import round_inputs
@@ -67,38 +68,6 @@ def candidate_chunks(cohort_per_device: int, given: list[str]) -> list[int]:
   return [0] + sorted(
     set(autotune.chunk_candidates(cohort_per_device, (1, 4, 16, 64))) - {cohort_per_device}, reverse=True
   )
-
-
-def memory_settings(
-  remat: bool | None, quantization: str, model_parallel: int = 1, devices: int = 1
-) -> list[tuple[bool | None, int, str]]:
-  """The (model.remat, fed.model_parallel, compute.backbone_quantization) settings to plan, in
-  order, each tried only if no chunk fits with the ones before: the configured ones; the
-  backbone's blocks recomputed in the backward pass; the backbone split over a model axis twice,
-  four times, ... as large, as long as it divides the devices; then, on the configured model axis,
-  its kernels in int8, then in nf4. Recomputing costs time (about a third more FLOPs), a model
-  axis costs collectives, quantizing costs accuracy: the plan tries them in that order.
-
-  Args:
-    remat: `model.remat`, or None where the model has no such option.
-    quantization: `compute.backbone_quantization`.
-    model_parallel: the model axis to start from.
-    devices: the target's devices (0: the model axis is fixed).
-  Returns:
-    E.g. [(False, 1, "none"), (True, 1, "none"), (True, 2, "none"), ..., (True, 1, "int8"),
-    (True, 1, "nf4")].
-  """
-  order = ["none", "int8", "nf4"]
-  settings = [(remat, model_parallel, quantization)]
-  if remat is False:
-    remat = True
-    settings.append((remat, model_parallel, quantization))
-  axis = model_parallel * 2
-  while devices and axis <= devices and devices % axis == 0:
-    settings.append((remat, axis, quantization))
-    axis *= 2
-  settings += [(remat, model_parallel, smaller) for smaller in order[order.index(quantization) + 1 :]]
-  return settings
 
 
 def _padded_inputs(exp, axis: int) -> tuple[dict, np.ndarray, np.ndarray, int]:
@@ -181,7 +150,7 @@ def main(argv) -> None:
     f"backbone in {np.dtype(dtype).name}; compiler estimates, nothing ran"
   )
   devices = 0 if _MODEL_PARALLEL.value else len(target.devices)  # --model_parallel fixes the model axis.
-  settings = memory_settings(
+  settings = memory.settings_to_try(
     getattr(exp.task.model, "remat", None), config.compute.get("backbone_quantization", "none"), model_parallel, devices
   )
   block_size = config.compute.get("quantization_block", 0)
@@ -222,12 +191,12 @@ def main(argv) -> None:
   print("best fitting: " + flags_line + ("" if remat is None else f" --config.model.remat={remat}"))
   print("\n".join(report.lines()))
   for name, evaluated in plan_evaluation(exp, task, fed_round, frozen, target, model_parallel, chunk).items():
-    memory = evaluated.memory
+    used = evaluated.memory
     verdict = {True: "fits", False: "DOES NOT FIT", None: "fit unknown"}[evaluated.fits]
     hint = "" if evaluated.fits is not False else "; lower eval_batch (or data.stream_chunk_examples)"
-    print(f"evaluation ({name}, eval_batch={config.eval_batch}): {plan.format_bytes(memory['total'])} per "
-          f"device ({verdict}): arguments {plan.format_bytes(memory.get('arguments', 0))}, temporaries "
-          f"{plan.format_bytes(memory.get('temporaries', 0))}{hint}")  # fmt: skip
+    print(f"evaluation ({name}, eval_batch={config.eval_batch}): {plan.format_bytes(used['total'])} per "
+          f"device ({verdict}): arguments {plan.format_bytes(used.get('arguments', 0))}, temporaries "
+          f"{plan.format_bytes(used.get('temporaries', 0))}{hint}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@
      memory analysis (arguments, outputs and temporaries XLA plans) against the device's
      memory (`check_compiled_round`).
 
+And, for `experiments.plan`, what to try where nothing fits (`settings_to_try`).
+
 The device's memory is `memory_stats()["bytes_limit"]` on an accelerator, and the memory the
 operating system reports available on the CPU (Linux: /proc/meminfo's MemAvailable).
 """
@@ -113,3 +115,35 @@ def check_compiled_round(compiled: Any, fed: blocks.Fed, input_size: tuple[str, 
       f"(compute.backbone_quantization=int8 or nf4)"
     )
   return needed
+
+
+def settings_to_try(
+  remat: bool | None, quantization: str, model_parallel: int = 1, devices: int = 1
+) -> list[tuple[bool | None, int, str]]:
+  """The (model.remat, fed.model_parallel, compute.backbone_quantization) settings to plan, in
+  order, each tried only if no chunk fits with the ones before: the configured ones; the
+  backbone's blocks recomputed in the backward pass; the backbone split over a model axis twice,
+  four times, ... as large, as long as it divides the devices; then, on the configured model axis,
+  its kernels in int8, then in nf4. Recomputing costs time (about a third more FLOPs), a model
+  axis costs collectives, quantizing costs accuracy: the plan tries them in that order.
+
+  Args:
+    remat: `model.remat`, or None where the model has no such option.
+    quantization: `compute.backbone_quantization`.
+    model_parallel: the model axis to start from.
+    devices: the target's devices (0: the model axis is fixed).
+  Returns:
+    E.g. [(False, 1, "none"), (True, 1, "none"), (True, 2, "none"), ..., (True, 1, "int8"),
+    (True, 1, "nf4")].
+  """
+  order = ["none", "int8", "nf4"]
+  settings = [(remat, model_parallel, quantization)]
+  if remat is False:
+    remat = True
+    settings.append((remat, model_parallel, quantization))
+  axis = model_parallel * 2
+  while devices and axis <= devices and devices % axis == 0:
+    settings.append((remat, axis, quantization))
+    axis *= 2
+  settings += [(remat, model_parallel, smaller) for smaller in order[order.index(quantization) + 1 :]]
+  return settings

@@ -41,6 +41,7 @@ def test_the_plan_on_compile_only_tpu_devices_estimates_time_and_mfu(cache_dirs)
   assert "of 15.75 GiB (fits)" in out and "all-reduce" in out
 
 
+@pytest.mark.slow  # Two CLI runs (about 25 s on 2 cores).
 def test_the_plan_holds_the_backbone_as_configured_and_names_its_size(cache_dirs):
   """compute.backbone_quantization=int8: the frozen backbone planned is the int8 one (its bytes
   about a quarter of float32's: the smoke ViT's kernels, a byte each, plus float norms, biases
@@ -56,7 +57,7 @@ def test_the_plan_holds_the_backbone_as_configured_and_names_its_size(cache_dirs
 
 
 def test_memory_settings_are_tried_configured_first_then_recomputed_then_split_then_smaller():
-  from experiments.plan import memory_settings
+  from experiments.runner.memory import settings_to_try as memory_settings
 
   assert memory_settings(False, "none") == [(False, 1, "none"), (True, 1, "none"), (True, 1, "int8"), (True, 1, "nf4")]
   assert memory_settings(True, "int8") == [(True, 1, "int8"), (True, 1, "nf4")]
@@ -68,6 +69,7 @@ def test_memory_settings_are_tried_configured_first_then_recomputed_then_split_t
   assert memory_settings(True, "nf4", 2, 6) == [(True, 2, "nf4")]  # 4 does not divide 6 devices.
 
 
+@pytest.mark.slow  # A CLI run compiling 4 settings (about 35 s on 2 cores).
 def test_where_nothing_fits_the_plan_tries_recomputing_then_8_then_4_bits_and_says_so(cache_dirs):
   command = [
     sys.executable, "-m", "experiments.plan", "--config", "configs/default.py:smoke", "--target=cpu",
