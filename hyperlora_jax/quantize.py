@@ -25,8 +25,10 @@ Compute: a Linen layer whose own parameters include a `QuantizedWeight` is run, 
 called inside `apply` (or `lora.apply`, which uses it), as a parent-less copy of itself on its
 dequantized parameters, inside `jax.checkpoint`: the dequantized weight is a temporary of that
 call, recomputed in the backward pass rather than kept for it, so what a round holds of the
-backbone is the codes and scales (plus one layer's float weight at a time, as XLA schedules it).
-Module paths do not change, so an adapter trained on a quantized backbone is an adapter of the
+backbone is the codes and scales, plus the dequantized weights XLA keeps as temporaries (compiler
+estimates, BENCHMARKS.md: int8 fuses into the matmul on TPU and adds none; nf4 added 0.87 GiB to a
+TinyLlama round on a v5e; on an H100 each layer's weight is a temporary cuBLAS reads, below the
+activations' peak). Module paths do not change, so an adapter trained on a quantized backbone is an adapter of the
 float model (`peft.save_peft` writes it as for any other).
 """
 
@@ -156,8 +158,8 @@ def _unpack_nibbles(codes: jax.Array, rows: int) -> jax.Array:
 
 def _nf4_values(indices: jax.Array) -> jax.Array:
   """uint8 indices < 16 -> float32 `NF4_LEVELS[indices]`, by a tree of selects on the index's
-  bits: elementwise, so XLA fuses it into the matmul that reads the weight (a gather from the
-  16-entry table is not fused on TPU: the compiler then kept every layer's dequantized weight)."""
+  bits: elementwise, so XLA may fuse it into the matmul that reads the weight (a gather from the
+  16-entry table it did not fuse on TPU, and kept every layer's dequantized weight)."""
   values = [jnp.float32(level) for level in NF4_LEVELS]
   for bit in range(4):
     chosen = ((indices >> bit) & 1).astype(bool)
