@@ -127,32 +127,15 @@ def plan_one(
     if per_device % chunk:
       continue
     chunk_all = 0 if chunk == per_device else chunk * axis
-    report = plan.plan_round(
-      fed,
-      trainable,
-      frozen,
-      block(clients),
-      ids,
-      weights,
-      target,
-      clients_per_chunk=chunk_all,
-      cost=False,
-      model_parallel=model_parallel,
-    )
+    planned = lambda with_cost, chunk_all=chunk_all: plan.plan_round(
+      fed, trainable, frozen, block(clients), ids, weights, target,
+      clients_per_chunk=chunk_all, cost=with_cost, model_parallel=model_parallel,
+    )  # fmt: skip
+    report = planned(False)
     row.setdefault("tried", []).append({"chunk_per_device": chunk, "gib": report.memory["total"] / plan.GIB})
     if report.fits:
       if cost:
-        report = plan.plan_round(
-          fed,
-          trainable,
-          frozen,
-          block(clients),
-          ids,
-          weights,
-          target,
-          clients_per_chunk=chunk_all,
-          model_parallel=model_parallel,
-        )
+        report = planned(True)
       else:
         report = dataclasses.replace(report, flops=None, estimated_seconds=None)  # Loops counted once.
       row.update(chunk_per_device=chunk, memory=report.memory, flops=report.flops,
