@@ -32,9 +32,9 @@ def frozen_tree(
   Returns:
     {"variables", "base_delta"}.
   """
-  if dtype is not None:
-    cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-    backbone = jax.tree.map(cast, backbone, is_leaf=quantize.is_quantized)
+  if dtype is not None:  # A weight quantized already keeps its codes, scales and dtype.
+    floating = lambda x: not quantize.is_quantized(x) and jnp.issubdtype(x.dtype, jnp.floating)
+    backbone = jax.tree.map(lambda x: x.astype(dtype) if floating(x) else x, backbone, is_leaf=quantize.is_quantized)
   if quantization != "none":
     backbone = quantize.quantize_tree(backbone, quantization, quantization_block)
   return {"variables": backbone, "base_delta": base_delta or {}}

@@ -181,6 +181,8 @@ def test_frozen_tree_quantizes_after_the_cast_and_plans_abstractly():
   weight = quantize.quantized_layers(frozen)["variables/params/block_0/mlp/up/kernel"]
   assert weight.dtype == "bfloat16" and weight.scales.dtype == jnp.float32
   abstract = jax.eval_shape(lambda v: frozen_tree(v, dtype=jnp.bfloat16, quantization="int8"), variables)
+  again = frozen_tree(frozen["variables"], dtype=jnp.float32)  # A tree quantized already is left so.
+  assert quantize.quantized_layers(again)["variables/params/block_0/mlp/up/kernel"] is weight
   assert quantize.tree_bytes(abstract) < quantize.tree_bytes(
     jax.eval_shape(lambda v: frozen_tree(v, dtype=jnp.bfloat16), variables)
   )
