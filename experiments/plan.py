@@ -19,6 +19,7 @@ jax-cuda12-plugin (run with JAX_PLATFORMS=cpu).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -142,8 +143,13 @@ def main(argv) -> None:
   config.fed.num_devices, config.fed.model_parallel = 1, 1  # Built on this machine's one device.
   exp = build_experiment(config, log=lambda line: print(f"  build: {line}"))
   dtype = backbone_dtype(config.compute.backbone_dtype, backend=target.platform)
+  block_size = config.compute.get("quantization_block", 0)
+  inputs = functools.cache(lambda axis: _padded_inputs(exp, axis))  # The round's images, read once per axis.
+  frozen_as = functools.cache(  # The backbone quantized once per kind.
+    lambda kind: frozen_tree(exp.backbone, dtype=dtype, quantization=kind, quantization_block=block_size)
+  )
   axis = len(target.devices) // model_parallel
-  cohort = _padded_inputs(exp, axis)[3]
+  cohort = inputs(axis)[3]
   print(
     f"plan of {config.method} on {target.name}: {cohort} clients a round ({cohort // axis} per device of the "
     f"clients axis), {config.fed.local_steps} local steps of {config.fed.batch_size}, model axis {model_parallel}, "
@@ -153,13 +159,12 @@ def main(argv) -> None:
   settings = memory.settings_to_try(
     getattr(exp.task.model, "remat", None), config.compute.get("backbone_quantization", "none"), model_parallel, devices
   )
-  block_size = config.compute.get("quantization_block", 0)
   best = None
   for remat, model_axis, quantization in settings:
     task, fed_round = _round_for(exp, dtype, remat)
-    frozen = frozen_tree(exp.backbone, dtype=dtype, quantization=quantization, quantization_block=block_size)
+    frozen = frozen_as(quantization)
     axis = len(target.devices) // model_axis
-    block, ids, weights, cohort = _padded_inputs(exp, axis)
+    block, ids, weights, cohort = inputs(axis)
     storage = quantization if quantization != "none" else np.dtype(dtype).name
     print(f" model.remat={remat}, model axis {model_axis}, frozen backbone in {storage}: "
           f"{plan.format_bytes(quantize.tree_bytes(frozen))} in all")  # fmt: skip
