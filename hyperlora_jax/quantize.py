@@ -121,12 +121,15 @@ def _block_size(kind: str, block_size: int, rows: int) -> int:
   return min(size, rows)
 
 
+def _blocks(x: jax.Array, block: int, blocks: int) -> jax.Array:
+  """[rows, ...] -> [blocks, block, ...], the last block padded with zeros."""
+  padded = jnp.pad(x, [(0, blocks * block - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+  return padded.reshape((blocks, block) + x.shape[1:])
+
+
 def _block_absmax(w: jax.Array, block: int) -> jax.Array:
   """[d_0, ...] float32 -> [ceil(d_0 / block), ...]: each block's largest |w|."""
-  rows = w.shape[0]
-  blocks = -(-rows // block)
-  padded = jnp.pad(jnp.abs(w), [(0, blocks * block - rows)] + [(0, 0)] * (w.ndim - 1))
-  return jnp.max(padded.reshape((blocks, block) + w.shape[1:]), axis=1)
+  return jnp.max(_blocks(jnp.abs(w), block, -(-w.shape[0] // block)), axis=1)
 
 
 def _scaled(values: jax.Array, scales: jax.Array, block: int) -> jax.Array:
@@ -136,9 +139,8 @@ def _scaled(values: jax.Array, scales: jax.Array, block: int) -> jax.Array:
   per row, which XLA does not fuse into the matmul: on TPU it kept a float32 [rows, ...] per
   layer)."""
   rows, blocks = values.shape[0], scales.shape[0]
-  rest = values.shape[1:]
-  padded = jnp.pad(values, [(0, blocks * block - rows)] + [(0, 0)] * len(rest))
-  return (padded.reshape((blocks, block) + rest) * scales[:, None]).reshape((blocks * block,) + rest)[:rows]
+  scaled = _blocks(values, block, blocks) * scales[:, None]
+  return scaled.reshape((blocks * block,) + values.shape[1:])[:rows]
 
 
 def _pack_nibbles(indices: jax.Array) -> jax.Array:
