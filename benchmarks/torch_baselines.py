@@ -41,7 +41,7 @@ def use_cpu_threads(torch) -> int:
 
 
 def device_name() -> str:
-  """Where `time_round` runs: 'cuda' when torch sees a GPU, else 'cpu'."""
+  """Where `round_fn`'s round runs: 'cuda' when torch sees a GPU, else 'cpu'."""
   import torch
 
   return "cuda" if torch.cuda.is_available() else "cpu"

@@ -11,14 +11,19 @@ import pytest
 from tests.repo_paths import ROOT
 
 
-def _plan(cache_dirs, target, *flags):
+def _run_plan(cache_dirs, target, *flags):
+  """The plan CLI's finished process, run on the smoke config."""
   command = [
     sys.executable, "-m", "experiments.plan", "--config", "configs/default.py:smoke", f"--target={target}",
     f"--config.data.data_dir={cache_dirs['data_dir']}", f"--config.pretrain.cache_dir={cache_dirs['cache_dir']}",
     *flags,
   ]  # fmt: skip
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _plan(cache_dirs, target, *flags):
+  result = _run_plan(cache_dirs, target, *flags)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   return result.stdout
 
@@ -71,13 +76,7 @@ def test_memory_settings_are_tried_configured_first_then_recomputed_then_split_t
 
 @pytest.mark.slow  # A CLI run compiling 4 settings (about 35 s on 2 cores).
 def test_where_nothing_fits_the_plan_tries_recomputing_then_8_then_4_bits_and_says_so(cache_dirs):
-  command = [
-    sys.executable, "-m", "experiments.plan", "--config", "configs/default.py:smoke", "--target=cpu",
-    f"--config.data.data_dir={cache_dirs['data_dir']}", f"--config.pretrain.cache_dir={cache_dirs['cache_dir']}",
-    "--chunks=1", "--cost=false", "--memory_gib=0.00001",  # About 10 KiB: nothing fits.
-  ]  # fmt: skip
-  result = subprocess.run(command, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+  result = _run_plan(cache_dirs, "cpu", "--chunks=1", "--cost=false", "--memory_gib=0.00001")  # ~10 KiB: none fits.
   assert result.returncode != 0 and "no candidate fits cpu" in result.stdout + result.stderr
   tried = re.findall(r"model.remat=(\w+), model axis 1, frozen backbone in (\w+)", result.stdout)
   assert tried == [("False", "float32"), ("True", "float32"), ("True", "int8"), ("True", "nf4")], result.stdout
