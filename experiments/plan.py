@@ -34,7 +34,7 @@ from experiments.runner.experiment import build_experiment
 from experiments.runner.feeding import round_inputs
 from hyperlora_jax import autotune, federated, plan, primitives, quantize
 from hyperlora_jax.tasks import image_classification as task_lib
-from hyperlora_jax.tasks.common import backbone_dtype, frozen_tree
+from hyperlora_jax.tasks.common import backbone_dtype
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Run config file.", lock_config=False)
 _TARGET = flags.DEFINE_string("target", "cpu", f"Devices to plan for: {', '.join(plan.TARGETS)}.")
@@ -143,10 +143,9 @@ def main(argv) -> None:
   config.fed.num_devices, config.fed.model_parallel = 1, 1  # Built on this machine's one device.
   exp = build_experiment(config, log=lambda line: print(f"  build: {line}"))
   dtype = backbone_dtype(config.compute.backbone_dtype, backend=target.platform)
-  block_size = config.compute.get("quantization_block", 0)
   inputs = functools.cache(lambda axis: _padded_inputs(exp, axis))  # The round's images, read once per axis.
-  frozen_as = functools.cache(  # The backbone quantized once per kind.
-    lambda kind: frozen_tree(exp.backbone, dtype=dtype, quantization=kind, quantization_block=block_size)
+  frozen_as = functools.cache(  # The backbone quantized once per kind, as the run would hold it.
+    lambda kind: dataclasses.replace(exp.settings, backbone_quantization=kind).frozen_tree(exp.backbone, dtype)
   )
   axis = len(target.devices) // model_parallel
   cohort = inputs(axis)[3]
@@ -157,7 +156,7 @@ def main(argv) -> None:
   )
   devices = 0 if _MODEL_PARALLEL.value else len(target.devices)  # --model_parallel fixes the model axis.
   settings = memory.settings_to_try(
-    getattr(exp.task.model, "remat", None), config.compute.get("backbone_quantization", "none"), model_parallel, devices
+    getattr(exp.task.model, "remat", None), exp.settings.backbone_quantization, model_parallel, devices
   )
   best = None
   for remat, model_axis, quantization in settings:

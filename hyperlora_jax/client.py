@@ -114,7 +114,7 @@ class ClientUpdate:
       params, opt_state = carry
       key, index = inputs
       # The step's batch is read by index, not scanned over: under the round's vmap the block is
-      # [C, S, ...], and scanning its S axis made XLA:GPU transpose the whole block to [S, C, ...].
+      # [C, S, ...], and scanning its S axis made XLA (GPU and CPU) copy the whole block to [S, C, ...].
       batch = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, keepdims=False), batches)
       (loss, aux), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(params, frozen, batch, key)
       updates, new_opt_state = self.optimizer.update(grads, opt_state, params)

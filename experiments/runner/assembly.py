@@ -26,7 +26,7 @@ from hyperlora_jax import autotune, federated, models, primitives
 from hyperlora_jax.client import ClientUpdate, local_update
 from hyperlora_jax.hyper import signatures as signatures_lib
 from hyperlora_jax.hyper.plugins import clip_plugin_updates, generator_plugin
-from hyperlora_jax.tasks.common import apply_base_delta, frozen_tree
+from hyperlora_jax.tasks.common import apply_base_delta
 
 
 @dataclasses.dataclass
@@ -50,12 +50,7 @@ class Experiment:
   def frozen(self) -> dict:
     """The task's frozen tree: the backbone in the task's compute dtype, its kernels held as
     `compute.backbone_quantization` says (`tasks.common.frozen_tree`)."""
-    return frozen_tree(
-      self.backbone,
-      dtype=self.task.compute_dtype,
-      quantization=self.settings.backbone_quantization,
-      quantization_block=self.settings.quantization_block,
-    )
+    return self.settings.frozen_tree(self.backbone, self.task.compute_dtype)
 
 
 def checked_method(config: ml_collections.ConfigDict) -> tuple[Any, methods.Method, Any]:

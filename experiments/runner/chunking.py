@@ -16,7 +16,6 @@ from jax.experimental import multihost_utils
 from experiments.runner.settings import RunSettings
 from hyperlora_jax import autotune, distributed, primitives
 from hyperlora_jax.client import ClientUpdate
-from hyperlora_jax.tasks.common import frozen_tree
 
 
 def random_token_block(clients: int, steps: int, batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict:
@@ -97,12 +96,7 @@ def auto_clients_per_chunk(
       f"(once per backend, model and round shape; cached in {path})"
     )
     block = sample_block(settings, task, per_device)
-    frozen = frozen_tree(
-      backbone,
-      dtype=task.compute_dtype,
-      quantization=settings.backbone_quantization,
-      quantization_block=settings.quantization_block,
-    )
+    frozen = settings.frozen_tree(backbone, task.compute_dtype)
     every_leaf = jax.tree.map(lambda _: jnp.float32(1.0), trainable)
     one_client = lambda xs: client_update(xs[0], frozen, xs[1], jax.random.key(0), every_leaf)[0]
     return autotune.measure_clients_per_chunk(one_client, (primitives.broadcast(trainable, per_device), block))

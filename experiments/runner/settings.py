@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from typing import Any
 
 import ml_collections
 
@@ -25,6 +26,7 @@ from configs import blocks
 from experiments.runner.config_facts import CACHE_DIR, cache_dir, is_text, typed_block
 from experiments.runner.methods import MethodSettings, method_settings
 from hyperlora_jax.faults import Faults
+from hyperlora_jax.tasks import common
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +75,19 @@ class RunSettings:
   stream: bool
   feed: str
   cache_dir: str
+
+  def frozen_tree(self, backbone: Any, dtype: Any) -> dict:
+    """The task's frozen tree of `backbone` in `dtype`, its kernels held as
+    `compute.backbone_quantization` says (`tasks.common.frozen_tree`).
+
+    Args:
+      backbone: the frozen variables; dtype: the task's compute dtype.
+    Returns:
+      {"variables", "base_delta"}.
+    """
+    return common.frozen_tree(
+      backbone, dtype=dtype, quantization=self.backbone_quantization, quantization_block=self.quantization_block
+    )
 
   @property
   def dp(self) -> blocks.DP:
