@@ -337,9 +337,10 @@ def _trip_count(while_line: str, computations: dict[str, list[str]], condition: 
 
 
 def loop_multipliers(hlo_text: str) -> dict[str, int]:
-  """How many times each computation of an HLO module runs per run of the module: the product of
-  the trip counts of the while loops around it (`_trip_count`; a loop whose count cannot be read
-  counts once). Computations not reached from ENTRY (or lines without a header) count once.
+  """How many times each computation of an HLO module runs per run of the module: summed over its
+  call sites, each site's caller's runs times the trip count of the while loop it is the body of
+  (`_trip_count`; a loop whose count cannot be read counts once). Computations not reached from
+  ENTRY (or lines without a header) count once.
 
   Args:
     hlo_text: the module's text.
@@ -347,26 +348,40 @@ def loop_multipliers(hlo_text: str) -> dict[str, int]:
     {computation name: runs}.
   """
   computations = _computations(hlo_text)
+  sites = {name: _call_sites(lines, computations) for name, lines in computations.items()}
+  reached = ["ENTRY"] if "ENTRY" in computations else []
+  for name in reached:  # Grows while it is read: every computation reachable from ENTRY.
+    reached += [child for child, _ in sites[name] if child not in reached]
+  callers = dict.fromkeys(reached, 0)
+  for name in reached:
+    for child, _ in sites[name]:
+      callers[child] += 1
   runs = dict.fromkeys(computations, 1)
-  pending = ["ENTRY"] if "ENTRY" in computations else []
-  seen = set(pending)
-  while pending:
-    name = pending.pop()
-    for line in computations.get(name, []):
-      loop = re.search(r"\swhile\(.*?condition=%?([\w.\-]+),\s*body=%?([\w.\-]+)", line)
-      children: list[tuple[str, int]] = []
-      if loop:
-        trips = _trip_count(line, computations, loop.group(1)) or 1
-        children = [(loop.group(1), trips + 1), (loop.group(2), trips)]
-      else:
-        for group in re.findall(r"(?:calls|to_apply|branch_computations)=\{?([^}\s]*(?:,\s*%[\w.\-]+)*)\}?", line):
-          children += [(child.strip().lstrip("%"), 1) for child in group.split(",") if child.strip()]
-      for child, factor in children:
-        if child in computations and child not in seen:
-          runs[child] = runs[name] * factor
-          seen.add(child)
-          pending.append(child)
+  runs.update({name: int(name == "ENTRY") for name in reached})
+  ready = reached[:1]  # ENTRY, the one reached computation no other calls (HLO calls no cycles).
+  while ready:
+    name = ready.pop()
+    for child, factor in sites[name]:
+      runs[child] += runs[name] * factor
+      callers[child] -= 1
+      if callers[child] == 0:
+        ready.append(child)
   return runs
+
+
+def _call_sites(lines: list[str], computations: dict[str, list[str]]) -> list[tuple[str, int]]:
+  """(callee, runs per run of the caller) of each call site in a computation's lines: a while
+  loop's body runs its trip count, its condition one more; any other callee once."""
+  sites: list[tuple[str, int]] = []
+  for line in lines:
+    loop = re.search(r"\swhile\(.*?condition=%?([\w.\-]+),\s*body=%?([\w.\-]+)", line)
+    if loop:
+      trips = _trip_count(line, computations, loop.group(1)) or 1
+      sites += [(loop.group(1), trips + 1), (loop.group(2), trips)]
+      continue
+    for group in re.findall(r"(?:calls|to_apply|branch_computations)=\{?([^}\s]*(?:,\s*%[\w.\-]+)*)\}?", line):
+      sites += [(child.strip().lstrip("%"), 1) for child in group.split(",") if child.strip()]
+  return [(child, factor) for child, factor in sites if child in computations]
 
 
 def collectives_of(hlo_text: str) -> dict[str, tuple[int, int]]:

@@ -193,6 +193,38 @@ def test_collectives_inside_loops_count_once_per_iteration():
   assert plan.collectives_of(LOOPED_HLO) == {"all-reduce": (16, 15 * 16 + 8), "all-gather": (5, 5 * 32)}
 
 
+SHARED_HLO = """
+%cond4 (p: (s32[], f32[4])) -> pred[] {
+  %c = s32[] constant(4)
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+%cond6 (p: (s32[], f32[4])) -> pred[] {
+  %c = s32[] constant(6)
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+%reduce_step (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %ar = f32[4]{0} all-reduce(f32[4]{0} %x), to_apply=%add
+  ROOT %t = (s32[], f32[4]{0}) tuple(%i, %ar)
+}
+%caller (x: f32[4]) -> f32[4] {
+  %w = (s32[], f32[4]{0}) while(%p), condition=%cond6, body=%reduce_step
+}
+ENTRY %main (x: f32[4]) -> f32[4] {
+  %w1 = (s32[], f32[4]{0}) while(%t0), condition=%cond4, body=%reduce_step
+  %c1 = f32[4]{0} call(%x), to_apply=%caller
+  %c2 = f32[4]{0} call(%x), to_apply=%caller
+}
+"""
+
+
+def test_a_computation_reached_from_several_call_sites_runs_the_sum_of_their_counts():
+  """One loop body shared by a loop of 4 in ENTRY and a loop of 6 in a computation ENTRY calls
+  twice runs 4 + 2 x 6 = 16 times (the first site's count alone would say 4 or 6)."""
+  runs = plan.loop_multipliers(SHARED_HLO)
+  assert runs["caller"] == 2 and runs["reduce_step"] == 16 and runs["cond6"] == 14 and runs["cond4"] == 5
+  assert plan.collectives_of(SHARED_HLO) == {"all-reduce": (16, 16 * 16)}
+
+
 def test_the_loop_count_of_a_compiled_program_is_read_from_its_text():
   import jax
   import jax.numpy as jnp
