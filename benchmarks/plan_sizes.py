@@ -7,7 +7,7 @@ nothing materialized: every weight and input is a `jax.ShapeDtypeStruct`.
 q/v, 10 Adam steps of 32 images (`configs/domainnet.py`'s backbone and round); TinyLlama-1.1B's
 and Llama-2-7B's architectures, LoRA r = 4 on q/v, 5 Adam steps of 4 sequences of 512 tokens;
 `--quantization int8|nf4` holds the frozen kernels in 8 or 4 bits (`hyperlora_jax.quantize`,
-computed in bfloat16). For each cohort C, the
+computed in bfloat16); `--feed host` holds the round's inputs in host memory (TPU targets). For each cohort C, the
 largest per-device chunk that fits is planned in full, beside the per-client loop in the same
 cost model: C / D rounds of one client per device (D the clients axis). Figures are compiler
 estimates (labelled so), not measurements.
@@ -105,10 +105,12 @@ def plan_one(
   cost: bool = True,
   quantization: str = "none",
   model_parallel: int = 1,
+  feed: str = "round",
 ) -> dict:
   """The largest fitting chunk's plan of a C-client round, and the per-client loop's estimate,
   the frozen kernels held as `quantization` says ("none": bfloat16), the backbone split over a
-  `model` axis of `model_parallel` devices."""
+  `model` axis of `model_parallel` devices, the round's inputs on the devices (feed "round") or
+  in their host memory ("host": `primitives.HostFeed`)."""
   update, trainable, frozen, block = WORKLOADS[workload][0](quantization=quantization)
   axis = len(target.devices) // model_parallel
   fed = FederatedRound(update, aggregators.fedit(), num_clients=max(clients, axis))
@@ -121,6 +123,7 @@ def plan_one(
     "target": target.name,
     "quantization": quantization,
     "model_parallel": model_parallel,
+    "feed": feed,
   }
   start = time.time()
   for chunk in sorted({per_device, 16, 4, 1} & set(range(1, per_device + 1)), reverse=True):
@@ -129,7 +132,7 @@ def plan_one(
     chunk_all = 0 if chunk == per_device else chunk * axis
     planned = lambda with_cost, chunk_all=chunk_all: plan.plan_round(
       fed, trainable, frozen, block(clients), ids, weights, target,
-      clients_per_chunk=chunk_all, cost=with_cost, model_parallel=model_parallel,
+      clients_per_chunk=chunk_all, cost=with_cost, model_parallel=model_parallel, host_feed=feed == "host",
     )  # fmt: skip
     report = planned(False)
     row.setdefault("tried", []).append({"chunk_per_device": chunk, "gib": report.memory["total"] / plan.GIB})
@@ -162,6 +165,9 @@ def main() -> None:
   parser.add_argument("--no-cost", action="store_true", help="Memory only (no loop-free compile).")
   parser.add_argument("--quantization", default="none", help="The frozen kernels: none (bf16), int8 or nf4.")
   parser.add_argument("--model_parallel", type=int, default=1, help="Devices of the model mesh axis.")
+  parser.add_argument(
+    "--feed", default="round", help="The round's inputs on the devices (round) or host memory (host)."
+  )
   args = parser.parse_args()
   rows = []
   for name in args.targets.split(","):
@@ -169,7 +175,7 @@ def main() -> None:
     for workload in args.workloads.split(","):
       cohorts = [int(c) for c in args.clients.split(",")] if args.clients else WORKLOADS[workload][1]
       for clients in cohorts:
-        row = plan_one(workload, clients, target, not args.no_cost, args.quantization, args.model_parallel)
+        row = plan_one(workload, clients, target, not args.no_cost, args.quantization, args.model_parallel, args.feed)
         rows.append(row)
         fit = (
           f"chunk {row['chunk_per_device']}/device, {row['memory']['total'] / plan.GIB:.2f} GiB"
@@ -179,7 +185,8 @@ def main() -> None:
         est = (f", {row['seconds'] * 1e3:.1f} ms (loop {row['loop_seconds'] * 1e3:.1f} ms), MFU {row['mfu']:.0%}"
                if row.get("seconds") else "")  # fmt: skip
         print(
-          f"{name} {workload} ({args.quantization}, model axis {args.model_parallel}) C={clients}: {fit}{est} "
+          f"{name} {workload} ({args.quantization}, model axis {args.model_parallel}, feed {args.feed}) "
+          f"C={clients}: {fit}{est} "
           f"[compiled in {row['compile_seconds']:.0f} s]",
           flush=True,
         )

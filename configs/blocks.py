@@ -42,8 +42,10 @@ class ClientData:
       blocks).
     stream_chunk_examples: examples per evaluation / signature block (bounds device memory; with
       `stream`, host memory too).
-    feed: "round" (a round's inputs gathered before it runs) or "chunk" (read chunk by chunk
-      inside it: memory flat in clients per round; one device).
+    feed: "round" (a round's inputs gathered before it runs, on the devices), "chunk" (read
+      chunk by chunk inside it: memory flat in clients per round; one device) or "host"
+      (gathered before it runs into pinned host memory, moved to the devices a chunk at a time:
+      device memory holds one chunk's inputs; any number of devices, image and text runs).
   """
 
   name: str = "digits_domains/res16"

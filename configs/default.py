@@ -64,7 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # The data, the backbone's pretraining, LoRA and the rounds: fields, defaults and meanings are
   # the dataclasses of `configs.blocks` (data.name: or any prepared TFDS dataset, e.g. 'cifar100';
-  # data.feed='chunk': a round reads its images chunk by chunk; pretrain.checkpoint: a Hugging
+  # data.feed='chunk' / 'host': a round's images read, or moved to the devices, chunk by chunk; pretrain.checkpoint: a Hugging
   # Face directory whose config.json sets model.*; fed.clients_per_chunk=-1: measured at start-up).
   config.data = config_blocks.as_config(config_blocks.ImageData())
 

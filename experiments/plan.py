@@ -11,8 +11,9 @@ the backbone's blocks recomputed, `model.remat`, then its kernels in int8, then 
 `compute.backbone_quantization`); then, for the largest
 chunk that fits, FLOPs, the TPU cost model's time and MFU, and the collectives. Every compiler
 figure is an estimate. The frozen backbone runs in `compute.backbone_dtype` as on the target
-('auto': bfloat16); images are planned with the whole round's block on the device
-(`data.feed='round'`). TPU targets need libtpu (`pip install -e '.[tpu-plan]'`), GPU targets
+('auto': bfloat16); the round's block is planned on the devices (`data.feed='round'`; 'chunk'
+is planned as 'round') and, where nothing fits so and the target's devices have pinned host
+memory (TPUs; compile-only GPU devices list none), in host memory (`data.feed='host'`). TPU targets need libtpu (`pip install -e '.[tpu-plan]'`), GPU targets
 jax-cuda12-plugin (run with JAX_PLATFORMS=cpu).
 """
 
@@ -133,6 +134,7 @@ def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
+  feed = "host" if config.data.feed == "host" else "round"  # 'chunk' (a host callback) is planned as 'round'.
   config.data.feed = "round"
   if config.fed.clients_per_chunk < 0:
     config.fed.clients_per_chunk = 0  # Nothing is timed here: the plan compares chunks itself.
@@ -155,44 +157,49 @@ def main(argv) -> None:
     f"backbone in {np.dtype(dtype).name}; compiler estimates, nothing ran"
   )
   devices = 0 if _MODEL_PARALLEL.value else len(target.devices)  # --model_parallel fixes the model axis.
+  host_memory = target.platform != "cpu" and primitives.has_host_memory(target.devices[0])  # The CPU's is its own.
   settings = memory.settings_to_try(
-    getattr(exp.task.model, "remat", None), exp.settings.backbone_quantization, model_parallel, devices
-  )
+    getattr(exp.task.model, "remat", None), exp.settings.backbone_quantization, model_parallel, devices,
+    feed, host_memory,
+  )  # fmt: skip
   best = None
-  for remat, model_axis, quantization in settings:
+  for feed, remat, model_axis, quantization in settings:
     task, fed_round = _round_for(exp, dtype, remat)
     frozen = frozen_as(quantization)
     axis = len(target.devices) // model_axis
     block, ids, weights, cohort = inputs(axis)
     storage = quantization if quantization != "none" else np.dtype(dtype).name
-    print(f" model.remat={remat}, model axis {model_axis}, frozen backbone in {storage}: "
+    print(f" data.feed={feed}, model.remat={remat}, model axis {model_axis}, frozen backbone in {storage}: "
           f"{plan.format_bytes(quantize.tree_bytes(frozen))} in all")  # fmt: skip
     for chunk in candidate_chunks(cohort // axis, _CHUNKS.value):
       report = plan.plan_round(
         fed_round, exp.initial_trainable, frozen, block, ids, weights, target,
         signatures=exp.signatures, model_parallel=model_axis, clients_per_chunk=chunk * axis, cost=False,
+        host_feed=feed == "host",
       )  # fmt: skip
       total = plan.format_bytes(report.memory["total"])
       print(f"  clients_per_chunk={chunk * axis} ({chunk or cohort // axis} per device): {total} per device"
             + {True: "", False: "  DOES NOT FIT", None: ""}[report.fits])  # fmt: skip
       if best is None and report.fits is not False:
-        best = (chunk * axis, remat, model_axis, quantization, task, fed_round, frozen, (block, ids, weights))
+        best = (chunk * axis, feed, remat, model_axis, quantization, task, fed_round, frozen, (block, ids, weights))
     if best is not None:
       break
   if best is None:
     raise SystemExit(f"fed.clients_per_chunk: no candidate fits {target.name}, the backbone recomputed and in 4 "
                      f"bits and split over every model axis the devices allow included; lower "
                      f"fed.clients_per_round, fed.batch_size or the model")  # fmt: skip
-  chunk, remat, model_parallel, quantization, task, fed_round, frozen, (block, ids, weights) = best
+  chunk, feed, remat, model_parallel, quantization, task, fed_round, frozen, (block, ids, weights) = best
   report = plan.plan_round(
     fed_round, exp.initial_trainable, frozen, block, ids, weights, target,
     signatures=exp.signatures, model_parallel=model_parallel, clients_per_chunk=chunk, cost=_COST.value,
+    host_feed=feed == "host",
   )  # fmt: skip
   flags_line = (
     f"--config.fed.clients_per_chunk={chunk} --config.fed.model_parallel={model_parallel} "
     f"--config.compute.backbone_quantization={quantization}"
   )
-  print("best fitting: " + flags_line + ("" if remat is None else f" --config.model.remat={remat}"))
+  print("best fitting: " + flags_line + ("" if remat is None else f" --config.model.remat={remat}")
+        + f" --config.data.feed={feed}")  # fmt: skip
   print("\n".join(report.lines()))
   for name, evaluated in plan_evaluation(exp, task, fed_round, frozen, target, model_parallel, chunk).items():
     used = evaluated.memory

@@ -73,7 +73,7 @@ from hyperlora_jax.federated import (
   communication_bytes,
   state_shardings,
 )
-from hyperlora_jax.primitives import broadcast, make_mesh, map_clients, weighted_mean
+from hyperlora_jax.primitives import HostFeed, broadcast, make_mesh, map_clients, weighted_mean
 
 __version__ = "0.2.0"
 
@@ -91,6 +91,7 @@ __all__ = [
   "NEW_CLIENT",
   "ClientUpdate",
   "FederatedRound",
+  "HostFeed",
   "Plugin",
   "RoundOutcome",
   "ServerState",

@@ -258,7 +258,10 @@ class Plan:
     out = [
       f"target {t.name} ({t.platform}, {len(t.devices)} devices); per device:",
       f"  memory: {gib(m['total'])}{capacity} ({verdict}): arguments {gib(m['arguments'])}, outputs "
-      f"{gib(m['outputs'])} ({gib(m['aliased'])} aliased to arguments), temporaries {gib(m['temporaries'])}",
+      f"{gib(m['outputs'])} ({gib(m['aliased'])} aliased to arguments), temporaries {gib(m['temporaries'])}"
+      + (
+        f"; in host memory: {gib(m['host_arguments'])} of arguments (data.feed='host')" if "host_arguments" in m else ""
+      ),
     ]
     if self.flops is not None:
       out.append(
@@ -281,7 +284,9 @@ def memory_of(compiled: Any) -> dict[str, int]:
   Args:
     compiled: `jax.jit(f).lower(...).compile()`.
   Returns:
-    {"arguments", "outputs", "aliased", "temporaries", "code", "total"}.
+    {"arguments", "outputs", "aliased", "temporaries", "code", "total"}: device memory; and, where
+    the program reads arguments held in host memory (`primitives.HostFeed`), "host_arguments",
+    not in the total.
   """
   stats = compiled.memory_analysis()
   memory = {
@@ -292,6 +297,9 @@ def memory_of(compiled: Any) -> dict[str, int]:
     "code": int(stats.generated_code_size_in_bytes),
   }
   memory["total"] = memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temporaries"] + memory["code"]
+  host_arguments = int(getattr(stats, "host_argument_size_in_bytes", 0) or 0)
+  if host_arguments:
+    memory["host_arguments"] = host_arguments
   return memory
 
 
@@ -515,6 +523,7 @@ def plan_round(
   model_parallel: int = 1,
   clients_per_chunk: int | None = None,
   cost: bool = True,
+  host_feed: bool = False,
 ) -> Plan:
   """Plans one round (`fed_round.step`) for `target_`: the round compiled as it would run there
   (the per-client store over the `clients` axis, the frozen tree split over a `model` axis of
@@ -535,8 +544,14 @@ def plan_round(
     model_parallel: M, the `model` axis.
     clients_per_chunk: clients vmapped together (None: `fed_round`'s).
     cost: also compile the loop-free programs for FLOPs and time (two more compiles).
+    host_feed: plan `batches` held in pinned host memory and moved to the devices a chunk at a
+      time (`primitives.HostFeed`, replacing `fed_round.load_batches`; `data.feed='host'`); their
+      bytes then count in `memory["host_arguments"]`, not in the device's total. The cost is
+      planned with them on the device (same arithmetic).
   Returns:
     The `Plan` (memory and collectives of the round as it would run; cost of the loop-free one).
+  Raises:
+    ValueError: a cohort that does not divide; `host_feed` on devices without host memory.
   """
   mesh = target_.mesh(model_parallel)
   chunk = fed_round.clients_per_chunk if clients_per_chunk is None else clients_per_chunk
@@ -547,12 +562,19 @@ def plan_round(
       f"({axis} devices) and of clients_per_chunk={chunk}; pad it (id -1, weight 0)"
     )
   placed = dataclasses.replace(fed_round, mesh=mesh, clients_per_chunk=chunk)
-  state = jax.eval_shape(lambda t, s: placed.init(jax.random.key(0), t, s), trainable, signatures)
   per_client = primitives.clients_sharding(mesh)
+  device_batches = abstract(batches, jax.tree.map(lambda _: per_client, batches))
+  round_batches = device_batches
+  if host_feed:
+    if not primitives.has_host_memory(target_.devices[0]):
+      raise ValueError(f"plan_round: host_feed: {target_.name}'s devices list no pinned host memory to plan it in")
+    feed = primitives.HostFeed.of(batches, mesh)
+    placed, round_batches = dataclasses.replace(placed, load_batches=feed.load), feed.held(batches)
+  state = jax.eval_shape(lambda t, s: placed.init(jax.random.key(0), t, s), trainable, signatures)
   inputs = (
     abstract(state, federated.state_shardings(state, mesh)),
     abstract(frozen, primitives.frozen_shardings(frozen, mesh)),
-    abstract(batches, jax.tree.map(lambda _: per_client, batches)),
+    round_batches,
     abstract(client_ids, per_client),
     abstract(weights, per_client),
   )
@@ -584,7 +606,7 @@ def plan_round(
 
   costs = {}
   for short in sorted({min(steps, 2), min(steps, 3)}):
-    short_batches = jax.tree.map(lambda x: resized(x, short + heldout), inputs[2])
+    short_batches = jax.tree.map(lambda x: resized(x, short + heldout), device_batches)
     ids_, weights_ = resized(inputs[3]), resized(inputs[4])
     costs[short] = cost_of(compile_round(cost_round, (*inputs[:2], short_batches, ids_, weights_)))
   (s0, (f0, t0, loops)), (s1, (f1, t1, _)) = sorted(costs.items())[0], sorted(costs.items())[-1]

@@ -6,7 +6,9 @@ and the clients, and every one of them is a pure, differentiable JAX function:
 
   broadcast(tree, C)                      server [...] -> clients [C, ...]
   map_clients(fn, xs, clients_per_chunk, mesh)  clients -> clients, `fn` on each client
-                                          (`host_loader`: each chunk's inputs read on the host)
+                                          (`host_loader`: each chunk's inputs read on the host;
+                                          `HostFeed`: the inputs held in host memory, moved a
+                                          chunk at a time)
   weighted_mean(tree, weights)            clients [C, ...] x [C] -> server [...]
 
 `map_clients` is where memory and devices are decided: clients are vmapped
@@ -21,6 +23,8 @@ and its properties (pure, differentiable, mesh-sharded), in about sixty lines.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 
 import jax
@@ -250,6 +254,144 @@ def host_loader(load: Callable[[Tree], Tree], output_shapes: Callable[[Tree], Tr
     return jax.pure_callback(load, shapes, light)
 
   return load_chunk
+
+
+HOST_MEMORY = "pinned_host"
+DEVICE_MEMORY = "device"
+
+
+def memory_sharding(mesh: Mesh | None, memory_kind: str) -> jax.sharding.Sharding:
+  """A leading clients axis sharded as `clients_sharding` says (no mesh: on the first device), in
+  the devices' memory of `memory_kind` ("device" or "pinned_host").
+
+  Args:
+    mesh: a mesh with a `clients` axis, or None.
+    memory_kind: `DEVICE_MEMORY` or `HOST_MEMORY`.
+  Returns:
+    The sharding.
+  """
+  if mesh is None:
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=memory_kind)
+  return NamedSharding(mesh, P(CLIENTS_AXIS), memory_kind=memory_kind)
+
+
+def has_host_memory(device: jax.Device) -> bool:
+  """Whether `device` can address pinned host memory (`HostFeed` needs it).
+
+  Args:
+    device: a device (compile-only ones included).
+  Returns:
+    True where it lists a "pinned_host" memory.
+  """
+  try:
+    return any(memory.kind == HOST_MEMORY for memory in device.addressable_memories())
+  except Exception:  # Compile-only devices of some plugins list no memories.
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class HostFeed:
+  """A round's batches held in the host's pinned memory, each chunk moved to the devices inside the
+  round's chunk loop: device memory holds one chunk of the inputs, not the cohort's, on any number
+  of devices (`host_loader`, which reads a chunk with a callback, is single-device).
+
+      feed = HostFeed.of(batches, mesh)
+      round_ = FederatedRound(..., mesh=mesh, clients_per_chunk=k, load_batches=feed.load)
+      round_.step(state, frozen, feed.place(batches), ids, weights)
+
+  Byte leaves (uint8 [C, S, B, *rest], prod(rest) a multiple of 4) are held as uint32 words
+  [C, S, B, prod(rest) / 4] and turned back into bytes on the device (exactly): the TPU compiler
+  (libtpu 0.0.42) fails on uint8 arrays in host memory (their host and device tilings differ).
+
+  Attributes:
+    mesh: the round's mesh (None: one device).
+    byte_shapes: ((leaf path, rest), ...): the byte leaves held as words, and their trailing shape.
+  """
+
+  mesh: Mesh | None
+  byte_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+  @classmethod
+  def of(cls, batches: Tree, mesh: Mesh | None) -> HostFeed:
+    """The feed of batches shaped like `batches`.
+
+    Args:
+      batches: a round's batches ([C, S, B, ...] arrays or ShapeDtypeStructs; C may be any).
+      mesh: the round's mesh (None: one device).
+    Returns:
+      The `HostFeed`, its byte leaves found in `batches`.
+    """
+    byte_shapes = tuple(
+      (jax.tree_util.keystr(path), tuple(leaf.shape[3:]))
+      for path, leaf in jax.tree_util.tree_flatten_with_path(batches)[0]
+      if _packs(leaf)
+    )
+    return cls(mesh, byte_shapes)
+
+  def _map(self, fn: Callable, tree: Tree) -> Tree:
+    rests = dict(self.byte_shapes)
+    return jax.tree_util.tree_map_with_path(lambda path, x: fn(x, rests.get(jax.tree_util.keystr(path))), tree)
+
+  def held(self, batches: Tree) -> Tree:
+    """`batches` as held in host memory, for planning (`hyperlora_jax.plan`).
+
+    Args:
+      batches: [C, S, B, ...] arrays or ShapeDtypeStructs.
+    Returns:
+      ShapeDtypeStructs with the host sharding, byte leaves as [C, S, B, bytes / 4] uint32.
+    """
+    sharding = self.host_sharding
+
+    def spec(x, rest):
+      shape, dtype = (x.shape[:3] + (math.prod(rest) // 4,), jnp.uint32) if rest is not None else (x.shape, x.dtype)
+      return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    return self._map(spec, batches)
+
+  @property
+  def host_sharding(self) -> jax.sharding.Sharding:
+    """Where the batches are held: the clients axis sharded as on the devices, in pinned host memory."""
+    return memory_sharding(self.mesh, HOST_MEMORY)
+
+  def pack(self, batches: Tree) -> Tree:
+    """`batches` with their byte leaves as uint32 words (a view where they are contiguous).
+
+    Args:
+      batches: NumPy (or JAX) [C, S, B, ...] arrays.
+    Returns:
+      NumPy arrays, byte leaves [C, S, B, bytes / 4] uint32.
+    """
+    words = lambda x, rest: x if rest is None else np.ascontiguousarray(x).reshape(x.shape[:3] + (-1,)).view(np.uint32)
+    return self._map(lambda x, rest: words(np.asarray(x), rest), batches)
+
+  def place(self, batches: Tree) -> Tree:
+    """`batches` ([C, S, B, ...] NumPy or JAX arrays) in pinned host memory, sharded over clients.
+
+    Args:
+      batches: a round's batches, shaped like those the feed was made `of`.
+    Returns:
+      The same tree, byte leaves as words (`pack`), on the host.
+    """
+    return jax.device_put(self.pack(batches), self.host_sharding)
+
+  def load(self, chunk: Tree) -> Tree:
+    """`FederatedRound.load_batches` / `map_clients`' load_chunk (traceable).
+
+    Args:
+      chunk: [k, S, B, ...] leaves in host memory, byte leaves as words.
+    Returns:
+      The chunk in device memory, byte leaves unpacked to their [k, S, B, *rest] uint8.
+    """
+    on_device = jax.device_put(chunk, memory_sharding(self.mesh, DEVICE_MEMORY))
+    unpack = lambda x, rest: (
+      x if rest is None else jax.lax.bitcast_convert_type(x, jnp.uint8).reshape(x.shape[:3] + rest)
+    )
+    return self._map(unpack, on_device)
+
+
+def _packs(leaf) -> bool:
+  """Whether a batch leaf is held as words: uint8 with trailing axes of a multiple of 4 bytes."""
+  return leaf.dtype == jnp.uint8 and len(leaf.shape) > 3 and math.prod(leaf.shape[3:]) % 4 == 0
 
 
 def weighted_mean(tree: Tree, weights: jax.Array) -> Tree:

@@ -46,6 +46,7 @@ class Experiment:
   client_ranks: np.ndarray  # [num_clients] LoRA rank of each client.
   signatures: np.ndarray | None = None  # [num_clients, D] client signatures, or None.
   new_signatures: np.ndarray | None = None  # [heldout_clients, D] new clients' signatures.
+  host_feed: primitives.HostFeed | None = None  # data.feed='host': where the round's block is held.
 
   def frozen(self) -> dict:
     """The task's frozen tree: the backbone in the task's compute dtype, its kernels held as
@@ -78,6 +79,7 @@ def assemble(
   trainable: Any,
   signatures: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
   load_batches: Callable | None = None,
+  byte_shapes: tuple = (),
 ) -> Experiment:
   """The run's `Experiment`: its client update (`task.loss_fn` with the client optimizer), the
   chunk size (`fed.clients_per_chunk`, measured here when -1) and its `FederatedRound`.
@@ -88,7 +90,11 @@ def assemble(
     data, task, backbone, targets, trainable: what the builder made.
     signatures: (clients' [N, D], held-out new clients' [M, D]) or (None, None).
     load_batches: the round's in-chunk loader (`FederatedRound.load_batches`), or None.
+    byte_shapes: with `data.feed='host'`, the block's byte leaves (`primitives.HostFeed`).
   """
+  host_feed = primitives.HostFeed(mesh, byte_shapes) if settings.feed == "host" else None
+  if host_feed is not None:
+    load_batches = host_feed.load
   client_signatures, new_signatures = signatures
   signature_dim = 0 if client_signatures is None else client_signatures.shape[-1]
   ranks = client_ranks(settings.lora, data.num_clients)
@@ -125,6 +131,7 @@ def assemble(
     ranks,
     client_signatures,
     new_signatures,
+    host_feed,
   )
 
 

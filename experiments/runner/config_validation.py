@@ -33,12 +33,12 @@ from hyperlora_jax.models import ALLOWED_MODELS, arch_fields
 from hyperlora_jax.models.clip import TEXT_POOLINGS
 from hyperlora_jax.models import CheckpointError
 from hyperlora_jax.models.vit import GELUS, POOLS
-from hyperlora_jax.primitives import clients_axis_size, make_mesh
+from hyperlora_jax.primitives import clients_axis_size, has_host_memory, make_mesh
 
 ALLOWED_HEAD_POLICIES = ("shared", "local")
 ALLOWED_BACKBONE_DTYPES = ("float32", "bfloat16", "auto")
 ALLOWED_QUANTIZATIONS = ("none",) + quantize.KINDS
-ALLOWED_FEEDS = ("round", "chunk")
+ALLOWED_FEEDS = ("round", "chunk", "host")
 # Text runs partition records by their group (one client per group) or by a Dirichlet over groups.
 TEXT_PARTITIONS = ("one_domain_per_client", "dirichlet_label_skew")
 
@@ -174,9 +174,10 @@ def _validate_text(config: ml_collections.ConfigDict) -> None:
     isinstance(data.chat_template, bool), "data.chat_template", f"must be True or False, got {data.chat_template!r}"
   )
   _require(
-    data.feed == "round",
+    data.feed in ("round", "host"),
     "data.feed",
-    f"text runs feed whole rounds (data.feed='round'; 'chunk' reads images), got {data.feed!r}",
+    f"text runs feed whole rounds, on the devices or in host memory (data.feed='round' or 'host'; "
+    f"'chunk' reads images), got {data.feed!r}",
   )
   _require(isinstance(data.stream, bool), "data.stream", f"must be True or False, got {data.stream!r}")
   _require(isinstance(data.get("data_dir", ""), str), "data.data_dir", f"must be a path, got {data.get('data_dir')!r}")
@@ -636,6 +637,11 @@ def check_mesh_fits(config: ml_collections.ConfigDict):
       f"data.feed: 'chunk' reads each chunk's images on the host of a single "
       f"device; this run has {mesh.size} devices in {jax.process_count()} "
       f"process(es): use data.feed='round'"
+    )
+  if config.data.feed == "host" and not has_host_memory(mesh.devices.flat[0]):
+    raise ConfigError(
+      f"data.feed: 'host' holds each round's block in pinned host memory, which "
+      f"{mesh.devices.flat[0].platform} device {mesh.devices.flat[0].id} does not offer: use data.feed='round'"
     )
   if config.eval_batch % clients:
     raise ConfigError(

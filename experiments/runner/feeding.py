@@ -71,26 +71,32 @@ def round_on_mesh(exp: Experiment, round_index: int, sharding: NamedSharding) ->
 
   With several processes, each gathers only the examples (images, or a text run's token rows)
   of the clients its devices hold (`jax.make_array_from_callback`); ids and weights are small
-  and built whole.
+  and built whole. With `data.feed='host'` the block is held in pinned host memory
+  (`exp.host_feed`) and the round moves it to the devices a chunk at a time.
   """
   if exp.settings.feed == "chunk":  # Light batches: the round reads images chunk by chunk.
     light, ids, weights = round_inputs(exp, round_index, gather=False)
     light["indices"] = light["indices"].astype(np.int32)
     return jax.device_put((light, ids, weights), sharding), ids
+  feed = exp.host_feed  # data.feed='host': the block in pinned host memory, moved a chunk at a time.
   if jax.process_count() == 1:
     block, ids, weights = round_inputs(exp, round_index)
+    if feed is not None:
+      return (feed.place(block), *jax.device_put((ids, weights), sharding)), ids
     return jax.device_put((block, ids, weights), sharding), ids
   light, ids, weights = round_inputs(exp, round_index, gather=False)
   indices, mask = light["indices"], light["mask"]
   rows_of = lambda index: index[0].indices(len(ids))  # A device's slice of the clients axis.
+  pack = feed.pack if feed is not None else (lambda block: block)
   local = {
-    rows_of(index): blocks.gather_block(exp.data.train_pool, indices[index[0]], mask[index[0]])
+    rows_of(index): pack(blocks.gather_block(exp.data.train_pool, indices[index[0]], mask[index[0]]))
     for index in sharding.addressable_devices_indices_map(indices.shape).values()
   }
   example = next(iter(local.values()))
+  block_sharding = feed.host_sharding if feed is not None else sharding
   block = {
     key: jax.make_array_from_callback(
-      (len(ids),) + leaf.shape[1:], sharding, lambda index, key=key: local[rows_of(index)][key]
+      (len(ids),) + leaf.shape[1:], block_sharding, lambda index, key=key: local[rows_of(index)][key]
     )
     for key, leaf in example.items()
   }

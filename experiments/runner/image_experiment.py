@@ -16,7 +16,7 @@ from experiments.runner.settings import backbone_settings, data_block, run_setti
 from experiments.runner.assembly import Experiment, assemble, checked_method, every_client_signature, sharded_backbone
 from experiments.runner.federated_data import build_federated_data
 from experiments.runner.feeding import chunk_image_loader
-from hyperlora_jax import lora, models
+from hyperlora_jax import lora, models, primitives
 from hyperlora_jax.models import clip as clip_lib
 from hyperlora_jax.tasks import image_classification as task_lib
 
@@ -88,7 +88,14 @@ def build_image_experiment(config: ml_collections.ConfigDict, log: Callable[[str
     trainable=trainable,
     signatures=signatures,
     load_batches=chunk_image_loader(data.train_pool) if settings.feed == "chunk" else None,
+    byte_shapes=image_byte_shapes(data.train_pool),
   )
+
+
+def image_byte_shapes(pool: Any) -> tuple:
+  """`primitives.HostFeed.byte_shapes` of the round's block {"image": [C, S, B, H, W, 3] uint8, ...}."""
+  example = {"image": jax.ShapeDtypeStruct((1, 1, 1) + tuple(pool.images.shape[1:]), jnp.uint8)}
+  return primitives.HostFeed.of(example, None).byte_shapes
 
 
 def build_model(model: dict, num_classes: int, class_names, tokenizer=None) -> Any:

@@ -17,7 +17,7 @@ operating system reports available on the CPU (Linux: /proc/meminfo's MemAvailab
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
@@ -117,33 +117,56 @@ def check_compiled_round(compiled: Any, fed: blocks.Fed, input_size: tuple[str, 
   return needed
 
 
+class MemorySetting(NamedTuple):
+  """One setting `experiments.plan` plans: `data.feed`, `model.remat` (None: the model has no such
+  option), `fed.model_parallel`, `compute.backbone_quantization`."""
+
+  feed: str
+  remat: bool | None
+  model_parallel: int
+  quantization: str
+
+
 def settings_to_try(
-  remat: bool | None, quantization: str, model_parallel: int = 1, devices: int = 1
-) -> list[tuple[bool | None, int, str]]:
-  """The (model.remat, fed.model_parallel, compute.backbone_quantization) settings to plan, in
-  order, each tried only if no chunk fits with the ones before: the configured ones; the
-  backbone's blocks recomputed in the backward pass; the backbone split over a model axis twice,
-  four times, ... as large, as long as it divides the devices; then, on the configured model axis,
-  its kernels in int8, then in nf4. Recomputing costs time (about a third more FLOPs), a model
-  axis costs collectives, quantizing costs accuracy: the plan tries them in that order.
+  remat: bool | None,
+  quantization: str,
+  model_parallel: int = 1,
+  devices: int = 1,
+  feed: str = "round",
+  host_memory: bool = False,
+) -> list[MemorySetting]:
+  """The settings to plan, in order, each tried only if no chunk fits with the ones before: the
+  configured ones; the round's inputs held in host memory (`data.feed='host'`, where the devices
+  have it); the backbone's blocks recomputed in the backward pass; the backbone split over a model
+  axis twice, four times, ... as large, as long as it divides the devices; then, on the configured
+  model axis, its kernels in int8, then in nf4. Host memory costs a copy of each chunk to the
+  devices (no FLOPs), recomputing costs time (about a third more FLOPs), a model axis costs
+  collectives, quantizing costs accuracy: the plan tries them in that order.
 
   Args:
     remat: `model.remat`, or None where the model has no such option.
     quantization: `compute.backbone_quantization`.
     model_parallel: the model axis to start from.
     devices: the target's devices (0: the model axis is fixed).
+    feed: `data.feed` to start from ("round" or "host").
+    host_memory: whether the target's devices have pinned host memory to hold inputs in.
   Returns:
-    E.g. [(False, 1, "none"), (True, 1, "none"), (True, 2, "none"), ..., (True, 1, "int8"),
-    (True, 1, "nf4")].
+    E.g. [("round", False, 1, "none"), ("host", False, 1, "none"), ("host", True, 1, "none"),
+    ("host", True, 2, "none"), ..., ("host", True, 1, "int8"), ("host", True, 1, "nf4")].
   """
   order = ["none", "int8", "nf4"]
-  settings = [(remat, model_parallel, quantization)]
+  settings = [MemorySetting(feed, remat, model_parallel, quantization)]
+  if feed == "round" and host_memory:
+    feed = "host"
+    settings.append(MemorySetting(feed, remat, model_parallel, quantization))
   if remat is False:
     remat = True
-    settings.append((remat, model_parallel, quantization))
+    settings.append(MemorySetting(feed, remat, model_parallel, quantization))
   axis = model_parallel * 2
   while devices and axis <= devices and devices % axis == 0:
-    settings.append((remat, axis, quantization))
+    settings.append(MemorySetting(feed, remat, axis, quantization))
     axis *= 2
-  settings += [(remat, model_parallel, smaller) for smaller in order[order.index(quantization) + 1 :]]
+  settings += [
+    MemorySetting(feed, remat, model_parallel, smaller) for smaller in order[order.index(quantization) + 1 :]
+  ]
   return settings

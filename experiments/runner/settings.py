@@ -51,7 +51,7 @@ class RunSettings:
     eval_batch: examples per evaluation batch.
     eval_every, checkpoint_every: rounds between evaluations and between checkpoints.
     stream: images read on demand from the prepared files (`data.stream`).
-    feed: "round" or "chunk" (`data.feed`).
+    feed: "round", "chunk" or "host" (`data.feed`).
     cache_dir: where backbones and measured chunk sizes are cached.
   """
 

@@ -55,7 +55,10 @@ def test_the_plan_holds_the_backbone_as_configured_and_names_its_size(cache_dirs
   int8 = _plan(cache_dirs, "cpu", "--chunks=1", "--cost=false", "--config.compute.backbone_quantization=int8")
   size = lambda out, kind: float(re.search(rf"backbone in {kind}: ([\d.]+) MiB in all", out).group(1))
   assert 0.25 < size(int8, "int8") / size(full, "float32") < 0.5, (full, int8)
-  assert "--config.fed.model_parallel=1 --config.compute.backbone_quantization=int8 --config.model.remat=False" in int8
+  assert (
+    "--config.fed.model_parallel=1 --config.compute.backbone_quantization=int8 --config.model.remat=False "
+    "--config.data.feed=round" in int8
+  )
   assert "frozen backbone in nf4" not in int8  # It fits: nothing smaller is tried.
   arguments = lambda out: float(re.search(r"arguments ([\d.]+) MiB", out).group(1))
   assert arguments(int8) != arguments(full)
@@ -64,14 +67,27 @@ def test_the_plan_holds_the_backbone_as_configured_and_names_its_size(cache_dirs
 def test_memory_settings_are_tried_configured_first_then_recomputed_then_split_then_smaller():
   from experiments.runner.memory import settings_to_try as memory_settings
 
-  assert memory_settings(False, "none") == [(False, 1, "none"), (True, 1, "none"), (True, 1, "int8"), (True, 1, "nf4")]
-  assert memory_settings(True, "int8") == [(True, 1, "int8"), (True, 1, "nf4")]
-  assert memory_settings(None, "none") == [(None, 1, "none"), (None, 1, "int8"), (None, 1, "nf4")]  # No remat.
-  assert memory_settings(False, "nf4") == [(False, 1, "nf4"), (True, 1, "nf4")]
-  assert memory_settings(True, "none", 1, 8) == [
-    (True, 1, "none"), (True, 2, "none"), (True, 4, "none"), (True, 8, "none"), (True, 1, "int8"), (True, 1, "nf4"),
+  assert memory_settings(False, "none") == [
+    ("round", False, 1, "none"), ("round", True, 1, "none"), ("round", True, 1, "int8"), ("round", True, 1, "nf4"),
   ]  # fmt: skip
-  assert memory_settings(True, "nf4", 2, 6) == [(True, 2, "nf4")]  # 4 does not divide 6 devices.
+  assert memory_settings(True, "int8") == [("round", True, 1, "int8"), ("round", True, 1, "nf4")]
+  assert memory_settings(None, "none") == [
+    ("round", None, 1, "none"),
+    ("round", None, 1, "int8"),
+    ("round", None, 1, "nf4"),
+  ]
+  assert memory_settings(False, "nf4") == [("round", False, 1, "nf4"), ("round", True, 1, "nf4")]
+  assert memory_settings(True, "none", 1, 8) == [
+    ("round", True, 1, "none"), ("round", True, 2, "none"), ("round", True, 4, "none"), ("round", True, 8, "none"),
+    ("round", True, 1, "int8"), ("round", True, 1, "nf4"),
+  ]  # fmt: skip
+  assert memory_settings(True, "nf4", 2, 6) == [("round", True, 2, "nf4")]  # 4 does not divide 6 devices.
+  # Devices with host memory: the round's inputs held there first, and in every setting after.
+  assert memory_settings(False, "int8", 1, 2, "round", True) == [
+    ("round", False, 1, "int8"), ("host", False, 1, "int8"), ("host", True, 1, "int8"), ("host", True, 2, "int8"),
+    ("host", True, 1, "nf4"),
+  ]  # fmt: skip
+  assert memory_settings(True, "nf4", 1, 0, "host", True) == [("host", True, 1, "nf4")]
 
 
 @pytest.mark.slow  # A CLI run compiling 4 settings (about 35 s on 2 cores).

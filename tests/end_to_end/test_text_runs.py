@@ -311,3 +311,14 @@ def test_a_run_on_a_4_bit_frozen_decoder_trains_near_the_float_run(tmp_path, cac
     assert q["train_loss"] != f["train_loss"]
     assert abs(q["train_loss"] - f["train_loss"]) < 0.05 * f["train_loss"]
     assert abs(q["global_perplexity"] - f["global_perplexity"]) < 0.1 * f["global_perplexity"]
+
+
+def test_a_text_run_fed_from_host_memory_gives_the_records_of_one_fed_from_the_devices(tmp_path, cache_dirs):
+  """data.feed='host' on the fixture Llama (token blocks in pinned host memory, moved a chunk of
+  clients at a time): the same records as data.feed='round'."""
+  config = _config(tmp_path, cache_dirs, rounds=2)
+  config.fed.clients_per_chunk = 1
+  on_device = train_and_evaluate(config, str(tmp_path / "round"), progress=False)["records"]
+  config.data.feed = "host"
+  on_host = train_and_evaluate(config, str(tmp_path / "host"), progress=False)["records"]
+  assert on_host == on_device

@@ -180,6 +180,32 @@ def test_nnx_multi_head_attention_takes_lora_on_its_linear_general_layers():
   np.testing.assert_allclose(got, merged, atol=1e-5)
 
 
+def test_a_host_feed_holds_bytes_as_words_in_host_memory_and_gives_each_chunk_back_exactly():
+  """`HostFeed`: uint8 leaves whose trailing bytes divide by 4 are held as uint32 words (4 pixels
+  a word; the others as they are), all in pinned host memory; each chunk comes back to the device
+  bit for bit, in the clients' order, whatever the chunk (a byte-order or reshape bug changes it)."""
+  rng = np.random.default_rng(0)
+  batches = {
+    "image": rng.integers(0, 256, (8, 2, 3, 4, 6, 3), dtype=np.uint8),  # 72 bytes: words.
+    "odd": rng.integers(0, 256, (8, 2, 3, 5), dtype=np.uint8),  # 5 bytes: kept as bytes.
+    "label": rng.integers(0, 10, (8, 2, 3)).astype(np.int32),
+  }
+  feed = primitives.HostFeed.of(batches, None)
+  assert feed.byte_shapes == (("['image']", (4, 6, 3)),)
+  held = feed.place(batches)
+  assert {x.sharding.memory_kind for x in held.values()} == {primitives.HOST_MEMORY}
+  assert held["image"].shape == (8, 2, 3, 18) and held["image"].dtype == jnp.uint32
+  assert held["odd"].dtype == jnp.uint8 and held["label"].dtype == jnp.int32
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batches)
+  assert jax.tree.map(lambda s: (s.shape, s.dtype), feed.held(abstract)) == jax.tree.map(
+    lambda x: (x.shape, x.dtype), held
+  )
+  for chunk in (0, 2, 4):
+    back = jax.jit(lambda b, chunk=chunk: primitives.map_clients(lambda x: x, b, chunk, None, feed.load))(held)
+    assert back["image"].sharding.memory_kind == primitives.DEVICE_MEMORY
+    jax.tree.map(np.testing.assert_array_equal, back, batches)
+
+
 def test_map_clients_is_differentiable_and_chunking_does_not_change_gradients():
   xs = jax.random.normal(jax.random.key(0), (6, 3))
 

@@ -120,6 +120,26 @@ def test_a_round_planned_for_eight_compile_only_h100s():
   assert "all-reduce" in report.collectives
 
 
+def test_a_round_fed_from_host_memory_holds_its_batches_there_on_compile_only_tpu_devices():
+  """v5e:2x4 (needs libtpu), 32 clients by chunks of 16: with `host_feed` the batches' bytes leave
+  the device's arguments for its host memory, byte for byte, and the plan says so."""
+  pytest.importorskip("libtpu")
+  v5e = plan.target("v5e:2x4")
+  on_device = _round_plan(v5e, clients=32, clients_per_chunk=16, cost=False)
+  on_host = _round_plan(v5e, clients=32, clients_per_chunk=16, cost=False, host_feed=True)
+  moved = on_device.memory["arguments"] - on_host.memory["arguments"]
+  assert "host_arguments" not in on_device.memory and on_host.memory["host_arguments"] == moved > 0
+  assert any("in host memory" in line for line in on_host.lines())
+
+
+def test_a_round_is_not_planned_from_host_memory_on_devices_that_list_none():
+  """Compile-only H100s (needs jax-cuda12-plugin) list no memories: refused by name, not planned
+  as if the batches were on the device."""
+  pytest.importorskip("jax_plugins.xla_cuda12")
+  with pytest.raises(ValueError, match="host_feed: h100's devices list no pinned host memory"):
+    _round_plan(plan.target("h100"), cost=False, host_feed=True)
+
+
 def test_a_program_the_tpu_compiler_refuses_is_a_plan_that_does_not_fit_with_its_figure():
   message = (
     "jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required "

@@ -322,3 +322,22 @@ def test_text_fields_that_used_to_fail_late_or_create_nonsense_are_named(field, 
   with pytest.raises(ConfigError, match=rf"^{field}: .*{named}"):
     validate_config(config, methods.METHODS, methods.METHOD_BLOCKS)
   assert not os.path.exists("/nonexistent")
+
+
+def test_a_host_feed_is_refused_by_name_where_the_devices_have_no_host_memory(smoke_config, monkeypatch):
+  """data.feed='host' on devices listing no pinned host memory fails before anything is built,
+  naming the field; where they have it (this CPU) it passes. Text runs take 'round' or 'host'."""
+  from configs import instruction_tuning
+  from experiments.runner import config_validation
+
+  smoke_config.data.feed = "host"
+  assert config_validation.check_mesh_fits(smoke_config).size == 1
+  monkeypatch.setattr(config_validation, "has_host_memory", lambda device: False)
+  with pytest.raises(ConfigError, match=r"^data.feed: 'host' holds each round's block in pinned host memory"):
+    config_validation.check_mesh_fits(smoke_config)
+  text = instruction_tuning.get_config("smoke")
+  text.data.feed = "host"
+  validate_config(text, methods.METHODS, methods.METHOD_BLOCKS)
+  text.data.feed = "chunk"
+  with pytest.raises(ConfigError, match=r"^data.feed: text runs feed whole rounds"):
+    validate_config(text, methods.METHODS, methods.METHOD_BLOCKS)

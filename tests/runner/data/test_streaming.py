@@ -66,3 +66,22 @@ def test_chunk_feed_reads_images_inside_the_round_and_gives_the_same_metrics(smo
   light = exp.fed_round.load_batches is not None
   by_chunk = train_and_evaluate(smoke_config, str(tmp_path / "chunk"), **QUIET)["records"]
   assert light and by_chunk == by_round
+
+
+def test_host_feed_holds_the_round_in_host_memory_and_gives_the_same_metrics(smoke_config, tmp_path):
+  """data.feed='host': the round's block is placed in pinned host memory (images as uint32 words)
+  and moved to the device a chunk at a time inside the round (HyperLoRA: the held-out meta-step
+  too); records equal feed='round'."""
+  from experiments.runner.feeding import round_on_mesh
+  from hyperlora_jax import primitives
+
+  smoke_config.method, smoke_config.fed.num_rounds, smoke_config.fed.clients_per_chunk = "hyperlora", 2, 2
+  by_round = train_and_evaluate(smoke_config, str(tmp_path / "round"), **QUIET)["records"]
+  smoke_config.data.feed = "host"
+  exp = build_experiment(smoke_config, log=lambda _: None)
+  (block, _, _), _ = round_on_mesh(exp, 0, primitives.clients_sharding(exp.mesh))
+  image_shape = exp.data.train_pool.images.shape[1:]
+  assert {x.sharding.memory_kind for x in block.values()} == {"pinned_host"}
+  assert block["image"].dtype == np.uint32 and block["image"].shape[3] * 4 == np.prod(image_shape)
+  by_host = train_and_evaluate(smoke_config, str(tmp_path / "host"), **QUIET)["records"]
+  assert by_host == by_round
