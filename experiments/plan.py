@@ -7,8 +7,9 @@
 The run is built here as it would start (data, backbone, method: on this machine's CPU), then
 its first round is compiled for the target's devices, nothing attached: for each candidate
 `fed.clients_per_chunk`, the memory per device against the chip's (where none fits, again with
-the backbone's blocks recomputed, `model.remat`, then its kernels in int8, then nf4:
-`compute.backbone_quantization`); then, for the largest
+the round's inputs in host memory, `data.feed='host'`, then the backbone's blocks recomputed,
+`model.remat`, split over a model axis, then its kernels in int8, then nf4:
+`compute.backbone_quantization`; `experiments.runner.memory.settings_to_try`); then, for the largest
 chunk that fits, FLOPs, the TPU cost model's time and MFU, and the collectives. Every compiler
 figure is an estimate. The frozen backbone runs in `compute.backbone_dtype` as on the target
 ('auto': bfloat16); the round's block is planned on the devices (`data.feed='round'`; 'chunk'
