@@ -106,11 +106,13 @@ def plan_one(
   quantization: str = "none",
   model_parallel: int = 1,
   feed: str = "round",
+  chunks: tuple[int, ...] = (),
 ) -> dict:
   """The largest fitting chunk's plan of a C-client round, and the per-client loop's estimate,
   the frozen kernels held as `quantization` says ("none": bfloat16), the backbone split over a
   `model` axis of `model_parallel` devices, the round's inputs on the devices (feed "round") or
-  in their host memory ("host": `primitives.HostFeed`)."""
+  in their host memory ("host": `primitives.HostFeed`), the chunks per device tried largest first
+  (`chunks`; default: all of the device's clients, 16, 4, 1)."""
   update, trainable, frozen, block = WORKLOADS[workload][0](quantization=quantization)
   axis = len(target.devices) // model_parallel
   fed = FederatedRound(update, aggregators.fedit(), num_clients=max(clients, axis))
@@ -126,7 +128,7 @@ def plan_one(
     "feed": feed,
   }
   start = time.time()
-  for chunk in sorted({per_device, 16, 4, 1} & set(range(1, per_device + 1)), reverse=True):
+  for chunk in sorted(set(chunks or (per_device, 16, 4, 1)) & set(range(1, per_device + 1)), reverse=True):
     if per_device % chunk:
       continue
     chunk_all = 0 if chunk == per_device else chunk * axis
@@ -165,6 +167,7 @@ def main() -> None:
   parser.add_argument("--no-cost", action="store_true", help="Memory only (no loop-free compile).")
   parser.add_argument("--quantization", default="none", help="The frozen kernels: none (bf16), int8 or nf4.")
   parser.add_argument("--model_parallel", type=int, default=1, help="Devices of the model mesh axis.")
+  parser.add_argument("--chunks", default="", help="Chunks per device to try, largest first (default all,16,4,1).")
   parser.add_argument(
     "--feed", default="round", help="The round's inputs on the devices (round) or host memory (host)."
   )
@@ -175,7 +178,10 @@ def main() -> None:
     for workload in args.workloads.split(","):
       cohorts = [int(c) for c in args.clients.split(",")] if args.clients else WORKLOADS[workload][1]
       for clients in cohorts:
-        row = plan_one(workload, clients, target, not args.no_cost, args.quantization, args.model_parallel, args.feed)
+        chunks = tuple(int(c) for c in args.chunks.split(",")) if args.chunks else ()
+        row = plan_one(
+          workload, clients, target, not args.no_cost, args.quantization, args.model_parallel, args.feed, chunks
+        )
         rows.append(row)
         fit = (
           f"chunk {row['chunk_per_device']}/device, {row['memory']['total'] / plan.GIB:.2f} GiB"
