@@ -232,8 +232,21 @@ def map_clients(
   else:
     to_chunks = lambda x: x.reshape((clients_per_chunk, num_chunks) + x.shape[1:]).swapaxes(0, 1)
     from_chunks = lambda y: y.swapaxes(0, 1).reshape((num,) + y.shape[2:])
-  ys = jax.lax.map(vmapped, jax.tree.map(to_chunks, xs))
+  if load_chunk is None:
+    ys = jax.lax.map(vmapped, jax.tree.map(to_chunks, xs))
+  else:  # Inputs held elsewhere (host memory, light indices): each chunk sliced where it lies, then loaded.
+    ys = jax.lax.map(lambda i: vmapped(jax.tree.map(lambda x: _chunk(x, i, clients_per_chunk, mesh), xs)),
+                     jnp.arange(num_chunks))  # fmt: skip
   return jax.tree.map(from_chunks, ys)
+
+
+def _chunk(x: jax.Array, index: jax.Array, clients_per_chunk: int, mesh: Mesh | None) -> jax.Array:
+  """`map_clients`' chunk `index` of x [C, ...] -> [k, ...], in its order (clients i k .. (i + 1) k
+  on one device, c = j num_chunks + i on a mesh), by a slice of x: no copy of the whole of it."""
+  if clients_axis_size(mesh) == 1:
+    return jax.lax.dynamic_slice_in_dim(x, index * clients_per_chunk, clients_per_chunk, axis=0)
+  grouped = x.reshape((clients_per_chunk, x.shape[0] // clients_per_chunk) + x.shape[1:])
+  return jax.lax.dynamic_index_in_dim(grouped, index, axis=1, keepdims=False)
 
 
 def host_loader(load: Callable[[Tree], Tree], output_shapes: Callable[[Tree], Tree]) -> Callable[[Tree], Tree]:
