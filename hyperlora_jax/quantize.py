@@ -299,10 +299,6 @@ def _run_dequantized(next_fun, args, kwargs, context):
   layer = module.clone(parent=None)
 
   def call(params, *arrays):
-    # Ties the codes to the layer's inputs: nothing of the dequantization is loop-invariant, so
-    # XLA cannot hoist any of it out of a loop of steps (the TPU compiler hoisted nf4's float32
-    # broadcast of the scales, a float copy of each weight held for the whole loop).
-    params, arrays = jax.lax.optimization_barrier((params, arrays))
     variables = {**others, "params": dequantize_tree(params)}
     return layer.apply(variables, *arrays, method=context.method_name, **kwargs)
 

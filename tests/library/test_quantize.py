@@ -158,48 +158,6 @@ def test_the_backward_pass_keeps_the_codes_not_a_float_copy_of_the_weights(capsy
   assert ("i8", (64, 64)) in shaped  # The codes are what is kept (of the layers the backward needs).
 
 
-def test_a_loop_of_steps_on_4_bit_weights_keeps_no_dequantized_weight_on_compile_only_tpu_devices():
-  """v5e (needs libtpu): three LoRA steps (a `lax.scan`) on a gated MLP block of 2048 x 5632
-  kernels in nf4 (LoRA on a 2048 x 2048 `query`) plan no more temporaries than in int8, whose
-  dequantization the TPU compiler fuses into the matmul. Without the barrier in
-  `_run_dequantized`, XLA hoists the float32 broadcast of each kernel's scales ([blocks, 64,
-  d_out], a float copy of the weight) out of the loop."""
-  pytest.importorskip("libtpu")
-  from jax.sharding import SingleDeviceSharding
-
-  from hyperlora_jax import plan
-
-  class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      dense = lambda features, name: nn.Dense(features, name=name, dtype=jnp.bfloat16, use_bias=False)
-      x = x + dense(2048, "down")(nn.silu(dense(5632, "gate")(x)) * dense(5632, "up")(x))
-      return x + dense(2048, "query")(x)
-
-  model, device = MLP(), plan.target("v5e:2x4").devices[0]
-  x = jax.ShapeDtypeStruct((8, 64, 2048), jnp.bfloat16)
-  variables = jax.eval_shape(model.init, jax.random.key(0), x)
-  variables = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.bfloat16), variables)
-  adapter = jax.eval_shape(lambda: lora.init_lora(jax.random.key(1), {"query": (2048, 2048)}, 4))
-
-  def steps(frozen, adapter, x):
-    def step(adapter, _):
-      loss = lambda a: jnp.sum(lora.apply(model, frozen, a, x, scale=1.0).astype(jnp.float32))
-      return jax.tree.map(lambda a, g: a - 1e-3 * g, adapter, jax.grad(loss)(adapter)), None
-
-    return jax.lax.scan(step, adapter, None, length=3)[0]
-
-  on_device = lambda tree: jax.tree.map(
-    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=SingleDeviceSharding(device)), tree
-  )
-  temporaries = {}
-  for kind in ("int8", "nf4"):
-    frozen = jax.eval_shape(lambda v, kind=kind: quantize.quantize_tree(v, kind), variables)
-    compiled = jax.jit(steps).lower(on_device(frozen), on_device(adapter), on_device(x)).compile()
-    temporaries[kind] = compiled.memory_analysis().temp_size_in_bytes
-  assert temporaries["nf4"] <= temporaries["int8"], temporaries
-
-
 def test_the_quantized_decoders_error_against_the_float_one():
   """Stated in the module docstring: on Gaussian weights int8 (per channel) keeps about 0.7%
   relative error, nf4 (blocks of 64) about 9%; through a 2-block random decoder the logits move
