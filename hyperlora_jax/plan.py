@@ -85,8 +85,10 @@ TPU_CHIPS = {
 # GPU name -> (target config file in plan_targets/, peak dense bf16 FLOP/s).
 GPU_CHIPS = {"h100": ("h100_sxm.txtpb", 989e12), "h200": ("h200.txtpb", 989e12)}
 TARGETS = ("v4:2x2x1", "v5e:2x4", "v5e:4x4", "v5p:2x2x1", "v6e:2x4", "h100", "h100x8", "h200", "h200x8", "cpu", "cpu:N")
-# Custom calls each of which lowers the TPU's `optimal_seconds` by exactly 1.0 s.
-_SECOND_LOWERING_CALLS = ("ConcatBitcast", "ZeroCrop")
+# Custom calls each of which lowers the TPU's `optimal_seconds` by exactly 1.0 s (libtpu 0.0.42:
+# ConcatBitcast and ZeroCrop on every TPU; PrepareAsyncCallStart / -Done on v6e, whose TinyLlama
+# round read -9.6 s without them). A time still not positive after them is reported as none.
+_SECOND_LOWERING_CALLS = ("ConcatBitcast", "ZeroCrop", "PrepareAsyncCallStart", "PrepareAsyncCallDone")
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4}
 _DTYPE_BYTES.update({"s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1})
@@ -419,9 +421,10 @@ def cost_of(compiled: Any) -> tuple[float | None, float | None, int]:
   Args:
     compiled: a compiled program.
   Returns:
-    FLOPs (None without a cost analysis), `optimal_seconds` plus 1.0 s per `ConcatBitcast` /
-    `ZeroCrop` custom call (None where the compiler gives none), and the number of while loops
-    (whose bodies the analysis counted once).
+    FLOPs (None without a cost analysis), `optimal_seconds` plus 1.0 s per `ConcatBitcast`,
+    `ZeroCrop`, `PrepareAsyncCallStart` or `-Done` custom call (None where the compiler gives
+    none, or where that is not positive: a call of the kind not known yet), and the number of
+    while loops (whose bodies the analysis counted once).
   """
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
@@ -434,6 +437,7 @@ def cost_of(compiled: Any) -> tuple[float | None, float | None, int]:
   if seconds is not None:
     lowering = sum(len(re.findall(rf'custom_call_target="{name}"', text)) for name in _SECOND_LOWERING_CALLS)
     seconds = float(seconds) + 1.0 * lowering
+    seconds = seconds if seconds > 0 else None  # Another call of the kind: no time rather than a wrong one.
   flops = analysis.get("flops")
   return (None if flops is None else float(flops)), seconds, loops
 
