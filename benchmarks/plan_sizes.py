@@ -16,7 +16,6 @@ estimates (labelled so), not measurements.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import time
@@ -141,8 +140,6 @@ def plan_one(
     if report.fits:
       if cost:
         report = planned(True)
-      else:
-        report = dataclasses.replace(report, flops=None, estimated_seconds=None)  # Loops counted once.
       row.update(chunk_per_device=chunk, memory=report.memory, flops=report.flops,
                  seconds=report.estimated_seconds, mfu=report.mfu, loops=report.loops,
                  collectives=report.collectives)  # fmt: skip

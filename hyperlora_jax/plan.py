@@ -547,7 +547,8 @@ def plan_round(
     signatures: [N, D] client signatures, as `fed_round.init` takes them (None: none).
     model_parallel: M, the `model` axis.
     clients_per_chunk: clients vmapped together (None: `fed_round`'s).
-    cost: also compile the loop-free programs for FLOPs and time (two more compiles).
+    cost: also compile the loop-free programs for FLOPs and time (two more compiles); without,
+      the plan has no FLOPs and no time (the looped program's count each loop body once).
     host_feed: plan `batches` held in pinned host memory and moved to the devices a chunk at a
       time (`primitives.HostFeed`, replacing `fed_round.load_batches`; `data.feed='host'`); their
       bytes then count in `memory["host_arguments"]`, not in the device's total. The cost is
@@ -593,8 +594,8 @@ def plan_round(
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     return refused_plan(str(e), target_)
-  if not cost:
-    return report
+  if not cost:  # The looped program's FLOPs and time count each loop body once: none rather than those.
+    return dataclasses.replace(report, flops=None, estimated_seconds=None)
   # The cost without loops: one chunk's clients at once (all of them without chunks), the local
   # steps unrolled, times the chunks the round runs one after the other. A round's cost is
   # affine in its local steps S (the steps are alike), so rounds of 2 and 3 steps give it for any S.

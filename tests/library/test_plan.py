@@ -84,9 +84,15 @@ def test_the_flops_of_s_steps_are_the_unrolled_rounds_though_xla_counts_a_loop_b
   state = jax.eval_shape(lambda: unrolled.init(jax.random.key(0), adapter))
   direct, _, _ = plan.cost_of(jax.jit(unrolled.step).lower(state, frozen, batches(8, 6), ids, weights).compile())
   assert _round_plan(cpu, steps=6).flops == pytest.approx(direct, rel=1e-9)
-  looped = [_round_plan(cpu, steps=s, cost=False).flops for s in (2, 6)]
+  looped_state = jax.eval_shape(lambda: fed.init(jax.random.key(0), adapter))
+  looped = [
+    plan.cost_of(jax.jit(fed.step).lower(looped_state, frozen, batches(8, s), ids, weights).compile())[0]
+    for s in (2, 6)
+  ]
   two, three = (_round_plan(cpu, steps=s).flops for s in (2, 3))
   assert looped[1] - looped[0] < 0.1 * 4 * (three - two)
+  no_cost = _round_plan(cpu, steps=6, cost=False)  # The looped program's figures are not given.
+  assert no_cost.flops is None and no_cost.estimated_seconds is None
 
 
 def test_memory_is_the_compiled_programs_and_fit_compares_it_with_the_usable_memory():
