@@ -14,8 +14,9 @@ chunk that fits, FLOPs, the TPU cost model's time and MFU, and the collectives. 
 figure is an estimate. The frozen backbone runs in `compute.backbone_dtype` as on the target
 ('auto': bfloat16); the round's block is planned on the devices (`data.feed='round'`; 'chunk'
 is planned as 'round') and, where nothing fits so and the target's devices have pinned host
-memory (TPUs; compile-only GPU devices list none), in host memory (`data.feed='host'`). TPU targets need libtpu (`pip install -e '.[tpu-plan]'`), GPU targets
-jax-cuda12-plugin (run with JAX_PLATFORMS=cpu).
+memory (TPUs; compile-only GPU devices list none), in host memory (`data.feed='host'`). TPU
+targets need libtpu (`pip install -e '.[tpu-plan]'`), GPU targets jax-cuda12-plugin (run with
+JAX_PLATFORMS=cpu).
 """
 
 from __future__ import annotations

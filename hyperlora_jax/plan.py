@@ -360,8 +360,11 @@ def loop_multipliers(hlo_text: str) -> dict[str, int]:
   computations = _computations(hlo_text)
   sites = {name: _call_sites(lines, computations) for name, lines in computations.items()}
   reached = ["ENTRY"] if "ENTRY" in computations else []
+  seen = set(reached)
   for name in reached:  # Grows while it is read: every computation reachable from ENTRY.
-    reached += [child for child, _ in sites[name] if child not in reached]
+    fresh = list(dict.fromkeys(child for child, _ in sites[name] if child not in seen))
+    reached += fresh
+    seen.update(fresh)
   callers = dict.fromkeys(reached, 0)
   for name in reached:
     for child, _ in sites[name]:
