@@ -151,7 +151,7 @@ def test_a_round_fed_from_host_memory_holds_its_batches_there_on_compile_only_tp
   assert any("in host memory" in line for line in on_host.lines())
 
 
-def test_a_round_is_not_planned_from_host_memory_on_devices_that_list_none():
+def test_a_round_is_not_planned_from_host_memory_on_compile_only_h100s_which_list_none():
   """Compile-only H100s (needs jax-cuda12-plugin) list no memories: refused by name, not planned
   as if the batches were on the device."""
   pytest.importorskip("jax_plugins.xla_cuda12")
