@@ -159,7 +159,11 @@ def main(argv) -> None:
     f"backbone in {np.dtype(dtype).name}; compiler estimates, nothing ran"
   )
   devices = 0 if _MODEL_PARALLEL.value else len(target.devices)  # --model_parallel fixes the model axis.
-  host_memory = target.platform != "cpu" and primitives.has_host_memory(target.devices[0])  # The CPU's is its own.
+  host_memory = primitives.has_host_memory(target.devices[0])
+  if feed == "host" and not host_memory:
+    raise SystemExit(f"data.feed: 'host' cannot be planned on {target.name}: its devices list no pinned host memory "
+                     f"(compile-only GPU devices do not); plan data.feed='round'")  # fmt: skip
+  host_memory = host_memory and target.platform != "cpu"  # The CPU's host memory is its own: never tried there.
   settings = memory.settings_to_try(
     getattr(exp.task.model, "remat", None), exp.settings.backbone_quantization, model_parallel, devices,
     feed, host_memory,

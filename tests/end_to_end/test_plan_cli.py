@@ -97,3 +97,11 @@ def test_where_nothing_fits_the_plan_tries_recomputing_then_8_then_4_bits_and_sa
   tried = re.findall(r"model.remat=(\w+), model axis 1, frozen backbone in (\w+)", result.stdout)
   assert tried == [("False", "float32"), ("True", "float32"), ("True", "int8"), ("True", "nf4")], result.stdout
   assert result.stdout.count("DOES NOT FIT") == 4
+
+
+def test_a_host_feed_is_refused_by_name_on_compile_only_h100s(cache_dirs):
+  """data.feed='host' on a GPU target (needs jax-cuda12-plugin), whose compile-only devices list no
+  host memory: the plan stops naming the field instead of planning the block on the device."""
+  pytest.importorskip("jax_plugins.xla_cuda12")
+  result = _run_plan(cache_dirs, "h100", "--chunks=0", "--cost=false", "--config.data.feed=host")
+  assert result.returncode != 0 and "data.feed: 'host' cannot be planned on h100" in result.stdout + result.stderr
