@@ -226,18 +226,13 @@ def map_clients(
   if num % clients_per_chunk:
     raise ValueError(f"clients_per_chunk={clients_per_chunk} must divide the padded cohort of {num} clients")
   num_chunks = num // clients_per_chunk
+  # Each chunk sliced from the inputs where they lie (device or host memory), then loaded: no
+  # reordered copy of the whole cohort's inputs (on a mesh, a transpose of [C, ...] would be one).
+  ys = jax.lax.map(lambda i: vmapped(jax.tree.map(lambda x: _chunk(x, i, clients_per_chunk, mesh), xs)),
+                   jnp.arange(num_chunks))  # fmt: skip
   if clients_axis_size(mesh) == 1:
-    to_chunks = lambda x: x.reshape((num_chunks, clients_per_chunk) + x.shape[1:])
-    from_chunks = lambda y: y.reshape((num,) + y.shape[2:])
-  else:
-    to_chunks = lambda x: x.reshape((clients_per_chunk, num_chunks) + x.shape[1:]).swapaxes(0, 1)
-    from_chunks = lambda y: y.swapaxes(0, 1).reshape((num,) + y.shape[2:])
-  if load_chunk is None:
-    ys = jax.lax.map(vmapped, jax.tree.map(to_chunks, xs))
-  else:  # Inputs held elsewhere (host memory, light indices): each chunk sliced where it lies, then loaded.
-    ys = jax.lax.map(lambda i: vmapped(jax.tree.map(lambda x: _chunk(x, i, clients_per_chunk, mesh), xs)),
-                     jnp.arange(num_chunks))  # fmt: skip
-  return jax.tree.map(from_chunks, ys)
+    return jax.tree.map(lambda y: y.reshape((num,) + y.shape[2:]), ys)
+  return jax.tree.map(lambda y: y.swapaxes(0, 1).reshape((num,) + y.shape[2:]), ys)
 
 
 def _chunk(x: jax.Array, index: jax.Array, clients_per_chunk: int, mesh: Mesh | None) -> jax.Array:

@@ -56,27 +56,21 @@ def test_a_streamed_round_reads_only_its_clients_examples(smoke_config):
   assert block["image"].shape[:3] == (len(ids), smoke_config.fed.local_steps, smoke_config.fed.batch_size)
 
 
-def test_chunk_feed_reads_images_inside_the_round_and_gives_the_same_metrics(smoke_config, tmp_path):
+def test_chunk_and_host_feeds_give_the_records_of_the_round_feed(smoke_config, tmp_path):
   """data.feed='chunk': the round gets example indices and reads each chunk's images on the host
-  inside its chunk loop (HyperLoRA: the held-out meta-step too); records equal feed='round'."""
-  smoke_config.method, smoke_config.fed.num_rounds, smoke_config.fed.clients_per_chunk = "hyperlora", 2, 2
-  by_round = train_and_evaluate(smoke_config, str(tmp_path / "round"), **QUIET)["records"]
-  smoke_config.data.feed = "chunk"
-  exp = build_experiment(smoke_config, log=lambda _: None)
-  light = exp.fed_round.load_batches is not None
-  by_chunk = train_and_evaluate(smoke_config, str(tmp_path / "chunk"), **QUIET)["records"]
-  assert light and by_chunk == by_round
-
-
-def test_host_feed_holds_the_round_in_host_memory_and_gives_the_same_metrics(smoke_config, tmp_path):
-  """data.feed='host': the round's block is placed in pinned host memory (images as uint32 words)
-  and moved to the device a chunk at a time inside the round (HyperLoRA: the held-out meta-step
-  too); records equal feed='round'."""
+  inside its chunk loop; data.feed='host': the round's block is placed in pinned host memory
+  (images as uint32 words) and moved to the device a chunk at a time inside the round. Both
+  (HyperLoRA: the held-out meta-step too) give the records of feed='round', record for record."""
   from experiments.runner.feeding import round_on_mesh
   from hyperlora_jax import primitives
 
   smoke_config.method, smoke_config.fed.num_rounds, smoke_config.fed.clients_per_chunk = "hyperlora", 2, 2
   by_round = train_and_evaluate(smoke_config, str(tmp_path / "round"), **QUIET)["records"]
+  smoke_config.data.feed = "chunk"
+  exp = build_experiment(smoke_config, log=lambda _: None)
+  assert exp.fed_round.load_batches is not None  # The round loads its chunks.
+  by_chunk = train_and_evaluate(smoke_config, str(tmp_path / "chunk"), **QUIET)["records"]
+  assert by_chunk == by_round
   smoke_config.data.feed = "host"
   exp = build_experiment(smoke_config, log=lambda _: None)
   (block, _, _), _ = round_on_mesh(exp, 0, primitives.clients_sharding(exp.mesh))
