@@ -114,6 +114,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_every = 1
   config.eval_batch = 256
   config.checkpoint_every = 5
+  config.export_every = 0  # Rounds between PEFT adapters written to workdir/adapters/round-<R> (and at
+  # the last round); 0: none (`python -m experiments.export` writes them from a checkpoint).
+  config.export_clients = ""  # Personalized adapters written too: '' none, 'all', or ids '0,3'.
 
   if args.get("smoke"):
     config.model.width, config.model.depth, config.model.num_heads = 16, 1, 2

@@ -463,6 +463,71 @@ def scale_from_config(config: Mapping[str, Any]) -> float:
   return _scale(config["lora_alpha"], config["r"], config.get("use_rslora", False))
 
 
+def alpha_for_scale(adapter: Mapping[str, Mapping[str, Any]], scale: float, rslora: bool = False) -> float:
+  """The `alpha` with which `save_peft` writes `adapter` for the scale s that `lora.apply` used:
+  s r (rsLoRA: s sqrt(r)), r the adapter's most common rank (`save_peft`'s r).
+
+  Args:
+    adapter: {path: {"a": [d_in, r_l], "b": [r_l, d_out]}}.
+    scale: s.
+    rslora: write rank-stabilized scaling.
+  Returns:
+    lora_alpha, a float.
+  """
+  ranks = [int(np.shape(f["a"])[-1]) for f in adapter.values()]
+  rank = max(set(ranks), key=ranks.count)
+  return float(scale * (np.sqrt(rank) if rslora else rank))
+
+
+def fold_base_delta(
+  adapter: Mapping[str, Mapping[str, Any]],
+  base_delta: Mapping[str, Any],
+  scale: float,
+  *,
+  max_rank: int = 0,
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
+  """An adapter that alone gives the update of `adapter` on weights carrying `base_delta`, the
+  full-rank residuals FedEx-LoRA and FLoRA merge into the frozen weights, which a PEFT adapter
+  cannot hold: per layer, s a' b' = delta + s a b, from the SVD of the right side (in float64)
+  at its numerical rank (singular values above max(d_in, d_out) eps_float32 times the largest),
+  or at most `max_rank`. Layers without a residual are returned as they are.
+
+  Args:
+    adapter: {path: {"a": [d_in, r], "b": [r, d_out]}} (`lora.apply`'s layout).
+    base_delta: {path: [d_in, d_out]} (`ServerState.base_delta`; {} for other methods).
+    scale: s, the scale `lora.apply` uses on every layer.
+    max_rank: the most ranks a folded layer keeps (0: its numerical rank, exact).
+  Returns:
+    (adapter {path: {"a": [d_in, r'], "b": [r', d_out]}} in the adapter's dtype, {path folded:
+    ||kept - (delta + s a b)||_F / ||delta + s a b||_F}, 0 up to rounding unless truncated).
+  Raises:
+    ValueError: a residual's shape is not its layer's [d_in, d_out], or max_rank < 0.
+  """
+  if max_rank < 0:
+    raise ValueError(f"fold_base_delta: max_rank={max_rank} must be >= 0 (0: exact)")
+  folded = {path: {k: np.asarray(v) for k, v in f.items()} for path, f in adapter.items()}
+  errors = {}
+  for path, delta in base_delta.items():
+    delta = np.asarray(delta, np.float64)
+    factors = folded.get(path)
+    if factors is not None:
+      shape = (np.shape(factors["a"])[0], np.shape(factors["b"])[-1])
+      if delta.shape != shape:
+        raise ValueError(f"fold_base_delta: the residual of {path!r} is {delta.shape}, its layer's update {shape}")
+      delta = delta + scale * (factors["a"].astype(np.float64) @ factors["b"].astype(np.float64))
+    dtype = factors["a"].dtype if factors is not None else np.float32
+    u, sigma, vt = np.linalg.svd(delta, full_matrices=False)
+    tolerance = sigma[0] * max(delta.shape) * np.finfo(np.float32).eps if sigma.size else 0.0
+    rank = max(1, int(np.sum(sigma > tolerance)))
+    rank = min(rank, max_rank) if max_rank else rank
+    root = np.sqrt(sigma[:rank])
+    a, b = u[:, :rank] * root, (root[:, None] * vt[:rank]) / scale
+    folded[path] = {"a": a.astype(dtype), "b": b.astype(dtype)}
+    norm = np.linalg.norm(delta)
+    errors[path] = float(np.linalg.norm(scale * (a @ b) - delta) / norm) if norm else 0.0
+  return folded, errors
+
+
 def _scale(alpha: float, rank: int, rslora: bool) -> float:
   """alpha / r, or alpha / sqrt(r) for rsLoRA (`lora.lora_scale`, without importing it)."""
   return alpha / (np.sqrt(rank) if rslora else rank)

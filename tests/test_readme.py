@@ -177,6 +177,12 @@ def test_peft_export_round_trips_and_gives_the_merged_delta(tmp_path):
   np.testing.assert_allclose((scale * lora_b @ lora_a).T, delta_w, atol=1e-6)
   with pytest.raises(ValueError, match="lora_A or lora_B"):
     hl.peft.from_peft_tensors({"base_model.model.proj.lora_A.weight": lora_a})
+  folded, config = hl.peft.load_peft(ns["folded_dir"])
+  residual = np.asarray(ns["residual"]["proj"], np.float64)
+  want = residual + 2.0 * np.asarray(adapter["proj"]["a"], np.float64) @ np.asarray(adapter["proj"]["b"])
+  assert hl.peft.scale_from_config(config) == 2.0 and folded["proj"]["a"].shape[1] == np.linalg.matrix_rank(want)
+  np.testing.assert_allclose(2.0 * folded["proj"]["a"] @ folded["proj"]["b"], want, atol=1e-6)
+  np.testing.assert_array_equal(folded["embed"]["a"], adapter["embed"]["a"])  # No residual there.
 
 
 def _fake_run(workdir, global_accuracy, mean, worst, cum_bytes):

@@ -307,6 +307,14 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
     _positive_int(config, field)
   for field in ("data.heldout_clients", "data.max_client_examples", "fed.new_client_steps", "fed.num_devices"):
     _positive_int(config, field, minimum=0)
+  if "export_every" in config:
+    _positive_int(config, "export_every", minimum=0)
+  clients = config.get("export_clients", "")
+  _require(
+    isinstance(clients, str) and re.fullmatch(r"\s*(all|\d+(\s*,\s*\d+)*)?\s*", clients) is not None,
+    "export_clients",
+    f"must be '' (none), 'all' or client ids like '0,3', got {clients!r}",
+  )
   _positive_int(config, "data.min_client_size")  # 0 lets a client without examples in (weight 0/0).
   fraction = data.get("validation_fraction", 0.0)
   _require(0 <= fraction < 1, "data.validation_fraction", f"must be in [0, 1), got {fraction}")

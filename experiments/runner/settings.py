@@ -50,6 +50,8 @@ class RunSettings:
     faults: the injected client faults; None where the config has no `faults` block.
     eval_batch: examples per evaluation batch.
     eval_every, checkpoint_every: rounds between evaluations and between checkpoints.
+    export_every: rounds between the PEFT adapters a run writes (0: none).
+    export_clients: whose personalized adapters it writes too ('', 'all' or ids '0,3').
     stream: images read on demand from the prepared files (`data.stream`).
     feed: "round", "chunk" or "host" (`data.feed`).
     cache_dir: where backbones and measured chunk sizes are cached.
@@ -72,6 +74,8 @@ class RunSettings:
   eval_batch: int
   eval_every: int
   checkpoint_every: int
+  export_every: int
+  export_clients: str
   stream: bool
   feed: str
   cache_dir: str
@@ -198,6 +202,8 @@ def run_settings(config: ml_collections.ConfigDict) -> RunSettings:
     eval_batch=config.eval_batch,
     eval_every=config.eval_every,
     checkpoint_every=config.checkpoint_every,
+    export_every=config.get("export_every", 0),
+    export_clients=config.get("export_clients", ""),
     stream=data.stream,
     feed=data.feed,
     cache_dir=cache_dir(config),

@@ -8,7 +8,8 @@
   6. rounds    each round is dispatched; while it computes, the previous round's host work runs
                (its record, the finiteness check, logs); an evaluation is enqueued before the
                next round donates the state it reads
-  7. save      a checkpoint every `checkpoint_every` rounds, with a copy of the metrics so far
+  7. save      a checkpoint every `checkpoint_every` rounds, with a copy of the metrics so far;
+               PEFT adapters every `export_every` rounds (`export`)
   8. summary   the text summary and the convergence plot
 
 The concerns live beside it: `experiment` (building), `config_validation` (every check),
@@ -32,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from experiments.runner import backbone, memory, methods, records as records_lib, reporting
+from experiments.runner import backbone, export as export_lib, memory, methods, records as records_lib, reporting
 from experiments.runner.config_validation import is_text
 from experiments.runner import workdir as workdir_lib
 from experiments.runner.data.loader import prepare_dataset
@@ -141,6 +142,7 @@ def _run(
   finish = lambda pending: finish_round(exp, workdir, pending, records, manager, bar, log)
   pending = None
   compiled = None
+  adapters = None  # `export_every`: made at the first round it writes.
   for r in bar:
     (block, ids, weights), host_ids = upcoming.result()
     upcoming = prefetch.submit(round_on_mesh, exp, r + 1, per_client) if r + 1 < last_round else None
@@ -167,13 +169,17 @@ def _run(
       new_clients=evaluate_new_clients(exp, state, frozen) if r + 1 == num_rounds else {},
     )
     saving = (r + 1) % settings.checkpoint_every == 0 or r + 1 == num_rounds
-    if saving or r + 1 == last_round:  # A saved state is checked first; the last round ends here.
+    exporting = bool(settings.export_every) and ((r + 1) % settings.export_every == 0 or r + 1 == num_rounds)
+    if saving or exporting or r + 1 == last_round:  # A saved state is checked first; the last round ends here.
       finish(pending)
       pending = None
     if saving:  # 7. save
       workdir_lib.save_state(manager, r + 1, state)
       if main_process:
         workdir_lib.save_metrics_snapshot(workdir, r + 1, records, manager)
+    if exporting:  # Before round r+1, which donates this state.
+      adapters = adapters or export_lib.AdapterWriter(exp, backbone_settings(config), workdir)
+      adapters.write(state, r + 1)
   bar.close()
   prefetch.shutdown()
   manager.wait_until_finished()

@@ -39,7 +39,7 @@ CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 ENVIRONMENT_FILE = "environment.json"  # Versions, backend and machine-chosen values (`environment`).
 # Fields a resumed run may change (they do not alter the rounds already done).
-RESUMABLE_FIELDS = ("fed.num_rounds", "eval_every", "checkpoint_every")
+RESUMABLE_FIELDS = ("fed.num_rounds", "eval_every", "checkpoint_every", "export_every", "export_clients")
 # Fields added after runs were recorded without them, with the value that means "as before":
 # a recorded run lacking one is the same config when this run has that value (so a workdir
 # made by an older version resumes, or reprints, instead of being refused). Blocks that are
@@ -51,6 +51,8 @@ ADDED_FIELDS = {
   "fed.model_parallel": 1,
   "data.data_dir": "",  # A text run's tokenized records (2026-12-06).
   "hyperlora.meta_steps": config_blocks.HyperLoRA().meta_steps,
+  "export_every": 0,  # Adapters written while a run trains (2026-12-07).
+  "export_clients": "",
   **config_blocks.dotted_defaults("faults", Faults()),  # All off.
   **config_blocks.dotted_defaults("robust", config_blocks.Robust()),
   **config_blocks.dotted_defaults("dp", config_blocks.DP()),
@@ -114,6 +116,42 @@ def config_differences(workdir: str, config: ml_collections.ConfigDict) -> list[
     for k in set(saved_flat) | set(current_flat)
     if saved_flat.get(k) != current_flat.get(k) and k not in RESUMABLE_FIELDS
   )
+
+
+def recorded_config(workdir: str) -> ml_collections.ConfigDict:
+  """The ConfigDict of the run in `workdir`: its config file's defaults (`configs/default.py`,
+  or `configs/instruction_tuning.py` for a text run) overwritten by every field its
+  `config.json` records, and its model block as recorded (a benchmark config replaces the model
+  block whole: `configs/benchmarks.set_model`).
+
+  Raises:
+    OSError: the workdir has no readable config.json.
+    ValueError: the rebuilt config still differs from the recorded one (a field the default
+      config lacks, say), naming the fields.
+  """
+  from configs import default, instruction_tuning
+  from experiments.cli import set_field
+
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{workdir}: no {CONFIG_FILE}, so it is not a run's workdir (or its config was lost)")
+  try:
+    with open(path) as f:
+      recorded = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ConfigError(f"{path} is not readable JSON ({type(e).__name__}: {e})") from None
+  text = recorded.get("task") == "instruction_tuning"
+  config = (instruction_tuning if text else default).get_config()
+  config.model = ml_collections.ConfigDict(recorded.pop("model"))
+  for field, value in traverse_util.flatten_dict(recorded, sep=".").items():
+    try:
+      set_field(config, field, tuple(value) if isinstance(value, list) else value)
+    except ValueError:
+      raise ConfigError(f"{path}: field {field!r} is not a field of this version's configs") from None
+  changed = config_differences(workdir, config)
+  if changed:
+    raise ConfigError(f"{workdir}: its config could not be rebuilt from {CONFIG_FILE} (fields: {', '.join(changed)})")
+  return config
 
 
 def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -212,14 +250,23 @@ def save_state(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
   manager.save(step, args=ocp.args.StandardSave(states.as_tree(state)))
 
 
-def restore_state(manager: ocp.CheckpointManager, state: Any) -> tuple[Any, int]:
-  """(state, rounds done) from the latest checkpoint, or (state, 0) if there is none; `state`
-  (a `ServerState`, or a dict in its layout) gives the structure, dtypes and shardings.
+def restore_state(manager: ocp.CheckpointManager, state: Any, step: int | None = None) -> tuple[Any, int]:
+  """(state, rounds done) from checkpoint `step` (None: the latest), or (state, 0) if there is
+  none; `state` (a `ServerState`, or a dict in its layout) gives the structure, dtypes and
+  shardings.
 
   Raises:
+    ValueError: no checkpoint of round `step` is kept (naming those that are).
     RuntimeError: a checkpoint exists but cannot be restored (it is left in place).
   """
-  step = manager.latest_step()
+  if step is not None and step not in manager.all_steps():
+    kept = sorted(manager.all_steps())
+    manager.close()
+    raise ValueError(
+      f"{manager.directory}: no checkpoint of round {step}; kept: {', '.join(map(str, kept)) or 'none'} "
+      f"(a run keeps its last two; `export_every` writes adapters as it trains)"
+    )
+  step = manager.latest_step() if step is None else step
   if step is None:
     return state, 0
   template, state = state, states.as_tree(state)
@@ -262,24 +309,31 @@ def _restore_older(manager: ocp.CheckpointManager, step: int, state: Any) -> Any
 
 
 def restore_run(
-  config: ml_collections.ConfigDict, workdir: str, *, finished: bool = True, log: Callable[[str], None] = lambda _: None
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  finished: bool = True,
+  step: int | None = None,
+  log: Callable[[str], None] = lambda _: None,
 ) -> tuple[Experiment, Any, int]:
-  """A run's experiment and its state at its latest checkpoint, to evaluate or inspect it.
+  """A run's experiment and its state at its latest checkpoint (or at `step`), to evaluate or
+  inspect it.
 
   Args:
     config: the ConfigDict the run was started with (its `config.json` holds the fields used).
     workdir: the run's directory.
     finished: require the checkpoint to be the run's last round (`config.fed.num_rounds`).
+    step: the round of the checkpoint to restore (None: the latest).
   Returns:
     (experiment as `build_experiment` makes it, restored state, rounds done).
   Raises:
-    ValueError: `finished` and the run has no checkpoint of its last round.
+    ValueError: `finished` and the run has no checkpoint of its last round, or none of `step`.
     RuntimeError: the checkpoint is corrupt (it is left in place).
   """
   exp = build_experiment(config, log=log)
   state = exp.fed_round.init(jax.random.key(config.seed), exp.initial_trainable, exp.signatures)
   manager = checkpoint_manager(workdir)
-  state, done = restore_state(manager, state)  # On a corrupt checkpoint it closes the manager and raises.
+  state, done = restore_state(manager, state, step)  # On an error it closes the manager and raises.
   manager.close()
   if finished and done < config.fed.num_rounds:
     raise ValueError(f"{workdir}: its latest checkpoint is of round {done} of {config.fed.num_rounds}")

@@ -30,38 +30,12 @@ import os
 import jax
 import ml_collections
 import numpy as np
-from flax import traverse_util
 
-from configs import default
 from experiments.reports.claims import shift_claim
 from experiments.reports.report import emit, final_metrics, find_runs
-from experiments.sweep import set_field
 from experiments.runner import workdir as workdir_lib
 from experiments.runner.evaluation import run_evaluator
 from experiments.runner.data import corruptions
-
-
-def recorded_config(workdir: str) -> ml_collections.ConfigDict:
-  """The ConfigDict of the run in `workdir`: `configs/default.py`'s fields overwritten by every
-  field its `config.json` records, and its model block as recorded (a benchmark config replaces
-  the model block whole: `configs/benchmarks.set_model`).
-
-  Raises:
-    ValueError: the rebuilt config still differs from the recorded one (a field the default
-      config lacks, say), naming the fields.
-  """
-  with open(os.path.join(workdir, workdir_lib.CONFIG_FILE)) as f:
-    recorded = json.load(f)
-  config = default.get_config()
-  config.model = ml_collections.ConfigDict(recorded.pop("model"))
-  for field, value in traverse_util.flatten_dict(recorded, sep=".").items():
-    set_field(config, field, tuple(value) if isinstance(value, list) else value)
-  changed = workdir_lib.config_differences(workdir, config)
-  if changed:
-    raise ValueError(
-      f"{workdir}: its config could not be rebuilt from {workdir_lib.CONFIG_FILE} (fields: {', '.join(changed)})"
-    )
-  return config
 
 
 def severity_accuracies(
@@ -140,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
       continue
     mine = [r for r in done if r["workdir"] == workdir and r["kind"] in kinds]
     if len(mine) < len(kinds) * (corruptions.SEVERITY_LEVELS + 1):
-      measured = severity_accuracies(recorded_config(workdir), workdir, kinds)
+      measured = severity_accuracies(workdir_lib.recorded_config(workdir), workdir, kinds)
       mine = [
         {
           "workdir": workdir,

@@ -38,6 +38,9 @@ INVALID = [
   ("server_optimizer.momentum", 1.5, "server_optimizer.momentum"),
   ("eval_every", 0, "eval_every"),
   ("checkpoint_every", 0, "checkpoint_every"),
+  ("export_every", -1, "export_every"),
+  ("export_clients", "0;3", "export_clients"),
+  ("export_clients", "some", "export_clients"),
   ("pretrain.steps", -1, "pretrain.steps"),
   # Fuzzed values: without their checks each ends in a deep traceback or is accepted.
   ("seed", -1, "seed"),

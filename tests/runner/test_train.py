@@ -15,6 +15,7 @@ from experiments.runner import reporting
 from hyperlora_jax.client import local_update
 from hyperlora_jax.tasks.image_classification import apply_base_delta, frozen_tree
 from experiments.runner.experiment import build_experiment
+from experiments.runner import workdir as workdir_lib
 from experiments.runner.workdir import restore_run
 from experiments.runner.feeding import round_inputs
 from experiments.runner.train import train_and_evaluate
@@ -243,7 +244,7 @@ def test_shifted_evaluation_reaches_every_test_block_and_severity_zero_is_the_ru
   smoke_config.fed.num_rounds = 2
   run = tmp_path / "runs" / "fedit"
   last = train_and_evaluate(smoke_config, str(run), progress=False)["records"][-1]
-  config = shift_severity.recorded_config(str(run))  # Rebuilt from config.json; checked equal.
+  config = workdir_lib.recorded_config(str(run))  # Rebuilt from config.json; checked equal.
   assert (config.method, config.fed.num_rounds, config.model.width) == ("fedit", 2, smoke_config.model.width)
   exp, state, _ = restore_run(config, str(run))
   frozen = frozen_tree(exp.backbone, dtype=exp.task.compute_dtype)
