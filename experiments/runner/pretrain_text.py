@@ -50,6 +50,7 @@ ARCH_FIELDS = (
   "qkv_bias",
   "out_bias",
   "mlp_bias",
+  "qk_norm",
   "remat",
 )
 MODEL_FIELDS = ARCH_FIELDS + ("rope_scaling", "sliding_window")  # The last two converted by `decoder_from_config`.

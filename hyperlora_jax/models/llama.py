@@ -1,17 +1,19 @@
-"""A Llama-family decoder language model in Flax Linen (Llama 2/3, Mistral, Qwen2/2.5, TinyLlama).
+"""A Llama-family decoder language model in Flax Linen (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, TinyLlama).
 
 The architecture as those checkpoints define it (and transformers' `LlamaForCausalLM`,
-`MistralForCausalLM`, `Qwen2ForCausalLM` compute it): token embedding; `depth` pre-norm blocks of
+`MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM` compute it): token embedding; `depth` pre-norm blocks of
 RMSNorm -> grouped-query self-attention with rotary position embeddings -> residual, RMSNorm ->
 SwiGLU MLP (down(silu(gate(x)) * up(x))) -> residual; a final RMSNorm; an LM head, or the
 embedding table itself when tied. Attention biases on query/key/value (Qwen2: `qkv_bias`) and on
-every projection (Llama's `attention_bias`), a sliding window (Mistral) and rotary scaling
-("linear", "llama3") are options; `models.hf.open_checkpoint` sets them from config.json.
+every projection (Llama's `attention_bias`), an RMSNorm of each query and key head (Qwen3's
+`qk_norm`), a sliding window (Mistral) and rotary scaling ("linear", "llama3") are options;
+`models.hf.open_checkpoint` sets them from config.json.
 
 Module paths (what LoRA's `target_regex` matches; the default `.*attn/(query|value)` adapts q and
 v, FedIT's choice):
   embed                                           token embedding (nn.Embed; the tied LM head)
   block_{i}/attn/{query,key,value,out}            attention projections (nn.Dense)
+  block_{i}/attn/{query_norm,key_norm}            the heads' RMSNorms (qk_norm only)
   block_{i}/mlp/{gate,up,down}                    SwiGLU MLP (nn.Dense)
   block_{i}/{attn_norm,mlp_norm}, norm            RMSNorms
   lm_head                                         untied LM head (nn.Dense, no bias)
@@ -190,6 +192,7 @@ class Attention(nn.Module):
   qkv_bias: bool = False
   out_bias: bool = False
   sliding_window: int | None = None
+  qk_norm_eps: float = 0.0  # > 0: an RMSNorm of each query and key head (Qwen3), this epsilon.
 
   @nn.compact
   def __call__(self, x, positions, inv_freq, query_slots, key_mask, cache=None):
@@ -201,8 +204,12 @@ class Attention(nn.Module):
     q = dense(self.num_heads * self.head_dim, self.qkv_bias, "query")(x)
     k = dense(self.num_kv_heads * self.head_dim, self.qkv_bias, "key")(x)
     v = dense(self.num_kv_heads * self.head_dim, self.qkv_bias, "value")(x)
-    q = apply_rope(q.reshape(batch, tokens, self.num_heads, self.head_dim), positions, inv_freq)
-    k = apply_rope(k.reshape(batch, tokens, self.num_kv_heads, self.head_dim), positions, inv_freq)
+    q = q.reshape(batch, tokens, self.num_heads, self.head_dim)
+    k = k.reshape(batch, tokens, self.num_kv_heads, self.head_dim)
+    if self.qk_norm_eps:  # Over head_dim, one scale shared by the heads, before the rotation.
+      q = RMSNorm(self.qk_norm_eps, name="query_norm")(q)
+      k = RMSNorm(self.qk_norm_eps, name="key_norm")(k)
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     v = v.reshape(batch, tokens, self.num_kv_heads, self.head_dim)
     if cache is not None:  # Write this call's keys and values at their slots.
       k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), query_slots[0], axis=1)
@@ -237,12 +244,20 @@ class DecoderBlock(nn.Module):
   out_bias: bool = False
   mlp_bias: bool = False
   sliding_window: int | None = None
+  qk_norm: bool = False
 
   @nn.compact
   def __call__(self, x, positions, inv_freq, query_slots, key_mask, cache=None):
     """x [B, T, D] -> ([B, T, D], updated cache or None); arguments as `Attention`'s."""
     attended, cache = Attention(
-      self.num_heads, self.num_kv_heads, self.head_dim, self.qkv_bias, self.out_bias, self.sliding_window, name="attn"
+      self.num_heads,
+      self.num_kv_heads,
+      self.head_dim,
+      self.qkv_bias,
+      self.out_bias,
+      self.sliding_window,
+      self.rms_norm_eps if self.qk_norm else 0.0,
+      name="attn",
     )(RMSNorm(self.rms_norm_eps, name="attn_norm")(x), positions, inv_freq, query_slots, key_mask, cache)
     x = x + attended
     x = x + SwiGLU(self.mlp_dim, self.mlp_bias, name="mlp")(RMSNorm(self.rms_norm_eps, name="mlp_norm")(x))
@@ -269,6 +284,8 @@ class DecoderLM(nn.Module):
     mlp_bias: biases in the MLP (Llama's mlp_bias).
     sliding_window: each token attends to at most this many tokens (itself included; Mistral);
       None: all before it.
+    qk_norm: an RMSNorm (`rms_norm_eps`) of each query and key head over head_dim before the
+      rotation, one scale [head_dim] shared by the heads (Qwen3).
     remat: recompute each block's activations in the backward pass (less memory).
     dtype: the activations' dtype (e.g. bfloat16 with bfloat16 weights); logits are float32.
   """
@@ -288,6 +305,7 @@ class DecoderLM(nn.Module):
   out_bias: bool = False
   mlp_bias: bool = False
   sliding_window: int | None = None
+  qk_norm: bool = False
   remat: bool = False
   dtype: Any = jnp.float32
 
@@ -364,6 +382,7 @@ class DecoderLM(nn.Module):
         self.out_bias,
         self.mlp_bias,
         self.sliding_window,
+        self.qk_norm,
         name=f"block_{i}",
       )(x, positions, inv_freq, query_slots, key_mask, layer_cache)
       if layer_cache is not None:

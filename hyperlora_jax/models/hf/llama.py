@@ -1,4 +1,4 @@
-"""Llama-family decoders (model_type "llama", "mistral", "qwen2"; *ForCausalLM or the bare model)
+"""Llama-family decoders (model_type "llama", "mistral", "qwen2", "qwen3"; *ForCausalLM or the bare model)
 as `models.llama.DecoderLM`, both ways: `decoder_arch` / `decoder_params` read a checkpoint,
 `decoder_config` / `save_causal_lm` write one that transformers' `AutoModelForCausalLM` and
 `load_causal_lm` read. Module names are transformers' (the same in 4 and 5)."""
@@ -59,6 +59,21 @@ DEFAULTS = {
     "tie_word_embeddings": False,
     "use_sliding_window": False,
   },
+  "qwen3": {  # Qwen2's, with an RMSNorm of each query and key head, no biases, head_dim 128.
+    "vocab_size": 151936,
+    "hidden_size": 4096,
+    "intermediate_size": 22016,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "head_dim": 128,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "use_sliding_window": False,
+  },
 }
 DECODER_TYPES = tuple(DEFAULTS)
 
@@ -67,6 +82,8 @@ _BLOCK = {
   "attn/key": "self_attn.k_proj",
   "attn/value": "self_attn.v_proj",
   "attn/out": "self_attn.o_proj",
+  "attn/query_norm": "self_attn.q_norm",
+  "attn/key_norm": "self_attn.k_norm",
   "mlp/gate": "mlp.gate_proj",
   "mlp/up": "mlp.up_proj",
   "mlp/down": "mlp.down_proj",
@@ -102,15 +119,15 @@ def _rope(config: dict) -> tuple[float, tuple]:
 
 
 def decoder_arch(config: dict) -> dict[str, Any]:
-  """`models.llama.DecoderLM` fields of a Llama / Mistral / Qwen2 config.json.
+  """`models.llama.DecoderLM` fields of a Llama / Mistral / Qwen2 / Qwen3 config.json.
 
   Args:
-    config: a llama / mistral / qwen2 config.json dict (transformers 4 or 5 layout).
+    config: a llama / mistral / qwen2 / qwen3 config.json dict (transformers 4 or 5 layout).
   Returns:
     {`DecoderLM` field: value}.
   Raises:
-    CheckpointError: what it cannot run: another activation, partial rotary, Qwen2's per-layer
-      sliding window.
+    CheckpointError: what it cannot run: another activation, partial rotary, Qwen2's and
+      Qwen3's per-layer sliding window.
   """
   from hyperlora_jax.models.hf import SUPPORTED
 
@@ -130,8 +147,8 @@ def decoder_arch(config: dict) -> dict[str, Any]:
   window = None
   if model_type == "mistral" and "sliding_window" not in explicit_null:
     window = config.get("sliding_window")
-  elif model_type == "qwen2" and config.get("use_sliding_window"):
-    raise CheckpointError("config.json use_sliding_window=True (Qwen2's per-layer window) is not supported")
+  elif model_type in ("qwen2", "qwen3") and config.get("use_sliding_window"):
+    raise CheckpointError(f"config.json use_sliding_window=True ({model_type}'s per-layer window) is not supported")
   qkv_bias = bool(config.get("attention_bias", False)) or model_type == "qwen2"
   return {
     "vocab_size": int(config["vocab_size"]),
@@ -149,6 +166,7 @@ def decoder_arch(config: dict) -> dict[str, Any]:
     "out_bias": bool(config.get("attention_bias", False)),
     "mlp_bias": bool(config.get("mlp_bias", False)),
     "sliding_window": None if window is None else int(window),
+    **({"qk_norm": True} if model_type == "qwen3" else {}),  # Absent otherwise: configs and cache keys as before.
   }
 
 
@@ -191,7 +209,7 @@ def _decoder_source(name: str, prefix: str) -> tuple[str, str]:
 def decoder_params(
   tensors: dict[str, np.ndarray], abstract_params: Any, origin: dict[str, str] | None = None
 ) -> tuple[dict, list[str]]:
-  """HF Llama / Mistral / Qwen2 tensors -> (params shaped like `abstract_params`, float32 NumPy;
+  """HF Llama / Mistral / Qwen2 / Qwen3 tensors -> (params shaped like `abstract_params`, float32 NumPy;
   the names of the tensors not loaded: rotary buffers, and `lm_head.weight` of a tied model that
   saved it). Arguments and errors as `vit.vit_params`.
 
@@ -205,7 +223,7 @@ def decoder_params(
 
 
 def load_causal_lm(checkpoint: Any, dtype: Any = None, **overrides) -> tuple[Any, dict, list[str]]:
-  """A decoder language model and its weights from a Llama / Mistral / Qwen2 checkpoint.
+  """A decoder language model and its weights from a Llama / Mistral / Qwen2 / Qwen3 checkpoint.
 
   Args:
     checkpoint: the checkpoint directory, or an `hf.Checkpoint` already opened.
@@ -236,7 +254,8 @@ def load_causal_lm(checkpoint: Any, dtype: Any = None, **overrides) -> tuple[Any
 
 def decoder_config(model: Any) -> dict[str, Any]:
   """A transformers config.json for a `DecoderLM` (model_type "llama"; "qwen2" for biases on
-  q/k/v only; "mistral" with a sliding window), readable back by `decoder_arch`.
+  q/k/v only; "qwen3" with qk_norm; "mistral" with a sliding window), readable back by
+  `decoder_arch`.
 
   Args:
     model: a `DecoderLM`.
@@ -245,15 +264,20 @@ def decoder_config(model: Any) -> dict[str, Any]:
   Raises:
     ValueError: an architecture no transformers family has.
   """
-  if model.sliding_window and (model.qkv_bias or model.out_bias or model.mlp_bias):
-    raise ValueError("a sliding window with biases has no transformers family (Mistral has no biases)")
-  model_type = "mistral" if model.sliding_window else ("qwen2" if model.qkv_bias and not model.out_bias else "llama")
-  if model_type == "llama" and model.qkv_bias != model.out_bias:
-    raise ValueError("Llama's attention_bias sets q/k/v and o biases together")
+  if model.sliding_window and (model.qkv_bias or model.out_bias or model.mlp_bias or model.qk_norm):
+    raise ValueError("a sliding window with biases or qk_norm has no transformers family (Mistral has neither)")
+  if model.qk_norm:
+    model_type = "qwen3"
+  else:
+    model_type = "mistral" if model.sliding_window else ("qwen2" if model.qkv_bias and not model.out_bias else "llama")
+  if model_type in ("llama", "qwen3") and model.qkv_bias != model.out_bias:
+    raise ValueError(f"{model_type}'s attention_bias sets q/k/v and o biases together")
+  if model_type == "qwen3" and model.mlp_bias:
+    raise ValueError("Qwen3 has no MLP biases")
   scaling = dict(model.rope_scaling) if model.rope_scaling else None
   if scaling and "original_max_position_embeddings" in scaling:  # An integer: transformers 4 refuses 16.0.
     scaling["original_max_position_embeddings"] = int(scaling["original_max_position_embeddings"])
-  family = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[model_type]
+  family = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[model_type]
   config = {
     "model_type": model_type,
     "architectures": [f"{family}ForCausalLM"],
@@ -274,6 +298,8 @@ def decoder_config(model: Any) -> dict[str, Any]:
   }
   if model_type == "llama":
     config.update(attention_bias=model.qkv_bias, mlp_bias=model.mlp_bias)
+  if model_type == "qwen3":
+    config.update(attention_bias=model.qkv_bias, use_sliding_window=False)
   if model_type == "mistral":
     config["sliding_window"] = model.sliding_window
   return config
@@ -307,7 +333,10 @@ def save_causal_lm(directory: str, model: Any, variables: dict) -> None:
 FAMILY = Family(
   model_types=DECODER_TYPES,
   model_name="llama",
-  description="llama, mistral, qwen2 (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM; or their bare models)",
+  description=(
+    "llama, mistral, qwen2, qwen3 (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM; "
+    "or their bare models)"
+  ),
   architecture=decoder_arch,
   params=decoder_params,
   module_namer=decoder_module_namer,
