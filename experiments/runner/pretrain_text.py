@@ -51,9 +51,18 @@ ARCH_FIELDS = (
   "out_bias",
   "mlp_bias",
   "qk_norm",
+  "local_rope_theta",  # Gemma 2/3's fields (a checkpoint's; the embedded decoder has none).
+  "norm_offset",
+  "post_norms",
+  "activation",
+  "embed_scale",
+  "query_pre_attn_scalar",
+  "attention_softcap",
+  "final_softcap",
   "remat",
 )
-MODEL_FIELDS = ARCH_FIELDS + ("rope_scaling", "sliding_window")  # The last two converted by `decoder_from_config`.
+# The last three converted by `decoder_from_config`.
+MODEL_FIELDS = ARCH_FIELDS + ("rope_scaling", "sliding_window", "sliding_layers")
 
 
 def decoder_from_config(model_config: Mapping[str, Any], vocab_size: int | None = None) -> DecoderLM:
@@ -64,6 +73,8 @@ def decoder_from_config(model_config: Mapping[str, Any], vocab_size: int | None 
     arch["rope_scaling"] = tuple(tuple(p) for p in model_config["rope_scaling"])
   if model_config.get("sliding_window"):
     arch["sliding_window"] = int(model_config["sliding_window"])
+  if model_config.get("sliding_layers"):
+    arch["sliding_layers"] = tuple(int(s) for s in model_config["sliding_layers"])
   if vocab_size is not None:
     arch["vocab_size"] = vocab_size
   return DecoderLM(**arch)

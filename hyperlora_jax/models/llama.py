@@ -1,4 +1,5 @@
-"""A Llama-family decoder language model in Flax Linen (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, TinyLlama).
+"""A Llama-family decoder language model in Flax Linen (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 2/3,
+TinyLlama).
 
 The architecture as those checkpoints define it (and transformers' `LlamaForCausalLM`,
 `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM` compute it): token embedding; `depth` pre-norm blocks of
@@ -6,7 +7,9 @@ RMSNorm -> grouped-query self-attention with rotary position embeddings -> resid
 SwiGLU MLP (down(silu(gate(x)) * up(x))) -> residual; a final RMSNorm; an LM head, or the
 embedding table itself when tied. Attention biases on query/key/value (Qwen2: `qkv_bias`) and on
 every projection (Llama's `attention_bias`), an RMSNorm of each query and key head (Qwen3's
-`qk_norm`), a sliding window (Mistral) and rotary scaling ("linear", "llama3") are options;
+`qk_norm`), a sliding window (Mistral) and rotary scaling ("linear", "llama3") are options, and so
+are Gemma's: (1 + scale) RMSNorms also after the attention and the MLP, GeGLU, embeddings scaled
+by sqrt(width), a query scalar, logit soft-caps, sliding and global blocks with two rope bases;
 `models.hf.open_checkpoint` sets them from config.json.
 
 Module paths (what LoRA's `target_regex` matches; the default `.*attn/(query|value)` adapts q and
@@ -15,7 +18,8 @@ v, FedIT's choice):
   block_{i}/attn/{query,key,value,out}            attention projections (nn.Dense)
   block_{i}/attn/{query_norm,key_norm}            the heads' RMSNorms (qk_norm only)
   block_{i}/mlp/{gate,up,down}                    SwiGLU MLP (nn.Dense)
-  block_{i}/{attn_norm,mlp_norm}, norm            RMSNorms
+  block_{i}/{attn_norm,mlp_norm}, norm            RMSNorms (Gemma: attn_norm, attn_post_norm,
+                                                  mlp_pre_norm, mlp_post_norm)
   lm_head                                         untied LM head (nn.Dense, no bias)
 
 Shapes: B sequences of T tokens; `input_ids` int [B, T]; `attention_mask` [B, T] (1 = a real
@@ -42,16 +46,22 @@ Cache = dict  # {"k": [depth, B, S, kv_heads, head_dim], "v": same, "mask": [B, 
 
 
 class RMSNorm(nn.Module):
-  """x / sqrt(mean(x²) + eps) * scale, computed in float32 (transformers' LlamaRMSNorm)."""
+  """x / sqrt(mean(x²) + eps) * scale, computed in float32 (transformers' LlamaRMSNorm); with
+  `offset` (Gemma's 1), x / sqrt(...) * (offset + scale), cast to x's dtype last (GemmaRMSNorm,
+  whose checkpoints hold the scale as a difference from 1, and whose scale starts at 0)."""
 
   eps: float = 1e-6
+  offset: float = 0.0
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """x: [..., D] -> [..., D], in x's dtype."""
-    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    init = nn.initializers.zeros if self.offset else nn.initializers.ones
+    scale = self.param("scale", init, (x.shape[-1],), jnp.float32)
     h = x.astype(jnp.float32)
     h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+    if self.offset:
+      return (h * (self.offset + scale)).astype(x.dtype)
     return scale.astype(x.dtype) * h.astype(x.dtype)
 
 
@@ -126,7 +136,9 @@ def attention_mask_for(
   return allowed[None, None] & key_mask[:, None, None, :].astype(bool)
 
 
-def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, bias: jnp.ndarray) -> jnp.ndarray:
+def attend(
+  q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, bias: jnp.ndarray, scale: float = 0.0, softcap: float = 0.0
+) -> jnp.ndarray:
   """Grouped-query attention: q [B, T, H, hd], k and v [B, S, K, hd] (K divides H; query head h
   reads key/value head h // (H / K)), bias float32 [B, 1, T, S] (0 where allowed, the float32
   minimum where not) -> [B, T, H, hd]. Logits and softmax in float32, the weights then in v's
@@ -137,9 +149,15 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, bias: jnp.ndarray) ->
   logits back and forth), and a hand-written backward (`_attention_core`): XLA's derivative
   of the masked softmax ran twice as slow on the CPU (measured on the embedded decoder).
 
+  Gemma's options: `scale` multiplies the logits instead of 1 / sqrt(hd) (query_pre_attn_scalar
+  ** -0.5), and `softcap` c caps them, c tanh(logits / c), before the mask (Gemma 2's
+  attn_logit_softcapping); capped attention is differentiated by XLA.
+
   Args:
     q: [B, T, H, hd]; k, v: [B, S, K, hd].
     bias: float32 [B, 1, T, S].
+    scale: the logits' scale (0: 1 / sqrt(hd)).
+    softcap: c (0: none).
   Returns:
     [B, T, H, hd].
   """
@@ -147,7 +165,18 @@ def attend(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, bias: jnp.ndarray) ->
   heads_first = lambda t: jnp.swapaxes(t, 1, 2)
   keys = jnp.repeat(heads_first(k), groups, axis=1)  # [B, H, S, hd]
   values = jnp.repeat(heads_first(v), groups, axis=1)
+  if scale:  # The core divides by sqrt(hd).
+    q = (q.astype(jnp.float32) * (scale * math.sqrt(q.shape[-1]))).astype(q.dtype)
+  if softcap:
+    return heads_first(_capped_attention(heads_first(q), keys, values, bias, softcap))
   return heads_first(_attention_core(heads_first(q), keys, values, bias))
+
+
+def _capped_attention(q, k, v, bias, softcap: float):
+  """softmax(c tanh(q kᵀ / (sqrt(hd) c)) + bias) v: [B, H, T, hd] of q [B, H, T, hd], k, v [B, H, S, hd]."""
+  logits = (q @ jnp.swapaxes(k, -1, -2)).astype(jnp.float32) / math.sqrt(q.shape[-1])
+  weights = jax.nn.softmax(softcap * jnp.tanh(logits / softcap) + bias, axis=-1)
+  return weights.astype(v.dtype) @ v
 
 
 def _attention_weights(q, k, bias):
@@ -192,7 +221,10 @@ class Attention(nn.Module):
   qkv_bias: bool = False
   out_bias: bool = False
   sliding_window: int | None = None
-  qk_norm_eps: float = 0.0  # > 0: an RMSNorm of each query and key head (Qwen3), this epsilon.
+  qk_norm_eps: float = 0.0  # > 0: an RMSNorm of each query and key head (Qwen3, Gemma 3), this epsilon.
+  norm_offset: float = 0.0  # Those norms' `RMSNorm.offset`.
+  scale: float = 0.0  # The logits' scale (0: 1 / sqrt(head_dim)).
+  softcap: float = 0.0  # Gemma 2's attention logit cap (0: none).
 
   @nn.compact
   def __call__(self, x, positions, inv_freq, query_slots, key_mask, cache=None):
@@ -207,8 +239,8 @@ class Attention(nn.Module):
     q = q.reshape(batch, tokens, self.num_heads, self.head_dim)
     k = k.reshape(batch, tokens, self.num_kv_heads, self.head_dim)
     if self.qk_norm_eps:  # Over head_dim, one scale shared by the heads, before the rotation.
-      q = RMSNorm(self.qk_norm_eps, name="query_norm")(q)
-      k = RMSNorm(self.qk_norm_eps, name="key_norm")(k)
+      q = RMSNorm(self.qk_norm_eps, self.norm_offset, name="query_norm")(q)
+      k = RMSNorm(self.qk_norm_eps, self.norm_offset, name="key_norm")(k)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     v = v.reshape(batch, tokens, self.num_kv_heads, self.head_dim)
     if cache is not None:  # Write this call's keys and values at their slots.
@@ -217,21 +249,28 @@ class Attention(nn.Module):
     key_slots = jnp.arange(k.shape[1])
     mask = attention_mask_for(query_slots, key_slots, key_mask, self.sliding_window)  # [B, 1, T, S]
     bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)
-    attended = attend(q, k.astype(q.dtype), v.astype(x.dtype), bias)
+    attended = attend(q, k.astype(q.dtype), v.astype(x.dtype), bias, self.scale, self.softcap)
     out = dense(width, self.out_bias, "out")(attended.reshape(batch, tokens, self.num_heads * self.head_dim))
     return out, (None if cache is None else (k, v))
 
 
+ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": lambda x: nn.gelu(x, approximate=True)}
+
+
 class SwiGLU(nn.Module):
+  """down(act(gate(x)) * up(x)): SwiGLU with silu, GeGLU with "gelu_tanh" (Gemma's
+  gelu_pytorch_tanh)."""
+
   hidden: int
   bias: bool = False
+  activation: str = "silu"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    """x: [..., D] -> down(silu(gate(x)) * up(x)): [..., D]."""
+    """x: [..., D] -> down(act(gate(x)) * up(x)): [..., D]."""
     gate = nn.Dense(self.hidden, use_bias=self.bias, name="gate")(x)
     up = nn.Dense(self.hidden, use_bias=self.bias, name="up")(x)
-    return nn.Dense(x.shape[-1], use_bias=self.bias, name="down")(nn.silu(gate) * up)
+    return nn.Dense(x.shape[-1], use_bias=self.bias, name="down")(ACTIVATIONS[self.activation](gate) * up)
 
 
 class DecoderBlock(nn.Module):
@@ -245,10 +284,18 @@ class DecoderBlock(nn.Module):
   mlp_bias: bool = False
   sliding_window: int | None = None
   qk_norm: bool = False
+  norm_offset: float = 0.0
+  post_norms: bool = False
+  activation: str = "silu"
+  attention_scale: float = 0.0
+  attention_softcap: float = 0.0
 
   @nn.compact
   def __call__(self, x, positions, inv_freq, query_slots, key_mask, cache=None):
-    """x [B, T, D] -> ([B, T, D], updated cache or None); arguments as `Attention`'s."""
+    """x [B, T, D] -> ([B, T, D], updated cache or None); arguments as `Attention`'s. With
+    `post_norms` (Gemma 2/3), the attention's and the MLP's outputs are normed too before each
+    residual add (norms attn_norm, attn_post_norm, mlp_pre_norm, mlp_post_norm)."""
+    norm = lambda name: RMSNorm(self.rms_norm_eps, self.norm_offset, name=name)
     attended, cache = Attention(
       self.num_heads,
       self.num_kv_heads,
@@ -257,11 +304,17 @@ class DecoderBlock(nn.Module):
       self.out_bias,
       self.sliding_window,
       self.rms_norm_eps if self.qk_norm else 0.0,
+      self.norm_offset,
+      self.attention_scale,
+      self.attention_softcap,
       name="attn",
-    )(RMSNorm(self.rms_norm_eps, name="attn_norm")(x), positions, inv_freq, query_slots, key_mask, cache)
-    x = x + attended
-    x = x + SwiGLU(self.mlp_dim, self.mlp_bias, name="mlp")(RMSNorm(self.rms_norm_eps, name="mlp_norm")(x))
-    return x, cache
+    )(norm("attn_norm")(x), positions, inv_freq, query_slots, key_mask, cache)
+    mlp = SwiGLU(self.mlp_dim, self.mlp_bias, self.activation, name="mlp")
+    if not self.post_norms:
+      x = x + attended
+      return x + mlp(norm("mlp_norm")(x)), cache
+    x = x + norm("attn_post_norm")(attended)
+    return x + norm("mlp_post_norm")(mlp(norm("mlp_pre_norm")(x))), cache
 
 
 class DecoderLM(nn.Module):
@@ -285,7 +338,20 @@ class DecoderLM(nn.Module):
     sliding_window: each token attends to at most this many tokens (itself included; Mistral);
       None: all before it.
     qk_norm: an RMSNorm (`rms_norm_eps`) of each query and key head over head_dim before the
-      rotation, one scale [head_dim] shared by the heads (Qwen3).
+      rotation, one scale [head_dim] shared by the heads (Qwen3, Gemma 3).
+    sliding_layers: per block, 1 if it attends within `sliding_window`, 0 if to every token
+      before it (Gemma 2: (1, 0, 1, 0, ...); Gemma 3: five of six); (): every block alike.
+    local_rope_theta: the rotary base of the sliding blocks, unscaled (Gemma 3's
+      rope_local_base_freq); 0: `rope_theta` and `rope_scaling` everywhere.
+    norm_offset: every RMSNorm multiplies by (offset + scale) (Gemma: 1, scales stored as
+      differences from 1).
+    post_norms: Gemma 2/3's norms of the attention's and the MLP's outputs.
+    activation: the gated MLP's, "silu" (SwiGLU) or "gelu_tanh" (Gemma's GeGLU).
+    embed_scale: the embeddings are multiplied by sqrt(width) (Gemma; the tied head is not).
+    query_pre_attn_scalar: attention logits scaled by its -1/2 power instead of head_dim's
+      (Gemma); 0: head_dim.
+    attention_softcap: attention logits capped to c tanh(logits / c) (Gemma 2); 0: none.
+    final_softcap: the output logits capped likewise (Gemma 2); 0: none.
     remat: recompute each block's activations in the backward pass (less memory).
     dtype: the activations' dtype (e.g. bfloat16 with bfloat16 weights); logits are float32.
   """
@@ -306,6 +372,15 @@ class DecoderLM(nn.Module):
   mlp_bias: bool = False
   sliding_window: int | None = None
   qk_norm: bool = False
+  sliding_layers: tuple = ()
+  local_rope_theta: float = 0.0
+  norm_offset: float = 0.0
+  post_norms: bool = False
+  activation: str = "silu"
+  embed_scale: bool = False
+  query_pre_attn_scalar: float = 0.0
+  attention_softcap: float = 0.0
+  final_softcap: float = 0.0
   remat: bool = False
   dtype: Any = jnp.float32
 
@@ -365,12 +440,18 @@ class DecoderLM(nn.Module):
       offset = jnp.sum(cache["mask"], axis=1, keepdims=True)
     if positions is None:
       positions = offset + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    if self.sliding_layers and len(self.sliding_layers) != self.depth:
+      raise ValueError(f"sliding_layers has {len(self.sliding_layers)} entries for depth={self.depth}")
     embed = nn.Embed(self.vocab_size, self.width, name="embed")
     x = embed(input_ids).astype(self.dtype)
-    inv_freq = rope_frequencies(self.head_width, self.rope_theta, self.rope_scaling)
+    if self.embed_scale:
+      x = x * jnp.asarray(math.sqrt(self.width), self.dtype)
+    global_freq = rope_frequencies(self.head_width, self.rope_theta, self.rope_scaling)
+    local_freq = rope_frequencies(self.head_width, self.local_rope_theta) if self.local_rope_theta else global_freq
     block = nn.remat(DecoderBlock) if self.remat else DecoderBlock
     new_k, new_v = [], []
     for i in range(self.depth):
+      sliding = bool(self.sliding_layers[i]) if self.sliding_layers else self.sliding_window is not None
       layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
       x, layer_cache = block(
         self.num_heads,
@@ -381,20 +462,27 @@ class DecoderLM(nn.Module):
         self.qkv_bias,
         self.out_bias,
         self.mlp_bias,
-        self.sliding_window,
+        self.sliding_window if sliding else None,
         self.qk_norm,
+        self.norm_offset,
+        self.post_norms,
+        self.activation,
+        self.query_pre_attn_scalar**-0.5 if self.query_pre_attn_scalar else 0.0,
+        self.attention_softcap,
         name=f"block_{i}",
-      )(x, positions, inv_freq, query_slots, key_mask, layer_cache)
+      )(x, positions, local_freq if sliding else global_freq, query_slots, key_mask, layer_cache)
       if layer_cache is not None:
         new_k.append(layer_cache[0])
         new_v.append(layer_cache[1])
-    hidden = RMSNorm(self.rms_norm_eps, name="norm")(x)
+    hidden = RMSNorm(self.rms_norm_eps, self.norm_offset, name="norm")(x)
     if return_hidden:
       out = hidden
     elif self.tie_embeddings:
       out = embed.attend(hidden.astype(jnp.float32)).astype(jnp.float32)
     else:
       out = nn.Dense(self.vocab_size, use_bias=False, name="lm_head")(hidden).astype(jnp.float32)
+    if self.final_softcap and not return_hidden:
+      out = self.final_softcap * jnp.tanh(out / self.final_softcap)
     if cache is None:
       return out
     return out, {"k": jnp.stack(new_k), "v": jnp.stack(new_v), "mask": key_mask, "index": cache["index"] + tokens}

@@ -1,4 +1,5 @@
-"""Llama-family decoders (model_type "llama", "mistral", "qwen2", "qwen3"; *ForCausalLM or the bare model)
+"""Llama-family decoders (model_type "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text";
+*ForCausalLM or the bare model)
 as `models.llama.DecoderLM`, both ways: `decoder_arch` / `decoder_params` read a checkpoint,
 `decoder_config` / `save_causal_lm` write one that transformers' `AutoModelForCausalLM` and
 `load_causal_lm` read. Module names are transformers' (the same in 4 and 5)."""
@@ -74,7 +75,44 @@ DEFAULTS = {
     "attention_bias": False,
     "use_sliding_window": False,
   },
+  "gemma2": {  # Gemma2Config's: alternating sliding / global blocks, logits capped, norms after too.
+    "vocab_size": 256000,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "final_logit_softcapping": 30.0,
+    "attn_logit_softcapping": 50.0,
+  },
+  "gemma3_text": {  # Gemma3TextConfig's: five sliding blocks of six, two rope bases, heads' norms.
+    "vocab_size": 262208,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "rope_local_base_freq": 10000.0,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "sliding_window_pattern": 6,
+  },
 }
+GEMMA_TYPES = ("gemma2", "gemma3_text")
 DECODER_TYPES = tuple(DEFAULTS)
 
 _BLOCK = {
@@ -89,15 +127,20 @@ _BLOCK = {
   "mlp/down": "mlp.down_proj",
   "attn_norm": "input_layernorm",
   "mlp_norm": "post_attention_layernorm",
+  "attn_post_norm": "post_attention_layernorm",  # Gemma's four norms: input_layernorm (attn_norm) and these.
+  "mlp_pre_norm": "pre_feedforward_layernorm",
+  "mlp_post_norm": "post_feedforward_layernorm",
 }
 # Buffers older checkpoints saved (a tied model's saved lm_head is dropped too: `decoder_params`).
 _DROPPED = ("rotary_emb.inv_freq",)
 
 
 def _rope(config: dict) -> tuple[float, tuple]:
-  """(rope_theta, rope_scaling pairs) of a config: transformers 5's `rope_parameters`, or 4.x's
-  `rope_theta` and `rope_scaling`."""
+  """(rope_theta, rope_scaling pairs) of a config: transformers 5's `rope_parameters` (Gemma 3's
+  per layer type: the full-attention blocks'), or 4.x's `rope_theta` and `rope_scaling`."""
   parameters = dict(config.get("rope_parameters") or {})
+  if "full_attention" in parameters:
+    parameters = dict(parameters["full_attention"])
   if not parameters:
     parameters = {**(config.get("rope_scaling") or {}), "rope_theta": config["rope_theta"]}
   theta = float(parameters.pop("rope_theta", config.get("rope_theta", 10000.0)))
@@ -138,15 +181,18 @@ def decoder_arch(config: dict) -> dict[str, Any]:
   # where null means something: Mistral v0.2/v0.3's `sliding_window: null` is full attention.
   explicit_null = {k for k, v in config.items() if v is None}
   config = {**DEFAULTS[model_type], **{k: v for k, v in config.items() if v is not None}}
-  if config["hidden_act"] != "silu":
-    raise CheckpointError(f"config.json hidden_act={config['hidden_act']!r}; supported: 'silu' (SwiGLU)")
+  gemma = model_type in GEMMA_TYPES
+  activation = config.get("hidden_activation", config.get("hidden_act")) if gemma else config["hidden_act"]
+  wanted = "gelu_pytorch_tanh" if gemma else "silu"
+  if activation != wanted:
+    raise CheckpointError(f"config.json hidden_act={activation!r}; supported: {wanted!r} for {model_type}")
   if config.get("partial_rotary_factor", 1.0) != 1.0:
     raise CheckpointError("config.json partial_rotary_factor != 1 is not supported")
   heads = int(config["num_attention_heads"])
   theta, scaling = _rope(config)
   window = None
   if model_type == "mistral" and "sliding_window" not in explicit_null:
-    window = config.get("sliding_window")
+    window = config.get("sliding_window")  # Gemma's: `_gemma_arch`.
   elif model_type in ("qwen2", "qwen3") and config.get("use_sliding_window"):
     raise CheckpointError(f"config.json use_sliding_window=True ({model_type}'s per-layer window) is not supported")
   qkv_bias = bool(config.get("attention_bias", False)) or model_type == "qwen2"
@@ -167,7 +213,45 @@ def decoder_arch(config: dict) -> dict[str, Any]:
     "mlp_bias": bool(config.get("mlp_bias", False)),
     "sliding_window": None if window is None else int(window),
     **({"qk_norm": True} if model_type == "qwen3" else {}),  # Absent otherwise: configs and cache keys as before.
+    **(_gemma_arch(model_type, config, explicit_null) if gemma else {}),
   }
+
+
+def _gemma_arch(model_type: str, config: dict, explicit_null: set) -> dict[str, Any]:
+  """The `DecoderLM` fields Gemma 2 and Gemma 3 (text) add: their norms (offset 1, after the
+  attention and the MLP too), GeGLU, embeddings scaled by sqrt(width), logits scaled by
+  query_pre_attn_scalar^-1/2 and (Gemma 2) capped, the sliding blocks (config.json's
+  `layer_types`, or transformers' rule from the pattern: Gemma 2 every other block from the
+  first, Gemma 3 all but every sixth), Gemma 3's heads' norms and local rope base."""
+  depth = int(config["num_hidden_layers"])
+  pattern = 2 if model_type == "gemma2" else int(config.get("sliding_window_pattern", 6))
+  types = config.get("layer_types") or [
+    "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(depth)
+  ]
+  unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+  if unknown or len(types) != depth:
+    raise CheckpointError(f"config.json layer_types {types}: one of sliding_attention / full_attention per layer")
+  if config.get("use_bidirectional_attention"):
+    raise CheckpointError("config.json use_bidirectional_attention=True (an embedding model) is not supported")
+  window = None if "sliding_window" in explicit_null else config.get("sliding_window")
+  arch: dict[str, Any] = {
+    "sliding_window": None if window is None else int(window),
+    "sliding_layers": tuple(int(t == "sliding_attention") for t in types) if window is not None else (),
+    "norm_offset": 1.0,
+    "post_norms": True,
+    "activation": "gelu_tanh",
+    "embed_scale": True,
+    "query_pre_attn_scalar": float(config["query_pre_attn_scalar"]),
+    "attention_softcap": float(config.get("attn_logit_softcapping") or 0.0),
+    "final_softcap": float(config.get("final_logit_softcapping") or 0.0),
+  }
+  if model_type == "gemma3_text":
+    parameters = config.get("rope_parameters") or {}
+    local = (parameters.get("sliding_attention") or {}) if "sliding_attention" in parameters else {}
+    if local.get("rope_type", "default") != "default":
+      raise CheckpointError(f"config.json: scaled rope {local['rope_type']!r} on the sliding layers is not supported")
+    arch.update(qk_norm=True, local_rope_theta=float(local.get("rope_theta", config["rope_local_base_freq"])))
+  return arch
 
 
 def decoder_module_name(path: str, prefix: str = "model.") -> str | None:
@@ -181,7 +265,7 @@ def decoder_module_name(path: str, prefix: str = "model.") -> str | None:
   Returns:
     The module name, or None.
   """
-  m = re.fullmatch(r"block_(\d+)/(attn/\w+|mlp/\w+|attn_norm|mlp_norm)", path)
+  m = re.fullmatch(r"block_(\d+)/(attn/\w+|mlp/\w+|attn_norm|mlp_norm|attn_post_norm|mlp_pre_norm|mlp_post_norm)", path)
   if m and m.group(2) in _BLOCK:
     return f"{prefix}layers.{m.group(1)}.{_BLOCK[m.group(2)]}"
   return {"embed": f"{prefix}embed_tokens", "norm": f"{prefix}norm", "lm_head": "lm_head"}.get(path)
@@ -254,8 +338,8 @@ def load_causal_lm(checkpoint: Any, dtype: Any = None, **overrides) -> tuple[Any
 
 def decoder_config(model: Any) -> dict[str, Any]:
   """A transformers config.json for a `DecoderLM` (model_type "llama"; "qwen2" for biases on
-  q/k/v only; "qwen3" with qk_norm; "mistral" with a sliding window), readable back by
-  `decoder_arch`.
+  q/k/v only; "qwen3" with qk_norm; "mistral" with a sliding window; "gemma2" / "gemma3_text"
+  with Gemma's norms), readable back by `decoder_arch`.
 
   Args:
     model: a `DecoderLM`.
@@ -264,6 +348,11 @@ def decoder_config(model: Any) -> dict[str, Any]:
   Raises:
     ValueError: an architecture no transformers family has.
   """
+  if model.norm_offset or model.post_norms:
+    return _gemma_config(model)
+  gemma_only = ("sliding_layers", "local_rope_theta", "embed_scale", "query_pre_attn_scalar", "attention_softcap")
+  if model.activation != "silu" or model.final_softcap or any(getattr(model, f) for f in gemma_only):
+    raise ValueError("Gemma's options without its norms (norm_offset=1, post_norms) have no transformers family")
   if model.sliding_window and (model.qkv_bias or model.out_bias or model.mlp_bias or model.qk_norm):
     raise ValueError("a sliding window with biases or qk_norm has no transformers family (Mistral has neither)")
   if model.qk_norm:
@@ -305,6 +394,51 @@ def decoder_config(model: Any) -> dict[str, Any]:
   return config
 
 
+def _int_if_whole(x: float) -> float | int:
+  return int(x) if float(x).is_integer() else x
+
+
+def _gemma_config(model: Any) -> dict[str, Any]:
+  """`decoder_config` of a Gemma 2 (no heads' norms) or Gemma 3 text model."""
+  gemma3 = bool(model.qk_norm)
+  wanted = dict(norm_offset=1.0, post_norms=True, activation="gelu_tanh", embed_scale=True, mlp_bias=False)
+  wrong = [f"{k}={getattr(model, k)!r}" for k, v in wanted.items() if getattr(model, k) != v]
+  if wrong or model.qkv_bias != model.out_bias or (gemma3 and model.attention_softcap):
+    raise ValueError(f"no Gemma has {', '.join(wrong) or 'these biases or caps'}")
+  model_type = "gemma3_text" if gemma3 else "gemma2"
+  scaling = dict(model.rope_scaling) if model.rope_scaling else None
+  types = ["sliding_attention" if s else "full_attention" for s in model.sliding_layers] or (
+    ["sliding_attention" if model.sliding_window else "full_attention"] * model.depth
+  )
+  config = {
+    "model_type": model_type,
+    "architectures": ["Gemma3ForCausalLM" if gemma3 else "Gemma2ForCausalLM"],
+    "vocab_size": model.vocab_size,
+    "hidden_size": model.width,
+    "intermediate_size": model.mlp_dim,
+    "num_hidden_layers": model.depth,
+    "num_attention_heads": model.num_heads,
+    "num_key_value_heads": model.kv_heads,
+    "head_dim": model.head_width,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "rms_norm_eps": model.rms_norm_eps,
+    "rope_theta": model.rope_theta,
+    "rope_scaling": scaling,
+    "tie_word_embeddings": model.tie_embeddings,
+    "attention_bias": model.qkv_bias,
+    "query_pre_attn_scalar": _int_if_whole(model.query_pre_attn_scalar or model.head_width),  # transformers 5: an int.
+    "sliding_window": model.sliding_window or 4096,
+    "layer_types": types,
+    "attn_logit_softcapping": model.attention_softcap or None,
+    "final_logit_softcapping": model.final_softcap or None,
+    "max_position_embeddings": 4096,
+    "torch_dtype": "float32",
+  }
+  if gemma3:
+    config["rope_local_base_freq"] = model.local_rope_theta or model.rope_theta
+  return config
+
+
 def save_causal_lm(directory: str, model: Any, variables: dict) -> None:
   """Writes a `DecoderLM` as a Hugging Face checkpoint: config.json (`decoder_config`) and
   model.safetensors with transformers' tensor names and layouts (LlamaForCausalLM's, the
@@ -334,8 +468,8 @@ FAMILY = Family(
   model_types=DECODER_TYPES,
   model_name="llama",
   description=(
-    "llama, mistral, qwen2, qwen3 (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM; "
-    "or their bare models)"
+    "llama, mistral, qwen2, qwen3, gemma2, gemma3_text (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+    "Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM; or their bare models)"
   ),
   architecture=decoder_arch,
   params=decoder_params,

@@ -16,7 +16,7 @@ from configs import instruction_tuning
 from experiments.runner.train import train_and_evaluate
 from hyperlora_jax import lora, peft
 from hyperlora_jax.models import hf
-from hyperlora_jax.models.llama import DecoderLM, generate
+from hyperlora_jax.models.llama import generate
 
 from tests.repo_paths import FIXTURES
 
@@ -45,79 +45,158 @@ def _apply(model, variables, outputs, adapter=None, scale=1.0):
   return lora.apply(model, variables, adapter, ids, mask, scale=scale)
 
 
-def test_qwen3s_architecture_and_logits_are_the_references(outputs):
-  """Qwen3-0.6B's shape in small: head_dim 12 != 32 / 4 (a loader deriving it from the width
-  could not even load q_proj), 2 key/value heads, tied table, rope_theta 1e6; and the heads'
-  norms: the same weights without them miss the reference far beyond the tolerance."""
-  model, variables, dropped = hf.load_causal_lm(QWEN3)
-  assert dropped == [] and (model.qk_norm, model.head_width, model.kv_heads) == (True, 12, 2)
-  assert (model.tie_embeddings, model.rope_theta, model.qkv_bias) == (True, 1e6, False)
+FAMILIES = ("hf_qwen3", "hf_gemma2", "hf_gemma3")
+# What each fixture's config.json must give (a loader falling back to a default fails here).
+ARCHITECTURES = {
+  "hf_qwen3": dict(qk_norm=True, head_dim=12, num_kv_heads=2, tie_embeddings=True, rope_theta=1e6, qkv_bias=False),
+  "hf_gemma2": dict(
+    sliding_window=4,
+    sliding_layers=(1, 0, 1),
+    norm_offset=1.0,
+    post_norms=True,
+    activation="gelu_tanh",
+    embed_scale=True,
+    query_pre_attn_scalar=10.0,
+    attention_softcap=1.5,
+    final_softcap=3.0,
+    qk_norm=False,
+  ),
+  "hf_gemma3": dict(
+    sliding_window=4,
+    sliding_layers=(1, 1, 0),
+    qk_norm=True,
+    norm_offset=1.0,
+    rope_theta=1e6,
+    rope_scaling=(("rope_type", "linear"), ("factor", 8.0)),
+    local_rope_theta=10000.0,
+    query_pre_attn_scalar=10.0,
+    attention_softcap=0.0,
+    final_softcap=0.0,
+  ),
+}
+# Each option the family adds, undone on the same weights: the logits then miss the reference.
+UNDONE = [
+  ("hf_gemma2", dict(attention_softcap=0.0)),
+  ("hf_gemma2", dict(final_softcap=0.0)),
+  ("hf_gemma2", dict(sliding_layers=(1, 1, 1))),
+  ("hf_gemma2", dict(query_pre_attn_scalar=0.0)),
+  ("hf_gemma2", dict(embed_scale=False)),
+  ("hf_gemma2", dict(activation="silu")),
+  ("hf_gemma3", dict(local_rope_theta=0.0)),
+  ("hf_gemma3", dict(sliding_layers=())),
+  ("hf_gemma3", dict(rope_scaling=())),
+]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_each_familys_architecture_and_logits_are_the_references(name, outputs):
+  """Small checkpoints shaped as the real ones are (head_dim 12 != 32 / 4, 2 key/value heads,
+  tied tables, Gemma's sliding and global blocks with a window of 4 < 12 tokens): the
+  architecture comes from config.json, and the logits are transformers' (real tokens)."""
+  model, variables, dropped = hf.load_causal_lm(os.path.join(FIXTURES, name))
+  assert dropped == [] and model.head_width == 12 and model.kv_heads == 2 and model.tie_embeddings
+  assert {k: getattr(model, k) for k in ARCHITECTURES[name]} == ARCHITECTURES[name]
+  got = _real(outputs, _apply(model, variables, outputs))
+  assert _relative_error(got, _real(outputs, outputs[f"{name}_output"])) <= TOLERANCE
+
+
+@pytest.mark.parametrize("name, change", UNDONE, ids=lambda x: x if isinstance(x, str) else ",".join(x))
+def test_every_option_a_family_adds_changes_its_logits(name, change, outputs):
+  """Gemma's caps, windows, query scalar, embedding scale, GeGLU, two rope bases and global
+  scaling each bind on these fixtures: undone, the logits miss the reference by > 1e-3."""
+  model, variables, _ = hf.load_causal_lm(os.path.join(FIXTURES, name))
+  got = _real(outputs, _apply(model.clone(**change), variables, outputs))
+  assert _relative_error(got, _real(outputs, outputs[f"{name}_output"])) > 1e-3
+
+
+def test_the_heads_norms_bind():
+  """Qwen3's (and Gemma 3's) RMSNorm of each query and key head: without it, on the same
+  weights, the logits miss the reference far beyond the tolerance."""
+  with np.load(os.path.join(FIXTURES, "hf_families_outputs.npz")) as f:
+    outputs = dict(f)
+  model, variables, _ = hf.load_causal_lm(QWEN3)
   assert variables["params"]["block_0"]["attn"]["query_norm"]["scale"].shape == (12,)
-  want = _real(outputs, outputs["hf_qwen3_output"])
-  assert _relative_error(_real(outputs, _apply(model, variables, outputs)), want) <= TOLERANCE
   flat = traverse_util.flatten_dict(variables["params"], sep="/")
   without = traverse_util.unflatten_dict(
-    {k: v for k, v in flat.items() if "_norm/scale" not in k or "attn/" not in k}, sep="/"
+    {k: v for k, v in flat.items() if not k.endswith(("query_norm/scale", "key_norm/scale"))}, sep="/"
   )
-  unnormed = DecoderLM(**{**hf.open_checkpoint(QWEN3).architecture, "qk_norm": False})
-  assert _relative_error(_real(outputs, _apply(unnormed, {"params": without}, outputs)), want) > 1e-2
+  got = _real(outputs, _apply(model.clone(qk_norm=False), {"params": without}, outputs))
+  assert _relative_error(got, _real(outputs, outputs["hf_qwen3_output"])) > 1e-2
 
 
-def test_qwen3_generates_the_references_tokens(outputs):
-  model, variables, _ = hf.load_causal_lm(QWEN3)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_each_family_generates_the_references_tokens(name, outputs):
+  model, variables, _ = hf.load_causal_lm(os.path.join(FIXTURES, name))
   tokens = generate(
     lambda *a: model.apply(variables, *a[:2], cache=a[2]),
     model,
     jnp.asarray(outputs["prompt_ids"]),
     jnp.asarray(outputs["prompt_mask"]),
-    max_new_tokens=outputs["qwen3_generated"].shape[1],
+    max_new_tokens=outputs[f"{name}_generated"].shape[1],
   )
-  np.testing.assert_array_equal(np.asarray(tokens), outputs["qwen3_generated"])
+  np.testing.assert_array_equal(np.asarray(tokens), outputs[f"{name}_generated"])
 
 
-def test_qwen3_adapters_go_both_ways(outputs):
-  """The project's export (q, k, v: 32 -> 48 / 24 / 24, down: 40 -> 32) attached by
-  `peft.PeftModel.from_pretrained`, and peft's own (q, k, up) read by the project: each gives
-  the reference's adapted logits; the heads' norms are no LoRA target (they are not layers)."""
-  model, variables, _ = hf.load_causal_lm(QWEN3)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_adapters_go_both_ways(name, outputs):
+  """The project's export (the tied embedding table, q, k, v: 32 -> 48 / 24 / 24, down: 40 -> 32)
+  attached by `peft.PeftModel.from_pretrained`, and peft's own (q, k, up) read by the project:
+  each gives the reference's adapted logits. The heads' norms are no LoRA target (not layers)."""
+  model, variables, _ = hf.load_causal_lm(os.path.join(FIXTURES, name))
   names = hf.module_namer("llama")
   assert names("block_1/attn/key_norm") == "model.layers.1.self_attn.k_norm"
-  adapter, config = peft.load_peft(os.path.join(FIXTURES, "hf_qwen3_adapter"))
+  assert names("block_1/mlp_pre_norm") == "model.layers.1.pre_feedforward_layernorm"
+  adapter, config = peft.load_peft(os.path.join(FIXTURES, f"{name}_adapter"))
   assert adapter["block_0/attn/query"]["b"].shape == (2, 48) and config["task_type"] == "CAUSAL_LM"
+  assert "embed" in adapter and config["ensure_weight_tying"]
   got = _apply(model, variables, outputs, adapter, peft.scale_from_config(config))
-  assert _relative_error(_real(outputs, got), _real(outputs, outputs["hf_qwen3_adapted_output"])) <= TOLERANCE
+  assert _relative_error(_real(outputs, got), _real(outputs, outputs[f"{name}_adapted_output"])) <= TOLERANCE
   ids = jnp.asarray(outputs["input_ids"])
   paths = lora.find_targets(model, variables, ids, target_regex=r"block_\d+/(attn/(query|key|value|out)|mlp/\w+)")
-  theirs, config = peft.load_peft(os.path.join(FIXTURES, "hf_qwen3_peft_adapter"), paths=list(paths), module_name=names)
-  assert sorted(theirs) == sorted(f"block_{i}/{m}" for i in range(2) for m in ("attn/query", "attn/key", "mlp/up"))
+  directory = os.path.join(FIXTURES, f"{name}_peft_adapter")
+  theirs, config = peft.load_peft(directory, paths=list(paths), module_name=names)
+  assert sorted(theirs) == sorted(
+    f"block_{i}/{m}" for i in range(model.depth) for m in ("attn/query", "attn/key", "mlp/up")
+  )
   got = _apply(model, variables, outputs, theirs, peft.scale_from_config(config))
-  assert _relative_error(_real(outputs, got), _real(outputs, outputs["hf_qwen3_peft_adapted_output"])) <= TOLERANCE
+  assert _relative_error(_real(outputs, got), _real(outputs, outputs[f"{name}_peft_adapted_output"])) <= TOLERANCE
 
 
-def test_a_saved_qwen3_is_read_back_as_qwen3(tmp_path):
-  """`save_causal_lm` writes model_type qwen3 (the fixture script loads it in transformers:
-  versions.json's saved_qwen3_loaded_by_transformers); the heads' norms keep their names."""
-  model, variables, _ = hf.load_causal_lm(QWEN3)
+@pytest.mark.parametrize(
+  "name, model_type, architecture",
+  [
+    ("hf_qwen3", "qwen3", "Qwen3ForCausalLM"),
+    ("hf_gemma2", "gemma2", "Gemma2ForCausalLM"),
+    ("hf_gemma3", "gemma3_text", "Gemma3ForCausalLM"),
+  ],
+)
+def test_a_saved_decoder_is_read_back_as_its_family(name, model_type, architecture, tmp_path):
+  """`save_causal_lm` writes the family's config.json (the fixture script loads it in
+  transformers: versions.json's saved_*_loaded_by_transformers, 0.0); read back, the same
+  model and weights."""
+  model, variables, _ = hf.load_causal_lm(os.path.join(FIXTURES, name))
   hf.save_causal_lm(str(tmp_path), model, variables)
   config = json.loads((tmp_path / "config.json").read_text())
-  assert config["model_type"] == "qwen3" and config["architectures"] == ["Qwen3ForCausalLM"]
+  assert config["model_type"] == model_type and config["architectures"] == [architecture]
   again, reloaded, _ = hf.load_causal_lm(str(tmp_path))
   assert again == model
   jax.tree.map(np.testing.assert_array_equal, reloaded, variables)
-  with pytest.raises(ValueError, match="Qwen3 has no MLP biases"):
+  with pytest.raises(ValueError, match="no Gemma has|Qwen3 has no MLP biases"):
     hf.decoder_config(model.clone(mlp_bias=True))
 
 
-@pytest.mark.parametrize("method", ["fedit", "hyperlora"])
-def test_fedit_and_hyperlora_run_on_a_qwen3_directory_as_the_readme_says(method, tmp_path, cache_dirs):
-  """`--config configs/instruction_tuning.py:smoke,method=...,checkpoint=DIR` on the Qwen3
-  directory (its tokenizer beside it): the run's model block is Qwen3's, it trains (the loss
-  falls) and evaluates on the embedded records."""
-  config = instruction_tuning.get_config(f"smoke,method={method},rounds=2,checkpoint={QWEN3}")
+@pytest.mark.parametrize("name, method", [("hf_qwen3", "fedit"), ("hf_gemma2", "hyperlora"), ("hf_gemma3", "fedit")])
+def test_fedit_and_hyperlora_run_on_each_familys_directory_as_the_readme_says(name, method, tmp_path, cache_dirs):
+  """`--config configs/instruction_tuning.py:smoke,method=...,checkpoint=DIR` on each directory
+  (its tokenizer beside it): the run's model block is the family's, it trains (the loss falls)
+  and evaluates on the embedded records."""
+  directory = os.path.join(FIXTURES, name)
+  config = instruction_tuning.get_config(f"smoke,method={method},rounds=2,checkpoint={directory}")
   config.pretrain.cache_dir = cache_dirs["cache_dir"]
   result = train_and_evaluate(config, str(tmp_path / method), progress=False, log=lambda _: None)
   records = result["records"]
-  recorded = json.loads((tmp_path / method / "config.json").read_text())
-  assert recorded["model"]["qk_norm"] is True and recorded["model"]["head_dim"] == 12
+  recorded = json.loads((tmp_path / method / "config.json").read_text())["model"]
+  assert recorded["head_dim"] == 12 and recorded.get("qk_norm", False) == (name != "hf_gemma2")
+  assert recorded.get("attention_softcap", 0.0) == (1.5 if name == "hf_gemma2" else 0.0)
   assert records[-1]["train_loss"] < records[0]["train_loss"]
   assert 0.0 <= records[-1]["global_accuracy"] <= 1.0 and np.isfinite(records[-1]["global_perplexity"])
