@@ -59,6 +59,7 @@ ARCH_FIELDS = (
   "query_pre_attn_scalar",
   "attention_softcap",
   "final_softcap",
+  "fused_projections",  # Phi-3's.
   "remat",
 )
 # The last three converted by `decoder_from_config`.

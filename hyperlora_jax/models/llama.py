@@ -1,5 +1,5 @@
 """A Llama-family decoder language model in Flax Linen (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 2/3,
-TinyLlama).
+Phi-3, TinyLlama).
 
 The architecture as those checkpoints define it (and transformers' `LlamaForCausalLM`,
 `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM` compute it): token embedding; `depth` pre-norm blocks of
@@ -10,6 +10,7 @@ every projection (Llama's `attention_bias`), an RMSNorm of each query and key he
 `qk_norm`), a sliding window (Mistral) and rotary scaling ("linear", "llama3") are options, and so
 are Gemma's: (1 + scale) RMSNorms also after the attention and the MLP, GeGLU, embeddings scaled
 by sqrt(width), a query scalar, logit soft-caps, sliding and global blocks with two rope bases;
+and Phi-3's fused projections;
 `models.hf.open_checkpoint` sets them from config.json.
 
 Module paths (what LoRA's `target_regex` matches; the default `.*attn/(query|value)` adapts q and
@@ -17,6 +18,8 @@ v, FedIT's choice):
   embed                                           token embedding (nn.Embed; the tied LM head)
   block_{i}/attn/{query,key,value,out}            attention projections (nn.Dense)
   block_{i}/attn/{query_norm,key_norm}            the heads' RMSNorms (qk_norm only)
+  block_{i}/attn/qkv, block_{i}/mlp/gate_up       fused projections (Phi-3), instead of query,
+                                                  key, value and gate, up
   block_{i}/mlp/{gate,up,down}                    SwiGLU MLP (nn.Dense)
   block_{i}/{attn_norm,mlp_norm}, norm            RMSNorms (Gemma: attn_norm, attn_post_norm,
                                                   mlp_pre_norm, mlp_post_norm)
@@ -225,6 +228,7 @@ class Attention(nn.Module):
   norm_offset: float = 0.0  # Those norms' `RMSNorm.offset`.
   scale: float = 0.0  # The logits' scale (0: 1 / sqrt(head_dim)).
   softcap: float = 0.0  # Gemma 2's attention logit cap (0: none).
+  fused: bool = False  # One projection "qkv" [D, (H + 2K) hd], split in that order (Phi-3's qkv_proj).
 
   @nn.compact
   def __call__(self, x, positions, inv_freq, query_slots, key_mask, cache=None):
@@ -233,9 +237,14 @@ class Attention(nn.Module):
     -> ([B, T, D], the updated (k, v) or None)."""
     batch, tokens, width = x.shape
     dense = lambda features, bias, name: nn.Dense(features, use_bias=bias, name=name)
-    q = dense(self.num_heads * self.head_dim, self.qkv_bias, "query")(x)
-    k = dense(self.num_kv_heads * self.head_dim, self.qkv_bias, "key")(x)
-    v = dense(self.num_kv_heads * self.head_dim, self.qkv_bias, "value")(x)
+    query_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+    if self.fused:
+      qkv = dense(query_size + 2 * kv_size, self.qkv_bias, "qkv")(x)
+      q, k, v = jnp.split(qkv, [query_size, query_size + kv_size], axis=-1)
+    else:
+      q = dense(query_size, self.qkv_bias, "query")(x)
+      k = dense(kv_size, self.qkv_bias, "key")(x)
+      v = dense(kv_size, self.qkv_bias, "value")(x)
     q = q.reshape(batch, tokens, self.num_heads, self.head_dim)
     k = k.reshape(batch, tokens, self.num_kv_heads, self.head_dim)
     if self.qk_norm_eps:  # Over head_dim, one scale shared by the heads, before the rotation.
@@ -264,12 +273,16 @@ class SwiGLU(nn.Module):
   hidden: int
   bias: bool = False
   activation: str = "silu"
+  fused: bool = False  # One projection "gate_up" [D, 2 hidden], gate first (Phi-3's gate_up_proj).
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """x: [..., D] -> down(act(gate(x)) * up(x)): [..., D]."""
-    gate = nn.Dense(self.hidden, use_bias=self.bias, name="gate")(x)
-    up = nn.Dense(self.hidden, use_bias=self.bias, name="up")(x)
+    if self.fused:
+      gate, up = jnp.split(nn.Dense(2 * self.hidden, use_bias=self.bias, name="gate_up")(x), 2, axis=-1)
+    else:
+      gate = nn.Dense(self.hidden, use_bias=self.bias, name="gate")(x)
+      up = nn.Dense(self.hidden, use_bias=self.bias, name="up")(x)
     return nn.Dense(x.shape[-1], use_bias=self.bias, name="down")(ACTIVATIONS[self.activation](gate) * up)
 
 
@@ -289,6 +302,7 @@ class DecoderBlock(nn.Module):
   activation: str = "silu"
   attention_scale: float = 0.0
   attention_softcap: float = 0.0
+  fused_projections: bool = False
 
   @nn.compact
   def __call__(self, x, positions, inv_freq, query_slots, key_mask, cache=None):
@@ -307,9 +321,10 @@ class DecoderBlock(nn.Module):
       self.norm_offset,
       self.attention_scale,
       self.attention_softcap,
+      self.fused_projections,
       name="attn",
     )(norm("attn_norm")(x), positions, inv_freq, query_slots, key_mask, cache)
-    mlp = SwiGLU(self.mlp_dim, self.mlp_bias, self.activation, name="mlp")
+    mlp = SwiGLU(self.mlp_dim, self.mlp_bias, self.activation, self.fused_projections, name="mlp")
     if not self.post_norms:
       x = x + attended
       return x + mlp(norm("mlp_norm")(x)), cache
@@ -352,6 +367,8 @@ class DecoderLM(nn.Module):
       (Gemma); 0: head_dim.
     attention_softcap: attention logits capped to c tanh(logits / c) (Gemma 2); 0: none.
     final_softcap: the output logits capped likewise (Gemma 2); 0: none.
+    fused_projections: query, key and value as one projection `attn/qkv` and the MLP's gate and
+      up as one `mlp/gate_up` (Phi-3's qkv_proj and gate_up_proj, which PEFT adapts whole).
     remat: recompute each block's activations in the backward pass (less memory).
     dtype: the activations' dtype (e.g. bfloat16 with bfloat16 weights); logits are float32.
   """
@@ -381,6 +398,7 @@ class DecoderLM(nn.Module):
   query_pre_attn_scalar: float = 0.0
   attention_softcap: float = 0.0
   final_softcap: float = 0.0
+  fused_projections: bool = False
   remat: bool = False
   dtype: Any = jnp.float32
 
@@ -469,6 +487,7 @@ class DecoderLM(nn.Module):
         self.activation,
         self.query_pre_attn_scalar**-0.5 if self.query_pre_attn_scalar else 0.0,
         self.attention_softcap,
+        self.fused_projections,
         name=f"block_{i}",
       )(x, positions, local_freq if sliding else global_freq, query_slots, key_mask, layer_cache)
       if layer_cache is not None:

@@ -1,5 +1,5 @@
-"""Llama-family decoders (model_type "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text";
-*ForCausalLM or the bare model)
+"""Llama-family decoders (model_type "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text",
+"phi3"; *ForCausalLM or the bare model)
 as `models.llama.DecoderLM`, both ways: `decoder_arch` / `decoder_params` read a checkpoint,
 `decoder_config` / `save_causal_lm` write one that transformers' `AutoModelForCausalLM` and
 `load_causal_lm` read. Module names are transformers' (the same in 4 and 5)."""
@@ -111,6 +111,18 @@ DEFAULTS = {
     "sliding_window": 4096,
     "sliding_window_pattern": 6,
   },
+  "phi3": {  # Phi3Config's: Llama's blocks with fused qkv_proj and gate_up_proj.
+    "vocab_size": 32064,
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+  },
 }
 GEMMA_TYPES = ("gemma2", "gemma3_text")
 DECODER_TYPES = tuple(DEFAULTS)
@@ -120,6 +132,8 @@ _BLOCK = {
   "attn/key": "self_attn.k_proj",
   "attn/value": "self_attn.v_proj",
   "attn/out": "self_attn.o_proj",
+  "attn/qkv": "self_attn.qkv_proj",  # Phi-3's fused projections.
+  "mlp/gate_up": "mlp.gate_up_proj",
   "attn/query_norm": "self_attn.q_norm",
   "attn/key_norm": "self_attn.k_norm",
   "mlp/gate": "mlp.gate_proj",
@@ -191,7 +205,7 @@ def decoder_arch(config: dict) -> dict[str, Any]:
   heads = int(config["num_attention_heads"])
   theta, scaling = _rope(config)
   window = None
-  if model_type == "mistral" and "sliding_window" not in explicit_null:
+  if model_type in ("mistral", "phi3") and "sliding_window" not in explicit_null:
     window = config.get("sliding_window")  # Gemma's: `_gemma_arch`.
   elif model_type in ("qwen2", "qwen3") and config.get("use_sliding_window"):
     raise CheckpointError(f"config.json use_sliding_window=True ({model_type}'s per-layer window) is not supported")
@@ -213,6 +227,7 @@ def decoder_arch(config: dict) -> dict[str, Any]:
     "mlp_bias": bool(config.get("mlp_bias", False)),
     "sliding_window": None if window is None else int(window),
     **({"qk_norm": True} if model_type == "qwen3" else {}),  # Absent otherwise: configs and cache keys as before.
+    **({"fused_projections": True} if model_type == "phi3" else {}),
     **(_gemma_arch(model_type, config, explicit_null) if gemma else {}),
   }
 
@@ -350,6 +365,8 @@ def decoder_config(model: Any) -> dict[str, Any]:
   """
   if model.norm_offset or model.post_norms:
     return _gemma_config(model)
+  if model.fused_projections:
+    return _phi3_config(model)
   gemma_only = ("sliding_layers", "local_rope_theta", "embed_scale", "query_pre_attn_scalar", "attention_softcap")
   if model.activation != "silu" or model.final_softcap or any(getattr(model, f) for f in gemma_only):
     raise ValueError("Gemma's options without its norms (norm_offset=1, post_norms) have no transformers family")
@@ -392,6 +409,35 @@ def decoder_config(model: Any) -> dict[str, Any]:
   if model_type == "mistral":
     config["sliding_window"] = model.sliding_window
   return config
+
+
+def _phi3_config(model: Any) -> dict[str, Any]:
+  """`decoder_config` of a model with fused projections: Phi-3's."""
+  extra = [f for f in ("qkv_bias", "out_bias", "mlp_bias", "qk_norm", "post_norms", "embed_scale") if getattr(model, f)]
+  if extra or model.norm_offset or model.activation != "silu" or model.sliding_layers or model.final_softcap:
+    raise ValueError(f"Phi-3 has fused projections and nothing of {extra or 'Gemma'}")
+  if model.head_width * model.num_heads != model.width:
+    raise ValueError(f"Phi-3's head_dim is width / heads; this model's is {model.head_width}")
+  return {
+    "model_type": "phi3",
+    "architectures": ["Phi3ForCausalLM"],
+    "vocab_size": model.vocab_size,
+    "hidden_size": model.width,
+    "intermediate_size": model.mlp_dim,
+    "num_hidden_layers": model.depth,
+    "num_attention_heads": model.num_heads,
+    "num_key_value_heads": model.kv_heads,
+    "hidden_act": "silu",
+    "rms_norm_eps": model.rms_norm_eps,
+    "rope_theta": model.rope_theta,
+    "rope_scaling": dict(model.rope_scaling) if model.rope_scaling else None,
+    "tie_word_embeddings": model.tie_embeddings,
+    "sliding_window": model.sliding_window,
+    "max_position_embeddings": 4096,
+    "original_max_position_embeddings": 4096,
+    "pad_token_id": None,  # Phi3Config's default, 32000, is past a smaller vocabulary.
+    "torch_dtype": "float32",
+  }
 
 
 def _int_if_whole(x: float) -> float | int:
@@ -468,8 +514,8 @@ FAMILY = Family(
   model_types=DECODER_TYPES,
   model_name="llama",
   description=(
-    "llama, mistral, qwen2, qwen3, gemma2, gemma3_text (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
-    "Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM; or their bare models)"
+    "llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3 (LlamaForCausalLM, MistralForCausalLM, "
+    "Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM; or their bare models)"
   ),
   architecture=decoder_arch,
   params=decoder_params,

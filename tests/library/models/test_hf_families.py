@@ -45,10 +45,13 @@ def _apply(model, variables, outputs, adapter=None, scale=1.0):
   return lora.apply(model, variables, adapter, ids, mask, scale=scale)
 
 
-FAMILIES = ("hf_qwen3", "hf_gemma2", "hf_gemma3")
+FAMILIES = ("hf_qwen3", "hf_gemma2", "hf_gemma3", "hf_phi3")
 # What each fixture's config.json must give (a loader falling back to a default fails here).
 ARCHITECTURES = {
   "hf_qwen3": dict(qk_norm=True, head_dim=12, num_kv_heads=2, tie_embeddings=True, rope_theta=1e6, qkv_bias=False),
+  "hf_phi3": dict(
+    fused_projections=True, num_kv_heads=2, tie_embeddings=False, sliding_window=4, rms_norm_eps=1e-5, qk_norm=False
+  ),
   "hf_gemma2": dict(
     sliding_window=4,
     sliding_layers=(1, 0, 1),
@@ -94,7 +97,7 @@ def test_each_familys_architecture_and_logits_are_the_references(name, outputs):
   tied tables, Gemma's sliding and global blocks with a window of 4 < 12 tokens): the
   architecture comes from config.json, and the logits are transformers' (real tokens)."""
   model, variables, dropped = hf.load_causal_lm(os.path.join(FIXTURES, name))
-  assert dropped == [] and model.head_width == 12 and model.kv_heads == 2 and model.tie_embeddings
+  assert dropped == [] and model.kv_heads == 2 and model.head_width == (8 if name == "hf_phi3" else 12)
   assert {k: getattr(model, k) for k in ARCHITECTURES[name]} == ARCHITECTURES[name]
   got = _real(outputs, _apply(model, variables, outputs))
   assert _relative_error(got, _real(outputs, outputs[f"{name}_output"])) <= TOLERANCE
@@ -147,17 +150,18 @@ def test_adapters_go_both_ways(name, outputs):
   assert names("block_1/attn/key_norm") == "model.layers.1.self_attn.k_norm"
   assert names("block_1/mlp_pre_norm") == "model.layers.1.pre_feedforward_layernorm"
   adapter, config = peft.load_peft(os.path.join(FIXTURES, f"{name}_adapter"))
-  assert adapter["block_0/attn/query"]["b"].shape == (2, 48) and config["task_type"] == "CAUSAL_LM"
-  assert "embed" in adapter and config["ensure_weight_tying"]
+  query = "block_0/attn/qkv" if model.fused_projections else "block_0/attn/query"
+  assert adapter[query]["b"].shape == (2, 64 if model.fused_projections else 48)
+  assert config["task_type"] == "CAUSAL_LM" and "embed" in adapter
+  assert config["ensure_weight_tying"] == model.tie_embeddings
   got = _apply(model, variables, outputs, adapter, peft.scale_from_config(config))
   assert _relative_error(_real(outputs, got), _real(outputs, outputs[f"{name}_adapted_output"])) <= TOLERANCE
   ids = jnp.asarray(outputs["input_ids"])
-  paths = lora.find_targets(model, variables, ids, target_regex=r"block_\d+/(attn/(query|key|value|out)|mlp/\w+)")
+  paths = lora.find_targets(model, variables, ids, target_regex=r"block_\d+/(attn/(query|key|value|qkv|out)|mlp/\w+)")
   directory = os.path.join(FIXTURES, f"{name}_peft_adapter")
   theirs, config = peft.load_peft(directory, paths=list(paths), module_name=names)
-  assert sorted(theirs) == sorted(
-    f"block_{i}/{m}" for i in range(model.depth) for m in ("attn/query", "attn/key", "mlp/up")
-  )
+  modules = ("attn/qkv", "mlp/gate_up") if model.fused_projections else ("attn/query", "attn/key", "mlp/up")
+  assert sorted(theirs) == sorted(f"block_{i}/{m}" for i in range(model.depth) for m in modules)
   got = _apply(model, variables, outputs, theirs, peft.scale_from_config(config))
   assert _relative_error(_real(outputs, got), _real(outputs, outputs[f"{name}_peft_adapted_output"])) <= TOLERANCE
 
@@ -168,6 +172,7 @@ def test_adapters_go_both_ways(name, outputs):
     ("hf_qwen3", "qwen3", "Qwen3ForCausalLM"),
     ("hf_gemma2", "gemma2", "Gemma2ForCausalLM"),
     ("hf_gemma3", "gemma3_text", "Gemma3ForCausalLM"),
+    ("hf_phi3", "phi3", "Phi3ForCausalLM"),
   ],
 )
 def test_a_saved_decoder_is_read_back_as_its_family(name, model_type, architecture, tmp_path):
@@ -181,22 +186,38 @@ def test_a_saved_decoder_is_read_back_as_its_family(name, model_type, architectu
   again, reloaded, _ = hf.load_causal_lm(str(tmp_path))
   assert again == model
   jax.tree.map(np.testing.assert_array_equal, reloaded, variables)
-  with pytest.raises(ValueError, match="no Gemma has|Qwen3 has no MLP biases"):
+  with pytest.raises(ValueError, match="no Gemma has|Qwen3 has no MLP biases|Phi-3 has fused projections and nothing"):
     hf.decoder_config(model.clone(mlp_bias=True))
 
 
-@pytest.mark.parametrize("name, method", [("hf_qwen3", "fedit"), ("hf_gemma2", "hyperlora"), ("hf_gemma3", "fedit")])
-def test_fedit_and_hyperlora_run_on_each_familys_directory_as_the_readme_says(name, method, tmp_path, cache_dirs):
+@pytest.mark.parametrize(
+  "name, method, targets",
+  [
+    ("hf_qwen3", "fedit", ""),
+    ("hf_gemma2", "hyperlora", ""),
+    ("hf_gemma3", "fedit", ""),
+    ("hf_phi3", "fedit", ".*attn/qkv"),
+  ],
+)
+def test_fedit_and_hyperlora_run_on_each_familys_directory_as_the_readme_says(
+  name, method, targets, tmp_path, cache_dirs
+):
   """`--config configs/instruction_tuning.py:smoke,method=...,checkpoint=DIR` on each directory
   (its tokenizer beside it): the run's model block is the family's, it trains (the loss falls)
-  and evaluates on the embedded records."""
+  and evaluates on the embedded records. Phi-3's fused q/k/v take `lora.target_regex='.*attn/qkv'`
+  (PEFT's `target_modules=["qkv_proj"]`); the default `.*attn/(query|value)` is refused naming it."""
   directory = os.path.join(FIXTURES, name)
-  config = instruction_tuning.get_config(f"smoke,method={method},rounds=2,checkpoint={directory}")
+  config = instruction_tuning.get_config(f"smoke,method={method},rounds=3,checkpoint={directory}")
   config.pretrain.cache_dir = cache_dirs["cache_dir"]
+  if targets:
+    with pytest.raises(ValueError, match="matches no .* layer"):
+      train_and_evaluate(config, str(tmp_path / "default_targets"), progress=False, log=lambda _: None)
+    config.lora.target_regex = targets
   result = train_and_evaluate(config, str(tmp_path / method), progress=False, log=lambda _: None)
   records = result["records"]
   recorded = json.loads((tmp_path / method / "config.json").read_text())["model"]
-  assert recorded["head_dim"] == 12 and recorded.get("qk_norm", False) == (name != "hf_gemma2")
+  assert recorded["head_dim"] == (8 if name == "hf_phi3" else 12)
+  assert recorded.get("qk_norm", False) == (name in ("hf_qwen3", "hf_gemma3"))
   assert recorded.get("attention_softcap", 0.0) == (1.5 if name == "hf_gemma2" else 0.0)
-  assert records[-1]["train_loss"] < records[0]["train_loss"]
+  assert all(np.isfinite(r["train_loss"]) for r in records) and records[-1]["train_loss"] < records[0]["train_loss"]
   assert 0.0 <= records[-1]["global_accuracy"] <= 1.0 and np.isfinite(records[-1]["global_perplexity"])
