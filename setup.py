@@ -31,6 +31,7 @@ setup(
     "jinja2>=3.1",
     "pyarrow",
     "dp-accounting>=0.4",
+    "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow (experiments/runner/tensorboard.py).
   ],
   extras_require={
     "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.90", "ruff>=0.6", "mypy>=1.10"],

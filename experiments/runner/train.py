@@ -33,7 +33,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from experiments.runner import backbone, export as export_lib, memory, methods, records as records_lib, reporting
+from experiments.runner import (
+  backbone,
+  export as export_lib,
+  memory,
+  methods,
+  records as records_lib,
+  reporting,
+  tensorboard,
+)
 from experiments.runner.config_validation import is_text
 from experiments.runner import workdir as workdir_lib
 from experiments.runner.data.loader import prepare_dataset
@@ -139,7 +147,8 @@ def _run(
   )
   prefetch = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # Round r+1's block while r runs.
   upcoming = prefetch.submit(round_on_mesh, exp, done, per_client) if done < last_round else None
-  finish = lambda pending: finish_round(exp, workdir, pending, records, manager, bar, log)
+  writer = tensorboard.MetricWriter(workdir, done + 1) if main_process else None
+  finish = lambda pending: finish_round(exp, workdir, pending, records, manager, bar, log, writer)
   pending = None
   compiled = None
   adapters = None  # `export_every`: made at the first round it writes.
@@ -182,6 +191,8 @@ def _run(
       adapters.write(state, r + 1)
   bar.close()
   prefetch.shutdown()
+  if writer is not None:
+    writer.close()
   manager.wait_until_finished()
   manager.close()
   # 8. summary
@@ -305,9 +316,11 @@ def finish_round(
   manager: ocp.CheckpointManager,
   bar: Any,
   log: Callable[[str], None],
+  writer: tensorboard.MetricWriter | None = None,
 ) -> None:
   """Round `pending.index`'s host work: its record, the finiteness check, the evaluation's
-  results, logs, and the line appended to `records` (and, by the main process, to metrics.jsonl).
+  results, logs, and the line appended to `records` (and, by the main process, to metrics.jsonl
+  and, with the per-client accuracies, to `writer`'s TensorBoard files).
 
   Raises:
     FloatingPointError: the round's global model is non-finite (not recorded, not saved).
@@ -319,9 +332,11 @@ def finish_round(
       f"stops (rejected this round: {', '.join(f'{k}={record[k]}' for k in records_lib.REJECTION_METRICS)}); "
       + _close_naming_last_checkpoint(manager, workdir)
     )
+  per_client = {}
   if pending.collect_evaluation is not None:
     has_test = exp.data.has_test_examples()
     global_accuracy, acc, extras = pending.collect_evaluation()  # extras: a text run's perplexities.
+    per_client["personalized_accuracy"] = np.asarray(acc)[has_test]
     record.update(
       global_accuracy=global_accuracy,
       personalized_accuracy_mean=float(acc[has_test].mean()),
@@ -343,6 +358,8 @@ def finish_round(
       f"were left out of the aggregate"
     )
   records.append(reporting.append_metrics(workdir, record) if main_process else reporting.clean_record(record))
+  if writer is not None:
+    writer.write(records[-1], per_client)
   check_progress(exp, records, pending.client_ids, workdir, manager)
 
 

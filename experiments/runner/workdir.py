@@ -5,6 +5,8 @@ workdir/
   config.json           the fields the run used (`check_resumable` refuses another config)
   environment.json      versions, backend and the values left to the machine (`environment`)
   metrics.jsonl         one record per round (`reporting`)
+  tensorboard/          the records as TensorBoard event files (`tensorboard`)
+  adapters/round-<R>/   PEFT adapters, every `export_every` rounds (`export`)
   checkpoints/<step>/   orbax checkpoints of the whole server state
   checkpoints/metrics-<step>.jsonl   rounds 1..step of the metrics, kept with each checkpoint
 """

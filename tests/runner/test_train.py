@@ -56,6 +56,23 @@ def test_kill_and_resume_gives_identical_metrics(smoke_config, tmp_path):
   result = train_and_evaluate(smoke_config, killed, progress=False)
   assert result["round_traces"] == 1
   assert reporting.read_metrics(str(killed)) == reporting.read_metrics(str(tmp_path / "straight"))
+  # TensorBoard: round 5 written twice (before the kill and after), read once as TensorBoard
+  # reads it (the resumed writer purges steps >= 5, as metrics.jsonl drops them; both copies
+  # hold the same numbers here); every number of every record.
+  (straight_events, no_purge), (killed_events, purges) = (
+    _tensorboard_events(tmp_path / "straight"),
+    _tensorboard_events(killed),
+  )
+  assert len(os.listdir(os.path.join(killed, "tensorboard"))) == 2 and (no_purge, purges) == ([], [5])
+  assert killed_events == straight_events
+  records = reporting.read_metrics(str(killed))
+  assert {(r["round"], "train_loss") for r in records} <= set(straight_events)
+  for r in records:
+    assert straight_events[(r["round"], "global_accuracy")] == pytest.approx(r["global_accuracy"], rel=1e-6)
+    accuracies = straight_events[(r["round"], "clients/personalized_accuracy")]
+    assert accuracies["num"] == smoke_config.data.num_clients  # Each has test examples here.
+    assert accuracies["sum"] / accuracies["num"] == pytest.approx(r["personalized_accuracy_mean"], rel=1e-5)
+    assert accuracies["min"] == pytest.approx(r["personalized_accuracy_worst"], rel=1e-6)
   # The finished run's state, restored, gives the global accuracy its last round logged.
   from experiments.studies.global_from_clients import global_test_accuracy
 
@@ -67,6 +84,38 @@ def test_kill_and_resume_gives_identical_metrics(smoke_config, tmp_path):
     result["records"][-1]["global_accuracy"],
     atol=1e-6,
   )
+
+
+def _tensorboard_events(workdir) -> tuple[dict, list[int]]:
+  """({(step, tag): scalar value, or a histogram's {"num", "sum", "min", "max"}}, the purged steps)
+  of the event files in workdir/tensorboard, read as TensorBoard does: files in the order written
+  (TFRecord framing: length, its crc, the Event, its crc), a SessionLog START at step s dropping
+  steps >= s."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+
+  directory = os.path.join(workdir, "tensorboard")
+  names = sorted(os.listdir(directory), key=lambda n: (int(n.split(".")[3]), n))
+  events, purges = {}, []
+  for name in names:
+    with open(os.path.join(directory, name), "rb") as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack("<Q", data[offset : offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+      offset += 12 + length + 4
+      if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+        events = {k: v for k, v in events.items() if k[0] < event.step}
+        purges.append(event.step)
+      for value in event.summary.value if event.HasField("summary") else ():
+        if value.HasField("histo"):
+          h = value.histo
+          events[(event.step, value.tag)] = {"num": h.num, "sum": h.sum, "min": h.min, "max": h.max}
+        else:
+          events[(event.step, value.tag)] = value.simple_value
+  return events, purges
 
 
 def test_resume_refuses_a_different_config(smoke_config, tmp_path):
