@@ -97,6 +97,26 @@ class TextData(ClientData):
 
 
 @dataclasses.dataclass(frozen=True)
+class MultipleChoice:
+  """A text run's multiple-choice evaluation (`experiments/runner/data/multiple_choice.py`): each
+  choice's letter scored by log-likelihood after MMLU's zero-shot prompt, for the global model
+  and every client's personalized model.
+
+  Attributes:
+    path: '' (none), 'embedded' (the default set, no download), or a local file or directory in
+      MMLU's layouts (its CSVs; JSONL / JSON / parquet records as `cais/mmlu`'s).
+    every: rounds between evaluations (0: the last round only).
+    max_questions: the first this many questions (0: all).
+    max_len: tokens per scored sequence (0: data.max_len); a longer prompt loses its start.
+  """
+
+  path: str = ""
+  every: int = 0
+  max_questions: int = 0
+  max_len: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class ImagePretrain:
   """An image run's backbone: pretrained on the embedded data (cached), or a real checkpoint.
 

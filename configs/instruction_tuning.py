@@ -81,6 +81,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.client_optimizer.learning_rate = 3e-3
   config.eval_batch = 32
   config.eval_every = 5
+  # Multiple-choice accuracy at the last round (`configs.blocks.MultipleChoice`; `:mc=FILE` for a
+  # local MMLU-style file, `:mc=` for none).
+  config.mc = config_blocks.as_config(config_blocks.MultipleChoice(path=args.get("mc", "embedded")))
 
   if args.get("smoke"):
     config.model.width, config.model.depth, config.model.num_heads, config.model.num_kv_heads = 32, 1, 2, 1
@@ -90,4 +93,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.fed.clients_per_round, config.fed.local_steps, config.fed.batch_size = 4, 2, 4
     config.eval_every, config.checkpoint_every = 1, 2
     config.fed.clients_per_chunk = 0  # Tests compare runs bit for bit: no measured choice.
+    config.mc.path = args.get("mc", "")  # None unless asked.
   return config

@@ -207,3 +207,71 @@ def encode_instructions(
   out["no_loss"] = out["loss_mask"].sum(axis=1) == 0
   out["mask"] = (~out["no_loss"]).astype(np.float32)  # The round counts these examples.
   return out
+
+
+# Multiple choice (MMLU's layout and zero-shot prompt): each choice's answer letter is scored by
+# its log-likelihood after the question; the prediction is the likeliest letter.
+CHOICE_LETTERS = "ABCDEFGHIJ"
+
+
+def multiple_choice_prompt(question: Mapping[str, Any]) -> str:
+  """MMLU's zero-shot prompt (Hendrycks et al.; lm-evaluation-harness's `mmlu`): a header
+  naming the subject, the question, the lettered choices, then "Answer:".
+
+  Args:
+    question: {"question": str, "choices": [str, ...], "subject": str (optional)}.
+  Returns:
+    The prompt; each choice is scored as the continuation " A", " B", ...
+  """
+  subject = str(question.get("subject") or "general knowledge").replace("_", " ")
+  lines = [f"The following are multiple choice questions (with answers) about {subject}.", "", question["question"]]
+  lines += [f"{CHOICE_LETTERS[i]}. {choice}" for i, choice in enumerate(question["choices"])]
+  return "\n".join(lines + ["Answer:"])
+
+
+def encode_multiple_choice(tokenizer, questions: Iterable[Mapping[str, Any]], max_len: int) -> dict[str, np.ndarray]:
+  """Every question's choices as scored sequences: the prompt then " <letter>", the loss mask
+  on the letter's tokens only (no end-of-text).
+
+  Args:
+    tokenizer: `models.hf.Tokenizer`.
+    questions: {"question", "choices" (2..10 strings), "answer" (an index), "subject"}.
+    max_len: T; a prompt is cut from its start (the header goes first) so the letter fits.
+  Returns:
+    {"input_ids", "attention_mask", "loss_mask": int32 [Q, K, T], "choice_mask": float32 [Q, K]
+    (1 for a real choice; K = the most choices of a question), "answer": int32 [Q]}.
+  Raises:
+    ValueError: a question with fewer than 2 or more than 10 choices, or an answer out of range.
+  """
+  questions = list(questions)
+  if not questions:
+    raise ValueError("no questions to encode")
+  width = max(len(q["choices"]) for q in questions)
+  shape = (len(questions), width, max_len)
+  out = {
+    "input_ids": np.full(shape, tokenizer.pad_id, np.int32),
+    "attention_mask": np.zeros(shape, np.int32),
+    "loss_mask": np.zeros(shape, np.int32),
+    "choice_mask": np.zeros(shape[:2], np.float32),
+    "answer": np.zeros(len(questions), np.int32),
+  }
+  for q, question in enumerate(questions):
+    count = len(question["choices"])
+    if not 2 <= count <= len(CHOICE_LETTERS) or not 0 <= int(question["answer"]) < count:
+      raise ValueError(
+        f"question {q}: {count} choices and answer {question['answer']!r} (2..10 choices, answer an index)"
+      )
+    prompt = multiple_choice_prompt(question)
+    for k in range(count):
+      ids, offsets = tokenizer.encode_with_offsets(prompt + " " + CHOICE_LETTERS[k])
+      start = next((i for i, (_, end) in enumerate(offsets) if end > len(prompt)), len(ids))
+      letter = len(ids) - start
+      if letter == 0 or letter >= max_len:
+        raise ValueError(f"question {q}: the answer letter has {letter} tokens (max_len={max_len})")
+      ids = ids[-max_len:]  # A long prompt loses its start; the letter is kept.
+      out["input_ids"][q, k, : len(ids)] = ids
+      out["attention_mask"][q, k, : len(ids)] = 1
+      out["loss_mask"][q, k, len(ids) - letter : len(ids)] = 1
+      out["choice_mask"][q, k] = 1.0
+    out["answer"][q] = int(question["answer"])
+  return out

@@ -47,6 +47,8 @@ class Experiment:
   signatures: np.ndarray | None = None  # [num_clients, D] client signatures, or None.
   new_signatures: np.ndarray | None = None  # [heldout_clients, D] new clients' signatures.
   host_feed: primitives.HostFeed | None = None  # data.feed='host': where the round's block is held.
+  # A text run's `mc` questions: `text.encode_multiple_choice`'s arrays and "subject" [Q] (or None).
+  multiple_choice: dict | None = None
 
   def frozen(self) -> dict:
     """The task's frozen tree: the backbone in the task's compute dtype, its kernels held as

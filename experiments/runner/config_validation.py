@@ -272,6 +272,22 @@ def used_config(config: ml_collections.ConfigDict, method_blocks: dict) -> dict:
   return {k: v for k, v in json.loads(config.to_json()).items() if k not in unused}
 
 
+def _check_multiple_choice(config: ml_collections.ConfigDict) -> None:
+  """`mc.*`: a text run's, its path '' / 'embedded' / an existing file or directory."""
+  path = config.mc.path
+  _require(isinstance(path, str), "mc.path", f"must be a string, got {path!r}")
+  for field in ("mc.every", "mc.max_questions", "mc.max_len"):
+    _positive_int(config, field, minimum=0)
+  if not path:
+    return
+  _require(is_text(config), "mc.path", "multiple-choice evaluation is for text runs (task='instruction_tuning')")
+  _require(
+    path == "embedded" or os.path.exists(path),
+    "mc.path",
+    f"{path!r} does not exist (give 'embedded', '' or a local MMLU-style file or directory)",
+  )
+
+
 def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_blocks: dict | None = None) -> None:
   """Raises `ConfigError` naming the first invalid field. `allowed_methods`: {name: factory
   config -> `methods.Method`} (their capabilities decide method-specific checks). Blocks of other methods than
@@ -309,6 +325,8 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
     _positive_int(config, field, minimum=0)
   if "export_every" in config:
     _positive_int(config, "export_every", minimum=0)
+  if "mc" in config:
+    _check_multiple_choice(config)
   clients = config.get("export_clients", "")
   _require(
     isinstance(clients, str) and re.fullmatch(r"\s*(all|\d+(\s*,\s*\d+)*)?\s*", clients) is not None,

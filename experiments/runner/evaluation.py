@@ -7,6 +7,7 @@ from typing import Any
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -119,3 +120,56 @@ def evaluate_new_clients(exp: Experiment, state: Any, frozen: Any) -> dict[str, 
   inputs = jax.device_put((train_block, test_block, signatures), NamedSharding(exp.mesh, P()))
   accuracies = evaluate_new(state, frozen, *inputs)
   return {f"new_client_{name}": float(np.mean(distributed.to_host(acc))) for name, acc in accuracies.items()}
+
+
+def multiple_choice_evaluator(exp: Experiment) -> Callable[[Any, Any], dict] | None:
+  """A text run's `mc` evaluation (None without questions): `evaluate(state, frozen)` scores the
+  questions for the global model and for every client's personalized model (the one it is
+  evaluated on), waits, and gives the record entries mc_accuracy_global,
+  mc_accuracy_personalized_mean / _worst (over the training clients) and
+  mc_accuracy_global_by_subject {subject: accuracy}. Questions go `eval_batch` sequences at a
+  time (each question is K sequences)."""
+  block = exp.multiple_choice
+  if block is None:
+    return None
+  task, fed_round = exp.task, exp.fed_round
+  arrays = {k: v for k, v in block.items() if k != "subject"}
+  questions, choices = arrays["answer"].shape[0], arrays["choice_mask"].shape[1]
+  per_chunk = max(1, exp.settings.eval_batch // choices)
+  padded = -(-questions // per_chunk) * per_chunk
+  pad = lambda x: np.concatenate([x, np.repeat(x[-1:], padded - questions, axis=0)]) if padded > questions else x
+  chunks = jax.tree.map(lambda x: pad(x).reshape((padded // per_chunk, per_chunk) + x.shape[1:]), arrays)
+  chunks = jax.device_put(chunks, NamedSharding(exp.mesh, P()))
+
+  def correct(frozen, trainable):
+    """[Q'] 1.0 where right, over the padded questions."""
+    return jax.lax.map(lambda chunk: task.multiple_choice_correct(frozen, trainable, chunk), chunks).reshape(-1)
+
+  @jax.jit
+  def global_correct(state, frozen):
+    frozen = task_lib.apply_base_delta(frozen, state.base_delta)
+    return correct(frozen, fed_round.global_params(state))
+
+  @jax.jit
+  def client_correct(state, frozen, client):
+    frozen = task_lib.apply_base_delta(frozen, state.base_delta)
+    return correct(frozen, jax.tree.map(lambda x: x[0], fed_round.client_params(state, client[None])))
+
+  subjects = block["subject"]
+
+  def evaluate(state, frozen) -> dict:
+    hits = np.asarray(distributed.to_host(global_correct(state, frozen)))[:questions]
+    personal = np.array(
+      [
+        np.asarray(distributed.to_host(client_correct(state, frozen, jnp.int32(c))))[:questions].mean()
+        for c in range(exp.data.num_clients)
+      ]
+    )
+    return {
+      "mc_accuracy_global": float(hits.mean()),
+      "mc_accuracy_personalized_mean": float(personal.mean()),
+      "mc_accuracy_personalized_worst": float(personal.min()),
+      "mc_accuracy_global_by_subject": {str(s): float(hits[subjects == s].mean()) for s in sorted(set(subjects))},
+    }
+
+  return evaluate

@@ -52,6 +52,7 @@ class RunSettings:
     eval_every, checkpoint_every: rounds between evaluations and between checkpoints.
     export_every: rounds between the PEFT adapters a run writes (0: none).
     export_clients: whose personalized adapters it writes too ('', 'all' or ids '0,3').
+    multiple_choice: a text run's `mc` block (None: the config has none).
     stream: images read on demand from the prepared files (`data.stream`).
     feed: "round", "chunk" or "host" (`data.feed`).
     cache_dir: where backbones and measured chunk sizes are cached.
@@ -76,6 +77,7 @@ class RunSettings:
   checkpoint_every: int
   export_every: int
   export_clients: str
+  multiple_choice: blocks.MultipleChoice | None
   stream: bool
   feed: str
   cache_dir: str
@@ -204,6 +206,7 @@ def run_settings(config: ml_collections.ConfigDict) -> RunSettings:
     checkpoint_every=config.checkpoint_every,
     export_every=config.get("export_every", 0),
     export_clients=config.get("export_clients", ""),
+    multiple_choice=typed_block(blocks.MultipleChoice, config, "mc") if "mc" in config else None,
     stream=data.stream,
     feed=data.feed,
     cache_dir=cache_dir(config),

@@ -21,12 +21,12 @@ import numpy as np
 
 from configs import blocks as config_blocks
 from experiments.runner import backbone as backbone_lib
-from experiments.runner.settings import backbone_settings, data_block, run_settings
+from experiments.runner.settings import RunSettings, backbone_settings, data_block, run_settings
 from experiments.runner.assembly import Experiment, assemble, checked_method, every_client_signature, sharded_backbone
 from experiments.runner.config_facts import ConfigError
-from experiments.runner.data import instructions
+from experiments.runner.data import instructions, multiple_choice
 from experiments.runner.federated_data import FederatedData, partitioned
-from hyperlora_jax import lora
+from hyperlora_jax import lora, text
 from hyperlora_jax.tasks import causal_lm
 from hyperlora_jax.tasks.common import backbone_dtype
 
@@ -189,7 +189,7 @@ def build_text_experiment(config: ml_collections.ConfigDict, log: Callable[[str]
     if method.signature_kinds
     else (None, None)
   )
-  return assemble(
+  exp = assemble(
     settings,
     log,
     mesh=mesh,
@@ -202,3 +202,17 @@ def build_text_experiment(config: ml_collections.ConfigDict, log: Callable[[str]
     trainable=trainable,
     signatures=signatures,
   )
+  exp.multiple_choice = multiple_choice_block(settings, tokenizer, log)
+  return exp
+
+
+def multiple_choice_block(settings: RunSettings, tokenizer: Any, log: Callable[[str], None]) -> dict | None:
+  """The `mc` questions encoded (`text.encode_multiple_choice`) with their subjects [Q], or None."""
+  block = settings.multiple_choice
+  if block is None or not block.path:
+    return None
+  questions = multiple_choice.read_questions(block.path, block.max_questions)
+  encoded = text.encode_multiple_choice(tokenizer, questions, block.max_len or settings.input_size[1])
+  encoded["subject"] = np.asarray([q["subject"] for q in questions])
+  log(f"multiple choice: {len(questions)} questions from {block.path} ({len(set(encoded['subject']))} subjects)")
+  return encoded

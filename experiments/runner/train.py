@@ -45,7 +45,7 @@ from experiments.runner import (
 from experiments.runner.config_validation import is_text
 from experiments.runner import workdir as workdir_lib
 from experiments.runner.data.loader import prepare_dataset
-from experiments.runner.evaluation import evaluate_new_clients, run_evaluator
+from experiments.runner.evaluation import evaluate_new_clients, multiple_choice_evaluator, run_evaluator
 from experiments.runner.assembly import Experiment
 from experiments.runner.experiment import build_experiment
 from experiments.runner.feeding import round_on_mesh
@@ -61,7 +61,8 @@ class PendingRound:
   index: the round (0-based); metrics: its device metrics; client_ids: [C] host ids (-1 =
   padding); global_finite: device bool, the new global model is finite; collect_evaluation:
   waits for the dispatched evaluation (None: not an evaluation round); new_clients: the
-  held-out new clients' accuracies (last round only, else empty).
+  held-out new clients' accuracies (last round only, else empty); multiple_choice: a text run's
+  `mc` accuracies (its rounds only, else empty).
   """
 
   index: int
@@ -70,6 +71,7 @@ class PendingRound:
   global_finite: Any
   collect_evaluation: Callable[[], tuple[float, np.ndarray, dict]] | None
   new_clients: dict
+  multiple_choice: dict = dataclasses.field(default_factory=dict)
 
 
 def train_and_evaluate(
@@ -133,6 +135,9 @@ def _run(
   round_fn = jax.jit(traced_round, donate_argnums=(0,))
   global_is_finite = jax.jit(lambda state: primitives.is_finite(exp.fed_round.global_params(state)))
   evaluate = run_evaluator(exp, with_extras=True)
+  evaluate_choices = multiple_choice_evaluator(exp)  # Waits: before the next round donates the state.
+  choices = settings_mc.every if (settings_mc := exp.settings.multiple_choice) else 0
+  choosing = lambda done: done == exp.settings.fed.num_rounds or bool(choices and done % choices == 0)
   per_client = primitives.clients_sharding(exp.mesh)
   settings = exp.settings
   num_rounds = settings.fed.num_rounds
@@ -176,6 +181,7 @@ def _run(
       global_finite=global_is_finite(state),
       collect_evaluation=evaluate(state, frozen) if evaluating else None,
       new_clients=evaluate_new_clients(exp, state, frozen) if r + 1 == num_rounds else {},
+      multiple_choice=evaluate_choices(state, frozen) if evaluate_choices and choosing(r + 1) else {},
     )
     saving = (r + 1) % settings.checkpoint_every == 0 or r + 1 == num_rounds
     exporting = bool(settings.export_every) and ((r + 1) % settings.export_every == 0 or r + 1 == num_rounds)
@@ -345,6 +351,7 @@ def finish_round(
     record.update(extras)
     bar.set_postfix(acc=f"{record['global_accuracy']:.3f}", pers=f"{record['personalized_accuracy_mean']:.3f}")
   record.update(pending.new_clients)
+  record.update(pending.multiple_choice)
   main_process = distributed.is_main_process()
   rejected = [key for key in records_lib.REJECTION_METRICS if record[key]]
   if rejected and main_process:

@@ -14,6 +14,7 @@ workdir/
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import importlib.metadata
 import json
@@ -41,7 +42,14 @@ CONFIG_FILE = "config.json"
 LOCK_FILE = ".lock"
 ENVIRONMENT_FILE = "environment.json"  # Versions, backend and machine-chosen values (`environment`).
 # Fields a resumed run may change (they do not alter the rounds already done).
-RESUMABLE_FIELDS = ("fed.num_rounds", "eval_every", "checkpoint_every", "export_every", "export_clients")
+RESUMABLE_FIELDS = (
+  "fed.num_rounds",
+  "eval_every",
+  "checkpoint_every",
+  "export_every",
+  "export_clients",
+  *(f"mc.{f.name}" for f in dataclasses.fields(config_blocks.MultipleChoice)),  # Evaluation only.
+)
 # Fields added after runs were recorded without them, with the value that means "as before":
 # a recorded run lacking one is the same config when this run has that value (so a workdir
 # made by an older version resumes, or reprints, instead of being refused). Blocks that are

@@ -186,6 +186,33 @@ class CausalLM:
     counts = self.token_counts(frozen, trainable, data)
     return counts.correct, counts.tokens
 
+  def sequence_logprob(self, frozen: dict, trainable: Any, batch: dict) -> jax.Array:
+    """[B] Σ log p of each sequence's counted (loss_mask) tokens given the tokens before them.
+
+    Args:
+      frozen, trainable: as `logits`; batch: {"input_ids", "attention_mask", "loss_mask": [B, T]}.
+    Returns:
+      [B] float32.
+    """
+    targets, weights = next_token_targets(batch)
+    logprobs = jax.nn.log_softmax(self.logits(frozen, trainable, batch), axis=-1)
+    return jnp.sum(jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0] * weights, axis=-1)
+
+  def multiple_choice_correct(self, frozen: dict, trainable: Any, block: dict) -> jax.Array:
+    """[Q] 1.0 where the likeliest choice (`sequence_logprob` of its letter) is the answer.
+
+    Args:
+      frozen, trainable: as `logits`; block: `text.encode_multiple_choice`'s arrays of Q
+        questions ([Q, K, T], choice_mask [Q, K], answer [Q]).
+    Returns:
+      [Q] float32.
+    """
+    questions, choices, tokens = block["input_ids"].shape
+    flat = {k: block[k].reshape(questions * choices, tokens) for k in ("input_ids", "attention_mask", "loss_mask")}
+    scores = self.sequence_logprob(frozen, trainable, flat).reshape(questions, choices)
+    scores = jnp.where(block["choice_mask"] > 0, scores, -jnp.inf)
+    return (jnp.argmax(scores, axis=-1) == block["answer"]).astype(jnp.float32)
+
   def accuracy_and_nll(self, frozen: dict, trainable: Any, data: dict) -> tuple[jax.Array, jax.Array]:
     """([correct tokens, Σ nll], counted tokens) over `data`, one forward pass:
     `image_classification.make_evaluate(counts=...)` then gives [next-token accuracy, mean nll]

@@ -2,6 +2,7 @@
 
 import os
 
+import ml_collections
 import pytest
 
 from configs import default
@@ -314,6 +315,9 @@ def test_a_config_argument_or_error_is_one_line_without_a_traceback_unless_verbo
     ("data.data_dir", "/proc/x", "cannot write to '/proc/x'"),
     ("pretrain.cache_dir", __file__, "is a file, not a directory"),
     ("data.test_fraction", 0.0, "must be in \\(0, 1\\)"),
+    ("mc.path", "/nonexistent/mmlu.jsonl", "does not exist"),
+    ("mc.every", -1, ""),
+    ("mc.max_questions", -2, ""),
   ],
 )
 def test_text_fields_that_used_to_fail_late_or_create_nonsense_are_named(field, value, named):
@@ -325,6 +329,12 @@ def test_text_fields_that_used_to_fail_late_or_create_nonsense_are_named(field, 
   with pytest.raises(ConfigError, match=rf"^{field}: .*{named}"):
     validate_config(config, methods.METHODS, methods.METHOD_BLOCKS)
   assert not os.path.exists("/nonexistent")
+
+
+def test_multiple_choice_is_a_text_runs_evaluation(smoke_config):
+  smoke_config.mc = ml_collections.ConfigDict({"path": "embedded", "every": 0, "max_questions": 0, "max_len": 0})
+  with pytest.raises(ConfigError, match="^mc.path: multiple-choice evaluation is for text runs"):
+    validate_config(smoke_config, methods.METHODS, methods.METHOD_BLOCKS)
 
 
 def test_a_host_feed_is_refused_by_name_where_the_devices_have_no_host_memory(smoke_config, monkeypatch):

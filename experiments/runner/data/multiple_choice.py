@@ -1,0 +1,157 @@
+"""Multiple-choice questions for a text run's evaluation (`mc.path`): a local file in MMLU's
+layouts, or the embedded set.
+
+  read_questions(path)   a file or directory:
+                           *.csv      MMLU's own files (hendrycks/test data/test/<subject>_test.csv):
+                                      no header; question, the choices, the answer letter; the
+                                      subject from the file name (a directory: every such file)
+                           *.jsonl / *.json / *.parquet   records {"question", "choices": [...],
+                                      "answer": an index or a letter, "subject" (optional)}
+                                      (the Hugging Face `cais/mmlu` layout)
+  embedded_questions()   the default set: no download (below)
+
+Each question is {"question": str, "choices": [str, ...], "answer": int, "subject": str}.
+
+The embedded set (`mc.path='embedded'`) asks the inverse of what the embedded records teach:
+the records ask "What does `math.gcd` do?" and answer with its docstring's first paragraph; each
+question here gives that paragraph and asks which of four functions of the same category
+(`stdlib_docs.CATEGORIES`, the subject) it describes. Distractors come from the same category, so
+the module name alone does not answer it; the right letter cycles through A-D (no position to
+learn); chance is 25%. It is a fair probe of what federated tuning taught: the base decoder was
+pretrained on the Language Reference, never on docstrings, and each client trains on its own
+categories only, so a personalized model should gain most on its own subjects. It is not a test
+of held-out generalization: the pairs are the training records' (turned around).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from typing import Any
+
+from experiments.runner.data import stdlib_docs
+from hyperlora_jax.text import CHOICE_LETTERS
+
+EMBEDDED = "embedded"
+NAME = re.compile(r"`([^`]+)`|function (\S+) does|what is (\S+) for")
+
+
+def embedded_questions(choices: int = 4) -> list[dict[str, Any]]:
+  """The embedded set: one question per embedded record whose category has `choices` distinct
+  names, in the records' order (so a Python version gives the same set every time)."""
+  records = stdlib_docs.instruction_records()
+  names = [_name(r["instruction"]) for r in records]
+  by_category: dict[str, list[str]] = {}
+  for record, name in zip(records, names):
+    by_category.setdefault(record["category"], []).append(name)
+  questions = []
+  for record, name in zip(records, names):
+    pool = [n for n in dict.fromkeys(by_category[record["category"]]) if n != name]
+    if len(pool) < choices - 1:
+      continue
+    index = len(questions)
+    answer = index % choices
+    start = (index * 7) % len(pool)  # Distractors spread over the category, deterministically.
+    others = [pool[(start + j) % len(pool)] for j in range(choices - 1)]
+    options = others[:answer] + [name] + others[answer:]
+    questions.append(
+      {
+        "question": f"Which Python function is described as follows? {record['response']}",
+        "choices": [f"`{o}`" for o in options],
+        "answer": answer,
+        "subject": record["category"],
+      }
+    )
+  return questions
+
+
+def _name(instruction: str) -> str:
+  match = NAME.search(instruction)
+  if match is None:
+    raise ValueError(f"no function name in the embedded record {instruction!r}")
+  return next(g for g in match.groups() if g)
+
+
+def read_questions(path: str, max_questions: int = 0) -> list[dict[str, Any]]:
+  """The questions of `path` (module docstring's layouts), or the embedded set for 'embedded';
+  the first `max_questions` (0: all).
+
+  Raises:
+    FileNotFoundError: no such file or directory.
+    ValueError: a record that is not a question, naming the file and the line or row.
+  """
+  if path == EMBEDDED:
+    questions = embedded_questions()
+  elif os.path.isdir(path):
+    names = sorted(n for n in os.listdir(path) if n.endswith((".csv", ".jsonl", ".json", ".parquet")))
+    if not names:
+      raise ValueError(f"mc.path: {path} holds no .csv, .jsonl, .json or .parquet files")
+    questions = [q for name in names for q in _read_file(os.path.join(path, name))]
+  elif os.path.isfile(path):
+    questions = _read_file(path)
+  else:
+    raise FileNotFoundError(f"mc.path: {path} does not exist")
+  return questions[:max_questions] if max_questions else questions
+
+
+def _read_file(path: str) -> list[dict[str, Any]]:
+  if path.endswith(".csv"):
+    return _read_csv(path)
+  if path.endswith(".parquet"):
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(path).to_pylist()
+    return [_question(row, f"{path} row {i + 1}") for i, row in enumerate(rows)]
+  with open(path, encoding="utf-8") as f:
+    if path.endswith(".json"):
+      rows = json.load(f)
+      if not isinstance(rows, list):
+        raise ValueError(f"{path}: a JSON list of questions expected")
+      return [_question(row, f"{path} item {i + 1}") for i, row in enumerate(rows)]
+    questions = []
+    for number, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ValueError(f"{path} line {number}: not JSON ({e})") from None
+        questions.append(_question(row, f"{path} line {number}"))
+    return questions
+
+
+def _read_csv(path: str) -> list[dict[str, Any]]:
+  """MMLU's CSV: question, choices..., answer letter; no header; subject = the file's name
+  without `_test` / `_dev` / `_val`."""
+  subject = re.sub(r"_(test|dev|val)$", "", os.path.splitext(os.path.basename(path))[0])
+  questions = []
+  with open(path, encoding="utf-8", newline="") as f:
+    for number, row in enumerate(csv.reader(f), 1):
+      if len(row) < 4:
+        raise ValueError(
+          f"{path} row {number}: question, 2+ choices and the answer letter expected, got {len(row)} fields"
+        )
+      question = {"question": row[0], "choices": row[1:-1], "answer": row[-1].strip(), "subject": subject}
+      questions.append(_question(question, f"{path} row {number}"))
+  return questions
+
+
+def _question(row: Any, where: str) -> dict[str, Any]:
+  """A checked question from a record ({"question", "choices", "answer": index or letter, "subject"})."""
+  if not isinstance(row, dict) or not isinstance(row.get("question"), str):
+    raise ValueError(f"{where}: a record with a 'question' string expected")
+  choices = row.get("choices")
+  if not isinstance(choices, (list, tuple)) or not 2 <= len(choices) <= len(CHOICE_LETTERS):
+    raise ValueError(f"{where}: 'choices' must list 2 to {len(CHOICE_LETTERS)} answers")
+  answer = row.get("answer")
+  if isinstance(answer, str) and len(answer) == 1 and answer.upper() in CHOICE_LETTERS:
+    answer = CHOICE_LETTERS.index(answer.upper())
+  if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+    raise ValueError(f"{where}: 'answer' must be a choice's index or letter, got {row.get('answer')!r}")
+  return {
+    "question": row["question"],
+    "choices": [str(c) for c in choices],
+    "answer": answer,
+    "subject": str(row.get("subject") or "general"),
+  }
