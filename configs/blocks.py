@@ -117,6 +117,24 @@ class MultipleChoice:
 
 
 @dataclasses.dataclass(frozen=True)
+class GenerationEval:
+  """A text run's generation-based scoring of held-out instructions: greedy responses to each
+  client's first test prompts, scored against the references by exact match (SQuAD's
+  normalization) and ROUGE-L F1, for the global model (every client's prompts) and each client's
+  personalized model (its own).
+
+  Attributes:
+    examples_per_client: test prompts per client (0: none).
+    max_new_tokens: tokens generated per prompt.
+    every: rounds between scorings (0: the last round only).
+  """
+
+  examples_per_client: int = 0
+  max_new_tokens: int = 32
+  every: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class ImagePretrain:
   """An image run's backbone: pretrained on the embedded data (cached), or a real checkpoint.
 

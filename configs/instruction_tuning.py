@@ -84,6 +84,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Multiple-choice accuracy at the last round (`configs.blocks.MultipleChoice`; `:mc=FILE` for a
   # local MMLU-style file, `:mc=` for none).
   config.mc = config_blocks.as_config(config_blocks.MultipleChoice(path=args.get("mc", "embedded")))
+  # Exact match and ROUGE-L of greedy responses to held-out prompts (`configs.blocks.GenerationEval`).
+  config.gen = config_blocks.as_config(config_blocks.GenerationEval(examples_per_client=args.int("gen", 8)))
 
   if args.get("smoke"):
     config.model.width, config.model.depth, config.model.num_heads, config.model.num_kv_heads = 32, 1, 2, 1
@@ -94,4 +96,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_every, config.checkpoint_every = 1, 2
     config.fed.clients_per_chunk = 0  # Tests compare runs bit for bit: no measured choice.
     config.mc.path = args.get("mc", "")  # None unless asked.
+    config.gen.examples_per_client = args.int("gen", 0)
   return config

@@ -275,3 +275,83 @@ def encode_multiple_choice(tokenizer, questions: Iterable[Mapping[str, Any]], ma
       out["choice_mask"][q, k] = 1.0
     out["answer"][q] = int(question["answer"])
   return out
+
+
+def prompts_and_references(batch: Mapping[str, np.ndarray], eos_id: int | None) -> tuple[np.ndarray, np.ndarray, list]:
+  """Encoded examples (`encode_instructions`' arrays) split for generation: each prompt (the
+  tokens before the first loss token), left-padded, and its reference response's ids (the loss
+  tokens but end-of-text).
+
+  Args:
+    batch: {"input_ids", "loss_mask": [n, T]}.
+    eos_id: the end-of-text id (dropped from the references).
+  Returns:
+    (prompt_ids int32 [n, P] left-padded with 0, prompt_mask int32 [n, P], [n] reference id lists),
+    P the longest prompt.
+  """
+  ids, loss = np.asarray(batch["input_ids"]), np.asarray(batch["loss_mask"]).astype(bool)
+  starts = [int(np.argmax(row)) if row.any() else len(row) for row in loss]
+  width = max(max(starts), 1)
+  prompt_ids, prompt_mask = np.zeros((len(ids), width), np.int32), np.zeros((len(ids), width), np.int32)
+  references = []
+  for i, start in enumerate(starts):
+    prompt_ids[i, width - start :] = ids[i, :start]
+    prompt_mask[i, width - start :] = 1
+    references.append([int(t) for t in ids[i][loss[i]] if t != eos_id])
+  return prompt_ids, prompt_mask, references
+
+
+def normalize_answer(text: str) -> str:
+  """SQuAD's normalization: lowercase, punctuation and the articles a / an / the dropped,
+  whitespace collapsed.
+
+  Args:
+    text: any text.
+  Returns:
+    The normalized text.
+  """
+  import re
+  import string
+
+  text = "".join(c for c in text.lower() if c not in set(string.punctuation))
+  return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+  """1.0 if the normalized texts are equal (`normalize_answer`), else 0.0.
+
+  Args:
+    prediction, reference: the texts.
+  Returns:
+    1.0 or 0.0.
+  """
+  return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+  """ROUGE-L F1 (Lin 2004): the longest common subsequence of the two token lists, F1 of its
+  precision and recall; tokens as Google's `rouge-score` makes them without stemming (lowercase,
+  runs of [a-z0-9]). 0.0 when either is empty.
+
+  Args:
+    prediction, reference: the texts.
+  Returns:
+    F1 in [0, 1].
+  """
+  import re
+
+  tokens = lambda t: re.sub(r"[^a-z0-9]+", " ", t.lower()).split()
+  a, b = tokens(prediction), tokens(reference)
+  if not a or not b:
+    return 0.0
+  previous = [0] * (len(b) + 1)
+  for x in a:
+    current = [0]
+    for j, y in enumerate(b):
+      current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+    previous = current
+  common = previous[-1]
+  if common == 0:
+    return 0.0
+  precision, recall = common / len(a), common / len(b)
+  return 2 * precision * recall / (precision + recall)

@@ -49,6 +49,7 @@ class Experiment:
   host_feed: primitives.HostFeed | None = None  # data.feed='host': where the round's block is held.
   # A text run's `mc` questions: `text.encode_multiple_choice`'s arrays and "subject" [Q] (or None).
   multiple_choice: dict | None = None
+  tokenizer: Any = None  # A text run's `models.hf.Tokenizer` (generation-based scoring decodes with it).
 
   def frozen(self) -> dict:
     """The task's frozen tree: the backbone in the task's compute dtype, its kernels held as

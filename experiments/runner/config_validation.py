@@ -327,6 +327,15 @@ def validate_config(config: ml_collections.ConfigDict, allowed_methods, method_b
     _positive_int(config, "export_every", minimum=0)
   if "mc" in config:
     _check_multiple_choice(config)
+  if "gen" in config:
+    for field in ("gen.examples_per_client", "gen.every"):
+      _positive_int(config, field, minimum=0)
+    _positive_int(config, "gen.max_new_tokens")
+    _require(
+      is_text(config) or not config.gen.examples_per_client,
+      "gen.examples_per_client",
+      "generation-based scoring is for text runs (task='instruction_tuning')",
+    )
   clients = config.get("export_clients", "")
   _require(
     isinstance(clients, str) and re.fullmatch(r"\s*(all|\d+(\s*,\s*\d+)*)?\s*", clients) is not None,

@@ -173,3 +173,74 @@ def multiple_choice_evaluator(exp: Experiment) -> Callable[[Any, Any], dict] | N
     }
 
   return evaluate
+
+
+def generation_evaluator(exp: Experiment) -> Callable[[Any, Any], dict] | None:
+  """A text run's `gen` scoring (None without it): `evaluate(state, frozen)` generates greedy
+  responses (`models.llama.generate`, `gen.max_new_tokens`, stopping at end-of-text) to each
+  client's first `gen.examples_per_client` test prompts (of those whose response was not cut
+  away by `data.max_len`), with the global model and with the
+  client's personalized model, waits, and gives gen_exact_match_global, gen_rouge_l_global
+  (over every client's prompts), gen_exact_match_personalized_mean, gen_rouge_l_personalized_mean
+  and gen_rouge_l_personalized_worst (over the clients with test prompts)."""
+  from hyperlora_jax import lora, text
+  from hyperlora_jax.models.llama import generate
+
+  settings = exp.settings.generation
+  if settings is None or not settings.examples_per_client or exp.tokenizer is None:
+    return None
+  task, fed_round, tokenizer = exp.task, exp.fed_round, exp.tokenizer
+  pool = exp.data.test_pool
+  scored = lambda part: [i for i in part if np.asarray(pool.tokens["loss_mask"][i]).any()]  # A response to score.
+  clients = [(c, scored(part)[: settings.examples_per_client]) for c, part in enumerate(exp.data.test_parts)]
+  clients = [(c, part) for c, part in clients if part]
+  if not clients:
+    return None
+  rows = [{k: np.asarray(pool.tokens[k][np.asarray(part)]) for k in ("input_ids", "loss_mask")} for _, part in clients]
+  prompt_ids, prompt_mask, references = text.prompts_and_references(
+    {k: np.concatenate([r[k] for r in rows]) for k in ("input_ids", "loss_mask")}, tokenizer.eos_id
+  )
+  sizes = np.cumsum([0] + [len(part) for _, part in clients])
+  reference_texts = [tokenizer.decode(ids) for ids in references]
+
+  @jax.jit
+  def responses(frozen, trainable, ids, mask):
+    apply = lambda *a: lora.apply(
+      task.model,
+      frozen["variables"],
+      trainable["lora"],
+      *a[:2],
+      cache=a[2],
+      scale=task.scale,
+      base_delta=frozen["base_delta"],
+    )
+    return generate(apply, task.model, ids, mask, settings.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id)
+
+  def scores(frozen, trainable, lo, hi) -> tuple[list[float], list[float]]:
+    tokens = np.asarray(distributed.to_host(responses(frozen, trainable, prompt_ids[lo:hi], prompt_mask[lo:hi])))
+    predictions = [tokenizer.decode([t for t in row if t != tokenizer.pad_id]) for row in tokens]
+    pairs = list(zip(predictions, reference_texts[lo:hi]))
+    return [text.exact_match(p, r) for p, r in pairs], [text.rouge_l(p, r) for p, r in pairs]
+
+  def evaluate(state, frozen) -> dict:
+    frozen = task_lib.apply_base_delta(frozen, state.base_delta)
+    global_model = jax.jit(fed_round.global_params)(state)
+    one_client = jax.jit(lambda s, c: jax.tree.map(lambda x: x[0], fed_round.client_params(s, c[None])))
+    global_em, global_rouge, personal_em, personal_rouge = [], [], [], []
+    for i, (client, _) in enumerate(clients):
+      lo, hi = int(sizes[i]), int(sizes[i + 1])
+      em, rouge = scores(frozen, global_model, lo, hi)
+      global_em += em
+      global_rouge += rouge
+      em, rouge = scores(frozen, one_client(state, jnp.int32(client)), lo, hi)
+      personal_em.append(np.mean(em))
+      personal_rouge.append(np.mean(rouge))
+    return {
+      "gen_exact_match_global": float(np.mean(global_em)),
+      "gen_rouge_l_global": float(np.mean(global_rouge)),
+      "gen_exact_match_personalized_mean": float(np.mean(personal_em)),
+      "gen_rouge_l_personalized_mean": float(np.mean(personal_rouge)),
+      "gen_rouge_l_personalized_worst": float(np.min(personal_rouge)),
+    }
+
+  return evaluate

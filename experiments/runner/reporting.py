@@ -128,6 +128,19 @@ def summary(records: list[dict], title: str) -> str:
       f"personalized mean {last['personalized_perplexity_mean']:.1f}, "
       f"worst client {last['personalized_perplexity_worst']:.1f}",
     )
+  if records[-1].get("mc_accuracy_global") is not None:  # A text run's multiple choice (`mc`).
+    choice = records[-1]
+    lines.append(
+      f"  multiple choice        global {fmt(choice['mc_accuracy_global'])}, "
+      f"personalized mean {fmt(choice['mc_accuracy_personalized_mean'])}, "
+      f"worst client {fmt(choice['mc_accuracy_personalized_worst'])}"
+    )
+  if records[-1].get("gen_rouge_l_global") is not None:  # A text run's generated responses (`gen`).
+    gen = records[-1]
+    lines.append(
+      f"  generated responses    ROUGE-L global {fmt(gen['gen_rouge_l_global'])}, personalized mean "
+      f"{fmt(gen['gen_rouge_l_personalized_mean'])}; exact match global {fmt(gen['gen_exact_match_global'])}"
+    )
   if records[-1].get("dp_epsilon") is not None:
     lines.append(
       f"  privacy spent          ε = {records[-1]['dp_epsilon']:.1f} (client-level, at the config's dp.delta)"

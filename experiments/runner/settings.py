@@ -53,6 +53,7 @@ class RunSettings:
     export_every: rounds between the PEFT adapters a run writes (0: none).
     export_clients: whose personalized adapters it writes too ('', 'all' or ids '0,3').
     multiple_choice: a text run's `mc` block (None: the config has none).
+    generation: a text run's `gen` block (None: the config has none).
     stream: images read on demand from the prepared files (`data.stream`).
     feed: "round", "chunk" or "host" (`data.feed`).
     cache_dir: where backbones and measured chunk sizes are cached.
@@ -78,6 +79,7 @@ class RunSettings:
   export_every: int
   export_clients: str
   multiple_choice: blocks.MultipleChoice | None
+  generation: blocks.GenerationEval | None
   stream: bool
   feed: str
   cache_dir: str
@@ -207,6 +209,7 @@ def run_settings(config: ml_collections.ConfigDict) -> RunSettings:
     export_every=config.get("export_every", 0),
     export_clients=config.get("export_clients", ""),
     multiple_choice=typed_block(blocks.MultipleChoice, config, "mc") if "mc" in config else None,
+    generation=typed_block(blocks.GenerationEval, config, "gen") if "gen" in config else None,
     stream=data.stream,
     feed=data.feed,
     cache_dir=cache_dir(config),

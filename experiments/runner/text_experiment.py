@@ -203,6 +203,7 @@ def build_text_experiment(config: ml_collections.ConfigDict, log: Callable[[str]
     signatures=signatures,
   )
   exp.multiple_choice = multiple_choice_block(settings, tokenizer, log)
+  exp.tokenizer = tokenizer
   return exp
 
 

@@ -45,7 +45,12 @@ from experiments.runner import (
 from experiments.runner.config_validation import is_text
 from experiments.runner import workdir as workdir_lib
 from experiments.runner.data.loader import prepare_dataset
-from experiments.runner.evaluation import evaluate_new_clients, multiple_choice_evaluator, run_evaluator
+from experiments.runner.evaluation import (
+  evaluate_new_clients,
+  generation_evaluator,
+  multiple_choice_evaluator,
+  run_evaluator,
+)
 from experiments.runner.assembly import Experiment
 from experiments.runner.experiment import build_experiment
 from experiments.runner.feeding import round_on_mesh
@@ -62,7 +67,7 @@ class PendingRound:
   padding); global_finite: device bool, the new global model is finite; collect_evaluation:
   waits for the dispatched evaluation (None: not an evaluation round); new_clients: the
   held-out new clients' accuracies (last round only, else empty); multiple_choice: a text run's
-  `mc` accuracies (its rounds only, else empty).
+  `mc` accuracies and `gen` scores (their rounds only, else empty).
   """
 
   index: int
@@ -136,8 +141,10 @@ def _run(
   global_is_finite = jax.jit(lambda state: primitives.is_finite(exp.fed_round.global_params(state)))
   evaluate = run_evaluator(exp, with_extras=True)
   evaluate_choices = multiple_choice_evaluator(exp)  # Waits: before the next round donates the state.
+  evaluate_generation = generation_evaluator(exp)
   choices = settings_mc.every if (settings_mc := exp.settings.multiple_choice) else 0
-  choosing = lambda done: done == exp.settings.fed.num_rounds or bool(choices and done % choices == 0)
+  generating = settings_gen.every if (settings_gen := exp.settings.generation) else 0
+  due = lambda every, done: done == exp.settings.fed.num_rounds or bool(every and done % every == 0)
   per_client = primitives.clients_sharding(exp.mesh)
   settings = exp.settings
   num_rounds = settings.fed.num_rounds
@@ -181,7 +188,10 @@ def _run(
       global_finite=global_is_finite(state),
       collect_evaluation=evaluate(state, frozen) if evaluating else None,
       new_clients=evaluate_new_clients(exp, state, frozen) if r + 1 == num_rounds else {},
-      multiple_choice=evaluate_choices(state, frozen) if evaluate_choices and choosing(r + 1) else {},
+      multiple_choice={
+        **(evaluate_choices(state, frozen) if evaluate_choices and due(choices, r + 1) else {}),
+        **(evaluate_generation(state, frozen) if evaluate_generation and due(generating, r + 1) else {}),
+      },
     )
     saving = (r + 1) % settings.checkpoint_every == 0 or r + 1 == num_rounds
     exporting = bool(settings.export_every) and ((r + 1) % settings.export_every == 0 or r + 1 == num_rounds)

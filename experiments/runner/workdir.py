@@ -49,6 +49,7 @@ RESUMABLE_FIELDS = (
   "export_every",
   "export_clients",
   *(f"mc.{f.name}" for f in dataclasses.fields(config_blocks.MultipleChoice)),  # Evaluation only.
+  *(f"gen.{f.name}" for f in dataclasses.fields(config_blocks.GenerationEval)),
 )
 # Fields added after runs were recorded without them, with the value that means "as before":
 # a recorded run lacking one is the same config when this run has that value (so a workdir

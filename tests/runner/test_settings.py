@@ -48,6 +48,7 @@ def test_every_block_of_the_default_configs_is_its_dataclass_with_the_same_value
       "robust": blocks.Robust,
       "dp": blocks.DP,
       "faults": Faults,
+      **({"mc": blocks.MultipleChoice, "gen": blocks.GenerationEval} if text else {}),
     }
     assert set(typed) | {"model", "compute"} == {
       k for k, v in config.items() if isinstance(v, ml_collections.ConfigDict)

@@ -193,8 +193,8 @@ def test_a_saved_decoder_is_read_back_as_its_family(name, model_type, architectu
 @pytest.mark.parametrize(
   "name, method, targets",
   [
-    ("hf_qwen3", "fedit", ""),
-    ("hf_gemma2", "hyperlora", ""),
+    ("hf_qwen3", "hyperlora", ""),
+    ("hf_gemma2", "fedit", ""),
     ("hf_gemma3", "fedit", ""),
     ("hf_phi3", "fedit", ".*attn/qkv"),
   ],
