@@ -65,6 +65,7 @@ def test_every_example_block_is_tested():
     "plan",
     "quantize",
     "host-feed",
+    "evaluation",
   }
   assert markers == tested
 
@@ -369,3 +370,15 @@ def test_host_feed_example_holds_the_images_on_the_host_and_trains_as_from_the_d
     state, ns["frozen"], ns["batches"], jnp.arange(8, dtype=jnp.int32), jnp.full(8, 1 / 8)
   )
   np.testing.assert_allclose(float(ns["metrics"]["train_loss"]), float(metrics["train_loss"]), rtol=1e-6)
+
+
+def test_evaluation_example_scores_choices_and_generated_answers():
+  """The example's calls on the Qwen3 fixture: the choices scored as the task scores them (each
+  question right or wrong), and the greedy answer's scores in [0, 1]; the reference decoded is
+  the record's response."""
+  ns = _run("evaluation")
+  correct = np.asarray(ns["correct"])
+  assert correct.shape == (2,) and set(correct.tolist()) <= {0.0, 1.0}
+  assert ns["tokenizer"].decode(ns["references"][0]).strip() == "Blue."
+  exact, rouge = ns["scores"]
+  assert exact in (0.0, 1.0) and 0.0 <= rouge <= 1.0
