@@ -54,6 +54,8 @@ def final_metrics(workdir: str) -> dict | None:
     "records": records,
     "config": config,
     **{k: v for k, v in last.items() if k.startswith("new_client_")},
+    # A text run's multiple-choice and generation scores (`mc.*`, `gen.*`), scalars only.
+    **{k: v for k, v in last.items() if k.startswith(TEXT_EVALUATION) and not isinstance(v, dict)},
   }
 
 
@@ -110,7 +112,27 @@ def markdown_table(rows: list[dict], reference: str | None = None, target: float
       line += f" {_rounds_summary([reporting.rounds_to_reach(r['records'], target) for r in group])} |"
     lines.append(line)
   groups = [(m, [r for r in rows if r["method"] == m]) for m in methods]
-  return "\n".join(lines + new_client_lines(groups, "New (held-out) clients, mean accuracy % over them:", _mean_std))
+  return "\n".join(
+    lines
+    + new_client_lines(groups, "New (held-out) clients, mean accuracy % over them:", _mean_std)
+    + text_evaluation_lines(groups)
+  )
+
+
+TEXT_EVALUATION = ("mc_accuracy_", "gen_")
+
+
+def text_evaluation_lines(groups: list[tuple[str, list[dict]]]) -> list[str]:
+  """Text runs' multiple-choice and generation scores, % mean ± std over seeds ([] when no run
+  has them): one line per method, one column per metric."""
+  keys = sorted({k for _, group in groups for r in group for k in r if k.startswith(TEXT_EVALUATION)})
+  if not keys:
+    return []
+  lines = ["", "Text evaluation (`mc.*`: multiple choice; `gen.*`: generated responses), %:", ""]
+  lines += ["| method | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+  for method, group in groups:
+    lines.append(f"| {method} | " + " | ".join(_mean_std([r.get(k) for r in group]) for k in keys) + " |")
+  return lines
 
 
 def new_client_lines(groups: list[tuple[str, list[dict]]], title: str, cell, skip_empty: bool = False) -> list[str]:

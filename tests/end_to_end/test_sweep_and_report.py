@@ -11,7 +11,7 @@ from experiments.reports import report
 from tests.repo_paths import ROOT
 
 
-def _fake_run(path, method, seed, global_acc, rounds=3, new_client=None, benchmark="default"):
+def _fake_run(path, method, seed, global_acc, rounds=3, new_client=None, benchmark="default", text_scores=None):
   os.makedirs(path)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump({"benchmark": benchmark, "method": method, "seed": seed, "fed": {"num_rounds": rounds}}, f)
@@ -26,6 +26,8 @@ def _fake_run(path, method, seed, global_acc, rounds=3, new_client=None, benchma
       }
       if new_client is not None and r == rounds:
         record["new_client_global"] = new_client
+      if text_scores is not None and r == rounds:
+        record.update(text_scores)
       f.write(json.dumps(record) + "\n")
 
 
@@ -52,6 +54,23 @@ def test_report_aggregates_seeds(tmp_path):
   os.symlink(tmp_path / "fedit" / "seed1", gathered / "fedit" / "seed1")
   os.symlink(tmp_path / "flora", gathered / "flora")
   assert report.find_runs(str(gathered)) == [str(gathered / "fedit" / "seed1"), str(gathered / "flora" / "seed0")]
+
+
+def test_the_report_tables_text_runs_multiple_choice_and_generation_scores(tmp_path):
+  """mc_* and gen_* of the final records, mean ± std over seeds (a by-subject dict left out); a
+  report without text runs has no such table."""
+  scores = lambda mc, rouge: {
+    "mc_accuracy_global": mc,
+    "mc_accuracy_global_by_subject": {"math": mc},
+    "gen_rouge_l_global": rouge,
+  }
+  _fake_run(tmp_path / "fedit" / "seed0", "fedit", 0, 0.4, text_scores=scores(0.3, 0.1))
+  _fake_run(tmp_path / "fedit" / "seed1", "fedit", 1, 0.4, text_scores=scores(0.5, 0.3))
+  table = report.markdown_table(report.finished_runs(str(tmp_path)), reference="fedit")
+  assert "| method | gen_rouge_l_global | mc_accuracy_global |" in table
+  assert "| fedit | 20.0 ± 10.0 | 40.0 ± 10.0 |" in table and "by_subject" not in table
+  _fake_run(tmp_path / "plain" / "fedit", "fedit", 0, 0.4)
+  assert "Text evaluation" not in report.markdown_table(report.finished_runs(str(tmp_path / "plain")))
 
 
 def test_report_groups_benchmarks_and_plots_mean_curves(tmp_path):
