@@ -323,8 +323,7 @@ def save_peft(
   for path, rank in ranks.items():
     if rank < 1:
       raise ValueError(f"save_peft: layer {path!r} has rank {rank}; PEFT's ranks are >= 1")
-  values = list(ranks.values())
-  rank = max(set(values), key=values.count)
+  rank = common_rank(adapter)
   scale = _scale(alpha, rank, rslora)  # The one scale `lora.apply` used on every layer.
   rank_pattern = {re.escape(names[path]): r for path, r in ranks.items() if r != rank}
   alpha_pattern = {
@@ -474,9 +473,20 @@ def alpha_for_scale(adapter: Mapping[str, Mapping[str, Any]], scale: float, rslo
   Returns:
     lora_alpha, a float.
   """
-  ranks = [int(np.shape(f["a"])[-1]) for f in adapter.values()]
-  rank = max(set(ranks), key=ranks.count)
+  rank = common_rank(adapter)
   return float(scale * (np.sqrt(rank) if rslora else rank))
+
+
+def common_rank(adapter: Mapping[str, Mapping[str, Any]]) -> int:
+  """The rank most of `adapter`'s layers have: `save_peft`'s r (the others get a `rank_pattern`).
+
+  Args:
+    adapter: {path: {"a": [d_in, r_l], "b": [r_l, d_out]}}.
+  Returns:
+    r.
+  """
+  ranks = [int(np.shape(f["a"])[-1]) for f in adapter.values()]
+  return max(set(ranks), key=ranks.count)
 
 
 def fold_base_delta(

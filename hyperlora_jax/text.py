@@ -27,6 +27,8 @@ compile per run (`tasks.causal_lm` reads these arrays).
 from __future__ import annotations
 
 import dataclasses
+import re
+import string
 from typing import Any
 from collections.abc import Iterable, Mapping
 
@@ -301,6 +303,11 @@ def prompts_and_references(batch: Mapping[str, np.ndarray], eos_id: int | None) 
   return prompt_ids, prompt_mask, references
 
 
+PUNCTUATION = frozenset(string.punctuation)
+ARTICLES = re.compile(r"\b(a|an|the)\b")
+NOT_ALPHANUMERIC = re.compile(r"[^a-z0-9]+")
+
+
 def normalize_answer(text: str) -> str:
   """SQuAD's normalization: lowercase, punctuation and the articles a / an / the dropped,
   whitespace collapsed.
@@ -310,11 +317,8 @@ def normalize_answer(text: str) -> str:
   Returns:
     The normalized text.
   """
-  import re
-  import string
-
-  text = "".join(c for c in text.lower() if c not in set(string.punctuation))
-  return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+  text = "".join(c for c in text.lower() if c not in PUNCTUATION)
+  return " ".join(ARTICLES.sub(" ", text).split())
 
 
 def exact_match(prediction: str, reference: str) -> float:
@@ -338,9 +342,7 @@ def rouge_l(prediction: str, reference: str) -> float:
   Returns:
     F1 in [0, 1].
   """
-  import re
-
-  tokens = lambda t: re.sub(r"[^a-z0-9]+", " ", t.lower()).split()
+  tokens = lambda t: NOT_ALPHANUMERIC.sub(" ", t.lower()).split()
   a, b = tokens(prediction), tokens(reference)
   if not a or not b:
     return 0.0

@@ -175,6 +175,18 @@ def multiple_choice_evaluator(exp: Experiment) -> Callable[[Any, Any], dict] | N
   return evaluate
 
 
+def model_functions(fed_round: Any) -> tuple[Callable, Callable]:
+  """(global_model(state) -> the trainable tree evaluated as global, client_model(state, client)
+  -> client `client`'s (an int32 []) personalized tree), each jitted once. One client at a
+  time: its floats do not depend on which other clients are asked for (a vmap of another size
+  rounds differently)."""
+  global_model = jax.jit(fed_round.global_params)
+  client_model = jax.jit(
+    lambda state, client: jax.tree.map(lambda x: x[0], fed_round.client_params(state, client[None]))
+  )
+  return global_model, client_model
+
+
 def generation_evaluator(exp: Experiment) -> Callable[[Any, Any], dict] | None:
   """A text run's `gen` scoring (None without it): `evaluate(state, frozen)` generates greedy
   responses (`models.llama.generate`, `gen.max_new_tokens`, stopping at end-of-text) to each
@@ -222,17 +234,18 @@ def generation_evaluator(exp: Experiment) -> Callable[[Any, Any], dict] | None:
     pairs = list(zip(predictions, reference_texts[lo:hi]))
     return [text.exact_match(p, r) for p, r in pairs], [text.rouge_l(p, r) for p, r in pairs]
 
+  global_params, client_params = model_functions(fed_round)
+
   def evaluate(state, frozen) -> dict:
     frozen = task_lib.apply_base_delta(frozen, state.base_delta)
-    global_model = jax.jit(fed_round.global_params)(state)
-    one_client = jax.jit(lambda s, c: jax.tree.map(lambda x: x[0], fed_round.client_params(s, c[None])))
+    global_model = global_params(state)
     global_em, global_rouge, personal_em, personal_rouge = [], [], [], []
     for i, (client, _) in enumerate(clients):
       lo, hi = int(sizes[i]), int(sizes[i + 1])
       em, rouge = scores(frozen, global_model, lo, hi)
       global_em += em
       global_rouge += rouge
-      em, rouge = scores(frozen, one_client(state, jnp.int32(client)), lo, hi)
+      em, rouge = scores(frozen, client_params(state, jnp.int32(client)), lo, hi)
       personal_em.append(np.mean(em))
       personal_rouge.append(np.mean(rouge))
     return {

@@ -37,6 +37,7 @@ from flax import traverse_util
 
 from experiments.runner import backbone as backbone_lib
 from experiments.runner.assembly import Experiment
+from experiments.runner.evaluation import model_functions
 from experiments.runner.settings import BackboneSettings
 from hyperlora_jax import distributed, files, peft
 
@@ -111,14 +112,18 @@ def parse_clients(spec: str, num_clients: int) -> list[int]:
   return sorted(set(ids))
 
 
-def models_of(exp: Experiment, state: Any, clients: Sequence[int]) -> dict[str, dict]:
-  """{"global": trainable tree, "client-<k>": client k's personalized tree}, numpy on the host."""
-  fed_round = exp.fed_round
-  global_model = distributed_tree(jax.jit(fed_round.global_params)(state))
-  models = {GLOBAL: global_model}
-  one_client = jax.jit(lambda state, client: jax.tree.map(lambda x: x[0], fed_round.client_params(state, client[None])))
-  for client in clients:  # One at a time: a client's floats do not depend on which others are written.
-    models[f"client-{client}"] = distributed_tree(one_client(state, jnp.int32(client)))
+def models_of(functions: tuple[Callable, Callable], state: Any, clients: Sequence[int]) -> dict[str, dict]:
+  """{"global": trainable tree, "client-<k>": client k's personalized tree}, numpy on the host.
+
+  Args:
+    functions: `evaluation.model_functions(fed_round)`.
+    state: the server state.
+    clients: client ids.
+  """
+  global_model, client_model = functions
+  models = {GLOBAL: distributed_tree(global_model(state))}
+  for client in clients:
+    models[f"client-{client}"] = distributed_tree(client_model(state, jnp.int32(client)))
   return models
 
 
@@ -160,8 +165,7 @@ def write_adapter(
   settings = exp.settings
   scale = exp.task.scale
   adapter, errors = peft.fold_base_delta(trainable["lora"], base_delta, scale, max_rank=max_rank)
-  ranks = [int(np.shape(f["a"])[-1]) for f in adapter.values()]
-  mode = max(set(ranks), key=ranks.count)
+  mode = peft.common_rank(adapter)
   # The run's own alpha where the ranks are the run's (every method but a folded one).
   alpha = (
     settings.lora.alpha if mode == settings.lora.rank else peft.alpha_for_scale(adapter, scale, settings.lora.rslora)
@@ -204,14 +208,17 @@ def export_state(
   round_done: int,
   workdir: str = "",
   max_rank: int = 0,
+  functions: tuple[Callable, Callable] | None = None,
 ) -> list[str]:
   """Writes the global adapter and `clients`' personalized adapters of `state` under
   `directory` (global/, client-<k>/) from the main process; every process computes them.
+  `functions`: `evaluation.model_functions(exp.fed_round)`, made here when not given (a run
+  that exports every N rounds gives its own, compiled once).
 
   Returns:
     The directories written (main process; [] on the others).
   """
-  models = models_of(exp, state, clients)
+  models = models_of(functions or model_functions(exp.fed_round), state, clients)
   base_delta = distributed_tree(dict(state.base_delta or {}))
   if not distributed.is_main_process():
     return []
@@ -238,6 +245,7 @@ class AdapterWriter:
     self.exp, self.workdir = exp, workdir
     self.target = adapter_target(backbone, exp)
     self.clients = parse_clients(exp.settings.export_clients, exp.data.num_clients)
+    self.functions = model_functions(exp.fed_round)
 
   def write(self, state: Any, round_done: int) -> list[str]:
     return export_state(
@@ -248,6 +256,7 @@ class AdapterWriter:
       self.clients,
       round_done=round_done,
       workdir=self.workdir,
+      functions=self.functions,
     )
 
 

@@ -92,7 +92,7 @@ def test_the_prediction_is_the_likeliest_letter_by_an_independent_count(tokenize
 
 def test_mmlu_files_are_read_in_each_layout(tmp_path):
   """MMLU's CSVs (no header, the answer a letter, the subject from the file name; a directory of
-  them), `cais/mmlu`-style JSONL (index answers) and parquet; bad rows named by file and line."""
+  them), `cais/mmlu`-style JSONL (index answers) and parquet; bad records named by file and number."""
   directory = tmp_path / "test"
   directory.mkdir()
   (directory / "astronomy_test.csv").write_text('"What is the Sun?","A star","A planet","A moon","A comet",A\n')
@@ -112,7 +112,7 @@ def test_mmlu_files_are_read_in_each_layout(tmp_path):
   )
   assert multiple_choice.read_questions(str(tmp_path / "m.parquet")) == QUESTIONS
   jsonl.write_text(json.dumps(QUESTIONS[0]) + "\n" + json.dumps({**QUESTIONS[1], "answer": 5}) + "\n")
-  with pytest.raises(ValueError, match="mmlu.jsonl line 2: 'answer' must be a choice's index or letter, got 5"):
+  with pytest.raises(ValueError, match="mmlu.jsonl record 2: 'answer' must be a choice's index or letter, got 5"):
     multiple_choice.read_questions(str(jsonl))
   with pytest.raises(FileNotFoundError, match="mc.path"):
     multiple_choice.read_questions(str(tmp_path / "missing.jsonl"))

@@ -26,12 +26,11 @@ of held-out generalization: the pairs are the training records' (turned around).
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 from typing import Any
 
-from experiments.runner.data import stdlib_docs
+from experiments.runner.data import instructions, stdlib_docs
 from hyperlora_jax.text import CHOICE_LETTERS
 
 EMBEDDED = "embedded"
@@ -80,7 +79,7 @@ def read_questions(path: str, max_questions: int = 0) -> list[dict[str, Any]]:
 
   Raises:
     FileNotFoundError: no such file or directory.
-    ValueError: a record that is not a question, naming the file and the line or row.
+    ValueError: a record that is not a question, naming the file and the record or row.
   """
   if path == EMBEDDED:
     questions = embedded_questions()
@@ -97,28 +96,11 @@ def read_questions(path: str, max_questions: int = 0) -> list[dict[str, Any]]:
 
 
 def _read_file(path: str) -> list[dict[str, Any]]:
+  """A file's questions: MMLU's CSV, or records read as instruction files are
+  (`instructions.iter_records`: bad JSON named by line and column)."""
   if path.endswith(".csv"):
     return _read_csv(path)
-  if path.endswith(".parquet"):
-    import pyarrow.parquet as pq
-
-    rows = pq.read_table(path).to_pylist()
-    return [_question(row, f"{path} row {i + 1}") for i, row in enumerate(rows)]
-  with open(path, encoding="utf-8") as f:
-    if path.endswith(".json"):
-      rows = json.load(f)
-      if not isinstance(rows, list):
-        raise ValueError(f"{path}: a JSON list of questions expected")
-      return [_question(row, f"{path} item {i + 1}") for i, row in enumerate(rows)]
-    questions = []
-    for number, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path} line {number}: not JSON ({e})") from None
-        questions.append(_question(row, f"{path} line {number}"))
-    return questions
+  return [_question(row, f"{path} record {number}") for number, row in enumerate(instructions.iter_records(path), 1)]
 
 
 def _read_csv(path: str) -> list[dict[str, Any]]:
