@@ -380,27 +380,11 @@ def decoder_config(model: Any) -> dict[str, Any]:
     raise ValueError(f"{model_type}'s attention_bias sets q/k/v and o biases together")
   if model_type == "qwen3" and model.mlp_bias:
     raise ValueError("Qwen3 has no MLP biases")
-  scaling = dict(model.rope_scaling) if model.rope_scaling else None
-  if scaling and "original_max_position_embeddings" in scaling:  # An integer: transformers 4 refuses 16.0.
-    scaling["original_max_position_embeddings"] = int(scaling["original_max_position_embeddings"])
   family = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[model_type]
   config = {
-    "model_type": model_type,
-    "architectures": [f"{family}ForCausalLM"],
-    "vocab_size": model.vocab_size,
-    "hidden_size": model.width,
-    "intermediate_size": model.mlp_dim,
-    "num_hidden_layers": model.depth,
-    "num_attention_heads": model.num_heads,
-    "num_key_value_heads": model.kv_heads,
+    **_shared_config(model, model_type, f"{family}ForCausalLM"),
     "head_dim": model.head_width,
     "hidden_act": "silu",
-    "rms_norm_eps": model.rms_norm_eps,
-    "rope_theta": model.rope_theta,
-    "rope_scaling": scaling,
-    "tie_word_embeddings": model.tie_embeddings,
-    "max_position_embeddings": 4096,
-    "torch_dtype": "float32",
   }
   if model_type == "llama":
     config.update(attention_bias=model.qkv_bias, mlp_bias=model.mlp_bias)
@@ -411,6 +395,29 @@ def decoder_config(model: Any) -> dict[str, Any]:
   return config
 
 
+def _shared_config(model: Any, model_type: str, architecture: str) -> dict[str, Any]:
+  """The config.json fields every family `decoder_config` writes has, from `model`."""
+  scaling = dict(model.rope_scaling) if model.rope_scaling else None
+  if scaling and "original_max_position_embeddings" in scaling:  # An integer: transformers 4 refuses 16.0.
+    scaling["original_max_position_embeddings"] = int(scaling["original_max_position_embeddings"])
+  return {
+    "model_type": model_type,
+    "architectures": [architecture],
+    "vocab_size": model.vocab_size,
+    "hidden_size": model.width,
+    "intermediate_size": model.mlp_dim,
+    "num_hidden_layers": model.depth,
+    "num_attention_heads": model.num_heads,
+    "num_key_value_heads": model.kv_heads,
+    "rms_norm_eps": model.rms_norm_eps,
+    "rope_theta": model.rope_theta,
+    "rope_scaling": scaling,
+    "tie_word_embeddings": model.tie_embeddings,
+    "max_position_embeddings": 4096,
+    "torch_dtype": "float32",
+  }
+
+
 def _phi3_config(model: Any) -> dict[str, Any]:
   """`decoder_config` of a model with fused projections: Phi-3's."""
   extra = [f for f in ("qkv_bias", "out_bias", "mlp_bias", "qk_norm", "post_norms", "embed_scale") if getattr(model, f)]
@@ -419,24 +426,11 @@ def _phi3_config(model: Any) -> dict[str, Any]:
   if model.head_width * model.num_heads != model.width:
     raise ValueError(f"Phi-3's head_dim is width / heads; this model's is {model.head_width}")
   return {
-    "model_type": "phi3",
-    "architectures": ["Phi3ForCausalLM"],
-    "vocab_size": model.vocab_size,
-    "hidden_size": model.width,
-    "intermediate_size": model.mlp_dim,
-    "num_hidden_layers": model.depth,
-    "num_attention_heads": model.num_heads,
-    "num_key_value_heads": model.kv_heads,
+    **_shared_config(model, "phi3", "Phi3ForCausalLM"),
     "hidden_act": "silu",
-    "rms_norm_eps": model.rms_norm_eps,
-    "rope_theta": model.rope_theta,
-    "rope_scaling": dict(model.rope_scaling) if model.rope_scaling else None,
-    "tie_word_embeddings": model.tie_embeddings,
     "sliding_window": model.sliding_window,
-    "max_position_embeddings": 4096,
     "original_max_position_embeddings": 4096,
     "pad_token_id": None,  # Phi3Config's default, 32000, is past a smaller vocabulary.
-    "torch_dtype": "float32",
   }
 
 
@@ -452,33 +446,19 @@ def _gemma_config(model: Any) -> dict[str, Any]:
   if wrong or model.qkv_bias != model.out_bias or (gemma3 and model.attention_softcap):
     raise ValueError(f"no Gemma has {', '.join(wrong) or 'these biases or caps'}")
   model_type = "gemma3_text" if gemma3 else "gemma2"
-  scaling = dict(model.rope_scaling) if model.rope_scaling else None
   types = ["sliding_attention" if s else "full_attention" for s in model.sliding_layers] or (
     ["sliding_attention" if model.sliding_window else "full_attention"] * model.depth
   )
   config = {
-    "model_type": model_type,
-    "architectures": ["Gemma3ForCausalLM" if gemma3 else "Gemma2ForCausalLM"],
-    "vocab_size": model.vocab_size,
-    "hidden_size": model.width,
-    "intermediate_size": model.mlp_dim,
-    "num_hidden_layers": model.depth,
-    "num_attention_heads": model.num_heads,
-    "num_key_value_heads": model.kv_heads,
+    **_shared_config(model, model_type, "Gemma3ForCausalLM" if gemma3 else "Gemma2ForCausalLM"),
     "head_dim": model.head_width,
     "hidden_activation": "gelu_pytorch_tanh",
-    "rms_norm_eps": model.rms_norm_eps,
-    "rope_theta": model.rope_theta,
-    "rope_scaling": scaling,
-    "tie_word_embeddings": model.tie_embeddings,
     "attention_bias": model.qkv_bias,
     "query_pre_attn_scalar": _int_if_whole(model.query_pre_attn_scalar or model.head_width),  # transformers 5: an int.
     "sliding_window": model.sliding_window or 4096,
     "layer_types": types,
     "attn_logit_softcapping": model.attention_softcap or None,
     "final_logit_softcapping": model.final_softcap or None,
-    "max_position_embeddings": 4096,
-    "torch_dtype": "float32",
   }
   if gemma3:
     config["rope_local_base_freq"] = model.local_rope_theta or model.rope_theta
