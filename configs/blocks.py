@@ -87,6 +87,10 @@ class TextData(ClientData):
     test_fraction: of each group's records, held out for test.
     max_len: tokens per example (prompt + response + eos), padded.
     chat_template: prompts through the tokenizer's chat template.
+    packing: each client's training records packed into rows of max_len tokens (best-fit
+      decreasing, each record whole and attending only to itself: `text.pack_examples`), so that
+      a local step's `fed.batch_size` rows hold several records each and few padding slots.
+      Evaluation reads the records unpacked; aggregation weights still count records.
   """
 
   layout: str = "dolly"
@@ -94,6 +98,7 @@ class TextData(ClientData):
   test_fraction: float = 0.2
   max_len: int = 176
   chat_template: bool = False
+  packing: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

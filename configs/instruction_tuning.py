@@ -25,6 +25,8 @@ Args (comma-separated in the `:arg`), plus configs/default.py's method, seed, ro
   gen=N              exact match and ROUGE-L of greedy responses to N held-out prompts per client
                      (default 0: none)
   chat               prompts with the checkpoint's chat template instead of Alpaca's
+  pack               each client's training records packed into rows of data.max_len tokens
+                     (data.packing): few padding slots, several records a row
   stream             token rows read from the tokenized files when a block needs them, not held in
                      memory (the records are tokenized once, into data.data_dir, either way)
 
@@ -56,6 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       layout=layout,
       group_field=group_field,
       chat_template=bool(args.get("chat", False)),
+      packing=bool(args.get("pack", False)),
       partition="one_domain_per_client" if by_category else "dirichlet_label_skew",
       num_clients=0 if by_category else args.int("clients", 20),  # 0: one per group in the data.
       dirichlet_alpha=args.float("alpha", 0.5),

@@ -26,6 +26,7 @@ compile per run (`tasks.causal_lm` reads these arrays).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import re
 import string
@@ -209,6 +210,112 @@ def encode_instructions(
   out["no_loss"] = out["loss_mask"].sum(axis=1) == 0
   out["mask"] = (~out["no_loss"]).astype(np.float32)  # The round counts these examples.
   return out
+
+
+# Packing: several encoded examples in one row of T tokens, each its own segment (the model
+# attends and counts positions within a segment: `models.llama.DecoderLM`), so that a batch of
+# short examples is not mostly padding. Best-fit decreasing keeps every example whole.
+
+
+def example_lengths(attention_mask: np.ndarray) -> np.ndarray:
+  """The real tokens of each right-padded example: int64 [...] of attention_mask [..., T].
+
+  Args:
+    attention_mask: [..., T] {0, 1}, the real tokens first (`encode_instructions`).
+  Returns:
+    int64 [...].
+  """
+  return np.asarray(attention_mask).astype(bool).sum(axis=-1).astype(np.int64)
+
+
+def packing_plan(lengths: Iterable[int], max_len: int) -> np.ndarray:
+  """Which examples share a row: best-fit decreasing (the longest example first, each into the
+  row it leaves least room in, a new row when none has room), rows of at most `max_len` tokens.
+
+  Args:
+    lengths: [N] each example's tokens (`example_lengths`), 1..max_len.
+    max_len: T.
+  Returns:
+    int64 [R, K]: row r's example indices in packing order, -1 after its last; K = the most
+    examples a row holds. R = 0 (shape [0, 1]) for no examples.
+  Raises:
+    ValueError: a length outside 1..max_len.
+  """
+  lengths = np.asarray(list(lengths), np.int64)
+  if lengths.size and (lengths.min() < 1 or lengths.max() > max_len):
+    raise ValueError(f"example lengths must lie in 1..max_len={max_len}; got {lengths.min()}..{lengths.max()}")
+  free: list[tuple[int, int]] = []  # (room left, row), sorted.
+  rows: list[list[int]] = []
+  for i in np.argsort(-lengths, kind="stable"):
+    need = int(lengths[i])
+    at = bisect.bisect_left(free, (need, -1))
+    if at == len(free):
+      rows.append([int(i)])
+      bisect.insort(free, (max_len - need, len(rows) - 1))
+      continue
+    room, row = free.pop(at)
+    rows[row].append(int(i))
+    bisect.insort(free, (room - need, row))
+  plan = np.full((len(rows), max([len(r) for r in rows], default=1)), -1, np.int64)
+  for r, members in enumerate(rows):
+    plan[r, : len(members)] = members
+  return plan
+
+
+def pack_examples(tokens: Mapping[str, Any], plan: np.ndarray, pad_id: int = 0) -> dict[str, np.ndarray]:
+  """Rows of packed examples: each example's real tokens one after another, in plan order.
+
+  Args:
+    tokens: {"input_ids", "attention_mask", "loss_mask"} [N, T], right-padded
+      (`encode_instructions`; any array indexable by an index array, e.g. memory-mapped rows).
+    plan: int [..., K] example indices per row, -1 after a row's last (`packing_plan`, or rows
+      of it); a row's examples fit in T.
+    pad_id: the id of the slots after a row's last example.
+  Returns:
+    {"input_ids", "attention_mask", "loss_mask"}: int32 [..., T]; "attention_mask" holds segment
+    ids: k for the row's k-th example (1-based), 0 for padding; "loss_mask" is each example's own.
+  Raises:
+    ValueError: a row's examples exceed T.
+  """
+  plan = np.asarray(plan, np.int64)
+  flat = plan.reshape(-1, plan.shape[-1])  # [R, K]
+  max_len = int(tokens["input_ids"].shape[-1])
+  used = np.unique(flat[flat >= 0])
+  read = {
+    k: np.asarray(tokens[k][used]).astype(np.int32).reshape(-1, max_len)
+    for k in ("input_ids", "attention_mask", "loss_mask")
+  }
+  local = np.searchsorted(used, np.maximum(flat, 0)).clip(0, max(len(used) - 1, 0))  # [R, K] rows of `read`.
+  lengths = np.where(flat >= 0, example_lengths(read["attention_mask"])[local] if used.size else 0, 0)
+  ends = np.cumsum(lengths, axis=1)  # [R, K]
+  if ends.size and ends[:, -1].max() > max_len:
+    raise ValueError(f"a row's examples hold {ends[:, -1].max()} tokens, more than T={max_len}")
+  slots = np.arange(max_len)
+  segment = (slots[None, None, :] >= ends[:, :, None]).sum(axis=1)  # [R, T]: the row's k-th example; K: none.
+  real = segment < flat.shape[1]
+  k = np.minimum(segment, flat.shape[1] - 1)
+  rows = np.arange(len(flat))[:, None]
+  position = np.where(real, slots[None, :] - (ends - lengths)[rows, k], 0)
+  take = lambda key: read[key][local[rows, k], position] if used.size else np.zeros_like(segment)
+  out = {
+    "input_ids": np.where(real, take("input_ids"), pad_id),
+    "attention_mask": np.where(real, segment + 1, 0),
+    "loss_mask": np.where(real, take("loss_mask"), 0),
+  }
+  return {key: value.astype(np.int32).reshape(plan.shape[:-1] + (max_len,)) for key, value in out.items()}
+
+
+def padding_fraction(attention_mask: np.ndarray) -> float:
+  """The share of token slots that hold no token: padding / all slots of attention_mask [..., T]
+  (0/1 or packed segment ids).
+
+  Args:
+    attention_mask: [..., T].
+  Returns:
+    A fraction in [0, 1].
+  """
+  mask = np.asarray(attention_mask)
+  return float(np.mean(mask == 0)) if mask.size else 0.0
 
 
 # Multiple choice (MMLU's layout and zero-shot prompt): each choice's answer letter is scored by

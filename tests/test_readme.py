@@ -66,6 +66,7 @@ def test_every_example_block_is_tested():
     "quantize",
     "host-feed",
     "evaluation",
+    "packing",
   }
   assert markers == tested
 
@@ -382,3 +383,13 @@ def test_evaluation_example_scores_choices_and_generated_answers():
   assert ns["tokenizer"].decode(ns["references"][0]).strip() == "Blue."
   exact, rouge = ns["scores"]
   assert exact in (0.0, 1.0) and 0.0 <= rouge <= 1.0
+
+
+def test_packing_example_fills_rows_and_keeps_the_loss():
+  """The example's records packed: fewer rows than records, less padding, segment ids 1.. in a
+  row, and the loss of the packed rows that of the records one a row."""
+  ns = _run("packing")
+  packed, plan = ns["packed"], ns["plan"]
+  assert plan.shape[0] < 3 and packed["attention_mask"].max() >= 2
+  assert ns["padding"][1] < ns["padding"][0]
+  np.testing.assert_allclose(ns["loss_packed"], ns["loss_records"], rtol=1e-5)

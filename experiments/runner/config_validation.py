@@ -173,6 +173,7 @@ def _validate_text(config: ml_collections.ConfigDict) -> None:
   _require(
     isinstance(data.chat_template, bool), "data.chat_template", f"must be True or False, got {data.chat_template!r}"
   )
+  _require(isinstance(data.packing, bool), "data.packing", f"must be True or False, got {data.packing!r}")
   _require(
     data.feed in ("round", "host"),
     "data.feed",

@@ -110,10 +110,9 @@ def evaluate_new_clients(exp: Experiment, state: Any, frozen: Any) -> dict[str, 
     return {}
   ids = np.arange(len(data.new_train_parts))
   rng = np.random.default_rng([settings.seed, 2])
-  indices, mask = blocks.train_block_indices(
-    data.new_train_parts, ids, settings.fed.new_client_steps, settings.fed.batch_size, rng
-  )
-  train_block = blocks.gather_block(data.train_pool, indices, mask)
+  pool, parts = data.step_source(new_clients=True)
+  indices, mask = blocks.train_block_indices(parts, ids, settings.fed.new_client_steps, settings.fed.batch_size, rng)
+  train_block = blocks.gather_block(pool, indices, mask)
   test_block = blocks.padded_eval_block(data.test_pool, data.new_test_parts)
   signatures = exp.new_signatures if exp.new_signatures is not None else np.zeros((len(ids), 0), np.float32)
   evaluate_new = jax.jit(task_lib.make_new_client_evaluate(exp.task, exp.fed_round, exp.client_update))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,10 @@ class FederatedData:
   eval_batch: evaluation batch; global test blocks are padded to a multiple of it.
   chunk_examples: examples per evaluation / signature block (0: one block for everything);
     this bounds the device memory of an evaluation, and with streamed images host memory.
+  step_pool: what the local steps read instead of `train_pool`, or None: a text run's packed
+    rows (`data.packing`, `instructions.PackedRows`); step_parts, new_step_parts: the (new)
+    clients' index arrays into it. Signatures, validation and aggregation weights read the
+    records (`train_pool`, `train_parts`).
   """
 
   train_pool: ImageDataset
@@ -32,6 +37,9 @@ class FederatedData:
   new_test_parts: list = dataclasses.field(default_factory=list)
   eval_batch: int = 256
   chunk_examples: int = 0
+  step_pool: Any = None
+  step_parts: list = dataclasses.field(default_factory=list)
+  new_step_parts: list = dataclasses.field(default_factory=list)
 
   @property
   def num_clients(self) -> int:
@@ -43,6 +51,13 @@ class FederatedData:
 
   def train_sizes(self) -> np.ndarray:
     return np.array([len(p) for p in self.train_parts])
+
+  def step_source(self, new_clients: bool = False) -> tuple[Any, list]:
+    """(the pool the local steps read, the clients' index arrays into it): the training records,
+    or their packed rows; of the held-out new clients with `new_clients`."""
+    if self.step_pool is None:
+      return self.train_pool, self.new_train_parts if new_clients else self.train_parts
+    return self.step_pool, self.new_step_parts if new_clients else self.step_parts
 
   def has_test_examples(self) -> np.ndarray:
     """[N] bool: the clients whose test split is not empty (the personalized accuracies are

@@ -41,18 +41,18 @@ def round_inputs(exp: Experiment, round_index: int, gather: bool = True) -> tupl
   clients_per_round x local_steps steps: the compute of a federated round. A method with a
   meta-objective gets one more step per client, held out of the local steps.
   Returns:
-    block {"image": [C, S, B, H, W, 3], "label", "mask"} ({"indices": [C, S, B] into the train
-    pool, "label", "mask"} with gather=False), client_ids [C] (-1 = padding), weights [C] =
+    block {"image": [C, S, B, H, W, 3], "label", "mask"} ({"indices": [C, S, B] into the pool
+    the steps read, `FederatedData.step_source`, "label", "mask"} with gather=False), client_ids [C] (-1 = padding), weights [C] =
     n_k / Σ n_j over the sampled clients.
   """
   settings, data = exp.settings, exp.data
   rng = np.random.default_rng([settings.seed, 1, round_index])
   steps = settings.fed.local_steps + exp.fed_round.aggregator.capabilities.heldout_steps
-  parts = data.train_parts
+  pool, parts = data.step_source()
   if exp.method.pooled_data:
     ids = np.zeros(1, np.int64)
     steps *= settings.fed.clients_per_round
-    parts = [np.concatenate(data.train_parts)]
+    parts = [np.concatenate(parts)]
   else:
     ids = blocks.sample_clients(data.num_clients, settings.fed.clients_per_round, rng)
   devices = primitives.clients_axis_size(exp.mesh)
@@ -61,9 +61,9 @@ def round_inputs(exp: Experiment, round_index: int, gather: bool = True) -> tupl
   indices, mask = blocks.train_block_indices(parts, ids, steps, settings.fed.batch_size, rng)
   sizes = np.where(ids >= 0, data.train_sizes()[np.maximum(ids, 0)], 0).astype(np.float32)
   if not gather:
-    light = {"indices": indices, "label": data.train_pool.labels[indices], "mask": mask}
+    light = {"indices": indices, "label": pool.labels[indices], "mask": mask}
     return light, ids.astype(np.int32), sizes / sizes.sum()
-  return blocks.gather_block(data.train_pool, indices, mask), ids.astype(np.int32), sizes / sizes.sum()
+  return blocks.gather_block(pool, indices, mask), ids.astype(np.int32), sizes / sizes.sum()
 
 
 def round_on_mesh(exp: Experiment, round_index: int, sharding: NamedSharding) -> tuple[Any, np.ndarray]:
@@ -89,7 +89,7 @@ def round_on_mesh(exp: Experiment, round_index: int, sharding: NamedSharding) ->
   rows_of = lambda index: index[0].indices(len(ids))  # A device's slice of the clients axis.
   pack = feed.pack if feed is not None else (lambda block: block)
   local = {
-    rows_of(index): pack(blocks.gather_block(exp.data.train_pool, indices[index[0]], mask[index[0]]))
+    rows_of(index): pack(blocks.gather_block(exp.data.step_source()[0], indices[index[0]], mask[index[0]]))
     for index in sharding.addressable_devices_indices_map(indices.shape).values()
   }
   example = next(iter(local.values()))

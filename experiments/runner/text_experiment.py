@@ -11,6 +11,7 @@ histogram ("label") and statistics of the frozen decoder's mean hidden state per
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -115,7 +116,26 @@ def build_text_federated_data(
       f"data.min_client_size={block.min_client_size} ({int(np.sum(sizes < block.min_client_size))} "
       f"client(s) in all); drop such records from {block.name!r} or lower data.min_client_size"
     )
+  if block.packing:
+    data = packed_training(data, tokenizer.pad_id, log)
   return config, data
+
+
+def packed_training(data: FederatedData, pad_id: int, log: Callable[[str], None]) -> FederatedData:
+  """`data` whose local steps read each client's training records packed into rows
+  (`instructions.pack_clients`; `data.packing`), the held-out new clients' too; logs the
+  padding fraction of the records' slots and of the rows'."""
+  records = data.train_pool
+  rows, parts, padding = instructions.pack_clients(records, data.train_parts + data.new_train_parts, pad_id)
+  lengths = text.example_lengths(records.tokens["attention_mask"][np.concatenate(data.train_parts)])
+  log(
+    f"data: {int(sum(len(p) for p in data.train_parts))} training records packed into "
+    f"{int(sum(len(p) for p in parts[: data.num_clients]))} rows of {records.max_len} tokens; padding "
+    f"{1 - lengths.sum() / max(lengths.size * records.max_len, 1):.1%} of the records' slots, {padding:.1%} of the rows'"
+  )
+  return dataclasses.replace(
+    data, step_pool=rows, step_parts=parts[: data.num_clients], new_step_parts=parts[data.num_clients :]
+  )
 
 
 def with_clients_of(

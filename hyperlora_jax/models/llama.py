@@ -26,9 +26,11 @@ v, FedIT's choice):
   lm_head                                         untied LM head (nn.Dense, no bias)
 
 Shapes: B sequences of T tokens; `input_ids` int [B, T]; `attention_mask` [B, T] (1 = a real
-token, 0 = padding; padded keys are never attended); logits float32 [B, T, vocab]. Positions
-default to each sequence's count of real tokens before it (0, 1, ... after any left padding),
-as transformers' `generate` computes them. The model knows nothing of federation or LoRA.
+token, 0 = padding; padded keys are never attended; or 1, 2, ... the segments of several
+sequences packed in a row, each attending only within itself); logits float32 [B, T, vocab].
+Positions default to each sequence's count of real tokens before it (0, 1, ... after any left
+padding, as transformers' `generate` computes them; from 0 again at each packed sequence). The
+model knows nothing of federation or LoRA.
 
 `generate` is greedy decoding with a key/value cache: one prefill of the (left-padded) prompts,
 then one token per step inside `jax.lax.scan`, so a whole generation is one compiled function.
@@ -121,22 +123,55 @@ def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: jnp.ndarray) ->
 
 
 def attention_mask_for(
-  query_slots: jnp.ndarray, key_slots: jnp.ndarray, key_mask: jnp.ndarray, sliding_window: int | None
+  query_slots: jnp.ndarray,
+  key_slots: jnp.ndarray,
+  key_mask: jnp.ndarray,
+  sliding_window: int | None,
+  query_segments: jnp.ndarray | None = None,
 ) -> jnp.ndarray:
-  """bool [B, 1, Tq, S]: query slot i sees key slot j iff j <= i, the key is a real token and
-  (with a sliding window w) i - j < w. query_slots [Tq], key_slots [S], key_mask [B, S].
+  """bool [B, 1, Tq, S]: query slot i sees key slot j iff j <= i, the key is a real token,
+  (with a sliding window w) i - j < w, and (with `query_segments`, packed sequences) the key is
+  in the query's segment. query_slots [Tq], key_slots [S], key_mask [B, S].
 
   Args:
     query_slots: [Tq] cache slots of the queries; key_slots: [S] of the keys.
-    key_mask: [B, S] bool or {0, 1}, real tokens.
+    key_mask: [B, S] int segment ids of the keys (0 padding, 1, 2, ... the packed sequences;
+      {0, 1} or bool for one sequence a row).
     sliding_window: w, or None (full causal attention).
+    query_segments: [B, Tq] the queries' segment ids, or None (one sequence a row). A padding
+      query (0) sees every real key before it, as without segments.
   Returns:
     bool [B, 1, Tq, S].
   """
   allowed = key_slots[None, :] <= query_slots[:, None]
   if sliding_window:
     allowed &= query_slots[:, None] - key_slots[None, :] < sliding_window
-  return allowed[None, None] & key_mask[:, None, None, :].astype(bool)
+  allowed = allowed[None, None] & (key_mask[:, None, None, :] > 0)
+  if query_segments is None:
+    return allowed
+  same = key_mask[:, None, None, :] == query_segments[:, None, :, None]
+  return allowed & (same | (query_segments[:, None, :, None] == 0))
+
+
+def segment_positions(segments: jnp.ndarray) -> jnp.ndarray:
+  """Each token's position in its own sequence: [B, T] int32 of segment ids [B, T] (0 padding;
+  1, 2, ... packed sequences, numbered in order along the row). A row holding one sequence
+  ({0, 1}, any padding) gets the count of real tokens before each token, so a left-padded
+  prompt starts at 0 and padding repeats its neighbour's position (transformers' `generate`).
+
+  Args:
+    segments: [B, T] int.
+  Returns:
+    [B, T] int32.
+  """
+  segments = segments.astype(jnp.int32)
+  real = segments > 0
+  count = jnp.cumsum(real, axis=1, dtype=jnp.int32)  # Real tokens up to and including each one.
+  seen = jax.lax.cummax(segments, axis=1)
+  before = jnp.pad(seen[:, :-1], ((0, 0), (1, 0)))  # The last segment id before each token.
+  starts = real & (segments > before)  # A sequence's first token.
+  start_count = jax.lax.cummax(jnp.where(starts, count - 1, 0), axis=1)
+  return jnp.maximum(count - 1 - start_count, 0)
 
 
 def attend(
@@ -231,9 +266,10 @@ class Attention(nn.Module):
   fused: bool = False  # One projection "qkv" [D, (H + 2K) hd], split in that order (Phi-3's qkv_proj).
 
   @nn.compact
-  def __call__(self, x, positions, inv_freq, query_slots, key_mask, cache=None):
+  def __call__(self, x, positions, inv_freq, query_slots, key_mask, cache=None, query_segments=None):
     """x [B, T, D], positions [B, T]; query_slots [T] (the tokens' slots in the key sequence);
-    key_mask [B, S]; cache: this layer's (k, v) [B, S, kv_heads, head_dim] or None (S = T).
+    key_mask [B, S] (the keys' segment ids); cache: this layer's (k, v) [B, S, kv_heads,
+    head_dim] or None (S = T); query_segments [B, T] or None (`attention_mask_for`).
     -> ([B, T, D], the updated (k, v) or None)."""
     batch, tokens, width = x.shape
     dense = lambda features, bias, name: nn.Dense(features, use_bias=bias, name=name)
@@ -256,7 +292,7 @@ class Attention(nn.Module):
       k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), query_slots[0], axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), query_slots[0], axis=1)
     key_slots = jnp.arange(k.shape[1])
-    mask = attention_mask_for(query_slots, key_slots, key_mask, self.sliding_window)  # [B, 1, T, S]
+    mask = attention_mask_for(query_slots, key_slots, key_mask, self.sliding_window, query_segments)  # [B, 1, T, S]
     bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)
     attended = attend(q, k.astype(q.dtype), v.astype(x.dtype), bias, self.scale, self.softcap)
     out = dense(width, self.out_bias, "out")(attended.reshape(batch, tokens, self.num_heads * self.head_dim))
@@ -305,7 +341,7 @@ class DecoderBlock(nn.Module):
   fused_projections: bool = False
 
   @nn.compact
-  def __call__(self, x, positions, inv_freq, query_slots, key_mask, cache=None):
+  def __call__(self, x, positions, inv_freq, query_slots, key_mask, cache=None, query_segments=None):
     """x [B, T, D] -> ([B, T, D], updated cache or None); arguments as `Attention`'s. With
     `post_norms` (Gemma 2/3), the attention's and the MLP's outputs are normed too before each
     residual add (norms attn_norm, attn_post_norm, mlp_pre_norm, mlp_post_norm)."""
@@ -323,7 +359,7 @@ class DecoderBlock(nn.Module):
       self.attention_softcap,
       self.fused_projections,
       name="attn",
-    )(norm("attn_norm")(x), positions, inv_freq, query_slots, key_mask, cache)
+    )(norm("attn_norm")(x), positions, inv_freq, query_slots, key_mask, cache, query_segments)
     mlp = SwiGLU(self.mlp_dim, self.mlp_bias, self.activation, self.fused_projections, name="mlp")
     if not self.post_norms:
       x = x + attended
@@ -440,8 +476,11 @@ class DecoderLM(nn.Module):
     """input_ids int [B, T] -> logits float32 [B, T, vocab] (`return_hidden`: the final
     RMSNorm's output [B, T, D] instead).
 
-    attention_mask [B, T]: 1 for real tokens (default all). positions [B, T]: default the count
-    of real tokens before each one (with a cache: continuing from the cached ones). With `cache`
+    attention_mask [B, T]: 1 for real tokens (default all), or the segment ids of packed
+    sequences (0 padding, 1, 2, ... in order along the row; `text.pack_examples`): a token then
+    attends only within its own sequence. positions [B, T]: default each token's position in its
+    sequence (`segment_positions`: the count of real tokens before it in one sequence a row; with
+    a cache: continuing from the cached ones). With `cache`
     (`init_cache`), the tokens go at slots cache["index"]... and attend to every cached real
     token; returns (logits, the updated cache).
     """
@@ -457,7 +496,7 @@ class DecoderLM(nn.Module):
       key_mask = jax.lax.dynamic_update_slice_in_dim(cache["mask"], mask, cache["index"], axis=1)
       offset = jnp.sum(cache["mask"], axis=1, keepdims=True)
     if positions is None:
-      positions = offset + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+      positions = offset + segment_positions(mask)
     if self.sliding_layers and len(self.sliding_layers) != self.depth:
       raise ValueError(f"sliding_layers has {len(self.sliding_layers)} entries for depth={self.depth}")
     embed = nn.Embed(self.vocab_size, self.width, name="embed")
@@ -489,7 +528,7 @@ class DecoderLM(nn.Module):
         self.attention_softcap,
         self.fused_projections,
         name=f"block_{i}",
-      )(x, positions, local_freq if sliding else global_freq, query_slots, key_mask, layer_cache)
+      )(x, positions, local_freq if sliding else global_freq, query_slots, key_mask, layer_cache, mask)
       if layer_cache is not None:
         new_k.append(layer_cache[0])
         new_v.append(layer_cache[1])

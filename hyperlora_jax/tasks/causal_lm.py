@@ -4,7 +4,9 @@ The trainable pytree is `{"lora": adapter}`; the frozen pytree is `{"variables":
 variables, "base_delta": {layer: [d_in, d_out]}}` (`tasks.common.frozen_tree`, as the image
 task's, so every method runs unchanged); a batch is `hyperlora_jax.text`'s arrays
 `{"input_ids": [B, T] int32, "attention_mask": [B, T], "loss_mask": [B, T]}`: position t's
-logits predict token t + 1, counted where `loss_mask[t + 1]` is 1 (the response tokens).
+logits predict token t + 1, counted where `loss_mask[t + 1]` is 1 (the response tokens). Rows of
+packed examples (`text.pack_examples`: attention_mask holds segment ids) are read alike, each
+example attending and predicting within itself.
 
 The loss is the mean negative log-likelihood over a batch's response tokens (a batch with
 none gives 0). Metrics: next-token accuracy and perplexity exp(Σ nll / Σ tokens) over the
@@ -34,16 +36,21 @@ class TokenCounts(NamedTuple):
 
 def next_token_targets(batch: dict) -> tuple[jax.Array, jax.Array]:
   """(targets [B, T], weights [B, T] float32): at position t, token t + 1 and whether it is
-  counted (the last position predicts nothing: weight 0). Aligned with the [B, T, V] logits,
-  so that they need no [:, :-1] copy.
+  counted (the last position predicts nothing: weight 0; in packed rows, nor does a sequence's
+  last token predict the next sequence's first). Aligned with the [B, T, V] logits, so that
+  they need no [:, :-1] copy.
 
   Args:
-    batch: {"input_ids": [B, T], "loss_mask": [B, T], ...} (`text.encode_instructions`).
+    batch: {"input_ids": [B, T], "loss_mask": [B, T], "attention_mask": [B, T] (segment ids when
+      packed; optional), ...} (`text.encode_instructions`, `text.pack_examples`).
   Returns:
     (targets [B, T] int32, weights [B, T] float32).
   """
   targets = jnp.roll(batch["input_ids"], -1, axis=1)
-  weights = jnp.roll(batch["loss_mask"], -1, axis=1).astype(jnp.float32).at[:, -1].set(0.0)
+  counted = jnp.roll(batch["loss_mask"], -1, axis=1) > 0
+  if "attention_mask" in batch:  # Within one sequence only.
+    counted &= jnp.roll(batch["attention_mask"], -1, axis=1) == batch["attention_mask"]
+  weights = counted.astype(jnp.float32).at[:, -1].set(0.0)
   return targets, weights
 
 
@@ -249,7 +256,7 @@ def mean_hidden_state(model: nn.Module, variables: Any, input_ids: jax.Array, at
     [B, D] float32.
   """
   hidden = cast(jax.Array, model.apply(variables, input_ids, attention_mask, return_hidden=True)).astype(jnp.float32)
-  mask = attention_mask.astype(jnp.float32)[..., None]
+  mask = (attention_mask > 0).astype(jnp.float32)[..., None]  # Packed rows hold segment ids.
   return jnp.sum(hidden * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
 
 

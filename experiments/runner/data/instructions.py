@@ -248,6 +248,65 @@ class TextDataset:
 
 
 @dataclasses.dataclass(frozen=True)
+class PackedRows:
+  """Training records packed into rows of T tokens (`data.packing`): the pool a text run's local
+  steps read instead of the records. A row is built when a block needs it
+  (`text.pack_examples`), from the records' tokens in memory or streamed.
+
+  Attributes:
+    records: the records' `TextDataset`.
+    plan: int64 [R, K] the records (indices into `records`) of each row, -1 after its last.
+    labels: [R] int32 the group of each row's first record.
+    pad_id: the id of a row's padding slots.
+  """
+
+  records: TextDataset
+  plan: np.ndarray
+  labels: np.ndarray
+  pad_id: int
+
+  def __len__(self) -> int:
+    return len(self.plan)
+
+  def gather(self, indices: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """A block for row indices [...] and mask [...], as `TextDataset.gather`'s: the packed token
+    arrays [..., T] ("attention_mask" the rows' segment ids), "label", "mask"."""
+    block = text.pack_examples(self.records.tokens, self.plan[indices], self.pad_id)
+    block["loss_mask"] = block["loss_mask"] * (mask[..., None] > 0)
+    return {**block, "label": self.labels[indices], "mask": np.asarray(mask, np.float32)}
+
+
+def pack_clients(
+  records: TextDataset, parts: list[np.ndarray], pad_id: int
+) -> tuple[PackedRows, list[np.ndarray], float]:
+  """Each client's records packed into rows of their own (`text.packing_plan`: best-fit
+  decreasing); a record with no response token left is dropped (it would only take room).
+
+  Args:
+    records: the training records.
+    parts: per-client index arrays into `records`.
+    pad_id: the tokenizer's padding id.
+  Returns:
+    (the `PackedRows`, per-client index arrays into its rows, the rows' padding fraction).
+  """
+  plans, row_parts, start, real = [], [], 0, 0
+  for part in parts:
+    part = np.asarray(part, np.int64)
+    kept = part[np.asarray(records.tokens["loss_mask"][part]).sum(axis=-1) > 0] if len(part) else part
+    lengths = text.example_lengths(records.tokens["attention_mask"][kept]) if len(kept) else kept
+    plan = text.packing_plan(lengths, records.max_len)
+    real += int(np.sum(lengths))
+    plans.append(np.where(plan >= 0, kept[np.maximum(plan, 0)], -1) if len(kept) else plan)
+    row_parts.append(np.arange(start, start + len(plan), dtype=np.int64))
+    start += len(plan)
+  width = max(p.shape[1] for p in plans)
+  plan = np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1])), constant_values=-1) for p in plans])
+  labels = records.labels[np.maximum(plan[:, 0], 0)] if len(plan) else np.zeros(0, np.int32)
+  slots = len(plan) * records.max_len
+  return PackedRows(records, plan, labels, pad_id), row_parts, (1.0 - real / slots) if slots else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
 class TokenizedRecords:
   """A records source tokenized once, on disk (`prepare_tokenized`).
 
