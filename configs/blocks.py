@@ -102,6 +102,17 @@ class TextData(ClientData):
 
 
 @dataclasses.dataclass(frozen=True)
+class DPO:
+  """A preference run's DPO loss (`hyperlora_jax.tasks.preference`; configs/preference_tuning.py).
+
+  Attributes:
+    beta: β, the strength of the implicit KL penalty towards the frozen decoder (the reference).
+  """
+
+  beta: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
 class MultipleChoice:
   """A text run's multiple-choice evaluation (`experiments/runner/data/multiple_choice.py`): each
   choice's letter scored by log-likelihood after MMLU's zero-shot prompt, for the global model

@@ -212,6 +212,109 @@ def encode_instructions(
   return out
 
 
+# Preference pairs (DPO): a prompt with a chosen and a rejected response, each encoded as an
+# instruction example, the loss mask on its response. Layouts:
+#   "hh_rlhf"        Anthropic HH-RLHF: {"chosen": dialogue, "rejected": dialogue}, both
+#                    "\n\nHuman: ... \n\nAssistant: <response>", sharing the dialogue up to the
+#                    last "\n\nAssistant:", which is the prompt (used as it is, no template)
+#   "ultrafeedback"  UltraFeedback binarized (HuggingFaceH4/ultrafeedback_binarized): {"prompt":
+#                    text, "chosen": [messages], "rejected": [messages]}, the response the last
+#                    assistant message's content (plain strings are read too)
+#   "pairs"          TRL's explicit-prompt layout: {"prompt", "chosen", "rejected"} texts
+# The last two get the Alpaca template (or the tokenizer's chat template) around the prompt.
+PREFERENCE_LAYOUTS = ("hh_rlhf", "ultrafeedback", "pairs")
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+def _response_text(value: Any, field: str, where: str) -> str:
+  """A response: a text, or the last assistant message's content of a message list."""
+  if isinstance(value, str):
+    return value
+  if isinstance(value, list) and value and all(isinstance(m, Mapping) for m in value):
+    replies = [m.get("content") for m in value if m.get("role") == "assistant"]
+    if replies and isinstance(replies[-1], str):
+      return replies[-1]
+  raise ValueError(f"{where}: field {field!r} is neither a text nor messages ending with an assistant's content")
+
+
+def preference_pair(record: Mapping[str, Any], layout: str, where: str = "record") -> tuple[str, str, str, bool]:
+  """(prompt, chosen response, rejected response, whether the prompt is already formatted) of
+  one preference record in `layout` (`PREFERENCE_LAYOUTS`).
+
+  Args:
+    record: one record.
+    layout: "hh_rlhf", "ultrafeedback" or "pairs".
+    where: how errors name the record (file and line).
+  Returns:
+    (prompt, chosen, rejected, formatted): `formatted` for HH-RLHF's dialogue prompt (no template).
+  Raises:
+    ValueError: a missing or non-text field, or HH-RLHF dialogues that do not share their prompt.
+  """
+  if layout not in PREFERENCE_LAYOUTS:
+    raise ValueError(f"layout={layout!r}; preference layouts: {', '.join(PREFERENCE_LAYOUTS)}")
+  needed = ("chosen", "rejected") if layout == "hh_rlhf" else ("prompt", "chosen", "rejected")
+  missing = [f for f in needed if f not in record]
+  if missing:
+    raise ValueError(f"{where}: the {layout} layout needs fields {list(needed)}; missing {missing}")
+  if layout == "hh_rlhf":
+    chosen, rejected = (_response_text(record[f], f, where) for f in ("chosen", "rejected"))
+    cut = chosen.rfind(HH_ASSISTANT)
+    if cut < 0:
+      raise ValueError(f"{where}: 'chosen' has no {HH_ASSISTANT!r} turn")
+    prompt = chosen[: cut + len(HH_ASSISTANT)]
+    if not rejected.startswith(prompt):
+      raise ValueError(f"{where}: 'chosen' and 'rejected' do not share the dialogue before the last assistant turn")
+    return prompt, chosen[len(prompt) :], rejected[len(prompt) :], True
+  if not isinstance(record["prompt"], str):
+    raise ValueError(f"{where}: field 'prompt' is a {type(record['prompt']).__name__}, not text")
+  chosen, rejected = (_response_text(record[f], f, where) for f in ("chosen", "rejected"))
+  return record["prompt"], chosen, rejected, False
+
+
+def encode_preference_pairs(
+  tokenizer,
+  records: Iterable[Mapping[str, Any]],
+  max_len: int,
+  layout: str = "pairs",
+  chat: bool = False,
+  template: PromptTemplate = ALPACA,
+) -> dict[str, np.ndarray]:
+  """Every preference record as two examples, chosen first: {"input_ids", "attention_mask",
+  "loss_mask"} int32 [N, 2, T] (`encode_instruction`'s, the loss mask on each response and its
+  end-of-text); "mask" [N] float32, 1 for a pair whose two responses keep loss tokens; "truncated"
+  [N] bool (either sequence was cut).
+
+  Args:
+    tokenizer: `models.hf.Tokenizer`.
+    records: preference records in `layout`.
+    max_len: T.
+    layout: "hh_rlhf", "ultrafeedback" or "pairs" (`preference_pair`).
+    chat: the prompt in the tokenizer's chat template (HH-RLHF's dialogues keep their own turns);
+      template: else this one.
+  Returns:
+    The arrays above.
+  """
+  rows = []
+  for number, record in enumerate(records, 1):
+    prompt, chosen, rejected, formatted = preference_pair(record, layout, where=f"record {number}")
+    if chat and not formatted:
+      prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    elif not formatted:
+      prompt = template.format(prompt)
+    special = chat and not formatted  # A chat template's prompt holds its special tokens.
+    pair = [
+      encode_instruction(tokenizer, prompt, r, max_len, prompt_has_special_tokens=special) for r in (chosen, rejected)
+    ]
+    rows.append({k: np.stack([p[k] for p in pair]) for k in pair[0]})
+  if not rows:
+    raise ValueError("no records to encode")
+  out = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  full = out["attention_mask"][..., -1] == 1
+  out["truncated"] = np.any(full & (out["input_ids"][..., -1] != tokenizer.eos_id), axis=1)
+  out["mask"] = np.all(out["loss_mask"].sum(axis=-1) > 0, axis=1).astype(np.float32)
+  return out
+
+
 # Packing: several encoded examples in one row of T tokens, each its own segment (the model
 # attends and counts positions within a segment: `models.llama.DecoderLM`), so that a batch of
 # short examples is not mostly padding. Best-fit decreasing keeps every example whole.

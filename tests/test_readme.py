@@ -67,6 +67,7 @@ def test_every_example_block_is_tested():
     "host-feed",
     "evaluation",
     "packing",
+    "preference",
   }
   assert markers == tested
 
@@ -393,3 +394,11 @@ def test_packing_example_fills_rows_and_keeps_the_loss():
   assert plan.shape[0] < 3 and packed["attention_mask"].max() >= 2
   assert ns["padding"][1] < ns["padding"][0]
   np.testing.assert_allclose(ns["loss_packed"], ns["loss_records"], rtol=1e-5)
+
+
+def test_preference_example_trains_both_clients_to_prefer_the_chosen_responses():
+  """The example's 5 FedIT rounds with the DPO loss: both pairs' margins positive (at the start
+  they are 0: the adapter is the identity, the policy the reference)."""
+  ns = _run("preference")
+  assert ns["margins"].shape == (2,) and np.all(np.asarray(ns["margins"]) > 0)
+  assert ns["batches"]["input_ids"].shape == (2, 1, 1, 2, 128)

@@ -41,7 +41,12 @@ def sample_block(settings: RunSettings, task: Any, clients: int) -> dict:
   shape = (clients, settings.fed.local_steps, settings.fed.batch_size)
   _, size = settings.input_size
   if settings.text:
-    return random_token_block(*shape, size, task.model.vocab_size)
+    pairs = getattr(task, "sequences_per_example", 1)  # A preference task's chosen and rejected.
+    block = random_token_block(shape[0], shape[1], shape[2] * pairs, size, task.model.vocab_size)
+    if pairs == 1:
+      return block
+    tokens = {k: block[k].reshape(shape + (pairs, size)) for k in ("input_ids", "attention_mask", "loss_mask")}
+    return {**tokens, "mask": np.ones(shape, np.float32)}
   rng = np.random.default_rng(0)
   return {
     "image": rng.integers(0, 256, shape + (size, size, 3), dtype=np.uint8),

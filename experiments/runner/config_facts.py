@@ -13,7 +13,8 @@ from configs import blocks
 
 Block = TypeVar("Block")
 
-TASKS = ("image_classification", "instruction_tuning")
+TASKS = ("image_classification", "instruction_tuning", "preference_tuning")
+TEXT_TASKS = ("instruction_tuning", "preference_tuning")
 CACHE_DIR = os.path.join(
   os.path.expanduser("~"), ".cache", "hyperlora_jax", "backbones"
 )  # Backbones, decoders, chunks.
@@ -24,8 +25,14 @@ class ConfigError(ValueError):
 
 
 def is_text(config: ml_collections.ConfigDict) -> bool:
-  """Whether the config is a text run (`task='instruction_tuning'`; image runs name no task)."""
-  return config.get("task", "image_classification") == "instruction_tuning"
+  """Whether the config is a text run (`task='instruction_tuning'` or `'preference_tuning'`;
+  image runs name no task)."""
+  return config.get("task", "image_classification") in TEXT_TASKS
+
+
+def is_preference(config: ml_collections.ConfigDict) -> bool:
+  """Whether the config is a preference (DPO) run (`task='preference_tuning'`)."""
+  return config.get("task", "image_classification") == "preference_tuning"
 
 
 def cache_dir(config: ml_collections.ConfigDict) -> str:

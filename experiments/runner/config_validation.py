@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from experiments.runner import backbone, memory, methods, pretrain
-from experiments.runner.config_facts import TASKS, ConfigError, is_text  # noqa: F401 (ConfigError: raised here, read by users)
+from experiments.runner.config_facts import TASKS, ConfigError, is_preference, is_text  # noqa: F401 (ConfigError: raised here, read by users)
 from experiments.runner.data import loader
 from experiments.runner.data.partition import ALLOWED_PARTITIONS
 from experiments.runner.optimizers import ALLOWED_OPTIMIZERS, ALLOWED_SCHEDULES
@@ -141,6 +141,34 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     _require(os.path.isfile(npz), "pretrain.npz_path", f"no such file: {npz!r}")
 
 
+def _validate_preference(config: ml_collections.ConfigDict) -> None:
+  """What a DPO run (`configs/preference_tuning.py`) takes beyond a text run's fields."""
+  from hyperlora_jax import text
+
+  data = config.data
+  _one_of(data.layout, text.PREFERENCE_LAYOUTS, "data.layout")
+  beta = config.get("dpo", {}).get("beta", 0.1)
+  _require(
+    isinstance(beta, (int, float)) and beta > 0, "dpo.beta", f"must be a positive number (DPO's β), got {beta!r}"
+  )
+  _require(
+    not data.packing,
+    "data.packing",
+    "packs instruction records; a preference run's pairs are read one pair a batch entry",
+  )
+  _require(not data.stream, "data.stream", "a preference run holds its pairs in memory (data.stream=False)")
+  _require(
+    not (data.chat_template and data.layout == "hh_rlhf"),
+    "data.chat_template",
+    "HH-RLHF's dialogues carry their own Human / Assistant turns; no chat template is applied to them",
+  )
+  _require(
+    not config.gen.examples_per_client,
+    "gen.examples_per_client",
+    "generation scoring reads instruction records; a preference run has pairs (0 here)",
+  )
+
+
 def _validate_text(config: ml_collections.ConfigDict) -> None:
   """The data, model and pretrain fields of a text run (`configs/instruction_tuning.py`)."""
   from experiments.runner import pretrain_text
@@ -148,7 +176,10 @@ def _validate_text(config: ml_collections.ConfigDict) -> None:
   from hyperlora_jax import text
 
   data = config.data
-  _one_of(data.layout, sorted(text.LAYOUTS), "data.layout")
+  if is_preference(config):
+    _validate_preference(config)
+  else:
+    _one_of(data.layout, sorted(text.LAYOUTS), "data.layout")
   _require(
     data.name == instructions.EMBEDDED_TEXT or data.name.endswith(instructions.FORMATS),
     "data.name",

@@ -1,4 +1,7 @@
-"""`build_text_experiment(config)`: a text run's `Experiment` (configs/instruction_tuning.py).
+"""`build_text_experiment(config)`: a text run's `Experiment` (configs/instruction_tuning.py, and
+configs/preference_tuning.py's DPO runs: pairs from `data.preferences`, the task
+`tasks.preference.PreferenceLM`, the chosen sequences standing for a pair where one sequence is
+read: LoRA's targets, HyperLoRA's hidden-state signatures).
 
 The same round, methods, checkpoints, records and report as an image run; what differs is built
 here: the frozen decoder and its tokenizer (`backbone.text_backbone`), the instruction records tokenized
@@ -24,11 +27,11 @@ from configs import blocks as config_blocks
 from experiments.runner import backbone as backbone_lib
 from experiments.runner.settings import RunSettings, backbone_settings, data_block, run_settings
 from experiments.runner.assembly import Experiment, assemble, checked_method, every_client_signature, sharded_backbone
-from experiments.runner.config_facts import ConfigError
-from experiments.runner.data import instructions, multiple_choice
+from experiments.runner.config_facts import ConfigError, is_preference, typed_block
+from experiments.runner.data import instructions, multiple_choice, preferences
 from experiments.runner.federated_data import FederatedData, partitioned
 from hyperlora_jax import lora, text
-from hyperlora_jax.tasks import causal_lm
+from hyperlora_jax.tasks import causal_lm, preference
 from hyperlora_jax.tasks.common import backbone_dtype
 
 
@@ -50,13 +53,16 @@ def check_records_fit(
 ) -> None:
   """`data.name` tokenized by `tokenizer` (once, cached) keeps a response token within
   `data.max_len` in at least half its records; else ConfigError naming data.max_len. Run as
-  soon as the tokenizer exists: for the embedded decoder, before its pretraining.
+  soon as the tokenizer exists: for the embedded decoder, before its pretraining. A preference
+  run's pairs are read (and checked) in memory by the run itself: nothing to do.
 
   Args:
     data, pretraining: the run's `data` and `pretrain` blocks.
     tokenizer: the decoder's (`hf.Tokenizer`).
     log: progress lines.
   """
+  if data.layout in text.PREFERENCE_LAYOUTS:
+    return
   refuse_lost_records(data, pretraining, instructions.prepare_tokenized(data, tokenizer, log))
 
 
@@ -69,7 +75,17 @@ def refuse_lost_records(
     data, pretraining: the run's `data` and `pretrain` blocks (named in the message).
     records: the tokenized records.
   """
-  lost, total = int(records.no_loss.sum()), len(records.no_loss)
+  refuse_lost(data, pretraining, int(records.no_loss.sum()), len(records.no_loss))
+
+
+def refuse_lost(data: config_blocks.TextData, pretraining: config_blocks.TextPretrain, lost: int, total: int) -> None:
+  """ConfigError naming data.max_len when `lost` of `total` records (or pairs) keep no response
+  token (more than half).
+
+  Args:
+    data, pretraining: the run's `data` and `pretrain` blocks (named in the message).
+    lost, total: the counts.
+  """
   if lost > total / 2:
     raise ConfigError(
       f"data.max_len: {lost} of {total} records keep no response token within "
@@ -92,15 +108,21 @@ def build_text_federated_data(
   and the model's embedding rows (`model_vocab_size`)."""
   vocab = min(tokenizer.vocab_size, model_vocab_size or tokenizer.vocab_size)
   unresolved = data_block(config)
-  records = instructions.prepare_tokenized(unresolved, tokenizer, log, vocab)
-  refuse_lost_records(unresolved, backbone_settings(config).pretrain, records)
-  config = with_clients_of(config, records.group_names, log)
-  block = data_block(config)  # data.num_clients resolved.
-  train, test = instructions.split_records(records, block, config.seed)
+  if is_preference(config):
+    train, test = preferences.load_preference_datasets(unresolved, tokenizer, config.seed, vocab)
+    refuse_lost(unresolved, backbone_settings(config).pretrain, train.no_loss + test.no_loss, len(train) + len(test))
+    config = with_clients_of(config, train.class_names, log)
+    block = data_block(config)
+  else:
+    records = instructions.prepare_tokenized(unresolved, tokenizer, log, vocab)
+    refuse_lost_records(unresolved, backbone_settings(config).pretrain, records)
+    config = with_clients_of(config, records.group_names, log)
+    block = data_block(config)  # data.num_clients resolved.
+    train, test = instructions.split_records(records, block, config.seed)
   lost = train.no_loss + test.no_loss
   log(
-    f"data: {len(train)} train / {len(test)} test records of {block.name!r}"
-    f"{' (streamed)' if block.stream else ''} in {train.num_classes} "
+    f"data: {len(train)} train / {len(test)} test {'pairs' if is_preference(config) else 'records'} of "
+    f"{block.name!r}{' (streamed)' if block.stream else ''} in {train.num_classes} "
     f"group(s) by {block.group_field or '(none)'!r}; {train.truncated + test.truncated} cut to "
     f"data.max_len={block.max_len} tokens ({lost} with no response token left)"
   )
@@ -185,7 +207,8 @@ def build_text_experiment(config: ml_collections.ConfigDict, log: Callable[[str]
   model = model.clone(dtype=compute_dtype)
   config, data = build_text_federated_data(config, tokenizer, log, model.vocab_size)
   settings = run_settings(config)  # data.num_clients resolved.
-  example = {k: jnp.asarray(v[:1]) for k, v in data.train_pool.tokens.items()}
+  pairs = is_preference(config)  # Tokens [N, 2, T]: the chosen sequence stands for the pair below.
+  example = {k: jnp.asarray(v[:1, 0] if pairs else v[:1]) for k, v in data.train_pool.tokens.items()}
   targets = lora.find_targets(
     model, backbone, example["input_ids"], example["attention_mask"], target_regex=settings.lora.target_regex
   )
@@ -193,9 +216,12 @@ def build_text_experiment(config: ml_collections.ConfigDict, log: Callable[[str]
     "lora": lora.init_lora(jax.random.fold_in(jax.random.key(settings.seed), 1), targets, settings.lora.rank),
     "head": {},
   }
-  task = causal_lm.CausalLM(
+  task: Any = causal_lm.CausalLM(
     model, lora.lora_scale(settings.lora.alpha, settings.lora.rank, settings.lora.rslora), compute_dtype
   )
+  if pairs:
+    task = preference.PreferenceLM(task, typed_block(config_blocks.DPO, config, "dpo").beta)
+  featurize = lambda ids, mask: causal_lm.mean_hidden_state(model, backbone, ids, mask)
   signatures = (
     every_client_signature(
       settings,
@@ -204,7 +230,7 @@ def build_text_experiment(config: ml_collections.ConfigDict, log: Callable[[str]
       model,
       backbone,
       example_keys=("input_ids", "attention_mask"),
-      featurize=lambda ids, mask: causal_lm.mean_hidden_state(model, backbone, ids, mask),
+      featurize=(lambda ids, mask: featurize(ids[:, 0], mask[:, 0])) if pairs else featurize,
     )
     if method.signature_kinds
     else (None, None)

@@ -131,7 +131,7 @@ def config_differences(workdir: str, config: ml_collections.ConfigDict) -> list[
 
 def recorded_config(workdir: str) -> ml_collections.ConfigDict:
   """The ConfigDict of the run in `workdir`: its config file's defaults (`configs/default.py`,
-  or `configs/instruction_tuning.py` for a text run) overwritten by every field its
+  `configs/instruction_tuning.py` or `configs/preference_tuning.py` for a text run) overwritten by every field its
   `config.json` records, and its model block as recorded (a benchmark config replaces the model
   block whole: `configs/benchmarks.set_model`).
 
@@ -140,7 +140,7 @@ def recorded_config(workdir: str) -> ml_collections.ConfigDict:
     ValueError: the rebuilt config still differs from the recorded one (a field the default
       config lacks, say), naming the fields.
   """
-  from configs import default, instruction_tuning
+  from configs import default, instruction_tuning, preference_tuning
   from experiments.cli import set_field
 
   path = os.path.join(workdir, CONFIG_FILE)
@@ -151,8 +151,10 @@ def recorded_config(workdir: str) -> ml_collections.ConfigDict:
       recorded = json.load(f)
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ConfigError(f"{path} is not readable JSON ({type(e).__name__}: {e})") from None
-  text = recorded.get("task") == "instruction_tuning"
-  config = (instruction_tuning if text else default).get_config()
+  task = recorded.get("task")
+  config = {"instruction_tuning": instruction_tuning, "preference_tuning": preference_tuning}.get(
+    task, default
+  ).get_config()
   config.model = ml_collections.ConfigDict(recorded.pop("model"))
   for field, value in traverse_util.flatten_dict(recorded, sep=".").items():
     try:

@@ -216,7 +216,8 @@ class TextDataset:
 
   Attributes:
     tokens: {"input_ids", "attention_mask", "loss_mask"} int32 [N, T] (`text.encode_instructions`):
-      arrays in memory, or `TokenRows` read from disk (streamed).
+      arrays in memory, or `TokenRows` read from disk (streamed); a preference run's [N, 2, T]
+      pairs (`text.encode_preference_pairs`, in memory).
     labels: [N] int32 group of each record (partitions read it as a class).
     domains: [N] int32, the same groups (so `one_domain_per_client` gives a client per group).
     num_classes: the number of groups; class_names, domain_names: their names.
@@ -237,13 +238,15 @@ class TextDataset:
 
   @property
   def max_len(self) -> int:
-    return self.tokens["input_ids"].shape[1]
+    return self.tokens["input_ids"].shape[-1]
 
   def gather(self, indices: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-    """A block for indices [...] and mask [...]: the token arrays [..., T], "label" [...] (the
-    group), "mask" [...] float32; padding entries (mask 0) get loss_mask 0, so they count nothing."""
+    """A block for indices [...] and mask [...]: the token arrays [..., T] (a preference run's
+    [..., 2, T] pairs), "label" [...] (the group), "mask" [...] float32; padding entries (mask 0)
+    get loss_mask 0, so they count nothing."""
     block = {k: self.tokens[k][indices] for k in TOKEN_KEYS}
-    block["loss_mask"] = block["loss_mask"] * (mask[..., None] > 0)
+    entry = np.asarray(mask).reshape(np.shape(mask) + (1,) * (block["loss_mask"].ndim - np.ndim(mask)))
+    block["loss_mask"] = block["loss_mask"] * (entry > 0)
     return {**block, "label": self.labels[indices], "mask": np.asarray(mask, np.float32)}
 
 
