@@ -21,7 +21,8 @@ Args (comma-separated in the `:arg`), plus configs/default.py's method, seed, ro
                      directory (config.json, safetensors, tokenizer.json) instead of the embedded
                      decoder; its config.json sets model.*
   mc, mc=PATH        multiple-choice accuracy at the last round on the embedded set, or on a
-                     local MMLU-style file or directory (default none)
+                     local MMLU-style file or directory, or a MedQA / MedMCQA / PubMedQA / FPB /
+                     TFNS file (default none)
   gen=N              exact match and ROUGE-L of greedy responses to N held-out prompts per client
                      (default 0: none)
   chat               prompts with the checkpoint's chat template instead of Alpaca's

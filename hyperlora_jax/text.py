@@ -451,7 +451,11 @@ def encode_multiple_choice(tokenizer, questions: Iterable[Mapping[str, Any]], ma
     max_len: T; a prompt is cut from its start (the header goes first) so the letter fits.
   Returns:
     {"input_ids", "attention_mask", "loss_mask": int32 [Q, K, T], "choice_mask": float32 [Q, K]
-    (1 for a real choice; K = the most choices of a question), "answer": int32 [Q]}.
+    (1 for a real choice; K = the most choices of a question), "answer": int32 [Q]}; and when
+    the choices of every question differ in their last token only (the usual case: " A", " B"
+    as one token each, or a shared space then the letter), "letter_ids" int32 [Q, K] (each
+    choice's last token) and "letter_position" int32 [Q] (its slot), so that one forward pass of
+    a question scores all its letters (`CausalLM.multiple_choice_scores`).
   Raises:
     ValueError: a question with fewer than 2 or more than 10 choices, or an answer out of range.
   """
@@ -467,13 +471,15 @@ def encode_multiple_choice(tokenizer, questions: Iterable[Mapping[str, Any]], ma
     "choice_mask": np.zeros(shape[:2], np.float32),
     "answer": np.zeros(len(questions), np.int32),
   }
+  letter_ids, letter_position = np.zeros(shape[:2], np.int32), np.zeros(len(questions), np.int32)
+  one_forward = True  # Every question's choices differ in their last token only.
   for q, question in enumerate(questions):
     count = len(question["choices"])
     if not 2 <= count <= len(CHOICE_LETTERS) or not 0 <= int(question["answer"]) < count:
       raise ValueError(
         f"question {q}: {count} choices and answer {question['answer']!r} (2..10 choices, answer an index)"
       )
-    prompt = multiple_choice_prompt(question)
+    prompt, first_choice = multiple_choice_prompt(question), []
     for k in range(count):
       ids, offsets = tokenizer.encode_with_offsets(prompt + " " + CHOICE_LETTERS[k])
       start = next((i for i, (_, end) in enumerate(offsets) if end > len(prompt)), len(ids))
@@ -481,11 +487,17 @@ def encode_multiple_choice(tokenizer, questions: Iterable[Mapping[str, Any]], ma
       if letter == 0 or letter >= max_len:
         raise ValueError(f"question {q}: the answer letter has {letter} tokens (max_len={max_len})")
       ids = ids[-max_len:]  # A long prompt loses its start; the letter is kept.
+      if k == 0:
+        first_choice = ids[:-1]  # The others must differ from it in their last token only.
+      one_forward &= ids[:-1] == first_choice
+      letter_ids[q, k], letter_position[q] = ids[-1], len(ids) - 1
       out["input_ids"][q, k, : len(ids)] = ids
       out["attention_mask"][q, k, : len(ids)] = 1
       out["loss_mask"][q, k, len(ids) - letter : len(ids)] = 1
       out["choice_mask"][q, k] = 1.0
     out["answer"][q] = int(question["answer"])
+  if one_forward:
+    out["letter_ids"], out["letter_position"] = letter_ids, letter_position
   return out
 
 

@@ -127,14 +127,16 @@ def multiple_choice_evaluator(exp: Experiment) -> Callable[[Any, Any], dict] | N
   evaluated on), waits, and gives the record entries mc_accuracy_global,
   mc_accuracy_personalized_mean / _worst (over the training clients) and
   mc_accuracy_global_by_subject {subject: accuracy}. Questions go `eval_batch` sequences at a
-  time (each question is K sequences)."""
+  time (a question is one sequence when its letters are single tokens after one prompt,
+  `text.encode_multiple_choice`'s letter_ids; else K)."""
   block = exp.multiple_choice
   if block is None:
     return None
   task, fed_round = exp.task, exp.fed_round
   arrays = {k: v for k, v in block.items() if k != "subject"}
   questions, choices = arrays["answer"].shape[0], arrays["choice_mask"].shape[1]
-  per_chunk = max(1, exp.settings.eval_batch // choices)
+  sequences = 1 if "letter_ids" in arrays else choices  # Forward passes a question takes.
+  per_chunk = max(1, exp.settings.eval_batch // sequences)
   padded = -(-questions // per_chunk) * per_chunk
   pad = lambda x: np.concatenate([x, np.repeat(x[-1:], padded - questions, axis=0)]) if padded > questions else x
   chunks = jax.tree.map(lambda x: pad(x).reshape((padded // per_chunk, per_chunk) + x.shape[1:]), arrays)

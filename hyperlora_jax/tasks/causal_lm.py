@@ -205,19 +205,47 @@ class CausalLM:
     logprobs = jax.nn.log_softmax(self.logits(frozen, trainable, batch), axis=-1)
     return jnp.sum(jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0] * weights, axis=-1)
 
-  def multiple_choice_correct(self, frozen: dict, trainable: Any, block: dict) -> jax.Array:
-    """[Q] 1.0 where the likeliest choice (`sequence_logprob` of its letter) is the answer.
+  def multiple_choice_scores(self, frozen: dict, trainable: Any, block: dict) -> jax.Array:
+    """[Q, K] log p of each choice's letter after the question (-inf for a padded choice). With
+    `letter_ids` (the choices differ in their last token only), one forward pass per question:
+    the log-probabilities of the shared scored tokens (a space before the letter, say) plus the
+    log-softmax at the slot before the last token, read at each choice's (the scores of K passes,
+    in 1/K of the compute); else each choice's sequence is scored (`sequence_logprob`).
 
     Args:
       frozen, trainable: as `logits`; block: `text.encode_multiple_choice`'s arrays of Q
-        questions ([Q, K, T], choice_mask [Q, K], answer [Q]).
+        questions ([Q, K, T], choice_mask [Q, K], optionally letter_ids [Q, K] and
+        letter_position [Q]).
+    Returns:
+      [Q, K] float32.
+    """
+    questions, choices, tokens = block["input_ids"].shape
+    keys = ("input_ids", "attention_mask", "loss_mask")
+    if "letter_ids" in block:
+      first = {k: block[k][:, 0] for k in keys}  # The prompt, then the first choice's letter.
+      logprobs = jax.nn.log_softmax(self.logits(frozen, trainable, first), axis=-1)  # [Q, T, V]
+      targets, weights = next_token_targets(first)
+      before = block["letter_position"] - 1  # The slot whose logits predict the last token.
+      shared = weights * (jnp.arange(tokens)[None, :] != before[:, None])  # Scored, but not the last.
+      token_logprobs = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+      last = jnp.take_along_axis(logprobs, before[:, None, None], axis=1)[:, 0]  # [Q, V]
+      scores = jnp.sum(token_logprobs * shared, axis=-1)[:, None] + jnp.take_along_axis(
+        last, block["letter_ids"], axis=-1
+      )
+    else:
+      flat = {k: block[k].reshape(questions * choices, tokens) for k in keys}
+      scores = self.sequence_logprob(frozen, trainable, flat).reshape(questions, choices)
+    return jnp.where(block["choice_mask"] > 0, scores, -jnp.inf)
+
+  def multiple_choice_correct(self, frozen: dict, trainable: Any, block: dict) -> jax.Array:
+    """[Q] 1.0 where the likeliest choice (`multiple_choice_scores`) is the answer.
+
+    Args:
+      frozen, trainable: as `logits`; block: `text.encode_multiple_choice`'s arrays (answer [Q]).
     Returns:
       [Q] float32.
     """
-    questions, choices, tokens = block["input_ids"].shape
-    flat = {k: block[k].reshape(questions * choices, tokens) for k in ("input_ids", "attention_mask", "loss_mask")}
-    scores = self.sequence_logprob(frozen, trainable, flat).reshape(questions, choices)
-    scores = jnp.where(block["choice_mask"] > 0, scores, -jnp.inf)
+    scores = self.multiple_choice_scores(frozen, trainable, block)
     return (jnp.argmax(scores, axis=-1) == block["answer"]).astype(jnp.float32)
 
   def accuracy_and_nll(self, frozen: dict, trainable: Any, data: dict) -> tuple[jax.Array, jax.Array]:

@@ -57,10 +57,14 @@ def test_the_prompt_is_mmlus_and_only_the_letter_is_scored(tokenizer):
     text.encode_multiple_choice(tokenizer, [{"question": "?", "choices": ["x"], "answer": 0}], 32)
 
 
-def test_the_prediction_is_the_likeliest_letter_by_an_independent_count(tokenizer):
+@pytest.mark.parametrize("tokenizer_dir", ["hf_llama", "hf_llama2_tokenizer"])
+def test_the_prediction_is_the_likeliest_letter_by_an_independent_count(tokenizer_dir):
   """On a random decoder: each choice's score recomputed from the plain logits (log-softmax at
   the position before each scored token); the predicted choice is their argmax, so the answer
-  set to it scores 1 and any other 0."""
+  set to it scores 1 and any other 0. hf_llama's tokenizer writes " A" as a space then the
+  letter (the choices differ in their last token: one forward pass a question, `letter_ids`);
+  the SentencePiece one tokenizes the prompt's end differently per letter (K passes)."""
+  tokenizer = hf.Tokenizer.from_directory(os.path.join(FIXTURES, tokenizer_dir))
   model = DecoderLM(vocab_size=tokenizer.vocab_size, width=16, depth=1, num_heads=2, mlp_dim=24)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
   task = causal_lm.CausalLM(model, scale=1.0)
@@ -83,6 +87,11 @@ def test_the_prediction_is_the_likeliest_letter_by_an_independent_count(tokenize
   )
   np.testing.assert_allclose(
     np.asarray(got).reshape(2, 4)[block["choice_mask"] > 0], scores[block["choice_mask"] > 0], rtol=1e-4
+  )
+  assert ("letter_ids" in block) == (tokenizer_dir == "hf_llama")
+  real = block["choice_mask"] > 0
+  np.testing.assert_allclose(
+    np.asarray(task.multiple_choice_scores(frozen, trainable, block))[real], scores[real], rtol=1e-4
   )
   right = {**block, "answer": predicted.astype(np.int32)}
   wrong = {**block, "answer": ((predicted + 1) % 3).astype(np.int32)}
@@ -116,6 +125,55 @@ def test_mmlu_files_are_read_in_each_layout(tmp_path):
     multiple_choice.read_questions(str(jsonl))
   with pytest.raises(FileNotFoundError, match="mc.path"):
     multiple_choice.read_questions(str(tmp_path / "missing.jsonl"))
+
+
+def test_the_domain_sets_flowertune_evaluates_are_read_as_multiple_choice(tmp_path):
+  """One record each of MedQA, MedMCQA, PubMedQA, Financial PhraseBank and TFNS in their Hugging
+  Face layouts, in one JSONL: each as MMLU's {question, choices, answer, subject}, by hand. A
+  decision outside yes / no / maybe is named."""
+  records = [
+    {"question": "Drug?", "options": {"B": "Aspirin", "A": "Ibuprofen", "C": "None"}, "answer_idx": "B"},
+    {
+      "question": "Bone?",
+      "opa": "Femur",
+      "opb": "Ulna",
+      "opc": "Rib",
+      "opd": "Skull",
+      "cop": 2,
+      "subject_name": "Anatomy",
+    },
+    {"question": "Does it work?", "context": {"contexts": ["Background.", "Results."]}, "final_decision": "maybe"},
+    {"sentence": "Profit fell.", "label": 0},
+    {"text": "$XYZ to the moon", "label": 1},
+  ]
+  path = tmp_path / "domains.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  got = multiple_choice.read_questions(str(path))
+  assert got == [
+    {"question": "Drug?", "choices": ["Ibuprofen", "Aspirin", "None"], "answer": 1, "subject": "medqa"},
+    {"question": "Bone?", "choices": ["Femur", "Ulna", "Rib", "Skull"], "answer": 2, "subject": "Anatomy"},
+    {
+      "question": "Background.\nResults.\nDoes it work?",
+      "choices": ["yes", "no", "maybe"],
+      "answer": 2,
+      "subject": "pubmedqa",
+    },
+    {
+      "question": "What is the sentiment of this news? Profit fell.",
+      "choices": ["negative", "neutral", "positive"],
+      "answer": 0,
+      "subject": "fpb",
+    },
+    {
+      "question": "What is the sentiment of this news? $XYZ to the moon",
+      "choices": ["bearish", "bullish", "neutral"],
+      "answer": 1,
+      "subject": "tfns",
+    },
+  ]
+  path.write_text(json.dumps({"question": "Q?", "context": {"contexts": []}, "final_decision": "perhaps"}) + "\n")
+  with pytest.raises(ValueError, match=r"domains.jsonl record 1 \(pubmedqa\): 'answer' must be"):
+    multiple_choice.read_questions(str(path))
 
 
 def test_the_embedded_set_is_balanced_and_asks_the_records_backwards():

@@ -7,7 +7,22 @@ layouts, or the embedded set.
                                       subject from the file name (a directory: every such file)
                            *.jsonl / *.json / *.parquet   records {"question", "choices": [...],
                                       "answer": an index or a letter, "subject" (optional)}
-                                      (the Hugging Face `cais/mmlu` layout)
+                                      (the Hugging Face `cais/mmlu` layout), or records of the
+                                      domain sets FlowerTune's leaderboard evaluates, told apart
+                                      by their fields (`DOMAIN_LAYOUTS`):
+                             MedQA       {"question", "options": {"A": ..., ...}, "answer_idx"}
+                                         (bigbio / GBaker/MedQA-USMLE-4-options)
+                             MedMCQA     {"question", "opa", "opb", "opc", "opd", "cop": 0-3,
+                                         "subject_name"} (openlifescienceai/medmcqa)
+                             PubMedQA    {"question", "context": {"contexts": [...]},
+                                         "final_decision": yes / no / maybe} (pqa_labeled): the
+                                         abstract then the question; choices yes, no, maybe
+                             FPB         {"sentence", "label": 0 negative, 1 neutral, 2 positive}
+                                         (financial_phrasebank)
+                             TFNS        {"text", "label": 0 bearish, 1 bullish, 2 neutral}
+                                         (zeroshot/twitter-financial-news-sentiment)
+                                      The sentiment sets ask FlowerTune's question ("What is the
+                                      sentiment of this news?") with the labels as choices.
   embedded_questions()   the default set: no download (below)
 
 Each question is {"question": str, "choices": [str, ...], "answer": int, "subject": str}.
@@ -119,8 +134,80 @@ def _read_csv(path: str) -> list[dict[str, Any]]:
   return questions
 
 
+SENTIMENT_QUESTION = "What is the sentiment of this news?"
+# Field sets that tell a domain set's records apart, and the reader that turns one into MMLU's layout.
+DOMAIN_LAYOUTS = {
+  "medqa": ("options", "answer_idx"),
+  "medmcqa": ("opa", "opb", "opc", "opd", "cop"),
+  "pubmedqa": ("question", "final_decision"),
+  "fpb": ("sentence", "label"),
+  "tfns": ("text", "label"),
+}
+
+
+def domain_layout(row: dict) -> str | None:
+  """The domain set a record is in (`DOMAIN_LAYOUTS`, by its fields), or None (MMLU's layout).
+
+  Args:
+    row: one record.
+  Returns:
+    "medqa", "medmcqa", "pubmedqa", "fpb", "tfns" or None.
+  """
+  if "choices" in row:
+    return None
+  return next((name for name, fields in DOMAIN_LAYOUTS.items() if all(f in row for f in fields)), None)
+
+
+def _from_domain_layout(row: dict, layout: str, where: str) -> dict[str, Any]:
+  """A domain set's record in MMLU's layout ({"question", "choices", "answer", "subject"})."""
+  if layout == "medqa":
+    options = row["options"]
+    if isinstance(options, list):  # bigbio's [{"key": "A", "value": ...}, ...]
+      options = {o.get("key"): o.get("value") for o in options if isinstance(o, dict)}
+    if not isinstance(options, dict) or not options:
+      raise ValueError(f"{where}: 'options' must map letters to answers")
+    letters = sorted(options)
+    answer = row["answer_idx"]
+    return {
+      "question": row["question"],
+      "choices": [options[k] for k in letters],
+      "answer": letters.index(answer) if answer in letters else answer,
+      "subject": row.get("meta_info") or "medqa",
+    }
+  if layout == "medmcqa":
+    return {
+      "question": row["question"],
+      "choices": [row[k] for k in ("opa", "opb", "opc", "opd")],
+      "answer": row["cop"],
+      "subject": row.get("subject_name") or "medmcqa",
+    }
+  if layout == "pubmedqa":
+    context = row.get("context") or {}
+    contexts = context.get("contexts", []) if isinstance(context, dict) else [str(context)]
+    decisions = ["yes", "no", "maybe"]
+    decision = str(row["final_decision"]).strip().lower()
+    return {
+      "question": "\n".join([*map(str, contexts), row["question"]]),
+      "choices": decisions,
+      "answer": decisions.index(decision) if decision in decisions else row["final_decision"],
+      "subject": "pubmedqa",
+    }
+  labels = ["negative", "neutral", "positive"] if layout == "fpb" else ["bearish", "bullish", "neutral"]
+  return {
+    "question": f"{SENTIMENT_QUESTION} {row['sentence' if layout == 'fpb' else 'text']}",
+    "choices": labels,
+    "answer": row["label"],
+    "subject": layout,
+  }
+
+
 def _question(row: Any, where: str) -> dict[str, Any]:
-  """A checked question from a record ({"question", "choices", "answer": index or letter, "subject"})."""
+  """A checked question from a record ({"question", "choices", "answer": index or letter,
+  "subject"}, or a domain set's record: `DOMAIN_LAYOUTS`)."""
+  layout = domain_layout(row) if isinstance(row, dict) else None
+  if layout is not None:
+    where = f"{where} ({layout})"
+    row = _from_domain_layout(row, layout, where)
   if not isinstance(row, dict) or not isinstance(row.get("question"), str):
     raise ValueError(f"{where}: a record with a 'question' string expected")
   choices = row.get("choices")
