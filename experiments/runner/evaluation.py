@@ -127,7 +127,7 @@ def multiple_choice_evaluator(exp: Experiment) -> Callable[[Any, Any], dict] | N
   evaluated on), waits, and gives the record entries mc_accuracy_global,
   mc_accuracy_personalized_mean / _worst (over the training clients) and
   mc_accuracy_global_by_subject {subject: accuracy}. Questions go `eval_batch` sequences at a
-  time (a question is one sequence when its letters are single tokens after one prompt,
+  time (a question is one sequence when its choices differ in their last token only,
   `text.encode_multiple_choice`'s letter_ids; else K)."""
   block = exp.multiple_choice
   if block is None:

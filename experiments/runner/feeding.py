@@ -42,8 +42,8 @@ def round_inputs(exp: Experiment, round_index: int, gather: bool = True) -> tupl
   meta-objective gets one more step per client, held out of the local steps.
   Returns:
     block {"image": [C, S, B, H, W, 3], "label", "mask"} ({"indices": [C, S, B] into the pool
-    the steps read, `FederatedData.step_source`, "label", "mask"} with gather=False), client_ids [C] (-1 = padding), weights [C] =
-    n_k / Σ n_j over the sampled clients.
+    the steps read, `FederatedData.step_source`, "label", "mask"} with gather=False),
+    client_ids [C] (-1 = padding), weights [C] = n_k / Σ n_j over the sampled clients.
   """
   settings, data = exp.settings, exp.data
   rng = np.random.default_rng([settings.seed, 1, round_index])
