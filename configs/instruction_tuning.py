@@ -91,8 +91,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_batch = 32
   config.eval_every = 5
   # Multiple-choice accuracy at the last round (`configs.blocks.MultipleChoice`; `:mc` the embedded
-  # set, `:mc=FILE` a local MMLU-style file). Off by default: on the default run it takes longer
-  # than the 30 rounds (53 s against 31 s on 2 cores), and the embedded decoder answers at chance.
+  # set, `:mc=FILE` a local MMLU-style file). Off by default: on the default run it adds 14-20 s to
+  # the 30 rounds' 39 s on 2 cores (docs/benchmarks.md), and the embedded decoder answers at chance.
   config.mc = config_blocks.as_config(config_blocks.MultipleChoice(path=_choices(args, "")))
   # Exact match and ROUGE-L of greedy responses to held-out prompts (`configs.blocks.GenerationEval`,
   # `:gen=N` per client; off by default: 8 per client take 77 s on the default run).
