@@ -107,9 +107,13 @@ class DPO:
 
   Attributes:
     beta: β, the strength of the implicit KL penalty towards the frozen decoder (the reference).
+    loss_type: "sigmoid" (DPO) or "ipo" (Azar et al.'s IPO), as TRL names them.
+    label_smoothing: conservative DPO's ε, the chance a preference label is flipped ("sigmoid").
   """
 
   beta: float = 0.1
+  loss_type: str = "sigmoid"
+  label_smoothing: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ method, seed, rounds, smoke):
   group=FIELD        the field that groups records into clients (default category; none:
                      partition=dirichlet over a single group, i.e. IID clients)
   beta=B             DPO's β (default 0.1)
+  loss=sigmoid|ipo   DPO's loss or IPO's (dpo.loss_type; dpo.label_smoothing for conservative DPO)
 
   python -m experiments.main --config configs/preference_tuning.py:data=/data/hh-rlhf-helpful.jsonl,layout=hh_rlhf,group=,partition=dirichlet,clients=8,checkpoint=/ckpt/TinyLlama-1.1B-Chat-v1.0 \\
       --workdir runs/hh_dpo
@@ -45,5 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.partition = "one_domain_per_client" if by_group else "dirichlet_label_skew"
   config.data.num_clients = 0 if by_group else args.int("clients", 20)  # 0: one per group in the data.
   config.gen.examples_per_client = 0  # Generation scoring reads instruction records.
-  config.dpo = config_blocks.as_config(config_blocks.DPO(beta=args.float("beta", 0.1)))
+  config.dpo = config_blocks.as_config(
+    config_blocks.DPO(beta=args.float("beta", 0.1), loss_type=args.choice("loss", "sigmoid", ("sigmoid", "ipo")))
+  )
   return config

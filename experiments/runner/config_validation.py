@@ -144,12 +144,21 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
 def _validate_preference(config: ml_collections.ConfigDict) -> None:
   """What a DPO run (`configs/preference_tuning.py`) takes beyond a text run's fields."""
   from hyperlora_jax import text
+  from hyperlora_jax.tasks import preference
 
   data = config.data
   _one_of(data.layout, text.PREFERENCE_LAYOUTS, "data.layout")
   beta = config.get("dpo", {}).get("beta", 0.1)
   _require(
     isinstance(beta, (int, float)) and beta > 0, "dpo.beta", f"must be a positive number (DPO's β), got {beta!r}"
+  )
+  dpo = config.get("dpo", {})
+  _one_of(dpo.get("loss_type", "sigmoid"), preference.LOSS_TYPES, "dpo.loss_type")
+  smoothing = dpo.get("label_smoothing", 0.0)
+  _require(
+    isinstance(smoothing, (int, float)) and 0 <= smoothing < 0.5 and (not smoothing or dpo.loss_type == "sigmoid"),
+    "dpo.label_smoothing",
+    f"must be at least 0 and below 0.5, with dpo.loss_type='sigmoid' (conservative DPO), got {smoothing!r}",
   )
   _require(
     not data.packing,

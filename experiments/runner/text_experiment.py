@@ -220,7 +220,8 @@ def build_text_experiment(config: ml_collections.ConfigDict, log: Callable[[str]
     model, lora.lora_scale(settings.lora.alpha, settings.lora.rank, settings.lora.rslora), compute_dtype
   )
   if pairs:
-    task = preference.PreferenceLM(task, typed_block(config_blocks.DPO, config, "dpo").beta)
+    dpo = typed_block(config_blocks.DPO, config, "dpo")
+    task = preference.PreferenceLM(task, dpo.beta, dpo.loss_type, dpo.label_smoothing)
   featurize = lambda ids, mask: causal_lm.mean_hidden_state(model, backbone, ids, mask)
   signatures = (
     every_client_signature(

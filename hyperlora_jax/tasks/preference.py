@@ -29,24 +29,45 @@ from hyperlora_jax.tasks.causal_lm import CausalLM
 PAIR_KEYS = ("input_ids", "attention_mask", "loss_mask")
 
 
+LOSS_TYPES = ("sigmoid", "ipo")
+
+
 def dpo_loss(
-  policy: jax.Array, reference: jax.Array, beta: float, mask: jax.Array | None = None
+  policy: jax.Array,
+  reference: jax.Array,
+  beta: float,
+  mask: jax.Array | None = None,
+  loss_type: str = "sigmoid",
+  label_smoothing: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
-  """(mean DPO loss over the real pairs, margins [B]) of response log-probabilities.
+  """(mean preference loss over the real pairs, margins [B]) of response log-probabilities, as
+  TRL's `DPOTrainer` computes its `loss_type`s. With h = Δ_chosen - Δ_rejected (Δ = log π -
+  log π_ref) and margin m = β h:
+    "sigmoid"  DPO: -log σ(m); with label smoothing ε (conservative DPO, the labels flipped with
+               probability ε): -(1 - ε) log σ(m) - ε log σ(-m)
+    "ipo"      IPO (Azar et al. 2023): (h - 1 / (2β))²
 
   Args:
     policy: [B, 2] log π of (chosen, rejected) under the adapted model.
     reference: [B, 2] the same under the reference (no gradient flows to it).
     beta: β, the strength of the implicit KL penalty.
     mask: [B] 1 for a real pair (None: all).
+    loss_type: "sigmoid" or "ipo".
+    label_smoothing: ε in [0, 0.5) ("sigmoid" only).
   Returns:
-    (scalar loss, margins [B] = β (Δ_chosen - Δ_rejected), Δ = log π - log π_ref).
+    (scalar loss, margins [B] = β h).
   """
   delta = policy - jax.lax.stop_gradient(reference)
-  margins = beta * (delta[:, 0] - delta[:, 1])
+  lead = delta[:, 0] - delta[:, 1]
+  margins = beta * lead
+  if loss_type == "sigmoid":
+    losses = -(1 - label_smoothing) * jax.nn.log_sigmoid(margins) - label_smoothing * jax.nn.log_sigmoid(-margins)
+  elif loss_type == "ipo":
+    losses = (lead - 1 / (2 * beta)) ** 2
+  else:
+    raise ValueError(f"loss_type={loss_type!r}; known: {', '.join(LOSS_TYPES)}")
   weights = jnp.ones_like(margins) if mask is None else mask.astype(margins.dtype)
-  loss = jnp.sum(-jax.nn.log_sigmoid(margins) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-  return loss, margins
+  return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0), margins
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +77,14 @@ class PreferenceLM:
   Attributes:
     lm: the causal LM task whose log-probabilities are scored (`CausalLM.sequence_logprob`).
     beta: β (0.1: DPO's and TRL's default).
+    loss_type: "sigmoid" (DPO) or "ipo" (`dpo_loss`).
+    label_smoothing: conservative DPO's ε ("sigmoid" only).
   """
 
   lm: CausalLM
   beta: float = 0.1
+  loss_type: str = "sigmoid"
+  label_smoothing: float = 0.0
   sequences_per_example = 2  # A batch entry is a pair [2, T] (what a runner's random blocks mimic).
 
   @property
@@ -118,7 +143,12 @@ class PreferenceLM:
     del rng
     mask = real_pairs(batch)
     loss, margins = dpo_loss(
-      self.pair_logprobs(frozen, trainable, batch), self.reference_logprobs(frozen, batch), self.beta, mask
+      self.pair_logprobs(frozen, trainable, batch),
+      self.reference_logprobs(frozen, batch),
+      self.beta,
+      mask,
+      self.loss_type,
+      self.label_smoothing,
     )
     accuracy = jnp.sum((margins > 0) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
     return loss, {"reward_accuracy": accuracy}

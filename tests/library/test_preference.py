@@ -40,6 +40,21 @@ def test_the_dpo_loss_is_its_formula_and_its_gradient_the_papers():
   assert not np.any(np.asarray(grad_policy[2])) and not np.any(np.asarray(grad_reference))
 
 
+def test_ipo_and_conservative_dpo_are_their_formulas():
+  """TRL's other loss types by hand: IPO's (h - 1/(2β))² with h the unscaled lead, and
+  conservative DPO's -(1-ε) log σ(m) - ε log σ(-m); an unknown type is named."""
+  policy, reference = jnp.asarray([[-3.0, -5.0], [-2.0, -1.0]]), jnp.asarray([[-4.0, -4.0], [-2.5, -1.5]])
+  lead = np.asarray([2.0, 0.0])
+  ipo, _ = preference.dpo_loss(policy, reference, 0.25, loss_type="ipo")
+  np.testing.assert_allclose(ipo, np.mean((lead - 1 / (2 * 0.25)) ** 2), rtol=1e-6)
+  smooth, margins = preference.dpo_loss(policy, reference, 0.5, label_smoothing=0.1)
+  m = 0.5 * lead
+  want = -0.9 * np.log(1 / (1 + np.exp(-m))) - 0.1 * np.log(1 / (1 + np.exp(m)))
+  np.testing.assert_allclose(smooth, np.mean(want), rtol=1e-6)
+  with pytest.raises(ValueError, match="loss_type='kto'"):
+    preference.dpo_loss(policy, reference, 0.5, loss_type="kto")
+
+
 def test_pairs_are_read_from_each_layout():
   """HH-RLHF: the prompt is the shared dialogue through the last "Assistant:"; UltraFeedback
   binarized: the last assistant message; TRL's pairs: the texts. Refused by name: dialogues

@@ -95,6 +95,8 @@ def test_files_in_each_layout_load_as_pairs_split_by_group(tmp_path):
     ({"data.stream": True}, "data.stream: a preference run holds its pairs in memory"),
     ({"gen.examples_per_client": 2}, "gen.examples_per_client: generation scoring reads instruction records"),
     ({"dpo.beta": 0.0}, "dpo.beta: must be a positive number"),
+    ({"dpo.loss_type": "kto"}, "dpo.loss_type: got 'kto'"),
+    ({"dpo.loss_type": "ipo", "dpo.label_smoothing": 0.1}, "dpo.label_smoothing: must be at least 0 and below 0.5"),
     ({"data.layout": "hh_rlhf", "data.chat_template": True}, "data.chat_template: HH-RLHF's dialogues carry"),
   ],
 )
