@@ -83,11 +83,19 @@ def _padded_inputs(exp, axis: int) -> tuple[dict, np.ndarray, np.ndarray, int]:
   return padded(block, cohort), ids, padded(weights, cohort), cohort
 
 
+def _task_with(task, **changes):
+  """`task` with `changes` (its model, compute_dtype): a DPO task's (`PreferenceLM`) are those of
+  the language model it wraps."""
+  if hasattr(task, "lm"):
+    return dataclasses.replace(task, lm=dataclasses.replace(task.lm, **changes))
+  return dataclasses.replace(task, **changes)
+
+
 def _round_for(exp, dtype, remat: bool | None):
   """(task, round) of the run with the backbone in `dtype` and its blocks recomputed as `remat` says."""
-  task = dataclasses.replace(exp.task, compute_dtype=dtype)
+  task = _task_with(exp.task, compute_dtype=dtype)
   if remat is not None:
-    task = dataclasses.replace(task, model=task.model.clone(remat=remat))
+    task = _task_with(task, model=task.model.clone(remat=remat))
   return task, dataclasses.replace(
     exp.fed_round, client_update=dataclasses.replace(exp.fed_round.client_update, loss_fn=task.loss_fn)
   )

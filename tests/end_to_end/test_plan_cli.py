@@ -11,10 +11,10 @@ import pytest
 from tests.repo_paths import ROOT
 
 
-def _run_plan(cache_dirs, target, *flags):
-  """The plan CLI's finished process, run on the smoke config."""
+def _run_plan(cache_dirs, target, *flags, config="configs/default.py:smoke"):
+  """The plan CLI's finished process, run on the smoke config (or `config`)."""
   command = [
-    sys.executable, "-m", "experiments.plan", "--config", "configs/default.py:smoke", f"--target={target}",
+    sys.executable, "-m", "experiments.plan", "--config", config, f"--target={target}",
     f"--config.data.data_dir={cache_dirs['data_dir']}", f"--config.pretrain.cache_dir={cache_dirs['cache_dir']}",
     *flags,
   ]  # fmt: skip
@@ -22,8 +22,8 @@ def _run_plan(cache_dirs, target, *flags):
   return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def _plan(cache_dirs, target, *flags):
-  result = _run_plan(cache_dirs, target, *flags)
+def _plan(cache_dirs, target, *flags, config="configs/default.py:smoke"):
+  result = _run_plan(cache_dirs, target, *flags, config=config)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   return result.stdout
 
@@ -36,6 +36,13 @@ def test_the_plan_of_the_smoke_run_on_this_cpu_lists_chunks_and_the_best_ones_fi
   assert "best fitting: --config.fed.clients_per_chunk=0" in out and "FLOPs (compiler estimate)" in out
   evaluations = re.findall(r"evaluation \((\w+), eval_batch=128\): ([\d.]+) MiB per device \(fits\)", out)
   assert [name for name, _ in evaluations] == ["clients", "global"] and all(float(m) > 0 for _, m in evaluations)
+
+
+def test_a_dpo_run_is_planned_with_its_pairs(cache_dirs):
+  """The preference config's round ([C, S, B, 2, T] pairs, the DPO loss) planned on this CPU: the
+  plan rebuilds the task in the planned dtype through the language model it wraps."""
+  out = _plan(cache_dirs, "cpu", "--chunks=0", config="configs/preference_tuning.py:smoke")
+  assert "plan of fedit on cpu" in out and "best fitting: --config.fed.clients_per_chunk=0" in out, out
 
 
 def test_the_plan_on_compile_only_tpu_devices_estimates_time_and_mfu(cache_dirs):
