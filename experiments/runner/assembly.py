@@ -35,7 +35,7 @@ class Experiment:
 
   settings: RunSettings
   data: FederatedData
-  task: Any  # tasks.image_classification.ImageClassification, tasks.causal_lm.CausalLM or tasks.preference.PreferenceLM.
+  task: Any  # image_classification.ImageClassification, causal_lm.CausalLM or preference.PreferenceLM.
   method: methods.Method
   backbone: Any
   targets: dict
