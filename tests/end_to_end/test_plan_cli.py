@@ -41,7 +41,7 @@ def test_the_plan_of_the_smoke_run_on_this_cpu_lists_chunks_and_the_best_ones_fi
 def test_a_dpo_run_is_planned_with_its_pairs(cache_dirs):
   """The preference config's round ([C, S, B, 2, T] pairs, the DPO loss) planned on this CPU: the
   plan rebuilds the task in the planned dtype through the language model it wraps."""
-  out = _plan(cache_dirs, "cpu", "--chunks=0", config="configs/preference_tuning.py:smoke")
+  out = _plan(cache_dirs, "cpu", "--chunks=0", "--cost=false", config="configs/preference_tuning.py:smoke")
   assert "plan of fedit on cpu" in out and "best fitting: --config.fed.clients_per_chunk=0" in out, out
 
 
