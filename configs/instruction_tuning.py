@@ -50,9 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The data block's fields, defaults and meanings: `configs.blocks.TextData`.
   layout = args.get("layout", "dolly")
   group_field = "category" if layout == "dolly" else ""
-  by_category = (
-    args.choice("partition", "category" if group_field else "dirichlet", ("category", "dirichlet")) == "category"
-  )
+  partition, num_clients = client_partition(args, group_field)
   config.data = config_blocks.as_config(
     config_blocks.TextData(
       name=args.get("data", "stdlib_docs"),  # The embedded records, or a file.
@@ -60,8 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       group_field=group_field,
       chat_template=bool(args.get("chat", False)),
       packing=bool(args.get("pack", False)),
-      partition="one_domain_per_client" if by_category else "dirichlet_label_skew",
-      num_clients=0 if by_category else args.int("clients", 20),  # 0: one per group in the data.
+      partition=partition,
+      num_clients=num_clients,
       dirichlet_alpha=args.float("alpha", 0.5),
       min_client_size=4,
       stream=bool(args.get("stream", False)),  # Token rows read from the tokenized files as needed.
@@ -107,6 +105,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_every, config.checkpoint_every = 1, 2
     config.fed.clients_per_chunk = 0  # Tests compare runs bit for bit: no measured choice.
   return config
+
+
+def client_partition(args: default.Args, group_field: str) -> tuple[str, int]:
+  """(data.partition, data.num_clients) of `:partition=category|dirichlet` and `:clients=N`: one
+  client per group, as many as the data has (num_clients 0), by default when records have a
+  group field; else N clients (default 20) with a Dirichlet over the groups."""
+  by_group = args.choice("partition", "category" if group_field else "dirichlet", ("category", "dirichlet"))
+  if by_group == "category":
+    return "one_domain_per_client", 0
+  return "dirichlet_label_skew", args.int("clients", 20)
 
 
 def _choices(args: default.Args, absent: str) -> str:

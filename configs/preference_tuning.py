@@ -41,10 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   layout = args.choice("layout", "pairs", ("pairs", "hh_rlhf", "ultrafeedback"))
   group = args.get("group", "category")
   group = "" if group in (True, "", "none") else str(group)
-  by_group = args.choice("partition", "category" if group else "dirichlet", ("category", "dirichlet")) == "category"
   config.data.layout, config.data.group_field = layout, group
-  config.data.partition = "one_domain_per_client" if by_group else "dirichlet_label_skew"
-  config.data.num_clients = 0 if by_group else args.int("clients", 20)  # 0: one per group in the data.
+  config.data.partition, config.data.num_clients = instruction_tuning.client_partition(args, group)
   config.gen.examples_per_client = 0  # Generation scoring reads instruction records.
   config.dpo = config_blocks.as_config(
     config_blocks.DPO(beta=args.float("beta", 0.1), loss_type=args.choice("loss", "sigmoid", ("sigmoid", "ipo")))
