@@ -232,7 +232,11 @@ def test_the_embedded_records_are_real_docstrings_by_category():
   ],
 )
 def test_a_text_config_names_the_field_it_cannot_take(change, message):
-  config = instruction_tuning.get_config("smoke")
+  assert_refused(instruction_tuning.get_config("smoke"), change, message)
+
+
+def assert_refused(config, change: dict, message: str) -> None:
+  """`config` with `change` ({"block.field": value}) fails validation with `message` (literal)."""
   for field, value in change.items():
     block, key = field.split(".")
     config[block][key] = value

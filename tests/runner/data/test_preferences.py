@@ -8,12 +8,13 @@ import pytest
 
 from configs import preference_tuning
 from experiments.runner import methods
-from experiments.runner.config_validation import ConfigError, validate_config
+from experiments.runner.config_validation import validate_config
 from experiments.runner.data import preferences, stdlib_docs
 from hyperlora_jax import text
 from hyperlora_jax.models import hf
 
 from tests.repo_paths import FIXTURES
+from tests.runner.data.test_instructions import assert_refused
 
 
 def test_the_embedded_pairs_prefer_each_functions_own_docstring_to_another_modules():
@@ -101,12 +102,7 @@ def test_files_in_each_layout_load_as_pairs_split_by_group(tmp_path):
   ],
 )
 def test_a_preference_config_names_the_field_it_cannot_take(change, message):
-  config = preference_tuning.get_config("smoke")
-  for field, value in change.items():
-    block, key = field.split(".")
-    config[block][key] = value
-  with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-    validate_config(config, methods.METHODS, methods.METHOD_BLOCKS)
+  assert_refused(preference_tuning.get_config("smoke"), change, message)
 
 
 def test_the_preference_config_is_valid_for_every_method():
