@@ -41,11 +41,12 @@ def code_eval(args: argparse.Namespace) -> dict:
   from experiments.runner import code_problems
   from experiments.runner import export as export_lib
   from experiments.runner import workdir as workdir_lib
+  from experiments.runner.config_facts import is_text
   from experiments.runner.evaluation import model_functions
   from experiments.runner.train import config_for_resume
 
   config = workdir_lib.recorded_config(args.workdir)
-  if config.get("task") not in ("instruction_tuning", "preference_tuning"):
+  if not is_text(config):
     raise ValueError(f"{args.workdir}: an image run; code problems are for text runs")
   problems = code_problems.read_problems(args.problems, args.max_problems)
   exp, state, done = workdir_lib.restore_run(
@@ -74,26 +75,16 @@ def code_eval(args: argparse.Namespace) -> dict:
 
 
 def generate_completions(exp, state, trainable, prompts: list[str], args: argparse.Namespace) -> list[str]:
-  """Greedy continuations of `prompts` by the model `trainable` (`models.llama.generate`, stopping
-  at end-of-text), `args.batch` at a time, left-padded, decoded."""
-  import jax
+  """Greedy continuations of `prompts` by the model `trainable` (`evaluation.greedy_responses`),
+  `args.batch` at a time, left-padded to the longest prompt (one compiled shape)."""
   import numpy as np
 
-  from hyperlora_jax import distributed, lora
-  from hyperlora_jax.models.llama import generate
+  from experiments.runner.evaluation import greedy_responses
   from hyperlora_jax.tasks.common import apply_base_delta
 
-  tokenizer, task = exp.tokenizer, exp.task
+  tokenizer = exp.tokenizer
   frozen = apply_base_delta(exp.frozen(), state.base_delta)  # FedEx-LoRA's merged residuals.
-
-  @jax.jit
-  def complete(frozen, trainable, ids, mask):
-    apply = lambda *a: lora.apply(
-      task.model, frozen["variables"], trainable["lora"], *a[:2], cache=a[2], scale=task.scale,
-      base_delta=frozen["base_delta"],
-    )  # fmt: skip
-    return generate(apply, task.model, ids, mask, args.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id)
-
+  responses = greedy_responses(exp.task, tokenizer, args.max_new_tokens)
   encoded = [tokenizer.encode(p) for p in prompts]
   width = max(len(e) for e in encoded)
   texts = []
@@ -103,8 +94,7 @@ def generate_completions(exp, state, trainable, prompts: list[str], args: argpar
     ids, mask = np.zeros((len(batch), width), np.int32), np.zeros((len(batch), width), np.int32)
     for i, e in enumerate(batch):
       ids[i, width - len(e) :], mask[i, width - len(e) :] = e, 1
-    tokens = np.asarray(distributed.to_host(complete(frozen, trainable, ids, mask)))
-    texts += [tokenizer.decode([t for t in row if t != tokenizer.pad_id]) for row in tokens]
+    texts += responses(frozen, trainable, ids, mask)
   return texts[: len(prompts)]
 
 

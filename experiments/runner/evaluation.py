@@ -188,6 +188,34 @@ def model_functions(fed_round: Any) -> tuple[Callable, Callable]:
   return global_model, client_model
 
 
+def greedy_responses(task: Any, tokenizer: Any, max_new_tokens: int) -> Callable[..., list[str]]:
+  """`responses(frozen, trainable, prompt_ids, prompt_mask)` -> the decoded greedy continuations
+  (`models.llama.generate`, stopping at end-of-text; padding dropped) of left-padded prompts
+  [n, P] by the text task's model with adapter `trainable` and `frozen["base_delta"]`; the
+  generation jitted once per prompt shape."""
+  from hyperlora_jax import lora
+  from hyperlora_jax.models.llama import generate
+
+  @jax.jit
+  def tokens(frozen, trainable, ids, mask):
+    apply = lambda *a: lora.apply(
+      task.model,
+      frozen["variables"],
+      trainable["lora"],
+      *a[:2],
+      cache=a[2],
+      scale=task.scale,
+      base_delta=frozen["base_delta"],
+    )
+    return generate(apply, task.model, ids, mask, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id)
+
+  def responses(frozen, trainable, ids, mask) -> list[str]:
+    rows = np.asarray(distributed.to_host(tokens(frozen, trainable, ids, mask)))
+    return [tokenizer.decode([t for t in row if t != tokenizer.pad_id]) for row in rows]
+
+  return responses
+
+
 def generation_evaluator(exp: Experiment) -> Callable[[Any, Any], dict] | None:
   """A text run's `gen` scoring (None without it): `evaluate(state, frozen)` generates greedy
   responses (`models.llama.generate`, `gen.max_new_tokens`, stopping at end-of-text) to each
@@ -196,8 +224,7 @@ def generation_evaluator(exp: Experiment) -> Callable[[Any, Any], dict] | None:
   client's personalized model, waits, and gives gen_exact_match_global, gen_rouge_l_global
   (over every client's prompts), gen_exact_match_personalized_mean, gen_rouge_l_personalized_mean
   and gen_rouge_l_personalized_worst (over the clients with test prompts)."""
-  from hyperlora_jax import lora, text
-  from hyperlora_jax.models.llama import generate
+  from hyperlora_jax import text
 
   settings = exp.settings.generation
   if settings is None or not settings.examples_per_client or exp.tokenizer is None:
@@ -215,23 +242,10 @@ def generation_evaluator(exp: Experiment) -> Callable[[Any, Any], dict] | None:
   )
   sizes = np.cumsum([0] + [len(part) for _, part in clients])
   reference_texts = [tokenizer.decode(ids) for ids in references]
-
-  @jax.jit
-  def responses(frozen, trainable, ids, mask):
-    apply = lambda *a: lora.apply(
-      task.model,
-      frozen["variables"],
-      trainable["lora"],
-      *a[:2],
-      cache=a[2],
-      scale=task.scale,
-      base_delta=frozen["base_delta"],
-    )
-    return generate(apply, task.model, ids, mask, settings.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id)
+  responses = greedy_responses(task, tokenizer, settings.max_new_tokens)
 
   def scores(frozen, trainable, lo, hi) -> tuple[list[float], list[float]]:
-    tokens = np.asarray(distributed.to_host(responses(frozen, trainable, prompt_ids[lo:hi], prompt_mask[lo:hi])))
-    predictions = [tokenizer.decode([t for t in row if t != tokenizer.pad_id]) for row in tokens]
+    predictions = responses(frozen, trainable, prompt_ids[lo:hi], prompt_mask[lo:hi])
     pairs = list(zip(predictions, reference_texts[lo:hi]))
     return [text.exact_match(p, r) for p, r in pairs], [text.rouge_l(p, r) for p, r in pairs]
 
