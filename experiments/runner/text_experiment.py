@@ -146,14 +146,16 @@ def build_text_federated_data(
 def packed_training(data: FederatedData, pad_id: int, log: Callable[[str], None]) -> FederatedData:
   """`data` whose local steps read each client's training records packed into rows
   (`instructions.pack_clients`; `data.packing`), the held-out new clients' too; logs the
-  padding fraction of the records' slots and of the rows'."""
-  records = data.train_pool
-  rows, parts, padding = instructions.pack_clients(records, data.train_parts + data.new_train_parts, pad_id)
-  lengths = text.example_lengths(records.tokens["attention_mask"][np.concatenate(data.train_parts)])
+  padding fraction of the packed training records' slots, one a row (those with a response token),
+  and of their rows'."""
+  rows, parts = instructions.pack_clients(data.train_pool, data.train_parts + data.new_train_parts, pad_id)
+  training = np.concatenate(parts[: data.num_clients])
+  packed, tokens = int(np.sum(rows.plan[training] >= 0)), int(rows.row_tokens[training].sum())
+  slots = lambda count: max(count * data.train_pool.max_len, 1)
   log(
-    f"data: {int(sum(len(p) for p in data.train_parts))} training records packed into "
-    f"{int(sum(len(p) for p in parts[: data.num_clients]))} rows of {records.max_len} tokens; padding "
-    f"{1 - lengths.sum() / max(lengths.size * records.max_len, 1):.1%} of the records' slots, {padding:.1%} of the rows'"
+    f"data: {packed} training records packed into {len(training)} rows of "
+    f"{data.train_pool.max_len} tokens; padding {1 - tokens / slots(packed):.1%} of the records' slots, "
+    f"{1 - tokens / slots(len(training)):.1%} of the rows'"
   )
   return dataclasses.replace(
     data, step_pool=rows, step_parts=parts[: data.num_clients], new_step_parts=parts[data.num_clients :]

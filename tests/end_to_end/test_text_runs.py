@@ -351,9 +351,9 @@ def test_a_packed_run_steps_on_rows_that_hold_each_clients_records_once(tmp_path
   block, _, weights = round_inputs(exp, 0)
   assert block["attention_mask"].max() >= 2 and block["input_ids"].shape[-1] == 160
   records_padding = text.padding_fraction(data.train_pool.tokens["attention_mask"])
-  assert text.padding_fraction(rows.gather(np.arange(len(rows)), np.ones(len(rows)))["attention_mask"]) < (
-    records_padding - 0.1
-  )
+  every_row = rows.gather(np.arange(len(rows)), np.ones(len(rows)))["attention_mask"]
+  assert text.padding_fraction(every_row) < records_padding - 0.1
+  np.testing.assert_array_equal(rows.row_tokens, np.sum(every_row > 0, axis=-1))
   np.testing.assert_allclose(weights, 1 / 3)  # Records, not rows: 6 a client.
   assert any("training records packed into" in line for line in logs), logs
   np.testing.assert_equal(evaluations[True][2], evaluations[False][2])

@@ -260,12 +260,14 @@ class PackedRows:
     records: the records' `TextDataset`.
     plan: int64 [R, K] the records (indices into `records`) of each row, -1 after its last.
     labels: [R] int32 the group of each row's first record.
+    row_tokens: [R] int64 the tokens each row holds (the rest of its T slots are padding).
     pad_id: the id of a row's padding slots.
   """
 
   records: TextDataset
   plan: np.ndarray
   labels: np.ndarray
+  row_tokens: np.ndarray
   pad_id: int
 
   def __len__(self) -> int:
@@ -279,9 +281,7 @@ class PackedRows:
     return {**block, "label": self.labels[indices], "mask": np.asarray(mask, np.float32)}
 
 
-def pack_clients(
-  records: TextDataset, parts: list[np.ndarray], pad_id: int
-) -> tuple[PackedRows, list[np.ndarray], float]:
+def pack_clients(records: TextDataset, parts: list[np.ndarray], pad_id: int) -> tuple[PackedRows, list[np.ndarray]]:
   """Each client's records packed into rows of their own (`text.packing_plan`: best-fit
   decreasing); a record with no response token left is dropped (it would only take room).
 
@@ -290,23 +290,22 @@ def pack_clients(
     parts: per-client index arrays into `records`.
     pad_id: the tokenizer's padding id.
   Returns:
-    (the `PackedRows`, per-client index arrays into its rows, the rows' padding fraction).
+    (the `PackedRows`, per-client index arrays into its rows).
   """
-  plans, row_parts, start, real = [], [], 0, 0
+  plans, row_tokens, row_parts, start = [], [], [], 0
   for part in parts:
     part = np.asarray(part, np.int64)
     kept = part[np.asarray(records.tokens["loss_mask"][part]).sum(axis=-1) > 0] if len(part) else part
     lengths = text.example_lengths(records.tokens["attention_mask"][kept]) if len(kept) else kept
     plan = text.packing_plan(lengths, records.max_len)
-    real += int(np.sum(lengths))
     plans.append(np.where(plan >= 0, kept[np.maximum(plan, 0)], -1) if len(kept) else plan)
+    row_tokens.append(np.where(plan >= 0, lengths[np.maximum(plan, 0)], 0).sum(axis=1) if len(kept) else plan[:, 0])
     row_parts.append(np.arange(start, start + len(plan), dtype=np.int64))
     start += len(plan)
   width = max(p.shape[1] for p in plans)
   plan = np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1])), constant_values=-1) for p in plans])
   labels = records.labels[np.maximum(plan[:, 0], 0)] if len(plan) else np.zeros(0, np.int32)
-  slots = len(plan) * records.max_len
-  return PackedRows(records, plan, labels, pad_id), row_parts, (1.0 - real / slots) if slots else 0.0
+  return PackedRows(records, plan, labels, np.concatenate(row_tokens).astype(np.int64), pad_id), row_parts
 
 
 @dataclasses.dataclass(frozen=True)
