@@ -278,6 +278,7 @@ def encode_preference_pairs(
   layout: str = "pairs",
   chat: bool = False,
   template: PromptTemplate = ALPACA,
+  source: str = "",
 ) -> dict[str, np.ndarray]:
   """Every preference record as two examples, chosen first: {"input_ids", "attention_mask",
   "loss_mask"} int32 [N, 2, T] (`encode_instruction`'s, the loss mask on each response and its
@@ -291,12 +292,15 @@ def encode_preference_pairs(
     layout: "hh_rlhf", "ultrafeedback" or "pairs" (`preference_pair`).
     chat: the prompt in the tokenizer's chat template (HH-RLHF's dialogues keep their own turns);
       template: else this one.
+    source: what errors name before "record N" (e.g. the file).
   Returns:
     The arrays above.
+  Raises:
+    ValueError: the first record that is not a pair of `layout` (`preference_pair`), named.
   """
   rows = []
   for number, record in enumerate(records, 1):
-    prompt, chosen, rejected, formatted = preference_pair(record, layout, where=f"record {number}")
+    prompt, chosen, rejected, formatted = preference_pair(record, layout, where=f"{source}record {number}")
     if chat and not formatted:
       prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     elif not formatted:

@@ -148,15 +148,14 @@ def _validate_preference(config: ml_collections.ConfigDict) -> None:
 
   data = config.data
   _one_of(data.layout, text.PREFERENCE_LAYOUTS, "data.layout")
-  beta = config.get("dpo", {}).get("beta", 0.1)
+  dpo = config.get("dpo", {})
+  beta, loss_type, smoothing = dpo.get("beta", 0.1), dpo.get("loss_type", "sigmoid"), dpo.get("label_smoothing", 0.0)
   _require(
     isinstance(beta, (int, float)) and beta > 0, "dpo.beta", f"must be a positive number (DPO's β), got {beta!r}"
   )
-  dpo = config.get("dpo", {})
-  _one_of(dpo.get("loss_type", "sigmoid"), preference.LOSS_TYPES, "dpo.loss_type")
-  smoothing = dpo.get("label_smoothing", 0.0)
+  _one_of(loss_type, preference.LOSS_TYPES, "dpo.loss_type")
   _require(
-    isinstance(smoothing, (int, float)) and 0 <= smoothing < 0.5 and (not smoothing or dpo.loss_type == "sigmoid"),
+    isinstance(smoothing, (int, float)) and 0 <= smoothing < 0.5 and (not smoothing or loss_type == "sigmoid"),
     "dpo.label_smoothing",
     f"must be at least 0 and below 0.5, with dpo.loss_type='sigmoid' (conservative DPO), got {smoothing!r}",
   )

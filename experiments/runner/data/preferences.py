@@ -84,14 +84,16 @@ def load_preference_datasets(
       file and record); ids outside `vocab_size` (a tokenizer of another model).
   """
   records = read_pairs(data_config.name)
-  where = lambda number: f"data.name={data_config.name!r}: record {number}"
-  for number, record in enumerate(records, 1):
-    text.preference_pair(record, data_config.layout, where=where(number))
+  encoded = text.encode_preference_pairs(
+    tokenizer,
+    records,
+    data_config.max_len,
+    data_config.layout,
+    chat=data_config.chat_template,
+    source=f"data.name={data_config.name!r}: ",
+  )
   groups, names = instructions.group_ids_of(
     [instructions.group_value(r, data_config.group_field, n) for n, r in enumerate(records, 1)]
-  )
-  encoded = text.encode_preference_pairs(
-    tokenizer, records, data_config.max_len, data_config.layout, chat=data_config.chat_template
   )
   vocab = tokenizer.vocab_size if vocab_size is None else vocab_size
   if encoded["input_ids"].max() >= vocab:
