@@ -139,9 +139,18 @@ def chat_prompt(tokenizer, record: Mapping[str, Any], layout: str = "alpaca") ->
   check_record(record, layout)
   context = record.get(fields["input"]) or ""
   user = record[fields["instruction"]] + (f"\n\n{context}" if context else "")
-  return tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True), record[
-    fields["response"]
-  ]
+  return _user_turn(tokenizer, user), record[fields["response"]]
+
+
+def _user_turn(tokenizer, user: str) -> str:
+  """The chat template's prompt of one user turn `user`, then the generation prompt."""
+  return tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)
+
+
+def _cut(encoded: Mapping[str, np.ndarray], eos_id: int | None) -> np.ndarray:
+  """bool [...]: the sequences of `encode_instruction`'s arrays [..., T] cut at T (the last slot
+  holds a token other than end-of-text)."""
+  return (encoded["attention_mask"][..., -1] == 1) & (encoded["input_ids"][..., -1] != eos_id)
 
 
 def encode_instruction(
@@ -205,8 +214,7 @@ def encode_instructions(
   if not rows:
     raise ValueError("no records to encode")
   out = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-  full = out["attention_mask"][:, -1] == 1
-  out["truncated"] = full & (out["input_ids"][:, -1] != tokenizer.eos_id)
+  out["truncated"] = _cut(out, tokenizer.eos_id)
   out["no_loss"] = out["loss_mask"].sum(axis=1) == 0
   out["mask"] = (~out["no_loss"]).astype(np.float32)  # The round counts these examples.
   return out
@@ -302,7 +310,7 @@ def encode_preference_pairs(
   for number, record in enumerate(records, 1):
     prompt, chosen, rejected, formatted = preference_pair(record, layout, where=f"{source}record {number}")
     if chat and not formatted:
-      prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+      prompt = _user_turn(tokenizer, prompt)
     elif not formatted:
       prompt = template.format(prompt)
     special = chat and not formatted  # A chat template's prompt holds its special tokens.
@@ -313,8 +321,7 @@ def encode_preference_pairs(
   if not rows:
     raise ValueError("no records to encode")
   out = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-  full = out["attention_mask"][..., -1] == 1
-  out["truncated"] = np.any(full & (out["input_ids"][..., -1] != tokenizer.eos_id), axis=1)
+  out["truncated"] = np.any(_cut(out, tokenizer.eos_id), axis=1)
   out["mask"] = np.all(out["loss_mask"].sum(axis=-1) > 0, axis=1).astype(np.float32)
   return out
 
