@@ -28,6 +28,7 @@ setup(
     "tqdm",
     "safetensors>=0.4",
     "tokenizers>=0.20",
+    "sentencepiece>=0.2",  # Reads a checkpoint's tokenizer.model (Gemma's own release) where it has no tokenizer.json.
     "jinja2>=3.1",
     "pyarrow",
     "dp-accounting>=0.4",

@@ -60,7 +60,15 @@ from hyperlora_jax.models.hf.reading import (
   square_size,
 )
 from hyperlora_jax.models.hf.tensors import _bicubic_matrix, resize_position_table  # noqa: F401 (tests)
-from hyperlora_jax.models.hf.tokenizer import TOKENIZER_FILE, Tokenizer, clip_bpe_tokenizer, render_chat_template
+from hyperlora_jax.models.hf.tokenizer import (
+  SENTENCEPIECE_FILE,
+  TOKENIZER_FILE,
+  Tokenizer,
+  clip_bpe_tokenizer,
+  render_chat_template,
+  sentencepiece_merges,
+  sentencepiece_tokenizer,
+)
 from hyperlora_jax.models.hf.vit import TRANSFORMERS_VERSIONS, vit_arch, vit_module_name, vit_module_namer, vit_params
 
 __all__ = [
@@ -68,6 +76,7 @@ __all__ = [
   "DECODER_TYPES",
   "FAMILIES",
   "INDEX_FILE",
+  "SENTENCEPIECE_FILE",
   "SUPPORTED",
   "TOKENIZER_FILE",
   "TRANSFORMERS_VERSIONS",
@@ -100,6 +109,8 @@ __all__ = [
   "render_chat_template",
   "resize_position_table",
   "save_causal_lm",
+  "sentencepiece_merges",
+  "sentencepiece_tokenizer",
   "square_size",
   "vit_arch",
   "vit_module_name",

@@ -123,7 +123,9 @@ class Checkpoint:
       The `Tokenizer`.
     """
     if self.tokenizer is None:
-      raise CheckpointError(f"{self.directory}: no tokenizer.json, nor CLIP's vocab.json and merges.txt")
+      raise CheckpointError(
+        f"{self.directory}: no tokenizer.json, nor a SentencePiece tokenizer.model, nor CLIP's vocab.json and merges.txt"
+      )
     return self.tokenizer
 
   def module_namer(self, prefix: str = "", transformers_version: int = 5) -> Callable[[str], str | None]:

@@ -1,7 +1,8 @@
-"""A checkpoint's tokenizer without transformers: `Tokenizer` reads tokenizer.json (or OpenAI
-CLIP's vocab.json + merges.txt) with the `tokenizers` library, tokenizer_config.json's special
-tokens, and the chat template (chat_template.jinja or tokenizer_config.json's), rendered as
-transformers' `apply_chat_template` renders it."""
+"""A checkpoint's tokenizer without transformers: `Tokenizer` reads tokenizer.json (or a
+SentencePiece tokenizer.model, as Gemma's and Llama 2's checkpoints carry it, or OpenAI CLIP's
+vocab.json + merges.txt) with the `tokenizers` library, tokenizer_config.json's special tokens,
+and the chat template (chat_template.jinja or tokenizer_config.json's), rendered as transformers'
+`apply_chat_template` renders it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 from hyperlora_jax.models.errors import CheckpointError
 
 TOKENIZER_FILE = "tokenizer.json"
+SENTENCEPIECE_FILE = "tokenizer.model"
 
 
 def clip_bpe_tokenizer(vocab_file: str, merges_file: str):
@@ -60,6 +62,115 @@ def clip_bpe_tokenizer(vocab_file: str, merges_file: str):
     trim_offsets=False,
     add_prefix_space=False,
   )
+  return tokenizer
+
+
+# SentencePiece's piece types (sentencepiece_model.proto, ModelProto.SentencePiece.Type).
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+_SPM_BPE = 2  # TrainerSpec.ModelType.
+
+
+def _read_sentencepiece(model_file: str):
+  """The `ModelProto` of a SentencePiece model file (sentencepiece's own schema)."""
+  from google.protobuf.message import DecodeError
+  from sentencepiece import sentencepiece_model_pb2
+
+  proto = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]  # Generated code.
+  with open(model_file, "rb") as f:
+    try:
+      proto.ParseFromString(f.read())
+    except DecodeError as e:
+      raise CheckpointError(f"{model_file}: not a SentencePiece model ({e})") from e
+  if not proto.pieces:
+    raise CheckpointError(f"{model_file}: not a SentencePiece model (no pieces)")
+  return proto
+
+
+def sentencepiece_merges(pieces: list[tuple[str, float]]) -> list[tuple[str, str]]:
+  """The BPE merges a SentencePiece BPE vocabulary implies: every split (left, right) of a piece
+  into two pieces of the vocabulary, ranked by the merged piece's score, highest first (the order
+  SentencePiece merges in), ties by id; splits of one piece by their parts' ids.
+
+  Args:
+    pieces: the mergeable pieces (text, score), in id order.
+  Returns:
+    The merges, best first.
+  """
+  ids = {piece: i for i, (piece, _) in enumerate(pieces)}
+  ranked: list[tuple[float, int, str, str]] = []
+  for merged, score in pieces:
+    splits = [(merged[:k], merged[k:]) for k in range(1, len(merged))]
+    by_ids = sorted((ids[left], ids[right], left, right) for left, right in splits if left in ids and right in ids)
+    ranked += [(-score, ids[merged], left, right) for _, _, left, right in by_ids]
+  return [(left, right) for _, _, left, right in sorted(ranked, key=lambda m: m[:2])]
+
+
+def sentencepiece_tokenizer(model_file: str, add_bos: bool = True, add_eos: bool = False):
+  """A `tokenizers.Tokenizer` that tokenizes as a SentencePiece BPE model (a checkpoint's
+  tokenizer.model: Gemma, Gemma 2 / 3, Llama 2, Mistral v0.1), built as transformers converts it:
+  the vocabulary with the merges it implies (`sentencepiece_merges`), byte fallback, the model's
+  normalizer (its precompiled character map, extra whitespace removed, the dummy "▁" prefix, spaces
+  as "▁"), control and user-defined pieces as added tokens matched in the text (control ones
+  special: "<bos>", "<start_of_turn>" written by a chat template are one token each), and <bos> /
+  <eos> around each text as `add_bos` / `add_eos` say (tokenizer_config.json's `add_bos_token`,
+  `add_eos_token`).
+
+  Args:
+    model_file: the SentencePiece model (tokenizer.model).
+    add_bos: put the model's <bos> piece before each text.
+    add_eos: put its <eos> piece after each text.
+  Returns:
+    A `tokenizers.Tokenizer`.
+  Raises:
+    CheckpointError: not a SentencePiece model, or a unigram one (T5-style; not read here).
+  """
+  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
+
+  proto = _read_sentencepiece(model_file)
+  if proto.trainer_spec.model_type != _SPM_BPE:
+    raise CheckpointError(
+      f"{model_file}: a SentencePiece model of type {proto.trainer_spec.model_type} (1 = unigram), not BPE; "
+      "only BPE models (Gemma, Llama 2, Mistral) are read here: give the checkpoint's tokenizer.json"
+    )
+  vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+  mergeable = [(p.piece, p.score) for p in proto.pieces if p.type in (_NORMAL, _UNUSED)]
+  unk = next((p.piece for p in proto.pieces if p.type == _UNKNOWN), None)
+  tokenizer = Tokenizer(
+    models.BPE(
+      vocab,
+      sentencepiece_merges(mergeable),
+      unk_token=unk,
+      fuse_unk=True,
+      byte_fallback=proto.trainer_spec.byte_fallback,
+    )
+  )
+  spec = proto.normalizer_spec
+  steps: list[normalizers.Normalizer] = []
+  if spec.precompiled_charsmap:
+    steps.append(normalizers.Precompiled(spec.precompiled_charsmap))
+  if spec.remove_extra_whitespaces:
+    steps += [normalizers.Strip(), normalizers.Replace(Regex(" {2,}"), " ")]
+  if spec.add_dummy_prefix:
+    steps.append(normalizers.Prepend("▁"))
+  steps.append(normalizers.Replace(" ", "▁"))
+  tokenizer.normalizer = normalizers.Sequence(steps)
+  decoding = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+  tokenizer.decoder = decoders.Sequence(decoding + ([decoders.Strip(" ", 1, 0)] if spec.add_dummy_prefix else []))
+  tokenizer.add_tokens(
+    [AddedToken(p.piece, special=False, normalized=False) for p in proto.pieces if p.type == _USER_DEFINED]
+  )
+  tokenizer.add_special_tokens(
+    [AddedToken(p.piece, special=True, normalized=False) for p in proto.pieces if p.type in (_CONTROL, _UNKNOWN)]
+  )
+  bos, eos = proto.trainer_spec.bos_id, proto.trainer_spec.eos_id
+  before = [proto.pieces[bos].piece] if add_bos and bos >= 0 else []
+  after = [proto.pieces[eos].piece] if add_eos and eos >= 0 else []
+  if before or after:
+    tokenizer.post_processor = processors.TemplateProcessing(
+      single=" ".join(before + ["$A"] + after),
+      pair=" ".join(before + ["$A"] + after + [f"{t}:1" for t in before] + ["$B:1"] + [f"{t}:1" for t in after]),
+      special_tokens=[(piece, vocab[piece]) for piece in dict.fromkeys(before + after)],
+    )
   return tokenizer
 
 
@@ -135,7 +246,8 @@ class Tokenizer:
     end-of-text token (OpenAI CLIP's padding).
 
     Args:
-      directory: a checkpoint directory with tokenizer.json (or vocab.json and merges.txt).
+      directory: a checkpoint directory with tokenizer.json (or a SentencePiece tokenizer.model,
+        or CLIP's vocab.json and merges.txt); tokenizer.json is read where both are.
       pad_token: the padding token, overriding the directory's.
     Returns:
       The `Tokenizer`.
@@ -144,21 +256,28 @@ class Tokenizer:
     """
     import tokenizers
 
+    config_path = os.path.join(directory, "tokenizer_config.json")
+    config = {}
+    if os.path.isfile(config_path):
+      with open(config_path) as f:
+        config = json.load(f)
     path = os.path.join(directory, TOKENIZER_FILE)
     if os.path.isfile(path):
       try:
         tokenizer = tokenizers.Tokenizer.from_file(path)
       except Exception as e:  # The tokenizers library raises a bare Exception for unreadable files.
         raise CheckpointError(f"{path}: not a tokenizer.json the tokenizers library reads ({e})") from e
+    elif os.path.isfile(os.path.join(directory, SENTENCEPIECE_FILE)):
+      path = os.path.join(directory, SENTENCEPIECE_FILE)
+      tokenizer = sentencepiece_tokenizer(
+        path, add_bos=config.get("add_bos_token", True), add_eos=config.get("add_eos_token", False)
+      )
     elif all(os.path.isfile(os.path.join(directory, f)) for f in ("vocab.json", "merges.txt")):
       tokenizer = clip_bpe_tokenizer(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"))
     else:
-      raise CheckpointError(f"{directory}: no {TOKENIZER_FILE}, nor CLIP's vocab.json and merges.txt")
-    config_path = os.path.join(directory, "tokenizer_config.json")
-    config = {}
-    if os.path.isfile(config_path):
-      with open(config_path) as f:
-        config = json.load(f)
+      raise CheckpointError(
+        f"{directory}: no {TOKENIZER_FILE}, nor a SentencePiece {SENTENCEPIECE_FILE}, nor CLIP's vocab.json and merges.txt"
+      )
     special = {k: _special_token(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
     pad_token = pad_token or special["pad_token"] or special["eos_token"] or "<|endoftext|>"
     pad_id = tokenizer.token_to_id(pad_token)
@@ -257,14 +376,14 @@ class Tokenizer:
 
 
 def has_tokenizer(directory: str) -> bool:
-  """Whether `directory` holds a tokenizer `Tokenizer.from_directory` reads (tokenizer.json, or
-  CLIP's vocab.json and merges.txt).
+  """Whether `directory` holds a tokenizer `Tokenizer.from_directory` reads (tokenizer.json, a
+  SentencePiece tokenizer.model, or CLIP's vocab.json and merges.txt).
 
   Args:
     directory: a checkpoint directory.
   Returns:
     A bool.
   """
-  return os.path.isfile(os.path.join(directory, TOKENIZER_FILE)) or all(
+  return any(os.path.isfile(os.path.join(directory, f)) for f in (TOKENIZER_FILE, SENTENCEPIECE_FILE)) or all(
     os.path.isfile(os.path.join(directory, f)) for f in ("vocab.json", "merges.txt")
   )

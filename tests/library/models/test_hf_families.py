@@ -194,7 +194,7 @@ def test_a_saved_decoder_is_read_back_as_its_family(name, model_type, architectu
   "name, method, targets",
   [
     ("hf_qwen3", "hyperlora", ""),
-    ("hf_gemma2", "fedit", ""),
+    ("hf_gemma_sentencepiece", "fedit", ""),  # Gemma 2, its tokenizer only a tokenizer.model.
     ("hf_gemma3", "fedit", ""),
     ("hf_phi3", "fedit", ".*attn/qkv"),
   ],
@@ -203,7 +203,8 @@ def test_fedit_and_hyperlora_run_on_each_familys_directory_as_the_readme_says(
   name, method, targets, tmp_path, cache_dirs
 ):
   """`--config configs/instruction_tuning.py:smoke,method=...,checkpoint=DIR` on each directory
-  (its tokenizer beside it): the run's model block is the family's, it trains (the loss falls)
+  (its tokenizer beside it; the Gemma 2 directory's is only SentencePiece's tokenizer.model, as
+  Gemma's own release ships it): the run's model block is the family's, it trains (the loss falls)
   and evaluates on the embedded records. Phi-3's fused q/k/v take `lora.target_regex='.*attn/qkv'`
   (PEFT's `target_modules=["qkv_proj"]`); the default `.*attn/(query|value)` is refused naming it."""
   directory = os.path.join(FIXTURES, name)
@@ -218,6 +219,6 @@ def test_fedit_and_hyperlora_run_on_each_familys_directory_as_the_readme_says(
   recorded = json.loads((tmp_path / method / "config.json").read_text())["model"]
   assert recorded["head_dim"] == (8 if name == "hf_phi3" else 12)
   assert recorded.get("qk_norm", False) == (name in ("hf_qwen3", "hf_gemma3"))
-  assert recorded.get("attention_softcap", 0.0) == (1.5 if name == "hf_gemma2" else 0.0)
+  assert recorded.get("attention_softcap", 0.0) == (1.5 if name == "hf_gemma_sentencepiece" else 0.0)
   assert all(np.isfinite(r["train_loss"]) for r in records) and records[-1]["train_loss"] < records[0]["train_loss"]
   assert 0.0 <= records[-1]["global_accuracy"] <= 1.0 and np.isfinite(records[-1]["global_perplexity"])
