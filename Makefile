@@ -27,9 +27,13 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q -n auto -m "not slow" --durations=15 tests
 
 test-slow: $(VENV)/.installed
-	$(PY) -m pytest -q -n auto -m slow --durations=15 tests
+	$(PY) -m pytest -q -n auto -m "slow and not sweep" --durations=15 tests
 
-test-all: test test-slow
+# Every method on every decoder family's fixture directory (52 runs, about 6 minutes on 2 cores).
+test-sweep: $(VENV)/.installed
+	$(PY) -m pytest -q -n auto -m sweep --durations=5 tests
+
+test-all: test test-slow test-sweep
 
 # The plan on compile-only TPU and GPU devices (tests/library/test_plan.py, test_plan_cli.py): a
 # venv beside .venv holding only the compilers, reading .venv's packages, so that .venv itself
@@ -64,4 +68,4 @@ bench: $(VENV)/.installed
 	$(PY) -m benchmarks.round_speed --out $(BENCH_OUT) $(BENCH_FLAGS)
 	$(PY) -m benchmarks.text_round_speed --out $(TEXT_BENCH_OUT) $(TEXT_BENCH_FLAGS)
 
-.PHONY: install run check-run test test-slow test-all test-plan lint format bench
+.PHONY: install run check-run test test-slow test-sweep test-all test-plan lint format bench

@@ -38,6 +38,7 @@ def test_the_plan_of_the_smoke_run_on_this_cpu_lists_chunks_and_the_best_ones_fi
   assert [name for name, _ in evaluations] == ["clients", "global"] and all(float(m) > 0 for _, m in evaluations)
 
 
+@pytest.mark.slow  # 25 s; the DPO task built by the plan (a TypeError once).
 def test_a_dpo_run_is_planned_with_its_pairs(cache_dirs):
   """The preference config's round ([C, S, B, 2, T] pairs, the DPO loss) planned on this CPU: the
   plan rebuilds the task in the planned dtype through the language model it wraps."""

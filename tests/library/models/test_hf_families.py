@@ -13,6 +13,7 @@ import pytest
 from flax import traverse_util
 
 from configs import instruction_tuning
+from experiments.runner import methods
 from experiments.runner.train import train_and_evaluate
 from hyperlora_jax import lora, peft
 from hyperlora_jax.models import hf
@@ -222,3 +223,34 @@ def test_fedit_and_hyperlora_run_on_each_familys_directory_as_the_readme_says(
   assert recorded.get("attention_softcap", 0.0) == (1.5 if name == "hf_gemma_sentencepiece" else 0.0)
   assert all(np.isfinite(r["train_loss"]) for r in records) and records[-1]["train_loss"] < records[0]["train_loss"]
   assert 0.0 <= records[-1]["global_accuracy"] <= 1.0 and np.isfinite(records[-1]["global_perplexity"])
+
+
+FAMILY_DIRECTORIES = {  # name: (directory, lora.target_regex or the default)
+  "qwen3": ("hf_qwen3", ""),
+  "gemma2": ("hf_gemma_sentencepiece", ""),
+  "gemma3": ("hf_gemma3", ""),
+  "phi3": ("hf_phi3", ".*attn/qkv"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.sweep
+@pytest.mark.parametrize("method", sorted(methods.METHODS))
+@pytest.mark.parametrize("family", sorted(FAMILY_DIRECTORIES))
+def test_every_method_runs_on_every_family(family, method, tmp_path, cache_dirs):
+  """Each of the 13 methods, 2 rounds on each new family's directory (`make test-sweep`, 52
+  runs): finite losses, accuracies in [0, 1]. Catches a method whose server step assumes Llama's
+  layer names or shapes (FedEx-LoRA / FLoRA merge residuals into Phi-3's fused qkv and Gemma's
+  scaled embedding; HetLoRA's ranks; FFA-LoRA's frozen factor)."""
+  directory, targets = FAMILY_DIRECTORIES[family]
+  config = instruction_tuning.get_config(
+    f"smoke,method={method},rounds=2,checkpoint={os.path.join(FIXTURES, directory)}"
+  )
+  config.pretrain.cache_dir = cache_dirs["cache_dir"]
+  if targets:
+    config.lora.target_regex = targets
+  records = train_and_evaluate(config, str(tmp_path / "run"), progress=False, log=lambda _: None)["records"]
+  assert len(records) == 2 and all(np.isfinite(r["train_loss"]) for r in records)
+  assert all(0.0 <= r["personalized_accuracy_mean"] <= 1.0 for r in records)
+  for r in records:  # local-only has no global model.
+    assert r["global_accuracy"] is None if method == "local_only" else 0.0 <= r["global_accuracy"] <= 1.0

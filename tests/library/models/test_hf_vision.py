@@ -389,6 +389,7 @@ def test_an_exported_clip_adapter_attaches_to_the_reference_on_both_towers():
   )
 
 
+@pytest.mark.slow  # 40 s; HyperLoRA on both towers also runs in test_benchmark_configs.
 def test_the_cli_runs_hyperlora_on_a_hugging_face_clip(cache_dirs, tmp_path):
   """A ViT config given a CLIP checkpoint becomes the checkpoint's CLIP: zero-shot prompts by
   its tokenizer, images by its processor, LoRA on both towers; HyperLoRA (signatures of the
