@@ -111,7 +111,8 @@ def plan_one(
   the frozen kernels held as `quantization` says ("none": bfloat16), the backbone split over a
   `model` axis of `model_parallel` devices, the round's inputs on the devices (feed "round") or
   in their host memory ("host": `primitives.HostFeed`), the chunks per device tried largest first
-  (`chunks`; default: all of the device's clients, 16, 4, 1)."""
+  (`chunks`; default: the largest that fits, `plan.largest_fitting_chunk`: all of the device's
+  clients, 16, 4, 1, then bisection between the first that fits and the misfit before it)."""
   update, trainable, frozen, block = WORKLOADS[workload][0](quantization=quantization)
   axis = len(target.devices) // model_parallel
   fed = FederatedRound(update, aggregators.fedit(), num_clients=max(clients, axis))
@@ -127,23 +128,33 @@ def plan_one(
     "feed": feed,
   }
   start = time.time()
-  for chunk in sorted(set(chunks or (per_device, 16, 4, 1)) & set(range(1, per_device + 1)), reverse=True):
-    if per_device % chunk:
-      continue
+  reports = {}
+
+  def fits(chunk: int) -> bool | None:
     chunk_all = 0 if chunk == per_device else chunk * axis
-    planned = lambda with_cost, chunk_all=chunk_all: plan.plan_round(
+    reports[chunk] = plan.plan_round(
       fed, trainable, frozen, block(clients), ids, weights, target,
-      clients_per_chunk=chunk_all, cost=with_cost, model_parallel=model_parallel, host_feed=feed == "host",
+      clients_per_chunk=chunk_all, cost=False, model_parallel=model_parallel, host_feed=feed == "host",
     )  # fmt: skip
-    report = planned(False)
-    row.setdefault("tried", []).append({"chunk_per_device": chunk, "gib": report.memory["total"] / plan.GIB})
-    if report.fits:
-      if cost:
-        report = planned(True)
-      row.update(chunk_per_device=chunk, memory=report.memory, flops=report.flops,
-                 seconds=report.estimated_seconds, mfu=report.mfu, loops=report.loops,
-                 collectives=report.collectives)  # fmt: skip
-      break
+    row.setdefault("tried", []).append({"chunk_per_device": chunk, "gib": reports[chunk].memory["total"] / plan.GIB})
+    return reports[chunk].fits
+
+  if chunks:  # The given ones, largest first; the first that fits is taken.
+    given = sorted({c for c in chunks if 1 <= c <= per_device and per_device % c == 0}, reverse=True)
+    best = next((c for c in given if fits(c) is not False), None)
+  else:  # All at once, 16, 4, 1, then bisection between the first fit and the misfit before it.
+    best, _ = plan.largest_fitting_chunk(per_device, fits)
+  if best is not None:
+    report = reports[best]
+    if cost:
+      chunk_all = 0 if best == per_device else best * axis
+      report = plan.plan_round(
+        fed, trainable, frozen, block(clients), ids, weights, target,
+        clients_per_chunk=chunk_all, cost=True, model_parallel=model_parallel, host_feed=feed == "host",
+      )  # fmt: skip
+    row.update(chunk_per_device=best, memory=report.memory, flops=report.flops,
+               seconds=report.estimated_seconds, mfu=report.mfu, loops=report.loops,
+               collectives=report.collectives)  # fmt: skip
   if cost and row.get("seconds"):
     one = plan.plan_round(
       fed, trainable, frozen, block(axis), jax.ShapeDtypeStruct((axis,), jnp.int32),
@@ -164,7 +175,11 @@ def main() -> None:
   parser.add_argument("--no-cost", action="store_true", help="Memory only (no loop-free compile).")
   parser.add_argument("--quantization", default="none", help="The frozen kernels: none (bf16), int8 or nf4.")
   parser.add_argument("--model_parallel", type=int, default=1, help="Devices of the model mesh axis.")
-  parser.add_argument("--chunks", default="", help="Chunks per device to try, largest first (default all,16,4,1).")
+  parser.add_argument(
+    "--chunks",
+    default="",
+    help="Chunks per device to try, largest first (default: the largest that fits, by bisection).",
+  )
   parser.add_argument(
     "--feed", default="round", help="The round's inputs on the devices (round) or host memory (host)."
   )

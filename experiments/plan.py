@@ -5,11 +5,13 @@
   python -m experiments.plan --config configs/default.py --target cpu --chunks 0,2,4
 
 The run is built here as it would start (data, backbone, method: on this machine's CPU), then
-its first round is compiled for the target's devices, nothing attached: for each candidate
-`fed.clients_per_chunk`, the memory per device against the chip's (where none fits, again with
-the round's inputs in host memory, `data.feed='host'`, then the backbone's blocks recomputed,
+its first round is compiled for the target's devices, nothing attached: the largest
+`fed.clients_per_chunk` whose memory per device fits the chip's (all of a device's clients at
+once, then 16, 4, 1 per device, then by bisection between the first that fits and the one before
+it: `hl.plan.largest_fitting_chunk`; `--chunks` plans the chunks given instead); where none fits,
+again with the round's inputs in host memory, `data.feed='host'`, then the backbone's blocks recomputed,
 `model.remat`, split over a model axis, then its kernels in int8, then nf4:
-`compute.backbone_quantization`; `experiments.runner.memory.settings_to_try`); then, for the largest
+`compute.backbone_quantization`; `experiments.runner.memory.settings_to_try`; then, for the largest
 chunk that fits, FLOPs, the TPU cost model's time and MFU, and the collectives. Every compiler
 figure is an estimate. The frozen backbone runs in `compute.backbone_dtype` as on the target
 ('auto': bfloat16); the round's block is planned on the devices (`data.feed='round'`; 'chunk'
@@ -35,14 +37,19 @@ from experiments.runner import memory
 from experiments.runner.data import blocks
 from experiments.runner.experiment import build_experiment
 from experiments.runner.feeding import round_inputs
-from hyperlora_jax import autotune, federated, plan, primitives, quantize
+from hyperlora_jax import federated, plan, primitives, quantize
 from hyperlora_jax.tasks import image_classification as task_lib
 from hyperlora_jax.tasks.common import backbone_dtype
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Run config file.", lock_config=False)
 _TARGET = flags.DEFINE_string("target", "cpu", f"Devices to plan for: {', '.join(plan.TARGETS)}.")
 _MODEL_PARALLEL = flags.DEFINE_integer("model_parallel", 0, "Size of the model mesh axis (0: the config's).")
-_CHUNKS = flags.DEFINE_list("chunks", [], "Candidate clients_per_chunk values (default: divisors up to 64, and 0).")
+_CHUNKS = flags.DEFINE_list(
+  "chunks",
+  [],
+  "Chunks per device to plan, each (0: all at once); default: the largest that fits, found by "
+  "all at once, 16, 4, 1, then bisection (hl.plan.largest_fitting_chunk).",
+)
 _MEMORY_GIB = flags.DEFINE_float(
   "memory_gib", 0.0, "Plan against this much memory per device (GiB) instead of the chip's (0: the chip's)."
 )
@@ -54,23 +61,6 @@ def padded(tree, size: int):
   return jax.tree.map(
     lambda x: np.concatenate([x, np.zeros((size - len(x),) + x.shape[1:], x.dtype)]) if size > len(x) else x,
     tree,
-  )
-
-
-def candidate_chunks(cohort_per_device: int, given: list[str]) -> list[int]:
-  """The chunk sizes to plan: `given`, or every chunk `autotune.chunk_candidates` would time
-  plus 0 (all at once).
-
-  Args:
-    cohort_per_device: clients of the round on one device of the clients axis.
-    given: --chunks values.
-  Returns:
-    Distinct ints, largest first (0 first: all at once).
-  """
-  if given:
-    return [int(c) for c in given]
-  return [0] + sorted(
-    set(autotune.chunk_candidates(cohort_per_device, (1, 4, 16, 64))) - {cohort_per_device}, reverse=True
   )
 
 
@@ -185,18 +175,28 @@ def main(argv) -> None:
     storage = quantization if quantization != "none" else np.dtype(dtype).name
     print(f" data.feed={feed}, model.remat={remat}, model axis {model_axis}, frozen backbone in {storage}: "
           f"{plan.format_bytes(quantize.tree_bytes(frozen))} in all")  # fmt: skip
-    for chunk in candidate_chunks(cohort // axis, _CHUNKS.value):
+    per_device = cohort // axis
+
+    def fits(chunk: int) -> bool | None:  # Chunk per device; all of them at once is clients_per_chunk=0.
+      setting = 0 if chunk == per_device else chunk
       report = plan.plan_round(
         fed_round, exp.initial_trainable, frozen, block, ids, weights, target,
-        signatures=exp.signatures, model_parallel=model_axis, clients_per_chunk=chunk * axis, cost=False,
+        signatures=exp.signatures, model_parallel=model_axis, clients_per_chunk=setting * axis, cost=False,
         host_feed=feed == "host",
       )  # fmt: skip
       total = plan.format_bytes(report.memory["total"])
-      print(f"  clients_per_chunk={chunk * axis} ({chunk or cohort // axis} per device): {total} per device"
+      print(f"  clients_per_chunk={setting * axis} ({chunk} per device): {total} per device"
             + {True: "", False: "  DOES NOT FIT", None: ""}[report.fits])  # fmt: skip
-      if best is None and report.fits is not False:
-        best = (chunk * axis, feed, remat, model_axis, quantization, task, fed_round, frozen, (block, ids, weights))
-    if best is not None:
+      return report.fits
+
+    if _CHUNKS.value:  # The chunks given, each planned; the first that fits is taken.
+      verdicts = [(c, fits(int(c) or per_device)) for c in _CHUNKS.value]
+      chunk = next((int(c) or per_device for c, verdict in verdicts if verdict is not False), None)
+    else:  # All at once, then 16, 4, 1 per device, then bisection between the first fit and the last misfit.
+      chunk, _ = plan.largest_fitting_chunk(per_device, fits)
+    if chunk is not None:
+      setting = 0 if chunk == per_device else chunk
+      best = (setting * axis, feed, remat, model_axis, quantization, task, fed_round, frozen, (block, ids, weights))
       break
   if best is None:
     raise SystemExit(f"fed.clients_per_chunk: no candidate fits {target.name}, the backbone recomputed and in 4 "

@@ -627,3 +627,46 @@ def plan_round(
 
   seconds = extrapolate(t0, t1) if target_.platform == "tpu" else None
   return dataclasses.replace(report, flops=extrapolate(f0, f1), estimated_seconds=seconds, loops=loops)
+
+
+def largest_fitting_chunk(
+  clients_per_device: int, fits: Callable[[int], bool | None], ladder: tuple[int, ...] = (16, 4, 1)
+) -> tuple[int | None, list[tuple[int, bool | None]]]:
+  """The largest chunk of clients per device (a divisor of `clients_per_device`) for which
+  `fits(chunk)` is not False, found with few calls (each is a compile): all of the device's
+  clients first, then the divisors nearest `ladder`, largest first; then, between the first
+  that fits and the one tried before it, by bisection over the divisors in between. A round's
+  memory grows with its chunk, so the bisection finds the largest that fits where the ladder
+  alone would stop at e.g. 16 when 32 fits (4 calls more at most for 256 clients a device).
+
+  Args:
+    clients_per_device: the cohort on one device of the clients axis.
+    fits: chunk per device -> True (fits), False (does not) or None (unknown: taken as fitting,
+      as on the CPU).
+    ladder: chunk sizes to try after all at once, each rounded down to a divisor.
+  Returns:
+    (the largest fitting chunk per device, or None where even 1 does not fit; every (chunk,
+    fits) tried, in order).
+  """
+  divisors = [d for d in range(1, clients_per_device + 1) if clients_per_device % d == 0]
+  steps = sorted({max(d for d in divisors if d <= t) for t in (*ladder, clients_per_device) if t >= 1}, reverse=True)
+  tried: list[tuple[int, bool | None]] = []
+
+  def fit(chunk: int) -> bool:
+    verdict = fits(chunk)
+    tried.append((chunk, verdict))
+    return verdict is not False
+
+  refused = None
+  for chunk in steps:
+    if fit(chunk):
+      between: list[int] = [d for d in divisors if chunk < d < refused] if refused else []
+      while between:  # Invariant: `chunk` fits, `refused` does not; `between` lies strictly in between.
+        middle = between[len(between) // 2]
+        if fit(middle):
+          chunk, between = middle, [d for d in between if d > middle]
+        else:
+          between = [d for d in between if d < middle]
+      return chunk, tried
+    refused = chunk
+  return None, tried

@@ -205,3 +205,33 @@ def test_rematerialized_vit_gives_the_same_loss_and_lora_gradients():
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   jaxpr = str(jax.make_jaxpr(grad(remat_model))(trainable))
   assert "remat" in jaxpr or "checkpoint" in jaxpr
+
+
+@pytest.mark.parametrize(
+  "per_device, limit, expected, most_calls",
+  [
+    (256, 37, 32, 4),  # 256 refused, 16 fits; between them 32, 64, 128: 64 refused, 32 fits.
+    (240, 40, 40, 5),  # 240 refused, 16 fits; 20 ... 120 between: 48 refused, 30 fits, 40 fits.
+    (16, 16, 16, 1),  # All at once fits: one call.
+    (6, 0, None, 3),  # Nothing fits: 6, 3 (the divisor under 4), 1, each refused.
+    (64, 63, 32, 3),  # 64 refused, 16 fits, 32 fits: the largest divisor within 63.
+  ],
+)
+def test_the_largest_fitting_chunk_is_found_by_ladder_then_bisection(per_device, limit, expected, most_calls):
+  """Against a brute-force count: the largest divisor of the device's cohort within `limit`
+  (a memory that grows with the chunk), in at most `most_calls` compiles; None where 1 fails."""
+  from hyperlora_jax import plan
+
+  calls = []
+  chunk, tried = plan.largest_fitting_chunk(per_device, lambda c: calls.append(c) or c <= limit)
+  brute = max((d for d in range(1, per_device + 1) if per_device % d == 0 and d <= limit), default=None)
+  assert chunk == brute == expected
+  assert [c for c, _ in tried] == calls and len(calls) <= most_calls
+  assert all(verdict == (c <= limit) for c, verdict in tried)
+
+
+def test_an_unknown_fit_counts_as_fitting():
+  """`fits` None (the CPU: no limit known) takes the first candidate, all at once."""
+  from hyperlora_jax import plan
+
+  assert plan.largest_fitting_chunk(12, lambda c: None) == (12, [(12, None)])
