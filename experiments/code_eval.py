@@ -42,7 +42,7 @@ def code_eval(args: argparse.Namespace) -> dict:
   from experiments.runner import export as export_lib
   from experiments.runner import workdir as workdir_lib
   from experiments.runner.config_facts import is_text
-  from experiments.runner.evaluation import model_functions
+  from experiments.runner.evaluation import complete_prompts, model_functions
   from experiments.runner.train import config_for_resume
 
   config = workdir_lib.recorded_config(args.workdir)
@@ -58,7 +58,8 @@ def code_eval(args: argparse.Namespace) -> dict:
   models = export_lib.models_of(model_functions(exp.fed_round), state, clients)
   results = {}
   for name, trainable in models.items():
-    texts = generate_completions(exp, state, trainable, [p["prompt"] for p in problems], args)
+    prompts = [p["prompt"] for p in problems]
+    texts = complete_prompts(exp, state, trainable, prompts, args.max_new_tokens, args.batch)
     passed = [
       p["task_id"]
       for p, t in zip(problems, texts)
@@ -72,30 +73,6 @@ def code_eval(args: argparse.Namespace) -> dict:
   with open(out, "w") as f:
     json.dump(record, f, indent=2)
   return record
-
-
-def generate_completions(exp, state, trainable, prompts: list[str], args: argparse.Namespace) -> list[str]:
-  """Greedy continuations of `prompts` by the model `trainable` (`evaluation.greedy_responses`),
-  `args.batch` at a time, left-padded to the longest prompt (one compiled shape)."""
-  import numpy as np
-
-  from experiments.runner.evaluation import greedy_responses
-  from hyperlora_jax.tasks.common import apply_base_delta
-
-  tokenizer = exp.tokenizer
-  frozen = apply_base_delta(exp.frozen(), state.base_delta)  # FedEx-LoRA's merged residuals.
-  responses = greedy_responses(exp.task, tokenizer, args.max_new_tokens)
-  encoded = [tokenizer.encode(p) for p in prompts]
-  width = max(len(e) for e in encoded)
-  texts = []
-  for start in range(0, len(encoded), args.batch):
-    batch = encoded[start : start + args.batch]
-    batch = batch + [batch[-1]] * (args.batch - len(batch))  # One compiled shape.
-    ids, mask = np.zeros((len(batch), width), np.int32), np.zeros((len(batch), width), np.int32)
-    for i, e in enumerate(batch):
-      ids[i, width - len(e) :], mask[i, width - len(e) :] = e, 1
-    texts += responses(frozen, trainable, ids, mask)
-  return texts[: len(prompts)]
 
 
 if __name__ == "__main__":

@@ -38,10 +38,12 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class PromptTemplate:
-  """A prompt with `{instruction}` (and `{input}` when the record has one)."""
+  """A prompt with `{instruction}` (and `{input}` when the record has one); `follow_up`, the
+  block a later turn of a conversation adds after the previous answer ("" for none)."""
 
   with_input: str
   without_input: str
+  follow_up: str = ""
 
   def format(self, instruction: str, context: str = "") -> str:
     """The prompt of one record.
@@ -68,6 +70,7 @@ ALPACA = PromptTemplate(
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
   ),
+  follow_up="\n\n### Instruction:\n{instruction}\n\n### Response:\n",
 )
 # Field names per dataset layout: instruction, context (optional), response, and the field
 # clients are usually partitioned by.
@@ -145,6 +148,62 @@ def chat_prompt(tokenizer, record: Mapping[str, Any], layout: str = "alpaca") ->
 def _user_turn(tokenizer, user: str) -> str:
   """The chat template's prompt of one user turn `user`, then the generation prompt."""
   return tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)
+
+
+def conversation_prompt(
+  questions: list[str], answers: list[str], tokenizer=None, chat: bool = False, template: PromptTemplate = ALPACA
+) -> str:
+  """The prompt of a conversation's next answer (MT-Bench's second turn): user turns
+  `questions` [n] and the model's earlier `answers` [n - 1], through the tokenizer's chat template
+  (`chat`: user and assistant messages, then the generation prompt) or `template` (the first
+  question's prompt, then each answer followed by `template.follow_up` of the next question).
+
+  Args:
+    questions: the user turns so far, the last one to answer.
+    answers: the answers to all but the last.
+    tokenizer: a tokenizer with `apply_chat_template` (with `chat`).
+    chat: use the chat template.
+    template: else this prompt template (its `follow_up` needed beyond one turn).
+  Returns:
+    The prompt text (with the chat template's special tokens where `chat`).
+  Raises:
+    ValueError: answers that do not match the questions; a template without `follow_up` for a
+      later turn.
+  """
+  if len(answers) != len(questions) - 1 or not questions:
+    raise ValueError(
+      f"conversation_prompt: {len(questions)} questions need {len(questions) - 1} answers, got {len(answers)}"
+    )
+  if chat:
+    messages = []
+    for question, answer in zip(questions, [*answers, None]):
+      messages.append({"role": "user", "content": question})
+      if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+  if len(questions) > 1 and not template.follow_up:
+    raise ValueError("conversation_prompt: the prompt template has no follow_up block for a later turn")
+  prompt = template.format(questions[0])
+  for answer, question in zip(answers, questions[1:]):
+    prompt += answer + template.follow_up.format(instruction=question)
+  return prompt
+
+
+RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")  # A judge's "[[rating]]" (MT-Bench's single-answer format).
+RATING_FALLBACK = re.compile(r"\[(\d+\.?\d*)\]")  # "[rating]", as MT-Bench's own parser also accepts.
+
+
+def judge_rating(judgment: str) -> float:
+  """The rating a judge wrote as "[[7]]" (else "[7]"): the first such number, or -1 where the
+  judgment has none (MT-Bench's convention for an unusable judgment).
+
+  Args:
+    judgment: the judge's text.
+  Returns:
+    The rating, or -1.0.
+  """
+  found = RATING.search(judgment) or RATING_FALLBACK.search(judgment)
+  return float(found.group(1)) if found else -1.0
 
 
 def _cut(encoded: Mapping[str, np.ndarray], eos_id: int | None) -> np.ndarray:

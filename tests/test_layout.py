@@ -236,7 +236,7 @@ def test_experiments_are_sorted_by_kind():
   reports and studies as packages; the benchmark scripts live beside their results in
   benchmarks/."""
   top = sorted(p.name for p in (ROOT / "experiments").glob("*.py"))
-  assert top == ["__init__.py", "cli.py", "code_eval.py", "export.py", "main.py", "plan.py", "sweep.py"]
+  assert top == ["__init__.py", "cli.py", "code_eval.py", "export.py", "main.py", "mt_bench.py", "plan.py", "sweep.py"]
   assert {p.name for p in (ROOT / "experiments").iterdir() if p.is_dir() and not p.name.startswith("__")} == {
     "reports",
     "runner",

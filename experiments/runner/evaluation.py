@@ -216,6 +216,37 @@ def greedy_responses(task: Any, tokenizer: Any, max_new_tokens: int) -> Callable
   return responses
 
 
+def complete_prompts(
+  exp: Experiment,
+  state: Any,
+  trainable: Any,
+  prompts: list[str],
+  max_new_tokens: int,
+  batch: int = 16,
+  add_special_tokens: bool = True,
+) -> list[str]:
+  """Greedy continuations of `prompts` by the run's model with adapter `trainable` and the
+  state's merged residuals (`greedy_responses`), `batch` at a time, left-padded to the longest
+  prompt (one compiled shape per call); `add_special_tokens=False` for prompts a chat template
+  rendered (they hold their own begin-of-text)."""
+  from hyperlora_jax.tasks.common import apply_base_delta
+
+  tokenizer = exp.tokenizer
+  frozen = apply_base_delta(exp.frozen(), state.base_delta)  # FedEx-LoRA's merged residuals.
+  responses = greedy_responses(exp.task, tokenizer, max_new_tokens)
+  encoded = [tokenizer.encode(p, add_special_tokens=add_special_tokens) for p in prompts]
+  width = max(len(e) for e in encoded)
+  texts = []
+  for start in range(0, len(encoded), batch):
+    rows = encoded[start : start + batch]
+    rows = rows + [rows[-1]] * (batch - len(rows))  # One compiled shape.
+    ids, mask = np.zeros((len(rows), width), np.int32), np.zeros((len(rows), width), np.int32)
+    for i, e in enumerate(rows):
+      ids[i, width - len(e) :], mask[i, width - len(e) :] = e, 1
+    texts += responses(frozen, trainable, ids, mask)
+  return texts[: len(prompts)]
+
+
 def generation_evaluator(exp: Experiment) -> Callable[[Any, Any], dict] | None:
   """A text run's `gen` scoring (None without it): `evaluate(state, frozen)` generates greedy
   responses (`models.llama.generate`, `gen.max_new_tokens`, stopping at end-of-text) to each
