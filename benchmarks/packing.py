@@ -16,6 +16,7 @@ way, and their ratio beside the ratio of real tokens per slot (what packing can 
 
   python -m benchmarks.packing --data stdlib_docs --max_len 176,256,512 --out benchmarks/packing_cpu.json
   python -m benchmarks.packing --pooled --max_len 512 --out benchmarks/packing_pooled_cpu.json
+  python -m benchmarks.packing --copies 8 --max_len 512 --repeats 2 --out benchmarks/packing_copies_cpu.json
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ _DATA = flags.DEFINE_string("data", "stdlib_docs", "A Dolly / Alpaca .jsonl, .js
 _LAYOUT = flags.DEFINE_string("layout", "dolly", "The records' layout (hyperlora_jax.text.LAYOUTS).")
 _MAX_LEN = flags.DEFINE_string("max_len", "176,512", "Comma-separated data.max_len values.")
 _POOLED = flags.DEFINE_bool("pooled", False, "Pack all records together (one client) instead of per group.")
+_COPIES = flags.DEFINE_integer(
+  "copies", 1, "Each record this many times: clients of a Dolly-sized file (its categories hold 700-3,700 records)."
+)
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Rows per local step (configs/instruction_tuning.py's).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed epochs each way, interleaved (the best is reported).")
 _THREADS = define_threads_flag()
@@ -129,7 +133,7 @@ def measure(tokenizer, records, max_len: int, layout: str, batch: int, repeats: 
 def main(_):
   threads = confine_threads(_THREADS.value)
   tokenizer = embedded_tokenizer()
-  records = records_of(_DATA.value)
+  records = [r for r in records_of(_DATA.value) for _ in range(_COPIES.value)]
   results = []
   for max_len in (int(x) for x in _MAX_LEN.value.split(",")):
     result = measure(tokenizer, records, max_len, _LAYOUT.value, _BATCH.value, _REPEATS.value, _POOLED.value)
@@ -148,6 +152,7 @@ def main(_):
         {
           "data": _DATA.value,
           "pooled": _POOLED.value,
+          "copies": _COPIES.value,
           "batch_size": _BATCH.value,
           "repeats": _REPEATS.value,
           "threads": threads,
@@ -161,6 +166,7 @@ def main(_):
               ("data", _DATA.value),
               ("max_len", _MAX_LEN.value),
               ("pooled", _POOLED.value),
+              ("copies", _COPIES.value),
               ("threads", threads),
             )
           ),

@@ -637,7 +637,7 @@ def largest_fitting_chunk(
   clients first, then the divisors nearest `ladder`, largest first; then, between the first
   that fits and the one tried before it, by bisection over the divisors in between. A round's
   memory grows with its chunk, so the bisection finds the largest that fits where the ladder
-  alone would stop at e.g. 16 when 32 fits (4 calls more at most for 256 clients a device).
+  alone would stop at e.g. 16 when 32 fits (two calls more for 256 clients a device: 64, then 32).
 
   Args:
     clients_per_device: the cohort on one device of the clients axis.

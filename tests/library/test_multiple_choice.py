@@ -129,9 +129,10 @@ def test_mmlu_files_are_read_in_each_layout(tmp_path):
 
 
 def test_the_domain_sets_flowertune_evaluates_are_read_as_multiple_choice(tmp_path):
-  """One record each of MedQA, MedMCQA, PubMedQA, Financial PhraseBank and TFNS in their Hugging
-  Face layouts, in one JSONL: each as MMLU's {question, choices, answer, subject}, by hand. A
-  decision outside yes / no / maybe is named."""
+  """One record each of MedQA, MedMCQA, PubMedQA, Financial PhraseBank, TFNS and FiQA-SA (three:
+  a score at each of FinGPT's thresholds, -0.1 and 0.1, and a post) in their Hugging Face layouts,
+  in one JSONL: each as MMLU's {question, choices, answer, subject}, by hand. A decision outside
+  yes / no / maybe is named."""
   records = [
     {"question": "Drug?", "options": {"B": "Aspirin", "A": "Ibuprofen", "C": "None"}, "answer_idx": "B"},
     {
@@ -146,6 +147,9 @@ def test_the_domain_sets_flowertune_evaluates_are_read_as_multiple_choice(tmp_pa
     {"question": "Does it work?", "context": {"contexts": ["Background.", "Results."]}, "final_decision": "maybe"},
     {"sentence": "Profit fell.", "label": 0},
     {"text": "$XYZ to the moon", "label": 1},
+    {"sentence": "Shares slip", "sentiment_score": -0.1, "format": "headline", "label": 0},
+    {"sentence": "Flat day", "sentiment_score": 0.0999, "format": "headline"},
+    {"sentence": "$ABC rallies", "sentiment_score": 0.1, "format": "post"},
   ]
   path = tmp_path / "domains.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -170,6 +174,24 @@ def test_the_domain_sets_flowertune_evaluates_are_read_as_multiple_choice(tmp_pa
       "choices": ["bearish", "bullish", "neutral"],
       "answer": 1,
       "subject": "tfns",
+    },
+    {
+      "question": "What is the sentiment of this news? Shares slip",
+      "choices": ["negative", "neutral", "positive"],
+      "answer": 1,  # -0.1 is not below -0.1: neutral (its "label" field is not FiQA's score).
+      "subject": "fiqa",
+    },
+    {
+      "question": "What is the sentiment of this news? Flat day",
+      "choices": ["negative", "neutral", "positive"],
+      "answer": 1,
+      "subject": "fiqa",
+    },
+    {
+      "question": "What is the sentiment of this tweet? $ABC rallies",
+      "choices": ["negative", "neutral", "positive"],
+      "answer": 2,
+      "subject": "fiqa",
     },
   ]
   path.write_text(json.dumps({"question": "Q?", "context": {"contexts": []}, "final_decision": "perhaps"}) + "\n")

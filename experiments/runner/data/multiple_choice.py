@@ -21,8 +21,13 @@ layouts, or the embedded set.
                                          (financial_phrasebank)
                              TFNS        {"text", "label": 0 bearish, 1 bullish, 2 neutral}
                                          (zeroshot/twitter-financial-news-sentiment)
+                             FiQA-SA     {"sentence", "sentiment_score": -1 ... 1, "format":
+                                         "post" / "headline"} (FiQA 2018 task 1, as FinGPT's
+                                         benchmark reads it: below -0.1 negative, below 0.1
+                                         neutral, else positive; a post is a tweet)
                                       The sentiment sets ask FlowerTune's question ("What is the
-                                      sentiment of this news?") with the labels as choices.
+                                      sentiment of this news?", FiQA's posts "... of this tweet?")
+                                      with the labels as choices.
   embedded_questions()   the default set: no download (below)
 
 Each question is {"question": str, "choices": [str, ...], "answer": int, "subject": str}.
@@ -136,10 +141,11 @@ def _read_csv(path: str) -> list[dict[str, Any]]:
 
 SENTIMENT_QUESTION = "What is the sentiment of this news?"
 # Field sets that tell a domain set's records apart, and the reader that turns one into MMLU's layout.
-DOMAIN_LAYOUTS = {
+DOMAIN_LAYOUTS = {  # The first whose fields a record has (FiQA's before FPB's: both have "sentence").
   "medqa": ("options", "answer_idx"),
   "medmcqa": ("opa", "opb", "opc", "opd", "cop"),
   "pubmedqa": ("question", "final_decision"),
+  "fiqa": ("sentence", "sentiment_score"),
   "fpb": ("sentence", "label"),
   "tfns": ("text", "label"),
 }
@@ -151,7 +157,7 @@ def domain_layout(row: dict) -> str | None:
   Args:
     row: one record.
   Returns:
-    "medqa", "medmcqa", "pubmedqa", "fpb", "tfns" or None.
+    "medqa", "medmcqa", "pubmedqa", "fiqa", "fpb", "tfns" or None.
   """
   if "choices" in row:
     return None
@@ -191,6 +197,15 @@ def _from_domain_layout(row: dict, layout: str, where: str) -> dict[str, Any]:
       "choices": decisions,
       "answer": decisions.index(decision) if decision in decisions else row["final_decision"],
       "subject": "pubmedqa",
+    }
+  if layout == "fiqa":
+    score = float(row["sentiment_score"])
+    tweet = str(row.get("format", "")).lower() == "post"
+    return {
+      "question": f"What is the sentiment of this {'tweet' if tweet else 'news'}? {row['sentence']}",
+      "choices": ["negative", "neutral", "positive"],
+      "answer": 0 if score < -0.1 else 1 if score < 0.1 else 2,  # FinGPT's thresholds.
+      "subject": "fiqa",
     }
   labels = ["negative", "neutral", "positive"] if layout == "fpb" else ["bearish", "bullish", "neutral"]
   return {

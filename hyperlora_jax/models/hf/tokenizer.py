@@ -110,10 +110,11 @@ def sentencepiece_tokenizer(model_file: str, add_bos: bool = True, add_eos: bool
   tokenizer.model: Gemma, Gemma 2 / 3, Llama 2, Mistral v0.1), built as transformers converts it:
   the vocabulary with the merges it implies (`sentencepiece_merges`), byte fallback, the model's
   normalizer (its precompiled character map, extra whitespace removed, the dummy "▁" prefix, spaces
-  as "▁"), control and user-defined pieces as added tokens matched in the text (control ones
-  special: "<bos>", "<start_of_turn>" written by a chat template are one token each), and <bos> /
-  <eos> around each text as `add_bos` / `add_eos` say (tokenizer_config.json's `add_bos_token`,
-  `add_eos_token`).
+  as "▁"), control and user-defined pieces as added tokens matched in the text ("<bos>" and
+  "<start_of_turn>" written by a chat template are one token each; control pieces are special,
+  left out when decoding), and <bos> / <eos> around each text as `add_bos` / `add_eos` say
+  (tokenizer_config.json's `add_bos_token`, `add_eos_token`). On plain text the ids are
+  sentencepiece's own; control pieces written in the text are where they differ, as transformers'.
 
   Args:
     model_file: the SentencePiece model (tokenizer.model).
