@@ -241,7 +241,7 @@ def test_every_method_runs_on_every_family(family, method, tmp_path, cache_dirs)
   """Each of the 13 methods, 2 rounds on each new family's directory (`make test-sweep`, 52
   runs): finite losses, accuracies in [0, 1]. Catches a method whose server step assumes Llama's
   layer names or shapes (FedEx-LoRA / FLoRA merge residuals into Phi-3's fused qkv and Gemma's
-  scaled embedding; HetLoRA's ranks; FFA-LoRA's frozen factor)."""
+  norm-offset blocks; HetLoRA's ranks; FFA-LoRA's frozen factor)."""
   directory, targets = FAMILY_DIRECTORIES[family]
   config = instruction_tuning.get_config(
     f"smoke,method={method},rounds=2,checkpoint={os.path.join(FIXTURES, directory)}"
