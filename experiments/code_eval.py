@@ -41,20 +41,15 @@ def code_eval(args: argparse.Namespace) -> dict:
   from experiments.runner import code_problems
   from experiments.runner import export as export_lib
   from experiments.runner import workdir as workdir_lib
+  from experiments.runner.train import restore_checkpointed
   from experiments.runner.config_facts import is_text
   from experiments.runner.evaluation import complete_prompts, model_functions
-  from experiments.runner.train import config_for_resume
 
   config = workdir_lib.recorded_config(args.workdir)
   if not is_text(config):
     raise ValueError(f"{args.workdir}: an image run; code problems are for text runs")
   problems = code_problems.read_problems(args.problems, args.max_problems)
-  exp, state, done = workdir_lib.restore_run(
-    config_for_resume(config, args.workdir), args.workdir, finished=False, step=args.round
-  )
-  if not done:
-    raise ValueError(f"{args.workdir}: the run has no checkpoint yet")
-  clients = export_lib.parse_clients(args.clients, exp.data.num_clients)
+  exp, state, done, clients = restore_checkpointed(config, args.workdir, args.round, args.clients)
   models = export_lib.models_of(model_functions(exp.fed_round), state, clients)
   results = {}
   for name, trainable in models.items():

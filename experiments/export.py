@@ -42,18 +42,13 @@ def main(argv: list[str]) -> None:
 def export(args: argparse.Namespace) -> None:
   from experiments.runner import export as export_lib
   from experiments.runner import workdir as workdir_lib
+  from experiments.runner.train import restore_checkpointed
   from experiments.runner.settings import backbone_settings
-  from experiments.runner.train import config_for_resume
 
   if args.max_rank < 0:
     raise ValueError(f"--max_rank={args.max_rank}: give 0 (exact) or a positive rank")
   config = workdir_lib.recorded_config(args.workdir)
-  exp, state, done = workdir_lib.restore_run(
-    config_for_resume(config, args.workdir), args.workdir, finished=False, step=args.round
-  )
-  if not done:
-    raise ValueError(f"{args.workdir}: the run has no checkpoint yet")
-  clients = export_lib.parse_clients(args.clients, exp.data.num_clients)
+  exp, state, done, clients = restore_checkpointed(config, args.workdir, args.round, args.clients)
   target = export_lib.adapter_target(backbone_settings(config), exp, base_model=args.base_model)
   directory = args.out or export_lib.round_directory(args.workdir, done)
   written = export_lib.export_state(

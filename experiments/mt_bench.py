@@ -50,9 +50,9 @@ def mt_bench(args: argparse.Namespace) -> dict:
   from experiments.runner import export as export_lib
   from experiments.runner import mt_bench as bench
   from experiments.runner import workdir as workdir_lib
+  from experiments.runner.train import restore_checkpointed
   from experiments.runner.config_facts import is_text
   from experiments.runner.evaluation import complete_prompts, model_functions
-  from experiments.runner.train import config_for_resume
   from hyperlora_jax import text
 
   if bool(args.judge) != bool(args.judge_prompts):
@@ -62,14 +62,9 @@ def mt_bench(args: argparse.Namespace) -> dict:
     raise ValueError(f"{args.workdir}: an image run; MT-Bench is for text runs")
   questions = bench.read_questions(args.questions, args.max_questions)
   prompts = bench.read_judge_prompts(args.judge_prompts) if args.judge_prompts else None
-  exp, state, done = workdir_lib.restore_run(
-    config_for_resume(config, args.workdir), args.workdir, finished=False, step=args.round
-  )
-  if not done:
-    raise ValueError(f"{args.workdir}: the run has no checkpoint yet")
+  exp, state, done, clients = restore_checkpointed(config, args.workdir, args.round, args.clients)
   chat = bool(config.data.get("chat_template", False))
   prompt_of = lambda asked, answered: text.conversation_prompt(asked, answered, exp.tokenizer, chat=chat)
-  clients = export_lib.parse_clients(args.clients, exp.data.num_clients)
   models = export_lib.models_of(model_functions(exp.fed_round), state, clients)
   out = args.out or os.path.join(args.workdir, "mt_bench", f"round-{done}")
   os.makedirs(os.path.join(out, "model_answer"), exist_ok=True)

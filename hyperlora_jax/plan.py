@@ -36,7 +36,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from hyperlora_jax import federated, primitives
+from hyperlora_jax import autotune, federated, primitives
 from hyperlora_jax.pytree import Tree
 
 GIB = 2**30
@@ -649,7 +649,7 @@ def largest_fitting_chunk(
     fits) tried, in order).
   """
   divisors = [d for d in range(1, clients_per_device + 1) if clients_per_device % d == 0]
-  steps = sorted({max(d for d in divisors if d <= t) for t in (*ladder, clients_per_device) if t >= 1}, reverse=True)
+  steps = autotune.chunk_candidates(clients_per_device, ladder)[::-1]  # All at once first.
   tried: list[tuple[int, bool | None]] = []
 
   def fit(chunk: int) -> bool:

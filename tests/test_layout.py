@@ -167,6 +167,7 @@ CONFIG_READERS = {
   "train._run",
   "train.prepare_once",
   "train.config_for_resume",
+  "train.restore_checkpointed",  # Its twin for the commands that read a workdir (export, code_eval, mt_bench).
 }
 
 

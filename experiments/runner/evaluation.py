@@ -235,16 +235,25 @@ def complete_prompts(
   frozen = apply_base_delta(exp.frozen(), state.base_delta)  # FedEx-LoRA's merged residuals.
   responses = greedy_responses(exp.task, tokenizer, max_new_tokens)
   encoded = [tokenizer.encode(p, add_special_tokens=add_special_tokens) for p in prompts]
+  return in_left_padded_batches(encoded, batch, lambda ids, mask: responses(frozen, trainable, ids, mask))
+
+
+def in_left_padded_batches(
+  encoded: list[list[int]], batch: int, respond: Callable[[np.ndarray, np.ndarray], list[str]]
+) -> list[str]:
+  """`respond(ids, mask)` on `encoded` token lists, `batch` at a time, each left-padded to the
+  longest of them (int32 [batch, width]; the last batch filled with copies of its last row: one
+  compiled shape); the texts of the real rows, in order."""
   width = max(len(e) for e in encoded)
   texts = []
   for start in range(0, len(encoded), batch):
     rows = encoded[start : start + batch]
-    rows = rows + [rows[-1]] * (batch - len(rows))  # One compiled shape.
-    ids, mask = np.zeros((len(rows), width), np.int32), np.zeros((len(rows), width), np.int32)
+    rows = rows + [rows[-1]] * (batch - len(rows))
+    ids, mask = np.zeros((batch, width), np.int32), np.zeros((batch, width), np.int32)
     for i, e in enumerate(rows):
       ids[i, width - len(e) :], mask[i, width - len(e) :] = e, 1
-    texts += responses(frozen, trainable, ids, mask)
-  return texts[: len(prompts)]
+    texts += respond(ids, mask)
+  return texts[: len(encoded)]
 
 
 def generation_evaluator(exp: Experiment) -> Callable[[Any, Any], dict] | None:

@@ -144,15 +144,18 @@ def summarize(judgments: Sequence[dict], categories: dict[Any, str]) -> dict[str
   summary = {}
   for model in sorted({j["model"] for j in judgments}):
     scores = by_model[model]
-    mean = lambda key: float(np.mean(scores[key])) if scores.get(key) else None  # noqa: B023
     summary[model] = {
-      "turn_1": mean("turn_1"),
-      "turn_2": mean("turn_2"),
-      "overall": mean("overall"),
-      "by_category": {k.split(":", 1)[1]: mean(k) for k in sorted(scores) if k.startswith("category:")},
+      "turn_1": _mean(scores.get("turn_1")),
+      "turn_2": _mean(scores.get("turn_2")),
+      "overall": _mean(scores.get("overall")),
+      "by_category": {k.split(":", 1)[1]: _mean(v) for k, v in sorted(scores.items()) if k.startswith("category:")},
       "unrated": unrated[model],
     }
   return summary
+
+
+def _mean(values: list[float] | None) -> float | None:
+  return float(np.mean(values)) if values else None
 
 
 def answer_record(question: dict, model_id: str, answers: list[str], tstamp: float) -> dict:
@@ -221,6 +224,7 @@ def judge_from_checkpoint(
   import jax
   import jinja2
 
+  from experiments.runner.evaluation import in_left_padded_batches
   from hyperlora_jax.models import hf
   from hyperlora_jax.models.llama import generate
 
@@ -242,17 +246,11 @@ def judge_from_checkpoint(
     except jinja2.exceptions.TemplateError:
       return tokenizer.apply_chat_template([{"role": "user", "content": f"{system}\n\n{user}"}], True)
 
+  def decoded(ids, mask) -> list[str]:
+    return [tokenizer.decode([t for t in row if t != tokenizer.pad_id]) for row in np.asarray(tokens(ids, mask))]
+
   def judge(requests: list[tuple[str, str]]) -> list[str]:
     encoded = [tokenizer.encode(rendered(*r), add_special_tokens=False) for r in requests]
-    width, texts = max(len(e) for e in encoded), []
-    for start in range(0, len(encoded), batch):
-      rows = encoded[start : start + batch]
-      rows = rows + [rows[-1]] * (batch - len(rows))  # One compiled shape.
-      ids, mask = np.zeros((batch, width), np.int32), np.zeros((batch, width), np.int32)
-      for i, e in enumerate(rows):
-        ids[i, width - len(e) :], mask[i, width - len(e) :] = e, 1
-      out = np.asarray(tokens(ids, mask))
-      texts += [tokenizer.decode([t for t in row if t != tokenizer.pad_id]) for row in out]
-    return texts[: len(requests)]
+    return in_left_padded_batches(encoded, batch, decoded)
 
   return judge

@@ -248,6 +248,28 @@ def config_for_resume(config: ml_collections.ConfigDict, workdir: str) -> ml_col
   return build_config
 
 
+def restore_checkpointed(
+  config: ml_collections.ConfigDict, workdir: str, step: int | None, clients: str
+) -> tuple[Experiment, Any, int, list[int]]:
+  """A run's experiment and state at a kept checkpoint, for the commands that read a workdir
+  (`experiments.export`, `code_eval`, `mt_bench`), and the client ids `clients` names.
+
+  Args:
+    config: the run's recorded config (`workdir.recorded_config`).
+    workdir: the run's directory.
+    step: the checkpointed round (None: the latest).
+    clients: '' (none), 'all' or comma-separated ids (`parse_clients`).
+  Returns:
+    (experiment, state, rounds done, client ids).
+  Raises:
+    ValueError: no checkpoint yet, none of `step`, or a bad client id.
+  """
+  exp, state, done = workdir_lib.restore_run(config_for_resume(config, workdir), workdir, finished=False, step=step)
+  if not done:
+    raise ValueError(f"{workdir}: the run has no checkpoint yet")
+  return exp, state, done, export_lib.parse_clients(clients, exp.data.num_clients)
+
+
 def state_on_mesh(exp: Experiment) -> tuple[Any, Any]:
   """(round-0 server state with its per-client store sharded over the clients axis, the task's
   frozen tree split over the `model` axis, `primitives.frozen_shardings`: replicated without
