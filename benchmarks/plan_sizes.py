@@ -38,11 +38,13 @@ def _abstract_init(model, *example):
   return jax.eval_shape(lambda: model.init(jax.random.key(0), *example))
 
 
-def vit_b16(quantization: str = "none", steps: int = 10, batch: int = 32):
-  """(fed_round factory, trainable, frozen, block(C)) of ViT-B/16 at 224 px, r = 16 on q/v."""
+def vit_b16(quantization: str = "none", steps: int = 10, batch: int = 32, depth: int | None = None):
+  """(fed_round factory, trainable, frozen, block(C)) of ViT-B/16 at 224 px, r = 16 on q/v
+  (`depth` blocks instead of 12 where given)."""
   from hyperlora_jax.tasks.image_classification import ImageClassification
 
   arch = {k: v for k, v in bench_configs.BASE_MODELS["vit"].items() if k != "name"}
+  arch["depth"] = depth or arch["depth"]
   model = models.build_model("vit", 345, **arch)  # DomainNet's 345 classes.
   example = jnp.zeros((1, 224, 224, 3), jnp.float32)
   variables = _abstract_init(model, example)
@@ -67,12 +69,15 @@ def vit_b16(quantization: str = "none", steps: int = 10, batch: int = 32):
   return update, trainable, frozen, block
 
 
-def decoder(arch: str, quantization: str = "none", steps: int = 5, batch: int = 4, seq_len: int = 512):
-  """(client update, trainable, frozen, block(C)) of a `DECODERS[arch]` architecture, r = 4 on q/v."""
+def decoder(
+  arch: str, quantization: str = "none", steps: int = 5, batch: int = 4, seq_len: int = 512, depth: int | None = None
+):
+  """(client update, trainable, frozen, block(C)) of a `DECODERS[arch]` architecture, r = 4 on q/v
+  (`depth` blocks instead of its own where given)."""
   from hyperlora_jax.models.llama import DecoderLM
   from hyperlora_jax.tasks.causal_lm import CausalLM
 
-  model = DecoderLM(**DECODERS[arch], dtype=BF16)
+  model = DecoderLM(**dict(DECODERS[arch], depth=depth or DECODERS[arch]["depth"]), dtype=BF16)
   example = jnp.zeros((1, 8), jnp.int32)
   variables = _abstract_init(model, example)
   targets = lora.find_targets(model, variables, example, jnp.ones_like(example), target_regex=r".*attn/(query|value)")
@@ -106,14 +111,16 @@ def plan_one(
   model_parallel: int = 1,
   feed: str = "round",
   chunks: tuple[int, ...] = (),
+  depth: int | None = None,
 ) -> dict:
   """The largest fitting chunk's plan of a C-client round, and the per-client loop's estimate,
   the frozen kernels held as `quantization` says ("none": bfloat16), the backbone split over a
   `model` axis of `model_parallel` devices, the round's inputs on the devices (feed "round") or
   in their host memory ("host": `primitives.HostFeed`), the chunks per device tried largest first
   (`chunks`; default: the largest that fits, `plan.largest_fitting_chunk`: all of the device's
-  clients, 16, 4, 1, then bisection between the first that fits and the misfit before it)."""
-  update, trainable, frozen, block = WORKLOADS[workload][0](quantization=quantization)
+  clients, 16, 4, 1, then bisection between the first that fits and the misfit before it); `depth`:
+  the model's blocks, where given (a shallower model, to see how a figure grows with depth)."""
+  update, trainable, frozen, block = WORKLOADS[workload][0](quantization=quantization, depth=depth)
   axis = len(target.devices) // model_parallel
   fed = FederatedRound(update, aggregators.fedit(), num_clients=max(clients, axis))
   ids = jax.ShapeDtypeStruct((clients,), jnp.int32)
@@ -126,6 +133,7 @@ def plan_one(
     "quantization": quantization,
     "model_parallel": model_parallel,
     "feed": feed,
+    "depth": depth,
   }
   start = time.time()
   reports = {}
@@ -154,7 +162,8 @@ def plan_one(
       )  # fmt: skip
     row.update(chunk_per_device=best, memory=report.memory, flops=report.flops,
                seconds=report.estimated_seconds, mfu=report.mfu, loops=report.loops,
-               collectives=report.collectives)  # fmt: skip
+               collectives=report.collectives, time_shares=report.time_shares,
+               unpriced=report.unpriced)  # fmt: skip
   if cost and row.get("seconds"):
     one = plan.plan_round(
       fed, trainable, frozen, block(axis), jax.ShapeDtypeStruct((axis,), jnp.int32),
@@ -183,6 +192,7 @@ def main() -> None:
   parser.add_argument(
     "--feed", default="round", help="The round's inputs on the devices (round) or host memory (host)."
   )
+  parser.add_argument("--depth", type=int, default=0, help="The model's blocks (default: the workload's own).")
   args = parser.parse_args()
   rows = []
   for name in args.targets.split(","):
@@ -192,7 +202,15 @@ def main() -> None:
       for clients in cohorts:
         chunks = tuple(int(c) for c in args.chunks.split(",")) if args.chunks else ()
         row = plan_one(
-          workload, clients, target, not args.no_cost, args.quantization, args.model_parallel, args.feed, chunks
+          workload,
+          clients,
+          target,
+          not args.no_cost,
+          args.quantization,
+          args.model_parallel,
+          args.feed,
+          chunks,
+          args.depth or None,
         )
         rows.append(row)
         fit = (
@@ -202,10 +220,12 @@ def main() -> None:
         )
         est = (f", {row['seconds'] * 1e3:.1f} ms (loop {row['loop_seconds'] * 1e3:.1f} ms), MFU {row['mfu']:.0%}"
                if row.get("seconds") else "")  # fmt: skip
+        depth = f", depth {args.depth}" if args.depth else ""
+        shares = ", ".join(f"{label} {share:.0%}" for label, share in row.get("time_shares", ())[:5])
         print(
-          f"{name} {workload} ({args.quantization}, model axis {args.model_parallel}, feed {args.feed}) "
+          f"{name} {workload} ({args.quantization}, model axis {args.model_parallel}, feed {args.feed}{depth}) "
           f"C={clients}: {fit}{est} "
-          f"[compiled in {row['compile_seconds']:.0f} s]",
+          f"[compiled in {row['compile_seconds']:.0f} s]" + (f"\n  cycles (cost model): {shares}" if shares else ""),
           flush=True,
         )
         with open(args.out, "w") as f:

@@ -19,7 +19,9 @@ time are compiler estimates (`cost_analysis`), corrected for two traps found in 
 body is counted once (so `plan_round` reads the cost from the round compiled without those
 loops, one chunk's clients at once and the local steps unrolled, at 2 and 3 steps, extrapolated
 to the run's S and multiplied by its chunks; loops left, e.g. an aggregator's own iterations, are reported), and the TPU's `optimal_seconds` is lowered by 1.0 s
-for each `ConcatBitcast` / `ZeroCrop` custom call (added back). The GPU compiler gives no cost
+for each `ConcatBitcast` / `ZeroCrop` custom call (added back). Where the TPU time goes is read
+from the cycles its cost model writes for each fused op (`cycles_by_op`, `Plan.time_shares`),
+with the ops it could not price counted (`Plan.unpriced`). The GPU compiler gives no cost
 analysis and refuses no program for its size: `fits` is this module's comparison with the chip's
 memory. Label every such figure an estimate; measure on a device when one is lent.
 """
@@ -222,6 +224,9 @@ class Plan:
       where it appears (inside a loop it runs once per iteration).
     refused: the compiler's message when it refused the program for its size (the TPU's
       RESOURCE_EXHAUSTED; memory then holds only its "total", the figure it states); "" else.
+    time_shares: where the TPU cost model's time goes: the largest shares of the cycles it gives
+      the program's ops, by op (`cycles_by_op`), largest first; () elsewhere.
+    unpriced: {kind: ops run} the TPU cost model gave no cycles (their time is in no estimate).
   """
 
   target: Target
@@ -232,6 +237,8 @@ class Plan:
   loops: int
   collectives: dict[str, tuple[int, int]]
   refused: str = ""
+  time_shares: tuple[tuple[str, float], ...] = ()
+  unpriced: dict[str, int] = dataclasses.field(default_factory=dict)
 
   @property
   def mfu(self) -> float | None:
@@ -273,6 +280,12 @@ class Plan:
     if self.estimated_seconds is not None:
       mfu = f", estimated MFU {self.mfu:.1%}" if self.mfu is not None else ""
       out.append(f"  time (TPU cost model estimate): {format_seconds(self.estimated_seconds)}{mfu}")
+    if self.time_shares:
+      shares = ", ".join(f"{label} {share:.0%}" for label, share in self.time_shares)
+      out.append(f"  where the estimated time goes (share of the cost model's cycles, by op): {shares}")
+    if self.unpriced:
+      kinds = ", ".join(f"{kind} x{count}" for kind, count in sorted(self.unpriced.items()))
+      out.append(f"  ops the TPU cost model could not price (not in the time estimate): {kinds}")
     for kind, (count, size) in sorted(self.collectives.items()):
       out.append(f"  {kind}: {count} op(s) moving {size / 2**20:.2f} MiB")
     if not self.collectives:
@@ -416,6 +429,80 @@ def collectives_of(hlo_text: str) -> dict[str, tuple[int, int]]:
         counts[0] += runs.get(name, 1)
         counts[1] += runs.get(name, 1) * _shape_bytes(match.group(1))
   return {kind: (count, size) for kind, (count, size) in found.items()}
+
+
+_UNPRICED_CYCLES = 2**62  # The TPU compiler writes INT64_MAX (or -2 unsigned) where it has no estimate.
+
+
+def op_label(op_name: str) -> str:
+  """A short, layer-free label of a JAX op name, for summing an op's cost over layers:
+  "jit(step)/vmap()/closed_call/transpose(jvp(DecoderLM))/block_3/attn/value/dot_general" ->
+  "backward attn/value/dot_general" (forward where no `transpose(` wraps it).
+
+  Args:
+    op_name: an HLO instruction's `metadata={op_name=...}`.
+  Returns:
+    "forward|backward <the last three scopes, block numbers and JAX's wrappers dropped>".
+  """
+  scopes = [
+    part
+    for part in op_name.split("/")
+    if part and not re.fullmatch(r"(jit|jvp|transpose|vmap)\(.*\)|closed_call|block_\d+|layers_\d+", part)
+  ]
+  return ("backward " if "transpose(" in op_name else "forward ") + "/".join(scopes[-3:])
+
+
+def cycles_by_op(hlo_text: str) -> tuple[dict[str, int], dict[str, int]]:
+  """The TPU cost model's cycles per op of a compiled module, from the `estimated_cycles` the TPU
+  compiler writes into each top-level fusion's backend config, times the runs of the loops
+  around it (`loop_multipliers`), summed by `op_label`; and the ops it gave no estimate (a
+  scatter it offloads, say), by kind. Other compilers write none: ({}, {}).
+
+  Args:
+    hlo_text: `compiled.as_text()` of a program compiled for TPU devices.
+  Returns:
+    ({label: cycles}, {kind: ops run without an estimate}).
+  """
+  computations, runs = _computations(hlo_text), loop_multipliers(hlo_text)
+  fused = {
+    c
+    for lines in computations.values()
+    for line in lines
+    if " fusion(" in line
+    for c in re.findall(r"calls=%?([\w.\-]+)", line)
+  }
+  cycles: dict[str, int] = {}
+  unpriced: dict[str, int] = {}
+  for name, lines in computations.items():
+    if name in fused:  # Inside a fusion: priced as part of it.
+      continue
+    for line in lines:
+      estimate = re.search(r'"estimated_cycles":"(\d+)"', line)
+      if not estimate:
+        continue
+      instruction = re.match(r"\s*(?:ROOT\s+)?%?([\w\-]+?)(?:\.\d+)?\s*=", line)
+      if int(estimate.group(1)) >= _UNPRICED_CYCLES:
+        kind = instruction.group(1) if instruction else "?"
+        unpriced[kind] = unpriced.get(kind, 0) + runs.get(name, 1)
+        continue
+      op_name = re.search(r'op_name="([^"]*)"', line)
+      label = op_label(op_name.group(1)) if op_name else "unnamed"
+      cycles[label] = cycles.get(label, 0) + int(estimate.group(1)) * runs.get(name, 1)
+  return cycles, unpriced
+
+
+def time_shares(cycles: dict[str, int], top: int = 8) -> tuple[tuple[str, float], ...]:
+  """The `top` largest shares of `cycles_by_op`'s cycles, largest first.
+
+  Args:
+    cycles: {label: cycles}.
+    top: how many.
+  Returns:
+    ((label, share of all the cycles), ...).
+  """
+  total = sum(cycles.values())
+  ranked = sorted(cycles.items(), key=lambda item: -item[1])[:top]
+  return tuple((label, count / total) for label, count in ranked) if total else ()
 
 
 def cost_of(compiled: Any) -> tuple[float | None, float | None, int]:
@@ -612,11 +699,12 @@ def plan_round(
     shape = (chunk_clients, *steps_axis) + tuple(x.shape[1 + len(steps_axis) :])
     return jax.ShapeDtypeStruct(shape, x.dtype, sharding=x.sharding)
 
-  costs = {}
+  costs, by_op = {}, {}
   for short in sorted({min(steps, 2), min(steps, 3)}):
     short_batches = jax.tree.map(lambda x: resized(x, short + heldout), device_batches)
     ids_, weights_ = resized(inputs[3]), resized(inputs[4])
-    costs[short] = cost_of(compile_round(cost_round, (*inputs[:2], short_batches, ids_, weights_)))
+    compiled = compile_round(cost_round, (*inputs[:2], short_batches, ids_, weights_))
+    costs[short], by_op[short] = cost_of(compiled), cycles_by_op(compiled.as_text())
   (s0, (f0, t0, loops)), (s1, (f1, t1, _)) = sorted(costs.items())[0], sorted(costs.items())[-1]
   chunks = cohort // chunk_clients
 
@@ -626,7 +714,14 @@ def plan_round(
     return chunks * (at_s0 + (steps - s0) * ((at_s1 - at_s0) / (s1 - s0) if s1 > s0 else 0.0))
 
   seconds = extrapolate(t0, t1) if target_.platform == "tpu" else None
-  return dataclasses.replace(report, flops=extrapolate(f0, f1), estimated_seconds=seconds, loops=loops)
+  return dataclasses.replace(
+    report,
+    flops=extrapolate(f0, f1),
+    estimated_seconds=seconds,
+    loops=loops,
+    time_shares=time_shares(by_op[s1][0]),  # The longer program's shares.
+    unpriced={kind: round(extrapolate(by_op[s0][1].get(kind, 0), count) or 0) for kind, count in by_op[s1][1].items()},
+  )
 
 
 def largest_fitting_chunk(

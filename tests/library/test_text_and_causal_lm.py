@@ -163,6 +163,31 @@ def test_the_nll_gradient_is_the_derivative_of_log_softmax():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+def test_the_nll_gradient_is_the_same_by_scatter_and_by_select_and_accelerators_get_no_scatter():
+  """The backward's one-hot part two ways, the CPU's scatter at the targets and the accelerators'
+  select over the vocabulary: equal bit for bit on [B=3, T=7, V=11] with repeated targets and
+  weights 0 / 1 / 2.5 (a select that missed or hit a second column, or a scale not subtracted,
+  would differ); and the gradient lowered for TPU and CUDA (`jax.export`, no accelerator here)
+  holds no scatter, where the CPU's does: the choice is made by platform."""
+  values = jax.random.normal(jax.random.key(0), (3, 7, 11))
+  targets = jax.random.randint(jax.random.key(1), (3, 7), 0, 11).at[0, :3].set(10)
+  scale = jnp.tile(jnp.asarray([0.0, 1.0, 2.5]), 7)[:21].reshape(3, 7)
+  by_scatter = causal_lm._subtract_at_targets_by_scatter(values, scale, targets)
+  by_select = causal_lm._subtract_at_targets_by_select(values, scale, targets)
+  np.testing.assert_array_equal(by_scatter, by_select)
+  changed = np.argwhere(np.asarray(by_select) != np.asarray(values))
+  assert len(changed) == int(np.sum(np.asarray(scale) != 0))  # One entry per weighted row.
+  assert all(int(targets[b, t]) == v for b, t, v in changed)
+
+  grad = jax.jit(jax.grad(causal_lm.weighted_nll))
+  lowered = {
+    platform: jax.export.export(grad, platforms=[platform])(values, targets, scale).mlir_module()
+    for platform in ("cpu", "tpu", "cuda")
+  }
+  assert "stablehlo.scatter" in lowered["cpu"]
+  assert "stablehlo.scatter" not in lowered["tpu"] and "stablehlo.scatter" not in lowered["cuda"]
+
+
 def test_one_jitted_round_trains_every_text_client_as_a_loop_of_single_clients_would(tokenizer, llama):
   """FedIT over 3 text clients, LoRA on query/value: the round (clients vmapped, one compile)
   gives the weighted mean of the adapters each client reaches alone with `local_update`."""
