@@ -89,13 +89,13 @@ def _weighted_nll_backward(residuals, grad):
   scale = weights * grad
   softmax_part = exp * (scale / total)[..., None]  # w_t softmax(logits_t): the forward's exponentials reused.
   # - w_t onehot(target_t): the same numbers either way, bit for bit. On the CPU a scatter at the
-  # targets only (the select pass over [..., V] was slower there); on accelerators a select fused
-  # into the multiply's pass: the TPU compiler offloads a scatter to a custom fusion its cost
-  # model cannot price, and neither accelerator needs the scatter's serial update.
-  one_hot_part = jax.lax.platform_dependent(
+  # targets only (a select pass over [..., V] was slower there at small vocabularies); on
+  # accelerators a select fused into the multiply's pass: the TPU cost model priced the scatter
+  # at twice the select on a v5e, and a v6e offloads it to a custom fusion it cannot price.
+  grad_logits = jax.lax.platform_dependent(
     softmax_part, scale, targets, cpu=_subtract_at_targets_by_scatter, default=_subtract_at_targets_by_select
   )
-  return one_hot_part, None, None
+  return grad_logits, None, None
 
 
 def _subtract_at_targets_by_scatter(values, scale, targets):
