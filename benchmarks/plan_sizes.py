@@ -192,7 +192,7 @@ def main() -> None:
   parser.add_argument(
     "--feed", default="round", help="The round's inputs on the devices (round) or host memory (host)."
   )
-  parser.add_argument("--depth", type=int, default=0, help="The model's blocks (default: the workload's own).")
+  parser.add_argument("--depth", type=int, default=None, help="The model's blocks (default: the workload's own).")
   args = parser.parse_args()
   rows = []
   for name in args.targets.split(","):
@@ -210,7 +210,7 @@ def main() -> None:
           args.model_parallel,
           args.feed,
           chunks,
-          args.depth or None,
+          args.depth,
         )
         rows.append(row)
         fit = (
@@ -221,7 +221,7 @@ def main() -> None:
         est = (f", {row['seconds'] * 1e3:.1f} ms (loop {row['loop_seconds'] * 1e3:.1f} ms), MFU {row['mfu']:.0%}"
                if row.get("seconds") else "")  # fmt: skip
         depth = f", depth {args.depth}" if args.depth else ""
-        shares = ", ".join(f"{label} {share:.0%}" for label, share in row.get("time_shares", ())[:5])
+        shares = plan.format_shares(row.get("time_shares", ())[:5])
         print(
           f"{name} {workload} ({args.quantization}, model axis {args.model_parallel}, feed {args.feed}{depth}) "
           f"C={clients}: {fit}{est} "

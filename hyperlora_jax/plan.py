@@ -68,6 +68,17 @@ def format_bytes(count: float) -> str:
   return f"{count / GIB:.2f} GiB" if count >= GIB // 10 else f"{count / 2**20:.3f} MiB"
 
 
+def format_shares(shares: tuple[tuple[str, float], ...]) -> str:
+  """`Plan.time_shares` for people to read.
+
+  Args:
+    shares: ((op label, share), ...).
+  Returns:
+    'backward attn/dot_general 18%, forward mlp/up/dot_general 7%'.
+  """
+  return ", ".join(f"{label} {share:.0%}" for label, share in shares)
+
+
 @dataclasses.dataclass(frozen=True)
 class Chip:
   """What a plan needs of a chip: its memory per device and its peak dense bf16 FLOP/s."""
@@ -281,8 +292,9 @@ class Plan:
       mfu = f", estimated MFU {self.mfu:.1%}" if self.mfu is not None else ""
       out.append(f"  time (TPU cost model estimate): {format_seconds(self.estimated_seconds)}{mfu}")
     if self.time_shares:
-      shares = ", ".join(f"{label} {share:.0%}" for label, share in self.time_shares)
-      out.append(f"  where the estimated time goes (share of the cost model's cycles, by op): {shares}")
+      out.append(
+        f"  where the estimated time goes (share of the cost model's cycles, by op): {format_shares(self.time_shares)}"
+      )
     if self.unpriced:
       kinds = ", ".join(f"{kind} x{count}" for kind, count in sorted(self.unpriced.items()))
       out.append(f"  ops the TPU cost model could not price (not in the time estimate): {kinds}")
@@ -480,8 +492,8 @@ def cycles_by_op(hlo_text: str) -> tuple[dict[str, int], dict[str, int]]:
       estimate = re.search(r'"estimated_cycles":"(\d+)"', line)
       if not estimate:
         continue
-      instruction = re.match(r"\s*(?:ROOT\s+)?%?([\w\-]+?)(?:\.\d+)?\s*=", line)
       if int(estimate.group(1)) >= _UNPRICED_CYCLES:
+        instruction = re.match(r"\s*(?:ROOT\s+)?%?([\w\-]+?)(?:\.\d+)?\s*=", line)
         kind = instruction.group(1) if instruction else "?"
         unpriced[kind] = unpriced.get(kind, 0) + runs.get(name, 1)
         continue

@@ -334,6 +334,10 @@ def test_the_cost_models_cycles_are_summed_by_op_over_layers_and_loops_and_unpri
   assert cycles == {"backward attn/value/dot_general": 600, "forward lm_head/dot_general": 600}
   assert unpriced == {"scatter_offload_custom_fusion": 4}
   assert plan.time_shares(cycles) == (("backward attn/value/dot_general", 0.5), ("forward lm_head/dot_general", 0.5))
+  assert (
+    plan.format_shares(plan.time_shares(cycles))
+    == "backward attn/value/dot_general 50%, forward lm_head/dot_general 50%"
+  )
   assert plan.time_shares({}) == ()
   assert plan.op_label("jit(step)/FederatedRound.step/add") == "forward FederatedRound.step/add"
   assert plan.cycles_by_op("%x = f32[2] add(%a, %b)") == ({}, {})  # Other compilers write none.
