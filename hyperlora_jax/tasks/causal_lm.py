@@ -114,6 +114,30 @@ def _subtract_at_targets_by_select(values, scale, targets):
 weighted_nll.defvjp(_weighted_nll_forward, _weighted_nll_backward)
 
 
+@jax.custom_vjp
+def _values_at_targets(values, targets):
+  """values[..., target] [...] of values [..., V] and targets int [...]: a gather whose backward
+  puts the cotangent at the targets as `weighted_nll`'s does (a scatter on the CPU, as autodiff
+  of the gather makes it; a select on accelerators; the same numbers)."""
+  return jnp.take_along_axis(values, targets[..., None], axis=-1)[..., 0]
+
+
+def _values_at_targets_forward(values, targets):
+  return _values_at_targets(values, targets), (jnp.zeros((), values.dtype), values.shape, targets)
+
+
+def _values_at_targets_backward(residuals, grad):
+  zero, shape, targets = residuals
+  zeros = jnp.broadcast_to(zero, shape)
+  grad_values = jax.lax.platform_dependent(
+    zeros, -grad, targets, cpu=_subtract_at_targets_by_scatter, default=_subtract_at_targets_by_select
+  )
+  return grad_values, None
+
+
+_values_at_targets.defvjp(_values_at_targets_forward, _values_at_targets_backward)
+
+
 def perplexity(counts: TokenCounts) -> jax.Array:
   """exp(Σ nll / Σ tokens) (1 where no token is counted).
 
@@ -221,7 +245,7 @@ class CausalLM:
     """
     targets, weights = next_token_targets(batch)
     logprobs = jax.nn.log_softmax(self.logits(frozen, trainable, batch), axis=-1)
-    return jnp.sum(jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0] * weights, axis=-1)
+    return jnp.sum(_values_at_targets(logprobs, targets) * weights, axis=-1)
 
   def multiple_choice_scores(self, frozen: dict, trainable: Any, block: dict) -> jax.Array:
     """[Q, K] log p of each choice's letter after the question (-inf for a padded choice). With

@@ -188,6 +188,36 @@ def test_the_nll_gradient_is_the_same_by_scatter_and_by_select_and_accelerators_
   assert "stablehlo.scatter" not in lowered["tpu"] and "stablehlo.scatter" not in lowered["cuda"]
 
 
+def test_the_sequence_log_probability_gathers_as_autodiff_would_and_accelerators_get_no_scatter():
+  """`CausalLM.sequence_logprob`'s (DPO's loss) pick of each target's log-probability: value and
+  gradient equal bit for bit to autodiff of `take_along_axis` on [B=3, T=7, V=11] with repeated
+  targets and weights 0 / 1 / 2.5 (a cotangent put at the wrong column, with the wrong sign, or
+  summed once for repeated rows would differ), under jit and vmap; the gradient lowered for TPU
+  and CUDA holds no scatter (a v6e offloads one to a fusion its cost model cannot price), the
+  CPU's keeps autodiff's."""
+  logits = jax.random.normal(jax.random.key(0), (3, 7, 11))
+  targets = jax.random.randint(jax.random.key(1), (3, 7), 0, 11).at[0, :3].set(10)
+  weights = jnp.tile(jnp.asarray([0.0, 1.0, 2.5]), 7)[:21].reshape(3, 7)
+
+  def score(pick):
+    return lambda x: jnp.sum(jnp.sin(pick(jax.nn.log_softmax(x, axis=-1), targets) * weights))
+
+  autodiff = score(lambda values, t: jnp.take_along_axis(values, t[..., None], axis=-1)[..., 0])
+  ours = score(causal_lm._values_at_targets)
+  assert ours(logits) == autodiff(logits)
+  for transform in (lambda f: f, jax.jit):
+    np.testing.assert_array_equal(transform(jax.grad(ours))(logits), transform(jax.grad(autodiff))(logits))
+  stacked = jnp.stack([logits, -logits])
+  np.testing.assert_array_equal(jax.vmap(jax.grad(ours))(stacked), jax.vmap(jax.grad(autodiff))(stacked))
+
+  lowered = {
+    platform: jax.export.export(jax.jit(jax.grad(ours)), platforms=[platform])(logits).mlir_module()
+    for platform in ("cpu", "tpu", "cuda")
+  }
+  assert "stablehlo.scatter" in lowered["cpu"]
+  assert "stablehlo.scatter" not in lowered["tpu"] and "stablehlo.scatter" not in lowered["cuda"]
+
+
 def test_one_jitted_round_trains_every_text_client_as_a_loop_of_single_clients_would(tokenizer, llama):
   """FedIT over 3 text clients, LoRA on query/value: the round (clients vmapped, one compile)
   gives the weighted mean of the adapters each client reaches alone with `local_update`."""
