@@ -29,7 +29,7 @@ step() {  # step SECONDS NAME ARGS...: one benchmark under a time limit; its sta
   "$py" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))" || true
 } 2>&1 | tee -a "$log"
 
-# Under 10 minutes of device time in all (the device budget of a lent machine), most important
+# About 10 minutes of device time in all (the device budget of a lent machine), most important
 # first. Issue 25's decoders against transformers + peft (targets: >= 10x the PEFT per-client
 # loop at 16 clients per round on the ~1B config, >= 40% MFU against the bf16 peak; memory
 # growing with the clients per chunk, not the backbone per client): SmolLM-135M's and
@@ -48,3 +48,9 @@ step 80 round_speed_clip_b32_gpu -m benchmarks.round_speed --base_clip --clients
   --local_steps 2 --repeats 1 --out "$out/round_speed_clip_b32_gpu.json"
 step 40 round_speed_gpu -m benchmarks.round_speed --clients 16,64 --chunks 0,auto --repeats 1 --nopeft \
   --out "$out/round_speed_gpu.json"
+# Last (issue 37): TinyLlama's round with the attention weights recomputed instead of its blocks,
+# beside the --remat step above (the TPU compiler plans that round in 30% less memory and 1-13%
+# less time: BENCHMARKS.md).
+step 90 text_round_speed_tinyllama_1b_recompute_attention_gpu -m benchmarks.text_round_speed \
+  --model tinyllama_1b --recompute_attention --clients 16 --chunks 8,16 $text \
+  --out "$out/text_round_speed_tinyllama_1b_recompute_attention_gpu.json"

@@ -70,14 +70,21 @@ def vit_b16(quantization: str = "none", steps: int = 10, batch: int = 32, depth:
 
 
 def decoder(
-  arch: str, quantization: str = "none", steps: int = 5, batch: int = 4, seq_len: int = 512, depth: int | None = None
+  arch: str,
+  quantization: str = "none",
+  steps: int = 5,
+  batch: int = 4,
+  seq_len: int = 512,
+  depth: int | None = None,
+  recompute_attention: bool = False,
 ):
   """(client update, trainable, frozen, block(C)) of a `DECODERS[arch]` architecture, r = 4 on q/v
-  (`depth` blocks instead of its own where given)."""
+  (`depth` blocks instead of its own where given; `recompute_attention`: `DecoderLM`'s)."""
   from hyperlora_jax.models.llama import DecoderLM
   from hyperlora_jax.tasks.causal_lm import CausalLM
 
-  model = DecoderLM(**dict(DECODERS[arch], depth=depth or DECODERS[arch]["depth"]), dtype=BF16)
+  arch_fields = dict(DECODERS[arch], depth=depth or DECODERS[arch]["depth"], recompute_attention=recompute_attention)
+  model = DecoderLM(**arch_fields, dtype=BF16)
   example = jnp.zeros((1, 8), jnp.int32)
   variables = _abstract_init(model, example)
   targets = lora.find_targets(model, variables, example, jnp.ones_like(example), target_regex=r".*attn/(query|value)")
@@ -112,6 +119,7 @@ def plan_one(
   feed: str = "round",
   chunks: tuple[int, ...] = (),
   depth: int | None = None,
+  recompute_attention: bool = False,
 ) -> dict:
   """The largest fitting chunk's plan of a C-client round, and the per-client loop's estimate,
   the frozen kernels held as `quantization` says ("none": bfloat16), the backbone split over a
@@ -119,8 +127,10 @@ def plan_one(
   in their host memory ("host": `primitives.HostFeed`), the chunks per device tried largest first
   (`chunks`; default: the largest that fits, `plan.largest_fitting_chunk`: all of the device's
   clients, 16, 4, 1, then bisection between the first that fits and the misfit before it); `depth`:
-  the model's blocks, where given (a shallower model, to see how a figure grows with depth)."""
-  update, trainable, frozen, block = WORKLOADS[workload][0](quantization=quantization, depth=depth)
+  the model's blocks, where given (a shallower model, to see how a figure grows with depth);
+  `recompute_attention`: a decoder's backward recomputes its attention weights (`DecoderLM`)."""
+  options = {"recompute_attention": True} if recompute_attention else {}  # Decoders only.
+  update, trainable, frozen, block = WORKLOADS[workload][0](quantization=quantization, depth=depth, **options)
   axis = len(target.devices) // model_parallel
   fed = FederatedRound(update, aggregators.fedit(), num_clients=max(clients, axis))
   ids = jax.ShapeDtypeStruct((clients,), jnp.int32)
@@ -134,6 +144,7 @@ def plan_one(
     "model_parallel": model_parallel,
     "feed": feed,
     "depth": depth,
+    "recompute_attention": recompute_attention,
   }
   start = time.time()
   reports = {}
@@ -193,7 +204,14 @@ def main() -> None:
     "--feed", default="round", help="The round's inputs on the devices (round) or host memory (host)."
   )
   parser.add_argument("--depth", type=int, default=None, help="The model's blocks (default: the workload's own).")
+  parser.add_argument(
+    "--recompute_attention",
+    action="store_true",
+    help="Decoders: the backward recomputes the attention weights (DecoderLM.recompute_attention).",
+  )
   args = parser.parse_args()
+  if args.recompute_attention and "vit_b16" in args.workloads.split(","):
+    parser.error("--recompute_attention is a decoder's option (DecoderLM); vit_b16 has none")
   rows = []
   for name in args.targets.split(","):
     target = plan.target(name)
@@ -211,6 +229,7 @@ def main() -> None:
           args.feed,
           chunks,
           args.depth,
+          args.recompute_attention,
         )
         rows.append(row)
         fit = (
@@ -221,6 +240,7 @@ def main() -> None:
         est = (f", {row['seconds'] * 1e3:.1f} ms (loop {row['loop_seconds'] * 1e3:.1f} ms), MFU {row['mfu']:.0%}"
                if row.get("seconds") else "")  # fmt: skip
         depth = f", depth {args.depth}" if args.depth else ""
+        depth += ", attention recomputed" if args.recompute_attention else ""
         shares = plan.format_shares(row.get("time_shares", ())[:5])
         print(
           f"{name} {workload} ({args.quantization}, model axis {args.model_parallel}, feed {args.feed}{depth}) "

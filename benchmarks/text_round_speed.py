@@ -65,6 +65,9 @@ _CHUNKS = flags.DEFINE_string(
   "auto = what fed.clients_per_chunk=-1 measures and picks).",
 )
 _REMAT = flags.DEFINE_bool("remat", False, "Recompute each decoder block in the backward pass (model.remat).")
+_RECOMPUTE_ATTENTION = flags.DEFINE_bool(
+  "recompute_attention", False, "Recompute the attention weights in the backward pass (model.recompute_attention)."
+)
 _REPEATS = flags.DEFINE_integer(
   "repeats", 2, "Timed rounds, in each of which every way runs once in turn (the best is reported)."
 )
@@ -93,7 +96,9 @@ def _way(seconds: float, tokens: int, flops: float, peak: float, memory: int = 0
 def main(argv):
   del argv
   threads = confine_threads(_THREADS.value)  # Before JAX's backend starts.
-  one_client, frozen, trainable, model, config = text_client_update_fn(_MODEL.value, _REMAT.value)
+  one_client, frozen, trainable, model, config = text_client_update_fn(
+    _MODEL.value, _REMAT.value, _RECOMPUTE_ATTENTION.value
+  )
   steps, batch, seq_len = _STEPS.value, _BATCH.value, _SEQ_LEN.value
   single = jax.jit(one_client)
   chunks = [autotune.AUTO if c.strip() == "auto" else int(c) for c in _CHUNKS.value.split(",")]
@@ -215,6 +220,7 @@ def main(argv):
     "lora_rank": config.lora.rank,
     "lora_targets": config.lora.target_regex,
     "remat": _REMAT.value,
+    "recompute_attention": _RECOMPUTE_ATTENTION.value,
     "local_steps": steps,
     "batch_size": batch,
     "seq_len": seq_len,

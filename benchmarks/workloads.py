@@ -105,20 +105,20 @@ DECODERS = {
 }
 
 
-def text_client_update_fn(size: str = "tiny", remat: bool = False):
+def text_client_update_fn(size: str = "tiny", remat: bool = False, recompute_attention: bool = False):
   """(one_client(frozen, start, block) -> trained, frozen, round-0 trainable, DecoderLM, config)
   for the `DECODERS[size]` architecture on random weights, with configs/instruction_tuning.py's
   LoRA (r = 4, α = 8 on attention query/value) and client optimizer (Adam); the frozen decoder
   (an argument, so that a jitted round does not embed it) in `config.compute.backbone_dtype`
   ('auto': bfloat16 on GPU/TPU, float32 on CPU), as in training. A block is
-  `random_text_block`'s."""
+  `random_text_block`'s; `remat`, `recompute_attention`: `DecoderLM`'s."""
   from configs import instruction_tuning
   from hyperlora_jax.models.llama import DecoderLM
   from hyperlora_jax.tasks.causal_lm import CausalLM
 
   config = instruction_tuning.get_config()
   dtype = backbone_dtype(config.compute.backbone_dtype)
-  model = DecoderLM(**DECODERS[size], remat=remat, dtype=dtype)
+  model = DecoderLM(**DECODERS[size], remat=remat, recompute_attention=recompute_attention, dtype=dtype)
   example = jnp.zeros((1, 8), jnp.int32)
   init = jax.jit(lambda key: frozen_tree(model.init(key, example), dtype=dtype))  # Cast on the device.
   frozen = init(jax.random.key(0))

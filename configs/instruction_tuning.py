@@ -74,6 +74,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.num_kv_heads = 2
   config.model.mlp_dim = 172
   config.model.remat = False
+  # The backward recomputes each layer's attention weights instead of keeping [heads, T, T] per
+  # sequence (`DecoderLM.recompute_attention`: the same numbers up to rounding, less memory; the
+  # plan, experiments.plan, tries it where nothing fits).
+  config.model.recompute_attention = False
 
   # The embedded decoder, or a Hugging Face one: `configs.blocks.TextPretrain`.
   config.pretrain = config_blocks.as_config(config_blocks.TextPretrain(checkpoint=args.get("checkpoint", "")))

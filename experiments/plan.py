@@ -9,8 +9,9 @@ its first round is compiled for the target's devices, nothing attached: the larg
 `fed.clients_per_chunk` whose memory per device fits the chip's (all of a device's clients at
 once, then 16, 4, 1 per device, then by bisection between the first that fits and the one before
 it: `hl.plan.largest_fitting_chunk`; `--chunks` plans the chunks given instead); where none fits,
-again with the round's inputs in host memory, `data.feed='host'`, then the backbone's blocks recomputed,
-`model.remat`, split over a model axis, then its kernels in int8, then nf4:
+again with the round's inputs in host memory, `data.feed='host'`, then a decoder's attention
+weights recomputed in the backward, `model.recompute_attention`, then the backbone's blocks
+recomputed, `model.remat`, split over a model axis, then its kernels in int8, then nf4:
 `compute.backbone_quantization`; `experiments.runner.memory.settings_to_try`; then, for the largest
 chunk that fits, FLOPs, the TPU cost model's time and MFU, and the collectives. Every compiler
 figure is an estimate. The frozen backbone runs in `compute.backbone_dtype` as on the target
@@ -81,11 +82,14 @@ def _task_with(task, **changes):
   return dataclasses.replace(task, **changes)
 
 
-def _round_for(exp, dtype, remat: bool | None):
-  """(task, round) of the run with the backbone in `dtype` and its blocks recomputed as `remat` says."""
+def _round_for(exp, dtype, remat: bool | None, recompute_attention: bool | None = None):
+  """(task, round) of the run with the backbone in `dtype`, its blocks and attention weights
+  recomputed as `remat` and `recompute_attention` say (None: the model's own)."""
   task = _task_with(exp.task, compute_dtype=dtype)
-  if remat is not None:
-    task = _task_with(task, model=task.model.clone(remat=remat))
+  changes = {"remat": remat, "recompute_attention": recompute_attention}
+  changes = {k: v for k, v in changes.items() if v is not None}
+  if changes:
+    task = _task_with(task, model=task.model.clone(**changes))
   return task, dataclasses.replace(
     exp.fed_round, client_update=dataclasses.replace(exp.fed_round.client_update, loss_fn=task.loss_fn)
   )
@@ -162,18 +166,20 @@ def main(argv) -> None:
     raise SystemExit(f"data.feed: 'host' cannot be planned on {target.name}: its devices list no pinned host memory "
                      f"(compile-only GPU devices do not); plan data.feed='round'")  # fmt: skip
   host_memory = host_memory and target.platform != "cpu"  # The CPU's host memory is its own: never tried there.
+  model = exp.task.model
   settings = memory.settings_to_try(
-    getattr(exp.task.model, "remat", None), exp.settings.backbone_quantization, model_parallel, devices,
-    feed, host_memory,
+    getattr(model, "remat", None), exp.settings.backbone_quantization, model_parallel, devices,
+    feed, host_memory, getattr(model, "recompute_attention", None),
   )  # fmt: skip
   best = None
-  for feed, remat, model_axis, quantization in settings:
-    task, fed_round = _round_for(exp, dtype, remat)
+  for feed, attention, remat, model_axis, quantization in settings:
+    task, fed_round = _round_for(exp, dtype, remat, attention)
     frozen = frozen_as(quantization)
     axis = len(target.devices) // model_axis
     block, ids, weights, cohort = inputs(axis)
     storage = quantization if quantization != "none" else np.dtype(dtype).name
-    print(f" data.feed={feed}, model.remat={remat}, model axis {model_axis}, frozen backbone in {storage}: "
+    recomputed = "" if attention is None else f"model.recompute_attention={attention}, "
+    print(f" data.feed={feed}, {recomputed}model.remat={remat}, model axis {model_axis}, frozen backbone in {storage}: "
           f"{plan.format_bytes(quantize.tree_bytes(frozen))} in all")  # fmt: skip
     per_device = cohort // axis
 
@@ -196,13 +202,14 @@ def main(argv) -> None:
       chunk, _ = plan.largest_fitting_chunk(per_device, fits)
     if chunk is not None:
       setting = 0 if chunk == per_device else chunk
-      best = (setting * axis, feed, remat, model_axis, quantization, task, fed_round, frozen, (block, ids, weights))
+      best = (setting * axis, feed, attention, remat, model_axis, quantization, task, fed_round, frozen,
+              (block, ids, weights))  # fmt: skip
       break
   if best is None:
     raise SystemExit(f"fed.clients_per_chunk: no candidate fits {target.name}, the backbone recomputed and in 4 "
                      f"bits and split over every model axis the devices allow included; lower "
                      f"fed.clients_per_round, fed.batch_size or the model")  # fmt: skip
-  chunk, feed, remat, model_parallel, quantization, task, fed_round, frozen, (block, ids, weights) = best
+  chunk, feed, attention, remat, model_parallel, quantization, task, fed_round, frozen, (block, ids, weights) = best
   report = plan.plan_round(
     fed_round, exp.initial_trainable, frozen, block, ids, weights, target,
     signatures=exp.signatures, model_parallel=model_parallel, clients_per_chunk=chunk, cost=_COST.value,
@@ -213,6 +220,7 @@ def main(argv) -> None:
     f"--config.compute.backbone_quantization={quantization}"
   )
   print("best fitting: " + flags_line + ("" if remat is None else f" --config.model.remat={remat}")
+        + ("" if attention is None else f" --config.model.recompute_attention={attention}")
         + f" --config.data.feed={feed}")  # fmt: skip
   print("\n".join(report.lines()))
   for name, evaluated in plan_evaluation(exp, task, fed_round, frozen, target, model_parallel, chunk).items():

@@ -32,6 +32,10 @@ from hyperlora_jax import models
 from hyperlora_jax.models import CheckpointError, hf, npz
 from hyperlora_jax.models.llama import DecoderLM
 
+# A text run's `model` fields that change how the decoder computes, not what: kept from the
+# config when a checkpoint's architecture replaces the rest.
+COMPUTE_FIELDS = ("remat", "recompute_attention")
+
 # Directories opened in this process: {(absolute path, config.json's mtime and size): Checkpoint}.
 _OPENED: dict[tuple, hf.Checkpoint] = {}
 
@@ -103,7 +107,8 @@ def with_checkpoint_architecture(
         f"pretrain.checkpoint: {directory} holds a {checkpoint.model_name} checkpoint; text "
         f"runs take Llama-family decoders"
       )
-    model = {"name": "llama", "remat": bool(config.model.get("remat", False)), **checkpoint.architecture}
+    compute = {k: bool(config.model.get(k, False)) for k in COMPUTE_FIELDS}
+    model = {"name": "llama", **compute, **checkpoint.architecture}
     logged = checkpoint.architecture
   else:
     if checkpoint.model_name not in models.MODELS:
@@ -270,7 +275,8 @@ def text_backbone(
     CheckpointError: the checkpoint or the cached directory cannot be read.
   """
   checkpoint = decoder_checkpoint(backbone, log, check_tokenizer)
-  model, variables, dropped = hf.load_causal_lm(checkpoint, remat=bool(backbone.model.get("remat", False)))
+  compute = {k: bool(backbone.model.get(k, False)) for k in COMPUTE_FIELDS}
+  model, variables, dropped = hf.load_causal_lm(checkpoint, **compute)
   if dropped:
     log(f"backbone: not loaded (not used): {', '.join(dropped)}")
   return TextBackbone(model, variables, checkpoint.require_tokenizer(), checkpoint.directory)

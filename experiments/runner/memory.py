@@ -118,10 +118,12 @@ def check_compiled_round(compiled: Any, fed: blocks.Fed, input_size: tuple[str, 
 
 
 class MemorySetting(NamedTuple):
-  """One setting `experiments.plan` plans: `data.feed`, `model.remat` (None: the model has no such
-  option), `fed.model_parallel`, `compute.backbone_quantization`."""
+  """One setting `experiments.plan` plans: `data.feed`, `model.recompute_attention` and
+  `model.remat` (None: the model has no such option), `fed.model_parallel`,
+  `compute.backbone_quantization`."""
 
   feed: str
+  recompute_attention: bool | None
   remat: bool | None
   model_parallel: int
   quantization: str
@@ -134,14 +136,17 @@ def settings_to_try(
   devices: int = 1,
   feed: str = "round",
   host_memory: bool = False,
+  recompute_attention: bool | None = None,
 ) -> list[MemorySetting]:
   """The settings to plan, in order, each tried only if no chunk fits with the ones before: the
   configured ones; the round's inputs held in host memory (`data.feed='host'`, where the devices
-  have it); the backbone's blocks recomputed in the backward pass; the backbone split over a model
-  axis twice, four times, ... as large, as long as it divides the devices; then, on the configured
-  model axis, its kernels in int8, then in nf4. Host memory costs a copy of each chunk to the
-  devices (no FLOPs), recomputing costs time (about a third more FLOPs), a model axis costs
-  collectives, quantizing costs accuracy: the plan tries them in that order.
+  have it); the attention's weights recomputed in the backward pass (a decoder's
+  `model.recompute_attention`); the backbone's blocks recomputed; the backbone split over a model
+  axis twice, four times, ... as large, as long as it divides the devices; then, on the
+  configured model axis, its kernels in int8, then in nf4. Host memory costs a copy of each chunk
+  to the devices (no FLOPs), recomputing the attention's weights one q kᵀ product a layer (under
+  1% of a 1B decoder's FLOPs at 512 tokens), recomputing the blocks about a third more FLOPs, a
+  model axis collectives, quantizing accuracy: the plan tries them in that order.
 
   Args:
     remat: `model.remat`, or None where the model has no such option.
@@ -150,23 +155,29 @@ def settings_to_try(
     devices: the target's devices (0: the model axis is fixed).
     feed: `data.feed` to start from ("round" or "host").
     host_memory: whether the target's devices have pinned host memory to hold inputs in.
+    recompute_attention: `model.recompute_attention`, or None where the model has no such option.
   Returns:
-    E.g. [("round", False, 1, "none"), ("host", False, 1, "none"), ("host", True, 1, "none"),
-    ("host", True, 2, "none"), ..., ("host", True, 1, "int8"), ("host", True, 1, "nf4")].
+    E.g. [("round", False, False, 1, "none"), ("host", False, False, 1, "none"), ("host", True,
+    False, 1, "none"), ("host", True, True, 1, "none"), ("host", True, True, 2, "none"), ...,
+    ("host", True, True, 1, "int8"), ("host", True, True, 1, "nf4")].
   """
   order = ["none", "int8", "nf4"]
-  settings = [MemorySetting(feed, remat, model_parallel, quantization)]
+  attention = recompute_attention
+  settings = [MemorySetting(feed, attention, remat, model_parallel, quantization)]
   if feed == "round" and host_memory:
     feed = "host"
-    settings.append(MemorySetting(feed, remat, model_parallel, quantization))
+    settings.append(MemorySetting(feed, attention, remat, model_parallel, quantization))
+  if attention is False:
+    attention = True
+    settings.append(MemorySetting(feed, attention, remat, model_parallel, quantization))
   if remat is False:
     remat = True
-    settings.append(MemorySetting(feed, remat, model_parallel, quantization))
+    settings.append(MemorySetting(feed, attention, remat, model_parallel, quantization))
   axis = model_parallel * 2
   while devices and axis <= devices and devices % axis == 0:
-    settings.append(MemorySetting(feed, remat, axis, quantization))
+    settings.append(MemorySetting(feed, attention, remat, axis, quantization))
     axis *= 2
   settings += [
-    MemorySetting(feed, remat, model_parallel, smaller) for smaller in order[order.index(quantization) + 1 :]
+    MemorySetting(feed, attention, remat, model_parallel, smaller) for smaller in order[order.index(quantization) + 1 :]
   ]
   return settings

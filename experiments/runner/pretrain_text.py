@@ -61,6 +61,7 @@ ARCH_FIELDS = (
   "final_softcap",
   "fused_projections",  # Phi-3's.
   "remat",
+  "recompute_attention",
 )
 # The last three converted by `decoder_from_config`.
 MODEL_FIELDS = ARCH_FIELDS + ("rope_scaling", "sliding_window", "sliding_layers")
@@ -82,7 +83,7 @@ def decoder_from_config(model_config: Mapping[str, Any], vocab_size: int | None 
 
 
 def _key_fields(backbone: BackboneSettings) -> dict:
-  model = {k: v for k, v in backbone.model.items() if k not in ("remat", "name", "vocab_size")}
+  model = {k: v for k, v in backbone.model.items() if k not in ("remat", "recompute_attention", "name", "vocab_size")}
   pretraining = backbone.pretrain
   return {
     "model": model,

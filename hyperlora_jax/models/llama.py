@@ -175,7 +175,13 @@ def segment_positions(segments: jnp.ndarray) -> jnp.ndarray:
 
 
 def attend(
-  q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, bias: jnp.ndarray, scale: float = 0.0, softcap: float = 0.0
+  q: jnp.ndarray,
+  k: jnp.ndarray,
+  v: jnp.ndarray,
+  bias: jnp.ndarray,
+  scale: float = 0.0,
+  softcap: float = 0.0,
+  recompute: bool = False,
 ) -> jnp.ndarray:
   """Grouped-query attention: q [B, T, H, hd], k and v [B, S, K, hd] (K divides H; query head h
   reads key/value head h // (H / K)), bias float32 [B, 1, T, S] (0 where allowed, the float32
@@ -191,11 +197,19 @@ def attend(
   ** -0.5), and `softcap` c caps them, c tanh(logits / c), before the mask (Gemma 2's
   attn_logit_softcapping); capped attention is differentiated by XLA.
 
+  `recompute`: the backward recomputes the weights from each row's max and sum [B, H, T]
+  instead of keeping the weights [B, H, T, S] from the forward (FlashAttention's trade: one
+  more q kᵀ product a layer for no [T, S] residual per head). The same outputs; the weights
+  are made by the same steps, so the same gradients up to how XLA fuses them (bit for bit in
+  `attend` alone on the CPU; a whole text run's metrics within a few 1e-6 relative).
+
   Args:
     q: [B, T, H, hd]; k, v: [B, S, K, hd].
     bias: float32 [B, 1, T, S].
     scale: the logits' scale (0: 1 / sqrt(hd)).
     softcap: c (0: none).
+    recompute: recompute the weights in the backward (with `softcap`, the capped attention
+      under `jax.checkpoint`: only its inputs kept).
   Returns:
     [B, T, H, hd].
   """
@@ -206,8 +220,10 @@ def attend(
   if scale:  # The core divides by sqrt(hd).
     q = (q.astype(jnp.float32) * (scale * math.sqrt(q.shape[-1]))).astype(q.dtype)
   if softcap:
-    return heads_first(_capped_attention(heads_first(q), keys, values, bias, softcap))
-  return heads_first(_attention_core(heads_first(q), keys, values, bias))
+    capped = jax.checkpoint(_capped_attention, static_argnums=(4,)) if recompute else _capped_attention
+    return heads_first(capped(heads_first(q), keys, values, bias, softcap))
+  core = _attention_core_recomputed if recompute else _attention_core
+  return heads_first(core(heads_first(q), keys, values, bias))
 
 
 def _capped_attention(q, k, v, bias, softcap: float):
@@ -217,10 +233,14 @@ def _capped_attention(q, k, v, bias, softcap: float):
   return weights.astype(v.dtype) @ v
 
 
+def _attention_logits(q, k, bias):
+  """q kᵀ / sqrt(hd) + bias: float32 [B, H, T, S] of q [B, H, T, hd], k [B, H, S, hd]."""
+  return (q @ jnp.swapaxes(k, -1, -2)).astype(jnp.float32) / math.sqrt(q.shape[-1]) + bias
+
+
 def _attention_weights(q, k, bias):
   """softmax(q kᵀ / sqrt(hd) + bias) float32 [B, H, T, S] of q [B, H, T, hd], k [B, H, S, hd]."""
-  logits = (q @ jnp.swapaxes(k, -1, -2)).astype(jnp.float32) / math.sqrt(q.shape[-1])
-  return jax.nn.softmax(logits + bias, axis=-1)
+  return jax.nn.softmax(_attention_logits(q, k, bias), axis=-1)
 
 
 @jax.custom_vjp
@@ -241,6 +261,11 @@ def _attention_backward(residuals, grad_out):
   rowsum(dO ⊙ O), a sum over hd rather than over S, as FlashAttention's backward takes it);
   dQ = dL K; dK = dLᵀ Q. The bias (a mask) gets no gradient."""
   q, k, v, weights, out = residuals
+  return _attention_gradients(q, k, v, weights, out, grad_out)
+
+
+def _attention_gradients(q, k, v, weights, out, grad_out):
+  """(dQ, dK, dV, None) of `_attention_backward`'s formulas; weights [B, H, T, S] in v's dtype."""
   row = jnp.sum(grad_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)  # [B, H, T, 1]
   grad_weights = (grad_out @ jnp.swapaxes(v, -1, -2)).astype(jnp.float32)
   grad_logits = (weights.astype(jnp.float32) * (grad_weights - row) / math.sqrt(q.shape[-1])).astype(q.dtype)
@@ -248,6 +273,41 @@ def _attention_backward(residuals, grad_out):
 
 
 _attention_core.defvjp(_attention_forward, _attention_backward)
+
+
+@jax.custom_vjp
+def _attention_core_recomputed(q, k, v, bias):
+  """`_attention_core` whose backward recomputes the weights: [B, H, T, hd] as it."""
+  return _attention_forward(q, k, v, bias)[0]
+
+
+def _attention_forward_keeping_row_sums(q, k, v, bias):
+  """The softmax written out (jax.nn.softmax's steps) to keep each row's max and sum [B, H, T, 1]."""
+  logits = _attention_logits(q, k, bias)
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  row_sum = jnp.sum(jnp.exp(logits - row_max), axis=-1, keepdims=True)
+  out = _weights_of(logits, row_max, row_sum).astype(v.dtype) @ v
+  return out, (q, k, v, bias, out, row_max, row_sum)
+
+
+def _weights_of(logits, row_max, row_sum):
+  """exp(logits - row_max) / row_sum: the softmax's weights [B, H, T, S] from its row statistics
+  (a max and a sum, not a log-sum-exp: a row with no allowed key has logits all at the float32
+  minimum, where the log-sum-exp rounds to that minimum and exp(logits - it) would be 1)."""
+  return jnp.exp(logits - row_max) / row_sum
+
+
+def _attention_backward_recomputing(residuals, grad_out):
+  """`_attention_backward` with the weights made again from q, k and the rows' max and sum."""
+  q, k, v, bias, out, row_max, row_sum = residuals
+  # The barrier keeps XLA from merging these logits with the forward's (common subexpressions),
+  # which would keep the forward's [T, S] alive until here, as jax.checkpoint's own does.
+  q, k, bias = jax.lax.optimization_barrier((q, k, bias))
+  weights = _weights_of(_attention_logits(q, k, bias), row_max, row_sum).astype(v.dtype)
+  return _attention_gradients(q, k, v, weights, out, grad_out)
+
+
+_attention_core_recomputed.defvjp(_attention_forward_keeping_row_sums, _attention_backward_recomputing)
 
 
 class Attention(nn.Module):
@@ -264,6 +324,7 @@ class Attention(nn.Module):
   scale: float = 0.0  # The logits' scale (0: 1 / sqrt(head_dim)).
   softcap: float = 0.0  # Gemma 2's attention logit cap (0: none).
   fused: bool = False  # One projection "qkv" [D, (H + 2K) hd], split in that order (Phi-3's qkv_proj).
+  recompute: bool = False  # The backward recomputes the [T, S] weights (`attend`'s `recompute`).
 
   @nn.compact
   def __call__(self, x, positions, inv_freq, query_slots, key_mask, cache=None, query_segments=None):
@@ -294,7 +355,7 @@ class Attention(nn.Module):
     key_slots = jnp.arange(k.shape[1])
     mask = attention_mask_for(query_slots, key_slots, key_mask, self.sliding_window, query_segments)  # [B, 1, T, S]
     bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)
-    attended = attend(q, k.astype(q.dtype), v.astype(x.dtype), bias, self.scale, self.softcap)
+    attended = attend(q, k.astype(q.dtype), v.astype(x.dtype), bias, self.scale, self.softcap, self.recompute)
     out = dense(width, self.out_bias, "out")(attended.reshape(batch, tokens, self.num_heads * self.head_dim))
     return out, (None if cache is None else (k, v))
 
@@ -339,6 +400,7 @@ class DecoderBlock(nn.Module):
   attention_scale: float = 0.0
   attention_softcap: float = 0.0
   fused_projections: bool = False
+  recompute_attention: bool = False
 
   @nn.compact
   def __call__(self, x, positions, inv_freq, query_slots, key_mask, cache=None, query_segments=None):
@@ -358,6 +420,7 @@ class DecoderBlock(nn.Module):
       self.attention_scale,
       self.attention_softcap,
       self.fused_projections,
+      self.recompute_attention,
       name="attn",
     )(norm("attn_norm")(x), positions, inv_freq, query_slots, key_mask, cache, query_segments)
     mlp = SwiGLU(self.mlp_dim, self.mlp_bias, self.activation, self.fused_projections, name="mlp")
@@ -406,6 +469,10 @@ class DecoderLM(nn.Module):
     fused_projections: query, key and value as one projection `attn/qkv` and the MLP's gate and
       up as one `mlp/gate_up` (Phi-3's qkv_proj and gate_up_proj, which PEFT adapts whole).
     remat: recompute each block's activations in the backward pass (less memory).
+    recompute_attention: the backward recomputes each layer's attention weights from the
+      rows' saved max and sum [B, H, T] instead of keeping the [B, H, T, S] weights (`attend`'s
+      `recompute`: one more q kᵀ product a layer for less memory; the same outputs, the same
+      gradients up to rounding).
     dtype: the activations' dtype (e.g. bfloat16 with bfloat16 weights); logits are float32.
   """
 
@@ -436,6 +503,7 @@ class DecoderLM(nn.Module):
   final_softcap: float = 0.0
   fused_projections: bool = False
   remat: bool = False
+  recompute_attention: bool = False
   dtype: Any = jnp.float32
 
   @property
@@ -527,6 +595,7 @@ class DecoderLM(nn.Module):
         self.query_pre_attn_scalar**-0.5 if self.query_pre_attn_scalar else 0.0,
         self.attention_softcap,
         self.fused_projections,
+        self.recompute_attention,
         name=f"block_{i}",
       )(x, positions, local_freq if sliding else global_freq, query_slots, key_mask, layer_cache, mask)
       if layer_cache is not None:

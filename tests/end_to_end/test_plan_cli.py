@@ -44,6 +44,7 @@ def test_a_dpo_run_is_planned_with_its_pairs(cache_dirs):
   plan rebuilds the task in the planned dtype through the language model it wraps."""
   out = _plan(cache_dirs, "cpu", "--chunks=0", "--cost=false", config="configs/preference_tuning.py:smoke")
   assert "plan of fedit on cpu" in out and "best fitting: --config.fed.clients_per_chunk=0" in out, out
+  assert "--config.model.remat=False --config.model.recompute_attention=False" in out, out  # As configured.
 
 
 def test_the_plan_on_compile_only_tpu_devices_estimates_time_and_mfu(cache_dirs):
@@ -75,27 +76,36 @@ def test_the_plan_holds_the_backbone_as_configured_and_names_its_size(cache_dirs
 def test_memory_settings_are_tried_configured_first_then_recomputed_then_split_then_smaller():
   from experiments.runner.memory import settings_to_try as memory_settings
 
+  # (feed, recompute_attention, remat, model axis, quantization); None: the model has no such option.
   assert memory_settings(False, "none") == [
-    ("round", False, 1, "none"), ("round", True, 1, "none"), ("round", True, 1, "int8"), ("round", True, 1, "nf4"),
+    ("round", None, False, 1, "none"), ("round", None, True, 1, "none"), ("round", None, True, 1, "int8"),
+    ("round", None, True, 1, "nf4"),
   ]  # fmt: skip
-  assert memory_settings(True, "int8") == [("round", True, 1, "int8"), ("round", True, 1, "nf4")]
+  assert memory_settings(True, "int8") == [("round", None, True, 1, "int8"), ("round", None, True, 1, "nf4")]
   assert memory_settings(None, "none") == [
-    ("round", None, 1, "none"),
-    ("round", None, 1, "int8"),
-    ("round", None, 1, "nf4"),
+    ("round", None, None, 1, "none"),
+    ("round", None, None, 1, "int8"),
+    ("round", None, None, 1, "nf4"),
   ]
-  assert memory_settings(False, "nf4") == [("round", False, 1, "nf4"), ("round", True, 1, "nf4")]
+  assert memory_settings(False, "nf4") == [("round", None, False, 1, "nf4"), ("round", None, True, 1, "nf4")]
   assert memory_settings(True, "none", 1, 8) == [
-    ("round", True, 1, "none"), ("round", True, 2, "none"), ("round", True, 4, "none"), ("round", True, 8, "none"),
-    ("round", True, 1, "int8"), ("round", True, 1, "nf4"),
+    ("round", None, True, 1, "none"), ("round", None, True, 2, "none"), ("round", None, True, 4, "none"),
+    ("round", None, True, 8, "none"), ("round", None, True, 1, "int8"), ("round", None, True, 1, "nf4"),
   ]  # fmt: skip
-  assert memory_settings(True, "nf4", 2, 6) == [("round", True, 2, "nf4")]  # 4 does not divide 6 devices.
+  assert memory_settings(True, "nf4", 2, 6) == [("round", None, True, 2, "nf4")]  # 4 does not divide 6 devices.
   # Devices with host memory: the round's inputs held there first, and in every setting after.
   assert memory_settings(False, "int8", 1, 2, "round", True) == [
-    ("round", False, 1, "int8"), ("host", False, 1, "int8"), ("host", True, 1, "int8"), ("host", True, 2, "int8"),
-    ("host", True, 1, "nf4"),
+    ("round", None, False, 1, "int8"), ("host", None, False, 1, "int8"), ("host", None, True, 1, "int8"),
+    ("host", None, True, 2, "int8"), ("host", None, True, 1, "nf4"),
   ]  # fmt: skip
-  assert memory_settings(True, "nf4", 1, 0, "host", True) == [("host", True, 1, "nf4")]
+  assert memory_settings(True, "nf4", 1, 0, "host", True) == [("host", None, True, 1, "nf4")]
+  # A decoder: its attention weights recomputed before its blocks, and in every setting after.
+  assert memory_settings(False, "none", 1, 2, "round", True, False) == [
+    ("round", False, False, 1, "none"), ("host", False, False, 1, "none"), ("host", True, False, 1, "none"),
+    ("host", True, True, 1, "none"), ("host", True, True, 2, "none"), ("host", True, True, 1, "int8"),
+    ("host", True, True, 1, "nf4"),
+  ]  # fmt: skip
+  assert memory_settings(True, "nf4", 1, 0, "round", False, True) == [("round", True, True, 1, "nf4")]
 
 
 @pytest.mark.slow  # A CLI run compiling 4 settings (about 35 s on 2 cores).
@@ -105,6 +115,25 @@ def test_where_nothing_fits_the_plan_tries_recomputing_then_8_then_4_bits_and_sa
   tried = re.findall(r"model.remat=(\w+), model axis 1, frozen backbone in (\w+)", result.stdout)
   assert tried == [("False", "float32"), ("True", "float32"), ("True", "int8"), ("True", "nf4")], result.stdout
   assert result.stdout.count("DOES NOT FIT") == 4
+
+
+@pytest.mark.slow  # A CLI run compiling 5 settings of the smoke decoder.
+def test_where_nothing_fits_a_decoders_plan_recomputes_its_attention_before_its_blocks(cache_dirs):
+  result = _run_plan(
+    cache_dirs,
+    "cpu",
+    "--chunks=1",
+    "--cost=false",
+    "--memory_gib=0.00001",
+    config="configs/instruction_tuning.py:smoke",
+  )
+  assert result.returncode != 0 and "no candidate fits cpu" in result.stdout + result.stderr
+  tried = re.findall(r"model.recompute_attention=(\w+), model.remat=(\w+), model axis 1, frozen backbone in (\w+)",
+                     result.stdout)  # fmt: skip
+  assert tried == [
+    ("False", "False", "float32"), ("True", "False", "float32"), ("True", "True", "float32"),
+    ("True", "True", "int8"), ("True", "True", "nf4"),
+  ], result.stdout  # fmt: skip
 
 
 def test_a_host_feed_is_refused_by_name_on_compile_only_h100s(cache_dirs):

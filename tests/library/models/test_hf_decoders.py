@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -396,12 +397,13 @@ def _plain_attention(q, k, v, allowed):
   return jnp.stack(heads, axis=2)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("window", [None, 3])
-def test_the_attention_backward_is_the_derivative_of_plain_attention(window):
-  """`llama.attend`'s hand-written backward against autodiff of attention written per head
-  (6 query heads over 2 key/value heads, T = 5 queries over S = 7 keys as with a cache,
-  head width 4 != either, right padding, a sliding window): a wrong transpose, group, scale
-  or softmax derivative shows."""
+def test_the_attention_backward_is_the_derivative_of_plain_attention(window, recompute):
+  """`llama.attend`'s hand-written backward, keeping the weights or recomputing them, against
+  autodiff of attention written per head (6 query heads over 2 key/value heads, T = 5 queries
+  over S = 7 keys as with a cache, head width 4 != either, right padding, a sliding window): a
+  wrong transpose, group, scale or softmax derivative shows."""
   from hyperlora_jax.models.llama import attend, attention_mask_for
 
   keys = jax.random.split(jax.random.key(3), 4)
@@ -411,12 +413,38 @@ def test_the_attention_backward_is_the_derivative_of_plain_attention(window):
   allowed = attention_mask_for(jnp.arange(2, 7), jnp.arange(7), key_mask, window)  # [B, 1, T, S]
   bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
   probe = jax.random.normal(keys[3], (2, 5, 6, 4))
-  ours = lambda q, k, v: jnp.sum(attend(q, k, v, bias) * probe)
+  ours = lambda q, k, v: jnp.sum(attend(q, k, v, bias, recompute=recompute) * probe)
   plain = lambda q, k, v: jnp.sum(_plain_attention(q, k, v, allowed[:, 0]) * probe)
   np.testing.assert_allclose(ours(q, k, v), plain(q, k, v), rtol=1e-5)
   for got, want in zip(jax.grad(ours, argnums=(0, 1, 2))(q, k, v), jax.grad(plain, argnums=(0, 1, 2))(q, k, v)):
     assert float(jnp.max(jnp.abs(want))) > 1e-2  # Every input matters.
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("gemma2", [False, True])
+def test_a_decoder_recomputing_its_attention_weights_computes_the_same_numbers(gemma2):
+  """`DecoderLM(recompute_attention=True)` against the default, float32 on the CPU: the same
+  loss and the same gradient of every weight, bit for bit, over left-padded rows (whose first
+  queries have no key to attend: rows of the float32 minimum, where weights recomputed from a
+  log-sum-exp would be 1, not 1 / S) and packed rows (segment ids), under jit; a bfloat16
+  model's likewise; and with Gemma 2's capped logits and query scale (the capped attention
+  recomputed by `jax.checkpoint`)."""
+  from hyperlora_jax.models.llama import DecoderLM
+
+  ids = jax.random.randint(jax.random.key(0), (3, 9), 0, 64)
+  mask = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 2, 2, 2, 0, 0], [1] * 9])
+  probe = jax.random.normal(jax.random.key(1), (3, 9, 64))
+  for dtype in (jnp.float32, jnp.bfloat16):
+    arch = dict(vocab_size=64, width=32, depth=2, num_heads=4, num_kv_heads=2, mlp_dim=48, dtype=dtype)
+    if gemma2:
+      arch.update(attention_softcap=50.0, query_pre_attn_scalar=8.0)
+    kept, recomputed = DecoderLM(**arch), DecoderLM(**arch, recompute_attention=True)
+    variables = kept.init(jax.random.key(2), ids, mask)
+    loss = lambda model: jax.jit(jax.value_and_grad(lambda v: jnp.sum(model.apply(v, ids, mask) * probe)))
+    (value, grads), (value_again, grads_again) = loss(kept)(variables), loss(recomputed)(variables)
+    assert value == value_again
+    chex.assert_trees_all_equal(grads, grads_again)
+    assert float(jnp.max(jnp.abs(grads["params"]["block_0"]["attn"]["key"]["kernel"]))) > 0  # Attention matters.
 
 
 def test_an_image_run_given_a_decoder_checkpoint_says_what_it_is():
