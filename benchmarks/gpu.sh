@@ -49,8 +49,8 @@ step 80 round_speed_clip_b32_gpu -m benchmarks.round_speed --base_clip --clients
 step 40 round_speed_gpu -m benchmarks.round_speed --clients 16,64 --chunks 0,auto --repeats 1 --nopeft \
   --out "$out/round_speed_gpu.json"
 # Last (issue 37): TinyLlama's round with the attention weights recomputed instead of its blocks,
-# beside the --remat step above (the TPU compiler plans that round in 30% less memory and 1-13%
-# less time: BENCHMARKS.md).
-step 90 text_round_speed_tinyllama_1b_recompute_attention_gpu -m benchmarks.text_round_speed \
-  --model tinyllama_1b --recompute_attention --clients 16 --chunks 8,16 $text \
+# beside the --remat step above (compiler estimates: 30% less memory and 1-13% less time on
+# TPUs; all 16 clients at once on one H100, where 8 at once were the most before: BENCHMARKS.md).
+step 55 text_round_speed_tinyllama_1b_recompute_attention_gpu -m benchmarks.text_round_speed \
+  --model tinyllama_1b --recompute_attention --clients 16 --chunks 16 $text \
   --out "$out/text_round_speed_tinyllama_1b_recompute_attention_gpu.json"

@@ -239,11 +239,12 @@ def main() -> None:
         )
         est = (f", {row['seconds'] * 1e3:.1f} ms (loop {row['loop_seconds'] * 1e3:.1f} ms), MFU {row['mfu']:.0%}"
                if row.get("seconds") else "")  # fmt: skip
-        depth = f", depth {args.depth}" if args.depth else ""
-        depth += ", attention recomputed" if args.recompute_attention else ""
+        variant = (f", depth {args.depth}" if args.depth else "") + (
+          ", attention recomputed" if args.recompute_attention else ""
+        )
         shares = plan.format_shares(row.get("time_shares", ())[:5])
         print(
-          f"{name} {workload} ({args.quantization}, model axis {args.model_parallel}, feed {args.feed}{depth}) "
+          f"{name} {workload} ({args.quantization}, model axis {args.model_parallel}, feed {args.feed}{variant}) "
           f"C={clients}: {fit}{est} "
           f"[compiled in {row['compile_seconds']:.0f} s]" + (f"\n  cycles (cost model): {shares}" if shares else ""),
           flush=True,
