@@ -32,10 +32,6 @@ from hyperlora_jax import models
 from hyperlora_jax.models import CheckpointError, hf, npz
 from hyperlora_jax.models.llama import DecoderLM
 
-# A text run's `model` fields that change how the decoder computes, not what: kept from the
-# config when a checkpoint's architecture replaces the rest.
-COMPUTE_FIELDS = ("remat", "recompute_attention")
-
 # Directories opened in this process: {(absolute path, config.json's mtime and size): Checkpoint}.
 _OPENED: dict[tuple, hf.Checkpoint] = {}
 
@@ -107,8 +103,7 @@ def with_checkpoint_architecture(
         f"pretrain.checkpoint: {directory} holds a {checkpoint.model_name} checkpoint; text "
         f"runs take Llama-family decoders"
       )
-    compute = {k: bool(config.model.get(k, False)) for k in COMPUTE_FIELDS}
-    model = {"name": "llama", **compute, **checkpoint.architecture}
+    model = {"name": "llama", **pretrain_text.compute_fields(config.model), **checkpoint.architecture}
     logged = checkpoint.architecture
   else:
     if checkpoint.model_name not in models.MODELS:
@@ -275,8 +270,7 @@ def text_backbone(
     CheckpointError: the checkpoint or the cached directory cannot be read.
   """
   checkpoint = decoder_checkpoint(backbone, log, check_tokenizer)
-  compute = {k: bool(backbone.model.get(k, False)) for k in COMPUTE_FIELDS}
-  model, variables, dropped = hf.load_causal_lm(checkpoint, **compute)
+  model, variables, dropped = hf.load_causal_lm(checkpoint, **pretrain_text.compute_fields(backbone.model))
   if dropped:
     log(f"backbone: not loaded (not used): {', '.join(dropped)}")
   return TextBackbone(model, variables, checkpoint.require_tokenizer(), checkpoint.directory)

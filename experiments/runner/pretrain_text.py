@@ -35,6 +35,9 @@ from hyperlora_jax.models.llama import DecoderLM
 SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>")
 PRETRAIN_SEED = 0
 CACHE_FORMAT = 2  # In the key: 2 has a manifest of checksums (caches without one are not read).
+# DecoderLM fields that change how the decoder computes, not what: not in the pretraining cache's
+# key, and kept from the config where a checkpoint's architecture replaces the rest.
+COMPUTE_FIELDS = ("remat", "recompute_attention")
 # DecoderLM fields a text config's `model` block may set (the rest keep their defaults).
 ARCH_FIELDS = (
   "vocab_size",
@@ -60,11 +63,14 @@ ARCH_FIELDS = (
   "attention_softcap",
   "final_softcap",
   "fused_projections",  # Phi-3's.
-  "remat",
-  "recompute_attention",
-)
+) + COMPUTE_FIELDS
 # The last three converted by `decoder_from_config`.
 MODEL_FIELDS = ARCH_FIELDS + ("rope_scaling", "sliding_window", "sliding_layers")
+
+
+def compute_fields(model_config: Mapping[str, Any]) -> dict[str, bool]:
+  """The config's `COMPUTE_FIELDS` (False where absent)."""
+  return {k: bool(model_config.get(k, False)) for k in COMPUTE_FIELDS}
 
 
 def decoder_from_config(model_config: Mapping[str, Any], vocab_size: int | None = None) -> DecoderLM:
@@ -83,7 +89,7 @@ def decoder_from_config(model_config: Mapping[str, Any], vocab_size: int | None 
 
 
 def _key_fields(backbone: BackboneSettings) -> dict:
-  model = {k: v for k, v in backbone.model.items() if k not in ("remat", "recompute_attention", "name", "vocab_size")}
+  model = {k: v for k, v in backbone.model.items() if k not in (*COMPUTE_FIELDS, "name", "vocab_size")}
   pretraining = backbone.pretrain
   return {
     "model": model,

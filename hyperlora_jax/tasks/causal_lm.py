@@ -88,14 +88,18 @@ def _weighted_nll_backward(residuals, grad):
   exp, total, targets, weights = residuals
   scale = weights * grad
   softmax_part = exp * (scale / total)[..., None]  # w_t softmax(logits_t): the forward's exponentials reused.
-  # - w_t onehot(target_t): the same numbers either way, bit for bit. On the CPU a scatter at the
-  # targets only (a select pass over [..., V] was slower there at small vocabularies); on
-  # accelerators a select fused into the multiply's pass: the TPU cost model priced the scatter
-  # at twice the select on a v5e, and a v6e offloads it to a custom fusion it cannot price.
-  grad_logits = jax.lax.platform_dependent(
-    softmax_part, scale, targets, cpu=_subtract_at_targets_by_scatter, default=_subtract_at_targets_by_select
+  return _subtract_at_targets(softmax_part, scale, targets), None, None  # - w_t onehot(target_t).
+
+
+def _subtract_at_targets(values, scale, targets):
+  """values [..., V] less scale [...] at each row's target [...], the same numbers either way, bit
+  for bit: on the CPU a scatter at the targets only (a select pass over [..., V] was slower there
+  at small vocabularies); on accelerators a select, fused into the pass that makes `values`: the
+  TPU cost model priced the scatter at twice the select on a v5e, and a v6e offloads it to a
+  custom fusion it cannot price."""
+  return jax.lax.platform_dependent(
+    values, scale, targets, cpu=_subtract_at_targets_by_scatter, default=_subtract_at_targets_by_select
   )
-  return grad_logits, None, None
 
 
 def _subtract_at_targets_by_scatter(values, scale, targets):
@@ -117,8 +121,8 @@ weighted_nll.defvjp(_weighted_nll_forward, _weighted_nll_backward)
 @jax.custom_vjp
 def _values_at_targets(values, targets):
   """values[..., target] [...] of values [..., V] and targets int [...]: a gather whose backward
-  puts the cotangent at the targets as `weighted_nll`'s does (a scatter on the CPU, as autodiff
-  of the gather makes it; a select on accelerators; the same numbers)."""
+  puts the cotangent at the targets as `weighted_nll`'s does (`_subtract_at_targets`: a scatter
+  on the CPU, as autodiff of the gather makes it; a select on accelerators)."""
   return jnp.take_along_axis(values, targets[..., None], axis=-1)[..., 0]
 
 
@@ -128,11 +132,7 @@ def _values_at_targets_forward(values, targets):
 
 def _values_at_targets_backward(residuals, grad):
   zero, shape, targets = residuals
-  zeros = jnp.broadcast_to(zero, shape)
-  grad_values = jax.lax.platform_dependent(
-    zeros, -grad, targets, cpu=_subtract_at_targets_by_scatter, default=_subtract_at_targets_by_select
-  )
-  return grad_values, None
+  return _subtract_at_targets(jnp.broadcast_to(zero, shape), -grad, targets), None
 
 
 _values_at_targets.defvjp(_values_at_targets_forward, _values_at_targets_backward)
