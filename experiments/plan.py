@@ -13,7 +13,9 @@ again with the round's inputs in host memory, `data.feed='host'`, then a decoder
 weights recomputed in the backward, `model.recompute_attention`, then the backbone's blocks
 recomputed, `model.remat`, split over a model axis, then its kernels in int8, then nf4:
 `compute.backbone_quantization`; `experiments.runner.memory.settings_to_try`; then, for the largest
-chunk that fits, FLOPs, the TPU cost model's time and MFU, and the collectives. Every compiler
+chunk that fits, FLOPs, the TPU cost model's time and MFU, and the collectives; where that chunk
+holds several clients a device and the cost model gives a time, the round of one client per
+device at a time too, and the faster of the two is the best (`faster_chunk`). Every compiler
 figure is an estimate. The frozen backbone runs in `compute.backbone_dtype` as on the target
 ('auto': bfloat16); the round's block is planned on the devices (`data.feed='round'`; 'chunk'
 is planned as 'round') and, where nothing fits so and the target's devices have pinned host
@@ -134,6 +136,21 @@ def plan_evaluation(exp, task, fed_round, frozen, target, model_parallel: int, c
   return plans
 
 
+def faster_chunk(chunk: int, report: plan.Plan, axis: int, one_each: plan.Plan) -> tuple[int, plan.Plan]:
+  """(clients_per_chunk, plan) of the two ways to run a round the cost model estimated, printed:
+  the largest chunk that fits (`chunk`, `report`), or one client per device at a time (`axis`,
+  `one_each`: a loop over each device's clients compiled into the round), whichever is estimated
+  faster (and fits). More clients at once is not always faster: a TPU's on-chip memory may hold one client's
+  attention weights but not two (BENCHMARKS.md, "Where the estimated time goes")."""
+  seconds, alone = report.estimated_seconds, one_each.estimated_seconds
+  faster = alone is not None and seconds is not None and alone < seconds and one_each.fits is not False
+  print(f"one client per device at a time (--config.fed.clients_per_chunk={axis}): "
+        f"{plan.format_seconds(alone) if alone else 'no estimate'} against {plan.format_seconds(seconds)} for "
+        f"clients_per_chunk={chunk} (TPU cost model estimates): "
+        + ("one at a time is faster" if faster else "the larger chunk is faster"))  # fmt: skip
+  return (axis, one_each) if faster else (chunk, report)
+
+
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -210,11 +227,14 @@ def main(argv) -> None:
                      f"bits and split over every model axis the devices allow included; lower "
                      f"fed.clients_per_round, fed.batch_size or the model")  # fmt: skip
   chunk, feed, attention, remat, model_parallel, quantization, task, fed_round, frozen, (block, ids, weights) = best
-  report = plan.plan_round(
-    fed_round, exp.initial_trainable, frozen, block, ids, weights, target,
-    signatures=exp.signatures, model_parallel=model_parallel, clients_per_chunk=chunk, cost=_COST.value,
-    host_feed=feed == "host",
+  planned = functools.partial(
+    plan.plan_round, fed_round, exp.initial_trainable, frozen, block, ids, weights, target,
+    signatures=exp.signatures, model_parallel=model_parallel, cost=_COST.value, host_feed=feed == "host",
   )  # fmt: skip
+  report = planned(clients_per_chunk=chunk)
+  axis = len(target.devices) // model_parallel
+  if report.estimated_seconds and (chunk or len(ids)) > axis:  # Several clients a device at once: try one.
+    chunk, report = faster_chunk(chunk, report, axis, planned(clients_per_chunk=axis))
   flags_line = (
     f"--config.fed.clients_per_chunk={chunk} --config.fed.model_parallel={model_parallel} "
     f"--config.compute.backbone_quantization={quantization}"

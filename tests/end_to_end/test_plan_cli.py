@@ -47,11 +47,21 @@ def test_a_dpo_run_is_planned_with_its_pairs(cache_dirs):
   assert "--config.model.remat=False --config.model.recompute_attention=False" in out, out  # As configured.
 
 
-def test_the_plan_on_compile_only_tpu_devices_estimates_time_and_mfu(cache_dirs):
+def test_the_plan_on_compile_only_tpu_devices_estimates_time_and_mfu_and_picks_the_faster_chunk(cache_dirs):
+  """16 clients on a v5e-8, 2 a device: all at once fits, and the round of one client per device
+  at a time is costed beside it; the best line names the faster, whose figures follow."""
   pytest.importorskip("libtpu")
-  out = _plan(cache_dirs, "v5e:2x4")
-  assert "8 clients a round (1 per device of the clients axis)" in out and "backbone in bfloat16" in out
-  assert re.search(r"time \(TPU cost model estimate\): [\d.]+ µs, estimated MFU [\d.]+%", out), out
+  out = _plan(cache_dirs, "v5e:2x4", "--config.data.num_clients=16", "--config.fed.clients_per_round=16")
+  assert "16 clients a round (2 per device of the clients axis)" in out and "backbone in bfloat16" in out
+  times = re.search(r"one client per device at a time \(--config.fed.clients_per_chunk=8\): ([\d.]+) µs against "
+                    r"([\d.]+) µs for clients_per_chunk=0", out)  # fmt: skip
+  assert times, out
+  alone, together = float(times.group(1)), float(times.group(2))
+  assert alone != together  # Two programs: the chunk loop's and the vmapped one's.
+  best = 8 if alone < together else 0
+  assert f"best fitting: --config.fed.clients_per_chunk={best} " in out, out
+  shown = re.search(r"time \(TPU cost model estimate\): ([\d.]+) µs, estimated MFU [\d.]+%", out)
+  assert shown and float(shown.group(1)) == min(alone, together), out
   assert "of 15.75 GiB (fits)" in out and "all-reduce" in out
 
 
