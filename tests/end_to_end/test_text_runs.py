@@ -254,6 +254,7 @@ def test_a_sweep_prepares_the_embedded_decoder_and_the_tokenized_records_once(tm
   assert len(os.listdir(tmp_path / "tokenized")) == 1
 
 
+@pytest.mark.slow  # 19 s; a private run's ε and clipped signatures on images run in make test (test_private_hyperlora).
 def test_a_private_hyperlora_text_run_clips_and_noises_its_signatures_and_reports_epsilon(tmp_path, cache_dirs):
   """DP on a text run: the per-round ε composes the round's Gaussian releases
   as for images; the text signatures (group histogram and frozen-decoder features) are clipped

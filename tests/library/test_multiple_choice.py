@@ -83,7 +83,7 @@ def test_the_prediction_is_the_likeliest_letter_by_an_independent_count(tokenize
       scores[q, k] = sum(logprobs[t - 1, ids[t]] for t in np.flatnonzero(block["loss_mask"][q, k]))
   predicted = scores.argmax(axis=1)
   frozen, trainable = frozen_tree(variables), {"lora": {}}
-  got = task.sequence_logprob(
+  got = jax.jit(task.sequence_logprob)(
     frozen, trainable, {k: block[k].reshape(8, 64) for k in ("input_ids", "attention_mask", "loss_mask")}
   )
   np.testing.assert_allclose(
@@ -92,12 +92,13 @@ def test_the_prediction_is_the_likeliest_letter_by_an_independent_count(tokenize
   assert ("letter_ids" in block) == (tokenizer_dir == "hf_llama")
   real = block["choice_mask"] > 0
   np.testing.assert_allclose(
-    np.asarray(task.multiple_choice_scores(frozen, trainable, block))[real], scores[real], rtol=1e-4
+    np.asarray(jax.jit(task.multiple_choice_scores)(frozen, trainable, block))[real], scores[real], rtol=1e-4
   )
   right = {**block, "answer": predicted.astype(np.int32)}
   wrong = {**block, "answer": ((predicted + 1) % 3).astype(np.int32)}
-  np.testing.assert_array_equal(task.multiple_choice_correct(frozen, trainable, right), [1.0, 1.0])
-  np.testing.assert_array_equal(task.multiple_choice_correct(frozen, trainable, wrong), [0.0, 0.0])
+  correct = jax.jit(task.multiple_choice_correct)
+  np.testing.assert_array_equal(correct(frozen, trainable, right), [1.0, 1.0])
+  np.testing.assert_array_equal(correct(frozen, trainable, wrong), [0.0, 0.0])
 
 
 def test_mmlu_files_are_read_in_each_layout(tmp_path):

@@ -115,10 +115,10 @@ def test_the_reference_is_the_frozen_decoder_and_a_few_steps_learn_the_preferenc
   loss, aux = jax.jit(task.loss_fn)(start, frozen, batch, None)
   np.testing.assert_allclose(loss, np.log(2.0), rtol=1e-6)
   assert float(aux["reward_accuracy"]) == 0.0
-  plain = causal_lm.CausalLM(model, 2.0).sequence_logprob(frozen, {"lora": {}}, flat)
+  plain = jax.jit(causal_lm.CausalLM(model, 2.0).sequence_logprob)(frozen, {"lora": {}}, flat)
   shifted = {**frozen, "base_delta": {path: 0.1 * jnp.ones(shape) for path, shape in targets.items()}}
-  np.testing.assert_allclose(task.reference_logprobs(shifted, batch)[:, 0], plain, rtol=1e-6)
-  assert np.max(np.abs(task.pair_logprobs(shifted, start, batch)[:, 0] - plain)) > 1e-2
+  np.testing.assert_allclose(jax.jit(task.reference_logprobs)(shifted, batch)[:, 0], plain, rtol=1e-6)
+  assert np.max(np.abs(jax.jit(task.pair_logprobs)(shifted, start, batch)[:, 0] - plain)) > 1e-2
   optimizer = optax.adam(1e-2)
 
   @jax.jit
@@ -131,5 +131,5 @@ def test_the_reference_is_the_frozen_decoder_and_a_few_steps_learn_the_preferenc
   for _ in range(20):
     params, state, loss = step(params, state)
   assert float(loss) < 0.3
-  correct, count = task.accuracy(frozen, params, batch)
+  correct, count = jax.jit(task.accuracy)(frozen, params, batch)
   assert (float(correct), float(count)) == (4.0, 4.0)

@@ -72,10 +72,10 @@ def test_vjp_update_equals_the_explicit_jacobian_transpose_product():
     out = module.apply(unravel(flat), signatures[k], ids[k])
     return ravel_pytree(jax.tree.map(lambda o, b: o + b, out, base))[0]
 
-  expected = flat_params
+  expected, jacobian_of, theta_of = flat_params, jax.jit(jax.jacobian(theta)), jax.jit(theta)
   for k in range(CLIENTS):
-    jacobian = jax.jacobian(theta)(flat_params, k)  # [|θ|, |φ|], explicit.
-    delta = theta(flat_params, k) - ravel_pytree(jax.tree.map(lambda x: x[k], trained))[0]
+    jacobian = jacobian_of(flat_params, k)  # [|θ|, |φ|], explicit.
+    delta = theta_of(flat_params, k) - ravel_pytree(jax.tree.map(lambda x: x[k], trained))[0]
     expected = expected - 0.1 * float(weights[k]) * jacobian.T @ delta
   np.testing.assert_allclose(ravel_pytree(new["params"])[0], expected, rtol=1e-4, atol=1e-6)
 

@@ -46,6 +46,13 @@ def _init(cfg, seed=0):
   return agg, agg.init(_global(), jax.random.key(seed), SIG)
 
 
+def _jitted(agg, context):
+  """`agg.aggregate` under jit with `context` fixed, as a round runs it (eagerly, each of its
+  hundreds of ops would compile on its own)."""
+  return jax.jit(lambda state, global_params, clients, weights: agg.aggregate(
+    state, global_params, clients, weights, context))  # fmt: skip
+
+
 def _best_rank_r(matrix, rank):
   u, s, vt = np.linalg.svd(np.asarray(matrix), full_matrices=False)
   return (u[:, :rank] * s[:rank]) @ vt[:rank]
@@ -58,7 +65,7 @@ def test_uniform_limit_is_the_exact_weighted_product_average_then_best_rank_r():
     cfg = cfg._replace(learned_weights=learned)
     agg, state = _init(cfg)
     context = AggregationContext(jnp.ones((C, SIG)), jnp.ones(C), lambda g: 0.0)
-    new, _, _ = agg.aggregate(state, _global(), clients, WEIGHTS, context)
+    new, _, _ = _jitted(agg, context)(state, _global(), clients, WEIGHTS)
     for path, f in clients["lora"].items():
       exact = SCALE * np.einsum("c,cir,cro->io", WEIGHTS, f["a"], f["b"])
       np.testing.assert_allclose(
@@ -88,17 +95,17 @@ def test_the_refactorizations_derivative_is_exact(d_in, d_out, rank):
     rng = np.random.default_rng(d_in * 10 + d_out)
     target, previous = jnp.asarray(rng.normal(size=(d_in, d_out))), jnp.asarray(rng.normal(size=(d_in, rank)))
     w_a, w_b = jnp.asarray(rng.normal(size=(d_in, rank))), jnp.asarray(rng.normal(size=(rank, d_out)))
-    loss = lambda t, p: (
-      jnp.sum(w_a * refactorize(t, rank, SCALE, p)[0]) + jnp.sum(w_b * refactorize(t, rank, SCALE, p)[1])
+    loss = jax.jit(
+      lambda t, p: jnp.sum(w_a * refactorize(t, rank, SCALE, p)[0]) + jnp.sum(w_b * refactorize(t, rank, SCALE, p)[1])
     )
     d_target, d_previous = jnp.asarray(rng.normal(size=target.shape)), jnp.asarray(rng.normal(size=previous.shape))
     h = 1e-6
     finite_difference = (
       loss(target + h * d_target, previous + h * d_previous) - loss(target - h * d_target, previous - h * d_previous)
     ) / (2 * h)
-    g_target, g_previous = jax.grad(loss, argnums=(0, 1))(target, previous)
+    g_target, g_previous = jax.jit(jax.grad(loss, argnums=(0, 1)))(target, previous)
     reverse = jnp.sum(g_target * d_target) + jnp.sum(g_previous * d_previous)
-    _, forward = jax.jvp(loss, (target, previous), (d_target, d_previous))
+    _, forward = jax.jit(lambda *tangents: jax.jvp(loss, (target, previous), tangents))(d_target, d_previous)
     np.testing.assert_allclose([reverse, forward], [finite_difference] * 2, rtol=1e-6)
     if rank < min(d_in, d_out):  # A fixed basis misses the subspace's turn.
       fixed = lambda t: loss(t, previous) - jnp.sum(w_a * refactorize(t, rank, SCALE, previous)[0])
@@ -196,14 +203,15 @@ def test_learned_corrector_feeds_back_the_truncation_residual():
   agg, state = _init(cfg)
   context = AggregationContext(jnp.zeros((C, SIG)), jnp.ones(C), lambda g: 0.0)
   clients = _clients()
-  new, _, state1 = agg.aggregate(state, _global(), clients, WEIGHTS, context)
+  aggregate = _jitted(agg, context)
+  new, _, state1 = aggregate(state, _global(), clients, WEIGHTS)
   f = clients["lora"]["l1"]
   exact = SCALE * np.einsum("c,cir,cro->io", WEIGHTS, f["a"], f["b"])
   residual = exact - SCALE * np.asarray(new["lora"]["l1"]["a"] @ new["lora"]["l1"]["b"])
   np.testing.assert_allclose(state1["residual"]["l1"], residual, atol=1e-4)
   assert np.linalg.norm(residual) > 0.1  # Four rank-2 clients: rank 2 cannot hold it all.
   # Next round, with the same clients, the gate (0.5 at init) adds half the residual back.
-  new2, _, _ = agg.aggregate(state1, new, clients, WEIGHTS, context)
+  new2, _, _ = aggregate(state1, new, clients, WEIGHTS)
   np.testing.assert_allclose(
     SCALE * new2["lora"]["l1"]["a"] @ new2["lora"]["l1"]["b"], _best_rank_r(exact + 0.5 * residual, R), atol=1e-4
   )
@@ -217,9 +225,10 @@ def test_the_corrector_adds_the_last_residual_to_another_cohorts_product():
   agg, state = _init(cfg)
   context = AggregationContext(jnp.zeros((C, SIG)), jnp.ones(C), lambda g: 0.0)
   first, second = _clients(0), _clients(1)
-  new, _, state1 = agg.aggregate(state, _global(), first, WEIGHTS, context)
+  aggregate = _jitted(agg, context)
+  new, _, state1 = aggregate(state, _global(), first, WEIGHTS)
   residual = np.asarray(state1["residual"]["l1"])
-  new2, _, _ = agg.aggregate(state1, new, second, WEIGHTS, context)
+  new2, _, _ = aggregate(state1, new, second, WEIGHTS)
   f = second["lora"]["l1"]
   exact = SCALE * np.einsum("c,cir,cro->io", WEIGHTS, f["a"], f["b"])
   got = SCALE * np.asarray(new2["lora"]["l1"]["a"] @ new2["lora"]["l1"]["b"])
@@ -234,9 +243,9 @@ def test_meta_objective_trains_the_synthesizer_through_the_aggregation():
   target = jax.random.normal(jax.random.key(3), (D_IN, D_OUT))
   meta_loss = lambda g: sum(jnp.sum((SCALE * f["a"] @ f["b"] - target) ** 2) for f in g["lora"].values())
   context = AggregationContext(jax.random.normal(jax.random.key(4), (C, SIG)), jnp.ones(C), meta_loss)
-  losses = []
+  losses, aggregate = [], _jitted(agg, context)
   for _ in range(30):
-    _, _, new_state = agg.aggregate(state, _global(), clients, WEIGHTS, context)
+    _, _, new_state = aggregate(state, _global(), clients, WEIGHTS)
     losses.append(float(new_state["meta_loss"]))
     state = new_state.replace(residual=state.residual)  # Same round replayed: only ψ, ω learn.
   assert losses[-1] < losses[0] - 1e-3
@@ -253,11 +262,11 @@ def test_several_meta_steps_a_round_equal_as_many_replays_of_one():
   one = hyperlora_synthesizer(cfg, optax.sgd(1e-3))
   three = hyperlora_synthesizer(cfg, optax.sgd(1e-3), meta_steps=3)
   state = one.init(_global(), jax.random.key(0), SIG)
-  replayed = state
+  replayed, aggregate_once = state, _jitted(one, context)
   for _ in range(3):  # The same round three times, one step each: only ψ, ω move.
-    new_global, _, after = one.aggregate(replayed, _global(), clients, WEIGHTS, context)
+    new_global, _, after = aggregate_once(replayed, _global(), clients, WEIGHTS)
     replayed = after.replace(residual=state.residual)
-  got_global, _, got = three.aggregate(state, _global(), clients, WEIGHTS, context)
+  got_global, _, got = _jitted(three, context)(state, _global(), clients, WEIGHTS)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-6), got["params"], replayed["params"])
   assert not np.allclose(jax.tree.leaves(got["params"]["synth"])[-1], jax.tree.leaves(state["params"]["synth"])[-1])
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-5), got_global, new_global)
@@ -269,7 +278,7 @@ def test_no_participant_leaves_the_learned_parameters_untouched():
   cfg = SynthesisConfig(scale=SCALE, rank=R, corrector="learned")
   agg, state = _init(cfg)
   context = AggregationContext(jnp.zeros((C, SIG)), jnp.ones(C), lambda g: sum(jnp.sum(x) for x in jax.tree.leaves(g)))
-  _, _, new_state = agg.aggregate(state, _global(), _clients(), jnp.zeros(C), context)
+  _, _, new_state = _jitted(agg, context)(state, _global(), _clients(), jnp.zeros(C))
   jax.tree.map(np.testing.assert_array_equal, new_state["params"], state["params"])
 
 

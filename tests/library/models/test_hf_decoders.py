@@ -355,8 +355,8 @@ def test_padding_and_remat_leave_the_real_tokens_unchanged():
   model, variables, _ = _load_fixture()
   ids = jnp.asarray([[0, 5, 9, 17, 4, 2, 2]])
   mask = jnp.asarray([[1, 1, 1, 1, 1, 0, 0]])
-  padded = model.apply(variables, ids, mask)
-  np.testing.assert_allclose(padded[:, :5], model.apply(variables, ids[:, :5]), rtol=1e-5, atol=1e-6)
+  padded = jax.jit(model.apply)(variables, ids, mask)
+  np.testing.assert_allclose(padded[:, :5], jax.jit(model.apply)(variables, ids[:, :5]), rtol=1e-5, atol=1e-6)
   remat = DecoderLM(
     **{
       **{
@@ -378,8 +378,8 @@ def test_padding_and_remat_leave_the_real_tokens_unchanged():
   )
   loss = lambda m: lambda v: jnp.sum(m.apply(v, ids, mask)[0, :5, :3])
   np.testing.assert_allclose(
-    jax.grad(loss(remat))(variables)["params"]["block_0"]["mlp"]["up"]["kernel"],
-    jax.grad(loss(model))(variables)["params"]["block_0"]["mlp"]["up"]["kernel"],
+    jax.jit(jax.grad(loss(remat)))(variables)["params"]["block_0"]["mlp"]["up"]["kernel"],
+    jax.jit(jax.grad(loss(model)))(variables)["params"]["block_0"]["mlp"]["up"]["kernel"],
     rtol=1e-5,
     atol=1e-6,
   )
