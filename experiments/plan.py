@@ -14,8 +14,9 @@ weights recomputed in the backward, `model.recompute_attention`, then the backbo
 recomputed, `model.remat`, split over a model axis, then its kernels in int8, then nf4:
 `compute.backbone_quantization`; `experiments.runner.memory.settings_to_try`; then, for the largest
 chunk that fits, FLOPs, the TPU cost model's time and MFU, and the collectives; where that chunk
-holds several clients a device and the cost model gives a time, the round of one client per
-device at a time too, and the faster of the two is the best (`faster_chunk`). Every compiler
+holds several clients a device and the cost model gives a time (and `--chunks` is not given),
+the round of one client per device at a time too, and the faster of the two is the best
+(`faster_chunk`). Every compiler
 figure is an estimate. The frozen backbone runs in `compute.backbone_dtype` as on the target
 ('auto': bfloat16); the round's block is planned on the devices (`data.feed='round'`; 'chunk'
 is planned as 'round') and, where nothing fits so and the target's devices have pinned host
@@ -137,11 +138,12 @@ def plan_evaluation(exp, task, fed_round, frozen, target, model_parallel: int, c
 
 
 def faster_chunk(chunk: int, report: plan.Plan, axis: int, one_each: plan.Plan) -> tuple[int, plan.Plan]:
-  """(clients_per_chunk, plan) of the two ways to run a round the cost model estimated, printed:
-  the largest chunk that fits (`chunk`, `report`), or one client per device at a time (`axis`,
-  `one_each`: a loop over each device's clients compiled into the round), whichever is estimated
-  faster (and fits). More clients at once is not always faster: a TPU's on-chip memory may hold one client's
-  attention weights but not two (BENCHMARKS.md, "Where the estimated time goes")."""
+  """The faster of two ways to run a round, by the cost model's estimates (both printed): the
+  largest chunk that fits (`chunk` clients at once, 0: all; its plan `report`) or one client per
+  device at a time (`axis` at once, `one_each`: a loop over each device's clients compiled into
+  the round), the latter only where it fits. More clients at once is not always faster: a TPU's
+  on-chip memory may hold one client's attention weights but not two (BENCHMARKS.md, "Where the
+  estimated time goes"). Returns (clients_per_chunk, its plan)."""
   seconds, alone = report.estimated_seconds, one_each.estimated_seconds
   faster = alone is not None and seconds is not None and alone < seconds and one_each.fits is not False
   print(f"one client per device at a time (--config.fed.clients_per_chunk={axis}): "
@@ -233,7 +235,7 @@ def main(argv) -> None:
   )  # fmt: skip
   report = planned(clients_per_chunk=chunk)
   axis = len(target.devices) // model_parallel
-  if report.estimated_seconds and (chunk or len(ids)) > axis:  # Several clients a device at once: try one.
+  if report.estimated_seconds and not _CHUNKS.value and (chunk or len(ids)) > axis:  # Several a device: try one.
     chunk, report = faster_chunk(chunk, report, axis, planned(clients_per_chunk=axis))
   flags_line = (
     f"--config.fed.clients_per_chunk={chunk} --config.fed.model_parallel={model_parallel} "
