@@ -260,12 +260,7 @@ def _attention_backward(residuals, grad_out):
   dL = P ⊙ (dP - rowsum(dO ⊙ O)) / sqrt(hd) (the softmax's derivative: rowsum(dP ⊙ P) =
   rowsum(dO ⊙ O), a sum over hd rather than over S, as FlashAttention's backward takes it);
   dQ = dL K; dK = dLᵀ Q. The bias (a mask) gets no gradient."""
-  q, k, v, weights, out = residuals
-  return _attention_gradients(q, k, v, weights, out, grad_out)
-
-
-def _attention_gradients(q, k, v, weights, out, grad_out):
-  """(dQ, dK, dV, None) of `_attention_backward`'s formulas; weights [B, H, T, S] in v's dtype."""
+  q, k, v, weights, out = residuals  # weights [B, H, T, S] in v's dtype.
   row = jnp.sum(grad_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)  # [B, H, T, 1]
   grad_weights = (grad_out @ jnp.swapaxes(v, -1, -2)).astype(jnp.float32)
   grad_logits = (weights.astype(jnp.float32) * (grad_weights - row) / math.sqrt(q.shape[-1])).astype(q.dtype)
@@ -304,7 +299,7 @@ def _attention_backward_recomputing(residuals, grad_out):
   # which would keep the forward's [T, S] alive until here, as jax.checkpoint's own does.
   q, k, bias = jax.lax.optimization_barrier((q, k, bias))
   weights = _weights_of(_attention_logits(q, k, bias), row_max, row_sum).astype(v.dtype)
-  return _attention_gradients(q, k, v, weights, out, grad_out)
+  return _attention_backward((q, k, v, weights, out), grad_out)
 
 
 _attention_core_recomputed.defvjp(_attention_forward_keeping_row_sums, _attention_backward_recomputing)
