@@ -47,7 +47,7 @@ test-plan: $(VENV)/.installed
 	  "$$($(PLAN_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/project_venv.pth"
 	$(PLAN_VENV)/bin/python -m pip install -q --no-deps $(LIBTPU) $(CUDA_PLUGIN)
 	JAX_PLATFORMS=cpu $(PLAN_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/library/test_plan.py \
-	  tests/end_to_end/test_plan_cli.py -k "tpu or h100"  # The rest ran in make test.
+	  tests/end_to_end/test_plan_cli.py -k "tpu or h100" -n 2  # The rest ran in make test.
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -13,10 +13,11 @@ again with the round's inputs in host memory, `data.feed='host'`, then a decoder
 weights recomputed in the backward, `model.recompute_attention`, then the backbone's blocks
 recomputed, `model.remat`, split over a model axis, then its kernels in int8, then nf4:
 `compute.backbone_quantization`; `experiments.runner.memory.settings_to_try`; then, for the largest
-chunk that fits, FLOPs, the TPU cost model's time and MFU, and the collectives; where that chunk
-holds several clients a device and the cost model gives a time (and `--chunks` is not given),
-the round of one client per device at a time too, and the faster of the two is the best
-(`faster_chunk`). Every compiler
+chunk that fits, FLOPs, the TPU cost model's time and MFU, and the collectives; where the cost
+model gives a time (and neither `--chunks` nor `--compare=false` is given), the round of one
+client per device at a time too (where that chunk holds several clients a device), each also with
+a decoder's attention weights recomputed (where it was planned without), and the fastest that
+fits is the best (`fastest`); then the run's rounds times that round's time. Every compiler
 figure is an estimate. The frozen backbone runs in `compute.backbone_dtype` as on the target
 ('auto': bfloat16); the round's block is planned on the devices (`data.feed='round'`; 'chunk'
 is planned as 'round') and, where nothing fits so and the target's devices have pinned host
@@ -58,6 +59,12 @@ _MEMORY_GIB = flags.DEFINE_float(
   "memory_gib", 0.0, "Plan against this much memory per device (GiB) instead of the chip's (0: the chip's)."
 )
 _COST = flags.DEFINE_bool("cost", True, "Also compile the loop-free round for FLOPs and time.")
+_COMPARE = flags.DEFINE_bool(
+  "compare",
+  True,
+  "Where the cost model gives a time (TPUs) and --chunks is not given: also cost one client per device "
+  "at a time and a decoder's attention weights recomputed, and recommend the fastest that fits.",
+)
 
 
 def padded(tree, size: int):
@@ -137,20 +144,71 @@ def plan_evaluation(exp, task, fed_round, frozen, target, model_parallel: int, c
   return plans
 
 
-def faster_chunk(chunk: int, report: plan.Plan, axis: int, one_each: plan.Plan) -> tuple[int, plan.Plan]:
-  """The faster of two ways to run a round, by the cost model's estimates (both printed): the
-  largest chunk that fits (`chunk` clients at once, 0: all; its plan `report`) or one client per
-  device at a time (`axis` at once, `one_each`: a loop over each device's clients compiled into
-  the round), the latter only where it fits. More clients at once is not always faster: a TPU's
-  on-chip memory may hold one client's attention weights but not two (BENCHMARKS.md, "Where the
-  estimated time goes"). Returns (clients_per_chunk, its plan)."""
-  seconds, alone = report.estimated_seconds, one_each.estimated_seconds
-  faster = alone is not None and seconds is not None and alone < seconds and one_each.fits is not False
-  print(f"one client per device at a time (--config.fed.clients_per_chunk={axis}): "
-        f"{plan.format_seconds(alone) if alone else 'no estimate'} against {plan.format_seconds(seconds)} for "
-        f"clients_per_chunk={chunk} (TPU cost model estimates): "
-        + ("one at a time is faster" if faster else "the larger chunk is faster"))  # fmt: skip
-  return (axis, one_each) if faster else (chunk, report)
+@dataclasses.dataclass(frozen=True)
+class Way:
+  """One way to run the round that the plan costs.
+
+  Attributes:
+    chunk: `fed.clients_per_chunk` (0: all of the round's clients at once).
+    per_device: clients each device holds at once.
+    attention: `model.recompute_attention` (None: the model has no such option).
+    report: its `plan.Plan`.
+  """
+
+  chunk: int
+  per_device: int
+  attention: bool | None
+  report: plan.Plan
+
+  def flags(self) -> str:
+    """The run's flags that select this way."""
+    recomputed = "" if self.attention is None else f" --config.model.recompute_attention={self.attention}"
+    return f"--config.fed.clients_per_chunk={self.chunk}{recomputed}"
+
+
+def fastest(ways: list[Way]) -> Way:
+  """The fastest of `ways` that fits, by the TPU cost model's estimated time (each printed): more
+  clients at once is not always faster (a TPU's on-chip memory may hold one client's attention
+  weights but not two), nor is recomputing the attention's weights always slower (it writes no
+  [T, T] weights to HBM): BENCHMARKS.md, "Where the estimated time goes". Ways without an
+  estimate or that do not fit are never chosen; of equal times the earlier; where no way has
+  an estimate, the first.
+
+  Args:
+    ways: the ways planned, the largest chunk that fits as configured first.
+  Returns:
+    The way chosen.
+  """
+  timed = [w for w in ways if w.report.estimated_seconds is not None and w.report.fits is not False]
+  best = min(timed, key=lambda w: w.report.estimated_seconds) if timed else ways[0]
+  print("ways to run the round, by the TPU cost model's estimated time:")
+  for way in ways:
+    seconds = way.report.estimated_seconds
+    shown = plan.format_seconds(seconds) if seconds is not None else "no estimate"
+    at_once = "a device at once" if way.per_device > 1 else "a device at a time"
+    print(f"  {way.flags()} ({way.per_device} {at_once}): {shown}"
+          + ("  DOES NOT FIT" if way.report.fits is False else "") + ("  <- the fastest" if way is best else ""))  # fmt: skip
+  return best
+
+
+def run_time_line(round_seconds: float, rounds: int, eval_every: int, chips: int) -> str:
+  """The whole run's device time for its rounds, from one round's estimate (every round runs
+  the same program on a cohort of the same size): what a researcher books the chips for.
+
+  Args:
+    round_seconds: one round's estimated time; rounds: `fed.num_rounds`; eval_every: rounds
+      between evaluations (the last round is evaluated too); chips: the target's devices.
+  Returns:
+    One line, labelled an estimate, naming what it leaves out.
+  """
+  evaluations = rounds // eval_every + (1 if rounds % eval_every else 0)
+  total = round_seconds * rounds
+  shown = plan.format_seconds(total) if total < 3600 else f"{total / 3600:.2f} h"
+  return (
+    f"the run's {rounds} rounds: {shown} of device time, {total * chips / 3600:.3g} "
+    f"chip-hours on {chips} chips (TPU cost model estimate of the rounds alone: its {evaluations} "
+    f"evaluation(s), the host's input and the compiles not included)"
+  )
 
 
 def main(argv) -> None:
@@ -229,14 +287,27 @@ def main(argv) -> None:
                      f"bits and split over every model axis the devices allow included; lower "
                      f"fed.clients_per_round, fed.batch_size or the model")  # fmt: skip
   chunk, feed, attention, remat, model_parallel, quantization, task, fed_round, frozen, (block, ids, weights) = best
-  planned = functools.partial(
-    plan.plan_round, fed_round, exp.initial_trainable, frozen, block, ids, weights, target,
-    signatures=exp.signatures, model_parallel=model_parallel, cost=_COST.value, host_feed=feed == "host",
-  )  # fmt: skip
-  report = planned(clients_per_chunk=chunk)
   axis = len(target.devices) // model_parallel
-  if report.estimated_seconds and not _CHUNKS.value and (chunk or len(ids)) > axis:  # Several a device: try one.
-    chunk, report = faster_chunk(chunk, report, axis, planned(clients_per_chunk=axis))
+
+  def planned(round_: federated.FederatedRound, chunk_: int) -> plan.Plan:
+    return plan.plan_round(
+      round_, exp.initial_trainable, frozen, block, ids, weights, target, signatures=exp.signatures,
+      model_parallel=model_parallel, clients_per_chunk=chunk_, cost=_COST.value, host_feed=feed == "host",
+    )  # fmt: skip
+
+  at_once = lambda chunk_: (chunk_ or len(ids)) // axis
+  ways = [Way(chunk, at_once(chunk), attention, planned(fed_round, chunk))]
+  if ways[0].report.estimated_seconds and _COMPARE.value and not _CHUNKS.value:
+    chunks = [chunk] + ([axis] if at_once(chunk) > 1 else [])  # Several a device: one at a time too.
+    ways += [Way(axis, 1, attention, planned(fed_round, axis)) for _ in chunks[1:]]
+    if attention is False:  # A decoder's attention weights recomputed: less memory, maybe faster.
+      _, recomputing = _round_for(exp, dtype, remat, True)
+      ways += [Way(c, at_once(c), True, planned(recomputing, c)) for c in chunks]
+  way = fastest(ways) if len(ways) > 1 else ways[0]
+  chunk, report = way.chunk, way.report
+  if way.attention != attention:
+    attention = way.attention
+    task, fed_round = _round_for(exp, dtype, remat, attention)
   flags_line = (
     f"--config.fed.clients_per_chunk={chunk} --config.fed.model_parallel={model_parallel} "
     f"--config.compute.backbone_quantization={quantization}"
@@ -245,6 +316,8 @@ def main(argv) -> None:
         + ("" if attention is None else f" --config.model.recompute_attention={attention}")
         + f" --config.data.feed={feed}")  # fmt: skip
   print("\n".join(report.lines()))
+  if report.estimated_seconds:
+    print(run_time_line(report.estimated_seconds, config.fed.num_rounds, config.eval_every, len(target.devices)))
   for name, evaluated in plan_evaluation(exp, task, fed_round, frozen, target, model_parallel, chunk).items():
     used = evaluated.memory
     verdict = {True: "fits", False: "DOES NOT FIT", None: "fit unknown"}[evaluated.fits]

@@ -47,22 +47,72 @@ def test_a_dpo_run_is_planned_with_its_pairs(cache_dirs):
   assert "--config.model.remat=False --config.model.recompute_attention=False" in out, out  # As configured.
 
 
+def _ways(out):
+  """{flags: estimated µs} of the plan's "ways to run the round" lines, and the flags marked fastest."""
+  ways = re.findall(r"^  (--config\.fed\.clients_per_chunk=\d+[^(]*?) \(\d+ a device at (?:once|a time)\): "
+                    r"([\d.]+) µs(  <- the fastest)?$", out, re.M)  # fmt: skip
+  return {flags: float(us) for flags, us, _ in ways}, [flags for flags, _, mark in ways if mark]
+
+
 def test_the_plan_on_compile_only_tpu_devices_estimates_time_and_mfu_and_picks_the_faster_chunk(cache_dirs):
   """16 clients on a v5e-8, 2 a device: all at once fits, and the round of one client per device
-  at a time is costed beside it; the best line names the faster, whose figures follow."""
+  at a time is costed beside it; the best line names the faster, whose figures follow, and the
+  run's time is its rounds times the round's."""
   pytest.importorskip("libtpu")
   out = _plan(cache_dirs, "v5e:2x4", "--config.data.num_clients=16", "--config.fed.clients_per_round=16")
   assert "16 clients a round (2 per device of the clients axis)" in out and "backbone in bfloat16" in out
-  times = re.search(r"one client per device at a time \(--config.fed.clients_per_chunk=8\): ([\d.]+) µs against "
-                    r"([\d.]+) µs for clients_per_chunk=0", out)  # fmt: skip
-  assert times, out
-  alone, together = float(times.group(1)), float(times.group(2))
+  ways, fastest = _ways(out)
+  assert list(ways) == ["--config.fed.clients_per_chunk=0", "--config.fed.clients_per_chunk=8"], out
+  alone, together = ways["--config.fed.clients_per_chunk=8"], ways["--config.fed.clients_per_chunk=0"]
   assert alone != together  # Two programs: the chunk loop's and the vmapped one's.
   best = 8 if alone < together else 0
+  assert fastest == [f"--config.fed.clients_per_chunk={best}"], out
   assert f"best fitting: --config.fed.clients_per_chunk={best} " in out, out
   shown = re.search(r"time \(TPU cost model estimate\): ([\d.]+) µs, estimated MFU [\d.]+%", out)
   assert shown and float(shown.group(1)) == min(alone, together), out
   assert "of 15.75 GiB (fits)" in out and "all-reduce" in out
+  run = re.search(r"the run's 3 rounds: ([\d.]+) µs of device time, [\d.e+-]+ chip-hours on 8 chips", out)
+  assert run and float(run.group(1)) == pytest.approx(3 * min(alone, together), abs=0.15), out  # Rounded to 0.1.
+
+
+def test_the_plan_of_a_decoder_on_tpu_devices_weighs_recomputing_its_attention(cache_dirs):
+  """The text smoke run on a v5e-8 (one client a device): its round with and without the
+  attention's weights recomputed in the backward, both costed; the best line names the faster."""
+  pytest.importorskip("libtpu")
+  out = _plan(cache_dirs, "v5e:2x4", config="configs/instruction_tuning.py:smoke")
+  ways, fastest = _ways(out)
+  kept, recomputed = (
+    f"--config.fed.clients_per_chunk=0 --config.model.recompute_attention={on}" for on in (False, True)
+  )
+  assert list(ways) == [kept, recomputed], out
+  assert ways[kept] != ways[recomputed]  # One q kᵀ product more a layer, and no [T, T] weights kept.
+  best = kept if ways[kept] < ways[recomputed] else recomputed
+  assert fastest == [best], out
+  assert "best fitting: --config.fed.clients_per_chunk=0 " in out and best.split()[-1] + " --config.data.feed" in out
+  shown = re.search(r"time \(TPU cost model estimate\): ([\d.]+) µs", out)
+  assert shown and float(shown.group(1)) == min(ways.values()), out
+
+
+def test_the_fastest_way_fits_and_has_an_estimate_and_the_run_time_is_rounds_times_a_round():
+  """`experiments.plan.fastest` on hand-made plans, and the run's time by hand count."""
+  from experiments.plan import Way, fastest, run_time_line
+  from hyperlora_jax import plan
+
+  target = plan.target("cpu")
+  way = lambda chunk, seconds, fits=True, attention=None: Way(
+    chunk, 2, attention, plan.Plan(target, {"total": 1}, fits, None, seconds, 0, {})
+  )  # fmt: skip
+  ways = [way(0, 0.30), way(8, 0.25), way(0, 0.20, attention=True), way(8, 0.10, fits=False, attention=True)]
+  assert fastest(ways) is ways[2]  # The quickest that fits; the one that does not fit is never chosen.
+  assert fastest([way(0, 0.30), way(8, 0.30)]).chunk == 0  # Of equal times the earlier (the configured one).
+  assert fastest([way(0, None), way(8, 0.1, fits=None)]).chunk == 8  # Fit unknown is not "does not fit".
+  assert fastest([way(0, None), way(8, None)]).chunk == 0  # Nothing to compare: the largest chunk that fits.
+  assert ways[2].flags() == "--config.fed.clients_per_chunk=0 --config.model.recompute_attention=True"
+  # 30 rounds of 885.4 ms on 8 chips, evaluated every 5 rounds (6 times) or every 4 (7 times and the last).
+  line = run_time_line(0.8854, 30, 5, 8)
+  assert line.startswith("the run's 30 rounds: 26.56 s of device time, 0.059 chip-hours on 8 chips"), line
+  assert "its 6 evaluation(s)" in line and "its 8 evaluation(s)" in run_time_line(0.8854, 30, 4, 8)
+  assert run_time_line(0.8854, 30_000, 5, 8).startswith("the run's 30000 rounds: 7.38 h of device time, 59 chip-hours")
 
 
 @pytest.mark.slow  # Two CLI runs (about 25 s on 2 cores).
