@@ -191,38 +191,96 @@ def fastest(ways: list[Way]) -> Way:
   return best
 
 
-def run_time_line(round_seconds: float, rounds: int, eval_every: int, chips: int) -> str:
+def duration(seconds: float) -> str:
+  """A run's time for people to read: `plan.format_seconds` under an hour, else hours ('7.38 h')."""
+  return plan.format_seconds(seconds) if seconds < 3600 else f"{seconds / 3600:.2f} h"
+
+
+def run_time_line(round_seconds: float, rounds: int, eval_every: int, chips: int, loops: int = 0) -> str:
   """The whole run's device time for its rounds, from one round's estimate (every round runs
   the same program on a cohort of the same size): what a researcher books the chips for.
 
   Args:
     round_seconds: one round's estimated time; rounds: `fed.num_rounds`; eval_every: rounds
-      between evaluations (the last round is evaluated too); chips: the target's devices.
+      between evaluations (the last round is evaluated too); chips: the target's devices;
+      loops: loops left in the program costed (`Plan.loops`: their bodies counted once, so the
+      time is a lower bound).
   Returns:
     One line, labelled an estimate, naming what it leaves out.
   """
   evaluations = rounds // eval_every + (1 if rounds % eval_every else 0)
   total = round_seconds * rounds
-  shown = plan.format_seconds(total) if total < 3600 else f"{total / 3600:.2f} h"
+  at_least = "at least " if loops else ""
   return (
-    f"the run's {rounds} rounds: {shown} of device time, {total * chips / 3600:.3g} "
+    f"the run's {rounds} rounds: {at_least}{duration(total)} of device time, {at_least}{total * chips / 3600:.3g} "
     f"chip-hours on {chips} chips (TPU cost model estimate of the rounds alone: its {evaluations} "
-    f"evaluation(s), the host's input and the compiles not included)"
-  )
+    f"evaluation(s), the host's input and the compiles not included"
+    + (f"; {loops} loop(s) in the round counted once" if loops else "") + ")"
+  )  # fmt: skip
 
 
-def main(argv) -> None:
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  config = _CONFIG.value
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+  """A configured run planned for a target (`plan_run`).
+
+  Attributes:
+    flags: the run's flags that the plan recommends ("--config.fed.clients_per_chunk=... ...").
+    report: the recommended round's `plan.Plan`.
+    rounds: `fed.num_rounds`.
+    evaluations: {name: Plan} of its evaluation programs (`plan_evaluation`).
+  """
+
+  flags: str
+  report: plan.Plan
+  rounds: int
+  evaluations: dict
+
+  @property
+  def run_seconds(self) -> float | None:
+    """The run's rounds times its round's estimated time (TPUs; None elsewhere)."""
+    seconds = self.report.estimated_seconds
+    return None if seconds is None else seconds * self.rounds
+
+
+class NothingFits(ValueError):
+  """No chunk of any memory setting fits the target (the message names the field to lower)."""
+
+
+def plan_run(
+  config,
+  target_name: str,
+  *,
+  model_parallel: int = 0,
+  chunks: tuple[str, ...] = (),
+  memory_gib: float = 0.0,
+  cost: bool = True,
+  compare: bool = True,
+) -> RunPlan:
+  """Plans the run `config` describes for `target_name`'s devices, printing each step (the
+  module's docstring says what it tries, in order).
+
+  Args:
+    config: the run's ConfigDict (changed in place: its feed, chunk and devices as planned).
+    target_name: e.g. "v5e:2x4", "h100", "cpu" (`plan.TARGETS`).
+    model_parallel: the model axis (0: the config's, and the plan may split further).
+    chunks: the chunks per device to plan, as `--chunks` gives them (): the largest that fits).
+    memory_gib: plan against this much memory per device (0: the chip's).
+    cost: compile the loop-free round for FLOPs and time.
+    compare: weigh the other ways to run the round by the cost model (`fastest`).
+  Returns:
+    The `RunPlan` of the way recommended.
+  Raises:
+    NothingFits: no setting fits; ValueError: a host feed on devices without host memory.
+  """
   feed = "host" if config.data.feed == "host" else "round"  # 'chunk' (a host callback) is planned as 'round'.
   config.data.feed = "round"
   if config.fed.clients_per_chunk < 0:
     config.fed.clients_per_chunk = 0  # Nothing is timed here: the plan compares chunks itself.
-  target = plan.target(_TARGET.value)
-  if _MEMORY_GIB.value:
-    target = dataclasses.replace(target, memory_bytes=int(_MEMORY_GIB.value * plan.GIB), usable_fraction=1.0)
-  model_parallel = _MODEL_PARALLEL.value or config.fed.get("model_parallel", 1)
+  target = plan.target(target_name)
+  if memory_gib:
+    target = dataclasses.replace(target, memory_bytes=int(memory_gib * plan.GIB), usable_fraction=1.0)
+  fixed_model_axis = bool(model_parallel)
+  model_parallel = model_parallel or config.fed.get("model_parallel", 1)
   config.fed.num_devices, config.fed.model_parallel = 1, 1  # Built on this machine's one device.
   exp = build_experiment(config, log=lambda line: print(f"  build: {line}"))
   dtype = backbone_dtype(config.compute.backbone_dtype, backend=target.platform)
@@ -237,10 +295,10 @@ def main(argv) -> None:
     f"clients axis), {config.fed.local_steps} local steps of {config.fed.batch_size}, model axis {model_parallel}, "
     f"backbone in {np.dtype(dtype).name}; compiler estimates, nothing ran"
   )
-  devices = 0 if _MODEL_PARALLEL.value else len(target.devices)  # --model_parallel fixes the model axis.
+  devices = 0 if fixed_model_axis else len(target.devices)  # --model_parallel fixes the model axis.
   host_memory = primitives.has_host_memory(target.devices[0])
   if feed == "host" and not host_memory:
-    raise SystemExit(f"data.feed: 'host' cannot be planned on {target.name}: its devices list no pinned host memory "
+    raise ValueError(f"data.feed: 'host' cannot be planned on {target.name}: its devices list no pinned host memory "
                      f"(compile-only GPU devices do not); plan data.feed='round'")  # fmt: skip
   host_memory = host_memory and target.platform != "cpu"  # The CPU's host memory is its own: never tried there.
   model = exp.task.model
@@ -272,8 +330,8 @@ def main(argv) -> None:
             + {True: "", False: "  DOES NOT FIT", None: ""}[report.fits])  # fmt: skip
       return report.fits
 
-    if _CHUNKS.value:  # The chunks given, each planned; the first that fits is taken.
-      verdicts = [(c, fits(int(c) or per_device)) for c in _CHUNKS.value]
+    if chunks:  # The chunks given, each planned; the first that fits is taken.
+      verdicts = [(c, fits(int(c) or per_device)) for c in chunks]
       chunk = next((int(c) or per_device for c, verdict in verdicts if verdict is not False), None)
     else:  # All at once, then 16, 4, 1 per device, then bisection between the first fit and the last misfit.
       chunk, _ = plan.largest_fitting_chunk(per_device, fits)
@@ -283,7 +341,7 @@ def main(argv) -> None:
               (block, ids, weights))  # fmt: skip
       break
   if best is None:
-    raise SystemExit(f"fed.clients_per_chunk: no candidate fits {target.name}, the backbone recomputed and in 4 "
+    raise NothingFits(f"fed.clients_per_chunk: no candidate fits {target.name}, the backbone recomputed and in 4 "
                      f"bits and split over every model axis the devices allow included; lower "
                      f"fed.clients_per_round, fed.batch_size or the model")  # fmt: skip
   chunk, feed, attention, remat, model_parallel, quantization, task, fed_round, frozen, (block, ids, weights) = best
@@ -292,17 +350,17 @@ def main(argv) -> None:
   def planned(round_: federated.FederatedRound, chunk_: int) -> plan.Plan:
     return plan.plan_round(
       round_, exp.initial_trainable, frozen, block, ids, weights, target, signatures=exp.signatures,
-      model_parallel=model_parallel, clients_per_chunk=chunk_, cost=_COST.value, host_feed=feed == "host",
+      model_parallel=model_parallel, clients_per_chunk=chunk_, cost=cost, host_feed=feed == "host",
     )  # fmt: skip
 
   at_once = lambda chunk_: (chunk_ or len(ids)) // axis
   ways = [Way(chunk, at_once(chunk), attention, planned(fed_round, chunk))]
-  if ways[0].report.estimated_seconds and _COMPARE.value and not _CHUNKS.value:
-    chunks = [chunk] + ([axis] if at_once(chunk) > 1 else [])  # Several a device: one at a time too.
-    ways += [Way(axis, 1, attention, planned(fed_round, axis)) for _ in chunks[1:]]
+  if ways[0].report.estimated_seconds and compare and not chunks:
+    tried = [chunk] + ([axis] if at_once(chunk) > 1 else [])  # Several a device: one at a time too.
+    ways += [Way(axis, 1, attention, planned(fed_round, axis)) for _ in tried[1:]]
     if attention is False:  # A decoder's attention weights recomputed: less memory, maybe faster.
       _, recomputing = _round_for(exp, dtype, remat, True)
-      ways += [Way(c, at_once(c), True, planned(recomputing, c)) for c in chunks]
+      ways += [Way(c, at_once(c), True, planned(recomputing, c)) for c in tried]
   way = fastest(ways) if len(ways) > 1 else ways[0]
   chunk, report = way.chunk, way.report
   if way.attention != attention:
@@ -312,19 +370,37 @@ def main(argv) -> None:
     f"--config.fed.clients_per_chunk={chunk} --config.fed.model_parallel={model_parallel} "
     f"--config.compute.backbone_quantization={quantization}"
   )
-  print("best fitting: " + flags_line + ("" if remat is None else f" --config.model.remat={remat}")
-        + ("" if attention is None else f" --config.model.recompute_attention={attention}")
-        + f" --config.data.feed={feed}")  # fmt: skip
+  best_flags = (
+    flags_line + ("" if remat is None else f" --config.model.remat={remat}")
+    + ("" if attention is None else f" --config.model.recompute_attention={attention}")
+    + f" --config.data.feed={feed}"
+  )  # fmt: skip
+  print("best fitting: " + best_flags)
   print("\n".join(report.lines()))
   if report.estimated_seconds:
-    print(run_time_line(report.estimated_seconds, config.fed.num_rounds, config.eval_every, len(target.devices)))
-  for name, evaluated in plan_evaluation(exp, task, fed_round, frozen, target, model_parallel, chunk).items():
+    chips = len(target.devices)
+    print(run_time_line(report.estimated_seconds, config.fed.num_rounds, config.eval_every, chips, report.loops))
+  evaluations = plan_evaluation(exp, task, fed_round, frozen, target, model_parallel, chunk)
+  for name, evaluated in evaluations.items():
     used = evaluated.memory
     verdict = {True: "fits", False: "DOES NOT FIT", None: "fit unknown"}[evaluated.fits]
     hint = "" if evaluated.fits is not False else "; lower eval_batch (or data.stream_chunk_examples)"
     print(f"evaluation ({name}, eval_batch={config.eval_batch}): {plan.format_bytes(used['total'])} per "
           f"device ({verdict}): arguments {plan.format_bytes(used.get('arguments', 0))}, temporaries "
           f"{plan.format_bytes(used.get('temporaries', 0))}{hint}")  # fmt: skip
+  return RunPlan(best_flags, report, config.fed.num_rounds, evaluations)
+
+
+def main(argv) -> None:
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  try:
+    plan_run(
+      _CONFIG.value, _TARGET.value, model_parallel=_MODEL_PARALLEL.value, chunks=tuple(_CHUNKS.value),
+      memory_gib=_MEMORY_GIB.value, cost=_COST.value, compare=_COMPARE.value,
+    )  # fmt: skip
+  except NothingFits as e:
+    raise SystemExit(str(e)) from None
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@ finishes a sweep. Backbones and datasets are prepared once, in this process, bef
 starts; `--jobs N` then runs N runs at once, each in its own process. RUNS_DIR/index.json lists
 every run of the sweep (config, method, seed, overrides, workdir, status, seconds, final
 metrics, error), rewritten after each run; earlier sweeps' runs into the same RUNS_DIR stay in it.
+`--plan TARGET` (e.g. v5e:2x4) runs nothing: each distinct run is planned for the target
+(`experiments.plan`; a seed changes the numbers, not the program) and the sweep's device time and
+chip-hours are estimated from the TPU cost model (`plan_sweep`).
 A failed run is recorded and the sweep goes on; the command exits non-zero if any run failed.
 Workers die with the sweep (`kill -9` of it included), and each workdir is locked while a run
 uses it, so a restarted sweep never runs beside leftovers of the killed one.
@@ -46,6 +49,12 @@ _VARIANT = flags.DEFINE_string("variant", "", "Extra variant appended to every c
 _SET = flags.DEFINE_multi_string("set", [], "Config override FIELD=VALUE for every run (repeatable).")
 _GRID = flags.DEFINE_multi_string("grid", [], "A swept override FIELD=V1,V2,... (repeatable; product).")
 _JOBS = flags.DEFINE_integer("jobs", 1, "Runs at once (separate processes).")
+_PLAN = flags.DEFINE_string(
+  "plan",
+  "",
+  "Plan the sweep for a target instead of running it (e.g. v5e:2x4; experiments.plan): each distinct run "
+  "planned once (its seeds run the same program), and the sweep's device time and chip-hours estimated.",
+)
 
 INDEX_FILE = "index.json"
 
@@ -300,6 +309,87 @@ def run_sweep(specs: list[RunSpec], runs_dir: str, jobs: int = 1, variant: str =
   return entries
 
 
+def plan_sweep(specs: list[RunSpec], target_name: str, variant: str = "", log=print) -> list[dict]:
+  """Plans every distinct run of the sweep for `target_name` (`experiments.plan.plan_run`) and
+  prints the sweep's device time: each run's rounds times its round's TPU cost-model estimate,
+  times its seeds (a seed changes the numbers, not the program). Nothing runs; every config is
+  checked before the first compile.
+
+  Args:
+    specs: the sweep's runs (`expand`); target_name: e.g. "v5e:2x4" (`hyperlora_jax.plan.TARGETS`).
+    variant: as for `run_sweep`; log: where the summary goes.
+  Returns:
+    One row per distinct run: {"config", "method", "grid" (its swept values), "seeds", "flags", "fits",
+    "memory_bytes", "round_seconds", "run_seconds"} (seconds None without a cost model), or
+    {"config", "method", "grid", "seeds", "error"} where nothing fits.
+  """
+  from experiments import plan as planning
+  from experiments.runner import methods
+  from experiments.runner.config_validation import validate_config
+  from hyperlora_jax import plan
+
+  groups: dict[tuple, list[RunSpec]] = {}
+  for spec in specs:
+    groups.setdefault((spec.config_spec, spec.method, spec.overrides), []).append(spec)
+  configs = [make_config(group[0], variant) for group in groups.values()]
+  for config in configs:  # Every config error surfaces before anything compiles.
+    validate_config(config, methods.METHODS, methods.METHOD_BLOCKS)
+  rows = []
+  for ((config_spec, method, overrides), group), config in zip(groups.items(), configs):
+    row = {"config": config_spec, "method": method, "grid": list(group[0].grid), "seeds": len(group)}
+    log(f"sweep plan: {config_spec} --methods {method} {' '.join(overrides)} ({len(group)} seed(s))")
+    try:
+      planned = planning.plan_run(config, target_name)
+    except planning.NothingFits as e:
+      rows.append({**row, "error": str(e)})
+      continue
+    rows.append({
+      **row, "flags": planned.flags, "fits": planned.report.fits, "memory_bytes": planned.report.memory["total"],
+      "round_seconds": planned.report.estimated_seconds, "run_seconds": planned.run_seconds,
+      "loops": planned.report.loops,
+    })  # fmt: skip
+  chips = len(plan.target(target_name).devices)
+  for line in sweep_plan_lines(rows, target_name, chips):
+    log(line)
+  return rows
+
+
+def sweep_plan_lines(rows: list[dict], target_name: str, chips: int) -> list[str]:
+  """The summary of `plan_sweep`'s rows: a line per distinct run, then the sweep's total.
+
+  Args:
+    rows: `plan_sweep`'s rows; target_name: the target; chips: its devices.
+  Returns:
+    Lines without newlines; every time labelled a TPU cost-model estimate of the rounds alone.
+  """
+  from experiments.plan import duration
+  from hyperlora_jax import plan
+
+  out = [f"sweep plan on {target_name} ({chips} chips; compiler estimates, nothing ran):"]
+  for row in rows:
+    name = " ".join([row["config"], row["method"], *row["grid"]])
+    if "error" in row:
+      out.append(f"  {name}: NOTHING FITS ({row['error']})")
+      continue
+    seconds = row["run_seconds"]
+    at_least = "at least " if row["loops"] else ""  # Loops left in the round: counted once.
+    timed = "no time estimate" if seconds is None else f"{at_least}{duration(seconds)} a run"
+    out.append(f"  {name}: {plan.format_bytes(row['memory_bytes'])} per device, {timed} x {row['seeds']} seed(s); "
+               f"{row['flags']}")  # fmt: skip
+  runs = sum(row["seeds"] for row in rows)
+  timed = [row for row in rows if row.get("run_seconds") is not None]
+  total = sum(row["run_seconds"] * row["seeds"] for row in timed)
+  untimed = runs - sum(row["seeds"] for row in timed)
+  at_least = "at least " if any(row["loops"] for row in timed) else ""
+  out.append(
+    f"the sweep's {runs} runs: {at_least}{duration(total)} of device time, {at_least}{total * chips / 3600:.3g} "
+    f"chip-hours (TPU cost model estimate of their rounds alone: evaluations, the host's input and the compiles "
+    f"not included)"
+    + (f"; {untimed} run(s) without an estimate (no cost model for the target, or nothing fits)" if untimed else "")
+  )
+  return out
+
+
 def raise_if_failed(entries: list[dict], runs_dir: str) -> None:
   """SystemExit naming how many of the sweep's runs failed, if any did (their errors are in the
   index)."""
@@ -312,6 +402,9 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   specs = expand(_CONFIGS.value, _METHODS.value, [int(s) for s in _SEEDS.value], _SET.value, _GRID.value)
+  if _PLAN.value:
+    plan_sweep(specs, _PLAN.value, _VARIANT.value)
+    return
   start = time.time()
   entries = run_sweep(specs, _RUNS_DIR.value, _JOBS.value, _VARIANT.value)
   failed = [e for e in entries if e["status"] == "failed"]

@@ -102,6 +102,14 @@ TARGETS = ("v4:2x2x1", "v5e:2x4", "v5e:4x4", "v5p:2x2x1", "v6e:2x4", "h100", "h1
 # ConcatBitcast and ZeroCrop on every TPU; PrepareAsyncCallStart / -Done on v6e, whose TinyLlama
 # round read -9.6 s without them). A time still not positive after them is reported as none.
 _SECOND_LOWERING_CALLS = ("ConcatBitcast", "ZeroCrop", "PrepareAsyncCallStart", "PrepareAsyncCallDone")
+# The TPU's linear-algebra custom calls (QR, Cholesky, LU, eigh, triangular inverses: what
+# `jnp.linalg.svd` / `qr` / `cholesky` / `inv` / `eigh` become on a TPU) also lower it by exactly
+# 1.0 s each, and carry no estimate of their own: their time is in no estimate, and the plan
+# counts them as unpriced (a HyperLoRA round's SVDs read -36 s for 36 such calls, libtpu 0.0.42).
+_UNPRICED_CALLS = (
+  "QrDecompositionBlock", "CompactWyHelper", "Cholesky", "EighTpu", "LuDecompositionBlock",
+  "InvertDiagBlocksLowerTriangular", "InvertDiagBlocksUpperTriangular",
+)  # fmt: skip
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4}
 _DTYPE_BYTES.update({"s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1})
@@ -290,7 +298,8 @@ class Plan:
       )
     if self.estimated_seconds is not None:
       mfu = f", estimated MFU {self.mfu:.1%}" if self.mfu is not None else ""
-      out.append(f"  time (TPU cost model estimate): {format_seconds(self.estimated_seconds)}{mfu}")
+      counted_once = f"; {self.loops} loop(s) counted once: at least this" if self.loops else ""
+      out.append(f"  time (TPU cost model estimate): {format_seconds(self.estimated_seconds)}{mfu}{counted_once}")
     if self.time_shares:
       out.append(
         f"  where the estimated time goes (share of the cost model's cycles, by op): {format_shares(self.time_shares)}"
@@ -468,7 +477,7 @@ def cycles_by_op(hlo_text: str) -> tuple[dict[str, int], dict[str, int]]:
   """The TPU cost model's cycles per op of a compiled module, from the `estimated_cycles` the TPU
   compiler writes into each top-level fusion's backend config, times the runs of the loops
   around it (`loop_multipliers`), summed by `op_label`; and the ops it gave no estimate (a
-  scatter it offloads, say), by kind. Other compilers write none: ({}, {}).
+  scatter it offloads, a QR or Cholesky custom call), by kind. Other compilers write none: ({}, {}).
 
   Args:
     hlo_text: `compiled.as_text()` of a program compiled for TPU devices.
@@ -489,6 +498,10 @@ def cycles_by_op(hlo_text: str) -> tuple[dict[str, int], dict[str, int]]:
     if name in fused:  # Inside a fusion: priced as part of it.
       continue
     for line in lines:
+      call = re.search(r'custom_call_target="(\w+)"', line)
+      if call and call.group(1) in _UNPRICED_CALLS:  # Linear algebra: no estimate, 1 s off the time.
+        unpriced[call.group(1)] = unpriced.get(call.group(1), 0) + runs.get(name, 1)
+        continue
       estimate = re.search(r'"estimated_cycles":"(\d+)"', line)
       if not estimate:
         continue
@@ -524,9 +537,10 @@ def cost_of(compiled: Any) -> tuple[float | None, float | None, int]:
     compiled: a compiled program.
   Returns:
     FLOPs (None without a cost analysis), `optimal_seconds` plus 1.0 s per `ConcatBitcast`,
-    `ZeroCrop`, `PrepareAsyncCallStart` or `-Done` custom call (None where the compiler gives
-    none, or where that is not positive: a call of the kind not known yet), and the number of
-    while loops (whose bodies the analysis counted once).
+    `ZeroCrop`, `PrepareAsyncCallStart` or `-Done` custom call and per linear-algebra call
+    (QR, Cholesky, LU, eigh: whose own time is then in no estimate; `cycles_by_op` counts them
+    unpriced) (None where the compiler gives none, or where that is not positive: a call of the
+    kind not known yet), and the number of while loops (whose bodies the analysis counted once).
   """
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
@@ -537,7 +551,8 @@ def cost_of(compiled: Any) -> tuple[float | None, float | None, int]:
     return None, None, loops
   seconds = analysis.get("optimal_seconds")
   if seconds is not None:
-    lowering = sum(len(re.findall(rf'custom_call_target="{name}"', text)) for name in _SECOND_LOWERING_CALLS)
+    calls = _SECOND_LOWERING_CALLS + _UNPRICED_CALLS
+    lowering = sum(len(re.findall(rf'custom_call_target="{name}"', text)) for name in calls)
     seconds = float(seconds) + 1.0 * lowering
     seconds = seconds if seconds > 0 else None  # Another call of the kind: no time rather than a wrong one.
   flops = analysis.get("flops")

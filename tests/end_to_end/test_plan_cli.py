@@ -202,3 +202,52 @@ def test_a_host_feed_is_refused_by_name_on_compile_only_h100s(cache_dirs):
   pytest.importorskip("jax_plugins.xla_cuda12")
   result = _run_plan(cache_dirs, "h100", "--chunks=0", "--cost=false", "--config.data.feed=host")
   assert result.returncode != 0 and "data.feed: 'host' cannot be planned on h100" in result.stdout + result.stderr
+
+
+def test_a_sweeps_plan_sums_each_distinct_runs_time_over_its_seeds():
+  """`experiments.sweep.sweep_plan_lines` on hand-made rows: 3 seeds of 10 s and 2 seeds of 2 s
+  (a round with loops: its time a lower bound) make 34 s, 0.0756 chip-hours on 8 chips; a run
+  where nothing fits and one without a cost model are named, not added."""
+  from experiments.sweep import sweep_plan_lines
+
+  row = lambda method, seeds, seconds, loops=0: {
+    "config": "configs/default.py", "method": method, "grid": ["lora.rank=4"], "seeds": seeds,
+    "flags": "--config.fed.clients_per_chunk=0", "fits": True, "memory_bytes": 2**30,
+    "round_seconds": None if seconds is None else seconds / 10, "run_seconds": seconds, "loops": loops,
+  }  # fmt: skip
+  nothing_fits = {"config": "configs/default.py", "method": "flexlora", "grid": [], "seeds": 1, "error": "no fit"}
+  rows = [row("fedit", 3, 10.0), row("hyperlora", 2, 2.0, loops=20), nothing_fits, row("ffa_lora", 1, None)]
+  lines = sweep_plan_lines(rows, "v5e:2x4", 8)
+  assert lines[1] == (
+    "  configs/default.py fedit lora.rank=4: 1.00 GiB per device, 10.00 s a run x 3 seed(s); "
+    "--config.fed.clients_per_chunk=0"
+  )
+  assert "hyperlora lora.rank=4: 1.00 GiB per device, at least 2.00 s a run x 2 seed(s)" in lines[2]
+  assert lines[3] == "  configs/default.py flexlora: NOTHING FITS (no fit)"
+  assert "no time estimate x 1 seed(s)" in lines[4]
+  assert lines[5].startswith("the sweep's 7 runs: at least 34.00 s of device time, at least 0.0756 chip-hours")
+  assert lines[5].endswith("; 2 run(s) without an estimate (no cost model for the target, or nothing fits)")
+
+
+def test_a_sweep_is_planned_on_tpu_devices_per_distinct_run_and_runs_nothing(cache_dirs, tmp_path):
+  """`experiments.sweep --plan v5e:2x4`: HyperLoRA's smoke run (its server's SVDs: QR, Cholesky
+  and eigh calls the TPU cost model cannot price, which once left it without a time) planned once
+  for its two seeds: a positive time, a lower bound (the SVDs' loops), the sweep's total twice
+  the run's; no workdir written."""
+  pytest.importorskip("libtpu")
+  command = [
+    sys.executable, "-m", "experiments.sweep", "--configs", "configs/default.py:smoke", "--methods", "hyperlora",
+    "--seeds", "0,1", "--runs_dir", str(tmp_path / "runs"), "--plan", "v5e:2x4",
+    "--set", f"data.data_dir={cache_dirs['data_dir']}", "--set", f"pretrain.cache_dir={cache_dirs['cache_dir']}",
+  ]  # fmt: skip
+  result = subprocess.run(command, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+  out = result.stdout
+  assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
+  assert out.count("plan of hyperlora on v5e:2x4") == 1, out  # Two seeds, one program.
+  unpriced = re.search(r"could not price \(not in the time estimate\): (.*)", out)
+  assert unpriced and "Cholesky" in unpriced.group(1) and "EighTpu" in unpriced.group(1), out
+  run = re.search(r"hyperlora: [\d.]+ MiB per device, at least ([\d.]+) µs a run x 2 seed\(s\)", out)
+  total = re.search(r"the sweep's 2 runs: at least ([\d.]+) µs of device time", out)
+  assert run and total and float(total.group(1)) == pytest.approx(2 * float(run.group(1)), abs=0.15), out
+  assert not (tmp_path / "runs").exists()

@@ -69,6 +69,46 @@ def test_the_tpu_time_gets_back_a_second_per_concat_bitcast_and_zero_crop_and_lo
   assert plan.cost_of(_Compiled({"optimal_seconds": -49.98863}, v6e))[1] == pytest.approx(0.01137)
   # A time still negative (a lowering call not known yet) is no time, not a negative one.
   assert plan.cost_of(_Compiled({"flops": 1e9, "optimal_seconds": -3.0}, text))[1] is None
+  # The linear-algebra calls (an SVD's QR, Cholesky and eigh on a TPU) take a second off each too,
+  # and are counted as ops the time leaves out; a gather's helper call takes nothing off.
+  svd = (
+    '%q = f32[2] custom-call(), custom_call_target="QrDecompositionBlock"\n'
+    '%c = f32[2] custom-call(), custom_call_target="Cholesky"\n'
+    '%e = f32[2] custom-call(), custom_call_target="EighTpu"\n'
+    '%g = f32[2] custom-call(), custom_call_target="AssumeGatherIndicesInBound"\n'
+  )
+  assert plan.cost_of(_Compiled({"optimal_seconds": -2.5}, svd))[1] == pytest.approx(0.5)
+  assert plan.cycles_by_op(svd) == ({}, {"QrDecompositionBlock": 1, "Cholesky": 1, "EighTpu": 1})
+
+
+def test_a_tpu_programs_linear_algebra_is_left_out_of_its_time_not_made_negative():
+  """v5e (needs libtpu): an SVD, a QR, a Cholesky and an inverse compiled for one chip: the cost
+  model reads -1 s per linear-algebra custom call (before the correction: at or below -8 s here);
+  corrected, the time is positive, the calls are listed as unpriced, and a matmul beside them
+  still costs what it costs alone."""
+  pytest.importorskip("libtpu")
+  import jax
+  import jax.numpy as jnp
+
+  device = plan.target("v5e:2x4").devices[0]
+  placed = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=jax.sharding.SingleDeviceSharding(device))
+
+  def linear_algebra(x, y):
+    square = y @ y.T + 4 * jnp.eye(16)
+    return (jnp.linalg.svd(x, full_matrices=False)[1].sum() + jnp.linalg.qr(x)[0].sum()
+            + jnp.linalg.cholesky(square).sum() + jnp.linalg.inv(square).sum())  # fmt: skip
+
+  compiled = jax.jit(linear_algebra).lower(placed(64, 16), placed(16, 16)).compile()
+  analysis = compiled.cost_analysis()
+  raw = (analysis[0] if isinstance(analysis, (list, tuple)) else analysis)["optimal_seconds"]
+  _, seconds, _ = plan.cost_of(compiled)
+  _, unpriced = plan.cycles_by_op(compiled.as_text())
+  assert raw <= -8 and seconds is not None and 0 < seconds < 1e-3, (raw, seconds)
+  assert {"QrDecompositionBlock", "Cholesky", "EighTpu", "LuDecompositionBlock"} <= set(unpriced), unpriced
+  matmul = jax.jit(lambda a, b: a @ b).lower(placed(512, 512), placed(512, 512)).compile()
+  both = jax.jit(lambda x, y, a, b: (linear_algebra(x, y), a @ b))
+  together = both.lower(placed(64, 16), placed(16, 16), placed(512, 512), placed(512, 512)).compile()
+  assert plan.cost_of(together)[1] >= plan.cost_of(matmul)[1] > 0
 
 
 def test_the_flops_of_s_steps_are_the_unrolled_rounds_though_xla_counts_a_loop_body_once():
