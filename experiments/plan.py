@@ -263,7 +263,7 @@ def plan_run(
     config: the run's ConfigDict (changed in place: its feed, chunk and devices as planned).
     target_name: e.g. "v5e:2x4", "h100", "cpu" (`plan.TARGETS`).
     model_parallel: the model axis (0: the config's, and the plan may split further).
-    chunks: the chunks per device to plan, as `--chunks` gives them (): the largest that fits).
+    chunks: the chunks per device to plan, as `--chunks` gives them (empty: the largest that fits).
     memory_gib: plan against this much memory per device (0: the chip's).
     cost: compile the loop-free round for FLOPs and time.
     compare: weigh the other ways to run the round by the cost model (`fastest`).
@@ -356,8 +356,10 @@ def plan_run(
   at_once = lambda chunk_: (chunk_ or len(ids)) // axis
   ways = [Way(chunk, at_once(chunk), attention, planned(fed_round, chunk))]
   if ways[0].report.estimated_seconds and compare and not chunks:
-    tried = [chunk] + ([axis] if at_once(chunk) > 1 else [])  # Several a device: one at a time too.
-    ways += [Way(axis, 1, attention, planned(fed_round, axis)) for _ in tried[1:]]
+    tried = [chunk]
+    if at_once(chunk) > 1:  # Several a device: one at a time too.
+      tried.append(axis)
+      ways.append(Way(axis, 1, attention, planned(fed_round, axis)))
     if attention is False:  # A decoder's attention weights recomputed: less memory, maybe faster.
       _, recomputing = _round_for(exp, dtype, remat, True)
       ways += [Way(c, at_once(c), True, planned(recomputing, c)) for c in tried]

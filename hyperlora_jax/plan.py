@@ -106,6 +106,8 @@ _SECOND_LOWERING_CALLS = ("ConcatBitcast", "ZeroCrop", "PrepareAsyncCallStart", 
 # `jnp.linalg.svd` / `qr` / `cholesky` / `inv` / `eigh` become on a TPU) also lower it by exactly
 # 1.0 s each, and carry no estimate of their own: their time is in no estimate, and the plan
 # counts them as unpriced (a HyperLoRA round's SVDs read -36 s for 36 such calls, libtpu 0.0.42).
+# Checked one by one (QR, Cholesky, eigh, SVD, triangular solve, inverse, each alone and two at
+# once), inside loops (1 s each at any depth) and conditionals (the dearest branch counts).
 _UNPRICED_CALLS = (
   "QrDecompositionBlock", "CompactWyHelper", "Cholesky", "EighTpu", "LuDecompositionBlock",
   "InvertDiagBlocksLowerTriangular", "InvertDiagBlocksUpperTriangular",
@@ -416,6 +418,22 @@ def loop_multipliers(hlo_text: str) -> dict[str, int]:
   return runs
 
 
+def _outside_conditionals(hlo_text: str) -> dict[str, list[str]]:
+  """{name: lines} of the computations an HLO module's ENTRY reaches without entering a branch of
+  a conditional (loop bodies included): those whose unpriced calls lower the TPU cost model's
+  time (a conditional costs the most expensive of its branches, so a branch's sentinels drop out)."""
+  computations = _computations(hlo_text)
+  reached = ["ENTRY"] if "ENTRY" in computations else [""]  # "": lines under no header.
+  for name in reached:  # Grows while it is read.
+    for line in computations[name]:
+      if re.search(r"\sconditional\(", line):
+        continue
+      for child in re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", line):
+        if child in computations and child not in reached:
+          reached.append(child)
+  return {name: computations[name] for name in reached}
+
+
 def _call_sites(lines: list[str], computations: dict[str, list[str]]) -> list[tuple[str, int]]:
   """(callee, runs per run of the caller) of each call site in a computation's lines: a while
   loop's body runs its trip count, its condition one more; any other callee once."""
@@ -539,8 +557,10 @@ def cost_of(compiled: Any) -> tuple[float | None, float | None, int]:
     FLOPs (None without a cost analysis), `optimal_seconds` plus 1.0 s per `ConcatBitcast`,
     `ZeroCrop`, `PrepareAsyncCallStart` or `-Done` custom call and per linear-algebra call
     (QR, Cholesky, LU, eigh: whose own time is then in no estimate; `cycles_by_op` counts them
-    unpriced) (None where the compiler gives none, or where that is not positive: a call of the
-    kind not known yet), and the number of while loops (whose bodies the analysis counted once).
+    unpriced), each outside the branches of conditionals (a conditional costs its dearest
+    branch, so a branch's calls take nothing off) (None where the compiler gives none, or where
+    that is not positive: a call of the kind not known yet, or one in every branch of a
+    conditional), and the number of while loops (whose bodies the analysis counted once).
   """
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
@@ -551,8 +571,11 @@ def cost_of(compiled: Any) -> tuple[float | None, float | None, int]:
     return None, None, loops
   seconds = analysis.get("optimal_seconds")
   if seconds is not None:
+    # Only the calls outside conditionals take their second off (an SVD of [384, 384] on a v5e:
+    # 73 such calls, 20 of them outside its conditionals' branches, read -20.0 s).
+    straight = "\n".join(line for lines in _outside_conditionals(text).values() for line in lines)
     calls = _SECOND_LOWERING_CALLS + _UNPRICED_CALLS
-    lowering = sum(len(re.findall(rf'custom_call_target="{name}"', text)) for name in calls)
+    lowering = sum(len(re.findall(rf'custom_call_target="{name}"', straight)) for name in calls)
     seconds = float(seconds) + 1.0 * lowering
     seconds = seconds if seconds > 0 else None  # Another call of the kind: no time rather than a wrong one.
   flops = analysis.get("flops")
