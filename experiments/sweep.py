@@ -320,7 +320,8 @@ def plan_sweep(specs: list[RunSpec], target_name: str, variant: str = "", log=pr
     variant: as for `run_sweep`; log: where the summary goes.
   Returns:
     One row per distinct run: {"config", "method", "grid" (its swept values), "seeds", "flags", "fits",
-    "memory_bytes", "round_seconds", "run_seconds"} (seconds None without a cost model), or
+    "memory_bytes", "round_seconds", "run_seconds", "loops"} (seconds None without a cost model;
+    loops left in the round's cost program, their bodies counted once: its time a lower bound), or
     {"config", "method", "grid", "seeds", "error"} where nothing fits.
   """
   from experiments import plan as planning
