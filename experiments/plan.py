@@ -46,26 +46,6 @@ from hyperlora_jax import federated, plan, primitives, quantize
 from hyperlora_jax.tasks import image_classification as task_lib
 from hyperlora_jax.tasks.common import backbone_dtype
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Run config file.", lock_config=False)
-_TARGET = flags.DEFINE_string("target", "cpu", f"Devices to plan for: {', '.join(plan.TARGETS)}.")
-_MODEL_PARALLEL = flags.DEFINE_integer("model_parallel", 0, "Size of the model mesh axis (0: the config's).")
-_CHUNKS = flags.DEFINE_list(
-  "chunks",
-  [],
-  "Chunks per device to plan, each (0: all at once); default: the largest that fits, found by "
-  "all at once, 16, 4, 1, then bisection (hl.plan.largest_fitting_chunk).",
-)
-_MEMORY_GIB = flags.DEFINE_float(
-  "memory_gib", 0.0, "Plan against this much memory per device (GiB) instead of the chip's (0: the chip's)."
-)
-_COST = flags.DEFINE_bool("cost", True, "Also compile the loop-free round for FLOPs and time.")
-_COMPARE = flags.DEFINE_bool(
-  "compare",
-  True,
-  "Where the cost model gives a time (TPUs) and --chunks is not given: also cost one client per device "
-  "at a time and a decoder's attention weights recomputed, and recommend the fastest that fits.",
-)
-
 
 def padded(tree, size: int):
   """`tree` ([C, ...] NumPy leaves) padded with zero rows to `size` rows along the first axis."""
@@ -393,17 +373,48 @@ def plan_run(
   return RunPlan(best_flags, report, config.fed.num_rounds, evaluations)
 
 
-def main(argv) -> None:
+def define_flags() -> dict:
+  """The command's flags, defined when it runs as a program (not on import: `experiments.sweep`
+  and the tests import `plan_run` beside other modules' flags, e.g. another `--chunks`).
+
+  Returns:
+    {name: absl flag holder}.
+  """
+  return {
+    "config": config_flags.DEFINE_config_file("config", "configs/default.py", "Run config file.", lock_config=False),
+    "target": flags.DEFINE_string("target", "cpu", f"Devices to plan for: {', '.join(plan.TARGETS)}."),
+    "model_parallel": flags.DEFINE_integer("model_parallel", 0, "Size of the model mesh axis (0: the config's)."),
+    "chunks": flags.DEFINE_list(
+      "chunks",
+      [],
+      "Chunks per device to plan, each (0: all at once); default: the largest that fits, found by "
+      "all at once, 16, 4, 1, then bisection (hl.plan.largest_fitting_chunk).",
+    ),
+    "memory_gib": flags.DEFINE_float(
+      "memory_gib", 0.0, "Plan against this much memory per device (GiB) instead of the chip's (0: the chip's)."
+    ),
+    "cost": flags.DEFINE_bool("cost", True, "Also compile the loop-free round for FLOPs and time."),
+    "compare": flags.DEFINE_bool(
+      "compare",
+      True,
+      "Where the cost model gives a time (TPUs) and --chunks is not given: also cost one client per device "
+      "at a time and a decoder's attention weights recomputed, and recommend the fastest that fits.",
+    ),
+  }
+
+
+def main(argv, defined: dict) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
+  value = {name: holder.value for name, holder in defined.items()}
   try:
     plan_run(
-      _CONFIG.value, _TARGET.value, model_parallel=_MODEL_PARALLEL.value, chunks=tuple(_CHUNKS.value),
-      memory_gib=_MEMORY_GIB.value, cost=_COST.value, compare=_COMPARE.value,
+      value["config"], value["target"], model_parallel=value["model_parallel"], chunks=tuple(value["chunks"]),
+      memory_gib=value["memory_gib"], cost=value["cost"], compare=value["compare"],
     )  # fmt: skip
   except NothingFits as e:
     raise SystemExit(str(e)) from None
 
 
 if __name__ == "__main__":
-  cli.run(main, absl_app=True, load_config=cli.load_config_file)
+  cli.run(functools.partial(main, defined=define_flags()), absl_app=True, load_config=cli.load_config_file)

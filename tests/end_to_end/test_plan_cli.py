@@ -251,3 +251,12 @@ def test_a_sweep_is_planned_on_tpu_devices_per_distinct_run_and_runs_nothing(cac
   total = re.search(r"the sweep's 2 runs: at least ([\d.]+) µs of device time", out)
   assert run and total and float(total.group(1)) == pytest.approx(2 * float(run.group(1)), abs=0.15), out
   assert not (tmp_path / "runs").exists()
+
+
+def test_the_plan_module_defines_no_flags_on_import():
+  """`experiments.sweep` and the tests import `experiments.plan` beside other commands' flags
+  (`benchmarks.profile_round` has a `--chunks` too): importing both in one process must work (it
+  raised DuplicateFlagError once, in CI, when a test had imported the plan first)."""
+  code = "import experiments.plan, experiments.sweep, benchmarks.profile_round"
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
