@@ -176,6 +176,12 @@ def duration(seconds: float) -> str:
   return plan.format_seconds(seconds) if seconds < 3600 else f"{seconds / 3600:.2f} h"
 
 
+def device_time(seconds: float, chips: int, lower_bound: bool) -> str:
+  """'[at least ]X of device time, [at least ]Y chip-hours' for `seconds` on `chips` chips."""
+  at_least = "at least " if lower_bound else ""
+  return f"{at_least}{duration(seconds)} of device time, {at_least}{seconds * chips / 3600:.3g} chip-hours"
+
+
 def run_time_line(round_seconds: float, rounds: int, eval_every: int, chips: int, loops: int = 0) -> str:
   """The whole run's device time for its rounds, from one round's estimate (every round runs
   the same program on a cohort of the same size): what a researcher books the chips for.
@@ -189,11 +195,9 @@ def run_time_line(round_seconds: float, rounds: int, eval_every: int, chips: int
     One line, labelled an estimate, naming what it leaves out.
   """
   evaluations = rounds // eval_every + (1 if rounds % eval_every else 0)
-  total = round_seconds * rounds
-  at_least = "at least " if loops else ""
   return (
-    f"the run's {rounds} rounds: {at_least}{duration(total)} of device time, {at_least}{total * chips / 3600:.3g} "
-    f"chip-hours on {chips} chips (TPU cost model estimate of the rounds alone: its {evaluations} "
+    f"the run's {rounds} rounds: {device_time(round_seconds * rounds, chips, bool(loops))} on {chips} chips "
+    f"(TPU cost model estimate of the rounds alone: its {evaluations} "
     f"evaluation(s), the host's input and the compiles not included"
     + (f"; {loops} loop(s) in the round counted once" if loops else "") + ")"
   )  # fmt: skip

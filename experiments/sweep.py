@@ -363,7 +363,7 @@ def sweep_plan_lines(rows: list[dict], target_name: str, chips: int) -> list[str
   Returns:
     Lines without newlines; every time labelled a TPU cost-model estimate of the rounds alone.
   """
-  from experiments.plan import duration
+  from experiments.plan import device_time, duration
   from hyperlora_jax import plan
 
   out = [f"sweep plan on {target_name} ({chips} chips; compiler estimates, nothing ran):"]
@@ -381,11 +381,10 @@ def sweep_plan_lines(rows: list[dict], target_name: str, chips: int) -> list[str
   timed = [row for row in rows if row.get("run_seconds") is not None]
   total = sum(row["run_seconds"] * row["seeds"] for row in timed)
   untimed = runs - sum(row["seeds"] for row in timed)
-  at_least = "at least " if any(row["loops"] for row in timed) else ""
+  lower_bound = any(row["loops"] for row in timed)
   out.append(
-    f"the sweep's {runs} runs: {at_least}{duration(total)} of device time, {at_least}{total * chips / 3600:.3g} "
-    f"chip-hours (TPU cost model estimate of their rounds alone: evaluations, the host's input and the compiles "
-    f"not included)"
+    f"the sweep's {runs} runs: {device_time(total, chips, lower_bound)} (TPU cost model estimate of their rounds "
+    f"alone: evaluations, the host's input and the compiles not included)"
     + (f"; {untimed} run(s) without an estimate (no cost model for the target, or nothing fits)" if untimed else "")
   )
   return out

@@ -428,8 +428,8 @@ def _outside_conditionals(hlo_text: str) -> dict[str, list[str]]:
     for line in computations[name]:
       if re.search(r"\sconditional\(", line):
         continue
-      for child in re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", line):
-        if child in computations and child not in reached:
+      for child, _ in _call_sites([line], computations):
+        if child not in reached:
           reached.append(child)
   return {name: computations[name] for name in reached}
 
